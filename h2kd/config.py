@@ -1,0 +1,89 @@
+"""Daemon settings: defaults for a production host, overridden by /etc/h2kd/h2kd.conf (TOML) and H2KD_* variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CONFIG_FILE = Path("/etc/h2kd/h2kd.conf")
+
+
+@dataclass
+class Config:
+    state_dir: Path = Path("/var/lib/h2kd")
+    # Outputs may only be written below these directories.
+    output_roots: list[Path] = field(default_factory=lambda: [Path("/var/lib/h2kd/output")])
+    # Sources given by path must resolve below one of these (file descriptors are always allowed).
+    source_roots: list[Path] = field(default_factory=lambda: [Path("/")])
+    max_parallel_jobs: int = 2
+    max_queued_jobs: int = 100_000
+    # Where to serve (None: the system bus) and where systemd's manager is (None: the system bus).
+    bus_address: str | None = None
+    systemd_bus_address: str | None = None
+    slice: str = "h2k.slice"
+    cpu_weight: int = 100
+    io_weight: int = 100
+    # The command that runs inside each unit; the spec/result paths are appended.
+    worker_command: list[str] = field(default_factory=lambda: ["/usr/bin/env", "h2k-worker"])
+    worker_environment: dict[str, str] = field(default_factory=dict)
+    retention_max_age_days: float = 30.0
+    retention_max_count: int = 10_000
+    heartbeat_timeout_seconds: float = 30.0
+    retry_backoff_base_seconds: float = 5.0
+    retry_backoff_max_seconds: float = 600.0
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9163            # 0 disables; not Cockpit's 9090
+    polkit_timeout_seconds: float = 25.0
+    property_coalesce_seconds: float = 0.1
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "h2kd.sqlite"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Per-attempt spec and result files, read by the worker and by reconciliation."""
+        return self.state_dir / "runs"
+
+
+def _coerce(kind: type | str, value: object) -> object:
+    kind = str(kind)
+    if "list[Path]" in kind:
+        items = value.split(":") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+        return [Path(p) for p in items if p]
+    if "list[str]" in kind:
+        return value.split() if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    if "dict" in kind:
+        return dict(value)  # type: ignore[arg-type]
+    if "Path" in kind:
+        return Path(value)  # type: ignore[arg-type]
+    if "int" in kind and "str" not in kind:
+        return int(value)  # type: ignore[arg-type]
+    if "float" in kind:
+        return float(value)  # type: ignore[arg-type]
+    return None if value in ("", None) else str(value)
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults < config file < environment (H2KD_STATE_DIR, H2KD_OUTPUT_ROOTS=a:b, ...)."""
+    environ = os.environ if environ is None else environ
+    path = path or Path(environ.get("H2KD_CONFIG", DEFAULT_CONFIG_FILE))
+    values: dict[str, object] = {}
+    if path.exists():
+        with path.open("rb") as f:
+            values.update(tomllib.load(f).get("h2kd", {}))
+    for f in fields(Config):
+        env_value = environ.get("H2KD_" + f.name.upper())
+        if env_value is not None:
+            values[f.name] = env_value
+    config = Config()
+    known = {f.name: f for f in fields(Config)}
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r} in {path}")
+        setattr(config, name, _coerce(known[name].type, value))
+    if "output_roots" not in values:
+        config.output_roots = [config.state_dir / "output"]
+    return config

@@ -1,0 +1,53 @@
+"""Errors the core raises; each maps to one D-Bus error name org.hyper2kvm.h2kd1.Error.<dbus_name>."""
+
+from __future__ import annotations
+
+
+class H2kError(Exception):
+    """Base class. The message is shown to users as is, so it must read as a sentence."""
+
+    dbus_name = "Failed"
+
+
+class NoSuchJob(H2kError):
+    dbus_name = "NoSuchJob"
+
+
+class NoSuchWorker(H2kError):
+    dbus_name = "NoSuchWorker"
+
+
+class InvalidSpec(H2kError):
+    """A job spec failed validation. `field` names the offending field (dotted path)."""
+
+    dbus_name = "InvalidSpec"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class InvalidState(H2kError):
+    dbus_name = "InvalidState"
+
+
+class AlreadyExists(H2kError):
+    dbus_name = "AlreadyExists"
+
+
+class QueueFull(H2kError):
+    dbus_name = "QueueFull"
+
+
+class InvalidArgument(H2kError):
+    dbus_name = "InvalidArgument"
+
+
+class NotAuthorized(H2kError):
+    """Raised by the authorization layer; the bus maps it to org.freedesktop.DBus.Error.AccessDenied."""
+
+    dbus_name = "NotAuthorized"
+
+
+class InteractiveAuthorizationRequired(H2kError):
+    dbus_name = "InteractiveAuthorizationRequired"

@@ -1,0 +1,90 @@
+"""What the manager needs from the outside world, as protocols: who listens to jobs, and who runs them.
+
+The bus layer and observability implement JobListener; runner.systemd implements Runner.
+The manager depends only on these, so it can be tested without a bus or a systemd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from h2kd.model.job import Job
+
+
+@dataclass
+class Event:
+    """One entry of a job's event log. kind: state | progress | log | result."""
+
+    job_id: str
+    seq: int
+    time: int          # usec since epoch
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    name: str
+    kind: str                              # "builtin" | "external"
+    capabilities: dict[str, Any]           # e.g. {"operations": [...], "formats": [...], "qemu_img": true, "loop": true}
+    max_jobs: int = 0                      # 0: bounded only by the manager's MaxParallelJobs
+    state: str = "idle"                    # idle | busy | stale
+    active_jobs: int = 0
+    last_heartbeat: int = 0                # usec
+    owner: int = 0
+    bus_name: str = ""                     # unique name of the registering connection (external)
+
+
+class JobListener(Protocol):
+    """Told of every change, synchronously, after it is stored. Must not raise or block."""
+
+    def job_added(self, job: Job) -> None: ...
+    # changed: names of changed Job attributes (e.g. {"state", "phase", "progress"}); urgent: a state
+    # change or final update that must go out now rather than be coalesced.
+    def job_changed(self, job: Job, changed: set[str], urgent: bool) -> None: ...
+    def job_event(self, job: Job, event: Event) -> None: ...
+    def job_removed(self, job: Job) -> None: ...
+    def worker_added(self, worker: WorkerInfo) -> None: ...
+    def worker_changed(self, worker: WorkerInfo) -> None: ...
+    def worker_removed(self, worker: WorkerInfo) -> None: ...
+    def manager_changed(self, changed: set[str]) -> None: ...   # JobsQueued, JobsRunning, Paused, MaxParallelJobs
+
+
+@dataclass
+class UnitOutcome:
+    """How an attempt's unit ended, as the runner saw it."""
+
+    unit: str
+    result: str                      # systemd's Result: success, exit-code, signal, timeout, core-dump, ...
+    exit_status: int = 0             # ExecMainStatus
+    worker_result: dict[str, Any] | None = None   # the worker's result file (JobResult JSON), if it wrote one
+    log_tail: list[str] = field(default_factory=list)
+    stopped_by_request: bool = False  # we (or an admin via systemctl stop) stopped it
+
+
+class RunnerEvents(Protocol):
+    """Implemented by the manager; the runner calls these from the event loop."""
+
+    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None: ...
+    def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None: ...
+
+
+class Runner(Protocol):
+    """Runs attempts as transient systemd units (runner.systemd.SystemdRunner)."""
+
+    @property
+    def reachable(self) -> bool: ...
+    async def start(self, job: Job, attempt: int) -> str:
+        """Write the attempt's spec, start its unit, follow it; return the unit name."""
+        ...
+    async def stop(self, unit: str) -> None:
+        """Ask systemd to stop the unit; unit_finished follows when it is really gone."""
+        ...
+    async def reattach(self, job: Job) -> None:
+        """After a restart: follow job.unit again if it still runs, else report unit_finished."""
+        ...
+    def capabilities(self) -> dict[str, Any]:
+        """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""
+        ...

@@ -1,0 +1,61 @@
+"""The live record of one job: its spec, where it stands, and its progress. Mutated only by the manager."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from h2kd.model.states import CANCELABLE, JobState, check_transition
+
+
+def now_usec() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Job:
+    id: str
+    spec: dict[str, Any]            # the validated JobSpec, as JSON-able dict (JobSpec.model_dump(mode="json"))
+    operation: str
+    owner: int                      # uid of the submitter
+    priority: int = 5
+    state: JobState = JobState.CREATED
+    queue_seq: int = 0              # FIFO order within a priority level; survives restarts
+    attempt: int = 0                # 0 before the first attempt starts
+    phase: str = ""
+    progress: float = 0.0
+    progress_known: bool = False
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate: int = 0                   # bytes/s
+    expected_end: int = 0           # usec since epoch, 0 unknown
+    created_at: int = field(default_factory=now_usec)
+    started_at: int = 0
+    finished_at: int = 0
+    unit: str = ""
+    worker: str = ""
+    wait_reason: str = ""
+    not_before: int = 0             # usec; a retrying job is not started before this (backoff)
+    result: dict[str, Any] = field(default_factory=dict)   # JobResult as JSON-able dict
+    error_code: str = ""
+    error_message: str = ""
+
+    @property
+    def source(self) -> str:
+        return str(self.spec.get("image", {}).get("path", ""))
+
+    @property
+    def output(self) -> str:
+        return str((self.spec.get("artifacts") or {}).get("output_path") or "")
+
+    @property
+    def cancelable(self) -> bool:
+        return self.state in CANCELABLE
+
+    def move_to(self, new: JobState) -> JobState:
+        """Change state if the transition table allows it; returns the old state."""
+        old = self.state
+        check_transition(old, new)
+        self.state = new
+        return old
