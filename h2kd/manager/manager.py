@@ -4,8 +4,10 @@ It knows nothing of D-Bus: the bus layer calls these methods and listens through
 CONTRACT (implemented in this file):
 
     m = JobManager(config, store, runner)         # runner may be None: jobs then wait ("no runner")
+    m.attach_runner(runner)                       # the runner's events go to m (RunnerEvents)
     m.add_listener(listener)
-    await m.start(); await m.stop()
+    m.load()                                      # jobs from the store, no notifications
+    await m.start(); await m.stop()               # start: reconcile in-flight jobs, schedule
     # queries (sync, raise NoSuchJob)
     m.get(job_id) -> Job;  m.jobs -> list[Job] in submission order
     m.list_jobs(states=None, operation=None, owner=None, limit=0, offset=0) -> list[Job]
@@ -26,3 +28,779 @@ CONTRACT (implemented in this file):
     m.unregister_worker(worker_id); m.refresh_worker(worker_id)
     m.bus_name_lost(bus_name)   # a worker's connection vanished: treat its worker as stale
 """
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from h2kd import __version__
+from h2kd.config import Config
+from h2kd.errors import AlreadyExists, InvalidArgument, InvalidState, NoSuchJob, NoSuchWorker, QueueFull
+from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
+from h2kd.model.job import Job, now_usec
+from h2kd.model.result import NON_RETRYABLE, ErrorCode
+from h2kd.model.spec import parse_spec, spec_to_json
+from h2kd.model.states import ACTIVE, TERMINAL, JobState
+from h2kd.scheduler import Scheduler
+from h2kd.store import JobStore
+from h2kd.worker.report import parse_status
+
+log = logging.getLogger("h2kd.manager")
+
+S = JobState
+BUILTIN = "builtin"
+OPERATIONS = ["inspect", "convert", "validate"]
+RATE_WINDOW_USEC = 10_000_000
+PRUNE_INTERVAL_SECONDS = 3600
+# Host-level checks of a parsed spec for a given owner; returns an error message or None.
+HostValidator = Callable[[Job], "str | None"]
+
+
+class JobManager:
+    def __init__(self, config: Config, store: JobStore, runner: Runner | None = None,
+                 host_validator: HostValidator | None = None):
+        self._config = config
+        self._store = store
+        self._runner = runner
+        self._host_validator = host_validator
+        self._jobs: dict[str, Job] = {}
+        self._scheduler = Scheduler(config.max_parallel_jobs)
+        self._listeners: list[JobListener] = []
+        self._workers: dict[str, WorkerInfo] = {}
+        self._cancel_requested: set[str] = set()
+        self._samples: dict[str, deque[tuple[int, int]]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._schedule_pending = False
+        self._manager_props: dict[str, Any] = {}
+        self._started_at = time.monotonic()
+        self._periodic: list[asyncio.Task] = []
+        self._store_ok = True
+        self._worker_seq = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def add_listener(self, listener: JobListener) -> None:
+        self._listeners.append(listener)
+
+    def attach_runner(self, runner: Runner) -> None:
+        """The runner needs the manager for its events, so it may be attached after construction."""
+        self._runner = runner
+
+    def load(self) -> None:
+        """Read every job from the store, silently: listeners export what they find in .jobs themselves."""
+        if not self._jobs:
+            for job in self._store.load_jobs():
+                self._jobs[job.id] = job
+
+    async def start(self) -> None:
+        """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
+        self.load()
+        builtin = WorkerInfo(id=BUILTIN, name=socket.gethostname(), kind="builtin",
+                             capabilities=self._builtin_capabilities(), last_heartbeat=now_usec())
+        self._workers[BUILTIN] = builtin
+        self._notify("worker_added", builtin)
+        for job in list(self._jobs.values()):
+            await self._recover(job)
+        self.prune()
+        self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
+        self._periodic.append(asyncio.create_task(
+            self._every(max(self._config.heartbeat_timeout_seconds / 3, 0.2), self._check_heartbeats)))
+        self._manager_changed()
+        self._kick()
+
+    async def stop(self) -> None:
+        """Stop scheduling; running units are systemd's and go on (re-attached at the next start)."""
+        for task in self._periodic:
+            task.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._periodic, *self._tasks, return_exceptions=True)
+
+    async def _recover(self, job: Job) -> None:
+        if job.state == S.CREATED:
+            self._validate_and_queue(job, queue=True)
+        elif job.state == S.QUEUED:
+            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+        elif job.state == S.RETRYING:
+            self._arm_requeue(job)
+        elif job.state in ACTIVE:
+            if job.worker != BUILTIN:
+                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its worker was lost when h2kd restarted")
+            elif self._runner is None:
+                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "no runner to re-attach to")
+            else:
+                self._workers[BUILTIN].active_jobs += 1
+                await self._runner.reattach(job)
+
+    async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                fn()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise NoSuchJob(f"no job with id {job_id!r}") from None
+
+    def list_jobs(self, states: Iterable[str] | None = None, operation: str | None = None,
+                  owner: int | None = None, limit: int = 0, offset: int = 0) -> list[Job]:
+        wanted = set(states) if states else None
+        if wanted:
+            unknown = wanted - {s.value for s in JobState}
+            if unknown:
+                raise InvalidArgument(f"unknown state {sorted(unknown)[0]!r}")
+        selected = [
+            job for job in self._jobs.values()
+            if (wanted is None or job.state.value in wanted)
+            and (not operation or job.operation == operation)
+            and (owner is None or job.owner == owner)
+        ]
+        selected = selected[offset:]
+        return selected[:limit] if limit else selected
+
+    def events(self, job_id: str, since: int = 0) -> list[Event]:
+        self.get(job_id)
+        return self._store.events(job_id, since)
+
+    def history(self, job_id: str) -> list[dict]:
+        self.get(job_id)
+        return self._store.history(job_id)
+
+    @property
+    def paused(self) -> bool:
+        return self._scheduler.paused
+
+    @property
+    def max_parallel(self) -> int:
+        return self._scheduler.max_parallel
+
+    @property
+    def jobs_queued(self) -> int:
+        return len(self._scheduler)
+
+    @property
+    def jobs_running(self) -> int:
+        return sum(1 for job in self._jobs.values() if job.state in ACTIVE)
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        return list(self._workers.values())
+
+    def get_worker(self, worker_id: str) -> WorkerInfo:
+        try:
+            return self._workers[worker_id]
+        except KeyError:
+            raise NoSuchWorker(f"no worker with id {worker_id!r}") from None
+
+    def queue_stats(self) -> dict[str, Any]:
+        return {
+            "queued": self.jobs_queued,
+            "running": self.jobs_running,
+            "paused": self.paused,
+            "max_parallel_jobs": self.max_parallel,
+            "by_priority": self._scheduler.counts_by_priority(),
+            "waiting": dict(self._scheduler.wait_reasons()),
+        }
+
+    def health(self) -> dict[str, Any]:
+        self._store_ok = self._store.check()
+        reachable = self._runner is not None and self._runner.reachable
+        stale = sum(1 for w in self._workers.values() if w.state == "stale")
+        return {
+            "status": "ok" if self._store_ok and reachable else "degraded",
+            "version": __version__,
+            "uptime_seconds": time.monotonic() - self._started_at,
+            "jobs_active": self.jobs_running,
+            "jobs_queued": self.jobs_queued,
+            "workers": len(self._workers),
+            "workers_stale": stale,
+            "store_ok": self._store_ok,
+            "systemd_reachable": reachable,
+        }
+
+    # ---------------------------------------------------------------- submission
+
+    def submit(self, spec: dict[str, Any], owner: int, queue: bool = True) -> tuple[Job, bool]:
+        parsed = spec_to_json(parse_spec(spec))
+        existing = self._jobs.get(parsed["job_id"])
+        if existing is not None:
+            if existing.spec == parsed:
+                return existing, False
+            raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
+        if len(self._scheduler) >= self._config.max_queued_jobs:
+            raise QueueFull(f"the queue holds {len(self._scheduler)} jobs, its limit")
+        job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
+                  priority=parsed["execution_policy"]["priority"])
+        self._store.insert_job(job, f"submitted by uid {owner}")
+        self._jobs[job.id] = job
+        self._notify("job_added", job)
+        self._validate_and_queue(job, queue)
+        return job, True
+
+    def _validate_and_queue(self, job: Job, queue: bool) -> None:
+        problem = self._host_validator(job) if self._host_validator else None
+        if problem:
+            self._fail(job, ErrorCode.VALIDATION_FAILED, problem, phase="validation")
+            return
+        if job.state == S.CREATED:
+            self._transition(job, S.VALIDATED, "spec and host checks passed")
+        if queue:
+            self._enqueue(job, "queued")
+
+    def _enqueue(self, job: Job, reason: str) -> None:
+        job.queue_seq = self._store.next_queue_seq()
+        job.wait_reason = ""
+        self._transition(job, S.QUEUED, reason)
+        self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+        self._kick()
+
+    @staticmethod
+    def _requirements(job: Job) -> dict[str, Any]:
+        return dict(job.spec.get("capability_requirements") or {})
+
+    # ---------------------------------------------------------------- commands
+
+    async def cancel(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if not job.cancelable:
+            raise InvalidState(f"job {job_id} is {job.state.value} and cannot be cancelled")
+        if job.state in (S.CREATED, S.VALIDATED, S.QUEUED, S.RETRYING):
+            self._scheduler.remove(job.id)
+            self._cancel_timer(job.id)
+            self._finish(job, S.CANCELLED, "cancelled before it ran")
+            return
+        if job.worker != BUILTIN:
+            self._release_worker(job)
+            self._finish(job, S.CANCELLED, f"cancelled; worker {job.worker} was told by its next call")
+            return
+        self._cancel_requested.add(job.id)
+        self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
+        if job.unit and self._runner is not None:
+            await self._runner.stop(job.unit)
+        # Without a unit yet, _start_attempt sees the request once StartTransientUnit returns.
+
+    def retry(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.state not in (S.FAILED, S.CANCELLED):
+            raise InvalidState(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
+        self._transition(job, S.RETRYING, "retry requested")
+        self._reset_progress(job)
+        job.error_code = job.error_message = ""
+        job.finished_at = 0
+        self._enqueue(job, "queued again by request")
+
+    def start_job(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.state != S.VALIDATED:
+            raise InvalidState(f"job {job_id} is {job.state.value}; only jobs held with queue=false can be started")
+        self._enqueue(job, "queued by request")
+
+    def remove(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.state not in TERMINAL:
+            raise InvalidState(f"job {job_id} is {job.state.value}; cancel it before removing it")
+        self._forget(job)
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        job = self.get(job_id)
+        if not 1 <= priority <= 10:
+            raise InvalidArgument(f"priority must be between 1 and 10, not {priority}")
+        if job.state not in (S.QUEUED, S.VALIDATED, S.RETRYING, S.CREATED):
+            raise InvalidState(f"job {job_id} is {job.state.value}; only waiting jobs can change priority")
+        job.priority = priority
+        if job.state == S.QUEUED:
+            self._scheduler.set_priority(job.id, priority)
+        self._store.save_job(job)
+        self._append_event(job, "log", {"message": f"priority set to {priority}"})
+        self._notify_changed(job, {"priority"}, urgent=True)
+        self._kick()
+
+    def pause(self) -> None:
+        self._scheduler.pause()
+        self._manager_changed()
+
+    def resume(self) -> None:
+        self._scheduler.resume()
+        self._manager_changed()
+        self._kick()
+
+    def set_max_parallel(self, n: int) -> None:
+        if not 1 <= n <= 256:
+            raise InvalidArgument(f"MaxParallelJobs must be between 1 and 256, not {n}")
+        self._scheduler.max_parallel = n
+        self._manager_changed()
+        self._kick()
+
+    def prune(self) -> list[str]:
+        removed = self._store.prune(self._config.retention_max_age_days * 86400,
+                                    self._config.retention_max_count, now_usec())
+        for job_id in removed:
+            job = self._jobs.pop(job_id, None)
+            if job is not None:
+                self._notify("job_removed", job)
+        return removed
+
+    def _forget(self, job: Job) -> None:
+        self._store.delete_job(job.id)
+        del self._jobs[job.id]
+        self._samples.pop(job.id, None)
+        self._notify("job_removed", job)
+        self._manager_changed()
+
+    # ---------------------------------------------------------------- scheduling
+
+    def _kick(self) -> None:
+        """Schedule one pass of the scheduler soon; many changes in one loop turn cost one pass."""
+        if self._schedule_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._schedule_pending = True
+        loop.call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        self._schedule_pending = False
+        builtin = self._workers.get(BUILTIN)
+        if builtin is None:
+            return
+        running = sum(1 for j in self._jobs.values() if j.state in ACTIVE and j.worker == BUILTIN)
+        workers = [builtin] if self._runner is not None else []
+        for job_id, worker in self._scheduler.pick(running, workers, now_usec()):
+            job = self._jobs[job_id]
+            self._scheduler.remove(job_id)
+            self._assign(job, worker)
+            self._spawn(self._start_attempt(job, job.attempt))
+        self._refresh_wait_reasons()
+        self._manager_changed()
+
+    def _refresh_wait_reasons(self) -> None:
+        reasons = self._scheduler.wait_reasons()
+        for job_id in self._scheduler.ordered():
+            job = self._jobs[job_id]
+            reason = reasons.get(job_id, "")
+            if job.wait_reason != reason:
+                job.wait_reason = reason
+                self._notify_changed(job, {"wait_reason"}, urgent=False)
+
+    def _assign(self, job: Job, worker: WorkerInfo) -> None:
+        job.attempt += 1
+        job.worker = worker.id
+        job.unit = ""
+        job.wait_reason = ""
+        self._reset_progress(job)
+        worker.active_jobs += 1
+        self._set_worker_busy(worker)
+        self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
+
+    async def _start_attempt(self, job: Job, attempt: int) -> None:
+        assert self._runner is not None
+        try:
+            unit = await self._runner.start(job, attempt)
+        except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
+            log.warning("starting a unit for job %s failed: %s", job.id, e)
+            if job.attempt == attempt and job.state == S.ASSIGNED:
+                self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {e}", "start", True)
+            return
+        if job.attempt != attempt or job.state != S.ASSIGNED:
+            return
+        job.unit = unit
+        job.started_at = job.started_at or now_usec()
+        self._transition(job, S.RUNNING, f"unit {unit} started")
+        if job.id in self._cancel_requested:
+            await self._runner.stop(unit)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- runner events
+
+    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.state not in ACTIVE:
+            return
+        if job.state == S.ASSIGNED:  # re-attached before the start call returned
+            return
+        report = parse_status(status_text)
+        if report is None:
+            self._append_event(job, "log", {"message": status_text})
+            return
+        fraction = None if report.fraction is None else report.fraction
+        self._apply_progress(job, report.phase, fraction, report.bytes_done, report.bytes_total, report.message)
+
+    def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.state not in ACTIVE or job.worker != BUILTIN:
+            return
+        job.unit = job.unit or outcome.unit
+        self._release_worker(job)
+        wanted_cancel = job.id in self._cancel_requested
+        self._cancel_requested.discard(job.id)
+        result = outcome.worker_result or {}
+        if result.get("status") == "completed" and outcome.result == "success":
+            self._complete(job, result)
+        elif wanted_cancel:
+            self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result)
+        elif result.get("status") == "cancelled" or (outcome.result == "success" and not result):
+            self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)
+        elif outcome.result == "not-started":
+            self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started")
+        else:
+            error = result.get("error") or {}
+            if outcome.result == "timeout":
+                code, retryable = ErrorCode.TIMEOUT, True
+                message = f"the job ran longer than its timeout of {job.spec['execution_policy']['timeout_seconds']} s"
+            elif error:
+                code = ErrorCode(error.get("code", "INTERNAL"))
+                retryable = bool(error.get("retryable", code not in NON_RETRYABLE))
+                message = error.get("message", "")
+            else:
+                code, retryable = ErrorCode.UNIT_FAILED, True
+                message = f"unit {outcome.unit} ended with {outcome.result} (status {outcome.exit_status})"
+            if outcome.log_tail:
+                message += "\nlast log lines:\n" + "\n".join(outcome.log_tail[-10:])
+            self._attempt_failed(job, code, message, error.get("phase", job.phase or "run"), retryable, result)
+
+    # ---------------------------------------------------------------- progress
+
+    def _apply_progress(self, job: Job, phase: str, fraction: float | None, done: int, total: int,
+                        message: str = "") -> None:
+        changed: set[str] = set()
+        if job.state == S.RUNNING:
+            self._transition(job, S.PROGRESSING, "progress reported")
+        if phase and phase != job.phase:
+            job.phase = phase
+            changed.add("phase")
+        if fraction is not None:
+            fraction = min(max(fraction, 0.0), 1.0)
+            if fraction > job.progress:  # never backwards within an attempt
+                before = int(job.progress * 100)
+                job.progress = fraction
+                changed.add("progress")
+                if int(fraction * 100) != before:
+                    self._append_event(job, "progress", {"progress": round(fraction, 4), "phase": job.phase,
+                                                          "bytes_done": done, "bytes_total": total})
+            if not job.progress_known:
+                job.progress_known = True
+                changed.add("progress_known")
+        if total and total != job.bytes_total:
+            job.bytes_total = total
+            changed.add("bytes_total")
+        if done > job.bytes_done:
+            job.bytes_done = done
+            changed.add("bytes_done")
+            self._update_rate(job)
+            changed |= {"rate", "expected_end"}
+        if message:
+            self._notify_event(job, Event(job.id, 0, now_usec(), "log", {"message": message}))
+        if changed:
+            self._notify_changed(job, changed, urgent="phase" in changed)
+
+    def _update_rate(self, job: Job) -> None:
+        now = now_usec()
+        samples = self._samples.setdefault(job.id, deque())
+        samples.append((now, job.bytes_done))
+        while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW_USEC:
+            samples.popleft()
+        (t0, b0), (t1, b1) = samples[0], samples[-1]
+        if t1 > t0 and b1 > b0:
+            job.rate = int((b1 - b0) * 1_000_000 / (t1 - t0))
+            if job.bytes_total and job.rate:
+                job.expected_end = now + int((job.bytes_total - job.bytes_done) * 1_000_000 / job.rate)
+
+    def _reset_progress(self, job: Job) -> None:
+        job.phase = ""
+        job.progress = 0.0
+        job.progress_known = False
+        job.bytes_done = job.bytes_total = job.rate = job.expected_end = 0
+        self._samples.pop(job.id, None)
+
+    # ---------------------------------------------------------------- endings
+
+    def _complete(self, job: Job, result: dict[str, Any]) -> None:
+        job.progress = 1.0
+        job.progress_known = True
+        if job.bytes_total:
+            job.bytes_done = job.bytes_total
+        self._finish(job, S.COMPLETED, "completed", result)
+
+    def _attempt_failed(self, job: Job, code: ErrorCode, message: str, phase: str, retryable: bool,
+                        result: dict[str, Any] | None = None) -> None:
+        if job.worker:
+            self._release_worker(job)
+        retries = job.spec["execution_policy"]["retry_count"]
+        if retryable and job.attempt <= retries:
+            delay = min(self._config.retry_backoff_base_seconds * 2 ** (job.attempt - 1),
+                        self._config.retry_backoff_max_seconds)
+            job.error_code, job.error_message = code.value, message
+            job.not_before = now_usec() + int(delay * 1_000_000)
+            self._transition(job, S.RETRYING,
+                             f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
+            self._arm_requeue(job)
+            return
+        self._fail(job, code, message, phase, result)
+
+    def _fail(self, job: Job, code: ErrorCode, message: str, phase: str,
+              result: dict[str, Any] | None = None) -> None:
+        result = dict(result or {})
+        result["status"] = "failed"
+        result["error"] = {"phase": phase, "code": code.value, "message": message,
+                           "retryable": code not in NON_RETRYABLE}
+        job.error_code, job.error_message = code.value, message
+        self._finish(job, S.FAILED, f"{code.value}: {message.splitlines()[0] if message else ''}", result)
+
+    def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None) -> None:
+        self._cancel_timer(job.id)
+        result = dict(result or {})
+        result.setdefault("status", state.value)
+        result.setdefault("outputs", {})
+        result.setdefault("metrics", {})
+        result.setdefault("error", None)
+        result["worker"] = job.worker
+        result["attempt"] = job.attempt
+        if state == S.CANCELLED:
+            result["status"] = "cancelled"
+        job.result = result
+        job.finished_at = now_usec()
+        job.not_before = 0
+        self._transition(job, state, reason)
+        self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
+        self._samples.pop(job.id, None)
+
+    def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str) -> None:
+        """A job lost its worker through no fault of its own: put it back unless it already ran out of tries."""
+        self._release_worker(job)
+        if job.attempt <= job.spec["execution_policy"]["retry_count"] or code == ErrorCode.WORKER_LOST:
+            job.worker = ""
+            self._reset_progress(job)
+            self._transition(job, S.QUEUED, f"back in the queue: {why}")
+            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+            self._kick()
+        else:
+            self._fail(job, code, why, "run")
+
+    def _arm_requeue(self, job: Job) -> None:
+        delay = max(job.not_before - now_usec(), 0) / 1_000_000
+        self._cancel_timer(job.id)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timers[job.id] = loop.call_later(delay, self._requeue_after_backoff, job.id)
+
+    def _requeue_after_backoff(self, job_id: str) -> None:
+        self._timers.pop(job_id, None)
+        job = self._jobs.get(job_id)
+        if job is not None and job.state == S.RETRYING:
+            job.not_before = 0
+            self._enqueue(job, f"queued for attempt {job.attempt + 1}")
+
+    def _cancel_timer(self, job_id: str) -> None:
+        timer = self._timers.pop(job_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    # ---------------------------------------------------------------- workers
+
+    def _builtin_capabilities(self) -> dict[str, Any]:
+        caps = dict(self._runner.capabilities()) if self._runner is not None else {}
+        caps.setdefault("operations", OPERATIONS)
+        return caps
+
+    def refresh_worker(self, worker_id: str) -> None:
+        worker = self.get_worker(worker_id)
+        if worker.kind != "builtin":
+            raise InvalidState("only the builtin worker detects its capabilities; external workers re-register")
+        refresh = getattr(self._runner, "refresh", None)
+        if refresh is not None:
+            refresh()
+        worker.capabilities = self._builtin_capabilities()
+        self._notify("worker_changed", worker)
+        self._kick()
+
+    def register_worker(self, name: str, capabilities: dict[str, Any], max_jobs: int, owner: int,
+                        bus_name: str) -> WorkerInfo:
+        if not name or len(name) > 128:
+            raise InvalidArgument("a worker name of 1 to 128 characters is required")
+        if not isinstance(capabilities, dict):
+            raise InvalidArgument("capabilities must be a JSON object")
+        self._worker_seq += 1
+        worker = WorkerInfo(id=f"w{self._worker_seq}", name=name, kind="external", capabilities=capabilities,
+                            max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec())
+        self._workers[worker.id] = worker
+        self._notify("worker_added", worker)
+        return worker
+
+    def heartbeat(self, worker_id: str) -> None:
+        worker = self._external(worker_id)
+        worker.last_heartbeat = now_usec()
+        if worker.state == "stale":
+            worker.state = "idle"
+            self._set_worker_busy(worker)
+            self._notify("worker_changed", worker)
+
+    def claim(self, worker_id: str) -> Job | None:
+        worker = self._external(worker_id)
+        worker.last_heartbeat = now_usec()
+        if worker.max_jobs and worker.active_jobs >= worker.max_jobs:
+            return None
+        job_id = self._scheduler.claim_for(worker, now_usec())
+        if job_id is None:
+            return None
+        self._scheduler.remove(job_id)
+        job = self._jobs[job_id]
+        self._assign(job, worker)
+        return job
+
+    def report_progress(self, worker_id: str, job_id: str, progress: float | None, bytes_done: int,
+                        bytes_total: int, phase: str, message: str) -> None:
+        worker = self._external(worker_id)
+        worker.last_heartbeat = now_usec()
+        job = self._claimed(worker, job_id)
+        if job.state == S.ASSIGNED:
+            job.started_at = job.started_at or now_usec()
+            self._transition(job, S.RUNNING, f"worker {worker.id} started it")
+        self._apply_progress(job, phase, progress, bytes_done, bytes_total, message)
+
+    def report_result(self, worker_id: str, job_id: str, success: bool, outputs: dict[str, Any],
+                      error_code: str, error_message: str, bytes_read: int, bytes_written: int) -> None:
+        worker = self._external(worker_id)
+        worker.last_heartbeat = now_usec()
+        job = self._claimed(worker, job_id)
+        if job.state == S.ASSIGNED:
+            self._transition(job, S.RUNNING, f"worker {worker.id} started it")
+        elapsed = (now_usec() - (job.started_at or now_usec())) / 1_000_000
+        result = {"outputs": outputs, "metrics": {"execution_seconds": elapsed, "bytes_read": bytes_read,
+                                                  "bytes_written": bytes_written}}
+        if success:
+            self._release_worker(job)
+            self._complete(job, {**result, "status": "completed"})
+            return
+        try:
+            code = ErrorCode(error_code or "INTERNAL")
+        except ValueError:
+            raise InvalidArgument(f"unknown error code {error_code!r}") from None
+        self._attempt_failed(job, code, error_message or "the worker reported a failure", job.phase or "run",
+                             code not in NON_RETRYABLE, result)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        worker = self._external(worker_id)
+        self._lose_worker(worker, "it unregistered")
+        del self._workers[worker_id]
+        self._notify("worker_removed", worker)
+
+    def bus_name_lost(self, bus_name: str) -> None:
+        for worker in list(self._workers.values()):
+            if worker.kind == "external" and worker.bus_name == bus_name and worker.state != "stale":
+                worker.state = "stale"
+                self._lose_worker(worker, "its connection to the bus closed")
+                self._notify("worker_changed", worker)
+
+    def _check_heartbeats(self) -> None:
+        limit = now_usec() - int(self._config.heartbeat_timeout_seconds * 1_000_000)
+        for worker in list(self._workers.values()):
+            if worker.kind == "external" and worker.state != "stale" and worker.last_heartbeat < limit:
+                worker.state = "stale"
+                self._lose_worker(worker, "it missed its heartbeats")
+                self._notify("worker_changed", worker)
+
+    def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
+        for job in list(self._jobs.values()):
+            if job.worker == worker.id and job.state in ACTIVE:
+                self._append_event(job, "log", {"message": f"worker {worker.id} lost: {why}"})
+                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"worker {worker.id} was lost: {why}")
+
+    def _external(self, worker_id: str) -> WorkerInfo:
+        worker = self.get_worker(worker_id)
+        if worker.kind != "external":
+            raise InvalidState("the builtin worker is driven by h2kd itself")
+        return worker
+
+    def _claimed(self, worker: WorkerInfo, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.worker != worker.id or job.state not in ACTIVE:
+            raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
+        return job
+
+    def _release_worker(self, job: Job) -> None:
+        worker = self._workers.get(job.worker)
+        if worker is not None and worker.active_jobs > 0:
+            worker.active_jobs -= 1
+            self._set_worker_busy(worker)
+
+    def _set_worker_busy(self, worker: WorkerInfo) -> None:
+        if worker.state == "stale":  # only a heartbeat brings a stale worker back
+            return
+        state = "busy" if worker.active_jobs else "idle"
+        if worker.state != state:
+            worker.state = state
+            self._notify("worker_changed", worker)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _transition(self, job: Job, new: JobState, reason: str) -> None:
+        old = job.move_to(new)
+        event = self._store.record_transition(job, old, new, reason)
+        self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
+        self._notify_event(job, event)
+        if new in TERMINAL:
+            self._kick()
+        self._manager_changed()
+
+    def _append_event(self, job: Job, kind: str, data: dict[str, Any]) -> None:
+        self._notify_event(job, self._store.append_event(job.id, kind, data))
+
+    def _notify_changed(self, job: Job, changed: set[str], urgent: bool) -> None:
+        for listener in self._listeners:
+            _safely(listener.job_changed, job, changed, urgent)
+
+    def _notify_event(self, job: Job, event: Event) -> None:
+        for listener in self._listeners:
+            _safely(listener.job_event, job, event)
+
+    def _notify(self, method: str, obj: Any) -> None:
+        for listener in self._listeners:
+            _safely(getattr(listener, method), obj)
+
+    def _manager_changed(self) -> None:
+        props = {"JobsQueued": self.jobs_queued, "JobsRunning": self.jobs_running,
+                 "Paused": self.paused, "MaxParallelJobs": self.max_parallel}
+        changed = {k for k, v in props.items() if self._manager_props.get(k) != v}
+        if changed:
+            self._manager_props = props
+            for listener in self._listeners:
+                _safely(listener.manager_changed, changed)
+
+
+# Fields that may change together with a state transition.
+_STATE_FIELDS = {"attempt", "worker", "unit", "started_at", "finished_at", "result", "error_code",
+                 "error_message", "phase", "progress", "progress_known", "bytes_done", "bytes_total",
+                 "rate", "expected_end", "wait_reason"}
+
+
+def _safely(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("listener %s failed", getattr(fn, "__qualname__", fn))

@@ -1,0 +1,104 @@
+"""h2kd's main program: wires config, store, manager, systemd runner, D-Bus service and observability, then serves."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from h2kd import BUS_NAME, __version__
+from h2kd.config import Config, load_config
+from h2kd.manager.manager import JobManager
+from h2kd.manager.validation import HostChecks
+from h2kd.store import JobStore
+
+log = logging.getLogger("h2kd")
+
+
+async def serve(config: Config) -> int:
+    from h2kd.bus.auth import Authority
+    from h2kd.bus.service import BusService
+    from h2kd.observability.health import Watchdog, notify_ready, notify_stopping
+    from h2kd.observability.journal import JournalLog
+    from h2kd.observability.metrics import Metrics, start_http
+    from h2kd.runner import SystemdRunner
+
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for root in config.output_roots:
+        root.mkdir(parents=True, exist_ok=True)
+    store = JobStore(config.store_path)
+    manager = JobManager(config, store, host_validator=HostChecks(config))
+    runner = SystemdRunner(config, manager)
+    manager.attach_runner(runner)
+    try:
+        await runner.connect()
+    except Exception as e:  # jobs wait until systemd is back; health says so
+        log.error("cannot reach systemd's manager: %s", e)
+
+    if config.bus_address:
+        bus = MessageBus(bus_address=config.bus_address, negotiate_unix_fd=True)
+    else:
+        bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+    await bus.connect()
+    authority = Authority(bus, config.polkit_timeout_seconds)
+    manager.load()
+    service = BusService(bus, manager, authority, config)
+    metrics = Metrics(manager.jobs)
+    manager.add_listener(service)
+    manager.add_listener(JournalLog())
+    manager.add_listener(metrics)
+    await service.export()
+    await manager.start()
+    reply = await bus.request_name(BUS_NAME)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        log.error("the bus name %s is taken (%s); is another h2kd running?", BUS_NAME, reply)
+        return 1
+    metrics_server = start_http(metrics, config.metrics_address, config.metrics_port)
+    watchdog = Watchdog(manager.health)
+    watchdog.start()
+    notify_ready(f"serving {BUS_NAME}; {manager.jobs_queued} queued, {manager.jobs_running} running")
+    log.info("h2kd %s serving %s", __version__, BUS_NAME)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    notify_stopping()
+    watchdog.stop()
+    await manager.stop()
+    await runner.close()
+    if metrics_server is not None:
+        metrics_server.stop()
+    if not disconnected.done():
+        bus.disconnect()
+    store.close()
+    if disconnected.done() and not stopping.done():
+        log.error("lost the bus connection")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="h2kd", description="VM disk conversion daemon (D-Bus: org.hyper2kvm.h2kd1)")
+    parser.add_argument("--config", help="settings file (TOML, section [h2kd]); default /etc/h2kd/h2kd.conf")
+    parser.add_argument("--version", action="version", version=f"h2kd {__version__}")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    from pathlib import Path
+    config = load_config(Path(args.config) if args.config else None)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

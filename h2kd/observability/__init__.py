@@ -1,0 +1,1 @@
+"""Observability: structured journal entries, Prometheus metrics, sd_notify readiness and the watchdog."""

@@ -1,0 +1,107 @@
+"""Telling systemd how the daemon is: sd_notify readiness and status, and WATCHDOG=1 pings tied to a liveness check.
+
+The ping task runs on the daemon's event loop, so a loop that is blocked or wedged sends no pings and
+systemd (WatchdogSec=) restarts the daemon. A ping is also withheld while the manager's health() says
+the job store is not OK, since a restart is the remedy for that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+from systemd import daemon
+
+log = logging.getLogger(__name__)
+
+
+def _notify(message: str) -> bool:
+    """Send one sd_notify message; False when not run by systemd (no NOTIFY_SOCKET) or on error."""
+    try:
+        return bool(daemon.notify(message))
+    except OSError:
+        return False
+
+
+def notify_ready(status: str = "") -> bool:
+    return _notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+
+def notify_status(text: str) -> bool:
+    return _notify(f"STATUS={text}")
+
+
+def notify_stopping() -> bool:
+    return _notify("STOPPING=1\nSTATUS=stopping")
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """systemd's watchdog timeout in seconds for this process, or None when no watchdog is asked for."""
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", "0"))
+        pid = int(environ.get("WATCHDOG_PID", "0") or 0)
+    except ValueError:
+        return None
+    if usec <= 0 or (pid and pid != os.getpid()):
+        return None
+    return usec / 1e6
+
+
+class Watchdog:
+    """Pings WATCHDOG=1 every half timeout from an asyncio task, only while the daemon is live."""
+
+    def __init__(self, health: Callable[[], Mapping[str, Any]], environ: Mapping[str, str] | None = None) -> None:
+        self._health = health
+        self.interval = watchdog_interval(environ)
+        self._task: asyncio.Task[None] | None = None
+        self._problem: str | None = None   # the last reason a ping was withheld, to log it once
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None
+
+    def start(self) -> None:
+        """Begin pinging; must be called from the running event loop. Does nothing without WATCHDOG_USEC."""
+        if self.enabled and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="h2kd-watchdog")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def problem(self) -> str | None:
+        """Why the daemon is not live, or None. Called on the loop, so a blocked loop never gets here."""
+        try:
+            health = self._health()
+        except Exception as e:
+            return f"health check failed: {e}"
+        if not health.get("store_ok", False):
+            return "the job store is not OK"
+        return None
+
+    async def _run(self) -> None:
+        assert self.interval is not None
+        period = self.interval / 2
+        expected = time.monotonic() + period
+        while True:
+            await asyncio.sleep(max(0.0, expected - time.monotonic()))
+            late = time.monotonic() - expected
+            if late > period:
+                log.warning("the event loop was blocked for about %.1f s", late)
+            expected = time.monotonic() + period
+            problem = self.problem()
+            if problem is None:
+                if self._problem is not None:
+                    log.info("healthy again; watchdog pings resume")
+                    notify_status("healthy again")
+                self._problem = None
+                _notify("WATCHDOG=1")
+            elif problem != self._problem:
+                self._problem = problem
+                log.error("withholding watchdog pings: %s", problem)
+                notify_status(f"unhealthy: {problem}")

@@ -1,0 +1,194 @@
+"""JournalLog: writes one structured journal entry per job lifecycle event, each with its catalog MESSAGE_ID.
+
+Entries carry H2K_JOB_ID, H2K_STATE, H2K_OPERATION, H2K_WORKER, H2K_ATTEMPT and H2K_OWNER_UID, the same
+fields the worker units get through LogExtraFields, so `journalctl H2K_JOB_ID=<id>` shows a job's whole
+story. The MESSAGE_IDs below are explained in systemd/h2kd.catalog (`journalctl -x`).
+Progress is journaled only when it crosses a 10% checkpoint, never at every update.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from systemd import journal
+
+from h2kd.manager.ports import Event, WorkerInfo
+from h2kd.model.job import Job
+from h2kd.model.states import JobState
+
+log = logging.getLogger(__name__)
+
+# Fixed for good: dashboards, alerts and the catalog match on them.
+MESSAGE_ID_SUBMITTED = "ef9ce53f86a04ec09d10361b97f94f57"
+MESSAGE_ID_STARTED = "2527c0f2087d46429a735b9eab4c063f"
+MESSAGE_ID_PROGRESS = "b420623cda6e41599b0c7ac11d4a3af8"
+MESSAGE_ID_COMPLETED = "f42ac97ac9ea4f9f9fc6fa11fa7841b1"
+MESSAGE_ID_FAILED = "a6a4150b8606421cabf259198c4eb2da"
+MESSAGE_ID_CANCELLED = "00065c43f8f94bf5bdc7e06e971e463b"
+MESSAGE_ID_RETRIED = "3201e0cc18d1419ca4e5b9163af95b93"
+MESSAGE_ID_WORKER_LOST = "b1026234777048a49712e6b703c62766"
+
+MESSAGE_IDS = {
+    "submitted": MESSAGE_ID_SUBMITTED,
+    "started": MESSAGE_ID_STARTED,
+    "progress": MESSAGE_ID_PROGRESS,
+    "completed": MESSAGE_ID_COMPLETED,
+    "failed": MESSAGE_ID_FAILED,
+    "cancelled": MESSAGE_ID_CANCELLED,
+    "retried": MESSAGE_ID_RETRIED,
+    "worker-lost": MESSAGE_ID_WORKER_LOST,
+}
+
+SYSLOG_IDENTIFIER = "h2kd"
+CHECKPOINT_STEP = 10  # percent between progress entries
+# journald's catalog substitutes only @NAME@ made of capital letters and "_" (no digits), so every
+# H2K_* field is also sent under this prefix for systemd/h2kd.catalog to quote. Filter on H2K_*.
+# An absent field shows as its bare name in the catalog text, so each entry always sends those its text quotes.
+CATALOG_PREFIX = "HYPERKVM_"
+
+
+def _send(message: str, message_id: str, priority: int, **fields: object) -> None:
+    """One datagram to journald; without a journal (no socket) it is silently dropped."""
+    values = {k: str(v) for k, v in fields.items() if v is not None and v != ""}
+    values.update({CATALOG_PREFIX + k[4:]: v for k, v in list(values.items()) if k.startswith("H2K_")})
+    try:
+        journal.send(message, MESSAGE_ID=message_id, PRIORITY=str(priority),
+                     SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **values)
+    except OSError:
+        # journald gone or overloaded: a lost log line must never stop the daemon.
+        pass
+
+
+def _seconds(start_usec: int, end_usec: int) -> float | None:
+    if start_usec and end_usec and end_usec >= start_usec:
+        return (end_usec - start_usec) / 1e6
+    return None
+
+
+class JournalLog:
+    """A JobListener that journals lifecycle events. Synchronous, never raises, keeps O(jobs in flight) state."""
+
+    def __init__(self) -> None:
+        self._checkpoint: dict[str, tuple[int, int]] = {}   # job id -> (attempt, last percent journaled)
+        self._worker_state: dict[str, str] = {}
+
+    # -- JobListener ---------------------------------------------------------------------------------
+
+    def job_added(self, job: Job) -> None:
+        # A job seen again after a restart (already past "created") is not a new submission.
+        if job.state in (JobState.CREATED, JobState.VALIDATED, JobState.QUEUED) and job.attempt == 0:
+            self._safely(self._submitted, job)
+
+    def job_changed(self, job: Job, changed: set[str], urgent: bool) -> None:
+        if "state" in changed:
+            self._safely(self._state_changed, job)
+        if "progress" in changed or "bytes_done" in changed:
+            self._safely(self._progressed, job)
+
+    def job_event(self, job: Job, event: Event) -> None:
+        pass  # state and progress already arrive through job_changed
+
+    def job_removed(self, job: Job) -> None:
+        self._checkpoint.pop(job.id, None)
+
+    def worker_added(self, worker: WorkerInfo) -> None:
+        self._worker_state[worker.id] = worker.state
+
+    def worker_changed(self, worker: WorkerInfo) -> None:
+        before = self._worker_state.get(worker.id)
+        self._worker_state[worker.id] = worker.state
+        if worker.state == "stale" and before != "stale":
+            self._safely(self._worker_lost, worker)
+
+    def worker_removed(self, worker: WorkerInfo) -> None:
+        self._worker_state.pop(worker.id, None)
+
+    def manager_changed(self, changed: set[str]) -> None:
+        pass
+
+    # -- entries -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _safely(write, *args) -> None:
+        try:
+            write(*args)
+        except Exception:  # a listener must not raise into the manager
+            log.exception("could not journal a job event")
+
+    @staticmethod
+    def _job_fields(job: Job) -> dict[str, object]:
+        return {
+            "H2K_JOB_ID": job.id,
+            "H2K_STATE": job.state.value,
+            "H2K_OPERATION": job.operation,
+            "H2K_WORKER": job.worker,   # "builtin" when h2kd runs the attempt as its own unit
+            "H2K_ATTEMPT": job.attempt,
+            "H2K_OWNER_UID": job.owner,
+            "H2K_UNIT": job.unit,
+        }
+
+    def _submitted(self, job: Job) -> None:
+        source = job.source or "(no path)"
+        _send(f"Job {job.id} submitted: {job.operation} of {source}, priority {job.priority}",
+              MESSAGE_ID_SUBMITTED, journal.LOG_INFO, H2K_SOURCE=source, H2K_OUTPUT=job.output,
+              H2K_PRIORITY=job.priority, **self._job_fields(job))
+
+    def _state_changed(self, job: Job) -> None:
+        fields = self._job_fields(job)
+        state = job.state
+        if state == JobState.RUNNING:
+            self._checkpoint[job.id] = (job.attempt, 0)
+            where = f" in {job.unit}" if job.unit else (f" on worker {job.worker}" if job.worker else "")
+            _send(f"Job {job.id} attempt {job.attempt} started{where}", MESSAGE_ID_STARTED, journal.LOG_INFO, **fields)
+        elif state == JobState.COMPLETED:
+            self._checkpoint.pop(job.id, None)
+            took = _seconds(job.started_at, job.finished_at)
+            metrics = (job.result or {}).get("metrics") or {}
+            written = metrics.get("bytes_written")
+            text = f"Job {job.id} completed: {job.operation} of {job.source or '(no path)'}"
+            if took is not None:
+                text += f" in {took:.1f} s"
+            _send(text, MESSAGE_ID_COMPLETED, journal.LOG_INFO, H2K_DURATION_SECONDS=_fmt(took),
+                  H2K_BYTES_WRITTEN=written, H2K_OUTPUT=job.output, **fields)
+        elif state == JobState.FAILED:
+            self._checkpoint.pop(job.id, None)
+            code = job.error_code or "INTERNAL"
+            message = job.error_message or "no message"
+            _send(f"Job {job.id} failed ({code}): {message}", MESSAGE_ID_FAILED,
+                  journal.LOG_ERR, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+        elif state == JobState.CANCELLED:
+            self._checkpoint.pop(job.id, None)
+            _send(f"Job {job.id} cancelled", MESSAGE_ID_CANCELLED, journal.LOG_NOTICE, **fields)
+        elif state == JobState.RETRYING:
+            self._checkpoint.pop(job.id, None)
+            # A retry asked for by hand keeps the error of the failure it retries.
+            code = job.error_code or "none"
+            message = job.error_message or "no message"
+            _send(f"Job {job.id} will be retried after {code}: {message}", MESSAGE_ID_RETRIED, journal.LOG_WARNING,
+                  H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+
+    def _progressed(self, job: Job) -> None:
+        if not job.progress_known or job.state not in (JobState.RUNNING, JobState.PROGRESSING):
+            return
+        attempt, last = self._checkpoint.get(job.id, (job.attempt, 0))
+        if attempt != job.attempt:
+            last = 0
+        percent = int(min(max(job.progress, 0.0), 1.0) * 100 + 1e-9)
+        reached = percent - percent % CHECKPOINT_STEP
+        if reached <= last:
+            return
+        self._checkpoint[job.id] = (job.attempt, reached)
+        phase = job.phase or "working"
+        _send(f"Job {job.id} {phase}: {reached}% ({job.bytes_done}/{job.bytes_total} bytes)",
+              MESSAGE_ID_PROGRESS, journal.LOG_INFO, H2K_PROGRESS_PERCENT=reached, H2K_PHASE=phase,
+              H2K_BYTES_DONE=job.bytes_done, H2K_BYTES_TOTAL=job.bytes_total, **self._job_fields(job))
+
+    def _worker_lost(self, worker: WorkerInfo) -> None:
+        name = worker.name or worker.id
+        _send(f"Worker {name} ({worker.id}) was lost and is marked stale; the jobs it held go back to the queue",
+              MESSAGE_ID_WORKER_LOST, journal.LOG_WARNING, H2K_WORKER=worker.id, H2K_WORKER_NAME=name,
+              H2K_WORKER_KIND=worker.kind, H2K_OWNER_UID=worker.owner, H2K_STATE=worker.state)
+
+
+def _fmt(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds:.3f}"

@@ -1,0 +1,192 @@
+"""JobManager without a bus or systemd: a recording runner stands in for systemd, the store is real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from h2kd.config import Config
+from h2kd.errors import AlreadyExists, InvalidSpec, InvalidState, NoSuchJob
+from h2kd.manager.manager import JobManager
+from h2kd.manager.ports import UnitOutcome
+from h2kd.store import JobStore
+
+
+class RecordingRunner:
+    """Starts nothing; records what the manager asked so the test can play systemd's answers."""
+
+    reachable = True
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int]] = []
+        self.stopped: list[str] = []
+        self.reattached: list[str] = []
+
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        return f"h2k-job-{job.id}-{attempt}.service"
+
+    async def stop(self, unit):
+        self.stopped.append(unit)
+
+    async def reattach(self, job):
+        self.reattached.append(job.id)
+
+    def capabilities(self):
+        return {"qemu_img": True, "loop": True}
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.states: list[tuple[str, str]] = []
+        self.progress: list[float] = []
+
+    def job_added(self, job): ...
+    def job_changed(self, job, changed, urgent):
+        if "state" in changed:
+            self.states.append((job.id, job.state.value))
+        if "progress" in changed:
+            self.progress.append(job.progress)
+    def job_event(self, job, event): ...
+    def job_removed(self, job): ...
+    def worker_added(self, worker): ...
+    def worker_changed(self, worker): ...
+    def worker_removed(self, worker): ...
+    def manager_changed(self, changed): ...
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.vmdk"
+    path.write_bytes(b"KDMV" + bytes(508))
+    return path
+
+
+def make(tmp_path: Path, **overrides):
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"], retry_backoff_base_seconds=0.01,
+                    **overrides)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    config.state_dir.mkdir(exist_ok=True)
+    runner = RecordingRunner()
+    from h2kd.manager.validation import HostChecks
+    manager = JobManager(config, JobStore(config.store_path), runner, HostChecks(config))
+    changes = Changes()
+    manager.add_listener(changes)
+    return manager, runner, changes, config
+
+
+def spec(image: Path, out: Path, **extra):
+    s = {"operation": "convert", "image": {"path": str(image)}, "artifacts": {"output_path": str(out)}}
+    s.update(extra)
+    return s
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_submit_runs_and_completes(tmp_path, image):
+    async def go():
+        m, runner, changes, _ = make(tmp_path)
+        await m.start()
+        job, created = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        assert created
+        await settle()
+        assert runner.started == [(job.id, 1)]
+        assert job.state.value == "running" and job.unit
+        m.unit_status(job.id, 1, "converting: 40.00% (40/100 bytes)")
+        m.unit_status(job.id, 1, "converting: 30.00% (30/100 bytes)")  # must not go backwards
+        m.unit_status(job.id, 1, "converting: 90.00% (90/100 bytes)")
+        assert changes.progress == [0.4, 0.9]
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {"x": 1}}))
+        assert job.state.value == "completed" and job.progress == 1.0
+        assert [s for i, s in changes.states if i == job.id] == [
+            "validated", "queued", "assigned", "running", "progressing", "completed"]
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_validation_failure_is_a_failed_job(tmp_path):
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2"), owner=0)
+        assert job.state.value == "failed" and job.error_code == "VALIDATION_FAILED"
+        assert "does not exist" in job.error_message
+        await settle()
+        assert runner.started == []
+    asyncio.run(go())
+
+
+def test_idempotent_and_conflicting_resubmission(tmp_path, image):
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        s = spec(image, tmp_path / "out/a.qcow2", job_id="vm-1")
+        first, _ = m.submit(s, owner=0)
+        again, created = m.submit(s, owner=0)
+        assert again is first and not created
+        with pytest.raises(AlreadyExists):
+            m.submit(spec(image, tmp_path / "out/b.qcow2", job_id="vm-1"), owner=0)
+        with pytest.raises(InvalidSpec):
+            m.submit({"operation": "teleport"}, owner=0)
+        with pytest.raises(NoSuchJob):
+            m.get("nope")
+    asyncio.run(go())
+
+
+def test_failure_retries_with_backoff_then_fails(tmp_path, image):
+    async def go():
+        m, runner, changes, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        await settle()
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: boom"]))
+        assert job.state.value == "retrying"
+        await asyncio.sleep(0.1)
+        assert runner.started == [(job.id, 1), (job.id, 2)]
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: boom"]))
+        assert job.state.value == "failed" and job.error_code == "UNIT_FAILED"
+        assert "qemu-img: boom" in job.error_message
+    asyncio.run(go())
+
+
+def test_cancel_waits_for_the_unit(tmp_path, image):
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        await m.cancel(job.id)
+        assert runner.stopped == [job.unit] and job.state.value == "running"
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "signal", 15, {"status": "cancelled"}, [], True))
+        assert job.state.value == "cancelled"
+        with pytest.raises(InvalidState):
+            await m.cancel(job.id)
+    asyncio.run(go())
+
+
+def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
+    async def go():
+        m, runner, _, config = make(tmp_path, max_parallel_jobs=1)
+        await m.start()
+        running, _ = m.submit(spec(image, tmp_path / "out/r.qcow2"), owner=0)
+        await settle()
+        ids = [m.submit(spec(image, tmp_path / f"out/{i}.qcow2", execution_policy={"priority": p}), owner=0)[0].id
+               for i, p in enumerate([5, 1, 5])]
+        await m.stop()
+        m2, runner2, *_ = make(tmp_path, max_parallel_jobs=1)
+        await m2.start()
+        assert runner2.reattached == [running.id]
+        assert runner2.started == []  # the running one is followed again, not started twice
+        done = {"status": "completed"}
+        m2.unit_finished(running.id, 1, UnitOutcome(running.unit, "success", 0, done))
+        for expected in (ids[1], ids[0], ids[2]):
+            await settle()
+            assert runner2.started[-1] == (expected, 1)
+            m2.unit_finished(expected, 1, UnitOutcome(m2.get(expected).unit, "success", 0, done))
+        assert all(m2.get(i).state.value == "completed" for i in ids)
+    asyncio.run(go())
