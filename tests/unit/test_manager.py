@@ -47,7 +47,7 @@ class Changes:
     def job_changed(self, job, changed, urgent):
         if "state" in changed:
             self.states.append((job.id, job.state.value))
-        if "progress" in changed:
+        if "progress" in changed and (not self.progress or self.progress[-1] != job.progress):
             self.progress.append(job.progress)
     def job_event(self, job, event): ...
     def job_removed(self, job): ...
@@ -100,7 +100,7 @@ def test_submit_runs_and_completes(tmp_path, image):
         m.unit_status(job.id, 1, "converting: 40.00% (40/100 bytes)")
         m.unit_status(job.id, 1, "converting: 30.00% (30/100 bytes)")  # must not go backwards
         m.unit_status(job.id, 1, "converting: 90.00% (90/100 bytes)")
-        assert changes.progress == [0.4, 0.9]
+        assert changes.progress == [0.0, 0.4, 0.9]
         m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {"x": 1}}))
         assert job.state.value == "completed" and job.progress == 1.0
         assert [s for i, s in changes.states if i == job.id] == [

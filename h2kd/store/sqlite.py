@@ -1,0 +1,291 @@
+"""JobStore: jobs, their state history and their event logs, kept durably in one SQLite file.
+
+Every call that changes something is one transaction, committed before it returns (WAL, synchronous=FULL), so a
+crash or kill -9 at any moment leaves either all of a change or none of it. A job's row, its history and its
+"state" event are written together, so the stored state always matches the last history entry.
+The store is owned by one process (the daemon); sequence counters are cached in memory after the first read.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from h2kd.errors import AlreadyExists, NoSuchJob
+from h2kd.manager.ports import Event
+from h2kd.model.job import Job, now_usec
+from h2kd.model.states import TERMINAL, JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE jobs (
+    ord INTEGER PRIMARY KEY,            -- insertion order: the order jobs were created in
+    id TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    owner INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    queue_seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    progress REAL NOT NULL,
+    progress_known INTEGER NOT NULL,
+    bytes_done INTEGER NOT NULL,
+    bytes_total INTEGER NOT NULL,
+    rate INTEGER NOT NULL,
+    expected_end INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    unit TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    wait_reason TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    error_code TEXT NOT NULL,
+    error_message TEXT NOT NULL
+);
+CREATE TABLE history (
+    n INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    old_state TEXT NOT NULL,            -- '' for the first entry
+    new_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX history_job ON history (job_id, n);
+CREATE TABLE events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,               -- 1, 2, 3... per job
+    time INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
+# Job attributes in column order (every Job field has a column of the same name).
+_COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq", "attempt", "phase", "progress",
+            "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
+            "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message")
+_INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+_UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
+_SELECT_JOBS = f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY ord"
+_INSERT_HISTORY = "INSERT INTO history (job_id, time, old_state, new_state, reason) VALUES (?, ?, ?, ?, ?)"
+_INSERT_EVENT = "INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, ?, ?, ?)"
+_TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _job_values(job: Job) -> list[Any]:
+    return [job.id, _json(job.spec), job.operation, job.owner, job.priority, job.state.value, job.queue_seq,
+            job.attempt, job.phase, float(job.progress), int(job.progress_known), job.bytes_done, job.bytes_total,
+            job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
+            job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message]
+
+
+def _job_from_row(row: tuple[Any, ...]) -> Job:
+    values = dict(zip(_COLUMNS, row))
+    values["spec"] = json.loads(values["spec"])
+    values["result"] = json.loads(values["result"])
+    values["state"] = JobState(values["state"])
+    values["progress_known"] = bool(values["progress_known"])
+    return Job(**values)
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly, one per changing call.
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._create_or_check_schema()
+        self._last_event_seq: dict[str, int] = {}
+        (max_seq,) = self._db.execute("SELECT COALESCE(MAX(queue_seq), 0) FROM jobs").fetchone()
+        self._next_queue_seq = max_seq + 1
+
+    def _create_or_check_schema(self) -> None:
+        with self._transaction():
+            exists = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+            if not exists:
+                # One statement at a time: executescript() would commit on its own.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                return
+            row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        if row[0] != SCHEMA_VERSION:
+            raise RuntimeError(f"the job store {self.path} has schema version {row[0]}; "
+                               f"this h2kd understands version {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- jobs
+
+    def insert_job(self, job: Job, reason: str) -> Event:
+        """Store a new job with its first history entry and first ("state") event. Raises AlreadyExists."""
+        now = now_usec()
+        data = {"old_state": "", "new_state": job.state.value, "reason": reason}
+        try:
+            with self._transaction() as db:
+                db.execute(_INSERT_JOB, _job_values(job))
+                db.execute(_INSERT_HISTORY, (job.id, now, "", job.state.value, reason))
+                db.execute(_INSERT_EVENT, (job.id, 1, now, "state", _json(data)))
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"a job with id {job.id!r} is already stored") from None
+        self._last_event_seq[job.id] = 1
+        return Event(job.id, 1, now, "state", data)
+
+    def save_job(self, job: Job) -> None:
+        """Write every field of the job. Raises NoSuchJob if it was never inserted."""
+        with self._transaction() as db:
+            self._update(db, job)
+
+    def _update(self, db: sqlite3.Connection, job: Job) -> None:
+        values = _job_values(job)
+        if db.execute(_UPDATE_JOB, values[1:] + values[:1]).rowcount != 1:
+            raise NoSuchJob(f"job {job.id} is not in the store")
+
+    def record_transition(self, job: Job, old: JobState, new: JobState, reason: str) -> Event:
+        """Save the job (already in state `new`), its history entry and its "state" event, all at once."""
+        if job.state != new:
+            raise ValueError(f"job {job.id} is {job.state.value}, not {new.value}: move it before recording")
+        now = now_usec()
+        data = {"old_state": old.value, "new_state": new.value, "reason": reason}
+        with self._transaction() as db:
+            self._update(db, job)
+            db.execute(_INSERT_HISTORY, (job.id, now, old.value, new.value, reason))
+            seq = self._append(db, job.id, now, "state", data)
+        self._last_event_seq[job.id] = seq
+        return Event(job.id, seq, now, "state", data)
+
+    def load_jobs(self) -> list[Job]:
+        """Every stored job, in the order they were created."""
+        with self._lock:
+            return [_job_from_row(row) for row in self._db.execute(_SELECT_JOBS)]
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job: its row, history and events."""
+        with self._transaction() as db:
+            self._delete(db, [job_id])
+        self._last_event_seq.pop(job_id, None)
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, job_ids: list[str]) -> None:
+        rows = [(i,) for i in job_ids]
+        db.executemany("DELETE FROM events WHERE job_id = ?", rows)
+        db.executemany("DELETE FROM history WHERE job_id = ?", rows)
+        db.executemany("DELETE FROM jobs WHERE id = ?", rows)
+
+    def prune(self, max_age_seconds: float | None, max_count: int | None, now: int | None = None) -> list[str]:
+        """Remove finished (completed, failed, cancelled) jobs older than max_age_seconds, and then the oldest
+        beyond max_count finished jobs. None disables a limit; `now` is usec since the epoch. Unfinished jobs
+        are never touched. Returns the removed ids, oldest first."""
+        now = now_usec() if now is None else now
+        with self._transaction() as db:
+            finished = db.execute(
+                f"SELECT id, CASE WHEN finished_at > 0 THEN finished_at ELSE created_at END AS t FROM jobs "
+                f"WHERE state IN ({', '.join('?' for _ in _TERMINAL_VALUES)}) ORDER BY t, ord",
+                _TERMINAL_VALUES).fetchall()
+            keep_from = 0
+            if max_age_seconds is not None:
+                limit = now - int(max_age_seconds * 1_000_000)
+                while keep_from < len(finished) and finished[keep_from][1] < limit:
+                    keep_from += 1
+            if max_count is not None:
+                keep_from = max(keep_from, len(finished) - max(max_count, 0))
+            doomed = [job_id for job_id, _ in finished[:keep_from]]
+            self._delete(db, doomed)
+        for job_id in doomed:
+            self._last_event_seq.pop(job_id, None)
+        return doomed
+
+    def next_queue_seq(self) -> int:
+        """A number larger than any queue_seq stored so far: gives FIFO order that survives restarts."""
+        with self._lock:
+            seq = self._next_queue_seq
+            self._next_queue_seq += 1
+            return seq
+
+    # ---------------------------------------------------------------- history and events
+
+    def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> Event:
+        """Add an event (kind: state, progress, log, result) to a job's log; its seq follows the last one."""
+        now = now_usec()
+        with self._transaction() as db:
+            seq = self._append(db, job_id, now, kind, data)
+        self._last_event_seq[job_id] = seq
+        return Event(job_id, seq, now, kind, dict(data))
+
+    def _append(self, db: sqlite3.Connection, job_id: str, now: int, kind: str, data: dict[str, Any]) -> int:
+        last = self._last_event_seq.get(job_id)
+        if last is None:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise NoSuchJob(f"job {job_id} is not in the store")
+            (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()
+        db.execute(_INSERT_EVENT, (job_id, last + 1, now, kind, _json(data)))
+        return last + 1
+
+    def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
+        """The job's events with seq > since, oldest first (at most `limit` of them)."""
+        sql = "SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq"
+        params: tuple[Any, ...] = (job_id, since)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (max(limit, 0),)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [Event(job_id, seq, t, kind, json.loads(data)) for seq, t, kind, data in rows]
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's state changes, oldest first: {time, old_state, new_state, reason} ('' old_state at first)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT time, old_state, new_state, reason FROM history WHERE job_id = ? ORDER BY n",
+                (job_id,)).fetchall()
+        return [{"time": t, "old_state": old, "new_state": new, "reason": reason} for t, old, new, reason in rows]
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def check(self) -> bool:
+        """Whether SQLite finds the file sound (PRAGMA quick_check) and it can still be read."""
+        try:
+            with self._lock:
+                return self._db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,233 @@
+"""Scheduler: priority then first-come order, the parallel limit, pause, priority changes, capability matching
+that skips (never blocks on) jobs no worker can run, backoff, claims by external workers, and the reasons given."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from h2kd.manager.ports import WorkerInfo
+from h2kd.scheduler import Scheduler, worker_can_run
+
+NOW = 1_800_000_000_000_000
+
+
+def builtin(**caps) -> WorkerInfo:
+    return WorkerInfo(id="builtin", name="host1", kind="builtin",
+                      capabilities={"qemu_img": True, "loop": True, **caps})
+
+
+def external(worker_id: str = "ext1", max_jobs: int = 0, **caps) -> WorkerInfo:
+    return WorkerInfo(id=worker_id, name=worker_id, kind="external", capabilities=caps, max_jobs=max_jobs)
+
+
+def queue(*jobs, max_parallel: int = 100) -> Scheduler:
+    """jobs: (id, priority) or (id, priority, requirements)."""
+    s = Scheduler(max_parallel)
+    for seq, job in enumerate(jobs, start=1):
+        job_id, priority, *rest = job
+        s.add(job_id, priority, seq, "convert", rest[0] if rest else {})
+    return s
+
+
+def picked(s: Scheduler, running: int = 0, workers=None, now: int = NOW) -> list[str]:
+    return [job_id for job_id, _ in s.pick(running, [builtin()] if workers is None else workers, now)]
+
+
+def test_priority_first_then_first_come():
+    s = queue(("a", 5), ("b", 1), ("c", 10), ("d", 5), ("e", 1), ("f", 3))
+    assert s.ordered() == ["b", "e", "f", "a", "d", "c"]
+    assert s.counts_by_priority() == [2, 0, 1, 0, 2, 0, 0, 0, 0, 1]
+    assert len(s) == 6 and "a" in s and "z" not in s
+    assert picked(s) == ["b", "e", "f", "a", "d", "c"]
+    assert len(s) == 0 and s.counts_by_priority() == [0] * 10
+
+
+def test_fifo_follows_queue_seq_not_insertion_order():
+    s = Scheduler(10)
+    s.add("late", 5, 30, "convert", {})
+    s.add("early", 5, 10, "convert", {})   # e.g. put back after a restart with its old number
+    s.add("middle", 5, 20, "convert", {})
+    assert s.ordered() == ["early", "middle", "late"]
+
+
+def test_max_parallel_limits_what_starts():
+    s = queue(("a", 5), ("b", 5), ("c", 5), ("d", 5), max_parallel=2)
+    assert picked(s, running=0) == ["a", "b"]
+    assert picked(s, running=2) == []
+    assert picked(s, running=1) == ["c"]
+    s.max_parallel = 5
+    assert s.max_parallel == 5
+    assert picked(s, running=1) == ["d"]
+    with pytest.raises(ValueError):
+        s.max_parallel = -1
+
+
+def test_worker_slots_are_respected():
+    s = queue(("a", 5), ("b", 5), ("c", 5))
+    worker = builtin()
+    worker.max_jobs, worker.active_jobs = 2, 1
+    assert picked(s, running=1, workers=[worker]) == ["a"]
+    assert s.wait_reasons() == {"b": "waiting for a free slot on worker host1 (2 of 2 busy)",
+                                "c": "waiting for a free slot on worker host1 (2 of 2 busy)"}
+
+
+def test_pause_and_resume():
+    s = queue(("a", 5), ("b", 2))
+    s.pause()
+    assert s.paused
+    assert picked(s) == []
+    assert s.wait_reasons() == {"a": "queue is paused", "b": "queue is paused"}
+    assert s.claim_for(external(), NOW) is None
+    s.resume()
+    assert not s.paused
+    assert picked(s) == ["b", "a"]
+
+
+def test_set_priority_moves_a_job_keeping_its_place_by_seq():
+    s = queue(("a", 5), ("b", 3), ("c", 5), ("d", 3))
+    s.set_priority("c", 3)
+    assert s.ordered() == ["b", "c", "d", "a"]      # c (seq 3) lands between b (seq 2) and d (seq 4)
+    s.set_priority("c", 5)
+    assert s.ordered() == ["b", "d", "a", "c"]
+    s.set_priority("a", 1)
+    assert s.ordered() == ["a", "b", "d", "c"]
+    assert s.counts_by_priority()[:5] == [1, 0, 2, 0, 1]
+    with pytest.raises(KeyError):
+        s.set_priority("nope", 1)
+    for bad in (0, 11, True, "1"):
+        with pytest.raises(ValueError):
+            s.set_priority("a", bad)
+
+
+def test_add_and_remove():
+    s = queue(("a", 5), ("b", 5), ("c", 5))
+    with pytest.raises(ValueError):
+        s.add("a", 5, 99, "convert", {})
+    with pytest.raises(ValueError):
+        s.add("z", 0, 99, "convert", {})
+    assert s.remove("b") is True
+    assert s.remove("b") is False
+    assert s.ordered() == ["a", "c"] and "b" not in s
+
+
+def test_a_job_no_worker_can_run_waits_without_blocking_the_others():
+    s = queue(("needs-nbd", 1, {"nbd": True}), ("plain", 5), ("needs-lvm", 2, {"lvm": True, "qemu_img": True}),
+              ("also-plain", 9), max_parallel=10)
+    assert picked(s) == ["plain", "also-plain"]
+    assert s.ordered() == ["needs-nbd", "needs-lvm"]
+    assert s.wait_reasons() == {"needs-nbd": "no worker offers nbd", "needs-lvm": "no worker offers lvm"}
+    # Once a worker offers it, the job runs.
+    assert picked(s, workers=[builtin(nbd=True)]) == ["needs-nbd"]
+
+
+def test_limit_reached_reason_and_mismatch_reason_side_by_side():
+    s = queue(("a", 5), ("b", 5), ("c", 5, {"nbd": True}), ("d", 5), max_parallel=2)
+    assert picked(s, running=1) == ["a"]
+    assert s.wait_reasons() == {"b": "waiting for a free slot (2 of 2 running)",
+                                "c": "no worker offers nbd",
+                                "d": "waiting for a free slot (2 of 2 running)"}
+
+
+def test_no_worker_at_all_and_before_any_pass():
+    s = queue(("a", 5))
+    assert s.wait_reasons() == {"a": "waiting to be scheduled"}
+    assert picked(s, workers=[]) == []
+    assert s.wait_reasons() == {"a": "no worker is available"}
+
+
+def test_stale_and_external_workers_are_not_used_by_pick():
+    s = queue(("a", 5))
+    stale = builtin()
+    stale.state = "stale"
+    assert picked(s, workers=[stale, external()]) == []
+    assert s.wait_reasons() == {"a": "no worker is available"}
+
+
+def test_backoff_delays_only_that_job():
+    s = Scheduler(10)
+    later = NOW + 90 * 1_000_000
+    s.add("retrying", 1, 1, "convert", {}, not_before_usec=later)
+    s.add("fresh", 5, 2, "convert", {})
+    assert picked(s, now=NOW) == ["fresh"]
+    clock = time.strftime("%H:%M:%S", time.localtime(later / 1_000_000))
+    assert s.wait_reasons() == {"retrying": f"retry backoff until {clock}"}
+    assert s.claim_for(external(), NOW) is None
+    assert picked(s, now=later) == ["retrying"]
+
+
+def test_claim_for_takes_the_most_urgent_job_it_can_run():
+    s = queue(("p5", 5), ("nbd-p3", 3, {"nbd": True}), ("p1-vhdx", 1, {"formats": ["vhdx"]}), ("p2", 2))
+    worker = external(operations=["convert"], formats=["vmdk"])
+    assert s.claim_for(worker, NOW) == "p2"
+    assert "p2" not in s
+    assert s.claim_for(external("nbd-box", nbd=True), NOW) == "nbd-p3"
+    assert s.claim_for(external("vhdx-box", formats=["vhdx", "vmdk"]), NOW) == "p1-vhdx"
+    assert s.claim_for(external("inspector", operations=["inspect"]), NOW) is None
+    busy = external("busy", max_jobs=1)
+    busy.active_jobs = 1
+    assert s.claim_for(busy, NOW) is None
+    stale = external("stale")
+    stale.state = "stale"
+    assert s.claim_for(stale, NOW) is None
+    assert s.ordered() == ["p5"]
+
+
+# ---------------------------------------------------------------- capability matching
+
+@pytest.mark.parametrize(("caps", "operation", "requirements", "expected"), [
+    ({}, "convert", {}, None),
+    ({"nbd": True}, "convert", {"nbd": True}, None),
+    ({"nbd": False}, "convert", {"nbd": True}, "does not offer nbd"),
+    ({}, "convert", {"nbd": True}, "does not offer nbd"),
+    ({}, "convert", {"nbd": False, "lvm": None}, None),
+    ({"operations": ["inspect"]}, "convert", {}, "does not offer the convert operation"),
+    ({"operations": ["inspect", "convert"]}, "convert", {}, None),
+    ({"formats": ["vmdk", "vhdx"]}, "convert", {"formats": ["vhdx"]}, None),
+    ({"formats": ["vmdk"]}, "convert", {"formats": ["vhdx"]}, "does not offer the vhdx format"),
+    ({}, "convert", {"formats": ["vdi"]}, "does not offer the vdi format (it does not advertise formats)"),
+    ({"free_bytes": 20 * 2**30}, "convert", {"min_free_bytes": 10 * 2**30}, None),
+    ({"free_bytes": {"/a": 2**30, "/b": 20 * 2**30}}, "convert", {"min_free_bytes": 10 * 2**30}, None),
+    ({"free_bytes": 2**30}, "convert", {"min_free_bytes": 10 * 2**30},
+     "does not offer 10.0 GiB of free space (it has 1.0 GiB)"),
+    ({"memory_mb": 512}, "convert", {"min_memory_mb": 2048}, "does not offer 2048 MB of memory (it has 512 MB)"),
+    ({}, "convert", {"min_memory_mb": 2048}, "does not offer 2048 MB of memory (it does not advertise memory_mb)"),
+    ({"arch": "x86_64"}, "convert", {"arch": "x86_64"}, None),
+    ({"arch": "aarch64"}, "convert", {"arch": "x86_64"}, "does not offer arch=x86_64 (it has arch=aarch64)"),
+    ({}, "convert", {"gpu": True}, "does not offer gpu"),
+    ({}, "convert", {"site": "ams"}, "does not offer site=ams (it does not advertise site)"),
+])
+def test_worker_can_run(caps, operation, requirements, expected):
+    worker = WorkerInfo(id="w", name="w", kind="external", capabilities=caps)
+    assert worker_can_run(worker, operation, requirements) == expected
+
+
+def test_stale_worker_can_run_nothing():
+    worker = external()
+    worker.state = "stale"
+    assert worker_can_run(worker, "convert", {}) is not None
+
+
+def test_different_needs_are_all_named():
+    s = queue(("a", 5, {"nbd": True, "min_free_bytes": 2**40}))
+    second = builtin(nbd=True)
+    second.id, second.name = "builtin-2", "host2"
+    picked(s, workers=[builtin(free_bytes=2**30), second])
+    # The first builtin lacks nbd, the second lacks space: the reason names both.
+    reason = s.wait_reasons()["a"]
+    assert reason.startswith("no worker offers everything it needs")
+    assert "nbd" in reason and "1.0 TiB of free space" in reason
+
+
+def test_many_queued_jobs_are_handled_quickly():
+    s = Scheduler(2)
+    for i in range(50_000):
+        s.add(f"j{i}", i % 10 + 1, i, "convert", {"nbd": True} if i % 7 == 0 else {})
+    start = time.perf_counter()
+    assert len(s.pick(0, [builtin()], NOW)) == 2
+    reasons = s.wait_reasons()
+    elapsed = time.perf_counter() - start
+    assert len(reasons) == 49_998
+    assert sum(r == "no worker offers nbd" for r in reasons.values()) == len(range(0, 50_000, 7))
+    assert elapsed < 5   # generous: a pass over a full queue must not stall the daemon for long

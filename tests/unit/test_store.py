@@ -1,0 +1,347 @@
+"""JobStore on a real SQLite file: jobs, history and events come back as written, pruning keeps what it must,
+and a process killed with SIGKILL in the middle of writing loses nothing it had committed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from h2kd.errors import AlreadyExists, NoSuchJob
+from h2kd.model.job import Job
+from h2kd.model.states import JobState
+from h2kd.store import JobStore
+
+S = JobState
+REPO = Path(__file__).resolve().parents[2]
+SECOND = 1_000_000
+
+
+def new_job(job_id: str, **fields) -> Job:
+    spec = {"job_id": job_id, "operation": "convert", "image": {"path": f"/src/{job_id}.vmdk"}}
+    return Job(id=job_id, spec=spec, operation="convert", owner=1000, **fields)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = JobStore(tmp_path / "state" / "h2kd.sqlite")
+    yield s
+    s.close()
+
+
+def move(store: JobStore, job: Job, new: JobState, reason: str = ""):
+    old = job.move_to(new)
+    return store.record_transition(job, old, new, reason or f"to {new.value}")
+
+
+def test_every_job_field_survives_a_reopen(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    job = Job(
+        id="vm-1.disk_0", spec={"job_id": "vm-1.disk_0", "operation": "convert", "nested": {"list": [1, "ü", None]}},
+        operation="convert", owner=4242, priority=2, state=S.PROGRESSING, queue_seq=77, attempt=3,
+        phase="converting", progress=0.625, progress_known=True, bytes_done=5 * 2**40, bytes_total=8 * 2**40,
+        rate=123_456_789, expected_end=1_900_000_000 * SECOND, created_at=1_700_000_000 * SECOND + 1,
+        started_at=1_700_000_001 * SECOND, finished_at=1_700_000_002 * SECOND, unit="h2k-job-vm\\x2d1-3.service",
+        worker="builtin", wait_reason="waiting for a free slot (2 of 2 running)", not_before=1_700_000_003 * SECOND,
+        result={"status": "failed", "error": {"code": "TOOL_FAILED", "message": "line 1\nline 2"}},
+        error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)")
+    # Every field differs from its default, so a column the store forgot would show.
+    defaults = Job(id="x", spec={}, operation="", owner=0)
+    for f in dataclasses.fields(Job):
+        assert getattr(job, f.name) != getattr(defaults, f.name), f.name
+    with JobStore(path) as s:
+        s.insert_job(job, "submitted")
+    with JobStore(path) as s:
+        (loaded,) = s.load_jobs()
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(job)
+    assert loaded.state is S.PROGRESSING and loaded.progress_known is True
+
+
+def test_insert_writes_history_and_first_event(store):
+    job = new_job("a")
+    event = store.insert_job(job, "submitted by uid 1000")
+    assert (event.job_id, event.seq, event.kind) == ("a", 1, "state")
+    assert store.events("a") == [event]
+    (entry,) = store.history("a")
+    assert entry["old_state"] == "" and entry["new_state"] == "created"
+    assert entry["reason"] == "submitted by uid 1000" and entry["time"] == event.time
+
+
+def test_duplicate_insert_is_refused_and_changes_nothing(store):
+    store.insert_job(new_job("a"), "first")
+    with pytest.raises(AlreadyExists):
+        store.insert_job(new_job("a", priority=1), "second")
+    assert [j.priority for j in store.load_jobs()] == [5]
+    assert len(store.history("a")) == 1 and len(store.events("a")) == 1
+
+
+def test_save_job_updates_every_field(store, tmp_path):
+    job = new_job("a")
+    store.insert_job(job, "submitted")
+    job.phase, job.progress, job.bytes_done, job.wait_reason = "copying", 0.5, 1024, "x"
+    job.result = {"status": "completed", "outputs": {"disks": ["/out/a.qcow2"]}}
+    store.save_job(job)
+    (loaded,) = store.load_jobs()
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(job)
+    with pytest.raises(NoSuchJob):
+        store.save_job(new_job("never-inserted"))
+
+
+def test_transitions_history_and_events_in_order(store):
+    job = new_job("a")
+    store.insert_job(job, "submitted")
+    path = [S.VALIDATED, S.QUEUED, S.ASSIGNED, S.RUNNING, S.PROGRESSING, S.COMPLETED]
+    events = [move(store, job, new) for new in path]
+    assert [e.seq for e in events] == [2, 3, 4, 5, 6, 7]
+    assert events[-1].data == {"old_state": "progressing", "new_state": "completed", "reason": "to completed"}
+    history = store.history("a")
+    assert [(h["old_state"], h["new_state"]) for h in history] == [
+        ("", "created"), ("created", "validated"), ("validated", "queued"), ("queued", "assigned"),
+        ("assigned", "running"), ("running", "progressing"), ("progressing", "completed")]
+    assert [h["time"] for h in history] == sorted(h["time"] for h in history)
+    assert store.load_jobs()[0].state is S.COMPLETED
+
+
+def test_transition_must_match_the_job(store):
+    job = new_job("a")
+    store.insert_job(job, "submitted")
+    with pytest.raises(ValueError):
+        store.record_transition(job, S.CREATED, S.VALIDATED, "job was not moved")
+    assert len(store.history("a")) == 1
+
+
+def test_events_since_and_limit_and_reopen(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        s.insert_job(new_job("a"), "submitted")
+        s.insert_job(new_job("b"), "submitted")
+        for i in range(5):
+            s.append_event("a", "progress", {"fraction": i / 4})
+        s.append_event("b", "log", {"message": "hello"})
+        assert [e.seq for e in s.events("a")] == [1, 2, 3, 4, 5, 6]
+        assert [e.seq for e in s.events("a", since=4)] == [5, 6]
+        assert [e.seq for e in s.events("a", since=1, limit=2)] == [2, 3]
+        assert s.events("a", since=6) == []
+        assert [(e.seq, e.kind, e.data) for e in s.events("b")][1] == (2, "log", {"message": "hello"})
+        with pytest.raises(NoSuchJob):
+            s.append_event("nope", "log", {})
+    with JobStore(path) as s:   # numbering goes on after a restart
+        assert s.append_event("a", "log", {"message": "again"}).seq == 7
+        assert s.events("a", since=6)[0].data == {"message": "again"}
+        assert s.events("unknown") == [] and s.history("unknown") == []
+
+
+def test_delete_removes_all_rows(store):
+    for name in ("a", "b"):
+        store.insert_job(new_job(name), "submitted")
+        store.append_event(name, "log", {"message": name})
+    store.delete_job("a")
+    assert [j.id for j in store.load_jobs()] == ["b"]
+    assert store.events("a") == [] and store.history("a") == []
+    assert len(store.events("b")) == 2
+    # The id can be used again, with a fresh event log.
+    assert store.insert_job(new_job("a"), "again").seq == 1
+
+
+def test_load_jobs_in_created_order(store):
+    names = ["m", "c", "x", "a", "k"]
+    for name in names:
+        store.insert_job(new_job(name), "submitted")
+    assert [j.id for j in store.load_jobs()] == names
+
+
+def finished_job(store: JobStore, job_id: str, state: JobState, finished_at: int) -> None:
+    job = new_job(job_id, created_at=finished_at - SECOND)
+    store.insert_job(job, "submitted")
+    if state is S.COMPLETED:
+        for new in (S.VALIDATED, S.QUEUED, S.ASSIGNED, S.RUNNING):
+            move(store, job, new)
+    job.finished_at = finished_at
+    move(store, job, state)
+
+
+def test_prune_by_age_spares_unfinished_jobs(store):
+    now = 1_800_000_000 * SECOND
+    day = 86400 * SECOND
+    finished_job(store, "old-done", S.COMPLETED, now - 40 * day)
+    finished_job(store, "old-failed", S.FAILED, now - 31 * day)
+    finished_job(store, "old-cancelled", S.CANCELLED, now - 35 * day)
+    finished_job(store, "recent-done", S.COMPLETED, now - 1 * day)
+    unfinished = {}
+    for name, state in [("queued", S.QUEUED), ("running", S.RUNNING), ("created", S.CREATED),
+                        ("retrying", S.RETRYING), ("validated", S.VALIDATED)]:
+        job = new_job(name, created_at=now - 365 * day)
+        store.insert_job(job, "submitted")
+        for new in {S.QUEUED: [S.VALIDATED, S.QUEUED], S.RUNNING: [S.VALIDATED, S.QUEUED, S.ASSIGNED, S.RUNNING],
+                    S.CREATED: [], S.RETRYING: [S.VALIDATED, S.QUEUED, S.ASSIGNED, S.RETRYING],
+                    S.VALIDATED: [S.VALIDATED]}[state]:
+            move(store, job, new)
+        unfinished[name] = state
+    removed = store.prune(30 * 86400, None, now)
+    assert removed == ["old-done", "old-cancelled", "old-failed"]   # oldest first
+    left = {j.id: j.state for j in store.load_jobs()}
+    assert left == {"recent-done": S.COMPLETED, **unfinished}
+    assert store.history("old-done") == [] and store.events("old-failed") == []
+    assert store.prune(30 * 86400, None, now) == []
+
+
+def test_prune_by_count_keeps_the_newest_finished_and_every_unfinished(store):
+    now = 1_800_000_000 * SECOND
+    for i in range(6):
+        finished_job(store, f"done-{i}", S.COMPLETED, now - (10 - i) * SECOND)
+    for i in range(4):
+        job = new_job(f"queued-{i}", created_at=now - 1000 * SECOND)
+        store.insert_job(job, "submitted")
+        move(store, job, S.VALIDATED)
+        move(store, job, S.QUEUED)
+    removed = store.prune(None, 2, now)
+    assert removed == ["done-0", "done-1", "done-2", "done-3"]
+    assert sorted(j.id for j in store.load_jobs()) == ["done-4", "done-5"] + [f"queued-{i}" for i in range(4)]
+    assert store.prune(None, 0, now) == ["done-4", "done-5"]
+    assert len(store.load_jobs()) == 4
+    assert store.prune(0, 0, now) == []   # only unfinished jobs are left: nothing to do
+
+
+def test_prune_age_and_count_together(store):
+    now = 1_800_000_000 * SECOND
+    for i in range(5):
+        finished_job(store, f"d{i}", S.FAILED, now - (5 - i) * 60 * SECOND)   # 5, 4, 3, 2, 1 minutes ago
+    # The age limit takes d0 and d1 (older than 3.5 minutes); the count limit then takes d2 (2 may stay).
+    assert store.prune(3.5 * 60, 2, now) == ["d0", "d1", "d2"]
+    assert store.prune(3.5 * 60, 2, now) == []
+
+
+def test_queue_order_and_seq_survive_reopen(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    submitted = [("p5-a", 5), ("p1-a", 1), ("p5-b", 5), ("p9", 9), ("p1-b", 1)]
+    with JobStore(path) as s:
+        for name, priority in submitted:
+            job = new_job(name, priority=priority)
+            s.insert_job(job, "submitted")
+            move(s, job, S.VALIDATED)
+            job.queue_seq = s.next_queue_seq()
+            move(s, job, S.QUEUED)
+        last = s.next_queue_seq()
+    with JobStore(path) as s:
+        jobs = [j for j in s.load_jobs() if j.state is S.QUEUED]
+        order = [j.id for j in sorted(jobs, key=lambda j: (j.priority, j.queue_seq))]
+        assert order == ["p1-a", "p1-b", "p5-a", "p5-b", "p9"]
+        # Numbering goes on after the stored jobs (the unused `last` may be handed out again: no job has it).
+        assert s.next_queue_seq() == last
+        assert s.check()
+
+
+def test_refuses_a_store_from_a_newer_h2kd(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    JobStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE schema_version SET version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="version 99"):
+        JobStore(path)
+
+
+def test_check_detects_a_damaged_file(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        for i in range(300):
+            s.insert_job(new_job(f"j{i}", result={"pad": "x" * 500}), "submitted")
+        assert s.check()
+    with open(path, "r+b") as f:   # scribble over the middle of the file, past the first pages
+        f.seek(4096 * 3)
+        f.write(os.urandom(4096 * 20))
+    try:
+        s = JobStore(path)
+    except sqlite3.DatabaseError:
+        return   # refusing to open is also a way of noticing
+    try:
+        assert not s.check()
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- kill -9
+
+CHILD = textwrap.dedent("""
+    import sys
+    from h2kd.model.job import Job
+    from h2kd.model.states import JobState
+    from h2kd.store import JobStore
+
+    store = JobStore(sys.argv[1])
+    prefix = sys.argv[2]
+    i = 0
+    while True:
+        job = Job(id=f"{prefix}-{i}", spec={"job_id": f"{prefix}-{i}", "n": i}, operation="convert", owner=0)
+        store.insert_job(job, "submitted")
+        print("inserted", job.id, flush=True)
+        for new in (JobState.VALIDATED, JobState.QUEUED):
+            if new is JobState.QUEUED:
+                job.queue_seq = store.next_queue_seq()
+            old = job.move_to(new)
+            store.record_transition(job, old, new, "moving on")
+        store.append_event(job.id, "log", {"message": "queued"})
+        print("queued", job.id, job.queue_seq, flush=True)
+        i += 1
+""")
+
+
+def run_and_kill(path: Path, prefix: str, after_lines: int) -> list[list[str]]:
+    """Start a writer, SIGKILL it once it has reported `after_lines` commits (plus a little random time)."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), prefix], stdout=subprocess.PIPE, text=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.stdout is not None
+    lines = []
+    try:
+        while len(lines) < after_lines:
+            line = child.stdout.readline()
+            assert line, "the writer died before it was killed"
+            lines.append(line.split())
+        time.sleep(int.from_bytes(os.urandom(1), "little") / 255 * 0.05)   # land somewhere inside a write
+    finally:
+        child.send_signal(signal.SIGKILL)
+    lines += [line.split() for line in child.stdout.read().splitlines()]
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return lines
+
+
+def test_kill_9_loses_nothing_committed(tmp_path):
+    path = tmp_path / "h2kd.sqlite"
+    inserted: dict[str, None] = {}
+    queued: dict[str, int] = {}
+    for round_ in range(3):
+        for words in run_and_kill(path, f"r{round_}", after_lines=60 + 40 * round_):
+            if words[0] == "inserted":
+                inserted[words[1]] = None
+            elif words[0] == "queued":
+                queued[words[1]] = int(words[2])
+        with JobStore(path) as s:
+            assert s.check()
+            jobs = {j.id: j for j in s.load_jobs()}
+            # Everything the writer saw committed is there; at most the one insert in flight is extra.
+            assert set(inserted) <= set(jobs)
+            assert len(set(jobs) - set(inserted)) <= round_ + 1
+            for job_id in queued:
+                assert jobs[job_id].state is JobState.QUEUED and jobs[job_id].queue_seq == queued[job_id]
+            for job in jobs.values():
+                # Each change was all-or-nothing: the row's state is always the last history entry, and
+                # every history entry has its "state" event, numbered without gaps.
+                history = s.history(job.id)
+                events = s.events(job.id)
+                assert history and history[-1]["new_state"] == job.state.value
+                assert [e.seq for e in events] == list(range(1, len(events) + 1))
+                state_events = [e.data["new_state"] for e in events if e.kind == "state"]
+                assert state_events == [h["new_state"] for h in history]
+            # Queue numbers handed out after a restart come after all of them.
+            assert s.next_queue_seq() > max(j.queue_seq for j in jobs.values())
+    assert len(queued) >= 150
