@@ -8,8 +8,7 @@ import logging
 import signal
 import sys
 
-from dbus_fast import BusType, RequestNameReply
-from dbus_fast.aio import MessageBus
+from dbus_fast import RequestNameReply
 
 from h2kd import BUS_NAME, __version__
 from h2kd.config import Config, load_config
@@ -21,8 +20,8 @@ log = logging.getLogger("h2kd")
 
 
 async def serve(config: Config) -> int:
+    from h2kd.bus import BusService, connect_bus
     from h2kd.bus.auth import Authority
-    from h2kd.bus.service import BusService
     from h2kd.observability.health import Watchdog, notify_ready, notify_stopping
     from h2kd.observability.journal import JournalLog
     from h2kd.observability.metrics import Metrics, start_http
@@ -41,11 +40,7 @@ async def serve(config: Config) -> int:
     except Exception as e:  # jobs wait until systemd is back; health says so
         log.error("cannot reach systemd's manager: %s", e)
 
-    if config.bus_address:
-        bus = MessageBus(bus_address=config.bus_address, negotiate_unix_fd=True)
-    else:
-        bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
-    await bus.connect()
+    bus = await connect_bus(config.bus_address, negotiate_unix_fd=True)
     authority = Authority(bus, config.polkit_timeout_seconds)
     manager.load()
     service = BusService(bus, manager, authority, config)
@@ -75,6 +70,7 @@ async def serve(config: Config) -> int:
     notify_stopping()
     watchdog.stop()
     await manager.stop()
+    service.close()
     await runner.close()
     if metrics_server is not None:
         metrics_server.stop()

@@ -1,0 +1,65 @@
+"""What the three exported interfaces share: named out-arguments in introspection, and polkit checks.
+
+dbus-fast names method in-arguments after the Python parameters but leaves out-arguments and
+signal arguments unnamed; the interface XML in dbus/ names them, so each interface lists those
+names (OUT_ARG_NAMES, SIGNAL_ARG_NAMES) and introspect() fills them in.
+Properties are declared from one table per interface (add_read_properties), so the getters, the
+PropertiesChanged payloads and GetManagedObjects all read the same values.
+"""
+
+from typing import Any, Callable, ClassVar, Mapping
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property
+
+from h2kd import BUS_NAME
+from h2kd.bus.call import current_caller
+
+ACTION_PREFIX = BUS_NAME + "."
+
+
+class ApiInterface(ServiceInterface):
+    OUT_ARG_NAMES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    SIGNAL_ARG_NAMES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    def introspect(self):  # type: ignore[override]
+        interface = super().introspect()
+        for method in interface.methods:
+            names = self.OUT_ARG_NAMES.get(method.name, ())
+            for arg, name in zip(method.out_args, names):
+                arg.name = name
+        for signal in interface.signals:
+            names = self.SIGNAL_ARG_NAMES.get(signal.name, ())
+            for arg, name in zip(signal.args, names):
+                arg.name = name
+        return interface
+
+
+def add_read_properties(cls: type, table: Mapping[str, tuple[str, Callable[[Any], Any]]], source: str) -> None:
+    """Declare one read-only D-Bus property per table entry: name -> (signature, value from self.<source>)."""
+    for name, (signature, value_of) in table.items():
+        getter = _make_getter(name, signature, value_of, source)
+        setattr(cls, name, dbus_property(access=PropertyAccess.READ, name=name)(getter))
+
+
+def _make_getter(name: str, signature: str, value_of: Callable[[Any], Any], source: str) -> Callable[[Any], Any]:
+    def getter(self: Any) -> Any:
+        return value_of(getattr(self, source))
+    # dbus-fast reads the D-Bus type from the return annotation and fetches the value by __name__.
+    getter.__name__ = name
+    getter.__annotations__ = {"return": signature}
+    return getter
+
+
+class Authorizer:
+    """polkit checks for the current caller (see h2kd.bus.auth.Authority)."""
+
+    def __init__(self, authority: Any):
+        self._authority = authority
+
+    async def check(self, action: str, details: dict[str, str] | None = None) -> None:
+        caller = current_caller()
+        await self._authority.check(caller.sender, ACTION_PREFIX + action, caller.allow_interactive, details)
+
+    async def caller_uid(self) -> int:
+        return await self._authority.caller_uid(current_caller().sender)

@@ -1,0 +1,41 @@
+"""Who is calling: the D-Bus message being served, made visible to method bodies through a ContextVar.
+
+dbus-fast does not hand the caller's unique name to method handlers. Message handlers added with
+bus.add_message_handler() run synchronously just before a method call is dispatched, so
+`remember_call` records the message there; synchronous methods run in the same stack, and the task
+that runs an async method copies the context when it is created, so both see their own call even
+while other calls are being served.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from dbus_fast import Message, MessageType
+from dbus_fast.constants import MessageFlag
+
+
+@dataclass(frozen=True)
+class Caller:
+    sender: str                 # unique bus name, e.g. ":1.42"
+    allow_interactive: bool     # the caller set ALLOW_INTERACTIVE_AUTHORIZATION
+
+
+_current: ContextVar[Caller | None] = ContextVar("h2kd_bus_caller", default=None)
+
+
+def remember_call(msg: Message) -> bool:
+    """Message handler: remember the method call about to be dispatched. Never consumes the message."""
+    if msg.message_type == MessageType.METHOD_CALL:
+        flags = int(msg.flags.value if hasattr(msg.flags, "value") else msg.flags)
+        _current.set(Caller(sender=msg.sender or "",
+                            allow_interactive=bool(flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION.value)))
+    return False
+
+
+def current_caller() -> Caller:
+    caller = _current.get()
+    if caller is None:  # only possible if a method runs outside a bus call (a bug)
+        raise RuntimeError("no D-Bus call is being served")
+    return caller

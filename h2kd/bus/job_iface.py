@@ -1,0 +1,128 @@
+"""org.hyper2kvm.h2kd1.Job: one exported object per job, reading the manager's live Job record."""
+
+import json
+from typing import Any
+
+from dbus_fast.service import dbus_method, dbus_signal
+from dbus_fast.signature import Variant
+
+from h2kd import BUS_NAME
+from h2kd.bus.actions import JobCommands
+from h2kd.bus.base import ApiInterface, add_read_properties
+from h2kd.bus.errors import bus_errors
+from h2kd.model.job import Job
+
+JOB_INTERFACE = BUS_NAME + ".Job"
+
+# D-Bus property -> (signature, value from the Job record). The one place these are defined.
+JOB_PROPERTIES: dict[str, tuple[str, Any]] = {
+    "Id": ("s", lambda j: j.id),
+    "Operation": ("s", lambda j: j.operation),
+    "State": ("s", lambda j: str(j.state)),
+    "Phase": ("s", lambda j: j.phase),
+    "Progress": ("d", lambda j: float(j.progress)),
+    "ProgressKnown": ("b", lambda j: bool(j.progress_known)),
+    "BytesDone": ("t", lambda j: int(j.bytes_done)),
+    "BytesTotal": ("t", lambda j: int(j.bytes_total)),
+    "Rate": ("t", lambda j: int(j.rate)),
+    "ExpectedEndTime": ("t", lambda j: int(j.expected_end)),
+    "CreatedAt": ("t", lambda j: int(j.created_at)),
+    "StartedAt": ("t", lambda j: int(j.started_at)),
+    "FinishedAt": ("t", lambda j: int(j.finished_at)),
+    "Priority": ("u", lambda j: int(j.priority)),
+    "Owner": ("u", lambda j: int(j.owner)),
+    "Attempt": ("u", lambda j: int(j.attempt)),
+    "Unit": ("s", lambda j: j.unit),
+    "Worker": ("s", lambda j: j.worker),
+    "Source": ("s", lambda j: j.source),
+    "Output": ("s", lambda j: j.output),
+    "WaitReason": ("s", lambda j: j.wait_reason),
+    "Spec": ("s", lambda j: json.dumps(j.spec, sort_keys=True)),
+    "Result": ("s", lambda j: json.dumps(j.result or {}, sort_keys=True)),
+    "Error": ("(ss)", lambda j: [j.error_code, j.error_message]),
+    "Cancelable": ("b", lambda j: bool(j.cancelable)),
+}
+
+# Job attribute names (as JobListener.job_changed reports them) -> the properties they feed.
+PROPERTIES_OF_FIELD: dict[str, tuple[str, ...]] = {
+    "state": ("State", "Cancelable"),
+    "phase": ("Phase",),
+    "progress": ("Progress",),
+    "progress_known": ("ProgressKnown",),
+    "bytes_done": ("BytesDone",),
+    "bytes_total": ("BytesTotal",),
+    "rate": ("Rate",),
+    "expected_end": ("ExpectedEndTime",),
+    "started_at": ("StartedAt",),
+    "finished_at": ("FinishedAt",),
+    "priority": ("Priority",),
+    "attempt": ("Attempt",),
+    "unit": ("Unit",),
+    "worker": ("Worker",),
+    "wait_reason": ("WaitReason",),
+    "spec": ("Spec", "Source", "Output", "Operation"),
+    "result": ("Result",),
+    "error_code": ("Error",),
+    "error_message": ("Error",),
+    "cancelable": ("Cancelable",),
+    "owner": ("Owner",),
+}
+PROGRESS_FIELDS = frozenset({"progress", "progress_known", "bytes_done", "bytes_total", "phase"})
+
+
+def job_vardict(job: Job, names: Any = None) -> dict[str, Variant]:
+    """The job's properties (all, or the given names) as a{sv}."""
+    selected = JOB_PROPERTIES if names is None else {n: JOB_PROPERTIES[n] for n in names}
+    return {name: Variant(sig, value_of(job)) for name, (sig, value_of) in selected.items()}
+
+
+class JobInterface(ApiInterface):
+    OUT_ARG_NAMES = {"GetEvents": ("events",)}
+    SIGNAL_ARG_NAMES = {
+        "StateChanged": ("state", "reason"),
+        "Progress": ("progress", "bytes_done", "bytes_total", "phase"),
+        "LogMessage": ("message",),
+        "Completed": ("success", "message"),
+    }
+
+    def __init__(self, job: Job, manager: Any, commands: JobCommands):
+        super().__init__(JOB_INTERFACE)
+        self.job = job
+        self._manager = manager
+        self._commands = commands
+
+    @dbus_method()
+    @bus_errors
+    async def Cancel(self):
+        await self._commands.cancel(self.job.id)
+
+    @dbus_method()
+    @bus_errors
+    async def Retry(self):
+        await self._commands.retry(self.job.id)
+
+    @dbus_method()
+    @bus_errors
+    def GetEvents(self, since: "t") -> "a(ttss)":
+        return [[e.seq, e.time, e.kind, json.dumps(e.data, sort_keys=True)]
+                for e in self._manager.events(self.job.id, since)]
+
+    # Signals are declared here for introspection; h2kd.bus.service sends them with the object's path.
+    @dbus_signal()
+    def StateChanged(self) -> "ss":
+        raise NotImplementedError
+
+    @dbus_signal(name="Progress")   # the Python name differs: the Progress property owns that one
+    def ProgressSignal(self) -> "dtts":
+        raise NotImplementedError
+
+    @dbus_signal()
+    def LogMessage(self) -> "s":
+        raise NotImplementedError
+
+    @dbus_signal()
+    def Completed(self) -> "bs":
+        raise NotImplementedError
+
+
+add_read_properties(JobInterface, JOB_PROPERTIES, "job")

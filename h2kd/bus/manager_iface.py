@@ -1,0 +1,170 @@
+"""org.hyper2kvm.h2kd1.Manager at /org/hyper2kvm/h2kd1: each method authorizes, then makes one JobManager call."""
+
+import json
+from typing import Any
+
+from dbus_fast.service import dbus_method, dbus_signal
+
+from h2kd import BUS_NAME, __version__
+from h2kd.bus.actions import JobCommands
+from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
+from h2kd.bus.call import current_caller
+from h2kd.bus.errors import bus_errors
+from h2kd.bus.paths import job_path, worker_path
+from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
+from h2kd.errors import InvalidArgument
+
+MANAGER_INTERFACE = BUS_NAME + ".Manager"
+
+MANAGER_PROPERTIES: dict[str, tuple[str, Any]] = {
+    "Version": ("s", lambda m: __version__),
+    "JobsQueued": ("u", lambda m: int(m.jobs_queued)),
+    "JobsRunning": ("u", lambda m: int(m.jobs_running)),
+    "MaxParallelJobs": ("u", lambda m: int(m.max_parallel)),
+    "Paused": ("b", lambda m: bool(m.paused)),
+}
+
+QUEUE_STATS_TYPES = {"queued": "u", "running": "u", "paused": "b", "max_parallel_jobs": "u",
+                     "by_priority": "au", "waiting": "a{ss}"}
+HEALTH_TYPES = {"status": "s", "version": "s", "uptime_seconds": "d", "jobs_active": "u", "jobs_queued": "u",
+                "workers": "u", "workers_stale": "u", "store_ok": "b", "systemd_reachable": "b"}
+
+_SUBMIT_OPTIONS = {"queue": bool}
+_LIST_FILTER = {"state": (str, list), "operation": str, "owner": int, "limit": int, "offset": int}
+_WORKER_LIMITS = {"max_jobs": int}
+
+
+class ManagerInterface(ApiInterface):
+    OUT_ARG_NAMES = {
+        "SubmitJob": ("job_id", "job_path"),
+        "GetJob": ("job_path",),
+        "ListJobs": ("jobs",),
+        "GetQueueStats": ("stats",),
+        "GetHealth": ("health",),
+        "RegisterWorker": ("worker_id", "worker_path"),
+    }
+    SIGNAL_ARG_NAMES = {"JobNew": ("job_id", "job_path"), "JobRemoved": ("job_id", "job_path", "result")}
+
+    def __init__(self, manager: Any, authorizer: Authorizer, commands: JobCommands):
+        super().__init__(MANAGER_INTERFACE)
+        self.manager = manager
+        self._auth = authorizer
+        self._commands = commands
+
+    @dbus_method()
+    @bus_errors
+    async def SubmitJob(self, spec: "a{sv}", options: "a{sv}") -> "so":
+        opts = options_from_dbus(options, _SUBMIT_OPTIONS)
+        plain = spec_from_dbus(spec)
+        await self._auth.check("submit")
+        owner = await self._auth.caller_uid()
+        job, _created = self.manager.submit(plain, owner=owner, queue=opts.get("queue", True))
+        return [job.id, job_path(job.id)]
+
+    @dbus_method()
+    @bus_errors
+    def GetJob(self, job_id: "s") -> "o":
+        return job_path(self.manager.get(job_id).id)
+
+    @dbus_method()
+    @bus_errors
+    def ListJobs(self, filter: "a{sv}") -> "a(sssduuto)":
+        wanted = options_from_dbus(filter, _LIST_FILTER)
+        states = wanted.get("state")
+        if isinstance(states, str):
+            states = [states] if states else None
+        elif states is not None and not all(isinstance(s, str) for s in states):
+            raise InvalidArgument("option 'state' must be a string or an array of strings")
+        for key in ("limit", "offset", "owner"):
+            if wanted.get(key, 0) < 0:
+                raise InvalidArgument(f"option {key!r} must not be negative")
+        jobs = self.manager.list_jobs(states=states or None, operation=wanted.get("operation") or None,
+                                      owner=wanted.get("owner"), limit=wanted.get("limit", 0),
+                                      offset=wanted.get("offset", 0))
+        return [[j.id, j.operation, str(j.state), float(j.progress) if j.progress_known else -1.0,
+                 int(j.owner), int(j.priority), int(j.created_at), job_path(j.id)] for j in jobs]
+
+    @dbus_method()
+    @bus_errors
+    async def CancelJob(self, job_id: "s"):
+        await self._commands.cancel(job_id)
+
+    @dbus_method()
+    @bus_errors
+    async def RetryJob(self, job_id: "s"):
+        await self._commands.retry(job_id)
+
+    @dbus_method()
+    @bus_errors
+    async def StartJob(self, job_id: "s"):
+        await self._commands.start(job_id)
+
+    @dbus_method()
+    @bus_errors
+    async def RemoveJob(self, job_id: "s"):
+        self.manager.get(job_id)
+        await self._auth.check("manage", {"job_id": job_id})
+        self.manager.remove(job_id)
+
+    @dbus_method()
+    @bus_errors
+    async def SetJobPriority(self, job_id: "s", priority: "u"):
+        self.manager.get(job_id)
+        await self._auth.check("manage", {"job_id": job_id})
+        self.manager.set_priority(job_id, priority)
+
+    @dbus_method()
+    @bus_errors
+    def GetQueueStats(self) -> "a{sv}":
+        return to_vardict(self.manager.queue_stats(), QUEUE_STATS_TYPES)
+
+    @dbus_method()
+    @bus_errors
+    async def PauseQueue(self):
+        await self._auth.check("manage")
+        self.manager.pause()
+
+    @dbus_method()
+    @bus_errors
+    async def ResumeQueue(self):
+        await self._auth.check("manage")
+        self.manager.resume()
+
+    @dbus_method()
+    @bus_errors
+    async def SetMaxParallelJobs(self, max_parallel_jobs: "u"):
+        await self._auth.check("manage")
+        self.manager.set_max_parallel(max_parallel_jobs)
+
+    @dbus_method()
+    @bus_errors
+    def GetHealth(self) -> "a{sv}":
+        return to_vardict(self.manager.health(), HEALTH_TYPES)
+
+    @dbus_method()
+    @bus_errors
+    async def RegisterWorker(self, name: "s", capabilities: "s", limits: "a{sv}") -> "so":
+        wanted = options_from_dbus(limits, _WORKER_LIMITS)
+        try:
+            caps = json.loads(capabilities or "{}")
+        except ValueError:
+            raise InvalidArgument("capabilities must be a JSON object") from None
+        if not isinstance(caps, dict):
+            raise InvalidArgument("capabilities must be a JSON object")
+        await self._auth.check("register-worker")
+        owner = await self._auth.caller_uid()
+        worker = self.manager.register_worker(name, caps, wanted.get("max_jobs", 0), owner,
+                                              current_caller().sender)
+        return [worker.id, worker_path(worker.id)]
+
+    # Signals are declared here for introspection; h2kd.bus.service sends them.
+    @dbus_signal()
+    def JobNew(self) -> "so":
+        raise NotImplementedError
+
+    @dbus_signal()
+    def JobRemoved(self) -> "sos":
+        raise NotImplementedError
+
+
+add_read_properties(ManagerInterface, MANAGER_PROPERTIES, "manager")

@@ -1,0 +1,355 @@
+"""BusService: exports the job manager on D-Bus and keeps the bus in step with it (a JobListener).
+
+    bus = await connect_bus(config.bus_address)          # h2kd.bus.connection
+    service = BusService(bus, manager, authority, config)
+    await service.export()          # manager object, every known job and worker, caller tracking
+    manager.add_listener(service)
+    await bus.request_name(BUS_NAME)
+    ...
+    service.close()                 # on shutdown: stops timers, removes handlers
+
+What it sends:
+- /org/hyper2kvm/h2kd1 is also the org.freedesktop.DBus.ObjectManager: GetManagedObjects is
+  answered from the job records (a cached a{sv} per job, so 10,000 jobs cost one marshalling),
+  and InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
+- Job PropertiesChanged and Job.Progress are coalesced per job to one per
+  config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
+  Job.Progress carries -1 as progress while the total is unknown (as ListJobs does).
+- StateChanged on every transition, Completed(success, message) on reaching a final state,
+  LogMessage for "log" events; Manager.JobNew/JobRemoved around exports.
+- A worker whose registering connection leaves the bus is reported to the manager (bus_name_lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast.constants import ErrorType
+from dbus_fast.signature import Variant
+
+from h2kd import MANAGER_PATH
+from h2kd.bus.actions import JobCommands
+from h2kd.bus.base import Authorizer
+from h2kd.bus.call import remember_call
+from h2kd.bus.connection import adopt
+from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface,
+                                job_vardict)
+from h2kd.bus.manager_iface import MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface
+from h2kd.bus.paths import job_path, worker_path
+from h2kd.bus.worker_iface import WORKER_INTERFACE, WorkerInterface, worker_vardict
+from h2kd.manager.ports import Event, WorkerInfo
+from h2kd.model.job import Job
+from h2kd.model.states import TERMINAL, JobState
+
+log = logging.getLogger("h2kd.bus")
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+DBUS_DAEMON = "org.freedesktop.DBus"
+NAME_OWNER_CHANGED_RULE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                           "member='NameOwnerChanged',path='/org/freedesktop/DBus'")
+# Manager properties that change rarely and matter at once; the counters are coalesced.
+_URGENT_MANAGER_PROPERTIES = {"Paused", "MaxParallelJobs"}
+
+
+@dataclass
+class _Pending:
+    """Changes of one object waiting for the next coalesced PropertiesChanged."""
+    properties: set[str] = field(default_factory=set)
+    progress: bool = False
+    timer: asyncio.TimerHandle | None = None
+    last_sent: float = float("-inf")   # time.monotonic() of the last flush
+
+
+@dataclass
+class _ExportedJob:
+    path: str
+    interface: JobInterface
+    pending: _Pending = field(default_factory=_Pending)
+    vardict: dict[str, Variant] | None = None   # cached for GetManagedObjects; None when stale
+
+
+class BusService:
+    def __init__(self, bus: Any, manager: Any, authority: Any, config: Any):
+        self._bus = bus
+        self._manager = manager
+        self._interval = float(getattr(config, "property_coalesce_seconds", 0.1))
+        self._authorizer = Authorizer(authority)
+        self._commands = JobCommands(manager, self._authorizer)
+        self._jobs: dict[str, _ExportedJob] = {}
+        self._workers: dict[str, tuple[str, WorkerInterface, dict[str, Variant]]] = {}
+        self._manager_iface: ManagerInterface | None = None
+        self._manager_pending = _Pending()
+        self._handlers: list[Any] = []
+
+    # ------------------------------------------------------------------ setup
+
+    async def export(self) -> None:
+        """Export the manager and every job and worker the manager already knows; watch callers."""
+        self._bus = adopt(self._bus)
+        for handler in (remember_call, self._answer_object_manager, self._watch_name_owners):
+            self._bus.add_message_handler(handler)
+            self._handlers.append(handler)
+        self._manager_iface = ManagerInterface(self._manager, self._authorizer, self._commands)
+        self._bus.export(MANAGER_PATH, self._manager_iface)
+        for job in self._manager.jobs:
+            self._export_job(job)
+        for worker in self._manager.workers:
+            self._export_worker(worker)
+        await self._add_match(NAME_OWNER_CHANGED_RULE)
+
+    def close(self) -> None:
+        for exported in self._jobs.values():
+            _cancel(exported.pending)
+        _cancel(self._manager_pending)
+        for handler in self._handlers:
+            try:
+                self._bus.remove_message_handler(handler)
+            except Exception:
+                pass
+        self._handlers.clear()
+
+    async def _add_match(self, rule: str) -> None:
+        reply = await self._bus.call(Message(destination=DBUS_DAEMON, path="/org/freedesktop/DBus",
+                                             interface=DBUS_DAEMON, member="AddMatch", signature="s",
+                                             body=[rule]))
+        if reply.message_type == MessageType.ERROR:
+            log.warning("cannot watch bus names (%s): lost workers are found by missed heartbeats only",
+                        reply.error_name)
+
+    # ------------------------------------------------------------------ message handlers
+
+    def _answer_object_manager(self, msg: Message) -> Message | None:
+        """GetManagedObjects, answered from our records instead of dbus-fast's per-property walk."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "GetManagedObjects"
+                or msg.interface not in (None, OBJECT_MANAGER) or msg.signature != ""):
+            return None
+        if msg.path == MANAGER_PATH:
+            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self.managed_objects()])
+        if msg.path is not None and MANAGER_PATH.startswith(msg.path.rstrip("/") + "/"):
+            # An ancestor of our tree: it is no ObjectManager (and walking 10,000 objects is not cheap).
+            return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
+                                     f"no object manager at {msg.path}; use {MANAGER_PATH}")
+        return None
+
+    def _watch_name_owners(self, msg: Message) -> bool:
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.sender == DBUS_DAEMON and len(msg.body) == 3):
+            name, _old, new = msg.body
+            if name.startswith(":") and not new and any(w.bus_name == name for w in self._manager.workers):
+                try:
+                    self._manager.bus_name_lost(name)
+                except Exception:
+                    log.exception("handling the loss of %s failed", name)
+        return False
+
+    def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
+        objects: dict[str, dict[str, dict[str, Variant]]] = {}
+        for exported in self._jobs.values():
+            if exported.vardict is None:
+                exported.vardict = job_vardict(exported.interface.job)
+            objects[exported.path] = {JOB_INTERFACE: exported.vardict}
+        for path, _iface, props in self._workers.values():
+            objects[path] = {WORKER_INTERFACE: props}
+        return objects
+
+    # ------------------------------------------------------------------ sending
+
+    def _signal(self, path: str, interface: str, member: str, signature: str, body: list[Any]) -> None:
+        try:
+            future = self._bus.send(Message.new_signal(path, interface, member, signature, body))
+        except Exception as exc:  # disconnected: nothing to tell anyone
+            log.debug("cannot send %s.%s: %s", interface, member, exc)
+            return
+        if future is not None:
+            future.add_done_callback(_consume)
+
+    def _properties_changed(self, path: str, interface: str, values: dict[str, Variant]) -> None:
+        if values:
+            self._signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, values, []])
+
+    # ------------------------------------------------------------------ jobs
+
+    def _export_job(self, job: Job) -> _ExportedJob:
+        exported = self._jobs.get(job.id)
+        if exported is not None:
+            return exported
+        interface = JobInterface(job, self._manager, self._commands)
+        exported = _ExportedJob(job_path(job.id), interface)
+        self._bus.export(exported.path, interface)
+        self._jobs[job.id] = exported
+        return exported
+
+    def job_added(self, job: Job) -> None:
+        try:
+            exported = self._export_job(job)
+            exported.vardict = job_vardict(job)
+            self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
+                         [exported.path, {JOB_INTERFACE: exported.vardict}])
+            self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobNew", "so", [job.id, exported.path])
+        except Exception:
+            log.exception("exporting job %s failed", job.id)
+
+    def job_changed(self, job: Job, changed: set[str], urgent: bool) -> None:
+        exported = self._jobs.get(job.id)
+        if exported is None:
+            return
+        exported.vardict = None
+        pending = exported.pending
+        for name in changed:
+            pending.properties.update(PROPERTIES_OF_FIELD.get(name, ()))
+        if changed & PROGRESS_FIELDS:
+            pending.progress = True
+        if not pending.properties and not pending.progress:
+            return
+        if urgent:
+            self._flush_job(job.id)
+        else:
+            self._schedule(pending, lambda: self._flush_job(job.id))
+
+    def _flush_job(self, job_id: str) -> None:
+        exported = self._jobs.get(job_id)
+        if exported is None:
+            return
+        pending = exported.pending
+        _cancel(pending)
+        pending.last_sent = time.monotonic()
+        job = exported.interface.job
+        names, pending.properties = pending.properties, set()
+        try:
+            self._properties_changed(exported.path, JOB_INTERFACE, job_vardict(job, sorted(names)))
+            if pending.progress:
+                pending.progress = False
+                progress = float(job.progress) if job.progress_known else -1.0
+                self._signal(exported.path, JOB_INTERFACE, "Progress", "dtts",
+                             [progress, int(job.bytes_done), int(job.bytes_total), job.phase])
+        except Exception:
+            log.exception("sending changes of job %s failed", job_id)
+
+    def job_event(self, job: Job, event: Event) -> None:
+        exported = self._jobs.get(job.id)
+        if exported is None:
+            return
+        try:
+            data = event.data or {}
+            if event.kind == "state":
+                state = str(data.get("new_state") or job.state)
+                reason = str(data.get("reason") or "")
+                self._signal(exported.path, JOB_INTERFACE, "StateChanged", "ss", [state, reason])
+                if state in {s.value for s in TERMINAL}:
+                    success = state == JobState.COMPLETED.value
+                    message = reason
+                    if state == JobState.FAILED.value and job.error_message:
+                        message = job.error_message
+                    self._signal(exported.path, JOB_INTERFACE, "Completed", "bs", [success, message])
+            elif event.kind == "log":
+                self._signal(exported.path, JOB_INTERFACE, "LogMessage", "s", [str(data.get("message", ""))])
+        except Exception:
+            log.exception("sending an event of job %s failed", job.id)
+
+    def job_removed(self, job: Job) -> None:
+        exported = self._jobs.pop(job.id, None)
+        if exported is None:
+            return
+        _cancel(exported.pending)
+        try:
+            result = job.state.value if job.state in TERMINAL else "removed"
+            self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobRemoved", "sos", [job.id, exported.path, result])
+            self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesRemoved", "oas", [exported.path, [JOB_INTERFACE]])
+            self._bus.unexport(exported.path)
+        except Exception:
+            log.exception("unexporting job %s failed", job.id)
+
+    # ------------------------------------------------------------------ workers
+
+    def _export_worker(self, worker: WorkerInfo) -> str:
+        path = worker_path(worker.id)
+        if worker.id not in self._workers:
+            interface = WorkerInterface(worker, self._manager, self._authorizer)
+            self._bus.export(path, interface)
+            self._workers[worker.id] = (path, interface, worker_vardict(worker))
+        return path
+
+    def worker_added(self, worker: WorkerInfo) -> None:
+        try:
+            known = worker.id in self._workers
+            path = self._export_worker(worker)
+            if known:  # re-added (e.g. the builtin worker at start): just refresh
+                self.worker_changed(worker)
+                return
+            self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
+                         [path, {WORKER_INTERFACE: self._workers[worker.id][2]}])
+        except Exception:
+            log.exception("exporting worker %s failed", worker.id)
+
+    def worker_changed(self, worker: WorkerInfo) -> None:
+        entry = self._workers.get(worker.id)
+        if entry is None:
+            return
+        path, interface, before = entry
+        interface.worker = worker
+        now = worker_vardict(worker)
+        changed = {k: v for k, v in now.items() if before.get(k) != v}
+        self._workers[worker.id] = (path, interface, now)
+        self._properties_changed(path, WORKER_INTERFACE, changed)
+
+    def worker_removed(self, worker: WorkerInfo) -> None:
+        entry = self._workers.pop(worker.id, None)
+        if entry is None:
+            return
+        try:
+            self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesRemoved", "oas", [entry[0], [WORKER_INTERFACE]])
+            self._bus.unexport(entry[0])
+        except Exception:
+            log.exception("unexporting worker %s failed", worker.id)
+
+    # ------------------------------------------------------------------ manager
+
+    def manager_changed(self, changed: set[str]) -> None:
+        names = {n for n in changed if n in MANAGER_PROPERTIES}
+        if not names:
+            return
+        self._manager_pending.properties |= names
+        if names & _URGENT_MANAGER_PROPERTIES:
+            self._flush_manager()
+        else:
+            self._schedule(self._manager_pending, self._flush_manager)
+
+    def _flush_manager(self) -> None:
+        pending = self._manager_pending
+        _cancel(pending)
+        pending.last_sent = time.monotonic()
+        names, pending.properties = pending.properties, set()
+        values = {n: Variant(MANAGER_PROPERTIES[n][0], MANAGER_PROPERTIES[n][1](self._manager)) for n in sorted(names)}
+        self._properties_changed(MANAGER_PATH, MANAGER_INTERFACE, values)
+
+    # ------------------------------------------------------------------ coalescing
+
+    def _schedule(self, pending: _Pending, flush: Any) -> None:
+        """Flush now if the last flush is old enough, else once the interval has passed (one timer)."""
+        if pending.timer is not None:
+            return
+        wait = pending.last_sent + self._interval - time.monotonic()
+        if wait <= 0:
+            flush()
+            return
+        try:
+            pending.timer = asyncio.get_running_loop().call_later(wait, flush)
+        except RuntimeError:  # no loop (tests of the core without a bus): send now
+            flush()
+
+
+def _cancel(pending: _Pending) -> None:
+    if pending.timer is not None:
+        pending.timer.cancel()
+        pending.timer = None
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
