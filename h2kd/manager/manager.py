@@ -462,7 +462,8 @@ class JobManager:
             self._complete(job, result)
         elif wanted_cancel:
             self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result)
-        elif result.get("status") == "cancelled" or (outcome.result == "success" and not result):
+        elif outcome.result != "timeout" and (
+                result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)
         elif outcome.result == "not-started":
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started")

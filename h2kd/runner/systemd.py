@@ -1,0 +1,512 @@
+"""SystemdRunner: runs each job attempt as a transient systemd unit and follows it over D-Bus.
+
+It starts units with Manager.StartTransientUnit, watches their PropertiesChanged / UnitRemoved /
+JobRemoved signals (after Manager.Subscribe), passes StatusText changes on as unit_status and, once a
+unit is over, reports exactly one unit_finished per attempt with systemd's Result and exit status, the
+worker's result file and the tail of the unit's journal. Units are systemd's: if h2kd goes away they
+keep running, and reattach() picks them up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from h2kd.config import Config
+from h2kd.errors import H2kError
+from h2kd.manager.ports import RunnerEvents, UnitOutcome
+from h2kd.model.job import Job
+from h2kd.runner import unit as units
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+DBUS = "org.freedesktop.DBus"
+
+_GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
+_FINAL_STATES = {"inactive", "failed"}
+LOG_TAIL_LINES = 15
+# Calls in flight on the one connection: a burst of pipelined calls can overrun dbus-fast's writer.
+MAX_CALLS_IN_FLIGHT = 16
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+CALL_TIMEOUT_SECONDS = 60
+
+
+class SystemdError(H2kError):
+    """systemd refused a request, or could not be reached."""
+
+
+@dataclass
+class _Followed:
+    """What we know of one attempt's unit, from signals and queries."""
+
+    unit: str
+    job_id: str
+    attempt: int
+    path: str
+    run_dir: Path
+    active_state: str = ""
+    sub_state: str = ""
+    result: str = ""
+    exec_main_code: int = 0
+    exec_main_status: int = 0
+    exec_main_started: bool = False
+    status_text: str = ""
+    control_group: str = ""
+    seen: bool = False                  # we have seen the unit loaded at least once
+    stop_requested: bool = False
+    settled: bool = False
+    checking: bool = False
+    check_again: bool = False
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+
+class SystemdRunner:
+    """The Runner of manager.ports, on a systemd manager reached over D-Bus."""
+
+    def __init__(self, config: Config, events: RunnerEvents):
+        self._config = config
+        self._events = events
+        self._bus: MessageBus | None = None
+        self._followed: dict[str, _Followed] = {}       # by unit name
+        self._by_path: dict[str, _Followed] = {}        # by unit object path
+        self._calls = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        self._journal_reads = asyncio.Semaphore(4)
+        self._capabilities: dict[str, Any] | None = None
+        self._notify_socket_dir: str | None = None
+        self._cgroup_root = ""
+        self._slice_ready = False
+        self._reconnects = 0
+        self._closing = False
+        self._reconnect_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def reachable(self) -> bool:
+        return self._bus is not None and self._bus.connected
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection to systemd was lost and made again."""
+        return self._reconnects
+
+    async def connect(self) -> None:
+        """Connect to the systemd manager's bus, subscribe to its signals, set up our slice."""
+        self._closing = False
+        address = self._config.systemd_bus_address
+        bus = MessageBus(bus_address=address) if address else MessageBus(bus_type=BusType.SYSTEM)
+        await bus.connect()
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+        try:
+            for rule in (
+                f"type='signal',sender='{SYSTEMD}',interface='{PROPS_IFACE}',member='PropertiesChanged',"
+                f"path_namespace='{SYSTEMD_PATH}/unit'",
+                f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='UnitRemoved'",
+                f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'",
+            ):
+                await self._call(DBUS, "/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule])
+            await self._manager_call("Subscribe", "", [])
+            await self._learn_manager()
+            await self._ensure_slice()
+        except Exception:
+            bus.disconnect()
+            self._bus = None
+            raise
+        self._watch_task = asyncio.create_task(self._watch_connection(bus))
+        # Anything we followed on an earlier connection may have ended while we were cut off.
+        for followed in list(self._followed.values()):
+            self._schedule_check(followed)
+
+    async def close(self) -> None:
+        """Disconnect. Units keep running; a new runner can reattach() to them."""
+        self._closing = True
+        tasks = [t for t in (self._reconnect_task, self._watch_task) if t is not None]
+        for followed in self._followed.values():
+            tasks.extend(followed.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            bus.disconnect()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(bus.wait_for_disconnect()), 2)
+
+    async def _watch_connection(self, bus: MessageBus) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(bus.wait_for_disconnect())
+        if self._closing or bus is not self._bus:
+            return
+        log.warning("lost the connection to systemd; reconnecting")
+        self._reconnect_task = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
+            try:
+                await self.connect()
+                self._reconnects += 1
+                log.info("reconnected to systemd")
+                return
+            except Exception as exc:
+                log.debug("reconnecting to systemd failed: %s", exc)
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
+                    body: list[Any]) -> Message:
+        bus = self._bus
+        if bus is None or not bus.connected:
+            raise SystemdError("systemd is not reachable")
+        async with self._calls:
+            try:
+                reply = await asyncio.wait_for(bus.call(Message(
+                    destination=destination, path=path, interface=interface, member=member,
+                    signature=signature, body=body)), CALL_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                raise SystemdError(f"systemd did not answer {member} within {CALL_TIMEOUT_SECONDS} s") from None
+            except Exception as exc:   # the connection broke under the call (dbus-fast raises various types)
+                raise SystemdError(f"calling {member} on systemd failed: {exc}") from exc
+        if reply is None:
+            raise SystemdError(f"no reply from systemd to {member}")
+        return reply
+
+    async def _manager_call(self, member: str, signature: str, body: list[Any]) -> list[Any]:
+        reply = await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, member, signature, body)
+        if reply.message_type == MessageType.ERROR:
+            raise SystemdError(f"systemd refused {member}: {reply.error_name}: {_error_text(reply)}")
+        return list(reply.body)
+
+    async def _manager_property(self, name: str) -> Any:
+        reply = await self._call(SYSTEMD, SYSTEMD_PATH, PROPS_IFACE, "Get", "ss", [MANAGER_IFACE, name])
+        return None if reply.message_type == MessageType.ERROR else reply.body[0].value
+
+    async def _learn_manager(self) -> None:
+        """Where the manager's notify socket lives (a user manager's XDG_RUNTIME_DIR; None for the
+        system manager) and the cgroup its units live under."""
+        self._notify_socket_dir = None
+        for item in await self._manager_property("Environment") or []:
+            if item.startswith("XDG_RUNTIME_DIR="):
+                self._notify_socket_dir = item.split("=", 1)[1]
+        self._cgroup_root = (await self._manager_property("ControlGroup") or "").rstrip("/")
+
+    async def _ensure_slice(self) -> None:
+        """Give our slice its configured CPU/IO weights: create it as a transient slice, or, if it
+        already exists (a unit file, or a previous h2kd), set the weights on it for this boot."""
+        weights = [("CPUWeight", Variant("t", self._config.cpu_weight)),
+                   ("IOWeight", Variant("t", self._config.io_weight))]
+        props = [("Description", Variant("s", "h2kd disk conversions")), *weights]
+        try:
+            await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                     [self._config.slice, "fail", props, []])
+        except SystemdError as exc:
+            if "UnitExists" not in str(exc):
+                raise
+            await self._manager_call("SetUnitProperties", "sba(sv)", [self._config.slice, True, weights])
+        self._slice_ready = True
+
+    # ------------------------------------------------------------------ Runner
+
+    async def start(self, job: Job, attempt: int) -> str:
+        unit = units.unit_name(job.id, attempt)
+        run_dir = units.run_dir(self._config, unit)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
+        _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
+                                           "output_roots": [str(r) for r in self._config.output_roots]})
+        policy = job.spec.get("execution_policy") or {}
+        props = units.build_properties(
+            self._config, job_id=job.id, attempt=attempt, operation=job.operation, spec_path=spec_path,
+            result_path=result_path, output_path=job.output, source_path=job.source,
+            timeout_seconds=int(policy.get("timeout_seconds") or units.DEFAULT_TIMEOUT_SECONDS),
+            notify_socket_dir=self._notify_socket_dir)
+        if not self._slice_ready:
+            await self._ensure_slice()
+        followed = self._follow(unit, job.id, attempt)
+        try:
+            await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        except SystemdError as exc:
+            if "UnitExists" in str(exc):
+                # This attempt's unit already runs (started before a restart): follow it, never start twice.
+                self._schedule_check(followed)
+                return unit
+            self._unfollow(followed)
+            raise
+        except Exception:
+            self._unfollow(followed)
+            raise
+        self._schedule_check(followed)
+        return unit
+
+    async def stop(self, unit: str) -> None:
+        followed = self._followed.get(unit)
+        if followed is not None:
+            followed.stop_requested = True
+        try:
+            await self._manager_call("StopUnit", "ss", [unit, "replace"])
+        except SystemdError as exc:
+            if not any(name in str(exc) for name in _GONE_ERRORS):
+                raise
+        if followed is not None:
+            self._schedule_check(followed)
+
+    async def reattach(self, job: Job) -> None:
+        attempt = job.attempt
+        unit = job.unit or units.unit_name(job.id, attempt)
+        followed = self._followed.get(unit) or self._follow(unit, job.id, attempt)
+        self._schedule_check(followed)
+
+    def capabilities(self) -> dict[str, Any]:
+        if self._capabilities is None:
+            self.refresh()
+        assert self._capabilities is not None
+        return dict(self._capabilities)
+
+    def refresh(self) -> dict[str, Any]:
+        """Detect again what this host offers to workers."""
+        free: dict[str, int] = {}
+        for root in self._config.output_roots:
+            with contextlib.suppress(OSError):
+                free[str(root)] = shutil.disk_usage(_existing_ancestor(root)).free
+        qemu_img = shutil.which("qemu-img")
+        self._capabilities = {
+            "qemu_img": qemu_img is not None,
+            "loop": Path("/dev/loop-control").exists(),
+            "nbd": Path("/dev/nbd0").exists(),
+            "dm": Path("/dev/mapper/control").exists() and shutil.which("dmsetup") is not None,
+            "lvm": shutil.which("lvm") is not None,
+            "mount": shutil.which("mount") is not None,
+            "free_bytes": free,
+        }
+        return dict(self._capabilities)
+
+    # ------------------------------------------------------------------ following
+
+    def _follow(self, unit: str, job_id: str, attempt: int) -> _Followed:
+        followed = _Followed(unit, job_id, attempt, units.unit_object_path(unit), units.run_dir(self._config, unit),
+                             control_group=units.control_group(self._cgroup_root, self._config.slice, unit))
+        self._followed[unit] = followed
+        self._by_path[followed.path] = followed
+        return followed
+
+    def _unfollow(self, followed: _Followed) -> None:
+        if self._followed.get(followed.unit) is followed:
+            del self._followed[followed.unit]
+        if self._by_path.get(followed.path) is followed:
+            del self._by_path[followed.path]
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        try:
+            if msg.member == "PropertiesChanged" and msg.interface == PROPS_IFACE:
+                followed = self._by_path.get(msg.path)
+                if followed is not None:
+                    interface, changed, invalidated = msg.body
+                    self._apply(followed, {k: v.value for k, v in changed.items()})
+                    if invalidated or followed.active_state in _FINAL_STATES:
+                        self._schedule_check(followed)
+            elif msg.member == "UnitRemoved" and msg.interface == MANAGER_IFACE:
+                if msg.body[0] == self._config.slice:
+                    self._slice_ready = False   # collected: recreate it, weights and all, before the next start
+                followed = self._followed.get(msg.body[0])
+                if followed is not None:
+                    self._schedule_check(followed)
+            elif msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE:
+                followed = self._followed.get(msg.body[2])
+                if followed is not None:
+                    self._schedule_check(followed)
+        except Exception:
+            log.exception("handling a systemd signal failed")
+
+    def _apply(self, followed: _Followed, values: dict[str, Any]) -> None:
+        """Take in property values of the unit (from a signal or a query)."""
+        if followed.settled:
+            return
+        if "ActiveState" in values:
+            followed.active_state = values["ActiveState"]
+            if values["ActiveState"] in ("active", "reloading", "deactivating"):
+                followed.exec_main_started = True
+        if values.get("ControlGroup"):
+            followed.control_group = values["ControlGroup"]
+        if "SubState" in values:
+            followed.sub_state = values["SubState"]
+        if "Result" in values:
+            followed.result = values["Result"]
+        if "ExecMainCode" in values:
+            followed.exec_main_code = int(values["ExecMainCode"])
+        if "ExecMainStatus" in values:
+            followed.exec_main_status = int(values["ExecMainStatus"])
+        if values.get("ExecMainStartTimestampMonotonic") or values.get("ExecMainPID"):
+            followed.exec_main_started = True
+        text = values.get("StatusText")
+        if text and text != followed.status_text:
+            followed.status_text = text
+            try:
+                self._events.unit_status(followed.job_id, followed.attempt, text)
+            except Exception:
+                log.exception("unit_status handler failed")
+
+    def _schedule_check(self, followed: _Followed) -> None:
+        if followed.settled:
+            return
+        if followed.checking:
+            followed.check_again = True
+            return
+        followed.checking = True
+        task = asyncio.get_running_loop().create_task(self._check(followed))
+        followed.tasks.add(task)
+        task.add_done_callback(followed.tasks.discard)
+
+    async def _check(self, followed: _Followed) -> None:
+        """Query the unit; settle the attempt if the unit is over (or gone)."""
+        try:
+            while True:
+                followed.check_again = False
+                state = await self._query(followed)
+                if state == "over":
+                    await self._settle(followed, gone=False)
+                    return
+                if state == "gone":
+                    await self._settle(followed, gone=True)
+                    return
+                if not followed.check_again:
+                    return
+        except SystemdError as exc:   # retried on reconnect, or on the unit's next signal
+            log.warning("checking unit %s failed: %s", followed.unit, exc)
+        except Exception:
+            log.exception("checking unit %s failed", followed.unit)
+        finally:
+            followed.checking = False
+
+    async def _query(self, followed: _Followed) -> str:
+        """"running", "over" (inactive/failed with no job pending) or "gone" (not loaded)."""
+        reply = await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "GetUnit", "s", [followed.unit])
+        if reply.message_type == MessageType.ERROR:
+            if reply.error_name in _GONE_ERRORS:
+                return "gone"
+            raise SystemdError(f"GetUnit {followed.unit}: {reply.error_name}: {_error_text(reply)}")
+        path = reply.body[0]
+        values: dict[str, Any] = {}
+        for interface in (UNIT_IFACE, SERVICE_IFACE):
+            reply = await self._call(SYSTEMD, path, PROPS_IFACE, "GetAll", "s", [interface])
+            if reply.message_type == MessageType.ERROR:
+                if reply.error_name in _GONE_ERRORS:
+                    return "gone"
+                raise SystemdError(f"GetAll {followed.unit}: {reply.error_name}: {_error_text(reply)}")
+            values.update({k: v.value for k, v in reply.body[0].items()})
+        # Asking for a unit by path loads it: a collected unit comes back as an empty "not-found" one.
+        if values.get("LoadState") == "not-found":
+            return "gone"
+        self._apply(followed, values)
+        followed.seen = True
+        job_id = values.get("Job", (0, "/"))[0]
+        if followed.active_state in _FINAL_STATES and not job_id:
+            return "over"
+        return "running"
+
+    async def _settle(self, followed: _Followed, gone: bool) -> None:
+        """Report the end of the attempt, once."""
+        if followed.settled:
+            return
+        followed.settled = True
+        self._unfollow(followed)
+        worker_result = _read_json(followed.run_dir / "result.json")
+        if followed.seen or followed.active_state:
+            result, status = followed.result or "success", followed.exec_main_status
+            if result == "success" and not followed.exec_main_started and worker_result is None:
+                result = "not-started"
+        else:
+            # We never saw this unit (reattach after it was collected): the files are all that is left.
+            result, status = _outcome_from_files(followed.run_dir, worker_result)
+        log_tail = await self._log_tail(followed)
+        outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
+                              log_tail=log_tail, stopped_by_request=followed.stop_requested)
+        try:
+            self._events.unit_finished(followed.job_id, followed.attempt, outcome)
+        except Exception:
+            log.exception("unit_finished handler failed")
+
+    async def _log_tail(self, followed: _Followed) -> list[str]:
+        """The last lines the unit logged, from the journal (empty if there is no journal)."""
+        journalctl = shutil.which("journalctl")
+        if journalctl is None:
+            return []
+        # The unit's LogExtraFields select its lines under the system manager. A user manager does not
+        # export them to journald (nor can journald map its cgroups to units), so its units' lines
+        # are found by their cgroup instead.
+        argv = [journalctl, "--no-pager", "-q", "-o", "cat", "-n", str(LOG_TAIL_LINES),
+                f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}"]
+        if followed.control_group:
+            argv += ["+", f"_SYSTEMD_CGROUP={followed.control_group}"]
+        async with self._journal_reads:
+            for delay in (0.0, 0.2):   # the unit's last stdout lines may reach journald just after it ends
+                await asyncio.sleep(delay)
+                try:
+                    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                                stderr=asyncio.subprocess.DEVNULL)
+                    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+                except (OSError, asyncio.TimeoutError):
+                    return []
+                lines = out.decode(errors="replace").splitlines()
+                if lines:
+                    return lines[-LOG_TAIL_LINES:]
+        return []
+
+
+def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> tuple[str, int]:
+    """systemd's Result and exit status as far as the attempt's files tell, when systemd no longer
+    knows the unit: the worker's exit code follows from its result's status (0 completed, 1 or 2
+    failed, 143 cancelled); without a result file the unit ended unrecorded ("unknown"), and without
+    even a spec file it was never started ("not-started")."""
+    if worker_result is None:
+        return ("unknown", 0) if (run_dir / "spec.json").exists() else ("not-started", 0)
+    status = worker_result.get("status")
+    if status == "completed":
+        return "success", 0
+    if status == "cancelled":
+        return "exit-code", 143
+    error = worker_result.get("error") or {}
+    return "exit-code", 1 if error.get("retryable", True) else 2
+
+
+def _error_text(reply: Message) -> str:
+    return str(reply.body[0]) if reply.body else ""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path

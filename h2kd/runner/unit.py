@@ -1,0 +1,161 @@
+"""What an attempt's transient unit looks like: its name, its run directory and its systemd properties.
+
+Pure functions, no bus: runner.systemd sends what build_properties() returns to StartTransientUnit.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import sys
+from pathlib import Path
+
+from dbus_fast import Variant
+
+import h2kd
+from h2kd.config import Config
+
+UNIT_PREFIX = "h2k-job-"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+# How long a stopping worker gets to clean its partial output before SIGKILL.
+STOP_TIMEOUT_SECONDS = 30
+DEFAULT_TIMEOUT_SECONDS = 3600
+
+# Devices an operation may open (DeviceAllow=, with DevicePolicy=closed). Reading and writing image
+# files needs none; offline fixes attach images as loop/nbd block devices and map partitions with dm.
+_OPERATION_DEVICES: dict[str, list[tuple[str, str]]] = {
+    "inspect": [],
+    "convert": [],
+    "validate": [],
+    "offline_fix": [
+        ("/dev/loop-control", "rw"),
+        ("block-loop", "rwm"),
+        ("block-blkext", "rwm"),   # partitions of loop devices (loopNpM) use the blkext major
+        ("block-nbd", "rwm"),
+        ("/dev/mapper/control", "rw"),
+        ("block-device-mapper", "rwm"),
+    ],
+}
+
+_ESCAPE_KEEP = set(string.ascii_letters + string.digits + ":_.")
+
+
+def systemd_escape(text: str) -> str:
+    """Escape text as `systemd-escape` does: "/" becomes "-", other unsafe bytes (and a leading ".")
+    become \\xNN."""
+    out: list[str] = []
+    for index, byte in enumerate(text.encode()):
+        char = chr(byte)
+        if char == "/":
+            out.append("-")
+        elif char in _ESCAPE_KEEP and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def unit_name(job_id: str, attempt: int) -> str:
+    return f"{UNIT_PREFIX}{systemd_escape(job_id)}-{attempt}.service"
+
+
+def unit_object_path(unit: str) -> str:
+    """The D-Bus object path systemd gives a unit (sd_bus_path_encode's label escaping)."""
+    label = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):02x}" for c in unit) or "_"
+    return UNIT_PATH_PREFIX + label
+
+
+def control_group(manager_root: str, slice_name: str, unit: str) -> str:
+    """The cgroup systemd gives a unit in a slice: "a-b.slice" nests as a.slice/a-b.slice."""
+    parts = slice_name.removesuffix(".slice").split("-")
+    slices = ["-".join(parts[:i + 1]) + ".slice" for i in range(len(parts))] if slice_name != "-.slice" else []
+    return "/".join([manager_root.rstrip("/"), *slices, unit]) if manager_root.strip("/") else "/" + "/".join([*slices, unit])
+
+
+def run_dir(config: Config, unit: str) -> Path:
+    return config.runs_dir / unit
+
+
+def devices_for(operation: str) -> list[tuple[str, str]]:
+    return list(_OPERATION_DEVICES.get(operation, []))
+
+
+def _under(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def writable_output_dir(config: Config, output_path: str) -> Path | None:
+    """The directory the worker must be able to write its output in: the output's directory, or, if
+    that does not exist yet, its nearest existing ancestor that is still inside an output root."""
+    if not output_path:
+        return None
+    directory = Path(output_path).parent
+    root = next((r for r in config.output_roots if _under(directory, r)), None)
+    while not directory.is_dir():
+        if root is not None and directory.resolve() == root.resolve():
+            break
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    return directory if directory.is_dir() else None
+
+
+def worker_environment(config: Config) -> dict[str, str]:
+    """The unit's environment: the configured variables, plus a PATH that finds this Python's
+    scripts (h2k-worker) and a PYTHONPATH that finds this h2kd, unless configured otherwise."""
+    env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
+                                   "/sbin", "/bin"])
+    env["PYTHONPATH"] = str(Path(h2kd.__file__).resolve().parent.parent)
+    env.update(config.worker_environment)
+    return env
+
+
+def _in_tmp(path: str | Path) -> bool:
+    return any(_under(Path(path), Path(tmp)) for tmp in ("/tmp", "/var/tmp"))
+
+
+def build_properties(config: Config, *, job_id: str, attempt: int, operation: str, spec_path: Path,
+                     result_path: Path, output_path: str, source_path: str, timeout_seconds: int,
+                     notify_socket_dir: str | None = None) -> list[tuple[str, Variant]]:
+    """StartTransientUnit's property list for one attempt of one job."""
+    command = [*config.worker_command, "--spec", str(spec_path), "--result", str(result_path)]
+    env = worker_environment(config)
+    output_dir = writable_output_dir(config, output_path)
+    writable = [str(spec_path.parent)] + ([str(output_dir)] if output_dir else [])
+    props: list[tuple[str, Variant]] = [
+        ("Description", Variant("s", f"h2kd {operation} job {job_id} (attempt {attempt})")),
+        ("Slice", Variant("s", config.slice)),
+        ("Type", Variant("s", "notify")),
+        ("NotifyAccess", Variant("s", "main")),
+        ("ExecStart", Variant("a(sasb)", [[command[0], command, False]])),
+        ("Environment", Variant("as", [f"{k}={v}" for k, v in sorted(env.items())])),
+        ("WorkingDirectory", Variant("s", str(spec_path.parent))),
+        ("LogExtraFields", Variant("aay", [f"H2K_JOB_ID={job_id}".encode(), f"H2K_ATTEMPT={attempt}".encode(),
+                                            f"H2K_OPERATION={operation}".encode()])),
+        ("CollectMode", Variant("s", "inactive-or-failed")),
+        ("RuntimeMaxUSec", Variant("t", int(timeout_seconds or DEFAULT_TIMEOUT_SECONDS) * 1_000_000)),
+        ("DevicePolicy", Variant("s", "closed")),
+        ("DeviceAllow", Variant("a(ss)", [list(d) for d in devices_for(operation)])),
+        ("ProtectSystem", Variant("s", "strict")),
+        ("ReadWritePaths", Variant("as", writable)),
+        ("ProtectHome", Variant("s", "read-only")),
+        ("PrivateNetwork", Variant("b", True)),
+        ("NoNewPrivileges", Variant("b", True)),
+        ("KillMode", Variant("s", "mixed")),
+        ("TimeoutStopUSec", Variant("t", STOP_TIMEOUT_SECONDS * 1_000_000)),
+        ("SendSIGKILL", Variant("b", True)),
+    ]
+    # PrivateTmp=yes mounts a fresh /tmp and /var/tmp over the real ones. Anything the worker needs
+    # below them (its files, the image, the notify socket of a manager whose runtime directory lives
+    # there, as in test sandboxes) would vanish, so it is used only when nothing needed is there.
+    needed = [spec_path, source_path, output_path, *command[:1], *env.get("PYTHONPATH", "").split(os.pathsep),
+              notify_socket_dir or ""]
+    if not any(p and _in_tmp(p) for p in needed):
+        props.append(("PrivateTmp", Variant("b", True)))
+    return props

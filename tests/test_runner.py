@@ -1,0 +1,528 @@
+"""SystemdRunner against a real systemd user manager (and journald) started through h2kd.sandbox.systemd.
+
+The workers are small Python scripts written here; they speak the worker contract (READY=1, STATUS=,
+result file, exit codes, SIGTERM -> 143). The runner's events go to a recording double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from h2kd.config import Config
+from h2kd.manager.ports import UnitOutcome
+from h2kd.model.job import Job
+from h2kd.runner import SystemdRunner
+from h2kd.runner.unit import unit_name
+from h2kd.sandbox.cgroup import pid1_cgroup
+from h2kd.sandbox.systemd import ManagerHandle, journal_socket_live, start_journald, start_user_manager
+
+WORKER_SCRIPT = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+from systemd import daemon
+
+mode = sys.argv[1]
+spec_path = Path(sys.argv[sys.argv.index("--spec") + 1])
+result_path = Path(sys.argv[sys.argv.index("--result") + 1])
+spec = json.loads(spec_path.read_text())
+run_dir = spec_path.parent
+with open(run_dir / "starts", "a") as f:
+    f.write(f"{os.getpid()}\n")
+
+def result(status, error=None):
+    data = {"status": status, "outputs": {}, "metrics": {"execution_seconds": 0.1, "bytes_read": 0,
+            "bytes_written": 0}, "error": error, "worker": "test", "attempt": spec["attempt"]}
+    tmp = result_path.with_name("result.json.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, result_path)
+
+def on_term(signum, frame):
+    print("stopping on SIGTERM", flush=True)
+    result("cancelled", {"phase": "run", "code": "CANCELLED", "message": "stopped", "retryable": False})
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, on_term)
+daemon.notify("READY=1")
+if mode == "progress":
+    for i in range(8):
+        daemon.notify(f"STATUS=convert: {i * 12.5:.2f}% ({i}/8 bytes) step {i}")
+        time.sleep(0.12)
+    result("completed")
+elif mode == "fail":
+    for i in range(20):
+        print(f"worker line {i}")
+    print("fatal: the disk exploded", file=sys.stderr)
+    sys.exit(3)
+elif mode == "wait":
+    daemon.notify("STATUS=waiting for go")
+    deadline = time.monotonic() + 120
+    while not (run_dir / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.notify("STATUS=convert: 100.00% (8/8 bytes) done")
+    time.sleep(0.2)
+    result("completed")
+elif mode == "quick":
+    result("completed")
+'''
+
+
+class RecordingEvents:
+    """The RunnerEvents double: records every call."""
+
+    def __init__(self) -> None:
+        self.statuses: list[tuple[str, int, str]] = []
+        self.finished: list[tuple[str, int, UnitOutcome]] = []
+
+    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
+        self.statuses.append((job_id, attempt, status_text))
+
+    def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
+        self.finished.append((job_id, attempt, outcome))
+
+    def statuses_of(self, job_id: str) -> list[str]:
+        return [text for jid, _, text in self.statuses if jid == job_id]
+
+    def outcomes_of(self, job_id: str) -> list[UnitOutcome]:
+        return [outcome for jid, _, outcome in self.finished if jid == job_id]
+
+    async def wait_finished(self, job_id: str, timeout: float = 30.0) -> UnitOutcome:
+        deadline = time.monotonic() + timeout
+        while not self.outcomes_of(job_id):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no unit_finished for {job_id} within {timeout} s")
+            await asyncio.sleep(0.05)
+        return self.outcomes_of(job_id)[0]
+
+
+class Sandbox:
+    def __init__(self, base: Path, manager: ManagerHandle, journald_reachable: bool):
+        self.base = base
+        self.manager = manager
+        self.journald_reachable = journald_reachable
+        self.script = base / "worker.py"
+        self.script.write_text(WORKER_SCRIPT)
+
+    def config(self, mode: str, **overrides: Any) -> Config:
+        state = self.base / "state"
+        values: dict[str, Any] = dict(
+            state_dir=state, output_roots=[state / "output"], systemd_bus_address=self.manager.bus_address,
+            worker_command=[sys.executable, str(self.script), mode], cpu_weight=40, io_weight=60)
+        values.update(overrides)
+        return Config(**values)
+
+    def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemctl", "--user", *args], env=self.manager.systemctl_env(),
+                              capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    pid1_before = pid1_cgroup()
+    # Not below /tmp, so that the units get PrivateTmp= like in production.
+    base = Path(tempfile.mkdtemp(prefix="h2k-runner-test-", dir="/run"))
+    base.chmod(0o755)
+    journald = start_journald(base / "journald.log")
+    manager = start_user_manager(base / "runtime", base / "systemd.log", {})
+    try:
+        yield Sandbox(base, manager, journal_socket_live())
+    finally:
+        manager.stop()
+        if journald is not None:
+            journald.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        assert pid1_cgroup() == pid1_before
+        assert not manager.cgroup.dirs[0].exists()
+
+
+_job_seq = 0
+
+
+def make_job(operation: str = "convert", timeout: int = 120, output: str | None = None) -> Job:
+    global _job_seq
+    _job_seq += 1
+    job_id = f"t{os.getpid()}-{_job_seq}-{time.monotonic_ns() % 100000}"
+    spec = {"job_id": job_id, "operation": operation, "image": {"path": "/dev/null", "format": None, "checksum": None},
+            "parameters": {}, "execution_policy": {"priority": 5, "retry_count": 0, "timeout_seconds": timeout,
+                                                   "idempotent": True},
+            "capability_requirements": {}, "artifacts": {"output_path": output, "keep_intermediates": False,
+                                                         "overwrite": False},
+            "audit": {"requested_by": "test", "ticket": "", "tags": []}}
+    return Job(id=job_id, spec=spec, operation=operation, owner=0, attempt=1)
+
+
+async def connected(config: Config, events: RecordingEvents) -> SystemdRunner:
+    runner = SystemdRunner(config, events)
+    await runner.connect()
+    assert runner.reachable
+    return runner
+
+
+async def unit_properties(address: str, unit: str) -> dict[str, Any] | None:
+    """Every property of the unit (Unit and Service interfaces), or None if it is not loaded."""
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        reply = await bus.call(Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+                                       interface="org.freedesktop.systemd1.Manager", member="GetUnit",
+                                       signature="s", body=[unit]))
+        if reply.message_type == MessageType.ERROR:
+            return None
+        path = reply.body[0]
+        values: dict[str, Any] = {}
+        for interface in ("org.freedesktop.systemd1.Unit", "org.freedesktop.systemd1.Service",
+                          "org.freedesktop.systemd1.Slice"):
+            reply = await bus.call(Message(destination="org.freedesktop.systemd1", path=path,
+                                           interface="org.freedesktop.DBus.Properties", member="GetAll",
+                                           signature="s", body=[interface]))
+            if reply.message_type != MessageType.ERROR:
+                values.update({k: v.value for k, v in reply.body[0].items()})
+        return values
+    finally:
+        bus.disconnect()
+
+
+async def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def starts(config: Config, unit: str) -> int:
+    path = config.runs_dir / unit / "starts"
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id", ["plain", "a/b-c.d é", ".hidden", "x y\\z", "ok_1:2"])
+def test_unit_names_escape_job_ids_like_systemd_escape(job_id: str) -> None:
+    escaped = subprocess.run(["systemd-escape", "--", job_id], capture_output=True, text=True, check=True).stdout.strip()
+    assert unit_name(job_id, 3) == f"h2k-job-{escaped}-3.service"
+
+
+
+def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        config = sandbox.config("wait")
+        output = config.output_roots[0] / "vm" / "disk.qcow2"
+        output.parent.mkdir(parents=True)
+        runner = await connected(config, events)
+        convert = make_job("convert", timeout=300, output=str(output))
+        offline = make_job("offline_fix", timeout=600)
+        try:
+            convert_unit = await runner.start(convert, 1)
+            offline_unit = await runner.start(offline, 1)
+            assert convert_unit == unit_name(convert.id, 1) == f"h2k-job-{convert.id.replace('-', chr(92) + 'x2d')}-1.service"
+            await wait_for(lambda: "waiting for go" in events.statuses_of(convert.id)
+                           and "waiting for go" in events.statuses_of(offline.id), what="both workers ready")
+            props = await unit_properties(sandbox.manager.bus_address, convert_unit)
+            assert props is not None
+            assert props["ActiveState"] == "active"
+            assert props["Slice"] == config.slice
+            assert props["Type"] == "notify" and props["NotifyAccess"] == "main"
+            assert props["DevicePolicy"] == "closed"
+            assert props["DeviceAllow"] == []
+            assert sorted(props["LogExtraFields"]) == sorted(
+                [f"H2K_JOB_ID={convert.id}".encode(), b"H2K_ATTEMPT=1", b"H2K_OPERATION=convert"])
+            assert props["RuntimeMaxUSec"] == 300 * 1_000_000
+            assert props["CollectMode"] == "inactive-or-failed"
+            assert props["ProtectSystem"] == "strict" and props["ProtectHome"] == "read-only"
+            assert props["PrivateNetwork"] is True and props["NoNewPrivileges"] is True
+            assert props["PrivateTmp"] is True
+            assert props["KillMode"] == "mixed" and props["SendSIGKILL"] is True
+            assert props["TimeoutStopUSec"] == 30 * 1_000_000
+            assert sorted(props["ReadWritePaths"]) == sorted([str(config.runs_dir / convert_unit), str(output.parent)])
+            exec_start = props["ExecStart"][0]
+            assert exec_start[1] == [*config.worker_command, "--spec", str(config.runs_dir / convert_unit / "spec.json"),
+                                     "--result", str(config.runs_dir / convert_unit / "result.json")]
+            spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
+            assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec,
+                                 "output_roots": [str(config.output_roots[0])]}
+
+            offline_props = await unit_properties(sandbox.manager.bus_address, offline_unit)
+            assert offline_props is not None
+            allowed = {device for device, _ in offline_props["DeviceAllow"]}
+            assert {"/dev/loop-control", "block-loop", "block-nbd", "block-device-mapper"} <= allowed
+            assert offline_props["RuntimeMaxUSec"] == 600 * 1_000_000
+
+            slice_props = await unit_properties(sandbox.manager.bus_address, config.slice)
+            assert slice_props is not None
+            assert slice_props["CPUWeight"] == 40 and slice_props["IOWeight"] == 60
+
+            caps = runner.capabilities()
+            assert caps["qemu_img"] == (shutil.which("qemu-img") is not None)
+            assert caps["loop"] == os.path.exists("/dev/loop-control")
+            assert caps["nbd"] == os.path.exists("/dev/nbd0")
+            assert caps["free_bytes"][str(config.output_roots[0])] > 0
+            for job, unit in ((convert, convert_unit), (offline, offline_unit)):
+                (config.runs_dir / unit / "go").touch()
+                outcome = await events.wait_finished(job.id)
+                assert (outcome.result, outcome.exit_status) == ("success", 0)
+                assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
+        finally:
+            await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_status_updates_arrive_in_order_and_success_is_reported(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("progress"), events)
+        job = make_job()
+        try:
+            unit = await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        finally:
+            await runner.close()
+        expected = [f"convert: {i * 12.5:.2f}% ({i}/8 bytes) step {i}" for i in range(8)]
+        assert events.statuses_of(job.id) == expected
+        assert outcome.unit == unit
+        assert (outcome.result, outcome.exit_status, outcome.stopped_by_request) == ("success", 0, False)
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
+        assert len(events.finished) == 1
+
+    asyncio.run(scenario())
+
+
+def test_failing_worker_reports_exit_code_and_log_tail(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("fail"), events)
+        job = make_job()
+        try:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+            await asyncio.sleep(0.5)
+        finally:
+            await runner.close()
+        assert (outcome.result, outcome.exit_status) == ("exit-code", 3)
+        assert outcome.worker_result is None
+        assert len(events.outcomes_of(job.id)) == 1
+        if not sandbox.journald_reachable:
+            pytest.skip("no journald reachable: the log tail cannot be checked")
+        assert len(outcome.log_tail) == 15
+        assert "fatal: the disk exploded" in outcome.log_tail
+        assert "worker line 19" in outcome.log_tail
+        assert "worker line 0" not in outcome.log_tail
+
+    asyncio.run(scenario())
+
+
+def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("wait"), events)
+        job = make_job()
+        try:
+            unit = await runner.start(job, 1)
+            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+            await runner.stop(unit)
+            outcome = await events.wait_finished(job.id)
+        finally:
+            await runner.close()
+        assert outcome.stopped_by_request is True
+        # The worker exits 143 after SIGTERM; systemd counts that as a failed exit, not a clean stop.
+        assert (outcome.result, outcome.exit_status) == ("exit-code", 143)
+        if sandbox.journald_reachable:
+            assert outcome.log_tail[-1:] == ["stopping on SIGTERM"]
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
+        assert await unit_properties(sandbox.manager.bus_address, unit) is None
+
+    asyncio.run(scenario())
+
+
+def test_administrator_stop_is_reported_faithfully_not_as_ours(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("wait"), events)
+        job = make_job()
+        try:
+            unit = await runner.start(job, 1)
+            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+            stopped = await asyncio.to_thread(sandbox.systemctl, "stop", unit)
+            assert stopped.returncode == 0, stopped.stderr
+            outcome = await events.wait_finished(job.id)
+        finally:
+            await runner.close()
+        assert outcome.stopped_by_request is False
+        assert (outcome.result, outcome.exit_status) == ("exit-code", 143)
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
+
+    asyncio.run(scenario())
+
+
+def test_runtime_max_hit_is_a_timeout(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("wait"), events)
+        job = make_job(timeout=1)
+        try:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id, timeout=20)
+        finally:
+            await runner.close()
+        assert (outcome.result, outcome.exit_status) == ("timeout", 143)
+        assert outcome.stopped_by_request is False
+
+    asyncio.run(scenario())
+
+
+def test_a_new_runner_reattaches_to_a_running_unit_without_starting_it_again(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        first_events = RecordingEvents()
+        first = await connected(config, first_events)
+        job = make_job()
+        unit = await first.start(job, 1)
+        await wait_for(lambda: "waiting for go" in first_events.statuses_of(job.id), what="worker ready")
+        await first.close()   # h2kd goes away; the unit keeps running
+
+        job.unit = unit
+        events = RecordingEvents()
+        second = await connected(config, events)
+        try:
+            await second.reattach(job)
+            await asyncio.sleep(0.3)
+            assert events.finished == []
+            (config.runs_dir / unit / "go").touch()
+            outcome = await events.wait_finished(job.id)
+            await asyncio.sleep(0.3)
+        finally:
+            await second.close()
+        assert "convert: 100.00% (8/8 bytes) done" in events.statuses_of(job.id)
+        assert (outcome.result, outcome.exit_status) == ("success", 0)
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
+        assert len(events.finished) == 1 and first_events.finished == []
+        assert starts(config, unit) == 1
+
+    asyncio.run(scenario())
+
+
+def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        first = await connected(config, RecordingEvents())
+        job = make_job()
+        unit = await first.start(job, 1)
+        await first.close()
+        await wait_for(lambda: (config.runs_dir / unit / "result.json").exists(), what="the worker's result")
+        for _ in range(100):
+            if await unit_properties(sandbox.manager.bus_address, unit) is None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the finished unit was not collected")
+
+        job.unit = unit
+        events = RecordingEvents()
+        second = await connected(config, events)
+        never = make_job()          # an attempt that never got as far as a unit
+        never.unit = unit_name(never.id, 1)
+        try:
+            await second.reattach(job)
+            await second.reattach(never)
+            outcome = await events.wait_finished(job.id)
+            lost = await events.wait_finished(never.id)
+        finally:
+            await second.close()
+        assert (outcome.result, outcome.exit_status) == ("success", 0)
+        assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
+        assert starts(config, unit) == 1
+        assert lost.result == "not-started" and lost.worker_result is None
+
+    asyncio.run(scenario())
+
+
+def test_fifty_concurrent_units_each_finish_once(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("quick"), events)
+        jobs = [make_job() for _ in range(50)]
+        try:
+            await asyncio.gather(*(runner.start(job, 1) for job in jobs))
+            await wait_for(lambda: len(events.finished) >= 50, timeout=120, what="fifty units")
+            await asyncio.sleep(0.5)
+            assert runner.reachable
+        finally:
+            await runner.close()
+        assert sorted(jid for jid, _, _ in events.finished) == sorted(job.id for job in jobs)
+        assert all(outcome.result == "success" and outcome.worker_result for _, _, outcome in events.finished)
+
+    asyncio.run(scenario())
+
+
+def test_runner_reconnects_when_the_bus_restarts_and_keeps_following(sandbox: Sandbox) -> None:
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        events = RecordingEvents()
+        runner = await connected(config, events)
+        job = make_job()
+        try:
+            unit = await runner.start(job, 1)
+            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+            restarted = await asyncio.to_thread(sandbox.systemctl, "restart", "dbus.service")
+            assert restarted.returncode == 0, restarted.stderr
+            await wait_for(lambda: runner.reconnects == 1 and runner.reachable, timeout=20,
+                           what="the runner to reconnect")
+            (config.runs_dir / unit / "go").touch()
+            outcome = await events.wait_finished(job.id)
+        finally:
+            await runner.close()
+        assert (outcome.result, outcome.exit_status) == ("success", 0)
+        assert "convert: 100.00% (8/8 bytes) done" in events.statuses_of(job.id)
+        assert starts(config, unit) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+def test_the_real_worker_converts_an_image_inside_its_unit(sandbox: Sandbox) -> None:
+    from h2kd.model.spec import parse_spec, spec_to_json
+
+    async def scenario() -> None:
+        config = sandbox.config("unused", worker_command=[sys.executable, "-m", "h2kd.worker"])
+        source = sandbox.base / "source.raw"
+        with open(source, "wb") as f:
+            f.truncate(64 << 20)
+            for offset in range(0, 64 << 20, 8 << 20):
+                f.seek(offset)
+                f.write(os.urandom(1 << 20))
+        output = config.output_roots[0] / "real" / "disk.qcow2"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        job_id = f"real-{os.getpid()}"
+        spec = spec_to_json(parse_spec({"job_id": job_id, "operation": "convert", "image": {"path": str(source), "format": "raw"},
+                                        "parameters": {"output_format": "qcow2"},
+                                        "artifacts": {"output_path": str(output)}}))
+        job = Job(id=job_id, spec=spec, operation="convert", owner=0, attempt=1)
+        events = RecordingEvents()
+        runner = await connected(config, events)
+        try:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id, timeout=60)
+        finally:
+            await runner.close()
+        assert (outcome.result, outcome.exit_status) == ("success", 0), outcome
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
+        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(source), str(output)],
+                                  capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert any(text.startswith("convert") for text in events.statuses_of(job.id)), events.statuses_of(job.id)
+
+    asyncio.run(scenario())
