@@ -193,6 +193,7 @@ class ConvertParameters(_Strict):
     preallocation: Annotated[Literal["off", "metadata", "falloc", "full"] | None, Unset] = None
     sparse: bool = True
     coroutines: Coroutines | None = None
+    domain_xml: bool = False   # also write a libvirt domain XML next to the disks
 
     @model_validator(mode="after")
     def _combinations(self) -> ConvertParameters:

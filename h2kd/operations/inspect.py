@@ -1,0 +1,706 @@
+"""Inspection: what a source is (from its content, never its name), which disks it holds, and whether it is sound.
+
+A source is one of:
+  disk  a single image file: VMDK (monolithicSparse, streamOptimized, twoGbMaxExtentSparse, monolithicFlat,
+        or any descriptor with extents; snapshot deltas with their parents), VHD fixed/dynamic, VHDX, VDI,
+        qcow2 (with its backing chain), or raw (only with a partition table or when image.format says raw);
+  ova   a tar holding an OVF, an optional manifest and the disks; read in place, nothing extracted;
+  ovf   an OVF descriptor whose disks sit next to it;
+  vmx   a VMware configuration whose disks sit next to it.
+
+Every file is opened without following symlinks and must be a regular file. Files a source refers to
+(VMDK extents, backing files, OVF/VMX disks, OVA members) must be plain names resolving inside the source's
+own directory (or the OVA): a crafted descriptor must not make a root daemon read /etc/shadow.
+run_inspect() returns the structured report of the result contract's outputs["report"].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import struct
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Callable
+
+from h2kd.operations import qemuimg
+from h2kd.operations.qemuimg import ImageRef, OperationError
+
+# progress(phase, bytes_done, bytes_total, message)
+ProgressFn = Callable[[str, int, int, str], None]
+
+# Spec names (h2kd.model.spec.IMAGE_FORMATS) to qemu-img driver names.
+SPEC_TO_DRIVER = {"vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi", "qcow2": "qcow2", "raw": "raw"}
+DRIVER_TO_NAME = {"vpc": "vhd"}
+CHECKABLE = {"qcow2", "vmdk", "vdi", "vhdx"}
+MAX_DESCRIPTOR = 16 * 1024 * 1024      # OVF / VMX / VMDK descriptor texts are small; refuse giants
+HASH_CHUNK = 1024 * 1024
+
+
+def _invalid(message: str, phase: str = "inspect") -> OperationError:
+    return OperationError("INVALID_IMAGE", message, phase)
+
+
+# ---------------------------------------------------------------- opening files safely
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What must not change while we read a file."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> FileIdentity:
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_regular_file(path: str, what: str = "the image") -> tuple[int, FileIdentity]:
+    """A read-only fd of a regular file that is not a symlink, and its identity; OperationError otherwise."""
+    if not os.path.isabs(path):
+        raise OperationError("VALIDATION_FAILED", f"{what} path must be absolute: {path}")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise _invalid(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise OperationError("PERMISSION_DENIED", f"{what} {path} cannot be accessed: permission denied") from None
+    except OSError as e:
+        raise _invalid(f"{what} {path} cannot be read: {e.strerror}") from None
+    _refuse_non_regular(path, st, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except PermissionError:
+        raise OperationError("PERMISSION_DENIED", f"{what} {path} cannot be opened: permission denied") from None
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: it became a symlink after lstat
+            raise OperationError("PERMISSION_DENIED", f"{what} {path} is a symbolic link; give the path of the "
+                                 "file itself") from None
+        raise _invalid(f"{what} {path} cannot be opened: {e.strerror}") from None
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        _refuse_non_regular(path, opened, what)
+        raise OperationError("SOURCE_CHANGED", f"{what} {path} was replaced while it was being opened")
+    return fd, FileIdentity.of(path, opened)
+
+
+def _refuse_non_regular(path: str, st: os.stat_result, what: str) -> None:
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        raise OperationError("PERMISSION_DENIED", f"{what} {path} is a symbolic link; symlinks are refused, "
+                             "give the path of the file itself")
+    if stat.S_ISDIR(mode):
+        raise _invalid(f"{what} {path} is a directory, not an image file")
+    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+        raise _invalid(f"{what} {path} is a device node; only image files can be converted")
+    if not stat.S_ISREG(mode):
+        raise _invalid(f"{what} {path} is not a regular file (a FIFO or socket)")
+
+
+def ensure_unchanged(identities: list[FileIdentity], phase: str = "convert") -> None:
+    """SOURCE_CHANGED if a file read so far was removed, replaced or modified."""
+    for ident in identities:
+        try:
+            st = os.stat(ident.path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise OperationError("SOURCE_CHANGED", f"the source file {ident.path} disappeared during the job",
+                                 phase) from None
+        if FileIdentity.of(ident.path, st) != ident:
+            raise OperationError("SOURCE_CHANGED", f"the source file {ident.path} was modified or replaced during "
+                                 "the job", phase)
+
+
+def _read_head_tail(fd: int, offset: int, size: int) -> tuple[bytes, bytes]:
+    head = os.pread(fd, min(size, 65536), offset)
+    tail = os.pread(fd, 512, offset + size - 512) if size >= 512 else b""
+    return head, tail
+
+
+def _local_file(directory: str, name: str, what: str) -> str:
+    """The path of `name`, a file a source refers to, refusing anything that escapes `directory`."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\0" in name:
+        raise OperationError("PERMISSION_DENIED", f"{what} {name!r} is not a plain relative file name; files "
+                             "outside the source's directory are refused")
+    return os.path.join(directory, name)
+
+
+# ---------------------------------------------------------------- formats from content
+
+def sniff(head: bytes, tail: bytes) -> str | None:
+    """The format whose signature the bytes carry: a qemu-img driver name, or ova/ovf/vmx, or None."""
+    if head[257:262] == b"ustar":
+        return "ova"
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    if head.startswith((b"KDMV", b"COWD")):
+        return "vmdk"
+    if head.startswith(b"vhdxfile"):
+        return "vhdx"
+    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
+        return "vpc"
+    if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
+        return "vdi"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"# Disk DescriptorFile") or (b"createType" in head[:4096] and b"RW " in head[:4096]):
+        return "vmdk"
+    if text.startswith(b"<") and b"Envelope" in head[:8192]:
+        return "ovf"
+    if re.search(rb"^\s*(config\.version|virtualHW\.version|\.encoding)\s*=", head[:65536], re.M | re.I):
+        return "vmx"
+    return None
+
+
+def _has_partition_table(head: bytes) -> bool:
+    return head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART"
+
+
+def _vhd_type(footer: bytes | None) -> str | None:
+    if not footer or len(footer) < 64:
+        return None
+    return {2: "fixed", 3: "dynamic", 4: "differencing"}.get(struct.unpack_from(">I", footer, 60)[0], "unknown")
+
+
+# ---------------------------------------------------------------- disks
+
+@dataclass
+class Disk:
+    label: str
+    ref: ImageRef
+    info: dict[str, Any]
+    chain: list[dict[str, Any]]
+    check: qemuimg.CheckResult | None
+    subformat: str | None
+    member: str | None = None          # the tar member name for a disk inside an OVA
+
+    @property
+    def virtual_size(self) -> int:
+        return int(self.info.get("virtual-size", 0))
+
+    def report(self, required: dict[str, int] | None = None) -> dict[str, Any]:
+        fmt = self.ref.format
+        specific = (self.info.get("format-specific") or {}).get("data") or {}
+        out: dict[str, Any] = {
+            "label": self.label,
+            "path": self.ref.path,
+            "member": self.member,
+            "format": DRIVER_TO_NAME.get(fmt, fmt),
+            "subformat": self.subformat,
+            "virtual_size": self.virtual_size,
+            "allocated_size": int(self.info.get("actual-size", 0)) if self.member is None else self.ref.size,
+            "cluster_size": self.info.get("cluster-size"),
+            "dirty": bool(self.info.get("dirty-flag", False)),
+            "extents": [{"filename": e.get("filename"), "format": e.get("format") or None,
+                         "virtual_size": e.get("virtual-size"), "compressed": bool(e.get("compressed", False))}
+                        for e in specific.get("extents", [])] if fmt == "vmdk" else [],
+            "backing_chain": [{"filename": c.get("filename"), "format": c.get("format"),
+                               "virtual_size": c.get("virtual-size")} for c in self.chain[1:]],
+            "check": self.check.as_dict() if self.check else None,
+        }
+        if required is not None:
+            out["required_size"] = required
+        return out
+
+
+def _vmdk_descriptor_extents(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines():
+        m = re.match(r'^\s*(RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)\s+"([^"]*)"', line)
+        if m and m.group(2).upper() != "ZERO":
+            names.append(m.group(3))
+    return names
+
+
+def _check_vmdk_descriptor(fd: int, path: str, size: int) -> None:
+    """Extents of a text descriptor must be present, regular, non-symlinked files next to it."""
+    if size > MAX_DESCRIPTOR:
+        return
+    text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
+    directory = os.path.dirname(path)
+    for name in _vmdk_descriptor_extents(text):
+        extent = _local_file(directory, name, "the VMDK extent")
+        try:
+            st = os.lstat(extent)
+        except FileNotFoundError:
+            raise _invalid(f"the VMDK descriptor {path} names an extent file {name!r} that does not exist") from None
+        _refuse_non_regular(extent, st, "the VMDK extent")
+
+
+def _inside(path: str, directory: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def _chain_files(chain: list[dict[str, Any]]) -> list[str]:
+    files = []
+    for element in chain:
+        files.append(element.get("filename", ""))
+        for extent in ((element.get("format-specific") or {}).get("data") or {}).get("extents", []):
+            files.append(extent.get("filename", ""))
+    return [f for f in files if f and not f.startswith("json:")]
+
+
+def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True) -> Disk:
+    """qemu-img's view of one disk, refusing files outside its directory and damaged images."""
+    try:
+        chain = qemuimg.info(ref, backing_chain=True)
+    except qemuimg.QemuImgError as e:
+        raise _invalid(f"{label} ({ref.describe()}) is not a readable {DRIVER_TO_NAME.get(ref.format, ref.format)} "
+                       f"image: {e.message.split(': ', 1)[-1]}") from None
+    chain = chain if isinstance(chain, list) else [chain]
+    if ref.offset is None:
+        directory = os.path.dirname(ref.path)
+        for name in _chain_files(chain):
+            full = name if os.path.isabs(name) else os.path.join(directory, name)
+            if not _inside(full, directory):
+                raise OperationError("PERMISSION_DENIED", f"{label} refers to {name}, outside its directory "
+                                     f"{directory}; such images are refused")
+            if os.path.abspath(full) != ref.path:
+                st = os.lstat(full)
+                _refuse_non_regular(full, st, "a file the image refers to")
+                identities.append(FileIdentity.of(os.path.abspath(full), st))
+    elif len(chain) > 1:
+        raise OperationError("UNSUPPORTED", f"{label} inside the OVA has a backing file; only self-contained "
+                             "disks are supported in an OVA")
+    info = chain[0]
+    subformat = None
+    if ref.format == "vmdk":
+        subformat = ((info.get("format-specific") or {}).get("data") or {}).get("create-type")
+        if ref.offset is not None and subformat not in ("streamOptimized", "monolithicSparse"):
+            raise OperationError("UNSUPPORTED", f"{label} inside the OVA is a {subformat} VMDK; an OVA disk must "
+                                 "be a single-file VMDK")
+    elif ref.format == "vpc":
+        subformat = _vhd_type(_vpc_footer(ref))
+    result = None
+    if check_source and ref.format in CHECKABLE:
+        result = qemuimg.check(ref, force_share=True)
+        if not result.usable:
+            raise _invalid(f"{label} ({ref.describe()}) is damaged: {result.message}")
+    return Disk(label, ref, info, chain, result, subformat)
+
+
+def _vpc_footer(ref: ImageRef) -> bytes | None:
+    if ref.offset is None:
+        return qemuimg.read_vpc_footer(ref.path)
+    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        tail = os.pread(fd, 512, ref.offset + (ref.size or 0) - 512)
+    finally:
+        os.close(fd)
+    return tail if tail.startswith(b"conectix") else None
+
+
+def required_sizes(disk: Disk, options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Bytes a sparse qcow2 / sparse raw / full raw copy needs.
+
+    qemu-img measure counts every block some drivers (VDI, VHD, VHDX) report as allocated, even when
+    `qemu-img map` knows them to be zero; the data map plus qcow2's worst-case metadata is then the
+    tighter (and still safe) bound.
+    """
+    measured = qemuimg.measure(disk.ref, "qcow2", options)
+    data = qemuimg.data_bytes(disk.ref)
+    metadata = max(measured["fully-allocated"] - disk.virtual_size, 0)
+    return {"qcow2": min(measured["required"], data + metadata), "raw": min(data, disk.virtual_size),
+            "raw_full": disk.virtual_size}
+
+
+# ---------------------------------------------------------------- OVF, manifest, VMX
+
+def _ln(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _attr(element: ET.Element, name: str) -> str | None:
+    for key, value in element.attrib.items():
+        if _ln(key) == name:
+            return value
+    return None
+
+
+def _child_text(element: ET.Element, name: str) -> str | None:
+    for child in element:
+        if _ln(child.tag) == name:
+            return (child.text or "").strip()
+    return None
+
+
+def _units(text: str | None) -> int:
+    """Multiplier of an OVF allocation unit ("byte * 2^20", "MegaBytes", ...)."""
+    if not text:
+        return 1
+    t = text.replace(" ", "").lower()
+    if m := re.fullmatch(r"byte\*2\^(\d+)", t):
+        return 2 ** int(m.group(1))
+    return {"byte": 1, "bytes": 1, "kilobytes": 2**10, "megabytes": 2**20, "gigabytes": 2**30,
+            "kb": 2**10, "mb": 2**20, "gb": 2**30}.get(t, 1)
+
+
+def parse_ovf(data: bytes) -> dict[str, Any]:
+    """VM name, CPUs, memory, firmware, disks in order and NICs from an OVF descriptor."""
+    if len(data) > MAX_DESCRIPTOR:
+        raise _invalid("the OVF descriptor is larger than 16 MiB")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise _invalid("the OVF descriptor declares a DOCTYPE or entities, which are refused")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise _invalid(f"the OVF descriptor is not valid XML: {e}") from None
+    if _ln(root.tag) != "Envelope":
+        raise _invalid("the OVF descriptor has no Envelope element")
+    files: dict[str, dict[str, Any]] = {}
+    disks: dict[str, dict[str, Any]] = {}
+    for el in root.iter():
+        name = _ln(el.tag)
+        if name == "File" and _attr(el, "id"):
+            files[_attr(el, "id") or ""] = {"href": _attr(el, "href"), "size": _attr(el, "size"),
+                                           "compression": _attr(el, "compression")}
+        elif name == "Disk" and _attr(el, "diskId"):
+            capacity = int(_attr(el, "capacity") or 0) * _units(_attr(el, "capacityAllocationUnits"))
+            disks[_attr(el, "diskId") or ""] = {"id": _attr(el, "diskId"), "file_ref": _attr(el, "fileRef"),
+                                                "capacity": capacity, "format": _attr(el, "format")}
+    system = next((el for el in root.iter() if _ln(el.tag) == "VirtualSystem"), root)
+    vm_name = _child_text(system, "Name") or _attr(system, "id") or ""
+    cpus, memory_mib, firmware = 1, 0, "bios"
+    ordered: list[str] = []
+    nics: list[dict[str, Any]] = []
+    for item in (el for el in system.iter() if _ln(el.tag) in ("Item", "StorageItem", "EthernetPortItem")):
+        kind = _child_text(item, "ResourceType")
+        if kind == "3":
+            cpus = int(_child_text(item, "VirtualQuantity") or 1)
+        elif kind == "4":
+            quantity = int(_child_text(item, "VirtualQuantity") or 0)
+            memory_mib = quantity * _units(_child_text(item, "AllocationUnits") or "byte * 2^20") // 2**20
+        elif kind == "17":
+            host = _child_text(item, "HostResource") or ""
+            ref = host.rsplit("/", 1)[-1]
+            if ref in disks and ref not in ordered:
+                ordered.append(ref)
+            elif ref in files:   # "ovf:/file/<id>": a disk given by file only
+                disks.setdefault(ref, {"id": ref, "file_ref": ref, "capacity": 0, "format": None})
+                ordered.append(ref)
+        elif kind == "10":
+            nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
+                         "network": _child_text(item, "Connection"), "mac": _child_text(item, "Address")})
+    ordered += [d for d in disks if d not in ordered]
+    for el in root.iter():
+        if _ln(el.tag) == "Config" and (_attr(el, "key") or "").lower() == "firmware":
+            firmware = "uefi" if (_attr(el, "value") or "").lower() == "efi" else "bios"
+        elif _ln(el.tag) == "Firmware" and (_attr(el, "type") or "").upper() == "EFI":
+            firmware = "uefi"
+    disk_list = []
+    for disk_id in ordered:
+        disk = disks[disk_id]
+        file = files.get(disk.get("file_ref") or "", {})
+        disk_list.append({**disk, "href": file.get("href"), "compression": file.get("compression")})
+    return {"name": vm_name, "cpus": cpus, "memory_mib": memory_mib, "firmware": firmware,
+            "disks": disk_list, "nics": nics}
+
+
+_MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
+
+
+def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
+    """{file name: (algorithm, hex digest)} from an OVF manifest."""
+    sums = {}
+    for line in text.splitlines():
+        if m := _MANIFEST_LINE.match(line):
+            sums[m.group(2)] = (m.group(1).lower(), m.group(3).lower())
+        elif line.strip():
+            raise _invalid(f"the manifest has a line that is not a checksum: {line.strip()[:80]!r}")
+    return sums
+
+
+def parse_vmx(text: str) -> dict[str, Any]:
+    """VM name, CPUs, memory, firmware, disks in order and NICs from a .vmx file's key = "value" lines."""
+    keys: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r'^\s*([A-Za-z0-9_.:\[\]-]+)\s*=\s*"?(.*?)"?\s*$', line)
+        if m and not line.lstrip().startswith("#"):
+            keys[m.group(1).lower()] = m.group(2)
+    order = {"scsi": 0, "sata": 1, "nvme": 2, "ide": 3}
+    found = []
+    for key, value in keys.items():
+        m = re.fullmatch(r"(scsi|sata|nvme|ide)(\d+):(\d+)\.filename", key)
+        if not m:
+            continue
+        device = key.rsplit(".", 1)[0]
+        if keys.get(device + ".present", "true").lower() == "false":
+            continue
+        if "cdrom" in keys.get(device + ".devicetype", "").lower() or value.lower().endswith(".iso"):
+            continue
+        found.append(((order[m.group(1)], int(m.group(2)), int(m.group(3))), device, value))
+    nics = []
+    for key in sorted(k for k in keys if re.fullmatch(r"ethernet\d+\.present", k)):
+        dev = key.rsplit(".", 1)[0]
+        if keys[key].lower() != "true":
+            continue
+        nics.append({"name": dev, "model": keys.get(dev + ".virtualdev", "e1000"),
+                     "network": keys.get(dev + ".networkname"),
+                     "mac": keys.get(dev + ".address") or keys.get(dev + ".generatedaddress")})
+    memory = keys.get("memsize", "0")
+    return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
+            "memory_mib": int(memory) if memory.isdigit() else 0,
+            "firmware": "uefi" if keys.get("firmware", "").lower() == "efi" else "bios",
+            "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
+
+
+# ---------------------------------------------------------------- a whole source
+
+@dataclass
+class Source:
+    kind: str                                   # disk | ova | ovf | vmx
+    path: str
+    format: str                                 # the top-level format name (vmdk, vhd, ova, ...)
+    disks: list[Disk]
+    vm: dict[str, Any] | None = None
+    identities: list[FileIdentity] = field(default_factory=list)
+    manifest: dict[str, tuple[str, str]] | None = None
+    # (name, path, offset, size) of every file the manifest covers: checked by verify()
+    to_verify: list[tuple[str, str, int, int]] = field(default_factory=list)
+    checksum: str | None = None                 # image.checksum of the spec ("sha256:<hex>")
+
+    def verify_bytes(self) -> int:
+        total = sum(size for _, _, _, size in self.to_verify)
+        if self.checksum:
+            total += self.identities[0].size
+        return total
+
+
+def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,
+                check_disks: bool = True) -> Source:
+    """Open and identify a source and its disks (no hashing yet: see verify())."""
+    path = os.path.abspath(path)
+    fd, identity = open_regular_file(path)
+    try:
+        head, tail = _read_head_tail(fd, 0, identity.size)
+        kind = sniff(head, tail)
+        declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)
+        if kind is None:
+            kind = _unsigned_format(path, head, declared)
+        if declared and declared != kind:
+            shown = DRIVER_TO_NAME.get(kind, kind)
+            raise _invalid(f"image.format says {declared_format} but the content of {path} is {shown}")
+        identities = [identity]
+        if kind == "ova":
+            source = _load_ova(fd, path, identities, check_disks)
+        elif kind in ("ovf", "vmx"):
+            source = _load_described(fd, path, kind, identity.size, identities, check_disks)
+        else:
+            if kind == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
+                _check_vmdk_descriptor(fd, path, identity.size)
+            disk = load_disk(ImageRef(path, kind), os.path.basename(path), identities, check_disks)
+            source = Source("disk", path, DRIVER_TO_NAME.get(kind, kind), [disk], None, identities)
+    finally:
+        os.close(fd)
+    source.checksum = checksum
+    return source
+
+
+def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
+    """No signature of ours: a raw disk if it looks like one (or is declared so), else refused."""
+    try:
+        probed = qemuimg.probe_format(path)
+    except qemuimg.QemuImgError as e:
+        raise _invalid(f"{path} is not a disk image: {e.message}") from None
+    if probed != "raw":
+        raise OperationError("UNSUPPORTED", f"{path} is a {probed} image, which h2kd does not convert "
+                             "(supported: VMDK, VHD, VHDX, VDI, qcow2, raw, OVA, OVF, VMX)")
+    if declared == "raw" or _has_partition_table(head):
+        return "raw"
+    raise _invalid(f"{path} is not a disk image: its content matches none of VMDK, VHD, VHDX, VDI, qcow2, OVA, "
+                   "OVF or VMX and it has no partition table (give image.format \"raw\" if it is a raw disk)")
+
+
+def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]:
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        name = member.name
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+            raise OperationError("PERMISSION_DENIED", f"the OVA {path} has a member with an unsafe name "
+                                 f"{name!r} (path traversal); the archive is refused")
+        if member.issym() or member.islnk():
+            raise OperationError("PERMISSION_DENIED", f"the OVA {path} has a link member {name!r}; archives "
+                                 "with links are refused")
+        if member.isdir():
+            continue
+        if not member.isreg() or member.issparse():
+            raise _invalid(f"the OVA {path} has a member {name!r} that is not a plain file")
+        members[str(pure)] = member
+    return members
+
+
+def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: bool) -> Source:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            members = _safe_members(tar, path)
+        except tarfile.TarError as e:
+            raise _invalid(f"the OVA {path} is not a readable tar archive: {e}") from None
+        ovfs = [m for n, m in members.items() if n.lower().endswith(".ovf") and "/" not in n]
+        if not ovfs:
+            raise _invalid(f"the OVA {path} holds no OVF descriptor")
+        ovf_member = ovfs[0]
+        if ovf_member.size > MAX_DESCRIPTOR:
+            raise _invalid("the OVF descriptor is larger than 16 MiB")
+        ovf_data = os.pread(fd, ovf_member.size, ovf_member.offset_data)
+        stem = ovf_member.name[:-4]
+        mf = members.get(stem + ".mf") or next((m for n, m in members.items() if n.lower().endswith(".mf")), None)
+        manifest = parse_manifest(os.pread(fd, mf.size, mf.offset_data).decode("utf-8", "replace")) if mf else None
+    if manifest is not None and ovf_member.name in manifest:
+        algorithm, expected = manifest[ovf_member.name]
+        if hashlib.new(algorithm, ovf_data).hexdigest() != expected:
+            raise _invalid(f"the manifest {algorithm.upper()} of {ovf_member.name} does not match its content")
+    vm = parse_ovf(ovf_data)
+    disks = []
+    to_verify = []
+    for index, entry in enumerate(vm["disks"], 1):
+        href = entry.get("href") or ""
+        _local_file("", href, "the OVF disk file")
+        if entry.get("compression"):
+            raise OperationError("UNSUPPORTED", f"the OVF disk {href} is {entry['compression']}-compressed, which "
+                                 "is not supported")
+        member = members.get(str(PurePosixPath(href)))
+        if member is None:
+            raise _invalid(f"the OVF names the disk file {href!r}, which is not in the OVA")
+        head, tail = _read_head_tail(fd, member.offset_data, member.size)
+        fmt = sniff(head, tail)
+        if fmt not in ("vmdk", "vpc", "vhdx", "vdi", "qcow2"):
+            raise _invalid(f"the OVA member {href!r} is not a disk image this program reads")
+        disk = load_disk(ImageRef(path, fmt, member.offset_data, member.size), f"disk {index} ({href})",
+                         identities, check_disks)
+        disk.member = member.name
+        disks.append(disk)
+    if manifest is not None:
+        for name, _ in manifest.items():
+            if name == ovf_member.name:
+                continue
+            member = members.get(name)
+            if member is None:
+                raise _invalid(f"the manifest lists {name!r}, which is not in the OVA")
+            to_verify.append((name, path, member.offset_data, member.size))
+    source = Source("ova", path, "ova", disks, vm, identities, manifest, to_verify)
+    return source
+
+
+def _load_described(fd: int, path: str, kind: str, size: int, identities: list[FileIdentity],
+                    check_disks: bool) -> Source:
+    if size > MAX_DESCRIPTOR:
+        raise _invalid(f"the {kind.upper()} file {path} is larger than 16 MiB")
+    data = os.pread(fd, size, 0)
+    vm = parse_ovf(data) if kind == "ovf" else parse_vmx(data.decode("utf-8", "replace"))
+    directory = os.path.dirname(path)
+    manifest = None
+    to_verify: list[tuple[str, str, int, int]] = []
+    if kind == "ovf":
+        mf_path = path[:-4] + ".mf" if path.lower().endswith(".ovf") else path + ".mf"
+        if os.path.lexists(mf_path):
+            mf_fd, mf_ident = open_regular_file(mf_path, "the manifest")
+            try:
+                manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
+            finally:
+                os.close(mf_fd)
+            for name in manifest:
+                file_path = _local_file(directory, name, "the manifest entry")
+                if file_path == path:
+                    algorithm, expected = manifest[name]
+                    if hashlib.new(algorithm, data).hexdigest() != expected:
+                        raise _invalid(f"the manifest {algorithm.upper()} of {name} does not match its content")
+                    continue
+                entry_fd, entry_ident = _open_or_missing(file_path, name)
+                os.close(entry_fd)
+                to_verify.append((name, file_path, 0, entry_ident.size))
+    disks = []
+    for index, entry in enumerate(vm["disks"], 1):
+        href = entry.get("href") or ""
+        disk_path = _local_file(directory, href, f"the {kind.upper()} disk file")
+        disk_fd, ident = _open_or_missing(disk_path, href)
+        try:
+            head, tail = _read_head_tail(disk_fd, 0, ident.size)
+            fmt = sniff(head, tail)
+            if fmt not in ("vmdk", "vpc", "vhdx", "vdi", "qcow2"):
+                raise _invalid(f"the disk file {href!r} is not a disk image this program reads")
+            if fmt == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
+                _check_vmdk_descriptor(disk_fd, disk_path, ident.size)
+        finally:
+            os.close(disk_fd)
+        identities.append(ident)
+        disks.append(load_disk(ImageRef(disk_path, fmt), f"disk {index} ({href})", identities, check_disks))
+    return Source(kind, path, kind, disks, vm, identities, manifest, to_verify)
+
+
+def _open_or_missing(path: str, name: str) -> tuple[int, FileIdentity]:
+    if not os.path.lexists(path):
+        raise _invalid(f"the file {name!r} the source refers to does not exist")
+    return open_regular_file(path, "the file")
+
+
+def verify(source: Source, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Check the manifest's sums and image.checksum by reading the files; INVALID_IMAGE on a mismatch."""
+    done = 0
+    verified = []
+
+    def digest(file_path: str, offset: int, size: int, algorithm: str) -> str:
+        nonlocal done
+        h = hashlib.new(algorithm)
+        fd = os.open(file_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            position, end = offset, offset + size
+            while position < end:
+                chunk = os.pread(fd, min(HASH_CHUNK, end - position), position)
+                if not chunk:
+                    raise OperationError("SOURCE_CHANGED", f"{file_path} became shorter while it was read", "verify")
+                h.update(chunk)
+                position += len(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    if source.checksum:
+        expected = source.checksum.split(":", 1)[-1].lower()
+        if digest(source.path, 0, source.identities[0].size, "sha256") != expected:
+            raise _invalid(f"the SHA256 of {source.path} does not match image.checksum", "verify")
+        verified.append({"file": os.path.basename(source.path), "algorithm": "sha256", "source": "image.checksum"})
+    for name, file_path, offset, size in source.to_verify:
+        algorithm, expected = source.manifest[name]  # type: ignore[index]
+        if digest(file_path, offset, size, algorithm) != expected:
+            raise _invalid(f"the manifest {algorithm.upper()} of {name} does not match its content "
+                           "(the file is damaged or was altered)", "verify")
+        verified.append({"file": name, "algorithm": algorithm, "source": "manifest"})
+    return {"present": source.manifest is not None, "verified": verified}
+
+
+def report(source: Source, verification: dict[str, Any] | None, sizes: list[dict[str, int]] | None) -> dict[str, Any]:
+    """The structured inspection report."""
+    return {
+        "kind": source.kind,
+        "path": source.path,
+        "format": source.format,
+        "vm": source.vm and {k: v for k, v in source.vm.items() if k != "disks"},
+        "disks": [disk.report(sizes[i] if sizes else None) for i, disk in enumerate(source.disks)],
+        "manifest": verification,
+        "virtual_size": sum(d.virtual_size for d in source.disks),
+    }
+
+
+def run_inspect(spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    """The inspect operation: outputs {"report": ...}."""
+    image = spec["image"]
+    progress("inspect", 0, 0, "reading the source")
+    source = load_source(image["path"], image.get("format"), image.get("checksum"))
+    total = source.verify_bytes()
+    verification = verify(source, lambda done: progress("verify", done, total, "checking sums"))
+    sizes = [required_sizes(d) for d in source.disks]
+    progress("inspect", total, total, "done")
+    return {"report": report(source, verification, sizes)}

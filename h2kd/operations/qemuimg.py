@@ -1,0 +1,334 @@
+"""A thin wrapper over the qemu-img program: info, measure, check, compare and convert with live progress.
+
+Every call names the input format with -f: qemu-img is never left to guess (a guessed "raw" on untrusted
+input would let a crafted file be taken for something else). Images are referred to by ImageRef, which is
+either a plain absolute path or a byte range of a larger file (a disk stored inside an OVA's tar), given
+to qemu-img as a json: filename over the raw driver's offset/size, so nothing has to be extracted.
+
+OperationError, the failure type every operation raises (code, phase, message), lives here because
+every operation module sits on top of this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
+
+# The error codes of the result contract that an operation may raise (h2kd.model.result.ErrorCode).
+NOT_RETRYABLE = {"VALIDATION_FAILED", "INVALID_IMAGE", "PERMISSION_DENIED", "OUTPUT_EXISTS", "UNSUPPORTED"}
+
+
+class OperationError(Exception):
+    """An operation failed. message is shown to users as is, so it reads as a sentence."""
+
+    def __init__(self, code: str, message: str, phase: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.phase = phase
+        self.outputs: dict[str, Any] = {}
+
+    @property
+    def retryable(self) -> bool:
+        return self.code not in NOT_RETRYABLE
+
+
+class QemuImgError(OperationError):
+    """qemu-img exited with an error; stderr holds its own words."""
+
+    def __init__(self, command: str, returncode: int, stderr: str, code: str = "TOOL_FAILED"):
+        text = " ".join(line.removeprefix("qemu-img: ").strip() for line in stderr.strip().splitlines()[-3:])
+        super().__init__(code, f"qemu-img {command} failed (exit {returncode}): {text or 'no message'}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image for qemu-img: a file (absolute path), or `size` bytes at `offset` inside it (a tar member)."""
+
+    path: str
+    format: str
+    offset: int | None = None
+    size: int | None = None
+
+    def qemu_name(self) -> str:
+        if self.offset is None:
+            if not self.path.startswith("/"):
+                # A relative name with a colon would be taken for a protocol ("nbd:...").
+                raise ValueError(f"image paths given to qemu-img must be absolute: {self.path!r}")
+            return self.path
+        inner = {"driver": "raw", "offset": self.offset, "size": self.size,
+                 "file": {"driver": "file", "filename": self.path}}
+        return "json:" + json.dumps({"driver": self.format, "file": inner})
+
+    def format_args(self, flag: str = "-f") -> list[str]:
+        return [flag, self.format]
+
+    def describe(self) -> str:
+        return self.path if self.offset is None else f"{self.path} (bytes {self.offset}..{self.offset + (self.size or 0)})"
+
+
+def _run(command: str, args: list[str], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([QEMU_IMG, command, *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise OperationError("TOOL_FAILED", f"qemu-img {command} did not finish within {timeout} seconds") from None
+
+
+def _json_output(command: str, proc: subprocess.CompletedProcess[str]) -> Any:
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise QemuImgError(command, proc.returncode, proc.stderr or "output was not JSON") from None
+
+
+def info(image: ImageRef | str, fmt: str | None = None, *, backing_chain: bool = False,
+         force_share: bool = True) -> Any:
+    """`qemu-img info --output=json`: a dict, or a list (image first) with backing_chain.
+
+    fmt=None (only with a plain path) lets qemu-img probe; inspection uses that solely to name a format
+    it does not itself recognise, never to decide how to read a file.
+    """
+    args = ["--output=json"]
+    if force_share:
+        args.append("-U")     # reading metadata of an image in use is harmless and often wanted
+    if backing_chain:
+        args.append("--backing-chain")
+    if isinstance(image, ImageRef):
+        args += image.format_args() + [image.qemu_name()]
+    else:
+        args += (["-f", fmt] if fmt else []) + [image]
+    proc = _run("info", args)
+    if proc.returncode != 0:
+        raise QemuImgError("info", proc.returncode, proc.stderr, code="INVALID_IMAGE")
+    return _json_output("info", proc)
+
+
+def read_vpc_footer(path: str) -> bytes | None:
+    """The 512-byte VHD footer at the end of a file, or None: a fixed VHD is a raw disk plus this footer."""
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 512:
+                return None
+            f.seek(-512, os.SEEK_END)
+            tail = f.read(512)
+    except OSError:
+        return None
+    return tail if tail.startswith(b"conectix") else None
+
+
+def probe_format(path: str) -> str:
+    """The format qemu-img sees in a file, with a fixed VHD named "vpc" (qemu-img alone calls it raw)."""
+    fmt = info(path)["format"]
+    if fmt == "raw" and read_vpc_footer(path) is not None:
+        return "vpc"
+    return fmt
+
+
+def measure(image: ImageRef, output_format: str, options: dict[str, Any] | None = None) -> dict[str, int]:
+    """`qemu-img measure`: {"required": bytes for the data, "fully-allocated": bytes if preallocated}."""
+    args = ["--output=json", "-O", output_format]
+    opts = _options_text(options or {})
+    if opts:
+        args += ["-o", opts]
+    args += image.format_args() + [image.qemu_name()]
+    proc = _run("measure", args)
+    if proc.returncode != 0:
+        raise QemuImgError("measure", proc.returncode, proc.stderr, code="INVALID_IMAGE")
+    data = _json_output("measure", proc)
+    return {"required": int(data["required"]), "fully-allocated": int(data["fully-allocated"])}
+
+
+def data_bytes(image: ImageRef) -> int:
+    """Bytes of the image that hold data (`qemu-img map`); zero and unallocated ranges do not count."""
+    proc = _run("map", ["--output=json", *image.format_args(), image.qemu_name()], timeout=None)
+    if proc.returncode != 0:
+        raise QemuImgError("map", proc.returncode, proc.stderr, code="INVALID_IMAGE")
+    return sum(int(e["length"]) for e in _json_output("map", proc) if e.get("data") and not e.get("zero"))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """status: ok | leaks (harmless unused clusters) | corrupt | failed (could not be checked) | unsupported."""
+
+    status: str
+    returncode: int
+    message: str
+    details: dict[str, Any]
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("ok", "leaks", "unsupported")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.returncode, "message": self.message, "details": self.details}
+
+
+_CHECK_MEANING = {
+    0: ("ok", "no errors were found"),
+    1: ("failed", "the check could not be completed (the image is probably damaged or truncated)"),
+    2: ("corrupt", "the image is corrupted"),
+    3: ("leaks", "clusters are leaked (wasted space, but the data is intact)"),
+    63: ("unsupported", "this image format does not support consistency checks"),
+}
+
+
+def check(image: ImageRef, *, force_share: bool = False) -> CheckResult:
+    """`qemu-img check` with its exit code turned into a status and a sentence."""
+    args = ["--output=json"] + (["-U"] if force_share else []) + image.format_args() + [image.qemu_name()]
+    proc = _run("check", args, timeout=None)
+    status, meaning = _CHECK_MEANING.get(proc.returncode, ("failed", "qemu-img check failed"))
+    try:
+        details = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    except ValueError:
+        details = {}
+    tool_words = " ".join(line.strip() for line in (proc.stderr or "").splitlines()[-3:])
+    message = meaning + (f": {tool_words}" if tool_words and status not in ("ok", "unsupported") else "")
+    return CheckResult(status, proc.returncode, message, details if isinstance(details, dict) else {})
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    identical: bool
+    message: str
+
+
+def compare(first: ImageRef, second: ImageRef) -> CompareResult:
+    """`qemu-img compare` (contents only; a longer image must be zero past the shorter one's end)."""
+    args = ["-U"] + first.format_args("-f") + second.format_args("-F") + [first.qemu_name(), second.qemu_name()]
+    proc = _run("compare", args, timeout=None)
+    text = (proc.stdout.strip() + " " + proc.stderr.strip()).strip()
+    if proc.returncode == 0:
+        return CompareResult(True, text or "Images are identical.")
+    if proc.returncode == 1:
+        return CompareResult(False, text or "Images differ.")
+    raise QemuImgError("compare", proc.returncode, proc.stderr, code="TOOL_FAILED")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    output_format: str = "qcow2"
+    compress: bool = False
+    compression_type: str | None = None
+    cluster_size: int | None = None
+    preallocation: str | None = None
+    sparse: bool = True
+    coroutines: int | None = None
+    rate_limit: int | None = None          # bytes per second, None: unlimited
+
+    def create_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.output_format == "qcow2":
+            if self.cluster_size:
+                opts["cluster_size"] = self.cluster_size
+            if self.compress and self.compression_type:
+                opts["compression_type"] = self.compression_type
+        if self.preallocation:
+            opts["preallocation"] = self.preallocation
+        return opts
+
+    def arguments(self) -> list[str]:
+        args = ["-O", self.output_format]
+        opts = _options_text(self.create_options())
+        if opts:
+            args += ["-o", opts]
+        if self.compress:
+            args.append("-c")
+        if not self.sparse or self.preallocation in ("falloc", "full"):
+            args += ["-S", "0"]          # write every block, zeros included
+        if self.coroutines:
+            args += ["-m", str(self.coroutines)]
+        # Out-of-order writes only help and only are safe where block placement does not matter:
+        # a raw file; a qcow2 would get its clusters allocated in a scattered order, compression forbids it.
+        if self.output_format == "raw" and not self.compress:
+            args.append("-W")
+        if self.rate_limit:
+            args += ["-r", str(self.rate_limit)]
+        return args
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    # qemu option values escape a comma by doubling it; our values never contain one, but be exact.
+    return ",".join(f"{k}={str(v).replace(',', ',,')}" for k, v in options.items())
+
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def convert(source: ImageRef, destination: str, options: ConvertOptions,
+            progress: Callable[[float], None] | None = None,
+            on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None) -> None:
+    """Run `qemu-img convert -p`, calling progress(fraction 0..1) as qemu-img reports it.
+
+    If progress() (or a signal handler) raises, the qemu-img child is killed and waited for before the
+    exception goes on, so no writer is left behind the caller's clean-up. on_process is told the
+    running child (and None once it has ended), for a signal handler that must stop it.
+    """
+    if not destination.startswith("/"):
+        raise ValueError("the destination given to qemu-img must be an absolute path")
+    args = [QEMU_IMG, "convert", "-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                bufsize=0, start_new_session=False)
+    except FileNotFoundError:
+        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
+    stderr_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    if on_process:
+        on_process(proc)
+    try:
+        pending = b""
+        fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = re.split(rb"[\r\n]", pending)
+            for piece in complete:
+                match = _PROGRESS.search(piece)
+                if match and progress:
+                    progress(min(float(match.group(1)) / 100.0, 1.0))
+        returncode = proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+        proc.stdout.close()  # type: ignore[union-attr]
+        if on_process:
+            on_process(None)
+    stderr = b"".join(stderr_chunks).decode(errors="replace")
+    if returncode != 0:
+        code = "NO_SPACE" if "No space left on device" in stderr else "TOOL_FAILED"
+        if returncode < 0:
+            stderr = stderr or f"qemu-img was killed by signal {-returncode}"
+        raise QemuImgError("convert", returncode, stderr, code=code)
+    if progress:
+        progress(1.0)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,51 @@
+"""Validation: `qemu-img check` of an image with a clear verdict, and optionally a content comparison.
+
+outputs = {"check": {status, exit_code, message, details}, "compare": {identical, message, with} | None,
+           "format": ..., "virtual_size": ...}
+A corrupt image (or one that cannot be checked at all) fails the job with INVALID_IMAGE; leaked clusters
+and formats without a check (raw, VHD) pass, and say so. Differing contents in the comparison fail the
+job with VALIDATION_FAILED, since that is what was asked to be shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2kd.operations import inspect, qemuimg
+from h2kd.operations.qemuimg import OperationError
+
+
+def _single_disk(path: str, declared: str | None, what: str) -> inspect.Disk:
+    source = inspect.load_source(path, declared, check_disks=False)
+    if len(source.disks) != 1:
+        raise OperationError("UNSUPPORTED", f"{what} {path} holds {len(source.disks)} disks; validate takes one disk",
+                             "validate")
+    return source.disks[0]
+
+
+def _with_outputs(error: OperationError, outputs: dict[str, Any]) -> OperationError:
+    error.outputs = outputs   # the failed result still shows what was found
+    return error
+
+
+def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn) -> dict[str, Any]:
+    image, parameters = spec["image"], spec.get("parameters") or {}
+    progress("validate", 0, 0, "checking the image")
+    disk = _single_disk(image["path"], image.get("format"), "the image")
+    result = qemuimg.check(disk.ref, force_share=True)
+    outputs: dict[str, Any] = {"format": inspect.DRIVER_TO_NAME.get(disk.ref.format, disk.ref.format),
+                               "virtual_size": disk.virtual_size, "check": result.as_dict(), "compare": None}
+    if result.status in ("corrupt", "failed"):
+        raise _with_outputs(OperationError("INVALID_IMAGE", f"{image['path']} failed its check: {result.message}",
+                                           "check"), outputs)
+    other_path = parameters.get("compare_with")
+    if other_path:
+        progress("compare", 0, 0, f"comparing with {other_path}")
+        other = _single_disk(other_path, None, "parameters.compare_with")
+        comparison = qemuimg.compare(disk.ref, other.ref)
+        outputs["compare"] = {"with": other_path, "identical": comparison.identical, "message": comparison.message}
+        if not comparison.identical:
+            raise _with_outputs(OperationError("VALIDATION_FAILED", f"{image['path']} and {other_path} differ in "
+                                               f"content: {comparison.message}", "compare"), outputs)
+    progress("validate", 1, 1, "done")
+    return outputs

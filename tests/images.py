@@ -1,0 +1,214 @@
+"""Fixture builders: real disk images made with qemu-img, OVAs with OVF and manifest, and broken inputs.
+
+Every builder returns the path it wrote. Disk builders start from a raw file with random data in some
+blocks (make_raw_with_data), so a converted copy can be checked against it with `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+MiB = 1024 * 1024
+BLOCK = 64 * 1024
+
+# make_image(fmt, subformat): the qemu-img driver and creation options for each fixture kind.
+KINDS = {
+    ("vmdk", "monolithicSparse"): ("vmdk", "subformat=monolithicSparse"),
+    ("vmdk", "streamOptimized"): ("vmdk", "subformat=streamOptimized"),
+    ("vmdk", "twoGbMaxExtentSparse"): ("vmdk", "subformat=twoGbMaxExtentSparse"),
+    ("vmdk", "monolithicFlat"): ("vmdk", "subformat=monolithicFlat"),
+    ("vhd", "fixed"): ("vpc", "subformat=fixed,force_size=on"),
+    ("vhd", "dynamic"): ("vpc", "subformat=dynamic,force_size=on"),
+    ("vhdx", None): ("vhdx", None),
+    ("vdi", None): ("vdi", None),
+    ("qcow2", None): ("qcow2", None),
+    ("raw", None): ("raw", None),
+}
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+
+
+def make_raw_with_data(path: str | Path, size: int, data_fraction: float, seed: int = 1,
+                       partition_table: bool = False) -> Path:
+    """A sparse raw file of `size` bytes with random data in about data_fraction of its 64 KiB blocks."""
+    path = Path(path)
+    rng = random.Random(seed)
+    blocks = size // BLOCK
+    chosen = sorted(rng.sample(range(blocks), max(1, int(blocks * data_fraction))))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for block in chosen:
+            f.seek(block * BLOCK)
+            f.write(rng.randbytes(BLOCK))
+        if partition_table:
+            f.seek(510)
+            f.write(b"\x55\xaa")
+    return path
+
+
+def make_image(fmt: str, subformat: str | None, path: str | Path, raw: str | Path | None = None,
+               size: int = 16 * MiB, data_fraction: float = 0.25, seed: int = 1) -> Path:
+    """An image of the given kind holding `raw`'s content (a fresh random raw file if None)."""
+    path = Path(path)
+    if raw is None:
+        raw = make_raw_with_data(path.with_suffix(".src.raw"), size, data_fraction, seed)
+    driver, options = KINDS[(fmt, subformat)]
+    args = ["convert", "-f", "raw", "-O", driver] + (["-o", options] if options else []) + [str(raw), str(path)]
+    qemu_img(*args)
+    return path
+
+
+def make_multi_extent_vmdk(directory: str | Path, raw: str | Path, name: str = "multi") -> Path:
+    """A VMDK descriptor with two FLAT extents (the two halves of `raw`, whose size must be even in sectors)."""
+    directory, raw = Path(directory), Path(raw)
+    data = raw.read_bytes()
+    half = len(data) // 2
+    (directory / f"{name}-f001.vmdk").write_bytes(data[:half])
+    (directory / f"{name}-f002.vmdk").write_bytes(data[half:])
+    sectors = half // 512
+    descriptor = directory / f"{name}.vmdk"
+    descriptor.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentFlat\"\n\n"
+        f"# Extent description\nRW {sectors} FLAT \"{name}-f001.vmdk\" 0\nRW {sectors} FLAT \"{name}-f002.vmdk\" 0\n\n"
+        "# The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\nddb.adapterType = \"lsilogic\"\n")
+    return descriptor
+
+
+def make_missing_extent_vmdk(directory: str | Path) -> Path:
+    """A monolithicFlat descriptor whose -flat extent file was removed."""
+    descriptor = make_image("vmdk", "monolithicFlat", Path(directory) / "noextent.vmdk", size=4 * MiB)
+    for extent in Path(directory).glob("noextent-flat.vmdk"):
+        extent.unlink()
+    return descriptor
+
+
+def make_truncated_vmdk(path: str | Path) -> Path:
+    """A monolithicSparse VMDK cut off in the middle of its data."""
+    path = Path(path)
+    full = make_image("vmdk", "monolithicSparse", path.with_suffix(".full.vmdk"), size=16 * MiB, data_fraction=0.5)
+    data = full.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    full.unlink()
+    return path
+
+
+def make_not_an_image(path: str | Path) -> Path:
+    path = Path(path)
+    path.write_bytes(b"This is a shopping list, not a disk.\n" * 200)
+    return path
+
+
+OVF_TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+  xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>
+{files}
+  </References>
+  <DiskSection>
+    <Info>Virtual disks</Info>
+{disks}
+  </DiskSection>
+  <NetworkSection><Info>Networks</Info><Network ovf:name="VM Network"/></NetworkSection>
+  <VirtualSystem ovf:id="{name}">
+    <Info>A virtual machine</Info>
+    <Name>{name}</Name>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware</Info>
+      <Item><rasd:ElementName>{cpus} virtual CPU(s)</rasd:ElementName><rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>{cpus}</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:ElementName>{memory}MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>{memory}</rasd:VirtualQuantity></Item>
+      <Item><rasd:ElementName>SCSI Controller 0</rasd:ElementName><rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+{disk_items}
+      <Item><rasd:Address>00:50:56:aa:bb:01</rasd:Address><rasd:Connection>VM Network</rasd:Connection>
+        <rasd:ElementName>Network adapter 1</rasd:ElementName><rasd:InstanceID>9</rasd:InstanceID>
+        <rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType><rasd:ResourceType>10</rasd:ResourceType></Item>
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="{firmware}"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+
+def make_ovf_text(name: str, disk_files: list[tuple[str, int, int]], cpus: int = 2, memory_mib: int = 2048,
+                  firmware: str = "efi") -> str:
+    """An OVF for disks [(file name, file size, capacity)], listed so that the hardware order is reversed
+    from the References order: readers must follow the hardware section."""
+    files = "\n".join(f'    <File ovf:href="{f}" ovf:id="file{i}" ovf:size="{s}"/>'
+                      for i, (f, s, _) in enumerate(disk_files, 1))
+    disks = "\n".join(f'    <Disk ovf:capacity="{c}" ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" '
+                      'ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>'
+                      for i, (_, _, c) in enumerate(disk_files, 1))
+    items = "\n".join(f'      <Item><rasd:AddressOnParent>{unit}</rasd:AddressOnParent><rasd:ElementName>Hard disk {unit + 1}'
+                      f'</rasd:ElementName><rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>'
+                      f'<rasd:InstanceID>{10 + i}</rasd:InstanceID><rasd:Parent>3</rasd:Parent>'
+                      '<rasd:ResourceType>17</rasd:ResourceType></Item>'
+                      for unit, i in enumerate(range(1, len(disk_files) + 1)))
+    return OVF_TEMPLATE.format(files=files, disks=disks, disk_items=items, name=name, cpus=cpus,
+                               memory=memory_mib, firmware=firmware)
+
+
+def make_ova(path: str | Path, raws: list[str | Path], name: str = "testvm", bad_sum: bool = False,
+             traversal_member: bool = False, algorithm: str = "sha256", **vm: object) -> Path:
+    """A multi-disk OVA: OVF first, then the manifest, then one streamOptimized VMDK per raw file.
+
+    bad_sum: the manifest's sum of the last disk is wrong. traversal_member: a member "../../etc/x" is added.
+    """
+    path = Path(path)
+    work = path.parent / (path.name + ".parts")
+    work.mkdir(exist_ok=True)
+    disk_files = []
+    for index, raw in enumerate(raws, 1):
+        vmdk = make_image("vmdk", "streamOptimized", work / f"{name}-disk{index}.vmdk", raw=raw)
+        disk_files.append((vmdk.name, vmdk.stat().st_size, os.path.getsize(raw)))
+    ovf = make_ovf_text(name, disk_files, **vm).encode()  # type: ignore[arg-type]
+    members = [(f"{name}.ovf", ovf)]
+    sums = [f"{algorithm.upper()}({name}.ovf)= {hashlib.new(algorithm, ovf).hexdigest()}"]
+    for index, (file_name, _, _) in enumerate(disk_files, 1):
+        digest = hashlib.new(algorithm, (work / file_name).read_bytes()).hexdigest()
+        if bad_sum and index == len(disk_files):
+            digest = ("0" if digest[0] != "0" else "1") + digest[1:]
+        sums.append(f"{algorithm.upper()}({file_name})= {digest}")
+    members.append((f"{name}.mf", ("\n".join(sums) + "\n").encode()))
+    members += [(file_name, (work / file_name).read_bytes()) for file_name, _, _ in disk_files]
+    if traversal_member:
+        members.append(("../../etc/x", b"owned\n"))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member_name, data in members:
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    for file in work.iterdir():
+        file.unlink()
+    work.rmdir()
+    return path
+
+
+def make_vmx(directory: str | Path, disks: list[str], name: str = "vmxvm", cpus: int = 4, memory_mib: int = 4096,
+             firmware: str = "bios") -> Path:
+    """A .vmx naming the given disk files (relative names, in the directory) as scsi0:0, scsi0:1, ..."""
+    lines = ['.encoding = "UTF-8"', 'config.version = "8"', 'virtualHW.version = "19"',
+             f'displayName = "{name}"', f'numvcpus = "{cpus}"', f'memsize = "{memory_mib}"',
+             'ethernet0.present = "TRUE"', 'ethernet0.virtualDev = "vmxnet3"',
+             'ethernet0.networkName = "VM Network"', 'ethernet0.addressType = "generated"',
+             'ethernet0.generatedAddress = "00:0c:29:12:34:56"', 'ide1:0.present = "TRUE"',
+             'ide1:0.deviceType = "cdrom-image"', 'ide1:0.fileName = "installer.iso"']
+    if firmware == "efi":
+        lines.append('firmware = "efi"')
+    for unit, disk in enumerate(disks):
+        lines += [f'scsi0:{unit}.present = "TRUE"', f'scsi0:{unit}.fileName = "{disk}"']
+    path = Path(directory) / f"{name}.vmx"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,440 @@
+"""The worker program (python -m h2kd.worker) on real images made with qemu-img: conversions checked with
+`qemu-img compare`, inspection reports, every bad input of the operations issue, cancellation, no space."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from h2kd.model.result import parse_result
+from h2kd.worker.report import parse_status
+import images  # tests/ is on sys.path: pytest puts the directory of its conftest there
+from images import MiB
+
+PYTHON = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
+
+pytestmark = pytest.mark.skipif(subprocess.run(["which", "qemu-img"], capture_output=True).returncode != 0,
+                                reason="qemu-img is not installed")
+
+
+@dataclass
+class Run:
+    returncode: int
+    result: dict[str, Any]
+    statuses: list[str] = field(default_factory=list)
+    ready: bool = False
+    log: str = ""
+
+
+def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
+               on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1) -> Run:
+    """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = work / "spec.json", work / "result.json"
+    spec = {"job_id": "job1", **spec}
+    spec_path.write_text(json.dumps({"job_id": spec["job_id"], "attempt": attempt, "spec": spec,
+                                     "output_roots": [str(r) for r in roots]}))
+    sock_path = work / "notify.sock"
+    if sock_path.exists():
+        sock_path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.05)
+    messages: list[str] = []
+    proc = subprocess.Popen([PYTHON, "-m", "h2kd.worker", "--spec", str(spec_path), "--result", str(result_path)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), **(env or {})})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            data = sock.recv(65536).decode()
+            for line in data.splitlines():
+                messages.append(line)
+                if on_status and line.startswith("STATUS="):
+                    on_status(proc, line[len("STATUS="):])
+        except socket.timeout:
+            if proc.poll() is not None:
+                break
+        assert time.monotonic() < deadline, "the worker did not finish in time"
+    sock.close()
+    reader.join()
+    result = json.loads(result_path.read_text())
+    parse_result(result)     # the result must satisfy the contract's model
+    return Run(proc.returncode, result, [m[7:] for m in messages if m.startswith("STATUS=")],
+               "READY=1" in messages, "".join(output))
+
+
+def compare(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+                          capture_output=True).returncode == 0
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def assert_monotonic(statuses: list[str]) -> None:
+    fractions = [r.fraction for r in map(parse_status, statuses) if r is not None and r.fraction is not None]
+    assert fractions, statuses
+    assert fractions == sorted(fractions), statuses
+    assert fractions[-1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Source images shared by the tests (never written by them)."""
+    d = tmp_path_factory.mktemp("images")
+    images.make_raw_with_data(d / "data.raw", 16 * MiB, 0.3, seed=7)
+    images.make_raw_with_data(d / "data2.raw", 8 * MiB, 0.5, seed=8)
+    return d
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    o = tmp_path / "out"
+    o.mkdir()
+    return o
+
+
+def convert_spec(path: Path, output: Path | None, fmt: str | None = None, **parameters: Any) -> dict[str, Any]:
+    artifacts = {"output_path": str(output) if output else None}
+    if "overwrite" in parameters:
+        artifacts["overwrite"] = parameters.pop("overwrite")
+    return {"operation": "convert", "image": {"path": str(path), "format": fmt}, "parameters": parameters,
+            "artifacts": artifacts}
+
+
+# ---------------------------------------------------------------- conversions
+
+@pytest.mark.parametrize("kind", [k for k in images.KINDS if k[0] != "raw"], ids=lambda k: f"{k[0]}-{k[1]}")
+def test_every_format_converts_to_qcow2_with_identical_content(lib: Path, tmp_path: Path, out: Path,
+                                                               kind: tuple[str, str | None]) -> None:
+    source = images.make_image(kind[0], kind[1], tmp_path / f"src.{kind[0]}", raw=lib / "data.raw")
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "disk.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    assert run.ready
+    assert run.result["status"] == "completed"
+    assert compare(lib / "data.raw", "raw", out / "disk.qcow2", "qcow2")
+    assert leftovers(out) == ["disk.qcow2"]
+    [disk] = run.result["outputs"]["disks"]
+    assert disk["path"] == str(out / "disk.qcow2") and disk["format"] == "qcow2"
+    assert disk["check"]["status"] == "ok"
+    assert run.result["outputs"]["report"]["disks"][0]["subformat"] == (kind[1] if kind[0] in ("vmdk", "vhd") else None)
+    assert_monotonic(run.statuses)
+
+
+def test_raw_source_needs_its_format_declared_and_converts_to_raw(lib: Path, tmp_path: Path, out: Path) -> None:
+    run = run_worker(tmp_path / "w", convert_spec(lib / "data.raw", out / "copy.raw", "raw", output_format="raw"),
+                     [out])
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "copy.raw", "raw")
+    # Sparse by default: the holes stay holes.
+    assert os.stat(out / "copy.raw").st_blocks * 512 < 8 * MiB
+
+
+def test_conversion_options_reach_qemu_img(lib: Path, tmp_path: Path, out: Path) -> None:
+    source = images.make_image("vmdk", "monolithicSparse", tmp_path / "src.vmdk", raw=lib / "data.raw")
+    run = run_worker(tmp_path / "w1", convert_spec(source, out / "z.qcow2", compress=True, compression_type="zstd",
+                                                   cluster_size=131072, coroutines=4), [out])
+    assert run.returncode == 0, run.log
+    info = json.loads(images.qemu_img("info", "--output=json", str(out / "z.qcow2")))
+    assert info["cluster-size"] == 131072
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert compare(lib / "data.raw", "raw", out / "z.qcow2", "qcow2")
+    run = run_worker(tmp_path / "w2", convert_spec(source, out / "full.raw", output_format="raw", sparse=False), [out])
+    assert run.returncode == 0, run.log
+    assert os.stat(out / "full.raw").st_blocks * 512 >= 16 * MiB
+    assert compare(lib / "data.raw", "raw", out / "full.raw", "raw")
+
+
+def test_multi_extent_vmdk(lib: Path, tmp_path: Path, out: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    descriptor = images.make_multi_extent_vmdk(src, lib / "data.raw")
+    run = run_worker(tmp_path / "w", convert_spec(descriptor, out / "m.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "m.qcow2", "qcow2")
+    report = run.result["outputs"]["report"]["disks"][0]
+    assert [os.path.basename(e["filename"]) for e in report["extents"]] == ["multi-f001.vmdk", "multi-f002.vmdk"]
+
+
+def test_multi_disk_ova_converts_every_disk_in_order_with_domain_xml(lib: Path, tmp_path: Path, out: Path) -> None:
+    ova = images.make_ova(tmp_path / "vm.ova", [lib / "data.raw", lib / "data2.raw"], name="webserver")
+    spec = convert_spec(ova, out, domain_xml=True)
+    run = run_worker(tmp_path / "w", spec, [out])
+    assert run.returncode == 0, run.log
+    assert leftovers(out) == ["webserver-disk1.qcow2", "webserver-disk2.qcow2", "webserver.xml"]
+    assert compare(lib / "data.raw", "raw", out / "webserver-disk1.qcow2", "qcow2")
+    assert compare(lib / "data2.raw", "raw", out / "webserver-disk2.qcow2", "qcow2")
+    assert not compare(lib / "data2.raw", "raw", out / "webserver-disk1.qcow2", "qcow2")
+    xml = (out / "webserver.xml").read_text()
+    assert "<vcpu>2</vcpu>" in xml and "<memory unit='MiB'>2048</memory>" in xml and "firmware='efi'" in xml
+    assert xml.index("webserver-disk1") < xml.index("webserver-disk2")
+    assert xml.count("bus='virtio'") == 2 and "<model type='virtio'/>" in xml
+    assert "00:50:56:aa:bb:01" in xml
+    manifest = run.result["outputs"]["report"]["manifest"]
+    assert {v["file"] for v in manifest["verified"]} == {"webserver-disk1.vmdk", "webserver-disk2.vmdk"}
+    assert_monotonic(run.statuses)
+    assert "verify: " in run.log and "convert: " in run.log     # the journal sees every phase
+    # Nothing was extracted next to the OVA.
+    assert leftovers(tmp_path) == ["out", "vm.ova", "w"]
+
+
+def test_vmx_with_two_disks(lib: Path, tmp_path: Path, out: Path) -> None:
+    src = tmp_path / "vm"
+    src.mkdir()
+    images.make_image("vmdk", "monolithicSparse", src / "a.vmdk", raw=lib / "data.raw")
+    images.make_image("vmdk", "monolithicFlat", src / "b.vmdk", raw=lib / "data2.raw")
+    vmx = images.make_vmx(src, ["a.vmdk", "b.vmdk"], name="db01", firmware="efi")
+    run = run_worker(tmp_path / "w", convert_spec(vmx, out / "db01.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "db01-disk1.qcow2", "qcow2")
+    assert compare(lib / "data2.raw", "raw", out / "db01-disk2.qcow2", "qcow2")
+    vm = run.result["outputs"]["report"]["vm"]
+    assert vm == {"name": "db01", "cpus": 4, "memory_mib": 4096, "firmware": "uefi",
+                  "nics": [{"name": "ethernet0", "model": "vmxnet3", "network": "VM Network",
+                            "mac": "00:0c:29:12:34:56"}]}
+
+
+def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, out: Path) -> None:
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
+    (out / "d.qcow2").write_text("precious")
+    run = run_worker(tmp_path / "w1", convert_spec(source, out / "d.qcow2"), [out])
+    assert run.returncode == 2 and run.result["error"]["code"] == "OUTPUT_EXISTS"
+    assert (out / "d.qcow2").read_text() == "precious" and leftovers(out) == ["d.qcow2"]
+    run = run_worker(tmp_path / "w2", convert_spec(source, out / "d.qcow2", overwrite=True), [out])
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
+
+
+# ---------------------------------------------------------------- inspection
+
+@pytest.mark.parametrize("kind", list(images.KINDS), ids=lambda k: f"{k[0]}-{k[1]}")
+def test_inspect_identifies_format_from_content(lib: Path, tmp_path: Path, kind: tuple[str, str | None]) -> None:
+    # A misleading name: the report must come from the content.
+    source = images.make_image(kind[0], kind[1], tmp_path / "disk.img", raw=lib / "data.raw")
+    declared = "raw" if kind[0] == "raw" else None
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(source), "format": declared}},
+                     [tmp_path])
+    assert run.returncode == 0, run.log
+    report = run.result["outputs"]["report"]
+    [disk] = report["disks"]
+    assert (report["kind"], disk["format"]) == ("disk", kind[0])
+    if kind[0] in ("vmdk", "vhd"):
+        assert disk["subformat"] == kind[1]
+    assert disk["virtual_size"] == 16 * MiB
+    # At least the data (30 % of the disk); VDI/VHD/VHDX allocate in large blocks, so up to all of it.
+    assert 0.3 * 16 * MiB < disk["required_size"]["qcow2"] < 17 * MiB
+    if kind[0] in ("qcow2", "vmdk", "raw"):
+        assert disk["required_size"]["qcow2"] < 0.4 * 16 * MiB
+    assert disk["allocated_size"] > 0
+
+
+def test_inspect_ova_reports_vm_and_disks(lib: Path, tmp_path: Path) -> None:
+    ova = images.make_ova(tmp_path / "vm.ova", [lib / "data.raw", lib / "data2.raw"], name="app", cpus=3,
+                          memory_mib=3072, firmware="bios", algorithm="sha1")
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ova)}}, [tmp_path])
+    assert run.returncode == 0, run.log
+    report = run.result["outputs"]["report"]
+    assert report["kind"] == "ova"
+    assert report["vm"]["name"] == "app" and report["vm"]["cpus"] == 3 and report["vm"]["memory_mib"] == 3072
+    assert report["vm"]["firmware"] == "bios"
+    assert report["vm"]["nics"][0]["model"] == "VmxNet3"
+    assert [d["member"] for d in report["disks"]] == ["app-disk1.vmdk", "app-disk2.vmdk"]
+    assert [d["virtual_size"] for d in report["disks"]] == [16 * MiB, 8 * MiB]
+    assert all(d["subformat"] == "streamOptimized" for d in report["disks"])
+    assert [v["algorithm"] for v in report["manifest"]["verified"]] == ["sha1", "sha1"]
+
+
+# ---------------------------------------------------------------- bad input
+
+def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
+    """name: (spec, error code, words the message must contain)."""
+    src = tmp / "src"
+    src.mkdir()
+    truncated = images.make_truncated_vmdk(src / "trunc.vmdk")
+    junk = images.make_not_an_image(src / "notes.vmdk")
+    missing = images.make_missing_extent_vmdk(src)
+    bad_sum = images.make_ova(src / "badsum.ova", [lib / "data2.raw"], bad_sum=True)
+    traversal = images.make_ova(src / "evil.ova", [lib / "data2.raw"], traversal_member=True)
+    good = images.make_image("qcow2", None, src / "good.qcow2", raw=lib / "data2.raw")
+    (src / "adir").mkdir()
+    os.symlink(good, src / "link.qcow2")
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, out / "escape")
+    (out / "taken.qcow2").write_bytes(b"keep me")
+    return {
+        "truncated vmdk": (convert_spec(truncated, out / "o.qcow2"), "INVALID_IMAGE", "damaged"),
+        "not an image": (convert_spec(junk, out / "o.qcow2"), "INVALID_IMAGE", "not a disk image"),
+        "missing extent": (convert_spec(missing, out / "o.qcow2"), "INVALID_IMAGE", "does not exist"),
+        "manifest mismatch": (convert_spec(bad_sum, out), "INVALID_IMAGE", "does not match"),
+        "path traversal member": (convert_spec(traversal, out), "PERMISSION_DENIED", "../../etc/x"),
+        "directory": (convert_spec(src / "adir", out / "o.qcow2"), "INVALID_IMAGE", "is a directory"),
+        "device node": (convert_spec(Path("/dev/null"), out / "o.qcow2"), "INVALID_IMAGE", "device node"),
+        "symlink": (convert_spec(src / "link.qcow2", out / "o.qcow2"), "PERMISSION_DENIED", "symbolic link"),
+        "output outside roots": (convert_spec(good, outside / "o.qcow2"), "PERMISSION_DENIED", "output roots"),
+        "symlinked parent escaping roots": (convert_spec(good, out / "escape" / "o.qcow2"), "PERMISSION_DENIED",
+                                            "output roots"),
+        "output exists": (convert_spec(good, out / "taken.qcow2"), "OUTPUT_EXISTS", "already exists"),
+        "declared format differs": (convert_spec(good, out / "o.qcow2", "vmdk"), "INVALID_IMAGE", "qcow2"),
+    }
+
+
+BAD_INPUTS = ["truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+              "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
+              "output exists", "declared format differs"]
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_fails_cleanly(lib: Path, tmp_path: Path, out: Path, name: str) -> None:
+    spec, code, words = _bad_inputs(lib, tmp_path, out)[name]
+    before = leftovers(out)
+    run = run_worker(tmp_path / "w", spec, [out])
+    assert run.returncode == 2, run.log
+    assert run.result["status"] == "failed"
+    error = run.result["error"]
+    assert error["code"] == code, error
+    assert words in error["message"], error
+    assert error["retryable"] is False
+    assert leftovers(out) == before
+    assert not (tmp_path / "elsewhere").exists() or leftovers(tmp_path / "elsewhere") == []
+
+
+def test_source_disappearing_mid_conversion(lib: Path, tmp_path: Path, out: Path) -> None:
+    images.make_raw_with_data(tmp_path / "big.raw", 16 * MiB, 0.5, seed=3)
+    source = images.make_image("vmdk", "monolithicSparse", tmp_path / "big.vmdk", raw=tmp_path / "big.raw")
+
+    def remove_source(proc: subprocess.Popen[str], status: str) -> None:
+        report = parse_status(status)
+        if report and report.phase == "convert" and source.exists():
+            source.unlink()
+
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out],
+                     env={"H2K_RATE_LIMIT": str(4 * MiB)}, on_status=remove_source)
+    assert run.returncode == 1, run.log
+    assert run.result["error"]["code"] == "SOURCE_CHANGED"
+    assert "disappeared" in run.result["error"]["message"]
+    assert leftovers(out) == []
+
+
+def _qemu_img_children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "qemu-img"]
+
+
+def test_sigterm_mid_conversion_cancels_and_cleans_up(lib: Path, tmp_path: Path, out: Path) -> None:
+    images.make_raw_with_data(tmp_path / "big.raw", 32 * MiB, 0.5, seed=4)
+    source = images.make_image("qcow2", None, tmp_path / "big.qcow2", raw=tmp_path / "big.raw")
+    seen: dict[str, Any] = {}
+
+    def terminate(proc: subprocess.Popen[str], status: str) -> None:
+        report = parse_status(status)
+        if report and report.phase == "convert" and report.fraction and not seen:
+            seen["children"] = _qemu_img_children(proc.pid)
+            seen["partial"] = leftovers(out)
+            proc.send_signal(signal.SIGTERM)
+
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out],
+                     env={"H2K_RATE_LIMIT": str(4 * MiB)}, on_status=terminate)
+    assert seen["children"] and seen["partial"], "the signal must arrive while qemu-img writes"
+    assert run.returncode == 143, run.log
+    assert run.result["status"] == "cancelled" and run.result["error"] is None
+    assert leftovers(out) == []
+    assert not any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "qemu-img"
+                   for pid in seen["children"])
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_running_out_of_space_mid_way(lib: Path, tmp_path: Path, small_tmpfs: Path) -> None:
+    images.make_raw_with_data(tmp_path / "six.raw", 16 * MiB, 6 / 16, seed=5)
+    source = images.make_image("qcow2", None, tmp_path / "six.qcow2", raw=tmp_path / "six.raw")   # ~6 MiB needed
+    ballast = small_tmpfs / "ballast"
+
+    def fill_disk(proc: subprocess.Popen[str], status: str) -> None:
+        # Another writer takes the space after the up-front check passed.
+        report = parse_status(status)
+        if report and report.phase == "convert" and not ballast.exists():
+            with open(ballast, "wb") as f:
+                f.write(b"\1" * 4 * MiB)
+
+    run = run_worker(tmp_path / "w", convert_spec(source, small_tmpfs / "o.qcow2"), [small_tmpfs],
+                     env={"H2K_RATE_LIMIT": str(2 * MiB)}, on_status=fill_disk)
+    assert run.returncode == 1, run.log
+    assert run.result["error"]["code"] == "NO_SPACE"
+    assert "no space" in run.result["error"]["message"].lower()
+    assert leftovers(small_tmpfs) == ["ballast"]
+
+
+def test_not_enough_space_is_refused_before_starting(lib: Path, tmp_path: Path, small_tmpfs: Path) -> None:
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")   # ~5 MiB of data
+    (small_tmpfs / "ballast").write_bytes(b"\1" * 5 * MiB)
+    run = run_worker(tmp_path / "w", convert_spec(source, small_tmpfs / "o.qcow2"), [small_tmpfs])
+    assert run.returncode == 1, run.log
+    assert run.result["error"]["code"] == "NO_SPACE"
+    assert "needs" in run.result["error"]["message"]
+    assert not any(p.startswith("o.qcow2") for p in leftovers(small_tmpfs))
+    assert "convert:" not in " ".join(run.statuses)
+
+
+# ---------------------------------------------------------------- validation
+
+def test_validate_checks_and_compares(lib: Path, tmp_path: Path) -> None:
+    good = images.make_image("qcow2", None, tmp_path / "good.qcow2", raw=lib / "data.raw")
+    other = images.make_image("vdi", None, tmp_path / "same.vdi", raw=lib / "data.raw")
+    different = images.make_image("vdi", None, tmp_path / "diff.vdi", raw=lib / "data2.raw")
+    run = run_worker(tmp_path / "w1", {"operation": "validate", "image": {"path": str(good)},
+                                       "parameters": {"compare_with": str(other)}}, [tmp_path])
+    assert run.returncode == 0, run.log
+    assert run.result["outputs"]["check"]["status"] == "ok"
+    assert run.result["outputs"]["compare"]["identical"] is True
+    run = run_worker(tmp_path / "w2", {"operation": "validate", "image": {"path": str(good)},
+                                       "parameters": {"compare_with": str(different)}}, [tmp_path])
+    assert run.returncode == 2
+    assert run.result["error"]["code"] == "VALIDATION_FAILED"
+    assert run.result["outputs"]["compare"]["identical"] is False
+
+
+def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
+    image = images.make_image("qcow2", None, tmp_path / "bad.qcow2", raw=lib / "data.raw")
+    info = json.loads(images.qemu_img("check", "--output=json", str(image)))
+    assert info["check-errors"] == 0
+    with open(image, "r+b") as f:      # point the first L1 entry's L2 table into the header
+        f.seek(40)
+        l1_offset = int.from_bytes(f.read(8), "big")
+        f.seek(l1_offset)
+        f.write((0x8000000000000000 | 0x200).to_bytes(8, "big"))
+    run = run_worker(tmp_path / "w", {"operation": "validate", "image": {"path": str(image)}}, [tmp_path])
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "INVALID_IMAGE"
+    assert run.result["outputs"]["check"]["status"] in ("corrupt", "failed")
