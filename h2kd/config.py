@@ -55,7 +55,9 @@ def _coerce(kind: type | str, value: object) -> object:
         return [Path(p) for p in items if p]
     if "list[str]" in kind:
         return value.split() if isinstance(value, str) else list(value)  # type: ignore[arg-type]
-    if "dict" in kind:
+    if "dict" in kind:  # from the environment: "NAME=value NAME2=value2"
+        if isinstance(value, str):
+            return dict(item.split("=", 1) for item in value.split() if "=" in item)
         return dict(value)  # type: ignore[arg-type]
     if "Path" in kind:
         return Path(value)  # type: ignore[arg-type]

@@ -38,6 +38,23 @@ class Stopped(BaseException):
         self.reason = reason
 
 
+# Set once the spec is read: every line the worker logs carries the job's fields, so
+# `journalctl H2K_JOB_ID=<id>` finds it even where the manager's LogExtraFields do not reach journald.
+_JOURNAL_FIELDS: dict[str, str] = {}
+
+
+def say(text: str, error: bool = False) -> None:
+    """One human line to the journal (with the job's fields) when stdout is the journal, else to stdout/stderr."""
+    if os.environ.get("JOURNAL_STREAM") and _JOURNAL_FIELDS:
+        try:
+            from systemd import journal
+            journal.send(text, PRIORITY=3 if error else 6, SYSLOG_IDENTIFIER="h2k-worker", **_JOURNAL_FIELDS)
+            return
+        except (ImportError, OSError):
+            pass
+    print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+
 def _notify(message: str) -> None:
     if not os.environ.get("NOTIFY_SOCKET"):
         return
@@ -68,7 +85,7 @@ class StatusReporter:
         decile = int((fraction or 0) * 10)
         if self.last_logged != (phase, decile):
             self.last_logged = (phase, decile)
-            print(text, flush=True)
+            say(text)
 
     def flush(self) -> None:
         if self.pending is not None and self.pending != self.last_sent:
@@ -171,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             _notify("READY=1")
             envelope = _read_envelope(args.spec)
             result["attempt"] = int(envelope.get("attempt") or 0)
+            _JOURNAL_FIELDS.update(H2K_JOB_ID=str(envelope.get("job_id", "")), H2K_ATTEMPT=str(result["attempt"]))
             spec = _validated_spec(envelope.get("spec"))
             roots = [str(r) for r in envelope.get("output_roots") or []]
-            print(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
-                  f"{spec['image']['path']}", flush=True)
+            say(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
+                  f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc))
             signal.alarm(0)
@@ -211,10 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     result["metrics"]["execution_seconds"] = round(time.monotonic() - started, 6)
     reporter.flush()
     if result["error"]:
-        print(f"h2k-worker: failed: {result['error']['code']}: {result['error']['message']}", file=sys.stderr,
-              flush=True)
+        say(f"h2k-worker: failed: {result['error']['code']}: {result['error']['message']}", error=True)
     else:
-        print(f"h2k-worker: {result['status']}", flush=True)
+        say(f"h2k-worker: {result['status']}")
     _write_result(args.result, result)
     return exit_code
 
