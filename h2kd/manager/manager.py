@@ -57,6 +57,7 @@ BUILTIN = "builtin"
 OPERATIONS = ["inspect", "convert", "validate"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
+STORE_CHECK_INTERVAL = 10.0
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
 HostValidator = Callable[[Job], "str | None"]
 
@@ -81,6 +82,7 @@ class JobManager:
         self._started_at = time.monotonic()
         self._periodic: list[asyncio.Task] = []
         self._store_ok = True
+        self._store_checked_at = float("-inf")
         self._worker_seq = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -97,6 +99,9 @@ class JobManager:
         if not self._jobs:
             for job in self._store.load_jobs():
                 self._jobs[job.id] = job
+            if self._store.get_setting("paused", False):
+                self._scheduler.pause()
+            self._scheduler.max_parallel = self._store.get_setting("max_parallel_jobs", self._scheduler.max_parallel)
 
     async def start(self) -> None:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
@@ -221,7 +226,9 @@ class JobManager:
         }
 
     def health(self) -> dict[str, Any]:
-        self._store_ok = self._store.check()
+        if time.monotonic() - self._store_checked_at > STORE_CHECK_INTERVAL:
+            self._store_ok = self._store.check()
+            self._store_checked_at = time.monotonic()
         reachable = self._runner is not None and self._runner.reachable
         stale = sum(1 for w in self._workers.values() if w.state == "stale")
         return {
@@ -334,10 +341,12 @@ class JobManager:
         self._kick()
 
     def pause(self) -> None:
+        self._store.set_setting("paused", True)
         self._scheduler.pause()
         self._manager_changed()
 
     def resume(self) -> None:
+        self._store.set_setting("paused", False)
         self._scheduler.resume()
         self._manager_changed()
         self._kick()
@@ -345,6 +354,7 @@ class JobManager:
     def set_max_parallel(self, n: int) -> None:
         if not 1 <= n <= 256:
             raise InvalidArgument(f"MaxParallelJobs must be between 1 and 256, not {n}")
+        self._store.set_setting("max_parallel_jobs", n)
         self._scheduler.max_parallel = n
         self._manager_changed()
         self._kick()

@@ -114,6 +114,7 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._create_or_check_schema()
+        self._db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._last_event_seq: dict[str, int] = {}
         (max_seq,) = self._db.execute("SELECT COALESCE(MAX(queue_seq), 0) FROM jobs").fetchone()
         self._next_queue_seq = max_seq + 1
@@ -269,6 +270,19 @@ class JobStore:
                 "SELECT time, old_state, new_state, reason FROM history WHERE job_id = ? ORDER BY n",
                 (job_id,)).fetchall()
         return [{"time": t, "old_state": old, "new_state": new, "reason": reason} for t, old, new, reason in rows]
+
+    # ---------------------------------------------------------------- settings
+
+    def get_setting(self, name: str, default: Any = None) -> Any:
+        """A daemon setting changed at run time (e.g. the queue paused), kept across restarts."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_setting(self, name: str, value: Any) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO settings (name, value) VALUES (?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, _json(value)))
 
     # ---------------------------------------------------------------- housekeeping
 

@@ -1,0 +1,171 @@
+"""h2kd killed with SIGKILL and started again: the queue, its order and running conversions all come back.
+
+These are the promises of the store (issue: nothing lost or duplicated) and of the runner (units are
+systemd's, so a conversion goes on while h2kd is away and is settled exactly once when it returns).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from dbus_fast import Variant
+
+from busclient import JOB, Client, run, wait_for
+import images
+from images import MiB
+
+
+def convert_spec(source: Path, output: Path, job_id: str, priority: int = 5) -> dict:
+    return {
+        "job_id": Variant("s", job_id),
+        "operation": Variant("s", "convert"),
+        "image": Variant("a{sv}", {"path": Variant("s", str(source))}),
+        "artifacts": Variant("a{sv}", {"output_path": Variant("s", str(output))}),
+        "execution_policy": Variant("a{sv}", {"priority": Variant("u", priority)}),
+    }
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory) -> Path:
+    """A VMDK with 96 MiB of data: a few seconds to convert when the worker's I/O is throttled."""
+    directory = tmp_path_factory.mktemp("restart")
+    raw = directory / "disk.raw"
+    images.make_raw_with_data(raw, 256 * MiB, 96 / 256, seed=7)
+    vmdk = directory / "disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(vmdk)], check=True)
+    raw.unlink()
+    return vmdk
+
+
+@pytest.fixture
+def throttled(stack):
+    """h2kd whose worker units convert at 24 MB/s, so a kill lands in the middle of a conversion."""
+    stack.restart_daemon(daemon_env={"H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=24000000"})
+    yield stack
+    stack.restart_daemon(daemon_env={})
+
+
+async def job_state(client: Client, path: str) -> str:
+    return await client.prop(path, JOB, "State")
+
+
+def test_queue_survives_sigkill_in_order_and_paused(stack, source_image, tmp_path):
+    async def before_kill():
+        client = await Client.connect(stack.bus_address)
+        await client.manager("PauseQueue")
+        await client.manager("SetMaxParallelJobs", "u", [1])
+        submitted = []
+        for i, priority in enumerate([5, 3, 5, 1, 3, 5, 10, 1]):
+            job_id = f"order-{i}-{uuid.uuid4().hex[:6]}"
+            await client.submit(convert_spec(source_image, stack.output_dir / f"{job_id}.qcow2", job_id, priority))
+            submitted.append((job_id, priority))
+        (listed,) = await client.manager("ListJobs", "a{sv}", [{}])
+        client.close()
+        return submitted, listed
+
+    submitted, listed_before = run(before_kill())
+    stack.kill_daemon()
+    stack.restart_daemon()
+
+    async def after_restart():
+        client = await Client.connect(stack.bus_address)
+        (listed,) = await client.manager("ListJobs", "a{sv}", [{}])
+        assert [j[:6] for j in listed] == [j[:6] for j in listed_before], "jobs changed across the kill"
+        assert await client.prop("/org/hyper2kvm/h2kd1", "org.hyper2kvm.h2kd1.Manager", "Paused") is True
+        (stats,) = await client.manager("GetQueueStats")
+        counts = stats["by_priority"].value
+        for priority in (1, 3, 5, 10):
+            assert counts[priority - 1] >= sum(1 for _, p in submitted if p == priority)
+        paths = {job_id: (await client.manager("GetJob", "s", [job_id]))[0] for job_id, _ in submitted}
+        await client.manager("ResumeQueue")
+        for job_id, _ in submitted:
+            await wait_for(lambda: _is(client, paths[job_id], "completed"), 120, f"{job_id} to complete")
+        started = {job_id: await client.prop(paths[job_id], JOB, "StartedAt") for job_id, _ in submitted}
+        client.close()
+        return started
+
+    started = run(after_restart())
+    expected = [job_id for job_id, _ in sorted(submitted, key=lambda s: s[1])]  # sort is stable: FIFO per level
+    assert sorted(started, key=started.get) == expected
+    for job_id, _ in submitted:
+        out = stack.output_dir / f"{job_id}.qcow2"
+        subprocess.run(["qemu-img", "compare", "-q", str(source_image), str(out)], check=True)
+        out.unlink()
+
+
+async def _is(client: Client, path: str, state: str) -> bool:
+    return await job_state(client, path) == state
+
+
+def _attempt_starts(events) -> list[dict]:
+    import json
+
+    return [e for e in events if e[2] == "state" and json.loads(e[3]).get("new_state") == "assigned"]
+
+
+@pytest.mark.parametrize("unit_ends_while_away", [False, True], ids=["back-while-running", "back-after-end"])
+def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, unit_ends_while_away):
+    stack = throttled
+    job_id = f"kill9-{uuid.uuid4().hex[:8]}"
+    output = stack.output_dir / f"{job_id}.qcow2"
+
+    async def start_and_wait_for_progress():
+        client = await Client.connect(stack.bus_address)
+        await client.manager("ResumeQueue")
+        _, path = await client.submit(convert_spec(source_image, output, job_id))
+        await wait_for(lambda: _progress_above(client, path, 0.05), 60, "progress")
+        unit = await client.prop(path, JOB, "Unit")
+        client.close()
+        return path, unit
+
+    path, unit = run(start_and_wait_for_progress())
+    stack.kill_daemon()
+    assert unit, "a running job names its unit"
+    if unit_ends_while_away:
+        _wait_unit_gone(stack, unit)
+
+    stack.restart_daemon(daemon_env={"H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=24000000"})
+
+    async def after_restart():
+        client = await Client.connect(stack.bus_address)
+        await wait_for(lambda: _is_final(client, path), 120, "the job to end")
+        state = await job_state(client, path)
+        attempt = await client.prop(path, JOB, "Attempt")
+        (events,) = await client.call(path, JOB, "GetEvents", "t", [0])
+        client.close()
+        return state, attempt, events
+
+    state, attempt, events = run(after_restart())
+    assert state == "completed"
+    assert attempt == 1
+    assert len(_attempt_starts(events)) == 1, "the conversion was started more than once"
+    assert [e[2] for e in events].count("result") == 1, "the job was settled more than once"
+    subprocess.run(["qemu-img", "compare", "-q", str(source_image), str(output)], check=True)
+    assert [p.name for p in stack.output_dir.iterdir() if p.name.startswith(f".{job_id}") or
+            (job_id in p.name and p != output)] == [], "temporary files left behind"
+    output.unlink()
+
+
+async def _progress_above(client: Client, path: str, fraction: float) -> bool:
+    return await client.prop(path, JOB, "Progress") > fraction
+
+
+async def _is_final(client: Client, path: str) -> bool:
+    return await job_state(client, path) in ("completed", "failed", "cancelled")
+
+
+def _wait_unit_gone(stack, unit: str) -> None:
+    import time
+
+    env = {"XDG_RUNTIME_DIR": str(stack.runtime_dir), "PATH": "/usr/bin:/bin"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = subprocess.run(["systemctl", "--user", "show", "-P", "ActiveState", unit], env=env,
+                               capture_output=True, text=True).stdout.strip()
+        if state in ("inactive", "failed", ""):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{unit} still runs")
