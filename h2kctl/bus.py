@@ -1,0 +1,238 @@
+"""The D-Bus side of h2kctl: one connection to h2kd, calls with polkit handling, errors turned into CtlError."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any, Callable
+
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant, unpack_variants
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import AuthError, DBusError
+
+from h2kd import BUS_NAME, MANAGER_PATH
+from h2kctl.errors import CtlError, ExitCode
+
+MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
+JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
+WORKER_IFACE = "org.hyper2kvm.h2kd1.Worker"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
+ERROR_PREFIX = "org.hyper2kvm.h2kd1.Error."
+POLKIT_PREFIX = "org.hyper2kvm.h2kd1."
+
+DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
+CALL_TIMEOUT = 25.0             # the libdbus default
+INTERACTIVE_CALL_TIMEOUT = 300.0  # a person may be typing a password
+AGENT_START_TIMEOUT = 5.0
+
+_UNREACHABLE_ERRORS = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoServer",
+    "org.freedesktop.DBus.Error.Disconnected",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Timeout",
+    "org.freedesktop.DBus.Error.TimedOut",
+}
+_AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.Error.NotAuthorized",
+                "org.freedesktop.PolicyKit1.Error.NotAuthorized"}
+INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
+def to_variant(value: Any) -> Variant:
+    """A Python value from a job spec as a D-Bus variant (dicts become a{sv}, None is not allowed)."""
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("u" if 0 <= value < 2**32 else "x", value)
+    if isinstance(value, float):
+        return Variant("d", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    if isinstance(value, dict):
+        return Variant("a{sv}", to_vardict(value))
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return Variant("as", list(value))
+        return Variant("av", [to_variant(v) for v in value])
+    raise CtlError(f"cannot send a value of type {type(value).__name__} in a job spec")
+
+
+def to_vardict(mapping: dict[str, Any]) -> dict[str, Variant]:
+    # D-Bus has no null: a key whose value is None means "not given", so it is left out.
+    return {str(k): to_variant(v) for k, v in mapping.items() if v is not None}
+
+
+class Client:
+    """A connection to h2kd on the system bus (or `address`). Use as `async with Client(...) as c`."""
+
+    def __init__(self, address: str | None = None, ask_password: bool = True):
+        self.address = address
+        self.ask_password = ask_password
+        self.bus: MessageBus | None = None
+        self._agent: subprocess.Popen | None = None
+
+    @property
+    def _bus_description(self) -> str:
+        return self.address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or f"the system bus ({DEFAULT_SYSTEM_BUS})"
+
+    async def __aenter__(self) -> "Client":
+        try:
+            if self.address:
+                bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM)
+            self.bus = await asyncio.wait_for(bus.connect(), CALL_TIMEOUT)
+        except (OSError, AuthError, asyncio.TimeoutError, ValueError) as e:
+            if isinstance(e, asyncio.TimeoutError):
+                reason = f"no answer within {CALL_TIMEOUT:.0f} s"
+            else:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+            raise CtlError(f"cannot connect to {self._bus_description}: {reason}", ExitCode.UNREACHABLE) from None
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+        self.close_agent()
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(self, path: str, interface: str, member: str, signature: str = "", body: list | None = None,
+                   action: str | None = None, what: str | None = None) -> list[Any]:
+        """Call a method of h2kd; return the reply body with variants unpacked.
+
+        action: the polkit action the method needs (None for reads); what: the request in words,
+        for the "not authorized to ..." message.
+        """
+        interactive = self._can_prompt()
+        if action is not None and interactive and os.geteuid() != 0:
+            # As systemctl does: have an agent ready before a call that may need a password.
+            self.open_agent()
+        try:
+            return await self._call_once(path, interface, member, signature, body or [], interactive)
+        except DBusError as e:
+            if e.type == INTERACTIVE_REQUIRED and self._can_prompt() and self._agent is None:
+                if self.open_agent():
+                    try:
+                        return await self._call_once(path, interface, member, signature, body or [], True)
+                    except DBusError as again:
+                        e = again
+            raise self.translate(e, action, what or member) from None
+
+    async def _call_once(self, path: str, interface: str, member: str, signature: str, body: list,
+                         interactive: bool) -> list[Any]:
+        assert self.bus is not None
+        flags = MessageFlag.NONE
+        if interactive:
+            flags |= MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+        message = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                          signature=signature, body=body, flags=flags)
+        timeout = INTERACTIVE_CALL_TIMEOUT if flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION else CALL_TIMEOUT
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), timeout)
+        except asyncio.TimeoutError:
+            raise CtlError(f"h2kd did not answer {member} within {timeout:.0f} s", ExitCode.UNREACHABLE) from None
+        except (OSError, EOFError) as e:
+            raise CtlError(f"lost the connection to {self._bus_description}: {e}", ExitCode.UNREACHABLE) from None
+        if reply.message_type == MessageType.ERROR:
+            raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed",
+                            reply.body[0] if reply.body and isinstance(reply.body[0], str) else "", reply)
+        return unpack_variants(reply.body)
+
+    def translate(self, error: DBusError, action: str | None, what: str) -> CtlError:
+        """A D-Bus error as a one-line CtlError with the right exit code."""
+        name, text = error.type, (error.text or "").strip()
+        if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
+            if action:
+                return CtlError(f"not authorized to {what} (polkit action {POLKIT_PREFIX}{action})",
+                                ExitCode.NOT_AUTHORIZED)
+            return CtlError(f"not authorized to {what}: {text or name}", ExitCode.NOT_AUTHORIZED)
+        if name in _UNREACHABLE_ERRORS or name.startswith("org.freedesktop.DBus.Error.Spawn"):
+            return CtlError(f"h2kd is not reachable on {self._bus_description} ({BUS_NAME}: {text or name})",
+                            ExitCode.UNREACHABLE)
+        if name == ERROR_PREFIX + "NoSuchJob":
+            return CtlError(text or "no such job", ExitCode.NO_SUCH_JOB)
+        short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else name.rsplit(".", 1)[-1]
+        return CtlError(text or short)
+
+    # --------------------------------------------------------------- polkit agent
+
+    def _can_prompt(self) -> bool:
+        return self.ask_password and sys.stdin.isatty()
+
+    def open_agent(self) -> bool:
+        """Start pkttyagent for this process, as systemctl does; True once it is listening."""
+        if self._agent is not None:
+            return True
+        agent = shutil.which("pkttyagent")
+        if agent is None:
+            return False
+        read_fd, write_fd = os.pipe()
+        try:
+            self._agent = subprocess.Popen(
+                [agent, "--notify-fd", str(write_fd), "--fallback", "--process", str(os.getpid())],
+                pass_fds=(write_fd,), stdout=subprocess.DEVNULL)
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return False
+        os.close(write_fd)
+        # pkttyagent closes the notify fd once it has registered with polkit.
+        import select
+        select.select([read_fd], [], [], AGENT_START_TIMEOUT)
+        os.close(read_fd)
+        return True
+
+    def close_agent(self) -> None:
+        if self._agent is not None:
+            self._agent.terminate()
+            try:
+                self._agent.wait(2)
+            except subprocess.TimeoutExpired:
+                self._agent.kill()
+                self._agent.wait()
+            self._agent = None
+
+    # --------------------------------------------------------------- helpers
+
+    async def manager(self, member: str, signature: str = "", body: list | None = None,
+                      action: str | None = None, what: str | None = None) -> list[Any]:
+        return await self.call(MANAGER_PATH, MANAGER_IFACE, member, signature, body, action, what)
+
+    async def get_all(self, path: str, interface: str) -> dict[str, Any]:
+        (props,) = await self.call(path, PROPS_IFACE, "GetAll", "s", [interface])
+        return props
+
+    async def get_job_path(self, job_id: str) -> str:
+        (path,) = await self.manager("GetJob", "s", [job_id])
+        return path
+
+    async def job_properties(self, job_id: str) -> dict[str, Any]:
+        return await self.get_all(await self.get_job_path(job_id), JOB_IFACE)
+
+    async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        (objects,) = await self.call(MANAGER_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects")
+        return objects
+
+    async def add_match(self, rule: str) -> None:
+        assert self.bus is not None
+        reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                            interface="org.freedesktop.DBus", member="AddMatch",
+                                            signature="s", body=[rule]))
+        if reply.message_type == MessageType.ERROR:
+            raise CtlError(f"cannot subscribe to signals: {reply.body[0] if reply.body else reply.error_name}")
+
+    def on_message(self, handler: Callable[[Message], None]) -> None:
+        assert self.bus is not None
+
+        def wrapped(message: Message) -> None:
+            if message.message_type == MessageType.SIGNAL:
+                handler(message)
+            return None
+
+        self.bus.add_message_handler(wrapped)

@@ -1,0 +1,695 @@
+"""h2kctl's command line: the argparse definition (the one source of --help, the man page and the
+shell completions), one function per command, and the top-level handler that turns every error
+into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import pwd
+import shutil
+import sys
+from typing import Any, Awaitable, Callable
+
+from h2kd import WORKER_PATH_PREFIX, __version__
+from h2kctl import schema
+from h2kctl.bus import JOB_IFACE, WORKER_IFACE, Client, to_vardict
+from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
+from h2kctl.follow import (ProgressView, detach_hint, exit_code_for, final_message, follow_job,
+                           progress_stream, stream_is_tty, watch_all)
+from h2kctl.render import (age, human_bytes, human_duration, nested, page, percent, table, timestamp,
+                           user_name)
+from h2kctl.spec import load_job_file, spec_from_args
+
+PROG = "h2kctl"
+STATES = ["created", "validated", "queued", "assigned", "running", "progressing", "completed", "failed",
+          "cancelled", "retrying"]
+OPERATIONS = ["convert", "inspect", "validate"]
+COMPRESSION_TYPES = ["zlib", "zstd"]
+
+DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and VirtualBox disk images to KVM "
+               "formats. h2kctl talks to h2kd over D-Bus (org.hyper2kvm.h2kd1 on the system bus).")
+
+CTRL_C_HELP = ("Ctrl-C while a job is waited for (submit --wait, retry --wait, start --wait, inspect) or "
+               "watched detaches: the job goes on, h2kctl says how to cancel it and exits with 0.")
+
+
+def exit_status_epilog() -> str:
+    lines = ["exit status:"] + [f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP]
+    return "\n".join(lines) + "\n\n" + CTRL_C_HELP + "\n\nSee h2kctl(1) for the --json output of each command."
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not within {low}..{high}")
+        return value
+    parse.__name__ = f"number {low}..{high}"
+    return parse
+
+
+def _compression(text: str) -> str:
+    if text not in ("", *COMPRESSION_TYPES):
+        raise argparse.ArgumentTypeError(f"invalid compression type {text!r} (choose from zlib, zstd)")
+    return text
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options accepted before and after the command; after it they only override when given."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    bus = parser.add_argument_group("bus and output options")
+    bus.add_argument("--system", action="store_true", default=d(True),
+                     help="talk to h2kd on the system bus (the default; DBUS_SYSTEM_BUS_ADDRESS is honoured)")
+    bus.add_argument("--address", metavar="ADDRESS", default=d(None),
+                     help="talk to h2kd on the bus at this D-Bus address (e.g. unix:path=/run/x/bus)")
+    bus.add_argument("--no-ask-password", dest="ask_password", action="store_false", default=d(True),
+                     help="never ask for a password: do not allow interactive polkit authorization")
+    bus.add_argument("--no-pager", dest="pager", action="store_false", default=d(True),
+                     help="do not pipe long output into a pager (also passed to journalctl by logs)")
+    bus.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                     help="print less: no progress, no legends, only ids where an id is the answer")
+
+
+def _json_option(parser: argparse.ArgumentParser, suppress: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="print the answer as JSON (see JSON OUTPUT in h2kctl(1))")
+
+
+def _wait_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help=f"follow the job {what} until it ends, with a progress bar on a terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=exit_status_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _global_options(parser, suppress=False)
+    _json_option(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    commands.required = True
+
+    def command(name: str, help_text: str, json_output: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                  epilog="Exit status and JSON output: see h2kctl --help and h2kctl(1).")
+        if json_output:
+            _json_option(sub)
+        return sub
+
+    p = command("submit", "submit a job (a conversion by default) from flags or a job file", json_output=True)
+    p.add_argument("source", metavar="SOURCE", nargs="?", help="the source disk image (VMDK, VHD, VHDX, VDI, "
+                   "qcow2, raw or OVA); it must be readable by the calling user")
+    p.add_argument("--file", metavar="JOBFILE", help="read the whole job spec from a JSON file (or YAML, when "
+                   "PyYAML is installed; - reads stdin) instead of flags")
+    p.add_argument("--operation", choices=OPERATIONS, default="convert", help="what to do (default: convert)")
+    p.add_argument("-o", "--output", metavar="PATH", help="where to write the converted image (needed by convert; "
+                   "it must be under one of h2kd's output roots)")
+    p.add_argument("--format", choices=["qcow2", "raw"], help="output format (default: qcow2)")
+    p.add_argument("--compress", metavar="TYPE", nargs="?", const="", type=_compression,
+                   help="compress the qcow2 output, with TYPE zlib or zstd (default: h2kd's choice); "
+                        "write --compress=TYPE when SOURCE follows")
+    p.add_argument("--source-format", metavar="FORMAT", help="the source's format (default: probed)")
+    p.add_argument("--compare-with", metavar="PATH", help="validate: compare the image's contents with PATH")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5")
+    p.add_argument("--retries", type=_int_range(0, 5), metavar="N", help="retry a failed attempt up to N times "
+                   "(0..5; default 0)")
+    p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
+                   help="stop an attempt after this long (60..86400; default 3600)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output file")
+    p.add_argument("--id", metavar="ID", help="the job id (default: generated); resubmitting the same id with "
+                   "the same spec returns the existing job")
+    p.add_argument("--ticket", metavar="TICKET", help="a ticket reference recorded with the job")
+    p.add_argument("--tag", metavar="TAG", action="append", help="a tag recorded with the job (repeatable)")
+    p.add_argument("--no-queue", dest="queue", action="store_false",
+                   help="store the job without queueing it; start it later with h2kctl start")
+    _wait_option(p, "after submitting it")
+
+    p = command("list", "list jobs: id, operation, state, progress, owner and age", json_output=True)
+    p.add_argument("--state", metavar="STATE", action="append",
+                   help=f"only jobs in this state (repeatable or comma-separated: {', '.join(STATES)})")
+    p.add_argument("--operation", choices=OPERATIONS, help="only jobs of this operation")
+    p.add_argument("--owner", metavar="USER", help="only jobs submitted by this user (name or uid)")
+    p.add_argument("--limit", metavar="N", type=_int_range(0, 2**31), default=0,
+                   help="list at most N jobs (0: all)")
+
+    p = command("status", "show everything about a job: state, progress, history and result", json_output=True)
+    p.add_argument("job", metavar="JOB", help="the job id")
+
+    p = command("show", "show a job's D-Bus properties as Name=Value lines (machine-readable)", json_output=True)
+    p.add_argument("job", metavar="JOB", help="the job id")
+    p.add_argument("-p", "--property", metavar="NAME", action="append",
+                   help="show only this property (repeatable or comma-separated)")
+    p.add_argument("--value", action="store_true", help="print only the values, without Name=")
+
+    p = command("watch", "show live progress of one job (until it ends) or of all jobs (until Ctrl-C)")
+    p.add_argument("job", metavar="JOB", nargs="?", help="the job id (default: all jobs)")
+
+    p = command("cancel", "cancel queued or running jobs (the unit is stopped, partial output removed)")
+    p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
+
+    p = command("retry", "queue a failed or cancelled job again as a new attempt", json_output=True)
+    p.add_argument("job", metavar="JOB", help="the job id")
+    _wait_option(p, "after queueing it")
+
+    p = command("remove", "forget finished jobs (their D-Bus objects disappear)")
+    p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
+
+    p = command("start", "queue a job that was submitted with --no-queue", json_output=True)
+    p.add_argument("job", metavar="JOB", help="the job id")
+    _wait_option(p, "after queueing it")
+
+    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB)")
+    p.add_argument("job", metavar="JOB", help="the job id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the journal (journalctl -f)")
+    p.add_argument("-n", "--lines", metavar="N", type=_int_range(0, 2**31), help="show only the last N entries")
+
+    p = command("events", "show a job's event log (state changes, progress, messages, result)", json_output=True)
+    p.add_argument("job", metavar="JOB", help="the job id")
+    p.add_argument("--since", metavar="SEQ", type=_int_range(0, 2**63 - 1), default=0,
+                   help="only events after this sequence number (0: all)")
+
+    p = command("queue", "show queue statistics, or change the queue (pause, resume, priority, max-parallel)",
+                json_output=True)
+    actions = p.add_subparsers(dest="queue_command", metavar="ACTION", title="actions")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text, parents=[common])
+        _json_option(sub)
+        return sub
+
+    action("stats", "show queue statistics (the default)")
+    action("pause", "stop starting queued jobs; running jobs go on")
+    action("resume", "start queued jobs again")
+    q = action("priority", "change the priority of a queued job")
+    q.add_argument("job", metavar="JOB", help="the job id")
+    q.add_argument("priority", metavar="N", type=_int_range(1, 10), help="1 (most urgent) .. 10")
+    q = action("max-parallel", "set how many jobs may run at once")
+    q.add_argument("max_parallel", metavar="N", type=_int_range(1, 256), help="1..256")
+
+    command("workers", "list workers: the builtin one and registered external workers", json_output=True)
+    command("health", "show h2kd's health (exit status 1 when degraded)", json_output=True)
+
+    p = command("inspect", "report on a disk image or OVA: submits an inspect job, waits, prints the report",
+                json_output=True)
+    p.add_argument("source", metavar="FILE", help="the disk image or OVA; it must be readable by the calling user")
+    p.add_argument("--source-format", metavar="FORMAT", help="the image's format (default: probed)")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5")
+    p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
+                   help="stop the inspection after this long (60..86400)")
+    return parser
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """A bare --compress (no TYPE) before SOURCE would swallow SOURCE as its value; spell it --compress=."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if arg == "--compress" and (i + 1 >= len(argv) or argv[i + 1] not in COMPRESSION_TYPES):
+            out.append("--compress=")
+        else:
+            out.append(arg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+class Output:
+    """Where results go; --json and -q decide the shape."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.json = bool(getattr(args, "json", False))
+        self.quiet = bool(args.quiet)
+        self.pager = bool(args.pager)
+
+    def emit_json(self, value: Any) -> None:
+        sys.stdout.write(schema.dumps(value))
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text)
+
+
+def _split_multi(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _uid_of(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise CtlError(f"no such user: {user}") from None
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+async def _wait_and_report(client: Client, job_id: str, out: Output) -> int:
+    """Follow a job to its end (or Ctrl-C), print its outcome, return the exit code for it."""
+    stream, tty = progress_stream(out.json, out.quiet)
+    view = ProgressView(stream, tty)
+    props = await follow_job(client, job_id, view)
+    if props is None:
+        print(detach_hint(job_id), file=sys.stderr)
+        if out.json:
+            out.emit_json(schema.job(await client.job_properties(job_id), await client.get_job_path(job_id)))
+        return ExitCode.SUCCESS
+    if out.json:
+        out.emit_json(schema.job(props, await client.get_job_path(job_id)))
+    elif props["State"] == "completed":
+        out.line(final_message(props))
+    code = exit_code_for(props["State"])
+    if code != ExitCode.SUCCESS:
+        raise CtlError(_error_line(props), code)
+    return code
+
+
+def _error_line(props: dict[str, Any]) -> str:
+    """'job X failed: CODE: message' on one line (a worker's message may carry a log tail)."""
+    message = _first_line(final_message(props)).rstrip(" …")
+    return message[0].lower() + message[1:]
+
+
+async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.file:
+        if args.source:
+            raise CtlError("give either SOURCE or --file, not both", ExitCode.USAGE)
+        spec = load_job_file(args.file)
+    elif args.source:
+        spec = spec_from_args(args, args.operation)
+    else:
+        raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
+    job_id, path = await client.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), to_vardict({"queue": args.queue})],
+                                        action="submit", what="submit jobs")
+    if args.wait:
+        if not args.queue:
+            raise CtlError(f"job {job_id} was stored without queueing (--no-queue); it will not start "
+                           f"until: h2kctl start {job_id}")
+        if not out.quiet and not out.json:
+            print(f"Submitted job {job_id}.")
+        return await _wait_and_report(client, job_id, out)
+    if out.json:
+        out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
+    elif out.quiet:
+        print(job_id)
+    else:
+        state = "stored; start it with: h2kctl start " + job_id if not args.queue else "queued"
+        print(f"Submitted job {job_id} ({state}).")
+    return ExitCode.SUCCESS
+
+
+async def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    filters: dict[str, Any] = {}
+    states = _split_multi(args.state)
+    for state in states:
+        if state not in STATES:
+            raise CtlError(f"unknown state {state!r} (states: {', '.join(STATES)})", ExitCode.USAGE)
+    if states:
+        filters["state"] = states
+    if args.operation:
+        filters["operation"] = args.operation
+    if args.owner:
+        filters["owner"] = _uid_of(args.owner)
+    if args.limit:
+        filters["limit"] = args.limit
+    (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict(filters)])
+    if out.json:
+        out.emit_json([schema.list_entry(tuple(e)) for e in entries])
+        return ExitCode.SUCCESS
+    if out.quiet:
+        for e in entries:
+            print(e[0])
+        return ExitCode.SUCCESS
+    rows = [[e[0], e[1], e[2], percent(e[3], e[3] >= 0), user_name(e[4]), age(e[6])] for e in entries]
+    buffer = io.StringIO()
+    table(["ID", "OPERATION", "STATE", "PROGRESS", "OWNER", "AGE"], rows, buffer)
+    buffer.write(f"\n{len(rows)} job{'s' if len(rows) != 1 else ''} listed.\n")
+    page(buffer.getvalue(), out.pager)
+    return ExitCode.SUCCESS
+
+
+async def _history(client: Client, path: str) -> list[dict[str, Any]]:
+    (events,) = await client.call(path, JOB_IFACE, "GetEvents", "t", [0])
+    history = []
+    for seq, usec, kind, data in events:
+        if kind == "state":
+            parsed = schema.event((seq, usec, kind, data))["data"]
+            history.append(schema.history_entry(seq, usec, parsed if isinstance(parsed, dict) else {}))
+    return history
+
+
+async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = await client.get_job_path(args.job)
+    props = await client.get_all(path, JOB_IFACE)
+    history = await _history(client, path)
+    job = schema.job(props, path, history)
+    if out.json:
+        out.emit_json(job)
+        return ExitCode.SUCCESS
+    b = io.StringIO()
+    dot = {"completed": "✓", "failed": "×", "cancelled": "×"}.get(job["state"], "●")
+    target = f" → {job['output']}" if job["output"] else ""
+    b.write(f"{dot} {job['id']} - {job['operation']} {job['source']}{target}\n")
+
+    def field(name: str, value: Any) -> None:
+        if value not in (None, ""):
+            b.write(f"{name:>12}: " + str(value).rstrip().replace("\n", "\n" + " " * 14) + "\n")
+
+    since = props.get("FinishedAt") or props.get("StartedAt") or props.get("CreatedAt")
+    field("State", f"{job['state']}{' (' + job['phase'] + ')' if job['phase'] else ''}"
+                   f"{' since ' + timestamp(since) + '; ' + age(since) + ' ago' if since else ''}")
+    if job["wait_reason"]:
+        field("Waiting", job["wait_reason"])
+    if job["progress"] is not None or job["bytes_done"]:
+        text = percent(job["progress"] or 0.0, job["progress"] is not None)
+        if job["bytes_total"]:
+            text += f" ({human_bytes(job['bytes_done'])} of {human_bytes(job['bytes_total'])})"
+        if job["rate"]:
+            text += f", {human_bytes(job['rate'])}/s"
+        if job["expected_end_usec"] and job["state"] not in ("completed", "failed", "cancelled"):
+            text += f", ends {timestamp(job['expected_end_usec'])}"
+        field("Progress", text)
+    field("Owner", f"{job['owner_name']} ({job['owner']})")
+    field("Priority", job["priority"])
+    field("Attempt", job["attempt"] or None)
+    field("Unit", job["unit"])
+    field("Worker", job["worker"])
+    field("Source", job["source"])
+    field("Output", job["output"])
+    field("Created", timestamp(props.get("CreatedAt", 0)))
+    if props.get("StartedAt"):
+        field("Started", timestamp(props["StartedAt"]))
+    if props.get("FinishedAt"):
+        field("Finished", timestamp(props["FinishedAt"]))
+        if props.get("StartedAt"):
+            field("Took", human_duration((props["FinishedAt"] - props["StartedAt"]) / 1e6))
+    if job["error"]:
+        field("Error", ": ".join(p for p in (job["error"]["code"], job["error"]["message"]) if p))
+    if history:
+        b.write("\nHistory:\n")
+        for h in history:
+            reason = f"  {h['reason']}" if h["reason"] else ""
+            b.write(f"  {timestamp(h['time_usec'])}  {h['state']:<11}{reason}\n")
+    if job["result"]:
+        b.write("\nResult:\n")
+        nested(job["result"], b, 1)
+    page(b.getvalue(), out.pager)
+    return ExitCode.SUCCESS
+
+
+def _show_value(value: Any) -> str:
+    """A property value on one line, as systemctl show prints it (newlines escaped)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_show_value(v) for v in value).strip()
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] + (" …" if len(lines) > 1 else "") if lines else ""
+
+
+async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
+    props = await client.job_properties(args.job)
+    wanted = _split_multi(args.property)
+    if wanted:
+        unknown = [w for w in wanted if w not in props]
+        if unknown:
+            raise CtlError(f"a job has no property {unknown[0]!r} (properties: {', '.join(sorted(props))})")
+        props = {name: props[name] for name in wanted}
+    else:
+        props = dict(sorted(props.items()))
+    if out.json:
+        out.emit_json({k: list(v) if isinstance(v, tuple) else v for k, v in props.items()})
+        return ExitCode.SUCCESS
+    text = "".join((f"{_show_value(v)}\n" if args.value else f"{k}={_show_value(v)}\n") for k, v in props.items())
+    page(text, out.pager)
+    return ExitCode.SUCCESS
+
+
+async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.job:
+        stream = sys.stdout
+        view = ProgressView(None if out.quiet else stream, stream_is_tty(stream))
+        props = await follow_job(client, args.job, view)
+        if props is None:
+            print(detach_hint(args.job), file=sys.stderr)
+            return ExitCode.SUCCESS
+        out.line(final_message(props))
+        return exit_code_for(props["State"])
+    await watch_all(client, sys.stdout, stream_is_tty(sys.stdout))
+    return ExitCode.SUCCESS
+
+
+async def _job_action(client: Client, job_id: str, member: str, verb: str) -> None:
+    """Cancel, retry or start one job; polkit's action depends on whether the caller owns the job."""
+    props = await client.job_properties(job_id)
+    action = "cancel" if props.get("Owner") == os.getuid() else "cancel-other-user"
+    await client.manager(member, "s", [job_id], action=action, what=f"{verb} job {job_id}")
+
+
+async def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    for job_id in args.jobs:
+        await _job_action(client, job_id, "CancelJob", "cancel")
+        out.line(f"Cancelled job {job_id}.")
+    return ExitCode.SUCCESS
+
+
+async def cmd_retry(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await _job_action(client, args.job, "RetryJob", "retry")
+    return await _after_requeue(client, args, out, "Queued job {} again.")
+
+
+async def cmd_start(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await _job_action(client, args.job, "StartJob", "start")
+    return await _after_requeue(client, args, out, "Queued job {}.")
+
+
+async def _after_requeue(client: Client, args: argparse.Namespace, out: Output, message: str) -> int:
+    if args.wait:
+        return await _wait_and_report(client, args.job, out)
+    if out.json:
+        path = await client.get_job_path(args.job)
+        out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
+    else:
+        out.line(message.format(args.job))
+    return ExitCode.SUCCESS
+
+
+async def cmd_remove(client: Client, args: argparse.Namespace, out: Output) -> int:
+    for job_id in args.jobs:
+        await client.manager("RemoveJob", "s", [job_id], action="manage", what=f"remove job {job_id}")
+        out.line(f"Removed job {job_id}.")
+    return ExitCode.SUCCESS
+
+
+async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.get_job_path(args.job)   # an unknown job is an error, not an empty journal
+    return ExitCode.SUCCESS
+
+
+def journalctl_command(args: argparse.Namespace) -> list[str]:
+    command = ["journalctl", f"H2K_JOB_ID={args.job}"]
+    if args.follow:
+        command.append("-f")
+    if args.lines is not None:
+        command += ["-n", str(args.lines)]
+    if not args.pager:
+        command.append("--no-pager")
+    if args.quiet:
+        command.append("-q")
+    return command
+
+
+def _event_summary(kind: str, data: Any) -> str:
+    if not isinstance(data, dict):
+        return str(data)
+    if kind == "state":
+        entry = schema.history_entry(0, 0, data)
+        text = f"{entry['from']} → {entry['state']}" if entry["from"] else entry["state"]
+        return text + (f": {entry['reason']}" if entry["reason"] else "")
+    if kind == "progress":
+        fraction = data.get("progress")
+        text = f"{fraction * 100:.1f}%" if isinstance(fraction, (int, float)) else ""
+        return " ".join(p for p in (text, str(data.get("phase") or "")) if p)
+    if kind == "log":
+        return str(data.get("message", ""))
+    if kind == "result":
+        error = data.get("error") or {}
+        detail = ": ".join(str(p) for p in (error.get("code"), error.get("message")) if p)
+        return str(data.get("status", "")) + (f" ({detail})" if detail else "")
+    return json.dumps(data)
+
+
+async def cmd_events(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = await client.get_job_path(args.job)
+    (events,) = await client.call(path, JOB_IFACE, "GetEvents", "t", [args.since])
+    parsed = [schema.event(tuple(e)) for e in events]
+    if out.json:
+        out.emit_json(parsed)
+        return ExitCode.SUCCESS
+    rows = [[str(e["seq"]), timestamp(e["time_usec"]), e["kind"], _first_line(_event_summary(e["kind"], e["data"]))]
+            for e in parsed]
+    buffer = io.StringIO()
+    table(["SEQ", "TIME", "KIND", "EVENT"], rows, buffer, legend=not out.quiet)
+    page(buffer.getvalue(), out.pager)
+    return ExitCode.SUCCESS
+
+
+async def cmd_queue(client: Client, args: argparse.Namespace, out: Output) -> int:
+    action = args.queue_command or "stats"
+    if action == "pause":
+        await client.manager("PauseQueue", action="manage", what="pause the queue")
+        out.line("Queue paused; running jobs go on.")
+    elif action == "resume":
+        await client.manager("ResumeQueue", action="manage", what="resume the queue")
+        out.line("Queue resumed.")
+    elif action == "priority":
+        await client.manager("SetJobPriority", "su", [args.job, args.priority], action="manage",
+                             what=f"change the priority of job {args.job}")
+        out.line(f"Job {args.job} now has priority {args.priority}.")
+    elif action == "max-parallel":
+        await client.manager("SetMaxParallelJobs", "u", [args.max_parallel], action="manage",
+                             what="change the number of parallel jobs")
+        out.line(f"Up to {args.max_parallel} job{'s' if args.max_parallel != 1 else ''} may now run at once.")
+    if action != "stats" and not out.json:
+        return ExitCode.SUCCESS
+    (stats,) = await client.manager("GetQueueStats")
+    q = schema.queue(stats)
+    if out.json:
+        out.emit_json(q)
+        return ExitCode.SUCCESS
+    print(f"Queued: {q['queued']}")
+    print(f"Running: {q['running']}")
+    print(f"Paused: {'yes' if q['paused'] else 'no'}")
+    print(f"Max parallel jobs: {q['max_parallel_jobs']}")
+    if q["by_priority"]:
+        print("By priority: " + " ".join(f"{i}:{n}" for i, n in enumerate(q["by_priority"], 1)))
+    if q["waiting"]:
+        print("Waiting:")
+        for job_id, why in q["waiting"].items():
+            print(f"  {job_id}: {why}")
+    return ExitCode.SUCCESS
+
+
+async def cmd_workers(client: Client, args: argparse.Namespace, out: Output) -> int:
+    objects = await client.managed_objects()
+    workers = [schema.worker(ifaces[WORKER_IFACE], path) for path, ifaces in sorted(objects.items())
+               if path.startswith(WORKER_PATH_PREFIX) and WORKER_IFACE in ifaces]
+    if out.json:
+        out.emit_json(workers)
+        return ExitCode.SUCCESS
+    rows = []
+    for w in workers:
+        caps = w["capabilities"] if isinstance(w["capabilities"], dict) else {}
+        ops = ",".join(caps.get("operations", [])) or "-"
+        jobs = f"{w['active_jobs']}/{w['max_jobs'] or '-'}"
+        heartbeat = age(w["last_heartbeat_usec"] or 0) + (" ago" if w["last_heartbeat_usec"] else "")
+        rows.append([w["id"], w["name"], w["kind"], w["state"], jobs, heartbeat, ops])
+    table(["ID", "NAME", "KIND", "STATE", "JOBS", "HEARTBEAT", "OPERATIONS"], rows, sys.stdout,
+          legend=not out.quiet)
+    return ExitCode.SUCCESS
+
+
+async def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
+    (values,) = await client.manager("GetHealth")
+    health = schema.health(values)
+    if out.json:
+        out.emit_json(health)
+    else:
+        for key, value in health.items():
+            label = key.replace("_", " ").capitalize()
+            if key == "uptime_seconds":
+                value = human_duration(float(value))
+                label = "Uptime"
+            print(f"{label}: {_show_value(value)}")
+    return ExitCode.SUCCESS if health.get("status", "ok") == "ok" else ExitCode.FAILURE
+
+
+async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> int:
+    spec = spec_from_args(args, "inspect")
+    job_id, path = await client.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), to_vardict({"queue": True})],
+                                        action="submit", what="submit jobs")
+    stream, tty = progress_stream(out.json, out.quiet)
+    props = await follow_job(client, job_id, ProgressView(stream, tty))
+    if props is None:
+        print(detach_hint(job_id) + f"; its report: h2kctl status {job_id}", file=sys.stderr)
+        return ExitCode.SUCCESS
+    job = schema.job(props, path)
+    result = schema.inspect(job)
+    if out.json:
+        out.emit_json(result)
+    elif props["State"] == "completed":
+        b = io.StringIO()
+        b.write(f"Report on {props.get('Source') or args.source} (job {job_id}):\n")
+        nested(result["report"], b, 1)
+        page(b.getvalue(), out.pager)
+    code = exit_code_for(props["State"])
+    if code != ExitCode.SUCCESS:
+        raise CtlError(_error_line(props), code)
+    return code
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], Awaitable[int]]] = {
+    "submit": cmd_submit, "list": cmd_list, "status": cmd_status, "show": cmd_show, "watch": cmd_watch,
+    "cancel": cmd_cancel, "retry": cmd_retry, "remove": cmd_remove, "start": cmd_start, "logs": cmd_logs,
+    "events": cmd_events, "queue": cmd_queue, "workers": cmd_workers, "health": cmd_health,
+    "inspect": cmd_inspect,
+}
+
+
+async def run(args: argparse.Namespace) -> int:
+    out = Output(args)
+    async with Client(args.address, ask_password=args.ask_password) as client:
+        return await COMMANDS[args.command](client, args, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    try:
+        code = asyncio.run(run(args))
+        if args.command == "logs":
+            command = journalctl_command(args)
+            if shutil.which(command[0]) is None:
+                raise CtlError("journalctl is not installed")
+            sys.stdout.flush()
+            os.execvp(command[0], command)
+    except CtlError as e:
+        sys.stdout.flush()
+        print(f"{PROG}: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output went to a pipe that closed (e.g. `h2kctl list | head`); that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.SUCCESS
+    except Exception as e:  # the promise: one line, never a traceback
+        print(f"{PROG}: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        if os.environ.get("H2KCTL_DEBUG"):
+            raise
+        return ExitCode.FAILURE
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

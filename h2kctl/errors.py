@@ -1,0 +1,38 @@
+"""Exit codes of h2kctl and the one exception that carries a user-facing message and its exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    FAILURE = 1
+    USAGE = 2
+    JOB_FAILED = 3
+    JOB_CANCELLED = 4
+    NOT_AUTHORIZED = 5
+    UNREACHABLE = 6
+    NO_SUCH_JOB = 7
+
+
+# The single description of the exit codes, shown by --help and the man page.
+EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
+    (ExitCode.SUCCESS, "success (also after Ctrl-C detached from a job being waited for or watched)"),
+    (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable)"),
+    (ExitCode.USAGE, "bad usage (unknown command or option, invalid value)"),
+    (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed"),
+    (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled"),
+    (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
+    (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it)"),
+    (ExitCode.NO_SUCH_JOB, "no such job"),
+]
+
+
+class CtlError(Exception):
+    """An error to show as one line "h2kctl: <message>" and to exit with `code`."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE):
+        super().__init__(message)
+        self.message = message
+        self.code = code

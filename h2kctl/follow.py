@@ -1,0 +1,310 @@
+"""Following jobs as they run: progress bars on a terminal, plain lines elsewhere, Ctrl-C detaches.
+
+Job state comes from the bus: PropertiesChanged and the Job signals for one job, ObjectManager
+InterfacesAdded/InterfacesRemoved for all of them, with a periodic re-read so that a missed signal
+never leaves the display stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+from dbus_fast import Message, unpack_variants
+
+from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH
+from h2kctl.bus import JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
+from h2kctl.errors import CtlError, ExitCode
+from h2kctl.render import clock, human_bytes, human_duration
+
+TERMINAL = {"completed", "failed", "cancelled"}
+RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
+RESYNC_ALL_SECONDS = 3.0      # re-read all jobs (watch) at least this often
+REDRAW_SECONDS = 0.1          # redraw a terminal at most ten times a second
+
+
+def detach_hint(job_id: str) -> str:
+    return f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_id}"
+
+
+def exit_code_for(state: str) -> ExitCode:
+    return {"failed": ExitCode.JOB_FAILED, "cancelled": ExitCode.JOB_CANCELLED}.get(state, ExitCode.SUCCESS)
+
+
+def final_message(props: dict[str, Any]) -> str:
+    job_id, state = props["Id"], props["State"]
+    if state == "completed":
+        took = ""
+        if props.get("StartedAt") and props.get("FinishedAt"):
+            took = f" in {human_duration((props['FinishedAt'] - props['StartedAt']) / 1e6)}"
+        output = f": {props['Output']}" if props.get("Output") else ""
+        return f"Job {job_id} completed{took}{output}"
+    code, message = props.get("Error") or ("", "")
+    message = (message.strip().splitlines() or [""])[0]   # the rest is a log tail: see status or logs
+    detail = ": " + ": ".join(p for p in (code, message) if p) if code or message else ""
+    return f"Job {job_id} {state}{detail}"
+
+
+def _eta_seconds(props: dict[str, Any]) -> float | None:
+    if props.get("ExpectedEndTime"):
+        return max(0.0, props["ExpectedEndTime"] / 1e6 - time.time())
+    rate, done, total = props.get("Rate", 0), props.get("BytesDone", 0), props.get("BytesTotal", 0)
+    if rate and total > done:
+        return (total - done) / rate
+    return None
+
+
+def activity(props: dict[str, Any]) -> str:
+    """What the job is doing, e.g. 'queued', 'progressing (converting)'."""
+    state, phase = props.get("State", ""), props.get("Phase", "")
+    if state in TERMINAL or not phase:
+        return state
+    return f"{state} ({phase})"
+
+
+def bar_line(props: dict[str, Any], width: int, label: bool = False) -> str:
+    """One terminal line: [label] activity [#####.....] 45% 1.2 GiB/2.0 GiB 150.0 MiB/s ETA 0:05."""
+    known = props.get("ProgressKnown", False)
+    fraction = min(max(props.get("Progress", 0.0), 0.0), 1.0)
+    done, total, rate = props.get("BytesDone", 0), props.get("BytesTotal", 0), props.get("Rate", 0)
+    parts = []
+    if known:
+        parts.append(f"{fraction * 100:5.1f}%")
+    if total:
+        parts.append(f"{human_bytes(done)}/{human_bytes(total)}")
+    elif done:
+        parts.append(human_bytes(done))
+    if rate:
+        parts.append(f"{human_bytes(rate)}/s")
+    eta = _eta_seconds(props) if known and props.get("State") not in TERMINAL else None
+    if eta is not None:
+        parts.append(f"ETA {clock(eta)}")
+    head = (props.get("Id", "") + " " if label else "") + activity(props)
+    tail = " ".join(parts)
+    room = width - len(head) - len(tail) - 4
+    if known and room >= 10:
+        cells = min(room, 40)
+        filled = int(round(fraction * cells))
+        line = f"{head} [{'#' * filled}{'.' * (cells - filled)}] {tail}"
+    else:
+        line = f"{head} {tail}".rstrip()
+    return line[: max(width - 1, 1)]
+
+
+class ProgressView:
+    """Progress of one job on `stream`: a bar redrawn in place on a terminal, or plain lines
+    (one per state or phase change and per 10% step) when the stream is not a terminal."""
+
+    def __init__(self, stream: TextIO | None, tty: bool, label: bool = False):
+        self.stream = stream
+        self.tty = tty
+        self.label = label
+        self._drawn = False
+        self._last_draw = 0.0
+        self._last_key: tuple = ()
+        self._last_step = -1
+
+    def update(self, props: dict[str, Any], force: bool = False) -> None:
+        if self.stream is None:
+            return
+        if self.tty:
+            now = time.monotonic()
+            if force or now - self._last_draw >= REDRAW_SECONDS:
+                self._last_draw = now
+                width = shutil.get_terminal_size((80, 24)).columns
+                self.stream.write("\r\x1b[K" + bar_line(props, width, self.label))
+                self.stream.flush()
+                self._drawn = True
+            return
+        state, phase = props.get("State", ""), props.get("Phase", "")
+        key = (state, phase)
+        step = int(props.get("Progress", 0.0) * 10) if props.get("ProgressKnown") else -1
+        if key != self._last_key or step > self._last_step:
+            if key != self._last_key:
+                self._last_step = step
+            self._last_key = key
+            self._last_step = max(self._last_step, step)
+            if state not in TERMINAL:
+                self.stream.write(self._plain(props) + "\n")
+                self.stream.flush()
+
+    def _plain(self, props: dict[str, Any]) -> str:
+        text = f"Job {props.get('Id', '')}: {activity(props)}"
+        if props.get("ProgressKnown"):
+            text += f" {props.get('Progress', 0.0) * 100:.0f}%"
+            if props.get("BytesTotal"):
+                text += f" ({human_bytes(props.get('BytesDone', 0))}/{human_bytes(props['BytesTotal'])})"
+        return text
+
+    def clear(self) -> None:
+        if self.stream is not None and self.tty and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+    def message(self, text: str) -> None:
+        self.clear()
+        if self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+class _Interrupt:
+    """Turns SIGINT into an event while following, so Ctrl-C detaches instead of raising."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __enter__(self) -> "_Interrupt":
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.event.set)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+
+
+async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def follow_job(client: Client, job_id: str, view: ProgressView) -> dict[str, Any] | None:
+    """Follow one job until it ends; return its final properties, or None when the user pressed
+    Ctrl-C (the job is left running; the caller says how to cancel it)."""
+    path = await client.get_job_path(job_id)
+    changed = asyncio.Event()
+    removed = asyncio.Event()
+    props: dict[str, Any] = {}
+
+    def on_signal(message: Message) -> None:
+        if message.path == path:
+            if message.interface == PROPS_IFACE and message.member == "PropertiesChanged":
+                if message.body[0] == JOB_IFACE:
+                    props.update(unpack_variants(message.body[1]))
+            elif message.interface == JOB_IFACE and message.member == "StateChanged":
+                props["State"] = message.body[0]
+            changed.set()
+        elif (message.path == MANAGER_PATH and message.interface == OBJECT_MANAGER_IFACE
+              and message.member == "InterfacesRemoved" and message.body[0] == path):
+            removed.set()
+
+    client.on_message(on_signal)
+    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{path}'")
+    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',"
+                           f"interface='{OBJECT_MANAGER_IFACE}',member='InterfacesRemoved'")
+    props.update(await client.get_all(path, JOB_IFACE))  # after subscribing, so nothing is missed
+    last_read = time.monotonic()
+    with _Interrupt() as interrupt:
+        while True:
+            if props.get("State") in TERMINAL:
+                # The final values: read them once more, so Result and Error are complete.
+                props.update(await client.get_all(path, JOB_IFACE))
+                view.update(props, force=True)
+                view.clear()
+                return props
+            view.update(props)
+            await _wait_any([changed, interrupt.event, removed], RESYNC_SECONDS)
+            if interrupt.event.is_set():
+                view.clear()
+                return None
+            if removed.is_set():
+                view.clear()
+                raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
+            changed.clear()
+            if time.monotonic() - last_read >= RESYNC_SECONDS:
+                props.update(await client.get_all(path, JOB_IFACE))
+                last_read = time.monotonic()
+
+
+async def watch_all(client: Client, stream: TextIO, tty: bool, include_finished: bool = False) -> None:
+    """Show every job's progress until Ctrl-C: a block of bars on a terminal, plain lines otherwise."""
+    jobs: dict[str, dict[str, Any]] = {}
+    views: dict[str, ProgressView] = {}
+    changed = asyncio.Event()
+    announced: set[str] = set()
+
+    def on_signal(message: Message) -> None:
+        path = message.path or ""
+        if message.interface == PROPS_IFACE and message.member == "PropertiesChanged" and path in jobs:
+            if message.body[0] == JOB_IFACE:
+                jobs[path].update(unpack_variants(message.body[1]))
+                changed.set()
+        elif path == MANAGER_PATH and message.interface == OBJECT_MANAGER_IFACE:
+            object_path = message.body[0]
+            if message.member == "InterfacesAdded" and JOB_IFACE in message.body[1]:
+                jobs[object_path] = unpack_variants(message.body[1][JOB_IFACE])
+                changed.set()
+            elif message.member == "InterfacesRemoved" and object_path in jobs:
+                jobs.pop(object_path, None)
+                changed.set()
+
+    client.on_message(on_signal)
+    await client.add_match(f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'")
+
+    async def resync() -> None:
+        objects = await client.managed_objects()
+        fresh = {p: ifaces[JOB_IFACE] for p, ifaces in objects.items()
+                 if p.startswith(JOB_PATH_PREFIX) and JOB_IFACE in ifaces}
+        jobs.clear()
+        jobs.update(fresh)
+
+    await resync()
+    # Jobs already finished when watching starts are not news.
+    if not include_finished:
+        announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
+    block = 0
+    last_resync = time.monotonic()
+    if not tty:
+        stream.write("Watching all jobs; press Ctrl-C to stop.\n")
+        stream.flush()
+    with _Interrupt() as interrupt:
+        while not interrupt.event.is_set():
+            width = shutil.get_terminal_size((80, 24)).columns
+            finished_now = [p for p, props in jobs.items()
+                            if props.get("State") in TERMINAL and p not in announced]
+            active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
+            if tty:
+                out = ("\x1b[F" * block if block else "\r") + "\x1b[J"
+                for p in finished_now:
+                    out += final_message(jobs[p]) + "\n"
+                lines = [bar_line(jobs[p], width, label=True) for p in active] or ["No active jobs."]
+                out += "\n".join(lines) + "\n"
+                block = len(lines)
+                stream.write(out)
+            else:
+                for p in active:
+                    views.setdefault(p, ProgressView(stream, False)).update(jobs[p])
+                for p in finished_now:
+                    stream.write(final_message(jobs[p]) + "\n")
+            announced.update(finished_now)
+            stream.flush()
+            await _wait_any([changed, interrupt.event], RESYNC_ALL_SECONDS)
+            changed.clear()
+            if time.monotonic() - last_resync >= RESYNC_ALL_SECONDS:
+                await resync()
+                last_resync = time.monotonic()
+            await asyncio.sleep(REDRAW_SECONDS if tty else 0)
+
+
+def stream_is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_stream(json_output: bool, quiet: bool) -> tuple[TextIO | None, bool]:
+    """Where progress goes: stdout; with --json only stderr and only on a terminal; nowhere with -q."""
+    if quiet:
+        return None, False
+    if json_output:
+        return (sys.stderr, True) if stream_is_tty(sys.stderr) else (None, False)
+    return sys.stdout, stream_is_tty(sys.stdout)

@@ -1,0 +1,92 @@
+"""Job specs as h2kctl builds them: from command line flags or a JSON/YAML job file, with the source
+image resolved to an absolute path and proven readable with the user's own rights."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from typing import Any
+
+from h2kctl.errors import CtlError
+from h2kctl.render import user_name
+
+
+def readable_source(path: str) -> str:
+    """The absolute path of a source image the calling user can open read-only (else CtlError)."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    try:
+        fd = os.open(absolute, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CtlError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        if os.path.isdir(absolute):
+            raise CtlError(f"cannot read {path}: it is a directory")
+    finally:
+        os.close(fd)
+    return absolute
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """A job spec from a JSON file, or a YAML file when PyYAML is installed ('-' reads stdin)."""
+    try:
+        if path == "-":
+            import sys
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise CtlError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        spec = json.loads(text)
+    except ValueError as json_error:
+        if path.endswith((".yaml", ".yml")) or not text.lstrip().startswith(("{", "[")):
+            try:
+                import yaml
+            except ImportError:
+                raise CtlError(f"{path} is not valid JSON ({json_error}); YAML job files need PyYAML") from None
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise CtlError(f"{path} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
+        else:
+            raise CtlError(f"{path} is not valid JSON: {json_error}") from None
+    if not isinstance(spec, dict):
+        raise CtlError(f"{path}: a job file must hold one object (a job spec)")
+    image = spec.get("image")
+    if isinstance(image, dict) and isinstance(image.get("path"), str):
+        image["path"] = readable_source(image["path"])
+    return spec
+
+
+def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
+    """A job spec from the flags of `submit` (or `inspect`): only what was given; h2kd fills defaults."""
+    spec: dict[str, Any] = {"operation": operation,
+                            "image": {"path": readable_source(args.source),
+                                      "format": getattr(args, "source_format", None)}}
+    if getattr(args, "id", None):
+        spec["job_id"] = args.id
+    parameters: dict[str, Any] = {}
+    if operation == "convert":
+        if args.format:
+            parameters["output_format"] = args.format
+        if args.compress is not None:
+            parameters["compress"] = True
+            if args.compress:
+                parameters["compression_type"] = args.compress
+    if operation == "validate" and getattr(args, "compare_with", None):
+        parameters["compare_with"] = readable_source(args.compare_with)
+    if parameters:
+        spec["parameters"] = parameters
+    policy = {"priority": getattr(args, "priority", None), "retry_count": getattr(args, "retries", None),
+              "timeout_seconds": getattr(args, "timeout", None)}
+    if any(v is not None for v in policy.values()):
+        spec["execution_policy"] = policy
+    output = getattr(args, "output", None)
+    if output or getattr(args, "overwrite", False):
+        spec["artifacts"] = {"output_path": os.path.abspath(output) if output else None,
+                             "overwrite": True if getattr(args, "overwrite", False) else None}
+    spec["audit"] = {"requested_by": user_name(os.getuid()), "ticket": getattr(args, "ticket", None),
+                     "tags": list(getattr(args, "tag", None) or []) or None}
+    return spec

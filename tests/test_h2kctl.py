@@ -1,0 +1,599 @@
+"""h2kctl as an administrator uses it: the installed command run as a subprocess against the private stack.
+
+Every command, the --json outputs against what busctl reads from the bus, each exit code, the progress
+bar in a real pseudo-terminal, plain lines on a pipe, Ctrl-C detaching, and an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pty
+import pwd
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from h2kctl.cli import build_parser
+from h2kctl.completion import FILES, render_bash, render_zsh
+from h2kctl.manpage import render as render_manpage
+
+REPO = Path(__file__).resolve().parent.parent
+H2KCTL = str(Path(sys.executable).parent / "h2kctl")
+BUS_NAME = "org.hyper2kvm.h2kd1"
+MANAGER = "/org/hyper2kvm/h2kd1"
+JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
+MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
+COMMANDS = ["submit", "list", "status", "show", "watch", "cancel", "retry", "remove", "start", "logs",
+            "events", "queue", "workers", "health", "inspect"]
+TERMINAL = {"completed", "failed", "cancelled"}
+MiB = 1024 * 1024
+USERNS_STAGING = Path(tempfile.gettempdir()) / "h2kctl-test-userns"   # an empty mount point, see as_user
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def h2kctl(env: dict[str, str], *args: str, timeout: float = 60, user: str | None = None,
+           **kwargs) -> subprocess.CompletedProcess[str]:
+    argv = [H2KCTL, *args]
+    if user:
+        argv = as_user(user, argv)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def _hidden_ancestor(path: Path) -> Path | None:
+    """The first directory above path that other users cannot enter (e.g. /root for a pyenv Python)."""
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
+            return parent
+    return None
+
+
+def as_user(user: str, argv: list[str]) -> list[str]:
+    """argv run as `user`. When this Python lives under a directory closed to other users (/root here),
+    the user could not even start h2kctl; so, in a private mount namespace only, that directory is
+    covered by an empty tmpfs with just the interpreter's tree bind-mounted back. The machine is unchanged."""
+    interpreter = Path(os.path.realpath(sys.executable))
+    closed = _hidden_ancestor(interpreter)
+    if closed is None:
+        return ["runuser", "-u", user, "--", *argv]
+    inner = closed / interpreter.relative_to(closed).parts[0]
+    USERNS_STAGING.mkdir(mode=0o700, exist_ok=True)
+    staging = str(USERNS_STAGING)
+    script = ('mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 tmpfs "$3" && mkdir -p "$1" && '
+              'mount --bind "$2" "$1" && shift 3 && exec runuser -u "$@"')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(inner), staging,
+            str(closed), user, "--", *argv]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"rc={result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
+    return result
+
+
+def busctl_property(env: dict[str, str], path: str, interface: str, name: str):
+    out = subprocess.run(["busctl", "--system", "--json=short", "get-property", BUS_NAME, path, interface, name],
+                         env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    return json.loads(out)["data"]
+
+
+def job_path(env: dict[str, str], job_id: str) -> str:
+    out = subprocess.run(["busctl", "--system", "--json=short", "call", BUS_NAME, MANAGER, MANAGER_IFACE,
+                          "GetJob", "s", job_id], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["data"][0]
+
+
+def job_state(env: dict[str, str], job_id: str) -> str:
+    return busctl_property(env, job_path(env, job_id), JOB_IFACE, "State")
+
+
+def wait_for_state(env: dict[str, str], job_id: str, states: set[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = job_state(env, job_id)
+        if state in states or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def make_raw_with_data(path: Path, size_mib: int) -> Path:
+    """A raw disk image full of non-zero data (so that converting it takes a measurable while)."""
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size_mib):
+            f.write(block[i % 7:] + block[:i % 7])
+    return path
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[dict[str, Path]]:
+    # Not under pytest's tmp_path: that is closed to the unprivileged user, who must read these.
+    base = Path(tempfile.mkdtemp(prefix="h2kctl-images-"))
+    try:
+        base.chmod(0o755)
+        yield _make_images(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _make_images(base: Path) -> dict[str, Path]:
+    small = base / "small.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(small), "16M"], check=True)
+    with open(small, "r+b") as f:
+        f.write(os.urandom(MiB))
+    vmdk = base / "small.vmdk"
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", str(small), str(vmdk)], check=True)
+    big = make_raw_with_data(base / "big.raw", 256)
+    not_an_image = base / "notes.vmdk"
+    not_an_image.write_text("this is not a disk image\n" * 100)
+    for p in (small, vmdk, big, not_an_image):
+        p.chmod(0o644)
+    return {"small": small, "vmdk": vmdk, "big": big, "text": not_an_image}
+
+
+@pytest.fixture
+def env(stack_env: dict[str, str]) -> dict[str, str]:
+    return {**stack_env, "COLUMNS": "100", "LC_ALL": "C.UTF-8"}
+
+
+@pytest.fixture
+def output_dir(stack) -> Path:
+    out = Path(stack.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture
+def paused_queue(env):
+    ok(h2kctl(env, "queue", "pause"))
+    yield
+    h2kctl(env, "queue", "resume")
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60, on_output=None) -> tuple[int, str]:
+    """Run argv with stdin/stdout/stderr on a new pseudo-terminal; return (exit status, all it wrote).
+    on_output(pid, text_so_far) is called after each read (e.g. to send a signal)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.execve(argv[0], argv, env)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:   # EIO: the child has gone and the terminal is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+            if on_output is not None:
+                on_output(pid, output.decode(errors="replace"))
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+# ------------------------------------------------------------------ generated files, help, usage
+
+def test_man_page_is_generated_from_the_parser_and_renders():
+    text = render_manpage()
+    assert (REPO / "h2kctl" / "h2kctl.1").read_text() == text, "run: python -m h2kctl.manpage > h2kctl/h2kctl.1"
+    assert text.startswith(".TH H2KCTL 1")
+    for section in ("NAME", "SYNOPSIS", "COMMANDS", "OPTIONS", "EXIT STATUS", "JSON OUTPUT"):
+        assert f"\n.SH {section}\n" in text
+    rendered = subprocess.run(["man", "-l", "-P", "cat", "-"], input=text, capture_output=True, text=True,
+                              env={**os.environ, "MANWIDTH": "200"}, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    for command in COMMANDS:
+        assert re.search(rf"^\s+h2kctl {command}\b", rendered.stdout, re.M), command
+    for code in range(8):
+        assert re.search(rf"^\s+{code}\s+\S", rendered.stdout, re.M), code
+    for option in ("--no-ask-password", "--no-pager", "--address", "--quiet", "--json", "--wait"):
+        assert option in rendered.stdout
+
+
+def test_completion_scripts_are_generated_and_complete(tmp_path):
+    here = REPO / "h2kctl" / "completion"
+    assert (here / FILES["bash"]).read_text() == render_bash(), "run: python -m h2kctl.completion --write"
+    assert (here / FILES["zsh"]).read_text() == render_zsh(), "run: python -m h2kctl.completion --write"
+    script = ('source "$1"; t() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]}-1)); _h2kctl; '
+              'echo "${COMPREPLY[*]}"; }; t h2kctl su; t h2kctl submit --format ""; t h2kctl queue p; '
+              't h2kctl --address x wor; t h2kctl list --op')
+    out = subprocess.run(["bash", "-c", script, "bash", str(here / FILES["bash"])], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    assert out == ["submit", "qcow2 raw", "pause priority", "workers", "--operation"]
+    if shutil.which("zsh"):
+        subprocess.run(["zsh", "-n", str(here / FILES["zsh"])], check=True, timeout=30)
+
+
+def test_help_lists_commands_and_exit_codes():
+    result = subprocess.run([H2KCTL, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "exit status:" in result.stdout
+    for code in range(8):
+        assert re.search(rf"^  {code}  ", result.stdout, re.M)
+    assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("args", [["frobnicate"], ["submit", "--priority", "11", "x"], ["list", "--limit", "x"],
+                                  ["queue", "max-parallel", "0"], []])
+def test_bad_usage_exits_2(args):
+    result = subprocess.run([H2KCTL, *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_bus_exits_6(tmp_path):
+    missing = tmp_path / "no-such-socket"
+    result = subprocess.run([H2KCTL, "--address", f"unix:path={missing}", "list"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 6
+    assert result.stderr.startswith("h2kctl: ") and len(result.stderr.strip().splitlines()) == 1
+    # DBUS_SYSTEM_BUS_ADDRESS is honoured as by every system bus client
+    result = subprocess.run([H2KCTL, "health"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={missing}"})
+    assert result.returncode == 6 and str(missing) in result.stderr
+
+
+def test_name_not_on_the_bus_exits_6(tmp_path):
+    """A bus that is there, without h2kd on it."""
+    config = tmp_path / "bus.conf"
+    socket_path = tmp_path / "bus"
+    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={socket_path}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/>
+</policy></busconfig>
+""")
+    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(config), "--nofork", "--print-address"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        bus.stdout.readline()
+        result = subprocess.run([H2KCTL, "--address", f"unix:path={socket_path}", "queue"], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 6, result
+        assert "org.hyper2kvm.h2kd1" in result.stderr
+    finally:
+        bus.terminate()
+        bus.wait(10)
+
+
+# ------------------------------------------------------------------------------ read commands
+
+def test_health_workers_queue_json_match_the_bus(env):
+    health = json.loads(ok(h2kctl(env, "health", "--json")).stdout)
+    assert health["status"] in ("ok", "degraded")
+    assert health["version"] == busctl_property(env, MANAGER, MANAGER_IFACE, "Version")
+    human = h2kctl(env, "health")
+    assert human.returncode == (0 if health["status"] == "ok" else 1)
+    assert f"Status: {health['status']}" in human.stdout
+
+    workers = json.loads(ok(h2kctl(env, "workers", "--json")).stdout)
+    builtin = next(w for w in workers if w["kind"] == "builtin")
+    for key, prop in (("state", "State"), ("name", "Name"), ("id", "Id")):
+        assert builtin[key] == busctl_property(env, builtin["path"], "org.hyper2kvm.h2kd1.Worker", prop)
+    assert builtin["id"] in ok(h2kctl(env, "workers")).stdout
+
+    queue = json.loads(ok(h2kctl(env, "queue", "--json")).stdout)
+    assert queue["paused"] == busctl_property(env, MANAGER, MANAGER_IFACE, "Paused")
+    assert queue["max_parallel_jobs"] == busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs")
+    assert queue["queued"] == busctl_property(env, MANAGER, MANAGER_IFACE, "JobsQueued")
+    assert len(queue["by_priority"]) == 10
+
+
+def test_queue_pause_resume_max_parallel_and_priority(env, images, output_dir):
+    ok(h2kctl(env, "queue", "pause"))
+    try:
+        assert busctl_property(env, MANAGER, MANAGER_IFACE, "Paused") is True
+        assert "Paused: yes" in ok(h2kctl(env, "queue", "stats")).stdout
+        job_id = new_id("prio")
+        ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id,
+                  "--priority", "7"))
+        assert json.loads(ok(h2kctl(env, "queue", "--json")).stdout)["by_priority"][6] >= 1
+        ok(h2kctl(env, "queue", "priority", job_id, "2"))
+        assert busctl_property(env, job_path(env, job_id), JOB_IFACE, "Priority") == 2
+        ok(h2kctl(env, "cancel", job_id))
+        assert job_state(env, job_id) == "cancelled"
+    finally:
+        ok(h2kctl(env, "queue", "resume"))
+    assert busctl_property(env, MANAGER, MANAGER_IFACE, "Paused") is False
+    before = busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs")
+    ok(h2kctl(env, "queue", "max-parallel", "5"))
+    try:
+        assert busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs") == 5
+    finally:
+        ok(h2kctl(env, "queue", "max-parallel", str(before)))
+
+
+def test_submit_list_status_show_events_match_the_bus(env, images, output_dir, paused_queue):
+    job_id = new_id("cli")
+    output = output_dir / f"{job_id}.qcow2"
+    submitted = json.loads(ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output), "--id", job_id,
+                                     "--priority", "3", "--retries", "1", "--timeout", "600", "--ticket", "T-1",
+                                     "--tag", "a", "--tag", "b", "--compress=zstd", "--json")).stdout)
+    path = job_path(env, job_id)
+    assert submitted["id"] == job_id and submitted["path"] == path
+    assert submitted["spec"]["audit"]["tags"] == ["a", "b"]
+    assert submitted["spec"]["parameters"]["compression_type"] == "zstd"
+
+    status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+    for key, prop in (("state", "State"), ("priority", "Priority"), ("owner", "Owner"), ("source", "Source"),
+                      ("output", "Output"), ("attempt", "Attempt"), ("operation", "Operation")):
+        assert status[key] == busctl_property(env, path, JOB_IFACE, prop), key
+    assert status["state"] == "queued" and status["priority"] == 3 and status["owner"] == 0
+    assert status["owner_name"] == "root"
+    assert status["source"] == str(images["vmdk"])
+    assert [h["state"] for h in status["history"]][-1] == "queued"
+
+    listed = json.loads(ok(h2kctl(env, "list", "--json", "--state", "queued")).stdout)
+    entry = next(e for e in listed if e["id"] == job_id)
+    assert entry["path"] == path and entry["state"] == "queued" and entry["priority"] == 3
+    assert all(e["state"] == "queued" for e in listed)
+    table = ok(h2kctl(env, "list", "--operation", "convert")).stdout
+    assert re.search(rf"^{re.escape(job_id)}\s+convert\s+queued\s+\S+\s+root\s+\S+", table, re.M), table
+    assert table.splitlines()[0].split() == ["ID", "OPERATION", "STATE", "PROGRESS", "OWNER", "AGE"]
+    assert job_id in ok(h2kctl(env, "list", "-q", "--owner", "root")).stdout.split()
+    assert job_id not in ok(h2kctl(env, "list", "-q", "--state", "completed")).stdout.split()
+
+    shown = json.loads(ok(h2kctl(env, "show", job_id, "--json")).stdout)
+    assert {"Id", "State", "Progress", "Spec", "Result", "Error", "Cancelable"} <= set(shown)
+    for prop in ("State", "Priority", "Unit", "Attempt", "Cancelable"):
+        assert shown[prop] == busctl_property(env, path, JOB_IFACE, prop), prop
+    lines = ok(h2kctl(env, "show", job_id)).stdout.splitlines()
+    assert f"Id={job_id}" in lines and "State=queued" in lines and "Cancelable=yes" in lines
+    assert ok(h2kctl(env, "show", job_id, "-p", "State,Priority", "--value")).stdout == "queued\n3\n"
+
+    human = ok(h2kctl(env, "status", job_id)).stdout
+    assert job_id in human and "State: queued" in human and "History:" in human
+
+    events = json.loads(ok(h2kctl(env, "events", job_id, "--json")).stdout)
+    assert events[0]["seq"] >= 1 and events[0]["kind"] == "state"
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    later = json.loads(ok(h2kctl(env, "events", job_id, "--json", "--since", str(events[0]["seq"]))).stdout)
+    assert later == events[1:]
+    assert "state" in ok(h2kctl(env, "events", job_id)).stdout
+
+    ok(h2kctl(env, "cancel", job_id))
+    assert job_state(env, job_id) == "cancelled"
+    ok(h2kctl(env, "retry", job_id))
+    assert job_state(env, job_id) == "queued"
+    ok(h2kctl(env, "cancel", job_id))
+    ok(h2kctl(env, "remove", job_id))
+    assert h2kctl(env, "status", job_id).returncode == 7
+
+
+def test_submit_from_job_file_and_no_queue_then_start(env, images, output_dir, tmp_path, paused_queue):
+    job_id = new_id("file")
+    spec = {"job_id": job_id, "operation": "convert", "image": {"path": str(images["small"])},
+            "parameters": {"output_format": "raw"}, "artifacts": {"output_path": str(output_dir / f"{job_id}.raw")},
+            "execution_policy": {"priority": 4}}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    out = ok(h2kctl(env, "submit", "--file", str(job_file), "--no-queue"))
+    assert job_id in out.stdout and "h2kctl start" in out.stdout
+    assert job_state(env, job_id) == "validated"
+    started = json.loads(ok(h2kctl(env, "start", job_id, "--json")).stdout)
+    assert started["state"] == job_state(env, job_id) == "queued"
+    assert started["spec"]["parameters"]["output_format"] == "raw" and started["priority"] == 4
+    ok(h2kctl(env, "cancel", job_id))
+    if importlib.util.find_spec("yaml") is None:
+        return
+    yaml_file = tmp_path / "job.yaml"
+    yaml_id = new_id("yaml")
+    yaml_file.write_text(f"job_id: {yaml_id}\noperation: inspect\nimage:\n  path: {images['small']}\n")
+    ok(h2kctl(env, "submit", "--file", str(yaml_file)))
+    assert json.loads(ok(h2kctl(env, "status", yaml_id, "--json")).stdout)["operation"] == "inspect"
+    ok(h2kctl(env, "cancel", yaml_id))
+
+
+def test_no_such_job_exits_7(env):
+    for args in (["status", "nope-x"], ["show", "nope-x"], ["events", "nope-x"], ["cancel", "nope-x"],
+                 ["retry", "nope-x"], ["remove", "nope-x"], ["start", "nope-x"], ["logs", "nope-x"],
+                 ["watch", "nope-x"], ["queue", "priority", "nope-x", "1"]):
+        result = h2kctl(env, *args)
+        assert result.returncode == 7, (args, result)
+        assert result.stderr.startswith("h2kctl: ") and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_source_is_refused_before_submitting(env, tmp_path):
+    missing = tmp_path / "missing.vmdk"
+    result = h2kctl(env, "submit", str(missing), "-o", "/tmp/x.qcow2")
+    assert result.returncode == 1 and "cannot read" in result.stderr and str(missing) in result.stderr
+
+
+# --------------------------------------------------------------------------- jobs that run
+
+def test_failed_job_exits_3_with_one_line(env, images, output_dir):
+    job_id = new_id("bad")
+    result = h2kctl(env, "submit", "--wait", str(images["text"]), "-o", str(output_dir / f"{job_id}.qcow2"),
+                    "--id", job_id, "--source-format", "vmdk", timeout=120)
+    assert result.returncode == 3, result
+    assert result.stderr.startswith(f"h2kctl: job {job_id} failed")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert job_state(env, job_id) == "failed"
+    status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+    assert status["error"]["code"] == busctl_property(env, job_path(env, job_id), JOB_IFACE, "Error")[0]
+    assert h2kctl(env, "watch", job_id).returncode == 3   # watching a finished job reports its outcome
+
+
+def test_cancelled_job_exits_4_for_whoever_waits(env, images, output_dir, paused_queue):
+    job_id = new_id("cancel")
+    ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+    watcher = subprocess.Popen([H2KCTL, "watch", job_id], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        ok(h2kctl(env, "cancel", job_id))
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 4, (out, err)
+    assert f"Job {job_id}: queued" in out and "cancelled" in out + err
+    assert h2kctl(env, "watch", job_id).returncode == 4
+
+
+def test_plain_progress_lines_when_not_a_terminal(env, images, output_dir):
+    job_id = new_id("plain")
+    output = output_dir / f"{job_id}.qcow2"
+    result = h2kctl(env, "submit", "--wait", str(images["big"]), "-o", str(output), "--id", job_id,
+                    "--compress=zlib", "--source-format", "raw", timeout=300)
+    assert result.returncode == 0, result
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Submitted job {job_id}."
+    assert any(line.startswith(f"Job {job_id}: ") for line in lines)
+    assert lines[-1].startswith(f"Job {job_id} completed")
+    # no more than one line per 10% step and per state/phase change
+    assert len(lines) < 40
+    assert output.exists() and job_state(env, job_id) == "completed"
+
+    logs = h2kctl(env, "logs", "--no-pager", job_id)
+    assert logs.returncode == 0 and job_id in logs.stdout, logs
+    status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+    assert status["progress"] == 1.0 or status["progress"] is None
+    assert status["result"]["status"] == "completed"
+    assert status["finished_at_usec"] == busctl_property(env, job_path(env, job_id), JOB_IFACE, "FinishedAt")
+
+
+def test_progress_bar_in_a_pseudo_terminal(env, images, output_dir):
+    job_id = new_id("tty")
+    argv = [H2KCTL, "submit", "--wait", str(images["big"]), "-o", str(output_dir / f"{job_id}.qcow2"),
+            "--id", job_id, "--compress=zlib", "--source-format", "raw"]
+    code, output = run_in_pty(argv, env, timeout=300)
+    assert code == 0, output
+    frames = [f.replace("\x1b[K", "") for f in re.split(r"\r|\n", output)]
+    frames = [f for f in frames if f.strip()]
+    percentages = [float(m) for m in re.findall(r"(\d+\.\d)%", output)]
+    assert percentages, output
+    assert "[#" in output or "[." in output, output          # the bar itself
+    assert re.search(r"\d+\.\d (KiB|MiB|GiB)/\d+\.\d (MiB|GiB)", output), output   # bytes done/total
+    assert "\x1b[K" in output                                   # redrawn in place
+    assert frames[-1].strip().startswith(f"Job {job_id} completed"), frames[-3:]
+
+
+def test_ctrl_c_detaches_without_cancelling(env, images, output_dir):
+    job_id = new_id("detach")
+    argv = [H2KCTL, "submit", "--wait", str(images["big"]), "-o", str(output_dir / f"{job_id}.qcow2"),
+            "--id", job_id, "--compress=zlib", "--source-format", "raw"]
+    ok(h2kctl(env, "queue", "pause"))
+    sent = []
+
+    def interrupt_once_following(pid: int, text: str) -> None:
+        if not sent and f"{job_id}" in text and "queued" in text:
+            os.kill(pid, signal.SIGINT)
+            sent.append(True)
+
+    try:
+        code, output = run_in_pty(argv, env, timeout=60, on_output=interrupt_once_following)
+        assert sent, output
+        assert code == 0, output
+        assert f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_id}" in output
+        assert job_state(env, job_id) == "queued"
+    finally:
+        ok(h2kctl(env, "queue", "resume"))
+    assert wait_for_state(env, job_id, TERMINAL, timeout=240) == "completed"
+
+
+def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
+    watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        time.sleep(1)
+        job_id = new_id("watchall")
+        ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+        wait_for_state(env, job_id, TERMINAL, timeout=120)
+        time.sleep(1.5)
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    assert f"Job {job_id}" in out and "Traceback" not in err
+
+
+def test_inspect_prints_a_report(env, images):
+    result = h2kctl(env, "inspect", "--json", str(images["vmdk"]), timeout=120)
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    assert report["job"]["operation"] == "inspect" and report["job"]["state"] == "completed"
+    assert report["job"]["state"] == job_state(env, report["job"]["id"])
+    assert isinstance(report["report"], dict) and report["report"]
+    assert "vmdk" in json.dumps(report["report"]).lower()
+    human = h2kctl(env, "inspect", str(images["vmdk"]), timeout=120)
+    assert human.returncode == 0 and "Report on" in human.stdout
+    assert ok(h2kctl(env, "list", "--json", "--operation", "convert")).stdout  # nothing else queued by inspect
+
+
+# ------------------------------------------------------------------------ an unprivileged user
+
+@pytest.fixture
+def plain_user():
+    name = "h2kctlt" + uuid.uuid4().hex[:6]
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+        if USERNS_STAGING.exists():
+            USERNS_STAGING.rmdir()
+
+
+def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, plain_user, output_dir, paused_queue):
+    listed = h2kctl(env, "list", "--json", user=plain_user)
+    assert listed.returncode == 0, listed
+    assert isinstance(json.loads(listed.stdout), list)
+    assert h2kctl(env, "queue", "--json", user=plain_user).returncode == 0
+
+    result = h2kctl(env, "--no-ask-password", "submit", str(images["small"]), "-o", "/tmp/never.qcow2",
+                    user=plain_user)
+    assert result.returncode == 5, result
+    assert result.stderr.strip() == "h2kctl: not authorized to submit jobs (polkit action org.hyper2kvm.h2kd1.submit)"
+
+    result = h2kctl(env, "queue", "resume", user=plain_user)
+    assert result.returncode == 5 and "org.hyper2kvm.h2kd1.manage" in result.stderr, result
+    assert busctl_property(env, MANAGER, MANAGER_IFACE, "Paused") is True
+
+    job_id = new_id("root")
+    ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+    result = h2kctl(env, "cancel", job_id, user=plain_user)
+    assert result.returncode == 5 and "org.hyper2kvm.h2kd1.cancel-other-user" in result.stderr, result
+    assert job_state(env, job_id) == "queued"
+    ok(h2kctl(env, "cancel", job_id))
+
+    secret = images["small"].parent / "root-only.vmdk"
+    secret.write_bytes(images["small"].read_bytes()[:MiB])
+    secret.chmod(0o600)
+    result = h2kctl(env, "submit", str(secret), "-o", "/tmp/never.qcow2", user=plain_user)
+    assert result.returncode == 1 and "cannot read" in result.stderr and "Permission denied" in result.stderr
+    assert pwd.getpwnam(plain_user).pw_uid != 0
