@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 from h2kd import __version__
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, InvalidArgument, InvalidState, NoSuchJob, NoSuchWorker, QueueFull
+from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, InvalidState, NoSuchJob, NoSuchWorker, QueueFull
 from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
@@ -130,8 +130,12 @@ class JobManager:
         await asyncio.gather(*self._periodic, *self._tasks, return_exceptions=True)
 
     async def _recover(self, job: Job) -> None:
-        if job.state == S.CREATED:
-            self._validate_and_queue(job, queue=True)
+        if job.state == S.CREATED:  # h2kd stopped between storing and validating it
+            try:
+                problem = self._host_validator(job) if self._host_validator else None
+            except H2kError as e:
+                problem = str(e)
+            self._validate_and_queue(job, True, problem)
         elif job.state == S.QUEUED:
             self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
         elif job.state == S.RETRYING:
@@ -256,14 +260,14 @@ class JobManager:
             raise QueueFull(f"the queue holds {len(self._scheduler)} jobs, its limit")
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
+        problem = self._host_validator(job) if self._host_validator else None  # NotAuthorized: nothing stored
         self._store.insert_job(job, f"submitted by uid {owner}")
         self._jobs[job.id] = job
         self._notify("job_added", job)
-        self._validate_and_queue(job, queue)
+        self._validate_and_queue(job, queue, problem)
         return job, True
 
-    def _validate_and_queue(self, job: Job, queue: bool) -> None:
-        problem = self._host_validator(job) if self._host_validator else None
+    def _validate_and_queue(self, job: Job, queue: bool, problem: str | None) -> None:
         if problem:
             self._fail(job, ErrorCode.VALIDATION_FAILED, problem, phase="validation")
             return

@@ -115,7 +115,7 @@ def test_validation_failure_is_a_failed_job(tmp_path):
         await m.start()
         job, _ = m.submit(spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2"), owner=0)
         assert job.state.value == "failed" and job.error_code == "VALIDATION_FAILED"
-        assert "does not exist" in job.error_message
+        assert "no such file" in job.error_message
         await settle()
         assert runner.started == []
     asyncio.run(go())

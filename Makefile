@@ -1,0 +1,98 @@
+# h2kd: `make demo` shows it working, `make test` is the test suite (what CI runs).
+# Both set up what they need: Debian packages (deps) and a virtualenv in .venv (venv).
+
+PYTHON   ?= python3
+VENV     ?= .venv
+DESTDIR  ?=
+PREFIX   ?= /usr
+BINDIR   ?= $(PREFIX)/bin
+LIBDIR   ?= $(PREFIX)/lib
+DATADIR  ?= $(PREFIX)/share
+UNITDIR  ?= $(LIBDIR)/systemd/system
+CATALOGDIR ?= $(LIBDIR)/systemd/catalog
+APPDIR   ?= $(LIBDIR)/h2kd
+PYTEST_ARGS ?=
+
+# Build dependencies of systemd-python and dbus-python, the real programs the tests run
+# (qemu-img, cockpit, chromium, prometheus, tmux), and systemd-importd's unit, which the tests
+# compare our unit's hardening with. systemd itself comes with the machine.
+DEB_PACKAGES = qemu-utils libsystemd-dev pkg-config libdbus-1-dev libglib2.0-dev \
+	cockpit-ws cockpit-bridge chromium chromium-driver prometheus tmux systemd-container \
+	dbus-daemon polkitd libglib2.0-bin
+
+.PHONY: all deps venv test demo install bench clean distclean
+
+all: venv
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+test: deps venv
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: deps venv
+	$(VENV)/bin/h2k-sandbox run -- $(VENV)/bin/python -m h2kd.demo
+
+bench: deps venv
+	@if [ -x bench/run ]; then bench/run; else echo "bench/run does not exist yet"; fi
+
+# h2kd goes into a virtualenv of its own in $(APPDIR), with its commands linked into $(BINDIR);
+# the D-Bus, systemd and polkit files go where those programs look for them.
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(APPDIR)
+	$(DESTDIR)$(APPDIR)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(APPDIR)/bin/pip install -q .
+	@# Scripts point at the staging path when DESTDIR is set; make them point at the final one.
+	if [ -n "$(DESTDIR)" ]; then \
+		grep -lr --null '^#!$(DESTDIR)' $(DESTDIR)$(APPDIR)/bin | xargs -0r sed -i '1s|^#!$(DESTDIR)|#!|'; \
+	fi
+	install -d $(DESTDIR)$(BINDIR)
+	for cmd in h2kd h2kctl h2k-worker h2k-sandbox; do \
+		ln -sf $(APPDIR)/bin/$$cmd $(DESTDIR)$(BINDIR)/$$cmd; \
+	done
+	install -Dm0644 dbus/org.hyper2kvm.h2kd1.conf $(DESTDIR)$(DATADIR)/dbus-1/system.d/org.hyper2kvm.h2kd1.conf
+	install -Dm0644 dbus/org.hyper2kvm.h2kd1.service $(DESTDIR)$(DATADIR)/dbus-1/system-services/org.hyper2kvm.h2kd1.service
+	for f in dbus/org.hyper2kvm.h2kd1.*.xml; do \
+		install -Dm0644 $$f $(DESTDIR)$(DATADIR)/dbus-1/interfaces/$$(basename $$f); \
+	done
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|^ExecStart=/usr/bin/h2kd|ExecStart=$(BINDIR)/h2kd|' systemd/h2kd.service > $(DESTDIR)$(UNITDIR)/h2kd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/h2kd.service
+	install -m0644 systemd/h2k.slice $(DESTDIR)$(UNITDIR)/h2k.slice
+	if [ -f systemd/h2kd.catalog ]; then \
+		install -Dm0644 systemd/h2kd.catalog $(DESTDIR)$(CATALOGDIR)/h2kd.catalog; \
+		[ -n "$(DESTDIR)" ] || journalctl --update-catalog || true; \
+	fi
+	for f in polkit/*.policy; do \
+		install -Dm0644 $$f $(DESTDIR)$(DATADIR)/polkit-1/actions/$$(basename $$f); \
+	done
+	install -d $(DESTDIR)$(DATADIR)/doc/h2kd/examples
+	for f in polkit/*.rules.example; do \
+		[ -e "$$f" ] && install -m0644 $$f $(DESTDIR)$(DATADIR)/doc/h2kd/examples/; \
+	done; true
+	if [ -n "$$(ls -A cockpit 2>/dev/null)" ]; then \
+		install -d $(DESTDIR)$(DATADIR)/cockpit/h2kd && cp -R cockpit/. $(DESTDIR)$(DATADIR)/cockpit/h2kd/; \
+	fi
+	@echo "installed; then: systemctl daemon-reload && systemctl enable --now h2kd.service"
+
+clean:
+	rm -rf build dist .pytest_cache .hypothesis *.egg-info artifacts
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

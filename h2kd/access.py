@@ -1,0 +1,181 @@
+"""File access as the caller: could this uid, with these groups, read a source or create an output?
+
+h2kd runs as root, so its own view of permissions proves nothing about the caller. Each check
+that matters is made in a short-lived child process that has dropped to the caller's uid and
+groups and tries the real thing: it opens the source O_RDONLY|O_NOFOLLOW, or asks access(2) for
+write and search permission on the output directory (which also sees ACLs and read-only mounts).
+Paths are confined as well: a source's final component may not be a symlink, and sources and
+output directories must resolve (symlinks followed) below the configured roots.
+
+A file descriptor the caller passed over the bus needs no permission check (the caller opened
+it), only `check_source_fd`.
+
+Errors: NotAuthorized (the caller may not), InvalidArgument (the path is not usable),
+AlreadyExists (the output is there already).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, NotAuthorized
+
+# The group a caller without a passwd entry gets (Debian's "nogroup").
+_NO_GROUP = 65534
+
+
+def caller_groups(uid: int) -> list[int]:
+    """The groups a login of `uid` would have: primary gid first, then supplementary groups.
+    An unknown uid has none."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return []
+    return list(dict.fromkeys([entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)]))
+
+
+def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int],
+                          allowed_roots: Iterable[str | os.PathLike[str]]) -> Path:
+    """Return the resolved path of a source image the caller may read, or raise."""
+    given = _absolute(path)
+    try:
+        seen = os.lstat(given)
+    except FileNotFoundError:
+        raise InvalidArgument(f"no such file: {given}") from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot use {given}: {e.strerror}") from None
+    if stat.S_ISLNK(seen.st_mode):
+        raise NotAuthorized(f"refusing {given}: it is a symbolic link; give the path of the image itself")
+    resolved = Path(os.path.realpath(given))
+    roots = _resolved_roots(allowed_roots)
+    if not _is_below(resolved, roots):
+        raise NotAuthorized(
+            f"refusing {given}: it resolves to {resolved}, outside the allowed source directories "
+            f"({', '.join(map(str, roots))})"
+        )
+    if not stat.S_ISREG(seen.st_mode):
+        raise InvalidArgument(f"{given} is not a regular file")
+    if uid == 0:
+        return resolved
+    code, device, inode = _as_caller(uid, gids, _try_open_for_reading, str(resolved))
+    if code in (errno.EACCES, errno.EPERM):
+        raise NotAuthorized(f"permission denied: {given} is not readable by uid {uid}")
+    if code == errno.ELOOP:
+        raise NotAuthorized(f"refusing {given}: it became a symbolic link while being checked")
+    if code:
+        raise InvalidArgument(f"cannot read {given} as uid {uid}: {os.strerror(code)}")
+    if (device, inode) != (seen.st_dev, seen.st_ino):
+        raise NotAuthorized(f"refusing {given}: it was replaced while being checked")
+    return resolved
+
+
+def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int],
+                         output_roots: Iterable[str | os.PathLike[str]]) -> Path:
+    """Return where an output may be created (its directory resolved), or raise: the directory
+    must be below an output root and writable by the caller, and nothing may exist at the path."""
+    given = _absolute(path)
+    if given.name in ("", ".", ".."):
+        raise InvalidArgument(f"{given} does not name a file")
+    directory = Path(os.path.realpath(given.parent))
+    roots = _resolved_roots(output_roots)
+    if not _is_below(directory, roots):
+        raise NotAuthorized(
+            f"refusing {given}: outputs may only be written below {', '.join(map(str, roots))}"
+        )
+    if not directory.is_dir():
+        raise InvalidArgument(f"{given.parent} is not an existing directory")
+    target = directory / given.name
+    if os.path.lexists(target):
+        raise AlreadyExists(f"{target} already exists; outputs are never overwritten")
+    if uid == 0:
+        return target
+    (code,) = _as_caller(uid, gids, _try_write_access, str(directory))
+    if code:
+        raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
+    return target
+
+
+def check_source_fd(fd: int) -> os.stat_result:
+    """A source passed as a file descriptor: it must be a regular file open for reading."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        info = os.fstat(fd)
+    except OSError as e:
+        raise InvalidArgument(f"unusable file descriptor: {e.strerror}") from None
+    if flags & os.O_PATH or (flags & os.O_ACCMODE) == os.O_WRONLY:
+        raise InvalidArgument("the file descriptor is not open for reading")
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgument("the file descriptor does not refer to a regular file")
+    return info
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    given = Path(path)
+    if not given.is_absolute():
+        raise InvalidArgument(f"{path} is not an absolute path")
+    return given
+
+
+def _resolved_roots(roots: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    return [Path(os.path.realpath(root)) for root in roots]
+
+
+def _is_below(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _try_open_for_reading(path: str) -> tuple[int, ...]:
+    try:
+        # O_NONBLOCK: should the file have been swapped for a FIFO, do not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        return (e.errno or errno.EIO, 0, 0)
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (0, info.st_dev, info.st_ino)
+
+
+def _try_write_access(directory: str) -> tuple[int, ...]:
+    # In the child the real uid is the caller's, which is what access(2) checks.
+    return (0,) if os.access(directory, os.W_OK | os.X_OK) else (errno.EACCES,)
+
+
+def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], argument: str) -> tuple[int, ...]:
+    """Run `probe(argument)` in a child process with the caller's uid and groups; return its numbers.
+
+    fork rather than a helper program: it costs about a millisecond, and the child only makes
+    system calls before _exit."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 1
+        try:
+            os.close(reader)
+            os.setgroups(gids)
+            os.setgid(gids[0] if gids else _NO_GROUP)
+            os.setuid(uid)
+            if os.getuid() != uid or os.geteuid() != uid:
+                os._exit(1)
+            os.write(writer, " ".join(map(str, probe(argument))).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    try:
+        answer = b""
+        while chunk := os.read(reader, 256):
+            answer += chunk
+    finally:
+        os.close(reader)
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not answer:
+        raise H2kError(f"could not check file access as uid {uid}")
+    return tuple(int(n) for n in answer.split())

@@ -1,0 +1,267 @@
+"""Who is calling and may they do it: caller credentials from the bus, decisions from polkit.
+
+Every privileged D-Bus method asks `Authority.check` with the caller's unique bus name. The
+subject sent to polkit is that bus name (polkit resolves it to the process and uid itself, so a
+caller cannot claim to be someone else). uid 0 is allowed without asking polkit. Any answer
+other than a clear "yes" denies: a polkit that is missing, fails or does not answer within the
+timeout means NotAuthorized, and each check is an independent coroutine, so a slow answer for one
+caller never holds up another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from h2kd.errors import InteractiveAuthorizationRequired, NotAuthorized
+
+ACTION_SUBMIT = "org.hyper2kvm.h2kd1.submit"
+ACTION_CANCEL = "org.hyper2kvm.h2kd1.cancel"
+ACTION_CANCEL_OTHER_USER = "org.hyper2kvm.h2kd1.cancel-other-user"
+ACTION_MANAGE = "org.hyper2kvm.h2kd1.manage"
+ACTION_REGISTER_WORKER = "org.hyper2kvm.h2kd1.register-worker"
+
+# What the caller was trying to do, as the end of "Not authorized to ...".
+_ACTION_WORDS = {
+    ACTION_SUBMIT: "submit conversion jobs",
+    ACTION_CANCEL: "cancel, retry or start this job",
+    ACTION_CANCEL_OTHER_USER: "cancel, retry or start another user's job",
+    ACTION_MANAGE: "manage the conversion queue",
+    ACTION_REGISTER_WORKER: "register a worker",
+}
+
+_DBUS = "org.freedesktop.DBus"
+_DBUS_PATH = "/org/freedesktop/DBus"
+_POLKIT = "org.freedesktop.PolicyKit1"
+_POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+_POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
+_ALLOW_USER_INTERACTION = 1
+# Only names that lose their owner matter to the cache; unique names never come back.
+_NAME_GONE_MATCH = (
+    f"type='signal',sender='{_DBUS}',path='{_DBUS_PATH}',interface='{_DBUS}',"
+    "member='NameOwnerChanged',arg2=''"
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the bus daemon knows about a connection: its uid, pid and (when known) groups."""
+
+    uid: int
+    pid: int
+    gids: tuple[int, ...]
+
+
+def allows_interaction(message: Message) -> bool:
+    """Whether the caller set ALLOW_INTERACTIVE_AUTHORIZATION on its method call."""
+    return bool(message.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+
+def describe_action(action_id: str) -> str:
+    return _ACTION_WORDS.get(action_id, f"perform {action_id}")
+
+
+class Authority:
+    """polkit checks and caller identity on one bus connection (the one the daemon serves on)."""
+
+    def __init__(self, bus: MessageBus, timeout: float):
+        self._bus = bus
+        self._timeout = timeout
+        # unique name -> lookup in flight or done; shared so concurrent callers ask only once.
+        self._credentials: dict[str, asyncio.Task[Credentials]] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._cancellation_ids = itertools.count(1)
+
+    # -- caller identity ------------------------------------------------------------------------
+
+    async def caller_credentials(self, sender: str) -> Credentials:
+        await self._watch_names()
+        lookup = self._credentials.get(sender)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._fetch_credentials(sender))
+            self._credentials[sender] = lookup
+            lookup.add_done_callback(lambda task: self._forget_failed(sender, task))
+        # shield: one impatient caller must not cancel the lookup the others wait for.
+        return await asyncio.shield(lookup)
+
+    async def caller_uid(self, sender: str) -> int:
+        return (await self.caller_credentials(sender)).uid
+
+    async def caller_pid(self, sender: str) -> int:
+        return (await self.caller_credentials(sender)).pid
+
+    def cached_names(self) -> set[str]:
+        """Unique names whose credentials are held (they are dropped when the name leaves the bus)."""
+        return set(self._credentials)
+
+    async def _fetch_credentials(self, sender: str) -> Credentials:
+        call = Message(
+            destination=_DBUS,
+            path=_DBUS_PATH,
+            interface=_DBUS,
+            member="GetConnectionCredentials",
+            signature="s",
+            body=[sender],
+        )
+        try:
+            reply = await asyncio.wait_for(self._bus.call(call), self._timeout)
+        except Exception as e:  # timeout, disconnected bus
+            raise NotAuthorized(f"Not authorized: cannot identify the caller {sender} ({e!r})") from e
+        if reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply.body else reply.error_name
+            raise NotAuthorized(f"Not authorized: cannot identify the caller {sender} ({detail})")
+        found = reply.body[0]
+        if "UnixUserID" not in found:
+            raise NotAuthorized(f"Not authorized: the bus does not know the uid of {sender}")
+        pid = found["ProcessID"].value if "ProcessID" in found else 0
+        gids = tuple(found["UnixGroupIDs"].value) if "UnixGroupIDs" in found else ()
+        return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids)
+
+    def _forget_failed(self, sender: str, task: asyncio.Task[Credentials]) -> None:
+        if (task.cancelled() or task.exception() is not None) and self._credentials.get(sender) is task:
+            del self._credentials[sender]
+
+    async def _watch_names(self) -> None:
+        """Subscribe to names leaving the bus before the first lookup, so no cached entry can leak."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._add_name_watch())
+        await asyncio.shield(self._watch)
+
+    async def _add_name_watch(self) -> None:
+        # Without the watch, lookups still work; only the cache would keep names that left.
+        self._bus.add_message_handler(self._on_message)
+        try:
+            reply = await self._bus.call(
+                Message(
+                    destination=_DBUS,
+                    path=_DBUS_PATH,
+                    interface=_DBUS,
+                    member="AddMatch",
+                    signature="s",
+                    body=[_NAME_GONE_MATCH],
+                )
+            )
+        except Exception as e:
+            log.warning("cannot watch callers leaving the bus: %r", e)
+            return
+        if reply.message_type == MessageType.ERROR:
+            log.warning("cannot watch callers leaving the bus: %s", reply.body)
+
+    def _on_message(self, message: Message) -> None:
+        if (
+            message.message_type == MessageType.SIGNAL
+            and message.member == "NameOwnerChanged"
+            and message.interface == _DBUS
+            and message.sender == _DBUS
+            and message.signature == "sss"
+            and message.body[2] == ""
+        ):
+            self._credentials.pop(message.body[0], None)
+        return None  # never consume: other handlers may want the same signal
+
+    async def close(self) -> None:
+        self._bus.remove_message_handler(self._on_message)
+        self._credentials.clear()
+        if self._watch is not None and self._watch.done() and self._bus.connected:
+            await self._bus.call(
+                Message(
+                    destination=_DBUS,
+                    path=_DBUS_PATH,
+                    interface=_DBUS,
+                    member="RemoveMatch",
+                    signature="s",
+                    body=[_NAME_GONE_MATCH],
+                )
+            )
+
+    # -- authorization ----------------------------------------------------------------------------
+
+    async def check(
+        self,
+        sender: str,
+        action_id: str,
+        allow_interactive: bool,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Return if `sender` may perform `action_id`; raise NotAuthorized or
+        InteractiveAuthorizationRequired otherwise."""
+        if (await self.caller_uid(sender)) == 0:
+            return
+        words = describe_action(action_id)
+        cancellation_id = f"h2kd-{os.getpid()}-{next(self._cancellation_ids)}"
+        call = Message(
+            destination=_POLKIT,
+            path=_POLKIT_PATH,
+            interface=_POLKIT_IFACE,
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[
+                ["system-bus-name", {"name": Variant("s", sender)}],
+                action_id,
+                dict(details or {}),
+                _ALLOW_USER_INTERACTION if allow_interactive else 0,
+                cancellation_id,
+            ],
+        )
+        try:
+            reply = await asyncio.wait_for(self._bus.call(call), self._timeout)
+        except TimeoutError:
+            log.warning("polkit did not answer %s for %s within %.1fs", action_id, sender, self._timeout)
+            self._cancel_check(cancellation_id)
+            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from None
+        except asyncio.CancelledError:
+            self._cancel_check(cancellation_id)
+            raise
+        except Exception as e:  # the connection itself failed
+            log.warning("polkit check %s for %s failed: %r", action_id, sender, e)
+            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from e
+        if reply.message_type == MessageType.ERROR:
+            log.warning("polkit refused to check %s for %s: %s %s", action_id, sender, reply.error_name, reply.body)
+            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable")
+        is_authorized, is_challenge, _result_details = reply.body[0]
+        if is_authorized:
+            return
+        if is_challenge and not allow_interactive:
+            raise InteractiveAuthorizationRequired(f"Interactive authentication is required to {words}")
+        raise NotAuthorized(f"Not authorized to {words}")
+
+    async def check_job_control(
+        self,
+        sender: str,
+        job_owner: int,
+        allow_interactive: bool,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Cancel/retry/start a job: the caller's own job needs ...cancel, anyone else's
+        ...cancel-other-user."""
+        own = (await self.caller_uid(sender)) == job_owner
+        action = ACTION_CANCEL if own else ACTION_CANCEL_OTHER_USER
+        await self.check(sender, action, allow_interactive, details)
+
+    def _cancel_check(self, cancellation_id: str) -> None:
+        """Tell polkit to drop a check we gave up on (it may be waiting for an agent)."""
+        if not self._bus.connected:
+            return
+        try:
+            sent = self._bus.send(
+                Message(
+                    destination=_POLKIT,
+                    path=_POLKIT_PATH,
+                    interface=_POLKIT_IFACE,
+                    member="CancelCheckAuthorization",
+                    signature="s",
+                    body=[cancellation_id],
+                    flags=MessageFlag.NO_REPLY_EXPECTED,
+                )
+            )
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+        except Exception as e:  # best effort: polkit's own timeout ends the check anyway
+            log.debug("could not cancel polkit check %s: %r", cancellation_id, e)

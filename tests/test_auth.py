@@ -1,0 +1,636 @@
+"""Authorization and file access as real unprivileged users see it.
+
+Users are created for these tests (h2kt-alice and h2kt-carol in group h2k, h2kt-bob outside it)
+and removed afterwards. polkit answers come from a real polkitd on the private stack, with our
+actions and the example rules file (group h2k may submit and cancel its own jobs); a polkitd that
+hangs is played by python-dbusmock on a bus of its own. File checks run as those users too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH
+from h2kd.access import caller_groups, check_output_allowed, check_source_fd, check_source_readable
+from h2kd.bus.auth import (
+    ACTION_CANCEL,
+    ACTION_CANCEL_OTHER_USER,
+    ACTION_MANAGE,
+    ACTION_REGISTER_WORKER,
+    ACTION_SUBMIT,
+    Authority,
+)
+from h2kd.errors import AlreadyExists, InteractiveAuthorizationRequired, InvalidArgument, NotAuthorized
+
+GROUP = "h2k"
+ALICE, CAROL, BOB = "h2kt-alice", "h2kt-carol", "h2kt-bob"
+MANAGER_IFACE = BUS_NAME + ".Manager"
+JOB_IFACE = BUS_NAME + ".Job"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+ALL_ACTIONS = (ACTION_SUBMIT, ACTION_CANCEL, ACTION_CANCEL_OTHER_USER, ACTION_MANAGE, ACTION_REGISTER_WORKER)
+
+
+# ---- users, directories, processes -------------------------------------------------------------
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """alice and carol in group h2k, bob not; removed (with their homes) at the end."""
+    created_group = _run("getent", "group", GROUP, check=False).returncode != 0
+    if created_group:
+        _run("groupadd", GROUP)
+    memberships = {ALICE: ["-G", GROUP], CAROL: ["-G", GROUP], BOB: []}
+    try:
+        for name, groups in memberships.items():
+            _run("userdel", "-r", name, check=False)  # left over from an interrupted run
+            _run("useradd", "--create-home", "--shell", "/usr/sbin/nologin", *groups, name)
+        yield {name: pwd.getpwnam(name) for name in memberships}
+    finally:
+        for name in memberships:
+            _run("userdel", "-r", name, check=False)
+        if created_group:
+            _run("groupdel", GROUP, check=False)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A scratch directory every user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="h2kt-auth-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _owned_by(path: Path, user: pwd.struct_passwd, mode: int) -> Path:
+    os.chown(path, user.pw_uid, user.pw_gid)
+    path.chmod(mode)
+    return path
+
+
+def _image(path: Path, mode: int = 0o644, user: pwd.struct_passwd | None = None) -> Path:
+    path.write_bytes(os.urandom(64 * 1024))
+    path.chmod(mode)
+    if user is not None:
+        _owned_by(path, user, mode)
+    return path
+
+
+async def _call(bus: MessageBus, destination: str, path: str, interface: str, member: str,
+                signature: str = "", body: list | None = None) -> Message:
+    return await bus.call(Message(destination=destination, path=path, interface=interface, member=member,
+                                  signature=signature, body=body or []))
+
+
+async def _unique_name_of(address: str, pid: int, timeout: float = 10.0) -> str:
+    """The unique bus name of the connection that process `pid` opened on the bus at `address`."""
+    bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            names = (await _call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                 "ListNames")).body[0]
+            for name in (n for n in names if n.startswith(":")):
+                reply = await _call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                    "GetConnectionUnixProcessID", "s", [name])
+                if reply.message_type == MessageType.METHOD_RETURN and reply.body[0] == pid:
+                    return name
+            await asyncio.sleep(0.05)
+    finally:
+        bus.disconnect()
+    raise AssertionError(f"process {pid} did not connect to {address}")
+
+
+@contextlib.contextmanager
+def bus_peer(user: pwd.struct_passwd, address: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A process of `user` (with the user's groups) that stays connected to the bus; yields its
+    unique name, the subject polkit will be asked about."""
+    proc = subprocess.Popen(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
+         "gdbus", "monitor", "--system", "--dest", "org.freedesktop.DBus"],
+        env={"PATH": os.environ["PATH"], "DBUS_SYSTEM_BUS_ADDRESS": address},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield asyncio.run(_unique_name_of(address, proc.pid)), proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def _outcome(authority: Authority, sender: str, action: str, interactive: bool) -> str:
+    try:
+        await authority.check(sender, action, interactive)
+    except InteractiveAuthorizationRequired:
+        return "interactive-required"
+    except NotAuthorized:
+        return "denied"
+    return "allowed"
+
+
+def _gid(group: str) -> int:
+    return grp.getgrnam(group).gr_gid
+
+
+def _stack_address(stack) -> str:
+    return stack.env()["DBUS_SYSTEM_BUS_ADDRESS"]
+
+
+# ---- the policy, asked through Authority of a real polkitd ------------------------------------
+
+@pytest.mark.stack
+def test_caller_identity_is_read_from_the_bus(stack, users):
+    alice = users[ALICE]
+    address = _stack_address(stack)
+    with bus_peer(alice, address) as (name, proc):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+            authority = Authority(bus, timeout=5)
+            credentials = await authority.caller_credentials(name)
+            assert await authority.caller_uid(name) == alice.pw_uid
+            assert await authority.caller_pid(name) == proc.pid
+            assert set(credentials.gids) >= {alice.pw_gid, _gid(GROUP)}
+            assert await authority.caller_uid(bus.unique_name) == 0
+            bus.disconnect()
+        asyncio.run(main())
+
+
+@pytest.mark.stack
+def test_policy_for_group_members_outsiders_and_root(stack, users):
+    """Group h2k may submit and cancel its own jobs without a password; everything else needs an
+    administrator: without the interactive flag polkit asks for interaction (a challenge); with it,
+    and no authentication agent, polkit says no."""
+    address = _stack_address(stack)
+    with bus_peer(users[ALICE], address) as (alice, _), bus_peer(users[BOB], address) as (bob, _):
+        async def main() -> dict[tuple[str, str, bool], str]:
+            bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+            authority = Authority(bus, timeout=10)
+            callers = {"alice": alice, "bob": bob, "root": bus.unique_name}
+            keys = [(who, action, interactive) for who in callers for action in ALL_ACTIONS
+                    for interactive in (False, True)]
+            # All at once: each check is its own coroutine and none waits for another.
+            outcomes = await asyncio.gather(*(_outcome(authority, callers[w], a, i) for w, a, i in keys))
+            bus.disconnect()
+            return dict(zip(keys, outcomes))
+        outcomes = asyncio.run(main())
+
+    def expected(who: str, action: str, interactive: bool) -> str:
+        if who == "root" or (who == "alice" and action in (ACTION_SUBMIT, ACTION_CANCEL)):
+            return "allowed"
+        return "denied" if interactive else "interactive-required"
+    wrong = {key: got for key, got in outcomes.items() if got != expected(*key)}
+    assert not wrong, f"unexpected polkit outcomes: {wrong}"
+
+
+@pytest.mark.stack
+def test_job_control_depends_on_who_owns_the_job(stack, users):
+    address = _stack_address(stack)
+    alice_uid, carol_uid = users[ALICE].pw_uid, users[CAROL].pw_uid
+    with bus_peer(users[ALICE], address) as (alice, _):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+            authority = Authority(bus, timeout=10)
+            await authority.check_job_control(alice, alice_uid, allow_interactive=False)
+            with pytest.raises(InteractiveAuthorizationRequired, match="another user's job"):
+                await authority.check_job_control(alice, carol_uid, allow_interactive=False)
+            with pytest.raises(NotAuthorized, match="Not authorized to cancel, retry or start another user's job"):
+                await authority.check_job_control(alice, carol_uid, allow_interactive=True)
+            await authority.check_job_control(bus.unique_name, carol_uid, allow_interactive=False)
+            bus.disconnect()
+        asyncio.run(main())
+
+
+@pytest.mark.stack
+def test_credentials_are_forgotten_when_the_caller_leaves(stack, users):
+    address = _stack_address(stack)
+    with bus_peer(users[BOB], address) as (bob, proc):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+            authority = Authority(bus, timeout=5)
+            assert await authority.caller_uid(bob) == users[BOB].pw_uid
+            assert bob in authority.cached_names()
+            proc.terminate()
+            deadline = time.monotonic() + 5
+            while bob in authority.cached_names() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert bob not in authority.cached_names()
+            # A name that is gone cannot be authorized (unique names are never reused).
+            with pytest.raises(NotAuthorized, match="cannot identify the caller"):
+                await authority.check(bob, ACTION_SUBMIT, False)
+            await authority.close()
+            bus.disconnect()
+        asyncio.run(main())
+
+
+# ---- polkit missing or hanging (python-dbusmock on a bus of its own) ---------------------------
+
+MOCK_IFACE = "org.freedesktop.DBus.Mock"
+POLKIT = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority")
+
+
+@pytest.fixture
+def mock_system_bus(shared_dir: Path) -> Iterator[str]:
+    """A private system-type bus, open to every user, with nothing on it yet."""
+    socket_path = shared_dir / "mock_system_bus"
+    config = shared_dir / "mock_system_bus.conf"
+    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket_path}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+""")
+    daemon = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline(), "dbus-daemon did not start"
+        socket_path.chmod(0o666)
+        yield f"unix:path={socket_path}"
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
+@pytest.fixture
+def mock_polkit(mock_system_bus: str) -> Iterator[str]:
+    """python-dbusmock's polkitd template serving org.freedesktop.PolicyKit1 on mock_system_bus."""
+    proc = subprocess.Popen([sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": mock_system_bus},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def wait_for_polkit() -> None:
+            bus = await MessageBus(bus_address=mock_system_bus, bus_type=BusType.SYSTEM).connect()
+            try:
+                for _ in range(200):
+                    reply = await _call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "NameHasOwner", "s", [POLKIT[0]])
+                    if reply.body[0]:
+                        return
+                    assert proc.poll() is None, "dbusmock exited"
+                    await asyncio.sleep(0.05)
+                raise AssertionError("dbusmock's polkitd did not appear")
+            finally:
+                bus.disconnect()
+        asyncio.run(wait_for_polkit())
+        yield mock_system_bus
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def _control_mock(bus: MessageBus, member: str, signature: str = "", body: list | None = None) -> list:
+    reply = await _call(bus, POLKIT[0], POLKIT[1], MOCK_IFACE, member, signature, body)
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    return reply.body
+
+
+def test_missing_polkit_denies_at_once(mock_system_bus, users):
+    with bus_peer(users[ALICE], mock_system_bus) as (alice, _):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=mock_system_bus, bus_type=BusType.SYSTEM).connect()
+            authority = Authority(bus, timeout=10)
+            started = time.monotonic()
+            with pytest.raises(NotAuthorized, match="authorization service unavailable"):
+                await authority.check(alice, ACTION_SUBMIT, False)
+            assert time.monotonic() - started < 2, "an absent polkit must not cost the timeout"
+            await authority.check(bus.unique_name, ACTION_SUBMIT, False)  # root needs no polkit
+            bus.disconnect()
+        asyncio.run(main())
+
+
+def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(mock_polkit, users):
+    timeout = 1.5
+    with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=mock_polkit, bus_type=BusType.SYSTEM).connect()
+            # The mock never answers checks of ...submit, allows ...cancel and refuses the rest.
+            await _control_mock(bus, "SimulateHangActions", "as", [[ACTION_SUBMIT]])
+            await _control_mock(bus, "SetAllowed", "as", [[ACTION_CANCEL]])
+            await _control_mock(bus, "AddMethod", "sssss",
+                                ["org.freedesktop.PolicyKit1.Authority", "CancelCheckAuthorization", "s", "", ""])
+            authority = Authority(bus, timeout=timeout)
+            started = time.monotonic()
+            hung = asyncio.ensure_future(authority.check(alice, ACTION_SUBMIT, False))
+            await asyncio.sleep(0.2)
+            # While alice's check hangs, other callers' checks are answered as usual.
+            await authority.check(bob, ACTION_CANCEL, False)
+            with pytest.raises(NotAuthorized, match="Not authorized to manage the conversion queue$"):
+                await authority.check(bob, ACTION_MANAGE, True)
+            await authority.check(bus.unique_name, ACTION_SUBMIT, False)
+            assert not hung.done(), "the hung check ended before the others were served"
+            assert time.monotonic() - started < timeout
+            with pytest.raises(NotAuthorized, match="authorization service unavailable"):
+                await hung
+            elapsed = time.monotonic() - started
+            assert timeout <= elapsed < timeout + 1.0
+            # The abandoned check is cancelled at polkit, with the id it was started with.
+            calls: list = []
+            for _ in range(100):
+                (calls,) = await _control_mock(bus, "GetMethodCalls", "s", ["CancelCheckAuthorization"])
+                if calls:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(calls) == 1 and calls[0][1][0].value.startswith("h2kd-")
+            bus.disconnect()
+        asyncio.run(main())
+
+
+# ---- through h2kd, as the users call it --------------------------------------------------------
+
+def _spec(job_id: str, image: Path) -> str:
+    return (f"{{'job_id': <'{job_id}'>, 'operation': <'inspect'>, "
+            f"'image': <{{'path': <'{image}'>}}>}}")
+
+
+# queue=false keeps a job "validated" until StartJob, so no runner can finish it under the test.
+HOLD = "{'queue': <false>}"
+
+
+def _gdbus(stack, user: str | None, path: str, method: str, *args: str,
+           interactive: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = ["gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path", path, "--method", method,
+            *(["--interactive"] if interactive else []), "--", *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, env={**os.environ, **stack.env()}, capture_output=True, text=True, timeout=60)
+
+
+def _error_name(result: subprocess.CompletedProcess[str]) -> str | None:
+    if result.returncode == 0:
+        return None
+    found = re.search(r"GDBus\.Error:([\w.]+):", result.stderr)
+    return found.group(1) if found else f"(no D-Bus error) {result.stderr.strip()}"
+
+
+def _job_property(stack, job_path: str, name: str) -> str:
+    result = _gdbus(stack, None, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, name)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _job_path(stack, job_id: str) -> str | None:
+    result = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".GetJob", job_id)
+    if result.returncode != 0:
+        assert _error_name(result) == BUS_NAME + ".Error.NoSuchJob", result.stderr
+        return None
+    found = re.search(r"objectpath '([^']+)'", result.stdout)
+    assert found and found.group(1).startswith(JOB_PATH_PREFIX), result.stdout
+    return found.group(1)
+
+
+@pytest.fixture
+def submitted(stack) -> Iterator[list[str]]:
+    """Ids of the jobs a test submitted; removed afterwards so the shared stack holds none of them."""
+    job_ids: list[str] = []
+    yield job_ids
+    for job_id in job_ids:
+        removed = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".RemoveJob", job_id)
+        assert _error_name(removed) in (None, BUS_NAME + ".Error.NoSuchJob"), removed.stderr
+
+
+def _submit(stack, submitted: list[str], user: str | None, image: Path,
+            interactive: bool = False) -> tuple[str, subprocess.CompletedProcess[str]]:
+    job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+    submitted.append(job_id)
+    return job_id, _gdbus(stack, user, MANAGER_PATH, MANAGER_IFACE + ".SubmitJob", _spec(job_id, image), HOLD,
+                          interactive=interactive)
+
+
+@pytest.fixture
+def readable_image(shared_dir: Path) -> Path:
+    return _image(shared_dir / "disk.img", 0o644)
+
+
+@pytest.mark.stack
+def test_outsider_cannot_submit_and_nothing_is_queued(stack, users, readable_image, submitted):
+    for interactive, expected in ((False, INTERACTIVE_REQUIRED), (True, ACCESS_DENIED)):
+        job_id, result = _submit(stack, submitted, BOB, readable_image, interactive=interactive)
+        assert _error_name(result) == expected, result.stderr
+        assert _job_path(stack, job_id) is None
+    listed = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".ListJobs",
+                    f"{{'owner': <uint32 {users[BOB].pw_uid}>}}")
+    assert listed.returncode == 0, listed.stderr
+    assert "h2kt-" not in listed.stdout
+
+
+@pytest.mark.stack
+def test_member_submits_and_cancels_own_job(stack, users, readable_image, submitted):
+    job_id, result = _submit(stack, submitted, ALICE, readable_image)
+    assert result.returncode == 0, result.stderr
+    job_path = _job_path(stack, job_id)
+    assert job_path is not None
+    assert _job_property(stack, job_path, "Owner") == f"(<uint32 {users[ALICE].pw_uid}>,)"
+    cancel = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", job_id)
+    assert cancel.returncode == 0, cancel.stderr
+    assert _job_property(stack, job_path, "State") == "(<'cancelled'>,)"
+
+
+@pytest.mark.stack
+def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, readable_image, submitted):
+    job_id, result = _submit(stack, submitted, CAROL, readable_image)
+    assert result.returncode == 0, result.stderr
+    job_path = _job_path(stack, job_id)
+    assert job_path is not None
+    by_manager = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", job_id)
+    assert _error_name(by_manager) == INTERACTIVE_REQUIRED, by_manager.stderr
+    by_job = _gdbus(stack, ALICE, job_path, JOB_IFACE + ".Cancel", interactive=True)
+    assert _error_name(by_job) == ACCESS_DENIED, by_job.stderr
+    assert _job_property(stack, job_path, "State") == "(<'validated'>,)"
+    by_root = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", job_id)
+    assert by_root.returncode == 0, by_root.stderr
+    assert _job_property(stack, job_path, "State") == "(<'cancelled'>,)"
+
+
+@pytest.mark.stack
+def test_member_cannot_submit_an_image_they_cannot_read(stack, users, shared_dir, submitted):
+    """Refused at the call, or kept as a job that failed validation and never reached the queue."""
+    secret = _image(shared_dir / "secret.img", 0o600)
+    link = shared_dir / "link.img"
+    link.symlink_to(secret)
+    for source, why in ((secret, "not readable by uid"), (link, "symbolic link")):
+        job_id, result = _submit(stack, submitted, ALICE, source)
+        job_path = _job_path(stack, job_id)
+        if result.returncode != 0:
+            assert why in result.stderr and job_path is None, result.stderr
+            continue
+        assert job_path is not None
+        assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
+        error = _job_property(stack, job_path, "Error")
+        assert why in error, error
+        assert _job_property(stack, job_path, "StartedAt") == "(<uint64 0>,)", "the job was started"
+
+
+@pytest.mark.stack
+def test_bus_policy_refuses_unlisted_methods_to_users(stack, users):
+    result = _gdbus(stack, BOB, MANAGER_PATH, "org.freedesktop.DBus.Properties.Set",
+                    MANAGER_IFACE, "MaxParallelJobs", "<uint32 64>")
+    assert _error_name(result) == ACCESS_DENIED, result.stderr
+    assert "rejected" in result.stderr.lower()  # refused by the bus, before h2kd saw it
+
+
+# ---- file access, checked as the caller --------------------------------------------------------
+
+def test_caller_groups_lists_primary_then_supplementary(users):
+    alice = users[ALICE]
+    groups = caller_groups(alice.pw_uid)
+    assert groups[0] == alice.pw_gid
+    assert _gid(GROUP) in groups
+    assert _gid(GROUP) not in caller_groups(users[BOB].pw_uid)
+    assert caller_groups(4_000_000_000) == []
+
+
+def test_root_only_image_and_symlinks_to_it_are_refused(users, shared_dir):
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    secret = _image(shared_dir / "secret.img", 0o600)
+    link = shared_dir / "alice-link.img"
+    link.symlink_to(secret)
+    with pytest.raises(NotAuthorized, match=f"permission denied: {secret} is not readable by uid {alice.pw_uid}"):
+        check_source_readable(str(secret), alice.pw_uid, gids, ["/"])
+    with pytest.raises(NotAuthorized, match="symbolic link"):
+        check_source_readable(str(link), alice.pw_uid, gids, ["/"])
+    # root itself may read it
+    assert check_source_readable(str(secret), 0, [0], ["/"]) == secret
+
+
+def test_readable_images_pass_as_owner_or_through_a_group(users, shared_dir):
+    alice, bob = users[ALICE], users[BOB]
+    own = _image(shared_dir / "own.img", 0o600, alice)
+    assert check_source_readable(str(own), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir]) == own
+    shared = _image(shared_dir / "group.img", 0o640)
+    os.chown(shared, 0, _gid(GROUP))
+    assert check_source_readable(str(shared), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir]) == shared
+    with pytest.raises(NotAuthorized, match="not readable by uid"):
+        check_source_readable(str(shared), bob.pw_uid, caller_groups(bob.pw_uid), [shared_dir])
+
+
+def test_directories_on_the_way_must_be_searchable_by_the_caller(users, shared_dir):
+    alice = users[ALICE]
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)
+    inside = _image(private / "disk.img", 0o644)
+    with pytest.raises(NotAuthorized, match="not readable"):
+        check_source_readable(str(inside), alice.pw_uid, caller_groups(alice.pw_uid), ["/"])
+
+
+def test_paths_leaving_the_allowed_roots_are_refused(users, shared_dir):
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    root = shared_dir / "images"
+    root.mkdir(mode=0o755)
+    outside = shared_dir / "elsewhere"
+    outside.mkdir(mode=0o755)
+    _image(outside / "disk.img", 0o644, alice)
+    (root / "escape").symlink_to(outside)  # a directory symlink inside the root pointing out of it
+    with pytest.raises(NotAuthorized, match="outside the allowed source directories"):
+        check_source_readable(str(root / "escape" / "disk.img"), alice.pw_uid, gids, [root])
+    with pytest.raises(NotAuthorized, match="outside the allowed source directories"):
+        check_source_readable(str(outside / "disk.img"), alice.pw_uid, gids, [root])
+    (root / "inner").mkdir(mode=0o755)
+    inner = _image(root / "inner" / "disk.img", 0o644)
+    (root / "to-inner").symlink_to(root / "inner")  # symlinked directories that stay inside are fine
+    assert check_source_readable(str(root / "to-inner" / "disk.img"), alice.pw_uid, gids, [root]) == inner
+
+
+def test_sources_must_be_existing_regular_files(users, shared_dir):
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    fifo = shared_dir / "fifo"
+    os.mkfifo(fifo, 0o666)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        check_source_readable(str(fifo), alice.pw_uid, gids, ["/"])
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        check_source_readable(str(shared_dir), alice.pw_uid, gids, ["/"])
+    with pytest.raises(InvalidArgument, match="no such file"):
+        check_source_readable(str(shared_dir / "missing.img"), alice.pw_uid, gids, ["/"])
+    with pytest.raises(InvalidArgument, match="absolute"):
+        check_source_readable("relative.img", alice.pw_uid, gids, ["/"])
+
+
+def test_outputs_only_below_output_roots_in_directories_the_caller_can_write(users, shared_dir):
+    alice, bob = users[ALICE], users[BOB]
+    gids = caller_groups(alice.pw_uid)
+    roots = [shared_dir / "out"]
+    roots[0].mkdir(mode=0o755)  # root's, not writable by alice
+    (roots[0] / "alice").mkdir()
+    mine = _owned_by(roots[0] / "alice", alice, 0o700)
+    (shared_dir / "alice-elsewhere").mkdir()
+    elsewhere = _owned_by(shared_dir / "alice-elsewhere", alice, 0o700)
+
+    assert check_output_allowed(str(mine / "disk.qcow2"), alice.pw_uid, gids, roots) == mine / "disk.qcow2"
+    with pytest.raises(NotAuthorized, match=f"permission denied: {roots[0]} is not writable by uid {alice.pw_uid}"):
+        check_output_allowed(str(roots[0] / "disk.qcow2"), alice.pw_uid, gids, roots)
+    with pytest.raises(NotAuthorized, match="not writable"):
+        check_output_allowed(str(mine / "disk.qcow2"), bob.pw_uid, caller_groups(bob.pw_uid), roots)
+    with pytest.raises(NotAuthorized, match="outputs may only be written below"):
+        check_output_allowed(str(elsewhere / "disk.qcow2"), alice.pw_uid, gids, roots)
+    (mine / "out-link").symlink_to(elsewhere)
+    with pytest.raises(NotAuthorized, match="outputs may only be written below"):
+        check_output_allowed(str(mine / "out-link" / "disk.qcow2"), alice.pw_uid, gids, roots)
+    (mine / "taken.qcow2").write_bytes(b"")
+    with pytest.raises(AlreadyExists, match="never overwritten"):
+        check_output_allowed(str(mine / "taken.qcow2"), alice.pw_uid, gids, roots)
+    (mine / "dangling").symlink_to(shared_dir / "nothing-here")
+    with pytest.raises(AlreadyExists):
+        check_output_allowed(str(mine / "dangling"), alice.pw_uid, gids, roots)
+    with pytest.raises(InvalidArgument, match="not an existing directory"):
+        check_output_allowed(str(mine / "no-such-dir" / "disk.qcow2"), alice.pw_uid, gids, roots)
+
+
+def test_source_descriptors_must_be_readable_regular_files(shared_dir):
+    image = _image(shared_dir / "fd.img")
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert check_source_fd(fd).st_ino == image.stat().st_ino
+    finally:
+        os.close(fd)
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        with pytest.raises(InvalidArgument, match="not open for reading"):
+            check_source_fd(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(shared_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(InvalidArgument, match="regular file"):
+            check_source_fd(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(InvalidArgument, match="unusable"):
+        check_source_fd(_closed_fd())
+
+
+def _closed_fd() -> int:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    os.close(fd)
+    return fd

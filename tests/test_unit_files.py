@@ -1,0 +1,122 @@
+"""The files we install for systemd and D-Bus: they load without errors, and h2kd.service is more confined than systemd-importd."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from h2kd import BUS_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE = REPO / "systemd" / "h2kd.service"
+SLICE = REPO / "systemd" / "h2k.slice"
+POLICY = REPO / "dbus" / f"{BUS_NAME}.conf"
+ACTIVATION = REPO / "dbus" / f"{BUS_NAME}.service"
+# systemd-importd ships with Debian's systemd-container (installed by `make deps`).
+IMPORTD = next((p for p in (Path("/lib/systemd/system/systemd-importd.service"),
+                            Path("/usr/lib/systemd/system/systemd-importd.service")) if p.exists()), None)
+
+
+def exposure(unit: Path) -> float:
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                         capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout)
+    assert match, f"no exposure level for {unit}:\n{out.stdout}\n{out.stderr}"
+    return float(match.group(1))
+
+
+def test_h2kd_is_more_confined_than_importd() -> None:
+    assert IMPORTD is not None, "systemd-importd.service is missing: run `make deps` (systemd-container)"
+    ours, theirs = exposure(SERVICE), exposure(IMPORTD)
+    assert ours < theirs, f"h2kd.service exposure {ours} is not below systemd-importd's {theirs}"
+
+
+def test_exposure_score_reacts_to_hardening(tmp_path: Path) -> None:
+    # The comparison above means something only if removing our hardening shows in the score.
+    bare = tmp_path / "h2kd.service"
+    kept = [line for line in SERVICE.read_text().splitlines()
+            if not line.startswith(("Protect", "Private", "CapabilityBoundingSet", "SystemCall", "Restrict"))]
+    bare.write_text("\n".join(kept) + "\n")
+    assert exposure(bare) > exposure(SERVICE) + 2
+
+
+def verify(units: list[Path], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify on copies whose ExecStart= points at an existing h2kd (the venv's
+    entry point), since /usr/bin/h2kd exists only after `make install`."""
+    h2kd = Path(sys.executable).parent / "h2kd"
+    copies = []
+    for unit in units:
+        text = unit.read_text()
+        if not Path("/usr/bin/h2kd").exists():
+            text = text.replace("ExecStart=/usr/bin/h2kd", f"ExecStart={h2kd}")
+        copy = tmp_path / unit.name
+        copy.write_text(text)
+        copies.append(copy)
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, copies)],
+                          capture_output=True, text=True)
+
+
+def test_units_verify_without_errors(tmp_path: Path) -> None:
+    result = verify([SERVICE, SLICE], tmp_path)
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if "h2kd.service" in line or "h2k.slice" in line]
+    assert result.returncode == 0 and ours == [], result.stdout + result.stderr
+
+
+def test_verify_catches_mistakes(tmp_path: Path) -> None:
+    broken = tmp_path / "src" / "h2kd.service"
+    broken.parent.mkdir()
+    broken.write_text(SERVICE.read_text().replace("WatchdogSec=30", "WatchdogSec=thirty\nNoSuchSetting=1"))
+    result = verify([broken], tmp_path)
+    assert "Failed to parse sec value" in result.stderr and "NoSuchSetting" in result.stderr
+
+
+def unit_values(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text())
+    return parser
+
+
+def test_service_is_the_bus_activated_h2kd() -> None:
+    service = unit_values(SERVICE)
+    assert service["Service"]["Type"] == "dbus"
+    assert service["Service"]["BusName"] == BUS_NAME
+    assert service["Install"]["Alias"] == f"dbus-org.{BUS_NAME.removeprefix('org.')}.service"
+    activation = unit_values(ACTIVATION)["D-BUS Service"]
+    assert activation["Name"] == BUS_NAME
+    assert activation["User"] == "root"
+    assert activation["SystemdService"] == SERVICE.name
+
+
+def policy_rules() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    root = ET.parse(POLICY).getroot()
+    by_context: dict[str, list[dict[str, str]]] = {}
+    for policy in root.iter("policy"):
+        key = policy.get("user") or policy.get("context") or ""
+        by_context.setdefault(key, []).extend(
+            {"rule": rule.tag, **rule.attrib} for rule in policy)
+    return by_context.get("root", []), by_context.get("default", [])
+
+
+def test_bus_policy_lists_exactly_the_interface_methods() -> None:
+    root_rules, default_rules = policy_rules()
+    assert {"rule": "allow", "own": BUS_NAME} in root_rules
+    assert not any(r.get("own") == BUS_NAME for r in default_rules if r["rule"] == "allow")
+    allowed = {(r.get("send_interface"), r.get("send_member")) for r in default_rules
+               if r["rule"] == "allow" and "send_destination" in r}
+    assert all(r.get("send_interface") and r.get("send_member") for r in default_rules
+               if r["rule"] == "allow" and "send_destination" in r), "a default allow without interface and member"
+    methods = set()
+    for name in ("Manager", "Job", "Worker"):
+        for iface in ET.parse(REPO / "dbus" / f"{BUS_NAME}.{name}.xml").getroot().iter("interface"):
+            methods |= {(iface.get("name"), m.get("name")) for m in iface.iter("method")}
+    standard = {("org.freedesktop.DBus.Properties", "Get"), ("org.freedesktop.DBus.Properties", "GetAll"),
+                ("org.freedesktop.DBus.Introspectable", "Introspect"), ("org.freedesktop.DBus.Peer", "Ping"),
+                ("org.freedesktop.DBus.Peer", "GetMachineId"),
+                ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects")}
+    assert allowed == methods | standard
