@@ -1,7 +1,7 @@
 """The job spec of the Worker Job Protocol: its pydantic models, and parse_spec(), which turns any bad input into
 InvalidSpec naming the first bad field in plain words.
 
-Each operation has its own spec class (InspectJobSpec, ConvertJobSpec, ValidateJobSpec), so that its
+Each operation has its own spec class (InspectJobSpec, ConvertJobSpec, ValidateJobSpec, OfflineFixJobSpec), so that its
 `parameters` are checked by that operation's model; all of them are JobSpec. Build specs with parse_spec(),
 not by instantiating the classes, so that the operation picks the class.
 """
@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from h2kd.errors import InvalidSpec
 
-OPERATIONS = ("inspect", "convert", "validate")
+OPERATIONS = ("inspect", "convert", "validate", "offline_fix")
 IMAGE_FORMATS = ("vmdk", "vhd", "vhdx", "vdi", "qcow2", "raw", "ova")
 # Requirement flags with a fixed meaning; a worker advertises them as booleans in its capabilities.
 REQUIREMENT_FLAGS = ("nbd", "loop", "lvm", "dm", "qemu_img")
@@ -194,6 +194,8 @@ class ConvertParameters(_Strict):
     sparse: bool = True
     coroutines: Coroutines | None = None
     domain_xml: bool = False   # also write a libvirt domain XML next to the disks
+    offline_fix: bool = False              # fix the converted guest so it boots on KVM (see operations.offline_fix)
+    remove_vmware_tools: bool = False      # with offline_fix: also remove VMware Tools from the guest
 
     @model_validator(mode="after")
     def _combinations(self) -> ConvertParameters:
@@ -207,11 +209,20 @@ class ConvertParameters(_Strict):
                 raise _problem("preallocation", "metadata preallocation needs output_format qcow2")
         if self.compression_type is not None and not self.compress:
             raise _problem("compression_type", "applies only when compress is true")
+        if self.remove_vmware_tools and not self.offline_fix:
+            raise _problem("remove_vmware_tools", "applies only when offline_fix is true")
         return self
 
 
 class ValidateParameters(_Strict):
     compare_with: OptionalPath = None
+
+
+class OfflineFixParameters(_Strict):
+    """offline_fix repairs the Linux guest on image.path (raw or qcow2) in place."""
+
+    dry_run: bool = False                  # report what would change, change nothing
+    remove_vmware_tools: bool = False
 
 
 def _problem(field: str, message: str) -> PydanticCustomError:
@@ -248,7 +259,13 @@ class ValidateJobSpec(JobSpec):
     parameters: ValidateParameters = Field(default_factory=ValidateParameters)
 
 
-AnyJobSpec = Annotated[Union[InspectJobSpec, ConvertJobSpec, ValidateJobSpec], Field(discriminator="operation")]
+class OfflineFixJobSpec(JobSpec):
+    operation: Literal["offline_fix"]
+    parameters: OfflineFixParameters = Field(default_factory=OfflineFixParameters)
+
+
+AnyJobSpec = Annotated[Union[InspectJobSpec, ConvertJobSpec, ValidateJobSpec, OfflineFixJobSpec],
+                       Field(discriminator="operation")]
 _SPEC_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(AnyJobSpec)
 
 
