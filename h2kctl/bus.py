@@ -83,9 +83,9 @@ class Client:
     async def __aenter__(self) -> "Client":
         try:
             if self.address:
-                bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM)
+                bus = MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
             else:
-                bus = MessageBus(bus_type=BusType.SYSTEM)
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
             self.bus = await asyncio.wait_for(bus.connect(), CALL_TIMEOUT)
         except (OSError, AuthError, asyncio.TimeoutError, ValueError) as e:
             if isinstance(e, asyncio.TimeoutError):
@@ -103,7 +103,8 @@ class Client:
     # ------------------------------------------------------------------ calls
 
     async def call(self, path: str, interface: str, member: str, signature: str = "", body: list | None = None,
-                   action: str | None = None, what: str | None = None) -> list[Any]:
+                   action: str | None = None, what: str | None = None,
+                   unix_fds: list[int] | None = None) -> list[Any]:
         """Call a method of h2kd; return the reply body with variants unpacked.
 
         action: the polkit action the method needs (None for reads); what: the request in words,
@@ -114,24 +115,25 @@ class Client:
             # As systemctl does: have an agent ready before a call that may need a password.
             self.open_agent()
         try:
-            return await self._call_once(path, interface, member, signature, body or [], interactive)
+            return await self._call_once(path, interface, member, signature, body or [], interactive, unix_fds)
         except DBusError as e:
             if e.type == INTERACTIVE_REQUIRED and self._can_prompt() and self._agent is None:
                 if self.open_agent():
                     try:
-                        return await self._call_once(path, interface, member, signature, body or [], True)
+                        return await self._call_once(path, interface, member, signature, body or [], True,
+                                                     unix_fds)
                     except DBusError as again:
                         e = again
             raise self.translate(e, action, what or member) from None
 
     async def _call_once(self, path: str, interface: str, member: str, signature: str, body: list,
-                         interactive: bool) -> list[Any]:
+                         interactive: bool, unix_fds: list[int] | None = None) -> list[Any]:
         assert self.bus is not None
         flags = MessageFlag.NONE
         if interactive:
             flags |= MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
         message = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                          signature=signature, body=body, flags=flags)
+                          signature=signature, body=body, flags=flags, unix_fds=unix_fds or [])
         timeout = INTERACTIVE_CALL_TIMEOUT if flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION else CALL_TIMEOUT
         try:
             reply = await asyncio.wait_for(self.bus.call(message), timeout)
@@ -203,6 +205,25 @@ class Client:
     async def manager(self, member: str, signature: str = "", body: list | None = None,
                       action: str | None = None, what: str | None = None) -> list[Any]:
         return await self.call(MANAGER_PATH, MANAGER_IFACE, member, signature, body, action, what)
+
+    async def submit(self, spec: dict[str, Any], queue: bool) -> list[Any]:
+        """SubmitJob, or SubmitJobWithImage with the source opened here with the user's own rights, so
+        h2kd acts only on what this user could read."""
+        options = to_vardict({"queue": queue})
+        path = (spec.get("image") or {}).get("path")
+        if not path:
+            return await self.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), options],
+                                      action="submit", what="submit jobs")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as e:
+            raise CtlError(f"cannot open {path}: {e.strerror}", ExitCode.FAILURE) from None
+        try:
+            return await self.call(MANAGER_PATH, MANAGER_IFACE, "SubmitJobWithImage", "ha{sv}a{sv}",
+                                   [0, to_vardict(spec), options], action="submit", what="submit jobs",
+                                   unix_fds=[fd])
+        finally:
+            os.close(fd)
 
     async def get_all(self, path: str, interface: str) -> dict[str, Any]:
         (props,) = await self.call(path, PROPS_IFACE, "GetAll", "s", [interface])

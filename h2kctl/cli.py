@@ -293,8 +293,7 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
         spec = spec_from_args(args, args.operation)
     else:
         raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
-    job_id, path = await client.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), to_vardict({"queue": args.queue})],
-                                        action="submit", what="submit jobs")
+    job_id, path = await client.submit(spec, args.queue)
     if args.wait:
         if not args.queue:
             raise CtlError(f"job {job_id} was stored without queueing (--no-queue); it will not start "
@@ -624,8 +623,7 @@ async def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> i
 
 async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> int:
     spec = spec_from_args(args, "inspect")
-    job_id, path = await client.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), to_vardict({"queue": True})],
-                                        action="submit", what="submit jobs")
+    job_id, path = await client.submit(spec, True)
     stream, tty = progress_stream(out.json, out.quiet)
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:

@@ -40,6 +40,17 @@ def caller_groups(uid: int) -> list[int]:
     return list(dict.fromkeys([entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)]))
 
 
+def output_owner(uid: int, group: str = "") -> tuple[int, int]:
+    """Who an output made for `uid` belongs to: the caller, with `group` or else the caller's primary group."""
+    if group:
+        import grp
+        return uid, grp.getgrnam(group).gr_gid
+    try:
+        return uid, pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid, _NO_GROUP
+
+
 def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int],
                           allowed_roots: Iterable[str | os.PathLike[str]]) -> Path:
     """Return the resolved path of a source image the caller may read, or raise."""

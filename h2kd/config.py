@@ -33,6 +33,9 @@ class Config:
     heartbeat_timeout_seconds: float = 30.0
     retry_backoff_base_seconds: float = 5.0
     retry_backoff_max_seconds: float = 600.0
+    # Outputs belong to the submitter; with output_group set, to that group instead of the submitter's own.
+    output_group: str = ""
+    output_mode: int = 0o640
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9163            # 0 disables; not Cockpit's 9090
     polkit_timeout_seconds: float = 25.0

@@ -414,6 +414,7 @@ def submitted(stack) -> Iterator[list[str]]:
     job_ids: list[str] = []
     yield job_ids
     for job_id in job_ids:
+        _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", job_id)  # held jobs end first
         removed = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".RemoveJob", job_id)
         assert _error_name(removed) in (None, BUS_NAME + ".Error.NoSuchJob"), removed.stderr
 
@@ -473,21 +474,115 @@ def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, reada
 
 @pytest.mark.stack
 def test_member_cannot_submit_an_image_they_cannot_read(stack, users, shared_dir, submitted):
-    """Refused at the call, or kept as a job that failed validation and never reached the queue."""
+    """Refused at the call with AccessDenied: nothing is stored, so nothing can ever run."""
     secret = _image(shared_dir / "secret.img", 0o600)
     link = shared_dir / "link.img"
     link.symlink_to(secret)
     for source, why in ((secret, "not readable by uid"), (link, "symbolic link")):
         job_id, result = _submit(stack, submitted, ALICE, source)
-        job_path = _job_path(stack, job_id)
-        if result.returncode != 0:
-            assert why in result.stderr and job_path is None, result.stderr
-            continue
-        assert job_path is not None
-        assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
-        error = _job_property(stack, job_path, "Error")
-        assert why in error, error
-        assert _job_property(stack, job_path, "StartedAt") == "(<uint64 0>,)", "the job was started"
+        assert _error_name(result) == ACCESS_DENIED, result.stderr
+        assert why in result.stderr, result.stderr
+        assert _job_path(stack, job_id) is None
+
+
+@pytest.fixture
+def carols_corner(stack, users) -> Iterator[tuple[Path, Path]]:
+    """A private directory of carol's (0700) with her image, and an output directory only she may write."""
+    carol = users[CAROL]
+    home = Path(tempfile.mkdtemp(prefix="h2kt-carol-", dir="/tmp"))
+    outputs = stack.output_dir / home.name
+    outputs.mkdir()
+    for path in (home, outputs):
+        _owned_by(path, carol, 0o700)
+    raw = home / "disk.raw"
+    raw.write_bytes(os.urandom(1024 * 1024) + bytes(3 * 1024 * 1024))
+    image = home / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
+    raw.unlink()
+    _owned_by(image, carol, 0o600)
+    try:
+        yield image, outputs
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(outputs, ignore_errors=True)
+
+
+@pytest.mark.stack
+def test_member_converts_a_private_image_and_owns_the_output(stack, users, carols_corner):
+    """h2kctl opens the image with carol's rights and passes the descriptor (SubmitJobWithImage); the
+    output is created in her directory, owned by her, not readable by others."""
+    from runas import as_user
+
+    image, outputs = carols_corner
+    output = outputs / "disk-kvm.qcow2"
+    h2kctl = str(Path(sys.executable).with_name("h2kctl"))
+    result = subprocess.run(as_user(CAROL, [h2kctl, "submit", str(image), "-o", str(output), "--wait", "--json"]),
+                            env={**os.environ, **stack.env()}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    st = output.stat()
+    assert (st.st_uid, st.st_gid) == (users[CAROL].pw_uid, users[CAROL].pw_gid)
+    assert st.st_mode & 0o777 == 0o640
+    compare = subprocess.run(["qemu-img", "compare", "-q", str(image), str(output)])
+    assert compare.returncode == 0
+    assert sorted(p.name for p in outputs.iterdir()) == ["disk-kvm.qcow2"]
+
+
+def _submit_with_fd(stack, fd: int, spec: dict) -> Message:
+    from dbus_fast import Variant
+
+    async def go() -> Message:
+        bus = await MessageBus(bus_address=_stack_address(stack), negotiate_unix_fd=True).connect()
+        try:
+            return await bus.call(Message(
+                destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="SubmitJobWithImage",
+                signature="ha{sv}a{sv}", body=[0, spec, {"queue": Variant("b", False)}], unix_fds=[fd]))
+        finally:
+            bus.disconnect()
+    return asyncio.run(go())
+
+
+@pytest.mark.stack
+def test_a_descriptor_must_be_the_file_the_spec_names(stack, shared_dir, submitted):
+    from dbus_fast import Variant
+
+    one, other = _image(shared_dir / "one.img"), _image(shared_dir / "other.img")
+    job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+    submitted.append(job_id)
+    fd = os.open(one, os.O_RDONLY)
+    try:
+        named_other = _submit_with_fd(stack, fd, {
+            "job_id": Variant("s", job_id), "operation": Variant("s", "inspect"),
+            "image": Variant("a{sv}", {"path": Variant("s", str(other))})})
+        unnamed = _submit_with_fd(stack, fd, {"job_id": Variant("s", job_id), "operation": Variant("s", "inspect")})
+    finally:
+        os.close(fd)
+    assert named_other.message_type == MessageType.ERROR and named_other.error_name == ACCESS_DENIED
+    assert "not this file" in named_other.body[0]
+    assert unnamed.message_type == MessageType.METHOD_RETURN, unnamed.body
+    job_path = _job_path(stack, job_id)
+    assert _job_property(stack, job_path, "Source") == f"(<'{one}'>,)"
+
+
+@pytest.mark.stack
+def test_a_source_replaced_after_submission_is_refused_by_the_worker(stack, shared_dir, submitted):
+    """The file checked at submission is the file converted: a swap before the unit starts fails the job."""
+    checked = _image(shared_dir / "checked.img")
+    job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+    submitted.append(job_id)
+    result = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".SubmitJob", _spec(job_id, checked), HOLD)
+    assert result.returncode == 0, result.stderr
+    swapped = _image(shared_dir / "swapped.img")
+    os.replace(swapped, checked)
+    started = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".StartJob", job_id)
+    assert started.returncode == 0, started.stderr
+    job_path = _job_path(stack, job_id)
+    deadline = time.monotonic() + 60
+    while _job_property(stack, job_path, "State") not in ("(<'failed'>,)", "(<'completed'>,)"):
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.2)
+    assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
+    error = _job_property(stack, job_path, "Error")
+    assert "SOURCE_CHANGED" in error and "replaced after the job was submitted" in error, error
 
 
 @pytest.mark.stack

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import pytest
 
+from runas import USERNS_STAGING, as_user
+
 from h2kctl.cli import build_parser
 from h2kctl.completion import FILES, render_bash, render_zsh
 from h2kctl.manpage import render as render_manpage
@@ -39,7 +41,6 @@ COMMANDS = ["submit", "list", "status", "show", "watch", "cancel", "retry", "rem
             "events", "queue", "workers", "health", "inspect"]
 TERMINAL = {"completed", "failed", "cancelled"}
 MiB = 1024 * 1024
-USERNS_STAGING = Path(tempfile.gettempdir()) / "h2kctl-test-userns"   # an empty mount point, see as_user
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -51,31 +52,6 @@ def h2kctl(env: dict[str, str], *args: str, timeout: float = 60, user: str | Non
         argv = as_user(user, argv)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kwargs)
-
-
-def _hidden_ancestor(path: Path) -> Path | None:
-    """The first directory above path that other users cannot enter (e.g. /root for a pyenv Python)."""
-    for parent in reversed(path.parents):
-        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
-            return parent
-    return None
-
-
-def as_user(user: str, argv: list[str]) -> list[str]:
-    """argv run as `user`. When this Python lives under a directory closed to other users (/root here),
-    the user could not even start h2kctl; so, in a private mount namespace only, that directory is
-    covered by an empty tmpfs with just the interpreter's tree bind-mounted back. The machine is unchanged."""
-    interpreter = Path(os.path.realpath(sys.executable))
-    closed = _hidden_ancestor(interpreter)
-    if closed is None:
-        return ["runuser", "-u", user, "--", *argv]
-    inner = closed / interpreter.relative_to(closed).parts[0]
-    USERNS_STAGING.mkdir(mode=0o700, exist_ok=True)
-    staging = str(USERNS_STAGING)
-    script = ('mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 tmpfs "$3" && mkdir -p "$1" && '
-              'mount --bind "$2" "$1" && shift 3 && exec runuser -u "$@"')
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(inner), staging,
-            str(closed), user, "--", *argv]
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:

@@ -1,11 +1,13 @@
 """org.hyper2kvm.h2kd1.Manager at /org/hyper2kvm/h2kd1: each method authorizes, then makes one JobManager call."""
 
 import json
+import os
 from typing import Any
 
 from dbus_fast.service import dbus_method, dbus_signal
 
 from h2kd import BUS_NAME, __version__
+from h2kd.access import check_source_fd
 from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
 from h2kd.bus.call import current_caller
@@ -37,6 +39,7 @@ _WORKER_LIMITS = {"max_jobs": int}
 class ManagerInterface(ApiInterface):
     OUT_ARG_NAMES = {
         "SubmitJob": ("job_id", "job_path"),
+        "SubmitJobWithImage": ("job_id", "job_path"),
         "GetJob": ("job_path",),
         "ListJobs": ("jobs",),
         "GetQueueStats": ("stats",),
@@ -59,6 +62,24 @@ class ManagerInterface(ApiInterface):
         await self._auth.check("submit")
         owner = await self._auth.caller_uid()
         job, _created = self.manager.submit(plain, owner=owner, queue=opts.get("queue", True))
+        return [job.id, job_path(job.id)]
+
+    @dbus_method()
+    @bus_errors
+    async def SubmitJobWithImage(self, image: "h", spec: "a{sv}", options: "a{sv}") -> "so":
+        try:
+            proof = check_source_fd(image)
+            path = os.readlink(f"/proc/self/fd/{image}")
+        finally:
+            os.close(image)
+        opts = options_from_dbus(options, _SUBMIT_OPTIONS)
+        plain = spec_from_dbus(spec)
+        image_spec = plain.setdefault("image", {})
+        if isinstance(image_spec, dict) and not image_spec.get("path"):
+            image_spec["path"] = path          # the file the descriptor names; HostChecks compares the two
+        await self._auth.check("submit")
+        owner = await self._auth.caller_uid()
+        job, _created = self.manager.submit(plain, owner=owner, queue=opts.get("queue", True), source_proof=proof)
         return [job.id, job_path(job.id)]
 
     @dbus_method()

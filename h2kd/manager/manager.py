@@ -16,7 +16,7 @@ CONTRACT (implemented in this file):
     m.paused, m.max_parallel, m.jobs_queued, m.jobs_running
     m.workers -> list[WorkerInfo];  m.get_worker(worker_id) -> WorkerInfo
     # commands (raise InvalidSpec, AlreadyExists, QueueFull, InvalidState, NoSuchJob, InvalidArgument)
-    m.submit(spec: dict, owner: int, queue: bool = True) -> tuple[Job, bool]   # bool: newly created
+    m.submit(spec, owner, queue=True, source_proof=None) -> tuple[Job, bool]   # bool: newly created
     await m.cancel(job_id)   # queued: cancelled at once; running: unit stopped, cancelled when gone
     m.retry(job_id); m.start_job(job_id); m.remove(job_id)
     m.set_priority(job_id, priority); m.pause(); m.resume(); m.set_max_parallel(n)
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -59,7 +60,7 @@ RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
 STORE_CHECK_INTERVAL = 10.0
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
-HostValidator = Callable[[Job], "str | None"]
+HostValidator = Callable[[Job, "os.stat_result | None"], "str | None"]
 
 
 class JobManager:
@@ -132,7 +133,7 @@ class JobManager:
     async def _recover(self, job: Job) -> None:
         if job.state == S.CREATED:  # h2kd stopped between storing and validating it
             try:
-                problem = self._host_validator(job) if self._host_validator else None
+                problem = self._host_validator(job, None) if self._host_validator else None
             except H2kError as e:
                 problem = str(e)
             self._validate_and_queue(job, True, problem)
@@ -249,7 +250,9 @@ class JobManager:
 
     # ---------------------------------------------------------------- submission
 
-    def submit(self, spec: dict[str, Any], owner: int, queue: bool = True) -> tuple[Job, bool]:
+    def submit(self, spec: dict[str, Any], owner: int, queue: bool = True,
+               source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
+        """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access)."""
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
@@ -260,7 +263,7 @@ class JobManager:
             raise QueueFull(f"the queue holds {len(self._scheduler)} jobs, its limit")
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
-        problem = self._host_validator(job) if self._host_validator else None  # NotAuthorized: nothing stored
+        problem = self._host_validator(job, source_proof) if self._host_validator else None  # NotAuthorized: nothing stored
         self._store.insert_job(job, f"submitted by uid {owner}")
         self._jobs[job.id] = job
         self._notify("job_added", job)

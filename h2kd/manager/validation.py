@@ -2,27 +2,37 @@
 
 A refusal of the caller (it may not read the source or write the output) raises NotAuthorized, so
 nothing is stored; any other problem (a missing file, an output that exists) is returned as a
-sentence and the job ends failed with VALIDATION_FAILED.
+sentence and the job ends failed with VALIDATION_FAILED. The source's identity (device and inode)
+is recorded on the job so that the worker converts exactly the file that was checked.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+
 from h2kd.access import caller_groups, check_output_allowed, check_source_readable
 from h2kd.config import Config
-from h2kd.errors import H2kError, NotAuthorized
+from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 from h2kd.model.job import Job
 
 
 class HostChecks:
-    """Callable as JobManager's host_validator."""
+    """Callable as JobManager's host_validator: (job, source_proof) -> problem or None."""
 
     def __init__(self, config: Config):
         self._config = config
 
-    def __call__(self, job: Job) -> str | None:
+    def __call__(self, job: Job, source_proof: os.stat_result | None = None) -> str | None:
         gids = caller_groups(job.owner) if job.owner else []
         try:
-            check_source_readable(job.source, job.owner, gids, self._config.source_roots)
+            if source_proof is not None:
+                self._check_proof(job.source, source_proof)
+                seen = source_proof
+            else:
+                resolved = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
+                seen = os.stat(resolved)
+            job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
                 overwrite = bool((job.spec.get("artifacts") or {}).get("overwrite"))
                 try:
@@ -38,3 +48,15 @@ class HostChecks:
         except H2kError as e:
             return str(e)
         return None
+
+    @staticmethod
+    def _check_proof(path: str, proof: os.stat_result) -> None:
+        """The caller opened the source itself: the path must name that very file, not a link to it."""
+        try:
+            seen = os.lstat(path)
+        except OSError as e:
+            raise InvalidArgument(f"cannot use {path}: {e.strerror}") from None
+        if stat.S_ISLNK(seen.st_mode):
+            raise NotAuthorized(f"refusing {path}: it is a symbolic link; give the path of the image itself")
+        if (seen.st_dev, seen.st_ino) != (proof.st_dev, proof.st_ino):
+            raise NotAuthorized(f"refusing {path}: the file descriptor passed is not this file")

@@ -40,6 +40,7 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)   # JobResult as JSON-able dict
     error_code: str = ""
     error_message: str = ""
+    source_identity: str = ""      # "dev:ino" of the source checked at submission; the worker refuses another file
 
     @property
     def source(self) -> str:

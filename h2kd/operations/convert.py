@@ -192,8 +192,12 @@ def _no_space(directory: str, detail: str) -> OperationError:
 
 
 def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
-                on_process: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}."""
+                on_process: Callable[[Any], None] | None = None,
+                owner: dict[str, int] | None = None) -> dict[str, Any]:
+    """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}.
+
+    owner {"uid", "gid", "mode"}: whom the outputs are handed to (the submitter), set before they get their names.
+    """
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     progress("inspect", 0, 0, "reading the source")
@@ -235,6 +239,10 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
             plans_to_commit = [(p.temp, p.destination) for p in plans] + [(temp, domain_path)]
         else:
             plans_to_commit = [(p.temp, p.destination) for p in plans]
+        if owner:
+            for temp, _ in plans_to_commit:
+                os.chown(temp, owner["uid"], owner["gid"], follow_symlinks=False)
+                os.chmod(temp, owner.get("mode", 0o640))
         _commit(plans_to_commit, temps, bool(artifacts.get("overwrite")))
     finally:
         temps.remove_all()

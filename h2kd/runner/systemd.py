@@ -22,6 +22,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from h2kd.access import output_owner
 from h2kd.config import Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
@@ -230,8 +231,11 @@ class SystemdRunner:
         run_dir = units.run_dir(self._config, unit)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
+        uid, gid = output_owner(job.owner, self._config.output_group)
         _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
-                                           "output_roots": [str(r) for r in self._config.output_roots]})
+                                           "output_roots": [str(r) for r in self._config.output_roots],
+                                           "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode},
+                                           "source_identity": job.source_identity})
         policy = job.spec.get("execution_policy") or {}
         props = units.build_properties(
             self._config, job_id=job.id, attempt=attempt, operation=job.operation, spec_path=spec_path,

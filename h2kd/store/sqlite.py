@@ -50,7 +50,8 @@ CREATE TABLE jobs (
     not_before INTEGER NOT NULL,
     result TEXT NOT NULL,
     error_code TEXT NOT NULL,
-    error_message TEXT NOT NULL
+    error_message TEXT NOT NULL,
+    source_identity TEXT NOT NULL
 );
 CREATE TABLE history (
     n INTEGER PRIMARY KEY,
@@ -74,7 +75,8 @@ CREATE TABLE events (
 # Job attributes in column order (every Job field has a column of the same name).
 _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq", "attempt", "phase", "progress",
             "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
-            "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message")
+            "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message",
+            "source_identity")
 _INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
 _SELECT_JOBS = f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY ord"
@@ -91,7 +93,8 @@ def _job_values(job: Job) -> list[Any]:
     return [job.id, _json(job.spec), job.operation, job.owner, job.priority, job.state.value, job.queue_seq,
             job.attempt, job.phase, float(job.progress), int(job.progress_known), job.bytes_done, job.bytes_total,
             job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
-            job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message]
+            job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message,
+            job.source_identity]
 
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:

@@ -135,8 +135,24 @@ def _validated_spec(raw: Any) -> dict[str, Any]:
     return spec
 
 
+def _ensure_same_source(path: str, identity: str) -> None:
+    """The file at `path` must be the one h2kd checked for the submitter (no swap since submission)."""
+    from h2kd.operations.qemuimg import OperationError
+
+    if not identity:
+        return
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise OperationError("SOURCE_CHANGED", f"the source {path} cannot be found any more: {e.strerror}",
+                             "start") from None
+    if f"{st.st_dev}:{st.st_ino}" != identity:
+        raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
+                             "submit it again", "start")
+
+
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
-                   on_process: Callable[[Any], None]) -> dict[str, Any]:
+                   on_process: Callable[[Any], None], owner: dict[str, int] | None = None) -> dict[str, Any]:
     from h2kd.operations import convert, inspect, validate
     from h2kd.operations.qemuimg import OperationError
 
@@ -144,7 +160,7 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
     if operation == "inspect":
         return inspect.run_inspect(spec, progress)
     if operation == "convert":
-        return convert.run_convert(spec, output_roots, progress, on_process)
+        return convert.run_convert(spec, output_roots, progress, on_process, owner)
     if operation == "validate":
         return validate.run_validate(spec, progress)
     raise OperationError("UNSUPPORTED", f"this worker does not run {operation!r} jobs", "start")
@@ -191,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             _JOURNAL_FIELDS.update(H2K_JOB_ID=str(envelope.get("job_id", "")), H2K_ATTEMPT=str(result["attempt"]))
             spec = _validated_spec(envelope.get("spec"))
             roots = [str(r) for r in envelope.get("output_roots") or []]
+            _ensure_same_source(spec["image"]["path"], envelope.get("source_identity") or "")
             say(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
                   f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
-            outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc))
+            outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
+                                     envelope.get("owner"))
             signal.alarm(0)
             result["metrics"]["bytes_read"] = int(outputs.pop("bytes_read", 0))
             result["metrics"]["bytes_written"] = int(outputs.pop("bytes_written", 0))
