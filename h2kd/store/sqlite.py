@@ -117,7 +117,7 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._create_or_check_schema()
-        self._db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._add_missing_columns()
         self._last_event_seq: dict[str, int] = {}
         (max_seq,) = self._db.execute("SELECT COALESCE(MAX(queue_seq), 0) FROM jobs").fetchone()
         self._next_queue_seq = max_seq + 1
@@ -137,6 +137,13 @@ class JobStore:
         if row[0] != SCHEMA_VERSION:
             raise RuntimeError(f"the job store {self.path} has schema version {row[0]}; "
                                f"this h2kd understands version {SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Additions made within schema version 1 (stores written by earlier builds get them here)."""
+        self._db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "source_identity" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN source_identity TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
