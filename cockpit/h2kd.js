@@ -1,0 +1,917 @@
+// h2kd's Cockpit page: follows the daemon's objects over D-Bus (org.hyper2kvm.h2kd1 on the system bus)
+// and renders the job list, one job's details, the conversion form, the queue, workers and health.
+// Plain JavaScript on cockpit.js; no build step.
+
+/* global cockpit */
+
+const _ = cockpit.gettext;
+
+const BUS_NAME = "org.hyper2kvm.h2kd1";
+const MANAGER_PATH = "/org/hyper2kvm/h2kd1";
+const MANAGER_IFACE = BUS_NAME + ".Manager";
+const JOB_IFACE = BUS_NAME + ".Job";
+const WORKER_IFACE = BUS_NAME + ".Worker";
+
+const FINAL_STATES = new Set(["completed", "failed", "cancelled"]);
+const RETRYABLE_STATES = new Set(["failed", "cancelled"]);
+const ACTIVE_STATES = new Set(["assigned", "running", "progressing", "retrying"]);
+const MAX_ROWS = 200;                   // the newest jobs shown; the rest are counted
+const HEALTH_INTERVAL_MS = 5000;
+const DETAILS_REFRESH_MS = 2000;        // at most this often while the shown job changes
+
+// superuser "try": administrators get polkit-authorized actions; everyone else still sees the page.
+const DBUS_OPTIONS = { bus: "system", superuser: "try" };
+
+// One connection per instance of the daemon (see connect()): when h2kd goes away, what its objects said
+// goes with it, and a restarted h2kd is read afresh.
+let client = null;
+let manager = null;
+let jobs = {};                          // object path -> Job proxy
+let workers = {};                       // object path -> Worker proxy
+let daemonOwner;                        // unique bus name of the h2kd we show; null when none runs
+
+const $ = id => document.getElementById(id);
+const userNames = new Map();            // uid -> login name, from /etc/passwd
+
+/* ---------------------------------------------------------------- formatting */
+
+function formatBytes(n) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let value = Number(n) || 0;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+        value /= 1024;
+        unit++;
+    }
+    return (unit === 0 ? String(value) : value.toFixed(value < 10 ? 1 : 0)) + " " + units[unit];
+}
+
+function formatDuration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60)
+        return cockpit.format(_("$0 s"), s);
+    if (s < 3600)
+        return cockpit.format(_("$0 min $1 s"), Math.floor(s / 60), s % 60);
+    if (s < 86400)
+        return cockpit.format(_("$0 h $1 min"), Math.floor(s / 3600), Math.floor((s % 3600) / 60));
+    return cockpit.format(_("$0 d $1 h"), Math.floor(s / 86400), Math.floor((s % 86400) / 3600));
+}
+
+// D-Bus times are microseconds since the epoch; 0 means "not yet".
+function usecToDate(usec) {
+    return usec ? new Date(Number(usec) / 1000) : null;
+}
+
+function formatAge(usec) {
+    const date = usecToDate(usec);
+    return date ? formatDuration((Date.now() - date.getTime()) / 1000) : "—";
+}
+
+function formatTime(usec) {
+    const date = usecToDate(usec);
+    return date ? date.toLocaleString() : "—";
+}
+
+function ownerName(uid) {
+    const name = userNames.get(Number(uid));
+    return name ? name : cockpit.format(_("uid $0"), uid);
+}
+
+function basename(path) {
+    const parts = String(path || "").split("/");
+    return parts[parts.length - 1] || path || "";
+}
+
+function errorText(error) {
+    if (!error)
+        return _("Unknown error");
+    return error.message || cockpit.message(error) || String(error);
+}
+
+function prettyJson(text) {
+    try {
+        const value = JSON.parse(text || "{}");
+        if (value && typeof value === "object" && Object.keys(value).length === 0)
+            return "";
+        return JSON.stringify(value, null, 2);
+    } catch (e) {
+        return String(text || "");
+    }
+}
+
+function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+        if (key === "class")
+            node.className = value;
+        else if (key === "text")
+            node.textContent = value;
+        else if (key === "dataset")
+            Object.assign(node.dataset, value);
+        else if (key.startsWith("on"))
+            node.addEventListener(key.slice(2), value);
+        else if (value !== undefined && value !== null && value !== false)
+            node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children)
+        if (child !== null && child !== undefined)
+            node.append(child);
+    return node;
+}
+
+function setHidden(node, hidden) {
+    if (node.hidden !== hidden) {
+        // A button that disappears while focused would drop keyboard focus to <body>.
+        if (hidden && node.contains(document.activeElement))
+            node.dataset.lostFocus = "1";
+        node.hidden = hidden;
+    }
+}
+
+/* ---------------------------------------------------------------- alerts */
+
+function showActionError(message) {
+    const box = $("action-error");
+    box.querySelector(".alert-text").textContent = message;
+    box.hidden = false;
+}
+
+$("action-error").querySelector(".alert-close").addEventListener("click", () => {
+    $("action-error").hidden = true;
+});
+
+function showConnectionError(message) {
+    const box = $("connection-error");
+    box.textContent = message;
+    box.hidden = !message;
+    $("submit-button").disabled = !!message;
+}
+
+/* ---------------------------------------------------------------- calls */
+
+function notConnected() {
+    return Promise.reject(new Error(_("h2kd is not running")));
+}
+
+function callJob(path, method, args = [], type = "") {
+    return client ? client.call(path, JOB_IFACE, method, args, { type }) : notConnected();
+}
+
+function callManager(method, args = [], type = "") {
+    return client ? client.call(MANAGER_PATH, MANAGER_IFACE, method, args, { type }) : notConnected();
+}
+
+function cancelJob(job) {
+    const id = job.Id;
+    return callJob(job.path, "Cancel").catch(e => {
+        showActionError(cockpit.format(_("Cannot cancel job $0: $1"), id, errorText(e)));
+    });
+}
+
+function retryJob(job) {
+    const id = job.Id;
+    return callJob(job.path, "Retry").catch(e => {
+        showActionError(cockpit.format(_("Cannot retry job $0: $1"), id, errorText(e)));
+    });
+}
+
+/* ---------------------------------------------------------------- job list */
+
+const rows = new Map();                 // object path -> { row, cells... }
+
+function jobMatchesFilter(job) {
+    const filter = $("job-filter").value;
+    const state = job.State;
+    if (filter === "active")
+        return !FINAL_STATES.has(state);
+    if (filter === "finished")
+        return FINAL_STATES.has(state);
+    if (filter === "failed")
+        return RETRYABLE_STATES.has(state);
+    return true;
+}
+
+function newestFirst(a, b) {
+    return (Number(b.CreatedAt) - Number(a.CreatedAt)) || String(a.Id).localeCompare(String(b.Id));
+}
+
+function createRow(job) {
+    const id = job.Id;
+    const bar = el("div", {
+        class: "progress-bar",
+        role: "progressbar",
+        "aria-valuemin": "0",
+        "aria-valuemax": "100",
+        "aria-label": cockpit.format(_("Progress of job $0"), id),
+    }, el("div", { class: "progress-fill" }));
+    const entry = {
+        job,
+        row: el("tr", { dataset: { path: job.path, jobId: id } }),
+        state: el("span", { class: "label job-state" }),
+        phase: el("div", { class: "sub job-phase" }),
+        bar,
+        fill: bar.firstChild,
+        percent: el("span", { class: "progress-value" }),
+        info: el("div", { class: "sub progress-info" }),
+        owner: el("td", { "data-label": _("Owner"), class: "job-owner" }),
+        age: el("td", { "data-label": _("Age"), class: "job-age" }),
+        what: el("div", { class: "sub job-what" }),
+        cancel: el("button", {
+            type: "button",
+            class: "btn btn-danger btn-small job-cancel",
+            "aria-label": cockpit.format(_("Cancel job $0"), id),
+            text: _("Cancel"),
+            onclick: () => cancelJob(job),
+        }),
+        retry: el("button", {
+            type: "button",
+            class: "btn btn-secondary btn-small job-retry",
+            "aria-label": cockpit.format(_("Retry job $0"), id),
+            text: _("Retry"),
+            onclick: () => retryJob(job),
+        }),
+    };
+    entry.details = el("button", {
+        type: "button",
+        class: "btn btn-link job-link",
+        "aria-controls": "details-card",
+        "aria-label": cockpit.format(_("Details of job $0"), id),
+        text: id,
+        onclick: () => showDetails(job.path, true),
+    });
+    entry.row.append(
+        el("td", { "data-label": _("Job"), class: "job-id" }, entry.details, entry.what),
+        el("td", { "data-label": _("State") }, entry.state, entry.phase),
+        el("td", { "data-label": _("Progress"), class: "col-progress" },
+           el("div", { class: "progress" }, bar, entry.percent), entry.info),
+        entry.owner,
+        entry.age,
+        el("td", { "data-label": _("Actions"), class: "actions" },
+           el("div", { class: "row-actions" }, entry.cancel, entry.retry)),
+    );
+    return entry;
+}
+
+function progressText(job, now) {
+    const state = job.State;
+    if (state === "queued" || state === "created" || state === "validated")
+        return job.WaitReason ? cockpit.format(_("Waiting: $0"), job.WaitReason) : _("Waiting to start");
+    const parts = [];
+    if (Number(job.BytesTotal) > 0)
+        parts.push(cockpit.format(_("$0 of $1"), formatBytes(job.BytesDone), formatBytes(job.BytesTotal)));
+    if (!FINAL_STATES.has(state)) {
+        if (Number(job.Rate) > 0)
+            parts.push(cockpit.format(_("$0/s"), formatBytes(job.Rate)));
+        const end = usecToDate(job.ExpectedEndTime);
+        if (end) {
+            const left = (end.getTime() - now) / 1000;
+            parts.push(left < 1 ? _("almost done") : cockpit.format(_("$0 left"), formatDuration(left)));
+        }
+    } else if (job.StartedAt && job.FinishedAt) {
+        parts.push(cockpit.format(_("took $0"),
+                                  formatDuration((Number(job.FinishedAt) - Number(job.StartedAt)) / 1e6)));
+    }
+    return parts.join(" · ");
+}
+
+function updateRow(entry) {
+    const job = entry.job;
+    const state = job.State || "";
+    const now = Date.now();
+
+    entry.state.textContent = state;
+    entry.state.className = "label job-state state-" + state;
+    entry.phase.textContent = ACTIVE_STATES.has(state) && job.Phase ? job.Phase : "";
+    entry.what.textContent = [job.Operation, basename(job.Source)].filter(Boolean).join(" · ");
+    entry.what.title = job.Source || "";
+
+    let percent = null;
+    if (state === "completed")
+        percent = 100;
+    else if (job.ProgressKnown || FINAL_STATES.has(state))
+        percent = Math.max(0, Math.min(100, Math.floor(Number(job.Progress || 0) * 100)));
+    else if (!ACTIVE_STATES.has(state))
+        percent = 0;
+    const bar = entry.bar;
+    bar.className = "progress-bar" + (percent === null ? " indeterminate" : "") +
+        (state === "completed" ? " success" : "") + (RETRYABLE_STATES.has(state) ? " danger" : "");
+    if (percent === null) {
+        bar.removeAttribute("aria-valuenow");
+        bar.setAttribute("aria-valuetext", _("in progress, size unknown"));
+        entry.fill.style.width = "";
+        entry.percent.textContent = "";
+    } else {
+        if (bar.getAttribute("aria-valuenow") !== String(percent))
+            bar.setAttribute("aria-valuenow", String(percent));
+        bar.removeAttribute("aria-valuetext");
+        entry.fill.style.width = percent + "%";
+        entry.percent.textContent = percent + " %";
+    }
+    entry.info.textContent = progressText(job, now);
+    entry.owner.textContent = ownerName(job.Owner);
+    entry.owner.title = cockpit.format(_("uid $0"), job.Owner);
+    entry.age.textContent = formatAge(job.CreatedAt);
+    entry.age.title = formatTime(job.CreatedAt);
+
+    setHidden(entry.cancel, !job.Cancelable);
+    setHidden(entry.retry, !RETRYABLE_STATES.has(state));
+    entry.cancel.parentNode.parentNode.classList.toggle("no-actions", entry.cancel.hidden && entry.retry.hidden);
+    for (const button of [entry.cancel, entry.retry]) {
+        if (button.dataset.lostFocus) {
+            delete button.dataset.lostFocus;
+            const next = [entry.cancel, entry.retry].find(b => !b.hidden) || entry.details;
+            next.focus();
+        }
+    }
+}
+
+// Put the rows of the newest matching jobs in place, moving existing rows only when the order changed,
+// so that a focused button keeps its focus while the list updates.
+function reconcileRows() {
+    const all = Object.keys(jobs).map(path => jobs[path]).filter(job => job.valid !== false && job.Id);
+    const matching = all.filter(jobMatchesFilter).sort(newestFirst);
+    const shown = matching.slice(0, MAX_ROWS);
+    const wanted = new Set(shown.map(job => job.path));
+    for (const [path, entry] of rows) {
+        if (!wanted.has(path)) {
+            entry.row.remove();
+            rows.delete(path);
+        }
+    }
+    const body = $("jobs-body");
+    shown.forEach((job, index) => {
+        let entry = rows.get(job.path);
+        if (!entry) {
+            entry = createRow(job);
+            rows.set(job.path, entry);
+            updateRow(entry);
+        }
+        const here = body.children[index];
+        if (here !== entry.row)
+            body.insertBefore(entry.row, here || null);
+    });
+    $("jobs-table").hidden = shown.length === 0;
+    $("jobs-empty").hidden = shown.length > 0;
+    $("jobs-empty").textContent = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");
+    const more = $("jobs-more");
+    more.hidden = matching.length <= MAX_ROWS;
+    more.textContent = cockpit.format(_("Showing the newest $0 of $1 jobs."), MAX_ROWS, matching.length);
+}
+
+let reconcileQueued = false;
+function scheduleReconcile() {
+    if (!reconcileQueued) {
+        reconcileQueued = true;
+        window.setTimeout(() => {
+            reconcileQueued = false;
+            reconcileRows();
+        }, 0);
+    }
+}
+
+function jobAdded(event, job) {
+    scheduleReconcile();
+    if (job.path === selectedPath)
+        renderDetails();
+}
+
+function jobChanged(event, job) {
+    const entry = rows.get(job.path);
+    if (entry) {
+        updateRow(entry);
+        if (!jobMatchesFilter(job))
+            scheduleReconcile();
+    } else {
+        scheduleReconcile();
+    }
+    if (job.path === selectedPath)
+        detailsChanged(job);
+}
+
+function jobRemoved(event, job) {
+    scheduleReconcile();
+    if (job.path === selectedPath)
+        renderDetails();
+}
+
+$("job-filter").addEventListener("change", reconcileRows);
+
+/* ---------------------------------------------------------------- details */
+
+let selectedPath = null;
+let selectedEvents = [];
+let lastEventSeq = 0;
+let lastDetailsState = null;
+let detailsTimer = null;
+let detailsLastLoad = 0;
+
+function selectedJob() {
+    return selectedPath && Object.prototype.hasOwnProperty.call(jobs, selectedPath) ? jobs[selectedPath] : undefined;
+}
+
+function showDetails(path, focus) {
+    if (path !== selectedPath) {
+        selectedPath = path;
+        selectedEvents = [];
+        lastEventSeq = 0;
+        lastDetailsState = null;
+        $("details-history").replaceChildren();
+        $("details-journal").textContent = "";
+        $("result-section").open = false;
+    }
+    for (const entry of rows.values())
+        entry.row.classList.toggle("selected", entry.job.path === path);
+    $("details-card").hidden = false;
+    renderDetails();
+    loadHistoryAndJournal();
+    if (focus)
+        $("details-card").focus();
+}
+
+function closeDetails() {
+    const path = selectedPath;
+    selectedPath = null;
+    $("details-card").hidden = true;
+    for (const entry of rows.values())
+        entry.row.classList.remove("selected");
+    const entry = rows.get(path);
+    if (entry)
+        entry.details.focus();
+}
+
+function fact(label, value, cls) {
+    return el("div", { class: cls || null }, el("dt", { text: label }), el("dd", { text: value }));
+}
+
+function renderDetails() {
+    const job = selectedJob();
+    const removed = !job;
+    $("details-removed").hidden = !removed;
+    $("details-removed").textContent = client ? _("This job was removed.") : _("h2kd is not running.");
+    setHidden($("details-cancel"), removed || !job.Cancelable);
+    setHidden($("details-retry"), removed || !RETRYABLE_STATES.has(job.State));
+    for (const id of ["details-cancel", "details-retry"]) {
+        const button = $(id);
+        if (button.dataset.lostFocus) {
+            delete button.dataset.lostFocus;
+            $("details-refresh").focus();
+        }
+    }
+    if (removed) {
+        $("details-refresh").disabled = true;
+        return;
+    }
+    $("details-refresh").disabled = false;
+    $("details-title").textContent = cockpit.format(_("Job $0"), job.Id);
+    const percent = job.ProgressKnown || FINAL_STATES.has(job.State)
+        ? Math.floor(Number(job.Progress || 0) * 100) + " %" : "—";
+    const facts = [
+        fact(_("State"), job.State),
+        fact(_("Phase"), job.Phase || "—"),
+        fact(_("Progress"), percent),
+        fact(_("Operation"), job.Operation),
+        fact(_("Source"), job.Source || "—", "wide"),
+        fact(_("Output"), job.Output || "—", "wide"),
+        fact(_("Priority"), String(job.Priority)),
+        fact(_("Owner"), ownerName(job.Owner)),
+        fact(_("Attempt"), String(job.Attempt)),
+        fact(_("Worker"), job.Worker || "—"),
+        fact(_("Unit"), job.Unit || "—", "wide"),
+        fact(_("Created"), formatTime(job.CreatedAt)),
+        fact(_("Started"), formatTime(job.StartedAt)),
+        fact(_("Finished"), formatTime(job.FinishedAt)),
+    ];
+    if (job.WaitReason)
+        facts.push(fact(_("Waiting because"), job.WaitReason, "wide"));
+    $("details-facts").replaceChildren(...facts);
+
+    const [code, message] = Array.isArray(job.Error) ? job.Error : ["", ""];
+    const errorBox = $("details-error");
+    errorBox.hidden = !code && !message;
+    errorBox.textContent = code ? cockpit.format("$0: $1", code, message) : message;
+
+    const result = prettyJson(job.Result);
+    $("details-result").textContent = result || _("No result yet.");
+    $("details-spec").textContent = prettyJson(job.Spec);
+}
+
+function detailsChanged(job) {
+    renderDetails();
+    if (job.State !== lastDetailsState) {
+        loadHistoryAndJournal();        // a new state is worth showing at once
+    } else if (!detailsTimer) {
+        const wait = Math.max(0, detailsLastLoad + DETAILS_REFRESH_MS - Date.now());
+        detailsTimer = window.setTimeout(loadHistoryAndJournal, wait);
+    }
+}
+
+function describeEvent(kind, data) {
+    if (kind === "state") {
+        const text = cockpit.format(_("$0 → $1"), data.old_state || "—", data.new_state);
+        return data.reason ? text + ": " + data.reason : text;
+    }
+    if (kind === "log")
+        return String(data.message || "");
+    if (kind === "result") {
+        const error = data.error;
+        return error ? cockpit.format(_("result: $0 ($1: $2)"), data.status, error.code, error.message)
+            : cockpit.format(_("result: $0"), data.status);
+    }
+    return JSON.stringify(data);
+}
+
+// Consecutive progress events become one line ("progress 6 % → 100 %"), the rest one line each.
+function renderHistory() {
+    const items = [];
+    let run = null;
+    for (const event of selectedEvents) {
+        const [seq, time, kind, data] = event;
+        if (kind === "progress") {
+            const pct = typeof data.progress === "number" && data.progress >= 0
+                ? Math.floor(data.progress * 100) + " %" : "?";
+            if (run) {
+                run.last = pct;
+                run.count++;
+                if (data.phase && !run.phases.includes(data.phase))
+                    run.phases.push(data.phase);
+                run.node.lastChild.textContent = run.count > 1
+                    ? cockpit.format(_("progress $0 → $1 ($2 updates; $3)"), run.first, run.last, run.count,
+                                     run.phases.join(", "))
+                    : cockpit.format(_("progress $0"), pct);
+                continue;
+            }
+            const node = el("li", { class: "event-progress", dataset: { seq: String(seq) } },
+                            el("time", { text: formatTime(time) }), el("span", { text: "" }));
+            run = { first: pct, last: pct, count: 1, phases: data.phase ? [data.phase] : [], node };
+            node.lastChild.textContent = cockpit.format(_("progress $0"), pct);
+            items.push(node);
+            continue;
+        }
+        run = null;
+        items.push(el("li", { class: "event-" + kind, dataset: { seq: String(seq), kind } },
+                      el("time", { text: formatTime(time) }), el("span", { text: describeEvent(kind, data) })));
+    }
+    $("details-history").replaceChildren(...items);
+}
+
+function loadHistory(job) {
+    const path = job.path;
+    return callJob(path, "GetEvents", [lastEventSeq], "t").then(([events]) => {
+        if (path !== selectedPath)
+            return;
+        for (const [seq, time, kind, dataText] of events) {
+            if (seq <= lastEventSeq)
+                continue;
+            let data;
+            try {
+                data = JSON.parse(dataText);
+            } catch (e) {
+                data = { message: dataText };
+            }
+            selectedEvents.push([seq, time, kind, data]);
+            lastEventSeq = seq;
+        }
+        renderHistory();
+    }).catch(e => {
+        if (path === selectedPath)
+            $("details-history").replaceChildren(el("li", { class: "error", text: errorText(e) }));
+    });
+}
+
+function loadJournal(job) {
+    const path = job.path;
+    const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--lines=20", "H2K_JOB_ID=" + job.Id];
+    return cockpit.spawn(argv, { superuser: "try", err: "message" }).then(output => {
+        if (path === selectedPath)
+            $("details-journal").textContent = output.trim() || _("No journal entries.");
+    }).catch(e => {
+        if (path === selectedPath)
+            $("details-journal").textContent = cockpit.format(_("Cannot read the journal: $0"), errorText(e));
+    });
+}
+
+function loadHistoryAndJournal() {
+    if (detailsTimer) {
+        window.clearTimeout(detailsTimer);
+        detailsTimer = null;
+    }
+    const job = selectedJob();
+    if (!job)
+        return;
+    lastDetailsState = job.State;
+    detailsLastLoad = Date.now();
+    loadHistory(job);
+    loadJournal(job);
+}
+
+$("details-close").addEventListener("click", closeDetails);
+$("details-refresh").addEventListener("click", loadHistoryAndJournal);
+$("details-cancel").addEventListener("click", () => {
+    const job = selectedJob();
+    if (job)
+        cancelJob(job);
+});
+$("details-retry").addEventListener("click", () => {
+    const job = selectedJob();
+    if (job)
+        retryJob(job);
+});
+
+/* ---------------------------------------------------------------- submitting */
+
+function buildSpec(form) {
+    const v = cockpit.variant;
+    const source = form.source.value.trim();
+    const output = form.output.value.trim();
+    const format = form.format.value;
+    const priority = Number.parseInt(form.priority.value, 10);
+    const parameters = { output_format: v("s", format) };
+    if (form.compress.checked && format === "qcow2")
+        parameters.compress = v("b", true);
+    const spec = {
+        operation: v("s", "convert"),
+        image: v("a{sv}", { path: v("s", source) }),
+        parameters: v("a{sv}", parameters),
+        execution_policy: v("a{sv}", { priority: v("u", priority) }),
+        audit: v("a{sv}", { tags: v("as", ["cockpit"]) }),
+    };
+    if (output)
+        spec.artifacts = v("a{sv}", { output_path: v("s", output) });
+    return spec;
+}
+
+function shortErrorName(name) {
+    return name ? String(name).split(".").pop() : "";
+}
+
+$("output-format").addEventListener("change", () => {
+    const qcow2 = $("output-format").value === "qcow2";
+    $("compress").disabled = !qcow2;
+    if (!qcow2)
+        $("compress").checked = false;
+});
+
+$("submit-form").addEventListener("submit", event => {
+    event.preventDefault();
+    const form = event.target;
+    const button = $("submit-button");
+    const errorBox = $("submit-error");
+    const status = $("submit-status");
+    errorBox.hidden = true;
+    errorBox.textContent = "";
+    status.hidden = true;
+    button.disabled = true;
+    form.setAttribute("aria-busy", "true");
+    const refused = (name, message, jobId) => {
+        errorBox.replaceChildren(
+            el("strong", { text: name ? cockpit.format(_("h2kd refused the job ($0):"), name)
+                                      : _("The job could not be submitted:") }),
+            " ",
+            el("span", { class: "daemon-message", text: message }),
+            ...(jobId ? [el("span", { class: "sub", text: " " + cockpit.format(_("(job $0)"), jobId) })] : []));
+        errorBox.dataset.jobId = jobId || "";
+        errorBox.hidden = false;
+    };
+    callManager("SubmitJob", [buildSpec(form), {}], "a{sv}a{sv}").then(([id, path]) => {
+        status.dataset.jobId = id;
+        status.dataset.path = path;
+        // The host checks (source exists, output allowed, ...) run at submission: a job that failed
+        // them is already final, and its error belongs next to the form like any other refusal.
+        return client.call(path, "org.freedesktop.DBus.Properties", "GetAll", [JOB_IFACE], { type: "s" })
+            .then(([props]) => {
+                const state = props.State ? props.State.v : "";
+                const [code, message] = props.Error ? props.Error.v : ["", ""];
+                const attempt = props.Attempt ? Number(props.Attempt.v) : 0;
+                if (state === "failed" && attempt === 0) {
+                    refused(code, message, id);
+                } else {
+                    status.textContent = cockpit.format(_("Job $0 submitted."), id);
+                    status.hidden = false;
+                }
+            });
+    }).catch(e => {
+        refused(shortErrorName(e.name), errorText(e));
+    }).finally(() => {
+        button.disabled = !$("connection-error").hidden;
+        form.removeAttribute("aria-busy");
+    });
+});
+
+/* ---------------------------------------------------------------- queue and health */
+
+function renderQueue() {
+    if (!manager || !manager.valid) {
+        for (const id of ["queue-state", "jobs-running", "jobs-queued", "max-parallel"])
+            $(id).textContent = "—";
+        setHidden($("pause-button"), true);
+        setHidden($("resume-button"), true);
+        return;
+    }
+    const paused = !!manager.Paused;
+    $("queue-state").textContent = paused ? _("Paused: queued jobs wait") : _("Running queued jobs");
+    $("queue-state").className = paused ? "state-paused" : "";
+    $("jobs-running").textContent = String(manager.JobsRunning);
+    $("jobs-queued").textContent = String(manager.JobsQueued);
+    $("max-parallel").textContent = String(manager.MaxParallelJobs);
+    $("daemon-version").textContent = cockpit.format(_("h2kd $0"), manager.Version);
+    const pause = $("pause-button");
+    const resume = $("resume-button");
+    setHidden(pause, paused);
+    setHidden(resume, !paused);
+    for (const [gone, other] of [[pause, resume], [resume, pause]]) {
+        if (gone.dataset.lostFocus) {
+            delete gone.dataset.lostFocus;
+            other.focus();
+        }
+    }
+}
+
+function queueAction(method, what) {
+    return callManager(method).catch(e => {
+        showActionError(cockpit.format(_("Cannot $0 the queue: $1"), what, errorText(e)));
+    });
+}
+
+$("pause-button").addEventListener("click", () => queueAction("PauseQueue", _("pause")));
+$("resume-button").addEventListener("click", () => queueAction("ResumeQueue", _("resume")));
+
+function renderHealth(health) {
+    const value = key => (health[key] && "v" in health[key] ? health[key].v : health[key]);
+    const status = value("status") || "unknown";
+    const label = $("health-status");
+    label.textContent = status;
+    label.className = "label " + (status === "ok" ? "state-completed" : "state-failed");
+    const problems = [];
+    if (value("store_ok") === false)
+        problems.push(_("the job store is not usable"));
+    if (value("systemd_reachable") === false)
+        problems.push(_("systemd cannot be reached"));
+    if (Number(value("workers_stale")) > 0)
+        problems.push(cockpit.format(_("$0 stale workers"), value("workers_stale")));
+    $("health-problems").textContent = problems.join("; ");
+    $("health-uptime").textContent = formatDuration(Number(value("uptime_seconds") || 0));
+    $("health-active").textContent = String(value("jobs_active"));
+    $("health-store").textContent = value("store_ok") ? _("ok") : _("failing");
+    $("health-systemd").textContent = value("systemd_reachable") ? _("reachable") : _("unreachable");
+}
+
+let healthTimer = null;
+function refreshHealth() {
+    if (healthTimer)
+        window.clearTimeout(healthTimer);
+    healthTimer = window.setTimeout(refreshHealth, HEALTH_INTERVAL_MS);
+    return callManager("GetHealth").then(([health]) => {
+        renderHealth(health);
+    }).catch(e => {
+        $("health-status").textContent = _("unknown");
+        $("health-status").className = "label";
+        $("health-problems").textContent = errorText(e);
+    });
+}
+
+
+/* ---------------------------------------------------------------- workers */
+
+function renderWorkers() {
+    const list = Object.keys(workers).map(path => workers[path]).filter(w => w.Id)
+        .sort((a, b) => String(a.Name).localeCompare(String(b.Name)));
+    const body = $("workers-body");
+    body.replaceChildren(...list.map(worker => {
+        let operations = "—";
+        try {
+            const caps = JSON.parse(worker.Capabilities || "{}");
+            if (Array.isArray(caps.operations))
+                operations = caps.operations.join(", ");
+        } catch (e) {
+            // capabilities that are not JSON are shown as "—"
+        }
+        const limit = Number(worker.MaxJobs) > 0 ? String(worker.MaxJobs) : "∞";
+        return el("tr", { dataset: { workerId: worker.Id } },
+                  el("td", { "data-label": _("Name"), text: worker.Name || worker.Id }),
+                  el("td", { "data-label": _("Kind"), text: worker.Kind }),
+                  el("td", { "data-label": _("State") },
+                     el("span", { class: "label worker-state state-" + worker.State, text: worker.State })),
+                  el("td", { "data-label": _("Jobs"), text: cockpit.format("$0 / $1", worker.ActiveJobs, limit) }),
+                  el("td", { "data-label": _("Operations"), text: operations }),
+                  el("td", { "data-label": _("Last heartbeat"),
+                             text: worker.LastHeartbeat ? cockpit.format(_("$0 ago"), formatAge(worker.LastHeartbeat))
+                                 : "—" }));
+    }));
+    $("workers-table").hidden = list.length === 0;
+    $("workers-empty").hidden = list.length > 0;
+}
+
+let workersQueued = false;
+function scheduleWorkers() {
+    if (!workersQueued) {
+        workersQueued = true;
+        window.setTimeout(() => {
+            workersQueued = false;
+            renderWorkers();
+        }, 0);
+    }
+}
+
+
+/* ---------------------------------------------------------------- start */
+
+function loadUserNames() {
+    return cockpit.file("/etc/passwd").read().then(text => {
+        for (const line of String(text || "").split("\n")) {
+            const fields = line.split(":");
+            if (fields.length > 2 && /^\d+$/.test(fields[2]))
+                userNames.set(Number(fields[2]), fields[0]);
+        }
+        for (const entry of rows.values())
+            updateRow(entry);
+    }).catch(() => { /* uids are shown instead of names */ });
+}
+
+let ticks = 0;
+function tick() {
+    const now = Date.now();
+    if (++ticks % 5 === 0)
+        renderWorkers();                // heartbeat ages
+    for (const entry of rows.values()) {
+        entry.age.textContent = formatAge(entry.job.CreatedAt);
+        if (!FINAL_STATES.has(entry.job.State))
+            entry.info.textContent = progressText(entry.job, now);
+    }
+}
+
+function connect(owner) {
+    disconnect();
+    daemonOwner = owner;
+    client = cockpit.dbus(BUS_NAME, DBUS_OPTIONS);
+    manager = client.proxy(MANAGER_IFACE, MANAGER_PATH);
+    // The daemon's ObjectManager is at MANAGER_PATH, which is also where it sends InterfacesAdded/Removed.
+    jobs = client.proxies(JOB_IFACE, MANAGER_PATH);
+    workers = client.proxies(WORKER_IFACE, MANAGER_PATH);
+    manager.addEventListener("changed", renderQueue);
+    jobs.addEventListener("added", jobAdded);
+    jobs.addEventListener("changed", jobChanged);
+    jobs.addEventListener("removed", jobRemoved);
+    for (const name of ["added", "changed", "removed"])
+        workers.addEventListener(name, scheduleWorkers);
+    const connection = client;
+    client.addEventListener("close", (event, options) => {
+        if (connection === client)
+            showConnectionError(cockpit.format(_("The connection to h2kd was lost: $0"), cockpit.message(options)));
+    });
+    manager.wait().then(() => {
+        if (!manager.valid)
+            throw new Error(_("the manager object is missing"));
+        showConnectionError("");
+        renderQueue();
+    }).catch(e => {
+        if (connection === client)
+            showConnectionError(cockpit.format(_("Cannot reach h2kd (org.hyper2kvm.h2kd1 on the system bus): $0"),
+                                               errorText(e)));
+    });
+    jobs.wait().then(reconcileRows);
+    workers.wait().then(renderWorkers);
+    refreshHealth();
+}
+
+function disconnect() {
+    const old = client;
+    client = null;
+    if (old)
+        old.close();
+    manager = null;
+    jobs = {};
+    workers = {};
+    for (const entry of rows.values())
+        entry.row.remove();
+    rows.clear();
+    reconcileRows();
+    renderWorkers();
+    renderQueue();
+    if (selectedPath)
+        renderDetails();
+}
+
+function start() {
+    cockpit.translate();
+    loadUserNames();
+    // This connection only watches who owns the name: each new h2kd gets a fresh data connection.
+    const watcher = cockpit.dbus(BUS_NAME, DBUS_OPTIONS);
+    watcher.addEventListener("owner", (event, owner) => {
+        if (owner === daemonOwner)
+            return;
+        if (owner && daemonOwner === undefined && client) {
+            daemonOwner = owner;        // the first connection was made before the owner was known
+        } else if (owner) {
+            connect(owner);
+        } else {
+            daemonOwner = null;
+            disconnect();
+            showConnectionError(_("h2kd is not running (nobody owns org.hyper2kvm.h2kd1 on the system bus)."));
+        }
+    });
+    connect(undefined);
+    window.setInterval(tick, 1000);
+    document.body.dataset.ready = "1";
+}
+
+start();

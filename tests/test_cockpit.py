@@ -1,0 +1,425 @@
+"""The Cockpit page in a real browser: cockpit-ws with a local cockpit-bridge on the private bus, headless Chromium.
+
+Everything a user does here goes through the page (typing, clicking, the keyboard); what the test
+compares the page with comes from the daemon itself over busctl, or from the files the jobs wrote.
+Screenshots are kept in artifacts/ (not committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+# tests/ is on sys.path: pytest puts the directory of its conftest there
+from browser import ELEMENT_KEY, ENTER, Browser, descendants, free_port, kill_if_same, wait_until
+from images import MiB, make_image
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+BUS = "org.hyper2kvm.h2kd1"
+MANAGER_PATH = "/org/hyper2kvm/h2kd1"
+MANAGER = BUS + ".Manager"
+JOB = BUS + ".Job"
+
+_missing = [p for p in (COCKPIT_WS, "/usr/bin/cockpit-bridge", "/usr/bin/chromium", "/usr/bin/chromedriver")
+            if not os.path.exists(p)] + [p for p in ("qemu-img", "busctl") if shutil.which(p) is None]
+pytestmark = [pytest.mark.stack,
+              pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}")]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def busctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["busctl", "--system", *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def busctl_json(env: dict[str, str], *args: str) -> Any:
+    done = busctl(env, "--json=short", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["data"]
+
+
+def job_property(env: dict[str, str], job_id: str, name: str) -> Any:
+    path = busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "GetJob", "s", job_id)[0]
+    return busctl_json(env, "get-property", BUS, path, JOB, name)
+
+
+def submit_error(bus_address: str, source: str, output: str) -> tuple[str, str]:
+    """(error name, message) of SubmitJob for a conversion of source to output, called straight over D-Bus."""
+    from dbus_fast import Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+
+    async def call() -> tuple[str, str]:
+        bus = await MessageBus(bus_address=bus_address).connect()
+        try:
+            spec = {"operation": Variant("s", "convert"),
+                    "image": Variant("a{sv}", {"path": Variant("s", source)}),
+                    "artifacts": Variant("a{sv}", {"output_path": Variant("s", output)})}
+            reply = await bus.call(Message(destination=BUS, path=MANAGER_PATH, interface=MANAGER,
+                                           member="SubmitJob", signature="a{sv}a{sv}", body=[spec, {}]))
+        finally:
+            bus.disconnect()
+        if reply.message_type != MessageType.ERROR:
+            return "", ""
+        return reply.error_name or "", str(reply.body[0]) if reply.body else ""
+    return asyncio.run(call())
+
+
+def row_state(browser: Browser, job_id: str) -> dict[str, Any] | None:
+    """What the job's row shows: state, progress bar value, progress text, visible buttons."""
+    return browser.execute("""
+        const row = document.querySelector(`tr[data-job-id="${arguments[0]}"]`);
+        if (!row) return null;
+        const bar = row.querySelector('[role=progressbar]');
+        const shown = sel => { const b = row.querySelector(sel); return !!b && !b.hidden && b.offsetParent !== null; };
+        return {state: row.querySelector('.job-state').textContent,
+                value: bar.getAttribute('aria-valuenow'),
+                info: row.querySelector('.progress-info').textContent,
+                cancel: shown('.job-cancel'), retry: shown('.job-retry')};
+    """, job_id)
+
+
+def fill_form(browser: Browser, source: str, output: str, fmt: str = "qcow2", priority: int = 5,
+              compress: bool = False) -> None:
+    for css, value in (("#source-path", source), ("#output-path", output), ("#priority", str(priority))):
+        field = browser.find(css)
+        browser.clear(field)
+        browser.type(field, value)
+    browser.click(browser.find(f"#output-format option[value='{fmt}']"))
+    checkbox = browser.find("#compress")
+    if bool(browser.execute("return arguments[0].checked", {ELEMENT_KEY: checkbox})) != compress:
+        browser.click(checkbox)
+
+
+def submit(browser: Browser) -> str:
+    """Press "Start conversion"; the id of the job the page says it submitted."""
+    browser.execute("document.getElementById('submit-status').hidden = true;"
+                    "document.getElementById('submit-status').dataset.jobId = '';")
+    browser.click(browser.find("#submit-button"))
+
+    def submitted() -> str | None:
+        status = browser.find("#submit-status")
+        error = browser.find("#submit-error")
+        if browser.displayed(error):
+            raise AssertionError("the page shows an error: " + browser.text(error))
+        return browser.attribute(status, "data-job-id") if browser.displayed(status) else None
+    return wait_until(submitted, 20, what="the page to confirm the submission")
+
+
+def open_page(browser: Browser, url: str) -> None:
+    browser.get(url)
+    wait_until(lambda: browser.execute("return document.body.dataset.ready === '1' && "
+                                       "document.getElementById('daemon-version').textContent !== ''"),
+               30, what="the page to connect to h2kd")
+    browser.execute("window.scriptErrors = [];"
+                    "window.addEventListener('error', e => window.scriptErrors.push(String(e.message)));")
+
+
+def script_errors(browser: Browser) -> list[str]:
+    """Uncaught JavaScript errors since open_page()."""
+    return browser.execute("return window.scriptErrors || []")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def cockpit_url(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """cockpit-ws on loopback with a no-login local session whose bridge talks to the private bus."""
+    data_dir = tmp_path_factory.mktemp("cockpit-data")
+    (data_dir / "cockpit").mkdir()
+    (data_dir / "cockpit" / "h2kd").symlink_to(REPO / "cockpit")
+    port = free_port()
+    env = {**os.environ, **stack.env(), "XDG_DATA_DIRS": f"{data_dir}:/usr/share"}
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    log_path = data_dir / "cockpit-ws.log"
+    with open(log_path, "wb") as log:
+        ws = subprocess.Popen([COCKPIT_WS, "--no-tls", "--address", "127.0.0.1", "--port", str(port),
+                               "--local-session=cockpit-bridge"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/cockpit/@localhost/h2kd"
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/manifest.json", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return ws.poll() is not None and _raise(f"cockpit-ws exited: {log_path.read_text()}")
+    try:
+        wait_until(serving, 20, what="cockpit-ws")
+        yield base + "/index.html"
+    finally:
+        started = descendants(ws.pid)            # the bridge(s) of the session
+        ws.send_signal(signal.SIGTERM)
+        try:
+            ws.wait(10)
+        except subprocess.TimeoutExpired:
+            ws.kill()
+            ws.wait(10)
+        deadline = time.monotonic() + 5
+        for pid, start in started:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            kill_if_same(pid, start)
+
+
+def _raise(message: str) -> bool:
+    raise RuntimeError(message)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    with Browser.start(tmp_path_factory.mktemp("chromium"), width=1280, height=1100) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """VMDKs with enough data that a conversion takes seconds (progress is visible) and a smaller one."""
+    directory = tmp_path_factory.mktemp("cockpit-images")
+    directory.chmod(0o755)
+    big = make_image("vmdk", "monolithicSparse", directory / "big.vmdk", size=1024 * MiB, data_fraction=0.6, seed=8)
+    (directory / "big.src.raw").unlink()
+    return {"big": big}
+
+
+@pytest.fixture(autouse=True)
+def page_on_failure(request: pytest.FixtureRequest, browser: Browser) -> Iterator[None]:
+    """When a test fails, keep what the page showed: artifacts/cockpit-failed-<test>.png and its text."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        name = request.node.name
+        try:
+            browser.full_page_screenshot(ARTIFACTS / f"cockpit-failed-{name}.png")
+            (ARTIFACTS / f"cockpit-failed-{name}.txt").write_text(browser.execute("return document.body.innerText"))
+        except Exception as e:  # the browser itself may be what failed
+            print(f"no screenshot of the failure: {e}")
+
+
+@pytest.fixture
+def env(stack: Any) -> dict[str, str]:
+    values = {**os.environ, **stack.env()}
+    values.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    return values
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+def test_page_shows_the_daemon_queue_workers_and_health(browser: Browser, cockpit_url: str,
+                                                        env: dict[str, str]) -> None:
+    open_page(browser, cockpit_url)
+    version = busctl_json(env, "get-property", BUS, MANAGER_PATH, MANAGER, "Version")
+    assert browser.text(browser.find("#daemon-version")) == f"h2kd {version}"
+    parallel = busctl_json(env, "get-property", BUS, MANAGER_PATH, MANAGER, "MaxParallelJobs")
+    assert browser.text(browser.find("#max-parallel")) == str(parallel)
+    health = busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "GetHealth")[0]
+    wait_until(lambda: browser.text(browser.find("#health-status")) == health["status"]["data"], 10,
+               what="the health status")
+    # The builtin worker is listed with the host's name.
+    worker = busctl_json(env, "get-property", BUS, MANAGER_PATH + "/worker/builtin", BUS + ".Worker", "Name")
+    wait_until(lambda: browser.exists("tr[data-worker-id='builtin']"), 10, what="the builtin worker")
+    assert worker in browser.text(browser.find("tr[data-worker-id='builtin']"))
+    # Every form control has a label a screen reader announces.
+    unlabelled = browser.execute("""
+        return [...document.querySelectorAll('input, select, textarea')]
+            .filter(e => e.labels.length === 0 && !e.getAttribute('aria-label')).map(e => e.id);""")
+    assert unlabelled == []
+
+
+def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser, cockpit_url: str,
+                                                               env: dict[str, str], stack: Any,
+                                                               sources: dict[str, Path]) -> None:
+    open_page(browser, cockpit_url)
+    output = stack.output_dir / "from-cockpit.qcow2"
+    fill_form(browser, str(sources["big"]), str(output), "qcow2", priority=3)
+    job_id = submit(browser)
+    assert job_property(env, job_id, "Priority") == 3
+
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        shown = row_state(browser, job_id)
+        if shown is not None:
+            seen.append(shown)
+            if shown["state"] in ("completed", "failed", "cancelled"):
+                break
+        time.sleep(0.05)
+    assert seen, "the job never appeared in the list"
+    assert seen[-1]["state"] == "completed", (seen[-1], job_property(env, job_id, "Error"))
+    assert seen[-1]["value"] == "100"
+    values = [int(s["value"]) for s in seen if s["value"] is not None]
+    between = sorted({v for v in values if 0 < v < 100})
+    assert len(between) >= 2, f"the progress bar did not advance visibly: {values}"
+    assert values == sorted(values), f"the progress bar went backwards: {values}"
+    running = [s for s in seen if s["state"] in ("running", "progressing")]
+    assert any("/s" in s["info"] for s in running), "no transfer rate was shown while it ran"
+    assert any(" left" in s["info"] or "almost done" in s["info"] for s in running), "no time left was shown"
+    assert any(s["cancel"] for s in running), "no Cancel button while it ran"
+    assert not seen[-1]["cancel"] and not seen[-1]["retry"], "Cancel/Retry shown for a completed job"
+
+    # What the page says happened did happen.
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(output)], capture_output=True, text=True,
+                          check=True)
+    assert json.loads(info.stdout)["format"] == "qcow2"
+
+    # Details: the history from GetEvents, the result and the journal.
+    browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
+    assert browser.attribute(browser.active_element(), "id") == "details-card"
+    wait_until(lambda: browser.exists("#details-history li[data-kind='result']"), 15, what="the job's history")
+    history = browser.text(browser.find("#details-history"))
+    for state in ("queued", "running", "completed"):
+        assert f"→ {state}" in history
+    assert "progress" in history
+    result = json.loads(browser.execute("return document.getElementById('details-result').textContent"))
+    assert result == json.loads(job_property(env, job_id, "Result"))
+    assert result["outputs"]["disks"][0]["path"] == str(output)
+    journal = wait_until(lambda: (t := browser.execute(
+        "return document.getElementById('details-journal').textContent")) and "completed" in t and t, 15,
+        what="the job's journal")
+    assert job_id in journal
+    browser.full_page_screenshot(ARTIFACTS / "cockpit.png")
+    assert script_errors(browser) == []
+
+
+def test_cancel_and_retry_buttons(browser: Browser, cockpit_url: str, env: dict[str, str], stack: Any,
+                                  sources: dict[str, Path]) -> None:
+    open_page(browser, cockpit_url)
+    # zlib compression of random data is slow enough to catch the job while it runs.
+    output = stack.output_dir / "to-cancel.qcow2"
+    fill_form(browser, str(sources["big"]), str(output), "qcow2", compress=True)
+    job_id = submit(browser)
+    row = f"tr[data-job-id='{job_id}']"
+    wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "progressing" and s["cancel"], 60,
+               interval=0.05, what="the job to run")
+    # Operated with the keyboard: focus the row's Cancel button and press Enter.
+    cancel = browser.find(f"{row} .job-cancel")
+    browser.execute("arguments[0].focus()", {ELEMENT_KEY: cancel})
+    browser.type(browser.active_element(), ENTER)
+    wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "cancelled", 30, what="the cancellation")
+    assert job_property(env, job_id, "State") == "cancelled"
+    shown = wait_until(lambda: (s := row_state(browser, job_id)) and not s["cancel"] and s["retry"] and s, 10,
+                       what="Retry instead of Cancel")
+    assert shown["value"] is not None and int(shown["value"]) < 100
+    # Keyboard focus stays on the row (on Retry, which replaced Cancel) instead of falling to the page.
+    assert "job-retry" in (browser.attribute(browser.active_element(), "class") or "")
+    assert not output.exists(), "a cancelled conversion left its output"
+
+    # Retry queues a new attempt; it runs and can be cancelled again.
+    attempt = job_property(env, job_id, "Attempt")
+    browser.click(browser.find(f"{row} .job-retry"))
+    wait_until(lambda: job_property(env, job_id, "Attempt") > attempt, 30, what="a new attempt")
+    wait_until(lambda: (s := row_state(browser, job_id)) and s["cancel"] and not s["retry"], 30,
+               interval=0.05, what="Cancel to come back")
+    browser.click(browser.find(f"{row} .job-cancel"))
+    wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "cancelled", 30, what="the second cancel")
+    assert script_errors(browser) == []
+
+
+def test_daemon_errors_are_shown_next_to_the_form(browser: Browser, cockpit_url: str, env: dict[str, str],
+                                                  stack: Any, sources: dict[str, Path]) -> None:
+    open_page(browser, cockpit_url)
+    error_box = browser.find("#submit-error")
+
+    # Refused by the spec check: a relative path. The page shows the daemon's own words.
+    fill_form(browser, "images/disk.vmdk", str(stack.output_dir / "never.qcow2"))
+    browser.click(browser.find("#submit-button"))
+    wait_until(lambda: browser.displayed(error_box), 20, what="the error")
+    name, expected = submit_error(stack.bus_address, "images/disk.vmdk", str(stack.output_dir / "never.qcow2"))
+    assert name, "h2kd accepted a relative source path"
+    message = browser.text(browser.find("#submit-error .daemon-message"))
+    assert message == expected
+    assert name.rsplit(".", 1)[-1] in browser.text(error_box)
+    assert browser.attribute(error_box, "role") == "alert"
+    # "Next to the form": inside the form's card.
+    assert browser.execute("return document.getElementById('submit-card').contains(arguments[0])",
+                           {ELEMENT_KEY: error_box})
+
+    # An output outside h2kd's output directories: refused at the call, or stored as a job that failed
+    # the host checks at once. Either way the daemon's words are next to the form.
+    outside = "/var/tmp/h2k-cockpit-outside.qcow2"
+    fill_form(browser, str(sources["big"]), outside)
+    browser.click(browser.find("#submit-button"))
+    wait_until(lambda: browser.displayed(error_box) and
+               browser.text(browser.find("#submit-error .daemon-message")) != message, 20,
+               what="the second error")
+    shown = browser.text(browser.find("#submit-error .daemon-message"))
+    failed_id = browser.attribute(error_box, "data-job-id")
+    if failed_id:
+        code, daemon_message = job_property(env, failed_id, "Error")
+        assert shown == daemon_message
+        assert code in browser.text(error_box)
+        assert job_property(env, failed_id, "State") == "failed"
+    else:
+        name, expected = submit_error(stack.bus_address, str(sources["big"]), outside)
+        assert name and shown == expected
+        assert name.rsplit(".", 1)[-1] in browser.text(error_box)
+    assert outside in shown
+    assert not browser.displayed(browser.find("#submit-status"))
+    assert not Path(outside).exists()
+
+
+def test_pause_and_resume_the_queue(browser: Browser, cockpit_url: str, env: dict[str, str]) -> None:
+    open_page(browser, cockpit_url)
+    paused = lambda: busctl_json(env, "get-property", BUS, MANAGER_PATH, MANAGER, "Paused")  # noqa: E731
+    assert paused() is False
+    try:
+        browser.click(browser.find("#pause-button"))
+        wait_until(paused, 10, what="the queue to pause")
+        wait_until(lambda: browser.displayed(browser.find("#resume-button")), 10, what="the Resume button")
+        assert "Paused" in browser.text(browser.find("#queue-state"))
+        assert not browser.displayed(browser.find("#pause-button"))
+        browser.click(browser.find("#resume-button"))
+        wait_until(lambda: paused() is False, 10, what="the queue to resume")
+        wait_until(lambda: browser.displayed(browser.find("#pause-button")), 10, what="the Pause button")
+    finally:
+        busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "ResumeQueue")
+
+
+def test_page_follows_the_daemon_going_away_and_coming_back(browser: Browser, cockpit_url: str, stack: Any,
+                                                            env: dict[str, str], sources: dict[str, Path]) -> None:
+    inspect = busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "SubmitJob", "a{sv}a{sv}", "2", "operation", "s",
+                     "inspect", "image", "a{sv}", "1", "path", "s", str(sources["big"]), "0")
+    assert inspect.returncode == 0, inspect.stderr
+    open_page(browser, cockpit_url)
+    wait_until(lambda: browser.exists("tr[data-job-id]"), 10, what="the job list")
+    listed = {j[0] for j in busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0]}
+    banner = browser.find("#connection-error")
+    stack.stop_daemon()
+    try:
+        wait_until(lambda: browser.displayed(banner), 15, what="the page to notice h2kd is gone")
+        assert "not running" in browser.text(banner)
+        assert browser.attribute(browser.find("#submit-button"), "disabled") is not None
+        # Jobs of a daemon that is gone are not shown as if they were live.
+        wait_until(lambda: not browser.exists("tr[data-job-id]"), 15, what="the list to empty")
+    finally:
+        stack.start_daemon()
+    wait_until(lambda: not browser.displayed(banner), 20, what="the page to see h2kd again")
+    # Without reloading, the list comes back from the new daemon's ObjectManager.
+    wait_until(lambda: set(browser.execute(
+        "return [...document.querySelectorAll('tr[data-job-id]')].map(r => r.dataset.jobId)")) == listed, 20,
+        what="the job list to come back")
+    assert browser.attribute(browser.find("#submit-button"), "disabled") is None
+    assert script_errors(browser) == []
+
+
+def test_readable_at_a_narrow_width(browser: Browser, cockpit_url: str) -> None:
+    try:
+        browser.set_window_size(400, 1400)
+        open_page(browser, cockpit_url)
+        wait_until(lambda: browser.exists("tr[data-job-id]"), 10, what="the job list")
+        width = browser.execute("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"the page scrolls sideways at 400 px: {width}"
+        browser.full_page_screenshot(ARTIFACTS / "cockpit-narrow.png")
+    finally:
+        browser.set_window_size(1280, 1100)
