@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # compare our unit's hardening with. systemd itself comes with the machine.
 DEB_PACKAGES = qemu-utils libsystemd-dev pkg-config libdbus-1-dev libglib2.0-dev \
 	cockpit-ws cockpit-bridge chromium chromium-driver prometheus tmux systemd-container \
-	dbus-daemon polkitd libglib2.0-bin zsh man-db
+	dbus-daemon polkitd libglib2.0-bin zsh man-db debootstrap qemu-system-x86 fdisk lvm2
 
 .PHONY: all deps venv test demo install bench clean distclean
 

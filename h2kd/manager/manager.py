@@ -55,7 +55,7 @@ log = logging.getLogger("h2kd.manager")
 
 S = JobState
 BUILTIN = "builtin"
-OPERATIONS = ["inspect", "convert", "validate"]
+OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
 STORE_CHECK_INTERVAL = 10.0

@@ -241,7 +241,8 @@ class SystemdRunner:
             self._config, job_id=job.id, attempt=attempt, operation=job.operation, spec_path=spec_path,
             result_path=result_path, output_path=job.output, source_path=job.source,
             timeout_seconds=int(policy.get("timeout_seconds") or units.DEFAULT_TIMEOUT_SECONDS),
-            notify_socket_dir=self._notify_socket_dir)
+            notify_socket_dir=self._notify_socket_dir,
+            fixes_guest=job.operation == "offline_fix" or bool((job.spec.get("parameters") or {}).get("offline_fix")))
         if not self._slice_ready:
             await self._ensure_slice()
         followed = self._follow(unit, job.id, attempt)

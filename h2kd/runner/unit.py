@@ -122,12 +122,18 @@ def _in_tmp(path: str | Path) -> bool:
 
 def build_properties(config: Config, *, job_id: str, attempt: int, operation: str, spec_path: Path,
                      result_path: Path, output_path: str, source_path: str, timeout_seconds: int,
-                     notify_socket_dir: str | None = None) -> list[tuple[str, Variant]]:
-    """StartTransientUnit's property list for one attempt of one job."""
+                     notify_socket_dir: str | None = None, fixes_guest: bool = False) -> list[tuple[str, Variant]]:
+    """StartTransientUnit's property list for one attempt of one job.
+
+    fixes_guest: the attempt repairs a guest's disk (offline_fix, or convert with offline_fix), so it
+    gets loop and device-mapper devices; offline_fix edits the image in place, so its directory is writable.
+    """
     command = [*config.worker_command, "--spec", str(spec_path), "--result", str(result_path)]
     env = worker_environment(config)
     output_dir = writable_output_dir(config, output_path)
     writable = [str(spec_path.parent)] + ([str(output_dir)] if output_dir else [])
+    if operation == "offline_fix" and source_path:
+        writable.append(str(Path(source_path).parent))
     props: list[tuple[str, Variant]] = [
         ("Description", Variant("s", f"h2kd {operation} job {job_id} (attempt {attempt})")),
         ("Slice", Variant("s", config.slice)),
@@ -141,7 +147,7 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("RuntimeMaxUSec", Variant("t", int(timeout_seconds or DEFAULT_TIMEOUT_SECONDS) * 1_000_000)),
         ("DevicePolicy", Variant("s", "closed")),
-        ("DeviceAllow", Variant("a(ss)", [list(d) for d in devices_for(operation)])),
+        ("DeviceAllow", Variant("a(ss)", [list(d) for d in devices_for("offline_fix" if fixes_guest else operation)])),
         ("ProtectSystem", Variant("s", "strict")),
         ("ReadWritePaths", Variant("as", writable)),
         ("ProtectHome", Variant("s", "read-only")),

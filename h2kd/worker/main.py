@@ -153,14 +153,19 @@ def _ensure_same_source(path: str, identity: str) -> None:
 
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
                    on_process: Callable[[Any], None], owner: dict[str, int] | None = None) -> dict[str, Any]:
-    from h2kd.operations import convert, inspect, validate
+    from h2kd.operations import convert, inspect, offline_fix, validate
     from h2kd.operations.qemuimg import OperationError
 
     operation = spec["operation"]
     if operation == "inspect":
         return inspect.run_inspect(spec, progress)
     if operation == "convert":
-        return convert.run_convert(spec, output_roots, progress, on_process, owner)
+        outputs = convert.run_convert(spec, output_roots, progress, on_process, owner)
+        if spec["parameters"].get("offline_fix"):
+            outputs = offline_fix.fix_converted_disks(outputs, spec["parameters"], progress)
+        return outputs
+    if operation == "offline_fix":
+        return offline_fix.run_offline_fix_job(spec, output_roots, progress)
     if operation == "validate":
         return validate.run_validate(spec, progress)
     raise OperationError("UNSUPPORTED", f"this worker does not run {operation!r} jobs", "start")

@@ -1,0 +1,90 @@
+"""Running the host and guest programs offline fixes need: output captured, a time limit, and the whole
+process group killed if the caller is interrupted (SIGTERM, a time limit), so that no child keeps a guest
+filesystem busy while it is being unmounted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+from h2kd.operations.qemuimg import OperationError
+
+DEFAULT_TIMEOUT = 120.0
+# Chroot commands see this environment, not the worker's.
+GUEST_ENVIRONMENT = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "HOME": "/root",
+    "TERM": "dumb",
+}
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last_words(self, lines: int = 4) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(line.strip() for line in text[-lines:]) or f"exit status {self.returncode}"
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
+
+
+def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None,
+        input_text: str | None = None) -> Completed:
+    """Run argv in a process group of its own; never raises for a non-zero exit (see Completed.ok)."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                env=env, start_new_session=True)
+    except FileNotFoundError:
+        raise OperationError("TOOL_FAILED", f"the program {argv[0]} is not installed on this host",
+                             "offline_fix") from None
+    try:
+        stdout, stderr = proc.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        return Completed(argv, -9, stdout, (stderr or "") + f"\n{argv[0]} did not finish within {timeout:.0f} s")
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return Completed(argv, proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def checked(argv: list[str], what: str, **kwargs: object) -> Completed:
+    """run(), raising TOOL_FAILED naming `what` when the program fails."""
+    result = run(argv, **kwargs)  # type: ignore[arg-type]
+    if not result.ok:
+        raise OperationError("TOOL_FAILED", f"{what} failed: {result.last_words()}", "offline_fix")
+    return result
+
+
+def in_guest(root: str, argv: list[str], *, timeout: float = 600.0) -> Completed:
+    """Run a guest program inside a chroot of the guest's root, with a plain environment."""
+    return run(["chroot", root, *argv], timeout=timeout, env=dict(GUEST_ENVIRONMENT))

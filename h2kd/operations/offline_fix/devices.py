@@ -1,0 +1,253 @@
+"""Block devices for a disk image: a loop device with its partitions, and the LVM logical volumes on them.
+
+attached_disk() is a context manager: whatever happens inside it (an error, SIGTERM turned into an
+exception), the volume groups it activated are deactivated and the loop device is detached. The loop
+device is also marked autoclear while we hold it open, so even a killed worker leaves no loop device
+behind once its mounts are gone.
+
+There is no udev on every host: after `losetup -P` the partition nodes are waited for, and created with
+`partx -a` when the kernel did not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from h2kd.operations.offline_fix import commands
+from h2kd.operations.qemuimg import OperationError
+
+PARTITION_WAIT_SECONDS = 10.0
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_STATUS64 = 0x4C04
+LO_FLAGS_AUTOCLEAR = 4
+_LO_FLAGS_OFFSET = 52          # in struct loop_info64: five u64, three u32, then lo_flags
+
+
+@dataclass
+class BlockDevice:
+    """A partition, a whole disk or a logical volume, as blkid sees it."""
+
+    path: str
+    kind: str                       # "partition", "disk", "lv"
+    number: int | None = None       # partition number
+    fstype: str = ""
+    uuid: str = ""
+    label: str = ""
+    partuuid: str = ""
+    part_type: str = ""             # MBR type (0x83) or GPT type GUID
+    lv_name: str = ""               # "vg/lv"
+
+    def describe(self) -> str:
+        what = f"partition {self.number}" if self.kind == "partition" else \
+            f"logical volume {self.lv_name}" if self.kind == "lv" else "the whole disk"
+        return f"{what} ({self.fstype or 'no filesystem'})"
+
+
+@dataclass
+class AttachedDisk:
+    loop: str
+    read_only: bool
+    devices: list[BlockDevice] = field(default_factory=list)
+    partition_table: str = ""         # "dos", "gpt" or ""
+    volume_groups: list[str] = field(default_factory=list)
+
+    def partition(self, number: int) -> BlockDevice | None:
+        return next((d for d in self.devices if d.kind == "partition" and d.number == number), None)
+
+    def by(self, key: str, value: str) -> BlockDevice | None:
+        value = value.strip()
+        for d in self.devices:
+            if key == "UUID" and d.uuid and d.uuid.lower() == value.lower():
+                return d
+            if key == "LABEL" and d.label and d.label == value:
+                return d
+            if key == "PARTUUID" and d.partuuid and d.partuuid.lower() == value.lower():
+                return d
+        return None
+
+
+def probe(path: str) -> dict[str, str]:
+    """blkid's low-level probe of a device (no cache): TYPE, UUID, LABEL, PARTUUID, PTTYPE, ..."""
+    result = commands.run(["blkid", "-p", "-o", "export", path], timeout=30)
+    values: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _set_autoclear(fd: int) -> None:
+    info = bytearray(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(232)))
+    flags = struct.unpack_from("=I", info, _LO_FLAGS_OFFSET)[0]
+    struct.pack_into("=I", info, _LO_FLAGS_OFFSET, flags | LO_FLAGS_AUTOCLEAR)
+    fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+
+
+def _partition_numbers(loop: str) -> list[int]:
+    name = os.path.basename(loop)
+    numbers = []
+    for entry in os.listdir(f"/sys/block/{name}") if os.path.isdir(f"/sys/block/{name}") else []:
+        m = re.fullmatch(rf"{re.escape(name)}p(\d+)", entry)
+        if m:
+            numbers.append(int(m.group(1)))
+    return sorted(numbers)
+
+
+def _table_partitions(loop: str) -> list[int]:
+    """Partition numbers in the disk's table (partx), for when the kernel has not listed them (yet)."""
+    result = commands.run(["partx", "-g", "-o", "NR", loop], timeout=30)
+    return sorted(int(x) for x in result.stdout.split() if x.isdigit()) if result.ok else []
+
+
+def _wait_for_partitions(loop: str) -> list[int]:
+    expected = _table_partitions(loop)
+    deadline = time.monotonic() + PARTITION_WAIT_SECONDS
+    tried_partx = False
+    while True:
+        known = _partition_numbers(loop)
+        nodes = [n for n in (expected or known) if os.path.exists(f"{loop}p{n}")]
+        if len(nodes) >= len(expected or known) and set(expected) <= set(known):
+            return nodes
+        if not tried_partx:
+            commands.run(["partx", "-a", loop], timeout=30)
+            tried_partx = True
+        if time.monotonic() > deadline:
+            missing = [n for n in expected if not os.path.exists(f"{loop}p{n}")]
+            raise OperationError("TOOL_FAILED", f"the partition devices {', '.join(f'{loop}p{n}' for n in missing)} "
+                                 f"did not appear within {PARTITION_WAIT_SECONDS:.0f} s", "attach")
+        for n in known:
+            node = f"{loop}p{n}"
+            if not os.path.exists(node):
+                _make_node(node, f"/sys/block/{os.path.basename(loop)}/{os.path.basename(node)}/dev")
+        time.sleep(0.1)
+
+
+def _make_node(node: str, dev_file: str) -> None:
+    """Create a partition node from its sysfs dev number (no udev, no devtmpfs entry yet)."""
+    try:
+        with open(dev_file) as f:
+            major, minor = (int(x) for x in f.read().strip().split(":"))
+        os.mknod(node, 0o600 | 0o060000, os.makedev(major, minor))
+    except (OSError, ValueError):
+        pass
+
+
+def _describe(loop: str, numbers: list[int], disk: AttachedDisk) -> None:
+    table = probe(loop)
+    disk.partition_table = table.get("PTTYPE", "")
+    if not numbers:
+        info = table
+        disk.devices.append(BlockDevice(loop, "disk", None, info.get("TYPE", ""), info.get("UUID", ""),
+                                        info.get("LABEL", "")))
+        return
+    for n in numbers:
+        path = f"{loop}p{n}"
+        info = probe(path)
+        disk.devices.append(BlockDevice(path, "partition", n, info.get("TYPE", ""), info.get("UUID", ""),
+                                        info.get("LABEL", ""), info.get("PART_ENTRY_UUID", ""),
+                                        info.get("PART_ENTRY_TYPE", "")))
+
+
+def _activate_lvm(disk: AttachedDisk) -> None:
+    pvs = [d.path for d in disk.devices if d.fstype == "LVM2_member"]
+    if not pvs:
+        return
+    if not commands.have("vgchange"):
+        raise OperationError("UNSUPPORTED", "the disk uses LVM, but the LVM tools (lvm2) are not installed on "
+                             "this host", "attach")
+    only_these = ["--devices", ",".join(pvs)]
+    listing = commands.checked(["vgs", "--noheadings", "-o", "vg_name", *only_these], "listing volume groups")
+    groups = sorted({name.strip() for name in listing.stdout.split() if name.strip()})
+    for group in groups:
+        active = commands.run(["vgs", "--noheadings", "-o", "vg_name"], timeout=30)
+        clashes = active.stdout.split().count(group) > 1 if active.ok else False
+        if clashes:
+            raise OperationError("UNSUPPORTED", f"the guest's volume group {group} has the name of a volume group "
+                                 "of this host; it cannot be activated safely", "attach")
+        mode = ["--readonly"] if disk.read_only else []
+        commands.checked(["vgchange", "-ay", *mode, *only_these, group], f"activating volume group {group}")
+        disk.volume_groups.append(group)
+    lvs = commands.checked(["lvs", "--noheadings", "--separator", "/", "-o", "vg_name,lv_name", *only_these],
+                           "listing logical volumes")
+    for line in lvs.stdout.splitlines():
+        name = line.strip()
+        if not name or name.count("/") != 1:
+            continue
+        group, volume = name.split("/")
+        path = f"/dev/mapper/{group.replace('-', '--')}-{volume.replace('-', '--')}"
+        if not os.path.exists(path):
+            continue
+        info = probe(path)
+        disk.devices.append(BlockDevice(path, "lv", None, info.get("TYPE", ""), info.get("UUID", ""),
+                                        info.get("LABEL", ""), lv_name=name))
+
+
+def _deactivate_lvm(disk: AttachedDisk) -> list[str]:
+    problems = []
+    pvs = [d.path for d in disk.devices if d.fstype == "LVM2_member"]
+    for group in reversed(disk.volume_groups):
+        result = commands.run(["vgchange", "-an", "--devices", ",".join(pvs), group], timeout=60)
+        if not result.ok:
+            problems.append(f"deactivating volume group {group}: {result.last_words()}")
+    disk.volume_groups.clear()
+    return problems
+
+
+def attached_loops(image_path: str) -> list[str]:
+    """Loop devices currently backed by image_path (for checks and clean-up)."""
+    result = commands.run(["losetup", "-j", os.path.realpath(image_path), "-O", "NAME", "-n"], timeout=30)
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def attached_disk(image_path: str, read_only: bool) -> Iterator[AttachedDisk]:
+    """Attach a raw image as a loop device with its partitions and LVs; always detached afterwards."""
+    argv = ["losetup", "--find", "--show", "--partscan"] + (["--read-only"] if read_only else []) + [image_path]
+    attach = commands.run(argv, timeout=60)
+    if not attach.ok:
+        raise OperationError("TOOL_FAILED", f"attaching {image_path} as a loop device failed: {attach.last_words()}"
+                             " (are loop devices allowed to this job?)", "attach")
+    loop = attach.stdout.strip()
+    disk = AttachedDisk(loop, read_only)
+    holder = -1
+    try:
+        holder = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _set_autoclear(holder)
+        except OSError:
+            pass            # an old kernel: the explicit detach below still runs
+        numbers = _wait_for_partitions(loop)
+        _describe(loop, numbers, disk)
+        _activate_lvm(disk)
+        yield disk
+    finally:
+        problems = _deactivate_lvm(disk) if disk.volume_groups else []
+        if holder >= 0:
+            os.close(holder)
+        detach = _detach(loop)
+        if detach:
+            problems.append(detach)
+        if problems:
+            # Only reported: an exception here would hide the one that brought us here.
+            print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
+
+
+def _detach(loop: str) -> str | None:
+    for _ in range(50):
+        if not os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
+            return None         # autoclear already took it away
+        result = commands.run(["losetup", "-d", loop], timeout=30)
+        if result.ok or "No such device" in result.stderr:
+            # losetup -d of a busy device only marks it autoclear; wait until it is really gone.
+            if not os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop/backing_file"):
+                return None
+        time.sleep(0.1)
+    return f"the loop device {loop} could not be detached"

@@ -1,0 +1,281 @@
+"""offline_fix, proven by booting: a Debian guest built as a VMware guest (tests/guest/build.sh) does not
+boot from a virtio disk after a plain conversion, and does after h2kd converts it with offline_fix.
+
+How the guests are booted (stated plainly): qemu-system-x86_64 under TCG (no KVM), virtio-blk disk,
+virtio-net NIC on user networking, 1 GiB, 2 vCPUs, no firmware boot loader: the kernel and initramfs are
+read from the guest's own /boot (debugfs, no mount) and started with -kernel/-initrd and the command line
+of the guest's own /boot/grub/grub.cfg, plus console=ttyS0. So what GRUB would pass (root=/dev/sda1 before
+the fix, root=UUID=... after it) and the guest's own initramfs decide whether the root is found. A unit in
+the guest prints H2K-BOOT-OK and its first NIC's state on the serial port, then powers off.
+
+Jobs go through the daemon and a real transient unit (the `stack` fixture, SubmitJob over D-Bus).
+These tests need root, loop devices and qemu-system-x86; the guest is built (once, cached) if absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Variant
+
+from busclient import JOB, Client, new_id
+from h2kd.bus.paths import job_path
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="offline fixes need root (loop devices, mounts)")]
+
+BUILDER = Path(__file__).parent / "guest" / "build.sh"
+QEMU = "qemu-system-x86_64"
+BOOT_TIMEOUT = 200.0
+STUCK_SIGNS = ("ALERT!", "Kernel panic", "(initramfs)")
+
+
+# ---------------------------------------------------------------- the guest and its boot
+
+@pytest.fixture(scope="module")
+def guest() -> dict[str, Any]:
+    out = subprocess.run([str(BUILDER)], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, f"building the test guest failed:\n{out.stderr[-3000:]}"
+    directory = Path(out.stdout.strip().splitlines()[-1])
+    info = json.loads((directory / "guest.json").read_text())
+    info["vmdk"] = directory / "guest.vmdk"
+    return info
+
+
+def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600, **kw)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def loops_of(path: Path) -> list[str]:
+    return run(["losetup", "-j", str(path.resolve())]).stdout.splitlines()
+
+
+def h2k_mounts() -> list[str]:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if ".h2k-mnt-" in line]
+
+
+def boot_files(image: Path, fmt: str, workdir: Path) -> tuple[Path, Path, str]:
+    """Kernel, initramfs and kernel command line as the guest's grub.cfg gives them (read with debugfs)."""
+    raw = workdir / "boot-view.raw"
+    run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(raw)])
+    try:
+        table = json.loads(run(["sfdisk", "-J", str(raw)]).stdout)["partitiontable"]
+        start = next(p["start"] for p in table["partitions"] if p["type"] == "83") * table.get("sectorsize", 512)
+        fs = f"{raw}?offset={start}"
+
+        def dump(guest_path: str, name: str) -> Path:
+            target = workdir / name
+            target.unlink(missing_ok=True)
+            run(["debugfs", "-R", f"dump {guest_path} {target}", fs])
+            assert target.exists() and target.stat().st_size > 0, f"{guest_path} could not be read from the guest"
+            return target
+
+        grub = dump("/boot/grub/grub.cfg", "grub.cfg").read_text()
+        linux = re.search(r"^\s*linux\s+(\S+)\s+(.*)$", grub, flags=re.M)
+        initrd = re.search(r"^\s*initrd\s+(\S+)", grub, flags=re.M)
+        assert linux and initrd, "the guest's grub.cfg has no linux/initrd entry"
+        return dump(linux.group(1), "vmlinuz"), dump(initrd.group(1), "initrd.img"), linux.group(2).strip()
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def boot(image: Path, fmt: str, workdir: Path, timeout: float = BOOT_TIMEOUT) -> tuple[str, float, str]:
+    """Boot under TCG from a virtio disk; (serial output, seconds, command line). Stops at the marker's
+    power-off, at a sign the boot is stuck in the initramfs, or at the timeout."""
+    kernel, initrd, cmdline = boot_files(image, fmt, workdir)
+    serial = workdir / "serial.log"
+    serial.unlink(missing_ok=True)
+    argv = [QEMU, "-machine", "q35", "-m", "1024", "-smp", "2", "-display", "none", "-no-reboot",
+            "-serial", f"file:{serial}", "-monitor", "none",
+            "-drive", f"file={image},if=virtio,format={fmt},snapshot=on",
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} console=ttyS0"]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while proc.poll() is None and time.monotonic() - started < timeout:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            if any(sign in text for sign in STUCK_SIGNS) and "H2K-BOOT-OK" not in text:
+                time.sleep(2)        # let the message finish
+                break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    return (serial.read_text(errors="replace") if serial.exists() else ""), time.monotonic() - started, cmdline
+
+
+# ---------------------------------------------------------------- jobs through the daemon
+
+async def _run_job(address: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    client = await Client.connect(address)
+    try:
+        job_id = spec["job_id"].value
+        await client.submit(spec)
+        path = job_path(job_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = await client.prop(path, JOB, "State")
+            if state in ("completed", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s"
+            await asyncio.sleep(0.5)
+        result = await client.prop(path, JOB, "Result")
+        error = await client.prop(path, JOB, "Error")
+        return {"state": state, "result": json.loads(result) if result else {}, "error": list(error)}
+    finally:
+        client.close()
+
+
+def submit(stack: Any, operation: str, image: Path, parameters: dict[str, Variant], output: Path | None = None,
+           timeout: float = 400) -> dict[str, Any]:
+    spec: dict[str, Variant] = {
+        "job_id": Variant("s", new_id("fix")),
+        "operation": Variant("s", operation),
+        "image": Variant("a{sv}", {"path": Variant("s", str(image))}),
+        "parameters": Variant("a{sv}", parameters),
+        "execution_policy": Variant("a{sv}", {"timeout_seconds": Variant("u", 900)}),
+    }
+    if output is not None:
+        spec["artifacts"] = Variant("a{sv}", {"output_path": Variant("s", str(output))})
+    return asyncio.run(asyncio.wait_for(_run_job(stack.bus_address, spec, timeout), timeout + 30))
+
+
+def fixes_by_name(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f for f in outputs["fixes"]}
+
+
+# ---------------------------------------------------------------- small disks for the failure cases
+
+def small_disk(path: Path, tree: Path, corrupt: bool = False) -> Path:
+    """A 64 MiB MBR disk with one ext4 partition filled from `tree` (mkfs.ext4 -d: no loop device)."""
+    path.unlink(missing_ok=True)
+    run(["truncate", "-s", "64M", str(path)])
+    run(["sfdisk", "-q", str(path)], input="label: dos\nstart=2048, type=83\n")
+    run(["mkfs.ext4", "-q", "-F", "-d", str(tree), "-E", f"offset={2048 * 512}", str(path), "60M"])
+    if corrupt:
+        with open(path, "r+b") as f:          # the primary superblock and group descriptors
+            f.seek(2048 * 512 + 1024)
+            f.write(b"\0" * 8192)
+    return path
+
+
+def linux_tree(root: Path) -> Path:
+    """A Debian-looking tree whose programs cannot run: the fixes get as far as the chroot and fail there."""
+    for d in ("etc/initramfs-tools", "usr/sbin", "lib/modules/6.1.0-9-amd64/kernel", "boot/grub", "proc", "sys",
+              "dev", "run"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\nPRETTY_NAME="Debian GNU/Linux 12"\n')
+    (root / "etc/fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
+    (root / "etc/initramfs-tools/modules").write_text("")
+    (root / "usr/sbin/update-initramfs").write_text("#!/bin/sh\nexit 0\n")     # no /bin/sh in this guest
+    (root / "usr/sbin/update-initramfs").chmod(0o755)
+    (root / "lib/modules/6.1.0-9-amd64/modules.dep").write_text(
+        "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\n")
+    (root / "boot/grub/grub.cfg").write_text("linux /boot/vmlinuz root=/dev/sda1 ro\n")
+    return root
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_unfixed_guest_does_not_boot_from_a_virtio_disk(guest: dict[str, Any], tmp_path: Path) -> None:
+    image = tmp_path / "plain.qcow2"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(guest["vmdk"]), str(image)])
+    serial, seconds, cmdline = boot(image, "qcow2", tmp_path)
+    assert "root=/dev/sda1" in cmdline
+    assert "H2K-BOOT-OK" not in serial, "the unfixed guest booted; the test guest is not a VMware-like guest"
+    assert any(sign in serial for sign in STUCK_SIGNS), f"no sign of the failed root mount after {seconds:.0f} s:\n" \
+                                                         + serial[-2000:]
+
+
+def test_convert_with_offline_fix_boots_with_its_virtio_nic_up(stack: Any, guest: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    output = stack.output_dir / f"{new_id('guest')}.qcow2"
+    job = submit(stack, "convert", guest["vmdk"], {"offline_fix": Variant("b", True),
+                                                   "remove_vmware_tools": Variant("b", True)}, output)
+    assert job["state"] == "completed", job
+    fix = job["result"]["outputs"]["offline_fix"]
+    assert fix["os"]["id"] == "debian" and fix["os"]["initramfs_tool"] == "initramfs-tools"
+    statuses = {name: f["status"] for name, f in fixes_by_name(fix).items()}
+    for name in ("fstab", "resume", "network", "initramfs", "bootloader", "vmware_tools"):
+        assert statuses[name] == "applied", (name, fixes_by_name(fix)[name])
+    assert loops_of(output) == [] and h2k_mounts() == []
+    assert not list(stack.output_dir.glob(".h2k-*")), "temporary files were left behind"
+
+    serial, seconds, cmdline = boot(output, "qcow2", tmp_path)
+    assert re.search(r"root=UUID=[0-9a-f-]{36}", cmdline), cmdline
+    assert "H2K-BOOT-OK" in serial, f"no boot marker after {seconds:.0f} s:\n{serial[-3000:]}"
+    nic = re.search(r"H2K-NIC name=(\S+) state=(\S+) addr=(\S+) driver=(\S+)", serial)
+    assert nic, serial[-2000:]
+    assert nic.group(2) == "up" and nic.group(3) == "10.0.2.15/24" and nic.group(4) == "virtio_net", nic.group(0)
+    output.unlink()
+
+
+def test_dry_run_changes_nothing_and_lists_the_planned_fixes(stack: Any, guest: dict[str, Any]) -> None:
+    image = stack.output_dir / f"{new_id('dry')}.qcow2"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(guest["vmdk"]), str(image)])
+    before = sha256(image)
+    job = submit(stack, "offline_fix", image, {"dry_run": Variant("b", True)})
+    assert job["state"] == "completed", job
+    outputs = job["result"]["outputs"]
+    assert outputs["dry_run"] is True
+    assert sha256(image) == before
+    fixes = fixes_by_name(outputs)
+    for name in ("fstab", "network", "initramfs", "bootloader"):
+        assert fixes[name]["status"] == "planned" and fixes[name]["changes"], fixes[name]
+    assert any("/dev/sda1 -> UUID=" in c for c in fixes["fstab"]["changes"])
+    assert loops_of(image) == [] and h2k_mounts() == []
+    assert not list(stack.output_dir.glob(".h2k-*"))
+    image.unlink()
+
+
+@pytest.mark.parametrize("case", ["programs_cannot_run", "corrupt_root"])
+def test_a_failure_half_way_leaves_the_job_failed_and_nothing_attached(stack: Any, tmp_path: Path,
+                                                                        case: str) -> None:
+    image = small_disk(stack.output_dir / f"{new_id(case)}.raw", linux_tree(tmp_path / "tree"),
+                       corrupt=(case == "corrupt_root"))
+    job = submit(stack, "offline_fix", image, {}, timeout=200)
+    assert job["state"] == "failed", job
+    code, message = job["error"]
+    if case == "programs_cannot_run":
+        assert code == "TOOL_FAILED" and "initramfs" in message, job["error"]
+        failed = [f["name"] for f in job["result"]["outputs"]["fixes"] if f["status"] == "failed"]
+        assert "initramfs" in failed
+    else:
+        assert code == "INVALID_IMAGE" and "no Linux root filesystem" in message, job["error"]
+    assert loops_of(image) == [], "a loop device was left attached"
+    assert h2k_mounts() == [], "a mount was left behind"
+    assert not list(stack.output_dir.glob(".h2k-*"))
+    image.unlink()
+
+
+def test_a_windows_guest_is_reported_as_not_supported(stack: Any, tmp_path: Path) -> None:
+    tree = tmp_path / "win"
+    (tree / "Windows/System32/config").mkdir(parents=True)
+    (tree / "Windows/System32/config/SYSTEM").write_bytes(b"regf" + b"\0" * 4092)
+    image = small_disk(stack.output_dir / f"{new_id('win')}.raw", tree)
+    job = submit(stack, "offline_fix", image, {}, timeout=120)
+    assert job["state"] == "failed", job
+    code, message = job["error"]
+    assert code == "UNSUPPORTED" and "Windows" in message and "not supported" in message, job["error"]
+    assert loops_of(image) == [] and h2k_mounts() == []
+    image.unlink()
