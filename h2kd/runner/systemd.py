@@ -455,11 +455,12 @@ class SystemdRunner:
         journalctl = shutil.which("journalctl")
         if journalctl is None:
             return []
-        # The unit's LogExtraFields select its lines under the system manager. A user manager does not
-        # export them to journald (nor can journald map its cgroups to units), so its units' lines
-        # are found by their cgroup instead.
+        # Only what the unit itself logged: h2kd's own entries carry H2K_JOB_ID too. Under the system
+        # manager journald knows the unit; a user manager's units are found by their cgroup; and the
+        # worker's own entries name their job and attempt wherever it runs.
         argv = [journalctl, "--no-pager", "-q", "-o", "cat", "-n", str(LOG_TAIL_LINES),
-                f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}"]
+                f"_SYSTEMD_UNIT={followed.unit}", "+",
+                f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}", "SYSLOG_IDENTIFIER=h2k-worker"]
         if followed.control_group:
             argv += ["+", f"_SYSTEMD_CGROUP={followed.control_group}"]
         async with self._journal_reads:
