@@ -824,7 +824,8 @@ def test_worker_that_stops_heartbeating_has_its_job_requeued_for_another(tuned: 
 
     async def scenario() -> dict[str, Any]:
         watcher = await Client.connect(stack.bus_address)
-        _, path = await watcher.submit(job_spec(job_id, small_vmdk, output, requirements={"gpu": True}))
+        _, path = await watcher.submit(job_spec(job_id, small_vmdk, output, requirements={"gpu": True},
+                                                retry_count=1))
         silent = await Client.connect(stack.bus_address)
         silent_id, silent_path = await register_worker(silent, "goes-quiet", caps)
         claimed = await wait_for(lambda: claim(silent, silent_path), 10, "the first worker's claim")

@@ -483,7 +483,7 @@ class JobManager:
                 result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)
         elif outcome.result == "not-started":
-            self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started")
+            self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started", attempt_spent=False)
         else:
             error = result.get("error") or {}
             if outcome.result == "timeout":
@@ -606,10 +606,11 @@ class JobManager:
         self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
         self._samples.pop(job.id, None)
 
-    def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str) -> None:
-        """A job lost its worker through no fault of its own: put it back unless it already ran out of tries."""
+    def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str, attempt_spent: bool = True) -> None:
+        """A job lost its worker: back to the queue while it has retries left (always, when the attempt never
+        began), else failed with `code`."""
         self._release_worker(job)
-        if job.attempt <= job.spec["execution_policy"]["retry_count"] or code == ErrorCode.WORKER_LOST:
+        if not attempt_spent or job.attempt <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")

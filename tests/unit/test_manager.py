@@ -190,3 +190,21 @@ def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
             m2.unit_finished(expected, 1, UnitOutcome(m2.get(expected).unit, "success", 0, done))
         assert all(m2.get(i).state.value == "completed" for i in ids)
     asyncio.run(go())
+
+
+def test_a_lost_worker_costs_an_attempt(tmp_path, image):
+    """A stale external worker's job goes back to the queue while it has retries, then fails WORKER_LOST."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=0.05)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1},
+                               capability_requirements={"gpu": True}), owner=0)
+        for attempt, expected in ((1, "queued"), (2, "failed")):
+            worker = m.register_worker(f"w{attempt}", {"gpu": True}, 1, 0, f":1.{attempt}")
+            assert m.claim(worker.id) is job and job.attempt == attempt
+            await asyncio.sleep(0.3)   # no heartbeat
+            assert worker.state == "stale"
+            assert job.state.value == expected
+        assert job.error_code == "WORKER_LOST"
+        await m.stop()
+    asyncio.run(go())
