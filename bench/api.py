@@ -1,0 +1,159 @@
+"""The D-Bus API under load: submission rate and latency, listing 10,000 jobs, progress signal fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import disks, load
+from bench.client import Client, convert_spec, cpu_seconds, median, new_id, percentile, rss_bytes, run_in_processes
+from bench.stack import rate_limited, restart_with
+from h2kd.sandbox.stack import Stack
+
+# (clients, calls in flight per client, submits per client): 10,000 jobs in all, which the listing reuses.
+SUBMISSION_CASES = ((1, 1, 1000), (1, 16, 2000), (20, 1, 150), (20, 16, 200))
+
+
+def job_count(stack: Stack) -> int:
+    async def count() -> int:
+        client = await Client.connect(stack.bus_address)
+        try:
+            return len(await client.list_jobs())
+        finally:
+            client.close()
+    return asyncio.run(count())
+
+
+def submission(stack: Stack, source: Path, cases=SUBMISSION_CASES) -> list[dict[str, Any]]:
+    """Held submissions (queue=false: nothing runs) per second and their latency, per client count."""
+    figures = []
+    for clients, window, per_client in cases:
+        wall, per = load.submit_burst(stack.bus_address, clients, per_client, window, str(source))
+        latencies = [x for p in per for x in p["latencies"]]
+        errors = [e for p in per for e in p["errors"]]
+        ids = [i for p in per for i in p["ids"]]
+        figures.append({"clients": clients, "in_flight": window, "submits": len(latencies) + len(errors),
+                        "errors": len(errors), "distinct_jobs": len(set(ids)), "seconds": wall,
+                        "per_second": len(ids) / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
+                        "p99_ms": percentile(latencies, 0.99) * 1000})
+    return figures
+
+
+def top_up(stack: Stack, source: Path, wanted: int) -> None:
+    missing = wanted - job_count(stack)
+    if missing > 0:
+        clients = min(10, missing)
+        per = -(-missing // clients)
+        load.submit_burst(stack.bus_address, clients, per, 16, str(source))
+
+
+def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) -> dict[str, Any]:
+    """With `jobs` in the store: GetManagedObjects, ListJobs, RSS, start-up time."""
+    top_up(stack, source, jobs)
+
+    async def timed_calls() -> dict[str, Any]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            out: dict[str, Any] = {"jobs": len(await client.list_jobs())}
+            for label, call in (
+                ("GetManagedObjects", lambda: client.call("/org/hyper2kvm/h2kd1",
+                                                          "org.freedesktop.DBus.ObjectManager",
+                                                          "GetManagedObjects")),
+                ("ListJobs", lambda: client.list_jobs()),
+                ("ListJobs limit=100", lambda: client.list_jobs(limit=100)),
+                ("ListJobs state=completed", lambda: client.list_jobs(state="completed")),
+            ):
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    await call()
+                    times.append(time.perf_counter() - start)
+                out[label + "_ms"] = median(times) * 1000
+            return out
+        finally:
+            client.close()
+
+    figures = asyncio.run(timed_calls())
+    figures["rss_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
+    startups = []
+    for _ in range(3):
+        stack.stop_daemon()
+        start = time.perf_counter()
+        stack.start_daemon()
+        startups.append(time.perf_counter() - start)
+    figures["startup_s"] = median(startups)
+    figures["rss_after_restart_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
+    return figures
+
+
+def remove_all_jobs(stack: Stack) -> list[str]:
+    async def ids() -> list[str]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            return [j[0] for j in await client.list_jobs()]
+        finally:
+            client.close()
+    return load.cancel_and_remove(stack.bus_address, asyncio.run(ids()), clients=4, window=32)
+
+
+def progress_fanout(stack: Stack, work: Path, jobs: int = 50, subscribers: int = 10, seconds: float = 10.0,
+                    rate: int = 2 * disks.MiB) -> dict[str, Any]:
+    """`jobs` slowed-down conversions at once, `subscribers` clients listening: signals/s and daemon CPU."""
+    source = disks.sparse_vmdk(work, "fanout", 512 * disks.MiB, 0.25, seed=9)
+    restart_with(stack, rate_limited(rate))
+
+    async def start_jobs() -> list[tuple[str, str]]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            await client.manager("SetMaxParallelJobs", "u", [jobs])
+            submitted = await asyncio.gather(*(client.submit(convert_spec(
+                str(source), str(stack.output_dir / f"fan-{i}.qcow2"), new_id("fan"), fmt="vmdk"))
+                for i in range(jobs)))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                states = [j[2] for j in await client.list_jobs()]
+                if states.count("progressing") >= jobs:
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                raise RuntimeError(f"only {states.count('progressing')} of {jobs} jobs were progressing")
+            return submitted
+        finally:
+            client.close()
+
+    submitted = asyncio.run(start_jobs())
+    pid = stack.daemon_pid
+    sample: dict[str, float] = {}
+
+    def on_go() -> None:
+        sample["cpu0"], sample["t0"] = cpu_seconds(pid), time.monotonic()
+
+    results = run_in_processes(subscribers, load.subscriber_client, stack.bus_address, seconds, None, on_go=on_go)
+    cpu = cpu_seconds(pid) - sample["cpu0"]
+    elapsed = time.monotonic() - sample["t0"]
+
+    async def still_running_then_cancel() -> int:
+        client = await Client.connect(stack.bus_address)
+        try:
+            progressing = sum(1 for j in await client.list_jobs() if j[2] == "progressing")
+            for job_id, path in submitted:
+                await client.manager("CancelJob", "s", [job_id])
+            for job_id, path in submitted:
+                await client.wait_terminal(path, 120)
+                await client.manager("RemoveJob", "s", [job_id])
+            await client.manager("SetMaxParallelJobs", "u", [2])
+            return progressing
+        finally:
+            client.close()
+
+    progressing_at_end = asyncio.run(still_running_then_cancel())
+    restart_with(stack, {})
+    per_client = [r["signals"] / r["seconds"] for r in results.per_client]
+    return {"jobs": jobs, "subscribers": subscribers, "seconds": elapsed,
+            "jobs_progressing_at_end": progressing_at_end,
+            "signals_per_s_per_client": median(per_client),
+            "signals_per_s_all_clients": sum(per_client),
+            "daemon_cpu_share": cpu / elapsed,
+            "all_connected": all(r["connected"] for r in results.per_client)}

@@ -1,0 +1,88 @@
+"""Load generators run in separate client processes: submitters, signal subscribers, and clean-up of held jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.client import CallFailed, Client, call_window, inspect_spec, ready_and_wait, run_in_processes
+
+
+async def submit_client(index: int, ready: Any, go: Any, address: str, count: int, window: int,
+                        source: str) -> dict[str, Any]:
+    """Submit `count` held inspect jobs (queue=false) with `window` calls in flight.
+
+    Returns {"latencies": [s...], "ids": [job ids replied], "errors": [error names]}.
+    """
+    client = await Client.connect(address)
+    await ready_and_wait(ready, go)
+    spec = inspect_spec(source)
+    results = await call_window([lambda: client.submit(spec, queue=False) for _ in range(count)], window)
+    out: dict[str, Any] = {"latencies": [], "ids": [], "errors": []}
+    for latency, value in results:
+        if isinstance(value, BaseException):
+            out["errors"].append(value.name if isinstance(value, CallFailed) else repr(value))
+        else:
+            out["latencies"].append(latency)
+            out["ids"].append(value[0])
+    client.close()
+    return out
+
+
+async def subscriber_client(index: int, ready: Any, go: Any, address: str, seconds: float,
+                            stop_file: str | None = None) -> dict[str, Any]:
+    """Listen to every h2kd signal for `seconds` (or until stop_file exists); count what arrives."""
+    client = await Client.connect(address, watch=True)
+    await ready_and_wait(ready, go)
+    start = time.monotonic()
+    deadline = start + seconds
+    import os
+    while time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
+        await asyncio.sleep(0.1)
+    elapsed = time.monotonic() - start
+    connected = client.bus.connected
+    client.close()
+    return {"signals": client.signal_count, "seconds": elapsed, "connected": connected,
+            "completed": len(client.completed)}
+
+
+def submit_burst(address: str, clients: int, per_client: int, window: int, source: str) -> tuple[float, list[dict]]:
+    """Submissions from `clients` processes at once; (wall seconds, per-client results)."""
+    results = run_in_processes(clients, submit_client, address, per_client, window, source)
+    return results.wall_seconds, results.per_client
+
+
+async def _cancel_and_remove(address: str, ids: list[str], window: int) -> list[str]:
+    client = await Client.connect(address)
+    problems: list[str] = []
+
+    async def end(job_id: str) -> None:
+        try:
+            await client.manager("CancelJob", "s", [job_id])
+        except CallFailed as exc:
+            if not exc.name.endswith("InvalidState"):   # already over: fine, remove it anyway
+                raise
+        await client.manager("RemoveJob", "s", [job_id])
+
+    for _latency, value in await call_window([lambda j=j: end(j) for j in ids], window):
+        if isinstance(value, BaseException):
+            problems.append(repr(value))
+    client.close()
+    return problems
+
+
+async def _cleanup_worker(index: int, ready: Any, go: Any, address: str, chunks: list[list[str]],
+                          window: int) -> list[str]:
+    await ready_and_wait(ready, go)
+    return await _cancel_and_remove(address, chunks[index], window)
+
+
+def cancel_and_remove(address: str, ids: list[str], clients: int = 4, window: int = 32) -> list[str]:
+    """Cancel (if still cancelable) and remove every job in `ids`; the failures, if any."""
+    if not ids:
+        return []
+    clients = max(1, min(clients, len(ids)))
+    chunks = [ids[i::clients] for i in range(clients)]
+    results = run_in_processes(clients, _cleanup_worker, address, chunks, window)
+    return [p for per in results.per_client for p in per]

@@ -1,0 +1,135 @@
+"""Conversion speed: a job through h2kd against qemu-img by hand, one disk at a time and several at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import disks
+from bench.client import Client, convert_spec, median, new_id
+from h2kd.sandbox.stack import Stack
+
+
+def hand_convert(source: Path, output: Path, fmt: str = "vmdk") -> tuple[float, float]:
+    """`qemu-img convert` by hand; (seconds for the convert, seconds including an fsync of the output)."""
+    start = time.perf_counter()
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(source), str(output)], check=True)
+    converted = time.perf_counter()
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return converted - start, time.perf_counter() - start
+
+
+async def job_convert(client: Client, sources: list[Path], outputs: list[Path],
+                      breakdown: list[dict[str, float]] | None = None) -> float:
+    """Submit one convert job per source at once; seconds from the first submit to the last Completed signal.
+
+    breakdown, if given, gets per job: created->started (unit start), started->finished, the worker's own
+    execution_seconds (from its result) and the rest (unit + h2kd overhead around the worker).
+    """
+    start = time.monotonic()
+    paths = await asyncio.gather(*(client.submit(convert_spec(str(s), str(o), new_id("bench"), fmt="vmdk"))
+                                   for s, o in zip(sources, outputs)))
+    job_paths = [p for _, p in paths]
+    await client.until(lambda: all(p in client.completed for p in job_paths), 900)
+    end = max(client.completed[p][2] for p in job_paths)
+    for job_id, path in paths:
+        props = await client.job_props(path)
+        if props["State"] != "completed":
+            raise RuntimeError(f"job {job_id} ended {props['State']}: {props['Error']}")
+        if breakdown is not None:
+            worker = float(json.loads(props["Result"]).get("metrics", {}).get("execution_seconds", 0.0))
+            breakdown.append({"to_unit_start_s": (props["StartedAt"] - props["CreatedAt"]) / 1e6,
+                              "unit_to_finish_s": (props["FinishedAt"] - props["StartedAt"]) / 1e6,
+                              "worker_execution_s": worker})
+        await client.manager("RemoveJob", "s", [job_id])
+    return end - start
+
+
+def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = True) -> list[dict[str, Any]]:
+    """For each disk: median seconds by hand and through h2kd (order alternating), ratio, fixed cost."""
+    cases = [("tiny sparse VMDK (16 MiB, 25% data)", disks.sparse_vmdk(work, "tiny", 16 * disks.MiB, 0.25))]
+    if big:
+        cases += [("2 GiB sparse VMDK (25% data)", disks.sparse_vmdk(work, "sparse2g", 2 * disks.GiB, 0.25)),
+                  ("1 GiB fully allocated VMDK", disks.allocated_vmdk(work, "full1g", disks.GiB))]
+    figures = []
+
+    async def measure() -> None:
+        client = await Client.connect(stack.bus_address, watch=True)
+        try:
+            for label, source in cases:
+                hand, hand_sync, job, parts = [], [], [], []
+                for run in range(runs):
+                    for side in (("job", "hand") if run % 2 == 0 else ("hand", "job")):
+                        output = stack.output_dir / f"{new_id(side)}.qcow2"
+                        if side == "hand":
+                            plain, synced = hand_convert(source, output)
+                            hand.append(plain)
+                            hand_sync.append(synced)
+                        else:
+                            job.append(await job_convert(client, [source], [output], parts))
+                        output.unlink()
+                h, hs, j = median(hand), median(hand_sync), median(job)
+                figures.append({"disk": label, "data_bytes": disks.data_bytes(source), "runs": runs,
+                                "hand_s": h, "hand_fsync_s": hs, "job_s": j, "ratio": j / h,
+                                "ratio_vs_fsync": j / hs, "extra_s": j - h,
+                                **{k: median([p[k] for p in parts]) for k in parts[0]}})
+        finally:
+            client.close()
+
+    asyncio.run(measure())
+    return figures
+
+
+def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1, 2, 4), runs: int = 3,
+                         size: int = disks.GiB, data_fraction: float = 0.25) -> list[dict[str, Any]]:
+    """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand."""
+    sources = [disks.sparse_vmdk(work, f"par{i}", size, data_fraction, seed=100 + i) for i in range(max(counts))]
+    data = [disks.data_bytes(s) for s in sources]
+    figures = []
+
+    async def through_h2kd(n: int) -> float:
+        client = await Client.connect(stack.bus_address, watch=True)
+        try:
+            await client.manager("SetMaxParallelJobs", "u", [max(counts)])
+            outputs = [stack.output_dir / f"{new_id('par')}.qcow2" for _ in range(n)]
+            seconds = await job_convert(client, sources[:n], outputs)
+            for o in outputs:
+                o.unlink()
+            return seconds
+        finally:
+            client.close()
+
+    def by_hand(n: int) -> float:
+        outputs = [stack.output_dir / f"{new_id('hand')}.qcow2" for _ in range(n)]
+        start = time.perf_counter()
+        procs = [subprocess.Popen(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(s), str(o)])
+                 for s, o in zip(sources, outputs)]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError("qemu-img convert failed")
+        seconds = time.perf_counter() - start
+        for o in outputs:
+            o.unlink()
+        return seconds
+
+    for n in counts:
+        hand, job = [], []
+        for run in range(runs):
+            for side in (("job", "hand") if run % 2 == 0 else ("hand", "job")):
+                if side == "hand":
+                    hand.append(by_hand(n))
+                else:
+                    job.append(asyncio.run(through_h2kd(n)))
+        total = sum(data[:n])
+        h, j = median(hand), median(job)
+        figures.append({"parallel": n, "data_bytes": total, "hand_s": h, "job_s": j,
+                        "hand_MiBps": total / h / disks.MiB, "job_MiBps": total / j / disks.MiB, "ratio": j / h})
+    return figures

@@ -1,0 +1,430 @@
+"""Load and faults on a private stack of real programs; each case ends with nothing lost.
+
+Bursts of submits from many client processes, hundreds of signal subscribers, kill -9 of h2kd during
+conversions, worker units killed / stopped by an administrator / hitting their timeout, a full output
+file system, systemd re-executing under load, and random malformed specs thrown at SubmitJob.
+
+Scaled down from bench/ (which has the full figures of issue 9) to keep this file to a few minutes on
+2 cores: 2,000 submits from 50 clients (bench: 5,000), 200 subscribers while 20 jobs run (bench: 100),
+5 kills of h2kd (bench: 20). The numbers used are printed; timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from dbus_fast import Variant
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench/ is a sibling package of tests/
+
+from bench import disks, faults  # noqa: E402
+from bench.client import ERROR_PREFIX, CallFailed, Client, convert_spec, new_id  # noqa: E402
+from bench.stack import rate_limited, restart_with, write_settings  # noqa: E402
+from h2kd.sandbox.stack import Stack, new_base_dir  # noqa: E402
+
+SMALL_FS_BYTES = 16 * disks.MiB
+RETRY_BACKOFF_SECONDS = "1"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def lstack() -> Iterator[Stack]:
+    """A stack of our own: these tests kill and reconfigure h2kd and mount a small output file system."""
+    base = new_base_dir("h2k-load-")
+    small = base / "smallfs"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES},mode=0755", "h2k-small", str(small)],
+                   check=True)
+    stack = Stack(base)
+    env = {"H2KD_OUTPUT_ROOTS": f"{stack.output_dir}:{small}",
+           "H2KD_RETRY_BACKOFF_BASE_SECONDS": RETRY_BACKOFF_SECONDS}
+    stack.daemon_env = env
+    try:
+        stack.start()
+        (base / "disks").mkdir()
+        yield stack
+    finally:
+        try:
+            stack.stop()
+        finally:
+            subprocess.run(["umount", str(small)], check=False)
+            if not os.environ.get("H2K_KEEP_STACK"):
+                shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_fs(lstack: Stack) -> Path:
+    return lstack.base_dir / "smallfs"
+
+
+@pytest.fixture(scope="module")
+def work(lstack: Stack) -> Path:
+    return lstack.base_dir / "disks"
+
+
+@pytest.fixture(scope="module")
+def small_source(work: Path) -> Path:
+    return disks.sparse_vmdk(work, "small", 16 * disks.MiB, 0.25)
+
+
+@pytest.fixture
+def slow_conversions(lstack: Stack) -> Iterator[None]:
+    """h2kd restarted so that conversions copy 1 MiB/s (they then last long enough to be hit)."""
+    restart_with(lstack, rate_limited(disks.MiB))
+    yield
+    restart_with(lstack, {})
+
+
+def systemd_env(stack: Stack) -> dict[str, str]:
+    return {**os.environ, "XDG_RUNTIME_DIR": str(stack.runtime_dir)}
+
+
+def partial_files(output: Path) -> list[str]:
+    """Temporary files of this output (".h2k-tmp-<random>-<name>") left in its directory."""
+    return [p.name for p in output.parent.iterdir()
+            if p.name.startswith(".h2k-tmp-") and p.name.endswith("-" + output.name)]
+
+
+async def wait_state(client: Client, path: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        props = await client.job_props(path)
+        if props["State"] in states:
+            return props
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job stayed {props['State']} (wanted {states}): {props['Error']}")
+        await asyncio.sleep(0.2)
+
+
+async def healthy(client: Client) -> None:
+    health = await client.health()
+    assert health["status"] == "ok", health
+    assert health["store_ok"] and health["systemd_reachable"], health
+
+
+# ---------------------------------------------------------------- bursts and subscribers
+
+@pytest.mark.slow
+def test_burst_of_submits_from_50_clients_gives_one_job_each(lstack: Stack, small_source: Path) -> None:
+    figures = faults.submit_burst(lstack, small_source, clients=50, per_client=40)
+    print("burst:", {k: v for k, v in figures.items() if k != "errors"})
+    assert figures["errors"] == []
+    assert figures["replies"] == figures["submits"] == 2000
+    assert figures["distinct_replied"] == figures["new_jobs"] == figures["new_jobs_distinct"] == 2000
+    assert figures["replied_equals_new"]
+    assert figures["same_daemon"] and figures["health"] == "ok"
+    assert figures["cleanup_problems"] == [] and figures["left_after_cleanup"] == 0
+
+
+@pytest.mark.slow
+def test_200_subscribers_each_see_every_job_end(lstack: Stack, small_source: Path) -> None:
+    figures = faults.subscribers_while_jobs_run(lstack, small_source, subscribers=200, jobs=20, parallel=4,
+                                                timeout=240)
+    print("subscribers:", figures)
+    assert figures["error"] is None
+    assert figures["final_states"] == ["completed"]
+    assert figures["all_connected"] and figures["same_daemon"] and figures["health"] == "ok"
+    assert figures["completed_seen_min"] == figures["completed_seen_max"] == 20
+
+
+# ---------------------------------------------------------------- kill -9 of h2kd
+
+@pytest.mark.slow
+def test_kill_9_of_h2kd_during_conversions_loses_nothing(lstack: Stack, work: Path) -> None:
+    figures = faults.kill_during_conversions(lstack, work, kills=5, jobs=6, data_bytes=16 * disks.MiB,
+                                             rate=8 * disks.MiB, seed=4)
+    print("kill -9:", figures)
+    assert figures["kills"] >= 3, figures     # the batch must have been hit while it ran
+    assert any(set(s) & {"running", "progressing", "assigned"} for s in figures["states_at_kills"])
+    assert figures["problems"] == []
+    assert figures["health"] == "ok"
+
+
+# ---------------------------------------------------------------- worker units
+
+def _source_and_output(stack: Stack, work: Path, name: str) -> tuple[Path, Path]:
+    """A VMDK with 16 MiB of data (16 s at the slowed-down rate) and where its output goes."""
+    return disks.sparse_vmdk(work, name, 64 * disks.MiB, 0.25, seed=len(name)), stack.output_dir / f"{name}.qcow2"
+
+
+async def _submit_and_wait_running(client: Client, source: Path, output: Path, retry_count: int = 0,
+                                   timeout_seconds: int | None = None) -> tuple[str, str, dict[str, Any]]:
+    job_id, path = await client.submit(convert_spec(str(source), str(output), new_id("fault"), fmt="vmdk",
+                                                    retry_count=retry_count, timeout_seconds=timeout_seconds))
+    props = await wait_state(client, path, {"progressing"}, 60)
+    assert props["Unit"], props
+    return job_id, path, props
+
+
+def test_worker_unit_killed_fails_then_retry_completes(lstack: Stack, work: Path, slow_conversions: None) -> None:
+    source, output = _source_and_output(lstack, work, "killed")
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            # No retries left: the attempt fails as a lost unit, nothing partial remains.
+            job_id, path, props = await _submit_and_wait_running(client, source, output)
+            subprocess.run(["systemctl", "--user", "kill", "--signal=KILL", props["Unit"]],
+                           env=systemd_env(lstack), check=True, capture_output=True)
+            end = await client.wait_terminal(path, 60)
+            assert end["State"] == "failed", end
+            assert end["Error"][0] in ("UNIT_FAILED", "WORKER_LOST"), end["Error"]
+            assert not output.exists()
+            assert partial_files(output) == []
+            await client.manager("RemoveJob", "s", [job_id])
+            # With a retry: attempt 2 runs in a new unit and completes with a correct output.
+            job_id, path, props = await _submit_and_wait_running(client, source, output, retry_count=1)
+            first_unit = props["Unit"]
+            subprocess.run(["systemctl", "--user", "kill", "--signal=KILL", first_unit],
+                           env=systemd_env(lstack), check=True, capture_output=True)
+            await wait_state(client, path, {"retrying", "queued", "assigned", "running", "progressing"}, 30)
+            end = await client.wait_terminal(path, 200)
+            assert end["State"] == "completed", end["Error"]
+            assert end["Attempt"] == 2 and end["Unit"] != first_unit
+            assert disks.identical(source, output)[0]
+            assert partial_files(output) == []
+            await healthy(client)
+            await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            output.unlink(missing_ok=True)
+            client.close()
+    run(scenario())
+
+
+def test_administrator_stopping_the_unit_cancels_the_job(lstack: Stack, work: Path, slow_conversions: None) -> None:
+    source, output = _source_and_output(lstack, work, "stopped")
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            job_id, path, props = await _submit_and_wait_running(client, source, output, retry_count=2)
+            # StopUnit straight on the systemd manager's bus, as `systemctl stop` does.
+            subprocess.run(["busctl", f"--address={lstack.systemd_bus_address}", "call", "org.freedesktop.systemd1",
+                            "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "StopUnit", "ss",
+                            props["Unit"], "replace"], check=True, capture_output=True)
+            end = await client.wait_terminal(path, 60)
+            assert end["State"] == "cancelled", (end["State"], end["Error"])
+            assert end["Attempt"] == 1          # a stop is not a failure: no retry
+            assert not output.exists() and partial_files(output) == []
+            await healthy(client)
+            await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            output.unlink(missing_ok=True)
+            client.close()
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_unit_hitting_its_timeout_fails_with_timeout(lstack: Stack, work: Path, slow_conversions: None) -> None:
+    # 128 MiB of data at 1 MiB/s would take about two minutes; the job's timeout is 60 s (the minimum).
+    source = disks.sparse_vmdk(work, "timeout", 256 * disks.MiB, 0.5, seed=3)
+    output = lstack.output_dir / "timeout.qcow2"
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            job_id, path, _ = await _submit_and_wait_running(client, source, output, timeout_seconds=60)
+            end = await client.wait_terminal(path, 120)
+            assert end["State"] == "failed", end
+            assert end["Error"][0] == "TIMEOUT", end["Error"]
+            assert not output.exists() and partial_files(output) == []
+            await healthy(client)
+            await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            output.unlink(missing_ok=True)
+            client.close()
+    run(scenario())
+
+
+# ---------------------------------------------------------------- full output file system
+
+def test_output_too_big_for_its_file_system_is_no_space(lstack: Stack, work: Path, small_fs: Path) -> None:
+    source = disks.sparse_vmdk(work, "toobig", 64 * disks.MiB, 0.5, seed=5)    # 32 MiB of data, 16 MiB fs
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            job_id, path = await client.submit(convert_spec(str(source), str(small_fs / "toobig.qcow2"),
+                                                            new_id("full"), fmt="vmdk", retry_count=1))
+            end = await client.wait_terminal(path, 60)
+            assert end["State"] == "failed" and end["Error"][0] == "NO_SPACE", end["Error"]
+            assert list(small_fs.iterdir()) == []
+            await healthy(client)
+            await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            client.close()
+    run(scenario())
+
+
+def test_file_system_filling_up_during_the_conversion_is_no_space(lstack: Stack, work: Path, small_fs: Path,
+                                                                  slow_conversions: None) -> None:
+    source = disks.sparse_vmdk(work, "fits", 32 * disks.MiB, 0.25, seed=6)      # 8 MiB of data: fits at first
+    output = small_fs / "fits.qcow2"
+    filler = small_fs / "filler"
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            job_id, path, _ = await _submit_and_wait_running(client, source, output)
+            with open(filler, "wb") as f:     # someone else takes all the space while qemu-img writes
+                try:
+                    while True:
+                        f.write(b"\xff" * disks.MiB)
+                        f.flush()
+                except OSError:
+                    pass
+            end = await client.wait_terminal(path, 60)
+            filler.unlink()
+            assert end["State"] == "failed" and end["Error"][0] == "NO_SPACE", end["Error"]
+            assert list(small_fs.iterdir()) == []
+            await healthy(client)
+            await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            filler.unlink(missing_ok=True)
+            client.close()
+    run(scenario())
+
+
+# ---------------------------------------------------------------- systemd restarted under load
+
+def test_systemd_reexec_under_load_loses_no_job(lstack: Stack, work: Path) -> None:
+    sources = [disks.sparse_vmdk(work, f"reexec{i}", 64 * disks.MiB, 0.25, seed=30 + i) for i in range(3)]
+    outputs = [lstack.output_dir / f"reexec{i}.qcow2" for i in range(3)]
+    restart_with(lstack, rate_limited(4 * disks.MiB))
+
+    async def scenario() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            submitted = [await client.submit(convert_spec(str(s), str(o), new_id("reexec"), fmt="vmdk"))
+                         for s, o in zip(sources, outputs)]
+            await wait_state(client, submitted[0][1], {"progressing"}, 60)
+            subprocess.run(["systemctl", "--user", "daemon-reexec"], env=systemd_env(lstack), check=True,
+                           capture_output=True, timeout=60)
+            for (job_id, path), source, output in zip(submitted, sources, outputs):
+                end = await client.wait_terminal(path, 120)
+                assert end["State"] == "completed", (job_id, end["Error"])
+                assert end["Attempt"] == 1
+                assert disks.identical(source, output)[0]
+            await healthy(client)
+            for job_id, _ in submitted:
+                await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            for o in outputs:
+                o.unlink(missing_ok=True)
+            client.close()
+    try:
+        run(scenario())
+    finally:
+        restart_with(lstack, {})
+
+
+# ---------------------------------------------------------------- random and malformed specs
+
+_KEYS = ["job_id", "operation", "image", "parameters", "execution_policy", "capability_requirements",
+         "artifacts", "audit", "path", "format", "checksum", "priority", "retry_count", "timeout_seconds",
+         "idempotent", "output_path", "overwrite", "tags", "output_format", "cluster_size", "compress", "x", ""]
+
+_scalars = st.one_of(
+    st.builds(lambda v: Variant("s", v), st.text(max_size=20)),
+    st.builds(lambda v: Variant("s", v), st.sampled_from(["inspect", "convert", "validate", "/etc/hostname",
+                                                          "qcow2", "raw", "vmdk", "../../etc/passwd"])),
+    st.builds(lambda v: Variant("u", v), st.integers(0, 2**32 - 1)),
+    st.builds(lambda v: Variant("i", v), st.integers(-2**31, 2**31 - 1)),
+    st.builds(lambda v: Variant("t", v), st.integers(0, 2**64 - 1)),
+    st.builds(lambda v: Variant("x", v), st.integers(-2**63, 2**63 - 1)),
+    st.builds(lambda v: Variant("y", v), st.integers(0, 255)),
+    st.builds(lambda v: Variant("n", v), st.integers(-2**15, 2**15 - 1)),
+    st.builds(lambda v: Variant("b", v), st.booleans()),
+    st.builds(lambda v: Variant("d", v), st.floats(allow_nan=True, allow_infinity=True)),
+    st.builds(lambda v: Variant("o", v), st.sampled_from(["/", "/a/b", "/org/hyper2kvm/h2kd1"])),
+    st.builds(lambda v: Variant("g", v), st.sampled_from(["", "s", "a{sv}"])),
+    st.builds(lambda v: Variant("ay", v), st.binary(max_size=16)),
+    st.builds(lambda v: Variant("as", v), st.lists(st.text(max_size=8), max_size=4)),
+    st.builds(lambda v: Variant("ai", v), st.lists(st.integers(-2**31, 2**31 - 1), max_size=4)),
+    st.builds(lambda v: Variant("(si)", list(v)), st.tuples(st.text(max_size=5), st.integers(-5, 5))),
+    st.builds(lambda v: Variant("a{ss}", v), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)),
+)
+
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.builds(lambda d: Variant("a{sv}", d), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5)),
+        st.builds(lambda v: Variant("v", v), inner),
+        st.builds(lambda v: Variant("av", v), st.lists(inner, max_size=3)),
+    ),
+    max_leaves=12,
+)
+
+
+def _valid_ish(source: str) -> st.SearchStrategy[dict[str, Variant]]:
+    """Mostly right specs with one part randomised, so that validation goes deep, not only the top level."""
+    base = {"operation": Variant("s", "inspect"), "image": Variant("a{sv}", {"path": Variant("s", source)})}
+    return st.builds(lambda key, value, drop: {**{k: v for k, v in base.items() if k != drop}, key: value},
+                     st.sampled_from(_KEYS), _values, st.sampled_from(["", "operation", "image"]))
+
+
+@pytest.mark.slow
+def test_random_and_malformed_specs_never_crash_nor_half_create(lstack: Stack, small_source: Path) -> None:
+    outcomes: dict[str, int] = {}
+
+    async def connect() -> Client:
+        return await Client.connect(lstack.bus_address)
+
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(connect())
+    pid = lstack.daemon_pid
+    created: list[str] = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(spec=st.one_of(st.dictionaries(st.sampled_from(_KEYS), _values, max_size=6), _valid_ish(str(small_source))))
+    def throw(spec: dict[str, Variant]) -> None:
+        async def one() -> None:
+            before = len(await client.list_jobs())
+            try:
+                job_id, _path = await _submit_raw(client, spec)
+            except CallFailed as exc:
+                outcomes[exc.name] = outcomes.get(exc.name, 0) + 1
+                assert exc.name == ERROR_PREFIX + "InvalidSpec", (exc.name, exc.text, spec)
+                assert "Traceback" not in exc.text and 'File "' not in exc.text, exc.text
+                assert exc.text.strip()
+                assert len(await client.list_jobs()) == before, "a refused spec left a job behind"
+                return
+            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+            created.append(job_id)
+            assert len(await client.list_jobs()) in (before, before + 1)   # +0: identical resubmission
+            try:
+                await client.manager("CancelJob", "s", [job_id])
+            except CallFailed as exc:   # a job that failed its host checks is already over
+                assert exc.name == ERROR_PREFIX + "InvalidState", exc
+            await client.manager("RemoveJob", "s", [job_id])
+        loop.run_until_complete(one())
+
+    try:
+        throw()
+        print("outcomes:", outcomes)
+        assert lstack.daemon_pid == pid, "h2kd died"
+        loop.run_until_complete(healthy(client))
+        assert outcomes.get(ERROR_PREFIX + "InvalidSpec", 0) > 0   # the generator did reach validation
+    finally:
+        client.close()
+        loop.close()
+
+
+async def _submit_raw(client: Client, spec: dict[str, Variant]) -> tuple[str, str]:
+    """SubmitJob with an a{sv} built by the test (any D-Bus types), held (queue=false) so nothing runs."""
+    body = await client.manager("SubmitJob", "a{sv}a{sv}", [spec, {"queue": Variant("b", False)}])
+    return body[0], body[1]
