@@ -1,0 +1,45 @@
+"""`make install` puts every file where a real host's programs look for it, and the installed commands run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXPECTED = [
+    "usr/share/dbus-1/system.d/org.hyper2kvm.h2kd1.conf",
+    "usr/share/dbus-1/system-services/org.hyper2kvm.h2kd1.service",
+    "usr/share/dbus-1/interfaces/org.hyper2kvm.h2kd1.Manager.xml",
+    "usr/share/dbus-1/interfaces/org.hyper2kvm.h2kd1.Job.xml",
+    "usr/share/dbus-1/interfaces/org.hyper2kvm.h2kd1.Worker.xml",
+    "usr/lib/systemd/system/h2kd.service",
+    "usr/lib/systemd/system/h2k.slice",
+    "usr/lib/systemd/catalog/h2kd.catalog",
+    "usr/share/polkit-1/actions/org.hyper2kvm.h2kd1.policy",
+    "usr/share/doc/h2kd/examples/50-h2kd.rules.example",
+    "usr/share/cockpit/h2kd/manifest.json",
+    "usr/share/cockpit/h2kd/index.html",
+    "usr/share/man/man1/h2kctl.1",
+    "usr/share/bash-completion/completions/h2kctl",
+    "usr/share/zsh/vendor-completions/_h2kctl",
+]
+
+
+def test_make_install_into_a_staging_root(tmp_path):
+    stage = tmp_path / "stage"
+    result = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={stage}"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    missing = [p for p in EXPECTED if not (stage / p).is_file()]
+    assert missing == []
+    unit = (stage / "usr/lib/systemd/system/h2kd.service").read_text()
+    assert "ExecStart=/usr/bin/h2kd" in unit
+    for command in ("h2kd", "h2kctl", "h2k-worker", "h2k-sandbox"):
+        link = stage / "usr/bin" / command
+        assert link.is_symlink() and str(link.readlink()) == f"/usr/lib/h2kd/bin/{command}"
+        script = stage / "usr/lib/h2kd/bin" / command
+        assert script.read_text().splitlines()[0].startswith("#!/usr/lib/h2kd/bin/python"), "scripts name the final path"
+    version = subprocess.run([str(stage / "usr/lib/h2kd/bin/python"), "-m", "h2kctl.cli", "--version"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and "0.1.0" in version.stdout + version.stderr
