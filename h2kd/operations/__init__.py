@@ -1,0 +1,1 @@
+"""What a worker does with a disk image: inspect, convert, validate, offline_fix (qemu-img and guest tools)."""

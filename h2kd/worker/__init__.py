@@ -1,0 +1,1 @@
+"""h2k-worker: the program that runs one job attempt inside its transient systemd unit."""
