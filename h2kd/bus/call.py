@@ -20,6 +20,7 @@ from dbus_fast.constants import MessageFlag
 class Caller:
     sender: str                 # unique bus name, e.g. ":1.42"
     allow_interactive: bool     # the caller set ALLOW_INTERACTIVE_AUTHORIZATION
+    path: str = ""              # the object called (one interface instance serves every job's path)
 
 
 _current: ContextVar[Caller | None] = ContextVar("h2kd_bus_caller", default=None)
@@ -30,7 +31,8 @@ def remember_call(msg: Message) -> bool:
     if msg.message_type == MessageType.METHOD_CALL:
         flags = int(msg.flags.value if hasattr(msg.flags, "value") else msg.flags)
         _current.set(Caller(sender=msg.sender or "",
-                            allow_interactive=bool(flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION.value)))
+                            allow_interactive=bool(flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION.value),
+                            path=msg.path or ""))
     return False
 
 

@@ -9,7 +9,12 @@
    and waits for the loop's writer callback. (Only send() is wrapped: we do not pass file
    descriptors, so the writer's sendmsg() path, which could lose descriptors this way, is unused.)
 
-2. ObjectManager signals. export()/unexport() emit InterfacesAdded/InterfacesRemoved from the
+2. Batched writes. dbus-fast writes every message with its own send() as soon as it is queued; h2kd
+   sends several per change (signals, then the reply), so messages queued during one turn of the event
+   loop are written together at the end of it, in order, with one send() (fewer system calls here and
+   fewer wake-ups of dbus-daemon). Messages carrying file descriptors go dbus-fast's own way.
+
+3. ObjectManager signals. export()/unexport() emit InterfacesAdded/InterfacesRemoved from the
    object's own path; the specification (and Cockpit) expect them from the ObjectManager's path.
    This bus emits none itself; h2kd.bus.service sends them from /org/hyper2kvm/h2kd1.
 
@@ -19,8 +24,10 @@ MessageBus connected elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+from collections import deque
 from typing import Any
 
 from dbus_fast import BusType
@@ -63,12 +70,117 @@ class H2kMessageBus(MessageBus):
         if not isinstance(writer.sock, _EagainAsShortWrite):
             writer.sock = _EagainAsShortWrite(writer.sock)
 
+    def export_shared(self, path: str, interface: Any) -> None:
+        """Export `interface` at one more path. Unlike export(), one instance may serve many paths (it must
+        find out from each call which object it serves); every further path costs one small table entry."""
+        paths = getattr(interface, "_h2k_paths", 0)
+        if not paths:
+            self.export(path, interface)
+        else:
+            exports = self._path_exports.setdefault(path, {})
+            if interface.name in exports:
+                raise ValueError(f"{interface.name} is already exported at {path}")
+            exports[interface.name] = interface
+        interface._h2k_paths = paths + 1
+
+    def unexport_shared(self, path: str, interface: Any) -> None:
+        """Stop serving `interface` at `path`; it leaves the bus with its last path."""
+        exports = self._path_exports.get(path)
+        if exports is None or exports.get(interface.name) is not interface:
+            return
+        interface._h2k_paths -= 1
+        if not interface._h2k_paths:
+            super().unexport(path, interface)
+            return
+        del exports[interface.name]
+        if not exports:
+            del self._path_exports[path]
+
+    def unexport(self, path: str, interface: Any = None) -> None:
+        """As MessageBus.unexport, minding interfaces exported at several paths (export_shared)."""
+        for name, exported in list(self._path_exports.get(path, {}).items()):
+            if getattr(exported, "_h2k_paths", 0) and interface in (None, exported, name):
+                self.unexport_shared(path, exported)
+                if interface is not None:
+                    return
+        if path in self._path_exports:
+            super().unexport(path, interface)
+
+    def send(self, msg: Any) -> asyncio.Future:
+        writer = getattr(self, "_writer", None)
+        if msg.unix_fds or not self.unique_name or writer is None or not hasattr(writer, "messages"):
+            return super().send(msg)
+        if not msg.serial:
+            msg.serial = self.next_serial()
+        future = self._loop.create_future()
+        writer.buffer_message(msg, future)
+        if not getattr(writer, "h2k_flush_pending", False):
+            writer.h2k_flush_pending = True
+            self._loop.call_soon(self._write_batch)
+        return future
+
+    def _write_batch(self) -> None:
+        writer = self._writer
+        writer.h2k_flush_pending = False
+        if self._disconnected:
+            return
+        writer.messages = _merged(writer.messages)
+        writer._write_without_remove_writer()
+        if writer.buf is not None or writer.messages:
+            self._loop.add_writer(writer.fd, writer.write_callback)
+
     # Our objects are announced by h2kd.bus.service from the manager's path instead.
     def _emit_interface_added(self, path: str, interface: Any) -> None:
         return None
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         return None
+
+
+class _Futures:
+    """The futures of messages written as one buffer, settled together (duck-typed as one future)."""
+
+    __slots__ = ("futures",)
+
+    def __init__(self, futures: list[Any]):
+        self.futures = futures
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: Any) -> None:
+        for future in self.futures:
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        for future in self.futures:
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+
+def _merged(messages: deque) -> deque:
+    """dbus-fast's queue of (bytes, fds, future) with each run of messages without descriptors joined."""
+    if len(messages) < 2:
+        return messages
+    out: deque = deque()
+    run: list[Any] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append((bytearray().join(m[0] for m in run), None, _Futures([m[2] for m in run])))
+        run.clear()
+
+    for entry in messages:
+        if entry[1]:
+            close_run()
+            out.append(entry)
+        else:
+            run.append(entry)
+    close_run()
+    return out
 
 
 async def connect_bus(address: str | None = None, negotiate_unix_fd: bool = False) -> H2kMessageBus:

@@ -1,7 +1,12 @@
-"""org.hyper2kvm.h2kd1.Job: one exported object per job, reading the manager's live Job record."""
+"""org.hyper2kvm.h2kd1.Job: an object per job, reading the manager's live Job record.
+
+One JobInterface instance is exported at every job's path (h2kd.bus.connection.H2kMessageBus.export_shared):
+it finds the job of each call from the path the call was sent to, so 10,000 jobs cost 10,000 table entries
+rather than 10,000 interface objects. Introspection is the same at every path.
+"""
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from dbus_fast.service import dbus_method, dbus_signal
 from dbus_fast.signature import Variant
@@ -9,6 +14,7 @@ from dbus_fast.signature import Variant
 from h2kd import BUS_NAME
 from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import ApiInterface, add_read_properties
+from h2kd.bus.call import current_caller
 from h2kd.bus.errors import bus_errors
 from h2kd.model.job import Job
 
@@ -85,11 +91,17 @@ class JobInterface(ApiInterface):
         "Completed": ("success", "message"),
     }
 
-    def __init__(self, job: Job, manager: Any, commands: JobCommands):
+    def __init__(self, job_at: Callable[[str], Job], manager: Any, commands: JobCommands):
+        """job_at: the job exported at an object path (raises NoSuchJob for none)."""
         super().__init__(JOB_INTERFACE)
-        self.job = job
+        self._job_at = job_at
         self._manager = manager
         self._commands = commands
+
+    @property
+    def job(self) -> Job:
+        """The job whose path the call being served was sent to."""
+        return self._job_at(current_caller().path)
 
     @dbus_method()
     @bus_errors

@@ -61,7 +61,7 @@ class ManagerInterface(ApiInterface):
         plain = spec_from_dbus(spec)
         await self._auth.check("submit")
         owner = await self._auth.caller_uid()
-        job, _created = self.manager.submit(plain, owner=owner, queue=opts.get("queue", True))
+        job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True))
         return [job.id, job_path(job.id)]
 
     @dbus_method()
@@ -79,7 +79,8 @@ class ManagerInterface(ApiInterface):
             image_spec["path"] = path          # the file the descriptor names; HostChecks compares the two
         await self._auth.check("submit")
         owner = await self._auth.caller_uid()
-        job, _created = self.manager.submit(plain, owner=owner, queue=opts.get("queue", True), source_proof=proof)
+        job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True),
+                                                             source_proof=proof)
         return [job.id, job_path(job.id)]
 
     @dbus_method()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from h2kd import JOB_PATH_PREFIX, WORKER_PATH_PREFIX
 
 
@@ -38,6 +40,7 @@ def unescape_label(escaped: str) -> str:
     return raw.decode()
 
 
+@lru_cache(maxsize=1 << 16)   # listings of thousands of jobs ask again and again
 def job_path(job_id: str) -> str:
     return JOB_PATH_PREFIX + escape_label(job_id)
 

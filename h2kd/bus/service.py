@@ -14,6 +14,7 @@ What it sends:
   and InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
 - Job PropertiesChanged and Job.Progress are coalesced per job to one per
   config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
+  PropertiesChanged lists only the properties whose values differ from those last announced.
   Job.Progress carries -1 as progress while the total is unknown (as ListJobs does).
 - StateChanged on every transition, Completed(success, message) on reaching a final state,
   LogMessage for "log" events; Manager.JobNew/JobRemoved around exports.
@@ -42,6 +43,7 @@ from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FI
 from h2kd.bus.manager_iface import MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface
 from h2kd.bus.paths import job_path, worker_path
 from h2kd.bus.worker_iface import WORKER_INTERFACE, WorkerInterface, worker_vardict
+from h2kd.errors import NoSuchJob
 from h2kd.manager.ports import Event, WorkerInfo
 from h2kd.model.job import Job
 from h2kd.model.states import TERMINAL, JobState
@@ -66,12 +68,13 @@ class _Pending:
     last_sent: float = float("-inf")   # time.monotonic() of the last flush
 
 
-@dataclass
+@dataclass(eq=False)
 class _ExportedJob:
+    __slots__ = ("path", "job", "pending", "vardict")
     path: str
-    interface: JobInterface
-    pending: _Pending = field(default_factory=_Pending)
-    vardict: dict[str, Variant] | None = None   # cached for GetManagedObjects; None when stale
+    job: Job
+    pending: _Pending | None            # made at the first change to send
+    vardict: dict[str, Variant] | None  # cached for GetManagedObjects; None when stale
 
 
 class BusService:
@@ -82,6 +85,8 @@ class BusService:
         self._authorizer = Authorizer(authority)
         self._commands = JobCommands(manager, self._authorizer)
         self._jobs: dict[str, _ExportedJob] = {}
+        self._job_paths: dict[str, _ExportedJob] = {}   # object path -> the same records
+        self._job_iface = JobInterface(self._job_at, manager, self._commands)   # serves every job path
         self._workers: dict[str, tuple[str, WorkerInterface, dict[str, Variant]]] = {}
         self._manager_iface: ManagerInterface | None = None
         self._manager_pending = _Pending()
@@ -105,7 +110,8 @@ class BusService:
 
     def close(self) -> None:
         for exported in self._jobs.values():
-            _cancel(exported.pending)
+            if exported.pending is not None:
+                _cancel(exported.pending)
         _cancel(self._manager_pending)
         for handler in self._handlers:
             try:
@@ -151,8 +157,12 @@ class BusService:
     def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
         objects: dict[str, dict[str, dict[str, Variant]]] = {}
         for exported in self._jobs.values():
+            if exported.pending is not None and exported.pending.properties:
+                # Changes not yet announced: current values, leaving the cache as last announced.
+                objects[exported.path] = {JOB_INTERFACE: job_vardict(exported.job)}
+                continue
             if exported.vardict is None:
-                exported.vardict = job_vardict(exported.interface.job)
+                exported.vardict = job_vardict(exported.job)
             objects[exported.path] = {JOB_INTERFACE: exported.vardict}
         for path, _iface, props in self._workers.values():
             objects[path] = {WORKER_INTERFACE: props}
@@ -175,14 +185,20 @@ class BusService:
 
     # ------------------------------------------------------------------ jobs
 
+    def _job_at(self, path: str) -> Job:
+        exported = self._job_paths.get(path)
+        if exported is None:
+            raise NoSuchJob(f"no job at {path}")
+        return exported.job
+
     def _export_job(self, job: Job) -> _ExportedJob:
         exported = self._jobs.get(job.id)
         if exported is not None:
             return exported
-        interface = JobInterface(job, self._manager, self._commands)
-        exported = _ExportedJob(job_path(job.id), interface)
-        self._bus.export(exported.path, interface)
+        exported = _ExportedJob(job_path(job.id), job, None, None)
+        self._bus.export_shared(exported.path, self._job_iface)
         self._jobs[job.id] = exported
+        self._job_paths[exported.path] = exported
         return exported
 
     def job_added(self, job: Job) -> None:
@@ -199,8 +215,9 @@ class BusService:
         exported = self._jobs.get(job.id)
         if exported is None:
             return
-        exported.vardict = None
         pending = exported.pending
+        if pending is None:
+            pending = exported.pending = _Pending()
         for name in changed:
             pending.properties.update(PROPERTIES_OF_FIELD.get(name, ()))
         if changed & PROGRESS_FIELDS:
@@ -217,12 +234,14 @@ class BusService:
         if exported is None:
             return
         pending = exported.pending
+        if pending is None:
+            return
         _cancel(pending)
         pending.last_sent = time.monotonic()
-        job = exported.interface.job
+        job = exported.job
         names, pending.properties = pending.properties, set()
         try:
-            self._properties_changed(exported.path, JOB_INTERFACE, job_vardict(job, sorted(names)))
+            self._properties_changed(exported.path, JOB_INTERFACE, self._changed_values(exported, sorted(names)))
             if pending.progress:
                 pending.progress = False
                 progress = float(job.progress) if job.progress_known else -1.0
@@ -230,6 +249,18 @@ class BusService:
                              [progress, int(job.bytes_done), int(job.bytes_total), job.phase])
         except Exception:
             log.exception("sending changes of job %s failed", job_id)
+
+    @staticmethod
+    def _changed_values(exported: _ExportedJob, names: list[str]) -> dict[str, Variant]:
+        """Of the named properties, those whose value differs from the last announced (all without a cache);
+        the cache then holds the new values."""
+        values = job_vardict(exported.job, names)
+        cached = exported.vardict
+        if cached is None:
+            return values
+        changed = {name: value for name, value in values.items() if cached.get(name) != value}
+        cached.update(changed)
+        return changed
 
     def job_event(self, job: Job, event: Event) -> None:
         exported = self._jobs.get(job.id)
@@ -256,12 +287,14 @@ class BusService:
         exported = self._jobs.pop(job.id, None)
         if exported is None:
             return
-        _cancel(exported.pending)
+        self._job_paths.pop(exported.path, None)
+        if exported.pending is not None:
+            _cancel(exported.pending)
         try:
             result = job.state.value if job.state in TERMINAL else "removed"
             self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobRemoved", "sos", [job.id, exported.path, result])
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesRemoved", "oas", [exported.path, [JOB_INTERFACE]])
-            self._bus.unexport(exported.path)
+            self._bus.unexport_shared(exported.path, self._job_iface)
         except Exception:
             log.exception("unexporting job %s failed", job.id)
 

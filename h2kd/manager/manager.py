@@ -17,6 +17,8 @@ CONTRACT (implemented in this file):
     m.workers -> list[WorkerInfo];  m.get_worker(worker_id) -> WorkerInfo
     # commands (raise InvalidSpec, AlreadyExists, QueueFull, InvalidState, NoSuchJob, InvalidArgument)
     m.submit(spec, owner, queue=True, source_proof=None) -> tuple[Job, bool]   # bool: newly created
+    await m.submit_grouped(spec, owner, queue=True, source_proof=None)          # same; commits shared with the
+                                                  # other submissions of the loop's turn (group commit)
     await m.cancel(job_id)   # queued: cancelled at once; running: unit stopped, cancelled when gone
     m.retry(job_id); m.start_job(job_id); m.remove(job_id)
     m.set_priority(job_id, priority); m.pause(); m.resume(); m.set_max_parallel(n)
@@ -59,6 +61,7 @@ OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
 STORE_CHECK_INTERVAL = 10.0
+PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
 HostValidator = Callable[[Job, "os.stat_result | None"], "str | None"]
 
@@ -71,6 +74,7 @@ class JobManager:
         self._runner = runner
         self._host_validator = host_validator
         self._jobs: dict[str, Job] = {}
+        self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
@@ -100,6 +104,8 @@ class JobManager:
         if not self._jobs:
             for job in self._store.load_jobs():
                 self._jobs[job.id] = job
+                if job.state in ACTIVE:
+                    self._active.add(job.id)
             if self._store.get_setting("paused", False):
                 self._scheduler.pause()
             self._scheduler.max_parallel = self._store.get_setting("max_parallel_jobs", self._scheduler.max_parallel)
@@ -208,7 +214,7 @@ class JobManager:
 
     @property
     def jobs_running(self) -> int:
-        return sum(1 for job in self._jobs.values() if job.state in ACTIVE)
+        return len(self._active)
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -253,6 +259,35 @@ class JobManager:
     def submit(self, spec: dict[str, Any], owner: int, queue: bool = True,
                source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
         """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access)."""
+        return self._submit(spec, owner, queue, source_proof)
+
+    async def submit_grouped(self, spec: dict[str, Any], owner: int, queue: bool = True,
+                             source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
+        """submit(), returning once the job is committed; the submissions of one loop turn share one commit.
+
+        If that commit fails, the jobs it held are forgotten again (JobRemoved) and the error is raised."""
+        with self._store.deferred():
+            job, created = self._submit(spec, owner, queue, source_proof)
+        try:
+            await self._store.committed()
+        except BaseException:
+            if created:
+                self._undo_submission(job)
+            raise
+        return job, created
+
+    def _undo_submission(self, job: Job) -> None:
+        if self._jobs.get(job.id) is not job:
+            return
+        self._scheduler.remove(job.id)
+        self._cancel_timer(job.id)
+        del self._jobs[job.id]
+        self._active.discard(job.id)
+        self._notify("job_removed", job)
+        self._manager_changed()
+
+    def _submit(self, spec: dict[str, Any], owner: int, queue: bool,
+                source_proof: os.stat_result | None) -> tuple[Job, bool]:
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
@@ -400,7 +435,7 @@ class JobManager:
         builtin = self._workers.get(BUILTIN)
         if builtin is None:
             return
-        running = sum(1 for j in self._jobs.values() if j.state in ACTIVE and j.worker == BUILTIN)
+        running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         workers = [builtin] if self._runner is not None else []
         for job_id, worker in self._scheduler.pick(running, workers, now_usec()):
             job = self._jobs[job_id]
@@ -517,8 +552,10 @@ class JobManager:
                 job.progress = fraction
                 changed.add("progress")
                 if int(fraction * 100) != before:
-                    self._append_event(job, "progress", {"progress": round(fraction, 4), "phase": job.phase,
-                                                          "bytes_done": done, "bytes_total": total})
+                    # Nobody waits for a progress event to be on disk: it shares a commit with the next ones.
+                    with self._store.deferred(within=PROGRESS_COMMIT_SECONDS):
+                        self._append_event(job, "progress", {"progress": round(fraction, 4), "phase": job.phase,
+                                                              "bytes_done": done, "bytes_total": total})
             if not job.progress_known:
                 job.progress_known = True
                 changed.add("progress_known")
@@ -780,6 +817,10 @@ class JobManager:
 
     def _transition(self, job: Job, new: JobState, reason: str) -> None:
         old = job.move_to(new)
+        if new in ACTIVE:
+            self._active.add(job.id)
+        else:
+            self._active.discard(job.id)
         event = self._store.record_transition(job, old, new, reason)
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)

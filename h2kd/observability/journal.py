@@ -9,6 +9,7 @@ Progress is journaled only when it crosses a 10% checkpoint, never at every upda
 from __future__ import annotations
 
 import logging
+import sys
 
 from systemd import journal
 
@@ -52,8 +53,10 @@ def _send(message: str, message_id: str, priority: int, **fields: object) -> Non
     values = {k: str(v) for k, v in fields.items() if v is not None and v != ""}
     values.update({CATALOG_PREFIX + k[4:]: v for k, v in list(values.items()) if k.startswith("H2K_")})
     try:
+        # CODE_* given as journal.send() would find them itself, without its costly walk of the stack.
         journal.send(message, MESSAGE_ID=message_id, PRIORITY=str(priority),
-                     SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **values)
+                     SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, CODE_FILE=__file__,
+                     CODE_LINE=sys._getframe().f_lineno - 2, CODE_FUNC="_send", **values)
     except OSError:
         # journald gone or overloaded: a lost log line must never stop the daemon.
         pass

@@ -4,10 +4,18 @@ Every call that changes something is one transaction, committed before it return
 crash or kill -9 at any moment leaves either all of a change or none of it. A job's row, its history and its
 "state" event are written together, so the stored state always matches the last history entry.
 The store is owned by one process (the daemon); sequence counters are cached in memory after the first read.
+
+Group commit: calls made inside `with store.deferred():` are written (each atomically, as a savepoint) into
+one open transaction that is committed once, at the end of the event loop's turn; `store.committed()` gives
+a future that resolves when the writes made so far are on disk (or fails with the commit's error, in which
+case all of them were rolled back). Many submissions arriving together thus cost one fsync, and their
+callers are answered only after it. A call made outside deferred() while writes are pending commits them
+together with its own change before it returns, so it keeps the commit-before-return guarantee.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -79,6 +87,10 @@ _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq"
             "source_identity")
 _INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
+# What a transition can change: every column but those fixed at submission (spec above all: no re-encoding).
+_FIXED = ("id", "spec", "operation", "owner", "created_at")
+_CHANGING = tuple(c for c in _COLUMNS if c not in _FIXED)
+_UPDATE_CHANGING = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING)} WHERE id = ?"
 _SELECT_JOBS = f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY ord"
 _INSERT_HISTORY = "INSERT INTO history (job_id, time, old_state, new_state, reason) VALUES (?, ?, ?, ?, ?)"
 _INSERT_EVENT = "INSERT INTO events (job_id, seq, time, kind, data) VALUES (?, ?, ?, ?, ?)"
@@ -97,6 +109,14 @@ def _job_values(job: Job) -> list[Any]:
             job.source_identity]
 
 
+def _changing_values(job: Job) -> tuple[Any, ...]:
+    """The _CHANGING columns of the job, then its id (for _UPDATE_CHANGING)."""
+    return (job.priority, job.state.value, job.queue_seq, job.attempt, job.phase, float(job.progress),
+            int(job.progress_known), job.bytes_done, job.bytes_total, job.rate, job.expected_end, job.started_at,
+            job.finished_at, job.unit, job.worker, job.wait_reason, job.not_before, _json(job.result),
+            job.error_code, job.error_message, job.source_identity, job.id)
+
+
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     values = dict(zip(_COLUMNS, row))
     values["spec"] = json.loads(values["spec"])
@@ -113,6 +133,11 @@ class JobStore:
         # Autocommit mode: transactions are opened explicitly, one per changing call.
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
+        self._in_batch = False            # a transaction holding deferred writes is open
+        self._deferring = 0               # depth of deferred() blocks being run
+        self._batch_waiters: list[asyncio.Future[None]] = []
+        self._commit_handle: asyncio.Handle | None = None   # the commit of the open batch, when scheduled
+        self._commit_due = 0.0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -148,13 +173,105 @@ class JobStore:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not self._in_batch and not self._deferring:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return
+            if not self._in_batch:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._in_batch = True
+            # Inside the open batch: this call's writes are all or nothing through a savepoint.
+            self._db.execute("SAVEPOINT change")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK TO change")
+                self._db.execute("RELEASE change")
                 raise
-            self._db.execute("COMMIT")
+            self._db.execute("RELEASE change")
+            if not self._deferring:
+                self.commit()
+
+    # ---------------------------------------------------------------- group commit
+
+    @contextmanager
+    def deferred(self, within: float = 0.0) -> Iterator[None]:
+        """Writes in this block join the open batch, committed at the end of the loop's turn (see committed()),
+        or up to `within` seconds later for writes nobody waits for (progress events): they then share
+        a commit with whatever comes next."""
+        with self._lock:
+            self._deferring += 1
+            try:
+                yield
+            finally:
+                self._deferring -= 1
+        if self._in_batch:
+            self._schedule_commit(within)
+
+    def committed(self) -> asyncio.Future[None]:
+        """A future resolved once every write made so far is committed (at once if none is pending)."""
+        future = asyncio.get_running_loop().create_future()
+        if not self._in_batch:
+            future.set_result(None)
+        else:
+            self._batch_waiters.append(future)
+            self._schedule_commit()
+        return future
+
+    def _schedule_commit(self, within: float = 0.0) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to come back: commit now
+            self.commit()
+            return
+        due = loop.time() + within
+        if self._commit_handle is not None:
+            if self._commit_due <= due:
+                return
+            self._commit_handle.cancel()
+        self._commit_due = due
+        self._commit_handle = (loop.call_soon(self._commit_from_loop) if within <= 0
+                               else loop.call_later(within, self._commit_from_loop))
+
+    def _commit_from_loop(self) -> None:
+        self._commit_handle = None
+        try:
+            self.commit()
+        except Exception:
+            pass  # the waiters got the error
+
+    def commit(self) -> None:
+        """Commit the pending deferred writes now (a no-op without any). On failure they are all rolled back,
+        the waiters fail with the error and it is raised."""
+        with self._lock:
+            if not self._in_batch or self._deferring:
+                return
+            waiters, self._batch_waiters = self._batch_waiters, []
+            self._in_batch = False
+            if self._commit_handle is not None:
+                self._commit_handle.cancel()
+                self._commit_handle = None
+            try:
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                # Sequence numbers cached from rolled-back writes are no longer true.
+                self._last_event_seq.clear()
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(e)
+                raise
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ---------------------------------------------------------------- jobs
 
@@ -189,7 +306,8 @@ class JobStore:
         now = now_usec()
         data = {"old_state": old.value, "new_state": new.value, "reason": reason}
         with self._transaction() as db:
-            self._update(db, job)
+            if db.execute(_UPDATE_CHANGING, _changing_values(job)).rowcount != 1:
+                raise NoSuchJob(f"job {job.id} is not in the store")
             db.execute(_INSERT_HISTORY, (job.id, now, old.value, new.value, reason))
             seq = self._append(db, job.id, now, "state", data)
         self._last_event_seq[job.id] = seq
@@ -306,7 +424,10 @@ class JobStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                self.commit()
+            finally:
+                self._db.close()
 
     def __enter__(self) -> JobStore:
         return self
