@@ -39,6 +39,12 @@ class QueueFull(H2kError):
     dbus_name = "QueueFull"
 
 
+class StoreFailed(H2kError):
+    """The job store could not be written (e.g. its disk is full); nothing of the request was kept."""
+
+    dbus_name = "StoreFailed"
+
+
 class InvalidArgument(H2kError):
     dbus_name = "InvalidArgument"
 

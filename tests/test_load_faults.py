@@ -332,6 +332,164 @@ def test_systemd_reexec_under_load_loses_no_job(lstack: Stack, work: Path) -> No
         restart_with(lstack, {})
 
 
+# ---------------------------------------------------------------- polkit restarted, store disk full
+
+SUBMITTER_SCRIPT = r"""
+import asyncio, json, sys
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+async def main(address, count, path):
+    bus = await MessageBus(bus_address=address).connect()
+    outcomes = []
+    for i in range(count):
+        spec = {"operation": Variant("s", "inspect"), "image": Variant("a{sv}", {"path": Variant("s", path)})}
+        reply = await bus.call(Message(destination="org.hyper2kvm.h2kd1", path="/org/hyper2kvm/h2kd1",
+                                       interface="org.hyper2kvm.h2kd1.Manager", member="SubmitJob",
+                                       signature="a{sv}a{sv}", body=[spec, {"queue": Variant("b", False)}]))
+        if reply.message_type == MessageType.ERROR:
+            outcomes.append(["error", reply.error_name, reply.body[0] if reply.body else ""])
+        else:
+            outcomes.append(["ok", reply.body[0]])
+        await asyncio.sleep(0.01)
+    print(json.dumps(outcomes))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+"""
+
+
+@pytest.fixture
+def group_member(work: Path) -> Iterator[str]:
+    """A real user in group h2k, whom the example polkit rules let submit without a password."""
+    from runas import USERNS_STAGING
+
+    name = "h2kt-load"
+    made_group = subprocess.run(["getent", "group", "h2k"], capture_output=True).returncode != 0
+    if made_group:
+        subprocess.run(["groupadd", "h2k"], check=True)
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", "h2k", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+        if made_group:
+            subprocess.run(["groupdel", "h2k"], check=False)
+        if USERNS_STAGING.exists():
+            USERNS_STAGING.rmdir()
+
+
+@pytest.mark.slow
+def test_polkit_restarted_under_load_denies_clearly_then_serves_again(lstack: Stack, work: Path,
+                                                                      group_member: str) -> None:
+    """A member submits in a loop while polkitd restarts twice: every call gets a job or a clear AccessDenied
+    (never a hang or another error), every acknowledged job exists once, and submits work again afterwards."""
+    from runas import as_user
+
+    script = work / "submitter.py"
+    script.write_text(SUBMITTER_SCRIPT)
+    script.chmod(0o644)
+    work.chmod(0o755)
+    readable = work / "public.img"
+    readable.write_bytes(os.urandom(65536))
+    readable.chmod(0o644)
+    env = {**os.environ, **lstack.env()}
+    submitter = subprocess.Popen(as_user(group_member, [sys.executable, str(script), lstack.bus_address, "150",
+                                                        str(readable)]),
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            time.sleep(0.5)
+            lstack.restart_polkitd()
+        out, err = submitter.communicate(timeout=240)
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+            submitter.wait()
+    assert submitter.returncode == 0, err
+    outcomes = json.loads(out)
+    assert len(outcomes) == 150
+    errors = [o for o in outcomes if o[0] == "error"]
+    assert all(o[1] == "org.freedesktop.DBus.Error.AccessDenied" for o in errors), errors
+    acknowledged = [o[1] for o in outcomes if o[0] == "ok"]
+    assert outcomes[-1][0] == "ok", "submits did not work again after polkitd came back"
+
+    async def check() -> None:
+        client = await Client.connect(lstack.bus_address)
+        try:
+            uid = int(subprocess.run(["id", "-u", group_member], capture_output=True, text=True).stdout)
+            (jobs,) = await client.manager("ListJobs", "a{sv}", [{"owner": Variant("u", uid)}])
+            assert sorted(j[0] for j in jobs) == sorted(acknowledged), "acknowledged and stored jobs differ"
+            await healthy(client)
+            for job_id in acknowledged:
+                await client.manager("CancelJob", "s", [job_id])
+                await client.manager("RemoveJob", "s", [job_id])
+        finally:
+            client.close()
+    run(check())
+
+
+@pytest.mark.slow
+def test_store_disk_full_refuses_submits_clearly_and_recovers(work: Path) -> None:
+    """h2kd's state directory on a tiny file system that fills up: SubmitJob answers with a clear error and
+    stores nothing half-way; h2kd keeps serving, and once there is room again submits are stored."""
+    base = new_base_dir("h2k-storefull-")
+    state = base / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "h2k-store", str(state)], check=True)
+    stack = Stack(base, state_dir=state)
+    try:
+        stack.start()
+        filler = state / "filler"
+
+        async def scenario() -> None:
+            client = await Client.connect(stack.bus_address)
+            try:
+                spec = {"operation": "inspect", "image": {"path": "/etc/hostname"}}
+                before, _ = await client.submit(spec, queue=False)
+                with open(filler, "wb") as f:   # take the rest of the space
+                    try:
+                        while True:
+                            f.write(b"\0" * 65536)
+                    except OSError:
+                        pass
+                refused = 0
+                for _ in range(20):
+                    try:
+                        await client.submit({**spec, "audit": {"ticket": "x" * 200}}, queue=False)
+                    except CallFailed as e:
+                        refused += 1
+                        assert e.name == ERROR_PREFIX + "StoreFailed", (e.name, e.text)
+                        assert "cannot be written" in e.text and "Traceback" not in e.text, e.text
+                assert refused > 0, "a full store accepted every submit"
+                listed_full = [j[0] for j in await client.list_jobs()]
+                filler.unlink()
+                after, _ = await client.submit(spec, queue=False)
+                listed = [j[0] for j in await client.list_jobs()]
+                assert before in listed and after in listed
+                assert set(listed_full) <= set(listed)
+                assert (await client.health())["store_ok"]
+            finally:
+                client.close()
+        run(scenario())
+        # Everything acknowledged is really stored: a restart reads it back.
+        stack.restart_daemon()
+
+        async def reread() -> None:
+            client = await Client.connect(stack.bus_address)
+            try:
+                assert len(await client.list_jobs()) >= 2
+            finally:
+                client.close()
+        run(reread())
+    finally:
+        try:
+            stack.stop()
+        finally:
+            subprocess.run(["umount", str(state)], check=False)
+            shutil.rmtree(base, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- random and malformed specs
 
 _KEYS = ["job_id", "operation", "image", "parameters", "execution_policy", "capability_requirements",

@@ -409,6 +409,13 @@ class Stack:
         self._wait_for_name(POLKIT_NAME, proc, self.logs_dir / "polkitd.log", "polkitd",
                             COMPONENT_READY_TIMEOUT)
 
+    def restart_polkitd(self) -> None:
+        """Stop polkitd and start it again, as `systemctl restart polkit` would on a host."""
+        if self._polkit_proc is not None:
+            stop_process(self._polkit_proc)
+        self._stoppers = [(name, stop) for name, stop in self._stoppers if name != "polkitd"]
+        self._start_polkitd()
+
     def _install_polkit_files(self) -> None:
         """Actions: the machine's plus ours (ours win); rules: only the ones given. Readable by polkitd."""
         for d in (self.polkit_actions_dir.parent, self.polkit_actions_dir, self.polkit_rules_dir):

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from h2kd.errors import AlreadyExists, NoSuchJob
+from h2kd.errors import AlreadyExists, NoSuchJob, StoreFailed
 from h2kd.manager.ports import Event
 from h2kd.model.job import Job, now_usec
 from h2kd.model.states import TERMINAL, JobState
@@ -170,8 +170,19 @@ class JobStore:
         if "source_identity" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN source_identity TEXT NOT NULL DEFAULT ''")
 
+    def _failure(self, error: sqlite3.Error) -> StoreFailed:
+        return StoreFailed(f"the job store {self.path} cannot be written ({error}); nothing was changed")
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._transaction_or_batch() as db:
+                yield db
+        except sqlite3.OperationalError as e:
+            raise self._failure(e) from e
+
+    @contextmanager
+    def _transaction_or_batch(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if not self._in_batch and not self._deferring:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -265,6 +276,8 @@ class JobStore:
                     pass
                 # Sequence numbers cached from rolled-back writes are no longer true.
                 self._last_event_seq.clear()
+                if isinstance(e, sqlite3.OperationalError):
+                    e = self._failure(e)
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(e)
