@@ -2,7 +2,8 @@
 
 Bursts of submits from many client processes, hundreds of signal subscribers, kill -9 of h2kd during
 conversions, worker units killed / stopped by an administrator / hitting their timeout, a full output
-file system, systemd re-executing under load, and random malformed specs thrown at SubmitJob.
+file system, systemd re-executing and polkitd restarting under load, the job store's disk full, and
+random malformed specs thrown at SubmitJob.
 
 Scaled down from bench/ (which has the full figures of issue 9) to keep this file to a few minutes on
 2 cores: 2,000 submits from 50 clients (bench: 5,000), 200 subscribers while 20 jobs run (bench: 100),
