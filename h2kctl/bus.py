@@ -67,6 +67,24 @@ def to_vardict(mapping: dict[str, Any]) -> dict[str, Variant]:
     return {str(k): to_variant(v) for k, v in mapping.items() if v is not None}
 
 
+def _is_polkit_denial(text: str) -> bool:
+    """Whether h2kd's AccessDenied text is polkit's "no" (h2kd words those "Not authorized to <what>")
+    rather than a refusal of the request's content."""
+    return not text or text.lower().startswith("not authorized to ")
+
+
+def in_login_session(pid: int | str = "self") -> bool:
+    """Whether the process belongs to a logind session, found as polkit finds it (sd_pid_get_session):
+    a session-ID.scope unit in the process's cgroup path."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            cgroups = f.read()
+    except OSError:
+        return False
+    return any(part.startswith("session-") and part.endswith(".scope")
+               for line in cgroups.splitlines() for part in line.split(":", 2)[-1].split("/"))
+
+
 class Client:
     """A connection to h2kd on the system bus (or `address`). Use as `async with Client(...) as c`."""
 
@@ -150,9 +168,13 @@ class Client:
         """A D-Bus error as a one-line CtlError with the right exit code."""
         name, text = error.type, (error.text or "").strip()
         if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
-            if action:
-                return CtlError(f"not authorized to {what} (polkit action {POLKIT_PREFIX}{action})",
-                                ExitCode.NOT_AUTHORIZED)
+            if action and (name == INTERACTIVE_REQUIRED or _is_polkit_denial(text)):
+                # "Not authorized to X: authorization service unavailable": keep the reason.
+                reason = text.split(": ", 1)[1] if name != INTERACTIVE_REQUIRED and ": " in text else ""
+                return CtlError(f"not authorized to {what} (polkit action {POLKIT_PREFIX}{action})"
+                                + (f": {reason}" if reason else ""), ExitCode.NOT_AUTHORIZED)
+            # Refused for another reason than polkit's answer (e.g. an output directory the user
+            # may not write to): the daemon's own words say which.
             return CtlError(f"not authorized to {what}: {text or name}", ExitCode.NOT_AUTHORIZED)
         if name in _UNREACHABLE_ERRORS or name.startswith("org.freedesktop.DBus.Error.Spawn"):
             return CtlError(f"h2kd is not reachable on {self._bus_description} ({BUS_NAME}: {text or name})",
@@ -175,10 +197,13 @@ class Client:
         if agent is None:
             return False
         read_fd, write_fd = os.pipe()
+        argv = [agent, "--notify-fd", str(write_fd), "--process", str(os.getpid())]
+        if in_login_session():
+            # In a login session a desktop agent may be registered: let it win, as systemctl does.
+            # Without a session polkit never consults a fallback agent, so register a plain one.
+            argv.append("--fallback")
         try:
-            self._agent = subprocess.Popen(
-                [agent, "--notify-fd", str(write_fd), "--fallback", "--process", str(os.getpid())],
-                pass_fds=(write_fd,), stdout=subprocess.DEVNULL)
+            self._agent = subprocess.Popen(argv, pass_fds=(write_fd,), stdout=subprocess.DEVNULL)
         except OSError:
             os.close(read_fd)
             os.close(write_fd)

@@ -39,6 +39,8 @@ class Config:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9163            # 0 disables; not Cockpit's 9090
     polkit_timeout_seconds: float = 25.0
+    # Checks that may show a password prompt wait as long as a client does (h2kctl: 300 s).
+    polkit_interactive_timeout_seconds: float = 300.0
     property_coalesce_seconds: float = 0.1
 
     @property

@@ -41,7 +41,7 @@ async def serve(config: Config) -> int:
         log.error("cannot reach systemd's manager: %s", e)
 
     bus = await connect_bus(config.bus_address, negotiate_unix_fd=True)
-    authority = Authority(bus, config.polkit_timeout_seconds)
+    authority = Authority(bus, config.polkit_timeout_seconds, config.polkit_interactive_timeout_seconds)
     manager.load()
     service = BusService(bus, manager, authority, config)
     metrics = Metrics(manager.jobs)

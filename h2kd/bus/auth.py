@@ -72,9 +72,12 @@ def describe_action(action_id: str) -> str:
 class Authority:
     """polkit checks and caller identity on one bus connection (the one the daemon serves on)."""
 
-    def __init__(self, bus: MessageBus, timeout: float):
+    def __init__(self, bus: MessageBus, timeout: float, interactive_timeout: float | None = None):
+        """timeout bounds a check; interactive_timeout (default: the same) one where the caller allowed
+        interaction, since a person may be typing a password into an agent meanwhile."""
         self._bus = bus
         self._timeout = timeout
+        self._interactive_timeout = max(timeout, interactive_timeout or timeout)
         # unique name -> lookup in flight or done; shared so concurrent callers ask only once.
         self._credentials: dict[str, asyncio.Task[Credentials]] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -211,10 +214,11 @@ class Authority:
                 cancellation_id,
             ],
         )
+        timeout = self._interactive_timeout if allow_interactive else self._timeout
         try:
-            reply = await asyncio.wait_for(self._bus.call(call), self._timeout)
+            reply = await asyncio.wait_for(self._bus.call(call), timeout)
         except TimeoutError:
-            log.warning("polkit did not answer %s for %s within %.1fs", action_id, sender, self._timeout)
+            log.warning("polkit did not answer %s for %s within %.1fs", action_id, sender, timeout)
             self._cancel_check(cancellation_id)
             raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from None
         except asyncio.CancelledError:
