@@ -78,6 +78,19 @@ elif mode == "wait":
     result("completed")
 elif mode == "quick":
     result("completed")
+elif mode == "leave":
+    # A conversion caught mid-way: a temporary output recorded and partly written, then killed outright.
+    from h2kd.operations.tempfiles import TempFiles
+    temps = TempFiles(str(run_dir / "temp-files"))
+    partial = temps.create(spec["spec"]["artifacts"]["output_path"])
+    with open(partial, "wb") as f:
+        f.write(b"partial output" * 1000)
+    decoys = run_dir / "decoys"
+    if decoys.exists():            # paths that must never be removed, recorded as a damaged record could
+        with open(run_dir / "temp-files", "a") as f:
+            f.write(decoys.read_text())
+    daemon.notify("STATUS=left " + partial)
+    time.sleep(120)
 '''
 
 
@@ -256,7 +269,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             assert exec_start[1] == [*config.worker_command, "--spec", str(config.runs_dir / convert_unit / "spec.json"),
                                      "--result", str(config.runs_dir / convert_unit / "result.json")]
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
-            assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec,
+            assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "output_roots": [str(config.output_roots[0])],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640},
                                  "source_identity": convert.source_identity}
@@ -456,6 +469,73 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("while_away", [False, True], ids=["followed", "reattached"])
+def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles(sandbox: Sandbox,
+                                                                                  while_away: bool) -> None:
+    """A worker killed with SIGKILL cannot clean up; the runner removes what it recorded, and only that:
+    never a symlink (nor what it points to), a directory, a file outside the output roots or without the
+    temporary prefix."""
+    async def scenario() -> None:
+        config = sandbox.config("leave")
+        out_dir = config.output_roots[0] / f"left-{while_away}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outside_dir = sandbox.base / f"outside-{while_away}"
+        outside_dir.mkdir(exist_ok=True)
+        job = make_job(output=str(out_dir / "disk.qcow2"))
+        unit = unit_name(job.id, 1)
+        outside = outside_dir / ".h2k-tmp-000000000000-outside.qcow2"
+        target = outside_dir / "precious.qcow2"
+        link = out_dir / ".h2k-tmp-111111111111-link.qcow2"
+        directory = out_dir / ".h2k-tmp-222222222222-dir.qcow2"
+        unprefixed = out_dir / "finished.qcow2"
+        through_link = out_dir / "linked" / ".h2k-tmp-333333333333-x.qcow2"
+        for path in (outside, target, unprefixed):
+            path.write_bytes(b"keep me")
+        link.symlink_to(target)
+        directory.mkdir()
+        (out_dir / "linked").symlink_to(outside_dir)
+        (outside_dir / through_link.name).write_bytes(b"keep me")
+        run_dir = config.runs_dir / unit
+        run_dir.mkdir(parents=True)
+        decoys = [outside, link, directory, unprefixed, through_link]
+        (run_dir / "decoys").write_text("".join(f"{p}\n" for p in decoys))
+
+        events = RecordingEvents()
+        runner = await connected(config, events)
+        try:
+            await runner.start(job, 1)
+            await wait_for(lambda: any(t.startswith("left ") for t in events.statuses_of(job.id)),
+                           what="the worker to write its partial output")
+            partial = Path(next(t for t in events.statuses_of(job.id) if t.startswith("left "))[5:])
+            assert partial.parent == out_dir and partial.exists()
+            if while_away:
+                await runner.close()          # h2kd is gone while the unit is killed
+            killed = await asyncio.to_thread(sandbox.systemctl, "kill", "--signal=KILL", unit)
+            assert killed.returncode == 0, killed.stderr
+            if while_away:
+                for _ in range(200):
+                    if (await unit_properties(sandbox.manager.bus_address, unit) or {}).get("ActiveState") \
+                            in (None, "inactive", "failed"):
+                        break
+                    await asyncio.sleep(0.05)
+                assert partial.exists()       # nobody has settled the attempt yet
+                job.unit = unit
+                runner = await connected(config, events)
+                await runner.reattach(job)
+            outcome = await events.wait_finished(job.id)
+        finally:
+            await runner.close()
+        assert outcome.worker_result is None and outcome.result in ("signal", "unknown")
+        assert not partial.exists()
+        assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+            [link.name, directory.name, unprefixed.name, "linked"])
+        assert link.is_symlink() and directory.is_dir()
+        for path in (outside, target, unprefixed, outside_dir / through_link.name):
+            assert path.read_bytes() == b"keep me", path
+
+    asyncio.run(scenario())
+
+
 def test_fifty_concurrent_units_each_finish_once(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
@@ -532,3 +612,28 @@ def test_the_real_worker_converts_an_image_inside_its_unit(sandbox: Sandbox) -> 
         assert any(text.startswith("convert") for text in events.statuses_of(job.id)), events.statuses_of(job.id)
 
     asyncio.run(scenario())
+
+
+def test_worker_modules_are_byte_compiled_once_for_the_units(tmp_path: Path) -> None:
+    """Units cannot write next to the sources: h2kd compiles the worker's modules for them, and again
+    only what changed."""
+    from h2kd.runner import bytecode
+
+    root = tmp_path / "h2kd"
+    for name in ("__init__.py", "errors.py", "worker/__init__.py", "worker/main.py", "operations/convert.py",
+                 "model/spec.py", "bus/service.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"NAME = {name!r}\n")
+    assert bytecode.compile_worker_modules(root) == 6
+    main_pyc = bytecode.compiled_path(root / "worker" / "main.py")
+    assert main_pyc.exists() and not bytecode.compiled_path(root / "bus" / "service.py").exists()
+    assert bytecode.compile_worker_modules(root) == 0
+    os.utime(root / "worker" / "main.py", (time.time() + 5, time.time() + 5))
+    assert bytecode.compile_worker_modules(root) == 1
+    # A Python that may not write byte code itself still loads what was written for it.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-v", "-c", "import h2kd.worker.main as m; print(m.NAME)"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "worker/main.py"
+    assert f"matches {root / 'worker' / 'main.py'}" in out.stderr

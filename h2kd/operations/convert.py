@@ -14,9 +14,15 @@ Safety rules:
     O_NOFOLLOW, then fsynced and (qcow2) checked; only when every disk is done are they all moved to their
     names, and never over an existing file unless artifacts.overwrite is true (even then never over a
     symlink or a directory);
-  - free space is checked before starting (qemu-img measure); ENOSPC while writing gives NO_SPACE;
+  - each temporary path is first appended to a record file (the attempt's run directory, see TempFiles),
+    so that whoever settles an attempt whose worker was killed outright can remove what it left;
+  - free space is checked before starting: against a bound computed from the virtual sizes, and only when
+    that bound does not fit, against `qemu-img measure`; ENOSPC while writing gives NO_SPACE;
   - a source that disappears or changes during the job gives SOURCE_CHANGED;
   - whatever ends the job early (error, SIGTERM), the temporary files are removed.
+Speed: the kernel is asked to start writing each output to disk while qemu-img is still producing it, and
+the last fsync runs alongside the output's `qemu-img check`, so durability costs little beyond the disk's
+own write speed.
 OVA disks are read in place (a byte range of the tar, see qemuimg.ImageRef): nothing is extracted.
 The environment variable H2K_RATE_LIMIT (bytes per second) limits qemu-img's I/O (an operator setting,
 passed through config.worker_environment).
@@ -27,62 +33,28 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 import time
-import xml.sax.saxutils as sax
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
+from h2kd.operations.tempfiles import TEMP_PREFIX, TempFiles
 
 EXTENSIONS = {"qcow2": "qcow2", "raw": "raw"}
-TEMP_PREFIX = ".h2k-tmp-"
 SOURCE_POLL_SECONDS = 0.5
+WRITEBACK_SECONDS = 0.2
+MiB = 1024 * 1024
 
 
-@dataclass
 class Planned:
-    disk: inspect.Disk
-    destination: str
-    needed: int
-    temp: str | None = None
+    """One disk's way to its output: the destination, the bytes it needs, its temporary file once created."""
 
-
-class TempFiles:
-    """Temporary outputs of this job; removed unless committed."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    def create(self, destination: str) -> str:
-        directory, name = os.path.split(destination)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            for _ in range(100):
-                temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
-                try:
-                    fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=dir_fd)
-                except FileExistsError:
-                    continue
-                os.close(fd)
-                path = os.path.join(directory, temp_name)
-                self.paths.append(path)
-                return path
-        finally:
-            os.close(dir_fd)
-        raise OperationError("INTERNAL", f"could not create a temporary file in {directory}")
-
-    def forget(self, path: str) -> None:
-        self.paths.remove(path)
-
-    def remove_all(self) -> None:
-        for path in self.paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self.paths.clear()
+    def __init__(self, disk: inspect.Disk, destination: str, needed: int = 0, temp: str | None = None):
+        self.disk = disk
+        self.destination = destination
+        self.needed = needed
+        self.temp = temp
 
 
 def options_from(parameters: dict[str, Any]) -> ConvertOptions:
@@ -173,12 +145,23 @@ def _check_destination(destination: str, overwrite: bool) -> None:
 # ---------------------------------------------------------------- the operation
 
 def _needed_bytes(disk: inspect.Disk, options: ConvertOptions) -> int:
+    """Bytes the output of `disk` needs, as qemu-img measures it (and its map refines it)."""
     if options.preallocation in ("falloc", "full") or not options.sparse:
         if options.output_format == "raw":
             return disk.virtual_size
         return qemuimg.measure(disk.ref, "qcow2", options.create_options())["fully-allocated"]
     sizes = inspect.required_sizes(disk, options.create_options() if options.output_format == "qcow2" else None)
     return sizes[options.output_format]
+
+
+def size_bound(virtual_size: int, options: ConvertOptions) -> int:
+    """The most bytes an output of this virtual size can take, without asking qemu-img: a raw file is at most
+    its virtual size; a qcow2 adds at most 16 bytes per cluster (an 8-byte L2 entry, a 2-byte refcount and
+    their tables), a few clusters of header and tables, and a MiB of slack."""
+    if options.output_format == "raw":
+        return virtual_size
+    cluster = options.cluster_size or 65536
+    return virtual_size + -(-virtual_size // cluster) * 16 + 8 * cluster + MiB
 
 
 def _free_bytes(directory: str) -> int:
@@ -191,12 +174,27 @@ def _no_space(directory: str, detail: str) -> OperationError:
                           "output was removed", "convert")
 
 
+def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: str) -> None:
+    """NO_SPACE unless the outputs fit. The bound from the virtual sizes usually settles it at no cost;
+    only when it does not fit is qemu-img asked for the real figure."""
+    free = _free_bytes(directory)
+    if sum(size_bound(p.disk.virtual_size, options) for p in plans) <= free:
+        return
+    for plan in plans:
+        plan.needed = _needed_bytes(plan.disk, options)
+    needed = sum(p.needed for p in plans)
+    if needed > free:
+        raise OperationError("NO_SPACE", f"not enough space in {directory}: the output needs {needed} bytes, "
+                             f"{free} are free", "convert")
+
+
 def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                 on_process: Callable[[Any], None] | None = None,
-                owner: dict[str, int] | None = None) -> dict[str, Any]:
+                owner: dict[str, int] | None = None, temp_record: str | None = None) -> dict[str, Any]:
     """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}.
 
     owner {"uid", "gid", "mode"}: whom the outputs are handed to (the submitter), set before they get their names.
+    temp_record: the file where temporary paths are recorded before they are created (see TempFiles).
     """
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
@@ -207,17 +205,14 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
         _check_destination(domain_path, bool(artifacts.get("overwrite")))
-    plans = [Planned(disk, dest, _needed_bytes(disk, options)) for disk, dest in zip(source.disks, destinations)]
-    directory = os.path.dirname(destinations[0])
-    needed, free = sum(p.needed for p in plans), _free_bytes(directory)
-    if needed > free:
-        raise OperationError("NO_SPACE", f"not enough space in {directory}: the output needs {needed} bytes, "
-                             f"{free} are free", "convert")
+    plans = [Planned(disk, dest, 0) for disk, dest in zip(source.disks, destinations)]
+    _check_free_space(plans, options, os.path.dirname(destinations[0]))
     verify_total = source.verify_bytes()
-    weights = [max(p.needed, 1) for p in plans]
+    # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk).
+    weights = [max(p.disk.virtual_size, 1) for p in plans]
     total = verify_total + sum(weights)
     verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
-    temps = TempFiles()
+    temps = TempFiles(temp_record)
     outputs: list[dict[str, Any]] = []
     try:
         done_before = verify_total
@@ -226,8 +221,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
             plan.temp = temps.create(plan.destination)
             _convert_one(plan, options, source, label, done_before, weight, total, progress, on_process)
             done_before += weight
-        progress("check", total, total, "checking outputs")
-        for plan in plans:
+            progress("check", done_before, total, f"checking {label}")
             outputs.append(_finish_one(plan, options))
         inspect.ensure_unchanged(source.identities)
         if domain_path:
@@ -255,6 +249,48 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
             "bytes_written": sum(o["size"] for o in outputs)}
 
 
+class _Writeback:
+    """Has the kernel start writing an output to disk every WRITEBACK_SECONDS while qemu-img is still
+    writing it (sync_file_range, which does not wait), so the fsync that must precede the rename finds
+    little left to write: the disk works alongside the conversion instead of after it."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="writeback", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        start = _writeback_starter()
+        while not self.stopped.wait(WRITEBACK_SECONDS):
+            try:
+                start(self.fd)
+            except OSError:
+                return      # the durability comes from the final fsync; this only makes it cheaper
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        os.close(self.fd)
+
+
+def _writeback_starter() -> Callable[[int], None]:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) through libc, or fdatasync where it is missing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        sync_file_range = libc.sync_file_range
+        sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (ImportError, OSError, AttributeError):
+        return os.fdatasync
+
+    def start(fd: int) -> None:
+        if sync_file_range(fd, 0, 0, 2) != 0:      # 2: SYNC_FILE_RANGE_WRITE
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return start
+
+
 def _convert_one(plan: Planned, options: ConvertOptions, source: inspect.Source, label: str, done_before: int,
                  weight: int, total: int, progress: inspect.ProgressFn, on_process: Callable[[Any], None] | None
                  ) -> None:
@@ -268,6 +304,7 @@ def _convert_one(plan: Planned, options: ConvertOptions, source: inspect.Source,
         progress("convert", done_before + int(weight * fraction), total, label)
 
     assert plan.temp
+    writeback = _Writeback(plan.temp)
     try:
         qemuimg.convert(plan.disk.ref, plan.temp, options, on_progress, on_process)
     except qemuimg.QemuImgError as e:
@@ -276,34 +313,53 @@ def _convert_one(plan: Planned, options: ConvertOptions, source: inspect.Source,
         inspect.ensure_unchanged(source.identities)
         raise OperationError(e.code, f"converting {label} ({plan.disk.label}) failed: {e.message}", "convert") \
             from None
+    finally:
+        writeback.close()
     inspect.ensure_unchanged(source.identities)
+
+
+def _flush(path: str) -> None:
+    """fsync the output: it must be entirely on disk before it gets its name."""
     try:
-        fd = os.open(plan.temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise _no_space(os.path.dirname(plan.temp), "the data could not be flushed") from None
+            raise _no_space(os.path.dirname(path), "the data could not be flushed") from None
         raise
 
 
 def _finish_one(plan: Planned, options: ConvertOptions) -> dict[str, Any]:
+    """Flush the output to disk and, at the same time, check it (qcow2) and read its virtual size."""
     assert plan.temp
     ref = ImageRef(plan.temp, options.output_format)
-    result = None
-    if options.output_format == "qcow2":
-        result = qemuimg.check(ref)
-        if result.status not in ("ok", "leaks"):
-            raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} failed its check: {result.message}",
-                                 "check")
-    out_info = qemuimg.info(ref, force_share=False)
-    if int(out_info["virtual-size"]) < plan.disk.virtual_size:
+    flush_error: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            _flush(plan.temp)  # type: ignore[arg-type]
+        except BaseException as e:  # handed to the main thread below
+            flush_error.append(e)
+
+    flusher = threading.Thread(target=flush, name="flush", daemon=True)
+    flusher.start()
+    # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
+    result = qemuimg.check(ref) if options.output_format == "qcow2" else None
+    virtual_size = qemuimg.output_virtual_size(plan.temp, options.output_format)
+    flusher.join()
+    if flush_error:
+        raise flush_error[0]
+    if result is not None and result.status not in ("ok", "leaks"):
+        raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} failed its check: {result.message}",
+                             "check")
+    if virtual_size < plan.disk.virtual_size:
         raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} is smaller than its source", "check")
     return {"source": plan.disk.ref.describe(), "source_member": plan.disk.member,
             "source_format": inspect.DRIVER_TO_NAME.get(plan.disk.ref.format, plan.disk.ref.format),
-            "format": options.output_format, "virtual_size": int(out_info["virtual-size"]),
+            "format": options.output_format, "virtual_size": virtual_size,
             "size": os.stat(plan.temp).st_blocks * 512, "check": _without_temp_name(result)}
 
 
@@ -350,14 +406,22 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
 
 # ---------------------------------------------------------------- libvirt domain XML
 
+def _escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _quoted_attribute(text: str) -> str:
+    return '"' + _escaped(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;") + '"'
+
+
 def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str) -> str:
     """A libvirt domain for the converted VM: virtio disks and network, CPUs, memory and firmware."""
     vm = source.vm or {}
     name = _stem(source)
     memory = int(vm.get("memory_mib") or 1024)
     cpus = int(vm.get("cpus") or 1)
-    q = sax.quoteattr
-    lines = ["<domain type='kvm'>", f"  <name>{sax.escape(name)}</name>",
+    q = _quoted_attribute
+    lines = ["<domain type='kvm'>", f"  <name>{_escaped(name)}</name>",
              f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
     if vm.get("firmware") == "uefi":
         lines += ["  <os firmware='efi'>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]

@@ -16,19 +16,19 @@ run_inspect() returns the structured report of the result contract's outputs["re
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
 import struct
-import tarfile
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from h2kd.operations import qemuimg
 from h2kd.operations.qemuimg import ImageRef, OperationError
+
+if TYPE_CHECKING:       # tarfile, ElementTree and hashlib are imported where OVAs, OVFs and sums need them
+    import tarfile
+    import xml.etree.ElementTree as ET
 
 # progress(phase, bytes_done, bytes_total, message)
 ProgressFn = Callable[[str, int, int, str], None]
@@ -47,8 +47,7 @@ def _invalid(message: str, phase: str = "inspect") -> OperationError:
 
 # ---------------------------------------------------------------- opening files safely
 
-@dataclass(frozen=True)
-class FileIdentity:
+class FileIdentity(NamedTuple):
     """What must not change while we read a file."""
 
     path: str
@@ -171,15 +170,18 @@ def _vhd_type(footer: bytes | None) -> str | None:
 
 # ---------------------------------------------------------------- disks
 
-@dataclass
 class Disk:
-    label: str
-    ref: ImageRef
-    info: dict[str, Any]
-    chain: list[dict[str, Any]]
-    check: qemuimg.CheckResult | None
-    subformat: str | None
-    member: str | None = None          # the tar member name for a disk inside an OVA
+    """One disk of a source as qemu-img sees it (plain classes here, not dataclasses: cheaper to import)."""
+
+    def __init__(self, label: str, ref: ImageRef, info: dict[str, Any], chain: list[dict[str, Any]],
+                 check: qemuimg.CheckResult | None, subformat: str | None, member: str | None = None):
+        self.label = label
+        self.ref = ref
+        self.info = info
+        self.chain = chain
+        self.check = check
+        self.subformat = subformat
+        self.member = member            # the tar member name for a disk inside an OVA
 
     @property
     def virtual_size(self) -> int:
@@ -349,6 +351,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
         raise _invalid("the OVF descriptor is larger than 16 MiB")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise _invalid("the OVF descriptor declares a DOCTYPE or entities, which are refused")
+    import xml.etree.ElementTree as ET
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
@@ -454,18 +457,22 @@ def parse_vmx(text: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- a whole source
 
-@dataclass
 class Source:
-    kind: str                                   # disk | ova | ovf | vmx
-    path: str
-    format: str                                 # the top-level format name (vmdk, vhd, ova, ...)
-    disks: list[Disk]
-    vm: dict[str, Any] | None = None
-    identities: list[FileIdentity] = field(default_factory=list)
-    manifest: dict[str, tuple[str, str]] | None = None
-    # (name, path, offset, size) of every file the manifest covers: checked by verify()
-    to_verify: list[tuple[str, str, int, int]] = field(default_factory=list)
-    checksum: str | None = None                 # image.checksum of the spec ("sha256:<hex>")
+    """A whole source: its kind, its disks in order, the VM's facts and the files that must not change."""
+
+    def __init__(self, kind: str, path: str, format: str, disks: list[Disk], vm: dict[str, Any] | None = None,
+                 identities: list[FileIdentity] | None = None, manifest: dict[str, tuple[str, str]] | None = None,
+                 to_verify: list[tuple[str, str, int, int]] | None = None, checksum: str | None = None):
+        self.kind = kind                        # disk | ova | ovf | vmx
+        self.path = path
+        self.format = format                    # the top-level format name (vmdk, vhd, ova, ...)
+        self.disks = disks
+        self.vm = vm
+        self.identities = identities if identities is not None else []
+        self.manifest = manifest
+        # (name, path, offset, size) of every file the manifest covers: checked by verify()
+        self.to_verify = to_verify if to_verify is not None else []
+        self.checksum = checksum                # image.checksum of the spec ("sha256:<hex>")
 
     def verify_bytes(self) -> int:
         total = sum(size for _, _, _, size in self.to_verify)
@@ -539,6 +546,8 @@ def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]
 
 
 def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: bool) -> Source:
+    import hashlib
+    import tarfile
     with os.fdopen(os.dup(fd), "rb") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
@@ -593,6 +602,7 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
 
 def _load_described(fd: int, path: str, kind: str, size: int, identities: list[FileIdentity],
                     check_disks: bool) -> Source:
+    import hashlib
     if size > MAX_DESCRIPTOR:
         raise _invalid(f"the {kind.upper()} file {path} is larger than 16 MiB")
     data = os.pread(fd, size, 0)
@@ -645,6 +655,7 @@ def _open_or_missing(path: str, name: str) -> tuple[int, FileIdentity]:
 
 def verify(source: Source, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Check the manifest's sums and image.checksum by reading the files; INVALID_IMAGE on a mismatch."""
+    import hashlib
     done = 0
     verified = []
 

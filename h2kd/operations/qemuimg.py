@@ -17,8 +17,7 @@ import re
 import signal
 import subprocess
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
 
@@ -51,8 +50,9 @@ class QemuImgError(OperationError):
         self.stderr = stderr
 
 
-@dataclass(frozen=True)
-class ImageRef:
+# The value types here are NamedTuples rather than dataclasses: they are as good for this, and much cheaper
+# to define, which matters since every worker start imports this module.
+class ImageRef(NamedTuple):
     """An image for qemu-img: a file (absolute path), or `size` bytes at `offset` inside it (a tar member)."""
 
     path: str
@@ -130,6 +130,23 @@ def read_vpc_footer(path: str) -> bytes | None:
     return tail if tail.startswith(b"conectix") else None
 
 
+def output_virtual_size(path: str, fmt: str) -> int:
+    """The virtual size of an image we just wrote ourselves, from its header (qcow2) or its length (raw),
+    without another qemu-img run."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if fmt == "raw":
+            return os.fstat(fd).st_size
+        if fmt == "qcow2":
+            header = os.pread(fd, 32, 0)
+            if len(header) == 32 and header.startswith(b"QFI\xfb"):
+                return int.from_bytes(header[24:32], "big")
+            raise OperationError("TOOL_FAILED", f"{path} has no qcow2 header", "check")
+    finally:
+        os.close(fd)
+    return int(info(ImageRef(path, fmt), force_share=False)["virtual-size"])
+
+
 def probe_format(path: str) -> str:
     """The format qemu-img sees in a file, with a fixed VHD named "vpc" (qemu-img alone calls it raw)."""
     fmt = info(path)["format"]
@@ -160,8 +177,7 @@ def data_bytes(image: ImageRef) -> int:
     return sum(int(e["length"]) for e in _json_output("map", proc) if e.get("data") and not e.get("zero"))
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     """status: ok | leaks (harmless unused clusters) | corrupt | failed (could not be checked) | unsupported."""
 
     status: str
@@ -200,8 +216,7 @@ def check(image: ImageRef, *, force_share: bool = False) -> CheckResult:
     return CheckResult(status, proc.returncode, message, details if isinstance(details, dict) else {})
 
 
-@dataclass(frozen=True)
-class CompareResult:
+class CompareResult(NamedTuple):
     identical: bool
     message: str
 
@@ -218,8 +233,7 @@ def compare(first: ImageRef, second: ImageRef) -> CompareResult:
     raise QemuImgError("compare", proc.returncode, proc.stderr, code="TOOL_FAILED")
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
+class ConvertOptions(NamedTuple):
     output_format: str = "qcow2"
     compress: bool = False
     compression_type: str | None = None

@@ -3,8 +3,9 @@
 It starts units with Manager.StartTransientUnit, watches their PropertiesChanged / UnitRemoved /
 JobRemoved signals (after Manager.Subscribe), passes StatusText changes on as unit_status and, once a
 unit is over, reports exactly one unit_finished per attempt with systemd's Result and exit status, the
-worker's result file and the tail of the unit's journal. Units are systemd's: if h2kd goes away they
-keep running, and reattach() picks them up again.
+worker's result file and (for a failure) the tail of the unit's journal. Before reporting, it removes any
+temporary output the worker recorded (h2kd.operations.tempfiles) and left behind because it was killed
+outright. Units are systemd's: if h2kd goes away they keep running, and reattach() picks them up again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from h2kd.config import Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
 from h2kd.model.job import Job
+from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
+from h2kd.runner import bytecode
 from h2kd.runner import unit as units
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class SystemdRunner:
         self._closing = False
         self._reconnect_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
+        self._compile_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -132,6 +136,8 @@ class SystemdRunner:
             self._bus = None
             raise
         self._watch_task = asyncio.create_task(self._watch_connection(bus))
+        if self._compile_task is None:     # once per runner: workers start faster with their .pyc at hand
+            self._compile_task = asyncio.create_task(asyncio.to_thread(bytecode.compile_worker_modules))
         # Anything we followed on an earlier connection may have ended while we were cut off.
         for followed in list(self._followed.values()):
             self._schedule_check(followed)
@@ -139,7 +145,7 @@ class SystemdRunner:
     async def close(self) -> None:
         """Disconnect. Units keep running; a new runner can reattach() to them."""
         self._closing = True
-        tasks = [t for t in (self._reconnect_task, self._watch_task) if t is not None]
+        tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task) if t is not None]
         for followed in self._followed.values():
             tasks.extend(followed.tasks)
         for task in tasks:
@@ -232,7 +238,10 @@ class SystemdRunner:
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
         uid, gid = output_owner(job.owner, self._config.output_group)
+        # spec_checked: job.spec is the spec as h2kd.model.spec checked and completed it at submission, so
+        # the worker need not load the spec models again to check it (a good part of its start-up time).
         _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
+                                           "spec_checked": True,
                                            "output_roots": [str(r) for r in self._config.output_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode},
                                            "source_identity": job.source_identity})
@@ -435,20 +444,45 @@ class SystemdRunner:
         followed.settled = True
         self._unfollow(followed)
         worker_result = _read_json(followed.run_dir / "result.json")
-        if followed.seen or followed.active_state:
+        if gone and followed.active_state not in _FINAL_STATES:
+            # Collected before its final state reached us (or never seen: reattach after it was collected):
+            # what we saw is stale, so the files are all there is to go by.
+            result, status = _outcome_from_files(followed.run_dir, worker_result)
+        elif followed.seen or followed.active_state:
             result, status = followed.result or "success", followed.exec_main_status
             if result == "success" and not followed.exec_main_started and worker_result is None:
                 result = "not-started"
         else:
             # We never saw this unit (reattach after it was collected): the files are all that is left.
             result, status = _outcome_from_files(followed.run_dir, worker_result)
-        log_tail = await self._log_tail(followed)
+        await self._remove_leftovers(followed, worker_result)
+        succeeded = result == "success" and (worker_result or {}).get("status") == "completed"
+        # The log tail only explains failures; reading the journal for a success would delay every job.
+        log_tail = [] if succeeded else await self._log_tail(followed)
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested)
         try:
             self._events.unit_finished(followed.job_id, followed.attempt, outcome)
         except Exception:
             log.exception("unit_finished handler failed")
+
+    async def _remove_leftovers(self, followed: _Followed, worker_result: dict[str, Any] | None) -> None:
+        """Remove the temporary outputs a worker recorded but could not remove itself (it was killed
+        outright: SIGKILL, OOM). The unit is over, so nothing writes them any more."""
+        record = followed.run_dir / RECORD_NAME
+        if not record.exists():
+            return
+        outputs = (worker_result or {}).get("outputs") or {}
+        keep = {str(d.get("path")) for d in outputs.get("disks") or [] if isinstance(d, dict)}
+        keep.add(str(outputs.get("domain_xml")))
+        roots = [str(r) for r in self._config.output_roots]
+        try:
+            removed = await asyncio.to_thread(remove_recorded, str(record), roots, keep)
+        except Exception:
+            log.exception("removing the temporary files of unit %s failed", followed.unit)
+            return
+        for path in removed:
+            log.info("removed %s, left behind by unit %s", path, followed.unit)
 
     async def _log_tail(self, followed: _Followed) -> list[str]:
         """The last lines the unit logged, from the journal (empty if there is no journal)."""

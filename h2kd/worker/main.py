@@ -2,7 +2,10 @@
 
     h2k-worker --spec SPEC.json --result RESULT.json
 
-SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]}. The worker tells systemd
+SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]} (h2kd adds "owner",
+"source_identity", and "spec_checked": true when the spec is the one h2kd checked and stored, which the
+worker then takes as it is instead of checking it again). Before creating a temporary output the worker
+records its path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd
 READY=1, reports progress as STATUS= lines (h2kd.worker.report format, at most 10 a second, the last one
 always sent), runs the operation, writes RESULT.json atomically and exits 0 (completed), 1 (failed, worth
 retrying), 2 (failed for good: bad input) or 143 (stopped by SIGTERM: qemu-img stopped, partial output
@@ -15,19 +18,19 @@ qemu-img's I/O in bytes per second (see h2kd.operations.convert).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
+from h2kd.operations.tempfiles import RECORD_NAME
 from h2kd.worker.report import ProgressReport, format_status
 
 EXIT_OK, EXIT_RETRY, EXIT_PERMANENT, EXIT_CANCELLED = 0, 1, 2, 143
 STATUS_INTERVAL = 0.1
+
 
 
 class Stopped(BaseException):
@@ -41,27 +44,54 @@ class Stopped(BaseException):
 # Set once the spec is read: every line the worker logs carries the job's fields, so
 # `journalctl H2K_JOB_ID=<id>` finds it even where the manager's LogExtraFields do not reach journald.
 _JOURNAL_FIELDS: dict[str, str] = {}
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# The notification and journal protocols are spoken directly (a datagram each): importing systemd-python's
+# modules would cost the worker's start more than everything they are used for.
+_sockets: dict[str, Any] = {}
+
+
+def _datagram(address: str, payload: bytes) -> None:
+    """Send one datagram to a unix socket; an address starting with "@" is in the abstract namespace."""
+    import socket
+    sock = _sockets.get("dgram")
+    if sock is None:
+        sock = _sockets["dgram"] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.sendto(payload, "\0" + address[1:] if address.startswith("@") else address)
+
+
+def _journal_send(message: str, priority: int, fields: dict[str, str]) -> None:
+    """One entry in journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the bytes
+    for a value that holds a newline."""
+    payload = bytearray()
+    for key, value in {"MESSAGE": message, "PRIORITY": str(priority), "SYSLOG_IDENTIFIER": "h2k-worker",
+                       **fields}.items():
+        data = value.encode()
+        if b"\n" in data:
+            payload += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            payload += key.encode() + b"=" + data + b"\n"
+    _datagram(JOURNAL_SOCKET, bytes(payload))
 
 
 def say(text: str, error: bool = False) -> None:
     """One human line to the journal (with the job's fields) when stdout is the journal, else to stdout/stderr."""
     if os.environ.get("JOURNAL_STREAM") and _JOURNAL_FIELDS:
         try:
-            from systemd import journal
-            journal.send(text, PRIORITY=3 if error else 6, SYSLOG_IDENTIFIER="h2k-worker", **_JOURNAL_FIELDS)
+            _journal_send(text, 3 if error else 6, _JOURNAL_FIELDS)
             return
-        except (ImportError, OSError):
+        except OSError:
             pass
     print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def _notify(message: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
+    """sd_notify(): a datagram to $NOTIFY_SOCKET; nothing outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
         return
     try:
-        from systemd import daemon
-        daemon.notify(message)
-    except (ImportError, OSError):
+        _datagram(address, message.encode())
+    except OSError:
         pass
 
 
@@ -95,6 +125,12 @@ class StatusReporter:
         self.pending = None
 
 
+def temp_record_path(spec_path: str) -> str:
+    """Where the worker records its temporary outputs before creating them: "temp-files" next to the spec,
+    i.e. in the attempt's run directory, where the runner looks when it settles the attempt."""
+    return os.path.join(os.path.dirname(os.path.abspath(spec_path)), RECORD_NAME)
+
+
 def _write_result(path: str, result: dict[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -120,8 +156,26 @@ def _read_envelope(path: str) -> dict[str, Any]:
     return envelope
 
 
-def _validated_spec(raw: Any) -> dict[str, Any]:
-    """The job spec with defaults filled in, checked by h2kd.model.spec; OperationError if it is bad."""
+_SPEC_SECTIONS = ("image", "parameters", "execution_policy", "capability_requirements", "artifacts", "audit")
+
+
+def _is_checked_spec(raw: Any) -> bool:
+    """A spec in the form h2kd stores after checking it (every section present, with the fields the worker
+    reads): such a spec is taken as it is, which spares the worker loading the spec models."""
+    return (isinstance(raw, dict) and isinstance(raw.get("job_id"), str) and isinstance(raw.get("operation"), str)
+            and all(isinstance(raw.get(section), dict) for section in _SPEC_SECTIONS)
+            and isinstance(raw["image"].get("path"), str)
+            and type(raw["execution_policy"].get("timeout_seconds")) is int
+            and raw["execution_policy"]["timeout_seconds"] > 0)
+
+
+def _validated_spec(raw: Any, checked: bool = False) -> dict[str, Any]:
+    """The job spec with defaults filled in, checked by h2kd.model.spec; OperationError if it is bad.
+
+    checked: the envelope says h2kd wrote the spec as it stored it (h2kd.model.spec already checked it).
+    """
+    if checked and _is_checked_spec(raw):
+        return raw
     from h2kd.errors import InvalidSpec
     from h2kd.model.spec import parse_spec, spec_to_json
     from h2kd.operations.qemuimg import OperationError
@@ -152,30 +206,65 @@ def _ensure_same_source(path: str, identity: str) -> None:
 
 
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
-                   on_process: Callable[[Any], None], owner: dict[str, int] | None = None) -> dict[str, Any]:
-    from h2kd.operations import convert, inspect, offline_fix, validate
+                   on_process: Callable[[Any], None], owner: dict[str, int] | None = None,
+                   temp_record: str | None = None) -> dict[str, Any]:
+    # Each operation's modules are imported only when it runs: start-up time is part of every job.
     from h2kd.operations.qemuimg import OperationError
 
     operation = spec["operation"]
     if operation == "inspect":
+        from h2kd.operations import inspect
         return inspect.run_inspect(spec, progress)
     if operation == "convert":
-        outputs = convert.run_convert(spec, output_roots, progress, on_process, owner)
+        from h2kd.operations import convert
+        outputs = convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record)
         if spec["parameters"].get("offline_fix"):
+            from h2kd.operations import offline_fix
             outputs = offline_fix.fix_converted_disks(outputs, spec["parameters"], progress)
         return outputs
     if operation == "offline_fix":
+        from h2kd.operations import offline_fix
         return offline_fix.run_offline_fix_job(spec, output_roots, progress)
     if operation == "validate":
+        from h2kd.operations import validate
         return validate.run_validate(spec, progress)
     raise OperationError("UNSUPPORTED", f"this worker does not run {operation!r} jobs", "start")
 
 
+USAGE = "usage: h2k-worker --spec SPEC.json --result RESULT.json\n\nRun one h2kd job attempt."
+
+
+class _Arguments:
+    def __init__(self, spec: str, result: str):
+        self.spec = spec
+        self.result = result
+
+
+def _usage_error(message: str) -> None:
+    print(f"{USAGE}\nh2k-worker: {message}", file=sys.stderr)
+    sys.exit(EXIT_PERMANENT)
+
+
+def _arguments(argv: list[str]) -> _Arguments:
+    """--spec and --result (also as --spec=...); argparse would cost more start-up time than all of this."""
+    values: dict[str, str] = {}
+    words = iter(argv)
+    for word in words:
+        if word in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        name, equals, value = word.partition("=")
+        if name not in ("--spec", "--result"):
+            _usage_error(f"unexpected argument {word!r}")
+        values[name[2:]] = value if equals else next(words, "")
+    missing = [f"--{n}" for n in ("spec", "result") if not values.get(n)]
+    if missing:
+        _usage_error(f"{' and '.join(missing)} must be given")
+    return _Arguments(values["spec"], values["result"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="h2k-worker", description="Run one h2kd job attempt.")
-    parser.add_argument("--spec", required=True, help="the attempt's SPEC.json")
-    parser.add_argument("--result", required=True, help="where to write RESULT.json")
-    args = parser.parse_args(argv)
+    args = _arguments(sys.argv[1:] if argv is None else argv)
 
     from h2kd.operations.qemuimg import OperationError
 
@@ -210,14 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             envelope = _read_envelope(args.spec)
             result["attempt"] = int(envelope.get("attempt") or 0)
             _JOURNAL_FIELDS.update(H2K_JOB_ID=str(envelope.get("job_id", "")), H2K_ATTEMPT=str(result["attempt"]))
-            spec = _validated_spec(envelope.get("spec"))
+            spec = _validated_spec(envelope.get("spec"), envelope.get("spec_checked") is True)
             roots = [str(r) for r in envelope.get("output_roots") or []]
             _ensure_same_source(spec["image"]["path"], envelope.get("source_identity") or "")
             say(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
                   f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
-                                     envelope.get("owner"))
+                                     envelope.get("owner"), temp_record_path(args.spec))
             signal.alarm(0)
             result["metrics"]["bytes_read"] = int(outputs.pop("bytes_read", 0))
             result["metrics"]["bytes_written"] = int(outputs.pop("bytes_written", 0))
@@ -235,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                                "retryable": code not in ("VALIDATION_FAILED", "PERMISSION_DENIED")}
             exit_code = EXIT_PERMANENT if not result["error"]["retryable"] else EXIT_RETRY
         except Exception as e:  # a bug: say so plainly, and let a retry try again
+            import traceback
             traceback.print_exc()
             result["error"] = {"phase": "run", "code": "INTERNAL", "message": f"internal error: {e!r}",
                                "retryable": True}

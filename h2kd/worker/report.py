@@ -8,14 +8,13 @@ The runner sees it as the unit's StatusText and parses it back with parse_status
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _KNOWN = re.compile(r"^(?P<phase>[a-z_-]+): (?P<pct>\d{1,3}\.\d\d)% \((?P<done>\d+)/(?P<total>\d+) bytes\)(?: (?P<msg>.*))?$")
 _UNKNOWN = re.compile(r"^(?P<phase>[a-z_-]+): (?P<done>\d+) bytes(?: (?P<msg>.*))?$")
 
 
-@dataclass(frozen=True)
-class ProgressReport:
+class ProgressReport(NamedTuple):
     phase: str
     fraction: float | None      # 0..1, None when the total is unknown
     bytes_done: int

@@ -1,0 +1,120 @@
+"""Temporary outputs of a job: created next to their destination, recorded before they exist, and removable
+by whoever settles an attempt whose worker could not clean up itself.
+
+A worker writes each output under a temporary name (TEMP_PREFIX + random + final name) and renames it when it
+is complete. It removes its temporary files itself when it fails or is stopped; but a worker killed outright
+(SIGKILL, the OOM killer) cannot. So each temporary path is first appended to a record file, RECORD_NAME in
+the attempt's run directory, before the file is created; when the attempt is over, the runner
+calls remove_recorded() on that record.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from h2kd.operations.qemuimg import OperationError
+
+TEMP_PREFIX = ".h2k-tmp-"
+RECORD_NAME = "temp-files"
+
+
+class TempFiles:
+    """Temporary outputs of this job; removed unless committed.
+
+    record: a file to which each temporary path is appended, one absolute path a line, BEFORE the file is
+    created, so that a worker killed outright (SIGKILL, OOM) leaves a list of what to
+    remove. A name that turned out to be taken (O_EXCL failed, nothing was created) is withdrawn with a
+    line "-<path>". See remove_recorded().
+    """
+
+    def __init__(self, record: str | None = None) -> None:
+        self.paths: list[str] = []
+        self.record = record
+
+    def _note(self, line: str) -> None:
+        if not self.record:
+            return
+        # No fsync: what the record must survive is the death of the process, which the page cache does.
+        # (After a machine crash, ext4's ordered mode commits the record no later than the file it names.)
+        fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def create(self, destination: str) -> str:
+        directory, name = os.path.split(destination)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for _ in range(100):
+                temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
+                path = os.path.join(directory, temp_name)
+                self._note(path)
+                try:
+                    fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600, dir_fd=dir_fd)
+                except FileExistsError:
+                    self._note("-" + path)
+                    continue
+                os.close(fd)
+                self.paths.append(path)
+                return path
+        finally:
+            os.close(dir_fd)
+        raise OperationError("INTERNAL", f"could not create a temporary file in {directory}")
+
+    def forget(self, path: str) -> None:
+        self.paths.remove(path)
+
+    def remove_all(self) -> None:
+        for path in self.paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.paths.clear()
+
+
+def recorded_temp_paths(record: str) -> list[str]:
+    """The temporary paths a TempFiles record lists (withdrawn ones left out), in order."""
+    try:
+        with open(record, encoding="utf-8", errors="replace", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    withdrawn = {line[1:] for line in lines if line.startswith("-")}
+    return [line for line in dict.fromkeys(lines) if line.startswith("/") and line not in withdrawn]
+
+
+def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Remove the temporary files a killed worker left, as listed in its TempFiles record; the removed paths.
+
+    Only what is certainly a temporary output is removed: a regular file (never through a symlink, neither
+    the file nor any directory above it) whose name carries TEMP_PREFIX, in a directory under one of the
+    output roots, and not one of the paths in keep (the attempt's final outputs).
+    """
+    real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
+    removed = []
+    for path in recorded_temp_paths(record):
+        directory, name = os.path.split(os.path.normpath(path))
+        if not name.startswith(TEMP_PREFIX) or path in keep or os.path.normpath(path) in keep:
+            continue
+        if os.path.realpath(directory) != directory:
+            continue            # a symlink somewhere above it: leave it alone
+        if not any((directory + "/").startswith(root) for root in real_roots):
+            continue
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+    return removed
