@@ -44,6 +44,10 @@ DBUS = "org.freedesktop.DBus"
 
 _GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
 _FINAL_STATES = {"inactive", "failed"}
+# systemd invalidates (rather than sends) some properties with every change of a unit, a StatusText update
+# included; only these decide whether an attempt is over, so only they are worth a query.
+_STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
+                               "LoadState", "Job"})
 LOG_TAIL_LINES = 15
 # Calls in flight on the one connection: a burst of pipelined calls can overrun dbus-fast's writer.
 MAX_CALLS_IN_FLIGHT = 16
@@ -336,7 +340,7 @@ class SystemdRunner:
                 if followed is not None:
                     interface, changed, invalidated = msg.body
                     self._apply(followed, {k: v.value for k, v in changed.items()})
-                    if invalidated or followed.active_state in _FINAL_STATES:
+                    if followed.active_state in _FINAL_STATES or not _STATE_PROPERTIES.isdisjoint(invalidated):
                         self._schedule_check(followed)
             elif msg.member == "UnitRemoved" and msg.interface == MANAGER_IFACE:
                 if msg.body[0] == self._config.slice:
