@@ -299,11 +299,33 @@ class JobManager:
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
         problem = self._host_validator(job, source_proof) if self._host_validator else None  # NotAuthorized: nothing stored
-        self._store.insert_job(job, f"submitted by uid {owner}")
-        self._jobs[job.id] = job
-        self._notify("job_added", job)
-        self._validate_and_queue(job, queue, problem)
+        if problem:
+            self._store.insert_job(job, f"submitted by uid {owner}")
+            self._jobs[job.id] = job
+            self._notify("job_added", job)
+            self._validate_and_queue(job, queue, problem)
+        else:
+            self._add_accepted(job, owner, queue)
         return job, True
+
+    def _add_accepted(self, job: Job, owner: int, queue: bool) -> None:
+        """A job that passed its checks, taken to where its submission leaves it (validated, or queued) before
+        it is stored and announced: one write, and listeners first hear of it in that state, then of the
+        state events that led there."""
+        steps = [("", job.state.value, f"submitted by uid {owner}")]
+        for new, reason in ((S.VALIDATED, "spec and host checks passed"),) + (((S.QUEUED, "queued"),) if queue else ()):
+            if new == S.QUEUED:
+                job.queue_seq = self._store.next_queue_seq()
+            steps.append((job.move_to(new).value, new.value, reason))
+        events = self._store.insert_settled_job(job, steps)
+        self._jobs[job.id] = job
+        if queue:
+            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+            self._kick()
+        self._notify("job_added", job)
+        for event in events[1:]:   # its creation is what job_added tells
+            self._notify_event(job, event)
+        self._manager_changed()
 
     def _validate_and_queue(self, job: Job, queue: bool, problem: str | None) -> None:
         if problem:

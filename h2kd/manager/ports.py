@@ -40,6 +40,9 @@ class WorkerInfo:
 class JobListener(Protocol):
     """Told of every change, synchronously, after it is stored. Must not raise or block."""
 
+    # A new job, in the state its submission leaves it (validated or queued; created, when the submission
+    # is refused and fails it right away), or a stored job at start-up; job_event then tells the state
+    # events that led there.
     def job_added(self, job: Job) -> None: ...
     # changed: names of changed Job attributes (e.g. {"state", "phase", "progress"}); urgent: a state
     # change or final update that must go out now rather than be coalesced.

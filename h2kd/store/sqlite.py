@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from h2kd.errors import AlreadyExists, NoSuchJob, StoreFailed
 from h2kd.manager.ports import Event
@@ -290,17 +290,24 @@ class JobStore:
 
     def insert_job(self, job: Job, reason: str) -> Event:
         """Store a new job with its first history entry and first ("state") event. Raises AlreadyExists."""
+        return self.insert_settled_job(job, [("", job.state.value, reason)])[0]
+
+    def insert_settled_job(self, job: Job, steps: Sequence[tuple[str, str, str]]) -> list[Event]:
+        """Store a new job that already went through `steps` in memory: (old state, new state, reason) each,
+        the first from "" (its creation). Its row in its present state, a history entry and a "state"
+        event per step, in one write. Raises AlreadyExists."""
         now = now_usec()
-        data = {"old_state": "", "new_state": job.state.value, "reason": reason}
+        events = [Event(job.id, seq, now, "state", {"old_state": old, "new_state": new, "reason": reason})
+                  for seq, (old, new, reason) in enumerate(steps, start=1)]
         try:
             with self._transaction() as db:
                 db.execute(_INSERT_JOB, _job_values(job))
-                db.execute(_INSERT_HISTORY, (job.id, now, "", job.state.value, reason))
-                db.execute(_INSERT_EVENT, (job.id, 1, now, "state", _json(data)))
+                db.executemany(_INSERT_HISTORY, [(job.id, now, *step) for step in steps])
+                db.executemany(_INSERT_EVENT, [(job.id, e.seq, now, "state", _json(e.data)) for e in events])
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"a job with id {job.id!r} is already stored") from None
-        self._last_event_seq[job.id] = 1
-        return Event(job.id, 1, now, "state", data)
+        self._last_event_seq[job.id] = len(events)
+        return events
 
     def save_job(self, job: Job) -> None:
         """Write every field of the job. Raises NoSuchJob if it was never inserted."""

@@ -43,7 +43,9 @@ class Changes:
         self.states: list[tuple[str, str]] = []
         self.progress: list[float] = []
 
-    def job_added(self, job): ...
+    def job_added(self, job):
+        self.states.append((job.id, job.state.value))
+
     def job_changed(self, job, changed, urgent):
         if "state" in changed:
             self.states.append((job.id, job.state.value))
@@ -104,7 +106,7 @@ def test_submit_runs_and_completes(tmp_path, image):
         m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {"x": 1}}))
         assert job.state.value == "completed" and job.progress == 1.0
         assert [s for i, s in changes.states if i == job.id] == [
-            "validated", "queued", "assigned", "running", "progressing", "completed"]
+            "queued", "assigned", "running", "progressing", "completed"]
         await m.stop()
     asyncio.run(go())
 
