@@ -56,14 +56,19 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
     """Return the resolved path of a source image the caller may read, or raise."""
     given = _absolute(path)
     try:
-        seen = os.lstat(given)
+        # One lookup gives both the file's identity and where it really is (no window between the two).
+        fd = os.open(given, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InvalidArgument(f"no such file: {given}") from None
     except OSError as e:
         raise InvalidArgument(f"cannot use {given}: {e.strerror}") from None
-    if stat.S_ISLNK(seen.st_mode):
-        raise NotAuthorized(f"refusing {given}: it is a symbolic link; give the path of the image itself")
-    resolved = Path(os.path.realpath(given))
+    try:
+        seen = os.fstat(fd)
+        if stat.S_ISLNK(seen.st_mode):
+            raise NotAuthorized(f"refusing {given}: it is a symbolic link; give the path of the image itself")
+        resolved = Path(_path_of(fd, given))
+    finally:
+        os.close(fd)
     roots = _resolved_roots(allowed_roots)
     if not _is_below(resolved, roots):
         raise NotAuthorized(
@@ -93,7 +98,7 @@ def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int]
     given = _absolute(path)
     if given.name in ("", ".", ".."):
         raise InvalidArgument(f"{given} does not name a file")
-    directory = Path(os.path.realpath(given.parent))
+    directory = Path(_real(given.parent))
     roots = _resolved_roots(output_roots)
     if not _is_below(directory, roots):
         raise NotAuthorized(
@@ -134,7 +139,27 @@ def _absolute(path: str | os.PathLike[str]) -> Path:
 
 
 def _resolved_roots(roots: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    return [Path(os.path.realpath(root)) for root in roots]
+    return [Path(_real(root)) for root in roots]
+
+
+def _real(path: str | os.PathLike[str]) -> str:
+    """os.path.realpath, asking the kernel (one open) rather than walking the path in Python."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        return _path_of(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _path_of(fd: int, path: str | os.PathLike[str]) -> str:
+    """Where the open file `fd` (opened as `path`) is; realpath(path) where /proc is not there to tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 def _is_below(path: Path, roots: list[Path]) -> bool:

@@ -43,7 +43,7 @@ JOB_PROPERTIES: dict[str, tuple[str, Any]] = {
     "Source": ("s", lambda j: j.source),
     "Output": ("s", lambda j: j.output),
     "WaitReason": ("s", lambda j: j.wait_reason),
-    "Spec": ("s", lambda j: json.dumps(j.spec, sort_keys=True)),
+    "Spec": ("s", lambda j: j.spec_text),
     "Result": ("s", lambda j: json.dumps(j.result or {}, sort_keys=True)),
     "Error": ("(ss)", lambda j: [j.error_code, j.error_message]),
     "Cancelable": ("b", lambda j: bool(j.cancelable)),

@@ -63,7 +63,7 @@ class WorkerInterface(ApiInterface):
         job = self._manager.claim(self._from_owner())
         if job is None:
             return [False, "", ""]
-        return [True, job.id, json.dumps(job.spec, sort_keys=True)]
+        return [True, job.id, job.spec_text]
 
     @dbus_method()
     @bus_errors

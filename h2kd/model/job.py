@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from h2kd.model.states import CANCELABLE, JobState, check_transition
@@ -41,6 +43,11 @@ class Job:
     error_code: str = ""
     error_message: str = ""
     source_identity: str = ""      # "dev:ino" of the source checked at submission; the worker refuses another file
+
+    @cached_property
+    def spec_text(self) -> str:
+        """The spec as JSON text, made once (a spec never changes after submission): stored and exported as is."""
+        return json.dumps(self.spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @property
     def source(self) -> str:

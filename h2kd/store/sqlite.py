@@ -102,7 +102,7 @@ def _json(value: Any) -> str:
 
 
 def _job_values(job: Job) -> list[Any]:
-    return [job.id, _json(job.spec), job.operation, job.owner, job.priority, job.state.value, job.queue_seq,
+    return [job.id, job.spec_text, job.operation, job.owner, job.priority, job.state.value, job.queue_seq,
             job.attempt, job.phase, float(job.progress), int(job.progress_known), job.bytes_done, job.bytes_total,
             job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
             job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message,
