@@ -8,14 +8,15 @@ Progress is journaled only when it crosses a 10% checkpoint, never at every upda
 
 from __future__ import annotations
 
+import errno
 import logging
-import sys
 
 from systemd import journal
 
 from h2kd.manager.ports import Event, WorkerInfo
 from h2kd.model.job import Job
 from h2kd.model.states import JobState
+from h2kd.observability.wire import send_journal
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,22 @@ CATALOG_PREFIX = "HYPERKVM_"
 
 def _send(message: str, message_id: str, priority: int, **fields: object) -> None:
     """One datagram to journald; without a journal (no socket) it is silently dropped."""
-    values = {k: str(v) for k, v in fields.items() if v is not None and v != ""}
-    values.update({CATALOG_PREFIX + k[4:]: v for k, v in list(values.items()) if k.startswith("H2K_")})
+    values = {"MESSAGE": message, "MESSAGE_ID": message_id, "PRIORITY": str(priority),
+              "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER, "CODE_FILE": __file__, "CODE_FUNC": "_send"}
+    for key, value in fields.items():
+        if value is not None and value != "":
+            values[key] = text = str(value)
+            if key.startswith("H2K_"):
+                values[CATALOG_PREFIX + key[4:]] = text
     try:
-        # CODE_* given as journal.send() would find them itself, without its costly walk of the stack.
-        journal.send(message, MESSAGE_ID=message_id, PRIORITY=str(priority),
-                     SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, CODE_FILE=__file__,
-                     CODE_LINE=sys._getframe().f_lineno - 2, CODE_FUNC="_send", **values)
-    except OSError:
-        # journald gone or overloaded: a lost log line must never stop the daemon.
-        pass
+        send_journal(values)
+    except OSError as e:
+        if e.errno != errno.EMSGSIZE:
+            return  # journald gone or overloaded: a lost log line must never stop the daemon.
+        try:  # too big for one datagram: systemd-python passes it in a memfd
+            journal.send(**values)
+        except OSError:
+            pass
 
 
 def _seconds(start_usec: int, end_usec: int) -> float | None:
