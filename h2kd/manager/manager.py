@@ -80,6 +80,7 @@ class JobManager:
         self._workers: dict[str, WorkerInfo] = {}
         self._cancel_requested: set[str] = set()
         self._samples: dict[str, deque[tuple[int, int]]] = {}
+        self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._schedule_pending = False
@@ -435,7 +436,7 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._store.delete_job(job.id)
         del self._jobs[job.id]
-        self._samples.pop(job.id, None)
+        self._drop_progress_state(job.id)
         self._notify("job_removed", job)
         self._manager_changed()
 
@@ -589,10 +590,16 @@ class JobManager:
             changed.add("bytes_done")
             self._update_rate(job)
             changed |= {"rate", "expected_end"}
-        if message:
+        if message and self._status_messages.get(job.id) != message:
+            # A worker repeats its message in every report ("disk 1 of 2"): it is news only when it changes.
+            self._status_messages[job.id] = message
             self._notify_event(job, Event(job.id, 0, now_usec(), "log", {"message": message}))
         if changed:
             self._notify_changed(job, changed, urgent="phase" in changed)
+
+    def _drop_progress_state(self, job_id: str) -> None:
+        self._samples.pop(job_id, None)
+        self._status_messages.pop(job_id, None)
 
     def _update_rate(self, job: Job) -> None:
         now = now_usec()
@@ -611,7 +618,7 @@ class JobManager:
         job.progress = 0.0
         job.progress_known = False
         job.bytes_done = job.bytes_total = job.rate = job.expected_end = 0
-        self._samples.pop(job.id, None)
+        self._drop_progress_state(job.id)
 
     # ---------------------------------------------------------------- endings
 
@@ -663,7 +670,7 @@ class JobManager:
         job.not_before = 0
         self._transition(job, state, reason)
         self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
-        self._samples.pop(job.id, None)
+        self._drop_progress_state(job.id)
 
     def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str, attempt_spent: bool = True) -> None:
         """A job lost its worker: back to the queue while it has retries left (always, when the attempt never

@@ -44,6 +44,9 @@ DBUS = "org.freedesktop.DBus"
 
 _GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
 _FINAL_STATES = {"inactive", "failed"}
+# What _apply() reads of a unit; systemd sends some forty properties with each change.
+_READ_PROPERTIES = ("ActiveState", "ControlGroup", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
+                    "ExecMainStartTimestampMonotonic", "ExecMainPID", "StatusText")
 # systemd invalidates (rather than sends) some properties with every change of a unit, a StatusText update
 # included; only these decide whether an attempt is over, so only they are worth a query.
 _STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
@@ -339,7 +342,7 @@ class SystemdRunner:
                 followed = self._by_path.get(msg.path)
                 if followed is not None:
                     interface, changed, invalidated = msg.body
-                    self._apply(followed, {k: v.value for k, v in changed.items()})
+                    self._apply(followed, {k: changed[k].value for k in _READ_PROPERTIES if k in changed})
                     if followed.active_state in _FINAL_STATES or not _STATE_PROPERTIES.isdisjoint(invalidated):
                         self._schedule_check(followed)
             elif msg.member == "UnitRemoved" and msg.interface == MANAGER_IFACE:

@@ -41,6 +41,7 @@ class RecordingRunner:
 class Changes:
     def __init__(self) -> None:
         self.states: list[tuple[str, str]] = []
+        self.logs: list[str] = []
         self.progress: list[float] = []
 
     def job_added(self, job):
@@ -51,7 +52,10 @@ class Changes:
             self.states.append((job.id, job.state.value))
         if "progress" in changed and (not self.progress or self.progress[-1] != job.progress):
             self.progress.append(job.progress)
-    def job_event(self, job, event): ...
+    def job_event(self, job, event):
+        if event.kind == "log":
+            self.logs.append(event.data["message"])
+
     def job_removed(self, job): ...
     def worker_added(self, worker): ...
     def worker_changed(self, worker): ...
@@ -88,6 +92,20 @@ def spec(image: Path, out: Path, **extra):
 async def settle():
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+def test_a_progress_message_is_logged_when_it_changes_not_with_every_report(tmp_path, image):
+    async def go():
+        m, runner, changes, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        for done, label in ((10, "disk 1 of 2"), (20, "disk 1 of 2"), (60, "disk 2 of 2"), (70, "disk 2 of 2")):
+            m.unit_status(job.id, 1, f"convert: {done}.00% ({done}/100 bytes) {label}")
+        assert changes.logs == ["disk 1 of 2", "disk 2 of 2"]
+        assert job.progress == 0.7
+        await m.stop()
+    asyncio.run(go())
 
 
 def test_submit_runs_and_completes(tmp_path, image):
