@@ -1,4 +1,4 @@
-"""D-Bus client side of the benchmarks and the load tests: calls, specs, waiting for jobs, clients in other processes.
+"""D-Bus client side of the benchmarks and the tests: calls, specs, waiting for jobs, clients in other processes.
 
 Everything here talks to h2kd only through the bus (dbus-fast), as any client would.
 """
@@ -6,24 +6,29 @@ Everything here talks to h2kd only through the bus (dbus-fast), as any client wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from h2kd import BUS_NAME, MANAGER_PATH
+from h2kd.bus.variants import to_vardict
 
 MANAGER = BUS_NAME + ".Manager"
 JOB = BUS_NAME + ".Job"
+WORKER = BUS_NAME + ".Worker"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = BUS_NAME + ".Error."
 TERMINAL = {"completed", "failed", "cancelled"}
+
+T = TypeVar("T")
 
 
 class CallFailed(RuntimeError):
@@ -35,29 +40,6 @@ class CallFailed(RuntimeError):
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def to_variant_dict(values: dict[str, Any]) -> dict[str, Variant]:
-    """A plain spec dict as a{sv}: nested dicts become a{sv}, lists of str as, ints u, bools b, str s."""
-    out: dict[str, Variant] = {}
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            out[key] = Variant("b", value)
-        elif isinstance(value, int):
-            out[key] = Variant("u", value)
-        elif isinstance(value, float):
-            out[key] = Variant("d", value)
-        elif isinstance(value, str):
-            out[key] = Variant("s", value)
-        elif isinstance(value, dict):
-            out[key] = Variant("a{sv}", to_variant_dict(value))
-        elif isinstance(value, list):
-            out[key] = Variant("as", [str(v) for v in value])
-        else:
-            raise TypeError(f"cannot send {key}={value!r}")
-    return out
 
 
 def convert_spec(source: str, output: str, job_id: str | None = None, fmt: str | None = None,
@@ -94,6 +76,16 @@ class Client:
             client.bus.add_message_handler(client._on_message)
             await client.dbus("AddMatch", "s", [f"type='signal',sender='{BUS_NAME}'"])
         return client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connected(cls, address: str, watch: bool = False) -> AsyncIterator[Any]:
+        """`async with Client.connected(address) as client:` a connection closed at the end."""
+        client = await cls.connect(address, watch)
+        try:
+            yield client
+        finally:
+            client.close()
 
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type != MessageType.SIGNAL or not (msg.path or "").startswith(MANAGER_PATH):
@@ -138,19 +130,24 @@ class Client:
         return await self.call(MANAGER_PATH, MANAGER, member, signature, body)
 
     async def submit(self, spec: dict[str, Any], queue: bool = True) -> tuple[str, str]:
-        body = await self.manager("SubmitJob", "a{sv}a{sv}",
-                                  [to_variant_dict(spec), {"queue": Variant("b", queue)}])
+        """SubmitJob: (job id, job path). Plain values in `spec` are sent with their natural D-Bus types;
+        Variants as they are (a spec typed by hand, malformed on purpose or not)."""
+        body = await self.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), {"queue": Variant("b", queue)}])
         return body[0], body[1]
+
+    async def prop(self, path: str, interface: str, name: str) -> Any:
+        (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, name])
+        return value.value
 
     async def job_props(self, path: str) -> dict[str, Any]:
         body = await self.call(path, PROPERTIES, "GetAll", "s", [JOB])
         return {k: v.value for k, v in body[0].items()}
 
     async def list_jobs(self, **filters: Any) -> list[list[Any]]:
-        wanted = {}
-        for key, value in filters.items():
-            wanted[key] = Variant("s" if isinstance(value, str) else "u", value)
-        return (await self.manager("ListJobs", "a{sv}", [wanted]))[0]
+        return (await self.manager("ListJobs", "a{sv}", [to_vardict(filters)]))[0]
+
+    async def job_ids(self) -> list[str]:
+        return [job[0] for job in await self.list_jobs()]
 
     async def health(self) -> dict[str, Any]:
         body = await self.manager("GetHealth")
@@ -177,6 +174,14 @@ class Client:
 
     def close(self) -> None:
         self.bus.disconnect()
+
+
+def with_client(address: str, use: Callable[["Client"], Awaitable[T]]) -> T:
+    """`use(client)` run to its end on a connection of its own (e.g. with_client(address, Client.job_ids))."""
+    async def session() -> T:
+        async with Client.connected(address) as client:
+            return await use(client)
+    return asyncio.run(session())
 
 
 async def call_window(calls: Iterable[Callable[[], Any]], window: int) -> list[tuple[float, Any]]:

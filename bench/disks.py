@@ -1,4 +1,5 @@
-"""Benchmark disks built with qemu-img: sparse VMDKs with a share of random data, fully allocated disks, tiny ones."""
+"""Disks for the benchmarks and the tests, built with qemu-img: sparse VMDKs with a share of random data, fully
+allocated disks, tiny ones, and the raw files they start from."""
 
 from __future__ import annotations
 
@@ -16,16 +17,17 @@ def qemu_img(*args: str) -> str:
     return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
 
 
-def raw_with_data(path: Path, size: int, data_fraction: float, seed: int = 7) -> Path:
-    """A sparse raw file with random data in about `data_fraction` of its 64 KiB blocks (runs of 1 MiB)."""
+def raw_with_data(path: Path, size: int, data_fraction: float, seed: int = 7, piece: int = MiB) -> Path:
+    """A sparse raw file of `size` bytes with random data in about `data_fraction` of its pieces of `piece`
+    bytes (the same file again for the same seed)."""
     rng = random.Random(seed)
-    runs = size // MiB
-    chosen = sorted(rng.sample(range(runs), max(1, int(runs * data_fraction))))
+    pieces = size // piece
+    chosen = sorted(rng.sample(range(pieces), max(1, int(pieces * data_fraction))))
     with open(path, "wb") as f:
         f.truncate(size)
-        for run in chosen:
-            f.seek(run * MiB)
-            f.write(os.urandom(MiB))
+        for index in chosen:
+            f.seek(index * piece)
+            f.write(rng.randbytes(piece))
     return path
 
 
@@ -41,6 +43,7 @@ def full_raw(path: Path, size: int) -> Path:
 
 
 def to_format(raw: Path, path: Path, driver: str, options: str | None = None) -> Path:
+    """`raw`'s content as an image at `path` (qemu-img driver and its creation options)."""
     args = ["convert", "-f", "raw", "-O", driver] + (["-o", options] if options else []) + [str(raw), str(path)]
     qemu_img(*args)
     return path

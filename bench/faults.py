@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import tempfile
 import time
@@ -16,30 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from bench import disks, load
-from bench.client import CallFailed, Client, convert_spec, inspect_spec, new_id, run_in_processes
+from bench.client import Client, convert_spec, inspect_spec, new_id, run_in_processes, with_client
 from bench.stack import rate_limited, restart_with, unit_run_dirs
 from h2kd.runner.unit import unit_name
 from h2kd.sandbox.stack import Stack
 
 
 def _job_ids(stack: Stack) -> list[str]:
-    async def ids() -> list[str]:
-        client = await Client.connect(stack.bus_address)
-        try:
-            return [j[0] for j in await client.list_jobs()]
-        finally:
-            client.close()
-    return asyncio.run(ids())
+    return with_client(stack.bus_address, Client.job_ids)
 
 
 def _health(stack: Stack) -> dict[str, Any]:
-    async def health() -> dict[str, Any]:
-        client = await Client.connect(stack.bus_address)
-        try:
-            return await client.health()
-        finally:
-            client.close()
-    return asyncio.run(health())
+    return with_client(stack.bus_address, Client.health)
 
 
 def submit_burst(stack: Stack, source: Path, clients: int = 50, per_client: int = 100) -> dict[str, Any]:
@@ -69,23 +56,22 @@ def subscribers_while_jobs_run(stack: Stack, source: Path, subscribers: int = 20
     outcome: dict[str, Any] = {}
 
     async def run_jobs() -> None:
-        client = await Client.connect(stack.bus_address, watch=True)
         try:
-            await client.manager("SetMaxParallelJobs", "u", [parallel])
-            submitted = await asyncio.gather(*(client.submit(inspect_spec(str(source), new_id("sub")))
-                                               for _ in range(jobs)))
-            start = time.monotonic()
-            states = {}
-            for job_id, path in submitted:
-                states[job_id] = (await client.wait_terminal(path, timeout))["State"]
-            outcome["jobs_seconds"] = time.monotonic() - start
-            outcome["states"] = sorted(set(states.values()))
-            await asyncio.sleep(1.0)   # the last Completed signals reach the subscribers
-            for job_id, _ in submitted:
-                await client.manager("RemoveJob", "s", [job_id])
-            await client.manager("SetMaxParallelJobs", "u", [2])
+            async with Client.connected(stack.bus_address, watch=True) as client:
+                await client.manager("SetMaxParallelJobs", "u", [parallel])
+                submitted = await asyncio.gather(*(client.submit(inspect_spec(str(source), new_id("sub")))
+                                                   for _ in range(jobs)))
+                start = time.monotonic()
+                states = {}
+                for job_id, path in submitted:
+                    states[job_id] = (await client.wait_terminal(path, timeout))["State"]
+                outcome["jobs_seconds"] = time.monotonic() - start
+                outcome["states"] = sorted(set(states.values()))
+                await asyncio.sleep(1.0)   # the last Completed signals reach the subscribers
+                for job_id, _ in submitted:
+                    await client.manager("RemoveJob", "s", [job_id])
+                await client.manager("SetMaxParallelJobs", "u", [2])
         finally:
-            client.close()
             stop_file.touch()
 
     def on_go() -> None:
@@ -127,29 +113,21 @@ def kill_during_conversions(stack: Stack, work: Path, kills: int = 20, jobs: int
     outputs = [stack.output_dir / f"{new_id('kill')}.qcow2" for _ in range(jobs)]
     restart_with(stack, rate_limited(rate))
 
-    async def submit() -> list[tuple[str, str]]:
-        client = await Client.connect(stack.bus_address)
-        try:
-            return list(await asyncio.gather(*(client.submit(convert_spec(str(s), str(o), new_id("kill"), fmt="vmdk"))
-                                               for s, o in zip(sources, outputs))))
-        finally:
-            client.close()
+    async def submit(client: Client) -> list[tuple[str, str]]:
+        return list(await asyncio.gather(*(client.submit(convert_spec(str(s), str(o), new_id("kill"), fmt="vmdk"))
+                                           for s, o in zip(sources, outputs))))
 
-    submitted = asyncio.run(submit())
+    submitted = with_client(stack.bus_address, submit)
 
-    async def states() -> list[str]:
-        client = await Client.connect(stack.bus_address)
-        try:
-            return [(await client.job_props(p))["State"] for _, p in submitted]
-        finally:
-            client.close()
+    async def states(client: Client) -> list[str]:
+        return [(await client.job_props(p))["State"] for _, p in submitted]
 
     done_kills = 0
     kill_states: list[list[str]] = []
     deadline = time.monotonic() + timeout
     while done_kills < kills and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.1, 1.5))
-        now = asyncio.run(states())
+        now = with_client(stack.bus_address, states)
         if all(s in ("completed", "failed", "cancelled") for s in now):
             break
         kill_states.append(sorted(set(now)))
@@ -157,31 +135,27 @@ def kill_during_conversions(stack: Stack, work: Path, kills: int = 20, jobs: int
         done_kills += 1
         stack.start_daemon()
 
-    async def finish() -> dict[str, Any]:
-        client = await Client.connect(stack.bus_address)
+    async def finish(client: Client) -> dict[str, Any]:
         problems: list[str] = []
-        try:
-            for (job_id, path), source, output in zip(submitted, sources, outputs):
-                props = await client.wait_terminal(path, max(deadline - time.monotonic(), 30))
-                if props["State"] != "completed":
-                    problems.append(f"{job_id} ended {props['State']}: {props['Error']}")
-                    continue
-                if props["Attempt"] != 1:
-                    problems.append(f"{job_id} took {props['Attempt']} attempts")
-                entered = [json.loads(e[3]).get("new_state") for e in await client.events(path) if e[2] == "state"]
-                finals = [s for s in entered if s in ("completed", "failed", "cancelled")]
-                if len(finals) != 1:
-                    problems.append(f"{job_id} reached a final state {len(finals)} times: {entered}")
-                if entered.count("running") != 1:
-                    problems.append(f"{job_id} started running {entered.count('running')} times: {entered}")
-                ok, text = disks.identical(source, output)
-                if not ok:
-                    problems.append(f"{job_id}: output differs from its source: {text}")
-            return {"problems": problems}
-        finally:
-            client.close()
+        for (job_id, path), source, output in zip(submitted, sources, outputs):
+            props = await client.wait_terminal(path, max(deadline - time.monotonic(), 30))
+            if props["State"] != "completed":
+                problems.append(f"{job_id} ended {props['State']}: {props['Error']}")
+                continue
+            if props["Attempt"] != 1:
+                problems.append(f"{job_id} took {props['Attempt']} attempts")
+            entered = [json.loads(e[3]).get("new_state") for e in await client.events(path) if e[2] == "state"]
+            finals = [s for s in entered if s in ("completed", "failed", "cancelled")]
+            if len(finals) != 1:
+                problems.append(f"{job_id} reached a final state {len(finals)} times: {entered}")
+            if entered.count("running") != 1:
+                problems.append(f"{job_id} started running {entered.count('running')} times: {entered}")
+            ok, text = disks.identical(source, output)
+            if not ok:
+                problems.append(f"{job_id}: output differs from its source: {text}")
+        return {"problems": problems}
 
-    result = asyncio.run(finish())
+    result = with_client(stack.bus_address, finish)
     units = unit_run_dirs(stack)
     for job_id, _ in submitted:
         mine = [u for u in units if u.startswith(unit_name(job_id, 1).rsplit("-", 1)[0] + "-")]
@@ -192,14 +166,10 @@ def kill_during_conversions(stack: Stack, work: Path, kills: int = 20, jobs: int
         result["problems"].append(f"temporary files left: {leftovers}")
     health = _health(stack)
 
-    async def clean() -> None:
-        client = await Client.connect(stack.bus_address)
-        try:
-            for job_id, _ in submitted:
-                await client.manager("RemoveJob", "s", [job_id])
-        finally:
-            client.close()
-    asyncio.run(clean())
+    async def clean(client: Client) -> None:
+        for job_id, _ in submitted:
+            await client.manager("RemoveJob", "s", [job_id])
+    with_client(stack.bus_address, clean)
     for o in outputs:
         o.unlink(missing_ok=True)
     for s in sources:

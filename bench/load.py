@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -15,10 +16,10 @@ async def submit_client(index: int, ready: Any, go: Any, address: str, count: in
 
     Returns {"latencies": [s...], "ids": [job ids replied], "errors": [error names]}.
     """
-    client = await Client.connect(address)
-    await ready_and_wait(ready, go)
-    spec = inspect_spec(source)
-    results = await call_window([lambda: client.submit(spec, queue=False) for _ in range(count)], window)
+    async with Client.connected(address) as client:
+        await ready_and_wait(ready, go)
+        spec = inspect_spec(source)
+        results = await call_window([lambda: client.submit(spec, queue=False) for _ in range(count)], window)
     out: dict[str, Any] = {"latencies": [], "ids": [], "errors": []}
     for latency, value in results:
         if isinstance(value, BaseException):
@@ -26,23 +27,20 @@ async def submit_client(index: int, ready: Any, go: Any, address: str, count: in
         else:
             out["latencies"].append(latency)
             out["ids"].append(value[0])
-    client.close()
     return out
 
 
 async def subscriber_client(index: int, ready: Any, go: Any, address: str, seconds: float,
                             stop_file: str | None = None) -> dict[str, Any]:
     """Listen to every h2kd signal for `seconds` (or until stop_file exists); count what arrives."""
-    client = await Client.connect(address, watch=True)
-    await ready_and_wait(ready, go)
-    start = time.monotonic()
-    deadline = start + seconds
-    import os
-    while time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
-        await asyncio.sleep(0.1)
-    elapsed = time.monotonic() - start
-    connected = client.bus.connected
-    client.close()
+    async with Client.connected(address, watch=True) as client:
+        await ready_and_wait(ready, go)
+        start = time.monotonic()
+        deadline = start + seconds
+        while time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
+            await asyncio.sleep(0.1)
+        elapsed = time.monotonic() - start
+        connected = client.bus.connected
     return {"signals": client.signal_count, "seconds": elapsed, "connected": connected,
             "completed": len(client.completed)}
 
@@ -54,22 +52,18 @@ def submit_burst(address: str, clients: int, per_client: int, window: int, sourc
 
 
 async def _cancel_and_remove(address: str, ids: list[str], window: int) -> list[str]:
-    client = await Client.connect(address)
-    problems: list[str] = []
+    async with Client.connected(address) as client:
 
-    async def end(job_id: str) -> None:
-        try:
-            await client.manager("CancelJob", "s", [job_id])
-        except CallFailed as exc:
-            if not exc.name.endswith("InvalidState"):   # already over: fine, remove it anyway
-                raise
-        await client.manager("RemoveJob", "s", [job_id])
+        async def end(job_id: str) -> None:
+            try:
+                await client.manager("CancelJob", "s", [job_id])
+            except CallFailed as exc:
+                if not exc.name.endswith("InvalidState"):   # already over: fine, remove it anyway
+                    raise
+            await client.manager("RemoveJob", "s", [job_id])
 
-    for _latency, value in await call_window([lambda j=j: end(j) for j in ids], window):
-        if isinstance(value, BaseException):
-            problems.append(repr(value))
-    client.close()
-    return problems
+        ended = await call_window([lambda j=j: end(j) for j in ids], window)
+    return [repr(value) for _latency, value in ended if isinstance(value, BaseException)]
 
 
 async def _cleanup_worker(index: int, ready: Any, go: Any, address: str, chunks: list[list[str]],

@@ -14,6 +14,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, DBusError
 
 from h2kd import BUS_NAME, MANAGER_PATH
+from h2kd.bus import variants
 from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
@@ -43,28 +44,12 @@ _AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
 
-def to_variant(value: Any) -> Variant:
-    """A Python value from a job spec as a D-Bus variant (dicts become a{sv}, None is not allowed)."""
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("u" if 0 <= value < 2**32 else "x", value)
-    if isinstance(value, float):
-        return Variant("d", value)
-    if isinstance(value, str):
-        return Variant("s", value)
-    if isinstance(value, dict):
-        return Variant("a{sv}", to_vardict(value))
-    if isinstance(value, (list, tuple)):
-        if all(isinstance(v, str) for v in value):
-            return Variant("as", list(value))
-        return Variant("av", [to_variant(v) for v in value])
-    raise CtlError(f"cannot send a value of type {type(value).__name__} in a job spec")
-
-
 def to_vardict(mapping: dict[str, Any]) -> dict[str, Variant]:
-    # D-Bus has no null: a key whose value is None means "not given", so it is left out.
-    return {str(k): to_variant(v) for k, v in mapping.items() if v is not None}
+    """A job spec (or options) as a{sv}: natural D-Bus types, None values left out (D-Bus has no null)."""
+    try:
+        return variants.to_vardict(mapping)
+    except TypeError as e:
+        raise CtlError(f"{e} in a job spec") from None
 
 
 def _is_polkit_denial(text: str) -> bool:

@@ -1,93 +1,65 @@
-"""A dbus-fast client of h2kd for tests and benchmarks: calls, properties, recorded signals, waiting."""
+"""The tests' dbus-fast client of h2kd: bench's client, recording every signal, with calls that may expect an error."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from typing import Any
+from typing import Any, Awaitable
 
 from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
 
-from h2kd import BUS_NAME, MANAGER_PATH
+from bench.client import JOB, MANAGER, OBJECT_MANAGER, PROPERTIES, WORKER, CallFailed, new_id
+from bench.client import ERROR_PREFIX as ERR
+from bench.client import Client as BenchClient
+from h2kd.bus.variants import to_vardict
 
-MANAGER = BUS_NAME + ".Manager"
-JOB = BUS_NAME + ".Job"
-WORKER = BUS_NAME + ".Worker"
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-PROPERTIES = "org.freedesktop.DBus.Properties"
-ERR = BUS_NAME + ".Error."
+__all__ = ["ERR", "JOB", "MANAGER", "OBJECT_MANAGER", "PROPERTIES", "WORKER", "CallFailed", "Client", "new_id",
+           "run", "spec", "wait_for"]
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+class Client(BenchClient):
+    """With watch=True, every signal h2kd sends is kept in `signals`. A call given expect_error=NAME asserts
+    that it fails with that D-Bus error and returns the error's text; otherwise a failure raises CallFailed."""
 
-
-class Client:
-    """A dbus-fast connection to the private bus that records every signal h2kd sends."""
-
-    def __init__(self, bus: MessageBus):
-        self.bus = bus
+    def __init__(self, bus: Any):
+        super().__init__(bus)
         self.signals: list[Message] = []
 
-    @classmethod
-    async def connect(cls, address: str, watch: bool = False) -> "Client":
-        client = cls(await MessageBus(bus_address=address).connect())
-        if watch:
-            client.bus.add_message_handler(client._record)
-            await client.dbus("AddMatch", "s", [f"type='signal',sender='{BUS_NAME}'"])
-        return client
-
-    def _record(self, msg: Message) -> bool:
+    def _on_message(self, msg: Message) -> bool:
         if msg.message_type == MessageType.SIGNAL and msg.sender != "org.freedesktop.DBus":
             self.signals.append(msg)
-        return False
-
-    async def dbus(self, member: str, signature: str, body: list) -> Message:
-        return await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                           interface="org.freedesktop.DBus", member=member,
-                                           signature=signature, body=body))
+        return super()._on_message(msg)
 
     async def call(self, path: str, interface: str, member: str, signature: str = "", body: list | None = None,
-                   expect_error: str | None = None) -> Any:
-        reply = await self.bus.call(Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                                            signature=signature, body=body or []))
-        if expect_error is not None:
-            assert reply.message_type == MessageType.ERROR, f"{member} succeeded; expected {expect_error}"
-            assert reply.error_name == expect_error, f"{member}: {reply.error_name}: {reply.body}"
-            return reply.body[0] if reply.body else ""
-        assert reply.message_type == MessageType.METHOD_RETURN, f"{member} failed: {reply.error_name}: {reply.body}"
-        return reply.body
+                   expect_error: str | None = None, **options: Any) -> Any:
+        return await _expecting(member, expect_error, super().call(path, interface, member, signature, body,
+                                                                   **options))
 
-    async def manager(self, member: str, signature: str = "", body: list | None = None, **kw: Any) -> Any:
-        return await self.call(MANAGER_PATH, MANAGER, member, signature, body, **kw)
+    async def manager(self, member: str, signature: str = "", body: list | None = None,
+                      expect_error: str | None = None) -> Any:
+        return await _expecting(member, expect_error, super().manager(member, signature, body))
 
-    async def submit(self, spec: dict, queue: bool = True, **kw: Any) -> Any:
-        return await self.manager("SubmitJob", "a{sv}a{sv}", [spec, {"queue": Variant("b", queue)}], **kw)
-
-    async def prop(self, path: str, interface: str, name: str) -> Any:
-        (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, name])
-        return value.value
-
-    async def job_ids(self) -> list[str]:
-        (jobs,) = await self.manager("ListJobs", "a{sv}", [{}])
-        return [j[0] for j in jobs]
-
-    def close(self) -> None:
-        self.bus.disconnect()
+    async def submit(self, spec: dict, queue: bool = True, expect_error: str | None = None) -> Any:
+        return await _expecting("SubmitJob", expect_error, super().submit(spec, queue))
 
 
-def spec(job_id: str | None = None, priority: int | None = None, requirements: dict | None = None,
-         path: str = "/etc/hostname") -> dict:
-    out = {"operation": Variant("s", "inspect"), "image": Variant("a{sv}", {"path": Variant("s", path)})}
-    if job_id:
-        out["job_id"] = Variant("s", job_id)
-    if priority is not None:
-        out["execution_policy"] = Variant("a{sv}", {"priority": Variant("u", priority)})
-    if requirements:
-        out["capability_requirements"] = Variant("a{sv}", {k: Variant("s", v) for k, v in requirements.items()})
-    return out
+async def _expecting(member: str, expect_error: str | None, reply: Awaitable[Any]) -> Any:
+    if expect_error is None:
+        return await reply
+    try:
+        body = await reply
+    except CallFailed as failure:
+        assert failure.name == expect_error, f"{member}: {failure.name}: {failure.text}"
+        return failure.text
+    raise AssertionError(f"{member} succeeded ({body}); expected {expect_error}")
+
+
+def spec(job_id: str | None = None, priority: int | None = None, requirements: dict[str, str] | None = None,
+         path: str = "/etc/hostname") -> dict[str, Variant]:
+    """An inspect job's spec as a{sv}, ready for a raw SubmitJob call."""
+    return to_vardict({"operation": "inspect", "image": {"path": path}, "job_id": job_id or None,
+                       "execution_policy": None if priority is None else {"priority": priority},
+                       "capability_requirements": requirements or None})
 
 
 def run(coro: Any) -> Any:

@@ -1,5 +1,7 @@
 """Shared test fixtures: one private stack for the whole run, the environment for bus clients, and the PID 1 guard.
 
+bench/ is made importable here: the tests' bus client and disk images build on its own.
+
 The guard: a systemd manager started in the wrong cgroup takes over every process of the machine,
 PID 1 included (see h2kd/sandbox/cgroup.py). The run fails if /proc/1/cgroup differs at the end
 from what it was at the start, whatever the tests said.
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from h2kd.sandbox.stack import Stack, new_base_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PID1_CGROUP = Path("/proc/1/cgroup")
 _pid1_at_start = pytest.StashKey[str]()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
-import subprocess
 import tarfile
 from pathlib import Path
 
-MiB = 1024 * 1024
-BLOCK = 64 * 1024
+from bench.disks import BLOCK, MiB, qemu_img, raw_with_data, to_format
+
+__all__ = ["BLOCK", "KINDS", "MiB", "make_image", "make_missing_extent_vmdk", "make_multi_extent_vmdk",
+           "make_not_an_image", "make_ova", "make_ovf_text", "make_raw_with_data", "make_truncated_vmdk", "make_vmx",
+           "qemu_img"]
 
 # make_image(fmt, subformat): the qemu-img driver and creation options for each fixture kind.
 KINDS = {
@@ -32,23 +33,12 @@ KINDS = {
 }
 
 
-def qemu_img(*args: str) -> str:
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
-
-
 def make_raw_with_data(path: str | Path, size: int, data_fraction: float, seed: int = 1,
                        partition_table: bool = False) -> Path:
     """A sparse raw file of `size` bytes with random data in about data_fraction of its 64 KiB blocks."""
-    path = Path(path)
-    rng = random.Random(seed)
-    blocks = size // BLOCK
-    chosen = sorted(rng.sample(range(blocks), max(1, int(blocks * data_fraction))))
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for block in chosen:
-            f.seek(block * BLOCK)
-            f.write(rng.randbytes(BLOCK))
-        if partition_table:
+    path = raw_with_data(Path(path), size, data_fraction, seed, piece=BLOCK)
+    if partition_table:
+        with open(path, "r+b") as f:
             f.seek(510)
             f.write(b"\x55\xaa")
     return path
@@ -60,10 +50,7 @@ def make_image(fmt: str, subformat: str | None, path: str | Path, raw: str | Pat
     path = Path(path)
     if raw is None:
         raw = make_raw_with_data(path.with_suffix(".src.raw"), size, data_fraction, seed)
-    driver, options = KINDS[(fmt, subformat)]
-    args = ["convert", "-f", "raw", "-O", driver] + (["-o", options] if options else []) + [str(raw), str(path)]
-    qemu_img(*args)
-    return path
+    return to_format(Path(raw), path, *KINDS[(fmt, subformat)])
 
 
 def make_multi_extent_vmdk(directory: str | Path, raw: str | Path, name: str = "multi") -> Path:

@@ -7,6 +7,7 @@ result file, exit codes, SIGTERM -> 143). The runner's events go to a recording 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
@@ -114,12 +115,11 @@ class RecordingEvents:
         return [outcome for jid, _, outcome in self.finished if jid == job_id]
 
     async def wait_finished(self, job_id: str, timeout: float = 30.0) -> UnitOutcome:
-        deadline = time.monotonic() + timeout
-        while not self.outcomes_of(job_id):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no unit_finished for {job_id} within {timeout} s")
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: self.outcomes_of(job_id), timeout, what=f"unit_finished for {job_id}")
         return self.outcomes_of(job_id)[0]
+
+    async def wait_status(self, job_id: str, text: str, timeout: float = 20.0) -> None:
+        await wait_for(lambda: text in self.statuses_of(job_id), timeout, what=f"status {text!r} of {job_id}")
 
 
 class Sandbox:
@@ -185,6 +185,23 @@ async def connected(config: Config, events: RecordingEvents) -> SystemdRunner:
     return runner
 
 
+@contextlib.asynccontextmanager
+async def runner_for(config: Config, events: RecordingEvents) -> AsyncIterator[SystemdRunner]:
+    """A connected runner reporting to `events`, closed at the end of the block."""
+    runner = await connected(config, events)
+    try:
+        yield runner
+    finally:
+        await runner.close()
+
+
+async def start_waiting(runner: SystemdRunner, events: RecordingEvents, job: Job) -> str:
+    """Start the job's first attempt with the "wait" worker; its unit, once the worker waits for its go file."""
+    unit = await runner.start(job, 1)
+    await events.wait_status(job.id, "waiting for go")
+    return unit
+
+
 async def unit_properties(address: str, unit: str) -> dict[str, Any] | None:
     """Every property of the unit (Unit and Service interfaces), or None if it is not loaded."""
     bus = await MessageBus(bus_address=address).connect()
@@ -237,15 +254,14 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
         config = sandbox.config("wait")
         output = config.output_roots[0] / "vm" / "disk.qcow2"
         output.parent.mkdir(parents=True)
-        runner = await connected(config, events)
         convert = make_job("convert", timeout=300, output=str(output))
         offline = make_job("offline_fix", timeout=600)
-        try:
+        async with runner_for(config, events) as runner:
             convert_unit = await runner.start(convert, 1)
             offline_unit = await runner.start(offline, 1)
             assert convert_unit == unit_name(convert.id, 1) == f"h2k-job-{convert.id.replace('-', chr(92) + 'x2d')}-1.service"
-            await wait_for(lambda: "waiting for go" in events.statuses_of(convert.id)
-                           and "waiting for go" in events.statuses_of(offline.id), what="both workers ready")
+            await events.wait_status(convert.id, "waiting for go")
+            await events.wait_status(offline.id, "waiting for go")
             props = await unit_properties(sandbox.manager.bus_address, convert_unit)
             assert props is not None
             assert props["ActiveState"] == "active"
@@ -294,8 +310,6 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
                 outcome = await events.wait_finished(job.id)
                 assert (outcome.result, outcome.exit_status) == ("success", 0)
                 assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
-        finally:
-            await runner.close()
 
     asyncio.run(scenario())
 
@@ -303,13 +317,10 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
 def test_status_updates_arrive_in_order_and_success_is_reported(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("progress"), events)
         job = make_job()
-        try:
+        async with runner_for(sandbox.config("progress"), events) as runner:
             unit = await runner.start(job, 1)
             outcome = await events.wait_finished(job.id)
-        finally:
-            await runner.close()
         expected = [f"convert: {i * 12.5:.2f}% ({i}/8 bytes) step {i}" for i in range(8)]
         assert events.statuses_of(job.id) == expected
         assert outcome.unit == unit
@@ -323,14 +334,11 @@ def test_status_updates_arrive_in_order_and_success_is_reported(sandbox: Sandbox
 def test_failing_worker_reports_exit_code_and_log_tail(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("fail"), events)
         job = make_job()
-        try:
+        async with runner_for(sandbox.config("fail"), events) as runner:
             await runner.start(job, 1)
             outcome = await events.wait_finished(job.id)
             await asyncio.sleep(0.5)
-        finally:
-            await runner.close()
         assert (outcome.result, outcome.exit_status) == ("exit-code", 3)
         assert outcome.worker_result is None
         assert len(events.outcomes_of(job.id)) == 1
@@ -347,15 +355,11 @@ def test_failing_worker_reports_exit_code_and_log_tail(sandbox: Sandbox) -> None
 def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("wait"), events)
         job = make_job()
-        try:
-            unit = await runner.start(job, 1)
-            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+        async with runner_for(sandbox.config("wait"), events) as runner:
+            unit = await start_waiting(runner, events, job)
             await runner.stop(unit)
             outcome = await events.wait_finished(job.id)
-        finally:
-            await runner.close()
         assert outcome.stopped_by_request is True
         # The worker exits 143 after SIGTERM; systemd counts that as a failed exit, not a clean stop.
         assert (outcome.result, outcome.exit_status) == ("exit-code", 143)
@@ -370,16 +374,12 @@ def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
 def test_administrator_stop_is_reported_faithfully_not_as_ours(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("wait"), events)
         job = make_job()
-        try:
-            unit = await runner.start(job, 1)
-            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+        async with runner_for(sandbox.config("wait"), events) as runner:
+            unit = await start_waiting(runner, events, job)
             stopped = await asyncio.to_thread(sandbox.systemctl, "stop", unit)
             assert stopped.returncode == 0, stopped.stderr
             outcome = await events.wait_finished(job.id)
-        finally:
-            await runner.close()
         assert outcome.stopped_by_request is False
         assert (outcome.result, outcome.exit_status) == ("exit-code", 143)
         assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
@@ -390,13 +390,10 @@ def test_administrator_stop_is_reported_faithfully_not_as_ours(sandbox: Sandbox)
 def test_runtime_max_hit_is_a_timeout(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("wait"), events)
         job = make_job(timeout=1)
-        try:
+        async with runner_for(sandbox.config("wait"), events) as runner:
             await runner.start(job, 1)
             outcome = await events.wait_finished(job.id, timeout=20)
-        finally:
-            await runner.close()
         assert (outcome.result, outcome.exit_status) == ("timeout", 143)
         assert outcome.stopped_by_request is False
 
@@ -409,22 +406,18 @@ def test_a_new_runner_reattaches_to_a_running_unit_without_starting_it_again(san
         first_events = RecordingEvents()
         first = await connected(config, first_events)
         job = make_job()
-        unit = await first.start(job, 1)
-        await wait_for(lambda: "waiting for go" in first_events.statuses_of(job.id), what="worker ready")
+        unit = await start_waiting(first, first_events, job)
         await first.close()   # h2kd goes away; the unit keeps running
 
         job.unit = unit
         events = RecordingEvents()
-        second = await connected(config, events)
-        try:
+        async with runner_for(config, events) as second:
             await second.reattach(job)
             await asyncio.sleep(0.3)
             assert events.finished == []
             (config.runs_dir / unit / "go").touch()
             outcome = await events.wait_finished(job.id)
             await asyncio.sleep(0.3)
-        finally:
-            await second.close()
         assert "convert: 100.00% (8/8 bytes) done" in events.statuses_of(job.id)
         assert (outcome.result, outcome.exit_status) == ("success", 0)
         assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
@@ -451,16 +444,13 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
 
         job.unit = unit
         events = RecordingEvents()
-        second = await connected(config, events)
         never = make_job()          # an attempt that never got as far as a unit
         never.unit = unit_name(never.id, 1)
-        try:
+        async with runner_for(config, events) as second:
             await second.reattach(job)
             await second.reattach(never)
             outcome = await events.wait_finished(job.id)
             lost = await events.wait_finished(never.id)
-        finally:
-            await second.close()
         assert (outcome.result, outcome.exit_status) == ("success", 0)
         assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
         assert starts(config, unit) == 1
@@ -539,15 +529,12 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
 def test_fifty_concurrent_units_each_finish_once(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
-        runner = await connected(sandbox.config("quick"), events)
         jobs = [make_job() for _ in range(50)]
-        try:
+        async with runner_for(sandbox.config("quick"), events) as runner:
             await asyncio.gather(*(runner.start(job, 1) for job in jobs))
             await wait_for(lambda: len(events.finished) >= 50, timeout=120, what="fifty units")
             await asyncio.sleep(0.5)
             assert runner.reachable
-        finally:
-            await runner.close()
         assert sorted(jid for jid, _, _ in events.finished) == sorted(job.id for job in jobs)
         assert all(outcome.result == "success" and outcome.worker_result for _, _, outcome in events.finished)
 
@@ -558,19 +545,15 @@ def test_runner_reconnects_when_the_bus_restarts_and_keeps_following(sandbox: Sa
     async def scenario() -> None:
         config = sandbox.config("wait")
         events = RecordingEvents()
-        runner = await connected(config, events)
         job = make_job()
-        try:
-            unit = await runner.start(job, 1)
-            await wait_for(lambda: "waiting for go" in events.statuses_of(job.id), what="worker ready")
+        async with runner_for(config, events) as runner:
+            unit = await start_waiting(runner, events, job)
             restarted = await asyncio.to_thread(sandbox.systemctl, "restart", "dbus.service")
             assert restarted.returncode == 0, restarted.stderr
             await wait_for(lambda: runner.reconnects == 1 and runner.reachable, timeout=20,
                            what="the runner to reconnect")
             (config.runs_dir / unit / "go").touch()
             outcome = await events.wait_finished(job.id)
-        finally:
-            await runner.close()
         assert (outcome.result, outcome.exit_status) == ("success", 0)
         assert "convert: 100.00% (8/8 bytes) done" in events.statuses_of(job.id)
         assert starts(config, unit) == 1
@@ -598,12 +581,9 @@ def test_the_real_worker_converts_an_image_inside_its_unit(sandbox: Sandbox) -> 
                                         "artifacts": {"output_path": str(output)}}))
         job = Job(id=job_id, spec=spec, operation="convert", owner=0, attempt=1)
         events = RecordingEvents()
-        runner = await connected(config, events)
-        try:
+        async with runner_for(config, events) as runner:
             await runner.start(job, 1)
             outcome = await events.wait_finished(job.id, timeout=60)
-        finally:
-            await runner.close()
         assert (outcome.result, outcome.exit_status) == ("success", 0), outcome
         assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
         compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(source), str(output)],

@@ -13,7 +13,23 @@ commands behind polkit), base (shared interface plumbing), call (who is calling)
 D-Bus errors), variants (a{sv} conversion), paths (object paths), auth (polkit).
 """
 
-from h2kd.bus.connection import connect_bus
-from h2kd.bus.service import BusService
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from h2kd.bus.connection import connect_bus
+    from h2kd.bus.service import BusService
 
 __all__ = ["BusService", "connect_bus"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: h2kctl imports h2kd.bus.variants, and must not load the daemon's modules with it.
+    if name == "connect_bus":
+        from h2kd.bus.connection import connect_bus
+        return connect_bus
+    if name == "BusService":
+        from h2kd.bus.service import BusService
+        return BusService
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,11 @@
-"""a{sv} from callers into plain Python values, and plain Python values into typed a{sv} for replies.
+"""a{sv} from callers into plain Python values, and plain Python values into a{sv}.
 
 Incoming: Variants are unwrapped recursively (dicts, arrays and structs included), so the core
-sees the same shapes it would get from JSON. Outgoing: each key's D-Bus type is given explicitly,
-because a Python int cannot say whether it is a u or a t.
+sees the same shapes it would get from JSON. Outgoing (h2kd's replies, and the job specs h2kctl and
+the benchmarks send): a key's D-Bus type can be given explicitly, because a Python int cannot say
+whether it is a u or a t; otherwise each value gets its natural type.
+
+Clients import this module too, so it needs nothing of h2kd but its errors.
 """
 
 from __future__ import annotations
@@ -50,26 +53,43 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-def to_vardict(values: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, Variant]:
-    """Typed a{sv}: keys listed in `types` get that signature; others are guessed (ints as x, else JSON text)."""
+def to_vardict(values: Mapping[str, Any], types: Mapping[str, str] | None = None) -> dict[str, Variant]:
+    """a{sv}: a key listed in `types` gets that signature (a value that is not a str sent as s becomes
+    JSON text); the others their natural type (to_variant). D-Bus has no null: a key whose value is
+    None means "not given", so it is left out."""
+    types = types or {}
     out: dict[str, Variant] = {}
     for key, value in values.items():
-        signature = types.get(key) or _guess_signature(value)
-        if signature == "s" and not isinstance(value, str):
-            value = json.dumps(value)
-        out[key] = Variant(signature, value)
+        if value is None:
+            continue
+        signature = types.get(key)
+        if signature is None:
+            out[str(key)] = to_variant(value)
+        elif signature == "s" and not isinstance(value, str):
+            out[str(key)] = Variant("s", json.dumps(value))
+        else:
+            out[str(key)] = Variant(signature, value)
     return out
 
 
-def _guess_signature(value: Any) -> str:
+def to_variant(value: Any) -> Variant:
+    """A plain value as a Variant of its natural type: bool b, int u (x outside u's range), float d, str s,
+    dict a{sv}, a list of str as, other lists av. A Variant is kept as it is, so that values typed by hand
+    can be mixed in. TypeError for anything else (None inside a list, for one)."""
+    if isinstance(value, Variant):
+        return value
     if isinstance(value, bool):
-        return "b"
+        return Variant("b", value)
     if isinstance(value, int):
-        return "x"
+        return Variant("u" if 0 <= value < 2**32 else "x", value)
     if isinstance(value, float):
-        return "d"
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "as"
-    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        return "a{ss}"
-    return "s"
+        return Variant("d", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    if isinstance(value, dict):
+        return Variant("a{sv}", to_vardict(value))
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return Variant("as", list(value))
+        return Variant("av", [to_variant(v) for v in value])
+    raise TypeError(f"cannot send a value of type {type(value).__name__}")
