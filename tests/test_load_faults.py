@@ -5,9 +5,9 @@ conversions, worker units killed / stopped by an administrator / hitting their t
 file system, systemd re-executing and polkitd restarting under load, the job store's disk full, and
 random malformed specs thrown at SubmitJob.
 
-Scaled down from bench/ (which has the full figures of issue 9) to keep this file to a few minutes on
-2 cores: 2,000 submits from 50 clients (bench: 5,000), 200 subscribers while 20 jobs run (bench: 100),
-5 kills of h2kd (bench: 20). The numbers used are printed; timings are never asserted.
+The figures are those bench/ measures: 5,000 submits from 50 clients, 200 subscribers while 100 jobs
+run, 20 kills of h2kd during a batch of conversions (smaller disks than bench/'s, slowed down so that
+the batch outlasts the kills). The numbers used are printed; timings are never asserted.
 """
 
 from __future__ import annotations
@@ -166,11 +166,11 @@ async def healthy_then_remove(client: Client, *job_ids: str) -> None:
 
 @pytest.mark.slow
 def test_burst_of_submits_from_50_clients_gives_one_job_each(lstack: Stack, small_source: Path) -> None:
-    figures = faults.submit_burst(lstack, small_source, clients=50, per_client=40)
+    figures = faults.submit_burst(lstack, small_source, clients=50, per_client=100)
     print("burst:", {k: v for k, v in figures.items() if k != "errors"})
     assert figures["errors"] == []
-    assert figures["replies"] == figures["submits"] == 2000
-    assert figures["distinct_replied"] == figures["new_jobs"] == figures["new_jobs_distinct"] == 2000
+    assert figures["replies"] == figures["submits"] == 5000
+    assert figures["distinct_replied"] == figures["new_jobs"] == figures["new_jobs_distinct"] == 5000
     assert figures["replied_equals_new"]
     assert figures["same_daemon"] and figures["health"] == "ok"
     assert figures["cleanup_problems"] == [] and figures["left_after_cleanup"] == 0
@@ -178,23 +178,23 @@ def test_burst_of_submits_from_50_clients_gives_one_job_each(lstack: Stack, smal
 
 @pytest.mark.slow
 def test_200_subscribers_each_see_every_job_end(lstack: Stack, small_source: Path) -> None:
-    figures = faults.subscribers_while_jobs_run(lstack, small_source, subscribers=200, jobs=20, parallel=4,
-                                                timeout=240)
+    figures = faults.subscribers_while_jobs_run(lstack, small_source, subscribers=200, jobs=100, parallel=8,
+                                                timeout=480)
     print("subscribers:", figures)
     assert figures["error"] is None
     assert figures["final_states"] == ["completed"]
     assert figures["all_connected"] and figures["same_daemon"] and figures["health"] == "ok"
-    assert figures["completed_seen_min"] == figures["completed_seen_max"] == 20
+    assert figures["completed_seen_min"] == figures["completed_seen_max"] == 100
 
 
 # ---------------------------------------------------------------- kill -9 of h2kd
 
 @pytest.mark.slow
 def test_kill_9_of_h2kd_during_conversions_loses_nothing(lstack: Stack, work: Path) -> None:
-    figures = faults.kill_during_conversions(lstack, work, kills=5, jobs=6, data_bytes=16 * disks.MiB,
-                                             rate=8 * disks.MiB, seed=4)
+    figures = faults.kill_during_conversions(lstack, work, kills=20, jobs=8, data_bytes=16 * disks.MiB,
+                                             rate=1 * disks.MiB, seed=4)
     print("kill -9:", figures)
-    assert figures["kills"] >= 3, figures     # the batch must have been hit while it ran
+    assert figures["kills"] == 20, figures     # the batch outlasted every kill
     assert any(set(s) & {"running", "progressing", "assigned"} for s in figures["states_at_kills"])
     assert figures["problems"] == []
     assert figures["health"] == "ok"
