@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import socket
+import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast._private.unmarshaller import Unmarshaller
 
 from bench import disks, load
 from bench.client import Client, convert_spec, cpu_seconds, median, new_id, percentile, rss_bytes, run_in_processes
@@ -49,8 +57,18 @@ def top_up(stack: Stack, source: Path, wanted: int) -> None:
         load.submit_burst(stack.bus_address, clients, per, 16, str(source))
 
 
+OBJECT_MANAGER_CALL = dict(destination="org.hyper2kvm.h2kd1", path="/org/hyper2kvm/h2kd1",
+                           interface="org.freedesktop.DBus.ObjectManager", member="GetManagedObjects")
+
+
 def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) -> dict[str, Any]:
-    """With `jobs` in the store: GetManagedObjects, ListJobs, RSS, start-up time."""
+    """With `jobs` in the store: GetManagedObjects, ListJobs, RSS, start-up time.
+
+    GetManagedObjects is timed three ways, as clients see it: "raw" is the round trip until the last byte of
+    the reply has been received, decoding nothing (what the daemon and dbus-daemon cost; _RawConnection);
+    "GetManagedObjects_ms" is a dbus-fast client's call, decoding included; busctl is a C client, its
+    process start and output included. "decode" is dbus-fast unmarshalling the raw reply in-process alone.
+    """
     top_up(stack, source, jobs)
 
     async def timed_calls() -> dict[str, Any]:
@@ -75,7 +93,9 @@ def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) ->
         finally:
             client.close()
 
-    figures = asyncio.run(timed_calls())
+    figures = _managed_objects_raw(stack, repeats)
+    figures.update(asyncio.run(timed_calls()))
+    figures.update(_managed_objects_busctl(stack, repeats))
     figures["rss_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
     startups = []
     for _ in range(3):
@@ -85,7 +105,125 @@ def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) ->
         startups.append(time.perf_counter() - start)
     figures["startup_s"] = median(startups)
     figures["rss_after_restart_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
+    with _RawConnection(stack.bus_address) as raw:   # the first listing of a fresh daemon builds its records
+        start = time.perf_counter()
+        raw.call(Message(**OBJECT_MANAGER_CALL))
+        figures["GetManagedObjects_first_after_restart_raw_ms"] = (time.perf_counter() - start) * 1000
+    figures["rss_after_first_listing_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
     return figures
+
+
+def _managed_objects_raw(stack: Stack, repeats: int) -> dict[str, Any]:
+    """GetManagedObjects' round trip to the last byte, the daemon's CPU per call, and the reply's decoding."""
+    pid = stack.daemon_pid
+    with _RawConnection(stack.bus_address) as raw:
+        raw.call(Message(**OBJECT_MANAGER_CALL))   # once untimed: a first call may build the daemon's records
+        times = []
+        cpu_before = cpu_seconds(pid)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reply = raw.call(Message(**OBJECT_MANAGER_CALL))
+            times.append(time.perf_counter() - start)
+        cpu = cpu_seconds(pid) - cpu_before
+    decode_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decoded = Unmarshaller(io.BytesIO(reply), negotiate_unix_fd=False).unmarshall()
+        decode_times.append(time.perf_counter() - start)
+    assert decoded is not None and decoded.message_type == MessageType.METHOD_RETURN, "no reply decoded"
+    return {"GetManagedObjects_raw_ms": median(times) * 1000, "GetManagedObjects_reply_MB": len(reply) / 1e6,
+            "GetManagedObjects_daemon_cpu_ms": cpu / repeats * 1000,
+            "GetManagedObjects_objects": len(decoded.body[0]),
+            "GetManagedObjects_dbus_fast_decode_ms": median(decode_times) * 1000}
+
+
+def _managed_objects_busctl(stack: Stack, repeats: int) -> dict[str, Any]:
+    """busctl's GetManagedObjects (its own start-up included), printed as text and as JSON, to /dev/null."""
+    env = {**os.environ, **stack.env()}
+    argv = ["busctl", "--system", "call", OBJECT_MANAGER_CALL["destination"], OBJECT_MANAGER_CALL["path"],
+            OBJECT_MANAGER_CALL["interface"], OBJECT_MANAGER_CALL["member"]]
+    out: dict[str, Any] = {}
+    for label, extra in (("busctl", []), ("busctl_json", ["--json=short"])):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(argv[:2] + extra + argv[2:], env=env, stdout=subprocess.DEVNULL, check=True, timeout=60)
+            times.append(time.perf_counter() - start)
+        out[f"GetManagedObjects_{label}_ms"] = median(times) * 1000
+    return out
+
+
+class _RawConnection:
+    """A bare blocking D-Bus connection (EXTERNAL authentication, Hello) that sends one call at a time and
+    reads the reply's bytes without decoding them: how long the reply takes to arrive, apart from any
+    client library's decoding. Only unix socket addresses (the stack's) are supported."""
+
+    def __init__(self, address: str):
+        kind, _, params = address.partition(":")
+        options = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
+        if kind != "unix" or not ({"path", "abstract"} & set(options)):
+            raise ValueError(f"unsupported bus address {address}")
+        where = options.get("path") or "\0" + options["abstract"]
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(where)
+        self._pending = bytearray()
+        self._serial = 0
+        self._sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
+        answer = self._line()
+        if not answer.startswith(b"OK "):
+            raise ConnectionError(f"authentication refused: {answer!r}")
+        self._sock.sendall(b"BEGIN\r\n")
+        self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                          interface="org.freedesktop.DBus", member="Hello"))
+
+    def __enter__(self) -> "_RawConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def call(self, message: Message) -> bytearray:
+        """Send `message`; the whole reply (or error) to it, as received. Signals in between are skipped
+        (only our unique name's NameAcquired can come: no match rules are added)."""
+        self._serial += 1
+        message.serial = self._serial
+        self._sock.sendall(message._marshall(False))
+        while True:
+            data = self._message()
+            if data[1] in (2, 3):   # METHOD_RETURN, ERROR: one call at a time, so ours
+                return data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._pending:
+            self._receive_some()
+        line, _, rest = bytes(self._pending).partition(b"\r\n")
+        self._pending = bytearray(rest)
+        return line
+
+    def _receive_some(self) -> None:
+        chunk = self._sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("the bus closed the connection")
+        self._pending += chunk
+
+    def _message(self) -> bytearray:
+        while len(self._pending) < 16:
+            self._receive_some()
+        if self._pending[0:1] != b"l":
+            raise ValueError("only little-endian messages are read")
+        body_length, _serial, fields_length = struct.unpack_from("<III", self._pending, 4)
+        total = 16 + fields_length + (-fields_length % 8) + body_length
+        message = bytearray(total)
+        have = min(len(self._pending), total)
+        message[:have] = self._pending[:have]
+        del self._pending[:have]
+        view = memoryview(message)
+        while have < total:
+            got = self._sock.recv_into(view[have:], total - have)
+            if not got:
+                raise ConnectionError("the bus closed the connection")
+            have += got
+        return message
 
 
 def remove_all_jobs(stack: Stack) -> list[str]:

@@ -10,7 +10,8 @@
 Modules: connection (the bus, burst-safe, ObjectManager signals left to us), service (exports and
 JobListener), manager_iface/job_iface/worker_iface (the interfaces of dbus/*.xml), actions (job
 commands behind polkit), base (shared interface plumbing), call (who is calling), errors (named
-D-Bus errors), variants (a{sv} conversion), paths (object paths), auth (polkit).
+D-Bus errors), variants (a{sv} conversion), paths (object paths), auth (polkit), premarshal
+(GetManagedObjects replies from entries marshalled in advance).
 """
 
 from __future__ import annotations

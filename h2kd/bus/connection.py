@@ -1,4 +1,4 @@
-"""The daemon's bus connection: dbus-fast's asyncio MessageBus with two documented adjustments.
+"""The daemon's bus connection: dbus-fast's asyncio MessageBus with three documented adjustments.
 
 1. Bursts. dbus-fast 5.2.0's asyncio writer (_MessageWriter.write_callback in
    dbus_fast/aio/message_bus.py) calls sock.send() on the non-blocking socket and treats any
@@ -12,7 +12,8 @@
 2. Batched writes. dbus-fast writes every message with its own send() as soon as it is queued; h2kd
    sends several per change (signals, then the reply), so messages queued during one turn of the event
    loop are written together at the end of it, in order, with one send() (fewer system calls here and
-   fewer wake-ups of dbus-daemon). Messages carrying file descriptors go dbus-fast's own way.
+   fewer wake-ups of dbus-daemon). Messages carrying file descriptors go dbus-fast's own way; a large message
+   keeps its own buffer. send_marshalled() queues a message marshalled by the caller the same way.
 
 3. ObjectManager signals. export()/unexport() emit InterfacesAdded/InterfacesRemoved from the
    object's own path; the specification (and Cockpit) expect them from the ObjectManager's path.
@@ -107,17 +108,39 @@ class H2kMessageBus(MessageBus):
             super().unexport(path, interface)
 
     def send(self, msg: Any) -> asyncio.Future:
-        writer = getattr(self, "_writer", None)
-        if msg.unix_fds or not self.unique_name or writer is None or not hasattr(writer, "messages"):
+        writer = self._batching_writer()
+        if msg.unix_fds or writer is None:
             return super().send(msg)
         if not msg.serial:
             msg.serial = self.next_serial()
         future = self._loop.create_future()
         writer.buffer_message(msg, future)
+        self._schedule_batch(writer)
+        return future
+
+    def send_marshalled(self, data: bytes | bytearray) -> asyncio.Future:
+        """Queue a message the caller marshalled in full (header and body, without file descriptors, its
+        serial taken from next_serial()), in order with send()'s messages. For replies too big to marshal
+        on every call (h2kd.bus.premarshal). Raises RuntimeError if the connection cannot take it."""
+        writer = self._batching_writer()
+        if writer is None:
+            raise RuntimeError("not connected, or dbus-fast's writer has changed")
+        future = self._loop.create_future()
+        writer.messages.append((data, None, future))   # the entries buffer_message() makes
+        self._schedule_batch(writer)
+        return future
+
+    def _batching_writer(self) -> Any:
+        """dbus-fast's writer, if connected and still shaped as this class expects."""
+        writer = getattr(self, "_writer", None)
+        if not self.unique_name or writer is None or not hasattr(writer, "messages"):
+            return None
+        return writer
+
+    def _schedule_batch(self, writer: Any) -> None:
         if not getattr(writer, "h2k_flush_pending", False):
             writer.h2k_flush_pending = True
             self._loop.call_soon(self._write_batch)
-        return future
 
     def _write_batch(self) -> None:
         writer = self._writer
@@ -159,8 +182,12 @@ class _Futures:
                 future.set_exception(exc)
 
 
+# A message this big is written from its own buffer: joining it to its neighbours would copy it once more.
+_JOIN_LIMIT = 64 * 1024
+
+
 def _merged(messages: deque) -> deque:
-    """dbus-fast's queue of (bytes, fds, future) with each run of messages without descriptors joined."""
+    """dbus-fast's queue of (bytes, fds, future) with each run of small messages without descriptors joined."""
     if len(messages) < 2:
         return messages
     out: deque = deque()
@@ -174,7 +201,7 @@ def _merged(messages: deque) -> deque:
         run.clear()
 
     for entry in messages:
-        if entry[1]:
+        if entry[1] or len(entry[0]) > _JOIN_LIMIT:
             close_run()
             out.append(entry)
         else:

@@ -10,8 +10,9 @@
 
 What it sends:
 - /org/hyper2kvm/h2kd1 is also the org.freedesktop.DBus.ObjectManager: GetManagedObjects is
-  answered from the job records (a cached a{sv} per job, so 10,000 jobs cost one marshalling),
-  and InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
+  answered from the job records, each job's part of the reply kept marshalled until the job's
+  announced properties change (h2kd.bus.premarshal), so a call with 10,000 jobs only joins bytes;
+  InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
 - Job PropertiesChanged and Job.Progress are coalesced per job to one per
   config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
   PropertiesChanged lists only the properties whose values differ from those last announced.
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.constants import ErrorType
 from dbus_fast.signature import Variant
 
@@ -42,6 +43,7 @@ from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FI
                                 job_vardict)
 from h2kd.bus.manager_iface import MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface
 from h2kd.bus.paths import job_path, worker_path
+from h2kd.bus.premarshal import REPLY_SIGNATURE, managed_objects_reply, object_entry
 from h2kd.bus.worker_iface import WORKER_INTERFACE, WorkerInterface, worker_vardict
 from h2kd.errors import NoSuchJob
 from h2kd.manager.ports import Event, WorkerInfo
@@ -70,11 +72,28 @@ class _Pending:
 
 @dataclass(eq=False)
 class _ExportedJob:
-    __slots__ = ("path", "job", "pending", "vardict")
+    __slots__ = ("path", "job", "pending", "vardict", "entry")
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
-    vardict: dict[str, Variant] | None  # cached for GetManagedObjects; None when stale
+    vardict: dict[str, Variant] | None  # as last announced, for GetManagedObjects; None when stale
+    entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
+
+    def announced(self) -> dict[str, Variant]:
+        """The properties as last announced (read from the job if nothing is cached)."""
+        if self.vardict is None:
+            self.vardict = job_vardict(self.job)
+            self.entry = None
+        return self.vardict
+
+    def announced_entry(self) -> bytes:
+        """announced() as this object's entry of a GetManagedObjects reply (h2kd.bus.premarshal)."""
+        if self.entry is None:
+            self.entry = object_entry(self.path, {JOB_INTERFACE: self.announced()})
+        return self.entry
+
+    def has_unannounced_changes(self) -> bool:
+        return self.pending is not None and bool(self.pending.properties)
 
 
 class BusService:
@@ -136,7 +155,7 @@ class BusService:
                 or msg.interface not in (None, OBJECT_MANAGER) or msg.signature != ""):
             return None
         if msg.path == MANAGER_PATH:
-            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self.managed_objects()])
+            return self._send_managed_objects(msg)
         if msg.path is not None and MANAGER_PATH.startswith(msg.path.rstrip("/") + "/"):
             # An ancestor of our tree: it is no ObjectManager (and walking 10,000 objects is not cheap).
             return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
@@ -154,18 +173,48 @@ class BusService:
                     log.exception("handling the loss of %s failed", name)
         return False
 
+    def _send_managed_objects(self, call: Message) -> Message | bool:
+        """Answer GetManagedObjects with the marshalled entries joined, queued as bytes; True tells dbus-fast
+        the call is answered. Should the connection not take bytes, a Message for dbus-fast to marshal."""
+        if call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True
+        try:
+            reply = Message.new_method_return(call, REPLY_SIGNATURE, [])
+            reply.serial = self._bus.next_serial()
+            data = managed_objects_reply(reply, self._managed_object_entries())
+            sent = self._bus.send_marshalled(data)
+        except ValueError as exc:   # beyond the protocol's size limits: the bus would drop the connection
+            log.error("cannot answer GetManagedObjects: %s", exc)
+            return Message.new_error(call, ErrorType.LIMITS_EXCEEDED.value, str(exc))
+        except RuntimeError as exc:   # dbus-fast's writer or its marshalling of a message is not as expected
+            log.warning("GetManagedObjects marshalled by dbus-fast instead: %s", exc)
+            return Message.new_method_return(call, REPLY_SIGNATURE, [self.managed_objects()])
+        sent.add_done_callback(_consume)
+        return True
+
+    def _managed_object_entries(self) -> Any:
+        """The entries of managed_objects(), marshalled, in the same order."""
+        for exported in self._jobs.values():
+            if exported.has_unannounced_changes():
+                # Current values (as Properties.GetAll gives), leaving the cache as last announced.
+                yield object_entry(exported.path, {JOB_INTERFACE: job_vardict(exported.job)})
+            else:
+                yield exported.announced_entry()
+        for path, interface, _announced in self._workers.values():
+            yield object_entry(path, {WORKER_INTERFACE: worker_vardict(interface.worker)})
+
     def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
+        """GetManagedObjects' answer as values (the reply sent is made by _managed_object_entries)."""
         objects: dict[str, dict[str, dict[str, Variant]]] = {}
         for exported in self._jobs.values():
-            if exported.pending is not None and exported.pending.properties:
+            if exported.has_unannounced_changes():
                 # Changes not yet announced: current values, leaving the cache as last announced.
                 objects[exported.path] = {JOB_INTERFACE: job_vardict(exported.job)}
-                continue
-            if exported.vardict is None:
-                exported.vardict = job_vardict(exported.job)
-            objects[exported.path] = {JOB_INTERFACE: exported.vardict}
-        for path, _iface, props in self._workers.values():
-            objects[path] = {WORKER_INTERFACE: props}
+            else:
+                objects[exported.path] = {JOB_INTERFACE: exported.announced()}
+        for path, interface, _announced in self._workers.values():
+            # Current values, as Properties.GetAll: heartbeats are not announced, and workers are few.
+            objects[path] = {WORKER_INTERFACE: worker_vardict(interface.worker)}
         return objects
 
     # ------------------------------------------------------------------ sending
@@ -195,7 +244,7 @@ class BusService:
         exported = self._jobs.get(job.id)
         if exported is not None:
             return exported
-        exported = _ExportedJob(job_path(job.id), job, None, None)
+        exported = _ExportedJob(job_path(job.id), job, None, None, None)
         self._bus.export_shared(exported.path, self._job_iface)
         self._jobs[job.id] = exported
         self._job_paths[exported.path] = exported
@@ -204,7 +253,7 @@ class BusService:
     def job_added(self, job: Job) -> None:
         try:
             exported = self._export_job(job)
-            exported.vardict = job_vardict(job)
+            exported.vardict, exported.entry = job_vardict(job), None
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
                          [exported.path, {JOB_INTERFACE: exported.vardict}])
             self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobNew", "so", [job.id, exported.path])
@@ -259,7 +308,9 @@ class BusService:
         if cached is None:
             return values
         changed = {name: value for name, value in values.items() if cached.get(name) != value}
-        cached.update(changed)
+        if changed:
+            cached.update(changed)
+            exported.entry = None
         return changed
 
     def job_event(self, job: Job, event: Event) -> None:
