@@ -101,6 +101,8 @@ class BusService:
         self._bus = bus
         self._manager = manager
         self._interval = float(getattr(config, "property_coalesce_seconds", 0.1))
+        self._due_jobs: set[str] = set()               # jobs with coalesced changes for the next tick
+        self._tick: asyncio.TimerHandle | None = None
         self._authorizer = Authorizer(authority)
         self._commands = JobCommands(manager, self._authorizer)
         self._jobs: dict[str, _ExportedJob] = {}
@@ -132,6 +134,9 @@ class BusService:
             if exported.pending is not None:
                 _cancel(exported.pending)
         _cancel(self._manager_pending)
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         for handler in self._handlers:
             try:
                 self._bus.remove_message_handler(handler)
@@ -276,7 +281,24 @@ class BusService:
         if urgent:
             self._flush_job(job.id)
         else:
-            self._schedule(pending, lambda: self._flush_job(job.id))
+            self._flush_later(job.id)
+
+    def _flush_later(self, job_id: str) -> None:
+        """Coalesced changes of all jobs go out together, `interval` after the first of them: with fifty jobs
+        progressing that is one write to the bus per tick instead of one per progress report."""
+        self._due_jobs.add(job_id)
+        if self._tick is not None:
+            return
+        try:
+            self._tick = asyncio.get_running_loop().call_later(self._interval, self._flush_due)
+        except RuntimeError:  # no loop (tests of the core without a bus): send now
+            self._flush_due()
+
+    def _flush_due(self) -> None:
+        self._tick = None
+        due, self._due_jobs = self._due_jobs, set()
+        for job_id in due:
+            self._flush_job(job_id)
 
     def _flush_job(self, job_id: str) -> None:
         exported = self._jobs.get(job_id)
