@@ -22,7 +22,9 @@ def describe(interface: ET.Element) -> dict:
         "methods": {m.get("name"): args(m, "in") for m in interface.findall("method")},
         # Signal arguments are always "out"; exporters may or may not say so.
         "signals": {s.get("name"): args(s, "out") for s in interface.findall("signal")},
-        "properties": {p.get("name"): (p.get("type"), p.get("access")) for p in interface.findall("property")},
+        "properties": {p.get("name"): (p.get("type"), p.get("access"),
+                                       {a.get("name"): a.get("value") for a in p.findall("annotation")})
+                       for p in interface.findall("property")},
     }
 
 

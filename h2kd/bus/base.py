@@ -2,7 +2,8 @@
 
 dbus-fast names method in-arguments after the Python parameters but leaves out-arguments and
 signal arguments unnamed; the interface XML in dbus/ names them, so each interface lists those
-names (OUT_ARG_NAMES, SIGNAL_ARG_NAMES) and introspect() fills them in.
+names (OUT_ARG_NAMES, SIGNAL_ARG_NAMES) and introspect() fills them in, with the EmitsChangedSignal
+annotation of properties that change unannounced (UNANNOUNCED_PROPERTIES).
 Properties are declared from one table per interface (add_read_properties), so the getters, the
 PropertiesChanged payloads and GetManagedObjects all read the same values.
 """
@@ -16,11 +17,14 @@ from h2kd import BUS_NAME
 from h2kd.bus.call import current_caller
 
 ACTION_PREFIX = BUS_NAME + "."
+EMITS_CHANGED_SIGNAL = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 
 
 class ApiInterface(ServiceInterface):
     OUT_ARG_NAMES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     SIGNAL_ARG_NAMES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    # Properties whose changes are not announced by PropertiesChanged (read them when needed).
+    UNANNOUNCED_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
 
     def introspect(self):  # type: ignore[override]
         interface = super().introspect()
@@ -32,6 +36,9 @@ class ApiInterface(ServiceInterface):
             names = self.SIGNAL_ARG_NAMES.get(signal.name, ())
             for arg, name in zip(signal.args, names):
                 arg.name = name
+        for prop in interface.properties:
+            if prop.name in self.UNANNOUNCED_PROPERTIES:
+                prop.annotations[EMITS_CHANGED_SIGNAL] = "false"
         return interface
 
 

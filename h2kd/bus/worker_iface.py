@@ -39,6 +39,7 @@ def worker_vardict(worker: WorkerInfo) -> dict[str, Variant]:
 
 class WorkerInterface(ApiInterface):
     OUT_ARG_NAMES = {"ClaimJob": ("found", "job_id", "spec")}
+    UNANNOUNCED_PROPERTIES = frozenset({"LastHeartbeat"})
 
     def __init__(self, worker: WorkerInfo, manager: Any, authorizer: Authorizer):
         super().__init__(WORKER_INTERFACE)
