@@ -345,3 +345,23 @@ def test_kill_9_loses_nothing_committed(tmp_path):
             # Queue numbers handed out after a restart come after all of them.
             assert s.next_queue_seq() > max(j.queue_seq for j in jobs.values())
     assert len(queued) >= 150
+
+
+def test_the_wal_is_copied_back_into_the_database_in_the_background(tmp_path: Path):
+    path = tmp_path / "state" / "h2kd.sqlite"
+    with JobStore(path) as store:
+        empty = path.stat().st_size
+        for i in range(300):
+            store.insert_job(new_job(f"wal-{i}"), "submitted")
+        wal = Path(str(path) + "-wal")
+        assert wal.stat().st_size > 0
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= empty and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Copied back by the store's own thread, the daemon's connection never checkpointing itself.
+        assert path.stat().st_size > empty
+        reader = sqlite3.connect(str(path))
+        try:
+            assert reader.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 300
+        finally:
+            reader.close()
