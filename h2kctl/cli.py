@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", metavar="TYPE", nargs="?", const="", type=_compression,
                    help="compress the qcow2 output, with TYPE zlib or zstd (default: h2kd's choice); "
                         "write --compress=TYPE when SOURCE follows")
+    p.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not sync the output to disk before the job completes (faster; the output still "
+                        "appears only when complete, but as after a qemu-img convert by hand, a power loss soon "
+                        "after may lose it or leave it truncated)")
     p.add_argument("--source-format", metavar="FORMAT", help="the source's format (default: probed)")
     p.add_argument("--compare-with", metavar="PATH", help="validate: compare the image's contents with PATH")
     p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5")
@@ -291,6 +295,8 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
         spec = load_job_file(args.file)
     elif args.source:
         spec = spec_from_args(args, args.operation)
+        if args.operation == "convert" and not args.sync:
+            spec.setdefault("parameters", {})["sync"] = False
     else:
         raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
     job_id, path = await client.submit(spec, args.queue)

@@ -419,6 +419,29 @@ def test_failed_job_exits_3_with_one_line(env, images, output_dir):
     assert h2kctl(env, "watch", job_id).returncode == 3   # watching a finished job reports its outcome
 
 
+def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):
+    job_id = new_id("nosync")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", "--wait", "--no-sync", str(images["vmdk"]), "-o", str(output), "--id", job_id,
+              timeout=120))
+    try:
+        status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+        assert status["state"] == "completed"
+        assert json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Spec"))["parameters"]["sync"] is False
+        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(images["small"]),
+                                   str(output)], capture_output=True, text=True, timeout=60)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert not [p for p in output_dir.iterdir() if p.name.startswith(".h2k-tmp-") and p.name.endswith(output.name)]
+    finally:
+        output.unlink(missing_ok=True)
+    default = new_id("sync")
+    ok(h2kctl(env, "submit", "--no-queue", str(images["vmdk"]), "-o", str(output_dir / f"{default}.qcow2"),
+              "--id", default))
+    assert json.loads(busctl_property(env, job_path(env, default), JOB_IFACE, "Spec"))["parameters"]["sync"] is True
+    ok(h2kctl(env, "cancel", default))
+    ok(h2kctl(env, "remove", default))
+
+
 def test_cancelled_job_exits_4_for_whoever_waits(env, images, output_dir, paused_queue):
     job_id = new_id("cancel")
     ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,43 @@ def test_a_failure_half_way_leaves_the_job_failed_and_nothing_attached(stack: An
     assert h2k_mounts() == [], "a mount was left behind"
     assert not list(stack.output_dir.glob(".h2k-*"))
     image.unlink()
+
+
+@pytest.mark.parametrize("output_format", ["qcow2", "raw"])
+def test_convert_whose_repair_fails_never_shows_its_output(stack: Any, tmp_path: Path, output_format: str) -> None:
+    """The output gets its name only once converted and repaired: while the repair runs (and after it
+    failed) there is nothing under the output's name, and nothing of the job is left in the directory."""
+    source = small_disk(tmp_path / "vmware-like.raw", linux_tree(tmp_path / "tree"))
+    output = stack.output_dir / f"{new_id('unfixable')}.{output_format}"
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if output.exists() or output.is_symlink():
+                seen.append(f"{output.name} existed during the job")
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        job = submit(stack, "convert", source, {"offline_fix": Variant("b", True),
+                                                "output_format": Variant("s", output_format)}, output, timeout=200)
+    finally:
+        done.set()
+        watcher.join()
+    assert job["state"] == "failed", job
+    code, message = job["error"]
+    assert code == "TOOL_FAILED" and "initramfs" in message, job["error"]
+    outputs = job["result"]["outputs"]
+    assert outputs["disks"] == [] and outputs["domain_xml"] is None
+    assert "initramfs" in [f["name"] for f in outputs["offline_fix"]["fixes"] if f["status"] == "failed"]
+    assert seen == [] and not output.exists()
+    assert not [p.name for p in stack.output_dir.iterdir() if p.name.startswith(".h2k-")], "temporary files left"
+    backing = run(["losetup", "-l", "-n", "-O", "BACK-FILE"]).stdout.split()
+    assert not [b for b in backing if b.startswith(str(stack.output_dir))], "a loop device was left attached"
+    assert h2k_mounts() == []
 
 
 def test_a_windows_guest_is_reported_as_not_supported(stack: Any, tmp_path: Path) -> None:

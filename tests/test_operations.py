@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,8 +42,10 @@ class Run:
 
 
 def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
-               on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1) -> Run:
-    """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS."""
+               on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1,
+               wrapper: list[str] | None = None) -> Run:
+    """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS.
+    wrapper: a command the worker runs under (strace ...)."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = work / "spec.json", work / "result.json"
     spec = {"job_id": "job1", **spec}
@@ -54,7 +58,8 @@ def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[st
     sock.bind(str(sock_path))
     sock.settimeout(0.05)
     messages: list[str] = []
-    proc = subprocess.Popen([PYTHON, "-m", "h2kd.worker", "--spec", str(spec_path), "--result", str(result_path)],
+    proc = subprocess.Popen([*(wrapper or []), PYTHON, "-m", "h2kd.worker", "--spec", str(spec_path), "--result",
+                             str(result_path)],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "NOTIFY_SOCKET": str(sock_path), **(env or {})})
@@ -162,6 +167,44 @@ def test_conversion_options_reach_qemu_img(lib: Path, tmp_path: Path, out: Path)
     assert run.returncode == 0, run.log
     assert os.stat(out / "full.raw").st_blocks * 512 >= 16 * MiB
     assert compare(lib / "data.raw", "raw", out / "full.raw", "raw")
+
+
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
+
+
+def worker_syncs(trace: Path, directory: Path) -> list[str]:
+    """The sync calls the worker itself (not qemu-img, which syncs while it creates a qcow2) made on
+    `directory` or a file in it, from `strace -f -y -Y`: "call path" each."""
+    found = []
+    for line in trace.read_text().splitlines():
+        match = re.search(r"<([^>]+)>\]? ?(\w+)\(\d+<([^>]*)>", line)
+        if match and match.group(1) != "qemu-img" and match.group(2) in SYNC_CALLS:
+            path = Path(match.group(3))
+            if path == directory or path.parent == directory:
+                found.append(f"{match.group(2)} {path.name if path != directory else '.'}")
+    return found
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_false_writes_the_output_without_a_single_sync(lib: Path, tmp_path: Path, out: Path,
+                                                             sync: bool) -> None:
+    source = images.make_image("vmdk", "monolithicSparse", tmp_path / "src.vmdk", raw=lib / "data.raw")
+    trace = tmp_path / "strace.log"
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "d.qcow2", domain_xml=True, sync=sync), [out],
+                     wrapper=["strace", "-f", "-y", "-Y", "-qq", "-e", "signal=none", "-o", str(trace),
+                              "-e", "trace=" + ",".join(SYNC_CALLS)])
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
+    assert leftovers(out) == ["d.qcow2", "d.xml"]       # still renamed into place: no temporary file left
+    syncs = worker_syncs(trace, out)
+    if sync:
+        # The disk and the domain XML were on disk before their names, and so were the names.
+        assert any(s.startswith("fsync .h2k-tmp-") and s.endswith("-d.qcow2") for s in syncs), syncs
+        assert any(s.startswith("fsync .h2k-tmp-") and s.endswith("-d.xml") for s in syncs), syncs
+        assert "fsync ." in syncs, syncs
+    else:
+        assert syncs == []
 
 
 def test_multi_extent_vmdk(lib: Path, tmp_path: Path, out: Path) -> None:

@@ -196,6 +196,11 @@ class ConvertParameters(_Strict):
     domain_xml: bool = False   # also write a libvirt domain XML next to the disks
     offline_fix: bool = False              # fix the converted guest so it boots on KVM (see operations.offline_fix)
     remove_vmware_tools: bool = False      # with offline_fix: also remove VMware Tools from the guest
+    # Like systemd-importd's --sync=: true writes each output out to disk (fsync) before it gets its name;
+    # false skips every sync. The output still appears under its name only when complete (temporary name,
+    # atomic rename), but a power loss or crash soon after may lose it or leave it truncated or with
+    # holes, exactly as after a `qemu-img convert` by hand.
+    sync: bool = True
 
     @model_validator(mode="after")
     def _combinations(self) -> ConvertParameters:

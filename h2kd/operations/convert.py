@@ -11,9 +11,17 @@ Where outputs go (artifacts.output_path):
 Safety rules:
   - every output's parent must resolve (realpath) under one of the output roots;
   - each disk is written to a temporary name in the destination's directory, created with O_EXCL and
-    O_NOFOLLOW, then fsynced and (qcow2) checked; only when every disk is done are they all moved to their
+    O_NOFOLLOW, then (qcow2) checked and fsynced; only when every disk is done are they all moved to their
     names, and never over an existing file unless artifacts.overwrite is true (even then never over a
     symlink or a directory);
+  - parameters.sync (default true) decides whether the outputs are made durable: true fsyncs every output
+    (and their directory after the renames) before the job completes; false skips every sync, like
+    `qemu-img convert` by hand or importctl --sync=no. The outputs still get their names only when complete,
+    but a power loss or crash soon after may lose them or leave them truncated;
+  - with parameters.offline_fix, the first (boot) disk is repaired before it gets its name: it is converted to
+    a raw temporary file, the guest on it is fixed there (the `repair` given by the worker, see
+    h2kd.operations.offline_fix), and it is then converted to the output format with the job's options
+    (a raw output is fixed in place). If the repair fails, no output gets a name;
   - each temporary path is first appended to a record file (the attempt's run directory, see TempFiles),
     so that whoever settles an attempt whose worker was killed outright can remove what it left;
   - free space is checked before starting: against a bound computed from the virtual sizes, and only when
@@ -22,7 +30,7 @@ Safety rules:
   - whatever ends the job early (error, SIGTERM), the temporary files are removed.
 Speed: the kernel is asked to start writing each output to disk while qemu-img is still producing it, and
 the last fsync runs alongside the output's `qemu-img check`, so durability costs little beyond the disk's
-own write speed.
+own write speed (with sync false neither happens).
 OVA disks are read in place (a byte range of the tar, see qemuimg.ImageRef): nothing is extracted.
 The environment variable H2K_RATE_LIMIT (bytes per second) limits qemu-img's I/O (an operator setting,
 passed through config.worker_environment).
@@ -47,14 +55,33 @@ WRITEBACK_SECONDS = 0.2
 MiB = 1024 * 1024
 
 
-class Planned:
-    """One disk's way to its output: the destination, the bytes it needs, its temporary file once created."""
+# repair(raw image path, progress(phase, fraction or None, message)) -> its report; raises OperationError.
+Repair = Callable[[str, Callable[[str, "float | None", str], None]], dict[str, Any]]
 
-    def __init__(self, disk: inspect.Disk, destination: str, needed: int = 0, temp: str | None = None):
+
+class Planned:
+    """One disk's way to its output: the destination, the bytes it needs, its temporary file once created,
+    and whether it is repaired (offline_fix) before it gets its name."""
+
+    def __init__(self, disk: inspect.Disk, destination: str, needed: int = 0, temp: str | None = None,
+                 repaired: bool = False):
         self.disk = disk
         self.destination = destination
         self.needed = needed
         self.temp = temp
+        self.repaired = repaired
+
+    def steps(self, options: ConvertOptions) -> int:
+        """How many passes over the disk's virtual size its way takes: the conversion, plus the repair and,
+        for a qcow2 output, the conversion of the repaired raw file."""
+        if not self.repaired:
+            return 1
+        return 2 if options.output_format == "raw" else 3
+
+
+def intermediate_options(options: ConvertOptions) -> ConvertOptions:
+    """How a disk to be repaired is first converted: to a sparse raw file (loop devices need raw)."""
+    return ConvertOptions(output_format="raw", coroutines=options.coroutines, rate_limit=options.rate_limit)
 
 
 def options_from(parameters: dict[str, Any]) -> ConvertOptions:
@@ -175,14 +202,18 @@ def _no_space(directory: str, detail: str) -> OperationError:
 
 
 def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: str) -> None:
-    """NO_SPACE unless the outputs fit. The bound from the virtual sizes usually settles it at no cost;
-    only when it does not fit is qemu-img asked for the real figure."""
+    """NO_SPACE unless the outputs (and the raw file of a disk repaired before a qcow2 output) fit. The
+    bound from the virtual sizes usually settles it at no cost; only when it does not fit is qemu-img asked
+    for the real figure."""
     free = _free_bytes(directory)
-    if sum(size_bound(p.disk.virtual_size, options) for p in plans) <= free:
+    raw = intermediate_options(options)
+    staged = [p for p in plans if p.repaired and options.output_format != "raw"]
+    if (sum(size_bound(p.disk.virtual_size, options) for p in plans)
+            + sum(size_bound(p.disk.virtual_size, raw) for p in staged)) <= free:
         return
     for plan in plans:
         plan.needed = _needed_bytes(plan.disk, options)
-    needed = sum(p.needed for p in plans)
+    needed = sum(p.needed for p in plans) + sum(_needed_bytes(p.disk, raw) for p in staged)
     if needed > free:
         raise OperationError("NO_SPACE", f"not enough space in {directory}: the output needs {needed} bytes, "
                              f"{free} are free", "convert")
@@ -190,14 +221,20 @@ def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: 
 
 def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                 on_process: Callable[[Any], None] | None = None,
-                owner: dict[str, int] | None = None, temp_record: str | None = None) -> dict[str, Any]:
-    """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}.
+                owner: dict[str, int] | None = None, temp_record: str | None = None,
+                repair: Repair | None = None) -> dict[str, Any]:
+    """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}, and with
+    repair also "offline_fix": the repair's report.
 
     owner {"uid", "gid", "mode"}: whom the outputs are handed to (the submitter), set before they get their names.
     temp_record: the file where temporary paths are recorded before they are created (see TempFiles).
+    repair: fixes the guest on the first disk before it gets its name (see the module docstring). If it
+    fails, its OperationError goes on with outputs {"disks": [], "domain_xml": None, "offline_fix": <its
+    report, if any>}, and nothing is left in the output directory.
     """
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
+    durable = bool(parameters.get("sync", True))
     progress("inspect", 0, 0, "reading the source")
     source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"))
     destinations, base = plan_outputs(source, artifacts.get("output_path"), spec.get("job_id") or "job",
@@ -205,31 +242,41 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
         _check_destination(domain_path, bool(artifacts.get("overwrite")))
-    plans = [Planned(disk, dest, 0) for disk, dest in zip(source.disks, destinations)]
+    plans = [Planned(disk, dest, 0, repaired=repair is not None and index == 0)
+             for index, (disk, dest) in enumerate(zip(source.disks, destinations))]
     _check_free_space(plans, options, os.path.dirname(destinations[0]))
     verify_total = source.verify_bytes()
-    # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk).
-    weights = [max(p.disk.virtual_size, 1) for p in plans]
-    total = verify_total + sum(weights)
+    # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
+    # a repaired disk counts once more for its repair and once more for its conversion after the repair.
+    sizes = [max(p.disk.virtual_size, 1) for p in plans]
+    total = verify_total + sum(size * p.steps(options) for size, p in zip(sizes, plans))
     verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
     temps = TempFiles(temp_record)
     outputs: list[dict[str, Any]] = []
+    repair_report: dict[str, Any] | None = None
     try:
         done_before = verify_total
-        for index, (plan, weight) in enumerate(zip(plans, weights), 1):
+        for index, (plan, size) in enumerate(zip(plans, sizes), 1):
             label = f"disk {index}/{len(plans)}"
             plan.temp = temps.create(plan.destination)
-            _convert_one(plan, options, source, label, done_before, weight, total, progress, on_process)
-            done_before += weight
+            part = _Part(progress, done_before, size, total, label)
+            if plan.repaired:
+                assert repair is not None
+                repair_report = _convert_and_repair(plan, options, source, part, on_process, temps, repair, durable)
+            else:
+                _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), f"{label} ({plan.disk.label})",
+                             on_process, durable)
+            done_before += size * plan.steps(options)
             progress("check", done_before, total, f"checking {label}")
-            outputs.append(_finish_one(plan, options))
+            outputs.append(_finish_one(plan, options, durable))
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
             with open(temp, "w", encoding="utf-8") as f:
                 f.write(domain_xml(source, [p.destination for p in plans], options.output_format))
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             plans_to_commit = [(p.temp, p.destination) for p in plans] + [(temp, domain_path)]
         else:
             plans_to_commit = [(p.temp, p.destination) for p in plans]
@@ -237,16 +284,72 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
             for temp, _ in plans_to_commit:
                 os.chown(temp, owner["uid"], owner["gid"], follow_symlinks=False)
                 os.chmod(temp, owner.get("mode", 0o640))
-        _commit(plans_to_commit, temps, bool(artifacts.get("overwrite")))
+        _commit(plans_to_commit, temps, bool(artifacts.get("overwrite")), durable)
     finally:
         temps.remove_all()
     progress("convert", total, total, "done")
     for entry, plan in zip(outputs, plans):
         entry["path"] = plan.destination
-    return {"disks": outputs, "domain_xml": domain_path,
-            "report": inspect.report(source, verification, None),
-            "bytes_read": sum(d.ref.size or int(d.info.get("actual-size", 0)) for d in source.disks),
-            "bytes_written": sum(o["size"] for o in outputs)}
+    result = {"disks": outputs, "domain_xml": domain_path,
+              "report": inspect.report(source, verification, None),
+              "bytes_read": sum(d.ref.size or int(d.info.get("actual-size", 0)) for d in source.disks),
+              "bytes_written": sum(o["size"] for o in outputs)}
+    if repair_report is not None:
+        if len(plans) > 1:
+            repair_report["other_disks"] = ("not fixed (the fixes apply to the boot disk; its fstab names the "
+                                            "others by UUID)")
+        result["offline_fix"] = repair_report
+    return result
+
+
+class _Part:
+    """Progress of one disk's way: pass n of it covers [start + n * size, start + (n + 1) * size) of total."""
+
+    def __init__(self, progress: inspect.ProgressFn, start: int, size: int, total: int, label: str):
+        self.progress, self.start, self.size, self.total, self.label = progress, start, size, total, label
+
+    def of(self, n: int) -> Callable[[float], None]:
+        """progress(fraction) of pass n, a conversion."""
+        base = self.start + n * self.size
+        return lambda fraction: self.progress("convert", base + int(self.size * fraction), self.total, self.label)
+
+    def repair_progress(self, n: int) -> Callable[[str, "float | None", str], None]:
+        """The repair's progress(phase, fraction or None, message) as pass n."""
+        base = self.start + n * self.size
+
+        def report(phase: str, fraction: float | None, message: str) -> None:
+            done = base + int(self.size * min(max(fraction or 0.0, 0.0), 1.0))
+            self.progress(phase, done, self.total, f"{self.label}: {message}" if message else self.label)
+        return report
+
+
+def _convert_and_repair(plan: Planned, options: ConvertOptions, source: inspect.Source, part: _Part,
+                        on_process: Callable[[Any], None] | None, temps: TempFiles, repair: Repair,
+                        durable: bool) -> dict[str, Any]:
+    """The boot disk of a convert with offline_fix: converted to raw, repaired, converted to the output format
+    (a raw output is repaired where it is). Everything happens under temporary names; the repair's report."""
+    assert plan.temp
+    what = f"{part.label} ({plan.disk.label})"
+    if options.output_format == "raw":
+        _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), what, on_process, durable)
+        return _repaired(plan.temp, repair, part)
+    staged = temps.create(plan.destination + ".raw")
+    _convert_one(plan.disk.ref, staged, intermediate_options(options), source, part.of(0), what, on_process, False)
+    report = _repaired(staged, repair, part)
+    _convert_one(ImageRef(staged, "raw"), plan.temp, options, source, part.of(2), f"{what}, repaired", on_process,
+                 durable)
+    temps.remove(staged)
+    return report
+
+
+def _repaired(raw_path: str, repair: Repair, part: _Part) -> dict[str, Any]:
+    """Run the repair on a raw file (pass 1 of the disk's way); its report. A failed repair's error leaves the
+    job with no output at all."""
+    try:
+        return repair(raw_path, part.repair_progress(1))
+    except OperationError as e:
+        e.outputs = {"disks": [], "domain_xml": None, "offline_fix": e.outputs or None}
+        raise
 
 
 class _Writeback:
@@ -291,9 +394,11 @@ def _writeback_starter() -> Callable[[int], None]:
     return start
 
 
-def _convert_one(plan: Planned, options: ConvertOptions, source: inspect.Source, label: str, done_before: int,
-                 weight: int, total: int, progress: inspect.ProgressFn, on_process: Callable[[Any], None] | None
-                 ) -> None:
+def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: inspect.Source,
+                 progress: Callable[[float], None], what: str, on_process: Callable[[Any], None] | None,
+                 writeback: bool) -> None:
+    """qemu-img convert of `image` into the (temporary) file `target`, checking now and then that the job's
+    source is unchanged. writeback: have the kernel write the target out meanwhile (see _Writeback)."""
     last_poll = [time.monotonic()]
 
     def on_progress(fraction: float) -> None:
@@ -301,20 +406,19 @@ def _convert_one(plan: Planned, options: ConvertOptions, source: inspect.Source,
         if now - last_poll[0] >= SOURCE_POLL_SECONDS:
             last_poll[0] = now
             inspect.ensure_unchanged(source.identities)
-        progress("convert", done_before + int(weight * fraction), total, label)
+        progress(fraction)
 
-    assert plan.temp
-    writeback = _Writeback(plan.temp)
+    writer = _Writeback(target) if writeback else None
     try:
-        qemuimg.convert(plan.disk.ref, plan.temp, options, on_progress, on_process)
+        qemuimg.convert(image, target, options, on_progress, on_process)
     except qemuimg.QemuImgError as e:
         if e.code == "NO_SPACE":
-            raise _no_space(os.path.dirname(plan.temp), e.message) from None
+            raise _no_space(os.path.dirname(target), e.message) from None
         inspect.ensure_unchanged(source.identities)
-        raise OperationError(e.code, f"converting {label} ({plan.disk.label}) failed: {e.message}", "convert") \
-            from None
+        raise OperationError(e.code, f"converting {what} failed: {e.message}", "convert") from None
     finally:
-        writeback.close()
+        if writer is not None:
+            writer.close()
     inspect.ensure_unchanged(source.identities)
 
 
@@ -332,8 +436,8 @@ def _flush(path: str) -> None:
         raise
 
 
-def _finish_one(plan: Planned, options: ConvertOptions) -> dict[str, Any]:
-    """Flush the output to disk and, at the same time, check it (qcow2) and read its virtual size."""
+def _finish_one(plan: Planned, options: ConvertOptions, durable: bool) -> dict[str, Any]:
+    """Check the output (qcow2) and read its virtual size and, if durable, flush it to disk meanwhile."""
     assert plan.temp
     ref = ImageRef(plan.temp, options.output_format)
     flush_error: list[BaseException] = []
@@ -344,12 +448,14 @@ def _finish_one(plan: Planned, options: ConvertOptions) -> dict[str, Any]:
         except BaseException as e:  # handed to the main thread below
             flush_error.append(e)
 
-    flusher = threading.Thread(target=flush, name="flush", daemon=True)
-    flusher.start()
+    flusher = threading.Thread(target=flush, name="flush", daemon=True) if durable else None
+    if flusher is not None:
+        flusher.start()
     # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
     result = qemuimg.check(ref) if options.output_format == "qcow2" else None
     virtual_size = qemuimg.output_virtual_size(plan.temp, options.output_format)
-    flusher.join()
+    if flusher is not None:
+        flusher.join()
     if flush_error:
         raise flush_error[0]
     if result is not None and result.status not in ("ok", "leaks"):
@@ -371,8 +477,9 @@ def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | N
     return report
 
 
-def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool) -> None:
-    """Move every temporary file to its name, all or nothing (as far as the file system allows)."""
+def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool, durable: bool) -> None:
+    """Move every temporary file to its name, all or nothing (as far as the file system allows); if durable,
+    make the new names durable too (fsync of their directories)."""
     committed: list[str] = []
     try:
         for temp, destination in pairs:
@@ -396,6 +503,8 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             except OSError:
                 pass
         raise
+    if not durable:
+        return
     for directory in {os.path.dirname(d) for _, d in pairs}:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

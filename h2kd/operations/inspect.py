@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import struct
-from pathlib import PurePosixPath
+import threading
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from h2kd.operations import qemuimg
@@ -123,10 +123,20 @@ def _read_head_tail(fd: int, offset: int, size: int) -> tuple[bytes, bytes]:
     return head, tail
 
 
+def _parts(name: str) -> list[str]:
+    """The components of a "/"-separated name, as pathlib's PurePosixPath sees them for a relative name
+    (empty and "." components dropped); pathlib itself costs every worker start more than this."""
+    return [part for part in name.split("/") if part not in ("", ".")]
+
+
+def _normal_name(name: str) -> str:
+    """A relative "/"-separated name in its plain form ("./a//b" is "a/b")."""
+    return "/".join(_parts(name)) or "."
+
+
 def _local_file(directory: str, name: str, what: str) -> str:
     """The path of `name`, a file a source refers to, refusing anything that escapes `directory`."""
-    pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\0" in name:
+    if not name or name.startswith("/") or ".." in _parts(name) or "\0" in name:
         raise OperationError("PERMISSION_DENIED", f"{what} {name!r} is not a plain relative file name; files "
                              "outside the source's directory are refused")
     return os.path.join(directory, name)
@@ -250,8 +260,47 @@ def _chain_files(chain: list[dict[str, Any]]) -> list[str]:
     return [f for f in files if f and not f.startswith("json:")]
 
 
+class _Background:
+    """A call run in a thread of its own; result() waits for it and returns its value or raises its error."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._call = call
+        self._thread = threading.Thread(target=self._run, name="background", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as e:      # handed to whoever asks for the result
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True) -> Disk:
     """qemu-img's view of one disk, refusing files outside its directory and damaged images."""
+    # `qemu-img check` runs alongside `info`: both only read, and each costs a qemu-img start on every job.
+    # It opens no file that info does not open too (info follows the backing chain before it is vetted).
+    checking = _Background(lambda: qemuimg.check(ref, force_share=True)) \
+        if check_source and ref.format in CHECKABLE else None
+    try:
+        return _load_disk(ref, label, identities, checking)
+    except Exception:
+        if checking is not None:
+            checking.wait()      # the job goes on to fail: no qemu-img left behind. (Stopped does not wait:
+        raise                    # the worker ends at once, and systemd ends what is left in its unit.)
+
+
+def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: _Background | None) -> Disk:
     try:
         chain = qemuimg.info(ref, backing_chain=True)
     except qemuimg.QemuImgError as e:
@@ -282,8 +331,8 @@ def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_s
     elif ref.format == "vpc":
         subformat = _vhd_type(_vpc_footer(ref))
     result = None
-    if check_source and ref.format in CHECKABLE:
-        result = qemuimg.check(ref, force_share=True)
+    if checking is not None:
+        result = checking.result()
         if not result.usable:
             raise _invalid(f"{label} ({ref.describe()}) is damaged: {result.message}")
     return Disk(label, ref, info, chain, result, subformat)
@@ -530,8 +579,7 @@ def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]
     members: dict[str, tarfile.TarInfo] = {}
     for member in tar.getmembers():
         name = member.name
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        if name.startswith("/") or ".." in _parts(name) or "\\" in name:
             raise OperationError("PERMISSION_DENIED", f"the OVA {path} has a member with an unsafe name "
                                  f"{name!r} (path traversal); the archive is refused")
         if member.issym() or member.islnk():
@@ -541,7 +589,7 @@ def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]
             continue
         if not member.isreg() or member.issparse():
             raise _invalid(f"the OVA {path} has a member {name!r} that is not a plain file")
-        members[str(pure)] = member
+        members[_normal_name(name)] = member
     return members
 
 
@@ -577,7 +625,7 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
         if entry.get("compression"):
             raise OperationError("UNSUPPORTED", f"the OVF disk {href} is {entry['compression']}-compressed, which "
                                  "is not supported")
-        member = members.get(str(PurePosixPath(href)))
+        member = members.get(_normal_name(href))
         if member is None:
             raise _invalid(f"the OVF names the disk file {href!r}, which is not in the OVA")
         head, tail = _read_head_tail(fd, member.offset_data, member.size)
@@ -655,11 +703,11 @@ def _open_or_missing(path: str, name: str) -> tuple[int, FileIdentity]:
 
 def verify(source: Source, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Check the manifest's sums and image.checksum by reading the files; INVALID_IMAGE on a mismatch."""
-    import hashlib
     done = 0
     verified = []
 
     def digest(file_path: str, offset: int, size: int, algorithm: str) -> str:
+        import hashlib          # only when there is something to check: it costs a plain disk's job start
         nonlocal done
         h = hashlib.new(algorithm)
         fd = os.open(file_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -67,6 +67,14 @@ class TempFiles:
     def forget(self, path: str) -> None:
         self.paths.remove(path)
 
+    def remove(self, path: str) -> None:
+        """Remove one temporary file now (an intermediate no longer needed)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.paths.remove(path)
+
     def remove_all(self) -> None:
         for path in self.paths:
             try:

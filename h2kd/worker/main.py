@@ -176,6 +176,9 @@ def _validated_spec(raw: Any, checked: bool = False) -> dict[str, Any]:
     """
     if checked and _is_checked_spec(raw):
         return raw
+    if sys.flags.no_site:     # started with -S (see h2kd.runner.unit.worker_argv): the models need pydantic
+        import site
+        site.main()
     from h2kd.errors import InvalidSpec
     from h2kd.model.spec import parse_spec, spec_to_json
     from h2kd.operations.qemuimg import OperationError
@@ -217,11 +220,12 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         return inspect.run_inspect(spec, progress)
     if operation == "convert":
         from h2kd.operations import convert
-        outputs = convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record)
+        repair = None
         if spec["parameters"].get("offline_fix"):
+            # The boot disk is repaired before it gets its name: never a converted but unrepaired output.
             from h2kd.operations import offline_fix
-            outputs = offline_fix.fix_converted_disks(outputs, spec["parameters"], progress)
-        return outputs
+            repair = offline_fix.boot_disk_repair(spec["parameters"])
+        return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
     if operation == "offline_fix":
         from h2kd.operations import offline_fix
         return offline_fix.run_offline_fix_job(spec, output_roots, progress)
@@ -264,6 +268,8 @@ def _arguments(argv: list[str]) -> _Arguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one attempt; the exit code. Run as the program (argv None), it ends the process itself once the
+    result is written (see _end)."""
     args = _arguments(sys.argv[1:] if argv is None else argv)
 
     from h2kd.operations.qemuimg import OperationError
@@ -346,7 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         say(f"h2k-worker: {result['status']}")
     _write_result(args.result, result)
+    if argv is None:
+        _end(exit_code)
     return exit_code
+
+
+def _end(exit_code: int) -> None:
+    """Exit at once, without the interpreter's own clean-up (tearing down modules and objects), which would
+    only add to every job's time: the result is written and synced, the outputs are committed or removed,
+    and what may still run is of no use any more (after SIGTERM, a flush of a removed file or a source check;
+    systemd ends any child left in the unit)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(exit_code)
 
 
 if __name__ == "__main__":

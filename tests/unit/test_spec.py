@@ -50,12 +50,23 @@ def test_defaults_are_filled_in():
     assert data["image"] == {"path": "/src/d.vmdk", "format": None, "checksum": None}
     assert data["parameters"] == {"output_format": "qcow2", "compress": False, "compression_type": None,
                                   "cluster_size": None, "preallocation": None, "sparse": True, "coroutines": None,
-                                  "domain_xml": False, "offline_fix": False, "remove_vmware_tools": False}
+                                  "domain_xml": False, "offline_fix": False, "remove_vmware_tools": False,
+                                  "sync": True}
     assert data["execution_policy"] == {"priority": 5, "retry_count": 0, "timeout_seconds": 3600,
                                         "idempotent": True}
     assert data["capability_requirements"] == {}
     assert data["artifacts"] == {"output_path": None, "keep_intermediates": False, "overwrite": False}
     assert data["audit"] == {"requested_by": "", "ticket": "", "tags": []}
+
+
+def test_sync_defaults_to_true_and_false_is_kept():
+    assert parse_spec(convert()).parameters.sync is True
+    relaxed = spec_to_json(parse_spec(convert(parameters={"sync": False, "output_format": "raw"})))
+    assert relaxed["parameters"]["sync"] is False
+    assert spec_to_json(parse_spec(relaxed)) == relaxed      # stored and read back, it stays false
+    # Spelling out the default is the same job; sync false is another one.
+    assert same_spec(parse_spec(convert(job_id="j")), parse_spec(convert(job_id="j", parameters={"sync": True})))
+    assert not same_spec(parse_spec(convert(job_id="j")), parse_spec(convert(job_id="j", parameters={"sync": False})))
 
 
 def test_inspect_and_validate_specs():
@@ -164,6 +175,11 @@ BAD = [
     (convert(parameters={"preallocation": "lazy"}), "parameters.preallocation", "'lazy'"),
     (convert(parameters={"coroutines": 17}), "parameters.coroutines", "from 1 to 16"),
     (convert(parameters={"sparse": None}), "parameters.sparse", "true or false"),
+    (convert(parameters={"sync": "no"}), "parameters.sync", "true or false"),
+    (convert(parameters={"sync": 0}), "parameters.sync", "true or false"),
+    ({"operation": "validate", "image": {"path": "/d"}, "parameters": {"sync": False}},
+     "parameters.sync", "not a parameter of validate"),
+    (convert(artifacts={"sync": False}), "artifacts.sync", "not a known field"),
     ({"operation": "inspect", "image": {"path": "/d"}, "parameters": {"deep": True}},
      "parameters.deep", "not a parameter of inspect"),
     ({"operation": "validate", "image": {"path": "/d"}, "parameters": {"compare_with": "x"}},

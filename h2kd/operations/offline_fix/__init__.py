@@ -1,6 +1,7 @@
 """offline_fix: repair a converted Linux guest so that it boots on KVM (virtio disk and NIC).
 
     run_offline_fix(image_path, params, progress, cancelled) -> {"os", "fixes", "dry_run", ...}
+    boot_disk_repair(parameters) -> repair(raw_path, progress): for convert with offline_fix
 
 params: dry_run (bool), remove_vmware_tools (bool). progress(phase, fraction or None, message).
 
@@ -198,30 +199,15 @@ def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter:
     return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"))
 
 
-def fix_converted_disks(outputs: dict[str, Any], parameters: dict[str, Any],
-                        reporter: Callable[..., None]) -> dict[str, Any]:
-    """convert with offline_fix: fix the first converted disk (the boot disk) and add the result to the
-    convert outputs as "offline_fix". If the fix fails, the converted disks are removed (they would not
-    boot) and the error goes on."""
-    disks = outputs.get("disks") or []
-    if not disks:
-        return outputs
-    first = disks[0]
+def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[str, Progress], dict[str, Any]]:
+    """convert with offline_fix: the repair h2kd.operations.convert applies to the boot disk, as a raw
+    temporary file, before the disk gets its name (so a disk that failed its repair never appears).
+    Its report becomes the convert outputs' "offline_fix"."""
     params = {"dry_run": False, "remove_vmware_tools": bool(parameters.get("remove_vmware_tools"))}
-    try:
-        result = run_offline_fix(first["path"], params, _reporter_progress(reporter, int(first.get("size") or 0)),
-                                 image_format=first.get("format"))
-    except BaseException as e:
-        for disk in disks:
-            try:
-                os.unlink(disk["path"])
-            except (FileNotFoundError, KeyError):
-                pass
-        if isinstance(e, OperationError):
-            e.outputs = {**outputs, "disks": [], "offline_fix": e.outputs or None,
-                         "removed": [d.get("path") for d in disks]}
-        raise
-    outputs["offline_fix"] = result
-    if len(disks) > 1:
-        result["other_disks"] = "not fixed (the fixes apply to the boot disk; its fstab names the others by UUID)"
-    return outputs
+
+    def repair(raw_path: str, progress: Progress) -> dict[str, Any]:
+        result = fix_raw_image(raw_path, params, progress, lambda: False)
+        result["image"] = {"format": "raw", "method": "the converted disk fixed on a loop device before it got "
+                           "its name"}
+        return result
+    return repair
