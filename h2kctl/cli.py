@@ -295,8 +295,6 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
         spec = load_job_file(args.file)
     elif args.source:
         spec = spec_from_args(args, args.operation)
-        if args.operation == "convert" and not args.sync:
-            spec.setdefault("parameters", {})["sync"] = False
     else:
         raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
     job_id, path = await client.submit(spec, args.queue)

@@ -75,6 +75,8 @@ def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
             parameters["compress"] = True
             if args.compress:
                 parameters["compression_type"] = args.compress
+        if getattr(args, "sync", True) is False:
+            parameters["sync"] = False
     if operation == "validate" and getattr(args, "compare_with", None):
         parameters["compare_with"] = readable_source(args.compare_with)
     if parameters:

@@ -314,10 +314,10 @@ class JobManager:
         it is stored and announced: one write, and listeners first hear of it in that state, then of the
         state events that led there."""
         steps = [("", job.state.value, f"submitted by uid {owner}")]
-        for new, reason in ((S.VALIDATED, "spec and host checks passed"),) + (((S.QUEUED, "queued"),) if queue else ()):
-            if new == S.QUEUED:
-                job.queue_seq = self._store.next_queue_seq()
-            steps.append((job.move_to(new).value, new.value, reason))
+        steps.append((job.move_to(S.VALIDATED).value, S.VALIDATED.value, "spec and host checks passed"))
+        if queue:
+            job.queue_seq = self._store.next_queue_seq()
+            steps.append((job.move_to(S.QUEUED).value, S.QUEUED.value, "queued"))
         events = self._store.insert_settled_job(job, steps)
         self._jobs[job.id] = job
         if queue:

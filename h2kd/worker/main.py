@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from h2kd.operations.tempfiles import RECORD_NAME
+from h2kd.observability.wire import send_datagram, send_journal
 from h2kd.worker.report import ProgressReport, format_status
 
 EXIT_OK, EXIT_RETRY, EXIT_PERMANENT, EXIT_CANCELLED = 0, 1, 2, 143
@@ -44,40 +45,14 @@ class Stopped(BaseException):
 # Set once the spec is read: every line the worker logs carries the job's fields, so
 # `journalctl H2K_JOB_ID=<id>` finds it even where the manager's LogExtraFields do not reach journald.
 _JOURNAL_FIELDS: dict[str, str] = {}
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-# The notification and journal protocols are spoken directly (a datagram each): importing systemd-python's
-# modules would cost the worker's start more than everything they are used for.
-_sockets: dict[str, Any] = {}
-
-
-def _datagram(address: str, payload: bytes) -> None:
-    """Send one datagram to a unix socket; an address starting with "@" is in the abstract namespace."""
-    import socket
-    sock = _sockets.get("dgram")
-    if sock is None:
-        sock = _sockets["dgram"] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    sock.sendto(payload, "\0" + address[1:] if address.startswith("@") else address)
-
-
-def _journal_send(message: str, priority: int, fields: dict[str, str]) -> None:
-    """One entry in journald's native protocol: KEY=value lines, or KEY, a 64-bit length and the bytes
-    for a value that holds a newline."""
-    payload = bytearray()
-    for key, value in {"MESSAGE": message, "PRIORITY": str(priority), "SYSLOG_IDENTIFIER": "h2k-worker",
-                       **fields}.items():
-        data = value.encode()
-        if b"\n" in data:
-            payload += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
-        else:
-            payload += key.encode() + b"=" + data + b"\n"
-    _datagram(JOURNAL_SOCKET, bytes(payload))
 
 
 def say(text: str, error: bool = False) -> None:
     """One human line to the journal (with the job's fields) when stdout is the journal, else to stdout/stderr."""
     if os.environ.get("JOURNAL_STREAM") and _JOURNAL_FIELDS:
         try:
-            _journal_send(text, 3 if error else 6, _JOURNAL_FIELDS)
+            send_journal({"MESSAGE": text, "PRIORITY": "3" if error else "6",
+                          "SYSLOG_IDENTIFIER": "h2k-worker", **_JOURNAL_FIELDS})
             return
         except OSError:
             pass
@@ -90,7 +65,7 @@ def _notify(message: str) -> None:
     if not address:
         return
     try:
-        _datagram(address, message.encode())
+        send_datagram(address, message.encode())
     except OSError:
         pass
 
