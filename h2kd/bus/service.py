@@ -63,7 +63,8 @@ _URGENT_MANAGER_PROPERTIES = {"Paused", "MaxParallelJobs"}
 
 @dataclass
 class _Pending:
-    """Changes of one object waiting for the next coalesced PropertiesChanged."""
+    """Changes of one object waiting for the next coalesced PropertiesChanged (jobs: on the shared tick;
+    the manager object: on its own timer, timer and last_sent)."""
     properties: set[str] = field(default_factory=set)
     progress: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -130,9 +131,6 @@ class BusService:
         await self._add_match(NAME_OWNER_CHANGED_RULE)
 
     def close(self) -> None:
-        for exported in self._jobs.values():
-            if exported.pending is not None:
-                _cancel(exported.pending)
         _cancel(self._manager_pending)
         if self._tick is not None:
             self._tick.cancel()
@@ -307,8 +305,6 @@ class BusService:
         pending = exported.pending
         if pending is None:
             return
-        _cancel(pending)
-        pending.last_sent = time.monotonic()
         job = exported.job
         names, pending.properties = pending.properties, set()
         try:
