@@ -47,7 +47,7 @@ from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, InvalidState, 
 from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
-from h2kd.model.spec import parse_spec, spec_to_json
+from h2kd.model.spec import parse_spec, same_spec, spec_to_json
 from h2kd.model.states import ACTIVE, TERMINAL, JobState
 from h2kd.scheduler import Scheduler
 from h2kd.store import JobStore
@@ -292,7 +292,7 @@ class JobManager:
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
-            if existing.spec == parsed:
+            if existing.spec == parsed or same_spec(existing.spec, parsed):
                 return existing, False
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
         if len(self._scheduler) >= self._config.max_queued_jobs:

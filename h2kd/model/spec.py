@@ -293,9 +293,15 @@ def spec_to_json(spec: JobSpec) -> dict[str, Any]:
 
 
 def same_spec(a: JobSpec | dict[str, Any], b: JobSpec | dict[str, Any]) -> bool:
-    """Whether two specs are the same job (for idempotent resubmission): equal in every field, key order aside."""
+    """Whether two specs are the same job (for idempotent resubmission): equal in every field, key order aside.
+    A dict is read as a spec first, so one stored before a field existed gets that field's default."""
     def normal(spec: JobSpec | dict[str, Any]) -> Any:
-        return spec_to_json(spec) if isinstance(spec, BaseModel) else spec
+        if isinstance(spec, BaseModel):
+            return spec_to_json(spec)
+        try:
+            return spec_to_json(parse_spec(spec))
+        except InvalidSpec:     # stored under older, looser rules: compared as it is
+            return spec
     return normal(a) == normal(b)
 
 

@@ -189,6 +189,32 @@ def test_cancel_waits_for_the_unit(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_job_stored_before_a_field_existed_is_still_the_same_job_when_resubmitted(tmp_path, image):
+    """A spec stored by an older h2kd lacks fields added since (here parameters.sync); sending the same spec
+    again after the upgrade finds that job instead of failing with AlreadyExists."""
+    async def go():
+        m, *_, config = make(tmp_path)
+        await m.start()
+        s = spec(image, tmp_path / "out/a.qcow2", job_id="vm-old")
+        m.submit(s, owner=0)
+        await m.stop()
+        import json
+        import sqlite3
+        with sqlite3.connect(config.store_path) as db:
+            (text,) = db.execute("SELECT spec FROM jobs WHERE id = 'vm-old'").fetchone()
+            stored = json.loads(text)
+            del stored["parameters"]["sync"]
+            db.execute("UPDATE jobs SET spec = ? WHERE id = 'vm-old'", (json.dumps(stored),))
+        m2, *_ = make(tmp_path)
+        await m2.start()
+        again, created = m2.submit(s, owner=0)
+        assert again.id == "vm-old" and not created
+        with pytest.raises(AlreadyExists):
+            m2.submit({**s, "parameters": {"sync": False}}, owner=0)
+        await m2.stop()
+    asyncio.run(go())
+
+
 def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
     async def go():
         m, runner, _, config = make(tmp_path, max_parallel_jobs=1)
