@@ -311,21 +311,20 @@ class JobManager:
 
     def _add_accepted(self, job: Job, owner: int, queue: bool) -> None:
         """A job that passed its checks, taken to where its submission leaves it (validated, or queued) before
-        it is stored and announced: one write, and listeners first hear of it in that state, then of the
-        state events that led there."""
+        it is stored and announced: one write, and listeners first hear of it in that state. The steps that
+        led there are in its history; they are not sent as events, which would reach clients after the job
+        object and show it going back a state."""
         steps = [("", job.state.value, f"submitted by uid {owner}")]
         steps.append((job.move_to(S.VALIDATED).value, S.VALIDATED.value, "spec and host checks passed"))
         if queue:
             job.queue_seq = self._store.next_queue_seq()
             steps.append((job.move_to(S.QUEUED).value, S.QUEUED.value, "queued"))
-        events = self._store.insert_settled_job(job, steps)
+        self._store.insert_settled_job(job, steps)
         self._jobs[job.id] = job
         if queue:
             self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
             self._kick()
         self._notify("job_added", job)
-        for event in events[1:]:   # its creation is what job_added tells
-            self._notify_event(job, event)
         self._manager_changed()
 
     def _validate_and_queue(self, job: Job, queue: bool, problem: str | None) -> None:
