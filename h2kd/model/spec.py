@@ -8,6 +8,7 @@ not by instantiating the classes, so that the operation picks the class.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -33,6 +34,7 @@ MAX_REQUIREMENT_LIST = 32
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REQUIREMENT_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")   # field names and list indexes, printed as they are
 
 
 def new_job_id() -> str:
@@ -399,4 +401,10 @@ def explain_validation_error(error: ValidationError, data: Any = None) -> tuple[
     message = _message_for(first)
     if kind == "extra_forbidden" and len(loc) >= 2 and loc[0] == "parameters" and isinstance(data, dict):
         message = f"is not a parameter of {data.get('operation')} jobs"
-    return ".".join(loc), message
+    return ".".join(_field_name(part) for part in loc), message
+
+
+def _field_name(part: str) -> str:
+    """A part of a field's path as it goes into an error: a name the caller made up is quoted, with control
+    characters escaped, so it cannot break the message's line or pass for something else."""
+    return part if _PLAIN_NAME.fullmatch(part) else json.dumps(part)

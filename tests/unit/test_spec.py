@@ -202,7 +202,7 @@ BAD = [
     (convert(capability_requirements={"nbd": "yes"}), "capability_requirements.nbd", "true or false"),
     (convert(capability_requirements={"formats": ["vmdk", "iso"]}), "capability_requirements.formats", "formats"),
     (convert(capability_requirements={"min_free_bytes": -1}), "capability_requirements.min_free_bytes", "least 0"),
-    (convert(capability_requirements={"Bad Key": True}), "capability_requirements.Bad Key", "requirement name"),
+    (convert(capability_requirements={"Bad Key": True}), 'capability_requirements."Bad Key"', "requirement name"),
     (convert(capability_requirements={"gpu": {"x": 1}}), "capability_requirements.gpu", "true or false"),
     (convert(capability_requirements={f"k{i}": True for i in range(33)}), "capability_requirements", "32"),
     (convert(surprise=1), "surprise", "not a known field"),
@@ -240,7 +240,7 @@ def test_first_bad_field_is_reported():
 
 # Anything a client can send over D-Bus or JSON: parse_spec either accepts it or raises InvalidSpec, never
 # another exception.
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _json_values = st.recursive(
@@ -255,6 +255,7 @@ _field_names = st.sampled_from(["job_id", "operation", "image", "parameters", "e
 @settings(max_examples=120, deadline=None)
 @given(st.dictionaries(_field_names, _json_values, max_size=8),
        st.sampled_from(["inspect", "convert", "validate", None]))
+@example(data={"parameters": {"\n": None}}, operation="inspect")   # a made-up name must not break the line
 def test_any_input_is_accepted_or_invalid_spec(data, operation):
     if operation is not None:
         data.setdefault("operation", operation)
