@@ -61,6 +61,7 @@ OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
 STORE_CHECK_INTERVAL = 10.0
+PROGRESS_EVENT_PERCENT = 5      # a job's event log records its progress in steps of this many percent
 PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
 HostValidator = Callable[[Job, "os.stat_result | None"], "str | None"]
@@ -570,10 +571,10 @@ class JobManager:
         if fraction is not None:
             fraction = min(max(fraction, 0.0), 1.0)
             if fraction > job.progress:  # never backwards within an attempt
-                before = int(job.progress * 100)
+                before = int(job.progress * 100) // PROGRESS_EVENT_PERCENT
                 job.progress = fraction
                 changed.add("progress")
-                if int(fraction * 100) != before:
+                if int(fraction * 100) // PROGRESS_EVENT_PERCENT != before:
                     # Nobody waits for a progress event to be on disk: it shares a commit with the next ones.
                     with self._store.deferred(within=PROGRESS_COMMIT_SECONDS):
                         self._append_event(job, "progress", {"progress": round(fraction, 4), "phase": job.phase,

@@ -108,6 +108,23 @@ def test_a_progress_message_is_logged_when_it_changes_not_with_every_report(tmp_
     asyncio.run(go())
 
 
+def test_the_event_log_records_progress_in_five_percent_steps(tmp_path, image):
+    """A worker reports every percent or more often; the job's event log (h2kctl events, GetEvents) keeps a
+    readable trail, each step once and in order, while the Progress property follows every report."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        for tenth in range(1, 1000, 3):
+            m.unit_status(job.id, 1, f"convert: {tenth / 10:.2f}% ({tenth}/1000 bytes)")
+        assert job.progress == 0.997
+        steps = [e.data["progress"] for e in m.events(job.id) if e.kind == "progress"]
+        assert [int(p * 100) // 5 for p in steps] == list(range(1, 20))   # 5%, 10%, ... 95%
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_submit_runs_and_completes(tmp_path, image):
     async def go():
         m, runner, changes, _ = make(tmp_path)
