@@ -1,7 +1,7 @@
 """JobStore: jobs, their state history and their event logs, kept durably in one SQLite file.
 
-Every call that changes something is one transaction, committed before it returns (WAL, synchronous=FULL), so a
-crash or kill -9 at any moment leaves either all of a change or none of it. A job's row, its history and its
+Every call that changes something is one transaction, on disk before it returns, so a crash, kill -9 or power
+loss at any moment leaves either all of a change or none of it. A job's row, its history and its
 "state" event are written together, so the stored state always matches the last history entry.
 The store is owned by one process (the daemon); sequence counters are cached in memory after the first read.
 
@@ -11,17 +11,26 @@ a future that resolves when the writes made so far are on disk (or fails with th
 case all of them were rolled back). Many submissions arriving together thus cost one fsync, and their
 callers are answered only after it. A call made outside deferred() while writes are pending commits them
 together with its own change before it returns, so it keeps the commit-before-return guarantee.
+
+Durability is ours, not SQLite's: a COMMIT writes the transaction into the WAL (synchronous=NORMAL), then the
+store fdatasyncs the WAL (_WalFile). A call outside deferred() does so before it returns, as synchronous=FULL
+would. So does a group commit while the disk is quick; while its syncs are slow (conversions are writing to
+it), a group commit syncs on a thread, so the event loop goes on serving the bus while the disk works, and
+committed() resolves only once that sync is done. One group commit is in flight at a time: writes made while
+it syncs join the next batch, committed and synced together when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from h2kd.errors import AlreadyExists, NoSuchJob, StoreFailed
 from h2kd.manager.ports import Event
@@ -138,8 +147,12 @@ class JobStore:
         self._batch_waiters: list[asyncio.Future[None]] = []
         self._commit_handle: asyncio.Handle | None = None   # the commit of the open batch, when scheduled
         self._commit_due = 0.0
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._sync_failed = False
+        self._commit_when_synced = False
+        (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+        # In WAL mode a COMMIT only writes the WAL; _WalFile makes it durable (see the module's docstring).
+        self._wal = _WalFile(self.path) if mode == "wal" else None
+        self._db.execute("PRAGMA synchronous=NORMAL" if self._wal else "PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         # The WAL is copied back into the database by a thread of its own (_Checkpointer), not by whichever
         # commit happens to cross SQLite's threshold: such a commit held the event loop 10-20 ms.
@@ -197,6 +210,7 @@ class JobStore:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                self._sync()
                 self._checkpointer.written.set()
                 return
             if not self._in_batch:
@@ -257,17 +271,64 @@ class JobStore:
 
     def _commit_from_loop(self) -> None:
         self._commit_handle = None
+        if self._wal is not None and self._wal.syncing:
+            # One group commit at a time: what arrives meanwhile grows the open batch, committed (and synced)
+            # as one when this sync ends. Committing it now would write the same pages to the WAL twice.
+            self._commit_when_synced = True
+            return
+        if self._wal is None or not self._wal.slow:
+            # A quick disk is synced at once: handing the sync to a thread and back costs more than it takes.
+            try:
+                self.commit()
+            except Exception:
+                pass  # the waiters got the error
+            return
         try:
-            self.commit()
+            waiters = self._commit_batch()
         except Exception:
-            pass  # the waiters got the error
+            return  # the waiters got the error
+        if waiters is not None:
+            self._wal.sync_in_background(lambda error: self._synced(waiters, error))
+
+    def _synced(self, waiters: list[asyncio.Future[None]], error: OSError | None) -> None:
+        _settle(waiters, self._sync_error(error))
+        if self._commit_when_synced:
+            self._commit_when_synced = False
+            if self._in_batch:
+                self._schedule_commit()
 
     def commit(self) -> None:
-        """Commit the pending deferred writes now (a no-op without any). On failure they are all rolled back,
-        the waiters fail with the error and it is raised."""
+        """Commit the pending deferred writes now, to disk (a no-op without any). On failure they are all
+        rolled back, the waiters fail with the error and it is raised."""
+        waiters = self._commit_batch()
+        if waiters is None:
+            return
+        try:
+            self._sync()
+        except StoreFailed as e:
+            _settle(waiters, e)
+            raise
+        _settle(waiters, None)
+
+    def _sync(self) -> None:
+        if self._wal is not None:
+            try:
+                self._wal.sync()
+            except OSError as e:
+                raise self._sync_error(e) from e
+
+    def _sync_error(self, error: OSError | None) -> StoreFailed | None:
+        if error is None:
+            return None
+        self._sync_failed = True
+        return StoreFailed(f"the job store {self.path} could not be written to disk ({error})")
+
+    def _commit_batch(self) -> list[asyncio.Future[None]] | None:
+        """COMMIT the open batch (into the WAL: not yet durable) and hand back its waiters; None when there
+        was nothing to commit."""
         with self._lock:
             if not self._in_batch or self._deferring:
-                return
+                return None
             waiters, self._batch_waiters = self._batch_waiters, []
             self._in_batch = False
             if self._commit_handle is not None:
@@ -284,14 +345,10 @@ class JobStore:
                 self._last_event_seq.clear()
                 if isinstance(e, sqlite3.OperationalError):
                     e = self._failure(e)
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(e)
+                _settle(waiters, e)
                 raise
         self._checkpointer.written.set()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        return waiters
 
     # ---------------------------------------------------------------- jobs
 
@@ -442,7 +499,10 @@ class JobStore:
     # ---------------------------------------------------------------- housekeeping
 
     def check(self) -> bool:
-        """Whether SQLite finds the file sound (PRAGMA quick_check) and it can still be read."""
+        """Whether SQLite finds the file sound (PRAGMA quick_check), it can still be read, and no write failed
+        to reach the disk (after a failed fdatasync nobody knows what the disk holds)."""
+        if self._sync_failed:
+            return False
         try:
             with self._lock:
                 return self._db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
@@ -456,12 +516,87 @@ class JobStore:
                 self.commit()
             finally:
                 self._db.close()   # the last connection to close checkpoints what is left
+                if self._wal is not None:
+                    self._wal.close()
 
     def __enter__(self) -> JobStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
+class _WalFile:
+    """The store's write-ahead log, made durable with fdatasync: at once, or on a thread for group commits."""
+
+    SLOW_SECONDS = 0.003   # syncs taking longer than this (on average) are worth moving off the event loop
+
+    def __init__(self, db_path: Path):
+        self._path = str(db_path) + "-wal"
+        self._fd = -1
+        self.syncing = False     # a sync_in_background() has not called back yet
+        self._typical = 0.0      # moving average of how long a sync takes, in seconds
+
+    @property
+    def slow(self) -> bool:
+        return self._typical > self.SLOW_SECONDS
+
+    def _timed_sync(self, fd: int) -> None:
+        started = time.monotonic()
+        try:
+            os.fdatasync(fd)
+        finally:
+            self._typical = 0.7 * self._typical + 0.3 * (time.monotonic() - started)
+
+    def _descriptor(self) -> int:
+        if self._fd >= 0 and os.fstat(self._fd).st_nlink > 0:
+            return self._fd
+        if self._fd >= 0:       # SQLite removed the WAL (it does when the last connection closes)
+            os.close(self._fd)
+            self._fd = -1
+        self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        # A new WAL file must also be found after a crash: its directory entry goes to disk once.
+        directory = os.open(os.path.dirname(self._path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return self._fd
+
+    def sync(self) -> None:
+        """Everything written to the WAL so far is on disk when this returns. Raises OSError."""
+        self._timed_sync(self._descriptor())
+
+    def sync_in_background(self, done: Callable[[OSError | None], None]) -> None:
+        """From the event loop, one at a time: call done(None), or done(the error), in the loop once everything
+        written to the WAL so far is on disk."""
+        try:
+            fd = self._descriptor()
+        except OSError as e:
+            done(e)
+            return
+        self.syncing = True
+        running = asyncio.get_running_loop().run_in_executor(None, self._timed_sync, fd)
+        running.add_done_callback(lambda future: self._finished(future, done))
+
+    def _finished(self, future: asyncio.Future[None], done: Callable[[OSError | None], None]) -> None:
+        self.syncing = False
+        error = None if future.cancelled() else future.exception()
+        done(error if error is None or isinstance(error, OSError) else OSError(str(error)))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _Checkpointer(threading.Thread):

@@ -3,6 +3,7 @@ and a process killed with SIGKILL in the middle of writing loses nothing it had 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -10,12 +11,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from h2kd.errors import AlreadyExists, NoSuchJob
+from h2kd.errors import AlreadyExists, NoSuchJob, StoreFailed
 from h2kd.model.job import Job
 from h2kd.model.states import JobState
 from h2kd.store import JobStore
@@ -365,3 +367,85 @@ def test_the_wal_is_copied_back_into_the_database_in_the_background(tmp_path: Pa
             assert reader.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 300
         finally:
             reader.close()
+
+
+# ---------------------------------------------------------------- durability: the WAL's fdatasync
+
+class RecordingSync:
+    """Stands in for os.fdatasync: records which file was synced, and can hold a sync until released."""
+
+    def __init__(self) -> None:
+        self.synced: list[str] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+        self.delay = 0.0
+        self.real = os.fdatasync
+
+    def __call__(self, fd: int) -> None:
+        self.started.set()
+        self.hold.wait(10)
+        time.sleep(self.delay)
+        self.synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self.real(fd)
+
+
+@pytest.fixture
+def syncs(monkeypatch) -> RecordingSync:
+    recording = RecordingSync()
+    monkeypatch.setattr(os, "fdatasync", recording)
+    return recording
+
+
+def test_a_write_outside_a_batch_is_synced_to_disk_before_it_returns(store, syncs):
+    store.insert_job(new_job("a"), "submitted")
+    assert syncs.synced and syncs.synced[-1] == str(store.path) + "-wal"
+    with sqlite3.connect(store.path) as other:        # committed, visible to any reader
+        assert other.execute("SELECT COUNT(*) FROM jobs WHERE id = 'a'").fetchone() == (1,)
+
+
+def test_a_group_commit_answers_only_after_the_sync_and_the_loop_keeps_running_meanwhile(store, syncs):
+    async def scenario() -> None:
+        syncs.delay = 0.02                           # the disk is slow (conversions are writing to it) ...
+        for i in range(3):
+            store.insert_job(new_job(f"slow-{i}"), "submitted")
+        syncs.delay = 0.0
+        syncs.synced.clear()
+        syncs.started.clear()
+        syncs.hold.clear()                           # ... and the next sync takes as long as the test likes
+        with store.deferred():
+            store.insert_job(new_job("g1"), "submitted")
+        first = store.committed()
+        await asyncio.get_running_loop().run_in_executor(None, syncs.started.wait, 5)
+        ticks = 0
+        for _ in range(5):                           # the loop is free while the sync runs
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 5 and not first.done(), "answered before the job was on disk"
+        with store.deferred():                       # arrives during the sync: waits for the next one
+            store.insert_job(new_job("g2"), "submitted")
+        second = store.committed()
+        syncs.hold.set()
+        await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(second, 5)
+        assert len(syncs.synced) == 2 and set(syncs.synced) == {str(store.path) + "-wal"}
+    asyncio.run(scenario())
+    reopened = JobStore(store.path)
+    try:
+        assert {j.id for j in reopened.load_jobs()} == {"slow-0", "slow-1", "slow-2", "g1", "g2"}
+    finally:
+        reopened.close()
+
+
+def test_a_failed_sync_fails_the_waiters_and_marks_the_store_unhealthy(store, monkeypatch):
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> None:
+        monkeypatch.setattr(os, "fdatasync", broken_disk)
+        with store.deferred():
+            store.insert_job(new_job("e1"), "submitted")
+        with pytest.raises(StoreFailed, match="could not be written to disk"):
+            await asyncio.wait_for(store.committed(), 5)
+    asyncio.run(scenario())
+    assert not store.check()
