@@ -80,6 +80,7 @@ class JobManager:
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
         self._cancel_requested: set[str] = set()
+        self._starting: set[str] = set()      # jobs whose StartTransientUnit call has not returned yet
         self._samples: dict[str, deque[tuple[int, int]]] = {}
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -489,6 +490,7 @@ class JobManager:
 
     async def _start_attempt(self, job: Job, attempt: int) -> None:
         assert self._runner is not None
+        self._starting.add(job.id)
         try:
             unit = await self._runner.start(job, attempt)
         except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
@@ -496,6 +498,8 @@ class JobManager:
             if job.attempt == attempt and job.state == S.ASSIGNED:
                 self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {e}", "start", True)
             return
+        finally:
+            self._starting.discard(job.id)
         if job.attempt != attempt or job.state != S.ASSIGNED:
             return
         job.unit = unit
@@ -515,8 +519,10 @@ class JobManager:
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in ACTIVE:
             return
-        if job.state == S.ASSIGNED:  # re-attached before the start call returned
-            return
+        if job.state == S.ASSIGNED:
+            if job.id in self._starting:   # the start call's return records it running
+                return
+            self._found_running(job)
         report = parse_status(status_text)
         if report is None:
             self._append_event(job, "log", {"message": status_text})
@@ -622,7 +628,15 @@ class JobManager:
 
     # ---------------------------------------------------------------- endings
 
+    def _found_running(self, job: Job) -> None:
+        """h2kd stopped between starting the unit and recording the job running: the unit's own reports
+        (progress, its end) are the news that it runs, or ran."""
+        job.started_at = job.started_at or now_usec()
+        self._transition(job, S.RUNNING, "its unit was found running after h2kd restarted")
+
     def _complete(self, job: Job, result: dict[str, Any]) -> None:
+        if job.state == S.ASSIGNED:
+            self._found_running(job)
         job.progress = 1.0
         job.progress_known = True
         if job.bytes_total:

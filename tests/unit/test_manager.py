@@ -255,6 +255,43 @@ def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("reports_progress", [False, True])
+def test_a_unit_that_ran_while_h2kd_was_away_completes_its_assigned_job(tmp_path, image, reports_progress):
+    """h2kd was killed after starting the unit but before recording the job running. Back, it hears from the
+    unit: its progress (it still runs) or its end (it ran to completion meanwhile). The job goes on from
+    there, running once and completed once, instead of staying assigned with its progress ignored."""
+    class NeverAnswers(RecordingRunner):
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            await asyncio.Event().wait()
+
+    async def go():
+        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
+        (tmp_path / "out").mkdir(exist_ok=True)
+        config.state_dir.mkdir(exist_ok=True)
+        from h2kd.manager.validation import HostChecks
+        m = JobManager(config, JobStore(config.store_path), NeverAnswers(), HostChecks(config))
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        assert job.state.value == "assigned"
+        await m.stop()
+        m2, runner2, *_ = make(tmp_path)
+        await m2.start()
+        assert runner2.reattached == [job.id]
+        unit = f"h2k-job-{job.id}-1.service"
+        if reports_progress:
+            m2.unit_status(job.id, 1, "convert: 50.00% (50/100 bytes)")
+            assert m2.get(job.id).state.value == "progressing" and m2.get(job.id).progress == 0.5
+        m2.unit_finished(job.id, 1, UnitOutcome(unit, "success", 0, {"status": "completed"}))
+        again = m2.get(job.id)
+        assert again.state.value == "completed" and again.unit == unit
+        entered = [e.data["new_state"] for e in m2.events(job.id) if e.kind == "state"]
+        assert entered[3:] == ["assigned", "running"] + ["progressing"] * reports_progress + ["completed"]
+        await m2.stop()
+    asyncio.run(go())
+
+
 def test_a_lost_worker_costs_an_attempt(tmp_path, image):
     """A stale external worker's job goes back to the queue while it has retries, then fails WORKER_LOST."""
     async def go():
