@@ -104,45 +104,64 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
 
 def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1, 2, 4), runs: int = 3,
                          size: int = disks.GiB, data_fraction: float = 0.25) -> list[dict[str, Any]]:
-    """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand."""
+    """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand, like against
+    like as in conversion_overhead: jobs with sync false against plain `qemu-img convert` runs (ratio_nosync),
+    default jobs against the same runs each followed by an fsync of its output (ratio_sync)."""
     sources = [disks.sparse_vmdk(work, f"par{i}", size, data_fraction, seed=100 + i) for i in range(max(counts))]
     data = [disks.data_bytes(s) for s in sources]
     figures = []
 
-    async def through_h2kd(n: int) -> float:
+    async def through_h2kd(n: int, sync: bool) -> float:
         client = await Client.connect(stack.bus_address, watch=True)
         try:
             await client.manager("SetMaxParallelJobs", "u", [max(counts)])
             outputs = [stack.output_dir / f"{new_id('par')}.qcow2" for _ in range(n)]
-            seconds = await job_convert(client, sources[:n], outputs)
+            seconds = await job_convert(client, sources[:n], outputs, sync=sync)
             for o in outputs:
                 o.unlink()
             return seconds
         finally:
             client.close()
 
-    def by_hand(n: int) -> float:
+    def by_hand(n: int) -> tuple[float, float]:
+        """(seconds until every convert ended, seconds until every output was also fsynced)."""
         outputs = [stack.output_dir / f"{new_id('hand')}.qcow2" for _ in range(n)]
         start = time.perf_counter()
         procs = [subprocess.Popen(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(s), str(o)])
                  for s, o in zip(sources, outputs)]
         if any(p.wait() != 0 for p in procs):
             raise RuntimeError("qemu-img convert failed")
-        seconds = time.perf_counter() - start
+        converted = time.perf_counter() - start
+        for o in outputs:
+            fd = os.open(o, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        synced = time.perf_counter() - start
         for o in outputs:
             o.unlink()
-        return seconds
+        return converted, synced
 
+    sides = ("job", "hand", "job_nosync")
     for n in counts:
-        hand, job = [], []
+        hand, hand_sync, job, job_nosync = [], [], [], []
         for run in range(runs):
-            for side in (("job", "hand") if run % 2 == 0 else ("hand", "job")):
+            for side in sides[run % 3:] + sides[:run % 3]:
                 if side == "hand":
-                    hand.append(by_hand(n))
+                    plain, synced = by_hand(n)
+                    hand.append(plain)
+                    hand_sync.append(synced)
+                elif side == "job":
+                    job.append(asyncio.run(through_h2kd(n, sync=True)))
                 else:
-                    job.append(asyncio.run(through_h2kd(n)))
+                    job_nosync.append(asyncio.run(through_h2kd(n, sync=False)))
         total = sum(data[:n])
-        h, j = median(hand), median(job)
-        figures.append({"parallel": n, "data_bytes": total, "hand_s": h, "job_s": j,
-                        "hand_MiBps": total / h / disks.MiB, "job_MiBps": total / j / disks.MiB, "ratio": j / h})
+        h, hs, j, jn = median(hand), median(hand_sync), median(job), median(job_nosync)
+        mibps = lambda seconds: total / seconds / disks.MiB  # noqa: E731
+        figures.append({"parallel": n, "data_bytes": total,
+                        "hand_s": h, "job_nosync_s": jn, "hand_MiBps": mibps(h), "job_nosync_MiBps": mibps(jn),
+                        "ratio_nosync": jn / h,
+                        "hand_fsync_s": hs, "job_s": j, "hand_fsync_MiBps": mibps(hs), "job_MiBps": mibps(j),
+                        "ratio_sync": j / hs})
     return figures
