@@ -6,8 +6,7 @@ SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]
 "source_identity", and "spec_checked": true when the spec is the one h2kd checked and stored, which the
 worker then takes as it is instead of checking it again). Before creating a temporary output the worker
 records its path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd
-READY=1, reports progress as STATUS= lines (h2kd.worker.report format, at most 10 a second, the last one
-always sent), runs the operation, writes RESULT.json atomically and exits 0 (completed), 1 (failed, worth
+READY=1, reports progress as STATUS= lines (h2kd.worker.report format; see StatusReporter for how often), runs the operation, writes RESULT.json atomically and exits 0 (completed), 1 (failed, worth
 retrying), 2 (failed for good: bad input) or 143 (stopped by SIGTERM: qemu-img stopped, partial output
 removed, result "cancelled"). Human-readable lines go to stdout/stderr, i.e. the journal.
 Outside systemd (no NOTIFY_SOCKET) the notifications are simply not sent.
@@ -30,7 +29,13 @@ from h2kd.observability.wire import send_datagram, send_journal
 from h2kd.worker.report import ProgressReport, format_status
 
 EXIT_OK, EXIT_RETRY, EXIT_PERMANENT, EXIT_CANCELLED = 0, 1, 2, 143
-STATUS_INTERVAL = 0.1
+# Progress goes to systemd (which sends two PropertiesChanged to h2kd for each STATUS=) when it moved by
+# STATUS_STEP since the last report, when the phase or message changes, or after STATUS_QUIET seconds;
+# never more often than every STATUS_MIN_GAP seconds. A short job's bar moves smoothly; fifty long ones
+# report about once a second each.
+STATUS_MIN_GAP = 0.1
+STATUS_QUIET = 1.0
+STATUS_STEP = 0.05
 
 
 
@@ -71,21 +76,28 @@ def _notify(message: str) -> None:
 
 
 class StatusReporter:
-    """Progress to STATUS= lines, throttled; flush() sends the latest one if it was held back."""
+    """Progress to STATUS= lines, throttled (STATUS_*); flush() sends the latest one if it was held back."""
 
-    def __init__(self, send: Callable[[str], None] = _notify, interval: float = STATUS_INTERVAL):
+    def __init__(self, send: Callable[[str], None] = _notify, clock: Callable[[], float] = time.monotonic):
         self.send = send
-        self.interval = interval
-        self.last_sent_at = 0.0
+        self.clock = clock
+        self.last_sent_at = -STATUS_QUIET
         self.last_sent: str | None = None
+        self.last_sent_kind: tuple[str, str] | None = None     # (phase, message) of the last report sent
+        self.last_sent_fraction = 0.0
         self.pending: str | None = None
+        self.pending_fraction = 0.0
+        self.pending_kind: tuple[str, str] | None = None
         self.last_logged: tuple[str, int] | None = None
 
     def __call__(self, phase: str, done: int, total: int, message: str = "") -> None:
         fraction = done / total if total > 0 else None
         text = format_status(ProgressReport(phase, fraction, done, total if total > 0 else 0, message))
-        self.pending = text
-        if time.monotonic() - self.last_sent_at >= self.interval:
+        self.pending, self.pending_fraction, self.pending_kind = text, fraction or 0.0, (phase, message)
+        since = self.clock() - self.last_sent_at
+        if since >= STATUS_MIN_GAP and (
+                since >= STATUS_QUIET or self.pending_kind != self.last_sent_kind
+                or abs(self.pending_fraction - self.last_sent_fraction) >= STATUS_STEP):
             self.flush()
         decile = int((fraction or 0) * 10)
         if self.last_logged != (phase, decile):
@@ -96,7 +108,8 @@ class StatusReporter:
         if self.pending is not None and self.pending != self.last_sent:
             self.send("STATUS=" + self.pending)
             self.last_sent = self.pending
-            self.last_sent_at = time.monotonic()
+            self.last_sent_at = self.clock()
+            self.last_sent_fraction, self.last_sent_kind = self.pending_fraction, self.pending_kind
         self.pending = None
 
 

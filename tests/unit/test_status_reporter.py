@@ -1,0 +1,72 @@
+"""How often a worker tells systemd its progress (StatusReporter): a short job's bar moves in visible steps,
+a long one reports about once a second, a new phase or message goes out at once, the last report is never
+lost, and nothing goes out more often than every STATUS_MIN_GAP."""
+
+from __future__ import annotations
+
+from h2kd.worker.main import STATUS_MIN_GAP, STATUS_QUIET, STATUS_STEP, StatusReporter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reporter() -> tuple[StatusReporter, list[str], Clock]:
+    sent: list[str] = []
+    clock = Clock()
+    return StatusReporter(send=sent.append, clock=clock), sent, clock
+
+
+def percents(sent: list[str]) -> list[float]:
+    return [float(line.split(": ")[1].split("%")[0]) for line in sent]
+
+
+def test_a_long_job_reports_about_once_a_second_and_never_goes_quiet():
+    status, sent, clock = reporter()
+    for percent in range(0, 30):               # qemu-img's 1% steps, 0.4 s apart
+        status("convert", percent, 100)
+        clock.now += 0.4
+    gaps = [b - a for a, b in zip(percents(sent), percents(sent)[1:])]
+    assert len(sent) == 10                     # 12 s of work: a report every 1.2 s (every third step)
+    assert all(gap == 3 for gap in gaps)
+    status.flush()                             # at the end, what was held back goes out
+    assert percents(sent)[-1] == 29
+
+
+def test_a_short_job_reports_every_step_of_five_percent():
+    status, sent, clock = reporter()
+    for percent in range(0, 101):              # the whole job in 1 s
+        status("convert", percent, 100)
+        clock.now += 0.01
+    status.flush()
+    shown = percents(sent)
+    assert shown[0] == 0 and shown[-1] == 100
+    assert len(shown) >= 8, shown              # the bar moves visibly, yet ...
+    assert all(b - a >= STATUS_STEP * 100 for a, b in zip(shown, shown[1:-1])), shown
+    assert len(shown) <= 1 / STATUS_MIN_GAP + 2, shown   # ... never faster than the minimum gap
+
+
+def test_a_new_phase_or_message_goes_out_at_once():
+    status, sent, clock = reporter()
+    status("convert", 10, 100, "disk 1 of 2")
+    clock.now += STATUS_MIN_GAP * 1.01
+    status("convert", 11, 100, "disk 2 of 2")
+    clock.now += STATUS_MIN_GAP * 1.01
+    status("check", 11, 100, "disk 2 of 2")
+    assert [line.removeprefix("STATUS=").split(": ")[0] for line in sent] == ["convert", "convert", "check"]
+    assert "disk 2 of 2" in sent[1]
+
+
+def test_quiet_means_a_report_after_at_most_a_second_of_progress():
+    status, sent, clock = reporter()
+    status("convert", 1, 1000)
+    clock.now += STATUS_QUIET - 0.01
+    status("convert", 2, 1000)
+    assert len(sent) == 1                       # tiny move, not yet a second: held back
+    clock.now += 0.02
+    status("convert", 3, 1000)
+    assert len(sent) == 2 and "0.30%" in sent[1]
