@@ -520,7 +520,7 @@ class JobManager:
         if job is None or job.attempt != attempt or job.state not in ACTIVE:
             return
         if job.state == S.ASSIGNED:
-            if job.id in self._starting:   # the start call's return records it running
+            if job.id in self._starting or job.worker != BUILTIN:   # the start call's return records it running
                 return
             self._found_running(job)
         report = parse_status(status_text)
