@@ -548,6 +548,10 @@ class JobManager:
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)
         elif outcome.result == "not-started":
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started", attempt_spent=False)
+        elif outcome.result == "unknown" and job.state == S.ASSIGNED:
+            # h2kd stopped while starting the unit, and systemd knows of no such unit: it never ran.
+            self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "h2kd stopped while starting its unit, which "
+                                  "left no trace", attempt_spent=False)
         else:
             error = result.get("error") or {}
             if outcome.result == "timeout":

@@ -255,27 +255,51 @@ def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
     asyncio.run(go())
 
 
+class StartNeverReturns(RecordingRunner):
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        await asyncio.Event().wait()
+
+
+async def left_assigned(tmp_path: Path, image: Path):
+    """A job h2kd assigned and asked systemd to start, stopped before the start call returned."""
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
+    (tmp_path / "out").mkdir(exist_ok=True)
+    config.state_dir.mkdir(exist_ok=True)
+    from h2kd.manager.validation import HostChecks
+    m = JobManager(config, JobStore(config.store_path), StartNeverReturns(), HostChecks(config))
+    await m.start()
+    job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+    await settle()
+    assert job.state.value == "assigned"
+    await m.stop()
+    return job
+
+
+def test_a_unit_h2kd_was_starting_when_it_stopped_and_that_never_ran_costs_no_attempt(tmp_path, image):
+    """Killed between writing the attempt's files and systemd starting the unit: back, h2kd finds no unit and
+    no result. The job goes back to the queue and runs, instead of failing for a run that never was."""
+    async def go():
+        job = await left_assigned(tmp_path, image)
+        m2, runner2, *_ = make(tmp_path)
+        await m2.start()
+        m2.unit_finished(job.id, 1, UnitOutcome(f"h2k-job-{job.id}-1.service", "unknown", 0, None))
+        await settle()
+        again = m2.get(job.id)
+        assert runner2.started == [(job.id, 2)] and again.state.value == "running"
+        entered = [e.data["new_state"] for e in m2.events(job.id) if e.kind == "state"]
+        assert entered[3:] == ["assigned", "queued", "assigned", "running"]
+        await m2.stop()
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("reports_progress", [False, True])
 def test_a_unit_that_ran_while_h2kd_was_away_completes_its_assigned_job(tmp_path, image, reports_progress):
     """h2kd was killed after starting the unit but before recording the job running. Back, it hears from the
     unit: its progress (it still runs) or its end (it ran to completion meanwhile). The job goes on from
     there, running once and completed once, instead of staying assigned with its progress ignored."""
-    class NeverAnswers(RecordingRunner):
-        async def start(self, job, attempt):
-            self.started.append((job.id, attempt))
-            await asyncio.Event().wait()
-
     async def go():
-        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
-        (tmp_path / "out").mkdir(exist_ok=True)
-        config.state_dir.mkdir(exist_ok=True)
-        from h2kd.manager.validation import HostChecks
-        m = JobManager(config, JobStore(config.store_path), NeverAnswers(), HostChecks(config))
-        await m.start()
-        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
-        await settle()
-        assert job.state.value == "assigned"
-        await m.stop()
+        job = await left_assigned(tmp_path, image)
         m2, runner2, *_ = make(tmp_path)
         await m2.start()
         assert runner2.reattached == [job.id]
