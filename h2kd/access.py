@@ -52,8 +52,9 @@ def output_owner(uid: int, group: str = "") -> tuple[int, int]:
 
 
 def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int],
-                          allowed_roots: Iterable[str | os.PathLike[str]]) -> Path:
-    """Return the resolved path of a source image the caller may read, or raise."""
+                          allowed_roots: Iterable[str | os.PathLike[str]]) -> tuple[Path, os.stat_result]:
+    """Return the resolved path of a source image the caller may read, and the file's status as checked
+    (its identity is what the worker must find), or raise."""
     given = _absolute(path)
     try:
         # One lookup gives both the file's identity and where it really is (no window between the two).
@@ -78,7 +79,7 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
     if not stat.S_ISREG(seen.st_mode):
         raise InvalidArgument(f"{given} is not a regular file")
     if uid == 0:
-        return resolved
+        return resolved, seen
     code, device, inode = _as_caller(uid, gids, _try_open_for_reading, str(resolved))
     if code in (errno.EACCES, errno.EPERM):
         raise NotAuthorized(f"permission denied: {given} is not readable by uid {uid}")
@@ -88,7 +89,7 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
         raise InvalidArgument(f"cannot read {given} as uid {uid}: {os.strerror(code)}")
     if (device, inode) != (seen.st_dev, seen.st_ino):
         raise NotAuthorized(f"refusing {given}: it was replaced while being checked")
-    return resolved
+    return resolved, seen
 
 
 def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int],

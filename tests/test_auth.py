@@ -615,16 +615,16 @@ def test_root_only_image_and_symlinks_to_it_are_refused(users, shared_dir):
     with pytest.raises(NotAuthorized, match="symbolic link"):
         check_source_readable(str(link), alice.pw_uid, gids, ["/"])
     # root itself may read it
-    assert check_source_readable(str(secret), 0, [0], ["/"]) == secret
+    assert check_source_readable(str(secret), 0, [0], ["/"])[0] == secret
 
 
 def test_readable_images_pass_as_owner_or_through_a_group(users, shared_dir):
     alice, bob = users[ALICE], users[BOB]
     own = _image(shared_dir / "own.img", 0o600, alice)
-    assert check_source_readable(str(own), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir]) == own
+    assert check_source_readable(str(own), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir])[0] == own
     shared = _image(shared_dir / "group.img", 0o640)
     os.chown(shared, 0, _gid(GROUP))
-    assert check_source_readable(str(shared), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir]) == shared
+    assert check_source_readable(str(shared), alice.pw_uid, caller_groups(alice.pw_uid), [shared_dir])[0] == shared
     with pytest.raises(NotAuthorized, match="not readable by uid"):
         check_source_readable(str(shared), bob.pw_uid, caller_groups(bob.pw_uid), [shared_dir])
 
@@ -654,7 +654,7 @@ def test_paths_leaving_the_allowed_roots_are_refused(users, shared_dir):
     (root / "inner").mkdir(mode=0o755)
     inner = _image(root / "inner" / "disk.img", 0o644)
     (root / "to-inner").symlink_to(root / "inner")  # symlinked directories that stay inside are fine
-    assert check_source_readable(str(root / "to-inner" / "disk.img"), alice.pw_uid, gids, [root]) == inner
+    assert check_source_readable(str(root / "to-inner" / "disk.img"), alice.pw_uid, gids, [root])[0] == inner
 
 
 def test_sources_must_be_existing_regular_files(users, shared_dir):

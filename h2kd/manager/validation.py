@@ -30,8 +30,7 @@ class HostChecks:
                 self._check_proof(job.source, source_proof)
                 seen = source_proof
             else:
-                resolved = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
-                seen = os.stat(resolved)
+                _, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
                 overwrite = bool((job.spec.get("artifacts") or {}).get("overwrite"))
