@@ -8,24 +8,47 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from bench import disks
 from bench.client import Client, convert_spec, median, new_id
 from h2kd.sandbox.stack import Stack
 
 
-def hand_convert(source: Path, output: Path, fmt: str = "vmdk") -> tuple[float, float]:
-    """`qemu-img convert` by hand; (seconds for the convert, seconds including an fsync of the output)."""
+def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk") -> tuple[float, float]:
+    """`qemu-img convert` by hand, one process per source, all at once; (seconds until every convert ended,
+    seconds until every output was also fsynced)."""
     start = time.perf_counter()
-    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(source), str(output)], check=True)
+    procs = [subprocess.Popen(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(s), str(o)])
+             for s, o in zip(sources, outputs)]
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError("qemu-img convert failed")
     converted = time.perf_counter()
-    fd = os.open(output, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for output in outputs:
+        fd = os.open(output, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return converted - start, time.perf_counter() - start
+
+
+async def side_by_side(runs: int, by_hand: Callable[[], tuple[float, float]],
+                       job: Callable[[bool], Awaitable[float]]) -> dict[str, float]:
+    """Median seconds of each way, over `runs` runs whose order rotates from run to run: by hand
+    (by_hand() -> seconds, seconds including an fsync of the outputs) and through h2kd (job(sync) -> seconds,
+    with parameters.sync true, the default, and false). Keys hand_s, hand_fsync_s, job_s, job_nosync_s."""
+    times: dict[str, list[float]] = {"hand_s": [], "hand_fsync_s": [], "job_s": [], "job_nosync_s": []}
+    sides = ("job", "hand", "job_nosync")
+    for run in range(runs):
+        for side in sides[run % 3:] + sides[:run % 3]:
+            if side == "hand":
+                plain, synced = by_hand()
+                times["hand_s"].append(plain)
+                times["hand_fsync_s"].append(synced)
+            else:
+                times[side + "_s"].append(await job(side == "job"))
+    return {key: median(values) for key, values in times.items()}
 
 
 def _spec(source: Path, output: Path, sync: bool) -> dict[str, Any]:
@@ -74,27 +97,29 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
     async def measure() -> None:
         client = await Client.connect(stack.bus_address, watch=True)
         try:
-            sides = ("job", "hand", "job_nosync")
             for label, source in cases:
-                hand, hand_sync, job, job_nosync, parts, parts_nosync = [], [], [], [], [], []
-                for run in range(runs):
-                    for side in sides[run % 3:] + sides[:run % 3]:
-                        output = stack.output_dir / f"{new_id(side)}.qcow2"
-                        if side == "hand":
-                            plain, synced = hand_convert(source, output)
-                            hand.append(plain)
-                            hand_sync.append(synced)
-                        elif side == "job":
-                            job.append(await job_convert(client, [source], [output], parts))
-                        else:
-                            job_nosync.append(await job_convert(client, [source], [output], parts_nosync, sync=False))
+                parts: dict[bool, list[dict[str, float]]] = {True: [], False: []}   # by sync
+
+                def by_hand(source: Path = source) -> tuple[float, float]:
+                    output = stack.output_dir / f"{new_id('hand')}.qcow2"
+                    try:
+                        return hand_convert([source], [output])
+                    finally:
                         output.unlink()
-                h, hs, j, jn = median(hand), median(hand_sync), median(job), median(job_nosync)
+
+                async def job(sync: bool, source: Path = source) -> float:
+                    output = stack.output_dir / f"{new_id('job')}.qcow2"
+                    seconds = await job_convert(client, [source], [output], parts[sync], sync=sync)
+                    output.unlink()
+                    return seconds
+
+                m = await side_by_side(runs, by_hand, job)
+                h, hs, j, jn = m["hand_s"], m["hand_fsync_s"], m["job_s"], m["job_nosync_s"]
                 figures.append({"disk": label, "data_bytes": disks.data_bytes(source), "runs": runs,
                                 "hand_s": h, "job_nosync_s": jn, "ratio_nosync": jn / h, "extra_nosync_s": jn - h,
                                 "hand_fsync_s": hs, "job_s": j, "ratio_sync": j / hs, "extra_sync_s": j - hs,
-                                **{k: median([p[k] for p in parts]) for k in parts[0]},
-                                **{"nosync_" + k: median([p[k] for p in parts_nosync]) for k in parts_nosync[0]}})
+                                **{k: median([p[k] for p in parts[True]]) for k in parts[True][0]},
+                                **{"nosync_" + k: median([p[k] for p in parts[False]]) for k in parts[False][0]}})
         finally:
             client.close()
 
@@ -124,40 +149,17 @@ def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1,
             client.close()
 
     def by_hand(n: int) -> tuple[float, float]:
-        """(seconds until every convert ended, seconds until every output was also fsynced)."""
         outputs = [stack.output_dir / f"{new_id('hand')}.qcow2" for _ in range(n)]
-        start = time.perf_counter()
-        procs = [subprocess.Popen(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(s), str(o)])
-                 for s, o in zip(sources, outputs)]
-        if any(p.wait() != 0 for p in procs):
-            raise RuntimeError("qemu-img convert failed")
-        converted = time.perf_counter() - start
-        for o in outputs:
-            fd = os.open(o, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        synced = time.perf_counter() - start
-        for o in outputs:
-            o.unlink()
-        return converted, synced
+        try:
+            return hand_convert(sources[:n], outputs)
+        finally:
+            for o in outputs:
+                o.unlink()
 
-    sides = ("job", "hand", "job_nosync")
     for n in counts:
-        hand, hand_sync, job, job_nosync = [], [], [], []
-        for run in range(runs):
-            for side in sides[run % 3:] + sides[:run % 3]:
-                if side == "hand":
-                    plain, synced = by_hand(n)
-                    hand.append(plain)
-                    hand_sync.append(synced)
-                elif side == "job":
-                    job.append(asyncio.run(through_h2kd(n, sync=True)))
-                else:
-                    job_nosync.append(asyncio.run(through_h2kd(n, sync=False)))
+        m = asyncio.run(side_by_side(runs, lambda n=n: by_hand(n), lambda sync, n=n: through_h2kd(n, sync)))
+        h, hs, j, jn = m["hand_s"], m["hand_fsync_s"], m["job_s"], m["job_nosync_s"]
         total = sum(data[:n])
-        h, hs, j, jn = median(hand), median(hand_sync), median(job), median(job_nosync)
         mibps = lambda seconds: total / seconds / disks.MiB  # noqa: E731
         figures.append({"parallel": n, "data_bytes": total,
                         "hand_s": h, "job_nosync_s": jn, "hand_MiBps": mibps(h), "job_nosync_MiBps": mibps(jn),

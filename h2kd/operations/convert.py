@@ -46,6 +46,7 @@ import time
 from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
+from h2kd.operations.background import Background
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
 from h2kd.operations.tempfiles import TEMP_PREFIX, TempFiles
 
@@ -438,26 +439,15 @@ def _flush(path: str) -> None:
 
 def _finish_one(plan: Planned, options: ConvertOptions, durable: bool) -> dict[str, Any]:
     """Check the output (qcow2) and read its virtual size and, if durable, flush it to disk meanwhile."""
-    assert plan.temp
-    ref = ImageRef(plan.temp, options.output_format)
-    flush_error: list[BaseException] = []
-
-    def flush() -> None:
-        try:
-            _flush(plan.temp)  # type: ignore[arg-type]
-        except BaseException as e:  # handed to the main thread below
-            flush_error.append(e)
-
-    flusher = threading.Thread(target=flush, name="flush", daemon=True) if durable else None
-    if flusher is not None:
-        flusher.start()
+    temp = plan.temp
+    assert temp
+    ref = ImageRef(temp, options.output_format)
+    flushing = Background(lambda: _flush(temp), "flush") if durable else None
     # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
     result = qemuimg.check(ref) if options.output_format == "qcow2" else None
-    virtual_size = qemuimg.output_virtual_size(plan.temp, options.output_format)
-    if flusher is not None:
-        flusher.join()
-    if flush_error:
-        raise flush_error[0]
+    virtual_size = qemuimg.output_virtual_size(temp, options.output_format)
+    if flushing is not None:
+        flushing.result()
     if result is not None and result.status not in ("ok", "leaks"):
         raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} failed its check: {result.message}",
                              "check")

@@ -20,10 +20,10 @@ import os
 import re
 import stat
 import struct
-import threading
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from h2kd.operations import qemuimg
+from h2kd.operations.background import Background
 from h2kd.operations.qemuimg import ImageRef, OperationError
 
 if TYPE_CHECKING:       # tarfile, ElementTree and hashlib are imported where OVAs, OVFs and sums need them
@@ -260,37 +260,11 @@ def _chain_files(chain: list[dict[str, Any]]) -> list[str]:
     return [f for f in files if f and not f.startswith("json:")]
 
 
-class _Background:
-    """A call run in a thread of its own; result() waits for it and returns its value or raises its error."""
-
-    def __init__(self, call: Callable[[], Any]):
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._call = call
-        self._thread = threading.Thread(target=self._run, name="background", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._call()
-        except BaseException as e:      # handed to whoever asks for the result
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True) -> Disk:
     """qemu-img's view of one disk, refusing files outside its directory and damaged images."""
     # `qemu-img check` runs alongside `info`: both only read, and each costs a qemu-img start on every job.
     # It opens no file that info does not open too (info follows the backing chain before it is vetted).
-    checking = _Background(lambda: qemuimg.check(ref, force_share=True)) \
+    checking = Background(lambda: qemuimg.check(ref, force_share=True)) \
         if check_source and ref.format in CHECKABLE else None
     try:
         return _load_disk(ref, label, identities, checking)
@@ -300,7 +274,7 @@ def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_s
         raise                    # the worker ends at once, and systemd ends what is left in its unit.)
 
 
-def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: _Background | None) -> Disk:
+def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: Background | None) -> Disk:
     try:
         chain = qemuimg.info(ref, backing_chain=True)
     except qemuimg.QemuImgError as e:
