@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -17,11 +15,16 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 
 from bench import disks, load
 from bench.client import Client, convert_spec, cpu_seconds, median, new_id, percentile, rss_bytes, run_in_processes
+from bench.rawbus import RawConnection
 from bench.stack import rate_limited, restart_with
 from h2kd.sandbox.stack import Stack
 
-# (clients, calls in flight per client, submits per client): 10,000 jobs in all, which the listing reuses.
-SUBMISSION_CASES = ((1, 1, 1000), (1, 16, 2000), (20, 1, 150), (20, 16, 200))
+# (clients, calls in flight per client, submits per client), each made twice (CLIENT_KINDS): 10,000 jobs in
+# all, which the listing reuses.
+SUBMISSION_CASES = ((1, 1, 500), (1, 16, 1000), (20, 1, 75), (20, 16, 100))
+# dbus-fast: clients as most Python programs would write them (h2kctl is one). raw: bench.rawbus, which
+# leaves the clients' own CPU out of the figure (on two cores, twenty dbus-fast clients compete with h2kd).
+CLIENT_KINDS = ("dbus-fast", "raw")
 
 
 def job_count(stack: Stack) -> int:
@@ -35,17 +38,21 @@ def job_count(stack: Stack) -> int:
 
 
 def submission(stack: Stack, source: Path, cases=SUBMISSION_CASES) -> list[dict[str, Any]]:
-    """Held submissions (queue=false: nothing runs) per second and their latency, per client count."""
+    """Held submissions (queue=false: nothing runs) per second and their latency, per client count and kind
+    of client, the two kinds one after the other for each case."""
     figures = []
     for clients, window, per_client in cases:
-        wall, per = load.submit_burst(stack.bus_address, clients, per_client, window, str(source))
-        latencies = [x for p in per for x in p["latencies"]]
-        errors = [e for p in per for e in p["errors"]]
-        ids = [i for p in per for i in p["ids"]]
-        figures.append({"clients": clients, "in_flight": window, "submits": len(latencies) + len(errors),
-                        "errors": len(errors), "distinct_jobs": len(set(ids)), "seconds": wall,
-                        "per_second": len(ids) / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
-                        "p99_ms": percentile(latencies, 0.99) * 1000})
+        for kind in CLIENT_KINDS:
+            wall, per = load.submit_burst(stack.bus_address, clients, per_client, window, str(source),
+                                          raw=kind == "raw")
+            latencies = [x for p in per for x in p["latencies"]]
+            errors = [e for p in per for e in p["errors"]]
+            ids = [i for p in per for i in p["ids"]]
+            figures.append({"clients": clients, "in_flight": window, "client": kind,
+                            "submits": len(latencies) + len(errors), "errors": len(errors),
+                            "distinct_jobs": len(set(ids)), "seconds": wall, "per_second": len(ids) / wall,
+                            "p50_ms": percentile(latencies, 0.5) * 1000,
+                            "p99_ms": percentile(latencies, 0.99) * 1000})
     return figures
 
 
@@ -65,7 +72,7 @@ def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) ->
     """With `jobs` in the store: GetManagedObjects, ListJobs, RSS, start-up time.
 
     GetManagedObjects is timed three ways, as clients see it: "raw" is the round trip until the last byte of
-    the reply has been received, decoding nothing (what the daemon and dbus-daemon cost; _RawConnection);
+    the reply has been received, decoding nothing (what the daemon and dbus-daemon cost; RawConnection);
     "GetManagedObjects_ms" is a dbus-fast client's call, decoding included; busctl is a C client, its
     process start and output included. "decode" is dbus-fast unmarshalling the raw reply in-process alone.
     """
@@ -105,7 +112,7 @@ def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) ->
         startups.append(time.perf_counter() - start)
     figures["startup_s"] = median(startups)
     figures["rss_after_restart_MiB"] = rss_bytes(stack.daemon_pid) / disks.MiB
-    with _RawConnection(stack.bus_address) as raw:   # the first listing of a fresh daemon builds its records
+    with RawConnection(stack.bus_address) as raw:   # the first listing of a fresh daemon builds its records
         start = time.perf_counter()
         raw.call(Message(**OBJECT_MANAGER_CALL))
         figures["GetManagedObjects_first_after_restart_raw_ms"] = (time.perf_counter() - start) * 1000
@@ -116,7 +123,7 @@ def listing(stack: Stack, source: Path, jobs: int = 10_000, repeats: int = 5) ->
 def _managed_objects_raw(stack: Stack, repeats: int) -> dict[str, Any]:
     """GetManagedObjects' round trip to the last byte, the daemon's CPU per call, and the reply's decoding."""
     pid = stack.daemon_pid
-    with _RawConnection(stack.bus_address) as raw:
+    with RawConnection(stack.bus_address) as raw:
         raw.call(Message(**OBJECT_MANAGER_CALL))   # once untimed: a first call may build the daemon's records
         times = []
         cpu_before = cpu_seconds(pid)
@@ -151,79 +158,6 @@ def _managed_objects_busctl(stack: Stack, repeats: int) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         out[f"GetManagedObjects_{label}_ms"] = median(times) * 1000
     return out
-
-
-class _RawConnection:
-    """A bare blocking D-Bus connection (EXTERNAL authentication, Hello) that sends one call at a time and
-    reads the reply's bytes without decoding them: how long the reply takes to arrive, apart from any
-    client library's decoding. Only unix socket addresses (the stack's) are supported."""
-
-    def __init__(self, address: str):
-        kind, _, params = address.partition(":")
-        options = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
-        if kind != "unix" or not ({"path", "abstract"} & set(options)):
-            raise ValueError(f"unsupported bus address {address}")
-        where = options.get("path") or "\0" + options["abstract"]
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(where)
-        self._pending = bytearray()
-        self._serial = 0
-        self._sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-        answer = self._line()
-        if not answer.startswith(b"OK "):
-            raise ConnectionError(f"authentication refused: {answer!r}")
-        self._sock.sendall(b"BEGIN\r\n")
-        self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                          interface="org.freedesktop.DBus", member="Hello"))
-
-    def __enter__(self) -> "_RawConnection":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._sock.close()
-
-    def call(self, message: Message) -> bytearray:
-        """Send `message`; the whole reply (or error) to it, as received. Signals in between are skipped
-        (only our unique name's NameAcquired can come: no match rules are added)."""
-        self._serial += 1
-        message.serial = self._serial
-        self._sock.sendall(message._marshall(False))
-        while True:
-            data = self._message()
-            if data[1] in (2, 3):   # METHOD_RETURN, ERROR: one call at a time, so ours
-                return data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self._pending:
-            self._receive_some()
-        line, _, rest = bytes(self._pending).partition(b"\r\n")
-        self._pending = bytearray(rest)
-        return line
-
-    def _receive_some(self) -> None:
-        chunk = self._sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError("the bus closed the connection")
-        self._pending += chunk
-
-    def _message(self) -> bytearray:
-        while len(self._pending) < 16:
-            self._receive_some()
-        if self._pending[0:1] != b"l":
-            raise ValueError("only little-endian messages are read")
-        body_length, _serial, fields_length = struct.unpack_from("<III", self._pending, 4)
-        total = 16 + fields_length + (-fields_length % 8) + body_length
-        message = bytearray(total)
-        have = min(len(self._pending), total)
-        message[:have] = self._pending[:have]
-        del self._pending[:have]
-        view = memoryview(message)
-        while have < total:
-            got = self._sock.recv_into(view[have:], total - have)
-            if not got:
-                raise ConnectionError("the bus closed the connection")
-            have += got
-        return message
 
 
 def remove_all_jobs(stack: Stack) -> list[str]:
