@@ -1,6 +1,7 @@
-"""GetManagedObjects on /org/hyper2kvm/h2kd1: what every object says of itself, as dbus-fast, busctl and gdbus read it.
+"""GetManagedObjects and ListJobs on /org/hyper2kvm/h2kd1: what every object says of itself, as dbus-fast,
+busctl and gdbus read it.
 
-The daemon sends this reply from entries marshalled in advance (h2kd.bus.premarshal); these tests check
+The daemon sends these replies from parts marshalled in advance (h2kd.bus.premarshal); these tests check
 that what arrives is what each object's Properties.GetAll says at that moment, also while a change has
 not been announced yet and after a job has gone, and that the bytes are those dbus-fast itself would send.
 """
@@ -18,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from h2kd import BUS_NAME, MANAGER_PATH
-from h2kd.bus.premarshal import REPLY_SIGNATURE, managed_objects_reply, object_entry
+from h2kd.bus.manager_iface import LIST_ROW_SIGNATURE
+from h2kd.bus.premarshal import REPLY_SIGNATURE, array_reply, object_entry, struct_bytes
 
 from busclient import JOB, OBJECT_MANAGER, PROPERTIES, WORKER, Client, new_id, run, spec, wait_for
 
@@ -36,6 +38,19 @@ async def _get_all(client: Client, path: str, interface: str) -> dict[str, Varia
     return values
 
 
+async def _list_rows(client: Client) -> dict[str, list[Any]]:
+    """ListJobs' rows by job path."""
+    (rows,) = await client.manager("ListJobs", "a{sv}", [{}])
+    return {row[7]: list(row) for row in rows}
+
+
+def _row_from_properties(path: str, props: dict[str, Variant]) -> list[Any]:
+    """The ListJobs row a job's properties call for."""
+    progress = props["Progress"].value if props["ProgressKnown"].value else -1.0
+    return [props["Id"].value, props["Operation"].value, props["State"].value, progress, props["Owner"].value,
+            props["Priority"].value, props["CreatedAt"].value, path]
+
+
 async def _claim(worker: Client, worker_path: str) -> Any:
     found, job_id, _spec = await worker.call(worker_path, WORKER, "ClaimJob")
     return job_id if found else None
@@ -48,6 +63,7 @@ async def _report(worker: Client, worker_path: str, job_id: str, progress: float
 
 
 def test_listing_is_what_each_object_says_after_changes_announced_or_not_and_removals(stack):
+    """GetManagedObjects and ListJobs, both sent from marshalled parts, against each job's GetAll."""
     async def scenario() -> None:
         watcher = await Client.connect(stack.bus_address)
         arrivals: list[Message] = []      # every message the watcher receives (replies too), in order
@@ -72,9 +88,13 @@ def test_listing_is_what_each_object_says_after_changes_announced_or_not_and_rem
         assert await wait_for(lambda: _claim(worker, worker_path), 20, "the claim") == running_id
 
         async def check_listing(objects: dict, paths: list[str]) -> None:
+            """GetManagedObjects (given) and ListJobs (called now) say what each job's GetAll says."""
+            rows = await _list_rows(watcher)
             for path in paths:
                 assert set(objects[path]) == {JOB}, path
-                assert objects[path][JOB] == await _get_all(watcher, path, JOB), path
+                props = await _get_all(watcher, path, JOB)
+                assert objects[path][JOB] == props, path
+                assert rows[path] == _row_from_properties(path, props), path
             assert set(objects[worker_path]) == {WORKER}
             assert objects[worker_path][WORKER] == await _get_all(watcher, worker_path, WORKER)
 
@@ -116,7 +136,7 @@ def test_listing_is_what_each_object_says_after_changes_announced_or_not_and_rem
         await watcher.manager("CancelJob", "s", [removed_id])
         await watcher.manager("RemoveJob", "s", [removed_id])
         (objects,) = (await _managed_objects(watcher)).body
-        assert removed not in objects
+        assert removed not in objects and removed not in await _list_rows(watcher)
         await check_listing(objects, [held, running, cancelled])
 
         await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [running_id, {
@@ -215,7 +235,27 @@ def test_joined_entries_are_the_bytes_dbus_fast_marshals(objects, serial, reply_
     expected.serial = serial
     reply = Message.new_method_return(call, REPLY_SIGNATURE, [])
     reply.serial = serial
-    joined = managed_objects_reply(reply, [object_entry(path, interfaces) for path, interfaces in objects.items()])
+    joined = array_reply(reply, [object_entry(path, interfaces) for path, interfaces in objects.items()])
+    assert bytes(joined) == bytes(expected._marshall(False))
+
+
+_rows = st.lists(st.tuples(
+    st.text(max_size=12).filter(lambda t: "\0" not in t), st.sampled_from(["inspect", "convert"]),
+    st.sampled_from(["queued", "progressing"]), st.floats(allow_nan=False), st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), _paths), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=_rows, serial=st.integers(1, 2**32 - 1), reply_to=st.integers(1, 2**32 - 1))
+def test_joined_list_rows_are_the_bytes_dbus_fast_marshals(rows, serial, reply_to):
+    call = Message(destination=BUS_NAME, path=MANAGER_PATH, interface=BUS_NAME + ".Manager", member="ListJobs",
+                   signature="a{sv}", body=[{}], serial=reply_to)
+    call.sender = ":1.42"
+    expected = Message.new_method_return(call, "a" + LIST_ROW_SIGNATURE, [[list(r) for r in rows]])
+    expected.serial = serial
+    reply = Message.new_method_return(call, "a" + LIST_ROW_SIGNATURE, [])
+    reply.serial = serial
+    joined = array_reply(reply, [struct_bytes(LIST_ROW_SIGNATURE, list(r)) for r in rows])
     assert bytes(joined) == bytes(expected._marshall(False))
 
 

@@ -36,6 +36,31 @@ _LIST_FILTER = {"state": (str, list), "operation": str, "owner": int, "limit": i
 _WORKER_LIMITS = {"max_jobs": int}
 
 
+LIST_ROW_SIGNATURE = "(sssduuto)"
+
+
+def listed_jobs(manager: Any, filter: dict[str, Any]) -> list[Any]:
+    """The jobs ListJobs(filter) answers with, in order. Raises InvalidArgument for a bad filter."""
+    wanted = options_from_dbus(filter, _LIST_FILTER)
+    states = wanted.get("state")
+    if isinstance(states, str):
+        states = [states] if states else None
+    elif states is not None and not all(isinstance(s, str) for s in states):
+        raise InvalidArgument("option 'state' must be a string or an array of strings")
+    for key in ("limit", "offset", "owner"):
+        if wanted.get(key, 0) < 0:
+            raise InvalidArgument(f"option {key!r} must not be negative")
+    return manager.list_jobs(states=states or None, operation=wanted.get("operation") or None,
+                             owner=wanted.get("owner"), limit=wanted.get("limit", 0),
+                             offset=wanted.get("offset", 0))
+
+
+def list_row(job: Any) -> list[Any]:
+    """The job's row in ListJobs, of LIST_ROW_SIGNATURE (progress -1 while unknown)."""
+    return [job.id, job.operation, job.state.value, float(job.progress) if job.progress_known else -1.0,
+            job.owner, job.priority, job.created_at, job_path(job.id)]
+
+
 class ManagerInterface(ApiInterface):
     OUT_ARG_NAMES = {
         "SubmitJob": ("job_id", "job_path"),
@@ -91,20 +116,9 @@ class ManagerInterface(ApiInterface):
     @dbus_method()
     @bus_errors
     def ListJobs(self, filter: "a{sv}") -> "a(sssduuto)":
-        wanted = options_from_dbus(filter, _LIST_FILTER)
-        states = wanted.get("state")
-        if isinstance(states, str):
-            states = [states] if states else None
-        elif states is not None and not all(isinstance(s, str) for s in states):
-            raise InvalidArgument("option 'state' must be a string or an array of strings")
-        for key in ("limit", "offset", "owner"):
-            if wanted.get(key, 0) < 0:
-                raise InvalidArgument(f"option {key!r} must not be negative")
-        jobs = self.manager.list_jobs(states=states or None, operation=wanted.get("operation") or None,
-                                      owner=wanted.get("owner"), limit=wanted.get("limit", 0),
-                                      offset=wanted.get("offset", 0))
-        return [[j.id, j.operation, str(j.state), float(j.progress) if j.progress_known else -1.0,
-                 int(j.owner), int(j.priority), int(j.created_at), job_path(j.id)] for j in jobs]
+        # Served from marshalled rows by BusService (h2kd.bus.premarshal); this is its fallback and what
+        # introspection shows.
+        return [list_row(job) for job in listed_jobs(self.manager, filter)]
 
     @dbus_method()
     @bus_errors

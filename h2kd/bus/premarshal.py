@@ -1,22 +1,24 @@
-"""GetManagedObjects replies assembled from entries marshalled in advance, byte for byte what dbus-fast sends.
+"""Replies that are one long array (GetManagedObjects, ListJobs) assembled from elements marshalled in
+advance, byte for byte what dbus-fast sends.
 
-With 10,000 jobs the reply is ~13 MB of 250,000 variants; marshalling it on every call took most of a
-second. Each object's part of the reply changes only when that object changes, so it is marshalled once
-(object_entry) and a call only joins the parts (managed_objects_reply).
+With 10,000 jobs the GetManagedObjects reply is ~13 MB of 250,000 variants and the ListJobs reply 80,000
+values; marshalling them on every call took most of a second and ~35 ms. Each job's part of a reply changes
+only when that job changes, so it is marshalled once (object_entry, struct_bytes) and a call only joins the
+parts (array_reply).
 
 Why the parts can be joined (D-Bus specification, "Marshaling"): every value is aligned relative to the
-start of the message, and the padding before a value depends only on its offset. The reply's body, of
-signature a{oa{sa{sv}}}, is
+start of the message, and the padding before a value depends only on its offset. A reply's body of
+signature a{...} or a(...) is
 
-    uint32 array length | zero padding to 8 | entry | padding to 8 | entry | ... | entry
+    uint32 array length | zero padding to 8 | element | padding to 8 | element | ... | element
 
-(the body starts 8-aligned, since the header is padded to 8; a dict entry is aligned to 8 like a struct,
-and the padding before the first one is always written and never counted in the array length, even when
-the array is empty). A dict entry {o a{sa{sv}}} is laid out exactly like a struct (o a{sa{sv}}), so a
-struct marshalled on its own from offset 0 has the bytes that entry has at any offset that is a multiple
-of 8: every alignment inside it (4 for the lengths, 8 for the inner dict entries and for "t"/"d" values)
-is the same modulo 8. The array length counts the entries and the padding between them, not the
-padding after the last one (nothing follows it: the body ends there).
+(the body starts 8-aligned, since the header is padded to 8; a dict entry or struct is aligned to 8, and
+the padding before the first one is always written and never counted in the array length, even when the
+array is empty). A dict entry {o a{sa{sv}}} is laid out exactly like a struct (o a{sa{sv}}), and a struct
+marshalled on its own from offset 0 has the bytes it has at any offset that is a multiple of 8: every
+alignment inside it (4 for the lengths, 8 for inner structs and for "t"/"d" values) is the same modulo 8.
+The array length counts the elements and the padding between them, not the padding after the last one
+(nothing follows it: the body ends there).
 
 The header comes from dbus-fast itself: the reply with an empty array is marshalled (Message._marshall,
 the only way dbus-fast 5.2 offers to marshal a message; the writer queue uses its result as is), and its
@@ -26,6 +28,7 @@ the only way dbus-fast 5.2 offers to marshal a message; the writer queue uses it
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, Iterable
 
@@ -33,8 +36,11 @@ from dbus_fast import Message
 from dbus_fast._private.marshaller import Marshaller
 from dbus_fast.signature import Variant
 
-REPLY_SIGNATURE = "a{oa{sa{sv}}}"
+REPLY_SIGNATURE = "a{oa{sa{sv}}}"      # GetManagedObjects
 _ENTRY_SIGNATURE = "(oa{sa{sv}})"
+# One array whose elements are dict entries or structs (checked by their brackets only: the rest of the
+# signature is dbus-fast's to check when it marshals the empty reply).
+_ARRAY_OF_ALIGNED_8 = re.compile(r"a(\{.*\}|\(.*\))")
 _EMPTY_ARRAY = bytes(8)              # length 0 + the padding before the (absent) first entry
 _PADDING = tuple(bytes(n) for n in range(8))
 _UINT32 = struct.Struct("<I")
@@ -43,36 +49,42 @@ MAX_ARRAY_LENGTH = 64 * 1024 * 1024     # specification: an array's length is at
 MAX_MESSAGE_LENGTH = 128 * 1024 * 1024  # specification: a message is at most 2^27 bytes
 
 
+def struct_bytes(signature: str, values: list[Any]) -> bytes:
+    """A struct of signature "(...)" as it stands in an array (at an offset that is a multiple of 8)."""
+    return bytes(Marshaller(signature, [values]).marshall())
+
+
 def object_entry(path: str, interfaces: dict[str, dict[str, Variant]]) -> bytes:
-    """One object's {o a{sa{sv}}} entry as it stands in the reply (at an offset that is a multiple of 8)."""
-    return bytes(Marshaller(_ENTRY_SIGNATURE, [(path, interfaces)]).marshall())
+    """One object's {o a{sa{sv}}} entry as it stands in a GetManagedObjects reply."""
+    return struct_bytes(_ENTRY_SIGNATURE, [path, interfaces])
 
 
-def managed_objects_reply(reply: Message, entries: Iterable[bytes]) -> bytearray:
-    """The whole wire message: `reply` (a method return of signature a{oa{sa{sv}}} with its serial set; its
-    body is ignored) carrying `entries` (from object_entry) as its dictionary, in that order.
+def array_reply(reply: Message, elements: Iterable[bytes]) -> bytearray:
+    """The whole wire message: `reply` (a method return whose signature is one array of dict entries or
+    structs, with its serial set; its body is ignored) carrying `elements` (from object_entry or
+    struct_bytes, of the array's element type) as that array, in that order.
 
     Raises ValueError if the reply would exceed the specification's limits (the bus would drop us)."""
-    if reply.signature != REPLY_SIGNATURE or not reply.serial:
-        raise ValueError("a numbered method return of signature a{oa{sa{sv}}} is needed")
-    reply.body = [{}]
+    if not _ARRAY_OF_ALIGNED_8.fullmatch(reply.signature) or not reply.serial:
+        raise ValueError("a numbered method return of signature a{...} or a(...) is needed")
+    reply.body = [{} if reply.signature.startswith("a{") else []]
     template = reply._marshall(False)
     header_end = len(template) - len(_EMPTY_ARRAY)
     if template[header_end:] != _EMPTY_ARRAY or template[0:1] != b"l" or header_end % 8:
-        raise RuntimeError("dbus-fast marshals an empty a{oa{sa{sv}}} reply differently than expected")
+        raise RuntimeError(f"dbus-fast marshals an empty {reply.signature} reply differently than expected")
 
     parts: list[Any] = [memoryview(template)[:header_end], _EMPTY_ARRAY]
     array_length = 0
-    for entry in entries:
+    for element in elements:
         misalignment = array_length & 7
         if misalignment:
             parts.append(_PADDING[8 - misalignment])
             array_length += 8 - misalignment
-        parts.append(entry)
-        array_length += len(entry)
+        parts.append(element)
+        array_length += len(element)
     body_length = len(_EMPTY_ARRAY) + array_length
     if array_length > MAX_ARRAY_LENGTH or header_end + body_length > MAX_MESSAGE_LENGTH:
-        raise ValueError(f"GetManagedObjects reply too large: {array_length} bytes of objects")
+        raise ValueError(f"{reply.signature} reply too large: {array_length} bytes of elements")
 
     message = bytearray().join(parts)
     _UINT32.pack_into(message, _BODY_LENGTH_OFFSET, body_length)

@@ -13,6 +13,7 @@ What it sends:
   answered from the job records, each job's part of the reply kept marshalled until the job's
   announced properties change (h2kd.bus.premarshal), so a call with 10,000 jobs only joins bytes;
   InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
+- ListJobs is answered the same way, from each job's row kept marshalled until the row's values change.
 - Job PropertiesChanged and Job.Progress are coalesced per job to one per
   config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
   PropertiesChanged lists only the properties whose values differ from those last announced.
@@ -28,7 +29,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.constants import ErrorType
@@ -41,9 +42,11 @@ from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
 from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface,
                                 job_vardict)
-from h2kd.bus.manager_iface import MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface
+from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
+                                    list_row, listed_jobs)
 from h2kd.bus.paths import job_path, worker_path
-from h2kd.bus.premarshal import REPLY_SIGNATURE, managed_objects_reply, object_entry
+from h2kd.bus.errors import to_dbus_error
+from h2kd.bus.premarshal import REPLY_SIGNATURE, array_reply, object_entry, struct_bytes
 from h2kd.bus.worker_iface import WORKER_INTERFACE, WorkerInterface, worker_vardict
 from h2kd.errors import NoSuchJob
 from h2kd.manager.ports import Event, WorkerInfo
@@ -73,12 +76,14 @@ class _Pending:
 
 @dataclass(eq=False)
 class _ExportedJob:
-    __slots__ = ("path", "job", "pending", "vardict", "entry")
+    __slots__ = ("path", "job", "pending", "vardict", "entry", "row", "row_key")
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
     vardict: dict[str, Variant] | None  # as last announced, for GetManagedObjects; None when stale
     entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
+    row: bytes | None                   # the job's ListJobs row, marshalled, for the values in row_key
+    row_key: tuple | None
 
     def announced(self) -> dict[str, Variant]:
         """The properties as last announced (read from the job if nothing is cached)."""
@@ -92,6 +97,14 @@ class _ExportedJob:
         if self.entry is None:
             self.entry = object_entry(self.path, {JOB_INTERFACE: self.announced()})
         return self.entry
+
+    def list_row(self) -> bytes:
+        """The job's ListJobs row (h2kd.bus.premarshal), as the job is now."""
+        job = self.job
+        key = (job.state, job.progress, job.progress_known, job.priority)   # a row's only changing values
+        if self.row is None or key != self.row_key:
+            self.row, self.row_key = struct_bytes(LIST_ROW_SIGNATURE, list_row(job)), key
+        return self.row
 
     def has_unannounced_changes(self) -> bool:
         return self.pending is not None and bool(self.pending.properties)
@@ -119,7 +132,8 @@ class BusService:
     async def export(self) -> None:
         """Export the manager and every job and worker the manager already knows; watch callers."""
         self._bus = adopt(self._bus)
-        for handler in (remember_call, self._answer_object_manager, self._watch_name_owners):
+        for handler in (remember_call, self._answer_object_manager, self._answer_list_jobs,
+                        self._watch_name_owners):
             self._bus.add_message_handler(handler)
             self._handlers.append(handler)
         self._manager_iface = ManagerInterface(self._manager, self._authorizer, self._commands)
@@ -176,22 +190,43 @@ class BusService:
                     log.exception("handling the loss of %s failed", name)
         return False
 
+    def _answer_list_jobs(self, msg: Message) -> Message | bool | None:
+        """ListJobs, answered from each job's marshalled row (ManagerInterface.ListJobs is the fallback)."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "ListJobs" or msg.path != MANAGER_PATH
+                or msg.interface not in (None, MANAGER_INTERFACE) or msg.signature != "a{sv}"):
+            return None
+        try:
+            jobs = listed_jobs(self._manager, msg.body[0])
+        except Exception as exc:
+            error = to_dbus_error(exc, "ListJobs")
+            return Message.new_error(msg, error.type, error.text)
+        return self._send_array(msg, "a" + LIST_ROW_SIGNATURE, (self._list_row(job) for job in jobs),
+                                lambda: [list_row(job) for job in jobs])
+
+    def _list_row(self, job: Job) -> bytes:
+        exported = self._jobs.get(job.id)
+        return exported.list_row() if exported is not None else struct_bytes(LIST_ROW_SIGNATURE, list_row(job))
+
     def _send_managed_objects(self, call: Message) -> Message | bool:
-        """Answer GetManagedObjects with the marshalled entries joined, queued as bytes; True tells dbus-fast
-        the call is answered. Should the connection not take bytes, a Message for dbus-fast to marshal."""
+        return self._send_array(call, REPLY_SIGNATURE, self._managed_object_entries(), self.managed_objects)
+
+    def _send_array(self, call: Message, signature: str, elements: Any, value: Callable[[], Any]) -> Message | bool:
+        """Answer `call` with the array of marshalled `elements` joined, queued as bytes; True tells dbus-fast
+        the call is answered. Should the connection not take bytes, a Message of value() for dbus-fast to
+        marshal."""
         if call.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         try:
-            reply = Message.new_method_return(call, REPLY_SIGNATURE, [])
+            reply = Message.new_method_return(call, signature, [])
             reply.serial = self._bus.next_serial()
-            data = managed_objects_reply(reply, self._managed_object_entries())
+            data = array_reply(reply, elements)
             sent = self._bus.send_marshalled(data)
         except ValueError as exc:   # beyond the protocol's size limits: the bus would drop the connection
-            log.error("cannot answer GetManagedObjects: %s", exc)
+            log.error("cannot answer %s: %s", call.member, exc)
             return Message.new_error(call, ErrorType.LIMITS_EXCEEDED.value, str(exc))
         except RuntimeError as exc:   # dbus-fast's writer or its marshalling of a message is not as expected
-            log.warning("GetManagedObjects marshalled by dbus-fast instead: %s", exc)
-            return Message.new_method_return(call, REPLY_SIGNATURE, [self.managed_objects()])
+            log.warning("%s marshalled by dbus-fast instead: %s", call.member, exc)
+            return Message.new_method_return(call, signature, [value()])
         sent.add_done_callback(_consume)
         return True
 
@@ -247,7 +282,7 @@ class BusService:
         exported = self._jobs.get(job.id)
         if exported is not None:
             return exported
-        exported = _ExportedJob(job_path(job.id), job, None, None, None)
+        exported = _ExportedJob(job_path(job.id), job, None, None, None, None, None)
         self._bus.export_shared(exported.path, self._job_iface)
         self._jobs[job.id] = exported
         self._job_paths[exported.path] = exported
