@@ -14,9 +14,9 @@ import shutil
 import sys
 from typing import Any, Awaitable, Callable
 
-from h2kd import WORKER_PATH_PREFIX, __version__
+from h2kd import __version__
 from h2kctl import schema
-from h2kctl.bus import JOB_IFACE, WORKER_IFACE, Client, to_vardict
+from h2kctl.bus import JOB_IFACE, Client, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
 from h2kctl.follow import (ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            progress_stream, stream_is_tty, watch_all)
@@ -592,9 +592,7 @@ async def cmd_queue(client: Client, args: argparse.Namespace, out: Output) -> in
 
 
 async def cmd_workers(client: Client, args: argparse.Namespace, out: Output) -> int:
-    objects = await client.managed_objects()
-    workers = [schema.worker(ifaces[WORKER_IFACE], path) for path, ifaces in sorted(objects.items())
-               if path.startswith(WORKER_PATH_PREFIX) and WORKER_IFACE in ifaces]
+    workers = [schema.worker(props, path) for path, props in sorted((await client.workers()).items())]
     if out.json:
         out.emit_json(workers)
         return ExitCode.SUCCESS

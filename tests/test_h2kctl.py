@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from dbus_fast import Variant
 
+from busclient import WORKER, Client, run
 from runas import USERNS_STAGING, as_user
 
 from h2kctl.cli import build_parser
@@ -281,6 +283,26 @@ def test_health_workers_queue_json_match_the_bus(env):
     assert queue["max_parallel_jobs"] == busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs")
     assert queue["queued"] == busctl_property(env, MANAGER, MANAGER_IFACE, "JobsQueued")
     assert len(queue["by_priority"]) == 10
+
+
+def test_workers_lists_each_registered_worker_until_it_unregisters(stack, env):
+    async def scenario() -> None:
+        worker = await Client.connect(stack.bus_address)
+        try:
+            caps = json.dumps({"operations": ["inspect"]})
+            worker_id, path = await worker.manager("RegisterWorker", "ssa{sv}",
+                                                   ["ctl-listed", caps, {"max_jobs": Variant("u", 2)}])
+            listed = {w["id"]: w for w in json.loads(ok(h2kctl(env, "workers", "--json")).stdout)}
+            assert listed[worker_id]["path"] == path and listed[worker_id]["name"] == "ctl-listed"
+            assert listed[worker_id]["kind"] == "external" and listed[worker_id]["max_jobs"] == 2
+            assert any(w["kind"] == "builtin" for w in listed.values())
+            assert "ctl-listed" in ok(h2kctl(env, "workers")).stdout
+            await worker.call(path, WORKER, "Unregister")
+            listed = {w["id"] for w in json.loads(ok(h2kctl(env, "workers", "--json")).stdout)}
+            assert worker_id not in listed
+        finally:
+            worker.close()
+    run(scenario())
 
 
 def test_queue_pause_resume_max_parallel_and_priority(env, images, output_dir):
