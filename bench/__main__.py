@@ -1,6 +1,6 @@
 """`python -m bench`: boot a private stack, run the benchmarks side by side, print the figures.
 
-    bench/run                      # everything, full figures (about 15-20 minutes on 2 cores)
+    bench/run                      # everything, full figures (about 6 minutes on 2 cores)
     bench/run --only submission,listing
     bench/run --quick              # smaller disks and counts, to try the harness
     bench/run --json out.json      # also write the figures as JSON
