@@ -563,6 +563,30 @@ def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
     assert f"Job {job_id}" in out and "Traceback" not in err
 
 
+def test_watch_all_reports_jobs_left_unfinished_before_it_started_not_finished_ones(env, images, output_dir):
+    finished_id, held_id = new_id("before"), new_id("held")
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / f"{finished_id}.qcow2"),
+              "--id", finished_id))
+    assert wait_for_state(env, finished_id, TERMINAL, timeout=120) == "completed"
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / f"{held_id}.qcow2"), "--id", held_id,
+              "--no-queue"))
+    watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        time.sleep(1.5)
+        ok(h2kctl(env, "start", held_id))
+        assert wait_for_state(env, held_id, TERMINAL, timeout=120) == "completed"
+        time.sleep(1.5)
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    assert f"Job {held_id} completed" in out and finished_id not in out, out
+
+
 def test_inspect_prints_a_report(env, images):
     result = h2kctl(env, "inspect", "--json", str(images["vmdk"]), timeout=120)
     assert result.returncode == 0, result
