@@ -69,10 +69,11 @@ async def raw_submit_client(index: int, ready: Any, go: Any, address: str, count
             unsent -= 1
         while sent_at:
             reply = connection.next_reply()
-            out["latencies"].append(time.perf_counter() - sent_at.pop(reply.reply_serial))
-            if reply.type == ERROR:
+            latency = time.perf_counter() - sent_at.pop(reply.reply_serial)
+            if reply.type == ERROR:   # as submit_client: an error's round trip is not a submission's latency
                 out["errors"].append(reply.error_name)
             else:
+                out["latencies"].append(latency)
                 out["ids"].append(reply.first_string())
             if unsent:
                 sent_at[connection.send_again(wire)] = time.perf_counter()

@@ -264,10 +264,6 @@ class Client:
                     raise self.translate(e, None, "read a worker's properties") from None
         return found
 
-    async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        (objects,) = await self.call(MANAGER_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects")
-        return objects
-
     async def add_match(self, rule: str) -> None:
         assert self.bus is not None
         reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",

@@ -1,8 +1,8 @@
 """Following jobs as they run: progress bars on a terminal, plain lines elsewhere, Ctrl-C detaches.
 
 Job state comes from the bus: PropertiesChanged and the Job signals for one job, ObjectManager
-InterfacesAdded/InterfacesRemoved for all of them, with a periodic re-read of the unfinished jobs so
-that a missed signal never leaves the display stale.
+InterfacesAdded/InterfacesRemoved for all of them, with a periodic re-read (ListJobs, then the
+properties of the jobs that moved) so that a missed signal never leaves the display stale.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import sys
 import time
 from typing import Any, TextIO
 
-from dbus_fast import Message, Variant, unpack_variants
+from dbus_fast import Message, unpack_variants
 
-from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH
-from h2kd.model.states import JobState
+from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
 from h2kctl.errors import CtlError, ExitCode
 from h2kctl.render import clock, human_bytes, human_duration
 
 TERMINAL = {"completed", "failed", "cancelled"}
-UNFINISHED_STATES = sorted(s.value for s in JobState if s.value not in TERMINAL)
 RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
 RESYNC_ALL_SECONDS = 3.0      # re-read all jobs (watch) at least this often
+READ_AT_ONCE = 16             # property reads in flight during a re-read
 REDRAW_SECONDS = 0.1          # redraw a terminal at most ten times a second
 
 
@@ -226,7 +225,28 @@ async def follow_job(client: Client, job_id: str, view: ProgressView) -> dict[st
                 last_read = time.monotonic()
 
 
-async def watch_all(client: Client, stream: TextIO, tty: bool, include_finished: bool = False) -> None:
+def _listed_progress(props: dict[str, Any]) -> float:
+    """A job's progress as ListJobs gives it: -1 while unknown."""
+    return float(props.get("Progress", 0.0)) if props.get("ProgressKnown") else -1.0
+
+
+async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str, Any]]) -> None:
+    """Read these jobs' properties into `jobs`, READ_AT_ONCE calls in flight; a job removed meanwhile is
+    dropped."""
+    window = asyncio.Semaphore(READ_AT_ONCE)
+
+    async def read(path: str) -> None:
+        async with window:
+            try:
+                jobs[path] = await client.get_all(path, JOB_IFACE)
+            except CtlError as e:
+                if e.code == ExitCode.UNREACHABLE:
+                    raise
+                jobs.pop(path, None)
+    await asyncio.gather(*(read(p) for p in paths))
+
+
+async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
     """Show every job's progress until Ctrl-C: a block of bars on a terminal, plain lines otherwise."""
     jobs: dict[str, dict[str, Any]] = {}
     views: dict[str, ProgressView] = {}
@@ -251,27 +271,29 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, include_finished:
     client.on_message(on_signal)
     await client.add_match(f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'")
 
-    async def resync() -> None:
-        """Re-read every job that is unfinished now or was at the last look; a finished job does not change.
-        (GetManagedObjects would bring every finished job along: 13 MB with 10,000 jobs, every few seconds.)"""
-        (rows,) = await client.manager("ListJobs", "a{sv}", [{"state": Variant("as", UNFINISHED_STATES)}])
-        paths = {row[7] for row in rows} | {p for p, props in jobs.items() if props.get("State") not in TERMINAL}
-        for path in paths:
-            try:
-                jobs[path] = await client.get_all(path, JOB_IFACE)
-            except CtlError as e:
-                if e.code == ExitCode.UNREACHABLE:
-                    raise
-                jobs.pop(path, None)   # removed since it was listed
+    async def resync(first: bool) -> None:
+        """Bring `jobs` in line with ListJobs, whose rows are small: a job is read in full (Properties.GetAll,
+        a few at a time) when it is new to us or its state or progress moved; a job no longer listed is
+        dropped. At the first look a finished job is not news and is not read. Whatever signals were
+        missed, the display is right after this. (GetManagedObjects would bring every job in full: 13 MB
+        with 10,000 jobs, every few seconds.)"""
+        (rows,) = await client.manager("ListJobs", "a{sv}", [{}])
+        listed: set[str] = set()
+        to_read = []
+        for job_id, _operation, state, progress, _owner, _priority, _created_at, path in rows:
+            listed.add(path)
+            known = jobs.get(path)
+            if known is None and first and state in TERMINAL:
+                jobs[path] = {"Id": job_id, "State": state}     # never shown: only remembered as not news
+            elif known is None or known.get("State") != state or _listed_progress(known) != progress:
+                to_read.append(path)
+        for path in [p for p in jobs if p not in listed]:
+            del jobs[path]
+        await _read_jobs(client, to_read, jobs)
 
-    if include_finished:
-        objects = await client.managed_objects()
-        jobs.update((p, ifaces[JOB_IFACE]) for p, ifaces in objects.items()
-                    if p.startswith(JOB_PATH_PREFIX) and JOB_IFACE in ifaces)
-    await resync()
+    await resync(first=True)
     # Jobs already finished when watching starts are not news.
-    if not include_finished:
-        announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
+    announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
     block = 0
     last_resync = time.monotonic()
     if not tty:
@@ -301,7 +323,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, include_finished:
             await _wait_any([changed, interrupt.event], RESYNC_ALL_SECONDS)
             changed.clear()
             if time.monotonic() - last_resync >= RESYNC_ALL_SECONDS:
-                await resync()
+                await resync(first=False)
                 last_resync = time.monotonic()
             await asyncio.sleep(REDRAW_SECONDS if tty else 0)
 

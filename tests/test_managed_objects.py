@@ -14,13 +14,14 @@ import subprocess
 import uuid
 from typing import Any
 
+import pytest
 from dbus_fast import Message, MessageType, Variant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kd.bus.manager_iface import LIST_ROW_SIGNATURE
-from h2kd.bus.premarshal import REPLY_SIGNATURE, array_reply, object_entry, struct_bytes
+from h2kd.bus.premarshal import REPLY_SIGNATURE, ReplyTooLarge, array_reply, object_entry, struct_bytes
 
 from busclient import JOB, OBJECT_MANAGER, PROPERTIES, WORKER, Client, new_id, run, spec, wait_for
 
@@ -257,6 +258,21 @@ def test_joined_list_rows_are_the_bytes_dbus_fast_marshals(rows, serial, reply_t
     reply.serial = serial
     joined = array_reply(reply, [struct_bytes(LIST_ROW_SIGNATURE, list(r)) for r in rows])
     assert bytes(joined) == bytes(expected._marshall(False))
+
+
+def test_array_reply_refuses_other_shapes_and_oversized_arrays():
+    call = Message(destination=BUS_NAME, path=MANAGER_PATH, interface=OBJECT_MANAGER, member="GetManagedObjects",
+                   serial=7)
+    for signature in ("as", "a(s)a(s)", "(s)"):
+        reply = Message.new_method_return(call, signature, [])
+        reply.serial = 8
+        with pytest.raises(RuntimeError):
+            array_reply(reply, [])
+    reply = Message.new_method_return(call, REPLY_SIGNATURE, [])
+    reply.serial = 8
+    half = bytes(33 * 1024 * 1024)   # two of them exceed the specification's 64 MiB for one array
+    with pytest.raises(ReplyTooLarge):
+        array_reply(reply, [half, half])
 
 
 async def _async(value: Any) -> Any:

@@ -76,6 +76,11 @@ PROPERTIES_OF_FIELD: dict[str, tuple[str, ...]] = {
 PROGRESS_FIELDS = frozenset({"progress", "progress_known", "bytes_done", "bytes_total", "phase"})
 
 
+def reported_progress(job: Job) -> float:
+    """The job's progress as ListJobs and the Progress signal give it: -1 while the total is unknown."""
+    return float(job.progress) if job.progress_known else -1.0
+
+
 def job_vardict(job: Job, names: Any = None) -> dict[str, Variant]:
     """The job's properties (all, or the given names) as a{sv}."""
     selected = JOB_PROPERTIES if names is None else {n: JOB_PROPERTIES[n] for n in names}

@@ -12,6 +12,7 @@ from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
 from h2kd.bus.call import current_caller
 from h2kd.bus.errors import bus_errors
+from h2kd.bus.job_iface import reported_progress
 from h2kd.bus.paths import job_path, worker_path
 from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
 from h2kd.errors import InvalidArgument
@@ -57,8 +58,8 @@ def listed_jobs(manager: Any, filter: dict[str, Any]) -> list[Any]:
 
 def list_row(job: Any) -> list[Any]:
     """The job's row in ListJobs, of LIST_ROW_SIGNATURE (progress -1 while unknown)."""
-    return [job.id, job.operation, job.state.value, float(job.progress) if job.progress_known else -1.0,
-            job.owner, job.priority, job.created_at, job_path(job.id)]
+    return [job.id, job.operation, job.state.value, reported_progress(job), job.owner, job.priority,
+            job.created_at, job_path(job.id)]
 
 
 class ManagerInterface(ApiInterface):
@@ -116,8 +117,8 @@ class ManagerInterface(ApiInterface):
     @dbus_method()
     @bus_errors
     def ListJobs(self, filter: "a{sv}") -> "a(sssduuto)":
-        # Served from marshalled rows by BusService (h2kd.bus.premarshal); this is its fallback and what
-        # introspection shows.
+        # BusService answers ListJobs itself, from marshalled rows (h2kd.bus.premarshal); this declares it
+        # for introspection and serves it where that handler is not installed.
         return [list_row(job) for job in listed_jobs(self.manager, filter)]
 
     @dbus_method()

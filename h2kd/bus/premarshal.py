@@ -28,25 +28,31 @@ the only way dbus-fast 5.2 offers to marshal a message; the writer queue uses it
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Any, Iterable
 
 from dbus_fast import Message
 from dbus_fast._private.marshaller import Marshaller
-from dbus_fast.signature import Variant
+from dbus_fast.signature import Variant, get_signature_tree
 
 REPLY_SIGNATURE = "a{oa{sa{sv}}}"      # GetManagedObjects
 _ENTRY_SIGNATURE = "(oa{sa{sv}})"
-# One array whose elements are dict entries or structs (checked by their brackets only: the rest of the
-# signature is dbus-fast's to check when it marshals the empty reply).
-_ARRAY_OF_ALIGNED_8 = re.compile(r"a(\{.*\}|\(.*\))")
 _EMPTY_ARRAY = bytes(8)              # length 0 + the padding before the (absent) first entry
 _PADDING = tuple(bytes(n) for n in range(8))
 _UINT32 = struct.Struct("<I")
 _BODY_LENGTH_OFFSET = 4
 MAX_ARRAY_LENGTH = 64 * 1024 * 1024     # specification: an array's length is at most 2^26
 MAX_MESSAGE_LENGTH = 128 * 1024 * 1024  # specification: a message is at most 2^27 bytes
+
+
+class ReplyTooLarge(ValueError):
+    """The reply would exceed the specification's limits: the bus would drop the connection sending it."""
+
+
+def _is_array_of_structs(signature: str) -> bool:
+    """Whether the signature is one array whose elements are structs or dict entries (aligned to 8)."""
+    types = get_signature_tree(signature).types
+    return len(types) == 1 and types[0].token == "a" and types[0].children[0].token in "({"
 
 
 def struct_bytes(signature: str, values: list[Any]) -> bytes:
@@ -64,9 +70,9 @@ def array_reply(reply: Message, elements: Iterable[bytes]) -> bytearray:
     structs, with its serial set; its body is ignored) carrying `elements` (from object_entry or
     struct_bytes, of the array's element type) as that array, in that order.
 
-    Raises ValueError if the reply would exceed the specification's limits (the bus would drop us)."""
-    if not _ARRAY_OF_ALIGNED_8.fullmatch(reply.signature) or not reply.serial:
-        raise ValueError("a numbered method return of signature a{...} or a(...) is needed")
+    Raises ReplyTooLarge if the reply would exceed the specification's limits."""
+    if not reply.serial or not _is_array_of_structs(reply.signature):
+        raise RuntimeError("a numbered method return of signature a{...} or a(...) is needed")
     reply.body = [{} if reply.signature.startswith("a{") else []]
     template = reply._marshall(False)
     header_end = len(template) - len(_EMPTY_ARRAY)
@@ -84,7 +90,7 @@ def array_reply(reply: Message, elements: Iterable[bytes]) -> bytearray:
         array_length += len(element)
     body_length = len(_EMPTY_ARRAY) + array_length
     if array_length > MAX_ARRAY_LENGTH or header_end + body_length > MAX_MESSAGE_LENGTH:
-        raise ValueError(f"{reply.signature} reply too large: {array_length} bytes of elements")
+        raise ReplyTooLarge(f"{reply.signature} reply too large: {array_length} bytes of elements")
 
     message = bytearray().join(parts)
     _UINT32.pack_into(message, _BODY_LENGTH_OFFSET, body_length)

@@ -41,12 +41,12 @@ from h2kd.bus.base import Authorizer
 from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
 from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface,
-                                job_vardict)
+                                job_vardict, reported_progress)
 from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
                                     list_row, listed_jobs)
 from h2kd.bus.paths import job_path, worker_path
 from h2kd.bus.errors import to_dbus_error
-from h2kd.bus.premarshal import REPLY_SIGNATURE, array_reply, object_entry, struct_bytes
+from h2kd.bus.premarshal import REPLY_SIGNATURE, ReplyTooLarge, array_reply, object_entry, struct_bytes
 from h2kd.bus.worker_iface import WORKER_INTERFACE, WorkerInterface, worker_vardict
 from h2kd.errors import NoSuchJob
 from h2kd.manager.ports import Event, WorkerInfo
@@ -98,7 +98,7 @@ class _ExportedJob:
             self.entry = object_entry(self.path, {JOB_INTERFACE: self.announced()})
         return self.entry
 
-    def list_row(self) -> bytes:
+    def marshalled_row(self) -> bytes:
         """The job's ListJobs row (h2kd.bus.premarshal), as the job is now."""
         job = self.job
         key = (job.state, job.progress, job.progress_known, job.priority)   # a row's only changing values
@@ -191,21 +191,25 @@ class BusService:
         return False
 
     def _answer_list_jobs(self, msg: Message) -> Message | bool | None:
-        """ListJobs, answered from each job's marshalled row (ManagerInterface.ListJobs is the fallback)."""
+        """ListJobs, answered from each job's marshalled row (as ManagerInterface.ListJobs would answer)."""
         if (msg.message_type != MessageType.METHOD_CALL or msg.member != "ListJobs" or msg.path != MANAGER_PATH
                 or msg.interface not in (None, MANAGER_INTERFACE) or msg.signature != "a{sv}"):
             return None
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True
         try:
             jobs = listed_jobs(self._manager, msg.body[0])
         except Exception as exc:
             error = to_dbus_error(exc, "ListJobs")
             return Message.new_error(msg, error.type, error.text)
-        return self._send_array(msg, "a" + LIST_ROW_SIGNATURE, (self._list_row(job) for job in jobs),
+        return self._send_array(msg, "a" + LIST_ROW_SIGNATURE, (self._marshalled_row(job) for job in jobs),
                                 lambda: [list_row(job) for job in jobs])
 
-    def _list_row(self, job: Job) -> bytes:
+    def _marshalled_row(self, job: Job) -> bytes:
         exported = self._jobs.get(job.id)
-        return exported.list_row() if exported is not None else struct_bytes(LIST_ROW_SIGNATURE, list_row(job))
+        if exported is not None:
+            return exported.marshalled_row()
+        return struct_bytes(LIST_ROW_SIGNATURE, list_row(job))
 
     def _send_managed_objects(self, call: Message) -> Message | bool:
         return self._send_array(call, REPLY_SIGNATURE, self._managed_object_entries(), self.managed_objects)
@@ -221,12 +225,15 @@ class BusService:
             reply.serial = self._bus.next_serial()
             data = array_reply(reply, elements)
             sent = self._bus.send_marshalled(data)
-        except ValueError as exc:   # beyond the protocol's size limits: the bus would drop the connection
+        except ReplyTooLarge as exc:   # the bus would drop the connection sending it
             log.error("cannot answer %s: %s", call.member, exc)
             return Message.new_error(call, ErrorType.LIMITS_EXCEEDED.value, str(exc))
         except RuntimeError as exc:   # dbus-fast's writer or its marshalling of a message is not as expected
             log.warning("%s marshalled by dbus-fast instead: %s", call.member, exc)
             return Message.new_method_return(call, signature, [value()])
+        except Exception as exc:
+            error = to_dbus_error(exc, call.member or "")
+            return Message.new_error(call, error.type, error.text)
         sent.add_done_callback(_consume)
         return True
 
@@ -346,7 +353,7 @@ class BusService:
             self._properties_changed(exported.path, JOB_INTERFACE, self._changed_values(exported, sorted(names)))
             if pending.progress:
                 pending.progress = False
-                progress = float(job.progress) if job.progress_known else -1.0
+                progress = reported_progress(job)
                 self._signal(exported.path, JOB_INTERFACE, "Progress", "dtts",
                              [progress, int(job.bytes_done), int(job.bytes_total), job.phase])
         except Exception:
