@@ -544,14 +544,14 @@ def test_ctrl_c_detaches_without_cancelling(env, images, output_dir):
     assert wait_for_state(env, job_id, TERMINAL, timeout=240) == "completed"
 
 
-def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
+def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
+    """`h2kctl watch` running while action() runs, stopped with Ctrl-C 1.5 s after; its (stdout, stderr)
+    once it has exited 0."""
     watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        time.sleep(1)
-        job_id = new_id("watchall")
-        ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
-        wait_for_state(env, job_id, TERMINAL, timeout=120)
+        time.sleep(1.5)
+        action()
         time.sleep(1.5)
         watcher.send_signal(signal.SIGINT)
         out, err = watcher.communicate(timeout=30)
@@ -560,6 +560,16 @@ def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
             watcher.kill()
             watcher.wait()
     assert watcher.returncode == 0, err
+    return out, err
+
+
+def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
+    job_id = new_id("watchall")
+
+    def submit_and_wait() -> None:
+        ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+        wait_for_state(env, job_id, TERMINAL, timeout=120)
+    out, err = watch_all_during(env, submit_and_wait)
     assert f"Job {job_id}" in out and "Traceback" not in err
 
 
@@ -570,20 +580,11 @@ def test_watch_all_reports_jobs_left_unfinished_before_it_started_not_finished_o
     assert wait_for_state(env, finished_id, TERMINAL, timeout=120) == "completed"
     ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / f"{held_id}.qcow2"), "--id", held_id,
               "--no-queue"))
-    watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        time.sleep(1.5)
+
+    def start_and_wait() -> None:
         ok(h2kctl(env, "start", held_id))
         assert wait_for_state(env, held_id, TERMINAL, timeout=120) == "completed"
-        time.sleep(1.5)
-        watcher.send_signal(signal.SIGINT)
-        out, err = watcher.communicate(timeout=30)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-    assert watcher.returncode == 0, err
+    out, _err = watch_all_during(env, start_and_wait)
     assert f"Job {held_id} completed" in out and finished_id not in out, out
 
 
