@@ -62,22 +62,21 @@ async def raw_submit_client(index: int, ready: Any, go: Any, address: str, count
     out: dict[str, Any] = {"latencies": [], "ids": [], "errors": []}
     with RawConnection(address) as connection:
         await ready_and_wait(ready, go)
-        sent_at: dict[int, float] = {}
-        unsent = count
-        while unsent and len(sent_at) < window:
+        sent_at: dict[int, float] = {}     # serial -> when it was sent, for the calls in flight
+        for _ in range(min(window, count)):
             sent_at[connection.send_again(wire)] = time.perf_counter()
-            unsent -= 1
+        unsent = count - len(sent_at)
         while sent_at:
             reply = connection.next_reply()
             latency = time.perf_counter() - sent_at.pop(reply.reply_serial)
+            if unsent:
+                sent_at[connection.send_again(wire)] = time.perf_counter()
+                unsent -= 1
             if reply.type == ERROR:   # as submit_client: an error's round trip is not a submission's latency
                 out["errors"].append(reply.error_name)
             else:
                 out["latencies"].append(latency)
                 out["ids"].append(reply.first_string())
-            if unsent:
-                sent_at[connection.send_again(wire)] = time.perf_counter()
-                unsent -= 1
     return out
 
 

@@ -109,7 +109,7 @@ class RawConnection:
             self._receive_some()
         if self._pending[0:1] != b"l":
             raise ValueError("only little-endian messages are read")
-        body_length, _serial, fields_length = struct.unpack_from("<III", self._pending, 4)
+        *_, body_length, _serial, fields_length = _HEADER.unpack_from(self._pending, 0)
         total = 16 + fields_length + (-fields_length % 8) + body_length
         message = bytearray(total)
         have = min(len(self._pending), total)

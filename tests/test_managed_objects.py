@@ -225,6 +225,16 @@ _objects = st.dictionaries(_paths, st.dictionaries(_names, st.dictionaries(_name
                                                    max_size=2), max_size=6)
 
 
+def _joined_and_marshalled(call: Message, serial: int, signature: str, value: list[Any],
+                           elements: list[bytes]) -> tuple[bytes, bytes]:
+    """The reply to `call` as array_reply joins `elements`, and as dbus-fast marshals `value` itself."""
+    expected = Message.new_method_return(call, signature, [value])
+    expected.serial = serial
+    reply = Message.new_method_return(call, signature, [])
+    reply.serial = serial
+    return bytes(array_reply(reply, elements)), bytes(expected._marshall(False))
+
+
 @settings(max_examples=300, deadline=None)
 @given(objects=_objects, serial=st.integers(1, 2**32 - 1), reply_to=st.integers(1, 2**32 - 1),
        sender=st.sampled_from([":1.5", ":1.123456", "org.example.Caller"]))
@@ -232,12 +242,10 @@ def test_joined_entries_are_the_bytes_dbus_fast_marshals(objects, serial, reply_
     call = Message(destination=BUS_NAME, path=MANAGER_PATH, interface=OBJECT_MANAGER, member="GetManagedObjects",
                    serial=reply_to)
     call.sender = sender
-    expected = Message.new_method_return(call, REPLY_SIGNATURE, [objects])
-    expected.serial = serial
-    reply = Message.new_method_return(call, REPLY_SIGNATURE, [])
-    reply.serial = serial
-    joined = array_reply(reply, [object_entry(path, interfaces) for path, interfaces in objects.items()])
-    assert bytes(joined) == bytes(expected._marshall(False))
+    joined, marshalled = _joined_and_marshalled(
+        call, serial, REPLY_SIGNATURE, objects,
+        [object_entry(path, interfaces) for path, interfaces in objects.items()])
+    assert joined == marshalled
 
 
 _rows = st.lists(st.tuples(
@@ -252,12 +260,10 @@ def test_joined_list_rows_are_the_bytes_dbus_fast_marshals(rows, serial, reply_t
     call = Message(destination=BUS_NAME, path=MANAGER_PATH, interface=BUS_NAME + ".Manager", member="ListJobs",
                    signature="a{sv}", body=[{}], serial=reply_to)
     call.sender = ":1.42"
-    expected = Message.new_method_return(call, "a" + LIST_ROW_SIGNATURE, [[list(r) for r in rows]])
-    expected.serial = serial
-    reply = Message.new_method_return(call, "a" + LIST_ROW_SIGNATURE, [])
-    reply.serial = serial
-    joined = array_reply(reply, [struct_bytes(LIST_ROW_SIGNATURE, list(r)) for r in rows])
-    assert bytes(joined) == bytes(expected._marshall(False))
+    joined, marshalled = _joined_and_marshalled(
+        call, serial, "a" + LIST_ROW_SIGNATURE, [list(r) for r in rows],
+        [struct_bytes(LIST_ROW_SIGNATURE, list(r)) for r in rows])
+    assert joined == marshalled
 
 
 def test_array_reply_refuses_other_shapes_and_oversized_arrays():
