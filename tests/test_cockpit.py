@@ -131,6 +131,32 @@ def script_errors(browser: Browser) -> list[str]:
     return browser.execute("return window.scriptErrors || []")
 
 
+def held_jobs(bus_address: str, source: str, count: int) -> list[str]:
+    """Submit `count` inspections of source held back from the queue (queue=false); their ids, oldest first."""
+    from dbus_fast import Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+
+    async def submit_all() -> list[str]:
+        bus = await MessageBus(bus_address=bus_address).connect()
+        try:
+            ids = []
+            for _ in range(count):   # one at a time: each gets a later CreatedAt than the one before
+                spec = {"operation": Variant("s", "inspect"), "image": Variant("a{sv}", {"path": Variant("s", source)})}
+                reply = await bus.call(Message(destination=BUS, path=MANAGER_PATH, interface=MANAGER,
+                                               member="SubmitJob", signature="a{sv}a{sv}",
+                                               body=[spec, {"queue": Variant("b", False)}]))
+                assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+                ids.append(reply.body[0])
+            return ids
+        finally:
+            bus.disconnect()
+    return asyncio.run(submit_all())
+
+
+def shown_job_ids(browser: Browser) -> list[str]:
+    return browser.execute("return [...document.querySelectorAll('tr[data-job-id]')].map(r => r.dataset.jobId)")
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
@@ -405,7 +431,7 @@ def test_page_follows_the_daemon_going_away_and_coming_back(browser: Browser, co
     finally:
         stack.start_daemon()
     wait_until(lambda: not browser.displayed(banner), 20, what="the page to see h2kd again")
-    # Without reloading, the list comes back from the new daemon's ObjectManager.
+    # Without reloading, the list comes back from the new daemon.
     wait_until(lambda: set(browser.execute(
         "return [...document.querySelectorAll('tr[data-job-id]')].map(r => r.dataset.jobId)")) == listed, 20,
         what="the job list to come back")
@@ -423,3 +449,46 @@ def test_readable_at_a_narrow_width(browser: Browser, cockpit_url: str) -> None:
         browser.full_page_screenshot(ARTIFACTS / "cockpit-narrow.png")
     finally:
         browser.set_window_size(1280, 1100)
+
+
+def test_many_jobs_the_newest_are_shown_and_the_list_follows_changes(browser: Browser, cockpit_url: str,
+                                                                     env: dict[str, str], stack: Any,
+                                                                     sources: dict[str, Path]) -> None:
+    """More jobs than the page shows (200): it shows the newest, says how many there are, and keeps up with
+    jobs that are removed or change state without reloading."""
+    made = held_jobs(stack.bus_address, str(sources["big"]), 210)
+    try:
+        listed = busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0]
+        newest = [row[0] for row in sorted(listed, key=lambda row: (-row[6], row[0]))][:200]
+        open_page(browser, cockpit_url)
+        wait_until(lambda: shown_job_ids(browser) == newest, 30, what="the newest 200 jobs, newest first")
+        more = browser.find("#jobs-more")
+        assert browser.displayed(more)
+        assert f"newest 200 of {len(listed)} jobs" in browser.text(more)
+        # Every shown row has the job's own values, read from its object (not only what the list gives).
+        row = browser.find(f"tr[data-job-id='{made[-1]}']")
+        assert "inspect · big.vmdk" in browser.text(row)
+        assert row_state(browser, made[-1])["cancel"] is True
+
+        # The newest job is cancelled and removed: it leaves the page and the next older one comes into view.
+        busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "CancelJob", "s", made[-1])
+        wait_until(lambda: (row_state(browser, made[-1]) or {}).get("state") == "cancelled", 15,
+                   what="the cancelled state on the page")
+        assert busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "RemoveJob", "s", made[-1]).returncode == 0
+        next_older = [row[0] for row in sorted(listed, key=lambda row: (-row[6], row[0]))][200]
+        wait_until(lambda: shown_job_ids(browser) == newest[1:] + [next_older], 15,
+                   what="the removed job to go and the next one to come into view")
+
+        # A job not on screen that changes state comes into view under a filter that now matches it.
+        oldest = made[0]
+        assert oldest not in shown_job_ids(browser)
+        browser.click(browser.find("#job-filter option[value='finished']"))
+        busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "CancelJob", "s", oldest)
+        wait_until(lambda: oldest in shown_job_ids(browser), 15, what="the cancelled old job under 'finished'")
+        assert row_state(browser, oldest)["retry"] is True
+        assert script_errors(browser) == []
+    finally:
+        browser.click(browser.find("#job-filter option[value='all']"))
+        for job_id in made:
+            busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "CancelJob", "s", job_id)
+            busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "RemoveJob", "s", job_id)
