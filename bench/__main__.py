@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import api, disks, faults, speed
+from bench import api, cockpit, disks, faults, speed
 from h2kd.sandbox.stack import Stack, new_base_dir
 
-ALL = ("conversion", "parallel", "submission", "listing", "fanout", "burst", "subscribers", "kill")
+ALL = ("conversion", "parallel", "submission", "listing", "cockpit", "fanout", "burst", "subscribers", "kill")
 
 
 def machine() -> dict[str, Any]:
@@ -89,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             if "listing" in wanted:
                 figures["listing"] = api.listing(stack, small, jobs=1000 if quick else 10_000)
                 show("listing with many jobs in the store", figures["listing"])
-            if "submission" in wanted or "listing" in wanted:
+            if "cockpit" in wanted:
+                missing = cockpit.missing_programs()
+                if missing:
+                    print(f"\ncockpit: skipped, not installed: {', '.join(missing)}")
+                else:
+                    jobs = 1000 if quick else 10_000
+                    api.top_up(stack, small, jobs)
+                    figures["cockpit"] = cockpit.page_load(stack, base, jobs=api.job_count(stack))
+                    show("Cockpit page with many jobs in the store (Chromium)", figures["cockpit"])
+            if "submission" in wanted or "listing" in wanted or "cockpit" in wanted:
                 problems = api.remove_all_jobs(stack)
                 if problems:
                     print(f"  clean-up problems: {problems[:5]}")

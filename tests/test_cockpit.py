@@ -11,29 +11,26 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from bench.browser import ELEMENT_KEY, ENTER, Browser, wait_until
+from bench.cockpit import load_page, missing_programs, page_server, shown_job_ids
 # tests/ is on sys.path: pytest puts the directory of its conftest there
-from browser import ELEMENT_KEY, ENTER, Browser, descendants, free_port, kill_if_same, wait_until
 from images import MiB, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
-COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
 BUS = "org.hyper2kvm.h2kd1"
 MANAGER_PATH = "/org/hyper2kvm/h2kd1"
 MANAGER = BUS + ".Manager"
 JOB = BUS + ".Job"
 
-_missing = [p for p in (COCKPIT_WS, "/usr/bin/cockpit-bridge", "/usr/bin/chromium", "/usr/bin/chromedriver")
-            if not os.path.exists(p)] + [p for p in ("qemu-img", "busctl") if shutil.which(p) is None]
+_missing = missing_programs() + [p for p in ("qemu-img", "busctl") if shutil.which(p) is None]
 pytestmark = [pytest.mark.stack,
               pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)}")]
 
@@ -118,10 +115,7 @@ def submit(browser: Browser) -> str:
 
 
 def open_page(browser: Browser, url: str) -> None:
-    browser.get(url)
-    wait_until(lambda: browser.execute("return document.body.dataset.ready === '1' && "
-                                       "document.getElementById('daemon-version').textContent !== ''"),
-               30, what="the page to connect to h2kd")
+    load_page(browser, url)
     browser.execute("window.scriptErrors = [];"
                     "window.addEventListener('error', e => window.scriptErrors.push(String(e.message)));")
 
@@ -153,54 +147,12 @@ def held_jobs(bus_address: str, source: str, count: int) -> list[str]:
     return asyncio.run(submit_all())
 
 
-def shown_job_ids(browser: Browser) -> list[str]:
-    return browser.execute("return [...document.querySelectorAll('tr[data-job-id]')].map(r => r.dataset.jobId)")
-
-
 # ------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
 def cockpit_url(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """cockpit-ws on loopback with a no-login local session whose bridge talks to the private bus."""
-    data_dir = tmp_path_factory.mktemp("cockpit-data")
-    (data_dir / "cockpit").mkdir()
-    (data_dir / "cockpit" / "h2kd").symlink_to(REPO / "cockpit")
-    port = free_port()
-    env = {**os.environ, **stack.env(), "XDG_DATA_DIRS": f"{data_dir}:/usr/share"}
-    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
-    log_path = data_dir / "cockpit-ws.log"
-    with open(log_path, "wb") as log:
-        ws = subprocess.Popen([COCKPIT_WS, "--no-tls", "--address", "127.0.0.1", "--port", str(port),
-                               "--local-session=cockpit-bridge"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/cockpit/@localhost/h2kd"
-
-    def serving() -> bool:
-        try:
-            with urllib.request.urlopen(base + "/manifest.json", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return ws.poll() is not None and _raise(f"cockpit-ws exited: {log_path.read_text()}")
-    try:
-        wait_until(serving, 20, what="cockpit-ws")
-        yield base + "/index.html"
-    finally:
-        started = descendants(ws.pid)            # the bridge(s) of the session
-        ws.send_signal(signal.SIGTERM)
-        try:
-            ws.wait(10)
-        except subprocess.TimeoutExpired:
-            ws.kill()
-            ws.wait(10)
-        deadline = time.monotonic() + 5
-        for pid, start in started:
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            kill_if_same(pid, start)
-
-
-def _raise(message: str) -> bool:
-    raise RuntimeError(message)
+    with page_server(stack, tmp_path_factory.mktemp("cockpit-data")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

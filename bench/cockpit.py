@@ -1,0 +1,100 @@
+"""h2kd's Cockpit page served for the benchmarks and the tests (cockpit-ws on loopback with a no-login local
+session whose cockpit-bridge talks to the stack's bus, showing the page from this repository's cockpit/), and
+how long the page takes to show its job list."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import statistics
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.browser import CHROMEDRIVER, CHROMIUM, Browser, descendants, free_port, kill_if_same, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+PROGRAMS = (COCKPIT_WS, "/usr/bin/cockpit-bridge", CHROMIUM, CHROMEDRIVER)
+
+
+def missing_programs() -> list[str]:
+    return [p for p in PROGRAMS if not os.path.exists(p)]
+
+
+@contextmanager
+def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
+    """cockpit-ws on a free loopback port, for the page's URL; stopped afterwards with the bridges it started
+    (by pid). data_dir holds the page's link and cockpit-ws's log."""
+    (data_dir / "cockpit").mkdir(parents=True)
+    (data_dir / "cockpit" / "h2kd").symlink_to(REPO / "cockpit")
+    port = free_port()
+    env = {**os.environ, **stack.env(), "XDG_DATA_DIRS": f"{data_dir}:/usr/share"}
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    log_path = data_dir / "cockpit-ws.log"
+    with open(log_path, "wb") as log:
+        ws = subprocess.Popen([COCKPIT_WS, "--no-tls", "--address", "127.0.0.1", "--port", str(port),
+                               "--local-session=cockpit-bridge"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/cockpit/@localhost/h2kd"
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/manifest.json", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            if ws.poll() is not None:
+                raise RuntimeError(f"cockpit-ws exited: {log_path.read_text()}") from None
+            return False
+    try:
+        wait_until(serving, 20, what="cockpit-ws")
+        yield base + "/index.html"
+    finally:
+        started = descendants(ws.pid)            # the bridge(s) of the session
+        ws.send_signal(signal.SIGTERM)
+        try:
+            ws.wait(10)
+        except subprocess.TimeoutExpired:
+            ws.kill()
+            ws.wait(10)
+        deadline = time.monotonic() + 5
+        for pid, start in started:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            kill_if_same(pid, start)
+
+
+def load_page(browser: Browser, url: str, timeout: float = 30) -> None:
+    """Open the page and wait until it has started and shows the daemon it reached."""
+    browser.get(url)
+    wait_until(lambda: browser.execute("return document.body.dataset.ready === '1' && "
+                                       "document.getElementById('daemon-version').textContent !== ''"),
+               timeout, what="the page to connect to h2kd")
+
+
+def shown_job_ids(browser: Browser) -> list[str]:
+    """The ids of the jobs in the page's job list, top to bottom."""
+    return browser.execute("return [...document.querySelectorAll('tr[data-job-id]')].map(r => r.dataset.jobId)")
+
+
+def page_load(stack: Any, work_dir: Path, jobs: int, loads: int = 3) -> dict[str, Any]:
+    """Open the page `loads` times in a fresh Chromium with `jobs` jobs in the store: seconds until it shows
+    the daemon it reached and until its job list holds the newest jobs (200 at most), and the page's script
+    heap then (medians; the heap's largest)."""
+    rows = min(jobs, 200)
+    connected, listed, heaps = [], [], []
+    with page_server(stack, work_dir / "cockpit-data") as url, \
+            Browser.start(work_dir / "chromium", width=1280, height=1100) as browser:
+        for _ in range(loads):
+            start = time.perf_counter()
+            load_page(browser, url, timeout=120)
+            connected.append(time.perf_counter() - start)
+            wait_until(lambda: len(shown_job_ids(browser)) >= rows, 120, what=f"{rows} rows in the job list")
+            listed.append(time.perf_counter() - start)
+            heaps.append(browser.execute("return performance.memory ? performance.memory.usedJSHeapSize : 0"))
+    return {"jobs": jobs, "loads": loads, "connected_s": statistics.median(connected),
+            "list_shown_s": statistics.median(listed), "js_heap_MiB": max(heaps) / 2**20}
