@@ -123,7 +123,7 @@ class Browser:
                 "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
             }}}, timeout=60)
         except BaseException:
-            _stop_driver(driver)
+            stop_process(driver)
             raise
         return cls(driver, port, answer["sessionId"], log_path)
 
@@ -133,7 +133,7 @@ class Browser:
             self._call("DELETE", "", timeout=20)
         except Exception:
             pass
-        _stop_driver(self._driver)
+        stop_process(self._driver)
         for pid, started in chromium:      # whatever chromedriver started and did not end itself
             kill_if_same(pid, started)
 
@@ -233,11 +233,12 @@ def _ready(base: str) -> bool:
         return False
 
 
-def _stop_driver(driver: subprocess.Popen[bytes]) -> None:
-    if driver.poll() is None:
-        driver.send_signal(signal.SIGTERM)
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a child of ours, SIGKILL if it has not ended 10 s later; reaped either way."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            driver.wait(10)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            driver.kill()
-            driver.wait(10)
+            proc.kill()
+            proc.wait(10)

@@ -5,7 +5,6 @@ how long the page takes to show its job list."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import statistics
 import time
@@ -15,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.browser import CHROMEDRIVER, CHROMIUM, Browser, descendants, free_port, kill_if_same, wait_until
+from bench.browser import (CHROMEDRIVER, CHROMIUM, Browser, descendants, free_port, kill_if_same, stop_process,
+                           wait_until)
 
 REPO = Path(__file__).resolve().parents[1]
 COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
@@ -55,12 +55,7 @@ def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
         yield base + "/index.html"
     finally:
         started = descendants(ws.pid)            # the bridge(s) of the session
-        ws.send_signal(signal.SIGTERM)
-        try:
-            ws.wait(10)
-        except subprocess.TimeoutExpired:
-            ws.kill()
-            ws.wait(10)
+        stop_process(ws)
         deadline = time.monotonic() + 5
         for pid, start in started:
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
