@@ -215,6 +215,33 @@ def test_page_shows_the_daemon_queue_workers_and_health(browser: Browser, cockpi
     assert unlabelled == []
 
 
+def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, stack: Any) -> None:
+    """An external worker that registers while the page is open gets its row; when it unregisters, the row goes."""
+    from bench.client import Client
+    from dbus_fast import Variant
+
+    open_page(browser, cockpit_url)
+    wait_until(lambda: browser.exists("tr[data-worker-id='builtin']"), 10, what="the builtin worker")
+
+    async def scenario() -> None:
+        worker = await Client.connect(stack.bus_address)
+        try:
+            worker_id, path = await worker.call(MANAGER_PATH, MANAGER, "RegisterWorker", "ssa{sv}",
+                                                ["cockpit-listed", json.dumps({"operations": ["inspect", "convert"]}),
+                                                 {"max_jobs": Variant("u", 2)}])
+            row = f"tr[data-worker-id='{worker_id}']"
+            wait_until(lambda: browser.exists(row), 10, what="the new worker's row")
+            text = browser.text(browser.find(row))
+            assert "cockpit-listed" in text and "external" in text and "0 / 2" in text and "inspect, convert" in text
+            await worker.call(path, BUS + ".Worker", "Unregister")
+            wait_until(lambda: not browser.exists(row), 10, what="the unregistered worker's row to go")
+            assert browser.exists("tr[data-worker-id='builtin']")
+        finally:
+            worker.close()
+    asyncio.run(scenario())
+    assert script_errors(browser) == []
+
+
 def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser, cockpit_url: str,
                                                                env: dict[str, str], stack: Any,
                                                                sources: dict[str, Path]) -> None:
