@@ -367,7 +367,12 @@ function reconcileRows() {
     });
     $("jobs-table").hidden = shown.length === 0;
     $("jobs-empty").hidden = newest.length > 0;
-    $("jobs-empty").textContent = listError || (all.length === 0 ? _("No jobs.") : _("No jobs match this filter."));
+    let empty = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");
+    if (listError)
+        empty = listError;
+    else if (client && !jobsListed)
+        empty = _("Loading the job list…");
+    $("jobs-empty").textContent = empty;
     const more = $("jobs-more");
     more.hidden = matching.length <= MAX_ROWS;
     more.textContent = cockpit.format(_("Showing the newest $0 of $1 jobs."), MAX_ROWS, matching.length);
@@ -836,6 +841,7 @@ function scheduleWorkers() {
 /* ---------------------------------------------------------------- following the daemon's objects */
 
 let listError = "";                     // why the job list could not be read, shown in its place
+let jobsListed = false;                 // ListJobs has answered on this connection
 
 function unwrapped(properties) {
     const values = {};
@@ -872,6 +878,7 @@ function loadJobs(connection) {
                 jobs[path].valid = false;
         }
         jobs = listed;
+        jobsListed = true;
         listError = "";
         reconcileRows();
         if (selectedPath)
@@ -1031,6 +1038,7 @@ function disconnect() {
     jobs = {};
     workers = {};
     listError = "";
+    jobsListed = false;
     for (const entry of rows.values())
         entry.row.remove();
     rows.clear();
