@@ -366,13 +366,11 @@ function reconcileRows() {
             body.insertBefore(entry.row, here || null);
     });
     $("jobs-table").hidden = shown.length === 0;
-    $("jobs-empty").hidden = newest.length > 0;
-    let empty = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");
-    if (listError)
-        empty = listError;
-    else if (client && !jobsListed)
-        empty = _("Loading the job list…");
-    $("jobs-empty").textContent = empty;
+    $("jobs-empty").hidden = shown.length > 0;
+    if (client && (!jobsListed || newest.length > 0))
+        $("jobs-empty").textContent = _("Loading the job list…");
+    else
+        $("jobs-empty").textContent = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");
     const more = $("jobs-more");
     more.hidden = matching.length <= MAX_ROWS;
     more.textContent = cockpit.format(_("Showing the newest $0 of $1 jobs."), MAX_ROWS, matching.length);
@@ -840,8 +838,9 @@ function scheduleWorkers() {
 
 /* ---------------------------------------------------------------- following the daemon's objects */
 
-let listError = "";                     // why the job list could not be read, shown in its place
+const LIST_RETRY_MS = 5000;
 let jobsListed = false;                 // ListJobs has answered on this connection
+let pendingReads = 0;                   // GetAll calls of jobs not answered yet
 
 function unwrapped(properties) {
     const values = {};
@@ -879,15 +878,17 @@ function loadJobs(connection) {
         }
         jobs = listed;
         jobsListed = true;
-        listError = "";
         reconcileRows();
         if (selectedPath)
             renderDetails();
-    }).catch(e => {
+    }, e => {
         if (connection !== client)
             return;
-        listError = cockpit.format(_("Cannot list the jobs: $0"), errorText(e));
-        reconcileRows();
+        showActionError(cockpit.format(_("Cannot list the jobs: $0"), errorText(e)));
+        window.setTimeout(() => {
+            if (connection === client)
+                loadJobs(connection);
+        }, LIST_RETRY_MS);
     });
 }
 
@@ -897,16 +898,24 @@ function readJob(job) {
         return;
     const connection = client;
     job.reading = true;
-    connection.call(job.path, PROPERTIES_IFACE, "GetAll", [JOB_IFACE]).then(([properties]) => {
+    pendingReads++;
+    const answered = () => {
         job.reading = false;
-        if (connection !== client || jobs[job.path] !== job)
+        if (connection !== client)
+            return false;
+        // The rows read together (a page's worth when the list loads) are put in place together.
+        if (--pendingReads === 0)
+            scheduleReconcile();
+        return jobs[job.path] === job;
+    };
+    connection.call(job.path, PROPERTIES_IFACE, "GetAll", [JOB_IFACE]).then(([properties]) => {
+        if (!answered())
             return;
         Object.assign(job, unwrapped(properties));
         job.full = true;
-        jobChanged(job, null);
-    }).catch(() => {
-        job.reading = false;            // a job removed meanwhile: its InterfacesRemoved follows
-    });
+        if (rows.has(job.path) || job.path === selectedPath)
+            jobChanged(job, []);
+    }, answered);                       // a job removed meanwhile: its InterfacesRemoved follows
 }
 
 function loadWorkers(connection) {
@@ -915,15 +924,16 @@ function loadWorkers(connection) {
         const paths = Array.from(node.children)
                 .filter(child => child.tagName === "node" && child.getAttribute("name"))
                 .map(child => WORKERS_PATH + "/" + child.getAttribute("name"));
-        return Promise.all(paths.map(path => connection.call(path, PROPERTIES_IFACE, "GetAll", [WORKER_IFACE])
-                .then(([properties]) => [path, unwrapped(properties)], () => null)));
-    }).then(found => {
-        if (connection !== client)
-            return;
-        for (const [path, values] of found.filter(Boolean))
-            workers[path] = Object.assign(workers[path] || { path }, values);
-        scheduleWorkers();
-    }).catch(() => { /* no worker is registered */ });
+        for (const path of paths) {
+            // Recorded as each reply comes: a removal or change signalled after it then finds the worker.
+            connection.call(path, PROPERTIES_IFACE, "GetAll", [WORKER_IFACE]).then(([properties]) => {
+                if (connection !== client)
+                    return;
+                workers[path] = Object.assign(workers[path] || { path }, unwrapped(properties));
+                scheduleWorkers();
+            }, () => { /* unregistered meanwhile */ });
+        }
+    }, () => { /* no worker is registered */ });
 }
 
 function objectAdded(path, interfaces) {
@@ -1037,8 +1047,8 @@ function disconnect() {
     manager = null;
     jobs = {};
     workers = {};
-    listError = "";
     jobsListed = false;
+    pendingReads = 0;
     for (const entry of rows.values())
         entry.row.remove();
     rows.clear();

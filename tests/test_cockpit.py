@@ -117,7 +117,8 @@ def submit(browser: Browser) -> str:
 def open_page(browser: Browser, url: str) -> None:
     load_page(browser, url)
     browser.execute("window.scriptErrors = [];"
-                    "window.addEventListener('error', e => window.scriptErrors.push(String(e.message)));")
+                    "window.addEventListener('error', e => window.scriptErrors.push(String(e.message)));"
+                    "window.addEventListener('unhandledrejection', e => window.scriptErrors.push(String(e.reason)));")
 
 
 def script_errors(browser: Browser) -> list[str]:
