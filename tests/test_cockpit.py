@@ -216,9 +216,11 @@ def test_page_shows_the_daemon_queue_workers_and_health(browser: Browser, cockpi
     assert unlabelled == []
 
 
-def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, stack: Any) -> None:
-    """An external worker that registers while the page is open gets its row; when it unregisters, the row goes."""
-    from bench.client import Client
+def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, stack: Any,
+                                        sources: dict[str, Path]) -> None:
+    """An external worker that registers while the page is open gets its row, which follows it as it claims
+    a job (busy, 1 of its 2 jobs); when it unregisters, the row goes."""
+    from bench.client import Client, inspect_spec
     from dbus_fast import Variant
 
     open_page(browser, cockpit_url)
@@ -226,22 +228,35 @@ def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, sta
 
     async def scenario() -> None:
         worker = await Client.connect(stack.bus_address)
+        job_id = ""
         try:
+            # Only a worker with a GPU may run this job: the builtin one leaves it queued.
+            spec = {**inspect_spec(str(sources["big"])), "capability_requirements": {"gpu": True}}
+            job_id, _ = await worker.submit(spec)
             worker_id, path = await worker.call(MANAGER_PATH, MANAGER, "RegisterWorker", "ssa{sv}",
-                                                ["cockpit-listed", json.dumps({"operations": ["inspect", "convert"]}),
+                                                ["cockpit-listed", json.dumps({"operations": ["inspect"], "gpu": True}),
                                                  {"max_jobs": Variant("u", 2)}])
             row = f"tr[data-worker-id='{worker_id}']"
             wait_until(lambda: browser.exists(row), 10, what="the new worker's row")
             text = browser.text(browser.find(row))
-            assert "cockpit-listed" in text and "external" in text and "0 / 2" in text and "inspect, convert" in text
+            assert "cockpit-listed" in text and "external" in text and "0 / 2" in text and "inspect" in text
+            found, claimed, _spec = await worker.call(path, BUS + ".Worker", "ClaimJob")
+            assert found and claimed == job_id
+            wait_until(lambda: "busy" in browser.text(browser.find(row)) and "1 / 2" in browser.text(browser.find(row)),
+                       10, what="the worker's row to show it busy with one job")
             await worker.call(path, BUS + ".Worker", "Unregister")
             wait_until(lambda: not browser.exists(row), 10, what="the unregistered worker's row to go")
             assert browser.exists("tr[data-worker-id='builtin']")
         finally:
+            if job_id:
+                for method in ("CancelJob", "RemoveJob"):
+                    try:
+                        await worker.call(MANAGER_PATH, MANAGER, method, "s", [job_id])
+                    except Exception:
+                        pass
             worker.close()
     asyncio.run(scenario())
     assert script_errors(browser) == []
-
 
 def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser, cockpit_url: str,
                                                                env: dict[str, str], stack: Any,
