@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -51,9 +52,16 @@ def submit_burst(stack: Stack, source: Path, clients: int = 50, per_client: int 
 def subscribers_while_jobs_run(stack: Stack, source: Path, subscribers: int = 200, jobs: int = 100,
                                parallel: int = 8, timeout: float = 600) -> dict[str, Any]:
     """`subscribers` listening clients while `jobs` small inspect jobs run; every client must see every end."""
-    stop_file = Path(tempfile.mkdtemp(prefix="h2k-bench-")) / "stop"
+    stop_dir = Path(tempfile.mkdtemp(prefix="h2k-bench-"))
+    stop_file = stop_dir / "stop"
     pid = stack.daemon_pid
     outcome: dict[str, Any] = {}
+
+    def stop_subscribers() -> None:
+        try:
+            stop_file.touch()
+        except OSError:   # the directory is gone: the subscribers were stopped already
+            pass
 
     async def run_jobs() -> None:
         try:
@@ -72,7 +80,7 @@ def subscribers_while_jobs_run(stack: Stack, source: Path, subscribers: int = 20
                     await client.manager("RemoveJob", "s", [job_id])
                 await client.manager("SetMaxParallelJobs", "u", [2])
         finally:
-            stop_file.touch()
+            stop_subscribers()
 
     def on_go() -> None:
         outcome["thread_error"] = None
@@ -83,20 +91,24 @@ def subscribers_while_jobs_run(stack: Stack, source: Path, subscribers: int = 20
                 asyncio.run(run_jobs())
             except BaseException as exc:
                 outcome["thread_error"] = repr(exc)
-                stop_file.touch()
+                stop_subscribers()
         thread = threading.Thread(target=runner, daemon=True)
         thread.start()
         outcome["thread"] = thread
 
-    results = run_in_processes(subscribers, load.subscriber_client, stack.bus_address, timeout, str(stop_file),
-                               on_go=on_go, timeout=timeout + 60)
-    outcome["thread"].join(timeout=60)
+    try:
+        results = run_in_processes(subscribers, load.subscriber_client, stack.bus_address, timeout,
+                                   str(stop_file), on_go=on_go, timeout=timeout + 60)
+        outcome["thread"].join(timeout=60)
+    finally:
+        shutil.rmtree(stop_dir, ignore_errors=True)
     seen = [r["completed"] for r in results.per_client]
     return {"subscribers": subscribers, "jobs": jobs, "jobs_seconds": outcome.get("jobs_seconds"),
             "final_states": outcome.get("states"), "error": outcome.get("thread_error"),
             "completed_seen_min": min(seen), "completed_seen_max": max(seen),
             "all_connected": all(r["connected"] for r in results.per_client),
-            "same_daemon": stack.daemon_pid == pid, "health": _health(stack).get("status")}
+            "same_daemon": stack.daemon_pid == pid, "health": _health(stack).get("status"),
+            "left_behind": stop_dir.exists()}
 
 
 def kill_during_conversions(stack: Stack, work: Path, kills: int = 20, jobs: int = 16,

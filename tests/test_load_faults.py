@@ -185,6 +185,7 @@ def test_200_subscribers_each_see_every_job_end(lstack: Stack, small_source: Pat
     assert figures["final_states"] == ["completed"]
     assert figures["all_connected"] and figures["same_daemon"] and figures["health"] == "ok"
     assert figures["completed_seen_min"] == figures["completed_seen_max"] == 100
+    assert figures["left_behind"] is False   # its scratch directory is removed
 
 
 # ---------------------------------------------------------------- kill -9 of h2kd
