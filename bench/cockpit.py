@@ -33,8 +33,11 @@ def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
     (data_dir / "cockpit").mkdir(parents=True)
     (data_dir / "cockpit" / "h2kd").symlink_to(REPO / "cockpit")
     port = free_port()
-    env = {**os.environ, **stack.env(), "XDG_DATA_DIRS": f"{data_dir}:/usr/share"}
-    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+    env = {**os.environ, **stack.env(), "XDG_DATA_DIRS": f"{data_dir}:/usr/share",
+           # Without these, the bridge starts a session dbus-daemon and an ssh-agent of its own, whose
+           # sockets (/tmp/dbus-*, /tmp/ssh-*) outlive them. The page needs neither.
+           "DBUS_SESSION_BUS_ADDRESS": f"unix:path={data_dir}/no-session-bus",
+           "SSH_AUTH_SOCK": str(data_dir / "no-ssh-agent")}
     log_path = data_dir / "cockpit-ws.log"
     with open(log_path, "wb") as log:
         ws = subprocess.Popen([COCKPIT_WS, "--no-tls", "--address", "127.0.0.1", "--port", str(port),
