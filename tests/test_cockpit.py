@@ -8,6 +8,7 @@ Screenshots are kept in artifacts/ (not committed).
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import shutil
@@ -152,8 +153,12 @@ def held_jobs(bus_address: str, source: str, count: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cockpit_url(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    sockets = lambda: set(glob.glob("/tmp/dbus-*") + glob.glob("/tmp/ssh-*"))  # noqa: E731
+    before = sockets()
     with page_server(stack, tmp_path_factory.mktemp("cockpit-data")) as url:
         yield url
+    # Nothing the bridge started may leave its socket behind (a session bus, an ssh-agent).
+    assert sockets() - before == set()
 
 
 @pytest.fixture(scope="module")
