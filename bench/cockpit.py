@@ -66,12 +66,12 @@ def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
             kill_if_same(pid, start)
 
 
-def load_page(browser: Browser, url: str, timeout: float = 30) -> None:
-    """Open the page and wait until it has started and shows the daemon it reached."""
+def load_page(browser: Browser, url: str, timeout: float = 30, interval: float = 0.1) -> None:
+    """Open the page and wait until it has started and shows the daemon it reached (checked every `interval` s)."""
     browser.get(url)
     wait_until(lambda: browser.execute("return document.body.dataset.ready === '1' && "
                                        "document.getElementById('daemon-version').textContent !== ''"),
-               timeout, what="the page to connect to h2kd")
+               timeout, interval=interval, what="the page to connect to h2kd")
 
 
 def shown_job_ids(browser: Browser) -> list[str]:
@@ -89,9 +89,7 @@ def page_load(stack: Any, work_dir: Path, jobs: int, loads: int = 3) -> dict[str
             Browser.start(work_dir / "chromium", width=1280, height=1100) as browser:
         for _ in range(loads):
             start = time.perf_counter()
-            browser.get(url)
-            wait_until(lambda: browser.execute("return document.getElementById('daemon-version').textContent "
-                                               "!== ''"), 120, interval=0.02, what="the page to connect")
+            load_page(browser, url, timeout=120, interval=0.02)
             connected.append(time.perf_counter() - start)
             wait_until(lambda: len(shown_job_ids(browser)) >= rows, 120, interval=0.02,
                        what=f"{rows} rows in the job list")

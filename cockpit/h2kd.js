@@ -33,7 +33,7 @@ const DBUS_OPTIONS = { bus: "system", superuser: "try" };
 // goes with it, and a restarted h2kd is read afresh.
 let client = null;
 let manager = null;
-// object path -> what is known of the job: its Job properties (all of them once `full`), path, valid.
+// object path -> what is known of the job: its Job properties (all of them once `full`) and its path.
 // ListJobs gives Id, Operation, State, Progress, Owner, Priority and CreatedAt of every job; signals keep them
 // current; GetAll fills in the rest for the jobs that are shown.
 let jobs = {};
@@ -338,7 +338,7 @@ function updateRow(entry) {
 // Put the rows of the newest matching jobs in place, moving existing rows only when the order changed,
 // so that a focused button keeps its focus while the list updates.
 function reconcileRows() {
-    const all = Object.keys(jobs).map(path => jobs[path]).filter(job => job.valid !== false && job.Id);
+    const all = Object.values(jobs);
     const matching = all.filter(jobMatchesFilter).sort(newestFirst);
     const newest = matching.slice(0, MAX_ROWS);
     for (const job of newest) {
@@ -868,13 +868,9 @@ function loadJobs(connection) {
         const listed = {};
         for (const row of list) {
             const path = row[7];
-            const job = jobs[path] || { path, valid: true, full: false };
+            const job = jobs[path] || { path, full: false };
             applyListRow(job, row);
             listed[path] = job;
-        }
-        for (const path of Object.keys(jobs)) {
-            if (!(path in listed))
-                jobs[path].valid = false;
         }
         jobs = listed;
         jobsListed = true;
@@ -938,7 +934,7 @@ function loadWorkers(connection) {
 
 function objectAdded(path, interfaces) {
     if (interfaces[JOB_IFACE]) {
-        const job = jobs[path] || { path, valid: true };
+        const job = jobs[path] || { path };
         Object.assign(job, unwrapped(interfaces[JOB_IFACE]), { full: true });
         jobs[path] = job;
         jobAdded(job);
@@ -953,7 +949,6 @@ function objectRemoved(path, names) {
     const job = jobs[path];
     if (job && names.includes(JOB_IFACE)) {
         delete jobs[path];
-        job.valid = false;
         jobRemoved(job);
     }
     if (workers[path] && names.includes(WORKER_IFACE)) {

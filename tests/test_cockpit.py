@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from dbus_fast import Variant
 
+from bench import load
 from bench.browser import ELEMENT_KEY, ENTER, Browser, wait_until
+from bench.client import Client, inspect_spec, with_client
 from bench.cockpit import load_page, missing_programs, page_server, shown_job_ids
 # tests/ is on sys.path: pytest puts the directory of its conftest there
 from images import MiB, make_image
@@ -129,24 +132,10 @@ def script_errors(browser: Browser) -> list[str]:
 
 def held_jobs(bus_address: str, source: str, count: int) -> list[str]:
     """Submit `count` inspections of source held back from the queue (queue=false); their ids, oldest first."""
-    from dbus_fast import Message, MessageType, Variant
-    from dbus_fast.aio import MessageBus
-
-    async def submit_all() -> list[str]:
-        bus = await MessageBus(bus_address=bus_address).connect()
-        try:
-            ids = []
-            for _ in range(count):   # one at a time: each gets a later CreatedAt than the one before
-                spec = {"operation": Variant("s", "inspect"), "image": Variant("a{sv}", {"path": Variant("s", source)})}
-                reply = await bus.call(Message(destination=BUS, path=MANAGER_PATH, interface=MANAGER,
-                                               member="SubmitJob", signature="a{sv}a{sv}",
-                                               body=[spec, {"queue": Variant("b", False)}]))
-                assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-                ids.append(reply.body[0])
-            return ids
-        finally:
-            bus.disconnect()
-    return asyncio.run(submit_all())
+    async def submit_all(client: Client) -> list[str]:
+        # one at a time: each gets a later CreatedAt than the one before
+        return [(await client.submit(inspect_spec(source), queue=False))[0] for _ in range(count)]
+    return with_client(bus_address, submit_all)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -225,9 +214,6 @@ def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, sta
                                         sources: dict[str, Path]) -> None:
     """An external worker that registers while the page is open gets its row, which follows it as it claims
     a job (busy, 1 of its 2 jobs); when it unregisters, the row goes."""
-    from bench.client import Client, inspect_spec
-    from dbus_fast import Variant
-
     open_page(browser, cockpit_url)
     wait_until(lambda: browser.exists("tr[data-worker-id='builtin']"), 10, what="the builtin worker")
 
@@ -489,6 +475,4 @@ def test_many_jobs_the_newest_are_shown_and_the_list_follows_changes(browser: Br
         assert script_errors(browser) == []
     finally:
         browser.click(browser.find("#job-filter option[value='all']"))
-        for job_id in made:
-            busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "CancelJob", "s", job_id)
-            busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "RemoveJob", "s", job_id)
+        load.cancel_and_remove(stack.bus_address, made)
