@@ -311,7 +311,8 @@ def run_and_kill(path: Path, prefix: str, after_lines: int) -> list[list[str]]:
         time.sleep(int.from_bytes(os.urandom(1), "little") / 255 * 0.05)   # land somewhere inside a write
     finally:
         child.send_signal(signal.SIGKILL)
-    lines += [line.split() for line in child.stdout.read().splitlines()]
+    # With PYTHONUNBUFFERED set, print writes each word separately, so the kill can cut the last line short.
+    lines += [line.split() for line in child.stdout.read().splitlines(keepends=True) if line.endswith("\n")]
     child.wait()
     assert child.returncode == -signal.SIGKILL
     return lines
