@@ -324,7 +324,24 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     outside.mkdir()
     os.symlink(outside, out / "escape")
     (out / "taken.qcow2").write_bytes(b"keep me")
+    # Images that make qemu open a file the submitter never named: a secret outside the source's directory.
+    secret = tmp / "secret.raw"
+    secret.write_bytes(b"secret!!" * 4096)
+    json_backing = src / "json-backing.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                    'json:{"driver":"raw","offset":0,"size":4096,"file":{"driver":"file","filename":"%s"}}' % secret, str(json_backing), "1M")
+    far_backing = src / "far-backing.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(far_backing), "1M")
+    data_file = src / "data-file.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(data_file),
+                    "32K")
     return {
+        "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
+                               "not a plain file name"),
+        "backing file elsewhere": (convert_spec(far_backing, out / "o.raw", output_format="raw"),
+                                   "PERMISSION_DENIED", "outside its directory"),
+        "external data file": (convert_spec(data_file, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
+                               "external file"),
         "truncated vmdk": (convert_spec(truncated, out / "o.qcow2"), "INVALID_IMAGE", "damaged"),
         "not an image": (convert_spec(junk, out / "o.qcow2"), "INVALID_IMAGE", "not a disk image"),
         "missing extent": (convert_spec(missing, out / "o.qcow2"), "INVALID_IMAGE", "does not exist"),
@@ -341,7 +358,7 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     }
 
 
-BAD_INPUTS = ["truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["json: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 

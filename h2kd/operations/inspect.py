@@ -10,7 +10,8 @@ A source is one of:
 
 Every file is opened without following symlinks and must be a regular file. Files a source refers to
 (VMDK extents, backing files, OVF/VMX disks, OVA members) must be plain names resolving inside the source's
-own directory (or the OVA): a crafted descriptor must not make a root daemon read /etc/shadow.
+own directory (or the OVA): a crafted descriptor must not make a root daemon read /etc/shadow. Names with a
+protocol prefix (json:, nbd:...) and qcow2 external data files are refused outright.
 run_inspect() returns the structured report of the result contract's outputs["report"].
 """
 
@@ -251,13 +252,33 @@ def _inside(path: str, directory: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
 
 
-def _chain_files(chain: list[dict[str, Any]]) -> list[str]:
+# "json:{...}", "nbd://...", "file:x": names qemu opens through a driver of the name's choosing, not as a plain file.
+_PROTOCOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _refuse_external_data(chain: list[dict[str, Any]], label: str) -> None:
+    """A qcow2 external data file can name any file on the host; it is not vetted, so it is refused."""
+    for element in chain:
+        data_file = ((element.get("format-specific") or {}).get("data") or {}).get("data-file")
+        if data_file:
+            raise OperationError("PERMISSION_DENIED", f"{label} keeps its data in an external file "
+                                 f"({str(data_file)[:200]}); such images are refused")
+
+
+def _chain_files(chain: list[dict[str, Any]], label: str) -> list[str]:
+    """Every file the images of a backing chain make qemu open: the images and their VMDK extents.
+
+    Refuses a name with a protocol prefix: a json: backing file, for one, can name any file on the host."""
     files = []
     for element in chain:
         files.append(element.get("filename", ""))
         for extent in ((element.get("format-specific") or {}).get("data") or {}).get("extents", []):
             files.append(extent.get("filename", ""))
-    return [f for f in files if f and not f.startswith("json:")]
+    for name in files:
+        if _PROTOCOL_NAME.match(name):
+            raise OperationError("PERMISSION_DENIED", f"{label} refers to {name[:200]!r}, which is not a plain "
+                                 "file name; such images are refused")
+    return [f for f in files if f]
 
 
 def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True) -> Disk:
@@ -281,9 +302,10 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
         raise _invalid(f"{label} ({ref.describe()}) is not a readable {DRIVER_TO_NAME.get(ref.format, ref.format)} "
                        f"image: {e.message.split(': ', 1)[-1]}") from None
     chain = chain if isinstance(chain, list) else [chain]
+    _refuse_external_data(chain, label)
     if ref.offset is None:
         directory = os.path.dirname(ref.path)
-        for name in _chain_files(chain):
+        for name in _chain_files(chain, label):
             full = name if os.path.isabs(name) else os.path.join(directory, name)
             if not _inside(full, directory):
                 raise OperationError("PERMISSION_DENIED", f"{label} refers to {name}, outside its directory "
