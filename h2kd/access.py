@@ -93,13 +93,24 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
 
 
 def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int],
-                         output_roots: Iterable[str | os.PathLike[str]]) -> Path:
-    """Return where an output may be created (its directory resolved), or raise: the directory
-    must be below an output root and writable by the caller, and nothing may exist at the path."""
+                         output_roots: Iterable[str | os.PathLike[str]], overwrite: bool = False) -> Path:
+    """Return where an output may be created (its directory resolved), or raise.
+
+    The directory must be below an output root and writable by the caller. A path naming an existing
+    directory is the directory the outputs go in. Otherwise nothing may exist at the path, or, with
+    overwrite, only a regular file of the caller's own: h2kd renames the new output over it as root, which
+    must not let anyone replace a file that is not theirs (a sticky or group-writable directory allows it)."""
     given = _absolute(path)
     if given.name in ("", ".", ".."):
         raise InvalidArgument(f"{given} does not name a file")
-    directory = Path(_real(given.parent))
+    try:
+        existing: os.stat_result | None = os.lstat(given)
+    except FileNotFoundError:
+        existing = None
+    except OSError as e:
+        raise InvalidArgument(f"cannot use {given}: {e.strerror}") from None
+    as_directory = existing is not None and stat.S_ISDIR(existing.st_mode)
+    directory = Path(_real(given if as_directory else given.parent))
     roots = _resolved_roots(output_roots)
     if not _is_below(directory, roots):
         raise NotAuthorized(
@@ -107,14 +118,21 @@ def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int]
         )
     if not directory.is_dir():
         raise InvalidArgument(f"{given.parent} is not an existing directory")
+    if uid != 0:
+        (code,) = _as_caller(uid, gids, _try_write_access, str(directory))
+        if code:
+            raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
+    if as_directory:
+        return directory
     target = directory / given.name
-    if os.path.lexists(target):
-        raise AlreadyExists(f"{target} already exists; outputs are never overwritten")
-    if uid == 0:
+    if existing is None:
         return target
-    (code,) = _as_caller(uid, gids, _try_write_access, str(directory))
-    if code:
-        raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
+    if not overwrite:
+        raise AlreadyExists(f"{target} already exists; outputs are never overwritten")
+    if not stat.S_ISREG(existing.st_mode):
+        raise AlreadyExists(f"{target} exists and is not a regular file; it is never replaced")
+    if uid != 0 and existing.st_uid != uid:
+        raise NotAuthorized(f"refusing to replace {target}: it belongs to uid {existing.st_uid}, not to uid {uid}")
     return target
 
 

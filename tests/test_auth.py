@@ -700,6 +700,31 @@ def test_outputs_only_below_output_roots_in_directories_the_caller_can_write(use
         check_output_allowed(str(mine / "dangling"), alice.pw_uid, gids, roots)
     with pytest.raises(InvalidArgument, match="not an existing directory"):
         check_output_allowed(str(mine / "no-such-dir" / "disk.qcow2"), alice.pw_uid, gids, roots)
+    # An existing directory is where the outputs go; it must be writable by the caller like any other.
+    assert check_output_allowed(str(mine), alice.pw_uid, gids, roots) == mine
+    with pytest.raises(NotAuthorized, match="not writable"):
+        check_output_allowed(str(mine), bob.pw_uid, caller_groups(bob.pw_uid), roots)
+
+
+def test_overwrite_replaces_only_the_callers_own_regular_file(users, shared_dir):
+    alice, bob = users[ALICE], users[BOB]
+    roots = [shared_dir / "out"]
+    roots[0].mkdir(mode=0o1777)   # a shared, sticky output directory: anyone may create, not replace
+    os.chmod(roots[0], 0o1777)
+    (roots[0] / "alice.qcow2").write_bytes(b"alice's")
+    (roots[0] / "bob.qcow2").write_bytes(b"bob's")
+    alices = _owned_by(roots[0] / "alice.qcow2", alice, 0o644)
+    bobs = _owned_by(roots[0] / "bob.qcow2", bob, 0o666)
+    gids = caller_groups(alice.pw_uid)
+    assert check_output_allowed(str(alices), alice.pw_uid, gids, roots, overwrite=True) == alices
+    with pytest.raises(NotAuthorized, match=f"belongs to uid {bob.pw_uid}"):
+        check_output_allowed(str(bobs), alice.pw_uid, gids, roots, overwrite=True)
+    with pytest.raises(AlreadyExists, match="never overwritten"):
+        check_output_allowed(str(alices), alice.pw_uid, gids, roots)
+    (roots[0] / "link.qcow2").symlink_to(alices)
+    with pytest.raises(AlreadyExists, match="not a regular file"):
+        check_output_allowed(str(roots[0] / "link.qcow2"), alice.pw_uid, gids, roots, overwrite=True)
+    assert check_output_allowed(str(bobs), 0, [], roots, overwrite=True) == bobs   # root replaces anything
 
 
 def test_source_descriptors_must_be_readable_regular_files(shared_dir):

@@ -43,14 +43,15 @@ class Run:
 
 def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
                on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1,
-               wrapper: list[str] | None = None) -> Run:
+               wrapper: list[str] | None = None, owner: dict[str, int] | None = None) -> Run:
     """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS.
-    wrapper: a command the worker runs under (strace ...)."""
+    wrapper: a command the worker runs under (strace ...); owner: the submitter's {"uid", "gid", "mode"}."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = work / "spec.json", work / "result.json"
     spec = {"job_id": "job1", **spec}
     spec_path.write_text(json.dumps({"job_id": spec["job_id"], "attempt": attempt, "spec": spec,
-                                     "output_roots": [str(r) for r in roots]}))
+                                     "output_roots": [str(r) for r in roots],
+                                     **({"owner": owner} if owner else {})}))
     sock_path = work / "notify.sock"
     if sock_path.exists():
         sock_path.unlink()
@@ -265,6 +266,23 @@ def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, 
     run = run_worker(tmp_path / "w2", convert_spec(source, out / "d.qcow2", overwrite=True), [out])
     assert run.returncode == 0, run.log
     assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
+
+
+def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Path, out: Path) -> None:
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
+    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    (out / "bobs.qcow2").write_text("bob's disk")
+    os.chown(out / "bobs.qcow2", bob, bob)
+    run = run_worker(tmp_path / "w1", convert_spec(source, out / "bobs.qcow2", overwrite=True), [out], owner=alice)
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert "belongs to uid 64102" in run.result["error"]["message"]
+    assert (out / "bobs.qcow2").read_text() == "bob's disk" and leftovers(out) == ["bobs.qcow2"]
+    (out / "alices.qcow2").write_text("alice's old disk")
+    os.chown(out / "alices.qcow2", alice["uid"], alice["gid"])
+    run = run_worker(tmp_path / "w2", convert_spec(source, out / "alices.qcow2", overwrite=True), [out], owner=alice)
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "alices.qcow2", "qcow2")
+    assert (out / "alices.qcow2").stat().st_uid == alice["uid"]
 
 
 # ---------------------------------------------------------------- inspection

@@ -617,3 +617,20 @@ def test_worker_modules_are_byte_compiled_once_for_the_units(tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "worker/main.py"
     assert f"matches {root / 'worker' / 'main.py'}" in out.stderr
+
+
+def test_the_unit_may_write_only_inside_an_output_root_as_the_paths_resolve_at_its_start(tmp_path: Path) -> None:
+    from h2kd.runner.unit import writable_output_dir
+    root, elsewhere = tmp_path / "out", tmp_path / "etc"
+    (root / "alice").mkdir(parents=True)
+    elsewhere.mkdir()
+    config = Config(output_roots=[root])
+    assert writable_output_dir(config, str(root / "alice" / "disk.qcow2")) == root / "alice"
+    assert writable_output_dir(config, str(root / "alice")) == root / "alice"     # a directory to put outputs in
+    assert writable_output_dir(config, str(root / "alice" / "new" / "disk.qcow2")) == root / "alice"
+    # The submitter's directory swapped for a symlink leading out of the roots after the checks at submission:
+    (root / "alice" / "sub").symlink_to(elsewhere)
+    assert writable_output_dir(config, str(root / "alice" / "sub" / "disk.qcow2")) is None
+    # A symlink named as the output is not followed: the worker refuses to replace it in alice's directory.
+    assert writable_output_dir(config, str(root / "alice" / "sub")) == root / "alice"
+    assert writable_output_dir(config, str(elsewhere / "disk.qcow2")) is None

@@ -34,11 +34,7 @@ class HostChecks:
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
                 overwrite = bool((job.spec.get("artifacts") or {}).get("overwrite"))
-                try:
-                    check_output_allowed(job.output, job.owner, gids, self._config.output_roots)
-                except H2kError as e:
-                    if not (overwrite and e.dbus_name == "AlreadyExists"):
-                        raise
+                check_output_allowed(job.output, job.owner, gids, self._config.output_roots, overwrite)
             compare_with = (job.spec.get("parameters") or {}).get("compare_with")
             if compare_with:
                 check_source_readable(compare_with, job.owner, gids, self._config.source_roots)

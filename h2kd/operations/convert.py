@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import threading
 import time
 from typing import Any, Callable
@@ -48,7 +49,7 @@ from typing import Any, Callable
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.background import Background
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
-from h2kd.operations.tempfiles import TEMP_PREFIX, TempFiles
+from h2kd.operations.tempfiles import TempFiles
 
 EXTENSIONS = {"qcow2": "qcow2", "raw": "raw"}
 SOURCE_POLL_SECONDS = 0.5
@@ -120,7 +121,7 @@ def _stem(source: inspect.Source) -> str:
 
 
 def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, roots: list[str],
-                 output_format: str, overwrite: bool) -> tuple[list[str], str]:
+                 output_format: str, overwrite: bool, owner_uid: int | None = None) -> tuple[list[str], str]:
     """Destination of each disk and the base name (for the domain XML); refuses anything unsafe."""
     if not roots:
         raise OperationError("VALIDATION_FAILED", "no output roots are configured; outputs cannot be written")
@@ -151,23 +152,27 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, r
         names = [f"{base}-disk{i}.{ext}" for i in range(1, count + 1)]
     destinations = [os.path.join(directory, n) for n in names]
     for destination in destinations:
-        _check_destination(destination, overwrite)
+        _check_destination(destination, overwrite, owner_uid)
     base_path = os.path.join(directory, re.sub(r"\.(qcow2|raw|img)$", "", os.path.basename(base)))
     return destinations, base_path
 
 
-def _check_destination(destination: str, overwrite: bool) -> None:
+def _check_destination(destination: str, overwrite: bool, owner_uid: int | None = None) -> None:
+    """Nothing at `destination`, or (with overwrite) a regular file that the submitter (owner_uid; None: root)
+    owns: the worker replaces it as root, so whose it is must be checked here, not left to permissions."""
     try:
         st = os.lstat(destination)
     except FileNotFoundError:
         return
-    if os.path.islink(destination) or not os.path.isfile(destination):
+    if not stat.S_ISREG(st.st_mode):
         raise OperationError("OUTPUT_EXISTS", f"the output {destination} exists and is not a regular file; "
                              "it is never replaced")
     if not overwrite:
         raise OperationError("OUTPUT_EXISTS", f"the output {destination} already exists (set artifacts.overwrite "
                              "to replace it)")
-    del st
+    if owner_uid and st.st_uid != owner_uid:
+        raise OperationError("PERMISSION_DENIED", f"the output {destination} belongs to uid {st.st_uid}, not to the "
+                             f"submitter (uid {owner_uid}); it is not replaced")
 
 
 # ---------------------------------------------------------------- the operation
@@ -238,11 +243,13 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     durable = bool(parameters.get("sync", True))
     progress("inspect", 0, 0, "reading the source")
     source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"))
+    owner_uid = owner["uid"] if owner else None
+    overwrite = bool(artifacts.get("overwrite"))
     destinations, base = plan_outputs(source, artifacts.get("output_path"), spec.get("job_id") or "job",
-                                      output_roots, options.output_format, bool(artifacts.get("overwrite")))
+                                      output_roots, options.output_format, overwrite, owner_uid)
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
-        _check_destination(domain_path, bool(artifacts.get("overwrite")))
+        _check_destination(domain_path, overwrite, owner_uid)
     plans = [Planned(disk, dest, 0, repaired=repair is not None and index == 0)
              for index, (disk, dest) in enumerate(zip(source.disks, destinations))]
     _check_free_space(plans, options, os.path.dirname(destinations[0]))
@@ -285,7 +292,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
             for temp, _ in plans_to_commit:
                 os.chown(temp, owner["uid"], owner["gid"], follow_symlinks=False)
                 os.chmod(temp, owner.get("mode", 0o640))
-        _commit(plans_to_commit, temps, bool(artifacts.get("overwrite")), durable)
+        _commit(plans_to_commit, temps, overwrite, durable, owner_uid)
     finally:
         temps.remove_all()
     progress("convert", total, total, "done")
@@ -467,7 +474,8 @@ def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | N
     return report
 
 
-def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool, durable: bool) -> None:
+def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool, durable: bool,
+            owner_uid: int | None = None) -> None:
     """Move every temporary file to its name, all or nothing (as far as the file system allows); if durable,
     make the new names durable too (fsync of their directories)."""
     committed: list[str] = []
@@ -475,7 +483,7 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
         for temp, destination in pairs:
             assert temp
             if overwrite:
-                _check_destination(destination, True)
+                _check_destination(destination, True, owner_uid)
                 os.rename(temp, destination)
             else:
                 try:

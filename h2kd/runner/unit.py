@@ -90,19 +90,26 @@ def _under(path: Path, parent: Path) -> bool:
 
 
 def writable_output_dir(config: Config, output_path: str) -> Path | None:
-    """The directory the worker must be able to write its output in: the output's directory, or, if
-    that does not exist yet, its nearest existing ancestor that is still inside an output root."""
+    """The directory, resolved, that the worker must be able to write its output in: the output path itself
+    if it is a directory, else the output's directory or, if that does not exist yet, its nearest existing
+    ancestor. None (nothing writable) unless it lies inside an output root: the path is the submitter's,
+    and a symlink swapped in since submission must not open /etc to the unit."""
     if not output_path:
         return None
-    directory = Path(output_path).parent
-    root = next((r for r in config.output_roots if _under(directory, r)), None)
-    while not directory.is_dir():
-        if root is not None and directory.resolve() == root.resolve():
-            break
-        if directory.parent == directory:
-            break
+    path = Path(output_path)
+    directory = path if path.is_dir() and not path.is_symlink() else path.parent
+    while not directory.is_dir() and directory.parent != directory:
         directory = directory.parent
-    return directory if directory.is_dir() else None
+    resolved = directory.resolve()
+    if not any(_under(resolved, root) for root in config.output_roots):
+        return None
+    return resolved
+
+
+def _writable_source_dir(config: Config, source_path: str) -> Path | None:
+    """offline_fix edits its image in place: the image's directory, resolved, if inside an output root."""
+    resolved = Path(source_path).parent.resolve()
+    return resolved if any(_under(resolved, root) for root in config.output_roots) else None
 
 
 def worker_environment(config: Config) -> dict[str, str]:
@@ -149,8 +156,8 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
     env = worker_environment(config)
     output_dir = writable_output_dir(config, output_path)
     writable = [str(spec_path.parent)] + ([str(output_dir)] if output_dir else [])
-    if operation == "offline_fix" and source_path:
-        writable.append(str(Path(source_path).parent))
+    if operation == "offline_fix" and source_path and (image_dir := _writable_source_dir(config, source_path)):
+        writable.append(str(image_dir))
     props: list[tuple[str, Variant]] = [
         ("Description", Variant("s", f"h2kd {operation} job {job_id} (attempt {attempt})")),
         ("Slice", Variant("s", config.slice)),
