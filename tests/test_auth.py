@@ -485,6 +485,37 @@ def test_member_cannot_submit_an_image_they_cannot_read(stack, users, shared_dir
         assert _job_path(stack, job_id) is None
 
 
+@pytest.mark.stack
+def test_a_retry_checks_the_submitters_rights_again(stack, users, shared_dir, submitted):
+    """A job that failed its checks (its directory did not exist yet) is not a way around them: after the
+    directory is made a symlink to root's files, RetryJob is refused and the job stays failed."""
+    (shared_dir / "alice").mkdir()
+    alices = _owned_by(shared_dir / "alice", users[ALICE], 0o755)
+    (shared_dir / "root-only").mkdir(mode=0o755)
+    _image(shared_dir / "root-only" / "disk.img", 0o600)
+    job_id, result = _submit(stack, submitted, ALICE, alices / "d" / "disk.img")
+    assert result.returncode == 0, result.stderr
+    job_path = _job_path(stack, job_id)
+    assert job_path is not None
+    assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
+    subprocess.run(["runuser", "-u", ALICE, "--", "ln", "-s", str(shared_dir / "root-only"), str(alices / "d")],
+                   check=True)
+    retried = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".RetryJob", job_id)
+    assert _error_name(retried) == ACCESS_DENIED, retried.stderr
+    assert "not readable by uid" in retried.stderr, retried.stderr
+    assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
+    # Made readable, the same retry goes through.
+    (shared_dir / "root-only" / "disk.img").chmod(0o644)
+    retried = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".RetryJob", job_id)
+    assert retried.returncode == 0, retried.stderr
+    deadline = time.monotonic() + 60
+    while (state := _job_property(stack, job_path, "State")) not in ("(<'completed'>,)", "(<'failed'>,)"):
+        assert time.monotonic() < deadline, f"the retried job did not end: {state}"
+        time.sleep(0.2)
+    # It ran: the worker read the file (random bytes, so no disk image), which the first check never let it.
+    assert "INVALID_IMAGE" in _job_property(stack, job_path, "Error")
+
+
 @pytest.fixture
 def carols_corner(stack, users) -> Iterator[tuple[Path, Path]]:
     """A private directory of carol's (0700) with her image, and an output directory only she may write."""

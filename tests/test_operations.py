@@ -43,15 +43,19 @@ class Run:
 
 def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
                on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1,
-               wrapper: list[str] | None = None, owner: dict[str, int] | None = None) -> Run:
+               wrapper: list[str] | None = None, owner: dict[str, int] | None = None,
+               source_identity: str | None = None) -> Run:
     """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS.
-    wrapper: a command the worker runs under (strace ...); owner: the submitter's {"uid", "gid", "mode"}."""
+    wrapper: a command the worker runs under (strace ...); owner: the submitter's {"uid", "gid", "mode"};
+    source_identity: as h2kd's checks recorded it (None: that of the source now, as checked at submission)."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = work / "spec.json", work / "result.json"
     spec = {"job_id": "job1", **spec}
     spec_path.write_text(json.dumps({"job_id": spec["job_id"], "attempt": attempt, "spec": spec,
                                      "output_roots": [str(r) for r in roots],
-                                     **({"owner": owner} if owner else {})}))
+                                     **({"owner": owner} if owner else {}),
+                                     "source_identity": _identity(spec) if source_identity is None
+                                     else source_identity}))
     sock_path = work / "notify.sock"
     if sock_path.exists():
         sock_path.unlink()
@@ -85,6 +89,14 @@ def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[st
     parse_result(result)     # the result must satisfy the contract's model
     return Run(proc.returncode, result, [m[7:] for m in messages if m.startswith("STATUS=")],
                "READY=1" in messages, "".join(output))
+
+
+def _identity(spec: dict[str, Any]) -> str:
+    try:
+        st = os.lstat(spec["image"]["path"])
+    except (KeyError, OSError):
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def compare(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
@@ -516,3 +528,12 @@ def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
     assert run.returncode == 2, run.log
     assert run.result["error"]["code"] == "INVALID_IMAGE"
     assert run.result["outputs"]["check"]["status"] in ("corrupt", "failed")
+
+
+def test_a_source_never_checked_for_its_submitter_is_not_read(lib: Path, tmp_path: Path, out: Path) -> None:
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out],
+                     owner={"uid": 64101, "gid": 64101, "mode": 0o640}, source_identity="")
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert "was not checked for its submitter" in run.result["error"]["message"]
+    assert leftovers(out) == []

@@ -180,11 +180,15 @@ def _validated_spec(raw: Any, checked: bool = False) -> dict[str, Any]:
     return spec
 
 
-def _ensure_same_source(path: str, identity: str) -> None:
-    """The file at `path` must be the one h2kd checked for the submitter (no swap since submission)."""
+def _ensure_same_source(path: str, identity: str, owner_uid: int) -> None:
+    """The file at `path` must be the one h2kd checked for the submitter (no swap since submission).
+    A job of a user other than root without a checked source is refused: nothing proves they may read it."""
     from h2kd.operations.qemuimg import OperationError
 
     if not identity:
+        if owner_uid:
+            raise OperationError("PERMISSION_DENIED", f"the source {path} was not checked for its submitter "
+                                 f"(uid {owner_uid}); it is not read", "start")
         return
     try:
         st = os.lstat(path)
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             _JOURNAL_FIELDS.update(H2K_JOB_ID=str(envelope.get("job_id", "")), H2K_ATTEMPT=str(result["attempt"]))
             spec = _validated_spec(envelope.get("spec"), envelope.get("spec_checked") is True)
             roots = [str(r) for r in envelope.get("output_roots") or []]
-            _ensure_same_source(spec["image"]["path"], envelope.get("source_identity") or "")
+            _ensure_same_source(spec["image"]["path"], envelope.get("source_identity") or "",
+                                int((envelope.get("owner") or {}).get("uid") or 0))
             say(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
                   f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
