@@ -185,10 +185,30 @@ def _is_below(path: Path, roots: list[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
+def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[int]) -> None:
+    """An image repaired in place (offline_fix, `path` resolved, `seen` its status as checked) must be one
+    the caller could write itself: h2kd rewrites it as root. Raises NotAuthorized."""
+    if uid == 0:
+        return
+    code, device, inode = _as_caller(uid, gids, _try_open_for_writing, str(path))
+    if code:
+        raise NotAuthorized(f"permission denied: {path} is not writable by uid {uid}, and a repair changes it")
+    if (device, inode) != (seen.st_dev, seen.st_ino):
+        raise NotAuthorized(f"refusing {path}: it was replaced while being checked")
+
+
 def _try_open_for_reading(path: str) -> tuple[int, ...]:
+    return _try_open(path, os.O_RDONLY)
+
+
+def _try_open_for_writing(path: str) -> tuple[int, ...]:
+    return _try_open(path, os.O_WRONLY)    # no O_TRUNC: the file is left as it is
+
+
+def _try_open(path: str, mode: int) -> tuple[int, ...]:
     try:
         # O_NONBLOCK: should the file have been swapped for a FIFO, do not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = os.open(path, mode | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
         return (e.errno or errno.EIO, 0, 0)
     try:

@@ -28,10 +28,12 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH
-from h2kd.access import caller_groups, check_output_allowed, check_source_fd, check_source_readable
+from h2kd.access import (caller_groups, check_image_writable, check_output_allowed, check_source_fd,
+                         check_source_readable)
 from h2kd.bus.auth import (
     ACTION_CANCEL,
     ACTION_CANCEL_OTHER_USER,
+    ACTION_FIX_GUEST,
     ACTION_MANAGE,
     ACTION_REGISTER_WORKER,
     ACTION_SUBMIT,
@@ -45,7 +47,8 @@ MANAGER_IFACE = BUS_NAME + ".Manager"
 JOB_IFACE = BUS_NAME + ".Job"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
-ALL_ACTIONS = (ACTION_SUBMIT, ACTION_CANCEL, ACTION_CANCEL_OTHER_USER, ACTION_MANAGE, ACTION_REGISTER_WORKER)
+ALL_ACTIONS = (ACTION_SUBMIT, ACTION_CANCEL, ACTION_CANCEL_OTHER_USER, ACTION_MANAGE, ACTION_REGISTER_WORKER,
+               ACTION_FIX_GUEST)
 
 
 # ---- users, directories, processes -------------------------------------------------------------
@@ -486,6 +489,28 @@ def test_member_cannot_submit_an_image_they_cannot_read(stack, users, shared_dir
 
 
 @pytest.mark.stack
+def test_repairing_a_guest_needs_an_administrator_even_for_the_group(stack, users, readable_image, submitted):
+    """A guest repair runs the guest's own programs as root, so it is not part of what group h2k may do:
+    offline_fix, and convert with offline_fix (in any spelling validation would take for true)."""
+    fix = f"{{'operation': <'offline_fix'>, 'image': <{{'path': <'{readable_image}'>}}>}}"
+    convert_and_fix = (f"{{'operation': <'convert'>, 'image': <{{'path': <'{readable_image}'>}}>, "
+                       "'parameters': <{'offline_fix': <'yes'>}>}")
+    for spec in (fix, convert_and_fix):
+        for interactive, expected in ((False, INTERACTIVE_REQUIRED), (True, ACCESS_DENIED)):
+            job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+            submitted.append(job_id)
+            with_id = spec.replace("{'operation'", f"{{'job_id': <'{job_id}'>, 'operation'", 1)
+            result = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".SubmitJob", with_id, HOLD,
+                            interactive=interactive)
+            assert _error_name(result) == expected, result.stderr
+            assert "repair a guest operating system" in result.stderr or interactive is False, result.stderr
+            assert _job_path(stack, job_id) is None
+    # The same convert without the repair is hers to submit.
+    job_id, result = _submit(stack, submitted, ALICE, readable_image)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.stack
 def test_a_retry_checks_the_submitters_rights_again(stack, users, shared_dir, submitted):
     """A job that failed its checks (its directory did not exist yet) is not a way around them: after the
     directory is made a symlink to root's files, RetryJob is refused and the job stays failed."""
@@ -756,6 +781,21 @@ def test_overwrite_replaces_only_the_callers_own_regular_file(users, shared_dir)
     with pytest.raises(AlreadyExists, match="not a regular file"):
         check_output_allowed(str(roots[0] / "link.qcow2"), alice.pw_uid, gids, roots, overwrite=True)
     assert check_output_allowed(str(bobs), 0, [], roots, overwrite=True) == bobs   # root replaces anything
+
+
+def test_an_image_repaired_in_place_must_be_writable_by_the_caller(users, shared_dir):
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    hers = _image(shared_dir / "hers.img", 0o600, alice)
+    readable = _image(shared_dir / "readable.img", 0o644)
+    content = readable.read_bytes()
+    for image in (hers, readable):
+        check_source_readable(str(image), alice.pw_uid, gids, ["/"])
+    check_image_writable(hers, os.stat(hers), alice.pw_uid, gids)
+    with pytest.raises(NotAuthorized, match="not writable by uid"):
+        check_image_writable(readable, os.stat(readable), alice.pw_uid, gids)
+    assert readable.read_bytes() == content   # root's check itself changes nothing
+    check_image_writable(readable, os.stat(readable), 0, [])
 
 
 def test_source_descriptors_must_be_readable_regular_files(shared_dir):

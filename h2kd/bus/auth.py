@@ -26,6 +26,7 @@ ACTION_CANCEL = "org.hyper2kvm.h2kd1.cancel"
 ACTION_CANCEL_OTHER_USER = "org.hyper2kvm.h2kd1.cancel-other-user"
 ACTION_MANAGE = "org.hyper2kvm.h2kd1.manage"
 ACTION_REGISTER_WORKER = "org.hyper2kvm.h2kd1.register-worker"
+ACTION_FIX_GUEST = "org.hyper2kvm.h2kd1.fix-guest"
 
 # What the caller was trying to do, as the end of "Not authorized to ...".
 _ACTION_WORDS = {
@@ -34,6 +35,7 @@ _ACTION_WORDS = {
     ACTION_CANCEL_OTHER_USER: "cancel, retry or start another user's job",
     ACTION_MANAGE: "manage the conversion queue",
     ACTION_REGISTER_WORKER: "register a worker",
+    ACTION_FIX_GUEST: "repair a guest operating system (its own programs run as root)",
 }
 
 _DBUS = "org.freedesktop.DBus"

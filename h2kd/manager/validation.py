@@ -1,17 +1,18 @@
 """Host-level checks of a job before it is queued: its source and output exist, are allowed, and fit the caller.
 
-A refusal of the caller (it may not read the source or write the output) raises NotAuthorized, so
-nothing is stored; any other problem (a missing file, an output that exists) is returned as a
-sentence and the job ends failed with VALIDATION_FAILED. The source's identity (device and inode)
-is recorded on the job so that the worker converts exactly the file that was checked.
+A refusal of the caller (it may not read the source, write the output, or write an image repaired in
+place) raises NotAuthorized, so nothing is stored; any other problem (a missing file, an output that
+exists) is returned as a sentence and the job ends failed with VALIDATION_FAILED. The source's identity
+(device and inode) is recorded on the job so that the worker converts exactly the file that was checked.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
-from h2kd.access import caller_groups, check_output_allowed, check_source_readable
+from h2kd.access import caller_groups, check_image_writable, check_output_allowed, check_source_readable
 from h2kd.config import Config
 from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 from h2kd.model.job import Job
@@ -32,9 +33,11 @@ class HostChecks:
                 source_proof = self._proved_before(job)
             if source_proof is not None:
                 self._check_proof(job.source, source_proof)
-                seen = source_proof
+                resolved, seen = Path(job.source), source_proof
             else:
-                _, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
+                resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
+            if job.operation == "offline_fix":
+                check_image_writable(resolved, seen, job.owner, gids)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
                 overwrite = bool((job.spec.get("artifacts") or {}).get("overwrite"))

@@ -28,6 +28,7 @@ from h2kd.config import Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
 from h2kd.model.job import Job
+from h2kd.model.spec import fixes_guest
 from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
 from h2kd.runner import bytecode
 from h2kd.runner import unit as units
@@ -258,7 +259,7 @@ class SystemdRunner:
             result_path=result_path, output_path=job.output, source_path=job.source,
             timeout_seconds=int(policy.get("timeout_seconds") or units.DEFAULT_TIMEOUT_SECONDS),
             notify_socket_dir=self._notify_socket_dir,
-            fixes_guest=job.operation == "offline_fix" or bool((job.spec.get("parameters") or {}).get("offline_fix")))
+            fixes_guest=fixes_guest(job.spec))
         if not self._slice_ready:
             await self._ensure_slice()
         followed = self._follow(unit, job.id, attempt)
