@@ -185,6 +185,19 @@ def _is_below(path: Path, roots: list[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
+def check_file_readable(path: str, device: int, inode: int, uid: int, gids: list[int]) -> None:
+    """A file that root found at `path` (device, inode) must be one the caller could read as well, at the same
+    path: for the files an image refers to (backing files, extents), which the caller never named. Raises
+    NotAuthorized."""
+    if uid == 0:
+        return
+    code, seen_device, seen_inode = _as_caller(uid, gids, _try_open_for_reading, path)
+    if code:
+        raise NotAuthorized(f"{path} is not readable by uid {uid}: {os.strerror(code)}")
+    if (seen_device, seen_inode) != (device, inode):
+        raise NotAuthorized(f"refusing {path}: it was replaced while being checked")
+
+
 def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[int]) -> None:
     """An image repaired in place (offline_fix, `path` resolved, `seen` its status as checked) must be one
     the caller could write itself: h2kd rewrites it as root. Raises NotAuthorized."""

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -537,3 +538,44 @@ def test_a_source_never_checked_for_its_submitter_is_not_read(lib: Path, tmp_pat
     assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
     assert "was not checked for its submitter" in run.result["error"]["message"]
     assert leftovers(out) == []
+
+
+def test_files_an_image_refers_to_must_be_readable_by_its_submitter(lib: Path, out: Path, tmp_path: Path) -> None:
+    """h2kd checked only the file the submitter named; a backing file next to it that they may not read
+    (someone else's private disk in a shared directory) is refused, not copied into their output."""
+    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    shared = Path(tempfile.mkdtemp(prefix="h2kt-shared-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        base = images.make_image("qcow2", None, shared / "bobs-base.qcow2", raw=lib / "data.raw")
+        os.chown(base, bob, bob)
+        base.chmod(0o600)
+        top = shared / "alices-top.qcow2"
+        images.qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.name, str(top))
+        os.chown(top, alice["uid"], alice["gid"])
+        run = run_worker(tmp_path / "w1", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
+        assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+        assert "may not read" in run.result["error"]["message"] and "bobs-base.qcow2" in run.result["error"]["message"]
+        assert leftovers(out) == []
+        base.chmod(0o644)     # now bob shares it: the same job converts
+        run = run_worker(tmp_path / "w2", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
+        assert run.returncode == 0, run.log
+        assert compare(lib / "data.raw", "raw", out / "o.qcow2", "qcow2")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_offline_fix_refuses_a_qcow2_that_leads_to_other_files(out: Path, tmp_path: Path) -> None:
+    """A repaired qcow2 is packed back flat: a backing file named through json: would be copied into it."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"secret!!" * 4096)
+    image = out / "guest.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                    'json:{"driver":"raw","offset":0,"size":4096,"file":{"driver":"file","filename":"%s"}}' % secret,
+                    str(image), "1M")
+    before = image.read_bytes()
+    run = run_worker(tmp_path / "w", {"operation": "offline_fix", "image": {"path": str(image), "format": "qcow2"}},
+                     [out])
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert "not a plain file name" in run.result["error"]["message"]
+    assert image.read_bytes() == before and leftovers(out) == ["guest.qcow2"]

@@ -241,9 +241,9 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     durable = bool(parameters.get("sync", True))
-    progress("inspect", 0, 0, "reading the source")
-    source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"))
     owner_uid = owner["uid"] if owner else None
+    progress("inspect", 0, 0, "reading the source")
+    source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"), reader_uid=owner_uid)
     overwrite = bool(artifacts.get("overwrite"))
     destinations, base = plan_outputs(source, artifacts.get("output_path"), spec.get("job_id") or "job",
                                       output_roots, options.output_format, overwrite, owner_uid)

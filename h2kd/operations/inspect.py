@@ -527,8 +527,11 @@ class Source:
 
 
 def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,
-                check_disks: bool = True) -> Source:
-    """Open and identify a source and its disks (no hashing yet: see verify())."""
+                check_disks: bool = True, reader_uid: int | None = None) -> Source:
+    """Open and identify a source and its disks (no hashing yet: see verify()).
+
+    reader_uid: the submitter, when not root. h2kd checked that they may read the file they named; every
+    other file it leads to (backing files, extents, the disks of an OVF or VMX) must be theirs to read too."""
     path = os.path.abspath(path)
     fd, identity = open_regular_file(path)
     try:
@@ -552,8 +555,26 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
             source = Source("disk", path, DRIVER_TO_NAME.get(kind, kind), [disk], None, identities)
     finally:
         os.close(fd)
+    if reader_uid:
+        check_readable_by(identities[1:], reader_uid)
     source.checksum = checksum
     return source
+
+
+def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
+    """Each of these files must be one `uid` (not root) could read itself; OperationError otherwise."""
+    if not identities:
+        return
+    from h2kd.access import caller_groups, check_file_readable   # only sources that refer to other files
+    from h2kd.errors import H2kError
+
+    gids = caller_groups(uid)
+    for ident in identities:
+        try:
+            check_file_readable(ident.path, ident.device, ident.inode, uid, gids)
+        except H2kError as e:
+            raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: "
+                                 f"{e}") from None
 
 
 def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
@@ -749,11 +770,11 @@ def report(source: Source, verification: dict[str, Any] | None, sizes: list[dict
     }
 
 
-def run_inspect(spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-    """The inspect operation: outputs {"report": ...}."""
+def run_inspect(spec: dict[str, Any], progress: ProgressFn, reader_uid: int | None = None) -> dict[str, Any]:
+    """The inspect operation: outputs {"report": ...}. reader_uid: see load_source()."""
     image = spec["image"]
     progress("inspect", 0, 0, "reading the source")
-    source = load_source(image["path"], image.get("format"), image.get("checksum"))
+    source = load_source(image["path"], image.get("format"), image.get("checksum"), reader_uid=reader_uid)
     total = source.verify_bytes()
     verification = verify(source, lambda done: progress("verify", done, total, "checking sums"))
     sizes = [required_sizes(d) for d in source.disks]

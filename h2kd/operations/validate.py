@@ -15,8 +15,13 @@ from h2kd.operations import inspect, qemuimg
 from h2kd.operations.qemuimg import OperationError
 
 
-def _single_disk(path: str, declared: str | None, what: str) -> inspect.Disk:
-    source = inspect.load_source(path, declared, check_disks=False)
+def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | None = None,
+                 named_by_spec_only: bool = False) -> inspect.Disk:
+    """named_by_spec_only: h2kd did not record this file's identity at submission (compare_with), so the
+    submitter's right to read it is checked here too, not only that of the files it refers to."""
+    source = inspect.load_source(path, declared, check_disks=False, reader_uid=reader_uid)
+    if reader_uid and named_by_spec_only:
+        inspect.check_readable_by(source.identities[:1], reader_uid)
     if len(source.disks) != 1:
         raise OperationError("UNSUPPORTED", f"{what} {path} holds {len(source.disks)} disks; validate takes one disk",
                              "validate")
@@ -28,10 +33,11 @@ def _with_outputs(error: OperationError, outputs: dict[str, Any]) -> OperationEr
     return error
 
 
-def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn) -> dict[str, Any]:
+def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid: int | None = None) -> dict[str, Any]:
+    """The validate operation. reader_uid: the submitter, when not root (see inspect.load_source)."""
     image, parameters = spec["image"], spec.get("parameters") or {}
     progress("validate", 0, 0, "checking the image")
-    disk = _single_disk(image["path"], image.get("format"), "the image")
+    disk = _single_disk(image["path"], image.get("format"), "the image", reader_uid)
     result = qemuimg.check(disk.ref, force_share=True)
     outputs: dict[str, Any] = {"format": inspect.DRIVER_TO_NAME.get(disk.ref.format, disk.ref.format),
                                "virtual_size": disk.virtual_size, "check": result.as_dict(), "compare": None}
@@ -41,7 +47,7 @@ def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn) -> dict[str
     other_path = parameters.get("compare_with")
     if other_path:
         progress("compare", 0, 0, f"comparing with {other_path}")
-        other = _single_disk(other_path, None, "parameters.compare_with")
+        other = _single_disk(other_path, None, "parameters.compare_with", reader_uid, named_by_spec_only=True)
         comparison = qemuimg.compare(disk.ref, other.ref)
         outputs["compare"] = {"with": other_path, "identical": comparison.identical, "message": comparison.message}
         if not comparison.identical:

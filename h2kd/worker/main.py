@@ -207,9 +207,10 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
     from h2kd.operations.qemuimg import OperationError
 
     operation = spec["operation"]
+    reader_uid = (owner or {}).get("uid") or None
     if operation == "inspect":
         from h2kd.operations import inspect
-        return inspect.run_inspect(spec, progress)
+        return inspect.run_inspect(spec, progress, reader_uid)
     if operation == "convert":
         from h2kd.operations import convert
         repair = None
@@ -220,10 +221,10 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
     if operation == "offline_fix":
         from h2kd.operations import offline_fix
-        return offline_fix.run_offline_fix_job(spec, output_roots, progress)
+        return offline_fix.run_offline_fix_job(spec, output_roots, progress, reader_uid)
     if operation == "validate":
         from h2kd.operations import validate
-        return validate.run_validate(spec, progress)
+        return validate.run_validate(spec, progress, reader_uid)
     raise OperationError("UNSUPPORTED", f"this worker does not run {operation!r} jobs", "start")
 
 

@@ -24,7 +24,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
-from h2kd.operations import qemuimg
+from h2kd.operations import inspect, qemuimg
 from h2kd.operations.offline_fix import bootloader, detect, fstab, initramfs, network, vmtools
 from h2kd.operations.offline_fix.devices import attached_disk
 from h2kd.operations.offline_fix.mounts import GuestMounts
@@ -126,8 +126,10 @@ def _temp_next_to(path: str, suffix: str) -> str:
 
 
 def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
-                    cancelled: Callable[[], bool] = lambda: False, image_format: str | None = None) -> dict[str, Any]:
-    """Fix the Linux guest on a raw or qcow2 image (see the module docstring)."""
+                    cancelled: Callable[[], bool] = lambda: False, image_format: str | None = None,
+                    reader_uid: int | None = None) -> dict[str, Any]:
+    """Fix the Linux guest on a raw or qcow2 image (see the module docstring). reader_uid: the submitter,
+    when not root (see inspect.load_source)."""
     image_path = os.path.abspath(image_path)
     if not os.path.isfile(image_path):
         raise OperationError("INVALID_IMAGE", f"{image_path} is not a file", "offline_fix")
@@ -139,6 +141,9 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     if fmt != "qcow2":
         raise OperationError("UNSUPPORTED", f"offline_fix works on raw and qcow2 images, not {fmt}; convert the "
                              "image first (or run convert with offline_fix)", "offline_fix")
+    # A qcow2 is unpacked with everything it refers to (backing files) and packed back flat: those files
+    # are vetted as a conversion's source would be, or a repair could copy any file into the image.
+    inspect.load_source(image_path, "qcow2", check_disks=False, reader_uid=reader_uid)
     temps: list[str] = []
     try:
         raw = _temp_next_to(image_path, ".raw")
@@ -185,7 +190,8 @@ def _under_roots(path: str, roots: list[str]) -> bool:
     return any(real.startswith(os.path.realpath(r).rstrip("/") + "/") for r in roots)
 
 
-def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter: Callable[..., None]) -> dict[str, Any]:
+def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter: Callable[..., None],
+                        reader_uid: int | None = None) -> dict[str, Any]:
     """The offline_fix operation of a job spec. The image is changed in place, so (like any output) it must
     be under one of the output roots."""
     image = spec["image"]
@@ -196,7 +202,8 @@ def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter:
                              f"one of the output roots ({', '.join(output_roots) or 'none configured'}); a dry run "
                              "may read any image", "offline_fix")
     size = os.path.getsize(path) if os.path.exists(path) else 0
-    return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"))
+    return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"),
+                           reader_uid=reader_uid)
 
 
 def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[str, Progress], dict[str, Any]]:
