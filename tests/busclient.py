@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import select
+import subprocess
 import time
 from typing import Any, Awaitable
 
@@ -14,7 +17,7 @@ from bench.client import Client as BenchClient
 from h2kd.bus.variants import to_vardict
 
 __all__ = ["ERR", "JOB", "MANAGER", "OBJECT_MANAGER", "PROPERTIES", "WORKER", "CallFailed", "Client", "new_id",
-           "run", "spec", "wait_for"]
+           "read_until", "run", "spec", "wait_for"]
 
 
 class Client(BenchClient):
@@ -75,3 +78,20 @@ async def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> str:
+    """What a client program (h2kctl watch, dbus-monitor) writes, read until it has written `text`: that is how
+    a test knows the program has subscribed, under any load, rather than by sleeping a while. Read from the
+    pipe itself, bypassing the file object's buffer, so communicate() afterwards gets the rest."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    data = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in data:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {text!r} within {timeout} s; so far: {data.decode(errors='replace')}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the program ended before writing {text!r}; it wrote: {data.decode(errors='replace')}"
+        data += chunk
+    return data.decode(errors="replace")

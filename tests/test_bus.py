@@ -15,8 +15,8 @@ from dbus_fast import Message, Variant
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kd.bus.connection import connect_bus
 
-from busclient import (ERR, JOB, MANAGER, OBJECT_MANAGER, PROPERTIES, WORKER, Client, new_id, run,
-                       spec, wait_for)
+from busclient import (ERR, JOB, MANAGER, OBJECT_MANAGER, PROPERTIES, WORKER, Client, new_id, read_until,
+                       run, spec, wait_for)
 
 
 # ---------------------------------------------------------------- foreign clients
@@ -196,15 +196,16 @@ def test_object_manager_signals_seen_by_dbus_monitor(stack, stack_env, paused):
     monitor = subprocess.Popen(["dbus-monitor", "--system", f"type='signal',sender='{BUS_NAME}'"],
                                env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(0.5)
+        seen = read_until(monitor, "member=NameLost")     # it has become a monitor
         job_id = new_id("mon")
         _, path = busctl_submit(stack_env, job_id)
         busctl_manager(stack_env, "CancelJob", "s", job_id)
         busctl_manager(stack_env, "RemoveJob", "s", job_id)
-        time.sleep(0.5)
+        seen += read_until(monitor, "member=InterfacesRemoved")
     finally:
         monitor.terminate()
         output, _ = monitor.communicate(timeout=10)
+    output = seen + output
     headers = [line for line in output.splitlines() if line.startswith("signal ")]
     om = [h for h in headers if f"interface={OBJECT_MANAGER};" in h]
     assert any("member=InterfacesAdded" in h for h in om) and any("member=InterfacesRemoved" in h for h in om)

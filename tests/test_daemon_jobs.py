@@ -737,8 +737,9 @@ def test_retryable_failure_is_retried_with_growing_backoff(tuned: Any, small_fs:
     for when, _ in retrying:
         requeued = next(t for t, state, _ in states if state == "queued" and t > when)
         waits.append((requeued - when) / 1e6)
+    # The second wait is at least twice the base: the backoff grew. (Not compared with the first, which a
+    # loaded machine can lengthen at random.)
     assert waits[0] >= BACKOFF_BASE * 0.9 and waits[1] >= 2 * BACKOFF_BASE * 0.9, waits
-    assert waits[1] > waits[0] * 1.5, f"the backoff did not grow: {waits}"
     assert metric(after, "h2kd_job_retries_total", error_type="NO_SPACE") == \
         metric(before, "h2kd_job_retries_total", error_type="NO_SPACE") + 2
     assert metric(after, "hyper2kvm_migration_failures_total", error_type="NO_SPACE") == \

@@ -26,7 +26,7 @@ from typing import Iterator
 import pytest
 from dbus_fast import Variant
 
-from busclient import WORKER, Client, run
+from busclient import WORKER, Client, read_until, run
 from runas import USERNS_STAGING, as_user
 
 from h2kctl.cli import build_parser
@@ -470,9 +470,10 @@ def test_cancelled_job_exits_4_for_whoever_waits(env, images, output_dir, paused
     watcher = subprocess.Popen([H2KCTL, "watch", job_id], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1)
+        seen = read_until(watcher, f"Job {job_id}: queued")
         ok(h2kctl(env, "cancel", job_id))
         out, err = watcher.communicate(timeout=30)
+        out = seen + out
     finally:
         if watcher.poll() is None:
             watcher.kill()
@@ -545,16 +546,17 @@ def test_ctrl_c_detaches_without_cancelling(env, images, output_dir):
 
 
 def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
-    """`h2kctl watch` running while action() runs, stopped with Ctrl-C 1.5 s after; its (stdout, stderr)
-    once it has exited 0."""
+    """`h2kctl watch` running while action() runs (from when it says it watches), stopped with Ctrl-C 1.5 s
+    after; its (stdout, stderr) once it has exited 0."""
     watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        time.sleep(1.5)
+        seen = read_until(watcher, "Watching all jobs")
         action()
         time.sleep(1.5)
         watcher.send_signal(signal.SIGINT)
         out, err = watcher.communicate(timeout=30)
+        out = seen + out
     finally:
         if watcher.poll() is None:
             watcher.kill()

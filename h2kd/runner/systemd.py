@@ -505,19 +505,26 @@ class SystemdRunner:
                 f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}", "SYSLOG_IDENTIFIER=h2k-worker"]
         if followed.control_group:
             argv += ["+", f"_SYSTEMD_CGROUP={followed.control_group}"]
+        lines: list[str] = []
         async with self._journal_reads:
-            for delay in (0.0, 0.2):   # the unit's last stdout lines may reach journald just after it ends
+            # The unit's last lines may reach journald after it ends, the later the busier the machine: read
+            # again while the worker's closing line ("h2k-worker: failed: ..." and the like) is missing.
+            for delay in (0.0, 0.2, 0.5, 1.0):
                 await asyncio.sleep(delay)
                 try:
                     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                                 stderr=asyncio.subprocess.DEVNULL)
                     out, _ = await asyncio.wait_for(proc.communicate(), 10)
                 except (OSError, asyncio.TimeoutError):
-                    return []
-                lines = out.decode(errors="replace").splitlines()
-                if lines:
-                    return lines[-LOG_TAIL_LINES:]
-        return []
+                    break
+                lines = out.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+                if any(line.startswith(_WORKER_CLOSING_LINES) for line in lines[-3:]):
+                    break
+        return lines
+
+
+# How the worker's last line begins (h2kd.worker.main): once it is in the journal, so is the rest.
+_WORKER_CLOSING_LINES = ("h2k-worker: failed: ", "h2k-worker: completed", "h2k-worker: cancelled")
 
 
 def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> tuple[str, int]:
