@@ -705,6 +705,29 @@ def test_log_tail_in_the_error_holds_only_the_units_own_lines(tuned: Any, tmp_pa
     assert [line for line in tail if line not in unit_lines] == [], "lines in the tail the unit never printed"
 
 
+def test_a_convert_without_an_output_path_writes_into_a_directory_of_its_own(tuned: Any, small_vmdk: Path,
+                                                                              lib: Path) -> None:
+    """The first output root gets a directory named after the job, with the outputs in it."""
+    stack = tuned
+    job_id = new_id("default-out")
+
+    async def scenario() -> dict[str, Any]:
+        client = await Client.connect(stack.bus_address)
+        _, path = await client.submit(job_spec(job_id, small_vmdk))
+        final = await wait_props(client, path, timeout=90)
+        client.close()
+        return final
+
+    final = run(scenario())
+    assert final["State"] == "completed", final["Error"]
+    [disk] = json.loads(final["Result"])["outputs"]["disks"]
+    try:
+        assert Path(disk["path"]).parent == stack.output_dir / job_id
+        compare(lib / "data2.raw", "raw", Path(disk["path"]), "qcow2")
+    finally:
+        shutil.rmtree(stack.output_dir / job_id, ignore_errors=True)
+
+
 def test_retryable_failure_is_retried_with_growing_backoff(tuned: Any, small_fs: Path, slow_source: Path) -> None:
     """NO_SPACE on every attempt (the output's file system is too small): attempts 1, 2 and 3, the waits
     between them 0.5 s then 1 s, and the job fails with the last attempt's error and log tail."""

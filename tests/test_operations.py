@@ -579,3 +579,29 @@ def test_offline_fix_refuses_a_qcow2_that_leads_to_other_files(out: Path, tmp_pa
     assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
     assert "not a plain file name" in run.result["error"]["message"]
     assert image.read_bytes() == before and leftovers(out) == ["guest.qcow2"]
+
+
+def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: Path, tmp_path: Path,
+                                                                           out: Path) -> None:
+    source = images.make_image("vmdk", "streamOptimized", tmp_path / "app.vmdk", raw=lib / "data.raw")
+    alice = {"uid": 64101, "gid": 64102, "mode": 0o640}
+    run = run_worker(tmp_path / "w1", {"job_id": "nightly-7", **convert_spec(source, None)}, [out], owner=alice)
+    assert run.returncode == 0, run.log
+    job_dir = out / "nightly-7"
+    [disk] = run.result["outputs"]["disks"]
+    assert Path(disk["path"]).parent == job_dir
+    assert (job_dir.stat().st_uid, job_dir.stat().st_gid) == (64101, 64102)
+    assert Path(disk["path"]).stat().st_uid == 64101
+    assert compare(lib / "data.raw", "raw", Path(disk["path"]), "qcow2")
+    # A directory of that name made by someone else (a shared root) is not taken over.
+    (out / "nightly-8").mkdir()
+    os.chown(out / "nightly-8", 64103, 64103)
+    run = run_worker(tmp_path / "w2", {"job_id": "nightly-8", **convert_spec(source, None)}, [out], owner=alice)
+    assert run.returncode == 2 and run.result["error"]["code"] == "OUTPUT_EXISTS", run.log
+    assert list((out / "nightly-8").iterdir()) == []
+    # A job that fails once its directory is made (here: the source's checksum is wrong) leaves none behind.
+    spec = {"job_id": "nightly-9", **convert_spec(source, None)}
+    spec["image"]["checksum"] = "sha256:" + "0" * 64
+    run = run_worker(tmp_path / "w3", spec, [out], owner=alice)
+    assert run.returncode == 2 and "does not match" in run.result["error"]["message"], run.log
+    assert not (out / "nightly-9").exists()

@@ -121,18 +121,18 @@ def _stem(source: inspect.Source) -> str:
 
 
 def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, roots: list[str],
-                 output_format: str, overwrite: bool, owner_uid: int | None = None) -> tuple[list[str], str]:
-    """Destination of each disk and the base name (for the domain XML); refuses anything unsafe."""
+                 output_format: str, overwrite: bool, owner: dict[str, int] | None = None) -> tuple[list[str], str]:
+    """Destination of each disk and the base name (for the domain XML); refuses anything unsafe.
+    Without an output path, the outputs go in a new directory named after the job in the first output root."""
     if not roots:
         raise OperationError("VALIDATION_FAILED", "no output roots are configured; outputs cannot be written")
     ext = EXTENSIONS[output_format]
     count = len(source.disks)
+    owner_uid = owner["uid"] if owner else None
     if output_path is None:
-        directory = os.path.join(roots[0], job_id)
         if not _under_roots(roots[0], roots):
             raise OperationError("PERMISSION_DENIED", f"the output root {roots[0]} is not usable")
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-        output_path = directory
+        output_path = _job_directory(os.path.join(roots[0], job_id), owner)
     if not os.path.isabs(output_path):
         raise OperationError("VALIDATION_FAILED", "artifacts.output_path must be an absolute path")
     if os.path.isdir(output_path) and not os.path.islink(output_path):
@@ -155,6 +155,22 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, r
         _check_destination(destination, overwrite, owner_uid)
     base_path = os.path.join(directory, re.sub(r"\.(qcow2|raw|img)$", "", os.path.basename(base)))
     return destinations, base_path
+
+
+def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
+    """The job's own output directory, made for the submitter. One that exists already is used only if it is
+    theirs (a retry), never one someone else made in a shared root to receive their outputs."""
+    try:
+        os.mkdir(directory, 0o750)
+    except FileExistsError:
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != (owner["uid"] if owner else 0):
+            raise OperationError("OUTPUT_EXISTS", f"{directory} exists and is not the job's own directory; "
+                                 "give artifacts.output_path") from None
+        return directory
+    if owner:
+        os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
+    return directory
 
 
 def _check_destination(destination: str, overwrite: bool, owner_uid: int | None = None) -> None:
@@ -237,7 +253,26 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     repair: fixes the guest on the first disk before it gets its name (see the module docstring). If it
     fails, its OperationError goes on with outputs {"disks": [], "domain_xml": None, "offline_fix": <its
     report, if any>}, and nothing is left in the output directory.
+    A failed job leaves no job directory behind either (see plan_outputs) unless an earlier attempt made it.
     """
+    artifacts = spec.get("artifacts") or {}
+    job_dir = (os.path.join(output_roots[0], spec.get("job_id") or "job")
+               if artifacts.get("output_path") is None and output_roots else None)
+    made_here = job_dir is not None and not os.path.lexists(job_dir)
+    try:
+        return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
+    except BaseException:
+        if made_here:
+            try:
+                os.rmdir(job_dir)       # empty by now: the outputs' temporary files are gone
+            except OSError:
+                pass
+        raise
+
+
+def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
+                 on_process: Callable[[Any], None] | None, owner: dict[str, int] | None, temp_record: str | None,
+                 repair: Repair | None) -> dict[str, Any]:
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     durable = bool(parameters.get("sync", True))
@@ -246,7 +281,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"), reader_uid=owner_uid)
     overwrite = bool(artifacts.get("overwrite"))
     destinations, base = plan_outputs(source, artifacts.get("output_path"), spec.get("job_id") or "job",
-                                      output_roots, options.output_format, overwrite, owner_uid)
+                                      output_roots, options.output_format, overwrite, owner)
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
         _check_destination(domain_path, overwrite, owner_uid)

@@ -92,10 +92,12 @@ def _under(path: Path, parent: Path) -> bool:
 def writable_output_dir(config: Config, output_path: str) -> Path | None:
     """The directory, resolved, that the worker must be able to write its output in: the output path itself
     if it is a directory, else the output's directory or, if that does not exist yet, its nearest existing
-    ancestor. None (nothing writable) unless it lies inside an output root: the path is the submitter's,
+    ancestor (for no output path, the first output root). None (nothing writable) unless it lies inside an output root: the path is the submitter's,
     and a symlink swapped in since submission must not open /etc to the unit."""
     if not output_path:
-        return None
+        # No path given: the worker makes the job a directory in the first output root (if it is there).
+        first = next(iter(config.output_roots), None)
+        return first.resolve() if first is not None and first.is_dir() else None
     path = Path(output_path)
     directory = path if path.is_dir() and not path.is_symlink() else path.parent
     while not directory.is_dir() and directory.parent != directory:
@@ -154,7 +156,7 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
     """
     command = [*worker_argv(config), "--spec", str(spec_path), "--result", str(result_path)]
     env = worker_environment(config)
-    output_dir = writable_output_dir(config, output_path)
+    output_dir = writable_output_dir(config, output_path) if operation == "convert" else None
     writable = [str(spec_path.parent)] + ([str(output_dir)] if output_dir else [])
     if operation == "offline_fix" and source_path and (image_dir := _writable_source_dir(config, source_path)):
         writable.append(str(image_dir))
