@@ -363,11 +363,16 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
                     'json:{"driver":"raw","offset":0,"size":4096,"file":{"driver":"file","filename":"%s"}}' % secret, str(json_backing), "1M")
     far_backing = src / "far-backing.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(far_backing), "1M")
+    file_protocol = src / "file-protocol.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", f"file:{secret}", str(file_protocol),
+                    "1M")
     data_file = src / "data-file.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(data_file),
                     "32K")
     return {
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
+                               "not a plain file name"),
+        "file: backing file": (convert_spec(file_protocol, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
         "backing file elsewhere": (convert_spec(far_backing, out / "o.raw", output_format="raw"),
                                    "PERMISSION_DENIED", "outside its directory"),
@@ -389,7 +394,7 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     }
 
 
-BAD_INPUTS = ["json: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 
@@ -605,3 +610,42 @@ def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: 
     run = run_worker(tmp_path / "w3", spec, [out], owner=alice)
     assert run.returncode == 2 and "does not match" in run.result["error"]["message"], run.log
     assert not (out / "nightly-9").exists()
+
+
+def test_a_source_rewritten_with_its_old_mtime_counts_as_changed(tmp_path: Path) -> None:
+    """The submitter owns their image: they can rewrite its header between the checks and the conversion
+    and set its mtime back, but not its ctime."""
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    image = tmp_path / "mine.qcow2"
+    image.write_bytes(b"A" * 4096)
+    before = image.stat()
+    seen = [inspect.FileIdentity.of(str(image), before)]
+    inspect.ensure_unchanged(seen)
+    time.sleep(0.01)
+    image.write_bytes(b"B" * 4096)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(OperationError, match="was modified or replaced"):
+        inspect.ensure_unchanged(seen)
+
+
+def test_the_commit_refuses_an_output_directory_swapped_for_a_symlink(tmp_path: Path) -> None:
+    """The outputs are renamed through the directory opened at commit time, which must be the one planned."""
+    from h2kd.operations.convert import _open_output_directory
+    from h2kd.operations.qemuimg import OperationError
+
+    planned, elsewhere = tmp_path / "alice" / "sub", tmp_path / "etc"
+    planned.mkdir(parents=True)
+    elsewhere.mkdir()
+    os.close(_open_output_directory(str(planned)))
+    planned.rmdir()
+    (tmp_path / "alice" / "sub").symlink_to(elsewhere)
+    with pytest.raises(OSError):          # the last component: O_NOFOLLOW
+        _open_output_directory(str(planned))
+    (tmp_path / "alice" / "sub").unlink()
+    (tmp_path / "alice").rename(tmp_path / "alice-moved")
+    (tmp_path / "alice").symlink_to(tmp_path / "alice-moved")
+    (tmp_path / "alice-moved" / "sub").mkdir()
+    with pytest.raises(OperationError, match="moved or replaced"):   # a component above it
+        _open_output_directory(str(planned))

@@ -1,7 +1,9 @@
 """Job commands reachable from both Manager and Job objects, each behind its polkit action.
 
 Cancelling, retrying or starting one's own job needs ...cancel; another user's job needs
-...cancel-other-user. The owner of a job is the uid that submitted it.
+...cancel-other-user. The owner of a job is the uid that submitted it. Retrying or starting a job that
+repairs a guest runs the guest's programs as root again, so it needs ...fix-guest as well, as its
+submission did.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from h2kd.bus.base import Authorizer
+from h2kd.model.spec import fixes_guest
 
 
 class JobCommands:
@@ -16,20 +19,23 @@ class JobCommands:
         self._manager = manager
         self._auth = authorizer
 
-    async def _authorize_for(self, job_id: str) -> None:
+    async def _authorize_for(self, job_id: str, runs_it: bool = False) -> None:
         job = self._manager.get(job_id)           # NoSuchJob before asking polkit anything
         uid = await self._auth.caller_uid()
         action = "cancel" if uid == job.owner else "cancel-other-user"
-        await self._auth.check(action, {"job_id": job_id, "owner": str(job.owner)})
+        details = {"job_id": job_id, "owner": str(job.owner)}
+        await self._auth.check(action, details)
+        if runs_it and fixes_guest(job.spec):
+            await self._auth.check("fix-guest", details)
 
     async def cancel(self, job_id: str) -> None:
         await self._authorize_for(job_id)
         await self._manager.cancel(job_id)
 
     async def retry(self, job_id: str) -> None:
-        await self._authorize_for(job_id)
+        await self._authorize_for(job_id, runs_it=True)
         self._manager.retry(job_id)
 
     async def start(self, job_id: str) -> None:
-        await self._authorize_for(job_id)
+        await self._authorize_for(job_id, runs_it=True)
         self._manager.start_job(job_id)

@@ -375,7 +375,8 @@ class JobManager:
         if job.state not in (S.FAILED, S.CANCELLED):
             raise InvalidState(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
         # The files may have changed since the submission, or were never checked (it failed its checks):
-        # the submitter's rights are checked again. NotAuthorized goes to the caller; the job stays as it was.
+        # the submitter's rights are checked again, by path (a descriptor passed at submission proves
+        # nothing now). NotAuthorized goes to the caller; the job stays as it was.
         problem = self._host_validator(job, None) if self._host_validator else None
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be retried: {problem}")

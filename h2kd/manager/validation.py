@@ -27,16 +27,12 @@ class HostChecks:
     def __call__(self, job: Job, source_proof: os.stat_result | None = None) -> str | None:
         gids = caller_groups(job.owner) if job.owner else []
         try:
-            if source_proof is None and job.source_identity:
-                # Checked again (a retry): a source proved before, by a readable path or a file descriptor,
-                # stays proved while its path names that very file.
-                source_proof = self._proved_before(job)
             if source_proof is not None:
                 self._check_proof(job.source, source_proof)
                 resolved, seen = Path(job.source), source_proof
             else:
                 resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
-            if job.operation == "offline_fix":
+            if job.operation == "offline_fix" and not (job.spec.get("parameters") or {}).get("dry_run"):
                 check_image_writable(resolved, seen, job.owner, gids)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
@@ -50,14 +46,6 @@ class HostChecks:
         except H2kError as e:
             return str(e)
         return None
-
-    @staticmethod
-    def _proved_before(job: Job) -> os.stat_result | None:
-        try:
-            seen = os.lstat(job.source)
-        except OSError:
-            return None
-        return seen if f"{seen.st_dev}:{seen.st_ino}" == job.source_identity else None
 
     @staticmethod
     def _check_proof(path: str, proof: os.stat_result) -> None:

@@ -173,11 +173,13 @@ def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
     return directory
 
 
-def _check_destination(destination: str, overwrite: bool, owner_uid: int | None = None) -> None:
+def _check_destination(destination: str, overwrite: bool, owner_uid: int | None = None,
+                       dir_fd: int | None = None) -> None:
     """Nothing at `destination`, or (with overwrite) a regular file that the submitter (owner_uid; None: root)
-    owns: the worker replaces it as root, so whose it is must be checked here, not left to permissions."""
+    owns: the worker replaces it as root, so whose it is must be checked here, not left to permissions.
+    dir_fd: the destination's directory, opened; the name is then looked up in it."""
     try:
-        st = os.lstat(destination)
+        st = os.lstat(os.path.basename(destination), dir_fd=dir_fd) if dir_fd is not None else os.lstat(destination)
     except FileNotFoundError:
         return
     if not stat.S_ISREG(st.st_mode):
@@ -189,6 +191,21 @@ def _check_destination(destination: str, overwrite: bool, owner_uid: int | None 
     if owner_uid and st.st_uid != owner_uid:
         raise OperationError("PERMISSION_DENIED", f"the output {destination} belongs to uid {st.st_uid}, not to the "
                              f"submitter (uid {owner_uid}); it is not replaced")
+
+
+def _open_output_directory(directory: str) -> int:
+    """The output directory (a resolved path), opened once for the commit: its names are then used through
+    the descriptor, so a symlink swapped into the path since the plan cannot send a rename elsewhere."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        where = directory    # no /proc to tell: O_NOFOLLOW covered the last component at least
+    if where != directory:
+        os.close(fd)
+        raise OperationError("PERMISSION_DENIED", f"the output directory {directory} was moved or replaced during "
+                             "the job; nothing was written", "commit")
+    return fd
 
 
 # ---------------------------------------------------------------- the operation
@@ -511,38 +528,42 @@ def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | N
 
 def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool, durable: bool,
             owner_uid: int | None = None) -> None:
-    """Move every temporary file to its name, all or nothing (as far as the file system allows); if durable,
-    make the new names durable too (fsync of their directories)."""
-    committed: list[str] = []
+    """Move every temporary file to its name (next to it), all or nothing (as far as the file system allows);
+    if durable, make the new names durable too (fsync of their directories)."""
+    directories: dict[str, int] = {}
+    committed: list[tuple[int, str]] = []
     try:
         for temp, destination in pairs:
-            assert temp
+            assert temp and os.path.dirname(temp) == os.path.dirname(destination)
+            directory, name = os.path.split(destination)
+            if directory not in directories:
+                directories[directory] = _open_output_directory(directory)
+            fd, temp_name = directories[directory], os.path.basename(temp)
             if overwrite:
-                _check_destination(destination, True, owner_uid)
-                os.rename(temp, destination)
+                _check_destination(destination, True, owner_uid, dir_fd=fd)
+                os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)
             else:
                 try:
-                    os.link(temp, destination)      # fails if the name was taken meanwhile: never overwrites
+                    # Fails if the name was taken meanwhile: never overwrites.
+                    os.link(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
                 except FileExistsError:
                     raise OperationError("OUTPUT_EXISTS", f"the output {destination} appeared during the job; "
                                          "it was left alone", "commit") from None
-                os.unlink(temp)
+                os.unlink(temp_name, dir_fd=fd)
             temps.forget(temp)
-            committed.append(destination)
+            committed.append((fd, name))
+        if durable:
+            for fd in directories.values():
+                os.fsync(fd)
     except BaseException:
-        for destination in committed:
+        for fd, name in committed:
             try:
-                os.unlink(destination)
+                os.unlink(name, dir_fd=fd)
             except OSError:
                 pass
         raise
-    if not durable:
-        return
-    for directory in {os.path.dirname(d) for _, d in pairs}:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
+    finally:
+        for fd in directories.values():
             os.close(fd)
 
 

@@ -49,17 +49,20 @@ def _invalid(message: str, phase: str = "inspect") -> OperationError:
 # ---------------------------------------------------------------- opening files safely
 
 class FileIdentity(NamedTuple):
-    """What must not change while we read a file."""
+    """What must not change while we read a file. The ctime too: a file's owner can rewrite it and put its
+    mtime back (an image header naming another backing file, between the check and the conversion), but
+    cannot set the ctime."""
 
     path: str
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> FileIdentity:
-        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def open_regular_file(path: str, what: str = "the image") -> tuple[int, FileIdentity]:
@@ -252,8 +255,11 @@ def _inside(path: str, directory: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
 
 
-# "json:{...}", "nbd://...", "file:x": names qemu opens through a driver of the name's choosing, not as a plain file.
-_PROTOCOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+def _has_protocol(name: str) -> bool:
+    """Whether qemu reads `name` as "protocol:rest" (json:{...}, nbd://..., file:x, host_device:x) rather than
+    as a file name: its rule is a colon before the first slash."""
+    colon, slash = name.find(":"), name.find("/")
+    return colon >= 0 and (slash < 0 or colon < slash)
 
 
 def _refuse_external_data(chain: list[dict[str, Any]], label: str) -> None:
@@ -268,14 +274,21 @@ def _refuse_external_data(chain: list[dict[str, Any]], label: str) -> None:
 def _chain_files(chain: list[dict[str, Any]], label: str) -> list[str]:
     """Every file the images of a backing chain make qemu open: the images and their VMDK extents.
 
-    Refuses a name with a protocol prefix: a json: backing file, for one, can name any file on the host."""
+    Refuses a backing file named with a protocol prefix, as written in the image (a json: backing file,
+    for one, can name any file on the host), and any file qemu does not report by its absolute path: qemu
+    makes plain relative names absolute, so a relative one came through a protocol (file:x is opened
+    relative to the worker's directory, not the image's)."""
     files = []
     for element in chain:
+        written = element.get("backing-filename") or ""
+        if _has_protocol(written):
+            raise OperationError("PERMISSION_DENIED", f"{label} refers to {written[:200]!r}, which is not a plain "
+                                 "file name; such images are refused")
         files.append(element.get("filename", ""))
         for extent in ((element.get("format-specific") or {}).get("data") or {}).get("extents", []):
             files.append(extent.get("filename", ""))
     for name in files:
-        if _PROTOCOL_NAME.match(name):
+        if name and not os.path.isabs(name):
             raise OperationError("PERMISSION_DENIED", f"{label} refers to {name[:200]!r}, which is not a plain "
                                  "file name; such images are refused")
     return [f for f in files if f]
@@ -458,11 +471,12 @@ _MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-f
 def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
     """{file name: (algorithm, hex digest)} from an OVF manifest."""
     sums = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if m := _MANIFEST_LINE.match(line):
             sums[m.group(2)] = (m.group(1).lower(), m.group(3).lower())
         elif line.strip():
-            raise _invalid(f"the manifest has a line that is not a checksum: {line.strip()[:80]!r}")
+            # Not the line itself: the manifest is read (as root) before its reader's rights are checked.
+            raise _invalid(f"line {number} of the manifest is not a checksum")
     return sums
 
 
@@ -679,6 +693,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
         mf_path = path[:-4] + ".mf" if path.lower().endswith(".ovf") else path + ".mf"
         if os.path.lexists(mf_path):
             mf_fd, mf_ident = open_regular_file(mf_path, "the manifest")
+            identities.append(mf_ident)
             try:
                 manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
             finally:
@@ -692,6 +707,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                     continue
                 entry_fd, entry_ident = _open_or_missing(file_path, name)
                 os.close(entry_fd)
+                identities.append(entry_ident)
                 to_verify.append((name, file_path, 0, entry_ident.size))
     disks = []
     for index, entry in enumerate(vm["disks"], 1):

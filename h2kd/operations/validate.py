@@ -16,7 +16,7 @@ from h2kd.operations.qemuimg import OperationError
 
 
 def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | None = None,
-                 named_by_spec_only: bool = False) -> inspect.Disk:
+                 named_by_spec_only: bool = False) -> tuple[inspect.Disk, list[inspect.FileIdentity]]:
     """named_by_spec_only: h2kd did not record this file's identity at submission (compare_with), so the
     submitter's right to read it is checked here too, not only that of the files it refers to."""
     source = inspect.load_source(path, declared, check_disks=False, reader_uid=reader_uid)
@@ -25,7 +25,7 @@ def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | N
     if len(source.disks) != 1:
         raise OperationError("UNSUPPORTED", f"{what} {path} holds {len(source.disks)} disks; validate takes one disk",
                              "validate")
-    return source.disks[0]
+    return source.disks[0], source.identities
 
 
 def _with_outputs(error: OperationError, outputs: dict[str, Any]) -> OperationError:
@@ -37,8 +37,10 @@ def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid:
     """The validate operation. reader_uid: the submitter, when not root (see inspect.load_source)."""
     image, parameters = spec["image"], spec.get("parameters") or {}
     progress("validate", 0, 0, "checking the image")
-    disk = _single_disk(image["path"], image.get("format"), "the image", reader_uid)
+    disk, read = _single_disk(image["path"], image.get("format"), "the image", reader_uid)
     result = qemuimg.check(disk.ref, force_share=True)
+    # Nothing qemu-img says goes out before the files it read are known unchanged since they were vetted.
+    inspect.ensure_unchanged(read, "check")
     outputs: dict[str, Any] = {"format": inspect.DRIVER_TO_NAME.get(disk.ref.format, disk.ref.format),
                                "virtual_size": disk.virtual_size, "check": result.as_dict(), "compare": None}
     if result.status in ("corrupt", "failed"):
@@ -47,8 +49,10 @@ def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid:
     other_path = parameters.get("compare_with")
     if other_path:
         progress("compare", 0, 0, f"comparing with {other_path}")
-        other = _single_disk(other_path, None, "parameters.compare_with", reader_uid, named_by_spec_only=True)
+        other, other_read = _single_disk(other_path, None, "parameters.compare_with", reader_uid,
+                                         named_by_spec_only=True)
         comparison = qemuimg.compare(disk.ref, other.ref)
+        inspect.ensure_unchanged(read + other_read, "compare")
         outputs["compare"] = {"with": other_path, "identical": comparison.identical, "message": comparison.message}
         if not comparison.identical:
             raise _with_outputs(OperationError("VALIDATION_FAILED", f"{image['path']} and {other_path} differ in "

@@ -120,7 +120,12 @@ def _convert(source: ImageRef, destination: str, fmt: str, phase: str, progress:
 
 
 def _temp_next_to(path: str, suffix: str) -> str:
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    """A temporary file in the image's directory, or, where that is not writable (a dry run on an image
+    outside the output roots: its unit may not write there), in the working directory (the attempt's)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.access(directory, os.W_OK):
+        directory = os.getcwd()
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=directory)
     os.close(fd)
     return temp
 
@@ -143,12 +148,13 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                              "image first (or run convert with offline_fix)", "offline_fix")
     # A qcow2 is unpacked with everything it refers to (backing files) and packed back flat: those files
     # are vetted as a conversion's source would be, or a repair could copy any file into the image.
-    inspect.load_source(image_path, "qcow2", check_disks=False, reader_uid=reader_uid)
+    vetted = inspect.load_source(image_path, "qcow2", check_disks=False, reader_uid=reader_uid)
     temps: list[str] = []
     try:
         raw = _temp_next_to(image_path, ".raw")
         temps.append(raw)
         _convert(ImageRef(image_path, "qcow2"), raw, "raw", "unpack", progress)
+        inspect.ensure_unchanged(vetted.identities, "unpack")
         result = fix_raw_image(raw, params, progress, cancelled)
         if not params.get("dry_run") and result["changed_files"]:
             fixed = _temp_next_to(image_path, ".qcow2")
