@@ -40,6 +40,12 @@ def caller_groups(uid: int) -> list[int]:
     return list(dict.fromkeys([entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)]))
 
 
+def caller_credentials(uid: int) -> tuple[int, list[int]]:
+    """The gid and groups a process acting for `uid` gets: as caller_groups(), "nogroup" for none."""
+    groups = caller_groups(uid)
+    return (groups[0] if groups else _NO_GROUP), groups
+
+
 def output_owner(uid: int, group: str = "") -> tuple[int, int]:
     """Who an output made for `uid` belongs to: the caller, with `group` or else the caller's primary group."""
     if group:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -130,6 +130,19 @@ def out(tmp_path: Path) -> Path:
     o = tmp_path / "out"
     o.mkdir()
     return o
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory other users can reach, with out/ in it (pytest's tmp_path is root's alone): for jobs of a
+    submitter other than root, whose qemu-img runs with the submitter's rights."""
+    path = Path(tempfile.mkdtemp(prefix="h2kt-ops-", dir="/tmp"))
+    try:
+        path.chmod(0o755)
+        (path / "out").mkdir()
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def convert_spec(path: Path, output: Path | None, fmt: str | None = None, **parameters: Any) -> dict[str, Any]:
@@ -281,8 +294,9 @@ def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, 
     assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
 
 
-def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Path, out: Path) -> None:
-    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
+def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Path, shared: Path) -> None:
+    out = shared / "out"
+    source = images.make_image("qcow2", None, shared / "src.qcow2", raw=lib / "data.raw")
     alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
     (out / "bobs.qcow2").write_text("bob's disk")
     os.chown(out / "bobs.qcow2", bob, bob)
@@ -545,29 +559,51 @@ def test_a_source_never_checked_for_its_submitter_is_not_read(lib: Path, tmp_pat
     assert leftovers(out) == []
 
 
-def test_files_an_image_refers_to_must_be_readable_by_its_submitter(lib: Path, out: Path, tmp_path: Path) -> None:
+def test_files_an_image_refers_to_must_be_readable_by_its_submitter(lib: Path, tmp_path: Path,
+                                                                    shared: Path) -> None:
     """h2kd checked only the file the submitter named; a backing file next to it that they may not read
     (someone else's private disk in a shared directory) is refused, not copied into their output."""
     alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
-    shared = Path(tempfile.mkdtemp(prefix="h2kt-shared-", dir="/tmp"))
-    try:
-        shared.chmod(0o755)
-        base = images.make_image("qcow2", None, shared / "bobs-base.qcow2", raw=lib / "data.raw")
-        os.chown(base, bob, bob)
-        base.chmod(0o600)
-        top = shared / "alices-top.qcow2"
-        images.qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.name, str(top))
-        os.chown(top, alice["uid"], alice["gid"])
-        run = run_worker(tmp_path / "w1", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
-        assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
-        assert "may not read" in run.result["error"]["message"] and "bobs-base.qcow2" in run.result["error"]["message"]
-        assert leftovers(out) == []
-        base.chmod(0o644)     # now bob shares it: the same job converts
-        run = run_worker(tmp_path / "w2", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
-        assert run.returncode == 0, run.log
-        assert compare(lib / "data.raw", "raw", out / "o.qcow2", "qcow2")
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    out = shared / "out"
+    base = images.make_image("qcow2", None, shared / "bobs-base.qcow2", raw=lib / "data.raw")
+    os.chown(base, bob, bob)
+    base.chmod(0o600)
+    top = shared / "alices-top.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.name, str(top))
+    os.chown(top, alice["uid"], alice["gid"])
+    run = run_worker(tmp_path / "w1", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
+    assert run.returncode == 2 and run.result["error"]["code"] in ("PERMISSION_DENIED", "INVALID_IMAGE"), run.log
+    assert "bobs-base.qcow2" in run.result["error"]["message"]
+    assert leftovers(out) == []
+    base.chmod(0o644)     # now bob shares it: the same job converts
+    run = run_worker(tmp_path / "w2", convert_spec(top, out / "o.qcow2"), [out], owner=alice)
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "o.qcow2", "qcow2")
+    assert (out / "o.qcow2").stat().st_uid == alice["uid"]
+
+
+def test_qemu_img_reads_with_the_submitters_rights_so_its_messages_reveal_nothing(tmp_path: Path,
+                                                                                  shared: Path) -> None:
+    """An image whose backing file is a json: name reading a root-only file as a VDI would make qemu-img,
+    run as root, quote that file's bytes in its error ("bad signature ..."), before any check of the name."""
+    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    secret = shared / "secret.bin"
+    secret.write_bytes(b"TOPSECRETVALUE!!" * 64)
+    secret.chmod(0o600)
+    backing = ('json:{"driver":"vdi","file":{"driver":"raw","offset":0,"file":{"driver":"file","filename":"%s"}}}'
+               % secret)
+    image = shared / "probe.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "vdi", "-u", "-b", backing, str(image), "1M")
+    os.chown(image, alice["uid"], alice["gid"])
+    run = run_worker(tmp_path / "w", convert_spec(image, shared / "out" / "o.qcow2"), [shared / "out"], owner=alice)
+    assert run.returncode == 2, run.log
+    message = run.result["error"]["message"]
+    assert "Permission denied" in message or "not a plain file name" in message, message
+    # Neither the bytes nor their hex, in either byte order ("size is 0x4552434553504f54" from a VDI header).
+    secret_hex = b"TOPSECRE".hex()
+    assert "TOPSECRET" not in message and secret_hex[:8] not in message.lower(), message
+    assert bytes.fromhex(secret_hex)[::-1].hex()[:8] not in message.lower(), message
+    assert leftovers(shared / "out") == []
 
 
 def test_offline_fix_refuses_a_qcow2_that_leads_to_other_files(out: Path, tmp_path: Path) -> None:
@@ -587,8 +623,9 @@ def test_offline_fix_refuses_a_qcow2_that_leads_to_other_files(out: Path, tmp_pa
 
 
 def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: Path, tmp_path: Path,
-                                                                           out: Path) -> None:
-    source = images.make_image("vmdk", "streamOptimized", tmp_path / "app.vmdk", raw=lib / "data.raw")
+                                                                           shared: Path) -> None:
+    out = shared / "out"
+    source = images.make_image("vmdk", "streamOptimized", shared / "app.vmdk", raw=lib / "data.raw")
     alice = {"uid": 64101, "gid": 64102, "mode": 0o640}
     run = run_worker(tmp_path / "w1", {"job_id": "nightly-7", **convert_spec(source, None)}, [out], owner=alice)
     assert run.returncode == 0, run.log

@@ -193,6 +193,20 @@ def _check_destination(destination: str, overwrite: bool, owner_uid: int | None 
                              f"submitter (uid {owner_uid}); it is not replaced")
 
 
+def _hand_over(dir_fd: int, name: str, owner: dict[str, int]) -> None:
+    """Give a finished temporary file its owner and mode, through a descriptor: by name, a symlink the
+    submitter put in its place would take root's chmod to whatever it points at."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OperationError("PERMISSION_DENIED", f"the temporary output {name} was replaced during the job",
+                                 "commit")
+        os.fchown(fd, owner["uid"], owner["gid"])
+        os.fchmod(fd, owner.get("mode", 0o640))
+    finally:
+        os.close(fd)
+
+
 def _open_output_directory(directory: str) -> int:
     """The output directory (a resolved path), opened once for the commit: its names are then used through
     the descriptor, so a symlink swapped into the path since the plan cannot send a rename elsewhere."""
@@ -311,7 +325,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     sizes = [max(p.disk.virtual_size, 1) for p in plans]
     total = verify_total + sum(size * p.steps(options) for size, p in zip(sizes, plans))
     verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
-    temps = TempFiles(temp_record)
+    temps = TempFiles(temp_record, owner)
     outputs: list[dict[str, Any]] = []
     repair_report: dict[str, Any] | None = None
     try:
@@ -332,7 +346,9 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
-            with open(temp, "w", encoding="utf-8") as f:
+            # Not followed if the submitter, who may own the directory, swapped the name for a symlink.
+            with open(os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC), "w",
+                      encoding="utf-8") as f:
                 f.write(domain_xml(source, [p.destination for p in plans], options.output_format))
                 f.flush()
                 if durable:
@@ -340,11 +356,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             plans_to_commit = [(p.temp, p.destination) for p in plans] + [(temp, domain_path)]
         else:
             plans_to_commit = [(p.temp, p.destination) for p in plans]
-        if owner:
-            for temp, _ in plans_to_commit:
-                os.chown(temp, owner["uid"], owner["gid"], follow_symlinks=False)
-                os.chmod(temp, owner.get("mode", 0o640))
-        _commit(plans_to_commit, temps, overwrite, durable, owner_uid)
+        _commit(plans_to_commit, temps, overwrite, durable, owner)
     finally:
         temps.remove_all()
     progress("convert", total, total, "done")
@@ -527,9 +539,11 @@ def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | N
 
 
 def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bool, durable: bool,
-            owner_uid: int | None = None) -> None:
+            owner: dict[str, int] | None = None) -> None:
     """Move every temporary file to its name (next to it), all or nothing (as far as the file system allows);
-    if durable, make the new names durable too (fsync of their directories)."""
+    if durable, make the new names durable too (fsync of their directories). With owner {"uid", "gid",
+    "mode"}, each file gets that owner and mode before its name."""
+    owner_uid = owner["uid"] if owner else None
     directories: dict[str, int] = {}
     committed: list[tuple[int, str]] = []
     try:
@@ -539,6 +553,8 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             if directory not in directories:
                 directories[directory] = _open_output_directory(directory)
             fd, temp_name = directories[directory], os.path.basename(temp)
+            if owner:
+                _hand_over(fd, temp_name, owner)
             if overwrite:
                 _check_destination(destination, True, owner_uid, dir_fd=fd)
                 os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)

@@ -21,6 +21,20 @@ from typing import Any, Callable, NamedTuple
 
 QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
 
+# The credentials every qemu-img runs with (subprocess's user, group, extra_groups); empty: the worker's own.
+_CREDENTIALS: dict[str, Any] = {}
+
+
+def run_as(uid: int, gid: int, groups: list[int]) -> None:
+    """From now on, run qemu-img with this uid, gid and these groups (uid 0: as the worker, root).
+
+    The worker sets the submitter's: qemu-img follows what an image names (backing files, json: names)
+    and writes its output by path, so with root's rights a crafted image or a symlink swapped in by the
+    submitter could make it read or write any file. With theirs, it can reach only what they could."""
+    _CREDENTIALS.clear()
+    if uid:
+        _CREDENTIALS.update(user=uid, group=gid, extra_groups=groups)
+
 # The error codes of the result contract that an operation may raise (h2kd.model.result.ErrorCode).
 NOT_RETRYABLE = {"VALIDATION_FAILED", "INVALID_IMAGE", "PERMISSION_DENIED", "OUTPUT_EXISTS", "UNSUPPORTED"}
 
@@ -80,7 +94,7 @@ class ImageRef(NamedTuple):
 def _run(command: str, args: list[str], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run([QEMU_IMG, command, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     except subprocess.TimeoutExpired:
@@ -296,7 +310,7 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
     args = [QEMU_IMG, "convert", "-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=False)
+                                bufsize=0, start_new_session=False, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     stderr_chunks: list[bytes] = []

@@ -28,9 +28,12 @@ class TempFiles:
     line "-<path>". See remove_recorded().
     """
 
-    def __init__(self, record: str | None = None) -> None:
+    def __init__(self, record: str | None = None, owner: dict[str, int] | None = None) -> None:
+        """owner {"uid", "gid"}: whom the temporary files belong to from their creation (the submitter, whose
+        rights qemu-img writes them with)."""
         self.paths: list[str] = []
         self.record = record
+        self.owner = owner
 
     def _note(self, line: str) -> None:
         if not self.record:
@@ -57,7 +60,11 @@ class TempFiles:
                 except FileExistsError:
                     self._note("-" + path)
                     continue
-                os.close(fd)
+                try:
+                    if self.owner:
+                        os.fchown(fd, self.owner["uid"], self.owner["gid"])
+                finally:
+                    os.close(fd)
                 self.paths.append(path)
                 return path
         finally:

@@ -208,6 +208,12 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
 
     operation = spec["operation"]
     reader_uid = (owner or {}).get("uid") or None
+    if reader_uid and not (operation == "offline_fix" or spec["parameters"].get("offline_fix")):
+        # qemu-img gets the submitter's rights (a guest repair, which an administrator allowed, keeps root's:
+        # it attaches loop devices and mounts file systems).
+        from h2kd.access import caller_credentials
+        from h2kd.operations import qemuimg
+        qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
     if operation == "inspect":
         from h2kd.operations import inspect
         return inspect.run_inspect(spec, progress, reader_uid)

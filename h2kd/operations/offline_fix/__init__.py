@@ -165,7 +165,7 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.chmod(fixed, os.stat(image_path).st_mode & 0o7777)
+            os.chmod(fixed, os.stat(image_path).st_mode & 0o777)   # never a set-id bit, whoever set it
             os.replace(fixed, image_path)
             temps.remove(fixed)
         result["image"] = {"path": image_path, "format": "qcow2",
