@@ -825,3 +825,23 @@ def _closed_fd() -> int:
     fd = os.open("/dev/null", os.O_RDONLY)
     os.close(fd)
     return fd
+
+
+def test_a_descriptor_does_not_stand_in_for_a_path_the_caller_cannot_read(users, shared_dir):
+    """The worker's qemu-img reads the image by its path with the caller's rights: a descriptor of an image
+    the caller cannot reach by path is refused at submission, with the reason, not later in the worker."""
+    from h2kd.config import Config
+    from h2kd.manager.validation import HostChecks
+    from h2kd.model.job import Job
+
+    alice = users[ALICE]
+    (shared_dir / "locked").mkdir(mode=0o700)
+    image = _image(shared_dir / "locked" / "disk.img", 0o644)
+    checks = HostChecks(Config(output_roots=[shared_dir], source_roots=[Path("/")]))
+    job = Job(id="fd1", spec={"operation": "inspect", "image": {"path": str(image)}}, operation="inspect",
+              owner=alice.pw_uid)
+    with pytest.raises(NotAuthorized, match="not readable by uid"):
+        checks(job, source_proof=os.stat(image))
+    (shared_dir / "locked").chmod(0o755)
+    assert checks(job, source_proof=os.stat(image)) is None
+    assert job.source_identity == f"{image.stat().st_dev}:{image.stat().st_ino}"

@@ -686,3 +686,51 @@ def test_the_commit_refuses_an_output_directory_swapped_for_a_symlink(tmp_path: 
     (tmp_path / "alice-moved" / "sub").mkdir()
     with pytest.raises(OperationError, match="moved or replaced"):   # a component above it
         _open_output_directory(str(planned))
+
+
+def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> None:
+    """The submitter may own the output directory: a temporary output replaced by a symlink or a hard link
+    to another file is refused before root writes, chmods or chowns it."""
+    from h2kd.operations.qemuimg import OperationError
+    from h2kd.operations.tempfiles import TempFiles
+
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's")
+    out = tmp_path / "out"
+    out.mkdir()
+    temps = TempFiles(owner={"uid": 64101, "gid": 64101})
+    temp = temps.create(str(out / "disk.qcow2"))
+    assert os.stat(temp).st_uid == 64101                     # the submitter's from the start
+    os.close(temps.open_made(temp, os.O_WRONLY))
+    for swap in (lambda: os.symlink(victim, temp), lambda: os.link(victim, temp)):
+        os.unlink(temp)
+        swap()
+        with pytest.raises((OperationError, OSError)):
+            os.close(temps.open_made(temp, os.O_WRONLY))
+    assert victim.read_text() == "someone else's" and victim.stat().st_uid == 0
+
+
+def test_a_vmx_may_name_only_disks_its_submitter_could_read_in_its_own_directory(lib: Path, tmp_path: Path,
+                                                                                 shared: Path) -> None:
+    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    private = images.make_image("vmdk", "monolithicSparse", shared / "bobs.vmdk", raw=lib / "data2.raw")
+    os.chown(private, bob, bob)
+    private.chmod(0o600)
+    vmx = images.make_vmx(shared, ["bobs.vmdk"], name="alices")
+    os.chown(vmx, alice["uid"], alice["gid"])
+    run = run_worker(tmp_path / "w1", {"operation": "inspect", "image": {"path": str(vmx)}}, [shared / "out"],
+                     owner=alice)
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert "bobs.vmdk" in run.result["error"]["message"]
+    # A subdirectory that is a symlink out of the source's directory is not followed either.
+    elsewhere = Path(tempfile.mkdtemp(prefix="h2kt-elsewhere-", dir="/tmp"))
+    try:
+        elsewhere.chmod(0o755)
+        images.make_image("vmdk", "monolithicSparse", elsewhere / "d.vmdk", raw=lib / "data2.raw")
+        (shared / "lnk").symlink_to(elsewhere)
+        vmx = images.make_vmx(shared, ["lnk/d.vmdk"], name="escaping")
+        run = run_worker(tmp_path / "w2", {"operation": "inspect", "image": {"path": str(vmx)}}, [shared / "out"])
+        assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+        assert "leads outside" in run.result["error"]["message"]
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)

@@ -287,7 +287,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
             assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "output_roots": [str(config.output_roots[0])],
-                                 "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640},
+                                 "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "groups": []},
                                  "source_identity": convert.source_identity}
 
             offline_props = await unit_properties(sandbox.manager.bus_address, offline_unit)

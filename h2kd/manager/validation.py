@@ -30,6 +30,10 @@ class HostChecks:
             if source_proof is not None:
                 self._check_proof(job.source, source_proof)
                 resolved, seen = Path(job.source), source_proof
+                if job.owner:
+                    # The worker's qemu-img reads the image by its path with the caller's rights, so a
+                    # descriptor alone is not enough: say so now rather than fail later.
+                    resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
             else:
                 resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
             if job.operation == "offline_fix" and not (job.spec.get("parameters") or {}).get("dry_run"):

@@ -56,8 +56,9 @@ def _check_job_id(value: str) -> str:
 
 
 def _check_path(value: str) -> str:
-    if "\0" in value:
-        raise _fail("path", "must not contain a NUL character")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        # Paths go into line-based records and logs; no one names a disk image with a newline.
+        raise _fail("path", "must not contain control characters (such as a newline)")
     if not value.startswith("/"):
         raise _fail("path", "must be an absolute path (starting with /)")
     return value

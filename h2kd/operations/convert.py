@@ -193,14 +193,11 @@ def _check_destination(destination: str, overwrite: bool, owner_uid: int | None 
                              f"submitter (uid {owner_uid}); it is not replaced")
 
 
-def _hand_over(dir_fd: int, name: str, owner: dict[str, int]) -> None:
-    """Give a finished temporary file its owner and mode, through a descriptor: by name, a symlink the
-    submitter put in its place would take root's chmod to whatever it points at."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+def _hand_over(temps: TempFiles, temp: str, dir_fd: int, owner: dict[str, int]) -> None:
+    """Give a finished temporary file its owner and mode, through a descriptor of the very file made for it
+    (see TempFiles.open_made)."""
+    fd = temps.open_made(temp, os.O_RDONLY, dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OperationError("PERMISSION_DENIED", f"the temporary output {name} was replaced during the job",
-                                 "commit")
         os.fchown(fd, owner["uid"], owner["gid"])
         os.fchmod(fd, owner.get("mode", 0o640))
     finally:
@@ -346,9 +343,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
-            # Not followed if the submitter, who may own the directory, swapped the name for a symlink.
-            with open(os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC), "w",
-                      encoding="utf-8") as f:
+            with open(temps.open_made(temp, os.O_WRONLY), "w", encoding="utf-8") as f:
                 f.write(domain_xml(source, [p.destination for p in plans], options.output_format))
                 f.flush()
                 if durable:
@@ -554,7 +549,7 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                 directories[directory] = _open_output_directory(directory)
             fd, temp_name = directories[directory], os.path.basename(temp)
             if owner:
-                _hand_over(fd, temp_name, owner)
+                _hand_over(temps, temp, fd, owner)
             if overwrite:
                 _check_destination(destination, True, owner_uid, dir_fd=fd)
                 os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)

@@ -143,7 +143,12 @@ def _local_file(directory: str, name: str, what: str) -> str:
     if not name or name.startswith("/") or ".." in _parts(name) or "\0" in name:
         raise OperationError("PERMISSION_DENIED", f"{what} {name!r} is not a plain relative file name; files "
                              "outside the source's directory are refused")
-    return os.path.join(directory, name)
+    path = os.path.join(directory, name)
+    if os.path.dirname(name) and not _inside(os.path.dirname(path), directory):
+        # A subdirectory in the name that is a symlink leading out (lnk/disk.vmdk with lnk -> /secret).
+        raise OperationError("PERMISSION_DENIED", f"{what} {name!r} leads outside the source's directory; such "
+                             "files are refused")
+    return path
 
 
 # ---------------------------------------------------------------- formats from content
@@ -561,7 +566,7 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
         if kind == "ova":
             source = _load_ova(fd, path, identities, check_disks)
         elif kind in ("ovf", "vmx"):
-            source = _load_described(fd, path, kind, identity.size, identities, check_disks)
+            source = _load_described(fd, path, kind, identity.size, identities, check_disks, reader_uid)
         else:
             if kind == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
                 _check_vmdk_descriptor(fd, path, identity.size)
@@ -680,7 +685,7 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
 
 
 def _load_described(fd: int, path: str, kind: str, size: int, identities: list[FileIdentity],
-                    check_disks: bool) -> Source:
+                    check_disks: bool, reader_uid: int | None = None) -> Source:
     import hashlib
     if size > MAX_DESCRIPTOR:
         raise _invalid(f"the {kind.upper()} file {path} is larger than 16 MiB")
@@ -695,6 +700,8 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
             mf_fd, mf_ident = open_regular_file(mf_path, "the manifest")
             identities.append(mf_ident)
             try:
+                if reader_uid:      # before root reads a byte of it for the submitter
+                    check_readable_by([mf_ident], reader_uid)
                 manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
             finally:
                 os.close(mf_fd)
@@ -715,6 +722,8 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
         disk_path = _local_file(directory, href, f"the {kind.upper()} disk file")
         disk_fd, ident = _open_or_missing(disk_path, href)
         try:
+            if reader_uid:
+                check_readable_by([ident], reader_uid)
             head, tail = _read_head_tail(disk_fd, 0, ident.size)
             fmt = sniff(head, tail)
             if fmt not in ("vmdk", "vpc", "vhdx", "vdi", "qcow2"):

@@ -34,6 +34,7 @@ class TempFiles:
         self.paths: list[str] = []
         self.record = record
         self.owner = owner
+        self._made: dict[str, tuple[int, int]] = {}   # path -> (device, inode) of the file created there
 
     def _note(self, line: str) -> None:
         if not self.record:
@@ -63,13 +64,28 @@ class TempFiles:
                 try:
                     if self.owner:
                         os.fchown(fd, self.owner["uid"], self.owner["gid"])
+                    made = os.fstat(fd)
                 finally:
                     os.close(fd)
+                self._made[path] = (made.st_dev, made.st_ino)
                 self.paths.append(path)
                 return path
         finally:
             os.close(dir_fd)
         raise OperationError("INTERNAL", f"could not create a temporary file in {directory}")
+
+    def open_made(self, path: str, flags: int, dir_fd: int | None = None) -> int:
+        """A descriptor of the temporary file made at `path` (its name, with dir_fd), refusing anything else
+        found there now: the submitter may own the directory and swap the name for a symlink or a hard
+        link to another file, which root would then write, chmod or chown."""
+        fd = os.open(os.path.basename(path) if dir_fd is not None else path,
+                     flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self._made.get(path) or st.st_nlink != 1:
+            os.close(fd)
+            raise OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the job",
+                                 "commit")
+        return fd
 
     def forget(self, path: str) -> None:
         self.paths.remove(path)

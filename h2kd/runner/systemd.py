@@ -23,7 +23,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from h2kd.access import output_owner
+from h2kd.access import caller_groups, output_owner
 from h2kd.config import Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
@@ -251,7 +251,9 @@ class SystemdRunner:
         _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
                                            "spec_checked": True,
                                            "output_roots": [str(r) for r in self._config.output_roots],
-                                           "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode},
+                                           "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
+                                                     # looked up here: the unit may not reach a network NSS
+                                                     "groups": caller_groups(job.owner) if job.owner else []},
                                            "source_identity": job.source_identity})
         policy = job.spec.get("execution_policy") or {}
         props = units.build_properties(

@@ -2,9 +2,10 @@
 
     h2k-worker --spec SPEC.json --result RESULT.json
 
-SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]} (h2kd adds "owner",
-"source_identity", and "spec_checked": true when the spec is the one h2kd checked and stored, which the worker
-then takes as it is instead of checking it again). Before creating a temporary output the worker records its
+SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]} (h2kd adds "owner": {"uid",
+"gid", "mode", "groups"}, the submitter, whose rights qemu-img runs with; "source_identity"; and "spec_checked":
+true when the spec is the one h2kd checked and stored, which the worker then takes as it is instead of checking
+it again). Before creating a temporary output the worker records its
 path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd READY=1, reports
 progress as STATUS= lines (h2kd.worker.report format; StatusReporter says how often), runs the operation, writes
 RESULT.json atomically and exits 0 (completed), 1 (failed, worth retrying), 2 (failed for good: bad input) or
@@ -211,9 +212,13 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
     if reader_uid and not (operation == "offline_fix" or spec["parameters"].get("offline_fix")):
         # qemu-img gets the submitter's rights (a guest repair, which an administrator allowed, keeps root's:
         # it attaches loop devices and mounts file systems).
-        from h2kd.access import caller_credentials
         from h2kd.operations import qemuimg
-        qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
+        groups = [int(g) for g in (owner or {}).get("groups") or []]
+        if not groups:
+            from h2kd.access import caller_credentials
+            qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
+        else:
+            qemuimg.run_as(reader_uid, groups[0], groups)
     if operation == "inspect":
         from h2kd.operations import inspect
         return inspect.run_inspect(spec, progress, reader_uid)
