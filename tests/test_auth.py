@@ -598,6 +598,30 @@ def _submit_with_fd(stack, fd: int, spec: dict) -> Message:
 
 
 @pytest.mark.stack
+def test_a_descriptor_number_without_a_descriptor_touches_nothing_of_h2kds(stack, readable_image, submitted):
+    """An "h" argument sent with no descriptor attached is a bare number, which would name one of h2kd's own
+    descriptors (its store, its bus connections): refused, and h2kd goes on working."""
+    from dbus_fast import Variant
+
+    async def go() -> list[Message]:
+        bus = await MessageBus(bus_address=_stack_address(stack), negotiate_unix_fd=False).connect()
+        try:
+            return [await bus.call(Message(
+                destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="SubmitJobWithImage",
+                signature="ha{sv}a{sv}", body=[n, {}, {"queue": Variant("b", False)}])) for n in range(3, 40)]
+        finally:
+            bus.disconnect()
+    for reply in asyncio.run(go()):
+        assert reply.message_type == MessageType.ERROR, reply.body
+        assert reply.error_name == BUS_NAME + ".Error.InvalidArgument", (reply.error_name, reply.body)
+        assert "no file descriptor came with the call" in reply.body[0]
+    # Its store and its connections are intact: a submission is stored and can be read back.
+    job_id, result = _submit(stack, submitted, None, readable_image)
+    assert result.returncode == 0, result.stderr
+    assert _job_path(stack, job_id) is not None
+
+
+@pytest.mark.stack
 def test_a_descriptor_must_be_the_file_the_spec_names(stack, shared_dir, submitted):
     from dbus_fast import Variant
 

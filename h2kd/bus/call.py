@@ -9,6 +9,7 @@ while other calls are being served.
 
 from __future__ import annotations
 
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -21,19 +22,38 @@ class Caller:
     sender: str                 # unique bus name, e.g. ":1.42"
     allow_interactive: bool     # the caller set ALLOW_INTERACTIVE_AUTHORIZATION
     path: str = ""              # the object called (one interface instance serves every job's path)
+    passed_fds: tuple[int, ...] = ()   # descriptors that came with the call (the method must close them)
 
 
 _current: ContextVar[Caller | None] = ContextVar("h2kd_bus_caller", default=None)
 
+# The one method that takes descriptors (an "h" argument); any that come with another message are closed.
+TAKES_FDS = "SubmitJobWithImage"
+
 
 def remember_call(msg: Message) -> bool:
-    """Message handler: remember the method call about to be dispatched. Never consumes the message."""
+    """Message handler: remember the method call about to be dispatched. Never consumes the message.
+
+    Descriptors anyone sends h2kd (up to 16 a message) stay open in h2kd until closed: those that come
+    with a message that takes none are closed here at once, before h2kd runs out of descriptors."""
+    fds = tuple(msg.unix_fds or ())
+    if fds and not (msg.message_type == MessageType.METHOD_CALL and msg.member == TAKES_FDS):
+        close_fds(fds)
+        fds = ()
     if msg.message_type == MessageType.METHOD_CALL:
         flags = int(msg.flags.value if hasattr(msg.flags, "value") else msg.flags)
         _current.set(Caller(sender=msg.sender or "",
                             allow_interactive=bool(flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION.value),
-                            path=msg.path or ""))
+                            path=msg.path or "", passed_fds=fds))
     return False
+
+
+def close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def current_caller() -> Caller:

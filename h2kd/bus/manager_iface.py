@@ -10,7 +10,7 @@ from h2kd import BUS_NAME, __version__
 from h2kd.access import check_source_fd
 from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
-from h2kd.bus.call import current_caller
+from h2kd.bus.call import close_fds, current_caller
 from h2kd.bus.errors import bus_errors
 from h2kd.bus.job_iface import reported_progress
 from h2kd.bus.paths import job_path, worker_path
@@ -94,11 +94,15 @@ class ManagerInterface(ApiInterface):
     @dbus_method()
     @bus_errors
     async def SubmitJobWithImage(self, image: "h", spec: "a{sv}", options: "a{sv}") -> "so":
+        passed = current_caller().passed_fds
         try:
+            # Without descriptors attached, "image" is just the number the caller wrote: one of h2kd's own.
+            if image not in passed:
+                raise InvalidArgument("no file descriptor came with the call; pass the image's descriptor")
             proof = check_source_fd(image)
             path = os.readlink(f"/proc/self/fd/{image}")
         finally:
-            os.close(image)
+            close_fds(passed)
         opts = options_from_dbus(options, _SUBMIT_OPTIONS)
         plain = spec_from_dbus(spec)
         image_spec = plain.setdefault("image", {})
