@@ -371,6 +371,39 @@ def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
     asyncio.run(scenario())
 
 
+def test_signals_claiming_to_be_systemds_from_anyone_else_are_ignored(sandbox: Sandbox) -> None:
+    """Anyone on the bus may send h2kd's systemd connection a PropertiesChanged for a job's unit (its path is
+    public): a forged status or end is not taken for systemd's."""
+    from dbus_fast import Variant
+    from h2kd.runner.unit import unit_object_path
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("wait"), events) as runner:
+            unit = await start_waiting(runner, events, job)
+            forger = await MessageBus(bus_address=sandbox.manager.bus_address).connect()
+            try:
+                changed = {"StatusText": Variant("s", "convert: 100.00% (1/1 bytes) forged"),
+                           "ActiveState": Variant("s", "failed"), "Result": Variant("s", "timeout")}
+                # Sent to the runner's connection itself: such a signal passes every match rule. (Its unique
+                # name is public on a real bus; here the runner is in this process, so it is read off it.)
+                await forger.send(Message(message_type=MessageType.SIGNAL, destination=runner._bus.unique_name,
+                                          path=unit_object_path(unit), interface="org.freedesktop.DBus.Properties",
+                                          member="PropertiesChanged", signature="sa{sv}as",
+                                          body=["org.freedesktop.systemd1.Unit", changed, []]))
+                await asyncio.sleep(1.0)
+            finally:
+                forger.disconnect()
+            assert not any("forged" in s for s in events.statuses_of(job.id)), events.statuses_of(job.id)
+            assert events.outcomes_of(job.id) == [], "a forged end was taken for the unit's"
+            await runner.stop(unit)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.stopped_by_request is True and outcome.result != "timeout"
+
+    asyncio.run(scenario())
+
+
 def test_administrator_stop_is_reported_faithfully_not_as_ours(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()

@@ -55,6 +55,8 @@ _STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCod
 LOG_TAIL_LINES = 15
 # Calls in flight on the one connection: a burst of pipelined calls can overrun dbus-fast's writer.
 MAX_CALLS_IN_FLIGHT = 16
+# A worker's status lines are short; anything longer is cut before it reaches the job's progress and events.
+MAX_STATUS_TEXT = 4096
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 CALL_TIMEOUT_SECONDS = 60
 
@@ -108,6 +110,9 @@ class SystemdRunner:
         self._reconnect_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._compile_task: asyncio.Task | None = None
+        # systemd's unique name on a bus (None on its private socket, where only systemd can send):
+        # signals from anyone else are not systemd's news, whatever path and contents they claim.
+        self._systemd_owner: str | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -134,8 +139,10 @@ class SystemdRunner:
                 f"path_namespace='{SYSTEMD_PATH}/unit'",
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='UnitRemoved'",
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'",
+                f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',arg0='{SYSTEMD}'",
             ):
                 await self._call(DBUS, "/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule])
+            await self._learn_systemd_owner()
             await self._manager_call("Subscribe", "", [])
             await self._learn_manager()
             await self._ensure_slice()
@@ -337,8 +344,23 @@ class SystemdRunner:
         if self._by_path.get(followed.path) is followed:
             del self._by_path[followed.path]
 
+    async def _learn_systemd_owner(self) -> None:
+        self._systemd_owner = None
+        if not (self._bus and self._bus.unique_name):
+            return                      # systemd's private socket: a connection to systemd alone
+        reply = await self._call(DBUS, "/org/freedesktop/DBus", DBUS, "GetNameOwner", "s", [SYSTEMD])
+        if reply.message_type == MessageType.METHOD_RETURN:
+            self._systemd_owner = reply.body[0]
+        else:
+            self._systemd_owner = ""    # on a bus but not (yet) owned: nobody's signals count until it is
+
     def _on_message(self, msg: Message) -> None:
         if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "NameOwnerChanged" and msg.sender == DBUS and msg.body and msg.body[0] == SYSTEMD:
+            self._systemd_owner = msg.body[2]     # systemd re-executed or restarted: its new name
+            return
+        if self._systemd_owner is not None and msg.sender != self._systemd_owner:
             return
         try:
             if msg.member == "PropertiesChanged" and msg.interface == PROPS_IFACE:
@@ -381,7 +403,7 @@ class SystemdRunner:
             followed.exec_main_status = int(values["ExecMainStatus"])
         if values.get("ExecMainStartTimestampMonotonic") or values.get("ExecMainPID"):
             followed.exec_main_started = True
-        text = values.get("StatusText")
+        text = str(values.get("StatusText") or "")[:MAX_STATUS_TEXT]
         if text and text != followed.status_text:
             followed.status_text = text
             try:
@@ -502,9 +524,11 @@ class SystemdRunner:
         # Only what the unit itself logged: h2kd's own entries carry H2K_JOB_ID too. Under the system
         # manager journald knows the unit; a user manager's units are found by their cgroup; and the
         # worker's own entries name their job and attempt wherever it runs.
+        # _UID=0 (journald's, not the sender's word): any user may log entries with these fields.
         argv = [journalctl, "--no-pager", "-q", "-o", "cat", "-n", str(LOG_TAIL_LINES),
                 f"_SYSTEMD_UNIT={followed.unit}", "+",
-                f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}", "SYSLOG_IDENTIFIER=h2k-worker"]
+                f"H2K_JOB_ID={followed.job_id}", f"H2K_ATTEMPT={followed.attempt}", "SYSLOG_IDENTIFIER=h2k-worker",
+                "_UID=0"]
         if followed.control_group:
             argv += ["+", f"_SYSTEMD_CGROUP={followed.control_group}"]
         lines: list[str] = []
