@@ -28,6 +28,7 @@ class Config:
     # The command that runs inside each unit; the spec/result paths are appended.
     worker_command: list[str] = field(default_factory=lambda: ["/usr/bin/env", "h2k-worker"])
     worker_environment: dict[str, str] = field(default_factory=dict)
+    # Finished jobs are kept this long, and at most this many (beyond it, those of whoever has the most go).
     retention_max_age_days: float = 30.0
     retention_max_count: int = 10_000
     heartbeat_timeout_seconds: float = 30.0

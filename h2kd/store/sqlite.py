@@ -23,11 +23,13 @@ it syncs join the next batch, committed and synced together when it ends.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -108,6 +110,26 @@ _TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL))
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _oldest_of_the_most(finished: list[tuple[str, int, int]], excess: int) -> list[str]:
+    """`excess` ids of (id, owner, time) rows in time order: each time the oldest job of the owner who has the
+    most left (of two with as many, the one whose oldest is older); returned oldest first."""
+    if excess <= 0:
+        return []
+    by_owner: dict[int, deque[tuple[str, int, int]]] = {}
+    for row in finished:
+        by_owner.setdefault(row[1], deque()).append(row)
+    heap = [(-len(rows), rows[0][2], owner) for owner, rows in by_owner.items()]
+    heapq.heapify(heap)
+    chosen: list[tuple[str, int, int]] = []
+    while len(chosen) < excess and heap:
+        _, _, owner = heapq.heappop(heap)
+        rows = by_owner[owner]
+        chosen.append(rows.popleft())
+        if rows:
+            heapq.heappush(heap, (-len(rows), rows[0][2], owner))
+    return [job_id for job_id, _, _ in sorted(chosen, key=lambda row: row[2])]
 
 
 def _job_values(job: Job) -> list[Any]:
@@ -416,23 +438,24 @@ class JobStore:
         db.executemany("DELETE FROM jobs WHERE id = ?", rows)
 
     def prune(self, max_age_seconds: float | None, max_count: int | None, now: int | None = None) -> list[str]:
-        """Remove finished (completed, failed, cancelled) jobs older than max_age_seconds, and then the oldest
-        beyond max_count finished jobs. None disables a limit; `now` is usec since the epoch. Unfinished jobs
-        are never touched. Returns the removed ids, oldest first."""
+        """Remove finished (completed, failed, cancelled) jobs older than max_age_seconds, and then, beyond
+        max_count finished jobs, the oldest of whoever has the most: one user's flood of jobs displaces
+        their own records first, not everyone's. None disables a limit; `now` is usec since the epoch.
+        Unfinished jobs are never touched. Returns the removed ids, oldest first."""
         now = now_usec() if now is None else now
         with self._transaction() as db:
             finished = db.execute(
-                f"SELECT id, CASE WHEN finished_at > 0 THEN finished_at ELSE created_at END AS t FROM jobs "
+                f"SELECT id, owner, CASE WHEN finished_at > 0 THEN finished_at ELSE created_at END AS t FROM jobs "
                 f"WHERE state IN ({', '.join('?' for _ in _TERMINAL_VALUES)}) ORDER BY t, ord",
                 _TERMINAL_VALUES).fetchall()
             keep_from = 0
             if max_age_seconds is not None:
                 limit = now - int(max_age_seconds * 1_000_000)
-                while keep_from < len(finished) and finished[keep_from][1] < limit:
+                while keep_from < len(finished) and finished[keep_from][2] < limit:
                     keep_from += 1
+            doomed = [job_id for job_id, _, _ in finished[:keep_from]]
             if max_count is not None:
-                keep_from = max(keep_from, len(finished) - max(max_count, 0))
-            doomed = [job_id for job_id, _ in finished[:keep_from]]
+                doomed += _oldest_of_the_most(finished[keep_from:], len(finished) - keep_from - max(max_count, 0))
             self._delete(db, doomed)
         for job_id in doomed:
             self._last_event_seq.pop(job_id, None)

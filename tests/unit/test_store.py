@@ -160,8 +160,9 @@ def test_load_jobs_in_created_order(store):
     assert [j.id for j in store.load_jobs()] == names
 
 
-def finished_job(store: JobStore, job_id: str, state: JobState, finished_at: int) -> None:
+def finished_job(store: JobStore, job_id: str, state: JobState, finished_at: int, owner: int = 1000) -> None:
     job = new_job(job_id, created_at=finished_at - SECOND)
+    job.owner = owner
     store.insert_job(job, "submitted")
     if state is S.COMPLETED:
         for new in (S.VALIDATED, S.QUEUED, S.ASSIGNED, S.RUNNING):
@@ -219,6 +220,23 @@ def test_prune_age_and_count_together(store):
     # The age limit takes d0 and d1 (older than 3.5 minutes); the count limit then takes d2 (2 may stay).
     assert store.prune(3.5 * 60, 2, now) == ["d0", "d1", "d2"]
     assert store.prune(3.5 * 60, 2, now) == []
+
+
+def test_prune_by_count_takes_from_whoever_has_the_most_first(store):
+    """One user's flood of failed jobs must not push everyone else's records out of the store."""
+    now = 1_800_000_000 * SECOND
+    for i in range(3):      # alice's and bob's jobs are the oldest
+        finished_job(store, f"alice-{i}", S.COMPLETED, now - (100 - i) * SECOND, owner=1001)
+        finished_job(store, f"bob-{i}", S.COMPLETED, now - (90 - i) * SECOND, owner=1002)
+    for i in range(20):
+        finished_job(store, f"flood-{i}", S.FAILED, now - (50 - i) * SECOND, owner=1003)
+    removed = store.prune(None, 10, now)
+    assert removed == [f"flood-{i}" for i in range(16)]
+    kept = sorted(j.id for j in store.load_jobs())
+    assert kept == sorted([f"alice-{i}" for i in range(3)] + [f"bob-{i}" for i in range(3)] +
+                          [f"flood-{i}" for i in range(16, 20)])
+    # Once the flood is down to their level, the oldest of those with the most go, in turn.
+    assert store.prune(None, 7, now) == ["alice-0", "bob-0", "flood-16"]
 
 
 def test_queue_order_and_seq_survive_reopen(tmp_path):
