@@ -86,15 +86,13 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
         raise InvalidArgument(f"{given} is not a regular file")
     if uid == 0:
         return resolved, seen
-    code, device, inode = _as_caller(uid, gids, _try_open_for_reading, str(resolved))
+    code = _opened_as_caller(uid, gids, _try_open_for_reading, str(resolved), (seen.st_dev, seen.st_ino), given)
     if code in (errno.EACCES, errno.EPERM):
         raise NotAuthorized(f"permission denied: {given} is not readable by uid {uid}")
     if code == errno.ELOOP:
         raise NotAuthorized(f"refusing {given}: it became a symbolic link while being checked")
     if code:
         raise InvalidArgument(f"cannot read {given} as uid {uid}: {os.strerror(code)}")
-    if (device, inode) != (seen.st_dev, seen.st_ino):
-        raise NotAuthorized(f"refusing {given}: it was replaced while being checked")
     return resolved, seen
 
 
@@ -197,11 +195,9 @@ def check_file_readable(path: str, device: int, inode: int, uid: int, gids: list
     NotAuthorized."""
     if uid == 0:
         return
-    code, seen_device, seen_inode = _as_caller(uid, gids, _try_open_for_reading, path)
+    code = _opened_as_caller(uid, gids, _try_open_for_reading, path, (device, inode), path)
     if code:
         raise NotAuthorized(f"{path} is not readable by uid {uid}: {os.strerror(code)}")
-    if (seen_device, seen_inode) != (device, inode):
-        raise NotAuthorized(f"refusing {path}: it was replaced while being checked")
 
 
 def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[int]) -> None:
@@ -209,11 +205,18 @@ def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[
     the caller could write itself: h2kd rewrites it as root. Raises NotAuthorized."""
     if uid == 0:
         return
-    code, device, inode = _as_caller(uid, gids, _try_open_for_writing, str(path))
-    if code:
+    if _opened_as_caller(uid, gids, _try_open_for_writing, str(path), (seen.st_dev, seen.st_ino), path):
         raise NotAuthorized(f"permission denied: {path} is not writable by uid {uid}, and a repair changes it")
-    if (device, inode) != (seen.st_dev, seen.st_ino):
-        raise NotAuthorized(f"refusing {path}: it was replaced while being checked")
+
+
+def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], path: str,
+                      checked: tuple[int, int], shown: object) -> int:
+    """Open `path` as the caller (probe: _try_open_*); 0, or the errno that stopped them. NotAuthorized if what
+    they opened is not the file root checked (`checked`: its device and inode)."""
+    code, device, inode = _as_caller(uid, gids, probe, path)
+    if not code and (device, inode) != checked:
+        raise NotAuthorized(f"refusing {shown}: it was replaced while being checked")
+    return code
 
 
 def _try_open_for_reading(path: str) -> tuple[int, ...]:

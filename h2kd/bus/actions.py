@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from h2kd.bus.base import Authorizer
-from h2kd.model.spec import fixes_guest
+from h2kd.model.repair import fixes_guest
 
 
 class JobCommands:

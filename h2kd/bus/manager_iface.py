@@ -16,7 +16,7 @@ from h2kd.bus.job_iface import reported_progress
 from h2kd.bus.paths import job_path, worker_path
 from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
 from h2kd.errors import InvalidArgument
-from h2kd.model.spec import fixes_guest
+from h2kd.model.repair import fixes_guest
 
 MANAGER_INTERFACE = BUS_NAME + ".Manager"
 

@@ -277,15 +277,6 @@ AnyJobSpec = Annotated[Union[InspectJobSpec, ConvertJobSpec, ValidateJobSpec, Of
 _SPEC_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(AnyJobSpec)
 
 
-def fixes_guest(spec: dict[str, Any]) -> bool:
-    """Whether a job of this spec (as submitted, or as stored) repairs the guest on its disk: it then runs the
-    guest's own programs (initramfs and boot loader tools) as root, which needs more than a submission."""
-    parameters = spec.get("parameters") if isinstance(spec, dict) else None
-    return spec.get("operation") == "offline_fix" or (
-        # Any true value: validation would take "yes" or 1 for true as well.
-        spec.get("operation") == "convert" and isinstance(parameters, dict) and bool(parameters.get("offline_fix")))
-
-
 def parse_spec(data: Any) -> JobSpec:
     """Validate a submitted spec (JSON-like dict). Raises InvalidSpec(field, message) for the first bad field."""
     if not isinstance(data, dict):

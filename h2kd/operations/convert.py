@@ -120,10 +120,10 @@ def _stem(source: inspect.Source) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "disk"
 
 
-def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, roots: list[str],
+def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str | None, roots: list[str],
                  output_format: str, overwrite: bool, owner: dict[str, int] | None = None) -> tuple[list[str], str]:
     """Destination of each disk and the base name (for the domain XML); refuses anything unsafe.
-    Without an output path, the outputs go in a new directory named after the job in the first output root."""
+    Without an output path, the outputs go in job_dir (see _job_dir_of)."""
     if not roots:
         raise OperationError("VALIDATION_FAILED", "no output roots are configured; outputs cannot be written")
     ext = EXTENSIONS[output_format]
@@ -132,7 +132,8 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, r
     if output_path is None:
         if not _under_roots(roots[0], roots):
             raise OperationError("PERMISSION_DENIED", f"the output root {roots[0]} is not usable")
-        output_path = _job_directory(os.path.join(roots[0], job_id), owner)
+        assert job_dir is not None
+        output_path = _job_directory(job_dir, owner)
     if not os.path.isabs(output_path):
         raise OperationError("VALIDATION_FAILED", "artifacts.output_path must be an absolute path")
     if os.path.isdir(output_path) and not os.path.islink(output_path):
@@ -155,6 +156,14 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_id: str, r
         _check_destination(destination, overwrite, owner_uid)
     base_path = os.path.join(directory, re.sub(r"\.(qcow2|raw|img)$", "", os.path.basename(base)))
     return destinations, base_path
+
+
+def _job_dir_of(spec: dict[str, Any], roots: list[str]) -> str | None:
+    """Where a convert without artifacts.output_path writes: a directory named after the job in the first
+    output root (None when an output path is given)."""
+    if (spec.get("artifacts") or {}).get("output_path") is not None or not roots:
+        return None
+    return os.path.join(roots[0], spec.get("job_id") or "job")
 
 
 def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
@@ -283,12 +292,10 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     report, if any>}, and nothing is left in the output directory.
     A failed job leaves no job directory behind either (see plan_outputs) unless an earlier attempt made it.
     """
-    artifacts = spec.get("artifacts") or {}
-    job_dir = (os.path.join(output_roots[0], spec.get("job_id") or "job")
-               if artifacts.get("output_path") is None and output_roots else None)
+    job_dir = _job_dir_of(spec, output_roots)
     made_here = job_dir is not None and not os.path.lexists(job_dir)
     try:
-        return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
+        return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, job_dir)
     except BaseException:
         if made_here:
             try:
@@ -300,7 +307,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
 
 def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                  on_process: Callable[[Any], None] | None, owner: dict[str, int] | None, temp_record: str | None,
-                 repair: Repair | None) -> dict[str, Any]:
+                 repair: Repair | None, job_dir: str | None) -> dict[str, Any]:
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     durable = bool(parameters.get("sync", True))
@@ -308,7 +315,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     progress("inspect", 0, 0, "reading the source")
     source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"), reader_uid=owner_uid)
     overwrite = bool(artifacts.get("overwrite"))
-    destinations, base = plan_outputs(source, artifacts.get("output_path"), spec.get("job_id") or "job",
+    destinations, base = plan_outputs(source, artifacts.get("output_path"), job_dir,
                                       output_roots, options.output_format, overwrite, owner)
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:

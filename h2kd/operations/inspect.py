@@ -17,6 +17,7 @@ run_inspect() returns the structured report of the result contract's outputs["re
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -299,21 +300,24 @@ def _chain_files(chain: list[dict[str, Any]], label: str) -> list[str]:
     return [f for f in files if f]
 
 
-def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True) -> Disk:
-    """qemu-img's view of one disk, refusing files outside its directory and damaged images."""
+def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_source: bool = True,
+              reader_uid: int | None = None) -> Disk:
+    """qemu-img's view of one disk, refusing files outside its directory and damaged images, and (with
+    reader_uid, see load_source) files it leads to that the submitter may not read."""
     # `qemu-img check` runs alongside `info`: both only read, and each costs a qemu-img start on every job.
     # It opens no file that info does not open too (info follows the backing chain before it is vetted).
     checking = Background(lambda: qemuimg.check(ref, force_share=True)) \
         if check_source and ref.format in CHECKABLE else None
     try:
-        return _load_disk(ref, label, identities, checking)
+        return _load_disk(ref, label, identities, checking, reader_uid)
     except Exception:
         if checking is not None:
             checking.wait()      # the job goes on to fail: no qemu-img left behind. (Stopped does not wait:
         raise                    # the worker ends at once, and systemd ends what is left in its unit.)
 
 
-def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: Background | None) -> Disk:
+def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: Background | None,
+               reader_uid: int | None) -> Disk:
     try:
         chain = qemuimg.info(ref, backing_chain=True)
     except qemuimg.QemuImgError as e:
@@ -331,7 +335,7 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
             if os.path.abspath(full) != ref.path:
                 st = os.lstat(full)
                 _refuse_non_regular(full, st, "a file the image refers to")
-                identities.append(FileIdentity.of(os.path.abspath(full), st))
+                _found(identities, FileIdentity.of(os.path.abspath(full), st), reader_uid)
     elif len(chain) > 1:
         raise OperationError("UNSUPPORTED", f"{label} inside the OVA has a backing file; only self-contained "
                              "disks are supported in an OVA")
@@ -570,30 +574,40 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
         else:
             if kind == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
                 _check_vmdk_descriptor(fd, path, identity.size)
-            disk = load_disk(ImageRef(path, kind), os.path.basename(path), identities, check_disks)
+            disk = load_disk(ImageRef(path, kind), os.path.basename(path), identities, check_disks, reader_uid)
             source = Source("disk", path, DRIVER_TO_NAME.get(kind, kind), [disk], None, identities)
     finally:
         os.close(fd)
-    if reader_uid:
-        check_readable_by(identities[1:], reader_uid)
     source.checksum = checksum
     return source
 
 
+def _found(identities: list[FileIdentity], ident: FileIdentity, reader_uid: int | None) -> None:
+    """Add a file the source leads to, once the submitter (reader_uid, if not root) is known to be able to
+    read it: before root reads a byte of it for them."""
+    if reader_uid:
+        check_readable_by([ident], reader_uid)
+    identities.append(ident)
+
+
 def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
     """Each of these files must be one `uid` (not root) could read itself; OperationError otherwise."""
-    if not identities:
-        return
-    from h2kd.access import caller_groups, check_file_readable   # only sources that refer to other files
+    from h2kd.access import check_file_readable   # only sources that refer to other files
     from h2kd.errors import H2kError
 
-    gids = caller_groups(uid)
+    gids = _groups_of(uid)
     for ident in identities:
         try:
             check_file_readable(ident.path, ident.device, ident.inode, uid, gids)
         except H2kError as e:
             raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: "
                                  f"{e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _groups_of(uid: int) -> list[int]:
+    from h2kd.access import caller_groups
+    return caller_groups(uid)
 
 
 def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
@@ -698,10 +712,8 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
         mf_path = path[:-4] + ".mf" if path.lower().endswith(".ovf") else path + ".mf"
         if os.path.lexists(mf_path):
             mf_fd, mf_ident = open_regular_file(mf_path, "the manifest")
-            identities.append(mf_ident)
             try:
-                if reader_uid:      # before root reads a byte of it for the submitter
-                    check_readable_by([mf_ident], reader_uid)
+                _found(identities, mf_ident, reader_uid)
                 manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
             finally:
                 os.close(mf_fd)
@@ -714,7 +726,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                     continue
                 entry_fd, entry_ident = _open_or_missing(file_path, name)
                 os.close(entry_fd)
-                identities.append(entry_ident)
+                _found(identities, entry_ident, reader_uid)
                 to_verify.append((name, file_path, 0, entry_ident.size))
     disks = []
     for index, entry in enumerate(vm["disks"], 1):
@@ -722,8 +734,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
         disk_path = _local_file(directory, href, f"the {kind.upper()} disk file")
         disk_fd, ident = _open_or_missing(disk_path, href)
         try:
-            if reader_uid:
-                check_readable_by([ident], reader_uid)
+            _found(identities, ident, reader_uid)
             head, tail = _read_head_tail(disk_fd, 0, ident.size)
             fmt = sniff(head, tail)
             if fmt not in ("vmdk", "vpc", "vhdx", "vdi", "qcow2"):
@@ -732,8 +743,8 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                 _check_vmdk_descriptor(disk_fd, disk_path, ident.size)
         finally:
             os.close(disk_fd)
-        identities.append(ident)
-        disks.append(load_disk(ImageRef(disk_path, fmt), f"disk {index} ({href})", identities, check_disks))
+        disks.append(load_disk(ImageRef(disk_path, fmt), f"disk {index} ({href})", identities, check_disks,
+                               reader_uid))
     return Source(kind, path, kind, disks, vm, identities, manifest, to_verify)
 
 

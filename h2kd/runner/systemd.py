@@ -28,7 +28,7 @@ from h2kd.config import Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
 from h2kd.model.job import Job
-from h2kd.model.spec import fixes_guest
+from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
 from h2kd.runner import bytecode
 from h2kd.runner import unit as units

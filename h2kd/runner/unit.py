@@ -92,8 +92,9 @@ def _under(path: Path, parent: Path) -> bool:
 def writable_output_dir(config: Config, output_path: str) -> Path | None:
     """The directory, resolved, that the worker must be able to write its output in: the output path itself
     if it is a directory, else the output's directory or, if that does not exist yet, its nearest existing
-    ancestor (for no output path, the first output root). None (nothing writable) unless it lies inside an output root: the path is the submitter's,
-    and a symlink swapped in since submission must not open /etc to the unit."""
+    ancestor (for no output path, the first output root). None (nothing writable) unless it lies inside an
+    output root: the path is the submitter's, and a symlink swapped in since submission must not open /etc
+    to the unit."""
     if not output_path:
         # No path given: the worker makes the job a directory in the first output root (if it is there).
         first = next(iter(config.output_roots), None)
@@ -102,15 +103,16 @@ def writable_output_dir(config: Config, output_path: str) -> Path | None:
     directory = path if path.is_dir() and not path.is_symlink() else path.parent
     while not directory.is_dir() and directory.parent != directory:
         directory = directory.parent
-    resolved = directory.resolve()
-    if not any(_under(resolved, root) for root in config.output_roots):
-        return None
-    return resolved
+    return _inside_output_roots(config, directory)
 
 
 def _writable_source_dir(config: Config, source_path: str) -> Path | None:
     """offline_fix edits its image in place: the image's directory, resolved, if inside an output root."""
-    resolved = Path(source_path).parent.resolve()
+    return _inside_output_roots(config, Path(source_path).parent)
+
+
+def _inside_output_roots(config: Config, directory: Path) -> Path | None:
+    resolved = directory.resolve()
     return resolved if any(_under(resolved, root) for root in config.output_roots) else None
 
 

@@ -205,20 +205,21 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
                    on_process: Callable[[Any], None], owner: dict[str, int] | None = None,
                    temp_record: str | None = None) -> dict[str, Any]:
     # Each operation's modules are imported only when it runs: start-up time is part of every job.
+    from h2kd.model.repair import fixes_guest
     from h2kd.operations.qemuimg import OperationError
 
     operation = spec["operation"]
     reader_uid = (owner or {}).get("uid") or None
-    if reader_uid and not (operation == "offline_fix" or spec["parameters"].get("offline_fix")):
+    if reader_uid and not fixes_guest(spec):
         # qemu-img gets the submitter's rights (a guest repair, which an administrator allowed, keeps root's:
         # it attaches loop devices and mounts file systems).
         from h2kd.operations import qemuimg
         groups = [int(g) for g in (owner or {}).get("groups") or []]
-        if not groups:
+        if groups:
+            qemuimg.run_as(reader_uid, groups[0], groups)
+        else:   # an envelope written without them (the worker run by hand): look them up here
             from h2kd.access import caller_credentials
             qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
-        else:
-            qemuimg.run_as(reader_uid, groups[0], groups)
     if operation == "inspect":
         from h2kd.operations import inspect
         return inspect.run_inspect(spec, progress, reader_uid)
