@@ -460,6 +460,33 @@ def test_member_submits_and_cancels_own_job(stack, users, readable_image, submit
 
 
 @pytest.mark.stack
+def test_a_member_holds_at_most_max_jobs_per_user_unfinished_jobs(stack, users, readable_image, submitted):
+    """One member of the submitting group cannot make root's daemon keep jobs without bound (held jobs never
+    end on their own): beyond the limit, QueueFull says why, and nothing is created. Root is not limited."""
+    before = dict(stack.daemon_env)
+    stack.restart_daemon({**before, "H2KD_MAX_JOBS_PER_USER": "2"})
+    try:
+        held = []
+        for _ in range(2):
+            job_id, result = _submit(stack, submitted, ALICE, readable_image)
+            assert result.returncode == 0, result.stderr
+            held.append(job_id)
+        job_id, result = _submit(stack, submitted, ALICE, readable_image)
+        assert _error_name(result) == BUS_NAME + ".Error.QueueFull", result.stderr
+        assert "already has 2 unfinished jobs" in result.stderr and "max_jobs_per_user" in result.stderr
+        assert _job_path(stack, job_id) is None
+        for _ in range(3):
+            _, result = _submit(stack, submitted, None, readable_image)
+            assert result.returncode == 0, result.stderr
+        cancel = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", held[0])
+        assert cancel.returncode == 0, cancel.stderr
+        job_id, result = _submit(stack, submitted, ALICE, readable_image)
+        assert result.returncode == 0, result.stderr
+    finally:
+        stack.restart_daemon(before)
+
+
+@pytest.mark.stack
 def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, readable_image, submitted):
     job_id, result = _submit(stack, submitted, CAROL, readable_image)
     assert result.returncode == 0, result.stderr

@@ -60,6 +60,10 @@ BUILTIN = "builtin"
 OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
+# Finished jobs beyond the retention count are pruned at once (not at the next hourly pass) when they exceed it
+# by this many or this share: a flood of submissions that fail their checks must not pile up in memory.
+PRUNE_SLACK_JOBS = 1000
+PRUNE_SLACK_SHARE = 0.1
 STORE_CHECK_INTERVAL = 10.0
 PROGRESS_EVENT_PERCENT = 5      # a job's event log records its progress in steps of this many percent
 PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
@@ -76,6 +80,9 @@ class JobManager:
         self._host_validator = host_validator
         self._jobs: dict[str, Job] = {}
         self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
+        # Owner uid -> ids of that owner's unfinished jobs (any state but TERMINAL): what the limits count.
+        self._unfinished: dict[int, set[str]] = {}
+        self._prune_pending = False
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
@@ -107,6 +114,7 @@ class JobManager:
         if not self._jobs:
             for job in self._store.load_jobs():
                 self._jobs[job.id] = job
+                self._track(job)
                 if job.state in ACTIVE:
                     self._active.add(job.id)
             if self._store.get_setting("paused", False):
@@ -286,6 +294,7 @@ class JobManager:
         self._cancel_timer(job.id)
         del self._jobs[job.id]
         self._active.discard(job.id)
+        self._untrack(job)
         self._notify("job_removed", job)
         self._manager_changed()
 
@@ -297,14 +306,14 @@ class JobManager:
             if existing.spec == parsed or same_spec(existing.spec, parsed):
                 return existing, False
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
-        if len(self._scheduler) >= self._config.max_queued_jobs:
-            raise QueueFull(f"the queue holds {len(self._scheduler)} jobs, its limit")
+        self._check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
         problem = self._host_validator(job, source_proof) if self._host_validator else None  # NotAuthorized: nothing stored
         if problem:
             self._store.insert_job(job, f"submitted by uid {owner}")
             self._jobs[job.id] = job
+            self._track(job)
             self._notify("job_added", job)
             self._validate_and_queue(job, queue, problem)
         else:
@@ -323,6 +332,7 @@ class JobManager:
             steps.append((job.move_to(S.QUEUED).value, S.QUEUED.value, "queued"))
         self._store.insert_settled_job(job, steps)
         self._jobs[job.id] = job
+        self._track(job)
         if queue:
             self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
             self._kick()
@@ -344,6 +354,54 @@ class JobManager:
         self._transition(job, S.QUEUED, reason)
         self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
         self._kick()
+
+    def _check_room_for(self, owner: int) -> None:
+        """Raise QueueFull if one more unfinished job of `owner` would pass a limit: max_queued_jobs for all
+        owners together, max_jobs_per_user for any one but root. Jobs held with queue=false count too: each
+        is kept in memory until it ends, so without a limit one member of the submitting group could grow
+        a root daemon without bound."""
+        total = sum(map(len, self._unfinished.values()))
+        if total >= self._config.max_queued_jobs:
+            raise QueueFull(f"h2kd already holds {total} unfinished jobs, its limit (max_queued_jobs); "
+                            f"wait for some to finish, or cancel some")
+        mine = len(self._unfinished.get(owner, ()))
+        if owner != 0 and mine >= self._config.max_jobs_per_user:
+            raise QueueFull(f"uid {owner} already has {mine} unfinished jobs, the limit for one user "
+                            f"(max_jobs_per_user); wait for some to finish, or cancel some")
+
+    def _track(self, job: Job) -> None:
+        """Count the job for its owner's limits while it is unfinished."""
+        if job.state in TERMINAL:
+            self._untrack(job)
+        else:
+            self._unfinished.setdefault(job.owner, set()).add(job.id)
+
+    def _untrack(self, job: Job) -> None:
+        ids = self._unfinished.get(job.owner)
+        if ids is not None:
+            ids.discard(job.id)
+            if not ids:
+                del self._unfinished[job.owner]
+
+    def _prune_if_over(self) -> None:
+        """Prune soon if finished jobs exceed the retention count by more than the slack."""
+        finished = len(self._jobs) - sum(map(len, self._unfinished.values()))
+        keep = self._config.retention_max_count
+        if self._prune_pending or finished <= keep + max(PRUNE_SLACK_JOBS, int(keep * PRUNE_SLACK_SHARE)):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._prune_pending = True
+        loop.call_soon(self._prune_now)
+
+    def _prune_now(self) -> None:
+        self._prune_pending = False
+        try:
+            self.prune()
+        except H2kError as e:   # the store failed: the hourly pass tries again
+            log.warning("could not prune finished jobs: %s", e)
 
     @staticmethod
     def _requirements(job: Job) -> dict[str, Any]:
@@ -380,6 +438,7 @@ class JobManager:
         problem = self._host_validator(job, None) if self._host_validator else None
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be retried: {problem}")
+        self._check_room_for(job.owner)
         self._transition(job, S.RETRYING, "retry requested")
         self._reset_progress(job)
         job.error_code = job.error_message = ""
@@ -443,6 +502,7 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._store.delete_job(job.id)
         del self._jobs[job.id]
+        self._untrack(job)
         self._drop_progress_state(job.id)
         self._notify("job_removed", job)
         self._manager_changed()
@@ -874,11 +934,13 @@ class JobManager:
             self._active.add(job.id)
         else:
             self._active.discard(job.id)
+        self._track(job)
         event = self._store.record_transition(job, old, new, reason)
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
         if new in TERMINAL:
             self._kick()
+            self._prune_if_over()
         self._manager_changed()
 
     def _append_event(self, job: Job, kind: str, data: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, InvalidSpec, InvalidState, NoSuchJob
+from h2kd.errors import AlreadyExists, InvalidSpec, InvalidState, NoSuchJob, QueueFull
+from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.manager.ports import UnitOutcome
 from h2kd.store import JobStore
@@ -337,5 +338,74 @@ def test_a_lost_worker_costs_an_attempt(tmp_path, image):
             await until(lambda: worker.state == "stale")   # no heartbeat
             await until(lambda: job.state.value == expected)
         assert job.error_code == "WORKER_LOST"
+        await m.stop()
+    asyncio.run(go())
+
+
+def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
+    """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"], **overrides)
+    config.state_dir.mkdir(exist_ok=True)
+    return JobManager(config, JobStore(config.store_path), RecordingRunner()), config
+
+
+def test_one_user_holds_at_most_max_jobs_per_user_unfinished_jobs(tmp_path, image):
+    """Jobs held with queue=false never end on their own: without a limit, one member of the submitting group
+    could fill a root daemon's memory. Root, other users, and the user once a job of theirs ended, go on."""
+    async def go():
+        m, config = _unchecked(tmp_path, max_jobs_per_user=3)
+        await m.start()
+        held = [m.submit(spec(image, tmp_path / f"out/{n}.qcow2"), owner=1000, queue=False)[0] for n in range(3)]
+        with pytest.raises(QueueFull, match=r"uid 1000 already has 3 unfinished jobs.*max_jobs_per_user"):
+            m.submit(spec(image, tmp_path / "out/4.qcow2", job_id="one-too-many"), owner=1000, queue=False)
+        assert "one-too-many" not in {job.id for job in m.jobs}
+        m.submit(spec(image, tmp_path / "out/other.qcow2"), owner=1001, queue=False)
+        for n in range(4):
+            m.submit(spec(image, tmp_path / f"out/root{n}.qcow2"), owner=0, queue=False)
+        await m.cancel(held[0].id)
+        m.submit(spec(image, tmp_path / "out/5.qcow2"), owner=1000, queue=False)   # one ended: room for one
+        with pytest.raises(QueueFull):   # a retry makes a job unfinished again: it counts as a new one
+            m.retry(held[0].id)
+        assert held[0].state.value == "cancelled"
+        await m.stop()
+
+        again = JobManager(config, JobStore(config.store_path), RecordingRunner())   # the counts survive a restart
+        await again.start()
+        with pytest.raises(QueueFull, match="uid 1000"):
+            again.submit(spec(image, tmp_path / "out/6.qcow2"), owner=1000, queue=False)
+        await again.cancel(held[1].id)
+        again.submit(spec(image, tmp_path / "out/6.qcow2"), owner=1000, queue=False)
+        await again.stop()
+    asyncio.run(go())
+
+
+def test_held_jobs_count_against_the_limit_of_all_unfinished_jobs(tmp_path, image):
+    async def go():
+        m, _ = _unchecked(tmp_path, max_queued_jobs=3)
+        await m.start()
+        m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0, queue=False)
+        m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=1000, queue=False)
+        m.submit(spec(image, tmp_path / "out/c.qcow2"), owner=0)
+        with pytest.raises(QueueFull, match="3 unfinished jobs, its limit"):
+            m.submit(spec(image, tmp_path / "out/d.qcow2"), owner=0)
+        assert len(m.jobs) == 3
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_flood_of_failing_submissions_is_pruned_without_waiting_for_the_hourly_pass(tmp_path, monkeypatch):
+    """Submissions that fail their checks end at once, so no limit on unfinished jobs stops them; once the
+    finished jobs pass the retention count by the slack, the oldest of whoever has the most go at once."""
+    monkeypatch.setattr(manager_module, "PRUNE_SLACK_JOBS", 3)
+    async def go():
+        m, _, _, config = make(tmp_path, retention_max_count=5)
+        await m.start()
+        mine = [m.submit(spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2"), owner=0)[0] for _ in range(8)]
+        await settle()
+        assert len(m.jobs) == 8 and all(job.state.value == "failed" for job in mine)   # within the slack
+        m.submit(spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        assert [job.id for job in m.jobs] == [job.id for job in mine[4:]] + [m.jobs[-1].id]
+        assert len(JobStore(config.store_path).load_jobs()) == 5
         await m.stop()
     asyncio.run(go())
