@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_CONFIG_FILE = Path("/etc/h2kd/h2kd.conf")
+SLICE_WEIGHT = 50   # as systemd/h2k.slice: conversions are batch work and yield to interactive services
 
 
 @dataclass
@@ -26,8 +27,11 @@ class Config:
     bus_address: str | None = None
     systemd_bus_address: str | None = None
     slice: str = "h2k.slice"
-    cpu_weight: int = 100
-    io_weight: int = 100
+    # The slice's CPU and I/O weights, set at every start when given. Unset, h2kd leaves an existing slice as
+    # it is (h2k.slice's own 50, or what an administrator set with systemctl set-property) and creates a
+    # missing one with SLICE_WEIGHT.
+    cpu_weight: int | None = None
+    io_weight: int | None = None
     # The command that runs inside each unit; the spec/result paths are appended.
     worker_command: list[str] = field(default_factory=lambda: ["/usr/bin/env", "h2k-worker"])
     worker_environment: dict[str, str] = field(default_factory=dict)
@@ -59,6 +63,8 @@ class Config:
 
 def _coerce(kind: type | str, value: object) -> object:
     kind = str(kind)
+    if "None" in kind and value in ("", None):
+        return None
     if "list[Path]" in kind:
         items = value.split(":") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
         return [Path(p) for p in items if p]

@@ -314,6 +314,27 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
     asyncio.run(scenario())
 
 
+def test_the_slice_keeps_its_own_or_an_administrators_weights_unless_h2kd_is_given_some(sandbox: Sandbox) -> None:
+    async def weights(slice_name: str) -> tuple[int, int]:
+        props = await unit_properties(sandbox.manager.bus_address, slice_name)
+        assert props is not None, f"{slice_name} is gone"
+        return props["CPUWeight"], props["IOWeight"]
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        config = sandbox.config("wait", slice="h2k-weighed.slice", cpu_weight=None, io_weight=None)
+        async with runner_for(config, events):   # a missing slice is made with h2k.slice's weights
+            assert await weights(config.slice) == (50, 50)
+        changed = sandbox.systemctl("set-property", "--runtime", config.slice, "CPUWeight=70")
+        assert changed.returncode == 0, changed.stderr
+        async with runner_for(config, events):
+            assert await weights(config.slice) == (70, 50)
+        async with runner_for(sandbox.config("wait", slice=config.slice, cpu_weight=None, io_weight=20), events):
+            assert await weights(config.slice) == (70, 20)
+
+    asyncio.run(scenario())
+
+
 def test_status_updates_arrive_in_order_and_success_is_reported(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()

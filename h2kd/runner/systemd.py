@@ -24,7 +24,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from h2kd.access import caller_groups, output_owner
-from h2kd.config import Config
+from h2kd.config import SLICE_WEIGHT, Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, UnitOutcome
 from h2kd.model.job import Job
@@ -231,18 +231,23 @@ class SystemdRunner:
         self._cgroup_root = (await self._manager_property("ControlGroup") or "").rstrip("/")
 
     async def _ensure_slice(self) -> None:
-        """Give our slice its configured CPU/IO weights: create it as a transient slice, or, if it
-        already exists (a unit file, or a previous h2kd), set the weights on it for this boot."""
-        weights = [("CPUWeight", Variant("t", self._config.cpu_weight)),
-                   ("IOWeight", Variant("t", self._config.io_weight))]
-        props = [("Description", Variant("s", "h2kd disk conversions")), *weights]
+        """Make sure our slice exists: create it as a transient slice, with the configured weights (or
+        SLICE_WEIGHT). If it already exists (its unit file, or a previous h2kd), set only the weights
+        configured, for this boot: the slice's own, or an administrator's, stay otherwise."""
+        configured = [(name, Variant("t", value)) for name, value in
+                      (("CPUWeight", self._config.cpu_weight), ("IOWeight", self._config.io_weight))
+                      if value is not None]
+        weights = dict(configured)
+        props = [("Description", Variant("s", "h2kd disk conversions")),
+                 *((name, weights.get(name, Variant("t", SLICE_WEIGHT))) for name in ("CPUWeight", "IOWeight"))]
         try:
             await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))",
                                      [self._config.slice, "fail", props, []])
         except SystemdError as exc:
             if "UnitExists" not in str(exc):
                 raise
-            await self._manager_call("SetUnitProperties", "sba(sv)", [self._config.slice, True, weights])
+            if configured:
+                await self._manager_call("SetUnitProperties", "sba(sv)", [self._config.slice, True, configured])
         self._slice_ready = True
 
     # ------------------------------------------------------------------ Runner
