@@ -22,7 +22,7 @@ class Config:
     # Unfinished jobs (waiting, held with queue=false, retrying or running) h2kd takes: from everyone together,
     # and from any one user but root. A submission beyond either fails with QueueFull.
     max_queued_jobs: int = 100_000
-    max_jobs_per_user: int = 10_000
+    max_jobs_per_user: int = 1_000
     # Where to serve (None: the system bus) and where systemd's manager is (None: the system bus).
     bus_address: str | None = None
     systemd_bus_address: str | None = None

@@ -43,11 +43,12 @@ from typing import Any, Callable, Iterable
 
 from h2kd import __version__
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, InvalidState, NoSuchJob, NoSuchWorker, QueueFull
+from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
+                         QueueFull)
 from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
-from h2kd.model.spec import parse_spec, same_spec, spec_to_json
+from h2kd.model.spec import MAX_SPEC_BYTES, parse_spec, same_spec, spec_to_json
 from h2kd.model.states import ACTIVE, TERMINAL, JobState
 from h2kd.scheduler import Scheduler
 from h2kd.store import JobStore
@@ -60,6 +61,7 @@ BUILTIN = "builtin"
 OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
+MAX_WAITING_LISTED = 1000     # queue_stats() says why the first this many queued jobs wait (its reply stays small)
 # Finished jobs beyond the retention count are pruned at once (not at the next hourly pass) when they exceed it
 # by this many or this share: a flood of submissions that fail their checks must not pile up in memory.
 PRUNE_SLACK_JOBS = 1000
@@ -244,7 +246,7 @@ class JobManager:
             "paused": self.paused,
             "max_parallel_jobs": self.max_parallel,
             "by_priority": self._scheduler.counts_by_priority(),
-            "waiting": dict(self._scheduler.wait_reasons()),
+            "waiting": self._scheduler.wait_reasons(limit=MAX_WAITING_LISTED),
         }
 
     def health(self) -> dict[str, Any]:
@@ -309,6 +311,9 @@ class JobManager:
         self._check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
+        size = len(job.spec_text.encode())
+        if size > MAX_SPEC_BYTES:
+            raise InvalidSpec("", f"the spec is {size} bytes long as JSON; at most {MAX_SPEC_BYTES} are taken")
         problem = self._host_validator(job, source_proof) if self._host_validator else None  # NotAuthorized: nothing stored
         if problem:
             self._store.insert_job(job, f"submitted by uid {owner}")

@@ -30,6 +30,10 @@ MAX_TAGS = 32
 MAX_TAG = 64
 MAX_REQUIREMENTS = 32
 MAX_REQUIREMENT_LIST = 32
+# A whole spec, as the JSON text h2kd stores and exports: the limits above count characters, and a spec near
+# all of them at once, in 4-byte characters, would be ~300 KB held several times over per job. A usual
+# spec is under 1 KiB.
+MAX_SPEC_BYTES = 16 * 1024
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")

@@ -8,6 +8,7 @@ waiting job has a reason a person can read. Knows nothing of job states or stora
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
@@ -17,6 +18,7 @@ from h2kd.manager.ports import WorkerInfo
 PRIORITY_LEVELS = 10
 BUILTIN_KIND = "builtin"
 STALE = "stale"
+MAX_REASON = 256   # a wait reason names every missing requirement: a job's may be long, the replies listing them not
 
 
 # ---------------------------------------------------------------- capability matching
@@ -99,8 +101,11 @@ def _need(key: str, wanted: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    return text if len(text) <= 64 else text[:61] + "..."
+    return _cut(str(value).lower() if isinstance(value, bool) else str(value), 64)
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:length - 3] + "..."
 
 
 def worker_can_run(worker: WorkerInfo, operation: str, requirements: dict[str, Any]) -> str | None:
@@ -308,9 +313,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- explaining
 
-    def wait_reasons(self) -> dict[str, str]:
-        """Why each queued job is not running, as of the last pick()."""
-        return {entry.job_id: self._reason(entry) for entry in self._in_order()}
+    def wait_reasons(self, limit: int | None = None) -> dict[str, str]:
+        """Why each queued job (the first `limit` of them, most urgent first) is not running, as of the last
+        pick(); each reason at most MAX_REASON characters."""
+        entries = self._in_order() if limit is None else itertools.islice(self._in_order(), limit)
+        return {entry.job_id: _cut(self._reason(entry), MAX_REASON) for entry in entries}
 
     def _reason(self, entry: _Entry) -> str:
         if self._paused:

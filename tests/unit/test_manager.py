@@ -11,6 +11,7 @@ from h2kd.config import Config
 from h2kd.errors import AlreadyExists, InvalidSpec, InvalidState, NoSuchJob, QueueFull
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
+from h2kd.model.spec import MAX_SPEC_BYTES
 from h2kd.manager.ports import UnitOutcome
 from h2kd.store import JobStore
 
@@ -407,5 +408,39 @@ def test_a_flood_of_failing_submissions_is_pruned_without_waiting_for_the_hourly
         await settle()
         assert [job.id for job in m.jobs] == [job.id for job in mine[4:]] + [m.jobs[-1].id]
         assert len(JobStore(config.store_path).load_jobs()) == 5
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_spec_too_long_as_json_is_refused_and_nothing_is_kept(tmp_path, image):
+    """Each field's limit counts characters; the whole spec's, bytes: four-byte characters in every field a spec
+    allows would otherwise make each job hold hundreds of kilobytes."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        names = ["\U0001F600" * 64] * 32
+        wide = spec(image, tmp_path / "out/a.qcow2", job_id="wide",
+                    capability_requirements={f"k{n}": names for n in range(4)})
+        with pytest.raises(InvalidSpec, match=rf"bytes long as JSON; at most {MAX_SPEC_BYTES} are taken"):
+            m.submit(wide, owner=0)
+        assert m.jobs == []
+        narrow = spec(image, tmp_path / "out/a.qcow2", job_id="narrow",
+                      capability_requirements={f"k{n}": ["x" * 64] * 32 for n in range(4)})
+        job, _ = m.submit(narrow, owner=0, queue=False)   # as many characters, one byte each
+        assert len(job.spec_text) > 8 * 1024
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_queue_stats_say_why_the_most_urgent_thousand_jobs_wait(tmp_path, image):
+    async def go():
+        m, _ = _unchecked(tmp_path)
+        await m.start()
+        m.pause()
+        for n in range(1005):
+            m.submit(spec(image, tmp_path / f"out/{n}.qcow2", job_id=f"q{n:04d}"), owner=0)
+        waiting = m.queue_stats()["waiting"]
+        assert list(waiting) == [f"q{n:04d}" for n in range(1000)]
+        assert set(waiting.values()) == {"queue is paused"}
         await m.stop()
     asyncio.run(go())

@@ -231,3 +231,16 @@ def test_many_queued_jobs_are_handled_quickly():
     assert len(reasons) == 49_998
     assert sum(r == "no worker offers nbd" for r in reasons.values()) == len(range(0, 50_000, 7))
     assert elapsed < 5   # generous: a pass over a full queue must not stall the daemon for long
+
+
+def test_wait_reasons_stay_short_and_can_be_asked_for_the_first_jobs_only():
+    """A job may need many long values, and a reply listing why every queued job waits must not grow with them:
+    each reason is cut, and a listing may stop after the most urgent jobs."""
+    long_names = [f"{n:02d}" + "é" * 62 for n in range(32)]
+    s = queue(*((f"j{n}", 5 if n else 1, {f"k{k}": long_names for k in range(8)}) for n in range(20)))
+    picked(s)
+    reasons = s.wait_reasons()
+    assert len(reasons) == 20
+    assert all(len(reason) <= 256 and reason.endswith("...") for reason in reasons.values())
+    assert reasons["j0"].startswith("no worker offers k0 00")
+    assert list(s.wait_reasons(limit=3)) == ["j0", "j1", "j2"]
