@@ -368,6 +368,35 @@ def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(moc
         asyncio.run(main())
 
 
+def test_one_users_flood_of_checks_waits_its_turn_and_leaves_room_for_the_others(mock_polkit, users):
+    """A user may have only so many checks at polkit at once, and only so many more waiting for a turn: the
+    rest are refused at once. Another user's checks are answered meanwhile."""
+    timeout = 4.0
+    with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):
+        async def main() -> None:
+            bus = await MessageBus(bus_address=mock_polkit, bus_type=BusType.SYSTEM).connect()
+            await _control_mock(bus, "SimulateHangActions", "as", [[ACTION_SUBMIT]])
+            await _control_mock(bus, "SetAllowed", "as", [[ACTION_CANCEL]])
+            await _control_mock(bus, "AddMethod", "sssss",
+                                ["org.freedesktop.PolicyKit1.Authority", "CancelCheckAuthorization", "s", "", ""])
+            authority = Authority(bus, timeout=timeout, per_user=2, waiting_per_user=3, in_flight=3)
+            flood = [asyncio.ensure_future(authority.check(alice, ACTION_SUBMIT, False)) for _ in range(5)]
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            with pytest.raises(NotAuthorized, match=r"has 5 authorization checks under way; try again"):
+                await authority.check(alice, ACTION_SUBMIT, False)
+            await authority.check(bob, ACTION_CANCEL, False)
+            assert time.monotonic() - started < 2.0
+            (asked,) = await _control_mock(bus, "GetMethodCalls", "s", ["CheckAuthorization"])
+            assert [call[1][1].value for call in asked].count(ACTION_SUBMIT) == 2   # the other three wait their turn
+            assert not any(check.done() for check in flood)
+            results = await asyncio.gather(*flood, return_exceptions=True)
+            assert all(isinstance(r, NotAuthorized) and "authorization service unavailable" in str(r)
+                       for r in results), results
+            bus.disconnect()
+        asyncio.run(main())
+
+
 # ---- through h2kd, as the users call it --------------------------------------------------------
 
 def _spec(job_id: str, image: Path) -> str:

@@ -6,15 +6,22 @@ caller cannot claim to be someone else). uid 0 is allowed without asking polkit.
 other than a clear "yes" denies: a polkit that is missing, fails or does not answer within the
 timeout means NotAuthorized, and each check is an independent coroutine, so a slow answer for one
 caller never holds up another.
+
+How many checks are in flight is bounded, per user and in all (CHECKS_*): h2kd's connection may await at
+most 128 replies at once (dbus-daemon's max_replies_per_connection, shared with its calls to systemd), and
+polkit keeps a check open for as long as an agent prompts. Without a bound, any local user's flood of calls,
+or their own agent never answering, would leave no room for everyone else's checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -50,6 +57,10 @@ _NAME_GONE_MATCH = (
     "member='NameOwnerChanged',arg2=''"
 )
 
+CHECKS_PER_USER = 8       # of one uid in flight at polkit; more wait their turn,
+WAITING_PER_USER = 64     # up to this many; any more are refused at once
+CHECKS_IN_FLIGHT = 64     # of all users together
+
 log = logging.getLogger(__name__)
 
 
@@ -74,12 +85,19 @@ def describe_action(action_id: str) -> str:
 class Authority:
     """polkit checks and caller identity on one bus connection (the one the daemon serves on)."""
 
-    def __init__(self, bus: MessageBus, timeout: float, interactive_timeout: float | None = None):
-        """timeout bounds a check; interactive_timeout (default: the same) one where the caller allowed
-        interaction, since a person may be typing a password into an agent meanwhile."""
+    def __init__(self, bus: MessageBus, timeout: float, interactive_timeout: float | None = None,
+                 per_user: int = CHECKS_PER_USER, waiting_per_user: int = WAITING_PER_USER,
+                 in_flight: int = CHECKS_IN_FLIGHT):
+        """timeout bounds a check (its wait for a turn included); interactive_timeout (default: the same) one
+        where the caller allowed interaction, since a person may be typing a password into an agent meanwhile."""
         self._bus = bus
         self._timeout = timeout
         self._interactive_timeout = max(timeout, interactive_timeout or timeout)
+        self._per_user = per_user
+        self._waiting_per_user = waiting_per_user
+        self._all_turns = asyncio.Semaphore(in_flight)
+        self._user_turns: dict[int, asyncio.Semaphore] = {}
+        self._checks_of: dict[int, int] = {}    # uid -> its checks in flight or waiting for a turn
         # unique name -> lookup in flight or done; shared so concurrent callers ask only once.
         self._credentials: dict[str, asyncio.Task[Credentials]] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -198,7 +216,8 @@ class Authority:
     ) -> None:
         """Return if `sender` may perform `action_id`; raise NotAuthorized or
         InteractiveAuthorizationRequired otherwise."""
-        if (await self.caller_uid(sender)) == 0:
+        uid = await self.caller_uid(sender)
+        if uid == 0:
             return
         words = describe_action(action_id)
         cancellation_id = f"h2kd-{os.getpid()}-{next(self._cancellation_ids)}"
@@ -217,14 +236,21 @@ class Authority:
             ],
         )
         timeout = self._interactive_timeout if allow_interactive else self._timeout
+        asked = False
         try:
-            reply = await asyncio.wait_for(self._bus.call(call), timeout)
+            async with asyncio.timeout(timeout), self._turn(uid, words):
+                asked = True
+                reply = await self._bus.call(call)
         except TimeoutError:
             log.warning("polkit did not answer %s for %s within %.1fs", action_id, sender, timeout)
-            self._cancel_check(cancellation_id)
+            if asked:
+                self._cancel_check(cancellation_id)
             raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from None
         except asyncio.CancelledError:
-            self._cancel_check(cancellation_id)
+            if asked:
+                self._cancel_check(cancellation_id)
+            raise
+        except NotAuthorized:   # no turn: too many checks of this user under way
             raise
         except Exception as e:  # the connection itself failed
             log.warning("polkit check %s for %s failed: %r", action_id, sender, e)
@@ -238,6 +264,23 @@ class Authority:
         if is_challenge and not allow_interactive:
             raise InteractiveAuthorizationRequired(f"Interactive authentication is required to {words}")
         raise NotAuthorized(f"Not authorized to {words}")
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, uid: int, words: str) -> AsyncIterator[None]:
+        """Wait until `uid` may have one more check at polkit (see CHECKS_*), or refuse if too many wait."""
+        checks = self._checks_of.get(uid, 0)
+        if checks >= self._per_user + self._waiting_per_user:
+            raise NotAuthorized(f"Not authorized to {words}: uid {uid} has {checks} authorization checks under "
+                                f"way; try again once they are answered")
+        self._checks_of[uid] = checks + 1
+        turns = self._user_turns.setdefault(uid, asyncio.Semaphore(self._per_user))
+        try:
+            async with turns, self._all_turns:
+                yield
+        finally:
+            self._checks_of[uid] -= 1
+            if not self._checks_of[uid]:
+                del self._checks_of[uid], self._user_turns[uid]
 
     async def check_job_control(
         self,
