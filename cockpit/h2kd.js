@@ -20,6 +20,7 @@ const FINAL_STATES = new Set(["completed", "failed", "cancelled"]);
 const RETRYABLE_STATES = new Set(["failed", "cancelled"]);
 const ACTIVE_STATES = new Set(["assigned", "running", "progressing", "retrying"]);
 const MAX_ROWS = 200;                   // the newest jobs shown; the rest are counted
+const EVENTS_PAGE = 1000;               // GetEvents' page: a full one means there may be more
 const HEALTH_INTERVAL_MS = 5000;
 const DETAILS_REFRESH_MS = 2000;        // at most this often while the shown job changes
 const PROPERTIES_IFACE = "org.freedesktop.DBus.Properties";
@@ -595,6 +596,8 @@ function loadHistory(job) {
             lastEventSeq = seq;
         }
         renderHistory();
+        if (events.length >= EVENTS_PAGE)
+            return loadHistory(job);
     }).catch(e => {
         if (path === selectedPath)
             $("details-history").replaceChildren(el("li", { class: "error", text: errorText(e) }));

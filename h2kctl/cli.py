@@ -345,10 +345,20 @@ async def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int
     return ExitCode.SUCCESS
 
 
+async def _events(client: Client, path: str, since: int) -> list[Any]:
+    """Every event after `since`: GetEvents answers a page at a time."""
+    events: list[Any] = []
+    while True:
+        (page,) = await client.call(path, JOB_IFACE, "GetEvents", "t", [since])
+        if not page:
+            return events
+        events += page
+        since = page[-1][0]
+
+
 async def _history(client: Client, path: str) -> list[dict[str, Any]]:
-    (events,) = await client.call(path, JOB_IFACE, "GetEvents", "t", [0])
     history = []
-    for seq, usec, kind, data in events:
+    for seq, usec, kind, data in await _events(client, path, 0):
         if kind == "state":
             parsed = schema.event((seq, usec, kind, data))["data"]
             history.append(schema.history_entry(seq, usec, parsed if isinstance(parsed, dict) else {}))
@@ -542,8 +552,7 @@ def _event_summary(kind: str, data: Any) -> str:
 
 async def cmd_events(client: Client, args: argparse.Namespace, out: Output) -> int:
     path = await client.get_job_path(args.job)
-    (events,) = await client.call(path, JOB_IFACE, "GetEvents", "t", [args.since])
-    parsed = [schema.event(tuple(e)) for e in events]
+    parsed = [schema.event(tuple(e)) for e in await _events(client, path, args.since)]
     if out.json:
         out.emit_json(parsed)
         return ExitCode.SUCCESS

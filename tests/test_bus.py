@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -108,6 +109,38 @@ def test_life_cycle_and_error_names_with_gdbus(stack_env, paused):
     gdbus(stack_env, MANAGER_PATH, MANAGER + ".CancelJob", job_id)
     gdbus(stack_env, MANAGER_PATH, MANAGER + ".RemoveJob", job_id)
     assert ERR + "NoSuchJob" in gdbus(stack_env, MANAGER_PATH, MANAGER + ".GetJob", job_id, check=False).stderr
+
+
+def test_a_long_event_log_comes_a_page_at_a_time_and_h2kctl_reads_it_all(stack, stack_env):
+    """GetEvents answers at most 1,000 events a call, whatever a job's log holds; clients ask again from the
+    last seq (h2kctl events does), so the reply never grows with the log."""
+    job_id = new_id("pages")
+
+    async def fill() -> int:
+        client = await Client.connect(stack.bus_address)
+        try:
+            _, path = await client.submit(spec(job_id), queue=False)
+            for n in range(1100):   # each change of priority is a log event
+                await client.manager("SetJobPriority", "su", [job_id, 3 + n % 2])
+            (first,) = await client.call(path, JOB, "GetEvents", "t", [0])
+            assert [e[0] for e in first] == list(range(1, 1001))
+            (rest,) = await client.call(path, JOB, "GetEvents", "t", [1000])
+            assert rest and [e[0] for e in rest] == list(range(1001, 1001 + len(rest)))
+            (none,) = await client.call(path, JOB, "GetEvents", "t", [rest[-1][0]])
+            assert none == []
+            return rest[-1][0]
+        finally:
+            client.close()
+
+    try:
+        last = run(fill())
+        listed = subprocess.run([sys.executable, "-m", "h2kctl", "events", job_id, "--json"], env=stack_env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert [e["seq"] for e in json.loads(listed.stdout)] == list(range(1, last + 1))
+    finally:
+        gdbus(stack_env, MANAGER_PATH, MANAGER + ".CancelJob", job_id, check=False)
+        gdbus(stack_env, MANAGER_PATH, MANAGER + ".RemoveJob", job_id, check=False)
 
 
 def test_life_cycle_from_python(stack, paused):

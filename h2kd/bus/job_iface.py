@@ -18,6 +18,9 @@ from h2kd.bus.call import current_caller
 from h2kd.bus.errors import bus_errors
 from h2kd.model.job import Job
 
+# GetEvents' page: a reply of at most ~1 MB, whatever a job's log holds; clients ask again from the last seq.
+MAX_EVENTS_PER_CALL = 1000
+
 JOB_INTERFACE = BUS_NAME + ".Job"
 
 # D-Bus property -> (signature, value from the Job record). The one place these are defined.
@@ -124,7 +127,7 @@ class JobInterface(ApiInterface):
     @bus_errors
     def GetEvents(self, since: "t") -> "a(ttss)":
         return [[e.seq, e.time, e.kind, json.dumps(e.data, sort_keys=True)]
-                for e in self._manager.events(self.job.id, since)]
+                for e in self._manager.events(self.job.id, since, limit=MAX_EVENTS_PER_CALL)]
 
     # Signals are declared here for introspection; h2kd.bus.service sends them with the object's path.
     @dbus_signal()

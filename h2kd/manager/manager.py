@@ -62,6 +62,9 @@ OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
 MAX_WAITING_LISTED = 1000     # queue_stats() says why the first this many queued jobs wait (its reply stays small)
+# Each retry adds to a job's history and event log, kept as long as the job: a cancel-and-retry loop must not
+# grow them without end. Retries h2kd makes itself are few (retry_count <= 5).
+MAX_RETRIES = 100
 # Finished jobs beyond the retention count are pruned at once (not at the next hourly pass) when they exceed it
 # by this many or this share: a flood of submissions that fail their checks must not pile up in memory.
 PRUNE_SLACK_JOBS = 1000
@@ -205,9 +208,9 @@ class JobManager:
         selected = selected[offset:]
         return selected[:limit] if limit else selected
 
-    def events(self, job_id: str, since: int = 0) -> list[Event]:
+    def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
         self.get(job_id)
-        return self._store.events(job_id, since)
+        return self._store.events(job_id, since, limit)
 
     def history(self, job_id: str) -> list[dict]:
         self.get(job_id)
@@ -443,6 +446,9 @@ class JobManager:
         problem = self._host_validator(job, None) if self._host_validator else None
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be retried: {problem}")
+        retried = self._store.count_transitions(job.id, S.RETRYING.value)
+        if retried >= MAX_RETRIES:
+            raise InvalidState(f"job {job_id} was retried {retried} times already; submit it again as a new job")
         self._check_room_for(job.owner)
         self._transition(job, S.RETRYING, "retry requested")
         self._reset_progress(job)

@@ -498,6 +498,13 @@ class JobStore:
             rows = self._db.execute(sql, params).fetchall()
         return [Event(job_id, seq, t, kind, json.loads(data)) for seq, t, kind, data in rows]
 
+    def count_transitions(self, job_id: str, new_state: str) -> int:
+        """How many times the job's history says it went into `new_state`."""
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM history WHERE job_id = ? AND new_state = ?",
+                                        (job_id, new_state)).fetchone()
+        return count
+
     def history(self, job_id: str) -> list[dict[str, Any]]:
         """The job's state changes, oldest first: {time, old_state, new_state, reason} ('' old_state at first)."""
         with self._lock:

@@ -444,3 +444,24 @@ def test_queue_stats_say_why_the_most_urgent_thousand_jobs_wait(tmp_path, image)
         assert set(waiting.values()) == {"queue is paused"}
         await m.stop()
     asyncio.run(go())
+
+
+def test_a_job_retried_max_retries_times_must_be_submitted_again(tmp_path, image, monkeypatch):
+    """Each retry grows the job's history and event log, which stay as long as the job: a cancel-and-retry loop
+    ends at the limit, with a reason, and the job stays as it was."""
+    monkeypatch.setattr(manager_module, "MAX_RETRIES", 3)
+    async def go():
+        m, _ = _unchecked(tmp_path)
+        await m.start()
+        m.pause()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=1000)
+        for _ in range(3):
+            await m.cancel(job.id)
+            m.retry(job.id)
+        await m.cancel(job.id)
+        events = len(m.events(job.id))
+        with pytest.raises(InvalidState, match=rf"job {job.id} was retried 3 times already; submit it again"):
+            m.retry(job.id)
+        assert job.state.value == "cancelled" and len(m.events(job.id)) == events
+        await m.stop()
+    asyncio.run(go())
