@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -73,6 +74,10 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP would end h2kd, which systemd takes for a clean exit and does not restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: h2kd reads its settings only when it starts; restart it to apply changes "
+        "(running conversions go on and are picked up again)"))
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -92,14 +97,39 @@ async def serve(config: Config) -> int:
     return 0
 
 
+class _PriorityPrefix(logging.Formatter):
+    """Each line begins with its record's syslog priority ("<4>" for a warning), which journald reads from a
+    service's stderr (sd-daemon(3)): `journalctl -u h2kd -p warning` then finds h2kd's warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelno
+        priority = 2 if level >= logging.CRITICAL else 3 if level >= logging.ERROR else \
+            4 if level >= logging.WARNING else 6 if level >= logging.INFO else 7
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
+
+
+def _stderr_is_the_journal() -> bool:
+    try:
+        seen = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{seen.st_dev}:{seen.st_ino}"
+
+
+def configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = _PriorityPrefix if _stderr_is_the_journal() else logging.Formatter
+    handler.setFormatter(formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="h2kd", description="VM disk conversion daemon (D-Bus: org.hyper2kvm.h2kd1)")
     parser.add_argument("--config", help="settings file (TOML, section [h2kd]); default /etc/h2kd/h2kd.conf")
     parser.add_argument("--version", action="version", version=f"h2kd {__version__}")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
+    configure_logging(args.debug)
     from pathlib import Path
     config = load_config(Path(args.config) if args.config else None)
     return asyncio.run(serve(config))

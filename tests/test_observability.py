@@ -659,6 +659,35 @@ def test_systemd_watchdog_fires_when_the_daemon_loop_is_blocked(systemd_user):
         subprocess.run(["systemctl", "--user", "reset-failed", unit], env=env, capture_output=True, timeout=30)
 
 
+def test_the_daemons_log_lines_reach_the_journal_with_their_priority(systemd_user, journald):
+    """Run as a service, h2kd logs to stderr, which is the journal: each line carries its priority, so
+    `journalctl -p warning` finds warnings and errors, tracebacks included."""
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    program = textwrap.dedent(f"""
+        import logging
+        from h2kd.daemon import configure_logging
+        configure_logging(False)
+        log = logging.getLogger("h2kd")
+        log.info("told {marker}")
+        log.warning("warned {marker}")
+        try:
+            raise ValueError("bad {marker}")
+        except ValueError:
+            log.exception("failed {marker}")
+    """)
+    ran = subprocess.run(["systemd-run", "--user", "--wait", "--quiet", f"--setenv=PYTHONPATH={REPO}",
+                          sys.executable, "-c", program],
+                         env=systemd_user.systemctl_env(), capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    priorities = {}
+    for word, expected in (("told", "6"), ("warned", "4"), ("failed", "3")):
+        entries = read_journal(f"MESSAGE=h2kd: {word} {marker}", expect=1)
+        assert entries, f"the {word} line never reached the journal"
+        priorities[word] = entries[0]["PRIORITY"]
+    assert priorities == {"told": "6", "warned": "4", "failed": "3"}
+    assert read_journal(f"MESSAGE=ValueError: bad {marker}", "PRIORITY=3", expect=1), "the traceback lost its priority"
+
+
 # ------------------------------------------------------------------------------------------------
 # Through the daemon (the private stack)
 

@@ -6,7 +6,10 @@ systemd's, so a conversion goes on while h2kd is away and is settled exactly onc
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -169,3 +172,24 @@ def _wait_unit_gone(stack, unit: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{unit} still runs")
+
+
+def test_sighup_leaves_h2kd_serving_and_says_why(stack):
+    """SIGHUP would otherwise end h2kd, which systemd takes for a clean exit and does not restart."""
+    pid = stack.daemon_pid
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP ignored" not in stack.daemon_log.read_text():
+        assert time.monotonic() < deadline, "h2kd did not say what it made of SIGHUP"
+        time.sleep(0.05)
+
+    async def still_serving():
+        client = await Client.connect(stack.bus_address)
+        try:
+            (stats,) = await client.manager("GetQueueStats")
+            return stats
+        finally:
+            client.close()
+
+    assert "queued" in run(still_serving())
+    assert stack.daemon_pid == pid
