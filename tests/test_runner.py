@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -101,12 +102,16 @@ class RecordingEvents:
     def __init__(self) -> None:
         self.statuses: list[tuple[str, int, str]] = []
         self.finished: list[tuple[str, int, UnitOutcome]] = []
+        self.stopping: list[bool] = []
 
     def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
         self.statuses.append((job_id, attempt, status_text))
 
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
         self.finished.append((job_id, attempt, outcome))
+
+    def system_stopping(self, stopping: bool) -> None:
+        self.stopping.append(stopping)
 
     def statuses_of(self, job_id: str) -> list[str]:
         return [text for jid, _, text in self.statuses if jid == job_id]
@@ -286,6 +291,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
                                      "--result", str(config.runs_dir / convert_unit / "result.json")]
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
             assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec, "spec_checked": True,
+                                 "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                                  "output_roots": [str(config.output_roots[0])],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "groups": []},
                                  "source_identity": convert.source_identity}
@@ -509,6 +515,80 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
         assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
         assert starts(config, unit) == 1
         assert lost.result == "not-started" and lost.worker_result is None
+
+    asyncio.run(scenario())
+
+
+def test_units_stopped_by_a_shutdown_are_interrupted_not_cancelled(sandbox: Sandbox) -> None:
+    """A shutdown (here of a manager of our own: a target pulling in shutdown.target, started as
+    `systemctl reboot` starts reboot.target) stops the job's unit: the runner says the shutdown began before
+    the unit ends, and reports the end as interrupted. An administrator's stop is not
+    (test_administrator_stop_is_reported_faithfully_not_as_ours)."""
+    runtime = sandbox.base / "going-down"
+    manager = start_user_manager(runtime, sandbox.base / "going-down.log", {})
+    try:
+        env = manager.systemctl_env()
+        units_dir = runtime / "systemd" / "user"
+        units_dir.mkdir(parents=True, exist_ok=True)
+        (units_dir / "h2k-going-down.target").write_text(
+            "[Unit]\nDefaultDependencies=no\nRequires=shutdown.target\nAfter=shutdown.target\n")
+        # The user manager's bus is one of its units, stopped with the rest: here it stays up, as the system
+        # bus outlives a shutting-down system's services.
+        for unit in ("dbus.service", "dbus.socket", "session.slice", "app.slice"):
+            drop_in = units_dir / f"{unit}.d" / "h2k-test.conf"
+            drop_in.parent.mkdir(parents=True)
+            drop_in.write_text("[Unit]\nDefaultDependencies=no\n")
+        reloaded = subprocess.run(["systemctl", "--user", "daemon-reload"], env=env, capture_output=True,
+                                  text=True, timeout=30)
+        assert reloaded.returncode == 0, reloaded.stderr
+
+        async def scenario() -> None:
+            events = RecordingEvents()
+            config = sandbox.config("wait", systemd_bus_address=manager.bus_address)
+            async with runner_for(config, events) as runner:
+                job = make_job()
+                await start_waiting(runner, events, job)
+                assert events.stopping == []
+                going = await asyncio.to_thread(
+                    subprocess.run, ["systemctl", "--user", "--no-block", "--job-mode=replace-irreversibly",
+                                     "start", "h2k-going-down.target"], env=env, capture_output=True, text=True,
+                    timeout=30)
+                assert going.returncode == 0, going.stderr
+                outcome = await events.wait_finished(job.id)
+                assert events.stopping == [True]
+            assert outcome.interrupted and not outcome.stopped_by_request
+            assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
+
+        asyncio.run(scenario())
+    finally:
+        manager.stop()
+
+
+def test_an_attempt_stopped_in_an_earlier_boot_is_interrupted_when_reattached(sandbox: Sandbox) -> None:
+    """h2kd was stopped before its units at a reboot: when it starts again, an attempt whose unit was stopped
+    in the boot before was interrupted by the shutdown. One stopped in this boot was an administrator's stop."""
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        first_events = RecordingEvents()
+        first = await connected(config, first_events)
+        earlier, this_boot = make_job(), make_job()
+        for job in (earlier, this_boot):
+            job.unit = await start_waiting(first, first_events, job)
+        await first.close()
+        for job in (earlier, this_boot):
+            stopped = await asyncio.to_thread(sandbox.systemctl, "stop", job.unit)
+            assert stopped.returncode == 0, stopped.stderr
+        # No reboot here: the spec file says, as it would after one, that the attempt began in another boot.
+        spec_file = config.runs_dir / earlier.unit / "spec.json"
+        spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "boot_id": uuid.uuid4().hex}))
+        events = RecordingEvents()
+        async with runner_for(config, events) as second:
+            for job in (earlier, this_boot):
+                await second.reattach(job)
+            interrupted = await events.wait_finished(earlier.id)
+            cancelled = await events.wait_finished(this_boot.id)
+        assert interrupted.interrupted and interrupted.worker_result["status"] == "cancelled"
+        assert not cancelled.interrupted and cancelled.worker_result["status"] == "cancelled"
 
     asyncio.run(scenario())
 

@@ -88,6 +88,7 @@ class JobManager:
         # Owner uid -> ids of that owner's unfinished jobs (any state but TERMINAL): what the limits count.
         self._unfinished: dict[int, set[str]] = {}
         self._prune_pending = False
+        self._system_stopping = False   # a shutdown is under way: no attempt starts (see system_stopping)
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
@@ -534,7 +535,7 @@ class JobManager:
     def _schedule(self) -> None:
         self._schedule_pending = False
         builtin = self._workers.get(BUILTIN)
-        if builtin is None:
+        if builtin is None or self._system_stopping:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         workers = [builtin] if self._runner is not None else []
@@ -607,6 +608,13 @@ class JobManager:
         fraction = None if report.fraction is None else report.fraction
         self._apply_progress(job, report.phase, fraction, report.bytes_done, report.bytes_total, report.message)
 
+    def system_stopping(self, stopping: bool) -> None:
+        """While the system shuts down, nothing starts: systemd would refuse the unit, and the job fail for it.
+        The jobs it stops come back to the queue (outcome.interrupted) and start when h2kd runs again."""
+        self._system_stopping = stopping
+        if not stopping:
+            self._kick()
+
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in ACTIVE or job.worker != BUILTIN:
@@ -620,6 +628,9 @@ class JobManager:
             self._complete(job, result)
         elif wanted_cancel:
             self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result)
+        elif outcome.interrupted:
+            self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"unit {outcome.unit} was stopped by the system "
+                                  "shutting down", attempt_spent=False)
         elif outcome.result != "timeout" and (
                 result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)

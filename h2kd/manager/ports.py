@@ -64,7 +64,8 @@ class UnitOutcome:
     exit_status: int = 0             # ExecMainStatus
     worker_result: dict[str, Any] | None = None   # the worker's result file (JobResult JSON), if it wrote one
     log_tail: list[str] = field(default_factory=list)
-    stopped_by_request: bool = False  # we (or an admin via systemctl stop) stopped it
+    stopped_by_request: bool = False  # h2kd stopped it (Runner.stop); an administrator's systemctl stop is not
+    interrupted: bool = False         # stopped by the system going down (shutdown, reboot), not by anyone's wish
 
 
 class RunnerEvents(Protocol):
@@ -72,6 +73,9 @@ class RunnerEvents(Protocol):
 
     def unit_status(self, job_id: str, attempt: int, status_text: str) -> None: ...
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None: ...
+    def system_stopping(self, stopping: bool) -> None:
+        """The system began shutting down (no unit may start now), or called the shutdown off."""
+        ...
 
 
 class Runner(Protocol):

@@ -6,6 +6,11 @@ unit is over, reports exactly one unit_finished per attempt with systemd's Resul
 worker's result file and (for a failure) the tail of the unit's journal. Before reporting, it removes any
 temporary output the worker recorded (h2kd.operations.tempfiles) and left behind because it was killed
 outright. Units are systemd's: if h2kd goes away they keep running, and reattach() picks them up again.
+
+A unit stopped because the system (or the user manager) is going down was interrupted, not cancelled: the
+runner tells the manager when a shutdown begins (a job for shutdown.target appears; system_stopping), and
+reports such an end with interrupted=True. So does a reattach that finds an attempt stopped in an earlier
+boot (the boot id recorded in its spec file differs from this one): h2kd was not there to see it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ MAX_CALLS_IN_FLIGHT = 16
 # A worker's status lines are short; anything longer is cut before it reaches the job's progress and events.
 MAX_STATUS_TEXT = 4096
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+SHUTDOWN_TARGET = "shutdown.target"     # pulled in by poweroff, reboot, halt, kexec, and a user manager's exit
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 CALL_TIMEOUT_SECONDS = 60
 
 
@@ -113,6 +120,8 @@ class SystemdRunner:
         # systemd's unique name on a bus (None on its private socket, where only systemd can send):
         # signals from anyone else are not systemd's news, whatever path and contents they claim.
         self._systemd_owner: str | None = None
+        self._system_stopping = False
+        self._boot_id = _read_boot_id()
 
     # ------------------------------------------------------------------ connection
 
@@ -139,12 +148,14 @@ class SystemdRunner:
                 f"path_namespace='{SYSTEMD_PATH}/unit'",
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='UnitRemoved'",
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobRemoved'",
+                f"type='signal',sender='{SYSTEMD}',interface='{MANAGER_IFACE}',member='JobNew'",
                 f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',arg0='{SYSTEMD}'",
             ):
                 await self._call(DBUS, "/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule])
             await self._learn_systemd_owner()
             await self._manager_call("Subscribe", "", [])
             await self._learn_manager()
+            self._set_system_stopping(await self._manager_property("SystemState") == "stopping")
             await self._ensure_slice()
         except Exception:
             bus.disconnect()
@@ -261,7 +272,7 @@ class SystemdRunner:
         # spec_checked: job.spec is the spec as h2kd.model.spec checked and completed it at submission, so
         # the worker need not load the spec models again to check it (a good part of its start-up time).
         _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
-                                           "spec_checked": True,
+                                           "spec_checked": True, "boot_id": self._boot_id,
                                            "output_roots": [str(r) for r in self._config.output_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
                                                      # looked up here: the unit may not reach a network NSS
@@ -382,11 +393,36 @@ class SystemdRunner:
                 if followed is not None:
                     self._schedule_check(followed)
             elif msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE:
+                if msg.body[2] == SHUTDOWN_TARGET and msg.body[3] != "done":
+                    self._set_system_stopping(False)    # the shutdown was called off
                 followed = self._followed.get(msg.body[2])
                 if followed is not None:
                     self._schedule_check(followed)
+            elif msg.member == "JobNew" and msg.interface == MANAGER_IFACE and msg.body[2] == SHUTDOWN_TARGET:
+                self._set_system_stopping(True)
         except Exception:
             log.exception("handling a systemd signal failed")
+
+    def _set_system_stopping(self, stopping: bool) -> None:
+        if stopping == self._system_stopping:
+            return
+        self._system_stopping = stopping
+        log.info("the system is shutting down: no job starts until h2kd runs again" if stopping
+                 else "the shutdown was called off")
+        try:
+            self._events.system_stopping(stopping)
+        except Exception:
+            log.exception("system_stopping handler failed")
+
+    def _interrupted(self, followed: _Followed, worker_result: dict[str, Any] | None) -> bool:
+        """Whether the attempt was stopped by the system going down: it ended by a stop (or was killed
+        outright) that h2kd did not ask for, while a shutdown was under way or in an earlier boot."""
+        if followed.stop_requested or (worker_result is not None and worker_result.get("status") != "cancelled"):
+            return False
+        if self._system_stopping:
+            return True
+        started_in = (_read_json(followed.run_dir / "spec.json") or {}).get("boot_id")
+        return bool(started_in and self._boot_id and started_in != self._boot_id)
 
     def _apply(self, followed: _Followed, values: dict[str, Any]) -> None:
         """Take in property values of the unit (from a signal or a query)."""
@@ -497,7 +533,8 @@ class SystemdRunner:
         # The log tail only explains failures; reading the journal for a success would delay every job.
         log_tail = [] if succeeded else await self._log_tail(followed)
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
-                              log_tail=log_tail, stopped_by_request=followed.stop_requested)
+                              log_tail=log_tail, stopped_by_request=followed.stop_requested,
+                              interrupted=not succeeded and self._interrupted(followed, worker_result))
         try:
             self._events.unit_finished(followed.job_id, followed.attempt, outcome)
         except Exception:
@@ -572,6 +609,13 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
         return "exit-code", 143
     error = worker_result.get("error") or {}
     return "exit-code", 1 if error.get("retryable", True) else 2
+
+
+def _read_boot_id() -> str:
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _error_text(reply: Message) -> str:

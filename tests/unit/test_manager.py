@@ -465,3 +465,27 @@ def test_a_job_retried_max_retries_times_must_be_submitted_again(tmp_path, image
         assert job.state.value == "cancelled" and len(m.events(job.id)) == events
         await m.stop()
     asyncio.run(go())
+
+
+def test_a_job_interrupted_by_a_shutdown_waits_for_the_next_start_without_losing_an_attempt(tmp_path, image):
+    """A reboot while a batch runs: the interrupted job goes back to the queue (though it had no retries left), and
+    nothing starts while the system goes down (systemd would refuse the unit, and the job would fail)."""
+    async def go():
+        m, runner, changes, _ = make(tmp_path)
+        await m.start()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", job_id="first"), owner=0)
+        await settle()
+        assert runner.started == [("first", 1)] and first.spec["execution_policy"]["retry_count"] == 0
+        m.system_stopping(True)
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", job_id="second"), owner=0)
+        m.unit_finished("first", 1, UnitOutcome(first.unit, "exit-code", 143, {"status": "cancelled"},
+                                                 interrupted=True))
+        await settle()
+        assert first.state.value == "queued" and second.state.value == "queued"
+        assert runner.started == [("first", 1)]
+        assert "stopped by the system shutting down" in m.history("first")[-1]["reason"]
+        m.system_stopping(False)    # called off (or h2kd runs again after the reboot)
+        await settle()
+        assert ("first", 2) in runner.started and first.state.value == "running"
+        await m.stop()
+    asyncio.run(go())
