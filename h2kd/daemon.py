@@ -32,7 +32,7 @@ async def serve(config: Config) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     from h2kd.bus import BusService, connect_bus
     from h2kd.bus.auth import Authority
-    from h2kd.observability.health import Watchdog, notify_ready, notify_stopping
+    from h2kd.observability.health import StatusLine, Watchdog, notify_ready, notify_stopping
     from h2kd.observability.journal import JournalLog
     from h2kd.observability.metrics import Metrics, start_http
     from h2kd.runner import SystemdRunner
@@ -58,6 +58,8 @@ async def serve(config: Config) -> int:
     manager.add_listener(service)
     manager.add_listener(JournalLog())
     manager.add_listener(metrics)
+    status_line = StatusLine(lambda: (manager.jobs_queued, manager.jobs_running, manager.paused))
+    manager.add_listener(status_line)
     await service.export()
     await manager.start()
     reply = await bus.request_name(BUS_NAME)
@@ -65,9 +67,9 @@ async def serve(config: Config) -> int:
         log.error("the bus name %s is taken (%s); is another h2kd running?", BUS_NAME, reply)
         return 1
     metrics_server = start_http(metrics, config.metrics_address, config.metrics_port)
-    watchdog = Watchdog(manager.health)
+    watchdog = Watchdog(manager.health, on_problem=status_line.set_problem)
     watchdog.start()
-    notify_ready(f"serving {BUS_NAME}; {manager.jobs_queued} queued, {manager.jobs_running} running")
+    notify_ready(status_line.text())
     log.info("h2kd %s serving %s", __version__, BUS_NAME)
 
     stop = asyncio.Event()
@@ -81,6 +83,7 @@ async def serve(config: Config) -> int:
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    status_line.close()
     notify_stopping()
     watchdog.stop()
     await manager.stop()

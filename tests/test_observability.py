@@ -757,3 +757,59 @@ def test_daemon_metrics_and_journal_for_a_rejected_job(stack):
     assert value(after, "hyper2kvm_migration_total", operation="convert", status="failed") == \
         value(before, "hyper2kvm_migration_total", operation="convert", status="failed") + 1
     assert value(after, "h2kd_jobs", state="failed") == value(before, "h2kd_jobs", state="failed") + 1
+
+
+def test_the_status_systemctl_shows_follows_the_queue(stack, tmp_path):
+    """`systemctl status h2kd` shows h2kd's STATUS=: the queue as it is, not as it was at start."""
+    import asyncio
+
+    from dbus_fast.aio import MessageBus
+
+    from h2kd import BUS_NAME, MANAGER_PATH
+
+    async def manager_call(member: str) -> None:
+        bus = await MessageBus(bus_address=stack.bus_address).connect()
+        try:
+            from dbus_fast import Message, MessageType
+            reply = await bus.call(Message(destination=BUS_NAME, path=MANAGER_PATH,
+                                           interface=BUS_NAME + ".Manager", member=member))
+            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        finally:
+            bus.disconnect()
+
+    sock_path = tmp_path / "notify"
+    before = dict(stack.daemon_env)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(10)
+
+        def status_until_match(pattern: str) -> re.Match:
+            seen: list[str] = []
+            while not (seen and (found := re.fullmatch(pattern, seen[-1]))):
+                try:
+                    message = sock.recv(4096).decode()
+                except TimeoutError:
+                    raise AssertionError(f"no STATUS= like {pattern!r}; got {seen}") from None
+                seen += [line[len("STATUS="):] for line in message.splitlines() if line.startswith("STATUS=")]
+            return found
+
+        def status_until(wanted: str) -> None:
+            status_until_match(re.escape(wanted))
+
+        stack.restart_daemon({**before, "NOTIFY_SOCKET": str(sock_path)})
+        try:
+            first = status_until_match(r"(\d+) queued, (\d+) running")
+            queued, running = int(first.group(1)), int(first.group(2))
+            asyncio.run(manager_call("PauseQueue"))
+            status_until(f"{queued} queued, {running} running, queue paused")
+            job_id = unique_id("status")
+            asyncio.run(_submit(stack.bus_address, {
+                "job_id": job_id, "operation": "inspect", "image": {"path": "/etc/hostname"}}))
+            status_until(f"{queued + 1} queued, {running} running, queue paused")
+            subprocess.run(["gdbus", "call", "--system", "-d", BUS_NAME, "-o", MANAGER_PATH, "-m",
+                            BUS_NAME + ".Manager.CancelJob", job_id], env={**os.environ, **stack.env()},
+                           capture_output=True, timeout=30, check=True)
+            status_until(f"{queued} queued, {running} running, queue paused")
+        finally:
+            asyncio.run(manager_call("ResumeQueue"))
+            stack.restart_daemon(before)

@@ -2,7 +2,8 @@
 
 The ping task runs on the daemon's event loop, so a loop that is blocked or wedged sends no pings and
 systemd (WatchdogSec=) restarts the daemon. A ping is also withheld while the manager's health() says
-the job store is not OK, since a restart is the remedy for that too.
+the job store is not OK, since a restart is the remedy for that too. StatusLine keeps the status that
+`systemctl status h2kd` shows current: the queue's counts, and why the daemon is unhealthy while it is.
 """
 
 from __future__ import annotations
@@ -51,11 +52,60 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     return usec / 1e6
 
 
+class StatusLine:
+    """STATUS= as the queue is ("3 queued, 2 running"), sent at most every `interval` seconds as the manager's
+    counts change (a JobListener: only manager_changed matters), led by the reason while unhealthy."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, bool]], interval: float = 1.0) -> None:
+        self._counts = counts            # () -> (queued, running, paused)
+        self._interval = interval
+        self._problem: str | None = None
+        self._sent = ""
+        self._pending: asyncio.TimerHandle | None = None
+
+    def text(self) -> str:
+        queued, running, paused = self._counts()
+        line = f"{queued} queued, {running} running" + (", queue paused" if paused else "")
+        return f"unhealthy: {self._problem}; {line}" if self._problem else line
+
+    def send(self) -> None:
+        self._pending = None
+        text = self.text()
+        if text != self._sent and notify_status(text):
+            self._sent = text
+
+    def set_problem(self, problem: str | None) -> None:
+        """The Watchdog's verdict: shown at once."""
+        self._problem = problem
+        self.send()
+
+    def manager_changed(self, changed: set[str]) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self._interval, self.send)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def job_added(self, job: Any) -> None: ...
+    def job_changed(self, job: Any, changed: set[str], urgent: bool) -> None: ...
+    def job_event(self, job: Any, event: Any) -> None: ...
+    def job_removed(self, job: Any) -> None: ...
+    def worker_added(self, worker: Any) -> None: ...
+    def worker_changed(self, worker: Any) -> None: ...
+    def worker_removed(self, worker: Any) -> None: ...
+
+
 class Watchdog:
     """Pings WATCHDOG=1 every half timeout from an asyncio task, only while the daemon is live."""
 
-    def __init__(self, health: Callable[[], Mapping[str, Any]], environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, health: Callable[[], Mapping[str, Any]], environ: Mapping[str, str] | None = None,
+                 on_problem: Callable[[str | None], None] | None = None) -> None:
+        """on_problem is told when the daemon turns unhealthy (the reason) and healthy again (None); by
+        default the reason goes to STATUS= on its own."""
         self._health = health
+        self._on_problem = on_problem
         self.interval = watchdog_interval(environ)
         self._task: asyncio.Task[None] | None = None
         self._problem: str | None = None   # the last reason a ping was withheld, to log it once
@@ -98,10 +148,16 @@ class Watchdog:
             if problem is None:
                 if self._problem is not None:
                     log.info("healthy again; watchdog pings resume")
-                    notify_status("healthy again")
+                    self._tell(None)
                 self._problem = None
                 _notify("WATCHDOG=1")
             elif problem != self._problem:
                 self._problem = problem
                 log.error("withholding watchdog pings: %s", problem)
-                notify_status(f"unhealthy: {problem}")
+                self._tell(problem)
+
+    def _tell(self, problem: str | None) -> None:
+        if self._on_problem is not None:
+            self._on_problem(problem)
+        else:
+            notify_status(f"unhealthy: {problem}" if problem else "healthy again")
