@@ -89,6 +89,7 @@ install:
 		install -d $(DESTDIR)$(DATADIR)/cockpit/h2kd && cp -R cockpit/. $(DESTDIR)$(DATADIR)/cockpit/h2kd/; \
 	fi
 	install -Dm0644 h2kctl/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man1/h2kctl.1
+	install -Dm0644 h2kd/h2kd.8 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8
 	install -Dm0644 h2kctl/completion/h2kctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/h2kctl
 	install -Dm0644 h2kctl/completion/_h2kctl $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_h2kctl
 	@echo "installed; then: systemctl daemon-reload && systemctl enable --now h2kd.service"

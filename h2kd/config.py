@@ -90,7 +90,10 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     values: dict[str, object] = {}
     if path.exists():
         with path.open("rb") as f:
-            values.update(tomllib.load(f).get("h2kd", {}))
+            try:
+                values.update(tomllib.load(f).get("h2kd", {}))
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
     for f in fields(Config):
         env_value = environ.get("H2KD_" + f.name.upper())
         if env_value is not None:
@@ -100,7 +103,10 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     for name, value in values.items():
         if name not in known:
             raise ValueError(f"unknown setting {name!r} in {path}")
-        setattr(config, name, _coerce(known[name].type, value))
+        try:
+            setattr(config, name, _coerce(known[name].type, value))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"setting {name!r} ({path} or H2KD_{name.upper()}): {e}") from None
     if "output_roots" not in values:
         config.output_roots = [config.state_dir / "output"]
     return config

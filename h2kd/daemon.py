@@ -26,6 +26,13 @@ log = logging.getLogger("h2kd")
 # timed with gc.callbacks), 10-15% of the daemon's CPU. Young collections 28 times rarer cut that to
 # under 0.1 s; cyclic garbage waits longer before it is freed, a few megabytes at most.
 GC_THRESHOLDS = (20_000, 10, 10)
+# EX_CONFIG: settings h2kd cannot work with. h2kd.service does not restart on it (RestartPreventExitStatus=):
+# the same settings would fail the same way.
+EXIT_BAD_SETTINGS = 78
+
+
+class BadSettings(Exception):
+    """The settings name something h2kd cannot use (an output root it cannot create, ...)."""
 
 
 async def serve(config: Config) -> int:
@@ -37,10 +44,13 @@ async def serve(config: Config) -> int:
     from h2kd.observability.metrics import Metrics, start_http
     from h2kd.runner import SystemdRunner
 
-    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for root in config.output_roots:
-        root.mkdir(parents=True, exist_ok=True)
+    for directory, mode in ((config.state_dir, 0o700), (config.runs_dir, 0o700),
+                            *((root, 0o777) for root in config.output_roots)):
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=mode)
+        except OSError as e:
+            raise BadSettings(f"cannot create {directory}: {e.strerror} (under h2kd.service, a directory outside "
+                              f"/var/lib/h2kd needs ReadWritePaths= in a drop-in)") from None
     store = JobStore(config.store_path)
     manager = JobManager(config, store, host_validator=HostChecks(config))
     runner = SystemdRunner(config, manager)
@@ -134,8 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     from pathlib import Path
-    config = load_config(Path(args.config) if args.config else None)
-    return asyncio.run(serve(config))
+    try:
+        config = load_config(Path(args.config) if args.config else None)
+    except ValueError as e:   # a malformed file, an unknown setting, a value of the wrong kind
+        log.error("bad settings: %s", e)
+        return EXIT_BAD_SETTINGS
+    try:
+        return asyncio.run(serve(config))
+    except BadSettings as e:
+        log.error("bad settings: %s", e)
+        return EXIT_BAD_SETTINGS
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ EXPECTED = [
     "usr/share/cockpit/h2kd/manifest.json",
     "usr/share/cockpit/h2kd/index.html",
     "usr/share/man/man1/h2kctl.1",
+    "usr/share/man/man8/h2kd.8",
     "usr/share/bash-completion/completions/h2kctl",
     "usr/share/zsh/vendor-completions/_h2kctl",
 ]

@@ -120,3 +120,45 @@ def test_bus_policy_lists_exactly_the_interface_methods() -> None:
                 ("org.freedesktop.DBus.Peer", "GetMachineId"),
                 ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects")}
     assert allowed == methods | standard
+
+
+def test_the_daemons_man_page_renders_cleanly_and_documents_every_setting() -> None:
+    from dataclasses import fields
+
+    from h2kd.config import Config
+
+    page = REPO / "h2kd" / "h2kd.8"
+    checked = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    rendered = subprocess.run(["man", "-l", "-P", "cat", str(page)], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "MANWIDTH": "200"}).stdout
+    missing = [f.name for f in fields(Config) if f.name not in rendered]
+    assert missing == [], f"settings h2kd(8) does not document: {missing}"
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string((REPO / "systemd" / "h2kd.service").read_text())
+    assert "man:h2kd(8)" in service["Unit"]["Documentation"]
+
+
+def test_bad_settings_stop_h2kd_with_a_clear_line_and_no_restart(tmp_path: Path) -> None:
+    """Exit status 78, which h2kd.service does not restart on: the same settings would fail again."""
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string((REPO / "systemd" / "h2kd.service").read_text())
+    assert service["Service"]["RestartPreventExitStatus"] == "78"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for settings, says in (
+            ("[h2kd]\nmax_parallel_job = 4\n", "unknown setting 'max_parallel_job'"),
+            ("[h2kd]\nmax_parallel_jobs = 'many'\n", "setting 'max_parallel_jobs'"),
+            ("[h2kd\n", "h2kd.conf: "),
+            (f"[h2kd]\nstate_dir = '{tmp_path / 'state'}'\noutput_roots = ['{blocker / 'out'}']\n",
+             f"cannot create {blocker / 'out'}: Not a directory"),
+    ):
+        conf = tmp_path / "h2kd.conf"
+        conf.write_text(settings)
+        ran = subprocess.run([sys.executable, "-m", "h2kd.daemon", "--config", str(conf)], capture_output=True,
+                             text=True, timeout=60, cwd=REPO,
+                             env={"PATH": "/usr/bin:/bin", "H2KD_BUS_ADDRESS": "unix:path=/nonexistent"})
+        assert ran.returncode == 78, ran.stderr
+        assert "bad settings: " in ran.stderr and says in ran.stderr, ran.stderr
+        assert "Traceback" not in ran.stderr
