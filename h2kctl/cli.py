@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("watch", "show live progress of one job (until it ends) or of all jobs (until Ctrl-C)")
     p.add_argument("job", metavar="JOB", nargs="?", help="the job id (default: all jobs)")
 
+    p = command("wait", "wait until jobs end: those named, or every job queued or running now (held jobs, "
+                "submitted with --no-queue, are not waited for); one line per job as it is seen to end",
+                json_output=True)
+    p.add_argument("jobs", metavar="JOB", nargs="*", help="job ids (default: every job queued or running now)")
+
     p = command("cancel", "cancel queued or running jobs (the unit is stopped, partial output removed)")
     p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
 
@@ -456,6 +461,31 @@ async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int
     return ExitCode.SUCCESS
 
 
+# What `wait` with no job named waits for: every job on its way to an end (held jobs are not).
+_UNDER_WAY = ["created", "queued", "assigned", "running", "progressing", "retrying"]
+
+
+async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
+    job_ids = list(args.jobs)
+    if not job_ids:
+        (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict({"state": _UNDER_WAY})])
+        job_ids = [entry[0] for entry in entries]
+    ended = []
+    for job_id in job_ids:
+        props = await follow_job(client, job_id, ProgressView(None, False))
+        if props is None:   # Ctrl-C: the jobs go on
+            print(f"h2kctl: stopped waiting; {len(job_ids) - len(ended)} of {len(job_ids)} jobs may still run",
+                  file=sys.stderr)
+            return ExitCode.SUCCESS
+        ended.append((job_id, props))
+        if not out.json and not out.quiet:
+            out.line(_first_line(final_message(props)))
+    if out.json:
+        out.emit_json([schema.job(props, await client.get_job_path(job_id)) for job_id, props in ended])
+    states = {props["State"] for _, props in ended}
+    return exit_code_for("failed" if "failed" in states else "cancelled" if "cancelled" in states else "completed")
+
+
 async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.job:
         stream = sys.stdout
@@ -657,6 +687,7 @@ async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> 
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], Awaitable[int]]] = {
     "submit": cmd_submit, "list": cmd_list, "status": cmd_status, "show": cmd_show, "watch": cmd_watch,
+    "wait": cmd_wait,
     "cancel": cmd_cancel, "retry": cmd_retry, "remove": cmd_remove, "start": cmd_start, "logs": cmd_logs,
     "events": cmd_events, "queue": cmd_queue, "workers": cmd_workers, "health": cmd_health,
     "inspect": cmd_inspect,

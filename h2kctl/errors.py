@@ -21,8 +21,9 @@ EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
     (ExitCode.SUCCESS, "success (also after Ctrl-C detached from a job being waited for or watched)"),
     (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable)"),
     (ExitCode.USAGE, "bad usage (unknown command or option, invalid value)"),
-    (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed"),
-    (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled"),
+    (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed (with wait: one of them)"),
+    (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled (with wait: one "
+                             "of them, and none failed)"),
     (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
     (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it)"),
     (ExitCode.NO_SUCH_JOB, "no such job"),

@@ -117,6 +117,7 @@ DOC: list[tuple[str, str]] = [
      "error (null or {code, message}), spec (the job spec object), result (null or the job result object)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "
      "it is submitted, or, with --wait, once it has ended."),
+    ("wait", "An array of job objects, as status prints them (without history), in the order waited for."),
     ("show", "An object of every D-Bus property of the job, named and typed as on the bus "
              "(e.g. \"State\": \"queued\", \"Error\": [code, message])."),
     ("events", "An array of {seq, time_usec, kind (state|progress|log|result), data (object)}."),

@@ -39,7 +39,7 @@ BUS_NAME = "org.hyper2kvm.h2kd1"
 MANAGER = "/org/hyper2kvm/h2kd1"
 JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
-COMMANDS = ["submit", "list", "status", "show", "watch", "cancel", "retry", "remove", "start", "logs",
+COMMANDS = ["submit", "list", "status", "show", "watch", "wait", "cancel", "retry", "remove", "start", "logs",
             "events", "queue", "workers", "health", "inspect"]
 TERMINAL = {"completed", "failed", "cancelled"}
 MiB = 1024 * 1024
@@ -439,6 +439,36 @@ def test_failed_job_exits_3_with_one_line(env, images, output_dir):
     status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
     assert status["error"]["code"] == busctl_property(env, job_path(env, job_id), JOB_IFACE, "Error")[0]
     assert h2kctl(env, "watch", job_id).returncode == 3   # watching a finished job reports its outcome
+
+
+def test_wait_blocks_until_a_batch_ends_and_says_how_it_went(env, images, output_dir, paused_queue):
+    """Queue a batch and walk away: `h2kctl wait` (every job under way) or `h2kctl wait A B` returns once all
+    have ended, one line each, with 3 if one failed. Held jobs are not waited for."""
+    good, bad, held = new_id("wait-ok"), new_id("wait-bad"), new_id("wait-held")
+    outputs = [output_dir / f"{job_id}.qcow2" for job_id in (good, bad, held)]
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(outputs[0]), "--id", good))
+    ok(h2kctl(env, "submit", str(images["text"]), "-o", str(outputs[1]), "--id", bad, "--source-format", "vmdk"))
+    ok(h2kctl(env, "submit", "--no-queue", str(images["vmdk"]), "-o", str(outputs[2]), "--id", held))
+    try:
+        waiting = subprocess.Popen([H2KCTL, "wait", "--json"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiting.poll() is None, "wait returned while the jobs were still queued"
+        ok(h2kctl(env, "queue", "resume"))
+        stdout, stderr = waiting.communicate(timeout=120)
+        assert waiting.returncode == 3, stderr
+        ended = {job["id"]: job["state"] for job in json.loads(stdout)}
+        assert ended[good] == "completed" and ended[bad] == "failed" and held not in ended
+        again = h2kctl(env, "wait", good, bad)
+        assert again.returncode == 3
+        assert [line.split()[1] for line in again.stdout.splitlines()] == [good, bad], again.stdout
+        assert ok(h2kctl(env, "wait", good)).stdout.startswith(f"Job {good} completed")
+    finally:
+        for job_id in (good, bad, held):
+            h2kctl(env, "cancel", job_id)
+            h2kctl(env, "remove", job_id)
+        for output in outputs:
+            output.unlink(missing_ok=True)
 
 
 def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):

@@ -43,6 +43,9 @@ _h2kctl() {
     options["h2kctl watch"]="--system --address --no-ask-password --no-pager -q --quiet -h --help"
     values["h2kctl watch:--address"]="@none"
     positional["h2kctl watch"]="@job"
+    options["h2kctl wait"]="--system --address --no-ask-password --no-pager -q --quiet --json -h --help"
+    values["h2kctl wait:--address"]="@none"
+    positional["h2kctl wait"]="@job"
     options["h2kctl cancel"]="--system --address --no-ask-password --no-pager -q --quiet -h --help"
     values["h2kctl cancel:--address"]="@none"
     positional["h2kctl cancel"]="@job"
@@ -111,7 +114,7 @@ _h2kctl() {
         if ((${#kinds[@]})); then
             ((npos < ${#kinds[@]})) && kind="${kinds[npos]}" || kind="${kinds[${#kinds[@]}-1]}"
         elif [[ "$key" == h2kctl ]]; then
-            kind="submit list status show watch cancel retry remove start logs events queue workers health inspect"
+            kind="submit list status show watch wait cancel retry remove start logs events queue workers health inspect"
         fi
     fi
     case "$kind" in
