@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable
 
 from h2kd import __version__
 from h2kd.config import Config
-from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
-                         QueueFull)
+from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker
+from h2kd.manager.limits import UnfinishedJobs
 from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
@@ -85,8 +85,7 @@ class JobManager:
         self._host_validator = host_validator
         self._jobs: dict[str, Job] = {}
         self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
-        # Owner uid -> ids of that owner's unfinished jobs (any state but TERMINAL): what the limits count.
-        self._unfinished: dict[int, set[str]] = {}
+        self._unfinished = UnfinishedJobs(config.max_queued_jobs, config.max_jobs_per_user)
         self._prune_pending = False
         self._system_stopping = False   # a shutdown is under way: no attempt starts (see system_stopping)
         self._scheduler = Scheduler(config.max_parallel_jobs)
@@ -120,7 +119,7 @@ class JobManager:
         if not self._jobs:
             for job in self._store.load_jobs():
                 self._jobs[job.id] = job
-                self._track(job)
+                self._unfinished.track(job)
                 if job.state in ACTIVE:
                     self._active.add(job.id)
             if self._store.get_setting("paused", False):
@@ -300,7 +299,7 @@ class JobManager:
         self._cancel_timer(job.id)
         del self._jobs[job.id]
         self._active.discard(job.id)
-        self._untrack(job)
+        self._unfinished.forget(job)
         self._notify("job_removed", job)
         self._manager_changed()
 
@@ -312,7 +311,7 @@ class JobManager:
             if existing.spec == parsed or same_spec(existing.spec, parsed):
                 return existing, False
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
-        self._check_room_for(owner)
+        self._unfinished.check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
                   priority=parsed["execution_policy"]["priority"])
         size = len(job.spec_text.encode())
@@ -322,7 +321,7 @@ class JobManager:
         if problem:
             self._store.insert_job(job, f"submitted by uid {owner}")
             self._jobs[job.id] = job
-            self._track(job)
+            self._unfinished.track(job)
             self._notify("job_added", job)
             self._validate_and_queue(job, queue, problem)
         else:
@@ -341,7 +340,7 @@ class JobManager:
             steps.append((job.move_to(S.QUEUED).value, S.QUEUED.value, "queued"))
         self._store.insert_settled_job(job, steps)
         self._jobs[job.id] = job
-        self._track(job)
+        self._unfinished.track(job)
         if queue:
             self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
             self._kick()
@@ -364,37 +363,9 @@ class JobManager:
         self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
         self._kick()
 
-    def _check_room_for(self, owner: int) -> None:
-        """Raise QueueFull if one more unfinished job of `owner` would pass a limit: max_queued_jobs for all
-        owners together, max_jobs_per_user for any one but root. Jobs held with queue=false count too: each
-        is kept in memory until it ends, so without a limit one member of the submitting group could grow
-        a root daemon without bound."""
-        total = sum(map(len, self._unfinished.values()))
-        if total >= self._config.max_queued_jobs:
-            raise QueueFull(f"h2kd already holds {total} unfinished jobs, its limit (max_queued_jobs); "
-                            f"wait for some to finish, or cancel some")
-        mine = len(self._unfinished.get(owner, ()))
-        if owner != 0 and mine >= self._config.max_jobs_per_user:
-            raise QueueFull(f"uid {owner} already has {mine} unfinished jobs, the limit for one user "
-                            f"(max_jobs_per_user); wait for some to finish, or cancel some")
-
-    def _track(self, job: Job) -> None:
-        """Count the job for its owner's limits while it is unfinished."""
-        if job.state in TERMINAL:
-            self._untrack(job)
-        else:
-            self._unfinished.setdefault(job.owner, set()).add(job.id)
-
-    def _untrack(self, job: Job) -> None:
-        ids = self._unfinished.get(job.owner)
-        if ids is not None:
-            ids.discard(job.id)
-            if not ids:
-                del self._unfinished[job.owner]
-
     def _prune_if_over(self) -> None:
         """Prune soon if finished jobs exceed the retention count by more than the slack."""
-        finished = len(self._jobs) - sum(map(len, self._unfinished.values()))
+        finished = len(self._jobs) - len(self._unfinished)
         keep = self._config.retention_max_count
         if self._prune_pending or finished <= keep + max(PRUNE_SLACK_JOBS, int(keep * PRUNE_SLACK_SHARE)):
             return
@@ -450,7 +421,7 @@ class JobManager:
         retried = self._store.count_transitions(job.id, S.RETRYING.value)
         if retried >= MAX_RETRIES:
             raise InvalidState(f"job {job_id} was retried {retried} times already; submit it again as a new job")
-        self._check_room_for(job.owner)
+        self._unfinished.check_room_for(job.owner)
         self._transition(job, S.RETRYING, "retry requested")
         self._reset_progress(job)
         job.error_code = job.error_message = ""
@@ -514,7 +485,7 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._store.delete_job(job.id)
         del self._jobs[job.id]
-        self._untrack(job)
+        self._unfinished.forget(job)
         self._drop_progress_state(job.id)
         self._notify("job_removed", job)
         self._manager_changed()
@@ -956,7 +927,7 @@ class JobManager:
             self._active.add(job.id)
         else:
             self._active.discard(job.id)
-        self._track(job)
+        self._unfinished.track(job)
         event = self._store.record_transition(job, old, new, reason)
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
