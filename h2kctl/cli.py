@@ -507,11 +507,25 @@ async def _job_action(client: Client, job_id: str, member: str, verb: str) -> No
     await client.manager(member, "s", [job_id], action=action, what=f"{verb} job {job_id}")
 
 
+async def _each_job(job_ids: list[str], act: Callable[[str], Awaitable[None]]) -> int:
+    """Do `act` for every job, going on past a failure (as systemctl stop A B C does): each failure is said on
+    its own line, and the exit status is that of the first."""
+    first_failure: ExitCode | None = None
+    for job_id in job_ids:
+        try:
+            await act(job_id)
+        except CtlError as e:
+            sys.stdout.flush()
+            print(f"{PROG}: {e.message}", file=sys.stderr)
+            first_failure = first_failure or e.code
+    return first_failure or ExitCode.SUCCESS
+
+
 async def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    for job_id in args.jobs:
+    async def cancel(job_id: str) -> None:
         await _job_action(client, job_id, "CancelJob", "cancel")
         out.line(f"Cancelled job {job_id}.")
-    return ExitCode.SUCCESS
+    return await _each_job(args.jobs, cancel)
 
 
 async def cmd_retry(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -536,10 +550,10 @@ async def _after_requeue(client: Client, args: argparse.Namespace, out: Output, 
 
 
 async def cmd_remove(client: Client, args: argparse.Namespace, out: Output) -> int:
-    for job_id in args.jobs:
+    async def remove(job_id: str) -> None:
         await client.manager("RemoveJob", "s", [job_id], action="manage", what=f"remove job {job_id}")
         out.line(f"Removed job {job_id}.")
-    return ExitCode.SUCCESS
+    return await _each_job(args.jobs, remove)
 
 
 async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:

@@ -420,6 +420,22 @@ def test_no_such_job_exits_7(env):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cancel_and_remove_go_on_past_a_job_they_cannot_act_on(env, images, output_dir, paused_queue):
+    """Like systemctl stop A B C: every job named is tried, each failure said, the first one's status returned."""
+    first, second = new_id("many-1"), new_id("many-2")
+    for job_id in (first, second):
+        ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+    cancelled = h2kctl(env, "cancel", first, "nope-x", second)
+    assert cancelled.returncode == 7, cancelled
+    assert cancelled.stdout.splitlines() == [f"Cancelled job {first}.", f"Cancelled job {second}."]
+    assert len(cancelled.stderr.strip().splitlines()) == 1 and "nope-x" in cancelled.stderr
+    assert job_state(env, first) == job_state(env, second) == "cancelled"
+    removed = h2kctl(env, "remove", "nope-x", first, second)
+    assert removed.returncode == 7 and removed.stdout.count("Removed job") == 2, removed
+    for job_id in (first, second):
+        assert h2kctl(env, "status", job_id).returncode == 7
+
+
 def test_unreadable_source_is_refused_before_submitting(env, tmp_path):
     missing = tmp_path / "missing.vmdk"
     result = h2kctl(env, "submit", str(missing), "-o", "/tmp/x.qcow2")
