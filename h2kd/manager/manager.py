@@ -34,6 +34,7 @@ CONTRACT (implemented in this file):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -70,6 +71,11 @@ MAX_RETRIES = 100
 PRUNE_SLACK_JOBS = 1000
 PRUNE_SLACK_SHARE = 0.1
 STORE_CHECK_INTERVAL = 10.0
+# An external worker whose connection closed can never come back (unique bus names are not reused): it is shown
+# as stale this long, then forgotten, so that a worker agent restarting again and again leaves no trail.
+GONE_WORKER_KEEP_SECONDS = 600.0
+MAX_CAPABILITIES_BYTES = 64 * 1024   # an external worker's capabilities, as JSON
+MAX_PHASE, MAX_MESSAGE = 64, 1024    # of an external worker's progress report (cut beyond)
 PROGRESS_EVENT_PERCENT = 5      # a job's event log records its progress in steps of this many percent
 PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
@@ -807,6 +813,8 @@ class JobManager:
             raise InvalidArgument("a worker name of 1 to 128 characters is required")
         if not isinstance(capabilities, dict):
             raise InvalidArgument("capabilities must be a JSON object")
+        if len(json.dumps(capabilities).encode()) > MAX_CAPABILITIES_BYTES:
+            raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")
         self._worker_seq += 1
         worker = WorkerInfo(id=f"w{self._worker_seq}", name=name, kind="external", capabilities=capabilities,
                             max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec())
@@ -843,7 +851,7 @@ class JobManager:
         if job.state == S.ASSIGNED:
             job.started_at = job.started_at or now_usec()
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")
-        self._apply_progress(job, phase, progress, bytes_done, bytes_total, message)
+        self._apply_progress(job, phase[:MAX_PHASE], progress, bytes_done, bytes_total, message[:MAX_MESSAGE])
 
     def report_result(self, worker_id: str, job_id: str, success: bool, outputs: dict[str, Any],
                       error_code: str, error_message: str, bytes_read: int, bytes_written: int) -> None:
@@ -874,10 +882,20 @@ class JobManager:
 
     def bus_name_lost(self, bus_name: str) -> None:
         for worker in list(self._workers.values()):
-            if worker.kind == "external" and worker.bus_name == bus_name and worker.state != "stale":
-                worker.state = "stale"
-                self._lose_worker(worker, "its connection to the bus closed")
-                self._notify("worker_changed", worker)
+            if worker.kind == "external" and worker.bus_name == bus_name:
+                if worker.state != "stale":
+                    worker.state = "stale"
+                    self._lose_worker(worker, "its connection to the bus closed")
+                    self._notify("worker_changed", worker)
+                try:
+                    asyncio.get_running_loop().call_later(GONE_WORKER_KEEP_SECONDS, self._forget_worker, worker)
+                except RuntimeError:    # no loop (a test driving the manager directly): forget it now
+                    self._forget_worker(worker)
+
+    def _forget_worker(self, worker: WorkerInfo) -> None:
+        if self._workers.get(worker.id) is worker:
+            del self._workers[worker.id]
+            self._notify("worker_removed", worker)
 
     def _check_heartbeats(self) -> None:
         limit = now_usec() - int(self._config.heartbeat_timeout_seconds * 1_000_000)

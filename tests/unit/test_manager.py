@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, InvalidSpec, InvalidState, NoSuchJob, QueueFull
+from h2kd.errors import AlreadyExists, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, QueueFull
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
@@ -487,5 +487,40 @@ def test_a_job_interrupted_by_a_shutdown_waits_for_the_next_start_without_losing
         m.system_stopping(False)    # called off (or h2kd runs again after the reboot)
         await settle()
         assert ("first", 2) in runner.started and first.state.value == "running"
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_worker_whose_connection_closed_is_shown_stale_then_forgotten(tmp_path, image, monkeypatch):
+    """Its bus name never comes back: it stays listed as stale for a while (its job back in the queue), then
+    goes, so that a worker agent restarting again and again leaves no trail of dead workers."""
+    monkeypatch.setattr(manager_module, "GONE_WORKER_KEEP_SECONDS", 0.2)
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True},
+                               execution_policy={"retry_count": 1}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.42")
+        assert m.claim(worker.id) is job
+        m.bus_name_lost(":1.42")
+        assert worker.state == "stale" and job.state.value == "queued"
+        assert m.get_worker(worker.id) is worker
+        await until(lambda: worker.id not in {w.id for w in m.workers})
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_an_external_workers_reports_are_bounded(tmp_path, image):
+    async def go():
+        m, _, changes, _ = make(tmp_path)
+        await m.start()
+        with pytest.raises(InvalidArgument, match="capabilities must be at most 65536 bytes"):
+            m.register_worker("big", {"formats": ["x" * 1000] * 100}, 1, 0, ":1.7")
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.8")
+        assert m.claim(worker.id) is job
+        m.report_progress(worker.id, job.id, 0.5, 1, 2, "p" * 500, "m" * 50_000)
+        assert job.phase == "p" * 64
+        assert changes.logs == ["m" * 1024]   # as the LogMessage signal carries it
         await m.stop()
     asyncio.run(go())
