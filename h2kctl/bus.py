@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 from xml.etree import ElementTree
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant, unpack_variants
@@ -272,7 +273,8 @@ class Client:
         if reply.message_type == MessageType.ERROR:
             raise CtlError(f"cannot subscribe to signals: {reply.body[0] if reply.body else reply.error_name}")
 
-    def on_message(self, handler: Callable[[Message], None]) -> None:
+    def on_message(self, handler: Callable[[Message], None]) -> Callable[[Message], None]:
+        """Call `handler` with every signal received; returns what to give remove_handler()."""
         assert self.bus is not None
 
         def wrapped(message: Message) -> None:
@@ -281,3 +283,24 @@ class Client:
             return None
 
         self.bus.add_message_handler(wrapped)
+        return wrapped
+
+    @contextlib.asynccontextmanager
+    async def signals(self, rules: list[str], handler: Callable[[Message], None]) -> AsyncIterator[None]:
+        """Signals matching `rules` go to `handler` inside the block, and stop at its end: a client following
+        many jobs one after another (h2kctl wait) would otherwise pile up match rules, which the bus limits."""
+        assert self.bus is not None
+        wrapped = self.on_message(handler)
+        added: list[str] = []
+        try:
+            for rule in rules:
+                await self.add_match(rule)
+                added.append(rule)
+            yield
+        finally:
+            self.bus.remove_message_handler(wrapped)
+            for rule in added:
+                if self.bus.connected:
+                    self.bus.send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                          interface="org.freedesktop.DBus", member="RemoveMatch", signature="s",
+                                          body=[rule], flags=MessageFlag.NO_REPLY_EXPECTED))

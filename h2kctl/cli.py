@@ -466,24 +466,38 @@ _UNDER_WAY = ["created", "queued", "assigned", "running", "progressing", "retryi
 
 
 async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
-    job_ids = list(args.jobs)
-    if not job_ids:
+    if args.jobs:
+        job_ids = list(args.jobs)
+    else:
         (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict({"state": _UNDER_WAY})])
         job_ids = [entry[0] for entry in entries]
-    ended = []
+    ended: list[tuple[str, dict[str, Any]]] = []
+    gone = 0
     for job_id in job_ids:
-        props = await follow_job(client, job_id, ProgressView(None, False))
+        try:
+            path = await client.get_job_path(job_id)
+            props = await follow_job(client, job_id, ProgressView(None, False), path)
+        except CtlError as e:   # no such job, or removed before it was seen to end: the others are still waited for
+            if e.code != ExitCode.NO_SUCH_JOB:
+                raise
+            sys.stdout.flush()
+            print(f"{PROG}: {e.message}", file=sys.stderr)
+            gone += 1
+            continue
         if props is None:   # Ctrl-C: the jobs go on
-            print(f"h2kctl: stopped waiting; {len(job_ids) - len(ended)} of {len(job_ids)} jobs may still run",
-                  file=sys.stderr)
+            print(f"{PROG}: stopped waiting; {len(job_ids) - len(ended) - gone} of {len(job_ids)} jobs may still "
+                  f"run", file=sys.stderr)
             return ExitCode.SUCCESS
-        ended.append((job_id, props))
+        ended.append((path, props))
         if not out.json and not out.quiet:
             out.line(_first_line(final_message(props)))
     if out.json:
-        out.emit_json([schema.job(props, await client.get_job_path(job_id)) for job_id, props in ended])
+        out.emit_json([schema.job(props, path) for path, props in ended])
     states = {props["State"] for _, props in ended}
-    return exit_code_for("failed" if "failed" in states else "cancelled" if "cancelled" in states else "completed")
+    for state, code in (("failed", ExitCode.JOB_FAILED), ("cancelled", ExitCode.JOB_CANCELLED)):
+        if state in states:
+            return code
+    return ExitCode.NO_SUCH_JOB if gone else ExitCode.SUCCESS
 
 
 async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:

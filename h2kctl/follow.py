@@ -177,10 +177,11 @@ async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
             w.cancel()
 
 
-async def follow_job(client: Client, job_id: str, view: ProgressView) -> dict[str, Any] | None:
-    """Follow one job until it ends; return its final properties, or None when the user pressed
-    Ctrl-C (the job is left running; the caller says how to cancel it)."""
-    path = await client.get_job_path(job_id)
+async def follow_job(client: Client, job_id: str, view: ProgressView, path: str | None = None
+                     ) -> dict[str, Any] | None:
+    """Follow one job (at `path`, if known) until it ends; return its final properties, or None when the user
+    pressed Ctrl-C (the job is left running; the caller says how to cancel it)."""
+    path = path or await client.get_job_path(job_id)
     changed = asyncio.Event()
     removed = asyncio.Event()
     props: dict[str, Any] = {}
@@ -197,32 +198,32 @@ async def follow_job(client: Client, job_id: str, view: ProgressView) -> dict[st
               and message.member == "InterfacesRemoved" and message.body[0] == path):
             removed.set()
 
-    client.on_message(on_signal)
-    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{path}'")
-    await client.add_match(f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',"
-                           f"interface='{OBJECT_MANAGER_IFACE}',member='InterfacesRemoved'")
-    props.update(await client.get_all(path, JOB_IFACE))  # after subscribing, so nothing is missed
-    last_read = time.monotonic()
-    with _Interrupt() as interrupt:
-        while True:
-            if props.get("State") in TERMINAL:
-                # The final values: read them once more, so Result and Error are complete.
-                props.update(await client.get_all(path, JOB_IFACE))
-                view.update(props, force=True)
-                view.clear()
-                return props
-            view.update(props)
-            await _wait_any([changed, interrupt.event, removed], RESYNC_SECONDS)
-            if interrupt.event.is_set():
-                view.clear()
-                return None
-            if removed.is_set():
-                view.clear()
-                raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
-            changed.clear()
-            if time.monotonic() - last_read >= RESYNC_SECONDS:
-                props.update(await client.get_all(path, JOB_IFACE))
-                last_read = time.monotonic()
+    rules = [f"type='signal',sender='{BUS_NAME}',path='{path}'",
+             f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',interface='{OBJECT_MANAGER_IFACE}',"
+             f"member='InterfacesRemoved'"]
+    async with client.signals(rules, on_signal):
+        props.update(await client.get_all(path, JOB_IFACE))  # after subscribing, so nothing is missed
+        last_read = time.monotonic()
+        with _Interrupt() as interrupt:
+            while True:
+                if props.get("State") in TERMINAL:
+                    # The final values: read them once more, so Result and Error are complete.
+                    props.update(await client.get_all(path, JOB_IFACE))
+                    view.update(props, force=True)
+                    view.clear()
+                    return props
+                view.update(props)
+                await _wait_any([changed, interrupt.event, removed], RESYNC_SECONDS)
+                if interrupt.event.is_set():
+                    view.clear()
+                    return None
+                if removed.is_set():
+                    view.clear()
+                    raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
+                changed.clear()
+                if time.monotonic() - last_read >= RESYNC_SECONDS:
+                    props.update(await client.get_all(path, JOB_IFACE))
+                    last_read = time.monotonic()
 
 
 def _listed_progress(props: dict[str, Any]) -> float:

@@ -89,11 +89,16 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     path = path or Path(environ.get("H2KD_CONFIG", DEFAULT_CONFIG_FILE))
     values: dict[str, object] = {}
     if path.exists():
-        with path.open("rb") as f:
-            try:
-                values.update(tomllib.load(f).get("h2kd", {}))
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: {e}") from None
+        try:
+            with path.open("rb") as f:
+                section = tomllib.load(f).get("h2kd", {})
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: h2kd must be a section ([h2kd]), not a value")
+        values.update(section)
     for f in fields(Config):
         env_value = environ.get("H2KD_" + f.name.upper())
         if env_value is not None:

@@ -487,6 +487,32 @@ def test_wait_blocks_until_a_batch_ends_and_says_how_it_went(env, images, output
             output.unlink(missing_ok=True)
 
 
+def test_wait_for_hundreds_of_jobs_and_one_that_is_gone(stack, env, output_dir):
+    """Each job waited for subscribes to its signals and unsubscribes once it ended: the bus allows a connection
+    only so many match rules. A job that does not exist is said, and the others are still waited for."""
+    job_ids = [new_id("many") for _ in range(300)]
+
+    async def submit_all() -> None:
+        client = await Client.connect(stack.bus_address)
+        try:
+            for job_id in job_ids:    # a missing source: each fails at once
+                await client.submit({"job_id": Variant("s", job_id), "operation": Variant("s", "inspect"),
+                                     "image": Variant("a{sv}", {"path": Variant("s", "/nonexistent.vmdk")})})
+        finally:
+            client.close()
+
+    run(submit_all())
+    try:
+        waited = h2kctl(env, "wait", job_ids[0], "nope-x", *job_ids[1:], timeout=300)
+        assert waited.returncode == 3, waited.stderr[-2000:]
+        assert len(waited.stdout.splitlines()) == 300 and "failed" in waited.stdout.splitlines()[-1]
+        assert waited.stderr.strip().splitlines() == [waited.stderr.strip()] and "nope-x" in waited.stderr
+        gone_only = h2kctl(env, "wait", "nope-x")
+        assert gone_only.returncode == 7, gone_only
+    finally:
+        ok(h2kctl(env, "remove", *job_ids, timeout=300))
+
+
 def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):
     job_id = new_id("nosync")
     output = output_dir / f"{job_id}.qcow2"

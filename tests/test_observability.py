@@ -813,3 +813,34 @@ def test_the_status_systemctl_shows_follows_the_queue(stack, tmp_path):
         finally:
             asyncio.run(manager_call("ResumeQueue"))
             stack.restart_daemon(before)
+
+
+def test_the_status_line_says_nothing_more_once_closed(tmp_path, monkeypatch):
+    """After STOPPING=1 the queue's counts must not come back over it, from a timer set before or a change after."""
+    import asyncio
+
+    from h2kd.observability.health import StatusLine
+
+    sock_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+
+        async def main() -> None:
+            line = StatusLine(lambda: (2, 1, False), interval=0.05)
+            line.manager_changed({"JobsQueued"})
+            line.set_problem("the job store is not OK")   # sent at once; the timer set before must not fire later
+            line.manager_changed({"JobsQueued"})
+            line.close()
+            line.manager_changed({"JobsRunning"})
+            await asyncio.sleep(0.3)
+
+        asyncio.run(main())
+        received = []
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    assert received == ["STATUS=unhealthy: the job store is not OK; 2 queued, 1 running"]

@@ -151,6 +151,7 @@ def test_bad_settings_stop_h2kd_with_a_clear_line_and_no_restart(tmp_path: Path)
             ("[h2kd]\nmax_parallel_job = 4\n", "unknown setting 'max_parallel_job'"),
             ("[h2kd]\nmax_parallel_jobs = 'many'\n", "setting 'max_parallel_jobs'"),
             ("[h2kd\n", "h2kd.conf: "),
+            ("h2kd = 1\n", "h2kd must be a section"),
             (f"[h2kd]\nstate_dir = '{tmp_path / 'state'}'\noutput_roots = ['{blocker / 'out'}']\n",
              f"cannot create {blocker / 'out'}: Not a directory"),
     ):
@@ -162,3 +163,6 @@ def test_bad_settings_stop_h2kd_with_a_clear_line_and_no_restart(tmp_path: Path)
         assert ran.returncode == 78, ran.stderr
         assert "bad settings: " in ran.stderr and says in ran.stderr, ran.stderr
         assert "Traceback" not in ran.stderr
+    ran = subprocess.run([sys.executable, "-m", "h2kd.daemon", "--config", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin"})
+    assert ran.returncode == 78 and f"cannot read {tmp_path}: Is a directory" in ran.stderr, ran.stderr

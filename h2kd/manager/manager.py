@@ -424,7 +424,8 @@ class JobManager:
         problem = self._host_validator(job, None) if self._host_validator else None
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be retried: {problem}")
-        retried = self._store.count_transitions(job.id, S.RETRYING.value)
+        retried = self._store.count_transitions(job.id, S.RETRYING.value, from_states=(S.FAILED.value,
+                                                                                     S.CANCELLED.value))
         if retried >= MAX_RETRIES:
             raise InvalidState(f"job {job_id} was retried {retried} times already; submit it again as a new job")
         self._unfinished.check_room_for(job.owner)
@@ -485,6 +486,10 @@ class JobManager:
         for job_id in removed:
             job = self._jobs.pop(job_id, None)
             if job is not None:
+                # Finished in the store; in memory too, unless the write of a later change failed.
+                self._unfinished.forget(job)
+                self._scheduler.remove(job_id)
+                self._active.discard(job_id)
                 self._notify("job_removed", job)
         return removed
 
@@ -551,7 +556,12 @@ class JobManager:
         except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
             log.warning("starting a unit for job %s failed: %s", job.id, e)
             if job.attempt == attempt and job.state == S.ASSIGNED:
-                self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {e}", "start", True)
+                if self._system_stopping:   # refused for the shutdown that began meanwhile: no fault of the job
+                    self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
+                                          "unit was started", attempt_spent=False)
+                else:
+                    self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {e}", "start",
+                                         True)
             return
         finally:
             self._starting.discard(job.id)

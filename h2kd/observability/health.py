@@ -62,6 +62,7 @@ class StatusLine:
         self._problem: str | None = None
         self._sent = ""
         self._pending: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def text(self) -> str:
         queued, running, paused = self._counts()
@@ -69,9 +70,9 @@ class StatusLine:
         return f"unhealthy: {self._problem}; {line}" if self._problem else line
 
     def send(self) -> None:
-        self._pending = None
+        self._cancel_pending()
         text = self.text()
-        if text != self._sent and notify_status(text):
+        if not self._closed and text != self._sent and notify_status(text):
             self._sent = text
 
     def set_problem(self, problem: str | None) -> None:
@@ -80,10 +81,15 @@ class StatusLine:
         self.send()
 
     def manager_changed(self, changed: set[str]) -> None:
-        if self._pending is None:
+        if self._pending is None and not self._closed:
             self._pending = asyncio.get_running_loop().call_later(self._interval, self.send)
 
     def close(self) -> None:
+        """No more updates: the daemon is stopping (and says so itself)."""
+        self._closed = True
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None

@@ -498,11 +498,15 @@ class JobStore:
             rows = self._db.execute(sql, params).fetchall()
         return [Event(job_id, seq, t, kind, json.loads(data)) for seq, t, kind, data in rows]
 
-    def count_transitions(self, job_id: str, new_state: str) -> int:
-        """How many times the job's history says it went into `new_state`."""
+    def count_transitions(self, job_id: str, new_state: str, from_states: Sequence[str] = ()) -> int:
+        """How many times the job's history says it went into `new_state` (from one of `from_states`, if given)."""
+        sql = "SELECT COUNT(*) FROM history WHERE job_id = ? AND new_state = ?"
+        params: tuple[Any, ...] = (job_id, new_state)
+        if from_states:
+            sql += f" AND old_state IN ({', '.join('?' for _ in from_states)})"
+            params += tuple(from_states)
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM history WHERE job_id = ? AND new_state = ?",
-                                        (job_id, new_state)).fetchone()
+            (count,) = self._db.execute(sql, params).fetchone()
         return count
 
     def history(self, job_id: str) -> list[dict[str, Any]]:

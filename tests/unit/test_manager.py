@@ -524,3 +524,54 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
         assert changes.logs == ["m" * 1024]   # as the LogMessage signal carries it
         await m.stop()
     asyncio.run(go())
+
+
+def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job(tmp_path, image):
+    """StartTransientUnit was on its way when the shutdown began; systemd refuses it: not the job's fault."""
+    class RefusedAtShutdown(RecordingRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.may_answer = asyncio.Event()
+
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            await self.may_answer.wait()
+            raise RuntimeError("Transaction for h2k-job.service/start is destructive (shutdown.target has "
+                               "'start' job queued)")
+
+    async def go():
+        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
+        config.state_dir.mkdir()
+        (tmp_path / "out").mkdir()
+        runner = RefusedAtShutdown()
+        m = JobManager(config, JobStore(config.store_path), runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: runner.started)
+        m.system_stopping(True)
+        runner.may_answer.set()
+        await until(lambda: job.state.value != "assigned")
+        assert job.state.value == "queued" and job.error_code == ""
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_the_retry_limit_counts_retries_asked_for_not_those_h2kd_makes(tmp_path, image, monkeypatch):
+    monkeypatch.setattr(manager_module, "MAX_RETRIES", 2)
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 2}), owner=0)
+        for attempt in (1, 2, 3):    # two retries of h2kd's own, then failed
+            await until(lambda: (job.id, attempt) in runner.started and job.state.value == "running")
+            m.unit_finished(job.id, attempt, UnitOutcome(job.unit, "exit-code", 1, {"status": "failed", "error": {
+                "code": "TOOL_FAILED", "message": "qemu-img failed", "retryable": True, "phase": "convert"}}))
+        assert job.state.value == "failed"
+        m.pause()
+        for _ in range(2):
+            m.retry(job.id)
+            await m.cancel(job.id)
+        with pytest.raises(InvalidState, match="was retried 2 times already"):
+            m.retry(job.id)
+        await m.stop()
+    asyncio.run(go())
