@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog="Exit status and JSON output: see h2kctl --help and h2kctl(1).")
         if json_output:
             _json_option(sub)
+        sub.set_defaults(has_json_output=json_output)
         return sub
 
     p = command("submit", "submit a job (a conversion by default) from flags or a job file", json_output=True)
@@ -731,6 +732,8 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "json", False) and not args.has_json_output:   # given before the command
+        parser.error(f"{args.command} has no JSON output")
     try:
         code = asyncio.run(run(args))
         if args.command == "logs":

@@ -220,7 +220,8 @@ def test_help_lists_commands_and_exit_codes():
 
 
 @pytest.mark.parametrize("args", [["frobnicate"], ["submit", "--priority", "11", "x"], ["list", "--limit", "x"],
-                                  ["queue", "max-parallel", "0"], []])
+                                  ["queue", "max-parallel", "0"], [], ["--json", "cancel", "x"],
+                                  ["--json", "logs", "x"]])
 def test_bad_usage_exits_2(args):
     result = subprocess.run([H2KCTL, *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result
