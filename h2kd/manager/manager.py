@@ -727,7 +727,7 @@ class JobManager:
         if job.worker:
             self._release_worker(job)
         retries = job.spec["execution_policy"]["retry_count"]
-        if retryable and job.attempt <= retries:
+        if retryable and job.attempt - job.attempts_not_counted <= retries:
             delay = min(self._config.retry_backoff_base_seconds * 2 ** (job.attempt - 1),
                         self._config.retry_backoff_max_seconds)
             job.error_code, job.error_message = code.value, message
@@ -769,7 +769,9 @@ class JobManager:
         """A job lost its worker: back to the queue while it has retries left (always, when the attempt never
         began), else failed with `code`."""
         self._release_worker(job)
-        if not attempt_spent or job.attempt <= job.spec["execution_policy"]["retry_count"]:
+        if not attempt_spent:
+            job.attempts_not_counted += 1
+        if not attempt_spent or job.attempt - job.attempts_not_counted <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")

@@ -43,6 +43,9 @@ class Job:
     error_code: str = ""
     error_message: str = ""
     source_identity: str = ""      # "dev:ino" of the source checked at submission; the worker refuses another file
+    # Attempts that ended through no fault of the job (its unit never started; a shutdown stopped it): they
+    # are numbered like the others but do not count against execution_policy.retry_count.
+    attempts_not_counted: int = 0
 
     @cached_property
     def spec_text(self) -> str:

@@ -575,3 +575,29 @@ def test_the_retry_limit_counts_retries_asked_for_not_those_h2kd_makes(tmp_path,
             m.retry(job.id)
         await m.stop()
     asyncio.run(go())
+
+
+def test_an_interrupted_attempt_does_not_use_up_a_retry(tmp_path, image):
+    """retry_count=1: a reboot stops attempt 1; attempt 2 fails and is still retried once; attempt 3 fails for
+    good. The count of attempts not counted is kept in the store across a restart."""
+    async def go():
+        m, runner, _, config = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        await until(lambda: job.state.value == "running")
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 143, {"status": "cancelled"},
+                                               interrupted=True))
+        await m.stop()
+        assert JobStore(config.store_path).load_jobs()[0].attempts_not_counted == 1
+
+        again = JobManager(config, JobStore(config.store_path), runner)
+        await again.start()
+        job = again.get(job.id)
+        failure = {"status": "failed", "error": {"code": "TOOL_FAILED", "message": "qemu-img failed",
+                                                 "retryable": True, "phase": "convert"}}
+        for attempt, after in ((2, "retrying"), (3, "failed")):
+            await until(lambda: job.attempt == attempt and job.state.value == "running")
+            again.unit_finished(job.id, attempt, UnitOutcome(job.unit, "exit-code", 1, failure))
+            assert job.state.value == after
+        await again.stop()
+    asyncio.run(go())

@@ -54,7 +54,8 @@ def test_every_job_field_survives_a_reopen(tmp_path):
         started_at=1_700_000_001 * SECOND, finished_at=1_700_000_002 * SECOND, unit="h2k-job-vm\\x2d1-3.service",
         worker="builtin", wait_reason="waiting for a free slot (2 of 2 running)", not_before=1_700_000_003 * SECOND,
         result={"status": "failed", "error": {"code": "TOOL_FAILED", "message": "line 1\nline 2"}},
-        error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)", source_identity="2049:1234")
+        error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)", source_identity="2049:1234",
+        attempts_not_counted=1)
     # Every field differs from its default, so a column the store forgot would show.
     defaults = Job(id="x", spec={}, operation="", owner=0)
     for f in dataclasses.fields(Job):
@@ -468,3 +469,20 @@ def test_a_failed_sync_fails_the_waiters_and_marks_the_store_unhealthy(store, mo
             await asyncio.wait_for(store.committed(), 5)
     asyncio.run(scenario())
     assert not store.check()
+
+
+def test_a_store_written_before_a_column_existed_gets_it_with_its_default(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        s.insert_job(new_job("old"), "submitted")
+    with sqlite3.connect(path) as db:    # as a build before attempts_not_counted wrote it
+        db.execute("ALTER TABLE jobs DROP COLUMN attempts_not_counted")
+    with JobStore(path) as s:
+        (loaded,) = s.load_jobs()
+        assert loaded.id == "old" and loaded.attempts_not_counted == 0
+        loaded.attempts_not_counted = 2
+        s.save_job(loaded)
+    with JobStore(path) as s:
+        assert s.load_jobs()[0].attempts_not_counted == 2
