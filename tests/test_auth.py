@@ -317,6 +317,14 @@ async def _control_mock(bus: MessageBus, member: str, signature: str = "", body:
     return reply.body
 
 
+async def _hang_submit_allow_cancel(bus: MessageBus) -> None:
+    """The mock never answers checks of ...submit, allows ...cancel and refuses the rest."""
+    await _control_mock(bus, "SimulateHangActions", "as", [[ACTION_SUBMIT]])
+    await _control_mock(bus, "SetAllowed", "as", [[ACTION_CANCEL]])
+    await _control_mock(bus, "AddMethod", "sssss",
+                        ["org.freedesktop.PolicyKit1.Authority", "CancelCheckAuthorization", "s", "", ""])
+
+
 def test_missing_polkit_denies_at_once(mock_system_bus, users):
     with bus_peer(users[ALICE], mock_system_bus) as (alice, _):
         async def main() -> None:
@@ -336,11 +344,7 @@ def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(moc
     with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):
         async def main() -> None:
             bus = await MessageBus(bus_address=mock_polkit, bus_type=BusType.SYSTEM).connect()
-            # The mock never answers checks of ...submit, allows ...cancel and refuses the rest.
-            await _control_mock(bus, "SimulateHangActions", "as", [[ACTION_SUBMIT]])
-            await _control_mock(bus, "SetAllowed", "as", [[ACTION_CANCEL]])
-            await _control_mock(bus, "AddMethod", "sssss",
-                                ["org.freedesktop.PolicyKit1.Authority", "CancelCheckAuthorization", "s", "", ""])
+            await _hang_submit_allow_cancel(bus)
             authority = Authority(bus, timeout=timeout)
             started = time.monotonic()
             hung = asyncio.ensure_future(authority.check(alice, ACTION_SUBMIT, False))
@@ -375,10 +379,7 @@ def test_one_users_flood_of_checks_waits_its_turn_and_leaves_room_for_the_others
     with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):
         async def main() -> None:
             bus = await MessageBus(bus_address=mock_polkit, bus_type=BusType.SYSTEM).connect()
-            await _control_mock(bus, "SimulateHangActions", "as", [[ACTION_SUBMIT]])
-            await _control_mock(bus, "SetAllowed", "as", [[ACTION_CANCEL]])
-            await _control_mock(bus, "AddMethod", "sssss",
-                                ["org.freedesktop.PolicyKit1.Authority", "CancelCheckAuthorization", "s", "", ""])
+            await _hang_submit_allow_cancel(bus)
             authority = Authority(bus, timeout=timeout, per_user=2, waiting_per_user=3, in_flight=3)
             flood = [asyncio.ensure_future(authority.check(alice, ACTION_SUBMIT, False)) for _ in range(5)]
             await asyncio.sleep(0.3)

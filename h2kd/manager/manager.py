@@ -92,7 +92,6 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
         self._unfinished = UnfinishedJobs(config.max_queued_jobs, config.max_jobs_per_user)
-        self._prune_pending = False
         self._system_stopping = False   # a shutdown is under way: no attempt starts (see system_stopping)
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
@@ -103,7 +102,7 @@ class JobManager:
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._schedule_pending = False
+        self._soon_pending: set[Callable[[], None]] = set()   # see _soon
         self._manager_props: dict[str, Any] = {}
         self._started_at = time.monotonic()
         self._periodic: list[asyncio.Task] = []
@@ -373,17 +372,10 @@ class JobManager:
         """Prune soon if finished jobs exceed the retention count by more than the slack."""
         finished = len(self._jobs) - len(self._unfinished)
         keep = self._config.retention_max_count
-        if self._prune_pending or finished <= keep + max(PRUNE_SLACK_JOBS, int(keep * PRUNE_SLACK_SHARE)):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._prune_pending = True
-        loop.call_soon(self._prune_now)
+        if finished > keep + max(PRUNE_SLACK_JOBS, int(keep * PRUNE_SLACK_SHARE)):
+            self._soon(self._prune_now)
 
     def _prune_now(self) -> None:
-        self._prune_pending = False
         try:
             self.prune()
         except H2kError as e:   # the store failed: the hourly pass tries again
@@ -505,17 +497,25 @@ class JobManager:
 
     def _kick(self) -> None:
         """Schedule one pass of the scheduler soon; many changes in one loop turn cost one pass."""
-        if self._schedule_pending:
+        self._soon(self._schedule)
+
+    def _soon(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the loop's next turn, once however often it is asked for until then (nothing
+        without a running loop)."""
+        if callback in self._soon_pending:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._schedule_pending = True
-        loop.call_soon(self._schedule)
+        self._soon_pending.add(callback)
+        loop.call_soon(self._run_soon, callback)
+
+    def _run_soon(self, callback: Callable[[], None]) -> None:
+        self._soon_pending.discard(callback)
+        callback()
 
     def _schedule(self) -> None:
-        self._schedule_pending = False
         builtin = self._workers.get(BUILTIN)
         if builtin is None or self._system_stopping:
             return
