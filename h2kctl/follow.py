@@ -8,6 +8,7 @@ properties of the jobs that moved) so that a missed signal never leaves the disp
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import sys
@@ -42,12 +43,25 @@ def final_message(props: dict[str, Any]) -> str:
         took = ""
         if props.get("StartedAt") and props.get("FinishedAt"):
             took = f" in {human_duration((props['FinishedAt'] - props['StartedAt']) / 1e6)}"
-        output = f": {props['Output']}" if props.get("Output") else ""
+        written = _written_paths(props.get("Result"))
+        output = f": {', '.join(written)}" if written else (f": {props['Output']}" if props.get("Output") else "")
         return f"Job {job_id} completed{took}{output}"
     code, message = props.get("Error") or ("", "")
     message = (message.strip().splitlines() or [""])[0]   # the rest is a log tail: see status or logs
     detail = ": " + ": ".join(p for p in (code, message) if p) if code or message else ""
     return f"Job {job_id} {state}{detail}"
+
+
+def _written_paths(result_text: Any) -> list[str]:
+    """The files a completed convert wrote (its Output may name only their directory), from its Result."""
+    try:
+        outputs = json.loads(result_text or "{}").get("outputs") or {}
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(outputs, dict):
+        return []
+    disks = [d.get("path") for d in outputs.get("disks") or [] if isinstance(d, dict) and d.get("path")]
+    return [str(p) for p in disks + ([outputs["domain_xml"]] if outputs.get("domain_xml") else [])]
 
 
 def _eta_seconds(props: dict[str, Any]) -> float | None:

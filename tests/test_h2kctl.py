@@ -514,6 +514,17 @@ def test_wait_for_hundreds_of_jobs_and_one_that_is_gone(stack, env, output_dir):
         ok(h2kctl(env, "remove", *job_ids, timeout=300))
 
 
+def test_a_conversion_into_a_directory_names_the_file_it_wrote(env, images, output_dir, tmp_path):
+    directory = output_dir / new_id("into")
+    directory.mkdir()
+    try:
+        done = ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", f"{directory}/", timeout=120))
+        assert done.stdout.strip().endswith(f": {directory / 'small.qcow2'}"), done.stdout
+        assert (directory / "small.qcow2").is_file()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):
     job_id = new_id("nosync")
     output = output_dir / f"{job_id}.qcow2"
