@@ -31,8 +31,26 @@ GC_THRESHOLDS = (20_000, 10, 10)
 EXIT_BAD_SETTINGS = 78
 
 
+# The state directory and the output roots, when h2kd makes them, may be passed through by everyone: a
+# submitter reaches the directory made for their job in the first output root, which is theirs, and nothing
+# else (the store and runs/ are root's alone by their own modes). A directory an administrator made keeps its mode.
+PASSABLE = 0o711
+
+
 class BadSettings(Exception):
     """The settings name something h2kd cannot use (an output root it cannot create, ...)."""
+
+
+def prepare_directories(config: Config) -> None:
+    for directory, mode in ((config.state_dir, PASSABLE), (config.runs_dir, 0o700),
+                            *((root, PASSABLE) for root in config.output_roots)):
+        try:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(directory, mode)    # exactly this, whatever the umask (the service's is 0027)
+        except OSError as e:
+            raise BadSettings(f"cannot create {directory}: {e.strerror} (under h2kd.service, a directory outside "
+                              f"/var/lib/h2kd needs ReadWritePaths= in a drop-in)") from None
 
 
 async def serve(config: Config) -> int:
@@ -44,13 +62,7 @@ async def serve(config: Config) -> int:
     from h2kd.observability.metrics import Metrics, start_http
     from h2kd.runner import SystemdRunner
 
-    for directory, mode in ((config.state_dir, 0o700), (config.runs_dir, 0o700),
-                            *((root, 0o777) for root in config.output_roots)):
-        try:
-            directory.mkdir(parents=True, exist_ok=True, mode=mode)
-        except OSError as e:
-            raise BadSettings(f"cannot create {directory}: {e.strerror} (under h2kd.service, a directory outside "
-                              f"/var/lib/h2kd needs ReadWritePaths= in a drop-in)") from None
+    prepare_directories(config)
     store = JobStore(config.store_path)
     manager = JobManager(config, store, host_validator=HostChecks(config))
     runner = SystemdRunner(config, manager)

@@ -166,3 +166,46 @@ def test_bad_settings_stop_h2kd_with_a_clear_line_and_no_restart(tmp_path: Path)
     ran = subprocess.run([sys.executable, "-m", "h2kd.daemon", "--config", str(tmp_path)], capture_output=True,
                          text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin"})
     assert ran.returncode == 78 and f"cannot read {tmp_path}: Is a directory" in ran.stderr, ran.stderr
+
+
+def test_a_submitter_reaches_their_job_directory_in_the_default_output_root_and_nothing_else(tmp_path: Path) -> None:
+    """Under h2kd.service's umask, the state directory and the output root h2kd makes are passable by everyone
+    (0711), so a submitter (here nobody) reaches the directory made for their job; the store, runs/ and a
+    directory an administrator made keep their own modes."""
+    import os
+    import shutil
+    import tempfile
+
+    from h2kd.config import Config
+    from h2kd.daemon import prepare_directories
+    from h2kd.store import JobStore
+
+    base = Path(tempfile.mkdtemp(prefix="h2k-dirs-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        admins = base / "admins"
+        admins.mkdir(mode=0o700)
+        config = Config(state_dir=base / "state", output_roots=[base / "state" / "output", admins])
+        old_umask = os.umask(0o027)
+        try:
+            prepare_directories(config)
+            JobStore(config.store_path).close()
+        finally:
+            os.umask(old_umask)
+        modes = {p: p.stat().st_mode & 0o777 for p in (config.state_dir, config.runs_dir, config.output_roots[0],
+                                                       admins, config.store_path)}
+        assert modes == {config.state_dir: 0o711, config.runs_dir: 0o700, config.output_roots[0]: 0o711,
+                         admins: 0o700, config.store_path: 0o600}
+        job_dir = config.output_roots[0] / "job-1"
+        job_dir.mkdir(mode=0o750)
+        shutil.chown(job_dir, "nobody")
+
+        def as_nobody(*argv: str) -> int:
+            return subprocess.run(["runuser", "-u", "nobody", "--", *argv], capture_output=True,
+                                  timeout=30).returncode
+
+        assert as_nobody("ls", str(job_dir)) == 0
+        assert as_nobody("ls", str(config.state_dir)) != 0
+        assert as_nobody("cat", str(config.store_path)) != 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

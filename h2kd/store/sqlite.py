@@ -164,6 +164,9 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly, one per changing call.
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        # Root's alone, whatever the umask; SQLite gives its -wal and -shm files the same mode.
+        self.path.touch(mode=0o600, exist_ok=True)
+        os.chmod(self.path, 0o600)
         self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
         self._in_batch = False            # a transaction holding deferred writes is open
         self._deferring = 0               # depth of deferred() blocks being run
