@@ -45,9 +45,10 @@ def prepare_directories(config: Config) -> None:
     for directory, mode in ((config.state_dir, PASSABLE), (config.runs_dir, 0o700),
                             *((root, PASSABLE) for root in config.output_roots)):
         try:
-            if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
-                os.chmod(directory, mode)    # exactly this, whatever the umask (the service's is 0027)
+            missing = [d for d in (directory, *directory.parents) if not os.path.lexists(d)]
+            for made in reversed(missing):   # each with its mode, whatever the umask (the service's is 0027)
+                made.mkdir(exist_ok=True)
+                os.chmod(made, mode if made == directory else PASSABLE)
         except OSError as e:
             raise BadSettings(f"cannot create {directory}: {e.strerror} (under h2kd.service, a directory outside "
                               f"/var/lib/h2kd needs ReadWritePaths= in a drop-in)") from None

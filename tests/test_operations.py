@@ -633,8 +633,13 @@ def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: 
     [disk] = run.result["outputs"]["disks"]
     assert Path(disk["path"]).parent == job_dir
     assert (job_dir.stat().st_uid, job_dir.stat().st_gid) == (64101, 64102)
+    assert job_dir.stat().st_mode & 0o777 == 0o700    # not the user's group: it may be everyone's (users)
     assert Path(disk["path"]).stat().st_uid == 64101
     assert compare(lib / "data.raw", "raw", Path(disk["path"]), "qcow2")
+    # With output_group set, h2kd asks for the group to enter too.
+    run = run_worker(tmp_path / "w0", {"job_id": "nightly-6", **convert_spec(source, None)}, [out],
+                     owner={**alice, "directory_mode": 0o750})
+    assert run.returncode == 0 and (out / "nightly-6").stat().st_mode & 0o777 == 0o750, run.log
     # A directory of that name made by someone else (a shared root) is not taken over.
     (out / "nightly-8").mkdir()
     os.chown(out / "nightly-8", 64103, 64103)

@@ -293,7 +293,8 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                                  "output_roots": [str(config.output_roots[0])],
-                                 "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "groups": []},
+                                 "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
+                                           "groups": []},
                                  "source_identity": convert.source_identity}
 
             offline_props = await unit_properties(sandbox.manager.bus_address, offline_unit)

@@ -66,6 +66,10 @@ MAX_WAITING_LISTED = 1000     # queue_stats() says why the first this many queue
 # Each retry adds to a job's history and event log, kept as long as the job: a cancel-and-retry loop must not
 # grow them without end. Retries h2kd makes itself are few (retry_count <= 5).
 MAX_RETRIES = 100
+# Attempts that end through no fault of the job (never started, stopped by a shutdown) are not counted against
+# its retries, up to this many: a unit that can never start, or a job whose conversion brings the host down,
+# must not go round for ever.
+MAX_ATTEMPTS_NOT_COUNTED = 10
 # Finished jobs beyond the retention count are pruned at once (not at the next hourly pass) when they exceed it
 # by this many or this share: a flood of submissions that fail their checks must not pile up in memory.
 PRUNE_SLACK_JOBS = 1000
@@ -727,8 +731,9 @@ class JobManager:
         if job.worker:
             self._release_worker(job)
         retries = job.spec["execution_policy"]["retry_count"]
-        if retryable and job.attempt - job.attempts_not_counted <= retries:
-            delay = min(self._config.retry_backoff_base_seconds * 2 ** (job.attempt - 1),
+        counted = job.attempt - job.attempts_not_counted
+        if retryable and counted <= retries:
+            delay = min(self._config.retry_backoff_base_seconds * 2 ** (counted - 1),
                         self._config.retry_backoff_max_seconds)
             job.error_code, job.error_message = code.value, message
             job.not_before = now_usec() + int(delay * 1_000_000)
@@ -769,8 +774,10 @@ class JobManager:
         """A job lost its worker: back to the queue while it has retries left (always, when the attempt never
         began), else failed with `code`."""
         self._release_worker(job)
-        if not attempt_spent:
+        if not attempt_spent and job.attempts_not_counted < MAX_ATTEMPTS_NOT_COUNTED:
             job.attempts_not_counted += 1
+        else:
+            attempt_spent = True
         if not attempt_spent or job.attempt - job.attempts_not_counted <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)

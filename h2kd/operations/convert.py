@@ -170,7 +170,7 @@ def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
     """The job's own output directory, made for the submitter. One that exists already is used only if it is
     theirs (a retry), never one someone else made in a shared root to receive their outputs."""
     try:
-        os.mkdir(directory, 0o750)
+        os.mkdir(directory, 0o700)
     except FileExistsError:
         st = os.lstat(directory)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != (owner["uid"] if owner else 0):
@@ -179,6 +179,7 @@ def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
         return directory
     if owner:
         os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
+        os.chmod(directory, owner.get("directory_mode", 0o700), follow_symlinks=False)
     return directory
 
 

@@ -275,6 +275,9 @@ class SystemdRunner:
                                            "spec_checked": True, "boot_id": self._boot_id,
                                            "output_roots": [str(r) for r in self._config.output_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
+                                                     # the job's own output directory: the group enters it only
+                                                     # when it is output_group, not whatever group the user has
+                                                     "directory_mode": 0o750 if self._config.output_group else 0o700,
                                                      # looked up here: the unit may not reach a network NSS
                                                      "groups": caller_groups(job.owner) if job.owner else []},
                                            "source_identity": job.source_identity})

@@ -71,7 +71,7 @@ CREATE TABLE jobs (
     error_code TEXT NOT NULL,
     error_message TEXT NOT NULL,
     source_identity TEXT NOT NULL,
-    attempts_not_counted INTEGER NOT NULL
+    attempts_not_counted INTEGER NOT NULL DEFAULT 0   -- DEFAULT: an earlier build's inserts leave it out
 );
 CREATE TABLE history (
     n INTEGER PRIMARY KEY,
@@ -163,10 +163,10 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly, one per changing call.
+        if not self.path.exists():
+            # Root's alone from its creation, whatever the umask; SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        # Root's alone, whatever the umask; SQLite gives its -wal and -shm files the same mode.
-        self.path.touch(mode=0o600, exist_ok=True)
-        os.chmod(self.path, 0o600)
         self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
         self._in_batch = False            # a transaction holding deferred writes is open
         self._deferring = 0               # depth of deferred() blocks being run

@@ -3,7 +3,7 @@
     h2k-worker --spec SPEC.json --result RESULT.json
 
 SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]} (h2kd adds "owner": {"uid",
-"gid", "mode", "groups"}, the submitter, whose rights qemu-img runs with; "source_identity"; and "spec_checked":
+"gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with; "source_identity"; and "spec_checked":
 true when the spec is the one h2kd checked and stored, which the worker then takes as it is instead of checking
 it again; "boot_id", the boot the attempt started in, is h2kd's own). Before creating a temporary output the
 worker records its

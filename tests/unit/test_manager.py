@@ -601,3 +601,19 @@ def test_an_interrupted_attempt_does_not_use_up_a_retry(tmp_path, image):
             assert job.state.value == after
         await again.stop()
     asyncio.run(go())
+
+
+def test_attempts_not_counted_are_not_counted_for_ever(tmp_path, image):
+    """A unit that can never start (its slice masked, say) must not send its job round for ever: after
+    MAX_ATTEMPTS_NOT_COUNTED such attempts, they count like any other."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)   # retry_count 0
+        for attempt in range(1, manager_module.MAX_ATTEMPTS_NOT_COUNTED + 2):
+            await until(lambda: job.attempt == attempt and job.state.value == "running")
+            m.unit_finished(job.id, attempt, UnitOutcome(job.unit, "not-started"))
+        assert job.state.value == "failed" and job.error_code == "WORKER_LOST"
+        assert job.attempts_not_counted == manager_module.MAX_ATTEMPTS_NOT_COUNTED
+        await m.stop()
+    asyncio.run(go())
