@@ -445,6 +445,24 @@ def test_source_disappearing_mid_conversion(lib: Path, tmp_path: Path, out: Path
     assert leftovers(out) == []
 
 
+def test_the_source_is_checked_on_the_descriptor_root_reads_not_only_by_path(tmp_path: Path) -> None:
+    """The worker checks the source by path; if another file takes its place before the operation opens it,
+    the operation's own descriptor is checked too, before root reads a byte of it."""
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    checked, other = tmp_path / "checked.raw", tmp_path / "other.raw"
+    for path in (checked, other):
+        path.write_bytes(os.urandom(4096))
+    st = checked.stat()
+    inspect.expect_source(str(checked), f"{st.st_dev}:{st.st_ino}")
+    assert inspect.load_source(str(checked), "raw", check_disks=False).disks
+    os.replace(other, checked)     # swapped in after the worker's check
+    with pytest.raises(OperationError) as refused:
+        inspect.load_source(str(checked), "raw", check_disks=False)
+    assert refused.value.code == "SOURCE_CHANGED" and "replaced after the job was submitted" in refused.value.message
+
+
 def _qemu_img_children(pid: int) -> list[int]:
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():

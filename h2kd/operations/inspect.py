@@ -549,6 +549,16 @@ class Source:
         return total
 
 
+# path -> "dev:ino" of the file h2kd checked at submission (see expect_source). A worker runs one job.
+_EXPECTED_SOURCES: dict[str, str] = {}
+
+
+def expect_source(path: str, identity: str) -> None:
+    """The source at `path` must be the file h2kd checked for the submitter ("dev:ino"): load_source refuses
+    any other before reading a byte of it, whatever was swapped in since the worker's own check."""
+    _EXPECTED_SOURCES[os.path.abspath(path)] = identity
+
+
 def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,
                 check_disks: bool = True, reader_uid: int | None = None) -> Source:
     """Open and identify a source and its disks (no hashing yet: see verify()).
@@ -558,6 +568,10 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
     path = os.path.abspath(path)
     fd, identity = open_regular_file(path)
     try:
+        expected = _EXPECTED_SOURCES.get(path)
+        if expected and f"{identity.device}:{identity.inode}" != expected:
+            raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
+                                 "submit it again", "start")
         head, tail = _read_head_tail(fd, 0, identity.size)
         kind = sniff(head, tail)
         declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)

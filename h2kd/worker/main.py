@@ -200,6 +200,10 @@ def _ensure_same_source(path: str, identity: str, owner_uid: int) -> None:
     if f"{st.st_dev}:{st.st_ino}" != identity:
         raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
                              "submit it again", "start")
+    # Checked by path here, so say it early; the operation's own open checks its descriptor again (a swap
+    # between this check and that open would otherwise have root parse another file).
+    from h2kd.operations import inspect
+    inspect.expect_source(path, identity)
 
 
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
