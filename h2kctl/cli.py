@@ -18,7 +18,7 @@ from h2kd import __version__
 from h2kctl import schema
 from h2kctl.bus import JOB_IFACE, Client, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
-from h2kctl.follow import (ProgressView, detach_hint, exit_code_for, final_message, follow_job,
+from h2kctl.follow import (TERMINAL, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            progress_stream, stream_is_tty, watch_all)
 from h2kctl.render import (age, human_bytes, human_duration, nested, page, percent, table, timestamp,
                            user_name)
@@ -463,7 +463,7 @@ async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int
 
 
 # What `wait` with no job named waits for: every job on its way to an end (held jobs are not).
-_UNDER_WAY = ["created", "queued", "assigned", "running", "progressing", "retrying"]
+_UNDER_WAY = [state for state in STATES if state not in TERMINAL and state != "validated"]
 
 
 async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -481,8 +481,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
         except CtlError as e:   # no such job, or removed before it was seen to end: the others are still waited for
             if e.code != ExitCode.NO_SUCH_JOB:
                 raise
-            sys.stdout.flush()
-            print(f"{PROG}: {e.message}", file=sys.stderr)
+            _say(e)
             gone += 1
             continue
         if props is None:   # Ctrl-C: the jobs go on
@@ -522,6 +521,12 @@ async def _job_action(client: Client, job_id: str, member: str, verb: str) -> No
     await client.manager(member, "s", [job_id], action=action, what=f"{verb} job {job_id}")
 
 
+def _say(error: CtlError) -> None:
+    """The one line an error gets: "h2kctl: <message>", after what was printed so far."""
+    sys.stdout.flush()
+    print(f"{PROG}: {error.message}", file=sys.stderr)
+
+
 async def _each_job(job_ids: list[str], act: Callable[[str], Awaitable[None]]) -> int:
     """Do `act` for every job, going on past a failure (as systemctl stop A B C does): each failure is said on
     its own line, and the exit status is that of the first."""
@@ -530,8 +535,7 @@ async def _each_job(job_ids: list[str], act: Callable[[str], Awaitable[None]]) -
         try:
             await act(job_id)
         except CtlError as e:
-            sys.stdout.flush()
-            print(f"{PROG}: {e.message}", file=sys.stderr)
+            _say(e)
             first_failure = first_failure or e.code
     return first_failure or ExitCode.SUCCESS
 
@@ -743,8 +747,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os.execvp(command[0], command)
     except CtlError as e:
-        sys.stdout.flush()
-        print(f"{PROG}: {e.message}", file=sys.stderr)
+        _say(e)
         return e.code
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -71,8 +71,10 @@ class StatusLine:
 
     def send(self) -> None:
         self._cancel_pending()
+        if self._closed:
+            return
         text = self.text()
-        if not self._closed and text != self._sent and notify_status(text):
+        if text != self._sent and notify_status(text):
             self._sent = text
 
     def set_problem(self, problem: str | None) -> None:

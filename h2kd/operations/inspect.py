@@ -554,9 +554,23 @@ _EXPECTED_SOURCES: dict[str, str] = {}
 
 
 def expect_source(path: str, identity: str) -> None:
-    """The source at `path` must be the file h2kd checked for the submitter ("dev:ino"): load_source refuses
-    any other before reading a byte of it, whatever was swapped in since the worker's own check."""
-    _EXPECTED_SOURCES[os.path.abspath(path)] = identity
+    """The source at `path` must be the file h2kd checked for the submitter ("dev:ino"). Checked now, by path,
+    to fail early; load_source checks its descriptor again before reading a byte (a file swapped in between
+    would otherwise be parsed by root). SOURCE_CHANGED otherwise."""
+    path = os.path.abspath(path)
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise OperationError("SOURCE_CHANGED", f"the source {path} cannot be found any more: {e.strerror}",
+                             "start") from None
+    _ensure_expected(path, st.st_dev, st.st_ino, identity)
+    _EXPECTED_SOURCES[path] = identity
+
+
+def _ensure_expected(path: str, device: int, inode: int, expected: str) -> None:
+    if f"{device}:{inode}" != expected:
+        raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
+                             "submit it again", "start")
 
 
 def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,
@@ -568,10 +582,8 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
     path = os.path.abspath(path)
     fd, identity = open_regular_file(path)
     try:
-        expected = _EXPECTED_SOURCES.get(path)
-        if expected and f"{identity.device}:{identity.inode}" != expected:
-            raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
-                                 "submit it again", "start")
+        if path in _EXPECTED_SOURCES:
+            _ensure_expected(path, identity.device, identity.inode, _EXPECTED_SOURCES[path])
         head, tail = _read_head_tail(fd, 0, identity.size)
         kind = sniff(head, tail)
         declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)

@@ -192,16 +192,6 @@ def _ensure_same_source(path: str, identity: str, owner_uid: int) -> None:
             raise OperationError("PERMISSION_DENIED", f"the source {path} was not checked for its submitter "
                                  f"(uid {owner_uid}); it is not read", "start")
         return
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise OperationError("SOURCE_CHANGED", f"the source {path} cannot be found any more: {e.strerror}",
-                             "start") from None
-    if f"{st.st_dev}:{st.st_ino}" != identity:
-        raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
-                             "submit it again", "start")
-    # Checked by path here, so say it early; the operation's own open checks its descriptor again (a swap
-    # between this check and that open would otherwise have root parse another file).
     from h2kd.operations import inspect
     inspect.expect_source(path, identity)
 
