@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -33,8 +34,10 @@ COMPRESSION_TYPES = ["zlib", "zstd"]
 DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and VirtualBox disk images to KVM "
                "formats. h2kctl talks to h2kd over D-Bus (org.hyper2kvm.h2kd1 on the system bus).")
 
-CTRL_C_HELP = ("Ctrl-C while a job is waited for (submit --wait, retry --wait, start --wait, inspect) or "
-               "watched detaches: the job goes on, h2kctl says how to cancel it and exits with 0.")
+CTRL_C_HELP = ("Ctrl-C while jobs are waited for (submit --wait, retry --wait, start --wait, wait, inspect) or "
+               "a job is watched detaches: the jobs go on, h2kctl says how to cancel them and ends by SIGINT (exit "
+               "status 130), so a script running it stops instead of going on as if they had completed. Ctrl-C "
+               "ends watch without a job (all jobs) with status 0.")
 
 
 def exit_status_epilog() -> str:
@@ -277,7 +280,7 @@ async def _wait_and_report(client: Client, job_id: str, out: Output) -> int:
         print(detach_hint(job_id), file=sys.stderr)
         if out.json:
             out.emit_json(schema.job(await client.job_properties(job_id), await client.get_job_path(job_id)))
-        return ExitCode.SUCCESS
+        return ExitCode.INTERRUPTED
     if out.json:
         out.emit_json(schema.job(props, await client.get_job_path(job_id)))
     elif props["State"] == "completed":
@@ -487,7 +490,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
         if props is None:   # Ctrl-C: the jobs go on
             print(f"{PROG}: stopped waiting; {len(job_ids) - len(ended) - gone} of {len(job_ids)} jobs may still "
                   f"run", file=sys.stderr)
-            return ExitCode.SUCCESS
+            return ExitCode.INTERRUPTED
         ended.append((path, props))
         if not out.json and not out.quiet:
             out.line(_first_line(final_message(props)))
@@ -507,7 +510,7 @@ async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> in
         props = await follow_job(client, args.job, view)
         if props is None:
             print(detach_hint(args.job), file=sys.stderr)
-            return ExitCode.SUCCESS
+            return ExitCode.INTERRUPTED
         out.line(final_message(props))
         return exit_code_for(props["State"])
     await watch_all(client, sys.stdout, stream_is_tty(sys.stdout))
@@ -702,7 +705,7 @@ async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> 
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:
         print(detach_hint(job_id) + f"; its report: h2kctl status {job_id}", file=sys.stderr)
-        return ExitCode.SUCCESS
+        return ExitCode.INTERRUPTED
     job = schema.job(props, path)
     result = schema.inspect(job)
     if out.json:
@@ -751,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        return 130
+        code = ExitCode.INTERRUPTED
     except BrokenPipeError:
         # Output went to a pipe that closed (e.g. `h2kctl list | head`); that is not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -762,7 +765,21 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("H2KCTL_DEBUG"):
             raise
         return ExitCode.FAILURE
+    if code == ExitCode.INTERRUPTED and argv is None:
+        _end_by_sigint()
     return int(code)
+
+
+def _end_by_sigint() -> None:
+    """End the program as Ctrl-C would have, once h2kctl has said what it left running: a shell running h2kctl
+    in a loop or a script stops only when its child died of SIGINT; an exit status, even 130, lets it go on."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 if __name__ == "__main__":

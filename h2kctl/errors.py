@@ -14,11 +14,12 @@ class ExitCode(IntEnum):
     NOT_AUTHORIZED = 5
     UNREACHABLE = 6
     NO_SUCH_JOB = 7
+    INTERRUPTED = 130      # 128 + SIGINT, as a shell reports a program ended by Ctrl-C
 
 
 # The single description of the exit codes, shown by --help and the man page.
 EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
-    (ExitCode.SUCCESS, "success (also after Ctrl-C detached from a job being waited for or watched)"),
+    (ExitCode.SUCCESS, "success"),
     (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable)"),
     (ExitCode.USAGE, "bad usage (unknown command or option, invalid value)"),
     (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed (with wait: one of them)"),
@@ -27,6 +28,8 @@ EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
     (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
     (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it)"),
     (ExitCode.NO_SUCH_JOB, "no such job"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: h2kctl stopped waiting for or watching a job, which goes on (h2kctl then "
+                           "ends by SIGINT, so a shell script running it stops too)"),
 ]
 
 

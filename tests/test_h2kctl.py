@@ -146,8 +146,9 @@ def paused_queue(env):
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60, on_output=None) -> tuple[int, str]:
-    """Run argv with stdin/stdout/stderr on a new pseudo-terminal; return (exit status, all it wrote).
-    on_output(pid, text_so_far) is called after each read (e.g. to send a signal)."""
+    """Run argv with stdin/stdout/stderr on a new pseudo-terminal; return (exit status as
+    os.waitstatus_to_exitcode gives it, all it wrote). on_output(terminal, text_so_far) is called after each
+    read, with the terminal's master side (write CTRL_C to it to press Ctrl-C)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec at once
         os.execve(argv[0], argv, env)
@@ -166,13 +167,17 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60, on_out
                 break
             output += chunk
             if on_output is not None:
-                on_output(pid, output.decode(errors="replace"))
+                on_output(fd, output.decode(errors="replace"))
         else:
             os.kill(pid, signal.SIGKILL)
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+# The terminal turns this byte into SIGINT for every process of its foreground group, as a real Ctrl-C does.
+CTRL_C = b"\x03"
 
 
 # ------------------------------------------------------------------ generated files, help, usage
@@ -611,22 +616,58 @@ def test_ctrl_c_detaches_without_cancelling(env, images, output_dir):
     argv = [H2KCTL, "submit", "--wait", str(images["big"]), "-o", str(output_dir / f"{job_id}.qcow2"),
             "--id", job_id, "--compress=zlib", "--source-format", "raw"]
     ok(h2kctl(env, "queue", "pause"))
-    sent = []
+    pressed = []
 
-    def interrupt_once_following(pid: int, text: str) -> None:
-        if not sent and f"{job_id}" in text and "queued" in text:
-            os.kill(pid, signal.SIGINT)
-            sent.append(True)
+    def ctrl_c_once_following(terminal: int, text: str) -> None:
+        if not pressed and f"{job_id}" in text and "queued" in text:
+            os.write(terminal, CTRL_C)
+            pressed.append(True)
 
     try:
-        code, output = run_in_pty(argv, env, timeout=60, on_output=interrupt_once_following)
-        assert sent, output
-        assert code == 0, output
+        code, output = run_in_pty(argv, env, timeout=60, on_output=ctrl_c_once_following)
+        assert pressed, output
+        assert code == -signal.SIGINT, output     # ended as Ctrl-C ends a program: not "completed"
         assert f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_id}" in output
+        assert "Traceback" not in output
         assert job_state(env, job_id) == "queued"
     finally:
         ok(h2kctl(env, "queue", "resume"))
     assert wait_for_state(env, job_id, TERMINAL, timeout=240) == "completed"
+
+
+def test_ctrl_c_stops_a_script_that_waits_and_the_jobs_go_on(env, images, output_dir, paused_queue):
+    """A batch script: Ctrl-C while h2kctl waits stops the script, as it would stop any command in it, instead
+    of letting it go on as if the job had completed (bash goes on after a child that exits by itself, even
+    with 130). The jobs h2kctl waited for are not cancelled."""
+    first, second, third = new_id("script1"), new_id("script2"), new_id("script3")
+    ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{first}.qcow2"), "--id", first))
+
+    def submit_wait(job_id: str) -> str:
+        return (f"{H2KCTL} submit --wait {images['small']} -o {output_dir / (job_id + '.qcow2')} --id {job_id}")
+
+    cases = [(f"{H2KCTL} wait {first} && echo all-converted; {submit_wait(third)}; echo script-finished",
+              "waiting-started"),
+             (f"for id in {second} {third}; do {submit_wait('$id')}; done; echo script-finished",
+              f"Submitted job {second}.")]
+    for script, cue in cases:
+        pressed = []
+
+        def ctrl_c_once(terminal: int, text: str, cue: str = cue) -> None:
+            if not pressed and cue in text and (cue == "waiting-started" or "queued" in text.split(cue)[-1]):
+                if cue == "waiting-started":
+                    time.sleep(1.0)     # h2kctl wait prints nothing until a job ends
+                os.write(terminal, CTRL_C)
+                pressed.append(True)
+
+        echo = "echo waiting-started; " if cue == "waiting-started" else ""
+        code, output = run_in_pty(["/bin/bash", "-c", echo + script], env, timeout=60, on_output=ctrl_c_once)
+        assert pressed, output
+        assert code == -signal.SIGINT, output
+        assert "script-finished" not in output and "all-converted" not in output, output
+        assert "Traceback" not in output, output
+    assert job_state(env, first) == "queued" and job_state(env, second) == "queued"
+    gone = h2kctl(env, "status", third)
+    assert gone.returncode == 7, gone      # the script never got as far as submitting it
 
 
 def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
