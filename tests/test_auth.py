@@ -679,6 +679,45 @@ def test_a_descriptor_number_without_a_descriptor_touches_nothing_of_h2kds(stack
 
 
 @pytest.mark.stack
+def test_descriptors_sent_with_calls_that_never_reach_the_method_are_closed(stack):
+    """Any local user may attach descriptors (16 a message) to a call. Those that come with a call dbus-fast
+    does not hand to SubmitJobWithImage (another path, another signature, another method) are closed at once:
+    kept, a few hundred messages would use up h2kd's descriptors, and with them its store and its checks."""
+    daemon = stack.daemon_pid
+    assert daemon is not None
+    calls = [(MANAGER_PATH, "SubmitJobWithImage", "s", ["not a descriptor"]),
+             (MANAGER_PATH + "/nowhere", "SubmitJobWithImage", "ha{sv}a{sv}", [0, {}, {}]),
+             (MANAGER_PATH, "GetJob", "s", ["no-such-job"])]
+    attached = [os.open(os.devnull, os.O_RDONLY) for _ in range(4)]
+
+    async def go() -> list[Message]:
+        bus = await MessageBus(bus_address=_stack_address(stack), negotiate_unix_fd=True).connect()
+        try:
+            replies = []
+            for _ in range(10):
+                for path, member, signature, body in calls:
+                    replies.append(await bus.call(Message(
+                        destination=BUS_NAME, path=path, interface=MANAGER_IFACE, member=member,
+                        signature=signature, body=body, unix_fds=attached)))
+            return replies
+        finally:
+            bus.disconnect()
+
+    before = len(os.listdir(f"/proc/{daemon}/fd"))
+    try:
+        replies = asyncio.run(go())
+    finally:
+        for fd in attached:
+            os.close(fd)
+    # They reached h2kd (the bus let them through) and were refused there.
+    assert {r.error_name for r in replies} <= {"org.freedesktop.DBus.Error.UnknownMethod",
+                                                "org.freedesktop.DBus.Error.UnknownObject",
+                                                BUS_NAME + ".Error.NoSuchJob"}, {r.error_name for r in replies}
+    # 120 descriptors came; at most a few are h2kd's own new ones (a connection, a checkpoint).
+    assert len(os.listdir(f"/proc/{daemon}/fd")) - before < 10
+
+
+@pytest.mark.stack
 def test_a_descriptor_must_be_the_file_the_spec_names(stack, shared_dir, submitted):
     from dbus_fast import Variant
 
