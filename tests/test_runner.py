@@ -7,6 +7,7 @@ result file, exit codes, SIGTERM -> 143). The runner's events go to a recording 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import json
 import os
@@ -290,7 +291,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             assert exec_start[1] == [*config.worker_command, "--spec", str(config.runs_dir / convert_unit / "spec.json"),
                                      "--result", str(config.runs_dir / convert_unit / "result.json")]
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
-            assert spec_file == {"job_id": convert.id, "attempt": 1, "spec": convert.spec, "spec_checked": True,
+            assert spec_file == {"job_id": convert.id, "job_created_at": convert.created_at, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                                  "output_roots": [str(config.output_roots[0])],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
@@ -516,6 +517,45 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
         assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
         assert starts(config, unit) == 1
         assert lost.result == "not-started" and lost.worker_result is None
+
+    asyncio.run(scenario())
+
+
+def test_an_earlier_jobs_files_under_the_same_id_never_settle_a_new_attempt(sandbox: Sandbox) -> None:
+    """A job id can be chosen again once its job is removed. If h2kd stops after recording the new job's first
+    attempt but before starting its unit, the attempt's directory still holds the earlier job's files: the
+    new attempt never started, whatever the earlier result says. Started, it does not find that result."""
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        first = await connected(config, RecordingEvents())
+        earlier = make_job()
+        unit = await first.start(earlier, 1)
+        await first.close()
+        await wait_for(lambda: (config.runs_dir / unit / "result.json").exists(), what="the worker's result")
+        for _ in range(100):
+            if await unit_properties(sandbox.manager.bus_address, unit) is None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the finished unit was not collected")
+        assert json.loads((config.runs_dir / unit / "result.json").read_text())["status"] == "completed"
+
+        again = dataclasses.replace(earlier, created_at=earlier.created_at + 1, unit=unit)
+        events = RecordingEvents()
+        async with runner_for(config, events) as second:
+            await second.reattach(again)
+            outcome = await events.wait_finished(again.id)
+        assert outcome.result == "not-started" and outcome.worker_result is None
+        assert starts(config, unit) == 1
+
+        events = RecordingEvents()
+        async with runner_for(sandbox.config("wait"), events) as third:
+            assert await start_waiting(third, events, again) == unit
+            # The worker waits for its go file, so no result of its own yet: the earlier one went at the start.
+            assert not (config.runs_dir / unit / "result.json").exists()
+            (config.runs_dir / unit / "go").touch()
+            outcome = await events.wait_finished(again.id)
+        assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
 
     asyncio.run(scenario())
 

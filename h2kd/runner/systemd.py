@@ -81,6 +81,7 @@ class _Followed:
     attempt: int
     path: str
     run_dir: Path
+    job_created_at: int = 0             # tells this job from an earlier one that had the same id
     active_state: str = ""
     sub_state: str = ""
     result: str = ""
@@ -268,10 +269,15 @@ class SystemdRunner:
         run_dir = units.run_dir(self._config, unit)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
+        # An earlier job with the same id (removed, and its id chosen again) left its attempt's files here:
+        # its result must not pass for this attempt's.
+        for stale in (result_path, run_dir / RECORD_NAME):
+            stale.unlink(missing_ok=True)
         uid, gid = output_owner(job.owner, self._config.output_group)
         # spec_checked: job.spec is the spec as h2kd.model.spec checked and completed it at submission, so
         # the worker need not load the spec models again to check it (a good part of its start-up time).
-        _write_json_atomically(spec_path, {"job_id": job.id, "attempt": attempt, "spec": job.spec,
+        _write_json_atomically(spec_path, {"job_id": job.id, "job_created_at": job.created_at, "attempt": attempt,
+                                           "spec": job.spec,
                                            "spec_checked": True, "boot_id": self._boot_id,
                                            "output_roots": [str(r) for r in self._config.output_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
@@ -290,7 +296,7 @@ class SystemdRunner:
             fixes_guest=fixes_guest(job.spec))
         if not self._slice_ready:
             await self._ensure_slice()
-        followed = self._follow(unit, job.id, attempt)
+        followed = self._follow(unit, job.id, attempt, job.created_at)
         try:
             await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
         except SystemdError as exc:
@@ -321,7 +327,7 @@ class SystemdRunner:
     async def reattach(self, job: Job) -> None:
         attempt = job.attempt
         unit = job.unit or units.unit_name(job.id, attempt)
-        followed = self._followed.get(unit) or self._follow(unit, job.id, attempt)
+        followed = self._followed.get(unit) or self._follow(unit, job.id, attempt, job.created_at)
         self._schedule_check(followed)
 
     def capabilities(self) -> dict[str, Any]:
@@ -350,9 +356,10 @@ class SystemdRunner:
 
     # ------------------------------------------------------------------ following
 
-    def _follow(self, unit: str, job_id: str, attempt: int) -> _Followed:
+    def _follow(self, unit: str, job_id: str, attempt: int, job_created_at: int) -> _Followed:
         followed = _Followed(unit, job_id, attempt, units.unit_object_path(unit), units.run_dir(self._config, unit),
-                             control_group=units.control_group(self._cgroup_root, self._config.slice, unit))
+                             job_created_at, control_group=units.control_group(self._cgroup_root,
+                                                                                self._config.slice, unit))
         self._followed[unit] = followed
         self._by_path[followed.path] = followed
         return followed
@@ -519,6 +526,13 @@ class SystemdRunner:
             return
         followed.settled = True
         self._unfollow(followed)
+        if not _files_are_of(followed):
+            # h2kd stopped between recording the attempt and starting its unit, and the directory is an earlier
+            # job's of the same id: this attempt never started, whatever that job's result says.
+            outcome = UnitOutcome(unit=followed.unit, result="not-started", exit_status=0, worker_result=None,
+                                  log_tail=[], stopped_by_request=followed.stop_requested, interrupted=False)
+            self._report_finished(followed, outcome)
+            return
         worker_result = _read_json(followed.run_dir / "result.json")
         if gone and followed.active_state not in _FINAL_STATES:
             # Collected before its final state reached us (or never seen: reattach after it was collected):
@@ -538,6 +552,9 @@ class SystemdRunner:
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested,
                               interrupted=not succeeded and self._interrupted(followed, worker_result))
+        self._report_finished(followed, outcome)
+
+    def _report_finished(self, followed: _Followed, outcome: UnitOutcome) -> None:
         try:
             self._events.unit_finished(followed.job_id, followed.attempt, outcome)
         except Exception:
@@ -596,6 +613,13 @@ class SystemdRunner:
 
 # How the worker's last line begins (h2kd.worker.main): once it is in the journal, so is the rest.
 _WORKER_CLOSING_LINES = ("h2k-worker: failed: ", "h2k-worker: completed", "h2k-worker: cancelled")
+
+
+def _files_are_of(followed: _Followed) -> bool:
+    """Whether the attempt's directory holds this job's files (or none), not an earlier same-named job's.
+    Files written before jobs were told apart (no job_created_at) are taken as this job's."""
+    written_for = (_read_json(followed.run_dir / "spec.json") or {}).get("job_created_at")
+    return not (written_for and followed.job_created_at and written_for != followed.job_created_at)
 
 
 def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> tuple[str, int]:
