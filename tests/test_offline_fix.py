@@ -317,3 +317,24 @@ def test_a_windows_guest_is_reported_as_not_supported(stack: Any, tmp_path: Path
     assert code == "UNSUPPORTED" and "Windows" in message and "not supported" in message, job["error"]
     assert loops_of(image) == [] and h2k_mounts() == []
     image.unlink()
+
+
+def test_a_repaired_qcow2_keeps_its_owner_and_mode(guest: dict[str, Any], tmp_path: Path) -> None:
+    """The repaired qcow2 replaces the original: it must stay its owner's, with its mode, and no temporary
+    file of the repair may be left next to it."""
+    from h2kd.operations.offline_fix import run_offline_fix
+
+    directory = tmp_path / "images"
+    directory.mkdir()
+    image = directory / "alice.qcow2"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(guest["vmdk"]), str(image)])
+    os.chown(image, 4242, 4343)
+    image.chmod(0o640)
+    before = image.stat()
+    result = run_offline_fix(str(image), {}, lambda phase, fraction, message: None, image_format="qcow2")
+    assert result["changed_files"], result
+    after = image.stat()
+    assert after.st_ino != before.st_ino, "the image was not replaced by its repaired copy"
+    assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (4242, 4343, 0o640)
+    assert [p.name for p in directory.iterdir()] == ["alice.qcow2"]
+    assert loops_of(image) == [] and h2k_mounts() == []

@@ -21,6 +21,7 @@ a disk without a recognisable Linux root as INVALID_IMAGE. Loop devices and moun
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import Any, Callable
 
@@ -119,15 +120,31 @@ def _convert(source: ImageRef, destination: str, fmt: str, phase: str, progress:
         raise OperationError(e.code, f"converting {source.path} to {fmt} failed: {e.message}", phase) from None
 
 
-def _temp_next_to(path: str, suffix: str) -> str:
-    """A temporary file in the image's directory, or, where that is not writable (a dry run on an image
-    outside the output roots: its unit may not write there), in the working directory (the attempt's)."""
+def _temp_next_to(path: str, suffix: str) -> tuple[str, tuple[int, int]]:
+    """A temporary file, (path, (device, inode)), in the image's directory, or, where that is not writable
+    (a dry run on an image outside the output roots: its unit may not write there), in the working directory
+    (the attempt's)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.access(directory, os.W_OK):
         directory = os.getcwd()
     fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=directory)
-    os.close(fd)
-    return temp
+    try:
+        made = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return temp, (made.st_dev, made.st_ino)
+
+
+def _open_made(path: str, made: tuple[int, int]) -> int:
+    """A descriptor of the temporary file made at `path`, refusing anything else found there now: whoever
+    owns the image's directory could put a link to another file under that name, which root would chown."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != made or st.st_nlink != 1:
+        os.close(fd)
+        raise OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the repair",
+                             "pack")
+    return fd
 
 
 def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
@@ -151,21 +168,29 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     vetted = inspect.load_source(image_path, "qcow2", check_disks=False, reader_uid=reader_uid)
     temps: list[str] = []
     try:
-        raw = _temp_next_to(image_path, ".raw")
+        raw, _ = _temp_next_to(image_path, ".raw")
         temps.append(raw)
         _convert(ImageRef(image_path, "qcow2"), raw, "raw", "unpack", progress)
         inspect.ensure_unchanged(vetted.identities, "unpack")
         result = fix_raw_image(raw, params, progress, cancelled)
         if not params.get("dry_run") and result["changed_files"]:
-            fixed = _temp_next_to(image_path, ".qcow2")
+            fixed, made = _temp_next_to(image_path, ".qcow2")
             temps.append(fixed)
             _convert(ImageRef(raw, "raw"), fixed, "qcow2", "pack", progress)
-            fd = os.open(fixed, os.O_RDONLY)
+            # The new file takes the original's place, so it must keep the original's owner and mode (root
+            # made it). Only the file that was vetted and repaired is asked: another one put there since
+            # would lose its content to the replace, and lend its owner to the repaired image.
+            original = os.lstat(image_path)
+            if inspect.FileIdentity.of(image_path, original) != vetted.identities[0]:
+                raise OperationError("SOURCE_CHANGED", f"{image_path} was modified or replaced during the repair",
+                                     "pack")
+            fd = _open_made(fixed, made)
             try:
+                os.fchown(fd, original.st_uid, original.st_gid)
+                os.fchmod(fd, stat.S_IMODE(original.st_mode) & 0o777)   # never a set-id bit, whoever set it
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.chmod(fixed, os.stat(image_path).st_mode & 0o777)   # never a set-id bit, whoever set it
             os.replace(fixed, image_path)
             temps.remove(fixed)
         result["image"] = {"path": image_path, "format": "qcow2",
