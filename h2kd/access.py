@@ -122,10 +122,7 @@ def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int]
         )
     if not directory.is_dir():
         raise InvalidArgument(f"{given.parent} is not an existing directory")
-    if uid != 0:
-        (code,) = _as_caller(uid, gids, _try_write_access, str(directory))
-        if code:
-            raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
+    check_directory_writable(str(directory), uid, gids)
     if as_directory:
         return directory
     target = directory / given.name
@@ -138,6 +135,16 @@ def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int]
     if uid != 0 and existing.st_uid != uid:
         raise NotAuthorized(f"refusing to replace {target}: it belongs to uid {existing.st_uid}, not to uid {uid}")
     return target
+
+
+def check_directory_writable(directory: str, uid: int, gids: list[int]) -> None:
+    """The caller must be able to create files in `directory` (resolved) themselves: h2kd makes their outputs
+    there as root. Raises NotAuthorized."""
+    if uid == 0:
+        return
+    (code,) = _as_caller(uid, gids, _try_write_access, directory)
+    if code:
+        raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
 
 
 def check_source_fd(fd: int) -> os.stat_result:

@@ -140,6 +140,7 @@ def shared() -> Iterator[Path]:
     try:
         path.chmod(0o755)
         (path / "out").mkdir()
+        (path / "out").chmod(0o1777)     # like /tmp: a submitter may create files in it (h2kd checks that)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -310,6 +311,32 @@ def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Pa
     assert run.returncode == 0, run.log
     assert compare(lib / "data.raw", "raw", out / "alices.qcow2", "qcow2")
     assert (out / "alices.qcow2").stat().st_uid == alice["uid"]
+
+
+def test_an_output_path_now_leading_where_the_submitter_may_not_write_is_refused(lib: Path, tmp_path: Path,
+                                                                                 shared: Path) -> None:
+    """h2kd checked at submission that alice may write where her output path led; a symlink of hers in it
+    leads, by the time the job runs, to a directory of the output root only root may write in. Root must
+    not make her output there."""
+    out = shared / "out"
+    source = images.make_image("qcow2", None, shared / "src.qcow2", raw=lib / "data.raw")
+    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    root_only, mine = out / "root-only", out / "mine"
+    root_only.mkdir(mode=0o711)
+    (mine / "sub").mkdir(parents=True)
+    for directory in (mine, mine / "sub"):
+        os.chown(directory, alice["uid"], alice["gid"])
+    (mine / "link").symlink_to(root_only)
+    run = run_worker(tmp_path / "w1", convert_spec(source, mine / "link" / "o.qcow2"), [out], owner=alice)
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert f"now leads to {root_only}" in run.result["error"]["message"]
+    assert list(root_only.iterdir()) == []
+    # Where it may write, a symlinked directory is fine.
+    (mine / "link").unlink()
+    (mine / "link").symlink_to(mine / "sub")
+    run = run_worker(tmp_path / "w2", convert_spec(source, mine / "link" / "o.qcow2"), [out], owner=alice)
+    assert run.returncode == 0, run.log
+    assert (mine / "sub" / "o.qcow2").stat().st_uid == alice["uid"]
 
 
 # ---------------------------------------------------------------- inspection

@@ -147,6 +147,8 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
     if not os.path.isdir(directory):
         raise OperationError("VALIDATION_FAILED", f"the output directory {directory} does not exist")
     directory = os.path.realpath(directory)
+    if owner_uid:
+        _check_submitter_may_write(directory, owner)
     if count == 1:
         names = [base if not os.path.isdir(output_path) or os.path.islink(output_path) else f"{base}.{ext}"]
     else:
@@ -156,6 +158,21 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
         _check_destination(destination, overwrite, owner_uid)
     base_path = os.path.join(directory, re.sub(r"\.(qcow2|raw|img)$", "", os.path.basename(base)))
     return destinations, base_path
+
+
+def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
+    """h2kd checked at submission that the submitter may write where the output path led. The path is theirs:
+    a symlink in it may lead elsewhere now, to a directory of the root they may not write in, where root
+    would make the output for them. The directory it resolves to now must be theirs to write in as well."""
+    from h2kd.access import caller_credentials, check_directory_writable
+    from h2kd.errors import H2kError
+
+    uid = int(owner["uid"])
+    groups = [int(g) for g in owner.get("groups") or []] or caller_credentials(uid)[1]
+    try:
+        check_directory_writable(directory, uid, groups)
+    except H2kError as e:
+        raise OperationError("PERMISSION_DENIED", f"the output path now leads to {directory}: {e}") from None
 
 
 def _job_dir_of(spec: dict[str, Any], roots: list[str]) -> str | None:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # What a worker imports (h2kd.worker.main, its operations and, for a spec it must check itself, the models).
 WORKER_PACKAGES = ("worker", "operations", "model")
-WORKER_MODULES = ("__init__.py", "errors.py", "observability/__init__.py", "observability/wire.py")
+WORKER_MODULES = ("__init__.py", "errors.py", "access.py", "observability/__init__.py", "observability/wire.py")
 
 
 def worker_sources(root: Path | None = None) -> list[Path]:
