@@ -40,6 +40,7 @@ from h2kd.model.job import Job, now_usec
 from h2kd.model.states import TERMINAL, JobState
 
 SCHEMA_VERSION = 1
+_INT64_MAX = 2**63 - 1
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -496,7 +497,8 @@ class JobStore:
     def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
         """The job's events with seq > since, oldest first (at most `limit` of them)."""
         sql = "SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq"
-        params: tuple[Any, ...] = (job_id, since)
+        # SQLite's integers are 64-bit signed; a caller's "since" may be any unsigned 64-bit number.
+        params: tuple[Any, ...] = (job_id, min(since, _INT64_MAX))
         if limit is not None:
             sql += " LIMIT ?"
             params += (max(limit, 0),)

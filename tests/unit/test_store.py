@@ -132,6 +132,8 @@ def test_events_since_and_limit_and_reopen(tmp_path):
         assert [e.seq for e in s.events("a")] == [1, 2, 3, 4, 5, 6]
         assert [e.seq for e in s.events("a", since=4)] == [5, 6]
         assert [e.seq for e in s.events("a", since=1, limit=2)] == [2, 3]
+        # GetEvents takes any unsigned 64-bit "since"; SQLite's integers end at 2**63 - 1.
+        assert s.events("a", since=2**64 - 1) == [] and s.events("a", since=2**63) == []
         assert s.events("a", since=6) == []
         assert [(e.seq, e.kind, e.data) for e in s.events("b")][1] == (2, "log", {"message": "hello"})
         with pytest.raises(NoSuchJob):
