@@ -49,12 +49,38 @@ _AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
 
-def to_vardict(mapping: dict[str, Any]) -> dict[str, Variant]:
-    """A job spec (or options) as a{sv}: natural D-Bus types, None values left out (D-Bus has no null)."""
+def to_vardict(mapping: dict[str, Any], what: str = "a job spec") -> dict[str, Variant]:
+    """A job spec (or options) as a{sv}: natural D-Bus types, None values left out (D-Bus has no null).
+    A value D-Bus cannot carry is a usage error naming its field in `what`."""
     try:
         return variants.to_vardict(mapping)
-    except TypeError as e:
-        raise CtlError(f"{e} in a job spec") from None
+    except (TypeError, ValueError) as e:
+        # ValueError: dbus-fast's SignatureBodyMismatchError for an int beyond 64 bits, which names no field.
+        field, problem = _unsendable(mapping, "") or ("", str(e))
+        raise CtlError(f"{what}: " + (f"field {field}: " if field else "") + problem, ExitCode.USAGE) from None
+
+
+def _unsendable(value: Any, field: str) -> tuple[str, str] | None:
+    """(field, problem) for the first value in `value` that to_variant refuses, None if there is none."""
+    if isinstance(value, dict):
+        items = [(f"{field}.{key}" if field else str(key), v) for key, v in value.items() if v is not None]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+    elif value is None:   # left out of a dict, but a list has no way to leave it out
+        return field, "null is not allowed here (D-Bus has no null)"
+    else:
+        try:
+            variants.to_variant(value)
+        except ValueError as e:
+            return field, "number out of range" if isinstance(value, int) else str(e)
+        except TypeError as e:
+            return field, str(e)
+        return None
+    for name, item in items:
+        found = _unsendable(item, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _is_polkit_denial(text: str) -> bool:

@@ -260,8 +260,14 @@ def _split_multi(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
+UID_MAX = 2**32 - 1   # uid_t is 32 bits; h2kd's Owner is a u
+
+
 def _uid_of(user: str) -> int:
-    if user.isdigit():
+    # isdigit() alone also takes "²", which int() refuses
+    if user.isascii() and user.isdigit():
+        if int(user) > UID_MAX:
+            raise CtlError(f"--owner: {user} is out of range (a uid is 0..{UID_MAX})", ExitCode.USAGE)
         return int(user)
     try:
         return pwd.getpwnam(user).pw_uid
@@ -297,16 +303,18 @@ def _error_line(props: dict[str, Any]) -> str:
     return message[0].lower() + message[1:]
 
 
-async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+def _submit_spec(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         if args.source:
             raise CtlError("give either SOURCE or --file, not both", ExitCode.USAGE)
-        spec = load_job_file(args.file)
-    elif args.source:
-        spec = spec_from_args(args, args.operation)
-    else:
-        raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
-    job_id, path = await client.submit(spec, args.queue)
+        return load_job_file(args.file)
+    if args.source:
+        return spec_from_args(args, args.operation)
+    raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
+
+
+async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    job_id, path = await client.submit(args.request, args.queue)
     if args.wait:
         if not args.queue:
             raise CtlError(f"job {job_id} was stored without queueing (--no-queue); it will not start "
@@ -324,7 +332,7 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
     return ExitCode.SUCCESS
 
 
-async def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+def _list_filters(args: argparse.Namespace) -> dict[str, Any]:
     filters: dict[str, Any] = {}
     states = _split_multi(args.state)
     for state in states:
@@ -338,7 +346,11 @@ async def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int
         filters["owner"] = _uid_of(args.owner)
     if args.limit:
         filters["limit"] = args.limit
-    (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict(filters)])
+    return filters
+
+
+async def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict(args.request, "the list filters")])
     if out.json:
         out.emit_json([schema.list_entry(tuple(e)) for e in entries])
         return ExitCode.SUCCESS
@@ -699,8 +711,7 @@ async def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> i
 
 
 async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> int:
-    spec = spec_from_args(args, "inspect")
-    job_id, path = await client.submit(spec, True)
+    job_id, path = await client.submit(args.request, True)
     stream, tty = progress_stream(out.json, out.quiet)
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:
@@ -730,8 +741,17 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], Awaitable[int
 }
 
 
+# What a command sends that h2kctl reads or checks itself (a job file, flags), as args.request. Built before
+# connecting, so that bad input is said as such (exit 2) whether or not h2kd is reachable.
+REQUESTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "submit": _submit_spec, "inspect": lambda args: spec_from_args(args, "inspect"), "list": _list_filters,
+}
+
+
 async def run(args: argparse.Namespace) -> int:
     out = Output(args)
+    if args.command in REQUESTS:
+        args.request = REQUESTS[args.command](args)
     async with Client(args.address, ask_password=args.ask_password) as client:
         return await COMMANDS[args.command](client, args, out)
 

@@ -8,7 +8,8 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from h2kctl.errors import CtlError
+from h2kctl.bus import to_vardict
+from h2kctl.errors import CtlError, ExitCode
 from h2kctl.render import user_name
 
 
@@ -29,15 +30,28 @@ def readable_source(path: str) -> str:
 
 def load_job_file(path: str) -> dict[str, Any]:
     """A job spec from a JSON file, or a YAML file when PyYAML is installed ('-' reads stdin)."""
+    where = "job file on standard input" if path == "-" else f"job file {path}"
     try:
         if path == "-":
             import sys
-            text = sys.stdin.read()
+            data = sys.stdin.buffer.read()
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise CtlError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CtlError(f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})",
+                       ExitCode.USAGE) from None
+    try:
+        return _parse_job_file(path, where, text)
+    except RecursionError:   # json, yaml and the a{sv} conversion all recurse once per level
+        raise CtlError(f"{where} is nested too deeply", ExitCode.USAGE) from None
+
+
+def _parse_job_file(path: str, where: str, text: str) -> dict[str, Any]:
     try:
         spec = json.loads(text)
     except ValueError as json_error:
@@ -54,6 +68,8 @@ def load_job_file(path: str) -> dict[str, Any]:
             raise CtlError(f"{path} is not valid JSON: {json_error}") from None
     if not isinstance(spec, dict):
         raise CtlError(f"{path}: a job file must hold one object (a job spec)")
+    # Found now, not when the spec is sent: h2kd's answer could not name the file, dbus-fast's not the field.
+    to_vardict(spec, where)
     image = spec.get("image")
     if isinstance(image, dict) and isinstance(image.get("path"), str):
         image["path"] = readable_source(image["path"])
