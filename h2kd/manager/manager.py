@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterable
 
 from h2kd import __version__
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker
+from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
+                         StoreFailed)
 from h2kd.manager.limits import UnfinishedJobs
 from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
@@ -75,6 +76,9 @@ MAX_ATTEMPTS_NOT_COUNTED = 10
 PRUNE_SLACK_JOBS = 1000
 PRUNE_SLACK_SHARE = 0.1
 STORE_CHECK_INTERVAL = 10.0
+# A transition the store could not take (its disk full) is tried again this much later: the job waits in the
+# state the store has, and the queue goes on once there is room.
+STORE_RETRY_SECONDS = 5.0
 # An external worker whose connection closed can never come back (unique bus names are not reused): it is shown
 # as stale this long, then forgotten, so that a worker agent restarting again and again leaves no trail.
 GONE_WORKER_KEEP_SECONDS = 600.0
@@ -396,9 +400,10 @@ class JobManager:
         if not job.cancelable:
             raise InvalidState(f"job {job_id} is {job.state.value} and cannot be cancelled")
         if job.state in (S.CREATED, S.VALIDATED, S.QUEUED, S.RETRYING):
+            # Recorded first: a cancel the store cannot take leaves the job queued (or waiting) as it was.
+            self._finish(job, S.CANCELLED, "cancelled before it ran")
             self._scheduler.remove(job.id)
             self._cancel_timer(job.id)
-            self._finish(job, S.CANCELLED, "cancelled before it ran")
             return
         if job.worker != BUILTIN:
             self._release_worker(job)
@@ -525,10 +530,19 @@ class JobManager:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         workers = [builtin] if self._runner is not None else []
-        for job_id, worker in self._scheduler.pick(running, workers, now_usec()):
+        picked = self._scheduler.pick(running, workers, now_usec())
+        for index, (job_id, worker) in enumerate(picked):
             job = self._jobs[job_id]
             self._scheduler.remove(job_id)
-            self._assign(job, worker)
+            try:
+                self._assign(job, worker)
+            except StoreFailed as e:
+                # Still queued, as stored: this job and the ones picked after it go back to the queue.
+                for later_id, _ in picked[index:]:
+                    self._requeue_in_memory(self._jobs[later_id])
+                log.warning("could not start job %s: %s; trying again in %.0f s", job_id, e, STORE_RETRY_SECONDS)
+                self._later(STORE_RETRY_SECONDS, self._kick)
+                break
             self._spawn(self._start_attempt(job, job.attempt))
         self._refresh_wait_reasons()
         self._manager_changed()
@@ -543,14 +557,29 @@ class JobManager:
                 self._notify_changed(job, {"wait_reason"}, urgent=False)
 
     def _assign(self, job: Job, worker: WorkerInfo) -> None:
+        before = (job.attempt, job.worker, job.unit, job.wait_reason)
         job.attempt += 1
         job.worker = worker.id
         job.unit = ""
         job.wait_reason = ""
         self._reset_progress(job)
+        try:
+            self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
+        except StoreFailed:
+            job.attempt, job.worker, job.unit, job.wait_reason = before
+            raise
         worker.active_jobs += 1
         self._set_worker_busy(worker)
-        self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
+
+    def _requeue_in_memory(self, job: Job) -> None:
+        """Put a queued job back in the scheduler's queue (it was taken out for a start that did not happen)."""
+        self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+
+    def _later(self, seconds: float, callback: Callable[[], None]) -> None:
+        try:
+            asyncio.get_running_loop().call_later(seconds, callback)
+        except RuntimeError:
+            pass
 
     async def _start_attempt(self, job: Job, attempt: int) -> None:
         assert self._runner is not None
@@ -611,9 +640,20 @@ class JobManager:
         if job is None or job.attempt != attempt or job.state not in ACTIVE or job.worker != BUILTIN:
             return
         job.unit = job.unit or outcome.unit
-        self._release_worker(job)
-        wanted_cancel = job.id in self._cancel_requested
+        try:
+            self._settle_attempt(job, outcome, job.id in self._cancel_requested)
+        except StoreFailed as e:
+            if job.state in ACTIVE:     # nothing was recorded: the end of the attempt is recorded later
+                log.warning("could not record the end of job %s's attempt %d: %s; trying again in %.0f s",
+                            job_id, attempt, e, STORE_RETRY_SECONDS)
+                self._later(STORE_RETRY_SECONDS, lambda: self.unit_finished(job_id, attempt, outcome))
+                return
+            log.warning("recorded the end of job %s's attempt %d, but not all of it: %s", job_id, attempt, e)
         self._cancel_requested.discard(job.id)
+        self._release_worker(job)
+
+    def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:
+        """Record how the attempt ended: completed, cancelled, back to the queue, or failed."""
         result = outcome.worker_result or {}
         if result.get("status") == "completed" and outcome.result == "success":
             self._complete(job, result)
@@ -960,18 +1000,27 @@ class JobManager:
 
     def _transition(self, job: Job, new: JobState, reason: str) -> None:
         old = job.move_to(new)
-        if new in ACTIVE:
-            self._active.add(job.id)
-        else:
-            self._active.discard(job.id)
-        self._unfinished.track(job)
-        event = self._store.record_transition(job, old, new, reason)
+        self._track_state(job)
+        try:
+            event = self._store.record_transition(job, old, new, reason)
+        except StoreFailed:
+            # Not stored, so not made: the job stays in the state the store has (which a restart would find).
+            job.state = old
+            self._track_state(job)
+            raise
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
         if new in TERMINAL:
             self._kick()
             self._prune_if_over()
         self._manager_changed()
+
+    def _track_state(self, job: Job) -> None:
+        if job.state in ACTIVE:
+            self._active.add(job.id)
+        else:
+            self._active.discard(job.id)
+        self._unfinished.track(job)
 
     def _append_event(self, job: Job, kind: str, data: dict[str, Any]) -> None:
         self._notify_event(job, self._store.append_event(job.id, kind, data))

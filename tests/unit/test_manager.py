@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, QueueFull
+from h2kd.errors import AlreadyExists, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, QueueFull, StoreFailed
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
@@ -616,4 +619,63 @@ def test_attempts_not_counted_are_not_counted_for_ever(tmp_path, image):
         assert job.state.value == "failed" and job.error_code == "WORKER_LOST"
         assert job.attempts_not_counted == manager_module.MAX_ATTEMPTS_NOT_COUNTED
         await m.stop()
+    asyncio.run(go())
+
+
+@contextlib.contextmanager
+def small_file_system(path: Path, size: str = "2m"):
+    """A tmpfs of `size` at `path`, for a store whose disk fills up for real."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "h2k-unit-store", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_room(tmp_path, image, monkeypatch):
+    """The store's disk fills up (outputs often share it): the end of a running job and the start of the next
+    cannot be recorded. Both stay as the store has them, and once there is room again the ended job is
+    recorded completed and the next one starts, without a restart of h2kd."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, runner, _, config = make(tmp_path, max_parallel_jobs=1)
+            await m.start()
+            first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+            second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+            await settle()
+            assert first.state.value == "running" and second.state.value == "queued"
+            filler = fill(state)
+            # Writes that fit in the store's write-ahead log still go in: fill that too, until one fails.
+            with pytest.raises(StoreFailed):
+                for n in range(10_000):
+                    m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
+                                  audit={"ticket": "x" * 200}), owner=0, queue=False)
+            m.unit_finished(first.id, 1, UnitOutcome(first.unit, "success", 0, {"status": "completed", "outputs": {}}))
+            await asyncio.sleep(0.5)
+            assert first.state.value == "running", "an end the store did not take was announced"
+            assert second.state.value == "queued" and runner.started == [(first.id, 1)]
+            assert m.jobs_running == 1 and m.jobs_queued == 1
+
+            filler.unlink()
+            await until(lambda: first.state.value == "completed" and second.state.value == "running")
+            assert runner.started == [(first.id, 1), (second.id, 1)]
+            await m.stop()
+            stored = {job.id: job.state.value for job in JobStore(config.store_path).load_jobs()}
+            assert stored[first.id] == "completed" and stored[second.id] == "running"
     asyncio.run(go())
