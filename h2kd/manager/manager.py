@@ -148,7 +148,7 @@ class JobManager:
         self._notify("worker_added", builtin)
         for job in list(self._jobs.values()):
             await self._recover(job)
-        self.prune()
+        self._prune_now()   # a store that cannot be written now must not keep h2kd from starting
         self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
         self._periodic.append(asyncio.create_task(
             self._every(max(self._config.heartbeat_timeout_seconds / 3, 0.2), self._check_heartbeats)))

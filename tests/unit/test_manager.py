@@ -679,3 +679,4 @@ def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_r
             stored = {job.id: job.state.value for job in JobStore(config.store_path).load_jobs()}
             assert stored[first.id] == "completed" and stored[second.id] == "running"
     asyncio.run(go())
+
