@@ -70,8 +70,9 @@ async def serve(config: Config) -> int:
     manager.attach_runner(runner)
     try:
         await runner.connect()
-    except Exception as e:  # jobs wait until systemd is back; health says so
-        log.error("cannot reach systemd's manager: %s", e)
+    except Exception as e:  # jobs wait until systemd is reachable; health says so
+        log.error("cannot reach systemd's manager: %s; trying again", e)
+        runner.keep_connecting()
 
     bus = await connect_bus(config.bus_address, negotiate_unix_fd=True)
     authority = Authority(bus, config.polkit_timeout_seconds, config.polkit_interactive_timeout_seconds)

@@ -7,8 +7,8 @@ result file, exit codes, SIGTERM -> 143). The runner's events go to a recording 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -104,6 +104,7 @@ class RecordingEvents:
         self.statuses: list[tuple[str, int, str]] = []
         self.finished: list[tuple[str, int, UnitOutcome]] = []
         self.stopping: list[bool] = []
+        self.connected = 0
 
     def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
         self.statuses.append((job_id, attempt, status_text))
@@ -113,6 +114,9 @@ class RecordingEvents:
 
     def system_stopping(self, stopping: bool) -> None:
         self.stopping.append(stopping)
+
+    def runner_connected(self) -> None:
+        self.connected += 1
 
     def statuses_of(self, job_id: str) -> list[str]:
         return [text for jid, _, text in self.statuses if jid == job_id]
@@ -712,6 +716,35 @@ def test_fifty_concurrent_units_each_finish_once(sandbox: Sandbox) -> None:
             assert runner.reachable
         assert sorted(jid for jid, _, _ in events.finished) == sorted(job.id for job in jobs)
         assert all(outcome.result == "success" and outcome.worker_result for _, _, outcome in events.finished)
+
+    asyncio.run(scenario())
+
+
+def test_a_runner_that_cannot_reach_systemd_at_first_keeps_trying_and_says_when_it_can(sandbox: Sandbox,
+                                                                                        tmp_path: Path) -> None:
+    """h2kd started while systemd's bus was not there yet: the runner goes on trying, and once it connects it
+    tells the manager, whose queued jobs then start."""
+    async def scenario() -> None:
+        real = sandbox.manager.bus_address.removeprefix("unix:path=").split(",")[0]
+        later = tmp_path / "bus"             # where systemd's bus will be, not there yet
+        config = sandbox.config("quick", systemd_bus_address=f"unix:path={later}")
+        events = RecordingEvents()
+        runner = SystemdRunner(config, events)
+        try:
+            with pytest.raises(Exception):
+                await runner.connect()
+            assert not runner.reachable and events.connected == 0
+            runner.keep_connecting()
+            await asyncio.sleep(1.5)
+            assert not runner.reachable and events.connected == 0
+            later.symlink_to(real)
+            await wait_for(lambda: runner.reachable and events.connected == 1, timeout=20,
+                           what="the runner to connect")
+            job = make_job()
+            await runner.start(job, 1)
+            assert (await events.wait_finished(job.id)).result == "success"
+        finally:
+            await runner.close()
 
     asyncio.run(scenario())
 

@@ -529,7 +529,8 @@ class JobManager:
         if builtin is None or self._system_stopping:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
-        workers = [builtin] if self._runner is not None else []
+        # Without systemd every start would fail: the jobs wait in the queue until runner_connected().
+        workers = [builtin] if self._runner is not None and self._runner.reachable else []
         picked = self._scheduler.pick(running, workers, now_usec())
         for index, (job_id, worker) in enumerate(picked):
             job = self._jobs[job_id]
@@ -634,6 +635,9 @@ class JobManager:
         self._system_stopping = stopping
         if not stopping:
             self._kick()
+
+    def runner_connected(self) -> None:
+        self._kick()
 
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
         job = self._jobs.get(job_id)

@@ -77,6 +77,10 @@ class RunnerEvents(Protocol):
         """The system began shutting down (no unit may start now), or called the shutdown off."""
         ...
 
+    def runner_connected(self) -> None:
+        """systemd is reachable (again): units can be started."""
+        ...
+
 
 class Runner(Protocol):
     """Runs attempts as transient systemd units (runner.systemd.SystemdRunner)."""

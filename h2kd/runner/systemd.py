@@ -168,6 +168,15 @@ class SystemdRunner:
         # Anything we followed on an earlier connection may have ended while we were cut off.
         for followed in list(self._followed.values()):
             self._schedule_check(followed)
+        try:
+            self._events.runner_connected()
+        except Exception:
+            log.exception("runner_connected handler failed")
+
+    def keep_connecting(self) -> None:
+        """Connect in the background, trying again and again (after a first connect() failed)."""
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect())
 
     async def close(self) -> None:
         """Disconnect. Units keep running; a new runner can reattach() to them."""

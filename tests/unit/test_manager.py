@@ -680,3 +680,20 @@ def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_r
             assert stored[first.id] == "completed" and stored[second.id] == "running"
     asyncio.run(go())
 
+
+
+def test_jobs_wait_in_the_queue_while_systemd_is_not_reachable_and_start_when_it_is(tmp_path, image):
+    """Starting a unit without systemd can only fail: the jobs are not failed for it, they wait."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        runner.reachable = False
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await asyncio.sleep(0.2)
+        assert job.state.value == "queued" and runner.started == []
+        runner.reachable = True
+        m.runner_connected()
+        await until(lambda: job.state.value == "running")
+        assert runner.started == [(job.id, 1)]
+        await m.stop()
+    asyncio.run(go())
