@@ -84,6 +84,7 @@ STORE_RETRY_SECONDS = 5.0
 GONE_WORKER_KEEP_SECONDS = 600.0
 MAX_CAPABILITIES_BYTES = 64 * 1024   # an external worker's capabilities, as JSON
 MAX_PHASE, MAX_MESSAGE = 64, 1024    # of an external worker's progress report (cut beyond)
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1   # what the properties (u, t) can carry
 PROGRESS_EVENT_PERCENT = 5      # a job's event log records its progress in steps of this many percent
 PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
@@ -742,9 +743,11 @@ class JobManager:
             samples.popleft()
         (t0, b0), (t1, b1) = samples[0], samples[-1]
         if t1 > t0 and b1 > b0:
-            job.rate = int((b1 - b0) * 1_000_000 / (t1 - t0))
+            job.rate = min(int((b1 - b0) * 1_000_000 / (t1 - t0)), UINT64_MAX)
             if job.bytes_total and job.rate:
-                job.expected_end = now + int((job.bytes_total - job.bytes_done) * 1_000_000 / job.rate)
+                # Past the total (a worker's count can be off), the end is now, not in the past.
+                left = max(job.bytes_total - job.bytes_done, 0)
+                job.expected_end = min(now + int(left * 1_000_000 / job.rate), UINT64_MAX)
 
     def _reset_progress(self, job: Job) -> None:
         job.phase = ""
@@ -878,6 +881,8 @@ class JobManager:
             raise InvalidArgument("capabilities must be a JSON object")
         if len(json.dumps(capabilities).encode()) > MAX_CAPABILITIES_BYTES:
             raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")
+        if not 0 <= max_jobs <= UINT32_MAX:
+            raise InvalidArgument(f"max_jobs must be 0 (no limit) to {UINT32_MAX}")
         self._worker_seq += 1
         worker = WorkerInfo(id=f"w{self._worker_seq}", name=name, kind="external", capabilities=capabilities,
                             max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec())
@@ -911,6 +916,8 @@ class JobManager:
         worker = self._external(worker_id)
         worker.last_heartbeat = now_usec()
         job = self._claimed(worker, job_id)
+        if not (0 <= bytes_done <= UINT64_MAX and 0 <= bytes_total <= UINT64_MAX):
+            raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {UINT64_MAX}")
         if job.state == S.ASSIGNED:
             job.started_at = job.started_at or now_usec()
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")

@@ -17,6 +17,8 @@ from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
 from h2kd.manager.ports import UnitOutcome
 from h2kd.store import JobStore
+from h2kd.bus.job_iface import job_vardict
+from dbus_fast._private.marshaller import Marshaller
 
 
 class RecordingRunner:
@@ -525,6 +527,20 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
         m.report_progress(worker.id, job.id, 0.5, 1, 2, "p" * 500, "m" * 50_000)
         assert job.phase == "p" * 64
         assert changes.logs == ["m" * 1024]   # as the LogMessage signal carries it
+        # Counts past the total, and then a big jump at once: every property still fits its D-Bus type (one
+        # that did not would make GetManagedObjects fail for every client).
+        await asyncio.sleep(0.01)
+        m.report_progress(worker.id, job.id, 0.6, 5, 2, "", "")
+        await asyncio.sleep(0.01)
+        m.report_progress(worker.id, job.id, 0.7, 2**64 - 1, 2**64 - 1, "", "")
+        Marshaller("a{sv}", [job_vardict(job)]).marshall()
+        assert job.expected_end >= job.started_at
+        for done, total in ((-1, 2), (2**64, 2**64)):
+            with pytest.raises(InvalidArgument, match="bytes_done and bytes_total"):
+                m.report_progress(worker.id, job.id, 0.8, done, total, "", "")
+        for limit in (-1, 2**32):
+            with pytest.raises(InvalidArgument, match="max_jobs"):
+                m.register_worker("odd", {}, limit, 0, ":1.9")
         await m.stop()
     asyncio.run(go())
 
