@@ -105,7 +105,6 @@ class JobManager:
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
-        self._cancel_requested: set[str] = set()
         self._starting: set[str] = set()      # jobs whose StartTransientUnit call has not returned yet
         self._samples: dict[str, deque[tuple[int, int]]] = {}
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
@@ -184,7 +183,10 @@ class JobManager:
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "no runner to re-attach to")
             else:
                 self._workers[BUILTIN].active_jobs += 1
-                await self._runner.reattach(job)
+                unit = await self._runner.reattach(job)
+                if job.cancel_requested and (job.unit or unit):
+                    # Cancelled while h2kd was going down: it is stopped now, and ends cancelled.
+                    await self._runner.stop(job.unit or unit)
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -410,7 +412,13 @@ class JobManager:
             self._release_worker(job)
             self._finish(job, S.CANCELLED, f"cancelled; worker {job.worker} was told by its next call")
             return
-        self._cancel_requested.add(job.id)
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            try:
+                self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
+            except StoreFailed:
+                job.cancel_requested = False
+                raise
         self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
         if job.unit and self._runner is not None:
             await self._runner.stop(job.unit)
@@ -559,16 +567,17 @@ class JobManager:
                 self._notify_changed(job, {"wait_reason"}, urgent=False)
 
     def _assign(self, job: Job, worker: WorkerInfo) -> None:
-        before = (job.attempt, job.worker, job.unit, job.wait_reason)
+        before = (job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested)
         job.attempt += 1
         job.worker = worker.id
         job.unit = ""
         job.wait_reason = ""
+        job.cancel_requested = False
         self._reset_progress(job)
         try:
             self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
         except StoreFailed:
-            job.attempt, job.worker, job.unit, job.wait_reason = before
+            job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested = before
             raise
         worker.active_jobs += 1
         self._set_worker_busy(worker)
@@ -605,7 +614,7 @@ class JobManager:
         job.unit = unit
         job.started_at = job.started_at or now_usec()
         self._transition(job, S.RUNNING, f"unit {unit} started")
-        if job.id in self._cancel_requested:
+        if job.cancel_requested:
             await self._runner.stop(unit)
 
     def _spawn(self, coro) -> None:
@@ -646,7 +655,7 @@ class JobManager:
             return
         job.unit = job.unit or outcome.unit
         try:
-            self._settle_attempt(job, outcome, job.id in self._cancel_requested)
+            self._settle_attempt(job, outcome, job.cancel_requested)
         except StoreFailed as e:
             if job.state in ACTIVE:     # nothing was recorded: the end of the attempt is recorded later
                 log.warning("could not record the end of job %s's attempt %d: %s; trying again in %.0f s",
@@ -654,7 +663,6 @@ class JobManager:
                 self._later(STORE_RETRY_SECONDS, lambda: self.unit_finished(job_id, attempt, outcome))
                 return
             log.warning("recorded the end of job %s's attempt %d, but not all of it: %s", job_id, attempt, e)
-        self._cancel_requested.discard(job.id)
         self._release_worker(job)
 
     def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:

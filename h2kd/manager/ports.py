@@ -93,8 +93,9 @@ class Runner(Protocol):
     async def stop(self, unit: str) -> None:
         """Ask systemd to stop the unit; unit_finished follows when it is really gone."""
         ...
-    async def reattach(self, job: Job) -> None:
-        """After a restart: follow job.unit again if it still runs, else report unit_finished."""
+    async def reattach(self, job: Job) -> str:
+        """After a restart: follow the attempt's unit again if it still runs, else report unit_finished;
+        return the unit's name (job.unit, or the name its start would have given it)."""
         ...
     def capabilities(self) -> dict[str, Any]:
         """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""

@@ -46,6 +46,8 @@ class Job:
     # Attempts that ended through no fault of the job (its unit never started; a shutdown stopped it): they
     # are numbered like the others but do not count against execution_policy.retry_count.
     attempts_not_counted: int = 0
+    # A cancel was asked for while the attempt ran (or was starting): kept, so that a restart still stops it.
+    cancel_requested: bool = False
 
     @cached_property
     def spec_text(self) -> str:

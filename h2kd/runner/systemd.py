@@ -333,11 +333,12 @@ class SystemdRunner:
         if followed is not None:
             self._schedule_check(followed)
 
-    async def reattach(self, job: Job) -> None:
+    async def reattach(self, job: Job) -> str:
         attempt = job.attempt
         unit = job.unit or units.unit_name(job.id, attempt)
         followed = self._followed.get(unit) or self._follow(unit, job.id, attempt, job.created_at)
         self._schedule_check(followed)
+        return unit
 
     def capabilities(self) -> dict[str, Any]:
         if self._capabilities is None:

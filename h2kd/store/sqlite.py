@@ -72,7 +72,8 @@ CREATE TABLE jobs (
     error_code TEXT NOT NULL,
     error_message TEXT NOT NULL,
     source_identity TEXT NOT NULL,
-    attempts_not_counted INTEGER NOT NULL DEFAULT 0   -- DEFAULT: an earlier build's inserts leave it out
+    attempts_not_counted INTEGER NOT NULL DEFAULT 0,  -- DEFAULT: an earlier build's inserts leave it out
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE history (
     n INTEGER PRIMARY KEY,
@@ -97,7 +98,7 @@ CREATE TABLE events (
 _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq", "attempt", "phase", "progress",
             "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
             "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message",
-            "source_identity", "attempts_not_counted")
+            "source_identity", "attempts_not_counted", "cancel_requested")
 _INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
 # What a transition can change: every column but those fixed at submission (spec above all: no re-encoding).
@@ -139,7 +140,7 @@ def _job_values(job: Job) -> list[Any]:
             job.attempt, job.phase, float(job.progress), int(job.progress_known), job.bytes_done, job.bytes_total,
             job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
             job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message,
-            job.source_identity, job.attempts_not_counted]
+            job.source_identity, job.attempts_not_counted, int(job.cancel_requested)]
 
 
 def _changing_values(job: Job) -> tuple[Any, ...]:
@@ -147,7 +148,8 @@ def _changing_values(job: Job) -> tuple[Any, ...]:
     return (job.priority, job.state.value, job.queue_seq, job.attempt, job.phase, float(job.progress),
             int(job.progress_known), job.bytes_done, job.bytes_total, job.rate, job.expected_end, job.started_at,
             job.finished_at, job.unit, job.worker, job.wait_reason, job.not_before, _json(job.result),
-            job.error_code, job.error_message, job.source_identity, job.attempts_not_counted, job.id)
+            job.error_code, job.error_message, job.source_identity, job.attempts_not_counted,
+            int(job.cancel_requested), job.id)
 
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
@@ -156,6 +158,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
     values["result"] = json.loads(values["result"])
     values["state"] = JobState(values["state"])
     values["progress_known"] = bool(values["progress_known"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
     return Job(**values)
 
 
@@ -216,6 +219,8 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN source_identity TEXT NOT NULL DEFAULT ''")
         if "attempts_not_counted" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempts_not_counted INTEGER NOT NULL DEFAULT 0")
+        if "cancel_requested" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
 
     def _failure(self, error: sqlite3.Error) -> StoreFailed:
         return StoreFailed(f"the job store {self.path} cannot be written ({error}); nothing was changed")

@@ -40,6 +40,7 @@ class RecordingRunner:
 
     async def reattach(self, job):
         self.reattached.append(job.id)
+        return job.unit or f"h2k-job-{job.id}-{job.attempt}.service"
 
     def capabilities(self):
         return {"qemu_img": True, "loop": True}
@@ -712,4 +713,39 @@ def test_jobs_wait_in_the_queue_while_systemd_is_not_reachable_and_start_when_it
         await until(lambda: job.state.value == "running")
         assert runner.started == [(job.id, 1)]
         await m.stop()
+    asyncio.run(go())
+
+
+def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_path, image):
+    """Cancel is answered once it is stored. h2kd stopped while the unit was being started (StartTransientUnit
+    not answered yet): the h2kd that starts next stops the unit it finds, and the job ends cancelled, not
+    completed."""
+    class SlowToStart(RecordingRunner):
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            await asyncio.Event().wait()        # h2kd goes down before systemd answers
+
+    async def go():
+        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
+        (tmp_path / "out").mkdir()
+        config.state_dir.mkdir()
+        from h2kd.manager.validation import HostChecks
+        runner = SlowToStart()
+        m = JobManager(config, JobStore(config.store_path), runner, HostChecks(config))
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: runner.started)
+        assert job.state.value == "assigned"
+        await m.cancel(job.id)
+        await m.stop()
+
+        after = RecordingRunner()
+        again = JobManager(config, JobStore(config.store_path), after, HostChecks(config))
+        await again.start()
+        unit = f"h2k-job-{job.id}-1.service"
+        assert after.reattached == [job.id] and after.stopped == [unit]
+        again.unit_finished(job.id, 1, UnitOutcome(unit, "success", 0, {"status": "cancelled", "outputs": {}},
+                                                   stopped_by_request=True))
+        assert again.get(job.id).state.value == "cancelled"
+        await again.stop()
     asyncio.run(go())
