@@ -651,12 +651,12 @@ def small_file_system(path: Path, size: str = "2m"):
 
 
 def fill(directory: Path) -> Path:
+    """Take every free block of the file system (unbuffered: nothing is left to fail at close)."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     return filler
