@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,9 +28,10 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from h2kd.config import Config
-from h2kd.manager.ports import UnitOutcome
+from h2kd.manager.ports import StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.runner import SystemdRunner
+from h2kd.runner import systemd as systemd_runner
 from h2kd.runner.unit import unit_name
 from h2kd.sandbox.cgroup import pid1_cgroup
 from h2kd.sandbox.systemd import ManagerHandle, journal_socket_live, start_journald, start_user_manager
@@ -745,6 +747,31 @@ def test_a_runner_that_cannot_reach_systemd_at_first_keeps_trying_and_says_when_
             assert (await events.wait_finished(job.id)).result == "success"
         finally:
             await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_start_systemd_does_not_answer_in_time_is_followed_and_reported(sandbox: Sandbox, monkeypatch) -> None:
+    """StartTransientUnit timed out (systemd busy, here stopped with SIGSTOP): systemd may still carry it out.
+    The runner says it does not know (StartUnanswered), keeps following the unit and reports how it ended,
+    instead of taking it as a refusal while the unit converts unwatched."""
+    monkeypatch.setattr(systemd_runner, "CALL_TIMEOUT_SECONDS", 2)
+
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(config, events) as runner:
+            os.kill(sandbox.manager.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StartUnanswered) as unanswered:
+                    await runner.start(job, 1)
+            finally:
+                os.kill(sandbox.manager.pid, signal.SIGCONT)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
+        assert unanswered.value.unit == outcome.unit
+        assert starts(config, outcome.unit) == 1
 
     asyncio.run(scenario())
 

@@ -47,7 +47,7 @@ from h2kd.config import Config
 from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
                          StoreFailed)
 from h2kd.manager.limits import UnfinishedJobs
-from h2kd.manager.ports import Event, JobListener, Runner, UnitOutcome, WorkerInfo
+from h2kd.manager.ports import Event, JobListener, Runner, StartUnanswered, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
 from h2kd.model.spec import MAX_SPEC_BYTES, parse_spec, same_spec, spec_to_json
@@ -597,6 +597,12 @@ class JobManager:
         self._starting.add(job.id)
         try:
             unit = await self._runner.start(job, attempt)
+        except StartUnanswered as e:
+            # The job stays assigned; the runner's reports on the unit say whether it runs.
+            log.warning("no answer from systemd to the start of job %s's unit: %s", job.id, e)
+            if job.attempt == attempt:
+                job.unit = e.unit       # a cancel meanwhile stops it by name
+            return
         except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
             log.warning("starting a unit for job %s failed: %s", job.id, e)
             if job.attempt == attempt and job.state == S.ASSIGNED:

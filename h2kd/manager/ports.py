@@ -55,6 +55,15 @@ class JobListener(Protocol):
     def manager_changed(self, changed: set[str]) -> None: ...   # JobsQueued, JobsRunning, Paused, MaxParallelJobs
 
 
+class StartUnanswered(Exception):
+    """Runner.start sent the start but got no answer (a timeout, a broken connection): the unit may run or
+    not. The runner goes on following it and reports what became of it (unit_status, unit_finished)."""
+
+    def __init__(self, unit: str, message: str):
+        super().__init__(message)
+        self.unit = unit
+
+
 @dataclass
 class UnitOutcome:
     """How an attempt's unit ended, as the runner saw it."""

@@ -31,7 +31,7 @@ from dbus_fast.aio import MessageBus
 from h2kd.access import caller_groups, output_owner
 from h2kd.config import SLICE_WEIGHT, Config
 from h2kd.errors import H2kError
-from h2kd.manager.ports import RunnerEvents, UnitOutcome
+from h2kd.manager.ports import RunnerEvents, StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
@@ -70,6 +70,10 @@ CALL_TIMEOUT_SECONDS = 60
 
 class SystemdError(H2kError):
     """systemd refused a request, or could not be reached."""
+
+
+class SystemdUnanswered(SystemdError):
+    """A request went out but no answer came back: systemd may have carried it out or not."""
 
 
 @dataclass
@@ -225,9 +229,9 @@ class SystemdRunner:
                     destination=destination, path=path, interface=interface, member=member,
                     signature=signature, body=body)), CALL_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:
-                raise SystemdError(f"systemd did not answer {member} within {CALL_TIMEOUT_SECONDS} s") from None
+                raise SystemdUnanswered(f"systemd did not answer {member} within {CALL_TIMEOUT_SECONDS} s") from None
             except Exception as exc:   # the connection broke under the call (dbus-fast raises various types)
-                raise SystemdError(f"calling {member} on systemd failed: {exc}") from exc
+                raise SystemdUnanswered(f"calling {member} on systemd failed: {exc}") from exc
         if reply is None:
             raise SystemdError(f"no reply from systemd to {member}")
         return reply
@@ -308,6 +312,11 @@ class SystemdRunner:
         followed = self._follow(unit, job.id, attempt, job.created_at)
         try:
             await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        except SystemdUnanswered as exc:
+            # Perhaps started, perhaps not: followed all the same, its check (now, and at each reconnect)
+            # finds it running, or settles it as never started.
+            self._schedule_check(followed)
+            raise StartUnanswered(unit, str(exc)) from exc
         except SystemdError as exc:
             if "UnitExists" in str(exc):
                 # This attempt's unit already runs (started before a restart): follow it, never start twice.

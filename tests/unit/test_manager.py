@@ -15,7 +15,7 @@ from h2kd.errors import AlreadyExists, InvalidArgument, InvalidSpec, InvalidStat
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
-from h2kd.manager.ports import UnitOutcome
+from h2kd.manager.ports import StartUnanswered, UnitOutcome
 from h2kd.store import JobStore
 from h2kd.bus.job_iface import job_vardict
 from dbus_fast._private.marshaller import Marshaller
@@ -748,4 +748,32 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
                                                    stopped_by_request=True))
         assert again.get(job.id).state.value == "cancelled"
         await again.stop()
+    asyncio.run(go())
+
+
+def test_a_start_systemd_did_not_answer_leaves_the_job_assigned_until_the_unit_is_heard_of(tmp_path, image):
+    """No answer to StartTransientUnit is not a refusal: the job is not failed for it. The unit's reports say
+    what became of it: it runs (and completes), or it never started (the job goes back to the queue)."""
+    class Unanswered(RecordingRunner):
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            raise StartUnanswered(f"h2k-job-{job.id}-{attempt}.service", "systemd did not answer")
+
+    async def go():
+        m, _, _, _ = make(tmp_path)
+        runner = Unanswered()
+        m.attach_runner(runner)
+        await m.start()
+        ran, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        lost, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await until(lambda: len(runner.started) == 2)
+        await settle()
+        assert ran.state.value == "assigned" and lost.state.value == "assigned"
+        m.unit_status(ran.id, 1, "convert: 50.00% (1/2 bytes)")
+        assert ran.state.value == "progressing"
+        m.unit_finished(ran.id, 1, UnitOutcome(ran.unit, "success", 0, {"status": "completed", "outputs": {}}))
+        assert ran.state.value == "completed" and ran.unit == f"h2k-job-{ran.id}-1.service"
+        m.unit_finished(lost.id, 1, UnitOutcome(lost.unit, "unknown", 0, None))
+        assert lost.state.value in ("queued", "assigned") and lost.attempts_not_counted == 1
+        await m.stop()
     asyncio.run(go())
