@@ -295,6 +295,27 @@ def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, 
     assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
 
 
+def test_an_overwrite_that_fails_half_way_through_its_commit_leaves_the_old_outputs(lib: Path, tmp_path: Path,
+                                                                                    out: Path) -> None:
+    """Two disks and a domain XML replace the outputs of an earlier run. The commit renames them one by one;
+    when a later one cannot take its name (here something not a file appeared at it during the job), the ones
+    already renamed must give their names back to the files they replaced, not leave neither."""
+    ova = images.make_ova(tmp_path / "vm.ova", [lib / "data.raw", lib / "data2.raw"], name="webserver")
+    for name in ("webserver-disk1.qcow2", "webserver-disk2.qcow2"):
+        (out / name).write_text(f"earlier {name}")
+
+    def block_the_xml(_proc: subprocess.Popen[str], status: str) -> None:
+        if status.startswith("convert") and not (out / "webserver.xml").exists():
+            (out / "webserver.xml").mkdir()
+
+    run = run_worker(tmp_path / "w", convert_spec(ova, out, domain_xml=True, overwrite=True), [out],
+                     env={"H2K_RATE_LIMIT": str(8 * MiB)}, on_status=block_the_xml)
+    assert run.returncode == 2 and run.result["error"]["code"] == "OUTPUT_EXISTS", run.log
+    assert leftovers(out) == ["webserver-disk1.qcow2", "webserver-disk2.qcow2", "webserver.xml"]
+    for name in ("webserver-disk1.qcow2", "webserver-disk2.qcow2"):
+        assert (out / name).read_text() == f"earlier {name}"
+
+
 def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Path, shared: Path) -> None:
     out = shared / "out"
     source = images.make_image("qcow2", None, shared / "src.qcow2", raw=lib / "data.raw")

@@ -565,7 +565,7 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
     "mode"}, each file gets that owner and mode before its name."""
     owner_uid = owner["uid"] if owner else None
     directories: dict[str, int] = {}
-    committed: list[tuple[int, str]] = []
+    committed: list[tuple[int, str, str | None]] = []   # (directory, name, the file it replaced, kept aside)
     try:
         for temp, destination in pairs:
             assert temp and os.path.dirname(temp) == os.path.dirname(destination)
@@ -575,8 +575,12 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             fd, temp_name = directories[directory], os.path.basename(temp)
             if owner:
                 _hand_over(temps, temp, fd, owner)
+            replaced = None
             if overwrite:
                 _check_destination(destination, True, owner_uid, dir_fd=fd)
+                # Until every output has its name, the file replaced keeps a second one: a failure half-way
+                # puts it back instead of leaving neither the old output nor the new.
+                replaced = temps.keep_aside(destination, fd)
                 os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)
             else:
                 try:
@@ -587,14 +591,17 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                                          "it was left alone", "commit") from None
                 os.unlink(temp_name, dir_fd=fd)
             temps.forget(temp)
-            committed.append((fd, name))
+            committed.append((fd, name, replaced))
         if durable:
             for fd in directories.values():
                 os.fsync(fd)
     except BaseException:
-        for fd, name in committed:
+        for fd, name, replaced in reversed(committed):
             try:
-                os.unlink(name, dir_fd=fd)
+                if replaced:
+                    os.rename(os.path.basename(replaced), name, src_dir_fd=fd, dst_dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
             except OSError:
                 pass
         raise

@@ -74,6 +74,27 @@ class TempFiles:
             os.close(dir_fd)
         raise OperationError("INTERNAL", f"could not create a temporary file in {directory}")
 
+    def keep_aside(self, destination: str, dir_fd: int) -> str | None:
+        """Give the file now at `destination` (its name looked up in dir_fd) a second, temporary name, recorded
+        like the others, so that it can be put back if a commit that replaces it fails half-way; None when
+        nothing is there. The temporary name goes with remove_all() once the commit is whole."""
+        directory, name = os.path.split(destination)
+        for _ in range(100):
+            temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
+            path = os.path.join(directory, temp_name)
+            self._note(path)
+            try:
+                os.link(name, temp_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                self._note("-" + path)
+                continue
+            except FileNotFoundError:
+                self._note("-" + path)
+                return None
+            self.paths.append(path)
+            return path
+        raise OperationError("INTERNAL", f"could not keep {destination} aside")
+
     def open_made(self, path: str, flags: int, dir_fd: int | None = None) -> int:
         """A descriptor of the temporary file made at `path` (its name, with dir_fd), refusing anything else
         found there now: the submitter may own the directory and swap the name for a symlink or a hard
