@@ -566,6 +566,34 @@ def test_an_earlier_jobs_files_under_the_same_id_never_settle_a_new_attempt(sand
     asyncio.run(scenario())
 
 
+def test_a_forgotten_jobs_attempt_directories_are_removed_but_not_a_running_ones(sandbox: Sandbox) -> None:
+    """h2kd keeps an attempt's files (spec, result, temporary-file record) until its job is removed or pruned;
+    then they go, so the state directory does not grow with every job ever run."""
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        events = RecordingEvents()
+        done, running = make_job(), make_job()
+        async with runner_for(config, events) as runner:
+            first = await start_waiting(runner, events, done)
+            (config.runs_dir / first / "go").touch()
+            await events.wait_finished(done.id)
+            done.attempt = 2                          # a retry ran as well
+            second = await runner.start(done, 2)
+            await events.wait_status(done.id, "waiting for go")
+            (config.runs_dir / second / "go").touch()
+            await wait_for(lambda: len(events.outcomes_of(done.id)) == 2, what="the retry's end")
+            busy = await start_waiting(runner, events, running)
+            assert all((config.runs_dir / u).is_dir() for u in (first, second, busy))
+            runner.forget(done)
+            runner.forget(running)
+            assert not (config.runs_dir / first).exists() and not (config.runs_dir / second).exists()
+            assert (config.runs_dir / busy).is_dir()      # still followed: its result is still to come
+            (config.runs_dir / busy / "go").touch()
+            assert (await events.wait_finished(running.id)).result == "success"
+
+    asyncio.run(scenario())
+
+
 def test_units_stopped_by_a_shutdown_are_interrupted_not_cancelled(sandbox: Sandbox) -> None:
     """A shutdown (here of a manager of our own: a target pulling in shutdown.target, started as
     `systemctl reboot` starts reboot.target) stops the job's unit: the runner says the shutdown began before

@@ -497,6 +497,7 @@ class JobManager:
             job = self._jobs.pop(job_id, None)
             if job is not None:
                 # Finished in the store; in memory too, unless the write of a later change failed.
+                self._forget_files(job)
                 self._unfinished.forget(job)
                 self._scheduler.remove(job_id)
                 self._active.discard(job_id)
@@ -506,6 +507,7 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._store.delete_job(job.id)
         del self._jobs[job.id]
+        self._forget_files(job)
         self._unfinished.forget(job)
         self._drop_progress_state(job.id)
         self._notify("job_removed", job)
@@ -744,6 +746,13 @@ class JobManager:
             self._notify_event(job, Event(job.id, 0, now_usec(), "log", {"message": message}))
         if changed:
             self._notify_changed(job, changed, urgent="phase" in changed)
+
+    def _forget_files(self, job: Job) -> None:
+        if self._runner is not None:
+            try:
+                self._runner.forget(job)
+            except OSError as e:    # what is left takes some room, nothing else
+                log.warning("could not remove the files of job %s's attempts: %s", job.id, e)
 
     def _drop_progress_state(self, job_id: str) -> None:
         self._samples.pop(job_id, None)

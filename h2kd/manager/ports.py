@@ -106,6 +106,9 @@ class Runner(Protocol):
         """After a restart: follow the attempt's unit again if it still runs, else report unit_finished;
         return the unit's name (job.unit, or the name its start would have given it)."""
         ...
+    def forget(self, job: Job) -> None:
+        """The job is gone from h2kd (removed, or pruned): remove what its attempts left (their directories)."""
+        ...
     def capabilities(self) -> dict[str, Any]:
         """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""
         ...

@@ -349,6 +349,12 @@ class SystemdRunner:
         self._schedule_check(followed)
         return unit
 
+    def forget(self, job: Job) -> None:
+        for attempt in range(1, job.attempt + 1):
+            unit = units.unit_name(job.id, attempt)
+            if unit not in self._followed:
+                shutil.rmtree(units.run_dir(self._config, unit), ignore_errors=True)
+
     def capabilities(self) -> dict[str, Any]:
         if self._capabilities is None:
             self.refresh()

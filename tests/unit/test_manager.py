@@ -30,6 +30,7 @@ class RecordingRunner:
         self.started: list[tuple[str, int]] = []
         self.stopped: list[str] = []
         self.reattached: list[str] = []
+        self.forgotten: list[str] = []
 
     async def start(self, job, attempt):
         self.started.append((job.id, attempt))
@@ -37,6 +38,9 @@ class RecordingRunner:
 
     async def stop(self, unit):
         self.stopped.append(unit)
+
+    def forget(self, job):
+        self.forgotten.append(job.id)
 
     async def reattach(self, job):
         self.reattached.append(job.id)
@@ -775,5 +779,20 @@ def test_a_start_systemd_did_not_answer_leaves_the_job_assigned_until_the_unit_i
         assert ran.state.value == "completed" and ran.unit == f"h2k-job-{ran.id}-1.service"
         m.unit_finished(lost.id, 1, UnitOutcome(lost.unit, "unknown", 0, None))
         assert lost.state.value in ("queued", "assigned") and lost.attempts_not_counted == 1
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_removing_or_pruning_a_job_has_the_runner_remove_its_attempts_files(tmp_path, image):
+    async def go():
+        m, runner, _, _ = make(tmp_path, retention_max_count=1)
+        await m.start()
+        jobs = [m.submit(spec(image, tmp_path / f"out/{n}.qcow2"), owner=0, queue=False)[0] for n in range(3)]
+        for job in jobs:
+            await m.cancel(job.id)
+        m.remove(jobs[0].id)
+        assert runner.forgotten == [jobs[0].id]
+        m.prune()
+        assert runner.forgotten == [jobs[0].id, jobs[1].id]
         await m.stop()
     asyncio.run(go())
