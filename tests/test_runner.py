@@ -207,6 +207,20 @@ async def runner_for(config: Config, events: RecordingEvents) -> AsyncIterator[S
         await runner.close()
 
 
+async def run_unfollowed_until_collected(sandbox: "Sandbox", config: Config, job: Job) -> str:
+    """Start the job's first attempt, let go of it (as h2kd stopping would), and wait until the unit has
+    written its result and systemd has collected it; the unit's name."""
+    first = await connected(config, RecordingEvents())
+    unit = await first.start(job, 1)
+    await first.close()
+    await wait_for(lambda: (config.runs_dir / unit / "result.json").exists(), what="the worker's result")
+    for _ in range(100):
+        if await unit_properties(sandbox.manager.bus_address, unit) is None:
+            return unit
+        await asyncio.sleep(0.05)
+    raise AssertionError("the finished unit was not collected")
+
+
 async def start_waiting(runner: SystemdRunner, events: RecordingEvents, job: Job) -> str:
     """Start the job's first attempt with the "wait" worker; its unit, once the worker waits for its go file."""
     unit = await runner.start(job, 1)
@@ -498,17 +512,8 @@ def test_a_new_runner_reattaches_to_a_running_unit_without_starting_it_again(san
 def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         config = sandbox.config("quick")
-        first = await connected(config, RecordingEvents())
         job = make_job()
-        unit = await first.start(job, 1)
-        await first.close()
-        await wait_for(lambda: (config.runs_dir / unit / "result.json").exists(), what="the worker's result")
-        for _ in range(100):
-            if await unit_properties(sandbox.manager.bus_address, unit) is None:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the finished unit was not collected")
+        unit = await run_unfollowed_until_collected(sandbox, config, job)
 
         job.unit = unit
         events = RecordingEvents()
@@ -533,17 +538,8 @@ def test_an_earlier_jobs_files_under_the_same_id_never_settle_a_new_attempt(sand
     new attempt never started, whatever the earlier result says. Started, it does not find that result."""
     async def scenario() -> None:
         config = sandbox.config("quick")
-        first = await connected(config, RecordingEvents())
         earlier = make_job()
-        unit = await first.start(earlier, 1)
-        await first.close()
-        await wait_for(lambda: (config.runs_dir / unit / "result.json").exists(), what="the worker's result")
-        for _ in range(100):
-            if await unit_properties(sandbox.manager.bus_address, unit) is None:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the finished unit was not collected")
+        unit = await run_unfollowed_until_collected(sandbox, config, earlier)
         assert json.loads((config.runs_dir / unit / "result.json").read_text())["status"] == "completed"
 
         again = dataclasses.replace(earlier, created_at=earlier.created_at + 1, unit=unit)
