@@ -29,10 +29,11 @@ class Caller:
 
 _current: ContextVar[Caller | None] = ContextVar("h2kd_bus_caller", default=None)
 
-# The one method that takes descriptors (an "h" argument): (path, interface, member, signature). Descriptors
-# that come with any other message are closed, also with a call of that name that dbus-fast will not hand to
-# the method (another path or interface, another signature): nothing else would ever close them.
-TAKES_FDS = (MANAGER_PATH, BUS_NAME + ".Manager", "SubmitJobWithImage", "ha{sv}a{sv}")
+# The one method that takes descriptors (an "h" argument): its path, interfaces (D-Bus lets a call leave the
+# interface out), member and signature. Descriptors that come with any other message are closed, also with a
+# call of that name that dbus-fast will not hand to the method (another path or interface, another
+# signature): nothing else would ever close them.
+TAKES_FDS = (MANAGER_PATH, (BUS_NAME + ".Manager", None), "SubmitJobWithImage", "ha{sv}a{sv}")
 
 
 def remember_call(msg: Message) -> bool:
@@ -41,8 +42,9 @@ def remember_call(msg: Message) -> bool:
     Descriptors anyone sends h2kd (up to 16 a message) stay open in h2kd until closed: those that come
     with a message that takes none are closed here at once, before h2kd runs out of descriptors."""
     fds = tuple(msg.unix_fds or ())
-    if fds and not (msg.message_type == MessageType.METHOD_CALL
-                    and (msg.path, msg.interface, msg.member, msg.signature) == TAKES_FDS):
+    path, interfaces, member, signature = TAKES_FDS
+    if fds and not (msg.message_type == MessageType.METHOD_CALL and msg.path == path and msg.interface in interfaces
+                    and msg.member == member and msg.signature == signature):
         close_fds(fds)
         fds = ()
     if msg.message_type == MessageType.METHOD_CALL:

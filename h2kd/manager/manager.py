@@ -34,13 +34,14 @@ CONTRACT (implemented in this file):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from h2kd import __version__
 from h2kd.config import Config
@@ -109,6 +110,9 @@ class JobManager:
         self._samples: dict[str, deque[tuple[int, int]]] = {}
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
+        self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
+        self._stored_transitions = 0            # how many transitions the store took (see _all_or_nothing)
         self._tasks: set[asyncio.Task] = set()
         self._soon_pending: set[Callable[[], None]] = set()   # see _soon
         self._manager_props: dict[str, Any] = {}
@@ -159,7 +163,7 @@ class JobManager:
         """Stop scheduling; running units are systemd's and go on (re-attached at the next start)."""
         for task in self._periodic:
             task.cancel()
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._later_handles]:
             timer.cancel()
         for task in list(self._tasks):
             task.cancel()
@@ -182,11 +186,13 @@ class JobManager:
             elif self._runner is None:
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "no runner to re-attach to")
             else:
-                self._workers[BUILTIN].active_jobs += 1
+                self._take_slot(job, self._workers[BUILTIN])
                 unit = await self._runner.reattach(job)
                 if job.cancel_requested and (job.unit or unit):
-                    # Cancelled while h2kd was going down: it is stopped now, and ends cancelled.
-                    await self._runner.stop(job.unit or unit)
+                    # Cancelled while h2kd was going down: it is stopped now (or once systemd is reachable), and
+                    # ends cancelled.
+                    job.unit = job.unit or unit
+                    await self._stop_cancelled(job)
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -403,23 +409,21 @@ class JobManager:
         if not job.cancelable:
             raise InvalidState(f"job {job_id} is {job.state.value} and cannot be cancelled")
         if job.state in (S.CREATED, S.VALIDATED, S.QUEUED, S.RETRYING):
-            # Recorded first: a cancel the store cannot take leaves the job queued (or waiting) as it was.
-            self._finish(job, S.CANCELLED, "cancelled before it ran")
+            with self._all_or_nothing(job):     # a cancel the store cannot take leaves the job as it was
+                self._finish(job, S.CANCELLED, "cancelled before it ran")
             self._scheduler.remove(job.id)
-            self._cancel_timer(job.id)
             return
         if job.worker != BUILTIN:
-            self._release_worker(job)
-            self._finish(job, S.CANCELLED, f"cancelled; worker {job.worker} was told by its next call")
+            with self._all_or_nothing(job):
+                self._release_worker(job)
+                self._finish(job, S.CANCELLED, f"cancelled; worker {job.worker} was told by its next call")
             return
         if not job.cancel_requested:
-            job.cancel_requested = True
-            try:
+            with self._all_or_nothing(job):
+                job.cancel_requested = True
                 self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
-            except StoreFailed:
-                job.cancel_requested = False
-                raise
-        self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
+        with contextlib.suppress(StoreFailed):
+            self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
         if job.unit and self._runner is not None:
             await self._runner.stop(job.unit)
         # Without a unit yet, _start_attempt sees the request once StartTransientUnit returns.
@@ -439,17 +443,24 @@ class JobManager:
         if retried >= MAX_RETRIES:
             raise InvalidState(f"job {job_id} was retried {retried} times already; submit it again as a new job")
         self._unfinished.check_room_for(job.owner)
-        self._transition(job, S.RETRYING, "retry requested")
-        self._reset_progress(job)
-        job.error_code = job.error_message = ""
-        job.finished_at = 0
-        self._enqueue(job, "queued again by request")
+        try:
+            with self._all_or_nothing(job):
+                self._transition(job, S.RETRYING, "retry requested")
+                self._reset_progress(job)
+                job.error_code = job.error_message = ""
+                job.finished_at = 0
+                self._enqueue(job, "queued again by request")
+        except StoreFailed:
+            if job.state == S.RETRYING:     # retrying, but not queued: the timer queues it once the store can
+                self._arm_requeue(job)
+            raise
 
     def start_job(self, job_id: str) -> None:
         job = self.get(job_id)
         if job.state != S.VALIDATED:
             raise InvalidState(f"job {job_id} is {job.state.value}; only jobs held with queue=false can be started")
-        self._enqueue(job, "queued by request")
+        with self._all_or_nothing(job):
+            self._enqueue(job, "queued by request")
 
     def remove(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -581,18 +592,45 @@ class JobManager:
         except StoreFailed:
             job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested = before
             raise
-        worker.active_jobs += 1
-        self._set_worker_busy(worker)
+        self._take_slot(job, worker)
 
     def _requeue_in_memory(self, job: Job) -> None:
         """Put a queued job back in the scheduler's queue (it was taken out for a start that did not happen)."""
         self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
 
     def _later(self, seconds: float, callback: Callable[[], None]) -> None:
+        """Call `callback` in `seconds` (after the store refused a change), unless h2kd stops first."""
         try:
-            asyncio.get_running_loop().call_later(seconds, callback)
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            pass
+            return
+
+        def run() -> None:
+            self._later_handles.discard(handle)
+            callback()
+        handle = loop.call_later(seconds, run)
+        self._later_handles.add(handle)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, job: Job) -> Iterator[None]:
+        """A change of `job` that the store may refuse (StoreFailed: its disk full). Refused before any of its
+        transitions was stored, the job, its worker slot, its place in the queue and its retry timer are put
+        back as they were, so that memory tells what the store does; StoreFailed goes on to the caller."""
+        fields, holder = dict(job.__dict__), self._holding.get(job.id)
+        queued, armed, stored = job.id in self._scheduler, job.id in self._timers, self._stored_transitions
+        try:
+            yield
+        except StoreFailed:
+            if self._stored_transitions == stored:
+                job.__dict__.update(fields)
+                self._track_state(job)
+                if holder is not None and job.id not in self._holding and holder in self._workers:
+                    self._take_slot(job, self._workers[holder])
+                if queued and job.id not in self._scheduler:
+                    self._requeue_in_memory(job)
+                if armed and job.id not in self._timers:
+                    self._arm_requeue(job)
+            raise
 
     async def _start_attempt(self, job: Job, attempt: int) -> None:
         assert self._runner is not None
@@ -603,17 +641,12 @@ class JobManager:
             # The job stays assigned; the runner's reports on the unit say whether it runs.
             log.warning("no answer from systemd to the start of job %s's unit: %s", job.id, e)
             if job.attempt == attempt:
-                job.unit = e.unit       # a cancel meanwhile stops it by name
+                job.unit = e.unit       # a cancel stops it by name
+                await self._stop_cancelled(job)
             return
         except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
             log.warning("starting a unit for job %s failed: %s", job.id, e)
-            if job.attempt == attempt and job.state == S.ASSIGNED:
-                if self._system_stopping:   # refused for the shutdown that began meanwhile: no fault of the job
-                    self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
-                                          "unit was started", attempt_spent=False)
-                else:
-                    self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {e}", "start",
-                                         True)
+            self._start_refused(job.id, attempt, str(e))
             return
         finally:
             self._starting.discard(job.id)
@@ -621,9 +654,45 @@ class JobManager:
             return
         job.unit = unit
         job.started_at = job.started_at or now_usec()
-        self._transition(job, S.RUNNING, f"unit {unit} started")
-        if job.cancel_requested:
-            await self._runner.stop(unit)
+        try:
+            with self._all_or_nothing(job):
+                self._transition(job, S.RUNNING, f"unit {unit} started")
+        except StoreFailed as e:    # its reports (progress, its end) record it running later
+            log.warning("could not record job %s running: %s", job.id, e)
+            job.unit = unit
+        await self._stop_cancelled(job)
+
+    def _start_refused(self, job_id: str, attempt: int, why: str) -> None:
+        """systemd refused the attempt's unit: the attempt fails like a failed unit (or, cancelled meanwhile,
+        the job ends cancelled). Tried again later if the store cannot take it."""
+        job = self._jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.state != S.ASSIGNED:
+            return
+        try:
+            with self._all_or_nothing(job):
+                if job.cancel_requested:
+                    self._release_worker(job)
+                    self._finish(job, S.CANCELLED, "cancelled before its unit could start")
+                elif self._system_stopping:   # refused for the shutdown that began meanwhile: not the job's fault
+                    self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
+                                          "unit was started", attempt_spent=False)
+                else:
+                    self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {why}", "start",
+                                         True)
+        except StoreFailed as e:
+            log.warning("could not record that job %s's unit was refused: %s; trying again in %.0f s", job_id, e,
+                        STORE_RETRY_SECONDS)
+            self._later(STORE_RETRY_SECONDS, lambda: self._start_refused(job_id, attempt, why))
+
+    async def _stop_cancelled(self, job: Job) -> None:
+        """Stop the unit of an attempt whose cancel was asked for; if systemd cannot be reached now, the
+        runner_connected() that follows does."""
+        if not (job.cancel_requested and job.unit and self._runner is not None):
+            return
+        try:
+            await self._runner.stop(job.unit)
+        except H2kError as e:
+            log.warning("could not stop unit %s of cancelled job %s yet: %s", job.unit, job.id, e)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -655,6 +724,9 @@ class JobManager:
             self._kick()
 
     def runner_connected(self) -> None:
+        for job in self._jobs.values():
+            if job.cancel_requested and job.state in ACTIVE and job.worker == BUILTIN:
+                self._spawn(self._stop_cancelled(job))
         self._kick()
 
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
@@ -663,15 +735,17 @@ class JobManager:
             return
         job.unit = job.unit or outcome.unit
         try:
-            self._settle_attempt(job, outcome, job.cancel_requested)
+            with self._all_or_nothing(job):
+                self._settle_attempt(job, outcome, job.cancel_requested)
+                self._release_worker(job)
         except StoreFailed as e:
-            if job.state in ACTIVE:     # nothing was recorded: the end of the attempt is recorded later
+            if job.state in ACTIVE:     # not recorded: the end of the attempt is recorded later
                 log.warning("could not record the end of job %s's attempt %d: %s; trying again in %.0f s",
                             job_id, attempt, e, STORE_RETRY_SECONDS)
                 self._later(STORE_RETRY_SECONDS, lambda: self.unit_finished(job_id, attempt, outcome))
                 return
             log.warning("recorded the end of job %s's attempt %d, but not all of it: %s", job_id, attempt, e)
-        self._release_worker(job)
+            self._release_worker(job)
 
     def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:
         """Record how the attempt ended: completed, cancelled, back to the queue, or failed."""
@@ -823,7 +897,6 @@ class JobManager:
         self._finish(job, S.FAILED, f"{code.value}: {message.splitlines()[0] if message else ''}", result)
 
     def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None) -> None:
-        self._cancel_timer(job.id)
         result = dict(result or {})
         result.setdefault("status", state.value)
         result.setdefault("outputs", {})
@@ -837,7 +910,11 @@ class JobManager:
         job.finished_at = now_usec()
         job.not_before = 0
         self._transition(job, state, reason)
-        self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
+        self._cancel_timer(job.id)
+        try:
+            self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
+        except StoreFailed as e:    # the state is stored (with its own event): only this summary is missing
+            log.warning("could not log the result of job %s: %s", job.id, e)
         self._drop_progress_state(job.id)
 
     def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str, attempt_spent: bool = True) -> None:
@@ -870,8 +947,16 @@ class JobManager:
         self._timers.pop(job_id, None)
         job = self._jobs.get(job_id)
         if job is not None and job.state == S.RETRYING:
-            job.not_before = 0
-            self._enqueue(job, f"queued for attempt {job.attempt + 1}")
+            try:
+                with self._all_or_nothing(job):
+                    job.not_before = 0
+                    self._enqueue(job, f"queued for attempt {job.attempt + 1}")
+            except StoreFailed as e:
+                log.warning("could not queue job %s again: %s; trying again in %.0f s", job_id, e,
+                            STORE_RETRY_SECONDS)
+                self._cancel_timer(job_id)
+                self._timers[job_id] = asyncio.get_running_loop().call_later(
+                    STORE_RETRY_SECONDS, self._requeue_after_backoff, job_id)
 
     def _cancel_timer(self, job_id: str) -> None:
         timer = self._timers.pop(job_id, None)
@@ -929,9 +1014,13 @@ class JobManager:
         job_id = self._scheduler.claim_for(worker, now_usec())
         if job_id is None:
             return None
-        self._scheduler.remove(job_id)
         job = self._jobs[job_id]
-        self._assign(job, worker)
+        try:
+            with self._all_or_nothing(job):
+                self._assign(job, worker)
+        except StoreFailed:
+            self._requeue_in_memory(job)    # claim_for took it out of the queue
+            raise
         return job
 
     def report_progress(self, worker_id: str, job_id: str, progress: float | None, bytes_done: int,
@@ -951,21 +1040,23 @@ class JobManager:
         worker = self._external(worker_id)
         worker.last_heartbeat = now_usec()
         job = self._claimed(worker, job_id)
-        if job.state == S.ASSIGNED:
-            self._transition(job, S.RUNNING, f"worker {worker.id} started it")
-        elapsed = (now_usec() - (job.started_at or now_usec())) / 1_000_000
-        result = {"outputs": outputs, "metrics": {"execution_seconds": elapsed, "bytes_read": bytes_read,
-                                                  "bytes_written": bytes_written}}
-        if success:
-            self._release_worker(job)
-            self._complete(job, {**result, "status": "completed"})
-            return
         try:
             code = ErrorCode(error_code or "INTERNAL")
         except ValueError:
             raise InvalidArgument(f"unknown error code {error_code!r}") from None
-        self._attempt_failed(job, code, error_message or "the worker reported a failure", job.phase or "run",
-                             code not in NON_RETRYABLE, result)
+        # Refused by the store, the report changes nothing: the worker may send it again.
+        with self._all_or_nothing(job):
+            if job.state == S.ASSIGNED:
+                self._transition(job, S.RUNNING, f"worker {worker.id} started it")
+            elapsed = (now_usec() - (job.started_at or now_usec())) / 1_000_000
+            result = {"outputs": outputs, "metrics": {"execution_seconds": elapsed, "bytes_read": bytes_read,
+                                                      "bytes_written": bytes_written}}
+            if success:
+                self._release_worker(job)
+                self._complete(job, {**result, "status": "completed"})
+                return
+            self._attempt_failed(job, code, error_message or "the worker reported a failure", job.phase or "run",
+                                 code not in NON_RETRYABLE, result)
 
     def unregister_worker(self, worker_id: str) -> None:
         worker = self._external(worker_id)
@@ -1001,8 +1092,22 @@ class JobManager:
     def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
         for job in list(self._jobs.values()):
             if job.worker == worker.id and job.state in ACTIVE:
-                self._append_event(job, "log", {"message": f"worker {worker.id} lost: {why}"})
-                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"worker {worker.id} was lost: {why}")
+                self._lose_job(job.id, worker.id, why)
+
+    def _lose_job(self, job_id: str, worker_id: str, why: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.worker != worker_id or job.state not in ACTIVE:
+            return
+        try:
+            with self._all_or_nothing(job):
+                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"worker {worker_id} was lost: {why}")
+        except StoreFailed as e:
+            log.warning("could not take job %s from lost worker %s: %s; trying again in %.0f s", job_id,
+                        worker_id, e, STORE_RETRY_SECONDS)
+            self._later(STORE_RETRY_SECONDS, lambda: self._lose_job(job_id, worker_id, why))
+            return
+        with contextlib.suppress(StoreFailed):
+            self._append_event(job, "log", {"message": f"worker {worker_id} lost: {why}"})
 
     def _external(self, worker_id: str) -> WorkerInfo:
         worker = self.get_worker(worker_id)
@@ -1016,8 +1121,15 @@ class JobManager:
             raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
         return job
 
+    def _take_slot(self, job: Job, worker: WorkerInfo) -> None:
+        if job.id not in self._holding:
+            self._holding[job.id] = worker.id
+            worker.active_jobs += 1
+            self._set_worker_busy(worker)
+
     def _release_worker(self, job: Job) -> None:
-        worker = self._workers.get(job.worker)
+        """Free the slot the job's attempt takes on its worker; once, however often it is called."""
+        worker = self._workers.get(self._holding.pop(job.id, ""))
         if worker is not None and worker.active_jobs > 0:
             worker.active_jobs -= 1
             self._set_worker_busy(worker)
@@ -1042,6 +1154,7 @@ class JobManager:
             job.state = old
             self._track_state(job)
             raise
+        self._stored_transitions += 1
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
         if new in TERMINAL:

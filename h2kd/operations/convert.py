@@ -603,7 +603,8 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                 else:
                     os.unlink(name, dir_fd=fd)
             except OSError:
-                pass
+                if replaced:    # not put back: its temporary name may be the only one it has left
+                    temps.forget(replaced)
         raise
     finally:
         for fd in directories.values():

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from h2kd.config import Config
-from h2kd.errors import AlreadyExists, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, QueueFull, StoreFailed
+from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, QueueFull,
+                         StoreFailed)
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
@@ -795,4 +796,104 @@ def test_removing_or_pruning_a_job_has_the_runner_remove_its_attempts_files(tmp_
         m.prune()
         assert runner.forgotten == [jobs[0].id, jobs[1].id]
         await m.stop()
+    asyncio.run(go())
+
+
+def fill_until_the_store_refuses(m, image, tmp_path):
+    """With the file system full, writes that fit in the store's write-ahead log still go in: write until
+    one is refused, so that the next write is refused too."""
+    with pytest.raises(StoreFailed):
+        for n in range(10_000):
+            m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
+                          audit={"ticket": "x" * 200}), owner=0, queue=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_an_external_workers_calls_the_full_store_refuses_change_nothing(tmp_path, image):
+    """A claim or a result the store cannot take leaves the job as it was (queued; claimed), the worker's
+    slot taken once, and the same call succeeds once there is room."""
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, _, _ = make(tmp_path)
+            await m.start()
+            needs = {"capability_requirements": {"gpu": True}}
+            first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", **needs), owner=0)
+            second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", **needs), owner=0)
+            worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+            assert m.claim(worker.id) is first and worker.active_jobs == 1
+            filler = fill(state)
+            fill_until_the_store_refuses(m, image, tmp_path)
+            with pytest.raises(StoreFailed):
+                m.report_result(worker.id, first.id, True, {}, "", "", 1, 1)
+            assert first.state.value == "assigned" and worker.active_jobs == 1
+            filler.unlink()
+            m.report_result(worker.id, first.id, True, {}, "", "", 1, 1)
+            assert first.state.value == "completed" and worker.active_jobs == 0
+
+            filler = fill(state)
+            fill_until_the_store_refuses(m, image, tmp_path)
+            with pytest.raises(StoreFailed):
+                m.claim(worker.id)
+            assert second.state.value == "queued" and worker.active_jobs == 0
+            filler.unlink()
+            assert m.claim(worker.id) is second and worker.active_jobs == 1
+            await m.stop()
+    asyncio.run(go())
+
+
+def test_a_cancel_while_the_unit_starts_ends_the_job_cancelled_when_systemd_refuses_the_unit(tmp_path, image):
+    class Refusing(RecordingRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.answer = asyncio.Event()
+
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            await self.answer.wait()
+            raise RuntimeError("Unit h2k-job-x.service failed to load")
+
+    async def go():
+        m, _, _, _ = make(tmp_path)
+        runner = Refusing()
+        m.attach_runner(runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 3}), owner=0)
+        await until(lambda: runner.started)
+        await m.cancel(job.id)
+        runner.answer.set()
+        await until(lambda: job.state.value in ("cancelled", "retrying", "queued", "failed"))
+        assert job.state.value == "cancelled" and runner.started == [(job.id, 1)]
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_h2kd_starts_while_systemd_is_unreachable_and_stops_a_cancelled_unit_once_it_is(tmp_path, image):
+    """A cancel stored for a running attempt, then h2kd restarts while systemd cannot be reached: it starts all
+    the same, and stops the unit when the runner connects."""
+    class Unreachable(RecordingRunner):
+        reachable = False
+
+        async def stop(self, unit):
+            if not self.reachable:
+                raise H2kError("systemd is not reachable")
+            self.stopped.append(unit)
+
+    async def go():
+        m, runner, _, config = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: job.state.value == "running")
+        runner.stopped.clear()
+        await m.cancel(job.id)
+        await m.stop()
+
+        later = Unreachable()
+        from h2kd.manager.validation import HostChecks
+        again = JobManager(config, JobStore(config.store_path), later, HostChecks(config))
+        await again.start()
+        assert later.stopped == [] and again.get(job.id).state.value == "running"
+        later.reachable = True
+        again.runner_connected()
+        await until(lambda: later.stopped == [job.unit])
+        await again.stop()
     asyncio.run(go())
