@@ -151,7 +151,7 @@ class JobManager:
         self._workers[BUILTIN] = builtin
         self._notify("worker_added", builtin)
         for job in list(self._jobs.values()):
-            await self._recover(job)
+            await self._recover_or_later(job)
         self._prune_now()   # a store that cannot be written now must not keep h2kd from starting
         self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
         self._periodic.append(asyncio.create_task(
@@ -168,6 +168,15 @@ class JobManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._periodic, *self._tasks, return_exceptions=True)
+
+    async def _recover_or_later(self, job: Job) -> None:
+        """_recover(job); if the store cannot take what that changes, h2kd starts all the same and tries again."""
+        try:
+            with self._all_or_nothing(job):
+                await self._recover(job)
+        except StoreFailed as e:
+            log.warning("could not take up job %s again: %s; trying again in %.0f s", job.id, e, STORE_RETRY_SECONDS)
+            self._later(STORE_RETRY_SECONDS, lambda: self._spawn(self._recover_or_later(job)))
 
     async def _recover(self, job: Job) -> None:
         if job.state == S.CREATED:  # h2kd stopped between storing and validating it
