@@ -113,6 +113,7 @@ class JobManager:
         self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
         self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
         self._stored_transitions = 0            # how many transitions the store took (see _all_or_nothing)
+        self._schedule_retry_pending = False
         self._tasks: set[asyncio.Task] = set()
         self._soon_pending: set[Callable[[], None]] = set()   # see _soon
         self._manager_props: dict[str, Any] = {}
@@ -169,14 +170,24 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*self._periodic, *self._tasks, return_exceptions=True)
 
-    async def _recover_or_later(self, job: Job) -> None:
-        """_recover(job); if the store cannot take what that changes, h2kd starts all the same and tries again."""
+    async def _recover_or_later(self, job: Job, since: tuple[JobState, int] | None = None) -> None:
+        """_recover(job); if the store cannot take what that changes, h2kd starts all the same and tries again.
+        since: the (state, attempt) the job had when h2kd started; a later try acts only if nothing (a cancel, a
+        retry) moved the job meanwhile, beyond what the refused try stored (validated, not yet queued)."""
+        origin = since or (job.state, job.attempt)
+        if since is not None:
+            moved = (job.state, job.attempt) != since and (job.state, job.attempt) != (S.VALIDATED, since[1])
+            if self._jobs.get(job.id) is not job or moved:
+                return
         try:
             with self._all_or_nothing(job):
-                await self._recover(job)
+                if origin[0] == S.CREATED and job.state == S.VALIDATED:     # validated before; queued now
+                    self._enqueue(job, "queued")
+                else:
+                    await self._recover(job)
         except StoreFailed as e:
             log.warning("could not take up job %s again: %s; trying again in %.0f s", job.id, e, STORE_RETRY_SECONDS)
-            self._later(STORE_RETRY_SECONDS, lambda: self._spawn(self._recover_or_later(job)))
+            self._later(STORE_RETRY_SECONDS, lambda: self._spawn(self._recover_or_later(job, origin)))
 
     async def _recover(self, job: Job) -> None:
         if job.state == S.CREATED:  # h2kd stopped between storing and validating it
@@ -460,9 +471,9 @@ class JobManager:
                 job.finished_at = 0
                 self._enqueue(job, "queued again by request")
         except StoreFailed:
-            if job.state == S.RETRYING:     # retrying, but not queued: the timer queues it once the store can
-                self._arm_requeue(job)
-            raise
+            if job.state != S.RETRYING:
+                raise
+            self._arm_requeue(job)      # retrying (stored), not yet queued: the timer queues it once it can
 
     def start_job(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -573,7 +584,9 @@ class JobManager:
                 for later_id, _ in picked[index:]:
                     self._requeue_in_memory(self._jobs[later_id])
                 log.warning("could not start job %s: %s; trying again in %.0f s", job_id, e, STORE_RETRY_SECONDS)
-                self._later(STORE_RETRY_SECONDS, self._kick)
+                if not self._schedule_retry_pending:
+                    self._schedule_retry_pending = True
+                    self._later(STORE_RETRY_SECONDS, self._retry_schedule)
                 break
             self._spawn(self._start_attempt(job, job.attempt))
         self._refresh_wait_reasons()
@@ -602,6 +615,10 @@ class JobManager:
             job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested = before
             raise
         self._take_slot(job, worker)
+
+    def _retry_schedule(self) -> None:
+        self._schedule_retry_pending = False
+        self._kick()
 
     def _requeue_in_memory(self, job: Job) -> None:
         """Put a queued job back in the scheduler's queue (it was taken out for a start that did not happen)."""
@@ -1053,10 +1070,10 @@ class JobManager:
             code = ErrorCode(error_code or "INTERNAL")
         except ValueError:
             raise InvalidArgument(f"unknown error code {error_code!r}") from None
+        if job.state == S.ASSIGNED:
+            self._transition(job, S.RUNNING, f"worker {worker.id} started it")
         # Refused by the store, the report changes nothing: the worker may send it again.
         with self._all_or_nothing(job):
-            if job.state == S.ASSIGNED:
-                self._transition(job, S.RUNNING, f"worker {worker.id} started it")
             elapsed = (now_usec() - (job.started_at or now_usec())) / 1_000_000
             result = {"outputs": outputs, "metrics": {"execution_seconds": elapsed, "bytes_read": bytes_read,
                                                       "bytes_written": bytes_written}}
@@ -1101,11 +1118,13 @@ class JobManager:
     def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
         for job in list(self._jobs.values()):
             if job.worker == worker.id and job.state in ACTIVE:
-                self._lose_job(job.id, worker.id, why)
+                self._lose_job(job.id, job.attempt, worker.id, why)
 
-    def _lose_job(self, job_id: str, worker_id: str, why: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is None or job.worker != worker_id or job.state not in ACTIVE:
+    def _lose_job(self, job_id: str, attempt: int, worker_id: str, why: str, again: bool = False) -> None:
+        """again: a later try, after the store refused one; not if the worker came back meanwhile."""
+        job, worker = self._jobs.get(job_id), self._workers.get(worker_id)
+        if (job is None or job.attempt != attempt or job.worker != worker_id or job.state not in ACTIVE
+                or (again and worker is not None and worker.state != "stale")):
             return
         try:
             with self._all_or_nothing(job):
@@ -1113,7 +1132,7 @@ class JobManager:
         except StoreFailed as e:
             log.warning("could not take job %s from lost worker %s: %s; trying again in %.0f s", job_id,
                         worker_id, e, STORE_RETRY_SECONDS)
-            self._later(STORE_RETRY_SECONDS, lambda: self._lose_job(job_id, worker_id, why))
+            self._later(STORE_RETRY_SECONDS, lambda: self._lose_job(job_id, attempt, worker_id, why, again=True))
             return
         with contextlib.suppress(StoreFailed):
             self._append_event(job, "log", {"message": f"worker {worker_id} lost: {why}"})
