@@ -51,6 +51,20 @@ class RecordingRunner:
         return {"qemu_img": True, "loop": True}
 
 
+class RefusedLater(RecordingRunner):
+    """systemd refuses the unit (`refusal`), once the test lets it answer (may_answer)."""
+
+    def __init__(self, refusal: str) -> None:
+        super().__init__()
+        self.refusal = refusal
+        self.may_answer = asyncio.Event()
+
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        await self.may_answer.wait()
+        raise RuntimeError(self.refusal)
+
+
 class Changes:
     def __init__(self) -> None:
         self.states: list[tuple[str, str]] = []
@@ -553,22 +567,12 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
 
 def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job(tmp_path, image):
     """StartTransientUnit was on its way when the shutdown began; systemd refuses it: not the job's fault."""
-    class RefusedAtShutdown(RecordingRunner):
-        def __init__(self) -> None:
-            super().__init__()
-            self.may_answer = asyncio.Event()
-
-        async def start(self, job, attempt):
-            self.started.append((job.id, attempt))
-            await self.may_answer.wait()
-            raise RuntimeError("Transaction for h2k-job.service/start is destructive (shutdown.target has "
-                               "'start' job queued)")
-
     async def go():
         config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
         config.state_dir.mkdir()
         (tmp_path / "out").mkdir()
-        runner = RefusedAtShutdown()
+        runner = RefusedLater("Transaction for h2k-job.service/start is destructive (shutdown.target has "
+                              "'start' job queued)")
         m = JobManager(config, JobStore(config.store_path), runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
@@ -842,25 +846,15 @@ def test_an_external_workers_calls_the_full_store_refuses_change_nothing(tmp_pat
 
 
 def test_a_cancel_while_the_unit_starts_ends_the_job_cancelled_when_systemd_refuses_the_unit(tmp_path, image):
-    class Refusing(RecordingRunner):
-        def __init__(self) -> None:
-            super().__init__()
-            self.answer = asyncio.Event()
-
-        async def start(self, job, attempt):
-            self.started.append((job.id, attempt))
-            await self.answer.wait()
-            raise RuntimeError("Unit h2k-job-x.service failed to load")
-
     async def go():
         m, _, _, _ = make(tmp_path)
-        runner = Refusing()
+        runner = RefusedLater("Unit h2k-job-x.service failed to load")
         m.attach_runner(runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 3}), owner=0)
         await until(lambda: runner.started)
         await m.cancel(job.id)
-        runner.answer.set()
+        runner.may_answer.set()
         await until(lambda: job.state.value in ("cancelled", "retrying", "queued", "failed"))
         assert job.state.value == "cancelled" and runner.started == [(job.id, 1)]
         await m.stop()
