@@ -17,6 +17,7 @@ from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
 from h2kd.manager.ports import StartUnanswered, UnitOutcome
+from h2kd.model.states import JobState
 from h2kd.store import JobStore
 from h2kd.bus.job_iface import job_vardict
 from dbus_fast._private.marshaller import Marshaller
@@ -889,5 +890,49 @@ def test_h2kd_starts_while_systemd_is_unreachable_and_stops_a_cancelled_unit_onc
         later.reachable = True
         again.runner_connected()
         await until(lambda: later.stopped == [job.unit])
+        await again.stop()
+    asyncio.run(go())
+
+
+class RefusingStore(JobStore):
+    """A real store that refuses (as a full disk does) every transition into the states in `refused`."""
+
+    refused: set[str] = set()
+
+    def record_transition(self, job, old, new, reason):
+        if new.value in self.refused:
+            raise StoreFailed(f"the job store {self.path} cannot be written (database or disk is full)")
+        return super().record_transition(job, old, new, reason)
+
+
+def test_a_job_taken_up_at_start_that_the_store_validated_but_could_not_queue_is_queued_later(tmp_path, image,
+                                                                                             monkeypatch):
+    """h2kd stopped between storing a job and checking it; at the next start the store takes 'validated' but
+    refuses 'queued': h2kd starts all the same, and the job is queued at a later try, not left validated."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
+        config.state_dir.mkdir()
+        (tmp_path / "out").mkdir()
+        from h2kd.manager.validation import HostChecks
+        m = JobManager(config, JobStore(config.store_path), RecordingRunner(), HostChecks(config))
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0, queue=False)
+        await m.stop()
+        with JobStore(config.store_path) as store:      # as if h2kd had stopped before checking it
+            stored = store.load_jobs()[0]
+            stored.state = JobState.CREATED
+            store.save_job(stored)
+
+        refusing = RefusingStore(config.store_path)
+        refusing.refused = {"queued"}
+        runner = RecordingRunner()
+        again = JobManager(config, refusing, runner, HostChecks(config))
+        await again.start()
+        assert again.get(job.id).state.value == "validated" and runner.started == []
+        refusing.refused = set()
+        await until(lambda: again.get(job.id).state.value == "running")
+        assert runner.started == [(job.id, 1)]
         await again.stop()
     asyncio.run(go())
