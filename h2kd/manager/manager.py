@@ -578,7 +578,8 @@ class JobManager:
             job = self._jobs[job_id]
             self._scheduler.remove(job_id)
             try:
-                self._assign(job, worker)
+                with self._all_or_nothing(job):
+                    self._assign(job, worker)
             except StoreFailed as e:
                 # Still queued, as stored: this job and the ones picked after it go back to the queue.
                 for later_id, _ in picked[index:]:
@@ -602,18 +603,13 @@ class JobManager:
                 self._notify_changed(job, {"wait_reason"}, urgent=False)
 
     def _assign(self, job: Job, worker: WorkerInfo) -> None:
-        before = (job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested)
         job.attempt += 1
         job.worker = worker.id
         job.unit = ""
         job.wait_reason = ""
         job.cancel_requested = False
         self._reset_progress(job)
-        try:
-            self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
-        except StoreFailed:
-            job.attempt, job.worker, job.unit, job.wait_reason, job.cancel_requested = before
-            raise
+        self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
         self._take_slot(job, worker)
 
     def _retry_schedule(self) -> None:

@@ -449,14 +449,15 @@ class SystemdRunner:
         except Exception:
             log.exception("system_stopping handler failed")
 
-    def _interrupted(self, followed: _Followed, worker_result: dict[str, Any] | None) -> bool:
+    def _interrupted(self, followed: _Followed, worker_result: dict[str, Any] | None,
+                     spec_file: dict[str, Any]) -> bool:
         """Whether the attempt was stopped by the system going down: it ended by a stop (or was killed
         outright) that h2kd did not ask for, while a shutdown was under way or in an earlier boot."""
         if followed.stop_requested or (worker_result is not None and worker_result.get("status") != "cancelled"):
             return False
         if self._system_stopping:
             return True
-        started_in = (_read_json(followed.run_dir / "spec.json") or {}).get("boot_id")
+        started_in = spec_file.get("boot_id")
         return bool(started_in and self._boot_id and started_in != self._boot_id)
 
     def _apply(self, followed: _Followed, values: dict[str, Any]) -> None:
@@ -551,7 +552,8 @@ class SystemdRunner:
             return
         followed.settled = True
         self._unfollow(followed)
-        if not _files_are_of(followed):
+        spec_file = _read_json(followed.run_dir / "spec.json") or {}
+        if not _files_are_of(followed, spec_file):
             # h2kd stopped between recording the attempt and starting its unit, and the directory is an earlier
             # job's of the same id: this attempt never started, whatever that job's result says.
             outcome = UnitOutcome(unit=followed.unit, result="not-started", exit_status=0, worker_result=None,
@@ -576,7 +578,7 @@ class SystemdRunner:
         log_tail = [] if succeeded else await self._log_tail(followed)
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested,
-                              interrupted=not succeeded and self._interrupted(followed, worker_result))
+                              interrupted=not succeeded and self._interrupted(followed, worker_result, spec_file))
         self._report_finished(followed, outcome)
 
     def _report_finished(self, followed: _Followed, outcome: UnitOutcome) -> None:
@@ -640,10 +642,10 @@ class SystemdRunner:
 _WORKER_CLOSING_LINES = ("h2k-worker: failed: ", "h2k-worker: completed", "h2k-worker: cancelled")
 
 
-def _files_are_of(followed: _Followed) -> bool:
-    """Whether the attempt's directory holds this job's files (or none), not an earlier same-named job's.
-    Files written before jobs were told apart (no job_created_at) are taken as this job's."""
-    written_for = (_read_json(followed.run_dir / "spec.json") or {}).get("job_created_at")
+def _files_are_of(followed: _Followed, spec_file: dict[str, Any]) -> bool:
+    """Whether the attempt's directory (its spec file, as read) holds this job's files (or none), not an
+    earlier same-named job's. Files written before jobs were told apart (no job_created_at) are this job's."""
+    written_for = spec_file.get("job_created_at")
     return not (written_for and followed.job_created_at and written_for != followed.job_created_at)
 
 

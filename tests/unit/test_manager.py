@@ -672,6 +672,15 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def fill_until_the_store_refuses(m, image, tmp_path):
+    """With the file system full, writes that fit in the store's write-ahead log still go in: write until
+    one is refused, so that the next write is refused too."""
+    with pytest.raises(StoreFailed):
+        for n in range(10_000):
+            m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
+                          audit={"ticket": "x" * 200}), owner=0, queue=False)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
 def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_room(tmp_path, image, monkeypatch):
     """The store's disk fills up (outputs often share it): the end of a running job and the start of the next
@@ -688,11 +697,7 @@ def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_r
             await settle()
             assert first.state.value == "running" and second.state.value == "queued"
             filler = fill(state)
-            # Writes that fit in the store's write-ahead log still go in: fill that too, until one fails.
-            with pytest.raises(StoreFailed):
-                for n in range(10_000):
-                    m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
-                                  audit={"ticket": "x" * 200}), owner=0, queue=False)
+            fill_until_the_store_refuses(m, image, tmp_path)
             m.unit_finished(first.id, 1, UnitOutcome(first.unit, "success", 0, {"status": "completed", "outputs": {}}))
             await asyncio.sleep(0.5)
             assert first.state.value == "running", "an end the store did not take was announced"
@@ -802,15 +807,6 @@ def test_removing_or_pruning_a_job_has_the_runner_remove_its_attempts_files(tmp_
         assert runner.forgotten == [jobs[0].id, jobs[1].id]
         await m.stop()
     asyncio.run(go())
-
-
-def fill_until_the_store_refuses(m, image, tmp_path):
-    """With the file system full, writes that fit in the store's write-ahead log still go in: write until
-    one is refused, so that the next write is refused too."""
-    with pytest.raises(StoreFailed):
-        for n in range(10_000):
-            m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
-                          audit={"ticket": "x" * 200}), owner=0, queue=False)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
