@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dbus_fast import Message, MessageType
 from dbus_fast.constants import MessageFlag
 
-from h2kd import BUS_NAME, MANAGER_PATH
+from h2kd import MANAGER_INTERFACE, MANAGER_PATH
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ _current: ContextVar[Caller | None] = ContextVar("h2kd_bus_caller", default=None
 # interface out), member and signature. Descriptors that come with any other message are closed, also with a
 # call of that name that dbus-fast will not hand to the method (another path or interface, another
 # signature): nothing else would ever close them.
-TAKES_FDS = (MANAGER_PATH, (BUS_NAME + ".Manager", None), "SubmitJobWithImage", "ha{sv}a{sv}")
+TAKES_FDS = (MANAGER_PATH, (MANAGER_INTERFACE, None), "SubmitJobWithImage", "ha{sv}a{sv}")
 
 
 def remember_call(msg: Message) -> bool:

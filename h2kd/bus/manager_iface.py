@@ -6,7 +6,7 @@ from typing import Any
 
 from dbus_fast.service import dbus_method, dbus_signal
 
-from h2kd import BUS_NAME, __version__
+from h2kd import MANAGER_INTERFACE, __version__
 from h2kd.access import check_source_fd
 from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
@@ -18,7 +18,6 @@ from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
 from h2kd.errors import InvalidArgument
 from h2kd.model.repair import fixes_guest
 
-MANAGER_INTERFACE = BUS_NAME + ".Manager"
 
 MANAGER_PROPERTIES: dict[str, tuple[str, Any]] = {
     "Version": ("s", lambda m: __version__),

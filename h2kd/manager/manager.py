@@ -197,7 +197,7 @@ class JobManager:
                 problem = str(e)
             self._validate_and_queue(job, True, problem)
         elif job.state == S.QUEUED:
-            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+            self._requeue_in_memory(job)
         elif job.state == S.RETRYING:
             self._arm_requeue(job)
         elif job.state in ACTIVE:
@@ -208,10 +208,10 @@ class JobManager:
             else:
                 self._take_slot(job, self._workers[BUILTIN])
                 unit = await self._runner.reattach(job)
-                if job.cancel_requested and (job.unit or unit):
+                if job.cancel_requested:
                     # Cancelled while h2kd was going down: it is stopped now (or once systemd is reachable), and
                     # ends cancelled.
-                    job.unit = job.unit or unit
+                    job.unit = unit
                     await self._stop_cancelled(job)
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
@@ -384,7 +384,7 @@ class JobManager:
         self._jobs[job.id] = job
         self._unfinished.track(job)
         if queue:
-            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+            self._requeue_in_memory(job)
             self._kick()
         self._notify("job_added", job)
         self._manager_changed()
@@ -402,7 +402,7 @@ class JobManager:
         job.queue_seq = self._store.next_queue_seq()
         job.wait_reason = ""
         self._transition(job, S.QUEUED, reason)
-        self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+        self._requeue_in_memory(job)
         self._kick()
 
     def _prune_if_over(self) -> None:
@@ -951,13 +951,15 @@ class JobManager:
             job.worker = ""
             self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")
-            self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+            self._requeue_in_memory(job)
             self._kick()
         else:
             self._fail(job, code, why, "run")
 
-    def _arm_requeue(self, job: Job) -> None:
-        delay = max(job.not_before - now_usec(), 0) / 1_000_000
+    def _arm_requeue(self, job: Job, delay: float | None = None) -> None:
+        """Queue the retrying job again at its not_before (or in `delay` seconds)."""
+        if delay is None:
+            delay = max(job.not_before - now_usec(), 0) / 1_000_000
         self._cancel_timer(job.id)
         try:
             loop = asyncio.get_running_loop()
@@ -976,9 +978,7 @@ class JobManager:
             except StoreFailed as e:
                 log.warning("could not queue job %s again: %s; trying again in %.0f s", job_id, e,
                             STORE_RETRY_SECONDS)
-                self._cancel_timer(job_id)
-                self._timers[job_id] = asyncio.get_running_loop().call_later(
-                    STORE_RETRY_SECONDS, self._requeue_after_backoff, job_id)
+                self._arm_requeue(job, STORE_RETRY_SECONDS)
 
     def _cancel_timer(self, job_id: str) -> None:
         timer = self._timers.pop(job_id, None)
