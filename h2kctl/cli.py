@@ -21,7 +21,7 @@ from h2kctl.bus import JOB_IFACE, Client, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
 from h2kctl.follow import (TERMINAL, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            progress_stream, stream_is_tty, watch_all)
-from h2kctl.render import (age, human_bytes, human_duration, nested, page, percent, table, timestamp,
+from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
                            user_name)
 from h2kctl.spec import load_job_file, spec_from_args
 
@@ -32,7 +32,10 @@ OPERATIONS = ["convert", "inspect", "validate"]
 COMPRESSION_TYPES = ["zlib", "zstd"]
 
 DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and VirtualBox disk images to KVM "
-               "formats. h2kctl talks to h2kd over D-Bus (org.hyper2kvm.h2kd1 on the system bus).")
+               "formats. h2kctl talks to h2kd over D-Bus (org.hyper2kvm.h2kd1 on the system bus). Text from h2kd "
+               "(messages, paths, what a disk image or a guest holds) is printed with its control characters as "
+               "escapes such as \\x1b: it may come from other users and never drives the terminal. --json keeps "
+               "it exact, in JSON's own escapes.")
 
 CTRL_C_HELP = ("Ctrl-C while jobs are waited for (submit --wait, retry --wait, start --wait, wait, inspect) or "
                "a job is watched detaches: the jobs go on, h2kctl says how to cancel them and ends by SIGINT (exit "
@@ -761,6 +764,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     if getattr(args, "json", False) and not args.has_json_output:   # given before the command
         parser.error(f"{args.command} has no JSON output")
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = TerminalSafe(sys.stdout), TerminalSafe(sys.stderr)
+    try:
+        code = _run_and_report(args)
+    finally:
+        sys.stdout, sys.stderr = streams
+    if code == ExitCode.INTERRUPTED and argv is None:
+        _end_by_sigint()
+    return int(code)
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
+    """Run the command; every way it can end is an exit code and at most one line on stderr."""
     try:
         code = asyncio.run(run(args))
         if args.command == "logs":
@@ -785,9 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("H2KCTL_DEBUG"):
             raise
         return ExitCode.FAILURE
-    if code == ExitCode.INTERRUPTED and argv is None:
-        _end_by_sigint()
-    return int(code)
+    return code
 
 
 def _end_by_sigint() -> None:

@@ -20,7 +20,7 @@ from dbus_fast import Message, unpack_variants
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
 from h2kctl.errors import CtlError, ExitCode
-from h2kctl.render import clock, human_bytes, human_duration
+from h2kctl.render import clock, control, human_bytes, human_duration
 
 TERMINAL = {"completed", "failed", "cancelled"}
 RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
@@ -131,7 +131,8 @@ class ProgressView:
             if force or now - self._last_draw >= REDRAW_SECONDS:
                 self._last_draw = now
                 width = shutil.get_terminal_size((80, 24)).columns
-                self.stream.write("\r\x1b[K" + bar_line(props, width, self.label))
+                control(self.stream, "\r\x1b[K")
+                self.stream.write(bar_line(props, width, self.label))
                 self.stream.flush()
                 self._drawn = True
             return
@@ -157,7 +158,7 @@ class ProgressView:
 
     def clear(self) -> None:
         if self.stream is not None and self.tty and self._drawn:
-            self.stream.write("\r\x1b[K")
+            control(self.stream, "\r\x1b[K")
             self.stream.flush()
             self._drawn = False
 
@@ -321,7 +322,8 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                             if props.get("State") in TERMINAL and p not in announced]
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
             if tty:
-                out = ("\x1b[F" * block if block else "\r") + "\x1b[J"
+                control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")
+                out = ""
                 for p in finished_now:
                     out += final_message(jobs[p]) + "\n"
                 lines = [bar_line(jobs[p], width, label=True) for p in active] or ["No active jobs."]

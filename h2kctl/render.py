@@ -1,9 +1,12 @@
-"""How h2kctl shows things to people: sizes, times, user names, tables, nested reports and the pager."""
+"""How h2kctl shows things to people: sizes, times, user names, tables, nested reports, the pager, and
+the terminal-safe streams all of it is written through."""
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +15,59 @@ from datetime import datetime
 from typing import Any, Iterable, TextIO
 
 _UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+
+# What a terminal acts on instead of showing: C0 controls but tab and newline (escape sequences, carriage
+# return, backspace), DEL, C1 controls, and the bidirectional overrides that reorder what is shown.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character a terminal would act on shown as an escape (\\x1b, \\u202e), as ls and
+    systemctl show them. Much of what h2kctl prints comes from other users or from their disk images (error
+    messages quoting an image's header, a guest's names, a ticket): none of it may drive the terminal of the
+    administrator who reads it."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+class TerminalSafe(io.TextIOBase):
+    """A text stream passing everything written to it through terminal_safe(); h2kctl's own cursor
+    movements (the progress bars) go through control()."""
+
+    def __init__(self, raw: TextIO):
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(terminal_safe(text))
+        return len(text)
+
+    def control(self, sequence: str) -> None:
+        self.raw.write(sequence)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    @property
+    def encoding(self) -> str:   # type: ignore[override]
+        return getattr(self.raw, "encoding", "utf-8")
+
+
+def control(stream: TextIO, sequence: str) -> None:
+    """Write one of h2kctl's own terminal sequences, unescaped, to `stream` (a TerminalSafe or not)."""
+    if isinstance(stream, TerminalSafe):
+        stream.control(sequence)
+    else:
+        stream.write(sequence)
 
 
 def human_bytes(n: int | float) -> str:
@@ -136,7 +192,7 @@ def page(text: str, use_pager: bool) -> None:
                 env = dict(os.environ)
                 env.setdefault("LESS", "FRSXMK")
                 try:
-                    subprocess.run(command, shell=True, input=text.encode(), env=env, check=False)
+                    subprocess.run(command, shell=True, input=terminal_safe(text).encode(), env=env, check=False)
                     return
                 except OSError:
                     pass

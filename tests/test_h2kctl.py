@@ -770,3 +770,32 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
     result = h2kctl(env, "submit", str(secret), "-o", "/tmp/never.qcow2", user=plain_user)
     assert result.returncode == 1 and "cannot read" in result.stderr and "Permission denied" in result.stderr
     assert pwd.getpwnam(plain_user).pw_uid != 0
+
+
+def test_text_from_an_image_cannot_drive_the_readers_terminal(env, images, output_dir, tmp_path):
+    # A VMDK descriptor is text its author chooses, and qemu-img quotes parts of it in its errors: the job's
+    # error then carries escape sequences (here: retitle the terminal, erase the screen) to whoever reads it.
+    base = images["small"].parent
+    payload = "\x1b]0;owned\x07\x1b[2J\u202e"
+    evil = base / "evil.vmdk"
+    evil.write_text("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+                    f'createType="{payload}"\n\nRW 2048 FLAT "small.raw" 0\n')
+    evil.chmod(0o644)
+    job_id = new_id("esc")
+    submitted = h2kctl(env, "submit", "--wait", str(evil), "-o", str(output_dir / f"{job_id}.qcow2"),
+                       "--id", job_id, "--source-format", "vmdk", timeout=120)
+    assert submitted.returncode in (1, 3), submitted
+    message = busctl_property(env, job_path(env, job_id), JOB_IFACE, "Error")[1]
+    assert "\x1b]0;owned" in message          # h2kd keeps the text as it is; showing it is h2kctl's care
+    readings = [submitted, h2kctl(env, "status", job_id), h2kctl(env, "list"), h2kctl(env, "watch", job_id),
+                h2kctl(env, "wait", job_id), h2kctl(env, "show", job_id)]
+    for reading in readings:
+        text = reading.stdout + reading.stderr
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text), (reading.args, text)
+    status = readings[1].stdout
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in status, status      # shown, escaped, not dropped
+    code, on_terminal = run_in_pty([H2KCTL, "status", "--no-pager", job_id], env)
+    assert code == 0 and "\x1b" not in on_terminal and "\\x1b]0;owned" in on_terminal, on_terminal
+    as_json = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+    assert payload in as_json["error"]["message"]        # --json carries the exact text, escaped as JSON does
+    evil.unlink()
