@@ -10,6 +10,8 @@ the guest prints H2K-BOOT-OK and its first NIC's state on the serial port, then 
 
 Jobs go through the daemon and a real transient unit (the `stack` fixture, SubmitJob over D-Bus).
 These tests need root, loop devices and qemu-system-x86; the guest is built (once, cached) if absent.
+The last two check what the repair, which runs as root, leaves behind when its worker is killed, and that
+it cannot be led to another file by a symlink put in the submitter's directory while it runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 
-from busclient import JOB, Client, new_id
+from busclient import JOB, Client, new_id, wait_for
 from h2kd.bus.paths import job_path
 
 pytestmark = [pytest.mark.slow,
@@ -147,8 +149,8 @@ async def _run_job(address: str, spec: dict[str, Any], timeout: float) -> dict[s
         client.close()
 
 
-def submit(stack: Any, operation: str, image: Path, parameters: dict[str, Variant], output: Path | None = None,
-           timeout: float = 400) -> dict[str, Any]:
+def job_spec(operation: str, image: Path, parameters: dict[str, Variant],
+             output: Path | None = None) -> dict[str, Variant]:
     spec: dict[str, Variant] = {
         "job_id": Variant("s", new_id("fix")),
         "operation": Variant("s", operation),
@@ -158,7 +160,29 @@ def submit(stack: Any, operation: str, image: Path, parameters: dict[str, Varian
     }
     if output is not None:
         spec["artifacts"] = Variant("a{sv}", {"output_path": Variant("s", str(output))})
+    return spec
+
+
+def submit(stack: Any, operation: str, image: Path, parameters: dict[str, Variant], output: Path | None = None,
+           timeout: float = 400) -> dict[str, Any]:
+    spec = job_spec(operation, image, parameters, output)
     return asyncio.run(asyncio.wait_for(_run_job(stack.bus_address, spec, timeout), timeout + 30))
+
+
+def systemctl(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """systemctl of the stack's own manager, the one running the job units."""
+    env = {"XDG_RUNTIME_DIR": str(stack.runtime_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(["systemctl", "--user", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def ours(directory: Path) -> list[str]:
+    """What h2kd's jobs may have put in a directory besides the outputs: temporary files and mount points."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".h2k-"))
+
+
+def loops_backed_under(directory: Path) -> list[str]:
+    backing = run(["losetup", "-l", "-n", "-O", "BACK-FILE"]).stdout.splitlines()
+    return [b for b in backing if b.strip().startswith(str(directory))]
 
 
 def fixes_by_name(outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -338,3 +362,150 @@ def test_a_repaired_qcow2_keeps_its_owner_and_mode(guest: dict[str, Any], tmp_pa
     assert (after.st_uid, after.st_gid, after.st_mode & 0o7777) == (4242, 4343, 0o640)
     assert [p.name for p in directory.iterdir()] == ["alice.qcow2"]
     assert loops_of(image) == [] and h2k_mounts() == []
+
+
+def test_a_worker_killed_in_the_middle_of_a_repair_leaves_no_temporary_file(stack: Any, guest: dict[str, Any]) -> None:
+    """A worker killed outright during the repair (SIGKILL: the OOM killer, or a stop that ran out of time)
+    cannot remove the raw copy it was repairing. h2kd removes it when it settles the attempt, because the
+    worker recorded it before it made it; the image is left as it was."""
+    image = stack.output_dir / f"{new_id('killed')}.qcow2"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(guest["vmdk"]), str(image)])
+    before = sha256(image)
+    spec = job_spec("offline_fix", image, {})
+    job = job_path(spec["job_id"].value)
+
+    async def scenario() -> tuple[list[str], subprocess.CompletedProcess[str], str]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            await client.submit(spec)
+
+            async def repairing() -> tuple[str, list[str]] | None:
+                props = await client.job_props(job)
+                assert props["State"] not in ("completed", "failed", "cancelled"), props["Error"]
+                seen = ours(stack.output_dir)
+                return (props["Unit"], seen) if props["Phase"] == "fix" and seen else None
+            unit, seen = await wait_for(repairing, 300, "the repair to be under way")
+            killed = await asyncio.to_thread(systemctl, stack, "kill", "--signal=KILL", unit)
+
+            async def over() -> str | None:
+                state = await client.prop(job, JOB, "State")
+                return state if state in ("completed", "failed", "cancelled") else None
+            return seen, killed, await wait_for(over, 120, "the killed attempt to be settled")
+        finally:
+            client.close()
+
+    seen, killed, state = asyncio.run(asyncio.wait_for(scenario(), 500))
+    assert killed.returncode == 0, killed.stderr
+    assert state == "failed"
+    assert any(name.endswith(".raw") for name in seen), f"no raw copy was being repaired: {seen}"
+    assert ours(stack.output_dir) == [], f"left behind (while repairing there were {seen})"
+    assert sha256(image) == before
+    deadline = time.monotonic() + 30
+    while loops_backed_under(stack.output_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)       # the unit's mounts go with its last process, and the loop device with them
+    assert loops_backed_under(stack.output_dir) == []
+    image.unlink()
+
+
+@pytest.mark.parametrize("case", ["offline_fix of a qcow2", "offline_fix of a raw image", "convert with offline_fix"])
+def test_a_symlink_swapped_in_during_the_repair_does_not_lead_it_elsewhere(tmp_path: Path, monkeypatch: Any,
+                                                                             case: str) -> None:
+    """The submitter owns the directory of the raw file the repair works on as root (the image, or the raw copy
+    of a qcow2 or of a converted disk) and may swap its name for a symlink while the repair runs. The repair
+    goes on with the file it opened and checked: a root-only disk the symlink leads to stays byte for byte as
+    it was, and the fixes are made on the real file."""
+    from h2kd.operations.convert import run_convert
+    from h2kd.operations.offline_fix import boot_disk_repair, run_offline_fix
+    from h2kd.operations.qemuimg import OperationError
+
+    tree = linux_tree(tmp_path / "tree")
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    victim = small_disk(private / "victim.raw", tree)      # a disk the fixes would change if they reached it
+    untouched = sha256(victim)
+    alice = tmp_path / "alice"
+    alice.mkdir()
+    run_dir = tmp_path / "run"          # the worker's working directory, as in its unit
+    run_dir.mkdir(mode=0o700)
+    monkeypatch.chdir(run_dir)
+    swapped: list[str] = []
+
+    def swap(phase: str) -> None:
+        if phase != "attach" or swapped:
+            return
+        name = next(p for p in alice.iterdir() if p.name.endswith(".raw") and p.name != "moved-away")
+        name.rename(alice / "moved-away")
+        name.symlink_to(victim)
+        swapped.append(name.name)
+
+    with pytest.raises(OperationError) as failed:
+        if case == "convert with offline_fix":
+            source = small_disk(tmp_path / "vmware-like.raw", tree)
+            spec = {"job_id": "swap", "operation": "convert", "image": {"path": str(source)},
+                    "parameters": {"offline_fix": True}, "artifacts": {"output_path": str(alice / "out.qcow2")}}
+            run_convert(spec, [str(alice)], lambda phase, done, total, message: swap(phase),
+                        repair=boot_disk_repair({}))
+        else:
+            raw = small_disk(alice / "disk.raw", tree)
+            image = raw
+            if case == "offline_fix of a qcow2":
+                image = alice / "disk.qcow2"
+                run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)])
+                raw.unlink()
+            run_offline_fix(str(image), {}, lambda phase, fraction, message: swap(phase))
+    assert swapped, "the repair never got to attaching the disk"
+    assert sha256(victim) == untouched, "the repair wrote to the file the symlink led to"
+    # The guest's programs cannot run here, so the repair fails, but only after it fixed the real file's fstab.
+    assert failed.value.code == "TOOL_FAILED" and "initramfs" in failed.value.message, failed.value.message
+    report = failed.value.outputs.get("offline_fix") or failed.value.outputs
+    assert fixes_by_name(report)["fstab"]["status"] == "applied", report
+    assert ours(alice) == [] and ours(run_dir) == [] and h2k_mounts() == []
+
+
+def test_a_symlink_swapped_in_for_another_disks_output_does_not_lead_root_elsewhere(tmp_path: Path,
+                                                                                    monkeypatch: Any) -> None:
+    """A convert that repairs the guest runs qemu-img as root for every disk, not only the repaired one. The
+    submitter, who owns the output directory, may swap the temporary name of the second disk's output for a
+    symlink between its creation and qemu-img opening it: qemu-img still writes the file made for it, and a
+    root-only file the symlink leads to stays byte for byte as it was."""
+    from h2kd.operations import qemuimg
+    from h2kd.operations.convert import run_convert
+    from tests.images import make_image, make_vmx
+
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    victim = private / "victim.img"
+    victim.write_bytes(os.urandom(1 << 20))
+    untouched = sha256(victim)
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    raw = tmp_path / "blank.raw"
+    run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"])
+    for name in ("boot.vmdk", "data.vmdk"):
+        make_image("vmdk", "monolithicSparse", vm / name, raw=raw)
+    vmx = make_vmx(vm, ["boot.vmdk", "data.vmdk"])
+    alice = tmp_path / "alice"
+    alice.mkdir()
+    real_convert = qemuimg.convert
+    swapped: list[str] = []
+
+    def convert_after_a_swap(source: Any, destination: str, *args: Any, **kwargs: Any) -> None:
+        if source.path.endswith("data.vmdk"):
+            for temp in alice.glob(".h2k-tmp-*"):
+                if temp.is_file() and not temp.is_symlink() and temp.stat().st_size == 0:
+                    temp.rename(alice / "moved-away")
+                    temp.symlink_to(victim)
+                    swapped.append(temp.name)
+        real_convert(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "convert", convert_after_a_swap)
+    spec = {"job_id": "swap2", "operation": "convert", "image": {"path": str(vmx)},
+            "parameters": {"offline_fix": True}, "artifacts": {"output_path": str(alice / "out.qcow2")}}
+    try:
+        # The guest's repair is not what this is about: it stands aside, and only the conversions run.
+        run_convert(spec, [str(alice)], lambda phase, done, total, message: None,
+                    repair=lambda raw_fd, progress: {"fixes": []})
+    except (qemuimg.OperationError, OSError):
+        pass            # the swapped name is not the file made for the output: refusing it is right too
+    assert swapped, "the second disk was never converted"
+    assert sha256(victim) == untouched, "root's qemu-img wrote to the file the symlink led to"

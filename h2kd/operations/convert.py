@@ -57,8 +57,9 @@ WRITEBACK_SECONDS = 0.2
 MiB = 1024 * 1024
 
 
-# repair(raw image path, progress(phase, fraction or None, message)) -> its report; raises OperationError.
-Repair = Callable[[str, Callable[[str, "float | None", str], None]], dict[str, Any]]
+# repair(raw image, as a descriptor, progress(phase, fraction or None, message)) -> its report; raises
+# OperationError. A descriptor: the repair runs as root on a file in a directory the submitter may change.
+Repair = Callable[[int, Callable[[str, "float | None", str], None]], dict[str, Any]]
 
 
 class Planned:
@@ -359,6 +360,14 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             if plan.repaired:
                 assert repair is not None
                 repair_report = _convert_and_repair(plan, options, source, part, on_process, temps, repair, durable)
+            elif repair is not None:
+                # A job that repairs a guest runs qemu-img as root for every disk: through a descriptor, as above.
+                target = temps.open_made(plan.temp, os.O_RDWR)
+                try:
+                    _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0),
+                                 f"{label} ({plan.disk.label})", on_process, durable, target)
+                finally:
+                    os.close(target)
             else:
                 _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), f"{label} ({plan.disk.label})",
                              on_process, durable)
@@ -419,26 +428,37 @@ def _convert_and_repair(plan: Planned, options: ConvertOptions, source: inspect.
                         on_process: Callable[[Any], None] | None, temps: TempFiles, repair: Repair,
                         durable: bool) -> dict[str, Any]:
     """The boot disk of a convert with offline_fix: converted to raw, repaired, converted to the output format
-    (a raw output is repaired where it is). Everything happens under temporary names; the repair's report."""
+    (a raw output is repaired where it is). Everything happens under temporary names; the repair's report.
+    Root's qemu-img and the repair reach these files only through descriptors of the files made for them
+    (TempFiles.open_made): the submitter may swap their names for symlinks meanwhile."""
     assert plan.temp
     what = f"{part.label} ({plan.disk.label})"
-    if options.output_format == "raw":
-        _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), what, on_process, durable)
-        return _repaired(plan.temp, repair, part)
-    staged = temps.create(plan.destination + ".raw")
-    _convert_one(plan.disk.ref, staged, intermediate_options(options), source, part.of(0), what, on_process, False)
-    report = _repaired(staged, repair, part)
-    _convert_one(ImageRef(staged, "raw"), plan.temp, options, source, part.of(2), f"{what}, repaired", on_process,
-                 durable)
-    temps.remove(staged)
-    return report
+    target = temps.open_made(plan.temp, os.O_RDWR)
+    try:
+        if options.output_format == "raw":
+            _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), what, on_process, durable, target)
+            return _repaired(target, repair, part)
+        staged = temps.create(plan.destination + ".raw")
+        staged_fd = temps.open_made(staged, os.O_RDWR)
+        try:
+            _convert_one(plan.disk.ref, staged, intermediate_options(options), source, part.of(0), what, on_process,
+                         False, staged_fd)
+            report = _repaired(staged_fd, repair, part)
+            _convert_one(ImageRef(qemuimg.descriptor_path(staged_fd), "raw"), plan.temp, options, source, part.of(2),
+                         f"{what}, repaired", on_process, durable, target, staged_fd)
+        finally:
+            os.close(staged_fd)
+        temps.remove(staged)
+        return report
+    finally:
+        os.close(target)
 
 
-def _repaired(raw_path: str, repair: Repair, part: _Part) -> dict[str, Any]:
+def _repaired(raw_fd: int, repair: Repair, part: _Part) -> dict[str, Any]:
     """Run the repair on a raw file (pass 1 of the disk's way); its report. A failed repair's error leaves the
     job with no output at all."""
     try:
-        return repair(raw_path, part.repair_progress(1))
+        return repair(raw_fd, part.repair_progress(1))
     except OperationError as e:
         e.outputs = {"disks": [], "domain_xml": None, "offline_fix": e.outputs or None}
         raise
@@ -488,9 +508,11 @@ def _writeback_starter() -> Callable[[int], None]:
 
 def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: inspect.Source,
                  progress: Callable[[float], None], what: str, on_process: Callable[[Any], None] | None,
-                 writeback: bool) -> None:
+                 writeback: bool, target_fd: int | None = None, image_fd: int | None = None) -> None:
     """qemu-img convert of `image` into the (temporary) file `target`, checking now and then that the job's
-    source is unchanged. writeback: have the kernel write the target out meanwhile (see _Writeback)."""
+    source is unchanged. writeback: have the kernel write the target out meanwhile (see _Writeback).
+    target_fd: a descriptor of the target, which qemu-img then writes through instead of its name; image_fd:
+    the descriptor `image` names, if it does (qemuimg.descriptor_path)."""
     last_poll = [time.monotonic()]
 
     def on_progress(fraction: float) -> None:
@@ -502,7 +524,8 @@ def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: 
 
     writer = _Writeback(target) if writeback else None
     try:
-        qemuimg.convert(image, target, options, on_progress, on_process)
+        qemuimg.convert(image, target if target_fd is None else qemuimg.descriptor_path(target_fd), options,
+                        on_progress, on_process, tuple(fd for fd in (target_fd, image_fd) if fd is not None))
     except qemuimg.QemuImgError as e:
         if e.code == "NO_SPACE":
             raise _no_space(os.path.dirname(target), e.message) from None

@@ -296,21 +296,31 @@ def _options_text(options: dict[str, Any]) -> str:
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
+def descriptor_path(fd: int) -> str:
+    """A name for qemu-img of the file open on `fd` (given to it with pass_fds): opening /proc/self/fd/N
+    reaches that very file, whatever its path leads to now. For files in a directory someone else may
+    change, where root must not follow a name swapped for a symlink."""
+    return f"/proc/self/fd/{fd}"
+
+
 def convert(source: ImageRef, destination: str, options: ConvertOptions,
             progress: Callable[[float], None] | None = None,
-            on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None) -> None:
+            on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+            pass_fds: tuple[int, ...] = ()) -> None:
     """Run `qemu-img convert -p`, calling progress(fraction 0..1) as qemu-img reports it.
 
     If progress() (or a signal handler) raises, the qemu-img child is killed and waited for before the
     exception goes on, so no writer is left behind the caller's clean-up. on_process is told the
-    running child (and None once it has ended), for a signal handler that must stop it.
+    running child (and None once it has ended), for a signal handler that must stop it. pass_fds: the
+    descriptors the source or destination name (see descriptor_path).
     """
     if not destination.startswith("/"):
         raise ValueError("the destination given to qemu-img must be an absolute path")
     args = [QEMU_IMG, "convert", "-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=False, **_CREDENTIALS)
+                                bufsize=0, start_new_session=False, pass_fds=pass_fds,
+                                **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     stderr_chunks: list[bytes] = []

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Callable, TypeVar
 
 from h2kd.operations.qemuimg import OperationError
 
 TEMP_PREFIX = ".h2k-tmp-"
 RECORD_NAME = "temp-files"
+_Made = TypeVar("_Made")
 
 
 class TempFiles:
@@ -47,53 +49,67 @@ class TempFiles:
         finally:
             os.close(fd)
 
-    def create(self, destination: str) -> str:
-        directory, name = os.path.split(destination)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            for _ in range(100):
-                temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
-                path = os.path.join(directory, temp_name)
-                self._note(path)
-                try:
-                    fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=dir_fd)
-                except FileExistsError:
-                    self._note("-" + path)
-                    continue
-                try:
-                    if self.owner:
-                        os.fchown(fd, self.owner["uid"], self.owner["gid"])
-                    made = os.fstat(fd)
-                finally:
-                    os.close(fd)
-                self._made[path] = (made.st_dev, made.st_ino)
-                self.paths.append(path)
-                return path
-        finally:
-            os.close(dir_fd)
-        raise OperationError("INTERNAL", f"could not create a temporary file in {directory}")
-
-    def keep_aside(self, destination: str, dir_fd: int) -> str | None:
-        """Give the file now at `destination` (its name looked up in dir_fd) a second, temporary name, recorded
-        like the others, so that it can be put back if a commit that replaces it fails half-way; None when
-        nothing is there. The temporary name goes with remove_all() once the commit is whole."""
+    def _claim_name(self, destination: str, make: Callable[[str], _Made | None],
+                    failure: str) -> tuple[str, _Made] | None:
+        """Find a free temporary name next to `destination` for make(name) (a name in the destination's
+        directory) to put a file under. Each path is noted in the record before make runs, and withdrawn if
+        make made nothing there: the name was taken (FileExistsError: the next name is tried) or there was
+        nothing to put there (make returned None: so does this). The path and what make returned;
+        OperationError(failure) once 100 names in a row were taken."""
         directory, name = os.path.split(destination)
         for _ in range(100):
             temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
             path = os.path.join(directory, temp_name)
             self._note(path)
             try:
-                os.link(name, temp_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                made = make(temp_name)
             except FileExistsError:
                 self._note("-" + path)
                 continue
-            except FileNotFoundError:
+            if made is None:
                 self._note("-" + path)
                 return None
-            self.paths.append(path)
-            return path
-        raise OperationError("INTERNAL", f"could not keep {destination} aside")
+            return path, made
+        raise OperationError("INTERNAL", failure)
+
+    def create(self, destination: str) -> str:
+        directory = os.path.dirname(destination)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            claimed = self._claim_name(destination, lambda temp_name: os.open(temp_name, flags, 0o600, dir_fd=dir_fd),
+                                       f"could not create a temporary file in {directory}")
+        finally:
+            os.close(dir_fd)
+        assert claimed is not None          # os.open gives a descriptor or raises
+        path, fd = claimed
+        try:
+            if self.owner:
+                os.fchown(fd, self.owner["uid"], self.owner["gid"])
+            made = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self._made[path] = (made.st_dev, made.st_ino)
+        self.paths.append(path)
+        return path
+
+    def keep_aside(self, destination: str, dir_fd: int) -> str | None:
+        """Give the file now at `destination` (its name looked up in dir_fd) a second, temporary name, recorded
+        like the others, so that it can be put back if a commit that replaces it fails half-way; None when
+        nothing is there. The temporary name goes with remove_all() once the commit is whole."""
+        name = os.path.basename(destination)
+
+        def link(temp_name: str) -> bool | None:
+            try:
+                os.link(name, temp_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            return True
+        claimed = self._claim_name(destination, link, f"could not keep {destination} aside")
+        if claimed is None:
+            return None
+        self.paths.append(claimed[0])
+        return claimed[0]
 
     def open_made(self, path: str, flags: int, dir_fd: int | None = None) -> int:
         """A descriptor of the temporary file made at `path` (its name, with dir_fd), refusing anything else

@@ -1,7 +1,7 @@
 """offline_fix: repair a converted Linux guest so that it boots on KVM (virtio disk and NIC).
 
     run_offline_fix(image_path, params, progress, cancelled) -> {"os", "fixes", "dry_run", ...}
-    boot_disk_repair(parameters) -> repair(raw_path, progress): for convert with offline_fix
+    boot_disk_repair(parameters) -> repair(raw_fd, progress): for convert with offline_fix
 
 params: dry_run (bool), remove_vmware_tools (bool). progress(phase, fraction or None, message).
 
@@ -9,6 +9,15 @@ The image is attached as a loop device (no nbd is needed), so it must be raw. A 
 to a raw temporary file next to it, fixed, converted back to a temporary qcow2 and only then renamed over
 the original: a failure leaves the original untouched. A raw image is fixed in place. A dry run attaches
 the (raw or temporary raw) image read-only and mounts without journal replay: not one byte changes.
+The temporary files are h2kd.operations.tempfiles ones: recorded before they exist, so that the runner
+removes them when a worker killed outright could not.
+
+The repair runs as root, but the raw file (the image or its temporary copy) lies in a directory its
+submitter may change: once the worker has opened and checked it, every program reaches it through that
+descriptor, never by its name again (the loop device is configured on it, qemu-img is given
+/proc/self/fd/N), so a name swapped for a symlink meanwhile leads nowhere. For the same reason the mount
+points are made in the worker's working directory (the attempt's run directory, root's alone), not next
+to the image.
 
 Fixes, in order (modules of this package): fstab, crypttab, resume (device names to UUID=), network
 (MAC pinning, VMware NIC names), vmware_tools (removal when asked), initramfs (virtio drivers,
@@ -22,7 +31,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
@@ -30,10 +38,10 @@ from h2kd.operations.offline_fix import bootloader, detect, fstab, initramfs, ne
 from h2kd.operations.offline_fix.devices import attached_disk
 from h2kd.operations.offline_fix.mounts import GuestMounts
 from h2kd.operations.offline_fix.outcome import FAILED, Fix
-from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
+from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError, descriptor_path
+from h2kd.operations.tempfiles import TempFiles
 
 Progress = Callable[[str, "float | None", str], None]
-TEMP_PREFIX = ".h2k-fix-"
 
 
 def _check_cancelled(cancelled: Callable[[], bool]) -> None:
@@ -42,15 +50,15 @@ def _check_cancelled(cancelled: Callable[[], bool]) -> None:
                              "offline_fix")
 
 
-def fix_raw_image(raw_path: str, params: dict[str, Any], progress: Progress,
-                  cancelled: Callable[[], bool]) -> dict[str, Any]:
-    """Attach, find, mount, detect and fix a raw disk image; always unmounts and detaches."""
+def fix_raw_image(raw_fd: int, params: dict[str, Any], progress: Progress, cancelled: Callable[[], bool],
+                  name: str = "the image") -> dict[str, Any]:
+    """Attach, find, mount, detect and fix the raw disk image open on raw_fd (named `name` in messages);
+    always unmounts and detaches. The mount points go in the working directory (see the module docstring)."""
     dry_run = bool(params.get("dry_run"))
-    work_dir = os.path.dirname(os.path.abspath(raw_path))
     progress("attach", None, "attaching the disk")
-    with attached_disk(raw_path, read_only=dry_run) as disk:
+    with attached_disk(raw_fd, read_only=dry_run, name=name) as disk:
         _check_cancelled(cancelled)
-        with GuestMounts(disk, work_dir, read_only=dry_run) as mounts:
+        with GuestMounts(disk, os.getcwd(), read_only=dry_run) as mounts:
             progress("mount", None, "looking for the root filesystem")
             root = mounts.find_root()
             if root is None:
@@ -112,71 +120,82 @@ def _apply_fixes(guest: Any, disk: Any, os_info: dict[str, Any], params: dict[st
     return fixes
 
 
-def _convert(source: ImageRef, destination: str, fmt: str, phase: str, progress: Progress) -> None:
+def _convert(source: ImageRef, destination_fd: int, fmt: str, phase: str, progress: Progress,
+             source_fd: int | None = None) -> None:
+    """qemu-img convert of `source` into the temporary file open on destination_fd; source_fd: the descriptor
+    source's path names, if it is one (descriptor_path)."""
+    fds = (destination_fd,) + ((source_fd,) if source_fd is not None else ())
     try:
-        qemuimg.convert(source, destination, ConvertOptions(output_format=fmt),
-                        lambda fraction: progress(phase, fraction, f"{source.format} to {fmt}"))
+        qemuimg.convert(source, descriptor_path(destination_fd), ConvertOptions(output_format=fmt),
+                        lambda fraction: progress(phase, fraction, f"{source.format} to {fmt}"), pass_fds=fds)
     except qemuimg.QemuImgError as e:
-        raise OperationError(e.code, f"converting {source.path} to {fmt} failed: {e.message}", phase) from None
+        what = "the unpacked image" if source_fd is not None else source.path
+        raise OperationError(e.code, f"converting {what} to {fmt} failed: {e.message}", phase) from None
 
 
-def _temp_next_to(path: str, suffix: str) -> tuple[str, tuple[int, int]]:
-    """A temporary file, (path, (device, inode)), in the image's directory, or, where that is not writable
-    (a dry run on an image outside the output roots: its unit may not write there), in the working directory
-    (the attempt's)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.access(directory, os.W_OK):
-        directory = os.getcwd()
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=directory)
+def _temp_directory(image_path: str) -> str:
+    """Where the temporary files go: the image's directory, or, where that is not writable (a dry run on an
+    image outside the output roots: its unit may not write there), the working directory (the attempt's)."""
+    directory = os.path.dirname(image_path)
+    return directory if os.access(directory, os.W_OK) else os.getcwd()
+
+
+def _open_vetted(path: str, vetted: inspect.FileIdentity, writable: bool) -> int:
+    """A descriptor of the file at `path` for the repair, which must be the one vetted: a name swapped for a
+    symlink (O_NOFOLLOW) or another file since then is refused, before root attaches it."""
     try:
-        made = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return temp, (made.st_dev, made.st_ino)
-
-
-def _open_made(path: str, made: tuple[int, int]) -> int:
-    """A descriptor of the temporary file made at `path`, refusing anything else found there now: whoever
-    owns the image's directory could put a link to another file under that name, which root would chown."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError as e:
+        raise OperationError("SOURCE_CHANGED", f"{path} cannot be opened any more ({e.strerror}); was it replaced?",
+                             "attach") from None
     st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != made or st.st_nlink != 1:
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (vetted.device, vetted.inode):
         os.close(fd)
-        raise OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the repair",
-                             "pack")
+        raise OperationError("SOURCE_CHANGED", f"{path} was replaced during the repair", "attach")
     return fd
 
 
 def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                     cancelled: Callable[[], bool] = lambda: False, image_format: str | None = None,
-                    reader_uid: int | None = None) -> dict[str, Any]:
+                    reader_uid: int | None = None, temp_record: str | None = None) -> dict[str, Any]:
     """Fix the Linux guest on a raw or qcow2 image (see the module docstring). reader_uid: the submitter,
-    when not root (see inspect.load_source)."""
+    when not root (see inspect.load_source). temp_record: where the temporary files are recorded before
+    they are created (see TempFiles)."""
     image_path = os.path.abspath(image_path)
     if not os.path.isfile(image_path):
         raise OperationError("INVALID_IMAGE", f"{image_path} is not a file", "offline_fix")
     fmt = image_format or qemuimg.probe_format(image_path)
-    if fmt == "raw":
-        result = fix_raw_image(image_path, params, progress, cancelled)
-        result["image"] = {"path": image_path, "format": "raw", "method": "loop device on the image"}
-        return result
-    if fmt != "qcow2":
+    if fmt not in ("raw", "qcow2"):
         raise OperationError("UNSUPPORTED", f"offline_fix works on raw and qcow2 images, not {fmt}; convert the "
                              "image first (or run convert with offline_fix)", "offline_fix")
+    dry_run = bool(params.get("dry_run"))
     # A qcow2 is unpacked with everything it refers to (backing files) and packed back flat: those files
-    # are vetted as a conversion's source would be, or a repair could copy any file into the image.
-    vetted = inspect.load_source(image_path, "qcow2", check_disks=False, reader_uid=reader_uid)
-    temps: list[str] = []
+    # are vetted as a conversion's source would be, or a repair could copy any file into the image. A raw
+    # image is vetted the same way, so that the file attached is known to be the one h2kd checked.
+    vetted = inspect.load_source(image_path, fmt, check_disks=False, reader_uid=reader_uid)
+    if fmt == "raw":
+        fd = _open_vetted(image_path, vetted.identities[0], writable=not dry_run)
+        try:
+            result = fix_raw_image(fd, params, progress, cancelled, image_path)
+        finally:
+            os.close(fd)
+        result["image"] = {"path": image_path, "format": "raw", "method": "loop device on the image"}
+        return result
+    temps = TempFiles(temp_record)
+    opened: list[int] = []
     try:
-        raw, _ = _temp_next_to(image_path, ".raw")
-        temps.append(raw)
-        _convert(ImageRef(image_path, "qcow2"), raw, "raw", "unpack", progress)
+        raw = temps.create(os.path.join(_temp_directory(image_path), os.path.basename(image_path) + ".raw"))
+        raw_fd = temps.open_made(raw, os.O_RDWR)
+        opened.append(raw_fd)
+        _convert(ImageRef(image_path, "qcow2"), raw_fd, "raw", "unpack", progress)
         inspect.ensure_unchanged(vetted.identities, "unpack")
-        result = fix_raw_image(raw, params, progress, cancelled)
-        if not params.get("dry_run") and result["changed_files"]:
-            fixed, made = _temp_next_to(image_path, ".qcow2")
-            temps.append(fixed)
-            _convert(ImageRef(raw, "raw"), fixed, "qcow2", "pack", progress)
+        result = fix_raw_image(raw_fd, params, progress, cancelled, "the unpacked image")
+        if not dry_run and result["changed_files"]:
+            fixed = temps.create(image_path)
+            fixed_fd = temps.open_made(fixed, os.O_RDWR)
+            opened.append(fixed_fd)
+            _convert(ImageRef(descriptor_path(raw_fd), "raw"), fixed_fd, "qcow2", "pack", progress, raw_fd)
             # The new file takes the original's place, so it must keep the original's owner and mode (root
             # made it). Only the file that was vetted and repaired is asked: another one put there since
             # would lose its content to the replace, and lend its owner to the repaired image.
@@ -184,24 +203,18 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
             if inspect.FileIdentity.of(image_path, original) != vetted.identities[0]:
                 raise OperationError("SOURCE_CHANGED", f"{image_path} was modified or replaced during the repair",
                                      "pack")
-            fd = _open_made(fixed, made)
-            try:
-                os.fchown(fd, original.st_uid, original.st_gid)
-                os.fchmod(fd, stat.S_IMODE(original.st_mode) & 0o777)   # never a set-id bit, whoever set it
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.fchown(fixed_fd, original.st_uid, original.st_gid)
+            os.fchmod(fixed_fd, stat.S_IMODE(original.st_mode) & 0o777)   # never a set-id bit, whoever set it
+            os.fsync(fixed_fd)
             os.replace(fixed, image_path)
-            temps.remove(fixed)
+            temps.forget(fixed)
         result["image"] = {"path": image_path, "format": "qcow2",
                            "method": "qcow2 unpacked to a raw file next to it, fixed on a loop device, packed back"}
         return result
     finally:
-        for temp in temps:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+        for fd in opened:
+            os.close(fd)
+        temps.remove_all()
 
 
 # ---------------------------------------------------------------- for the worker
@@ -222,9 +235,9 @@ def _under_roots(path: str, roots: list[str]) -> bool:
 
 
 def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter: Callable[..., None],
-                        reader_uid: int | None = None) -> dict[str, Any]:
+                        reader_uid: int | None = None, temp_record: str | None = None) -> dict[str, Any]:
     """The offline_fix operation of a job spec. The image is changed in place, so (like any output) it must
-    be under one of the output roots."""
+    be under one of the output roots. temp_record: the attempt's record of temporary files (see TempFiles)."""
     image = spec["image"]
     path = image["path"]
     params = spec.get("parameters") or {}
@@ -234,17 +247,18 @@ def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter:
                              "may read any image", "offline_fix")
     size = os.path.getsize(path) if os.path.exists(path) else 0
     return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"),
-                           reader_uid=reader_uid)
+                           reader_uid=reader_uid, temp_record=temp_record)
 
 
-def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[str, Progress], dict[str, Any]]:
+def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[int, Progress], dict[str, Any]]:
     """convert with offline_fix: the repair h2kd.operations.convert applies to the boot disk, as a raw
-    temporary file, before the disk gets its name (so a disk that failed its repair never appears).
-    Its report becomes the convert outputs' "offline_fix"."""
+    temporary file (given as a descriptor the caller checked: see the module docstring), before the disk
+    gets its name (so a disk that failed its repair never appears). Its report becomes the convert
+    outputs' "offline_fix"."""
     params = {"dry_run": False, "remove_vmware_tools": bool(parameters.get("remove_vmware_tools"))}
 
-    def repair(raw_path: str, progress: Progress) -> dict[str, Any]:
-        result = fix_raw_image(raw_path, params, progress, lambda: False)
+    def repair(raw_fd: int, progress: Progress) -> dict[str, Any]:
+        result = fix_raw_image(raw_fd, params, progress, lambda: False, "the converted disk")
         result["image"] = {"format": "raw", "method": "the converted disk fixed on a loop device before it got "
                            "its name"}
         return result

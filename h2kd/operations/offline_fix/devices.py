@@ -5,13 +5,19 @@ exception), the volume groups it activated are deactivated and the loop device i
 device is also marked autoclear while we hold it open, so even a killed worker leaves no loop device
 behind once its mounts are gone.
 
-There is no udev on every host: after `losetup -P` the partition nodes are waited for, and created with
+The image is given as a descriptor the caller opened and checked, and the loop device is configured on that
+very file (LOOP_CONFIGURE, Linux 5.8): the image lies in a directory its submitter may change, and a name
+looked up again could lead, by a symlink swapped in meanwhile, to any file or disk of the host. losetup will
+not do: it turns even /proc/self/fd/N back into a path and opens that.
+
+There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
 `partx -a` when the kernel did not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -24,10 +30,14 @@ from h2kd.operations.offline_fix import commands
 from h2kd.operations.qemuimg import OperationError
 
 PARTITION_WAIT_SECONDS = 10.0
-LOOP_GET_STATUS64 = 0x4C05
-LOOP_SET_STATUS64 = 0x4C04
+ATTACH_TRIES = 20
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
-_LO_FLAGS_OFFSET = 52          # in struct loop_info64: five u64, three u32, then lo_flags
+LO_FLAGS_PARTSCAN = 8
+_LOOP_CONFIG_SIZE = 304        # struct loop_config: u32 fd, u32 block_size, struct loop_info64 (232), u64[8]
+_LO_FLAGS_OFFSET = 8 + 52      # lo_flags in loop_info64 (five u64, three u32) inside loop_config
 
 
 @dataclass
@@ -84,11 +94,32 @@ def probe(path: str) -> dict[str, str]:
     return values
 
 
-def _set_autoclear(fd: int) -> None:
-    info = bytearray(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(232)))
-    flags = struct.unpack_from("=I", info, _LO_FLAGS_OFFSET)[0]
-    struct.pack_into("=I", info, _LO_FLAGS_OFFSET, flags | LO_FLAGS_AUTOCLEAR)
-    fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+def _attach(image_fd: int, read_only: bool) -> tuple[str, int]:
+    """A free loop device configured on the file open on image_fd, partitions scanned, autoclear: its path and
+    a descriptor of it, which keeps it attached until closed."""
+    config = bytearray(_LOOP_CONFIG_SIZE)
+    struct.pack_into("=I", config, 0, image_fd)
+    struct.pack_into("=I", config, _LO_FLAGS_OFFSET,
+                     LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN | (LO_FLAGS_READ_ONLY if read_only else 0))
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(ATTACH_TRIES):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            loop = f"/dev/loop{number}"
+            if not os.path.exists(loop):
+                _make_node(loop, f"/sys/block/loop{number}/dev")
+            fd = os.open(loop, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, LOOP_CONFIGURE, bytes(config))
+            except OSError as e:
+                os.close(fd)
+                if e.errno == errno.EBUSY:
+                    continue        # another program took it between our question and our claim
+                raise
+            return loop, fd
+    finally:
+        os.close(control)
+    raise OSError(errno.EBUSY, "every free loop device was taken by another program first")
 
 
 def _partition_numbers(loop: str) -> list[int]:
@@ -208,30 +239,23 @@ def attached_loops(image_path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def attached_disk(image_path: str, read_only: bool) -> Iterator[AttachedDisk]:
-    """Attach a raw image as a loop device with its partitions and LVs; always detached afterwards."""
-    argv = ["losetup", "--find", "--show", "--partscan"] + (["--read-only"] if read_only else []) + [image_path]
-    attach = commands.run(argv, timeout=60)
-    if not attach.ok:
-        raise OperationError("TOOL_FAILED", f"attaching {image_path} as a loop device failed: {attach.last_words()}"
-                             " (are loop devices allowed to this job?)", "attach")
-    loop = attach.stdout.strip()
-    disk = AttachedDisk(loop, read_only)
-    holder = -1
+def attached_disk(image_fd: int, read_only: bool, name: str = "the image") -> Iterator[AttachedDisk]:
+    """Attach the raw image open on image_fd (named `name` in messages) as a loop device with its partitions
+    and LVs; always detached afterwards."""
     try:
-        holder = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _set_autoclear(holder)
-        except OSError:
-            pass            # an old kernel: the explicit detach below still runs
+        loop, holder = _attach(image_fd, read_only)
+    except OSError as e:
+        raise OperationError("TOOL_FAILED", f"attaching {name} as a loop device failed: {e.strerror or e} (are loop "
+                             "devices allowed to this job?)", "attach") from None
+    disk = AttachedDisk(loop, read_only)
+    try:
         numbers = _wait_for_partitions(loop)
         _describe(loop, numbers, disk)
         _activate_lvm(disk)
         yield disk
     finally:
         problems = _deactivate_lvm(disk) if disk.volume_groups else []
-        if holder >= 0:
-            os.close(holder)
+        os.close(holder)
         detach = _detach(loop)
         if detach:
             problems.append(detach)
