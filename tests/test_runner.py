@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -582,10 +583,82 @@ def test_a_forgotten_jobs_attempt_directories_are_removed_but_not_a_running_ones
             assert all((config.runs_dir / u).is_dir() for u in (first, second, busy))
             runner.forget(done)
             runner.forget(running)
-            assert not (config.runs_dir / first).exists() and not (config.runs_dir / second).exists()
+            await wait_for(lambda: not (config.runs_dir / first).exists() and not (config.runs_dir / second).exists(),
+                           what="the removal of the forgotten job's directories")
             assert (config.runs_dir / busy).is_dir()      # still followed: its result is still to come
             (config.runs_dir / busy / "go").touch()
             assert (await events.wait_finished(running.id)).result == "success"
+
+    asyncio.run(scenario())
+
+
+def removals_held_until(gate: threading.Event, monkeypatch) -> None:
+    """The runner's removals of directories wait for `gate` (on the remover's thread)."""
+    remove = systemd_runner._remove_directory
+
+    def held(directory: Path) -> None:
+        assert gate.wait(30), "the test never let the removal go on"
+        remove(directory)
+    monkeypatch.setattr(systemd_runner, "_remove_directory", held)
+
+
+def test_forgetting_a_thousand_jobs_leaves_the_event_loop_free_while_their_directories_go(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """Pruning removes the attempts' directories of every job it prunes. That happens on a thread of its own: here
+    the removals cannot even begin until the test lets them, and forget() returns all the same, the event loop
+    goes on, and once let go every directory goes."""
+    gate = threading.Event()
+    removals_held_until(gate, monkeypatch)
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "output"])
+
+    async def scenario() -> None:
+        runner = SystemdRunner(config, RecordingEvents())
+        jobs = [make_job() for _ in range(1000)]
+        for job in jobs:
+            job.attempt = 2
+            for attempt in (1, 2):
+                directory = config.runs_dir / unit_name(job.id, attempt)
+                directory.mkdir(parents=True)
+                (directory / "spec.json").write_text("{}")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for job in jobs:
+            runner.forget(job)
+        await asyncio.sleep(0.1)        # the loop turns while every removal waits
+        assert loop.time() - began < 5, "forget() waited for the removals"
+        assert len(list(config.runs_dir.iterdir())) == 2000
+        gate.set()
+        await wait_for(lambda: not any(config.runs_dir.iterdir()), what="the removal of every directory")
+        await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_job_with_a_removed_jobs_id_starts_once_the_removal_of_the_earlier_files_is_done(
+        sandbox: Sandbox, monkeypatch) -> None:
+    """A job is removed and its id chosen again at once: the new job's first attempt has the same unit, so the same
+    directory, as the earlier job's. Its start waits for the removal still under way, which thus neither takes the
+    new attempt's files nor leaves it the earlier ones."""
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        earlier = make_job()
+        unit = await run_unfollowed_until_collected(sandbox, config, earlier)
+        gate = threading.Event()
+        removals_held_until(gate, monkeypatch)
+        again = dataclasses.replace(earlier, created_at=earlier.created_at + 1)
+        events = RecordingEvents()
+        async with runner_for(config, events) as runner:
+            runner.forget(earlier)
+            starting = asyncio.create_task(runner.start(again, 1))
+            await asyncio.sleep(0.3)
+            assert not starting.done() and starts(config, unit) == 1    # the earlier files, still there
+            gate.set()
+            assert await starting == unit
+            outcome = await events.wait_finished(again.id)
+        assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
+        assert starts(config, unit) == 1                  # the earlier job's went with its directory
+        spec_file = json.loads((config.runs_dir / unit / "spec.json").read_text())
+        assert spec_file["job_created_at"] == again.created_at
 
     asyncio.run(scenario())
 

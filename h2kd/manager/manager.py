@@ -316,22 +316,33 @@ class JobManager:
 
     def submit(self, spec: dict[str, Any], owner: int, queue: bool = True,
                source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
-        """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access)."""
-        return self._submit(spec, owner, queue, source_proof)
+        """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access).
+
+        A submission whose checks fail gives a failed job; if the store cannot record that failure, the caller
+        gets InvalidSpec with the problem instead (see _add_failing)."""
+        job, created, problem = self._submit(spec, owner, queue, source_proof)
+        if problem and job.state == S.CREATED:
+            raise _failure_not_recorded(problem, kept=job)
+        return job, created
 
     async def submit_grouped(self, spec: dict[str, Any], owner: int, queue: bool = True,
                              source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
         """submit(), returning once the job is committed; the submissions of one loop turn share one commit.
 
-        If that commit fails, the jobs it held are forgotten again (JobRemoved) and the error is raised."""
+        If that commit fails, the jobs it held are forgotten again (JobRemoved) and the error is raised (for a
+        job that failed its checks, InvalidSpec with the problem)."""
         with self._store.deferred():
-            job, created = self._submit(spec, owner, queue, source_proof)
+            job, created, problem = self._submit(spec, owner, queue, source_proof)
         try:
             await self._store.committed()
-        except BaseException:
+        except BaseException as e:
             if created:
                 self._undo_submission(job)
+                if problem and isinstance(e, StoreFailed):
+                    raise _failure_not_recorded(problem) from e
             raise
+        if problem and job.state == S.CREATED:
+            raise _failure_not_recorded(problem, kept=job)
         return job, created
 
     def _undo_submission(self, job: Job) -> None:
@@ -346,12 +357,13 @@ class JobManager:
         self._manager_changed()
 
     def _submit(self, spec: dict[str, Any], owner: int, queue: bool,
-                source_proof: os.stat_result | None) -> tuple[Job, bool]:
+                source_proof: os.stat_result | None) -> tuple[Job, bool, str | None]:
+        """(the job, whether it is new, what its checks found wrong: None if they passed or it is not new)."""
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
             if existing.spec == parsed or same_spec(existing.spec, parsed):
-                return existing, False
+                return existing, False, None
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
         self._unfinished.check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
@@ -361,14 +373,10 @@ class JobManager:
             raise InvalidSpec("", f"the spec is {size} bytes long as JSON; at most {MAX_SPEC_BYTES} are taken")
         problem = self._host_validator(job, source_proof) if self._host_validator else None  # NotAuthorized: nothing stored
         if problem:
-            self._store.insert_job(job, f"submitted by uid {owner}")
-            self._jobs[job.id] = job
-            self._unfinished.track(job)
-            self._notify("job_added", job)
-            self._validate_and_queue(job, queue, problem)
+            self._add_failing(job, owner, problem)
         else:
             self._add_accepted(job, owner, queue)
-        return job, True
+        return job, True, problem
 
     def _add_accepted(self, job: Job, owner: int, queue: bool) -> None:
         """A job that passed its checks, taken to where its submission leaves it (validated, or queued) before
@@ -388,6 +396,32 @@ class JobManager:
             self._kick()
         self._notify("job_added", job)
         self._manager_changed()
+
+    def _add_failing(self, job: Job, owner: int, problem: str) -> None:
+        """A job whose checks found `problem`: stored and announced as created, then failed, so that it is seen
+        submitted and then failing. A refused first write keeps nothing (InvalidSpec with the problem); after a
+        refused second one the job stays created, as stored, until the store takes its failure."""
+        try:
+            self._store.insert_job(job, f"submitted by uid {owner}")
+        except StoreFailed as e:
+            raise _failure_not_recorded(problem) from e
+        self._jobs[job.id] = job
+        self._unfinished.track(job)
+        self._notify("job_added", job)
+        self._fail_checks(job, problem)
+
+    def _fail_checks(self, job: Job, problem: str) -> None:
+        """Record that the created job failed its checks; tried again later while the store refuses it, until it
+        is stored or the job went another way meanwhile (cancelled, or its submission undone)."""
+        if self._jobs.get(job.id) is not job or job.state != S.CREATED:
+            return
+        try:
+            with self._all_or_nothing(job):
+                self._fail(job, ErrorCode.VALIDATION_FAILED, problem, phase="validation")
+        except StoreFailed as e:
+            log.warning("could not record that job %s failed its checks: %s; trying again in %.0f s", job.id, e,
+                        STORE_RETRY_SECONDS)
+            self._later(STORE_RETRY_SECONDS, lambda: self._fail_checks(job, problem))
 
     def _validate_and_queue(self, job: Job, queue: bool, problem: str | None) -> None:
         if problem:
@@ -1222,6 +1256,14 @@ class JobManager:
 _STATE_FIELDS = {"attempt", "worker", "unit", "started_at", "finished_at", "result", "error_code",
                  "error_message", "phase", "progress", "progress_known", "bytes_done", "bytes_total",
                  "rate", "expected_end", "wait_reason"}
+
+
+def _failure_not_recorded(problem: str, kept: Job | None = None) -> InvalidSpec:
+    """What the caller of a submission whose checks failed is told when the store could not record the failed job
+    (`kept`: the job, if it is stored, as created): the problem with its spec, as the job would have said."""
+    if kept is None:
+        return InvalidSpec("", f"{problem} (nothing was kept: the job store cannot be written)")
+    return InvalidSpec("", f"{problem} (job {kept.id} stays created until the job store can record that it failed)")
 
 
 def _safely(fn: Callable[..., Any], *args: Any) -> None:

@@ -107,7 +107,8 @@ class Runner(Protocol):
         return the unit's name (job.unit, or the name its start would have given it)."""
         ...
     def forget(self, job: Job) -> None:
-        """The job is gone from h2kd (removed, or pruned): remove what its attempts left (their directories)."""
+        """The job is gone from h2kd (removed, or pruned): remove what its attempts left (their directories), off
+        the event loop; an attempt of a later job with the same id starts only once they are gone."""
         ...
     def capabilities(self) -> dict[str, Any]:
         """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""

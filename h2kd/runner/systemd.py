@@ -6,6 +6,9 @@ unit is over, reports exactly one unit_finished per attempt with systemd's Resul
 worker's result file and (for a failure) the tail of the unit's journal. Before reporting, it removes any
 temporary output the worker recorded (h2kd.operations.tempfiles) and left behind because it was killed
 outright. Units are systemd's: if h2kd goes away they keep running, and reattach() picks them up again.
+The directories of a forgotten job's attempts are removed on a thread of their own, one after the other: pruning
+a thousand jobs must not hold the event loop. An attempt that needs a directory whose removal is still pending
+(a new job that took the id of a removed one) waits for that removal before it writes there.
 
 A unit stopped because the system (or the user manager) is going down was interrupted, not cancelled: the
 runner tells the manager when a shutdown begins (a job for shutdown.target appears; system_stopping), and
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,9 @@ RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 SHUTDOWN_TARGET = "shutdown.target"     # pulled in by poweroff, reboot, halt, kexec, and a user manager's exit
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 CALL_TIMEOUT_SECONDS = 60
+# close() waits this long at most for the removal of forgotten jobs' directories: h2kd must stop well within its
+# unit's TimeoutStopSec (30 s), if need be leaving a directory behind.
+CLOSE_WAITS_FOR_REMOVALS_SECONDS = 10
 
 
 class SystemdError(H2kError):
@@ -127,6 +135,10 @@ class SystemdRunner:
         self._systemd_owner: str | None = None
         self._system_stopping = False
         self._boot_id = _read_boot_id()
+        # One thread: removals happen in the order they were asked for, and a burst of them takes one core's
+        # worth of disk work, not every thread of the default executor.
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2kd-remove")
+        self._removals: dict[Path, asyncio.Future[None]] = {}   # by directory: its latest removal not yet done
 
     # ------------------------------------------------------------------ connection
 
@@ -183,8 +195,12 @@ class SystemdRunner:
             self._reconnect_task = asyncio.create_task(self._reconnect())
 
     async def close(self) -> None:
-        """Disconnect. Units keep running; a new runner can reattach() to them."""
+        """Disconnect, once the directories of forgotten jobs are removed (or CLOSE_WAITS_FOR_REMOVALS_SECONDS
+        have passed). Units keep running; a new runner can reattach() to them."""
         self._closing = True
+        if self._removals:
+            # Their jobs are gone from the store: a directory left now would never be removed.
+            await asyncio.wait(set(self._removals.values()), timeout=CLOSE_WAITS_FOR_REMOVALS_SECONDS)
         tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task) if t is not None]
         for followed in self._followed.values():
             tasks.extend(followed.tasks)
@@ -280,6 +296,7 @@ class SystemdRunner:
     async def start(self, job: Job, attempt: int) -> str:
         unit = units.unit_name(job.id, attempt)
         run_dir = units.run_dir(self._config, unit)
+        await self._removed(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
         # An earlier job with the same id (removed, and its id chosen again) left its attempt's files here:
@@ -345,15 +362,37 @@ class SystemdRunner:
     async def reattach(self, job: Job) -> str:
         attempt = job.attempt
         unit = job.unit or units.unit_name(job.id, attempt)
+        await self._removed(units.run_dir(self._config, unit))
         followed = self._followed.get(unit) or self._follow(unit, job.id, attempt, job.created_at)
         self._schedule_check(followed)
         return unit
 
     def forget(self, job: Job) -> None:
+        """Remove the directories of the job's attempts (not of one still followed: its end is still to be read),
+        in the background."""
         for attempt in range(1, job.attempt + 1):
             unit = units.unit_name(job.id, attempt)
             if unit not in self._followed:
-                shutil.rmtree(units.run_dir(self._config, unit), ignore_errors=True)
+                self._remove_later(units.run_dir(self._config, unit))
+
+    def _remove_later(self, directory: Path) -> None:
+        removal = asyncio.get_running_loop().run_in_executor(self._remover, _remove_directory, directory)
+        self._removals[directory] = removal
+        removal.add_done_callback(functools.partial(self._removal_done, directory))
+
+    def _removal_done(self, directory: Path, removal: asyncio.Future[None]) -> None:
+        if self._removals.get(directory) is removal:
+            del self._removals[directory]
+        error = None if removal.cancelled() else removal.exception()
+        if error is not None:
+            log.warning("could not remove %s: %s", directory, error)
+
+    async def _removed(self, directory: Path) -> None:
+        """Return once no removal of `directory` is pending: its files are then of whoever writes them next."""
+        removal = self._removals.get(directory)
+        if removal is not None:
+            # asyncio.wait, not await: a start cancelled meanwhile must not cancel the removal.
+            await asyncio.wait({removal})
 
     def capabilities(self) -> dict[str, Any]:
         if self._capabilities is None:
@@ -663,6 +702,11 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
         return "exit-code", 143
     error = worker_result.get("error") or {}
     return "exit-code", 1 if error.get("retryable", True) else 2
+
+
+def _remove_directory(directory: Path) -> None:
+    """Remove an attempt's directory and everything in it, if it is there (on the remover's thread)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _read_boot_id() -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -98,14 +100,19 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def make(tmp_path: Path, **overrides):
+def make(tmp_path: Path, runner=None, store: JobStore | None = None, checked: bool = True, **overrides):
+    """A manager on the store in tmp_path/state (or on `store`), with `runner` (a RecordingRunner by default) and
+    the host checks h2kd runs (none if not `checked`); made again on the same tmp_path, it is h2kd restarted."""
     config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"], retry_backoff_base_seconds=0.01,
                     **overrides)
     (tmp_path / "out").mkdir(exist_ok=True)
     config.state_dir.mkdir(exist_ok=True)
-    runner = RecordingRunner()
+    if runner is None:
+        runner = RecordingRunner()
+    if store is None:
+        store = JobStore(config.store_path)
     from h2kd.manager.validation import HostChecks
-    manager = JobManager(config, JobStore(config.store_path), runner, HostChecks(config))
+    manager = JobManager(config, store, runner, HostChecks(config) if checked else None)
     changes = Changes()
     manager.add_listener(changes)
     return manager, runner, changes, config
@@ -299,11 +306,7 @@ class StartNeverReturns(RecordingRunner):
 
 async def left_assigned(tmp_path: Path, image: Path):
     """A job h2kd assigned and asked systemd to start, stopped before the start call returned."""
-    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
-    (tmp_path / "out").mkdir(exist_ok=True)
-    config.state_dir.mkdir(exist_ok=True)
-    from h2kd.manager.validation import HostChecks
-    m = JobManager(config, JobStore(config.store_path), StartNeverReturns(), HostChecks(config))
+    m, *_ = make(tmp_path, runner=StartNeverReturns())
     await m.start()
     job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
     await settle()
@@ -371,16 +374,15 @@ def test_a_lost_worker_costs_an_attempt(tmp_path, image):
 
 def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
     """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
-    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"], **overrides)
-    config.state_dir.mkdir(exist_ok=True)
-    return JobManager(config, JobStore(config.store_path), RecordingRunner()), config
+    m, _, _, config = make(tmp_path, checked=False, **overrides)
+    return m, config
 
 
 def test_one_user_holds_at_most_max_jobs_per_user_unfinished_jobs(tmp_path, image):
     """Jobs held with queue=false never end on their own: without a limit, one member of the submitting group
     could fill a root daemon's memory. Root, other users, and the user once a job of theirs ended, go on."""
     async def go():
-        m, config = _unchecked(tmp_path, max_jobs_per_user=3)
+        m, _ = _unchecked(tmp_path, max_jobs_per_user=3)
         await m.start()
         held = [m.submit(spec(image, tmp_path / f"out/{n}.qcow2"), owner=1000, queue=False)[0] for n in range(3)]
         with pytest.raises(QueueFull, match=r"uid 1000 already has 3 unfinished jobs.*max_jobs_per_user"):
@@ -396,7 +398,7 @@ def test_one_user_holds_at_most_max_jobs_per_user_unfinished_jobs(tmp_path, imag
         assert held[0].state.value == "cancelled"
         await m.stop()
 
-        again = JobManager(config, JobStore(config.store_path), RecordingRunner())   # the counts survive a restart
+        again, _ = _unchecked(tmp_path, max_jobs_per_user=3)   # the counts survive a restart
         await again.start()
         with pytest.raises(QueueFull, match="uid 1000"):
             again.submit(spec(image, tmp_path / "out/6.qcow2"), owner=1000, queue=False)
@@ -569,12 +571,9 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
 def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job(tmp_path, image):
     """StartTransientUnit was on its way when the shutdown began; systemd refuses it: not the job's fault."""
     async def go():
-        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
-        config.state_dir.mkdir()
-        (tmp_path / "out").mkdir()
         runner = RefusedLater("Transaction for h2k-job.service/start is destructive (shutdown.target has "
                               "'start' job queued)")
-        m = JobManager(config, JobStore(config.store_path), runner)
+        m, *_ = make(tmp_path, runner=runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
         await until(lambda: runner.started)
@@ -620,7 +619,7 @@ def test_an_interrupted_attempt_does_not_use_up_a_retry(tmp_path, image):
         await m.stop()
         assert JobStore(config.store_path).load_jobs()[0].attempts_not_counted == 1
 
-        again = JobManager(config, JobStore(config.store_path), runner)
+        again, *_ = make(tmp_path, runner=runner)
         await again.start()
         job = again.get(job.id)
         failure = {"status": "failed", "error": {"code": "TOOL_FAILED", "message": "qemu-img failed",
@@ -673,12 +672,45 @@ def fill(directory: Path) -> Path:
 
 
 def fill_until_the_store_refuses(m, image, tmp_path):
-    """With the file system full, writes that fit in the store's write-ahead log still go in: write until
-    one is refused, so that the next write is refused too."""
+    """With the file system full, writes that fit in the store's write-ahead log still go in, and a refused write
+    leaves the room it took in the log to the next one: with the log held (hold_the_log), write until one is
+    refused, then the smallest writes there are until one of them is too, so that any next write is refused."""
+    path = tmp_path / "state" / "h2kd.sqlite"
+    hold_the_log(path)
     with pytest.raises(StoreFailed):
         for n in range(10_000):
             m.submit(spec(image, tmp_path / f"out/x{n}.qcow2", job_id=f"filler-{n:05}",
                           audit={"ticket": "x" * 200}), owner=0, queue=False)
+    with JobStore(path) as store:
+        take_the_logs_last_pages(store)
+
+
+def take_the_logs_last_pages(store: JobStore) -> None:
+    """Write one page of the store's write-ahead log at a time until the store refuses it. Each write changes the
+    row: SQLite writes nothing for a row set to what it holds."""
+    with pytest.raises(StoreFailed):
+        for n in range(10_000):
+            store.set_setting("filler", n)
+
+
+_log_holders: list[sqlite3.Connection] = []
+
+
+def hold_the_log(store_path: Path) -> None:
+    """Keep a read transaction open on the store until the test ends. Otherwise a checkpoint that copies the whole
+    write-ahead log into the database lets SQLite start the log over, and what the log had taken on the full
+    file system is room again: the store would take writes again now and then, with no room made."""
+    reader = sqlite3.connect(store_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    _log_holders.append(reader)
+
+
+@pytest.fixture(autouse=True)
+def _release_the_log():
+    yield
+    while _log_holders:
+        _log_holders.pop().close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
@@ -713,6 +745,124 @@ def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_r
     asyncio.run(go())
 
 
+class FillsTheDiskOnceAJobIsAdded(Changes):
+    """The store's disk fills up (a conversion writing its output to it, say) between a submission's first write and
+    the next: once told of a new job, this takes every free block and then what room the store's write-ahead log
+    had left, through a connection of its own."""
+
+    def __init__(self, state: Path, store: JobStore) -> None:
+        super().__init__()
+        self._state, self._store = state, store
+        self.filler: Path | None = None
+
+    def job_added(self, job):
+        super().job_added(job)
+        if self.filler is None:
+            self.filler = fill(self._state)
+            hold_the_log(self._store.path)      # as fill_until_the_store_refuses does
+            with pytest.raises(StoreFailed):
+                for n in range(10_000):
+                    self._store.set_setting(f"filler-{n:05}", "x" * 200)
+            take_the_logs_last_pages(self._store)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_there_is_room(tmp_path, monkeypatch):
+    """The job is stored (created) but its failure is refused: the caller is told what is wrong with the spec, and
+    the job, created as the store has it, is recorded failed once there is room, without a restart of h2kd."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, changes, config = make(tmp_path)
+            await m.start()
+            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
+            m.add_listener(disk)
+            missing = tmp_path / "missing.vmdk"
+            with pytest.raises(InvalidSpec, match=re.escape(f"no such file: {missing} (job late stays created until "
+                                                            "the job store can record that it failed)")):
+                m.submit(spec(missing, tmp_path / "out/a.qcow2", job_id="late"), owner=0)
+            job = m.get("late")
+            await asyncio.sleep(0.5)
+            assert job.state.value == "created" and job.error_code == ""
+
+            disk.filler.unlink()
+            await until(lambda: job.state.value == "failed")
+            assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {missing}"
+            assert [s for i, s in changes.states if i == "late"] == ["created", "failed"]
+            assert m.jobs_queued == 0 and not m.list_jobs(states=["created"])
+            await m.stop()
+            stored = JobStore(config.store_path)
+            assert [j.state.value for j in stored.load_jobs() if j.id == "late"] == ["failed"]
+            assert [(h["old_state"], h["new_state"]) for h in stored.history("late")] == [("", "created"),
+                                                                                         ("created", "failed")]
+    asyncio.run(go())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_submission_that_fails_its_checks_on_a_full_store_is_told_its_problem_and_leaves_nothing(tmp_path, image):
+    """Nothing of it can be stored: the caller is told what is wrong with the spec (not only that the disk is full),
+    by submit() and by the grouped submission of the bus alike, and no job is left behind."""
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, _, config = make(tmp_path)
+            await m.start()
+            filler = fill(state)
+            fill_until_the_store_refuses(m, image, tmp_path)
+            missing = tmp_path / "missing.vmdk"
+            refused = spec(missing, tmp_path / "out/a.qcow2", job_id="refused")
+            nothing_kept = re.escape(f"no such file: {missing} (nothing was kept: the job store cannot be written)")
+            with pytest.raises(InvalidSpec, match=nothing_kept):
+                m.submit(refused, owner=0)
+            with pytest.raises(InvalidSpec, match=nothing_kept):
+                await m.submit_grouped(refused, owner=0)
+            with pytest.raises(NoSuchJob):
+                m.get("refused")
+
+            filler.unlink()
+            job, created = await m.submit_grouped(refused, owner=0)
+            assert created and job.state.value == "failed" and job.error_code == "VALIDATION_FAILED"
+            await m.stop()
+            assert [j.state.value for j in JobStore(config.store_path).load_jobs() if j.id == "refused"] == ["failed"]
+    asyncio.run(go())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_job_found_created_at_start_is_checked_again_and_failed_once_the_store_takes_it(tmp_path, image,
+                                                                                          monkeypatch):
+    """h2kd stopped between storing a submission and recording the outcome of its checks (or while the store
+    refused it). At the next start it is checked again; its source is gone now, and the store is full: h2kd
+    starts all the same, and the job is failed, with the reason, once there is room."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, _, config = make(tmp_path)
+            await m.start()
+            source = tmp_path / "gone.vmdk"
+            source.write_bytes(image.read_bytes())
+            job, _ = m.submit(spec(source, tmp_path / "out/a.qcow2", job_id="left"), owner=0, queue=False)
+            await m.stop()
+            with JobStore(config.store_path) as store:      # as if h2kd had stopped before recording its checks
+                stored = store.load_jobs()[0]
+                stored.state = JobState.CREATED
+                store.save_job(stored)
+            source.unlink()
+
+            again, runner, *_ = make(tmp_path)
+            again.load()        # the stored jobs first: the jobs that fill the store come after them
+            filler = fill(state)
+            fill_until_the_store_refuses(again, image, tmp_path)
+            await again.start()
+            left = again.get("left")
+            assert left.state.value == "created" and runner.started == []
+            filler.unlink()
+            await until(lambda: left.state.value == "failed")
+            assert left.error_code == "VALIDATION_FAILED" and left.error_message == f"no such file: {source}"
+            assert runner.started == []
+            await again.stop()
+    asyncio.run(go())
+
 
 def test_jobs_wait_in_the_queue_while_systemd_is_not_reachable_and_start_when_it_is(tmp_path, image):
     """Starting a unit without systemd can only fail: the jobs are not failed for it, they wait."""
@@ -741,12 +891,8 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
             await asyncio.Event().wait()        # h2kd goes down before systemd answers
 
     async def go():
-        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
-        (tmp_path / "out").mkdir()
-        config.state_dir.mkdir()
-        from h2kd.manager.validation import HostChecks
         runner = SlowToStart()
-        m = JobManager(config, JobStore(config.store_path), runner, HostChecks(config))
+        m, *_ = make(tmp_path, runner=runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
         await until(lambda: runner.started)
@@ -755,7 +901,7 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
         await m.stop()
 
         after = RecordingRunner()
-        again = JobManager(config, JobStore(config.store_path), after, HostChecks(config))
+        again, *_ = make(tmp_path, runner=after)
         await again.start()
         unit = f"h2k-job-{job.id}-1.service"
         assert after.reattached == [job.id] and after.stopped == [unit]
@@ -870,7 +1016,7 @@ def test_h2kd_starts_while_systemd_is_unreachable_and_stops_a_cancelled_unit_onc
             self.stopped.append(unit)
 
     async def go():
-        m, runner, _, config = make(tmp_path)
+        m, runner, *_ = make(tmp_path)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
         await until(lambda: job.state.value == "running")
@@ -879,8 +1025,7 @@ def test_h2kd_starts_while_systemd_is_unreachable_and_stops_a_cancelled_unit_onc
         await m.stop()
 
         later = Unreachable()
-        from h2kd.manager.validation import HostChecks
-        again = JobManager(config, JobStore(config.store_path), later, HostChecks(config))
+        again, *_ = make(tmp_path, runner=later)
         await again.start()
         assert later.stopped == [] and again.get(job.id).state.value == "running"
         later.reachable = True
@@ -908,11 +1053,7 @@ def test_a_job_taken_up_at_start_that_the_store_validated_but_could_not_queue_is
     monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
 
     async def go():
-        config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"])
-        config.state_dir.mkdir()
-        (tmp_path / "out").mkdir()
-        from h2kd.manager.validation import HostChecks
-        m = JobManager(config, JobStore(config.store_path), RecordingRunner(), HostChecks(config))
+        m, _, _, config = make(tmp_path)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0, queue=False)
         await m.stop()
@@ -923,12 +1064,38 @@ def test_a_job_taken_up_at_start_that_the_store_validated_but_could_not_queue_is
 
         refusing = RefusingStore(config.store_path)
         refusing.refused = {"queued"}
-        runner = RecordingRunner()
-        again = JobManager(config, refusing, runner, HostChecks(config))
+        again, runner, *_ = make(tmp_path, store=refusing)
         await again.start()
         assert again.get(job.id).state.value == "validated" and runner.started == []
         refusing.refused = set()
         await until(lambda: again.get(job.id).state.value == "running")
         assert runner.started == [(job.id, 1)]
         await again.stop()
+    asyncio.run(go())
+
+
+def test_a_grouped_submission_whose_failure_the_store_refuses_is_told_its_problem_and_failed_later(tmp_path,
+                                                                                                  monkeypatch):
+    """The bus's grouped submission: the job is committed (created) but not its failure. The caller is told what is
+    wrong with the spec once the job is committed, and the job is failed at a later try."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
+        refusing.refused = {"failed"}
+        m, _, changes, config = make(tmp_path, store=refusing)
+        await m.start()
+        missing = tmp_path / "missing.vmdk"
+        with pytest.raises(InvalidSpec, match=re.escape(f"no such file: {missing} (job held stays created until the "
+                                                        "job store can record that it failed)")):
+            await m.submit_grouped(spec(missing, tmp_path / "out/a.qcow2", job_id="held"), owner=0)
+        job = m.get("held")
+        assert job.state.value == "created"
+        assert [j.state.value for j in JobStore(config.store_path).load_jobs()] == ["created"]
+        refusing.refused = set()
+        await until(lambda: job.state.value == "failed")
+        assert job.error_code == "VALIDATION_FAILED" and [s for i, s in changes.states if i == "held"] == [
+            "created", "failed"]
+        assert [j.state.value for j in JobStore(config.store_path).load_jobs()] == ["failed"]
+        await m.stop()
     asyncio.run(go())
