@@ -509,3 +509,65 @@ def test_a_symlink_swapped_in_for_another_disks_output_does_not_lead_root_elsewh
         pass            # the swapped name is not the file made for the output: refusing it is right too
     assert swapped, "the second disk was never converted"
     assert sha256(victim) == untouched, "root's qemu-img wrote to the file the symlink led to"
+
+
+@pytest.mark.parametrize("operation", ["convert", "offline_fix"])
+def test_a_guest_repair_reads_images_with_its_submitters_rights(tmp_path: Path, monkeypatch: Any,
+                                                                   operation: str) -> None:
+    """A job that repairs a guest needs root for the loop device and the mounts, not for qemu-img: a source
+    swapped, after the checks, for a symlink to a root-only image is not read (the job fails), where root's
+    qemu-img would have copied that image into the submitter's output."""
+    import tempfile
+
+    from h2kd.operations import qemuimg
+    from h2kd.worker.main import _run_operation, _validated_spec
+
+    uid, gid = 4242, 4343
+    monkeypatch.setattr(qemuimg, "_CREDENTIALS", {})        # run_as, called by the worker, changes it
+    base = Path(tempfile.mkdtemp(prefix="h2k-repair-as-user-"))
+    try:
+        base.chmod(0o755)
+        private = base / "root-only"
+        private.mkdir(mode=0o700)
+        secret = private / "secret.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(secret), "16M"])
+        home = base / "home"
+        home.mkdir()
+        os.chown(home, uid, gid)
+        image = home / "disk.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"])
+        os.chown(image, uid, gid)
+        real_convert = qemuimg.convert
+        outcomes: list[str] = []
+        swap = [False]
+
+        def convert_after_a_swap(source: Any, destination: str, *args: Any, **kwargs: Any) -> None:
+            if swap[0] and source.path == str(image) and not image.is_symlink():
+                image.rename(home / "moved-away.qcow2")
+                image.symlink_to(secret)
+            try:
+                real_convert(source, destination, *args, **kwargs)
+            except qemuimg.QemuImgError as e:
+                outcomes.append(e.message)
+                raise
+            outcomes.append("read")
+
+        monkeypatch.setattr(qemuimg, "convert", convert_after_a_swap)
+        spec = _validated_spec({"job_id": "as-user", "operation": operation, "image": {"path": str(image)},
+                                "parameters": {"offline_fix": True} if operation == "convert" else {},
+                                "artifacts": {"output_path": str(home / "out.qcow2")}})
+        owner = {"uid": uid, "gid": gid, "groups": [gid]}
+        monkeypatch.chdir(base)
+        # Unswapped, qemu-img reads and writes with the submitter's rights, through the worker's descriptors of
+        # the temporary files; the repair then fails on this blank disk (no file system), as root's would.
+        with pytest.raises(qemuimg.OperationError) as blank:
+            _run_operation(spec, [str(home)], lambda *report: None, lambda process: None, owner)
+        assert outcomes == ["read"] and "no Linux root filesystem" in blank.value.message, (outcomes, blank.value)
+        outcomes.clear()
+        swap[0] = True
+        with pytest.raises(qemuimg.OperationError):
+            _run_operation(spec, [str(home)], lambda *report: None, lambda process: None, owner)
+        assert outcomes and outcomes[0] != "read", outcomes
+        assert "Permission denied" in outcomes[0], outcomes
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

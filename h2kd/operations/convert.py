@@ -361,7 +361,8 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
                 assert repair is not None
                 repair_report = _convert_and_repair(plan, options, source, part, on_process, temps, repair, durable)
             elif repair is not None:
-                # A job that repairs a guest runs qemu-img as root for every disk: through a descriptor, as above.
+                # A job that repairs a guest is a worker running as root: qemu-img, which has the submitter's rights
+                # when the worker is given them (h2kd.worker.main), is kept on the file made for it all the same.
                 target = temps.open_made(plan.temp, os.O_RDWR)
                 try:
                     _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0),
@@ -429,8 +430,8 @@ def _convert_and_repair(plan: Planned, options: ConvertOptions, source: inspect.
                         durable: bool) -> dict[str, Any]:
     """The boot disk of a convert with offline_fix: converted to raw, repaired, converted to the output format
     (a raw output is repaired where it is). Everything happens under temporary names; the repair's report.
-    Root's qemu-img and the repair reach these files only through descriptors of the files made for them
-    (TempFiles.open_made): the submitter may swap their names for symlinks meanwhile."""
+    qemu-img and the repair, which runs as root, reach these files only through descriptors of the files made
+    for them (TempFiles.open_made): the submitter may swap their names for symlinks meanwhile."""
     assert plan.temp
     what = f"{part.label} ({plan.disk.label})"
     target = temps.open_made(plan.temp, os.O_RDWR)

@@ -200,14 +200,13 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
                    on_process: Callable[[Any], None], owner: dict[str, int] | None = None,
                    temp_record: str | None = None) -> dict[str, Any]:
     # Each operation's modules are imported only when it runs: start-up time is part of every job.
-    from h2kd.model.repair import fixes_guest
     from h2kd.operations.qemuimg import OperationError
 
     operation = spec["operation"]
     reader_uid = (owner or {}).get("uid") or None
-    if reader_uid and not fixes_guest(spec):
-        # qemu-img gets the submitter's rights (a guest repair, which an administrator allowed, keeps root's:
-        # it attaches loop devices and mounts file systems).
+    if reader_uid:
+        # qemu-img gets the submitter's rights, in a guest repair too: what needs root's there (the loop device,
+        # the mounts, the guest's own programs) reaches the disk through the worker's descriptor, not qemu-img.
         from h2kd.operations import qemuimg
         groups = [int(g) for g in (owner or {}).get("groups") or []]
         if groups:
@@ -228,7 +227,7 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
     if operation == "offline_fix":
         from h2kd.operations import offline_fix
-        return offline_fix.run_offline_fix_job(spec, output_roots, progress, reader_uid, temp_record)
+        return offline_fix.run_offline_fix_job(spec, output_roots, progress, owner, temp_record)
     if operation == "validate":
         from h2kd.operations import validate
         return validate.run_validate(spec, progress, reader_uid)

@@ -17,7 +17,9 @@ submitter may change: once the worker has opened and checked it, every program r
 descriptor, never by its name again (the loop device is configured on it, qemu-img is given
 /proc/self/fd/N), so a name swapped for a symlink meanwhile leads nowhere. For the same reason the mount
 points are made in the worker's working directory (the attempt's run directory, root's alone), not next
-to the image.
+to the image. qemu-img itself runs with the submitter's rights (the worker's qemuimg.run_as), as in any
+conversion: it reads only what they could, and the temporary files it writes are theirs until the repaired
+image takes the original's owner.
 
 Fixes, in order (modules of this package): fstab, crypttab, resume (device names to UUID=), network
 (MAC pinning, VMware NIC names), vmware_tools (removal when asked), initramfs (virtio drivers,
@@ -158,10 +160,12 @@ def _open_vetted(path: str, vetted: inspect.FileIdentity, writable: bool) -> int
 
 def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                     cancelled: Callable[[], bool] = lambda: False, image_format: str | None = None,
-                    reader_uid: int | None = None, temp_record: str | None = None) -> dict[str, Any]:
-    """Fix the Linux guest on a raw or qcow2 image (see the module docstring). reader_uid: the submitter,
-    when not root (see inspect.load_source). temp_record: where the temporary files are recorded before
+                    owner: dict[str, Any] | None = None, temp_record: str | None = None) -> dict[str, Any]:
+    """Fix the Linux guest on a raw or qcow2 image (see the module docstring). owner {"uid", "gid"}: the
+    submitter, when not root, whose rights qemu-img runs with (qemuimg.run_as) and to whom the temporary files
+    it writes belong (see inspect.load_source). temp_record: where the temporary files are recorded before
     they are created (see TempFiles)."""
+    reader_uid = (owner or {}).get("uid") or None
     image_path = os.path.abspath(image_path)
     if not os.path.isfile(image_path):
         raise OperationError("INVALID_IMAGE", f"{image_path} is not a file", "offline_fix")
@@ -182,7 +186,7 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
             os.close(fd)
         result["image"] = {"path": image_path, "format": "raw", "method": "loop device on the image"}
         return result
-    temps = TempFiles(temp_record)
+    temps = TempFiles(temp_record, owner if reader_uid else None)
     opened: list[int] = []
     try:
         raw = temps.create(os.path.join(_temp_directory(image_path), os.path.basename(image_path) + ".raw"))
@@ -235,7 +239,7 @@ def _under_roots(path: str, roots: list[str]) -> bool:
 
 
 def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter: Callable[..., None],
-                        reader_uid: int | None = None, temp_record: str | None = None) -> dict[str, Any]:
+                        owner: dict[str, Any] | None = None, temp_record: str | None = None) -> dict[str, Any]:
     """The offline_fix operation of a job spec. The image is changed in place, so (like any output) it must
     be under one of the output roots. temp_record: the attempt's record of temporary files (see TempFiles)."""
     image = spec["image"]
@@ -247,7 +251,7 @@ def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter:
                              "may read any image", "offline_fix")
     size = os.path.getsize(path) if os.path.exists(path) else 0
     return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"),
-                           reader_uid=reader_uid, temp_record=temp_record)
+                           owner=owner, temp_record=temp_record)
 
 
 def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[int, Progress], dict[str, Any]]:
