@@ -20,7 +20,7 @@ from dbus_fast import Message, unpack_variants
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
 from h2kctl.errors import CtlError, ExitCode
-from h2kctl.render import clock, control, human_bytes, human_duration
+from h2kctl.render import clock, control, human_bytes, human_duration, terminal_safe
 
 TERMINAL = {"completed", "failed", "cancelled"}
 RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
@@ -98,7 +98,8 @@ def bar_line(props: dict[str, Any], width: int, label: bool = False) -> str:
     eta = _eta_seconds(props) if known and props.get("State") not in TERMINAL else None
     if eta is not None:
         parts.append(f"ETA {clock(eta)}")
-    head = (props.get("Id", "") + " " if label else "") + activity(props)
+    # Escaped before it is measured: the stream's escaping would otherwise lengthen the line past the terminal.
+    head = terminal_safe((props.get("Id", "") + " " if label else "") + activity(props))
     tail = " ".join(parts)
     room = width - len(head) - len(tail) - 4
     if known and room >= 10:

@@ -134,8 +134,8 @@ def percent(progress: float, known: bool = True) -> str:
 
 
 def table(headers: list[str], rows: Iterable[list[str]], out: TextIO, legend: bool = True) -> None:
-    """Columns padded to their widest cell; the last column is not padded."""
-    rows = [list(map(str, r)) for r in rows]
+    """Columns padded to their widest cell (as shown: escaped first); the last column is not padded."""
+    rows = [[terminal_safe(str(cell)) for cell in r] for r in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]

@@ -772,6 +772,22 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
     assert pwd.getpwnam(plain_user).pw_uid != 0
 
 
+def test_escaped_cells_and_bars_keep_their_columns_and_width():
+    """What is escaped is measured as shown: a table's columns stay aligned, and a progress bar stays one line."""
+    import io
+
+    from h2kctl.follow import bar_line
+    from h2kctl.render import TerminalSafe, table
+    shown = io.StringIO()
+    table(["NAME", "STATE"], [["a\x1b[2Jb", "failed"], ["plain", "queued"]], TerminalSafe(shown))
+    lines = shown.getvalue().splitlines()
+    assert lines[1] == "a\\x1b[2Jb failed" and [line.index(state) for line, state in
+                                                 zip(lines[1:], ("failed", "queued"))] == [10, 10], lines
+    line = bar_line({"Id": "j", "State": "progressing", "Phase": "\x1b]0;x\x07" * 5, "ProgressKnown": True,
+                     "Progress": 0.5, "BytesDone": 1, "BytesTotal": 2}, 60, label=True)
+    assert len(line) <= 59 and "\x1b" not in line and "\\x1b" in line, line
+
+
 def test_text_from_an_image_cannot_drive_the_readers_terminal(env, images, output_dir, tmp_path):
     # A VMDK descriptor is text its author chooses, and qemu-img quotes parts of it in its errors: the job's
     # error then carries escape sequences (here: retitle the terminal, erase the screen) to whoever reads it.

@@ -634,6 +634,38 @@ def test_forgetting_a_thousand_jobs_leaves_the_event_loop_free_while_their_direc
     asyncio.run(scenario())
 
 
+def test_a_stop_waits_for_removals_only_so_long_and_leaves_the_rest(tmp_path: Path, monkeypatch) -> None:
+    """close() gives the removals still pending CLOSE_WAITS_FOR_REMOVALS_SECONDS. Those not begun by then are
+    dropped, their directories left: the process's exit joins the remover's thread, and would otherwise go on
+    removing past the stop's limit."""
+    gate = threading.Event()
+    removals_held_until(gate, monkeypatch)
+    monkeypatch.setattr(systemd_runner, "CLOSE_WAITS_FOR_REMOVALS_SECONDS", 0.2)
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "output"])
+
+    async def scenario() -> None:
+        runner = SystemdRunner(config, RecordingEvents())
+        jobs = [make_job() for _ in range(3)]
+        directories = [config.runs_dir / unit_name(job.id, 1) for job in jobs]
+        for job, directory in zip(jobs, directories):
+            job.attempt = 1
+            directory.mkdir(parents=True)
+            runner.forget(job)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await runner.close()
+        assert loop.time() - began < 5
+        gate.set()                      # the removal under way (the first) ends; the two queued never begin
+        await wait_for(lambda: not directories[0].exists(), what="the removal under way")
+        await asyncio.sleep(0.5)
+        assert [d.exists() for d in directories] == [False, True, True]
+        runner.forget(jobs[1])          # after the stop: nothing is taken any more
+        await asyncio.sleep(0.2)
+        assert directories[1].exists()
+
+    asyncio.run(scenario())
+
+
 def test_a_new_job_with_a_removed_jobs_id_starts_once_the_removal_of_the_earlier_files_is_done(
         sandbox: Sandbox, monkeypatch) -> None:
     """A job is removed and its id chosen again at once: the new job's first attempt has the same unit, so the same

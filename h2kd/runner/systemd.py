@@ -201,6 +201,9 @@ class SystemdRunner:
         if self._removals:
             # Their jobs are gone from the store: a directory left now would never be removed.
             await asyncio.wait(set(self._removals.values()), timeout=CLOSE_WAITS_FOR_REMOVALS_SECONDS)
+        # The executor's thread is joined when the process exits: removals still queued would hold h2kd's stop past
+        # that wait. They are dropped (their directories left), and none is taken from now on.
+        self._remover.shutdown(wait=False, cancel_futures=True)
         tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task) if t is not None]
         for followed in self._followed.values():
             tasks.extend(followed.tasks)
@@ -376,6 +379,9 @@ class SystemdRunner:
                 self._remove_later(units.run_dir(self._config, unit))
 
     def _remove_later(self, directory: Path) -> None:
+        if self._closing:
+            log.warning("not removing %s: h2kd is stopping", directory)
+            return
         removal = asyncio.get_running_loop().run_in_executor(self._remover, _remove_directory, directory)
         self._removals[directory] = removal
         removal.add_done_callback(functools.partial(self._removal_done, directory))
