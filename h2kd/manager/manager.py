@@ -112,6 +112,9 @@ class JobManager:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
         self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
+        # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
+        # an identical resubmission is told that problem, not that it was taken.
+        self._failure_unrecorded: dict[str, str] = {}
         self._stored_transitions = 0            # how many transitions the store took (see _all_or_nothing)
         self._schedule_retry_pending = False
         self._tasks: set[asyncio.Task] = set()
@@ -319,7 +322,8 @@ class JobManager:
         """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access).
 
         A submission whose checks fail gives a failed job; if the store cannot record that failure, the caller
-        gets InvalidSpec with the problem instead (see _add_failing)."""
+        gets InvalidSpec with the problem instead (see _add_failing), and so does an identical submission until
+        the failure is recorded."""
         job, created, problem = self._submit(spec, owner, queue, source_proof)
         if problem and job.state == S.CREATED:
             raise _failure_not_recorded(problem, kept=job)
@@ -351,6 +355,7 @@ class JobManager:
         self._scheduler.remove(job.id)
         self._cancel_timer(job.id)
         del self._jobs[job.id]
+        self._failure_unrecorded.pop(job.id, None)
         self._active.discard(job.id)
         self._unfinished.forget(job)
         self._notify("job_removed", job)
@@ -358,12 +363,14 @@ class JobManager:
 
     def _submit(self, spec: dict[str, Any], owner: int, queue: bool,
                 source_proof: os.stat_result | None) -> tuple[Job, bool, str | None]:
-        """(the job, whether it is new, what its checks found wrong: None if they passed or it is not new)."""
+        """(the job, whether it is new, what its checks found wrong: None if they passed, or, for a job submitted
+        before, unless its failure is still waiting for the store)."""
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
             if existing.spec == parsed or same_spec(existing.spec, parsed):
-                return existing, False, None
+                # A job whose failure the store has yet to take is going to fail: told so, as the first caller was.
+                return existing, False, self._failure_unrecorded.get(existing.id)
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
         self._unfinished.check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
@@ -419,6 +426,7 @@ class JobManager:
             with self._all_or_nothing(job):
                 self._fail(job, ErrorCode.VALIDATION_FAILED, problem, phase="validation")
         except StoreFailed as e:
+            self._failure_unrecorded[job.id] = problem
             log.warning("could not record that job %s failed its checks: %s; trying again in %.0f s", job.id, e,
                         STORE_RETRY_SECONDS)
             self._later(STORE_RETRY_SECONDS, lambda: self._fail_checks(job, problem))
@@ -560,6 +568,7 @@ class JobManager:
                                     self._config.retention_max_count, now_usec())
         for job_id in removed:
             job = self._jobs.pop(job_id, None)
+            self._failure_unrecorded.pop(job_id, None)
             if job is not None:
                 # Finished in the store; in memory too, unless the write of a later change failed.
                 self._forget_files(job)
@@ -572,6 +581,7 @@ class JobManager:
     def _forget(self, job: Job) -> None:
         self._store.delete_job(job.id)
         del self._jobs[job.id]
+        self._failure_unrecorded.pop(job.id, None)
         self._forget_files(job)
         self._unfinished.forget(job)
         self._drop_progress_state(job.id)
@@ -1213,6 +1223,8 @@ class JobManager:
             self._track_state(job)
             raise
         self._stored_transitions += 1
+        if old == S.CREATED:    # its failure recorded, or it went another way (cancelled): nothing waits any more
+            self._failure_unrecorded.pop(job.id, None)
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
         if new in TERMINAL:

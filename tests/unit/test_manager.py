@@ -1099,3 +1099,134 @@ def test_a_grouped_submission_whose_failure_the_store_refuses_is_told_its_proble
         assert [j.state.value for j in JobStore(config.store_path).load_jobs()] == ["failed"]
         await m.stop()
     asyncio.run(go())
+
+
+def test_an_identical_resubmission_is_told_the_problem_until_the_store_records_the_failure(tmp_path, monkeypatch):
+    """The first submission was told what is wrong with its spec, its job created but not yet failed: the same spec
+    submitted again is told the same, by submit() and the grouped submission alike, and not that it was taken.
+    Once the failure is recorded, it gets the failed job, as for any failed job submitted again."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
+        refusing.refused = {"failed"}
+        m, *_ = make(tmp_path, store=refusing)
+        await m.start()
+        missing = tmp_path / "missing.vmdk"
+        failing = spec(missing, tmp_path / "out/a.qcow2", job_id="again")
+        with pytest.raises(InvalidSpec) as first:
+            m.submit(failing, owner=0)
+        told = re.escape(str(first.value))
+        with pytest.raises(InvalidSpec, match=f"^{told}$"):
+            m.submit(failing, owner=0)
+        with pytest.raises(InvalidSpec, match=f"^{told}$"):
+            await m.submit_grouped(failing, owner=0)
+        job = m.get("again")
+        assert job.state.value == "created" and [j.id for j in m.jobs] == ["again"]
+
+        refusing.refused = set()
+        await until(lambda: job.state.value == "failed")
+        assert m.submit(failing, owner=0) == (job, False)
+        assert await m.submit_grouped(failing, owner=0) == (job, False)
+        assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {missing}"
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_job_cancelled_while_its_failure_waits_for_the_store_is_resubmitted_as_any_cancelled_job(tmp_path,
+                                                                                                  monkeypatch):
+    """Cancelled before the store took its failure, the job is not going to fail any more: the same spec submitted
+    again gets the cancelled job, and nothing is kept of the failure that waited."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
+        refusing.refused = {"failed"}
+        m, *_ = make(tmp_path, store=refusing)
+        await m.start()
+        failing = spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2", job_id="dropped")
+        with pytest.raises(InvalidSpec):
+            m.submit(failing, owner=0)
+        await m.cancel("dropped")
+        job = m.get("dropped")
+        assert m.submit(failing, owner=0) == (job, False) and job.state.value == "cancelled"
+        assert m._failure_unrecorded == {}
+        refusing.refused = set()
+        await asyncio.sleep(0.5)
+        assert job.state.value == "cancelled"
+        m.remove("dropped")
+        assert m._failure_unrecorded == {}
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_grouped_submission_whose_commit_fails_leaves_no_failure_waiting(tmp_path, monkeypatch):
+    """The commit of the batch that held the job fails after the store refused its failure: the job is forgotten,
+    and so is the failure it waited to record; the same spec submitted again is a new job."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    class CommitRefusedOnce:
+        """The store's connection, refusing the next COMMIT as SQLite does on a full disk."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self._db, self.refuse = db, True
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT" and self.refuse:
+                self.refuse = False
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    async def go():
+        store = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
+        store.refused = {"failed"}
+        m, *_ = make(tmp_path, store=store)
+        await m.start()
+        store._db = CommitRefusedOnce(store._db)
+        missing = tmp_path / "missing.vmdk"
+        failing = spec(missing, tmp_path / "out/a.qcow2", job_id="undone")
+        with pytest.raises(InvalidSpec, match=re.escape("(nothing was kept: the job store cannot be written)")):
+            await m.submit_grouped(failing, owner=0)
+        assert m._failure_unrecorded == {}
+        with pytest.raises(NoSuchJob):
+            m.get("undone")
+        store.refused = set()
+        job, created = await m.submit_grouped(failing, owner=0)
+        assert created and job.state.value == "failed" and m._failure_unrecorded == {}
+        await m.stop()
+    asyncio.run(go())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_resubmitting_a_job_whose_failure_a_full_disk_refused_is_told_the_problem_until_there_is_room(tmp_path,
+                                                                                                      monkeypatch):
+    """As the disk fills between a submission's first write and the next, the job stays created: the same spec
+    submitted again is told what is wrong with it, and, once there is room and the job is failed, gets the failed
+    job."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, _, config = make(tmp_path)
+            await m.start()
+            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
+            m.add_listener(disk)
+            missing = tmp_path / "missing.vmdk"
+            failing = spec(missing, tmp_path / "out/a.qcow2", job_id="late")
+            told = re.escape(f"no such file: {missing} (job late stays created until the job store can record that "
+                             "it failed)")
+            with pytest.raises(InvalidSpec, match=f"^{told}$"):
+                m.submit(failing, owner=0)
+            with pytest.raises(InvalidSpec, match=f"^{told}$"):
+                m.submit(failing, owner=0)
+            job = m.get("late")
+            assert job.state.value == "created"
+
+            disk.filler.unlink()
+            await until(lambda: job.state.value == "failed")
+            assert m.submit(failing, owner=0) == (job, False)
+            await m.stop()
+    asyncio.run(go())
