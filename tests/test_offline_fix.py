@@ -571,3 +571,135 @@ def test_a_guest_repair_reads_images_with_its_submitters_rights(tmp_path: Path, 
         assert "Permission denied" in outcomes[0], outcomes
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- kernels without LOOP_CONFIGURE
+
+UNKNOWN_LOOP_IOCTL = 0x4CFF     # no loop ioctl has this number: refused as kernels before 5.8 refuse LOOP_CONFIGURE
+
+
+def without_loop_configure(monkeypatch: Any) -> list[tuple[int, int]]:
+    """Make the kernel refuse devices.LOOP_CONFIGURE as a kernel older than 5.8 does; the loop ioctls made
+    from then on, as (request, errno or 0), are recorded in the list returned."""
+    import fcntl
+
+    from h2kd.operations.offline_fix import devices
+
+    monkeypatch.setattr(devices, "LOOP_CONFIGURE", UNKNOWN_LOOP_IOCTL)
+    calls: list[tuple[int, int]] = []
+    real_ioctl = fcntl.ioctl
+
+    def ioctl(fd: int, request: int, *args: Any) -> Any:
+        try:
+            result = real_ioctl(fd, request, *args)
+        except OSError as e:
+            calls.append((request, e.errno or -1))
+            raise
+        calls.append((request, 0))
+        return result
+
+    monkeypatch.setattr(devices.fcntl, "ioctl", ioctl)
+    return calls
+
+
+def sysfs_flag(loop: str, name: str) -> str:
+    return Path(f"/sys/block/{os.path.basename(loop)}/{name}").read_text().strip()
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+def test_without_loop_configure_the_disk_is_attached_with_loop_set_fd(tmp_path: Path, monkeypatch: Any,
+                                                                      read_only: bool) -> None:
+    """On a kernel without LOOP_CONFIGURE the disk is still attached on the descriptor, with its partitions,
+    autoclear, read-only when asked (even on a descriptor open for writing, as a dry run must not write
+    whatever it is given), and is gone afterwards."""
+    import errno
+
+    from h2kd.operations.offline_fix import devices
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    before = sha256(image)
+    calls = without_loop_configure(monkeypatch)
+    marker = b"h2k-loop-set-fd-" + os.urandom(8)
+    outside_fs = 62 << 20           # within partition 1 (1 MiB to 64 MiB), past its 60 MiB file system
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with devices.attached_disk(fd, read_only=read_only) as disk:
+            loop = disk.loop
+            requests = [request for request, _ in calls]
+            assert (UNKNOWN_LOOP_IOCTL, errno.EINVAL) in calls or (UNKNOWN_LOOP_IOCTL, errno.ENOTTY) in calls, calls
+            assert (devices.LOOP_SET_FD, 0) in calls and (devices.LOOP_SET_STATUS64, 0) in calls, calls
+            assert requests.index(devices.LOOP_SET_FD) < requests.index(devices.LOOP_SET_STATUS64)
+            assert Path(sysfs_flag(loop, "loop/backing_file")).resolve() == image.resolve()
+            assert sysfs_flag(loop, "loop/autoclear") == "1" and sysfs_flag(loop, "loop/partscan") == "1"
+            part = disk.partition(1)
+            assert part is not None and part.fstype == "ext4" and Path(part.path).exists(), disk.devices
+            assert disk.partition_table == "dos"
+            assert sysfs_flag(loop, "ro") == ("1" if read_only else "0")
+            if read_only:
+                with pytest.raises(OSError) as refused:
+                    writer = os.open(part.path, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.pwrite(writer, marker, outside_fs)
+                        os.fsync(writer)
+                    finally:
+                        os.close(writer)
+                assert refused.value.errno in (errno.EPERM, errno.EACCES, errno.EROFS), refused.value
+            else:
+                writer = os.open(part.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    assert os.pwrite(writer, marker, outside_fs) == len(marker)
+                    os.fsync(writer)
+                finally:
+                    os.close(writer)
+        assert not Path(f"/sys/block/{os.path.basename(loop)}/loop/backing_file").exists(), "still attached"
+        assert not Path(f"/sys/block/{os.path.basename(loop)}/{os.path.basename(loop)}p1").exists()
+        assert loops_of(image) == []
+        if read_only:
+            assert sha256(image) == before, "a read-only attach changed the image"
+        else:
+            assert os.pread(fd, len(marker), (1 << 20) + outside_fs) == marker, "the write did not reach the image"
+    finally:
+        os.close(fd)
+
+
+def test_without_loop_configure_a_dry_run_leaves_the_image_as_it_was(tmp_path: Path, monkeypatch: Any) -> None:
+    """A dry run on a kernel without LOOP_CONFIGURE gets as far as the guest's fixes and changes no byte of the
+    image, though its descriptor is open for writing."""
+    from h2kd.operations.offline_fix import devices, fix_raw_image
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    before = sha256(image)
+    calls = without_loop_configure(monkeypatch)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.chdir(work)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        result = fix_raw_image(fd, {"dry_run": True}, lambda phase, fraction, message: None, lambda: False)
+    finally:
+        os.close(fd)
+    assert (devices.LOOP_SET_FD, 0) in calls, calls
+    assert fixes_by_name(result)["fstab"]["status"] == "planned", result
+    assert sha256(image) == before
+    assert loops_of(image) == [] and h2k_mounts() == [] and list(work.iterdir()) == []
+
+
+def test_a_loop_device_the_kernel_refuses_is_reported_with_what_failed(tmp_path: Path, monkeypatch: Any) -> None:
+    """When LOOP_SET_FD itself fails, the message says so, and does not blame the job's device policy."""
+    from h2kd.operations.offline_fix import devices
+    from h2kd.operations.qemuimg import OperationError
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    without_loop_configure(monkeypatch)
+    monkeypatch.setattr(devices, "LOOP_SET_FD", UNKNOWN_LOOP_IOCTL)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OperationError) as failed:
+            with devices.attached_disk(fd, read_only=True, name="disk.raw"):
+                pass
+    finally:
+        os.close(fd)
+    message = failed.value.message
+    assert "disk.raw" in message and "LOOP_SET_FD" in message, message
+    assert "allowed" not in message, message
+    assert loops_of(image) == []

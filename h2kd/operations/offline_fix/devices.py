@@ -6,9 +6,12 @@ device is also marked autoclear while we hold it open, so even a killed worker l
 behind once its mounts are gone.
 
 The image is given as a descriptor the caller opened and checked, and the loop device is configured on that
-very file (LOOP_CONFIGURE, Linux 5.8): the image lies in a directory its submitter may change, and a name
-looked up again could lead, by a symlink swapped in meanwhile, to any file or disk of the host. losetup will
-not do: it turns even /proc/self/fd/N back into a path and opens that.
+very file: the image lies in a directory its submitter may change, and a name looked up again could lead, by
+a symlink swapped in meanwhile, to any file or disk of the host. losetup will not do: it turns even
+/proc/self/fd/N back into a path and opens that. LOOP_CONFIGURE (Linux 5.8) is preferred: it sets the device
+up atomically, autoclear and partition scan included, in one call. Older kernels get LOOP_SET_FD on the same
+descriptor, then LOOP_SET_STATUS64 (a worker killed between the two leaves the device bound), and a read-only
+attach opens the loop device read-only, which makes the kernel bind it read-only.
 
 There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
 `partx -a` when the kernel did not.
@@ -33,11 +36,16 @@ PARTITION_WAIT_SECONDS = 10.0
 ATTACH_TRIES = 20
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
 _LOOP_CONFIG_SIZE = 304        # struct loop_config: u32 fd, u32 block_size, struct loop_info64 (232), u64[8]
-_LO_FLAGS_OFFSET = 8 + 52      # lo_flags in loop_info64 (five u64, three u32) inside loop_config
+_LOOP_INFO64_SIZE = 232
+_INFO_FLAGS_OFFSET = 52        # lo_flags in loop_info64, after five u64 and three u32
+_LO_FLAGS_OFFSET = 8 + _INFO_FLAGS_OFFSET       # the loop_info64 inside loop_config
 
 
 @dataclass
@@ -94,6 +102,15 @@ def probe(path: str) -> dict[str, str]:
     return values
 
 
+class AttachError(Exception):
+    """Attaching failed at `step` (what was being done, for the message) with the OSError `error`."""
+
+    def __init__(self, step: str, error: OSError) -> None:
+        super().__init__(f"{step}: {error.strerror or error}")
+        self.step = step
+        self.error = error
+
+
 def _attach(image_fd: int, read_only: bool) -> tuple[str, int]:
     """A free loop device configured on the file open on image_fd, partitions scanned, autoclear: its path and
     a descriptor of it, which keeps it attached until closed."""
@@ -101,25 +118,71 @@ def _attach(image_fd: int, read_only: bool) -> tuple[str, int]:
     struct.pack_into("=I", config, 0, image_fd)
     struct.pack_into("=I", config, _LO_FLAGS_OFFSET,
                      LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN | (LO_FLAGS_READ_ONLY if read_only else 0))
-    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise AttachError("opening /dev/loop-control", e) from None
+    configure = True
     try:
         for _ in range(ATTACH_TRIES):
-            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            try:
+                number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            except OSError as e:
+                raise AttachError("asking /dev/loop-control for a free loop device", e) from None
             loop = f"/dev/loop{number}"
             if not os.path.exists(loop):
                 _make_node(loop, f"/sys/block/loop{number}/dev")
-            fd = os.open(loop, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, LOOP_CONFIGURE, bytes(config))
-            except OSError as e:
-                os.close(fd)
-                if e.errno == errno.EBUSY:
-                    continue        # another program took it between our question and our claim
-                raise
-            return loop, fd
+            if configure:
+                fd = _open_loop(loop, os.O_RDWR)
+                try:
+                    fcntl.ioctl(fd, LOOP_CONFIGURE, bytes(config))
+                    return loop, fd
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno == errno.EBUSY:
+                        continue        # another program took it between our question and our claim
+                    if e.errno not in (errno.EINVAL, errno.ENOTTY):
+                        raise AttachError(f"configuring {loop} on the image (LOOP_CONFIGURE)", e) from None
+                    configure = False   # a kernel older than 5.8: the device is still free, bind it the old way
+            attached = _set_fd(loop, image_fd, read_only)
+            if attached is not None:
+                return loop, attached
     finally:
         os.close(control)
-    raise OSError(errno.EBUSY, "every free loop device was taken by another program first")
+    raise AttachError("finding a free loop device", OSError(errno.EBUSY, "every free loop device was taken by "
+                                                                          "another program first"))
+
+
+def _open_loop(loop: str, mode: int) -> int:
+    try:
+        return os.open(loop, mode | os.O_CLOEXEC)
+    except OSError as e:
+        raise AttachError(f"opening {loop}", e) from None
+
+
+def _set_fd(loop: str, image_fd: int, read_only: bool) -> int | None:
+    """LOOP_SET_FD and LOOP_SET_STATUS64 on `loop`: its descriptor, or None if another program took it first.
+    LOOP_SET_FD has no read-only flag: the kernel binds the device read-only when the image or the loop device
+    is open read-only, hence the loop device's mode."""
+    fd = _open_loop(loop, os.O_RDONLY if read_only else os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, LOOP_SET_FD, image_fd)
+    except OSError as e:
+        os.close(fd)
+        if e.errno == errno.EBUSY:
+            return None
+        raise AttachError(f"binding {loop} to the image (LOOP_SET_FD)", e) from None
+    info = bytearray(_LOOP_INFO64_SIZE)
+    struct.pack_into("=I", info, _INFO_FLAGS_OFFSET, LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)
+    try:
+        fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+    except OSError as e:
+        # Not yet autoclear: closing alone would leave it bound.
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+        os.close(fd)
+        raise AttachError(f"setting autoclear and partition scan on {loop} (LOOP_SET_STATUS64)", e) from None
+    return fd
 
 
 def _partition_numbers(loop: str) -> list[int]:
@@ -244,9 +307,12 @@ def attached_disk(image_fd: int, read_only: bool, name: str = "the image") -> It
     and LVs; always detached afterwards."""
     try:
         loop, holder = _attach(image_fd, read_only)
-    except OSError as e:
-        raise OperationError("TOOL_FAILED", f"attaching {name} as a loop device failed: {e.strerror or e} (are loop "
-                             "devices allowed to this job?)", "attach") from None
+    except AttachError as e:
+        # A device policy shows as a refusal to open the devices, not as an ioctl failing on them.
+        denied = e.step.startswith("opening") and e.error.errno in (errno.EPERM, errno.EACCES, errno.ENOENT)
+        hint = " (are loop devices allowed to this job?)" if denied else ""
+        raise OperationError("TOOL_FAILED", f"attaching {name} as a loop device failed: {e}{hint}",
+                             "attach") from None
     disk = AttachedDisk(loop, read_only)
     try:
         numbers = _wait_for_partitions(loop)
