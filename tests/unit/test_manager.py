@@ -768,8 +768,9 @@ class FillsTheDiskOnceAJobIsAdded(Changes):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
 def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_there_is_room(tmp_path, monkeypatch):
-    """The job is stored (created) but its failure is refused: the caller is told what is wrong with the spec, and
-    the job, created as the store has it, is recorded failed once there is room, without a restart of h2kd."""
+    """The job is stored (created) but its failure is refused: the caller is told what is wrong with the spec (and so
+    is whoever submits the same spec again meanwhile), and the job, created as the store has it, is recorded failed
+    once there is room, without a restart of h2kd; the same spec then gets the failed job."""
     monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
 
     async def go():
@@ -779,15 +780,20 @@ def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_the
             disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
             m.add_listener(disk)
             missing = tmp_path / "missing.vmdk"
-            with pytest.raises(InvalidSpec, match=re.escape(f"no such file: {missing} (job late stays created until "
-                                                            "the job store can record that it failed)")):
-                m.submit(spec(missing, tmp_path / "out/a.qcow2", job_id="late"), owner=0)
+            failing = spec(missing, tmp_path / "out/a.qcow2", job_id="late")
+            told = re.escape(f"no such file: {missing} (job late stays created until the job store can record that "
+                             "it failed)")
+            with pytest.raises(InvalidSpec, match=f"^{told}$"):
+                m.submit(failing, owner=0)
             job = m.get("late")
             await asyncio.sleep(0.5)
             assert job.state.value == "created" and job.error_code == ""
+            with pytest.raises(InvalidSpec, match=f"^{told}$"):
+                m.submit(failing, owner=0)
 
             disk.filler.unlink()
             await until(lambda: job.state.value == "failed")
+            assert m.submit(failing, owner=0) == (job, False)
             assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {missing}"
             assert [s for i, s in changes.states if i == "late"] == ["created", "failed"]
             assert m.jobs_queued == 0 and not m.list_jobs(states=["created"])
@@ -1101,6 +1107,19 @@ def test_a_grouped_submission_whose_failure_the_store_refuses_is_told_its_proble
     asyncio.run(go())
 
 
+async def a_failure_waiting_for_the_store(tmp_path: Path, job_id: str):
+    """A started manager whose store refuses to record failures, and a submission whose checks failed: its job is
+    kept created. The manager, the store (its `refused` can be emptied), the spec and what the submission was told."""
+    refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
+    refusing.refused = {"failed"}
+    m, *_ = make(tmp_path, store=refusing)
+    await m.start()
+    failing = spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2", job_id=job_id)
+    with pytest.raises(InvalidSpec) as told:
+        m.submit(failing, owner=0)
+    return m, refusing, failing, told.value
+
+
 def test_an_identical_resubmission_is_told_the_problem_until_the_store_records_the_failure(tmp_path, monkeypatch):
     """The first submission was told what is wrong with its spec, its job created but not yet failed: the same spec
     submitted again is told the same, by submit() and the grouped submission alike, and not that it was taken.
@@ -1108,15 +1127,8 @@ def test_an_identical_resubmission_is_told_the_problem_until_the_store_records_t
     monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
 
     async def go():
-        refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
-        refusing.refused = {"failed"}
-        m, *_ = make(tmp_path, store=refusing)
-        await m.start()
-        missing = tmp_path / "missing.vmdk"
-        failing = spec(missing, tmp_path / "out/a.qcow2", job_id="again")
-        with pytest.raises(InvalidSpec) as first:
-            m.submit(failing, owner=0)
-        told = re.escape(str(first.value))
+        m, refusing, failing, first = await a_failure_waiting_for_the_store(tmp_path, "again")
+        told = re.escape(str(first))
         with pytest.raises(InvalidSpec, match=f"^{told}$"):
             m.submit(failing, owner=0)
         with pytest.raises(InvalidSpec, match=f"^{told}$"):
@@ -1128,7 +1140,7 @@ def test_an_identical_resubmission_is_told_the_problem_until_the_store_records_t
         await until(lambda: job.state.value == "failed")
         assert m.submit(failing, owner=0) == (job, False)
         assert await m.submit_grouped(failing, owner=0) == (job, False)
-        assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {missing}"
+        assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {tmp_path}/missing.vmdk"
         await m.stop()
     asyncio.run(go())
 
@@ -1140,13 +1152,7 @@ def test_a_job_cancelled_while_its_failure_waits_for_the_store_is_resubmitted_as
     monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
 
     async def go():
-        refusing = RefusingStore(tmp_path / "state" / "h2kd.sqlite")
-        refusing.refused = {"failed"}
-        m, *_ = make(tmp_path, store=refusing)
-        await m.start()
-        failing = spec(tmp_path / "missing.vmdk", tmp_path / "out/a.qcow2", job_id="dropped")
-        with pytest.raises(InvalidSpec):
-            m.submit(failing, owner=0)
+        m, refusing, failing, _ = await a_failure_waiting_for_the_store(tmp_path, "dropped")
         await m.cancel("dropped")
         job = m.get("dropped")
         assert m.submit(failing, owner=0) == (job, False) and job.state.value == "cancelled"
@@ -1200,33 +1206,3 @@ def test_a_grouped_submission_whose_commit_fails_leaves_no_failure_waiting(tmp_p
     asyncio.run(go())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
-def test_resubmitting_a_job_whose_failure_a_full_disk_refused_is_told_the_problem_until_there_is_room(tmp_path,
-                                                                                                      monkeypatch):
-    """As the disk fills between a submission's first write and the next, the job stays created: the same spec
-    submitted again is told what is wrong with it, and, once there is room and the job is failed, gets the failed
-    job."""
-    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
-
-    async def go():
-        with small_file_system(tmp_path / "state") as state:
-            m, _, _, config = make(tmp_path)
-            await m.start()
-            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
-            m.add_listener(disk)
-            missing = tmp_path / "missing.vmdk"
-            failing = spec(missing, tmp_path / "out/a.qcow2", job_id="late")
-            told = re.escape(f"no such file: {missing} (job late stays created until the job store can record that "
-                             "it failed)")
-            with pytest.raises(InvalidSpec, match=f"^{told}$"):
-                m.submit(failing, owner=0)
-            with pytest.raises(InvalidSpec, match=f"^{told}$"):
-                m.submit(failing, owner=0)
-            job = m.get("late")
-            assert job.state.value == "created"
-
-            disk.filler.unlink()
-            await until(lambda: job.state.value == "failed")
-            assert m.submit(failing, owner=0) == (job, False)
-            await m.stop()
-    asyncio.run(go())
