@@ -781,6 +781,39 @@ def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> N
     assert victim.read_text() == "someone else's" and victim.stat().st_uid == 0
 
 
+def test_a_converted_output_swapped_for_a_link_before_its_check_is_refused_unread(tmp_path: Path) -> None:
+    """Between the conversion and the commit the worker (root in guest-repair jobs) reads the output's
+    header and size and flushes it: through the file made for it, so a symlink or hard link the submitter
+    puts in its place is refused, and nothing of the file it leads to gets into the result."""
+    from types import SimpleNamespace
+    from h2kd.operations.convert import Planned, _finish_one, options_from
+    from h2kd.operations.qemuimg import OperationError
+    from h2kd.operations.tempfiles import TempFiles
+
+    secret = tmp_path / "root-only"
+    secret.mkdir(mode=0o700)
+    victim = secret / "private.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(victim), "7G"], check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    temps = TempFiles()
+    disk = SimpleNamespace(label="disk 1", virtual_size=MiB, member=None,
+                           ref=SimpleNamespace(describe=lambda: "source.vmdk", format="vmdk"))
+    plan = Planned(disk, str(out / "disk.qcow2"))      # type: ignore[arg-type]
+    plan.temp = temps.create(plan.destination)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", plan.temp, "1M"], check=True)
+    options = options_from({"output_format": "qcow2"})
+    assert _finish_one(plan, options, True, temps)["virtual_size"] == MiB     # the file made for it passes
+    os.unlink(plan.temp)
+    for swap in (lambda: os.symlink(victim, plan.temp), lambda: os.link(victim, plan.temp)):
+        swap()
+        with pytest.raises(OperationError, match="replaced during the job") as refused:
+            _finish_one(plan, options, True, temps)
+        assert str(7 << 30) not in str(refused.value)
+        os.unlink(plan.temp)
+    assert subprocess.run(["qemu-img", "check", "-q", str(victim)]).returncode == 0
+
+
 def test_a_vmx_may_name_only_disks_its_submitter_could_read_in_its_own_directory(lib: Path, tmp_path: Path,
                                                                                  shared: Path) -> None:
     alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102

@@ -374,7 +374,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
                              on_process, durable)
             done_before += size * plan.steps(options)
             progress("check", done_before, total, f"checking {label}")
-            outputs.append(_finish_one(plan, options, durable))
+            outputs.append(_finish_one(plan, options, durable, temps))
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
@@ -538,31 +538,42 @@ def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: 
     inspect.ensure_unchanged(source.identities)
 
 
-def _flush(path: str) -> None:
-    """fsync the output: it must be entirely on disk before it gets its name."""
+def _flush(fd: int, directory: str) -> None:
+    """fsync the output (a descriptor of its own, closed here): it must be entirely on disk before it gets
+    its name."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise _no_space(os.path.dirname(path), "the data could not be flushed") from None
+            raise _no_space(directory, "the data could not be flushed") from None
         raise
+    finally:
+        os.close(fd)
 
 
-def _finish_one(plan: Planned, options: ConvertOptions, durable: bool) -> dict[str, Any]:
-    """Check the output (qcow2) and read its virtual size and, if durable, flush it to disk meanwhile."""
+def _finish_one(plan: Planned, options: ConvertOptions, durable: bool, temps: TempFiles) -> dict[str, Any]:
+    """Check the output (qcow2) and read its virtual size and, if durable, flush it to disk meanwhile.
+
+    The worker may be root in a directory the submitter owns: what it reads itself (the header, the size)
+    and flushes comes through a descriptor of the very file made for the output (TempFiles.open_made), not
+    through its name, which the submitter could swap for a link to a file they may not read. qemu-img check
+    goes by the name with the submitter's rights (qemuimg.run_as), as the conversion did."""
     temp = plan.temp
     assert temp
-    ref = ImageRef(temp, options.output_format)
-    flushing = Background(lambda: _flush(temp), "flush") if durable else None
-    # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
-    result = qemuimg.check(ref) if options.output_format == "qcow2" else None
-    virtual_size = qemuimg.output_virtual_size(temp, options.output_format)
-    if flushing is not None:
-        flushing.result()
+    fd = temps.open_made(temp, os.O_RDONLY)
+    try:
+        flushing = None
+        if durable:
+            own_fd = os.dup(fd)
+            flushing = Background(lambda: _flush(own_fd, os.path.dirname(temp)), "flush")
+        # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
+        result = qemuimg.check(ImageRef(temp, options.output_format)) if options.output_format == "qcow2" else None
+        virtual_size = qemuimg.output_virtual_size(fd, temp, options.output_format)
+        if flushing is not None:
+            flushing.result()
+        size = os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
     if result is not None and result.status not in ("ok", "leaks"):
         raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} failed its check: {result.message}",
                              "check")
@@ -571,7 +582,7 @@ def _finish_one(plan: Planned, options: ConvertOptions, durable: bool) -> dict[s
     return {"source": plan.disk.ref.describe(), "source_member": plan.disk.member,
             "source_format": inspect.DRIVER_TO_NAME.get(plan.disk.ref.format, plan.disk.ref.format),
             "format": options.output_format, "virtual_size": virtual_size,
-            "size": os.stat(plan.temp).st_blocks * 512, "check": _without_temp_name(result)}
+            "size": size, "check": _without_temp_name(result)}
 
 
 def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | None:

@@ -144,21 +144,17 @@ def read_vpc_footer(path: str) -> bytes | None:
     return tail if tail.startswith(b"conectix") else None
 
 
-def output_virtual_size(path: str, fmt: str) -> int:
-    """The virtual size of an image we just wrote ourselves, from its header (qcow2) or its length (raw),
-    without another qemu-img run."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if fmt == "raw":
-            return os.fstat(fd).st_size
-        if fmt == "qcow2":
-            header = os.pread(fd, 32, 0)
-            if len(header) == 32 and header.startswith(b"QFI\xfb"):
-                return int.from_bytes(header[24:32], "big")
-            raise OperationError("TOOL_FAILED", f"{path} has no qcow2 header", "check")
-    finally:
-        os.close(fd)
-    return int(info(ImageRef(path, fmt), force_share=False)["virtual-size"])
+def output_virtual_size(fd: int, path: str, fmt: str) -> int:
+    """The virtual size of an image we just wrote ourselves (open on fd; path names it in errors), from its
+    header (qcow2) or its length (raw), without another qemu-img run."""
+    if fmt == "raw":
+        return os.fstat(fd).st_size
+    if fmt == "qcow2":
+        header = os.pread(fd, 32, 0)
+        if len(header) == 32 and header.startswith(b"QFI\xfb"):
+            return int.from_bytes(header[24:32], "big")
+        raise OperationError("TOOL_FAILED", f"{path} has no qcow2 header", "check")
+    raise OperationError("UNSUPPORTED", f"h2kd does not write {fmt} images", "check")
 
 
 def probe_format(path: str) -> str:

@@ -10,6 +10,7 @@ calls remove_recorded() on that record.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Callable, TypeVar
@@ -115,13 +116,19 @@ class TempFiles:
         """A descriptor of the temporary file made at `path` (its name, with dir_fd), refusing anything else
         found there now: the submitter may own the directory and swap the name for a symlink or a hard
         link to another file, which root would then write, chmod or chown."""
-        fd = os.open(os.path.basename(path) if dir_fd is not None else path,
-                     flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        replaced = OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the job",
+                                  "commit")
+        try:
+            fd = os.open(os.path.basename(path) if dir_fd is not None else path,
+                         flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:      # a symlink
+                raise replaced from None
+            raise
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != self._made.get(path) or st.st_nlink != 1:
             os.close(fd)
-            raise OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the job",
-                                 "commit")
+            raise replaced
         return fd
 
     def forget(self, path: str) -> None:
