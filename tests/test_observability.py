@@ -180,6 +180,14 @@ def test_each_metric_moves_with_the_job_lifecycle():
     assert value(s, "hyper2kvm_migration_duration_seconds_count", operation="convert") == 1
     assert value(s, "h2kd_converted_bytes_total") == 3 * GiB
     assert value(s, "hyper2kvm_vmdk_size_bytes_count") == 1
+    # Queued again by hand (RetryJob): not an attempt retried after failing.
+    life.move(bad, S.RETRYING, error_code="", error_message="")
+    s = scrape(metrics)
+    assert value(s, "h2kd_job_retries_total", error_type="TOOL_FAILED") == 1
+    assert value(s, "h2kd_job_retries_total", error_type="INTERNAL") in (None, 0)
+    assert value(s, "h2kd_jobs", state="retrying") == 1
+    life.move(bad, S.QUEUED)
+    life.move(bad, S.FAILED, error_code="NO_SPACE", finished_at=T0 + 40_000_000)
 
     # An inspection cancelled while queued.
     dropped = life.submit(make_job("dropped-1", operation="inspect", priority=7))

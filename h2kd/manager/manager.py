@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ BUILTIN = "builtin"
 OPERATIONS = ["inspect", "convert", "validate", "offline_fix"]
 RATE_WINDOW_USEC = 10_000_000
 PRUNE_INTERVAL_SECONDS = 3600
+HOST_REFRESH_SECONDS = 30.0     # how often the builtin worker's capabilities (free space above all) are detected again
 MAX_WAITING_LISTED = 1000     # queue_stats() says why the first this many queued jobs wait (its reply stays small)
 # Each retry adds to a job's history and event log, kept as long as the job: a cancel-and-retry loop must not
 # grow them without end. Retries h2kd makes itself are few (retry_count <= 5).
@@ -158,6 +160,7 @@ class JobManager:
             await self._recover_or_later(job)
         self._prune_now()   # a store that cannot be written now must not keep h2kd from starting
         self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
+        self._periodic.append(asyncio.create_task(self._every(HOST_REFRESH_SECONDS, self._refresh_host)))
         self._periodic.append(asyncio.create_task(
             self._every(max(self._config.heartbeat_timeout_seconds / 3, 0.2), self._check_heartbeats)))
         self._manager_changed()
@@ -211,17 +214,24 @@ class JobManager:
             else:
                 self._take_slot(job, self._workers[BUILTIN])
                 unit = await self._runner.reattach(job)
+                if unit and job.unit != unit:
+                    # Stopped before the unit's name was stored (between assigning and the first report, or a
+                    # start systemd never answered): a Cancel must know which unit to stop.
+                    job.unit = unit
+                    with contextlib.suppress(StoreFailed):     # saved again with the unit's first report
+                        self._store.save_job(job)
                 if job.cancel_requested:
                     # Cancelled while h2kd was going down: it is stopped now (or once systemd is reachable), and
                     # ends cancelled.
-                    job.unit = unit
                     await self._stop_cancelled(job)
 
     async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
         while True:
             await asyncio.sleep(seconds)
             try:
-                fn()
+                called = fn()
+                if asyncio.iscoroutine(called):
+                    await called
             except Exception:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
@@ -536,11 +546,17 @@ class JobManager:
             raise InvalidArgument(f"priority must be between 1 and 10, not {priority}")
         if job.state not in (S.QUEUED, S.VALIDATED, S.RETRYING, S.CREATED):
             raise InvalidState(f"job {job_id} is {job.state.value}; only waiting jobs can change priority")
+        before = job.priority
         job.priority = priority
+        try:
+            self._store.save_job(job)
+        except StoreFailed:
+            job.priority = before       # refused: neither memory nor the queue moves, as the store did not
+            raise
         if job.state == S.QUEUED:
             self._scheduler.set_priority(job.id, priority)
-        self._store.save_job(job)
-        self._append_event(job, "log", {"message": f"priority set to {priority}"})
+        with contextlib.suppress(StoreFailed):     # the change is stored; only its line in the job's log is missing
+            self._append_event(job, "log", {"message": f"priority set to {priority}"})
         self._notify_changed(job, {"priority"}, urgent=True)
         self._kick()
 
@@ -796,6 +812,11 @@ class JobManager:
         self._kick()
 
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
+        self._end_attempt(job_id, attempt, outcome, result_understood=False)
+
+    def _end_attempt(self, job_id: str, attempt: int, outcome: UnitOutcome, result_understood: bool) -> None:
+        """unit_finished(); result_understood: the worker's result is h2kd's own stand-in for one it could not
+        make sense of."""
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in ACTIVE or job.worker != BUILTIN:
             return
@@ -808,14 +829,25 @@ class JobManager:
             if job.state in ACTIVE:     # not recorded: the end of the attempt is recorded later
                 log.warning("could not record the end of job %s's attempt %d: %s; trying again in %.0f s",
                             job_id, attempt, e, STORE_RETRY_SECONDS)
-                self._later(STORE_RETRY_SECONDS, lambda: self.unit_finished(job_id, attempt, outcome))
+                self._later(STORE_RETRY_SECONDS,
+                            lambda: self._end_attempt(job_id, attempt, outcome, result_understood))
                 return
             log.warning("recorded the end of job %s's attempt %d, but not all of it: %s", job_id, attempt, e)
             self._release_worker(job)
+        except Exception as e:
+            if outcome.worker_result is None or result_understood:
+                raise
+            # A result file h2kd cannot make sense of (a worker of another version, a damaged file) must not
+            # leave the job running for ever, holding its slot: the attempt failed.
+            log.exception("the result of job %s's attempt %d cannot be understood", job_id, attempt)
+            stand_in = {"status": "failed",
+                        "error": {"code": ErrorCode.INTERNAL.value, "retryable": False, "phase": "run",
+                                  "message": f"h2kd could not understand the attempt's result file: {e}"}}
+            self._end_attempt(job_id, attempt, dataclasses.replace(outcome, worker_result=stand_in), True)
 
     def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:
         """Record how the attempt ended: completed, cancelled, back to the queue, or failed."""
-        result = outcome.worker_result or {}
+        result = outcome.worker_result if isinstance(outcome.worker_result, dict) else {}
         if result.get("status") == "completed" and outcome.result == "success":
             self._complete(job, result)
         elif wanted_cancel:
@@ -833,20 +865,22 @@ class JobManager:
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "h2kd stopped while starting its unit, which "
                                   "left no trace", attempt_spent=False)
         else:
-            error = result.get("error") or {}
+            error = result.get("error") if isinstance(result.get("error"), dict) else {}
             if outcome.result == "timeout":
                 code, retryable = ErrorCode.TIMEOUT, True
                 message = f"the job ran longer than its timeout of {job.spec['execution_policy']['timeout_seconds']} s"
             elif error:
-                code = ErrorCode(error.get("code", "INTERNAL"))
-                retryable = bool(error.get("retryable", code not in NON_RETRYABLE))
-                message = error.get("message", "")
+                code = ErrorCode.parse(_text(error.get("code")) or None)
+                retryable = error.get("retryable")
+                if not isinstance(retryable, bool):
+                    retryable = code not in NON_RETRYABLE
+                message = _text(error.get("message"))
             else:
                 code, retryable = ErrorCode.UNIT_FAILED, True
                 message = f"unit {outcome.unit} ended with {outcome.result} (status {outcome.exit_status})"
             if outcome.log_tail:
                 message += "\nlast log lines:\n" + "\n".join(outcome.log_tail[-10:])
-            self._attempt_failed(job, code, message, error.get("phase", job.phase or "run"), retryable, result)
+            self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result)
 
     # ---------------------------------------------------------------- progress
 
@@ -1046,6 +1080,21 @@ class JobManager:
         worker.capabilities = self._builtin_capabilities()
         self._notify("worker_changed", worker)
         self._kick()
+
+    async def _refresh_host(self) -> None:
+        """The builtin worker's capabilities detected again: free space comes and goes, and a job that asks for
+        more than there was must start once there is enough, without anyone calling Refresh. Detected off the
+        event loop: an output root on a file server that hangs must not stop h2kd answering."""
+        worker = self._workers.get(BUILTIN)
+        refresh = getattr(self._runner, "refresh", None)
+        if worker is None or refresh is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, refresh)
+        capabilities = self._builtin_capabilities()
+        if capabilities != worker.capabilities:
+            worker.capabilities = capabilities
+            self._notify("worker_changed", worker)
+            self._kick()
 
     def register_worker(self, name: str, capabilities: dict[str, Any], max_jobs: int, owner: int,
                         bus_name: str) -> WorkerInfo:
@@ -1276,6 +1325,11 @@ def _failure_not_recorded(problem: str, kept: Job | None = None) -> InvalidSpec:
     if kept is None:
         return InvalidSpec("", f"{problem} (nothing was kept: the job store cannot be written)")
     return InvalidSpec("", f"{problem} (job {kept.id} stays created until the job store can record that it failed)")
+
+
+def _text(value: Any) -> str:
+    """A field of a worker's result that should be a string; "" when it is anything else."""
+    return value if isinstance(value, str) else ""
 
 
 def _safely(fn: Callable[..., Any], *args: Any) -> None:

@@ -170,7 +170,8 @@ class Metrics:
             # A job first seen already finished (loaded from the store) did not just end.
             if before is not None and before.state != now.state and now.state in TERMINAL:
                 self._ended(job)
-            elif before is not None and before.state != now.state and now.state == JobState.RETRYING:
+            elif before is not None and before.state in ACTIVE and now.state == JobState.RETRYING:
+                # An attempt that failed and is retried; a failed or cancelled job queued again by hand is not.
                 self.retries.labels(error_type=job.error_code or "INTERNAL").inc()
 
     def _forget(self, job: Job) -> None:

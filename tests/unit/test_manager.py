@@ -249,6 +249,68 @@ def test_cancel_waits_for_the_unit(tmp_path, image):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("worker_result", [
+    {"status": "failed", "error": {"code": "A_CODE_OF_A_LATER_VERSION", "message": "it broke", "phase": "convert"}},
+    {"status": "failed", "error": {"code": None, "message": None, "phase": 3, "retryable": "no"}},
+    {"status": "failed", "error": "not an object"},
+    ["not", "an", "object"],
+    "settling it raises",
+])
+def test_a_result_file_h2kd_does_not_understand_fails_the_job_and_frees_its_slot(tmp_path, image, worker_result):
+    """The end of an attempt is recorded whatever its result file holds: the job does not stay running for
+    ever, holding a slot the next job waits for (also if recording it fails in a way nobody foresaw)."""
+    class RaisingOnRead(dict):
+        def get(self, key, default=None):
+            if key == "error":
+                raise RuntimeError("unforeseen")
+            return super().get(key, default)
+
+    if worker_result == "settling it raises":
+        worker_result = RaisingOnRead(status="failed")
+
+    async def go():
+        m, runner, *_ = make(tmp_path, max_parallel_jobs=1)
+        await m.start()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await until(lambda: first.state.value == "running")
+        assert second.state.value == "queued"
+        m.unit_finished(first.id, 1, UnitOutcome(first.unit, "exit-code", 1, worker_result, ["the last line"]))
+        assert first.state.value == "failed"
+        assert first.error_code in ("INTERNAL", "UNIT_FAILED") and first.error_message.strip()
+        await until(lambda: second.state.value == "running")
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, image, monkeypatch):
+    """The builtin worker's free space is measured again now and then: a job that asks for more than there is
+    waits, and starts by itself once space was freed (nobody called Refresh)."""
+    monkeypatch.setattr(manager_module, "HOST_REFRESH_SECONDS", 0.1)
+
+    class Host(RecordingRunner):
+        free = 2**30
+
+        def refresh(self):
+            return self.capabilities()
+
+        def capabilities(self):
+            return {"qemu_img": True, "free_bytes": {str(tmp_path / "out"): self.free}}
+
+    async def go():
+        runner = Host()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2",
+                               capability_requirements={"min_free_bytes": 10 * 2**30}), owner=0)
+        await asyncio.sleep(0.3)
+        assert job.state.value == "queued" and "free space" in job.wait_reason
+        runner.free = 20 * 2**30
+        await until(lambda: job.state.value == "running")
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_job_stored_before_a_field_existed_is_still_the_same_job_when_resubmitted(tmp_path, image):
     """A spec stored by an older h2kd lacks fields added since (here parameters.sync); sending the same spec
     again after the upgrade finds that job instead of failing with AlreadyExists."""
@@ -745,6 +807,34 @@ def test_a_full_store_holds_jobs_as_stored_and_the_queue_goes_on_once_there_is_r
     asyncio.run(go())
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_priority_change_the_full_store_refuses_changes_nothing(tmp_path, image):
+    """Refused by a full store, a new priority is not taken in memory either: the queue's order, the job's
+    priority and what a restart finds agree; once there is room the same change goes through."""
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, runner, _, config = make(tmp_path, max_parallel_jobs=1)
+            await m.start()
+            m.pause()
+            early, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+            late, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+            filler = fill(state)
+            fill_until_the_store_refuses(m, image, tmp_path)
+            with pytest.raises(StoreFailed):
+                m.set_priority(late.id, 1)
+            assert late.priority == 5
+            filler.unlink()
+            m.resume()
+            await until(lambda: runner.started)
+            assert runner.started == [(early.id, 1)], "the refused priority moved the job in the queue"
+            m.set_priority(late.id, 2)
+            assert late.priority == 2
+            await m.stop()
+            stored = {job.id: job.priority for job in JobStore(config.store_path).load_jobs()}
+            assert stored[late.id] == 2
+    asyncio.run(go())
+
+
 class FillsTheDiskOnceAJobIsAdded(Changes):
     """The store's disk fills up (a conversion writing its output to it, say) between a submission's first write and
     the next: once told of a new job, this takes every free block and then what room the store's write-ahead log
@@ -915,6 +1005,43 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
                                                    stopped_by_request=True))
         assert again.get(job.id).state.value == "cancelled"
         await again.stop()
+    asyncio.run(go())
+
+
+def test_a_unit_started_before_a_restart_can_be_cancelled_after_it(tmp_path, image):
+    """h2kd stopped while the unit was being started, before its name was stored. The h2kd that starts next
+    finds the unit running; a Cancel then stops it (and keeps doing so after another restart)."""
+    class SlowToStart(RecordingRunner):
+        async def start(self, job, attempt):
+            self.started.append((job.id, attempt))
+            await asyncio.Event().wait()        # h2kd goes down before systemd answers
+
+    async def go():
+        runner = SlowToStart()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: runner.started)
+        await m.stop()
+
+        unit = f"h2k-job-{job.id}-1.service"
+        after = RecordingRunner()
+        again, *_ = make(tmp_path, runner=after)
+        await again.start()
+        again.unit_status(job.id, 1, "phase=convert progress=0.1")
+        assert again.get(job.id).state.value == "running"
+        await again.cancel(job.id)
+        assert after.stopped == [unit]
+        await again.stop()
+
+        last = RecordingRunner()
+        third, *_ = make(tmp_path, runner=last)
+        await third.start()
+        assert last.stopped == [unit]          # the stored cancel, with the stored unit
+        third.unit_finished(job.id, 1, UnitOutcome(unit, "success", 0, {"status": "cancelled", "outputs": {}},
+                                                   stopped_by_request=True))
+        assert third.get(job.id).state.value == "cancelled"
+        await third.stop()
     asyncio.run(go())
 
 
