@@ -8,19 +8,22 @@ PREFIX   ?= /usr
 BINDIR   ?= $(PREFIX)/bin
 LIBDIR   ?= $(PREFIX)/lib
 DATADIR  ?= $(PREFIX)/share
+SYSTEM_DATADIR ?= /usr/share
 UNITDIR  ?= $(LIBDIR)/systemd/system
 CATALOGDIR ?= $(LIBDIR)/systemd/catalog
 APPDIR   ?= $(LIBDIR)/h2kd
 PYTEST_ARGS ?=
 
-# Build dependencies of systemd-python and dbus-python, the real programs the tests run
-# (qemu-img, cockpit, chromium, prometheus, tmux), and systemd-importd's unit, which the tests
-# compare our unit's hardening with. systemd itself comes with the machine.
-DEB_PACKAGES = qemu-utils libsystemd-dev pkg-config libdbus-1-dev libglib2.0-dev \
+# python3-venv (ensurepip) for the virtualenvs of `make venv` and `make install`; what pip needs to
+# build systemd-python and dbus-python, which come as source only (a compiler, the Python headers,
+# pkg-config and the libraries' headers); the real programs the tests run (qemu-img, cockpit,
+# chromium, prometheus, tmux), and systemd-importd's unit, which the tests compare our unit's
+# hardening with. systemd itself comes with the machine.
+DEB_PACKAGES = python3-venv python3-dev gcc pkg-config libsystemd-dev libdbus-1-dev libglib2.0-dev qemu-utils \
 	cockpit-ws cockpit-bridge chromium chromium-driver prometheus tmux systemd-container \
 	dbus-daemon polkitd libglib2.0-bin zsh man-db debootstrap qemu-system-x86 fdisk lvm2
 
-.PHONY: all deps venv test demo install bench clean distclean
+.PHONY: all deps venv test demo install install-app install-data bench clean distclean
 
 all: venv
 
@@ -52,8 +55,11 @@ bench: deps venv
 	@if [ -x bench/run ]; then bench/run; else echo "bench/run does not exist yet"; fi
 
 # h2kd goes into a virtualenv of its own in $(APPDIR), with its commands linked into $(BINDIR);
-# the D-Bus, systemd and polkit files go where those programs look for them.
-install:
+# the D-Bus, systemd and polkit files go where those programs look for them. h2k-sandbox, the
+# private stack of the tests and the demo, stays in $(APPDIR)/bin.
+install: install-app install-data
+
+install-app:
 	$(PYTHON) -m venv $(DESTDIR)$(APPDIR)
 	$(DESTDIR)$(APPDIR)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(APPDIR)/bin/pip install -q .
@@ -62,11 +68,16 @@ install:
 		grep -lr --null '^#!$(DESTDIR)' $(DESTDIR)$(APPDIR)/bin | xargs -0r sed -i '1s|^#!$(DESTDIR)|#!|'; \
 	fi
 	install -d $(DESTDIR)$(BINDIR)
-	for cmd in h2kd h2kctl h2k-worker h2k-sandbox; do \
+	for cmd in h2kd h2kctl h2k-worker; do \
 		ln -sf $(APPDIR)/bin/$$cmd $(DESTDIR)$(BINDIR)/$$cmd; \
 	done
-	install -Dm0644 dbus/org.hyper2kvm.h2kd1.conf $(DESTDIR)$(DATADIR)/dbus-1/system.d/org.hyper2kvm.h2kd1.conf
-	install -Dm0644 dbus/org.hyper2kvm.h2kd1.service $(DESTDIR)$(DATADIR)/dbus-1/system-services/org.hyper2kvm.h2kd1.service
+
+# dbus-daemon reads bus policies only from /usr/share/dbus-1/system.d (and /etc), polkitd actions only
+# from /usr/share/polkit-1/actions: those, and the activation file with the policy, go there whatever
+# PREFIX is.
+install-data:
+	install -Dm0644 dbus/org.hyper2kvm.h2kd1.conf $(DESTDIR)$(SYSTEM_DATADIR)/dbus-1/system.d/org.hyper2kvm.h2kd1.conf
+	install -Dm0644 dbus/org.hyper2kvm.h2kd1.service $(DESTDIR)$(SYSTEM_DATADIR)/dbus-1/system-services/org.hyper2kvm.h2kd1.service
 	for f in dbus/org.hyper2kvm.h2kd1.*.xml; do \
 		install -Dm0644 $$f $(DESTDIR)$(DATADIR)/dbus-1/interfaces/$$(basename $$f); \
 	done
@@ -79,7 +90,7 @@ install:
 		[ -n "$(DESTDIR)" ] || journalctl --update-catalog || true; \
 	fi
 	for f in polkit/*.policy; do \
-		install -Dm0644 $$f $(DESTDIR)$(DATADIR)/polkit-1/actions/$$(basename $$f); \
+		install -Dm0644 $$f $(DESTDIR)$(SYSTEM_DATADIR)/polkit-1/actions/$$(basename $$f); \
 	done
 	install -d $(DESTDIR)$(DATADIR)/doc/h2kd/examples
 	for f in polkit/*.rules.example; do \

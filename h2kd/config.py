@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,6 +45,8 @@ class Config:
     retry_backoff_max_seconds: float = 600.0
     # Outputs belong to the submitter; with output_group set, to that group instead of the submitter's own.
     output_group: str = ""
+    # Octal, as chmod takes it: "0640" in h2kd.conf, H2KD_OUTPUT_MODE=0640. Permission bits only: the worker
+    # applies it as root, unmasked, so setuid, setgid and sticky bits are refused (see _parse_mode).
     output_mode: int = 0o640
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9163            # 0 disables; not Cockpit's 9090
@@ -83,6 +87,29 @@ def _coerce(kind: type | str, value: object) -> object:
     return None if value in ("", None) else str(value)
 
 
+_MODE_DIGITS = re.compile(r"(?:0[oO])?[0-7]+")
+
+
+def _parse_mode(value: object) -> int:
+    """A file mode written as octal digits, as chmod(1) takes them: "0640", "640" or "0o640".
+
+    A TOML number is refused: the file cannot tell 0o640 from 416, and 440 written for 0o440 would read
+    as 0o670, a mode nobody asked for."""
+    if not isinstance(value, str):
+        raise ValueError(f"write the mode as a string of octal digits, e.g. \"0640\", not {value!r}")
+    if not _MODE_DIGITS.fullmatch(value):
+        raise ValueError(f"{value!r} is not a mode in octal digits (e.g. 0640)")
+    mode = int(value, 8)
+    if mode > 0o777:
+        raise ValueError(f"{value} is not within 0000..0777: outputs get permission bits only, never setuid, "
+                         "setgid or sticky")
+    return mode
+
+
+# Settings whose text means something other than their type says.
+_PARSERS = {"output_mode": _parse_mode}
+
+
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Defaults < config file < environment (H2KD_STATE_DIR, H2KD_OUTPUT_ROOTS=a:b, ...)."""
     environ = os.environ if environ is None else environ
@@ -109,7 +136,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         if name not in known:
             raise ValueError(f"unknown setting {name!r} in {path}")
         try:
-            setattr(config, name, _coerce(known[name].type, value))
+            parse = _PARSERS.get(name) or functools.partial(_coerce, known[name].type)
+            setattr(config, name, parse(value))
         except (TypeError, ValueError) as e:
             raise ValueError(f"setting {name!r} ({path} or H2KD_{name.upper()}): {e}") from None
     if "output_roots" not in values:

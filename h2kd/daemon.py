@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from dbus_fast import RequestNameReply
 
@@ -52,6 +53,20 @@ def prepare_directories(config: Config) -> None:
         except OSError as e:
             raise BadSettings(f"cannot create {directory}: {e.strerror} (under h2kd.service, a directory outside "
                               f"/var/lib/h2kd needs ReadWritePaths= in a drop-in)") from None
+        # Under ProtectSystem=strict an existing directory outside /var/lib/h2kd is read-only for h2kd: it would
+        # start, and then refuse every output there with a mere "not writable".
+        if not os.access(directory, os.W_OK):
+            raise BadSettings(f"{directory} is not writable by h2kd ({_why_not_writable(directory)}); under "
+                              f"h2kd.service, add a drop-in (systemctl edit h2kd.service) with [Service] "
+                              f"ReadWritePaths={directory}")
+
+
+def _why_not_writable(directory: Path) -> str:
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        return e.strerror or str(e)
+    return "a read-only file system" if read_only else "permission denied"
 
 
 async def serve(config: Config) -> int:
@@ -157,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(args.debug)
-    from pathlib import Path
     try:
         config = load_config(Path(args.config) if args.config else None)
     except ValueError as e:   # a malformed file, an unknown setting, a value of the wrong kind

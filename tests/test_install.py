@@ -36,11 +36,32 @@ def test_make_install_into_a_staging_root(tmp_path):
     assert missing == []
     unit = (stage / "usr/lib/systemd/system/h2kd.service").read_text()
     assert "ExecStart=/usr/bin/h2kd" in unit
-    for command in ("h2kd", "h2kctl", "h2k-worker", "h2k-sandbox"):
+    for command in ("h2kd", "h2kctl", "h2k-worker"):
         link = stage / "usr/bin" / command
         assert link.is_symlink() and str(link.readlink()) == f"/usr/lib/h2kd/bin/{command}"
+    for command in ("h2kd", "h2kctl", "h2k-worker", "h2k-sandbox"):
         script = stage / "usr/lib/h2kd/bin" / command
         assert script.read_text().splitlines()[0].startswith("#!/usr/lib/h2kd/bin/python"), "scripts name the final path"
+    # The harness that boots private copies of dbus-daemon, polkitd and systemd is no command for the host.
+    assert not (stage / "usr/bin/h2k-sandbox").exists()
     version = subprocess.run([str(stage / "usr/lib/h2kd/bin/python"), "-m", "h2kctl.cli", "--version"],
                              capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "0.1.0" in version.stdout + version.stderr
+
+
+def test_bus_policy_and_polkit_actions_go_where_their_daemons_read_whatever_the_prefix(tmp_path):
+    """dbus-daemon and polkitd read only /usr/share (and /etc), never /usr/local/share."""
+    stage = tmp_path / "stage"
+    result = subprocess.run(["make", "-C", str(REPO), "install-data", f"DESTDIR={stage}", "PREFIX=/usr/local"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in ("usr/share/dbus-1/system.d/org.hyper2kvm.h2kd1.conf",
+                 "usr/share/dbus-1/system-services/org.hyper2kvm.h2kd1.service",
+                 "usr/share/polkit-1/actions/org.hyper2kvm.h2kd1.policy",
+                 "usr/local/lib/systemd/system/h2kd.service",
+                 "usr/local/share/man/man8/h2kd.8"):
+        assert (stage / path).is_file(), path
+    assert not (stage / "usr/local/share/dbus-1/system.d").exists()
+    assert not (stage / "usr/local/share/polkit-1").exists()
+    unit = (stage / "usr/local/lib/systemd/system/h2kd.service").read_text()
+    assert "ExecStart=/usr/local/bin/h2kd" in unit

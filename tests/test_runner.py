@@ -275,6 +275,32 @@ def test_unit_names_escape_job_ids_like_systemd_escape(job_id: str) -> None:
 
 
 
+def test_block_devices_are_found_from_sys_where_h2kd_has_no_device_nodes(tmp_path: Path, monkeypatch) -> None:
+    """Under h2kd.service's PrivateDevices=yes, h2kd's /dev lacks loop-control, nbd0 and mapper/control; the
+    job units get them, and /sys shows the drivers."""
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/sbin/{name}")
+    assert systemd_runner.device_capabilities(tmp_path) == {"loop": False, "nbd": False, "dm": False}
+    for sign in ("sys/class/misc/loop-control", "sys/block/nbd0", "sys/class/misc/device-mapper"):
+        (tmp_path / sign).mkdir(parents=True)
+    (tmp_path / "dev").mkdir()
+    assert systemd_runner.device_capabilities(tmp_path) == {"loop": True, "nbd": True, "dm": True}
+    # nbd loaded with nbds_max=0 has no nbd0 yet (devices are added over netlink).
+    (tmp_path / "sys/block/nbd0").rmdir()
+    (tmp_path / "sys/module/nbd").mkdir(parents=True)
+    assert systemd_runner.device_capabilities(tmp_path)["nbd"] is True
+    # device-mapper is usable only with dmsetup.
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert systemd_runner.device_capabilities(tmp_path)["dm"] is False
+
+
+def test_the_builtin_worker_reports_what_sys_shows(monkeypatch) -> None:
+    monkeypatch.setattr(systemd_runner, "device_capabilities",
+                        lambda root=Path("/"): {"loop": True, "nbd": True, "dm": False})
+    caps = SystemdRunner(Config(output_roots=[Path("/nonexistent/output")]), None).refresh()  # type: ignore[arg-type]
+    assert (caps["loop"], caps["nbd"], caps["dm"]) == (True, True, False)
+    assert set(caps) == {"qemu_img", "loop", "nbd", "dm", "lvm", "mount", "free_bytes"}
+
+
 def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()
@@ -331,8 +357,8 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
 
             caps = runner.capabilities()
             assert caps["qemu_img"] == (shutil.which("qemu-img") is not None)
-            assert caps["loop"] == os.path.exists("/dev/loop-control")
-            assert caps["nbd"] == os.path.exists("/dev/nbd0")
+            assert caps["loop"] == any(map(os.path.exists, ("/sys/class/misc/loop-control", "/dev/loop-control")))
+            assert caps["nbd"] == any(map(os.path.exists, ("/sys/block/nbd0", "/sys/module/nbd", "/dev/nbd0")))
             assert caps["free_bytes"][str(config.output_roots[0])] > 0
             for job, unit in ((convert, convert_unit), (offline, offline_unit)):
                 (config.runs_dir / unit / "go").touch()

@@ -209,3 +209,44 @@ def test_a_submitter_reaches_their_job_directory_in_the_default_output_root_and_
         assert as_nobody("cat", str(config.store_path)) != 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_administrators_mode_on_the_output_root_survives_restarts(tmp_path: Path) -> None:
+    """systemd resets the mode of every StateDirectory= at each start; the output root is not one of them, so
+    a group an administrator lets write there (chgrp h2k; chmod 2770) keeps that right. h2kd makes the root
+    only when it is missing."""
+    import os
+
+    from h2kd.config import Config
+    from h2kd.daemon import prepare_directories
+
+    service = unit_values(SERVICE)["Service"]
+    assert service["StateDirectory"].split() == ["h2kd"]
+    assert service["StateDirectoryMode"] == "0711"
+    config = Config(state_dir=tmp_path / "state")
+    config.output_roots = [config.state_dir / "output"]
+    prepare_directories(config)
+    root = config.output_roots[0]
+    assert root.stat().st_mode & 0o7777 == 0o711
+    os.chown(root, 0, 65534)
+    root.chmod(0o2770)
+    for _restart in range(2):
+        prepare_directories(config)
+        assert (root.stat().st_mode & 0o7777, root.stat().st_gid) == (0o2770, 65534)
+
+
+def test_an_output_root_h2kd_cannot_write_stops_it_and_names_the_drop_in(tmp_path: Path) -> None:
+    """As ProtectSystem=strict shows h2kd a directory outside /var/lib/h2kd without ReadWritePaths=: read-only
+    (here a read-only tmpfs, in a mount namespace of the test's own)."""
+    outside = tmp_path / "srv-out"
+    outside.mkdir()
+    conf = tmp_path / "h2kd.conf"
+    conf.write_text(f"[h2kd]\nstate_dir = '{tmp_path / 'state'}'\noutput_roots = ['{outside}']\n")
+    ran = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -m h2kd.daemon --config "$3"', "sh",
+                          str(outside), sys.executable, str(conf)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "H2KD_BUS_ADDRESS": "unix:path=/nonexistent"})
+    assert ran.returncode == 78, ran.stderr
+    assert f"bad settings: {outside} is not writable by h2kd (a read-only file system)" in ran.stderr, ran.stderr
+    assert f"ReadWritePaths={outside}" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr

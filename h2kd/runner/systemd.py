@@ -415,9 +415,7 @@ class SystemdRunner:
         qemu_img = shutil.which("qemu-img")
         self._capabilities = {
             "qemu_img": qemu_img is not None,
-            "loop": Path("/dev/loop-control").exists(),
-            "nbd": Path("/dev/nbd0").exists(),
-            "dm": Path("/dev/mapper/control").exists() and shutil.which("dmsetup") is not None,
+            **device_capabilities(),
             "lvm": shutil.which("lvm") is not None,
             "mount": shutil.which("mount") is not None,
             "free_bytes": free,
@@ -738,6 +736,23 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+# h2kd.service has PrivateDevices=yes: h2kd's own /dev has no loop, nbd or device-mapper nodes, while the job
+# units, which get those devices, see the host's. /sys is the same in both, and shows which drivers the kernel
+# has. The nodes count too, for an h2kd run without that sandbox.
+_DEVICE_SIGNS = {
+    "loop": ("sys/class/misc/loop-control", "dev/loop-control"),
+    "nbd": ("sys/block/nbd0", "sys/module/nbd", "dev/nbd0"),
+    "dm": ("sys/class/misc/device-mapper", "dev/mapper/control"),
+}
+
+
+def device_capabilities(root: Path = Path("/")) -> dict[str, bool]:
+    """Which block device drivers the job units can use, as seen from `root` (the host's / but in tests)."""
+    found = {name: any((root / sign).exists() for sign in signs) for name, signs in _DEVICE_SIGNS.items()}
+    found["dm"] = found["dm"] and shutil.which("dmsetup") is not None
+    return found
 
 
 def _existing_ancestor(path: Path) -> Path:
