@@ -931,6 +931,44 @@ def test_a_start_systemd_does_not_answer_in_time_is_followed_and_reported(sandbo
     asyncio.run(scenario())
 
 
+def test_an_end_whose_check_systemd_did_not_answer_is_checked_again(sandbox: Sandbox, monkeypatch) -> None:
+    """The unit ended, but systemd answered none of the checks its last signals set off (busy, a call timed out)
+    while the bus connection stayed up. No signal follows a unit's last one: the runner checks it again by
+    itself, and the attempt's end is reported, instead of its job running for ever."""
+    monkeypatch.setattr(systemd_runner, "CHECK_RETRY_SECONDS", 0.5)
+    unanswered = {"on": False, "calls": 0}
+    real_query = SystemdRunner._query
+
+    async def query(self, followed):
+        if unanswered["on"]:
+            unanswered["calls"] += 1
+            raise systemd_runner.SystemdError(f"GetUnit {followed.unit}: timed out")
+        return await real_query(self, followed)
+
+    monkeypatch.setattr(SystemdRunner, "_query", query)
+
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(config, events) as runner:
+            unit = await start_waiting(runner, events, job)
+            unanswered["on"] = True
+            (config.runs_dir / unit / "go").touch()
+            for _ in range(200):
+                props = await unit_properties(sandbox.manager.bus_address, unit)
+                if props is None or props.get("ActiveState") in ("inactive", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            assert unanswered["calls"] >= 1 and not events.outcomes_of(job.id)
+            unanswered["on"] = False
+            outcome = await events.wait_finished(job.id, timeout=15)
+        assert (outcome.result, outcome.exit_status) == ("success", 0)
+
+    asyncio.run(scenario())
+
+
 def test_runner_reconnects_when_the_bus_restarts_and_keeps_following(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         config = sandbox.config("wait")

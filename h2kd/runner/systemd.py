@@ -71,6 +71,7 @@ RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 SHUTDOWN_TARGET = "shutdown.target"     # pulled in by poweroff, reboot, halt, kexec, and a user manager's exit
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 CALL_TIMEOUT_SECONDS = 60
+CHECK_RETRY_SECONDS = 5.0       # a unit whose check failed is checked again after this
 # close() waits this long at most for the removal of forgotten jobs' directories: h2kd must stop well within its
 # unit's TimeoutStopSec (30 s), if need be leaving a directory behind.
 CLOSE_WAITS_FOR_REMOVALS_SECONDS = 10
@@ -556,12 +557,25 @@ class SystemdRunner:
                     return
                 if not followed.check_again:
                     return
-        except SystemdError as exc:   # retried on reconnect, or on the unit's next signal
-            log.warning("checking unit %s failed: %s", followed.unit, exc)
+        except SystemdError as exc:
+            # Tried again on reconnect, on the unit's next signal, and in any case a little later: after its last
+            # signal a unit sends no other, and its job would hold its slot for ever.
+            log.warning("checking unit %s failed: %s; checking again in %g s", followed.unit, exc,
+                        CHECK_RETRY_SECONDS)
+            self._check_later(followed)
         except Exception:
             log.exception("checking unit %s failed", followed.unit)
         finally:
             followed.checking = False
+
+    def _check_later(self, followed: _Followed) -> None:
+        async def later() -> None:
+            await asyncio.sleep(CHECK_RETRY_SECONDS)
+            if not self._closing:
+                self._schedule_check(followed)
+        task = asyncio.get_running_loop().create_task(later())
+        followed.tasks.add(task)
+        task.add_done_callback(followed.tasks.discard)
 
     async def _query(self, followed: _Followed) -> str:
         """"running", "over" (inactive/failed with no job pending) or "gone" (not loaded)."""
