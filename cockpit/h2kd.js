@@ -701,21 +701,29 @@ $("submit-form").addEventListener("submit", event => {
     callManager("SubmitJob", [buildSpec(form), {}], "a{sv}a{sv}").then(([id, path]) => {
         status.dataset.jobId = id;
         status.dataset.path = path;
+        const submitted = () => {
+            status.textContent = cockpit.format(_("Job $0 submitted."), id);
+            status.hidden = false;
+        };
+        // The job exists from here on, whatever happens to the calls after this one: saying it could not
+        // be submitted would have it submitted twice. Its row comes with the list, whose signals or reads
+        // bring it once they can.
+        if (!client) {
+            submitted();
+            return;
+        }
         // The host checks (source exists, output allowed, ...) run at submission: a job that failed
         // them is already final, and its error belongs next to the form like any other refusal.
-        return client.call(path, "org.freedesktop.DBus.Properties", "GetAll", [JOB_IFACE], { type: "s" })
-            .then(([props]) => {
-                const state = props.State ? props.State.v : "";
-                const [code, message] = props.Error ? props.Error.v : ["", ""];
-                const attempt = props.Attempt ? Number(props.Attempt.v) : 0;
-                if (state === "failed" && attempt === 0) {
-                    refused(code, message, id);
-                } else {
-                    status.textContent = cockpit.format(_("Job $0 submitted."), id);
-                    status.hidden = false;
-                }
-            });
-    }).catch(e => {
+        return client.call(path, PROPERTIES_IFACE, "GetAll", [JOB_IFACE], { type: "s" }).then(([props]) => {
+            const state = props.State ? props.State.v : "";
+            const [code, message] = props.Error ? props.Error.v : ["", ""];
+            const attempt = props.Attempt ? Number(props.Attempt.v) : 0;
+            if (state === "failed" && attempt === 0)
+                refused(code, message, id);
+            else
+                submitted();
+        }, submitted);
+    }, e => {
         refused(shortErrorName(e.name), errorText(e));
     }).finally(() => {
         button.disabled = !$("connection-error").hidden;
@@ -842,6 +850,8 @@ function scheduleWorkers() {
 /* ---------------------------------------------------------------- following the daemon's objects */
 
 const LIST_RETRY_MS = 5000;
+const READ_RETRY_MS = 1000;             // a job whose GetAll failed is read again after this, doubled each time
+const READ_RETRY_MAX_MS = 30000;
 let jobsListed = false;                 // ListJobs has answered on this connection
 let pendingReads = 0;                   // GetAll calls of jobs not answered yet
 
@@ -893,7 +903,7 @@ function loadJobs(connection) {
 
 // All the job's properties, for its row and its details.
 function readJob(job) {
-    if (job.reading || !client)
+    if (job.reading || job.readRetry || !client)
         return;
     const connection = client;
     job.reading = true;
@@ -910,11 +920,28 @@ function readJob(job) {
     connection.call(job.path, PROPERTIES_IFACE, "GetAll", [JOB_IFACE]).then(([properties]) => {
         if (!answered())
             return;
+        job.readFailures = 0;
         Object.assign(job, unwrapped(properties));
         job.full = true;
         if (rows.has(job.path) || job.path === selectedPath)
             jobChanged(job, []);
-    }, answered);                       // a job removed meanwhile: its InterfacesRemoved follows
+    }, () => {
+        if (!answered())
+            return;
+        // A job removed meanwhile is dropped by its InterfacesRemoved. Any other failure would come back
+        // at once if the job were read again right away (the reconcile that follows wants it), so it
+        // waits, longer each time, while the other jobs are shown.
+        const wait = Math.min(READ_RETRY_MAX_MS, READ_RETRY_MS * 2 ** (job.readFailures || 0));
+        job.readFailures = (job.readFailures || 0) + 1;
+        job.readRetry = window.setTimeout(() => {
+            job.readRetry = null;
+            if (connection !== client || jobs[job.path] !== job)
+                return;
+            scheduleReconcile();
+            if (job.path === selectedPath)
+                renderDetails();
+        }, wait);
+    });
 }
 
 function loadWorkers(connection) {

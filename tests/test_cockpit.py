@@ -130,6 +130,49 @@ def script_errors(browser: Browser) -> list[str]:
     return browser.execute("return window.scriptErrors || []")
 
 
+def fail_job_reads(browser: Browser, path: str = "") -> None:
+    """From now on, the page's Properties.GetAll calls on the Job at `path` (on every Job if empty) go to an
+    object h2kd does not have, so each is answered with an error; window.failedReads counts them. The calls are
+    rewritten in the page's own channel to the bridge (cockpit.transport.filter), until stop_failing_job_reads()
+    or the page is loaded again."""
+    browser.execute("""
+        const [target, prefix, elsewhere] = arguments;
+        window.failedReads = 0;
+        window.failReadsOf = target;
+        window.failJobReads = true;
+        if (window.jobReadFilter)
+            return;
+        window.jobReadFilter = true;
+        cockpit.transport.filter((data, channel) => {
+            if (!window.failJobReads || !channel || typeof data !== "string")
+                return true;
+            let message;
+            try {
+                message = JSON.parse(data.substring(channel.length + 1));
+            } catch (e) {
+                return true;
+            }
+            const call = message && message.call;
+            if (!call || call[1] !== "org.freedesktop.DBus.Properties" || call[2] !== "GetAll" ||
+                    call[3][0] !== "org.hyper2kvm.h2kd1.Job" || !call[0].startsWith(prefix) ||
+                    (window.failReadsOf && call[0] !== window.failReadsOf))
+                return true;
+            window.failedReads++;
+            call[0] = elsewhere;
+            cockpit.transport.inject(channel + "\\n" + JSON.stringify(message), true);
+            return false;
+        }, true);
+    """, path, MANAGER_PATH + "/job/", MANAGER_PATH + "/unreadable")
+
+
+def stop_failing_job_reads(browser: Browser) -> None:
+    browser.execute("window.failJobReads = false;")
+
+
+def job_path(env: dict[str, str], job_id: str) -> str:
+    return busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "GetJob", "s", job_id)[0]
+
+
 def held_jobs(bus_address: str, source: str, count: int) -> list[str]:
     """Submit `count` inspections of source held back from the queue (queue=false); their ids, oldest first."""
     async def submit_all(client: Client) -> list[str]:
@@ -476,3 +519,66 @@ def test_many_jobs_the_newest_are_shown_and_the_list_follows_changes(browser: Br
     finally:
         browser.click(browser.find("#job-filter option[value='all']"))
         load.cancel_and_remove(stack.bus_address, made)
+
+
+def test_a_submitted_job_is_reported_submitted_when_reading_it_back_fails(browser: Browser, cockpit_url: str,
+                                                                         env: dict[str, str], stack: Any,
+                                                                         sources: dict[str, Path]) -> None:
+    """SubmitJob succeeded but the page cannot read the new job back: it says the job was submitted (it was),
+    not that it could not be, which would have the administrator submit it twice."""
+    open_page(browser, cockpit_url)
+    before = {j[0] for j in busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0]}
+    output = stack.output_dir / "read-back-fails.qcow2"
+    job_id = ""
+    assert busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "PauseQueue").returncode == 0
+    try:
+        fill_form(browser, str(sources["big"]), str(output))
+        fail_job_reads(browser)
+        job_id = submit(browser)
+        assert browser.execute("return window.failedReads") >= 1, "the page did not read the new job back"
+        assert browser.text(browser.find("#submit-status")) == f"Job {job_id} submitted."
+        assert not browser.displayed(browser.find("#submit-error"))
+        after = {j[0] for j in busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0]}
+        assert after - before == {job_id}
+        assert job_property(env, job_id, "State") == "queued"
+        stop_failing_job_reads(browser)
+        wait_until(lambda: (row_state(browser, job_id) or {}).get("state") == "queued", 15,
+                   what="the submitted job's row")
+        assert script_errors(browser) == []
+    finally:
+        stop_failing_job_reads(browser)
+        busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "ResumeQueue")
+        if job_id:
+            load.cancel_and_remove(stack.bus_address, [job_id])
+
+
+def test_a_job_that_cannot_be_read_is_retried_with_a_backoff(browser: Browser, cockpit_url: str,
+                                                           env: dict[str, str], stack: Any,
+                                                           sources: dict[str, Path]) -> None:
+    """A job whose GetAll keeps failing is read again later and later, not in a loop of calls; the other jobs
+    are shown meanwhile, and the job too once it can be read."""
+    made = held_jobs(stack.bus_address, str(sources["big"]), 3)
+    unreadable = made[1]
+    try:
+        open_page(browser, cockpit_url)
+        wait_until(lambda: set(made) <= set(shown_job_ids(browser)), 15, what="the new jobs")
+        fail_job_reads(browser, job_path(env, unreadable))
+        # A new h2kd: the page lists the jobs afresh and reads the ones it shows.
+        stack.restart_daemon()
+        wait_until(lambda: browser.execute("return window.failedReads") >= 1, 30,
+                   what="the page to read the job again")
+        wait_until(lambda: {made[0], made[2]} <= set(shown_job_ids(browser)), 15, what="the other jobs")
+        time.sleep(6)
+        # Read at once, then after 1, 2 and 4 s: at most 4 calls in the first 6 s, 5 with some slack.
+        reads = browser.execute("return window.failedReads")
+        assert reads <= 5, f"the page read the unreadable job {reads} times in 6 s"
+        shown = shown_job_ids(browser)
+        assert unreadable not in shown
+        assert {made[0], made[2]} <= set(shown)
+        stop_failing_job_reads(browser)
+        wait_until(lambda: unreadable in shown_job_ids(browser), 20, what="the job once it can be read")
+        assert script_errors(browser) == []
+    finally:
+        stop_failing_job_reads(browser)
+        load.cancel_and_remove(stack.bus_address, made)
+
