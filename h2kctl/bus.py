@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant, unpac
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, DBusError
 
-from h2kd import BUS_NAME, MANAGER_PATH, WORKER_PATH_PREFIX
+from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH, WORKER_PATH_PREFIX
 from h2kd.bus import variants
 from h2kctl.errors import CtlError, ExitCode
 
@@ -52,22 +53,50 @@ INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequi
 def to_vardict(mapping: dict[str, Any], what: str = "a job spec") -> dict[str, Variant]:
     """A job spec (or options) as a{sv}: natural D-Bus types, None values left out (D-Bus has no null).
     A value D-Bus cannot carry is a usage error naming its field in `what`."""
+    # Looked for first: a string D-Bus cannot carry passes to_vardict and fails only while the message is
+    # encoded, where no field is known (and the bus would drop the connection over a NUL).
+    found = _unsendable(mapping, "")
+    if found is None:
+        try:
+            return variants.to_vardict(mapping)
+        except (TypeError, ValueError) as e:
+            found = ("", str(e))
+    field, problem = found
+    raise CtlError(f"{what}: " + (f"field {field}: " if field else "") + problem, ExitCode.USAGE)
+
+
+def text_problem(text: str) -> str | None:
+    """Why D-Bus cannot carry `text` as a string, None if it can: its strings are UTF-8 without NUL.
+    (A command line argument that is not UTF-8 arrives here with lone surrogates, PEP 383.)"""
+    if "\0" in text:
+        return "contains a NUL byte"
     try:
-        return variants.to_vardict(mapping)
-    except (TypeError, ValueError) as e:
-        # ValueError: dbus-fast's SignatureBodyMismatchError for an int beyond 64 bits, which names no field.
-        field, problem = _unsendable(mapping, "") or ("", str(e))
-        raise CtlError(f"{what}: " + (f"field {field}: " if field else "") + problem, ExitCode.USAGE) from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    return None
+
+
+def shown(text: str) -> str:
+    """`text` printable whatever it holds: bytes that are not UTF-8 as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _unsendable(value: Any, field: str) -> tuple[str, str] | None:
     """(field, problem) for the first value in `value` that to_variant refuses, None if there is none."""
     if isinstance(value, dict):
+        for key in value:
+            problem = text_problem(key) if isinstance(key, str) else None
+            if problem:
+                return (f"{field}.{shown(key)}" if field else shown(key)), f"the name {problem}"
         items = [(f"{field}.{key}" if field else str(key), v) for key, v in value.items() if v is not None]
     elif isinstance(value, (list, tuple)):
         items = [(f"{field}[{i}]", v) for i, v in enumerate(value)]
     elif value is None:   # left out of a dict, but a list has no way to leave it out
         return field, "null is not allowed here (D-Bus has no null)"
+    elif isinstance(value, str):
+        problem = text_problem(value)
+        return (field, problem) if problem else None
     else:
         try:
             variants.to_variant(value)
@@ -81,6 +110,14 @@ def _unsendable(value: Any, field: str) -> tuple[str, str] | None:
         if found is not None:
             return found
     return None
+
+
+def symlink_refusal(path: str) -> str:
+    """Why a source that is a symbolic link is refused, and what to give instead: h2kd checks the path the
+    caller names, and a link could be changed to lead elsewhere after that check."""
+    target = os.path.realpath(path)
+    return (f"refusing {shown(path)}: it is a symbolic link, and h2kd takes no symbolic link as a source; "
+            f"give the path of the image itself" + (f": {shown(target)}" if target != os.path.abspath(path) else ""))
 
 
 def _is_polkit_denial(text: str) -> bool:
@@ -109,6 +146,10 @@ class Client:
         self.ask_password = ask_password
         self.bus: MessageBus | None = None
         self._agent: subprocess.Popen | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.connected
 
     @property
     def _bus_description(self) -> str:
@@ -158,7 +199,7 @@ class Client:
                                                      unix_fds)
                     except DBusError as again:
                         e = again
-            raise self.translate(e, action, what or member) from None
+            raise self.translate(e, action, what or member, path) from None
 
     async def _call_once(self, path: str, interface: str, member: str, signature: str, body: list,
                          interactive: bool, unix_fds: list[int] | None = None) -> list[Any]:
@@ -171,6 +212,9 @@ class Client:
         timeout = INTERACTIVE_CALL_TIMEOUT if flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION else CALL_TIMEOUT
         try:
             reply = await asyncio.wait_for(self.bus.call(message), timeout)
+        except UnicodeEncodeError:
+            # What the callers did not check themselves: nothing was sent.
+            raise CtlError(f"cannot send {member}: an argument is not valid UTF-8 text", ExitCode.USAGE) from None
         except asyncio.TimeoutError:
             raise CtlError(f"h2kd did not answer {member} within {timeout:.0f} s", ExitCode.UNREACHABLE) from None
         except (OSError, EOFError) as e:
@@ -180,9 +224,12 @@ class Client:
                             reply.body[0] if reply.body and isinstance(reply.body[0], str) else "", reply)
         return unpack_variants(reply.body)
 
-    def translate(self, error: DBusError, action: str | None, what: str) -> CtlError:
-        """A D-Bus error as a one-line CtlError with the right exit code."""
+    def translate(self, error: DBusError, action: str | None, what: str, path: str = "") -> CtlError:
+        """A D-Bus error as a one-line CtlError with the right exit code (`path`: the object called)."""
         name, text = error.type, (error.text or "").strip()
+        if name in _OBJECT_GONE and path.startswith(JOB_PATH_PREFIX):
+            # The job was removed after its path was looked up: for the user, as if GetJob had said so.
+            return CtlError(f"job {path[len(JOB_PATH_PREFIX):]} no longer exists", ExitCode.NO_SUCH_JOB)
         if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
             if action and (name == INTERACTIVE_REQUIRED or _is_polkit_denial(text)):
                 # "Not authorized to X: authorization service unavailable": keep the reason.
@@ -251,14 +298,20 @@ class Client:
         """SubmitJob, or SubmitJobWithImage with the source opened here with the user's own rights, so
         h2kd acts only on what this user could read."""
         options = to_vardict({"queue": queue})
-        path = (spec.get("image") or {}).get("path")
-        if not path:
+        image = spec.get("image")
+        path = image.get("path") if isinstance(image, dict) else None
+        if not path or not isinstance(path, str):
+            # h2kd says what is wrong with a spec that names no usable source.
             return await self.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), options],
                                       action="submit", what="submit jobs")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as e:
-            raise CtlError(f"cannot open {path}: {e.strerror}", ExitCode.FAILURE) from None
+            if e.errno == errno.ELOOP:   # O_NOFOLLOW: h2kd takes no symlink as a source (see symlink_refusal)
+                raise CtlError(symlink_refusal(path), ExitCode.FAILURE) from None
+            raise CtlError(f"cannot open {shown(path)}: {e.strerror}", ExitCode.FAILURE) from None
+        except ValueError:   # a NUL byte, which spec.py lets through only if the spec was built elsewhere
+            raise CtlError(f"cannot open \"{shown(path)}\": the path contains a NUL byte", ExitCode.USAGE) from None
         try:
             return await self.call(MANAGER_PATH, MANAGER_IFACE, "SubmitJobWithImage", "ha{sv}a{sv}",
                                    [0, to_vardict(spec), options], action="submit", what="submit jobs",

@@ -17,10 +17,10 @@ from typing import Any, Awaitable, Callable
 
 from h2kd import __version__
 from h2kctl import schema
-from h2kctl.bus import JOB_IFACE, Client, to_vardict
+from h2kctl.bus import JOB_IFACE, Client, shown, text_problem, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
 from h2kctl.follow import (TERMINAL, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
-                           progress_stream, stream_is_tty, watch_all)
+                           patiently, progress_stream, stream_is_tty, watch_all)
 from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
                            user_name)
 from h2kctl.spec import load_job_file, spec_from_args
@@ -172,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                 json_output=True)
     p.add_argument("jobs", metavar="JOB", nargs="*", help="job ids (default: every job queued or running now)")
 
-    p = command("cancel", "cancel queued or running jobs (the unit is stopped, partial output removed)")
+    p = command("cancel", "cancel queued or running jobs (the unit is stopped, partial output removed) and wait "
+                "until each has ended, as systemctl stop does; a job that ended otherwise (e.g. completed "
+                "before the cancel reached it) is said, with exit status 1; Ctrl-C stops only the waiting")
     p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
+    p.add_argument("--no-block", action="store_true",
+                   help="only ask for the cancel: do not wait until the jobs have ended")
 
     p = command("retry", "queue a failed or cancelled job again as a new attempt", json_output=True)
     p.add_argument("job", metavar="JOB", help="the job id")
@@ -280,18 +284,19 @@ def _uid_of(user: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- commands
 
-async def _wait_and_report(client: Client, job_id: str, out: Output) -> int:
-    """Follow a job to its end (or Ctrl-C), print its outcome, return the exit code for it."""
+async def _wait_and_report(client: Client, job_id: str, path: str, out: Output) -> int:
+    """Follow a job to its end (or Ctrl-C), print its outcome, return the exit code for it. What is printed is
+    what following it gave: the job may be removed as soon as it has ended."""
     stream, tty = progress_stream(out.json, out.quiet)
     view = ProgressView(stream, tty)
-    props = await follow_job(client, job_id, view)
+    props = await follow_job(client, job_id, view, path)
     if props is None:
         print(detach_hint(job_id), file=sys.stderr)
         if out.json:
-            out.emit_json(schema.job(await client.job_properties(job_id), await client.get_job_path(job_id)))
+            out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
         return ExitCode.INTERRUPTED
     if out.json:
-        out.emit_json(schema.job(props, await client.get_job_path(job_id)))
+        out.emit_json(schema.job(props, path))
     elif props["State"] == "completed":
         out.line(final_message(props))
     code = exit_code_for(props["State"])
@@ -324,7 +329,7 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
                            f"until: h2kctl start {job_id}")
         if not out.quiet and not out.json:
             print(f"Submitted job {job_id}.")
-        return await _wait_and_report(client, job_id, out)
+        return await _wait_and_report(client, job_id, path, out)
     if out.json:
         out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
     elif out.quiet:
@@ -494,7 +499,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
     gone = 0
     for job_id in job_ids:
         try:
-            path = await client.get_job_path(job_id)
+            path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}")
             props = await follow_job(client, job_id, ProgressView(None, False), path)
         except CtlError as e:   # no such job, or removed before it was seen to end: the others are still waited for
             if e.code != ExitCode.NO_SUCH_JOB:
@@ -559,10 +564,38 @@ async def _each_job(job_ids: list[str], act: Callable[[str], Awaitable[None]]) -
 
 
 async def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
-    async def cancel(job_id: str) -> None:
+    """Like systemctl stop: every cancel is asked for first, then each job is waited for until it has ended
+    (its unit stopped), so that what comes next (retry, remove, reading the output directory) finds it so."""
+    requested: list[str] = []
+
+    async def request(job_id: str) -> None:
         await _job_action(client, job_id, "CancelJob", "cancel")
-        out.line(f"Cancelled job {job_id}.")
-    return await _each_job(args.jobs, cancel)
+        requested.append(job_id)
+        if args.no_block:
+            out.line(f"Cancel requested for job {job_id}.")
+
+    code = await _each_job(args.jobs, request)
+    if args.no_block:
+        return code
+    for index, job_id in enumerate(requested):
+        try:
+            props = await follow_job(client, job_id, ProgressView(None, False))
+        except CtlError as e:
+            if e.code == ExitCode.UNREACHABLE:   # already waited for as long as h2kd may be away
+                raise
+            _say(e)
+            code = code or e.code
+            continue
+        if props is None:   # Ctrl-C: only the waiting stops
+            print(f"{PROG}: stopped waiting; cancel was requested for {', '.join(requested[index:])}, which may "
+                  f"still be stopping", file=sys.stderr)
+            return ExitCode.INTERRUPTED
+        if props["State"] == "cancelled":
+            out.line(f"Cancelled job {job_id}.")
+        else:
+            _say(CtlError(f"job {job_id} was not cancelled: it {props['State']} before the cancel reached it"))
+            code = code or ExitCode.FAILURE
+    return code
 
 
 async def cmd_retry(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -577,7 +610,7 @@ async def cmd_start(client: Client, args: argparse.Namespace, out: Output) -> in
 
 async def _after_requeue(client: Client, args: argparse.Namespace, out: Output, message: str) -> int:
     if args.wait:
-        return await _wait_and_report(client, args.job, out)
+        return await _wait_and_report(client, args.job, await client.get_job_path(args.job), out)
     if out.json:
         path = await client.get_job_path(args.job)
         out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
@@ -751,8 +784,42 @@ REQUESTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 
 
+def argument_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """Each argument of the command given by its dest, as the user knows it: its long flag or its metavar."""
+    parsers = [parser]
+    for dest in ("command", "queue_command"):
+        chosen = getattr(args, dest, None)
+        subparsers = parsers[-1]._subparsers
+        if chosen and subparsers is not None:
+            parsers.append(subparsers._group_actions[0].choices[chosen])
+    names = {}
+    for each in parsers:
+        for action in each._actions:
+            names[action.dest] = (action.option_strings[-1] if action.option_strings
+                                  else action.metavar or action.dest.upper())
+    return names
+
+
+# Arguments read here and never sent: any file name the system takes will do.
+_LOCAL_ARGUMENTS = {"file"}
+
+
+def check_arguments(args: argparse.Namespace, names: dict[str, str]) -> None:
+    """Every text argument goes over D-Bus, which carries only UTF-8 strings without NUL: one that is not (a
+    file name in another encoding) is bad input, said before anything is sent."""
+    for dest, value in vars(args).items():
+        if dest in _LOCAL_ARGUMENTS:
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            problem = text_problem(text) if isinstance(text, str) else None
+            if problem:
+                raise CtlError(f"{names.get(dest, dest)} \"{shown(text)}\" {problem}; h2kd takes only UTF-8 text",
+                               ExitCode.USAGE)
+
+
 async def run(args: argparse.Namespace) -> int:
     out = Output(args)
+    check_arguments(args, args.argument_names)
     if args.command in REQUESTS:
         args.request = REQUESTS[args.command](args)
     async with Client(args.address, ask_password=args.ask_password) as client:
@@ -764,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     if getattr(args, "json", False) and not args.has_json_output:   # given before the command
         parser.error(f"{args.command} has no JSON output")
+    args.argument_names = argument_names(parser, args)
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = TerminalSafe(sys.stdout), TerminalSafe(sys.stderr)
     try:

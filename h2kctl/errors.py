@@ -20,13 +20,16 @@ class ExitCode(IntEnum):
 # The single description of the exit codes, shown by --help and the man page.
 EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
     (ExitCode.SUCCESS, "success"),
-    (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable)"),
-    (ExitCode.USAGE, "bad usage (unknown command or option, invalid value)"),
+    (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable, a job "
+                       "to cancel ended otherwise)"),
+    (ExitCode.USAGE, "bad usage or input (unknown command or option, invalid value, a job file with a field of the "
+                     "wrong type, text that is not UTF-8 or holds a NUL byte)"),
     (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed (with wait: one of them)"),
     (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled (with wait: one "
                              "of them, and none failed)"),
     (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
-    (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it)"),
+    (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it; while jobs are "
+                           "waited for or watched: for more than 2 minutes)"),
     (ExitCode.NO_SUCH_JOB, "no such job"),
     (ExitCode.INTERRUPTED, "Ctrl-C: h2kctl stopped waiting for or watching a job, which goes on (h2kctl then "
                            "ends by SIGINT, so a shell script running it stops too)"),

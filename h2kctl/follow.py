@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Awaitable, Callable, TextIO, TypeVar
 
 from dbus_fast import Message, unpack_variants
 
@@ -27,6 +27,11 @@ RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
 RESYNC_ALL_SECONDS = 3.0      # re-read all jobs (watch) at least this often
 READ_AT_ONCE = 16             # property reads in flight during a re-read
 REDRAW_SECONDS = 0.1          # redraw a terminal at most ten times a second
+RECONNECT_SECONDS = 120.0     # how long h2kd may stay unreachable (a restart) while jobs are followed
+RETRY_FIRST_SECONDS = 0.5     # the first pause before asking an unreachable h2kd again; doubled each time
+RETRY_MAX_SECONDS = 5.0
+
+T = TypeVar("T")
 
 
 def detach_hint(job_id: str) -> str:
@@ -193,53 +198,103 @@ async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
             w.cancel()
 
 
+async def patiently(client: Client, call: Callable[[], Awaitable[T]], doing: str,
+                    interrupt: asyncio.Event | None = None) -> T | None:
+    """call(), asked again while h2kd cannot be reached, pausing longer each time, for up to RECONNECT_SECONDS:
+    jobs outlive a restart of h2kd, and so does waiting for them. None if `interrupt` is set meanwhile.
+    `doing` says what h2kctl was doing, for the error once h2kd stays away too long."""
+    delay, gave_up_at = RETRY_FIRST_SECONDS, None
+    while True:
+        try:
+            return await call()
+        except CtlError as e:
+            # With the bus connection itself gone, no answer can come on it.
+            if e.code != ExitCode.UNREACHABLE or not client.connected:
+                raise
+            now = time.monotonic()
+            gave_up_at = gave_up_at or now + RECONNECT_SECONDS
+            if now >= gave_up_at:
+                raise CtlError(f"h2kd did not come back within {RECONNECT_SECONDS:.0f} s while {doing}: "
+                               f"{e.message}", ExitCode.UNREACHABLE) from None
+        pause = min(delay, max(gave_up_at - now, 0.0))
+        if interrupt is None:
+            await asyncio.sleep(pause)
+        else:
+            await _wait_any([interrupt], pause)
+            if interrupt.is_set():
+                return None
+        delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
 async def follow_job(client: Client, job_id: str, view: ProgressView, path: str | None = None
                      ) -> dict[str, Any] | None:
     """Follow one job (at `path`, if known) until it ends; return its final properties, or None when the user
-    pressed Ctrl-C (the job is left running; the caller says how to cancel it)."""
-    path = path or await client.get_job_path(job_id)
+    pressed Ctrl-C (the job is left running; the caller says how to cancel it). h2kd may restart meanwhile."""
+    doing = f"waiting for job {job_id}"
+    path = path or await patiently(client, lambda: client.get_job_path(job_id), doing)
     changed = asyncio.Event()
     removed = asyncio.Event()
     props: dict[str, Any] = {}
+    # Properties a signal set while a read was in flight: the read's answer may be older than the signal.
+    fresh: set[str] = set()
 
     def on_signal(message: Message) -> None:
         if message.path == path:
             if message.interface == PROPS_IFACE and message.member == "PropertiesChanged":
                 if message.body[0] == JOB_IFACE:
-                    props.update(unpack_variants(message.body[1]))
+                    values = unpack_variants(message.body[1])
+                    props.update(values)
+                    fresh.update(values)
             elif message.interface == JOB_IFACE and message.member == "StateChanged":
                 props["State"] = message.body[0]
+                fresh.add("State")
             changed.set()
         elif (message.path == MANAGER_PATH and message.interface == OBJECT_MANAGER_IFACE
               and message.member == "InterfacesRemoved" and message.body[0] == path):
             removed.set()
 
+    async def read_all(interrupt: asyncio.Event) -> bool:
+        """Read every property again (keeping what signals said meanwhile); False on Ctrl-C."""
+        fresh.clear()
+        try:
+            snapshot = await patiently(client, lambda: client.get_all(path, JOB_IFACE), doing, interrupt)
+        except CtlError as e:
+            if e.code == ExitCode.NO_SUCH_JOB:
+                raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB) from None
+            raise
+        if snapshot is None:
+            return False
+        props.update({name: value for name, value in snapshot.items() if name not in fresh})
+        return True
+
     rules = [f"type='signal',sender='{BUS_NAME}',path='{path}'",
              f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',interface='{OBJECT_MANAGER_IFACE}',"
              f"member='InterfacesRemoved'"]
     async with client.signals(rules, on_signal):
-        props.update(await client.get_all(path, JOB_IFACE))  # after subscribing, so nothing is missed
-        last_read = time.monotonic()
         with _Interrupt() as interrupt:
-            while True:
+            read = await read_all(interrupt.event)   # after subscribing, so nothing is missed
+            last_read = time.monotonic()
+            while read:
                 if props.get("State") in TERMINAL:
                     # The final values: read them once more, so Result and Error are complete.
-                    props.update(await client.get_all(path, JOB_IFACE))
+                    if not await read_all(interrupt.event):
+                        break
                     view.update(props, force=True)
                     view.clear()
                     return props
                 view.update(props)
                 await _wait_any([changed, interrupt.event, removed], RESYNC_SECONDS)
                 if interrupt.event.is_set():
-                    view.clear()
-                    return None
+                    break
                 if removed.is_set():
                     view.clear()
                     raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
                 changed.clear()
                 if time.monotonic() - last_read >= RESYNC_SECONDS:
-                    props.update(await client.get_all(path, JOB_IFACE))
+                    read = await read_all(interrupt.event)
                     last_read = time.monotonic()
+            view.clear()
+            return None
 
 
 def _listed_progress(props: dict[str, Any]) -> float:
@@ -247,19 +302,26 @@ def _listed_progress(props: dict[str, Any]) -> float:
     return float(props.get("Progress", 0.0)) if props.get("ProgressKnown") else -1.0
 
 
-async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str, Any]]) -> None:
+async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str, Any]],
+                     fresh: dict[str, set[str]]) -> None:
     """Read these jobs' properties into `jobs`, READ_AT_ONCE calls in flight; a job removed meanwhile is
-    dropped."""
+    dropped. While a job is read, the signal handler notes in fresh[path] the properties it set: those are
+    newer than the answer, which does not overwrite them."""
     window = asyncio.Semaphore(READ_AT_ONCE)
 
     async def read(path: str) -> None:
         async with window:
+            fresh[path] = set()
             try:
-                jobs[path] = await client.get_all(path, JOB_IFACE)
+                snapshot = await client.get_all(path, JOB_IFACE)
             except CtlError as e:
                 if e.code == ExitCode.UNREACHABLE:
                     raise
                 jobs.pop(path, None)
+                return
+            finally:
+                newer = fresh.pop(path, set())
+            jobs[path] = {**snapshot, **{name: jobs[path][name] for name in newer if name in jobs.get(path, {})}}
     await asyncio.gather(*(read(p) for p in paths))
 
 
@@ -269,12 +331,16 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
     views: dict[str, ProgressView] = {}
     changed = asyncio.Event()
     announced: set[str] = set()
+    fresh: dict[str, set[str]] = {}   # by path: what signals set while that job is read (see _read_jobs)
 
     def on_signal(message: Message) -> None:
         path = message.path or ""
         if message.interface == PROPS_IFACE and message.member == "PropertiesChanged" and path in jobs:
             if message.body[0] == JOB_IFACE:
-                jobs[path].update(unpack_variants(message.body[1]))
+                values = unpack_variants(message.body[1])
+                jobs[path].update(values)
+                if path in fresh:
+                    fresh[path].update(values)
                 changed.set()
         elif path == MANAGER_PATH and message.interface == OBJECT_MANAGER_IFACE:
             object_path = message.body[0]
@@ -306,13 +372,14 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                 to_read.append(path)
         for path in [p for p in jobs if p not in listed]:
             del jobs[path]
-        await _read_jobs(client, to_read, jobs)
+        await _read_jobs(client, to_read, jobs, fresh)
 
     await resync(first=True)
     # Jobs already finished when watching starts are not news.
     announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
     block = 0
     last_resync = time.monotonic()
+    unreachable_since: float | None = None
     if not tty:
         stream.write("Watching all jobs; press Ctrl-C to stop.\n")
         stream.flush()
@@ -341,7 +408,17 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
             await _wait_any([changed, interrupt.event], RESYNC_ALL_SECONDS)
             changed.clear()
             if time.monotonic() - last_resync >= RESYNC_ALL_SECONDS:
-                await resync(first=False)
+                try:
+                    await resync(first=False)
+                    unreachable_since = None
+                except CtlError as e:
+                    # h2kd restarting: the jobs go on, and the next re-read shows where they are.
+                    if e.code != ExitCode.UNREACHABLE or not client.connected:
+                        raise
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since >= RECONNECT_SECONDS:
+                        raise CtlError(f"h2kd did not come back within {RECONNECT_SECONDS:.0f} s while watching "
+                                       f"jobs: {e.message}", ExitCode.UNREACHABLE) from None
                 last_resync = time.monotonic()
             await asyncio.sleep(REDRAW_SECONDS if tty else 0)
 

@@ -8,14 +8,21 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from h2kctl.bus import to_vardict
+from h2kctl.bus import shown, symlink_refusal, text_problem, to_vardict
 from h2kctl.errors import CtlError, ExitCode
 from h2kctl.render import user_name
 
 
-def readable_source(path: str) -> str:
-    """The absolute path of a source image the calling user can open read-only (else CtlError)."""
+def readable_source(path: str, what: str = "the source") -> str:
+    """The absolute path of a source image the calling user can open read-only (else CtlError); `what` names
+    where the path came from, for a path D-Bus cannot carry."""
+    problem = text_problem(path)
+    if problem:
+        raise CtlError(f"{what} \"{shown(path)}\" {problem}; h2kd takes only UTF-8 paths without NUL bytes",
+                       ExitCode.USAGE)
     absolute = os.path.abspath(os.path.expanduser(path))
+    if os.path.islink(absolute):
+        raise CtlError(symlink_refusal(absolute))
     try:
         fd = os.open(absolute, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
@@ -71,15 +78,21 @@ def _parse_job_file(path: str, where: str, text: str) -> dict[str, Any]:
     # Found now, not when the spec is sent: h2kd's answer could not name the file, dbus-fast's not the field.
     to_vardict(spec, where)
     image = spec.get("image")
-    if isinstance(image, dict) and isinstance(image.get("path"), str):
-        image["path"] = readable_source(image["path"])
+    if image is not None and not isinstance(image, dict):
+        raise CtlError(f'{where}: field image: must be an object, e.g. {{"path": "/srv/import/disk.vmdk"}}',
+                       ExitCode.USAGE)
+    if image is not None and image.get("path") is not None:
+        if not isinstance(image["path"], str):
+            raise CtlError(f"{where}: field image.path: must be a string (the source image's path)",
+                           ExitCode.USAGE)
+        image["path"] = readable_source(image["path"], f"{where}: field image.path:")
     return spec
 
 
 def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
     """A job spec from the flags of `submit` (or `inspect`): only what was given; h2kd fills defaults."""
     spec: dict[str, Any] = {"operation": operation,
-                            "image": {"path": readable_source(args.source),
+                            "image": {"path": readable_source(args.source, "SOURCE"),
                                       "format": getattr(args, "source_format", None)}}
     if getattr(args, "id", None):
         spec["job_id"] = args.id
@@ -94,7 +107,7 @@ def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
         if getattr(args, "sync", True) is False:
             parameters["sync"] = False
     if operation == "validate" and getattr(args, "compare_with", None):
-        parameters["compare_with"] = readable_source(args.compare_with)
+        parameters["compare_with"] = readable_source(args.compare_with, "--compare-with")
     if parameters:
         spec["parameters"] = parameters
     policy = {"priority": getattr(args, "priority", None), "retry_count": getattr(args, "retries", None),

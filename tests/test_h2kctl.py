@@ -815,3 +815,84 @@ def test_text_from_an_image_cannot_drive_the_readers_terminal(env, images, outpu
     as_json = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
     assert payload in as_json["error"]["message"]        # --json carries the exact text, escaped as JSON does
     evil.unlink()
+
+
+# ------------------------------------------------------------------ jobs that take a while
+
+THROTTLED = {"H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=16000000"}
+
+
+@pytest.fixture
+def throttled(stack):
+    """h2kd whose worker units convert at 16 MB/s: the big image takes some 15 s, time to act while it runs."""
+    stack.restart_daemon(daemon_env=THROTTLED)
+    yield stack
+    stack.restart_daemon(daemon_env={})
+
+
+def wait_until_converting(env: dict[str, str], job_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while busctl_property(env, job_path(env, job_id), JOB_IFACE, "Progress") < 0.05:
+        assert time.monotonic() < deadline, f"{job_id} made no progress"
+        assert job_state(env, job_id) not in TERMINAL, job_state(env, job_id)
+        time.sleep(0.1)
+
+
+def test_cancel_returns_once_the_job_has_stopped(env, images, output_dir, throttled):
+    """As systemctl stop: when cancel returns the unit is gone and the job cancelled, so that retry works at once;
+    --no-block only asks."""
+    job_id = new_id("stop")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", str(images["big"]), "-o", str(output), "--id", job_id, "--source-format", "raw"))
+    try:
+        wait_until_converting(env, job_id)
+        assert ok(h2kctl(env, "cancel", job_id)).stdout == f"Cancelled job {job_id}.\n"
+        assert job_state(env, job_id) == "cancelled"
+        assert ok(h2kctl(env, "retry", job_id)).stdout == f"Queued job {job_id} again.\n"
+        wait_until_converting(env, job_id)
+        requested = ok(h2kctl(env, "cancel", "--no-block", job_id))
+        assert requested.stdout == f"Cancel requested for job {job_id}.\n"
+        assert wait_for_state(env, job_id, TERMINAL) == "cancelled"
+        assert not output.exists()
+    finally:
+        h2kctl(env, "cancel", job_id)
+        h2kctl(env, "remove", job_id)
+
+
+def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, throttled):
+    """The job goes on while h2kd restarts (its unit is systemd's); so do wait, watch and submit --wait, which
+    end with the job's real outcome instead of "h2kd is not reachable"."""
+    job_id = new_id("restart")
+    output = output_dir / f"{job_id}.qcow2"
+
+    def follow(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([H2KCTL, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+
+    followers = [follow("submit", "--wait", "--json", str(images["big"]), "-o", str(output), "--id", job_id,
+                        "--source-format", "raw")]
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["busctl", "--system", "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJob", "s", job_id],
+                             env=env, capture_output=True, timeout=30).returncode != 0:
+            assert time.monotonic() < deadline and followers[0].poll() is None, followers[0].communicate()
+            time.sleep(0.1)
+        followers += [follow("watch", job_id), follow("wait", job_id)]
+        wait_until_converting(env, job_id)
+        stack.stop_daemon()
+        time.sleep(3)    # away long enough for every follower to find it gone: each reads at least once a second
+        stack.start_daemon()
+        assert job_state(env, job_id) not in TERMINAL, "the job ended before h2kd was back: nothing was tested"
+        outputs = [f.communicate(timeout=240) for f in followers]
+    finally:
+        for follower in followers:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+    for follower, (stdout, stderr) in zip(followers, outputs):
+        assert follower.returncode == 0 and not stderr, (follower.args, follower.returncode, stdout, stderr)
+    assert json.loads(outputs[0][0])["state"] == "completed"
+    assert outputs[1][0].splitlines()[-1].startswith(f"Job {job_id} completed")
+    assert outputs[2][0].startswith(f"Job {job_id} completed")
+    assert job_state(env, job_id) == "completed"
+    output.unlink(missing_ok=True)

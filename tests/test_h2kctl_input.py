@@ -18,7 +18,7 @@ H2KCTL = str(Path(sys.executable).parent / "h2kctl")
 TOO_BIG = 2**63   # one more than D-Bus's widest signed integer (x)
 
 
-def run_h2kctl(tmp_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+def run_h2kctl(tmp_path: Path, *args: str | bytes, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-such-socket'}",
            "LC_ALL": "C.UTF-8"}
     env.pop("H2KCTL_DEBUG", None)
@@ -82,3 +82,42 @@ def test_job_file_nested_too_deeply(tmp_path):
 def test_list_owner_out_of_range(tmp_path, owner):
     usage_error(run_h2kctl(tmp_path, "list", "--owner", owner), "--owner", owner, "out of range")
 
+
+
+@pytest.mark.parametrize("content, field, problem", [
+    ({"operation": "convert", "image": "/x.vmdk"}, "field image:", "must be an object"),
+    ({"operation": "convert", "image": {"path": 5}}, "field image.path:", "must be a string"),
+    ({"operation": "convert", "image": {"path": "/x\0y.vmdk"}}, "field image.path:", "NUL"),
+    ({"operation": "convert", "audit": {"ticket": "T-\0"}}, "field audit.ticket:", "NUL"),
+])
+def test_job_file_field_of_the_wrong_kind(tmp_path, content, field, problem):
+    path = job_file(tmp_path, content)
+    usage_error(run_h2kctl(tmp_path, "submit", "--file", path), path, field, problem)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["submit", b"/tmp/disk-\xff.vmdk"], "SOURCE"),
+    (["submit", "/etc/hostname", "-o", b"/var/lib/h2kd/output/\xfe.qcow2"], "--output"),
+    (["submit", "/etc/hostname", "--ticket", b"caf\xe9"], "--ticket"),
+    (["status", b"job-\xff"], "JOB"),
+    (["cancel", "job-1", b"job-\xff"], "JOB"),
+])
+def test_argument_that_is_not_utf8(tmp_path, args, named):
+    """D-Bus carries only UTF-8 text: such an argument (a file name from another system) cannot be sent."""
+    line = usage_error(run_h2kctl(tmp_path, *args), named, "not valid UTF-8")
+    assert "\\x" in line      # the bytes shown as escapes
+
+
+def test_symlinked_source_says_it_is_a_link_and_names_its_target(tmp_path):
+    """h2kd takes no symbolic link as a source (it could be turned elsewhere after the check): h2kctl says so
+    instead of "Too many levels of symbolic links", and names the file to give instead."""
+    image = tmp_path / "disk.vmdk"
+    image.write_bytes(b"\0" * 512)
+    link = tmp_path / "link.vmdk"
+    link.symlink_to(image)
+    for result in (run_h2kctl(tmp_path, "submit", str(link)),
+                   run_h2kctl(tmp_path, "submit", "--file", job_file(tmp_path, {"image": {"path": str(link)}}))):
+        assert result.returncode == 1, result
+        assert result.stderr.strip().splitlines() == [
+            f"h2kctl: refusing {link}: it is a symbolic link, and h2kd takes no symbolic link as a source; "
+            f"give the path of the image itself: {image}"], result.stderr

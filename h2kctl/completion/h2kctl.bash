@@ -46,7 +46,7 @@ _h2kctl() {
     options["h2kctl wait"]="--system --address --no-ask-password --no-pager -q --quiet --json -h --help"
     values["h2kctl wait:--address"]="@none"
     positional["h2kctl wait"]="@job"
-    options["h2kctl cancel"]="--system --address --no-ask-password --no-pager -q --quiet -h --help"
+    options["h2kctl cancel"]="--system --address --no-ask-password --no-pager -q --quiet --no-block -h --help"
     values["h2kctl cancel:--address"]="@none"
     positional["h2kctl cancel"]="@job"
     options["h2kctl retry"]="--system --address --no-ask-password --no-pager -q --quiet --json --wait -h --help"

@@ -1,0 +1,271 @@
+"""h2kctl where timing decides: a job removed between two calls, a snapshot answered after a newer signal.
+
+h2kd cannot be made to lose such races on demand, so here a stand-in owns its name on a private bus and
+answers as each test says; h2kctl runs as the installed command, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+H2KCTL = str(Path(sys.executable).parent / "h2kctl")
+BUS_NAME = "org.hyper2kvm.h2kd1"
+JOB_PATH_PREFIX = "/org/hyper2kvm/h2kd1/job/"
+JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+MiB = 1024 * 1024
+
+Answer = Callable[["FakeH2kd", Message], bool]
+
+
+def job_props(job_id: str, state: str, progress: float, phase: str = "converting") -> dict[str, Variant]:
+    done = int(progress * 100) * MiB
+    return {"Id": Variant("s", job_id), "Operation": Variant("s", "convert"), "State": Variant("s", state),
+            "Phase": Variant("s", phase), "Progress": Variant("d", progress), "ProgressKnown": Variant("b", True),
+            "BytesDone": Variant("t", done), "BytesTotal": Variant("t", 100 * MiB), "Rate": Variant("t", 0),
+            "Error": Variant("(ss)", ["", ""]), "Result": Variant("s", ""), "Attempt": Variant("u", 1),
+            "Output": Variant("s", f"/var/lib/h2kd/output/{job_id}.qcow2")}
+
+
+class FakeH2kd:
+    """Owns h2kd's name on its own bus and answers each method call with `answer(fake, call)` (True once it
+    has replied), in a thread of its own; AddMatch and the like go to the bus itself."""
+
+    def __init__(self, address: str, answer: Answer):
+        self.address = address
+        self.answer = answer
+        self.calls: list[tuple[str, str]] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.bus: MessageBus | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._connect(), self.loop).result(30)
+
+    async def _connect(self) -> None:
+        self.bus = await MessageBus(bus_address=self.address, bus_type=BusType.SYSTEM,
+                                    negotiate_unix_fd=True).connect()
+        self.bus.add_message_handler(self._on_message)
+        await self.bus.request_name(BUS_NAME)
+
+    def _on_message(self, message: Message) -> bool:
+        if message.message_type != MessageType.METHOD_CALL:
+            return False
+        for fd in message.unix_fds:
+            os.close(fd)
+        self.calls.append((message.member, message.body[0] if message.body else ""))
+        if self.answer(self, message):
+            return True
+        self.error(message, "org.freedesktop.DBus.Error.UnknownMethod", f"{message.member} is not faked here")
+        return True
+
+    def reply(self, call: Message, signature: str, body: list, after: float = 0.0) -> None:
+        self.later(after, Message.new_method_return(call, signature, body))
+
+    def error(self, call: Message, name: str, text: str) -> None:
+        self.later(0.0, Message.new_error(call, name, text))
+
+    def properties_changed(self, path: str, values: dict[str, Variant], after: float = 0.0) -> None:
+        self.later(after, Message.new_signal(path, PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
+                                             [JOB_IFACE, values, []]))
+
+    def later(self, delay: float, message: Message) -> None:
+        assert self.bus is not None
+        self.loop.call_later(delay, self.bus.send, message)
+
+    def stop(self) -> None:
+        if self.bus is not None:
+            self.loop.call_soon_threadsafe(self.bus.disconnect)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[str]:
+    """A system-type bus of our own that lets anyone own any name; its address."""
+    config = tmp_path / "bus.conf"
+    socket_path = tmp_path / "bus"
+    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={socket_path}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/>
+</policy></busconfig>
+""")
+    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(config), "--nofork", "--print-address"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        bus.stdout.readline()
+        yield f"unix:path={socket_path}"
+    finally:
+        bus.terminate()
+        bus.wait(10)
+
+
+@pytest.fixture
+def fake_h2kd(private_bus: str) -> Iterator[Callable[[Answer], FakeH2kd]]:
+    started: list[FakeH2kd] = []
+
+    def start(answer: Answer) -> FakeH2kd:
+        fake = FakeH2kd(private_bus, answer)
+        fake.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+def h2kctl(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
+    return subprocess.run([H2KCTL, "--address", address, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def is_call(message: Message, member: str) -> bool:
+    return message.member == member
+
+
+def test_wait_goes_on_past_a_job_whose_object_is_gone(fake_h2kd, private_bus):
+    """GetJob still found the job, but its object was removed before GetAll reached it: that job is said to be
+    gone, and the others are still waited for, as when the removal is seen by its signal."""
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "GetAll") and call.path.endswith("/gone"):
+            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {call.path}")
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("done", "completed", 1.0)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "wait", "gone", "done")
+    assert result.returncode == 7, result
+    assert result.stdout.startswith("Job done completed"), result
+    assert result.stderr.strip() == "h2kctl: job gone was removed while being followed", result
+
+
+def test_submit_wait_json_reports_a_job_removed_right_after_it_ended(fake_h2kd, private_bus, tmp_path):
+    """A job may be removed (by an administrator, or by retention) once it has ended: what h2kctl followed
+    is printed all the same."""
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 4096)
+    looked_up: list[str] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "SubmitJobWithImage"):
+            fake.reply(call, "so", ["quick", JOB_PATH_PREFIX + "quick"])
+        elif is_call(call, "GetJob") and not looked_up:
+            looked_up.append(call.body[0])
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "GetJob"):   # removed since
+            fake.error(call, "org.hyper2kvm.h2kd1.Error.NoSuchJob", f"no such job: {call.body[0]}")
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("quick", "completed", 1.0)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "submit", "--wait", "--json", str(source), "--no-ask-password")
+    assert result.returncode == 0, result
+    job = json.loads(result.stdout)
+    assert job["id"] == "quick" and job["state"] == "completed" and job["path"] == JOB_PATH_PREFIX + "quick"
+
+
+def test_progress_never_shows_a_snapshot_older_than_a_signal(fake_h2kd, private_bus):
+    """The answer to a re-read was made before a change h2kd has signalled since (both reach h2kctl while the
+    call is in flight): the signalled, newer values stay; the progress shown never goes back."""
+    reads: list[str] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "GetAll"):
+            reads.append(call.path)
+            if len(reads) == 1:
+                fake.reply(call, "a{sv}", [job_props("slow", "progressing", 0.1)])
+            elif len(reads) == 2:
+                newer = job_props("slow", "progressing", 0.6)
+                fake.properties_changed(call.path, {k: newer[k] for k in ("Progress", "BytesDone")})
+                fake.reply(call, "a{sv}", [job_props("slow", "progressing", 0.3)], after=0.3)
+            else:
+                fake.reply(call, "a{sv}", [job_props("slow", "completed", 1.0)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "watch", "slow")
+    assert result.returncode == 0, result
+    shown = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("Job slow: ")]
+    assert shown == ["progressing (converting) 10% (10.0 MiB/100.0 MiB)",
+                     "progressing (converting) 60% (60.0 MiB/100.0 MiB)"], result.stdout
+    assert result.stdout.splitlines()[-1].startswith("Job slow completed"), result.stdout
+
+
+class StoppingJob:
+    """A running job whose unit takes `stop_seconds` to stop once cancelled, and then ends `outcome`
+    (h2kd cancels it, or it completed before the stop reached it)."""
+
+    def __init__(self, job_id: str, outcome: str, stop_seconds: float = 1.0):
+        self.job_id, self.outcome, self.stop_seconds = job_id, outcome, stop_seconds
+        self.path = JOB_PATH_PREFIX + job_id
+        self.state = "progressing"
+
+    def answer(self, fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [self.path])
+        elif is_call(call, "GetAll"):
+            props = job_props(self.job_id, self.state, 0.5)
+            props["Owner"] = Variant("u", os.getuid())
+            fake.reply(call, "a{sv}", [props])
+        elif is_call(call, "CancelJob"):
+            fake.reply(call, "", [])
+            fake.loop.call_later(self.stop_seconds, self.end, fake)
+        else:
+            return False
+        return True
+
+    def end(self, fake: FakeH2kd) -> None:
+        self.state = self.outcome
+        fake.later(0.0, Message.new_signal(self.path, JOB_IFACE, "StateChanged", "s", [self.outcome]))
+
+
+def test_cancel_returns_once_the_job_has_ended_not_when_asked(fake_h2kd, private_bus):
+    """As systemctl stop: "Cancelled" is said once it is so, and a retry or a look at the output may follow."""
+    job = StoppingJob("stopping", "cancelled")
+    fake_h2kd(job.answer)
+    result = h2kctl(private_bus, "cancel", "stopping", "--no-ask-password")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "Cancelled job stopping.\n", "")
+    assert job.state == "cancelled"
+
+
+def test_cancel_says_when_the_job_ended_otherwise(fake_h2kd, private_bus):
+    job = StoppingJob("finishing", "completed", stop_seconds=0.2)
+    fake_h2kd(job.answer)
+    result = h2kctl(private_bus, "cancel", "finishing", "--no-ask-password")
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr == ("h2kctl: job finishing was not cancelled: it completed before the cancel reached it\n")
+
+
+def test_cancel_no_block_only_asks(fake_h2kd, private_bus):
+    job = StoppingJob("asked", "cancelled", stop_seconds=30)
+    fake_h2kd(job.answer)
+    result = h2kctl(private_bus, "cancel", "--no-block", "asked", "--no-ask-password", timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "Cancel requested for job asked.\n", "")
+    assert job.state == "progressing"
