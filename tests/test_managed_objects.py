@@ -202,6 +202,13 @@ def test_busctl_and_gdbus_read_the_listing(stack, stack_env):
             entry = out.stdout.split(f"'{path}': {{", 1)[1].split(f"'{MANAGER_PATH}/", 1)[0]
             assert f"'Id': <'{job_id}'>" in entry and f"'Priority': <uint32 {priority}>" in entry
             assert f"'State': <'{state}'>" in entry
+        # Only the manager is an ObjectManager: asked anywhere else, h2kd says so at once (walking every job
+        # there held the daemon for a second or more, for any caller).
+        for path in (MANAGER_PATH + "/job", jobs[0][1], "/org/hyper2kvm"):
+            out = await asyncio.to_thread(subprocess.run, [
+                "busctl", "--system", "call", BUS_NAME, path, OBJECT_MANAGER, "GetManagedObjects"],
+                env=stack_env, capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0 and "no object manager at" in out.stderr, (path, out.stdout, out.stderr)
         await clean_up(client, jobs)
     run(scenario())
 
