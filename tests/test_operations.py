@@ -431,7 +431,9 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     data_file = src / "data-file.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(data_file),
                     "32K")
+    differencing = _differencing_vhd(src / "checkpoint.avhd")
     return {
+        "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
         "file: backing file": (convert_spec(file_protocol, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -456,7 +458,22 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     }
 
 
-BAD_INPUTS = ["json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+def _differencing_vhd(path: Path) -> Path:
+    """A VHD whose footer says it is a differencing disk (Hyper-V checkpoint), with a footer checksum qemu takes."""
+    images.qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", str(path), "8M")
+    subprocess.run(["qemu-io", "-f", "vpc", "-c", "write -P 7 0 64k", str(path)], check=True, capture_output=True)
+    data = bytearray(path.read_bytes())
+    for start in (0, len(data) - 512):         # the footer, and its copy at the start of a dynamic VHD
+        footer = data[start:start + 512]
+        footer[60:64] = (4).to_bytes(4, "big")
+        footer[64:68] = bytes(4)
+        footer[64:68] = ((~sum(footer)) & 0xFFFFFFFF).to_bytes(4, "big")
+        data[start:start + 512] = footer
+    path.write_bytes(bytes(data))
+    return path
+
+
+BAD_INPUTS = ["differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 

@@ -348,6 +348,11 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
                                  "be a single-file VMDK")
     elif ref.format == "vpc":
         subformat = _vhd_type(_vpc_footer(ref))
+        if subformat == "differencing":
+            # qemu reads a differencing VHD (a Hyper-V checkpoint, .avhd) as if it stood alone, without its
+            # parent: the conversion would succeed with every block the parent holds left zero.
+            raise OperationError("UNSUPPORTED", f"{label} ({ref.describe()}) is a differencing VHD (a checkpoint "
+                                 "of another disk); merge the checkpoint in Hyper-V, or convert the merged disk")
     result = None
     if checking is not None:
         result = checking.result()
