@@ -54,6 +54,14 @@ class RecordingRunner:
         return {"qemu_img": True, "loop": True}
 
 
+class SlowToStart(RecordingRunner):
+    """systemd never answers StartTransientUnit: h2kd goes down while the unit is being started."""
+
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        await asyncio.Event().wait()
+
+
 class RefusedLater(RecordingRunner):
     """systemd refuses the unit (`refusal`), once the test lets it answer (may_answer)."""
 
@@ -981,11 +989,6 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
     """Cancel is answered once it is stored. h2kd stopped while the unit was being started (StartTransientUnit
     not answered yet): the h2kd that starts next stops the unit it finds, and the job ends cancelled, not
     completed."""
-    class SlowToStart(RecordingRunner):
-        async def start(self, job, attempt):
-            self.started.append((job.id, attempt))
-            await asyncio.Event().wait()        # h2kd goes down before systemd answers
-
     async def go():
         runner = SlowToStart()
         m, *_ = make(tmp_path, runner=runner)
@@ -1011,11 +1014,6 @@ def test_a_cancel_asked_for_while_the_unit_was_starting_survives_a_restart(tmp_p
 def test_a_unit_started_before_a_restart_can_be_cancelled_after_it(tmp_path, image):
     """h2kd stopped while the unit was being started, before its name was stored. The h2kd that starts next
     finds the unit running; a Cancel then stops it (and keeps doing so after another restart)."""
-    class SlowToStart(RecordingRunner):
-        async def start(self, job, attempt):
-            self.started.append((job.id, attempt))
-            await asyncio.Event().wait()        # h2kd goes down before systemd answers
-
     async def go():
         runner = SlowToStart()
         m, *_ = make(tmp_path, runner=runner)
