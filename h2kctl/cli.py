@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="JOBFILE", help="read the whole job spec from a JSON file (or YAML, when "
                    "PyYAML is installed; - reads stdin) instead of flags")
     p.add_argument("--operation", choices=OPERATIONS, default="convert", help="what to do (default: convert)")
-    p.add_argument("-o", "--output", metavar="PATH", help="where to write the converted image (needed by convert; "
-                   "it must be under one of h2kd's output roots)")
+    p.add_argument("-o", "--output", metavar="PATH", help="where to write the converted image: under one of h2kd's "
+                   "output roots, in a directory the caller may write (without it, a directory of the job's "
+                   "own in the first output root)")
     p.add_argument("--format", choices=["qcow2", "raw"], help="output format (default: qcow2)")
     p.add_argument("--compress", metavar="TYPE", nargs="?", const="", type=_compression,
                    help="compress the qcow2 output, with TYPE zlib or zstd (default: h2kd's choice); "

@@ -87,7 +87,7 @@ def render() -> str:
             ".TP", "\\fB$H2KCTL_PAGER\\fR, \\fB$SYSTEMD_PAGER\\fR, \\fB$PAGER\\fR",
             escape("The pager for long output (default: less with LESS=FRSXMK); \"cat\" or \"\" turns it off."),
             ".SH EXAMPLES",
-            ".nf", escape("h2kctl submit --wait -o /var/lib/h2kd/out/web.qcow2 --compress=zstd web.vmdk\n"
+            ".nf", escape("h2kctl submit --wait -o /var/lib/h2kd/output/web.qcow2 --compress=zstd web.vmdk\n"
                           "h2kctl list --state running,queued\n"
                           "h2kctl inspect --json appliance.ova\n"
                           "h2kctl logs -f job-1\n"
