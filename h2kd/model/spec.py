@@ -56,6 +56,8 @@ def _fail(kind: str, message: str, **context: Any) -> PydanticCustomError:
 def _check_job_id(value: str) -> str:
     if not JOB_ID_RE.fullmatch(value):
         raise _fail("job_id", "must be 1 to 64 letters, digits, dots, underscores or dashes")
+    if value in (".", ".."):     # a job's output directory is named after its id
+        raise _fail("job_id", "must name a directory of its own: not . or ..")
     return value
 
 
