@@ -432,7 +432,10 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     images.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(data_file),
                     "32K")
     differencing = _differencing_vhd(src / "checkpoint.avhd")
+    cut_flat = images.make_image("vmdk", "monolithicFlat", src / "cut.vmdk", size=4 * MiB)
+    os.truncate(src / "cut-flat.vmdk", 3 * MiB)
     return {
+        "flat extent cut short": (convert_spec(cut_flat, out / "o.qcow2"), "INVALID_IMAGE", "the copy is incomplete"),
         "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
@@ -473,7 +476,7 @@ def _differencing_vhd(path: Path) -> Path:
     return path
 
 
-BAD_INPUTS = ["differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 

@@ -232,13 +232,17 @@ class Disk:
         return out
 
 
-def _vmdk_descriptor_extents(text: str) -> list[str]:
-    names = []
+def _vmdk_descriptor_extents(text: str) -> list[tuple[str, int | None]]:
+    """The extent files a descriptor names, each with the bytes it must hold when it is a flat extent (its
+    sectors from its offset on), None for a sparse one."""
+    extents = []
     for line in text.splitlines():
-        m = re.match(r'^\s*(RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)\s+"([^"]*)"', line)
-        if m and m.group(2).upper() != "ZERO":
-            names.append(m.group(3))
-    return names
+        m = re.match(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(?:\s+(\d+))?', line)
+        if not m or m.group(3).upper() == "ZERO":
+            continue
+        flat = m.group(3).upper() in ("FLAT", "VMFS")
+        extents.append((m.group(4), (int(m.group(5) or 0) + int(m.group(2))) * 512 if flat else None))
+    return extents
 
 
 def _check_vmdk_descriptor(fd: int, path: str, size: int) -> None:
@@ -247,13 +251,17 @@ def _check_vmdk_descriptor(fd: int, path: str, size: int) -> None:
         return
     text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
     directory = os.path.dirname(path)
-    for name in _vmdk_descriptor_extents(text):
+    for name, needed in _vmdk_descriptor_extents(text):
         extent = _local_file(directory, name, "the VMDK extent")
         try:
             st = os.lstat(extent)
         except FileNotFoundError:
             raise _invalid(f"the VMDK descriptor {path} names an extent file {name!r} that does not exist") from None
         _refuse_non_regular(extent, st, "the VMDK extent")
+        if needed is not None and st.st_size < needed:
+            # qemu reads past the end of a flat extent as zeros: a copy cut short would convert "successfully".
+            raise _invalid(f"the VMDK extent {name!r} holds {st.st_size} bytes where its descriptor {path} says "
+                           f"{needed}: the copy is incomplete")
 
 
 def _inside(path: str, directory: str) -> bool:
