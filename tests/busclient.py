@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import subprocess
 import time
-from typing import Any, Awaitable
+from pathlib import Path
+from typing import Any, Awaitable, Iterator
 
 from dbus_fast import Message, MessageType, Variant
 
@@ -95,3 +97,24 @@ def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> s
         assert chunk, f"the program ended before writing {text!r}; it wrote: {data.decode(errors='replace')}"
         data += chunk
     return data.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def open_bus(directory: Path) -> Iterator[str]:
+    """A system-type dbus-daemon of our own in `directory` that lets anyone own any name; its address."""
+    config, socket_path = directory / "bus.conf", directory / "bus"
+    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={socket_path}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/>
+</policy></busconfig>
+""")
+    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(config), "--nofork", "--print-address"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert bus.stdout is not None
+        bus.stdout.readline()
+        yield f"unix:path={socket_path}"
+    finally:
+        bus.terminate()
+        bus.wait(10)

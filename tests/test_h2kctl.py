@@ -26,7 +26,7 @@ from typing import Iterator
 import pytest
 from dbus_fast import Variant
 
-from busclient import WORKER, Client, read_until, run
+from busclient import WORKER, Client, open_bus, read_until, run
 from runas import USERNS_STAGING, as_user
 
 from h2kctl.cli import build_parser
@@ -247,25 +247,10 @@ def test_unreachable_bus_exits_6(tmp_path):
 
 def test_name_not_on_the_bus_exits_6(tmp_path):
     """A bus that is there, without h2kd on it."""
-    config = tmp_path / "bus.conf"
-    socket_path = tmp_path / "bus"
-    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path={socket_path}</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/>
-</policy></busconfig>
-""")
-    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(config), "--nofork", "--print-address"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        bus.stdout.readline()
-        result = subprocess.run([H2KCTL, "--address", f"unix:path={socket_path}", "queue"], capture_output=True,
-                                text=True, timeout=30)
-        assert result.returncode == 6, result
-        assert "org.hyper2kvm.h2kd1" in result.stderr
-    finally:
-        bus.terminate()
-        bus.wait(10)
+    with open_bus(tmp_path) as address:
+        result = subprocess.run([H2KCTL, "--address", address, "queue"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 6, result
+    assert "org.hyper2kvm.h2kd1" in result.stderr
 
 
 # ------------------------------------------------------------------------------ read commands

@@ -19,6 +19,8 @@ import pytest
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from busclient import open_bus
+
 H2KCTL = str(Path(sys.executable).parent / "h2kctl")
 BUS_NAME = "org.hyper2kvm.h2kd1"
 JOB_PATH_PREFIX = "/org/hyper2kvm/h2kd1/job/"
@@ -95,22 +97,8 @@ class FakeH2kd:
 @pytest.fixture
 def private_bus(tmp_path: Path) -> Iterator[str]:
     """A system-type bus of our own that lets anyone own any name; its address."""
-    config = tmp_path / "bus.conf"
-    socket_path = tmp_path / "bus"
-    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path={socket_path}</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/>
-</policy></busconfig>
-""")
-    bus = subprocess.Popen(["dbus-daemon", "--config-file", str(config), "--nofork", "--print-address"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        bus.stdout.readline()
-        yield f"unix:path={socket_path}"
-    finally:
-        bus.terminate()
-        bus.wait(10)
+    with open_bus(tmp_path) as address:
+        yield address
 
 
 @pytest.fixture

@@ -546,13 +546,9 @@ class JobManager:
             raise InvalidArgument(f"priority must be between 1 and 10, not {priority}")
         if job.state not in (S.QUEUED, S.VALIDATED, S.RETRYING, S.CREATED):
             raise InvalidState(f"job {job_id} is {job.state.value}; only waiting jobs can change priority")
-        before = job.priority
-        job.priority = priority
-        try:
+        with self._all_or_nothing(job):     # refused: neither memory nor the queue moves, as the store did not
+            job.priority = priority
             self._store.save_job(job)
-        except StoreFailed:
-            job.priority = before       # refused: neither memory nor the queue moves, as the store did not
-            raise
         if job.state == S.QUEUED:
             self._scheduler.set_priority(job.id, priority)
         with contextlib.suppress(StoreFailed):     # the change is stored; only its line in the job's log is missing
