@@ -454,7 +454,13 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
     cpus, memory_mib, firmware = 1, 0, "bios"
     ordered: list[str] = []
     nics: list[dict[str, Any]] = []
-    for item in (el for el in system.iter() if _ln(el.tag) in ("Item", "StorageItem", "EthernetPortItem")):
+    items = [el for el in system.iter() if _ln(el.tag) in ("Item", "StorageItem", "EthernetPortItem")]
+    # Where each disk sits (controller kind, controller, unit): the lowest is the disk the VM boots from.
+    controllers = {_child_text(item, "InstanceID"): (_OVF_CONTROLLER_RANK[kind], position)
+                   for position, item in enumerate(items)
+                   if (kind := _child_text(item, "ResourceType")) in _OVF_CONTROLLER_RANK}
+    placement: dict[str, tuple[int, int, int]] = {}
+    for item in items:
         kind = _child_text(item, "ResourceType")
         if kind == "3":
             cpus = int(_child_text(item, "VirtualQuantity") or 1)
@@ -469,6 +475,11 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             elif ref in files:   # "ovf:/file/<id>": a disk given by file only
                 disks.setdefault(ref, {"id": ref, "file_ref": ref, "capacity": 0, "format": None})
                 ordered.append(ref)
+            else:
+                continue
+            unit = _child_text(item, "AddressOnParent") or ""
+            placement[ref] = (*controllers.get(_child_text(item, "Parent"), (len(_OVF_CONTROLLER_RANK), 0)),
+                              int(unit) if unit.isdigit() else 0)
         elif kind == "10":
             nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
                          "network": _child_text(item, "Connection"), "mac": _child_text(item, "Address")})
@@ -478,13 +489,23 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             firmware = "uefi" if (_attr(el, "value") or "").lower() == "efi" else "bios"
         elif _ln(el.tag) == "Firmware" and (_attr(el, "type") or "").upper() == "EFI":
             firmware = "uefi"
+    os_section = next((el for el in system.iter() if _ln(el.tag) == "OperatingSystemSection"), None)
+    guest_os = ""
+    if os_section is not None:
+        guest_os = _attr(os_section, "osType") or _child_text(os_section, "Description") or ""
     disk_list = []
     for disk_id in ordered:
         disk = disks[disk_id]
         file = files.get(disk.get("file_ref") or "", {})
         disk_list.append({**disk, "href": file.get("href"), "compression": file.get("compression")})
+    placed = [placement[d] for d in ordered if d in placement]
+    boot_disk = ordered.index(next(d for d in ordered if placement.get(d) == min(placed))) if placed else 0
     return {"name": vm_name, "cpus": cpus, "memory_mib": memory_mib, "firmware": firmware,
-            "disks": disk_list, "nics": nics}
+            "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
+
+
+# OVF ResourceType of disk controllers, ranked as parse_vmx ranks them: SCSI, SATA ("other storage"), IDE.
+_OVF_CONTROLLER_RANK = {"6": 0, "20": 1, "5": 3}
 
 
 _MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
@@ -530,9 +551,13 @@ def parse_vmx(text: str) -> dict[str, Any]:
                      "network": keys.get(dev + ".networkname"),
                      "mac": keys.get(dev + ".address") or keys.get(dev + ".generatedaddress")})
     memory = keys.get("memsize", "0")
+    devices = [device for _, device, _ in sorted(found)]
+    # bios.hddOrder lists the disks the BIOS tries, first the one it boots from ("scsi0:1,scsi0:0").
+    first = keys.get("bios.hddorder", "").split(",")[0].strip().lower()
     return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
             "memory_mib": int(memory) if memory.isdigit() else 0,
             "firmware": "uefi" if keys.get("firmware", "").lower() == "efi" else "bios",
+            "guest_os": keys.get("guestos", ""), "boot_disk": devices.index(first) if first in devices else 0,
             "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
 
 
