@@ -60,8 +60,21 @@ def output_owner(uid: int, group: str = "") -> tuple[int, int]:
 def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int],
                           allowed_roots: Iterable[str | os.PathLike[str]]) -> tuple[Path, os.stat_result]:
     """Return the resolved path of a source image the caller may read, and the file's status as checked
-    (its identity is what the worker must find), or raise."""
+    (its identity is what the worker must find), or raise.
+
+    The caller's own lookup comes first: what root can see but the caller cannot (a file in a directory
+    closed to them, and whether it exists or what it is) gets the one answer "permission denied"."""
     given = _absolute(path)
+    as_caller = _as_caller(uid, gids, _try_look_up_and_read, str(given)) if uid != 0 else None
+    code = 0
+    if as_caller is not None:
+        code, device, inode, mode = as_caller
+        if code in (errno.ENOENT, errno.ENOTDIR) and not mode:
+            raise InvalidArgument(f"no such file: {given}")
+        if code and not mode:
+            raise _not_readable(given, uid, code)
+        if stat.S_ISLNK(mode):
+            raise _symlink_refused(given)
     try:
         # One lookup gives both the file's identity and where it really is (no window between the two).
         fd = os.open(given, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -72,10 +85,12 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
     try:
         seen = os.fstat(fd)
         if stat.S_ISLNK(seen.st_mode):
-            raise NotAuthorized(f"refusing {given}: it is a symbolic link; give the path of the image itself")
+            raise _symlink_refused(given)
         resolved = Path(_path_of(fd, given))
     finally:
         os.close(fd)
+    if as_caller is not None and (device, inode) != (seen.st_dev, seen.st_ino):
+        raise NotAuthorized(f"refusing {given}: it was replaced while being checked")
     roots = _resolved_roots(allowed_roots)
     if not _is_below(resolved, roots):
         raise NotAuthorized(
@@ -84,16 +99,21 @@ def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int
         )
     if not stat.S_ISREG(seen.st_mode):
         raise InvalidArgument(f"{given} is not a regular file")
-    if uid == 0:
-        return resolved, seen
-    code = _opened_as_caller(uid, gids, _try_open_for_reading, str(resolved), (seen.st_dev, seen.st_ino), given)
-    if code in (errno.EACCES, errno.EPERM):
-        raise NotAuthorized(f"permission denied: {given} is not readable by uid {uid}")
     if code == errno.ELOOP:
         raise NotAuthorized(f"refusing {given}: it became a symbolic link while being checked")
     if code:
-        raise InvalidArgument(f"cannot read {given} as uid {uid}: {os.strerror(code)}")
+        raise _not_readable(given, uid, code)
     return resolved, seen
+
+
+def _not_readable(given: Path, uid: int, code: int) -> H2kError:
+    if code in (errno.EACCES, errno.EPERM):
+        return NotAuthorized(f"permission denied: {given} is not readable by uid {uid}")
+    return InvalidArgument(f"cannot read {given} as uid {uid}: {os.strerror(code)}")
+
+
+def _symlink_refused(given: Path) -> NotAuthorized:
+    return NotAuthorized(f"refusing {given}: it is a symbolic link; give the path of the image itself")
 
 
 def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int],
@@ -224,6 +244,19 @@ def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[in
     if not code and (device, inode) != checked:
         raise NotAuthorized(f"refusing {shown}: it was replaced while being checked")
     return code
+
+
+def _try_look_up_and_read(path: str) -> tuple[int, ...]:
+    """(errno, device, inode, mode) of the caller's lookup of `path`, then, for a regular file, of their
+    opening it for reading. mode is 0 when the lookup itself failed."""
+    try:
+        found = os.lstat(path)
+    except OSError as e:
+        return (e.errno or errno.EIO, 0, 0, 0)
+    if not stat.S_ISREG(found.st_mode):
+        return (0, found.st_dev, found.st_ino, found.st_mode)
+    code, device, inode = _try_open(path, os.O_RDONLY)
+    return (code, device, inode, found.st_mode) if not code else (code, found.st_dev, found.st_ino, found.st_mode)
 
 
 def _try_open_for_reading(path: str) -> tuple[int, ...]:

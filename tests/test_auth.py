@@ -965,3 +965,44 @@ def test_a_descriptor_does_not_stand_in_for_a_path_the_caller_cannot_read(users,
     (shared_dir / "locked").chmod(0o755)
     assert checks(job, source_proof=os.stat(image)) is None
     assert job.source_identity == f"{image.stat().st_dev}:{image.stat().st_ino}"
+
+
+def test_what_lies_behind_a_closed_directory_gets_one_answer(users, shared_dir):
+    """h2kd looks at sources as root, but the caller learns no more than they could find out themselves:
+    behind a directory closed to them, a file, a directory, a FIFO, a symlink and nothing at all are
+    refused alike, whether given as a path or with a descriptor of a file of their own."""
+    from h2kd.config import Config
+    from h2kd.manager.validation import HostChecks
+    from h2kd.model.job import Job
+
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    closed = shared_dir / "closed"
+    closed.mkdir(mode=0o700)
+    _image(closed / "disk.img", 0o644)
+    (closed / "subdir").mkdir()
+    os.mkfifo(closed / "fifo", 0o666)
+    (closed / "link").symlink_to(closed / "disk.img")
+    own = _image(shared_dir / "own.img", 0o600, alice)
+    checks = HostChecks(Config(output_roots=[shared_dir], source_roots=[Path("/")]))
+    answers = set()
+    for name in ("disk.img", "subdir", "fifo", "link", "missing", "missing/deeper"):
+        given = closed / name
+        with pytest.raises(NotAuthorized) as raised:
+            check_source_readable(str(given), alice.pw_uid, gids, ["/"])
+        answers.add(str(raised.value).replace(str(given), "PATH"))
+        job = Job(id=f"probe-{len(answers)}", spec={"operation": "inspect", "image": {"path": str(given)}},
+                  operation="inspect", owner=alice.pw_uid)
+        with pytest.raises(NotAuthorized) as raised:
+            checks(job, source_proof=os.stat(own))
+        answers.add(str(raised.value).replace(str(given), "PATH"))
+    assert answers == {f"permission denied: PATH is not readable by uid {alice.pw_uid}"}
+    # Where the caller can look, they are told what is there, as before.
+    closed.chmod(0o755)
+    with pytest.raises(InvalidArgument, match="no such file"):
+        check_source_readable(str(closed / "missing"), alice.pw_uid, gids, ["/"])
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        check_source_readable(str(closed / "subdir"), alice.pw_uid, gids, ["/"])
+    with pytest.raises(NotAuthorized, match="symbolic link"):
+        check_source_readable(str(closed / "link"), alice.pw_uid, gids, ["/"])
+    assert check_source_readable(str(closed / "disk.img"), alice.pw_uid, gids, ["/"])[0] == closed / "disk.img"

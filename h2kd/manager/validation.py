@@ -27,15 +27,15 @@ class HostChecks:
     def __call__(self, job: Job, source_proof: os.stat_result | None = None) -> str | None:
         gids = caller_groups(job.owner) if job.owner else []
         try:
-            if source_proof is not None:
+            if source_proof is not None and not job.owner:
                 self._check_proof(job.source, source_proof)
                 resolved, seen = Path(job.source), source_proof
-                if job.owner:
-                    # The worker's qemu-img reads the image by its path with the caller's rights, so a
-                    # descriptor alone is not enough: say so now rather than fail later.
-                    resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
             else:
+                # With a descriptor too: the worker's qemu-img reads the image by its path with the caller's
+                # rights, so a descriptor alone is not enough. Said now rather than failing later.
                 resolved, seen = check_source_readable(job.source, job.owner, gids, self._config.source_roots)
+                if source_proof is not None:
+                    self._check_proof(job.source, source_proof)
             if job.operation == "offline_fix" and not (job.spec.get("parameters") or {}).get("dry_run"):
                 check_image_writable(resolved, seen, job.owner, gids)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
