@@ -127,6 +127,10 @@ def check_output_allowed(path: str | os.PathLike[str], uid: int, gids: list[int]
     given = _absolute(path)
     if given.name in ("", ".", ".."):
         raise InvalidArgument(f"{given} does not name a file")
+    if uid != 0 and _as_caller(uid, gids, _try_look_up, str(given)) == (errno.EACCES,):
+        # Root's lookup would tell what lies behind a directory closed to the caller (a directory or
+        # nothing at all): they get the answer of any directory they cannot write.
+        raise NotAuthorized(f"permission denied: {given.parent} is not writable by uid {uid}")
     try:
         existing: os.stat_result | None = os.lstat(given)
     except FileNotFoundError:
@@ -244,6 +248,14 @@ def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[in
     if not code and (device, inode) != checked:
         raise NotAuthorized(f"refusing {shown}: it was replaced while being checked")
     return code
+
+
+def _try_look_up(path: str) -> tuple[int, ...]:
+    try:
+        os.lstat(path)
+    except OSError as e:
+        return (e.errno or errno.EIO,)
+    return (0,)
 
 
 def _try_look_up_and_read(path: str) -> tuple[int, ...]:

@@ -1006,3 +1006,22 @@ def test_what_lies_behind_a_closed_directory_gets_one_answer(users, shared_dir):
     with pytest.raises(NotAuthorized, match="symbolic link"):
         check_source_readable(str(closed / "link"), alice.pw_uid, gids, ["/"])
     assert check_source_readable(str(closed / "disk.img"), alice.pw_uid, gids, ["/"])[0] == closed / "disk.img"
+
+
+def test_an_output_behind_a_closed_directory_gets_one_answer(users, shared_dir):
+    """Whether an output path names an existing directory, a file or nothing cannot be learnt through h2kd
+    where the caller cannot look."""
+    alice = users[ALICE]
+    gids = caller_groups(alice.pw_uid)
+    roots = [shared_dir]
+    closed = shared_dir / "closed-out"
+    closed.mkdir(mode=0o700)
+    (closed / "subdir").mkdir()
+    (closed / "file.qcow2").write_bytes(b"")
+    answers = set()
+    for name in ("subdir", "file.qcow2", "missing.qcow2", "subdir/new.qcow2", "missing/new.qcow2"):
+        given = closed / name
+        with pytest.raises(NotAuthorized) as raised:
+            check_output_allowed(str(given), alice.pw_uid, gids, roots)
+        answers.add(str(raised.value).replace(str(given.parent), "DIR"))
+    assert answers == {f"permission denied: DIR is not writable by uid {alice.pw_uid}"}
