@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
                    help="stop an attempt after this long (60..86400; default 3600)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output file")
-    p.add_argument("--id", metavar="ID", help="the job id (default: generated); resubmitting the same id with "
-                   "the same spec returns the existing job")
+    p.add_argument("--id", metavar="ID", help="the job id (default: generated); resubmitting the id of a job of "
+                   "yours with the same spec returns that job")
     p.add_argument("--ticket", metavar="TICKET", help="a ticket reference recorded with the job")
     p.add_argument("--tag", metavar="TAG", action="append", help="a tag recorded with the job (repeatable)")
     p.add_argument("--no-queue", dest="queue", action="store_false",

@@ -378,6 +378,10 @@ class JobManager:
         parsed = spec_to_json(parse_spec(spec))
         existing = self._jobs.get(parsed["job_id"])
         if existing is not None:
+            if existing.owner != owner:
+                # An id is everyone's, but its job is its owner's: another user's identical spec must not be
+                # answered with a job they would then take as their own (its outputs, its cancel).
+                raise AlreadyExists(f"a job with id {parsed['job_id']!r} was submitted by another user")
             if existing.spec == parsed or same_spec(existing.spec, parsed):
                 # A job whose failure the store has yet to take is going to fail: told so, as the first caller was.
                 return existing, False, self._failure_unrecorded.get(existing.id)

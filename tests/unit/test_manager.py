@@ -219,6 +219,11 @@ def test_idempotent_and_conflicting_resubmission(tmp_path, image):
         assert again is first and not created
         with pytest.raises(AlreadyExists):
             m.submit(spec(image, tmp_path / "out/b.qcow2", job_id="vm-1"), owner=0)
+        # The same spec from another user is not answered with the first user's job.
+        for other in (1000, 1001):
+            with pytest.raises(AlreadyExists, match="'vm-1' was submitted by another user"):
+                m.submit(s, owner=other)
+        assert m.submit(s, owner=0) == (first, False)
         with pytest.raises(InvalidSpec):
             m.submit({"operation": "teleport"}, owner=0)
         with pytest.raises(NoSuchJob):
