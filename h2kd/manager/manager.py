@@ -87,7 +87,11 @@ STORE_RETRY_SECONDS = 5.0
 GONE_WORKER_KEEP_SECONDS = 600.0
 MAX_CAPABILITIES_BYTES = 64 * 1024   # an external worker's capabilities, as JSON
 MAX_PHASE, MAX_MESSAGE = 64, 1024    # of an external worker's progress report (cut beyond)
-UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1   # what the properties (u, t) can carry
+MAX_RESULT_BYTES = 64 * 1024         # an external worker's outputs, as JSON: kept with the job for good
+MAX_ERROR_MESSAGE = 4096             # of an external worker's failure (cut beyond)
+UINT32_MAX = 2**32 - 1                # what a property of type u can carry
+# Byte counts, rates and times: what both a property of type t and the store's INTEGER columns can carry.
+COUNT_MAX = 2**63 - 1
 PROGRESS_EVENT_PERCENT = 5      # a job's event log records its progress in steps of this many percent
 PROGRESS_COMMIT_SECONDS = 1.0   # progress events reach the disk within this (a crash may lose that much of them)
 # Host-level checks of a parsed spec for a given owner; returns an error message or None.
@@ -886,6 +890,7 @@ class JobManager:
 
     def _apply_progress(self, job: Job, phase: str, fraction: float | None, done: int, total: int,
                         message: str = "") -> None:
+        done, total = min(done, COUNT_MAX), min(total, COUNT_MAX)
         changed: set[str] = set()
         if job.state == S.RUNNING:
             self._transition(job, S.PROGRESSING, "progress reported")
@@ -940,11 +945,11 @@ class JobManager:
             samples.popleft()
         (t0, b0), (t1, b1) = samples[0], samples[-1]
         if t1 > t0 and b1 > b0:
-            job.rate = min(int((b1 - b0) * 1_000_000 / (t1 - t0)), UINT64_MAX)
+            job.rate = min(int((b1 - b0) * 1_000_000 / (t1 - t0)), COUNT_MAX)
             if job.bytes_total and job.rate:
                 # Past the total (a worker's count can be off), the end is now, not in the past.
                 left = max(job.bytes_total - job.bytes_done, 0)
-                job.expected_end = min(now + int(left * 1_000_000 / job.rate), UINT64_MAX)
+                job.expected_end = min(now + int(left * 1_000_000 / job.rate), COUNT_MAX)
 
     def _reset_progress(self, job: Job) -> None:
         job.phase = ""
@@ -1143,8 +1148,8 @@ class JobManager:
         worker = self._external(worker_id)
         worker.last_heartbeat = now_usec()
         job = self._claimed(worker, job_id)
-        if not (0 <= bytes_done <= UINT64_MAX and 0 <= bytes_total <= UINT64_MAX):
-            raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {UINT64_MAX}")
+        if not (0 <= bytes_done <= COUNT_MAX and 0 <= bytes_total <= COUNT_MAX):
+            raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {COUNT_MAX}")
         if job.state == S.ASSIGNED:
             job.started_at = job.started_at or now_usec()
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")
@@ -1159,6 +1164,11 @@ class JobManager:
             code = ErrorCode(error_code or "INTERNAL")
         except ValueError:
             raise InvalidArgument(f"unknown error code {error_code!r}") from None
+        if not isinstance(outputs, dict) or len(json.dumps(outputs).encode()) > MAX_RESULT_BYTES:
+            raise InvalidArgument(f"outputs must be a JSON object of at most {MAX_RESULT_BYTES} bytes")
+        if not (0 <= bytes_read <= COUNT_MAX and 0 <= bytes_written <= COUNT_MAX):
+            raise InvalidArgument(f"bytes_read and bytes_written must be 0 to {COUNT_MAX}")
+        error_message = error_message[:MAX_ERROR_MESSAGE]
         if job.state == S.ASSIGNED:
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")
         # Refused by the store, the report changes nothing: the worker may send it again.

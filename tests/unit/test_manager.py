@@ -630,15 +630,24 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
         await asyncio.sleep(0.01)
         m.report_progress(worker.id, job.id, 0.6, 5, 2, "", "")
         await asyncio.sleep(0.01)
-        m.report_progress(worker.id, job.id, 0.7, 2**64 - 1, 2**64 - 1, "", "")
+        m.report_progress(worker.id, job.id, 0.7, 2**63 - 1, 2**63 - 1, "", "")
         Marshaller("a{sv}", [job_vardict(job)]).marshall()
         assert job.expected_end >= job.started_at
-        for done, total in ((-1, 2), (2**64, 2**64)):
+        for done, total in ((-1, 2), (2**63, 2**63), (2**64 - 1, 2**64 - 1)):
             with pytest.raises(InvalidArgument, match="bytes_done and bytes_total"):
                 m.report_progress(worker.id, job.id, 0.8, done, total, "", "")
         for limit in (-1, 2**32):
             with pytest.raises(InvalidArgument, match="max_jobs"):
                 m.register_worker("odd", {}, limit, 0, ":1.9")
+        # A result is kept with the job for good, and sent to every client that reads it.
+        with pytest.raises(InvalidArgument, match="outputs must be a JSON object of at most 65536 bytes"):
+            m.report_result(worker.id, job.id, True, {"log": "x" * 70_000}, "", "", 1, 1)
+        with pytest.raises(InvalidArgument, match="bytes_read and bytes_written"):
+            m.report_result(worker.id, job.id, True, {}, "", "", -1, 2**63)
+        assert job.state.value == "progressing"
+        m.report_result(worker.id, job.id, False, {}, "INVALID_IMAGE", "e" * 100_000, 1, 1)
+        assert job.state.value == "failed" and job.error_message == "e" * 4096   # stored, with the counts above
+        Marshaller("a{sv}", [job_vardict(job)]).marshall()
         await m.stop()
     asyncio.run(go())
 
