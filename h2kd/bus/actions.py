@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from h2kd.bus.base import Authorizer
+from h2kd.errors import InvalidState
 from h2kd.model.repair import fixes_guest
+
+MAX_AUTHORIZATIONS = 3
 
 
 class JobCommands:
@@ -20,13 +23,20 @@ class JobCommands:
         self._auth = authorizer
 
     async def _authorize_for(self, job_id: str, runs_it: bool = False) -> None:
-        job = self._manager.get(job_id)           # NoSuchJob before asking polkit anything
-        uid = await self._auth.caller_uid()
-        action = "cancel" if uid == job.owner else "cancel-other-user"
-        details = {"job_id": job_id, "owner": str(job.owner)}
-        await self._auth.check(action, details)
-        if runs_it and fixes_guest(job.spec):
-            await self._auth.check("fix-guest", details)
+        """Ask polkit for what this job needs; again if, while it answered (which can take an administrator's
+        minutes), the job was removed and another submitted under its id: the answer was for the first."""
+        for _ in range(MAX_AUTHORIZATIONS):
+            job = self._manager.get(job_id)           # NoSuchJob before asking polkit anything
+            uid = await self._auth.caller_uid()
+            action = "cancel" if uid == job.owner else "cancel-other-user"
+            details = {"job_id": job_id, "owner": str(job.owner)}
+            await self._auth.check(action, details)
+            if runs_it and fixes_guest(job.spec):
+                await self._auth.check("fix-guest", details)
+            if self._manager.get(job_id) is job:
+                return
+        raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
+                           "try again")
 
     async def cancel(self, job_id: str) -> None:
         await self._authorize_for(job_id)

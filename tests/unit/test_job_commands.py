@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from h2kd.bus.actions import JobCommands
+from h2kd.errors import InvalidState
 from h2kd.model.job import Job
 
 
@@ -63,3 +64,35 @@ def test_running_a_guest_repair_again_needs_fix_guest_like_its_submission(comman
 
 def test_cancelling_a_guest_repair_needs_only_the_cancel_right() -> None:
     assert _asked(FIX, "cancel") == ["cancel"]
+
+
+class ReplacedWhileAsking(RecordingAuthorizer):
+    """While polkit is asked about the job, it is removed and someone else submits one of the same id."""
+
+    def __init__(self, uid: int, manager: OneJob, replacements: list[Job]):
+        super().__init__(uid)
+        self.manager, self.replacements = manager, replacements
+
+    async def check(self, action: str, details: dict[str, str] | None = None) -> None:
+        await super().check(action, details)
+        if self.replacements:
+            self.manager.job = self.replacements.pop(0)
+
+
+def test_a_job_replaced_during_authorization_is_authorized_again() -> None:
+    mine = Job(id="j1", spec=CONVERT, operation="convert", owner=1000)
+    theirs = Job(id="j1", spec=FIX, operation="offline_fix", owner=1001)
+    manager = OneJob(mine)
+    auth = ReplacedWhileAsking(1000, manager, [theirs])
+    asyncio.run(JobCommands(manager, auth).retry("j1"))   # type: ignore[arg-type]
+    # The answer for the caller's own job does not stand for the other user's guest repair.
+    assert auth.asked == ["cancel", "cancel-other-user", "fix-guest"] and manager.done == ["retry"]
+
+
+def test_a_job_replaced_at_every_answer_is_not_acted_on() -> None:
+    jobs = [Job(id="j1", spec=CONVERT, operation="convert", owner=1000 + n) for n in range(5)]
+    manager = OneJob(jobs[0])
+    auth = ReplacedWhileAsking(1000, manager, jobs[1:])
+    with pytest.raises(InvalidState, match="replaced by another job"):
+        asyncio.run(JobCommands(manager, auth).cancel("j1"))   # type: ignore[arg-type]
+    assert manager.done == []
