@@ -23,6 +23,7 @@ from h2kctl.errors import CtlError, ExitCode
 from h2kctl.render import clock, control, human_bytes, human_duration, terminal_safe
 
 TERMINAL = {"completed", "failed", "cancelled"}
+UNDER_WAY = {"assigned", "running", "progressing"}   # shown first when not every job fits the terminal
 RESYNC_SECONDS = 1.0          # re-read one followed job at least this often
 RESYNC_ALL_SECONDS = 3.0      # re-read all jobs (watch) at least this often
 READ_AT_ONCE = 16             # property reads in flight during a re-read
@@ -385,7 +386,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
         stream.flush()
     with _Interrupt() as interrupt:
         while not interrupt.event.is_set():
-            width = shutil.get_terminal_size((80, 24)).columns
+            width, height = shutil.get_terminal_size((80, 24))
             finished_now = [p for p, props in jobs.items()
                             if props.get("State") in TERMINAL and p not in announced]
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
@@ -394,7 +395,10 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                 out = ""
                 for p in finished_now:
                     out += final_message(jobs[p]) + "\n"
-                lines = [bar_line(jobs[p], width, label=True) for p in active] or ["No active jobs."]
+                lines = [bar_line(jobs[p], width, label=True) for p in _most_advanced(active, jobs, height - 1)]
+                if len(lines) < len(active):
+                    lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)")
+                lines = lines or ["No active jobs."]
                 out += "\n".join(lines) + "\n"
                 block = len(lines)
                 stream.write(out)
@@ -421,6 +425,16 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                                        f"jobs: {e.message}", ExitCode.UNREACHABLE) from None
                 last_resync = time.monotonic()
             await asyncio.sleep(REDRAW_SECONDS if tty else 0)
+
+
+def _most_advanced(active: list[str], jobs: dict[str, dict[str, Any]], rows: int) -> list[str]:
+    """The jobs whose bars fit in `rows` terminal lines, one kept for the count of the others: running ones
+    first. A block taller than the terminal could not be redrawn in place (the cursor stops at its top)."""
+    if len(active) <= rows:
+        return active
+    running = [p for p in active if jobs[p].get("State") in UNDER_WAY]
+    waiting = [p for p in active if jobs[p].get("State") not in UNDER_WAY]
+    return (running + waiting)[:max(rows - 1, 0)]
 
 
 def stream_is_tty(stream: TextIO) -> bool:

@@ -257,3 +257,62 @@ def test_cancel_no_block_only_asks(fake_h2kd, private_bus):
     result = h2kctl(private_bus, "cancel", "--no-block", "asked", "--no-ask-password", timeout=10)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Cancel requested for job asked.\n", "")
     assert job.state == "progressing"
+
+
+def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus):
+    """30 active jobs on a 12-line terminal: the block redrawn in place is at most 11 lines (the cursor cannot
+    go back above the top of the screen, so a taller block would leave a copy of itself at every redraw),
+    the running jobs are among those shown, and the others are counted."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import termios
+    import time
+
+    ids = [f"job{n:02d}" for n in range(30)]
+    running = set(ids[25:])   # listed last: they must still be shown first
+
+    def props(job_id: str) -> dict[str, Variant]:
+        return job_props(job_id, "progressing" if job_id in running else "queued", 0.5 if job_id in running else 0.0)
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "ListJobs"):
+            rows = [[job_id, "convert", props(job_id)["State"].value, props(job_id)["Progress"].value, 0, 5, 0,
+                     JOB_PATH_PREFIX + job_id] for job_id in ids]
+            fake.reply(call, "a(sssduuto)", [rows])
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [props(call.path.rsplit("/", 1)[1])])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    watcher = subprocess.Popen([H2KCTL, "--address", private_bus, "watch"], stdin=terminal, stdout=terminal,
+                               stderr=terminal, env={**env, "LC_ALL": "C.UTF-8", "TERM": "xterm"})
+    os.close(terminal)
+    drawn = b""
+    try:
+        deadline = time.monotonic() + 30
+        while drawn.count(b"\x1b[J") < 3 and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                drawn += os.read(controller, 65536)
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        os.close(controller)
+    text = drawn.decode("utf-8", "replace")
+    blocks = text.split("\x1b[J")[1:-1]    # each complete drawing, between one clearing and the next
+    assert blocks, text
+    for block in blocks:
+        lines = block.replace("\r", "").split("\n")
+        assert len(lines) - 1 <= 11, block
+        assert all(f"{job_id}" in block for job_id in running), block
+        assert "... and 20 more active jobs (h2kctl list)" in block, block
