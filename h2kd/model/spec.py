@@ -223,6 +223,9 @@ class ConvertParameters(_Strict):
                 raise _problem("preallocation", "metadata preallocation needs output_format qcow2")
         if self.compression_type is not None and not self.compress:
             raise _problem("compression_type", "applies only when compress is true")
+        if self.compress and self.preallocation not in (None, "off"):
+            raise _problem("preallocation", "cannot be used with compress: a compressed image is written "
+                                            "as it goes, never allocated ahead")
         if self.remove_vmware_tools and not self.offline_fix:
             raise _problem("remove_vmware_tools", "applies only when offline_fix is true")
         return self
