@@ -6,7 +6,8 @@ Where outputs go (artifacts.output_path):
   - any other path: a single disk is written exactly there; for several disks it is a base name, and disk N
     becomes "<path without its .qcow2/.raw/.img suffix>-disk<N>.<ext>";
   - null: a directory "<first output root>/<job_id>" is created and used as above.
-  The domain XML (parameters domain_xml: true) is written next to the disks as "<base>.xml".
+  The domain XML (parameters domain_xml: true) is written next to the disks as "<base>.xml" (see
+  h2kd.operations.domain: virtio devices, or SATA disks and Intel NICs for a Windows guest).
 
 Safety rules:
   - every output's parent must resolve (realpath) under one of the output roots;
@@ -48,6 +49,7 @@ from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.background import Background
+from h2kd.operations.domain import domain_xml, vm_name
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
 from h2kd.operations.tempfiles import TempFiles
 
@@ -115,12 +117,6 @@ def _under_roots(directory: str, roots: list[str]) -> bool:
     return False
 
 
-def _stem(source: inspect.Source) -> str:
-    name = (source.vm or {}).get("name") or os.path.basename(source.path)
-    name = re.sub(r"\.(vmdk|vhdx?|vdi|qcow2|raw|img|ova|ovf|vmx)$", "", name, flags=re.I)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "disk"
-
-
 def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str | None, roots: list[str],
                  output_format: str, overwrite: bool, owner: dict[str, int] | None = None) -> tuple[list[str], str]:
     """Destination of each disk and the base name (for the domain XML); refuses anything unsafe.
@@ -138,7 +134,7 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
     if not os.path.isabs(output_path):
         raise OperationError("VALIDATION_FAILED", "artifacts.output_path must be an absolute path")
     if os.path.isdir(output_path) and not os.path.islink(output_path):
-        directory, base = output_path, _stem(source)
+        directory, base = output_path, vm_name(source)
     else:
         directory, name = os.path.split(output_path.rstrip("/"))
         base = re.sub(r"\.(qcow2|raw|img)$", "", name) if count > 1 else name
@@ -644,43 +640,3 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
     finally:
         for fd in directories.values():
             os.close(fd)
-
-
-# ---------------------------------------------------------------- libvirt domain XML
-
-def _escaped(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _quoted_attribute(text: str) -> str:
-    return '"' + _escaped(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;") + '"'
-
-
-def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str) -> str:
-    """A libvirt domain for the converted VM: virtio disks and network, CPUs, memory and firmware."""
-    vm = source.vm or {}
-    name = _stem(source)
-    memory = int(vm.get("memory_mib") or 1024)
-    cpus = int(vm.get("cpus") or 1)
-    q = _quoted_attribute
-    lines = ["<domain type='kvm'>", f"  <name>{_escaped(name)}</name>",
-             f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
-    if vm.get("firmware") == "uefi":
-        lines += ["  <os firmware='efi'>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
-    else:
-        lines += ["  <os>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
-    lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
-    for index, path in enumerate(disk_paths):
-        target = "vd" + chr(ord("a") + index) if index < 26 else f"vd{index}"
-        lines += ["    <disk type='file' device='disk'>",
-                  f"      <driver name='qemu' type={q(disk_format)}/>",
-                  f"      <source file={q(path)}/>", f"      <target dev={q(target)} bus='virtio'/>",
-                  "    </disk>"]
-    for nic in vm.get("nics") or [{}]:
-        lines += ["    <interface type='network'>", "      <source network='default'/>"]
-        mac = (nic.get("mac") or "").strip()
-        if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac):
-            lines.append(f"      <mac address={q(mac.lower())}/>")
-        lines += ["      <model type='virtio'/>", "    </interface>"]
-    lines += ["    <console type='pty'/>", "  </devices>", "</domain>", ""]
-    return "\n".join(lines)

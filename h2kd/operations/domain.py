@@ -1,0 +1,136 @@
+"""The libvirt domain written next to a converted VM's disks (convert's parameters.domain_xml).
+
+The domain boots the guest on KVM the way it booted before:
+  - a Windows guest (see is_windows) has its disks on SATA (sda, sdb, ...) and its NICs on e1000e, or e1000
+    for a NIC that already was an E1000: Windows has drivers for these, and none for virtio unless the
+    virtio-win drivers were installed; from a virtio disk it would not boot (INACCESSIBLE_BOOT_DEVICE). A
+    comment in the domain says so, and how to move to virtio once the drivers are in;
+  - any other guest (Linux, or an OS the facts do not name) has its disks (vda, vdb, ...) and NICs on virtio;
+  - the disk the VM booted from (the facts' boot_disk; the first disk of a plain disk source) has
+    <boot order='1'/>, and <os> has no <boot dev=.../>: libvirt refuses the two together;
+  - disks are named as libvirt and the kernel name them: vda ... vdz, vdaa, vdab, ... (see disk_name);
+  - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
+    come from the facts too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from h2kd.operations import inspect
+
+
+def vm_name(source: inspect.Source) -> str:
+    """The VM's name made safe for a file name: the domain is named after it, and so are the outputs of a
+    convert into a directory (convert.plan_outputs)."""
+    name = (source.vm or {}).get("name") or os.path.basename(source.path)
+    name = re.sub(r"\.(vmdk|vhdx?|vdi|qcow2|raw|img|ova|ovf|vmx)$", "", name, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "disk"
+
+
+def is_windows(guest_os: str | None) -> bool:
+    """Whether a guest OS, as the facts give it, is Windows: a VMX guestOS ("windows9-64", "winxppro",
+    "winnetenterprise", "longhorn"), an OVF vmw:osType ("windows9_64Guest", "winLonghorn64Guest") or an
+    OperatingSystemSection description ("Microsoft Windows Server 2019 (64-bit)")."""
+    text = (guest_os or "").strip().lower()
+    return text.startswith(("win", "longhorn")) or "windows" in text
+
+
+def disk_name(prefix: str, index: int) -> str:
+    """The target name of the disk at `index` (from 0), as libvirt and the kernel make it: "vd" gives vda
+    ... vdz, then vdaa, vdab, ... vdzz, vdaaa."""
+    if index < 0:
+        raise ValueError(f"a disk index cannot be negative: {index}")
+    letters = ""
+    while index >= 0:
+        letters = chr(ord("a") + index % 26) + letters
+        index = index // 26 - 1
+    return prefix + letters
+
+
+def boot_index(source: inspect.Source, count: int) -> int:
+    """The index of the disk the VM boots from: the facts' boot_disk if it names one of the `count` disks,
+    the first disk otherwise."""
+    boot = (source.vm or {}).get("boot_disk")
+    if isinstance(boot, int) and not isinstance(boot, bool) and 0 <= boot < count:
+        return boot
+    return 0
+
+
+def _escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _quoted_attribute(text: str) -> str:
+    return '"' + _escaped(text).replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;") + '"'
+
+
+def _comment_safe(text: str) -> str:
+    """`text` fit to stand in an XML comment: no "--", no trailing "-", nothing but plain characters."""
+    text = re.sub(r"[^A-Za-z0-9 _.,:()+/-]", "", text)
+    return re.sub(r"-{2,}", "-", text).rstrip("-")[:80]
+
+
+_WINDOWS_NOTE = """\
+its disks are on SATA and its NICs are Intel ones
+         (e1000e, or e1000 where VMware had an E1000): devices Windows has drivers for. It has none for
+         virtio unless the virtio-win drivers were installed, and would not boot from a virtio disk
+         (INACCESSIBLE_BOOT_DEVICE). To move it to virtio, which is faster: in the running guest, install the
+         virtio-win drivers (virtio-win-guest-tools.exe on the virtio-win ISO), and boot it once with a small
+         extra virtio disk attached, so that Windows sets up its virtio storage driver. Shut it down, then
+         change each disk's target to bus='virtio' with dev vda, vdb, ... (removing the disk's
+         <address type='drive' .../> if libvirt added one) and each NIC's model to type='virtio'. -->"""
+
+
+def _windows_comment(guest_os: str) -> list[str]:
+    """Why a Windows guest's devices are not virtio, and how to move it to virtio: an XML comment."""
+    return [f"    <!-- A Windows guest ({_comment_safe(guest_os) or 'Windows'}): " + _WINDOWS_NOTE]
+
+
+def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str) -> str:
+    """A libvirt domain for the converted VM (see the module docstring): its disks, in the order of
+    `disk_paths` (the outputs, in the VM's disk order) and of format `disk_format`, its NICs, CPUs, memory
+    and firmware."""
+    vm = source.vm or {}
+    windows = is_windows(vm.get("guest_os"))
+    memory = int(vm.get("memory_mib") or 1024)
+    cpus = int(vm.get("cpus") or 1)
+    q = _quoted_attribute
+    lines = ["<domain type='kvm'>", f"  <name>{_escaped(vm_name(source))}</name>",
+             f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
+    # No <boot dev=.../> here: the boot disk carries <boot order='1'/>, and libvirt refuses both.
+    if vm.get("firmware") == "uefi":
+        lines += ["  <os firmware='efi'>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
+    else:
+        lines += ["  <os>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
+    lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
+    if windows:
+        lines += _windows_comment(str(vm.get("guest_os") or ""))
+    prefix, bus = ("sd", "sata") if windows else ("vd", "virtio")
+    boot = boot_index(source, len(disk_paths))
+    for index, path in enumerate(disk_paths):
+        lines += ["    <disk type='file' device='disk'>",
+                  f"      <driver name='qemu' type={q(disk_format)}/>",
+                  f"      <source file={q(path)}/>", f"      <target dev={q(disk_name(prefix, index))} bus='{bus}'/>"]
+        if index == boot:
+            lines.append("      <boot order='1'/>")
+        lines.append("    </disk>")
+    for nic in vm.get("nics") or [{}]:
+        lines += ["    <interface type='network'>", "      <source network='default'/>"]
+        mac = (nic.get("mac") or "").strip()
+        if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac):
+            lines.append(f"      <mac address={q(mac.lower())}/>")
+        lines += [f"      <model type='{_nic_model(nic, windows)}'/>", "    </interface>"]
+    lines += ["    <console type='pty'/>", "  </devices>", "</domain>", ""]
+    return "\n".join(lines)
+
+
+def _nic_model(nic: dict[str, Any], windows: bool) -> str:
+    """virtio, or for Windows an Intel NIC it has a driver for: e1000 if VMware's NIC was an E1000 already
+    (older Windows, XP and 2003 among them, have no e1000e driver), e1000e otherwise (vmxnet3's driver came
+    with VMware Tools)."""
+    if not windows:
+        return "virtio"
+    return "e1000" if str(nic.get("model") or "").strip().lower() == "e1000" else "e1000e"

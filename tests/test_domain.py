@@ -1,0 +1,259 @@
+"""The libvirt domain written with a converted VM (h2kd.operations.domain), from the facts inspect reads in
+real-looking VMX and OVF texts: disk bus and names, the disk it boots from, NIC models, firmware, and (when
+virt-xml-validate is installed) libvirt's own schema."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from h2kd.operations import convert, domain, inspect
+
+WINDOWS_OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+  xmlns:vmw="http://www.vmware.com/schema/ovf">
+  <References>
+    <File ovf:href="win10-disk1.vmdk" ovf:id="file1" ovf:size="1048576"/>
+    <File ovf:href="win10-disk2.vmdk" ovf:id="file2" ovf:size="1048576"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="40" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="vmdisk1" ovf:fileRef="file1"
+      ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+    <Disk ovf:capacity="60" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="vmdisk2" ovf:fileRef="file2"
+      ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <NetworkSection><Info>The list of logical networks</Info><Network ovf:name="VM Network"/></NetworkSection>
+  <VirtualSystem ovf:id="win10">
+    <Info>A virtual machine</Info>
+    <Name>win10</Name>
+    <OperatingSystemSection ovf:id="1" vmw:osType="{os_type}">
+      <Info>The kind of installed guest operating system</Info>
+      <Description>{description}</Description>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <Item><rasd:ElementName>4 virtual CPU(s)</rasd:ElementName><rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>4</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:ElementName>8192MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>8192</rasd:VirtualQuantity></Item>
+      <Item><rasd:Address>0</rasd:Address><rasd:ElementName>SATA Controller 0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID><rasd:ResourceSubType>vmware.sata.ahci</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>1</rasd:AddressOnParent><rasd:ElementName>Hard disk 2</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource><rasd:InstanceID>11</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:AddressOnParent>0</rasd:AddressOnParent><rasd:ElementName>Hard disk 1</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/vmdisk2</rasd:HostResource><rasd:InstanceID>12</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>
+      <Item><rasd:Address>00:50:56:AA:BB:01</rasd:Address><rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
+        <rasd:Connection>VM Network</rasd:Connection><rasd:ElementName>Network adapter 1</rasd:ElementName>
+        <rasd:InstanceID>13</rasd:InstanceID><rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType></Item>
+      <Item><rasd:Address>00:50:56:aa:bb:02</rasd:Address><rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
+        <rasd:Connection>VM Network</rasd:Connection><rasd:ElementName>Network adapter 2</rasd:ElementName>
+        <rasd:InstanceID>14</rasd:InstanceID><rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType></Item>
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+VMX = """.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "19"
+displayName = "app01"
+guestOS = "{guest_os}"
+numvcpus = "2"
+memsize = "4096"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "app01.vmdk"
+scsi0:1.present = "TRUE"
+scsi0:1.fileName = "app01_1.vmdk"
+bios.hddOrder = "scsi0:1"
+bios.bootOrder = "hdd,cdrom"
+ide1:0.present = "TRUE"
+ide1:0.deviceType = "cdrom-image"
+ide1:0.fileName = "installer.iso"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "vmxnet3"
+ethernet0.networkName = "VM Network"
+ethernet0.addressType = "generated"
+ethernet0.generatedAddress = "00:0c:29:12:34:56"
+"""
+
+WINDOWS_GUESTS = ["windows9-64", "windows2019srv-64", "winxppro", "winnetenterprise", "longhorn"]
+OTHER_GUESTS = ["other5xlinux-64", "ubuntu-64", "rhel8-64"]
+
+
+def parsed(xml: str) -> ET.Element:
+    return ET.fromstring(xml, parser=ET.XMLParser(target=ET.TreeBuilder(insert_comments=True)))
+
+
+def disks(root: ET.Element) -> list[dict[str, object]]:
+    """Each disk of a domain: its source file, target dev and bus, and its boot order (None without one)."""
+    found = []
+    for disk in root.findall("./devices/disk"):
+        target, boot = disk.find("target"), disk.find("boot")
+        assert target is not None and disk.find("source") is not None
+        found.append({"file": disk.find("source").get("file"), "dev": target.get("dev"),   # type: ignore[union-attr]
+                      "bus": target.get("bus"), "boot": None if boot is None else boot.get("order")})
+    return found
+
+
+def nics(root: ET.Element) -> list[tuple[str | None, str | None]]:
+    """(MAC address, model) of each NIC."""
+    return [((i.find("mac").get("address") if i.find("mac") is not None else None),   # type: ignore[union-attr]
+             i.find("model").get("type"))                                          # type: ignore[union-attr]
+            for i in root.findall("./devices/interface")]
+
+
+def comments(root: ET.Element) -> list[str]:
+    return [el.text or "" for el in root.iter() if el.tag is ET.Comment]
+
+
+def windows_ovf_source() -> inspect.Source:
+    vm = inspect.parse_ovf(WINDOWS_OVF.format(os_type="windows9_64Guest",
+                                              description="Microsoft Windows 10 (64-bit)").encode())
+    return inspect.Source("ova", "/srv/vms/win10.ova", "ova", [], vm)
+
+
+def vmx_source(guest_os: str) -> inspect.Source:
+    vm = inspect.parse_vmx(VMX.format(guest_os=guest_os))
+    return inspect.Source("vmx", "/srv/vms/app01/app01.vmx", "vmx", [], vm)
+
+
+OUT = ["/out/win10-disk1.qcow2", "/out/win10-disk2.qcow2"]
+
+
+def test_a_windows_ovf_gets_sata_disks_intel_nics_and_boots_from_the_disk_first_on_its_controller() -> None:
+    source = windows_ovf_source()
+    assert source.vm is not None and source.vm["guest_os"] == "windows9_64Guest"
+    root = parsed(domain.domain_xml(source, OUT, "qcow2"))
+    # vmdisk1 comes first in the hardware section, but vmdisk2 sits at unit 0 of the controller: the VM booted
+    # from it. The outputs keep the hardware order; only the boot order follows the placement.
+    assert disks(root) == [{"file": OUT[0], "dev": "sda", "bus": "sata", "boot": None},
+                           {"file": OUT[1], "dev": "sdb", "bus": "sata", "boot": "1"}]
+    assert nics(root) == [("00:50:56:aa:bb:01", "e1000e"), ("00:50:56:aa:bb:02", "e1000")]
+    os_element = root.find("os")
+    assert os_element is not None and os_element.get("firmware") == "efi"
+    assert os_element.find("boot") is None      # libvirt refuses <boot dev> with a device's boot order
+    assert root.findtext("vcpu") == "4" and root.findtext("memory") == "8192" and root.findtext("name") == "win10"
+    note = " ".join(comments(root))
+    assert "Windows" in note and "virtio-win" in note and "SATA" in note and "bus='virtio'" in note
+
+
+def test_an_ovf_that_names_windows_only_in_its_description_is_windows_too() -> None:
+    vm = inspect.parse_ovf(WINDOWS_OVF.replace(' vmw:osType="{os_type}"', "").format(
+        description="Microsoft Windows Server 2016 (64-bit)").encode())
+    assert vm["guest_os"] == "Microsoft Windows Server 2016 (64-bit)"
+    root = parsed(domain.domain_xml(inspect.Source("ovf", "/srv/vms/w.ovf", "ovf", [], vm), OUT, "raw"))
+    assert [d["bus"] for d in disks(root)] == ["sata", "sata"]
+
+
+def test_a_linux_ovf_keeps_virtio() -> None:
+    vm = inspect.parse_ovf(WINDOWS_OVF.format(os_type="rhel8_64Guest",
+                                              description="Red Hat Enterprise Linux 8 (64-bit)").encode())
+    root = parsed(domain.domain_xml(inspect.Source("ova", "/srv/vms/rhel.ova", "ova", [], vm), OUT, "qcow2"))
+    assert disks(root) == [{"file": OUT[0], "dev": "vda", "bus": "virtio", "boot": None},
+                           {"file": OUT[1], "dev": "vdb", "bus": "virtio", "boot": "1"}]
+    assert nics(root) == [("00:50:56:aa:bb:01", "virtio"), ("00:50:56:aa:bb:02", "virtio")]
+    assert comments(root) == []
+
+
+@pytest.mark.parametrize("guest_os", WINDOWS_GUESTS + OTHER_GUESTS)
+def test_a_vmx_boots_from_the_disk_bios_hdd_order_names(guest_os: str) -> None:
+    source = vmx_source(guest_os)
+    assert source.vm is not None and source.vm["boot_disk"] == 1
+    out = ["/out/app01-disk1.raw", "/out/app01-disk2.raw"]
+    root = parsed(domain.domain_xml(source, out, "raw"))
+    windows = guest_os in WINDOWS_GUESTS
+    prefix, bus = ("sd", "sata") if windows else ("vd", "virtio")
+    assert disks(root) == [{"file": out[0], "dev": prefix + "a", "bus": bus, "boot": None},
+                           {"file": out[1], "dev": prefix + "b", "bus": bus, "boot": "1"}]
+    assert [d.get("type") for d in root.findall("./devices/disk/driver")] == ["raw", "raw"]
+    assert nics(root) == [("00:0c:29:12:34:56", "e1000e" if windows else "virtio")]
+    os_element = root.find("os")
+    assert os_element is not None and os_element.get("firmware") is None and os_element.find("boot") is None
+    assert any("virtio-win" in c for c in comments(root)) == windows
+
+
+@pytest.mark.parametrize("guest_os, windows", [
+    ("windows9-64", True), ("windows2019srv-64", True), ("windows11-64", True), ("winxppro", True),
+    ("winnetenterprise", True), ("winNetStandard", True), ("longhorn", True), ("longhorn-64", True),
+    ("windows9_64Guest", True), ("winLonghorn64Guest", True), ("windows2019srv_64Guest", True),
+    ("Microsoft Windows Server 2016 (64-bit)", True), ("  WINDOWS 10  ", True),
+    ("other5xlinux-64", False), ("ubuntu-64", False), ("rhel8-64", False), ("rhel8_64Guest", False),
+    ("darwin19-64", False), ("freebsd12-64", False), ("Red Hat Enterprise Linux 8 (64-bit)", False),
+    ("", False), (None, False)])
+def test_windows_is_told_from_every_form_of_guest_os(guest_os: str | None, windows: bool) -> None:
+    assert domain.is_windows(guest_os) is windows
+
+
+def test_a_plain_disk_boots_from_its_first_disk_on_virtio() -> None:
+    source = inspect.Source("disk", "/srv/images/legacy.vmdk", "vmdk", [], None)
+    root = parsed(domain.domain_xml(source, ["/out/legacy.qcow2"], "qcow2"))
+    assert disks(root) == [{"file": "/out/legacy.qcow2", "dev": "vda", "bus": "virtio", "boot": "1"}]
+    assert nics(root) == [(None, "virtio")]
+    assert root.findtext("name") == "legacy" and root.find("os").get("firmware") is None   # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("boot_disk", [5, -1, None, "1", True])
+def test_a_boot_disk_that_names_no_disk_leaves_the_first_one_booting(boot_disk: object) -> None:
+    source = vmx_source("ubuntu-64")
+    assert source.vm is not None
+    source.vm["boot_disk"] = boot_disk
+    root = parsed(domain.domain_xml(source, OUT, "qcow2"))
+    assert [d["boot"] for d in disks(root)] == ["1", None]
+
+
+def test_28_disks_are_named_as_libvirt_names_them() -> None:
+    source = inspect.Source("vmx", "/srv/vms/big.vmx", "vmx", [], {"name": "big", "guest_os": "rhel8-64"})
+    paths = [f"/out/big-disk{i}.qcow2" for i in range(1, 29)]
+    found = disks(parsed(domain.domain_xml(source, paths, "qcow2")))
+    assert [d["dev"] for d in found] == [f"vd{chr(c)}" for c in range(ord("a"), ord("z") + 1)] + ["vdaa", "vdab"]
+    assert [d["file"] for d in found] == paths
+    assert len({d["dev"] for d in found}) == 28
+    windows = disks(parsed(domain.domain_xml(inspect.Source("vmx", "/srv/vms/big.vmx", "vmx", [],
+                                                             {"guest_os": "windows9-64"}), paths, "qcow2")))
+    assert [d["dev"] for d in windows][25:] == ["sdz", "sdaa", "sdab"]
+
+
+@pytest.mark.parametrize("index, name", [(0, "vda"), (25, "vdz"), (26, "vdaa"), (27, "vdab"), (51, "vdaz"),
+                                         (52, "vdba"), (701, "vdzz"), (702, "vdaaa")])
+def test_disk_names_past_z_go_on_as_the_kernel_counts(index: int, name: str) -> None:
+    assert domain.disk_name("vd", index) == name
+
+
+def test_a_guest_os_that_would_end_the_comment_early_does_not_break_the_xml() -> None:
+    source = vmx_source('windows9-64 --> <evil/> --')
+    root = parsed(domain.domain_xml(source, OUT, "qcow2"))
+    assert root.find(".//evil") is None and len(disks(root)) == 2
+    assert all("--" not in c for c in comments(root))
+
+
+def test_convert_writes_the_domain_of_this_module() -> None:
+    assert convert.domain_xml is domain.domain_xml
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="virt-xml-validate (libvirt-clients) is "
+                    "not installed")
+@pytest.mark.parametrize("source, count", [(windows_ovf_source(), 2), (vmx_source("windows2019srv-64"), 2),
+                                           (vmx_source("rhel8-64"), 2), (vmx_source("ubuntu-64"), 28),
+                                           (inspect.Source("disk", "/srv/a.vhdx", "vhdx", [], None), 1)],
+                         ids=["windows-ovf", "windows-vmx", "linux-vmx", "28-disks", "plain-disk"])
+def test_libvirt_accepts_the_domain(tmp_path: Path, source: inspect.Source, count: int) -> None:
+    xml = tmp_path / "domain.xml"
+    xml.write_text(domain.domain_xml(source, [f"/out/d{i}.qcow2" for i in range(count)], "qcow2"))
+    run = subprocess.run(["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr + xml.read_text()
