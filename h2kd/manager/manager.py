@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Iterable, Iterator
 
 from h2kd import __version__
@@ -637,7 +637,7 @@ class JobManager:
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         # Without systemd every start would fail: the jobs wait in the queue until runner_connected().
         workers = [builtin] if self._runner is not None and self._runner.reachable else []
-        picked = self._scheduler.pick(running, workers, now_usec())
+        picked = self._scheduler.pick(running, workers, now_usec(), self._running_by_owner())
         for index, (job_id, worker) in enumerate(picked):
             job = self._jobs[job_id]
             self._scheduler.remove(job_id)
@@ -682,7 +682,11 @@ class JobManager:
 
     def _requeue_in_memory(self, job: Job) -> None:
         """Put a queued job back in the scheduler's queue (it was taken out for a start that did not happen)."""
-        self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job))
+        self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job),
+                            owner=job.owner)
+
+    def _running_by_owner(self) -> dict[int, int]:
+        return Counter(self._jobs[job_id].owner for job_id in self._active)
 
     def _later(self, seconds: float, callback: Callable[[], None]) -> None:
         """Call `callback` in `seconds` (after the store refused a change), unless h2kd stops first."""
@@ -1131,7 +1135,7 @@ class JobManager:
         worker.last_heartbeat = now_usec()
         if worker.max_jobs and worker.active_jobs >= worker.max_jobs:
             return None
-        job_id = self._scheduler.claim_for(worker, now_usec())
+        job_id = self._scheduler.claim_for(worker, now_usec(), self._running_by_owner())
         if job_id is None:
             return None
         job = self._jobs[job_id]

@@ -1,13 +1,17 @@
 """Scheduler: which queued job runs next, and on which worker.
 
-Ten priority levels (1 most urgent), first come first served within a level by the job's queue_seq. A job that no
-worker can run, or that waits out a retry backoff, is skipped rather than blocking the jobs behind it, and every
-waiting job has a reason a person can read. Knows nothing of job states or storage: the manager feeds it.
+Ten priority levels (1 most urgent). Within a level the owners (submitting users) take turns: next is the job of
+the owner with the fewest jobs running (or ahead of it in the queue), among those the owner whose last turn was
+longest ago, then first come first served (by queue_seq); one owner's own jobs keep their order. So one user's
+batch of hundreds does not hold back another user's single job for its whole length. A job that no worker can run, or that waits out a retry backoff, is skipped rather than blocking
+the jobs behind it, and every waiting job has a reason a person can read. Knows nothing of job states or
+storage: the manager feeds it.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -134,6 +138,7 @@ class _Entry:
     operation: str
     requirements: dict[str, Any]
     not_before: int = 0
+    owner: int = 0
     needs: str = ""     # operation and requirements as one string: jobs with equal needs share match results
 
     def __post_init__(self) -> None:
@@ -172,8 +177,11 @@ class Scheduler:
         self.max_parallel = max_parallel
         self._paused = False
         self._entries: dict[str, _Entry] = {}
-        # Per level, the (queue_seq, job_id) keys in FIFO order.
-        self._levels: list[list[tuple[int, str]]] = [[] for _ in range(PRIORITY_LEVELS)]
+        # Per level, per owner, the (queue_seq, job_id) keys in FIFO order.
+        self._levels: list[dict[int, list[tuple[int, str]]]] = [{} for _ in range(PRIORITY_LEVELS)]
+        self._running_by_owner: dict[int, int] = {}   # as of the last pick or claim
+        self._turn = 0                                 # counts the jobs taken from the queue
+        self._last_turn: dict[int, int] = {}           # owner -> the count when a job of theirs was last taken
         self._context: _Context | None = None
 
     # ---------------------------------------------------------------- settings
@@ -201,14 +209,17 @@ class Scheduler:
     # ---------------------------------------------------------------- contents
 
     def add(self, job_id: str, priority: int, queue_seq: int, operation: str, requirements: dict[str, Any],
-            not_before_usec: int = 0) -> None:
+            not_before_usec: int = 0, owner: int = 0) -> None:
         """Queue a job. Raises ValueError if it is already queued or the priority is not 1..10."""
         _check_priority(priority)
         if job_id in self._entries:
             raise ValueError(f"job {job_id} is already queued")
-        entry = _Entry(job_id, priority, queue_seq, operation, dict(requirements or {}), not_before_usec)
+        entry = _Entry(job_id, priority, queue_seq, operation, dict(requirements or {}), not_before_usec, owner)
         self._entries[job_id] = entry
-        bisect.insort(self._levels[priority - 1], entry.key)
+        self._link(entry)
+
+    def _link(self, entry: _Entry) -> None:
+        bisect.insort(self._levels[entry.priority - 1].setdefault(entry.owner, []), entry.key)
 
     def remove(self, job_id: str) -> bool:
         """Take a job out of the queue; False if it was not queued."""
@@ -220,8 +231,10 @@ class Scheduler:
 
     def _unlink(self, entry: _Entry) -> None:
         level = self._levels[entry.priority - 1]
-        i = bisect.bisect_left(level, entry.key)
-        del level[i]
+        keys = level[entry.owner]
+        del keys[bisect.bisect_left(keys, entry.key)]
+        if not keys:
+            del level[entry.owner]
 
     def set_priority(self, job_id: str, priority: int) -> None:
         """Move a queued job to another level; among that level's jobs it keeps its place by queue_seq."""
@@ -231,7 +244,7 @@ class Scheduler:
             raise KeyError(f"job {job_id} is not queued")
         self._unlink(entry)
         entry.priority = priority
-        bisect.insort(self._levels[priority - 1], entry.key)
+        self._link(entry)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -241,26 +254,59 @@ class Scheduler:
 
     def counts_by_priority(self) -> list[int]:
         """How many jobs wait at each level, priority 1 first."""
-        return [len(level) for level in self._levels]
+        return [sum(map(len, level.values())) for level in self._levels]
 
     def _in_order(self) -> Iterator[_Entry]:
+        """The queued jobs in the order they get their turn: by level; within one, owners in turn (see above)."""
+        load = dict(self._running_by_owner)     # jobs each owner has running, then also ahead in this order
+        last = dict(self._last_turn)
+        turn = self._turn
         for level in self._levels:
-            for _, job_id in level:
-                yield self._entries[job_id]
+            # (load, last turn, key of its next job, owner, index of that job): the lowest goes next.
+            turns = [(load.get(owner, 0), last.get(owner, 0), keys[0], owner, 0) for owner, keys in level.items()]
+            heapq.heapify(turns)
+            while len(turns) > 1:
+                taken, _, key, owner, index = turns[0]
+                yield self._entries[key[1]]
+                turn += 1
+                load[owner], last[owner] = taken + 1, turn
+                keys = level[owner]
+                if index + 1 < len(keys):
+                    heapq.heapreplace(turns, (taken + 1, turn, keys[index + 1], owner, index + 1))
+                else:
+                    heapq.heappop(turns)
+            if turns:   # one owner left: the rest of their jobs in order
+                taken, _, _, owner, index = turns[0]
+                keys = level[owner]
+                turn += len(keys) - index
+                load[owner], last[owner] = taken + len(keys) - index, turn
+                for _, job_id in keys[index:]:
+                    yield self._entries[job_id]
+
+    def _taken(self, job_id: str) -> None:
+        """A job leaves the queue to run: its owner has one more running and has had a turn."""
+        owner = self._entries[job_id].owner
+        self._running_by_owner[owner] = self._running_by_owner.get(owner, 0) + 1
+        self._turn += 1
+        self._last_turn[owner] = self._turn
+        self.remove(job_id)
 
     def ordered(self) -> list[str]:
-        """Queued job ids, most urgent first: by priority, then first come first served."""
+        """Queued job ids, most urgent first: by priority, then owners in turn, then first come first served."""
         return [entry.job_id for entry in self._in_order()]
 
     # ---------------------------------------------------------------- choosing
 
-    def pick(self, running: int, workers: list[WorkerInfo], now_usec: int) -> list[tuple[str, WorkerInfo]]:
+    def pick(self, running: int, workers: list[WorkerInfo], now_usec: int,
+             running_by_owner: dict[int, int] | None = None) -> list[tuple[str, WorkerInfo]]:
         """The queued jobs to start now on builtin workers, most urgent first, each with its worker.
 
         Respects the pause, MaxParallelJobs (given `running` jobs), each worker's free slots and retry backoff.
-        A job no worker can run is passed over. The chosen jobs leave the queue; a caller that cannot start
-        one must add() it again.
+        A job no worker can run is passed over. running_by_owner: how many jobs each owner has running on any
+        worker, for their turns. The chosen jobs leave the queue; a caller that cannot start one must add() it
+        again.
         """
+        self._running_by_owner = dict(running_by_owner or {})
         usable = [w for w in workers if w.kind == BUILTIN_KIND and w.state != STALE]
         free = {w.id: (w.max_jobs - w.active_jobs if w.max_jobs > 0 else _UNBOUNDED) for w in usable}
         context = _Context(running, usable, free, now_usec)
@@ -279,7 +325,7 @@ class Scheduler:
             free[worker.id] -= 1
             chosen.append((entry.job_id, worker))
         for job_id, _ in chosen:
-            self.remove(job_id)
+            self._taken(job_id)
         context.running = running + len(chosen)
         return chosen
 
@@ -297,8 +343,10 @@ class Scheduler:
             context.memo[memo_key] = _missing(worker, entry.operation, entry.requirements)
         return context.memo[memo_key]
 
-    def claim_for(self, worker: WorkerInfo, now_usec: int) -> str | None:
+    def claim_for(self, worker: WorkerInfo, now_usec: int,
+                  running_by_owner: dict[int, int] | None = None) -> str | None:
         """The most urgent queued job this (external) worker can run now, taken out of the queue; None if none."""
+        self._running_by_owner = dict(running_by_owner or {})
         if self._paused or worker.state == STALE:
             return None
         if worker.max_jobs > 0 and worker.active_jobs >= worker.max_jobs:
@@ -308,7 +356,7 @@ class Scheduler:
         found = next((entry.job_id for entry in self._in_order()
                       if entry.not_before <= now_usec and self._fits(worker, entry, context) is None), None)
         if found is not None:
-            self.remove(found)
+            self._taken(found)
         return found
 
     # ---------------------------------------------------------------- explaining

@@ -1345,3 +1345,26 @@ def test_a_grouped_submission_whose_commit_fails_leaves_no_failure_waiting(tmp_p
     asyncio.run(go())
 
 
+
+
+def test_users_take_turns_at_the_free_slots(tmp_path, image):
+    """One user's batch, queued first, does not keep another user's jobs waiting until it has all run: with
+    one slot, the second user's jobs start in turn with the first's."""
+    async def go():
+        m, runner, _, _ = make(tmp_path, checked=False, max_parallel_jobs=1)
+        await m.start()
+        for n in range(4):
+            m.submit(spec(image, tmp_path / f"out/a{n}.qcow2", job_id=f"alice-{n}"), owner=1000)
+        for n in range(2):
+            m.submit(spec(image, tmp_path / f"out/b{n}.qcow2", job_id=f"bob-{n}"), owner=1001)
+        await settle()
+        for _ in range(5):
+            running = m.get(runner.started[-1][0])
+            m.unit_finished(running.id, 1, UnitOutcome(running.unit, "success", 0, {"status": "completed",
+                                                                                     "outputs": {}}))
+            await settle()
+            assert running.state.value == "completed"
+        assert [job_id for job_id, _ in runner.started] == ["alice-0", "bob-0", "alice-1", "bob-1", "alice-2",
+                                                            "alice-3"]
+        await m.stop()
+    asyncio.run(go())

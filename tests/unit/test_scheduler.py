@@ -31,8 +31,9 @@ def queue(*jobs, max_parallel: int = 100) -> Scheduler:
     return s
 
 
-def picked(s: Scheduler, running: int = 0, workers=None, now: int = NOW) -> list[str]:
-    return [job_id for job_id, _ in s.pick(running, [builtin()] if workers is None else workers, now)]
+def picked(s: Scheduler, running: int = 0, workers=None, now: int = NOW, running_by_owner=None) -> list[str]:
+    return [job_id for job_id, _ in s.pick(running, [builtin()] if workers is None else workers, now,
+                                           running_by_owner)]
 
 
 def test_priority_first_then_first_come():
@@ -244,3 +245,38 @@ def test_wait_reasons_stay_short_and_can_be_asked_for_the_first_jobs_only():
     assert all(len(reason) <= 256 and reason.endswith("...") for reason in reasons.values())
     assert reasons["j0"].startswith("no worker offers k0 00")
     assert list(s.wait_reasons(limit=3)) == ["j0", "j1", "j2"]
+
+
+def owned(*jobs, max_parallel: int = 100) -> Scheduler:
+    """jobs: (id, priority, owner), queued in this order."""
+    s = Scheduler(max_parallel)
+    for seq, (job_id, priority, owner) in enumerate(jobs, start=1):
+        s.add(job_id, priority, seq, "convert", {}, owner=owner)
+    return s
+
+
+def test_owners_take_turns_within_a_level():
+    """Alice queued a batch of five, then Bob one job and Carol two: Bob and Carol do not wait for the whole
+    batch; each owner's own jobs keep their order."""
+    s = owned(*[(f"a{n}", 5, 1000) for n in range(1, 6)], ("b1", 5, 1001), ("c1", 5, 1002), ("c2", 5, 1002))
+    assert s.ordered() == ["a1", "b1", "c1", "a2", "c2", "a3", "a4", "a5"]
+    assert picked(s, workers=[builtin()]) == ["a1", "b1", "c1", "a2", "c2", "a3", "a4", "a5"]
+
+
+def test_an_owner_with_jobs_running_lets_the_others_catch_up():
+    s = owned(("a3", 5, 1000), ("a4", 5, 1000), ("b1", 5, 1001), ("b2", 5, 1001), ("b3", 5, 1001),
+              max_parallel=3)
+    # Alice has two running already: Bob's first two go before her next one; then they are even.
+    assert picked(s, running=1, workers=[builtin()], running_by_owner={1000: 2}) == ["b1", "b2"]
+    assert s.ordered() == ["a3", "b3", "a4"]
+    got = s.claim_for(external(), NOW, running_by_owner={1000: 2, 1001: 3})
+    assert got == "a3"
+
+
+def test_priority_comes_before_turns_and_turns_count_across_levels():
+    s = owned(("a1", 5, 1000), ("b1", 5, 1001), ("a-urgent", 1, 1000), ("b-urgent", 1, 1001), ("b-also", 1, 1001))
+    # Bob's two urgent jobs go ahead of his turn at level 5, where Alice's job now comes first.
+    assert s.ordered() == ["a-urgent", "b-urgent", "b-also", "a1", "b1"]
+    s.set_priority("b1", 1)   # it keeps its place by when it was queued, and is Bob's first at level 1
+    assert s.ordered() == ["b1", "a-urgent", "b-urgent", "b-also", "a1"]
+    assert s.counts_by_priority()[0] == 4 and s.remove("b-urgent") and s.counts_by_priority()[0] == 3
