@@ -257,3 +257,14 @@ def test_libvirt_accepts_the_domain(tmp_path: Path, source: inspect.Source, coun
     xml.write_text(domain.domain_xml(source, [f"/out/d{i}.qcow2" for i in range(count)], "qcow2"))
     run = subprocess.run(["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr + xml.read_text()
+
+
+def test_offline_fix_repairs_the_disk_the_vm_boots_from() -> None:
+    """The guest is repaired on its boot disk (its fstab names the others), which need not be the first."""
+    vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64"))
+    source = inspect.Source("vmx", "/srv/vms/app01/app01.vmx", "vmx", [object(), object()], vm)  # type: ignore[list-item]
+    assert vm["boot_disk"] == 1
+    assert [p.repaired for p in convert.plan_disks(source, OUT, repairing=True)] == [False, True]
+    assert [p.repaired for p in convert.plan_disks(source, OUT, repairing=False)] == [False, False]
+    plain = inspect.Source("disk", "/srv/disk.vmdk", "vmdk", [object()], None)  # type: ignore[list-item]
+    assert [p.repaired for p in convert.plan_disks(plain, OUT[:1], repairing=True)] == [True]

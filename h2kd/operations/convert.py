@@ -19,7 +19,7 @@ Safety rules:
     (and their directory after the renames) before the job completes; false skips every sync, like
     `qemu-img convert` by hand or importctl --sync=no. The outputs still get their names only when complete,
     but a power loss or crash soon after may lose them or leave them truncated;
-  - with parameters.offline_fix, the first (boot) disk is repaired before it gets its name: it is converted to
+  - with parameters.offline_fix, the boot disk (domain.boot_index) is repaired before it gets its name: it is converted to
     a raw temporary file, the guest on it is fixed there (the `repair` given by the worker, see
     h2kd.operations.offline_fix), and it is then converted to the output format with the job's options
     (a raw output is fixed in place). If the repair fails, no output gets a name;
@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.background import Background
-from h2kd.operations.domain import domain_xml, vm_name
+from h2kd.operations.domain import boot_index, domain_xml, vm_name
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
 from h2kd.operations.tempfiles import TempFiles
 
@@ -245,6 +245,13 @@ def _open_output_directory(directory: str) -> int:
 
 # ---------------------------------------------------------------- the operation
 
+def plan_disks(source: inspect.Source, destinations: list[str], repairing: bool) -> list[Planned]:
+    """Each disk with its destination; with offline_fix, the disk the VM boots from is the one repaired."""
+    boot = boot_index(source, len(source.disks))
+    return [Planned(disk, destination, 0, repaired=repairing and index == boot)
+            for index, (disk, destination) in enumerate(zip(source.disks, destinations))]
+
+
 def _needed_bytes(disk: inspect.Disk, options: ConvertOptions) -> int:
     """Bytes the output of `disk` needs, as qemu-img measures it (and its map refines it)."""
     if options.preallocation in ("falloc", "full") or not options.sparse:
@@ -335,8 +342,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
         _check_destination(domain_path, overwrite, owner_uid)
-    plans = [Planned(disk, dest, 0, repaired=repair is not None and index == 0)
-             for index, (disk, dest) in enumerate(zip(source.disks, destinations))]
+    plans = plan_disks(source, destinations, repairing=repair is not None)
     _check_free_space(plans, options, os.path.dirname(destinations[0]))
     verify_total = source.verify_bytes()
     # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
