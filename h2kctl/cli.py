@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "after may lose it or leave it truncated)")
     p.add_argument("--source-format", metavar="FORMAT", help="the source's format (default: probed)")
     p.add_argument("--compare-with", metavar="PATH", help="validate: compare the image's contents with PATH")
-    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; 1..4 need the right to manage the queue")
     p.add_argument("--retries", type=_int_range(0, 5), metavar="N", help="retry a failed attempt up to N times "
                    "(0..5; default 0)")
     p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                 json_output=True)
     p.add_argument("source", metavar="FILE", help="the disk image or OVA; it must be readable by the calling user")
     p.add_argument("--source-format", metavar="FORMAT", help="the image's format (default: probed)")
-    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; 1..4 need the right to manage the queue")
     p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
                    help="stop the inspection after this long (60..86400)")
     return parser

@@ -517,6 +517,28 @@ def test_a_member_holds_at_most_max_jobs_per_user_unfinished_jobs(stack, users, 
 
 
 @pytest.mark.stack
+def test_a_priority_above_the_default_needs_an_administrator(stack, users, readable_image, submitted):
+    """A member may submit at the default priority or below it; putting a job ahead of everyone's needs the
+    right to manage the queue, as SetJobPriority does. Root may."""
+    def submit(user: str | None, priority: int, interactive: bool = False) -> tuple[str, subprocess.CompletedProcess[str]]:
+        job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+        submitted.append(job_id)
+        spec = _spec(job_id, readable_image)[:-1] + f", 'execution_policy': <{{'priority': <uint32 {priority}>}}>}}"
+        return job_id, _gdbus(stack, user, MANAGER_PATH, MANAGER_IFACE + ".SubmitJob", spec, HOLD,
+                              interactive=interactive)
+
+    for priority, interactive, expected in ((1, False, INTERACTIVE_REQUIRED), (4, True, ACCESS_DENIED)):
+        job_id, result = submit(ALICE, priority, interactive)
+        assert _error_name(result) == expected, result.stderr
+        assert "manage the conversion queue" in result.stderr or not interactive, result.stderr
+        assert _job_path(stack, job_id) is None
+    for user, priority in ((ALICE, 5), (ALICE, 10), (None, 1)):
+        job_id, result = submit(user, priority)
+        assert result.returncode == 0, result.stderr
+        assert _job_property(stack, _job_path(stack, job_id), "Priority") == f"(<uint32 {priority}>,)"
+
+
+@pytest.mark.stack
 def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, readable_image, submitted):
     job_id, result = _submit(stack, submitted, CAROL, readable_image)
     assert result.returncode == 0, result.stderr

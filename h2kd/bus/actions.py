@@ -1,7 +1,9 @@
 """Job commands reachable from both Manager and Job objects, each behind its polkit action.
 
-Cancelling, retrying or starting one's own job needs ...cancel; another user's job needs
-...cancel-other-user. The owner of a job is the uid that submitted it. Retrying or starting a job that
+Submitting needs ...submit; a job that repairs a guest needs ...fix-guest instead, and one that asks for a
+priority more urgent than the default needs ...manage as well, as changing a job's priority does: otherwise
+any submitter could put their jobs ahead of everyone's. Cancelling, retrying or starting one's own job needs
+...cancel; another user's job needs ...cancel-other-user. The owner of a job is the uid that submitted it. Retrying or starting a job that
 repairs a guest runs the guest's programs as root again, so it needs ...fix-guest as well, as its
 submission did.
 """
@@ -13,6 +15,7 @@ from typing import Any
 from h2kd.bus.base import Authorizer
 from h2kd.errors import InvalidState
 from h2kd.model.repair import fixes_guest
+from h2kd.model.spec import DEFAULT_PRIORITY
 
 MAX_AUTHORIZATIONS = 3
 
@@ -21,6 +24,14 @@ class JobCommands:
     def __init__(self, manager: Any, authorizer: Authorizer):
         self._manager = manager
         self._auth = authorizer
+
+    async def authorize_submission(self, spec: dict[str, Any]) -> None:
+        """The spec as submitted, before validation: a priority that is not a whole number is refused later."""
+        await self._auth.check("fix-guest" if fixes_guest(spec) else "submit")
+        policy = spec.get("execution_policy")
+        priority = policy.get("priority") if isinstance(policy, dict) else None
+        if isinstance(priority, int) and not isinstance(priority, bool) and priority < DEFAULT_PRIORITY:
+            await self._auth.check("manage", {"priority": str(priority)})
 
     async def _authorize_for(self, job_id: str, runs_it: bool = False) -> None:
         """Ask polkit for what this job needs; again if, while it answered (which can take an administrator's

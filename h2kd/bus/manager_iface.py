@@ -16,7 +16,6 @@ from h2kd.bus.job_iface import reported_progress
 from h2kd.bus.paths import job_path, worker_path
 from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
 from h2kd.errors import InvalidArgument
-from h2kd.model.repair import fixes_guest
 
 
 MANAGER_PROPERTIES: dict[str, tuple[str, Any]] = {
@@ -85,7 +84,7 @@ class ManagerInterface(ApiInterface):
     async def SubmitJob(self, spec: "a{sv}", options: "a{sv}") -> "so":
         opts = options_from_dbus(options, _SUBMIT_OPTIONS)
         plain = spec_from_dbus(spec)
-        await self._auth.check("fix-guest" if fixes_guest(plain) else "submit")
+        await self._commands.authorize_submission(plain)
         owner = await self._auth.caller_uid()
         job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True))
         return [job.id, job_path(job.id)]
@@ -107,7 +106,7 @@ class ManagerInterface(ApiInterface):
         image_spec = plain.setdefault("image", {})
         if isinstance(image_spec, dict) and not image_spec.get("path"):
             image_spec["path"] = path          # the file the descriptor names; HostChecks compares the two
-        await self._auth.check("fix-guest" if fixes_guest(plain) else "submit")
+        await self._commands.authorize_submission(plain)
         owner = await self._auth.caller_uid()
         job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True),
                                                              source_proof=proof)

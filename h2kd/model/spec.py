@@ -131,8 +131,11 @@ class ImageSpec(_Strict):
     checksum: Annotated[Checksum | None, Unset] = None
 
 
+DEFAULT_PRIORITY = 5   # 1 is the most urgent; a submission more urgent than this needs the manage action
+
+
 class ExecutionPolicy(_Strict):
-    priority: Priority = 5                     # 1 is the most urgent
+    priority: Priority = DEFAULT_PRIORITY
     retry_count: RetryCount = 0
     timeout_seconds: TimeoutSeconds = 3600
     idempotent: bool = True
