@@ -14,9 +14,9 @@ from pathlib import Path
 
 from bench.disks import BLOCK, MiB, qemu_img, raw_with_data, to_format
 
-__all__ = ["BLOCK", "KINDS", "MiB", "make_image", "make_missing_extent_vmdk", "make_multi_extent_vmdk",
-           "make_not_an_image", "make_ova", "make_ovf_text", "make_raw_with_data", "make_truncated_vmdk", "make_vmx",
-           "qemu_img"]
+__all__ = ["BLOCK", "KINDS", "MiB", "make_chs_sized_vhd", "make_image", "make_missing_extent_vmdk",
+           "make_multi_extent_vmdk", "make_not_an_image", "make_ova", "make_ovf_text", "make_raw_with_data",
+           "make_truncated_vmdk", "make_vmx", "qemu_img", "vhd_geometry"]
 
 # make_image(fmt, subformat): the qemu-img driver and creation options for each fixture kind.
 KINDS = {
@@ -84,6 +84,45 @@ def make_truncated_vmdk(path: str | Path) -> Path:
     data = full.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     full.unlink()
+    return path
+
+
+def vhd_geometry(sectors: int) -> tuple[int, int, int]:
+    """(cylinders, heads, sectors per track) for a disk of `sectors`, by the VHD specification's algorithm:
+    what VirtualBox and Virtual PC write in a footer. Their product is at most `sectors`, often less."""
+    sectors = min(sectors, 65535 * 16 * 255)
+    if sectors >= 65535 * 16 * 63:
+        per_track, heads = 255, 16
+        cylinders_times_heads = sectors // per_track
+    else:
+        per_track = 17
+        cylinders_times_heads = sectors // per_track
+        heads = max((cylinders_times_heads + 1023) // 1024, 4)
+        if cylinders_times_heads >= heads * 1024 or heads > 16:
+            per_track, heads = 31, 16
+            cylinders_times_heads = sectors // per_track
+        if cylinders_times_heads >= heads * 1024:
+            per_track, heads = 63, 16
+            cylinders_times_heads = sectors // per_track
+    return cylinders_times_heads // heads, heads, per_track
+
+
+def make_chs_sized_vhd(path: str | Path, raw: str | Path, subformat: str = "dynamic", creator: bytes = b"vbox") -> Path:
+    """A VHD of `raw`'s content (its size a multiple of 512) as VirtualBox writes one: the footer states the
+    exact size, with the CHS geometry of the specification (smaller unless the size happens to fit it) and
+    `creator` as the creator application, which makes qemu size the disk by that geometry."""
+    path = to_format(Path(raw), Path(path), "vpc", f"subformat={subformat},force_size=on")
+    data = bytearray(path.read_bytes())
+    cylinders, heads, per_track = vhd_geometry(os.path.getsize(raw) // 512)
+    starts = [len(data) - 512] + ([0] if data.startswith(b"conectix") else [])   # a dynamic VHD's copy at 0
+    for start in starts:
+        footer = data[start:start + 512]
+        footer[28:32] = creator
+        footer[56:60] = cylinders.to_bytes(2, "big") + bytes([heads, per_track])
+        footer[64:68] = bytes(4)
+        footer[64:68] = ((~sum(footer)) & 0xFFFFFFFF).to_bytes(4, "big")   # one's complement of the byte sum
+        data[start:start + 512] = footer
+    path.write_bytes(bytes(data))
     return path
 
 

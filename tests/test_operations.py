@@ -496,6 +496,66 @@ def test_bad_input_fails_cleanly(lib: Path, tmp_path: Path, out: Path, name: str
     assert not (tmp_path / "elsewhere").exists() or leftovers(tmp_path / "elsewhere") == []
 
 
+# (format, subformat, bytes cut off the end): qemu reads what is missing as zeros, and qemu-img check finds
+# nothing wrong with a VDI cut anywhere, nor with a qcow2 or sparse VMDK cut within its last cluster (grain).
+CUT_SHORT = [("vdi", None, 5 * MiB), ("vdi", None, 512), ("qcow2", None, 4096), ("vmdk", "monolithicSparse", 4096)]
+
+
+@pytest.mark.parametrize("fmt, subformat, cut", CUT_SHORT, ids=[f"{fmt}-{cut}" for fmt, _, cut in CUT_SHORT])
+def test_an_image_copy_cut_short_is_refused(tmp_path: Path, out: Path, fmt: str, subformat: str | None,
+                                            cut: int) -> None:
+    raw = images.make_raw_with_data(tmp_path / "data.raw", 16 * MiB, 0.05, seed=12)
+    source = images.make_image(fmt, subformat, tmp_path / f"cut.{fmt}", raw=raw)
+    assert source.stat().st_size < 16 * MiB        # dynamic: the blocks without data take no room
+    os.truncate(source, source.stat().st_size - cut)
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out])
+    assert run.returncode == 2, run.log
+    error = run.result["error"]
+    assert error["code"] == "INVALID_IMAGE", error
+    assert "the copy is incomplete" in error["message"], error
+    assert error["retryable"] is False
+    assert leftovers(out) == []
+
+
+def test_a_qcow2_ending_in_a_compressed_cluster_is_not_taken_for_a_cut_copy(tmp_path: Path, out: Path) -> None:
+    """Its file ends before the last cluster qemu-img check counts, as a cut one does; its data is all there."""
+    raw = tmp_path / "text.raw"
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+        for position in range(0, 4 * MiB, 192 * 1024):
+            f.seek(position)
+            f.write(b"compressible " * 300 + os.urandom(1000))
+    source = tmp_path / "packed.qcow2"
+    images.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(source))
+    checked = json.loads(images.qemu_img("check", "--output=json", str(source)))
+    assert checked["image-end-offset"] > source.stat().st_size
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    assert compare(raw, "raw", out / "o.qcow2", "qcow2")
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_a_vhd_qemu_would_size_by_its_geometry_keeps_its_last_sectors(tmp_path: Path, out: Path,
+                                                                      subformat: str) -> None:
+    """A VHD from VirtualBox: qemu alone takes its size from the CHS geometry, short of the size the footer
+    states, and the copy would lose the disk's end (a GPT's backup header)."""
+    size = 16 * MiB + 64 * 1024          # not a whole number of the geometry's cylinders
+    raw = images.make_raw_with_data(tmp_path / "disk.raw", size, 0.3, seed=11)
+    with open(raw, "r+b") as f:
+        f.seek(size - 4096)
+        f.write(os.urandom(4096))
+    source = images.make_chs_sized_vhd(tmp_path / "vbox.vhd", raw, subformat)
+    assert json.loads(images.qemu_img("info", "--output=json", "-f", "vpc", str(source)))["virtual-size"] < size
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "disk.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    [disk] = run.result["outputs"]["disks"]
+    assert disk["virtual_size"] == size
+    assert run.result["outputs"]["report"]["disks"][0]["virtual_size"] == size
+    assert json.loads(images.qemu_img("info", "--output=json", str(out / "disk.qcow2")))["virtual-size"] == size
+    assert compare(raw, "raw", out / "disk.qcow2", "qcow2")
+    assert leftovers(out) == ["disk.qcow2"]
+
+
 def test_source_disappearing_mid_conversion(lib: Path, tmp_path: Path, out: Path) -> None:
     images.make_raw_with_data(tmp_path / "big.raw", 16 * MiB, 0.5, seed=3)
     source = images.make_image("vmdk", "monolithicSparse", tmp_path / "big.vmdk", raw=tmp_path / "big.raw")

@@ -326,12 +326,7 @@ def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_s
 
 def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: Background | None,
                reader_uid: int | None) -> Disk:
-    try:
-        chain = qemuimg.info(ref, backing_chain=True)
-    except qemuimg.QemuImgError as e:
-        raise _invalid(f"{label} ({ref.describe()}) is not a readable {DRIVER_TO_NAME.get(ref.format, ref.format)} "
-                       f"image: {e.message.split(': ', 1)[-1]}") from None
-    chain = chain if isinstance(chain, list) else [chain]
+    chain = _qemu_view(ref, label)
     _refuse_external_data(chain, label)
     if ref.offset is None:
         directory = os.path.dirname(ref.path)
@@ -355,29 +350,131 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
             raise OperationError("UNSUPPORTED", f"{label} inside the OVA is a {subformat} VMDK; an OVA disk must "
                                  "be a single-file VMDK")
     elif ref.format == "vpc":
-        subformat = _vhd_type(_vpc_footer(ref))
+        footer = _vpc_footer(ref)
+        subformat = _vhd_type(footer)
         if subformat == "differencing":
             # qemu reads a differencing VHD (a Hyper-V checkpoint, .avhd) as if it stood alone, without its
             # parent: the conversion would succeed with every block the parent holds left zero.
             raise OperationError("UNSUPPORTED", f"{label} ({ref.describe()}) is a differencing VHD (a checkpoint "
                                  "of another disk); merge the checkpoint in Hyper-V, or convert the merged disk")
+        if _vhd_current_size(footer) > int(info.get("virtual-size", 0)):
+            # qemu sizes a VHD from another creator than Hyper-V, Disk2vhd, XenServer or a recent qemu
+            # (VirtualBox, Virtual PC, an older qemu) by the CHS geometry in its footer, which rounds down: the
+            # copy would lose the disk's last sectors, a GPT's backup header with them. The footer's current
+            # size loses nothing; where the guest saw the CHS size (Virtual PC), it only adds zero sectors.
+            ref = ref._replace(options=(("force_size_calc", "current_size"),))
+            chain = _qemu_view(ref, label)
+            info = chain[0]
     result = None
     if checking is not None:
         result = checking.result()
         if not result.usable:
             raise _invalid(f"{label} ({ref.describe()}) is damaged: {result.message}")
+    _refuse_incomplete(ref, label, info, result)
     return Disk(label, ref, info, chain, result, subformat)
 
 
+def _qemu_view(ref: ImageRef, label: str) -> list[dict[str, Any]]:
+    """`qemu-img info` of the image and its backing chain, the image first; INVALID_IMAGE if qemu cannot read it."""
+    try:
+        chain = qemuimg.info(ref, backing_chain=True)
+    except qemuimg.QemuImgError as e:
+        raise _invalid(f"{label} ({ref.describe()}) is not a readable {DRIVER_TO_NAME.get(ref.format, ref.format)} "
+                       f"image: {e.message.split(': ', 1)[-1]}") from None
+    return chain if isinstance(chain, list) else [chain]
+
+
 def _vpc_footer(ref: ImageRef) -> bytes | None:
-    if ref.offset is None:
-        return qemuimg.read_vpc_footer(ref.path)
+    """The VHD footer qemu goes by: the copy at the start of a dynamic VHD, else the footer at the end."""
+    start = ref.offset or 0
     fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        tail = os.pread(fd, 512, ref.offset + (ref.size or 0) - 512)
+        end = start + (ref.size or 0) if ref.offset is not None else os.fstat(fd).st_size
+        for position in (start, end - 512):
+            footer = os.pread(fd, 512, position) if position >= start else b""
+            if footer.startswith(b"conectix"):
+                return footer
     finally:
         os.close(fd)
-    return tail if tail.startswith(b"conectix") else None
+    return None
+
+
+def _vhd_current_size(footer: bytes | None) -> int:
+    """The disk size a VHD footer states (its current size), in whole sectors as qemu takes it; 0 if none."""
+    if not footer or len(footer) < 56:
+        return 0
+    return struct.unpack_from(">Q", footer, 48)[0] // 512 * 512
+
+
+def _refuse_incomplete(ref: ImageRef, label: str, info: dict[str, Any], checked: qemuimg.CheckResult | None) -> None:
+    """qemu reads past the end of an image file as zeros: a copy cut short (an interrupted transfer) would
+    convert "successfully", with zeros where its last blocks were. qemu itself refuses a VHD or VHDX whose
+    blocks lie past its end, and qemu-img check a qcow2 or sparse VMDK missing a whole cluster (grain); nothing
+    notices a VDI cut anywhere, nor a qcow2 or VMDK cut within its last cluster."""
+    if ref.format not in ("vdi", "qcow2", "vmdk"):
+        return
+    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        start = ref.offset or 0
+        present = os.fstat(fd).st_size - start
+        if ref.offset is not None:
+            present = min(present, ref.size or 0)
+        needed = _vdi_data_end(fd, start, present) if ref.format == "vdi" else 0
+    finally:
+        os.close(fd)
+    if ref.format == "qcow2":
+        # The check counts the clusters in use up to image-end-offset. A file ending before it may also just
+        # end in a compressed cluster (shorter than a cluster): only then is qemu's map asked where data ends.
+        end = int(((checked.details if checked else None) or {}).get("image-end-offset") or 0)
+        needed = qemuimg.data_end(ref) if end > present else 0
+    elif ref.format == "vmdk":
+        # A sparse VMDK's file holds whole grains: one ending within a grain may have been cut there, and only
+        # then is qemu's map asked. Only a single-file one, whose map offsets are in the image's own file.
+        extents = ((info.get("format-specific") or {}).get("data") or {}).get("extents") or []
+        single = len(extents) == 1 and extents[0].get("filename") == info.get("filename")
+        grain = int(extents[0].get("cluster-size") or 0) if single and not extents[0].get("compressed") else 0
+        needed = qemuimg.data_end(ref) if grain and present % grain else 0
+    if needed > present:
+        tables = {"vdi": "block map places", "qcow2": "cluster tables place", "vmdk": "grain tables place"}
+        raise _invalid(f"{label} ({ref.describe()}) holds {present} bytes where its {tables[ref.format]} data up to "
+                       f"byte {needed}: the copy is incomplete")
+
+
+# Block map entries from this value on (discarded, unallocated) place no block in the file.
+_VDI_NO_BLOCK = 0xFFFFFFFE
+_VDI_MAP_CHUNK = 256 * 1024
+
+
+def _vdi_data_end(fd: int, start: int, present: int) -> int:
+    """Where the last block a VDI's block map places in its file ends (counted from the image's start at
+    `start`; `present`: the bytes the file holds from there). From the header, without a qemu-img run."""
+    # qemu reads VDI 1.1 headers only: the block map's and the data's offsets at 0x154, the disk size at 0x170
+    # and the block size at 0x178, little-endian.
+    header = os.pread(fd, 0x188, start)
+    if len(header) < 0x188:
+        return 0x188
+    map_offset, data_offset = struct.unpack_from("<II", header, 0x154)
+    disk_size, block_size = struct.unpack_from("<QI", header, 0x170)
+    if not block_size:
+        return 0
+    blocks = -(-disk_size // block_size)
+    map_end = map_offset + 4 * blocks
+    if map_end > present:
+        return map_end          # the block map itself is cut short
+    last, last_index = -1, 0
+    for first in range(0, blocks, _VDI_MAP_CHUNK):
+        count = min(_VDI_MAP_CHUNK, blocks - first)
+        chunk = os.pread(fd, 4 * count, start + map_offset + 4 * first)
+        if len(chunk) < 4 * count:
+            raise OperationError("SOURCE_CHANGED", "the VDI became shorter while its block map was read")
+        entries = struct.unpack(f"<{count}I", chunk)
+        highest = max((entry for entry in entries if entry < _VDI_NO_BLOCK), default=-1)
+        if highest > last:
+            last, last_index = highest, first + entries.index(highest)
+    if last < 0:
+        return map_end
+    # Block `last` holds virtual block last_index; the disk's last block may be partly beyond its size.
+    return data_offset + last * block_size + min(block_size, disk_size - last_index * block_size)
 
 
 def required_sizes(disk: Disk, options: dict[str, Any] | None = None) -> dict[str, int]:

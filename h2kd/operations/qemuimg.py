@@ -3,7 +3,8 @@
 Every call names the input format with -f: qemu-img is never left to guess (a guessed "raw" on untrusted
 input would let a crafted file be taken for something else). Images are referred to by ImageRef, which is
 either a plain absolute path or a byte range of a larger file (a disk stored inside an OVA's tar), given
-to qemu-img as a json: filename over the raw driver's offset/size, so nothing has to be extracted.
+to qemu-img as a json: filename over the raw driver's offset/size, so nothing has to be extracted; open
+options of the format's driver (a VHD's force_size_calc) go into such a json: filename too.
 
 OperationError, the failure type every operation raises (code, phase, message), lives here because
 every operation module sits on top of this one.
@@ -17,7 +18,7 @@ import re
 import signal
 import subprocess
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
 
@@ -67,22 +68,26 @@ class QemuImgError(OperationError):
 # The value types here are NamedTuples rather than dataclasses: they are as good for this, and much cheaper
 # to define, which matters since every worker start imports this module.
 class ImageRef(NamedTuple):
-    """An image for qemu-img: a file (absolute path), or `size` bytes at `offset` inside it (a tar member)."""
+    """An image for qemu-img: a file (absolute path), or `size` bytes at `offset` inside it (a tar member);
+    options: open options of the format's driver, as (name, value) pairs (("force_size_calc", "current_size"))."""
 
     path: str
     format: str
     offset: int | None = None
     size: int | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     def qemu_name(self) -> str:
-        if self.offset is None:
-            if not self.path.startswith("/"):
-                # A relative name with a colon would be taken for a protocol ("nbd:...").
-                raise ValueError(f"image paths given to qemu-img must be absolute: {self.path!r}")
+        if not self.path.startswith("/"):
+            # A relative name with a colon would be taken for a protocol ("nbd:..."), and one inside a json:
+            # name would be looked up from qemu-img's working directory.
+            raise ValueError(f"image paths given to qemu-img must be absolute: {self.path!r}")
+        if self.offset is None and not self.options:
             return self.path
-        inner = {"driver": "raw", "offset": self.offset, "size": self.size,
-                 "file": {"driver": "file", "filename": self.path}}
-        return "json:" + json.dumps({"driver": self.format, "file": inner})
+        file: dict[str, Any] = {"driver": "file", "filename": self.path}
+        if self.offset is not None:
+            file = {"driver": "raw", "offset": self.offset, "size": self.size, "file": file}
+        return "json:" + json.dumps({"driver": self.format, **dict(self.options), "file": file})
 
     def format_args(self, flag: str = "-f") -> list[str]:
         return [flag, self.format]
@@ -181,10 +186,51 @@ def measure(image: ImageRef, output_format: str, options: dict[str, Any] | None 
 
 def data_bytes(image: ImageRef) -> int:
     """Bytes of the image that hold data (`qemu-img map`); zero and unallocated ranges do not count."""
-    proc = _run("map", ["--output=json", *image.format_args(), image.qemu_name()], timeout=None)
-    if proc.returncode != 0:
-        raise QemuImgError("map", proc.returncode, proc.stderr, code="INVALID_IMAGE")
-    return sum(int(e["length"]) for e in _json_output("map", proc) if e.get("data") and not e.get("zero"))
+    return sum(int(e["length"]) for e in _map_entries(image) if e.get("data") and not e.get("zero"))
+
+
+def data_end(image: ImageRef) -> int:
+    """Where the data `qemu-img map` places in the image's own file ends: the file must hold at least this many
+    bytes. Ranges qemu gives no offset for (compressed clusters) and those of backing files (depth > 0) do not
+    count; zero ones do, as qemu calls zero what it would read past the end of the file."""
+    return max((int(e["offset"]) + int(e["length"]) for e in _map_entries(image)
+                if e.get("data") and "offset" in e and not e.get("depth")), default=0)
+
+
+def _map_entries(image: ImageRef) -> Iterator[dict[str, Any]]:
+    """The ranges of `qemu-img map --output=json`, one at a time, as qemu-img writes them: a large image
+    written here and there has millions, not worth holding all at once."""
+    args = [QEMU_IMG, "map", "--output=json", *image.format_args(), image.qemu_name()]
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, **_CREDENTIALS)
+    except FileNotFoundError:
+        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
+    stderr_parts: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_parts.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    decoder = json.JSONDecoder()
+    pending = ""
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            pending += line
+            while True:
+                pending = pending.lstrip("[,] \t\r\n")
+                if not pending:
+                    break
+                try:
+                    entry, end = decoder.raw_decode(pending)
+                except ValueError:
+                    break           # a range not complete yet: the next line has the rest
+                pending = pending[end:]
+                yield entry
+        returncode = proc.wait()
+    finally:
+        _stop(proc)                 # the caller stopped early, or failed: no qemu-img left behind
+        reader.join(timeout=5)
+        proc.stdout.close()  # type: ignore[union-attr]
+    if returncode != 0 or pending:
+        raise QemuImgError("map", returncode, "".join(stderr_parts) or "output was not JSON", code="INVALID_IMAGE")
 
 
 class CheckResult(NamedTuple):
@@ -356,7 +402,7 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
         progress(1.0)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         try:
             proc.send_signal(signal.SIGTERM)
