@@ -132,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not sync the output to disk before the job completes (faster; the output still "
                         "appears only when complete, but as after a qemu-img convert by hand, a power loss soon "
                         "after may lose it or leave it truncated)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare each converted disk with its source before it gets its name (reads both "
+                        "again); a difference fails the job and leaves no output")
     p.add_argument("--source-format", metavar="FORMAT", help="the source's format (default: probed)")
     p.add_argument("--compare-with", metavar="PATH", help="validate: compare the image's contents with PATH")
-    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; 1..4 need the right to manage the queue")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; "
+                   "1..4 need the right to manage the queue")
     p.add_argument("--retries", type=_int_range(0, 5), metavar="N", help="retry a failed attempt up to N times "
                    "(0..5; default 0)")
     p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
@@ -226,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                 json_output=True)
     p.add_argument("source", metavar="FILE", help="the disk image or OVA; it must be readable by the calling user")
     p.add_argument("--source-format", metavar="FORMAT", help="the image's format (default: probed)")
-    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; 1..4 need the right to manage the queue")
+    p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; "
+                   "1..4 need the right to manage the queue")
     p.add_argument("--timeout", type=_int_range(60, 86400), metavar="SECONDS",
                    help="stop the inspection after this long (60..86400)")
     return parser

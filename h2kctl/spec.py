@@ -106,6 +106,8 @@ def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
                 parameters["compression_type"] = args.compress
         if getattr(args, "sync", True) is False:
             parameters["sync"] = False
+        if getattr(args, "verify", False):
+            parameters["verify"] = True
     if operation == "validate" and getattr(args, "compare_with", None):
         parameters["compare_with"] = readable_source(args.compare_with, "--compare-with")
     if parameters:

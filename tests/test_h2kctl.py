@@ -515,6 +515,21 @@ def test_a_conversion_into_a_directory_names_the_file_it_wrote(env, images, outp
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_submit_verify_compares_the_output_with_its_source(env, images, output_dir):
+    job_id = new_id("verify")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", "--wait", "--verify", str(images["vmdk"]), "-o", str(output), "--id", job_id,
+              timeout=120))
+    try:
+        status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
+        assert status["state"] == "completed"
+        result = json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Result"))
+        assert result["outputs"]["disks"][0]["compare"]["identical"] is True, result
+        assert json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Spec"))["parameters"]["verify"]
+    finally:
+        output.unlink(missing_ok=True)
+
+
 def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):
     job_id = new_id("nosync")
     output = output_dir / f"{job_id}.qcow2"

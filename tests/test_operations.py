@@ -284,6 +284,47 @@ def test_vmx_with_two_disks(lib: Path, tmp_path: Path, out: Path) -> None:
                             "mac": "00:0c:29:12:34:56"}]}
 
 
+def test_verify_compares_every_disk_with_its_source(lib: Path, tmp_path: Path, out: Path) -> None:
+    src = tmp_path / "vm"
+    src.mkdir()
+    images.make_image("vmdk", "monolithicSparse", src / "a.vmdk", raw=lib / "data.raw")
+    images.make_image("vdi", None, src / "b.vdi", raw=lib / "data2.raw")
+    vmx = images.make_vmx(src, ["a.vmdk", "b.vdi"], name="web01")
+    run = run_worker(tmp_path / "w", convert_spec(vmx, out / "web01.qcow2", verify=True), [out])
+    assert run.returncode == 0, run.log
+    assert [d["compare"]["identical"] for d in run.result["outputs"]["disks"]] == [True, True]
+    assert "compare: " in run.log     # the journal sees the phase
+    assert_monotonic(run.statuses)
+    # Without verify, nothing is compared.
+    run = run_worker(tmp_path / "w2", convert_spec(src / "a.vmdk", out / "plain.qcow2"), [out])
+    assert run.returncode == 0 and run.result["outputs"]["disks"][0]["compare"] is None, run.log
+
+
+def test_a_conversion_that_differs_from_its_source_fails_verification(lib: Path, tmp_path: Path, out: Path) -> None:
+    """A qemu-img whose output is not what it read (a fault, as of bad memory or a bug): verify catches it, the
+    job fails, and no output is left; without verify the same job completes."""
+    faulty = tmp_path / "faulty-qemu-img"
+    faulty.write_text("#!/bin/sh\n"
+                      "qemu-img \"$@\" || exit $?\n"
+                      "if [ \"$1\" = convert ]; then\n"
+                      "    for last in \"$@\"; do :; done\n"
+                      "    printf 'flipped' | dd of=\"$last\" bs=1 seek=1048576 conv=notrunc status=none\n"
+                      "fi\n")
+    faulty.chmod(0o755)
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
+    env = {"H2K_QEMU_IMG": str(faulty)}
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "d.raw", output_format="raw", verify=True), [out],
+                     env=env)
+    assert run.returncode == 1, run.log     # worth another attempt: a fault may not come again
+    error = run.result["error"]
+    assert error["code"] == "TOOL_FAILED" and error["phase"] == "compare" and error["retryable"], error
+    assert "differs from its source" in error["message"] and "1048576" in error["message"], error
+    assert leftovers(out) == []
+    run = run_worker(tmp_path / "w2", convert_spec(source, out / "d.raw", output_format="raw"), [out], env=env)
+    assert run.returncode == 0, run.log
+    assert not compare(lib / "data.raw", "raw", out / "d.raw", "raw")
+
+
 def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, out: Path) -> None:
     source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
     (out / "d.qcow2").write_text("precious")

@@ -206,6 +206,7 @@ class ConvertParameters(_Strict):
     sparse: bool = True
     coroutines: Coroutines | None = None
     domain_xml: bool = False   # also write a libvirt domain XML next to the disks
+    verify: bool = False       # compare each output with its source before it gets its name (reads both again)
     offline_fix: bool = False              # fix the converted guest so it boots on KVM (see operations.offline_fix)
     remove_vmware_tools: bool = False      # with offline_fix: also remove VMware Tools from the guest
     # Like systemd-importd's --sync=: true writes each output out to disk (fsync) before it gets its name;

@@ -19,8 +19,10 @@ Safety rules:
     (and their directory after the renames) before the job completes; false skips every sync, like
     `qemu-img convert` by hand or importctl --sync=no. The outputs still get their names only when complete,
     but a power loss or crash soon after may lose them or leave them truncated;
-  - with parameters.offline_fix, the boot disk (domain.boot_index) is repaired before it gets its name: it is converted to
-    a raw temporary file, the guest on it is fixed there (the `repair` given by the worker, see
+  - with parameters.verify, each output is compared with its source (qemu-img compare) before any gets its
+    name; a difference fails the job. The disk an offline_fix repairs is not compared: the repair changed it;
+  - with parameters.offline_fix, the boot disk (domain.boot_index) is repaired before it gets its name: it is
+    converted to a raw temporary file, the guest on it is fixed there (the `repair` given by the worker, see
     h2kd.operations.offline_fix), and it is then converted to the output format with the job's options
     (a raw output is fixed in place). If the repair fails, no output gets a name;
   - each temporary path is first appended to a record file (the attempt's run directory, see TempFiles),
@@ -66,21 +68,22 @@ Repair = Callable[[int, Callable[[str, "float | None", str], None]], dict[str, A
 
 class Planned:
     """One disk's way to its output: the destination, the bytes it needs, its temporary file once created,
-    and whether it is repaired (offline_fix) before it gets its name."""
+    whether it is repaired (offline_fix) before it gets its name, and whether it is compared with its source."""
 
     def __init__(self, disk: inspect.Disk, destination: str, needed: int = 0, temp: str | None = None,
-                 repaired: bool = False):
+                 repaired: bool = False, compared: bool = False):
         self.disk = disk
         self.destination = destination
         self.needed = needed
         self.temp = temp
         self.repaired = repaired
+        self.compared = compared
 
     def steps(self, options: ConvertOptions) -> int:
         """How many passes over the disk's virtual size its way takes: the conversion, plus the repair and,
-        for a qcow2 output, the conversion of the repaired raw file."""
+        for a qcow2 output, the conversion of the repaired raw file; or plus the comparison."""
         if not self.repaired:
-            return 1
+            return 2 if self.compared else 1
         return 2 if options.output_format == "raw" else 3
 
 
@@ -245,10 +248,13 @@ def _open_output_directory(directory: str) -> int:
 
 # ---------------------------------------------------------------- the operation
 
-def plan_disks(source: inspect.Source, destinations: list[str], repairing: bool) -> list[Planned]:
-    """Each disk with its destination; with offline_fix, the disk the VM boots from is the one repaired."""
+def plan_disks(source: inspect.Source, destinations: list[str], repairing: bool,
+               verifying: bool = False) -> list[Planned]:
+    """Each disk with its destination; with offline_fix, the disk the VM boots from is the one repaired, and
+    with verify every other disk is compared with its source."""
     boot = boot_index(source, len(source.disks))
-    return [Planned(disk, destination, 0, repaired=repairing and index == boot)
+    return [Planned(disk, destination, 0, repaired=repairing and index == boot,
+                    compared=verifying and not (repairing and index == boot))
             for index, (disk, destination) in enumerate(zip(source.disks, destinations))]
 
 
@@ -342,7 +348,8 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     domain_path = base + ".xml" if parameters.get("domain_xml") else None
     if domain_path:
         _check_destination(domain_path, overwrite, owner_uid)
-    plans = plan_disks(source, destinations, repairing=repair is not None)
+    plans = plan_disks(source, destinations, repairing=repair is not None,
+                       verifying=bool(parameters.get("verify")))
     _check_free_space(plans, options, os.path.dirname(destinations[0]))
     verify_total = source.verify_bytes()
     # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
@@ -374,9 +381,12 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             else:
                 _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), f"{label} ({plan.disk.label})",
                              on_process, durable)
-            done_before += size * plan.steps(options)
-            progress("check", done_before, total, f"checking {label}")
+            converted = done_before + size * (plan.steps(options) - plan.compared)
+            progress("check", converted, total, f"checking {label}")
             outputs.append(_finish_one(plan, options, durable, temps))
+            if plan.compared:
+                outputs[-1]["compare"] = _compare_one(plan, options, source, part, on_process, temps)
+            done_before += size * plan.steps(options)
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
@@ -412,10 +422,10 @@ class _Part:
     def __init__(self, progress: inspect.ProgressFn, start: int, size: int, total: int, label: str):
         self.progress, self.start, self.size, self.total, self.label = progress, start, size, total, label
 
-    def of(self, n: int) -> Callable[[float], None]:
-        """progress(fraction) of pass n, a conversion."""
+    def of(self, n: int, phase: str = "convert") -> Callable[[float], None]:
+        """progress(fraction) of pass n, a conversion (or a comparison: phase "compare")."""
         base = self.start + n * self.size
-        return lambda fraction: self.progress("convert", base + int(self.size * fraction), self.total, self.label)
+        return lambda fraction: self.progress(phase, base + int(self.size * fraction), self.total, self.label)
 
     def repair_progress(self, n: int) -> Callable[[str, "float | None", str], None]:
         """The repair's progress(phase, fraction or None, message) as pass n."""
@@ -540,6 +550,29 @@ def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: 
     inspect.ensure_unchanged(source.identities)
 
 
+def _compare_one(plan: Planned, options: ConvertOptions, source: inspect.Source, part: _Part,
+                 on_process: Callable[[Any], None] | None, temps: TempFiles) -> dict[str, Any]:
+    """parameters.verify: the converted disk (still under its temporary name) must hold what its source holds,
+    as qemu-img compare reads them both; TOOL_FAILED where they differ. qemu-img reads the output through a
+    descriptor of the file made for it, as the conversion wrote it."""
+    assert plan.temp
+    fd = temps.open_made(plan.temp, os.O_RDONLY)
+    try:
+        comparison = qemuimg.compare(plan.disk.ref, ImageRef(qemuimg.descriptor_path(fd), options.output_format),
+                                     part.of(1, "compare"), on_process, (fd,))
+    except qemuimg.QemuImgError as e:
+        inspect.ensure_unchanged(source.identities)
+        raise OperationError(e.code, f"comparing the converted {plan.disk.label} with its source failed: "
+                             f"{e.message}", "compare") from None
+    finally:
+        os.close(fd)
+    inspect.ensure_unchanged(source.identities)
+    if not comparison.identical:
+        raise OperationError("TOOL_FAILED", f"the converted {plan.disk.label} differs from its source: "
+                             f"{comparison.message}", "compare")
+    return {"identical": True, "message": comparison.message}
+
+
 def _flush(fd: int, directory: str) -> None:
     """fsync the output (a descriptor of its own, closed here): it must be entirely on disk before it gets
     its name."""
@@ -584,7 +617,7 @@ def _finish_one(plan: Planned, options: ConvertOptions, durable: bool, temps: Te
     return {"source": plan.disk.ref.describe(), "source_member": plan.disk.member,
             "source_format": inspect.DRIVER_TO_NAME.get(plan.disk.ref.format, plan.disk.ref.format),
             "format": options.output_format, "virtual_size": virtual_size,
-            "size": size, "check": _without_temp_name(result)}
+            "size": size, "check": _without_temp_name(result), "compare": None}
 
 
 def _without_temp_name(result: qemuimg.CheckResult | None) -> dict[str, Any] | None:

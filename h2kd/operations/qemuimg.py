@@ -277,16 +277,20 @@ class CompareResult(NamedTuple):
     message: str
 
 
-def compare(first: ImageRef, second: ImageRef) -> CompareResult:
-    """`qemu-img compare` (contents only; a longer image must be zero past the shorter one's end)."""
-    args = ["-U"] + first.format_args("-f") + second.format_args("-F") + [first.qemu_name(), second.qemu_name()]
-    proc = _run("compare", args, timeout=None)
-    text = (proc.stdout.strip() + " " + proc.stderr.strip()).strip()
-    if proc.returncode == 0:
+def compare(first: ImageRef, second: ImageRef, progress: Callable[[float], None] | None = None,
+            on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+            pass_fds: tuple[int, ...] = ()) -> CompareResult:
+    """`qemu-img compare` (contents only; a longer image must be zero past the shorter one's end), calling
+    progress(fraction) as it goes; on_process and pass_fds as for convert()."""
+    args = ["-p", "-U"] + first.format_args("-f") + second.format_args("-F") + [first.qemu_name(), second.qemu_name()]
+    returncode, said, stderr = _with_progress("compare", args, progress, on_process, pass_fds)
+    text = (said + " " + stderr.strip()).strip()
+    if returncode == 0:
         return CompareResult(True, text or "Images are identical.")
-    if proc.returncode == 1:
+    if returncode == 1:
         return CompareResult(False, text or "Images differ.")
-    raise QemuImgError("compare", proc.returncode, proc.stderr, code="TOOL_FAILED")
+    raise QemuImgError("compare", returncode, stderr or f"qemu-img was killed by signal {-returncode}",
+                       code="TOOL_FAILED")
 
 
 class ConvertOptions(NamedTuple):
@@ -349,19 +353,34 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
             progress: Callable[[float], None] | None = None,
             on_process: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
             pass_fds: tuple[int, ...] = ()) -> None:
-    """Run `qemu-img convert -p`, calling progress(fraction 0..1) as qemu-img reports it.
-
-    If progress() (or a signal handler) raises, the qemu-img child is killed and waited for before the
-    exception goes on, so no writer is left behind the caller's clean-up. on_process is told the
-    running child (and None once it has ended), for a signal handler that must stop it. pass_fds: the
-    descriptors the source or destination name (see descriptor_path).
-    """
+    """Run `qemu-img convert -p`, calling progress(fraction 0..1) as qemu-img reports it (progress and
+    on_process: see _with_progress). pass_fds: the descriptors the source or destination name (see
+    descriptor_path)."""
     if not destination.startswith("/"):
         raise ValueError("the destination given to qemu-img must be an absolute path")
-    args = [QEMU_IMG, "convert", "-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
+    args = ["-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
+    returncode, _, stderr = _with_progress("convert", args, progress, on_process, pass_fds)
+    if returncode != 0:
+        code = "NO_SPACE" if "No space left on device" in stderr else "TOOL_FAILED"
+        if returncode < 0:
+            stderr = stderr or f"qemu-img was killed by signal {-returncode}"
+        raise QemuImgError("convert", returncode, stderr, code=code)
+    if progress:
+        progress(1.0)
+
+
+def _with_progress(command: str, args: list[str], progress: Callable[[float], None] | None,
+                   on_process: Callable[[subprocess.Popen[bytes] | None], None] | None,
+                   pass_fds: tuple[int, ...]) -> tuple[int, str, str]:
+    """Run `qemu-img command args` (args with -p), calling progress(fraction 0..1) as it reports; its exit
+    status, what else it wrote to stdout, and its stderr.
+
+    If progress() (or a signal handler) raises, the child is killed and waited for before the exception goes
+    on, so no writer is left behind the caller's clean-up. on_process is told the running child (and None once
+    it has ended), for a signal handler that must stop it."""
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=False, pass_fds=pass_fds,
+        proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0, start_new_session=False, pass_fds=pass_fds,
                                 **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
@@ -370,6 +389,7 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
     reader.start()
     if on_process:
         on_process(proc)
+    said: list[bytes] = []
     try:
         pending = b""
         fd = proc.stdout.fileno()  # type: ignore[union-attr]
@@ -383,6 +403,8 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
                 match = _PROGRESS.search(piece)
                 if match and progress:
                     progress(min(float(match.group(1)) / 100.0, 1.0))
+                elif not match and piece.strip():
+                    said.append(piece.strip())
         returncode = proc.wait()
     except BaseException:
         _stop(proc)
@@ -392,14 +414,8 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
         proc.stdout.close()  # type: ignore[union-attr]
         if on_process:
             on_process(None)
-    stderr = b"".join(stderr_chunks).decode(errors="replace")
-    if returncode != 0:
-        code = "NO_SPACE" if "No space left on device" in stderr else "TOOL_FAILED"
-        if returncode < 0:
-            stderr = stderr or f"qemu-img was killed by signal {-returncode}"
-        raise QemuImgError("convert", returncode, stderr, code=code)
-    if progress:
-        progress(1.0)
+    said += [pending.strip()] if pending.strip() else []
+    return returncode, b" ".join(said).decode(errors="replace"), b"".join(stderr_chunks).decode(errors="replace")
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
