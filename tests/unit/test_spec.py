@@ -50,8 +50,8 @@ def test_defaults_are_filled_in():
     assert data["image"] == {"path": "/src/d.vmdk", "format": None, "checksum": None}
     assert data["parameters"] == {"output_format": "qcow2", "compress": False, "compression_type": None,
                                   "cluster_size": None, "preallocation": None, "sparse": True, "coroutines": None,
-                                  "domain_xml": False, "offline_fix": False, "remove_vmware_tools": False,
-                                  "sync": True}
+                                  "domain_xml": False, "verify": False, "offline_fix": False,
+                                  "remove_vmware_tools": False, "sync": True}
     assert data["execution_policy"] == {"priority": 5, "retry_count": 0, "timeout_seconds": 3600,
                                         "idempotent": True}
     assert data["capability_requirements"] == {}
