@@ -703,3 +703,63 @@ def test_a_loop_device_the_kernel_refuses_is_reported_with_what_failed(tmp_path:
     assert "disk.raw" in message and "LOOP_SET_FD" in message, message
     assert "allowed" not in message, message
     assert loops_of(image) == []
+
+
+def test_a_disk_image_is_roots_alone_while_it_is_attached(tmp_path: Path) -> None:
+    """The submitter owns the image (their qemu-img wrote it) and could change its file systems under the
+    kernel's feet while they are mounted: an image another process holds open is refused before anything is
+    attached; otherwise it is root's (0600) while attached, and gets its owner and mode back afterwards."""
+    import stat
+
+    from h2kd.operations.offline_fix import devices
+    from h2kd.operations.qemuimg import OperationError
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    os.chown(image, 64101, 64102)
+    os.chmod(image, 0o640)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with open(image, "rb") as kept:
+            holder = subprocess.Popen(["sleep", "120"], stdin=kept)
+        try:
+            with pytest.raises(OperationError) as refused:
+                with devices.attached_disk(fd, read_only=False, name="disk.raw"):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()
+        assert refused.value.code == "PERMISSION_DENIED", refused.value.message
+        assert "disk.raw is held open by another process" in refused.value.message
+        assert loops_of(image) == []
+        mine = os.stat(image)
+        assert (mine.st_uid, mine.st_gid, stat.S_IMODE(mine.st_mode)) == (64101, 64102, 0o640)
+        with devices.attached_disk(fd, read_only=False, name="disk.raw") as disk:
+            assert disk.partition(1) is not None
+            held = os.stat(image)
+            assert (held.st_uid, held.st_gid, stat.S_IMODE(held.st_mode)) == (0, 0, 0o600)
+        back = os.stat(image)
+        assert (back.st_uid, back.st_gid, stat.S_IMODE(back.st_mode)) == (64101, 64102, 0o640)
+    finally:
+        os.close(fd)
+
+
+def test_a_dry_run_leaves_the_images_owner_alone(tmp_path: Path) -> None:
+    """A dry run may read an image that is not its submitter's: it is attached read-only as it is, owner,
+    mode and other readers included."""
+    import stat
+
+    from h2kd.operations.offline_fix import devices
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    os.chown(image, 64101, 64102)
+    os.chmod(image, 0o644)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(image, "rb"):
+            with devices.attached_disk(fd, read_only=True, name="disk.raw") as disk:
+                assert disk.partition(1) is not None
+                held = os.stat(image)
+                assert (held.st_uid, held.st_gid, stat.S_IMODE(held.st_mode)) == (64101, 64102, 0o644)
+    finally:
+        os.close(fd)
+    assert loops_of(image) == []

@@ -13,6 +13,12 @@ up atomically, autoclear and partition scan included, in one call. Older kernels
 descriptor, then LOOP_SET_STATUS64 (a worker killed between the two leaves the device bound), and a read-only
 attach opens the loop device read-only, which makes the kernel bind it read-only.
 
+While an image is attached for writing (a repair) it is root's alone (0600), and a write lease first proves
+that no other process has it open or mapped: its submitter owns it (their qemu-img wrote it) and could
+otherwise change the file systems under the kernel's feet while they are mounted. Its owner and mode are given
+back once detached. A read-only attach (a dry run, which may read any image its submitter can read) leaves
+the image's owner alone: taking someone else's file away, even for a while, is not a dry run's to do.
+
 There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
 `partx -a` when the kernel did not.
 """
@@ -305,6 +311,38 @@ def attached_loops(image_path: str) -> list[str]:
 def attached_disk(image_fd: int, read_only: bool, name: str = "the image") -> Iterator[AttachedDisk]:
     """Attach the raw image open on image_fd (named `name` in messages) as a loop device with its partitions
     and LVs; always detached afterwards."""
+    with contextlib.nullcontext() if read_only else _root_alone(image_fd, name):
+        with _attached(image_fd, read_only, name) as disk:
+            yield disk
+
+
+@contextlib.contextmanager
+def _root_alone(image_fd: int, name: str) -> Iterator[None]:
+    """The image is root's alone while attached (see the module docstring). PERMISSION_DENIED if another
+    process has it open."""
+    before = os.fstat(image_fd)
+    os.fchown(image_fd, 0, 0)
+    os.fchmod(image_fd, 0o600)
+    try:
+        try:
+            fcntl.fcntl(image_fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                raise OperationError("PERMISSION_DENIED", f"{name} is held open by another process, which could "
+                                     "change it while its file systems are mounted; it is not attached",
+                                     "attach") from None
+            if e.errno not in (errno.EINVAL, errno.ENOLCK):     # a file system without leases (NFS)
+                raise
+        else:
+            fcntl.fcntl(image_fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        yield
+    finally:
+        os.fchown(image_fd, before.st_uid, before.st_gid)
+        os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
+
+
+@contextlib.contextmanager
+def _attached(image_fd: int, read_only: bool, name: str) -> Iterator[AttachedDisk]:
     try:
         loop, holder = _attach(image_fd, read_only)
     except AttachError as e:
