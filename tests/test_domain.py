@@ -268,3 +268,35 @@ def test_offline_fix_repairs_the_disk_the_vm_boots_from() -> None:
     assert [p.repaired for p in convert.plan_disks(source, OUT, repairing=False)] == [False, False]
     plain = inspect.Source("disk", "/srv/disk.vmdk", "vmdk", [object()], None)  # type: ignore[list-item]
     assert [p.repaired for p in convert.plan_disks(plain, OUT[:1], repairing=True)] == [True]
+
+
+def test_a_uefi_vm_ignores_a_bios_hdd_order_left_from_its_bios_days() -> None:
+    vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64") + 'firmware = "efi"\n')
+    assert vm["firmware"] == "uefi" and vm["boot_disk"] == 0
+
+
+def test_ovf_disks_rank_by_controller_kind_as_vmx_disks_do() -> None:
+    """An NVMe controller ranks after SATA, as in parse_vmx; a disk on a controller the OVF does not list
+    comes after all the others."""
+    nvme = WINDOWS_OVF.replace("vmware.sata.ahci", "vmware.nvme.controller")
+    sata_and_nvme = nvme.replace(
+        "      <Item><rasd:AddressOnParent>1</rasd:AddressOnParent>",
+        "      <Item><rasd:Address>0</rasd:Address><rasd:ElementName>SATA Controller 0</rasd:ElementName>\n"
+        "        <rasd:InstanceID>4</rasd:InstanceID><rasd:ResourceSubType>vmware.sata.ahci</rasd:ResourceSubType>\n"
+        "        <rasd:ResourceType>20</rasd:ResourceType></Item>\n"
+        "      <Item><rasd:AddressOnParent>1</rasd:AddressOnParent>", 1).replace(
+        "<rasd:AddressOnParent>1</rasd:AddressOnParent><rasd:ElementName>Hard disk 2</rasd:ElementName>\n"
+        "        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource><rasd:InstanceID>11</rasd:InstanceID>\n"
+        "        <rasd:Parent>3</rasd:Parent>",
+        "<rasd:AddressOnParent>1</rasd:AddressOnParent><rasd:ElementName>Hard disk 2</rasd:ElementName>\n"
+        "        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource><rasd:InstanceID>11</rasd:InstanceID>\n"
+        "        <rasd:Parent>4</rasd:Parent>")
+    vm = inspect.parse_ovf(sata_and_nvme.format(os_type="rhel8_64Guest", description="Linux").encode())
+    assert [d["id"] for d in vm["disks"]] == ["vmdisk1", "vmdisk2"]
+    assert vm["boot_disk"] == 0       # vmdisk1, unit 1 on the SATA controller, before vmdisk2 on NVMe
+    orphan = nvme.replace("<rasd:Parent>3</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>\n"
+                          "      <Item><rasd:Address>00:50:56:AA:BB:01",
+                          "<rasd:Parent>99</rasd:Parent><rasd:ResourceType>17</rasd:ResourceType></Item>\n"
+                          "      <Item><rasd:Address>00:50:56:AA:BB:01", 1)
+    vm = inspect.parse_ovf(orphan.format(os_type="rhel8_64Guest", description="Linux").encode())
+    assert vm["boot_disk"] == 0       # vmdisk2 sits on no known controller: vmdisk1 boots

@@ -556,6 +556,30 @@ def test_an_image_copy_cut_short_is_refused(tmp_path: Path, out: Path, fmt: str,
     assert "the copy is incomplete" in error["message"], error
     assert error["retryable"] is False
     assert leftovers(out) == []
+    # validate says so too, though qemu-img check finds nothing wrong.
+    run = run_worker(tmp_path / "v", {"operation": "validate", "image": {"path": str(source)}}, [out])
+    assert run.returncode == 2 and run.result["error"]["code"] == "INVALID_IMAGE", run.log
+    assert "the copy is incomplete" in run.result["error"]["message"], run.result["error"]
+
+
+def test_the_cut_short_check_reads_only_the_file_that_was_vetted(lib: Path, tmp_path: Path) -> None:
+    """It opens the image again by name, as root: a file swapped in meanwhile (by a directory the submitter
+    owns) is refused unread, and a FIFO does not hang the worker."""
+    import shutil as _shutil
+
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    source = images.make_image("vdi", None, tmp_path / "d.vdi", raw=lib / "data.raw")
+    loaded = inspect.load_source(str(source), "vdi", check_disks=False)
+    inspect.refuse_incomplete(loaded.disks[0], None, loaded.identities)
+    _shutil.copy(source, tmp_path / "other.vdi")
+    os.replace(tmp_path / "other.vdi", source)
+    for swap in (lambda: None, lambda: (os.unlink(source), os.mkfifo(source))):
+        swap()
+        with pytest.raises(OperationError) as refused:
+            inspect.refuse_incomplete(loaded.disks[0], None, loaded.identities)
+        assert refused.value.code == "SOURCE_CHANGED", refused.value.message
 
 
 def test_a_qcow2_ending_in_a_compressed_cluster_is_not_taken_for_a_cut_copy(tmp_path: Path, out: Path) -> None:
@@ -630,6 +654,25 @@ def test_the_source_is_checked_on_the_descriptor_root_reads_not_only_by_path(tmp
     with pytest.raises(OperationError) as refused:
         inspect.load_source(str(checked), "raw", check_disks=False)
     assert refused.value.code == "SOURCE_CHANGED" and "replaced after the job was submitted" in refused.value.message
+
+
+def test_the_workers_source_check_tells_nothing_of_what_is_there(tmp_path: Path) -> None:
+    """The worker looks the source up again as root, by path, which a submitter can lead (by a symlink
+    swapped into it) into a directory closed to them: another file, no file and a path through a file all
+    get the one answer, so a failed job tells nothing of what lies there."""
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    there = tmp_path / "there.raw"
+    there.write_bytes(b"\0" * 512)
+    answers = set()
+    for path in (there, tmp_path / "missing.raw", there / "below"):
+        with pytest.raises(OperationError) as refused:
+            inspect.expect_source(str(path), "1:2")
+        assert refused.value.code == "SOURCE_CHANGED"
+        answers.add(refused.value.message.replace(str(path), "PATH"))
+    assert answers == {"the source PATH was moved, removed or replaced after the job was submitted; submit it "
+                       "again"}
 
 
 def _qemu_img_children(pid: int) -> list[int]:

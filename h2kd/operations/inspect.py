@@ -350,7 +350,7 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
             raise OperationError("UNSUPPORTED", f"{label} inside the OVA is a {subformat} VMDK; an OVA disk must "
                                  "be a single-file VMDK")
     elif ref.format == "vpc":
-        footer = _vpc_footer(ref)
+        footer = _vpc_footer(ref, identities)
         subformat = _vhd_type(footer)
         if subformat == "differencing":
             # qemu reads a differencing VHD (a Hyper-V checkpoint, .avhd) as if it stood alone, without its
@@ -370,8 +370,9 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
         result = checking.result()
         if not result.usable:
             raise _invalid(f"{label} ({ref.describe()}) is damaged: {result.message}")
-    _refuse_incomplete(ref, label, info, result)
-    return Disk(label, ref, info, chain, result, subformat)
+    disk = Disk(label, ref, info, chain, result, subformat)
+    refuse_incomplete(disk, result, identities)
+    return disk
 
 
 def _qemu_view(ref: ImageRef, label: str) -> list[dict[str, Any]]:
@@ -384,10 +385,27 @@ def _qemu_view(ref: ImageRef, label: str) -> list[dict[str, Any]]:
     return chain if isinstance(chain, list) else [chain]
 
 
-def _vpc_footer(ref: ImageRef) -> bytes | None:
+def _reopen(path: str, identities: list[FileIdentity]) -> int:
+    """A descriptor of a file opened (and recorded in `identities`) before, opened again by its name for a look
+    of our own: SOURCE_CHANGED unless it is still that regular file. Root reads it, and the submitter may
+    change the directories on its way meanwhile."""
+    known = next((i for i in identities if i.path == path), None)
+    changed = OperationError("SOURCE_CHANGED", f"{path} was moved, removed or replaced while it was read")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        raise changed from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (known is not None and (st.st_dev, st.st_ino) != (known.device, known.inode)):
+        os.close(fd)
+        raise changed
+    return fd
+
+
+def _vpc_footer(ref: ImageRef, identities: list[FileIdentity]) -> bytes | None:
     """The VHD footer qemu goes by: the copy at the start of a dynamic VHD, else the footer at the end."""
     start = ref.offset or 0
-    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _reopen(ref.path, identities)
     try:
         end = start + (ref.size or 0) if ref.offset is not None else os.fstat(fd).st_size
         for position in (start, end - 512):
@@ -406,14 +424,16 @@ def _vhd_current_size(footer: bytes | None) -> int:
     return struct.unpack_from(">Q", footer, 48)[0] // 512 * 512
 
 
-def _refuse_incomplete(ref: ImageRef, label: str, info: dict[str, Any], checked: qemuimg.CheckResult | None) -> None:
-    """qemu reads past the end of an image file as zeros: a copy cut short (an interrupted transfer) would
-    convert "successfully", with zeros where its last blocks were. qemu itself refuses a VHD or VHDX whose
-    blocks lie past its end, and qemu-img check a qcow2 or sparse VMDK missing a whole cluster (grain); nothing
-    notices a VDI cut anywhere, nor a qcow2 or VMDK cut within its last cluster."""
+def refuse_incomplete(disk: Disk, checked: qemuimg.CheckResult | None, identities: list[FileIdentity]) -> None:
+    """INVALID_IMAGE for a copy cut short (an interrupted transfer): qemu reads past the end of an image file as
+    zeros, so it would convert "successfully", with zeros where its last blocks were. qemu itself refuses a
+    VHD or VHDX whose blocks lie past its end, and qemu-img check a qcow2 or sparse VMDK missing a whole cluster
+    (grain); nothing notices a VDI cut anywhere, nor a qcow2 or VMDK cut within its last cluster (checked: the
+    disk's qemu-img check, which tells where a qcow2 ends; without it a qcow2 is not looked at)."""
+    ref, label, info = disk.ref, disk.label, disk.info
     if ref.format not in ("vdi", "qcow2", "vmdk"):
         return
-    fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _reopen(ref.path, identities)
     try:
         start = ref.offset or 0
         present = os.fstat(fd).st_size - start
@@ -553,9 +573,9 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
     nics: list[dict[str, Any]] = []
     items = [el for el in system.iter() if _ln(el.tag) in ("Item", "StorageItem", "EthernetPortItem")]
     # Where each disk sits (controller kind, controller, unit): the lowest is the disk the VM boots from.
-    controllers = {_child_text(item, "InstanceID"): (_OVF_CONTROLLER_RANK[kind], position)
+    controllers = {_child_text(item, "InstanceID"): (_controller_rank(item), position)
                    for position, item in enumerate(items)
-                   if (kind := _child_text(item, "ResourceType")) in _OVF_CONTROLLER_RANK}
+                   if _child_text(item, "ResourceType") in _OVF_CONTROLLER_RANK}
     placement: dict[str, tuple[int, int, int]] = {}
     for item in items:
         kind = _child_text(item, "ResourceType")
@@ -575,7 +595,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             else:
                 continue
             unit = _child_text(item, "AddressOnParent") or ""
-            placement[ref] = (*controllers.get(_child_text(item, "Parent"), (len(_OVF_CONTROLLER_RANK), 0)),
+            placement[ref] = (*controllers.get(_child_text(item, "Parent"), (_UNKNOWN_CONTROLLER, 0)),
                               int(unit) if unit.isdigit() else 0)
         elif kind == "10":
             nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
@@ -601,8 +621,17 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
 
 
-# OVF ResourceType of disk controllers, ranked as parse_vmx ranks them: SCSI, SATA ("other storage"), IDE.
+# OVF ResourceType of disk controllers, ranked as parse_vmx ranks them: SCSI, SATA and NVMe ("other storage",
+# told apart by their ResourceSubType), IDE; then disks on a controller the OVF does not describe.
 _OVF_CONTROLLER_RANK = {"6": 0, "20": 1, "5": 3}
+_UNKNOWN_CONTROLLER = 4
+
+
+def _controller_rank(item: ET.Element) -> int:
+    kind = _child_text(item, "ResourceType") or ""
+    if kind == "20" and "nvme" in (_child_text(item, "ResourceSubType") or "").lower():
+        return 2
+    return _OVF_CONTROLLER_RANK[kind]
 
 
 _MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
@@ -649,11 +678,13 @@ def parse_vmx(text: str) -> dict[str, Any]:
                      "mac": keys.get(dev + ".address") or keys.get(dev + ".generatedaddress")})
     memory = keys.get("memsize", "0")
     devices = [device for _, device, _ in sorted(found)]
-    # bios.hddOrder lists the disks the BIOS tries, first the one it boots from ("scsi0:1,scsi0:0").
-    first = keys.get("bios.hddorder", "").split(",")[0].strip().lower()
+    # bios.hddOrder lists the disks the BIOS tries, first the one it boots from ("scsi0:1,scsi0:0"). A UEFI VM
+    # boots by its NVRAM's entries instead: a bios.hddOrder there is left over from its BIOS days.
+    efi = keys.get("firmware", "").lower() == "efi"
+    first = "" if efi else keys.get("bios.hddorder", "").split(",")[0].strip().lower()
     return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
             "memory_mib": int(memory) if memory.isdigit() else 0,
-            "firmware": "uefi" if keys.get("firmware", "").lower() == "efi" else "bios",
+            "firmware": "uefi" if efi else "bios",
             "guest_os": keys.get("guestos", ""), "boot_disk": devices.index(first) if first in devices else 0,
             "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
 
@@ -691,21 +722,22 @@ _EXPECTED_SOURCES: dict[str, str] = {}
 def expect_source(path: str, identity: str) -> None:
     """The source at `path` must be the file h2kd checked for the submitter ("dev:ino"). Checked now, by path,
     to fail early; load_source checks its descriptor again before reading a byte (a file swapped in between
-    would otherwise be parsed by root). SOURCE_CHANGED otherwise."""
+    would otherwise be parsed by root). SOURCE_CHANGED otherwise, with one message whatever is found there:
+    the lookup is root's, and telling "not found" from "another file" would tell the submitter whether a file
+    exists where a symlink swapped into the path leads (a directory closed to them)."""
     path = os.path.abspath(path)
     try:
         st = os.lstat(path)
-    except OSError as e:
-        raise OperationError("SOURCE_CHANGED", f"the source {path} cannot be found any more: {e.strerror}",
-                             "start") from None
-    _ensure_expected(path, st.st_dev, st.st_ino, identity)
+    except OSError:
+        st = None
+    _ensure_expected(path, st.st_dev if st else -1, st.st_ino if st else -1, identity)
     _EXPECTED_SOURCES[path] = identity
 
 
 def _ensure_expected(path: str, device: int, inode: int, expected: str) -> None:
     if f"{device}:{inode}" != expected:
-        raise OperationError("SOURCE_CHANGED", f"the source {path} was replaced after the job was submitted; "
-                             "submit it again", "start")
+        raise OperationError("SOURCE_CHANGED", f"the source {path} was moved, removed or replaced after the job "
+                             "was submitted; submit it again", "start")
 
 
 def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,

@@ -46,6 +46,10 @@ def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid:
     if result.status in ("corrupt", "failed"):
         raise _with_outputs(OperationError("INVALID_IMAGE", f"{image['path']} failed its check: {result.message}",
                                            "check"), outputs)
+    try:
+        inspect.refuse_incomplete(disk, result, read)     # a copy cut short passes qemu-img check
+    except OperationError as e:
+        raise _with_outputs(e, outputs) from None
     other_path = parameters.get("compare_with")
     if other_path:
         progress("compare", 0, 0, f"comparing with {other_path}")
