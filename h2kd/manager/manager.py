@@ -658,10 +658,8 @@ class JobManager:
         self._manager_changed()
 
     def _refresh_wait_reasons(self) -> None:
-        reasons = self._scheduler.wait_reasons()
-        for job_id in self._scheduler.ordered():
+        for job_id, reason in self._scheduler.wait_reasons().items():     # every queued job, in queue order
             job = self._jobs[job_id]
-            reason = reasons.get(job_id, "")
             if job.wait_reason != reason:
                 job.wait_reason = reason
                 self._notify_changed(job, {"wait_reason"}, urgent=False)
@@ -1168,7 +1166,8 @@ class JobManager:
             code = ErrorCode(error_code or "INTERNAL")
         except ValueError:
             raise InvalidArgument(f"unknown error code {error_code!r}") from None
-        if not isinstance(outputs, dict) or len(json.dumps(outputs).encode()) > MAX_RESULT_BYTES:
+        if (not isinstance(outputs, dict)
+                or len(json.dumps(outputs, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_RESULT_BYTES):
             raise InvalidArgument(f"outputs must be a JSON object of at most {MAX_RESULT_BYTES} bytes")
         if not (0 <= bytes_read <= COUNT_MAX and 0 <= bytes_written <= COUNT_MAX):
             raise InvalidArgument(f"bytes_read and bytes_written must be 0 to {COUNT_MAX}")

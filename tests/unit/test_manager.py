@@ -644,6 +644,9 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
             m.report_result(worker.id, job.id, True, {"log": "x" * 70_000}, "", "", 1, 1)
         with pytest.raises(InvalidArgument, match="bytes_read and bytes_written"):
             m.report_result(worker.id, job.id, True, {}, "", "", -1, 2**63)
+        # Counted as the worker sends it, UTF-8: 60,000 bytes of accented text are within the limit.
+        with pytest.raises(InvalidArgument, match="bytes_read and bytes_written"):
+            m.report_result(worker.id, job.id, True, {"log": "é" * 30_000}, "", "", -1, 0)
         assert job.state.value == "progressing"
         m.report_result(worker.id, job.id, False, {}, "INVALID_IMAGE", "e" * 100_000, 1, 1)
         assert job.state.value == "failed" and job.error_message == "e" * 4096   # stored, with the counts above

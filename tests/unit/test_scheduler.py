@@ -269,8 +269,8 @@ def test_an_owner_with_jobs_running_lets_the_others_catch_up():
     # Alice has two running already: Bob's first two go before her next one; then they are even.
     assert picked(s, running=1, workers=[builtin()], running_by_owner={1000: 2}) == ["b1", "b2"]
     assert s.ordered() == ["a3", "b3", "a4"]
-    got = s.claim_for(external(), NOW, running_by_owner={1000: 2, 1001: 3})
-    assert got == "a3"
+    # Bob's turn came last, but Alice has many more running: his job goes first.
+    assert s.claim_for(external(), NOW, running_by_owner={1000: 5, 1001: 0}) == "b3"
 
 
 def test_priority_comes_before_turns_and_turns_count_across_levels():
