@@ -654,6 +654,8 @@ function buildSpec(form) {
     const parameters = { output_format: v("s", format) };
     if (form.compress.checked && format === "qcow2")
         parameters.compress = v("b", true);
+    if (form.verify.checked)
+        parameters.verify = v("b", true);
     const spec = {
         operation: v("s", "convert"),
         image: v("a{sv}", { path: v("s", source) }),

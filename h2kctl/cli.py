@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "after may lose it or leave it truncated)")
     p.add_argument("--verify", action="store_true",
                    help="compare each converted disk with its source before it gets its name (reads both "
-                        "again); a difference fails the job and leaves no output")
+                        "again); a difference fails the attempt (retried as --retries says) and leaves no output")
     p.add_argument("--source-format", metavar="FORMAT", help="the source's format (default: probed)")
     p.add_argument("--compare-with", metavar="PATH", help="validate: compare the image's contents with PATH")
     p.add_argument("--priority", type=_int_range(1, 10), metavar="N", help="1 (most urgent) .. 10; default 5; "

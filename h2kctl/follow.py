@@ -397,7 +397,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                     out += final_message(jobs[p]) + "\n"
                 lines = [bar_line(jobs[p], width, label=True) for p in _most_advanced(active, jobs, height - 1)]
                 if len(lines) < len(active):
-                    lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)")
+                    lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)"[:width - 1])
                 lines = lines or ["No active jobs."]
                 out += "\n".join(lines) + "\n"
                 block = len(lines)

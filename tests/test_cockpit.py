@@ -92,15 +92,16 @@ def row_state(browser: Browser, job_id: str) -> dict[str, Any] | None:
 
 
 def fill_form(browser: Browser, source: str, output: str, fmt: str = "qcow2", priority: int = 5,
-              compress: bool = False) -> None:
+              compress: bool = False, verify: bool = False) -> None:
     for css, value in (("#source-path", source), ("#output-path", output), ("#priority", str(priority))):
         field = browser.find(css)
         browser.clear(field)
         browser.type(field, value)
     browser.click(browser.find(f"#output-format option[value='{fmt}']"))
-    checkbox = browser.find("#compress")
-    if bool(browser.execute("return arguments[0].checked", {ELEMENT_KEY: checkbox})) != compress:
-        browser.click(checkbox)
+    for css, wanted in (("#compress", compress), ("#verify", verify)):
+        checkbox = browser.find(css)
+        if bool(browser.execute("return arguments[0].checked", {ELEMENT_KEY: checkbox})) != wanted:
+            browser.click(checkbox)
 
 
 def submit(browser: Browser) -> str:
@@ -297,7 +298,7 @@ def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser,
                                                                sources: dict[str, Path]) -> None:
     open_page(browser, cockpit_url)
     output = stack.output_dir / "from-cockpit.qcow2"
-    fill_form(browser, str(sources["big"]), str(output), "qcow2", priority=3)
+    fill_form(browser, str(sources["big"]), str(output), "qcow2", priority=3, verify=True)
     job_id = submit(browser)
     assert job_property(env, job_id, "Priority") == 3
 
@@ -339,6 +340,7 @@ def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser,
     result = json.loads(browser.execute("return document.getElementById('details-result').textContent"))
     assert result == json.loads(job_property(env, job_id, "Result"))
     assert result["outputs"]["disks"][0]["path"] == str(output)
+    assert result["outputs"]["disks"][0]["compare"]["identical"] is True     # "Compare the output" was ticked
     journal = wait_until(lambda: (t := browser.execute(
         "return document.getElementById('details-journal').textContent")) and "completed" in t and t, 15,
         what="the job's journal")
