@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -259,10 +260,12 @@ def test_cancel_no_block_only_asks(fake_h2kd, private_bus):
     assert job.state == "progressing"
 
 
-def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus):
-    """30 active jobs on a 12-line terminal: the block redrawn in place is at most 11 lines (the cursor cannot
-    go back above the top of the screen, so a taller block would leave a copy of itself at every redraw),
-    the running jobs are among those shown, and the others are counted."""
+@pytest.mark.parametrize("columns", [100, 30])
+def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus, columns):
+    """30 active jobs on a 12-line terminal: the block redrawn in place is at most 11 lines, none wider than
+    the terminal (the cursor cannot go back above the top of the screen, so a taller block, or one with a line
+    that wraps, would leave a copy of its top at every redraw); the running jobs are among those shown, and
+    the others are counted."""
     import fcntl
     import pty
     import select
@@ -290,7 +293,7 @@ def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus):
 
     fake_h2kd(answer)
     controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 100, 0, 0))
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 12, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     watcher = subprocess.Popen([H2KCTL, "--address", private_bus, "watch"], stdin=terminal, stdout=terminal,
                                stderr=terminal, env={**env, "LC_ALL": "C.UTF-8", "TERM": "xterm"})
@@ -314,5 +317,6 @@ def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus):
     for block in blocks:
         lines = block.replace("\r", "").split("\n")
         assert len(lines) - 1 <= 11, block
+        assert all(len(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line)) < columns for line in lines), block
         assert all(f"{job_id}" in block for job_id in running), block
-        assert "... and 20 more active jobs (h2kctl list)" in block, block
+        assert "... and 20 more active jobs (h2kctl list)"[:columns - 1] in block, block
