@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -237,4 +238,13 @@ def make_vmx(directory: str | Path, disks: list[str], name: str = "vmxvm", cpus:
         lines += [f'scsi0:{unit}.present = "TRUE"', f'scsi0:{unit}.fileName = "{disk}"']
     path = Path(directory) / f"{name}.vmx"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def partitioned(path: str | Path, table: str, size: int = 32 * MiB) -> Path:
+    """A raw disk with the partition table `table`, as sfdisk reads it ("label: gpt\n,8M,U\n,,L\n")."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True, capture_output=True)
     return path

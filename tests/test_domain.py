@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import images
 from h2kd.operations import convert, domain, inspect
 
 WINDOWS_OVF = """<?xml version="1.0" encoding="UTF-8"?>
@@ -300,3 +301,35 @@ def test_ovf_disks_rank_by_controller_kind_as_vmx_disks_do() -> None:
                           "      <Item><rasd:Address>00:50:56:AA:BB:01", 1)
     vm = inspect.parse_ovf(orphan.format(os_type="rhel8_64Guest", description="Linux").encode())
     assert vm["boot_disk"] == 0       # vmdisk2 sits on no known controller: vmdisk1 boots
+
+
+@pytest.mark.parametrize("table, firmware", [
+    ("label: gpt\n,8M,U\n,,L\n", "uefi"),                                           # an EFI system partition
+    ("label: gpt\n,1M,21686148-6449-6E6F-744E-656564454649\n,,L\n", "bios"),         # a BIOS boot partition
+    ("label: dos\n,,L,*\n", "bios"),
+])
+def test_a_plain_disks_firmware_is_read_from_its_partition_table(tmp_path: Path, table: str, firmware: str) -> None:
+    disk = images.partitioned(tmp_path / "disk.raw", table)
+    assert domain.firmware_of_disk(disk.read_bytes()[:domain.DISK_HEAD_BYTES]) == firmware
+    assert domain.firmware_of_disk(bytes(domain.DISK_HEAD_BYTES)) is None
+    plain = inspect.Source("disk", str(disk), "raw", [object()], None)  # type: ignore[list-item]
+    root = parsed(domain.domain_xml(plain, ["/out/disk.qcow2"], "qcow2",
+                                    disk.read_bytes()[:domain.DISK_HEAD_BYTES]))
+    assert (root.find("os").get("firmware") == "efi") == (firmware == "uefi")
+
+
+@pytest.mark.parametrize("table, windows", [
+    ("label: gpt\n,8M,U\n,16M,E3C9E316-0B5C-4DB8-817D-F92DF00215AE\n,,EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", True),
+    ("label: dos\n,,7,*\n", True),
+    ("label: gpt\n,8M,U\n,,L\n", False),
+    ("label: dos\n,,L,*\n", False),
+    ("label: dos\n,8M,7\n,,L,*\n", False),      # an NTFS data partition beside an active Linux one
+])
+def test_a_plain_disk_with_windows_gets_sata_disks(tmp_path: Path, table: str, windows: bool) -> None:
+    """A Hyper-V VHDX brings no guest OS: Windows is known by its partition table (a Microsoft reserved
+    partition; an active NTFS one), and gets the devices it has drivers for."""
+    head = images.partitioned(tmp_path / "disk.raw", table).read_bytes()[:domain.DISK_HEAD_BYTES]
+    plain = inspect.Source("disk", str(tmp_path / "disk.vhdx"), "vhdx", [object()], None)  # type: ignore[list-item]
+    root = parsed(domain.domain_xml(plain, ["/out/disk.qcow2"], "qcow2", head))
+    assert [d["bus"] for d in disks(root)] == (["sata"] if windows else ["virtio"])
+    assert any("Windows (by its partition table)" in c for c in comments(root)) == windows

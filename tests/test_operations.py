@@ -235,6 +235,17 @@ def test_sync_false_writes_the_output_without_a_single_sync(lib: Path, tmp_path:
         assert syncs == []
 
 
+def test_a_hyper_v_generation_2_vhdx_gets_a_uefi_domain(tmp_path: Path, out: Path) -> None:
+    """A plain disk brings no VM facts: its boot disk, read through qemu as the guest sees it, has an EFI
+    system partition, so the domain boots it with UEFI."""
+    disk = images.partitioned(tmp_path / "gen2.raw", "label: gpt\n,8M,U\n,,L\n")
+    vhdx = tmp_path / "gen2.vhdx"
+    images.qemu_img("convert", "-f", "raw", "-O", "vhdx", str(disk), str(vhdx))
+    run = run_worker(tmp_path / "w", convert_spec(vhdx, out / "gen2.qcow2", domain_xml=True), [out])
+    assert run.returncode == 0, run.log
+    assert "<os firmware='efi'>" in (out / "gen2.xml").read_text()
+
+
 def test_multi_extent_vmdk(lib: Path, tmp_path: Path, out: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.background import Background
-from h2kd.operations.domain import boot_index, domain_xml, vm_name
+from h2kd.operations.domain import DISK_HEAD_BYTES, boot_index, domain_xml, vm_name
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
 from h2kd.operations.tempfiles import TempFiles
 
@@ -390,8 +390,11 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
         inspect.ensure_unchanged(source.identities)
         if domain_path:
             temp = temps.create(domain_path)
+            # A plain disk brings no VM facts: its boot disk's partition table tells the firmware.
+            head = b"" if source.vm else qemuimg.read_head(plans[boot_index(source, len(plans))].disk.ref,
+                                                           DISK_HEAD_BYTES)
             with open(temps.open_made(temp, os.O_WRONLY), "w", encoding="utf-8") as f:
-                f.write(domain_xml(source, [p.destination for p in plans], options.output_format))
+                f.write(domain_xml(source, [p.destination for p in plans], options.output_format, head))
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())

@@ -10,13 +10,15 @@ The domain boots the guest on KVM the way it booted before:
     <boot order='1'/>, and <os> has no <boot dev=.../>: libvirt refuses the two together;
   - disks are named as libvirt and the kernel name them: vda ... vdz, vdaa, vdab, ... (see disk_name);
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
-    come from the facts too.
+    come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
+    boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 from typing import Any
 
 from h2kd.operations import inspect
@@ -48,6 +50,49 @@ def disk_name(prefix: str, index: int) -> str:
         letters = chr(ord("a") + index % 26) + letters
         index = index // 26 - 1
     return prefix + letters
+
+
+# The first bytes of a disk that firmware_of_disk needs: a GPT header and 128 entries, on 512-byte or 4 KiB
+# sectors.
+DISK_HEAD_BYTES = 64 * 1024
+# Partition type GUIDs as a GPT stores them (the first three fields little-endian).
+_ESP = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")   # C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+_MSR = bytes.fromhex("16e3c9e35c0bb84d817df92df00215ae")   # E3C9E316-0B5C-4DB8-817D-F92DF00215AE
+_WINDOWS_BY_TABLE = "Windows (by its partition table)"
+
+
+def _gpt_types(head: bytes) -> list[bytes] | None:
+    """The type GUIDs of a GPT's partitions (512-byte or 4 KiB sectors), None if `head` holds no GPT."""
+    for sector in (512, 4096):
+        header = head[sector:sector + 92]
+        if len(header) < 92 or not header.startswith(b"EFI PART"):
+            continue
+        entries_lba, count, size = struct.unpack_from("<QII", header, 72)
+        start = entries_lba * sector
+        return [head[start + index * size:start + index * size + 16]
+                for index in range(min(count, 128)) if size >= 16]
+    return None
+
+
+def firmware_of_disk(head: bytes) -> str | None:
+    """"uefi" for a disk with a GPT holding an EFI system partition, "bios" for any other partition table, None
+    if `head` (the disk's first DISK_HEAD_BYTES) shows none."""
+    types = _gpt_types(head)
+    if types is not None:
+        return "uefi" if _ESP in types else "bios"
+    return "bios" if head[510:512] == b"\x55\xaa" else None
+
+
+def disk_facts(head: bytes) -> dict[str, Any]:
+    """What a disk's partition table says of the VM it came from: its firmware, and Windows when a GPT has a
+    Microsoft reserved partition (Windows Setup makes one, Linux never) or an MBR's active partition is NTFS."""
+    types = _gpt_types(head)
+    if types is not None:
+        windows = _MSR in types
+    else:
+        windows = head[510:512] == b"\x55\xaa" and any(
+            head[446 + 16 * n] == 0x80 and head[446 + 16 * n + 4] == 0x07 for n in range(4))
+    return {"firmware": firmware_of_disk(head) or "bios", "guest_os": _WINDOWS_BY_TABLE if windows else ""}
 
 
 def boot_index(source: inspect.Source, count: int) -> int:
@@ -89,11 +134,12 @@ def _windows_comment(guest_os: str) -> list[str]:
     return [f"    <!-- A Windows guest ({_comment_safe(guest_os) or 'Windows'}): " + _WINDOWS_NOTE]
 
 
-def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str) -> str:
+def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
+               boot_disk_head: bytes = b"") -> str:
     """A libvirt domain for the converted VM (see the module docstring): its disks, in the order of
     `disk_paths` (the outputs, in the VM's disk order) and of format `disk_format`, its NICs, CPUs, memory
-    and firmware."""
-    vm = source.vm or {}
+    and firmware. boot_disk_head: the boot disk's first DISK_HEAD_BYTES, for a source without VM facts."""
+    vm = source.vm or disk_facts(boot_disk_head)
     windows = is_windows(vm.get("guest_os"))
     memory = int(vm.get("memory_mib") or 1024)
     cpus = int(vm.get("cpus") or 1)

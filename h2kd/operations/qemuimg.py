@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Iterator, NamedTuple
 
 QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
+QEMU_IO = os.environ.get("H2K_QEMU_IO", "qemu-io")
 
 # The credentials every qemu-img runs with (subprocess's user, group, extra_groups); empty: the worker's own.
 _CREDENTIALS: dict[str, Any] = {}
@@ -182,6 +183,23 @@ def measure(image: ImageRef, output_format: str, options: dict[str, Any] | None 
         raise QemuImgError("measure", proc.returncode, proc.stderr, code="INVALID_IMAGE")
     data = _json_output("measure", proc)
     return {"required": int(data["required"]), "fully-allocated": int(data["fully-allocated"])}
+
+
+_HEX_LINE = re.compile(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2}\s)+)", re.MULTILINE)
+
+
+def read_head(image: ImageRef, length: int) -> bytes:
+    """The first `length` bytes of the disk the image holds, as a guest sees them (`qemu-io -c "read -v"`,
+    read-only, with the rights qemu-img has); b"" if qemu-io cannot read them."""
+    args = [QEMU_IO, "-r", "-U", *image.format_args(), "-c", f"read -v 0 {length}", image.qemu_name()]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                              **_CREDENTIALS)
+    except (OSError, subprocess.TimeoutExpired):
+        return b""
+    if proc.returncode != 0:
+        return b""
+    return bytes.fromhex("".join(_HEX_LINE.findall(proc.stdout)).replace(" ", ""))
 
 
 def data_bytes(image: ImageRef) -> int:
