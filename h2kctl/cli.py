@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not sync the output to disk before the job completes (faster; the output still "
                         "appears only when complete, but as after a qemu-img convert by hand, a power loss soon "
                         "after may lose it or leave it truncated)")
+    p.add_argument("--domain-xml", action="store_true",
+                   help="also write a libvirt domain (BASE.xml) next to the converted disks: the VM's CPUs, memory, "
+                        "firmware, NICs and boot disk, for virsh define")
     p.add_argument("--verify", action="store_true",
                    help="compare each converted disk with its source before it gets its name (reads both "
                         "again); a difference fails the attempt (retried as --retries says) and leaves no output")

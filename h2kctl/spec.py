@@ -108,6 +108,8 @@ def spec_from_args(args: Namespace, operation: str) -> dict[str, Any]:
             parameters["sync"] = False
         if getattr(args, "verify", False):
             parameters["verify"] = True
+        if getattr(args, "domain_xml", False):
+            parameters["domain_xml"] = True
     if operation == "validate" and getattr(args, "compare_with", None):
         parameters["compare_with"] = readable_source(args.compare_with, "--compare-with")
     if parameters:

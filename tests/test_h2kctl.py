@@ -6,6 +6,7 @@ bar in a real pseudo-terminal, plain lines on a pipe, Ctrl-C detaching, and an u
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
 
@@ -515,36 +517,45 @@ def test_a_conversion_into_a_directory_names_the_file_it_wrote(env, images, outp
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_submit_verify_compares_the_output_with_its_source(env, images, output_dir):
-    job_id = new_id("verify")
+@contextlib.contextmanager
+def completed_submission(env, source, output_dir, prefix, *flags):
+    """`h2kctl submit --wait FLAGS SOURCE -o OUTPUT`, checked to have completed: its job id and output, which
+    is removed afterwards."""
+    job_id = new_id(prefix)
     output = output_dir / f"{job_id}.qcow2"
-    ok(h2kctl(env, "submit", "--wait", "--verify", str(images["vmdk"]), "-o", str(output), "--id", job_id,
-              timeout=120))
+    ok(h2kctl(env, "submit", "--wait", *flags, str(source), "-o", str(output), "--id", job_id, timeout=120))
     try:
         status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
         assert status["state"] == "completed"
-        result = json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Result"))
-        assert result["outputs"]["disks"][0]["compare"]["identical"] is True, result
-        assert json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Spec"))["parameters"]["verify"]
+        yield job_id, output
     finally:
         output.unlink(missing_ok=True)
 
 
+def test_submit_verify_and_domain_xml(env, images, output_dir):
+    """--verify compares the output with its source; --domain-xml writes a libvirt domain next to it."""
+    with completed_submission(env, images["vmdk"], output_dir, "verify", "--verify", "--domain-xml") as (job_id,
+                                                                                                           output):
+        result = json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Result"))
+        assert result["outputs"]["disks"][0]["compare"]["identical"] is True, result
+        parameters = json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Spec"))["parameters"]
+        assert parameters["verify"] and parameters["domain_xml"]
+        domain = Path(result["outputs"]["domain_xml"])
+        try:
+            assert domain == output.with_suffix(".xml")
+            disk = ET.parse(domain).getroot().find("devices/disk/source")
+            assert disk is not None and disk.get("file") == str(output)
+        finally:
+            domain.unlink(missing_ok=True)
+
+
 def test_submit_no_sync_converts_with_sync_false(env, images, output_dir):
-    job_id = new_id("nosync")
-    output = output_dir / f"{job_id}.qcow2"
-    ok(h2kctl(env, "submit", "--wait", "--no-sync", str(images["vmdk"]), "-o", str(output), "--id", job_id,
-              timeout=120))
-    try:
-        status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
-        assert status["state"] == "completed"
+    with completed_submission(env, images["vmdk"], output_dir, "nosync", "--no-sync") as (job_id, output):
         assert json.loads(busctl_property(env, job_path(env, job_id), JOB_IFACE, "Spec"))["parameters"]["sync"] is False
         compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(images["small"]),
                                    str(output)], capture_output=True, text=True, timeout=60)
         assert compared.returncode == 0, compared.stdout + compared.stderr
         assert not [p for p in output_dir.iterdir() if p.name.startswith(".h2k-tmp-") and p.name.endswith(output.name)]
-    finally:
-        output.unlink(missing_ok=True)
     default = new_id("sync")
     ok(h2kctl(env, "submit", "--no-queue", str(images["vmdk"]), "-o", str(output_dir / f"{default}.qcow2"),
               "--id", default))

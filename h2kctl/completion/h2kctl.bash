@@ -9,7 +9,7 @@ _h2kctl() {
     local -A options=() values=() positional=()
     options["h2kctl"]="-h --help --version --system --address --no-ask-password --no-pager -q --quiet --json"
     values["h2kctl:--address"]="@none"
-    options["h2kctl submit"]="--system --address --no-ask-password --no-pager -q --quiet --json --file --operation -o --output --format --compress --no-sync --verify --source-format --compare-with --priority --retries --timeout --overwrite --id --ticket --tag --no-queue --wait -h --help"
+    options["h2kctl submit"]="--system --address --no-ask-password --no-pager -q --quiet --json --file --operation -o --output --format --compress --no-sync --domain-xml --verify --source-format --compare-with --priority --retries --timeout --overwrite --id --ticket --tag --no-queue --wait -h --help"
     values["h2kctl submit:--address"]="@none"
     values["h2kctl submit:--file"]="@file"
     values["h2kctl submit:--operation"]="convert inspect validate"
