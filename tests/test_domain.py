@@ -152,6 +152,11 @@ def test_a_windows_ovf_gets_sata_disks_intel_nics_and_boots_from_the_disk_first_
     assert root.findtext("vcpu") == "4" and root.findtext("memory") == "8192" and root.findtext("name") == "win10"
     note = " ".join(comments(root))
     assert "Windows" in note and "virtio-win" in note and "SATA" in note and "bus='virtio'" in note
+    # Windows keeps the RTC in local time; it expects the Hyper-V enlightenments and clock.
+    clock = root.find("clock")
+    assert clock is not None and clock.get("offset") == "localtime"
+    assert {t.get("name"): t.get("present") for t in clock.findall("timer")}["hypervclock"] == "yes"
+    assert root.find("features/hyperv/relaxed") is not None
 
 
 def test_an_ovf_that_names_windows_only_in_its_description_is_windows_too() -> None:
@@ -170,6 +175,7 @@ def test_a_linux_ovf_keeps_virtio() -> None:
                            {"file": OUT[1], "dev": "vdb", "bus": "virtio", "boot": "1"}]
     assert nics(root) == [("00:50:56:aa:bb:01", "virtio"), ("00:50:56:aa:bb:02", "virtio")]
     assert comments(root) == []
+    assert root.find("clock") is None and root.find("features/hyperv") is None   # a Linux guest keeps UTC
 
 
 @pytest.mark.parametrize("guest_os", WINDOWS_GUESTS + OTHER_GUESTS)

@@ -9,6 +9,8 @@ The domain boots the guest on KVM the way it booted before:
   - the disk the VM booted from (the facts' boot_disk; the first disk of a plain disk source) has
     <boot order='1'/>, and <os> has no <boot dev=.../>: libvirt refuses the two together;
   - disks are named as libvirt and the kernel name them: vda ... vdz, vdaa, vdab, ... (see disk_name);
+  - a Windows guest also gets its clock in local time, as Windows keeps the RTC, and the Hyper-V
+    enlightenments and timers virt-install gives Windows;
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
     come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
     boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
@@ -151,7 +153,17 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         lines += ["  <os firmware='efi'>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
     else:
         lines += ["  <os>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
-    lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
+    if windows:
+        # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the
+        # RTC so), and the Hyper-V enlightenments and timers it expects keep it fast and its clock steady.
+        lines += ["  <features><acpi/><apic/>",
+                  "    <hyperv><relaxed state='on'/><vapic state='on'/><spinlocks state='on' retries='8191'/></hyperv>",
+                  "  </features>", "  <cpu mode='host-model'/>",
+                  "  <clock offset='localtime'>", "    <timer name='rtc' tickpolicy='catchup'/>",
+                  "    <timer name='pit' tickpolicy='delay'/>", "    <timer name='hpet' present='no'/>",
+                  "    <timer name='hypervclock' present='yes'/>", "  </clock>", "  <devices>"]
+    else:
+        lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""))
     prefix, bus = ("sd", "sata") if windows else ("vd", "virtio")
