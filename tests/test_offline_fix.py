@@ -763,3 +763,20 @@ def test_a_dry_run_leaves_the_images_owner_alone(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert loops_of(image) == []
+
+
+def test_a_qcow2_cut_short_is_not_repaired(tmp_path: Path) -> None:
+    """Cut within its last cluster, a qcow2 passes qemu-img check; unpacked for the repair, its missing end
+    would read as zeros. It is refused before anything is attached or written."""
+    from h2kd.operations.offline_fix import run_offline_fix
+    from h2kd.operations.qemuimg import OperationError
+
+    image = tmp_path / "guest.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+         str(small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))), str(image)])
+    os.truncate(image, image.stat().st_size - 4096)
+    with pytest.raises(OperationError) as refused:
+        run_offline_fix(str(image), {"dry_run": False}, lambda phase, fraction, message: None)
+    assert refused.value.code == "INVALID_IMAGE" and "the copy is incomplete" in refused.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "guest.qcow2", "tree"]
+    assert loops_of(image) == []

@@ -178,6 +178,11 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     # are vetted as a conversion's source would be, or a repair could copy any file into the image. A raw
     # image is vetted the same way, so that the file attached is known to be the one h2kd checked.
     vetted = inspect.load_source(image_path, fmt, check_disks=False, reader_uid=reader_uid)
+    if fmt == "qcow2":
+        # A qcow2 cut within its last cluster passes qemu-img check, but its check tells where it should end:
+        # the repair would unpack zeros where the data was missing.
+        disk = vetted.disks[0]
+        inspect.refuse_incomplete(disk, qemuimg.check(disk.ref, force_share=True), vetted.identities)
     if fmt == "raw":
         fd = _open_vetted(image_path, vetted.identities[0], writable=not dry_run)
         try:
