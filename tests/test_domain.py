@@ -94,6 +94,7 @@ ethernet0.generatedAddress = "00:0c:29:12:34:56"
 """
 
 WINDOWS_GUESTS = ["windows9-64", "windows2019srv-64", "winxppro", "winnetenterprise", "longhorn"]
+LEGACY_WINDOWS_GUESTS = ["winxppro", "winnetenterprise"]
 OTHER_GUESTS = ["other5xlinux-64", "ubuntu-64", "rhel8-64"]
 
 
@@ -184,15 +185,17 @@ def test_a_vmx_boots_from_the_disk_bios_hdd_order_names(guest_os: str) -> None:
     assert source.vm is not None and source.vm["boot_disk"] == 1
     out = ["/out/app01-disk1.raw", "/out/app01-disk2.raw"]
     root = parsed(domain.domain_xml(source, out, "raw"))
-    windows = guest_os in WINDOWS_GUESTS
-    prefix, bus = ("sd", "sata") if windows else ("vd", "virtio")
+    windows, legacy = guest_os in WINDOWS_GUESTS, guest_os in LEGACY_WINDOWS_GUESTS
+    prefix, bus = ("hd", "ide") if legacy else ("sd", "sata") if windows else ("vd", "virtio")
     assert disks(root) == [{"file": out[0], "dev": prefix + "a", "bus": bus, "boot": None},
                            {"file": out[1], "dev": prefix + "b", "bus": bus, "boot": "1"}]
     assert [d.get("type") for d in root.findall("./devices/disk/driver")] == ["raw", "raw"]
-    assert nics(root) == [("00:0c:29:12:34:56", "e1000e" if windows else "virtio")]
+    assert nics(root) == [("00:0c:29:12:34:56", "rtl8139" if legacy else "e1000e" if windows else "virtio")]
     os_element = root.find("os")
     assert os_element is not None and os_element.get("firmware") is None and os_element.find("boot") is None
-    assert any("virtio-win" in c for c in comments(root)) == windows
+    assert os_element.find("type").get("machine") == ("pc" if legacy else "q35")    # q35 has no IDE
+    assert any("virtio-win" in c for c in comments(root)) == (windows and not legacy)
+    assert any("older than Vista" in c for c in comments(root)) == legacy
 
 
 @pytest.mark.parametrize("guest_os, windows", [
@@ -257,8 +260,9 @@ def test_convert_writes_the_domain_of_this_module() -> None:
                     "not installed")
 @pytest.mark.parametrize("source, count", [(windows_ovf_source(), 2), (vmx_source("windows2019srv-64"), 2),
                                            (vmx_source("rhel8-64"), 2), (vmx_source("ubuntu-64"), 28),
-                                           (inspect.Source("disk", "/srv/a.vhdx", "vhdx", [], None), 1)],
-                         ids=["windows-ovf", "windows-vmx", "linux-vmx", "28-disks", "plain-disk"])
+                                           (inspect.Source("disk", "/srv/a.vhdx", "vhdx", [], None), 1),
+                                           (vmx_source("winxppro"), 6)],
+                         ids=["windows-ovf", "windows-vmx", "linux-vmx", "28-disks", "plain-disk", "windows-xp"])
 def test_libvirt_accepts_the_domain(tmp_path: Path, source: inspect.Source, count: int) -> None:
     xml = tmp_path / "domain.xml"
     xml.write_text(domain.domain_xml(source, [f"/out/d{i}.qcow2" for i in range(count)], "qcow2"))
@@ -339,3 +343,22 @@ def test_a_plain_disk_with_windows_gets_sata_disks(tmp_path: Path, table: str, w
     root = parsed(domain.domain_xml(plain, ["/out/disk.qcow2"], "qcow2", head))
     assert [d["bus"] for d in disks(root)] == (["sata"] if windows else ["virtio"])
     assert any("Windows (by its partition table)" in c for c in comments(root)) == windows
+
+
+@pytest.mark.parametrize("guest_os, legacy", [
+    ("winxppro", True), ("winXPPro64Guest", True), ("winNetEnterpriseGuest", True), ("win2000serv", True),
+    ("Microsoft Windows Server 2003, Standard Edition (32-bit)", True), ("Microsoft Windows XP Professional", True),
+    ("windows9-64", False), ("windows9_64Guest", False), ("longhorn", False), ("winvista", False),
+    ("windows7srv-64", False), ("Microsoft Windows Server 2008 R2 (64-bit)", False), ("rhel8-64", False)])
+def test_windows_older_than_vista_is_told_apart(guest_os: str, legacy: bool) -> None:
+    assert domain.is_legacy_windows(guest_os) == legacy
+
+
+def test_a_legacy_windows_with_six_disks_keeps_four_on_ide() -> None:
+    vm = {"name": "xp", "guest_os": "winxppro", "firmware": "bios", "boot_disk": 0, "nics": [{"model": "e1000"}]}
+    source = inspect.Source("vmx", "/srv/xp/xp.vmx", "vmx", [], vm)
+    root = parsed(domain.domain_xml(source, [f"/out/xp-disk{n}.raw" for n in range(1, 7)], "raw"))
+    assert [(d["dev"], d["bus"]) for d in disks(root)] == [("hda", "ide"), ("hdb", "ide"), ("hdc", "ide"),
+                                                           ("hdd", "ide"), ("sda", "sata"), ("sdb", "sata")]
+    assert nics(root) == [(None, "rtl8139")]
+    assert root.find("features/hyperv") is None and root.find("clock").get("offset") == "localtime"

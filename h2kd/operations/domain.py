@@ -11,6 +11,8 @@ The domain boots the guest on KVM the way it booted before:
   - disks are named as libvirt and the kernel name them: vda ... vdz, vdaa, vdab, ... (see disk_name);
   - a Windows guest also gets its clock in local time, as Windows keeps the RTC, and the Hyper-V
     enlightenments and timers virt-install gives Windows;
+  - a Windows older than Vista (XP, 2003) has drivers for none of these: it gets the i440FX machine, IDE
+    disks (hda to hdd) and RTL8139 NICs;
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
     come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
     boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
@@ -40,6 +42,19 @@ def is_windows(guest_os: str | None) -> bool:
     OperatingSystemSection description ("Microsoft Windows Server 2019 (64-bit)")."""
     text = (guest_os or "").strip().lower()
     return text.startswith(("win", "longhorn")) or "windows" in text
+
+
+# Windows before Vista (XP, 2003, 2000, NT, 9x) as VMware names it, in a VMX ("winxppro", "winnetenterprise") or
+# an OVF ("winXPProGuest", "winNetStandardGuest"), or in words.
+_LEGACY_WINDOWS_IDS = ("winxp", "winnet", "win2000", "winnt", "win95", "win98", "winme", "win31")
+_LEGACY_WINDOWS_WORDS = ("windows xp", "windows server 2003", "windows 2003", "windows 2000", "windows nt",
+                         "windows 98", "windows 95", "windows me")
+
+
+def is_legacy_windows(guest_os: str | None) -> bool:
+    """Whether a Windows guest is older than Vista: it has no AHCI (SATA) driver and no Intel e1000e one."""
+    text = (guest_os or "").strip().lower()
+    return text.startswith(_LEGACY_WINDOWS_IDS) or any(words in text for words in _LEGACY_WINDOWS_WORDS)
 
 
 def disk_name(prefix: str, index: int) -> str:
@@ -131,9 +146,18 @@ its disks are on SATA and its NICs are Intel ones
          <address type='drive' .../> if libvirt added one) and each NIC's model to type='virtio'. -->"""
 
 
-def _windows_comment(guest_os: str) -> list[str]:
+_LEGACY_WINDOWS_NOTE = """it has drivers for neither virtio nor SATA (AHCI)
+         nor Intel e1000e devices, so it runs on the i440FX machine ('pc') with its first four disks on IDE
+         (hda to hdd; any more on SATA, seen once an AHCI driver is installed) and its NICs as RTL8139, as
+         on a physical PC of its time. -->"""
+
+
+def _windows_comment(guest_os: str, legacy: bool) -> list[str]:
     """Why a Windows guest's devices are not virtio, and how to move it to virtio: an XML comment."""
-    return [f"    <!-- A Windows guest ({_comment_safe(guest_os) or 'Windows'}): " + _WINDOWS_NOTE]
+    name = _comment_safe(guest_os) or "Windows"
+    if legacy:
+        return [f"    <!-- A Windows guest older than Vista ({name}): " + _LEGACY_WINDOWS_NOTE]
+    return [f"    <!-- A Windows guest ({name}): " + _WINDOWS_NOTE]
 
 
 def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
@@ -143,17 +167,22 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     and firmware. boot_disk_head: the boot disk's first DISK_HEAD_BYTES, for a source without VM facts."""
     vm = source.vm or disk_facts(boot_disk_head)
     windows = is_windows(vm.get("guest_os"))
+    legacy = windows and is_legacy_windows(vm.get("guest_os"))
+    machine = "pc" if legacy else "q35"
     memory = int(vm.get("memory_mib") or 1024)
     cpus = int(vm.get("cpus") or 1)
     q = _quoted_attribute
     lines = ["<domain type='kvm'>", f"  <name>{_escaped(vm_name(source))}</name>",
              f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
     # No <boot dev=.../> here: the boot disk carries <boot order='1'/>, and libvirt refuses both.
-    if vm.get("firmware") == "uefi":
-        lines += ["  <os firmware='efi'>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
+    if vm.get("firmware") == "uefi" and not legacy:
+        lines += ["  <os firmware='efi'>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
     else:
-        lines += ["  <os>", "    <type arch='x86_64' machine='q35'>hvm</type>", "  </os>"]
-    if windows:
+        lines += ["  <os>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
+    if legacy:
+        lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>",
+                  "  <clock offset='localtime'/>", "  <devices>"]
+    elif windows:
         # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the
         # RTC so), and the Hyper-V enlightenments and timers it expects keep it fast and its clock steady.
         lines += ["  <features><acpi/><apic/>",
@@ -165,13 +194,13 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     else:
         lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
     if windows:
-        lines += _windows_comment(str(vm.get("guest_os") or ""))
-    prefix, bus = ("sd", "sata") if windows else ("vd", "virtio")
+        lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
     for index, path in enumerate(disk_paths):
+        target = _target(index, windows, legacy)
         lines += ["    <disk type='file' device='disk'>",
                   f"      <driver name='qemu' type={q(disk_format)}/>",
-                  f"      <source file={q(path)}/>", f"      <target dev={q(disk_name(prefix, index))} bus='{bus}'/>"]
+                  f"      <source file={q(path)}/>", f"      <target {target}/>"]
         if index == boot:
             lines.append("      <boot order='1'/>")
         lines.append("    </disk>")
@@ -180,9 +209,19 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         mac = (nic.get("mac") or "").strip()
         if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac):
             lines.append(f"      <mac address={q(mac.lower())}/>")
-        lines += [f"      <model type='{_nic_model(nic, windows)}'/>", "    </interface>"]
+        lines += [f"      <model type='{'rtl8139' if legacy else _nic_model(nic, windows)}'/>", "    </interface>"]
     lines += ["    <console type='pty'/>", "  </devices>", "</domain>", ""]
     return "\n".join(lines)
+
+
+def _target(index: int, windows: bool, legacy: bool) -> str:
+    """The <target> attributes of the disk at `index`: virtio; SATA for Windows; IDE for the first four disks
+    of a Windows older than Vista (IDE has two buses of two), SATA for the rest."""
+    if legacy and index < 4:
+        return f"dev='{disk_name('hd', index)}' bus='ide'"
+    if windows:
+        return f"dev='{disk_name('sd', index - 4 if legacy else index)}' bus='sata'"
+    return f"dev='{disk_name('vd', index)}' bus='virtio'"
 
 
 def _nic_model(nic: dict[str, Any], windows: bool) -> str:
