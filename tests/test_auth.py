@@ -520,7 +520,8 @@ def test_a_member_holds_at_most_max_jobs_per_user_unfinished_jobs(stack, users, 
 def test_a_priority_above_the_default_needs_an_administrator(stack, users, readable_image, submitted):
     """A member may submit at the default priority or below it; putting a job ahead of everyone's needs the
     right to manage the queue, as SetJobPriority does. Root may."""
-    def submit(user: str | None, priority: int, interactive: bool = False) -> tuple[str, subprocess.CompletedProcess[str]]:
+    def submit(user: str | None, priority: int,
+               interactive: bool = False) -> tuple[str, subprocess.CompletedProcess[str]]:
         job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
         submitted.append(job_id)
         spec = _spec(job_id, readable_image)[:-1] + f", 'execution_policy': <{{'priority': <uint32 {priority}>}}>}}"

@@ -93,6 +93,7 @@ ethernet0.addressType = "generated"
 ethernet0.generatedAddress = "00:0c:29:12:34:56"
 """
 
+WINDOWS_11_VMX = 'firmware = "efi"\nuefi.secureBoot.enabled = "TRUE"\nvtpm.present = "TRUE"\n'
 WINDOWS_GUESTS = ["windows9-64", "windows2019srv-64", "winxppro", "winnetenterprise", "longhorn"]
 LEGACY_WINDOWS_GUESTS = ["winxppro", "winnetenterprise"]
 OTHER_GUESTS = ["other5xlinux-64", "ubuntu-64", "rhel8-64"]
@@ -261,8 +262,11 @@ def test_convert_writes_the_domain_of_this_module() -> None:
 @pytest.mark.parametrize("source, count", [(windows_ovf_source(), 2), (vmx_source("windows2019srv-64"), 2),
                                            (vmx_source("rhel8-64"), 2), (vmx_source("ubuntu-64"), 28),
                                            (inspect.Source("disk", "/srv/a.vhdx", "vhdx", [], None), 1),
-                                           (vmx_source("winxppro"), 6)],
-                         ids=["windows-ovf", "windows-vmx", "linux-vmx", "28-disks", "plain-disk", "windows-xp"])
+                                           (vmx_source("winxppro"), 6),
+                                           (inspect.Source("vmx", "/srv/w11/w11.vmx", "vmx", [], inspect.parse_vmx(
+                                               VMX.format(guest_os="windows11-64") + WINDOWS_11_VMX)), 2)],
+                         ids=["windows-ovf", "windows-vmx", "linux-vmx", "28-disks", "plain-disk", "windows-xp",
+                              "windows-11"])
 def test_libvirt_accepts_the_domain(tmp_path: Path, source: inspect.Source, count: int) -> None:
     xml = tmp_path / "domain.xml"
     xml.write_text(domain.domain_xml(source, [f"/out/d{i}.qcow2" for i in range(count)], "qcow2"))
@@ -273,7 +277,8 @@ def test_libvirt_accepts_the_domain(tmp_path: Path, source: inspect.Source, coun
 def test_offline_fix_repairs_the_disk_the_vm_boots_from() -> None:
     """The guest is repaired on its boot disk (its fstab names the others), which need not be the first."""
     vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64"))
-    source = inspect.Source("vmx", "/srv/vms/app01/app01.vmx", "vmx", [object(), object()], vm)  # type: ignore[list-item]
+    two = [object(), object()]
+    source = inspect.Source("vmx", "/srv/vms/app01/app01.vmx", "vmx", two, vm)  # type: ignore[arg-type]
     assert vm["boot_disk"] == 1
     assert [p.repaired for p in convert.plan_disks(source, OUT, repairing=True)] == [False, True]
     assert [p.repaired for p in convert.plan_disks(source, OUT, repairing=False)] == [False, False]
@@ -362,3 +367,26 @@ def test_a_legacy_windows_with_six_disks_keeps_four_on_ide() -> None:
                                                            ("hdd", "ide"), ("sda", "sata"), ("sdb", "sata")]
     assert nics(root) == [(None, "rtl8139")]
     assert root.find("features/hyperv") is None and root.find("clock").get("offset") == "localtime"
+
+
+def test_a_windows_11_vm_keeps_secure_boot_and_a_tpm() -> None:
+    """VMware's Windows 11 VMs boot with Secure Boot and a vTPM; the domain has both (a new TPM, with SMM for
+    Secure Boot); a VM without them gets neither."""
+    vm = inspect.parse_vmx(VMX.format(guest_os="windows11-64") + WINDOWS_11_VMX)
+    assert vm["secure_boot"] is True and vm["tpm"] is True
+    root = parsed(domain.domain_xml(inspect.Source("vmx", "/srv/w11/w11.vmx", "vmx", [], vm), OUT, "qcow2"))
+    features = {f.get("name"): f.get("enabled") for f in root.findall("os/firmware/feature")}
+    assert root.find("os").get("firmware") == "efi" and features == {"secure-boot": "yes", "enrolled-keys": "yes"}
+    assert root.find("features/smm").get("state") == "on"
+    backend = root.find("devices/tpm/backend")
+    assert backend is not None and (backend.get("type"), backend.get("version")) == ("emulator", "2.0")
+    ovf = WINDOWS_OVF.replace('<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>',
+                              '<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>\n'
+                              '      <vmw:Config ovf:required="false" vmw:key="bootOptions.efiSecureBootEnabled" '
+                              'vmw:value="true"/>\n      <Item><rasd:ElementName>Virtual TPM</rasd:ElementName>'
+                              '<rasd:InstanceID>20</rasd:InstanceID><rasd:ResourceSubType>vmware.vtpm'
+                              '</rasd:ResourceSubType><rasd:ResourceType>1</rasd:ResourceType></Item>')
+    vm = inspect.parse_ovf(ovf.format(os_type="windows11_64Guest", description="Windows 11").encode())
+    assert vm["secure_boot"] is True and vm["tpm"] is True
+    plain = parsed(domain.domain_xml(windows_ovf_source(), OUT, "qcow2"))
+    assert all(plain.find(part) is None for part in ("os/firmware", "devices/tpm", "features/smm"))

@@ -1,11 +1,11 @@
 """Job commands reachable from both Manager and Job objects, each behind its polkit action.
 
-Submitting needs ...submit; a job that repairs a guest needs ...fix-guest instead, and one that asks for a
-priority more urgent than the default needs ...manage as well, as changing a job's priority does: otherwise
-any submitter could put their jobs ahead of everyone's. Cancelling, retrying or starting one's own job needs
-...cancel; another user's job needs ...cancel-other-user. The owner of a job is the uid that submitted it. Retrying or starting a job that
-repairs a guest runs the guest's programs as root again, so it needs ...fix-guest as well, as its
-submission did.
+Submitting needs ...submit; a job that repairs a guest needs ...fix-guest instead, and one that asks for a priority
+more urgent than the default needs ...manage as well, as changing a job's priority does: otherwise any submitter
+could put their jobs ahead of everyone's. Cancelling, retrying or starting one's own job needs ...cancel; another
+user's job needs ...cancel-other-user. The owner of a job is the uid that submitted it. Retrying or starting a job
+that repairs a guest runs the guest's programs as root again, so it needs ...fix-guest as well, as its submission
+did.
 """
 
 from __future__ import annotations

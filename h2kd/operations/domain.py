@@ -13,6 +13,8 @@ The domain boots the guest on KVM the way it booted before:
     enlightenments and timers virt-install gives Windows;
   - a Windows older than Vista (XP, 2003) has drivers for none of these: it gets the i440FX machine, IDE
     disks (hda to hdd) and RTL8139 NICs;
+  - a VM that had Secure Boot on gets it on again (with SMM), and one with a vTPM gets an emulated TPM 2.0
+    (Windows 11 needs both); what the guest sealed to its old TPM (BitLocker keys) does not come along;
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
     come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
     boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
@@ -175,7 +177,14 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     lines = ["<domain type='kvm'>", f"  <name>{_escaped(vm_name(source))}</name>",
              f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
     # No <boot dev=.../> here: the boot disk carries <boot order='1'/>, and libvirt refuses both.
-    if vm.get("firmware") == "uefi" and not legacy:
+    secure_boot = vm.get("firmware") == "uefi" and bool(vm.get("secure_boot")) and not legacy
+    if secure_boot:
+        # As the VM booted on VMware: Secure Boot on, with Microsoft's keys enrolled (OVMF's secboot firmware),
+        # which needs SMM.
+        lines += ["  <os firmware='efi'>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>",
+                  "    <firmware><feature enabled='yes' name='secure-boot'/>"
+                  "<feature enabled='yes' name='enrolled-keys'/></firmware>", "  </os>"]
+    elif vm.get("firmware") == "uefi" and not legacy:
         lines += ["  <os firmware='efi'>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
     else:
         lines += ["  <os>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
@@ -185,14 +194,15 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     elif windows:
         # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the
         # RTC so), and the Hyper-V enlightenments and timers it expects keep it fast and its clock steady.
-        lines += ["  <features><acpi/><apic/>",
+        lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else ""),
                   "    <hyperv><relaxed state='on'/><vapic state='on'/><spinlocks state='on' retries='8191'/></hyperv>",
                   "  </features>", "  <cpu mode='host-model'/>",
                   "  <clock offset='localtime'>", "    <timer name='rtc' tickpolicy='catchup'/>",
                   "    <timer name='pit' tickpolicy='delay'/>", "    <timer name='hpet' present='no'/>",
                   "    <timer name='hypervclock' present='yes'/>", "  </clock>", "  <devices>"]
     else:
-        lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>", "  <devices>"]
+        lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else "") + "</features>",
+                  "  <cpu mode='host-model'/>", "  <devices>"]
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
@@ -210,6 +220,9 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac):
             lines.append(f"      <mac address={q(mac.lower())}/>")
         lines += [f"      <model type='{'rtl8139' if legacy else _nic_model(nic, windows)}'/>", "    </interface>"]
+    if vm.get("tpm") and not legacy:
+        # A new, empty TPM: what the guest sealed to its VMware vTPM (BitLocker keys) does not come along.
+        lines += ["    <tpm model='tpm-crb'>", "      <backend type='emulator' version='2.0'/>", "    </tpm>"]
     lines += ["    <console type='pty'/>", "  </devices>", "</domain>", ""]
     return "\n".join(lines)
 

@@ -601,11 +601,16 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
                          "network": _child_text(item, "Connection"), "mac": _child_text(item, "Address")})
     ordered += [d for d in disks if d not in ordered]
+    secure_boot = False
     for el in root.iter():
-        if _ln(el.tag) == "Config" and (_attr(el, "key") or "").lower() == "firmware":
-            firmware = "uefi" if (_attr(el, "value") or "").lower() == "efi" else "bios"
+        key, value = (_attr(el, "key") or "").lower(), (_attr(el, "value") or "").lower()
+        if _ln(el.tag) == "Config" and key == "firmware":
+            firmware = "uefi" if value == "efi" else "bios"
+        elif _ln(el.tag) == "Config" and key == "bootoptions.efisecurebootenabled":
+            secure_boot = value == "true"
         elif _ln(el.tag) == "Firmware" and (_attr(el, "type") or "").upper() == "EFI":
             firmware = "uefi"
+    tpm = any("vtpm" in (_child_text(item, "ResourceSubType") or "").lower() for item in items)
     os_section = next((el for el in system.iter() if _ln(el.tag) == "OperatingSystemSection"), None)
     guest_os = ""
     if os_section is not None:
@@ -618,6 +623,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
     placed = [placement[d] for d in ordered if d in placement]
     boot_disk = ordered.index(next(d for d in ordered if placement.get(d) == min(placed))) if placed else 0
     return {"name": vm_name, "cpus": cpus, "memory_mib": memory_mib, "firmware": firmware,
+            "secure_boot": firmware == "uefi" and secure_boot, "tpm": tpm,
             "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
 
 
@@ -685,6 +691,8 @@ def parse_vmx(text: str) -> dict[str, Any]:
     return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
             "memory_mib": int(memory) if memory.isdigit() else 0,
             "firmware": "uefi" if efi else "bios",
+            "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",
+            "tpm": keys.get("vtpm.present", "").lower() == "true",
             "guest_os": keys.get("guestos", ""), "boot_disk": devices.index(first) if first in devices else 0,
             "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
 

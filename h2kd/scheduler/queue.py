@@ -1,11 +1,11 @@
 """Scheduler: which queued job runs next, and on which worker.
 
-Ten priority levels (1 most urgent). Within a level the owners (submitting users) take turns: next is the job of
-the owner with the fewest jobs running (or ahead of it in the queue), among those the owner whose last turn was
-longest ago, then first come first served (by queue_seq); one owner's own jobs keep their order. So one user's
-batch of hundreds does not hold back another user's single job for its whole length. A job that no worker can run, or that waits out a retry backoff, is skipped rather than blocking
-the jobs behind it, and every waiting job has a reason a person can read. Knows nothing of job states or
-storage: the manager feeds it.
+Ten priority levels (1 most urgent). Within a level the owners (submitting users) take turns: next is the job of the
+owner with the fewest jobs running (or ahead of it in the queue), among those the owner whose last turn was longest
+ago, then first come first served (by queue_seq); one owner's own jobs keep their order. So one user's batch of
+hundreds does not hold back another user's single job for its whole length. A job that no worker can run, or that
+waits out a retry backoff, is skipped rather than blocking the jobs behind it, and every waiting job has a reason a
+person can read. Knows nothing of job states or storage: the manager feeds it.
 """
 
 from __future__ import annotations
