@@ -188,8 +188,9 @@ def test_a_vmx_boots_from_the_disk_bios_hdd_order_names(guest_os: str) -> None:
     root = parsed(domain.domain_xml(source, out, "raw"))
     windows, legacy = guest_os in WINDOWS_GUESTS, guest_os in LEGACY_WINDOWS_GUESTS
     prefix, bus = ("hd", "ide") if legacy else ("sd", "sata") if windows else ("vd", "virtio")
-    assert disks(root) == [{"file": out[0], "dev": prefix + "a", "bus": bus, "boot": None},
-                           {"file": out[1], "dev": prefix + "b", "bus": bus, "boot": "1"}]
+    first, second = ("b", "a") if legacy else ("a", "b")     # IDE: the boot disk is the first on the first bus
+    assert disks(root) == [{"file": out[0], "dev": prefix + first, "bus": bus, "boot": None},
+                           {"file": out[1], "dev": prefix + second, "bus": bus, "boot": "1"}]
     assert [d.get("type") for d in root.findall("./devices/disk/driver")] == ["raw", "raw"]
     assert nics(root) == [("00:0c:29:12:34:56", "rtl8139" if legacy else "e1000e" if windows else "virtio")]
     os_element = root.find("os")
@@ -336,6 +337,7 @@ def test_a_plain_disks_firmware_is_read_from_its_partition_table(tmp_path: Path,
 @pytest.mark.parametrize("table, windows", [
     ("label: gpt\n,8M,U\n,16M,E3C9E316-0B5C-4DB8-817D-F92DF00215AE\n,,EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n", True),
     ("label: dos\n,,7,*\n", True),
+    ("label: dos\nstart=63,type=7,bootable\n", "legacy"),     # XP and 2003 started the first partition there
     ("label: gpt\n,8M,U\n,,L\n", False),
     ("label: dos\n,,L,*\n", False),
     ("label: dos\n,8M,7\n,,L,*\n", False),      # an NTFS data partition beside an active Linux one
@@ -346,12 +348,14 @@ def test_a_plain_disk_with_windows_gets_sata_disks(tmp_path: Path, table: str, w
     head = images.partitioned(tmp_path / "disk.raw", table).read_bytes()[:domain.DISK_HEAD_BYTES]
     plain = inspect.Source("disk", str(tmp_path / "disk.vhdx"), "vhdx", [object()], None)  # type: ignore[list-item]
     root = parsed(domain.domain_xml(plain, ["/out/disk.qcow2"], "qcow2", head))
-    assert [d["bus"] for d in disks(root)] == (["sata"] if windows else ["virtio"])
-    assert any("Windows (by its partition table)" in c for c in comments(root)) == windows
+    assert [d["bus"] for d in disks(root)] == (["ide"] if windows == "legacy" else ["sata"] if windows else ["virtio"])
+    assert any("(by its partition table)" in c for c in comments(root)) == bool(windows)
 
 
 @pytest.mark.parametrize("guest_os, legacy", [
     ("winxppro", True), ("winXPPro64Guest", True), ("winNetEnterpriseGuest", True), ("win2000serv", True),
+    ("WindowsXP", True), ("Windows2003_64", True), ("WindowsNT4", True), ("Windows2000", True),
+    ("Windows10_64", False), ("Windows2008_64", False), ("Windows2019_64", False),
     ("Microsoft Windows Server 2003, Standard Edition (32-bit)", True), ("Microsoft Windows XP Professional", True),
     ("windows9-64", False), ("windows9_64Guest", False), ("longhorn", False), ("winvista", False),
     ("windows7srv-64", False), ("Microsoft Windows Server 2008 R2 (64-bit)", False), ("rhel8-64", False)])
@@ -359,12 +363,14 @@ def test_windows_older_than_vista_is_told_apart(guest_os: str, legacy: bool) -> 
     assert domain.is_legacy_windows(guest_os) == legacy
 
 
-def test_a_legacy_windows_with_six_disks_keeps_four_on_ide() -> None:
-    vm = {"name": "xp", "guest_os": "winxppro", "firmware": "bios", "boot_disk": 0, "nics": [{"model": "e1000"}]}
+def test_a_legacy_windows_with_six_disks_keeps_four_on_ide_its_boot_disk_first() -> None:
+    vm = {"name": "xp", "guest_os": "winxppro", "firmware": "bios", "boot_disk": 4, "nics": [{"model": "e1000"}]}
     source = inspect.Source("vmx", "/srv/xp/xp.vmx", "vmx", [], vm)
     root = parsed(domain.domain_xml(source, [f"/out/xp-disk{n}.raw" for n in range(1, 7)], "raw"))
-    assert [(d["dev"], d["bus"]) for d in disks(root)] == [("hda", "ide"), ("hdb", "ide"), ("hdc", "ide"),
-                                                           ("hdd", "ide"), ("sda", "sata"), ("sdb", "sata")]
+    # XP has no AHCI driver: its boot disk (the fifth) must be on IDE, first on the first bus.
+    assert [(d["dev"], d["bus"], d["boot"]) for d in disks(root)] == [
+        ("hdb", "ide", None), ("hdc", "ide", None), ("hdd", "ide", None), ("sda", "sata", None),
+        ("hda", "ide", "1"), ("sdb", "sata", None)]
     assert nics(root) == [(None, "rtl8139")]
     assert root.find("features/hyperv") is None and root.find("clock").get("offset") == "localtime"
 
@@ -389,4 +395,6 @@ def test_a_windows_11_vm_keeps_secure_boot_and_a_tpm() -> None:
     vm = inspect.parse_ovf(ovf.format(os_type="windows11_64Guest", description="Windows 11").encode())
     assert vm["secure_boot"] is True and vm["tpm"] is True
     plain = parsed(domain.domain_xml(windows_ovf_source(), OUT, "qcow2"))
-    assert all(plain.find(part) is None for part in ("os/firmware", "devices/tpm", "features/smm"))
+    assert all(plain.find(part) is None for part in ("devices/tpm", "features/smm"))
+    # Secure Boot was off: said so, or libvirt would pick an OVMF that enforces it (Debian's first choice).
+    assert {f.get("name"): f.get("enabled") for f in plain.findall("os/firmware/feature")} == {"secure-boot": "no"}

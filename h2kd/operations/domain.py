@@ -48,14 +48,16 @@ def is_windows(guest_os: str | None) -> bool:
 
 # Windows before Vista (XP, 2003, 2000, NT, 9x) as VMware names it, in a VMX ("winxppro", "winnetenterprise") or
 # an OVF ("winXPProGuest", "winNetStandardGuest"), or in words.
+# Compared with letters and digits only: VirtualBox names them "WindowsXP", "Windows2003_64", "WindowsNT4", and
+# descriptions "Microsoft Windows Server 2003".
 _LEGACY_WINDOWS_IDS = ("winxp", "winnet", "win2000", "winnt", "win95", "win98", "winme", "win31")
-_LEGACY_WINDOWS_WORDS = ("windows xp", "windows server 2003", "windows 2003", "windows 2000", "windows nt",
-                         "windows 98", "windows 95", "windows me")
+_LEGACY_WINDOWS_WORDS = ("windowsxp", "windowsserver2003", "windows2003", "windows2000", "windowsnt",
+                         "windows98", "windows95", "windowsme", "windows31")
 
 
 def is_legacy_windows(guest_os: str | None) -> bool:
     """Whether a Windows guest is older than Vista: it has no AHCI (SATA) driver and no Intel e1000e one."""
-    text = (guest_os or "").strip().lower()
+    text = re.sub(r"[^a-z0-9]", "", (guest_os or "").lower())
     return text.startswith(_LEGACY_WINDOWS_IDS) or any(words in text for words in _LEGACY_WINDOWS_WORDS)
 
 
@@ -78,6 +80,7 @@ DISK_HEAD_BYTES = 64 * 1024
 _ESP = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")   # C12A7328-F81F-11D2-BA4B-00A0C93EC93B
 _MSR = bytes.fromhex("16e3c9e35c0bb84d817df92df00215ae")   # E3C9E316-0B5C-4DB8-817D-F92DF00215AE
 _WINDOWS_BY_TABLE = "Windows (by its partition table)"
+_LEGACY_WINDOWS_BY_TABLE = "Windows XP or 2003 (by its partition table)"
 
 
 def _gpt_types(head: bytes) -> list[bytes] | None:
@@ -104,14 +107,19 @@ def firmware_of_disk(head: bytes) -> str | None:
 
 def disk_facts(head: bytes) -> dict[str, Any]:
     """What a disk's partition table says of the VM it came from: its firmware, and Windows when a GPT has a
-    Microsoft reserved partition (Windows Setup makes one, Linux never) or an MBR's active partition is NTFS."""
+    Microsoft reserved partition (Windows Setup makes one, Linux never) or an MBR's active partition is NTFS;
+    one starting at sector 63 was made by Windows XP or 2003 (Vista and later start at sector 2048)."""
     types = _gpt_types(head)
+    guest_os = ""
     if types is not None:
-        windows = _MSR in types
-    else:
-        windows = head[510:512] == b"\x55\xaa" and any(
-            head[446 + 16 * n] == 0x80 and head[446 + 16 * n + 4] == 0x07 for n in range(4))
-    return {"firmware": firmware_of_disk(head) or "bios", "guest_os": _WINDOWS_BY_TABLE if windows else ""}
+        guest_os = _WINDOWS_BY_TABLE if _MSR in types else ""
+    elif head[510:512] == b"\x55\xaa":
+        for n in range(4):
+            entry = head[446 + 16 * n:446 + 16 * (n + 1)]
+            if entry[0] == 0x80 and entry[4] == 0x07:
+                first = struct.unpack_from("<I", entry, 8)[0]
+                guest_os = _LEGACY_WINDOWS_BY_TABLE if first == 63 else _WINDOWS_BY_TABLE
+    return {"firmware": firmware_of_disk(head) or "bios", "guest_os": guest_os}
 
 
 def boot_index(source: inspect.Source, count: int) -> int:
@@ -185,7 +193,10 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
                   "    <firmware><feature enabled='yes' name='secure-boot'/>"
                   "<feature enabled='yes' name='enrolled-keys'/></firmware>", "  </os>"]
     elif vm.get("firmware") == "uefi" and not legacy:
-        lines += ["  <os firmware='efi'>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
+        # Without Secure Boot, as the VM ran: libvirt would otherwise pick the first firmware that fits, which
+        # on Debian and Fedora is OVMF with Secure Boot enforced, and unsigned boot loaders would stop.
+        lines += ["  <os firmware='efi'>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>",
+                  "    <firmware><feature enabled='no' name='secure-boot'/></firmware>", "  </os>"]
     else:
         lines += ["  <os>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
     if legacy:
@@ -207,7 +218,7 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
     for index, path in enumerate(disk_paths):
-        target = _target(index, windows, legacy)
+        target = _target(index, boot, windows, legacy)
         lines += ["    <disk type='file' device='disk'>",
                   f"      <driver name='qemu' type={q(disk_format)}/>",
                   f"      <source file={q(path)}/>", f"      <target {target}/>"]
@@ -227,13 +238,16 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     return "\n".join(lines)
 
 
-def _target(index: int, windows: bool, legacy: bool) -> str:
-    """The <target> attributes of the disk at `index`: virtio; SATA for Windows; IDE for the first four disks
-    of a Windows older than Vista (IDE has two buses of two), SATA for the rest."""
-    if legacy and index < 4:
-        return f"dev='{disk_name('hd', index)}' bus='ide'"
+def _target(index: int, boot: int, windows: bool, legacy: bool) -> str:
+    """The <target> attributes of the disk at `index`: virtio; SATA for Windows; for a Windows older than Vista
+    IDE (two buses of two) for the boot disk first, then the disks in their order, SATA past the fourth."""
+    if legacy:
+        ide_order = [boot] + [n for n in range(4) if n != boot][:3]
+        if index in ide_order:
+            return f"dev='{disk_name('hd', ide_order.index(index))}' bus='ide'"
+        return f"dev='{disk_name('sd', index - sum(1 for n in ide_order if n < index))}' bus='sata'"
     if windows:
-        return f"dev='{disk_name('sd', index - 4 if legacy else index)}' bus='sata'"
+        return f"dev='{disk_name('sd', index)}' bus='sata'"
     return f"dev='{disk_name('vd', index)}' bus='virtio'"
 
 
