@@ -705,7 +705,7 @@ def test_a_loop_device_the_kernel_refuses_is_reported_with_what_failed(tmp_path:
     assert loops_of(image) == []
 
 
-def test_a_disk_image_is_roots_alone_while_it_is_attached(tmp_path: Path) -> None:
+def test_a_disk_image_is_roots_alone_while_it_is_attached(tmp_path: Path, monkeypatch: Any) -> None:
     """The submitter owns the image (their qemu-img wrote it) and could change its file systems under the
     kernel's feet while they are mounted: an image another process holds open is refused before anything is
     attached; otherwise it is root's (0600) while attached, and gets its owner and mode back afterwards."""
@@ -717,6 +717,9 @@ def test_a_disk_image_is_roots_alone_while_it_is_attached(tmp_path: Path) -> Non
     image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
     os.chown(image, 64101, 64102)
     os.chmod(image, 0o640)
+    work = tmp_path / "work"          # the worker's working directory: the attempt's run directory
+    work.mkdir(mode=0o700)
+    monkeypatch.chdir(work)
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     try:
         with open(image, "rb") as kept:
@@ -737,8 +740,10 @@ def test_a_disk_image_is_roots_alone_while_it_is_attached(tmp_path: Path) -> Non
             assert disk.partition(1) is not None
             held = os.stat(image)
             assert (held.st_uid, held.st_gid, stat.S_IMODE(held.st_mode)) == (0, 0, 0o600)
+            assert (work / "held-images").exists()     # for the runner, should the worker be killed now
         back = os.stat(image)
         assert (back.st_uid, back.st_gid, stat.S_IMODE(back.st_mode)) == (64101, 64102, 0o640)
+        assert list(work.iterdir()) == []
     finally:
         os.close(fd)
 
@@ -765,18 +770,55 @@ def test_a_dry_run_leaves_the_images_owner_alone(tmp_path: Path) -> None:
     assert loops_of(image) == []
 
 
-def test_a_qcow2_cut_short_is_not_repaired(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut, problem", [(4096, "the copy is incomplete"), (1 << 20, "is damaged")])
+def test_a_qcow2_cut_short_or_damaged_is_not_repaired(tmp_path: Path, cut: int, problem: str) -> None:
     """Cut within its last cluster, a qcow2 passes qemu-img check; unpacked for the repair, its missing end
-    would read as zeros. It is refused before anything is attached or written."""
+    would read as zeros. Cut by more, qemu-img check finds it damaged. Either is refused before anything is
+    attached or written."""
     from h2kd.operations.offline_fix import run_offline_fix
     from h2kd.operations.qemuimg import OperationError
 
     image = tmp_path / "guest.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
          str(small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))), str(image)])
-    os.truncate(image, image.stat().st_size - 4096)
+    os.truncate(image, image.stat().st_size - cut)
     with pytest.raises(OperationError) as refused:
         run_offline_fix(str(image), {"dry_run": False}, lambda phase, fraction, message: None)
-    assert refused.value.code == "INVALID_IMAGE" and "the copy is incomplete" in refused.value.message
+    assert refused.value.code == "INVALID_IMAGE" and problem in refused.value.message, refused.value.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "guest.qcow2", "tree"]
     assert loops_of(image) == []
+
+
+def test_an_image_whose_loop_device_stays_bound_stays_roots(tmp_path: Path, monkeypatch: Any) -> None:
+    """A file system only lazily unmounted keeps its loop device bound: the image is not given back to its
+    owner then, who could change it under the kernel; the runner gives it back once the device is gone."""
+    import stat
+
+    from h2kd.operations.offline_fix import devices
+    from h2kd.operations.tempfiles import release_held
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    os.chown(image, 64101, 64102)
+    os.chmod(image, 0o640)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.chdir(work)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with devices.attached_disk(fd, read_only=False, name="disk.raw") as disk:
+            # What a lazily unmounted file system does: something still holds the device.
+            still_holding = os.open(disk.loop, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+    try:
+        held = os.stat(image)
+        assert (held.st_uid, stat.S_IMODE(held.st_mode)) == (0, 0o600)
+        assert release_held(str(work / "held-images")) == []      # still bound: not yet
+    finally:
+        os.close(still_holding)           # autoclear takes the device away now
+    deadline = time.monotonic() + 10
+    while loops_of(image) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert release_held(str(work / "held-images")) == [str(image)]
+    back = os.stat(image)
+    assert (back.st_uid, back.st_gid, stat.S_IMODE(back.st_mode)) == (64101, 64102, 0o640)

@@ -6,11 +6,15 @@ is complete. It removes its temporary files itself when it fails or is stopped; 
 (SIGKILL, the OOM killer) cannot. So each temporary path is first appended to a record file, RECORD_NAME in
 the attempt's run directory, before the file is created; when the attempt is over, the runner
 calls remove_recorded() on that record.
+
+Likewise a disk image a repair made root's while it was attached (offline_fix.devices) is noted in HELD_NAME,
+with its owner and mode, before it changes hands; release_held() gives back what a killed worker could not.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from typing import Callable, TypeVar
@@ -19,6 +23,7 @@ from h2kd.operations.qemuimg import OperationError
 
 TEMP_PREFIX = ".h2k-tmp-"
 RECORD_NAME = "temp-files"
+HELD_NAME = "held-images"
 _Made = TypeVar("_Made")
 
 
@@ -193,3 +198,64 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
         finally:
             os.close(dir_fd)
     return removed
+
+
+def note_held(record: str, path: str, before: os.stat_result) -> None:
+    """Before an image (`path`, `before` its status) is made root's: its owner and mode, to give back."""
+    entry = {"path": path, "device": before.st_dev, "inode": before.st_ino, "uid": before.st_uid,
+             "gid": before.st_gid, "mode": before.st_mode & 0o777}
+    fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def bound_to_loop(path: str) -> bool:
+    """Whether some loop device is bound to the file at `path` (as /sys/block/loop*/loop/backing_file says)."""
+    for entry in os.scandir("/sys/block"):
+        try:
+            with open(os.path.join(entry.path, "loop", "backing_file"), encoding="utf-8", errors="replace") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.removesuffix(" (deleted)") == path:
+            return True
+    return False
+
+
+def release_held(record: str, attached: Callable[[str], bool] = bound_to_loop) -> list[str]:
+    """Give back the images a killed worker left root's (note_held); the paths given back. An image is given
+    back only if it is still that file, still root's and 0600, and attached(path) says no loop device holds it
+    any more; the record is removed once nothing in it is left to give back."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            entries = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    given_back, waiting = [], []
+    for entry in entries:
+        path = str(entry.get("path", ""))
+        if attached(path):
+            waiting.append(entry)
+            continue
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if ((st.st_dev, st.st_ino) == (entry["device"], entry["inode"]) and st.st_uid == 0
+                    and stat.S_IMODE(st.st_mode) == 0o600 and stat.S_ISREG(st.st_mode)):
+                # Through the descriptor: the file checked, whatever its name leads to by now.
+                os.chown(f"/proc/self/fd/{fd}", int(entry["uid"]), int(entry["gid"]))
+                os.chmod(f"/proc/self/fd/{fd}", int(entry["mode"]) & 0o777)
+                given_back.append(path)
+        finally:
+            os.close(fd)
+    if waiting:
+        with open(record, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in waiting)
+    else:
+        os.unlink(record)
+    return given_back

@@ -39,7 +39,7 @@ from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
-from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
+from h2kd.operations.tempfiles import HELD_NAME, RECORD_NAME, release_held, remove_recorded
 from h2kd.runner import bytecode
 from h2kd.runner import unit as units
 
@@ -646,7 +646,15 @@ class SystemdRunner:
 
     async def _remove_leftovers(self, followed: _Followed, worker_result: dict[str, Any] | None) -> None:
         """Remove the temporary outputs a worker recorded but could not remove itself (it was killed
-        outright: SIGKILL, OOM). The unit is over, so nothing writes them any more."""
+        outright: SIGKILL, OOM), and give back the images it had made root's for a repair. The unit is over,
+        so nothing writes them any more."""
+        held = followed.run_dir / HELD_NAME
+        if held.exists():
+            try:
+                for path in await asyncio.to_thread(release_held, str(held)):
+                    log.info("gave %s back to its owner, left root's by unit %s", path, followed.unit)
+            except Exception:
+                log.exception("giving back the images held by unit %s failed", followed.unit)
         record = followed.run_dir / RECORD_NAME
         if not record.exists():
             return

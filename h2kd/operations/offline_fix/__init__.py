@@ -179,10 +179,13 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     # image is vetted the same way, so that the file attached is known to be the one h2kd checked.
     vetted = inspect.load_source(image_path, fmt, check_disks=False, reader_uid=reader_uid)
     if fmt == "qcow2":
-        # A qcow2 cut within its last cluster passes qemu-img check, but its check tells where it should end:
-        # the repair would unpack zeros where the data was missing.
+        # A damaged qcow2 is not repaired in place; nor one cut within its last cluster, which passes qemu-img
+        # check, but its check tells where it should end: the repair would unpack zeros where data was missing.
         disk = vetted.disks[0]
-        inspect.refuse_incomplete(disk, qemuimg.check(disk.ref, force_share=True), vetted.identities)
+        checked = qemuimg.check(disk.ref, force_share=True)
+        if not checked.usable:
+            raise OperationError("INVALID_IMAGE", f"{image_path} is damaged: {checked.message}", "offline_fix")
+        inspect.refuse_incomplete(disk, checked, vetted.identities)
     if fmt == "raw":
         fd = _open_vetted(image_path, vetted.identities[0], writable=not dry_run)
         try:

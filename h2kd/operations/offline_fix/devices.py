@@ -16,7 +16,9 @@ attach opens the loop device read-only, which makes the kernel bind it read-only
 While an image is attached for writing (a repair) it is root's alone (0600), and a write lease first proves
 that no other process has it open or mapped: its submitter owns it (their qemu-img wrote it) and could
 otherwise change the file systems under the kernel's feet while they are mounted. Its owner and mode are given
-back once detached. A read-only attach (a dry run, which may read any image its submitter can read) leaves
+back once detached, and not before: an image whose loop device could not be detached (a file system only
+lazily unmounted) stays root's. Its owner is noted first in the working directory (tempfiles.note_held), so
+that the runner gives it back should the worker be killed meanwhile. A read-only attach (a dry run, which may read any image its submitter can read) leaves
 the image's owner alone: taking someone else's file away, even for a while, is not a dry run's to do.
 
 There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
@@ -37,6 +39,7 @@ from typing import Iterator
 
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.qemuimg import OperationError
+from h2kd.operations.tempfiles import HELD_NAME, note_held
 
 PARTITION_WAIT_SECONDS = 10.0
 ATTACH_TRIES = 20
@@ -311,19 +314,32 @@ def attached_loops(image_path: str) -> list[str]:
 def attached_disk(image_fd: int, read_only: bool, name: str = "the image") -> Iterator[AttachedDisk]:
     """Attach the raw image open on image_fd (named `name` in messages) as a loop device with its partitions
     and LVs; always detached afterwards."""
-    with contextlib.nullcontext() if read_only else _root_alone(image_fd, name):
+    if read_only:
         with _attached(image_fd, read_only, name) as disk:
+            yield disk
+        return
+    with _root_alone(image_fd, name) as hold:
+        with _attached(image_fd, read_only, name, hold) as disk:
             yield disk
 
 
+@dataclass
+class _Hold:
+    still_attached: bool = False    # the loop device could not be detached: the image stays root's
+
+
 @contextlib.contextmanager
-def _root_alone(image_fd: int, name: str) -> Iterator[None]:
+def _root_alone(image_fd: int, name: str) -> Iterator[_Hold]:
     """The image is root's alone while attached (see the module docstring). PERMISSION_DENIED if another
     process has it open."""
     before = os.fstat(image_fd)
-    os.fchown(image_fd, 0, 0)
-    os.fchmod(image_fd, 0o600)
+    path = os.readlink(f"/proc/self/fd/{image_fd}")
+    record = os.path.join(os.getcwd(), HELD_NAME)
+    note_held(record, path, before)
+    hold = _Hold()
     try:
+        os.fchown(image_fd, 0, 0)
+        os.fchmod(image_fd, 0o600)
         try:
             fcntl.fcntl(image_fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
         except OSError as e:
@@ -335,14 +351,19 @@ def _root_alone(image_fd: int, name: str) -> Iterator[None]:
                 raise
         else:
             fcntl.fcntl(image_fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        yield
+        yield hold
     finally:
-        os.fchown(image_fd, before.st_uid, before.st_gid)
-        os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
+        if hold.still_attached:
+            print(f"offline_fix: {name} stays root's: its loop device could not be detached", flush=True)
+        else:
+            os.fchown(image_fd, before.st_uid, before.st_gid)
+            os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)
 
 
 @contextlib.contextmanager
-def _attached(image_fd: int, read_only: bool, name: str) -> Iterator[AttachedDisk]:
+def _attached(image_fd: int, read_only: bool, name: str, hold: _Hold | None = None) -> Iterator[AttachedDisk]:
     try:
         loop, holder = _attach(image_fd, read_only)
     except AttachError as e:
@@ -363,6 +384,8 @@ def _attached(image_fd: int, read_only: bool, name: str) -> Iterator[AttachedDis
         detach = _detach(loop)
         if detach:
             problems.append(detach)
+            if hold is not None:
+                hold.still_attached = True
         if problems:
             # Only reported: an exception here would hide the one that brought us here.
             print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
