@@ -153,7 +153,10 @@ its disks are on SATA and its NICs are Intel ones
          virtio-win drivers (virtio-win-guest-tools.exe on the virtio-win ISO), and boot it once with a small
          extra virtio disk attached, so that Windows sets up its virtio storage driver. Shut it down, then
          change each disk's target to bus='virtio' with dev vda, vdb, ... (removing the disk's
-         <address type='drive' .../> if libvirt added one) and each NIC's model to type='virtio'. -->"""
+         <address type='drive' .../> if libvirt added one) and each NIC's model to type='virtio'. Should it
+         stop at boot with INACCESSIBLE_BOOT_DEVICE, its AHCI driver was left disabled (it was installed on
+         another controller): on VMware, before converting, enable it (storahci; msahci on Windows 7 and
+         2008 R2) or, better, install the virtio-win drivers there. -->"""
 
 
 _LEGACY_WINDOWS_NOTE = """it has drivers for neither virtio nor SATA (AHCI)
