@@ -320,11 +320,35 @@ def _error_line(props: dict[str, Any]) -> str:
     return message[0].lower() + message[1:]
 
 
+# The flags that shape the spec submit builds, and what each applies to (None: any operation).
+_SPEC_FLAGS = [("--format", "format", "convert"), ("--compress", "compress", "convert"),
+               ("--no-sync", "sync", "convert"), ("--verify", "verify", "convert"),
+               ("--domain-xml", "domain_xml", "convert"), ("-o/--output", "output", "convert"),
+               ("--overwrite", "overwrite", "convert"), ("--compare-with", "compare_with", "validate"),
+               ("--source-format", "source_format", None), ("--priority", "priority", None),
+               ("--retries", "retries", None), ("--timeout", "timeout", None), ("--id", "id", None),
+               ("--ticket", "ticket", None), ("--tag", "tag", None)]
+
+
+def _given_spec_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The spec-shaping flags given on the command line, each with the operation it applies to."""
+    unset = {"sync": True, "verify": False, "domain_xml": False, "overwrite": False}
+    return [(flag, applies) for flag, name, applies in _SPEC_FLAGS
+            if getattr(args, name, unset.get(name)) != unset.get(name)]
+
+
 def _submit_spec(args: argparse.Namespace) -> dict[str, Any]:
+    given = _given_spec_flags(args)
     if args.file:
         if args.source:
             raise CtlError("give either SOURCE or --file, not both", ExitCode.USAGE)
+        if given:
+            raise CtlError(f"{', '.join(flag for flag, _ in given)}: not with --file; the job file holds the whole "
+                           "spec", ExitCode.USAGE)
         return load_job_file(args.file)
+    for flag, applies in given:
+        if applies is not None and applies != args.operation:
+            raise CtlError(f"{flag} applies to --operation {applies} only, not {args.operation}", ExitCode.USAGE)
     if args.source:
         return spec_from_args(args, args.operation)
     raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)

@@ -121,3 +121,21 @@ def test_symlinked_source_says_it_is_a_link_and_names_its_target(tmp_path):
         assert result.stderr.strip().splitlines() == [
             f"h2kctl: refusing {link}: it is a symbolic link, and h2kd takes no symbolic link as a source; "
             f"give the path of the image itself: {image}"], result.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--verify", "--operation", "inspect"], "--verify applies to --operation convert only, not inspect"),
+    (["--domain-xml", "--operation", "validate"], "--domain-xml applies to --operation convert only"),
+    (["--no-sync", "--operation", "inspect"], "--no-sync applies to --operation convert only"),
+    (["--compare-with", "/x.img"], "--compare-with applies to --operation validate only, not convert"),
+])
+def test_a_flag_the_operation_would_ignore_is_refused(tmp_path, args, named):
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 512)
+    usage_error(run_h2kctl(tmp_path, "submit", str(source), *args), named)
+
+
+def test_flags_that_shape_a_spec_are_refused_with_a_job_file(tmp_path):
+    path = job_file(tmp_path, {"operation": "convert", "image": {"path": str(tmp_path / "disk.vmdk")}})
+    usage_error(run_h2kctl(tmp_path, "submit", "--file", path, "--verify", "--priority", "7"),
+                "--verify, --priority: not with --file")
