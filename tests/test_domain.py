@@ -398,3 +398,36 @@ def test_a_windows_11_vm_keeps_secure_boot_and_a_tpm() -> None:
     assert all(plain.find(part) is None for part in ("devices/tpm", "features/smm"))
     # Secure Boot was off: said so, or libvirt would pick an OVMF that enforces it (Debian's first choice).
     assert {f.get("name"): f.get("enabled") for f in plain.findall("os/firmware/feature")} == {"secure-boot": "no"}
+
+
+def test_the_cpus_keep_the_vms_topology_or_share_one_socket() -> None:
+    """libvirt's default topology (a socket per CPU) leaves Windows 10 and 11 two CPUs of eight."""
+    def topology(vmx: str) -> tuple[str | None, ...]:
+        vm = inspect.parse_vmx(VMX.format(guest_os="windows9-64").replace('numvcpus = "2"', vmx))
+        element = parsed(domain.domain_xml(inspect.Source("vmx", "/srv/a.vmx", "vmx", [], vm), OUT, "qcow2")).find(
+            "cpu/topology")
+        return (element.get("sockets"), element.get("cores"), element.get("threads")) if element is not None else ()
+    assert topology('numvcpus = "8"') == ("1", "8", "1")
+    assert topology('numvcpus = "8"\ncpuid.coresPerSocket = "4"') == ("2", "4", "1")
+    assert topology('numvcpus = "6"\ncpuid.coresPerSocket = "4"') == ("1", "6", "1")     # 4 does not divide 6
+    ovf = WINDOWS_OVF.replace("<rasd:VirtualQuantity>4</rasd:VirtualQuantity></Item>",
+                              "<rasd:VirtualQuantity>4</rasd:VirtualQuantity>"
+                              "<vmw:CoresPerSocket ovf:required=\"false\">2</vmw:CoresPerSocket></Item>", 1)
+    vm = inspect.parse_ovf(ovf.format(os_type="windows9_64Guest", description="Windows 10").encode())
+    assert vm["cores_per_socket"] == 2
+    element = parsed(domain.domain_xml(inspect.Source("ova", "/srv/w.ova", "ova", [], vm), OUT, "qcow2")).find(
+        "cpu/topology")
+    assert (element.get("sockets"), element.get("cores")) == ("2", "2")
+
+
+def test_a_plain_windows_disk_gets_the_memory_and_cpus_windows_needs() -> None:
+    head = bytearray(domain.DISK_HEAD_BYTES)
+    head[510:512] = b"\x55\xaa"
+    # One active NTFS partition from sector 2048: Windows Vista or later.
+    first, count = (2048).to_bytes(4, "little"), (1 << 20).to_bytes(4, "little")
+    head[446:462] = bytes([0x80, 0, 0, 0, 0x07, 0, 0, 0]) + first + count
+    root = parsed(domain.domain_xml(inspect.Source("disk", "/srv/w.vhdx", "vhdx", [], None), OUT[:1], "qcow2",
+                                    bytes(head)))
+    assert root.findtext("memory") == "4096" and root.findtext("vcpu") == "2"
+    linux = parsed(domain.domain_xml(inspect.Source("disk", "/srv/l.vhdx", "vhdx", [], None), OUT[:1], "qcow2"))
+    assert linux.findtext("memory") == "1024" and linux.findtext("vcpu") == "1"

@@ -290,8 +290,8 @@ def test_vmx_with_two_disks(lib: Path, tmp_path: Path, out: Path) -> None:
     assert compare(lib / "data.raw", "raw", out / "db01-disk1.qcow2", "qcow2")
     assert compare(lib / "data2.raw", "raw", out / "db01-disk2.qcow2", "qcow2")
     vm = run.result["outputs"]["report"]["vm"]
-    assert vm == {"name": "db01", "cpus": 4, "memory_mib": 4096, "firmware": "uefi", "secure_boot": False,
-                  "tpm": False, "guest_os": "", "boot_disk": 0,
+    assert vm == {"name": "db01", "cpus": 4, "cores_per_socket": 0, "memory_mib": 4096, "firmware": "uefi",
+                  "secure_boot": False, "tpm": False, "guest_os": "", "boot_disk": 0,
                   "nics": [{"name": "ethernet0", "model": "vmxnet3", "network": "VM Network",
                             "mac": "00:0c:29:12:34:56"}]}
 

@@ -15,6 +15,8 @@ The domain boots the guest on KVM the way it booted before:
     disks (hda to hdd) and RTL8139 NICs;
   - a VM that had Secure Boot on gets it on again (with SMM), and one with a vTPM gets an emulated TPM 2.0
     (Windows 11 needs both); what the guest sealed to its old TPM (BitLocker keys) does not come along;
+  - the CPUs have the VM's topology (cores per socket), or all sit in one socket: libvirt's default, one
+    socket a CPU, leaves Windows client editions two of them;
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
     come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
     boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
@@ -182,8 +184,11 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     windows = is_windows(vm.get("guest_os"))
     legacy = windows and is_legacy_windows(vm.get("guest_os"))
     machine = "pc" if legacy else "q35"
-    memory = int(vm.get("memory_mib") or 1024)
-    cpus = int(vm.get("cpus") or 1)
+    # A plain disk brings no sizes: Windows 10 and 11 need 4 GiB and 2 CPUs to install, and run no better below.
+    memory = int(vm.get("memory_mib") or (4096 if windows else 1024))
+    cpus = max(int(vm.get("cpus") or (2 if windows else 1)), 1)
+    cpu = (f"  <cpu mode='host-model'><topology sockets='{cpus // _cores(vm, cpus)}' dies='1' "
+           f"cores='{_cores(vm, cpus)}' threads='1'/></cpu>")
     q = _quoted_attribute
     lines = ["<domain type='kvm'>", f"  <name>{_escaped(vm_name(source))}</name>",
              f"  <memory unit='MiB'>{memory}</memory>", f"  <vcpu>{cpus}</vcpu>"]
@@ -203,20 +208,19 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     else:
         lines += ["  <os>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
     if legacy:
-        lines += ["  <features><acpi/><apic/></features>", "  <cpu mode='host-model'/>",
-                  "  <clock offset='localtime'/>", "  <devices>"]
+        lines += ["  <features><acpi/><apic/></features>", cpu, "  <clock offset='localtime'/>", "  <devices>"]
     elif windows:
         # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the
         # RTC so), and the Hyper-V enlightenments and timers it expects keep it fast and its clock steady.
         lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else ""),
                   "    <hyperv><relaxed state='on'/><vapic state='on'/><spinlocks state='on' retries='8191'/></hyperv>",
-                  "  </features>", "  <cpu mode='host-model'/>",
+                  "  </features>", cpu,
                   "  <clock offset='localtime'>", "    <timer name='rtc' tickpolicy='catchup'/>",
                   "    <timer name='pit' tickpolicy='delay'/>", "    <timer name='hpet' present='no'/>",
                   "    <timer name='hypervclock' present='yes'/>", "  </clock>", "  <devices>"]
     else:
         lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else "") + "</features>",
-                  "  <cpu mode='host-model'/>", "  <devices>"]
+                  cpu, "  <devices>"]
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
@@ -239,6 +243,15 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         lines += ["    <tpm model='tpm-crb'>", "      <backend type='emulator' version='2.0'/>", "    </tpm>"]
     lines += ["    <console type='pty'/>", "  </devices>", "</domain>", ""]
     return "\n".join(lines)
+
+
+def _cores(vm: dict[str, Any], cpus: int) -> int:
+    """Cores per socket: as the VM had them (VMX cpuid.coresPerSocket, OVF CoresPerSocket), else all in one
+    socket. libvirt's default, a socket per CPU, leaves Windows client editions two of them at most."""
+    per_socket = vm.get("cores_per_socket")
+    if isinstance(per_socket, int) and per_socket > 0 and cpus % per_socket == 0:
+        return per_socket
+    return cpus
 
 
 def _target(index: int, boot: int, windows: bool, legacy: bool) -> str:

@@ -568,7 +568,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
                                                 "capacity": capacity, "format": _attr(el, "format")}
     system = next((el for el in root.iter() if _ln(el.tag) == "VirtualSystem"), root)
     vm_name = _child_text(system, "Name") or _attr(system, "id") or ""
-    cpus, memory_mib, firmware = 1, 0, "bios"
+    cpus, cores_per_socket, memory_mib, firmware = 1, 0, 0, "bios"
     ordered: list[str] = []
     nics: list[dict[str, Any]] = []
     items = [el for el in system.iter() if _ln(el.tag) in ("Item", "StorageItem", "EthernetPortItem")]
@@ -581,6 +581,8 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
         kind = _child_text(item, "ResourceType")
         if kind == "3":
             cpus = int(_child_text(item, "VirtualQuantity") or 1)
+            per_socket = _child_text(item, "CoresPerSocket") or ""
+            cores_per_socket = int(per_socket) if per_socket.isdigit() else 0
         elif kind == "4":
             quantity = int(_child_text(item, "VirtualQuantity") or 0)
             memory_mib = quantity * _units(_child_text(item, "AllocationUnits") or "byte * 2^20") // 2**20
@@ -622,7 +624,8 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
         disk_list.append({**disk, "href": file.get("href"), "compression": file.get("compression")})
     placed = [placement[d] for d in ordered if d in placement]
     boot_disk = ordered.index(next(d for d in ordered if placement.get(d) == min(placed))) if placed else 0
-    return {"name": vm_name, "cpus": cpus, "memory_mib": memory_mib, "firmware": firmware,
+    return {"name": vm_name, "cpus": cpus, "cores_per_socket": cores_per_socket, "memory_mib": memory_mib,
+            "firmware": firmware,
             "secure_boot": firmware == "uefi" and secure_boot, "tpm": tpm,
             "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
 
@@ -688,7 +691,9 @@ def parse_vmx(text: str) -> dict[str, Any]:
     # boots by its NVRAM's entries instead: a bios.hddOrder there is left over from its BIOS days.
     efi = keys.get("firmware", "").lower() == "efi"
     first = "" if efi else keys.get("bios.hddorder", "").split(",")[0].strip().lower()
+    per_socket = keys.get("cpuid.corespersocket", "")
     return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
+            "cores_per_socket": int(per_socket) if per_socket.isdigit() else 0,
             "memory_mib": int(memory) if memory.isdigit() else 0,
             "firmware": "uefi" if efi else "bios",
             "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",

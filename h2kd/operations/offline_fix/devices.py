@@ -13,13 +13,14 @@ up atomically, autoclear and partition scan included, in one call. Older kernels
 descriptor, then LOOP_SET_STATUS64 (a worker killed between the two leaves the device bound), and a read-only
 attach opens the loop device read-only, which makes the kernel bind it read-only.
 
-While an image is attached for writing (a repair) it is root's alone (0600), and a write lease first proves
-that no other process has it open or mapped: its submitter owns it (their qemu-img wrote it) and could
-otherwise change the file systems under the kernel's feet while they are mounted. Its owner and mode are given
-back once detached, and not before: an image whose loop device could not be detached (a file system only
-lazily unmounted) stays root's. Its owner is noted first in the working directory (tempfiles.note_held), so
-that the runner gives it back should the worker be killed meanwhile. A read-only attach (a dry run, which may read any image its submitter can read) leaves
-the image's owner alone: taking someone else's file away, even for a while, is not a dry run's to do.
+While an image is attached for writing (a repair) it is root's alone (0600), and a write lease first proves that
+no other process has it open or mapped: its submitter owns it (their qemu-img wrote it) and could otherwise
+change the file systems under the kernel's feet while they are mounted. Its owner and mode are given back once
+detached, and not before: an image whose loop device could not be detached (a file system only lazily unmounted)
+stays root's. Its owner is noted first in the working directory (tempfiles.note_held), so that the runner gives
+it back should the worker be killed meanwhile. A read-only attach (a dry run, which may read any image its
+submitter can read) leaves the image's owner alone: taking someone else's file away, even for a while, is not a
+dry run's to do.
 
 There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
 `partx -a` when the kernel did not.
