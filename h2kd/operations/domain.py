@@ -207,20 +207,20 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
                   "    <firmware><feature enabled='no' name='secure-boot'/></firmware>", "  </os>"]
     else:
         lines += ["  <os>", f"    <type arch='x86_64' machine='{machine}'>hvm</type>", "  </os>"]
-    if legacy:
-        lines += ["  <features><acpi/><apic/></features>", cpu, "  <clock offset='localtime'/>", "  <devices>"]
-    elif windows:
-        # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the
-        # RTC so), and the Hyper-V enlightenments and timers it expects keep it fast and its clock steady.
-        lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else ""),
-                  "    <hyperv><relaxed state='on'/><vapic state='on'/><spinlocks state='on' retries='8191'/></hyperv>",
-                  "  </features>", cpu,
-                  "  <clock offset='localtime'>", "    <timer name='rtc' tickpolicy='catchup'/>",
+    # As virt-install and virt-v2v set up a Windows guest: its clock keeps local time (Windows sets the RTC so),
+    # and the Hyper-V enlightenments and timers it expects (Vista on) keep it fast and its clock steady.
+    enlightened = windows and not legacy
+    lines.append("  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else "")
+                 + ("\n    <hyperv><relaxed state='on'/><vapic state='on'/><spinlocks state='on' retries='8191'/>"
+                    "</hyperv>\n  " if enlightened else "") + "</features>")
+    lines.append(cpu)
+    if enlightened:
+        lines += ["  <clock offset='localtime'>", "    <timer name='rtc' tickpolicy='catchup'/>",
                   "    <timer name='pit' tickpolicy='delay'/>", "    <timer name='hpet' present='no'/>",
-                  "    <timer name='hypervclock' present='yes'/>", "  </clock>", "  <devices>"]
-    else:
-        lines += ["  <features><acpi/><apic/>" + ("<smm state='on'/>" if secure_boot else "") + "</features>",
-                  cpu, "  <devices>"]
+                  "    <timer name='hypervclock' present='yes'/>", "  </clock>"]
+    elif legacy:
+        lines.append("  <clock offset='localtime'/>")
+    lines.append("  <devices>")
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))

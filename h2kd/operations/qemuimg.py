@@ -218,15 +218,8 @@ def data_end(image: ImageRef) -> int:
 def _map_entries(image: ImageRef) -> Iterator[dict[str, Any]]:
     """The ranges of `qemu-img map --output=json`, one at a time, as qemu-img writes them: a large image
     written here and there has millions, not worth holding all at once."""
-    args = [QEMU_IMG, "map", "--output=json", *image.format_args(), image.qemu_name()]
-    try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, **_CREDENTIALS)
-    except FileNotFoundError:
-        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
-    stderr_parts: list[str] = []
-    reader = threading.Thread(target=lambda: stderr_parts.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    proc, reader, stderr_parts = _started("map", ["--output=json", *image.format_args(), image.qemu_name()],
+                                          text=True)
     decoder = json.JSONDecoder()
     pending = ""
     try:
@@ -387,6 +380,21 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
         progress(1.0)
 
 
+def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...] = ()) -> tuple[Any, Any, list[Any]]:
+    """`qemu-img command args` started with its stdout piped, and a thread collecting its stderr: the process,
+    the thread, and the list its stderr lands in once the thread ends."""
+    try:
+        proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=text, bufsize=-1 if text else 0, pass_fds=pass_fds,
+                                **_CREDENTIALS)
+    except FileNotFoundError:
+        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
+    stderr: list[Any] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    return proc, reader, stderr
+
+
 def _with_progress(command: str, args: list[str], progress: Callable[[float], None] | None,
                    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None,
                    pass_fds: tuple[int, ...]) -> tuple[int, str, str]:
@@ -396,15 +404,7 @@ def _with_progress(command: str, args: list[str], progress: Callable[[float], No
     If progress() (or a signal handler) raises, the child is killed and waited for before the exception goes
     on, so no writer is left behind the caller's clean-up. on_process is told the running child (and None once
     it has ended), for a signal handler that must stop it."""
-    try:
-        proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, bufsize=0, start_new_session=False, pass_fds=pass_fds,
-                                **_CREDENTIALS)
-    except FileNotFoundError:
-        raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
-    stderr_chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
+    proc, reader, stderr_chunks = _started(command, args, text=False, pass_fds=pass_fds)
     if on_process:
         on_process(proc)
     said: list[bytes] = []
