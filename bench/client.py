@@ -22,6 +22,7 @@ from h2kd.bus.variants import to_vardict
 
 MANAGER = BUS_NAME + ".Manager"
 JOB = BUS_NAME + ".Job"
+EXPLICIT_JOB_PROPERTIES = ("Spec", "Result")   # left out of GetAll (dbus/org.hyper2kvm.h2kd1.Job.xml)
 WORKER = BUS_NAME + ".Worker"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
@@ -139,9 +140,13 @@ class Client:
         (value,) = await self.call(path, PROPERTIES, "Get", "ss", [interface, name])
         return value.value
 
-    async def job_props(self, path: str) -> dict[str, Any]:
+    async def job_props(self, path: str, explicit: tuple[str, ...] = EXPLICIT_JOB_PROPERTIES) -> dict[str, Any]:
+        """GetAll's properties, and those of `explicit`, which it leaves out, read one by one."""
         body = await self.call(path, PROPERTIES, "GetAll", "s", [JOB])
-        return {k: v.value for k, v in body[0].items()}
+        props = {k: v.value for k, v in body[0].items()}
+        for name in explicit:
+            props[name] = await self.prop(path, JOB, name)
+        return props
 
     async def list_jobs(self, **filters: Any) -> list[list[Any]]:
         return (await self.manager("ListJobs", "a{sv}", [to_vardict(filters)]))[0]
@@ -160,9 +165,9 @@ class Client:
         """Wait for a job to reach a final state (signals if watching, else polling); its properties."""
         deadline = time.monotonic() + timeout
         while True:
-            props = await self.job_props(path)
+            props = await self.job_props(path, explicit=())
             if props["State"] in TERMINAL:
-                return props
+                return props | {name: await self.prop(path, JOB, name) for name in EXPLICIT_JOB_PROPERTIES}
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"job {path} still {props['State']} after {timeout} s")

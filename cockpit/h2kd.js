@@ -4,7 +4,8 @@
 //
 // The job list comes from ListJobs and the daemon's signals, not from ObjectManager proxies: with the
 // 10,000 jobs h2kd keeps at most, GetManagedObjects is 13 MB, and the page took 7-8 s to show its table.
-// Only the jobs on screen (and the one whose details are open) are read in full, with Properties.GetAll.
+// Only the jobs on screen (and the one whose details are open) are read in full, with Properties.GetAll;
+// the open job's Spec and Result, which GetAll leaves out, with Properties.Get.
 
 /* global cockpit */
 
@@ -15,6 +16,7 @@ const MANAGER_PATH = "/org/hyper2kvm/h2kd1";
 const MANAGER_IFACE = BUS_NAME + ".Manager";
 const JOB_IFACE = BUS_NAME + ".Job";
 const WORKER_IFACE = BUS_NAME + ".Worker";
+const EXPLICIT_JOB_PROPERTIES = ["Spec", "Result"];   // not in GetAll: read one by one with Get
 
 const FINAL_STATES = new Set(["completed", "failed", "cancelled"]);
 const RETRYABLE_STATES = new Set(["failed", "cancelled"]);
@@ -628,6 +630,23 @@ function loadHistoryAndJournal() {
     detailsLastLoad = Date.now();
     loadHistory(job);
     loadJournal(job);
+    loadSpecAndResult(job);
+}
+
+function loadSpecAndResult(job) {
+    const path = job.path;
+    const connection = client;
+    return Promise.all(EXPLICIT_JOB_PROPERTIES.map(name =>
+        connection.call(path, PROPERTIES_IFACE, "Get", [JOB_IFACE, name], { type: "ss" }))).then(replies => {
+        if (connection !== client || jobs[path] !== job)
+            return;
+        EXPLICIT_JOB_PROPERTIES.forEach((name, i) => { job[name] = replies[i][0].v; });
+        if (path === selectedPath)
+            renderDetails();
+    }).catch(e => {
+        if (path === selectedPath)
+            $("details-spec").textContent = errorText(e);
+    });
 }
 
 $("details-close").addEventListener("click", closeDetails);

@@ -22,6 +22,8 @@ from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
 JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
+# Job properties that GetAll leaves out (annotated Explicit in dbus/org.hyper2kvm.h2kd1.Job.xml): read with Get.
+JOB_EXPLICIT_PROPERTIES = ("Spec", "Result")
 WORKER_IFACE = "org.hyper2kvm.h2kd1.Worker"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
@@ -323,12 +325,24 @@ class Client:
         (props,) = await self.call(path, PROPS_IFACE, "GetAll", "s", [interface])
         return props
 
+    async def get_property(self, path: str, interface: str, name: str) -> Any:
+        (value,) = await self.call(path, PROPS_IFACE, "Get", "ss", [interface, name])
+        return value
+
     async def get_job_path(self, job_id: str) -> str:
         (path,) = await self.manager("GetJob", "s", [job_id])
         return path
 
-    async def job_properties(self, job_id: str) -> dict[str, Any]:
-        return await self.get_all(await self.get_job_path(job_id), JOB_IFACE)
+    async def read_job(self, path: str, explicit: tuple[str, ...] = JOB_EXPLICIT_PROPERTIES) -> dict[str, Any]:
+        """A job's properties: GetAll's, and those of `explicit` (read one by one, at the same time)."""
+        props, *values = await asyncio.gather(self.get_all(path, JOB_IFACE),
+                                              *(self.get_property(path, JOB_IFACE, name) for name in explicit))
+        props.update(zip(explicit, values))
+        return props
+
+    async def job_properties(self, job_id: str, explicit: tuple[str, ...] = JOB_EXPLICIT_PROPERTIES
+                             ) -> dict[str, Any]:
+        return await self.read_job(await self.get_job_path(job_id), explicit)
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """Each worker's properties by object path: the children of the workers' node, read one by one.

@@ -302,7 +302,7 @@ async def _wait_and_report(client: Client, job_id: str, path: str, out: Output) 
     if props is None:
         print(detach_hint(job_id), file=sys.stderr)
         if out.json:
-            out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
+            out.emit_json(schema.job(await client.read_job(path), path))
         return ExitCode.INTERRUPTED
     if out.json:
         out.emit_json(schema.job(props, path))
@@ -364,7 +364,7 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
             print(f"Submitted job {job_id}.")
         return await _wait_and_report(client, job_id, path, out)
     if out.json:
-        out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
+        out.emit_json(schema.job(await client.read_job(path), path))
     elif out.quiet:
         print(job_id)
     else:
@@ -429,7 +429,7 @@ async def _history(client: Client, path: str) -> list[dict[str, Any]]:
 
 async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     path = await client.get_job_path(args.job)
-    props = await client.get_all(path, JOB_IFACE)
+    props = await client.read_job(path)
     history = await _history(client, path)
     job = schema.job(props, path, history)
     if out.json:
@@ -572,7 +572,7 @@ async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> in
 
 async def _job_action(client: Client, job_id: str, member: str, verb: str) -> None:
     """Cancel, retry or start one job; polkit's action depends on whether the caller owns the job."""
-    props = await client.job_properties(job_id)
+    props = await client.job_properties(job_id, explicit=())
     action = "cancel" if props.get("Owner") == os.getuid() else "cancel-other-user"
     await client.manager(member, "s", [job_id], action=action, what=f"{verb} job {job_id}")
 
@@ -646,7 +646,7 @@ async def _after_requeue(client: Client, args: argparse.Namespace, out: Output, 
         return await _wait_and_report(client, args.job, await client.get_job_path(args.job), out)
     if out.json:
         path = await client.get_job_path(args.job)
-        out.emit_json(schema.job(await client.get_all(path, JOB_IFACE), path))
+        out.emit_json(schema.job(await client.read_job(path), path))
     else:
         out.line(message.format(args.job))
     return ExitCode.SUCCESS

@@ -254,11 +254,13 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
               and message.member == "InterfacesRemoved" and message.body[0] == path):
             removed.set()
 
-    async def read_all(interrupt: asyncio.Event) -> bool:
-        """Read every property again (keeping what signals said meanwhile); False on Ctrl-C."""
+    async def read_all(interrupt: asyncio.Event, final: bool = False) -> bool:
+        """Read the properties again (keeping what signals said meanwhile), the Result too if `final`;
+        False on Ctrl-C."""
         fresh.clear()
+        explicit = ("Result",) if final else ()
         try:
-            snapshot = await patiently(client, lambda: client.get_all(path, JOB_IFACE), doing, interrupt)
+            snapshot = await patiently(client, lambda: client.read_job(path, explicit), doing, interrupt)
         except CtlError as e:
             if e.code == ExitCode.NO_SUCH_JOB:
                 raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB) from None
@@ -278,7 +280,7 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
             while read:
                 if props.get("State") in TERMINAL:
                     # The final values: read them once more, so Result and Error are complete.
-                    if not await read_all(interrupt.event):
+                    if not await read_all(interrupt.event, final=True):
                         break
                     view.update(props, force=True)
                     view.clear()
@@ -314,7 +316,9 @@ async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str,
         async with window:
             fresh[path] = set()
             try:
-                snapshot = await client.get_all(path, JOB_IFACE)
+                snapshot = await client.read_job(path, explicit=())
+                if snapshot.get("State") in TERMINAL:   # its outputs, for its final message
+                    snapshot["Result"] = await client.get_property(path, JOB_IFACE, "Result")
             except CtlError as e:
                 if e.code == ExitCode.UNREACHABLE:
                     raise

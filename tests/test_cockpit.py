@@ -329,7 +329,10 @@ def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser,
                           check=True)
     assert json.loads(info.stdout)["format"] == "qcow2"
 
-    # Details: the history from GetEvents, the result and the journal.
+    # Details: the history from GetEvents, the spec and result, and the journal. The page is loaded again
+    # first, so that it knows the job only from what it reads (GetAll leaves out Spec and Result).
+    open_page(browser, cockpit_url)
+    wait_until(lambda: browser.exists(f"tr[data-job-id='{job_id}'] .job-link"), 15, what="the job's row")
     browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
     assert browser.attribute(browser.active_element(), "id") == "details-card"
     wait_until(lambda: browser.exists("#details-history li[data-kind='result']"), 15, what="the job's history")
@@ -337,7 +340,11 @@ def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser,
     for state in ("queued", "running", "completed"):
         assert f"→ {state}" in history
     assert "progress" in history
-    result = json.loads(browser.execute("return document.getElementById('details-result').textContent"))
+    def shown(box: str) -> Any:
+        return wait_until(lambda: (t := browser.execute(f"return document.getElementById('{box}').textContent"))
+                          .startswith("{") and t, 15, what=f"the job's {box}")
+    assert json.loads(shown("details-spec")) == json.loads(job_property(env, job_id, "Spec"))
+    result = json.loads(shown("details-result"))
     assert result == json.loads(job_property(env, job_id, "Result"))
     assert result["outputs"]["disks"][0]["path"] == str(output)
     assert result["outputs"]["disks"][0]["compare"]["identical"] is True     # "Compare the output" was ticked

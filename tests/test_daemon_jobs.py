@@ -94,16 +94,11 @@ def job_spec(job_id: str, source: Path | str, output: Path | None = None, fmt: s
     return {k: variant(v) for k, v in spec.items()}
 
 
-async def job_props(client: Client, path: str) -> dict[str, Any]:
-    (values,) = await client.call(path, PROPERTIES, "GetAll", "s", [JOB])
-    return {k: v.value for k, v in values.items()}
-
-
 async def wait_props(client: Client, path: str, states: tuple[str, ...] = FINAL, timeout: float = 90,
                      progress_above: float | None = None) -> dict[str, Any]:
     """The job's properties once it is in one of `states` (and past `progress_above`, if given)."""
     async def reached() -> dict[str, Any] | None:
-        props = await job_props(client, path)
+        props = await client.job_props(path)
         if props["State"] in states and (progress_above is None or props["Progress"] > progress_above):
             return props
         if props["State"] in FINAL and props["State"] not in states:
@@ -784,7 +779,7 @@ def test_external_worker_runs_the_job_only_it_can_run(tuned: Any, small_vmdk: Pa
         watcher = await Client.connect(stack.bus_address)
         _, path = await watcher.submit(job_spec(job_id, small_vmdk, output, requirements={"gpu": True}))
         await asyncio.sleep(1.0)
-        waiting = await job_props(watcher, path)
+        waiting = await watcher.job_props(path)
         assert waiting["State"] == "queued" and waiting["Worker"] == "" and waiting["Attempt"] == 0, waiting
         assert "gpu" in waiting["WaitReason"], waiting["WaitReason"]
 
@@ -800,7 +795,7 @@ def test_external_worker_runs_the_job_only_it_can_run(tuned: Any, small_vmdk: Pa
         await worker.call(worker_path, WORKER, "ReportProgress", "sa{sv}", [job_id, {
             "progress": Variant("d", 0.25), "bytes_done": Variant("t", 1 * MiB),
             "bytes_total": Variant("t", 4 * MiB), "phase": Variant("s", "convert")}])
-        progressing = await job_props(watcher, path)
+        progressing = await watcher.job_props(path)
         await asyncio.to_thread(subprocess.run, ["qemu-img", "convert", "-O", "qcow2", str(small_vmdk), str(output)],
                                 check=True)
         await worker.call(worker_path, WORKER, "ReportProgress", "sa{sv}", [job_id, {
@@ -856,7 +851,7 @@ def test_worker_that_stops_heartbeating_has_its_job_requeued_for_another(tuned: 
         assert claimed[0] == job_id
         await silent.call(silent_path, WORKER, "ReportProgress", "sa{sv}", [job_id, {
             "progress": Variant("d", 0.4), "phase": Variant("s", "convert")}])
-        took_it = await job_props(watcher, path)
+        took_it = await watcher.job_props(path)
         started = time.monotonic()
         # No more heartbeats (the connection stays open): the job must come back to the queue.
         requeued = await wait_props(watcher, path, ("queued",), 15)

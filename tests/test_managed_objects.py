@@ -154,6 +154,73 @@ def test_listing_is_what_each_object_says_after_changes_announced_or_not_and_rem
     run(scenario())
 
 
+def test_spec_and_result_are_read_with_get_only(stack, stack_env):
+    """Spec and Result (large JSON) are left out of GetAll, GetManagedObjects and InterfacesAdded, as sd-bus
+    does with properties it marks explicit; Get reads them, and a new Result comes with PropertiesChanged."""
+    async def scenario() -> None:
+        watcher = await Client.connect(stack.bus_address)
+        signals: list[Message] = []
+
+        def arrived(msg: Message) -> bool:
+            if msg.message_type == MessageType.SIGNAL:
+                signals.append(msg)
+            return False
+        watcher.bus.add_message_handler(arrived)
+        await watcher.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                       interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                                       body=[f"type='signal',sender='{BUS_NAME}'"]))
+        worker = await Client.connect(stack.bus_address)
+        label = uuid.uuid4().hex[:8]
+        _worker_id, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", [
+            "explicit-worker", json.dumps({"operations": ["inspect"], "testlab": label}),
+            {"max_jobs": Variant("u", 1)}])
+        job_id, path = await watcher.submit(spec(new_id("explicit"), priority=7, requirements={"testlab": label}))
+        assert await wait_for(lambda: _claim(worker, worker_path), 20, "the claim") == job_id
+
+        async def get(name: str) -> Any:
+            (value,) = await watcher.call(path, PROPERTIES, "Get", "ss", [JOB, name])
+            return value.value
+
+        async def listed() -> dict[str, Variant]:
+            (objects,) = (await _managed_objects(watcher)).body
+            return objects[path][JOB]
+
+        added = next(m for m in signals if m.member == "InterfacesAdded" and m.body[0] == path)
+        for props in (added.body[1][JOB], await _get_all(watcher, path, JOB), await listed()):
+            assert {"Spec", "Result"}.isdisjoint(props) and {"Id", "State", "Source", "Error"} <= set(props)
+        submitted = json.loads(await get("Spec"))
+        assert submitted["job_id"] == job_id and submitted["execution_policy"]["priority"] == 7
+        assert submitted["capability_requirements"] == {"testlab": label}
+        assert await get("Result") == "{}"
+
+        outputs = {"disks": [{"path": "/nowhere/disk.qcow2"}]}
+        await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
+            "success": Variant("b", True), "outputs": Variant("s", json.dumps(outputs))}])
+        result = json.loads(await get("Result"))
+        assert result["outputs"] == outputs
+
+        def announced() -> Message | None:
+            return next((m for m in signals if m.member == "PropertiesChanged" and m.path == path
+                         and "Result" in m.body[1]), None)
+        change = await wait_for(lambda: _async(announced()), 10, "the Result's PropertiesChanged")
+        assert json.loads(change.body[1]["Result"].value) == result
+        # Announced, the job's listing is made from what was announced: still without the Result.
+        props = await listed()
+        assert props["State"] == Variant("s", "completed") and "Result" not in props
+        assert "Result" not in await _get_all(watcher, path, JOB)
+        # busctl reads them by name too.
+        out = await asyncio.to_thread(subprocess.run, [
+            "busctl", "--system", "--json=short", "get-property", BUS_NAME, path, JOB, "Result"],
+            env=stack_env, capture_output=True, text=True, timeout=60, check=True)
+        assert json.loads(json.loads(out.stdout)["data"]) == result
+
+        await worker.call(worker_path, WORKER, "Unregister")
+        await watcher.manager("RemoveJob", "s", [job_id])
+        watcher.close()
+        worker.close()
+    run(scenario())
+
+
 def test_busctl_and_gdbus_read_the_listing(stack, stack_env):
     async def prepare() -> tuple[Client, list[tuple[str, str]]]:
         client = await Client.connect(stack.bus_address)

@@ -3,7 +3,8 @@
 dbus-fast names method in-arguments after the Python parameters but leaves out-arguments and
 signal arguments unnamed; the interface XML in dbus/ names them, so each interface lists those
 names (OUT_ARG_NAMES, SIGNAL_ARG_NAMES) and introspect() fills them in, with the EmitsChangedSignal
-annotation of properties that change unannounced (UNANNOUNCED_PROPERTIES).
+annotation of properties that change unannounced (UNANNOUNCED_PROPERTIES) and sd-bus's Explicit annotation
+of properties read with Get only (EXPLICIT_PROPERTIES; busctl knows it).
 Properties are declared from one table per interface (add_read_properties), so the getters, the
 PropertiesChanged payloads and GetManagedObjects all read the same values.
 """
@@ -18,6 +19,7 @@ from h2kd.bus.call import current_caller
 
 ACTION_PREFIX = BUS_NAME + "."
 EMITS_CHANGED_SIGNAL = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+EXPLICIT = "org.freedesktop.systemd1.Explicit"
 
 
 class ApiInterface(ServiceInterface):
@@ -25,6 +27,8 @@ class ApiInterface(ServiceInterface):
     SIGNAL_ARG_NAMES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     # Properties whose changes are not announced by PropertiesChanged (read them when needed).
     UNANNOUNCED_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
+    # Properties left out of GetAll and GetManagedObjects (read them one by one with Get).
+    EXPLICIT_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
 
     def introspect(self):  # type: ignore[override]
         interface = super().introspect()
@@ -39,6 +43,8 @@ class ApiInterface(ServiceInterface):
         for prop in interface.properties:
             if prop.name in self.UNANNOUNCED_PROPERTIES:
                 prop.annotations[EMITS_CHANGED_SIGNAL] = "false"
+            if prop.name in self.EXPLICIT_PROPERTIES:
+                prop.annotations[EXPLICIT] = "true"
         return interface
 
 

@@ -78,6 +78,18 @@ PROPERTIES_OF_FIELD: dict[str, tuple[str, ...]] = {
 }
 PROGRESS_FIELDS = frozenset({"progress", "progress_known", "bytes_done", "bytes_total", "phase"})
 
+# Read with Properties.Get only, as sd-bus does for its "explicit" properties: left out of GetAll,
+# GetManagedObjects and InterfacesAdded, while a change of Result is still sent with PropertiesChanged.
+# They are large (a spec is ~420 bytes of JSON, a result up to 64 KiB): with 10,000 jobs the Spec alone was
+# a third of GetManagedObjects' 13 MB, which dbus-daemon relays 2 KiB at a time; listings need neither.
+EXPLICIT_PROPERTIES = frozenset({"Spec", "Result"})
+LISTED_PROPERTIES = tuple(name for name in JOB_PROPERTIES if name not in EXPLICIT_PROPERTIES)
+
+
+def listed_only(values: dict[str, Variant]) -> dict[str, Variant]:
+    """Of a job's property values, those GetAll and GetManagedObjects give."""
+    return {name: value for name, value in values.items() if name not in EXPLICIT_PROPERTIES}
+
 
 def reported_progress(job: Job) -> float:
     """The job's progress as ListJobs and the Progress signal give it: -1 while the total is unknown."""
@@ -85,14 +97,15 @@ def reported_progress(job: Job) -> float:
 
 
 def job_vardict(job: Job, names: Any = None) -> dict[str, Variant]:
-    """The job's properties (all, or the given names) as a{sv}."""
-    selected = JOB_PROPERTIES if names is None else {n: JOB_PROPERTIES[n] for n in names}
+    """The job's properties as a{sv}: the given names, or all that GetAll gives (not EXPLICIT_PROPERTIES)."""
+    selected = {n: JOB_PROPERTIES[n] for n in (LISTED_PROPERTIES if names is None else names)}
     # Not verified against the signature: JOB_PROPERTIES converts every value to its type (tests/test_bus.py
     # reads them all back), and the check cost a third of this function, which runs with every submission.
     return {name: Variant(sig, value_of(job), False) for name, (sig, value_of) in selected.items()}
 
 
 class JobInterface(ApiInterface):
+    EXPLICIT_PROPERTIES = EXPLICIT_PROPERTIES
     OUT_ARG_NAMES = {"GetEvents": ("events",)}
     SIGNAL_ARG_NAMES = {
         "StateChanged": ("state", "reason"),

@@ -12,7 +12,8 @@ What it sends:
 - /org/hyper2kvm/h2kd1 is also the org.freedesktop.DBus.ObjectManager: GetManagedObjects is
   answered from the job records, each job's part of the reply kept marshalled until the job's
   announced properties change (h2kd.bus.premarshal), so a call with 10,000 jobs only joins bytes;
-  InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's).
+  InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's). A job's explicit
+  properties (Spec, Result) are left out of both, and of its Properties.GetAll (answered here too).
 - ListJobs is answered the same way, from each job's row kept marshalled until the row's values change.
 - Job PropertiesChanged and Job.Progress are coalesced per job to one per
   config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
@@ -40,8 +41,8 @@ from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import Authorizer
 from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
-from h2kd.bus.job_iface import (JOB_INTERFACE, PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface,
-                                job_vardict, reported_progress)
+from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, JOB_PROPERTIES, PROGRESS_FIELDS,
+                                PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only, reported_progress)
 from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
                                     list_row, listed_jobs)
 from h2kd.bus.paths import job_path, worker_path
@@ -80,7 +81,7 @@ class _ExportedJob:
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
-    vardict: dict[str, Variant] | None  # as last announced, for GetManagedObjects; None when stale
+    vardict: dict[str, Variant] | None  # all properties as last announced; None when stale
     entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
     row: bytes | None                   # the job's ListJobs row, marshalled, for the values in row_key
     row_key: tuple | None
@@ -88,14 +89,14 @@ class _ExportedJob:
     def announced(self) -> dict[str, Variant]:
         """The properties as last announced (read from the job if nothing is cached)."""
         if self.vardict is None:
-            self.vardict = job_vardict(self.job)
+            self.vardict = job_vardict(self.job, JOB_PROPERTIES)
             self.entry = None
         return self.vardict
 
     def announced_entry(self) -> bytes:
         """announced() as this object's entry of a GetManagedObjects reply (h2kd.bus.premarshal)."""
         if self.entry is None:
-            self.entry = object_entry(self.path, {JOB_INTERFACE: self.announced()})
+            self.entry = object_entry(self.path, {JOB_INTERFACE: listed_only(self.announced())})
         return self.entry
 
     def marshalled_row(self) -> bytes:
@@ -133,7 +134,7 @@ class BusService:
         """Export the manager and every job and worker the manager already knows; watch callers."""
         self._bus = adopt(self._bus)
         for handler in (remember_call, self._answer_object_manager, self._answer_list_jobs,
-                        self._watch_name_owners):
+                        self._answer_job_get_all, self._watch_name_owners):
             self._bus.add_message_handler(handler)
             self._handlers.append(handler)
         self._manager_iface = ManagerInterface(self._manager, self._authorizer, self._commands)
@@ -178,6 +179,18 @@ class BusService:
         # or more per call, for anyone who asks.
         return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
                                  f"no object manager at {msg.path}; use {MANAGER_PATH}")
+
+    def _answer_job_get_all(self, msg: Message) -> Message | bool | None:
+        """A job's Properties.GetAll, without its explicit properties (dbus-fast's own answer has them all)."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "GetAll" or msg.interface != PROPERTIES
+                or msg.signature != "s" or msg.body[0] != JOB_INTERFACE):
+            return None
+        exported = self._job_paths.get(msg.path or "")
+        if exported is None:
+            return None     # dbus-fast says there is no such object
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True
+        return Message.new_method_return(msg, "a{sv}", [job_vardict(exported.job)])
 
     def _watch_name_owners(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -256,7 +269,7 @@ class BusService:
                 # Changes not yet announced: current values, leaving the cache as last announced.
                 objects[exported.path] = {JOB_INTERFACE: job_vardict(exported.job)}
             else:
-                objects[exported.path] = {JOB_INTERFACE: exported.announced()}
+                objects[exported.path] = {JOB_INTERFACE: listed_only(exported.announced())}
         for path, interface, _announced in self._workers.values():
             # Current values, as Properties.GetAll: heartbeats are not announced, and workers are few.
             objects[path] = {WORKER_INTERFACE: worker_vardict(interface.worker)}
@@ -298,9 +311,9 @@ class BusService:
     def job_added(self, job: Job) -> None:
         try:
             exported = self._export_job(job)
-            exported.vardict, exported.entry = job_vardict(job), None
+            exported.vardict, exported.entry = None, None
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
-                         [exported.path, {JOB_INTERFACE: exported.vardict}])
+                         [exported.path, {JOB_INTERFACE: listed_only(exported.announced())}])
             self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobNew", "so", [job.id, exported.path])
         except Exception:
             log.exception("exporting job %s failed", job.id)
@@ -370,7 +383,8 @@ class BusService:
         changed = {name: value for name, value in values.items() if cached.get(name) != value}
         if changed:
             cached.update(changed)
-            exported.entry = None
+            if not EXPLICIT_PROPERTIES.issuperset(changed):
+                exported.entry = None
         return changed
 
     def job_event(self, job: Job, event: Event) -> None:
