@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -572,6 +573,52 @@ def test_an_image_copy_cut_short_is_refused(tmp_path: Path, out: Path, fmt: str,
     run = run_worker(tmp_path / "v", {"operation": "validate", "image": {"path": str(source)}}, [out])
     assert run.returncode == 2 and run.result["error"]["code"] == "INVALID_IMAGE", run.log
     assert "the copy is incomplete" in run.result["error"]["message"], run.result["error"]
+
+
+def test_a_fixed_vhd_cut_short_is_refused_unless_declared_raw(tmp_path: Path, out: Path) -> None:
+    """A fixed VHD is a raw disk followed by its footer: cut short, it has none, and reads as a raw disk (with a
+    partition table) that lacks its end. Its name says what it was."""
+    raw = images.make_raw_with_data(tmp_path / "data.raw", 16 * MiB, 0.25, seed=8, partition_table=True)
+    source = images.make_image("vhd", "fixed", tmp_path / "cut.vhd", raw=raw)
+    os.truncate(source, source.stat().st_size - 4096)
+    for operation in ("convert", "validate"):
+        spec = convert_spec(source, out / "o.qcow2") if operation == "convert" else \
+            {"operation": "validate", "image": {"path": str(source)}}
+        run = run_worker(tmp_path / operation, spec, [out])
+        assert run.returncode == 2, run.log
+        error = run.result["error"]
+        assert error["code"] == "INVALID_IMAGE", error
+        assert "has no VHD footer" in error["message"] and "the copy is incomplete" in error["message"], error
+        assert leftovers(out) == []
+    # Said to be raw, it is converted as it is.
+    run = run_worker(tmp_path / "raw", convert_spec(source, out / "o.qcow2", fmt="raw"), [out])
+    assert run.returncode == 0, run.log
+    assert (out / "o.qcow2").exists()
+
+
+def test_a_split_vmdk_with_an_extent_file_cut_short_is_refused(tmp_path: Path, out: Path) -> None:
+    """A VMDK split into 2 GiB extent files (VMware Workstation's default) whose second file was cut within its
+    last grain: qemu-img check finds nothing wrong, and qemu would read the missing end as zeros."""
+    raw = tmp_path / "data.raw"
+    with open(raw, "wb") as f:      # sparse, with data in both extents
+        f.truncate(2048 * MiB + 16 * MiB)
+        for at, size in ((0, MiB), (2048 * MiB + MiB, 8 * MiB)):
+            f.seek(at)
+            f.write(random.Random(at).randbytes(size))
+    source = images.make_image("vmdk", "twoGbMaxExtentSparse", tmp_path / "split.vmdk", raw=raw)
+    extents = sorted(tmp_path.glob("split-s*.vmdk"))
+    assert [p.name for p in extents] == ["split-s001.vmdk", "split-s002.vmdk"]
+    validate = {"operation": "validate", "image": {"path": str(source)}}
+    intact = run_worker(tmp_path / "i", validate, [out])
+    assert intact.returncode == 0, intact.log
+    os.truncate(extents[1], extents[1].stat().st_size - 4096)
+    for run in (run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out]),
+                run_worker(tmp_path / "v", validate, [out])):
+        assert run.returncode == 2, run.log
+        error = run.result["error"]
+        assert error["code"] == "INVALID_IMAGE", error
+        assert "split-s002.vmdk" in error["message"] and "the copy is incomplete" in error["message"], error
+    assert leftovers(out) == []
 
 
 def test_the_cut_short_check_reads_only_the_file_that_was_vetted(lib: Path, tmp_path: Path) -> None:

@@ -449,15 +449,48 @@ def refuse_incomplete(disk: Disk, checked: qemuimg.CheckResult | None, identitie
         needed = qemuimg.data_end(ref) if end > present else 0
     elif ref.format == "vmdk":
         # A sparse VMDK's file holds whole grains: one ending within a grain may have been cut there, and only
-        # then is qemu's map asked. Only a single-file one, whose map offsets are in the image's own file.
+        # then is qemu's map asked.
         extents = ((info.get("format-specific") or {}).get("data") or {}).get("extents") or []
         single = len(extents) == 1 and extents[0].get("filename") == info.get("filename")
+        if not single and ref.offset is None:
+            _refuse_cut_extent(ref, label, extents, identities)
+            return
         grain = int(extents[0].get("cluster-size") or 0) if single and not extents[0].get("compressed") else 0
         needed = qemuimg.data_end(ref) if grain and present % grain else 0
     if needed > present:
         tables = {"vdi": "block map places", "qcow2": "cluster tables place", "vmdk": "grain tables place"}
         raise _invalid(f"{label} ({ref.describe()}) holds {present} bytes where its {tables[ref.format]} data up to "
                        f"byte {needed}: the copy is incomplete")
+
+
+def _refuse_cut_extent(ref: ImageRef, label: str, extents: list[dict[str, Any]], identities: list[FileIdentity]
+                       ) -> None:
+    """refuse_incomplete() of a VMDK whose descriptor names its extent files: a split one (twoGbMaxExtentSparse,
+    VMware Workstation's default) has one sparse extent file per 2 GiB, each of whole grains."""
+    directory = os.path.dirname(ref.path)
+    sizes: list[int] = []
+    suspects: dict[int, tuple[str, int]] = {}     # extent index -> (file, its size), for those ending mid-grain
+    for index, extent in enumerate(extents):
+        sizes.append(int(extent.get("virtual-size") or 0))
+        grain = int(extent.get("cluster-size") or 0)
+        if extent.get("format") != "SPARSE" or not grain or extent.get("compressed"):
+            continue
+        path = os.path.abspath(os.path.join(directory, str(extent.get("filename") or "")))
+        fd = _reopen(path, identities)
+        try:
+            present = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if present % grain:
+            suspects[index] = (path, present)
+    if not suspects:
+        return
+    needed = qemuimg.extent_data_ends(ref, sizes)
+    for index, (path, present) in suspects.items():
+        if needed[index] > present:
+            raise _invalid(f"{label} ({ref.describe()}): its extent file {os.path.basename(path)} holds {present} "
+                           f"bytes where its grain tables place data up to byte {needed[index]}: the copy is "
+                           "incomplete")
 
 
 # Block map entries from this value on (discarded, unallocated) place no block in the file.
@@ -825,6 +858,11 @@ def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
     if probed != "raw":
         raise OperationError("UNSUPPORTED", f"{path} is a {probed} image, which h2kd does not convert "
                              "(supported: VMDK, VHD, VHDX, VDI, qcow2, raw, OVA, OVF, VMX)")
+    if declared != "raw" and path.lower().endswith(".vhd"):
+        # A fixed VHD is a raw disk and its footer, in its last 512 bytes: cut short, it is a raw disk without
+        # its end, and converting it would lose that end.
+        raise _invalid(f"{path} is named as a VHD but has no VHD footer, which a fixed VHD ends with: the copy is "
+                       "incomplete (if it is a raw disk, give image.format \"raw\")")
     if declared == "raw" or _has_partition_table(head):
         return "raw"
     raise _invalid(f"{path} is not a disk image: its content matches none of VMDK, VHD, VHDX, VDI, qcow2, OVA, "

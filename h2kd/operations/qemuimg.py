@@ -12,13 +12,15 @@ every operation module sits on top of this one.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
 import signal
 import subprocess
 import threading
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 QEMU_IMG = os.environ.get("H2K_QEMU_IMG", "qemu-img")
 QEMU_IO = os.environ.get("H2K_QEMU_IO", "qemu-io")
@@ -211,8 +213,25 @@ def data_end(image: ImageRef) -> int:
     """Where the data `qemu-img map` places in the image's own file ends: the file must hold at least this many
     bytes. Ranges qemu gives no offset for (compressed clusters) and those of backing files (depth > 0) do not
     count; zero ones do, as qemu calls zero what it would read past the end of the file."""
-    return max((int(e["offset"]) + int(e["length"]) for e in _map_entries(image)
-                if e.get("data") and "offset" in e and not e.get("depth")), default=0)
+    return extent_data_ends(image, (1 << 64,))[0]
+
+
+def extent_data_ends(image: ImageRef, extent_sizes: Sequence[int]) -> list[int]:
+    """data_end() of each file of an image made of extents (a split VMDK) whose virtual sizes are
+    `extent_sizes`, in order: a range's offset is in the file of the extent its start falls in. (A range
+    running on into the next extent can only have been merged by qemu-img because its offsets go on there.)"""
+    starts = list(itertools.accumulate(extent_sizes, initial=0))[:-1]
+    ends = [0] * len(extent_sizes)
+    for entry in _map_entries(image):
+        if not entry.get("data") or "offset" not in entry or entry.get("depth"):
+            continue
+        start, length, offset = int(entry["start"]), int(entry["length"]), int(entry["offset"])
+        index = bisect.bisect_right(starts, start) - 1
+        while length > 0 and 0 <= index < len(extent_sizes):
+            part = min(length, starts[index] + extent_sizes[index] - start)
+            ends[index] = max(ends[index], offset + part)
+            start, offset, length, index = start + part, offset + part, length - part, index + 1
+    return ends
 
 
 def _map_entries(image: ImageRef) -> Iterator[dict[str, Any]]:
