@@ -5,7 +5,9 @@ virt-xml-validate is installed) libvirt's own schema."""
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -431,3 +433,48 @@ def test_a_plain_windows_disk_gets_the_memory_and_cpus_windows_needs() -> None:
     assert root.findtext("memory") == "4096" and root.findtext("vcpu") == "2"
     linux = parsed(domain.domain_xml(inspect.Source("disk", "/srv/l.vhdx", "vhdx", [], None), OUT[:1], "qcow2"))
     assert linux.findtext("memory") == "1024" and linux.findtext("vcpu") == "1"
+
+
+_ESP, _MSR, _LINUX = (uuid.UUID(u).bytes_le for u in ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                                                      "E3C9E316-0B5C-4DB8-817D-F92DF00215AE",
+                                                      "0FC63DAF-8483-4772-8E79-3D69D8477DE4"))
+
+
+def gpt_head(sector: int, *types: bytes) -> bytes:
+    """A disk's first DISK_HEAD_BYTES: a protective MBR and a GPT on `sector`-byte sectors, its header in sector 1
+    and its entries from sector 2, one partition of each type."""
+    head = bytearray(domain.DISK_HEAD_BYTES)
+    head[510:512] = b"\x55\xaa"
+    head[sector:sector + 8] = b"EFI PART"
+    struct.pack_into("<QII", head, sector + 72, 2, 128, 128)
+    for index, kind in enumerate(types):
+        head[2 * sector + 128 * index:2 * sector + 128 * index + 16] = kind
+    return bytes(head)
+
+
+@pytest.mark.parametrize("types, windows", [((_ESP, _LINUX), False), ((_ESP, _MSR), True)], ids=["linux", "windows"])
+def test_a_plain_disk_on_4k_sectors_gets_them_on_virtio(tmp_path: Path, types: tuple[bytes, ...],
+                                                         windows: bool) -> None:
+    """A VHDX made with 4 KiB logical sectors holds a GPT laid out on them: with QEMU's default 512-byte sectors
+    the guest would find no partition table. SATA disks cannot have 4 KiB ones, so Windows is on virtio too."""
+    plain = inspect.Source("disk", "/srv/gen2.vhdx", "vhdx", [object()], None)  # type: ignore[list-item]
+    for sector in (512, 4096):
+        xml = domain.domain_xml(plain, ["/out/gen2.qcow2"], "qcow2", gpt_head(sector, *types))
+        root = parsed(xml)
+        assert root.find("os").get("firmware") == "efi"                       # type: ignore[union-attr]
+        [disk] = root.findall("./devices/disk")
+        blockio = disk.find("blockio")
+        if sector == 512:
+            assert blockio is None
+            assert disks(root)[0]["bus"] == ("sata" if windows else "virtio")
+            continue
+        assert blockio is not None and blockio.attrib == {"logical_block_size": "4096",
+                                                          "physical_block_size": "4096"}, xml
+        assert disks(root) == [{"file": "/out/gen2.qcow2", "dev": "vda", "bus": "virtio", "boot": "1"}]
+        assert any("4 KiB sectors" in c and "virtio-win" in c for c in comments(root)) == windows
+        assert nics(root) == [(None, "e1000e" if windows else "virtio")]
+        if shutil.which("virt-xml-validate"):
+            (tmp_path / "domain.xml").write_text(xml)
+            run = subprocess.run(["virt-xml-validate", str(tmp_path / "domain.xml"), "domain"], capture_output=True,
+                                 text=True)
+            assert run.returncode == 0, run.stdout + run.stderr + xml

@@ -19,7 +19,10 @@ The domain boots the guest on KVM the way it booted before:
     socket a CPU, leaves Windows client editions two of them;
   - the machine is q35, with UEFI (firmware='efi') or BIOS as the VM had; memory, CPUs and MAC addresses
     come from the facts too. A plain disk (a VHDX of a Hyper-V generation 2 VM, say) brings no facts: its
-    boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts).
+    boot disk's partition table tells the firmware and whether it holds Windows (see disk_facts);
+  - a plain disk whose GPT is laid out on 4 KiB sectors (a Hyper-V VHDX made with 4 KiB logical sectors) is
+    given them (<blockio>) on virtio, also for Windows: QEMU's SATA and IDE disks have 512-byte sectors only,
+    and the guest would find no partition table there.
 """
 
 from __future__ import annotations
@@ -85,17 +88,20 @@ _WINDOWS_BY_TABLE = "Windows (by its partition table)"
 _LEGACY_WINDOWS_BY_TABLE = "Windows XP or 2003 (by its partition table)"
 
 
+def _gpt_sector(head: bytes) -> int | None:
+    """The sector size a GPT in `head` is laid out on (its header is in sector 1), None if there is none."""
+    return next((sector for sector in (512, 4096) if head[sector:sector + 8] == b"EFI PART"
+                 and len(head) >= sector + 92), None)
+
+
 def _gpt_types(head: bytes) -> list[bytes] | None:
     """The type GUIDs of a GPT's partitions (512-byte or 4 KiB sectors), None if `head` holds no GPT."""
-    for sector in (512, 4096):
-        header = head[sector:sector + 92]
-        if len(header) < 92 or not header.startswith(b"EFI PART"):
-            continue
-        entries_lba, count, size = struct.unpack_from("<QII", header, 72)
-        start = entries_lba * sector
-        return [head[start + index * size:start + index * size + 16]
-                for index in range(min(count, 128)) if size >= 16]
-    return None
+    sector = _gpt_sector(head)
+    if sector is None:
+        return None
+    entries_lba, count, size = struct.unpack_from("<QII", head, sector + 72)
+    start = entries_lba * sector
+    return [head[start + index * size:start + index * size + 16] for index in range(min(count, 128)) if size >= 16]
 
 
 def firmware_of_disk(head: bytes) -> str | None:
@@ -121,7 +127,10 @@ def disk_facts(head: bytes) -> dict[str, Any]:
             if entry[0] == 0x80 and entry[4] == 0x07:
                 first = struct.unpack_from("<I", entry, 8)[0]
                 guest_os = _LEGACY_WINDOWS_BY_TABLE if first == 63 else _WINDOWS_BY_TABLE
-    return {"firmware": firmware_of_disk(head) or "bios", "guest_os": guest_os}
+    facts = {"firmware": firmware_of_disk(head) or "bios", "guest_os": guest_os}
+    if types is not None and _gpt_sector(head) == 4096:
+        facts["sector_size"] = 4096
+    return facts
 
 
 def boot_index(source: inspect.Source, count: int) -> int:
@@ -224,11 +233,18 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
+    sector_4k = vm.get("sector_size") == 4096        # known of the boot disk of a plain disk source only
+    if sector_4k and windows:
+        lines.append("    <!-- The boot disk has 4 KiB sectors, which QEMU's SATA and IDE disks cannot give: it is on "
+                     "virtio, which Windows boots from only with the virtio-win drivers installed. -->")
     for index, path in enumerate(disk_paths):
-        target = _target(index, boot, windows, legacy)
+        blockio = sector_4k and index == boot
+        target = f"dev='{disk_name('vd', index)}' bus='virtio'" if blockio else _target(index, boot, windows, legacy)
         lines += ["    <disk type='file' device='disk'>",
                   f"      <driver name='qemu' type={q(disk_format)}/>",
                   f"      <source file={q(path)}/>", f"      <target {target}/>"]
+        if blockio:
+            lines.append("      <blockio logical_block_size='4096' physical_block_size='4096'/>")
         if index == boot:
             lines.append("      <boot order='1'/>")
         lines.append("    </disk>")
