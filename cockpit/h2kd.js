@@ -517,8 +517,8 @@ function renderDetails() {
     errorBox.textContent = code ? cockpit.format("$0: $1", code, message) : message;
 
     const result = prettyJson(job.Result);
-    $("details-result").textContent = result || _("No result yet.");
-    $("details-spec").textContent = prettyJson(job.Spec);
+    $("details-result").textContent = job.ResultWithheld || result || _("No result yet.");
+    $("details-spec").textContent = job.SpecWithheld || prettyJson(job.Spec);
 }
 
 function detailsChanged(job) {
@@ -633,19 +633,21 @@ function loadHistoryAndJournal() {
     loadSpecAndResult(job);
 }
 
+// Another user's job's Result is for its owner and administrators: h2kd refuses it to others, and says why.
 function loadSpecAndResult(job) {
     const path = job.path;
     const connection = client;
     return Promise.all(EXPLICIT_JOB_PROPERTIES.map(name =>
-        connection.call(path, PROPERTIES_IFACE, "Get", [JOB_IFACE, name], { type: "ss" }))).then(replies => {
+        connection.call(path, PROPERTIES_IFACE, "Get", [JOB_IFACE, name], { type: "ss" })
+                .then(([value]) => ({ value: value.v }), e => ({ error: errorText(e) })))).then(replies => {
         if (connection !== client || jobs[path] !== job)
             return;
-        EXPLICIT_JOB_PROPERTIES.forEach((name, i) => { job[name] = replies[i][0].v; });
+        EXPLICIT_JOB_PROPERTIES.forEach((name, i) => {
+            job[name] = replies[i].value;
+            job[name + "Withheld"] = replies[i].error;
+        });
         if (path === selectedPath)
             renderDetails();
-    }).catch(e => {
-        if (path === selectedPath)
-            $("details-spec").textContent = errorText(e);
     });
 }
 

@@ -24,6 +24,16 @@ MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
 JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
 # Job properties that GetAll leaves out (annotated Explicit in dbus/org.hyper2kvm.h2kd1.Job.xml): read with Get.
 JOB_EXPLICIT_PROPERTIES = ("Spec", "Result")
+
+
+class Withheld:
+    """A property h2kd would not give the caller (another user's job's Result): why, in h2kd's words."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Withheld({self.reason!r})"
 WORKER_IFACE = "org.hyper2kvm.h2kd1.Worker"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
@@ -334,11 +344,21 @@ class Client:
         return path
 
     async def read_job(self, path: str, explicit: tuple[str, ...] = JOB_EXPLICIT_PROPERTIES) -> dict[str, Any]:
-        """A job's properties: GetAll's, and those of `explicit` (read one by one, at the same time)."""
+        """A job's properties: GetAll's, and those of `explicit` (read one by one, at the same time); one the
+        caller may not read is a Withheld."""
         props, *values = await asyncio.gather(self.get_all(path, JOB_IFACE),
-                                              *(self.get_property(path, JOB_IFACE, name) for name in explicit))
+                                              *(self.get_job_property(path, name) for name in explicit))
         props.update(zip(explicit, values))
         return props
+
+    async def get_job_property(self, path: str, name: str) -> Any:
+        """One property of a job, or a Withheld if h2kd does not give it to the caller."""
+        try:
+            return await self.get_property(path, JOB_IFACE, name)
+        except CtlError as e:
+            if e.code != ExitCode.NOT_AUTHORIZED:
+                raise
+            return Withheld(str(e).split(": ", 1)[-1])
 
     async def job_properties(self, job_id: str, explicit: tuple[str, ...] = JOB_EXPLICIT_PROPERTIES
                              ) -> dict[str, Any]:

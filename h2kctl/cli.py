@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from h2kd import __version__
 from h2kctl import schema
-from h2kctl.bus import JOB_IFACE, Client, shown, text_problem, to_vardict
+from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
 from h2kctl.follow import (TERMINAL, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all)
@@ -482,6 +482,8 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
     if job["result"]:
         b.write("\nResult:\n")
         nested(job["result"], b, 1)
+    elif isinstance(props.get("Result"), Withheld):
+        b.write(f"\nResult: {props['Result'].reason}\n")
     page(b.getvalue(), out.pager)
     return ExitCode.SUCCESS
 
@@ -503,6 +505,11 @@ def _first_line(text: str) -> str:
 async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
     props = await client.job_properties(args.job)
     wanted = _split_multi(args.property)
+    withheld = {name: value for name, value in props.items() if isinstance(value, Withheld)}
+    if any(name in withheld for name in wanted):
+        name = next(name for name in wanted if name in withheld)
+        raise CtlError(f"not authorized to read {name}: {withheld[name].reason}", ExitCode.NOT_AUTHORIZED)
+    props = {name: value for name, value in props.items() if name not in withheld}
     if wanted:
         unknown = [w for w in wanted if w not in props]
         if unknown:

@@ -60,6 +60,8 @@ def final_message(props: dict[str, Any]) -> str:
 
 def _written_paths(result_text: Any) -> list[str]:
     """The files a completed convert wrote (its Output may name only their directory), from its Result."""
+    if not isinstance(result_text, str):    # withheld from the caller: another user's job
+        return []
     try:
         outputs = json.loads(result_text or "{}").get("outputs") or {}
     except (ValueError, AttributeError):
@@ -318,7 +320,7 @@ async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str,
             try:
                 snapshot = await client.read_job(path, explicit=())
                 if snapshot.get("State") in TERMINAL:   # its outputs, for its final message
-                    snapshot["Result"] = await client.get_property(path, JOB_IFACE, "Result")
+                    snapshot["Result"] = await client.get_job_property(path, "Result")
             except CtlError as e:
                 if e.code == ExitCode.UNREACHABLE:
                     raise

@@ -27,7 +27,8 @@ def _json_object(text: str) -> Any:
 def job(props: dict[str, Any], path: str = "", history: list[dict] | None = None) -> dict[str, Any]:
     """A job as `status --json`, `submit --json` and `inspect --json` (under "job") print it."""
     code, message = props.get("Error", ("", "")) or ("", "")
-    result = _json_object(props.get("Result", ""))
+    result = props.get("Result", "")
+    result = _json_object(result) if isinstance(result, str) else None    # not a str: withheld from the caller
     out = {
         "id": props["Id"],
         "path": path,

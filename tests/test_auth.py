@@ -35,6 +35,7 @@ from h2kd.bus.auth import (
     ACTION_CANCEL_OTHER_USER,
     ACTION_FIX_GUEST,
     ACTION_MANAGE,
+    ACTION_READ_OTHER_USER,
     ACTION_REGISTER_WORKER,
     ACTION_SUBMIT,
     Authority,
@@ -48,7 +49,7 @@ JOB_IFACE = BUS_NAME + ".Job"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 ALL_ACTIONS = (ACTION_SUBMIT, ACTION_CANCEL, ACTION_CANCEL_OTHER_USER, ACTION_MANAGE, ACTION_REGISTER_WORKER,
-               ACTION_FIX_GUEST)
+               ACTION_FIX_GUEST, ACTION_READ_OTHER_USER)
 
 
 # ---- users, directories, processes -------------------------------------------------------------
@@ -782,6 +783,41 @@ def test_a_source_replaced_after_submission_is_refused_by_the_worker(stack, shar
     assert _job_property(stack, job_path, "State") == "(<'failed'>,)"
     error = _job_property(stack, job_path, "Error")
     assert "SOURCE_CHANGED" in error and "replaced after the job was submitted" in error, error
+
+
+@pytest.mark.stack
+def test_a_jobs_result_is_for_its_owner_root_and_administrators(stack, users, shared_dir, submitted):
+    """What a job found (here the facts of an image only its owner may read) is not for every local user: the
+    others get AccessDenied for its Result, and still see the rest of the job."""
+    private = shared_dir / "alice-only"
+    private.mkdir(mode=0o700)
+    _owned_by(private, users[ALICE], 0o700)
+    image = private / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "3G"], check=True)
+    _owned_by(image, users[ALICE], 0o600)
+    job_id, result = _submit(stack, submitted, ALICE, image)
+    assert result.returncode == 0, result.stderr
+    started = _gdbus(stack, ALICE, MANAGER_PATH, MANAGER_IFACE + ".StartJob", job_id)
+    assert started.returncode == 0, started.stderr
+    job_path = _job_path(stack, job_id)
+    deadline = time.monotonic() + 60
+    while _job_property(stack, job_path, "State") != "(<'completed'>,)":
+        assert time.monotonic() < deadline, _job_property(stack, job_path, "Error")
+        time.sleep(0.2)
+
+    def result_as(user: str | None) -> subprocess.CompletedProcess[str]:
+        return _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "Result")
+    for user in (ALICE, None):
+        read = result_as(user)
+        assert read.returncode == 0, read.stderr
+        assert "3221225472" in read.stdout and "disk.qcow2" in read.stdout, read.stdout   # the report
+    for user in (CAROL, BOB):
+        refused = result_as(user)
+        assert _error_name(refused) == ACCESS_DENIED, refused.stderr
+        assert f"the result of job {job_id} is for its owner (uid {users[ALICE].pw_uid})" in refused.stderr
+        assert "3221225472" not in refused.stdout + refused.stderr
+        state = _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "State")
+        assert state.stdout.strip() == "(<'completed'>,)", state.stderr
 
 
 @pytest.mark.stack

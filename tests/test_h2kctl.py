@@ -783,6 +783,24 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
     assert pwd.getpwnam(plain_user).pw_uid != 0
 
 
+def test_another_users_result_is_withheld_and_said_so(env, images, plain_user):
+    """What root's job found is root's: another user sees the job, and is told the result is not theirs."""
+    inspected = json.loads(ok(h2kctl(env, "inspect", "--json", str(images["vmdk"]), timeout=120)).stdout)
+    job_id = inspected["job"]["id"]
+    by_root = ok(h2kctl(env, "--no-pager", "status", job_id)).stdout
+    assert "Result:" in by_root and "virtual" in by_root, by_root
+    withheld = f"the result of job {job_id} is for its owner (uid 0) and administrators to read"
+    text = ok(h2kctl(env, "--no-pager", "status", job_id, user=plain_user)).stdout
+    assert "State:" in text or "completed" in text, text
+    assert f"Result: {withheld}" in text and "virtual" not in text, text
+    as_json = json.loads(ok(h2kctl(env, "status", "--json", job_id, user=plain_user)).stdout)
+    assert as_json["state"] == "completed" and as_json["result"] is None and as_json["spec"]["job_id"] == job_id
+    shown = ok(h2kctl(env, "--no-pager", "show", job_id, user=plain_user)).stdout.splitlines()
+    assert "State=completed" in shown and not any(line.startswith("Result=") for line in shown), shown
+    refused = h2kctl(env, "show", job_id, "-p", "Result", user=plain_user)
+    assert refused.returncode == 5 and refused.stderr.strip() == f"h2kctl: not authorized to read Result: {withheld}"
+
+
 def test_escaped_cells_and_bars_keep_their_columns_and_width():
     """What is escaped is measured as shown: a table's columns stay aligned, and a progress bar stays one line."""
     import io

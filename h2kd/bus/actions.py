@@ -1,5 +1,8 @@
 """Job commands reachable from both Manager and Job objects, each behind its polkit action.
 
+Reading a job's Result is for its owner, root, and callers polkit grants ...read-other-user without asking (a read
+never prompts); everything else about a job is for anyone to read.
+
 Submitting needs ...submit; a job that repairs a guest needs ...fix-guest instead, and one that asks for a priority
 more urgent than the default needs ...manage as well, as changing a job's priority does: otherwise any submitter
 could put their jobs ahead of everyone's. Cancelling, retrying or starting one's own job needs ...cancel; another
@@ -13,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from h2kd.bus.base import Authorizer
-from h2kd.errors import InvalidState
+from h2kd.errors import InteractiveAuthorizationRequired, InvalidState, NotAuthorized
 from h2kd.model.repair import fixes_guest
 from h2kd.model.spec import DEFAULT_PRIORITY
 
@@ -46,6 +49,22 @@ class JobCommands:
                 await self._auth.check("fix-guest", details)
             if self._manager.get(job_id) is job:
                 return
+        raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
+                           "try again")
+
+    async def read_result(self, job_id: str, result_of: Any) -> Any:
+        """result_of(job) for the caller, if they may read the job's result (see the module docstring)."""
+        for _ in range(MAX_AUTHORIZATIONS):
+            job = self._manager.get(job_id)
+            if await self._auth.caller_uid() not in (0, job.owner):
+                try:
+                    await self._auth.check("read-other-user", {"job_id": job_id, "owner": str(job.owner)},
+                                           interactive=False)
+                except (NotAuthorized, InteractiveAuthorizationRequired):
+                    raise NotAuthorized(f"the result of job {job_id} is for its owner (uid {job.owner}) and "
+                                        "administrators to read") from None
+            if self._manager.get(job_id) is job:
+                return result_of(job)
         raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
                            "try again")
 

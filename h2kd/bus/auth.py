@@ -34,6 +34,7 @@ ACTION_CANCEL_OTHER_USER = "org.hyper2kvm.h2kd1.cancel-other-user"
 ACTION_MANAGE = "org.hyper2kvm.h2kd1.manage"
 ACTION_REGISTER_WORKER = "org.hyper2kvm.h2kd1.register-worker"
 ACTION_FIX_GUEST = "org.hyper2kvm.h2kd1.fix-guest"
+ACTION_READ_OTHER_USER = "org.hyper2kvm.h2kd1.read-other-user"
 
 # What the caller was trying to do, as the end of "Not authorized to ...".
 _ACTION_WORDS = {
@@ -43,6 +44,7 @@ _ACTION_WORDS = {
     ACTION_MANAGE: "manage the conversion queue",
     ACTION_REGISTER_WORKER: "register a worker",
     ACTION_FIX_GUEST: "repair a guest operating system (its own programs run as root)",
+    ACTION_READ_OTHER_USER: "read the results of another user's jobs",
 }
 
 _DBUS = "org.freedesktop.DBus"

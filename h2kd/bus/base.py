@@ -3,8 +3,9 @@
 dbus-fast names method in-arguments after the Python parameters but leaves out-arguments and
 signal arguments unnamed; the interface XML in dbus/ names them, so each interface lists those
 names (OUT_ARG_NAMES, SIGNAL_ARG_NAMES) and introspect() fills them in, with the EmitsChangedSignal
-annotation of properties that change unannounced (UNANNOUNCED_PROPERTIES) and sd-bus's Explicit annotation
-of properties read with Get only (EXPLICIT_PROPERTIES; busctl knows it).
+annotation of properties that change unannounced (UNANNOUNCED_PROPERTIES) or are announced by name only
+(INVALIDATED_PROPERTIES), and sd-bus's Explicit annotation of properties read with Get only
+(EXPLICIT_PROPERTIES; busctl knows it).
 Properties are declared from one table per interface (add_read_properties), so the getters, the
 PropertiesChanged payloads and GetManagedObjects all read the same values.
 """
@@ -29,6 +30,8 @@ class ApiInterface(ServiceInterface):
     UNANNOUNCED_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
     # Properties left out of GetAll and GetManagedObjects (read them one by one with Get).
     EXPLICIT_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
+    # Properties whose changes PropertiesChanged names without their values (read them when needed).
+    INVALIDATED_PROPERTIES: ClassVar[frozenset[str]] = frozenset()
 
     def introspect(self):  # type: ignore[override]
         interface = super().introspect()
@@ -43,6 +46,8 @@ class ApiInterface(ServiceInterface):
         for prop in interface.properties:
             if prop.name in self.UNANNOUNCED_PROPERTIES:
                 prop.annotations[EMITS_CHANGED_SIGNAL] = "false"
+            elif prop.name in self.INVALIDATED_PROPERTIES:
+                prop.annotations[EMITS_CHANGED_SIGNAL] = "invalidates"
             if prop.name in self.EXPLICIT_PROPERTIES:
                 prop.annotations[EXPLICIT] = "true"
         return interface
@@ -70,9 +75,11 @@ class Authorizer:
     def __init__(self, authority: Any):
         self._authority = authority
 
-    async def check(self, action: str, details: dict[str, str] | None = None) -> None:
+    async def check(self, action: str, details: dict[str, str] | None = None, interactive: bool = True) -> None:
+        """interactive=False: never ask the caller's agent, whatever the call allows."""
         caller = current_caller()
-        await self._authority.check(caller.sender, ACTION_PREFIX + action, caller.allow_interactive, details)
+        await self._authority.check(caller.sender, ACTION_PREFIX + action, interactive and caller.allow_interactive,
+                                    details)
 
     async def caller_uid(self) -> int:
         return await self._authority.caller_uid(current_caller().sender)

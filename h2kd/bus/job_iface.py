@@ -23,6 +23,11 @@ MAX_EVENTS_PER_CALL = 1000
 
 JOB_INTERFACE = BUS_NAME + ".Job"
 
+
+def result_text(job: Job) -> str:
+    return json.dumps(job.result, sort_keys=True) if job.result else "{}"
+
+
 # D-Bus property -> (signature, value from the Job record). The one place these are defined.
 JOB_PROPERTIES: dict[str, tuple[str, Any]] = {
     "Id": ("s", lambda j: j.id),
@@ -47,7 +52,7 @@ JOB_PROPERTIES: dict[str, tuple[str, Any]] = {
     "Output": ("s", lambda j: j.output),
     "WaitReason": ("s", lambda j: j.wait_reason),
     "Spec": ("s", lambda j: j.spec_text),
-    "Result": ("s", lambda j: json.dumps(j.result, sort_keys=True) if j.result else "{}"),
+    "Result": ("s", result_text),
     "Error": ("(ss)", lambda j: [j.error_code, j.error_message]),
     "Cancelable": ("b", lambda j: bool(j.cancelable)),
 }
@@ -83,6 +88,10 @@ PROGRESS_FIELDS = frozenset({"progress", "progress_known", "bytes_done", "bytes_
 # They are large (a spec is ~420 bytes of JSON, a result up to 64 KiB): with 10,000 jobs the Spec alone was
 # a third of GetManagedObjects' 13 MB, which dbus-daemon relays 2 KiB at a time; listings need neither.
 EXPLICIT_PROPERTIES = frozenset({"Spec", "Result"})
+# What a job's worker found (a VM's facts, a repaired guest's changes) comes from files other users may not read:
+# the Result is read only through h2kd.bus.actions.JobCommands.read_result, and a change of it is announced by
+# name, without its value.
+PRIVATE_PROPERTIES = frozenset({"Result"})
 LISTED_PROPERTIES = tuple(name for name in JOB_PROPERTIES if name not in EXPLICIT_PROPERTIES)
 
 
@@ -106,6 +115,7 @@ def job_vardict(job: Job, names: Any = None) -> dict[str, Variant]:
 
 class JobInterface(ApiInterface):
     EXPLICIT_PROPERTIES = EXPLICIT_PROPERTIES
+    INVALIDATED_PROPERTIES = PRIVATE_PROPERTIES
     OUT_ARG_NAMES = {"GetEvents": ("events",)}
     SIGNAL_ARG_NAMES = {
         "StateChanged": ("state", "reason"),

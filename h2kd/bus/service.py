@@ -41,8 +41,9 @@ from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import Authorizer
 from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
-from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, JOB_PROPERTIES, PROGRESS_FIELDS,
-                                PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only, reported_progress)
+from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, JOB_PROPERTIES, PRIVATE_PROPERTIES,
+                                PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only,
+                                reported_progress, result_text)
 from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
                                     list_row, listed_jobs)
 from h2kd.bus.paths import job_path, worker_path
@@ -127,6 +128,7 @@ class BusService:
         self._manager_iface: ManagerInterface | None = None
         self._manager_pending = _Pending()
         self._handlers: list[Any] = []
+        self._replies: set[asyncio.Task] = set()       # answers being worked out (a reference keeps each alive)
 
     # ------------------------------------------------------------------ setup
 
@@ -134,7 +136,7 @@ class BusService:
         """Export the manager and every job and worker the manager already knows; watch callers."""
         self._bus = adopt(self._bus)
         for handler in (remember_call, self._answer_object_manager, self._answer_list_jobs,
-                        self._answer_job_get_all, self._watch_name_owners):
+                        self._answer_job_get_all, self._answer_job_result, self._watch_name_owners):
             self._bus.add_message_handler(handler)
             self._handlers.append(handler)
         self._manager_iface = ManagerInterface(self._manager, self._authorizer, self._commands)
@@ -156,6 +158,8 @@ class BusService:
             except Exception:
                 pass
         self._handlers.clear()
+        for task in self._replies:
+            task.cancel()
 
     async def _add_match(self, rule: str) -> None:
         reply = await self._bus.call(Message(destination=DBUS_DAEMON, path="/org/freedesktop/DBus",
@@ -191,6 +195,30 @@ class BusService:
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         return Message.new_method_return(msg, "a{sv}", [job_vardict(exported.job)])
+
+    def _answer_job_result(self, msg: Message) -> bool | None:
+        """A job's Properties.Get of Result, answered once the caller is found to be allowed it (dbus-fast's own
+        answer would give it to anyone)."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "Get" or msg.interface != PROPERTIES
+                or msg.signature != "ss" or msg.body[0] != JOB_INTERFACE or msg.body[1] not in PRIVATE_PROPERTIES):
+            return None
+        exported = self._job_paths.get(msg.path or "")
+        if exported is None:
+            return None     # dbus-fast says there is no such object
+        task = asyncio.get_running_loop().create_task(self._send_result(msg, exported.job.id))  # sees the caller
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+        return True
+
+    async def _send_result(self, call: Message, job_id: str) -> None:
+        try:
+            text = await self._commands.read_result(job_id, result_text)
+            reply = Message.new_method_return(call, "v", [Variant("s", text)])
+        except Exception as exc:
+            error = to_dbus_error(exc, "Get")
+            reply = Message.new_error(call, error.type, error.text)
+        if not call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self._signal_or_reply(reply)
 
     def _watch_name_owners(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -278,17 +306,24 @@ class BusService:
     # ------------------------------------------------------------------ sending
 
     def _signal(self, path: str, interface: str, member: str, signature: str, body: list[Any]) -> None:
+        self._signal_or_reply(Message.new_signal(path, interface, member, signature, body))
+
+    def _signal_or_reply(self, message: Message) -> None:
         try:
-            future = self._bus.send(Message.new_signal(path, interface, member, signature, body))
+            future = self._bus.send(message)
         except Exception as exc:  # disconnected: nothing to tell anyone
-            log.debug("cannot send %s.%s: %s", interface, member, exc)
+            log.debug("cannot send %s.%s: %s", message.interface, message.member, exc)
             return
         if future is not None:
             future.add_done_callback(_consume)
 
     def _properties_changed(self, path: str, interface: str, values: dict[str, Variant]) -> None:
-        if values:
-            self._signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, values, []])
+        """PropertiesChanged of `values`; a job's PRIVATE_PROPERTIES only by name, in the invalidated list."""
+        private = PRIVATE_PROPERTIES if interface == JOB_INTERFACE else frozenset()
+        named = sorted(name for name in values if name in private)
+        given = {name: value for name, value in values.items() if name not in private}
+        if given or named:
+            self._signal(path, PROPERTIES, "PropertiesChanged", "sa{sv}as", [interface, given, named])
 
     # ------------------------------------------------------------------ jobs
 
