@@ -13,7 +13,8 @@ What it sends:
   answered from the job records, each job's part of the reply kept marshalled until the job's
   announced properties change (h2kd.bus.premarshal), so a call with 10,000 jobs only joins bytes;
   InterfacesAdded/InterfacesRemoved are sent from that path (not from the object's). A job's explicit
-  properties (Spec, Result) are left out of both, and of its Properties.GetAll (answered here too).
+  properties (Spec, Result) are left out of both, and of its Properties.GetAll (answered here too); its
+  Result is given only to those h2kd.bus.actions lets read it, and PropertiesChanged only names it.
 - ListJobs is answered the same way, from each job's row kept marshalled until the row's values change.
 - Job PropertiesChanged and Job.Progress are coalesced per job to one per
   config.property_coalesce_seconds; urgent changes (state changes, final updates) flush at once.
@@ -218,7 +219,7 @@ class BusService:
             error = to_dbus_error(exc, "Get")
             reply = Message.new_error(call, error.type, error.text)
         if not call.flags & MessageFlag.NO_REPLY_EXPECTED:
-            self._signal_or_reply(reply)
+            self._send(reply)
 
     def _watch_name_owners(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -306,9 +307,9 @@ class BusService:
     # ------------------------------------------------------------------ sending
 
     def _signal(self, path: str, interface: str, member: str, signature: str, body: list[Any]) -> None:
-        self._signal_or_reply(Message.new_signal(path, interface, member, signature, body))
+        self._send(Message.new_signal(path, interface, member, signature, body))
 
-    def _signal_or_reply(self, message: Message) -> None:
+    def _send(self, message: Message) -> None:
         try:
             future = self._bus.send(message)
         except Exception as exc:  # disconnected: nothing to tell anyone
