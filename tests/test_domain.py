@@ -478,3 +478,16 @@ def test_a_plain_disk_on_4k_sectors_gets_them_on_virtio(tmp_path: Path, types: t
             run = subprocess.run(["virt-xml-validate", str(tmp_path / "domain.xml"), "domain"], capture_output=True,
                                  text=True)
             assert run.returncode == 0, run.stdout + run.stderr + xml
+
+
+def test_a_plain_disk_whose_partition_table_tells_nothing_says_its_devices_are_guessed() -> None:
+    """qemu-io could not read the disk (b""), or it has no partition table (a whole-disk file system): the
+    domain says that BIOS and virtio are guesses, rather than passing them off as the VM's."""
+    plain = inspect.Source("disk", "/srv/disk.vhdx", "vhdx", [object()], None)  # type: ignore[list-item]
+    for head, words in ((b"", "could not be read"), (bytes(domain.DISK_HEAD_BYTES), "no MBR or GPT partition table"),
+                        (gpt_head(512, _ESP, _LINUX), None)):
+        root = parsed(domain.domain_xml(plain, ["/out/disk.qcow2"], "qcow2", head))
+        guessed = [c for c in comments(root) if "are assumed" in c]
+        assert [words in c for c in guessed] == ([True] if words else []), comments(root)
+    vmx = parsed(domain.domain_xml(vmx_source("rhel8-64"), ["/out/a.qcow2", "/out/b.qcow2"], "qcow2"))
+    assert not any("are assumed" in c for c in comments(vmx))

@@ -184,6 +184,18 @@ def _windows_comment(guest_os: str, legacy: bool) -> list[str]:
     return [f"    <!-- A Windows guest ({name}): " + _WINDOWS_NOTE]
 
 
+def _guess_comment(head: bytes) -> list[str]:
+    """For a plain disk whose partition table tells nothing: that its firmware and devices are guessed."""
+    if not head:
+        why = "The boot disk's first sectors could not be read"
+    elif firmware_of_disk(head) is None:
+        why = "The boot disk has no MBR or GPT partition table"
+    else:
+        return []
+    return [f"    <!-- {why}: BIOS firmware and virtio devices are assumed. A disk with a GPT and an EFI system "
+            "partition needs <os firmware='efi'>; Windows needs SATA disks and e1000e NICs. -->"]
+
+
 def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
                boot_disk_head: bytes = b"") -> str:
     """A libvirt domain for the converted VM (see the module docstring): its disks, in the order of
@@ -230,6 +242,8 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
     elif legacy:
         lines.append("  <clock offset='localtime'/>")
     lines.append("  <devices>")
+    if not source.vm:
+        lines += _guess_comment(boot_disk_head)
     if windows:
         lines += _windows_comment(str(vm.get("guest_os") or ""), legacy)
     boot = boot_index(source, len(disk_paths))
