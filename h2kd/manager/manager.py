@@ -528,7 +528,9 @@ class JobManager:
                 self._transition(job, S.RETRYING, "retry requested")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
-                job.finished_at = 0
+                # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
+                # of the run that failed, maybe days before.
+                job.started_at = job.finished_at = 0
                 self._enqueue(job, "queued again by request")
         except StoreFailed:
             if job.state != S.RETRYING:

@@ -247,6 +247,28 @@ def test_failure_retries_with_backoff_then_fails(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
+    """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
+    for after a failure starts it again, rather than counting the failed run and the time in between."""
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, []))
+        assert job.state.value == "failed" and job.started_at and job.finished_at
+        failed_at = job.finished_at
+        await asyncio.sleep(0.05)
+        m.retry(job.id)
+        assert job.started_at == 0 and job.finished_at == 0
+        await until(lambda: len(runner.started) == 2)
+        assert job.started_at > failed_at
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {"x": 1}}))
+        assert job.state.value == "completed" and job.finished_at >= job.started_at > failed_at
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_cancel_waits_for_the_unit(tmp_path, image):
     async def go():
         m, runner, *_ = make(tmp_path)
