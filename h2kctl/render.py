@@ -3,6 +3,7 @@ the terminal-safe streams all of it is written through."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pwd
@@ -120,7 +121,10 @@ def iso_time(usec: int) -> str | None:
     return datetime.fromtimestamp(usec / 1e6).astimezone().isoformat(timespec="seconds")
 
 
+@functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str:
+    """Looked up once per uid: `list` of 10,000 jobs would otherwise ask the user database (LDAP, with sssd)
+    10,000 times."""
     try:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):

@@ -801,6 +801,19 @@ def test_another_users_result_is_withheld_and_said_so(env, images, plain_user):
     assert refused.returncode == 5 and refused.stderr.strip() == f"h2kctl: not authorized to read Result: {withheld}"
 
 
+def test_user_names_are_looked_up_once_per_user(monkeypatch):
+    """`list` names each job's owner: with 10,000 jobs and the user database on LDAP, a lookup per row would
+    take minutes."""
+    from h2kctl import render
+    asked: list[int] = []
+    real = pwd.getpwuid
+    monkeypatch.setattr(render.pwd, "getpwuid", lambda uid: asked.append(uid) or real(uid))
+    render.user_name.cache_clear()
+    names = [render.user_name(uid) for uid in [0, 0, 65534, 0, 65534, 4_000_000_000] * 500]
+    assert sorted(asked) == [0, 65534, 4_000_000_000]
+    assert names[:3] == ["root", "root", real(65534).pw_name] and names[5] == "4000000000"
+
+
 def test_escaped_cells_and_bars_keep_their_columns_and_width():
     """What is escaped is measured as shown: a table's columns stay aligned, and a progress bar stays one line."""
     import io
