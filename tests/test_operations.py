@@ -488,7 +488,10 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     differencing = _differencing_vhd(src / "checkpoint.avhd")
     cut_flat = images.make_image("vmdk", "monolithicFlat", src / "cut.vmdk", size=4 * MiB)
     os.truncate(src / "cut-flat.vmdk", 3 * MiB)
+    chunked_ovf, chunked_ova = _chunked(src / "chunked", lib / "data2.raw"), _chunked(src / "ova", lib / "data2.raw", True)
     return {
+        "chunked ovf": (convert_spec(chunked_ovf, out), "UNSUPPORTED", "cat chunky-disk1.vmdk.0* > chunky-disk1.vmdk"),
+        "chunked ova": (convert_spec(chunked_ova, out), "UNSUPPORTED", "extract the OVA (tar xf), join them"),
         "flat extent cut short": (convert_spec(cut_flat, out / "o.qcow2"), "INVALID_IMAGE", "the copy is incomplete"),
         "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -515,6 +518,32 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     }
 
 
+def _chunked(directory: Path, raw: Path, ova: bool = False) -> Path:
+    """An OVF (or OVA) whose disk is split into chunks, as `ovftool --chunkSize` writes it."""
+    directory.mkdir()
+    vmdk = images.make_image("vmdk", "streamOptimized", directory / "chunky-disk1.vmdk", raw=raw)
+    data = vmdk.read_bytes()
+    vmdk.unlink()
+    size = 64 * 1024
+    pieces = [(f"chunky-disk1.vmdk.{n:09d}", data[at:at + size]) for n, at in enumerate(range(0, len(data), size))]
+    assert len(pieces) > 1
+    ovf = images.make_ovf_text("chunky", [("chunky-disk1.vmdk", len(data), raw.stat().st_size)]).replace(
+        'ovf:id="file1"', f'ovf:id="file1" ovf:chunkSize="{size}"', 1).encode()
+    if not ova:
+        for name, piece in pieces:
+            (directory / name).write_bytes(piece)
+        (directory / "chunky.ovf").write_bytes(ovf)
+        return directory / "chunky.ovf"
+    import io
+    import tarfile
+    with tarfile.open(directory / "chunky.ova", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in [("chunky.ovf", ovf), *pieces]:
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content))
+    return directory / "chunky.ova"
+
+
 def _differencing_vhd(path: Path) -> Path:
     """A VHD whose footer says it is a differencing disk (Hyper-V checkpoint), with a footer checksum qemu takes."""
     images.qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", str(path), "8M")
@@ -530,7 +559,7 @@ def _differencing_vhd(path: Path) -> Path:
     return path
 
 
-BAD_INPUTS = ["flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["chunked ovf", "chunked ova", "flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 

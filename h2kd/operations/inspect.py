@@ -594,7 +594,8 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
         name = _ln(el.tag)
         if name == "File" and _attr(el, "id"):
             files[_attr(el, "id") or ""] = {"href": _attr(el, "href"), "size": _attr(el, "size"),
-                                           "compression": _attr(el, "compression")}
+                                           "compression": _attr(el, "compression"),
+                                           "chunk_size": _attr(el, "chunkSize")}
         elif name == "Disk" and _attr(el, "diskId"):
             capacity = int(_attr(el, "capacity") or 0) * _units(_attr(el, "capacityAllocationUnits"))
             disks[_attr(el, "diskId") or ""] = {"id": _attr(el, "diskId"), "file_ref": _attr(el, "fileRef"),
@@ -654,7 +655,8 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
     for disk_id in ordered:
         disk = disks[disk_id]
         file = files.get(disk.get("file_ref") or "", {})
-        disk_list.append({**disk, "href": file.get("href"), "compression": file.get("compression")})
+        disk_list.append({**disk, "href": file.get("href"), "compression": file.get("compression"),
+                          "chunk_size": file.get("chunk_size")})
     placed = [placement[d] for d in ordered if d in placement]
     boot_disk = ordered.index(next(d for d in ordered if placement.get(d) == min(placed))) if placed else 0
     return {"name": vm_name, "cpus": cpus, "cores_per_socket": cores_per_socket, "memory_mib": memory_mib,
@@ -916,9 +918,7 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
     for index, entry in enumerate(vm["disks"], 1):
         href = entry.get("href") or ""
         _local_file("", href, "the OVF disk file")
-        if entry.get("compression"):
-            raise OperationError("UNSUPPORTED", f"the OVF disk {href} is {entry['compression']}-compressed, which "
-                                 "is not supported")
+        _refuse_packed(entry, "extract the OVA (tar xf), ")
         member = members.get(_normal_name(href))
         if member is None:
             raise _invalid(f"the OVF names the disk file {href!r}, which is not in the OVA")
@@ -940,6 +940,22 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
             to_verify.append((name, path, member.offset_data, member.size))
     source = Source("ova", path, "ova", disks, vm, identities, manifest, to_verify)
     return source
+
+
+def _refuse_packed(disk: dict[str, Any], first: str = "") -> None:
+    """UNSUPPORTED for an OVF disk file stored gzip-compressed (ovf:compression) or split into chunks
+    (ovf:chunkSize, as `ovftool --chunkSize` writes it: HREF.000000000, HREF.000000001, ...), saying how to
+    make it a plain disk file; `first`: what to do before that."""
+    href = disk.get("href") or ""
+    if disk.get("compression"):
+        raise OperationError("UNSUPPORTED", f"the OVF disk {href} is {disk['compression']}-compressed, which is not "
+                             f"supported: {first}decompress it (gunzip) and remove ovf:compression from the OVF and "
+                             "its manifest entry from the .mf, or export the VM without compression")
+    if disk.get("chunk_size"):
+        raise OperationError("UNSUPPORTED", f"the OVF disk {href} is split into chunks of {disk['chunk_size']} bytes "
+                             f"({href}.000000000, {href}.000000001, ...), which is not supported: {first}join them "
+                             f"in order (cat {href}.0* > {href}) and remove ovf:chunkSize from the OVF and the "
+                             "chunks' entries from the .mf, or export the VM without --chunkSize")
 
 
 def _load_described(fd: int, path: str, kind: str, size: int, identities: list[FileIdentity],
@@ -976,6 +992,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
     for index, entry in enumerate(vm["disks"], 1):
         href = entry.get("href") or ""
         disk_path = _local_file(directory, href, f"the {kind.upper()} disk file")
+        _refuse_packed(entry)
         disk_fd, ident = _open_or_missing(disk_path, href)
         try:
             _found(identities, ident, reader_uid)
