@@ -492,6 +492,8 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     return {
         "chunked ovf": (convert_spec(chunked_ovf, out), "UNSUPPORTED", "cat chunky-disk1.vmdk.0* > chunky-disk1.vmdk"),
         "chunked ova": (convert_spec(chunked_ova, out), "UNSUPPORTED", "extract the OVA (tar xf), join them"),
+        "gzip ovf": (convert_spec(_gzipped(src / "gz", lib / "data2.raw"), out), "UNSUPPORTED",
+                     "is gzip-compressed, which is not supported: decompress it (gunzip)"),
         "flat extent cut short": (convert_spec(cut_flat, out / "o.qcow2"), "INVALID_IMAGE", "the copy is incomplete"),
         "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -544,6 +546,18 @@ def _chunked(directory: Path, raw: Path, ova: bool = False) -> Path:
     return directory / "chunky.ova"
 
 
+def _gzipped(directory: Path, raw: Path) -> Path:
+    """An OVF whose disk file is gzip-compressed (ovf:compression="gzip")."""
+    import gzip
+    directory.mkdir()
+    vmdk = images.make_image("vmdk", "streamOptimized", directory / "gz-disk1.vmdk", raw=raw)
+    vmdk.write_bytes(gzip.compress(vmdk.read_bytes()))
+    ovf = images.make_ovf_text("gz", [("gz-disk1.vmdk", vmdk.stat().st_size, raw.stat().st_size)]).replace(
+        'ovf:id="file1"', 'ovf:id="file1" ovf:compression="gzip"', 1)
+    (directory / "gz.ovf").write_text(ovf)
+    return directory / "gz.ovf"
+
+
 def _differencing_vhd(path: Path) -> Path:
     """A VHD whose footer says it is a differencing disk (Hyper-V checkpoint), with a footer checksum qemu takes."""
     images.qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", str(path), "8M")
@@ -559,7 +573,7 @@ def _differencing_vhd(path: Path) -> Path:
     return path
 
 
-BAD_INPUTS = ["chunked ovf", "chunked ova", "flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs"]
 
