@@ -24,16 +24,6 @@ MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
 JOB_IFACE = "org.hyper2kvm.h2kd1.Job"
 # Job properties that GetAll leaves out (annotated Explicit in dbus/org.hyper2kvm.h2kd1.Job.xml): read with Get.
 JOB_EXPLICIT_PROPERTIES = ("Spec", "Result")
-
-
-class Withheld:
-    """A property h2kd would not give the caller (another user's job's Result): why, in h2kd's words."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"Withheld({self.reason!r})"
 WORKER_IFACE = "org.hyper2kvm.h2kd1.Worker"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
@@ -60,6 +50,16 @@ _UNREACHABLE_ERRORS = {
 _AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.Error.NotAuthorized",
                 "org.freedesktop.PolicyKit1.Error.NotAuthorized"}
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
+class Withheld:
+    """A property h2kd would not give the caller (another user's job's Result): why, in h2kd's words."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Withheld({self.reason!r})"
 
 
 def to_vardict(mapping: dict[str, Any], what: str = "a job spec") -> dict[str, Variant]:

@@ -506,9 +506,9 @@ async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int
     props = await client.job_properties(args.job)
     wanted = _split_multi(args.property)
     withheld = {name: value for name, value in props.items() if isinstance(value, Withheld)}
-    if any(name in withheld for name in wanted):
-        name = next(name for name in wanted if name in withheld)
-        raise CtlError(f"not authorized to read {name}: {withheld[name].reason}", ExitCode.NOT_AUTHORIZED)
+    refused = next((name for name in wanted if name in withheld), None)
+    if refused:
+        raise CtlError(f"not authorized to read {refused}: {withheld[refused].reason}", ExitCode.NOT_AUTHORIZED)
     props = {name: value for name, value in props.items() if name not in withheld}
     if wanted:
         unknown = [w for w in wanted if w not in props]
