@@ -52,6 +52,27 @@ def _row_from_properties(path: str, props: dict[str, Variant]) -> list[Any]:
             props["Priority"].value, props["CreatedAt"].value, path]
 
 
+async def _watcher_and_worker(address: str, rule: str, worker_name: str) -> tuple[Client, list[Message], Client,
+                                                                                   str, str]:
+    """A client that records every message it receives (replies too, and the signals of match `rule`), in
+    order; and a worker of its own, registered for inspect jobs that require its lab label.
+    (watcher, its messages, worker, the worker's path, the label)"""
+    watcher = await Client.connect(address)
+    arrivals: list[Message] = []
+
+    def arrived(msg: Message) -> bool:
+        arrivals.append(msg)
+        return False                  # not handled: dbus-fast goes on as usual
+    watcher.bus.add_message_handler(arrived)
+    await watcher.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                   interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+    worker = await Client.connect(address)
+    label = uuid.uuid4().hex[:8]
+    _worker_id, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", [
+        worker_name, json.dumps({"operations": ["inspect"], "testlab": label}), {"max_jobs": Variant("u", 1)}])
+    return watcher, arrivals, worker, worker_path, label
+
+
 async def _claim(worker: Client, worker_path: str) -> Any:
     found, job_id, _spec = await worker.call(worker_path, WORKER, "ClaimJob")
     return job_id if found else None
@@ -66,21 +87,8 @@ async def _report(worker: Client, worker_path: str, job_id: str, progress: float
 def test_listing_is_what_each_object_says_after_changes_announced_or_not_and_removals(stack):
     """GetManagedObjects and ListJobs, both sent from marshalled parts, against each job's GetAll."""
     async def scenario() -> None:
-        watcher = await Client.connect(stack.bus_address)
-        arrivals: list[Message] = []      # every message the watcher receives (replies too), in order
-
-        def arrived(msg: Message) -> bool:
-            arrivals.append(msg)
-            return False                  # not handled: dbus-fast goes on as usual
-        watcher.bus.add_message_handler(arrived)
-        await watcher.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                       body=[f"type='signal',sender='{BUS_NAME}',member='PropertiesChanged'"]))
-        worker = await Client.connect(stack.bus_address)
-        label = uuid.uuid4().hex[:8]
-        _worker_id, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", [
-            "listing-worker", json.dumps({"operations": ["inspect"], "testlab": label}),
-            {"max_jobs": Variant("u", 1)}])
+        watcher, arrivals, worker, worker_path, label = await _watcher_and_worker(
+            stack.bus_address, f"type='signal',sender='{BUS_NAME}',member='PropertiesChanged'", "listing-worker")
 
         held_id, held = await watcher.submit(spec(new_id("held"), priority=3), queue=False)
         running_id, running = await watcher.submit(spec(new_id("run"), requirements={"testlab": label}))
@@ -159,22 +167,8 @@ def test_spec_and_result_are_read_with_get_only(stack, stack_env):
     does with properties it marks explicit; Get reads them, and PropertiesChanged names a new Result without
     its value (it is not for every user: see test_auth)."""
     async def scenario() -> None:
-        watcher = await Client.connect(stack.bus_address)
-        signals: list[Message] = []
-
-        def arrived(msg: Message) -> bool:
-            if msg.message_type == MessageType.SIGNAL:
-                signals.append(msg)
-            return False
-        watcher.bus.add_message_handler(arrived)
-        await watcher.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                       body=[f"type='signal',sender='{BUS_NAME}'"]))
-        worker = await Client.connect(stack.bus_address)
-        label = uuid.uuid4().hex[:8]
-        _worker_id, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", [
-            "explicit-worker", json.dumps({"operations": ["inspect"], "testlab": label}),
-            {"max_jobs": Variant("u", 1)}])
+        watcher, arrivals, worker, worker_path, label = await _watcher_and_worker(
+            stack.bus_address, f"type='signal',sender='{BUS_NAME}'", "explicit-worker")
         job_id, path = await watcher.submit(spec(new_id("explicit"), priority=7, requirements={"testlab": label}))
         assert await wait_for(lambda: _claim(worker, worker_path), 20, "the claim") == job_id
 
@@ -186,7 +180,7 @@ def test_spec_and_result_are_read_with_get_only(stack, stack_env):
             (objects,) = (await _managed_objects(watcher)).body
             return objects[path][JOB]
 
-        added = next(m for m in signals if m.member == "InterfacesAdded" and m.body[0] == path)
+        added = next(m for m in arrivals if m.member == "InterfacesAdded" and m.body[0] == path)
         for props in (added.body[1][JOB], await _get_all(watcher, path, JOB), await listed()):
             assert {"Spec", "Result"}.isdisjoint(props) and {"Id", "State", "Source", "Error"} <= set(props)
         submitted = json.loads(await get("Spec"))
@@ -201,11 +195,11 @@ def test_spec_and_result_are_read_with_get_only(stack, stack_env):
         assert result["outputs"] == outputs
 
         def announced() -> Message | None:
-            return next((m for m in signals if m.member == "PropertiesChanged" and m.path == path
+            return next((m for m in arrivals if m.member == "PropertiesChanged" and m.path == path
                          and "Result" in m.body[2]), None)
         change = await wait_for(lambda: _async(announced()), 10, "the Result's PropertiesChanged")
         assert "Result" not in change.body[1]
-        assert not any("Result" in m.body[1] for m in signals if m.member == "PropertiesChanged")
+        assert not any("Result" in m.body[1] for m in arrivals if m.member == "PropertiesChanged")
         # Announced, the job's listing is made from what was announced: still without the Result.
         props = await listed()
         assert props["State"] == Variant("s", "completed") and "Result" not in props
