@@ -8,6 +8,7 @@ properties of the jobs that moved) so that a missed signal never leaves the disp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -18,7 +19,7 @@ from typing import Any, Awaitable, Callable, TextIO, TypeVar
 from dbus_fast import Message, unpack_variants
 
 from h2kd import BUS_NAME, MANAGER_PATH
-from h2kctl.bus import JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
+from h2kctl.bus import JOB_EXPLICIT_PROPERTIES, JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
 from h2kctl.errors import CtlError, ExitCode
 from h2kctl.render import clock, control, human_bytes, human_duration, terminal_safe
 
@@ -257,10 +258,10 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
             removed.set()
 
     async def read_all(interrupt: asyncio.Event, final: bool = False) -> bool:
-        """Read the properties again (keeping what signals said meanwhile), the Result too if `final`;
-        False on Ctrl-C."""
+        """Read the properties again (keeping what signals said meanwhile), Spec and Result too if `final`
+        (GetAll leaves them out); False on Ctrl-C."""
         fresh.clear()
-        explicit = ("Result",) if final else ()
+        explicit = JOB_EXPLICIT_PROPERTIES if final else ()
         try:
             snapshot = await patiently(client, lambda: client.read_job(path, explicit), doing, interrupt)
         except CtlError as e:
@@ -319,8 +320,6 @@ async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str,
             fresh[path] = set()
             try:
                 snapshot = await client.read_job(path, explicit=())
-                if snapshot.get("State") in TERMINAL:   # its outputs, for its final message
-                    snapshot["Result"] = await client.get_job_property(path, "Result")
             except CtlError as e:
                 if e.code == ExitCode.UNREACHABLE:
                     raise
@@ -330,6 +329,15 @@ async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str,
                 newer = fresh.pop(path, set())
             jobs[path] = {**snapshot, **{name: jobs[path][name] for name in newer if name in jobs.get(path, {})}}
     await asyncio.gather(*(read(p) for p in paths))
+
+
+async def _read_results(client: Client, paths: list[str], jobs: dict[str, dict[str, Any]]) -> None:
+    """The Result of each completed job of `paths` not known yet, for its final message (the files it wrote);
+    a job gone or unreadable meanwhile is announced without it."""
+    async def read(path: str) -> None:
+        with contextlib.suppress(CtlError):
+            jobs[path]["Result"] = await client.get_job_property(path, "Result")
+    await asyncio.gather(*(read(p) for p in paths if jobs[p].get("State") == "completed" and "Result" not in jobs[p]))
 
 
 async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
@@ -345,6 +353,8 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
         if message.interface == PROPS_IFACE and message.member == "PropertiesChanged" and path in jobs:
             if message.body[0] == JOB_IFACE:
                 values = unpack_variants(message.body[1])
+                for name in message.body[2]:    # named without a value (the Result): read when needed
+                    jobs[path].pop(name, None)
                 jobs[path].update(values)
                 if path in fresh:
                     fresh[path].update(values)
@@ -395,6 +405,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
             width, height = shutil.get_terminal_size((80, 24))
             finished_now = [p for p, props in jobs.items()
                             if props.get("State") in TERMINAL and p not in announced]
+            await _read_results(client, finished_now, jobs)
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
             if tty:
                 control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")

@@ -115,12 +115,14 @@ DOC: list[tuple[str, str]] = [
      "One job object: {id, path, operation, state, phase, progress (0..1 or null), bytes_done, bytes_total, "
      "rate (bytes/s), expected_end_usec, created_at_usec, started_at_usec, finished_at_usec (null until "
      "known), priority, owner, owner_name, attempt, unit, worker, source, output, wait_reason, cancelable, "
-     "error (null or {code, message}), spec (the job spec object), result (null or the job result object)}. "
+     "error (null or {code, message}), spec (the job spec object), result (null or the job result object; "
+     "null also for another user's job, whose result is for its owner and administrators to read)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "
      "it is submitted, or, with --wait, once it has ended."),
     ("wait", "An array of job objects, as status prints them (without history), in the order waited for."),
     ("show", "An object of every D-Bus property of the job, named and typed as on the bus "
-             "(e.g. \"State\": \"queued\", \"Error\": [code, message])."),
+             "(e.g. \"State\": \"queued\", \"Error\": [code, message]); Result is left out of another user's "
+             "job, unless the caller may read it."),
     ("events", "An array of {seq, time_usec, kind (state|progress|log|result), data (object)}."),
     ("queue", "{queued, running, paused, max_parallel_jobs, by_priority (ten counts of queued jobs, priority 1 "
               "first), waiting (object: job id -> why it waits)}."),

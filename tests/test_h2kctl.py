@@ -702,13 +702,21 @@ def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
 
 
 def test_watch_all_jobs_until_ctrl_c(env, images, output_dir):
+    """A job that ends while watched is announced with the file it wrote (its Output names only the directory;
+    the Result, read for the announcement, names the file)."""
     job_id = new_id("watchall")
+    directory = output_dir / job_id
+    directory.mkdir()
 
     def submit_and_wait() -> None:
-        ok(h2kctl(env, "submit", str(images["small"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id))
+        ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", f"{directory}/", "--id", job_id))
         wait_for_state(env, job_id, TERMINAL, timeout=120)
-    out, err = watch_all_during(env, submit_and_wait)
-    assert f"Job {job_id}" in out and "Traceback" not in err
+    try:
+        out, err = watch_all_during(env, submit_and_wait)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert re.search(rf"Job {job_id} completed.*: {re.escape(str(directory / 'small.qcow2'))}$", out, re.M), out
+    assert "Traceback" not in err
 
 
 def test_watch_all_reports_jobs_left_unfinished_before_it_started_not_finished_ones(env, images, output_dir):
@@ -731,7 +739,7 @@ def test_inspect_prints_a_report(env, images):
     assert result.returncode == 0, result
     report = json.loads(result.stdout)
     assert report["job"]["operation"] == "inspect" and report["job"]["state"] == "completed"
-    assert report["job"]["state"] == job_state(env, report["job"]["id"])
+    assert report["job"]["spec"]["image"]["path"] == str(images["vmdk"]), report["job"]   # Get, not GetAll    assert report["job"]["state"] == job_state(env, report["job"]["id"])
     assert isinstance(report["report"], dict) and report["report"]
     assert "vmdk" in json.dumps(report["report"]).lower()
     human = h2kctl(env, "inspect", str(images["vmdk"]), timeout=120)
@@ -933,7 +941,9 @@ def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, thro
                 follower.wait()
     for follower, (stdout, stderr) in zip(followers, outputs):
         assert follower.returncode == 0 and not stderr, (follower.args, follower.returncode, stdout, stderr)
-    assert json.loads(outputs[0][0])["state"] == "completed"
+    followed = json.loads(outputs[0][0])
+    assert followed["state"] == "completed" and followed["spec"]["job_id"] == job_id, followed
+    assert followed["result"]["outputs"]["disks"][0]["path"] == str(output), followed
     assert outputs[1][0].splitlines()[-1].startswith(f"Job {job_id} completed")
     assert outputs[2][0].startswith(f"Job {job_id} completed")
     assert job_state(env, job_id) == "completed"
