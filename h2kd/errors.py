@@ -55,5 +55,9 @@ class NotAuthorized(H2kError):
     dbus_name = "NotAuthorized"
 
 
+class AuthorizationUnavailable(NotAuthorized):
+    """No answer could be had (polkit unreachable, too many checks of the caller under way): not a "no"."""
+
+
 class InteractiveAuthorizationRequired(H2kError):
     dbus_name = "InteractiveAuthorizationRequired"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from h2kd.bus.base import Authorizer
-from h2kd.errors import InteractiveAuthorizationRequired, InvalidState, NotAuthorized
+from h2kd.errors import AuthorizationUnavailable, InteractiveAuthorizationRequired, InvalidState, NotAuthorized
 from h2kd.model.repair import fixes_guest
 from h2kd.model.spec import DEFAULT_PRIORITY
 
@@ -60,6 +60,8 @@ class JobCommands:
                 try:
                     await self._auth.check("read-other-user", {"job_id": job_id, "owner": str(job.owner)},
                                            interactive=False)
+                except AuthorizationUnavailable:
+                    raise           # no answer is not a no: its own words say to try again
                 except (NotAuthorized, InteractiveAuthorizationRequired):
                     raise NotAuthorized(f"the result of job {job_id} is for its owner (uid {job.owner}) and "
                                         "administrators to read") from None

@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from h2kd.errors import InteractiveAuthorizationRequired, NotAuthorized
+from h2kd.errors import AuthorizationUnavailable, InteractiveAuthorizationRequired, NotAuthorized
 
 ACTION_SUBMIT = "org.hyper2kvm.h2kd1.submit"
 ACTION_CANCEL = "org.hyper2kvm.h2kd1.cancel"
@@ -247,7 +247,7 @@ class Authority:
             log.warning("polkit did not answer %s for %s within %.1fs", action_id, sender, timeout)
             if asked:
                 self._cancel_check(cancellation_id)
-            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from None
+            raise AuthorizationUnavailable(f"Not authorized to {words}: authorization service unavailable") from None
         except asyncio.CancelledError:
             if asked:
                 self._cancel_check(cancellation_id)
@@ -256,10 +256,10 @@ class Authority:
             raise
         except Exception as e:  # the connection itself failed
             log.warning("polkit check %s for %s failed: %r", action_id, sender, e)
-            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable") from e
+            raise AuthorizationUnavailable(f"Not authorized to {words}: authorization service unavailable") from e
         if reply.message_type == MessageType.ERROR:
             log.warning("polkit refused to check %s for %s: %s %s", action_id, sender, reply.error_name, reply.body)
-            raise NotAuthorized(f"Not authorized to {words}: authorization service unavailable")
+            raise AuthorizationUnavailable(f"Not authorized to {words}: authorization service unavailable")
         is_authorized, is_challenge, _result_details = reply.body[0]
         if is_authorized:
             return
@@ -272,7 +272,7 @@ class Authority:
         """Wait until `uid` may have one more check at polkit (see CHECKS_*), or refuse if too many wait."""
         checks = self._checks_of.get(uid, 0)
         if checks >= self._per_user + self._waiting_per_user:
-            raise NotAuthorized(f"Not authorized to {words}: uid {uid} has {checks} authorization checks under "
+            raise AuthorizationUnavailable(f"Not authorized to {words}: uid {uid} has {checks} authorization checks under "
                                 f"way; try again once they are answered")
         self._checks_of[uid] = checks + 1
         turns = self._user_turns.setdefault(uid, asyncio.Semaphore(self._per_user))

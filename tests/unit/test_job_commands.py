@@ -7,20 +7,27 @@ import asyncio
 import pytest
 
 from h2kd.bus.actions import JobCommands
-from h2kd.errors import InvalidState
+from h2kd.errors import AuthorizationUnavailable, InteractiveAuthorizationRequired, InvalidState, NotAuthorized
 from h2kd.model.job import Job
 
 
 class RecordingAuthorizer:
-    def __init__(self, uid: int):
+    """Says yes to everything, or raises `answer` (polkit's no, or no answer at all)."""
+
+    def __init__(self, uid: int, answer: Exception | None = None):
         self.uid = uid
+        self.answer = answer
         self.asked: list[str] = []
+        self.prompting: list[bool] = []
 
     async def caller_uid(self) -> int:
         return self.uid
 
-    async def check(self, action: str, details: dict[str, str] | None = None) -> None:
+    async def check(self, action: str, details: dict[str, str] | None = None, interactive: bool = True) -> None:
         self.asked.append(action)
+        self.prompting.append(interactive)
+        if self.answer is not None:
+            raise self.answer
 
 
 class OneJob:
@@ -73,8 +80,8 @@ class ReplacedWhileAsking(RecordingAuthorizer):
         super().__init__(uid)
         self.manager, self.replacements = manager, replacements
 
-    async def check(self, action: str, details: dict[str, str] | None = None) -> None:
-        await super().check(action, details)
+    async def check(self, action: str, details: dict[str, str] | None = None, interactive: bool = True) -> None:
+        await super().check(action, details, interactive)
         if self.replacements:
             self.manager.job = self.replacements.pop(0)
 
@@ -96,3 +103,43 @@ def test_a_job_replaced_at_every_answer_is_not_acted_on() -> None:
     with pytest.raises(InvalidState, match="replaced by another job"):
         asyncio.run(JobCommands(manager, auth).cancel("j1"))   # type: ignore[arg-type]
     assert manager.done == []
+
+
+def _read(job: Job, auth: RecordingAuthorizer, manager: OneJob | None = None) -> str:
+    manager = manager or OneJob(job)
+    return asyncio.run(JobCommands(manager, auth).read_result("j1", lambda j: f"result of uid {j.owner}"))  # type: ignore[arg-type]
+
+
+def test_a_result_is_its_owners_and_roots_without_asking_polkit() -> None:
+    job = Job(id="j1", spec=CONVERT, operation="convert", owner=1000)
+    for caller in (1000, 0):
+        auth = RecordingAuthorizer(caller, NotAuthorized("no"))
+        assert _read(job, auth) == "result of uid 1000" and auth.asked == []
+
+
+def test_another_users_result_needs_read_other_user_and_never_prompts() -> None:
+    job = Job(id="j1", spec=CONVERT, operation="convert", owner=1000)
+    allowed = RecordingAuthorizer(1001)
+    assert _read(job, allowed) == "result of uid 1000"
+    assert allowed.asked == ["read-other-user"] and allowed.prompting == [False]
+    for no in (NotAuthorized("Not authorized to read"), InteractiveAuthorizationRequired("a password")):
+        with pytest.raises(NotAuthorized, match=r"the result of job j1 is for its owner \(uid 1000\) and admin"):
+            _read(job, RecordingAuthorizer(1001, no))
+    # No answer is not a no: polkit's own words (try again) go to the caller.
+    with pytest.raises(AuthorizationUnavailable, match="authorization service unavailable"):
+        _read(job, RecordingAuthorizer(1001, AuthorizationUnavailable("Not authorized to read: authorization "
+                                                                          "service unavailable")))
+
+
+def test_a_result_asked_for_while_its_job_is_replaced_is_that_of_the_job_now() -> None:
+    """polkit allowed the caller another user's result; meanwhile the job was removed and the caller submitted
+    one of the same id: the answer is the new job's (theirs), not the one polkit was asked about."""
+    theirs = Job(id="j1", spec=CONVERT, operation="convert", owner=1000)
+    mine = Job(id="j1", spec=CONVERT, operation="convert", owner=1001)
+    manager = OneJob(theirs)
+    auth = ReplacedWhileAsking(1001, manager, [mine])
+    assert _read(theirs, auth, manager) == "result of uid 1001" and auth.asked == ["read-other-user"]
+    others = [Job(id="j1", spec=CONVERT, operation="convert", owner=2000 + n) for n in range(5)]
+    manager = OneJob(others[0])
+    with pytest.raises(InvalidState, match="replaced by another job"):
+        _read(others[0], ReplacedWhileAsking(1001, manager, others[1:]), manager)
