@@ -42,8 +42,8 @@ from h2kd.bus.actions import JobCommands
 from h2kd.bus.base import Authorizer
 from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
-from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, JOB_PROPERTIES, PRIVATE_PROPERTIES,
-                                PROGRESS_FIELDS, PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only,
+from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, PRIVATE_PROPERTIES, PROGRESS_FIELDS,
+                                PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only,
                                 reported_progress, result_text)
 from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
                                     list_row, listed_jobs)
@@ -83,7 +83,7 @@ class _ExportedJob:
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
-    vardict: dict[str, Variant] | None  # all properties as last announced; None when stale
+    vardict: dict[str, Variant] | None  # GetAll's properties as last announced; None when stale
     entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
     row: bytes | None                   # the job's ListJobs row, marshalled, for the values in row_key
     row_key: tuple | None
@@ -91,14 +91,14 @@ class _ExportedJob:
     def announced(self) -> dict[str, Variant]:
         """The properties as last announced (read from the job if nothing is cached)."""
         if self.vardict is None:
-            self.vardict = job_vardict(self.job, JOB_PROPERTIES)
+            self.vardict = job_vardict(self.job)
             self.entry = None
         return self.vardict
 
     def announced_entry(self) -> bytes:
         """announced() as this object's entry of a GetManagedObjects reply (h2kd.bus.premarshal)."""
         if self.entry is None:
-            self.entry = object_entry(self.path, {JOB_INTERFACE: listed_only(self.announced())})
+            self.entry = object_entry(self.path, {JOB_INTERFACE: self.announced()})
         return self.entry
 
     def marshalled_row(self) -> bytes:
@@ -206,6 +206,8 @@ class BusService:
         exported = self._job_paths.get(msg.path or "")
         if exported is None:
             return None     # dbus-fast says there is no such object
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True     # nobody to tell: no polkit check for it
         task = asyncio.get_running_loop().create_task(self._send_result(msg, exported.job.id))  # sees the caller
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
@@ -218,8 +220,7 @@ class BusService:
         except Exception as exc:
             error = to_dbus_error(exc, "Get")
             reply = Message.new_error(call, error.type, error.text)
-        if not call.flags & MessageFlag.NO_REPLY_EXPECTED:
-            self._send(reply)
+        self._send(reply)
 
     def _watch_name_owners(self, msg: Message) -> bool:
         if (msg.message_type == MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -298,7 +299,7 @@ class BusService:
                 # Changes not yet announced: current values, leaving the cache as last announced.
                 objects[exported.path] = {JOB_INTERFACE: job_vardict(exported.job)}
             else:
-                objects[exported.path] = {JOB_INTERFACE: listed_only(exported.announced())}
+                objects[exported.path] = {JOB_INTERFACE: exported.announced()}
         for path, interface, _announced in self._workers.values():
             # Current values, as Properties.GetAll: heartbeats are not announced, and workers are few.
             objects[path] = {WORKER_INTERFACE: worker_vardict(interface.worker)}
@@ -349,7 +350,7 @@ class BusService:
             exported = self._export_job(job)
             exported.vardict, exported.entry = None, None
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
-                         [exported.path, {JOB_INTERFACE: listed_only(exported.announced())}])
+                         [exported.path, {JOB_INTERFACE: exported.announced()}])
             self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobNew", "so", [job.id, exported.path])
         except Exception:
             log.exception("exporting job %s failed", job.id)
@@ -410,17 +411,19 @@ class BusService:
 
     @staticmethod
     def _changed_values(exported: _ExportedJob, names: list[str]) -> dict[str, Variant]:
-        """Of the named properties, those whose value differs from the last announced (all without a cache);
-        the cache then holds the new values."""
+        """Of the named properties, those whose value differs from the last announced (all without a cache),
+        and the explicit ones, which are not cached (a Result may be 64 KiB: kept once, on the job); the
+        cache then holds the new values."""
         values = job_vardict(exported.job, names)
         cached = exported.vardict
         if cached is None:
             return values
-        changed = {name: value for name, value in values.items() if cached.get(name) != value}
-        if changed:
-            cached.update(changed)
-            if not EXPLICIT_PROPERTIES.issuperset(changed):
-                exported.entry = None
+        changed = {name: value for name, value in values.items()
+                   if name in EXPLICIT_PROPERTIES or cached.get(name) != value}
+        listed = listed_only(changed)
+        if listed:
+            cached.update(listed)
+            exported.entry = None
         return changed
 
     def job_event(self, job: Job, event: Event) -> None:
