@@ -803,7 +803,7 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
         kind = sniff(head, tail)
         declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)
         if kind is None:
-            kind = _unsigned_format(path, head, declared)
+            kind = _unsigned_format(path, head, tail, declared)
         if declared and declared != kind:
             shown = DRIVER_TO_NAME.get(kind, kind)
             raise _invalid(f"image.format says {declared_format} but the content of {path} is {shown}")
@@ -851,7 +851,7 @@ def _groups_of(uid: int) -> list[int]:
     return caller_groups(uid)
 
 
-def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
+def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:
     """No signature of ours: a raw disk if it looks like one (or is declared so), else refused."""
     try:
         probed = qemuimg.probe_format(path)
@@ -860,9 +860,10 @@ def _unsigned_format(path: str, head: bytes, declared: str | None) -> str:
     if probed != "raw":
         raise OperationError("UNSUPPORTED", f"{path} is a {probed} image, which h2kd does not convert "
                              "(supported: VMDK, VHD, VHDX, VDI, qcow2, raw, OVA, OVF, VMX)")
-    if declared != "raw" and path.lower().endswith(".vhd"):
+    if declared != "raw" and path.lower().endswith(".vhd") and tail[1:9] != b"conectix":
         # A fixed VHD is a raw disk and its footer, in its last 512 bytes: cut short, it is a raw disk without
-        # its end, and converting it would lose that end.
+        # its end, and converting it would lose that end. (Virtual PC before 2004 wrote a 511-byte footer,
+        # which qemu does not know: such a disk reads as raw, as before.)
         raise _invalid(f"{path} is named as a VHD but has no VHD footer, which a fixed VHD ends with: the copy is "
                        "incomplete (if it is a raw disk, give image.format \"raw\")")
     if declared == "raw" or _has_partition_table(head):
