@@ -634,13 +634,16 @@ function loadHistoryAndJournal() {
 }
 
 // Another user's job's Result is for its owner and administrators: h2kd refuses it to others, and says why.
+let explicitReads = 0;                  // the latest loadSpecAndResult: an older answer must not overwrite it
+
 function loadSpecAndResult(job) {
     const path = job.path;
     const connection = client;
+    const read = ++explicitReads;
     return Promise.all(EXPLICIT_JOB_PROPERTIES.map(name =>
         connection.call(path, PROPERTIES_IFACE, "Get", [JOB_IFACE, name], { type: "ss" })
                 .then(([value]) => ({ value: value.v }), e => ({ error: errorText(e) })))).then(replies => {
-        if (connection !== client || jobs[path] !== job)
+        if (connection !== client || jobs[path] !== job || read !== explicitReads)
             return;
         EXPLICIT_JOB_PROPERTIES.forEach((name, i) => {
             job[name] = replies[i].value;
