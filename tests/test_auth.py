@@ -821,6 +821,34 @@ def test_a_jobs_result_is_for_its_owner_root_and_administrators(stack, users, sh
 
 
 @pytest.mark.stack
+def test_a_result_is_read_by_whom_polkit_lets_read_other_users_results(stack, users, shared_dir, submitted):
+    """A site's rules may let some users read every result: read-other-user itself, or manage, which implies
+    it. h2kd asks polkit without a prompt."""
+    image = _image(shared_dir / "shared.img")
+    job_id, result = _submit(stack, submitted, ALICE, image)
+    assert result.returncode == 0, result.stderr
+    job_path = _job_path(stack, job_id)
+    rules = stack.polkit_rules_dir / "60-h2kt-readers.rules"
+    rules.write_text('polkit.addRule(function(action, subject) {\n'
+                     f'  if ((subject.user == "{CAROL}" && action.id == "{ACTION_MANAGE}") ||\n'
+                     f'      (subject.user == "{BOB}" && action.id == "{ACTION_READ_OTHER_USER}"))\n'
+                     '    return polkit.Result.YES;\n});\n')
+    rules.chmod(0o644)
+    try:
+        for user in (CAROL, BOB):
+            deadline = time.monotonic() + 20      # polkitd notices a new rules file by itself
+            while True:
+                read = _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "Result")
+                if read.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert read.returncode == 0, (user, read.stderr)
+            assert read.stdout.strip() == "(<'{}'>,)", read.stdout    # held: no result yet, and it may say so
+    finally:
+        rules.unlink()
+
+
+@pytest.mark.stack
 def test_bus_policy_refuses_unlisted_methods_to_users(stack, users):
     result = _gdbus(stack, BOB, MANAGER_PATH, "org.freedesktop.DBus.Properties.Set",
                     MANAGER_IFACE, "MaxParallelJobs", "<uint32 64>")
