@@ -54,7 +54,7 @@ def final_message(props: dict[str, Any]) -> str:
         output = f": {', '.join(written)}" if written else (f": {props['Output']}" if props.get("Output") else "")
         return f"Job {job_id} completed{took}{output}"
     code, message = props.get("Error") or ("", "")
-    message = (message.strip().splitlines() or [""])[0]   # the rest is a log tail: see status or logs
+    message = (message.strip().splitlines() or [""])[0]   # the rest, if any: see status or logs
     detail = ": " + ": ".join(p for p in (code, message) if p) if code or message else ""
     return f"Job {job_id} {state}{detail}"
 

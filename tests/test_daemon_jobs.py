@@ -472,8 +472,9 @@ def test_bad_input_through_the_daemon_fails_clearly_and_leaves_nothing(bad_outco
             # It ran in a unit, once: the error cannot succeed on retry, so retry_count 2 was not used.
             assert props["Unit"].endswith("-1.service") and props["Attempt"] == 1, props
             assert not [s for _, s, _ in state_events(outcome["events"]) if s == "retrying"]
-            # The worker's own last lines come with the error.
-            assert "last log lines:" in message and f"h2k-worker: failed: {case.code}" in message, message
+            # The worker's own last lines come with the result, not with the error, which is everyone's.
+            assert any(f"h2k-worker: failed: {case.code}" in line for line in result["log_tail"]), result
+            assert "h2k-worker:" not in message, message
         else:
             # Refused by h2kd's host checks: no unit was ever started.
             assert props["Unit"] == "" and props["Attempt"] == 0, props
@@ -669,15 +670,14 @@ def test_source_removed_mid_conversion_fails_with_the_worker_log_tail(tuned: Any
     code, message = final["Error"]
     assert final["State"] == "failed" and code == "SOURCE_CHANGED", final["Error"]
     assert f"the source file {source} disappeared" in message, message
-    assert "last log lines:" in message, message
-    tail = message.split("last log lines:\n", 1)[1]
-    assert f"h2k-worker: job {job_id} attempt 1" in tail and "h2k-worker: failed: SOURCE_CHANGED" in tail, tail
     result = json.loads(final["Result"])
+    tail = "\n".join(result["log_tail"])
+    assert f"h2k-worker: job {job_id} attempt 1" in tail and "h2k-worker: failed: SOURCE_CHANGED" in tail, tail
     assert result["error"]["retryable"] is True and result["attempt"] == 1
     assert leftovers(stack.output_dir, job_id) == []
 
 
-def test_log_tail_in_the_error_holds_only_the_units_own_lines(tuned: Any, tmp_path: Path) -> None:
+def test_log_tail_in_the_result_holds_only_the_units_own_lines(tuned: Any, tmp_path: Path) -> None:
     stack = tuned
     junk = images.make_not_an_image(tmp_path / "junk.vmdk")
     job_id = new_id("tail")
@@ -691,8 +691,8 @@ def test_log_tail_in_the_error_holds_only_the_units_own_lines(tuned: Any, tmp_pa
 
     final = run(scenario())
     code, message = final["Error"]
-    assert code == "INVALID_IMAGE" and "last log lines:\n" in message, final["Error"]
-    tail = message.split("last log lines:\n", 1)[1].splitlines()
+    tail = json.loads(final["Result"])["log_tail"]
+    assert code == "INVALID_IMAGE" and "h2k-worker:" not in message, final["Error"]
     printed = read_journal(f"H2K_JOB_ID={job_id}", "SYSLOG_IDENTIFIER=h2k-worker",
                            until=lambda entries: any("h2k-worker: failed" in message_text(e) for e in entries))
     unit_lines = {message_text(e) for e in printed}
@@ -744,7 +744,7 @@ def test_retryable_failure_is_retried_with_growing_backoff(tuned: Any, small_fs:
     _, after = scrape(stack.metrics_url)
     code, message = final["Error"]
     assert final["State"] == "failed" and code == "NO_SPACE", final["Error"]
-    assert "space" in message and "last log lines:" in message, message
+    assert "space" in message and json.loads(final["Result"])["log_tail"], (message, final["Result"])
     assert final["Attempt"] == 3 and final["Unit"].endswith("-3.service"), final
     states = state_events(log)
     assigned = [reason for _, state, reason in states if state == "assigned"]

@@ -882,12 +882,15 @@ class JobManager:
                 retryable = error.get("retryable")
                 if not isinstance(retryable, bool):
                     retryable = code not in NON_RETRYABLE
-                message = _text(error.get("message"))
+                message = _text(error.get("message")) or (f"the worker gave no message; unit {outcome.unit} "
+                                                          f"ended with {outcome.result} (status {outcome.exit_status})")
             else:
                 code, retryable = ErrorCode.UNIT_FAILED, True
                 message = f"unit {outcome.unit} ended with {outcome.result} (status {outcome.exit_status})"
             if outcome.log_tail:
-                message += "\nlast log lines:\n" + "\n".join(outcome.log_tail[-10:])
+                # In the Result, which is for the job's owner and administrators (h2kd.bus.actions), not in the
+                # Error, which is everyone's: the lines may tell what a guest or an image holds.
+                result = {**result, "log_tail": outcome.log_tail[-10:]}
             self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result)
 
     # ---------------------------------------------------------------- progress
