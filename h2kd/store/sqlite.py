@@ -94,6 +94,19 @@ CREATE TABLE events (
 ) WITHOUT ROWID;
 """
 
+# What h2kd before the log_tail of a job's result put between a failed job's error message and its unit's last
+# log lines (see JobStore._move_log_tails).
+LEGACY_LOG_TAIL = "\nlast log lines:\n"
+
+
+def _cut_tail(error: Any) -> bool:
+    """Cut an error object's message (a job result's "error") at LEGACY_LOG_TAIL; whether there was one."""
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str) or LEGACY_LOG_TAIL not in error["message"]:
+        return False
+    error["message"] = error["message"].split(LEGACY_LOG_TAIL, 1)[0]
+    return True
+
+
 # Job attributes in column order (every Job field has a column of the same name).
 _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq", "attempt", "phase", "progress",
             "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
@@ -190,6 +203,7 @@ class JobStore:
         self._checkpointer = _Checkpointer(self.path)
         self._create_or_check_schema()
         self._add_missing_columns()
+        self._move_log_tails()
         self._last_event_seq: dict[str, int] = {}
         (max_seq,) = self._db.execute("SELECT COALESCE(MAX(queue_seq), 0) FROM jobs").fetchone()
         self._next_queue_seq = max_seq + 1
@@ -221,6 +235,31 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempts_not_counted INTEGER NOT NULL DEFAULT 0")
         if "cancel_requested" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+
+    def _move_log_tails(self) -> None:
+        """Once, for a store written before a failed unit's last log lines went with the job's result (log_tail):
+        they were appended to its error message, which every user may read, as LEGACY_LOG_TAIL + lines. They are
+        moved, from the job's error and result and from its "result" events, into the result."""
+        if self._db.execute("SELECT 1 FROM settings WHERE name = 'log_tails_in_results'").fetchone():
+            return
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, error_message, result FROM jobs WHERE instr(error_message, ?) > 0",
+                              (LEGACY_LOG_TAIL,)).fetchall()
+            for job_id, message, result_text in rows:
+                head, tail = message.split(LEGACY_LOG_TAIL, 1)
+                result = json.loads(result_text) if result_text else {}
+                if isinstance(result, dict):
+                    _cut_tail(result.get("error"))
+                    result["log_tail"] = tail.splitlines()
+                db.execute("UPDATE jobs SET error_message = ?, result = ? WHERE id = ?",
+                           (head, _json(result), job_id))
+            events = db.execute("SELECT job_id, seq, data FROM events WHERE kind = 'result' AND instr(data, ?) > 0",
+                                (json.dumps(LEGACY_LOG_TAIL)[1:-1],)).fetchall()
+            for job_id, seq, data in events:
+                value = json.loads(data)
+                if isinstance(value, dict) and _cut_tail(value.get("error")):
+                    db.execute("UPDATE events SET data = ? WHERE job_id = ? AND seq = ?", (_json(value), job_id, seq))
+            db.execute("INSERT INTO settings (name, value) VALUES ('log_tails_in_results', '1')")
 
     def _failure(self, error: sqlite3.Error) -> StoreFailed:
         return StoreFailed(f"the job store {self.path} cannot be written ({error}); nothing was changed")

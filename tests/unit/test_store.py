@@ -68,6 +68,34 @@ def test_every_job_field_survives_a_reopen(tmp_path):
     assert loaded.state is S.PROGRESSING and loaded.progress_known is True
 
 
+def test_log_tails_kept_in_error_messages_by_an_earlier_h2kd_move_to_the_result_once(tmp_path):
+    """An earlier h2kd appended a failed unit's last log lines to the job's error message, which every user reads;
+    they go to the result's log_tail (its owner's and administrators') when the store is opened."""
+    path = tmp_path / "h2kd.sqlite"
+    head = "its content matches no disk image"
+    legacy = head + "\nlast log lines:\nh2k-worker: job old attempt 1\nh2k-worker: failed: INVALID_IMAGE"
+    error = {"code": "INVALID_IMAGE", "message": legacy, "phase": "inspect"}
+    job = new_job("old", state=S.FAILED, error_code="INVALID_IMAGE", error_message=legacy,
+                  result={"status": "failed", "error": dict(error)})
+    other = new_job("other", state=S.FAILED, error_code="X", error_message="last log lines: a word, not the marker")
+    with JobStore(path) as s:
+        s.insert_job(job, "submitted")
+        s.insert_job(other, "submitted")
+        s.append_event("old", "result", {"status": "failed", "error": dict(error)})
+    with sqlite3.connect(path) as db:     # as written by that earlier h2kd, which had no such setting
+        db.execute("DELETE FROM settings WHERE name = 'log_tails_in_results'")
+    for _ in range(2):
+        with JobStore(path) as s:
+            loaded = {j.id: j for j in s.load_jobs()}
+            events = s.events("old")
+        assert loaded["old"].error_message == head
+        assert loaded["old"].result == {"status": "failed", "error": {**error, "message": head},
+                                        "log_tail": ["h2k-worker: job old attempt 1",
+                                                     "h2k-worker: failed: INVALID_IMAGE"]}
+        assert events[-1].kind == "result" and events[-1].data["error"]["message"] == head
+        assert loaded["other"].error_message == other.error_message and loaded["other"].result == {}
+
+
 def test_insert_writes_history_and_first_event(store):
     job = new_job("a")
     event = store.insert_job(job, "submitted by uid 1000")
