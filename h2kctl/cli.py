@@ -315,7 +315,7 @@ async def _wait_and_report(client: Client, job_id: str, path: str, out: Output) 
 
 
 def _error_line(props: dict[str, Any]) -> str:
-    """'job X failed: CODE: message' on one line (a worker's message may carry a log tail)."""
+    """'job X failed: CODE: message' on one line (a worker's message may have more lines)."""
     message = _first_line(final_message(props)).rstrip(" …")
     return message[0].lower() + message[1:]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -332,12 +333,21 @@ async def _read_jobs(client: Client, paths: list[str], jobs: dict[str, dict[str,
 
 
 async def _read_results(client: Client, paths: list[str], jobs: dict[str, dict[str, Any]]) -> None:
-    """The Result of each completed job of `paths` not known yet, for its final message (the files it wrote);
-    a job gone or unreadable meanwhile is announced without it."""
-    async def read(path: str) -> None:
-        with contextlib.suppress(CtlError):
-            jobs[path]["Result"] = await client.get_job_property(path, "Result")
-    await asyncio.gather(*(read(p) for p in paths if jobs[p].get("State") == "completed" and "Result" not in jobs[p]))
+    """The Result of each of the caller's own completed jobs of `paths` not known yet, READ_AT_ONCE at a time, for
+    its final message (the files it wrote). Another user's job is not read (it would cost a polkit check each),
+    and one gone or unreadable meanwhile is announced without it."""
+    window = asyncio.Semaphore(READ_AT_ONCE)
+    uid = os.getuid()
+
+    async def read(path: str, props: dict[str, Any]) -> None:
+        async with window:
+            with contextlib.suppress(CtlError):
+                value = await client.get_job_property(path, "Result")
+                if jobs.get(path) is props:     # not removed, nor seen anew, meanwhile
+                    props["Result"] = value
+    await asyncio.gather(*(read(p, jobs[p]) for p in paths
+                           if jobs[p].get("State") == "completed" and "Result" not in jobs[p]
+                           and (uid == 0 or jobs[p].get("Owner") == uid)))
 
 
 async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
@@ -406,6 +416,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
             finished_now = [p for p, props in jobs.items()
                             if props.get("State") in TERMINAL and p not in announced]
             await _read_results(client, finished_now, jobs)
+            finished_now = [p for p in finished_now if p in jobs]   # removed while the results were read
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
             if tty:
                 control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")

@@ -739,7 +739,8 @@ def test_inspect_prints_a_report(env, images):
     assert result.returncode == 0, result
     report = json.loads(result.stdout)
     assert report["job"]["operation"] == "inspect" and report["job"]["state"] == "completed"
-    assert report["job"]["spec"]["image"]["path"] == str(images["vmdk"]), report["job"]   # Get, not GetAll    assert report["job"]["state"] == job_state(env, report["job"]["id"])
+    assert report["job"]["spec"]["image"]["path"] == str(images["vmdk"]), report["job"]   # Get, not GetAll
+    assert report["job"]["state"] == job_state(env, report["job"]["id"])
     assert isinstance(report["report"], dict) and report["report"]
     assert "vmdk" in json.dumps(report["report"]).lower()
     human = h2kctl(env, "inspect", str(images["vmdk"]), timeout=120)
