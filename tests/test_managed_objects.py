@@ -188,6 +188,13 @@ def test_spec_and_result_are_read_with_get_only(stack, stack_env):
         assert submitted["capability_requirements"] == {"testlab": label}
         assert await get("Result") == "{}"
 
+        def state_told() -> Message | None:
+            return next((m for m in arrivals if m.member == "PropertiesChanged" and m.path == path
+                         and "State" in m.body[1]), None)
+        await wait_for(lambda: _async(state_told()), 10, "the claim's PropertiesChanged")
+        # A change of state that leaves the Result as it was does not name it (clients would read it again).
+        assert not any("Result" in m.body[2] for m in arrivals if m.member == "PropertiesChanged"), arrivals
+
         outputs = {"disks": [{"path": "/nowhere/disk.qcow2"}]}
         await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
             "success": Variant("b", True), "outputs": Variant("s", json.dumps(outputs))}])

@@ -79,7 +79,7 @@ class _Pending:
 
 @dataclass(eq=False)
 class _ExportedJob:
-    __slots__ = ("path", "job", "pending", "vardict", "entry", "row", "row_key")
+    __slots__ = ("path", "job", "pending", "vardict", "entry", "row", "row_key", "result_key")
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
@@ -87,6 +87,7 @@ class _ExportedJob:
     entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
     row: bytes | None                   # the job's ListJobs row, marshalled, for the values in row_key
     row_key: tuple | None
+    result_key: int | None              # hash of the Result as last announced (not cached: up to 64 KiB)
 
     def announced(self) -> dict[str, Variant]:
         """The properties as last announced (read from the job if nothing is cached)."""
@@ -339,7 +340,7 @@ class BusService:
         exported = self._jobs.get(job.id)
         if exported is not None:
             return exported
-        exported = _ExportedJob(job_path(job.id), job, None, None, None, None, None)
+        exported = _ExportedJob(job_path(job.id), job, None, None, None, None, None, None)
         self._bus.export_shared(exported.path, self._job_iface)
         self._jobs[job.id] = exported
         self._job_paths[exported.path] = exported
@@ -349,6 +350,7 @@ class BusService:
         try:
             exported = self._export_job(job)
             exported.vardict, exported.entry = None, None
+            exported.result_key = hash(result_text(job))
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
                          [exported.path, {JOB_INTERFACE: exported.announced()}])
             self._signal(MANAGER_PATH, MANAGER_INTERFACE, "JobNew", "so", [job.id, exported.path])
@@ -411,10 +413,15 @@ class BusService:
 
     @staticmethod
     def _changed_values(exported: _ExportedJob, names: list[str]) -> dict[str, Variant]:
-        """Of the named properties, those whose value differs from the last announced (all without a cache),
-        and the explicit ones, which are not cached (a Result may be 64 KiB: kept once, on the job); the
-        cache then holds the new values."""
+        """Of the named properties, those whose value differs from the last announced (all without a cache);
+        the cache then holds the new values. The explicit ones are not cached (a Result may be 64 KiB: kept
+        once, on the job), the Result is compared by its hash."""
         values = job_vardict(exported.job, names)
+        if "Result" in values:
+            key = hash(values["Result"].value)
+            if key == exported.result_key:
+                del values["Result"]
+            exported.result_key = key
         cached = exported.vardict
         if cached is None:
             return values
