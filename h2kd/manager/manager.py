@@ -882,8 +882,10 @@ class JobManager:
                 retryable = error.get("retryable")
                 if not isinstance(retryable, bool):
                     retryable = code not in NON_RETRYABLE
-                message = _text(error.get("message")) or (f"the worker gave no message; unit {outcome.unit} "
-                                                          f"ended with {outcome.result} (status {outcome.exit_status})")
+                message = _text(error.get("message"))
+                if not message.strip():
+                    message = (f"the worker gave no message; unit {outcome.unit} ended with {outcome.result} "
+                               f"(status {outcome.exit_status})")
             else:
                 code, retryable = ErrorCode.UNIT_FAILED, True
                 message = f"unit {outcome.unit} ended with {outcome.result} (status {outcome.exit_status})"
@@ -992,6 +994,8 @@ class JobManager:
             delay = min(self._config.retry_backoff_base_seconds * 2 ** (counted - 1),
                         self._config.retry_backoff_max_seconds)
             job.error_code, job.error_message = code.value, message
+            # Until the next attempt ends, the Result tells how this one failed (with its unit's last lines).
+            job.result = self._attempt_result(job, S.FAILED, _failed(result, code, message, phase))
             job.not_before = now_usec() + int(delay * 1_000_000)
             self._transition(job, S.RETRYING,
                              f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
@@ -1001,14 +1005,13 @@ class JobManager:
 
     def _fail(self, job: Job, code: ErrorCode, message: str, phase: str,
               result: dict[str, Any] | None = None) -> None:
-        result = dict(result or {})
-        result["status"] = "failed"
-        result["error"] = {"phase": phase, "code": code.value, "message": message,
-                           "retryable": code not in NON_RETRYABLE}
         job.error_code, job.error_message = code.value, message
-        self._finish(job, S.FAILED, f"{code.value}: {message.splitlines()[0] if message else ''}", result)
+        self._finish(job, S.FAILED, f"{code.value}: {message.splitlines()[0] if message else ''}",
+                     _failed(result, code, message, phase))
 
-    def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None) -> None:
+    @staticmethod
+    def _attempt_result(job: Job, state: JobState, result: dict[str, Any] | None) -> dict[str, Any]:
+        """The job's result (JobResult) after an attempt ended in `state`, from what the attempt gave."""
         result = dict(result or {})
         result.setdefault("status", state.value)
         result.setdefault("outputs", {})
@@ -1018,7 +1021,10 @@ class JobManager:
         result["attempt"] = job.attempt
         if state == S.CANCELLED:
             result["status"] = "cancelled"
-        job.result = result
+        return result
+
+    def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None) -> None:
+        job.result = result = self._attempt_result(job, state, result)
         job.finished_at = now_usec()
         job.not_before = 0
         self._transition(job, state, reason)
@@ -1332,6 +1338,12 @@ class JobManager:
 
 
 # Fields that may change together with a state transition.
+def _failed(result: dict[str, Any] | None, code: ErrorCode, message: str, phase: str) -> dict[str, Any]:
+    """An attempt's result (as its worker gave it, if at all) marked failed with this error."""
+    return {**(result or {}), "status": "failed",
+            "error": {"phase": phase, "code": code.value, "message": message, "retryable": code not in NON_RETRYABLE}}
+
+
 _STATE_FIELDS = {"attempt", "worker", "unit", "started_at", "finished_at", "result", "error_code",
                  "error_message", "phase", "progress", "progress_known", "bytes_done", "bytes_total",
                  "rate", "expected_end", "wait_reason"}

@@ -88,6 +88,9 @@ class JobResult(_Model):
     error: JobError | None = None
     worker: str = ""
     attempt: int = Field(default=0, ge=0)
+    # A failed unit's last log lines, which h2kd adds from the journal (the result is for the job's owner and
+    # administrators to read; the error's message is everyone's).
+    log_tail: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> JobResult:

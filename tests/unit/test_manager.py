@@ -237,8 +237,11 @@ def test_failure_retries_with_backoff_then_fails(tmp_path, image):
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
         await settle()
-        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: boom"]))
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: first"]))
         assert job.state.value == "retrying"
+        # Until the retry ends, the Result tells the owner how the first attempt failed, and why.
+        assert job.result["status"] == "failed" and job.result["attempt"] == 1
+        assert job.result["log_tail"] == ["qemu-img: first"] and "first" not in job.error_message
         await until(lambda: len(runner.started) == 2)
         assert runner.started == [(job.id, 1), (job.id, 2)]
         m.unit_finished(job.id, 2, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: boom"]))
