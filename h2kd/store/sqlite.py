@@ -97,6 +97,8 @@ CREATE TABLE events (
 # What h2kd before the log_tail of a job's result put between a failed job's error message and its unit's last
 # log lines (see JobStore._move_log_tails).
 LEGACY_LOG_TAIL = "\nlast log lines:\n"
+_LOG_TAILS_MOVED = "INSERT INTO settings (name, value) VALUES ('log_tails_in_results', '1')"
+_SETTINGS_TABLE = "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 def _cut_tail(error: Any) -> bool:
@@ -219,6 +221,8 @@ class JobStore:
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                self._db.execute(_SETTINGS_TABLE)
+                self._db.execute(_LOG_TAILS_MOVED)     # a new store has none to move
                 return
             row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         if row[0] != SCHEMA_VERSION:
@@ -227,7 +231,7 @@ class JobStore:
 
     def _add_missing_columns(self) -> None:
         """Additions made within schema version 1 (stores written by earlier builds get them here)."""
-        self._db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute(_SETTINGS_TABLE)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "source_identity" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN source_identity TEXT NOT NULL DEFAULT ''")
@@ -259,7 +263,7 @@ class JobStore:
                 value = json.loads(data)
                 if isinstance(value, dict) and _cut_tail(value.get("error")):
                     db.execute("UPDATE events SET data = ? WHERE job_id = ? AND seq = ?", (_json(value), job_id, seq))
-            db.execute("INSERT INTO settings (name, value) VALUES ('log_tails_in_results', '1')")
+            db.execute(_LOG_TAILS_MOVED)
 
     def _failure(self, error: sqlite3.Error) -> StoreFailed:
         return StoreFailed(f"the job store {self.path} cannot be written ({error}); nothing was changed")
