@@ -829,23 +829,30 @@ def test_a_result_is_read_by_whom_polkit_lets_read_other_users_results(stack, us
     assert result.returncode == 0, result.stderr
     job_path = _job_path(stack, job_id)
     rules = stack.polkit_rules_dir / "60-h2kt-readers.rules"
-    rules.write_text('polkit.addRule(function(action, subject) {\n'
-                     f'  if ((subject.user == "{CAROL}" && action.id == "{ACTION_MANAGE}") ||\n'
-                     f'      (subject.user == "{BOB}" && action.id == "{ACTION_READ_OTHER_USER}"))\n'
-                     '    return polkit.Result.YES;\n});\n')
-    rules.chmod(0o644)
+
+    def read_as(user: str, allowed: bool) -> subprocess.CompletedProcess[str]:
+        """Get of the Result as `user`, asked again until polkitd has taken the rules file's coming or going
+        (it notices by itself) and gives the answer `allowed`, or 20 s have passed."""
+        deadline = time.monotonic() + 20
+        while True:
+            read = _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "Result")
+            if (read.returncode == 0) == allowed or time.monotonic() > deadline:
+                return read
+            time.sleep(0.3)
     try:
+        rules.write_text('polkit.addRule(function(action, subject) {\n'
+                         f'  if ((subject.user == "{CAROL}" && action.id == "{ACTION_MANAGE}") ||\n'
+                         f'      (subject.user == "{BOB}" && action.id == "{ACTION_READ_OTHER_USER}"))\n'
+                         '    return polkit.Result.YES;\n});\n')
+        rules.chmod(0o644)
         for user in (CAROL, BOB):
-            deadline = time.monotonic() + 20      # polkitd notices a new rules file by itself
-            while True:
-                read = _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "Result")
-                if read.returncode == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.3)
+            read = read_as(user, allowed=True)
             assert read.returncode == 0, (user, read.stderr)
             assert read.stdout.strip() == "(<'{}'>,)", read.stdout    # held: no result yet, and it may say so
     finally:
-        rules.unlink()
+        rules.unlink(missing_ok=True)
+        # Gone again before the next test, which shares this polkitd.
+        assert _error_name(read_as(CAROL, allowed=False)) == ACCESS_DENIED
 
 
 @pytest.mark.stack
