@@ -1337,13 +1337,13 @@ class JobManager:
                 _safely(listener.manager_changed, changed)
 
 
-# Fields that may change together with a state transition.
 def _failed(result: dict[str, Any] | None, code: ErrorCode, message: str, phase: str) -> dict[str, Any]:
     """An attempt's result (as its worker gave it, if at all) marked failed with this error."""
     return {**(result or {}), "status": "failed",
             "error": {"phase": phase, "code": code.value, "message": message, "retryable": code not in NON_RETRYABLE}}
 
 
+# Fields that may change together with a state transition.
 _STATE_FIELDS = {"attempt", "worker", "unit", "started_at", "finished_at", "result", "error_code",
                  "error_message", "phase", "progress", "progress_known", "bytes_done", "bytes_total",
                  "rate", "expected_end", "wait_reason"}
