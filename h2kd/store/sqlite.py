@@ -251,16 +251,23 @@ class JobStore:
                               (LEGACY_LOG_TAIL,)).fetchall()
             for job_id, message, result_text in rows:
                 head, tail = message.split(LEGACY_LOG_TAIL, 1)
-                result = json.loads(result_text) if result_text else {}
+                try:
+                    result = json.loads(result_text) if result_text else {}
+                except ValueError:
+                    result = None       # left as it is: reading the job says what is wrong with it
                 if isinstance(result, dict):
                     _cut_tail(result.get("error"))
-                    result["log_tail"] = tail.splitlines()
-                db.execute("UPDATE jobs SET error_message = ?, result = ? WHERE id = ?",
-                           (head, _json(result), job_id))
+                    if result.get("status") == "failed":    # a job that failed once and went on keeps no lines
+                        result["log_tail"] = tail.splitlines()
+                    result_text = _json(result)
+                db.execute("UPDATE jobs SET error_message = ?, result = ? WHERE id = ?", (head, result_text, job_id))
             events = db.execute("SELECT job_id, seq, data FROM events WHERE kind = 'result' AND instr(data, ?) > 0",
                                 (json.dumps(LEGACY_LOG_TAIL)[1:-1],)).fetchall()
             for job_id, seq, data in events:
-                value = json.loads(data)
+                try:
+                    value = json.loads(data)
+                except ValueError:      # a damaged event stays as it is: the daemon must still start
+                    continue
                 if isinstance(value, dict) and _cut_tail(value.get("error")):
                     db.execute("UPDATE events SET data = ? WHERE job_id = ? AND seq = ?", (_json(value), job_id, seq))
             db.execute(_LOG_TAILS_MOVED)

@@ -78,9 +78,13 @@ def test_log_tails_kept_in_error_messages_by_an_earlier_h2kd_move_to_the_result_
     job = new_job("old", state=S.FAILED, error_code="INVALID_IMAGE", error_message=legacy,
                   result={"status": "failed", "error": dict(error)})
     other = new_job("other", state=S.FAILED, error_code="X", error_message="last log lines: a word, not the marker")
+    # Failed once, then went on: its message loses the lines, and its result, not a failure, gets none.
+    went_on = new_job("went_on", state=S.COMPLETED, error_code="UNIT_FAILED", error_message=legacy,
+                      result={"status": "completed", "outputs": {}})
     with JobStore(path) as s:
         s.insert_job(job, "submitted")
         s.insert_job(other, "submitted")
+        s.insert_job(went_on, "submitted")
         s.append_event("old", "result", {"status": "failed", "error": dict(error)})
     with sqlite3.connect(path) as db:     # as written by that earlier h2kd, which had no such setting
         db.execute("DELETE FROM settings WHERE name = 'log_tails_in_results'")
@@ -94,6 +98,8 @@ def test_log_tails_kept_in_error_messages_by_an_earlier_h2kd_move_to_the_result_
                                                      "h2k-worker: failed: INVALID_IMAGE"]}
         assert events[-1].kind == "result" and events[-1].data["error"]["message"] == head
         assert loaded["other"].error_message == other.error_message and loaded["other"].result == {}
+        assert loaded["went_on"].error_message == head
+        assert loaded["went_on"].result == {"status": "completed", "outputs": {}}
 
 
 def test_insert_writes_history_and_first_event(store):
