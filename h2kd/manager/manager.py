@@ -1194,7 +1194,8 @@ class JobManager:
                 self._release_worker(job)
                 self._complete(job, {**result, "status": "completed"})
                 return
-            self._attempt_failed(job, code, error_message or "the worker reported a failure", job.phase or "run",
+            self._attempt_failed(job, code, error_message if error_message.strip() else "the worker reported a failure",
+                                 job.phase or "run",
                                  code not in NON_RETRYABLE, result)
 
     def unregister_worker(self, worker_id: str) -> None:

@@ -681,6 +681,20 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_failure_reported_with_a_blank_message_says_the_worker_failed(tmp_path, image):
+    """A failed job's Error always says something: an external worker's blank message is replaced."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.8")
+        assert m.claim(worker.id) is job
+        m.report_result(worker.id, job.id, False, {}, "INVALID_IMAGE", "  \n ", 0, 0)
+        assert job.state.value == "failed" and job.error_message == "the worker reported a failure"
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job(tmp_path, image):
     """StartTransientUnit was on its way when the shutdown began; systemd refuses it: not the job's fault."""
     async def go():
