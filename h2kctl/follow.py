@@ -416,7 +416,8 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
             finished_now = [p for p, props in jobs.items()
                             if props.get("State") in TERMINAL and p not in announced]
             await _read_results(client, finished_now, jobs)
-            finished_now = [p for p in finished_now if p in jobs]   # removed while the results were read
+            # Removed (or replaced by a new job of that id) while the results were read: not finished news now.
+            finished_now = [p for p in finished_now if jobs.get(p, {}).get("State") in TERMINAL]
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
             if tty:
                 control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")
