@@ -186,14 +186,19 @@ class BusService:
         return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
                                  f"no object manager at {msg.path}; use {MANAGER_PATH}")
 
+    def _job_properties_call(self, msg: Message, member: str, signature: str) -> _ExportedJob | None:
+        """The job a Properties.<member> call on the Job interface is for; None for any other message, or for a
+        path with no job (dbus-fast then says there is no such object)."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != member or msg.interface != PROPERTIES
+                or msg.signature != signature or msg.body[0] != JOB_INTERFACE):
+            return None
+        return self._job_paths.get(msg.path or "")
+
     def _answer_job_get_all(self, msg: Message) -> Message | bool | None:
         """A job's Properties.GetAll, without its explicit properties (dbus-fast's own answer has them all)."""
-        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "GetAll" or msg.interface != PROPERTIES
-                or msg.signature != "s" or msg.body[0] != JOB_INTERFACE):
-            return None
-        exported = self._job_paths.get(msg.path or "")
+        exported = self._job_properties_call(msg, "GetAll", "s")
         if exported is None:
-            return None     # dbus-fast says there is no such object
+            return None
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
         return Message.new_method_return(msg, "a{sv}", [job_vardict(exported.job)])
@@ -201,12 +206,9 @@ class BusService:
     def _answer_job_result(self, msg: Message) -> bool | None:
         """A job's Properties.Get of Result, answered once the caller is found to be allowed it (dbus-fast's own
         answer would give it to anyone)."""
-        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "Get" or msg.interface != PROPERTIES
-                or msg.signature != "ss" or msg.body[0] != JOB_INTERFACE or msg.body[1] not in PRIVATE_PROPERTIES):
+        exported = self._job_properties_call(msg, "Get", "ss")
+        if exported is None or msg.body[1] not in PRIVATE_PROPERTIES:
             return None
-        exported = self._job_paths.get(msg.path or "")
-        if exported is None:
-            return None     # dbus-fast says there is no such object
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True     # nobody to tell: no polkit check for it
         task = asyncio.get_running_loop().create_task(self._send_result(msg, exported.job.id))  # sees the caller
@@ -349,7 +351,7 @@ class BusService:
     def job_added(self, job: Job) -> None:
         try:
             exported = self._export_job(job)
-            exported.vardict, exported.entry = None, None
+            exported.vardict = None         # announced() below makes it from the job as it is now
             exported.result_key = hash(result_text(job))
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
                          [exported.path, {JOB_INTERFACE: exported.announced()}])
