@@ -5,6 +5,7 @@ how long the page takes to show its job list."""
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import statistics
 import time
@@ -27,9 +28,10 @@ def missing_programs() -> list[str]:
 
 
 @contextmanager
-def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
+def page_server(stack: Any, data_dir: Path, user: str | None = None) -> Iterator[str]:
     """cockpit-ws on a free loopback port, for the page's URL; stopped afterwards with the bridges it started
-    (by pid). data_dir holds the page's link and cockpit-ws's log."""
+    (by pid). data_dir holds the page's link and cockpit-ws's log. With `user`, cockpit-ws and its bridge run
+    as that user (data_dir and this repository must be readable by them), so the page sees what they may."""
     (data_dir / "cockpit").mkdir(parents=True)
     (data_dir / "cockpit" / "h2kd").symlink_to(REPO / "cockpit")
     port = free_port()
@@ -38,11 +40,17 @@ def page_server(stack: Any, data_dir: Path) -> Iterator[str]:
            # sockets (/tmp/dbus-*, /tmp/ssh-*) outlive them. The page needs neither.
            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={data_dir}/no-session-bus",
            "SSH_AUTH_SOCK": str(data_dir / "no-ssh-agent")}
+    identity: dict[str, Any] = {}
+    if user is not None:
+        account = pwd.getpwnam(user)
+        env.update(HOME=account.pw_dir, USER=user, LOGNAME=user)
+        identity = dict(user=account.pw_uid, group=account.pw_gid,
+                        extra_groups=os.getgrouplist(user, account.pw_gid), cwd=account.pw_dir)
     log_path = data_dir / "cockpit-ws.log"
     with open(log_path, "wb") as log:
         ws = subprocess.Popen([COCKPIT_WS, "--no-tls", "--address", "127.0.0.1", "--port", str(port),
                                "--local-session=cockpit-bridge"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                              env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **identity)
     base = f"http://127.0.0.1:{port}/cockpit/@localhost/h2kd"
 
     def serving() -> bool:

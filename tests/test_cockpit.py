@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -591,3 +592,53 @@ def test_a_job_that_cannot_be_read_is_retried_with_a_backoff(browser: Browser, c
         stop_failing_job_reads(browser)
         load.cancel_and_remove(stack.bus_address, made)
 
+
+
+@pytest.fixture(scope="module")
+def viewer_url(stack: Any) -> Iterator[str]:
+    """The page as served to a user who is neither root nor in any group of h2kd's (cockpit-ws and its bridge
+    run as that user): the user and the page's directory are removed afterwards."""
+    name = "h2kt-viewer"
+    subprocess.run(["userdel", "-r", name], capture_output=True)      # left over from an interrupted run
+    subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    data_dir = Path(tempfile.mkdtemp(prefix="h2k-cockpit-viewer-"))
+    try:
+        data_dir.chmod(0o755)
+        with page_server(stack, data_dir, user=name) as url:
+            yield url
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+def test_another_users_job_shows_why_its_result_is_withheld(browser: Browser, viewer_url: str, stack: Any,
+                                                            env: dict[str, str], tmp_path: Path) -> None:
+    """A user who does not own a job sees it, its spec and its error, but in place of its result the reason
+    h2kd gives for withholding it; the result itself (what the job found in the image) appears nowhere."""
+    tmp_path.chmod(0o755)
+    source = make_image("vmdk", "monolithicSparse", tmp_path / "private.vmdk", size=16 * MiB, seed=5)
+
+    async def inspected(client: Client) -> str:
+        job_id, path = await client.submit(inspect_spec(str(source)))
+        assert (await client.wait_terminal(path, timeout=120))["State"] == "completed"
+        return job_id
+    job_id = with_client(stack.bus_address, inspected)
+    try:
+        result = job_property(env, job_id, "Result")
+        assert "virtual_size" in result, result
+        open_page(browser, viewer_url)
+        wait_until(lambda: browser.exists(f"tr[data-job-id='{job_id}'] .job-link"), 15, what="the job's row")
+        assert row_state(browser, job_id)["state"] == "completed"
+        browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
+        spec = wait_until(lambda: (t := browser.execute("return document.getElementById('details-spec').textContent"))
+                          .startswith("{") and t, 15, what="the job's spec")
+        assert json.loads(spec) == json.loads(job_property(env, job_id, "Spec"))
+        shown = wait_until(lambda: (t := browser.execute("return document.getElementById('details-result')"
+                                                         ".textContent")) != "No result yet." and t, 15,
+                           what="the job's result box")
+        assert f"the result of job {job_id} is for its owner (uid 0) and administrators to read" in shown, shown
+        page_text = browser.execute("return document.body.innerText")
+        assert "virtual_size" not in page_text
+        assert script_errors(browser) == []
+    finally:
+        load.cancel_and_remove(stack.bus_address, [job_id])
