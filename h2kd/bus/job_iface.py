@@ -86,7 +86,7 @@ PROGRESS_FIELDS = frozenset({"progress", "progress_known", "bytes_done", "bytes_
 # Read with Properties.Get only, as sd-bus does for its "explicit" properties: left out of GetAll,
 # GetManagedObjects and InterfacesAdded (a change of one is still told by PropertiesChanged).
 # They are large (a spec is ~420 bytes of JSON, a result up to 64 KiB): with 10,000 jobs the Spec alone was
-# a third of GetManagedObjects' 13 MB, which dbus-daemon relays a few KiB at a time; listings need neither.
+# a third of GetManagedObjects' 13 MB, which dbus-daemon relays 2 KiB per turn of its loop; listings need neither.
 EXPLICIT_PROPERTIES = frozenset({"Spec", "Result"})
 # What a job's worker found (a VM's facts, a repaired guest's changes) comes from files other users may not read:
 # the Result is read only through h2kd.bus.actions.JobCommands.read_result, and a change of it is announced by
