@@ -818,6 +818,53 @@ def test_sigterm_mid_conversion_cancels_and_cleans_up(lib: Path, tmp_path: Path,
                    for pid in seen["children"])
 
 
+
+# Runs the worker (the command line after the wrapper: PYTHON -m h2kd.worker --spec ... --result ...) with a
+# SIGTERM sent to itself at a chosen point: after the outputs got their names, or as the result is written.
+_LATE_STOP = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from h2kd.operations import convert
+from h2kd.worker import main
+where = os.environ["H2K_TEST_STOP_AT"]
+def stop_after(real):
+    def call(*args, **kwargs):
+        value = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return value
+    return call
+def stop_before(real):
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return call
+if where == "committed":
+    convert._commit = stop_after(convert._commit)
+else:
+    main._write_result = stop_before(main._write_result)
+sys.argv = ["h2k-worker", *sys.argv[4:]]
+main.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["committed", "writing the result"])
+def test_a_stop_once_the_outputs_have_their_names_lets_the_attempt_complete(lib: Path, tmp_path: Path, out: Path,
+                                                                          where: str) -> None:
+    """A cancel, an administrator's stop or the time limit that comes once the outputs got their names (or as the
+    result is written) finds the work done: the attempt reports it completed, with its outputs, rather than
+    cancelled with its outputs left in place, which a retry would then find in its way."""
+    script = tmp_path / "late_stop.py"
+    script.write_text(_LATE_STOP)
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data2.raw")
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "disk.qcow2"), [out], wrapper=[PYTHON, str(script)],
+                     env={"H2K_TEST_STOP_AT": "committed" if where == "committed" else "result"})
+    assert run.returncode == 0, run.log
+    assert run.result["status"] == "completed", run.result
+    assert [d["path"] for d in run.result["outputs"]["disks"]] == [str(out / "disk.qcow2")]
+    assert leftovers(out) == ["disk.qcow2"]
+    assert compare(lib / "data2.raw", "raw", out / "disk.qcow2", "qcow2")
+    assert "asked to stop (cancelled) with the outputs already in place" in run.log
+
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     mount = tmp_path / "tmpfs"

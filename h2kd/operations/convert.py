@@ -309,7 +309,7 @@ def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: 
 def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                 on_process: Callable[[Any], None] | None = None,
                 owner: dict[str, int] | None = None, temp_record: str | None = None,
-                repair: Repair | None = None) -> dict[str, Any]:
+                repair: Repair | None = None, on_commit: Callable[[], None] | None = None) -> dict[str, Any]:
     """The convert operation: outputs {"disks": [...], "domain_xml": path|None, "report": ...}, and with
     repair also "offline_fix": the repair's report.
 
@@ -319,11 +319,14 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     fails, its OperationError goes on with outputs {"disks": [], "domain_xml": None, "offline_fix": <its
     report, if any>}, and nothing is left in the output directory.
     A failed job leaves no job directory behind either (see plan_outputs) unless an earlier attempt made it.
+    on_commit: called just before the outputs start to get their names; from then on the attempt must run to
+    its end rather than be stopped (h2kd.worker.main holds a SIGTERM back).
     """
     job_dir = _job_dir_of(spec, output_roots)
     made_here = job_dir is not None and not os.path.lexists(job_dir)
     try:
-        return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, job_dir)
+        return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, job_dir,
+                            on_commit or (lambda: None))
     except BaseException:
         if made_here:
             try:
@@ -335,7 +338,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
 
 def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                  on_process: Callable[[Any], None] | None, owner: dict[str, int] | None, temp_record: str | None,
-                 repair: Repair | None, job_dir: str | None) -> dict[str, Any]:
+                 repair: Repair | None, job_dir: str | None, on_commit: Callable[[], None]) -> dict[str, Any]:
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     durable = bool(parameters.get("sync", True))
@@ -401,6 +404,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             plans_to_commit = [(p.temp, p.destination) for p in plans] + [(temp, domain_path)]
         else:
             plans_to_commit = [(p.temp, p.destination) for p in plans]
+        on_commit()
         _commit(plans_to_commit, temps, overwrite, durable, owner)
     finally:
         temps.remove_all()

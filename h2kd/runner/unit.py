@@ -22,6 +22,18 @@ UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 STOP_TIMEOUT_SECONDS = 30
 DEFAULT_TIMEOUT_SECONDS = 3600
 
+
+def runtime_limit(timeout_seconds: int | None) -> int:
+    """systemd's limit on a unit's run time (RuntimeMaxSec), in seconds: the job's timeout and a margin.
+
+    The worker ends itself at the job's timeout (counted from its own start, a little after the unit's), and
+    reports TIMEOUT with its partial output removed. systemd's limit is the backstop for a worker that does not:
+    were it the same, systemd's clock, started first, would always win, and a worker stopped by systemd cannot
+    tell a time limit from a cancel, nor finish an attempt whose outputs were already getting their names."""
+    timeout = int(timeout_seconds or DEFAULT_TIMEOUT_SECONDS)
+    return timeout + min(max(timeout // 10, 5), 60)
+
+
 # Devices an operation may open (DeviceAllow=, with DevicePolicy=closed). Reading and writing image
 # files needs none; offline fixes attach images as loop/nbd block devices and map partitions with dm.
 _OPERATION_DEVICES: dict[str, list[tuple[str, str]]] = {
@@ -173,7 +185,7 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("LogExtraFields", Variant("aay", [f"H2K_JOB_ID={job_id}".encode(), f"H2K_ATTEMPT={attempt}".encode(),
                                             f"H2K_OPERATION={operation}".encode()])),
         ("CollectMode", Variant("s", "inactive-or-failed")),
-        ("RuntimeMaxUSec", Variant("t", int(timeout_seconds or DEFAULT_TIMEOUT_SECONDS) * 1_000_000)),
+        ("RuntimeMaxUSec", Variant("t", runtime_limit(timeout_seconds) * 1_000_000)),
         ("DevicePolicy", Variant("s", "closed")),
         ("DeviceAllow", Variant("a(ss)", [list(d) for d in devices_for("offline_fix" if fixes_guest else operation)])),
         ("ProtectSystem", Variant("s", "strict")),

@@ -131,6 +131,13 @@ def _write_result(path: str, result: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
+    # The name too: after a power cut, a completed attempt whose result is missing would run again, and find
+    # its own outputs in the way.
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
 
 
 def _read_envelope(path: str) -> dict[str, Any]:
@@ -198,7 +205,7 @@ def _ensure_same_source(path: str, identity: str, owner_uid: int) -> None:
 
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
                    on_process: Callable[[Any], None], owner: dict[str, int] | None = None,
-                   temp_record: str | None = None) -> dict[str, Any]:
+                   temp_record: str | None = None, on_commit: Callable[[], None] | None = None) -> dict[str, Any]:
     # Each operation's modules are imported only when it runs: start-up time is part of every job.
     from h2kd.operations.qemuimg import OperationError
 
@@ -224,7 +231,7 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
             # The boot disk is repaired before it gets its name: never a converted but unrepaired output.
             from h2kd.operations import offline_fix
             repair = offline_fix.boot_disk_repair(spec["parameters"])
-        return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair)
+        return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, on_commit)
     if operation == "offline_fix":
         from h2kd.operations import offline_fix
         return offline_fix.run_offline_fix_job(spec, output_roots, progress, owner, temp_record)
@@ -277,11 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     reporter = StatusReporter()
     child: list[Any] = [None]
     stopping: list[str] = []
+    # Set once the outputs start to get their names, and while the result is written: a stop asked for then
+    # (a late cancel, the time limit) finds the attempt as good as ended. Stopping it there would report it
+    # cancelled or failed with its outputs already in place, and a retry would find them in its way.
+    past_stopping: list[bool] = [False]
 
     def stop(reason: str) -> None:
         if stopping:
             return        # already stopping: let the clean-up finish
         stopping.append(reason)
+        if past_stopping[0]:
+            say(f"h2k-worker: asked to stop ({reason}) with the outputs already in place: the attempt ends as it is")
+            return
         proc = child[0]
         if proc is not None and proc.poll() is None:
             try:
@@ -289,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             except ProcessLookupError:
                 pass
         raise Stopped(reason)
+
+    def committing() -> None:
+        past_stopping[0] = True
 
     signal.signal(signal.SIGTERM, lambda *_: stop("cancelled"))
     signal.signal(signal.SIGINT, lambda *_: stop("cancelled"))
@@ -312,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
-                                     envelope.get("owner"), temp_record_path(args.spec))
+                                     envelope.get("owner"), temp_record_path(args.spec), committing)
             signal.alarm(0)
             result["metrics"]["bytes_read"] = int(outputs.pop("bytes_read", 0))
             result["metrics"]["bytes_written"] = int(outputs.pop("bytes_written", 0))
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                                "retryable": True}
             exit_code = EXIT_RETRY
     except Stopped as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        past_stopping[0] = True
         if e.reason == "timeout":
             result["error"] = {"phase": "run", "code": "TIMEOUT", "message": "the job ran past its time limit; "
                                "the partial output was removed", "retryable": True}
@@ -344,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result.update(status="cancelled", error=None, outputs={})
             exit_code = EXIT_CANCELLED
+    past_stopping[0] = True
     signal.alarm(0)
     result["metrics"]["execution_seconds"] = round(time.monotonic() - started, 6)
     reporter.flush()
