@@ -1301,8 +1301,9 @@ class JobManager:
             self._failure_unrecorded.pop(job.id, None)
         self._notify_changed(job, {"state", "cancelable"} | _STATE_FIELDS, urgent=True)
         self._notify_event(job, event)
+        if new in TERMINAL or (old in ACTIVE and new not in ACTIVE):
+            self._kick()    # a slot is free: a job waiting for one need not wait for some other change
         if new in TERMINAL:
-            self._kick()
             self._prune_if_over()
         self._manager_changed()
 

@@ -111,8 +111,8 @@ def image(tmp_path: Path) -> Path:
 def make(tmp_path: Path, runner=None, store: JobStore | None = None, checked: bool = True, **overrides):
     """A manager on the store in tmp_path/state (or on `store`), with `runner` (a RecordingRunner by default) and
     the host checks h2kd runs (none if not `checked`); made again on the same tmp_path, it is h2kd restarted."""
-    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "out"], retry_backoff_base_seconds=0.01,
-                    **overrides)
+    config = Config(**{"state_dir": tmp_path / "state", "output_roots": [tmp_path / "out"],
+                       "retry_backoff_base_seconds": 0.01, **overrides})
     (tmp_path / "out").mkdir(exist_ok=True)
     config.state_dir.mkdir(exist_ok=True)
     if runner is None:
@@ -250,6 +250,23 @@ def test_failure_retries_with_backoff_then_fails(tmp_path, image):
         assert job.result["log_tail"] == ["qemu-img: boom"] and "boom" not in job.error_message
     asyncio.run(go())
 
+
+
+def test_a_slot_freed_by_a_failed_attempt_goes_to_the_next_job_at_once(tmp_path, image):
+    """An attempt that fails and waits to be retried frees its slot: the next queued job starts then, not when
+    the retry's backoff (minutes) is over or some other job ends."""
+    async def go():
+        m, runner, _, _ = make(tmp_path, max_parallel_jobs=1, retry_backoff_base_seconds=600)
+        await m.start()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await settle()
+        assert runner.started == [(first.id, 1)] and second.state.value == "queued"
+        m.unit_finished(first.id, 1, UnitOutcome(first.unit, "exit-code", 1, None, []))
+        assert first.state.value == "retrying"
+        await until(lambda: (second.id, 1) in runner.started, timeout=5)
+        assert second.state.value in ("assigned", "running")
+    asyncio.run(go())
 
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
     """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
