@@ -608,7 +608,8 @@ function loadHistory(job) {
 
 function loadJournal(job) {
     const path = job.path;
-    const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--lines=20", "H2K_JOB_ID=" + job.Id];
+    const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--lines=20", "H2K_JOB_ID=" + job.Id,
+                  "_UID=0"];   // lines root wrote only: any user may log a line with any H2K_JOB_ID
     return cockpit.spawn(argv, { superuser: "try", err: "message" }).then(output => {
         if (path === selectedPath)
             $("details-journal").textContent = output.trim() || _("No journal entries.");

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", help="the job id")
     _wait_option(p, "after queueing it")
 
-    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB)")
+    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0)")
     p.add_argument("job", metavar="JOB", help="the job id")
     p.add_argument("-f", "--follow", action="store_true", help="follow the journal (journalctl -f)")
     p.add_argument("-n", "--lines", metavar="N", type=_int_range(0, 2**31), help="show only the last N entries")
@@ -672,7 +672,8 @@ async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int
 
 
 def journalctl_command(args: argparse.Namespace) -> list[str]:
-    command = ["journalctl", f"H2K_JOB_ID={args.job}"]
+    # Only lines root wrote (h2kd, the job's unit): any user may send the journal a line with H2K_JOB_ID=.
+    command = ["journalctl", f"H2K_JOB_ID={args.job}", "_UID=0"]
     if args.follow:
         command.append("-f")
     if args.lines is not None:

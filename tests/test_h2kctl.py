@@ -606,6 +606,26 @@ def test_plain_progress_lines_when_not_a_terminal(env, images, output_dir):
     assert status["finished_at_usec"] == busctl_property(env, job_path(env, job_id), JOB_IFACE, "FinishedAt")
 
 
+
+def test_logs_show_only_what_root_logged_for_the_job(env, images, output_dir):
+    """Any user may send the journal a line carrying H2K_JOB_ID=<a job>; `h2kctl logs` shows only root's (h2kd's
+    and the job's units'), so no one can slip lines into what an administrator reads about a job."""
+    job_id = new_id("forged")
+    ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", str(output_dir / f"{job_id}.qcow2"),
+              "--id", job_id, timeout=120))
+    forged = f"MESSAGE=forged: job {job_id} copied /etc/shadow to /tmp/x"
+    subprocess.run(["runuser", "-u", "nobody", "--", "logger", "--journald"], input=f"H2K_JOB_ID={job_id}\n{forged}\n",
+                   text=True, check=True)
+    every_line = lambda: subprocess.run(["journalctl", "--no-pager", f"H2K_JOB_ID={job_id}"],  # noqa: E731
+                                        capture_output=True, text=True).stdout
+    deadline = time.monotonic() + 10
+    while "forged:" not in every_line():
+        assert time.monotonic() < deadline, "the forged line never reached the journal"
+        time.sleep(0.2)
+    logs = ok(h2kctl(env, "logs", "--no-pager", job_id))
+    assert job_id in logs.stdout and "completed" in logs.stdout, logs.stdout
+    assert "forged:" not in logs.stdout
+
 def test_progress_bar_in_a_pseudo_terminal(env, images, output_dir):
     job_id = new_id("tty")
     argv = [H2KCTL, "submit", "--wait", str(images["big"]), "-o", str(output_dir / f"{job_id}.qcow2"),

@@ -213,7 +213,7 @@ def test_a_submitter_reaches_their_job_directory_in_the_default_output_root_and_
 
 def test_an_administrators_mode_on_the_output_root_survives_restarts(tmp_path: Path) -> None:
     """systemd resets the mode of every StateDirectory= at each start; the output root is not one of them, so
-    a group an administrator lets write there (chgrp h2k; chmod 2770) keeps that right. h2kd makes the root
+    a group an administrator lets write there (chgrp h2k; chmod 3770) keeps that right. h2kd makes the root
     only when it is missing."""
     import os
 
@@ -229,10 +229,10 @@ def test_an_administrators_mode_on_the_output_root_survives_restarts(tmp_path: P
     root = config.output_roots[0]
     assert root.stat().st_mode & 0o7777 == 0o711
     os.chown(root, 0, 65534)
-    root.chmod(0o2770)
+    root.chmod(0o3770)
     for _restart in range(2):
         prepare_directories(config)
-        assert (root.stat().st_mode & 0o7777, root.stat().st_gid) == (0o2770, 65534)
+        assert (root.stat().st_mode & 0o7777, root.stat().st_gid) == (0o3770, 65534)
 
 
 def test_an_output_root_h2kd_cannot_write_stops_it_and_names_the_drop_in(tmp_path: Path) -> None:
