@@ -130,6 +130,7 @@ class JobManager:
         self._periodic: list[asyncio.Task] = []
         self._store_ok = True
         self._store_checked_at = float("-inf")
+        self._store_check: asyncio.Future[bool] | None = None     # the store's check under way, if any
         self._worker_seq = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -312,9 +313,7 @@ class JobManager:
         }
 
     def health(self) -> dict[str, Any]:
-        if time.monotonic() - self._store_checked_at > STORE_CHECK_INTERVAL:
-            self._store_ok = self._store.check()
-            self._store_checked_at = time.monotonic()
+        self._check_store_if_due()
         reachable = self._runner is not None and self._runner.reachable
         stale = sum(1 for w in self._workers.values() if w.state == "stale")
         return {
@@ -328,6 +327,25 @@ class JobManager:
             "store_ok": self._store_ok,
             "systemd_reachable": reachable,
         }
+
+    def _check_store_if_due(self) -> None:
+        """Start the store's check when it is due, off the event loop: it reads the whole file, seconds when a
+        conversion has pushed it out of the page cache, and calls, progress and the watchdog would wait meanwhile.
+        Until it answers, health gives the last check's answer."""
+        if self._store_check is not None or time.monotonic() - self._store_checked_at <= STORE_CHECK_INTERVAL:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:    # no loop to hand the answer back to (a caller without one): check here
+            self._store_ok, self._store_checked_at = self._store.check(), time.monotonic()
+            return
+        self._store_check = loop.run_in_executor(None, self._store.check)
+        self._store_check.add_done_callback(self._store_checked)
+
+    def _store_checked(self, check: asyncio.Future[bool]) -> None:
+        self._store_check = None
+        self._store_checked_at = time.monotonic()
+        self._store_ok = not check.cancelled() and check.exception() is None and bool(check.result())
 
     # ---------------------------------------------------------------- submission
 

@@ -597,12 +597,18 @@ class JobStore:
 
     def check(self) -> bool:
         """Whether SQLite finds the file sound (PRAGMA quick_check), it can still be read, and no write failed
-        to reach the disk (after a failed fdatasync nobody knows what the disk holds)."""
+        to reach the disk (after a failed fdatasync nobody knows what the disk holds).
+
+        It reads the whole file (seconds for a large store out of the page cache), through a connection of its own,
+        so it may run on another thread while the store goes on being used."""
         if self._sync_failed:
             return False
         try:
-            with self._lock:
-                return self._db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            try:
+                return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            finally:
+                db.close()
         except sqlite3.Error:
             return False
 

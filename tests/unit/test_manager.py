@@ -8,6 +8,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,31 @@ def test_a_slot_freed_by_a_failed_attempt_goes_to_the_next_job_at_once(tmp_path,
         assert first.state.value == "retrying"
         await until(lambda: (second.id, 1) in runner.started, timeout=5)
         assert second.state.value in ("assigned", "running")
+    asyncio.run(go())
+
+
+def test_the_stores_check_runs_off_the_event_loop_and_health_gives_its_answer_once_it_has_one(tmp_path):
+    """PRAGMA quick_check reads the whole store, seconds when it is not cached: health (the watchdog asks it on the
+    event loop) does not wait for it, and tells the check's answer once there is one."""
+    gate = threading.Event()
+    checks: list[bool] = []
+
+    class SlowToCheck(JobStore):
+        def check(self) -> bool:
+            checks.append(threading.current_thread() is threading.main_thread())
+            gate.wait(10)
+            return False        # as for a damaged file
+
+    async def go():
+        (tmp_path / "state").mkdir()
+        m, _, _, _ = make(tmp_path, store=SlowToCheck(Config(state_dir=tmp_path / "state").store_path))
+        await m.start()
+        assert m.health()["store_ok"] is True       # the last answer (none yet: sound), at once
+        await until(lambda: checks)
+        assert checks == [False], "the check ran on the event loop's thread"
+        gate.set()
+        await until(lambda: m.health()["status"] == "degraded")
+        assert m.health()["store_ok"] is False
     asyncio.run(go())
 
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
