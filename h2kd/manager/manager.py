@@ -919,6 +919,7 @@ class JobManager:
                         message: str = "") -> None:
         done, total = min(done, COUNT_MAX), min(total, COUNT_MAX)
         changed: set[str] = set()
+        step_reached = False
         if job.state == S.RUNNING:
             self._transition(job, S.PROGRESSING, "progress reported")
         if phase and phase != job.phase:
@@ -930,11 +931,7 @@ class JobManager:
                 before = int(job.progress * 100) // PROGRESS_EVENT_PERCENT
                 job.progress = fraction
                 changed.add("progress")
-                if int(fraction * 100) // PROGRESS_EVENT_PERCENT != before:
-                    # Nobody waits for a progress event to be on disk: it shares a commit with the next ones.
-                    with self._store.deferred(within=PROGRESS_COMMIT_SECONDS):
-                        self._append_event(job, "progress", {"progress": round(fraction, 4), "phase": job.phase,
-                                                              "bytes_done": done, "bytes_total": total})
+                step_reached = int(fraction * 100) // PROGRESS_EVENT_PERCENT != before
             if not job.progress_known:
                 job.progress_known = True
                 changed.add("progress_known")
@@ -946,6 +943,13 @@ class JobManager:
             changed.add("bytes_done")
             self._update_rate(job)
             changed |= {"rate", "expected_end"}
+        if step_reached:
+            # Nobody waits for these on disk: they share a commit with the next ones. The job's row gets the
+            # progress too, so that h2kd restarted shows the job from there, not from 0 until the unit reports.
+            with self._store.deferred(within=PROGRESS_COMMIT_SECONDS):
+                self._append_event(job, "progress", {"progress": round(job.progress, 4), "phase": job.phase,
+                                                      "bytes_done": done, "bytes_total": total})
+                self._store.save_job(job)
         if message and self._status_messages.get(job.id) != message:
             # A worker repeats its message in every report ("disk 1 of 2"): it is news only when it changes.
             self._status_messages[job.id] = message

@@ -442,6 +442,33 @@ def test_restart_requeues_in_order_and_reattaches(tmp_path, image):
     asyncio.run(go())
 
 
+
+def test_a_running_jobs_progress_survives_a_restart(tmp_path, image):
+    """h2kd restarted (or killed) while a job runs shows it where it was, give or take the last step, not back at
+    0 until its unit reports again: progress never goes backwards for those who watch it."""
+    from h2kd.worker.report import ProgressReport, format_status
+    MiB = 1024 * 1024
+
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        assert job.state.value == "running"
+        for done in (10, 40, 62):
+            m.unit_status(job.id, 1, format_status(ProgressReport("convert", done / 100, done * MiB, 100 * MiB, "")))
+        assert job.progress == pytest.approx(0.62)
+        await asyncio.sleep(manager_module.PROGRESS_COMMIT_SECONDS + 0.5)    # the deferred writes reach the disk
+        await m.stop()
+        m2, *_ = make(tmp_path)
+        await m2.start()
+        again = m2.get(job.id)
+        assert again.state.value == "progressing"
+        assert again.progress >= 0.60 and again.progress_known
+        assert again.bytes_done >= 60 * MiB and again.bytes_total == 100 * MiB and again.phase == "convert"
+        await m2.stop()
+    asyncio.run(go())
+
 class StartNeverReturns(RecordingRunner):
     async def start(self, job, attempt):
         self.started.append((job.id, attempt))
