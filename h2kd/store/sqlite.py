@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -38,6 +39,8 @@ from h2kd.errors import AlreadyExists, NoSuchJob, StoreFailed
 from h2kd.manager.ports import Event
 from h2kd.model.job import Job, now_usec
 from h2kd.model.states import TERMINAL, JobState
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _INT64_MAX = 2**63 - 1
@@ -482,9 +485,19 @@ class JobStore:
         return Event(job.id, seq, now, "state", data)
 
     def load_jobs(self) -> list[Job]:
-        """Every stored job, in the order they were created."""
+        """Every stored job, in the order they were created. A row that cannot be read (damaged, or written by a
+        newer h2kd with a state this one does not know) is left in the store as it is and named in the log: one
+        bad record must not keep h2kd, and every other job, from starting."""
+        jobs = []
         with self._lock:
-            return [_job_from_row(row) for row in self._db.execute(_SELECT_JOBS)]
+            rows = self._db.execute(_SELECT_JOBS).fetchall()
+        for row in rows:
+            try:
+                jobs.append(_job_from_row(row))
+            except (ValueError, TypeError, KeyError) as e:
+                log.error("job %r in the store %s cannot be read (%s): it is left there as it is, and not loaded",
+                          row[0], self.path, e)
+        return jobs
 
     def delete_job(self, job_id: str) -> None:
         """Forget a job: its row, history and events."""

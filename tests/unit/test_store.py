@@ -296,6 +296,26 @@ def test_queue_order_and_seq_survive_reopen(tmp_path):
         assert s.check()
 
 
+
+def test_a_record_that_cannot_be_read_is_left_alone_and_the_others_load(tmp_path, caplog):
+    """A damaged row, or one with a state a newer h2kd wrote, costs that job only: h2kd still starts with the
+    others, and says which one it could not read."""
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        for job_id in ("good-1", "bad-json", "bad-state", "good-2"):
+            s.insert_job(new_job(job_id), "submitted")
+    db = sqlite3.connect(path)
+    db.execute("UPDATE jobs SET spec = '{not json' WHERE id = 'bad-json'")
+    db.execute("UPDATE jobs SET state = 'paused-by-a-newer-h2kd' WHERE id = 'bad-state'")
+    db.commit()
+    db.close()
+    with JobStore(path) as s:
+        assert [j.id for j in s.load_jobs()] == ["good-1", "good-2"]
+        with pytest.raises(AlreadyExists):      # still there, not replaced by a job of the same id
+            s.insert_job(new_job("bad-json"), "submitted")
+    logged = caplog.text
+    assert "'bad-json'" in logged and "'bad-state'" in logged and "cannot be read" in logged
+
 def test_refuses_a_store_from_a_newer_h2kd(tmp_path):
     path = tmp_path / "h2kd.sqlite"
     JobStore(path).close()
