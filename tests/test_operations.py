@@ -926,6 +926,30 @@ def test_validate_checks_and_compares(lib: Path, tmp_path: Path) -> None:
     assert run.result["outputs"]["compare"]["identical"] is False
 
 
+
+def test_compare_with_is_looked_up_as_the_submitter_before_root_reads_it(lib: Path, tmp_path: Path,
+                                                                        shared: Path) -> None:
+    """compare_with names a file by path alone. A directory on that path swapped, after submission, for a link to
+    another user's private directory leads root to their file: the job must get the submitter's answer
+    (permission denied), not anything root read there, such as the names of the disks a private VMX lists."""
+    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    image = images.make_image("qcow2", None, shared / "mine.qcow2", raw=lib / "data2.raw")
+    private = shared / "bobs"
+    private.mkdir(mode=0o700)
+    (private / "vm.vmx").write_text('config.version = "8"\nscsi0:0.present = "TRUE"\n'
+                                    'scsi0:0.fileName = "PAYROLL-DB-confidential.vmdk"\n')
+    (private / "vm.vmx").chmod(0o600)
+    os.chown(private / "vm.vmx", 64102, 64102)
+    os.chown(private, 64102, 64102)
+    (shared / "alices").symlink_to(private)      # where alice's own directory was when h2kd checked her spec
+    st = image.stat()
+    run = run_worker(tmp_path / "w", {"operation": "validate", "image": {"path": str(image)},
+                                      "parameters": {"compare_with": str(shared / "alices" / "vm.vmx")}},
+                     [shared / "out"], owner=alice, source_identity=f"{st.st_dev}:{st.st_ino}")
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "PERMISSION_DENIED", run.result["error"]
+    assert "PAYROLL" not in json.dumps(run.result) and "PAYROLL" not in run.log
+
 def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
     image = images.make_image("qcow2", None, tmp_path / "bad.qcow2", raw=lib / "data.raw")
     info = json.loads(images.qemu_img("check", "--output=json", str(image)))

@@ -19,6 +19,8 @@ def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | N
                  named_by_spec_only: bool = False) -> tuple[inspect.Disk, list[inspect.FileIdentity]]:
     """named_by_spec_only: h2kd did not record this file's identity at submission (compare_with), so the
     submitter's right to read it is checked here too, not only that of the files it refers to."""
+    if reader_uid and named_by_spec_only:
+        _looked_up_by(reader_uid, path, what)
     source = inspect.load_source(path, declared, check_disks=False, reader_uid=reader_uid)
     if reader_uid and named_by_spec_only:
         inspect.check_readable_by(source.identities[:1], reader_uid)
@@ -26,6 +28,21 @@ def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | N
         raise OperationError("UNSUPPORTED", f"{what} {path} holds {len(source.disks)} disks; validate takes one disk",
                              "validate")
     return source.disks[0], source.identities
+
+
+def _looked_up_by(uid: int, path: str, what: str) -> None:
+    """The submitter looks the file up first, with their own rights, and root then reads only the file they
+    found there (inspect.expect_source): a path whose directory was swapped for a link to one closed to them
+    after h2kd's check at submission gets the submitter's answer, and nothing root parsed of what lies there."""
+    from h2kd.access import caller_groups, check_source_readable
+    from h2kd.errors import H2kError
+
+    try:
+        # The source roots were checked at submission; this check is of the submitter's rights only.
+        _, seen = check_source_readable(path, uid, caller_groups(uid), ["/"])
+    except H2kError as e:
+        raise OperationError("PERMISSION_DENIED", f"{what}: {e}", "validate") from None
+    inspect.expect_source(path, f"{seen.st_dev}:{seen.st_ino}")
 
 
 def _with_outputs(error: OperationError, outputs: dict[str, Any]) -> OperationError:
