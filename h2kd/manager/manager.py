@@ -559,6 +559,11 @@ class JobManager:
         job = self.get(job_id)
         if job.state != S.VALIDATED:
             raise InvalidState(f"job {job_id} is {job.state.value}; only jobs held with queue=false can be started")
+        # Held since its submission, maybe for days: its files and the submitter's rights are checked again,
+        # as for a retry. NotAuthorized goes to the caller; the job stays held.
+        problem = self._host_validator(job, None) if self._host_validator else None
+        if problem:
+            raise InvalidArgument(f"job {job_id} cannot be started: {problem}")
         with self._all_or_nothing(job):
             self._enqueue(job, "queued by request")
 

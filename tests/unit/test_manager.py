@@ -294,6 +294,22 @@ def test_the_stores_check_runs_off_the_event_loop_and_health_gives_its_answer_on
         assert m.health()["store_ok"] is False
     asyncio.run(go())
 
+
+def test_a_held_job_is_checked_again_when_it_is_started(tmp_path, image):
+    """A job held with queue=false may be started days later: its source is checked again then, as for a retry,
+    and a problem is told to whoever starts it, the job staying held, rather than found by its unit."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0, queue=False)
+        assert job.state.value == "validated"
+        image.unlink()
+        with pytest.raises(InvalidArgument, match=f"job {job.id} cannot be started: .*no such file"):
+            m.start_job(job.id)
+        await settle()
+        assert job.state.value == "validated" and runner.started == []
+    asyncio.run(go())
+
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
     """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
     for after a failure starts it again, rather than counting the failed run and the time in between."""
