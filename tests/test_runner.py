@@ -328,6 +328,11 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             assert props["CollectMode"] == "inactive-or-failed"
             assert props["ProtectSystem"] == "strict" and props["ProtectHome"] == "read-only"
             assert props["PrivateNetwork"] is True and props["NoNewPrivileges"] is True
+            assert props["ProtectKernelModules"] is True
+            assert props["RestrictRealtime"] is True and props["LockPersonality"] is True
+            assert props["SystemCallArchitectures"] == ["native"]
+            allow_listed, calls = props["SystemCallFilter"]
+            assert allow_listed is False and {"ptrace", "init_module", "reboot", "swapon", "settimeofday"} <= set(calls)
             # A private /tmp would hide what the unit needs from there (this checkout, when it lives in /tmp).
             source_in_tmp = Path(h2kd.__file__).resolve().is_relative_to("/tmp")
             assert props["PrivateTmp"] is (not source_in_tmp and not str(config.runs_dir).startswith("/tmp"))
