@@ -20,7 +20,10 @@ import errno
 import fcntl
 import os
 import pwd
+import select
+import signal
 import stat
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,6 +31,10 @@ from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, NotAuthorized
 
 # The group a caller without a passwd entry gets (Debian's "nogroup").
 _NO_GROUP = 65534
+# How long a check as the caller may take. It runs on the daemon's event loop (it takes about a millisecond):
+# a lookup that hangs must not hold every other call, nor the watchdog, for longer.
+CALLER_CHECK_SECONDS = 5.0
+_UNREAPED: set[int] = set()     # children of _as_caller not yet waited for
 
 
 def caller_groups(uid: int) -> list[int]:
@@ -318,13 +325,45 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
         finally:
             os._exit(status)
     os.close(writer)
+    deadline = time.monotonic() + CALLER_CHECK_SECONDS
+    answer = b""
     try:
-        answer = b""
-        while chunk := os.read(reader, 256):
+        waiting = select.poll()
+        waiting.register(reader, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not waiting.poll(left * 1000):
+                # A lookup hung in a file system the caller controls (a FUSE mount of theirs): the daemon waits
+                # no longer, and the child is ended (a fatal signal interrupts a FUSE request).
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid, wait=1.0)
+                raise H2kError(f"checking {argument} as uid {uid} took longer than {CALLER_CHECK_SECONDS:g} s; "
+                               "is a file system on its path not answering?")
+            chunk = os.read(reader, 256)
+            if not chunk:
+                break
             answer += chunk
     finally:
         os.close(reader)
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)     # the pipe closed: the child is exiting
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0 or not answer:
         raise H2kError(f"could not check file access as uid {uid}")
     return tuple(int(n) for n in answer.split())
+
+
+def _reap(pid: int, wait: float) -> None:
+    """Wait at most `wait` seconds for the killed child to end; one that has not (stuck beyond a fatal signal) is
+    waited for at a later call rather than holding the daemon."""
+    _UNREAPED.add(pid)
+    deadline = time.monotonic() + wait
+    while _UNREAPED:
+        for child in list(_UNREAPED):
+            try:
+                done, _ = os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                done = child
+            if done:
+                _UNREAPED.discard(child)
+        if pid not in _UNREAPED or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)

@@ -1,0 +1,56 @@
+"""File access checked as the caller (h2kd.access): the child that looks as the caller."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from h2kd import access
+from h2kd.errors import H2kError
+
+
+def _hangs(path: str) -> tuple[int, ...]:
+    time.sleep(3600)     # as a lookup in a FUSE mount whose server never answers
+    return (0,)
+
+
+def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
+    """A caller may point h2kd at a path in a file system of their own that never answers: the check, made on
+    the daemon's event loop, gives up after CALLER_CHECK_SECONDS, tells why, and leaves no child behind."""
+    monkeypatch.setattr(access, "CALLER_CHECK_SECONDS", 0.5)
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            access._as_caller(65534, [65534], _hangs, "/mnt/theirs/disk.vmdk")
+        except BaseException as e:
+            outcome.append(e)
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the check as the caller never gave up"
+    [error] = outcome
+    assert isinstance(error, H2kError)
+    assert "checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in str(error)
+    assert access._UNREAPED == set()
+
+
+def test_a_check_that_answers_is_told_what_the_caller_found():
+    directory = Path(tempfile.mkdtemp(prefix="h2kt-access-"))     # pytest's tmp_path is closed to other users
+    try:
+        directory.chmod(0o755)
+        image = directory / "disk.raw"
+        image.write_bytes(b"\0" * 512)
+        image.chmod(0o644)
+        code, device, inode = access._as_caller(65534, [65534], access._try_open_for_reading, str(image))
+        assert code == 0 and (device, inode) == (image.stat().st_dev, image.stat().st_ino)
+        image.chmod(0o600)
+        assert access._as_caller(65534, [65534], access._try_open_for_reading, str(image))[0] == errno.EACCES
+    finally:
+        shutil.rmtree(directory)
