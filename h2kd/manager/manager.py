@@ -82,6 +82,7 @@ STORE_CHECK_INTERVAL = 10.0
 # A transition the store could not take (its disk full) is tried again this much later: the job waits in the
 # state the store has, and the queue goes on once there is room.
 STORE_RETRY_SECONDS = 5.0
+STOP_RETRY_SECONDS = 10.0       # a cancelled job's unit that systemd did not stop is asked again after this
 # An external worker whose connection closed can never come back (unique bus names are not reused): it is shown
 # as stale this long, then forgotten, so that a worker agent restarting again and again leaves no trail.
 GONE_WORKER_KEEP_SECONDS = 600.0
@@ -522,9 +523,10 @@ class JobManager:
                 self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
         with contextlib.suppress(StoreFailed):
             self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
-        if job.unit and self._runner is not None:
-            await self._runner.stop(job.unit)
-        # Without a unit yet, _start_attempt sees the request once StartTransientUnit returns.
+        # The request is stored: if systemd does not take the stop now, it is asked again, and the caller is not
+        # told the cancel failed when it will be carried out. Without a unit yet, _start_attempt sees the request
+        # once StartTransientUnit returns.
+        await self._stop_cancelled(job)
 
     def retry(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -798,14 +800,18 @@ class JobManager:
             self._later(STORE_RETRY_SECONDS, lambda: self._start_refused(job_id, attempt, why))
 
     async def _stop_cancelled(self, job: Job) -> None:
-        """Stop the unit of an attempt whose cancel was asked for; if systemd cannot be reached now, the
-        runner_connected() that follows does."""
-        if not (job.cancel_requested and job.unit and self._runner is not None):
+        """Stop the unit of an attempt whose cancel was asked for; if systemd does not take the stop now, it is
+        asked again in STOP_RETRY_SECONDS (and by the runner_connected() that follows a lost connection)."""
+        if not (job.cancel_requested and job.unit and job.state in ACTIVE and self._runner is not None):
             return
         try:
             await self._runner.stop(job.unit)
-        except H2kError as e:
-            log.warning("could not stop unit %s of cancelled job %s yet: %s", job.unit, job.id, e)
+        except (H2kError, asyncio.TimeoutError) as e:
+            log.warning("could not stop unit %s of cancelled job %s yet: %s; asking again in %.0f s", job.unit,
+                        job.id, e, STOP_RETRY_SECONDS)
+            attempt = job.attempt
+            self._later(STOP_RETRY_SECONDS, lambda: self._spawn(self._stop_cancelled(job))
+                        if self._jobs.get(job.id) is job and job.attempt == attempt else None)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

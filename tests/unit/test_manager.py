@@ -310,6 +310,38 @@ def test_a_held_job_is_checked_again_when_it_is_started(tmp_path, image):
         assert job.state.value == "validated" and runner.started == []
     asyncio.run(go())
 
+
+class StopRefusedOnce(RecordingRunner):
+    """systemd does not take the first StopUnit (a time-out, a daemon-reexec under way)."""
+
+    async def stop(self, unit):
+        self.stopped.append(unit)
+        if len(self.stopped) == 1:
+            raise H2kError("systemd refused StopUnit: org.freedesktop.DBus.Error.NoReply: no reply")
+
+
+def test_a_cancel_whose_stop_systemd_does_not_take_at_once_is_not_reported_failed_and_is_asked_again(
+        tmp_path, image, monkeypatch):
+    """The cancel is stored before systemd is asked to stop the unit; if the stop does not go through, the caller
+    is told the cancel was taken (it will be carried out), and the stop is asked for again."""
+    monkeypatch.setattr(manager_module, "STOP_RETRY_SECONDS", 0.1)
+
+    async def go():
+        m, runner, _, _ = make(tmp_path, runner=StopRefusedOnce())
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        assert job.state.value == "running"
+        await m.cancel(job.id)          # no error, though systemd did not take the stop
+        assert job.cancel_requested and runner.stopped == [job.unit]
+        await until(lambda: len(runner.stopped) == 2)
+        assert runner.stopped == [job.unit, job.unit]
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "cancelled"}))
+        assert job.state.value == "cancelled"
+        await asyncio.sleep(0.3)
+        assert len(runner.stopped) == 2     # not asked again once the job has ended
+    asyncio.run(go())
+
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
     """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
     for after a failure starts it again, rather than counting the failed run and the time in between."""
