@@ -764,18 +764,32 @@ def test_a_descriptor_must_be_the_file_the_spec_names(stack, shared_dir, submitt
 
 
 @pytest.mark.stack
-def test_a_source_replaced_after_submission_is_refused_by_the_worker(stack, shared_dir, submitted):
-    """The file checked at submission is the file converted: a swap before the unit starts fails the job."""
+def test_a_source_replaced_after_submission_is_refused(stack, shared_dir, submitted):
+    """The file checked at submission is the file converted: a held job whose source was swapped is refused when
+    it is started (and stays held); one swapped after it was queued fails in its unit."""
     checked = _image(shared_dir / "checked.img")
     job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
     submitted.append(job_id)
     result = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".SubmitJob", _spec(job_id, checked), HOLD)
     assert result.returncode == 0, result.stderr
     swapped = _image(shared_dir / "swapped.img")
+    original = shared_dir / "original.img"
+    os.link(checked, original)
     os.replace(swapped, checked)
     started = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".StartJob", job_id)
-    assert started.returncode == 0, started.stderr
+    assert started.returncode != 0 and "InvalidArgument" in started.stderr, started.stderr
+    assert "was replaced after the job was submitted" in started.stderr, started.stderr
     job_path = _job_path(stack, job_id)
+    assert _job_property(stack, job_path, "State") == "(<'validated'>,)"
+    # Put back, the job starts; swapped once it is queued (held back by a paused queue), its unit refuses it.
+    os.replace(original, checked)
+    assert _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".PauseQueue").returncode == 0
+    try:
+        started = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".StartJob", job_id)
+        assert started.returncode == 0, started.stderr
+        os.replace(_image(shared_dir / "swapped-again.img"), checked)
+    finally:
+        _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".ResumeQueue")
     deadline = time.monotonic() + 60
     while _job_property(stack, job_path, "State") not in ("(<'failed'>,)", "(<'completed'>,)"):
         assert time.monotonic() < deadline, "the job did not end"

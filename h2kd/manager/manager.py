@@ -562,10 +562,18 @@ class JobManager:
         if job.state != S.VALIDATED:
             raise InvalidState(f"job {job_id} is {job.state.value}; only jobs held with queue=false can be started")
         # Held since its submission, maybe for days: its files and the submitter's rights are checked again,
-        # as for a retry. NotAuthorized goes to the caller; the job stays held.
-        problem = self._host_validator(job, None) if self._host_validator else None
+        # as for a retry, and its source must still be the file checked then. NotAuthorized goes to the caller;
+        # the job stays held.
+        checked = job.source_identity
+        try:
+            problem = self._host_validator(job, None) if self._host_validator else None
+            if not problem and checked and job.source_identity != checked:
+                problem = f"its source {job.source} was replaced after the job was submitted; submit it again"
+        finally:
+            found, job.source_identity = job.source_identity, checked
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be started: {problem}")
+        job.source_identity = found
         with self._all_or_nothing(job):
             self._enqueue(job, "queued by request")
 
