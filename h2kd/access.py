@@ -247,6 +247,18 @@ def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[
         raise NotAuthorized(f"permission denied: {path} is not writable by uid {uid}, and a repair changes it")
 
 
+def look_up_as(uid: int, gids: list[int], path: str) -> int:
+    """The caller's own lookup of `path` (lstat, with their uid and groups): 0, or the errno that stopped it."""
+    return _as_caller(uid, gids, _try_look_up, path)[0]
+
+
+def look_up_and_open_as(uid: int, gids: list[int], path: str) -> tuple[int, int, int, int]:
+    """The caller's own lookup of `path` and, for a regular file, their opening it for reading: (errno or 0,
+    device, inode, mode), mode 0 when the lookup itself failed."""
+    code, device, inode, mode = _as_caller(uid, gids, _try_look_up_and_read, path)
+    return code, device, inode, mode
+
+
 def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], path: str,
                       checked: tuple[int, int], shown: object) -> int:
     """Open `path` as the caller (probe: _try_open_*); 0, or the errno that stopped them. NotAuthorized if what

@@ -9,14 +9,18 @@ A source is one of:
   vmx   a VMware configuration whose disks sit next to it.
 
 Every file is opened without following symlinks and must be a regular file. Files a source refers to
-(VMDK extents, backing files, OVF/VMX disks, OVA members) must be plain names resolving inside the source's
-own directory (or the OVA): a crafted descriptor must not make a root daemon read /etc/shadow. Names with a
-protocol prefix (json:, nbd:...) and qcow2 external data files are refused outright.
+(VMDK extents, backing files, OVF/VMX disks, manifest entries, OVA members) must be plain names resolving
+inside the source's own directory (or the OVA): a crafted descriptor must not make a root daemon read
+/etc/shadow. For a submitter other than root, each such file is looked up and opened as the submitter first
+(see _open_referenced): root looks at nothing they could not see themselves, and reads a file again later only
+through a lookup that must find the very file they were checked for. Names with a protocol prefix (json:,
+nbd:...) and qcow2 external data files are refused outright.
 run_inspect() returns the structured report of the result contract's outputs["report"].
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -40,6 +44,12 @@ SPEC_TO_DRIVER = {"vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi", "q
 DRIVER_TO_NAME = {"vpc": "vhd"}
 CHECKABLE = {"qcow2", "vmdk", "vdi", "vhdx"}
 MAX_DESCRIPTOR = 16 * 1024 * 1024      # OVF / VMX / VMDK descriptor texts are small; refuse giants
+# What a VM description (OVF, VMX) may put in the report, well above what any hypervisor makes (VMware: 10
+# NICs, some 600 disks at most; names of 80 characters): a descriptor beyond it is refused, not cut short.
+MAX_VM_TEXT = 1024                      # characters of any one value: a name, a file name, a MAC...
+MAX_VM_DISKS = 1024
+MAX_VM_NICS = 64
+MAX_MANIFEST_ENTRIES = 4096
 HASH_CHUNK = 1024 * 1024
 
 
@@ -78,7 +88,7 @@ def open_regular_file(path: str, what: str = "the image") -> tuple[int, FileIden
         raise OperationError("PERMISSION_DENIED", f"{what} {path} cannot be accessed: permission denied") from None
     except OSError as e:
         raise _invalid(f"{what} {path} cannot be read: {e.strerror}") from None
-    _refuse_non_regular(path, st, what)
+    _refuse_non_regular(path, st.st_mode, what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except PermissionError:
@@ -91,13 +101,13 @@ def open_regular_file(path: str, what: str = "the image") -> tuple[int, FileIden
     opened = os.fstat(fd)
     if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        _refuse_non_regular(path, opened, what)
+        _refuse_non_regular(path, opened.st_mode, what)
         raise OperationError("SOURCE_CHANGED", f"{what} {path} was replaced while it was being opened")
     return fd, FileIdentity.of(path, opened)
 
 
-def _refuse_non_regular(path: str, st: os.stat_result, what: str) -> None:
-    mode = st.st_mode
+def _refuse_non_regular(path: str, mode: int, what: str) -> None:
+    """OperationError saying what `path` (of this st_mode) is, unless it is a regular file."""
     if stat.S_ISLNK(mode):
         raise OperationError("PERMISSION_DENIED", f"{what} {path} is a symbolic link; symlinks are refused, "
                              "give the path of the file itself")
@@ -112,14 +122,15 @@ def _refuse_non_regular(path: str, st: os.stat_result, what: str) -> None:
 def ensure_unchanged(identities: list[FileIdentity], phase: str = "convert") -> None:
     """SOURCE_CHANGED if a file read so far was removed, replaced or modified."""
     for ident in identities:
+        # One answer whatever is found: the lookup is root's, and the submitter may have swapped a directory on
+        # the way for a symlink into one closed to them; "gone" would tell that nothing is there.
         try:
             st = os.stat(ident.path, follow_symlinks=False)
-        except FileNotFoundError:
-            raise OperationError("SOURCE_CHANGED", f"the source file {ident.path} disappeared during the job",
-                                 phase) from None
-        if FileIdentity.of(ident.path, st) != ident:
-            raise OperationError("SOURCE_CHANGED", f"the source file {ident.path} was modified or replaced during "
-                                 "the job", phase)
+        except OSError:
+            st = None
+        if st is None or FileIdentity.of(ident.path, st) != ident:
+            raise OperationError("SOURCE_CHANGED", f"the source file {ident.path} disappeared or was modified or "
+                                 "replaced during the job", phase)
 
 
 def _read_head_tail(fd: int, offset: int, size: int) -> tuple[bytes, bytes]:
@@ -140,16 +151,97 @@ def _normal_name(name: str) -> str:
 
 
 def _local_file(directory: str, name: str, what: str) -> str:
-    """The path of `name`, a file a source refers to, refusing anything that escapes `directory`."""
+    """The path of `name`, a file a source refers to, refusing names that escape `directory` as written
+    (absolute, or with ".."). Nothing is looked up here: where the name leads is _open_referenced's to check,
+    once the submitter is known to see it."""
     if not name or name.startswith("/") or ".." in _parts(name) or "\0" in name:
         raise OperationError("PERMISSION_DENIED", f"{what} {name!r} is not a plain relative file name; files "
                              "outside the source's directory are refused")
-    path = os.path.join(directory, name)
-    if os.path.dirname(name) and not _inside(os.path.dirname(path), directory):
-        # A subdirectory in the name that is a symlink leading out (lnk/disk.vmdk with lnk -> /secret).
-        raise OperationError("PERMISSION_DENIED", f"{what} {name!r} leads outside the source's directory; such "
-                             "files are refused")
-    return path
+    return os.path.join(directory, name)
+
+
+def _open_referenced(path: str, directory: str, name: str, what: str,
+                     reader_uid: int | None) -> tuple[int, FileIdentity]:
+    """A read-only descriptor of `path`, a file the source refers to as `name`, and its identity; it must be a
+    regular file, not a symlink, and lie in `directory` (a subdirectory in the name must not lead out of it).
+
+    With reader_uid (a submitter other than root), the submitter looks the file up and opens it first, with
+    their own rights on every directory on the way (_seen_by_submitter); only then does root look it up, and it
+    must find the file they opened. So a file behind a directory closed to them gets the answer their own
+    lookup gives whether it is there or not, whatever it is, and root opens nothing they could not."""
+    if reader_uid:
+        seen = _seen_by_submitter(path, name, what, reader_uid)
+        changed = OperationError("SOURCE_CHANGED", f"{what} {name!r} was moved, removed or replaced while it was "
+                                 "being checked")
+        fd = _open_known(path, lambda st: (st.st_dev, st.st_ino) == seen, changed)
+    else:
+        if not os.path.lexists(path):
+            raise _invalid(f"{what} {name!r} does not exist")
+        fd, _ = open_regular_file(path, what)
+    try:
+        if os.path.dirname(name) and not _inside(_where_open(fd, path), directory):
+            # A subdirectory in the name that is a symlink leading out (lnk/disk.vmdk with lnk -> /secret).
+            raise OperationError("PERMISSION_DENIED", f"{what} {name!r} leads outside its directory {directory}; "
+                                 "such files are refused")
+        return fd, FileIdentity.of(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _seen_by_submitter(path: str, name: str, what: str, uid: int) -> tuple[int, int]:
+    """(device, inode) of the regular file the submitter `uid` finds at `path` and may open for reading,
+    looked up and opened in a child process with their uid and groups; OperationError otherwise, telling only
+    what their own lookup told them."""
+    from h2kd.access import look_up_and_open_as
+    from h2kd.errors import H2kError
+
+    try:
+        code, device, inode, mode = look_up_and_open_as(uid, _groups_of(uid), path)
+    except H2kError as e:
+        raise OperationError("PERMISSION_DENIED", f"{what} {name!r} could not be checked for the source's "
+                             f"submitter: {e}") from None
+    if not mode and code in (errno.ENOENT, errno.ENOTDIR):
+        raise _invalid(f"{what} {name!r} does not exist")
+    if not mode or (code and stat.S_ISREG(mode)):
+        raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: {what} "
+                             f"{name!r} is not readable by uid {uid}: {os.strerror(code)}")
+    _refuse_non_regular(path, mode, what)
+    return device, inode
+
+
+def _open_known(path: str, expected: Callable[[os.stat_result], bool], changed: OperationError,
+                describe: str | None = None) -> int:
+    """A read-only descriptor of the regular file at `path`, whose status must be `expected`: `changed`
+    otherwise, whatever is there instead (or nothing). Root looks it up with O_PATH, which opens no device and
+    waits for no FIFO, and reads only once the file is known to be the one expected. describe: what to call the
+    expected file if it is no regular file (it was checked for the submitter: saying what it is tells nothing)."""
+    try:
+        handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise changed from None
+    try:
+        st = os.fstat(handle)
+        if not expected(st):
+            raise changed
+        if not stat.S_ISREG(st.st_mode):
+            if describe is None:
+                raise changed
+            _refuse_non_regular(path, st.st_mode, describe)
+        try:
+            return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            raise changed from None
+    finally:
+        os.close(handle)
+
+
+def _where_open(fd: int, path: str) -> str:
+    """Where the file open on `fd` (opened as `path`) is now; realpath(path) where /proc is not there to tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 # ---------------------------------------------------------------- formats from content
@@ -245,22 +337,20 @@ def _vmdk_descriptor_extents(text: str) -> list[tuple[str, int | None]]:
     return extents
 
 
-def _check_vmdk_descriptor(fd: int, path: str, size: int) -> None:
-    """Extents of a text descriptor must be present, regular, non-symlinked files next to it."""
+def _check_vmdk_descriptor(fd: int, path: str, size: int, reader_uid: int | None = None) -> None:
+    """Extents of a text descriptor must be present, regular, non-symlinked files next to it, and (with
+    reader_uid, see load_source) ones the submitter may read: checked as them before root looks at them."""
     if size > MAX_DESCRIPTOR:
         return
     text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
     directory = os.path.dirname(path)
     for name, needed in _vmdk_descriptor_extents(text):
         extent = _local_file(directory, name, "the VMDK extent")
-        try:
-            st = os.lstat(extent)
-        except FileNotFoundError:
-            raise _invalid(f"the VMDK descriptor {path} names an extent file {name!r} that does not exist") from None
-        _refuse_non_regular(extent, st, "the VMDK extent")
-        if needed is not None and st.st_size < needed:
+        extent_fd, found = _open_referenced(extent, directory, name, "the VMDK extent", reader_uid)
+        os.close(extent_fd)
+        if needed is not None and found.size < needed:
             # qemu reads past the end of a flat extent as zeros: a copy cut short would convert "successfully".
-            raise _invalid(f"the VMDK extent {name!r} holds {st.st_size} bytes where its descriptor {path} says "
+            raise _invalid(f"the VMDK extent {name!r} holds {found.size} bytes where its descriptor {path} says "
                            f"{needed}: the copy is incomplete")
 
 
@@ -331,14 +421,17 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
     if ref.offset is None:
         directory = os.path.dirname(ref.path)
         for name in _chain_files(chain, label):
-            full = name if os.path.isabs(name) else os.path.join(directory, name)
-            if not _inside(full, directory):
+            full = os.path.abspath(name)        # _chain_files: every name is absolute
+            if full == ref.path:
+                continue
+            if not reader_uid and not _inside(full, directory):
+                # Root's own job: said at once. For a submitter, only once they are known to see the file.
                 raise OperationError("PERMISSION_DENIED", f"{label} refers to {name}, outside its directory "
                                      f"{directory}; such images are refused")
-            if os.path.abspath(full) != ref.path:
-                st = os.lstat(full)
-                _refuse_non_regular(full, st, "a file the image refers to")
-                _found(identities, FileIdentity.of(os.path.abspath(full), st), reader_uid)
+            fd, ident = _open_referenced(full, directory, name, f"the backing or extent file of {label}",
+                                         reader_uid)
+            os.close(fd)
+            identities.append(ident)
     elif len(chain) > 1:
         raise OperationError("UNSUPPORTED", f"{label} inside the OVA has a backing file; only self-contained "
                              "disks are supported in an OVA")
@@ -385,21 +478,14 @@ def _qemu_view(ref: ImageRef, label: str) -> list[dict[str, Any]]:
     return chain if isinstance(chain, list) else [chain]
 
 
-def _reopen(path: str, identities: list[FileIdentity]) -> int:
+def _reopen(path: str, identities: list[FileIdentity], phase: str = "") -> int:
     """A descriptor of a file opened (and recorded in `identities`) before, opened again by its name for a look
-    of our own: SOURCE_CHANGED unless it is still that regular file. Root reads it, and the submitter may
-    change the directories on its way meanwhile."""
+    of our own: SOURCE_CHANGED unless it is still that regular file, with one message whatever is found there
+    instead. Root reads it, and the submitter may change the directories on its way meanwhile."""
     known = next((i for i in identities if i.path == path), None)
-    changed = OperationError("SOURCE_CHANGED", f"{path} was moved, removed or replaced while it was read")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        raise changed from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or (known is not None and (st.st_dev, st.st_ino) != (known.device, known.inode)):
-        os.close(fd)
-        raise changed
-    return fd
+    changed = OperationError("SOURCE_CHANGED", f"{path} was moved, removed or replaced while it was read", phase)
+    # The whole identity, not only the inode: one freed and reused by a new file must not pass for the old.
+    return _open_known(path, lambda st: known is None or FileIdentity.of(path, st) == known, changed)
 
 
 def _vpc_footer(ref: ImageRef, identities: list[FileIdentity]) -> bytes | None:
@@ -575,17 +661,70 @@ def _units(text: str | None) -> int:
             "kb": 2**10, "mb": 2**20, "gb": 2**30}.get(t, 1)
 
 
+def _parse_xml_without_dtd(data: bytes, what: str) -> ET.Element:
+    """The element tree of an XML document that has no DOCTYPE: INVALID_IMAGE for one that declares any
+    (entities expanding to gigabytes, external entities naming host files). The parser itself refuses it, in
+    whatever encoding the document is written (a byte search would miss a UTF-16 one)."""
+    import xml.etree.ElementTree as ET
+    from xml.parsers import expat
+
+    def refuse(*_: Any) -> None:
+        """Stop the parser at the first declaration."""
+        raise _invalid(f"{what} declares a DOCTYPE or entities, which are refused")
+
+    def qualified(name: str) -> str:
+        """ElementTree's "{uri}local" for expat's "uri}local"."""
+        return "{" + name if "}" in name else name
+
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate(namespace_separator="}")
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.StartElementHandler = lambda tag, attributes: builder.start(
+        qualified(tag), {qualified(key): value for key, value in attributes.items()})
+    parser.EndElementHandler = lambda tag: builder.end(qualified(tag))
+    parser.CharacterDataHandler = builder.data
+    parser.buffer_text = True
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as e:
+        raise _invalid(f"{what} is not valid XML: {e}") from None
+    return builder.close()
+
+
+def _refuse_oversized(vm: dict[str, Any], what: str) -> None:
+    """INVALID_IMAGE for a VM description that would put more in the report than any real VM has: more than
+    MAX_VM_DISKS disks or MAX_VM_NICS NICs, or a value (name, guest OS, file name, network...) longer than
+    MAX_VM_TEXT characters. Refused rather than cut short: a conversion must not go on with a VM other than
+    the one described, nor its report tell a name the VM does not have."""
+    _refuse_too_many(vm["disks"], MAX_VM_DISKS, "disks", what)
+    _refuse_too_many(vm["nics"], MAX_VM_NICS, "NICs", what)
+    values = list(vm.items())
+    for group, label in (("disks", "disk"), ("nics", "NIC")):
+        for number, device in enumerate(vm[group], 1):
+            values += [(f"{label} {number}'s {key}", value) for key, value in device.items()]
+    for field, value in values:
+        if isinstance(value, str) and len(value) > MAX_VM_TEXT:
+            raise _invalid(f"{what} gives a {field} of {len(value)} characters; values longer than {MAX_VM_TEXT} "
+                           "characters are refused")
+
+
+def _refuse_too_many(items: list[Any] | dict[str, Any], limit: int, kind: str, what: str) -> None:
+    """INVALID_IMAGE once a descriptor lists more than `limit` `kind` (checked as they are gathered, so that no
+    work grows with a crafted count)."""
+    if len(items) > limit:
+        raise _invalid(f"{what} lists more than {limit} {kind}, which is refused")
+
+
 def parse_ovf(data: bytes) -> dict[str, Any]:
-    """VM name, CPUs, memory, firmware, disks in order and NICs from an OVF descriptor."""
+    """VM name, CPUs, memory, firmware, disks in order and NICs from an OVF descriptor, within the bounds of
+    _refuse_oversized(); one with a DOCTYPE is refused."""
     if len(data) > MAX_DESCRIPTOR:
         raise _invalid("the OVF descriptor is larger than 16 MiB")
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise _invalid("the OVF descriptor declares a DOCTYPE or entities, which are refused")
-    import xml.etree.ElementTree as ET
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as e:
-        raise _invalid(f"the OVF descriptor is not valid XML: {e}") from None
+    what = "the OVF descriptor"
+    root = _parse_xml_without_dtd(data, what)
     if _ln(root.tag) != "Envelope":
         raise _invalid("the OVF descriptor has no Envelope element")
     files: dict[str, dict[str, Any]] = {}
@@ -600,6 +739,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             capacity = int(_attr(el, "capacity") or 0) * _units(_attr(el, "capacityAllocationUnits"))
             disks[_attr(el, "diskId") or ""] = {"id": _attr(el, "diskId"), "file_ref": _attr(el, "fileRef"),
                                                 "capacity": capacity, "format": _attr(el, "format")}
+            _refuse_too_many(disks, MAX_VM_DISKS, "disks", what)
     system = next((el for el in root.iter() if _ln(el.tag) == "VirtualSystem"), root)
     vm_name = _child_text(system, "Name") or _attr(system, "id") or ""
     cpus, cores_per_socket, memory_mib, firmware = 1, 0, 0, "bios"
@@ -630,12 +770,14 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
                 ordered.append(ref)
             else:
                 continue
+            _refuse_too_many(ordered, MAX_VM_DISKS, "disks", what)
             unit = _child_text(item, "AddressOnParent") or ""
             placement[ref] = (*controllers.get(_child_text(item, "Parent"), (_UNKNOWN_CONTROLLER, 0)),
                               int(unit) if unit.isdigit() else 0)
         elif kind == "10":
             nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
                          "network": _child_text(item, "Connection"), "mac": _child_text(item, "Address")})
+            _refuse_too_many(nics, MAX_VM_NICS, "NICs", what)
     ordered += [d for d in disks if d not in ordered]
     secure_boot = False
     for el in root.iter():
@@ -659,10 +801,12 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
                           "chunk_size": file.get("chunk_size")})
     placed = [placement[d] for d in ordered if d in placement]
     boot_disk = ordered.index(next(d for d in ordered if placement.get(d) == min(placed))) if placed else 0
-    return {"name": vm_name, "cpus": cpus, "cores_per_socket": cores_per_socket, "memory_mib": memory_mib,
-            "firmware": firmware,
-            "secure_boot": firmware == "uefi" and secure_boot, "tpm": tpm,
-            "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
+    vm = {"name": vm_name, "cpus": cpus, "cores_per_socket": cores_per_socket, "memory_mib": memory_mib,
+          "firmware": firmware,
+          "secure_boot": firmware == "uefi" and secure_boot, "tpm": tpm,
+          "guest_os": guest_os, "boot_disk": boot_disk, "disks": disk_list, "nics": nics}
+    _refuse_oversized(vm, what)
+    return vm
 
 
 # OVF ResourceType of disk controllers, ranked as parse_vmx ranks them: SCSI, SATA and NVMe ("other storage",
@@ -682,11 +826,16 @@ _MANIFEST_LINE = re.compile(r"^\s*(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-f
 
 
 def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
-    """{file name: (algorithm, hex digest)} from an OVF manifest."""
+    """{file name: (algorithm, hex digest)} from an OVF manifest; INVALID_IMAGE for one of more than
+    MAX_MANIFEST_ENTRIES files or a file name longer than MAX_VM_TEXT (each goes into the report)."""
     sums = {}
     for number, line in enumerate(text.splitlines(), 1):
         if m := _MANIFEST_LINE.match(line):
+            if len(m.group(2)) > MAX_VM_TEXT:
+                raise _invalid(f"line {number} of the manifest names a file of more than {MAX_VM_TEXT} characters, "
+                               "which is refused")
             sums[m.group(2)] = (m.group(1).lower(), m.group(3).lower())
+            _refuse_too_many(sums, MAX_MANIFEST_ENTRIES, "files", "the manifest")
         elif line.strip():
             # Not the line itself: the manifest is read (as root) before its reader's rights are checked.
             raise _invalid(f"line {number} of the manifest is not a checksum")
@@ -694,7 +843,9 @@ def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
 
 
 def parse_vmx(text: str) -> dict[str, Any]:
-    """VM name, CPUs, memory, firmware, disks in order and NICs from a .vmx file's key = "value" lines."""
+    """VM name, CPUs, memory, firmware, disks in order and NICs from a .vmx file's key = "value" lines, within
+    the bounds of _refuse_oversized()."""
+    what = "the VMX file"
     keys: dict[str, str] = {}
     for line in text.splitlines():
         m = re.match(r'^\s*([A-Za-z0-9_.:\[\]-]+)\s*=\s*"?(.*?)"?\s*$', line)
@@ -712,6 +863,7 @@ def parse_vmx(text: str) -> dict[str, Any]:
         if "cdrom" in keys.get(device + ".devicetype", "").lower() or value.lower().endswith(".iso"):
             continue
         found.append(((order[m.group(1)], int(m.group(2)), int(m.group(3))), device, value))
+        _refuse_too_many(found, MAX_VM_DISKS, "disks", what)
     nics = []
     for key in sorted(k for k in keys if re.fullmatch(r"ethernet\d+\.present", k)):
         dev = key.rsplit(".", 1)[0]
@@ -720,6 +872,7 @@ def parse_vmx(text: str) -> dict[str, Any]:
         nics.append({"name": dev, "model": keys.get(dev + ".virtualdev", "e1000"),
                      "network": keys.get(dev + ".networkname"),
                      "mac": keys.get(dev + ".address") or keys.get(dev + ".generatedaddress")})
+        _refuse_too_many(nics, MAX_VM_NICS, "NICs", what)
     memory = keys.get("memsize", "0")
     devices = [device for _, device, _ in sorted(found)]
     # bios.hddOrder lists the disks the BIOS tries, first the one it boots from ("scsi0:1,scsi0:0"). A UEFI VM
@@ -727,14 +880,16 @@ def parse_vmx(text: str) -> dict[str, Any]:
     efi = keys.get("firmware", "").lower() == "efi"
     first = "" if efi else keys.get("bios.hddorder", "").split(",")[0].strip().lower()
     per_socket = keys.get("cpuid.corespersocket", "")
-    return {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
-            "cores_per_socket": int(per_socket) if per_socket.isdigit() else 0,
-            "memory_mib": int(memory) if memory.isdigit() else 0,
-            "firmware": "uefi" if efi else "bios",
-            "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",
-            "tpm": keys.get("vtpm.present", "").lower() == "true",
-            "guest_os": keys.get("guestos", ""), "boot_disk": devices.index(first) if first in devices else 0,
-            "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
+    vm = {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
+          "cores_per_socket": int(per_socket) if per_socket.isdigit() else 0,
+          "memory_mib": int(memory) if memory.isdigit() else 0,
+          "firmware": "uefi" if efi else "bios",
+          "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",
+          "tpm": keys.get("vtpm.present", "").lower() == "true",
+          "guest_os": keys.get("guestos", ""), "boot_disk": devices.index(first) if first in devices else 0,
+          "disks": [{"id": device, "href": name} for _, device, name in sorted(found)], "nics": nics}
+    _refuse_oversized(vm, what)
+    return vm
 
 
 # ---------------------------------------------------------------- a whole source
@@ -783,9 +938,22 @@ def expect_source(path: str, identity: str) -> None:
 
 
 def _ensure_expected(path: str, device: int, inode: int, expected: str) -> None:
+    """SOURCE_CHANGED unless (device, inode) is the "dev:ino" h2kd checked for the submitter."""
     if f"{device}:{inode}" != expected:
-        raise OperationError("SOURCE_CHANGED", f"the source {path} was moved, removed or replaced after the job "
-                             "was submitted; submit it again", "start")
+        raise _source_replaced(path)
+
+
+def _source_replaced(path: str) -> OperationError:
+    """The one answer for a source that is not the file h2kd checked, whatever is at its path instead."""
+    return OperationError("SOURCE_CHANGED", f"the source {path} was moved, removed or replaced after the job "
+                          "was submitted; submit it again", "start")
+
+
+def _open_expected(path: str, expected: str) -> tuple[int, FileIdentity]:
+    """open_regular_file() of the source h2kd checked for the submitter ("dev:ino"): root's lookup must find that
+    very file before anything of it, or of whatever took its place, is looked at or told."""
+    fd = _open_known(path, lambda st: f"{st.st_dev}:{st.st_ino}" == expected, _source_replaced(path), "the image")
+    return fd, FileIdentity.of(path, os.fstat(fd))
 
 
 def load_source(path: str, declared_format: str | None = None, checksum: str | None = None,
@@ -795,10 +963,9 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
     reader_uid: the submitter, when not root. h2kd checked that they may read the file they named; every
     other file it leads to (backing files, extents, the disks of an OVF or VMX) must be theirs to read too."""
     path = os.path.abspath(path)
-    fd, identity = open_regular_file(path)
+    expected = _EXPECTED_SOURCES.get(path)
+    fd, identity = open_regular_file(path) if expected is None else _open_expected(path, expected)
     try:
-        if path in _EXPECTED_SOURCES:
-            _ensure_expected(path, identity.device, identity.inode, _EXPECTED_SOURCES[path])
         head, tail = _read_head_tail(fd, 0, identity.size)
         kind = sniff(head, tail)
         declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)
@@ -814,21 +981,13 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
             source = _load_described(fd, path, kind, identity.size, identities, check_disks, reader_uid)
         else:
             if kind == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
-                _check_vmdk_descriptor(fd, path, identity.size)
+                _check_vmdk_descriptor(fd, path, identity.size, reader_uid)
             disk = load_disk(ImageRef(path, kind), os.path.basename(path), identities, check_disks, reader_uid)
             source = Source("disk", path, DRIVER_TO_NAME.get(kind, kind), [disk], None, identities)
     finally:
         os.close(fd)
     source.checksum = checksum
     return source
-
-
-def _found(identities: list[FileIdentity], ident: FileIdentity, reader_uid: int | None) -> None:
-    """Add a file the source leads to, once the submitter (reader_uid, if not root) is known to be able to
-    read it: before root reads a byte of it for them."""
-    if reader_uid:
-        check_readable_by([ident], reader_uid)
-    identities.append(ident)
 
 
 def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
@@ -971,10 +1130,11 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
     to_verify: list[tuple[str, str, int, int]] = []
     if kind == "ovf":
         mf_path = path[:-4] + ".mf" if path.lower().endswith(".ovf") else path + ".mf"
-        if os.path.lexists(mf_path):
-            mf_fd, mf_ident = open_regular_file(mf_path, "the manifest")
+        if _present(mf_path, reader_uid):
+            mf_name = os.path.basename(mf_path)
+            mf_fd, mf_ident = _open_referenced(mf_path, directory, mf_name, "the manifest", reader_uid)
             try:
-                _found(identities, mf_ident, reader_uid)
+                identities.append(mf_ident)
                 manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
             finally:
                 os.close(mf_fd)
@@ -985,24 +1145,26 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                     if hashlib.new(algorithm, data).hexdigest() != expected:
                         raise _invalid(f"the manifest {algorithm.upper()} of {name} does not match its content")
                     continue
-                entry_fd, entry_ident = _open_or_missing(file_path, name)
+                entry_fd, entry_ident = _open_referenced(file_path, directory, name, "the manifest entry",
+                                                         reader_uid)
                 os.close(entry_fd)
-                _found(identities, entry_ident, reader_uid)
+                identities.append(entry_ident)
                 to_verify.append((name, file_path, 0, entry_ident.size))
     disks = []
     for index, entry in enumerate(vm["disks"], 1):
         href = entry.get("href") or ""
-        disk_path = _local_file(directory, href, f"the {kind.upper()} disk file")
+        what = f"the {kind.upper()} disk file"
+        disk_path = _local_file(directory, href, what)
         _refuse_packed(entry)
-        disk_fd, ident = _open_or_missing(disk_path, href)
+        disk_fd, ident = _open_referenced(disk_path, directory, href, what, reader_uid)
         try:
-            _found(identities, ident, reader_uid)
+            identities.append(ident)
             head, tail = _read_head_tail(disk_fd, 0, ident.size)
             fmt = sniff(head, tail)
             if fmt not in ("vmdk", "vpc", "vhdx", "vdi", "qcow2"):
                 raise _invalid(f"the disk file {href!r} is not a disk image this program reads")
             if fmt == "vmdk" and not head.startswith((b"KDMV", b"COWD")):
-                _check_vmdk_descriptor(disk_fd, disk_path, ident.size)
+                _check_vmdk_descriptor(disk_fd, disk_path, ident.size, reader_uid)
         finally:
             os.close(disk_fd)
         disks.append(load_disk(ImageRef(disk_path, fmt), f"disk {index} ({href})", identities, check_disks,
@@ -1010,14 +1172,27 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
     return Source(kind, path, kind, disks, vm, identities, manifest, to_verify)
 
 
-def _open_or_missing(path: str, name: str) -> tuple[int, FileIdentity]:
-    if not os.path.lexists(path):
-        raise _invalid(f"the file {name!r} the source refers to does not exist")
-    return open_regular_file(path, "the file")
+def _present(path: str, reader_uid: int | None) -> bool:
+    """Whether there is something at `path` (an optional file next to the source), as the submitter sees it:
+    root's lookup would tell them what lies behind a directory closed to them."""
+    if not reader_uid:
+        return os.path.lexists(path)
+    from h2kd.access import look_up_as
+    from h2kd.errors import H2kError
+
+    try:
+        code = look_up_as(reader_uid, _groups_of(reader_uid), path)
+    except H2kError:
+        return True         # _open_referenced says why it cannot be checked
+    return code not in (errno.ENOENT, errno.ENOTDIR)
 
 
 def verify(source: Source, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Check the manifest's sums and image.checksum by reading the files; INVALID_IMAGE on a mismatch."""
+    """Check the manifest's sums and image.checksum by reading the files; INVALID_IMAGE on a mismatch.
+
+    Each file is opened again by its name, as root, so it must still be the very file load_source() found (and
+    checked for the submitter): SOURCE_CHANGED otherwise, with one message whatever is there instead, so that a
+    directory swapped for a symlink meanwhile tells nothing of the files it leads to."""
     done = 0
     verified = []
 
@@ -1025,7 +1200,7 @@ def verify(source: Source, progress: Callable[[int], None] | None = None) -> dic
         import hashlib          # only when there is something to check: it costs a plain disk's job start
         nonlocal done
         h = hashlib.new(algorithm)
-        fd = os.open(file_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _reopen(file_path, source.identities, "verify")
         try:
             position, end = offset, offset + size
             while position < end:

@@ -1,0 +1,351 @@
+"""What the files a source names tell a submitter who may not read them: nothing.
+
+The worker runs as root. A descriptor (a VMDK's extents, a VMX's disks, an OVF's disks and manifest) names
+files by relative paths that may pass through directories closed to the submitter, and a submitter may swap
+a directory of their own for a symlink between the checks and the reads. Whatever lies there (a file of
+someone else's, nothing, a FIFO) they get one answer, and root neither reads nor hashes it for them. An OVF
+cannot make the parser expand entities, and a VM description cannot make the report huge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import images
+from test_operations import run_worker
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+
+NOBODY = {"uid": 65534, "gid": 65534, "mode": 0o640}
+SECRET = b"root:$6$secret-hash:19000::\n"        # 28 bytes a submitter must not learn anything of
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory under /tmp that the submitter (nobody) owns, like their home, with a directory "private"
+    in it that only root may enter."""
+    path = Path(tempfile.mkdtemp(prefix="h2kt-probe-", dir="/tmp"))
+    try:
+        path.chmod(0o755)
+        os.chown(path, NOBODY["uid"], NOBODY["gid"])
+        (path / "private").mkdir(mode=0o700)
+        (path / "out").mkdir(mode=0o1777)
+        (path / "out").chmod(0o1777)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def give_to_nobody(*paths: Path) -> None:
+    """Make the files the submitter's, as if they had made them."""
+    for path in paths:
+        os.chown(path, NOBODY["uid"], NOBODY["gid"], follow_symlinks=False)
+
+
+def vmdk_descriptor(extent: str) -> str:
+    """A VMDK descriptor whose one flat extent, said to hold 999999 sectors, is the file named `extent`."""
+    return ('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+            f'RW 999999 FLAT "{extent}" 0\n\nddb.adapterType = "ide"\n')
+
+
+def write_source(base: Path, carrier: str, name: str) -> Path:
+    """A source of the submitter's that names `name` as a VMDK extent, a VMX disk, an OVF disk or a manifest
+    entry."""
+    if carrier == "vmdk extent":
+        source = base / "probe.vmdk"
+        source.write_text(vmdk_descriptor(name))
+    elif carrier == "vmx disk":
+        source = images.make_vmx(base, [name], name="probe")
+    else:
+        source = base / "probe.ovf"
+        source.write_text(images.make_ovf_text("probe", [(name if carrier == "ovf disk" else "disk.vmdk", 512, 1)]))
+        if carrier == "manifest entry":
+            (base / "probe.mf").write_text(f"SHA256({name})= {'0' * 64}\n")
+            give_to_nobody(base / "probe.mf")
+    give_to_nobody(source)
+    return source
+
+
+def place(path: Path, state: str) -> None:
+    """Put at `path` what the submitter must not learn about: a file, nothing, or a FIFO."""
+    if state == "file":
+        path.write_bytes(SECRET)
+        path.chmod(0o600)
+    elif state == "fifo":
+        os.mkfifo(path, 0o600)
+
+
+# ---------------------------------------------------------------- names behind a closed directory
+
+@pytest.mark.parametrize("carrier", ["vmdk extent", "vmx disk", "ovf disk", "manifest entry"])
+def test_a_file_behind_a_directory_closed_to_the_submitter_gets_one_answer(base: Path, tmp_path: Path,
+                                                                            carrier: str) -> None:
+    """`RW 999999 FLAT "private/secret.txt" 0` must not tell its size, whether it exists, or what it is."""
+    source = write_source(base, carrier, "private/secret.txt")
+    errors = {}
+    for state in ("file", "missing", "fifo"):
+        place(base / "private" / "secret.txt", state)
+        run = run_worker(tmp_path / state, {"operation": "inspect", "image": {"path": str(source)}},
+                         [base / "out"], owner=NOBODY)
+        assert run.returncode == 2, run.log
+        errors[state] = run.result["error"]
+        (base / "private" / "secret.txt").unlink(missing_ok=True)
+    assert {e["code"] for e in errors.values()} == {"PERMISSION_DENIED"}, errors
+    assert len({e["message"] for e in errors.values()}) == 1, errors
+    message = errors["file"]["message"]
+    assert "private/secret.txt" in message and "not readable by uid 65534" in message, message
+    assert str(len(SECRET)) not in message
+
+
+def test_files_the_submitter_can_see_are_still_found_and_described(base: Path, tmp_path: Path) -> None:
+    """Disks in a subdirectory of the submitter's work; a missing one or a FIFO of their own is named as such
+    (they can see that themselves)."""
+    disks = base / "disks"
+    disks.mkdir()
+    images.qemu_img("create", "-q", "-f", "vmdk", str(disks / "d.vmdk"), "1M")
+    give_to_nobody(disks, disks / "d.vmdk")
+    vmx = write_source(base, "vmx disk", "disks/d.vmdk")
+    run = run_worker(tmp_path / "ok", {"operation": "inspect", "image": {"path": str(vmx)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode == 0, run.log
+    assert run.result["outputs"]["report"]["disks"][0]["path"] == str(disks / "d.vmdk")
+    for state, expected in (("missing", "does not exist"), ("fifo", "not a regular file")):
+        descriptor = write_source(base, "vmdk extent", "disks/extent.raw")
+        place(disks / "extent.raw", state)
+        run = run_worker(tmp_path / state, {"operation": "inspect", "image": {"path": str(descriptor)}},
+                         [base / "out"], owner=NOBODY)
+        assert run.returncode == 2 and run.result["error"]["code"] == "INVALID_IMAGE", run.log
+        assert expected in run.result["error"]["message"]
+        (disks / "extent.raw").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- sums read after a swap
+
+def ovf_with_manifest(directory: Path, first: tuple[str, int] | None = None) -> Path:
+    """vm.ovf, its disk disk.vmdk and vm.mf with the sums of both (and, first, of a sparse file of the given
+    name and size), all the submitter's."""
+    directory.mkdir()
+    disk = directory / "disk.vmdk"
+    images.qemu_img("create", "-q", "-f", "vmdk", str(disk), "1M")
+    ovf = directory / "vm.ovf"
+    ovf.write_text(images.make_ovf_text("vm", [(disk.name, disk.stat().st_size, 1 << 20)]))
+    lines = []
+    files = [ovf, disk]
+    if first:
+        big = directory / first[0]
+        with open(big, "wb") as f:
+            f.truncate(first[1])
+        files.insert(0, big)
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        lines.append(f"SHA256({file.name})= {digest.hexdigest()}")
+    (directory / "vm.mf").write_text("\n".join(lines) + "\n")
+    give_to_nobody(directory, *directory.iterdir())
+    return ovf
+
+
+def swap_for_symlink(directory: Path, target: Path) -> None:
+    """What the submitter can do to a directory of their own: put a symlink to `target` in its place."""
+    directory.rename(directory.with_name(directory.name + ".moved"))
+    directory.symlink_to(target)
+
+
+def verify_within(source: object, seconds: float) -> Exception | None:
+    """inspect.verify(source), or the error it raised; AssertionError if it hangs (a FIFO opened for reading
+    waits for a writer)."""
+    from h2kd.operations import inspect
+
+    outcome: list[Exception | None] = []
+
+    def run() -> None:
+        """verify(), keeping what it raised."""
+        try:
+            inspect.verify(source)  # type: ignore[arg-type]
+            outcome.append(None)
+        except Exception as e:   # noqa: BLE001 - the error is the result
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else AssertionError("verify() hung")
+
+
+@pytest.mark.parametrize("sums", ["manifest", "image.checksum"])
+def test_sums_are_never_taken_of_what_a_swapped_directory_leads_to(base: Path, sums: str) -> None:
+    """After load_source checked the files as the submitter, they swap their directory for a symlink to a
+    root-only one holding a file of the same name: a copy of theirs, another file, nothing or a FIFO. Root must
+    not hash it ("does not match" tells a byte at a time), say it is missing, or hang: one answer."""
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    vm = base / "vm"
+    if sums == "manifest":
+        ovf_with_manifest(vm)
+        source_path, checksum, victim = vm / "vm.ovf", None, "disk.vmdk"
+    else:
+        vm.mkdir()
+        images.qemu_img("create", "-q", "-f", "qcow2", str(vm / "disk.qcow2"), "1M")
+        give_to_nobody(vm, vm / "disk.qcow2")
+        source_path, victim = vm / "disk.qcow2", "disk.qcow2"
+        checksum = "sha256:" + hashlib.sha256((vm / victim).read_bytes()).hexdigest()
+    private = base / "private"
+    outcomes = {}
+    for state in ("copy", "other", "missing", "fifo"):
+        source = inspect.load_source(str(source_path), checksum=checksum, reader_uid=NOBODY["uid"])
+        original = (vm / victim).read_bytes()
+        if state == "copy":
+            (private / victim).write_bytes(original)
+        elif state == "other":
+            (private / victim).write_bytes(bytes(len(original)))
+        elif state == "fifo":
+            os.mkfifo(private / victim, 0o600)
+        swap_for_symlink(vm, private)
+        try:
+            outcome = verify_within(source, 10)
+        finally:
+            if state == "fifo":     # release a reader that waits for a writer
+                try:
+                    os.close(os.open(private / victim, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+            vm.unlink()
+            vm.with_name("vm.moved").rename(vm)
+            (private / victim).unlink(missing_ok=True)
+        assert isinstance(outcome, OperationError), f"{state}: {outcome!r}"
+        outcomes[state] = (outcome.code, outcome.message)
+    assert {code for code, _ in outcomes.values()} == {"SOURCE_CHANGED"}, outcomes
+    assert len({message for _, message in outcomes.values()}) == 1, outcomes
+    assert "moved, removed or replaced" in outcomes["copy"][1]
+
+
+def test_a_job_whose_directory_is_swapped_while_sums_are_taken_says_only_that_it_changed(base: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The same through the worker: the swap comes while the first, large, file of the manifest is hashed."""
+    vm = base / "vm"
+    ovf = ovf_with_manifest(vm, first=("big.bin", 2 << 30))
+    (base / "private" / "disk.vmdk").write_bytes(bytes((vm / "disk.vmdk").stat().st_size))
+    swapped: list[str] = []
+
+    def swap_once_verifying(_: subprocess.Popen[str], status: str) -> None:
+        """Swap the directory once the worker reports that it hashes."""
+        if status.startswith("verify") and not swapped:
+            swap_for_symlink(vm, base / "private")
+            swapped.append(status)
+
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ovf)}}, [base / "out"],
+                     owner=NOBODY, on_status=swap_once_verifying)
+    assert swapped, run.log
+    assert run.returncode != 0 and run.result["status"] == "failed", run.log
+    error = run.result["error"]
+    assert error["code"] == "SOURCE_CHANGED" and "moved, removed or replaced" in error["message"], error
+    assert "does not match" not in error["message"]
+
+
+def test_a_source_swapped_before_the_commit_checks_gets_one_answer(base: Path) -> None:
+    """The checks made before the outputs are committed: nothing there, or another file, read the same."""
+    from h2kd.operations import inspect
+    from h2kd.operations.qemuimg import OperationError
+
+    vm = base / "vm"
+    vm.mkdir()
+    images.qemu_img("create", "-q", "-f", "qcow2", str(vm / "disk.qcow2"), "1M")
+    give_to_nobody(vm, vm / "disk.qcow2")
+    source = inspect.load_source(str(vm / "disk.qcow2"), reader_uid=NOBODY["uid"])
+    messages = set()
+    for state in ("file", "missing"):
+        place(base / "private" / "disk.qcow2", state)
+        swap_for_symlink(vm, base / "private")
+        with pytest.raises(OperationError) as refused:
+            inspect.ensure_unchanged(source.identities)
+        messages.add(refused.value.message)
+        vm.unlink()
+        vm.with_name("vm.moved").rename(vm)
+        (base / "private" / "disk.qcow2").unlink(missing_ok=True)
+    assert len(messages) == 1, messages
+
+
+# ---------------------------------------------------------------- what a VM description may make
+
+def ova_with(ovf: bytes, directory: Path) -> Path:
+    """An OVA holding `ovf` (as vm.ovf) and its disk."""
+    disk = directory / "disk1.vmdk"
+    images.qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", str(disk), "1M")
+    path = directory / "vm.ova"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("vm.ovf", ovf), ("disk1.vmdk", disk.read_bytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    give_to_nobody(path)
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_an_ovf_declaring_entities_is_refused_in_any_encoding(base: Path, tmp_path: Path, encoding: str) -> None:
+    """A UTF-16 OVF hides "<!DOCTYPE" from a byte search; expat would expand its entities (a billion laughs)."""
+    text = images.make_ovf_text("&laugh3;", [("disk1.vmdk", 512, 1 << 20)])
+    declaration = ('<!DOCTYPE Envelope [<!ENTITY laugh "ha"><!ENTITY laugh2 "&laugh;&laugh;&laugh;&laugh;">'
+                   '<!ENTITY laugh3 "&laugh2;&laugh2;&laugh2;&laugh2;">]>\n')
+    text = text.replace('encoding="UTF-8"?>\n', f'encoding="{encoding.upper()}"?>\n{declaration}', 1)
+    ova = ova_with(text.encode(encoding), base)
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ova)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "INVALID_IMAGE", run.result["error"]
+    assert "declares a DOCTYPE or entities" in run.result["error"]["message"]
+
+
+def vmx_job(base: Path, tmp_path: Path, name: str, extra: list[str]) -> dict[str, object]:
+    """The result of inspecting a VMX (display name `name`, with the `extra` lines) of one disk."""
+    images.qemu_img("create", "-q", "-f", "vmdk", str(base / "d.vmdk"), "1M")
+    vmx = images.make_vmx(base, ["d.vmdk"], name="vm")
+    text = vmx.read_text().replace('displayName = "vm"', f'displayName = "{name}"')
+    vmx.write_text(text + "".join(line + "\n" for line in extra))
+    give_to_nobody(base / "d.vmdk", vmx)
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(vmx)}}, [base / "out"],
+                     owner=NOBODY)
+    return {"returncode": run.returncode, **run.result}
+
+
+def test_a_vmx_listing_thousands_of_nics_is_refused(base: Path, tmp_path: Path) -> None:
+    """A VMX of `ethernetN.present = "TRUE"` lines would make a report of megabytes."""
+    nics = [f'ethernet{n}.present = "TRUE"' for n in range(1, 5000)]
+    result = vmx_job(base, tmp_path, "vm", nics)
+    assert result["returncode"] == 2, result
+    assert result["error"]["code"] == "INVALID_IMAGE"        # type: ignore[index]
+    assert "more than 64 NICs" in result["error"]["message"]   # type: ignore[index]
+
+
+def test_a_vm_name_longer_than_a_kib_is_refused(base: Path, tmp_path: Path) -> None:
+    """Refused, not cut short: the message says how long it is without repeating it."""
+    result = vmx_job(base, tmp_path, "n" * 4000, [])
+    assert result["returncode"] == 2, result
+    assert result["error"]["code"] == "INVALID_IMAGE"        # type: ignore[index]
+    assert "name of 4000 characters" in result["error"]["message"]   # type: ignore[index]
+    assert "n" * 1025 not in result["error"]["message"]       # type: ignore[index]
+
+
+def test_an_ordinary_vmx_is_reported_in_full(base: Path, tmp_path: Path) -> None:
+    """A long name and ten NICs, as real VMs have, are within the bounds."""
+    name = "web-01 (production) " * 20
+    nics = [line for n in range(1, 10) for line in (f'ethernet{n}.present = "TRUE"',
+                                                    f'ethernet{n}.virtualDev = "vmxnet3"')]
+    result = vmx_job(base, tmp_path, name, nics)
+    assert result["returncode"] == 0, result
+    vm = result["outputs"]["report"]["vm"]          # type: ignore[index]
+    assert vm["name"] == name and len(vm["nics"]) == 10
