@@ -42,6 +42,7 @@ from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import HELD_NAME, RECORD_NAME, release_held, remove_recorded
 from h2kd.runner import bytecode
 from h2kd.runner import unit as units
+from h2kd.worker.main import MAX_RESULT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ CHECK_RETRY_SECONDS = 5.0       # a unit whose check failed is checked again aft
 # close() waits this long at most for the removal of forgotten jobs' directories: h2kd must stop well within its
 # unit's TimeoutStopSec (30 s), if need be leaving a directory behind.
 CLOSE_WAITS_FOR_REMOVALS_SECONDS = 10
+# A result file is read up to this size: the builtin worker keeps its results within MAX_RESULT_BYTES, and the
+# slack covers a worker of another version that writes them a little differently. A larger file (a worker that
+# keeps no limit, a damaged file) is not read, let alone parsed on the event loop and kept with the job for good.
+MAX_RESULT_FILE_BYTES = MAX_RESULT_BYTES + 4096
 
 
 class SystemdError(H2kError):
@@ -617,7 +622,7 @@ class SystemdRunner:
                                   log_tail=[], stopped_by_request=followed.stop_requested, interrupted=False)
             self._report_finished(followed, outcome)
             return
-        worker_result = _read_json(followed.run_dir / "result.json")
+        worker_result = _read_result(followed.run_dir / "result.json")
         if gone and followed.active_state not in _FINAL_STATES:
             # Collected before its final state reached us (or never seen: reattach after it was collected):
             # what we saw is stale, so the files are all there is to go by.
@@ -752,6 +757,28 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """The worker's result file, as _read_json reads it, but never more than MAX_RESULT_FILE_BYTES of it: a larger
+    one is a result h2kd cannot make sense of, and the attempt failed (the same stand-in the manager makes for
+    a result it cannot understand)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RESULT_FILE_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_RESULT_FILE_BYTES:
+        log.warning("the result file %s is larger than %d bytes; it is not read", path, MAX_RESULT_FILE_BYTES)
+        return {"status": "failed",
+                "error": {"code": "INTERNAL", "retryable": False, "phase": "run",
+                          "message": f"h2kd could not understand the attempt's result file: it is larger than "
+                                     f"{MAX_RESULT_FILE_BYTES} bytes"}}
+    try:
+        result = json.loads(data)
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) else None
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

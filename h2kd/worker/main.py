@@ -121,13 +121,68 @@ def temp_record_path(spec_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(spec_path)), RECORD_NAME)
 
 
+# The largest result file a worker writes. h2kd keeps the result with the job for good and loads it again at
+# every start: a source whose description makes it huge (a VM name or NIC list of megabytes) must not make every
+# start of h2kd slow. The same limit as the outputs an external worker may report
+# (h2kd.manager.manager.MAX_RESULT_BYTES), which h2kd.runner.systemd also reads a result file up to.
+MAX_RESULT_BYTES = 64 * 1024
+# Of an error's message in a result too large, this much is kept.
+REPLACED_MESSAGE_CHARS = 1024
+
+
+def _result_text(result: dict[str, Any]) -> str:
+    """The result file's content (ASCII: its length is its size in bytes)."""
+    return json.dumps(result, indent=1) + "\n"
+
+
+def _output_paths(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Where the outputs are (each disk's path and format, the domain XML's path), without their reports."""
+    kept: dict[str, Any] = {}
+    if isinstance(outputs.get("disks"), list):
+        kept["disks"] = [{key: disk[key] for key in ("path", "format") if isinstance(disk.get(key), str)}
+                         for disk in outputs["disks"] if isinstance(disk, dict) and isinstance(disk.get("path"), str)]
+    if "domain_xml" in outputs:
+        kept["domain_xml"] = outputs["domain_xml"] if isinstance(outputs["domain_xml"], str) else None
+    return kept
+
+
+def _within_limit(result: dict[str, Any]) -> dict[str, Any]:
+    """The result to write: as it is while its file stays within MAX_RESULT_BYTES, else the same outcome (a
+    completed attempt stays completed: its outputs are in place) with only where the outputs are, the error's
+    message cut short, and outputs["left_out"] saying what was left out and why. Should even the outputs' paths be
+    too many, they go to the journal."""
+    size = len(_result_text(result))
+    if size <= MAX_RESULT_BYTES:
+        return result
+    paths = _output_paths(result.get("outputs") or {})
+    listed = [d["path"] for d in paths.get("disks", [])] + ([paths["domain_xml"]] if paths.get("domain_xml") else [])
+    error = result.get("error")
+    if isinstance(error, dict):
+        error = {**error, "message": str(error.get("message"))[:REPLACED_MESSAGE_CHARS]}
+
+    def trimmed(outputs: dict[str, Any], kept: str) -> dict[str, Any]:
+        note = f"the result was {size} bytes, more than the limit of {MAX_RESULT_BYTES} bytes: {kept}"
+        return {**result, "error": error, "outputs": {**outputs, "left_out": note}}
+
+    kept = "only where the outputs are is kept" if listed else "the outputs' report is left out"
+    replaced = trimmed(paths, kept)
+    if len(_result_text(replaced)) > MAX_RESULT_BYTES:    # even the outputs' paths are too many
+        kept = f"the {len(listed)} outputs are listed in the journal"
+        replaced = trimmed({}, kept)
+    say(f"h2k-worker: the result is {size} bytes, more than the limit of {MAX_RESULT_BYTES}: {kept}", error=True)
+    for path in listed:
+        say(f"h2k-worker: output {path}")
+    return replaced
+
+
 def _write_result(path: str, result: dict[str, Any]) -> None:
+    """Write the result file atomically and durably (see _within_limit for its size)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    text = _result_text(result)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
@@ -365,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(0)
     result["metrics"]["execution_seconds"] = round(time.monotonic() - started, 6)
     reporter.flush()
+    result = _within_limit(result)
     if result["error"]:
         say(f"h2k-worker: failed: {result['error']['code']}: {result['error']['message']}", error=True)
     else:
