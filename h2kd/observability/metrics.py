@@ -23,14 +23,17 @@ Every change costs O(1): the listener remembers each job's last counted state an
 
 from __future__ import annotations
 
+import io
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass
-from socketserver import BaseServer
-from typing import Iterable
+from socketserver import BaseServer, ThreadingMixIn
+from typing import Any, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from h2kd import __version__
 from h2kd.manager.ports import Event, WorkerInfo
@@ -253,9 +256,150 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+# Anyone on the host can connect to the endpoint. A connection that sends nothing would hold a thread and a
+# descriptor for ever, and a thousand of them would leave h2kd without descriptors (no submission could open
+# its source any more). So a connection gets REQUEST_SECONDS to bring its whole request and RESPONSE_SECONDS
+# to take the answer, and at most MAX_CONNECTIONS are open at once: one more drops the oldest of those still
+# waiting for their request (a scraper sends its request as soon as it is connected, so it is never the one
+# dropped), or, when every one is being answered, is closed at once.
+REQUEST_SECONDS = 5.0
+RESPONSE_SECONDS = 10.0
+MAX_CONNECTIONS = 64
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's incoming bytes, read no later than a deadline for the whole request: a client that
+    sends its request a byte at a time does not get a fresh timeout with each byte."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        """connection: the client's socket; deadline: time.monotonic() by which the request must be in."""
+        super().__init__()
+        self._connection = connection
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        """Always: this is a reading stream."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Bytes into buffer, as they come; TimeoutError once the deadline has passed."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._connection.settimeout(left)
+        return self._connection.recv_into(buffer)
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    """One scrape per connection (HTTP/1.0), within the time limits above; logs nothing, as prometheus_client's
+    own server does not."""
+
+    def setup(self) -> None:
+        """The request is read against its deadline, counted from the connection's acceptance."""
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_RequestReader(self.connection, time.monotonic() + REQUEST_SECONDS))
+
+    def parse_request(self) -> bool:
+        """Parse the request; once it is all in, the answer gets its own time limit and the connection is no
+        longer one to drop for a newer one."""
+        if not super().parse_request():
+            return False
+        self.connection.settimeout(RESPONSE_SECONDS)
+        server = self.server
+        if isinstance(server, _ScrapeServer):
+            server.answering(self.connection)
+        return True
+
+    def handle(self) -> None:
+        """Answer the request; a client that was too slow, went away or was dropped is simply let go."""
+        try:
+            super().handle()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: a request line is no news, and a client could fill the journal with them."""
+
+
+class _ScrapeServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them (see above); server_close() also hangs up
+    on the connections still open, so their threads end with the server."""
+
+    daemon_threads = True
+    # socketserver's default backlog of 5 drops the connections of a burst (they are tried again a second
+    # later), a scraper's among them.
+    request_queue_size = 128
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As WSGIServer; the open connections are tracked from the start."""
+        self._lock = threading.Lock()
+        # Each open connection, oldest first: True while it waits for its request.
+        self._open: dict[socket.socket, bool] = {}
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a thread of its own, making room for it first if the server is full."""
+        with self._lock:
+            admitted = len(self._open) < MAX_CONNECTIONS
+            if not admitted:
+                oldest = next((c for c, waiting in self._open.items() if waiting), None)
+                if oldest is not None:
+                    # Its thread wakes up to a closed connection and ends, closing it for good.
+                    del self._open[oldest]
+                    _hang_up(oldest)
+                    admitted = True
+            if admitted:
+                self._open[request] = True
+        if not admitted:
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def answering(self, connection: socket.socket) -> None:
+        """The connection's request is in: it is being answered, not waiting."""
+        with self._lock:
+            if connection in self._open:
+                self._open[connection] = False
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close the connection. Under the lock: a connection being dropped for a newer one must not be
+        closed meanwhile, or its descriptor could already be another's when it is hung up on."""
+        with self._lock:
+            self._open.pop(request, None)
+            super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Hang up on every connection still open and close the listening socket."""
+        with self._lock:
+            for connection in self._open:
+                _hang_up(connection)
+            self._open.clear()
+        super().server_close()
+
+
+def _hang_up(connection: socket.socket) -> None:
+    """End a connection that a handler thread may be reading: the thread sees it closed and lets it go."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def start_http(metrics: Metrics, address: str, port: int) -> MetricsServer | None:
-    """Serve metrics.registry at http://address:port/metrics from a thread; port 0 means disabled (None)."""
+    """Serve metrics.registry at http://address:port/metrics from a thread; port 0 means disabled (None).
+    prometheus_client's own WSGI application answers, so paths and output are those of its start_http_server;
+    only the server around it differs (see _ScrapeServer)."""
     if port == 0:
         return None
-    server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server_class = type("_ScrapeServer", (_ScrapeServer,), {"address_family": family})
+    server = make_server(sockaddr[0], port, make_wsgi_app(metrics.registry), server_class, _ScrapeHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
