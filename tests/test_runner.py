@@ -7,6 +7,7 @@ result file, exit codes, SIGTERM -> 143). The runner's events go to a recording 
 from __future__ import annotations
 
 import asyncio
+import errno
 import contextlib
 import dataclasses
 import json
@@ -355,6 +356,12 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             allowed = {device for device, _ in offline_props["DeviceAllow"]}
             assert {"/dev/loop-control", "block-loop", "block-nbd", "block-device-mapper"} <= allowed
             assert offline_props["RuntimeMaxUSec"] == 660 * 1_000_000
+            # A guest repair runs the guest's (maybe 32-bit) programs and may load device-mapper targets.
+            assert offline_props["ProtectKernelModules"] is False
+            assert offline_props["SystemCallArchitectures"] == []
+            assert "init_module" not in offline_props["SystemCallFilter"][1]
+            assert {"ptrace", "reboot"} <= set(offline_props["SystemCallFilter"][1])
+            assert offline_props["SystemCallErrorNumber"] == errno.EPERM == props["SystemCallErrorNumber"]
 
             slice_props = await unit_properties(sandbox.manager.bus_address, config.slice)
             assert slice_props is not None

@@ -5,6 +5,7 @@ Pure functions, no bus: runner.systemd sends what build_properties() returns to 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import string
@@ -22,8 +23,17 @@ UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 STOP_TIMEOUT_SECONDS = 30
 DEFAULT_TIMEOUT_SECONDS = 3600
 # systemd's groups of system calls no job needs (SystemCallFilter=~...): tracing, kernel modules, clocks, swap,
-# reboot, raw I/O ports, and the obsolete and CPU-emulation calls.
+# reboot, raw I/O ports, and the obsolete and CPU-emulation calls. The worker is root and parses what submitters
+# give it. (ProtectKernelLogs= and ProtectControlGroups= are not set: with either, units failed to start, status
+# 226/NAMESPACE, under the systemd of the test stack on our machines. Nor ProtectClock=, which would add the RTC to
+# the devices allowed; @clock denies setting clocks.)
 DENIED_SYSTEM_CALLS = ("@clock", "@cpu-emulation", "@debug", "@module", "@obsolete", "@raw-io", "@reboot", "@swap")
+
+
+def denied_system_calls(fixes_guest: bool) -> tuple[str, ...]:
+    """The groups of system calls a job's unit is denied: a guest repair may load device-mapper targets
+    (LVM volume groups activated), so it keeps @module."""
+    return tuple(g for g in DENIED_SYSTEM_CALLS if not (fixes_guest and g == "@module"))
 
 
 def runtime_limit(timeout_seconds: int | None) -> int:
@@ -196,16 +206,10 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("ProtectHome", Variant("s", "read-only")),
         ("PrivateNetwork", Variant("b", True)),
         ("NoNewPrivileges", Variant("b", True)),
-        # The worker is root and parses what submitters give it: what no operation needs (a guest repair
-        # included, which mounts, activates volume groups and runs the guest's programs) is taken away.
-        # (ProtectKernelLogs= and ProtectControlGroups= are not: with either, units failed to start, status
-        # 226/NAMESPACE, under the systemd of the test stack on our machines.)
-        # (Nor ProtectClock=, which would add the RTC to the devices allowed; @clock below denies setting clocks.)
-        ("ProtectKernelModules", Variant("b", True)),
         ("RestrictRealtime", Variant("b", True)),
         ("LockPersonality", Variant("b", True)),
-        ("SystemCallArchitectures", Variant("as", ["native"])),
-        ("SystemCallFilter", Variant("(bas)", [False, list(DENIED_SYSTEM_CALLS)])),
+        ("SystemCallFilter", Variant("(bas)", [False, list(denied_system_calls(fixes_guest))])),
+        ("SystemCallErrorNumber", Variant("i", errno.EPERM)),   # a denied call fails; its caller is not killed
         ("KillMode", Variant("s", "mixed")),
         ("TimeoutStopUSec", Variant("t", STOP_TIMEOUT_SECONDS * 1_000_000)),
         ("SendSIGKILL", Variant("b", True)),
@@ -213,6 +217,11 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
     # PrivateTmp=yes mounts a fresh /tmp and /var/tmp over the real ones. Anything the worker needs
     # below them (its files, the image, the notify socket of a manager whose runtime directory lives
     # there, as in test sandboxes) would vanish, so it is used only when nothing needed is there.
+    if not fixes_guest:
+        # A guest repair runs the guest's own programs (an i386 guest's are 32-bit), and its volume groups may
+        # need device-mapper targets (dm-thin-pool, dm-raid) loaded as they are activated: it keeps both.
+        props += [("ProtectKernelModules", Variant("b", True)),
+                  ("SystemCallArchitectures", Variant("as", ["native"]))]
     needed = [spec_path, source_path, output_path, *command[:1], *env.get("PYTHONPATH", "").split(os.pathsep),
               notify_socket_dir or ""]
     if not any(p and _in_tmp(p) for p in needed):
