@@ -82,6 +82,7 @@ STORE_CHECK_INTERVAL = 10.0
 # A transition the store could not take (its disk full) is tried again this much later: the job waits in the
 # state the store has, and the queue goes on once there is room.
 STORE_RETRY_SECONDS = 5.0
+LOG_TAIL_LINE_CHARS = 1024      # of each of a failed unit's last lines, in its Result (journald allows 48 KiB)
 STOP_RETRY_SECONDS = 10.0       # a cancelled job's unit that systemd did not stop is asked again after this
 # An external worker whose connection closed can never come back (unique bus names are not reused): it is shown
 # as stale this long, then forgotten, so that a worker agent restarting again and again leaves no trail.
@@ -893,7 +894,9 @@ class JobManager:
     def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:
         """Record how the attempt ended: completed, cancelled, back to the queue, or failed."""
         result = outcome.worker_result if isinstance(outcome.worker_result, dict) else {}
-        if result.get("status") == "completed" and outcome.result == "success":
+        if result.get("status") == "completed" and (outcome.result == "success" or outcome.exit_status == 0):
+            # Exit 0 with a completed result and systemd saying "timeout": its time ran out while the outputs got
+            # their names, which the worker finishes whatever comes; they are in place, the job is done.
             self._complete(job, result)
         elif wanted_cancel:
             self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result)
@@ -929,7 +932,7 @@ class JobManager:
             if outcome.log_tail:
                 # In the Result, which is for the job's owner and administrators (h2kd.bus.actions), not in the
                 # Error, which is everyone's: the lines may tell what a guest or an image holds.
-                result = {**result, "log_tail": outcome.log_tail[-10:]}
+                result = {**result, "log_tail": [line[:LOG_TAIL_LINE_CHARS] for line in outcome.log_tail[-10:]]}
             self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result)
 
     # ---------------------------------------------------------------- progress

@@ -342,6 +342,25 @@ def test_a_cancel_whose_stop_systemd_does_not_take_at_once_is_not_reported_faile
         assert len(runner.stopped) == 2     # not asked again once the job has ended
     asyncio.run(go())
 
+
+def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_completed(tmp_path, image):
+    """The worker finishes an attempt whose outputs are getting their names, whatever comes (h2kd.worker.main):
+    if systemd's time limit falls then, the unit's result says "timeout" but the worker exits 0 with a completed
+    result, and the outputs are in place. The job is completed, not failed (a retry would find them in its way)."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "timeout", 0, {"status": "completed", "outputs": {}}))
+        assert job.state.value == "completed", (job.error_code, job.error_message)
+        other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await until(lambda: other.state.value == "running")
+        m.unit_finished(other.id, 1, UnitOutcome(other.unit, "timeout", 143, None, ["x" * 5000]))
+        assert other.state.value == "failed" and other.error_code == "TIMEOUT"
+        assert other.result["log_tail"] == ["x" * 1024]      # a line of the journal's 48 KiB is cut short
+    asyncio.run(go())
+
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
     """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
     for after a failure starts it again, rather than counting the failed run and the time in between."""
