@@ -617,7 +617,9 @@ class JobStore:
         if self._sync_failed:
             return False
         try:
-            db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            # mode=rw: a store file removed or renamed is a failed check, not a new empty database made here
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
+                                 timeout=30)
             try:
                 return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
             finally:

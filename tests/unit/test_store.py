@@ -316,6 +316,20 @@ def test_a_record_that_cannot_be_read_is_left_alone_and_the_others_load(tmp_path
     logged = caplog.text
     assert "'bad-json'" in logged and "'bad-state'" in logged and "cannot be read" in logged
 
+
+def test_check_fails_for_a_store_whose_file_is_gone(tmp_path):
+    """The check reads the file on a connection of its own: a store file removed (or renamed) meanwhile fails
+    it, rather than being made again, empty, where it was."""
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        s.insert_job(new_job("j1"), "submitted")
+        assert s.check()
+        moved = tmp_path / "moved.sqlite"
+        path.rename(moved)
+        assert not s.check()
+        assert not path.exists()
+        moved.rename(path)
+
 def test_refuses_a_store_from_a_newer_h2kd(tmp_path):
     path = tmp_path / "h2kd.sqlite"
     JobStore(path).close()
