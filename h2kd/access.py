@@ -35,6 +35,8 @@ _NO_GROUP = 65534
 # a lookup that hangs must not hold every other call, nor the watchdog, for longer.
 CALLER_CHECK_SECONDS = 5.0
 _UNREAPED: set[int] = set()     # children of _as_caller not yet waited for
+STALLED_PAUSE_SECONDS = 60.0
+_STALLED: dict[int, float] = {}     # uid -> time.monotonic() when a check as them last hung
 
 
 def caller_groups(uid: int) -> list[int]:
@@ -321,6 +323,12 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
 
     fork rather than a helper program: it costs about a millisecond, and the child only makes
     system calls before _exit."""
+    stalled_at = _STALLED.get(uid)
+    if stalled_at is not None and time.monotonic() - stalled_at < STALLED_PAUSE_SECONDS:
+        # Each hung check holds the event loop CALLER_CHECK_SECONDS: a caller sending them one after another
+        # would hold it past the watchdog's limit. Theirs wait until a while after the last one gave up.
+        raise H2kError(f"a check of a file as uid {uid} did not finish within {CALLER_CHECK_SECONDS:g} s a moment "
+                       f"ago; checks for uid {uid} resume {STALLED_PAUSE_SECONDS:g} s after it")
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -348,7 +356,8 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
                 # A lookup hung in a file system the caller controls (a FUSE mount of theirs): the daemon waits
                 # no longer, and the child is ended (a fatal signal interrupts a FUSE request).
                 os.kill(pid, signal.SIGKILL)
-                _reap(pid, wait=1.0)
+                _reap(pid, wait=0.2)
+                _STALLED[uid] = time.monotonic()
                 raise H2kError(f"checking {argument} as uid {uid} took longer than {CALLER_CHECK_SECONDS:g} s; "
                                "is a file system on its path not answering?")
             chunk = os.read(reader, 256)

@@ -24,6 +24,7 @@ def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
     """A caller may point h2kd at a path in a file system of their own that never answers: the check, made on
     the daemon's event loop, gives up after CALLER_CHECK_SECONDS, tells why, and leaves no child behind."""
     monkeypatch.setattr(access, "CALLER_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(access, "_STALLED", {})
     outcome: list[BaseException] = []
 
     def check() -> None:
@@ -39,6 +40,13 @@ def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
     assert isinstance(error, H2kError)
     assert "checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in str(error)
     assert access._UNREAPED == set()
+    # The same caller's next checks, one after another, would hold the loop 0.5 s each: they are refused at once
+    # for a while, and the others' checks go on.
+    started = time.monotonic()
+    with pytest.raises(H2kError, match="checks for uid 65534 resume"):
+        access._as_caller(65534, [65534], _hangs, "/mnt/theirs/disk.vmdk")
+    assert time.monotonic() - started < 0.4
+    assert access._as_caller(65533, [65533], access._try_look_up, "/")[0] == 0
 
 
 def test_a_check_that_answers_is_told_what_the_caller_found():
