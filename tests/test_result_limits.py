@@ -1,7 +1,7 @@
 """A job's result is kept with the job for good and loaded again at every start of h2kd, so it has a size limit.
 
-The builtin worker leaves out of a result larger than the limit all but where the outputs are, and says so in it
-(the attempt's outcome is unchanged); and h2kd reads no more than the limit (and a little) of a result file,
+The builtin worker leaves out of a result larger than the limit (1 MiB) all but where the outputs are, and says so
+in it (the attempt's outcome is unchanged); and h2kd reads no more than the limit (and a little) of a result file,
 whoever wrote it: a larger one is a result it cannot make sense of, and the attempt failed. Either way h2kd goes on serving, and starts as fast.
 """
 
@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 
-from busclient import Client, new_id, run
+from busclient import Client, run
 import images
-from h2kd.manager.manager import MAX_RESULT_BYTES
+from h2kd.runner.systemd import MAX_RESULT_FILE_BYTES
+from h2kd.worker.main import MAX_RESULT_BYTES
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
 
-# Disks with long names: each one's entry in an inspection report (or a conversion's outputs) is about 1.3 KB, so
-# 100 of them make a result of some 130 KB (inspect) to 160 KB (convert), past the limit and its slack.
+# Disks with long names: each one's entry in an inspection report is about 1.3 KB, so 100 of them make a result of
+# some 130 KB (more than the 64 KiB a first limit allowed, which left such a report out).
 MANY_DISKS = 100
 
 # A worker that keeps no limit, for a source whose VM name is 20 MB long: its result is a completed one.
@@ -73,12 +74,9 @@ def job_properties(stack: Any, path: str) -> dict[str, Any]:
     return run(go())
 
 
-def test_the_limit_is_the_one_external_workers_have():
-    from h2kd.runner.systemd import MAX_RESULT_FILE_BYTES
-    from h2kd.worker.main import MAX_RESULT_BYTES as WORKER_LIMIT
-
-    assert WORKER_LIMIT == MAX_RESULT_BYTES == 65536
-    assert MAX_RESULT_BYTES < MAX_RESULT_FILE_BYTES <= 2 * MAX_RESULT_BYTES
+def test_h2kd_reads_a_result_file_up_to_the_workers_limit_and_a_little():
+    assert MAX_RESULT_BYTES == 1024 * 1024
+    assert MAX_RESULT_BYTES < MAX_RESULT_FILE_BYTES <= MAX_RESULT_BYTES + 64 * 1024
 
 
 def limit_in(message: str, before: str) -> int:
@@ -87,46 +85,58 @@ def limit_in(message: str, before: str) -> int:
     return int(message.split(before, 1)[1].split(" bytes")[0])
 
 
-def test_an_inspection_whose_report_is_too_large_completes_saying_what_was_left_out(stack: Any,
-                                                                                   tmp_path: Path) -> None:
+def test_the_report_of_a_vm_with_many_disks_is_kept_whole(stack: Any, tmp_path: Path) -> None:
+    """A VM of 100 disks with long names is an ordinary one: its inspection's report (some 130 KB) is all there."""
     vmx = many_disk_vmx(tmp_path)
-    props = run_job(stack, {"operation": "inspect", "image": {"path": str(vmx)},
-                            "execution_policy": {"retry_count": 2}})
-
+    props = run_job(stack, {"operation": "inspect", "image": {"path": str(vmx)}})
     assert props["State"] == "completed", props["Error"]
-    assert len(props["Result"]) < MAX_RESULT_BYTES
-    result = json.loads(props["Result"])
-    note = result["outputs"]["left_out"]
-    assert "more than the limit of 65536 bytes" in note and "the outputs' report is left out" in note, note
-    assert limit_in(note, "the result was ") > 2 * MAX_RESULT_BYTES
-    assert set(result["outputs"]) == {"left_out"} and result["attempt"] == 1
+    outputs = json.loads(props["Result"])["outputs"]
+    assert "left_out" not in outputs
+    assert len(outputs["report"]["disks"]) == MANY_DISKS
+    assert len(props["Result"]) > 100 * 1024
 
 
-def test_a_conversion_whose_result_is_too_large_completes_keeping_where_its_outputs_are(stack: Any,
-                                                                                      tmp_path: Path) -> None:
-    vmx = many_disk_vmx(tmp_path)
-    job_id = new_id("many")
-    output = stack.output_dir / f"{job_id}.raw"
-    try:
-        props = run_job(stack, {"job_id": job_id, "operation": "convert", "image": {"path": str(vmx)},
-                                "parameters": {"output_format": "raw"}, "artifacts": {"output_path": str(output)},
-                                "execution_policy": {"retry_count": 2}})
+def _many_outputs(count: int, name_length: int) -> dict[str, Any]:
+    """A convert's outputs of `count` disks, each with a report of some size, as the worker makes them."""
+    return {"disks": [{"path": f"/var/lib/h2kd/output/vm/disk{i:04d}-{'x' * name_length}.qcow2", "format": "qcow2",
+                       "size": 1 << 30, "check": {"status": "ok", "message": "y" * 2000}} for i in range(count)],
+            "domain_xml": "/var/lib/h2kd/output/vm/vm.xml", "report": {"kind": "vmx", "disks": ["z" * 2000] * count}}
 
-        assert props["State"] == "completed", props["Error"]
-        assert len(props["Result"]) < MAX_RESULT_BYTES
-        result = json.loads(props["Result"])
-        assert result["attempt"] == 1
-        note = result["outputs"]["left_out"]
-        assert "more than the limit of 65536 bytes" in note and "only where the outputs are is kept" in note, note
-        disks = result["outputs"]["disks"]
-        assert len(disks) == MANY_DISKS
-        assert [d["format"] for d in disks] == ["raw"] * MANY_DISKS
-        written = sorted(p for p in stack.output_dir.iterdir() if p.name.startswith(job_id))
-        assert sorted(Path(d["path"]) for d in disks) == written
-        assert all(p.stat().st_size == 1024 * 1024 for p in written)
-    finally:
-        for path in stack.output_dir.glob(f"{job_id}*"):
-            path.unlink()
+
+def test_a_result_too_large_keeps_its_outcome_and_where_the_outputs_are() -> None:
+    """What the worker writes in place of a result of more than MAX_RESULT_BYTES: a completed attempt stays
+    completed, with each output's path and format and a note of what was left out; a failed one keeps its error,
+    its message cut short; with too many outputs for even that, their paths go to the journal."""
+    from h2kd.model.result import parse_result
+    from h2kd.worker.main import _result_text, _within_limit
+
+    metrics = {"execution_seconds": 1.0, "bytes_read": 0, "bytes_written": 0}
+    completed = {"status": "completed", "outputs": _many_outputs(300, 100), "error": None, "metrics": metrics,
+                 "worker": "builtin", "attempt": 1}
+    size = len(_result_text(completed))
+    assert size > MAX_RESULT_BYTES
+    kept = _within_limit(completed)
+    parse_result(kept)
+    assert kept["status"] == "completed" and kept["error"] is None
+    assert len(_result_text(kept)) <= MAX_RESULT_BYTES
+    assert kept["outputs"]["disks"] == [{"path": d["path"], "format": "qcow2"} for d in completed["outputs"]["disks"]]
+    assert kept["outputs"]["domain_xml"] == "/var/lib/h2kd/output/vm/vm.xml"
+    assert kept["outputs"]["left_out"] == (f"the result was {size} bytes, more than the limit of {MAX_RESULT_BYTES} "
+                                           "bytes: only where the outputs are is kept")
+
+    failed = {**completed, "status": "failed", "outputs": _many_outputs(300, 100),
+              "error": {"phase": "convert", "code": "TOOL_FAILED", "message": "m" * 5000, "retryable": True}}
+    kept = _within_limit(failed)
+    parse_result(kept)
+    assert kept["status"] == "failed" and kept["error"]["code"] == "TOOL_FAILED" and kept["error"]["retryable"]
+    assert kept["error"]["message"] == "m" * 1024
+
+    crowded = {**completed, "outputs": _many_outputs(5000, 200)}
+    kept = _within_limit(crowded)
+    assert set(kept["outputs"]) == {"left_out"} and "the 5001 outputs are listed in the journal" in kept["outputs"]["left_out"]
+
+    small = {**completed, "outputs": _many_outputs(2, 10)}
+    assert _within_limit(small) is small
 
 
 def test_h2kd_does_not_read_a_result_file_past_the_limit(stack: Any, tmp_path: Path) -> None:
@@ -145,10 +155,10 @@ def test_h2kd_does_not_read_a_result_file_past_the_limit(stack: Any, tmp_path: P
     code, message = props["Error"]
     assert code == "INTERNAL", message
     # Read no further than the limit and some slack.
-    assert MAX_RESULT_BYTES < limit_in(message, "h2kd could not understand the attempt's result file: it is "
-                                                "larger than ") <= 2 * MAX_RESULT_BYTES
+    assert limit_in(message, "h2kd could not understand the attempt's result file: it is larger than ") == \
+        MAX_RESULT_FILE_BYTES
     result = json.loads(props["Result"])
-    assert len(props["Result"]) < MAX_RESULT_BYTES and result["attempt"] == 1
+    assert len(props["Result"]) < 64 * 1024 and result["attempt"] == 1
 
     # Restarted, h2kd has the job as it was, and runs the next one with the builtin worker.
     started = time.monotonic()

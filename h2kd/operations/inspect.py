@@ -47,7 +47,7 @@ MAX_DESCRIPTOR = 16 * 1024 * 1024      # OVF / VMX / VMDK descriptor texts are s
 # What a VM description (OVF, VMX) may put in the report, well above what any hypervisor makes (VMware: 10
 # NICs, some 600 disks at most; names of 80 characters): a descriptor beyond it is refused, not cut short.
 MAX_VM_TEXT = 1024                      # characters of any one value: a name, a file name, a MAC...
-MAX_VM_DISKS = 1024
+MAX_VM_DISKS = 640
 MAX_VM_NICS = 64
 MAX_MANIFEST_ENTRIES = 4096
 HASH_CHUNK = 1024 * 1024
@@ -198,8 +198,8 @@ def _seen_by_submitter(path: str, name: str, what: str, uid: int) -> tuple[int, 
 
     try:
         code, device, inode, mode = look_up_and_open_as(uid, _groups_of(uid), path)
-    except H2kError as e:
-        raise OperationError("PERMISSION_DENIED", f"{what} {name!r} could not be checked for the source's "
+    except H2kError as e:       # the check did not finish (a file system not answering): a later attempt may pass
+        raise OperationError("TOOL_FAILED", f"{what} {name!r} could not be checked for the source's "
                              f"submitter: {e}") from None
     if not mode and code in (errno.ENOENT, errno.ENOTDIR):
         raise _invalid(f"{what} {name!r} does not exist")

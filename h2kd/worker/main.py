@@ -121,11 +121,11 @@ def temp_record_path(spec_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(spec_path)), RECORD_NAME)
 
 
-# The largest result file a worker writes. h2kd keeps the result with the job for good and loads it again at
-# every start: a source whose description makes it huge (a VM name or NIC list of megabytes) must not make every
-# start of h2kd slow. The same limit as the outputs an external worker may report
-# (h2kd.manager.manager.MAX_RESULT_BYTES), which h2kd.runner.systemd also reads a result file up to.
-MAX_RESULT_BYTES = 64 * 1024
+# The largest result file the worker writes. h2kd keeps the result with the job for good and loads it again at
+# every start, so a result must not grow without bound; 1 MiB holds the report of a VM with ordinary names and as
+# many disks as h2kd.operations.inspect takes (MAX_VM_DISKS, about what VMware allows a VM). h2kd.runner.systemd
+# reads a result file up to this (and a little).
+MAX_RESULT_BYTES = 1024 * 1024
 # Of an error's message in a result too large, this much is kept.
 REPLACED_MESSAGE_CHARS = 1024
 
