@@ -949,6 +949,12 @@ def test_compare_with_is_looked_up_as_the_submitter_before_root_reads_it(lib: Pa
     assert run.returncode == 2, run.log
     assert run.result["error"]["code"] == "PERMISSION_DENIED", run.result["error"]
     assert "PAYROLL" not in json.dumps(run.result) and "PAYROLL" not in run.log
+    # Gone from where the submitter can see: said so, not taken for a refusal.
+    run = run_worker(tmp_path / "w2", {"operation": "validate", "image": {"path": str(image)},
+                                       "parameters": {"compare_with": str(shared / "gone.qcow2")}},
+                     [shared / "out"], owner=alice, source_identity=f"{st.st_dev}:{st.st_ino}")
+    assert run.result["error"]["code"] == "INVALID_IMAGE", run.result["error"]
+    assert "no such file" in run.result["error"]["message"]
 
 def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
     image = images.make_image("qcow2", None, tmp_path / "bad.qcow2", raw=lib / "data.raw")

@@ -35,13 +35,17 @@ def _looked_up_by(uid: int, path: str, what: str) -> None:
     found there (inspect.expect_source): a path whose directory was swapped for a link to one closed to them
     after h2kd's check at submission gets the submitter's answer, and nothing root parsed of what lies there."""
     from h2kd.access import caller_groups, check_source_readable
-    from h2kd.errors import H2kError
+    from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 
     try:
         # The source roots were checked at submission; this check is of the submitter's rights only.
         _, seen = check_source_readable(path, uid, caller_groups(uid), ["/"])
-    except H2kError as e:
+    except NotAuthorized as e:
         raise OperationError("PERMISSION_DENIED", f"{what}: {e}", "validate") from None
+    except InvalidArgument as e:        # no such file, or no regular file: as the submitter sees it
+        raise OperationError("INVALID_IMAGE", f"{what}: {e}", "validate") from None
+    except H2kError as e:               # the check itself did not finish (a file system not answering): may pass later
+        raise OperationError("TOOL_FAILED", f"{what}: {e}", "validate") from None
     inspect.expect_source(path, f"{seen.st_dev}:{seen.st_ino}")
 
 
