@@ -546,6 +546,7 @@ class JobManager:
         self._unfinished.check_room_for(job.owner)
         try:
             with self._all_or_nothing(job):
+                job.attempts_counted_before = job.attempt - job.attempts_not_counted
                 self._transition(job, S.RETRYING, "retry requested")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
@@ -1033,7 +1034,7 @@ class JobManager:
         if job.worker:
             self._release_worker(job)
         retries = job.spec["execution_policy"]["retry_count"]
-        counted = job.attempt - job.attempts_not_counted
+        counted = _attempts_counted(job)
         if retryable and counted <= retries:
             delay = min(self._config.retry_backoff_base_seconds * 2 ** (counted - 1),
                         self._config.retry_backoff_max_seconds)
@@ -1087,7 +1088,7 @@ class JobManager:
             job.attempts_not_counted += 1
         else:
             attempt_spent = True
-        if not attempt_spent or job.attempt - job.attempts_not_counted <= job.spec["execution_policy"]["retry_count"]:
+        if not attempt_spent or _attempts_counted(job) <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")
@@ -1381,6 +1382,12 @@ class JobManager:
             self._manager_props = props
             for listener in self._listeners:
                 _safely(listener.manager_changed, changed)
+
+
+def _attempts_counted(job: Job) -> int:
+    """The job's attempts that count against its retry_count: those since the last retry asked for by hand, but
+    the ones that ended through no fault of the job."""
+    return job.attempt - job.attempts_not_counted - job.attempts_counted_before
 
 
 def _failed(result: dict[str, Any] | None, code: ErrorCode, message: str, phase: str) -> dict[str, Any]:

@@ -361,6 +361,34 @@ def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_comp
         assert other.result["log_tail"] == ["x" * 1024]      # a line of the journal's 48 KiB is cut short
     asyncio.run(go())
 
+
+def test_a_retry_asked_for_by_hand_gets_the_jobs_automatic_retries_anew(tmp_path, image):
+    """retry_count=1: attempts 1 and 2 fail, and the job fails. Retried by hand, attempt 3 fails of a transient
+    error and is retried once more by h2kd, as a new submission's would be; attempt 4's failure ends it."""
+    failure = {"status": "failed", "error": {"code": "TOOL_FAILED", "message": "qemu-img failed", "retryable": True,
+                                             "phase": "convert"}}
+
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        for attempt in (1, 2):
+            await until(lambda: (job.id, attempt) in runner.started and job.state.value == "running")
+            m.unit_finished(job.id, attempt, UnitOutcome(job.unit, "exit-code", 1, failure))
+        assert job.state.value == "failed"
+        m.retry(job.id)
+        await until(lambda: (job.id, 3) in runner.started and job.state.value == "running")
+        m.unit_finished(job.id, 3, UnitOutcome(job.unit, "exit-code", 1, failure))
+        assert job.state.value == "retrying"
+        await until(lambda: (job.id, 4) in runner.started and job.state.value == "running")
+        m.unit_finished(job.id, 4, UnitOutcome(job.unit, "exit-code", 1, failure))
+        assert job.state.value == "failed"
+        await m.stop()
+        m2, *_ = make(tmp_path)
+        m2.load()
+        assert m2.get(job.id).attempts_counted_before == 2      # kept by the store, for a restart
+    asyncio.run(go())
+
 def test_a_job_retried_by_hand_is_timed_from_its_new_start(tmp_path, image):
     """StartedAt to FinishedAt is what h2kctl says the job took and what the duration metric counts: a retry asked
     for after a failure starts it again, rather than counting the failed run and the time in between."""
