@@ -214,14 +214,14 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("TimeoutStopUSec", Variant("t", STOP_TIMEOUT_SECONDS * 1_000_000)),
         ("SendSIGKILL", Variant("b", True)),
     ]
-    # PrivateTmp=yes mounts a fresh /tmp and /var/tmp over the real ones. Anything the worker needs
-    # below them (its files, the image, the notify socket of a manager whose runtime directory lives
-    # there, as in test sandboxes) would vanish, so it is used only when nothing needed is there.
     if not fixes_guest:
         # A guest repair runs the guest's own programs (an i386 guest's are 32-bit), and its volume groups may
         # need device-mapper targets (dm-thin-pool, dm-raid) loaded as they are activated: it keeps both.
         props += [("ProtectKernelModules", Variant("b", True)),
                   ("SystemCallArchitectures", Variant("as", ["native"]))]
+    # PrivateTmp=yes mounts a fresh /tmp and /var/tmp over the real ones. Anything the worker needs
+    # below them (its files, the image, the notify socket of a manager whose runtime directory lives
+    # there, as in test sandboxes) would vanish, so it is used only when nothing needed is there.
     needed = [spec_path, source_path, output_path, *command[:1], *env.get("PYTHONPATH", "").split(os.pathsep),
               notify_socket_dir or ""]
     if not any(p and _in_tmp(p) for p in needed):
