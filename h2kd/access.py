@@ -257,8 +257,7 @@ def look_up_as(uid: int, gids: list[int], path: str) -> int:
 def look_up_and_open_as(uid: int, gids: list[int], path: str) -> tuple[int, int, int, int]:
     """The caller's own lookup of `path` and, for a regular file, their opening it for reading: (errno or 0,
     device, inode, mode), mode 0 when the lookup itself failed."""
-    code, device, inode, mode = _as_caller(uid, gids, _try_look_up_and_read, path)
-    return code, device, inode, mode
+    return _as_caller(uid, gids, _try_look_up_and_read, path)  # type: ignore[return-value]
 
 
 def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], path: str,

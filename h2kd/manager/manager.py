@@ -569,13 +569,13 @@ class JobManager:
         checked = job.source_identity
         try:
             problem = self._host_validator(job, None) if self._host_validator else None
-            if not problem and checked and job.source_identity != checked:
-                problem = f"its source {job.source} was replaced after the job was submitted; submit it again"
         finally:
+            # The checks record the file they found; the job keeps the one checked at submission.
             found, job.source_identity = job.source_identity, checked
+        if not problem and checked and found != checked:
+            problem = f"its source {job.source} was replaced after the job was submitted; submit it again"
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be started: {problem}")
-        job.source_identity = found
         with self._all_or_nothing(job):
             self._enqueue(job, "queued by request")
 
@@ -820,8 +820,11 @@ class JobManager:
             log.warning("could not stop unit %s of cancelled job %s yet: %s; asking again in %.0f s", job.unit,
                         job.id, e, STOP_RETRY_SECONDS)
             attempt = job.attempt
-            self._later(STOP_RETRY_SECONDS, lambda: self._spawn(self._stop_cancelled(job))
-                        if self._jobs.get(job.id) is job and job.attempt == attempt else None)
+
+            def again() -> None:
+                if self._jobs.get(job.id) is job and job.attempt == attempt:
+                    self._spawn(self._stop_cancelled(job))
+            self._later(STOP_RETRY_SECONDS, again)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
