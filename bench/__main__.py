@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 cases = ((1, 1, 200), (20, 16, 20)) if quick else api.SUBMISSION_CASES
                 figures["submission"] = api.submission(stack, small, cases)
                 show("submission (queue=false, durable store)", figures["submission"])
+                paced = ((20, 500, 1.0), (20, 1000, 1.0)) if quick else api.PACED_CASES
+                figures["submission_paced"] = api.paced_submission(stack, small, paced)
+                show("submission at an offered rate (20 clients, queue=false, durable store)",
+                     figures["submission_paced"])
             if "listing" in wanted:
                 figures["listing"] = api.listing(stack, small, jobs=1000 if quick else 10_000)
                 show("listing with many jobs in the store", figures["listing"])

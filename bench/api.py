@@ -56,6 +56,28 @@ def submission(stack: Stack, source: Path, cases=SUBMISSION_CASES) -> list[dict[
     return figures
 
 
+# (clients, submits per second offered in all, seconds): the goal's 20 clients at and around 1,000/s.
+PACED_CASES = ((20, 250, 3.0), (20, 500, 3.0), (20, 750, 3.0), (20, 1000, 3.0), (20, 1200, 3.0))
+
+
+def paced_submission(stack: Stack, source: Path, cases=PACED_CASES) -> list[dict[str, Any]]:
+    """Latency of held submissions at an offered rate (load.paced_submit_client): whether h2kd keeps up with
+    `rate` submissions a second from 20 clients, and how long each waits meanwhile."""
+    figures = []
+    for clients, rate, seconds in cases:
+        wall, per = load.paced_submissions(stack.bus_address, clients, rate, seconds, str(source))
+        latencies = [x for p in per for x in p["latencies"]]
+        errors = [e for p in per for e in p["errors"]]
+        ids = [i for p in per for i in p["ids"]]
+        figures.append({"clients": clients, "offered_per_second": rate, "submits": len(latencies) + len(errors),
+                        "errors": len(errors), "distinct_jobs": len(set(ids)), "seconds": wall,
+                        "per_second": len(ids) / wall, "p50_ms": percentile(latencies, 0.5) * 1000,
+                        "p99_ms": percentile(latencies, 0.99) * 1000,
+                        "max_ms": max(latencies, default=0.0) * 1000,
+                        "client_late_ms": max(p["late_ms"] for p in per)})
+    return figures
+
+
 def top_up(stack: Stack, source: Path, wanted: int) -> None:
     missing = wanted - job_count(stack)
     if missing > 0:

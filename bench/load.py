@@ -80,6 +80,58 @@ async def raw_submit_client(index: int, ready: Any, go: Any, address: str, count
     return out
 
 
+async def paced_submit_client(index: int, ready: Any, go: Any, address: str, count: int, rate: float,
+                              clients: int, source: str) -> dict[str, Any]:
+    """`count` SubmitJob calls at a fixed pace (`rate` per second from this client), whatever the replies do:
+    an offered load, as an administrator's scripts and tools produce it, rather than a client that waits for
+    each reply before the next call. Latency runs from the moment a call was due, so a client held up by a
+    slow reply counts the wait of the calls it sent late (no coordinated omission).
+
+    The clients' schedules are staggered by index so that `clients` of them together send evenly."""
+    call = Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER, member="SubmitJob",
+                   signature="a{sv}a{sv}", body=[to_vardict(inspect_spec(source)), {"queue": Variant("b", False)}],
+                   serial=1)
+    wire = bytearray(call._marshall(False))
+    out: dict[str, Any] = {"latencies": [], "ids": [], "errors": [], "late_ms": 0.0}
+    interval = 1.0 / rate
+    with RawConnection(address) as connection:
+        await ready_and_wait(ready, go)
+        start = time.perf_counter() + interval * index / clients
+        due_at: dict[int, float] = {}     # serial -> when it was due, for the calls in flight
+        sent = 0
+        while sent < count or due_at:
+            now = time.perf_counter()
+            next_due = start + sent * interval if sent < count else now + 1.0
+            if sent < count and now >= next_due:
+                out["late_ms"] = max(out["late_ms"], (now - next_due) * 1000)
+                due_at[connection.send_again(wire)] = next_due
+                sent += 1
+                continue
+            if not due_at:
+                time.sleep(next_due - now)
+                continue
+            if not connection.reply_within(next_due - now):
+                continue
+            reply = connection.next_reply()
+            latency = time.perf_counter() - due_at.pop(reply.reply_serial)
+            if reply.type == ERROR:
+                out["errors"].append(reply.error_name)
+            else:
+                out["latencies"].append(latency)
+                out["ids"].append(reply.first_string())
+    return out
+
+
+def paced_submissions(address: str, clients: int, rate: float, seconds: float, source: str
+                      ) -> tuple[float, list[dict]]:
+    """Submissions offered at `rate` per second in all, from `clients` processes, for `seconds`;
+    (wall seconds, per-client results)."""
+    per_client = max(1, round(rate * seconds / clients))
+    results = run_in_processes(clients, paced_submit_client, address, per_client, rate / clients, clients,
+                               source)
+    return results.wall_seconds, results.per_client
+
+
 def submit_burst(address: str, clients: int, per_client: int, window: int, source: str,
                  raw: bool = False) -> tuple[float, list[dict]]:
     """Submissions from `clients` processes at once; (wall seconds, per-client results). raw: the clients

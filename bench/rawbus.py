@@ -8,6 +8,7 @@ what any client must do: write the call, read the reply. Unix socket addresses o
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -83,6 +84,14 @@ class RawConnection:
         _UINT32.pack_into(wire, _SERIAL_OFFSET, self._serial)
         self._sock.sendall(wire)
         return self._serial
+
+    def reply_within(self, seconds: float) -> bool:
+        """Whether bytes of a message are at hand now or arrive within `seconds` (next_reply will not wait
+        long then)."""
+        if self._pending:
+            return True
+        readable, _, _ = select.select([self._sock], [], [], max(0.0, seconds))
+        return bool(readable)
 
     def next_reply(self) -> RawReply:
         """The next method return or error to arrive."""
