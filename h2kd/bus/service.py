@@ -43,8 +43,8 @@ from h2kd.bus.base import Authorizer
 from h2kd.bus.call import remember_call
 from h2kd.bus.connection import adopt
 from h2kd.bus.job_iface import (EXPLICIT_PROPERTIES, JOB_INTERFACE, PRIVATE_PROPERTIES, PROGRESS_FIELDS,
-                                PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only,
-                                reported_progress, result_text)
+                                LISTED_INDEX, PROPERTIES_OF_FIELD, JobInterface, job_vardict, listed_only,
+                                listed_values, listed_vardict, plain_value, reported_progress, result_text)
 from h2kd.bus.manager_iface import (LIST_ROW_SIGNATURE, MANAGER_INTERFACE, MANAGER_PROPERTIES, ManagerInterface,
                                     list_row, listed_jobs)
 from h2kd.bus.paths import job_path, worker_path
@@ -79,22 +79,22 @@ class _Pending:
 
 @dataclass(eq=False)
 class _ExportedJob:
-    __slots__ = ("path", "job", "pending", "vardict", "entry", "row", "row_key", "result_key")
+    __slots__ = ("path", "job", "pending", "values", "entry", "row", "row_key", "result_key")
     path: str
     job: Job
     pending: _Pending | None            # made at the first change to send
-    vardict: dict[str, Variant] | None  # GetAll's properties as last announced; None when stale
-    entry: bytes | None                 # vardict's GetManagedObjects entry, marshalled; None when stale
+    values: tuple | None                # GetAll's properties as last announced (listed_values); None when stale
+    entry: bytes | None                 # their GetManagedObjects entry, marshalled; None when stale
     row: bytes | None                   # the job's ListJobs row, marshalled, for the values in row_key
     row_key: tuple | None
     result_key: int | None              # hash of the Result as last announced (not cached: up to 64 KiB)
 
     def announced(self) -> dict[str, Variant]:
         """The properties as last announced (read from the job if nothing is cached)."""
-        if self.vardict is None:
-            self.vardict = job_vardict(self.job)
+        if self.values is None:
+            self.values = listed_values(self.job)
             self.entry = None
-        return self.vardict
+        return listed_vardict(self.values)
 
     def announced_entry(self) -> bytes:
         """announced() as this object's entry of a GetManagedObjects reply (h2kd.bus.premarshal)."""
@@ -351,7 +351,7 @@ class BusService:
     def job_added(self, job: Job) -> None:
         try:
             exported = self._export_job(job)
-            exported.vardict = None         # announced() below makes it from the job as it is now
+            exported.values = None          # announced() below makes it from the job as it is now
             exported.result_key = hash(result_text(job))
             self._signal(MANAGER_PATH, OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
                          [exported.path, {JOB_INTERFACE: exported.announced()}])
@@ -424,14 +424,17 @@ class BusService:
             if key == exported.result_key:
                 del values["Result"]
             exported.result_key = key
-        cached = exported.vardict
+        cached = exported.values
         if cached is None:
             return values
         changed = {name: value for name, value in values.items()
-                   if name in EXPLICIT_PROPERTIES or cached.get(name) != value}
+                   if name in EXPLICIT_PROPERTIES or cached[LISTED_INDEX[name]] != plain_value(value)}
         listed = listed_only(changed)
         if listed:
-            cached.update(listed)
+            updated = list(cached)
+            for name, value in listed.items():
+                updated[LISTED_INDEX[name]] = plain_value(value)
+            exported.values = tuple(updated)
             exported.entry = None
         return changed
 
