@@ -7,6 +7,12 @@ from functools import lru_cache
 from h2kd import JOB_PATH_PREFIX, WORKER_PATH_PREFIX
 
 
+# A byte as it stands in an escaped label after the first character (letters and digits kept) and as the
+# first character (letters only).
+_ESCAPED_BYTE = tuple(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in range(256))
+_ESCAPED_FIRST_BYTE = tuple(c if c.isalpha() else f"_{b:02x}" for b, c in enumerate(_ESCAPED_BYTE))
+
+
 def escape_label(label: str) -> str:
     """Keep ASCII letters (and digits after the first character); every other byte becomes _xx (lower hex).
 
@@ -14,14 +20,8 @@ def escape_label(label: str) -> str:
     """
     if not label:
         return "_"
-    out = []
-    for i, byte in enumerate(label.encode()):
-        char = chr(byte)
-        if (char.isascii() and char.isalpha()) or (i > 0 and char.isascii() and char.isdigit()):
-            out.append(char)
-        else:
-            out.append(f"_{byte:02x}")
-    return "".join(out)
+    data = label.encode()
+    return _ESCAPED_FIRST_BYTE[data[0]] + "".join([_ESCAPED_BYTE[b] for b in data[1:]])
 
 
 def unescape_label(escaped: str) -> str:

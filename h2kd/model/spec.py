@@ -35,6 +35,7 @@ MAX_REQUIREMENT_LIST = 32
 # spec is under 1 KiB.
 MAX_SPEC_BYTES = 16 * 1024
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REQUIREMENT_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -62,7 +63,7 @@ def _check_job_id(value: str) -> str:
 
 
 def _check_path(value: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL_CHARACTER.search(value):
         # Paths go into line-based records and logs; no one names a disk image with a newline.
         raise _fail("path", "must not contain control characters (such as a newline)")
     if not value.startswith("/"):
