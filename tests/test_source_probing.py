@@ -349,3 +349,47 @@ def test_an_ordinary_vmx_is_reported_in_full(base: Path, tmp_path: Path) -> None
     assert result["returncode"] == 0, result
     vm = result["outputs"]["report"]["vm"]          # type: ignore[index]
     assert vm["name"] == name and len(vm["nics"]) == 10
+
+
+@pytest.mark.parametrize("line, told", [
+    ('numvcpus = "many"', "numvcpus"),
+    ('numvcpus = "' + "9" * 5000 + '"', "numvcpus"),
+    ('memsize = "' + "9" * 5000 + '"', "memsize"),
+    ('memsize = "99999999999999"', "memsize"),
+    ('cpuid.coresPerSocket = "' + "4" * 50 + '"', "cpuid.coresPerSocket"),
+])
+def test_a_vmx_giving_a_count_no_vm_can_have_is_refused(base: Path, tmp_path: Path, line: str, told: str) -> None:
+    """A number that is not one, or has thousands of digits, is a damaged VMX: refused as such, by name."""
+    result = vmx_job(base, tmp_path, "vm", [line])
+    assert result["returncode"] == 2, result
+    assert result["error"]["code"] == "INVALID_IMAGE", result["error"]   # type: ignore[index]
+    message = result["error"]["message"]                                  # type: ignore[index]
+    assert told in message and "9" * 100 not in message and "4" * 50 not in message, message
+
+
+def ovf_with_hardware(base: Path, **replace: str) -> Path:
+    """An OVA whose OVF has the text `old` of its hardware section replaced by `new` (replace={old: new})."""
+    text = images.make_ovf_text("vm", [("disk1.vmdk", 512, 1 << 20)])
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    return ova_with(text.encode(), base)
+
+
+@pytest.mark.parametrize("old, new, told", [
+    ("<rasd:VirtualQuantity>2</rasd:VirtualQuantity>", "<rasd:VirtualQuantity>two</rasd:VirtualQuantity>",
+     "CPUs"),
+    ("<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>",
+     "<rasd:VirtualQuantity>" + "9" * 5000 + "</rasd:VirtualQuantity>", "memory"),
+    ("<rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>",
+     "<rasd:AllocationUnits>byte * 2^99999999</rasd:AllocationUnits>", "allocation unit"),
+    ('ovf:capacity="1048576"', 'ovf:capacity="lots"', "capacity"),
+])
+def test_an_ovf_giving_a_size_no_vm_can_have_is_refused(base: Path, tmp_path: Path, old: str, new: str,
+                                                         told: str) -> None:
+    ova = ovf_with_hardware(base, **{old: new})
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ova)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "INVALID_IMAGE", run.result["error"]
+    assert told in run.result["error"]["message"] and "9" * 100 not in run.result["error"]["message"]

@@ -50,6 +50,13 @@ MAX_VM_TEXT = 1024                      # characters of any one value: a name, a
 MAX_VM_DISKS = 640
 MAX_VM_NICS = 64
 MAX_MANIFEST_ENTRIES = 4096
+# Counts and sizes a descriptor gives, far above what any hypervisor allows a VM (VMware: 768 vCPUs, 24 TiB of
+# memory, 62 TiB disks): a larger one is a damaged or crafted descriptor, refused by name rather than carried
+# into the report and the domain XML (Python's int() itself refuses more than 4,300 digits, as INTERNAL).
+MAX_VM_CPUS = 4096
+MAX_VM_MEMORY_MIB = 64 * 2**20           # 64 TiB
+MAX_DISK_CAPACITY = 2**60                # bytes
+_MAX_UNIT_EXPONENT = 60                  # "byte * 2^60": an OVF allocation unit of an exbibyte
 HASH_CHUNK = 1024 * 1024
 
 
@@ -656,7 +663,11 @@ def _units(text: str | None) -> int:
         return 1
     t = text.replace(" ", "").lower()
     if m := re.fullmatch(r"byte\*2\^(\d+)", t):
-        return 2 ** int(m.group(1))
+        exponent = m.group(1)
+        if len(exponent) > 2 or int(exponent) > _MAX_UNIT_EXPONENT:
+            raise _invalid(f"the OVF descriptor gives an allocation unit of 2^{_shown(exponent)} bytes; "
+                           f"at most 2^{_MAX_UNIT_EXPONENT} is understood")
+        return 2 ** int(exponent)
     return {"byte": 1, "bytes": 1, "kilobytes": 2**10, "megabytes": 2**20, "gigabytes": 2**30,
             "kb": 2**10, "mb": 2**20, "gb": 2**30}.get(t, 1)
 
@@ -711,6 +722,24 @@ def _refuse_oversized(vm: dict[str, Any], what: str) -> None:
                            "characters are refused")
 
 
+def _whole_number(text: str | None, field: str, what: str, limit: int, default: int = 0) -> int:
+    """A count or size a descriptor gives (`default` if it gives none); INVALID_IMAGE for one that is not a whole
+    number or is above `limit`."""
+    text = (text or "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise _invalid(f"{what} gives {field} {_shown(text)}, which is not a whole number")
+    if len(text) > len(str(limit)) or int(text) > limit:
+        raise _invalid(f"{what} gives {field} {_shown(text)}, more than any VM has (at most {limit})")
+    return int(text)
+
+
+def _shown(text: str) -> str:
+    """A value for a message: as it is if short, else by its length only."""
+    return repr(text) if len(text) <= 40 else f"of {len(text)} characters"
+
+
 def _refuse_too_many(items: list[Any] | dict[str, Any], limit: int, kind: str, what: str) -> None:
     """INVALID_IMAGE once a descriptor lists more than `limit` `kind` (checked as they are gathered, so that no
     work grows with a crafted count)."""
@@ -736,7 +765,11 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
                                            "compression": _attr(el, "compression"),
                                            "chunk_size": _attr(el, "chunkSize")}
         elif name == "Disk" and _attr(el, "diskId"):
-            capacity = int(_attr(el, "capacity") or 0) * _units(_attr(el, "capacityAllocationUnits"))
+            capacity = (_whole_number(_attr(el, "capacity"), "a disk capacity", what, MAX_DISK_CAPACITY)
+                        * _units(_attr(el, "capacityAllocationUnits")))
+            if capacity > MAX_DISK_CAPACITY:
+                raise _invalid(f"{what} gives a disk capacity of {capacity} bytes, more than any disk has "
+                               f"(at most {MAX_DISK_CAPACITY})")
             disks[_attr(el, "diskId") or ""] = {"id": _attr(el, "diskId"), "file_ref": _attr(el, "fileRef"),
                                                 "capacity": capacity, "format": _attr(el, "format")}
             _refuse_too_many(disks, MAX_VM_DISKS, "disks", what)
@@ -754,12 +787,16 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
     for item in items:
         kind = _child_text(item, "ResourceType")
         if kind == "3":
-            cpus = int(_child_text(item, "VirtualQuantity") or 1)
-            per_socket = _child_text(item, "CoresPerSocket") or ""
-            cores_per_socket = int(per_socket) if per_socket.isdigit() else 0
+            cpus = _whole_number(_child_text(item, "VirtualQuantity"), "a number of CPUs", what, MAX_VM_CPUS, 1)
+            cores_per_socket = _whole_number(_child_text(item, "CoresPerSocket"), "a number of cores per socket",
+                                             what, MAX_VM_CPUS)
         elif kind == "4":
-            quantity = int(_child_text(item, "VirtualQuantity") or 0)
+            quantity = _whole_number(_child_text(item, "VirtualQuantity"), "an amount of memory", what,
+                                     MAX_VM_MEMORY_MIB * 2**20)
             memory_mib = quantity * _units(_child_text(item, "AllocationUnits") or "byte * 2^20") // 2**20
+            if memory_mib > MAX_VM_MEMORY_MIB:
+                raise _invalid(f"{what} gives an amount of memory of {memory_mib} MiB, more than any VM has "
+                               f"(at most {MAX_VM_MEMORY_MIB})")
         elif kind == "17":
             host = _child_text(item, "HostResource") or ""
             ref = host.rsplit("/", 1)[-1]
@@ -873,16 +910,16 @@ def parse_vmx(text: str) -> dict[str, Any]:
                      "network": keys.get(dev + ".networkname"),
                      "mac": keys.get(dev + ".address") or keys.get(dev + ".generatedaddress")})
         _refuse_too_many(nics, MAX_VM_NICS, "NICs", what)
-    memory = keys.get("memsize", "0")
     devices = [device for _, device, _ in sorted(found)]
     # bios.hddOrder lists the disks the BIOS tries, first the one it boots from ("scsi0:1,scsi0:0"). A UEFI VM
     # boots by its NVRAM's entries instead: a bios.hddOrder there is left over from its BIOS days.
     efi = keys.get("firmware", "").lower() == "efi"
     first = "" if efi else keys.get("bios.hddorder", "").split(",")[0].strip().lower()
-    per_socket = keys.get("cpuid.corespersocket", "")
-    vm = {"name": keys.get("displayname", ""), "cpus": int(keys.get("numvcpus", "1") or 1),
-          "cores_per_socket": int(per_socket) if per_socket.isdigit() else 0,
-          "memory_mib": int(memory) if memory.isdigit() else 0,
+    vm = {"name": keys.get("displayname", ""),
+          "cpus": _whole_number(keys.get("numvcpus"), "numvcpus", what, MAX_VM_CPUS, 1),
+          "cores_per_socket": _whole_number(keys.get("cpuid.corespersocket"), "cpuid.coresPerSocket", what,
+                                            MAX_VM_CPUS),
+          "memory_mib": _whole_number(keys.get("memsize"), "memsize", what, MAX_VM_MEMORY_MIB),
           "firmware": "uefi" if efi else "bios",
           "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",
           "tpm": keys.get("vtpm.present", "").lower() == "true",
