@@ -49,6 +49,36 @@ def caller_groups(uid: int) -> list[int]:
     return list(dict.fromkeys([entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)]))
 
 
+def acting_groups(uid: int, connection_groups: Iterable[int] | None = None) -> list[int]:
+    """The groups h2kd acts with for `uid`: those of caller_groups() that the caller's connection had too
+    (connection_groups, the bus's UnixGroupIDs at submission; None when not known: all of caller_groups()).
+
+    As the kernel would for the caller's own process, a group it dropped (setpriv --clear-groups, a sandbox)
+    is not given back through h2kd; and as the user database says now, a group the user was removed from
+    since the submission is gone for their queued jobs too."""
+    groups = caller_groups(uid)
+    if connection_groups is None:
+        return groups
+    had = set(connection_groups)
+    return [gid for gid in groups if gid in had]
+
+
+# In a worker: the groups h2kd acts with for a submitter, from the attempt's envelope (give_groups).
+_GIVEN_GROUPS: dict[int, list[int]] = {}
+
+
+def give_groups(uid: int, groups: Iterable[int]) -> None:
+    """The groups to act with for `uid` in this process (a worker: those h2kd worked out at submission and
+    wrote in the attempt's envelope), in place of a user database lookup, which the unit may not reach."""
+    _GIVEN_GROUPS[uid] = [int(g) for g in groups]
+
+
+def groups_for(uid: int) -> list[int]:
+    """The groups given for `uid` (give_groups), else those of the user database (caller_groups)."""
+    given = _GIVEN_GROUPS.get(uid)
+    return list(given) if given is not None else caller_groups(uid)
+
+
 def caller_credentials(uid: int) -> tuple[int, list[int]]:
     """The gid and groups a process acting for `uid` gets: as caller_groups(), "nogroup" for none."""
     groups = caller_groups(uid)

@@ -622,6 +622,53 @@ def test_a_retry_checks_the_submitters_rights_again(stack, users, shared_dir, su
     assert "INVALID_IMAGE" in _job_property(stack, job_path, "Error")
 
 
+@pytest.mark.stack
+def test_a_group_the_callers_process_dropped_is_not_given_back(stack, users, shared_dir, submitted):
+    """h2kd acts with the groups of the caller's connection, as the kernel does for the caller's own process.
+    alice is in group h2k in the user database; a process of hers that dropped the group cannot read a file
+    through it, so neither can h2kd for her. A process that kept it submits, and its job reads the file."""
+    image = _image(shared_dir / "group-only.img", 0o640)
+    os.chown(image, 0, _gid(GROUP))
+    alice = users[ALICE]
+
+    def submit(groups: str, options: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+        submitted.append(job_id)
+        argv = ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", groups, "--",
+                "gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
+                "--method", MANAGER_IFACE + ".SubmitJob", "--", _spec(job_id, image), options]
+        return job_id, subprocess.run(argv, env={**os.environ, **stack.env()}, capture_output=True, text=True,
+                                      timeout=60)
+
+    job_id, dropped = submit("--clear-groups", HOLD)
+    assert _error_name(dropped) == ACCESS_DENIED, dropped.stderr
+    assert "not readable by uid" in dropped.stderr, dropped.stderr
+    assert _job_path(stack, job_id) is None
+
+    job_id, kept = submit("--init-groups", "{}")
+    assert kept.returncode == 0, kept.stderr
+    job_path = _job_path(stack, job_id)
+    assert job_path is not None
+    deadline = time.monotonic() + 60
+    while (state := _job_property(stack, job_path, "State")) not in ("(<'completed'>,)", "(<'failed'>,)"):
+        assert time.monotonic() < deadline, f"the job did not end: {state}"
+        time.sleep(0.2)
+    # It read the file (random bytes, so no disk image), which it could only through the group.
+    assert "INVALID_IMAGE" in _job_property(stack, job_path, "Error")
+
+    # Taken out of the group in the user database after submitting, she loses it for her held job too.
+    job_id, held = submit("--init-groups", HOLD)
+    assert held.returncode == 0, held.stderr
+    _run("gpasswd", "--delete", ALICE, GROUP)
+    try:
+        started = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".StartJob", job_id)
+        assert _error_name(started) == ACCESS_DENIED, started.stderr
+        assert "not readable by uid" in started.stderr, started.stderr
+        assert _job_property(stack, _job_path(stack, job_id), "State") == "(<'validated'>,)"
+    finally:
+        _run("gpasswd", "--add", ALICE, GROUP)
+
+
 @pytest.fixture
 def carols_corner(stack, users) -> Iterator[tuple[Path, Path]]:
     """A private directory of carol's (0700) with her image, and an output directory only she may write."""

@@ -108,6 +108,29 @@ def test_a_file_behind_a_directory_closed_to_the_submitter_gets_one_answer(base:
     assert str(len(SECRET)) not in message
 
 
+def test_the_files_a_source_names_are_checked_with_the_groups_h2kd_gave(base: Path, tmp_path: Path) -> None:
+    """The envelope's groups are those h2kd worked out at submission (the caller's connection's, within the user
+    database's): the checks of the files a source names act with them, as qemu-img does, not with another
+    lookup. A disk in a directory of group "disk" is found with that group given, and refused without it."""
+    import grp
+
+    disk_group = grp.getgrnam("disk").gr_gid
+    shared = base / "group-disks"
+    shared.mkdir(mode=0o750)
+    os.chown(shared, 0, disk_group)
+    images.qemu_img("create", "-q", "-f", "vmdk", str(shared / "d.vmdk"), "1M")
+    os.chown(shared / "d.vmdk", 0, disk_group)
+    (shared / "d.vmdk").chmod(0o640)
+    vmx = write_source(base, "vmx disk", "group-disks/d.vmdk")
+    spec = {"operation": "inspect", "image": {"path": str(vmx)}}
+    given = run_worker(tmp_path / "given", spec, [base / "out"], owner={**NOBODY, "groups": [65534, disk_group]})
+    assert given.returncode == 0, given.log
+    assert [d["path"] for d in given.result["outputs"]["report"]["disks"]] == [str(shared / "d.vmdk")]
+    without = run_worker(tmp_path / "without", spec, [base / "out"], owner={**NOBODY, "groups": [65534]})
+    assert without.returncode == 2, without.log
+    assert without.result["error"]["code"] == "PERMISSION_DENIED", without.result["error"]
+
+
 def test_files_the_submitter_can_see_are_still_found_and_described(base: Path, tmp_path: Path) -> None:
     """Disks in a subdirectory of the submitter's work; a missing one or a FIFO of their own is named as such
     (they can see that themselves)."""

@@ -73,6 +73,7 @@ class Credentials:
     uid: int
     pid: int
     gids: tuple[int, ...]
+    groups_known: bool = False      # the bus told the groups (UnixGroupIDs); gids is () otherwise
 
 
 def allows_interaction(message: Message) -> bool:
@@ -120,6 +121,12 @@ class Authority:
     async def caller_uid(self, sender: str) -> int:
         return (await self.caller_credentials(sender)).uid
 
+    async def caller_groups(self, sender: str) -> tuple[int, ...] | None:
+        """The groups of the sender's connection (UnixGroupIDs, given by dbus-daemon since 1.14 and by
+        dbus-broker), None when the bus does not tell them."""
+        credentials = await self.caller_credentials(sender)
+        return credentials.gids if credentials.groups_known else None
+
     async def caller_pid(self, sender: str) -> int:
         return (await self.caller_credentials(sender)).pid
 
@@ -148,7 +155,7 @@ class Authority:
             raise NotAuthorized(f"Not authorized: the bus does not know the uid of {sender}")
         pid = found["ProcessID"].value if "ProcessID" in found else 0
         gids = tuple(found["UnixGroupIDs"].value) if "UnixGroupIDs" in found else ()
-        return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids)
+        return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids, groups_known="UnixGroupIDs" in found)
 
     def _forget_failed(self, sender: str, task: asyncio.Task[Credentials]) -> None:
         if (task.cancelled() or task.exception() is not None) and self._credentials.get(sender) is task:

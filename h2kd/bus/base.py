@@ -83,3 +83,7 @@ class Authorizer:
 
     async def caller_uid(self) -> int:
         return await self._authority.caller_uid(current_caller().sender)
+
+    async def caller_groups(self) -> tuple[int, ...] | None:
+        """The groups of the caller's connection (UnixGroupIDs), None if the bus does not tell them."""
+        return await self._authority.caller_groups(current_caller().sender)

@@ -86,7 +86,8 @@ class ManagerInterface(ApiInterface):
         plain = spec_from_dbus(spec)
         await self._commands.authorize_submission(plain)
         owner = await self._auth.caller_uid()
-        job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True))
+        job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True),
+                                                             owner_groups=await self._auth.caller_groups())
         return [job.id, job_path(job.id)]
 
     @dbus_method()
@@ -109,7 +110,8 @@ class ManagerInterface(ApiInterface):
         await self._commands.authorize_submission(plain)
         owner = await self._auth.caller_uid()
         job, _created = await self.manager.submit_grouped(plain, owner=owner, queue=opts.get("queue", True),
-                                                             source_proof=proof)
+                                                             source_proof=proof,
+                                                             owner_groups=await self._auth.caller_groups())
         return [job.id, job_path(job.id)]
 
     @dbus_method()

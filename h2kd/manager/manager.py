@@ -352,25 +352,28 @@ class JobManager:
     # ---------------------------------------------------------------- submission
 
     def submit(self, spec: dict[str, Any], owner: int, queue: bool = True,
-               source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
+               source_proof: os.stat_result | None = None,
+               owner_groups: Iterable[int] | None = None) -> tuple[Job, bool]:
         """source_proof: fstat of a descriptor of the source the caller opened itself (its proof of access).
+        owner_groups: the groups of the caller's connection (Job.owner_groups), None when not known.
 
         A submission whose checks fail gives a failed job; if the store cannot record that failure, the caller
         gets InvalidSpec with the problem instead (see _add_failing), and so does an identical submission until
         the failure is recorded."""
-        job, created, problem = self._submit(spec, owner, queue, source_proof)
+        job, created, problem = self._submit(spec, owner, queue, source_proof, owner_groups)
         if problem and job.state == S.CREATED:
             raise _failure_not_recorded(problem, kept=job)
         return job, created
 
     async def submit_grouped(self, spec: dict[str, Any], owner: int, queue: bool = True,
-                             source_proof: os.stat_result | None = None) -> tuple[Job, bool]:
+                             source_proof: os.stat_result | None = None,
+                             owner_groups: Iterable[int] | None = None) -> tuple[Job, bool]:
         """submit(), returning once the job is committed; the submissions of one loop turn share one commit.
 
         If that commit fails, the jobs it held are forgotten again (JobRemoved) and the error is raised (for a
         job that failed its checks, InvalidSpec with the problem)."""
         with self._store.deferred():
-            job, created, problem = self._submit(spec, owner, queue, source_proof)
+            job, created, problem = self._submit(spec, owner, queue, source_proof, owner_groups)
         try:
             await self._store.committed()
         except BaseException as e:
@@ -395,8 +398,8 @@ class JobManager:
         self._notify("job_removed", job)
         self._manager_changed()
 
-    def _submit(self, spec: dict[str, Any], owner: int, queue: bool,
-                source_proof: os.stat_result | None) -> tuple[Job, bool, str | None]:
+    def _submit(self, spec: dict[str, Any], owner: int, queue: bool, source_proof: os.stat_result | None,
+                owner_groups: Iterable[int] | None = None) -> tuple[Job, bool, str | None]:
         """(the job, whether it is new, what its checks found wrong: None if they passed, or, for a job submitted
         before, unless its failure is still waiting for the store)."""
         parsed = spec_to_json(parse_spec(spec))
@@ -412,7 +415,8 @@ class JobManager:
             raise AlreadyExists(f"a job with id {parsed['job_id']!r} exists with a different spec")
         self._unfinished.check_room_for(owner)
         job = Job(id=parsed["job_id"], spec=parsed, operation=parsed["operation"], owner=owner,
-                  priority=parsed["execution_policy"]["priority"])
+                  priority=parsed["execution_policy"]["priority"],
+                  owner_groups=None if owner_groups is None else tuple(owner_groups))
         size = len(job.spec_text.encode())
         if size > MAX_SPEC_BYTES:
             raise InvalidSpec("", f"the spec is {size} bytes long as JSON; at most {MAX_SPEC_BYTES} are taken")

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from h2kd.access import caller_groups, check_image_writable, check_output_allowed, check_source_readable
+from h2kd.access import acting_groups, check_image_writable, check_output_allowed, check_source_readable
 from h2kd.config import Config
 from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 from h2kd.model.job import Job
@@ -25,7 +25,7 @@ class HostChecks:
         self._config = config
 
     def __call__(self, job: Job, source_proof: os.stat_result | None = None) -> str | None:
-        gids = caller_groups(job.owner) if job.owner else []
+        gids = acting_groups(job.owner, job.owner_groups) if job.owner else []
         try:
             if source_proof is not None and not job.owner:
                 self._check_proof(job.source, source_proof)

@@ -51,6 +51,9 @@ class Job:
     attempts_counted_before: int = 0
     # A cancel was asked for while the attempt ran (or was starting): kept, so that a restart still stops it.
     cancel_requested: bool = False
+    # The groups the submitter's connection had (the bus's UnixGroupIDs): h2kd acts with no group beyond them
+    # (h2kd.access.acting_groups). None: not known (a job stored by an earlier h2kd, or made without a bus).
+    owner_groups: tuple[int, ...] | None = None
 
     @cached_property
     def spec_text(self) -> str:

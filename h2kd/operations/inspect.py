@@ -21,7 +21,6 @@ run_inspect() returns the structured report of the result contract's outputs["re
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import re
 import stat
@@ -1041,10 +1040,9 @@ def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
                                  f"{e}") from None
 
 
-@functools.lru_cache(maxsize=4)
 def _groups_of(uid: int) -> list[int]:
-    from h2kd.access import caller_groups
-    return caller_groups(uid)
+    from h2kd.access import groups_for
+    return groups_for(uid)
 
 
 def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:

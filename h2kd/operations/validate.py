@@ -34,12 +34,12 @@ def _looked_up_by(uid: int, path: str, what: str) -> None:
     """The submitter looks the file up first, with their own rights, and root then reads only the file they
     found there (inspect.expect_source): a path whose directory was swapped for a link to one closed to them
     after h2kd's check at submission gets the submitter's answer, and nothing root parsed of what lies there."""
-    from h2kd.access import caller_groups, check_source_readable
+    from h2kd.access import check_source_readable, groups_for
     from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 
     try:
         # The source roots were checked at submission; this check is of the submitter's rights only.
-        _, seen = check_source_readable(path, uid, caller_groups(uid), ["/"])
+        _, seen = check_source_readable(path, uid, groups_for(uid), ["/"])
     except NotAuthorized as e:
         raise OperationError("PERMISSION_DENIED", f"{what}: {e}", "validate") from None
     except InvalidArgument as e:        # no such file, or no regular file: as the submitter sees it

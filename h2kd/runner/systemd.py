@@ -33,7 +33,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from h2kd.access import caller_groups, output_owner
+from h2kd.access import acting_groups, output_owner
 from h2kd.config import SLICE_WEIGHT, Config
 from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, StartUnanswered, UnitOutcome
@@ -324,7 +324,8 @@ class SystemdRunner:
                                                      # when it is output_group, not whatever group the user has
                                                      "directory_mode": 0o750 if self._config.output_group else 0o700,
                                                      # looked up here: the unit may not reach a network NSS
-                                                     "groups": caller_groups(job.owner) if job.owner else []},
+                                                     "groups": (acting_groups(job.owner, job.owner_groups)
+                                                                if job.owner else [])},
                                            "source_identity": job.source_identity})
         policy = job.spec.get("execution_policy") or {}
         props = units.build_properties(

@@ -77,7 +77,8 @@ CREATE TABLE jobs (
     source_identity TEXT NOT NULL,
     attempts_not_counted INTEGER NOT NULL DEFAULT 0,  -- DEFAULT: an earlier build's inserts leave it out
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts_counted_before INTEGER NOT NULL DEFAULT 0
+    attempts_counted_before INTEGER NOT NULL DEFAULT 0,
+    owner_groups TEXT NOT NULL DEFAULT 'null'          -- JSON: a list of gids, or null when not known
 );
 CREATE TABLE history (
     n INTEGER PRIMARY KEY,
@@ -117,11 +118,11 @@ def _cut_tail(error: Any) -> bool:
 _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq", "attempt", "phase", "progress",
             "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
             "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message",
-            "source_identity", "attempts_not_counted", "cancel_requested", "attempts_counted_before")
+            "source_identity", "attempts_not_counted", "cancel_requested", "attempts_counted_before", "owner_groups")
 _INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
 # What a transition can change: every column but those fixed at submission (spec above all: no re-encoding).
-_FIXED = ("id", "spec", "operation", "owner", "created_at")
+_FIXED = ("id", "spec", "operation", "owner", "created_at", "owner_groups")
 _CHANGING = tuple(c for c in _COLUMNS if c not in _FIXED)
 _UPDATE_CHANGING = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _CHANGING)} WHERE id = ?"
 _SELECT_JOBS = f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY ord"
@@ -159,7 +160,8 @@ def _job_values(job: Job) -> list[Any]:
             job.attempt, job.phase, float(job.progress), int(job.progress_known), job.bytes_done, job.bytes_total,
             job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
             job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message,
-            job.source_identity, job.attempts_not_counted, int(job.cancel_requested), job.attempts_counted_before]
+            job.source_identity, job.attempts_not_counted, int(job.cancel_requested), job.attempts_counted_before,
+            _json(None if job.owner_groups is None else list(job.owner_groups))]
 
 
 def _changing_values(job: Job) -> tuple[Any, ...]:
@@ -178,6 +180,8 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
     values["state"] = JobState(values["state"])
     values["progress_known"] = bool(values["progress_known"])
     values["cancel_requested"] = bool(values["cancel_requested"])
+    groups = json.loads(values["owner_groups"])
+    values["owner_groups"] = None if groups is None else tuple(int(g) for g in groups)
     return Job(**values)
 
 
@@ -245,6 +249,8 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
         if "attempts_counted_before" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempts_counted_before INTEGER NOT NULL DEFAULT 0")
+        if "owner_groups" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner_groups TEXT NOT NULL DEFAULT 'null'")
 
     def _move_log_tails(self) -> None:
         """Once, for a store written before a failed unit's last log lines went with the job's result (log_tail):

@@ -272,6 +272,8 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         from h2kd.operations import qemuimg
         groups = [int(g) for g in (owner or {}).get("groups") or []]
         if groups:
+            from h2kd.access import give_groups
+            give_groups(reader_uid, groups)     # the checks of the files a source names act with these too
             qemuimg.run_as(reader_uid, groups[0], groups)
         else:   # an envelope written without them (the worker run by hand): look them up here
             from h2kd.access import caller_credentials

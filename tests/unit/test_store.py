@@ -55,7 +55,7 @@ def test_every_job_field_survives_a_reopen(tmp_path):
         worker="builtin", wait_reason="waiting for a free slot (2 of 2 running)", not_before=1_700_000_003 * SECOND,
         result={"status": "failed", "error": {"code": "TOOL_FAILED", "message": "line 1\nline 2"}},
         error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)", source_identity="2049:1234",
-        attempts_not_counted=1, attempts_counted_before=2, cancel_requested=True)
+        attempts_not_counted=1, attempts_counted_before=2, cancel_requested=True, owner_groups=(4242, 27, 100))
     # Every field differs from its default, so a column the store forgot would show.
     defaults = Job(id="x", spec={}, operation="", owner=0)
     for f in dataclasses.fields(Job):
@@ -556,3 +556,18 @@ def test_a_store_written_before_a_column_existed_gets_it_with_its_default(tmp_pa
         s.save_job(loaded)
     with JobStore(path) as s:
         assert s.load_jobs()[0].attempts_not_counted == 2
+
+
+def test_a_job_stored_before_its_groups_were_recorded_has_them_unknown(tmp_path):
+    """Not "no groups": h2kd then acts with those of the user database, as the build that stored it did."""
+    import sqlite3
+
+    path = tmp_path / "h2kd.sqlite"
+    with JobStore(path) as s:
+        s.insert_job(dataclasses.replace(new_job("old"), owner_groups=(1000, 27)), "submitted")
+        s.insert_job(dataclasses.replace(new_job("none"), owner_groups=()), "submitted")
+        assert [j.owner_groups for j in s.load_jobs()] == [(1000, 27), ()]
+    with sqlite3.connect(path) as db:    # as a build before owner_groups wrote it
+        db.execute("ALTER TABLE jobs DROP COLUMN owner_groups")
+    with JobStore(path) as s:
+        assert [j.owner_groups for j in s.load_jobs()] == [None, None]
