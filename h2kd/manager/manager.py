@@ -806,8 +806,10 @@ class JobManager:
                     self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
                                           "unit was started", attempt_spent=False)
                 else:
+                    # Not the job's doing (a daemon-reexec under way, no room for the attempt's files): tried again
+                    # after the backoff without using up its retries, MAX_ATTEMPTS_NOT_COUNTED times at most.
                     self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {why}", "start",
-                                         True)
+                                         True, attempt_spent=False)
         except StoreFailed as e:
             log.warning("could not record that job %s's unit was refused: %s; trying again in %.0f s", job_id, e,
                         STORE_RETRY_SECONDS)
@@ -1037,13 +1039,20 @@ class JobManager:
         self._finish(job, S.COMPLETED, "completed", result)
 
     def _attempt_failed(self, job: Job, code: ErrorCode, message: str, phase: str, retryable: bool,
-                        result: dict[str, Any] | None = None) -> None:
+                        result: dict[str, Any] | None = None, attempt_spent: bool = True) -> None:
+        """attempt_spent=False: the attempt failed through no fault of the job; it is not counted against its
+        retries (MAX_ATTEMPTS_NOT_COUNTED such attempts at most), and waits a backoff of its own."""
         if job.worker:
             self._release_worker(job)
+        if not attempt_spent and job.attempts_not_counted < MAX_ATTEMPTS_NOT_COUNTED:
+            job.attempts_not_counted += 1
+            waited = job.attempts_not_counted
+        else:
+            waited = _attempts_counted(job)
         retries = job.spec["execution_policy"]["retry_count"]
         counted = _attempts_counted(job)
         if retryable and counted <= retries:
-            delay = min(self._config.retry_backoff_base_seconds * 2 ** (counted - 1),
+            delay = min(self._config.retry_backoff_base_seconds * 2 ** (waited - 1),
                         self._config.retry_backoff_max_seconds)
             job.error_code, job.error_message = code.value, message
             # Until the next attempt ends, the Result tells how this one failed (with its unit's last lines).

@@ -877,6 +877,44 @@ def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job
     asyncio.run(go())
 
 
+class RefusesAtFirst(RecordingRunner):
+    """systemd refuses the first `refusals` units (a daemon-reexec under way, no room for the attempt's files),
+    then starts them."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        if len(self.started) <= self.refusals:
+            raise H2kError("systemd refused StartTransientUnit: org.freedesktop.DBus.Error.NoReply: no reply")
+        return f"h2k-job-{job.id}-{attempt}.service"
+
+
+def test_units_systemd_refuses_do_not_use_up_the_jobs_retries(tmp_path, image):
+    """A job without retries still runs once systemd takes its unit: the refusals were not the job's doing.
+    They are tried again after a growing backoff, and only so many times before the job fails."""
+    async def go():
+        runner = RefusesAtFirst(refusals=3)
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        await until(lambda: job.state.value == "running")
+        assert [attempt for _, attempt in runner.started] == [1, 2, 3, 4]
+        m.unit_finished(job.id, 4, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {}}))
+        assert job.state.value == "completed"
+
+        always = RefusesAtFirst(refusals=1000)
+        m.attach_runner(always)
+        other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        await until(lambda: other.state.value == "failed", timeout=60)
+        assert len(always.started) == manager_module.MAX_ATTEMPTS_NOT_COUNTED + 1
+        assert other.error_code == "UNIT_FAILED" and "systemd refused the unit" in other.error_message
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_the_retry_limit_counts_retries_asked_for_not_those_h2kd_makes(tmp_path, image, monkeypatch):
     monkeypatch.setattr(manager_module, "MAX_RETRIES", 2)
     async def go():
