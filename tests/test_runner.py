@@ -630,6 +630,73 @@ def test_a_forgotten_jobs_attempt_directories_are_removed_but_not_a_running_ones
     asyncio.run(scenario())
 
 
+def held_image(directory: Path, record: Path) -> tuple[Path, str]:
+    """An image of uid 64101's that a repair made root's (0600) and noted in `record`, bound to a loop device
+    as a lazily unmounted file system keeps it; (the image, the loop device)."""
+    from h2kd.operations.tempfiles import note_held
+
+    image = directory / f"disk-{uuid.uuid4().hex[:8]}.raw"
+    image.write_bytes(bytes(1 << 20))
+    os.chown(image, 64101, 64102)
+    image.chmod(0o640)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    note_held(str(record), str(image), image.stat())
+    os.chown(image, 0, 0)
+    image.chmod(0o600)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)
+    return image, loop.stdout.strip()
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o777
+
+
+@pytest.mark.skipif(shutil.which("losetup") is None, reason="losetup is not installed")
+def test_images_a_killed_repair_left_roots_are_given_back_once_their_loop_device_is_gone(
+        sandbox: Sandbox, monkeypatch) -> None:
+    """A guest repair killed outright leaves the image it made root's. Its owner gets it back once no loop
+    device holds it, whenever that is: after the unit's end, after the job was removed, after h2kd restarted."""
+    monkeypatch.setattr(systemd_runner, "HELD_RETRY_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        events = RecordingEvents()
+        job = make_job()
+        images_dir = sandbox.base / f"images-{job.id}"
+        images_dir.mkdir()
+        loops = []
+        try:
+            async with runner_for(config, events) as runner:
+                unit = await start_waiting(runner, events, job)
+                record = config.runs_dir / unit / "held-images"
+                image, loop = held_image(images_dir, record)
+                loops.append(loop)
+                (config.runs_dir / unit / "go").touch()
+                await events.wait_finished(job.id)
+                await asyncio.sleep(0.5)
+                assert owner_and_mode(image) == (0, 0, 0o600)     # still bound: not the owner's yet
+                runner.forget(job)
+                await wait_for(lambda: sorted(p.name for p in (config.runs_dir / unit).iterdir()) == ["held-images"],
+                               what="the removal of the job's files but the record")
+                subprocess.run(["losetup", "--detach", loop], check=True)
+                await wait_for(lambda: owner_and_mode(image) == (64101, 64102, 0o640), what="the image given back")
+                await wait_for(lambda: not (config.runs_dir / unit).exists(), what="the directory's removal")
+
+            # Left root's while h2kd was down (by a unit that is over): given back when it starts again.
+            gone_unit = unit_name(f"{job.id}-gone", 1)
+            image, loop = held_image(images_dir, config.runs_dir / gone_unit / "held-images")
+            subprocess.run(["losetup", "--detach", loop], check=True)
+            async with runner_for(config, RecordingEvents()):
+                await wait_for(lambda: owner_and_mode(image) == (64101, 64102, 0o640), what="the image given back")
+        finally:
+            for loop in loops:
+                subprocess.run(["losetup", "--detach", loop], capture_output=True)
+            shutil.rmtree(images_dir, ignore_errors=True)
+
+    asyncio.run(scenario())
+
+
 def removals_held_until(gate: threading.Event, monkeypatch) -> None:
     """The runner's removals of directories wait for `gate` (on the remover's thread)."""
     remove = systemd_runner._remove_directory

@@ -80,6 +80,9 @@ CLOSE_WAITS_FOR_REMOVALS_SECONDS = 10
 # slack covers a worker of another version that writes them a little differently. A larger file (a worker that
 # keeps no limit, a damaged file) is not read, let alone parsed on the event loop and kept with the job for good.
 MAX_RESULT_FILE_BYTES = MAX_RESULT_BYTES + 4096
+# Images a killed repair left root's wait for their loop device to go (a lazily unmounted file system holds it
+# until its last user lets go): they are tried again this often, for as long as h2kd runs, and at its next start.
+HELD_RETRY_SECONDS = 10.0
 
 
 class SystemdError(H2kError):
@@ -145,6 +148,9 @@ class SystemdRunner:
         # worth of disk work, not every thread of the default executor.
         self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2kd-remove")
         self._removals: dict[Path, asyncio.Future[None]] = {}   # by directory: its latest removal not yet done
+        self._held: set[Path] = set()        # records of images still to give back (HELD_NAME files)
+        self._held_task: asyncio.Task | None = None
+        self._held_scan_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -187,6 +193,8 @@ class SystemdRunner:
         self._watch_task = asyncio.create_task(self._watch_connection(bus))
         if self._compile_task is None:     # once per runner: workers start faster with their .pyc at hand
             self._compile_task = asyncio.create_task(asyncio.to_thread(bytecode.compile_worker_modules))
+        if self._held_scan_task is None:   # images left root's by units killed before or while h2kd was down
+            self._held_scan_task = asyncio.create_task(self._give_back_left_over())
         # Anything we followed on an earlier connection may have ended while we were cut off.
         for followed in list(self._followed.values()):
             self._schedule_check(followed)
@@ -210,7 +218,8 @@ class SystemdRunner:
         # The executor's thread is joined when the process exits: removals still queued would hold h2kd's stop past
         # that wait. They are dropped (their directories left), and none is taken from now on.
         self._remover.shutdown(wait=False, cancel_futures=True)
-        tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task) if t is not None]
+        tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task, self._held_task,
+                             self._held_scan_task) if t is not None]
         for followed in self._followed.values():
             tasks.extend(followed.tasks)
         for task in tasks:
@@ -399,6 +408,62 @@ class SystemdRunner:
         error = None if removal.cancelled() else removal.exception()
         if error is not None:
             log.warning("could not remove %s: %s", directory, error)
+
+    # ------------------------------------------------------------------ images a repair left root's
+
+    async def _give_back(self, record: Path, unit: str) -> None:
+        """Give back the images in `record` (release_held) that no loop device holds any more; the others are
+        tried again later. On the remover's thread, so that it never runs beside the removal of its directory."""
+        try:
+            given = await asyncio.get_running_loop().run_in_executor(self._remover, release_held, str(record))
+        except Exception:
+            log.exception("giving back the images held by unit %s failed", unit)
+            given = []
+        for path in given:
+            log.info("gave %s back to its owner, left root's by unit %s", path, unit)
+        if record.exists():
+            self._give_back_later(record)
+            return
+        self._held.discard(record)
+        # A forgotten job's directory was emptied but for the record (_remove_directory): it goes now.
+        with contextlib.suppress(OSError):
+            record.parent.rmdir()
+
+    async def _give_back_left_over(self) -> None:
+        """Once per runner: the records of units that are over (a repair still running holds its images on
+        purpose, and gives them back itself; its end is followed like any other)."""
+        for record in sorted(self._config.runs_dir.glob(f"*/{HELD_NAME}")):
+            unit = record.parent.name
+            try:
+                reply = await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "GetUnit", "s", [unit])
+                if reply.message_type == MessageType.ERROR:
+                    over = reply.error_name in _GONE_ERRORS
+                else:
+                    state = await self._call(SYSTEMD, reply.body[0], PROPS_IFACE, "Get", "ss",
+                                             [UNIT_IFACE, "ActiveState"])
+                    over = state.message_type != MessageType.ERROR and state.body[0].value in _FINAL_STATES
+            except Exception as e:   # systemd not answering: left for the next start
+                log.warning("cannot tell whether unit %s is over, which left images root's: %s", unit, e)
+                continue
+            if over:
+                await self._give_back(record, unit)
+
+    def _give_back_later(self, record: Path) -> None:
+        self._held.add(record)
+        if not self._closing and (self._held_task is None or self._held_task.done()):
+            self._held_task = asyncio.create_task(self._give_back_held())
+
+    async def _give_back_held(self) -> None:
+        while self._held and not self._closing:
+            await asyncio.sleep(HELD_RETRY_SECONDS)
+            for record in sorted(self._held):
+                unit = record.parent.name
+                if unit in self._followed:
+                    # A new attempt under the same unit name (a job submitted again with the same id) runs: a
+                    # repair of its own may be noting the same image; its end gives back what it holds.
+                    continue
+                self._held.discard(record)
+                await self._give_back(record, unit)
 
     async def _removed(self, directory: Path) -> None:
         """Return once no removal of `directory` is pending: its files are then of whoever writes them next."""
@@ -656,11 +721,7 @@ class SystemdRunner:
         so nothing writes them any more."""
         held = followed.run_dir / HELD_NAME
         if held.exists():
-            try:
-                for path in await asyncio.to_thread(release_held, str(held)):
-                    log.info("gave %s back to its owner, left root's by unit %s", path, followed.unit)
-            except Exception:
-                log.exception("giving back the images held by unit %s failed", followed.unit)
+            await self._give_back(held, followed.unit)
         record = followed.run_dir / RECORD_NAME
         if not record.exists():
             return
@@ -737,8 +798,18 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
 
 
 def _remove_directory(directory: Path) -> None:
-    """Remove an attempt's directory and everything in it, if it is there (on the remover's thread)."""
-    shutil.rmtree(directory, ignore_errors=True)
+    """Remove an attempt's directory and everything in it, if it is there (on the remover's thread); but for
+    a record of images still to give back (HELD_NAME), which stays until they are (SystemdRunner._give_back)."""
+    if not (directory / HELD_NAME).exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for entry in directory.iterdir():
+        if entry.name == HELD_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _read_boot_id() -> str:
