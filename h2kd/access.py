@@ -30,7 +30,7 @@ from pathlib import Path
 from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, NotAuthorized
 
 # The group a caller without a passwd entry gets (Debian's "nogroup").
-_NO_GROUP = 65534
+NO_GROUP = 65534
 # How long a check as the caller may take. It runs on the daemon's event loop (it takes about a millisecond):
 # a lookup that hangs must not hold every other call, nor the watchdog, for longer.
 CALLER_CHECK_SECONDS = 5.0
@@ -82,7 +82,7 @@ def groups_for(uid: int) -> list[int]:
 def caller_credentials(uid: int) -> tuple[int, list[int]]:
     """The gid and groups a process acting for `uid` gets: as caller_groups(), "nogroup" for none."""
     groups = caller_groups(uid)
-    return (groups[0] if groups else _NO_GROUP), groups
+    return (groups[0] if groups else NO_GROUP), groups
 
 
 def output_owner(uid: int, group: str = "") -> tuple[int, int]:
@@ -93,7 +93,7 @@ def output_owner(uid: int, group: str = "") -> tuple[int, int]:
     try:
         return uid, pwd.getpwuid(uid).pw_gid
     except KeyError:
-        return uid, _NO_GROUP
+        return uid, NO_GROUP
 
 
 def check_source_readable(path: str | os.PathLike[str], uid: int, gids: list[int],
@@ -365,7 +365,7 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
         try:
             os.close(reader)
             os.setgroups(gids)
-            os.setgid(gids[0] if gids else _NO_GROUP)
+            os.setgid(gids[0] if gids else NO_GROUP)
             os.setuid(uid)
             if os.getuid() != uid or os.geteuid() != uid:
                 os._exit(1)

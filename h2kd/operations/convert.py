@@ -164,13 +164,12 @@ def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
     """h2kd checked at submission that the submitter may write where the output path led. The path is theirs:
     a symlink in it may lead elsewhere now, to a directory of the root they may not write in, where root
     would make the output for them. The directory it resolves to now must be theirs to write in as well."""
-    from h2kd.access import check_directory_writable
+    from h2kd.access import check_directory_writable, groups_for
     from h2kd.errors import H2kError
 
     uid = int(owner["uid"])
-    groups = [int(g) for g in owner.get("groups") or []]    # looked up by h2kd (the unit may not reach NSS)
     try:
-        check_directory_writable(directory, uid, groups)
+        check_directory_writable(directory, uid, groups_for(uid))
     except H2kError as e:
         raise OperationError("PERMISSION_DENIED", f"the output path now leads to {directory}: {e}") from None
 

@@ -270,11 +270,12 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         # qemu-img gets the submitter's rights, in a guest repair too: what needs root's there (the loop device,
         # the mounts, the guest's own programs) reaches the disk through the worker's descriptor, not qemu-img.
         from h2kd.operations import qemuimg
-        groups = [int(g) for g in (owner or {}).get("groups") or []]
-        if groups:
-            from h2kd.access import give_groups
+        given = (owner or {}).get("groups")
+        if given is not None:     # none at all is an answer too: the caller's process had no group h2kd may use
+            from h2kd.access import NO_GROUP, give_groups
+            groups = [int(g) for g in given]
             give_groups(reader_uid, groups)     # the checks of the files a source names act with these too
-            qemuimg.run_as(reader_uid, groups[0], groups)
+            qemuimg.run_as(reader_uid, groups[0] if groups else NO_GROUP, groups)
         else:   # an envelope written without them (the worker run by hand): look them up here
             from h2kd.access import caller_credentials
             qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
