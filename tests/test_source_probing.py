@@ -131,6 +131,48 @@ def test_the_files_a_source_names_are_checked_with_the_groups_h2kd_gave(base: Pa
     assert without.result["error"]["code"] == "PERMISSION_DENIED", without.result["error"]
 
 
+@pytest.fixture
+def member_of_a_group(base: Path) -> Iterator[tuple[dict[str, object], int]]:
+    """A user who is in group h2kt-probe in the user database, with a VMX of theirs in `base` whose disk lies in
+    a directory only that group may enter; (their owner envelope without groups, the group's gid)."""
+    import grp
+    import pwd
+
+    group, user = "h2kt-probe", "h2kt-probe-user"
+    subprocess.run(["userdel", user], capture_output=True)
+    subprocess.run(["groupdel", group], capture_output=True)
+    subprocess.run(["groupadd", group], check=True)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", group, user], check=True)
+    try:
+        entry, gid = pwd.getpwnam(user), grp.getgrnam(group).gr_gid
+        shared = base / "group-disks"
+        shared.mkdir(mode=0o750)
+        os.chown(shared, 0, gid)
+        images.qemu_img("create", "-q", "-f", "vmdk", str(shared / "d.vmdk"), "1M")
+        os.chown(shared / "d.vmdk", 0, gid)
+        (shared / "d.vmdk").chmod(0o640)
+        vmx = images.make_vmx(base, ["group-disks/d.vmdk"], name="probe")
+        os.chown(vmx, entry.pw_uid, entry.pw_gid)
+        yield {"uid": entry.pw_uid, "gid": entry.pw_gid, "mode": 0o640, "vmx": str(vmx)}, gid
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+def test_an_envelope_giving_no_groups_is_not_filled_in_from_the_user_database(
+        base: Path, tmp_path: Path, member_of_a_group: tuple[dict[str, object], int]) -> None:
+    """A caller whose process kept none of its groups gets none in the worker either: its envelope's empty list
+    is an answer, not a gap to fill from the user database (which would give back the group it dropped)."""
+    owner, gid = member_of_a_group
+    vmx = str(owner.pop("vmx"))
+    spec = {"operation": "inspect", "image": {"path": vmx}}
+    dropped = run_worker(tmp_path / "dropped", spec, [base / "out"], owner={**owner, "groups": []})
+    assert dropped.returncode == 2, dropped.log
+    assert dropped.result["error"]["code"] == "PERMISSION_DENIED", dropped.result["error"]
+    kept = run_worker(tmp_path / "kept", spec, [base / "out"], owner={**owner, "groups": [owner["gid"], gid]})
+    assert kept.returncode == 0, kept.log
+
+
 def test_files_the_submitter_can_see_are_still_found_and_described(base: Path, tmp_path: Path) -> None:
     """Disks in a subdirectory of the submitter's work; a missing one or a FIFO of their own is named as such
     (they can see that themselves)."""
@@ -388,6 +430,13 @@ def test_a_vmx_giving_a_count_no_vm_can_have_is_refused(base: Path, tmp_path: Pa
     assert result["error"]["code"] == "INVALID_IMAGE", result["error"]   # type: ignore[index]
     message = result["error"]["message"]                                  # type: ignore[index]
     assert told in message and "9" * 100 not in message and "4" * 50 not in message, message
+
+
+def test_counts_written_with_leading_zeros_are_read_as_numbers(base: Path, tmp_path: Path) -> None:
+    result = vmx_job(base, tmp_path, "vm", ['numvcpus = "0000000000000000000000002"', 'memsize = "02048"'])
+    assert result["returncode"] == 0, result
+    vm = result["outputs"]["report"]["vm"]      # type: ignore[index]
+    assert (vm["cpus"], vm["memory_mib"]) == (2, 2048)
 
 
 def ovf_with_hardware(base: Path, **replace: str) -> Path:

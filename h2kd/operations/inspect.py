@@ -729,9 +729,10 @@ def _whole_number(text: str | None, field: str, what: str, limit: int, default: 
         return default
     if not (text.isascii() and text.isdigit()):
         raise _invalid(f"{what} gives {field} {_shown(text)}, which is not a whole number")
-    if len(text) > len(str(limit)) or int(text) > limit:
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(limit)) or int(digits) > limit:
         raise _invalid(f"{what} gives {field} {_shown(text)}, more than any VM has (at most {limit})")
-    return int(text)
+    return int(digits)
 
 
 def _shown(text: str) -> str:
