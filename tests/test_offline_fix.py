@@ -789,6 +789,95 @@ def test_a_qcow2_cut_short_or_damaged_is_not_repaired(tmp_path: Path, cut: int, 
     assert loops_of(image) == []
 
 
+def _held_by_root(directory: Path, name: str = "disk.raw") -> tuple[Path, Path]:
+    """An image of uid 64101's that a repair noted and made root's, as a worker killed then leaves it; (the
+    image, the record)."""
+    from h2kd.operations.tempfiles import note_held
+
+    image = directory / name
+    image.write_bytes(bytes(4096))
+    os.chown(image, 64101, 64102)
+    image.chmod(0o640)
+    record = directory / "held-images"
+    note_held(str(record), str(image), image.stat())
+    os.chown(image, 0, 0)
+    image.chmod(0o600)
+    return image, record
+
+
+def test_an_image_a_live_repair_holds_is_not_given_back(tmp_path: Path) -> None:
+    """Between making an image root's and binding its loop device, and while it is bound, a repair holds it
+    (hold_image): a record read meanwhile (its unit's name taken again by a new attempt, h2kd starting) must not
+    hand the image back in the middle of the repair. Once the holder is gone, it is given back."""
+    import fcntl
+    import stat
+
+    from h2kd.operations.tempfiles import release_held
+
+    image, record = _held_by_root(tmp_path)
+    repair = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(repair, fcntl.LOCK_EX)
+        assert release_held(str(record), attached=lambda path: False) == []
+        assert (image.stat().st_uid, stat.S_IMODE(image.stat().st_mode)) == (0, 0o600) and record.exists()
+    finally:
+        os.close(repair)
+    assert release_held(str(record), attached=lambda path: False) == [str(image)]
+    assert (image.stat().st_uid, image.stat().st_gid, stat.S_IMODE(image.stat().st_mode)) == (64101, 64102, 0o640)
+    assert not record.exists()
+
+
+def test_a_damaged_record_gives_back_what_it_can_and_goes(tmp_path: Path) -> None:
+    """A line cut short (a full disk) is passed over, not read again every ten seconds for ever."""
+    from h2kd.operations.tempfiles import release_held
+
+    image, record = _held_by_root(tmp_path)
+    with open(record, "a") as f:
+        f.write('{"path": "/etc/sha\n[1, 2]\n{"path": 7}\n')
+    assert release_held(str(record), attached=lambda path: False) == [str(image)]
+    assert not record.exists()
+
+
+def test_an_image_reached_through_a_symbolic_link_is_not_given_back(tmp_path: Path) -> None:
+    """The path must lead to the file as it did, with no link on the way: its owner may swap a directory of
+    theirs for a link elsewhere."""
+    from h2kd.operations.tempfiles import release_held
+
+    real = tmp_path / "real"
+    real.mkdir()
+    image, record = _held_by_root(real)
+    moved = tmp_path / "moved"
+    real.rename(moved)
+    real.symlink_to(moved)
+    assert release_held(str(moved / "held-images"), attached=lambda path: False) == []
+    assert (moved / "disk.raw").stat().st_uid == 0
+
+
+def test_a_repair_leaves_alone_an_image_another_process_has_locked(tmp_path: Path, monkeypatch: Any) -> None:
+    import fcntl
+
+    from h2kd.operations.offline_fix import devices
+    from h2kd.operations.qemuimg import OperationError
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    os.chown(image, 64101, 64102)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.chdir(work)
+    theirs = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    fcntl.flock(theirs, fcntl.LOCK_EX)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OperationError) as refused:
+            with devices.attached_disk(fd, read_only=False, name="disk.raw"):
+                pass
+        assert refused.value.code == "PERMISSION_DENIED" and "locked by another process" in refused.value.message
+        assert image.stat().st_uid == 64101 and loops_of(image) == []
+    finally:
+        os.close(fd)
+        os.close(theirs)
+
+
 def test_an_image_whose_loop_device_stays_bound_stays_roots(tmp_path: Path, monkeypatch: Any) -> None:
     """A file system only lazily unmounted keeps its loop device bound: the image is not given back to its
     owner then, who could change it under the kernel; the runner gives it back once the device is gone."""

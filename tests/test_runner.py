@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Iterator
 import pytest
 
 import h2kd
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from h2kd.config import Config
@@ -630,6 +630,34 @@ def test_a_forgotten_jobs_attempt_directories_are_removed_but_not_a_running_ones
     asyncio.run(scenario())
 
 
+def test_a_start_that_may_succeed_later_is_told_apart_from_a_refusal(sandbox: Sandbox, monkeypatch) -> None:
+    """No room for the attempt's files, or systemd out of reach, is StartDeferred (the manager tries again
+    without using up the job's retries); systemd refusing the unit itself is not."""
+    from h2kd.manager.ports import StartDeferred
+
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        async with runner_for(config, RecordingEvents()) as runner:
+            def full(path, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            with monkeypatch.context() as patched:
+                patched.setattr(systemd_runner, "_write_json_atomically", full)
+                with pytest.raises(StartDeferred, match="No space left"):
+                    await runner.start(make_job(), 1)
+            with monkeypatch.context() as patched:
+                patched.setattr(systemd_runner.units, "build_properties",
+                                lambda *a, **k: [("NoSuchPropertyOfSystemd", Variant("s", "x"))])
+                with pytest.raises(systemd_runner.SystemdError) as refused:
+                    await runner.start(make_job(), 1)
+                assert not isinstance(refused.value, StartDeferred)
+                assert refused.value.error_name.startswith("org.freedesktop"), refused.value
+        unreachable = SystemdRunner(config, RecordingEvents())
+        with pytest.raises(StartDeferred, match="not reachable"):
+            await unreachable.start(make_job(), 1)
+
+    asyncio.run(scenario())
+
+
 def held_image(directory: Path, record: Path) -> tuple[Path, str]:
     """An image of uid 64101's that a repair made root's (0600) and noted in `record`, bound to a loop device
     as a lazily unmounted file system keeps it; (the image, the loop device)."""
@@ -677,11 +705,12 @@ def test_images_a_killed_repair_left_roots_are_given_back_once_their_loop_device
                 await asyncio.sleep(0.5)
                 assert owner_and_mode(image) == (0, 0, 0o600)     # still bound: not the owner's yet
                 runner.forget(job)
-                await wait_for(lambda: sorted(p.name for p in (config.runs_dir / unit).iterdir()) == ["held-images"],
-                               what="the removal of the job's files but the record")
+                held = config.runs_dir / "held"
+                await wait_for(lambda: not (config.runs_dir / unit).exists(), what="the removal of the job's files")
+                assert [p.name.startswith(unit + "@") for p in held.iterdir()] == [True]    # its record kept aside
                 subprocess.run(["losetup", "--detach", loop], check=True)
                 await wait_for(lambda: owner_and_mode(image) == (64101, 64102, 0o640), what="the image given back")
-                await wait_for(lambda: not (config.runs_dir / unit).exists(), what="the directory's removal")
+                await wait_for(lambda: not any(held.iterdir()), what="the record's removal")
 
             # Left root's while h2kd was down (by a unit that is over): given back when it starts again.
             gone_unit = unit_name(f"{job.id}-gone", 1)
@@ -701,9 +730,9 @@ def removals_held_until(gate: threading.Event, monkeypatch) -> None:
     """The runner's removals of directories wait for `gate` (on the remover's thread)."""
     remove = systemd_runner._remove_directory
 
-    def held(directory: Path) -> None:
+    def held(directory: Path, held_dir: Path) -> Path | None:
         assert gate.wait(30), "the test never let the removal go on"
-        remove(directory)
+        return remove(directory, held_dir)
     monkeypatch.setattr(systemd_runner, "_remove_directory", held)
 
 

@@ -49,7 +49,7 @@ from h2kd.config import Config
 from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
                          StoreFailed)
 from h2kd.manager.limits import UnfinishedJobs
-from h2kd.manager.ports import Event, JobListener, Runner, StartUnanswered, UnitOutcome, WorkerInfo
+from h2kd.manager.ports import Event, JobListener, Runner, StartDeferred, StartUnanswered, UnitOutcome, WorkerInfo
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
 from h2kd.model.spec import MAX_SPEC_BYTES, parse_spec, same_spec, spec_to_json
@@ -773,6 +773,10 @@ class JobManager:
                 job.unit = e.unit       # a cancel stops it by name
                 await self._stop_cancelled(job)
             return
+        except StartDeferred as e:  # not now, for a reason that passes: tried again later, not counted
+            log.warning("starting a unit for job %s failed for now: %s", job.id, e)
+            self._start_refused(job.id, attempt, str(e), passing=True)
+            return
         except Exception as e:  # systemd refused the unit: the attempt fails like a failed unit
             log.warning("starting a unit for job %s failed: %s", job.id, e)
             self._start_refused(job.id, attempt, str(e))
@@ -791,9 +795,10 @@ class JobManager:
             job.unit = unit
         await self._stop_cancelled(job)
 
-    def _start_refused(self, job_id: str, attempt: int, why: str) -> None:
+    def _start_refused(self, job_id: str, attempt: int, why: str, passing: bool = False) -> None:
         """systemd refused the attempt's unit: the attempt fails like a failed unit (or, cancelled meanwhile,
-        the job ends cancelled). Tried again later if the store cannot take it."""
+        the job ends cancelled); passing: for a reason that passes (StartDeferred), without using up the job's
+        retries. Tried again later if the store cannot take it."""
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state != S.ASSIGNED:
             return
@@ -806,14 +811,15 @@ class JobManager:
                     self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
                                           "unit was started", attempt_spent=False)
                 else:
-                    # Not the job's doing (a daemon-reexec under way, no room for the attempt's files): tried again
-                    # after the backoff without using up its retries, MAX_ATTEMPTS_NOT_COUNTED times at most.
+                    # passing: not the job's doing (systemd out of reach or of memory, no room for the attempt's
+                    # files); tried again after the backoff without using up its retries, MAX_ATTEMPTS_NOT_COUNTED
+                    # times at most.
                     self._attempt_failed(job, ErrorCode.UNIT_FAILED, f"systemd refused the unit: {why}", "start",
-                                         True, attempt_spent=False)
+                                         True, attempt_spent=not passing)
         except StoreFailed as e:
             log.warning("could not record that job %s's unit was refused: %s; trying again in %.0f s", job_id, e,
                         STORE_RETRY_SECONDS)
-            self._later(STORE_RETRY_SECONDS, lambda: self._start_refused(job_id, attempt, why))
+            self._later(STORE_RETRY_SECONDS, lambda: self._start_refused(job_id, attempt, why, passing))
 
     async def _stop_cancelled(self, job: Job) -> None:
         """Stop the unit of an attempt whose cancel was asked for; if systemd does not take the stop now, it is

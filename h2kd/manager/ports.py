@@ -55,6 +55,12 @@ class JobListener(Protocol):
     def manager_changed(self, changed: set[str]) -> None: ...   # JobsQueued, JobsRunning, Paused, MaxParallelJobs
 
 
+class StartDeferred(Exception):
+    """Runner.start did not start the unit, for a reason that passes and is no fault of the job: systemd is
+    not reachable or short of memory, no room for the attempt's files. The attempt is tried again later
+    without using up the job's retries."""
+
+
 class StartUnanswered(Exception):
     """Runner.start sent the start but got no answer (a timeout, a broken connection): the unit may run or
     not. The runner goes on following it and reports what became of it (unit_status, unit_finished)."""

@@ -14,6 +14,7 @@ with its owner and mode, before it changes hands; release_held() gives back what
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -204,11 +205,27 @@ def note_held(record: str, path: str, before: os.stat_result) -> None:
     """Before an image (`path`, `before` its status) is made root's: its owner and mode, to give back."""
     entry = {"path": path, "device": before.st_dev, "inode": before.st_ino, "uid": before.st_uid,
              "gid": before.st_gid, "mode": before.st_mode & 0o777}
+    line = (json.dumps(entry) + "\n").encode()
     fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, (json.dumps(entry) + "\n").encode())
+        if os.write(fd, line) != len(line):     # a nearly full disk: the image is not made root's then
+            raise OSError(errno.ENOSPC, f"could not note {path} in {record}")
+        os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def hold_image(fd: int) -> None:
+    """Mark the image open on `fd` as held by a live repair (an exclusive flock, which the kernel drops when no
+    process, nor a loop device bound to the file, has it open any more): release_held leaves it alone until
+    then. Raises BlockingIOError if another process holds such a lock; a file system without flock is not marked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise BlockingIOError(e.errno, "the image is locked by another process") from None
+        if e.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
 
 
 def bound_to_loop(path: str) -> bool:
@@ -224,35 +241,62 @@ def bound_to_loop(path: str) -> bool:
     return False
 
 
+_HELD_KEYS = {"path": str, "device": int, "inode": int, "uid": int, "gid": int, "mode": int}
+
+
+def _held_entries(record: str) -> list[dict[str, object]] | None:
+    """The well-formed entries of a record (a line cut short by a full disk, or damaged, is left out); None if
+    it cannot be read."""
+    try:
+        with open(record, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _HELD_KEYS.items()):
+            entries.append(entry)
+    return entries
+
+
 def release_held(record: str, attached: Callable[[str], bool] = bound_to_loop) -> list[str]:
     """Give back the images a killed worker left root's (note_held); the paths given back. An image is given
-    back only if it is still that file, still root's and 0600, and attached(path) says no loop device holds it
-    any more; the record is removed once nothing in it is left to give back."""
-    try:
-        with open(record, encoding="utf-8") as f:
-            entries = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
+    back only if it is still that file at that very path (no symbolic link on the way), still root's and 0600,
+    and no longer held: neither locked by a live repair (hold_image) nor, as attached(path) says, bound to a
+    loop device. The record is removed once nothing in it is left to give back."""
+    entries = _held_entries(record)
+    if entries is None:
         return []
     given_back, waiting = [], []
     for entry in entries:
-        path = str(entry.get("path", ""))
+        path = str(entry["path"])
         if attached(path):
             waiting.append(entry)
             continue
         try:
-            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             st = os.fstat(fd)
-            if ((st.st_dev, st.st_ino) == (entry["device"], entry["inode"]) and st.st_uid == 0
-                    and stat.S_IMODE(st.st_mode) == 0o600 and stat.S_ISREG(st.st_mode)):
-                # Through the descriptor: the file checked, whatever its name leads to by now.
-                os.chown(f"/proc/self/fd/{fd}", int(entry["uid"]), int(entry["gid"]))
-                os.chmod(f"/proc/self/fd/{fd}", int(entry["mode"]) & 0o777)
-                given_back.append(path)
+            if ((st.st_dev, st.st_ino) != (entry["device"], entry["inode"]) or st.st_uid != 0
+                    or stat.S_IMODE(st.st_mode) != 0o600 or not stat.S_ISREG(st.st_mode)
+                    or os.readlink(f"/proc/self/fd/{fd}") != path):
+                continue
+            try:
+                hold_image(fd)
+            except BlockingIOError:
+                waiting.append(entry)       # a repair still holds it
+                continue
+            os.fchown(fd, int(entry["uid"]), int(entry["gid"]))
+            os.fchmod(fd, int(entry["mode"]) & 0o777)
+            given_back.append(path)
         finally:
-            os.close(fd)
+            os.close(fd)        # and with it the lock taken to check
     if waiting:
         with open(record, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(entry) + "\n" for entry in waiting)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from dbus_fast.aio import MessageBus
 from h2kd.access import acting_groups, output_owner
 from h2kd.config import SLICE_WEIGHT, Config
 from h2kd.errors import H2kError
-from h2kd.manager.ports import RunnerEvents, StartUnanswered, UnitOutcome
+from h2kd.manager.ports import RunnerEvents, StartDeferred, StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import HELD_NAME, RECORD_NAME, release_held, remove_recorded
@@ -80,13 +82,26 @@ CLOSE_WAITS_FOR_REMOVALS_SECONDS = 10
 # slack covers a worker of another version that writes them a little differently. A larger file (a worker that
 # keeps no limit, a damaged file) is not read, let alone parsed on the event loop and kept with the job for good.
 MAX_RESULT_FILE_BYTES = MAX_RESULT_BYTES + 4096
+# systemd's (or the bus's) refusals of a unit that pass: the same start may well succeed later.
+_PASSING_ERRORS = frozenset({"org.freedesktop.DBus.Error.NoMemory", "org.freedesktop.DBus.Error.LimitsExceeded",
+                             "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
+                             "org.freedesktop.DBus.Error.Disconnected", "org.freedesktop.DBus.Error.NoReply",
+                             "org.freedesktop.DBus.Error.Timeout", "org.freedesktop.DBus.Error.TimedOut"})
+# Writing an attempt's files: a full or over-quota disk (the store's, which holds runs/) passes too.
+_PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 # Images a killed repair left root's wait for their loop device to go (a lazily unmounted file system holds it
 # until its last user lets go): they are tried again this often, for as long as h2kd runs, and at its next start.
 HELD_RETRY_SECONDS = 10.0
+HELD_DIR_NAME = "held"         # runs/held/UNIT@TIME: the records of attempts whose job was removed
+_HELD_SEPARATOR = "@"
 
 
 class SystemdError(H2kError):
-    """systemd refused a request, or could not be reached."""
+    """systemd refused a request (error_name: its D-Bus error), or could not be reached (error_name "")."""
+
+    def __init__(self, message: str, error_name: str = ""):
+        super().__init__(message)
+        self.error_name = error_name
 
 
 class SystemdUnanswered(SystemdError):
@@ -150,7 +165,8 @@ class SystemdRunner:
         self._removals: dict[Path, asyncio.Future[None]] = {}   # by directory: its latest removal not yet done
         self._held: set[Path] = set()        # records of images still to give back (HELD_NAME files)
         self._held_task: asyncio.Task | None = None
-        self._held_scan_task: asyncio.Task | None = None
+        self._held_scanned = False
+        self._held_dir = self._config.runs_dir / HELD_DIR_NAME    # records of forgotten jobs' attempts
 
     # ------------------------------------------------------------------ connection
 
@@ -193,8 +209,10 @@ class SystemdRunner:
         self._watch_task = asyncio.create_task(self._watch_connection(bus))
         if self._compile_task is None:     # once per runner: workers start faster with their .pyc at hand
             self._compile_task = asyncio.create_task(asyncio.to_thread(bytecode.compile_worker_modules))
-        if self._held_scan_task is None:   # images left root's by units killed before or while h2kd was down
-            self._held_scan_task = asyncio.create_task(self._give_back_left_over())
+        if not self._held_scanned:         # images left root's by units killed before or while h2kd was down
+            self._held_scanned = True
+            for record in [*self._config.runs_dir.glob(f"*/{HELD_NAME}"), *self._held_dir.glob("*")]:
+                self._give_back_later(record)
         # Anything we followed on an earlier connection may have ended while we were cut off.
         for followed in list(self._followed.values()):
             self._schedule_check(followed)
@@ -218,8 +236,8 @@ class SystemdRunner:
         # The executor's thread is joined when the process exits: removals still queued would hold h2kd's stop past
         # that wait. They are dropped (their directories left), and none is taken from now on.
         self._remover.shutdown(wait=False, cancel_futures=True)
-        tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task, self._held_task,
-                             self._held_scan_task) if t is not None]
+        tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task, self._held_task)
+                 if t is not None]
         for followed in self._followed.values():
             tasks.extend(followed.tasks)
         for task in tasks:
@@ -273,7 +291,8 @@ class SystemdRunner:
     async def _manager_call(self, member: str, signature: str, body: list[Any]) -> list[Any]:
         reply = await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, member, signature, body)
         if reply.message_type == MessageType.ERROR:
-            raise SystemdError(f"systemd refused {member}: {reply.error_name}: {_error_text(reply)}")
+            raise SystemdError(f"systemd refused {member}: {reply.error_name}: {_error_text(reply)}",
+                               reply.error_name or "")
         return list(reply.body)
 
     async def _manager_property(self, name: str) -> Any:
@@ -312,6 +331,18 @@ class SystemdRunner:
     # ------------------------------------------------------------------ Runner
 
     async def start(self, job: Job, attempt: int) -> str:
+        try:
+            return await self._start(job, attempt)
+        except SystemdError as exc:
+            if not exc.error_name or exc.error_name in _PASSING_ERRORS:   # "" : systemd not reachable
+                raise StartDeferred(str(exc)) from exc
+            raise
+        except OSError as exc:
+            if exc.errno in _PASSING_ERRNOS:
+                raise StartDeferred(f"cannot write the attempt's files: {exc}") from exc
+            raise
+
+    async def _start(self, job: Job, attempt: int) -> str:
         unit = units.unit_name(job.id, attempt)
         run_dir = units.run_dir(self._config, unit)
         await self._removed(run_dir)
@@ -398,22 +429,25 @@ class SystemdRunner:
         if self._closing:
             log.warning("not removing %s: h2kd is stopping", directory)
             return
-        removal = asyncio.get_running_loop().run_in_executor(self._remover, _remove_directory, directory)
+        removal = asyncio.get_running_loop().run_in_executor(self._remover, _remove_directory, directory,
+                                                              self._held_dir)
         self._removals[directory] = removal
         removal.add_done_callback(functools.partial(self._removal_done, directory))
 
-    def _removal_done(self, directory: Path, removal: asyncio.Future[None]) -> None:
+    def _removal_done(self, directory: Path, removal: asyncio.Future[Path | None]) -> None:
         if self._removals.get(directory) is removal:
             del self._removals[directory]
         error = None if removal.cancelled() else removal.exception()
         if error is not None:
             log.warning("could not remove %s: %s", directory, error)
+        elif not removal.cancelled() and removal.result() is not None:
+            self._give_back_later(removal.result())
 
     # ------------------------------------------------------------------ images a repair left root's
 
     async def _give_back(self, record: Path, unit: str) -> None:
-        """Give back the images in `record` (release_held) that no loop device holds any more; the others are
-        tried again later. On the remover's thread, so that it never runs beside the removal of its directory."""
+        """Give back the images in `record` (release_held) that nothing holds any more; the others are tried
+        again later. On the remover's thread, so that it never runs beside the removal of its directory."""
         try:
             given = await asyncio.get_running_loop().run_in_executor(self._remover, release_held, str(record))
         except Exception:
@@ -423,30 +457,8 @@ class SystemdRunner:
             log.info("gave %s back to its owner, left root's by unit %s", path, unit)
         if record.exists():
             self._give_back_later(record)
-            return
-        self._held.discard(record)
-        # A forgotten job's directory was emptied but for the record (_remove_directory): it goes now.
-        with contextlib.suppress(OSError):
-            record.parent.rmdir()
-
-    async def _give_back_left_over(self) -> None:
-        """Once per runner: the records of units that are over (a repair still running holds its images on
-        purpose, and gives them back itself; its end is followed like any other)."""
-        for record in sorted(self._config.runs_dir.glob(f"*/{HELD_NAME}")):
-            unit = record.parent.name
-            try:
-                reply = await self._call(SYSTEMD, SYSTEMD_PATH, MANAGER_IFACE, "GetUnit", "s", [unit])
-                if reply.message_type == MessageType.ERROR:
-                    over = reply.error_name in _GONE_ERRORS
-                else:
-                    state = await self._call(SYSTEMD, reply.body[0], PROPS_IFACE, "Get", "ss",
-                                             [UNIT_IFACE, "ActiveState"])
-                    over = state.message_type != MessageType.ERROR and state.body[0].value in _FINAL_STATES
-            except Exception as e:   # systemd not answering: left for the next start
-                log.warning("cannot tell whether unit %s is over, which left images root's: %s", unit, e)
-                continue
-            if over:
-                await self._give_back(record, unit)
+        else:
+            self._held.discard(record)
 
     def _give_back_later(self, record: Path) -> None:
         self._held.add(record)
@@ -457,13 +469,8 @@ class SystemdRunner:
         while self._held and not self._closing:
             await asyncio.sleep(HELD_RETRY_SECONDS)
             for record in sorted(self._held):
-                unit = record.parent.name
-                if unit in self._followed:
-                    # A new attempt under the same unit name (a job submitted again with the same id) runs: a
-                    # repair of its own may be noting the same image; its end gives back what it holds.
-                    continue
                 self._held.discard(record)
-                await self._give_back(record, unit)
+                await self._give_back(record, _unit_of_record(record))
 
     async def _removed(self, directory: Path) -> None:
         """Return once no removal of `directory` is pending: its files are then of whoever writes them next."""
@@ -797,19 +804,22 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
     return "exit-code", 1 if error.get("retryable", True) else 2
 
 
-def _remove_directory(directory: Path) -> None:
-    """Remove an attempt's directory and everything in it, if it is there (on the remover's thread); but for
-    a record of images still to give back (HELD_NAME), which stays until they are (SystemdRunner._give_back)."""
-    if not (directory / HELD_NAME).exists():
-        shutil.rmtree(directory, ignore_errors=True)
-        return
-    for entry in directory.iterdir():
-        if entry.name == HELD_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+def _remove_directory(directory: Path, held_dir: Path) -> Path | None:
+    """Remove an attempt's directory and everything in it, if it is there (on the remover's thread). A record of
+    images still to give back (HELD_NAME) is moved into held_dir first, where it outlives the directory and no
+    later attempt under the same unit name shares it; where it went, if there was one."""
+    record, kept = directory / HELD_NAME, None
+    if record.exists():
+        held_dir.mkdir(mode=0o700, exist_ok=True)
+        kept = held_dir / f"{directory.name}{_HELD_SEPARATOR}{time.time_ns()}"
+        os.replace(record, kept)
+    shutil.rmtree(directory, ignore_errors=True)
+    return kept
+
+
+def _unit_of_record(record: Path) -> str:
+    """The unit whose images a record lists (runs/UNIT/held-images, or runs/held/UNIT@TIME)."""
+    return record.name.rpartition(_HELD_SEPARATOR)[0] if record.name != HELD_NAME else record.parent.name
 
 
 def _read_boot_id() -> str:

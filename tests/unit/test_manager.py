@@ -19,7 +19,7 @@ from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, 
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
-from h2kd.manager.ports import StartUnanswered, UnitOutcome
+from h2kd.manager.ports import StartDeferred, StartUnanswered, UnitOutcome
 from h2kd.model.states import JobState
 from h2kd.store import JobStore
 from h2kd.bus.job_iface import job_vardict
@@ -878,8 +878,8 @@ def test_a_unit_refused_because_a_shutdown_began_meanwhile_does_not_fail_its_job
 
 
 class RefusesAtFirst(RecordingRunner):
-    """systemd refuses the first `refusals` units (a daemon-reexec under way, no room for the attempt's files),
-    then starts them."""
+    """systemd refuses the first `refusals` units for a reason that passes (short of memory, no room for the
+    attempt's files), then starts them."""
 
     def __init__(self, refusals: int) -> None:
         super().__init__()
@@ -888,7 +888,7 @@ class RefusesAtFirst(RecordingRunner):
     async def start(self, job, attempt):
         self.started.append((job.id, attempt))
         if len(self.started) <= self.refusals:
-            raise H2kError("systemd refused StartTransientUnit: org.freedesktop.DBus.Error.NoReply: no reply")
+            raise StartDeferred("systemd refused StartTransientUnit: org.freedesktop.DBus.Error.NoMemory: no memory")
         return f"h2k-job-{job.id}-{attempt}.service"
 
 
@@ -911,6 +911,21 @@ def test_units_systemd_refuses_do_not_use_up_the_jobs_retries(tmp_path, image):
         await until(lambda: other.state.value == "failed", timeout=60)
         assert len(always.started) == manager_module.MAX_ATTEMPTS_NOT_COUNTED + 1
         assert other.error_code == "UNIT_FAILED" and "systemd refused the unit" in other.error_message
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_unit_systemd_refuses_for_good_fails_a_job_without_retries_at_once(tmp_path, image):
+    """A refusal that does not pass (a property systemd will not take, whatever it is) is the attempt's end,
+    as a failed unit: a job without retries does not wait through ten backoffs to be told so."""
+    async def go():
+        runner = RefusedLater("org.freedesktop.DBus.Error.InvalidArgs: Invalid property")
+        runner.may_answer.set()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        await until(lambda: job.state.value == "failed")
+        assert runner.started == [(job.id, 1)] and job.error_code == "UNIT_FAILED"
         await m.stop()
     asyncio.run(go())
 

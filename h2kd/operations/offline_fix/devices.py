@@ -40,7 +40,7 @@ from typing import Iterator
 
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.qemuimg import OperationError
-from h2kd.operations.tempfiles import HELD_NAME, note_held
+from h2kd.operations.tempfiles import HELD_NAME, hold_image, note_held
 
 PARTITION_WAIT_SECONDS = 10.0
 ATTACH_TRIES = 20
@@ -337,6 +337,12 @@ def _root_alone(image_fd: int, name: str) -> Iterator[_Hold]:
     path = os.readlink(f"/proc/self/fd/{image_fd}")
     record = os.path.join(os.getcwd(), HELD_NAME)
     note_held(record, path, before)
+    try:
+        # Before the image is root's: the runner gives it back only once no live process holds it (tempfiles).
+        hold_image(image_fd)
+    except BlockingIOError:     # not made root's: the note is left, and passed over
+        raise OperationError("PERMISSION_DENIED", f"{name} is locked by another process, which could change it "
+                             "while its file systems are mounted; it is not attached", "attach") from None
     hold = _Hold()
     try:
         os.fchown(image_fd, 0, 0)
