@@ -726,6 +726,39 @@ def test_images_a_killed_repair_left_roots_are_given_back_once_their_loop_device
     asyncio.run(scenario())
 
 
+@pytest.mark.skipif(shutil.which("losetup") is None, reason="losetup is not installed")
+def test_a_running_units_record_of_held_images_is_left_to_its_end(sandbox: Sandbox, monkeypatch) -> None:
+    """h2kd restarted while a repair runs: the record in the unit's directory is the live worker's, which may be
+    adding to it. It is not read and written back meanwhile, nor its images given back; the unit's end does."""
+    monkeypatch.setattr(systemd_runner, "HELD_RETRY_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        first_events = RecordingEvents()
+        first = await connected(config, first_events)
+        job = make_job()
+        unit = await start_waiting(first, first_events, job)
+        await first.close()
+        images_dir = sandbox.base / f"images-{job.id}"
+        images_dir.mkdir()
+        try:
+            image, loop = held_image(images_dir, config.runs_dir / unit / "held-images")
+            subprocess.run(["losetup", "--detach", loop], check=True)
+            job.unit = unit
+            events = RecordingEvents()
+            async with runner_for(config, events) as second:
+                await second.reattach(job)
+                await asyncio.sleep(1.0)
+                assert owner_and_mode(image) == (0, 0, 0o600)
+                (config.runs_dir / unit / "go").touch()
+                await events.wait_finished(job.id)
+                await wait_for(lambda: owner_and_mode(image) == (64101, 64102, 0o640), what="the image given back")
+        finally:
+            shutil.rmtree(images_dir, ignore_errors=True)
+
+    asyncio.run(scenario())
+
+
 def removals_held_until(gate: threading.Event, monkeypatch) -> None:
     """The runner's removals of directories wait for `gate` (on the remover's thread)."""
     remove = systemd_runner._remove_directory

@@ -162,7 +162,7 @@ class SystemdRunner:
         # One thread: removals happen in the order they were asked for, and a burst of them takes one core's
         # worth of disk work, not every thread of the default executor.
         self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2kd-remove")
-        self._removals: dict[Path, asyncio.Future[None]] = {}   # by directory: its latest removal not yet done
+        self._removals: dict[Path, asyncio.Future[Path | None]] = {}   # by directory: its latest removal not done
         self._held: set[Path] = set()        # records of images still to give back (HELD_NAME files)
         self._held_task: asyncio.Task | None = None
         self._held_scanned = False
@@ -210,6 +210,7 @@ class SystemdRunner:
         if self._compile_task is None:     # once per runner: workers start faster with their .pyc at hand
             self._compile_task = asyncio.create_task(asyncio.to_thread(bytecode.compile_worker_modules))
         if not self._held_scanned:         # images left root's by units killed before or while h2kd was down
+            # Read after HELD_RETRY_SECONDS, once the manager has reattached the units still running.
             self._held_scanned = True
             for record in [*self._config.runs_dir.glob(f"*/{HELD_NAME}"), *self._held_dir.glob("*")]:
                 self._give_back_later(record)
@@ -469,8 +470,13 @@ class SystemdRunner:
         while self._held and not self._closing:
             await asyncio.sleep(HELD_RETRY_SECONDS)
             for record in sorted(self._held):
+                unit = _unit_of_record(record)
+                if record.name == HELD_NAME and unit in self._followed:
+                    # Its unit runs (h2kd restarted during a repair): the worker may be adding to the record as
+                    # it is read and written back here. Its end gives back what it holds (_remove_leftovers).
+                    continue
                 self._held.discard(record)
-                await self._give_back(record, _unit_of_record(record))
+                await self._give_back(record, unit)
 
     async def _removed(self, directory: Path) -> None:
         """Return once no removal of `directory` is pending: its files are then of whoever writes them next."""
