@@ -230,6 +230,16 @@ async def start_waiting(runner: SystemdRunner, events: RecordingEvents, job: Job
     return unit
 
 
+async def left_running(config: Config, job: Job) -> tuple[str, RecordingEvents]:
+    """The job's first attempt started by a runner that then goes away (h2kd stopping), its unit still running
+    (the "wait" worker); the unit and what that runner heard."""
+    events = RecordingEvents()
+    first = await connected(config, events)
+    unit = await start_waiting(first, events, job)
+    await first.close()
+    return unit, events
+
+
 async def unit_properties(address: str, unit: str) -> dict[str, Any] | None:
     """Every property of the unit (Unit and Service interfaces), or None if it is not loaded."""
     bus = await MessageBus(bus_address=address).connect()
@@ -524,12 +534,8 @@ def test_runtime_max_hit_is_a_timeout(sandbox: Sandbox) -> None:
 def test_a_new_runner_reattaches_to_a_running_unit_without_starting_it_again(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         config = sandbox.config("wait")
-        first_events = RecordingEvents()
-        first = await connected(config, first_events)
         job = make_job()
-        unit = await start_waiting(first, first_events, job)
-        await first.close()   # h2kd goes away; the unit keeps running
-
+        unit, first_events = await left_running(config, job)
         job.unit = unit
         events = RecordingEvents()
         async with runner_for(config, events) as second:
@@ -734,11 +740,8 @@ def test_a_running_units_record_of_held_images_is_left_to_its_end(sandbox: Sandb
 
     async def scenario() -> None:
         config = sandbox.config("wait")
-        first_events = RecordingEvents()
-        first = await connected(config, first_events)
         job = make_job()
-        unit = await start_waiting(first, first_events, job)
-        await first.close()
+        unit, _ = await left_running(config, job)
         images_dir = sandbox.base / f"images-{job.id}"
         images_dir.mkdir()
         try:

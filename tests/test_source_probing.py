@@ -108,6 +108,17 @@ def test_a_file_behind_a_directory_closed_to_the_submitter_gets_one_answer(base:
     assert str(len(SECRET)) not in message
 
 
+def disk_for_group(base: Path, gid: int) -> Path:
+    """base/group-disks/d.vmdk, in a directory only root and group `gid` may enter; the directory."""
+    shared = base / "group-disks"
+    shared.mkdir(mode=0o750)
+    os.chown(shared, 0, gid)
+    images.qemu_img("create", "-q", "-f", "vmdk", str(shared / "d.vmdk"), "1M")
+    os.chown(shared / "d.vmdk", 0, gid)
+    (shared / "d.vmdk").chmod(0o640)
+    return shared
+
+
 def test_the_files_a_source_names_are_checked_with_the_groups_h2kd_gave(base: Path, tmp_path: Path) -> None:
     """The envelope's groups are those h2kd worked out at submission (the caller's connection's, within the user
     database's): the checks of the files a source names act with them, as qemu-img does, not with another
@@ -115,12 +126,7 @@ def test_the_files_a_source_names_are_checked_with_the_groups_h2kd_gave(base: Pa
     import grp
 
     disk_group = grp.getgrnam("disk").gr_gid
-    shared = base / "group-disks"
-    shared.mkdir(mode=0o750)
-    os.chown(shared, 0, disk_group)
-    images.qemu_img("create", "-q", "-f", "vmdk", str(shared / "d.vmdk"), "1M")
-    os.chown(shared / "d.vmdk", 0, disk_group)
-    (shared / "d.vmdk").chmod(0o640)
+    shared = disk_for_group(base, disk_group)
     vmx = write_source(base, "vmx disk", "group-disks/d.vmdk")
     spec = {"operation": "inspect", "image": {"path": str(vmx)}}
     given = run_worker(tmp_path / "given", spec, [base / "out"], owner={**NOBODY, "groups": [65534, disk_group]})
@@ -145,12 +151,7 @@ def member_of_a_group(base: Path) -> Iterator[tuple[dict[str, object], int]]:
     subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", group, user], check=True)
     try:
         entry, gid = pwd.getpwnam(user), grp.getgrnam(group).gr_gid
-        shared = base / "group-disks"
-        shared.mkdir(mode=0o750)
-        os.chown(shared, 0, gid)
-        images.qemu_img("create", "-q", "-f", "vmdk", str(shared / "d.vmdk"), "1M")
-        os.chown(shared / "d.vmdk", 0, gid)
-        (shared / "d.vmdk").chmod(0o640)
+        disk_for_group(base, gid)
         vmx = images.make_vmx(base, ["group-disks/d.vmdk"], name="probe")
         os.chown(vmx, entry.pw_uid, entry.pw_gid)
         yield {"uid": entry.pw_uid, "gid": entry.pw_gid, "mode": 0o640, "vmx": str(vmx)}, gid
