@@ -199,11 +199,11 @@ def _seen_by_submitter(path: str, name: str, what: str, uid: int) -> tuple[int, 
     """(device, inode) of the regular file the submitter `uid` finds at `path` and may open for reading,
     looked up and opened in a child process with their uid and groups; OperationError otherwise, telling only
     what their own lookup told them."""
-    from h2kd.access import look_up_and_open_as
+    from h2kd.access import groups_for, look_up_and_open_as
     from h2kd.errors import H2kError
 
     try:
-        code, device, inode, mode = look_up_and_open_as(uid, _groups_of(uid), path)
+        code, device, inode, mode = look_up_and_open_as(uid, groups_for(uid), path)
     except H2kError as e:       # the check did not finish (a file system not answering): a later attempt may pass
         raise OperationError("TOOL_FAILED", f"{what} {name!r} could not be checked for the source's "
                              f"submitter: {e}") from None
@@ -1029,21 +1029,16 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
 
 def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
     """Each of these files must be one `uid` (not root) could read itself; OperationError otherwise."""
-    from h2kd.access import check_file_readable   # only sources that refer to other files
+    from h2kd.access import check_file_readable, groups_for   # only sources that refer to other files
     from h2kd.errors import H2kError
 
-    gids = _groups_of(uid)
+    gids = groups_for(uid)
     for ident in identities:
         try:
             check_file_readable(ident.path, ident.device, ident.inode, uid, gids)
         except H2kError as e:
             raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: "
                                  f"{e}") from None
-
-
-def _groups_of(uid: int) -> list[int]:
-    from h2kd.access import groups_for
-    return groups_for(uid)
 
 
 def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:
@@ -1213,11 +1208,11 @@ def _present(path: str, reader_uid: int | None) -> bool:
     root's lookup would tell them what lies behind a directory closed to them."""
     if not reader_uid:
         return os.path.lexists(path)
-    from h2kd.access import look_up_as
+    from h2kd.access import groups_for, look_up_as
     from h2kd.errors import H2kError
 
     try:
-        code = look_up_as(reader_uid, _groups_of(reader_uid), path)
+        code = look_up_as(reader_uid, groups_for(reader_uid), path)
     except H2kError:
         return True         # _open_referenced says why it cannot be checked
     return code not in (errno.ENOENT, errno.ENOTDIR)
