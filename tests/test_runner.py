@@ -450,6 +450,34 @@ def test_failing_worker_reports_exit_code_and_log_tail(sandbox: Sandbox) -> None
     asyncio.run(scenario())
 
 
+def test_a_journal_read_that_hangs_is_ended_when_the_runner_stops(sandbox: Sandbox, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """The log tail of a failed unit comes from journalctl; one that never answers must not outlive h2kd's stop."""
+    bin_dir, pid_file = tmp_path / "bin", tmp_path / "journalctl.pid"
+    bin_dir.mkdir()
+    hanging = bin_dir / "journalctl"
+    hanging.write_text(f"#!/bin/sh\necho $$ > {pid_file}.part && mv {pid_file}.part {pid_file}\nexec sleep 120\n")
+    hanging.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    async def scenario() -> int:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("fail"), events) as runner:
+            await runner.start(job, 1)
+            deadline = time.monotonic() + 30
+            while not pid_file.exists():
+                assert time.monotonic() < deadline, "the runner never read the failed unit's journal"
+                await asyncio.sleep(0.05)
+        return int(pid_file.read_text())
+
+    pid = asyncio.run(scenario())
+    left = Path(f"/proc/{pid}").exists()
+    if left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "journalctl was left running (or unreaped) after the runner stopped"
+
+
 def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
     async def scenario() -> None:
         events = RecordingEvents()

@@ -66,6 +66,7 @@ _READ_PROPERTIES = ("ActiveState", "ControlGroup", "SubState", "Result", "ExecMa
 _STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
                                "LoadState", "Job"})
 LOG_TAIL_LINES = 15
+LOG_TAIL_READ_SECONDS = 10      # a journalctl that takes longer is ended: the outcome goes on without its lines
 # Calls in flight on the one connection: a burst of pipelined calls can overrun dbus-fast's writer.
 MAX_CALLS_IN_FLIGHT = 16
 # A worker's status lines are short; anything longer is cut before it reaches the job's progress and events.
@@ -771,12 +772,19 @@ class SystemdRunner:
             # again while the worker's closing line ("h2k-worker: failed: ..." and the like) is missing.
             for delay in (0.0, 0.2, 0.5, 1.0):
                 await asyncio.sleep(delay)
+                proc = None
                 try:
                     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                                 stderr=asyncio.subprocess.DEVNULL)
-                    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+                    out, _ = await asyncio.wait_for(proc.communicate(), LOG_TAIL_READ_SECONDS)
                 except (OSError, asyncio.TimeoutError):
                     break
+                finally:
+                    # A read that hangs, or that h2kd's stop interrupts, must not leave journalctl behind.
+                    if proc is not None and proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                        await proc.wait()
                 lines = out.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
                 if any(line.startswith(_WORKER_CLOSING_LINES) for line in lines[-3:]):
                     break
