@@ -550,7 +550,8 @@ class JobManager:
         self._unfinished.check_room_for(job.owner)
         try:
             with self._all_or_nothing(job):
-                job.attempts_counted_before = job.attempt - job.attempts_not_counted
+                # A run of attempts asked for anew has its retries, and its attempts not counted, anew.
+                job.attempts_counted_before, job.attempts_not_counted = job.attempt, 0
                 self._transition(job, S.RETRYING, "retry requested")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
@@ -1050,11 +1051,8 @@ class JobManager:
         retries (MAX_ATTEMPTS_NOT_COUNTED such attempts at most), and waits a backoff of its own."""
         if job.worker:
             self._release_worker(job)
-        if not attempt_spent and job.attempts_not_counted < MAX_ATTEMPTS_NOT_COUNTED:
-            job.attempts_not_counted += 1
-            waited = job.attempts_not_counted
-        else:
-            waited = _attempts_counted(job)
+        # Attempts not counted wait a backoff of their own, growing with their number.
+        waited = _attempts_counted(job) if _counts(job, attempt_spent) else job.attempts_not_counted
         retries = job.spec["execution_policy"]["retry_count"]
         counted = _attempts_counted(job)
         if retryable and counted <= retries:
@@ -1106,11 +1104,7 @@ class JobManager:
         """A job lost its worker: back to the queue while it has retries left (always, when the attempt never
         began), else failed with `code`."""
         self._release_worker(job)
-        if not attempt_spent and job.attempts_not_counted < MAX_ATTEMPTS_NOT_COUNTED:
-            job.attempts_not_counted += 1
-        else:
-            attempt_spent = True
-        if not attempt_spent or _attempts_counted(job) <= job.spec["execution_policy"]["retry_count"]:
+        if not _counts(job, attempt_spent) or _attempts_counted(job) <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")
@@ -1410,6 +1404,16 @@ def _attempts_counted(job: Job) -> int:
     """The job's attempts that count against its retry_count: those since the last retry asked for by hand, but
     the ones that ended through no fault of the job."""
     return job.attempt - job.attempts_not_counted - job.attempts_counted_before
+
+
+def _counts(job: Job, attempt_spent: bool) -> bool:
+    """Whether the attempt that just ended counts against the job's retries: it does if the job spent it, or once
+    MAX_ATTEMPTS_NOT_COUNTED attempts since the last retry asked for by hand went uncounted. One that does not
+    is added to job.attempts_not_counted."""
+    if attempt_spent or job.attempts_not_counted >= MAX_ATTEMPTS_NOT_COUNTED:
+        return True
+    job.attempts_not_counted += 1
+    return False
 
 
 def _failed(result: dict[str, Any] | None, code: ErrorCode, message: str, phase: str) -> dict[str, Any]:

@@ -43,11 +43,12 @@ class Job:
     error_code: str = ""
     error_message: str = ""
     source_identity: str = ""      # "dev:ino" of the source checked at submission; the worker refuses another file
-    # Attempts that ended through no fault of the job (its unit never started; a shutdown stopped it): they
-    # are numbered like the others but do not count against execution_policy.retry_count.
+    # Attempts since the last retry asked for by hand that ended through no fault of the job (its unit never
+    # started; a shutdown stopped it): they are numbered like the others but do not count against
+    # execution_policy.retry_count.
     attempts_not_counted: int = 0
-    # Attempts counted against execution_policy.retry_count before the last retry asked for by hand: such a retry
-    # starts a run of attempts with its retries anew.
+    # Attempts made before the last retry asked for by hand (a job stored by an earlier h2kd: those of them that
+    # counted, with attempts_not_counted kept): such a retry starts a run of attempts with its retries anew.
     attempts_counted_before: int = 0
     # A cancel was asked for while the attempt ran (or was starting): kept, so that a restart still stops it.
     cancel_requested: bool = False

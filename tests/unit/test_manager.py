@@ -20,6 +20,7 @@ from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
 from h2kd.manager.ports import StartDeferred, StartUnanswered, UnitOutcome
+from h2kd.model.job import now_usec
 from h2kd.model.states import JobState
 from h2kd.store import JobStore
 from h2kd.bus.job_iface import job_vardict
@@ -989,6 +990,48 @@ def test_attempts_not_counted_are_not_counted_for_ever(tmp_path, image):
             m.unit_finished(job.id, attempt, UnitOutcome(job.unit, "not-started"))
         assert job.state.value == "failed" and job.error_code == "WORKER_LOST"
         assert job.attempts_not_counted == manager_module.MAX_ATTEMPTS_NOT_COUNTED
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_retry_by_hand_gives_the_job_its_attempts_not_counted_anew(tmp_path, image):
+    """A job failed because its units never started: once the administrator has mended that and asks for a
+    retry, a unit that does not start is again not counted, and its backoff starts from the first step."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)   # retry_count 0
+        last = manager_module.MAX_ATTEMPTS_NOT_COUNTED + 1
+        for attempt in range(1, last + 1):
+            await until(lambda: job.attempt == attempt and job.state.value == "running")
+            m.unit_finished(job.id, attempt, UnitOutcome(job.unit, "not-started"))
+        assert job.state.value == "failed"
+        m.retry(job.id)
+        await until(lambda: job.attempt == last + 1 and job.state.value == "running")
+        m.unit_finished(job.id, last + 1, UnitOutcome(job.unit, "not-started"))
+        assert job.state.value != "failed" and job.attempts_not_counted == 1
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_retry_by_hand_starts_the_backoff_of_passing_refusals_anew(tmp_path, image, monkeypatch):
+    """Refusals that pass wait a growing backoff; those before a retry asked for by hand do not lengthen it."""
+    async def go():
+        runner = RefusesAtFirst(refusals=3)
+        m, _, _, config = make(tmp_path, runner=runner, retry_backoff_base_seconds=0.001)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        await until(lambda: job.state.value == "running")
+        assert len(runner.started) == 4
+        m.unit_finished(job.id, 4, UnitOutcome(job.unit, "exit-code", 1, {"status": "failed", "error": {
+            "code": "TOOL_FAILED", "message": "qemu-img failed", "retryable": True, "phase": "convert"}}))
+        assert job.state.value == "failed"
+        runner.refusals = 1000
+        monkeypatch.setattr(config, "retry_backoff_base_seconds", 100.0)
+        m.retry(job.id)
+        await until(lambda: job.state.value == "retrying")
+        waits = (job.not_before - now_usec()) / 1e6
+        assert 90 < waits <= 100, f"the first refusal after the retry waits {waits:.0f} s, not the first step"
         await m.stop()
     asyncio.run(go())
 
