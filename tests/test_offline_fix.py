@@ -792,14 +792,18 @@ def test_a_qcow2_cut_short_or_damaged_is_not_repaired(tmp_path: Path, cut: int, 
 def _held_by_root(directory: Path, name: str = "disk.raw") -> tuple[Path, Path]:
     """An image of uid 64101's that a repair noted and made root's, as a worker killed then leaves it; (the
     image, the record)."""
-    from h2kd.operations.tempfiles import note_held
+    from h2kd.operations.tempfiles import inode_generation, note_held
 
     image = directory / name
     image.write_bytes(bytes(4096))
     os.chown(image, 64101, 64102)
     image.chmod(0o640)
     record = directory / "held-images"
-    note_held(str(record), str(image), image.stat())
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        note_held(str(record), str(image), os.fstat(fd), inode_generation(fd))
+    finally:
+        os.close(fd)
     os.chown(image, 0, 0)
     image.chmod(0o600)
     return image, record
@@ -825,6 +829,33 @@ def test_an_image_a_live_repair_holds_is_not_given_back(tmp_path: Path) -> None:
     assert release_held(str(record), attached=lambda path: False) == [str(image)]
     assert (image.stat().st_uid, image.stat().st_gid, stat.S_IMODE(image.stat().st_mode)) == (64101, 64102, 0o640)
     assert not record.exists()
+
+
+def test_a_new_root_file_given_the_images_inode_number_is_not_given_away(tmp_path: Path) -> None:
+    """The image's owner deletes it; root makes a file of its own (0600) at the same path, and the file system
+    gives it the freed inode number: that file is not the image, and stays root's."""
+    from h2kd.operations.tempfiles import inode_generation, release_held
+
+    image, record = _held_by_root(tmp_path)
+    noted = image.stat().st_ino
+    probe = os.open(image, os.O_RDONLY)
+    try:
+        if inode_generation(probe) is None:
+            pytest.skip("this file system does not keep inode generations")
+    finally:
+        os.close(probe)
+    image.unlink()
+    # ext4 gives a new file the lowest free number of its group: files are made until the image's comes round.
+    for n in range(10_000):
+        made = tmp_path / f"new-{n}"
+        os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if made.stat().st_ino == noted:
+            made.rename(image)
+            break
+    else:
+        pytest.skip("this file system did not give the freed inode number to a new file")
+    assert release_held(str(record), attached=lambda path: False) == []
+    assert (image.stat().st_uid, image.stat().st_mode & 0o777) == (0, 0o600)
 
 
 def test_a_damaged_record_gives_back_what_it_can_and_goes(tmp_path: Path) -> None:

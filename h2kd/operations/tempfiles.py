@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import stat
+import struct
 from typing import Callable, TypeVar
 
 from h2kd.operations.qemuimg import OperationError
@@ -201,10 +202,26 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
     return removed
 
 
-def note_held(record: str, path: str, before: os.stat_result) -> None:
-    """Before an image (`path`, `before` its status) is made root's: its owner and mode, to give back."""
-    entry = {"path": path, "device": before.st_dev, "inode": before.st_ino, "uid": before.st_uid,
-             "gid": before.st_gid, "mode": before.st_mode & 0o777}
+# FS_IOC_GETVERSION (linux/fs.h: _IOR('v', 1, long)): the inode's generation, which ext4, XFS and btrfs change
+# whenever they give an inode number to a new file.
+_FS_IOC_GETVERSION = (2 << 30) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
+
+
+def inode_generation(fd: int) -> int | None:
+    """The generation of the inode open on `fd`; None where the file system does not keep one (tmpfs)."""
+    try:
+        answer = fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(struct.calcsize("l")))
+    except OSError:
+        return None
+    return struct.unpack("I", answer[:4])[0]     # the kernel writes an int
+
+
+def note_held(record: str, path: str, before: os.stat_result, generation: int | None) -> None:
+    """Before an image (`path`, `before` its status, `generation` its inode's) is made root's: its owner and
+    mode, to give back. With the generation, a file made later with the same inode number (ext4 gives a freed
+    number to the next file at once) is told apart from the image."""
+    entry = {"path": path, "device": before.st_dev, "inode": before.st_ino, "generation": generation,
+             "uid": before.st_uid, "gid": before.st_gid, "mode": before.st_mode & 0o777}
     line = (json.dumps(entry) + "\n").encode()
     fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -258,14 +275,16 @@ def _held_entries(record: str) -> list[dict[str, object]] | None:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _HELD_KEYS.items()):
+        if (isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _HELD_KEYS.items())
+                and isinstance(entry.get("generation"), (int, type(None)))):   # absent: noted by an earlier h2kd
             entries.append(entry)
     return entries
 
 
 def release_held(record: str, attached: Callable[[str], bool] = bound_to_loop) -> list[str]:
     """Give back the images a killed worker left root's (note_held); the paths given back. An image is given
-    back only if it is still that file at that very path (no symbolic link on the way), still root's and 0600,
+    back only if it is still that file (device, inode and its generation) at that very path (no symbolic link on
+    the way), still root's and 0600,
     and no longer held: neither locked by a live repair (hold_image) nor, as attached(path) says, bound to a
     loop device. The record is removed once nothing in it is left to give back."""
     entries = _held_entries(record)
@@ -284,6 +303,7 @@ def release_held(record: str, attached: Callable[[str], bool] = bound_to_loop) -
         try:
             st = os.fstat(fd)
             if ((st.st_dev, st.st_ino) != (entry["device"], entry["inode"]) or st.st_uid != 0
+                    or (entry.get("generation") is not None and inode_generation(fd) != entry["generation"])
                     or stat.S_IMODE(st.st_mode) != 0o600 or not stat.S_ISREG(st.st_mode)
                     or os.readlink(f"/proc/self/fd/{fd}") != path):
                 continue

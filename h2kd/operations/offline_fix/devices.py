@@ -40,7 +40,7 @@ from typing import Iterator
 
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.qemuimg import OperationError
-from h2kd.operations.tempfiles import HELD_NAME, hold_image, note_held
+from h2kd.operations.tempfiles import HELD_NAME, hold_image, inode_generation, note_held
 
 PARTITION_WAIT_SECONDS = 10.0
 ATTACH_TRIES = 20
@@ -336,7 +336,7 @@ def _root_alone(image_fd: int, name: str) -> Iterator[_Hold]:
     before = os.fstat(image_fd)
     path = os.readlink(f"/proc/self/fd/{image_fd}")
     record = os.path.join(os.getcwd(), HELD_NAME)
-    note_held(record, path, before)
+    note_held(record, path, before, inode_generation(image_fd))
     try:
         # Before the image is root's: the runner gives it back only once no live process holds it (tempfiles).
         hold_image(image_fd)
