@@ -422,7 +422,6 @@ def test_an_ordinary_vmx_is_reported_in_full(base: Path, tmp_path: Path) -> None
     ('numvcpus = "' + "9" * 5000 + '"', "numvcpus"),
     ('memsize = "' + "9" * 5000 + '"', "memsize"),
     ('memsize = "99999999999999"', "memsize"),
-    ('cpuid.coresPerSocket = "' + "4" * 50 + '"', "cpuid.coresPerSocket"),
 ])
 def test_a_vmx_giving_a_count_no_vm_can_have_is_refused(base: Path, tmp_path: Path, line: str, told: str) -> None:
     """A number that is not one, or has thousands of digits, is a damaged VMX: refused as such, by name."""
@@ -431,6 +430,15 @@ def test_a_vmx_giving_a_count_no_vm_can_have_is_refused(base: Path, tmp_path: Pa
     assert result["error"]["code"] == "INVALID_IMAGE", result["error"]   # type: ignore[index]
     message = result["error"]["message"]                                  # type: ignore[index]
     assert told in message and "9" * 100 not in message and "4" * 50 not in message, message
+
+
+@pytest.mark.parametrize("value", ["four", "4" * 50, "-2"])
+def test_a_garbled_cores_per_socket_hint_is_passed_over(base: Path, tmp_path: Path, value: str) -> None:
+    """Cores per socket only shapes the CPU topology; the VM is still inspected, as if it gave none."""
+    result = vmx_job(base, tmp_path, "vm", ['numvcpus = "4"', f'cpuid.coresPerSocket = "{value}"'])
+    assert result["returncode"] == 0, result
+    vm = result["outputs"]["report"]["vm"]      # type: ignore[index]
+    assert (vm["cpus"], vm["cores_per_socket"]) == (4, 0)
 
 
 def test_counts_written_with_leading_zeros_are_read_as_numbers(base: Path, tmp_path: Path) -> None:
@@ -447,6 +455,16 @@ def ovf_with_hardware(base: Path, **replace: str) -> Path:
         assert old in text
         text = text.replace(old, new)
     return ova_with(text.encode(), base)
+
+
+def test_a_garbled_cores_per_socket_hint_in_an_ovf_is_passed_over(base: Path, tmp_path: Path) -> None:
+    cpus = "<rasd:VirtualQuantity>2</rasd:VirtualQuantity>"
+    ova = ovf_with_hardware(base, **{cpus: cpus + '<vmw:CoresPerSocket ovf:required="false">two</vmw:CoresPerSocket>'})
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ova)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode == 0, run.log
+    vm = run.result["outputs"]["report"]["vm"]
+    assert (vm["cpus"], vm["cores_per_socket"]) == (2, 0)
 
 
 @pytest.mark.parametrize("old, new, told", [
