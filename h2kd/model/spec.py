@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
+import secrets
+import time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
@@ -43,8 +44,11 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")   # field names and list indexes, pr
 
 
 def new_job_id() -> str:
-    """A fresh job id: 32 hex digits, which is a valid id and as unique as a random UUID."""
-    return uuid.uuid4().hex
+    """A fresh job id: 32 hex digits, the milliseconds since 1970 (12) then 80 random bits (20), as unique as a
+    random UUID for ids made in the same millisecond. Ids made by h2kd sort in the order they were made, and
+    so the store's indexes of job ids take new ones at their end instead of at random places: about a tenth
+    less of the daemon's time per submission (bench/)."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 # ---------------------------------------------------------------- field types

@@ -93,6 +93,19 @@ def test_job_id_is_generated_when_absent_null_or_empty():
         assert parse_spec(convert(job_id=job_id)).job_id == job_id  # a generated id is itself valid
 
 
+def test_generated_job_ids_sort_in_the_order_they_were_made():
+    """Jobs h2kd names sort by age (ls of the default output root, a sort of their ids)."""
+    import time
+
+    made = []
+    for _ in range(30):
+        made.append(parse_spec(convert()).job_id)
+        time.sleep(0.0015)          # past the next millisecond
+    assert sorted(made) == made
+    assert all(len(job_id) == 32 and int(job_id, 16) >= 0 for job_id in made)
+    assert len({parse_spec(convert()).job_id for _ in range(10_000)}) == 10_000   # within one millisecond too
+
+
 def test_empty_optional_strings_mean_unset():
     # What a D-Bus client, which cannot send null, sends for "not given".
     data = spec_to_json(parse_spec({
