@@ -946,11 +946,15 @@ class JobManager:
             else:
                 code, retryable = ErrorCode.UNIT_FAILED, True
                 message = f"unit {outcome.unit} ended with {outcome.result} (status {outcome.exit_status})"
+            # "resources" without a worker's result: systemd could not set the worker up (short of memory or of
+            # tasks, a cgroup it could not make). The machine's passing trouble, not the job's: not counted.
+            spent = not (outcome.result == "resources" and not result)
             if outcome.log_tail:
                 # In the Result, which is for the job's owner and administrators (h2kd.bus.actions), not in the
                 # Error, which is everyone's: the lines may tell what a guest or an image holds.
                 result = {**result, "log_tail": [line[:LOG_TAIL_LINE_CHARS] for line in outcome.log_tail[-10:]]}
-            self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result)
+            self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result,
+                                 attempt_spent=spent)
 
     # ---------------------------------------------------------------- progress
 

@@ -994,6 +994,25 @@ def test_attempts_not_counted_are_not_counted_for_ever(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_unit_systemd_could_not_set_up_for_want_of_resources_does_not_use_up_a_retry(tmp_path, image):
+    """Result "resources" with no result from the worker: systemd could not make the process (no memory, no
+    task left). A job without retries is tried again after a backoff; a worker's own failure still counts."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)   # retry_count 0
+        await until(lambda: job.state.value == "running")
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "resources", 0))
+        assert job.state.value == "retrying" and job.attempts_not_counted == 1
+        assert "resources" in job.error_message
+        await until(lambda: job.attempt == 2 and job.state.value == "running")
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "resources", 1, {"status": "failed", "error": {
+            "code": "TOOL_FAILED", "message": "qemu-img failed", "retryable": True, "phase": "convert"}}))
+        assert job.state.value == "failed" and job.error_code == "TOOL_FAILED"
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_retry_by_hand_gives_the_job_its_attempts_not_counted_anew(tmp_path, image):
     """A job failed because its units never started: once the administrator has mended that and asks for a
     retry, a unit that does not start is again not counted, and its backoff starts from the first step."""
