@@ -72,8 +72,7 @@ class Credentials:
 
     uid: int
     pid: int
-    gids: tuple[int, ...]
-    groups_known: bool = False      # the bus told the groups (UnixGroupIDs); gids is () otherwise
+    gids: tuple[int, ...] | None    # None: the bus does not tell them (UnixGroupIDs)
 
 
 def allows_interaction(message: Message) -> bool:
@@ -124,8 +123,7 @@ class Authority:
     async def caller_groups(self, sender: str) -> tuple[int, ...] | None:
         """The groups of the sender's connection (UnixGroupIDs, given by dbus-daemon since 1.14 and by
         dbus-broker), None when the bus does not tell them."""
-        credentials = await self.caller_credentials(sender)
-        return credentials.gids if credentials.groups_known else None
+        return (await self.caller_credentials(sender)).gids
 
     async def caller_pid(self, sender: str) -> int:
         return (await self.caller_credentials(sender)).pid
@@ -154,8 +152,8 @@ class Authority:
         if "UnixUserID" not in found:
             raise NotAuthorized(f"Not authorized: the bus does not know the uid of {sender}")
         pid = found["ProcessID"].value if "ProcessID" in found else 0
-        gids = tuple(found["UnixGroupIDs"].value) if "UnixGroupIDs" in found else ()
-        return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids, groups_known="UnixGroupIDs" in found)
+        gids = tuple(found["UnixGroupIDs"].value) if "UnixGroupIDs" in found else None
+        return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids)
 
     def _forget_failed(self, sender: str, task: asyncio.Task[Credentials]) -> None:
         if (task.cancelled() or task.exception() is not None) and self._credentials.get(sender) is task:
