@@ -476,6 +476,46 @@ def test_store_disk_full_refuses_submits_clearly_and_recovers(work: Path) -> Non
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _fill(path: Path) -> None:
+    """Write `path` until its file system has no room left."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_no_room_for_an_attempts_files_waits_and_does_not_use_up_retries(work: Path, small_source: Path) -> None:
+    """h2kd's runs directory is full when a job (without retries) is to start: its attempt cannot write its spec
+    file. The job waits a backoff, not failed, and once there is room it runs and completes."""
+    base = new_base_dir("h2k-runsfull-")
+    try:
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        with tmpfs(state / "runs", "1m", "h2k-runs") as runs:
+            stack = Stack(base, state_dir=state)
+            stack.daemon_env = {"H2KD_RETRY_BACKOFF_BASE_SECONDS": RETRY_BACKOFF_SECONDS}
+            with running(stack):
+                filler = runs / "filler"
+                _fill(filler)
+
+                async def scenario() -> None:
+                    async with Client.connected(stack.bus_address) as client:
+                        job_id, path = await client.submit({"operation": "inspect",
+                                                            "image": {"path": str(small_source)}})
+                        waiting = await wait_state(client, path, {"retrying"}, 60)
+                        assert "No space left" in waiting["Error"][1], waiting["Error"]
+                        filler.unlink()
+                        end = await ended(client, path, 120, "completed")
+                        assert end["Attempt"] >= 2
+                        await healthy_then_remove(client, job_id)
+                run(scenario())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- random and malformed specs
 
 _KEYS = ["job_id", "operation", "image", "parameters", "execution_policy", "capability_requirements",
