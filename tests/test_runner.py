@@ -450,32 +450,65 @@ def test_failing_worker_reports_exit_code_and_log_tail(sandbox: Sandbox) -> None
     asyncio.run(scenario())
 
 
-def test_a_journal_read_that_hangs_is_ended_when_the_runner_stops(sandbox: Sandbox, tmp_path: Path,
-                                                                  monkeypatch) -> None:
-    """The log tail of a failed unit comes from journalctl; one that never answers must not outlive h2kd's stop."""
+def hanging_journalctl(tmp_path: Path, monkeypatch) -> Path:
+    """A journalctl first on PATH that never answers (as one reading a journal on a hung disk); the file it
+    writes its pid to once it runs."""
     bin_dir, pid_file = tmp_path / "bin", tmp_path / "journalctl.pid"
     bin_dir.mkdir()
     hanging = bin_dir / "journalctl"
     hanging.write_text(f"#!/bin/sh\necho $$ > {pid_file}.part && mv {pid_file}.part {pid_file}\nexec sleep 120\n")
     hanging.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return pid_file
 
-    async def scenario() -> int:
+
+def still_running(pid: int) -> bool:
+    """Whether our child `pid` is still there (running, or not yet reaped); ended now if it is."""
+    left = Path(f"/proc/{pid}").exists()
+    if left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+async def started_pid(pid_file: Path) -> int:
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the runner never read the failed unit's journal"
+        await asyncio.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def test_a_journal_read_that_hangs_is_ended_when_the_runner_stops(sandbox: Sandbox, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """The log tail of a failed unit comes from journalctl; one that never answers must not outlive h2kd's stop."""
+    pid_file = hanging_journalctl(tmp_path, monkeypatch)
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        async with runner_for(sandbox.config("fail"), events) as runner:
+            await runner.start(make_job(), 1)
+            pid = await started_pid(pid_file)
+        assert not still_running(pid), "journalctl was left running (or unreaped) after the runner stopped"
+
+    asyncio.run(scenario())
+
+
+def test_a_journal_read_that_hangs_is_given_up_and_the_outcome_reported(sandbox: Sandbox, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    pid_file = hanging_journalctl(tmp_path, monkeypatch)
+    monkeypatch.setattr(systemd_runner, "LOG_TAIL_READ_SECONDS", 0.5)
+
+    async def scenario() -> None:
         events = RecordingEvents()
         job = make_job()
         async with runner_for(sandbox.config("fail"), events) as runner:
             await runner.start(job, 1)
-            deadline = time.monotonic() + 30
-            while not pid_file.exists():
-                assert time.monotonic() < deadline, "the runner never read the failed unit's journal"
-                await asyncio.sleep(0.05)
-        return int(pid_file.read_text())
+            pid = await started_pid(pid_file)
+            outcome = await events.wait_finished(job.id)
+            assert (outcome.result, outcome.exit_status, outcome.log_tail) == ("exit-code", 3, [])
+            assert not still_running(pid), "journalctl was left running after its read was given up"
 
-    pid = asyncio.run(scenario())
-    left = Path(f"/proc/{pid}").exists()
-    if left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, "journalctl was left running (or unreaped) after the runner stopped"
+    asyncio.run(scenario())
 
 
 def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
@@ -695,14 +728,18 @@ def test_a_start_that_may_succeed_later_is_told_apart_from_a_refusal(sandbox: Sa
 def held_image(directory: Path, record: Path) -> tuple[Path, str]:
     """An image of uid 64101's that a repair made root's (0600) and noted in `record`, bound to a loop device
     as a lazily unmounted file system keeps it; (the image, the loop device)."""
-    from h2kd.operations.tempfiles import note_held
+    from h2kd.operations.tempfiles import inode_generation, note_held
 
     image = directory / f"disk-{uuid.uuid4().hex[:8]}.raw"
     image.write_bytes(bytes(1 << 20))
     os.chown(image, 64101, 64102)
     image.chmod(0o640)
     record.parent.mkdir(parents=True, exist_ok=True)
-    note_held(str(record), str(image), image.stat())
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        note_held(str(record), str(image), os.fstat(fd), inode_generation(fd))
+    finally:
+        os.close(fd)
     os.chown(image, 0, 0)
     image.chmod(0o600)
     loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)

@@ -109,7 +109,7 @@ class SystemdUnanswered(SystemdError):
     """A request went out but no answer came back: systemd may have carried it out or not."""
 
 
-@dataclass
+@dataclass(eq=False)     # one per attempt: compared and hashed by identity
 class _Followed:
     """What we know of one attempt's unit, from signals and queries."""
 
@@ -144,6 +144,7 @@ class SystemdRunner:
         self._bus: MessageBus | None = None
         self._followed: dict[str, _Followed] = {}       # by unit name
         self._by_path: dict[str, _Followed] = {}        # by unit object path
+        self._settling: set[_Followed] = set()          # no longer followed, their outcome not yet reported
         self._calls = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._journal_reads = asyncio.Semaphore(4)
         self._capabilities: dict[str, Any] | None = None
@@ -240,7 +241,7 @@ class SystemdRunner:
         self._remover.shutdown(wait=False, cancel_futures=True)
         tasks = [t for t in (self._reconnect_task, self._watch_task, self._compile_task, self._held_task)
                  if t is not None]
-        for followed in self._followed.values():
+        for followed in (*self._followed.values(), *self._settling):
             tasks.extend(followed.tasks)
         for task in tasks:
             task.cancel()
@@ -694,6 +695,13 @@ class SystemdRunner:
             return
         followed.settled = True
         self._unfollow(followed)
+        self._settling.add(followed)     # its task (reading the journal, say) is still ended by close()
+        try:
+            await self._report_outcome(followed, gone)
+        finally:
+            self._settling.discard(followed)
+
+    async def _report_outcome(self, followed: _Followed, gone: bool) -> None:
         spec_file = _read_json(followed.run_dir / "spec.json") or {}
         if not _files_are_of(followed, spec_file):
             # h2kd stopped between recording the attempt and starting its unit, and the directory is an earlier
@@ -780,11 +788,13 @@ class SystemdRunner:
                 except (OSError, asyncio.TimeoutError):
                     break
                 finally:
-                    # A read that hangs, or that h2kd's stop interrupts, must not leave journalctl behind.
+                    # A read that hangs, or that h2kd's stop interrupts, must not leave journalctl behind. One stuck
+                    # where SIGKILL cannot end it (a journal on a hung disk) is not waited for either.
                     if proc is not None and proc.returncode is None:
                         with contextlib.suppress(ProcessLookupError):
                             proc.kill()
-                        await proc.wait()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(proc.wait(), LOG_TAIL_READ_SECONDS)
                 lines = out.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
                 if any(line.startswith(_WORKER_CLOSING_LINES) for line in lines[-3:]):
                     break
