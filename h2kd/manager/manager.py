@@ -72,7 +72,7 @@ MAX_WAITING_LISTED = 1000     # queue_stats() says why the first this many queue
 MAX_RETRIES = 100
 # Attempts that end through no fault of the job (never started, stopped by a shutdown) are not counted against
 # its retries, up to this many: a unit that can never start, or a job whose conversion brings the host down,
-# must not go round for ever.
+# must not go round for ever on its own. A retry asked for by hand (at most MAX_RETRIES) allows as many again.
 MAX_ATTEMPTS_NOT_COUNTED = 10
 # Finished jobs beyond the retention count are pruned at once (not at the next hourly pass) when they exceed it
 # by this many or this share: a flood of submissions that fail their checks must not pile up in memory.

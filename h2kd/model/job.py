@@ -43,9 +43,9 @@ class Job:
     error_code: str = ""
     error_message: str = ""
     source_identity: str = ""      # "dev:ino" of the source checked at submission; the worker refuses another file
-    # Attempts since the last retry asked for by hand that ended through no fault of the job (its unit never
-    # started; a shutdown stopped it): they are numbered like the others but do not count against
-    # execution_policy.retry_count.
+    # Attempts since the last retry asked for by hand (for a job stored by an earlier h2kd and not retried since,
+    # since its submission) that ended through no fault of the job (its unit never started; a shutdown stopped
+    # it): they are numbered like the others but do not count against execution_policy.retry_count.
     attempts_not_counted: int = 0
     # Attempts made before the last retry asked for by hand (a job stored by an earlier h2kd: those of them that
     # counted, with attempts_not_counted kept): such a retry starts a run of attempts with its retries anew.

@@ -44,10 +44,10 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")   # field names and list indexes, pr
 
 
 def new_job_id() -> str:
-    """A fresh job id: 32 hex digits, the milliseconds since 1970 (12) then 80 random bits (20), as unique as a
-    random UUID for ids made in the same millisecond. Ids made by h2kd sort in the order they were made, and
-    so the store's indexes of job ids take new ones at their end instead of at random places: about a tenth
-    less of the daemon's time per submission (bench/)."""
+    """A fresh job id: 32 hex digits, the milliseconds since 1970 (12) then 80 random bits (20), which tell apart
+    the ids made in one millisecond. Ids made by h2kd sort in the order they were made, to the millisecond
+    (unless the clock is set back), and so the store's indexes of job ids take new ones at their end instead
+    of at random places: about a tenth less of the daemon's time per submission (bench/)."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 

@@ -735,12 +735,13 @@ def _whole_number(text: str | None, field: str, what: str, limit: int, default: 
     return int(digits)
 
 
-def _hint_number(text: str | None, field: str, what: str, limit: int) -> int:
+def _hint_number(text: str | None, limit: int) -> int:
     """A count a descriptor gives only as a hint (cores per socket: the VM runs the same without it), 0 as if it
-    gave none where it is not a whole number up to `limit`: the domain then puts all the cores in one socket (domain._cores)."""
+    gave none where it is not a whole number up to `limit`: the domain then puts all the cores in one socket
+    (domain._cores)."""
     try:
-        return _whole_number(text, field, what, limit)
-    except OperationError:
+        return _whole_number(text, "a hint", "the descriptor", limit)
+    except OperationError:      # its message is for nobody
         return 0
 
 
@@ -797,8 +798,7 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
         kind = _child_text(item, "ResourceType")
         if kind == "3":
             cpus = _whole_number(_child_text(item, "VirtualQuantity"), "a number of CPUs", what, MAX_VM_CPUS, 1)
-            cores_per_socket = _hint_number(_child_text(item, "CoresPerSocket"), "a number of cores per socket",
-                                            what, MAX_VM_CPUS)
+            cores_per_socket = _hint_number(_child_text(item, "CoresPerSocket"), MAX_VM_CPUS)
         elif kind == "4":
             quantity = _whole_number(_child_text(item, "VirtualQuantity"), "an amount of memory", what,
                                      MAX_VM_MEMORY_MIB * 2**20)
@@ -926,8 +926,7 @@ def parse_vmx(text: str) -> dict[str, Any]:
     first = "" if efi else keys.get("bios.hddorder", "").split(",")[0].strip().lower()
     vm = {"name": keys.get("displayname", ""),
           "cpus": _whole_number(keys.get("numvcpus"), "numvcpus", what, MAX_VM_CPUS, 1),
-          "cores_per_socket": _hint_number(keys.get("cpuid.corespersocket"), "cpuid.coresPerSocket", what,
-                                           MAX_VM_CPUS),
+          "cores_per_socket": _hint_number(keys.get("cpuid.corespersocket"), MAX_VM_CPUS),
           "memory_mib": _whole_number(keys.get("memsize"), "memsize", what, MAX_VM_MEMORY_MIB),
           "firmware": "uefi" if efi else "bios",
           "secure_boot": efi and keys.get("uefi.secureboot.enabled", "").lower() == "true",

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import platform
 import stat
 import struct
 from typing import Callable, TypeVar
@@ -203,8 +204,10 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
 
 
 # FS_IOC_GETVERSION (linux/fs.h: _IOR('v', 1, long)): the inode's generation, which ext4, XFS and btrfs change
-# whenever they give an inode number to a new file.
-_FS_IOC_GETVERSION = (2 << 30) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
+# whenever they give an inode number to a new file. _IOR puts "read" (2) at bit 29 on powerpc, MIPS, SPARC
+# and Alpha, at bit 30 elsewhere (asm-generic/ioctl.h).
+_IOC_READ_AT_29 = platform.machine().startswith(("ppc", "powerpc", "mips", "sparc", "alpha"))
+_FS_IOC_GETVERSION = (2 << (29 if _IOC_READ_AT_29 else 30)) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
 
 
 def inode_generation(fd: int) -> int | None:

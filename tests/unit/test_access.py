@@ -40,8 +40,8 @@ def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
     assert isinstance(error, H2kError)
     assert "checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in str(error)
     assert access._UNREAPED == set()
-    # The same caller's next checks, one after another, would hold the loop 0.5 s each: they are refused without
-    # a child (a check that ran would have hung again and said so) for a while, and the others' checks go on.
+    # The same caller's next checks, one after another, would hold the loop 0.5 s each: they are refused for a
+    # while without being made (this one, made, would find no such path and say so), and the others' go on.
     with pytest.raises(H2kError, match="checks for uid 65534 resume"):
         access.look_up_as(65534, [65534], "/mnt/theirs/disk.vmdk")
     assert access.look_up_as(65533, [65533], "/") == 0
