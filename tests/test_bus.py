@@ -480,6 +480,39 @@ def test_worker_objects_answer_only_their_connection_and_properties_are_coalesce
     run(scenario())
 
 
+def test_worker_json_arguments_must_be_json_objects(stack):
+    """Capabilities and a result's outputs are given back as JSON (the Capabilities property, a job's Result):
+    NaN and Infinity, which are not JSON, and nesting too deep for the parser are InvalidArgument, like any
+    other text that is not a JSON object, and change nothing."""
+    nan = '{"a": NaN}'
+    infinite = '{"a": [1, -Infinity]}'
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+
+    async def scenario() -> None:
+        worker = await Client.connect(stack.bus_address)
+        label = uuid.uuid4().hex[:8]
+        for caps in (nan, infinite, deep, "[1]"):
+            await worker.manager("RegisterWorker", "ssa{sv}", ["odd", caps, {}],
+                                 expect_error=ERR + "InvalidArgument")
+        caps = json.dumps({"operations": ["inspect"], "testlab": label})
+        _, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", ["json-worker", caps, {}])
+        assert json.loads(await worker.prop(worker_path, WORKER, "Capabilities"))["testlab"] == label
+        job_id, path = await worker.submit(spec(new_id("json"), requirements={"testlab": label}))
+        await wait_for(lambda: _claim(worker, worker_path), 20, "the worker to claim its job")
+        for outputs in (nan, infinite, deep):
+            await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
+                "success": Variant("b", True), "outputs": Variant("s", outputs)}], expect_error=ERR + "InvalidArgument")
+        assert await worker.prop(path, JOB, "State") == "assigned"
+        await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
+            "success": Variant("b", True), "outputs": Variant("s", '{"disks": 1}')}])
+        assert await worker.prop(path, JOB, "State") == "completed"
+        assert json.loads(await worker.prop(path, JOB, "Result"))["outputs"] == {"disks": 1}
+        await worker.call(worker_path, WORKER, "Unregister")
+        await worker.manager("RemoveJob", "s", [job_id])
+        worker.close()
+    run(scenario())
+
+
 async def _claim(worker: Client, worker_path: str) -> Any:
     found, job_id, job_spec = await worker.call(worker_path, WORKER, "ClaimJob")
     return (found, job_id, job_spec) if found else None

@@ -1,6 +1,5 @@
 """org.hyper2kvm.h2kd1.Manager at /org/hyper2kvm/h2kd1: each method authorizes, then makes one JobManager call."""
 
-import json
 import os
 from typing import Any
 
@@ -14,7 +13,7 @@ from h2kd.bus.call import close_fds, current_caller
 from h2kd.bus.errors import bus_errors
 from h2kd.bus.job_iface import reported_progress
 from h2kd.bus.paths import job_path, worker_path
-from h2kd.bus.variants import options_from_dbus, spec_from_dbus, to_vardict
+from h2kd.bus.variants import json_object_from_dbus, options_from_dbus, spec_from_dbus, to_vardict
 from h2kd.errors import InvalidArgument
 
 
@@ -187,12 +186,7 @@ class ManagerInterface(ApiInterface):
     @bus_errors
     async def RegisterWorker(self, name: "s", capabilities: "s", limits: "a{sv}") -> "so":
         wanted = options_from_dbus(limits, _WORKER_LIMITS)
-        try:
-            caps = json.loads(capabilities or "{}")
-        except ValueError:
-            raise InvalidArgument("capabilities must be a JSON object") from None
-        if not isinstance(caps, dict):
-            raise InvalidArgument("capabilities must be a JSON object")
+        caps = json_object_from_dbus(capabilities, "capabilities")
         await self._auth.check("register-worker")
         owner = await self._auth.caller_uid()
         worker = self.manager.register_worker(name, caps, wanted.get("max_jobs", 0), owner,

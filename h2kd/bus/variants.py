@@ -49,6 +49,25 @@ def options_from_dbus(options: Any, allowed: Mapping[str, type | tuple[type, ...
     return plain
 
 
+def json_object_from_dbus(text: str, what: str) -> dict[str, Any]:
+    """A string argument that must hold a JSON object ("" is {}); anything else is InvalidArgument.
+
+    Stricter than json.loads: NaN and Infinity are not JSON (RFC 8259), and h2kd gives the object back as
+    JSON that Cockpit's JSON.parse and jq must read; nesting deep enough to exhaust the parser's recursion
+    is refused like any other text that is not an object."""
+    try:
+        value = json.loads(text or "{}", parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 

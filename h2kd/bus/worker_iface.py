@@ -10,7 +10,7 @@ from h2kd import BUS_NAME
 from h2kd.bus.base import ApiInterface, Authorizer, add_read_properties
 from h2kd.bus.call import current_caller
 from h2kd.bus.errors import bus_errors
-from h2kd.bus.variants import options_from_dbus
+from h2kd.bus.variants import json_object_from_dbus, options_from_dbus
 from h2kd.errors import InvalidArgument, NotAuthorized
 from h2kd.manager.ports import WorkerInfo
 
@@ -83,12 +83,7 @@ class WorkerInterface(ApiInterface):
         values = options_from_dbus(result, _RESULT_KEYS)
         if "success" not in values:
             raise InvalidArgument("result needs 'success' (b)")
-        try:
-            outputs = json.loads(values.get("outputs") or "{}")
-        except ValueError:
-            raise InvalidArgument("'outputs' must be a JSON object") from None
-        if not isinstance(outputs, dict):
-            raise InvalidArgument("'outputs' must be a JSON object")
+        outputs = json_object_from_dbus(values.get("outputs", ""), "'outputs'")
         self._manager.report_result(worker_id, job_id, values["success"], outputs,
                                     values.get("error_code", ""), values.get("error_message", ""),
                                     values.get("bytes_read", 0), values.get("bytes_written", 0))
