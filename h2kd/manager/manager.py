@@ -1228,6 +1228,10 @@ class JobManager:
         job = self._claimed(worker, job_id)
         if not (0 <= bytes_done <= COUNT_MAX and 0 <= bytes_total <= COUNT_MAX):
             raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {COUNT_MAX}")
+        if bytes_done > (total := bytes_total or job.bytes_total) > 0:     # 0: the total is not known
+            raise InvalidArgument(f"bytes_done ({bytes_done}) is more than bytes_total ({total})")
+        if progress is not None and not 0.0 <= progress <= 1.0:     # NaN fails this too
+            raise InvalidArgument(f"progress must be a fraction from 0 to 1, not {progress}")
         if job.state == S.ASSIGNED:
             job.started_at = job.started_at or now_usec()
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")

@@ -817,10 +817,17 @@ def test_an_external_workers_reports_are_bounded(tmp_path, image):
         m.report_progress(worker.id, job.id, 0.5, 1, 2, "p" * 500, "m" * 50_000)
         assert job.phase == "p" * 64
         assert changes.logs == ["m" * 1024]   # as the LogMessage signal carries it
-        # Counts past the total, and then a big jump at once: every property still fits its D-Bus type (one
-        # that did not would make GetManagedObjects fail for every client).
-        await asyncio.sleep(0.01)
-        m.report_progress(worker.id, job.id, 0.6, 5, 2, "", "")
+        # A fraction outside 0..1, or not a number, and a count past the known total are refused and change
+        # nothing: Progress (and the progress bars drawn from it) would jump to the end and stay there.
+        for fraction, done, total in ((float("inf"), 1, 2), (float("nan"), 1, 2), (2.0, 1, 2), (-0.1, 1, 2),
+                                      (0.6, 5, 2), (0.6, 5, 0)):     # 0: the total told before holds
+            with pytest.raises(InvalidArgument, match="progress must be a fraction|is more than bytes_total"):
+                m.report_progress(worker.id, job.id, fraction, done, total, "", "")
+        assert (job.progress, job.bytes_done, job.bytes_total) == (0.5, 1, 2)
+        m.report_progress(worker.id, job.id, 0.6, 5, 8, "", "")     # a new, larger total
+        assert (job.progress, job.bytes_done, job.bytes_total) == (0.6, 5, 8)
+        # Then a big jump at once: every property still fits its D-Bus type (one that did not would make
+        # GetManagedObjects fail for every client).
         await asyncio.sleep(0.01)
         m.report_progress(worker.id, job.id, 0.7, 2**63 - 1, 2**63 - 1, "", "")
         Marshaller("a{sv}", [job_vardict(job)]).marshall()
