@@ -98,6 +98,20 @@ def test_manager_object_is_an_object_manager(stack_env):
     find_interface(gdbus_xml(stack_env, MANAGER_PATH), "org.freedesktop.DBus.ObjectManager")
 
 
+def test_only_the_manager_object_says_it_is_an_object_manager(stack_env, job_path):
+    """A client that believes introspection must not be sent to call GetManagedObjects where it fails."""
+    for path in (job_path, MANAGER_PATH + "/worker/builtin", MANAGER_PATH + "/job", "/"):
+        xml_text = gdbus_xml(stack_env, path)
+        names = {i.get("name") for i in ET.fromstring(_strip_doctype(xml_text)).iter("interface")}
+        assert "org.freedesktop.DBus.ObjectManager" not in names, (path, names)
+        if path == job_path:
+            assert {BUS_NAME + ".Job", "org.freedesktop.DBus.Properties"} <= names
+        refused = subprocess.run(["gdbus", "call", "--system", "-d", BUS_NAME, "-o", path, "-m",
+                                  "org.freedesktop.DBus.ObjectManager.GetManagedObjects"],
+                                 env=stack_env, capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and "UnknownMethod" in refused.stderr, (path, refused.stderr)
+
+
 def test_job_interface_matches_contract(stack_env, job_path):
     name = BUS_NAME + ".Job"
     assert_same(describe(find_interface(gdbus_xml(stack_env, job_path), name)), contract(name), name)

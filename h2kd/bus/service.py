@@ -59,6 +59,7 @@ from h2kd.model.states import TERMINAL, JobState
 log = logging.getLogger("h2kd.bus")
 
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 DBUS_DAEMON = "org.freedesktop.DBus"
 NAME_OWNER_CHANGED_RULE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
@@ -137,7 +138,7 @@ class BusService:
     async def export(self) -> None:
         """Export the manager and every job and worker the manager already knows; watch callers."""
         self._bus = adopt(self._bus)
-        for handler in (remember_call, self._answer_object_manager, self._answer_list_jobs,
+        for handler in (remember_call, self._answer_object_manager, self._answer_introspect, self._answer_list_jobs,
                         self._answer_job_get_all, self._answer_job_result, self._watch_name_owners):
             self._bus.add_message_handler(handler)
             self._handlers.append(handler)
@@ -185,6 +186,17 @@ class BusService:
         # or more per call, for anyone who asks.
         return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
                                  f"no object manager at {msg.path}; use {MANAGER_PATH}")
+
+    def _answer_introspect(self, msg: Message) -> Message | None:
+        """Introspect at any path but the manager's: dbus-fast's answer without the ObjectManager interface it lists
+        at every object it exports. Only MANAGER_PATH is one, and a client that believes introspection (a D-Bus
+        browser, GDBusObjectManagerClient) would call GetManagedObjects at each job and worker."""
+        if (msg.message_type != MessageType.METHOD_CALL or msg.member != "Introspect" or msg.path == MANAGER_PATH
+                or msg.interface not in (None, INTROSPECTABLE) or msg.signature != ""):
+            return None
+        node = self._bus._introspect_export_path(msg.path)    # dbus-fast's own answer, as a tree
+        node.interfaces = [i for i in node.interfaces if i.name != OBJECT_MANAGER]
+        return Message.new_method_return(msg, "s", [node.tostring()])
 
     def _job_properties_call(self, msg: Message, member: str, signature: str) -> _ExportedJob | None:
         """The job a Properties.<member> call on the Job interface is for; None for any other message, or for a
