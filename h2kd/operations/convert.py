@@ -404,10 +404,11 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
         else:
             plans_to_commit = [(p.temp, p.destination) for p in plans]
         on_commit()
+        progress("commit", done_before, total, "giving the outputs their names")
         _commit(plans_to_commit, temps, overwrite, durable, owner)
     finally:
         temps.remove_all()
-    progress("convert", total, total, "done")
+    progress("commit", total, total, "done")     # the last phase stays the last: Phase never goes back to "convert"
     for entry, plan in zip(outputs, plans):
         entry["path"] = plan.destination
     result = {"disks": outputs, "domain_xml": domain_path,
