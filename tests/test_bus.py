@@ -225,6 +225,28 @@ def test_object_manager_signals_come_from_the_manager_path(stack, paused):
     run(scenario())
 
 
+def test_a_job_failing_its_checks_appears_created_then_fails_at_once(stack):
+    """As Job.xml says: the object is announced created, then StateChanged failed and Completed(false) follow."""
+    async def scenario() -> None:
+        client = await Client.connect(stack.bus_address, watch=True)
+        job_id = new_id("nofile")
+        _, path = await client.submit(spec(job_id, path=f"/nonexistent/{job_id}.vmdk"))
+        await wait_for(lambda: _async(any(s.member == "Completed" and s.path == path for s in client.signals)),
+                       10, "Completed")
+        added = [s for s in client.signals if s.member == "InterfacesAdded" and s.body[0] == path]
+        assert len(added) == 1 and added[0].body[1][JOB]["State"].value == "created"
+        changes = [s.body for s in client.signals if s.member == "StateChanged" and s.path == path]
+        assert [state for state, _ in changes] == ["failed"] and "no such file" in changes[0][1].lower(), changes
+        completed = [s.body for s in client.signals if s.member == "Completed" and s.path == path]
+        assert len(completed) == 1 and completed[0][0] is False
+        order = [s.member for s in client.signals if s.path == path and s.member in ("StateChanged", "Completed")]
+        assert order == ["StateChanged", "Completed"]
+        assert await client.prop(path, JOB, "State") == "failed"
+        await client.manager("RemoveJob", "s", [job_id])
+        client.close()
+    run(scenario())
+
+
 def test_object_manager_signals_seen_by_dbus_monitor(stack, stack_env, paused):
     monitor = subprocess.Popen(["dbus-monitor", "--system", f"type='signal',sender='{BUS_NAME}'"],
                                env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
