@@ -302,6 +302,27 @@ def test_sandbox_run_returns_the_command_status_and_leaves_nothing(tmp_path: Pat
         assert not Path("/run/systemd/system").exists()
 
 
+def test_sandbox_state_dir_keeps_the_jobs_and_their_outputs(tmp_path: Path) -> None:
+    """A second run on the same --state-dir finds the first run's output where its job says it is, and a job
+    stored for later still writes where it was told to."""
+    state = tmp_path / "kept"
+    source = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(source), "16M"], check=True)
+    ctl = f"{sys.executable} -m h2kctl"
+    first = (f'set -e; {ctl} -q submit --wait {source} -o "$H2K_SANDBOX_OUTPUT_DIR/now.qcow2"; '
+             f'{ctl} -q submit --no-queue {source} -o "$H2K_SANDBOX_OUTPUT_DIR/later.qcow2" > {tmp_path}/id')
+    result = subprocess.run([*SANDBOX, "run", "--state-dir", str(state), "--", "bash", "-c", first],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    job_id = (tmp_path / "id").read_text().strip()
+    second = (f'set -e; test -f "$H2K_SANDBOX_OUTPUT_DIR/now.qcow2"; {ctl} -q start {job_id}; '
+              f'{ctl} -q wait {job_id}; test -f "$H2K_SANDBOX_OUTPUT_DIR/later.qcow2"')
+    result = subprocess.run([*SANDBOX, "run", "--state-dir", str(state), "--", "bash", "-c", second],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in (state / "output").iterdir()) == ["later.qcow2", "now.qcow2"]
+
+
 def test_sandbox_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     seen = tmp_path / "seen"
     proc = subprocess.Popen([*SANDBOX, "run", "--no-daemon", "--", sys.executable, "-c", PROBE, str(seen), "wait"],

@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "run CMD ARGS... inside the stack; exit with its status"),
                             ("shell", "run an interactive shell inside the stack")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--state-dir", type=Path, help="keep h2kd's store here across runs "
-                       "(default: inside the temporary base directory)")
+        p.add_argument("--state-dir", type=Path, help="keep h2kd's store, and the outputs (in its output/), here "
+                       "across runs (default: inside the temporary base directory)")
         p.add_argument("--keep", action="store_true",
                        help="keep the base directory (logs, outputs) afterwards and print where it is")
         p.add_argument("--no-daemon", action="store_true", help="start everything but h2kd")
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
     base = new_base_dir("h2k-sandbox-")
-    stack = Stack(base, state_dir=args.state_dir, start_daemon=not args.no_daemon)
+    # A kept store keeps its outputs: its jobs name files there, and queued ones are to write there.
+    outputs = args.state_dir / "output" if args.state_dir else None
+    stack = Stack(base, state_dir=args.state_dir, start_daemon=not args.no_daemon, output_dir=outputs)
     status = EXIT_SETUP_FAILED
     try:
         try:

@@ -179,9 +179,11 @@ class Stack:
 
     def __init__(self, base_dir: Path, state_dir: Path | None = None, start_daemon: bool = True,
                  daemon_env: Mapping[str, str] | None = None,
-                 polkit_rules: Iterable[Path] | None = None) -> None:
+                 polkit_rules: Iterable[Path] | None = None, output_dir: Path | None = None) -> None:
+        """output_dir: h2kd's output root (default: `output` in base_dir, which goes with it)."""
         self.base_dir = Path(base_dir).absolute()
         self.state_dir = Path(state_dir).absolute() if state_dir else self.base_dir / "state"
+        self.output_dir = Path(output_dir).absolute() if output_dir else self.base_dir / "output"
         self.start_daemon_on_start = start_daemon
         self.daemon_env = dict(daemon_env or {})
         self.polkit_rules = list(polkit_rules) if polkit_rules is not None else default_polkit_rules()
@@ -216,10 +218,6 @@ class Stack:
         if self._manager is None:
             raise StackError("the systemd manager is not running")
         return self._manager.pid
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base_dir / "output"
 
     @property
     def metrics_url(self) -> str:
@@ -361,9 +359,9 @@ class Stack:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.base_dir.chmod(0o755)   # polkitd (and test users) must reach the bus socket
         self.logs_dir.mkdir(exist_ok=True)
-        self.output_dir.mkdir(exist_ok=True)
-        self.output_dir.chmod(0o755)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir.chmod(0o755)
         self.runtime_dir.mkdir(exist_ok=True)
         self.runtime_dir.chmod(0o700)
 
