@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, DBusError
 
 from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH, WORKER_PATH_PREFIX
-from h2kd.bus import variants
+from h2kd.bus import auth, variants
 from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
@@ -50,6 +51,16 @@ _UNREACHABLE_ERRORS = {
 _AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.Error.NotAuthorized",
                 "org.freedesktop.PolicyKit1.Error.NotAuthorized"}
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+BUS_DAEMON = "org.freedesktop.DBus"
+# What h2kd answers a submission with when the spec (InvalidSpec) or the source's descriptor (InvalidArgument) is
+# not acceptable: bad input, as the same problem found by h2kctl itself is.
+_BAD_SUBMISSION = {ERROR_PREFIX + "InvalidSpec", ERROR_PREFIX + "InvalidArgument"}
+# How h2kd words a polkit refusal: "Not authorized to <words>[: reason]", or this when a password would do.
+_DENIAL_PREFIXES = ("not authorized to ", "interactive authentication is required to ")
+# h2kd's words for each of its polkit actions (the end of its refusals), to name the action it refused.
+_ACTION_BY_WORDS = {auth.describe_action(value): value[len(POLKIT_PREFIX):] for name, value in vars(auth).items()
+                    if name.startswith("ACTION_") and isinstance(value, str) and value.startswith(POLKIT_PREFIX)}
+_ACTION_ID = re.compile(re.escape(POLKIT_PREFIX) + r"([a-z0-9-]+)")
 
 
 class Withheld:
@@ -136,6 +147,37 @@ def _is_polkit_denial(text: str) -> bool:
     """Whether h2kd's AccessDenied text is polkit's "no" (h2kd words those "Not authorized to <what>")
     rather than a refusal of the request's content."""
     return not text or text.lower().startswith("not authorized to ")
+
+
+def refused_action(text: str) -> tuple[str, str, str] | None:
+    """(action, h2kd's words for it, the reason after them) of a polkit refusal in h2kd's words, None if the text
+    names no action h2kd has: h2kd decides which action a request needs (e.g. manage for a --priority below
+    the default), so its answer, not h2kctl's expectation, says which one was refused."""
+    lowered = text.lower()
+    prefix = next((p for p in _DENIAL_PREFIXES if lowered.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = text[len(prefix):]
+    named = _ACTION_ID.search(rest)
+    for words, action in sorted(_ACTION_BY_WORDS.items(), key=lambda item: -len(item[0])):
+        if rest == words or rest.startswith(words + ": "):
+            return action, words, rest[len(words) + 2:]
+    if named:
+        words, _, reason = rest.partition(": ")
+        return named.group(1), words, reason
+    return None
+
+
+def _submission_error(error: CtlError, source: str | None) -> CtlError:
+    """h2kd's refusal of a submission: a spec it finds invalid is bad input (exit 2), as h2kctl's own checks
+    say; a descriptor it refuses is the source's fault, so the message names the source."""
+    if error.error_name not in _BAD_SUBMISSION:
+        return error
+    message = error.message
+    if error.error_name == ERROR_PREFIX + "InvalidArgument" and source is not None:
+        # Only the descriptor of `source` can be wrong here: h2kctl sends no other argument h2kd could refuse.
+        message = f"refusing {shown(source)}: {message}"
+    return CtlError(message, ExitCode.USAGE, error.error_name)
 
 
 def in_login_session(pid: int | str = "self") -> bool:
@@ -241,23 +283,38 @@ class Client:
         name, text = error.type, (error.text or "").strip()
         if name in _OBJECT_GONE and path.startswith(JOB_PATH_PREFIX):
             # The job was removed after its path was looked up: for the user, as if GetJob had said so.
-            return CtlError(f"job {path[len(JOB_PATH_PREFIX):]} no longer exists", ExitCode.NO_SUCH_JOB)
+            return CtlError(f"job {path[len(JOB_PATH_PREFIX):]} no longer exists", ExitCode.NO_SUCH_JOB, name)
         if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
-            if action and (name == INTERACTIVE_REQUIRED or _is_polkit_denial(text)):
-                # "Not authorized to X: authorization service unavailable": keep the reason.
-                reason = text.split(": ", 1)[1] if name != INTERACTIVE_REQUIRED and ": " in text else ""
-                return CtlError(f"not authorized to {what} (polkit action {POLKIT_PREFIX}{action})"
-                                + (f": {reason}" if reason else ""), ExitCode.NOT_AUTHORIZED)
-            # Refused for another reason than polkit's answer (e.g. an output directory the user
-            # may not write to): the daemon's own words say which.
-            return CtlError(f"not authorized to {what}: {text or name}", ExitCode.NOT_AUTHORIZED)
+            if name == INTERACTIVE_REQUIRED or _is_polkit_denial(text):
+                return CtlError(self._denial(text, action, what), ExitCode.NOT_AUTHORIZED, name)
+            sender = error.reply.sender if error.reply is not None else None
+            if sender == BUS_DAEMON:   # the bus policy, whose words do not say what was asked
+                return CtlError(f"not authorized to {what}: {text or name}", ExitCode.NOT_AUTHORIZED, name)
+            # Refused for another reason than polkit's answer (e.g. an output outside the output roots): h2kd's
+            # own words say which, and that the request, not the user's rights, is what it refused.
+            return CtlError(text or f"not authorized to {what}", ExitCode.NOT_AUTHORIZED, name)
         if name in _UNREACHABLE_ERRORS or name.startswith("org.freedesktop.DBus.Error.Spawn"):
             return CtlError(f"h2kd is not reachable on {self._bus_description} ({BUS_NAME}: {text or name})",
-                            ExitCode.UNREACHABLE)
+                            ExitCode.UNREACHABLE, name)
         if name == ERROR_PREFIX + "NoSuchJob":
-            return CtlError(text or "no such job", ExitCode.NO_SUCH_JOB)
+            return CtlError(text or "no such job", ExitCode.NO_SUCH_JOB, name)
         short = name[len(ERROR_PREFIX):] if name.startswith(ERROR_PREFIX) else name.rsplit(".", 1)[-1]
-        return CtlError(text or short)
+        return CtlError(text or short, ExitCode.FAILURE, name)
+
+    @staticmethod
+    def _denial(text: str, action: str | None, what: str) -> str:
+        """The message for polkit's "no": the action h2kd refused, named as h2kd names it."""
+        refused = refused_action(text)
+        if refused is None:
+            if text and not text.lower().startswith(_DENIAL_PREFIXES[1]):
+                return text[:1].lower() + text[1:]     # h2kd's words, with no action we know of
+            return f"not authorized to {what}" + (f" (polkit action {POLKIT_PREFIX}{action})" if action else "")
+        refused_id, words, reason = refused
+        # The request in the caller's words when h2kd refused the action h2kctl expected; else h2kd's: it
+        # asked for another right (e.g. manage, for a priority more urgent than the default).
+        asked = what if refused_id == action else words
+        return f"not authorized to {asked} (polkit action {POLKIT_PREFIX}{refused_id})" + (
+            f": {reason}" if reason else "")
 
     # --------------------------------------------------------------- polkit agent
 
@@ -314,8 +371,11 @@ class Client:
         path = image.get("path") if isinstance(image, dict) else None
         if not path or not isinstance(path, str):
             # h2kd says what is wrong with a spec that names no usable source.
-            return await self.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), options],
-                                      action="submit", what="submit jobs")
+            try:
+                return await self.manager("SubmitJob", "a{sv}a{sv}", [to_vardict(spec), options],
+                                          action="submit", what="submit jobs")
+            except CtlError as e:
+                raise _submission_error(e, None) from None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as e:
@@ -328,6 +388,8 @@ class Client:
             return await self.call(MANAGER_PATH, MANAGER_IFACE, "SubmitJobWithImage", "ha{sv}a{sv}",
                                    [0, to_vardict(spec), options], action="submit", what="submit jobs",
                                    unix_fds=[fd])
+        except CtlError as e:
+            raise _submission_error(e, path) from None
         finally:
             os.close(fd)
 
@@ -358,7 +420,7 @@ class Client:
         except CtlError as e:
             if e.code != ExitCode.NOT_AUTHORIZED:
                 raise
-            return Withheld(str(e).split(": ", 1)[-1])
+            return Withheld(e.message)
 
     async def job_properties(self, job_id: str, explicit: tuple[str, ...] = JOB_EXPLICIT_PROPERTIES
                              ) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(has_json_output=json_output)
         return sub
 
-    p = command("submit", "submit a job (a conversion by default) from flags or a job file", json_output=True)
+    p = command("submit", "submit a job (a conversion by default) from flags or a job file, and say the state h2kd "
+                "gave it: a job that failed h2kd's checks (e.g. its output exists) is stored as failed, said with "
+                "h2kd's reason and exit status 3", json_output=True)
     p.add_argument("source", metavar="SOURCE", nargs="?", help="the source disk image (VMDK, VHD, VHDX, VDI, "
                    "qcow2, raw or OVA); it must be readable by the calling user")
     p.add_argument("--file", metavar="JOBFILE", help="read the whole job spec from a JSON file (or YAML, when "
@@ -148,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop an attempt after this long (60..86400; default 3600)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing output file")
     p.add_argument("--id", metavar="ID", help="the job id (default: generated); resubmitting the id of a job of "
-                   "yours with the same spec returns that job")
+                   "yours with the same spec returns that job, and h2kctl says so with its state (exit status as "
+                   "for a job waited for)")
     p.add_argument("--ticket", metavar="TICKET", help="a ticket reference recorded with the job")
     p.add_argument("--tag", metavar="TAG", action="append", help="a tag recorded with the job (repeatable)")
     p.add_argument("--no-queue", dest="queue", action="store_false",
-                   help="store the job without queueing it; start it later with h2kctl start")
+                   help="store the job without queueing it; start it later with h2kctl start (not with --wait)")
     _wait_option(p, "after submitting it")
 
     p = command("list", "list jobs: id, operation, state, progress, owner and age", json_output=True)
@@ -338,6 +341,10 @@ def _given_spec_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 
 
 def _submit_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.wait and not args.queue:
+        # Said before anything is sent: a held job does not start, so --wait would store one and then fail.
+        raise CtlError("--wait and --no-queue conflict: a job stored without queueing does not start; submit it "
+                       "with --no-queue, then: h2kctl start --wait ID", ExitCode.USAGE)
     given = _given_spec_flags(args)
     if args.file:
         if args.source:
@@ -354,22 +361,49 @@ def _submit_spec(args: argparse.Namespace) -> dict[str, Any]:
     raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
 
 
+async def _created_at(client: Client, job_id: Any) -> int | None:
+    """When the job of this id was created, None if there is none: a submission naming an id may be answered
+    with the job submitted before under it (same spec), which is then not new."""
+    if not isinstance(job_id, str) or not job_id:
+        return None
+    try:
+        return await client.get_property(await client.get_job_path(job_id), JOB_IFACE, "CreatedAt")
+    except CtlError as e:
+        if e.code != ExitCode.NO_SUCH_JOB:
+            raise
+        return None
+
+
 async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    before = await _created_at(client, args.request.get("job_id"))
     job_id, path = await client.submit(args.request, args.queue)
     if args.wait:
-        if not args.queue:
-            raise CtlError(f"job {job_id} was stored without queueing (--no-queue); it will not start "
-                           f"until: h2kctl start {job_id}")
         if not out.quiet and not out.json:
-            print(f"Submitted job {job_id}.")
+            print(f"Job {job_id} was already submitted with this spec." if before is not None
+                  else f"Submitted job {job_id}.")
         return await _wait_and_report(client, job_id, path, out)
+    # Said as h2kd has it: a job that failed its checks is stored as failed, and a resubmission may find a job
+    # in any state.
+    props = await client.read_job(path)
+    state = props["State"]
+    existed = before is not None and props.get("CreatedAt") == before
     if out.json:
-        out.emit_json(schema.job(await client.read_job(path), path))
+        out.emit_json(schema.job(props, path))
     elif out.quiet:
         print(job_id)
-    else:
-        state = "stored; start it with: h2kctl start " + job_id if not args.queue else "queued"
-        print(f"Submitted job {job_id} ({state}).")
+    code = exit_code_for(state)
+    if code != ExitCode.SUCCESS:
+        line = _error_line(props)
+        if existed:
+            line = f"job {job_id} was already submitted with this spec, and" + line[len(f"job {job_id}"):]
+        raise CtlError(line, code)
+    if not out.json and not out.quiet:
+        start = f"; start it with: h2kctl start {job_id}" if state == "validated" else ""
+        if existed:
+            print(f"Job {job_id} was already submitted with this spec ({state}{start}); it was not submitted "
+                  "again.")
+        else:
+            print(f"Submitted job {job_id} ({'stored' if state == 'validated' else state}{start}).")
     return ExitCode.SUCCESS
 
 

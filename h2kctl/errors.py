@@ -22,11 +22,14 @@ EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
     (ExitCode.SUCCESS, "success"),
     (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable, a job "
                        "to cancel ended otherwise)"),
-    (ExitCode.USAGE, "bad usage or input (unknown command or option, invalid value, a job file with a field of the "
-                     "wrong type, text that is not UTF-8 or holds a NUL byte)"),
-    (ExitCode.JOB_FAILED, "the job that was waited for, watched or inspected failed (with wait: one of them)"),
+    (ExitCode.USAGE, "bad usage or input (unknown command or option, conflicting options, invalid value, a job "
+                     "file that is not one JSON or YAML object or has a field of the wrong type, a job spec h2kd "
+                     "finds invalid, a source that is not a regular file, text that is not UTF-8 or holds a NUL "
+                     "byte)"),
+    (ExitCode.JOB_FAILED, "the job that was submitted (it failed h2kd's checks, or was submitted before and "
+                          "failed), waited for, watched or inspected failed (with wait: one of them)"),
     (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled (with wait: one "
-                             "of them, and none failed)"),
+                             "of them, and none failed), or the job a resubmission found was"),
     (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
     (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it; while jobs are "
                            "waited for or watched: for more than 2 minutes)"),
@@ -39,7 +42,9 @@ EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
 class CtlError(Exception):
     """An error to show as one line "h2kctl: <message>" and to exit with `code`."""
 
-    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE):
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE, error_name: str | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
+        # The D-Bus error it came from, if any: what a caller may treat apart (see Client.submit).
+        self.error_name = error_name

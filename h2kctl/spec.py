@@ -66,15 +66,16 @@ def _parse_job_file(path: str, where: str, text: str) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError:
-                raise CtlError(f"{path} is not valid JSON ({json_error}); YAML job files need PyYAML") from None
+                raise CtlError(f"{path} is not valid JSON ({json_error}); YAML job files need PyYAML",
+                               ExitCode.USAGE) from None
             try:
                 spec = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise CtlError(f"{path} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
+                raise CtlError(f"{path} is neither JSON nor YAML: {str(e).splitlines()[0]}", ExitCode.USAGE) from None
         else:
-            raise CtlError(f"{path} is not valid JSON: {json_error}") from None
+            raise CtlError(f"{path} is not valid JSON: {json_error}", ExitCode.USAGE) from None
     if not isinstance(spec, dict):
-        raise CtlError(f"{path}: a job file must hold one object (a job spec)")
+        raise CtlError(f"{path}: a job file must hold one object (a job spec)", ExitCode.USAGE)
     # Found now, not when the spec is sent: h2kd's answer could not name the file, dbus-fast's not the field.
     to_vardict(spec, where)
     image = spec.get("image")

@@ -435,6 +435,85 @@ def test_unreadable_source_is_refused_before_submitting(env, tmp_path):
     assert result.returncode == 1 and "cannot read" in result.stderr and str(missing) in result.stderr
 
 
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line h2kctl wrote on stderr."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("h2kctl: "), result
+    return lines[0]
+
+
+def test_submit_says_the_state_h2kd_gave_the_job(env, images, output_dir):
+    """h2kd stores a job that failed its checks as failed: submit says so, with h2kd's reason and the exit status
+    of a failed job (3), also with --json; a resubmission that found the job of its id says that, and its state."""
+    job_id = new_id("states")
+    output = output_dir / f"{job_id}.qcow2"
+    try:
+        ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", str(output), "--id", job_id, timeout=120))
+        exists = h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output))
+        assert exists.returncode == 3 and exists.stdout == "", exists
+        assert re.fullmatch(rf"h2kctl: job \S+ failed: VALIDATION_FAILED: {re.escape(str(output))} already exists; "
+                            "outputs are never overwritten", one_line(exists)), exists
+        failed_id = one_line(exists).split()[2]
+        assert job_state(env, failed_id) == "failed"
+        nodir = h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / "nodir" / "x.qcow2"))
+        assert nodir.returncode == 3 and "failed: VALIDATION_FAILED: " in one_line(nodir), nodir
+        assert f"{output_dir / 'nodir'} is not an existing directory" in one_line(nodir)
+        as_json = h2kctl(env, "submit", "--json", str(images["vmdk"]), "-o", str(output))
+        assert as_json.returncode == 3, as_json
+        assert json.loads(as_json.stdout)["state"] == "failed" and "already exists" in one_line(as_json)
+
+        again = h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output), "--id", job_id)
+        assert again.returncode == 0, again
+        assert again.stdout == f"Job {job_id} was already submitted with this spec (completed); it was not " \
+                               "submitted again.\n", again
+        assert ok(h2kctl(env, "submit", "-q", str(images["vmdk"]), "-o", str(output), "--id", job_id)).stdout \
+            == f"{job_id}\n"
+        failed_again = h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output), "--id", failed_id)
+        assert failed_again.returncode == 3, failed_again
+        assert one_line(failed_again).startswith(f"h2kctl: job {failed_id} was already submitted with this spec, "
+                                                 "and failed: VALIDATION_FAILED: "), failed_again
+        held = new_id("held")
+        stored = ok(h2kctl(env, "submit", "--no-queue", str(images["vmdk"]), "-o", str(output_dir / f"{held}.qcow2"),
+                           "--id", held))
+        assert stored.stdout == f"Submitted job {held} (stored; start it with: h2kctl start {held}).\n"
+        ok(h2kctl(env, "cancel", held))
+    finally:
+        output.unlink(missing_ok=True)
+
+
+def test_a_refused_path_is_said_in_h2kds_words_and_named(env, images, tmp_path, output_dir):
+    """Root may submit: a path h2kd refuses is not "not authorized to submit jobs"; a source that is not a regular
+    file is bad input, named."""
+    outside = h2kctl(env, "submit", str(images["vmdk"]), "-o", "/tmp/x/out.qcow2")
+    assert outside.returncode == 5, outside
+    assert one_line(outside) == ("h2kctl: refusing /tmp/x/out.qcow2: outputs may only be written below "
+                                 f"{output_dir}"), outside
+    fifo = tmp_path / "fifo.vmdk"
+    os.mkfifo(fifo)
+    for source in ("/dev/null", str(fifo)):
+        refused = h2kctl(env, "submit", source)
+        assert refused.returncode == 2, refused
+        assert one_line(refused) == f"h2kctl: refusing {source}: the file descriptor does not refer to a regular " \
+                                    "file", refused
+
+
+def test_a_spec_h2kd_finds_invalid_exits_2(env, images, tmp_path):
+    """Bad input is exit 2 whether h2kctl or h2kd finds it (InvalidSpec)."""
+    source = str(images["vmdk"])
+    path = tmp_path / "job.json"
+    cases = [(["--source-format", "foo"], "image.format: "), (["--format", "raw", "--compress"], "parameters.compress: "),
+             (["--id", "bad id/.."], "job_id: ")]
+    for spec, field in (({"execution_policy": {"priority": "high"}}, "execution_policy.priority"),
+                        ({"parameters": {"compress": 1}}, "parameters.compress")):
+        job = {"operation": "convert", "image": {"path": source}, **spec}
+        cases.append((["--file", f"{path}.{len(cases)}"], field))
+        Path(f"{path}.{len(cases) - 1}").write_text(json.dumps(job))
+    for args, field in cases:
+        result = h2kctl(env, "submit", *([] if args[0] == "--file" else [source]), *args)
+        assert result.returncode == 2, (args, result)
+        assert field in one_line(result), (args, result)
+
+
 # --------------------------------------------------------------------------- jobs that run
 
 def test_failed_job_exits_3_with_one_line(env, images, output_dir):
@@ -810,6 +889,44 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
     result = h2kctl(env, "submit", str(secret), "-o", "/tmp/never.qcow2", user=plain_user)
     assert result.returncode == 1 and "cannot read" in result.stderr and "Permission denied" in result.stderr
     assert pwd.getpwnam(plain_user).pw_uid != 0
+
+
+@pytest.fixture
+def submitting_user():
+    """A user in group h2k, whom the example polkit rules let submit (and cancel their own jobs), nothing more."""
+    created_group = subprocess.run(["getent", "group", "h2k"], capture_output=True).returncode != 0
+    if created_group:
+        subprocess.run(["groupadd", "h2k"], check=True)
+    name = "h2kctls" + uuid.uuid4().hex[:6]
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", "h2k", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+        if created_group:
+            subprocess.run(["groupdel", "h2k"], check=False)
+        if USERNS_STAGING.exists():
+            USERNS_STAGING.rmdir()
+
+
+def test_a_denied_submission_names_the_action_h2kd_refused(env, images, submitting_user, tmp_path):
+    """h2kd decides which polkit action a submission needs: a priority above the default needs ...manage, a guest
+    repair ...fix-guest. The refusal names that action, not ...submit, which this user has."""
+    priority = h2kctl(env, "submit", str(images["vmdk"]), "--priority", "4", user=submitting_user)
+    assert priority.returncode == 5, priority
+    assert one_line(priority) == ("h2kctl: not authorized to manage the conversion queue "
+                                  "(polkit action org.hyper2kvm.h2kd1.manage)"), priority
+    job_file = Path(tempfile.mkdtemp(prefix="h2kctl-fix-")) / "fix.json"
+    try:
+        job_file.parent.chmod(0o755)
+        job_file.write_text(json.dumps({"operation": "offline_fix", "image": {"path": str(images["vmdk"])}}))
+        job_file.chmod(0o644)
+        fix = h2kctl(env, "submit", "--file", str(job_file), user=submitting_user)
+    finally:
+        shutil.rmtree(job_file.parent, ignore_errors=True)
+    assert fix.returncode == 5, fix
+    assert one_line(fix).startswith("h2kctl: not authorized to repair a guest operating system"), fix
+    assert one_line(fix).endswith("(polkit action org.hyper2kvm.h2kd1.fix-guest)"), fix
 
 
 def test_another_users_result_is_withheld_and_said_so(env, images, plain_user):

@@ -139,3 +139,21 @@ def test_flags_that_shape_a_spec_are_refused_with_a_job_file(tmp_path):
     path = job_file(tmp_path, {"operation": "convert", "image": {"path": str(tmp_path / "disk.vmdk")}})
     usage_error(run_h2kctl(tmp_path, "submit", "--file", path, "--verify", "--priority", "7"),
                 "--verify, --priority: not with --file")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"operation": "convert", "image": ', "is not valid JSON"),
+    (b'[{"operation": "convert"}]', "a job file must hold one object"),
+    (b'"convert"', "a job file must hold one object"),
+])
+def test_job_file_that_is_not_one_object_is_bad_input(tmp_path, content, problem):
+    path = job_file(tmp_path, content)
+    usage_error(run_h2kctl(tmp_path, "submit", "--file", path), path, problem)
+
+
+def test_wait_with_no_queue_is_refused_before_anything_is_sent(tmp_path):
+    """A held job never starts: --wait would store one and then fail, leaving it behind."""
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 512)
+    line = usage_error(run_h2kctl(tmp_path, "submit", "--no-queue", "--wait", str(source)), "--wait", "--no-queue")
+    assert "h2kctl start --wait" in line
