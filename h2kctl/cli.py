@@ -563,6 +563,14 @@ async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int
 _UNDER_WAY = [state for state in STATES if state not in TERMINAL and state != "validated"]
 
 
+def _cancel_hint(remaining: list[str], waited: int) -> str:
+    """How many of the jobs waited for may still run, and how to cancel them (by id, up to ten of them)."""
+    text = f"{len(remaining)} of {waited} jobs may still run"
+    if len(remaining) > 10:
+        return text + "; h2kctl list shows them"
+    return text + f"; cancel {'it' if len(remaining) == 1 else 'them'} with: h2kctl cancel {' '.join(remaining)}"
+
+
 async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.jobs:
         job_ids = list(args.jobs)
@@ -571,7 +579,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
         job_ids = [entry[0] for entry in entries]
     ended: list[tuple[str, dict[str, Any]]] = []
     gone = 0
-    for job_id in job_ids:
+    for index, job_id in enumerate(job_ids):
         try:
             path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}")
             props = await follow_job(client, job_id, ProgressView(None, False), path)
@@ -582,8 +590,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
             gone += 1
             continue
         if props is None:   # Ctrl-C: the jobs go on
-            print(f"{PROG}: stopped waiting; {len(job_ids) - len(ended) - gone} of {len(job_ids)} jobs may still "
-                  f"run", file=sys.stderr)
+            print(f"{PROG}: stopped waiting; {_cancel_hint(job_ids[index:], len(job_ids))}", file=sys.stderr)
             return ExitCode.INTERRUPTED
         ended.append((path, props))
         if not out.json and not out.quiet:

@@ -775,6 +775,8 @@ def test_ctrl_c_stops_a_script_that_waits_and_the_jobs_go_on(env, images, output
         assert code == -signal.SIGINT, output
         assert "script-finished" not in output and "all-converted" not in output, output
         assert "Traceback" not in output, output
+        if cue == "waiting-started":    # `wait` says how to cancel what it no longer waits for
+            assert f"stopped waiting; 1 of 1 jobs may still run; cancel it with: h2kctl cancel {first}" in output
     assert job_state(env, first) == "queued" and job_state(env, second) == "queued"
     gone = h2kctl(env, "status", third)
     assert gone.returncode == 7, gone      # the script never got as far as submitting it
