@@ -276,10 +276,10 @@ def test_multi_disk_ova_converts_every_disk_in_order_with_domain_xml(lib: Path, 
     assert {v["file"] for v in manifest["verified"]} == {"webserver-disk1.vmdk", "webserver-disk2.vmdk"}
     assert_monotonic(run.statuses)
     assert "verify: " in run.log and "convert: " in run.log     # the journal sees every phase
-    # The outputs get their names last, and the job ends in that phase (not back in "convert").
+    # The outputs get their names last, and the job ends in that phase (not back in "convert"). Statuses are sent
+    # at most a few times a second, so which of the earlier phases show varies.
     phases = [r.phase for r in map(parse_status, run.statuses) if r is not None]
-    first_commit = phases.index("commit")
-    assert set(phases[first_commit:]) == {"commit"} and "convert" in phases[:first_commit], phases
+    assert "commit" in phases and set(phases[phases.index("commit"):]) == {"commit"}, phases
     # Nothing was extracted next to the OVA.
     assert leftovers(tmp_path) == ["out", "vm.ova", "w"]
 
