@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 USERNS_STAGING = Path(tempfile.gettempdir()) / "h2k-test-userns"   # an empty mount point, see as_user
 
@@ -33,3 +37,23 @@ def as_user(user: str, argv: list[str]) -> list[str]:
               'mount --bind "$2" "$1" && shift 3 && exec runuser -u "$@"')
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(inner), staging,
             str(closed), user, "--", *argv]
+
+
+@contextlib.contextmanager
+def user_in_group(prefix: str, group: str | None = "h2k") -> Iterator[str]:
+    """A real user (named prefix + a random suffix), in `group` if given (made for the while if missing); both
+    removed afterwards, with the mount point as_user may have made."""
+    made_group = group is not None and subprocess.run(["getent", "group", group], capture_output=True).returncode != 0
+    if made_group:
+        subprocess.run(["groupadd", "--system", group], check=True)
+    name = prefix + uuid.uuid4().hex[:6]
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    *(["--groups", group] if group else []), name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+        if made_group:
+            subprocess.run(["groupdel", group], check=False)
+        if USERNS_STAGING.exists():
+            USERNS_STAGING.rmdir()

@@ -29,7 +29,7 @@ import pytest
 from dbus_fast import Variant
 
 from busclient import WORKER, Client, open_bus, read_until, run
-from runas import USERNS_STAGING, as_user
+from runas import as_user, user_in_group
 
 from h2kctl.cli import build_parser
 from h2kctl.completion import FILES, render_bash, render_zsh
@@ -853,14 +853,8 @@ def test_inspect_prints_a_report(env, images):
 
 @pytest.fixture
 def plain_user():
-    name = "h2kctlt" + uuid.uuid4().hex[:6]
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
+    with user_in_group("h2kctlt", group=None) as name:
         yield name
-    finally:
-        subprocess.run(["userdel", name], check=False)
-        if USERNS_STAGING.exists():
-            USERNS_STAGING.rmdir()
 
 
 def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, plain_user, output_dir, paused_queue):
@@ -896,19 +890,8 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
 @pytest.fixture
 def submitting_user():
     """A user in group h2k, whom the example polkit rules let submit (and cancel their own jobs), nothing more."""
-    created_group = subprocess.run(["getent", "group", "h2k"], capture_output=True).returncode != 0
-    if created_group:
-        subprocess.run(["groupadd", "h2k"], check=True)
-    name = "h2kctls" + uuid.uuid4().hex[:6]
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", "h2k", name], check=True)
-    try:
+    with user_in_group("h2kctls") as name:
         yield name
-    finally:
-        subprocess.run(["userdel", name], check=False)
-        if created_group:
-            subprocess.run(["groupdel", "h2k"], check=False)
-        if USERNS_STAGING.exists():
-            USERNS_STAGING.rmdir()
 
 
 def test_a_denied_submission_names_the_action_h2kd_refused(env, images, submitting_user, tmp_path):

@@ -364,22 +364,10 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 @pytest.fixture
 def group_member(work: Path) -> Iterator[str]:
     """A real user in group h2k, whom the example polkit rules let submit without a password."""
-    from runas import USERNS_STAGING
+    from runas import user_in_group
 
-    name = "h2kt-load"
-    made_group = subprocess.run(["getent", "group", "h2k"], capture_output=True).returncode != 0
-    if made_group:
-        subprocess.run(["groupadd", "h2k"], check=True)
-    subprocess.run(["userdel", name], capture_output=True)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", "h2k", name], check=True)
-    try:
+    with user_in_group("h2kt-load") as name:
         yield name
-    finally:
-        subprocess.run(["userdel", name], check=False)
-        if made_group:
-            subprocess.run(["groupdel", "h2k"], check=False)
-        if USERNS_STAGING.exists():
-            USERNS_STAGING.rmdir()
 
 
 @pytest.mark.slow

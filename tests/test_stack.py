@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import grp
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kd.sandbox.cgroup import pid1_cgroup
 from h2kd.sandbox.stack import Stack, new_base_dir
+from runas import user_in_group
 
 pytestmark = pytest.mark.stack
 
@@ -89,21 +89,8 @@ def test_polkitd_answers_with_our_actions(bare_env: dict[str, str]) -> None:
 @pytest.fixture
 def h2k_member() -> Iterator[str]:
     """A real user in group h2k, removed afterwards (and the group too if this fixture made it)."""
-    user = "h2kstack-" + uuid.uuid4().hex[:6]
-    made_group = False
-    try:
-        grp.getgrnam("h2k")
-    except KeyError:
-        subprocess.run(["groupadd", "--system", "h2k"], check=True)
-        made_group = True
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    "--groups", "h2k", user], check=True)
-    try:
-        yield user
-    finally:
-        subprocess.run(["userdel", user], check=False)
-        if made_group:
-            subprocess.run(["groupdel", "h2k"], check=False)
+    with user_in_group("h2kstack-") as name:
+        yield name
 
 
 def test_polkitd_applies_the_example_rules(bare_env: dict[str, str], h2k_member: str) -> None:
