@@ -55,11 +55,12 @@ BUS_DAEMON = "org.freedesktop.DBus"
 # What h2kd answers a submission with when the spec (InvalidSpec) or the source's descriptor (InvalidArgument) is
 # not acceptable: bad input, as the same problem found by h2kctl itself is.
 _BAD_SUBMISSION = {ERROR_PREFIX + "InvalidSpec", ERROR_PREFIX + "InvalidArgument"}
-# How h2kd words a polkit refusal: "Not authorized to <words>[: reason]", or this when a password would do.
-_DENIAL_PREFIXES = ("not authorized to ", "interactive authentication is required to ")
-# h2kd's words for each of its polkit actions (the end of its refusals), to name the action it refused.
-_ACTION_BY_WORDS = {auth.describe_action(value): value[len(POLKIT_PREFIX):] for name, value in vars(auth).items()
-                    if name.startswith("ACTION_") and isinstance(value, str) and value.startswith(POLKIT_PREFIX)}
+# How h2kd words a polkit refusal: "Not authorized to <words>[: reason]", or, when a password would do, this.
+_NOT_AUTHORIZED = "not authorized to "
+_INTERACTIVE = "interactive authentication is required to "
+# h2kd's words for each of its polkit actions (the end of its refusals), longest first: to name the action refused.
+_ACTION_BY_WORDS = sorted(((words, action[len(POLKIT_PREFIX):]) for action, words in auth.ACTION_WORDS.items()),
+                          key=lambda item: -len(item[0]))
 _ACTION_ID = re.compile(re.escape(POLKIT_PREFIX) + r"([a-z0-9-]+)")
 
 
@@ -146,7 +147,7 @@ def symlink_refusal(path: str) -> str:
 def _is_polkit_denial(text: str) -> bool:
     """Whether h2kd's AccessDenied text is polkit's "no" (h2kd words those "Not authorized to <what>")
     rather than a refusal of the request's content."""
-    return not text or text.lower().startswith("not authorized to ")
+    return not text or text.lower().startswith(_NOT_AUTHORIZED)
 
 
 def refused_action(text: str) -> tuple[str, str, str] | None:
@@ -154,15 +155,14 @@ def refused_action(text: str) -> tuple[str, str, str] | None:
     names no action h2kd has: h2kd decides which action a request needs (e.g. manage for a --priority below
     the default), so its answer, not h2kctl's expectation, says which one was refused."""
     lowered = text.lower()
-    prefix = next((p for p in _DENIAL_PREFIXES if lowered.startswith(p)), None)
+    prefix = next((p for p in (_NOT_AUTHORIZED, _INTERACTIVE) if lowered.startswith(p)), None)
     if prefix is None:
         return None
     rest = text[len(prefix):]
-    named = _ACTION_ID.search(rest)
-    for words, action in sorted(_ACTION_BY_WORDS.items(), key=lambda item: -len(item[0])):
+    for words, action in _ACTION_BY_WORDS:
         if rest == words or rest.startswith(words + ": "):
             return action, words, rest[len(words) + 2:]
-    if named:
+    if named := _ACTION_ID.search(rest):
         words, _, reason = rest.partition(": ")
         return named.group(1), words, reason
     return None
@@ -306,7 +306,7 @@ class Client:
         """The message for polkit's "no": the action h2kd refused, named as h2kd names it."""
         refused = refused_action(text)
         if refused is None:
-            if text and not text.lower().startswith(_DENIAL_PREFIXES[1]):
+            if text and not text.lower().startswith(_INTERACTIVE):
                 return text[:1].lower() + text[1:]     # h2kd's words, with no action we know of
             return f"not authorized to {what}" + (f" (polkit action {POLKIT_PREFIX}{action})" if action else "")
         refused_id, words, reason = refused

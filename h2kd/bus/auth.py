@@ -37,7 +37,7 @@ ACTION_FIX_GUEST = "org.hyper2kvm.h2kd1.fix-guest"
 ACTION_READ_OTHER_USER = "org.hyper2kvm.h2kd1.read-other-user"
 
 # What the caller was trying to do, as the end of "Not authorized to ...".
-_ACTION_WORDS = {
+ACTION_WORDS = {
     ACTION_SUBMIT: "submit conversion jobs",
     ACTION_CANCEL: "cancel, retry or start this job",
     ACTION_CANCEL_OTHER_USER: "cancel, retry or start another user's job",
@@ -81,7 +81,7 @@ def allows_interaction(message: Message) -> bool:
 
 
 def describe_action(action_id: str) -> str:
-    return _ACTION_WORDS.get(action_id, f"perform {action_id}")
+    return ACTION_WORDS.get(action_id, f"perform {action_id}")
 
 
 class Authority:
