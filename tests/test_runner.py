@@ -1004,6 +1004,52 @@ def test_an_attempt_stopped_in_an_earlier_boot_is_interrupted_when_reattached(sa
     asyncio.run(scenario())
 
 
+def test_an_attempt_whose_manager_went_away_is_interrupted_but_not_one_across_a_reexec(sandbox: Sandbox) -> None:
+    """The whole stack goes down together (h2k-sandbox's teardown; a user manager's end): h2kd is gone before
+    it hears how its units ended. The next runner, on a new manager in the same boot, takes the attempt as
+    interrupted, not as an administrator's stop. A daemon-reexec in between is no new manager."""
+    runtime = sandbox.base / "replaced"
+    manager = start_user_manager(runtime, sandbox.base / "replaced.log", {})
+    try:
+        config = sandbox.config("wait", systemd_bus_address=manager.bus_address,
+                                state_dir=sandbox.base / "replaced-state")
+
+        async def leave_running() -> Job:
+            job = make_job()
+            job.unit, _ = await left_running(config, job)
+            return job
+
+        across_reexec = asyncio.run(leave_running())
+        reexec = subprocess.run(["systemctl", "--user", "daemon-reexec"], env=manager.systemctl_env(),
+                                capture_output=True, text=True, timeout=30)
+        assert reexec.returncode == 0, reexec.stderr
+
+        async def reattach_across_reexec() -> None:
+            events = RecordingEvents()
+            async with runner_for(config, events) as runner:
+                await runner.reattach(across_reexec)
+                await asyncio.to_thread((config.runs_dir / across_reexec.unit / "go").touch)
+                outcome = await events.wait_finished(across_reexec.id)
+            assert outcome.result == "success" and not outcome.interrupted, outcome
+
+        asyncio.run(reattach_across_reexec())
+        cut_off = asyncio.run(leave_running())
+        manager.stop()
+        manager = start_user_manager(runtime, sandbox.base / "replaced.log", {})
+
+        async def reattach_under_a_new_manager() -> None:
+            events = RecordingEvents()
+            async with runner_for(config, events) as runner:
+                await runner.reattach(cut_off)
+                outcome = await events.wait_finished(cut_off.id)
+            assert outcome.interrupted and not outcome.stopped_by_request, outcome
+            assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
+
+        asyncio.run(reattach_under_a_new_manager())
+    finally:
+        manager.stop()
+
+
 @pytest.mark.parametrize("while_away", [False, True], ids=["followed", "reattached"])
 def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles(sandbox: Sandbox,
                                                                                   while_away: bool) -> None:

@@ -13,7 +13,8 @@ a thousand jobs must not hold the event loop. An attempt that needs a directory 
 A unit stopped because the system (or the user manager) is going down was interrupted, not cancelled: the
 runner tells the manager when a shutdown begins (a job for shutdown.target appears; system_stopping), and
 reports such an end with interrupted=True. So does a reattach that finds an attempt stopped in an earlier
-boot (the boot id recorded in its spec file differs from this one): h2kd was not there to see it.
+boot (the boot id recorded in its spec file differs from this one), or by a manager that has since been replaced
+by a new one (the manager instance recorded differs; a daemon-reexec keeps it): h2kd was not there to see it.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class SystemdRunner:
         self._systemd_owner: str | None = None
         self._system_stopping = False
         self._boot_id = _read_boot_id()
+        self._manager_instance = ""         # of the manager reached now (_learn_manager); "" while unknown
         # One thread: removals happen in the order they were asked for, and a burst of them takes one core's
         # worth of disk work, not every thread of the default executor.
         self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2kd-remove")
@@ -304,7 +306,12 @@ class SystemdRunner:
 
     async def _learn_manager(self) -> None:
         """Where the manager's notify socket lives (a user manager's XDG_RUNTIME_DIR; None for the
-        system manager) and the cgroup its units live under."""
+        system manager), the cgroup its units live under, and which instance of the manager it is."""
+        # When its userspace started, which a daemon-reexec carries over and a new manager does not (nor, on
+        # systemd 256 and later, a soft-reboot: its count is part of the instance).
+        started = await self._manager_property("UserspaceTimestamp")
+        soft_reboots = await self._manager_property("SoftRebootsCount")
+        self._manager_instance = f"{started or 0}" + (f"/{soft_reboots}" if soft_reboots is not None else "")
         self._notify_socket_dir = None
         for item in await self._manager_property("Environment") or []:
             if item.startswith("XDG_RUNTIME_DIR="):
@@ -361,6 +368,7 @@ class SystemdRunner:
         _write_json_atomically(spec_path, {"job_id": job.id, "job_created_at": job.created_at, "attempt": attempt,
                                            "spec": job.spec,
                                            "spec_checked": True, "boot_id": self._boot_id,
+                                           "manager_instance": self._manager_instance,
                                            "output_roots": [str(r) for r in self._config.output_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
                                                      # the job's own output directory: the group enters it only
@@ -582,13 +590,17 @@ class SystemdRunner:
     def _interrupted(self, followed: _Followed, worker_result: dict[str, Any] | None,
                      spec_file: dict[str, Any]) -> bool:
         """Whether the attempt was stopped by the system going down: it ended by a stop (or was killed
-        outright) that h2kd did not ask for, while a shutdown was under way or in an earlier boot."""
+        outright) that h2kd did not ask for, while a shutdown was under way, in an earlier boot, or under a
+        manager that is no longer the one running."""
         if followed.stop_requested or (worker_result is not None and worker_result.get("status") != "cancelled"):
             return False
         if self._system_stopping:
             return True
         started_in = spec_file.get("boot_id")
-        return bool(started_in and self._boot_id and started_in != self._boot_id)
+        if started_in and self._boot_id and started_in != self._boot_id:
+            return True
+        started_under = spec_file.get("manager_instance")
+        return bool(started_under and self._manager_instance and started_under != self._manager_instance)
 
     def _apply(self, followed: _Followed, values: dict[str, Any]) -> None:
         """Take in property values of the unit (from a signal or a query)."""
