@@ -18,7 +18,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, DBusError
 
 from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH, WORKER_PATH_PREFIX
-from h2kd.bus import auth, variants
+from h2kd.bus import variants
 from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
@@ -55,13 +55,13 @@ BUS_DAEMON = "org.freedesktop.DBus"
 # What h2kd answers a submission with when the spec (InvalidSpec) or the source's descriptor (InvalidArgument) is
 # not acceptable: bad input, as the same problem found by h2kctl itself is.
 _BAD_SUBMISSION = {ERROR_PREFIX + "InvalidSpec", ERROR_PREFIX + "InvalidArgument"}
-# How h2kd words a polkit refusal: "Not authorized to <words>[: reason]", or, when a password would do, this.
+# How h2kd's polkit refusals begin: "Not authorized to ...", or, when a password would do, "Interactive ...".
 _NOT_AUTHORIZED = "not authorized to "
 _INTERACTIVE = "interactive authentication is required to "
-# h2kd's words for each of its polkit actions (the end of its refusals), longest first: to name the action refused.
-_ACTION_BY_WORDS = sorted(((words, action[len(POLKIT_PREFIX):]) for action, words in auth.ACTION_WORDS.items()),
-                          key=lambda item: -len(item[0]))
-_ACTION_ID = re.compile(re.escape(POLKIT_PREFIX) + r"([a-z0-9-]+)")
+# h2kd's polkit refusal: "<prefix><words> (polkit action <id>)[: reason]" (h2kd.bus.auth.describe_action).
+_REFUSAL = re.compile(r"(?:" + re.escape(_NOT_AUTHORIZED) + "|" + re.escape(_INTERACTIVE) + r")(?P<words>.*?) "
+                      r"\(polkit action " + re.escape(POLKIT_PREFIX) + r"(?P<action>[a-z0-9-]+)\)(?:: (?P<reason>.*))?",
+                      re.IGNORECASE | re.DOTALL)
 
 
 class Withheld:
@@ -152,20 +152,12 @@ def _is_polkit_denial(text: str) -> bool:
 
 def refused_action(text: str) -> tuple[str, str, str] | None:
     """(action, h2kd's words for it, the reason after them) of a polkit refusal in h2kd's words, None if the text
-    names no action h2kd has: h2kd decides which action a request needs (e.g. manage for a --priority below
-    the default), so its answer, not h2kctl's expectation, says which one was refused."""
-    lowered = text.lower()
-    prefix = next((p for p in (_NOT_AUTHORIZED, _INTERACTIVE) if lowered.startswith(p)), None)
-    if prefix is None:
+    is no such refusal: h2kd decides which action a request needs (e.g. manage for a --priority below the
+    default), so its answer, not h2kctl's expectation, says which one was refused."""
+    refusal = _REFUSAL.fullmatch(text)
+    if refusal is None:
         return None
-    rest = text[len(prefix):]
-    for words, action in _ACTION_BY_WORDS:
-        if rest == words or rest.startswith(words + ": "):
-            return action, words, rest[len(words) + 2:]
-    if named := _ACTION_ID.search(rest):
-        words, _, reason = rest.partition(": ")
-        return named.group(1), words, reason
-    return None
+    return refusal["action"], refusal["words"], refusal["reason"] or ""
 
 
 def _submission_error(error: CtlError, source: str | None) -> CtlError:

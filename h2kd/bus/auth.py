@@ -81,7 +81,9 @@ def allows_interaction(message: Message) -> bool:
 
 
 def describe_action(action_id: str) -> str:
-    return ACTION_WORDS.get(action_id, f"perform {action_id}")
+    """What a refusal of `action_id` says was refused: h2kd's words for it, then the action's id, which
+    programs (h2kctl) read and an administrator's polkit rule names: "cancel this job (polkit action ...)"."""
+    return f"{ACTION_WORDS.get(action_id, 'perform this action')} (polkit action {action_id})"
 
 
 class Authority:
