@@ -19,7 +19,7 @@ from h2kd import __version__
 from h2kctl import schema
 from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
-from h2kctl.follow import (TERMINAL, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
+from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all)
 from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
                            user_name)
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", nargs="?", help="the job id (default: all jobs)")
 
     p = command("wait", "wait until jobs end: those named, or every job queued or running now (held jobs, "
-                "submitted with --no-queue, are not waited for); one line per job as it is seen to end",
+                "submitted with --no-queue, are not waited for); one line per job as it is seen to end, in the order "
+                "they end",
                 json_output=True)
     p.add_argument("jobs", metavar="JOB", nargs="*", help="job ids (default: every job queued or running now)")
 
@@ -272,7 +273,7 @@ class Output:
 
     def line(self, text: str) -> None:
         if not self.quiet:
-            print(text)
+            print(text, flush=True)     # when it happens, also into a pipe (`h2kctl wait | tee log`)
 
 
 def _split_multi(values: list[str] | None) -> list[str]:
@@ -571,33 +572,59 @@ def _cancel_hint(remaining: list[str], waited: int) -> str:
     return text + f"; cancel {'it' if len(remaining) == 1 else 'them'} with: h2kctl cancel {' '.join(remaining)}"
 
 
+# Jobs `wait` follows at once, each with its two match rules and up to three calls in flight (the system bus
+# allows a connection 512 rules and 128 pending calls); the others wait their turn, and one that ended meanwhile
+# is reported as soon as it has it.
+FOLLOWED_AT_ONCE = 16
+
+
 async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.jobs:
         job_ids = list(args.jobs)
     else:
         (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict({"state": _UNDER_WAY})])
         job_ids = [entry[0] for entry in entries]
-    ended: list[tuple[str, dict[str, Any]]] = []
-    gone = 0
-    for index, job_id in enumerate(job_ids):
+    ended: dict[str, tuple[str, dict[str, Any]]] = {}
+    gone: set[str] = set()
+    turns = asyncio.Semaphore(FOLLOWED_AT_ONCE)
+
+    async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> str:
+        async with turns:
+            if ctrl_c.is_set():
+                return job_id
+            try:
+                path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}",
+                                       ctrl_c)
+                props = path and await follow_job(client, job_id, ProgressView(None, False), path, ctrl_c)
+            except CtlError as e:  # no such job, or removed before it was seen to end: the others are still waited for
+                if e.code != ExitCode.NO_SUCH_JOB:
+                    raise
+                _say(e)
+                gone.add(job_id)
+                return job_id
+            if props:
+                ended[job_id] = (path, props)
+                if not out.json and not out.quiet:    # as each job ends, whatever the order they were named in
+                    out.line(_first_line(final_message(props)))
+            return job_id
+
+    with CtrlC() as ctrl_c:
+        waits = [asyncio.create_task(wait_for(job_id, ctrl_c.event)) for job_id in job_ids]
         try:
-            path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}")
-            props = await follow_job(client, job_id, ProgressView(None, False), path)
-        except CtlError as e:   # no such job, or removed before it was seen to end: the others are still waited for
-            if e.code != ExitCode.NO_SUCH_JOB:
-                raise
-            _say(e)
-            gone += 1
-            continue
-        if props is None:   # Ctrl-C: the jobs go on
-            print(f"{PROG}: stopped waiting; {_cancel_hint(job_ids[index:], len(job_ids))}", file=sys.stderr)
-            return ExitCode.INTERRUPTED
-        ended.append((path, props))
-        if not out.json and not out.quiet:
-            out.line(_first_line(final_message(props)))
+            for each in asyncio.as_completed(waits):
+                await each          # a failure other than a job gone ends the wait for all
+        finally:
+            for each in waits:
+                each.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if ctrl_c.event.is_set():   # the jobs go on
+            remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone]
+            if remaining:
+                print(f"{PROG}: stopped waiting; {_cancel_hint(remaining, len(job_ids))}", file=sys.stderr)
+                return ExitCode.INTERRUPTED
     if out.json:
-        out.emit_json([schema.job(props, path) for path, props in ended])
-    states = {props["State"] for _, props in ended}
+        out.emit_json([schema.job(props, path) for path, props in (ended[j] for j in job_ids if j in ended)])
+    states = {props["State"] for _, props in ended.values()}
     for state, code in (("failed", ExitCode.JOB_FAILED), ("cancelled", ExitCode.JOB_CANCELLED)):
         if state in states:
             return code

@@ -180,13 +180,14 @@ class ProgressView:
             self.stream.flush()
 
 
-class _Interrupt:
-    """Turns SIGINT into an event while following, so Ctrl-C detaches instead of raising."""
+class CtrlC:
+    """Turns SIGINT into an event while following, so Ctrl-C detaches instead of raising (one for all the jobs
+    followed at once: a second handler would replace the first)."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
 
-    def __enter__(self) -> "_Interrupt":
+    def __enter__(self) -> "CtrlC":
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self.event.set)
         return self
 
@@ -231,10 +232,11 @@ async def patiently(client: Client, call: Callable[[], Awaitable[T]], doing: str
         delay = min(delay * 2, RETRY_MAX_SECONDS)
 
 
-async def follow_job(client: Client, job_id: str, view: ProgressView, path: str | None = None
-                     ) -> dict[str, Any] | None:
+async def follow_job(client: Client, job_id: str, view: ProgressView, path: str | None = None,
+                     interrupt: asyncio.Event | None = None) -> dict[str, Any] | None:
     """Follow one job (at `path`, if known) until it ends; return its final properties, or None when the user
-    pressed Ctrl-C (the job is left running; the caller says how to cancel it). h2kd may restart meanwhile."""
+    pressed Ctrl-C (the job is left running; the caller says how to cancel it). h2kd may restart meanwhile.
+    `interrupt`: the Ctrl-C event of a caller following several jobs at once (CtrlC), else one of its own."""
     doing = f"waiting for job {job_id}"
     path = path or await patiently(client, lambda: client.get_job_path(job_id), doing)
     changed = asyncio.Event()
@@ -278,27 +280,28 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
              f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',interface='{OBJECT_MANAGER_IFACE}',"
              f"member='InterfacesRemoved'"]
     async with client.signals(rules, on_signal):
-        with _Interrupt() as interrupt:
-            read = await read_all(interrupt.event)   # after subscribing, so nothing is missed
+        with contextlib.ExitStack() as scope:
+            ctrl_c = interrupt or scope.enter_context(CtrlC()).event
+            read = await read_all(ctrl_c)   # after subscribing, so nothing is missed
             last_read = time.monotonic()
             while read:
                 if props.get("State") in TERMINAL:
                     # The final values: read them once more, so Result and Error are complete.
-                    if not await read_all(interrupt.event, final=True):
+                    if not await read_all(ctrl_c, final=True):
                         break
                     view.update(props, force=True)
                     view.clear()
                     return props
                 view.update(props)
-                await _wait_any([changed, interrupt.event, removed], RESYNC_SECONDS)
-                if interrupt.event.is_set():
+                await _wait_any([changed, ctrl_c, removed], RESYNC_SECONDS)
+                if ctrl_c.is_set():
                     break
                 if removed.is_set():
                     view.clear()
                     raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
                 changed.clear()
                 if time.monotonic() - last_read >= RESYNC_SECONDS:
-                    read = await read_all(interrupt.event)
+                    read = await read_all(ctrl_c)
                     last_read = time.monotonic()
             view.clear()
             return None
@@ -410,7 +413,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
     if not tty:
         stream.write("Watching all jobs; press Ctrl-C to stop.\n")
         stream.flush()
-    with _Interrupt() as interrupt:
+    with CtrlC() as interrupt:
         while not interrupt.event.is_set():
             width, height = shutil.get_terminal_size((80, 24))
             finished_now = [p for p, props in jobs.items()

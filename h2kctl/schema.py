@@ -119,7 +119,8 @@ DOC: list[tuple[str, str]] = [
      "null also for another user's job, whose result is for its owner and administrators to read)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "
      "it is submitted, or, with --wait, once it has ended."),
-    ("wait", "An array of job objects, as status prints them (without history), in the order waited for."),
+    ("wait", "An array of job objects, as status prints them (without history), in the order the jobs were "
+             "named (or listed)."),
     ("show", "An object of every D-Bus property of the job, named and typed as on the bus "
              "(e.g. \"State\": \"queued\", \"Error\": [code, message]); Result is left out of another user's "
              "job, unless the caller may read it."),

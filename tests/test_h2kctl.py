@@ -549,7 +549,7 @@ def test_wait_blocks_until_a_batch_ends_and_says_how_it_went(env, images, output
         assert ended[good] == "completed" and ended[bad] == "failed" and held not in ended
         again = h2kctl(env, "wait", good, bad)
         assert again.returncode == 3
-        assert [line.split()[1] for line in again.stdout.splitlines()] == [good, bad], again.stdout
+        assert sorted(line.split()[1] for line in again.stdout.splitlines()) == sorted([good, bad]), again.stdout
         assert ok(h2kctl(env, "wait", good)).stdout.startswith(f"Job {good} completed")
     finally:
         for job_id in (good, bad, held):
@@ -1030,6 +1030,38 @@ def test_cancel_returns_once_the_job_has_stopped(env, images, output_dir, thrott
     finally:
         h2kctl(env, "cancel", job_id)
         h2kctl(env, "remove", job_id)
+
+
+def test_wait_says_a_failure_when_it_happens_not_after_the_jobs_named_before_it(env, images, output_dir, throttled):
+    """A batch of a long conversion and one that fails at once: `h2kctl wait LONG BAD` reports BAD's failure while
+    LONG still runs, then LONG's end; --json lists them in the order named."""
+    long, bad = new_id("wait-long"), new_id("wait-bad-early")
+    outputs = [output_dir / f"{job_id}.qcow2" for job_id in (long, bad)]
+    ok(h2kctl(env, "submit", str(images["big"]), "-o", str(outputs[0]), "--id", long, "--source-format", "raw"))
+    waiting = None
+    try:
+        wait_until_converting(env, long)
+        ok(h2kctl(env, "submit", str(images["text"]), "-o", str(outputs[1]), "--id", bad, "--source-format", "vmdk"))
+        waiting = subprocess.Popen([H2KCTL, "wait", long, bad], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        first_line = waiting.stdout.readline()
+        assert first_line.startswith(f"Job {bad} failed"), first_line
+        assert job_state(env, long) not in TERMINAL, "the long job ended first: nothing was tested"
+        ok(h2kctl(env, "cancel", long))
+        rest, stderr = waiting.communicate(timeout=60)
+        assert waiting.returncode == 3, stderr
+        assert rest.startswith(f"Job {long} cancelled"), rest
+        listed = json.loads(h2kctl(env, "wait", "--json", bad, long).stdout)
+        assert [job["id"] for job in listed] == [bad, long]
+    finally:
+        if waiting is not None and waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        for job_id in (long, bad):
+            h2kctl(env, "cancel", job_id)
+            h2kctl(env, "remove", job_id)
+        for output in outputs:
+            output.unlink(missing_ok=True)
 
 
 def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, throttled):
