@@ -127,8 +127,10 @@ def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, 
     path, unit = run(start_and_wait_for_progress())
     stack.kill_daemon()
     assert unit, "a running job names its unit"
+    ended_by = 0.0
     if unit_ends_while_away:
         _wait_unit_gone(stack, unit)
+        ended_by = time.time()
 
     stack.restart_daemon(daemon_env={"H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=24000000"})
 
@@ -137,12 +139,15 @@ def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, 
         await wait_for(lambda: _is_final(client, path), 120, "the job to end")
         state = await job_state(client, path)
         attempt = await client.prop(path, JOB, "Attempt")
+        finished_at = await client.prop(path, JOB, "FinishedAt")
         (events,) = await client.call(path, JOB, "GetEvents", "t", [0])
         client.close()
-        return state, attempt, events
+        return state, attempt, finished_at, events
 
-    state, attempt, events = run(after_restart())
+    state, attempt, finished_at, events = run(after_restart())
     assert state == "completed"
+    if unit_ends_while_away:    # when the conversion ended ("completed in N s"), not when h2kd came back to see it
+        assert finished_at <= ended_by * 1e6, (finished_at, ended_by)
     assert attempt == 1
     assert len(_attempt_starts(events)) == 1, "the conversion was started more than once"
     assert [e[2] for e in events].count("result") == 1, "the job was settled more than once"

@@ -914,15 +914,15 @@ class JobManager:
         if result.get("status") == "completed" and (outcome.result == "success" or outcome.exit_status == 0):
             # Exit 0 with a completed result and systemd saying "timeout": its time ran out while the outputs got
             # their names, which the worker finishes whatever comes; they are in place, the job is done.
-            self._complete(job, result)
+            self._complete(job, result, outcome.ended_at)
         elif wanted_cancel:
-            self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result)
+            self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result, outcome.ended_at)
         elif outcome.interrupted:
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"unit {outcome.unit} was stopped by the system "
                                   "shutting down", attempt_spent=False)
         elif outcome.result != "timeout" and (
                 result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
-            self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result)
+            self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result, outcome.ended_at)
         elif outcome.result == "not-started":
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started", attempt_spent=False)
         elif outcome.result == "unknown" and job.state == S.ASSIGNED:
@@ -1040,14 +1040,14 @@ class JobManager:
         job.started_at = job.started_at or now_usec()
         self._transition(job, S.RUNNING, "its unit was found running after h2kd restarted")
 
-    def _complete(self, job: Job, result: dict[str, Any]) -> None:
+    def _complete(self, job: Job, result: dict[str, Any], ended_at: int = 0) -> None:
         if job.state == S.ASSIGNED:
             self._found_running(job)
         job.progress = 1.0
         job.progress_known = True
         if job.bytes_total:
             job.bytes_done = job.bytes_total
-        self._finish(job, S.COMPLETED, "completed", result)
+        self._finish(job, S.COMPLETED, "completed", result, ended_at)
 
     def _attempt_failed(self, job: Job, code: ErrorCode, message: str, phase: str, retryable: bool,
                         result: dict[str, Any] | None = None, attempt_spent: bool = True) -> None:
@@ -1092,9 +1092,12 @@ class JobManager:
             result["status"] = "cancelled"
         return result
 
-    def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None) -> None:
+    def _finish(self, job: Job, state: JobState, reason: str, result: dict[str, Any] | None = None,
+                ended_at: int = 0) -> None:
+        """ended_at: when the attempt's worker ended, if known; h2kd may learn of it only later (it was away)."""
         job.result = result = self._attempt_result(job, state, result)
-        job.finished_at = now_usec()
+        now = now_usec()
+        job.finished_at = min(max(ended_at, job.started_at), now) if ended_at else now
         job.not_before = 0
         self._transition(job, state, reason)
         self._cancel_timer(job.id)

@@ -723,6 +723,7 @@ class SystemdRunner:
             self._report_finished(followed, outcome)
             return
         worker_result = _read_result(followed.run_dir / "result.json")
+        ended_at = _written_at(followed.run_dir / "result.json") if worker_result is not None else 0
         if gone and followed.active_state not in _FINAL_STATES:
             # Collected before its final state reached us (or never seen: reattach after it was collected):
             # what we saw is stale, so the files are all there is to go by.
@@ -740,7 +741,8 @@ class SystemdRunner:
         log_tail = [] if succeeded else await self._log_tail(followed)
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested,
-                              interrupted=not succeeded and self._interrupted(followed, worker_result, spec_file))
+                              interrupted=not succeeded and self._interrupted(followed, worker_result, spec_file),
+                              ended_at=ended_at)
         self._report_finished(followed, outcome)
 
     def _report_finished(self, followed: _Followed, outcome: UnitOutcome) -> None:
@@ -875,6 +877,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _written_at(path: Path) -> int:
+    """When the file was written (µs since the epoch), 0 if it cannot be told: for a result file, when its worker
+    ended, which may be long before h2kd, away meanwhile, reads it."""
+    try:
+        return os.stat(path).st_mtime_ns // 1000
+    except OSError:
+        return 0
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
