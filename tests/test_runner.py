@@ -271,6 +271,15 @@ async def wait_for(predicate, timeout: float = 20.0, what: str = "condition") ->
         await asyncio.sleep(0.05)
 
 
+def manager_started(sandbox: Sandbox) -> str:
+    """The UserspaceTimestamp of the sandbox's systemd manager, as busctl reads it."""
+    got = subprocess.run(["busctl", "--user", "get-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                          "org.freedesktop.systemd1.Manager", "UserspaceTimestamp"], env=sandbox.manager.systemctl_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0 and got.stdout.startswith("t "), got
+    return got.stdout.split()[1]
+
+
 def starts(config: Config, unit: str) -> int:
     path = config.runs_dir / unit / "starts"
     return len(path.read_text().split()) if path.exists() else 0
@@ -356,6 +365,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
             assert spec_file == {"job_id": convert.id, "job_created_at": convert.created_at, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                                 "manager_instance": manager_started(sandbox),
                                  "output_roots": [str(config.output_roots[0])],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
                                            "groups": []},
