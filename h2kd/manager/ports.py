@@ -81,7 +81,7 @@ class UnitOutcome:
     log_tail: list[str] = field(default_factory=list)
     stopped_by_request: bool = False  # h2kd stopped it (Runner.stop); an administrator's systemctl stop is not
     interrupted: bool = False         # stopped by the system going down (shutdown, reboot), not by anyone's wish
-    ended_at: int = 0                 # when the worker wrote its result (µs since the epoch); 0: not known
+    ended_at: int = 0                 # when it ended (µs since the epoch), if h2kd was not there to see it; 0: now
 
 
 class RunnerEvents(Protocol):

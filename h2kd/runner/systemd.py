@@ -723,18 +723,16 @@ class SystemdRunner:
             self._report_finished(followed, outcome)
             return
         worker_result = _read_result(followed.run_dir / "result.json")
-        ended_at = _written_at(followed.run_dir / "result.json") if worker_result is not None else 0
-        if gone and followed.active_state not in _FINAL_STATES:
-            # Collected before its final state reached us (or never seen: reattach after it was collected):
-            # what we saw is stale, so the files are all there is to go by.
+        ended_at = 0            # now: h2kd saw the unit end
+        # Collected before its final state reached us, or never seen (reattach after it was collected): what we
+        # saw is stale or nothing, so the files are all there is to go by, also for when the attempt ended.
+        if (gone and followed.active_state not in _FINAL_STATES) or not (followed.seen or followed.active_state):
             result, status = _outcome_from_files(followed.run_dir, worker_result)
-        elif followed.seen or followed.active_state:
+            ended_at = _written_at(followed.run_dir / "result.json") if worker_result is not None else 0
+        else:
             result, status = followed.result or "success", followed.exec_main_status
             if result == "success" and not followed.exec_main_started and worker_result is None:
                 result = "not-started"
-        else:
-            # We never saw this unit (reattach after it was collected): the files are all that is left.
-            result, status = _outcome_from_files(followed.run_dir, worker_result)
         await self._remove_leftovers(followed, worker_result)
         succeeded = result == "success" and (worker_result or {}).get("status") == "completed"
         # The log tail only explains failures; reading the journal for a success would delay every job.
