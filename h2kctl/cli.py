@@ -13,6 +13,7 @@ import pwd
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from h2kd import __version__
@@ -734,8 +735,28 @@ async def cmd_remove(client: Client, args: argparse.Namespace, out: Output) -> i
     return await _each_job(args.jobs, remove)
 
 
+# Where journald keeps this machine's entries (persistent, then volatile): the system's hold the jobs' lines.
+JOURNAL_DIRECTORIES = ("/var/log/journal", "/run/log/journal")
+
+
+def reads_system_journal() -> bool:
+    """Whether this user can read the system journal's files (True if there seem to be none: journalctl says)."""
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        return True
+    directories = [d for d in (Path(root) / machine for root in JOURNAL_DIRECTORIES) if machine and d.is_dir()]
+    return not directories or any(os.access(d, os.R_OK | os.X_OK) and
+                                  any(os.access(f, os.R_OK) for f in d.glob("system*.journal")) for d in directories)
+
+
 async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
     await client.get_job_path(args.job)   # an unknown job is an error, not an empty journal
+    if os.geteuid() != 0 and not reads_system_journal():
+        # journalctl would show nothing but its hint and exit 1: say why, and what this user can read instead.
+        raise CtlError(f"the lines of job {args.job} are in the system journal, which this user may not read (root "
+                       f"and group systemd-journal may, on many systems adm and wheel too); h2kctl events {args.job} "
+                       f"shows the job's history")
     return ExitCode.SUCCESS
 
 

@@ -857,6 +857,27 @@ def plain_user():
         yield name
 
 
+def test_logs_tell_a_user_who_cannot_read_the_system_journal_what_to_read_instead(env, images, plain_user, output_dir):
+    """journalctl, for a user outside its readers, shows no line and a hint of its own; h2kctl says why there is
+    nothing and names what the user can read, the job's history."""
+    job_id = new_id("logs-plain")
+    ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", str(output_dir / f"{job_id}.qcow2"),
+              "--id", job_id, timeout=120))
+    try:
+        refused = h2kctl(env, "logs", "--no-pager", job_id, user=plain_user)
+        assert refused.returncode == 1 and refused.stdout == "", refused
+        assert refused.stderr.startswith(f"h2kctl: the lines of job {job_id} are in the system journal, which this "
+                                         "user may not read"), refused.stderr
+        assert refused.stderr.strip().endswith(f"h2kctl events {job_id} shows the job's history"), refused.stderr
+        assert "Hint" not in refused.stderr and len(refused.stderr.splitlines()) == 1, refused.stderr
+        history = ok(h2kctl(env, "events", job_id, user=plain_user))
+        assert "completed" in history.stdout, history.stdout
+        assert job_id in ok(h2kctl(env, "logs", "--no-pager", job_id)).stdout   # root reads them
+    finally:
+        h2kctl(env, "remove", job_id)
+        (output_dir / f"{job_id}.qcow2").unlink(missing_ok=True)
+
+
 def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, plain_user, output_dir, paused_queue):
     listed = h2kctl(env, "list", "--json", user=plain_user)
     assert listed.returncode == 0, listed
