@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", help="the job id")
     _wait_option(p, "after queueing it")
 
-    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0)")
+    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0), for those who may read the system "
+                        "journal (root, group systemd-journal); events shows any user a job's history")
     p.add_argument("job", metavar="JOB", help="the job id")
     p.add_argument("-f", "--follow", action="store_true", help="follow the journal (journalctl -f)")
     p.add_argument("-n", "--lines", metavar="N", type=_int_range(0, 2**31), help="show only the last N entries")
