@@ -271,13 +271,18 @@ async def wait_for(predicate, timeout: float = 20.0, what: str = "condition") ->
         await asyncio.sleep(0.05)
 
 
-def manager_started(sandbox: Sandbox) -> str:
-    """The UserspaceTimestamp of the sandbox's systemd manager, as busctl reads it."""
-    got = subprocess.run(["busctl", "--user", "get-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-                          "org.freedesktop.systemd1.Manager", "UserspaceTimestamp"], env=sandbox.manager.systemctl_env(),
-                         capture_output=True, text=True, timeout=30)
-    assert got.returncode == 0 and got.stdout.startswith("t "), got
-    return got.stdout.split()[1]
+def manager_instance(sandbox: Sandbox) -> str:
+    """The sandbox's systemd manager as busctl reads it: its UserspaceTimestamp, and "/" and its SoftRebootsCount
+    where systemd has that property (256 and later)."""
+    values = []
+    for name in ("UserspaceTimestamp", "SoftRebootsCount"):
+        got = subprocess.run(["busctl", "--user", "get-property", "org.freedesktop.systemd1",
+                              "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", name],
+                             env=sandbox.manager.systemctl_env(), capture_output=True, text=True, timeout=30)
+        if got.returncode == 0:
+            values.append(got.stdout.split()[1])
+    assert values, "the manager has no UserspaceTimestamp"
+    return "/".join(values)
 
 
 def starts(config: Config, unit: str) -> int:
@@ -286,6 +291,17 @@ def starts(config: Config, unit: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("then, now, other", [
+    ("1795822599101201", "1795822599101201", False),
+    ("1795822599101201", "1795822600601543", True),       # a new manager: its userspace started later
+    ("1795822599101201", "1795822599101201/0", False),    # re-executed into a systemd that counts soft-reboots
+    ("1795822599101201/0", "1795822599101201/1", True),   # a soft-reboot since
+    ("", "1795822599101201", False), ("1795822599101201", "", False),   # not known: not judged by it
+])
+def test_an_attempt_is_under_another_manager_only_when_both_instances_are_known_and_differ(then, now, other) -> None:
+    assert systemd_runner._other_manager(then, now) is other
 
 
 @pytest.mark.parametrize("job_id", ["plain", "a/b-c.d é", ".hidden", "x y\\z", "ok_1:2"])
@@ -365,7 +381,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             spec_file = json.loads((config.runs_dir / convert_unit / "spec.json").read_text())
             assert spec_file == {"job_id": convert.id, "job_created_at": convert.created_at, "attempt": 1, "spec": convert.spec, "spec_checked": True,
                                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                                 "manager_instance": manager_started(sandbox),
+                                 "manager_instance": manager_instance(sandbox),
                                  "output_roots": [str(config.output_roots[0])],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
                                            "groups": []},
@@ -1038,9 +1054,14 @@ def test_an_attempt_whose_manager_went_away_is_interrupted_but_not_one_across_a_
             events = RecordingEvents()
             async with runner_for(config, events) as runner:
                 await runner.reattach(across_reexec)
-                await asyncio.to_thread((config.runs_dir / across_reexec.unit / "go").touch)
+                # An administrator's stop under the same manager, re-executed: a cancel, not an interruption.
+                stopped = await asyncio.to_thread(subprocess.run, ["systemctl", "--user", "stop", across_reexec.unit],
+                                                  env=manager.systemctl_env(), capture_output=True, text=True,
+                                                  timeout=30)
+                assert stopped.returncode == 0, stopped.stderr
                 outcome = await events.wait_finished(across_reexec.id)
-            assert outcome.result == "success" and not outcome.interrupted, outcome
+            assert not outcome.interrupted and not outcome.stopped_by_request, outcome
+            assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
 
         asyncio.run(reattach_across_reexec())
         cut_off = asyncio.run(leave_running())

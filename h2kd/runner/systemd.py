@@ -186,6 +186,7 @@ class SystemdRunner:
     async def connect(self) -> None:
         """Connect to the systemd manager's bus, subscribe to its signals, set up our slice."""
         self._closing = False
+        self._manager_instance = ""     # until learnt: an attempt started meanwhile records none, and is not judged by it
         address = self._config.systemd_bus_address
         bus = MessageBus(bus_address=address) if address else MessageBus(bus_type=BusType.SYSTEM)
         await bus.connect()
@@ -311,7 +312,8 @@ class SystemdRunner:
         # systemd 256 and later, a soft-reboot: its count is part of the instance).
         started = await self._manager_property("UserspaceTimestamp")
         soft_reboots = await self._manager_property("SoftRebootsCount")
-        self._manager_instance = f"{started or 0}" + (f"/{soft_reboots}" if soft_reboots is not None else "")
+        self._manager_instance = (f"{started}" + (f"/{soft_reboots}" if soft_reboots is not None else "")
+                                  if started else "")
         self._notify_socket_dir = None
         for item in await self._manager_property("Environment") or []:
             if item.startswith("XDG_RUNTIME_DIR="):
@@ -599,8 +601,7 @@ class SystemdRunner:
         started_in = spec_file.get("boot_id")
         if started_in and self._boot_id and started_in != self._boot_id:
             return True
-        started_under = spec_file.get("manager_instance")
-        return bool(started_under and self._manager_instance and started_under != self._manager_instance)
+        return _other_manager(spec_file.get("manager_instance"), self._manager_instance)
 
     def _apply(self, followed: _Followed, values: dict[str, Any]) -> None:
         """Take in property values of the unit (from a signal or a query)."""
@@ -875,6 +876,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _other_manager(started_under: Any, now: str) -> bool:
+    """Whether two manager instances ("USERSPACE_TIMESTAMP[/SOFT_REBOOTS]") are known and differ. The count of
+    soft-reboots is compared only when both have it: a systemd upgraded to one that counts them (re-executed, the
+    same manager) adds it."""
+    if not (isinstance(started_under, str) and started_under and now):
+        return False
+    (then_started, _, then_count), (now_started, _, now_count) = started_under.partition("/"), now.partition("/")
+    return then_started != now_started or bool(then_count and now_count and then_count != now_count)
 
 
 def _written_at(path: Path) -> int:
