@@ -954,7 +954,7 @@ class JobManager:
                 # Error, which is everyone's: the lines may tell what a guest or an image holds.
                 result = {**result, "log_tail": [line[:LOG_TAIL_LINE_CHARS] for line in outcome.log_tail[-10:]]}
             self._attempt_failed(job, code, message, _text(error.get("phase")) or job.phase or "run", retryable, result,
-                                 attempt_spent=spent)
+                                 attempt_spent=spent, ended_at=outcome.ended_at)
 
     # ---------------------------------------------------------------- progress
 
@@ -1050,9 +1050,10 @@ class JobManager:
         self._finish(job, S.COMPLETED, "completed", result, ended_at)
 
     def _attempt_failed(self, job: Job, code: ErrorCode, message: str, phase: str, retryable: bool,
-                        result: dict[str, Any] | None = None, attempt_spent: bool = True) -> None:
+                        result: dict[str, Any] | None = None, attempt_spent: bool = True, ended_at: int = 0) -> None:
         """attempt_spent=False: the attempt failed through no fault of the job; it is not counted against its
-        retries (MAX_ATTEMPTS_NOT_COUNTED such attempts at most), and waits a backoff of its own."""
+        retries (MAX_ATTEMPTS_NOT_COUNTED such attempts at most), and waits a backoff of its own. ended_at: as
+        for _finish."""
         if job.worker:
             self._release_worker(job)
         # Attempts not counted wait a backoff of their own, growing with their number.
@@ -1070,13 +1071,13 @@ class JobManager:
                              f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
             self._arm_requeue(job)
             return
-        self._fail(job, code, message, phase, result)
+        self._fail(job, code, message, phase, result, ended_at)
 
     def _fail(self, job: Job, code: ErrorCode, message: str, phase: str,
-              result: dict[str, Any] | None = None) -> None:
+              result: dict[str, Any] | None = None, ended_at: int = 0) -> None:
         job.error_code, job.error_message = code.value, message
         self._finish(job, S.FAILED, f"{code.value}: {message.splitlines()[0] if message else ''}",
-                     _failed(result, code, message, phase))
+                     _failed(result, code, message, phase), ended_at)
 
     @staticmethod
     def _attempt_result(job: Job, state: JobState, result: dict[str, Any] | None) -> dict[str, Any]:

@@ -199,6 +199,30 @@ def test_submit_runs_and_completes(tmp_path, image):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("worker_result", [{"status": "completed", "outputs": {}}, {"status": "cancelled"},
+                                           {"status": "failed", "error": {"code": "CONVERSION_FAILED", "message": "x",
+                                                                          "retryable": False}}],
+                         ids=["completed", "cancelled", "failed"])
+def test_an_end_h2kd_learns_of_later_is_recorded_when_it_happened(tmp_path, image, worker_result):
+    """The runner found the unit's end from its files (h2kd was away): FinishedAt is when the attempt ended, within
+    the job's run, not when h2kd came back; an end it saw happen is recorded as it is seen."""
+    async def go():
+        m, _, _, _ = make(tmp_path)
+        await m.start()
+        seen, away = (m.submit(spec(image, tmp_path / f"out/{name}.qcow2"), owner=0)[0] for name in ("seen", "away"))
+        await settle()
+        for job in (seen, away):
+            job.started_at = job.started_at - 60_000_000     # both ran for a minute
+        ended = away.started_at + 30_000_000
+        m.unit_finished(seen.id, 1, UnitOutcome(seen.unit, "success", 0, dict(worker_result)))
+        m.unit_finished(away.id, 1, UnitOutcome(away.unit, "success", 0, dict(worker_result), ended_at=ended))
+        assert away.state.value == seen.state.value == worker_result["status"]
+        assert away.finished_at == ended
+        assert seen.finished_at > seen.started_at + 59_000_000
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_validation_failure_is_a_failed_job(tmp_path):
     async def go():
         m, runner, _, _ = make(tmp_path)
