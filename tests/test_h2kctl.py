@@ -1059,12 +1059,14 @@ def test_wait_says_a_failure_when_it_happens_not_after_the_jobs_named_before_it(
     long, bad = new_id("wait-long"), new_id("wait-bad-early")
     outputs = [output_dir / f"{job_id}.qcow2" for job_id in (long, bad)]
     ok(h2kctl(env, "submit", str(images["big"]), "-o", str(outputs[0]), "--id", long, "--source-format", "raw"))
-    waiting = None
+    waiters: list[subprocess.Popen] = []
     try:
         wait_until_converting(env, long)
         ok(h2kctl(env, "submit", str(images["text"]), "-o", str(outputs[1]), "--id", bad, "--source-format", "vmdk"))
-        waiting = subprocess.Popen([H2KCTL, "wait", long, bad], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        waiters = [subprocess.Popen([H2KCTL, "wait", *flags, long, bad], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                   for flags in ([], ["--json"])]
+        waiting, listing = waiters
         first_line = waiting.stdout.readline()
         assert first_line.startswith(f"Job {bad} failed"), first_line
         assert job_state(env, long) not in TERMINAL, "the long job ended first: nothing was tested"
@@ -1072,12 +1074,14 @@ def test_wait_says_a_failure_when_it_happens_not_after_the_jobs_named_before_it(
         rest, stderr = waiting.communicate(timeout=60)
         assert waiting.returncode == 3, stderr
         assert rest.startswith(f"Job {long} cancelled"), rest
-        listed = json.loads(h2kctl(env, "wait", "--json", bad, long).stdout)
-        assert [job["id"] for job in listed] == [bad, long]
+        listed, stderr = listing.communicate(timeout=60)
+        assert listing.returncode == 3, stderr
+        assert [job["id"] for job in json.loads(listed)] == [long, bad]    # named order, not the order they ended
     finally:
-        if waiting is not None and waiting.poll() is None:
-            waiting.kill()
-            waiting.wait()
+        for waiter in waiters:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
         for job_id in (long, bad):
             h2kctl(env, "cancel", job_id)
             h2kctl(env, "remove", job_id)
