@@ -1097,6 +1097,7 @@ class JobManager:
                 ended_at: int = 0) -> None:
         """ended_at: when the attempt's worker ended, if known; h2kd may learn of it only later (it was away)."""
         job.result = result = self._attempt_result(job, state, result)
+        job.wait_reason = ""        # an ended job waits for nothing
         now = now_usec()
         job.finished_at = min(max(ended_at, job.started_at), now) if ended_at else now
         job.not_before = 0

@@ -765,6 +765,22 @@ def test_queue_stats_say_why_the_most_urgent_thousand_jobs_wait(tmp_path, image)
     asyncio.run(go())
 
 
+def test_a_job_that_ended_while_it_waited_no_longer_says_why_it_waits(tmp_path, image):
+    """WaitReason is for jobs that wait: a queued job cancelled (or failing) has none, in memory and once stored."""
+    async def go():
+        m, _, _, config = make(tmp_path)
+        await m.start()
+        m.pause()
+        job, _ = m.submit(spec(image, tmp_path / "out/w.qcow2"), owner=0)
+        await settle()
+        assert job.wait_reason == "queue is paused"
+        await m.cancel(job.id)
+        assert job.state.value == "cancelled" and job.wait_reason == ""
+        await m.stop()
+        assert [stored.wait_reason for stored in JobStore(config.store_path).load_jobs()] == [""]
+    asyncio.run(go())
+
+
 def test_a_job_retried_max_retries_times_must_be_submitted_again(tmp_path, image, monkeypatch):
     """Each retry grows the job's history and event log, which stay as long as the job: a cancel-and-retry loop
     ends at the limit, with a reason, and the job stays as it was."""
