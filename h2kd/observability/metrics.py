@@ -5,7 +5,7 @@ The original protocol's names are kept so existing dashboards work:
   hyper2kvm_migration_duration_seconds{operation}  histogram, run time (started_at to finished_at) of completed jobs
   hyper2kvm_migration_failures_total{error_type}   counter, jobs that ended failed, by error code
   hyper2kvm_worker_jobs_active                     gauge, jobs assigned, running or progressing
-  hyper2kvm_vmdk_size_bytes                        histogram, source size (bytes_total) of completed VMDK conversions
+  hyper2kvm_vmdk_size_bytes                        histogram, virtual size (bytes_total) of completed VMDK conversions
   hyper2kvm_worker_info{worker,kind,version}       gauge = 1 per registered worker
 and added for operators:
   h2kd_jobs{state}                                 gauge, jobs known to the daemon by state
@@ -33,7 +33,7 @@ from socketserver import BaseServer, ThreadingMixIn
 from typing import Any, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
 from h2kd import __version__
 from h2kd.manager.ports import Event, WorkerInfo
@@ -72,6 +72,9 @@ class Metrics:
     """A JobListener that keeps a private CollectorRegistry current. Synchronous and never raises."""
 
     def __init__(self, jobs: Iterable[Job] = (), workers: Iterable[WorkerInfo] = ()) -> None:
+        # Without a "<name>_created" series next to each counter and histogram: twice the series for no use here,
+        # and hyper2kvm_migration_created would read as a count. (prometheus_client's switch is process-wide.)
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.migrations = Counter("hyper2kvm_migration", "Jobs that ended, by operation and final status",
@@ -83,7 +86,8 @@ class Metrics:
                                 ["error_type"], registry=r)
         self.jobs_active = Gauge("hyper2kvm_worker_jobs_active", "Jobs assigned to a worker, running or progressing",
                                  registry=r)
-        self.vmdk_size = Histogram("hyper2kvm_vmdk_size_bytes", "Size of the VMDK sources of completed conversions",
+        self.vmdk_size = Histogram("hyper2kvm_vmdk_size_bytes",
+                                   "Virtual size of the VMDK sources of completed conversions",
                                    buckets=SIZE_BUCKETS, registry=r)
         self.worker_info = Gauge("hyper2kvm_worker_info", "Registered workers (value always 1)",
                                  ["worker", "kind", "version"], registry=r)
