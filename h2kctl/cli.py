@@ -21,7 +21,7 @@ from h2kctl import schema
 from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vardict
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
 from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
-                           patiently, progress_stream, stream_is_tty, watch_all)
+                           patiently, progress_stream, stream_is_tty, watch_all, written_paths)
 from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
                            user_name)
 from h2kctl.spec import load_job_file, spec_from_args
@@ -474,7 +474,9 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
         return ExitCode.SUCCESS
     b = io.StringIO()
     dot = {"completed": "✓", "failed": "×", "cancelled": "×"}.get(job["state"], "●")
-    target = f" → {job['output']}" if job["output"] else ""
+    # Given no output path, a job writes into a directory h2kd makes for it: its Result names the files.
+    output = job["output"] or ", ".join(written_paths(props.get("Result")))
+    target = f" → {output}" if output else ""
     b.write(f"{dot} {job['id']} - {job['operation']} {job['source']}{target}\n")
 
     def field(name: str, value: Any) -> None:
@@ -501,7 +503,7 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
     field("Unit", job["unit"])
     field("Worker", job["worker"])
     field("Source", job["source"])
-    field("Output", job["output"])
+    field("Output", output)
     field("Created", timestamp(props.get("CreatedAt", 0)))
     if props.get("StartedAt"):
         field("Started", timestamp(props["StartedAt"]))

@@ -51,7 +51,7 @@ def final_message(props: dict[str, Any]) -> str:
         took = ""
         if props.get("StartedAt") and props.get("FinishedAt"):
             took = f" in {human_duration((props['FinishedAt'] - props['StartedAt']) / 1e6)}"
-        written = _written_paths(props.get("Result"))
+        written = written_paths(props.get("Result"))
         output = f": {', '.join(written)}" if written else (f": {props['Output']}" if props.get("Output") else "")
         return f"Job {job_id} completed{took}{output}"
     code, message = props.get("Error") or ("", "")
@@ -60,7 +60,7 @@ def final_message(props: dict[str, Any]) -> str:
     return f"Job {job_id} {state}{detail}"
 
 
-def _written_paths(result_text: Any) -> list[str]:
+def written_paths(result_text: Any) -> list[str]:
     """The files a completed convert wrote (its Output may name only their directory), from its Result."""
     if not isinstance(result_text, str):    # withheld from the caller: another user's job
         return []

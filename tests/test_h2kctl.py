@@ -596,6 +596,25 @@ def test_a_conversion_into_a_directory_names_the_file_it_wrote(env, images, outp
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_status_of_a_job_given_no_output_path_names_the_files_it_wrote(env, images, output_dir, plain_user):
+    """Without -o a conversion writes into a directory h2kd makes for it in the first output root: status names
+    the files (from the Result, which the owner and administrators read), not an empty Output."""
+    job_id = new_id("default-out")
+    ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "--id", job_id, timeout=120))
+    try:
+        written = output_dir / job_id / f"{images['vmdk'].stem}.qcow2"
+        assert written.is_file()
+        status = ok(h2kctl(env, "status", job_id)).stdout
+        assert f"{job_id} - convert {images['vmdk']} → {written}\n" in status, status
+        assert re.search(rf"^ +Output: {re.escape(str(written))}$", status, re.MULTILINE), status
+        # Another user is not given the Result, and so not the files' names: no Output line, no made-up one.
+        other = ok(h2kctl(env, "status", job_id, user=plain_user)).stdout
+        assert "Output:" not in other and "→" not in other, other
+    finally:
+        h2kctl(env, "remove", job_id)
+        shutil.rmtree(output_dir / job_id, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def completed_submission(env, source, output_dir, prefix, *flags):
     """`h2kctl submit --wait FLAGS SOURCE -o OUTPUT`, checked to have completed: its job id and output, which

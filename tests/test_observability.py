@@ -391,7 +391,23 @@ def test_lifecycle_entries_carry_fields_and_message_ids(journald):
     assert entries[-1]["H2K_DURATION_SECONDS"] == "12.500"
     # The catalog quotes digit-free copies of the same fields.
     assert entries[-1]["HYPERKVM_JOB_ID"] == job_id
+    assert entries[-1]["H2K_OUTPUT"] == f"/var/lib/h2kd/output/{job_id}.qcow2"
     assert_catalog_can_explain(entries)
+
+
+def test_a_job_given_no_output_path_is_journaled_with_the_directory_it_wrote_into(journald):
+    log = JournalLog()
+    life = Lifecycle(log)
+    job_id = unique_id("jdefault")
+    job = make_job(job_id)
+    job.spec["artifacts"]["output_path"] = None
+    life.submit(job)
+    life.run_to_progressing(job, unit="h2k-job-unit-1.service")
+    written = f"/var/lib/h2kd/output/{job_id}/web01.qcow2"
+    life.move(job, S.COMPLETED, finished_at=T0 + 3_000_000, result={"outputs": {"disks": [{"path": written}]}})
+    completed = read_journal(f"H2K_JOB_ID={job_id}", expect=3)[-1]
+    assert completed["MESSAGE_ID"] == MESSAGE_IDS["completed"]
+    assert completed["H2K_OUTPUT"] == f"/var/lib/h2kd/output/{job_id}/"
 
 
 def test_failure_cancel_retry_and_lost_worker_entries(journald):
