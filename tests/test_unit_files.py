@@ -135,6 +135,12 @@ def test_the_daemons_man_page_renders_cleanly_and_documents_every_setting() -> N
                               env={"PATH": "/usr/bin:/bin", "MANWIDTH": "200"}).stdout
     missing = [f.name for f in fields(Config) if f.name not in rendered]
     assert missing == [], f"settings h2kd(8) does not document: {missing}"
+    # What an administrator filters the journal and builds dashboards on: every MESSAGE_ID and every metric.
+    from h2kd.observability.journal import MESSAGE_IDS
+    from h2kd.observability.metrics import Metrics
+    names = [family.name + ("_total" if family.type == "counter" else "") for family in Metrics().registry.collect()]
+    undocumented = [n for n in [*MESSAGE_IDS.values(), *names] if not re.search(rf"\b{n}\b", rendered)]
+    assert undocumented == [], f"message ids and metrics h2kd(8) does not list: {undocumented}"
     service = configparser.ConfigParser(strict=False, interpolation=None)
     service.read_string((REPO / "systemd" / "h2kd.service").read_text())
     assert "man:h2kd(8)" in service["Unit"]["Documentation"]
