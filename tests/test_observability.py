@@ -25,7 +25,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from h2kd.manager.ports import WorkerInfo
+from h2kd.manager.ports import Event, WorkerInfo
 from h2kd.model.job import Job
 from h2kd.model.states import JobState
 from h2kd.observability.health import Watchdog, watchdog_interval
@@ -56,9 +56,11 @@ class Lifecycle:
     def move(self, job: Job, state: JobState, **attrs) -> None:
         for name, value in attrs.items():
             setattr(job, name, value)
-        job.move_to(state)
+        old = job.move_to(state)
+        event = Event(job.id, 0, T0, "state", {"old_state": old.value, "new_state": state.value, "reason": ""})
         for listener in self.listeners:
             listener.job_changed(job, {"state", "cancelable", *attrs}, True)
+            listener.job_event(job, event)
 
     def update(self, job: Job, **attrs) -> None:
         for name, value in attrs.items():
@@ -436,6 +438,11 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     assert retried[0]["PRIORITY"] == "4"
     gone = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['cancelled']}", expect=1)
     assert [e["H2K_STATE"] for e in gone] == ["cancelled"]
+    # Retried by hand: not "will be retried after" an error, and no warning.
+    life.move(cancelled, S.RETRYING)
+    again = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['retried']}", expect=1)
+    assert [e["MESSAGE"] for e in again] == [f"Job {cancelled_id} queued again by request (it had cancelled)"]
+    assert again[0]["PRIORITY"] == "5"
 
     worker_id = unique_id("w")
     worker = WorkerInfo(id=worker_id, name="remote-box", kind="external", capabilities={}, state="busy")

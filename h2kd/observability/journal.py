@@ -104,7 +104,9 @@ class JournalLog:
             self._safely(self._progressed, job)
 
     def job_event(self, job: Job, event: Event) -> None:
-        pass  # state and progress already arrive through job_changed
+        # State and progress arrive through job_changed; a retry is told here, where the state it left is known.
+        if event.kind == "state" and event.data.get("new_state") == JobState.RETRYING.value:
+            self._safely(self._retrying, job, str(event.data.get("old_state") or ""))
 
     def job_removed(self, job: Job) -> None:
         self._checkpoint.pop(job.id, None)
@@ -178,10 +180,18 @@ class JournalLog:
             self._checkpoint.pop(job.id, None)
             _send(f"Job {job.id} cancelled", MESSAGE_ID_CANCELLED, journal.LOG_NOTICE, **fields)
         elif state == JobState.RETRYING:
-            self._checkpoint.pop(job.id, None)
-            # A retry asked for by hand keeps the error of the failure it retries.
-            code = job.error_code or "none"
-            message = job.error_message or "no message"
+            self._checkpoint.pop(job.id, None)      # journaled by job_event
+
+    def _retrying(self, job: Job, left: str) -> None:
+        # A retry asked for by hand (of a failed or cancelled job) keeps the error of the failure it retries.
+        code = job.error_code or "none"
+        message = job.error_message or "no message"
+        fields = self._job_fields(job)
+        if left in (JobState.FAILED.value, JobState.CANCELLED.value):
+            _send(f"Job {job.id} queued again by request (it had {left}" + (f": {code}: {message})" if job.error_code
+                                                                             else ")"),
+                  MESSAGE_ID_RETRIED, journal.LOG_NOTICE, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+        else:
             _send(f"Job {job.id} will be retried after {code}: {message}", MESSAGE_ID_RETRIED, journal.LOG_WARNING,
                   H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
 
