@@ -473,7 +473,8 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
         out.emit_json(job)
         return ExitCode.SUCCESS
     b = io.StringIO()
-    dot = {"completed": "✓", "failed": "×", "cancelled": "×"}.get(job["state"], "●")
+    # As systemctl status marks units: a cancelled job is stopped (○), not failed (×).
+    dot = {"completed": "✓", "failed": "×", "cancelled": "○"}.get(job["state"], "●")
     # Given no output path, a job writes into a directory h2kd makes for it: its Result names the files.
     output = job["output"] or ", ".join(written_paths(props.get("Result")))
     target = f" → {output}" if output else ""

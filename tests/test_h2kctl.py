@@ -1061,6 +1061,7 @@ def test_cancel_returns_once_the_job_has_stopped(env, images, output_dir, thrott
         wait_until_converting(env, job_id)
         assert ok(h2kctl(env, "cancel", job_id)).stdout == f"Cancelled job {job_id}.\n"
         assert job_state(env, job_id) == "cancelled"
+        assert ok(h2kctl(env, "status", job_id)).stdout.startswith(f"○ {job_id} - convert ")   # stopped, not failed
         assert ok(h2kctl(env, "retry", job_id)).stdout == f"Queued job {job_id} again.\n"
         wait_until_converting(env, job_id)
         requested = ok(h2kctl(env, "cancel", "--no-block", job_id))
