@@ -386,7 +386,7 @@ class SystemdRunner:
             result_path=result_path, output_path=job.output, source_path=job.source,
             timeout_seconds=int(policy.get("timeout_seconds") or units.DEFAULT_TIMEOUT_SECONDS),
             notify_socket_dir=self._notify_socket_dir,
-            fixes_guest=fixes_guest(job.spec))
+            fixes_guest=fixes_guest(job.spec), owner=job.owner)
         if not self._slice_ready:
             await self._ensure_slice()
         followed = self._follow(unit, job.id, attempt, job.created_at)

@@ -175,7 +175,8 @@ def _in_tmp(path: str | Path) -> bool:
 
 def build_properties(config: Config, *, job_id: str, attempt: int, operation: str, spec_path: Path,
                      result_path: Path, output_path: str, source_path: str, timeout_seconds: int,
-                     notify_socket_dir: str | None = None, fixes_guest: bool = False) -> list[tuple[str, Variant]]:
+                     notify_socket_dir: str | None = None, fixes_guest: bool = False,
+                     owner: int = 0) -> list[tuple[str, Variant]]:
     """StartTransientUnit's property list for one attempt of one job.
 
     fixes_guest: the attempt repairs a guest's disk (offline_fix, or convert with offline_fix), so it
@@ -195,8 +196,10 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("ExecStart", Variant("a(sasb)", [[command[0], command, False]])),
         ("Environment", Variant("as", [f"{k}={v}" for k, v in sorted(env.items())])),
         ("WorkingDirectory", Variant("s", str(spec_path.parent))),
+        # As h2kd's own entries for the job have them: `journalctl H2K_OWNER_UID=1000` finds the units' lines too.
         ("LogExtraFields", Variant("aay", [f"H2K_JOB_ID={job_id}".encode(), f"H2K_ATTEMPT={attempt}".encode(),
-                                            f"H2K_OPERATION={operation}".encode()])),
+                                            f"H2K_OPERATION={operation}".encode(),
+                                            f"H2K_OWNER_UID={owner}".encode()])),
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("RuntimeMaxUSec", Variant("t", runtime_limit(timeout_seconds) * 1_000_000)),
         ("DevicePolicy", Variant("s", "closed")),
