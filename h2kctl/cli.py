@@ -593,10 +593,10 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
     gone: set[str] = set()
     turns = asyncio.Semaphore(FOLLOWED_AT_ONCE)
 
-    async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> str:
+    async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> None:
         async with turns:
             if ctrl_c.is_set():
-                return job_id
+                return
             try:
                 path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}",
                                        ctrl_c)
@@ -606,18 +606,16 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
                     raise
                 _say(e)
                 gone.add(job_id)
-                return job_id
+                return
             if props:
                 ended[job_id] = (path, props)
                 if not out.json and not out.quiet:    # as each job ends, whatever the order they were named in
                     out.line(_first_line(final_message(props)))
-            return job_id
 
     with CtrlC() as ctrl_c:
         waits = [asyncio.create_task(wait_for(job_id, ctrl_c.event)) for job_id in job_ids]
         try:
-            for each in asyncio.as_completed(waits):
-                await each          # a failure other than a job gone ends the wait for all
+            await asyncio.gather(*waits)    # a failure other than a job gone ends the wait for all
         finally:
             for each in waits:
                 each.cancel()

@@ -186,14 +186,13 @@ class JournalLog:
         # A retry asked for by hand (of a failed or cancelled job) keeps the error of the failure it retries.
         code = job.error_code or "none"
         message = job.error_message or "no message"
-        fields = self._job_fields(job)
         if left in (JobState.FAILED.value, JobState.CANCELLED.value):
-            _send(f"Job {job.id} queued again by request (it had {left}" + (f": {code}: {message})" if job.error_code
-                                                                             else ")"),
-                  MESSAGE_ID_RETRIED, journal.LOG_NOTICE, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+            error = f": {code}: {message}" if job.error_code else ""
+            text, priority = f"Job {job.id} queued again by request (it had {left}{error})", journal.LOG_NOTICE
         else:
-            _send(f"Job {job.id} will be retried after {code}: {message}", MESSAGE_ID_RETRIED, journal.LOG_WARNING,
-                  H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+            text, priority = f"Job {job.id} will be retried after {code}: {message}", journal.LOG_WARNING
+        _send(text, MESSAGE_ID_RETRIED, priority, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message,
+              **self._job_fields(job))
 
     def _progressed(self, job: Job) -> None:
         if not job.progress_known or job.state not in (JobState.RUNNING, JobState.PROGRESSING):
