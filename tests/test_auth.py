@@ -13,6 +13,7 @@ import contextlib
 import grp
 import os
 import pwd
+import json
 import re
 import shutil
 import subprocess
@@ -434,6 +435,15 @@ def _job_property(stack, job_path: str, name: str) -> str:
     return result.stdout.strip()
 
 
+def _state_reasons(stack, job_path: str) -> list[str]:
+    """The reasons of the job's state changes, from GetEvents, oldest first."""
+    result = subprocess.run(["busctl", "--system", "--json=short", "call", BUS_NAME, job_path, JOB_IFACE, "GetEvents",
+                             "t", "0"], env={**os.environ, **stack.env()}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (events,) = json.loads(result.stdout)["data"]
+    return [json.loads(data)["reason"] for _seq, _time, kind, data in events if kind == "state"]
+
+
 def _job_path(stack, job_id: str) -> str | None:
     result = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".GetJob", job_id)
     if result.returncode != 0:
@@ -556,6 +566,15 @@ def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, reada
     by_root = _gdbus(stack, None, MANAGER_PATH, MANAGER_IFACE + ".CancelJob", job_id)
     assert by_root.returncode == 0, by_root.stderr
     assert _job_property(stack, job_path, "State") == "(<'cancelled'>,)"
+    # The job's history says who cancelled it: the refused calls left no trace.
+    assert _state_reasons(stack, job_path) == [f"submitted by uid {users[CAROL].pw_uid}",
+                                               "spec and host checks passed", "cancelled by uid 0 before it ran"]
+    own_id, result = _submit(stack, submitted, CAROL, readable_image)
+    assert result.returncode == 0, result.stderr
+    own_path = _job_path(stack, own_id)
+    by_owner = _gdbus(stack, CAROL, own_path, JOB_IFACE + ".Cancel")
+    assert by_owner.returncode == 0, by_owner.stderr
+    assert _state_reasons(stack, own_path)[-1] == f"cancelled by uid {users[CAROL].pw_uid} before it ran"
 
 
 @pytest.mark.stack
@@ -622,6 +641,10 @@ def test_a_retry_checks_the_submitters_rights_again(stack, users, shared_dir, su
         time.sleep(0.2)
     # It ran: the worker read the file (random bytes, so no disk image), which the first check never let it.
     assert "INVALID_IMAGE" in _job_property(stack, job_path, "Error")
+    # The history says who asked for the retry.
+    uid = users[ALICE].pw_uid
+    reasons = _state_reasons(stack, job_path)
+    assert f"retry requested by uid {uid}" in reasons and f"queued again by request of uid {uid}" in reasons, reasons
 
 
 @pytest.mark.stack

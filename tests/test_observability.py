@@ -425,7 +425,7 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     life.move(failed, S.FAILED, error_code="NO_SPACE", error_message="output root full")
     cancelled = life.submit(make_job(cancelled_id))
     life.move(cancelled, S.VALIDATED)
-    life.move(cancelled, S.CANCELLED)
+    life.move(cancelled, S.CANCELLED, cancelled_by=1000)
 
     entries = read_journal(f"H2K_JOB_ID={failed_id}", f"MESSAGE_ID={MESSAGE_IDS['failed']}", expect=1)
     assert len(entries) == 1
@@ -438,6 +438,8 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     assert retried[0]["PRIORITY"] == "4"
     gone = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['cancelled']}", expect=1)
     assert [e["H2K_STATE"] for e in gone] == ["cancelled"]
+    assert [e["MESSAGE"] for e in gone] == [f"Job {cancelled_id} cancelled by uid 1000"]
+    assert [e["H2K_CANCELLED_BY_UID"] for e in gone] == ["1000"]
     # Retried by hand: not "will be retried after" an error, and no warning.
     life.move(cancelled, S.RETRYING)
     again = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['retried']}", expect=1)

@@ -36,9 +36,10 @@ class JobCommands:
         if isinstance(priority, int) and not isinstance(priority, bool) and priority < DEFAULT_PRIORITY:
             await self._auth.check("manage", {"priority": str(priority)})
 
-    async def _authorize_for(self, job_id: str, runs_it: bool = False) -> None:
+    async def _authorize_for(self, job_id: str, runs_it: bool = False) -> int:
         """Ask polkit for what this job needs; again if, while it answered (which can take an administrator's
-        minutes), the job was removed and another submitted under its id: the answer was for the first."""
+        minutes), the job was removed and another submitted under its id: the answer was for the first.
+        Returns the caller's uid."""
         for _ in range(MAX_AUTHORIZATIONS):
             job = self._manager.get(job_id)           # NoSuchJob before asking polkit anything
             uid = await self._auth.caller_uid()
@@ -48,7 +49,7 @@ class JobCommands:
             if runs_it and fixes_guest(job.spec):
                 await self._auth.check("fix-guest", details)
             if self._manager.get(job_id) is job:
-                return
+                return uid
         raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
                            "try again")
 
@@ -71,13 +72,10 @@ class JobCommands:
                            "try again")
 
     async def cancel(self, job_id: str) -> None:
-        await self._authorize_for(job_id)
-        await self._manager.cancel(job_id)
+        await self._manager.cancel(job_id, by=await self._authorize_for(job_id))
 
     async def retry(self, job_id: str) -> None:
-        await self._authorize_for(job_id, runs_it=True)
-        self._manager.retry(job_id)
+        self._manager.retry(job_id, by=await self._authorize_for(job_id, runs_it=True))
 
     async def start(self, job_id: str) -> None:
-        await self._authorize_for(job_id, runs_it=True)
-        self._manager.start_job(job_id)
+        self._manager.start_job(job_id, by=await self._authorize_for(job_id, runs_it=True))

@@ -508,32 +508,37 @@ class JobManager:
 
     # ---------------------------------------------------------------- commands
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, by: int | None = None) -> None:
+        """Cancel the job; `by`: the uid that asked (said in its history and the journal)."""
         job = self.get(job_id)
         if not job.cancelable:
             raise InvalidState(f"job {job_id} is {job.state.value} and cannot be cancelled")
+        who = _by_uid(by)
         if job.state in (S.CREATED, S.VALIDATED, S.QUEUED, S.RETRYING):
             with self._all_or_nothing(job):     # a cancel the store cannot take leaves the job as it was
-                self._finish(job, S.CANCELLED, "cancelled before it ran")
+                job.cancelled_by = -1 if by is None else by
+                self._finish(job, S.CANCELLED, f"cancelled{who} before it ran")
             self._scheduler.remove(job.id)
             return
         if job.worker != BUILTIN:
             with self._all_or_nothing(job):
+                job.cancelled_by = -1 if by is None else by
                 self._release_worker(job)
-                self._finish(job, S.CANCELLED, f"cancelled; worker {job.worker} was told by its next call")
+                self._finish(job, S.CANCELLED, f"cancelled{who}; worker {job.worker} was told by its next call")
             return
         if not job.cancel_requested:
             with self._all_or_nothing(job):
                 job.cancel_requested = True
+                job.cancelled_by = -1 if by is None else by
                 self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
         with contextlib.suppress(StoreFailed):
-            self._append_event(job, "log", {"message": "cancel requested; stopping the unit"})
+            self._append_event(job, "log", {"message": f"cancel requested{who}; stopping the unit"})
         # The request is stored: if systemd does not take the stop now, it is asked again, and the caller is not
         # told the cancel failed when it will be carried out. Without a unit yet, _start_attempt sees the request
         # once StartTransientUnit returns.
         await self._stop_cancelled(job)
 
-    def retry(self, job_id: str) -> None:
+    def retry(self, job_id: str, by: int | None = None) -> None:
         job = self.get(job_id)
         if job.state not in (S.FAILED, S.CANCELLED):
             raise InvalidState(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
@@ -552,19 +557,20 @@ class JobManager:
             with self._all_or_nothing(job):
                 # A run of attempts asked for anew has its retries, and its attempts not counted, anew.
                 job.attempts_counted_before, job.attempts_not_counted = job.attempt, 0
-                self._transition(job, S.RETRYING, "retry requested")
+                self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
                 # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
                 # of the run that failed, maybe days before.
                 job.started_at = job.finished_at = 0
-                self._enqueue(job, "queued again by request")
+                job.cancelled_by = -1
+                self._enqueue(job, f"queued again by request{_of_uid(by)}")
         except StoreFailed:
             if job.state != S.RETRYING:
                 raise
             self._arm_requeue(job)      # retrying (stored), not yet queued: the timer queues it once it can
 
-    def start_job(self, job_id: str) -> None:
+    def start_job(self, job_id: str, by: int | None = None) -> None:
         job = self.get(job_id)
         if job.state != S.VALIDATED:
             raise InvalidState(f"job {job_id} is {job.state.value}; only jobs held with queue=false can be started")
@@ -582,7 +588,7 @@ class JobManager:
         if problem:
             raise InvalidArgument(f"job {job_id} cannot be started: {problem}")
         with self._all_or_nothing(job):
-            self._enqueue(job, "queued by request")
+            self._enqueue(job, f"queued by request{_of_uid(by)}")
 
     def remove(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -807,7 +813,8 @@ class JobManager:
             with self._all_or_nothing(job):
                 if job.cancel_requested:
                     self._release_worker(job)
-                    self._finish(job, S.CANCELLED, "cancelled before its unit could start")
+                    self._finish(job, S.CANCELLED,
+                                 f"cancelled{_by_uid(job.cancelled_by)} before its unit could start")
                 elif self._system_stopping:   # refused for the shutdown that began meanwhile: not the job's fault
                     self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "the system began shutting down as its "
                                           "unit was started", attempt_spent=False)
@@ -916,7 +923,8 @@ class JobManager:
             # their names, which the worker finishes whatever comes; they are in place, the job is done.
             self._complete(job, result, outcome.ended_at)
         elif wanted_cancel:
-            self._finish(job, S.CANCELLED, "cancelled; the unit has stopped", result, outcome.ended_at)
+            self._finish(job, S.CANCELLED, f"cancelled{_by_uid(job.cancelled_by)}; the unit has stopped", result,
+                         outcome.ended_at)
         elif outcome.interrupted:
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"unit {outcome.unit} was stopped by the system "
                                   "shutting down", attempt_spent=False)
@@ -1411,6 +1419,15 @@ class JobManager:
             self._manager_props = props
             for listener in self._listeners:
                 _safely(listener.manager_changed, changed)
+
+
+def _by_uid(uid: int | None) -> str:
+    """" by uid N" for a request's reason, or "" when who asked is not known (None or -1)."""
+    return f" by uid {uid}" if uid is not None and uid >= 0 else ""
+
+
+def _of_uid(uid: int | None) -> str:
+    return f" of uid {uid}" if uid is not None and uid >= 0 else ""
 
 
 def _attempts_counted(job: Job) -> int:

@@ -52,6 +52,9 @@ class Job:
     attempts_counted_before: int = 0
     # A cancel was asked for while the attempt ran (or was starting): kept, so that a restart still stops it.
     cancel_requested: bool = False
+    # Who asked for the cancel that ended (or is ending) the job, for its history and the journal: a uid, or -1 (not
+    # cancelled through h2kd, or not known). Cleared by a retry.
+    cancelled_by: int = -1
     # The groups the submitter's connection had (the bus's UnixGroupIDs): h2kd acts with no group beyond them
     # (h2kd.access.acting_groups). None: not known (a job stored by an earlier h2kd, or made without a bus).
     owner_groups: tuple[int, ...] | None = None

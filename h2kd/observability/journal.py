@@ -178,7 +178,9 @@ class JournalLog:
                   journal.LOG_ERR, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
         elif state == JobState.CANCELLED:
             self._checkpoint.pop(job.id, None)
-            _send(f"Job {job.id} cancelled", MESSAGE_ID_CANCELLED, journal.LOG_NOTICE, **fields)
+            by = job.cancelled_by if job.cancelled_by >= 0 else None
+            _send(f"Job {job.id} cancelled" + (f" by uid {by}" if by is not None else ""), MESSAGE_ID_CANCELLED,
+                  journal.LOG_NOTICE, H2K_CANCELLED_BY_UID=by, **fields)
         elif state == JobState.RETRYING:
             self._checkpoint.pop(job.id, None)      # journaled by job_event
 

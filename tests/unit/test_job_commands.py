@@ -34,18 +34,22 @@ class OneJob:
     def __init__(self, job: Job):
         self.job = job
         self.done: list[str] = []
+        self.by: list[int | None] = []     # who each command was done for
 
     def get(self, job_id: str) -> Job:
         return self.job
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, by: int | None = None) -> None:
         self.done.append("cancel")
+        self.by.append(by)
 
-    def retry(self, job_id: str) -> None:
+    def retry(self, job_id: str, by: int | None = None) -> None:
         self.done.append("retry")
+        self.by.append(by)
 
-    def start_job(self, job_id: str) -> None:
+    def start_job(self, job_id: str, by: int | None = None) -> None:
         self.done.append("start")
+        self.by.append(by)
 
 
 def _asked(spec: dict, command: str, caller: int = 1000) -> list[str]:
@@ -53,6 +57,7 @@ def _asked(spec: dict, command: str, caller: int = 1000) -> list[str]:
     auth, manager = RecordingAuthorizer(caller), OneJob(job)
     asyncio.run(getattr(JobCommands(manager, auth), command)("j1"))   # type: ignore[arg-type]
     assert manager.done == [command]
+    assert manager.by == [caller], "the manager is not told who asked (the job's history names them)"
     return auth.asked
 
 

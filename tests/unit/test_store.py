@@ -55,7 +55,8 @@ def test_every_job_field_survives_a_reopen(tmp_path):
         worker="builtin", wait_reason="waiting for a free slot (2 of 2 running)", not_before=1_700_000_003 * SECOND,
         result={"status": "failed", "error": {"code": "TOOL_FAILED", "message": "line 1\nline 2"}},
         error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)", source_identity="2049:1234",
-        attempts_not_counted=1, attempts_counted_before=2, cancel_requested=True, owner_groups=(4242, 27, 100))
+        attempts_not_counted=1, attempts_counted_before=2, cancel_requested=True, owner_groups=(4242, 27, 100),
+        cancelled_by=4242)
     # Every field differs from its default, so a column the store forgot would show.
     defaults = Job(id="x", spec={}, operation="", owner=0)
     for f in dataclasses.fields(Job):
@@ -541,21 +542,22 @@ def test_a_failed_sync_fails_the_waiters_and_marks_the_store_unhealthy(store, mo
     assert not store.check()
 
 
-def test_a_store_written_before_a_column_existed_gets_it_with_its_default(tmp_path):
+@pytest.mark.parametrize("column, default, later", [("attempts_not_counted", 0, 2), ("cancelled_by", -1, 1000)])
+def test_a_store_written_before_a_column_existed_gets_it_with_its_default(tmp_path, column, default, later):
     import sqlite3
 
     path = tmp_path / "h2kd.sqlite"
     with JobStore(path) as s:
         s.insert_job(new_job("old"), "submitted")
-    with sqlite3.connect(path) as db:    # as a build before attempts_not_counted wrote it
-        db.execute("ALTER TABLE jobs DROP COLUMN attempts_not_counted")
+    with sqlite3.connect(path) as db:    # as a build before the column wrote it
+        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
     with JobStore(path) as s:
         (loaded,) = s.load_jobs()
-        assert loaded.id == "old" and loaded.attempts_not_counted == 0
-        loaded.attempts_not_counted = 2
+        assert loaded.id == "old" and getattr(loaded, column) == default
+        setattr(loaded, column, later)
         s.save_job(loaded)
     with JobStore(path) as s:
-        assert s.load_jobs()[0].attempts_not_counted == 2
+        assert getattr(s.load_jobs()[0], column) == later
 
 
 def test_a_job_stored_before_its_groups_were_recorded_has_them_unknown(tmp_path):
