@@ -151,8 +151,8 @@ def test_each_metric_moves_with_the_job_lifecycle():
     assert value(s, "hyper2kvm_migration_total", operation="convert", status="completed") == 1
     assert value(s, "hyper2kvm_migration_duration_seconds_count", operation="convert") == 1
     assert value(s, "hyper2kvm_migration_duration_seconds_sum", operation="convert") == pytest.approx(10.0)
-    assert value(s, "h2kd_job_duration_seconds_count", operation="convert") == 1
-    assert value(s, "h2kd_job_duration_seconds_sum", operation="convert") == pytest.approx(12.0)
+    assert value(s, "h2kd_job_duration_seconds_count", operation="convert", status="completed") == 1
+    assert value(s, "h2kd_job_duration_seconds_sum", operation="convert", status="completed") == pytest.approx(12.0)
     assert value(s, "hyper2kvm_vmdk_size_bytes_count") == 1
     assert value(s, "hyper2kvm_vmdk_size_bytes_sum") == 8 * GiB
     assert value(s, "h2kd_converted_bytes_total") == 3 * GiB
@@ -177,7 +177,10 @@ def test_each_metric_moves_with_the_job_lifecycle():
     s = scrape(metrics)
     assert value(s, "hyper2kvm_migration_failures_total", error_type="NO_SPACE") == 1
     assert value(s, "hyper2kvm_migration_total", operation="convert", status="failed") == 1
-    assert value(s, "h2kd_job_duration_seconds_count", operation="convert") == 2
+    # Durations by how the jobs ended: the failure's does not mix with the conversion's.
+    assert value(s, "h2kd_job_duration_seconds_count", operation="convert", status="completed") == 1
+    assert value(s, "h2kd_job_duration_seconds_count", operation="convert", status="failed") == 1
+    assert value(s, "h2kd_job_duration_seconds_sum", operation="convert", status="failed") == pytest.approx(30.0)
     # A failed job's run time and bytes are not a conversion's.
     assert value(s, "hyper2kvm_migration_duration_seconds_count", operation="convert") == 1
     assert value(s, "h2kd_converted_bytes_total") == 3 * GiB
@@ -201,7 +204,7 @@ def test_each_metric_moves_with_the_job_lifecycle():
     assert value(s, "hyper2kvm_migration_total", operation="inspect", status="cancelled") == 1
     assert value(s, "h2kd_queue_depth", priority="7") == 0
     assert value(s, "h2kd_jobs", state="cancelled") == 1
-    assert value(s, "h2kd_job_duration_seconds_count", operation="inspect") == 1
+    assert value(s, "h2kd_job_duration_seconds_count", operation="inspect", status="cancelled") == 1
 
     # Removing finished jobs (pruning) takes them out of the state gauge, not out of the counters.
     life.remove(good)

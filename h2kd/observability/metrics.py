@@ -14,7 +14,7 @@ and added for operators:
   h2kd_conversion_throughput_bytes_per_second      histogram, bytes written / execution time of each completed
                                                    conversion (a histogram, not a last-value gauge, so rates and
                                                    quantiles over any window can be taken across a fleet)
-  h2kd_job_duration_seconds{operation}             histogram, submission to end of every finished job
+  h2kd_job_duration_seconds{operation,status}      histogram, submission to end of every finished job
   h2kd_job_retries_total{error_type}               counter, attempts that failed and were retried
   h2kd_workers{state}                              gauge, registered workers alive|stale
 
@@ -99,8 +99,9 @@ class Metrics:
                                     "Bytes written per second of execution, one sample per completed conversion",
                                     buckets=THROUGHPUT_BUCKETS, registry=r)
         self.job_duration = Histogram("h2kd_job_duration_seconds",
-                                      "Time from submission to the end of finished jobs, by operation",
-                                      ["operation"], buckets=DURATION_BUCKETS, registry=r)
+                                      "Time from submission to the end of finished jobs, by operation and how they "
+                                      "ended (completed, failed, cancelled)",
+                                      ["operation", "status"], buckets=DURATION_BUCKETS, registry=r)
         self.retries = Counter("h2kd_job_retries", "Attempts that failed and were retried, by error code",
                                ["error_type"], registry=r)
         self.workers = Gauge("h2kd_workers", "Registered workers, alive or stale", ["state"], registry=r)
@@ -191,7 +192,8 @@ class Metrics:
         status = job.state.value
         self.migrations.labels(operation=job.operation, status=status).inc()
         if job.finished_at and job.created_at and job.finished_at >= job.created_at:
-            self.job_duration.labels(operation=job.operation).observe((job.finished_at - job.created_at) / 1e6)
+            took = (job.finished_at - job.created_at) / 1e6
+            self.job_duration.labels(operation=job.operation, status=status).observe(took)
         if job.state == JobState.FAILED:
             self.failures.labels(error_type=job.error_code or "INTERNAL").inc()
         if job.state != JobState.COMPLETED:
