@@ -58,8 +58,9 @@ class RawConnection:
         if not answer.startswith(b"OK "):
             raise ConnectionError(f"authentication refused: {answer!r}")
         self._sock.sendall(b"BEGIN\r\n")
-        self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                          interface="org.freedesktop.DBus", member="Hello"))
+        hello = self.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                  interface="org.freedesktop.DBus", member="Hello"))
+        self.unique_name = _parse_reply(hello).first_string()
 
     def __enter__(self) -> "RawConnection":
         return self
@@ -76,6 +77,14 @@ class RawConnection:
             reply = self.next_reply()
             if reply.reply_serial == self._serial:
                 return reply.data
+
+    def send_wire(self, wire: bytes | bytearray) -> None:
+        """Send a whole marshalled message as it is (its serial included)."""
+        self._sock.sendall(wire)
+
+    def next_message(self) -> bytearray:
+        """The next message to arrive, of any type, as received."""
+        return self._message()
 
     def send_again(self, wire: bytearray) -> int:
         """Send a marshalled call (bytearray(message._marshall(False))) under a new serial; that serial.
@@ -158,3 +167,20 @@ def _parse_reply(data: bytearray) -> RawReply:
         elif code == _REPLY_SERIAL_FIELD:
             reply_serial = value
     return RawReply(kind, reply_serial, error_name, data, end + (-end % 8))
+
+
+def message_body(data: bytearray) -> bytes:
+    """A received message's body: what follows its header, padded to 8."""
+    (fields_length,) = _UINT32.unpack_from(data, 12)
+    end = 16 + fields_length
+    return bytes(data[end + (-end % 8):])
+
+
+def with_body(message: Message, body: bytes) -> bytes:
+    """`message` (its signature set, its serial too, its body any value of that signature) carrying `body`,
+    bytes already marshalled for that signature (as message_body gives them), on the wire."""
+    template = message._marshall(False)
+    (old_length,) = _UINT32.unpack_from(template, 4)
+    wire = bytearray(template[:len(template) - old_length]) + body
+    _UINT32.pack_into(wire, 4, len(body))
+    return bytes(wire)
