@@ -319,9 +319,11 @@ def test_http_endpoint_serves_metrics_that_promtool_accepts():
 # journald
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def journald(tmp_path_factory):
-    """A journald answering on /run/systemd/journal/socket: the running one, or one of ours (own cgroup)."""
+    """A journald answering on /run/systemd/journal/socket: the running one, or one of ours (own cgroup).
+    Kept for the whole run: a stack started while it ran uses it too (start_journald finds it live), and
+    would lose its journal if it stopped at the end of this module."""
     if os.geteuid() != 0:
         pytest.skip("starting systemd-journald needs root")
     from h2kd.sandbox.systemd import start_journald
