@@ -475,8 +475,9 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
     b = io.StringIO()
     # As systemctl status marks units: a cancelled job is stopped (○), not failed (×).
     dot = {"completed": "✓", "failed": "×", "cancelled": "○"}.get(job["state"], "●")
-    # Given no output path, a job writes into a directory h2kd makes for it: its Result names the files.
-    output = job["output"] or ", ".join(written_paths(props.get("Result")))
+    # The files written, from the Result (for those who may read it), say more than Output: given no output path or
+    # a directory, Output is that directory.
+    output = ", ".join(written_paths(props.get("Result"))) or job["output"]
     target = f" → {output}" if output else ""
     b.write(f"{dot} {job['id']} - {job['operation']} {job['source']}{target}\n")
 

@@ -17,6 +17,7 @@ from h2kd import BUS_NAME, __version__
 from h2kd.config import Config, load_config
 from h2kd.manager.manager import JobManager
 from h2kd.manager.validation import HostChecks
+from h2kd.model.job import Job
 from h2kd.store import JobStore
 
 log = logging.getLogger("h2kd")
@@ -79,6 +80,7 @@ async def serve(config: Config) -> int:
     from h2kd.runner import SystemdRunner
 
     prepare_directories(config)
+    Job.default_output_root = str(next(iter(config.output_roots), ""))
     store = JobStore(config.store_path)
     manager = JobManager(config, store, host_validator=HostChecks(config))
     runner = SystemdRunner(config, manager)

@@ -598,7 +598,7 @@ def test_a_conversion_into_a_directory_names_the_file_it_wrote(env, images, outp
 
 def test_status_of_a_job_given_no_output_path_names_the_files_it_wrote(env, images, output_dir, plain_user):
     """Without -o a conversion writes into a directory h2kd makes for it in the first output root: status names
-    the files (from the Result, which the owner and administrators read), not an empty Output."""
+    the files (from the Result, which the owner and administrators read), others the directory (Output)."""
     job_id = new_id("default-out")
     ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "--id", job_id, timeout=120))
     try:
@@ -607,9 +607,11 @@ def test_status_of_a_job_given_no_output_path_names_the_files_it_wrote(env, imag
         status = ok(h2kctl(env, "status", job_id)).stdout
         assert f"{job_id} - convert {images['vmdk']} → {written}\n" in status, status
         assert re.search(rf"^ +Output: {re.escape(str(written))}$", status, re.MULTILINE), status
-        # Another user is not given the Result, and so not the files' names: no Output line, no made-up one.
+        # Another user is not given the Result, and so not the files' names: only the directory (Output).
         other = ok(h2kctl(env, "status", job_id, user=plain_user)).stdout
-        assert "Output:" not in other and "→" not in other, other
+        assert f"{job_id} - convert {images['vmdk']} → {output_dir / job_id}/\n" in other, other
+        assert re.search(rf"^ +Output: {re.escape(str(output_dir / job_id))}/$", other, re.MULTILINE), other
+        assert str(written) not in other, other
     finally:
         h2kctl(env, "remove", job_id)
         shutil.rmtree(output_dir / job_id, ignore_errors=True)

@@ -402,14 +402,20 @@ def test_lifecycle_entries_carry_fields_and_message_ids(journald):
     assert_catalog_can_explain(entries)
 
 
-def test_a_job_given_no_output_path_is_journaled_with_the_directory_it_wrote_into(journald):
+def test_a_job_given_no_output_path_is_journaled_with_the_directory_it_wrote_into(journald, monkeypatch):
+    monkeypatch.setattr(Job, "default_output_root", "/srv/h2kd-out")
     log = JournalLog()
     life = Lifecycle(log)
     job_id = unique_id("jdefault")
     job = make_job(job_id)
     job.spec["artifacts"]["output_path"] = None
     life.submit(job)
+    # Submitted: the directory it will be given in h2kd's first output root.
+    submitted = read_journal(f"H2K_JOB_ID={job_id}", expect=1)[0]
+    assert submitted["MESSAGE_ID"] == MESSAGE_IDS["submitted"]
+    assert submitted["H2K_OUTPUT"] == f"/srv/h2kd-out/{job_id}/"
     life.run_to_progressing(job, unit="h2k-job-unit-1.service")
+    # Completed: the directory its result names (written by an attempt of an h2kd with other settings).
     written = f"/var/lib/h2kd/output/{job_id}/web01.qcow2"
     life.move(job, S.COMPLETED, finished_at=T0 + 3_000_000, result={"outputs": {"disks": [{"path": written}]}})
     completed = read_journal(f"H2K_JOB_ID={job_id}", expect=3)[-1]

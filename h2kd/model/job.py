@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 from h2kd.model.states import CANCELABLE, JobState, check_transition
 
@@ -17,6 +18,10 @@ def now_usec() -> int:
 
 @dataclass
 class Job:
+    # Where a job given no output path writes: a directory named after it in this one, h2kd's first output root
+    # (set from its settings when it starts; the attempts it runs get the same roots). "": not known.
+    default_output_root: ClassVar[str] = ""
+
     id: str
     spec: dict[str, Any]            # the validated JobSpec, as JSON-able dict (JobSpec.model_dump(mode="json"))
     operation: str
@@ -70,7 +75,19 @@ class Job:
 
     @property
     def output(self) -> str:
+        """The output path as submitted ("" for none)."""
         return str((self.spec.get("artifacts") or {}).get("output_path") or "")
+
+    @property
+    def output_place(self) -> str:
+        """Where the job writes: its output path, or else the directory it wrote into (from its result) or will
+        write into ("DIR/"); "" for a job that writes nothing, or when that is not known."""
+        if self.output:
+            return self.output
+        written = written_directory(self.result)
+        if written or self.operation != "convert" or not self.default_output_root:
+            return written
+        return f"{self.default_output_root.rstrip('/')}/{self.id}/"
 
     @property
     def cancelable(self) -> bool:
@@ -82,3 +99,11 @@ class Job:
         check_transition(old, new)
         self.state = new
         return old
+
+
+def written_directory(result: dict[str, Any] | None) -> str:
+    """The directory a job's result says its first disk was written into, as "DIR/"; "" if none."""
+    outputs = (result or {}).get("outputs")
+    disks = outputs.get("disks") if isinstance(outputs, dict) else None
+    first = disks[0].get("path") if isinstance(disks, list) and disks and isinstance(disks[0], dict) else None
+    return os.path.dirname(first) + "/" if isinstance(first, str) and first else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 
 from systemd import journal
 
@@ -68,13 +67,6 @@ def _send(message: str, message_id: str, priority: int, **fields: object) -> Non
             journal.send(**values)
         except OSError:
             pass
-
-
-def _written_directory(result: dict | None) -> str:
-    """Where a job given no output path wrote (the directory h2kd made it), from its result: "DIR/", or ""."""
-    disks = ((result or {}).get("outputs") or {}).get("disks") or []
-    first = disks[0].get("path") if disks and isinstance(disks[0], dict) else None
-    return os.path.dirname(first) + "/" if isinstance(first, str) and first else ""
 
 
 def _seconds(start_usec: int, end_usec: int) -> float | None:
@@ -150,7 +142,7 @@ class JournalLog:
     def _submitted(self, job: Job) -> None:
         source = job.source or "(no path)"
         _send(f"Job {job.id} submitted: {job.operation} of {source}, priority {job.priority}",
-              MESSAGE_ID_SUBMITTED, journal.LOG_INFO, H2K_SOURCE=source, H2K_OUTPUT=job.output,
+              MESSAGE_ID_SUBMITTED, journal.LOG_INFO, H2K_SOURCE=source, H2K_OUTPUT=job.output_place,
               H2K_PRIORITY=job.priority, **self._job_fields(job))
 
     def _state_changed(self, job: Job) -> None:
@@ -169,7 +161,7 @@ class JournalLog:
             if took is not None:
                 text += f" in {took:.1f} s"
             _send(text, MESSAGE_ID_COMPLETED, journal.LOG_INFO, H2K_DURATION_SECONDS=_fmt(took),
-                  H2K_BYTES_WRITTEN=written, H2K_OUTPUT=job.output or _written_directory(job.result), **fields)
+                  H2K_BYTES_WRITTEN=written, H2K_OUTPUT=job.output_place, **fields)
         elif state == JobState.FAILED:
             self._checkpoint.pop(job.id, None)
             code = job.error_code or "INTERNAL"
