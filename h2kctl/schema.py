@@ -114,7 +114,8 @@ DOC: list[tuple[str, str]] = [
     ("status, submit, retry --wait, start --wait",
      "One job object: {id, path, operation, state, phase, progress (0..1 or null), bytes_done, bytes_total, "
      "rate (bytes/s), expected_end_usec, created_at_usec, started_at_usec, finished_at_usec (null until "
-     "known), priority, owner, owner_name, attempt, unit, worker, source, output, wait_reason, cancelable, "
+     "known), priority, owner, owner_name, attempt, unit, worker, source, output (the output path given; "
+     "for a conversion given none, the directory it writes into, as D-Bus Output), wait_reason, cancelable, "
      "error (null or {code, message}), spec (the job spec object), result (null or the job result object; "
      "null also for another user's job, whose result is for its owner and administrators to read)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import json
 import os
 import pwd
-import json
 import re
 import shutil
 import subprocess

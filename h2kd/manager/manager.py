@@ -526,10 +526,12 @@ class JobManager:
                 self._release_worker(job)
                 self._finish(job, S.CANCELLED, f"cancelled{who}; worker {job.worker} was told by its next call")
             return
-        if not job.cancel_requested:
+        # A second request (maybe by another user) leaves the first asker recorded, unless none was known.
+        if not job.cancel_requested or (job.cancelled_by < 0 and by is not None):
             with self._all_or_nothing(job):
                 job.cancel_requested = True
-                job.cancelled_by = -1 if by is None else by
+                if job.cancelled_by < 0 and by is not None:
+                    job.cancelled_by = by
                 self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
         with contextlib.suppress(StoreFailed):
             self._append_event(job, "log", {"message": f"cancel requested{who}; stopping the unit"})
@@ -557,13 +559,13 @@ class JobManager:
             with self._all_or_nothing(job):
                 # A run of attempts asked for anew has its retries, and its attempts not counted, anew.
                 job.attempts_counted_before, job.attempts_not_counted = job.attempt, 0
+                job.cancelled_by = -1
                 self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
                 # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
                 # of the run that failed, maybe days before.
                 job.started_at = job.finished_at = 0
-                job.cancelled_by = -1
                 self._enqueue(job, f"queued again by request{_of_uid(by)}")
         except StoreFailed:
             if job.state != S.RETRYING:
@@ -718,6 +720,7 @@ class JobManager:
         job.unit = ""
         job.wait_reason = ""
         job.cancel_requested = False
+        job.cancelled_by = -1
         self._reset_progress(job)
         self._transition(job, S.ASSIGNED, f"attempt {job.attempt} assigned to worker {worker.id}")
         self._take_slot(job, worker)

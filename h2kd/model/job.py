@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
-from h2kd.model.states import CANCELABLE, JobState, check_transition
+from h2kd.model.states import CANCELABLE, TERMINAL, JobState, check_transition
 
 
 def now_usec() -> int:
@@ -80,12 +80,13 @@ class Job:
 
     @property
     def output_place(self) -> str:
-        """Where the job writes: its output path, or else the directory it wrote into (from its result) or will
-        write into ("DIR/"); "" for a job that writes nothing, or when that is not known."""
+        """Where the job writes: its output path; else the directory it wrote into (from its result), or, while it
+        may still write, the one it will write into ("DIR/"). "" for a job that writes nothing, that ended
+        without writing (a failed or cancelled attempt leaves no directory), or when that is not known."""
         if self.output:
             return self.output
         written = written_directory(self.result)
-        if written or self.operation != "convert" or not self.default_output_root:
+        if written or self.operation != "convert" or not self.default_output_root or self.state in TERMINAL:
             return written
         return f"{self.default_output_root.rstrip('/')}/{self.id}/"
 
@@ -106,4 +107,4 @@ def written_directory(result: dict[str, Any] | None) -> str:
     outputs = (result or {}).get("outputs")
     disks = outputs.get("disks") if isinstance(outputs, dict) else None
     first = disks[0].get("path") if isinstance(disks, list) and disks and isinstance(disks[0], dict) else None
-    return os.path.dirname(first) + "/" if isinstance(first, str) and first else ""
+    return os.path.dirname(first) + "/" if isinstance(first, str) and os.path.isabs(first) else ""

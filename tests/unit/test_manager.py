@@ -368,6 +368,39 @@ def test_a_cancel_whose_stop_systemd_does_not_take_at_once_is_not_reported_faile
     asyncio.run(go())
 
 
+def test_who_cancelled_a_running_job_is_kept_across_a_restart_and_forgotten_by_a_retry(tmp_path, image):
+    """The uid that asked for the cancel is stored with the request: the job's history names it when the unit
+    stops, even after h2kd restarted in between. A second asker does not replace the first; a retry (by
+    another uid) starts with no one recorded."""
+    async def go():
+        m, runner, _, _ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        assert job.state.value == "running"
+        await m.cancel(job.id, by=1000)
+        await m.cancel(job.id, by=0)
+        assert job.cancelled_by == 1000
+        await m.stop()
+        m, runner, _, _ = make(tmp_path)          # h2kd restarted while the unit stops
+        await m.start()
+        job = m.get(job.id)
+        assert job.cancel_requested and job.cancelled_by == 1000
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "cancelled"}))
+        assert job.state.value == "cancelled"
+        reasons = [entry["reason"] for entry in m.history(job.id)]
+        assert reasons[-1] == "cancelled by uid 1000; the unit has stopped", reasons
+        m.retry(job.id, by=0)
+        await settle()
+        assert job.cancelled_by == -1
+        assert "retry requested by uid 0" in [entry["reason"] for entry in m.history(job.id)]
+        await m.stop()
+        m, _, _, _ = make(tmp_path)
+        m.load()
+        assert m.get(job.id).cancelled_by == -1
+    asyncio.run(go())
+
+
 def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_completed(tmp_path, image):
     """The worker finishes an attempt whose outputs are getting their names, whatever comes (h2kd.worker.main):
     if systemd's time limit falls then, the unit's result says "timeout" but the worker exits 0 with a completed
