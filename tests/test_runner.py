@@ -752,6 +752,32 @@ def test_a_start_that_may_succeed_later_is_told_apart_from_a_refusal(sandbox: Sa
     asyncio.run(scenario())
 
 
+def test_a_refused_start_reports_no_end_for_its_unit(sandbox: Sandbox, monkeypatch) -> None:
+    """systemd announces the removal of a transient unit it refused before it answers the start: that signal
+    must not end the attempt a second time (the refusal already ended it), now or when the runner closes."""
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        async with runner_for(sandbox.config("wait"), events) as runner:
+            refused = []
+            with monkeypatch.context() as patched:
+                patched.setattr(systemd_runner.units, "build_properties",
+                                lambda *a, **k: [("NoSuchPropertyOfSystemd", Variant("s", "x"))])
+                for _ in range(5):
+                    job = make_job()
+                    with pytest.raises(systemd_runner.SystemdError):
+                        await runner.start(job, 1)
+                    refused.append(job.id)
+            started = make_job()
+            await runner.start(started, 1)          # a later start still works, and its signals are read
+            await runner.stop(unit_name(started.id, 1))
+            await events.wait_finished(started.id)
+            await asyncio.sleep(0.5)
+        assert [events.outcomes_of(job_id) for job_id in refused] == [[]] * len(refused)
+
+    asyncio.run(scenario())
+
+
 def held_image(directory: Path, record: Path) -> tuple[Path, str]:
     """An image of uid 64101's that a repair made root's (0600) and noted in `record`, bound to a loop device
     as a lazily unmounted file system keeps it; (the image, the loop device)."""

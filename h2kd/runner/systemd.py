@@ -402,10 +402,10 @@ class SystemdRunner:
                 # This attempt's unit already runs (started before a restart): follow it, never start twice.
                 self._schedule_check(followed)
                 return unit
-            self._unfollow(followed)
+            self._drop(followed)
             raise
         except Exception:
-            self._unfollow(followed)
+            self._drop(followed)
             raise
         self._schedule_check(followed)
         return unit
@@ -528,6 +528,15 @@ class SystemdRunner:
         self._followed[unit] = followed
         self._by_path[followed.path] = followed
         return followed
+
+    def _drop(self, followed: _Followed) -> None:
+        """Follow no more a unit that never started: the refusal is its attempt's end. systemd announces the
+        removal of a unit it refused before it answers, and the check that signal scheduled would end the
+        attempt a second time."""
+        followed.settled = True
+        for task in followed.tasks:
+            task.cancel()
+        self._unfollow(followed)
 
     def _unfollow(self, followed: _Followed) -> None:
         if self._followed.get(followed.unit) is followed:
