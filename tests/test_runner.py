@@ -85,6 +85,12 @@ elif mode == "wait":
     result("completed")
 elif mode == "quick":
     result("completed")
+elif mode == "odd-failure":
+    # A worker of another version: its error a bare message, its outputs a list, a temporary files record left.
+    (run_dir / "temp-files").touch()
+    result_path.write_text(json.dumps({"status": "failed", "error": "qemu-img: write failed",
+                                       "outputs": ["/nowhere"], "attempt": spec["attempt"]}))
+    sys.exit(1)
 elif mode == "leave":
     # A conversion caught mid-way: a temporary output recorded and partly written, then killed outright.
     from h2kd.operations.tempfiles import TempFiles
@@ -557,6 +563,38 @@ def test_stop_ends_the_unit_and_says_it_was_requested(sandbox: Sandbox) -> None:
     asyncio.run(scenario())
 
 
+def test_a_unit_that_ends_while_it_is_being_checked_is_reported_as_it_ended(sandbox: Sandbox) -> None:
+    """A check reads the unit's two property sets one after the other. When the unit dies (and is collected)
+    between the two, the signals telling its end arrive meanwhile: they, not the check's older values, say how
+    it ended."""
+    async def scenario() -> None:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("wait"), events) as runner:
+            unit = await start_waiting(runner, events, job)
+            real_call = runner._call
+            armed = True
+
+            async def call_with_the_unit_dying_midway(destination, path, interface, member, signature, body):
+                nonlocal armed
+                if armed and member == "GetAll" and body == [systemd_runner.SERVICE_IFACE]:
+                    armed = False
+                    killed = await asyncio.to_thread(sandbox.systemctl, "kill", "--signal=KILL", unit)
+                    assert killed.returncode == 0, killed.stderr
+                    await wait_for(lambda: sandbox.systemctl("show", "-P", "LoadState", unit).stdout.strip()
+                                   == "not-found", what=f"{unit} collected")
+                    await asyncio.sleep(0.2)        # its last signals read
+                return await real_call(destination, path, interface, member, signature, body)
+
+            runner._call = call_with_the_unit_dying_midway
+            await runner.reattach(job)              # a check, as after a restart
+            outcome = await events.wait_finished(job.id)
+        assert (outcome.result, outcome.exit_status) == ("signal", signal.SIGKILL)
+        assert len(events.outcomes_of(job.id)) == 1
+
+    asyncio.run(scenario())
+
+
 def test_signals_claiming_to_be_systemds_from_anyone_else_are_ignored(sandbox: Sandbox) -> None:
     """Anyone on the bus may send h2kd's systemd connection a PropertiesChanged for a job's unit (its path is
     public): a forged status or end is not taken for systemd's."""
@@ -661,6 +699,62 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
         assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
         assert starts(config, unit) == 1
         assert lost.result == "not-started" and lost.worker_result is None
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_whose_result_file_h2kd_cannot_make_sense_of_still_ends(sandbox: Sandbox) -> None:
+    """Read after a restart, a result file of unexpected shape (a worker of another version, a damaged file)
+    still ends the attempt, as a failure: the job neither hangs nor holds its slot."""
+    async def scenario() -> None:
+        config = sandbox.config("odd-failure")
+        job = make_job()
+        unit = await run_unfollowed_until_collected(sandbox, config, job)
+        job.unit = unit
+        events = RecordingEvents()
+        async with runner_for(config, events) as second:
+            await second.reattach(job)
+            outcome = await events.wait_finished(job.id)
+        assert (outcome.result, outcome.exit_status) == ("exit-code", 1)
+        assert outcome.worker_result is not None and outcome.worker_result["error"] == "qemu-img: write failed"
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_is_reported_ended_once_whatever_fails_while_its_end_is_read(sandbox: Sandbox,
+                                                                                 monkeypatch) -> None:
+    async def broken(self, followed, worker_result):
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("quick"), events) as runner:
+            monkeypatch.setattr(SystemdRunner, "_remove_leftovers", broken)
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+            await asyncio.sleep(0.3)
+        assert (outcome.result, outcome.worker_result) == ("unknown", None)
+        assert len(events.outcomes_of(job.id)) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_made_while_the_runner_closes_starts_nothing(sandbox: Sandbox) -> None:
+    """h2kd is stopping (close() waits for a directory's removal) when its reconnect to systemd succeeds: the
+    runner stays closed, so the manager is not told to start queued jobs during the shutdown."""
+    async def scenario() -> None:
+        events = RecordingEvents()
+        runner = await connected(sandbox.config("wait"), events)
+        removal = asyncio.get_running_loop().create_future()
+        runner._removals[Path("/nonexistent/removal")] = removal      # a removal still under way
+        closing = asyncio.create_task(runner.close())
+        await asyncio.sleep(0.1)
+        await runner.connect()                  # the reconnect, done just now
+        assert events.connected == 1 and not runner.reachable
+        removal.set_result(None)
+        await closing
+        assert not runner.reachable
 
     asyncio.run(scenario())
 

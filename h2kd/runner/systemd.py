@@ -184,8 +184,8 @@ class SystemdRunner:
         return self._reconnects
 
     async def connect(self) -> None:
-        """Connect to the systemd manager's bus, subscribe to its signals, set up our slice."""
-        self._closing = False
+        """Connect to the systemd manager's bus, subscribe to its signals, set up our slice. A runner that is
+        closing stays unconnected."""
         self._manager_instance = ""     # until learnt: an attempt started meanwhile records none, and is not judged by it
         address = self._config.systemd_bus_address
         bus = MessageBus(bus_address=address) if address else MessageBus(bus_type=BusType.SYSTEM)
@@ -211,6 +211,11 @@ class SystemdRunner:
             bus.disconnect()
             self._bus = None
             raise
+        if self._closing:
+            # close() began while this connect waited for systemd: no check, no start from here on.
+            bus.disconnect()
+            self._bus = None
+            return
         self._watch_task = asyncio.create_task(self._watch_connection(bus))
         if self._compile_task is None:     # once per runner: workers start faster with their .pyc at hand
             self._compile_task = asyncio.create_task(asyncio.to_thread(bytecode.compile_worker_modules))
@@ -267,6 +272,8 @@ class SystemdRunner:
         attempt = 0
         while not self._closing:
             await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            if self._closing:
+                return
             attempt += 1
             try:
                 await self.connect()
@@ -704,6 +711,10 @@ class SystemdRunner:
         # Asking for a unit by path loads it: a collected unit comes back as an empty "not-found" one.
         if values.get("LoadState") == "not-found":
             return "gone"
+        if followed.check_again:
+            # Signals came while the two sets were read (the unit may have ended, and been collected, between
+            # them): they are newer than what was read first, so they are kept, and the unit is asked again.
+            return "running"
         self._apply(followed, values)
         followed.seen = True
         job_id = values.get("Job", (0, "/"))[0]
@@ -720,6 +731,14 @@ class SystemdRunner:
         self._settling.add(followed)     # its task (reading the journal, say) is still ended by close()
         try:
             await self._report_outcome(followed, gone)
+        except Exception:
+            # Reported all the same (once: _report_outcome reports last): an attempt whose end is never reported
+            # leaves its job running for ever, holding its slot.
+            log.exception("reading how unit %s ended failed; its attempt is reported as ended unrecorded",
+                          followed.unit)
+            self._report_finished(followed, UnitOutcome(
+                unit=followed.unit, result="unknown", exit_status=0, worker_result=None, log_tail=[],
+                stopped_by_request=followed.stop_requested, interrupted=False))
         finally:
             self._settling.discard(followed)
 
@@ -769,8 +788,8 @@ class SystemdRunner:
         record = followed.run_dir / RECORD_NAME
         if not record.exists():
             return
-        outputs = (worker_result or {}).get("outputs") or {}
-        keep = {str(d.get("path")) for d in outputs.get("disks") or [] if isinstance(d, dict)}
+        outputs = _field(worker_result, "outputs", dict)
+        keep = {str(d.get("path")) for d in _field(outputs, "disks", list) if isinstance(d, dict)}
         keep.add(str(outputs.get("domain_xml")))
         roots = [str(r) for r in self._config.output_roots]
         try:
@@ -846,8 +865,14 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
         return "success", 0
     if status == "cancelled":
         return "exit-code", 143
-    error = worker_result.get("error") or {}
-    return "exit-code", 1 if error.get("retryable", True) else 2
+    return "exit-code", 1 if _field(worker_result, "error", dict).get("retryable", True) else 2
+
+
+def _field(data: dict[str, Any] | None, name: str, kind: type) -> Any:
+    """data[name] if it is of that kind, else an empty one: a result file may come from a worker of another
+    version, or be damaged (the manager reads it the same way)."""
+    value = (data or {}).get(name)
+    return value if isinstance(value, kind) else kind()
 
 
 def _remove_directory(directory: Path, held_dir: Path) -> Path | None:
