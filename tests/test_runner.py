@@ -85,6 +85,10 @@ elif mode == "wait":
     result("completed")
 elif mode == "quick":
     result("completed")
+elif mode == "latin-1":
+    # What a guest's Latin-1 file read with surrogateescape gives, written as json.dumps writes it ("\\udce9").
+    result_path.write_text(json.dumps({"status": "completed", "outputs": {}, "attempt": spec["attempt"],
+                                       "found": {"os": b"Debian \xe9".decode("utf-8", "surrogateescape")}}))
 elif mode == "odd-failure":
     # A worker of another version: its error a bare message, its outputs a list, a temporary files record left.
     (run_dir / "temp-files").touch()
@@ -717,6 +721,21 @@ def test_an_attempt_whose_result_file_h2kd_cannot_make_sense_of_still_ends(sandb
             outcome = await events.wait_finished(job.id)
         assert (outcome.result, outcome.exit_status) == ("exit-code", 1)
         assert outcome.worker_result is not None and outcome.worker_result["error"] == "qemu-img: write failed"
+
+    asyncio.run(scenario())
+
+
+def test_text_of_a_result_that_is_not_unicode_reaches_h2kd_as_replacement_characters(sandbox: Sandbox) -> None:
+    """A result holding bytes that are not UTF-8 (lone surrogates) could be neither stored nor sent on the bus."""
+    async def scenario() -> None:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("latin-1"), events) as runner:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "success"
+        assert outcome.worker_result is not None and outcome.worker_result["found"] == {"os": "Debian \ufffd"}
+        json.dumps(outcome.worker_result, ensure_ascii=False).encode("utf-8")   # valid Unicode throughout
 
     asyncio.run(scenario())
 

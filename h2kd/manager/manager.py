@@ -203,7 +203,9 @@ class JobManager:
             self._later(STORE_RETRY_SECONDS, lambda: self._spawn(self._recover_or_later(job, origin)))
 
     async def _recover(self, job: Job) -> None:
-        if job.state == S.CREATED:  # h2kd stopped between storing and validating it
+        if job.state == S.CREATED and job.error_message:     # its checks failed; the store refused to record it
+            self._fail_checks(job, job.error_message)
+        elif job.state == S.CREATED:  # stored by an earlier build, which validated after storing: not checked yet
             try:
                 problem = self._host_validator(job, None) if self._host_validator else None
             except H2kError as e:
@@ -450,6 +452,9 @@ class JobManager:
         """A job whose checks found `problem`: stored and announced as created, then failed, so that it is seen
         submitted and then failing. A refused first write keeps nothing (InvalidSpec with the problem); after a
         refused second one the job stays created, as stored, until the store takes its failure."""
+        # Stored with it: if h2kd stops before the store takes the failure, the restart records that failure
+        # (the submitter was told the job failed its checks), rather than checking the job again.
+        job.error_message = problem
         try:
             self._store.insert_job(job, f"submitted by uid {owner}")
         except StoreFailed as e:
@@ -752,14 +757,15 @@ class JobManager:
 
     @contextlib.contextmanager
     def _all_or_nothing(self, job: Job) -> Iterator[None]:
-        """A change of `job` that the store may refuse (StoreFailed: its disk full). Refused before any of its
-        transitions was stored, the job, its worker slot, its place in the queue and its retry timer are put
-        back as they were, so that memory tells what the store does; StoreFailed goes on to the caller."""
+        """A change of `job` that the store may refuse (StoreFailed: its disk full; or a value it cannot take).
+        Refused before any of its transitions was stored, the job, its worker slot, its place in the queue and its
+        retry timer are put back as they were, so that memory tells what the store does; the error goes on to the
+        caller."""
         fields, holder = dict(job.__dict__), self._holding.get(job.id)
         queued, armed, stored = job.id in self._scheduler, job.id in self._timers, self._stored_transitions
         try:
             yield
-        except StoreFailed:
+        except Exception:
             if self._stored_transitions == stored:
                 job.__dict__.update(fields)
                 self._track_state(job)
@@ -1269,6 +1275,7 @@ class JobManager:
             raise InvalidArgument(f"bytes_read and bytes_written must be 0 to {COUNT_MAX}")
         error_message = error_message[:MAX_ERROR_MESSAGE]
         if job.state == S.ASSIGNED:
+            job.started_at = job.started_at or now_usec()
             self._transition(job, S.RUNNING, f"worker {worker.id} started it")
         # Refused by the store, the report changes nothing: the worker may send it again.
         with self._all_or_nothing(job):
@@ -1376,8 +1383,9 @@ class JobManager:
         self._track_state(job)
         try:
             event = self._store.record_transition(job, old, new, reason)
-        except StoreFailed:
-            # Not stored, so not made: the job stays in the state the store has (which a restart would find).
+        except Exception:
+            # Not stored, so not made: the job stays in the state the store has (which a restart would find). Also
+            # for a value the store cannot take, so that a fallback (_end_attempt's stand-in result) can follow.
             job.state = old
             self._track_state(job)
             raise

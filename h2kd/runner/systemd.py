@@ -950,7 +950,28 @@ def _read_result(path: Path) -> dict[str, Any] | None:
         result = json.loads(data)
     except ValueError:
         return None
-    return result if isinstance(result, dict) else None
+    return _valid_text(result) if isinstance(result, dict) else None
+
+
+def _valid_text(value: Any) -> Any:
+    """value with every string made valid Unicode. A worker reads a guest's files with surrogateescape, so what it
+    found (a Latin-1 os-release, a file name) can hold lone surrogates, which neither the store nor D-Bus can take:
+    the bytes they stand for are decoded again, each that is not UTF-8 becoming U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            try:
+                raw = value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:      # a surrogate no undecodable byte stands for
+                raw = value.encode("utf-8", "surrogatepass")
+            return raw.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_text(item) for item in value]
+    return value
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

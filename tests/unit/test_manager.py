@@ -518,6 +518,26 @@ def test_a_result_file_h2kd_does_not_understand_fails_the_job_and_frees_its_slot
     asyncio.run(go())
 
 
+def test_a_result_the_store_cannot_take_fails_the_job_in_memory_and_in_the_store_alike(tmp_path, image):
+    """Text that is not Unicode (a lone surrogate) in a result, had it got past the runner: the job does not stay
+    completed in memory and running in the store, holding its slot; it fails, the same in both."""
+    async def go():
+        m, runner, _, config = make(tmp_path, max_parallel_jobs=1)
+        await m.start()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await until(lambda: first.state.value == "running")
+        m.unit_finished(first.id, 1, UnitOutcome(first.unit, "success", 0,
+                                                 {"status": "completed", "outputs": {}, "found": "Debian \udce9"}))
+        assert first.state.value == "failed" and first.error_code == "INTERNAL"
+        await until(lambda: second.state.value == "running")
+        await m.stop()
+        return first.id, config.store_path
+    job_id, store_path = asyncio.run(go())
+    with JobStore(store_path) as store:
+        assert {j.id: j.state.value for j in store.load_jobs()}[job_id] == "failed"
+
+
 def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, image, monkeypatch):
     """The builtin worker's free space is measured again now and then: a job that asks for more than there is
     waits, and starts by itself once space was freed (nobody called Refresh)."""
@@ -937,6 +957,7 @@ def test_a_failure_reported_with_a_blank_message_says_the_worker_failed(tmp_path
         assert m.claim(worker.id) is job
         m.report_result(worker.id, job.id, False, {}, "INVALID_IMAGE", "  \n ", 0, 0)
         assert job.state.value == "failed" and job.error_message == "the worker reported a failure"
+        assert 0 < job.started_at <= job.finished_at      # started when its first report came, a result here
         await m.stop()
     asyncio.run(go())
 
@@ -1322,6 +1343,36 @@ def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_the
             assert [j.state.value for j in stored.load_jobs() if j.id == "late"] == ["failed"]
             assert [(h["old_state"], h["new_state"]) for h in stored.history("late")] == [("", "created"),
                                                                                          ("created", "failed")]
+    asyncio.run(go())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_submission_told_it_failed_its_checks_is_not_run_after_a_restart(tmp_path, monkeypatch):
+    """h2kd restarts before the store takes the failure of a submission whose checks failed (and that the caller
+    was told so). Meanwhile the problem went away: the job is still recorded failed, with its problem, not run."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 60)
+
+    async def go():
+        with small_file_system(tmp_path / "state") as state:
+            m, _, _, config = make(tmp_path)
+            await m.start()
+            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
+            m.add_listener(disk)
+            missing = tmp_path / "missing.vmdk"
+            with pytest.raises(InvalidSpec, match="stays created until the job store can record that it failed"):
+                m.submit(spec(missing, tmp_path / "out/a.qcow2", job_id="told"), owner=0)
+            await m.stop()
+
+            missing.write_bytes(b"")                 # the problem is gone, and so is the full disk
+            disk.filler.unlink()
+            again, runner, _, _ = make(tmp_path)
+            await again.start()
+            job = again.get("told")
+            await until(lambda: job.state.value == "failed")
+            assert job.error_code == "VALIDATION_FAILED" and job.error_message == f"no such file: {missing}"
+            await settle()
+            assert runner.started == [] and again.jobs_queued == 0
+            await again.stop()
     asyncio.run(go())
 
 
