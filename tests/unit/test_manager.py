@@ -1307,6 +1307,16 @@ class FillsTheDiskOnceAJobIsAdded(Changes):
             take_the_logs_last_pages(self._store)
 
 
+async def started_filling_the_disk_once_a_job_is_added(tmp_path: Path, state: Path):
+    """A started manager on the store in `state` (a small file system), whose disk fills as soon as a job is
+    added; (the manager, its Changes, its Config, the FillsTheDiskOnceAJobIsAdded: unlink its filler to free it)."""
+    m, _, changes, config = make(tmp_path)
+    await m.start()
+    disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
+    m.add_listener(disk)
+    return m, changes, config, disk
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
 def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_there_is_room(tmp_path, monkeypatch):
     """The job is stored (created) but its failure is refused: the caller is told what is wrong with the spec (and so
@@ -1316,10 +1326,7 @@ def test_a_submission_that_fails_its_checks_as_the_disk_fills_is_failed_once_the
 
     async def go():
         with small_file_system(tmp_path / "state") as state:
-            m, _, changes, config = make(tmp_path)
-            await m.start()
-            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
-            m.add_listener(disk)
+            m, changes, config, disk = await started_filling_the_disk_once_a_job_is_added(tmp_path, state)
             missing = tmp_path / "missing.vmdk"
             failing = spec(missing, tmp_path / "out/a.qcow2", job_id="late")
             told = re.escape(f"no such file: {missing} (job late stays created until the job store can record that "
@@ -1354,10 +1361,7 @@ def test_a_submission_told_it_failed_its_checks_is_not_run_after_a_restart(tmp_p
 
     async def go():
         with small_file_system(tmp_path / "state") as state:
-            m, _, _, config = make(tmp_path)
-            await m.start()
-            disk = FillsTheDiskOnceAJobIsAdded(state, JobStore(config.store_path))
-            m.add_listener(disk)
+            m, _, _, disk = await started_filling_the_disk_once_a_job_is_added(tmp_path, state)
             missing = tmp_path / "missing.vmdk"
             with pytest.raises(InvalidSpec, match="stays created until the job store can record that it failed"):
                 m.submit(spec(missing, tmp_path / "out/a.qcow2", job_id="told"), owner=0)
