@@ -112,6 +112,31 @@ def test_only_the_manager_object_says_it_is_an_object_manager(stack_env, job_pat
         assert refused.returncode != 0 and "UnknownMethod" in refused.stderr, (path, refused.stderr)
 
 
+def test_the_job_tree_lists_the_jobs_there_are_now(stack_env, job_path):
+    """Introspect at the job tree names every job: also one submitted, and not one removed, since the last call
+    (the answer is kept between calls, ~80 ms to make with 10,000 jobs)."""
+    def children() -> set[str]:
+        root = ET.fromstring(_strip_doctype(gdbus_xml(stack_env, MANAGER_PATH + "/job")))
+        return {node.get("name") for node in root.findall("node")}
+
+    def manager_call(*args: str) -> str:
+        return subprocess.run(["busctl", "--system", "call", BUS_NAME, MANAGER_PATH, BUS_NAME + ".Manager", *args],
+                              env=stack_env, check=True, capture_output=True, text=True, timeout=30).stdout
+
+    assert job_path.rsplit("/", 1)[1] in children()
+    job_id = "introspect-" + uuid.uuid4().hex[:8]
+    added = manager_call("SubmitJob", "a{sv}a{sv}", "3", "job_id", "s", job_id, "operation", "s", "inspect",
+                         "image", "v", "a{sv}", "1", "path", "s", "/etc/hostname", "1", "queue", "b", "false")
+    added_path = added.split()[-1].strip('"')
+    assert added_path.rsplit("/", 1)[1] in children()
+    names = {i.get("name") for i in ET.fromstring(_strip_doctype(gdbus_xml(stack_env, added_path))).iter("interface")}
+    assert BUS_NAME + ".Job" in names
+    manager_call("CancelJob", "s", job_id)
+    manager_call("RemoveJob", "s", job_id)
+    assert added_path.rsplit("/", 1)[1] not in children()
+    assert job_path.rsplit("/", 1)[1] in children()
+
+
 def test_job_interface_matches_contract(stack_env, job_path):
     name = BUS_NAME + ".Job"
     assert_same(describe(find_interface(gdbus_xml(stack_env, job_path), name)), contract(name), name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -386,6 +387,22 @@ def vmx_job(base: Path, tmp_path: Path, name: str, extra: list[str]) -> dict[str
     run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(vmx)}}, [base / "out"],
                      owner=NOBODY)
     return {"returncode": run.returncode, **run.result}
+
+
+def test_a_source_closed_to_its_submitter_after_the_submission_is_not_read(base: Path, tmp_path: Path) -> None:
+    """The job waited in the queue; meanwhile the VMX's owner made it theirs alone. Root must not read it for the
+    submitter: no VM facts in their result, only that they may no longer read it."""
+    images.qemu_img("create", "-q", "-f", "vmdk", str(base / "d.vmdk"), "1M")
+    vmx = images.make_vmx(base, ["d.vmdk"], name="vm")
+    vmx.write_text(vmx.read_text().replace('displayName = "vm"', 'displayName = "payroll-db-7"'))
+    give_to_nobody(base / "d.vmdk")
+    vmx.chmod(0o600)                                    # root's file, as its owner left it after the submission
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(vmx)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode != 0 and run.result["status"] == "failed", run.log
+    assert run.result["error"]["code"] == "PERMISSION_DENIED", run.result
+    assert "may no longer read the source" in run.result["error"]["message"]
+    assert "payroll-db-7" not in json.dumps(run.result)
 
 
 def test_a_vmx_listing_thousands_of_nics_is_refused(base: Path, tmp_path: Path) -> None:

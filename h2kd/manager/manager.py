@@ -90,7 +90,7 @@ GONE_WORKER_KEEP_SECONDS = 600.0
 MAX_CAPABILITIES_BYTES = 64 * 1024   # an external worker's capabilities, as JSON
 MAX_PHASE, MAX_MESSAGE = 64, 1024    # of an external worker's progress report (cut beyond)
 MAX_RESULT_BYTES = 64 * 1024         # an external worker's outputs, as JSON: kept with the job for good
-MAX_ERROR_MESSAGE = 4096             # of an external worker's failure (cut beyond)
+MAX_ERROR_MESSAGE = 4096             # of a worker's failure message (cut beyond)
 UINT32_MAX = 2**32 - 1                # what a property of type u can carry
 # Byte counts, rates and times: what both a property of type t and the store's INTEGER columns can carry.
 COUNT_MAX = 2**63 - 1
@@ -957,6 +957,11 @@ class JobManager:
                 if not isinstance(retryable, bool):
                     retryable = code not in NON_RETRYABLE
                 message = _text(error.get("message"))
+                if len(message) > MAX_ERROR_MESSAGE:
+                    # A message can quote what the submitter wrote (a descriptor's extent name): cut as an external
+                    # worker's is, before it reaches the store, the history and every client's signals.
+                    message = message[:MAX_ERROR_MESSAGE]
+                    result = {**result, "error": {**error, "message": message}}
                 if not message.strip():
                     message = (f"the worker gave no message; unit {outcome.unit} ended with {outcome.result} "
                                f"(status {outcome.exit_status})")

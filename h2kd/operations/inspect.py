@@ -1011,6 +1011,10 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
     expected = _EXPECTED_SOURCES.get(path)
     fd, identity = open_regular_file(path) if expected is None else _open_expected(path, expected)
     try:
+        if reader_uid:
+            # Checked at submission; since then its owner may have closed it (chmod, a group left), and root
+            # would read and describe it (a VMX's facts) all the same.
+            check_readable_by([identity], reader_uid, "the submitter may no longer read the source")
         head, tail = _read_head_tail(fd, 0, identity.size)
         kind = sniff(head, tail)
         declared = SPEC_TO_DRIVER.get(declared_format or "", declared_format)
@@ -1035,8 +1039,9 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
     return source
 
 
-def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
-    """Each of these files must be one `uid` (not root) could read itself; OperationError otherwise."""
+def check_readable_by(identities: list[FileIdentity], uid: int,
+                      problem: str = "the source refers to a file its submitter may not read") -> None:
+    """Each of these files must be one `uid` (not root) could read itself; OperationError (`problem`) otherwise."""
     from h2kd.access import check_file_readable, groups_for   # only sources that refer to other files
     from h2kd.errors import H2kError
 
@@ -1045,8 +1050,7 @@ def check_readable_by(identities: list[FileIdentity], uid: int) -> None:
         try:
             check_file_readable(ident.path, ident.device, ident.inode, uid, gids)
         except H2kError as e:
-            raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: "
-                                 f"{e}") from None
+            raise OperationError("PERMISSION_DENIED", f"{problem}: {e}") from None
 
 
 def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:

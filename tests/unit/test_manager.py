@@ -538,6 +538,25 @@ def test_a_result_the_store_cannot_take_fails_the_job_in_memory_and_in_the_store
         assert {j.id: j.state.value for j in store.load_jobs()}[job_id] == "failed"
 
 
+def test_a_failure_message_of_the_builtin_worker_is_cut_like_an_external_workers(tmp_path, image):
+    """A message can quote what the submitter wrote (an extent name of a crafted descriptor, ~1 MB): it is cut
+    before the store, the history and the Error every client is sent get it."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 0}), owner=0)
+        await until(lambda: job.state.value == "running")
+        long = "extent " + "A" * 900_000
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 2, {
+            "status": "failed", "error": {"code": "PERMISSION_DENIED", "message": long, "retryable": False}}))
+        assert job.state.value == "failed" and job.error_code == "PERMISSION_DENIED"
+        assert job.error_message == long[:manager_module.MAX_ERROR_MESSAGE]
+        assert job.result["error"]["message"] == job.error_message
+        assert max(len(entry["reason"]) for entry in m.history(job.id)) <= 2 * manager_module.MAX_ERROR_MESSAGE
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, image, monkeypatch):
     """The builtin worker's free space is measured again now and then: a job that asks for more than there is
     waits, and starts by itself once space was freed (nobody called Refresh)."""
