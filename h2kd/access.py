@@ -248,11 +248,22 @@ def _real(path: str | os.PathLike[str]) -> str:
 
 
 def _path_of(fd: int, path: str | os.PathLike[str]) -> str:
-    """Where the open file `fd` (opened as `path`) is; realpath(path) where /proc is not there to tell."""
+    """Where the open file `fd` (opened as `path`) is; realpath(path) where /proc is not there to tell.
+
+    Raises NotAuthorized if that is not where h2kd finds the same file: a file reached through another mount
+    namespace (/proc/PID/root/...) is named by its path there, which may lie below an allowed root here."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
+        where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return os.path.realpath(path)
+    opened = os.fstat(fd)
+    try:
+        found = os.stat(where, follow_symlinks=False)
+    except OSError:
+        found = None
+    if found is None or (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino):
+        raise NotAuthorized(f"refusing {path}: it is not reachable from h2kd's root as {where}")
+    return where
 
 
 def _is_below(path: Path, roots: list[Path]) -> bool:

@@ -1013,6 +1013,32 @@ def test_paths_leaving_the_allowed_roots_are_refused(users, shared_dir):
     assert check_source_readable(str(root / "to-inner" / "disk.img"), alice.pw_uid, gids, [root])[0] == inner
 
 
+def test_a_source_reached_through_another_mount_namespace_is_refused(users, shared_dir):
+    # alice's process sees a filesystem of its own mounted on an empty directory below the allowed root; through
+    # /proc/PID/root the kernel names her file by its path there, which lies below the root here too.
+    alice = users[ALICE]
+    root = shared_dir / "images"
+    (root / "inner").mkdir(parents=True, mode=0o755)
+    script = (f"mount -t tmpfs -o mode=0755 h2kt-private {root / 'inner'} && head -c 65536 /dev/urandom > "
+              f"{root / 'inner' / 'disk.img'} && chmod 0644 {root / 'inner' / 'disk.img'} && echo mounted && "
+              f"exec setpriv --reuid {alice.pw_uid} --regid {alice.pw_gid} --init-groups sleep 60")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "mounted\n"
+        deadline = time.monotonic() + 10
+        while f"Uid:\t{alice.pw_uid}\t" not in Path(f"/proc/{holder.pid}/status").read_text():
+            assert time.monotonic() < deadline, "the namespace's process never became alice's"
+            time.sleep(0.02)
+        through = f"/proc/{holder.pid}/root{root / 'inner' / 'disk.img'}"
+        assert not (root / "inner" / "disk.img").exists()    # not here: only in her namespace
+        with pytest.raises(NotAuthorized, match="not reachable from h2kd's root"):
+            check_source_readable(through, alice.pw_uid, caller_groups(alice.pw_uid), [root])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_sources_must_be_existing_regular_files(users, shared_dir):
     alice = users[ALICE]
     gids = caller_groups(alice.pw_uid)
