@@ -525,8 +525,11 @@ def test_worker_json_arguments_must_be_json_objects(stack):
             await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
                 "success": Variant("b", True), "outputs": Variant("s", outputs)}], expect_error=ERR + "InvalidArgument")
         assert await worker.prop(path, JOB, "State") == "assigned"
+        attempt = await worker.prop(path, JOB, "Attempt")
         await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
-            "success": Variant("b", True), "outputs": Variant("s", '{"disks": 1}')}])
+            "success": Variant("b", True), "attempt": Variant("u", attempt + 1)}], expect_error=ERR + "InvalidState")
+        await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
+            "success": Variant("b", True), "outputs": Variant("s", '{"disks": 1}'), "attempt": Variant("u", attempt)}])
         assert await worker.prop(path, JOB, "State") == "completed"
         assert json.loads(await worker.prop(path, JOB, "Result"))["outputs"] == {"disks": 1}
         await worker.call(worker_path, WORKER, "Unregister")

@@ -28,9 +28,10 @@ WORKER_PROPERTIES: dict[str, tuple[str, Any]] = {
     "Owner": ("u", lambda w: int(w.owner)),
 }
 
-_PROGRESS_KEYS = {"progress": float, "bytes_done": int, "bytes_total": int, "phase": str, "message": str}
+_PROGRESS_KEYS = {"progress": float, "bytes_done": int, "bytes_total": int, "phase": str, "message": str,
+                  "attempt": int}
 _RESULT_KEYS = {"success": bool, "outputs": str, "error_code": str, "error_message": str,
-                "bytes_read": int, "bytes_written": int}
+                "bytes_read": int, "bytes_written": int, "attempt": int}
 
 
 def worker_vardict(worker: WorkerInfo) -> dict[str, Variant]:
@@ -74,7 +75,7 @@ class WorkerInterface(ApiInterface):
         fraction = values.get("progress")
         self._manager.report_progress(worker_id, job_id, fraction, values.get("bytes_done", 0),
                                       values.get("bytes_total", 0), values.get("phase", ""),
-                                      values.get("message", ""))
+                                      values.get("message", ""), values.get("attempt"))
 
     @dbus_method()
     @bus_errors
@@ -86,7 +87,8 @@ class WorkerInterface(ApiInterface):
         outputs = json_object_from_dbus(values.get("outputs", ""), "'outputs'")
         self._manager.report_result(worker_id, job_id, values["success"], outputs,
                                     values.get("error_code", ""), values.get("error_message", ""),
-                                    values.get("bytes_read", 0), values.get("bytes_written", 0))
+                                    values.get("bytes_read", 0), values.get("bytes_written", 0),
+                                    values.get("attempt"))
 
     @dbus_method()
     @bus_errors

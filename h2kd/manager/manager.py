@@ -25,8 +25,9 @@ CONTRACT (implemented in this file):
     # external workers (raise NoSuchWorker, InvalidState)
     m.register_worker(name, capabilities: dict, max_jobs: int, owner: int, bus_name: str) -> WorkerInfo
     m.heartbeat(worker_id); m.claim(worker_id) -> Job | None
-    m.report_progress(worker_id, job_id, progress: float|None, bytes_done, bytes_total, phase, message)
-    m.report_result(worker_id, job_id, success, outputs: dict, error_code, error_message, bytes_read, bytes_written)
+    m.report_progress(worker_id, job_id, progress: float|None, bytes_done, bytes_total, phase, message, attempt=None)
+    m.report_result(worker_id, job_id, success, outputs: dict, error_code, error_message, bytes_read, bytes_written,
+                    attempt=None)
     m.unregister_worker(worker_id); m.refresh_worker(worker_id)
     m.bus_name_lost(bus_name)   # a worker's connection vanished: treat its worker as stale
 """
@@ -1249,10 +1250,10 @@ class JobManager:
         return job
 
     def report_progress(self, worker_id: str, job_id: str, progress: float | None, bytes_done: int,
-                        bytes_total: int, phase: str, message: str) -> None:
+                        bytes_total: int, phase: str, message: str, attempt: int | None = None) -> None:
         worker = self._external(worker_id)
         worker.last_heartbeat = now_usec()
-        job = self._claimed(worker, job_id)
+        job = self._claimed(worker, job_id, attempt)
         if not (0 <= bytes_done <= COUNT_MAX and 0 <= bytes_total <= COUNT_MAX):
             raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {COUNT_MAX}")
         if bytes_done > (total := bytes_total or job.bytes_total) > 0:     # 0: the total is not known
@@ -1265,10 +1266,11 @@ class JobManager:
         self._apply_progress(job, phase[:MAX_PHASE], progress, bytes_done, bytes_total, message[:MAX_MESSAGE])
 
     def report_result(self, worker_id: str, job_id: str, success: bool, outputs: dict[str, Any],
-                      error_code: str, error_message: str, bytes_read: int, bytes_written: int) -> None:
+                      error_code: str, error_message: str, bytes_read: int, bytes_written: int,
+                      attempt: int | None = None) -> None:
         worker = self._external(worker_id)
         worker.last_heartbeat = now_usec()
-        job = self._claimed(worker, job_id)
+        job = self._claimed(worker, job_id, attempt)
         try:
             code = ErrorCode(error_code or "INTERNAL")
         except ValueError:
@@ -1354,10 +1356,14 @@ class JobManager:
             raise InvalidState("the builtin worker is driven by h2kd itself")
         return worker
 
-    def _claimed(self, worker: WorkerInfo, job_id: str) -> Job:
+    def _claimed(self, worker: WorkerInfo, job_id: str, attempt: int | None) -> Job:
+        """The job as this worker's current attempt; `attempt`, if the report names one, must be that attempt:
+        a worker that went stale and claimed the job again may still hear from its run of the earlier one."""
         job = self.get(job_id)
         if job.worker != worker.id or job.state not in ACTIVE:
             raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
+        if attempt is not None and attempt != job.attempt:
+            raise InvalidState(f"attempt {attempt} of job {job_id} is over; it is on attempt {job.attempt}")
         return job
 
     def _take_slot(self, job: Job, worker: WorkerInfo) -> None:

@@ -735,6 +735,32 @@ def test_a_lost_worker_costs_an_attempt(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_report_of_an_attempt_that_is_over_changes_nothing(tmp_path, image):
+    """A worker went stale, came back and claimed its job again: its run of the earlier attempt, still going,
+    reports progress and success. Naming that attempt, the reports are refused; the new attempt's count."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=0.05)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 2},
+                               capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.3")
+        assert m.claim(worker.id) is job and job.attempt == 1
+        await until(lambda: job.state.value == "queued")     # no heartbeat: the attempt was lost
+        m.heartbeat(worker.id)
+        assert m.claim(worker.id) is job and job.attempt == 2
+        with pytest.raises(InvalidState, match=rf"attempt 1 of job {job.id} is over; it is on attempt 2"):
+            m.report_progress(worker.id, job.id, 0.9, 900, 1000, "convert", "", attempt=1)
+        with pytest.raises(InvalidState, match="attempt 1 .* is over"):
+            m.report_result(worker.id, job.id, True, {}, "", "", 0, 0, attempt=1)
+        assert job.state.value == "assigned" and job.progress == 0
+        m.report_progress(worker.id, job.id, 0.5, 500, 1000, "convert", "", attempt=2)
+        assert job.state.value == "progressing" and job.progress == 0.5
+        m.report_result(worker.id, job.id, True, {"disks": 1}, "", "", 1000, 1000, attempt=2)
+        assert job.state.value == "completed" and job.attempt == 2
+        await m.stop()
+    asyncio.run(go())
+
+
 def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
     """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
     m, _, _, config = make(tmp_path, checked=False, **overrides)
