@@ -19,6 +19,7 @@ from dbus_fast.errors import AuthError, DBusError
 
 from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH, WORKER_PATH_PREFIX
 from h2kd.bus import variants
+from h2kd.bus.paths import unescape_label
 from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
@@ -275,7 +276,7 @@ class Client:
         name, text = error.type, (error.text or "").strip()
         if name in _OBJECT_GONE and path.startswith(JOB_PATH_PREFIX):
             # The job was removed after its path was looked up: for the user, as if GetJob had said so.
-            return CtlError(f"job {path[len(JOB_PATH_PREFIX):]} no longer exists", ExitCode.NO_SUCH_JOB, name)
+            return CtlError(f"job {_job_id_of(path)} no longer exists", ExitCode.NO_SUCH_JOB, name)
         if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
             if name == INTERACTIVE_REQUIRED or _is_polkit_denial(text):
                 return CtlError(self._denial(text, action, what), ExitCode.NOT_AUTHORIZED, name)
@@ -311,7 +312,7 @@ class Client:
     # --------------------------------------------------------------- polkit agent
 
     def _can_prompt(self) -> bool:
-        return self.ask_password and sys.stdin.isatty()
+        return self.ask_password and sys.stdin is not None and sys.stdin.isatty()   # None: stdin closed (<&-)
 
     def open_agent(self) -> bool:
         """Start pkttyagent for this process, as systemctl does; True once it is listening."""
@@ -471,3 +472,12 @@ class Client:
                     self.bus.send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                           interface="org.freedesktop.DBus", member="RemoveMatch", signature="s",
                                           body=[rule], flags=MessageFlag.NO_REPLY_EXPECTED))
+
+
+def _job_id_of(path: str) -> str:
+    """The job id a job's object path stands for (its last label escaped), as the user gave or was given it."""
+    label = path[len(JOB_PATH_PREFIX):]
+    try:
+        return unescape_label(label)
+    except ValueError:      # not a path h2kd made
+        return label

@@ -862,7 +862,9 @@ async def cmd_workers(client: Client, args: argparse.Namespace, out: Output) -> 
     rows = []
     for w in workers:
         caps = w["capabilities"] if isinstance(w["capabilities"], dict) else {}
-        ops = ",".join(caps.get("operations", [])) or "-"
+        listed = caps.get("operations", [])     # an external worker says what it likes: show only names
+        ops = ",".join(op for op in listed if isinstance(op, str)) if isinstance(listed, list) else ""
+        ops = ops or "-"
         jobs = f"{w['active_jobs']}/{w['max_jobs'] or '-'}"
         heartbeat = age(w["last_heartbeat_usec"] or 0) + (" ago" if w["last_heartbeat_usec"] else "")
         rows.append([w["id"], w["name"], w["kind"], w["state"], jobs, heartbeat, ops])

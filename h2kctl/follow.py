@@ -268,6 +268,8 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
         try:
             snapshot = await patiently(client, lambda: client.read_job(path, explicit), doing, interrupt)
         except CtlError as e:
+            if e.code == ExitCode.NO_SUCH_JOB and final:
+                return True     # removed as soon as it ended (retention, an administrator): its end is known
             if e.code == ExitCode.NO_SUCH_JOB:
                 raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB) from None
             raise
@@ -296,7 +298,7 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
                 await _wait_any([changed, ctrl_c, removed], RESYNC_SECONDS)
                 if ctrl_c.is_set():
                     break
-                if removed.is_set():
+                if removed.is_set() and props.get("State") not in TERMINAL:    # an ended job is reported
                     view.clear()
                     raise CtlError(f"job {job_id} was removed while being followed", ExitCode.NO_SUCH_JOB)
                 changed.clear()

@@ -180,6 +180,81 @@ def test_submit_wait_json_reports_a_job_removed_right_after_it_ended(fake_h2kd, 
     assert job["id"] == "quick" and job["state"] == "completed" and job["path"] == JOB_PATH_PREFIX + "quick"
 
 
+def test_wait_reports_a_job_that_ended_and_was_removed_at_once(fake_h2kd, private_bus):
+    """The job's end and its removal reach h2kctl together (retention, or an administrator quick with
+    `h2kctl remove`): the wait reports how it ended, not that it was removed."""
+    path = JOB_PATH_PREFIX + "quick"
+    ended: list[bool] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [path])
+        elif is_call(call, "GetAll") and not ended:
+            ended.append(True)
+            fake.reply(call, "a{sv}", [job_props("quick", "progressing", 0.5)])
+            fake.properties_changed(path, {"State": Variant("s", "completed"), "Progress": Variant("d", 1.0)},
+                                    after=0.3)
+            fake.later(0.3, Message.new_signal("/org/hyper2kvm/h2kd1", "org.freedesktop.DBus.ObjectManager",
+                                               "InterfacesRemoved", "oas", [path, [JOB_IFACE]]))
+        elif call.path == path:     # gone: its object answers nothing any more
+            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {path}")
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "wait", "quick")
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("Job quick completed"), result
+    assert "removed" not in result.stderr, result
+
+
+def test_a_job_removed_after_its_lookup_is_named_by_its_id(fake_h2kd, private_bus):
+    """The message names the job as the user did, not by the escaped label of its object path."""
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + "_31st_2dbatch_2dvm"])   # "1st-batch-vm", escaped
+        elif is_call(call, "GetAll"):
+            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {call.path}")
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "status", "1st-batch-vm")
+    assert result.returncode == 7, result
+    assert result.stderr.strip() == "h2kctl: job 1st-batch-vm no longer exists", result
+
+
+def test_workers_lists_an_external_workers_odd_capabilities_and_runs_with_stdin_closed(fake_h2kd, private_bus):
+    """A worker may declare anything as its operations: h2kctl shows the names among them. A command run from a
+    script with its standard input closed (`<&-`) works as with /dev/null."""
+    worker_path = "/org/hyper2kvm/h2kd1/worker/w1"
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "Introspect"):
+            fake.reply(call, "s", ['<node><node name="w1"/></node>'])
+        elif is_call(call, "GetAll") and call.path == worker_path:
+            fake.reply(call, "a{sv}", [{
+                "Id": Variant("s", "w1"), "Name": Variant("s", "agent"), "Kind": Variant("s", "external"),
+                "State": Variant("s", "idle"),
+                "Capabilities": Variant("s", json.dumps({"operations": [1, "convert", {"x": 2}]})),
+                "MaxJobs": Variant("u", 2), "ActiveJobs": Variant("u", 0), "LastHeartbeat": Variant("t", 0),
+                "Owner": Variant("u", 0)}])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
+    result = subprocess.run(["sh", "-c", 'exec "$0" --address "$1" workers <&-', H2KCTL, private_bus], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("w1")]
+    assert row.split()[-1] == "convert", result
+    assert result.stderr == "", result
+
+
 def test_progress_never_shows_a_snapshot_older_than_a_signal(fake_h2kd, private_bus):
     """The answer to a re-read was made before a change h2kd has signalled since (both reach h2kctl while the
     call is in flight): the signalled, newer values stay; the progress shown never goes back."""
