@@ -218,7 +218,10 @@ class JobManager:
             self._arm_requeue(job)
         elif job.state in ACTIVE:
             if job.worker != BUILTIN:
-                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its worker was lost when h2kd restarted")
+                # External workers are known for the life of one h2kd and register again after it restarted: the
+                # claim is gone through no fault of the job's, so the attempt is not counted.
+                self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its worker was lost when h2kd restarted",
+                                      attempt_spent=False)
             elif self._runner is None:
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "no runner to re-attach to")
             else:

@@ -761,6 +761,32 @@ def test_a_report_of_an_attempt_that_is_over_changes_nothing(tmp_path, image):
     asyncio.run(go())
 
 
+def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, image):
+    """h2kd restarted under a job an external worker was running: the job is queued again without that attempt
+    counting against its retries (none here), and a worker claims and completes it."""
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, *_ = make(tmp_path, store=store)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.4")
+        assert m.claim(worker.id) is job
+        m.report_progress(worker.id, job.id, 0.4, 400, 1000, "convert", "")
+        await m.stop()
+        store.close()
+        m2, *_ = make(tmp_path)
+        await m2.start()
+        again = m2.get(job.id)
+        assert again.state.value == "queued" and again.error_code == "", (again.state, again.error_code)
+        worker2 = m2.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+        assert m2.claim(worker2.id) is again and again.attempt == 2
+        m2.report_result(worker2.id, job.id, True, {}, "", "", 0, 0, attempt=2)
+        assert again.state.value == "completed"
+        await m2.stop()
+    asyncio.run(go())
+
+
 def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
     """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
     m, _, _, config = make(tmp_path, checked=False, **overrides)
