@@ -112,6 +112,7 @@ class JobManager:
         self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
         self._unfinished = UnfinishedJobs(config.max_queued_jobs, config.max_jobs_per_user)
         self._system_stopping = False   # a shutdown is under way: no attempt starts (see system_stopping)
+        self._stopped = False           # stop() was called: h2kd is going away, no attempt starts
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
@@ -159,6 +160,7 @@ class JobManager:
 
     async def start(self) -> None:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
+        self._stopped = False
         self.load()
         builtin = WorkerInfo(id=BUILTIN, name=socket.gethostname(), kind="builtin",
                              capabilities=self._builtin_capabilities(), last_heartbeat=now_usec())
@@ -176,6 +178,9 @@ class JobManager:
 
     async def stop(self) -> None:
         """Stop scheduling; running units are systemd's and go on (re-attached at the next start)."""
+        # The runner closes after this and may still report units that end meanwhile: the slots they free
+        # must not start the next queued job while h2kd stops (`systemctl stop h2kd` for maintenance).
+        self._stopped = True
         for task in self._periodic:
             task.cancel()
         for timer in [*self._timers.values(), *self._later_handles]:
@@ -691,7 +696,7 @@ class JobManager:
 
     def _schedule(self) -> None:
         builtin = self._workers.get(BUILTIN)
-        if builtin is None or self._system_stopping:
+        if builtin is None or self._system_stopping or self._stopped:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         # Without systemd every start would fail: the jobs wait in the queue until runner_connected().

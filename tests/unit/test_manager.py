@@ -787,6 +787,25 @@ def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, 
     asyncio.run(go())
 
 
+def test_a_unit_that_ends_while_h2kd_stops_starts_no_other_job(tmp_path, image):
+    """h2kd stops its manager, then its runner, which still reports a unit that ended meanwhile: the job it ran
+    is completed, and the queued job waits for the next start instead of starting as h2kd goes away."""
+    async def go():
+        m, runner, *_ = make(tmp_path, max_parallel_jobs=1)
+        await m.start()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await settle()
+        assert runner.started == [(first.id, 1)]
+        await m.stop()
+        m.unit_finished(first.id, 1, UnitOutcome(first.unit, "success", 0, {"status": "completed"}))
+        await settle()
+        assert first.state.value == "completed"
+        assert runner.started == [(first.id, 1)] and second.state.value == "queued"
+    asyncio.run(go())
+
+
 def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
     """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
     m, _, _, config = make(tmp_path, checked=False, **overrides)
