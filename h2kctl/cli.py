@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "qcow2, raw or OVA); it must be readable by the calling user")
     p.add_argument("--file", metavar="JOBFILE", help="read the whole job spec from a JSON file (or YAML, when "
                    "PyYAML is installed; - reads stdin) instead of flags")
-    p.add_argument("--operation", choices=OPERATIONS, default="convert", help="what to do (default: convert)")
+    # No default here: given with --file, even as "convert", it is refused like the other spec flags.
+    p.add_argument("--operation", choices=OPERATIONS, help="what to do (default: convert)")
     p.add_argument("-o", "--output", metavar="PATH", help="where to write the converted image: under one of h2kd's "
                    "output roots, in a directory the caller may write (without it, a directory of the job's "
                    "own in the first output root)")
@@ -333,7 +334,7 @@ _SPEC_FLAGS = [("--format", "format", "convert"), ("--compress", "compress", "co
                ("--overwrite", "overwrite", "convert"), ("--compare-with", "compare_with", "validate"),
                ("--source-format", "source_format", None), ("--priority", "priority", None),
                ("--retries", "retries", None), ("--timeout", "timeout", None), ("--id", "id", None),
-               ("--ticket", "ticket", None), ("--tag", "tag", None)]
+               ("--ticket", "ticket", None), ("--tag", "tag", None), ("--operation", "operation", None)]
 
 
 def _given_spec_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
@@ -356,11 +357,12 @@ def _submit_spec(args: argparse.Namespace) -> dict[str, Any]:
             raise CtlError(f"{', '.join(flag for flag, _ in given)}: not with --file; the job file holds the whole "
                            "spec", ExitCode.USAGE)
         return load_job_file(args.file)
+    operation = args.operation or "convert"
     for flag, applies in given:
-        if applies is not None and applies != args.operation:
-            raise CtlError(f"{flag} applies to --operation {applies} only, not {args.operation}", ExitCode.USAGE)
+        if applies is not None and applies != operation:
+            raise CtlError(f"{flag} applies to --operation {applies} only, not {operation}", ExitCode.USAGE)
     if args.source:
-        return spec_from_args(args, args.operation)
+        return spec_from_args(args, operation)
     raise CtlError("submit needs a SOURCE image or --file JOBFILE", ExitCode.USAGE)
 
 
@@ -592,6 +594,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
         job_ids = [entry[0] for entry in entries]
     ended: dict[str, tuple[str, dict[str, Any]]] = {}
     gone: set[str] = set()
+    held: set[str] = set()      # stored with --no-queue: they would never end
     turns = asyncio.Semaphore(FOLLOWED_AT_ONCE)
 
     async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> None:
@@ -602,11 +605,11 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
                 path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}",
                                        ctrl_c)
                 props = path and await follow_job(client, job_id, ProgressView(None, False), path, ctrl_c)
-            except CtlError as e:  # no such job, or removed before it was seen to end: the others are still waited for
-                if e.code != ExitCode.NO_SUCH_JOB:
+            except CtlError as e:  # no such job, removed before it was seen to end, or held: the others are still waited for
+                if e.code not in (ExitCode.NO_SUCH_JOB, ExitCode.USAGE):
                     raise
                 _say(e)
-                gone.add(job_id)
+                (gone if e.code == ExitCode.NO_SUCH_JOB else held).add(job_id)
                 return
             if props:
                 ended[job_id] = (path, props)
@@ -622,7 +625,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
                 each.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
         if ctrl_c.event.is_set():   # the jobs go on
-            remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone]
+            remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone | held]
             if remaining:
                 print(f"{PROG}: stopped waiting; {_cancel_hint(remaining, len(job_ids))}", file=sys.stderr)
                 return ExitCode.INTERRUPTED
@@ -632,7 +635,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
     for state, code in (("failed", ExitCode.JOB_FAILED), ("cancelled", ExitCode.JOB_CANCELLED)):
         if state in states:
             return code
-    return ExitCode.NO_SUCH_JOB if gone else ExitCode.SUCCESS
+    return ExitCode.NO_SUCH_JOB if gone else ExitCode.USAGE if held else ExitCode.SUCCESS
 
 
 async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:

@@ -285,6 +285,10 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
         with contextlib.ExitStack() as scope:
             ctrl_c = interrupt or scope.enter_context(CtrlC()).event
             read = await read_all(ctrl_c)   # after subscribing, so nothing is missed
+            if read and props.get("State") == "validated":
+                view.clear()
+                raise CtlError(f"job {job_id} is held: stored without queueing, it does not start on its own; start "
+                               f"it with: h2kctl start --wait {job_id}", ExitCode.USAGE)
             last_read = time.monotonic()
             while read:
                 if props.get("State") in TERMINAL:
@@ -424,6 +428,9 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
             # Removed (or replaced by a new job of that id) while the results were read: not finished news now.
             finished_now = [p for p in finished_now if jobs.get(p, {}).get("State") in TERMINAL]
             active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
+            for p in announced.intersection(active):    # retried (or submitted again under its id): new news
+                announced.discard(p)
+                views.pop(p, None)
             if tty:
                 control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")
                 out = ""

@@ -59,6 +59,7 @@ def load_job_file(path: str) -> dict[str, Any]:
 
 
 def _parse_job_file(path: str, where: str, text: str) -> dict[str, Any]:
+    path = "standard input" if path == "-" else path    # as the messages below name it
     try:
         spec = json.loads(text)
     except ValueError as json_error:

@@ -157,3 +157,17 @@ def test_wait_with_no_queue_is_refused_before_anything_is_sent(tmp_path):
     source.write_bytes(b"\0" * 512)
     line = usage_error(run_h2kctl(tmp_path, "submit", "--no-queue", "--wait", str(source)), "--wait", "--no-queue")
     assert "h2kctl start --wait" in line
+
+
+def test_a_job_file_on_standard_input_is_named_so(tmp_path):
+    line = usage_error(run_h2kctl(tmp_path, "submit", "--file", "-", stdin=b'{"operation": '), "standard input",
+                       "is not valid JSON")
+    assert "- is" not in line
+
+
+@pytest.mark.parametrize("operation", ["inspect", "convert"])
+def test_operation_is_refused_with_a_job_file(tmp_path, operation):
+    """The job file says what to do: --operation beside it would be silently ignored."""
+    path = job_file(tmp_path, {"operation": "convert", "image": {"path": str(tmp_path / "disk.vmdk")}})
+    usage_error(run_h2kctl(tmp_path, "submit", "--file", path, "--operation", operation),
+                "--operation: not with --file")

@@ -255,6 +255,66 @@ def test_workers_lists_an_external_workers_odd_capabilities_and_runs_with_stdin_
     assert result.stderr == "", result
 
 
+def test_watch_reports_a_job_that_ends_again_after_a_retry(fake_h2kd, private_bus):
+    """A job that had ended is retried while `h2kctl watch` runs: its new attempt is shown and its second end
+    is reported, like any other job's."""
+    import signal
+
+    path = JOB_PATH_PREFIX + "again"
+    now = {"state": "failed"}
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "ListJobs"):
+            fake.reply(call, "a(sssduuto)", [[["again", "convert", now["state"], 0.0, 0, 5, 0, path]]])
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("again", now["state"], 1.0 if now["state"] == "completed" else 0.5)])
+        else:
+            return False
+        return True
+
+    fake = fake_h2kd(answer)
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
+    watcher = subprocess.Popen([H2KCTL, "--address", private_bus, "watch"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    give_up = threading.Timer(20, watcher.send_signal, (signal.SIGINT,))   # ends the reads below if it hangs
+    give_up.start()
+    try:
+        assert watcher.stdout.readline().startswith("Watching all jobs")
+        for delay, state in ((0.2, "queued"), (0.6, "progressing"), (1.0, "completed")):
+            threading.Timer(delay, now.__setitem__, ("state", state)).start()
+            fake.loop.call_soon_threadsafe(fake.properties_changed, path, {"State": Variant("s", state)}, delay)
+        lines = []
+        while not any(line.startswith("Job again completed") for line in lines):
+            line = watcher.stdout.readline()
+            assert line, (lines, watcher.stderr.read())
+            lines.append(line)
+    finally:
+        give_up.cancel()
+        watcher.send_signal(signal.SIGINT)
+        watcher.communicate(timeout=30)
+
+
+def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(fake_h2kd, private_bus):
+    """A job stored with --no-queue never starts by itself: waiting for it would never return."""
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "GetAll") and call.path.endswith("/held"):
+            fake.reply(call, "a{sv}", [job_props("held", "validated", 0.0, phase="")])
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("done", "completed", 1.0)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "wait", "held", "done", timeout=20)
+    assert result.returncode == 2, result
+    assert result.stdout.startswith("Job done completed"), result
+    assert result.stderr.strip() == ("h2kctl: job held is held: stored without queueing, it does not start on its "
+                                     "own; start it with: h2kctl start --wait held"), result
+
+
 def test_progress_never_shows_a_snapshot_older_than_a_signal(fake_h2kd, private_bus):
     """The answer to a re-read was made before a change h2kd has signalled since (both reach h2kctl while the
     call is in flight): the signalled, newer values stay; the progress shown never goes back."""
