@@ -84,6 +84,10 @@ class FakeH2kd:
     def error(self, call: Message, name: str, text: str) -> None:
         self.later(0.0, Message.new_error(call, name, text))
 
+    def object_gone(self, call: Message) -> None:
+        """Answer as dbus-fast does at a path where nothing is exported (any more)."""
+        self.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {call.path}")
+
     def properties_changed(self, path: str, values: dict[str, Variant], after: float = 0.0) -> None:
         self.later(after, Message.new_signal(path, PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
                                              [JOB_IFACE, values, []]))
@@ -138,7 +142,7 @@ def test_wait_goes_on_past_a_job_whose_object_is_gone(fake_h2kd, private_bus):
         if is_call(call, "GetJob"):
             fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
         elif is_call(call, "GetAll") and call.path.endswith("/gone"):
-            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {call.path}")
+            fake.object_gone(call)
         elif is_call(call, "GetAll"):
             fake.reply(call, "a{sv}", [job_props("done", "completed", 1.0)])
         else:
@@ -197,7 +201,7 @@ def test_wait_reports_a_job_that_ended_and_was_removed_at_once(fake_h2kd, privat
             fake.later(0.3, Message.new_signal("/org/hyper2kvm/h2kd1", "org.freedesktop.DBus.ObjectManager",
                                                "InterfacesRemoved", "oas", [path, [JOB_IFACE]]))
         elif call.path == path:     # gone: its object answers nothing any more
-            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {path}")
+            fake.object_gone(call)
         else:
             return False
         return True
@@ -215,7 +219,7 @@ def test_a_job_removed_after_its_lookup_is_named_by_its_id(fake_h2kd, private_bu
         if is_call(call, "GetJob"):
             fake.reply(call, "o", [JOB_PATH_PREFIX + "_31st_2dbatch_2dvm"])   # "1st-batch-vm", escaped
         elif is_call(call, "GetAll"):
-            fake.error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no interfaces at path: {call.path}")
+            fake.object_gone(call)
         else:
             return False
         return True
