@@ -160,10 +160,10 @@ def nested(value: Any, out: TextIO, indent: int = 0) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(item, (dict, list)) and item:
-                out.write(f"{pad}{key}:\n")
+                out.write(f"{pad}{_one_line(str(key))}:\n")
                 nested(item, out, indent + 1)
             else:
-                out.write(f"{pad}{key}: {_scalar(item)}\n")
+                out.write(f"{pad}{_one_line(str(key))}: {_scalar(item)}\n")
     elif isinstance(value, list):
         for item in value:
             if isinstance(item, (dict, list)) and item:
@@ -182,7 +182,13 @@ def _scalar(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, (dict, list)):
         return "{}" if isinstance(value, dict) else "[]"
-    return str(value)
+    return _one_line(str(value))
+
+
+def _one_line(text: str) -> str:
+    """A report's text comes from the image (an OVF's names): a line break in it must not pass for lines of the
+    report itself."""
+    return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
 def page(text: str, use_pager: bool) -> None:

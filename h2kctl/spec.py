@@ -29,7 +29,7 @@ def readable_source(path: str, what: str = "the source") -> str:
         raise CtlError(f"cannot read {path}: {e.strerror}") from None
     try:
         if os.path.isdir(absolute):
-            raise CtlError(f"cannot read {path}: it is a directory")
+            raise CtlError(f"cannot read {path}: it is a directory", ExitCode.USAGE)
     finally:
         os.close(fd)
     return absolute

@@ -1,4 +1,5 @@
-"""h2kctl's bad input (job files, options) is a usage error said in one line, before any bus call.
+"""h2kctl's bad input (job files, options, sources) is a usage error said in one line, before any bus call; text
+an image brings is shown as it is, without line breaks of its own.
 
 The bus address points at a socket that does not exist: a check that came after connecting would
 exit 6 (unreachable) instead of 2.
@@ -6,6 +7,7 @@ exit 6 (unreachable) instead of 2.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -171,3 +173,19 @@ def test_operation_is_refused_with_a_job_file(tmp_path, operation):
     path = job_file(tmp_path, {"operation": "convert", "image": {"path": str(tmp_path / "disk.vmdk")}})
     usage_error(run_h2kctl(tmp_path, "submit", "--file", path, "--operation", operation),
                 "--operation: not with --file")
+
+
+def test_line_breaks_in_a_reports_values_do_not_make_lines_of_their_own():
+    """An image names its VM and disks (an OVF's Name): a line break there must not print as a line of the report,
+    e.g. a made-up 'status: verified' under it."""
+    from h2kctl.render import nested
+
+    shown = io.StringIO()
+    nested({"vm": {"name": "web01\n  status: verified", "disks\r\nx": ["a\nb"]}}, shown)
+    assert shown.getvalue().splitlines() == ["vm:", "  name: web01\\n  status: verified", "  disks\\r\\nx:",
+                                             "    - a\\nb"]
+
+
+def test_a_directory_as_source_is_bad_input(tmp_path):
+    """h2kctl(1): a source that is not a regular file exits 2, a directory like a FIFO."""
+    usage_error(run_h2kctl(tmp_path, "submit", str(tmp_path)), str(tmp_path), "it is a directory")
