@@ -232,8 +232,10 @@ class Client:
         action: the polkit action the method needs (None for reads); what: the request in words,
         for the "not authorized to ..." message.
         """
-        interactive = self._can_prompt()
-        if action is not None and interactive and os.geteuid() != 0:
+        # Only a change may wait on a person typing a password (300 s); a read never prompts (h2kd asks polkit
+        # without interaction for reads), and gets the usual timeout when h2kd does not answer.
+        interactive = action is not None and self._can_prompt()
+        if interactive and os.geteuid() != 0:
             # As systemctl does: have an agent ready before a call that may need a password.
             self.open_agent()
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from busclient import open_bus
@@ -401,6 +401,30 @@ def test_cancel_no_block_only_asks(fake_h2kd, private_bus):
     result = h2kctl(private_bus, "cancel", "--no-block", "asked", "--no-ask-password", timeout=10)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Cancel requested for job asked.\n", "")
     assert job.state == "progressing"
+
+
+def test_on_a_terminal_only_changes_may_wait_for_a_password(fake_h2kd, private_bus):
+    """A call allowed to wait for a password waits up to 5 minutes: a read, which never prompts, must not be one
+    (`h2kctl status` against an h2kd that does not answer would hang that long)."""
+    import pty
+
+    job = StoppingJob("asked", "cancelled", stop_seconds=60)
+    flags: dict[str, bool] = {}
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        flags[call.member] = bool(call.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        return job.answer(fake, call)
+
+    fake_h2kd(answer)
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([H2KCTL, "--address", private_bus, "cancel", "--no-block", "asked"], stdin=terminal,
+                                capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0, result
+    assert flags == {"GetJob": False, "GetAll": False, "CancelJob": True}, flags
 
 
 @pytest.mark.parametrize("columns", [100, 30])
