@@ -112,7 +112,7 @@ class JobManager:
         self._active: set[str] = set()   # ids of jobs in an ACTIVE state (kept by _transition and load)
         self._unfinished = UnfinishedJobs(config.max_queued_jobs, config.max_jobs_per_user)
         self._system_stopping = False   # a shutdown is under way: no attempt starts (see system_stopping)
-        self._stopped = False           # stop() was called: h2kd is going away, no attempt starts
+        self._scheduling = False        # from the end of start()'s recovery until stop(): attempts may start
         self._scheduler = Scheduler(config.max_parallel_jobs)
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
@@ -160,14 +160,16 @@ class JobManager:
 
     async def start(self) -> None:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
-        self._stopped = False
         self.load()
         builtin = WorkerInfo(id=BUILTIN, name=socket.gethostname(), kind="builtin",
                              capabilities=self._builtin_capabilities(), last_heartbeat=now_usec())
         self._workers[BUILTIN] = builtin
         self._notify("worker_added", builtin)
+        # Nothing starts before every job is back: a slot freed while a job is recovered (a unit found ended) would
+        # go to the most urgent of the jobs recovered so far, not of all of them.
         for job in list(self._jobs.values()):
             await self._recover_or_later(job)
+        self._scheduling = True
         self._prune_now()   # a store that cannot be written now must not keep h2kd from starting
         self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
         self._periodic.append(asyncio.create_task(self._every(HOST_REFRESH_SECONDS, self._refresh_host)))
@@ -180,7 +182,7 @@ class JobManager:
         """Stop scheduling; running units are systemd's and go on (re-attached at the next start)."""
         # The runner closes after this and may still report units that end meanwhile: the slots they free
         # must not start the next queued job while h2kd stops (`systemctl stop h2kd` for maintenance).
-        self._stopped = True
+        self._scheduling = False
         for task in self._periodic:
             task.cancel()
         for timer in [*self._timers.values(), *self._later_handles]:
@@ -696,7 +698,7 @@ class JobManager:
 
     def _schedule(self) -> None:
         builtin = self._workers.get(BUILTIN)
-        if builtin is None or self._system_stopping or self._stopped:
+        if builtin is None or self._system_stopping or not self._scheduling:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         # Without systemd every start would fail: the jobs wait in the queue until runner_connected().

@@ -806,6 +806,56 @@ def test_a_unit_that_ends_while_h2kd_stops_starts_no_other_job(tmp_path, image):
     asyncio.run(go())
 
 
+class RoundTripRunner(RecordingRunner):
+    """As systemd answers the real runner: a stop takes a bus round trip, and a unit that ended while h2kd was
+    away is reported ended by a check that runs after its reattach returned."""
+
+    def __init__(self, ended: set[str]):
+        super().__init__()
+        self.ended = ended
+        self.manager: JobManager | None = None
+
+    async def reattach(self, job):
+        unit = await super().reattach(job)
+        if job.id in self.ended:
+            asyncio.get_running_loop().call_later(0.01, self.manager.unit_finished, job.id, job.attempt,
+                                                  UnitOutcome(unit, "success", 0, {"status": "completed"}))
+        return unit
+
+    async def stop(self, unit):
+        await asyncio.sleep(0.05)
+        await super().stop(unit)
+
+
+def test_the_first_job_started_after_a_restart_is_the_most_urgent_of_all(tmp_path, image):
+    """Back after a restart, h2kd stops a unit whose cancel it had stored (a round trip) while another unit is found
+    to have ended meanwhile: the slot that frees goes to the most urgent queued job, not to the most urgent of
+    those taken up again so far."""
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, *_ = make(tmp_path, store=store, max_parallel_jobs=2)
+        await m.start()
+        ends, _ = m.submit(spec(image, tmp_path / "out/ends.qcow2"), owner=0)
+        usual, _ = m.submit(spec(image, tmp_path / "out/usual.qcow2"), owner=0, queue=False)
+        cancelled, _ = m.submit(spec(image, tmp_path / "out/cancelled.qcow2"), owner=0)
+        await settle()
+        m.start_job(usual.id)
+        urgent, _ = m.submit(spec(image, tmp_path / "out/urgent.qcow2", execution_policy={"priority": 1}), owner=0)
+        await m.cancel(cancelled.id)    # stored; h2kd stops before the unit has
+        assert cancelled.cancel_requested and usual.state.value == urgent.state.value == "queued"
+        await m.stop()
+        store.close()
+        runner = RoundTripRunner(ended={ends.id})
+        m2, *_ = make(tmp_path, runner=runner, max_parallel_jobs=2)
+        runner.manager = m2
+        await m2.start()
+        await until(lambda: runner.started)
+        assert runner.started[0] == (urgent.id, 1), (runner.started, urgent.id, usual.id)
+        await m2.stop()
+    asyncio.run(go())
+
+
 def _unchecked(tmp_path: Path, **overrides) -> tuple[JobManager, Config]:
     """A manager without host checks: the jobs of made-up uids pass them (the limits come before the checks)."""
     m, _, _, config = make(tmp_path, checked=False, **overrides)
