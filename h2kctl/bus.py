@@ -19,7 +19,7 @@ from dbus_fast.errors import AuthError, DBusError
 
 from h2kd import BUS_NAME, JOB_PATH_PREFIX, MANAGER_PATH, WORKER_PATH_PREFIX
 from h2kd.bus import variants
-from h2kd.bus.paths import unescape_label
+from h2kd.bus.paths import job_id_of
 from h2kctl.errors import CtlError, ExitCode
 
 MANAGER_IFACE = "org.hyper2kvm.h2kd1.Manager"
@@ -278,7 +278,7 @@ class Client:
         name, text = error.type, (error.text or "").strip()
         if name in _OBJECT_GONE and path.startswith(JOB_PATH_PREFIX):
             # The job was removed after its path was looked up: for the user, as if GetJob had said so.
-            return CtlError(f"job {_job_id_of(path)} no longer exists", ExitCode.NO_SUCH_JOB, name)
+            return CtlError(f"job {job_id_of(path)} no longer exists", ExitCode.NO_SUCH_JOB, name)
         if name in _AUTH_ERRORS or name == INTERACTIVE_REQUIRED:
             if name == INTERACTIVE_REQUIRED or _is_polkit_denial(text):
                 return CtlError(self._denial(text, action, what), ExitCode.NOT_AUTHORIZED, name)
@@ -474,12 +474,3 @@ class Client:
                     self.bus.send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                           interface="org.freedesktop.DBus", member="RemoveMatch", signature="s",
                                           body=[rule], flags=MessageFlag.NO_REPLY_EXPECTED))
-
-
-def _job_id_of(path: str) -> str:
-    """The job id a job's object path stands for (its last label escaped), as the user gave or was given it."""
-    label = path[len(JOB_PATH_PREFIX):]
-    try:
-        return unescape_label(label)
-    except ValueError:      # not a path h2kd made
-        return label

@@ -45,5 +45,15 @@ def job_path(job_id: str) -> str:
     return JOB_PATH_PREFIX + escape_label(job_id)
 
 
+def job_id_of(path: str) -> str:
+    """The job id a job's object path stands for (the inverse of job_path); the label as it is if it is not one
+    job_path() makes."""
+    label = path[len(JOB_PATH_PREFIX):]
+    try:
+        return unescape_label(label)
+    except ValueError:
+        return label
+
+
 def worker_path(worker_id: str) -> str:
     return WORKER_PATH_PREFIX + escape_label(worker_id)

@@ -127,8 +127,8 @@ class BusService:
         self._commands = JobCommands(manager, self._authorizer)
         self._jobs: dict[str, _ExportedJob] = {}
         self._job_paths: dict[str, _ExportedJob] = {}   # object path -> the same records
-        self._job_introspection: str | None = None       # Introspect at a job (the same for all)
-        self._job_tree_introspection: str | None = None  # at JOB_TREE_PATH, while no job came or went
+        # Introspect answers kept: at "a job" (the same for all) and at JOB_TREE_PATH (while no job comes or goes)
+        self._introspected: dict[str, str] = {}
         self._job_iface = JobInterface(self._job_at, manager, self._commands)   # serves every job path
         self._workers: dict[str, tuple[str, WorkerInterface, dict[str, Variant]]] = {}
         self._manager_iface: ManagerInterface | None = None
@@ -199,16 +199,11 @@ class BusService:
             return None
         # Anyone may ask, and dbus-fast walks every exported path to answer (with 10,000 jobs, ~80 ms for the job
         # tree): a job's answer is the same for every job, and the tree's is kept until a job comes or goes.
-        if msg.path in self._job_paths:
-            if self._job_introspection is None:
-                self._job_introspection = self._introspection(msg.path)
-            xml = self._job_introspection
-        elif msg.path == JOB_TREE_PATH:
-            if self._job_tree_introspection is None:
-                self._job_tree_introspection = self._introspection(msg.path)
-            xml = self._job_tree_introspection
-        else:
+        kept_as = "a job" if msg.path in self._job_paths else msg.path if msg.path == JOB_TREE_PATH else None
+        if kept_as is None:
             xml = self._introspection(msg.path)
+        elif (xml := self._introspected.get(kept_as)) is None:
+            xml = self._introspected[kept_as] = self._introspection(msg.path)
         return Message.new_method_return(msg, "s", [xml])
 
     def _introspection(self, path: str) -> str:
@@ -376,7 +371,7 @@ class BusService:
         self._bus.export_shared(exported.path, self._job_iface)
         self._jobs[job.id] = exported
         self._job_paths[exported.path] = exported
-        self._job_tree_introspection = None
+        self._introspected.pop(JOB_TREE_PATH, None)
         return exported
 
     def job_added(self, job: Job) -> None:
@@ -495,7 +490,7 @@ class BusService:
         if exported is None:
             return
         self._job_paths.pop(exported.path, None)
-        self._job_tree_introspection = None
+        self._introspected.pop(JOB_TREE_PATH, None)
         if exported.pending is not None:
             _cancel(exported.pending)
         try:
