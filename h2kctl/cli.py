@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 from h2kd import __version__
 from h2kctl import schema
 from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vardict
-from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode
+from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode, JobHeld
 from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all, written_paths)
 from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
@@ -40,8 +40,9 @@ DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and Virtu
 
 CTRL_C_HELP = ("Ctrl-C while jobs are waited for (submit --wait, retry --wait, start --wait, wait, inspect) or "
                "a job is watched detaches: the jobs go on, h2kctl says how to cancel them and ends by SIGINT (exit "
-               "status 130), so a script running it stops instead of going on as if they had completed. Ctrl-C "
-               "ends watch without a job (all jobs) with status 0.")
+               "status 130), so a script running it stops instead of going on as if they had completed; with "
+               "--json it first prints the jobs as they are then. Ctrl-C ends watch without a job (all jobs) with "
+               "status 0.")
 
 
 def exit_status_epilog() -> str:
@@ -295,7 +296,7 @@ def _uid_of(user: str) -> int:
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise CtlError(f"no such user: {user}") from None
+        raise CtlError(f"--owner: no such user: {user}", ExitCode.USAGE) from None
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -556,7 +557,8 @@ async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int
     if wanted:
         unknown = [w for w in wanted if w not in props]
         if unknown:
-            raise CtlError(f"a job has no property {unknown[0]!r} (properties: {', '.join(sorted(props))})")
+            raise CtlError(f"a job has no property {unknown[0]!r} (properties: {', '.join(sorted(props))})",
+                           ExitCode.USAGE)
         props = {name: props[name] for name in wanted}
     else:
         props = dict(sorted(props.items()))
@@ -605,11 +607,15 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
                 path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}",
                                        ctrl_c)
                 props = path and await follow_job(client, job_id, ProgressView(None, False), path, ctrl_c)
-            except CtlError as e:  # no such job, removed before it was seen to end, or held: the others are still waited for
-                if e.code not in (ExitCode.NO_SUCH_JOB, ExitCode.USAGE):
+            except JobHeld as e:
+                _say(e)
+                held.add(job_id)
+                return
+            except CtlError as e:  # no such job, or removed before it was seen to end: the others are still waited for
+                if e.code != ExitCode.NO_SUCH_JOB:
                     raise
                 _say(e)
-                (gone if e.code == ExitCode.NO_SUCH_JOB else held).add(job_id)
+                gone.add(job_id)
                 return
             if props:
                 ended[job_id] = (path, props)
@@ -628,6 +634,8 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
             remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone | held]
             if remaining:
                 print(f"{PROG}: stopped waiting; {_cancel_hint(remaining, len(job_ids))}", file=sys.stderr)
+                if out.json:    # every job named, as it is now, as submit --wait --json does for its one job
+                    out.emit_json(await _jobs_as_they_are(client, job_ids, ended))
                 return ExitCode.INTERRUPTED
     if out.json:
         out.emit_json([schema.job(props, path) for path, props in (ended[j] for j in job_ids if j in ended)])
@@ -636,6 +644,25 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
         if state in states:
             return code
     return ExitCode.NO_SUCH_JOB if gone else ExitCode.USAGE if held else ExitCode.SUCCESS
+
+
+async def _jobs_as_they_are(client: Client, job_ids: list[str],
+                             ended: dict[str, tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The JSON of each job that still exists: as it ended, or as h2kd has it now."""
+    jobs = []
+    for job_id in job_ids:
+        if job_id in ended:
+            path, props = ended[job_id]
+        else:
+            try:
+                path = await client.get_job_path(job_id)
+                props = await client.read_job(path)
+            except CtlError as e:
+                if e.code != ExitCode.NO_SUCH_JOB:
+                    raise
+                continue
+        jobs.append(schema.job(props, path))
+    return jobs
 
 
 async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -897,6 +924,8 @@ async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> 
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:
         print(detach_hint(job_id) + f"; its report: h2kctl status {job_id}", file=sys.stderr)
+        if out.json:    # the job as it is now, its report still empty, as submit --wait --json does
+            out.emit_json(schema.inspect(schema.job(await client.read_job(path), path)))
         return ExitCode.INTERRUPTED
     job = schema.job(props, path)
     result = schema.inspect(job)

@@ -24,13 +24,15 @@ EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
                        "to cancel ended otherwise)"),
     (ExitCode.USAGE, "bad usage or input (unknown command or option, conflicting options, invalid value, a job "
                      "file that is not one JSON or YAML object or has a field of the wrong type, a job spec h2kd "
-                     "finds invalid, a source that is not a regular file, text that is not UTF-8 or holds a NUL "
+                     "finds invalid, a property or user that does not exist, a source that is not a regular file, text that is not UTF-8 or holds a NUL "
                      "byte)"),
     (ExitCode.JOB_FAILED, "the job that was submitted (it failed h2kd's checks, or was submitted before and "
                           "failed), waited for, watched or inspected failed (with wait: one of them)"),
     (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled (with wait: one "
                              "of them, and none failed), or the job a resubmission found was"),
-    (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call)"),
+    (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call, or h2kd refused what the "
+                             "caller may not do as themselves: an output outside the output roots or in a "
+                             "directory they cannot write, a source they cannot read)"),
     (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it; while jobs are "
                            "waited for or watched: for more than 2 minutes)"),
     (ExitCode.NO_SUCH_JOB, "no such job"),
@@ -48,3 +50,11 @@ class CtlError(Exception):
         self.code = code
         # The D-Bus error it came from, if any: what a caller may treat apart (see Client.submit).
         self.error_name = error_name
+
+
+class JobHeld(CtlError):
+    """A job stored without queueing (--no-queue) was to be followed: it never ends on its own."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id} is held: stored without queueing, it does not start on its own; start it "
+                         f"with: h2kctl start --wait {job_id}", ExitCode.USAGE)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from dbus_fast import Message, unpack_variants
 
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_EXPLICIT_PROPERTIES, JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
-from h2kctl.errors import CtlError, ExitCode
+from h2kctl.errors import CtlError, ExitCode, JobHeld
 from h2kctl.render import clock, control, human_bytes, human_duration, terminal_safe
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -121,6 +120,25 @@ def bar_line(props: dict[str, Any], width: int, label: bool = False) -> str:
     return line[: max(width - 1, 1)]
 
 
+def terminal_size(stream: TextIO) -> os.terminal_size:
+    """The size of the terminal `stream` writes to (stdout may be redirected while the bar goes to stderr);
+    $COLUMNS and $LINES first, as shutil has it, and 80x24 if neither tells."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        size = os.terminal_size((0, 0))
+    columns = _positive_env("COLUMNS") or size.columns or 80
+    lines = _positive_env("LINES") or size.lines or 24
+    return os.terminal_size((columns, lines))
+
+
+def _positive_env(name: str) -> int:
+    try:
+        return max(int(os.environ.get(name, "0")), 0)
+    except ValueError:
+        return 0
+
+
 class ProgressView:
     """Progress of one job on `stream`: a bar redrawn in place on a terminal, or plain lines
     (one per state or phase change and per 10% step) when the stream is not a terminal."""
@@ -141,7 +159,7 @@ class ProgressView:
             now = time.monotonic()
             if force or now - self._last_draw >= REDRAW_SECONDS:
                 self._last_draw = now
-                width = shutil.get_terminal_size((80, 24)).columns
+                width = terminal_size(self.stream).columns
                 control(self.stream, "\r\x1b[K")
                 self.stream.write(bar_line(props, width, self.label))
                 self.stream.flush()
@@ -287,8 +305,7 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
             read = await read_all(ctrl_c)   # after subscribing, so nothing is missed
             if read and props.get("State") == "validated":
                 view.clear()
-                raise CtlError(f"job {job_id} is held: stored without queueing, it does not start on its own; start "
-                               f"it with: h2kctl start --wait {job_id}", ExitCode.USAGE)
+                raise JobHeld(job_id)
             last_read = time.monotonic()
             while read:
                 if props.get("State") in TERMINAL:
@@ -421,7 +438,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
         stream.flush()
     with CtrlC() as interrupt:
         while not interrupt.event.is_set():
-            width, height = shutil.get_terminal_size((80, 24))
+            width, height = terminal_size(stream)
             finished_now = [p for p, props in jobs.items()
                             if props.get("State") in TERMINAL and p not in announced]
             await _read_results(client, finished_now, jobs)

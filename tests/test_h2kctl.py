@@ -359,6 +359,8 @@ def test_submit_list_status_show_events_match_the_bus(env, images, output_dir, p
     lines = ok(h2kctl(env, "show", job_id)).stdout.splitlines()
     assert f"Id={job_id}" in lines and "State=queued" in lines and "Cancelable=yes" in lines
     assert ok(h2kctl(env, "show", job_id, "-p", "State,Priority", "--value")).stdout == "queued\n3\n"
+    bogus = h2kctl(env, "show", job_id, "-p", "State,Bogus")
+    assert bogus.returncode == 2 and "no property 'Bogus'" in bogus.stderr and not bogus.stdout, bogus
 
     human = ok(h2kctl(env, "status", job_id)).stdout
     assert job_id in human and "State: queued" in human and "History:" in human

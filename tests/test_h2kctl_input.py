@@ -85,6 +85,12 @@ def test_list_owner_out_of_range(tmp_path, owner):
     usage_error(run_h2kctl(tmp_path, "list", "--owner", owner), "--owner", owner, "out of range")
 
 
+def test_list_owner_no_such_user(tmp_path):
+    """h2kctl(1): a user that does not exist is bad input (exit 2), found before h2kd is asked."""
+    usage_error(run_h2kctl(tmp_path, "list", "--owner", "no-such-user-h2k"), "--owner", "no such user",
+                "no-such-user-h2k")
+
+
 
 @pytest.mark.parametrize("content, field, problem", [
     ({"operation": "convert", "image": "/x.vmdk"}, "field image:", "must be an object"),

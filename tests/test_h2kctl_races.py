@@ -487,3 +487,121 @@ def test_watch_fits_the_terminal_it_draws_on(fake_h2kd, private_bus, columns):
         assert all(len(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line)) < columns for line in lines), block
         assert all(f"{job_id}" in block for job_id in running), block
         assert "... and 20 more active jobs (h2kctl list)"[:columns - 1] in block, block
+
+
+def test_a_bar_on_stderr_fits_the_terminal_stderr_is(fake_h2kd, private_bus):
+    """`start --wait --json` with its JSON going to a file draws its bar on stderr, a 30-column terminal: the
+    bar is as wide as that terminal allows, not as wide as stdout (not a terminal) would leave it."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    reads: list[str] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "StartJob"):
+            fake.reply(call, "", [])
+        elif is_call(call, "GetAll") and not reads:
+            reads.append(call.path)
+            fake.reply(call, "a{sv}", [job_props("held", "progressing", 0.5)])
+            done = job_props("held", "completed", 1.0)
+            fake.properties_changed(call.path, {k: done[k] for k in ("State", "Progress", "BytesDone")}, after=1.5)
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("held", "completed", 1.0)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    starter = subprocess.Popen([H2KCTL, "--address", private_bus, "start", "--wait", "--json", "held"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal,
+                               env={**env, "LC_ALL": "C.UTF-8", "TERM": "xterm"})
+    os.close(terminal)
+    drawn = b""
+    try:
+        deadline = time.monotonic() + 30
+        while starter.poll() is None and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.2)[0]:
+                try:
+                    drawn += os.read(controller, 65536)
+                except OSError:
+                    break
+        stdout, _ = starter.communicate(timeout=30)
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+        os.close(controller)
+    assert starter.returncode == 0, drawn
+    assert json.loads(stdout)["state"] == "completed", stdout
+    bars = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in drawn.decode().split("\r")]
+    bars = [bar for bar in bars if bar.strip()]
+    assert bars and all(0 < len(bar) < 30 for bar in bars), (bars, drawn)
+
+
+def _interrupted_once_following(address: str, args: list[str], followed: threading.Event,
+                                tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """h2kctl ARGS, sent SIGINT (as Ctrl-C sends it) once `followed` is set."""
+    import signal
+    import time
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
+    proc = subprocess.Popen([H2KCTL, "--address", address, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert followed.wait(20), "h2kctl never read the jobs"
+        time.sleep(0.5)     # past the read, into the waiting
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_with_json_prints_the_jobs_as_they_are(fake_h2kd, private_bus, tmp_path):
+    """Like `submit --wait --json`, `wait --json` and `inspect --json` interrupted by Ctrl-C print what they
+    followed as it is then (a script keeps a record of what it left running), and end by SIGINT."""
+    import signal
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 512)
+    read: set[str] = set()
+    followed = threading.Event()
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "SubmitJobWithImage"):
+            fake.reply(call, "so", ["looking", JOB_PATH_PREFIX + "looking"])
+        elif is_call(call, "GetAll"):
+            job_id = call.path.rsplit("/", 1)[1]
+            fake.reply(call, "a{sv}", [job_props(job_id, "completed" if job_id == "done" else "progressing",
+                                                 1.0 if job_id == "done" else 0.4)])
+            read.add(job_id)
+            if read >= {"done", "going"} or "looking" in read:
+                followed.set()
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    waited = _interrupted_once_following(private_bus, ["wait", "--json", "done", "going"], followed, tmp_path)
+    assert waited.returncode == -signal.SIGINT, waited
+    assert [(job["id"], job["state"]) for job in json.loads(waited.stdout)] == [("done", "completed"),
+                                                                                ("going", "progressing")], waited
+    assert "stopped waiting" in waited.stderr and "Traceback" not in waited.stderr, waited
+
+    followed.clear()
+    inspected = _interrupted_once_following(private_bus, ["inspect", "--json", str(source)], followed, tmp_path)
+    assert inspected.returncode == -signal.SIGINT, inspected
+    shown = json.loads(inspected.stdout)
+    assert (shown["job"]["id"], shown["job"]["state"]) == ("looking", "progressing"), inspected
+    assert "Detached" in inspected.stderr and "Traceback" not in inspected.stderr, inspected
