@@ -157,6 +157,8 @@ class JobManager:
             if self._store.get_setting("paused", False):
                 self._scheduler.pause()
             self._scheduler.max_parallel = self._store.get_setting("max_parallel_jobs", self._scheduler.max_parallel)
+            # An agent from before a restart, registering again, must not be given the id another worker had.
+            self._worker_seq = self._store.get_setting("last_worker_number", 0)
 
     async def start(self) -> None:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
@@ -1227,6 +1229,7 @@ class JobManager:
             raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")
         if not 0 <= max_jobs <= UINT32_MAX:
             raise InvalidArgument(f"max_jobs must be 0 (no limit) to {UINT32_MAX}")
+        self._store.set_setting("last_worker_number", self._worker_seq + 1)
         self._worker_seq += 1
         worker = WorkerInfo(id=f"w{self._worker_seq}", name=name, kind="external", capabilities=capabilities,
                             max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec())

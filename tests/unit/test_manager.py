@@ -787,6 +787,25 @@ def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, 
     asyncio.run(go())
 
 
+def test_worker_ids_are_not_given_again_after_a_restart(tmp_path):
+    """An agent registered before h2kd restarted keeps its old id in mind: an agent registering after the
+    restart gets a new one, so that no report, log line or object path can mix the two up."""
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, *_ = make(tmp_path, store=store)
+        await m.start()
+        before = [m.register_worker("agent", {}, 1, 0, f":1.{n}").id for n in (1, 2)]
+        await m.stop()
+        store.close()
+        m2, *_ = make(tmp_path)
+        await m2.start()
+        after = m2.register_worker("agent", {}, 1, 0, ":1.3").id
+        assert len(set(before)) == 2 and after not in before, (before, after)
+        await m2.stop()
+    asyncio.run(go())
+
+
 def test_a_unit_that_ends_while_h2kd_stops_starts_no_other_job(tmp_path, image):
     """h2kd stops its manager, then its runner, which still reports a unit that ended meanwhile: the job it ran
     is completed, and the queued job waits for the next start instead of starting as h2kd goes away."""
