@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -109,8 +110,12 @@ def _attempt_starts(events) -> list[dict]:
     return [e for e in events if e[2] == "state" and json.loads(e[3]).get("new_state") == "assigned"]
 
 
-@pytest.mark.parametrize("unit_ends_while_away", [False, True], ids=["back-while-running", "back-after-end"])
-def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, unit_ends_while_away):
+@pytest.mark.parametrize("unit_ends_while_away, running_unrecorded", [(False, False), (True, False), (True, True)],
+                         ids=["back-while-running", "back-after-end", "back-after-end-recorded-assigned"])
+def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, unit_ends_while_away,
+                                                       running_unrecorded):
+    """running_unrecorded: h2kd was killed before it had recorded the job running (its store says "assigned",
+    as after a kill between starting the unit and storing its start): the times are the unit's all the same."""
     stack = throttled
     job_id = f"kill9-{uuid.uuid4().hex[:8]}"
     output = stack.output_dir / f"{job_id}.qcow2"
@@ -124,13 +129,20 @@ def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, 
         client.close()
         return path, unit
 
+    submitted_at = time.time()
     path, unit = run(start_and_wait_for_progress())
     stack.kill_daemon()
+    killed_at = time.time()
     assert unit, "a running job names its unit"
     ended_by = 0.0
     if unit_ends_while_away:
         _wait_unit_gone(stack, unit)
         ended_by = time.time()
+    if running_unrecorded:
+        with sqlite3.connect(stack.state_dir / "h2kd.sqlite") as db:
+            db.execute("UPDATE jobs SET state = 'assigned', started_at = 0, phase = '', progress = 0, "
+                       "progress_known = 0, bytes_done = 0 WHERE id = ?", (job_id,))
+        db.close()
 
     stack.restart_daemon(daemon_env={"H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=24000000"})
 
@@ -139,15 +151,18 @@ def test_sigkill_mid_conversion_completes_exactly_once(throttled, source_image, 
         await wait_for(lambda: _is_final(client, path), 120, "the job to end")
         state = await job_state(client, path)
         attempt = await client.prop(path, JOB, "Attempt")
+        started_at = await client.prop(path, JOB, "StartedAt")
         finished_at = await client.prop(path, JOB, "FinishedAt")
         (events,) = await client.call(path, JOB, "GetEvents", "t", [0])
         client.close()
-        return state, attempt, finished_at, events
+        return state, attempt, started_at, finished_at, events
 
-    state, attempt, finished_at, events = run(after_restart())
+    state, attempt, started_at, finished_at, events = run(after_restart())
     assert state == "completed"
-    if unit_ends_while_away:    # when the conversion ended ("completed in N s"), not when h2kd came back to see it
-        assert finished_at <= ended_by * 1e6, (finished_at, ended_by)
+    # When the conversion started, before h2kd was killed, and ended ("completed in N s"), not when h2kd came back
+    assert submitted_at * 1e6 <= started_at <= killed_at * 1e6, (submitted_at, started_at, killed_at)
+    if unit_ends_while_away:
+        assert started_at < finished_at <= ended_by * 1e6, (started_at, finished_at, ended_by)
     assert attempt == 1
     assert len(_attempt_starts(events)) == 1, "the conversion was started more than once"
     assert [e[2] for e in events].count("result") == 1, "the job was settled more than once"

@@ -116,12 +116,14 @@ class RecordingEvents:
 
     def __init__(self) -> None:
         self.statuses: list[tuple[str, int, str]] = []
+        self.started_at: dict[str, int] = {}        # by job: when its unit's worker started, as last reported
         self.finished: list[tuple[str, int, UnitOutcome]] = []
         self.stopping: list[bool] = []
         self.connected = 0
 
-    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
+    def unit_status(self, job_id: str, attempt: int, status_text: str, started_at: int = 0) -> None:
         self.statuses.append((job_id, attempt, status_text))
+        self.started_at[job_id] = started_at
 
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None:
         self.finished.append((job_id, attempt, outcome))
@@ -235,8 +237,10 @@ async def run_unfollowed_until_collected(sandbox: "Sandbox", config: Config, job
 
 async def start_waiting(runner: SystemdRunner, events: RecordingEvents, job: Job) -> str:
     """Start the job's first attempt with the "wait" worker; its unit, once the worker waits for its go file."""
+    before = time.time_ns() // 1000
     unit = await runner.start(job, 1)
     await events.wait_status(job.id, "waiting for go")
+    assert before <= events.started_at[job.id] <= time.time_ns() // 1000, (before, events.started_at)
     return unit
 
 
@@ -688,6 +692,7 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
     async def scenario() -> None:
         config = sandbox.config("quick")
         job = make_job()
+        before = time.time_ns() // 1000
         unit = await run_unfollowed_until_collected(sandbox, config, job)
 
         job.unit = unit
@@ -701,6 +706,9 @@ def test_reattach_after_the_unit_finished_settles_from_the_result_file(sandbox: 
             lost = await events.wait_finished(never.id)
         assert (outcome.result, outcome.exit_status) == ("success", 0)
         assert outcome.worker_result == json.loads((config.runs_dir / unit / "result.json").read_text())
+        # Collected while no runner followed it: when it started and ended is read from the attempt's files.
+        # (File times come from the kernel's coarse clock: a few milliseconds behind.)
+        assert before - 10_000 <= outcome.started_at <= outcome.ended_at, (before, outcome)
         assert starts(config, unit) == 1
         assert lost.result == "not-started" and lost.worker_result is None
 

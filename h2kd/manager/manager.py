@@ -875,14 +875,14 @@ class JobManager:
 
     # ---------------------------------------------------------------- runner events
 
-    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None:
+    def unit_status(self, job_id: str, attempt: int, status_text: str, started_at: int = 0) -> None:
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in ACTIVE:
             return
         if job.state == S.ASSIGNED:
             if job.id in self._starting or job.worker != BUILTIN:   # the start call's return records it running
                 return
-            self._found_running(job)
+            self._found_running(job, started_at)
         report = parse_status(status_text)
         if report is None:
             self._append_event(job, "log", {"message": status_text})
@@ -940,6 +940,9 @@ class JobManager:
     def _settle_attempt(self, job: Job, outcome: UnitOutcome, wanted_cancel: bool) -> None:
         """Record how the attempt ended: completed, cancelled, back to the queue, or failed."""
         result = outcome.worker_result if isinstance(outcome.worker_result, dict) else {}
+        if job.state == S.ASSIGNED and outcome.started_at and job.id not in self._starting:
+            # It ran (and ended) while h2kd was away, which had not recorded it running: it did, from then.
+            self._found_running(job, outcome.started_at)
         if result.get("status") == "completed" and (outcome.result == "success" or outcome.exit_status == 0):
             # Exit 0 with a completed result and systemd saying "timeout": its time ran out while the outputs got
             # their names, which the worker finishes whatever comes; they are in place, the job is done.
@@ -1069,10 +1072,13 @@ class JobManager:
 
     # ---------------------------------------------------------------- endings
 
-    def _found_running(self, job: Job) -> None:
+    def _found_running(self, job: Job, started_at: int = 0) -> None:
         """h2kd stopped between starting the unit and recording the job running: the unit's own reports
-        (progress, its end) are the news that it runs, or ran."""
-        job.started_at = job.started_at or now_usec()
+        (progress, its end) are the news that it runs, or ran. started_at: when its worker started, as systemd
+        (or the attempt's files) tell; not when h2kd, back, learns of it."""
+        if not job.started_at:
+            now = now_usec()
+            job.started_at = min(max(started_at, job.created_at), now) if started_at else now
         self._transition(job, S.RUNNING, "its unit was found running after h2kd restarted")
 
     def _complete(self, job: Job, result: dict[str, Any], ended_at: int = 0) -> None:

@@ -82,12 +82,16 @@ class UnitOutcome:
     stopped_by_request: bool = False  # h2kd stopped it (Runner.stop); an administrator's systemctl stop is not
     interrupted: bool = False         # stopped by the system going down (shutdown, reboot), not by anyone's wish
     ended_at: int = 0                 # when it ended (µs since the epoch), if h2kd was not there to see it; 0: now
+    started_at: int = 0               # when its worker started (µs since the epoch), if known; 0: not known
 
 
 class RunnerEvents(Protocol):
     """Implemented by the manager; the runner calls these from the event loop."""
 
-    def unit_status(self, job_id: str, attempt: int, status_text: str) -> None: ...
+    def unit_status(self, job_id: str, attempt: int, status_text: str, started_at: int = 0) -> None:
+        """The unit's status line changed; started_at: when its worker started (µs since the epoch), 0 if not
+        known."""
+        ...
     def unit_finished(self, job_id: str, attempt: int, outcome: UnitOutcome) -> None: ...
     def system_stopping(self, stopping: bool) -> None:
         """The system began shutting down (no unit may start now), or called the shutdown off."""

@@ -61,7 +61,7 @@ _GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Err
 _FINAL_STATES = {"inactive", "failed"}
 # What _apply() reads of a unit; systemd sends some forty properties with each change.
 _READ_PROPERTIES = ("ActiveState", "ControlGroup", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
-                    "ExecMainStartTimestampMonotonic", "ExecMainPID", "StatusText")
+                    "ExecMainStartTimestampMonotonic", "ExecMainStartTimestamp", "ExecMainPID", "StatusText")
 # systemd invalidates (rather than sends) some properties with every change of a unit, a StatusText update
 # included; only these decide whether an attempt is over, so only they are worth a query.
 _STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
@@ -126,6 +126,7 @@ class _Followed:
     exec_main_code: int = 0
     exec_main_status: int = 0
     exec_main_started: bool = False
+    started_at: int = 0                 # ExecMainStartTimestamp: when the worker started (µs since the epoch)
     status_text: str = ""
     control_group: str = ""
     seen: bool = False                  # we have seen the unit loaded at least once
@@ -639,11 +640,13 @@ class SystemdRunner:
             followed.exec_main_status = int(values["ExecMainStatus"])
         if values.get("ExecMainStartTimestampMonotonic") or values.get("ExecMainPID"):
             followed.exec_main_started = True
+        if values.get("ExecMainStartTimestamp"):
+            followed.started_at = int(values["ExecMainStartTimestamp"])
         text = str(values.get("StatusText") or "")[:MAX_STATUS_TEXT]
         if text and text != followed.status_text:
             followed.status_text = text
             try:
-                self._events.unit_status(followed.job_id, followed.attempt, text)
+                self._events.unit_status(followed.job_id, followed.attempt, text, followed.started_at)
             except Exception:
                 log.exception("unit_status handler failed")
 
@@ -753,11 +756,15 @@ class SystemdRunner:
             return
         worker_result = _read_result(followed.run_dir / "result.json")
         ended_at = 0            # now: h2kd saw the unit end
+        started_at = followed.started_at
         # Collected before its final state reached us, or never seen (reattach after it was collected): what we
-        # saw is stale or nothing, so the files are all there is to go by, also for when the attempt ended.
+        # saw is stale or nothing, so the files are all there is to go by, also for when the attempt ran.
         if (gone and followed.active_state not in _FINAL_STATES) or not (followed.seen or followed.active_state):
             result, status = _outcome_from_files(followed.run_dir, worker_result)
-            ended_at = _written_at(followed.run_dir / "result.json") if worker_result is not None else 0
+            if worker_result is not None:
+                ended_at = _written_at(followed.run_dir / "result.json")
+                # The spec file is written just before the unit is started: the worker started about then.
+                started_at = started_at or _written_at(followed.run_dir / "spec.json")
         else:
             result, status = followed.result or "success", followed.exec_main_status
             if result == "success" and not followed.exec_main_started and worker_result is None:
@@ -769,7 +776,7 @@ class SystemdRunner:
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested,
                               interrupted=not succeeded and self._interrupted(followed, worker_result, spec_file),
-                              ended_at=ended_at)
+                              ended_at=ended_at, started_at=started_at)
         self._report_finished(followed, outcome)
 
     def _report_finished(self, followed: _Followed, outcome: UnitOutcome) -> None:

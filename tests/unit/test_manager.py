@@ -718,6 +718,36 @@ def test_a_unit_that_ran_while_h2kd_was_away_completes_its_assigned_job(tmp_path
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("ending", ["completed", "failed", "progress"])
+def test_a_unit_that_ran_while_h2kd_was_away_keeps_its_own_times(tmp_path, image, ending):
+    """The unit of a job h2kd had recorded only as assigned ran while h2kd was away: StartedAt is when systemd
+    says its worker started (not 0, not when h2kd came back), and FinishedAt when it ended."""
+    async def go():
+        job = await left_assigned(tmp_path, image)
+        started, ended = job.created_at + 40_000, job.created_at + 90_000
+        await asyncio.sleep(0.2)    # h2kd is back well after both
+        m2, *_ = make(tmp_path)
+        await m2.start()
+        unit = f"h2k-job-{job.id}-1.service"
+        if ending == "progress":
+            m2.unit_status(job.id, 1, "convert: 50.00% (50/100 bytes)", started)
+            assert m2.get(job.id).state.value == "progressing"
+            assert m2.get(job.id).started_at == started
+        else:
+            worker_result = ({"status": "completed"} if ending == "completed" else
+                             {"status": "failed", "error": {"code": "TOOL_FAILED", "message": "bad", "retryable": False}})
+            m2.unit_finished(job.id, 1, UnitOutcome(unit, "success" if ending == "completed" else "exit-code",
+                                                    0 if ending == "completed" else 1, worker_result,
+                                                    ended_at=ended, started_at=started))
+            again = m2.get(job.id)
+            assert again.state.value == ending
+            assert (again.started_at, again.finished_at) == (started, ended)
+            entered = [e.data["new_state"] for e in m2.events(job.id) if e.kind == "state"]
+            assert entered[3:] == ["assigned", "running", ending]
+        await m2.stop()
+    asyncio.run(go())
+
+
 def test_a_lost_worker_costs_an_attempt(tmp_path, image):
     """A stale external worker's job goes back to the queue while it has retries, then fails WORKER_LOST."""
     async def go():
