@@ -351,6 +351,7 @@ def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, 
     run = run_worker(tmp_path / "w2", convert_spec(source, out / "d.qcow2", overwrite=True), [out])
     assert run.returncode == 0, run.log
     assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
+    assert leftovers(out) == ["d.qcow2"]     # the replaced file, kept aside until the result was written, is gone
 
 
 def test_an_overwrite_that_fails_half_way_through_its_commit_leaves_the_old_outputs(lib: Path, tmp_path: Path,

@@ -95,6 +95,29 @@ elif mode == "odd-failure":
     result_path.write_text(json.dumps({"status": "failed", "error": "qemu-img: write failed",
                                        "outputs": ["/nowhere"], "attempt": spec["attempt"]}))
     sys.exit(1)
+elif mode == "killed-mid-commit":
+    # Outputs A (replacing a file), C (new) and B (replacing a file) get their names, as a conversion gives them;
+    # the worker is killed outright (the OOM killer, say) as it is about to rename B: before its result.
+    from h2kd.operations import convert
+    from h2kd.operations.tempfiles import TempFiles
+
+    class KilledAtTheThird(TempFiles):
+        noted = 0
+        def note_commit(self, temp, destination, aside):
+            super().note_commit(temp, destination, aside)
+            KilledAtTheThird.noted += 1
+            if KilledAtTheThird.noted == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    out_dir = Path(spec["spec"]["artifacts"]["output_path"]).parent
+    temps = KilledAtTheThird(str(run_dir / "temp-files"))
+    pairs = []
+    for name in ("a.qcow2", "c.qcow2", "b.qcow2"):
+        temp = temps.create(str(out_dir / name))
+        Path(temp).write_bytes(b"new " + name.encode())
+        pairs.append((temp, str(out_dir / name)))
+    convert._commit(pairs, temps, overwrite=True, durable=False)
+    result("completed")
 elif mode == "leave":
     # A conversion caught mid-way: a temporary output recorded and partly written, then killed outright.
     from h2kd.operations.tempfiles import TempFiles
@@ -1227,6 +1250,28 @@ def test_an_attempt_whose_manager_went_away_is_interrupted_but_not_one_across_a_
         asyncio.run(reattach_under_a_new_manager())
     finally:
         manager.stop()
+
+
+def test_a_worker_killed_while_its_outputs_get_their_names_leaves_the_files_as_they_were(sandbox: Sandbox) -> None:
+    """Killed outright after some outputs replaced earlier files and before its result: the attempt failed, so
+    the files replaced are back, the output that was new is gone, and no temporary name is left."""
+    async def scenario() -> None:
+        config = sandbox.config("killed-mid-commit")
+        out_dir = config.output_roots[0] / "mid-commit"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "a.qcow2").write_bytes(b"old a.qcow2")
+        (out_dir / "b.qcow2").write_bytes(b"old b.qcow2")
+        job = make_job(output=str(out_dir / "a.qcow2"))
+        events = RecordingEvents()
+        async with runner_for(config, events) as runner:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.worker_result is None and outcome.result == "signal", outcome
+        assert sorted(p.name for p in out_dir.iterdir()) == ["a.qcow2", "b.qcow2"]
+        assert (out_dir / "a.qcow2").read_bytes() == b"old a.qcow2"
+        assert (out_dir / "b.qcow2").read_bytes() == b"old b.qcow2"
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("while_away", [False, True], ids=["followed", "reattached"])

@@ -943,9 +943,10 @@ class JobManager:
         if job.state == S.ASSIGNED and outcome.started_at and job.id not in self._starting:
             # It ran (and ended) while h2kd was away, which had not recorded it running: it did, from then.
             self._found_running(job, outcome.started_at)
-        if result.get("status") == "completed" and (outcome.result == "success" or outcome.exit_status == 0):
-            # Exit 0 with a completed result and systemd saying "timeout": its time ran out while the outputs got
-            # their names, which the worker finishes whatever comes; they are in place, the job is done.
+        if result.get("status") == "completed":
+            # Whatever systemd says of the unit ("timeout": its time ran out while the outputs got their names,
+            # which the worker finishes whatever comes; "signal": killed after writing its result), the outputs
+            # are in place and the result says so (the runner undoes a commit only without it): the job is done.
             self._complete(job, result, outcome.ended_at)
         elif wanted_cancel:
             self._finish(job, S.CANCELLED, f"cancelled{_by_uid(job.cancelled_by)}; the unit has stopped", result,

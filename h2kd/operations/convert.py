@@ -639,7 +639,11 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             owner: dict[str, int] | None = None) -> None:
     """Move every temporary file to its name (next to it), all or nothing (as far as the file system allows);
     if durable, make the new names durable too (fsync of their directories). With owner {"uid", "gid",
-    "mode"}, each file gets that owner and mode before its name."""
+    "mode"}, each file gets that owner and mode before its name.
+
+    Each rename is noted first (TempFiles.note_commit), and the files replaced keep a temporary name, which
+    stays once the commit is whole: until the result says so, a killed worker's commit is undone from the note
+    (tempfiles.undo_commit), the earlier files put back. The worker removes them once its result is written."""
     owner_uid = owner["uid"] if owner else None
     directories: dict[str, int] = {}
     committed: list[tuple[int, str, str | None]] = []   # (directory, name, the file it replaced, kept aside)
@@ -658,8 +662,10 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                 # Until every output has its name, the file replaced keeps a second one: a failure half-way
                 # puts it back instead of leaving neither the old output nor the new.
                 replaced = temps.keep_aside(destination, fd)
+                temps.note_commit(temp, destination, replaced)
                 os.rename(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd)
             else:
+                temps.note_commit(temp, destination, None)
                 try:
                     # Fails if the name was taken meanwhile: never overwrites.
                     os.link(temp_name, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
@@ -672,6 +678,9 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
         if durable:
             for fd in directories.values():
                 os.fsync(fd)
+        for _, _, replaced in committed:
+            if replaced:
+                temps.forget(replaced)      # kept until the result is written: see above
     except BaseException:
         for fd, name, replaced in reversed(committed):
             try:

@@ -7,6 +7,11 @@ is complete. It removes its temporary files itself when it fails or is stopped; 
 the attempt's run directory, before the file is created; when the attempt is over, the runner
 calls remove_recorded() on that record.
 
+While the outputs get their names, each rename is first noted in COMMIT_NAME, next to the record, with the file
+the destination held before (kept aside under a temporary name until the result is written). A worker killed
+before its result says "completed" leaves that note; undo_commit() then puts the earlier files back, so that a
+failed attempt never leaves its outputs in place, nor costs the files they replaced.
+
 Likewise a disk image a repair made root's while it was attached (offline_fix.devices) is noted in HELD_NAME,
 with its owner and mode, before it changes hands; release_held() gives back what a killed worker could not.
 """
@@ -26,6 +31,7 @@ from h2kd.operations.qemuimg import OperationError
 
 TEMP_PREFIX = ".h2k-tmp-"
 RECORD_NAME = "temp-files"
+COMMIT_NAME = "commit"
 HELD_NAME = "held-images"
 _Made = TypeVar("_Made")
 
@@ -48,15 +54,16 @@ class TempFiles:
         self._made: dict[str, tuple[int, int]] = {}   # path -> (device, inode) of the file created there
 
     def _note(self, line: str) -> None:
-        if not self.record:
-            return
-        # No fsync: what the record must survive is the death of the process, which the page cache does.
-        # (After a machine crash, ext4's ordered mode commits the record no later than the file it names.)
-        fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
+        if self.record:
+            _append_line(self.record, line)
+
+    def note_commit(self, temp: str, destination: str, aside: str | None) -> None:
+        """Before the temporary file `temp` gets the name `destination`, replacing the file kept aside as `aside`
+        (None: it replaces nothing): note how to undo that (see undo_commit)."""
+        if self.record:
+            device, inode = self._made[temp]
+            _append_line(os.path.join(os.path.dirname(self.record), COMMIT_NAME),
+                         json.dumps({"destination": destination, "device": device, "inode": inode, "aside": aside}))
 
     def _claim_name(self, destination: str, make: Callable[[str], _Made | None],
                     failure: str) -> tuple[str, _Made] | None:
@@ -159,6 +166,16 @@ class TempFiles:
         self.paths.clear()
 
 
+def _append_line(path: str, line: str) -> None:
+    # No fsync: what a record must survive is the death of the process, which the page cache does.
+    # (After a machine crash, ext4's ordered mode commits the record no later than the file it names.)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def recorded_temp_paths(record: str) -> list[str]:
     """The temporary paths a TempFiles record lists (withdrawn ones left out), in order."""
     try:
@@ -201,6 +218,78 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
         finally:
             os.close(dir_fd)
     return removed
+
+
+def undo_commit(record: str, roots: list[str]) -> list[str]:
+    """Undo what a worker killed while its outputs got their names had done, as its commit record (COMMIT_NAME)
+    notes, last first: a destination that holds the new file gets back the file it replaced (kept aside), or
+    loses the new file if it replaced nothing. The destinations undone.
+
+    Only files are renamed or removed, each in its own directory (under an output root, reached without a
+    symlink), and a destination only while it holds the very file the worker made, or nothing."""
+    try:
+        with open(record, encoding="utf-8", errors="replace", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
+    undone = []
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+            destination, made = os.path.normpath(entry["destination"]), (int(entry["device"]), int(entry["inode"]))
+            aside = entry.get("aside")
+        except (ValueError, TypeError, KeyError):
+            continue
+        directory, name = os.path.split(destination)
+        if aside is not None and not _kept_beside(aside, directory):
+            continue
+        if os.path.realpath(directory) != directory or not any((directory + "/").startswith(r) for r in real_roots):
+            continue
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if _undo_one(dir_fd, name, made, os.path.basename(aside) if aside else None):
+                os.fsync(dir_fd)
+                undone.append(destination)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+    return undone
+
+
+def _kept_beside(aside: object, directory: str) -> bool:
+    """Whether `aside` names a temporary file in `directory` (where a file replaced there was kept)."""
+    return (isinstance(aside, str) and os.path.dirname(os.path.normpath(aside)) == directory
+            and os.path.basename(aside).startswith(TEMP_PREFIX))
+
+
+def _undo_one(dir_fd: int, name: str, made: tuple[int, int], aside: str | None) -> bool:
+    """Undo one rename in the directory open on dir_fd: whether something changed."""
+    current = _status(name, dir_fd)
+    holds_new = current is not None and (current.st_dev, current.st_ino) == made
+    if aside is None:
+        if holds_new:
+            os.unlink(name, dir_fd=dir_fd)
+            return True
+        return False
+    kept = _status(aside, dir_fd)
+    if kept is None or not stat.S_ISREG(kept.st_mode):
+        return False        # nothing to put back: the new file, whole, is better than none
+    if current is None or holds_new:    # (holding the kept file itself, it was never replaced)
+        os.rename(aside, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return True
+    return False
+
+
+def _status(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 # FS_IOC_GETVERSION (linux/fs.h: _IOR('v', 1, long)): the inode's generation, which ext4, XFS and btrfs change

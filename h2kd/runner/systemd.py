@@ -42,7 +42,7 @@ from h2kd.errors import H2kError
 from h2kd.manager.ports import RunnerEvents, StartDeferred, StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
-from h2kd.operations.tempfiles import HELD_NAME, RECORD_NAME, release_held, remove_recorded
+from h2kd.operations.tempfiles import COMMIT_NAME, HELD_NAME, RECORD_NAME, release_held, remove_recorded, undo_commit
 from h2kd.runner import bytecode
 from h2kd.runner import unit as units
 from h2kd.worker.main import MAX_RESULT_BYTES
@@ -799,6 +799,18 @@ class SystemdRunner:
         keep = {str(d.get("path")) for d in _field(outputs, "disks", list) if isinstance(d, dict)}
         keep.add(str(outputs.get("domain_xml")))
         roots = [str(r) for r in self._config.output_roots]
+        commit = followed.run_dir / COMMIT_NAME
+        if commit.exists() and _field(worker_result, "status", str) != "completed":
+            # Killed while its outputs got their names: the files they replaced are put back before the
+            # temporary names (which they have until then) are removed.
+            try:
+                undone = await asyncio.to_thread(undo_commit, str(commit), roots)
+            except Exception:
+                log.exception("undoing the commit of unit %s failed", followed.unit)
+                return
+            for path in undone:
+                log.info("%s is back as it was before unit %s, which was killed while giving its outputs their "
+                         "names", path, followed.unit)
         try:
             removed = await asyncio.to_thread(remove_recorded, str(record), roots, keep)
         except Exception:

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from h2kd.operations.tempfiles import RECORD_NAME
+from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
 from h2kd.observability.wire import send_datagram, send_journal
 from h2kd.worker.report import ProgressReport, format_status
 
@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                               "metrics": {"execution_seconds": 0.0, "bytes_read": 0, "bytes_written": 0},
                               "worker": os.environ.get("H2K_WORKER_NAME", "builtin"), "attempt": 0}
     exit_code = EXIT_PERMANENT
+    roots: list[str] = []
     try:
         try:
             _notify("READY=1")
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         say(f"h2k-worker: {result['status']}")
     _write_result(args.result, result)
+    if result["status"] == "completed":
+        # The files the outputs replaced, kept under a temporary name until now (see convert._commit).
+        remove_recorded(temp_record_path(args.spec), roots)
     if argv is None:
         _end(exit_code)
     return exit_code

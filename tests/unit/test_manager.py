@@ -412,6 +412,12 @@ def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_comp
         await settle()
         m.unit_finished(job.id, 1, UnitOutcome(job.unit, "timeout", 0, {"status": "completed", "outputs": {}}))
         assert job.state.value == "completed", (job.error_code, job.error_message)
+        # Killed outright after its result was written: its outputs are in place (the runner undoes a commit
+        # only for an attempt without a completed result).
+        killed, _ = m.submit(spec(image, tmp_path / "out/k.qcow2"), owner=0)
+        await until(lambda: killed.state.value == "running")
+        m.unit_finished(killed.id, 1, UnitOutcome(killed.unit, "signal", 9, {"status": "completed", "outputs": {}}))
+        assert killed.state.value == "completed", (killed.error_code, killed.error_message)
         other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
         await until(lambda: other.state.value == "running")
         m.unit_finished(other.id, 1, UnitOutcome(other.unit, "timeout", 143, None, ["x" * 5000]))
