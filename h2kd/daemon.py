@@ -79,6 +79,16 @@ async def serve(config: Config) -> int:
     from h2kd.observability.metrics import Metrics, start_http
     from h2kd.runner import SystemdRunner
 
+    # Before anything else: a signal that comes while h2kd starts (its name may already be on the bus)
+    # must find the handlers in place, not the default action that ends the process.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP would end h2kd, which systemd takes for a clean exit and does not restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP ignored: h2kd reads its settings only when it starts; restart it to apply changes "
+        "(running conversions go on and are picked up again)"))
     prepare_directories(config)
     Job.default_output_root = str(next(iter(config.output_roots), ""))
     store = JobStore(config.store_path)
@@ -113,14 +123,6 @@ async def serve(config: Config) -> int:
     notify_ready(status_line.text())
     log.info("h2kd %s serving %s", __version__, BUS_NAME)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGHUP would end h2kd, which systemd takes for a clean exit and does not restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-        "SIGHUP ignored: h2kd reads its settings only when it starts; restart it to apply changes "
-        "(running conversions go on and are picked up again)"))
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
