@@ -91,7 +91,15 @@ async def serve(config: Config) -> int:
         "(running conversions go on and are picked up again)"))
     prepare_directories(config)
     Job.default_output_root = str(next(iter(config.output_roots), ""))
-    store = JobStore(config.store_path)
+    store_lost_its_disk = asyncio.Event()
+
+    def end_for_the_store() -> None:
+        log.critical("a write to the job store %s could not reach the disk: h2kd ends, so that it starts again "
+                     "from what the disk holds (systemd restarts it)", config.store_path)
+        store_lost_its_disk.set()
+        stop.set()
+
+    store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store))
     manager = JobManager(config, store, host_validator=HostChecks(config))
     runner = SystemdRunner(config, manager)
     manager.attach_runner(runner)
@@ -137,6 +145,8 @@ async def serve(config: Config) -> int:
     if not disconnected.done():
         bus.disconnect()
     store.close()
+    if store_lost_its_disk.is_set():
+        return 1
     if disconnected.done() and not stopping.done():
         log.error("lost the bus connection")
         return 1

@@ -40,7 +40,9 @@ class QueueFull(H2kError):
 
 
 class StoreFailed(H2kError):
-    """The job store could not be written (e.g. its disk is full); nothing of the request was kept."""
+    """The job store could not be written (e.g. its disk is full); nothing of the request was kept, except when
+    the disk failed to confirm a committed write: its message then says the change's fate is known only after
+    h2kd has restarted (which it then does)."""
 
     dbus_name = "StoreFailed"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from dbus_fast import Variant
 
-from busclient import JOB, Client, run, wait_for
+from busclient import ERR, JOB, Client, run, spec, wait_for
 import images
 from images import MiB
 
@@ -213,3 +213,61 @@ def test_sighup_leaves_h2kd_serving_and_says_why(stack):
 
     assert "queued" in run(still_serving())
     assert stack.daemon_pid == pid
+
+
+BROKEN_DISK = '''
+import os
+
+_real_fdatasync = os.fdatasync
+_trigger = os.environ["H2K_TEST_BROKEN_DISK"]
+
+
+def _fdatasync(fd):
+    # While the trigger file exists, the disk under the job store's log fails its writes, as a dying disk does.
+    if os.path.exists(_trigger) and os.readlink(f"/proc/self/fd/{fd}").endswith("-wal"):
+        raise OSError(5, "Input/output error")
+    _real_fdatasync(fd)
+
+
+os.fdatasync = _fdatasync
+'''
+
+
+def test_a_write_the_disk_did_not_confirm_ends_h2kd_and_its_restart_reads_the_store_afresh(stack, tmp_path):
+    """After a failed fdatasync nobody knows what the store holds: h2kd answers that the change's fate is known
+    only after a restart, ends with a failure status (so systemd restarts it), and the restart finds its jobs."""
+    (tmp_path / "sitecustomize.py").write_text(BROKEN_DISK)
+    trigger = tmp_path / "disk-fails"
+    before, unsure = f"before-{uuid.uuid4().hex[:8]}", f"unsure-{uuid.uuid4().hex[:8]}"
+    stack.restart_daemon(daemon_env={"PYTHONPATH": str(tmp_path), "H2K_TEST_BROKEN_DISK": str(trigger)})
+    try:
+        async def submit_both() -> str:
+            client = await Client.connect(stack.bus_address)
+            try:
+                await client.submit(spec(before), queue=False)
+                trigger.touch()
+                return await client.submit(spec(unsure), queue=False, expect_error=ERR + "StoreFailed")
+            finally:
+                client.close()
+
+        refusal = run(submit_both())
+        assert "known only once h2kd has restarted" in refusal, refusal
+        deadline = time.monotonic() + 30
+        while stack.daemon_pid is not None:
+            assert time.monotonic() < deadline, "h2kd went on serving on a store it cannot trust"
+            time.sleep(0.1)
+        assert stack.kill_daemon() == 1
+        assert "could not reach the disk" in stack.daemon_log.read_text()
+    finally:
+        trigger.unlink(missing_ok=True)
+        stack.restart_daemon(daemon_env={})
+
+    async def after_restart() -> list[str]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            await client.submit(spec(), queue=False)      # and it takes changes again
+            return await client.job_ids()
+        finally:
+            client.close()
+
+    assert before in run(after_restart())

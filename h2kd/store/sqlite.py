@@ -188,8 +188,11 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
 
 
 class JobStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_sync_lost: Callable[[], None] | None = None):
+        """`on_sync_lost` is called (once) when a committed write could not be synced to disk: from then on
+        nobody knows what the file holds, and only reading it afresh (a restart) tells."""
         self.path = Path(path)
+        self._on_sync_lost = on_sync_lost
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly, one per changing call.
         if not self.path.exists():
@@ -301,6 +304,8 @@ class JobStore:
 
     @contextmanager
     def _transaction_or_batch(self) -> Iterator[sqlite3.Connection]:
+        if self._sync_failed:
+            raise self._refusal()
         with self._lock:
             if not self._in_batch and not self._deferring:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -417,11 +422,22 @@ class JobStore:
             except OSError as e:
                 raise self._sync_error(e) from e
 
+    def _refusal(self) -> StoreFailed:
+        # After a failed fdatasync the kernel may have dropped the pages it could not write: a later commit
+        # would build on a file whose content nobody knows.
+        return StoreFailed(f"the job store {self.path} takes no change since a write to it could not reach "
+                           f"the disk; nothing was changed; h2kd must restart to read it afresh")
+
     def _sync_error(self, error: OSError | None) -> StoreFailed | None:
         if error is None:
             return None
+        first = not self._sync_failed
         self._sync_failed = True
-        return StoreFailed(f"the job store {self.path} could not be written to disk ({error})")
+        if first and self._on_sync_lost is not None:
+            self._on_sync_lost()
+        # The COMMIT itself succeeded: the change may or may not be in the file when h2kd reads it again.
+        return StoreFailed(f"the job store {self.path} could not be written to disk ({error}); whether this "
+                           f"change was kept is known only once h2kd has restarted and read the store again")
 
     def _commit_batch(self) -> list[asyncio.Future[None]] | None:
         """COMMIT the open batch (into the WAL: not yet durable) and hand back its waiters; None when there
@@ -435,6 +451,8 @@ class JobStore:
                 self._commit_handle.cancel()
                 self._commit_handle = None
             try:
+                if self._sync_failed:   # writes that joined the batch before the failure was known
+                    raise self._refusal()
                 self._db.execute("COMMIT")
             except BaseException as e:
                 try:
@@ -645,6 +663,9 @@ class JobStore:
         with self._lock:
             try:
                 self.commit()
+            except StoreFailed:
+                if not self._sync_failed:   # after a failed sync, the pending writes were refused (and said so)
+                    raise
             finally:
                 self._db.close()   # the last connection to close checkpoints what is left
                 if self._wal is not None:

@@ -542,6 +542,67 @@ def test_a_failed_sync_fails_the_waiters_and_marks_the_store_unhealthy(store, mo
     assert not store.check()
 
 
+def test_after_a_failed_sync_the_store_says_so_once_and_takes_no_more_changes(tmp_path, monkeypatch):
+    lost: list[str] = []
+    store = JobStore(tmp_path / "h2kd.sqlite", on_sync_lost=lambda: lost.append("lost"))
+    store.insert_job(new_job("before"), "submitted")
+    real = os.fdatasync
+
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_disk)
+    with pytest.raises(StoreFailed, match="known only once h2kd has restarted"):
+        store.insert_job(new_job("unsure"), "submitted")
+    assert lost == ["lost"]
+    monkeypatch.setattr(os, "fdatasync", real)          # the disk answers again: the store still refuses
+    with pytest.raises(StoreFailed, match="takes no change .* h2kd must restart"):
+        store.insert_job(new_job("after"), "submitted")
+    with pytest.raises(StoreFailed, match="takes no change"):
+        store.set_setting("x", 1)
+    assert lost == ["lost"]
+    store.close()                                          # closes without a word, as h2kd does when it ends
+    with JobStore(tmp_path / "h2kd.sqlite") as reread:   # the restart reads what the file holds
+        assert {j.id for j in reread.load_jobs()} <= {"before", "unsure"}
+        assert "before" in {j.id for j in reread.load_jobs()}
+
+
+def test_writes_waiting_for_a_sync_that_fails_are_refused_not_committed(tmp_path, monkeypatch, syncs):
+    lost: list[str] = []
+    store = JobStore(tmp_path / "h2kd.sqlite", on_sync_lost=lambda: lost.append("lost"))
+
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> None:
+        syncs.delay = 0.02                           # a slow disk: group commits sync on a thread
+        for i in range(3):
+            store.insert_job(new_job(f"slow-{i}"), "submitted")
+        syncs.delay = 0.0
+        syncs.started.clear()
+        syncs.hold.clear()
+        with store.deferred():
+            store.insert_job(new_job("in-the-failing-sync"), "submitted")
+        first = store.committed()
+        await asyncio.get_running_loop().run_in_executor(None, syncs.started.wait, 5)
+        with store.deferred():                       # joins the next batch while the sync is held
+            store.insert_job(new_job("waiting"), "submitted")
+        second = store.committed()
+        working = syncs.real
+        syncs.real = broken_disk
+        syncs.hold.set()
+        with pytest.raises(StoreFailed, match="known only once"):
+            await asyncio.wait_for(first, 5)
+        with pytest.raises(StoreFailed, match="takes no change"):
+            await asyncio.wait_for(second, 5)
+        syncs.real = working
+    asyncio.run(scenario())
+    assert lost == ["lost"]
+    store.close()
+    with JobStore(tmp_path / "h2kd.sqlite") as reread:
+        assert "waiting" not in {j.id for j in reread.load_jobs()}
+
+
 @pytest.mark.parametrize("column, default, later", [("attempts_not_counted", 0, 2), ("cancelled_by", -1, 1000)])
 def test_a_store_written_before_a_column_existed_gets_it_with_its_default(tmp_path, column, default, later):
     import sqlite3
