@@ -200,13 +200,8 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
         directory, name = os.path.split(os.path.normpath(path))
         if not name.startswith(TEMP_PREFIX) or path in keep or os.path.normpath(path) in keep:
             continue
-        if os.path.realpath(directory) != directory:
-            continue            # a symlink somewhere above it: leave it alone
-        if not any((directory + "/").startswith(root) for root in real_roots):
-            continue
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        dir_fd = _open_directory_under(directory, real_roots)
+        if dir_fd is None:
             continue
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -218,6 +213,17 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
         finally:
             os.close(dir_fd)
     return removed
+
+
+def _open_directory_under(directory: str, real_roots: list[str]) -> int | None:
+    """The directory opened, if it lies under one of the (resolved, "/"-ended) roots and is reached without a
+    symlink anywhere on its path; else None: what lies there is left alone."""
+    if os.path.realpath(directory) != directory or not any((directory + "/").startswith(r) for r in real_roots):
+        return None
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def undo_commit(record: str, roots: list[str]) -> list[str]:
@@ -244,11 +250,8 @@ def undo_commit(record: str, roots: list[str]) -> list[str]:
         directory, name = os.path.split(destination)
         if aside is not None and not _kept_beside(aside, directory):
             continue
-        if os.path.realpath(directory) != directory or not any((directory + "/").startswith(r) for r in real_roots):
-            continue
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        dir_fd = _open_directory_under(directory, real_roots)
+        if dir_fd is None:
             continue
         try:
             if _undo_one(dir_fd, name, made, os.path.basename(aside) if aside else None):
