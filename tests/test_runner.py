@@ -118,6 +118,10 @@ elif mode == "killed-mid-commit":
         pairs.append((temp, str(out_dir / name)))
     convert._commit(pairs, temps, overwrite=True, durable=False)
     result("completed")
+elif mode == "fail-leaving-a-temporary":
+    from h2kd.operations.tempfiles import TempFiles
+    TempFiles(str(run_dir / "temp-files")).create(spec["spec"]["artifacts"]["output_path"])
+    sys.exit(1)
 elif mode == "leave":
     # A conversion caught mid-way: a temporary output recorded and partly written, then killed outright.
     from h2kd.operations.tempfiles import TempFiles
@@ -1271,6 +1275,36 @@ def test_a_worker_killed_while_its_outputs_get_their_names_leaves_the_files_as_t
         assert (out_dir / "a.qcow2").read_bytes() == b"old a.qcow2"
         assert (out_dir / "b.qcow2").read_bytes() == b"old b.qcow2"
 
+    asyncio.run(scenario())
+
+
+def test_a_job_with_an_earlier_jobs_id_never_undoes_what_the_earlier_one_left_behind(sandbox: Sandbox) -> None:
+    """The earlier job's attempt directory stayed (its removal dropped as h2kd stopped), with its notes of a
+    commit: a new job with the same id whose attempt fails does not take them for its own, and the earlier
+    job's output stays where it is."""
+    async def scenario() -> None:
+        out_dir = config_quick.output_roots[0] / "same-id"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        earlier_output = out_dir / "earlier.qcow2"
+        earlier = make_job(output=str(earlier_output))
+        unit = await run_unfollowed_until_collected(sandbox, config_quick, earlier)
+        earlier_output.write_bytes(b"the earlier job's output")
+        made = earlier_output.stat()
+        run_dir = config_quick.runs_dir / unit
+        (run_dir / "commit").write_text(json.dumps({"destination": str(earlier_output), "device": made.st_dev,
+                                                    "inode": made.st_ino, "aside": None}) + "\n")
+        again = dataclasses.replace(earlier, created_at=earlier.created_at + 1,
+                                    spec={**earlier.spec, "artifacts": {**earlier.spec["artifacts"],
+                                                                       "output_path": str(out_dir / "new.qcow2")}})
+        events = RecordingEvents()
+        async with runner_for(sandbox.config("fail-leaving-a-temporary"), events) as runner:
+            await runner.start(again, 1)
+            outcome = await events.wait_finished(again.id)
+        assert outcome.result == "exit-code" and outcome.worker_result is None, outcome
+        assert earlier_output.read_bytes() == b"the earlier job's output"
+        assert sorted(p.name for p in out_dir.iterdir()) == ["earlier.qcow2"]   # the new temporary went
+
+    config_quick = sandbox.config("quick")
     asyncio.run(scenario())
 
 

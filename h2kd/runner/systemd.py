@@ -366,12 +366,14 @@ class SystemdRunner:
         unit = units.unit_name(job.id, attempt)
         run_dir = units.run_dir(self._config, unit)
         await self._removed(run_dir)
+        if await asyncio.to_thread(_left_by_another_job, run_dir, job):
+            # An earlier job with the same id (removed, and its id chosen again) left its attempt's files here,
+            # their removal dropped (h2kd stopped meanwhile): its result must not pass for this attempt's, nor
+            # its notes of temporary files and of a commit be undone on this attempt's end.
+            self._remove_later(run_dir)
+            await self._removed(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
-        # An earlier job with the same id (removed, and its id chosen again) left its attempt's files here:
-        # its result must not pass for this attempt's.
-        for stale in (result_path, run_dir / RECORD_NAME):
-            stale.unlink(missing_ok=True)
         uid, gid = output_owner(job.owner, self._config.output_group)
         # spec_checked: job.spec is the spec as h2kd.model.spec checked and completed it at submission, so
         # the worker need not load the spec models again to check it (a good part of its start-up time).
@@ -892,6 +894,20 @@ def _field(data: dict[str, Any] | None, name: str, kind: type) -> Any:
     version, or be damaged (the manager reads it the same way)."""
     value = (data or {}).get(name)
     return value if isinstance(value, kind) else kind()
+
+
+def _left_by_another_job(run_dir: Path, job: Job) -> bool:
+    """Whether an attempt's directory holds files of another job than `job` (or of none that can be told)."""
+    try:
+        if not any(run_dir.iterdir()):
+            return False
+        written = json.loads((run_dir / "spec.json").read_text())
+        return not isinstance(written, dict) or (written.get("job_id"), written.get("job_created_at")) != \
+            (job.id, job.created_at)
+    except FileNotFoundError:
+        return run_dir.exists()
+    except (OSError, ValueError):
+        return True
 
 
 def _remove_directory(directory: Path, held_dir: Path) -> Path | None:
