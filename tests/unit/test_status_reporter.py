@@ -70,3 +70,16 @@ def test_quiet_means_a_report_after_at_most_a_second_of_progress():
     clock.now += 0.02
     status("convert", 3, 1000)
     assert len(sent) == 2 and "0.30%" in sent[1]
+
+
+def test_a_message_read_from_the_image_stays_on_the_status_line():
+    """A name from a guest (a btrfs subvolume, say) with a line break would otherwise add its own line to the
+    sd_notify datagram, e.g. MAINPID=, which systemd takes from a root process."""
+    status, sent, _ = reporter()
+    status("detect", 1, 2, "subvolume @\nMAINPID=1\r\x1b[2J")
+    status.flush()
+    (line,) = sent
+    assert line.startswith("STATUS=detect: 50.00% ") and "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.endswith("subvolume @\\x0aMAINPID=1\\x0d\\x1b[2J")
+    from h2kd.worker.report import parse_status
+    assert parse_status(line.removeprefix("STATUS=")).message == "subvolume @\\x0aMAINPID=1\\x0d\\x1b[2J"
