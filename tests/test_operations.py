@@ -491,16 +491,29 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
     images.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", str(data_file),
                     "32K")
     differencing = _differencing_vhd(src / "checkpoint.avhd")
+    differencing_vhdx = _differencing_vhdx(src / "checkpoint.avhdx")
     cut_flat = images.make_image("vmdk", "monolithicFlat", src / "cut.vmdk", size=4 * MiB)
     os.truncate(src / "cut-flat.vmdk", 3 * MiB)
     chunked_ovf, chunked_ova = _chunked(src / "chunked", lib / "data2.raw"), _chunked(src / "ova", lib / "data2.raw", True)
+    for name in ("diskless", "nameless", "blank"):
+        (src / name).mkdir()
+    diskless = images.make_vmx(src / "diskless", [], name="diskless")       # its CD-ROM alone
+    nameless = images.make_vmx(src / "nameless", [""], name="nameless")
+    blank = src / "blank" / "blank.ovf"       # a blank disk: no ovf:fileRef, to be made empty at import
+    blank.write_text(images.make_ovf_text("blank", [("blank-disk1.vmdk", 0, 8 * MiB)]).replace(
+        ' ovf:fileRef="file1"', "", 1))
     return {
+        "vm without a disk": (convert_spec(diskless, out), "UNSUPPORTED", "without a disk to convert"),
+        "vmx disk without a file name": (convert_spec(nameless, out), "UNSUPPORTED", "scsi0:0 no file name"),
+        "blank ovf disk": (convert_spec(blank, out), "UNSUPPORTED", "'vmdisk1' has no file: it is a blank disk"),
         "chunked ovf": (convert_spec(chunked_ovf, out), "UNSUPPORTED", "cat chunky-disk1.vmdk.0* > chunky-disk1.vmdk"),
         "chunked ova": (convert_spec(chunked_ova, out), "UNSUPPORTED", "extract the OVA (tar xf), join them"),
         "gzip ovf": (convert_spec(_gzipped(src / "gz", lib / "data2.raw"), out), "UNSUPPORTED",
                      "is gzip-compressed, which is not supported: decompress it (gunzip)"),
         "flat extent cut short": (convert_spec(cut_flat, out / "o.qcow2"), "INVALID_IMAGE", "the copy is incomplete"),
         "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
+        "differencing vhdx": (convert_spec(differencing_vhdx, out / "o.qcow2"), "UNSUPPORTED",
+                              "is a differencing VHDX (a Hyper-V checkpoint, .avhdx); merge the checkpoint"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
         "file: backing file": (convert_spec(file_protocol, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -563,6 +576,20 @@ def _gzipped(directory: Path, raw: Path) -> Path:
     return directory / "gz.ovf"
 
 
+def _differencing_vhdx(path: Path) -> Path:
+    """A VHDX whose File Parameters say it has a parent (HasParent), as a Hyper-V checkpoint's do."""
+    images.qemu_img("create", "-q", "-f", "vhdx", str(path), "8M")
+    data = bytearray(path.read_bytes())
+    # The metadata table ("metadata" at its region's start) lists the File Parameters item by its GUID, with
+    # the item's offset in the region; the item's second 32-bit word holds the flags, HasParent is bit 1.
+    region = data.index(b"metadata", 192 * 1024)
+    entry = data.index(bytes.fromhex("3767a1ca36fa434db3b633f0aa44e76b"), region, region + 64 * 1024)
+    item = region + int.from_bytes(data[entry + 16:entry + 20], "little")
+    data[item + 4] |= 2
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _differencing_vhd(path: Path) -> Path:
     """A VHD whose footer says it is a differencing disk (Hyper-V checkpoint), with a footer checksum qemu takes."""
     images.qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", str(path), "8M")
@@ -578,9 +605,10 @@ def _differencing_vhd(path: Path) -> Path:
     return path
 
 
-BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "differencing vhdx", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
-              "output exists", "declared format differs"]
+              "output exists", "declared format differs", "vm without a disk", "vmx disk without a file name",
+              "blank ovf disk"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)

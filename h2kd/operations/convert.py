@@ -344,6 +344,10 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     owner_uid = owner["uid"] if owner else None
     progress("inspect", 0, 0, "reading the source")
     source = inspect.load_source(image["path"], image.get("format"), image.get("checksum"), reader_uid=owner_uid)
+    if not source.disks:
+        raise OperationError("UNSUPPORTED", f"{image['path']} describes a VM without a disk to convert (CD-ROMs and "
+                             "disks marked not present are left out; a VM that VMware encrypted keeps its disks' "
+                             "names in its encrypted part: decrypt it first)", "inspect")
     overwrite = bool(artifacts.get("overwrite"))
     destinations, base = plan_outputs(source, artifacts.get("output_path"), job_dir,
                                       output_roots, options.output_format, overwrite, owner)

@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import struct
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from h2kd.operations import qemuimg
@@ -422,6 +423,11 @@ def load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], check_s
 
 def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checking: Background | None,
                reader_uid: int | None) -> Disk:
+    if ref.format == "vhdx" and _vhdx_has_parent(ref, identities):
+        # qemu does not read one (its parent locator), and would only say "Operation not supported".
+        raise OperationError("UNSUPPORTED", f"{label} ({ref.describe()}) is a differencing VHDX (a Hyper-V "
+                             "checkpoint, .avhdx); merge the checkpoint in Hyper-V (delete the checkpoint, or "
+                             "Merge-VHD), or convert the merged disk")
     chain = _qemu_view(ref, label)
     _refuse_external_data(chain, label)
     if ref.offset is None:
@@ -507,6 +513,43 @@ def _vpc_footer(ref: ImageRef, identities: list[FileIdentity]) -> bytes | None:
     finally:
         os.close(fd)
     return None
+
+
+# The VHDX format's GUIDs of its metadata region and of its File Parameters item, as the file stores them.
+_VHDX_METADATA_REGION = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+_VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
+_VHDX_REGION_TABLE = 192 * 1024
+_VHDX_HAS_PARENT = 2
+
+
+def _vhdx_has_parent(ref: ImageRef, identities: list[FileIdentity]) -> bool:
+    """Whether a VHDX says it has a parent (HasParent in its File Parameters): a differencing VHDX, as a Hyper-V
+    checkpoint (.avhdx) is. A VHDX whose tables cannot be read: False, and qemu-img says what is wrong."""
+    start = ref.offset or 0
+    fd = _reopen(ref.path, identities)
+    try:
+        regions = os.pread(fd, 64 * 1024, start + _VHDX_REGION_TABLE)
+        if regions[:4] != b"regi":
+            return False
+        (count,) = struct.unpack_from("<I", regions, 8)
+        for at in range(16, min(16 + 32 * count, len(regions) - 31), 32):
+            if regions[at:at + 16] == _VHDX_METADATA_REGION:
+                (metadata_at,) = struct.unpack_from("<Q", regions, at + 16)
+                break
+        else:
+            return False
+        table = os.pread(fd, 64 * 1024, start + metadata_at)
+        if table[:8] != b"metadata":
+            return False
+        (count,) = struct.unpack_from("<H", table, 10)
+        for at in range(32, min(32 + 32 * count, len(table) - 31), 32):
+            if table[at:at + 16] == _VHDX_FILE_PARAMETERS:
+                (item_at,) = struct.unpack_from("<I", table, at + 16)
+                parameters = os.pread(fd, 8, start + metadata_at + item_at)
+                return len(parameters) == 8 and bool(struct.unpack_from("<I", parameters, 4)[0] & _VHDX_HAS_PARENT)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _vhd_current_size(footer: bytes | None) -> int:
@@ -1119,6 +1162,7 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
     disks = []
     to_verify = []
     for index, entry in enumerate(vm["disks"], 1):
+        _refuse_fileless(entry, "ovf")
         href = entry.get("href") or ""
         _local_file("", href, "the OVF disk file")
         _refuse_packed(entry, "extract the OVA (tar xf), ")
@@ -1143,6 +1187,20 @@ def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: b
             to_verify.append((name, path, member.offset_data, member.size))
     source = Source("ova", path, "ova", disks, vm, identities, manifest, to_verify)
     return source
+
+
+def _refuse_fileless(disk: dict[str, Any], kind: str) -> None:
+    """UNSUPPORTED for a disk the VM's description names no file for: in an OVF, a blank disk (no ovf:fileRef,
+    or one to no File) that an import is to create empty; in a VMX, an empty fileName."""
+    if disk.get("href"):
+        return
+    if kind == "vmx":
+        raise OperationError("UNSUPPORTED", f"the VMX gives the disk {disk.get('id')} no file name: give it its "
+                             "file, or remove the disk from the VMX")
+    raise OperationError("UNSUPPORTED", f"the OVF disk {_shown(str(disk.get('id') or ''))} has no file: it is a "
+                         "blank disk, to be made empty at import, which this program does not make; remove it from "
+                         "the OVF (and the OVF's entry from the .mf), convert, and add an empty disk to the "
+                         "converted VM")
 
 
 def _refuse_packed(disk: dict[str, Any], first: str = "") -> None:
@@ -1195,6 +1253,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                 to_verify.append((name, file_path, 0, entry_ident.size))
     disks = []
     for index, entry in enumerate(vm["disks"], 1):
+        _refuse_fileless(entry, kind)
         href = entry.get("href") or ""
         what = f"the {kind.upper()} disk file"
         disk_path = _local_file(directory, href, what)
