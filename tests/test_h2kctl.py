@@ -298,6 +298,29 @@ def test_workers_lists_each_registered_worker_until_it_unregisters(stack, env):
     run(scenario())
 
 
+def test_workers_lists_an_external_workers_odd_capabilities_and_runs_with_stdin_closed(stack, env):
+    """A worker may declare anything as its operations: h2kctl shows the names among them. A command run from a
+    script with its standard input closed (`<&-`) works as with /dev/null."""
+    async def scenario() -> None:
+        worker = await Client.connect(stack.bus_address)
+        try:
+            caps = json.dumps({"operations": [1, "convert", {"x": 2}]})
+            worker_id, path = await worker.manager("RegisterWorker", "ssa{sv}",
+                                                   ["ctl-odd", caps, {"max_jobs": Variant("u", 2)}])
+            try:
+                listed = subprocess.run(["sh", "-c", 'exec "$0" workers <&-', H2KCTL], env=env,
+                                        capture_output=True, text=True, timeout=60)
+            finally:
+                await worker.call(path, WORKER, "Unregister")
+            assert listed.returncode == 0, listed
+            (row,) = [line.split() for line in listed.stdout.splitlines() if line.split()[:1] == [worker_id]]
+            assert row[1:3] == ["ctl-odd", "external"] and row[-1] == "convert", listed
+            assert listed.stderr == "", listed
+        finally:
+            worker.close()
+    run(scenario())
+
+
 def test_queue_pause_resume_max_parallel_and_priority(env, images, output_dir):
     ok(h2kctl(env, "queue", "pause"))
     try:
@@ -555,6 +578,36 @@ def test_wait_blocks_until_a_batch_ends_and_says_how_it_went(env, images, output
         assert ok(h2kctl(env, "wait", good)).stdout.startswith(f"Job {good} completed")
     finally:
         for job_id in (good, bad, held):
+            h2kctl(env, "cancel", job_id)
+            h2kctl(env, "remove", job_id)
+        for output in outputs:
+            output.unlink(missing_ok=True)
+
+
+def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(env, images, output_dir, paused_queue):
+    """A job stored with --no-queue never starts by itself: waiting for it would never return. That is said at
+    once, and the other jobs named are still waited for."""
+    held, done = new_id("wait-held"), new_id("wait-done")
+    outputs = [output_dir / f"{job_id}.qcow2" for job_id in (held, done)]
+    ok(h2kctl(env, "submit", "--no-queue", str(images["vmdk"]), "-o", str(outputs[0]), "--id", held))
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(outputs[1]), "--id", done))
+    waiting = subprocess.Popen([H2KCTL, "wait", held, done], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        assert waiting.poll() is None, "wait returned while a job named was still queued"
+        ok(h2kctl(env, "queue", "resume"))
+        stdout, stderr = waiting.communicate(timeout=120)
+        assert waiting.returncode == 2, (stdout, stderr)
+        assert stdout.startswith(f"Job {done} completed"), stdout
+        assert stderr.strip() == (f"h2kctl: job {held} is held: stored without queueing, it does not start on its "
+                                  f"own; start it with: h2kctl start --wait {held}"), stderr
+        assert job_state(env, held) == "validated"
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        for job_id in (held, done):
             h2kctl(env, "cancel", job_id)
             h2kctl(env, "remove", job_id)
         for output in outputs:
@@ -856,6 +909,36 @@ def test_watch_all_reports_jobs_left_unfinished_before_it_started_not_finished_o
         assert wait_for_state(env, held_id, TERMINAL, timeout=120) == "completed"
     out, _err = watch_all_during(env, start_and_wait)
     assert f"Job {held_id} completed" in out and finished_id not in out, out
+
+
+def test_watch_reports_a_job_that_ends_again_after_a_retry(env, images, output_dir):
+    """A job that had ended is retried while `h2kctl watch` runs: its new attempt is shown and its second end
+    is reported, like any other job's."""
+    job_id = new_id("watch-again")
+    watcher = subprocess.Popen([H2KCTL, "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL)
+    try:
+        seen = read_until(watcher, "Watching all jobs")
+        ok(h2kctl(env, "submit", str(images["text"]), "-o", str(output_dir / f"{job_id}.qcow2"), "--id", job_id,
+                  "--source-format", "vmdk"))
+        seen += read_until(watcher, f"Job {job_id} failed")
+        assert ok(h2kctl(env, "retry", job_id)).stdout == f"Queued job {job_id} again.\n"
+        seen += read_until(watcher, f"Job {job_id} failed", timeout=30)
+        assert busctl_property(env, job_path(env, job_id), JOB_IFACE, "Attempt") == 2
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=30)
+        out = seen + out
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        h2kctl(env, "remove", job_id)
+    assert watcher.returncode == 0, err
+    lines = [line for line in out.splitlines() if line.startswith(f"Job {job_id}")]
+    ends = [n for n, line in enumerate(lines) if line.startswith(f"Job {job_id} failed: INVALID_IMAGE: ")]
+    assert len(ends) == 2, out
+    assert any(line.startswith(f"Job {job_id}: ") for line in lines[ends[0] + 1:ends[1]]), out   # the new attempt
+    assert "Traceback" not in err
 
 
 def test_inspect_prints_a_report(env, images):

@@ -32,10 +32,11 @@ MiB = 1024 * 1024
 Answer = Callable[["FakeH2kd", Message], bool]
 
 
-def job_props(job_id: str, state: str, progress: float, phase: str = "converting") -> dict[str, Variant]:
+def job_props(job_id: str, state: str, progress: float) -> dict[str, Variant]:
     done = int(progress * 100) * MiB
     return {"Id": Variant("s", job_id), "Operation": Variant("s", "convert"), "State": Variant("s", state),
-            "Phase": Variant("s", phase), "Progress": Variant("d", progress), "ProgressKnown": Variant("b", True),
+            "Phase": Variant("s", "converting"), "Progress": Variant("d", progress),
+            "ProgressKnown": Variant("b", True),
             "BytesDone": Variant("t", done), "BytesTotal": Variant("t", 100 * MiB), "Rate": Variant("t", 0),
             "Error": Variant("(ss)", ["", ""]), "Attempt": Variant("u", 1),
             "Output": Variant("s", f"/var/lib/h2kd/output/{job_id}.qcow2")}
@@ -228,95 +229,6 @@ def test_a_job_removed_after_its_lookup_is_named_by_its_id(fake_h2kd, private_bu
     result = h2kctl(private_bus, "status", "1st-batch-vm")
     assert result.returncode == 7, result
     assert result.stderr.strip() == "h2kctl: job 1st-batch-vm no longer exists", result
-
-
-def test_workers_lists_an_external_workers_odd_capabilities_and_runs_with_stdin_closed(fake_h2kd, private_bus):
-    """A worker may declare anything as its operations: h2kctl shows the names among them. A command run from a
-    script with its standard input closed (`<&-`) works as with /dev/null."""
-    worker_path = "/org/hyper2kvm/h2kd1/worker/w1"
-
-    def answer(fake: FakeH2kd, call: Message) -> bool:
-        if is_call(call, "Introspect"):
-            fake.reply(call, "s", ['<node><node name="w1"/></node>'])
-        elif is_call(call, "GetAll") and call.path == worker_path:
-            fake.reply(call, "a{sv}", [{
-                "Id": Variant("s", "w1"), "Name": Variant("s", "agent"), "Kind": Variant("s", "external"),
-                "State": Variant("s", "idle"),
-                "Capabilities": Variant("s", json.dumps({"operations": [1, "convert", {"x": 2}]})),
-                "MaxJobs": Variant("u", 2), "ActiveJobs": Variant("u", 0), "LastHeartbeat": Variant("t", 0),
-                "Owner": Variant("u", 0)}])
-        else:
-            return False
-        return True
-
-    fake_h2kd(answer)
-    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
-    result = subprocess.run(["sh", "-c", 'exec "$0" --address "$1" workers <&-', H2KCTL, private_bus], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result
-    (row,) = [line for line in result.stdout.splitlines() if line.startswith("w1")]
-    assert row.split()[-1] == "convert", result
-    assert result.stderr == "", result
-
-
-def test_watch_reports_a_job_that_ends_again_after_a_retry(fake_h2kd, private_bus):
-    """A job that had ended is retried while `h2kctl watch` runs: its new attempt is shown and its second end
-    is reported, like any other job's."""
-    import signal
-
-    path = JOB_PATH_PREFIX + "again"
-    now = {"state": "failed"}
-
-    def answer(fake: FakeH2kd, call: Message) -> bool:
-        if is_call(call, "ListJobs"):
-            fake.reply(call, "a(sssduuto)", [[["again", "convert", now["state"], 0.0, 0, 5, 0, path]]])
-        elif is_call(call, "GetAll"):
-            fake.reply(call, "a{sv}", [job_props("again", now["state"], 1.0 if now["state"] == "completed" else 0.5)])
-        else:
-            return False
-        return True
-
-    fake = fake_h2kd(answer)
-    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
-    watcher = subprocess.Popen([H2KCTL, "--address", private_bus, "watch"], env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    give_up = threading.Timer(20, watcher.send_signal, (signal.SIGINT,))   # ends the reads below if it hangs
-    give_up.start()
-    try:
-        assert watcher.stdout.readline().startswith("Watching all jobs")
-        for delay, state in ((0.2, "queued"), (0.6, "progressing"), (1.0, "completed")):
-            threading.Timer(delay, now.__setitem__, ("state", state)).start()
-            fake.loop.call_soon_threadsafe(fake.properties_changed, path, {"State": Variant("s", state)}, delay)
-        lines = []
-        while not any(line.startswith("Job again completed") for line in lines):
-            line = watcher.stdout.readline()
-            assert line, (lines, watcher.stderr.read())
-            lines.append(line)
-    finally:
-        give_up.cancel()
-        watcher.send_signal(signal.SIGINT)
-        watcher.communicate(timeout=30)
-
-
-def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(fake_h2kd, private_bus):
-    """A job stored with --no-queue never starts by itself: waiting for it would never return."""
-    def answer(fake: FakeH2kd, call: Message) -> bool:
-        if is_call(call, "GetJob"):
-            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
-        elif is_call(call, "GetAll") and call.path.endswith("/held"):
-            fake.reply(call, "a{sv}", [job_props("held", "validated", 0.0, phase="")])
-        elif is_call(call, "GetAll"):
-            fake.reply(call, "a{sv}", [job_props("done", "completed", 1.0)])
-        else:
-            return False
-        return True
-
-    fake_h2kd(answer)
-    result = h2kctl(private_bus, "wait", "held", "done", timeout=20)
-    assert result.returncode == 2, result
-    assert result.stdout.startswith("Job done completed"), result
-    assert result.stderr.strip() == ("h2kctl: job held is held: stored without queueing, it does not start on its "
-                                     "own; start it with: h2kctl start --wait held"), result
 
 
 def test_progress_never_shows_a_snapshot_older_than_a_signal(fake_h2kd, private_bus):
