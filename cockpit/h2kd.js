@@ -267,7 +267,7 @@ function createRow(job) {
 
 function progressText(job, now) {
     const state = job.State;
-    if (state === "queued" || state === "created" || state === "validated")
+    if (state === "queued" || state === "created" || state === "validated" || state === "retrying")
         return job.WaitReason ? cockpit.format(_("Waiting: $0"), job.WaitReason) : _("Waiting to start");
     const parts = [];
     if (Number(job.BytesTotal) > 0)
@@ -989,6 +989,21 @@ function loadWorkers(connection) {
     }, () => { /* no worker is registered */ });
 }
 
+// LastHeartbeat changes unannounced: read again now and then, or a live worker would look ever older.
+function readHeartbeats() {
+    const connection = client;
+    if (!connection)
+        return;
+    for (const path of Object.keys(workers)) {
+        connection.call(path, PROPERTIES_IFACE, "Get", [WORKER_IFACE, "LastHeartbeat"], { type: "ss" }).then(([value]) => {
+            if (connection === client && workers[path]) {
+                workers[path].LastHeartbeat = value.v;
+                scheduleWorkers();
+            }
+        }, () => { /* unregistered meanwhile */ });
+    }
+}
+
 function objectAdded(path, interfaces) {
     if (interfaces[JOB_IFACE]) {
         const job = jobs[path] || { path };
@@ -1055,8 +1070,10 @@ function loadUserNames() {
 let ticks = 0;
 function tick() {
     const now = Date.now();
-    if (++ticks % 5 === 0)
+    if (++ticks % 5 === 0) {
+        readHeartbeats();
         renderWorkers();                // heartbeat ages
+    }
     for (const entry of rows.values()) {
         entry.age.textContent = formatAge(entry.job.CreatedAt);
         if (!FINAL_STATES.has(entry.job.State))

@@ -11,6 +11,7 @@ import asyncio
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -293,6 +294,38 @@ def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, sta
             worker.close()
     asyncio.run(scenario())
     assert script_errors(browser) == []
+
+def heartbeat_age(browser: Browser, row: str) -> int | None:
+    """The age the row's last-heartbeat cell shows, in seconds (None when it shows none, or minutes)."""
+    cell = browser.find(row + " td[data-label='Last heartbeat']")
+    match = re.fullmatch(r"(\d+) s ago", browser.text(cell).strip())
+    return int(match.group(1)) if match else None
+
+
+def test_a_workers_last_heartbeat_follows_its_heartbeats(browser: Browser, cockpit_url: str, stack: Any) -> None:
+    """LastHeartbeat changes unannounced: the page reads it again, so a worker that beats looks alive, and one
+    that has not beaten for a while looks it."""
+    open_page(browser, cockpit_url)
+
+    async def scenario() -> None:
+        worker = await Client.connect(stack.bus_address)
+        try:
+            worker_id, path = await worker.call(MANAGER_PATH, MANAGER, "RegisterWorker", "ssa{sv}",
+                                                ["cockpit-beating", json.dumps({"operations": ["inspect"]}), {}])
+            row = f"tr[data-worker-id='{worker_id}']"
+            wait_until(lambda: browser.exists(row), 10, what="the new worker's row")
+            wait_until(lambda: (heartbeat_age(browser, row) or 0) >= 8, 20, what="the row to show a heartbeat aging")
+            await worker.call(path, BUS + ".Worker", "Heartbeat")
+            wait_until(lambda: (heartbeat_age(browser, row) or 99) <= 6, 10,
+                       what="the row to show the heartbeat just sent")
+            await worker.call(path, BUS + ".Worker", "Unregister")
+        finally:
+            worker.close()
+    asyncio.run(scenario())
+    # This host's worker beats on its own while h2kd runs.
+    assert (heartbeat_age(browser, "tr[data-worker-id='builtin']") or 99) <= 20
+    assert script_errors(browser) == []
+
 
 def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser, cockpit_url: str,
                                                                env: dict[str, str], stack: Any,

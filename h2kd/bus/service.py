@@ -530,7 +530,8 @@ class BusService:
         path, interface, before = entry
         interface.worker = worker
         now = worker_vardict(worker)
-        changed = {k: v for k, v in now.items() if before.get(k) != v}
+        changed = {k: v for k, v in now.items()
+                   if before.get(k) != v and k not in WorkerInterface.UNANNOUNCED_PROPERTIES}
         self._workers[worker.id] = (path, interface, now)
         self._properties_changed(path, WORKER_INTERFACE, changed)
 

@@ -636,6 +636,7 @@ class JobManager:
         self._store.set_setting("paused", True)
         self._scheduler.pause()
         self._manager_changed()
+        self._kick()    # the queued jobs now wait because of the pause, and say so
 
     def resume(self) -> None:
         self._store.set_setting("paused", False)
@@ -1109,6 +1110,11 @@ class JobManager:
             # Until the next attempt ends, the Result tells how this one failed (with its unit's last lines).
             job.result = self._attempt_result(job, S.FAILED, _failed(result, code, message, phase))
             job.not_before = now_usec() + int(delay * 1_000_000)
+            # Nothing is copied while the job waits: the dead attempt's speed would promise an end that never comes.
+            job.rate = job.expected_end = 0
+            self._samples.pop(job.id, None)
+            job.wait_reason = (f"attempt {job.attempt} failed; the next starts at "
+                               f"{time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))}")
             self._transition(job, S.RETRYING,
                              f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
             self._arm_requeue(job)
@@ -1140,6 +1146,8 @@ class JobManager:
         """ended_at: when the attempt's worker ended, if known; h2kd may learn of it only later (it was away)."""
         job.result = result = self._attempt_result(job, state, result)
         job.wait_reason = ""        # an ended job waits for nothing
+        if state != S.FAILED:       # an earlier attempt's failure is not how the job ended
+            job.error_code = job.error_message = ""
         now = now_usec()
         job.finished_at = min(max(ended_at, job.started_at), now) if ended_at else now
         job.not_before = 0
@@ -1249,8 +1257,7 @@ class JobManager:
         worker.last_heartbeat = now_usec()
         if worker.state == "stale":
             worker.state = "idle"
-            self._set_worker_busy(worker)
-            self._notify("worker_changed", worker)
+            self._worker_load_changed(worker)
 
     def claim(self, worker_id: str) -> Job | None:
         worker = self._external(worker_id)
@@ -1341,7 +1348,12 @@ class JobManager:
             self._notify("worker_removed", worker)
 
     def _check_heartbeats(self) -> None:
-        limit = now_usec() - int(self._config.heartbeat_timeout_seconds * 1_000_000)
+        now = now_usec()
+        builtin = self._workers.get(BUILTIN)
+        if builtin is not None and self._runner is not None and self._runner.reachable:
+            # This host beats while h2kd's loop turns and systemd answers: when either stops, the beat ages.
+            builtin.last_heartbeat = now
+        limit = now - int(self._config.heartbeat_timeout_seconds * 1_000_000)
         for worker in list(self._workers.values()):
             if worker.kind == "external" and worker.state != "stale" and worker.last_heartbeat < limit:
                 worker.state = "stale"
@@ -1390,22 +1402,21 @@ class JobManager:
         if job.id not in self._holding:
             self._holding[job.id] = worker.id
             worker.active_jobs += 1
-            self._set_worker_busy(worker)
+            self._worker_load_changed(worker)
 
     def _release_worker(self, job: Job) -> None:
         """Free the slot the job's attempt takes on its worker; once, however often it is called."""
         worker = self._workers.get(self._holding.pop(job.id, ""))
         if worker is not None and worker.active_jobs > 0:
             worker.active_jobs -= 1
-            self._set_worker_busy(worker)
+            self._worker_load_changed(worker)
 
-    def _set_worker_busy(self, worker: WorkerInfo) -> None:
-        if worker.state == "stale":  # only a heartbeat brings a stale worker back
-            return
-        state = "busy" if worker.active_jobs else "idle"
-        if worker.state != state:
-            worker.state = state
-            self._notify("worker_changed", worker)
+    def _worker_load_changed(self, worker: WorkerInfo) -> None:
+        """Announce a worker's ActiveJobs (and State, busy or idle, unless it is stale: only a heartbeat brings a
+        stale worker back)."""
+        if worker.state != "stale":
+            worker.state = "busy" if worker.active_jobs else "idle"
+        self._notify("worker_changed", worker)
 
     # ---------------------------------------------------------------- plumbing
 

@@ -2026,3 +2026,103 @@ def test_users_take_turns_at_the_free_slots(tmp_path, image):
                                                             "alice-3"]
         await m.stop()
     asyncio.run(go())
+
+
+def test_a_job_that_completes_on_a_retry_shows_no_error_and_while_it_waits_shows_no_speed(tmp_path, image):
+    """The failed attempt's error is the job's while it waits to be retried (with when the next attempt starts,
+    not a speed or an end the dead attempt promised); the job that then completes has no error at all."""
+    async def go():
+        m, runner, _, config = make(tmp_path, retry_backoff_base_seconds=0.5)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        await settle()
+        for done in (10, 40):
+            m.unit_status(job.id, 1, f"converting: {done}.00% ({done}/100 bytes)")
+            await asyncio.sleep(0.05)
+        assert job.rate > 0 and job.expected_end > 0
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, ["qemu-img: first"]))
+        assert job.state.value == "retrying" and job.error_code == "UNIT_FAILED"
+        assert job.rate == 0 and job.expected_end == 0
+        assert re.fullmatch(r"attempt 1 failed; the next starts at \d\d:\d\d:\d\d", job.wait_reason)
+        await until(lambda: len(runner.started) == 2)
+        assert job.wait_reason == ""
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {}}))
+        assert job.state.value == "completed"
+        assert (job.error_code, job.error_message) == ("", "")
+        assert job_vardict(job)["Error"].value == ["", ""]
+        await m.stop()
+        [stored] = JobStore(config.store_path).load_jobs()
+        assert (stored.error_code, stored.error_message) == ("", "")
+    asyncio.run(go())
+
+
+def test_a_job_cancelled_while_it_waits_to_be_retried_ends_without_the_attempts_error(tmp_path, image):
+    async def go():
+        m, _, _, _ = make(tmp_path, retry_backoff_base_seconds=600)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        await settle()
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, []))
+        assert job.state.value == "retrying" and job.error_code
+        await m.cancel(job.id)
+        assert job.state.value == "cancelled" and (job.error_code, job.wait_reason) == ("", "")
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_pausing_the_queue_tells_each_queued_job_that_it_waits_for_the_pause(tmp_path, image):
+    async def go():
+        m, _, _, _ = make(tmp_path, max_parallel_jobs=1)
+        await m.start()
+        m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        waiting, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        await settle()
+        assert waiting.state.value == "queued" and waiting.wait_reason != "queue is paused"
+        m.pause()
+        await settle()
+        assert waiting.wait_reason == "queue is paused"
+        await m.stop()
+    asyncio.run(go())
+
+
+class WorkerChanges(Changes):
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_jobs: list[int] = []
+
+    def worker_changed(self, worker):
+        if worker.kind == "builtin" and (not self.active_jobs or self.active_jobs[-1] != worker.active_jobs):
+            self.active_jobs.append(worker.active_jobs)
+
+
+def test_every_job_a_worker_takes_or_ends_is_announced_not_only_its_first_and_last(tmp_path, image):
+    async def go():
+        m, runner, _, _ = make(tmp_path, max_parallel_jobs=3)
+        changes = WorkerChanges()
+        m.add_listener(changes)
+        await m.start()
+        jobs = [m.submit(spec(image, tmp_path / f"out/{n}.qcow2"), owner=0)[0] for n in range(3)]
+        await until(lambda: len(runner.started) == 3)
+        for job in jobs:
+            m.unit_finished(job.id, 1, UnitOutcome(job.unit, "success", 0, {"status": "completed", "outputs": {}}))
+        await settle()
+        assert changes.active_jobs == [1, 2, 3, 2, 1, 0]
+        await m.stop()
+    asyncio.run(go())
+
+
+class Unreachable(RecordingRunner):
+    reachable = False
+
+
+@pytest.mark.parametrize("runner, beats", [(RecordingRunner, True), (Unreachable, False)],
+                         ids=["systemd answers", "systemd is away"])
+def test_this_hosts_worker_beats_while_h2kd_runs_and_systemd_answers(tmp_path, runner, beats):
+    async def go():
+        m, _, _, _ = make(tmp_path, runner=runner(), heartbeat_timeout_seconds=0.3)
+        await m.start()
+        first = m.get_worker("builtin").last_heartbeat
+        await asyncio.sleep(0.5)
+        assert (m.get_worker("builtin").last_heartbeat > first) is beats
+        await m.stop()
+    asyncio.run(go())
