@@ -553,6 +553,22 @@ def test_a_priority_above_the_default_needs_an_administrator(stack, users, reada
 
 
 @pytest.mark.stack
+def test_detecting_this_hosts_capabilities_again_needs_an_administrator(stack, users):
+    """Worker.Refresh makes root probe the host (free space, devices): like the queue's settings, it is for those
+    who manage h2kd. A user, in the group or not, is refused, naming the action; root may."""
+    builtin = MANAGER_PATH + "/worker/builtin"
+    for user in (BOB, ALICE):
+        result = _gdbus(stack, user, builtin, BUS_NAME + ".Worker.Refresh")
+        assert _error_name(result) == INTERACTIVE_REQUIRED, result.stderr
+        # Willing to authenticate, with no agent to ask them: refused.
+        refused = _gdbus(stack, user, builtin, BUS_NAME + ".Worker.Refresh", interactive=True)
+        assert _error_name(refused) == ACCESS_DENIED, refused.stderr
+        assert "org.hyper2kvm.h2kd1.manage" in refused.stderr, refused.stderr
+    allowed = _gdbus(stack, None, builtin, BUS_NAME + ".Worker.Refresh")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.stack
 def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, readable_image, submitted):
     job_id, result = _submit(stack, submitted, CAROL, readable_image)
     assert result.returncode == 0, result.stderr
