@@ -23,7 +23,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pytest
 from dbus_fast import Variant
@@ -91,6 +91,20 @@ def wait_for_state(env: dict[str, str], job_id: str, states: set[str], timeout: 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def clean_up(env: dict[str, str], job_ids: Iterable[str], outputs: Iterable[Path] = (),
+             processes: Iterable[subprocess.Popen] = ()) -> None:
+    """What a test leaves on the shared stack goes: its h2kctl processes still running, its jobs, their outputs."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for job_id in job_ids:
+        h2kctl(env, "cancel", job_id)
+        h2kctl(env, "remove", job_id)
+    for output in outputs:
+        output.unlink(missing_ok=True)
 
 
 def make_raw_with_data(path: Path, size_mib: int) -> Path:
@@ -577,11 +591,7 @@ def test_wait_blocks_until_a_batch_ends_and_says_how_it_went(env, images, output
         assert sorted(line.split()[1] for line in again.stdout.splitlines()) == sorted([good, bad]), again.stdout
         assert ok(h2kctl(env, "wait", good)).stdout.startswith(f"Job {good} completed")
     finally:
-        for job_id in (good, bad, held):
-            h2kctl(env, "cancel", job_id)
-            h2kctl(env, "remove", job_id)
-        for output in outputs:
-            output.unlink(missing_ok=True)
+        clean_up(env, (good, bad, held), outputs)
 
 
 def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(env, images, output_dir, paused_queue):
@@ -604,14 +614,7 @@ def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(env, images, outp
                                   f"own; start it with: h2kctl start --wait {held}"), stderr
         assert job_state(env, held) == "validated"
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
-            waiting.wait()
-        for job_id in (held, done):
-            h2kctl(env, "cancel", job_id)
-            h2kctl(env, "remove", job_id)
-        for output in outputs:
-            output.unlink(missing_ok=True)
+        clean_up(env, (held, done), outputs, [waiting])
 
 
 def test_wait_for_hundreds_of_jobs_and_one_that_is_gone(stack, env, output_dir):
@@ -871,9 +874,7 @@ def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
         out, err = watcher.communicate(timeout=30)
         out = seen + out
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        clean_up(env, (), processes=[watcher])
     assert watcher.returncode == 0, err
     return out, err
 
@@ -929,10 +930,7 @@ def test_watch_reports_a_job_that_ends_again_after_a_retry(env, images, output_d
         out, err = watcher.communicate(timeout=30)
         out = seen + out
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-        h2kctl(env, "remove", job_id)
+        clean_up(env, [job_id], processes=[watcher])
     assert watcher.returncode == 0, err
     lines = [line for line in out.splitlines() if line.startswith(f"Job {job_id}")]
     ends = [n for n, line in enumerate(lines) if line.startswith(f"Job {job_id} failed: INVALID_IMAGE: ")]
@@ -1185,15 +1183,7 @@ def test_wait_says_a_failure_when_it_happens_not_after_the_jobs_named_before_it(
         assert listing.returncode == 3, stderr
         assert [job["id"] for job in json.loads(listed)] == [long, bad]    # named order, not the order they ended
     finally:
-        for waiter in waiters:
-            if waiter.poll() is None:
-                waiter.kill()
-                waiter.wait()
-        for job_id in (long, bad):
-            h2kctl(env, "cancel", job_id)
-            h2kctl(env, "remove", job_id)
-        for output in outputs:
-            output.unlink(missing_ok=True)
+        clean_up(env, (long, bad), outputs, waiters)
 
 
 def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, throttled):

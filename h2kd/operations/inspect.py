@@ -528,28 +528,31 @@ def _vhdx_has_parent(ref: ImageRef, identities: list[FileIdentity]) -> bool:
     start = ref.offset or 0
     fd = _reopen(ref.path, identities)
     try:
-        regions = os.pread(fd, 64 * 1024, start + _VHDX_REGION_TABLE)
-        if regions[:4] != b"regi":
+        metadata_at = _vhdx_lookup(fd, start + _VHDX_REGION_TABLE, b"regi", "<I", 8, 16, _VHDX_METADATA_REGION, "<Q")
+        if metadata_at is None:
             return False
-        (count,) = struct.unpack_from("<I", regions, 8)
-        for at in range(16, min(16 + 32 * count, len(regions) - 31), 32):
-            if regions[at:at + 16] == _VHDX_METADATA_REGION:
-                (metadata_at,) = struct.unpack_from("<Q", regions, at + 16)
-                break
-        else:
+        item_at = _vhdx_lookup(fd, start + metadata_at, b"metadata", "<H", 10, 32, _VHDX_FILE_PARAMETERS, "<I")
+        if item_at is None:
             return False
-        table = os.pread(fd, 64 * 1024, start + metadata_at)
-        if table[:8] != b"metadata":
-            return False
-        (count,) = struct.unpack_from("<H", table, 10)
-        for at in range(32, min(32 + 32 * count, len(table) - 31), 32):
-            if table[at:at + 16] == _VHDX_FILE_PARAMETERS:
-                (item_at,) = struct.unpack_from("<I", table, at + 16)
-                parameters = os.pread(fd, 8, start + metadata_at + item_at)
-                return len(parameters) == 8 and bool(struct.unpack_from("<I", parameters, 4)[0] & _VHDX_HAS_PARENT)
-        return False
+        parameters = os.pread(fd, 8, start + metadata_at + item_at)
+        return len(parameters) == 8 and bool(struct.unpack_from("<I", parameters, 4)[0] & _VHDX_HAS_PARENT)
     finally:
         os.close(fd)
+
+
+def _vhdx_lookup(fd: int, at: int, magic: bytes, count_format: str, count_at: int, first: int, guid: bytes,
+                 value_format: str) -> int | None:
+    """In the VHDX region or metadata table at `at` (starting with `magic`, its entry count at `count_at`, its
+    32-byte entries from `first`), the value right after the GUID of the entry that starts with `guid`; None when
+    the table or the entry is not there."""
+    table = os.pread(fd, 64 * 1024, at)
+    if not table.startswith(magic):
+        return None
+    (count,) = struct.unpack_from(count_format, table, count_at)
+    for entry in range(first, min(first + 32 * count, len(table) - 31), 32):
+        if table[entry:entry + 16] == guid:
+            return struct.unpack_from(value_format, table, entry + 16)[0]
+    return None
 
 
 def _vhd_current_size(footer: bytes | None) -> int:
