@@ -409,8 +409,22 @@ def test_an_output_path_now_leading_where_the_submitter_may_not_write_is_refused
     (mine / "link").symlink_to(root_only)
     run = run_worker(tmp_path / "w1", convert_spec(source, mine / "link" / "o.qcow2"), [out], owner=alice)
     assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
-    assert f"now leads to {root_only}" in run.result["error"]["message"]
+    assert run.result["error"]["message"] == f"as the job runs, permission denied: {mine / 'link'} is not writable by uid 64101"
     assert list(root_only.iterdir()) == []
+    # Behind a directory she may not search, a name that is there and one that is not get the same answer,
+    # which tells nothing of what lies there.
+    closed = out / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "there").mkdir()
+    messages = []
+    for n, target in enumerate((closed / "there", closed / "not-there")):
+        (mine / "link").unlink()
+        (mine / "link").symlink_to(target)
+        run = run_worker(tmp_path / f"c{n}", convert_spec(source, mine / "link" / "o.qcow2"), [out], owner=alice)
+        assert run.returncode == 2, run.log
+        messages.append((run.result["error"]["code"], run.result["error"]["message"]))
+    assert messages[0] == messages[1] and messages[0][0] == "PERMISSION_DENIED", messages
+    assert "there" not in messages[0][1] and list((closed / "there").iterdir()) == []
     # Where it may write, a symlinked directory is fine.
     (mine / "link").unlink()
     (mine / "link").symlink_to(mine / "sub")
@@ -1128,23 +1142,73 @@ def test_a_source_rewritten_with_its_old_mtime_counts_as_changed(tmp_path: Path)
 
 def test_the_commit_refuses_an_output_directory_swapped_for_a_symlink(tmp_path: Path) -> None:
     """The outputs are renamed through the directory opened at commit time, which must be the one planned."""
-    from h2kd.operations.convert import _open_output_directory
+    from h2kd.operations.tempfiles import open_output_directory
     from h2kd.operations.qemuimg import OperationError
 
     planned, elsewhere = tmp_path / "alice" / "sub", tmp_path / "etc"
     planned.mkdir(parents=True)
     elsewhere.mkdir()
-    os.close(_open_output_directory(str(planned)))
+    os.close(open_output_directory(str(planned)))
     planned.rmdir()
     (tmp_path / "alice" / "sub").symlink_to(elsewhere)
     with pytest.raises(OSError):          # the last component: O_NOFOLLOW
-        _open_output_directory(str(planned))
+        open_output_directory(str(planned))
     (tmp_path / "alice" / "sub").unlink()
     (tmp_path / "alice").rename(tmp_path / "alice-moved")
     (tmp_path / "alice").symlink_to(tmp_path / "alice-moved")
     (tmp_path / "alice-moved" / "sub").mkdir()
     with pytest.raises(OperationError, match="moved or replaced"):   # a component above it
-        _open_output_directory(str(planned))
+        open_output_directory(str(planned))
+
+
+def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_elsewhere(shared: Path) -> None:
+    """The submitter owns the directories on the way to their output: swapping one for a symlink into another
+    user's tree after the plan (here while the source's checksum is verified) must not make root create the
+    temporary output there and hand it to them (swapped back before the commit, the failed job's clean-up would
+    look for it in their own tree). The job fails, and leaves nothing in either tree."""
+    import hashlib
+
+    from h2kd.operations import convert, qemuimg
+    from h2kd.operations.qemuimg import OperationError
+
+    alice_id, bob_id = 64101, 64102
+    out = shared / "out"
+    bobs = out / "bob" / "vms"
+    bobs.mkdir(parents=True)
+    for path in (bobs.parent, bobs):
+        os.chown(path, bob_id, bob_id)
+        path.chmod(0o755)
+    alices = out / "alice" / "vms"
+    alices.mkdir(parents=True)
+    for path in (alices.parent, alices):
+        os.chown(path, alice_id, alice_id)
+    source = shared / "alice.raw"
+    source.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"alice's bytes" * 1000)
+    os.chown(source, alice_id, alice_id)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    swapped = []
+
+    def progress(phase: str, done: int, total: int, message: str) -> None:
+        if phase == "verify" and not swapped:     # planned and checked; the temporary file is not made yet
+            (out / "alice").rename(out / "alice.real")
+            (out / "alice").symlink_to(out / "bob")
+            swapped.append(True)
+        if phase == "check" and (out / "alice").is_symlink():     # and back, before the commit looks
+            (out / "alice").unlink()
+            (out / "alice.real").rename(out / "alice")
+
+    spec = {"job_id": "j", "image": {"path": str(source), "format": "raw", "checksum": "sha256:" + digest},
+            "parameters": {"output_format": "raw"}, "artifacts": {"output_path": str(alices / "disk.raw")}}
+    qemuimg.run_as(alice_id, alice_id, [])
+    try:
+        with pytest.raises(OperationError, match="moved or replaced"):
+            convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
+    finally:
+        qemuimg.run_as(0, 0, [])
+    assert swapped
+    assert os.listdir(bobs) == []
+    assert os.listdir(out / ("alice" if (out / "alice").is_dir() and not (out / "alice").is_symlink()
+                             else "alice.real") / "vms") == []
 
 
 def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> None:

@@ -1570,7 +1570,9 @@ def test_the_unit_may_write_only_inside_an_output_root_as_the_paths_resolve_at_i
     config = Config(output_roots=[root])
     assert writable_output_dir(config, str(root / "alice" / "disk.qcow2")) == root / "alice"
     assert writable_output_dir(config, str(root / "alice")) == root / "alice"     # a directory to put outputs in
-    assert writable_output_dir(config, str(root / "alice" / "new" / "disk.qcow2")) == root / "alice"
+    # A directory not there (renamed away since submission): nothing, not the nearest one above it, which could
+    # be the whole output root. The worker says the output directory does not exist.
+    assert writable_output_dir(config, str(root / "alice" / "new" / "disk.qcow2")) is None
     # The submitter's directory swapped for a symlink leading out of the roots after the checks at submission:
     (root / "alice" / "sub").symlink_to(elsewhere)
     assert writable_output_dir(config, str(root / "alice" / "sub" / "disk.qcow2")) is None

@@ -141,14 +141,19 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
     else:
         directory, name = os.path.split(output_path.rstrip("/"))
         base = re.sub(r"\.(qcow2|raw|img)$", "", name) if count > 1 else name
+    if owner_uid:
+        # As the submitter first: what lies behind their symlinks, where root alone can look, must not shape
+        # the answer they get (whether a name exists there, where a link of someone else's leads).
+        _check_submitter_may_write(directory, owner)
     if not _under_roots(directory, roots):
         raise OperationError("PERMISSION_DENIED", f"the output location {directory} is outside the configured "
                              f"output roots ({', '.join(roots)})")
     if not os.path.isdir(directory):
         raise OperationError("VALIDATION_FAILED", f"the output directory {directory} does not exist")
-    directory = os.path.realpath(directory)
-    if owner_uid:
-        _check_submitter_may_write(directory, owner)
+    resolved = os.path.realpath(directory)
+    if owner_uid and resolved != directory:
+        _check_submitter_may_write(resolved, owner)     # a symlink on the way changed since the first look
+    directory = resolved
     if count == 1:
         names = [base if not os.path.isdir(output_path) or os.path.islink(output_path) else f"{base}.{ext}"]
     else:
@@ -163,7 +168,7 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
 def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
     """h2kd checked at submission that the submitter may write where the output path led. The path is theirs:
     a symlink in it may lead elsewhere now, to a directory of the root they may not write in, where root
-    would make the output for them. The directory it resolves to now must be theirs to write in as well."""
+    would make the output for them. The directory must be theirs to write in as the job runs as well."""
     from h2kd.access import check_directory_writable, groups_for
     from h2kd.errors import H2kError
 
@@ -171,7 +176,7 @@ def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
     try:
         check_directory_writable(directory, uid, groups_for(uid))
     except H2kError as e:
-        raise OperationError("PERMISSION_DENIED", f"the output path now leads to {directory}: {e}") from None
+        raise OperationError("PERMISSION_DENIED", f"as the job runs, {e}") from None
 
 
 def _job_dir_of(spec: dict[str, Any], roots: list[str]) -> str | None:
@@ -219,30 +224,15 @@ def _check_destination(destination: str, overwrite: bool, owner_uid: int | None 
                              f"submitter (uid {owner_uid}); it is not replaced")
 
 
-def _hand_over(temps: TempFiles, temp: str, dir_fd: int, owner: dict[str, int]) -> None:
+def _hand_over(temps: TempFiles, temp: str, owner: dict[str, int]) -> None:
     """Give a finished temporary file its owner and mode, through a descriptor of the very file made for it
     (see TempFiles.open_made)."""
-    fd = temps.open_made(temp, os.O_RDONLY, dir_fd)
+    fd = temps.open_made(temp, os.O_RDONLY)
     try:
         os.fchown(fd, owner["uid"], owner["gid"])
         os.fchmod(fd, owner.get("mode", 0o640))
     finally:
         os.close(fd)
-
-
-def _open_output_directory(directory: str) -> int:
-    """The output directory (a resolved path), opened once for the commit: its names are then used through
-    the descriptor, so a symlink swapped into the path since the plan cannot send a rename elsewhere."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        where = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        where = directory    # no /proc to tell: O_NOFOLLOW covered the last component at least
-    if where != directory:
-        os.close(fd)
-        raise OperationError("PERMISSION_DENIED", f"the output directory {directory} was moved or replaced during "
-                             "the job; nothing was written", "commit")
-    return fd
 
 
 # ---------------------------------------------------------------- the operation
@@ -656,10 +646,10 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             assert temp and os.path.dirname(temp) == os.path.dirname(destination)
             directory, name = os.path.split(destination)
             if directory not in directories:
-                directories[directory] = _open_output_directory(directory)
+                directories[directory] = temps.directory_still_at(directory)
             fd, temp_name = directories[directory], os.path.basename(temp)
             if owner:
-                _hand_over(temps, temp, fd, owner)
+                _hand_over(temps, temp, owner)
             replaced = None
             if overwrite:
                 _check_destination(destination, True, owner_uid, dir_fd=fd)
@@ -696,6 +686,3 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                 if replaced:    # not put back: its temporary name may be the only one it has left
                     temps.forget(replaced)
         raise
-    finally:
-        for fd in directories.values():
-            os.close(fd)

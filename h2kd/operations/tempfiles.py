@@ -5,7 +5,9 @@ A worker writes each output under a temporary name (TEMP_PREFIX + random + final
 is complete. It removes its temporary files itself when it fails or is stopped; but a worker killed outright
 (SIGKILL, the OOM killer) cannot. So each temporary path is first appended to a record file, RECORD_NAME in
 the attempt's run directory, before the file is created; when the attempt is over, the runner
-calls remove_recorded() on that record.
+calls remove_recorded() on that record. The directories are the submitter's: each is opened once, checked to be at
+its resolved path, and root makes, opens, renames and removes files there only through that descriptor, whatever
+is renamed or swapped for a symlink on its path meanwhile.
 
 While the outputs get their names, each rename is first noted in COMMIT_NAME, next to the record, with the file
 the destination held before (kept aside under a temporary name until the result is written). A worker killed
@@ -52,6 +54,15 @@ class TempFiles:
         self.record = record
         self.owner = owner
         self._made: dict[str, tuple[int, int]] = {}   # path -> (device, inode) of the file created there
+        # Each directory is opened once, when a file is first made in it: whatever the submitter renames or
+        # swaps on its path later, root opens, removes and renames the temporary files there, and only there.
+        self._directories: dict[str, int] = {}
+
+    def _directory(self, directory: str) -> int:
+        fd = self._directories.get(directory)
+        if fd is None:
+            fd = self._directories[directory] = open_output_directory(directory)
+        return fd
 
     def _note(self, line: str) -> None:
         if self.record:
@@ -89,14 +100,13 @@ class TempFiles:
         raise OperationError("INTERNAL", failure)
 
     def create(self, destination: str) -> str:
+        """A new temporary file next to `destination`, whose directory must be given as a resolved path (see
+        open_output_directory)."""
         directory = os.path.dirname(destination)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = self._directory(directory)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            claimed = self._claim_name(destination, lambda temp_name: os.open(temp_name, flags, 0o600, dir_fd=dir_fd),
-                                       f"could not create a temporary file in {directory}")
-        finally:
-            os.close(dir_fd)
+        claimed = self._claim_name(destination, lambda temp_name: os.open(temp_name, flags, 0o600, dir_fd=dir_fd),
+                                   f"could not create a temporary file in {directory}")
         assert claimed is not None          # os.open gives a descriptor or raises
         path, fd = claimed
         try:
@@ -127,15 +137,15 @@ class TempFiles:
         self.paths.append(claimed[0])
         return claimed[0]
 
-    def open_made(self, path: str, flags: int, dir_fd: int | None = None) -> int:
-        """A descriptor of the temporary file made at `path` (its name, with dir_fd), refusing anything else
-        found there now: the submitter may own the directory and swap the name for a symlink or a hard
-        link to another file, which root would then write, chmod or chown."""
+    def open_made(self, path: str, flags: int) -> int:
+        """A descriptor of the temporary file made at `path` (its name, in the directory opened when it was
+        made), refusing anything else found there now: the submitter may own the directory and swap the name
+        for a symlink or a hard link to another file, which root would then write, chmod or chown."""
         replaced = OperationError("PERMISSION_DENIED", f"the temporary file {path} was replaced during the job",
                                   "commit")
         try:
-            fd = os.open(os.path.basename(path) if dir_fd is not None else path,
-                         flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = os.open(os.path.basename(path), flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self._directory(os.path.dirname(path)))
         except OSError as e:
             if e.errno == errno.ELOOP:      # a symlink
                 raise replaced from None
@@ -146,24 +156,59 @@ class TempFiles:
             raise replaced
         return fd
 
+    def directory_still_at(self, directory: str) -> int:
+        """The descriptor of `directory`, where temporary files were made, once it is checked to be still there
+        (see open_output_directory): the outputs get their names only where they were asked for."""
+        fd = self._directory(directory)
+        if not _is_at(fd, directory):
+            raise _moved(directory, "commit")
+        return fd
+
     def forget(self, path: str) -> None:
         self.paths.remove(path)
 
     def remove(self, path: str) -> None:
         """Remove one temporary file now (an intermediate no longer needed)."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        self._unlink(path)
         self.paths.remove(path)
 
     def remove_all(self) -> None:
+        """Remove every temporary file not committed, and close the directories they were made in."""
         for path in self.paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            self._unlink(path)
         self.paths.clear()
+        for fd in self._directories.values():
+            os.close(fd)
+        self._directories.clear()
+
+    def _unlink(self, path: str) -> None:
+        try:
+            os.unlink(os.path.basename(path), dir_fd=self._directory(os.path.dirname(path)))
+        except FileNotFoundError:
+            pass
+
+
+def open_output_directory(directory: str) -> int:
+    """The directory at `directory` (a resolved path: no symlink in it), opened, and checked to be the one at that
+    path: an output directory is the submitter's, who may swap it, or any directory above it they own, for a
+    symlink to somewhere root alone may write. Its names are then used through the descriptor."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not _is_at(fd, directory):
+        os.close(fd)
+        raise _moved(directory, "convert")
+    return fd
+
+
+def _is_at(fd: int, directory: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == directory
+    except OSError:
+        return True     # no /proc to tell: O_NOFOLLOW covered the last component at least
+
+
+def _moved(directory: str, phase: str) -> OperationError:
+    return OperationError("PERMISSION_DENIED", f"the output directory {directory} was moved or replaced during the "
+                          "job; nothing was written", phase)
 
 
 def _append_line(path: str, line: str) -> None:

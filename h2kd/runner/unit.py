@@ -116,19 +116,17 @@ def _under(path: Path, parent: Path) -> bool:
 
 def writable_output_dir(config: Config, output_path: str) -> Path | None:
     """The directory, resolved, that the worker must be able to write its output in: the output path itself
-    if it is a directory, else the output's directory or, if that does not exist yet, its nearest existing
-    ancestor (for no output path, the first output root). None (nothing writable) unless it lies inside an
-    output root: the path is the submitter's, and a symlink swapped in since submission must not open /etc
-    to the unit."""
+    if it is a directory, else the output's directory (for no output path, the first output root). None
+    (nothing writable) unless it is there and lies inside an output root: the path is the submitter's, and a
+    symlink swapped in since submission must not open /etc to the unit, nor a directory renamed away a whole
+    output root (the worker refuses an output directory that is not there)."""
     if not output_path:
         # No path given: the worker makes the job a directory in the first output root (if it is there).
         first = next(iter(config.output_roots), None)
         return first.resolve() if first is not None and first.is_dir() else None
     path = Path(output_path)
     directory = path if path.is_dir() and not path.is_symlink() else path.parent
-    while not directory.is_dir() and directory.parent != directory:
-        directory = directory.parent
-    return _inside_output_roots(config, directory)
+    return _inside_output_roots(config, directory) if directory.is_dir() else None
 
 
 def _writable_source_dir(config: Config, source_path: str) -> Path | None:

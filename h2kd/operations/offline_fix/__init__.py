@@ -136,9 +136,9 @@ def _convert(source: ImageRef, destination_fd: int, fmt: str, phase: str, progre
 
 
 def _temp_directory(image_path: str) -> str:
-    """Where the temporary files go: the image's directory, or, where that is not writable (a dry run on an
+    """Where the temporary files go (a resolved path): the image's directory, or, where that is not writable (a dry run on an
     image outside the output roots: its unit may not write there), the working directory (the attempt's)."""
-    directory = os.path.dirname(image_path)
+    directory = os.path.realpath(os.path.dirname(image_path))
     return directory if os.access(directory, os.W_OK) else os.getcwd()
 
 
@@ -204,7 +204,8 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
         inspect.ensure_unchanged(vetted.identities, "unpack")
         result = fix_raw_image(raw_fd, params, progress, cancelled, "the unpacked image")
         if not dry_run and result["changed_files"]:
-            fixed = temps.create(image_path)
+            fixed = temps.create(os.path.join(os.path.realpath(os.path.dirname(image_path)),
+                                              os.path.basename(image_path)))
             fixed_fd = temps.open_made(fixed, os.O_RDWR)
             opened.append(fixed_fd)
             _convert(ImageRef(descriptor_path(raw_fd), "raw"), fixed_fd, "qcow2", "pack", progress, raw_fd)
