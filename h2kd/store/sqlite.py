@@ -220,6 +220,9 @@ class JobStore:
         self._add_missing_columns()
         self._move_log_tails()
         self._last_event_seq: dict[str, int] = {}
+        # Per job, the first event of the open batch: not committed, so a kill -9 would lose it, and the event
+        # then stored in its place would get its number. events() lists none of them until they are committed.
+        self._first_uncommitted: dict[str, int] = {}
         (max_seq,) = self._db.execute("SELECT COALESCE(MAX(queue_seq), 0) FROM jobs").fetchone()
         self._next_queue_seq = max_seq + 1
         self._checkpointer.start()
@@ -461,10 +464,12 @@ class JobStore:
                     pass
                 # Sequence numbers cached from rolled-back writes are no longer true.
                 self._last_event_seq.clear()
+                self._first_uncommitted.clear()
                 if isinstance(e, sqlite3.OperationalError):
                     e = self._failure(e)
                 _settle(waiters, e)
                 raise
+            self._first_uncommitted.clear()
         self._checkpointer.written.set()
         return waiters
 
@@ -591,13 +596,18 @@ class JobStore:
                 raise NoSuchJob(f"job {job_id} is not in the store")
             (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()
         db.execute(_INSERT_EVENT, (job_id, last + 1, now, kind, _json(data)))
+        if self._in_batch:
+            self._first_uncommitted.setdefault(job_id, last + 1)
         return last + 1
 
     def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[Event]:
-        """The job's events with seq > since, oldest first (at most `limit` of them)."""
-        sql = "SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq"
+        """The job's committed events with seq > since, oldest first (at most `limit` of them). One still in the
+        open batch (a progress event, for up to a second) is left out: a number once listed is never given to
+        another event, even after a kill -9."""
         # SQLite's integers are 64-bit signed; a caller's "since" may be any unsigned 64-bit number.
-        params: tuple[Any, ...] = (job_id, min(since, _INT64_MAX))
+        params: tuple[Any, ...] = (job_id, min(since, _INT64_MAX),
+                                   self._first_uncommitted.get(job_id, _INT64_MAX))
+        sql = "SELECT seq, time, kind, data FROM events WHERE job_id = ? AND seq > ? AND seq < ? ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             params += (max(limit, 0),)

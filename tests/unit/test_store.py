@@ -179,6 +179,44 @@ def test_events_since_and_limit_and_reopen(tmp_path):
         assert s.events("unknown") == [] and s.history("unknown") == []
 
 
+def test_an_event_is_listed_only_once_committed_so_its_number_is_never_given_to_another(tmp_path):
+    """Progress events wait up to a second in the open batch; a kill -9 then loses them, and the next event
+    stored gets the number the lost one had. A client that had read that number would skip the new event:
+    so none is listed before it is committed."""
+    path = tmp_path / "h2kd.sqlite"
+    writer = textwrap.dedent("""
+        import asyncio, json, os, signal, sys
+        from h2kd.model.job import Job
+        from h2kd.store import JobStore
+
+        async def main():
+            store = JobStore(sys.argv[1])
+            store.insert_job(Job(id="a", spec={"job_id": "a"}, operation="convert", owner=0), "submitted")
+            with store.deferred(within=60):
+                store.append_event("a", "progress", {"fraction": 0.05})
+            print(json.dumps([e.seq for e in store.events("a")]), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
+    """)
+    child = subprocess.run([sys.executable, "-c", writer, str(path)], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert child.stdout.split() == ["[1]"]      # a client asking then was told of event 1 only
+    with JobStore(path) as s:
+        assert [e.seq for e in s.events("a")] == [1]
+        event = s.append_event("a", "state", {"new_state": "completed"})
+        assert event.seq == 2 and [e.seq for e in s.events("a", since=1)] == [2]
+
+    async def committed_later() -> None:
+        with JobStore(path) as s:
+            with s.deferred(within=60):
+                s.append_event("a", "progress", {"fraction": 0.10})
+            assert [e.seq for e in s.events("a", since=2)] == []
+            await s.committed()
+            assert [e.seq for e in s.events("a", since=2)] == [3]
+    asyncio.run(committed_later())
+
+
 def test_delete_removes_all_rows(store):
     for name in ("a", "b"):
         store.insert_job(new_job(name), "submitted")
