@@ -1070,6 +1070,30 @@ def test_forgetting_a_thousand_jobs_leaves_the_event_loop_free_while_their_direc
     asyncio.run(scenario())
 
 
+def test_at_start_attempt_directories_of_no_job_h2kd_has_are_removed(tmp_path: Path) -> None:
+    """A removal cut short (h2kd stopped, or was killed, with removals still queued) leaves directories that hold
+    spec and result files of jobs no longer in the store: the next start removes them, and only them."""
+    config = Config(state_dir=tmp_path / "state", output_roots=[tmp_path / "output"])
+
+    async def scenario() -> None:
+        runner = SystemdRunner(config, RecordingEvents())
+        kept, gone = make_job(), make_job()
+        kept.attempt, gone.attempt = 2, 1
+        directories = {unit_name(kept.id, 1), unit_name(kept.id, 2), unit_name(gone.id, 1)}
+        for name in directories:
+            (config.runs_dir / name).mkdir(parents=True)
+            (config.runs_dir / name / "spec.json").write_text("{}")
+        (config.runs_dir / "held").mkdir()     # not an attempt's: left alone
+        await runner.keep_only([kept])
+        await wait_for(lambda: not (config.runs_dir / unit_name(gone.id, 1)).exists(),
+                       what="the removal of the directory of no job")
+        assert sorted(p.name for p in config.runs_dir.iterdir()) == sorted(
+            [unit_name(kept.id, 1), unit_name(kept.id, 2), "held"])
+        await runner.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_stop_waits_for_removals_only_so_long_and_leaves_the_rest(tmp_path: Path, monkeypatch) -> None:
     """close() gives the removals still pending CLOSE_WAITS_FOR_REMOVALS_SECONDS. Those not begun by then are
     dropped, their directories left: the process's exit joins the remover's thread, and would otherwise go on

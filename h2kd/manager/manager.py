@@ -167,6 +167,8 @@ class JobManager:
                              capabilities=self._builtin_capabilities(), last_heartbeat=now_usec())
         self._workers[BUILTIN] = builtin
         self._notify("worker_added", builtin)
+        if self._runner is not None:
+            await self._runner.keep_only(list(self._jobs.values()))
         # Nothing starts before every job is back: a slot freed while a job is recovered (a unit found ended) would
         # go to the most urgent of the jobs recovered so far, not of all of them.
         for job in list(self._jobs.values()):

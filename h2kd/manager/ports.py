@@ -6,6 +6,7 @@ The manager depends only on these, so it can be tested without a bus or a system
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,6 +121,10 @@ class Runner(Protocol):
     def forget(self, job: Job) -> None:
         """The job is gone from h2kd (removed, or pruned): remove what its attempts left (their directories), off
         the event loop; an attempt of a later job with the same id starts only once they are gone."""
+        ...
+    async def keep_only(self, jobs: Iterable[Job]) -> None:
+        """At start: remove, off the event loop, the attempt directories that belong to none of these jobs'
+        attempts (what a removal cut short by h2kd's stop or death left)."""
         ...
     def capabilities(self) -> dict[str, Any]:
         """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""

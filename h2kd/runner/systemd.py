@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +448,17 @@ class SystemdRunner:
             unit = units.unit_name(job.id, attempt)
             if unit not in self._followed:
                 self._remove_later(units.run_dir(self._config, unit))
+
+    async def keep_only(self, jobs: Iterable[Job]) -> None:
+        known = {units.unit_name(job.id, attempt) for job in jobs for attempt in range(1, job.attempt + 1)}
+        try:
+            names = await asyncio.to_thread(os.listdir, self._config.runs_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(units.UNIT_PREFIX) and name not in known:
+                log.info("removing %s: it belongs to no job h2kd has (its removal was cut short)", name)
+                self._remove_later(self._config.runs_dir / name)
 
     def _remove_later(self, directory: Path) -> None:
         if self._closing:

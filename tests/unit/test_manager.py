@@ -37,6 +37,7 @@ class RecordingRunner:
         self.stopped: list[str] = []
         self.reattached: list[str] = []
         self.forgotten: list[str] = []
+        self.kept: list[str] | None = None
 
     async def start(self, job, attempt):
         self.started.append((job.id, attempt))
@@ -47,6 +48,9 @@ class RecordingRunner:
 
     def forget(self, job):
         self.forgotten.append(job.id)
+
+    async def keep_only(self, jobs):
+        self.kept = sorted(job.id for job in jobs)
 
     async def reattach(self, job):
         self.reattached.append(job.id)
@@ -2128,4 +2132,17 @@ def test_this_hosts_worker_beats_while_h2kd_runs_and_systemd_answers(tmp_path, r
         await asyncio.sleep(0.5)
         assert (m.get_worker("builtin").last_heartbeat > first) is beats
         await m.stop()
+    asyncio.run(go())
+
+
+def test_at_start_the_runner_keeps_the_files_of_every_stored_job_and_only_theirs(tmp_path, image):
+    async def go():
+        m, _, _, _ = make(tmp_path)
+        await m.start()
+        ids = sorted(m.submit(spec(image, tmp_path / f"out/{n}.qcow2"), owner=0)[0].id for n in range(2))
+        await m.stop()
+        again, runner, _, _ = make(tmp_path)
+        await again.start()
+        assert runner.kept == ids
+        await again.stop()
     asyncio.run(go())
