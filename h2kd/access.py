@@ -281,12 +281,12 @@ def check_file_readable(path: str, device: int, inode: int, uid: int, gids: list
         raise NotAuthorized(f"{path} is not readable by uid {uid}: {os.strerror(code)}")
 
 
-def check_image_writable(path: Path, seen: os.stat_result, uid: int, gids: list[int]) -> None:
-    """An image repaired in place (offline_fix, `path` resolved, `seen` its status as checked) must be one
+def check_image_writable(path: Path, device: int, inode: int, uid: int, gids: list[int]) -> None:
+    """An image repaired in place (offline_fix, `path` resolved, device and inode as root checked it) must be one
     the caller could write itself: h2kd rewrites it as root. Raises NotAuthorized."""
     if uid == 0:
         return
-    if _opened_as_caller(uid, gids, _try_open_for_writing, str(path), (seen.st_dev, seen.st_ino), path):
+    if _opened_as_caller(uid, gids, _try_open_for_writing, str(path), (device, inode), path):
         raise NotAuthorized(f"permission denied: {path} is not writable by uid {uid}, and a repair changes it")
 
 

@@ -1133,11 +1133,11 @@ def test_an_image_repaired_in_place_must_be_writable_by_the_caller(users, shared
     content = readable.read_bytes()
     for image in (hers, readable):
         check_source_readable(str(image), alice.pw_uid, gids, ["/"])
-    check_image_writable(hers, os.stat(hers), alice.pw_uid, gids)
+    check_image_writable(hers, os.stat(hers).st_dev, os.stat(hers).st_ino, alice.pw_uid, gids)
     with pytest.raises(NotAuthorized, match="not writable by uid"):
-        check_image_writable(readable, os.stat(readable), alice.pw_uid, gids)
+        check_image_writable(readable, os.stat(readable).st_dev, os.stat(readable).st_ino, alice.pw_uid, gids)
     assert readable.read_bytes() == content   # root's check itself changes nothing
-    check_image_writable(readable, os.stat(readable), 0, [])
+    check_image_writable(readable, os.stat(readable).st_dev, os.stat(readable).st_ino, 0, [])
 
 
 def test_source_descriptors_must_be_readable_regular_files(shared_dir):

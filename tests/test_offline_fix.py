@@ -573,6 +573,35 @@ def test_a_guest_repair_reads_images_with_its_submitters_rights(tmp_path: Path, 
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_an_image_its_submitter_may_no_longer_write_is_not_repaired(tmp_path: Path) -> None:
+    """Whether the submitter may write the image was checked at submission; a repair that starts later (from the
+    queue, or retried hours after) finds its owner took that right back: root must not rewrite it for them. A dry
+    run, which writes nothing, still may."""
+    import tempfile
+
+    from h2kd.operations.offline_fix import run_offline_fix
+    from h2kd.operations.qemuimg import OperationError
+
+    base = Path(tempfile.mkdtemp(prefix="h2k-repair-write-"))
+    try:
+        base.chmod(0o755)
+        image = base / "disk.raw"
+        image.write_bytes(bytes(4 * 1024 * 1024))
+        os.chown(image, 4242, 4343)
+        image.chmod(0o444)          # hers, and closed to writing since the submission
+        content = image.read_bytes()
+        owner = {"uid": 4242, "gid": 4343, "groups": [4343]}
+        with pytest.raises(OperationError, match="may no longer write the image") as refused:
+            run_offline_fix(str(image), {}, lambda phase, fraction, message: None, image_format="raw", owner=owner)
+        assert refused.value.code == "PERMISSION_DENIED"
+        assert image.read_bytes() == content and loops_of(image) == []
+        with pytest.raises(OperationError, match="no Linux root filesystem"):    # a blank disk, looked at all the same
+            run_offline_fix(str(image), {"dry_run": True}, lambda phase, fraction, message: None, image_format="raw",
+                            owner=owner)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- kernels without LOOP_CONFIGURE
 
 UNKNOWN_LOOP_IOCTL = 0x4CFF     # no loop ioctl has this number: refused as kernels before 5.8 refuse LOOP_CONFIGURE

@@ -37,7 +37,7 @@ class HostChecks:
                 if source_proof is not None:
                     self._check_proof(job.source, source_proof)
             if job.operation == "offline_fix" and not (job.spec.get("parameters") or {}).get("dry_run"):
-                check_image_writable(resolved, seen, job.owner, gids)
+                check_image_writable(resolved, seen.st_dev, seen.st_ino, job.owner, gids)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
                 overwrite = bool((job.spec.get("artifacts") or {}).get("overwrite"))

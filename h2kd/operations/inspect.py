@@ -1099,6 +1099,19 @@ def check_readable_by(identities: list[FileIdentity], uid: int,
             raise OperationError("PERMISSION_DENIED", f"{problem}: {e}") from None
 
 
+def check_writable_by(identity: FileIdentity, uid: int, problem: str) -> None:
+    """The file must be one `uid` (not root) could open for writing itself; OperationError (`problem`) otherwise."""
+    from pathlib import Path
+
+    from h2kd.access import check_image_writable, groups_for
+    from h2kd.errors import H2kError
+
+    try:
+        check_image_writable(Path(identity.path), identity.device, identity.inode, uid, groups_for(uid))
+    except H2kError as e:
+        raise OperationError("PERMISSION_DENIED", f"{problem}: {e}") from None
+
+
 def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:
     """No signature of ours: a raw disk if it looks like one (or is declared so), else refused."""
     try:

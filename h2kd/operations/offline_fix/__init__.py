@@ -178,6 +178,11 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     # are vetted as a conversion's source would be, or a repair could copy any file into the image. A raw
     # image is vetted the same way, so that the file attached is known to be the one h2kd checked.
     vetted = inspect.load_source(image_path, fmt, check_disks=False, reader_uid=reader_uid)
+    if reader_uid and not dry_run:
+        # Checked at submission; since then its owner may have closed it (chmod, a group left, a retry hours
+        # later), and root would rewrite it all the same.
+        inspect.check_writable_by(vetted.identities[0], reader_uid,
+                                  "the submitter may no longer write the image, which the repair changes")
     if fmt == "qcow2":
         # A damaged qcow2 is not repaired in place; nor one cut within its last cluster, which passes qemu-img
         # check, but its check tells where it should end: the repair would unpack zeros where data was missing.
