@@ -81,7 +81,9 @@ def fix_raw_image(raw_fd: int, params: dict[str, Any], progress: Progress, cance
             os_info = detect.detect_linux(guest, disk, where, [point for _, point, _, _ in entries])
             if mounts.unmounted_fstab_entries:
                 os_info["not_mounted"] = mounts.unmounted_fstab_entries
-            progress("detect", None, f"{os_info['name'] or os_info['id'] or 'Linux'} on {where}")
+            # Progress messages reach every local user (GetEvents, LogMessage, systemctl status): what the guest
+            # is and where it lives goes in the Result, which only the job's owner and administrators read.
+            progress("detect", None, "found the guest's root filesystem")
             if not dry_run:
                 mounts.prepare_chroot(guest)
             fixes = _apply_fixes(guest, disk, os_info, params, progress, cancelled)
