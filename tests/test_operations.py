@@ -46,7 +46,7 @@ class Run:
 def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
                on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1,
                wrapper: list[str] | None = None, owner: dict[str, int] | None = None,
-               source_identity: str | None = None) -> Run:
+               source_identity: str | None = None, source_roots: list[Path] | None = None) -> Run:
     """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS.
     wrapper: a command the worker runs under (strace ...); owner: the submitter's {"uid", "gid", "mode"};
     source_identity: as h2kd's checks recorded it (None: that of the source now, as checked at submission)."""
@@ -55,6 +55,7 @@ def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[st
     spec = {"job_id": "job1", **spec}
     spec_path.write_text(json.dumps({"job_id": spec["job_id"], "attempt": attempt, "spec": spec,
                                      "output_roots": [str(r) for r in roots],
+                                     **({"source_roots": [str(r) for r in source_roots]} if source_roots else {}),
                                      **({"owner": owner} if owner else {}),
                                      "source_identity": _identity(spec) if source_identity is None
                                      else source_identity}))
@@ -1002,6 +1003,32 @@ def test_compare_with_is_looked_up_as_the_submitter_before_root_reads_it(lib: Pa
                      [shared / "out"], owner=alice, source_identity=f"{st.st_dev}:{st.st_ino}")
     assert run.result["error"]["code"] == "INVALID_IMAGE", run.result["error"]
     assert "no such file" in run.result["error"]["message"]
+
+
+def test_compare_with_must_still_lie_under_the_source_roots_as_the_job_runs(lib: Path, tmp_path: Path,
+                                                                         shared: Path) -> None:
+    """The administrator's source_roots were checked at submission; a link of the submitter's on the way, pointed
+    elsewhere since, must not make the job read a file outside them, even one the submitter may read."""
+    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    sources = shared / "sources"
+    sources.mkdir()
+    image = images.make_image("qcow2", None, sources / "mine.qcow2", raw=lib / "data2.raw")
+    elsewhere = images.make_image("qcow2", None, shared / "elsewhere.qcow2", raw=lib / "data2.raw")
+    (sources / "link").symlink_to(sources)
+    st = image.stat()
+    spec = {"operation": "validate", "image": {"path": str(image)},
+            "parameters": {"compare_with": str(sources / "link" / "mine.qcow2")}}
+    run = run_worker(tmp_path / "w1", spec, [shared / "out"], owner=alice, source_identity=f"{st.st_dev}:{st.st_ino}",
+                     source_roots=[sources])
+    assert run.returncode == 0 and run.result["outputs"]["compare"]["identical"], run.log
+    (sources / "link").unlink()
+    (sources / "link").symlink_to(shared)       # now leads out of the source roots
+    spec["parameters"]["compare_with"] = str(sources / "link" / elsewhere.name)
+    run = run_worker(tmp_path / "w2", spec, [shared / "out"], owner=alice, source_identity=f"{st.st_dev}:{st.st_ino}",
+                     source_roots=[sources])
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "PERMISSION_DENIED", run.result["error"]
+    assert "source" in run.result["error"]["message"] and run.result["outputs"].get("compare") is None
 
 def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
     image = images.make_image("qcow2", None, tmp_path / "bad.qcow2", raw=lib / "data.raw")

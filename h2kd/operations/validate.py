@@ -9,6 +9,7 @@ job with VALIDATION_FAILED, since that is what was asked to be shown.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from h2kd.operations import inspect, qemuimg
@@ -16,11 +17,13 @@ from h2kd.operations.qemuimg import OperationError
 
 
 def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | None = None,
-                 named_by_spec_only: bool = False) -> tuple[inspect.Disk, list[inspect.FileIdentity]]:
+                 named_by_spec_only: bool = False,
+                 source_roots: Sequence[str] = ("/",)) -> tuple[inspect.Disk, list[inspect.FileIdentity]]:
     """named_by_spec_only: h2kd did not record this file's identity at submission (compare_with), so the
-    submitter's right to read it is checked here too, not only that of the files it refers to."""
+    submitter's right to read it is checked here too, not only that of the files it refers to, and that it
+    still lies under the source roots."""
     if reader_uid and named_by_spec_only:
-        _looked_up_by(reader_uid, path, what)
+        _looked_up_by(reader_uid, path, what, source_roots)
     source = inspect.load_source(path, declared, check_disks=False, reader_uid=reader_uid)
     if reader_uid and named_by_spec_only:
         inspect.check_readable_by(source.identities[:1], reader_uid)
@@ -30,7 +33,7 @@ def _single_disk(path: str, declared: str | None, what: str, reader_uid: int | N
     return source.disks[0], source.identities
 
 
-def _looked_up_by(uid: int, path: str, what: str) -> None:
+def _looked_up_by(uid: int, path: str, what: str, source_roots: Sequence[str]) -> None:
     """The submitter looks the file up first, with their own rights, and root then reads only the file they
     found there (inspect.expect_source): a path whose directory was swapped for a link to one closed to them
     after h2kd's check at submission gets the submitter's answer, and nothing root parsed of what lies there."""
@@ -38,8 +41,8 @@ def _looked_up_by(uid: int, path: str, what: str) -> None:
     from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 
     try:
-        # The source roots were checked at submission; this check is of the submitter's rights only.
-        _, seen = check_source_readable(path, uid, groups_for(uid), ["/"])
+        # Checked at submission too; a symlink of the submitter's on the way may lead elsewhere now.
+        _, seen = check_source_readable(path, uid, groups_for(uid), source_roots)
     except NotAuthorized as e:
         raise OperationError("PERMISSION_DENIED", f"{what}: {e}", "validate") from None
     except InvalidArgument as e:        # no such file, or no regular file: as the submitter sees it
@@ -54,8 +57,10 @@ def _with_outputs(error: OperationError, outputs: dict[str, Any]) -> OperationEr
     return error
 
 
-def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid: int | None = None) -> dict[str, Any]:
-    """The validate operation. reader_uid: the submitter, when not root (see inspect.load_source)."""
+def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid: int | None = None,
+                 source_roots: Sequence[str] = ("/",)) -> dict[str, Any]:
+    """The validate operation. reader_uid: the submitter, when not root (see inspect.load_source); source_roots:
+    where the files a spec names may be (Config.source_roots)."""
     image, parameters = spec["image"], spec.get("parameters") or {}
     progress("validate", 0, 0, "checking the image")
     disk, read = _single_disk(image["path"], image.get("format"), "the image", reader_uid)
@@ -75,7 +80,7 @@ def run_validate(spec: dict[str, Any], progress: inspect.ProgressFn, reader_uid:
     if other_path:
         progress("compare", 0, 0, f"comparing with {other_path}")
         other, other_read = _single_disk(other_path, None, "parameters.compare_with", reader_uid,
-                                         named_by_spec_only=True)
+                                         named_by_spec_only=True, source_roots=source_roots)
         comparison = qemuimg.compare(disk.ref, other.ref)
         inspect.ensure_unchanged(read + other_read, "compare")
         outputs["compare"] = {"with": other_path, "identical": comparison.identical, "message": comparison.message}

@@ -383,6 +383,7 @@ class SystemdRunner:
                                            "spec_checked": True, "boot_id": self._boot_id,
                                            "manager_instance": self._manager_instance,
                                            "output_roots": [str(r) for r in self._config.output_roots],
+                                           "source_roots": [str(r) for r in self._config.source_roots],
                                            "owner": {"uid": uid, "gid": gid, "mode": self._config.output_mode,
                                                      # the job's own output directory: the group enters it only
                                                      # when it is output_group, not whatever group the user has

@@ -2,7 +2,7 @@
 
     h2k-worker --spec SPEC.json --result RESULT.json
 
-SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...]} (h2kd adds "owner": {"uid",
+SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd adds "owner": {"uid",
 "gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with; "source_identity"; and "spec_checked":
 true when the spec is the one h2kd checked and stored, which the worker then takes as it is instead of checking
 it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt started under, are
@@ -261,7 +261,8 @@ def _ensure_same_source(path: str, identity: str, owner_uid: int) -> None:
 
 def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: StatusReporter,
                    on_process: Callable[[Any], None], owner: dict[str, int] | None = None,
-                   temp_record: str | None = None, on_commit: Callable[[], None] | None = None) -> dict[str, Any]:
+                   temp_record: str | None = None, on_commit: Callable[[], None] | None = None,
+                   source_roots: list[str] | None = None) -> dict[str, Any]:
     # Each operation's modules are imported only when it runs: start-up time is part of every job.
     from h2kd.operations.qemuimg import OperationError
 
@@ -296,7 +297,7 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         return offline_fix.run_offline_fix_job(spec, output_roots, progress, owner, temp_record)
     if operation == "validate":
         from h2kd.operations import validate
-        return validate.run_validate(spec, progress, reader_uid)
+        return validate.run_validate(spec, progress, reader_uid, source_roots or ["/"])
     raise OperationError("UNSUPPORTED", f"this worker does not run {operation!r} jobs", "start")
 
 
@@ -389,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec['image']['path']}")
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
-                                     envelope.get("owner"), temp_record_path(args.spec), committing)
+                                     envelope.get("owner"), temp_record_path(args.spec), committing,
+                                     [str(r) for r in envelope.get("source_roots") or ["/"]])
             signal.alarm(0)
             result["metrics"]["bytes_read"] = int(outputs.pop("bytes_read", 0))
             result["metrics"]["bytes_written"] = int(outputs.pop("bytes_written", 0))
