@@ -994,14 +994,15 @@ function readHeartbeats() {
     const connection = client;
     if (!connection)
         return;
-    for (const path of Object.keys(workers)) {
+    // Drawn once, when every answer is in: the table is not rebuilt once per worker.
+    Promise.all(Object.keys(workers).map(path =>
         connection.call(path, PROPERTIES_IFACE, "Get", [WORKER_IFACE, "LastHeartbeat"], { type: "ss" }).then(([value]) => {
-            if (connection === client && workers[path]) {
+            if (connection === client && workers[path])
                 workers[path].LastHeartbeat = value.v;
-                scheduleWorkers();
-            }
-        }, () => { /* unregistered meanwhile */ });
-    }
+        }, () => { /* unregistered meanwhile */ }))).then(() => {
+        if (connection === client)
+            scheduleWorkers();
+    });
 }
 
 function objectAdded(path, interfaces) {
@@ -1070,10 +1071,8 @@ function loadUserNames() {
 let ticks = 0;
 function tick() {
     const now = Date.now();
-    if (++ticks % 5 === 0) {
-        readHeartbeats();
-        renderWorkers();                // heartbeat ages
-    }
+    if (++ticks % 5 === 0)
+        readHeartbeats();               // then draws the workers anew, with their heartbeats' ages
     for (const entry of rows.values()) {
         entry.age.textContent = formatAge(entry.job.CreatedAt);
         if (!FINAL_STATES.has(entry.job.State))

@@ -43,6 +43,12 @@ pytestmark = [pytest.mark.stack,
 
 # ------------------------------------------------------------------------------------------ helpers
 
+def worker_row_text(browser: Browser, css: str) -> str:
+    """The text shown in the element `css` selects, read in one step: the workers' table is drawn anew every few
+    seconds (their heartbeats' ages), so an element found first may be gone by the time its text is asked."""
+    return browser.execute("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+
+
 def busctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["busctl", "--system", *args], env=env, capture_output=True, text=True, timeout=30)
 
@@ -248,7 +254,7 @@ def test_page_shows_the_daemon_queue_workers_and_health(browser: Browser, cockpi
     # The builtin worker is listed with the host's name.
     worker = busctl_json(env, "get-property", BUS, MANAGER_PATH + "/worker/builtin", BUS + ".Worker", "Name")
     wait_until(lambda: browser.exists("tr[data-worker-id='builtin']"), 10, what="the builtin worker")
-    assert worker in browser.text(browser.find("tr[data-worker-id='builtin']"))
+    assert worker in worker_row_text(browser, "tr[data-worker-id='builtin']")
     # Every form control has a label a screen reader announces.
     unlabelled = browser.execute("""
         return [...document.querySelectorAll('input, select, textarea')]
@@ -275,11 +281,11 @@ def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, sta
                                                  {"max_jobs": Variant("u", 2)}])
             row = f"tr[data-worker-id='{worker_id}']"
             wait_until(lambda: browser.exists(row), 10, what="the new worker's row")
-            text = browser.text(browser.find(row))
+            text = worker_row_text(browser, row)
             assert "cockpit-listed" in text and "external" in text and "0 / 2" in text and "inspect" in text
             found, claimed, _spec = await worker.call(path, BUS + ".Worker", "ClaimJob")
             assert found and claimed == job_id
-            wait_until(lambda: "busy" in browser.text(browser.find(row)) and "1 / 2" in browser.text(browser.find(row)),
+            wait_until(lambda: "busy" in worker_row_text(browser, row) and "1 / 2" in worker_row_text(browser, row),
                        10, what="the worker's row to show it busy with one job")
             await worker.call(path, BUS + ".Worker", "Unregister")
             wait_until(lambda: not browser.exists(row), 10, what="the unregistered worker's row to go")
@@ -297,8 +303,7 @@ def test_workers_come_and_go_on_the_page(browser: Browser, cockpit_url: str, sta
 
 def heartbeat_age(browser: Browser, row: str) -> int | None:
     """The age the row's last-heartbeat cell shows, in seconds (None when it shows none, or minutes)."""
-    cell = browser.find(row + " td[data-label='Last heartbeat']")
-    match = re.fullmatch(r"(\d+) s ago", browser.text(cell).strip())
+    match = re.fullmatch(r"(\d+) s ago", worker_row_text(browser, row + " td[data-label='Last heartbeat']").strip())
     return int(match.group(1)) if match else None
 
 
