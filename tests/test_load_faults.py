@@ -511,7 +511,8 @@ _KEYS = ["job_id", "operation", "image", "parameters", "execution_policy", "capa
          "idempotent", "output_path", "overwrite", "tags", "output_format", "cluster_size", "compress", "x", ""]
 
 # D-Bus strings cannot hold NUL (clients refuse to send them), so the strings thrown are everything else.
-_text = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=20)
+# A D-Bus string is UTF-8 without NUL: lone surrogates cannot even be sent (the client's marshaller refuses them).
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 
 _scalars = st.one_of(
     st.builds(lambda v: Variant("s", v), _text),

@@ -425,6 +425,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
                                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                                  "manager_instance": manager_instance(sandbox),
                                  "output_roots": [str(config.output_roots[0])],
+                                 "source_roots": [str(root) for root in config.source_roots],
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
                                            "groups": []},
                                  "source_identity": convert.source_identity}
@@ -839,6 +840,37 @@ def test_an_earlier_jobs_files_under_the_same_id_never_settle_a_new_attempt(sand
             (config.runs_dir / unit / "go").touch()
             outcome = await events.wait_finished(again.id)
         assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_settled_without_its_unit_cannot_be_run_by_a_start_that_comes_late(sandbox: Sandbox,
+                                                                                      tmp_path: Path) -> None:
+    """h2kd wrote an attempt's spec and sent StartTransientUnit, then died; back, it finds no such unit and settles
+    the attempt as ended unrecorded (its job then gets another attempt). A start still on its way to systemd may
+    yet create the unit: its worker must find nothing to run, or two workers would convert for one job."""
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        job = make_job(output=str(tmp_path / "late.qcow2"))
+        source = tmp_path / "disk.raw"
+        source.write_bytes(b"\1" * 1024 * 1024)
+        job.spec["image"].update(path=str(source), format="raw")
+        unit = unit_name(job.id, 1)
+        run_dir = config.runs_dir / unit
+        run_dir.mkdir(parents=True)
+        (run_dir / "spec.json").write_text(json.dumps({"job_id": job.id, "job_created_at": job.created_at,
+                                                       "attempt": 1, "spec": job.spec,
+                                                       "output_roots": [str(tmp_path)]}))
+        events = RecordingEvents()
+        async with runner_for(config, events) as runner:
+            await runner.reattach(job)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "unknown", outcome
+        # The late unit's worker, as systemd would run it:
+        late = subprocess.run([sys.executable, "-m", "h2kd.worker", "--spec", str(run_dir / "spec.json"),
+                               "--result", str(run_dir / "result.json")], cwd=Path(h2kd.__file__).parents[1],
+                              capture_output=True, text=True, timeout=60)
+        assert late.returncode != 0 and not (tmp_path / "late.qcow2").exists(), late
 
     asyncio.run(scenario())
 

@@ -776,6 +776,11 @@ class SystemdRunner:
         # saw is stale or nothing, so the files are all there is to go by, also for when the attempt ran.
         if (gone and followed.active_state not in _FINAL_STATES) or not (followed.seen or followed.active_state):
             result, status = _outcome_from_files(followed.run_dir, worker_result)
+            if result == "unknown":
+                # Settled without its unit: a start that h2kd sent just before it died may still reach systemd
+                # after this look. Without its spec such a unit's worker does nothing, while the job's next
+                # attempt runs under a unit of its own.
+                await asyncio.to_thread(_remove_file, followed.run_dir / "spec.json")
             if worker_result is not None:
                 ended_at = _written_at(followed.run_dir / "result.json")
                 # The spec file is written just before the unit is started: the worker started about then.
@@ -921,6 +926,13 @@ def _left_by_another_job(run_dir: Path, job: Job) -> bool:
         return run_dir.exists()
     except (OSError, ValueError):
         return True
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:    # its unit, started late, would run the attempt once more: said, not hidden
+        log.warning("could not remove %s: %s", path, e)
 
 
 def _remove_directory(directory: Path, held_dir: Path) -> Path | None:
