@@ -780,7 +780,7 @@ class SystemdRunner:
                 # Settled without its unit: a start that h2kd sent just before it died may still reach systemd
                 # after this look. Without its spec such a unit's worker does nothing, while the job's next
                 # attempt runs under a unit of its own.
-                await asyncio.to_thread(_remove_file, followed.run_dir / "spec.json")
+                _remove_file(followed.run_dir / "spec.json")
             if worker_result is not None:
                 ended_at = _written_at(followed.run_dir / "result.json")
                 # The spec file is written just before the unit is started: the worker started about then.

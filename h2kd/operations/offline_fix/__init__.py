@@ -137,11 +137,10 @@ def _convert(source: ImageRef, destination_fd: int, fmt: str, phase: str, progre
         raise OperationError(e.code, f"converting {what} to {fmt} failed: {e.message}", phase) from None
 
 
-def _temp_directory(image_path: str) -> str:
-    """Where the temporary files go (a resolved path): the image's directory, or, where that is not writable (a dry run on an
-    image outside the output roots: its unit may not write there), the working directory (the attempt's)."""
-    directory = os.path.realpath(os.path.dirname(image_path))
-    return directory if os.access(directory, os.W_OK) else os.getcwd()
+def _temp_directory(image_directory: str) -> str:
+    """Where the temporary files go: the image's directory (resolved), or, where that is not writable (a dry run
+    on an image outside the output roots: its unit may not write there), the working directory (the attempt's)."""
+    return image_directory if os.access(image_directory, os.W_OK) else os.getcwd()
 
 
 def _open_vetted(path: str, vetted: inspect.FileIdentity, writable: bool) -> int:
@@ -202,17 +201,18 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
         result["image"] = {"path": image_path, "format": "raw", "method": "loop device on the image"}
         return result
     temps = TempFiles(temp_record, owner if reader_uid else None)
+    # TempFiles takes resolved directories (tempfiles.open_output_directory).
+    image_directory, image_name = os.path.realpath(os.path.dirname(image_path)), os.path.basename(image_path)
     opened: list[int] = []
     try:
-        raw = temps.create(os.path.join(_temp_directory(image_path), os.path.basename(image_path) + ".raw"))
+        raw = temps.create(os.path.join(_temp_directory(image_directory), image_name + ".raw"))
         raw_fd = temps.open_made(raw, os.O_RDWR)
         opened.append(raw_fd)
         _convert(ImageRef(image_path, "qcow2"), raw_fd, "raw", "unpack", progress)
         inspect.ensure_unchanged(vetted.identities, "unpack")
         result = fix_raw_image(raw_fd, params, progress, cancelled, "the unpacked image")
         if not dry_run and result["changed_files"]:
-            fixed = temps.create(os.path.join(os.path.realpath(os.path.dirname(image_path)),
-                                              os.path.basename(image_path)))
+            fixed = temps.create(os.path.join(image_directory, image_name))
             fixed_fd = temps.open_made(fixed, os.O_RDWR)
             opened.append(fixed_fd)
             _convert(ImageRef(descriptor_path(raw_fd), "raw"), fixed_fd, "qcow2", "pack", progress, raw_fd)
