@@ -364,6 +364,48 @@ def test_a_repaired_qcow2_keeps_its_owner_and_mode(guest: dict[str, Any], tmp_pa
     assert loops_of(image) == [] and h2k_mounts() == []
 
 
+def test_a_link_on_the_images_path_swapped_before_the_replace_does_not_lead_it_elsewhere(
+        guest: dict[str, Any], tmp_path: Path, monkeypatch: Any) -> None:
+    """The image is named through a symbolic link to its directory, which the submitter owns. Swapped for a
+    link to a root-only directory after the repaired copy was checked and before it takes the image's place,
+    the link must not send root's rename there: the root-only file of the same name stays as it was, and the
+    image in its real directory is the one replaced."""
+    from h2kd.operations.offline_fix import run_offline_fix
+    from h2kd.operations.tempfiles import TEMP_PREFIX
+
+    real = tmp_path / "real"
+    real.mkdir()
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    victim = private / "alice.qcow2"
+    victim.write_bytes(b"root's own file")
+    victim_inode = victim.stat().st_ino
+    link = tmp_path / "alice"
+    link.symlink_to(real)
+    image = real / "alice.qcow2"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(guest["vmdk"]), str(image)])
+    before = image.stat().st_ino
+    real_fsync = os.fsync
+    swapped: list[str] = []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not swapped and os.path.basename(name).startswith(TEMP_PREFIX) and name.endswith("-alice.qcow2"):
+            link.unlink()
+            link.symlink_to(private)
+            swapped.append(name)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    result = run_offline_fix(str(link / "alice.qcow2"), {}, lambda phase, fraction, message: None,
+                             image_format="qcow2")
+    assert swapped, "the repaired copy was never synced before its rename"
+    assert result["changed_files"], result
+    assert victim.read_bytes() == b"root's own file" and victim.stat().st_ino == victim_inode
+    assert image.stat().st_ino != before, "the image was not replaced by its repaired copy"
+    assert sorted(p.name for p in real.iterdir()) == ["alice.qcow2"] and ours(private) == []
+
+
 def test_a_worker_killed_in_the_middle_of_a_repair_leaves_no_temporary_file(stack: Any, guest: dict[str, Any]) -> None:
     """A worker killed outright during the repair (SIGKILL: the OOM killer, or a stop that ran out of time)
     cannot remove the raw copy it was repairing. h2kd removes it when it settles the attempt, because the

@@ -219,15 +219,19 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
             # The new file takes the original's place, so it must keep the original's owner and mode (root
             # made it). Only the file that was vetted and repaired is asked: another one put there since
             # would lose its content to the replace, and lend its owner to the repaired image.
-            original = os.lstat(image_path)
+            # Looked up, and replaced below, through the directory the temporary files were made in: a
+            # symbolic link on the image's path, swapped meanwhile, cannot send root's rename elsewhere.
+            directory_fd = temps.directory_still_at(image_directory)
+            original = os.stat(image_name, dir_fd=directory_fd, follow_symlinks=False)
             if inspect.FileIdentity.of(image_path, original) != vetted.identities[0]:
                 raise OperationError("SOURCE_CHANGED", f"{image_path} was modified or replaced during the repair",
                                      "pack")
             os.fchown(fixed_fd, original.st_uid, original.st_gid)
             os.fchmod(fixed_fd, stat.S_IMODE(original.st_mode) & 0o777)   # never a set-id bit, whoever set it
             os.fsync(fixed_fd)
-            os.replace(fixed, image_path)
+            os.rename(os.path.basename(fixed), image_name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
             temps.forget(fixed)
+            os.fsync(directory_fd)
         result["image"] = {"path": image_path, "format": "qcow2",
                            "method": "qcow2 unpacked to a raw file next to it, fixed on a loop device, packed back"}
         return result
