@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import configparser
+import os
 import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -256,3 +258,56 @@ def test_an_output_root_h2kd_cannot_write_stops_it_and_names_the_drop_in(tmp_pat
     assert ran.returncode == 78, ran.stderr
     assert f"bad settings: {outside} is not writable by h2kd (a read-only file system)" in ran.stderr, ran.stderr
     assert f"ReadWritePaths={outside}" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+
+
+def test_h2kds_capabilities_let_it_end_a_check_that_hangs_as_its_caller(tmp_path: Path) -> None:
+    """A check made as the caller (a child with the caller's uid) that hangs, in a FUSE mount of theirs, is
+    ended with SIGKILL. Root may signal another uid's process only with CAP_KILL: h2kd run with no more than
+    h2kd.service's capability bounding set must still give up on the check, say why, and leave no child."""
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string(SERVICE.read_text())
+    capabilities = service["Service"]["CapabilityBoundingSet"].split()
+    bounding = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in capabilities)])
+    script = """
+import os, threading, time
+from h2kd import access
+access.CALLER_CHECK_SECONDS = 0.5
+forked = []
+fork = os.fork
+def recorded_fork():
+    pid = fork()
+    if pid:
+        forked.append(pid)
+        print("forked", pid, flush=True)
+    return pid
+os.fork = recorded_fork
+outcome = []
+def hangs(path):
+    time.sleep(3600)
+def check():
+    try:
+        access._as_caller(65534, [65534], hangs, "/mnt/theirs/disk.vmdk")
+    except BaseException as e:
+        outcome.append(e)
+thread = threading.Thread(target=check, daemon=True)
+thread.start()
+thread.join(20)
+print("alive" if thread.is_alive() else f"{type(outcome[0]).__name__}: {outcome[0]}", flush=True)
+print("unreaped", sorted(access._UNREAPED), flush=True)
+"""
+    # A file, not a pipe: a child left hanging would hold a pipe open, and the run with it.
+    out = tmp_path / "out"
+    with out.open("w") as stdout:
+        ran = subprocess.run(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--", sys.executable,
+                              "-c", script], stdout=stdout, stderr=subprocess.STDOUT, text=True, timeout=60, cwd=REPO)
+    said = out.read_text()
+    left = []
+    for pid in (int(line.split()[1]) for line in said.splitlines() if line.startswith("forked ")):
+        try:
+            os.kill(pid, signal.SIGKILL)        # ours: the check's child, should the run have left it
+            left.append(pid)
+        except ProcessLookupError:
+            pass
+    assert ran.returncode == 0, said
+    assert "H2kError: checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in said, said
+    assert left == [] and "unreaped []" in said, said
