@@ -75,7 +75,8 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Options accepted before and after the command; after it they only override when given."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     bus = parser.add_argument_group("bus and output options")
-    bus.add_argument("--system", action="store_true", default=d(True),
+    # The last of --system and --address given wins, as with systemctl's --system and --user.
+    bus.add_argument("--system", dest="address", action="store_const", const=None, default=argparse.SUPPRESS,
                      help="talk to h2kd on the system bus (the default; DBUS_SYSTEM_BUS_ADDRESS is honoured)")
     bus.add_argument("--address", metavar="ADDRESS", default=d(None),
                      help="talk to h2kd on the bus at this D-Bus address (e.g. unix:path=/run/x/bus)")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operation", choices=OPERATIONS, help="only jobs of this operation")
     p.add_argument("--owner", metavar="USER", help="only jobs submitted by this user (name or uid)")
     p.add_argument("--limit", metavar="N", type=_int_range(0, 2**31), default=0,
-                   help="list at most N jobs (0: all)")
+                   help="list at most N jobs, the first N in submission order (0: all)")
 
     p = command("status", "show everything about a job: state, progress, history and result", json_output=True)
     p.add_argument("job", metavar="JOB", help="the job id")
@@ -276,7 +277,7 @@ class Output:
         sys.stdout.write(schema.dumps(value))
 
     def line(self, text: str) -> None:
-        if not self.quiet:
+        if not self.quiet and not self.json:    # with --json, stdout holds the JSON alone
             print(text, flush=True)     # when it happens, also into a pipe (`h2kctl wait | tee log`)
 
 
@@ -384,9 +385,11 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
     before = await _created_at(client, args.request.get("job_id"))
     job_id, path = await client.submit(args.request, args.queue)
     if args.wait:
-        if not out.quiet and not out.json:
+        if out.quiet and not out.json:
+            print(job_id, flush=True)       # `id=$(h2kctl submit -q --wait ...)` has it, whatever the job's end
+        elif not out.json:
             print(f"Job {job_id} was already submitted with this spec." if before is not None
-                  else f"Submitted job {job_id}.")
+                  else f"Submitted job {job_id}.", flush=True)
         return await _wait_and_report(client, job_id, path, out)
     # Said as h2kd has it: a job that failed its checks is stored as failed, and a resubmission may find a job
     # in any state.
@@ -583,53 +586,78 @@ def _cancel_hint(remaining: list[str], waited: int) -> str:
 
 
 # Jobs `wait` follows at once, each with its two match rules and up to three calls in flight (the system bus
-# allows a connection 512 rules and 128 pending calls); the others wait their turn, and one that ended meanwhile
-# is reported as soon as it has it.
+# allows a connection 512 rules and 128 pending calls). The others wait their turn, and meanwhile a look at the
+# jobs still under way (one ListJobs) every LOOKOUT_SECONDS finds those of them that ended: each is reported
+# then, not when its turn comes, so that the failure of a job named late in a long list shows at once.
 FOLLOWED_AT_ONCE = 16
+LOOKOUT_SECONDS = 2.0
 
 
 async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.jobs:
-        job_ids = list(args.jobs)
+        job_ids = list(dict.fromkeys(args.jobs))
     else:
         (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict({"state": _UNDER_WAY})])
         job_ids = [entry[0] for entry in entries]
     ended: dict[str, tuple[str, dict[str, Any]]] = {}
     gone: set[str] = set()
     held: set[str] = set()      # stored with --no-queue: they would never end
-    turns = asyncio.Semaphore(FOLLOWED_AT_ONCE)
+    not_taken = list(job_ids)   # not yet followed, in the order named
+    early: list[asyncio.Task[None]] = []    # those the lookout found ended before their turn
+    turns_early = asyncio.Semaphore(FOLLOWED_AT_ONCE)
 
     async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> None:
-        async with turns:
-            if ctrl_c.is_set():
-                return
+        try:
+            path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}", ctrl_c)
+            props = path and await follow_job(client, job_id, ProgressView(None, False), path, ctrl_c)
+        except JobHeld as e:
+            _say(e)
+            held.add(job_id)
+            return
+        except CtlError as e:  # no such job, or removed before it was seen to end: the others are still waited for
+            if e.code != ExitCode.NO_SUCH_JOB:
+                raise
+            _say(e)
+            gone.add(job_id)
+            return
+        if props:
+            ended[job_id] = (path, props)
+            if not out.json and not out.quiet:    # as each job ends, whatever the order they were named in
+                out.line(_first_line(final_message(props)))
+
+    async def follower(ctrl_c: asyncio.Event) -> None:
+        while not_taken and not ctrl_c.is_set():
+            await wait_for(not_taken.pop(0), ctrl_c)
+
+    async def lookout(ctrl_c: asyncio.Event) -> None:
+        while not_taken and not ctrl_c.is_set():
+            await asyncio.sleep(LOOKOUT_SECONDS)
             try:
-                path = await patiently(client, lambda: client.get_job_path(job_id), f"waiting for job {job_id}",
-                                       ctrl_c)
-                props = path and await follow_job(client, job_id, ProgressView(None, False), path, ctrl_c)
-            except JobHeld as e:
-                _say(e)
-                held.add(job_id)
-                return
-            except CtlError as e:  # no such job, or removed before it was seen to end: the others are still waited for
-                if e.code != ExitCode.NO_SUCH_JOB:
-                    raise
-                _say(e)
-                gone.add(job_id)
-                return
-            if props:
-                ended[job_id] = (path, props)
-                if not out.json and not out.quiet:    # as each job ends, whatever the order they were named in
-                    out.line(_first_line(final_message(props)))
+                (entries,) = await client.manager("ListJobs", "a{sv}", [to_vardict({"state": _UNDER_WAY})])
+            except CtlError:
+                continue    # h2kd away a moment: the followers wait for it, and say so if it stays away
+            under_way = {entry[0] for entry in entries}
+            for job_id in [j for j in not_taken if j not in under_way]:
+                not_taken.remove(job_id)     # it has ended (or is gone, or is held): said at once
+                early.append(asyncio.create_task(reported_early(job_id, ctrl_c)))
+
+    async def reported_early(job_id: str, ctrl_c: asyncio.Event) -> None:
+        async with turns_early:
+            await wait_for(job_id, ctrl_c)
 
     with CtrlC() as ctrl_c:
-        waits = [asyncio.create_task(wait_for(job_id, ctrl_c.event)) for job_id in job_ids]
+        waits = [asyncio.create_task(follower(ctrl_c.event)) for _ in range(min(FOLLOWED_AT_ONCE, len(job_ids)))]
+        # The lookout is not waited for: once every job is taken it has nothing left to do, and may be asleep.
+        looking = [asyncio.create_task(lookout(ctrl_c.event))] if len(job_ids) > FOLLOWED_AT_ONCE else []
         try:
             await asyncio.gather(*waits)    # a failure other than a job gone ends the wait for all
-        finally:
-            for each in waits:
+            for each in looking:
                 each.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.gather(*early)
+        finally:
+            for each in [*waits, *looking, *early]:
+                each.cancel()
+            await asyncio.gather(*waits, *looking, *early, return_exceptions=True)
         if ctrl_c.event.is_set():   # the jobs go on
             remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone | held]
             if remaining:

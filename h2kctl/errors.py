@@ -20,19 +20,19 @@ class ExitCode(IntEnum):
 # The single description of the exit codes, shown by --help and the man page.
 EXIT_CODE_HELP: list[tuple[ExitCode, str]] = [
     (ExitCode.SUCCESS, "success"),
-    (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file is unreadable, a job "
+    (ExitCode.FAILURE, "generic failure (e.g. the daemon refused the request, a source file does not exist, a job "
                        "to cancel ended otherwise)"),
     (ExitCode.USAGE, "bad usage or input (unknown command or option, conflicting options, invalid value, a job "
                      "file that is not one JSON or YAML object or has a field of the wrong type, a job spec h2kd "
                      "finds invalid, a property or user that does not exist, a source that is not a regular file, text that is not UTF-8 or holds a NUL "
-                     "byte)"),
+                     "byte; a job waited for is held: stored with --no-queue, it does not start on its own)"),
     (ExitCode.JOB_FAILED, "the job that was submitted (it failed h2kd's checks, or was submitted before and "
                           "failed), waited for, watched or inspected failed (with wait: one of them)"),
     (ExitCode.JOB_CANCELLED, "the job that was waited for, watched or inspected was cancelled (with wait: one "
                              "of them, and none failed), or the job a resubmission found was"),
     (ExitCode.NOT_AUTHORIZED, "not authorized (polkit or the bus policy denied the call, or h2kd refused what the "
                              "caller may not do as themselves: an output outside the output roots or in a "
-                             "directory they cannot write, a source they cannot read)"),
+                             "directory they cannot write, a source they cannot read, h2kctl finding it so first)"),
     (ExitCode.UNREACHABLE, "h2kd is unreachable (the bus is not there or the name is not on it; while jobs are "
                            "waited for or watched: for more than 2 minutes)"),
     (ExitCode.NO_SUCH_JOB, "no such job"),

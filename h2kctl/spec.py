@@ -3,6 +3,7 @@ image resolved to an absolute path and proven readable with the user's own right
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from argparse import Namespace
@@ -26,7 +27,10 @@ def readable_source(path: str, what: str = "the source") -> str:
     try:
         fd = os.open(absolute, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as e:
-        raise CtlError(f"cannot read {path}: {e.strerror}") from None
+        # Exit status 5 for a source the caller may not read, as when h2kd refuses it for them.
+        denied = e.errno in (errno.EACCES, errno.EPERM)
+        raise CtlError(f"cannot read {path}: {e.strerror}",
+                       ExitCode.NOT_AUTHORIZED if denied else ExitCode.FAILURE) from None
     try:
         if os.path.isdir(absolute):
             raise CtlError(f"cannot read {path}: it is a directory", ExitCode.USAGE)

@@ -259,6 +259,11 @@ def test_unreachable_bus_exits_6(tmp_path):
     result = subprocess.run([H2KCTL, "health"], capture_output=True, text=True, timeout=30,
                             env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={missing}"})
     assert result.returncode == 6 and str(missing) in result.stderr
+    # The last of --address and --system wins: here the system bus, at DBUS_SYSTEM_BUS_ADDRESS.
+    elsewhere = tmp_path / "system-bus"
+    result = subprocess.run([H2KCTL, "--address", f"unix:path={missing}", "list", "--system"], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={elsewhere}"})
+    assert result.returncode == 6 and str(elsewhere) in result.stderr and str(missing) not in result.stderr, result
 
 
 def test_name_not_on_the_bus_exits_6(tmp_path):
@@ -336,8 +341,9 @@ def test_workers_lists_an_external_workers_odd_capabilities_and_runs_with_stdin_
 
 
 def test_queue_pause_resume_max_parallel_and_priority(env, images, output_dir):
-    ok(h2kctl(env, "queue", "pause"))
+    paused = json.loads(ok(h2kctl(env, "queue", "pause", "--json")).stdout)    # the JSON alone, for jq
     try:
+        assert paused["paused"] is True
         assert busctl_property(env, MANAGER, MANAGER_IFACE, "Paused") is True
         assert "Paused: yes" in ok(h2kctl(env, "queue", "stats")).stdout
         job_id = new_id("prio")
@@ -352,7 +358,7 @@ def test_queue_pause_resume_max_parallel_and_priority(env, images, output_dir):
         ok(h2kctl(env, "queue", "resume"))
     assert busctl_property(env, MANAGER, MANAGER_IFACE, "Paused") is False
     before = busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs")
-    ok(h2kctl(env, "queue", "max-parallel", "5"))
+    assert json.loads(ok(h2kctl(env, "queue", "max-parallel", "5", "--json")).stdout)["max_parallel_jobs"] == 5
     try:
         assert busctl_property(env, MANAGER, MANAGER_IFACE, "MaxParallelJobs") == 5
     finally:
@@ -487,7 +493,9 @@ def test_submit_says_the_state_h2kd_gave_the_job(env, images, output_dir):
     job_id = new_id("states")
     output = output_dir / f"{job_id}.qcow2"
     try:
-        ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", str(output), "--id", job_id, timeout=120))
+        waited = ok(h2kctl(env, "submit", "-q", "--wait", str(images["vmdk"]), "-o", str(output), "--id", job_id,
+                           timeout=120))
+        assert waited.stdout == f"{job_id}\n", waited      # -q: the id, as without --wait
         exists = h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output))
         assert exists.returncode == 3 and exists.stdout == "", exists
         assert re.fullmatch(rf"h2kctl: job \S+ failed: VALIDATION_FAILED: {re.escape(str(output))} already exists; "
@@ -615,6 +623,38 @@ def test_wait_for_a_held_job_says_it_does_not_start_on_its_own(env, images, outp
         assert job_state(env, held) == "validated"
     finally:
         clean_up(env, (held, done), outputs, [waiting])
+
+
+def test_wait_says_at_once_that_a_job_named_after_many_others_failed(stack, env, images, output_dir, paused_queue):
+    """`h2kctl wait` follows so many jobs at a time; a job named after them that fails meanwhile is said as it
+    fails, not when the jobs before it have ended (hours, in a batch of hundreds)."""
+    queued = [new_id("wait-long") for _ in range(20)]
+    outputs = [output_dir / f"{job_id}.qcow2" for job_id in queued]
+    failing = new_id("wait-late")
+    for job_id, output in zip(queued, outputs):
+        ok(h2kctl(env, "submit", "-q", str(images["vmdk"]), "-o", str(output), "--id", job_id))
+
+    async def submit_failing() -> None:
+        client = await Client.connect(stack.bus_address)
+        try:
+            await client.submit({"job_id": Variant("s", failing), "operation": Variant("s", "inspect"),
+                                 "image": Variant("a{sv}", {"path": Variant("s", "/nonexistent.vmdk")})})
+        finally:
+            client.close()
+
+    run(submit_failing())        # fails at once: its source does not exist
+    waiting = subprocess.Popen([H2KCTL, "wait", *queued, failing], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        said = read_until(waiting, f"Job {failing} failed", timeout=30)
+        assert all(job_state(env, job_id) == "queued" for job_id in queued), said
+        ok(h2kctl(env, "cancel", *queued, timeout=120))
+        stdout, stderr = waiting.communicate(timeout=120)
+        assert waiting.returncode == 3, (said, stdout, stderr)
+        lines = (said + stdout).splitlines()
+        assert len(lines) == 21 and lines[0].startswith(f"Job {failing} failed"), lines
+    finally:
+        clean_up(env, [*queued, failing], outputs, [waiting])
 
 
 def test_wait_for_hundreds_of_jobs_and_one_that_is_gone(stack, env, output_dir):
@@ -1008,7 +1048,7 @@ def test_unprivileged_user_reads_but_is_not_authorized_to_change(env, images, pl
     secret.write_bytes(images["small"].read_bytes()[:MiB])
     secret.chmod(0o600)
     result = h2kctl(env, "submit", str(secret), "-o", "/tmp/never.qcow2", user=plain_user)
-    assert result.returncode == 1 and "cannot read" in result.stderr and "Permission denied" in result.stderr
+    assert result.returncode == 5 and "cannot read" in result.stderr and "Permission denied" in result.stderr
     assert pwd.getpwnam(plain_user).pw_uid != 0
 
 
