@@ -2,6 +2,9 @@
 # Both set up what they need: Debian packages (deps) and a virtualenv in .venv (venv).
 
 PYTHON   ?= python3
+# The interpreter of the installed h2kd: the system's, never one from a user's PATH (a pyenv shim in root's
+# home). Its virtualenv is tied to its minor version: after a Python upgrade, run `make install-app` again.
+INSTALL_PYTHON ?= /usr/bin/python3
 VENV     ?= .venv
 DESTDIR  ?=
 PREFIX   ?= /usr
@@ -9,9 +12,13 @@ BINDIR   ?= $(PREFIX)/bin
 LIBDIR   ?= $(PREFIX)/lib
 DATADIR  ?= $(PREFIX)/share
 SYSTEM_DATADIR ?= /usr/share
+# systemd reads units from /usr/lib/systemd/system and /usr/local/lib/systemd/system (and /etc); with
+# another PREFIX, give UNITDIR (pkg-config --variable=systemdsystemunitdir systemd).
 UNITDIR  ?= $(LIBDIR)/systemd/system
 CATALOGDIR ?= $(LIBDIR)/systemd/catalog
 APPDIR   ?= $(LIBDIR)/h2kd
+# zsh's own directory for packages on Debian (/usr only); site-functions elsewhere.
+ZSHCOMPDIR ?= $(if $(filter /usr,$(PREFIX)),$(DATADIR)/zsh/vendor-completions,$(DATADIR)/zsh/site-functions)
 PYTEST_ARGS ?=
 
 # python3-venv (ensurepip) for the virtualenvs of `make venv` and `make install`; what pip needs to
@@ -24,7 +31,7 @@ DEB_PACKAGES = python3-venv python3-dev gcc pkg-config libsystemd-dev libdbus-1-
 	dbus-daemon polkitd libglib2.0-bin zsh man-db debootstrap qemu-system-x86 fdisk lvm2 \
 	libvirt-clients libxml2-utils
 
-.PHONY: all deps venv test demo install install-app install-data bench clean distclean
+.PHONY: all deps venv test demo install install-app install-data uninstall bench clean distclean
 
 all: venv
 
@@ -55,13 +62,14 @@ demo: deps venv
 bench: deps venv
 	@if [ -x bench/run ]; then bench/run; else echo "bench/run does not exist yet"; fi
 
-# h2kd goes into a virtualenv of its own in $(APPDIR), with its commands linked into $(BINDIR);
-# the D-Bus, systemd and polkit files go where those programs look for them. h2k-sandbox, the
-# private stack of the tests and the demo, stays in $(APPDIR)/bin.
+# h2kd goes into a virtualenv of its own in $(APPDIR), with h2kctl linked into $(BINDIR); the daemon
+# and its worker stay in $(APPDIR)/bin, out of users' PATH (as udisksd or systemd-importd are), and so
+# does h2k-sandbox, the private stack of the tests and the demo. The D-Bus, systemd and polkit files go
+# where those programs look for them.
 install: install-app install-data
 
 install-app:
-	$(PYTHON) -m venv $(DESTDIR)$(APPDIR)
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(APPDIR)
 	$(DESTDIR)$(APPDIR)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(APPDIR)/bin/pip install -q .
 	@# Scripts point at the staging path when DESTDIR is set; make them point at the final one.
@@ -69,9 +77,7 @@ install-app:
 		grep -lr --null '^#!$(DESTDIR)' $(DESTDIR)$(APPDIR)/bin | xargs -0r sed -i '1s|^#!$(DESTDIR)|#!|'; \
 	fi
 	install -d $(DESTDIR)$(BINDIR)
-	for cmd in h2kd h2kctl h2k-worker; do \
-		ln -sf $(APPDIR)/bin/$$cmd $(DESTDIR)$(BINDIR)/$$cmd; \
-	done
+	ln -sf $(APPDIR)/bin/h2kctl $(DESTDIR)$(BINDIR)/h2kctl
 
 # dbus-daemon reads bus policies only from /usr/share/dbus-1/system.d (and /etc), polkitd actions only
 # from /usr/share/polkit-1/actions: those, and the activation file with the policy, go there whatever
@@ -83,7 +89,7 @@ install-data:
 		install -Dm0644 $$f $(DESTDIR)$(DATADIR)/dbus-1/interfaces/$$(basename $$f); \
 	done
 	install -d $(DESTDIR)$(UNITDIR)
-	sed 's|^ExecStart=/usr/bin/h2kd|ExecStart=$(BINDIR)/h2kd|' systemd/h2kd.service > $(DESTDIR)$(UNITDIR)/h2kd.service
+	sed 's|^ExecStart=/usr/lib/h2kd/bin/h2kd|ExecStart=$(APPDIR)/bin/h2kd|' systemd/h2kd.service > $(DESTDIR)$(UNITDIR)/h2kd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/h2kd.service
 	install -m0644 systemd/h2k.slice $(DESTDIR)$(UNITDIR)/h2k.slice
 	if [ -f systemd/h2kd.catalog ]; then \
@@ -103,8 +109,23 @@ install-data:
 	install -Dm0644 h2kctl/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man1/h2kctl.1
 	install -Dm0644 h2kd/h2kd.8 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8
 	install -Dm0644 h2kctl/completion/h2kctl.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/h2kctl
-	install -Dm0644 h2kctl/completion/_h2kctl $(DESTDIR)$(DATADIR)/zsh/vendor-completions/_h2kctl
-	@echo "installed; then: systemctl daemon-reload && systemctl enable --now h2kd.service"
+	install -Dm0644 h2kctl/completion/_h2kctl $(DESTDIR)$(ZSHCOMPDIR)/_h2kctl
+	@# dbus-broker reads a new bus policy only when told to: until then, h2kd may not own its name.
+	@echo "installed; then: systemctl daemon-reload && systemctl reload dbus && systemctl enable --now h2kd.service"
+
+# Removes what install put there; h2kd's state (/var/lib/h2kd: jobs and outputs) and /etc/h2kd stay.
+uninstall:
+	-[ -n "$(DESTDIR)" ] || systemctl disable --now h2kd.service 2>/dev/null
+	rm -f $(DESTDIR)$(SYSTEM_DATADIR)/dbus-1/system.d/org.hyper2kvm.h2kd1.conf \
+		$(DESTDIR)$(SYSTEM_DATADIR)/dbus-1/system-services/org.hyper2kvm.h2kd1.service \
+		$(DESTDIR)$(DATADIR)/dbus-1/interfaces/org.hyper2kvm.h2kd1.*.xml \
+		$(DESTDIR)$(UNITDIR)/h2kd.service $(DESTDIR)$(UNITDIR)/h2k.slice $(DESTDIR)$(CATALOGDIR)/h2kd.catalog \
+		$(DESTDIR)$(SYSTEM_DATADIR)/polkit-1/actions/org.hyper2kvm.h2kd1.policy \
+		$(DESTDIR)$(DATADIR)/man/man1/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8 \
+		$(DESTDIR)$(DATADIR)/bash-completion/completions/h2kctl $(DESTDIR)$(ZSHCOMPDIR)/_h2kctl \
+		$(DESTDIR)$(BINDIR)/h2kctl
+	rm -rf $(DESTDIR)$(DATADIR)/doc/h2kd $(DESTDIR)$(DATADIR)/cockpit/h2kd $(DESTDIR)$(APPDIR)
+	-[ -n "$(DESTDIR)" ] || { systemctl daemon-reload; journalctl --update-catalog; } 2>/dev/null
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis *.egg-info artifacts

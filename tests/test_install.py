@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -35,10 +36,14 @@ def test_make_install_into_a_staging_root(tmp_path):
     missing = [p for p in EXPECTED if not (stage / p).is_file()]
     assert missing == []
     unit = (stage / "usr/lib/systemd/system/h2kd.service").read_text()
-    assert "ExecStart=/usr/bin/h2kd" in unit
-    for command in ("h2kd", "h2kctl", "h2k-worker"):
-        link = stage / "usr/bin" / command
-        assert link.is_symlink() and str(link.readlink()) == f"/usr/lib/h2kd/bin/{command}"
+    assert "ExecStart=/usr/lib/h2kd/bin/h2kd\n" in unit
+    link = stage / "usr/bin/h2kctl"
+    assert link.is_symlink() and str(link.readlink()) == "/usr/lib/h2kd/bin/h2kctl"
+    # The daemon and its worker are no commands for users: out of PATH, as udisksd and systemd-importd are.
+    assert sorted(p.name for p in (stage / "usr/bin").iterdir()) == ["h2kctl"]
+    # The system's Python, whatever python3 a PATH would find first.
+    home = (stage / "usr/lib/h2kd/pyvenv.cfg").read_text()
+    assert re.search(r"^home = /usr/bin$", home, re.M), home
     for command in ("h2kd", "h2kctl", "h2k-worker", "h2k-sandbox"):
         script = stage / "usr/lib/h2kd/bin" / command
         assert script.read_text().splitlines()[0].startswith("#!/usr/lib/h2kd/bin/python"), "scripts name the final path"
@@ -64,4 +69,16 @@ def test_bus_policy_and_polkit_actions_go_where_their_daemons_read_whatever_the_
     assert not (stage / "usr/local/share/dbus-1/system.d").exists()
     assert not (stage / "usr/local/share/polkit-1").exists()
     unit = (stage / "usr/local/lib/systemd/system/h2kd.service").read_text()
-    assert "ExecStart=/usr/local/bin/h2kd" in unit
+    assert "ExecStart=/usr/local/lib/h2kd/bin/h2kd\n" in unit
+    # zsh looks in site-functions, not Debian's vendor-completions, outside /usr.
+    assert (stage / "usr/local/share/zsh/site-functions/_h2kctl").is_file()
+
+
+def test_make_uninstall_removes_what_install_put_there(tmp_path):
+    stage = tmp_path / "stage"
+    for target in ("install-data", "uninstall"):
+        result = subprocess.run(["make", "-C", str(REPO), target, f"DESTDIR={stage}", "PREFIX=/usr/local"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+    left = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
+    assert left == []

@@ -48,13 +48,13 @@ def test_exposure_score_reacts_to_hardening(tmp_path: Path) -> None:
 
 def verify(units: list[Path], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """systemd-analyze verify on copies whose ExecStart= points at an existing h2kd (the venv's
-    entry point), since /usr/bin/h2kd exists only after `make install`."""
+    entry point), since /usr/lib/h2kd/bin/h2kd exists only after `make install`."""
     h2kd = Path(sys.executable).parent / "h2kd"
     copies = []
     for unit in units:
         text = unit.read_text()
-        if not Path("/usr/bin/h2kd").exists():
-            text = text.replace("ExecStart=/usr/bin/h2kd", f"ExecStart={h2kd}")
+        if not Path("/usr/lib/h2kd/bin/h2kd").exists():
+            text = text.replace("ExecStart=/usr/lib/h2kd/bin/h2kd", f"ExecStart={h2kd}")
         copy = tmp_path / unit.name
         copy.write_text(text)
         copies.append(copy)
