@@ -125,7 +125,14 @@ async def serve(config: Config) -> int:
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         log.error("the bus name %s is taken (%s); is another h2kd running?", BUS_NAME, reply)
         return 1
-    metrics_server = start_http(metrics, config.metrics_address, config.metrics_port)
+    try:
+        metrics_server = start_http(metrics, config.metrics_address, config.metrics_port)
+    except OSError as e:
+        # The port is any user's to take first: that must not keep the conversions down (nor restart h2kd in a
+        # loop). Metrics are missing until h2kd starts again with the port free.
+        log.error("cannot serve metrics on %s port %d: %s; h2kd runs without them (metrics_port)",
+                  config.metrics_address, config.metrics_port, e.strerror or e)
+        metrics_server = None
     watchdog = Watchdog(manager.health, on_problem=status_line.set_problem)
     watchdog.start()
     notify_ready(status_line.text())

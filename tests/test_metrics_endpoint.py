@@ -230,3 +230,29 @@ def test_a_thousand_idle_connections_leave_h2kd_serving(stack: Any, tmp_path: Pa
             assert wait_all_closed(idle, max(CLOSED_WITHIN - (time.monotonic() - started), 3)) == [], \
                 "idle connections are left open"
         assert h2kd_descriptors(pid) < before + 50
+
+
+def test_a_metrics_port_another_program_took_first_leaves_h2kd_serving(stack: Any) -> None:
+    """The metrics port is any local user's to bind before h2kd starts: h2kd must still come up and serve the
+    bus (not end, to be restarted into the same failure), and say in its log why there are no metrics."""
+    port = free_port()
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    before = dict(stack.daemon_env)
+    try:
+        stack.restart_daemon({**before, "H2KD_METRICS_PORT": str(port)})
+        pid = stack.daemon_pid
+        time.sleep(1.0)      # past the point where the endpoint is started
+
+        async def health() -> dict[str, Any]:
+            async with Client.connected(stack.bus_address) as client:
+                (values,) = await client.manager("GetHealth")
+                return {k: v.value for k, v in values.items()}
+        assert run(health())["store_ok"] is True
+        assert stack.daemon_pid == pid is not None
+        log = stack.daemon_log.read_text(errors="replace")
+        assert f"cannot serve metrics on 127.0.0.1 port {port}: Address already in use" in log, log[-2000:]
+    finally:
+        squatter.close()
+        stack.restart_daemon(before)
