@@ -76,7 +76,7 @@ async def serve(config: Config) -> int:
     from h2kd.bus.auth import Authority
     from h2kd.observability.health import StatusLine, Watchdog, notify_ready, notify_stopping
     from h2kd.observability.journal import JournalLog
-    from h2kd.observability.metrics import Metrics, start_http
+    from h2kd.observability.metrics import HEALTH_SAMPLE_SECONDS, Metrics, start_http
     from h2kd.runner import SystemdRunner
 
     # Before anything else: a signal that comes while h2kd starts (its name may already be on the bus)
@@ -133,6 +133,15 @@ async def serve(config: Config) -> int:
         log.error("cannot serve metrics on %s port %d: %s; h2kd runs without them (metrics_port)",
                   config.metrics_address, config.metrics_port, e.strerror or e)
         metrics_server = None
+
+    async def sample_health() -> None:
+        while True:
+            try:
+                metrics.health_sampled(manager.health(), manager.paused, manager.oldest_queued_created_at())
+            except Exception:   # the next look may go better; the daemon goes on either way
+                log.exception("could not sample h2kd's health for its metrics")
+            await asyncio.sleep(HEALTH_SAMPLE_SECONDS)
+    sampling = asyncio.ensure_future(sample_health())
     watchdog = Watchdog(manager.health, on_problem=status_line.set_problem)
     watchdog.start()
     notify_ready(status_line.text())
@@ -147,6 +156,7 @@ async def serve(config: Config) -> int:
     await manager.stop()
     service.close()
     await runner.close()
+    sampling.cancel()
     if metrics_server is not None:
         metrics_server.stop()
     if not disconnected.done():

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from prometheus_client import generate_latest
@@ -804,6 +805,51 @@ def test_daemon_metrics_and_journal_for_a_rejected_job(stack):
     assert value(after, "hyper2kvm_migration_total", operation="convert", status="failed") == \
         value(before, "hyper2kvm_migration_total", operation="convert", status="failed") + 1
     assert value(after, "h2kd_jobs", state="failed") == value(before, "h2kd_jobs", state="failed") + 1
+
+
+def test_daemon_metrics_tell_its_health_and_how_long_the_queue_has_been_stuck(stack):
+    """What an operator alerts on: the store and systemd as GetHealth has them, a paused queue, and the age of
+    the job queued longest (time() minus its submission), sampled every few seconds."""
+    import asyncio
+
+    from h2kd import BUS_NAME, MANAGER_PATH
+    from h2kd.observability.metrics import HEALTH_SAMPLE_SECONDS
+
+    def sampled(until: Callable[[dict], bool]) -> dict:
+        deadline = time.monotonic() + 3 * HEALTH_SAMPLE_SECONDS + 5
+        while True:
+            _, samples = _scrape_url(stack.metrics_url)
+            if until(samples) or time.monotonic() > deadline:
+                return samples
+            time.sleep(0.5)
+
+    calm = sampled(lambda m: value(m, "h2kd_queue_paused") == 0)
+    assert value(calm, "h2kd_store_ok") == 1 and value(calm, "h2kd_systemd_reachable") == 1
+    assert value(calm, "h2kd_queue_paused") == 0
+    assert value(calm, "h2kd_jobs", state="queued") == 0
+    assert value(calm, "h2kd_oldest_queued_job_submitted_timestamp_seconds") == 0
+    env = {**os.environ, **stack.env()}
+
+    def manager(member: str, *args: str) -> None:
+        subprocess.run(["gdbus", "call", "--system", "-d", BUS_NAME, "-o", MANAGER_PATH, "-m",
+                        f"{BUS_NAME}.Manager.{member}", *args], env=env, capture_output=True, timeout=30, check=True)
+    manager("PauseQueue")
+    job_id = unique_id("stuck")
+    try:
+        submitted = time.time()
+        asyncio.run(_submit(stack.bus_address, {"job_id": job_id, "operation": "inspect",
+                                                "image": {"path": "/etc/hostname"}}))
+        stuck = sampled(lambda m: value(m, "h2kd_oldest_queued_job_submitted_timestamp_seconds") > 0)
+        assert value(stuck, "h2kd_queue_paused") == 1
+        oldest = value(stuck, "h2kd_oldest_queued_job_submitted_timestamp_seconds")
+        assert submitted - 1 <= oldest <= time.time(), (submitted, oldest)
+    finally:
+        manager("CancelJob", job_id)
+        manager("ResumeQueue")
+    again = sampled(lambda m: value(m, "h2kd_queue_paused") == 0
+                    and value(m, "h2kd_oldest_queued_job_submitted_timestamp_seconds") == 0)
+    assert value(again, "h2kd_queue_paused") == 0
+    assert value(again, "h2kd_oldest_queued_job_submitted_timestamp_seconds") == 0
 
 
 def test_the_status_systemctl_shows_follows_the_queue(stack, tmp_path):

@@ -311,6 +311,11 @@ class JobManager:
     def jobs_running(self) -> int:
         return len(self._active)
 
+    def oldest_queued_created_at(self) -> int:
+        """When (usec) the job that has waited in the queue longest was submitted; 0 with none queued."""
+        return min((self._jobs[job_id].created_at for job_id in self._scheduler.ordered() if job_id in self._jobs),
+                   default=0)
+
     @property
     def workers(self) -> list[WorkerInfo]:
         return list(self._workers.values())

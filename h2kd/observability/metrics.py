@@ -17,6 +17,9 @@ and added for operators:
   h2kd_job_duration_seconds{operation,status}      histogram, submission to end of every finished job
   h2kd_job_retries_total{error_type}               counter, attempts that failed and were retried
   h2kd_workers{state}                              gauge, registered workers alive|stale
+  h2kd_store_ok, h2kd_systemd_reachable            gauges, 1 or 0, as GetHealth has them (sampled, see health_sampled)
+  h2kd_queue_paused                                gauge, 1 while the queue is paused
+  h2kd_oldest_queued_job_submitted_timestamp_seconds gauge, when the job queued longest was submitted (0: none queued)
 
 Every change costs O(1): the listener remembers each job's last counted state and priority, never scans.
 """
@@ -43,6 +46,7 @@ from h2kd.model.states import ACTIVE, TERMINAL, JobState
 log = logging.getLogger(__name__)
 
 PRIORITIES = range(1, 11)
+HEALTH_SAMPLE_SECONDS = 5.0     # how often the daemon feeds health_sampled
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -105,6 +109,16 @@ class Metrics:
         self.retries = Counter("h2kd_job_retries", "Attempts that failed and were retried, by error code",
                                ["error_type"], registry=r)
         self.workers = Gauge("h2kd_workers", "Registered workers, alive or stale", ["state"], registry=r)
+        self.store_ok = Gauge("h2kd_store_ok", "1 while the job store can be written; 0: h2kd restarts to recover it",
+                              registry=r)
+        self.systemd_reachable = Gauge("h2kd_systemd_reachable",
+                                       "1 while systemd's manager answers h2kd; 0: no conversion can start", registry=r)
+        self.queue_paused = Gauge("h2kd_queue_paused", "1 while the queue is paused: no queued job starts",
+                                  registry=r)
+        self.oldest_queued = Gauge("h2kd_oldest_queued_job_submitted_timestamp_seconds",
+                                   "When the job that has waited in the queue longest was submitted (Unix time; 0 "
+                                   "with none queued): time() minus it is how long the queue has been stuck",
+                                   registry=r)
 
         # Every label value a dashboard expects exists from the start, at 0.
         for state in JobState:
@@ -148,6 +162,14 @@ class Metrics:
 
     def manager_changed(self, changed: set[str]) -> None:
         pass
+
+    def health_sampled(self, health: dict[str, Any], paused: bool, oldest_queued_usec: int) -> None:
+        """What the manager's health() and queue said at the last look (see HEALTH_SAMPLE_SECONDS): these are
+        states, not events, so they are sampled rather than told."""
+        self.store_ok.set(1 if health.get("store_ok") else 0)
+        self.systemd_reachable.set(1 if health.get("systemd_reachable") else 0)
+        self.queue_paused.set(1 if paused else 0)
+        self.oldest_queued.set(oldest_queued_usec / 1e6)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
