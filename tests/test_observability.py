@@ -54,11 +54,11 @@ class Lifecycle:
             listener.job_added(job)
         return job
 
-    def move(self, job: Job, state: JobState, **attrs) -> None:
+    def move(self, job: Job, state: JobState, reason: str = "", **attrs) -> None:
         for name, value in attrs.items():
             setattr(job, name, value)
         old = job.move_to(state)
-        event = Event(job.id, 0, T0, "state", {"old_state": old.value, "new_state": state.value, "reason": ""})
+        event = Event(job.id, 0, T0, "state", {"old_state": old.value, "new_state": state.value, "reason": reason})
         for listener in self.listeners:
             listener.job_changed(job, {"state", "cancelable", *attrs}, True)
             listener.job_event(job, event)
@@ -193,6 +193,12 @@ def test_each_metric_moves_with_the_job_lifecycle():
     assert value(s, "h2kd_job_retries_total", error_type="INTERNAL") in (None, 0)
     assert value(s, "h2kd_jobs", state="retrying") == 1
     life.move(bad, S.QUEUED)
+    assert value(scrape(metrics), "h2kd_job_retries_total", error_type="WORKER_LOST") in (None, 0)
+    # An attempt that lost its worker, put straight back in the queue.
+    life.move(bad, S.ASSIGNED, attempt=3)
+    life.move(bad, S.RUNNING)
+    life.move(bad, S.QUEUED, reason="back in the queue: worker w-1 was lost")
+    assert value(scrape(metrics), "h2kd_job_retries_total", error_type="WORKER_LOST") == 1
     life.move(bad, S.FAILED, error_code="NO_SPACE", finished_at=T0 + 40_000_000)
 
     # An inspection cancelled while queued.
@@ -458,6 +464,16 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     assert [e["MESSAGE"] for e in again] == [f"Job {cancelled_id} queued again by request (it had cancelled)"]
     assert again[0]["PRIORITY"] == "5"
 
+    # An attempt that lost its worker goes straight back to the queue: a warning, with why.
+    lost_id = unique_id("jlost")
+    lost_job = life.submit(make_job(lost_id))
+    life.run_to_progressing(lost_job)
+    life.move(lost_job, S.QUEUED, reason="back in the queue: worker w-1 was lost: missed its heartbeats")
+    requeued = read_journal(f"H2K_JOB_ID={lost_id}", f"MESSAGE_ID={MESSAGE_IDS['retried']}", expect=1)
+    assert [e["MESSAGE"] for e in requeued] == [
+        f"Job {lost_id} attempt 1 back in the queue: worker w-1 was lost: missed its heartbeats"]
+    assert requeued[0]["PRIORITY"] == "4" and requeued[0]["H2K_ERROR_CODE"] == "WORKER_LOST"
+
     worker_id = unique_id("w")
     worker = WorkerInfo(id=worker_id, name="remote-box", kind="external", capabilities={}, state="busy")
     log.worker_added(worker)
@@ -467,7 +483,7 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     lost = read_journal(f"H2K_WORKER={worker_id}", expect=1)
     assert [e["MESSAGE_ID"] for e in lost] == [MESSAGE_IDS["worker-lost"]]
     assert lost[0]["H2K_WORKER_NAME"] == "remote-box"
-    assert_catalog_can_explain(entries + retried + gone + lost)
+    assert_catalog_can_explain(entries + retried + gone + requeued + lost)
 
 
 def test_journal_log_is_silent_without_a_journal(tmp_path):

@@ -15,7 +15,7 @@ from systemd import journal
 
 from h2kd.manager.ports import Event, WorkerInfo
 from h2kd.model.job import Job
-from h2kd.model.states import JobState
+from h2kd.model.states import ACTIVE, JobState
 from h2kd.observability.wire import send_journal
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ CHECKPOINT_STEP = 10  # percent between progress entries
 # H2K_* field is also sent under this prefix for systemd/h2kd.catalog to quote. Filter on H2K_*.
 # An absent field shows as its bare name in the catalog text, so each entry always sends those its text quotes.
 CATALOG_PREFIX = "HYPERKVM_"
+_ACTIVE_STATES = frozenset(state.value for state in ACTIVE)
 
 
 def _send(message: str, message_id: str, priority: int, **fields: object) -> None:
@@ -96,9 +97,15 @@ class JournalLog:
             self._safely(self._progressed, job)
 
     def job_event(self, job: Job, event: Event) -> None:
-        # State and progress arrive through job_changed; a retry is told here, where the state it left is known.
-        if event.kind == "state" and event.data.get("new_state") == JobState.RETRYING.value:
-            self._safely(self._retrying, job, str(event.data.get("old_state") or ""))
+        # State and progress arrive through job_changed; a retry, and an attempt put back in the queue, are told
+        # here, where the state left and the reason are known.
+        if event.kind != "state":
+            return
+        new, old = event.data.get("new_state"), str(event.data.get("old_state") or "")
+        if new == JobState.RETRYING.value:
+            self._safely(self._retrying, job, old)
+        elif new == JobState.QUEUED.value and old in _ACTIVE_STATES:
+            self._safely(self._requeued, job, str(event.data.get("reason") or "back in the queue"))
 
     def job_removed(self, job: Job) -> None:
         self._checkpoint.pop(job.id, None)
@@ -188,6 +195,12 @@ class JournalLog:
         _send(text, MESSAGE_ID_RETRIED, priority, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message,
               **self._job_fields(job))
 
+    def _requeued(self, job: Job, reason: str) -> None:
+        # Its attempt lost its worker or unit (a worker gone stale, a unit that never started, the system
+        # shutting down): no error of the job's own, and it is queued again at once, without a back-off.
+        _send(f"Job {job.id} attempt {job.attempt} {reason}", MESSAGE_ID_RETRIED, journal.LOG_WARNING,
+              H2K_ERROR_CODE="WORKER_LOST", H2K_ERROR_MESSAGE=reason, **self._job_fields(job))
+
     def _progressed(self, job: Job) -> None:
         if not job.progress_known or job.state not in (JobState.RUNNING, JobState.PROGRESSING):
             return
@@ -206,7 +219,8 @@ class JournalLog:
 
     def _worker_lost(self, worker: WorkerInfo) -> None:
         name = worker.name or worker.id
-        _send(f"Worker {name} ({worker.id}) was lost and is marked stale; the jobs it held go back to the queue",
+        _send(f"Worker {name} ({worker.id}) was lost and is marked stale; the jobs it held go back to the queue, "
+              "or fail if they have no retries left",
               MESSAGE_ID_WORKER_LOST, journal.LOG_WARNING, H2K_WORKER=worker.id, H2K_WORKER_NAME=name,
               H2K_WORKER_KIND=worker.kind, H2K_OWNER_UID=worker.owner, H2K_STATE=worker.state)
 

@@ -15,7 +15,8 @@ and added for operators:
                                                    conversion (a histogram, not a last-value gauge, so rates and
                                                    quantiles over any window can be taken across a fleet)
   h2kd_job_duration_seconds{operation,status}      histogram, submission to end of every finished job
-  h2kd_job_retries_total{error_type}               counter, attempts that failed and were retried
+  h2kd_job_retries_total{error_type}               counter, attempts that failed and were retried (WORKER_LOST: put
+                                                   back in the queue after losing their worker or unit)
   h2kd_workers{state}                              gauge, registered workers alive|stale
   h2kd_store_ok, h2kd_systemd_reachable            gauges, 1 or 0, as GetHealth has them (sampled, see health_sampled)
   h2kd_queue_paused                                gauge, 1 while the queue is paused
@@ -203,6 +204,9 @@ class Metrics:
             elif before is not None and before.state in ACTIVE and now.state == JobState.RETRYING:
                 # An attempt that failed and is retried; a failed or cancelled job queued again by hand is not.
                 self.retries.labels(error_type=job.error_code or "INTERNAL").inc()
+            elif before is not None and before.state in ACTIVE and now.state == JobState.QUEUED:
+                # An attempt that lost its worker or unit goes straight back to the queue, with no error of its own.
+                self.retries.labels(error_type="WORKER_LOST").inc()
 
     def _forget(self, job: Job) -> None:
         with self._lock:
