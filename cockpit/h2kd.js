@@ -21,7 +21,8 @@ const EXPLICIT_JOB_PROPERTIES = ["Spec", "Result"];   // not in GetAll: read one
 const FINAL_STATES = new Set(["completed", "failed", "cancelled"]);
 const RETRYABLE_STATES = new Set(["failed", "cancelled"]);
 const ACTIVE_STATES = new Set(["assigned", "running", "progressing", "retrying"]);
-const MAX_ROWS = 200;                   // the newest jobs shown; the rest are counted
+const RUNNING_STATES = new Set(["assigned", "running", "progressing"]);    // an attempt under way now
+const MAX_ROWS = 200;                   // the jobs shown (those running, then the newest); the rest are counted
 const EVENTS_PAGE = 1000;               // GetEvents' page: a full one means there may be more
 const HEALTH_INTERVAL_MS = 5000;
 const DETAILS_REFRESH_MS = 2000;        // at most this often while the shown job changes
@@ -44,6 +45,9 @@ let workers = {};                       // object path -> Worker properties, pat
 let daemonOwner;                        // unique bus name of the h2kd we show; null when none runs
 
 const $ = id => document.getElementById(id);
+// Who is logged in to Cockpit: with administrative access every call is root's, so the job's audit says who.
+let sessionUser = "";
+cockpit.user().then(user => { sessionUser = user.name || ""; }, () => {});
 const userNames = new Map();            // uid -> login name, from /etc/passwd
 
 /* ---------------------------------------------------------------- formatting */
@@ -181,6 +185,13 @@ function cancelJob(job) {
     });
 }
 
+function startJob(job) {
+    const id = job.Id;
+    return callManager("StartJob", [id], "s").catch(e => {
+        showActionError(cockpit.format(_("Cannot start job $0: $1"), id, errorText(e)));
+    });
+}
+
 function retryJob(job) {
     const id = job.Id;
     return callJob(job.path, "Retry").catch(e => {
@@ -204,8 +215,11 @@ function jobMatchesFilter(job) {
     return true;
 }
 
-function newestFirst(a, b) {
-    return (Number(b.CreatedAt) - Number(a.CreatedAt)) || String(a.Id).localeCompare(String(b.Id));
+// Running jobs first, so that a batch of hundreds queued after them does not push them off the list; then the
+// newest.
+function runningThenNewest(a, b) {
+    return (RUNNING_STATES.has(b.State) - RUNNING_STATES.has(a.State)) ||
+        (Number(b.CreatedAt) - Number(a.CreatedAt)) || String(a.Id).localeCompare(String(b.Id));
 }
 
 function createRow(job) {
@@ -243,6 +257,13 @@ function createRow(job) {
             text: _("Retry"),
             onclick: () => retryJob(job),
         }),
+        start: el("button", {
+            type: "button",
+            class: "btn btn-secondary btn-small job-start",
+            "aria-label": cockpit.format(_("Start job $0"), id),
+            text: _("Start"),
+            onclick: () => startJob(job),
+        }),
     };
     entry.details = el("button", {
         type: "button",
@@ -260,16 +281,21 @@ function createRow(job) {
         entry.owner,
         entry.age,
         el("td", { "data-label": _("Actions"), class: "actions" },
-           el("div", { class: "row-actions" }, entry.cancel, entry.retry)),
+           el("div", { class: "row-actions" }, entry.start, entry.cancel, entry.retry)),
     );
     return entry;
 }
 
 function progressText(job, now) {
     const state = job.State;
-    if (state === "queued" || state === "created" || state === "validated" || state === "retrying")
+    if (state === "validated")
+        return _("Held: stored without queueing, it starts when started");
+    if (state === "queued" || state === "created" || state === "retrying")
         return job.WaitReason ? cockpit.format(_("Waiting: $0"), job.WaitReason) : _("Waiting to start");
     const parts = [];
+    const [code, message] = Array.isArray(job.Error) ? job.Error : ["", ""];
+    if (state === "failed" && (code || message))     // why, in the list: triage without opening each job
+        parts.push(message ? cockpit.format("$0: $1", code, message) : code);
     if (Number(job.BytesTotal) > 0)
         parts.push(cockpit.format(_("$0 of $1"), formatBytes(job.BytesDone), formatBytes(job.BytesTotal)));
     if (!FINAL_STATES.has(state)) {
@@ -294,7 +320,8 @@ function updateRow(entry) {
 
     entry.state.textContent = state;
     entry.state.className = "label job-state state-" + state;
-    entry.phase.textContent = ACTIVE_STATES.has(state) && job.Phase ? job.Phase : "";
+    // A retrying job waits for its next attempt: the failed attempt's phase and bar are not news.
+    entry.phase.textContent = RUNNING_STATES.has(state) && job.Phase ? job.Phase : "";
     entry.what.textContent = [job.Operation, basename(job.Source)].filter(Boolean).join(" · ");
     entry.what.title = job.Source || "";
 
@@ -303,7 +330,7 @@ function updateRow(entry) {
         percent = 100;
     else if (job.ProgressKnown || FINAL_STATES.has(state))
         percent = Math.max(0, Math.min(100, Math.floor(Number(job.Progress || 0) * 100)));
-    else if (!ACTIVE_STATES.has(state))
+    else if (!RUNNING_STATES.has(state))
         percent = 0;
     const bar = entry.bar;
     bar.className = "progress-bar" + (percent === null ? " indeterminate" : "") +
@@ -328,11 +355,13 @@ function updateRow(entry) {
 
     setHidden(entry.cancel, !job.Cancelable);
     setHidden(entry.retry, !RETRYABLE_STATES.has(state));
-    entry.cancel.parentNode.parentNode.classList.toggle("no-actions", entry.cancel.hidden && entry.retry.hidden);
-    for (const button of [entry.cancel, entry.retry]) {
+    setHidden(entry.start, state !== "validated");
+    const buttons = [entry.start, entry.cancel, entry.retry];
+    entry.cancel.parentNode.parentNode.classList.toggle("no-actions", buttons.every(b => b.hidden));
+    for (const button of buttons) {
         if (button.dataset.lostFocus) {
             delete button.dataset.lostFocus;
-            const next = [entry.cancel, entry.retry].find(b => !b.hidden) || entry.details;
+            const next = buttons.find(b => !b.hidden) || entry.details;
             next.focus();
         }
     }
@@ -342,7 +371,7 @@ function updateRow(entry) {
 // so that a focused button keeps its focus while the list updates.
 function reconcileRows() {
     const all = Object.values(jobs);
-    const matching = all.filter(jobMatchesFilter).sort(newestFirst);
+    const matching = all.filter(jobMatchesFilter).sort(runningThenNewest);
     const newest = matching.slice(0, MAX_ROWS);
     for (const job of newest) {
         if (!job.full)
@@ -376,7 +405,8 @@ function reconcileRows() {
         $("jobs-empty").textContent = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");
     const more = $("jobs-more");
     more.hidden = matching.length <= MAX_ROWS;
-    more.textContent = cockpit.format(_("Showing the newest $0 of $1 jobs."), MAX_ROWS, matching.length);
+    more.textContent = cockpit.format(_("Showing $0 of $1 jobs: those running, then the newest."), MAX_ROWS,
+                                      matching.length);
 }
 
 let reconcileQueued = false;
@@ -686,7 +716,8 @@ function buildSpec(form) {
         image: v("a{sv}", { path: v("s", source) }),
         parameters: v("a{sv}", parameters),
         execution_policy: v("a{sv}", { priority: v("u", priority) }),
-        audit: v("a{sv}", { tags: v("as", ["cockpit"]) }),
+        audit: v("a{sv}", sessionUser ? { tags: v("as", ["cockpit"]), requested_by: v("s", sessionUser) }
+            : { tags: v("as", ["cockpit"]) }),
     };
     if (output)
         spec.artifacts = v("a{sv}", { output_path: v("s", output) });

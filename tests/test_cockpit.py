@@ -95,7 +95,7 @@ def row_state(browser: Browser, job_id: str) -> dict[str, Any] | None:
         return {state: row.querySelector('.job-state').textContent,
                 value: bar.getAttribute('aria-valuenow'),
                 info: row.querySelector('.progress-info').textContent,
-                cancel: shown('.job-cancel'), retry: shown('.job-retry')};
+                cancel: shown('.job-cancel'), retry: shown('.job-retry'), start: shown('.job-start')};
     """, job_id)
 
 
@@ -541,7 +541,7 @@ def test_many_jobs_the_newest_are_shown_and_the_list_follows_changes(browser: Br
         wait_until(lambda: shown_job_ids(browser) == newest, 30, what="the newest 200 jobs, newest first")
         more = browser.find("#jobs-more")
         assert browser.displayed(more)
-        assert f"newest 200 of {len(listed)} jobs" in browser.text(more)
+        assert f"Showing 200 of {len(listed)} jobs" in browser.text(more)
         # Every shown row has the job's own values, read from its object (not only what the list gives).
         row = browser.find(f"tr[data-job-id='{made[-1]}']")
         assert "inspect · big.vmdk" in browser.text(row)
@@ -567,6 +567,47 @@ def test_many_jobs_the_newest_are_shown_and_the_list_follows_changes(browser: Br
     finally:
         browser.click(browser.find("#job-filter option[value='all']"))
         load.cancel_and_remove(stack.bus_address, made)
+
+
+def test_a_running_job_stays_in_view_above_a_batch_queued_after_it(browser: Browser, cockpit_url: str,
+                                                                  env: dict[str, str], stack: Any,
+                                                                  sources: dict[str, Path]) -> None:
+    """Hundreds of jobs submitted after the one converting must not push it off the list (200 rows): running
+    jobs come first. A job held back from the queue says so, and its Start button queues it."""
+    open_page(browser, cockpit_url)
+    # zlib compression of random data is slow enough to keep the job running while the batch is submitted.
+    output = stack.output_dir / "stays-in-view.qcow2"
+    fill_form(browser, str(sources["big"]), str(output), "qcow2", compress=True)
+    running = submit(browser)
+    made: list[str] = []
+    try:
+        wait_until(lambda: (s := row_state(browser, running)) and s["state"] == "progressing", 60, interval=0.05,
+                   what="the conversion to run")
+        made = held_jobs(stack.bus_address, str(sources["big"]), 205)
+        wait_until(lambda: made[-1] in shown_job_ids(browser), 30, what="the batch on the page")
+        assert job_property(env, running, "State") in ("running", "progressing"), "it ended too soon to tell"
+        shown = shown_job_ids(browser)
+        assert shown[0] == running and len(shown) == 200, shown[:3]
+        assert "running, then the newest" in browser.text(browser.find("#jobs-more"))
+
+        held = row_state(browser, made[-1])
+        assert held["start"] and held["cancel"] and held["info"].startswith("Held"), held
+        browser.click(browser.find(f"tr[data-job-id='{made[-1]}'] .job-start"))
+        wait_until(lambda: job_property(env, made[-1], "State") != "validated", 20, what="the held job to start")
+        wait_until(lambda: not (row_state(browser, made[-1]) or {"start": True})["start"], 15,
+                   what="its Start button to go")
+
+        # A job that failed says why in the list too, so that failures can be gone through without opening each.
+        failed, _ = with_client(stack.bus_address, lambda client: client.submit(inspect_spec("/nonexistent.vmdk")))
+        made.append(failed)
+        code, message = job_property(env, failed, "Error")
+        wait_until(lambda: (row_state(browser, failed) or {}).get("info", "").startswith(f"{code}: {message[:30]}"),
+                   15, what="the failed job's error in its row")
+        assert script_errors(browser) == []
+    finally:
+        busctl(env, "call", BUS, MANAGER_PATH, MANAGER, "CancelJob", "s", running)
+        load.cancel_and_remove(stack.bus_address, made)
+        output.unlink(missing_ok=True)
 
 
 def test_a_submitted_job_is_reported_submitted_when_reading_it_back_fails(browser: Browser, cockpit_url: str,
