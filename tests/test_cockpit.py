@@ -11,6 +11,7 @@ import asyncio
 import glob
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -340,6 +341,8 @@ def test_conversion_from_the_form_shows_progress_and_completes(browser: Browser,
     fill_form(browser, str(sources["big"]), str(output), "qcow2", priority=3, verify=True)
     job_id = submit(browser)
     assert job_property(env, job_id, "Priority") == 3
+    # Who submitted from Cockpit (the session's user), recorded with the job.
+    assert json.loads(job_property(env, job_id, "Spec"))["audit"]["requested_by"] == pwd.getpwuid(os.getuid()).pw_name
 
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 120
