@@ -222,6 +222,10 @@ function runningThenNewest(a, b) {
         (Number(b.CreatedAt) - Number(a.CreatedAt)) || String(a.Id).localeCompare(String(b.Id));
 }
 
+function rowButton(classes, label, text, onclick) {
+    return el("button", { type: "button", class: "btn btn-small " + classes, "aria-label": label, text, onclick });
+}
+
 function createRow(job) {
     const id = job.Id;
     const bar = el("div", {
@@ -243,27 +247,12 @@ function createRow(job) {
         owner: el("td", { "data-label": _("Owner"), class: "job-owner" }),
         age: el("td", { "data-label": _("Age"), class: "job-age" }),
         what: el("div", { class: "sub job-what" }),
-        cancel: el("button", {
-            type: "button",
-            class: "btn btn-danger btn-small job-cancel",
-            "aria-label": cockpit.format(_("Cancel job $0"), id),
-            text: _("Cancel"),
-            onclick: () => cancelJob(job),
-        }),
-        retry: el("button", {
-            type: "button",
-            class: "btn btn-secondary btn-small job-retry",
-            "aria-label": cockpit.format(_("Retry job $0"), id),
-            text: _("Retry"),
-            onclick: () => retryJob(job),
-        }),
-        start: el("button", {
-            type: "button",
-            class: "btn btn-secondary btn-small job-start",
-            "aria-label": cockpit.format(_("Start job $0"), id),
-            text: _("Start"),
-            onclick: () => startJob(job),
-        }),
+        cancel: rowButton("btn-danger job-cancel", cockpit.format(_("Cancel job $0"), id), _("Cancel"),
+                          () => cancelJob(job)),
+        retry: rowButton("btn-secondary job-retry", cockpit.format(_("Retry job $0"), id), _("Retry"),
+                         () => retryJob(job)),
+        start: rowButton("btn-secondary job-start", cockpit.format(_("Start job $0"), id), _("Start"),
+                         () => startJob(job)),
     };
     entry.details = el("button", {
         type: "button",
