@@ -178,6 +178,26 @@ function callManager(method, args = [], type = "") {
     return client ? client.call(MANAGER_PATH, MANAGER_IFACE, method, args, { type }) : notConnected();
 }
 
+// A cancel throws away the work done so far, and rows move as jobs come and go: the first press only asks
+// ("Really cancel?"), and a second press of that same button within CONFIRM_MS cancels.
+const CONFIRM_MS = 4000;
+
+function confirmedPress(button) {
+    if (button.dataset.confirming) {
+        window.clearTimeout(Number(button.dataset.confirming));
+        delete button.dataset.confirming;
+        button.textContent = button.dataset.label;
+        return true;
+    }
+    button.dataset.label = button.textContent;
+    button.textContent = _("Really cancel?");
+    button.dataset.confirming = String(window.setTimeout(() => {
+        delete button.dataset.confirming;
+        button.textContent = button.dataset.label;
+    }, CONFIRM_MS));
+    return false;
+}
+
 function cancelJob(job) {
     const id = job.Id;
     return callJob(job.path, "Cancel").catch(e => {
@@ -248,7 +268,7 @@ function createRow(job) {
         age: el("td", { "data-label": _("Age"), class: "job-age" }),
         what: el("div", { class: "sub job-what" }),
         cancel: rowButton("btn-danger job-cancel", cockpit.format(_("Cancel job $0"), id), _("Cancel"),
-                          () => cancelJob(job)),
+                          event => confirmedPress(event.currentTarget) && cancelJob(job)),
         retry: rowButton("btn-secondary job-retry", cockpit.format(_("Retry job $0"), id), _("Retry"),
                          () => retryJob(job)),
         start: rowButton("btn-secondary job-start", cockpit.format(_("Start job $0"), id), _("Start"),
@@ -676,9 +696,9 @@ function loadSpecAndResult(job) {
 
 $("details-close").addEventListener("click", closeDetails);
 $("details-refresh").addEventListener("click", loadHistoryAndJournal);
-$("details-cancel").addEventListener("click", () => {
+$("details-cancel").addEventListener("click", event => {
     const job = selectedJob();
-    if (job)
+    if (job && confirmedPress(event.currentTarget))
         cancelJob(job);
 });
 $("details-retry").addEventListener("click", () => {

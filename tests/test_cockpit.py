@@ -408,9 +408,13 @@ def test_cancel_and_retry_buttons(browser: Browser, cockpit_url: str, env: dict[
     row = f"tr[data-job-id='{job_id}']"
     wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "progressing" and s["cancel"], 60,
                interval=0.05, what="the job to run")
-    # Operated with the keyboard: focus the row's Cancel button and press Enter.
+    # Operated with the keyboard: focus the row's Cancel button and press Enter. The first press only asks.
     cancel = browser.find(f"{row} .job-cancel")
     browser.execute("arguments[0].focus()", {ELEMENT_KEY: cancel})
+    browser.type(browser.active_element(), ENTER)
+    wait_until(lambda: browser.text(cancel) == "Really cancel?", 5, what="the cancel to ask first")
+    time.sleep(1.0)
+    assert job_property(env, job_id, "State") == "progressing", "one press cancelled the job"
     browser.type(browser.active_element(), ENTER)
     wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "cancelled", 30, what="the cancellation")
     assert job_property(env, job_id, "State") == "cancelled"
@@ -427,7 +431,9 @@ def test_cancel_and_retry_buttons(browser: Browser, cockpit_url: str, env: dict[
     wait_until(lambda: job_property(env, job_id, "Attempt") > attempt, 30, what="a new attempt")
     wait_until(lambda: (s := row_state(browser, job_id)) and s["cancel"] and not s["retry"], 30,
                interval=0.05, what="Cancel to come back")
-    browser.click(browser.find(f"{row} .job-cancel"))
+    again = browser.find(f"{row} .job-cancel")
+    browser.click(again)
+    browser.click(again)
     wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "cancelled", 30, what="the second cancel")
     assert script_errors(browser) == []
 
