@@ -117,7 +117,9 @@ async def serve(config: Config) -> int:
     manager.add_listener(service)
     manager.add_listener(JournalLog())
     manager.add_listener(metrics)
-    status_line = StatusLine(lambda: (manager.jobs_queued, manager.jobs_running, manager.paused))
+    status_line = StatusLine(lambda: (manager.jobs_queued, manager.jobs_running, manager.paused),
+                             blocked=lambda: None if runner.reachable else "systemd's manager does not answer, "
+                                                                           "no job starts")
     manager.add_listener(status_line)
     await service.export()
     await manager.start()
@@ -138,8 +140,9 @@ async def serve(config: Config) -> int:
         while True:
             try:
                 metrics.health_sampled(manager.health(), manager.paused, manager.oldest_queued_created_at())
+                status_line.send()
             except Exception:   # the next look may go better; the daemon goes on either way
-                log.exception("could not sample h2kd's health for its metrics")
+                log.exception("could not sample h2kd's health for its metrics and status")
             await asyncio.sleep(HEALTH_SAMPLE_SECONDS)
     sampling = asyncio.ensure_future(sample_health())
     watchdog = Watchdog(manager.health, on_problem=status_line.set_problem)

@@ -924,6 +924,32 @@ def test_the_status_systemctl_shows_follows_the_queue(stack, tmp_path):
             stack.restart_daemon(before)
 
 
+def test_status_and_metrics_say_when_systemd_does_not_answer(stack, tmp_path):
+    """With systemd's manager out of reach no job can start: `systemctl status h2kd` and the metrics say so,
+    rather than a queue that looks merely slow."""
+    sock_path = tmp_path / "notify"
+    before = dict(stack.daemon_env)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        stack.restart_daemon({**before, "NOTIFY_SOCKET": str(sock_path),
+                              "H2KD_SYSTEMD_BUS_ADDRESS": f"unix:path={tmp_path / 'no-systemd'}"})
+        try:
+            seen: list[str] = []
+            while not any(line.startswith("systemd's manager does not answer, no job starts; ") for line in seen):
+                try:
+                    message = sock.recv(4096).decode()
+                except TimeoutError:
+                    raise AssertionError(f"STATUS= never said systemd is away; got {seen}") from None
+                seen += [line[len("STATUS="):] for line in message.splitlines() if line.startswith("STATUS=")]
+            deadline = time.monotonic() + 20
+            while value(_scrape_url(stack.metrics_url)[1], "h2kd_systemd_reachable") != 0:
+                assert time.monotonic() < deadline, "h2kd_systemd_reachable stayed 1"
+                time.sleep(0.5)
+        finally:
+            stack.restart_daemon(before)
+
+
 def test_the_status_line_says_nothing_more_once_closed(tmp_path, monkeypatch):
     """After STOPPING=1 the queue's counts must not come back over it, from a timer set before or a change after."""
     import asyncio

@@ -54,10 +54,14 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
 
 class StatusLine:
     """STATUS= as the queue is ("3 queued, 2 running"), sent at most every `interval` seconds as the manager's
-    counts change (a JobListener: only manager_changed matters), led by the reason while unhealthy."""
+    counts change (a JobListener: only manager_changed matters), led by the reason while unhealthy, and by what
+    keeps jobs from starting while something does ("systemd's manager does not answer"; then send() is called
+    now and then: that is a state, not a change the manager tells)."""
 
-    def __init__(self, counts: Callable[[], tuple[int, int, bool]], interval: float = 1.0) -> None:
+    def __init__(self, counts: Callable[[], tuple[int, int, bool]], interval: float = 1.0,
+                 blocked: Callable[[], str | None] = lambda: None) -> None:
         self._counts = counts            # () -> (queued, running, paused)
+        self._blocked = blocked
         self._interval = interval
         self._problem: str | None = None
         self._sent = ""
@@ -67,6 +71,9 @@ class StatusLine:
     def text(self) -> str:
         queued, running, paused = self._counts()
         line = f"{queued} queued, {running} running" + (", queue paused" if paused else "")
+        blocked = self._blocked()
+        if blocked:
+            line = f"{blocked}; {line}"
         return f"unhealthy: {self._problem}; {line}" if self._problem else line
 
     def send(self) -> None:
