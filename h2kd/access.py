@@ -281,6 +281,16 @@ def check_file_readable(path: str, device: int, inode: int, uid: int, gids: list
         raise NotAuthorized(f"{path} is not readable by uid {uid}: {os.strerror(code)}")
 
 
+def check_repairable_in_place(path: Path, output_roots: Iterable[str | os.PathLike[str]]) -> None:
+    """An image repaired in place (offline_fix, `path` resolved) is rewritten like an output, so it must lie
+    below an output root, as outputs do. Raises NotAuthorized."""
+    roots = _resolved_roots(output_roots)
+    if not _is_below(path, roots):
+        raise NotAuthorized(f"refusing {path}: offline_fix changes it in place, and images are changed only below "
+                            f"the output roots ({', '.join(map(str, roots)) or 'none configured'}); a dry run may "
+                            "read any image")
+
+
 def check_image_writable(path: Path, device: int, inode: int, uid: int, gids: list[int]) -> None:
     """An image repaired in place (offline_fix, `path` resolved, device and inode as root checked it) must be one
     the caller could write itself: h2kd rewrites it as root. Raises NotAuthorized."""

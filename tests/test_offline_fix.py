@@ -330,6 +330,31 @@ def test_convert_whose_repair_fails_never_shows_its_output(stack: Any, tmp_path:
     assert h2k_mounts() == []
 
 
+def test_an_image_outside_the_output_roots_is_refused_when_submitted(stack: Any, tmp_path: Path) -> None:
+    """offline_fix rewrites its image as an output is written: one outside the output roots is refused at
+    submission, with the reason, and no job is stored (before, the job was accepted and failed when it ran). A
+    dry run only reads, and may look at it."""
+    image = small_disk(tmp_path / "outside.raw", linux_tree(tmp_path / "tree"))
+    before = sha256(image)
+    spec = job_spec("offline_fix", image, {})
+
+    async def refused() -> tuple[str, bool]:
+        client = await Client.connect(stack.bus_address)
+        try:
+            message = await client.submit(spec, expect_error="org.freedesktop.DBus.Error.AccessDenied")
+            stored = await client.manager("GetJob", "s", [spec["job_id"].value],
+                                          expect_error="org.hyper2kvm.h2kd1.Error.NoSuchJob")
+            return message, bool(stored)
+        finally:
+            client.close()
+    message, _ = asyncio.run(refused())
+    assert message.startswith(f"refusing {image}: offline_fix changes it in place") and str(stack.output_dir) in message
+    assert "dry run may read any image" in message
+    job = submit(stack, "offline_fix", image, {"dry_run": Variant("b", True)}, timeout=200)
+    assert job["state"] == "completed", job
+    assert sha256(image) == before
+
+
 def test_a_windows_guest_is_reported_as_not_supported(stack: Any, tmp_path: Path) -> None:
     tree = tmp_path / "win"
     (tree / "Windows/System32/config").mkdir(parents=True)

@@ -1,7 +1,7 @@
 """Host-level checks of a job before it is queued: its source and output exist, are allowed, and fit the caller.
 
 A refusal of the caller (it may not read the source, write the output, or write an image repaired in
-place) raises NotAuthorized, so nothing is stored; any other problem (a missing file, an output that
+place, or that image lies outside the output roots) raises NotAuthorized, so nothing is stored; any other problem (a missing file, an output that
 exists) is returned as a sentence and the job ends failed with VALIDATION_FAILED. The source's identity
 (device and inode) is recorded on the job so that the worker converts exactly the file that was checked.
 """
@@ -12,7 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-from h2kd.access import acting_groups, check_image_writable, check_output_allowed, check_source_readable
+from h2kd.access import (acting_groups, check_image_writable, check_output_allowed, check_repairable_in_place,
+                         check_source_readable)
 from h2kd.config import Config
 from h2kd.errors import H2kError, InvalidArgument, NotAuthorized
 from h2kd.model.job import Job
@@ -37,6 +38,7 @@ class HostChecks:
                 if source_proof is not None:
                     self._check_proof(job.source, source_proof)
             if job.operation == "offline_fix" and not (job.spec.get("parameters") or {}).get("dry_run"):
+                check_repairable_in_place(resolved, self._config.output_roots)
                 check_image_writable(resolved, seen.st_dev, seen.st_ino, job.owner, gids)
             job.source_identity = f"{seen.st_dev}:{seen.st_ino}"
             if job.operation == "convert" and job.output:
