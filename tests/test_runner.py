@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -416,6 +417,17 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             assert props["PrivateTmp"] is (not source_in_tmp and not str(config.runs_dir).startswith("/tmp"))
             assert props["KillMode"] == "mixed" and props["SendSIGKILL"] is True
             assert props["TimeoutStopUSec"] == 30 * 1_000_000
+            assert props["TasksMax"] == 1024 and props["RestrictSUIDSGID"] is True
+            assert sorted(props["ReadOnlyPaths"]) == ["/proc/sys", "/sys"]
+            assert tuple(props["RestrictAddressFamilies"]) == (True, ["AF_UNIX"])
+            # What the worker really runs with, read from its process: only the capabilities it needs (those
+            # of h2kd.service), and /proc/sys read-only.
+            worker_pid = props["MainPID"]
+            status = Path(f"/proc/{worker_pid}/status").read_text()
+            bounding = int(re.search(r"^CapBnd:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+            assert bounding == sum(1 << n for n in (0, 1, 2, 3, 5, 6, 7)), hex(bounding)  # CHOWN..FOWNER, KILL, SETGID/UID
+            mounts = Path(f"/proc/{worker_pid}/mountinfo").read_text().splitlines()
+            assert any(line.split()[4] == "/proc/sys" and "ro" in line.split()[5].split(",") for line in mounts)
             assert sorted(props["ReadWritePaths"]) == sorted([str(config.runs_dir / convert_unit), str(output.parent)])
             exec_start = props["ExecStart"][0]
             assert exec_start[1] == [*config.worker_command, "--spec", str(config.runs_dir / convert_unit / "spec.json"),
@@ -433,7 +445,10 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
             offline_props = await unit_properties(sandbox.manager.bus_address, offline_unit)
             assert offline_props is not None
             allowed = {device for device, _ in offline_props["DeviceAllow"]}
-            assert {"/dev/loop-control", "block-loop", "block-nbd", "block-device-mapper"} <= allowed
+            assert {"/dev/loop-control", "block-loop", "block-device-mapper"} <= allowed
+            assert "block-nbd" not in allowed     # the repair attaches loop devices only
+            assert offline_props["TimeoutStopUSec"] == 120 * 1_000_000   # deactivating volume groups takes time
+            assert offline_props["TasksMax"] == 1024
             assert offline_props["RuntimeMaxUSec"] == 660 * 1_000_000
             # A guest repair runs the guest's (maybe 32-bit) programs and may load device-mapper targets.
             assert offline_props["ProtectKernelModules"] is False

@@ -36,6 +36,22 @@ def denied_system_calls(fixes_guest: bool) -> tuple[str, ...]:
     return tuple(g for g in DENIED_SYSTEM_CALLS if not (fixes_guest and g == "@module"))
 
 
+# The capabilities a worker that does not repair a guest keeps (CapabilityBoundingSet=, linux/capability.h's
+# numbers), those of h2kd.service: read any image and write into callers' directories (DAC_READ_SEARCH,
+# DAC_OVERRIDE), hand outputs to their owner (CHOWN, FOWNER), run qemu-img as the submitter (SETUID, SETGID) and
+# stop it on a cancel (KILL). None of the rest, which would let code that took over the worker (a qemu-img
+# exploited by a crafted image) leave the sandbox: remount it (SYS_ADMIN), write into other processes (SYS_PTRACE).
+# A guest repair mounts, chroots and runs the guest's tools: it keeps root's whole set.
+WORKER_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
+                       "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
+WORKER_CAPABILITY_MASK = sum(1 << number for number in WORKER_CAPABILITIES.values())
+# Processes and threads a unit may have (qemu-img's I/O threads, a repair's guest tools); a fork bomb in a guest's
+# scripts, or many jobs at once, stop there rather than at the host's limit.
+TASKS_MAX = 1024
+# A guest repair's clean-up (deactivating volume groups, detaching loop devices) may take longer than a convert's.
+REPAIR_STOP_TIMEOUT_SECONDS = 120
+
+
 def runtime_limit(timeout_seconds: int | None) -> int:
     """systemd's limit on a unit's run time (RuntimeMaxSec), in seconds: the job's timeout and a margin.
 
@@ -48,7 +64,7 @@ def runtime_limit(timeout_seconds: int | None) -> int:
 
 
 # Devices an operation may open (DeviceAllow=, with DevicePolicy=closed). Reading and writing image
-# files needs none; offline fixes attach images as loop/nbd block devices and map partitions with dm.
+# files needs none; offline fixes attach images as loop block devices and map partitions with dm.
 _OPERATION_DEVICES: dict[str, list[tuple[str, str]]] = {
     "inspect": [],
     "convert": [],
@@ -57,7 +73,6 @@ _OPERATION_DEVICES: dict[str, list[tuple[str, str]]] = {
         ("/dev/loop-control", "rw"),
         ("block-loop", "rwm"),
         ("block-blkext", "rwm"),   # partitions of loop devices (loopNpM) use the blkext major
-        ("block-nbd", "rwm"),
         ("/dev/mapper/control", "rw"),
         ("block-device-mapper", "rwm"),
     ],
@@ -212,14 +227,24 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("SystemCallFilter", Variant("(bas)", [False, list(denied_system_calls(fixes_guest))])),
         ("SystemCallErrorNumber", Variant("i", errno.EPERM)),   # a denied call fails; its caller is not killed
         ("KillMode", Variant("s", "mixed")),
-        ("TimeoutStopUSec", Variant("t", STOP_TIMEOUT_SECONDS * 1_000_000)),
+        ("TimeoutStopUSec", Variant("t", (REPAIR_STOP_TIMEOUT_SECONDS if fixes_guest else STOP_TIMEOUT_SECONDS)
+                                    * 1_000_000)),
         ("SendSIGKILL", Variant("b", True)),
+        ("TasksMax", Variant("t", TASKS_MAX)),
     ]
     if not fixes_guest:
         # A guest repair runs the guest's own programs (an i386 guest's are 32-bit), and its volume groups may
-        # need device-mapper targets (dm-thin-pool, dm-raid) loaded as they are activated: it keeps both.
+        # need device-mapper targets (dm-thin-pool, dm-raid) loaded as they are activated: it keeps both, and
+        # root's capabilities, sockets (netlink, for udev and LVM) and set-id files of its tools.
         props += [("ProtectKernelModules", Variant("b", True)),
-                  ("SystemCallArchitectures", Variant("as", ["native"]))]
+                  ("SystemCallArchitectures", Variant("as", ["native"])),
+                  ("CapabilityBoundingSet", Variant("t", WORKER_CAPABILITY_MASK)),
+                  ("RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX"]])),   # sd_notify, the journal
+                  ("RestrictSUIDSGID", Variant("b", True)),
+                  # /proc/sys and /sys read-only: root needs no capability to set kernel.core_pattern, which runs a
+                  # program as root outside every sandbox. (Said path by path: ProtectKernelTunables= also hides
+                  # parts of /proc, and units with it failed to start, 226/NAMESPACE, in the test stack.)
+                  ("ReadOnlyPaths", Variant("as", ["/proc/sys", "/sys"]))]
     # PrivateTmp=yes mounts a fresh /tmp and /var/tmp over the real ones. Anything the worker needs
     # below them (its files, the image, the notify socket of a manager whose runtime directory lives
     # there, as in test sandboxes) would vanish, so it is used only when nothing needed is there.
