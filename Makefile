@@ -68,6 +68,11 @@ bench: deps venv
 # where those programs look for them.
 install: install-app install-data
 
+# Earlier installs linked the daemon and its worker into BINDIR too: those links (and only ours) go.
+REMOVE_OLD_LINKS = for cmd in h2kd h2k-worker; do \
+		[ "$$(readlink $(DESTDIR)$(BINDIR)/$$cmd)" != "$(APPDIR)/bin/$$cmd" ] || rm -f $(DESTDIR)$(BINDIR)/$$cmd; \
+	done
+
 install-app:
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(APPDIR)
 	$(DESTDIR)$(APPDIR)/bin/pip install -q --upgrade pip
@@ -78,6 +83,7 @@ install-app:
 	fi
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sf $(APPDIR)/bin/h2kctl $(DESTDIR)$(BINDIR)/h2kctl
+	$(REMOVE_OLD_LINKS)
 
 # dbus-daemon reads bus policies only from /usr/share/dbus-1/system.d (and /etc), polkitd actions only
 # from /usr/share/polkit-1/actions: those, and the activation file with the policy, go there whatever
@@ -124,6 +130,7 @@ uninstall:
 		$(DESTDIR)$(DATADIR)/man/man1/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8 \
 		$(DESTDIR)$(DATADIR)/bash-completion/completions/h2kctl $(DESTDIR)$(ZSHCOMPDIR)/_h2kctl \
 		$(DESTDIR)$(BINDIR)/h2kctl
+	$(REMOVE_OLD_LINKS)
 	rm -rf $(DESTDIR)$(DATADIR)/doc/h2kd $(DESTDIR)$(DATADIR)/cockpit/h2kd $(DESTDIR)$(APPDIR)
 	-[ -n "$(DESTDIR)" ] || { systemctl daemon-reload; journalctl --update-catalog; } 2>/dev/null
 

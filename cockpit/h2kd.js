@@ -47,7 +47,7 @@ let daemonOwner;                        // unique bus name of the h2kd we show; 
 const $ = id => document.getElementById(id);
 // Who is logged in to Cockpit: with administrative access every call is root's, so the job's audit says who.
 let sessionUser = "";
-cockpit.user().then(user => { sessionUser = user.name || ""; }, () => {});
+const sessionUserKnown = Promise.resolve(cockpit.user()).then(user => { sessionUser = user.name || ""; }, () => {});
 const userNames = new Map();            // uid -> login name, from /etc/passwd
 
 /* ---------------------------------------------------------------- formatting */
@@ -182,19 +182,22 @@ function callManager(method, args = [], type = "") {
 // ("Really cancel?"), and a second press of that same button within CONFIRM_MS cancels.
 const CONFIRM_MS = 4000;
 
+// Back to asking nothing; true if it was asking.
+function unconfirm(button) {
+    if (!button.dataset.confirming)
+        return false;
+    window.clearTimeout(Number(button.dataset.confirming));
+    delete button.dataset.confirming;
+    button.textContent = button.dataset.label;
+    return true;
+}
+
 function confirmedPress(button) {
-    if (button.dataset.confirming) {
-        window.clearTimeout(Number(button.dataset.confirming));
-        delete button.dataset.confirming;
-        button.textContent = button.dataset.label;
+    if (unconfirm(button))
         return true;
-    }
     button.dataset.label = button.textContent;
     button.textContent = _("Really cancel?");
-    button.dataset.confirming = String(window.setTimeout(() => {
-        delete button.dataset.confirming;
-        button.textContent = button.dataset.label;
-    }, CONFIRM_MS));
+    button.dataset.confirming = String(window.setTimeout(() => unconfirm(button), CONFIRM_MS));
     return false;
 }
 
@@ -472,6 +475,7 @@ function selectedJob() {
 
 function showDetails(path, focus) {
     if (path !== selectedPath) {
+        unconfirm($("details-cancel"));    // a press asked about the job shown before, not this one
         selectedPath = path;
         selectedEvents = [];
         lastEventSeq = 0;
@@ -765,7 +769,7 @@ $("submit-form").addEventListener("submit", event => {
         errorBox.dataset.jobId = jobId || "";
         errorBox.hidden = false;
     };
-    callManager("SubmitJob", [buildSpec(form), {}], "a{sv}a{sv}").then(([id, path]) => {
+    sessionUserKnown.then(() => callManager("SubmitJob", [buildSpec(form), {}], "a{sv}a{sv}")).then(([id, path]) => {
         status.dataset.jobId = id;
         status.dataset.path = path;
         const submitted = () => {

@@ -605,6 +605,7 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
     not_taken = list(job_ids)   # not yet followed, in the order named
     early: list[asyncio.Task[None]] = []    # those the lookout found ended before their turn
     turns_early = asyncio.Semaphore(FOLLOWED_AT_ONCE)
+    failures: list[Exception] = []          # of an early report: it ends the wait, as a follower's failure does
 
     async def wait_for(job_id: str, ctrl_c: asyncio.Event) -> None:
         try:
@@ -637,20 +638,33 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
             except CtlError:
                 continue    # h2kd away a moment: the followers wait for it, and say so if it stays away
             under_way = {entry[0] for entry in entries}
-            for job_id in [j for j in not_taken if j not in under_way]:
-                not_taken.remove(job_id)     # it has ended (or is gone, or is held): said at once
-                early.append(asyncio.create_task(reported_early(job_id, ctrl_c)))
+            over = [j for j in not_taken if j not in under_way]     # ended (or gone, or held): said at once
+            not_taken[:] = [j for j in not_taken if j in under_way]
+            early.extend(asyncio.create_task(reported_early(job_id, ctrl_c)) for job_id in over)
 
     async def reported_early(job_id: str, ctrl_c: asyncio.Event) -> None:
         async with turns_early:
-            await wait_for(job_id, ctrl_c)
+            if ctrl_c.is_set():
+                return
+            try:
+                await wait_for(job_id, ctrl_c)
+            except Exception as e:
+                failures.append(e)
+                for each in waits:
+                    each.cancel()
+                raise
 
     with CtrlC() as ctrl_c:
         waits = [asyncio.create_task(follower(ctrl_c.event)) for _ in range(min(FOLLOWED_AT_ONCE, len(job_ids)))]
         # The lookout is not waited for: once every job is taken it has nothing left to do, and may be asleep.
         looking = [asyncio.create_task(lookout(ctrl_c.event))] if len(job_ids) > FOLLOWED_AT_ONCE else []
         try:
-            await asyncio.gather(*waits)    # a failure other than a job gone ends the wait for all
+            try:
+                await asyncio.gather(*waits)    # a failure other than a job gone ends the wait for all
+            except asyncio.CancelledError:
+                if not failures:
+                    raise
+                raise failures[0] from None
             for each in looking:
                 each.cancel()
             await asyncio.gather(*early)

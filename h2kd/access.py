@@ -282,10 +282,10 @@ def check_file_readable(path: str, device: int, inode: int, uid: int, gids: list
 
 
 def check_repairable_in_place(path: Path, output_roots: Iterable[str | os.PathLike[str]]) -> None:
-    """An image repaired in place (offline_fix, `path` resolved) is rewritten like an output, so it must lie
-    below an output root, as outputs do. Raises NotAuthorized."""
+    """An image repaired in place (offline_fix) is rewritten like an output, so it must lie below an output root,
+    as outputs do, wherever the links on its path lead. Raises NotAuthorized."""
     roots = _resolved_roots(output_roots)
-    if not _is_below(path, roots):
+    if not _is_below(Path(_real(path)), roots):
         raise NotAuthorized(f"refusing {path}: offline_fix changes it in place, and images are changed only below "
                             f"the output roots ({', '.join(map(str, roots)) or 'none configured'}); a dry run may "
                             "read any image")

@@ -139,7 +139,7 @@ async def serve(config: Config) -> int:
     async def sample_health() -> None:
         while True:
             try:
-                metrics.health_sampled(manager.health(), manager.paused, manager.oldest_queued_created_at())
+                metrics.health_sampled(manager.health(), manager.paused, manager.oldest_queued_since())
                 status_line.send()
             except Exception:   # the next look may go better; the daemon goes on either way
                 log.exception("could not sample h2kd's health for its metrics and status")
@@ -156,10 +156,10 @@ async def serve(config: Config) -> int:
     status_line.close()
     notify_stopping()
     watchdog.stop()
+    sampling.cancel()
     await manager.stop()
     service.close()
     await runner.close()
-    sampling.cancel()
     if metrics_server is not None:
         metrics_server.stop()
     if not disconnected.done():

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -352,6 +353,19 @@ def test_an_image_outside_the_output_roots_is_refused_when_submitted(stack: Any,
     assert "dry run may read any image" in message
     job = submit(stack, "offline_fix", image, {"dry_run": Variant("b", True)}, timeout=200)
     assert job["state"] == "completed", job
+    assert sha256(image) == before
+    # Named through a link inside an output root, the image still lies outside them. h2kctl opens the image and
+    # passes its descriptor (SubmitJobWithImage): h2kd must resolve the path it was given all the same.
+    link = stack.output_dir / new_id("link-out")
+    link.symlink_to(tmp_path)
+    job_file = tmp_path / "fix.json"
+    job_file.write_text(json.dumps({"operation": "offline_fix", "image": {"path": str(link / image.name)}}))
+    try:
+        refused = subprocess.run([str(Path(sys.executable).parent / "h2kctl"), "submit", "--file", str(job_file)],
+                                 env={**os.environ, **stack.env()}, capture_output=True, text=True, timeout=60)
+    finally:
+        link.unlink()
+    assert refused.returncode == 5 and "offline_fix changes it in place" in refused.stderr, refused
     assert sha256(image) == before
 
 

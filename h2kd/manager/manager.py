@@ -311,10 +311,9 @@ class JobManager:
     def jobs_running(self) -> int:
         return len(self._active)
 
-    def oldest_queued_created_at(self) -> int:
-        """When (usec) the job that has waited in the queue longest was submitted; 0 with none queued."""
-        return min((self._jobs[job_id].created_at for job_id in self._scheduler.ordered() if job_id in self._jobs),
-                   default=0)
+    def oldest_queued_since(self) -> int:
+        """When (usec) the job that has waited in the queue longest joined it; 0 with none queued."""
+        return self._scheduler.oldest_since()
 
     @property
     def workers(self) -> list[WorkerInfo]:
@@ -758,7 +757,7 @@ class JobManager:
     def _requeue_in_memory(self, job: Job) -> None:
         """Put a queued job back in the scheduler's queue (it was taken out for a start that did not happen)."""
         self._scheduler.add(job.id, job.priority, job.queue_seq, job.operation, self._requirements(job),
-                            owner=job.owner)
+                            owner=job.owner, since_usec=now_usec())
 
     def _running_by_owner(self) -> dict[int, int]:
         return Counter(self._jobs[job_id].owner for job_id in self._active)

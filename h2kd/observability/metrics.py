@@ -20,7 +20,7 @@ and added for operators:
   h2kd_workers{state}                              gauge, registered workers alive|stale
   h2kd_store_ok, h2kd_systemd_reachable            gauges, 1 or 0, as GetHealth has them (sampled, see health_sampled)
   h2kd_queue_paused                                gauge, 1 while the queue is paused
-  h2kd_oldest_queued_job_submitted_timestamp_seconds gauge, when the job queued longest was submitted (0: none queued)
+  h2kd_queue_oldest_timestamp_seconds              gauge, when the job queued longest joined the queue (0: none)
 
 Every change costs O(1): the listener remembers each job's last counted state and priority, never scans.
 """
@@ -116,9 +116,9 @@ class Metrics:
                                        "1 while systemd's manager answers h2kd; 0: no conversion can start", registry=r)
         self.queue_paused = Gauge("h2kd_queue_paused", "1 while the queue is paused: no queued job starts",
                                   registry=r)
-        self.oldest_queued = Gauge("h2kd_oldest_queued_job_submitted_timestamp_seconds",
-                                   "When the job that has waited in the queue longest was submitted (Unix time; 0 "
-                                   "with none queued): time() minus it is how long the queue has been stuck",
+        self.oldest_queued = Gauge("h2kd_queue_oldest_timestamp_seconds",
+                                   "When the job that has waited in the queue longest joined it (Unix time; 0 with "
+                                   "none queued): time() minus it is how long the queue has not taken it",
                                    registry=r)
 
         # Every label value a dashboard expects exists from the start, at 0.
@@ -164,13 +164,13 @@ class Metrics:
     def manager_changed(self, changed: set[str]) -> None:
         pass
 
-    def health_sampled(self, health: dict[str, Any], paused: bool, oldest_queued_usec: int) -> None:
+    def health_sampled(self, health: dict[str, Any], paused: bool, oldest_queued_since_usec: int) -> None:
         """What the manager's health() and queue said at the last look (see HEALTH_SAMPLE_SECONDS): these are
         states, not events, so they are sampled rather than told."""
         self.store_ok.set(1 if health.get("store_ok") else 0)
         self.systemd_reachable.set(1 if health.get("systemd_reachable") else 0)
         self.queue_paused.set(1 if paused else 0)
-        self.oldest_queued.set(oldest_queued_usec / 1e6)
+        self.oldest_queued.set(oldest_queued_since_usec / 1e6)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ class _Entry:
     requirements: dict[str, Any]
     not_before: int = 0
     owner: int = 0
+    since: int = 0      # usec: when it joined the queue (or, queued before h2kd started, when h2kd loaded it)
     needs: str = ""     # operation and requirements as one string: jobs with equal needs share match results
 
     def __post_init__(self) -> None:
@@ -209,12 +210,14 @@ class Scheduler:
     # ---------------------------------------------------------------- contents
 
     def add(self, job_id: str, priority: int, queue_seq: int, operation: str, requirements: dict[str, Any],
-            not_before_usec: int = 0, owner: int = 0) -> None:
-        """Queue a job. Raises ValueError if it is already queued or the priority is not 1..10."""
+            not_before_usec: int = 0, owner: int = 0, since_usec: int = 0) -> None:
+        """Queue a job (since_usec: now, for oldest_since). Raises ValueError if it is already queued or the priority
+        is not 1..10."""
         _check_priority(priority)
         if job_id in self._entries:
             raise ValueError(f"job {job_id} is already queued")
-        entry = _Entry(job_id, priority, queue_seq, operation, dict(requirements or {}), not_before_usec, owner)
+        entry = _Entry(job_id, priority, queue_seq, operation, dict(requirements or {}), not_before_usec, owner,
+                       since_usec)
         self._entries[job_id] = entry
         self._link(entry)
 
@@ -290,6 +293,10 @@ class Scheduler:
         self._turn += 1
         self._last_turn[owner] = self._turn
         self.remove(job_id)
+
+    def oldest_since(self) -> int:
+        """When (usec) the job that has been queued longest joined the queue; 0 with none queued."""
+        return min((entry.since for entry in self._entries.values()), default=0)
 
     def ordered(self) -> list[str]:
         """Queued job ids, most urgent first: by priority, then owners in turn, then first come first served."""

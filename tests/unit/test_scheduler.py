@@ -113,6 +113,22 @@ def test_add_and_remove():
     assert s.ordered() == ["a", "c"] and "b" not in s
 
 
+def test_the_oldest_entry_is_the_one_queued_longest_not_the_one_submitted_first():
+    """What h2kd_queue_oldest_timestamp_seconds shows: a job submitted long ago but queued only now (held, or
+    retried by hand) has not waited in the queue."""
+    s = Scheduler(max_parallel=1)
+    assert s.oldest_since() == 0
+    s.add("retried-old-job", 5, 1, "convert", {}, since_usec=2_000)
+    s.add("waiting", 5, 2, "convert", {}, since_usec=1_000)
+    assert s.oldest_since() == 1_000
+    s.remove("waiting")
+    assert s.oldest_since() == 2_000
+    s.set_priority("retried-old-job", 1)
+    assert s.oldest_since() == 2_000
+    s.remove("retried-old-job")
+    assert s.oldest_since() == 0
+
+
 def test_a_job_no_worker_can_run_waits_without_blocking_the_others():
     s = queue(("needs-nbd", 1, {"nbd": True}), ("plain", 5), ("needs-lvm", 2, {"lvm": True, "qemu_img": True}),
               ("also-plain", 9), max_parallel=10)
