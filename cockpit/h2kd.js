@@ -729,8 +729,7 @@ function buildSpec(form) {
         image: v("a{sv}", { path: v("s", source) }),
         parameters: v("a{sv}", parameters),
         execution_policy: v("a{sv}", { priority: v("u", priority) }),
-        audit: v("a{sv}", sessionUser ? { tags: v("as", ["cockpit"]), requested_by: v("s", sessionUser) }
-            : { tags: v("as", ["cockpit"]) }),
+        audit: v("a{sv}", { tags: v("as", ["cockpit"]), ...(sessionUser && { requested_by: v("s", sessionUser) }) }),
     };
     if (output)
         spec.artifacts = v("a{sv}", { output_path: v("s", output) });

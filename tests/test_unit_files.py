@@ -269,30 +269,19 @@ def test_h2kds_capabilities_let_it_end_a_check_that_hangs_as_its_caller(tmp_path
     capabilities = service["Service"]["CapabilityBoundingSet"].split()
     bounding = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in capabilities)])
     script = """
-import os, threading, time
+import os
 from h2kd import access
+from tests.unit.test_access import check_that_hangs
 access.CALLER_CHECK_SECONDS = 0.5
-forked = []
 fork = os.fork
 def recorded_fork():
     pid = fork()
     if pid:
-        forked.append(pid)
         print("forked", pid, flush=True)
     return pid
 os.fork = recorded_fork
-outcome = []
-def hangs(path):
-    time.sleep(3600)
-def check():
-    try:
-        access._as_caller(65534, [65534], hangs, "/mnt/theirs/disk.vmdk")
-    except BaseException as e:
-        outcome.append(e)
-thread = threading.Thread(target=check, daemon=True)
-thread.start()
-thread.join(20)
-print("alive" if thread.is_alive() else f"{type(outcome[0]).__name__}: {outcome[0]}", flush=True)
+error = check_that_hangs(20)
+print("alive" if error is None else f"{type(error).__name__}: {error}", flush=True)
 print("unreaped", sorted(access._UNREAPED), flush=True)
 """
     # A file, not a pipe: a child left hanging would hold a pipe open, and the run with it.

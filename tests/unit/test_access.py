@@ -20,11 +20,9 @@ def _hangs(path: str) -> tuple[int, ...]:
     return (0,)
 
 
-def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
-    """A caller may point h2kd at a path in a file system of their own that never answers: the check, made on
-    the daemon's event loop, gives up after CALLER_CHECK_SECONDS, tells why, and leaves no child behind."""
-    monkeypatch.setattr(access, "CALLER_CHECK_SECONDS", 0.5)
-    monkeypatch.setattr(access, "_STALLED", {})
+def check_that_hangs(timeout: float = 30) -> BaseException | None:
+    """Make a check as uid 65534 whose lookup hangs, in a thread; what it raised, or None if it was still
+    waiting after `timeout` seconds. (tests/test_unit_files.py runs it with h2kd.service's capabilities.)"""
     outcome: list[BaseException] = []
 
     def check() -> None:
@@ -34,9 +32,17 @@ def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
             outcome.append(e)
     thread = threading.Thread(target=check, daemon=True)
     thread.start()
-    thread.join(30)
-    assert not thread.is_alive(), "the check as the caller never gave up"
-    [error] = outcome
+    thread.join(timeout)
+    return outcome[0] if outcome else None
+
+
+def test_a_check_that_hangs_is_given_up_and_its_child_ended(monkeypatch):
+    """A caller may point h2kd at a path in a file system of their own that never answers: the check, made on
+    the daemon's event loop, gives up after CALLER_CHECK_SECONDS, tells why, and leaves no child behind."""
+    monkeypatch.setattr(access, "CALLER_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(access, "_STALLED", {})
+    error = check_that_hangs()
+    assert error is not None, "the check as the caller never gave up"
     assert isinstance(error, H2kError)
     assert "checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in str(error)
     assert access._UNREAPED == set()
