@@ -400,6 +400,9 @@ def test_lifecycle_entries_carry_fields_and_message_ids(journald):
     assert started["H2K_OWNER_UID"] == "1234"
     assert started["SYSLOG_IDENTIFIER"] == "h2kd"
     assert started["PRIORITY"] == "6"
+    # Where in h2kd the entry was written: the lifecycle step, not the helper that sends every entry.
+    assert started["CODE_FUNC"] == "JournalLog._state_changed", started["CODE_FUNC"]
+    assert started["CODE_FILE"].endswith("h2kd/observability/journal.py") and int(started["CODE_LINE"]) > 0
     assert [e["H2K_PROGRESS_PERCENT"] for e in entries[2:12]] == [str(p) for p in range(10, 101, 10)]
     assert entries[-1]["H2K_STATE"] == "completed"
     assert entries[-1]["H2K_DURATION_SECONDS"] == "12.500"

@@ -300,3 +300,17 @@ print("unreaped", sorted(access._UNREAPED), flush=True)
     assert ran.returncode == 0, said
     assert "H2kError: checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in said, said
     assert left == [] and "unreaped []" in said, said
+
+
+def test_job_units_keep_exactly_h2kds_capabilities_by_their_kernel_numbers() -> None:
+    """A job unit that does not repair a guest gets h2kd.service's bounding set, given to systemd as a number:
+    the same names as the service file, each at the bit the kernel gives it (setpriv lists them in that order)."""
+    from h2kd.runner.unit import WORKER_CAPABILITIES, WORKER_CAPABILITY_MASK
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string(SERVICE.read_text())
+    assert set(WORKER_CAPABILITIES) == set(service["Service"]["CapabilityBoundingSet"].split())
+    kernel_order = subprocess.run(["setpriv", "--list-caps"], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    kernel_numbers = {"CAP_" + name.upper(): number for number, name in enumerate(kernel_order)}
+    assert {name: kernel_numbers[name] for name in WORKER_CAPABILITIES} == WORKER_CAPABILITIES
+    assert WORKER_CAPABILITY_MASK == sum(1 << kernel_numbers[name] for name in WORKER_CAPABILITIES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 
 from systemd import journal
 
@@ -51,9 +52,12 @@ _ACTIVE_STATES = frozenset(state.value for state in ACTIVE)
 
 
 def _send(message: str, message_id: str, priority: int, **fields: object) -> None:
-    """One datagram to journald; without a journal (no socket) it is silently dropped."""
+    """One datagram to journald; without a journal (no socket) it is silently dropped. CODE_* name the
+    function that wrote the entry (the one that knows which event it is), not this one."""
+    writer = sys._getframe(1)
     values = {"MESSAGE": message, "MESSAGE_ID": message_id, "PRIORITY": str(priority),
-              "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER, "CODE_FILE": __file__, "CODE_FUNC": "_send"}
+              "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER, "CODE_FILE": writer.f_code.co_filename,
+              "CODE_LINE": str(writer.f_lineno), "CODE_FUNC": writer.f_code.co_qualname}
     for key, value in fields.items():
         if value is not None and value != "":
             values[key] = text = str(value)
