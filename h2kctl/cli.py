@@ -38,10 +38,11 @@ DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and Virtu
                "escapes such as \\x1b: it may come from other users and never drives the terminal. --json keeps "
                "it exact, in JSON's own escapes.")
 
-CTRL_C_HELP = ("Ctrl-C while jobs are waited for (submit --wait, retry --wait, start --wait, wait, inspect) or "
-               "a job is watched detaches: the jobs go on, h2kctl says how to cancel them and ends by SIGINT (exit "
-               "status 130), so a script running it stops instead of going on as if they had completed; with "
-               "--json it first prints the jobs as they are then. Ctrl-C ends watch without a job (all jobs) with "
+CTRL_C_HELP = ("Ctrl-C while jobs are waited for (submit --wait, retry --wait, start --wait, wait) or a job is "
+               "watched detaches: the jobs go on, h2kctl says how to cancel them and ends by SIGINT (exit status "
+               "130), so a script running it stops instead of going on as if they had completed; with --json it "
+               "first prints the jobs as they are then. Ctrl-C during inspect cancels its job, whose report "
+               "nobody would read, and ends the same way. Ctrl-C ends watch without a job (all jobs) with "
                "status 0.")
 
 
@@ -717,7 +718,7 @@ async def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> in
             return ExitCode.INTERRUPTED
         out.line(final_message(props))
         return exit_code_for(props["State"])
-    await watch_all(client, sys.stdout, stream_is_tty(sys.stdout))
+    await watch_all(client, sys.stdout, stream_is_tty(sys.stdout), out.quiet)
     return ExitCode.SUCCESS
 
 
@@ -965,7 +966,13 @@ async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> 
     stream, tty = progress_stream(out.json, out.quiet)
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:
-        print(detach_hint(job_id) + f"; its report: h2kctl status {job_id}", file=sys.stderr)
+        # The job exists only to print its report here, so Ctrl-C cancels it (as importctl cancels its transfer).
+        try:
+            await _job_action(client, job_id, "CancelJob", "cancel")
+            print(f"Cancelled inspect job {job_id}.", file=sys.stderr)
+        except CtlError as e:
+            print(f"Could not cancel inspect job {job_id}: {e.message.rstrip('.')}. " + detach_hint(job_id)
+                  + f"; its report: h2kctl status {job_id}", file=sys.stderr)
         if out.json:    # the job as it is now, its report still empty, as submit --wait --json does
             out.emit_json(schema.inspect(schema.job(await client.read_job(path), path)))
         return ExitCode.INTERRUPTED

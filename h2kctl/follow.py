@@ -376,8 +376,10 @@ async def _read_results(client: Client, paths: list[str], jobs: dict[str, dict[s
                            and (uid == 0 or jobs[p].get("Owner") == uid)))
 
 
-async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
-    """Show every job's progress until Ctrl-C: a block of bars on a terminal, plain lines otherwise."""
+async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = False) -> None:
+    """Show every job's progress until Ctrl-C: a block of bars on a terminal, plain lines otherwise; `quiet`:
+    only a line for each job as it ends."""
+    tty = tty and not quiet
     jobs: dict[str, dict[str, Any]] = {}
     views: dict[str, ProgressView] = {}
     changed = asyncio.Event()
@@ -433,7 +435,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
     block = 0
     last_resync = time.monotonic()
     unreachable_since: float | None = None
-    if not tty:
+    if not tty and not quiet:
         stream.write("Watching all jobs; press Ctrl-C to stop.\n")
         stream.flush()
     with CtrlC() as interrupt:
@@ -461,7 +463,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool) -> None:
                 block = len(lines)
                 stream.write(out)
             else:
-                for p in active:
+                for p in active if not quiet else ():
                     views.setdefault(p, ProgressView(stream, False)).update(jobs[p])
                 for p in finished_now:
                     stream.write(final_message(jobs[p]) + "\n")

@@ -864,6 +864,26 @@ def test_ctrl_c_detaches_without_cancelling(env, images, output_dir):
     assert wait_for_state(env, job_id, TERMINAL, timeout=240) == "completed"
 
 
+def test_ctrl_c_during_inspect_cancels_its_job(env, images, paused_queue):
+    """inspect's job exists only for the report it prints: Ctrl-C cancels it rather than leaving it queued for
+    nobody, says so, and ends as Ctrl-C ends a program."""
+    pressed: list[bool] = []
+
+    def ctrl_c_once_queued(terminal: int, text: str) -> None:
+        if not pressed and "queued" in text:
+            os.write(terminal, CTRL_C)
+            pressed.append(True)
+
+    code, output = run_in_pty([H2KCTL, "inspect", str(images["small"])], env, timeout=60,
+                              on_output=ctrl_c_once_queued)
+    assert pressed, output
+    assert code == -signal.SIGINT, output
+    said = re.search(r"Cancelled inspect job (\S+)\.", output)
+    assert said and "Detached" not in output and "Traceback" not in output, output
+    job_id = said.group(1)
+    assert wait_for_state(env, job_id, TERMINAL, timeout=60) == "cancelled"
+
+
 def test_ctrl_c_stops_a_script_that_waits_and_the_jobs_go_on(env, images, output_dir, paused_queue):
     """A batch script: Ctrl-C while h2kctl waits stops the script, as it would stop any command in it, instead
     of letting it go on as if the job had completed (bash goes on after a child that exits by itself, even
@@ -950,6 +970,28 @@ def test_watch_all_reports_jobs_left_unfinished_before_it_started_not_finished_o
         assert wait_for_state(env, held_id, TERMINAL, timeout=120) == "completed"
     out, _err = watch_all_during(env, start_and_wait)
     assert f"Job {held_id} completed" in out and finished_id not in out, out
+
+
+def test_quiet_watch_of_all_jobs_says_only_how_they_end(env, images, output_dir):
+    """`watch -q`: no banner, no progress lines, one line per job as it ends (for a log or a notifier)."""
+    held_id = new_id("quietwatch")
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output_dir / f"{held_id}.qcow2"), "--id", held_id,
+              "--no-queue"))
+    watcher = subprocess.Popen([H2KCTL, "watch", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)     # its first look finds the held job unfinished: its end is news
+        ok(h2kctl(env, "start", held_id))
+        assert wait_for_state(env, held_id, TERMINAL, timeout=120) == "completed"
+        time.sleep(1.0)
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        clean_up(env, (), processes=[watcher])
+    assert watcher.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Job {held_id} completed"), out
+    assert "Traceback" not in err, err
 
 
 def test_watch_reports_a_job_that_ends_again_after_a_retry(env, images, output_dir):
