@@ -16,6 +16,7 @@ SYSTEM_DATADIR ?= /usr/share
 # another PREFIX, give UNITDIR (pkg-config --variable=systemdsystemunitdir systemd).
 UNITDIR  ?= $(LIBDIR)/systemd/system
 CATALOGDIR ?= $(LIBDIR)/systemd/catalog
+SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
 APPDIR   ?= $(LIBDIR)/h2kd
 # zsh's own directory for packages on Debian (/usr only); site-functions elsewhere.
 ZSHCOMPDIR ?= $(if $(filter /usr,$(PREFIX)),$(DATADIR)/zsh/vendor-completions,$(DATADIR)/zsh/site-functions)
@@ -98,6 +99,8 @@ install-data:
 	sed 's|^ExecStart=/usr/lib/h2kd/bin/h2kd|ExecStart=$(APPDIR)/bin/h2kd|' systemd/h2kd.service > $(DESTDIR)$(UNITDIR)/h2kd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/h2kd.service
 	install -m0644 systemd/h2k.slice $(DESTDIR)$(UNITDIR)/h2k.slice
+	install -Dm0644 systemd/h2kd.sysusers $(DESTDIR)$(SYSUSERSDIR)/h2kd.conf
+	[ -n "$(DESTDIR)" ] || systemd-sysusers $(SYSUSERSDIR)/h2kd.conf || true
 	if [ -f systemd/h2kd.catalog ]; then \
 		install -Dm0644 systemd/h2kd.catalog $(DESTDIR)$(CATALOGDIR)/h2kd.catalog; \
 		[ -n "$(DESTDIR)" ] || journalctl --update-catalog || true; \
@@ -126,6 +129,7 @@ uninstall:
 		$(DESTDIR)$(SYSTEM_DATADIR)/dbus-1/system-services/org.hyper2kvm.h2kd1.service \
 		$(DESTDIR)$(DATADIR)/dbus-1/interfaces/org.hyper2kvm.h2kd1.*.xml \
 		$(DESTDIR)$(UNITDIR)/h2kd.service $(DESTDIR)$(UNITDIR)/h2k.slice $(DESTDIR)$(CATALOGDIR)/h2kd.catalog \
+		$(DESTDIR)$(SYSUSERSDIR)/h2kd.conf \
 		$(DESTDIR)$(SYSTEM_DATADIR)/polkit-1/actions/org.hyper2kvm.h2kd1.policy \
 		$(DESTDIR)$(DATADIR)/man/man1/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8 \
 		$(DESTDIR)$(DATADIR)/bash-completion/completions/h2kctl $(DESTDIR)$(ZSHCOMPDIR)/_h2kctl \

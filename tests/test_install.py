@@ -17,6 +17,7 @@ EXPECTED = [
     "usr/lib/systemd/system/h2kd.service",
     "usr/lib/systemd/system/h2k.slice",
     "usr/lib/systemd/catalog/h2kd.catalog",
+    "usr/lib/sysusers.d/h2kd.conf",
     "usr/share/polkit-1/actions/org.hyper2kvm.h2kd1.policy",
     "usr/share/doc/h2kd/examples/50-h2kd.rules.example",
     "usr/share/cockpit/h2kd/manifest.json",
@@ -82,3 +83,19 @@ def test_make_uninstall_removes_what_install_put_there(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
     left = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
     assert left == []
+
+
+def test_the_installed_sysusers_file_creates_the_system_group_of_the_example_rules(tmp_path):
+    """The group the example polkit rules name exists once systemd-sysusers has read what install put down,
+    as a system group (below 1000), without touching the host's own group file."""
+    stage = tmp_path / "stage"
+    result = subprocess.run(["make", "-C", str(REPO), "install-data", f"DESTDIR={stage}"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (stage / "etc").mkdir(exist_ok=True)
+    created = subprocess.run(["systemd-sysusers", f"--root={stage}"], capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    groups = {line.split(":")[0]: int(line.split(":")[2]) for line in (stage / "etc/group").read_text().splitlines()}
+    assert "h2k" in groups and 0 < groups["h2k"] < 1000, groups
+    rules = (REPO / "polkit/50-h2kd.rules.example").read_text()
+    assert 'subject.isInGroup("h2k")' in rules
