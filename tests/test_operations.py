@@ -1260,6 +1260,37 @@ def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> N
     assert victim.read_text() == "someone else's" and victim.stat().st_uid == 0
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_jobs_notes_reach_the_disk_before_what_they_note(tmp_path: Path, monkeypatch, durable: bool) -> None:
+    """What a worker notes so that its files can be cleaned up (the temporary file it is about to make, the
+    rename it is about to do) is synced before it makes or renames them: a machine that crashes leaves no file
+    that no note names. A job with parameters.sync false pays for no sync."""
+    from h2kd.operations import tempfiles
+    from h2kd.operations.convert import _commit
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    synced: list[tuple[str, list[str]]] = []    # what was synced, and what the output directory held then
+    real_fsync = os.fsync
+
+    def recorded_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), sorted(os.listdir(out))))
+        real_fsync(fd)
+    monkeypatch.setattr(tempfiles.os, "fsync", recorded_fsync)
+    temps = tempfiles.TempFiles(str(run / tempfiles.RECORD_NAME), durable=durable)
+    temp = temps.create(str(out / "disk.qcow2"))
+    _commit([(temp, str(out / "disk.qcow2"))], temps, overwrite=False, durable=durable)
+    assert os.listdir(out) == ["disk.qcow2"]
+    notes = [(path, held) for path, held in synced if path.startswith(str(run))]
+    if not durable:
+        assert notes == [], synced
+        return
+    assert (str(run / tempfiles.RECORD_NAME), []) in notes, synced          # before the temporary file existed
+    assert (str(run), []) in notes, synced                                 # the record's own name, too
+    assert (str(run / tempfiles.COMMIT_NAME), [os.path.basename(temp)]) in notes, synced  # before the rename
+
+
 def test_a_converted_output_swapped_for_a_link_before_its_check_is_refused_unread(tmp_path: Path) -> None:
     """Between the conversion and the commit the worker (root in guest-repair jobs) reads the output's
     header and size and flushes it: through the file made for it, so a symlink or hard link the submitter

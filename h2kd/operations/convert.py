@@ -353,7 +353,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     sizes = [max(p.disk.virtual_size, 1) for p in plans]
     total = verify_total + sum(size * p.steps(options) for size, p in zip(sizes, plans))
     verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
-    temps = TempFiles(temp_record, owner)
+    temps = TempFiles(temp_record, owner, durable)
     outputs: list[dict[str, Any]] = []
     repair_report: dict[str, Any] | None = None
     try:

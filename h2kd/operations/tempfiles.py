@@ -47,12 +47,15 @@ class TempFiles:
     line "-<path>". See remove_recorded().
     """
 
-    def __init__(self, record: str | None = None, owner: dict[str, int] | None = None) -> None:
+    def __init__(self, record: str | None = None, owner: dict[str, int] | None = None, durable: bool = True) -> None:
         """owner {"uid", "gid"}: whom the temporary files belong to from their creation (the submitter, whose
-        rights qemu-img writes them with)."""
+        rights qemu-img writes them with). durable: each note reaches the disk before what it notes is done, so
+        that a machine that crashes (not only a killed worker) leaves nothing unnoted behind; a job run with
+        parameters.sync false accepts that a crash may leave its files, and pays for no sync."""
         self.paths: list[str] = []
         self.record = record
         self.owner = owner
+        self.durable = durable
         self._made: dict[str, tuple[int, int]] = {}   # path -> (device, inode) of the file created there
         # Each directory is opened once, when a file is first made in it: whatever the submitter renames or
         # swaps on its path later, root opens, removes and renames the temporary files there, and only there.
@@ -66,7 +69,7 @@ class TempFiles:
 
     def _note(self, line: str) -> None:
         if self.record:
-            _append_line(self.record, line)
+            _append_line(self.record, line, self.durable)
 
     def note_commit(self, temp: str, destination: str, aside: str | None) -> None:
         """Before the temporary file `temp` gets the name `destination`, replacing the file kept aside as `aside`
@@ -74,7 +77,8 @@ class TempFiles:
         if self.record:
             device, inode = self._made[temp]
             _append_line(os.path.join(os.path.dirname(self.record), COMMIT_NAME),
-                         json.dumps({"destination": destination, "device": device, "inode": inode, "aside": aside}))
+                         json.dumps({"destination": destination, "device": device, "inode": inode, "aside": aside}),
+                         self.durable)
 
     def _claim_name(self, destination: str, make: Callable[[str], _Made | None],
                     failure: str) -> tuple[str, _Made] | None:
@@ -211,12 +215,26 @@ def _moved(directory: str, phase: str) -> OperationError:
                           "job; nothing was written", phase)
 
 
-def _append_line(path: str, line: str) -> None:
-    # No fsync: what a record must survive is the death of the process, which the page cache does.
-    # (After a machine crash, ext4's ordered mode commits the record no later than the file it names.)
+def _append_line(path: str, line: str, sync: bool) -> None:
+    # Without sync the line survives the death of the process (the page cache keeps it), not a crash of the
+    # machine: the record and the files it names may be on different file systems, committed in any order.
+    # A note is a few bytes written before the conversion's data or after its outputs were synced: cheap.
+    created = not os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, (line + "\n").encode())
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if sync and created:
+        _sync_directory(os.path.dirname(path))
+
+
+def _sync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
