@@ -1515,6 +1515,37 @@ def test_a_start_systemd_does_not_answer_in_time_is_followed_and_reported(sandbo
     asyncio.run(scenario())
 
 
+def test_a_start_whose_answer_the_bus_lost_is_followed_not_taken_for_a_refusal(sandbox: Sandbox,
+                                                                              monkeypatch) -> None:
+    """systemd started the unit, but the bus answered StartTransientUnit with NoReply (systemd re-executed, or
+    the answer timed out in the bus): the runner must not take that for a refusal, after which the job would
+    start again under a new unit while this one converts unwatched."""
+    real_call = SystemdRunner._manager_call
+
+    async def answer_lost(self, member, signature, body):
+        reply = await real_call(self, member, signature, body)
+        if member == "StartTransientUnit" and body[0].startswith("h2k-job-"):
+            raise systemd_runner.SystemdError("systemd refused StartTransientUnit: org.freedesktop.DBus.Error."
+                                              "NoReply: no reply", "org.freedesktop.DBus.Error.NoReply")
+        return reply
+
+    monkeypatch.setattr(SystemdRunner, "_manager_call", answer_lost)
+
+    async def scenario() -> None:
+        config = sandbox.config("quick")
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(config, events) as runner:
+            with pytest.raises(StartUnanswered) as unanswered:
+                await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
+        assert unanswered.value.unit == outcome.unit
+        assert starts(config, outcome.unit) == 1
+
+    asyncio.run(scenario())
+
+
 def test_an_end_whose_check_systemd_did_not_answer_is_checked_again(sandbox: Sandbox, monkeypatch) -> None:
     """The unit ended, but systemd answered none of the checks its last signals set off (busy, a call timed out)
     while the bus connection stayed up. No signal follows a unit's last one: the runner checks it again by

@@ -90,6 +90,10 @@ _PASSING_ERRORS = frozenset({"org.freedesktop.DBus.Error.NoMemory", "org.freedes
                              "org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
                              "org.freedesktop.DBus.Error.Disconnected", "org.freedesktop.DBus.Error.NoReply",
                              "org.freedesktop.DBus.Error.Timeout", "org.freedesktop.DBus.Error.TimedOut"})
+# Errors the bus gives when a call's answer did not come back (the answer timed out, systemd left the bus before
+# answering): systemd may have carried the call out all the same.
+_UNANSWERED_ERRORS = frozenset({"org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Timeout",
+                                "org.freedesktop.DBus.Error.TimedOut", "org.freedesktop.DBus.Error.Disconnected"})
 # Writing an attempt's files: a full or over-quota disk (the store's, which holds runs/) passes too.
 _PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 # Images a killed repair left root's wait for their loop device to go (a lazily unmounted file system holds it
@@ -414,6 +418,10 @@ class SystemdRunner:
                 # This attempt's unit already runs (started before a restart): follow it, never start twice.
                 self._schedule_check(followed)
                 return unit
+            if exc.error_name in _UNANSWERED_ERRORS:
+                # Not a refusal: taken as one, the job would start again under a new unit while this one converts.
+                self._schedule_check(followed)
+                raise StartUnanswered(unit, str(exc)) from exc
             self._drop(followed)
             raise
         except Exception:
