@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import fcntl
 import gc
 import logging
 import os
@@ -41,6 +43,33 @@ PASSABLE = 0o711
 
 class BadSettings(Exception):
     """The settings name something h2kd cannot use (an output root it cannot create, ...)."""
+
+
+LOCK_NAME = "h2kd.lock"
+
+
+def hold_state_directory(config: Config) -> int | None:
+    """Take the state directory for this h2kd: an exclusive lock, held until the process ends (however it
+    ends), with our pid in the file for whoever finds it taken. The pid of the h2kd that holds it instead, or
+    0 if that pid is unknown; None once it is ours.
+
+    Two h2kd on one store would both start units and write events under the same sequence numbers: a second
+    one (an administrator trying `h2kd --debug` while the service runs) must end before it opens the store
+    or talks to systemd, not when it finds the bus name taken."""
+    fd = os.open(config.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        # A POSIX lock, not flock(): children h2kd forks (a check made as its caller, which may hang) do not
+        # inherit it, so none can keep the next h2kd from starting after this one was killed.
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return int(holder) if holder.isdigit() else 0
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return None         # fd stays open, and the lock with it, for as long as this process lives
 
 
 def prepare_directories(config: Config) -> None:
@@ -90,6 +119,11 @@ async def serve(config: Config) -> int:
         "SIGHUP ignored: h2kd reads its settings only when it starts; restart it to apply changes "
         "(running conversions go on and are picked up again)"))
     prepare_directories(config)
+    holder = hold_state_directory(config)
+    if holder is not None:
+        log.error("another h2kd%s is using %s; h2kd ends without touching it", f" (pid {holder})" if holder else "",
+                  config.state_dir)
+        return 1
     Job.default_output_root = str(next(iter(config.output_roots), ""))
     store_lost_its_disk = asyncio.Event()
 

@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -192,6 +193,21 @@ def _wait_unit_gone(stack, unit: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{unit} still runs")
+
+
+def test_a_second_h2kd_on_the_same_state_ends_at_once_and_leaves_it_alone(stack):
+    """An administrator runs h2kd by hand while the service runs: the second one ends before it opens the store
+    or talks to systemd (two would start units and write events over each other), naming the h2kd that holds
+    the state; the first goes on serving."""
+    env = stack.daemon_environment()
+    ran = subprocess.run([sys.executable, "-m", "h2kd.daemon"], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=stack.base_dir)
+    assert ran.returncode == 1, ran.stderr
+    assert f"another h2kd (pid {stack.daemon_pid}) is using {stack.state_dir}" in ran.stderr, ran.stderr
+    assert "Traceback" not in ran.stderr and "bus name" not in ran.stderr, ran.stderr
+    health = subprocess.run([sys.executable, "-m", "h2kctl", "health"], env={**os.environ, **stack.env()},
+                            capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stdout + health.stderr
 
 
 def test_sighup_leaves_h2kd_serving_and_says_why(stack):
