@@ -17,6 +17,7 @@ from dbus_fast import RequestNameReply
 
 from h2kd import BUS_NAME, __version__
 from h2kd.config import Config, load_config
+from h2kd.errors import StoreFailed
 from h2kd.manager.manager import JobManager
 from h2kd.manager.validation import HostChecks
 from h2kd.model.job import Job
@@ -133,7 +134,10 @@ async def serve(config: Config) -> int:
         store_lost_its_disk.set()
         stop.set()
 
-    store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store))
+    try:
+        store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store))
+    except StoreFailed as e:
+        return _store_unusable(e)
     manager = JobManager(config, store, host_validator=HostChecks(config))
     runner = SystemdRunner(config, manager)
     manager.attach_runner(runner)
@@ -145,7 +149,13 @@ async def serve(config: Config) -> int:
 
     bus = await connect_bus(config.bus_address, negotiate_unix_fd=True)
     authority = Authority(bus, config.polkit_timeout_seconds, config.polkit_interactive_timeout_seconds)
-    manager.load()
+    try:
+        manager.load()
+    except StoreFailed as e:
+        await runner.close()
+        bus.disconnect()
+        store.close()
+        return _store_unusable(e)
     service = BusService(bus, manager, authority, config)
     metrics = Metrics(manager.jobs)
     manager.add_listener(service)
@@ -205,6 +215,13 @@ async def serve(config: Config) -> int:
         log.error("lost the bus connection")
         return 1
     return 0
+
+
+def _store_unusable(error: StoreFailed) -> int:
+    log.critical("%s: h2kd cannot start. If SQLite says the file is damaged (\"malformed\", \"not a database\"), "
+                 "stop h2kd, keep the file aside for recovery (sqlite3's .recover) and restore a copy, or move it "
+                 "away to start with no jobs; otherwise see the reason given (a full disk, permissions)", error)
+    return 1
 
 
 class _PriorityPrefix(logging.Formatter):

@@ -287,3 +287,20 @@ def test_a_write_the_disk_did_not_confirm_ends_h2kd_and_its_restart_reads_the_st
             client.close()
 
     assert before in run(after_restart())
+
+
+def test_a_store_that_is_no_database_stops_h2kd_with_one_clear_line(tmp_path):
+    """Not a traceback: the file, what SQLite found, and what the administrator can do."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "h2kd.sqlite").write_bytes(b"not an SQLite file" * 1000)
+    env = {"PATH": "/usr/bin:/bin", "H2KD_STATE_DIR": str(state), "H2KD_OUTPUT_ROOTS": str(tmp_path / "out"),
+           "H2KD_BUS_ADDRESS": "unix:path=/nonexistent", "H2KD_SYSTEMD_BUS_ADDRESS": "unix:path=/nonexistent",
+           "H2KD_CONFIG": str(tmp_path / "absent.conf")}
+    ran = subprocess.run([sys.executable, "-m", "h2kd.daemon"], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert ran.returncode == 1, ran.stderr
+    assert (f"the job store {state / 'h2kd.sqlite'} cannot be opened (file is not a database): h2kd cannot start"
+            in ran.stderr), ran.stderr
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert (state / "h2kd.sqlite").read_bytes() == b"not an SQLite file" * 1000     # kept for recovery

@@ -199,6 +199,13 @@ class JobStore:
             # Root's alone from its creation, whatever the umask; SQLite gives its -wal and -shm files the same mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:      # not a database, a damaged page, no room for the WAL
+            self._db.close()
+            raise StoreFailed(f"the job store {self.path} cannot be opened ({e})") from e
+
+    def _open(self) -> None:
         self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
         self._in_batch = False            # a transaction holding deferred writes is open
         self._deferring = 0               # depth of deferred() blocks being run
@@ -302,7 +309,9 @@ class JobStore:
         try:
             with self._transaction_or_batch() as db:
                 yield db
-        except sqlite3.OperationalError as e:
+        except sqlite3.IntegrityError:
+            raise       # a constraint the caller turns into its own answer (AlreadyExists)
+        except sqlite3.DatabaseError as e:     # no room, I/O errors, and a damaged page ("malformed")
             raise self._failure(e) from e
 
     @contextmanager
@@ -465,10 +474,11 @@ class JobStore:
                 # Sequence numbers cached from rolled-back writes are no longer true.
                 self._last_event_seq.clear()
                 self._first_uncommitted.clear()
-                if isinstance(e, sqlite3.OperationalError):
-                    e = self._failure(e)
-                _settle(waiters, e)
-                raise
+                failure = self._failure(e) if isinstance(e, sqlite3.DatabaseError) else e
+                _settle(waiters, failure)
+                if failure is e:
+                    raise
+                raise failure from e
             self._first_uncommitted.clear()
         self._checkpointer.written.set()
         return waiters
@@ -526,7 +536,10 @@ class JobStore:
         bad record must not keep h2kd, and every other job, from starting."""
         jobs = []
         with self._lock:
-            rows = self._db.execute(_SELECT_JOBS).fetchall()
+            try:
+                rows = self._db.execute(_SELECT_JOBS).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise StoreFailed(f"the job store {self.path} cannot be read ({e})") from e
         for row in rows:
             try:
                 jobs.append(_job_from_row(row))

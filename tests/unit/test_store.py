@@ -391,7 +391,8 @@ def test_check_detects_a_damaged_file(tmp_path):
         f.write(os.urandom(4096 * 20))
     try:
         s = JobStore(path)
-    except sqlite3.DatabaseError:
+    except StoreFailed as e:
+        assert "cannot be opened" in str(e)
         return   # refusing to open is also a way of noticing
     try:
         assert not s.check()
@@ -672,3 +673,68 @@ def test_a_job_stored_before_its_groups_were_recorded_has_them_unknown(tmp_path)
         db.execute("ALTER TABLE jobs DROP COLUMN owner_groups")
     with JobStore(path) as s:
         assert [j.owner_groups for j in s.load_jobs()] == [None, None]
+
+
+def test_a_damaged_store_is_refused_with_the_reason_not_a_raw_sqlite_error(tmp_path):
+    """A file that is no database, and one whose jobs' pages are damaged: opening or reading it says which file
+    and what SQLite found (StoreFailed, which h2kd turns into one clear line), not a bare sqlite3 exception."""
+    not_a_database = tmp_path / "garbage.sqlite"
+    not_a_database.write_bytes(b"this is no SQLite file" * 500)
+    with pytest.raises(StoreFailed, match=rf"{not_a_database} cannot be opened \(file is not a database\)"):
+        JobStore(not_a_database)
+
+    damaged = tmp_path / "damaged.sqlite"
+    with JobStore(damaged) as s:
+        for n in range(300):
+            s.insert_job(new_job(f"job-{n}", error_message="x" * 200), "submitted")
+    with sqlite3.connect(damaged) as db:
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'jobs'").fetchone()
+    with open(damaged, "r+b") as f:         # the jobs table's root page, overwritten with noise
+        f.seek((root - 1) * page_size)
+        f.write(os.urandom(page_size))
+    with pytest.raises(StoreFailed, match=rf"{damaged} cannot be (opened|read) \(.*malformed.*\)"):
+        s = JobStore(damaged)
+        try:
+            s.load_jobs()
+        finally:
+            s.close()
+
+
+class _CommitFails:
+    """The store's connection, but for a COMMIT that fails as SQLite's does when the disk refuses the WAL."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+def test_a_batch_the_disk_refuses_fails_its_waiters_and_caller_with_store_failed(tmp_path):
+    """Deferred writes whose commit fails: rolled back, and the waiters and the committer (h2kd's stop, which
+    goes on past a StoreFailed) get StoreFailed saying so, not SQLite's bare error."""
+    s = JobStore(tmp_path / "h2kd.sqlite")
+
+    async def scenario() -> None:
+        real = s._db
+        with s.deferred():
+            s.insert_job(new_job("lost"), "submitted")
+        waiter = s.committed()
+        s._db = _CommitFails(real)
+        try:
+            with pytest.raises(StoreFailed, match="cannot be written \\(disk I/O error\\); nothing was changed"):
+                s.commit()
+        finally:
+            s._db = real
+        with pytest.raises(StoreFailed):
+            await waiter
+
+    asyncio.run(scenario())
+    assert [job.id for job in s.load_jobs()] == []
+    s.close()
