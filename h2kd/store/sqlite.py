@@ -214,6 +214,7 @@ class JobStore:
         self._commit_due = 0.0
         self._sync_failed = False
         self._commit_when_synced = False
+        self._in_sync: list[asyncio.Future[None]] | None = None     # the waiters of the sync on a thread, if any
         (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
         # In WAL mode a COMMIT only writes the WAL; _WalFile makes it durable (see the module's docstring).
         self._wal = _WalFile(self.path) if mode == "wal" else None
@@ -362,9 +363,14 @@ class JobStore:
             self._schedule_commit(within)
 
     def committed(self) -> asyncio.Future[None]:
-        """A future resolved once every write made so far is committed (at once if none is pending)."""
+        """A future resolved once every write made so far is committed and on disk (at once if none is
+        pending)."""
         future = asyncio.get_running_loop().create_future()
-        if not self._in_batch:
+        if not self._in_batch and self._in_sync is not None:
+            # Committed, but their sync still runs: a caller answered now (a resubmission finding its job) could
+            # lose what it was told is kept.
+            self._in_sync.append(future)
+        elif not self._in_batch:
             future.set_result(None)
         else:
             self._batch_waiters.append(future)
@@ -405,9 +411,11 @@ class JobStore:
         except Exception:
             return  # the waiters got the error
         if waiters is not None:
+            self._in_sync = waiters
             self._wal.sync_in_background(lambda error: self._synced(waiters, error))
 
     def _synced(self, waiters: list[asyncio.Future[None]], error: OSError | None) -> None:
+        self._in_sync = None
         _settle(waiters, self._sync_error(error))
         if self._commit_when_synced:
             self._commit_when_synced = False

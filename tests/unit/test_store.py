@@ -552,11 +552,16 @@ def test_a_group_commit_answers_only_after_the_sync_and_the_loop_keeps_running_m
             await asyncio.sleep(0.01)
             ticks += 1
         assert ticks == 5 and not first.done(), "answered before the job was on disk"
+        # Nothing new to commit, but what was committed is not on disk yet: not "committed" either.
+        already = store.committed()
+        await asyncio.sleep(0.01)
+        assert not already.done(), "answered while the writes before it were still being synced"
         with store.deferred():                       # arrives during the sync: waits for the next one
             store.insert_job(new_job("g2"), "submitted")
         second = store.committed()
         syncs.hold.set()
         await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(already, 5)
         await asyncio.wait_for(second, 5)
         assert len(syncs.synced) == 2 and set(syncs.synced) == {str(store.path) + "-wal"}
     asyncio.run(scenario())
