@@ -719,11 +719,16 @@ class JobManager:
             try:
                 with self._all_or_nothing(job):
                     self._assign(job, worker)
-            except StoreFailed as e:
-                # Still queued, as stored: this job and the ones picked after it go back to the queue.
+            except Exception as e:
+                # Still queued, as stored: this job and the ones picked after it go back to the queue, whatever
+                # the failure (a store that refused, or an error of h2kd's own): taken out of the queue, they
+                # would wait for no start until h2kd restarts.
                 for later_id, _ in picked[index:]:
                     self._requeue_in_memory(self._jobs[later_id])
-                log.warning("could not start job %s: %s; trying again in %.0f s", job_id, e, STORE_RETRY_SECONDS)
+                if isinstance(e, StoreFailed):
+                    log.warning("could not start job %s: %s; trying again in %.0f s", job_id, e, STORE_RETRY_SECONDS)
+                else:
+                    log.exception("could not start job %s; trying again in %.0f s", job_id, STORE_RETRY_SECONDS)
                 if not self._schedule_retry_pending:
                     self._schedule_retry_pending = True
                     self._later(STORE_RETRY_SECONDS, self._retry_schedule)

@@ -2146,3 +2146,35 @@ def test_at_start_the_runner_keeps_the_files_of_every_stored_job_and_only_theirs
         assert runner.kept == ids
         await again.stop()
     asyncio.run(go())
+
+
+class FailingOnceStore(JobStore):
+    """A real store whose first transition into 'assigned' fails with an error that is not StoreFailed (as a
+    damaged record, or a fault of h2kd's own, would)."""
+
+    failures = 0
+
+    def record_transition(self, job, old, new, reason):
+        if new.value == "assigned" and not self.failures:
+            self.failures += 1
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: events.job_id, events.seq")
+        return super().record_transition(job, old, new, reason)
+
+
+def test_jobs_picked_for_a_start_that_fails_unexpectedly_stay_queued_and_start_later(tmp_path, image, monkeypatch):
+    """The scheduler took two jobs from the queue and the first one's assignment failed with an error other
+    than StoreFailed: both go back to the queue and start at a later try, rather than waiting for a restart."""
+    monkeypatch.setattr(manager_module, "STORE_RETRY_SECONDS", 0.2)
+
+    async def go():
+        failing = FailingOnceStore(tmp_path / "state" / "h2kd.sqlite")
+        m, runner, _, _ = make(tmp_path, store=failing, max_parallel_jobs=2)
+        await m.start()
+        m.pause()
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        second, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
+        m.resume()
+        await until(lambda: sorted(runner.started) == sorted([(first.id, 1), (second.id, 1)]))
+        assert failing.failures == 1
+        await m.stop()
+    asyncio.run(go())
