@@ -508,12 +508,13 @@ def test_worker_json_arguments_must_be_json_objects(stack):
     other text that is not a JSON object, and change nothing."""
     nan = '{"a": NaN}'
     infinite = '{"a": [1, -Infinity]}'
+    too_large = '{"a": 1e400}'      # json.loads makes it infinite, given back as Infinity
     deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
 
     async def scenario() -> None:
         worker = await Client.connect(stack.bus_address)
         label = uuid.uuid4().hex[:8]
-        for caps in (nan, infinite, deep, "[1]"):
+        for caps in (nan, infinite, too_large, deep, "[1]", '{"operations": 5}', '{"operations": ["convert", 1]}'):
             await worker.manager("RegisterWorker", "ssa{sv}", ["odd", caps, {}],
                                  expect_error=ERR + "InvalidArgument")
         caps = json.dumps({"operations": ["inspect"], "testlab": label})
@@ -521,7 +522,7 @@ def test_worker_json_arguments_must_be_json_objects(stack):
         assert json.loads(await worker.prop(worker_path, WORKER, "Capabilities"))["testlab"] == label
         job_id, path = await worker.submit(spec(new_id("json"), requirements={"testlab": label}))
         await wait_for(lambda: _claim(worker, worker_path), 20, "the worker to claim its job")
-        for outputs in (nan, infinite, deep):
+        for outputs in (nan, infinite, too_large, deep):
             await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
                 "success": Variant("b", True), "outputs": Variant("s", outputs)}], expect_error=ERR + "InvalidArgument")
         assert await worker.prop(path, JOB, "State") == "assigned"

@@ -11,6 +11,7 @@ Clients import this module too, so it needs nothing of h2kd but its errors.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 from dbus_fast.signature import Variant
@@ -52,11 +53,12 @@ def options_from_dbus(options: Any, allowed: Mapping[str, type | tuple[type, ...
 def json_object_from_dbus(text: str, what: str) -> dict[str, Any]:
     """A string argument that must hold a JSON object ("" is {}); anything else is InvalidArgument.
 
-    Stricter than json.loads: NaN and Infinity are not JSON (RFC 8259), and h2kd gives the object back as
-    JSON that Cockpit's JSON.parse and jq must read; nesting deep enough to exhaust the parser's recursion
-    is refused like any other text that is not an object."""
+    Stricter than json.loads: NaN and Infinity are not JSON (RFC 8259), nor is a number too large for a double
+    (1e400, which json.loads makes infinite), and h2kd gives the object back as JSON that Cockpit's JSON.parse
+    and jq must read; nesting deep enough to exhaust the parser's recursion is refused like any other text that
+    is not an object."""
     try:
-        value = json.loads(text or "{}", parse_constant=_not_json)
+        value = json.loads(text or "{}", parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
@@ -66,6 +68,13 @@ def json_object_from_dbus(text: str, what: str) -> dict[str, Any]:
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a double")
+    return value
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

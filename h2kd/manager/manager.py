@@ -1251,6 +1251,11 @@ class JobManager:
             raise InvalidArgument("a worker name of 1 to 128 characters is required")
         if not isinstance(capabilities, dict):
             raise InvalidArgument("capabilities must be a JSON object")
+        operations = capabilities.get("operations")
+        # The scheduler matches every job against it: any other shape would fail each match, everyone's claims too.
+        if operations is not None and not (isinstance(operations, list)
+                                           and all(isinstance(o, str) for o in operations)):
+            raise InvalidArgument('capabilities: "operations" must be a list of operation names')
         if len(json.dumps(capabilities).encode()) > MAX_CAPABILITIES_BYTES:
             raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")
         if not 0 <= max_jobs <= UINT32_MAX:
