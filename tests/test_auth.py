@@ -710,6 +710,25 @@ def test_a_group_the_callers_process_dropped_is_not_given_back(stack, users, sha
         _run("gpasswd", "--add", ALICE, GROUP)
 
 
+def test_a_caller_with_no_group_of_their_own_is_refused_not_given_nogroup(stack, users, shared_dir, submitted):
+    """alice's process runs with a group that is none of hers in the user database, and kept no other: h2kd
+    has no group of hers to act with. It must refuse her, not act with "nogroup", through which she would read
+    a file of that group (as NFS's squashed files are) that her own process cannot."""
+    image = _image(shared_dir / "nogroup-only.img", 0o640)
+    os.chown(image, 0, 65534)
+    alice = users[ALICE]
+    stranger_gid = 65533
+    job_id = f"h2kt-{uuid.uuid4().hex[:12]}"
+    submitted.append(job_id)
+    argv = ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={stranger_gid}", "--clear-groups", "--",
+            "gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
+            "--method", MANAGER_IFACE + ".SubmitJob", "--", _spec(job_id, image), HOLD]
+    refused = subprocess.run(argv, env={**os.environ, **stack.env()}, capture_output=True, text=True, timeout=60)
+    assert _error_name(refused) == ACCESS_DENIED, refused.stderr
+    assert f"uid {alice.pw_uid} has no group h2kd may act with" in refused.stderr, refused.stderr
+    assert _job_path(stack, job_id) is None
+
+
 @pytest.fixture
 def carols_corner(stack, users) -> Iterator[tuple[Path, Path]]:
     """A private directory of carol's (0700) with her image, and an output directory only she may write."""

@@ -27,6 +27,12 @@ class HostChecks:
 
     def __call__(self, job: Job, source_proof: os.stat_result | None = None) -> str | None:
         gids = acting_groups(job.owner, job.owner_groups) if job.owner else []
+        if job.owner and not gids:
+            # Acting with some stand-in group ("nogroup") would give the caller files of that group they may not
+            # read themselves.
+            raise NotAuthorized(f"uid {job.owner} has no group h2kd may act with (no entry in the user database, "
+                                "or the calling process kept none of the user's groups): h2kd reads and writes "
+                                "files only with a caller's own user and groups")
         try:
             if source_proof is not None and not job.owner:
                 self._check_proof(job.source, source_proof)
