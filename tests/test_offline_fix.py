@@ -1052,3 +1052,31 @@ def test_an_image_whose_loop_device_stays_bound_stays_roots(tmp_path: Path, monk
     assert release_held(str(work / "held-images")) == [str(image)]
     back = os.stat(image)
     assert (back.st_uid, back.st_gid, stat.S_IMODE(back.st_mode)) == (64101, 64102, 0o640)
+
+
+def test_a_qcow2_repairs_progress_climbs_through_unpack_fix_and_pack(tmp_path: Path, monkeypatch: Any) -> None:
+    """Unpack, fix and pack each report 0..1 of their own; the job's progress is their sum on one scale, so it
+    rises through all three instead of reaching 100% when the unpacking ends (progress never goes back: the
+    fix and the pack would have shown 100% for minutes). The guest's fix stands aside: the qemu-img runs are
+    real."""
+    from h2kd.operations import offline_fix
+
+    image = tmp_path / "guest.qcow2"
+    raw = tmp_path / "guest.raw"
+    raw.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)])
+
+    def fix_standing_aside(fd: int, params: dict[str, Any], progress: Any, cancelled: Any, what: str) -> dict:
+        for fraction in (0.0, 0.5, 1.0):
+            progress("fix", fraction, "a fix")
+        return {"changed_files": ["/etc/fstab"], "fixes": []}
+    monkeypatch.setattr(offline_fix, "fix_raw_image", fix_standing_aside)
+    seen: list[tuple[str, float]] = []
+    offline_fix.run_offline_fix(str(image), {}, lambda phase, fraction, message: seen.append((phase, fraction))
+                                if fraction is not None else None)
+    fractions = [fraction for _, fraction in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), seen
+    by_phase = {phase: [f for p, f in seen if p == phase] for phase in ("unpack", "fix", "pack")}
+    assert max(by_phase["unpack"]) <= 1 / 3 + 1e-9 and by_phase["fix"] == pytest.approx([1 / 3, 0.5, 2 / 3])
+    assert min(by_phase["pack"]) >= 2 / 3 - 1e-9, seen
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(image)])     # packed back whole

@@ -137,6 +137,13 @@ def _convert(source: ImageRef, destination_fd: int, fmt: str, phase: str, progre
         raise OperationError(e.code, f"converting {what} to {fmt} failed: {e.message}", phase) from None
 
 
+def _stage(progress: Progress, index: int, stages: int) -> Progress:
+    """progress for stage `index` (from 0) of `stages` equal ones: its fractions mapped onto its part of the whole."""
+    def staged(phase: str, fraction: float | None, message: str) -> None:
+        progress(phase, None if fraction is None else (index + min(max(fraction, 0.0), 1.0)) / stages, message)
+    return staged
+
+
 def _temp_directory(image_directory: str) -> str:
     """Where the temporary files go: the image's directory (resolved), or, where that is not writable (a dry run
     on an image outside the output roots: its unit may not write there), the working directory (the attempt's)."""
@@ -208,14 +215,17 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
         raw = temps.create(os.path.join(_temp_directory(image_directory), image_name + ".raw"))
         raw_fd = temps.open_made(raw, os.O_RDWR)
         opened.append(raw_fd)
-        _convert(ImageRef(image_path, "qcow2"), raw_fd, "raw", "unpack", progress)
+        # Three stages, each reporting 0..1 of its own, share one scale: progress never goes back, so each
+        # alone on the whole would show 100% from the end of the unpacking on, through minutes of fix and pack.
+        _convert(ImageRef(image_path, "qcow2"), raw_fd, "raw", "unpack", _stage(progress, 0, 3))
         inspect.ensure_unchanged(vetted.identities, "unpack")
-        result = fix_raw_image(raw_fd, params, progress, cancelled, "the unpacked image")
+        result = fix_raw_image(raw_fd, params, _stage(progress, 1, 3), cancelled, "the unpacked image")
         if not dry_run and result["changed_files"]:
             fixed = temps.create(os.path.join(image_directory, image_name))
             fixed_fd = temps.open_made(fixed, os.O_RDWR)
             opened.append(fixed_fd)
-            _convert(ImageRef(descriptor_path(raw_fd), "raw"), fixed_fd, "qcow2", "pack", progress, raw_fd)
+            _convert(ImageRef(descriptor_path(raw_fd), "raw"), fixed_fd, "qcow2", "pack", _stage(progress, 2, 3),
+                     raw_fd)
             # The new file takes the original's place, so it must keep the original's owner and mode (root
             # made it). Only the file that was vetted and repaired is asked: another one put there since
             # would lose its content to the replace, and lend its owner to the repaired image.
