@@ -16,8 +16,8 @@ from pathlib import Path
 from bench.disks import BLOCK, MiB, qemu_img, raw_with_data, to_format
 
 __all__ = ["BLOCK", "KINDS", "MiB", "make_chs_sized_vhd", "make_image", "make_missing_extent_vmdk",
-           "make_multi_extent_vmdk", "make_not_an_image", "make_ova", "make_ovf_text", "make_raw_with_data",
-           "make_truncated_vmdk", "make_vmx", "qemu_img", "vhd_geometry"]
+           "make_multi_extent_vmdk", "make_not_an_image", "make_ova", "make_overlay", "make_ovf_text",
+           "make_raw_with_data", "make_truncated_vmdk", "make_vmx", "qemu_img", "vhd_geometry"]
 
 # make_image(fmt, subformat): the qemu-img driver and creation options for each fixture kind.
 KINDS = {
@@ -85,6 +85,14 @@ def make_truncated_vmdk(path: str | Path) -> Path:
     data = full.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     full.unlink()
+    return path
+
+
+def make_overlay(path: str | Path, base: str | Path, fmt: str, base_format: str) -> Path:
+    """An image of format `fmt` with no data of its own over `base`, a file next to it, named relatively: a
+    qcow2 overlay, or a VMDK snapshot delta naming its parent by parentFileNameHint."""
+    path = Path(path)
+    qemu_img("create", "-q", "-f", fmt, "-F", base_format, "-b", Path(base).name, str(path))
     return path
 
 

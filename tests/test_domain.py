@@ -222,6 +222,18 @@ def test_a_plain_disk_boots_from_its_first_disk_on_virtio() -> None:
     assert root.findtext("name") == "legacy" and root.find("os").get("firmware") is None   # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("ethernet", ["", 'ethernet0.present = "FALSE"\nethernet0.virtualDev = "e1000"\n'],
+                         ids=["no-ethernet-lines", "ethernet-not-present"])
+def test_a_vm_that_had_no_nic_gets_none(ethernet: str) -> None:
+    """Only a plain disk, which tells nothing of the VM's NICs, is given one on the default network."""
+    text = "".join(line + "\n" for line in VMX.format(guest_os="ubuntu-64").splitlines()
+                   if not line.startswith("ethernet"))
+    vm = inspect.parse_vmx(text + ethernet)
+    source = inspect.Source("vmx", "/srv/vms/app01/app01.vmx", "vmx", [], vm)
+    root = parsed(domain.domain_xml(source, OUT, "qcow2"))
+    assert nics(root) == [] and len(disks(root)) == 2
+
+
 @pytest.mark.parametrize("boot_disk", [5, -1, None, "1", True])
 def test_a_boot_disk_that_names_no_disk_leaves_the_first_one_booting(boot_disk: object) -> None:
     source = vmx_source("ubuntu-64")
@@ -292,6 +304,16 @@ def test_offline_fix_repairs_the_disk_the_vm_boots_from() -> None:
 def test_a_uefi_vm_ignores_a_bios_hdd_order_left_from_its_bios_days() -> None:
     vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64") + 'firmware = "efi"\n')
     assert vm["firmware"] == "uefi" and vm["boot_disk"] == 0
+
+
+@pytest.mark.parametrize("controller", ["scsi1", "sata0", "nvme0"])
+def test_a_vmx_disk_on_a_controller_not_present_is_left_out(controller: str) -> None:
+    """VMware ignores it, as it ignores the controller: it is no disk of the VM."""
+    disk = f'{controller}:0.present = "TRUE"\n{controller}:0.fileName = "old.vmdk"\n'
+    vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64") + f'{controller}.present = "FALSE"\n' + disk)
+    assert [d["href"] for d in vm["disks"]] == ["app01.vmdk", "app01_1.vmdk"] and vm["boot_disk"] == 1
+    vm = inspect.parse_vmx(VMX.format(guest_os="rhel8-64") + f'{controller}.present = "TRUE"\n' + disk)
+    assert [d["href"] for d in vm["disks"]] == ["app01.vmdk", "app01_1.vmdk", "old.vmdk"]
 
 
 def test_ovf_disks_rank_by_controller_kind_as_vmx_disks_do() -> None:

@@ -215,6 +215,19 @@ def worker_syncs(trace: Path, directory: Path) -> list[str]:
     return found
 
 
+def test_an_output_name_long_in_bytes_gets_a_temporary_name_the_file_system_takes(lib: Path, tmp_path: Path,
+                                                                                   out: Path) -> None:
+    """A file name may be 255 bytes long: 118 Cyrillic letters are 236 of them, as a temporary name with its
+    prefix and random part they would be more, and that name is cut to fit, between two letters."""
+    name = "\u0434" * 118 + ".qcow2"
+    assert len(name.encode()) == 242
+    source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data2.raw")
+    run = run_worker(tmp_path / "w", convert_spec(source, out / name), [out])
+    assert run.returncode == 0, run.log
+    assert leftovers(out) == [name]
+    assert compare(lib / "data2.raw", "raw", out / name, "qcow2")
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 @pytest.mark.parametrize("sync", [True, False])
 def test_sync_false_writes_the_output_without_a_single_sync(lib: Path, tmp_path: Path, out: Path,
@@ -300,6 +313,23 @@ def test_vmx_with_two_disks(lib: Path, tmp_path: Path, out: Path) -> None:
                   "secure_boot": False, "tpm": False, "guest_os": "", "boot_disk": 0,
                   "nics": [{"name": "ethernet0", "model": "vmxnet3", "network": "VM Network",
                             "mac": "00:0c:29:12:34:56"}]}
+
+
+@pytest.mark.parametrize("declared, written_in, name", [
+    ("windows-1252", "cp1252", "Donn\u00e9es"), ("Shift_JIS", "shift_jis", "\u30c7\u30a3\u30b9\u30af"),
+    ("no-such-encoding", "utf-8", "Donn\u00e9es")])
+def test_a_vmx_is_read_in_the_encoding_it_declares(lib: Path, tmp_path: Path, declared: str, written_in: str,
+                                                   name: str) -> None:
+    """VMware Workstation on Windows writes a VMX in the system's code page, and names it on the .encoding line;
+    a name Python knows no encoding by leaves the text read as UTF-8."""
+    from h2kd.operations import inspect
+
+    images.make_image("vmdk", "monolithicSparse", tmp_path / f"{name}.vmdk", raw=lib / "data2.raw")
+    vmx = images.make_vmx(tmp_path, [f"{name}.vmdk"], name=name)
+    vmx.write_bytes(vmx.read_text().replace('.encoding = "UTF-8"', f'.encoding = "{declared}"').encode(written_in))
+    source = inspect.load_source(str(vmx))
+    assert [disk.ref.path for disk in source.disks] == [str(tmp_path / f"{name}.vmdk")]
+    assert source.vm is not None and source.vm["name"] == name
 
 
 def test_verify_compares_every_disk_with_its_source(lib: Path, tmp_path: Path, out: Path) -> None:
@@ -722,6 +752,39 @@ def test_a_split_vmdk_with_an_extent_file_cut_short_is_refused(tmp_path: Path, o
             assert error["code"] == "INVALID_IMAGE", error
             assert named in error["message"] and "the copy is incomplete" in error["message"], error
         assert leftovers(out) == []
+
+
+# (base format, subformat, overlay format, the file cut, bytes cut off its end): a base VMDK's flat extent, a qcow2
+# cut by half (qemu-img check of the base finds it) or within its last cluster (it does not), a VDI cut anywhere.
+CUT_BASES = [("vmdk", "monolithicFlat", "vmdk", "base-flat.vmdk", 48 * MiB),
+             ("qcow2", None, "qcow2", "base.qcow2", 32 * MiB), ("qcow2", None, "qcow2", "base.qcow2", 4096),
+             ("vdi", None, "qcow2", "base.vdi", 512)]
+
+
+@pytest.mark.parametrize("fmt, subformat, overlay_format, cut_file, cut", CUT_BASES,
+                         ids=[f"{overlay}-over-{fmt}-{cut}" for fmt, _, overlay, _, cut in CUT_BASES])
+def test_the_base_of_a_snapshot_cut_short_is_refused(tmp_path: Path, out: Path, fmt: str, subformat: str | None,
+                                                     overlay_format: str, cut_file: str, cut: int) -> None:
+    """qemu reads the missing end of a snapshot's base as zeros, as it does the top image's: the snapshot, holding
+    nothing of its own, would convert "successfully" into zeros where the base's data was."""
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(b"\xab" * 64 * MiB)
+    images.make_image(fmt, subformat, tmp_path / f"base.{fmt}", raw=raw)
+    top = images.make_overlay(tmp_path / f"top.{overlay_format}", tmp_path / f"base.{fmt}", overlay_format, fmt)
+    run = run_worker(tmp_path / "whole", convert_spec(top, out / "whole.qcow2"), [out])
+    assert run.returncode == 0, run.log
+    assert compare(raw, "raw", out / "whole.qcow2", "qcow2")
+    os.unlink(out / "whole.qcow2")
+    os.truncate(tmp_path / cut_file, (tmp_path / cut_file).stat().st_size - cut)
+    validate = {"operation": "validate", "image": {"path": str(top)}}
+    for run in (run_worker(tmp_path / "w", convert_spec(top, out / "o.qcow2"), [out]),
+                run_worker(tmp_path / "v", validate, [out])):
+        assert run.returncode == 2, run.log
+        error = run.result["error"]
+        assert error["code"] == "INVALID_IMAGE", error
+        assert cut_file in error["message"], error
+        assert "the copy is incomplete" in error["message"] or "is damaged" in error["message"], error
+    assert leftovers(out) == []
 
 
 def test_the_cut_short_check_reads_only_the_file_that_was_vetted(lib: Path, tmp_path: Path) -> None:

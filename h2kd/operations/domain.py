@@ -262,7 +262,9 @@ def domain_xml(source: inspect.Source, disk_paths: list[str], disk_format: str,
         if index == boot:
             lines.append("      <boot order='1'/>")
         lines.append("    </disk>")
-    for nic in vm.get("nics") or [{}]:
+    # A plain disk tells nothing of the NICs the VM had: it gets one, on the default network. A VM described as
+    # having none (no ethernetN, or none present) gets none, as it ran.
+    for nic in (vm.get("nics") or []) if source.vm else [{}]:
         lines += ["    <interface type='network'>", "      <source network='default'/>"]
         mac = (nic.get("mac") or "").strip()
         if re.fullmatch(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}", mac):

@@ -477,7 +477,32 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
             raise _invalid(f"{label} ({ref.describe()}) is damaged: {result.message}")
     disk = Disk(label, ref, info, chain, result, subformat)
     refuse_incomplete(disk, result, identities)
+    _refuse_incomplete_backing(chain, label, identities, reader_uid)
     return disk
+
+
+def _refuse_incomplete_backing(chain: list[dict[str, Any]], label: str, identities: list[FileIdentity],
+                               reader_uid: int | None) -> None:
+    """The checks a disk's own file gets (its VMDK descriptor's extents, `qemu-img check`, refuse_incomplete), on
+    each file of its backing chain: qemu reads a base cut short as zeros too, and the checks of the top image
+    never look at its base. Whatever load_disk's check_source says: a caller that checks a disk itself checks
+    its top image only. Each file was vetted by _load_disk (recorded in `identities`); root reads one again only
+    through _reopen, and qemu-img runs with the submitter's rights."""
+    for element in chain[1:]:
+        path, fmt = os.path.abspath(element.get("filename", "")), element.get("format", "")
+        base_label = f"the backing file {os.path.basename(path)} of {label}"
+        if fmt == "vmdk":
+            fd = _reopen(path, identities)
+            try:
+                if not os.pread(fd, 4, 0).startswith((b"KDMV", b"COWD")):
+                    _check_vmdk_descriptor(fd, path, os.fstat(fd).st_size, reader_uid)
+            finally:
+                os.close(fd)
+        base = ImageRef(path, fmt)
+        checked = qemuimg.check(base, force_share=True) if fmt in CHECKABLE else None
+        if checked is not None and not checked.usable:
+            raise _invalid(f"{base_label} ({path}) is damaged: {checked.message}")
+        refuse_incomplete(Disk(base_label, base, element, [element], checked, None), checked, identities)
 
 
 def _qemu_view(ref: ImageRef, label: str) -> list[dict[str, Any]]:
@@ -934,6 +959,24 @@ def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
     return sums
 
 
+_VMX_ENCODING = re.compile(rb'^[ \t]*\.encoding[ \t]*=[ \t]*"([A-Za-z0-9_.:-]{1,64})"', re.M | re.I)
+
+
+def _vmx_text(data: bytes) -> str:
+    """A .vmx file's text, decoded as its .encoding line says: VMware Workstation on Windows writes the system's
+    code page ("windows-1252", "Shift_JIS", "GBK"...), and a disk named with an accented letter there (0xE9, an
+    e-acute in windows-1252) would not be found read as UTF-8. Without the line, or with a name Python knows no
+    text encoding by, UTF-8 (VMware's default); a byte the encoding does not map reads as U+FFFD, and a disk
+    whose name holds one is reported missing."""
+    declared = _VMX_ENCODING.search(data[:65536])
+    if declared:
+        try:
+            return data.decode(declared.group(1).decode("ascii"), "replace")
+        except (LookupError, UnicodeError):     # an unknown name; or "undefined", which decodes nothing
+            pass
+    return data.decode("utf-8", "replace")
+
+
 def parse_vmx(text: str) -> dict[str, Any]:
     """VM name, CPUs, memory, firmware, disks in order and NICs from a .vmx file's key = "value" lines, within
     the bounds of _refuse_oversized()."""
@@ -949,8 +992,11 @@ def parse_vmx(text: str) -> dict[str, Any]:
         m = re.fullmatch(r"(scsi|sata|nvme|ide)(\d+):(\d+)\.filename", key)
         if not m:
             continue
-        device = key.rsplit(".", 1)[0]
+        device, controller = key.rsplit(".", 1)[0], m.group(1) + m.group(2)
         if keys.get(device + ".present", "true").lower() == "false":
+            continue
+        # VMware leaves out every disk of a controller that is not present (scsi1.present = "FALSE").
+        if keys.get(controller + ".present", "true").lower() == "false":
             continue
         if "cdrom" in keys.get(device + ".devicetype", "").lower() or value.lower().endswith(".iso"):
             continue
@@ -1241,7 +1287,7 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
     if size > MAX_DESCRIPTOR:
         raise _invalid(f"the {kind.upper()} file {path} is larger than 16 MiB")
     data = os.pread(fd, size, 0)
-    vm = parse_ovf(data) if kind == "ovf" else parse_vmx(data.decode("utf-8", "replace"))
+    vm = parse_ovf(data) if kind == "ovf" else parse_vmx(_vmx_text(data))
     directory = os.path.dirname(path)
     manifest = None
     to_verify: list[tuple[str, str, int, int]] = []

@@ -35,6 +35,7 @@ TEMP_PREFIX = ".h2k-tmp-"
 RECORD_NAME = "temp-files"
 COMMIT_NAME = "commit"
 HELD_NAME = "held-images"
+NAME_MAX = 255      # the longest file name, in bytes, that Linux file systems take
 _Made = TypeVar("_Made")
 
 
@@ -89,7 +90,7 @@ class TempFiles:
         OperationError(failure) once 100 names in a row were taken."""
         directory, name = os.path.split(destination)
         for _ in range(100):
-            temp_name = f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}"[:255]
+            temp_name = _within_name_max(f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}")
             path = os.path.join(directory, temp_name)
             self._note(path)
             try:
@@ -190,6 +191,16 @@ class TempFiles:
             os.unlink(os.path.basename(path), dir_fd=self._directory(os.path.dirname(path)))
         except FileNotFoundError:
             pass
+
+
+def _within_name_max(name: str) -> str:
+    """`name`, cut at its end to NAME_MAX bytes (as the file system counts them, not characters: a Cyrillic
+    letter takes two) between two characters. A temporary name needs only its prefix, found by remove_recorded,
+    and its random part; and it is noted in the record as text, which a character cut in two would not be."""
+    name = name[:NAME_MAX]
+    while len(os.fsencode(name)) > NAME_MAX:
+        name = name[:-1]
+    return name
 
 
 def open_output_directory(directory: str) -> int:
