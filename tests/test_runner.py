@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -1496,17 +1496,27 @@ def test_a_start_systemd_does_not_answer_in_time_is_followed_and_reported(sandbo
     instead of taking it as a refusal while the unit converts unwatched."""
     monkeypatch.setattr(systemd_runner, "CALL_TIMEOUT_SECONDS", 2)
 
+    @contextlib.contextmanager
+    def systemd_stopped() -> Iterator[None]:
+        os.kill(sandbox.manager.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(sandbox.manager.pid, signal.SIGCONT)
+    start_unanswered_then_followed_to_its_end(sandbox, systemd_stopped)
+
+
+def start_unanswered_then_followed_to_its_end(sandbox: Sandbox, around_start: Callable[[], Any]) -> None:
+    """runner.start() of a job, inside around_start(), must say it does not know (StartUnanswered); the unit it
+    named is then followed to its end, reported once, and was started once."""
     async def scenario() -> None:
         config = sandbox.config("quick")
         events = RecordingEvents()
         job = make_job()
         async with runner_for(config, events) as runner:
-            os.kill(sandbox.manager.pid, signal.SIGSTOP)
-            try:
+            with around_start():
                 with pytest.raises(StartUnanswered) as unanswered:
                     await runner.start(job, 1)
-            finally:
-                os.kill(sandbox.manager.pid, signal.SIGCONT)
             outcome = await events.wait_finished(job.id)
         assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
         assert unanswered.value.unit == outcome.unit
@@ -1530,20 +1540,7 @@ def test_a_start_whose_answer_the_bus_lost_is_followed_not_taken_for_a_refusal(s
         return reply
 
     monkeypatch.setattr(SystemdRunner, "_manager_call", answer_lost)
-
-    async def scenario() -> None:
-        config = sandbox.config("quick")
-        events = RecordingEvents()
-        job = make_job()
-        async with runner_for(config, events) as runner:
-            with pytest.raises(StartUnanswered) as unanswered:
-                await runner.start(job, 1)
-            outcome = await events.wait_finished(job.id)
-        assert outcome.result == "success" and outcome.worker_result["status"] == "completed", outcome
-        assert unanswered.value.unit == outcome.unit
-        assert starts(config, outcome.unit) == 1
-
-    asyncio.run(scenario())
+    start_unanswered_then_followed_to_its_end(sandbox, contextlib.nullcontext)
 
 
 def test_an_end_whose_check_systemd_did_not_answer_is_checked_again(sandbox: Sandbox, monkeypatch) -> None:
