@@ -109,6 +109,26 @@ def _parse_mode(value: object) -> int:
 # Settings whose text means something other than their type says.
 _PARSERS = {"output_mode": _parse_mode}
 
+MAX_PARALLEL_JOBS = 256
+# The values each number may take, (least, most) with None for no bound: outside them h2kd would start and then
+# fail at every job (no job ever starting with 0 slots, a negative limit raising in the scheduler).
+_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "max_parallel_jobs": (1, MAX_PARALLEL_JOBS), "max_queued_jobs": (1, None), "max_jobs_per_user": (1, None),
+    "cpu_weight": (1, 10_000), "io_weight": (1, 10_000),          # systemd's CPUWeight= and IOWeight= ranges
+    "retention_max_age_days": (0, None), "retention_max_count": (0, None),
+    "heartbeat_timeout_seconds": (0.1, None), "retry_backoff_base_seconds": (0, None),
+    "retry_backoff_max_seconds": (0, None), "metrics_port": (0, 65_535), "polkit_timeout_seconds": (0.1, None),
+    "polkit_interactive_timeout_seconds": (0.1, None), "property_coalesce_seconds": (0, None),
+}
+
+
+def _check_bounds(name: str, value: object) -> None:
+    least, most = _BOUNDS.get(name, (None, None))
+    if least is None or value is None or not isinstance(value, (int, float)):
+        return
+    if value != value or value < least or (most is not None and value > most):   # NaN too
+        raise ValueError(f"{value} is not within {least:g}..{'' if most is None else f'{most:g}'}")
+
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Defaults < config file < environment (H2KD_STATE_DIR, H2KD_OUTPUT_ROOTS=a:b, ...)."""
@@ -138,6 +158,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         try:
             parse = _PARSERS.get(name) or functools.partial(_coerce, known[name].type)
             setattr(config, name, parse(value))
+            _check_bounds(name, getattr(config, name))
         except (TypeError, ValueError) as e:
             raise ValueError(f"setting {name!r} ({path} or H2KD_{name.upper()}): {e}") from None
     if "output_roots" not in values:

@@ -92,6 +92,16 @@ def prepare_directories(config: Config) -> None:
                               f"ReadWritePaths={directory}")
 
 
+def check_output_group(config: Config) -> None:
+    """output_group must name a group this host knows: otherwise every job would fail as its unit is made."""
+    if config.output_group:
+        import grp
+        try:
+            grp.getgrnam(config.output_group)
+        except KeyError:
+            raise BadSettings(f"output_group {config.output_group!r} names no group of this host") from None
+
+
 def _why_not_writable(directory: Path) -> str:
     try:
         read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
@@ -120,6 +130,7 @@ async def serve(config: Config) -> int:
         "SIGHUP ignored: h2kd reads its settings only when it starts; restart it to apply changes "
         "(running conversions go on and are picked up again)"))
     prepare_directories(config)
+    check_output_group(config)
     holder = hold_state_directory(config)
     if holder is not None:
         log.error("another h2kd%s is using %s; h2kd ends without touching it", f" (pid {holder})" if holder else "",
@@ -258,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     try:
+        if args.config and not os.path.lexists(args.config):
+            # Named on purpose: running on the defaults instead would hide a typing mistake.
+            raise ValueError(f"cannot read {args.config}: no such file")
         config = load_config(Path(args.config) if args.config else None)
     except ValueError as e:   # a malformed file, an unknown setting, a value of the wrong kind
         log.error("bad settings: %s", e)

@@ -56,10 +56,48 @@ def test_output_mode_as_a_toml_number_is_refused(tmp_path: Path, value: str) -> 
 def test_a_bad_output_mode_stops_h2kd_with_the_bad_settings_status(tmp_path: Path) -> None:
     conf = tmp_path / "h2kd.conf"
     conf.write_text("[h2kd]\noutput_mode = 640\n")
-    for config, environment in ((conf, {}), (tmp_path / "none.conf", {"H2KD_OUTPUT_MODE": "4750"})):
-        ran = subprocess.run([sys.executable, "-m", "h2kd.daemon", "--config", str(config)], capture_output=True,
+    for arguments, environment in ((["--config", str(conf)], {}),
+                                   ([], {"H2KD_CONFIG": str(tmp_path / "none.conf"), "H2KD_OUTPUT_MODE": "4750"})):
+        ran = subprocess.run([sys.executable, "-m", "h2kd.daemon", *arguments], capture_output=True,
                              text=True, timeout=60, cwd=REPO,
                              env={"PATH": "/usr/bin:/bin", "H2KD_BUS_ADDRESS": "unix:path=/nonexistent",
                                   **environment})
         assert ran.returncode == 78, ran.stderr
         assert "bad settings: setting 'output_mode'" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+
+
+def run_h2kd(tmp_path: Path, *arguments: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "h2kd.daemon", *arguments], capture_output=True, text=True,
+                          timeout=60, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "H2KD_BUS_ADDRESS": "unix:path=/nonexistent",
+                               "H2KD_SYSTEMD_BUS_ADDRESS": "unix:path=/nonexistent",
+                               "H2KD_CONFIG": str(tmp_path / "none.conf"), "H2KD_STATE_DIR": str(tmp_path / "state"),
+                               "H2KD_OUTPUT_ROOTS": str(tmp_path / "out"), **environment})
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("MAX_PARALLEL_JOBS", "0", "none.conf or H2KD_MAX_PARALLEL_JOBS): 0 is not within 1..256"),
+    ("MAX_PARALLEL_JOBS", "-1", "-1 is not within 1..256"),
+    ("MAX_JOBS_PER_USER", "0", "0 is not within 1.."),
+    ("HEARTBEAT_TIMEOUT_SECONDS", "-5", "-5.0 is not within 0.1.."),
+    ("METRICS_PORT", "70000", "70000 is not within 0..65535"),
+    ("CPU_WEIGHT", "0", "0 is not within 1..10000"),
+])
+def test_numbers_h2kd_cannot_work_with_stop_it_with_the_bad_settings_status(tmp_path: Path, setting: str,
+                                                                            value: str, says: str) -> None:
+    """Not a start after which no job ever runs (no slot), nor a traceback and a restart loop (a negative one)."""
+    ran = run_h2kd(tmp_path, **{f"H2KD_{setting}": value})
+    assert ran.returncode == 78, ran.stderr
+    assert says in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+
+
+def test_an_output_group_the_host_does_not_know_and_a_missing_config_file_stop_h2kd(tmp_path: Path) -> None:
+    """Every job would fail when its unit is made (an unknown group), or h2kd would run on the defaults (a
+    --config file mistyped): both are said at once, with the bad settings status."""
+    ran = run_h2kd(tmp_path, H2KD_OUTPUT_GROUP="no-such-group-h2k")
+    assert ran.returncode == 78, ran.stderr
+    assert "output_group 'no-such-group-h2k' names no group of this host" in ran.stderr, ran.stderr
+    missing = tmp_path / "h2kd.conf.typo"
+    ran = run_h2kd(tmp_path, "--config", str(missing))
+    assert ran.returncode == 78, ran.stderr
+    assert f"bad settings: cannot read {missing}: no such file" in ran.stderr and "Traceback" not in ran.stderr

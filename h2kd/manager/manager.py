@@ -46,7 +46,7 @@ from collections import Counter, deque
 from typing import Any, Callable, Iterable, Iterator
 
 from h2kd import __version__
-from h2kd.config import Config
+from h2kd.config import MAX_PARALLEL_JOBS, Config
 from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
                          StoreFailed)
 from h2kd.manager.limits import UnfinishedJobs
@@ -651,8 +651,8 @@ class JobManager:
         self._kick()
 
     def set_max_parallel(self, n: int) -> None:
-        if not 1 <= n <= 256:
-            raise InvalidArgument(f"MaxParallelJobs must be between 1 and 256, not {n}")
+        if not 1 <= n <= MAX_PARALLEL_JOBS:
+            raise InvalidArgument(f"MaxParallelJobs must be between 1 and {MAX_PARALLEL_JOBS}, not {n}")
         self._store.set_setting("max_parallel_jobs", n)
         self._scheduler.max_parallel = n
         self._manager_changed()
