@@ -30,6 +30,8 @@ PROG = "h2kctl"
 STATES = ["created", "validated", "queued", "assigned", "running", "progressing", "completed", "failed",
           "cancelled", "retrying"]
 OPERATIONS = ["convert", "inspect", "validate"]
+# A guest repair in place (offline_fix) is submitted with a job file; its jobs are listed like any other.
+LISTED_OPERATIONS = [*OPERATIONS, "offline_fix"]
 COMPRESSION_TYPES = ["zlib", "zstd"]
 
 DESCRIPTION = ("Control h2kd, the daemon that converts VMware, Hyper-V and VirtualBox disk images to KVM "
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", nargs="?", help="the source disk image (VMDK, VHD, VHDX, VDI, "
                    "qcow2, raw or OVA); it must be readable by the calling user")
     p.add_argument("--file", metavar="JOBFILE", help="read the whole job spec from a JSON file (or YAML, when "
-                   "PyYAML is installed; - reads stdin) instead of flags")
+                   "PyYAML is installed; - reads stdin) instead of flags; a repair of a guest in place "
+                   "(operation offline_fix) is submitted this way")
     # No default here: given with --file, even as "convert", it is refused like the other spec flags.
     p.add_argument("--operation", choices=OPERATIONS, help="what to do (default: convert)")
     p.add_argument("-o", "--output", metavar="PATH", help="where to write the converted image: under one of h2kd's "
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", "list jobs: id, operation, state, progress, owner and age", json_output=True)
     p.add_argument("--state", metavar="STATE", action="append",
                    help=f"only jobs in this state (repeatable or comma-separated: {', '.join(STATES)})")
-    p.add_argument("--operation", choices=OPERATIONS, help="only jobs of this operation")
+    p.add_argument("--operation", choices=LISTED_OPERATIONS, help="only jobs of this operation")
     p.add_argument("--owner", metavar="USER", help="only jobs submitted by this user (name or uid)")
     p.add_argument("--limit", metavar="N", type=_int_range(0, 2**31), default=0,
                    help="list at most N jobs, the first N in submission order (0: all)")

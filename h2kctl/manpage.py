@@ -85,7 +85,8 @@ def render() -> str:
             ".TP", "\\fB$DBUS_SYSTEM_BUS_ADDRESS\\fR",
             escape("The system bus to use, as for every system bus client (--address overrides it)."),
             ".TP", "\\fB$H2KCTL_PAGER\\fR, \\fB$SYSTEMD_PAGER\\fR, \\fB$PAGER\\fR",
-            escape("The pager for long output (default: less with LESS=FRSXMK); \"cat\" or \"\" turns it off."),
+            escape("The pager for long output (default: less with LESS=FRSXMK); the first of them that is set decides, "
+                   "and \"cat\" or \"\" turns it off."),
             ".SH EXAMPLES",
             ".nf", escape("h2kctl submit --wait -o /var/lib/h2kd/output/web.qcow2 --compress=zstd web.vmdk\n"
                           "h2kctl list --state running,queued\n"

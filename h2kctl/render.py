@@ -195,7 +195,9 @@ def page(text: str, use_pager: bool) -> None:
     """Write text to stdout, through a pager (as systemd does: $SYSTEMD_PAGER, $PAGER, less) when it
     is longer than the terminal and paging was not turned off."""
     if use_pager and sys.stdout.isatty() and text.count("\n") > shutil.get_terminal_size().lines - 1:
-        pager = os.environ.get("H2KCTL_PAGER") or os.environ.get("SYSTEMD_PAGER") or os.environ.get("PAGER")
+        # The first variable that is set decides, even when empty (as systemd reads SYSTEMD_PAGER=""): off.
+        pager = next((os.environ[name] for name in ("H2KCTL_PAGER", "SYSTEMD_PAGER", "PAGER") if name in os.environ),
+                     None)
         if pager not in ("", "cat"):
             command = pager or ("less" if shutil.which("less") else None)
             if command:

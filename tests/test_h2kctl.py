@@ -215,6 +215,25 @@ def test_man_page_is_generated_from_the_parser_and_renders():
         assert option in rendered.stdout
 
 
+@pytest.mark.parametrize("variables, pager", [
+    ({"H2KCTL_PAGER": "", "PAGER": "more"}, None), ({"SYSTEMD_PAGER": "", "PAGER": "more"}, None),
+    ({"H2KCTL_PAGER": "cat", "PAGER": "more"}, None), ({"PAGER": "more"}, "more")])
+def test_the_first_pager_variable_set_decides_and_empty_turns_paging_off(monkeypatch, capsys, variables, pager):
+    """As systemd reads SYSTEMD_PAGER: set but empty means no pager, not "try the next variable"."""
+    from h2kctl import render
+    for name in ("H2KCTL_PAGER", "SYSTEMD_PAGER", "PAGER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    ran: list[str] = []
+    monkeypatch.setattr(render.sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(render.shutil, "get_terminal_size", lambda: os.terminal_size((80, 5)))
+    monkeypatch.setattr(render.subprocess, "run", lambda command, **kw: ran.append(command))
+    render.page("line\n" * 20, True)
+    assert ran == ([pager] if pager else []), ran
+    assert capsys.readouterr().out == ("" if pager else "line\n" * 20)
+
+
 def test_completion_scripts_are_generated_and_complete(tmp_path):
     here = REPO / "h2kctl" / "completion"
     assert (here / FILES["bash"]).read_text() == render_bash(), "run: python -m h2kctl.completion --write"

@@ -28,7 +28,7 @@ _h2kctl() {
     options["h2kctl list"]="--system --address --no-ask-password --no-pager -q --quiet --json --state --operation --owner --limit -h --help"
     values["h2kctl list:--address"]="@none"
     values["h2kctl list:--state"]="@none"
-    values["h2kctl list:--operation"]="convert inspect validate"
+    values["h2kctl list:--operation"]="convert inspect validate offline_fix"
     values["h2kctl list:--owner"]="@none"
     values["h2kctl list:--limit"]="@none"
     positional["h2kctl list"]=""
