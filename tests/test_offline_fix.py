@@ -1080,3 +1080,18 @@ def test_a_qcow2_repairs_progress_climbs_through_unpack_fix_and_pack(tmp_path: P
     assert max(by_phase["unpack"]) <= 1 / 3 + 1e-9 and by_phase["fix"] == pytest.approx([1 / 3, 0.5, 2 / 3])
     assert min(by_phase["pack"]) >= 2 / 3 - 1e-9, seen
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(image)])     # packed back whole
+
+
+def test_an_image_neither_raw_nor_qcow2_is_refused_by_the_format_found_in_it(tmp_path: Path) -> None:
+    """Not declared, the format is the one found through the file that was checked (no probe of the path
+    by root beforehand): a VMDK is refused, saying what to do instead, and nothing is written."""
+    from h2kd.operations import offline_fix
+    from h2kd.operations.qemuimg import OperationError
+
+    image = tmp_path / "guest.vmdk"
+    run(["qemu-img", "create", "-q", "-f", "vmdk", str(image), "8M"])
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(OperationError, match="offline_fix works on raw and qcow2 images, not vmdk; convert the "
+                                             r"image first \(or run convert with offline_fix\)"):
+        offline_fix.run_offline_fix(str(image), {}, lambda phase, fraction, message: None)
+    assert sorted(tmp_path.iterdir()) == before

@@ -537,6 +537,10 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
                     "32K")
     differencing = _differencing_vhd(src / "checkpoint.avhd")
     differencing_vhdx = _differencing_vhdx(src / "checkpoint.avhdx")
+    differencing_vdi = _differencing_vdi(src / "snapshot.vdi")
+    linked_clone = _vmdk_child(src, "clone", "twoGbMaxExtentSparse", "C:\\VMs\\Base VM\\clone-base.vmdk")
+    orphan = _vmdk_child(src, "orphan", "monolithicSparse")
+    (src / "orphan-base.vmdk").unlink()
     cut_flat = images.make_image("vmdk", "monolithicFlat", src / "cut.vmdk", size=4 * MiB)
     os.truncate(src / "cut-flat.vmdk", 3 * MiB)
     chunked_ovf, chunked_ova = _chunked(src / "chunked", lib / "data2.raw"), _chunked(src / "ova", lib / "data2.raw", True)
@@ -559,6 +563,14 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
         "differencing vhd": (convert_spec(differencing, out / "o.qcow2", "vhd"), "UNSUPPORTED", "differencing VHD"),
         "differencing vhdx": (convert_spec(differencing_vhdx, out / "o.qcow2"), "UNSUPPORTED",
                               "is a differencing VHDX (a Hyper-V checkpoint, .avhdx); merge the checkpoint"),
+        "differencing vdi": (convert_spec(differencing_vdi, out / "o.qcow2"), "UNSUPPORTED",
+                             "snapshot.vdi) is a differencing VDI (a VirtualBox snapshot of another disk); merge"),
+        "linked clone vmdk": (convert_spec(linked_clone, out / "o.qcow2"), "UNSUPPORTED",
+                              'clone.vmdk) is a VMDK snapshot or linked clone whose parent disk is "C:\\VMs\\Base '
+                              'VM\\clone-base.vmdk", a Windows path, which cannot be opened here; consolidate it'),
+        "vmdk snapshot without its parent": (convert_spec(orphan, out / "o.qcow2"), "UNSUPPORTED",
+                                             'whose parent disk is "orphan-base.vmdk", which does not exist; '
+                                             "consolidate it"),
         "json: backing file": (convert_spec(json_backing, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
         "file: backing file": (convert_spec(file_protocol, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -650,10 +662,37 @@ def _differencing_vhd(path: Path) -> Path:
     return path
 
 
+def _differencing_vdi(path: Path) -> Path:
+    """A VDI whose header says it is a differencing image (a VirtualBox snapshot): its type, 4, and the UUIDs of
+    its parent (the link UUID, the parent's modification UUID) at 0x1a8 and 0x1b8."""
+    import uuid
+
+    images.qemu_img("create", "-q", "-f", "vdi", str(path), "8M")
+    subprocess.run(["qemu-io", "-f", "vdi", "-c", "write -P 7 0 64k", str(path)], check=True, capture_output=True)
+    data = bytearray(path.read_bytes())
+    data[0x4C:0x50] = (4).to_bytes(4, "little")
+    data[0x1A8:0x1C8] = uuid.uuid4().bytes_le + uuid.uuid4().bytes_le
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _vmdk_child(directory: Path, name: str, subformat: str, hint: str | None = None) -> Path:
+    """NAME.vmdk, a VMDK snapshot delta (of `subformat`) of NAME-base.vmdk next to it, its parentFileNameHint
+    made `hint` if given (as a Workstation linked clone made on Windows names its parent)."""
+    base = images.make_image("vmdk", "monolithicSparse", directory / f"{name}-base.vmdk", size=4 * MiB)
+    child = directory / f"{name}.vmdk"
+    images.qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", "-F", "vmdk", "-b", base.name,
+                    str(child))
+    if hint is not None:
+        child.write_text(child.read_text().replace(f'parentFileNameHint="{base.name}"',
+                                                   f'parentFileNameHint="{hint}"'))
+    return child
+
+
 BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "differencing vhdx", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs", "vm without a disk", "vmx disk without a file name",
-              "blank ovf disk"]
+              "blank ovf disk", "differencing vdi", "linked clone vmdk", "vmdk snapshot without its parent"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
@@ -879,6 +918,36 @@ def test_the_source_is_checked_on_the_descriptor_root_reads_not_only_by_path(tmp
     with pytest.raises(OperationError) as refused:
         inspect.load_source(str(checked), "raw", check_disks=False)
     assert refused.value.code == "SOURCE_CHANGED" and "replaced after the job was submitted" in refused.value.message
+
+
+def test_a_source_without_a_signature_is_probed_through_the_descriptor_that_was_checked(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Whether a source qemu-img calls raw ends in a VHD footer is read from the file root opened and checked:
+    by its path, after the submitter swapped a directory on the way for a symlink, root would open another file
+    (and tell whether it ends in a footer, or hang on a FIFO)."""
+    from h2kd.operations import inspect, qemuimg
+
+    theirs, elsewhere = tmp_path / "theirs", tmp_path / "elsewhere"
+    theirs.mkdir()
+    elsewhere.mkdir()
+    source = images.make_raw_with_data(theirs / "disk.img", 4 * MiB, 0.25, partition_table=True)
+    images.make_image("vhd", "fixed", elsewhere / "disk.img", raw=source)
+    real_info = qemuimg.info
+    swapped = []
+
+    def info_then_swap(image: Any, *args: Any, **kwargs: Any) -> Any:
+        """qemu-img's own look at the source, then the swap."""
+        result = real_info(image, *args, **kwargs)
+        if not swapped:
+            theirs.rename(tmp_path / "theirs.moved")
+            theirs.symlink_to(elsewhere)
+            swapped.append(image)
+        return result
+
+    monkeypatch.setattr(qemuimg, "info", info_then_swap)
+    loaded = inspect.load_source(str(source), check_disks=False)
+    assert swapped == [str(source)]
+    assert loaded.format == "raw" and loaded.disks[0].ref.format == "raw"
 
 
 def test_the_workers_source_check_tells_nothing_of_what_is_there(tmp_path: Path) -> None:

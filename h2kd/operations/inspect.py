@@ -428,6 +428,14 @@ def _load_disk(ref: ImageRef, label: str, identities: list[FileIdentity], checki
         raise OperationError("UNSUPPORTED", f"{label} ({ref.describe()}) is a differencing VHDX (a Hyper-V "
                              "checkpoint, .avhdx); merge the checkpoint in Hyper-V (delete the checkpoint, or "
                              "Merge-VHD), or convert the merged disk")
+    if ref.format == "vdi" and _vdi_has_parent(ref, identities):
+        # qemu reads none (its parent is known by UUID alone, to VirtualBox), and would only say "unsupported
+        # VDI image (non-NULL link UUID)".
+        raise OperationError("UNSUPPORTED", f"{label} ({ref.describe()}) is a differencing VDI (a VirtualBox "
+                             "snapshot of another disk); merge the snapshot in VirtualBox (delete it, or copy the "
+                             "current state with VBoxManage clonemedium), or convert the merged disk")
+    if ref.format == "vmdk":
+        _refuse_unreachable_parent(ref, label, identities, reader_uid)
     chain = _qemu_view(ref, label)
     _refuse_external_data(chain, label)
     if ref.offset is None:
@@ -578,6 +586,68 @@ def _vhdx_lookup(fd: int, at: int, magic: bytes, count_format: str, count_at: in
         if table[entry:entry + 16] == guid:
             return struct.unpack_from(value_format, table, entry + 16)[0]
     return None
+
+
+# What qemu reads of a VMDK's descriptor to find its parent (its DESC_SIZE).
+_VMDK_DESCRIPTOR_READ = 20 * 512
+
+
+def _vmdk_parent_hint(ref: ImageRef, identities: list[FileIdentity]) -> str:
+    """The parent a VMDK snapshot delta or linked clone names (parentFileNameHint), as qemu finds it in the
+    descriptor; "" for a VMDK without a parent."""
+    start = ref.offset or 0
+    fd = _reopen(ref.path, identities)
+    try:
+        end = start + ref.size if ref.size is not None else os.fstat(fd).st_size
+        header = os.pread(fd, 36, start)
+        at = start
+        if header[:4] == b"KDMV" and len(header) == 36:
+            # A sparse extent holds its descriptor at the sector its header gives; a descriptor file is one.
+            at += 512 * struct.unpack_from("<Q", header, 28)[0]
+        descriptor = os.pread(fd, min(_VMDK_DESCRIPTOR_READ, end - at), at) if at < end else b""
+    finally:
+        os.close(fd)
+    found = re.search(rb'parentFileNameHint="([^"]*)"', descriptor.split(b"\0", 1)[0])
+    return found.group(1).decode("utf-8", "replace") if found else ""
+
+
+def _refuse_unreachable_parent(ref: ImageRef, label: str, identities: list[FileIdentity],
+                               reader_uid: int | None) -> None:
+    """UNSUPPORTED for a VMDK whose parent qemu cannot open, which would only say "Unknown protocol 'C'" or "No
+    such file or directory". VMware Workstation on Windows names a linked clone's parent by its full path
+    ("C:\\VMs\\Base\\Base.vmdk"); a missing one is looked for as the submitter (see _present)."""
+    hint = _vmdk_parent_hint(ref, identities)
+    if not hint:
+        return
+    if re.match(r"[A-Za-z]:", hint) or "\\" in hint:
+        problem = "a Windows path, which cannot be opened here"
+    elif ref.offset is None and not _has_protocol(hint) \
+            and not _present(os.path.join(os.path.dirname(ref.path), hint), reader_uid):
+        problem = "which does not exist"
+    else:
+        return          # qemu opens it: its backing chain is vetted as any other
+    raise OperationError("UNSUPPORTED", f'{label} ({ref.describe()}) is a VMDK snapshot or linked clone whose parent '
+                         f'disk is "{hint[:200]}", {problem}; consolidate it in VMware (delete its snapshots, or make '
+                         "a full clone), or put the parent next to it and give its file name in parentFileNameHint")
+
+
+# VDI 1.1, the only version qemu reads; a differencing image's type.
+_VDI_VERSION_1_1 = 0x00010001
+_VDI_DIFFERENCING = 4
+
+
+def _vdi_has_parent(ref: ImageRef, identities: list[FileIdentity]) -> bool:
+    """Whether a VDI's header says it is a differencing image, as a VirtualBox snapshot is: by its image type (at
+    0x4c), or by the UUIDs of its parent (the link UUID at 0x1a8, the parent's modification at 0x1b8), which qemu
+    refuses when set."""
+    fd = _reopen(ref.path, identities)
+    try:
+        header = os.pread(fd, 0x1C8, ref.offset or 0)
+    finally:
+        os.close(fd)
+    if len(header) < 0x1C8 or struct.unpack_from("<I", header, 0x44)[0] != _VDI_VERSION_1_1:
+        return False
+    return struct.unpack_from("<I", header, 0x4C)[0] == _VDI_DIFFERENCING or any(header[0x1A8:0x1C8])
 
 
 def _vhd_current_size(footer: bytes | None) -> int:
@@ -1161,7 +1231,7 @@ def check_writable_by(identity: FileIdentity, uid: int, problem: str) -> None:
 def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) -> str:
     """No signature of ours: a raw disk if it looks like one (or is declared so), else refused."""
     try:
-        probed = qemuimg.probe_format(path)
+        probed = qemuimg.probe_format(path, tail)
     except qemuimg.QemuImgError as e:
         raise _invalid(f"{path} is not a disk image: {e.message}") from None
     if probed != "raw":

@@ -149,7 +149,12 @@ def read_vpc_footer(path: str) -> bytes | None:
             tail = f.read(512)
     except OSError:
         return None
-    return tail if tail.startswith(b"conectix") else None
+    return vpc_footer(tail)
+
+
+def vpc_footer(tail: bytes) -> bytes | None:
+    """`tail`, a file's last 512 bytes, if it is a VHD footer; None otherwise."""
+    return tail if len(tail) == 512 and tail.startswith(b"conectix") else None
 
 
 def output_virtual_size(fd: int, path: str, fmt: str) -> int:
@@ -165,12 +170,17 @@ def output_virtual_size(fd: int, path: str, fmt: str) -> int:
     raise OperationError("UNSUPPORTED", f"h2kd does not write {fmt} images", "check")
 
 
-def probe_format(path: str) -> str:
-    """The format qemu-img sees in a file, with a fixed VHD named "vpc" (qemu-img alone calls it raw)."""
+def probe_format(path: str, tail: bytes | None = None) -> str:
+    """The format qemu-img sees in a file, with a fixed VHD named "vpc" (qemu-img alone calls it raw).
+
+    tail: the file's last 512 bytes (b"" if it is shorter), read through a descriptor of the file that was
+    checked. Given, the footer is looked for in them: opened again by its path, as root, the file could be
+    another one by then (a directory on the way swapped for a symlink), and a FIFO there would hang the job."""
     fmt = info(path)["format"]
-    if fmt == "raw" and read_vpc_footer(path) is not None:
-        return "vpc"
-    return fmt
+    if fmt != "raw":
+        return fmt
+    footer = read_vpc_footer(path) if tail is None else vpc_footer(tail)
+    return "raw" if footer is None else "vpc"
 
 
 def measure(image: ImageRef, output_format: str, options: dict[str, Any] | None = None) -> dict[str, int]:

@@ -177,15 +177,16 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
     image_path = os.path.abspath(image_path)
     if not os.path.isfile(image_path):
         raise OperationError("INVALID_IMAGE", f"{image_path} is not a file", "offline_fix")
-    fmt = image_format or qemuimg.probe_format(image_path)
-    if fmt not in ("raw", "qcow2"):
-        raise OperationError("UNSUPPORTED", f"offline_fix works on raw and qcow2 images, not {fmt}; convert the "
-                             "image first (or run convert with offline_fix)", "offline_fix")
     dry_run = bool(params.get("dry_run"))
     # A qcow2 is unpacked with everything it refers to (backing files) and packed back flat: those files
     # are vetted as a conversion's source would be, or a repair could copy any file into the image. A raw
-    # image is vetted the same way, so that the file attached is known to be the one h2kd checked.
-    vetted = inspect.load_source(image_path, fmt, check_disks=False, reader_uid=reader_uid)
+    # image is vetted the same way, so that the file attached is known to be the one h2kd checked. Its format
+    # is the one found through the descriptor checked: probed by its path, as root, it could be another file.
+    vetted = inspect.load_source(image_path, image_format, check_disks=False, reader_uid=reader_uid)
+    fmt = vetted.format
+    if fmt not in ("raw", "qcow2"):
+        raise OperationError("UNSUPPORTED", f"offline_fix works on raw and qcow2 images, not {fmt}; convert the "
+                             "image first (or run convert with offline_fix)", "offline_fix")
     if reader_uid and not dry_run:
         # Checked at submission; since then its owner may have closed it (chmod, a group left, a retry hours
         # later), and root would rewrite it all the same.
