@@ -966,8 +966,10 @@ class JobManager:
         elif outcome.interrupted:
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"unit {outcome.unit} was stopped by the system "
                                   "shutting down", attempt_spent=False)
-        elif outcome.result != "timeout" and (
+        elif outcome.result not in ("timeout", "oom-kill") and (
                 result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
+            # (systemd stops a unit one of whose processes the kernel killed for memory, and the worker, told to
+            # stop, says "cancelled": nobody cancelled that one.)
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result, outcome.ended_at)
         elif outcome.result == "not-started":
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its unit never started", attempt_spent=False)
@@ -980,6 +982,10 @@ class JobManager:
             if outcome.result == "timeout":
                 code, retryable = ErrorCode.TIMEOUT, True
                 message = f"the job ran longer than its timeout of {job.spec['execution_policy']['timeout_seconds']} s"
+            elif outcome.result == "oom-kill":
+                code, retryable = ErrorCode.UNIT_FAILED, True
+                message = (f"the kernel killed a process of unit {outcome.unit} for lack of memory (systemd then "
+                           "stopped the unit); the host, or the slice's MemoryMax, had too little memory free")
             elif error:
                 code = ErrorCode.parse(_text(error.get("code")) or None)
                 retryable = error.get("retryable")
@@ -1121,9 +1127,9 @@ class JobManager:
             # Until the next attempt ends, the Result tells how this one failed (with its unit's last lines).
             job.result = self._attempt_result(job, S.FAILED, _failed(result, code, message, phase))
             job.not_before = now_usec() + int(delay * 1_000_000)
-            # Nothing is copied while the job waits: the dead attempt's speed would promise an end that never comes.
-            job.rate = job.expected_end = 0
-            self._samples.pop(job.id, None)
+            # The attempt that failed is over: its progress (97%, say) would be shown through hours in the queue,
+            # and its speed would promise an end that never comes. Its phase is in the Result.
+            self._reset_progress(job)
             job.wait_reason = (f"attempt {job.attempt} failed; the next starts at "
                                f"{time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))}")
             self._transition(job, S.RETRYING,

@@ -408,6 +408,28 @@ def test_who_cancelled_a_running_job_is_kept_across_a_restart_and_forgotten_by_a
     asyncio.run(go())
 
 
+def test_a_unit_stopped_because_the_kernel_killed_a_process_for_memory_fails_and_is_retried(tmp_path, image):
+    """systemd stops a unit whose qemu-img the OOM killer took (OOMPolicy=stop), and the worker, told to stop,
+    writes "cancelled". Nobody cancelled it: the attempt failed for lack of memory, and is retried as its
+    policy allows, not recorded cancelled "outside h2kd"."""
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}), owner=0)
+        await settle()
+        m.unit_status(job.id, 1, "convert: 97.00% (97/100 bytes)")
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "oom-kill", 0, {"status": "cancelled"}))
+        assert job.state.value == "retrying", job.state
+        assert job.error_code == "UNIT_FAILED" and "for lack of memory" in job.error_message, job.error_message
+        # The failed attempt's 97% is not shown through the wait for the next one.
+        assert (job.progress, job.progress_known, job.bytes_done, job.phase) == (0.0, False, 0, ""), job
+        await until(lambda: (job.id, 2) in runner.started)
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "oom-kill", 0, {"status": "cancelled"}))
+        assert job.state.value == "failed" and "for lack of memory" in job.error_message
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_completed(tmp_path, image):
     """The worker finishes an attempt whose outputs are getting their names, whatever comes (h2kd.worker.main):
     if systemd's time limit falls then, the unit's result says "timeout" but the worker exits 0 with a completed
