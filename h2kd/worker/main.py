@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -78,12 +79,26 @@ def _notify(message: str) -> None:
         pass
 
 
-class StatusReporter:
-    """Progress to STATUS= lines, throttled (STATUS_*); flush() sends the latest one if it was held back."""
+def _later(delay: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, call)
+    timer.daemon = True
+    timer.start()
 
-    def __init__(self, send: Callable[[str], None] = _notify, clock: Callable[[], float] = time.monotonic):
+
+class StatusReporter:
+    """Progress to STATUS= lines, throttled (STATUS_*); flush() sends the latest one if it was held back.
+
+    A report held back goes out by itself once it may (`later`: a timer thread), not only with the next one:
+    the last before a long quiet step (a guest's initramfs rebuilt, an output's check and fsync) would
+    otherwise stand unsent, and the job's progress show the step before for minutes."""
+
+    def __init__(self, send: Callable[[str], None] = _notify, clock: Callable[[], float] = time.monotonic,
+                 later: Callable[[float, Callable[[], None]], None] = _later):
         self.send = send
         self.clock = clock
+        self.later = later
+        self._lock = threading.Lock()       # reports come from the operation's threads, held ones from the timer's
+        self._timer_armed = False
         self.last_sent_at = -STATUS_QUIET
         self.last_sent: str | None = None
         self.last_sent_kind: tuple[str, str] | None = None     # (phase, message) of the last report sent
@@ -96,18 +111,34 @@ class StatusReporter:
     def __call__(self, phase: str, done: int, total: int, message: str = "") -> None:
         fraction = done / total if total > 0 else None
         text = format_status(ProgressReport(phase, fraction, done, total if total > 0 else 0, message))
-        self.pending, self.pending_fraction, self.pending_kind = text, fraction or 0.0, (phase, message)
-        since = self.clock() - self.last_sent_at
-        if since >= STATUS_MIN_GAP and (
-                since >= STATUS_QUIET or self.pending_kind != self.last_sent_kind
-                or abs(self.pending_fraction - self.last_sent_fraction) >= STATUS_STEP):
-            self.flush()
+        with self._lock:
+            self.pending, self.pending_fraction, self.pending_kind = text, fraction or 0.0, (phase, message)
+            since = self.clock() - self.last_sent_at
+            if since >= STATUS_MIN_GAP and (
+                    since >= STATUS_QUIET or self.pending_kind != self.last_sent_kind
+                    or abs(self.pending_fraction - self.last_sent_fraction) >= STATUS_STEP):
+                self._flush()
+            elif not self._timer_armed:
+                # Due when a report of its kind may go: a new phase or message after the minimum gap, more of
+                # the same once quiet for STATUS_QUIET.
+                due = STATUS_MIN_GAP if self.pending_kind != self.last_sent_kind else STATUS_QUIET
+                self._timer_armed = True
+                self.later(max(due - since, 0.0), self._held_report_due)
         decile = int((fraction or 0) * 10)
         if self.last_logged != (phase, decile):
             self.last_logged = (phase, decile)
             say(text)
 
+    def _held_report_due(self) -> None:
+        with self._lock:
+            self._timer_armed = False
+            self._flush()
+
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if self.pending is not None and self.pending != self.last_sent:
             self.send("STATUS=" + self.pending)
             self.last_sent = self.pending

@@ -4,6 +4,8 @@ lost, and nothing goes out more often than every STATUS_MIN_GAP."""
 
 from __future__ import annotations
 
+import pytest
+
 from h2kd.worker.main import STATUS_MIN_GAP, STATUS_QUIET, STATUS_STEP, StatusReporter
 
 
@@ -16,9 +18,10 @@ class Clock:
 
 
 def reporter() -> tuple[StatusReporter, list[str], Clock]:
+    """A reporter whose held reports wait for the next one (no timer fires)."""
     sent: list[str] = []
     clock = Clock()
-    return StatusReporter(send=sent.append, clock=clock), sent, clock
+    return StatusReporter(send=sent.append, clock=clock, later=lambda delay, call: None), sent, clock
 
 
 def percents(sent: list[str]) -> list[float]:
@@ -83,3 +86,43 @@ def test_a_message_read_from_the_image_stays_on_the_status_line():
     assert line.endswith("subvolume @\\x0aMAINPID=1\\x0d\\x1b[2J")
     from h2kd.worker.report import parse_status
     assert parse_status(line.removeprefix("STATUS=")).message == "subvolume @\\x0aMAINPID=1\\x0d\\x1b[2J"
+
+
+def test_a_report_held_back_before_a_long_quiet_step_goes_out_by_itself():
+    """The fix steps of a guest repair come milliseconds apart, and then its initramfs is rebuilt for minutes
+    with no report: the last step's report, held back by the minimum gap, goes out when it may, not only with
+    the next report, minutes later. So does a small move held back until the quiet second."""
+    sent: list[str] = []
+    clock = Clock()
+    timers: list[tuple[float, object]] = []
+    status = StatusReporter(send=sent.append, clock=clock, later=lambda delay, call: timers.append((delay, call)))
+    status("fix", 1, 3, "fstab")
+    clock.now += 0.01
+    status("fix", 2, 3, "initramfs")             # too soon after the first: held back
+    assert [line.split(" ")[-1] for line in sent] == ["fstab"]
+    (delay, due), = timers
+    assert delay == pytest.approx(STATUS_MIN_GAP - 0.01)
+    clock.now += delay
+    due()                                         # the timer fires: nothing else is reported meanwhile
+    assert [line.split(" ")[-1] for line in sent] == ["fstab", "initramfs"]
+    timers.clear()
+    clock.now += 0.5
+    status("fix", 2001, 3000, "initramfs")       # a small move of the same step: due once quiet for a second
+    (delay, due), = timers
+    assert delay == pytest.approx(STATUS_QUIET - 0.5)
+    clock.now += delay
+    due()
+    assert len(sent) == 3 and "66.70%" in sent[-1]
+
+
+def test_the_worker_sends_a_held_report_within_the_minimum_gap_with_its_real_timer():
+    """The default timer (a thread): the held report reaches systemd without another call."""
+    import time
+    sent: list[str] = []
+    status = StatusReporter(send=sent.append)
+    status("fix", 1, 3, "fstab")
+    status("fix", 2, 3, "initramfs")
+    deadline = time.monotonic() + 5
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [line.split(" ")[-1] for line in sent] == ["fstab", "initramfs"]
