@@ -1057,8 +1057,9 @@ def test_an_image_whose_loop_device_stays_bound_stays_roots(tmp_path: Path, monk
 def test_a_qcow2_repairs_progress_climbs_through_unpack_fix_and_pack(tmp_path: Path, monkeypatch: Any) -> None:
     """Unpack, fix and pack each report 0..1 of their own; the job's progress is their sum on one scale, so it
     rises through all three instead of reaching 100% when the unpacking ends (progress never goes back: the
-    fix and the pack would have shown 100% for minutes). The guest's fix stands aside: the qemu-img runs are
-    real."""
+    fix and the pack would have shown 100% for minutes). The worker is told once, before the repaired image
+    takes the original's place, that the attempt is past stopping (a cancel then would report nothing changed,
+    a retry would repair the repaired image). The guest's fix stands aside: the qemu-img runs are real."""
     from h2kd.operations import offline_fix
 
     image = tmp_path / "guest.qcow2"
@@ -1072,8 +1073,14 @@ def test_a_qcow2_repairs_progress_climbs_through_unpack_fix_and_pack(tmp_path: P
         return {"changed_files": ["/etc/fstab"], "fixes": []}
     monkeypatch.setattr(offline_fix, "fix_raw_image", fix_standing_aside)
     seen: list[tuple[str, float]] = []
+    original = image.stat().st_ino
+    committed: list[bool] = []
+
+    def on_commit() -> None:   # the worker stops taking stops here: the image must not have been replaced yet
+        committed.append(image.stat().st_ino == original)
     offline_fix.run_offline_fix(str(image), {}, lambda phase, fraction, message: seen.append((phase, fraction))
-                                if fraction is not None else None)
+                                if fraction is not None else None, on_commit=on_commit)
+    assert committed == [True] and image.stat().st_ino != original, committed
     fractions = [fraction for _, fraction in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), seen
     by_phase = {phase: [f for p, f in seen if p == phase] for phase in ("unpack", "fix", "pack")}

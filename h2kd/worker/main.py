@@ -325,7 +325,8 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         return convert.run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, on_commit)
     if operation == "offline_fix":
         from h2kd.operations import offline_fix
-        return offline_fix.run_offline_fix_job(spec, output_roots, progress, owner, temp_record)
+        return offline_fix.run_offline_fix_job(spec, output_roots, progress, owner, temp_record,
+                                               on_commit or (lambda: None))
     if operation == "validate":
         from h2kd.operations import validate
         return validate.run_validate(spec, progress, reader_uid, source_roots or ["/"])

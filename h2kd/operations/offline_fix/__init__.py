@@ -168,11 +168,14 @@ def _open_vetted(path: str, vetted: inspect.FileIdentity, writable: bool) -> int
 
 def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                     cancelled: Callable[[], bool] = lambda: False, image_format: str | None = None,
-                    owner: dict[str, Any] | None = None, temp_record: str | None = None) -> dict[str, Any]:
+                    owner: dict[str, Any] | None = None, temp_record: str | None = None,
+                    on_commit: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Fix the Linux guest on a raw or qcow2 image (see the module docstring). owner {"uid", "gid"}: the
     submitter, when not root, whose rights qemu-img runs with (qemuimg.run_as) and to whom the temporary files
     it writes belong (see inspect.load_source). temp_record: where the temporary files are recorded before
-    they are created (see TempFiles)."""
+    they are created (see TempFiles). on_commit: called just before a repaired qcow2 takes the image's place;
+    from then on the attempt runs to its end (a stop then would report nothing changed, and a retry would
+    repair the repaired image)."""
     reader_uid = (owner or {}).get("uid") or None
     image_path = os.path.abspath(image_path)
     if not os.path.isfile(image_path):
@@ -240,6 +243,7 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
             os.fchown(fixed_fd, original.st_uid, original.st_gid)
             os.fchmod(fixed_fd, stat.S_IMODE(original.st_mode) & 0o777)   # never a set-id bit, whoever set it
             os.fsync(fixed_fd)
+            on_commit()
             os.rename(os.path.basename(fixed), image_name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
             temps.forget(fixed)
             os.fsync(directory_fd)
@@ -270,7 +274,8 @@ def _under_roots(path: str, roots: list[str]) -> bool:
 
 
 def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter: Callable[..., None],
-                        owner: dict[str, Any] | None = None, temp_record: str | None = None) -> dict[str, Any]:
+                        owner: dict[str, Any] | None = None, temp_record: str | None = None,
+                        on_commit: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """The offline_fix operation of a job spec. The image is changed in place, so (like any output) it must
     be under one of the output roots. temp_record: the attempt's record of temporary files (see TempFiles)."""
     image = spec["image"]
@@ -282,7 +287,7 @@ def run_offline_fix_job(spec: dict[str, Any], output_roots: list[str], reporter:
                              "may read any image", "offline_fix")
     size = os.path.getsize(path) if os.path.exists(path) else 0
     return run_offline_fix(path, params, _reporter_progress(reporter, size), image_format=image.get("format"),
-                           owner=owner, temp_record=temp_record)
+                           owner=owner, temp_record=temp_record, on_commit=on_commit)
 
 
 def boot_disk_repair(parameters: dict[str, Any]) -> Callable[[int, Progress], dict[str, Any]]:
