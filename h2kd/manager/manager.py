@@ -117,6 +117,9 @@ class JobManager:
         self._listeners: list[JobListener] = []
         self._workers: dict[str, WorkerInfo] = {}
         self._starting: set[str] = set()      # jobs whose StartTransientUnit call has not returned yet
+        # The latest status a unit reported while its start call had not returned: applied once it has (the
+        # runner passes on only a status that changed, so a worker quiet for minutes after it would show none).
+        self._status_while_starting: dict[str, str] = {}
         self._samples: dict[str, deque[tuple[int, int]]] = {}
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -824,6 +827,7 @@ class JobManager:
             return
         finally:
             self._starting.discard(job.id)
+            early_status = self._status_while_starting.pop(job.id, None)
         if job.attempt != attempt or job.state != S.ASSIGNED:
             return
         job.unit = unit
@@ -834,6 +838,8 @@ class JobManager:
         except StoreFailed as e:    # its reports (progress, its end) record it running later
             log.warning("could not record job %s running: %s", job.id, e)
             job.unit = unit
+        if early_status is not None:
+            self.unit_status(job.id, attempt, early_status)
         await self._stop_cancelled(job)
 
     def _start_refused(self, job_id: str, attempt: int, why: str, passing: bool = False) -> None:
@@ -892,7 +898,10 @@ class JobManager:
         if job is None or job.attempt != attempt or job.state not in ACTIVE:
             return
         if job.state == S.ASSIGNED:
-            if job.id in self._starting or job.worker != BUILTIN:   # the start call's return records it running
+            if job.id in self._starting and job.worker == BUILTIN:  # the start call's return records it running
+                self._status_while_starting[job.id] = status_text
+                return
+            if job.worker != BUILTIN:
                 return
             self._found_running(job, started_at)
         report = parse_status(status_text)

@@ -2205,3 +2205,35 @@ def test_jobs_picked_for_a_start_that_fails_unexpectedly_stay_queued_and_start_l
         assert failing.failures == 1
         await m.stop()
     asyncio.run(go())
+
+
+class AnswersLater(RecordingRunner):
+    """systemd starts the unit at once, but its answer to StartTransientUnit comes when the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.may_answer = asyncio.Event()
+
+    async def start(self, job, attempt):
+        self.started.append((job.id, attempt))
+        await self.may_answer.wait()
+        return f"h2k-job-{job.id}-{attempt}.service"
+
+
+def test_a_status_the_unit_reported_before_its_start_was_answered_is_shown_once_it_runs(tmp_path, image):
+    """The worker's first report can arrive before systemd's answer to the start (a busy manager). The runner
+    passes on a status only when it changes, and the worker may then be quiet for minutes (loading a large
+    source): the job must show that first report once it is recorded running, not nothing until the next."""
+    async def go():
+        runner = AnswersLater()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: runner.started)
+        m.unit_status(job.id, 1, "inspect: 12.00% (12/100 bytes) reading the source")
+        assert job.state.value == "assigned" and job.phase == ""
+        runner.may_answer.set()
+        await until(lambda: job.state.value == "progressing")
+        assert (job.phase, job.progress) == ("inspect", pytest.approx(0.12)), (job.phase, job.progress)
+        await m.stop()
+    asyncio.run(go())
