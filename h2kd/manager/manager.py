@@ -1266,10 +1266,9 @@ class JobManager:
             raise InvalidArgument("a worker name of 1 to 128 characters is required")
         if not isinstance(capabilities, dict):
             raise InvalidArgument("capabilities must be a JSON object")
-        operations = capabilities.get("operations")
-        # The scheduler matches every job against it: any other shape would fail each match, everyone's claims too.
-        if operations is not None and not (isinstance(operations, list)
-                                           and all(isinstance(o, str) for o in operations)):
+        # The scheduler matches every job against it: a number there failed each match, everyone's claims too,
+        # and a text would match by its substrings. What the list holds beside names matches nothing.
+        if not isinstance(capabilities.get("operations", []), list):
             raise InvalidArgument('capabilities: "operations" must be a list of operation names')
         if len(json.dumps(capabilities).encode()) > MAX_CAPABILITIES_BYTES:
             raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")
