@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from bench.disks import BLOCK, MiB, qemu_img, raw_with_data, to_format
 
-__all__ = ["BLOCK", "KINDS", "MiB", "make_chs_sized_vhd", "make_image", "make_missing_extent_vmdk",
+__all__ = ["BLOCK", "KINDS", "MiB", "disk_difference", "make_chs_sized_vhd", "make_image", "make_missing_extent_vmdk",
            "make_multi_extent_vmdk", "make_not_an_image", "make_ova", "make_overlay", "make_ovf_text",
            "make_raw_with_data", "make_truncated_vmdk", "make_vmx", "qemu_img", "vhd_geometry"]
 
@@ -256,3 +257,18 @@ def partitioned(path: str | Path, table: str, size: int = 32 * MiB) -> Path:
         f.truncate(size)
     subprocess.run(["sfdisk", "--quiet", str(path)], input=table, text=True, check=True, capture_output=True)
     return path
+
+
+def disk_difference(reference: str | Path, output: str | Path, ref_format: str | None = None,
+                    out_format: str | None = None) -> str:
+    """How `output` differs from `reference` as a guest sees them ("" when it is the same disk): their virtual
+    sizes, and then their content. `qemu-img compare` alone takes a larger disk whose extra part reads as zeros
+    for the same, and a smaller one too when the part cut off held zeros."""
+    sizes = [json.loads(qemu_img("info", "--output=json", *(["-f", fmt] if fmt else []), str(path)))["virtual-size"]
+             for path, fmt in ((reference, ref_format), (output, out_format))]
+    if sizes[0] != sizes[1]:
+        return f"{output} is a disk of {sizes[1]} bytes, {reference} of {sizes[0]}"
+    formats = [*(["-f", ref_format] if ref_format else []), *(["-F", out_format] if out_format else [])]
+    done = subprocess.run(["qemu-img", "compare", *formats, str(reference), str(output)], capture_output=True,
+                          text=True, timeout=120)
+    return "" if done.returncode == 0 else f"{output} differs from {reference}: {done.stdout}{done.stderr}".strip()

@@ -43,6 +43,7 @@ from typing import Iterator
 
 import pytest
 
+from images import disk_difference
 from runas import USERNS_STAGING, as_user
 
 from h2kd.sandbox.stack import Stack, default_polkit_rules, new_base_dir
@@ -335,9 +336,7 @@ def test_submit_and_wait_after_the_password_prompt(env, accounts, bus_dir, calle
         assert busctl_property(env, job_path, JOB_IFACE, "State") == 's "completed"'
         assert busctl_property(env, job_path, JOB_IFACE, "Owner") == f"u {pwd.getpwnam(accounts.caller).pw_uid}"
         assert output_path.is_file()
-        compared = subprocess.run(["qemu-img", "compare", "-f", "vmdk", "-F", "qcow2", str(source), str(output_path)],
-                                  capture_output=True, text=True, timeout=60)
-        assert compared.returncode == 0, compared
+        assert not (difference := disk_difference(source, output_path, "vmdk", "qcow2")), difference
         assert wait_until_no_processes_of(accounts.caller) == [], "pkttyagent (or h2kctl) outlived the call"
     finally:
         shutil.rmtree(images, ignore_errors=True)

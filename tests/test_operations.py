@@ -103,8 +103,22 @@ def _identity(spec: dict[str, Any]) -> str:
 
 
 def compare(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
-                          capture_output=True).returncode == 0
+    return not images.disk_difference(a, b, fmt_a, fmt_b)
+
+
+def test_the_comparison_these_tests_use_tells_a_disk_of_another_size_apart(tmp_path: Path) -> None:
+    """`qemu-img compare` alone calls a copy grown with zeros, or cut where the source held zeros, identical:
+    a conversion that padded or dropped a disk's end would pass every test that compares."""
+    source = tmp_path / "source.raw"
+    source.write_bytes(os.urandom(MiB) + bytes(MiB))
+    for size in (3 * MiB, MiB + 512 * 1024):
+        other = tmp_path / f"other-{size}.raw"
+        shutil.copyfile(source, other)
+        os.truncate(other, size)
+        assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(source), str(other)]
+                              ).returncode == 0            # what compare alone says
+        assert not compare(source, "raw", other, "raw")
+    assert compare(source, "raw", source, "raw")
 
 
 def leftovers(directory: Path) -> list[str]:

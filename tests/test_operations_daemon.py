@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,8 @@ def convert_job(stack: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def identical(reference: Path, ref_format: str, output: Path, out_format: str) -> tuple[bool, str]:
-    done = subprocess.run(["qemu-img", "compare", "-f", ref_format, "-F", out_format, str(reference), str(output)],
-                          capture_output=True, text=True, timeout=60)
-    return done.returncode == 0, done.stdout + done.stderr
+    difference = images.disk_difference(reference, output, ref_format, out_format)
+    return not difference, difference
 
 
 @pytest.mark.parametrize("output_format", ["qcow2", "raw"])

@@ -30,6 +30,7 @@ import h2kd
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from images import disk_difference
 from h2kd.config import Config
 from h2kd.manager.ports import StartUnanswered, UnitOutcome
 from h2kd.model.job import Job
@@ -1626,9 +1627,7 @@ def test_the_real_worker_converts_an_image_inside_its_unit(sandbox: Sandbox) -> 
             outcome = await events.wait_finished(job.id, timeout=60)
         assert (outcome.result, outcome.exit_status) == ("success", 0), outcome
         assert outcome.worker_result is not None and outcome.worker_result["status"] == "completed"
-        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(source), str(output)],
-                                  capture_output=True, text=True)
-        assert compared.returncode == 0, compared.stdout + compared.stderr
+        assert not (difference := disk_difference(source, output, "raw", "qcow2")), difference
         # The worker's progress reached h2kd through the unit's StatusText, up to the last phase at 100%.
         statuses = events.statuses_of(job.id)
         assert statuses and statuses[-1].startswith("commit: 100.00%"), statuses
