@@ -13,12 +13,13 @@ from h2kd.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("written", ["0640", "640", "0o640", "0O640", "00640"])
+@pytest.mark.parametrize("written", ["0600", "600", "0o600", "0O600", "00600"])
 def test_output_mode_is_octal_as_chmod_takes_it(tmp_path: Path, written: str) -> None:
+    """0600, not the default 0640: a setting read wrongly, or not at all, would show."""
     conf = tmp_path / "h2kd.conf"
     conf.write_text(f'[h2kd]\noutput_mode = "{written}"\n')
-    assert load_config(conf, {}).output_mode == 0o640
-    assert load_config(tmp_path / "none.conf", {"H2KD_OUTPUT_MODE": written}).output_mode == 0o640
+    assert load_config(conf, {}).output_mode == 0o600
+    assert load_config(tmp_path / "none.conf", {"H2KD_OUTPUT_MODE": written}).output_mode == 0o600
 
 
 def test_output_mode_bounds(tmp_path: Path) -> None:

@@ -458,11 +458,14 @@ def test_submit_from_job_file_and_no_queue_then_start(env, images, output_dir, t
     assert started["state"] == job_state(env, job_id) == "queued"
     assert started["spec"]["parameters"]["output_format"] == "raw" and started["priority"] == 4
     ok(h2kctl(env, "cancel", job_id))
-    if importlib.util.find_spec("yaml") is None:
-        return
     yaml_file = tmp_path / "job.yaml"
     yaml_id = new_id("yaml")
     yaml_file.write_text(f"job_id: {yaml_id}\noperation: inspect\nimage:\n  path: {images['small']}\n")
+    if importlib.util.find_spec("yaml") is None:    # optional: without it, a YAML file is a clear usage error
+        refused = h2kctl(env, "submit", "--file", str(yaml_file))
+        assert refused.returncode == 2 and "YAML job files need PyYAML" in refused.stderr, refused
+        assert h2kctl(env, "status", yaml_id).returncode == 7
+        return
     ok(h2kctl(env, "submit", "--file", str(yaml_file)))
     assert json.loads(ok(h2kctl(env, "status", yaml_id, "--json")).stdout)["operation"] == "inspect"
     ok(h2kctl(env, "cancel", yaml_id))
@@ -494,7 +497,8 @@ def test_cancel_and_remove_go_on_past_a_job_they_cannot_act_on(env, images, outp
         assert h2kctl(env, "status", job_id).returncode == 7
 
 
-def test_unreadable_source_is_refused_before_submitting(env, tmp_path):
+def test_a_missing_source_is_refused_before_submitting(env, tmp_path):
+    """(A source the caller may not read: test_unprivileged_user_reads_but_is_not_authorized_to_change, exit 5.)"""
     missing = tmp_path / "missing.vmdk"
     result = h2kctl(env, "submit", str(missing), "-o", "/tmp/x.qcow2")
     assert result.returncode == 1 and "cannot read" in result.stderr and str(missing) in result.stderr
@@ -817,7 +821,7 @@ def test_plain_progress_lines_when_not_a_terminal(env, images, output_dir):
     logs = h2kctl(env, "logs", "--no-pager", job_id)
     assert logs.returncode == 0 and job_id in logs.stdout, logs
     status = json.loads(ok(h2kctl(env, "status", job_id, "--json")).stdout)
-    assert status["progress"] == 1.0 or status["progress"] is None
+    assert status["progress"] == 1.0, status["progress"]     # a completed job shows its whole progress
     assert status["result"]["status"] == "completed"
     assert status["finished_at_usec"] == busctl_property(env, job_path(env, job_id), JOB_IFACE, "FinishedAt")
 

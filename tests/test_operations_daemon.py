@@ -49,7 +49,9 @@ def test_convert_with_sync_false_completes_with_its_output_and_nothing_else(stac
                                 "artifacts": {"output_path": str(output)}})
     try:
         assert props["State"] == "completed", props["Error"]
-        assert json.loads(props["Spec"])["parameters"]["sync"] is False
+        # What the worker was given, in its attempt's envelope, not only what h2kd stored.
+        envelope = json.loads((stack.state_dir / "runs" / props["Unit"] / "spec.json").read_text())
+        assert envelope["spec"]["parameters"]["sync"] is False
         same, words = identical(raw, "raw", output, output_format)
         assert same, words
         [disk] = json.loads(props["Result"])["outputs"]["disks"]

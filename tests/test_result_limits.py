@@ -74,11 +74,6 @@ def job_properties(stack: Any, path: str) -> dict[str, Any]:
     return run(go())
 
 
-def test_h2kd_reads_a_result_file_up_to_the_workers_limit_and_a_little():
-    assert MAX_RESULT_BYTES == 1024 * 1024
-    assert MAX_RESULT_BYTES < MAX_RESULT_FILE_BYTES <= MAX_RESULT_BYTES + 64 * 1024
-
-
 def limit_in(message: str, before: str) -> int:
     """The number of bytes a message gives after `before`."""
     assert before in message, message
