@@ -1304,7 +1304,21 @@ class JobManager:
         except StoreFailed:
             self._requeue_in_memory(job)    # claim_for took it out of the queue
             raise
+        self._time_external_attempt(job, worker)
         return job
+
+    def _time_external_attempt(self, job: Job, worker: WorkerInfo) -> None:
+        """execution_policy.timeout_seconds for an attempt another host runs: a builtin attempt's unit and worker
+        keep it themselves, an external worker that beats but hangs would hold the job (and its owner's turn)
+        for ever."""
+        timeout, attempt = job.spec["execution_policy"]["timeout_seconds"], job.attempt
+
+        def expired() -> None:
+            if (self._jobs.get(job.id) is job and job.attempt == attempt and job.worker == worker.id
+                    and job.state in ACTIVE):
+                self._attempt_failed(job, ErrorCode.TIMEOUT, f"worker {worker.id} did not finish the job within its "
+                                     f"timeout of {timeout} s", job.phase or "run", retryable=True)
+        self._later(timeout, expired)
 
     def report_progress(self, worker_id: str, job_id: str, progress: float | None, bytes_done: int,
                         bytes_total: int, phase: str, message: str, attempt: int | None = None) -> None:

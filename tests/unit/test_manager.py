@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -796,6 +797,36 @@ def test_a_lost_worker_costs_an_attempt(tmp_path, image):
             await until(lambda: worker.state == "stale")   # no heartbeat
             await until(lambda: job.state.value == expected)
         assert job.error_code == "WORKER_LOST"
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_an_external_worker_that_beats_but_never_finishes_fails_its_attempt_at_the_jobs_timeout(tmp_path, image,
+                                                                                              monkeypatch):
+    """timeout_seconds holds for a job another host runs too: a worker that keeps beating but hangs does not
+    hold the job, and its owner's turn, for ever. Its attempt fails with TIMEOUT at the job's timeout (taken
+    here from the timer h2kd arms: a real one is at least 60 s) and is retried; its late report is refused."""
+    timers: list[tuple[float, Callable[[], None]]] = []
+
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=30)
+        real_later = m._later
+        monkeypatch.setattr(m, "_later", lambda seconds, callback: (timers.append((seconds, callback)),
+                                                                    real_later(seconds, callback)))
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True},
+                               execution_policy={"retry_count": 1, "timeout_seconds": 600}), owner=0)
+        worker = m.register_worker("hangs", {"gpu": True}, 1, 0, ":1.9")
+        assert m.claim(worker.id) is job
+        m.report_progress(worker.id, job.id, 0.5, 500, 1000, "convert", "")
+        (timeout, expire), = [t for t in timers if t[0] == 600]
+        m.heartbeat(worker.id)
+        expire()
+        assert job.state.value == "retrying" and job.error_code == "TIMEOUT", (job.state, job.error_code)
+        assert f"worker {worker.id} did not finish the job within its timeout of 600 s" in job.error_message
+        assert worker.active_jobs == 0
+        with pytest.raises(InvalidState):
+            m.report_result(worker.id, job.id, True, {}, "", "", 0, 0)
         await m.stop()
     asyncio.run(go())
 
