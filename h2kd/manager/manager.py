@@ -808,15 +808,11 @@ class JobManager:
     async def _start_attempt(self, job: Job, attempt: int) -> None:
         assert self._runner is not None
         self._starting.add(job.id)
+        unanswered: StartUnanswered | None = None
         try:
             unit = await self._runner.start(job, attempt)
         except StartUnanswered as e:
-            # The job stays assigned; the runner's reports on the unit say whether it runs.
-            log.warning("no answer from systemd to the start of job %s's unit: %s", job.id, e)
-            if job.attempt == attempt:
-                job.unit = e.unit       # a cancel stops it by name
-                await self._stop_cancelled(job)
-            return
+            unanswered = e
         except StartDeferred as e:  # not now, for a reason that passes: tried again later, not counted
             log.warning("starting a unit for job %s failed for now: %s", job.id, e)
             self._start_refused(job.id, attempt, str(e), passing=True)
@@ -828,6 +824,16 @@ class JobManager:
         finally:
             self._starting.discard(job.id)
             early_status = self._status_while_starting.pop(job.id, None)
+        if unanswered is not None:
+            # The job stays assigned; the runner's reports on the unit say whether it runs, the first of them
+            # perhaps already in (it records the job running).
+            log.warning("no answer from systemd to the start of job %s's unit: %s", job.id, unanswered)
+            if job.attempt == attempt:
+                job.unit = unanswered.unit       # a cancel stops it by name
+                if early_status is not None:
+                    self.unit_status(job.id, attempt, early_status)
+                await self._stop_cancelled(job)
+            return
         if job.attempt != attempt or job.state != S.ASSIGNED:
             return
         job.unit = unit
@@ -1268,7 +1274,8 @@ class JobManager:
             raise InvalidArgument("capabilities must be a JSON object")
         # The scheduler matches every job against it: a number there failed each match, everyone's claims too,
         # and a text would match by its substrings. What the list holds beside names matches nothing.
-        if not isinstance(capabilities.get("operations", []), list):
+        operations = capabilities.get("operations")       # None: every operation, as when it is not there
+        if operations is not None and not isinstance(operations, list):
             raise InvalidArgument('capabilities: "operations" must be a list of operation names')
         if len(json.dumps(capabilities).encode()) > MAX_CAPABILITIES_BYTES:
             raise InvalidArgument(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON")

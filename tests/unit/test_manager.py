@@ -2239,24 +2239,30 @@ def test_jobs_picked_for_a_start_that_fails_unexpectedly_stay_queued_and_start_l
 
 
 class AnswersLater(RecordingRunner):
-    """systemd starts the unit at once, but its answer to StartTransientUnit comes when the test lets it."""
+    """systemd starts the unit at once, but its answer to StartTransientUnit comes when the test lets it (or,
+    `lost`, never: the bus says it got none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lost: bool = False) -> None:
         super().__init__()
         self.may_answer = asyncio.Event()
+        self.lost = lost
 
     async def start(self, job, attempt):
         self.started.append((job.id, attempt))
         await self.may_answer.wait()
+        if self.lost:
+            raise StartUnanswered(f"h2k-job-{job.id}-{attempt}.service", "NoReply")
         return f"h2k-job-{job.id}-{attempt}.service"
 
 
-def test_a_status_the_unit_reported_before_its_start_was_answered_is_shown_once_it_runs(tmp_path, image):
+@pytest.mark.parametrize("answer_lost", [False, True], ids=["answered", "answer lost"])
+def test_a_status_the_unit_reported_before_its_start_was_answered_is_shown_once_it_runs(tmp_path, image,
+                                                                                     answer_lost):
     """The worker's first report can arrive before systemd's answer to the start (a busy manager). The runner
     passes on a status only when it changes, and the worker may then be quiet for minutes (loading a large
     source): the job must show that first report once it is recorded running, not nothing until the next."""
     async def go():
-        runner = AnswersLater()
+        runner = AnswersLater(lost=answer_lost)
         m, *_ = make(tmp_path, runner=runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
