@@ -29,7 +29,7 @@ from pathlib import Path
 
 from h2kd.errors import AlreadyExists, H2kError, InvalidArgument, NotAuthorized
 
-# The group a caller without a passwd entry gets (Debian's "nogroup").
+# The group an output made for a uid without a passwd entry gets (Debian's "nogroup"); never a group to act with.
 NO_GROUP = 65534
 # How long a check as the caller may take. It runs on the daemon's event loop (it takes about a millisecond):
 # a lookup that hangs must not hold every other call, nor the watchdog, for longer.
@@ -77,12 +77,6 @@ def groups_for(uid: int) -> list[int]:
     """The groups given for `uid` (give_groups), else those of the user database (caller_groups)."""
     given = _GIVEN_GROUPS.get(uid)
     return list(given) if given is not None else caller_groups(uid)
-
-
-def caller_credentials(uid: int) -> tuple[int, list[int]]:
-    """The gid and groups a process acting for `uid` gets: as caller_groups(), "nogroup" for none."""
-    groups = caller_groups(uid)
-    return (groups[0] if groups else NO_GROUP), groups
 
 
 def output_owner(uid: int, group: str = "") -> tuple[int, int]:
@@ -379,6 +373,10 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
         # would hold it past the watchdog's limit. Theirs wait until a while after the last one gave up.
         raise H2kError(f"a check of a file as uid {uid} did not finish within {CALLER_CHECK_SECONDS:g} s a moment "
                        f"ago; checks for uid {uid} resume {STALLED_PAUSE_SECONDS:g} s after it")
+    if not gids:
+        # A stand-in group ("nogroup") could reach what the caller cannot.
+        raise NotAuthorized(f"uid {uid} has no group h2kd may act with; files are reached only with a caller's own "
+                            "user and groups")
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -386,7 +384,7 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
         try:
             os.close(reader)
             os.setgroups(gids)
-            os.setgid(gids[0] if gids else NO_GROUP)
+            os.setgid(gids[0])
             os.setuid(uid)
             if os.getuid() != uid or os.geteuid() != uid:
                 os._exit(1)

@@ -424,7 +424,7 @@ def test_an_overwrite_that_fails_half_way_through_its_commit_leaves_the_old_outp
 def test_overwrite_replaces_only_the_submitters_own_file(lib: Path, tmp_path: Path, shared: Path) -> None:
     out = shared / "out"
     source = images.make_image("qcow2", None, shared / "src.qcow2", raw=lib / "data.raw")
-    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    alice, bob = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}, 64102
     (out / "bobs.qcow2").write_text("bob's disk")
     os.chown(out / "bobs.qcow2", bob, bob)
     run = run_worker(tmp_path / "w1", convert_spec(source, out / "bobs.qcow2", overwrite=True), [out], owner=alice)
@@ -443,7 +443,7 @@ def test_an_output_gets_the_submitters_ownership_and_the_configured_mode(lib: Pa
                                                                        shared: Path) -> None:
     """h2kd's output_mode reaches the file the submitter gets: 0644 here, neither the default 0640 nor the
     temporary file's 0600, so that a setting lost on its way would show; and it is the submitter's, not root's."""
-    alice = {"uid": 64101, "gid": 64101, "mode": 0o644}
+    alice = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o644}
     out = shared / "out"
     mine = out / "mode-0644"
     mine.mkdir(parents=True)
@@ -456,6 +456,22 @@ def test_an_output_gets_the_submitters_ownership_and_the_configured_mode(lib: Pa
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (64101, 64101, 0o644), oct(st.st_mode)
 
 
+def test_a_submitter_left_with_no_group_is_refused_as_the_job_runs_not_given_nogroup(lib: Path, tmp_path: Path,
+                                                                                     shared: Path) -> None:
+    """Checked at submission, the submitter may have lost every group (or their account) while the job waited:
+    the attempt fails PERMISSION_DENIED, saying why, rather than reading as "nogroup", through which a file of
+    that group (as NFS's squashed files are) would be read that the submitter cannot."""
+    secret = images.make_image("qcow2", None, shared / "nogroup.qcow2", raw=lib / "data.raw")
+    os.chown(secret, 0, 65534)
+    secret.chmod(0o640)
+    run = run_worker(tmp_path / "w", convert_spec(secret, shared / "out" / "o.qcow2"), [shared / "out"],
+                     owner={"uid": 64101, "gid": 64101, "groups": [], "mode": 0o640})
+    assert run.returncode == 2, run.log
+    assert run.result["error"]["code"] == "PERMISSION_DENIED", run.result["error"]
+    assert "uid 64101 has no group h2kd may act with" in run.result["error"]["message"]
+    assert leftovers(shared / "out") == []
+
+
 def test_an_output_path_now_leading_where_the_submitter_may_not_write_is_refused(lib: Path, tmp_path: Path,
                                                                                  shared: Path) -> None:
     """h2kd checked at submission that alice may write where her output path led; a symlink of hers in it
@@ -463,7 +479,7 @@ def test_an_output_path_now_leading_where_the_submitter_may_not_write_is_refused
     not make her output there."""
     out = shared / "out"
     source = images.make_image("qcow2", None, shared / "src.qcow2", raw=lib / "data.raw")
-    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    alice = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}
     root_only, mine = out / "root-only", out / "mine"
     root_only.mkdir(mode=0o711)
     (mine / "sub").mkdir(parents=True)
@@ -1144,7 +1160,7 @@ def test_compare_with_is_looked_up_as_the_submitter_before_root_reads_it(lib: Pa
     """compare_with names a file by path alone. A directory on that path swapped, after submission, for a link to
     another user's private directory leads root to their file: the job must get the submitter's answer
     (permission denied), not anything root read there, such as the names of the disks a private VMX lists."""
-    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    alice = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}
     image = images.make_image("qcow2", None, shared / "mine.qcow2", raw=lib / "data2.raw")
     private = shared / "bobs"
     private.mkdir(mode=0o700)
@@ -1173,7 +1189,7 @@ def test_compare_with_must_still_lie_under_the_source_roots_as_the_job_runs(lib:
                                                                          shared: Path) -> None:
     """The administrator's source_roots were checked at submission; a link of the submitter's on the way, pointed
     elsewhere since, must not make the job read a file outside them, even one the submitter may read."""
-    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    alice = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}
     sources = shared / "sources"
     sources.mkdir()
     image = images.make_image("qcow2", None, sources / "mine.qcow2", raw=lib / "data2.raw")
@@ -1212,7 +1228,7 @@ def test_validate_reports_a_corrupt_qcow2(lib: Path, tmp_path: Path) -> None:
 def test_a_source_never_checked_for_its_submitter_is_not_read(lib: Path, tmp_path: Path, out: Path) -> None:
     source = images.make_image("qcow2", None, tmp_path / "src.qcow2", raw=lib / "data.raw")
     run = run_worker(tmp_path / "w", convert_spec(source, out / "o.qcow2"), [out],
-                     owner={"uid": 64101, "gid": 64101, "mode": 0o640}, source_identity="")
+                     owner={"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}, source_identity="")
     assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
     assert "was not checked for its submitter" in run.result["error"]["message"]
     assert leftovers(out) == []
@@ -1222,7 +1238,7 @@ def test_files_an_image_refers_to_must_be_readable_by_its_submitter(lib: Path, t
                                                                     shared: Path) -> None:
     """h2kd checked only the file the submitter named; a backing file next to it that they may not read
     (someone else's private disk in a shared directory) is refused, not copied into their output."""
-    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    alice, bob = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}, 64102
     out = shared / "out"
     base = images.make_image("qcow2", None, shared / "bobs-base.qcow2", raw=lib / "data.raw")
     os.chown(base, bob, bob)
@@ -1245,7 +1261,7 @@ def test_qemu_img_reads_with_the_submitters_rights_so_its_messages_reveal_nothin
                                                                                   shared: Path) -> None:
     """An image whose backing file is a json: name reading a root-only file as a VDI would make qemu-img,
     run as root, quote that file's bytes in its error ("bad signature ..."), before any check of the name."""
-    alice = {"uid": 64101, "gid": 64101, "mode": 0o640}
+    alice = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}
     secret = shared / "secret.bin"
     secret.write_bytes(b"TOPSECRETVALUE!!" * 64)
     secret.chmod(0o600)
@@ -1285,7 +1301,7 @@ def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: 
                                                                            shared: Path) -> None:
     out = shared / "out"
     source = images.make_image("vmdk", "streamOptimized", shared / "app.vmdk", raw=lib / "data.raw")
-    alice = {"uid": 64101, "gid": 64102, "mode": 0o640}
+    alice = {"uid": 64101, "gid": 64102, "groups": [64102], "mode": 0o640}
     run = run_worker(tmp_path / "w1", {"job_id": "nightly-7", **convert_spec(source, None)}, [out], owner=alice)
     assert run.returncode == 0, run.log
     job_dir = out / "nightly-7"
@@ -1390,12 +1406,15 @@ def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_el
 
     spec = {"job_id": "j", "image": {"path": str(source), "format": "raw", "checksum": "sha256:" + digest},
             "parameters": {"output_format": "raw"}, "artifacts": {"output_path": str(alices / "disk.raw")}}
-    qemuimg.run_as(alice_id, alice_id, [])
+    from h2kd import access
+    qemuimg.run_as(alice_id, alice_id, [alice_id])
+    access.give_groups(alice_id, [alice_id])        # as the worker does with the groups h2kd gives it
     try:
         with pytest.raises(OperationError, match="moved or replaced"):
             convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
     finally:
         qemuimg.run_as(0, 0, [])
+        access._GIVEN_GROUPS.pop(alice_id, None)
     assert swapped
     assert os.listdir(bobs) == []
     assert os.listdir(out / ("alice" if (out / "alice").is_dir() and not (out / "alice").is_symlink()
@@ -1490,7 +1509,7 @@ def test_a_converted_output_swapped_for_a_link_before_its_check_is_refused_unrea
 
 def test_a_vmx_may_name_only_disks_its_submitter_could_read_in_its_own_directory(lib: Path, tmp_path: Path,
                                                                                  shared: Path) -> None:
-    alice, bob = {"uid": 64101, "gid": 64101, "mode": 0o640}, 64102
+    alice, bob = {"uid": 64101, "gid": 64101, "groups": [64101], "mode": 0o640}, 64102
     private = images.make_image("vmdk", "monolithicSparse", shared / "bobs.vmdk", raw=lib / "data2.raw")
     os.chown(private, bob, bob)
     private.chmod(0o600)

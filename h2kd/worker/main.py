@@ -304,14 +304,20 @@ def _run_operation(spec: dict[str, Any], output_roots: list[str], progress: Stat
         # the mounts, the guest's own programs) reaches the disk through the worker's descriptor, not qemu-img.
         from h2kd.operations import qemuimg
         given = (owner or {}).get("groups")
-        if given is not None:     # none at all is an answer too: the caller's process had no group h2kd may use
-            from h2kd.access import NO_GROUP, give_groups
+        if given is not None:
+            from h2kd.access import give_groups
             groups = [int(g) for g in given]
             give_groups(reader_uid, groups)     # the checks of the files a source names act with these too
-            qemuimg.run_as(reader_uid, groups[0] if groups else NO_GROUP, groups)
         else:   # an envelope written without them (the worker run by hand): look them up here
-            from h2kd.access import caller_credentials
-            qemuimg.run_as(reader_uid, *caller_credentials(reader_uid))
+            from h2kd.access import caller_groups
+            groups = caller_groups(reader_uid)
+        if not groups:
+            # Checked at submission, but the user may have gone, or lost their groups, while the job waited: a
+            # stand-in group ("nogroup") could read what the submitter cannot.
+            raise OperationError("PERMISSION_DENIED", f"uid {reader_uid} has no group h2kd may act with (no entry in "
+                                 "the user database, or none of the groups its process had at submission): files "
+                                 "are read and written only with a submitter's own user and groups", "start")
+        qemuimg.run_as(reader_uid, groups[0], groups)
     if operation == "inspect":
         from h2kd.operations import inspect
         return inspect.run_inspect(spec, progress, reader_uid)
