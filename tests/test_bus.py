@@ -450,7 +450,8 @@ def test_worker_objects_answer_only_their_connection_and_properties_are_coalesce
         worker = await Client.connect(stack.bus_address)
         stranger = await Client.connect(stack.bus_address)
         label = uuid.uuid4().hex[:8]
-        caps = json.dumps({"operations": ["inspect"], "testlab": label})
+        # null operations is as good as none: every operation.
+        caps = json.dumps({"operations": None, "testlab": label})
         worker_id, worker_path = await worker.manager("RegisterWorker", "ssa{sv}",
                                                       ["test-worker", caps, {"max_jobs": Variant("u", 1)}])
         assert await worker.prop(worker_path, WORKER, "Kind") == "external"
@@ -508,21 +509,24 @@ def test_worker_json_arguments_must_be_json_objects(stack):
     other text that is not a JSON object, and change nothing."""
     nan = '{"a": NaN}'
     infinite = '{"a": [1, -Infinity]}'
-    too_large = '{"a": 1e400}'      # json.loads makes it infinite, given back as Infinity
+    too_large = '{"a": 1e400}'                  # json.loads makes it infinite, given back as Infinity
+    too_large_whole = '{"a": -1' + "0" * 400 + "}"     # a Python int, but infinite to JSON.parse and to comparisons
     deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
 
     async def scenario() -> None:
         worker = await Client.connect(stack.bus_address)
         label = uuid.uuid4().hex[:8]
-        for caps in (nan, infinite, too_large, deep, "[1]", '{"operations": 5}', '{"operations": "convert"}'):
+        for caps in (nan, infinite, too_large, too_large_whole, deep, "[1]", '{"operations": 5}',
+                     '{"operations": "convert"}'):
             await worker.manager("RegisterWorker", "ssa{sv}", ["odd", caps, {}],
                                  expect_error=ERR + "InvalidArgument")
-        caps = json.dumps({"operations": ["inspect"], "testlab": label})
+        # null operations is as good as none: every operation.
+        caps = json.dumps({"operations": None, "testlab": label})
         _, worker_path = await worker.manager("RegisterWorker", "ssa{sv}", ["json-worker", caps, {}])
         assert json.loads(await worker.prop(worker_path, WORKER, "Capabilities"))["testlab"] == label
         job_id, path = await worker.submit(spec(new_id("json"), requirements={"testlab": label}))
         await wait_for(lambda: _claim(worker, worker_path), 20, "the worker to claim its job")
-        for outputs in (nan, infinite, too_large, deep):
+        for outputs in (nan, infinite, too_large, too_large_whole, deep):
             await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
                 "success": Variant("b", True), "outputs": Variant("s", outputs)}], expect_error=ERR + "InvalidArgument")
         assert await worker.prop(path, JOB, "State") == "assigned"

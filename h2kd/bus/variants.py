@@ -54,12 +54,14 @@ def json_object_from_dbus(text: str, what: str) -> dict[str, Any]:
     """A string argument that must hold a JSON object ("" is {}); anything else is InvalidArgument.
 
     Stricter than json.loads: NaN and Infinity are not JSON (RFC 8259), nor is a number too large for a double
-    (1e400, which json.loads makes infinite), and h2kd gives the object back as JSON that Cockpit's JSON.parse
-    and jq must read; nesting deep enough to exhaust the parser's recursion is refused like any other text that
-    is not an object."""
+    (1e400, which json.loads makes infinite, or the same written as a whole number), and h2kd gives the object
+    back as JSON that Cockpit's JSON.parse and jq must read, and compares its numbers; nesting deep enough to
+    exhaust the parser's recursion is refused like any other text that is not an object."""
     try:
-        value = json.loads(text or "{}", parse_constant=_not_json, parse_float=_finite)
-    except (ValueError, RecursionError):
+        value = json.loads(text or "{}", parse_constant=_not_json, parse_float=_finite, parse_int=_finite_int)
+    except ValueError as e:
+        raise InvalidArgument(f"{what} must be a JSON object: {str(e)[:200]}") from None
+    except RecursionError:
         value = None
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
@@ -73,8 +75,14 @@ def _not_json(name: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} does not fit a double")
+        raise ValueError(f"{text[:40]} does not fit a double")
     return value
+
+
+def _finite_int(text: str) -> int:
+    if len(text.lstrip("-")) > 308:      # beyond a double's range (about 1.8e308): infinite to every reader
+        raise ValueError(f"{text[:40]}... does not fit a double")
+    return int(text)
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
