@@ -807,6 +807,11 @@ class JobManager:
 
     async def _start_attempt(self, job: Job, attempt: int) -> None:
         assert self._runner is not None
+        if job.cancel_requested:
+            # Cancelled between its assignment and now: a unit started only to be stopped could still begin the
+            # work (a raw image's repair changes it in place).
+            self._start_refused(job.id, attempt, "cancelled")
+            return
         self._starting.add(job.id)
         unanswered: StartUnanswered | None = None
         try:

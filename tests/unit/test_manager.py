@@ -2274,3 +2274,34 @@ def test_a_status_the_unit_reported_before_its_start_was_answered_is_shown_once_
         assert (job.phase, job.progress) == ("inspect", pytest.approx(0.12)), (job.phase, job.progress)
         await m.stop()
     asyncio.run(go())
+
+
+class CancelOnAssignment:
+    """A client that cancels a job the moment it is assigned, before its unit is started."""
+
+    def __init__(self, manager) -> None:
+        self.manager = manager
+        self.asked: list[asyncio.Task] = []
+
+    def job_changed(self, job, changed, urgent):
+        if "state" in changed and job.state.value == "assigned":
+            self.asked.append(asyncio.ensure_future(self.manager.cancel(job.id, by=1000)))
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_a_job_cancelled_between_its_assignment_and_its_start_never_gets_a_unit(tmp_path, image):
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        canceller = CancelOnAssignment(m)
+        m.add_listener(canceller)
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await until(lambda: job.state.value == "cancelled")
+        await asyncio.gather(*canceller.asked)
+        assert runner.started == [] and runner.stopped == []
+        reasons = [entry["reason"] for entry in m.history(job.id)]
+        assert reasons[-1] == "cancelled by uid 1000 before its unit could start", reasons
+        await m.stop()
+    asyncio.run(go())
