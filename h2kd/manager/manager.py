@@ -986,8 +986,11 @@ class JobManager:
         elif outcome.interrupted:
             self._requeue_or_fail(job, ErrorCode.WORKER_LOST, f"unit {outcome.unit} was stopped by the system "
                                   "shutting down", attempt_spent=False)
-        elif outcome.result not in ("timeout", "oom-kill") and (
-                result.get("status") == "cancelled" or (outcome.result == "success" and not result)):
+        elif (outcome.result == "timeout" and not _ran_past_its_timeout(job, outcome)) or (
+                outcome.result not in ("timeout", "oom-kill")
+                and (result.get("status") == "cancelled" or (outcome.result == "success" and not result))):
+            # ("timeout" before the job's time was up: systemd's stop timeout, after an administrator's
+            # systemctl stop the worker did not end within; not the job's own timeout, to be retried.)
             # (systemd stops a unit one of whose processes the kernel killed for memory, and the worker, told to
             # stop, says "cancelled": nobody cancelled that one.)
             self._finish(job, S.CANCELLED, f"unit {outcome.unit} was stopped outside h2kd", result, outcome.ended_at)
@@ -1528,6 +1531,15 @@ class JobManager:
             self._manager_props = props
             for listener in self._listeners:
                 _safely(listener.manager_changed, changed)
+
+
+def _ran_past_its_timeout(job: Job, outcome: UnitOutcome) -> bool:
+    """Whether a unit that ended with systemd's "timeout" ran as long as its job's timeout_seconds: systemd's
+    RuntimeMaxSec (a little longer) ended it. Sooner, the timeout was that of a stop. Unknown start: assumed."""
+    if not job.started_at:
+        return True
+    ran = (outcome.ended_at or now_usec()) - job.started_at
+    return ran >= job.spec["execution_policy"]["timeout_seconds"] * 1_000_000
 
 
 def _by_uid(uid: int | None) -> str:

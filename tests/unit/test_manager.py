@@ -450,7 +450,9 @@ def test_a_completed_attempt_whose_unit_ran_out_of_time_while_committing_is_comp
         assert killed.state.value == "completed", (killed.error_code, killed.error_message)
         other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2"), owner=0)
         await until(lambda: other.state.value == "running")
-        m.unit_finished(other.id, 1, UnitOutcome(other.unit, "timeout", 143, None, ["x" * 5000]))
+        ran_its_time = other.started_at + 3660 * 1_000_000      # RuntimeMaxSec: the job's 3600 s and a margin
+        m.unit_finished(other.id, 1, UnitOutcome(other.unit, "timeout", 143, None, ["x" * 5000],
+                                                 ended_at=ran_its_time))
         assert other.state.value == "failed" and other.error_code == "TIMEOUT"
         assert other.result["log_tail"] == ["x" * 1024]      # a line of the journal's 48 KiB is cut short
     asyncio.run(go())
@@ -2303,5 +2305,24 @@ def test_a_job_cancelled_between_its_assignment_and_its_start_never_gets_a_unit(
         assert runner.started == [] and runner.stopped == []
         reasons = [entry["reason"] for entry in m.history(job.id)]
         assert reasons[-1] == "cancelled by uid 1000 before its unit could start", reasons
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_an_administrators_stop_that_overran_its_stop_timeout_is_not_taken_for_the_jobs_timeout(tmp_path, image):
+    """systemctl stop of a job's unit whose worker did not end within TimeoutStopSec: systemd says "timeout", as
+    it does when RuntimeMaxSec ends a unit. Long before the job's time was up, it was the stop: the job ends
+    cancelled outside h2kd, as after a stop the worker obeyed, and is not retried as a timed-out one would be."""
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 2}), owner=0)
+        await until(lambda: job.state.value == "running")
+        stopped_at = job.started_at + 40 * 1_000_000          # 10 s into the job, and 30 s of stop timeout
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "timeout", 0, None, ended_at=stopped_at))
+        assert job.state.value == "cancelled", (job.state, job.error_code, job.error_message)
+        assert "stopped outside h2kd" in m.history(job.id)[-1]["reason"]
+        await settle()
+        assert runner.started == [(job.id, 1)]
         await m.stop()
     asyncio.run(go())
