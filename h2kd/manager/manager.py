@@ -1535,10 +1535,12 @@ class JobManager:
 
 def _ran_past_its_timeout(job: Job, outcome: UnitOutcome) -> bool:
     """Whether a unit that ended with systemd's "timeout" ran as long as its job's timeout_seconds: systemd's
-    RuntimeMaxSec (a little longer) ended it. Sooner, the timeout was that of a stop. Unknown start: assumed."""
-    if not job.started_at:
+    RuntimeMaxSec (a little longer) ended it. Sooner, the timeout was that of a stop. Counted from this attempt's
+    start when systemd told it (job.started_at is the first attempt's); unknown: assumed."""
+    started = outcome.started_at or job.started_at
+    if not started:
         return True
-    ran = (outcome.ended_at or now_usec()) - job.started_at
+    ran = (outcome.ended_at or now_usec()) - started
     return ran >= job.spec["execution_policy"]["timeout_seconds"] * 1_000_000
 
 

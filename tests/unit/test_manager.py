@@ -2324,5 +2324,17 @@ def test_an_administrators_stop_that_overran_its_stop_timeout_is_not_taken_for_t
         assert "stopped outside h2kd" in m.history(job.id)[-1]["reason"]
         await settle()
         assert runner.started == [(job.id, 1)]
+        # A later attempt is timed from its own start, as systemd tells it: StartedAt stays the first attempt's.
+        again, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", execution_policy={"retry_count": 2}), owner=0)
+        await until(lambda: again.state.value == "running")
+        failure = {"status": "failed", "error": {"code": "TOOL_FAILED", "message": "qemu-img failed",
+                                                 "retryable": True}}
+        m.unit_finished(again.id, 1, UnitOutcome(again.unit, "exit-code", 1, failure))
+        await until(lambda: again.state.value == "running" and again.attempt == 2)
+        job = again
+        unit_start = job.started_at + 7200 * 1_000_000        # hours after the first attempt began
+        m.unit_finished(job.id, 2, UnitOutcome(job.unit, "timeout", 0, None, ended_at=unit_start + 40 * 1_000_000,
+                                               started_at=unit_start))
+        assert job.state.value == "cancelled", (job.state, job.error_code, job.error_message)
         await m.stop()
     asyncio.run(go())
