@@ -405,6 +405,7 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
                 [f"H2K_JOB_ID={convert.id}".encode(), b"H2K_ATTEMPT=1", b"H2K_OPERATION=convert",
                  f"H2K_OWNER_UID={convert.owner}".encode()])
             assert props["RuntimeMaxUSec"] == 330 * 1_000_000    # the job's 300 s and a tenth: the worker ends itself first
+            assert props["TimeoutStartUSec"] == 330 * 1_000_000  # not systemd's 90 s to READY
             assert props["CollectMode"] == "inactive-or-failed"
             assert props["ProtectSystem"] == "strict" and props["ProtectHome"] == "read-only"
             assert props["PrivateNetwork"] is True and props["NoNewPrivileges"] is True

@@ -215,6 +215,9 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
                                             f"H2K_OWNER_UID={owner}".encode()])),
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("RuntimeMaxUSec", Variant("t", runtime_limit(timeout_seconds) * 1_000_000)),
+        # Up to READY the worker has the same budget, not systemd's 90 s: a start that slow (a host under heavy
+        # load) is the job running out of its time, not a stop (h2kd tells the two apart by the time taken).
+        ("TimeoutStartUSec", Variant("t", runtime_limit(timeout_seconds) * 1_000_000)),
         ("DevicePolicy", Variant("s", "closed")),
         ("DeviceAllow", Variant("a(ss)", [list(d) for d in devices_for("offline_fix" if fixes_guest else operation)])),
         ("ProtectSystem", Variant("s", "strict")),
