@@ -412,6 +412,8 @@ def test_submit_list_status_show_events_match_the_bus(env, images, output_dir, p
     table = ok(h2kctl(env, "list", "--operation", "convert")).stdout
     assert re.search(rf"^{re.escape(job_id)}\s+convert\s+queued\s+\S+\s+root\s+\S+", table, re.M), table
     assert table.splitlines()[0].split() == ["ID", "OPERATION", "STATE", "PROGRESS", "OWNER", "AGE"]
+    # Guest repairs (offline_fix, submitted with --file) are listed by their operation like any other.
+    assert job_id not in ok(h2kctl(env, "list", "-q", "--operation", "offline_fix")).stdout.split()
     assert job_id in ok(h2kctl(env, "list", "-q", "--owner", "root")).stdout.split()
     assert job_id not in ok(h2kctl(env, "list", "-q", "--state", "completed")).stdout.split()
 
