@@ -138,22 +138,8 @@ def info(image: ImageRef | str, fmt: str | None = None, *, backing_chain: bool =
     return _json_output("info", proc)
 
 
-def read_vpc_footer(path: str) -> bytes | None:
-    """The 512-byte VHD footer at the end of a file, or None: a fixed VHD is a raw disk plus this footer."""
-    try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < 512:
-                return None
-            f.seek(-512, os.SEEK_END)
-            tail = f.read(512)
-    except OSError:
-        return None
-    return vpc_footer(tail)
-
-
 def vpc_footer(tail: bytes) -> bytes | None:
-    """`tail`, a file's last 512 bytes, if it is a VHD footer; None otherwise."""
+    """`tail`, a file's last 512 bytes, if it is a VHD footer (a fixed VHD is a raw disk plus it); else None."""
     return tail if len(tail) == 512 and tail.startswith(b"conectix") else None
 
 
@@ -170,17 +156,16 @@ def output_virtual_size(fd: int, path: str, fmt: str) -> int:
     raise OperationError("UNSUPPORTED", f"h2kd does not write {fmt} images", "check")
 
 
-def probe_format(path: str, tail: bytes | None = None) -> str:
+def probe_format(path: str, tail: bytes) -> str:
     """The format qemu-img sees in a file, with a fixed VHD named "vpc" (qemu-img alone calls it raw).
 
     tail: the file's last 512 bytes (b"" if it is shorter), read through a descriptor of the file that was
-    checked. Given, the footer is looked for in them: opened again by its path, as root, the file could be
-    another one by then (a directory on the way swapped for a symlink), and a FIFO there would hang the job."""
+    checked: opened again by its path, as root, the file could be another one by then (a directory on the way
+    swapped for a symlink), and a FIFO there would hang the job."""
     fmt = info(path)["format"]
     if fmt != "raw":
         return fmt
-    footer = read_vpc_footer(path) if tail is None else vpc_footer(tail)
-    return "raw" if footer is None else "vpc"
+    return "raw" if vpc_footer(tail) is None else "vpc"
 
 
 def measure(image: ImageRef, output_format: str, options: dict[str, Any] | None = None) -> dict[str, int]:
