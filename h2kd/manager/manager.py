@@ -124,6 +124,7 @@ class JobManager:
         self._status_messages: dict[str, str] = {}   # job id -> the message of its last progress report
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}    # job id: the end of its external attempt's time
         self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
         # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
         # an identical resubmission is told that problem, not that it was taken.
@@ -167,7 +168,8 @@ class JobManager:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
         self.load()
         builtin = WorkerInfo(id=BUILTIN, name=socket.gethostname(), kind="builtin",
-                             capabilities=self._builtin_capabilities(), last_heartbeat=now_usec())
+                             capabilities=self._builtin_capabilities(), last_heartbeat=now_usec(),
+                             alive_at=time.monotonic())
         self._workers[BUILTIN] = builtin
         self._notify("worker_added", builtin)
         if self._runner is not None:
@@ -192,7 +194,7 @@ class JobManager:
         self._scheduling = False
         for task in self._periodic:
             task.cancel()
-        for timer in [*self._timers.values(), *self._later_handles]:
+        for timer in [*self._timers.values(), *self._later_handles, *self._deadlines.values()]:
             timer.cancel()
         for task in list(self._tasks):
             task.cancel()
@@ -1193,6 +1195,7 @@ class JobManager:
         job.not_before = 0
         self._transition(job, state, reason)
         self._cancel_timer(job.id)
+        self._end_deadline(job.id)
         try:
             self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
         except StoreFailed as e:    # the state is stored (with its own event): only this summary is missing
@@ -1292,21 +1295,22 @@ class JobManager:
         self._store.set_setting("last_worker_number", self._worker_seq + 1)
         self._worker_seq += 1
         worker = WorkerInfo(id=f"w{self._worker_seq}", name=name, kind="external", capabilities=capabilities,
-                            max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec())
+                            max_jobs=max_jobs, owner=owner, bus_name=bus_name, last_heartbeat=now_usec(),
+                            alive_at=time.monotonic())
         self._workers[worker.id] = worker
         self._notify("worker_added", worker)
         return worker
 
     def heartbeat(self, worker_id: str) -> None:
         worker = self._external(worker_id)
-        worker.last_heartbeat = now_usec()
+        _beat(worker)
         if worker.state == "stale":
             worker.state = "idle"
             self._worker_load_changed(worker)
 
     def claim(self, worker_id: str) -> Job | None:
         worker = self._external(worker_id)
-        worker.last_heartbeat = now_usec()
+        _beat(worker)
         if worker.max_jobs and worker.active_jobs >= worker.max_jobs:
             return None
         job_id = self._scheduler.claim_for(worker, now_usec(), self._running_by_owner())
@@ -1325,20 +1329,40 @@ class JobManager:
     def _time_external_attempt(self, job: Job, worker: WorkerInfo) -> None:
         """execution_policy.timeout_seconds for an attempt another host runs: a builtin attempt's unit and worker
         keep it themselves, an external worker that beats but hangs would hold the job (and its owner's turn)
-        for ever."""
+        for ever. One deadline per job: a later claim replaces it, the job's end cancels it."""
         timeout, attempt = job.spec["execution_policy"]["timeout_seconds"], job.attempt
 
         def expired() -> None:
-            if (self._jobs.get(job.id) is job and job.attempt == attempt and job.worker == worker.id
+            self._deadlines.pop(job.id, None)
+            if not (self._jobs.get(job.id) is job and job.attempt == attempt and job.worker == worker.id
                     and job.state in ACTIVE):
-                self._attempt_failed(job, ErrorCode.TIMEOUT, f"worker {worker.id} did not finish the job within its "
-                                     f"timeout of {timeout} s", job.phase or "run", retryable=True)
-        self._later(timeout, expired)
+                return
+            try:
+                with self._all_or_nothing(job):
+                    self._attempt_failed(job, ErrorCode.TIMEOUT, f"worker {worker.id} did not finish the job "
+                                         f"within its timeout of {timeout} s", job.phase or "run", retryable=True)
+            except StoreFailed as e:
+                log.warning("could not end the timed-out attempt of job %s: %s; trying again in %.0f s", job.id, e,
+                            STORE_RETRY_SECONDS)
+                self._arm_deadline(job.id, STORE_RETRY_SECONDS, expired)
+        self._arm_deadline(job.id, timeout, expired)
+
+    def _arm_deadline(self, job_id: str, seconds: float, expired: Callable[[], None]) -> None:
+        self._end_deadline(job_id)
+        try:
+            self._deadlines[job_id] = asyncio.get_running_loop().call_later(seconds, expired)
+        except RuntimeError:    # no loop (a test driving the manager directly)
+            pass
+
+    def _end_deadline(self, job_id: str) -> None:
+        deadline = self._deadlines.pop(job_id, None)
+        if deadline is not None:
+            deadline.cancel()
 
     def report_progress(self, worker_id: str, job_id: str, progress: float | None, bytes_done: int,
                         bytes_total: int, phase: str, message: str, attempt: int | None = None) -> None:
         worker = self._external(worker_id)
-        worker.last_heartbeat = now_usec()
+        _beat(worker)
         job = self._claimed(worker, job_id, attempt)
         if not (0 <= bytes_done <= COUNT_MAX and 0 <= bytes_total <= COUNT_MAX):
             raise InvalidArgument(f"bytes_done and bytes_total must be 0 to {COUNT_MAX}")
@@ -1355,7 +1379,7 @@ class JobManager:
                       error_code: str, error_message: str, bytes_read: int, bytes_written: int,
                       attempt: int | None = None) -> None:
         worker = self._external(worker_id)
-        worker.last_heartbeat = now_usec()
+        _beat(worker)
         job = self._claimed(worker, job_id, attempt)
         try:
             code = ErrorCode(error_code or "INTERNAL")
@@ -1407,14 +1431,13 @@ class JobManager:
             self._notify("worker_removed", worker)
 
     def _check_heartbeats(self) -> None:
-        now = now_usec()
         builtin = self._workers.get(BUILTIN)
         if builtin is not None and self._runner is not None and self._runner.reachable:
             # This host beats while h2kd's loop turns and systemd answers: when either stops, the beat ages.
-            builtin.last_heartbeat = now
-        limit = now - int(self._config.heartbeat_timeout_seconds * 1_000_000)
+            _beat(builtin)
+        limit = time.monotonic() - self._config.heartbeat_timeout_seconds
         for worker in list(self._workers.values()):
-            if worker.kind == "external" and worker.state != "stale" and worker.last_heartbeat < limit:
+            if worker.kind == "external" and worker.state != "stale" and worker.alive_at < limit:
                 worker.state = "stale"
                 self._lose_worker(worker, "it missed its heartbeats")
                 self._notify("worker_changed", worker)
@@ -1592,6 +1615,11 @@ def _failure_not_recorded(problem: str, kept: Job | None = None) -> InvalidSpec:
 def _text(value: Any) -> str:
     """A field of a worker's result that should be a string; "" when it is anything else."""
     return value if isinstance(value, str) else ""
+
+
+def _beat(worker: WorkerInfo) -> None:
+    """A sign of life from `worker`: when it is shown (LastHeartbeat) and when it counts (alive_at)."""
+    worker.last_heartbeat, worker.alive_at = now_usec(), time.monotonic()
 
 
 def _safely(fn: Callable[..., Any], *args: Any) -> None:

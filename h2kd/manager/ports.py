@@ -33,7 +33,9 @@ class WorkerInfo:
     max_jobs: int = 0                      # 0: bounded only by the manager's MaxParallelJobs
     state: str = "idle"                    # idle | busy | stale
     active_jobs: int = 0
-    last_heartbeat: int = 0                # usec
+    last_heartbeat: int = 0                # usec since the epoch, as shown
+    alive_at: float = 0.0                  # time.monotonic() then: staleness is judged by it, not by a clock an
+                                           # NTP step or a resumed VM moves
     owner: int = 0
     bus_name: str = ""                     # unique name of the registering connection (external)
 

@@ -812,9 +812,9 @@ def test_an_external_worker_that_beats_but_never_finishes_fails_its_attempt_at_t
 
     async def go():
         m, *_ = make(tmp_path, heartbeat_timeout_seconds=30)
-        real_later = m._later
-        monkeypatch.setattr(m, "_later", lambda seconds, callback: (timers.append((seconds, callback)),
-                                                                    real_later(seconds, callback)))
+        real_arm = m._arm_deadline
+        monkeypatch.setattr(m, "_arm_deadline", lambda job_id, seconds, callback: (
+            timers.append((seconds, callback)), real_arm(job_id, seconds, callback)))
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True},
                                execution_policy={"retry_count": 1, "timeout_seconds": 600}), owner=0)
@@ -829,6 +829,68 @@ def test_an_external_worker_that_beats_but_never_finishes_fails_its_attempt_at_t
         assert worker.active_jobs == 0
         with pytest.raises(InvalidState):
             m.report_result(worker.id, job.id, True, {}, "", "", 0, 0)
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_an_external_attempt_that_times_out_while_the_store_is_full_fails_once_it_is_not(tmp_path, image,
+                                                                                       monkeypatch):
+    """The store refused the TIMEOUT (its disk full): the job is not left running on the hung worker for
+    good; the deadline comes again and the attempt fails then. A job that ends cancels its deadline."""
+    timers: list[tuple[float, Callable[[], None]]] = []
+
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "jobs.db")
+        m, *_ = make(tmp_path, store=store, heartbeat_timeout_seconds=30)
+        real_arm = m._arm_deadline
+        monkeypatch.setattr(m, "_arm_deadline", lambda job_id, seconds, callback: (
+            timers.append((seconds, callback)), real_arm(job_id, seconds, callback)))
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True},
+                               execution_policy={"timeout_seconds": 600}), owner=0)
+        worker = m.register_worker("hangs", {"gpu": True}, 1, 0, ":1.9")
+        assert m.claim(worker.id) is job
+        (_, expire), = timers
+        def refused(*args, **kwargs):
+            raise StoreFailed("database or disk is full")
+        with monkeypatch.context() as full:
+            full.setattr(store, "record_transition", refused)
+            expire()
+        assert job.state.value == "assigned" and worker.active_jobs == 1
+        (seconds, again), = timers[1:]
+        assert seconds == manager_module.STORE_RETRY_SECONDS
+        again()
+        assert job.state.value == "failed" and job.error_code == "TIMEOUT", (job.state, job.error_code)
+        assert worker.active_jobs == 0 and job.id not in m._deadlines
+
+        other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", capability_requirements={"gpu": True},
+                                 execution_policy={"timeout_seconds": 600}), owner=0)
+        assert m.claim(worker.id) is other and other.id in m._deadlines
+        m.report_result(worker.id, other.id, True, {}, "", "", 0, 0)
+        assert other.id not in m._deadlines     # its timer is gone with the attempt
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_clock_step_makes_no_external_worker_stale(tmp_path, image, monkeypatch):
+    """NTP stepping the clock forward (or a VM resumed) is no missed heartbeat: the worker keeps its job.
+    A worker that really stops beating still goes stale."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=0.3)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.4")
+        assert m.claim(worker.id) is job
+        hour_later = now_usec() + 3600 * 1_000_000
+        monkeypatch.setattr(manager_module, "now_usec", lambda: hour_later)
+        m.heartbeat(worker.id)
+        m._check_heartbeats()
+        assert worker.state == "busy" and job.state.value == "assigned"
+        assert worker.last_heartbeat == hour_later      # shown as the clock says
+        await until(lambda: worker.state == "stale")    # no heartbeat for 0.3 s
+        await until(lambda: job.state.value == "failed")
+        assert job.error_code == "WORKER_LOST"
         await m.stop()
     asyncio.run(go())
 
