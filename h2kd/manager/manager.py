@@ -715,8 +715,10 @@ class JobManager:
         if builtin is None or self._system_stopping or not self._scheduling:
             return
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
-        # Without systemd every start would fail: the jobs wait in the queue until runner_connected().
-        workers = [builtin] if self._runner is not None and self._runner.reachable else []
+        # Without systemd every start would fail: the jobs wait in the queue until runner_connected(). External
+        # workers claim their jobs themselves; they are given for the wait reasons.
+        workers = ([builtin] if self._runner is not None and self._runner.reachable else []) + [
+            w for w in self._workers.values() if w.kind == "external"]
         picked = self._scheduler.pick(running, workers, now_usec(), self._running_by_owner())
         for index, (job_id, worker) in enumerate(picked):
             job = self._jobs[job_id]
@@ -1299,6 +1301,7 @@ class JobManager:
                             alive_at=time.monotonic())
         self._workers[worker.id] = worker
         self._notify("worker_added", worker)
+        self._kick()    # the jobs it can run wait for it now: their reasons say so
         return worker
 
     def heartbeat(self, worker_id: str) -> None:
@@ -1412,6 +1415,7 @@ class JobManager:
         self._lose_worker(worker, "it unregistered")
         del self._workers[worker_id]
         self._notify("worker_removed", worker)
+        self._kick()
 
     def bus_name_lost(self, bus_name: str) -> None:
         for worker in list(self._workers.values()):
@@ -1429,6 +1433,7 @@ class JobManager:
         if self._workers.get(worker.id) is worker:
             del self._workers[worker.id]
             self._notify("worker_removed", worker)
+            self._kick()
 
     def _check_heartbeats(self) -> None:
         builtin = self._workers.get(BUILTIN)
@@ -1441,6 +1446,7 @@ class JobManager:
                 worker.state = "stale"
                 self._lose_worker(worker, "it missed its heartbeats")
                 self._notify("worker_changed", worker)
+                self._kick()
 
     def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
         for job in list(self._jobs.values()):
@@ -1499,6 +1505,8 @@ class JobManager:
         if worker.state != "stale":
             worker.state = "busy" if worker.active_jobs else "idle"
         self._notify("worker_changed", worker)
+        if worker.kind == "external":
+            self._kick()    # the wait reasons of the jobs it may claim
 
     # ---------------------------------------------------------------- plumbing
 

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from h2kd.manager.ports import WorkerInfo
 
@@ -159,6 +159,8 @@ class _Context:
     free: dict[str, int]            # worker id -> slots still free after the pick (a large number when unbounded)
     now: int
     memo: dict[tuple[str, str], _Missing | None] = field(default_factory=dict)
+    claimers: list[WorkerInfo] = field(default_factory=list)   # external workers, which claim jobs themselves
+    reasons: dict[str, str] = field(default_factory=dict)      # needs -> why such a job waits
 
 
 _UNBOUNDED = 1 << 30
@@ -259,8 +261,12 @@ class Scheduler:
         """How many jobs wait at each level, priority 1 first."""
         return [sum(map(len, level.values())) for level in self._levels]
 
-    def _in_order(self) -> Iterator[_Entry]:
-        """The queued jobs in the order they get their turn: by level; within one, owners in turn (see above)."""
+    def _in_order(self, takes: Callable[[_Entry], bool] | None = None) -> Iterator[_Entry]:
+        """The queued jobs in the order they get their turn: by level; within one, owners in turn (see above).
+
+        takes: whether a job can go now (a worker fits it, its backoff is over), asked as its turn comes; one
+        that cannot is passed over without using its owner's turn, and only the jobs taken are yielded. So a
+        user's jobs that no worker runs do not put their other jobs behind everyone else's."""
         load = dict(self._running_by_owner)     # jobs each owner has running, then also ahead in this order
         last = dict(self._last_turn)
         turn = self._turn
@@ -268,23 +274,19 @@ class Scheduler:
             # (load, last turn, key of its next job, owner, index of that job): the lowest goes next.
             turns = [(load.get(owner, 0), last.get(owner, 0), keys[0], owner, 0) for owner, keys in level.items()]
             heapq.heapify(turns)
-            while len(turns) > 1:
-                taken, _, key, owner, index = turns[0]
-                yield self._entries[key[1]]
-                turn += 1
-                load[owner], last[owner] = taken + 1, turn
+            while turns:
+                taken, previous, key, owner, index = turns[0]
+                entry = self._entries[key[1]]
+                if takes is None or takes(entry):
+                    yield entry
+                    turn += 1
+                    taken, previous = taken + 1, turn
+                    load[owner], last[owner] = taken, previous
                 keys = level[owner]
                 if index + 1 < len(keys):
-                    heapq.heapreplace(turns, (taken + 1, turn, keys[index + 1], owner, index + 1))
+                    heapq.heapreplace(turns, (taken, previous, keys[index + 1], owner, index + 1))
                 else:
                     heapq.heappop(turns)
-            if turns:   # one owner left: the rest of their jobs in order
-                taken, _, _, owner, index = turns[0]
-                keys = level[owner]
-                turn += len(keys) - index
-                load[owner], last[owner] = taken + len(keys) - index, turn
-                for _, job_id in keys[index:]:
-                    yield self._entries[job_id]
 
     def _taken(self, job_id: str) -> None:
         """A job leaves the queue to run: its owner has one more running and has had a turn."""
@@ -308,29 +310,34 @@ class Scheduler:
              running_by_owner: dict[int, int] | None = None) -> list[tuple[str, WorkerInfo]]:
         """The queued jobs to start now on builtin workers, most urgent first, each with its worker.
 
-        Respects the pause, MaxParallelJobs (given `running` jobs), each worker's free slots and retry backoff.
-        A job no worker can run is passed over. running_by_owner: how many jobs each owner has running on any
-        worker, for their turns. The chosen jobs leave the queue; a caller that cannot start one must add() it
-        again.
+        Respects the pause, MaxParallelJobs (given `running` jobs, of the builtin workers), each worker's free
+        slots and retry backoff. A job no worker can run is passed over. External workers among `workers` are
+        not given jobs (they claim them), but the wait reasons count them. running_by_owner: how many jobs each
+        owner has running on any worker, for their turns. The chosen jobs leave the queue; a caller that cannot
+        start one must add() it again.
         """
         self._running_by_owner = dict(running_by_owner or {})
-        usable = [w for w in workers if w.kind == BUILTIN_KIND and w.state != STALE]
-        free = {w.id: (w.max_jobs - w.active_jobs if w.max_jobs > 0 else _UNBOUNDED) for w in usable}
-        context = _Context(running, usable, free, now_usec)
+        live = [w for w in workers if w.state != STALE]
+        usable = [w for w in live if w.kind == BUILTIN_KIND]
+        free = {w.id: _free_slots(w) for w in live}
+        context = _Context(running, usable, free, now_usec, claimers=[w for w in live if w.kind != BUILTIN_KIND])
         self._context = context
         chosen: list[tuple[str, WorkerInfo]] = []
         if self._paused:
             return chosen
-        for entry in self._in_order():
-            if running + len(chosen) >= self._max_parallel or all(n <= 0 for n in free.values()):
-                break
-            if entry.not_before > now_usec:
-                continue
+        def room_left() -> bool:
+            return running + len(chosen) < self._max_parallel and any(n > 0 for n in free.values())
+
+        def runs_now(entry: _Entry) -> bool:
+            return entry.not_before <= now_usec and self._first_with_room(entry, context) is not None
+
+        for entry in self._in_order(runs_now) if room_left() else ():
             worker = self._first_with_room(entry, context)
-            if worker is None:
-                continue
+            assert worker is not None
             free[worker.id] -= 1
             chosen.append((entry.job_id, worker))
+            if not room_left():
+                break
         for job_id, _ in chosen:
             self._taken(job_id)
         context.running = running + len(chosen)
@@ -360,8 +367,8 @@ class Scheduler:
             return None
         memo: dict[tuple[str, str], _Missing | None] = {}
         context = _Context(0, [worker], {}, now_usec, memo)
-        found = next((entry.job_id for entry in self._in_order()
-                      if entry.not_before <= now_usec and self._fits(worker, entry, context) is None), None)
+        found = next((entry.job_id for entry in self._in_order(
+            lambda entry: entry.not_before <= now_usec and self._fits(worker, entry, context) is None)), None)
         if found is not None:
             self._taken(found)
         return found
@@ -369,10 +376,11 @@ class Scheduler:
     # ---------------------------------------------------------------- explaining
 
     def wait_reasons(self, limit: int | None = None) -> dict[str, str]:
-        """Why each queued job (the first `limit` of them, most urgent first) is not running, as of the last
-        pick(); each reason at most MAX_REASON characters."""
-        entries = self._in_order() if limit is None else itertools.islice(self._in_order(), limit)
-        return {entry.job_id: _cut(self._reason(entry), MAX_REASON) for entry in entries}
+        """Why each queued job is not running, as of the last pick(); each reason at most MAX_REASON characters.
+        limit: only the first `limit` jobs, most urgent first; without it, every job in no particular order (jobs
+        of the same needs share one reason, so ten thousand cost little more than one)."""
+        entries = self._entries.values() if limit is None else itertools.islice(self._in_order(), limit)
+        return {entry.job_id: self._reason(entry) for entry in entries}
 
     def _reason(self, entry: _Entry) -> str:
         if self._paused:
@@ -382,12 +390,29 @@ class Scheduler:
             return "waiting to be scheduled"
         if entry.not_before > context.now:
             return f"retry backoff until {_clock(entry.not_before)}"
-        if not context.workers:
+        reason = context.reasons.get(entry.needs)
+        if reason is None:
+            reason = context.reasons[entry.needs] = _cut(self._reason_for_needs(entry, context), MAX_REASON)
+        return reason
+
+    def _reason_for_needs(self, entry: _Entry, context: _Context) -> str:
+        workers = context.workers + context.claimers
+        if not workers:
             return "no worker is available"
-        misses = [self._fits(w, entry, context) for w in context.workers]
-        able = [w for w, miss in zip(context.workers, misses) if miss is None]
-        if not able:
+        misses = [self._fits(w, entry, context) for w in workers]
+        if all(miss is not None for miss in misses):
             return _no_worker_reason([m for m in misses if m is not None])
+        able = [w for w, miss in zip(context.workers, misses) if miss is None]
+        if not able:    # only external workers can run it: one of them must claim it
+            claimers = [w for w, miss in zip(context.claimers, misses[len(context.workers):]) if miss is None]
+            with_room = [w for w in claimers if context.free[w.id] > 0]
+            if with_room:
+                return (f"waiting for worker {with_room[0].name or with_room[0].id} to claim it" if len(with_room) == 1
+                        else "waiting for one of the workers that can run it to claim it")
+            if len(claimers) == 1:
+                w = claimers[0]
+                return f"waiting for a free slot on worker {w.name or w.id} ({w.active_jobs} of {w.max_jobs} busy)"
+            return "waiting for a free slot on a worker that can run it"
         if context.running >= self._max_parallel:
             return f"waiting for a free slot ({context.running} of {self._max_parallel} running)"
         if all(context.free[w.id] <= 0 for w in able):
@@ -397,6 +422,10 @@ class Scheduler:
                 return f"waiting for a free slot on worker {w.name or w.id} ({busy} of {w.max_jobs} busy)"
             return "waiting for a free slot on a worker that can run it"
         return "waiting for the next scheduling pass"
+
+
+def _free_slots(worker: WorkerInfo) -> int:
+    return worker.max_jobs - worker.active_jobs if worker.max_jobs > 0 else _UNBOUNDED
 
 
 def _no_worker_reason(misses: list[_Missing]) -> str:

@@ -2400,3 +2400,19 @@ def test_an_administrators_stop_that_overran_its_stop_timeout_is_not_taken_for_t
         assert job.state.value == "cancelled", (job.state, job.error_code, job.error_message)
         await m.stop()
     asyncio.run(go())
+
+
+def test_a_jobs_wait_reason_follows_the_external_workers_that_can_run_it(tmp_path, image):
+    """A job only an external worker can run says it waits for that worker as soon as it registers, and what
+    it lacks again once the worker has left."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        await until(lambda: job.wait_reason == "no worker offers gpu")
+        worker = m.register_worker("render-farm", {"gpu": True}, 1, 0, ":1.8")
+        await until(lambda: job.wait_reason == "waiting for worker render-farm to claim it")
+        m.unregister_worker(worker.id)
+        await until(lambda: job.wait_reason == "no worker offers gpu")
+        await m.stop()
+    asyncio.run(go())

@@ -158,8 +158,27 @@ def test_stale_and_external_workers_are_not_used_by_pick():
     s = queue(("a", 5))
     stale = builtin()
     stale.state = "stale"
-    assert picked(s, workers=[stale, external()]) == []
+    assert picked(s, workers=[stale]) == []
     assert s.wait_reasons() == {"a": "no worker is available"}
+
+
+def test_a_job_only_external_workers_can_run_says_it_waits_for_them():
+    """pick() leaves such jobs to be claimed; their reasons name the worker that may take them, or the one
+    whose slots are full, and say which requirement no worker meets while none can."""
+    s = queue(("plain", 5, {"qemu_img": True}), ("nbd", 5, {"nbd": True}), ("gpu", 5, {"gpu": True}))
+    agent = external("ext1", max_jobs=1, nbd=True)
+    stale = builtin()
+    stale.state = "stale"                                      # systemd away: only the agent is there
+    assert picked(s, workers=[stale, agent]) == []
+    assert s.wait_reasons() == {"plain": "no worker offers qemu_img", "nbd": "waiting for worker ext1 to claim it",
+                                "gpu": "no worker offers gpu"}
+    assert s.claim_for(agent, NOW) == "nbd"
+    agent.active_jobs = 1
+    s.add("nbd2", 5, 9, "convert", {"nbd": True})
+    assert picked(s, workers=[builtin(), agent]) == ["plain"]
+    reasons = s.wait_reasons()
+    assert reasons["nbd2"] == "waiting for a free slot on worker ext1 (1 of 1 busy)"
+    assert reasons["gpu"] == "no worker offers gpu"
 
 
 def test_backoff_delays_only_that_job():
@@ -296,3 +315,28 @@ def test_priority_comes_before_turns_and_turns_count_across_levels():
     s.set_priority("b1", 1)   # it keeps its place by when it was queued, and is Bob's first at level 1
     assert s.ordered() == ["b1", "a-urgent", "b-urgent", "b-also", "a1"]
     assert s.counts_by_priority()[0] == 4 and s.remove("b-urgent") and s.counts_by_priority()[0] == 3
+
+
+def test_jobs_no_worker_can_run_do_not_use_up_their_owners_turns():
+    """Alice queued fifty jobs that need nbd (its worker is away), then one plain job; Bob fifty plain jobs.
+    With one slot at a time, Alice's plain job, queued before Bob's, goes first, then Bob's take turns with Alice's
+    waiting ones, which pass theirs. Before, each of her nbd jobs used a turn and her plain job came after all
+    fifty of Bob's. The same holds for an external worker's claims."""
+    nbd = {"nbd": True}
+    jobs = ([(f"a-nbd{n}", 5, 1000, nbd) for n in range(50)] + [("a-plain", 5, 1000, {})]
+            + [(f"b{n}", 5, 1001, {}) for n in range(50)])
+    s = Scheduler(1)
+    for seq, (job_id, priority, owner, needs) in enumerate(jobs, start=1):
+        s.add(job_id, priority, seq, "convert", needs, owner=owner)
+    started = []
+    for _ in range(3):
+        (job_id,) = picked(s, running=0, running_by_owner={})
+        started.append(job_id)
+    assert started == ["a-plain", "b0", "b1"]
+    assert "a-nbd0" in s and s.ordered()[0] == "a-nbd0"    # still first in the listing, waiting for its worker
+
+    s = Scheduler(1)
+    for seq, (job_id, priority, owner, needs) in enumerate(jobs, start=1):
+        s.add(job_id, priority, seq, "convert", needs, owner=owner)
+    claims = [s.claim_for(external(qemu_img=True), NOW, running_by_owner={}) for _ in range(3)]
+    assert claims == ["a-plain", "b0", "b1"]
