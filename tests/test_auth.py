@@ -342,6 +342,29 @@ def test_missing_polkit_denies_at_once(mock_system_bus, users):
         asyncio.run(main())
 
 
+def test_a_caller_that_left_the_bus_is_known_gone(mock_system_bus):
+    """What RegisterWorker asks once polkit has answered: a worker agent that disconnected meanwhile is not
+    kept as a worker for ever (its NameOwnerChanged came before there was a worker to lose)."""
+    async def main() -> None:
+        bus = await MessageBus(bus_address=mock_system_bus, bus_type=BusType.SYSTEM).connect()
+        staying = await MessageBus(bus_address=mock_system_bus, bus_type=BusType.SYSTEM).connect()
+        leaving = await MessageBus(bus_address=mock_system_bus, bus_type=BusType.SYSTEM).connect()
+        authority = Authority(bus, timeout=10)
+        gone = leaving.unique_name
+        assert await authority.connected(gone)
+        leaving.disconnect()
+        await leaving.wait_for_disconnect()
+        for _ in range(100):
+            if not await authority.connected(gone):
+                break
+            await asyncio.sleep(0.05)
+        assert not await authority.connected(gone)
+        assert await authority.connected(staying.unique_name)
+        staying.disconnect()
+        bus.disconnect()
+    asyncio.run(main())
+
+
 def test_hung_polkit_denies_within_the_timeout_while_other_checks_are_served(mock_polkit, users):
     timeout = 5.0   # long enough for the other checks to be served first on a loaded machine
     with bus_peer(users[ALICE], mock_polkit) as (alice, _), bus_peer(users[BOB], mock_polkit) as (bob, _):

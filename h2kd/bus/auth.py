@@ -157,6 +157,17 @@ class Authority:
         gids = tuple(found["UnixGroupIDs"].value) if "UnixGroupIDs" in found else None
         return Credentials(uid=found["UnixUserID"].value, pid=pid, gids=gids)
 
+    async def connected(self, sender: str) -> bool:
+        """Whether `sender` is still on the bus: a unique name that has left never comes back. True when the
+        bus does not answer (a later NameOwnerChanged still tells)."""
+        call = Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS, member="NameHasOwner", signature="s",
+                       body=[sender])
+        try:
+            reply = await asyncio.wait_for(self._bus.call(call), self._timeout)
+        except Exception:
+            return True
+        return reply.message_type != MessageType.METHOD_RETURN or bool(reply.body[0])
+
     def _forget_failed(self, sender: str, task: asyncio.Task[Credentials]) -> None:
         if (task.cancelled() or task.exception() is not None) and self._credentials.get(sender) is task:
             del self._credentials[sender]

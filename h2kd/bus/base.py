@@ -84,6 +84,10 @@ class Authorizer:
     async def caller_uid(self) -> int:
         return await self._authority.caller_uid(current_caller().sender)
 
+    async def caller_connected(self) -> bool:
+        """Whether the caller is still on the bus (see Authority.connected)."""
+        return await self._authority.connected(current_caller().sender)
+
     async def caller_groups(self) -> tuple[int, ...] | None:
         """The groups of the caller's connection (UnixGroupIDs), None if the bus does not tell them."""
         return await self._authority.caller_groups(current_caller().sender)

@@ -189,8 +189,12 @@ class ManagerInterface(ApiInterface):
         caps = json_object_from_dbus(capabilities, "capabilities")
         await self._auth.check("register-worker")
         owner = await self._auth.caller_uid()
-        worker = self.manager.register_worker(name, caps, wanted.get("max_jobs", 0), owner,
-                                              current_caller().sender)
+        sender = current_caller().sender
+        worker = self.manager.register_worker(name, caps, wanted.get("max_jobs", 0), owner, sender)
+        # The caller may have left while polkit answered: its NameOwnerChanged came before there was a worker
+        # to lose, and no other would come.
+        if not await self._auth.caller_connected():
+            self.manager.bus_name_lost(sender)
         return [worker.id, worker_path(worker.id)]
 
     # Signals are declared here for introspection; h2kd.bus.service sends them.
