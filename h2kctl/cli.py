@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = action("priority", "change the priority of a queued job")
     q.add_argument("job", metavar="JOB", help="the job id")
     q.add_argument("priority", metavar="N", type=_int_range(1, 10), help="1 (most urgent) .. 10")
-    q = action("max-parallel", "set how many jobs may run at once")
+    q = action("max-parallel", "set how many jobs h2kd's own units may run at once (external workers keep the "
+                                            "max_jobs they registered with)")
     q.add_argument("max_parallel", metavar="N", type=_int_range(1, 256), help="1..256")
 
     command("workers", "list workers: the builtin one and registered external workers", json_output=True)
@@ -909,7 +910,7 @@ async def cmd_queue(client: Client, args: argparse.Namespace, out: Output) -> in
     elif action == "max-parallel":
         await client.manager("SetMaxParallelJobs", "u", [args.max_parallel], action="manage",
                              what="change the number of parallel jobs")
-        out.line(f"Up to {args.max_parallel} job{'s' if args.max_parallel != 1 else ''} may now run at once.")
+        out.line(f"Up to {args.max_parallel} job{'s' if args.max_parallel != 1 else ''} may now run at once in h2kd's units.")
     if action != "stats" and not out.json:
         return ExitCode.SUCCESS
     (stats,) = await client.manager("GetQueueStats")

@@ -30,7 +30,7 @@ class WorkerInfo:
     name: str
     kind: str                              # "builtin" | "external"
     capabilities: dict[str, Any]           # e.g. {"operations": [...], "formats": [...], "qemu_img": true, "loop": true}
-    max_jobs: int = 0                      # 0: bounded only by the manager's MaxParallelJobs
+    max_jobs: int = 0                      # 0: no limit of its own (MaxParallelJobs bounds the builtin's units)
     state: str = "idle"                    # idle | busy | stale
     active_jobs: int = 0
     last_heartbeat: int = 0                # usec since the epoch, as shown
