@@ -32,7 +32,7 @@ from dbus_fast.aio import MessageBus
 
 from images import disk_difference
 from h2kd.config import Config
-from h2kd.manager.ports import StartUnanswered, UnitOutcome
+from h2kd.manager.ports import StartUnanswered, StartWithdrawn, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.runner import SystemdRunner
 from h2kd.runner import systemd as systemd_runner
@@ -945,6 +945,41 @@ def test_a_start_that_may_succeed_later_is_told_apart_from_a_refusal(sandbox: Sa
         unreachable = SystemdRunner(config, RecordingEvents())
         with pytest.raises(StartDeferred, match="not reachable"):
             await unreachable.start(make_job(), 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_start_cancelled_while_its_files_are_made_starts_no_unit(sandbox: Sandbox, monkeypatch) -> None:
+    """The cancel comes while the runner prepares the attempt (its directory, the slice): no unit is started,
+    not even one stopped at once, and the attempt's files go."""
+
+    async def scenario() -> None:
+        events = RecordingEvents()
+        config = sandbox.config("wait")
+        job = make_job()
+        unit = unit_name(job.id, 1)
+        real_check = systemd_runner._left_by_another_job
+
+        def cancelled_meanwhile(run_dir, checked_job):
+            checked_job.cancel_requested = True     # as the manager records a cancel that came now
+            return real_check(run_dir, checked_job)
+
+        async with runner_for(config, events) as runner:
+            with monkeypatch.context() as patched:
+                patched.setattr(systemd_runner, "_left_by_another_job", cancelled_meanwhile)
+                with pytest.raises(StartWithdrawn):
+                    await runner.start(job, 1)
+            assert await unit_properties(sandbox.manager.bus_address, unit) is None
+            for _ in range(100):
+                if not (config.runs_dir / unit).exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not (config.runs_dir / unit).exists()
+            later = make_job()
+            await runner.start(later, 1)
+            await runner.stop(unit_name(later.id, 1))
+            await events.wait_finished(later.id)
+        assert events.outcomes_of(job.id) == []
 
     asyncio.run(scenario())
 

@@ -50,7 +50,8 @@ from h2kd.config import MAX_PARALLEL_JOBS, Config
 from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, InvalidState, NoSuchJob, NoSuchWorker,
                          StoreFailed)
 from h2kd.manager.limits import UnfinishedJobs
-from h2kd.manager.ports import Event, JobListener, Runner, StartDeferred, StartUnanswered, UnitOutcome, WorkerInfo
+from h2kd.manager.ports import (Event, JobListener, Runner, StartDeferred, StartUnanswered, StartWithdrawn, UnitOutcome,
+                                WorkerInfo)
 from h2kd.model.job import Job, now_usec
 from h2kd.model.result import NON_RETRYABLE, ErrorCode
 from h2kd.model.spec import MAX_SPEC_BYTES, parse_spec, same_spec, spec_to_json
@@ -822,6 +823,9 @@ class JobManager:
             unit = await self._runner.start(job, attempt)
         except StartUnanswered as e:
             unanswered = e
+        except StartWithdrawn:
+            self._start_refused(job.id, attempt, "cancelled")
+            return
         except StartDeferred as e:  # not now, for a reason that passes: tried again later, not counted
             log.warning("starting a unit for job %s failed for now: %s", job.id, e)
             self._start_refused(job.id, attempt, str(e), passing=True)

@@ -64,6 +64,11 @@ class StartDeferred(Exception):
     without using up the job's retries."""
 
 
+class StartWithdrawn(Exception):
+    """Runner.start found the job's cancel requested (job.cancel_requested) once the attempt's files and slice
+    were ready, and started no unit: the start is not wanted any more."""
+
+
 class StartUnanswered(Exception):
     """Runner.start sent the start but got no answer (a timeout, a broken connection): the unit may run or
     not. The runner goes on following it and reports what became of it (unit_status, unit_finished)."""
@@ -111,7 +116,8 @@ class Runner(Protocol):
     @property
     def reachable(self) -> bool: ...
     async def start(self, job: Job, attempt: int) -> str:
-        """Write the attempt's spec, start its unit, follow it; return the unit name."""
+        """Write the attempt's spec, start its unit, follow it; return the unit name. A cancel requested while
+        the start is prepared (job.cancel_requested) withdraws it: StartWithdrawn, and no unit."""
         ...
     async def stop(self, unit: str) -> None:
         """Ask systemd to stop the unit; unit_finished follows when it is really gone."""

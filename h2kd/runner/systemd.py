@@ -40,7 +40,7 @@ from dbus_fast.aio import MessageBus
 from h2kd.access import acting_groups, output_owner
 from h2kd.config import SLICE_WEIGHT, Config
 from h2kd.errors import H2kError
-from h2kd.manager.ports import RunnerEvents, StartDeferred, StartUnanswered, UnitOutcome
+from h2kd.manager.ports import RunnerEvents, StartDeferred, StartUnanswered, StartWithdrawn, UnitOutcome
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import COMMIT_NAME, HELD_NAME, RECORD_NAME, release_held, remove_recorded, undo_commit
@@ -405,6 +405,11 @@ class SystemdRunner:
             fixes_guest=fixes_guest(job.spec), owner=job.owner)
         if not self._slice_ready:
             await self._ensure_slice()
+        if job.cancel_requested:
+            # Cancelled while the files and the slice were made: a unit started now would be stopped at once,
+            # having perhaps begun the work (a raw image's repair changes it in place).
+            self._remove_later(run_dir)
+            raise StartWithdrawn(f"job {job.id} was cancelled before its unit {unit} started")
         followed = self._follow(unit, job.id, attempt, job.created_at)
         try:
             await self._manager_call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])

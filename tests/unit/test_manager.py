@@ -20,7 +20,7 @@ from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, 
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
-from h2kd.manager.ports import StartDeferred, StartUnanswered, UnitOutcome
+from h2kd.manager.ports import StartDeferred, StartUnanswered, StartWithdrawn, UnitOutcome
 from h2kd.model.job import now_usec
 from h2kd.model.states import JobState
 from h2kd.store import JobStore
@@ -2367,6 +2367,37 @@ def test_a_job_cancelled_between_its_assignment_and_its_start_never_gets_a_unit(
         assert runner.started == [] and runner.stopped == []
         reasons = [entry["reason"] for entry in m.history(job.id)]
         assert reasons[-1] == "cancelled by uid 1000 before its unit could start", reasons
+        await m.stop()
+    asyncio.run(go())
+
+
+class WithdrawsOnCancel(RecordingRunner):
+    """Keeps the Runner port's promise: a cancel that comes while the start is prepared withdraws it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.preparing = asyncio.Event()
+
+    async def start(self, job, attempt):
+        self.preparing.set()
+        while not job.cancel_requested:
+            await asyncio.sleep(0.01)
+        raise StartWithdrawn(f"job {job.id} was cancelled before its unit started")
+
+
+def test_a_job_cancelled_while_its_unit_is_prepared_ends_cancelled_without_one(tmp_path, image):
+    async def go():
+        runner = WithdrawsOnCancel()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await asyncio.wait_for(runner.preparing.wait(), 10)
+        await asyncio.wait_for(m.cancel(job.id, by=1000), 10)
+        await until(lambda: job.state.value == "cancelled")
+        assert runner.stopped == []
+        reasons = [entry["reason"] for entry in m.history(job.id)]
+        assert reasons[-1] == "cancelled by uid 1000 before its unit could start", reasons
+        assert job.error_code == "" and m.jobs_running == 0
         await m.stop()
     asyncio.run(go())
 
