@@ -73,6 +73,11 @@ def give_groups(uid: int, groups: Iterable[int]) -> None:
     _GIVEN_GROUPS[uid] = [int(g) for g in groups]
 
 
+def forget_groups(uid: int) -> None:
+    """Act for `uid` with the user database's groups again (see give_groups)."""
+    _GIVEN_GROUPS.pop(uid, None)
+
+
 def groups_for(uid: int) -> list[int]:
     """The groups given for `uid` (give_groups), else those of the user database (caller_groups)."""
     given = _GIVEN_GROUPS.get(uid)

@@ -1414,7 +1414,7 @@ def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_el
             convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
     finally:
         qemuimg.run_as(0, 0, [])
-        access._GIVEN_GROUPS.pop(alice_id, None)
+        access.forget_groups(alice_id)
     assert swapped
     assert os.listdir(bobs) == []
     assert os.listdir(out / ("alice" if (out / "alice").is_dir() and not (out / "alice").is_symlink()
