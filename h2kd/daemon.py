@@ -34,6 +34,9 @@ GC_THRESHOLDS = (20_000, 10, 10)
 # EX_CONFIG: settings h2kd cannot work with. h2kd.service does not restart on it (RestartPreventExitStatus=):
 # the same settings would fail the same way.
 EXIT_BAD_SETTINGS = 78
+# EX_DATAERR: the job store is damaged. Not restarted either: a restart would find the same damage ten seconds in,
+# again and again, each time dropping the bus name and the jobs' followers.
+EXIT_STORE_DAMAGED = 65
 
 
 # The state directory and the output roots, when h2kd makes them, may be passed through by everyone: a
@@ -145,8 +148,17 @@ async def serve(config: Config) -> int:
         store_lost_its_disk.set()
         stop.set()
 
+    store_damage: list[str] = []
+
+    def end_for_damage(found: str) -> None:
+        log.critical("the job store %s is damaged (SQLite's check found: %s): h2kd stops, and is not restarted. %s",
+                     config.store_path, found, STORE_RECOVERY)
+        store_damage.append(found)
+        stop.set()
+
     try:
-        store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store))
+        store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store),
+                         on_damage=lambda found: loop.call_soon_threadsafe(end_for_damage, found))
     except StoreFailed as e:
         return _store_unusable(e)
     manager = JobManager(config, store, host_validator=HostChecks(config))
@@ -220,6 +232,8 @@ async def serve(config: Config) -> int:
     if not disconnected.done():
         bus.disconnect()
     store.close()
+    if store_damage:
+        return EXIT_STORE_DAMAGED
     if store_lost_its_disk.is_set():
         return 1
     if disconnected.done() and not stopping.done():
@@ -228,10 +242,13 @@ async def serve(config: Config) -> int:
     return 0
 
 
+STORE_RECOVERY = ("Keep the file aside for recovery (sqlite3's .recover) and restore a copy, or move it away to "
+                  "start with no jobs; then start h2kd.")
+
+
 def _store_unusable(error: StoreFailed) -> int:
-    log.critical("%s: h2kd cannot start. If SQLite says the file is damaged (\"malformed\", \"not a database\"), "
-                 "stop h2kd, keep the file aside for recovery (sqlite3's .recover) and restore a copy, or move it "
-                 "away to start with no jobs; otherwise see the reason given (a full disk, permissions)", error)
+    log.critical("%s: h2kd cannot start. If SQLite says the file is damaged (\"malformed\", \"not a database\"): "
+                 "%s Otherwise see the reason given (a full disk, permissions)", error, STORE_RECOVERY)
     return 1
 
 

@@ -289,6 +289,36 @@ def test_a_write_the_disk_did_not_confirm_ends_h2kd_and_its_restart_reads_the_st
     assert before in run(after_restart())
 
 
+def test_a_store_found_damaged_while_h2kd_runs_stops_it_for_good_with_one_clear_line(stack):
+    """The file opens and loads, but SQLite's check finds it damaged: h2kd stops with status 65, which
+    h2kd.service does not restart on (each restart would find the same damage and drop the bus name again),
+    saying what was found and what to do."""
+    store = stack.state_dir / "h2kd.sqlite"
+    stack.stop_daemon()
+    kept = store.read_bytes()
+    logged_before = stack.daemon_log.read_text() if stack.daemon_log.exists() else ""
+    try:
+        with open(store, "r+b") as f:
+            f.seek(36)                              # the header's count of free pages
+            f.write((7).to_bytes(4, "big"))
+        stack.start_daemon()
+        deadline = time.monotonic() + 60
+        while stack.daemon_pid is not None:
+            assert time.monotonic() < deadline, "h2kd went on serving on a damaged store"
+            time.sleep(0.1)
+        assert stack.kill_daemon() == 65
+        logged = stack.daemon_log.read_text()[len(logged_before):]
+        assert f"the job store {store} is damaged (SQLite's check found:" in logged, logged
+        assert "freelist" in logged and "sqlite3's .recover" in logged and "Traceback" not in logged, logged
+    finally:
+        if stack.daemon_pid is not None:
+            stack.stop_daemon()
+        store.write_bytes(kept)
+        for extra in ("-wal", "-shm"):
+            Path(f"{store}{extra}").unlink(missing_ok=True)
+        stack.start_daemon()
+
+
 def test_a_store_that_is_no_database_stops_h2kd_with_one_clear_line(tmp_path):
     """Not a traceback: the file, what SQLite found, and what the administrator can do."""
     state = tmp_path / "state"

@@ -110,7 +110,8 @@ class Metrics:
         self.retries = Counter("h2kd_job_retries", "Attempts that failed and were retried, by error code",
                                ["error_type"], registry=r)
         self.workers = Gauge("h2kd_workers", "Registered workers, alive or stale", ["state"], registry=r)
-        self.store_ok = Gauge("h2kd_store_ok", "1 while the job store can be written; 0: h2kd restarts to recover it",
+        self.store_ok = Gauge("h2kd_store_ok", "1 while the job store is sound; 0: a write did not reach the disk (h2kd "
+                              "restarts) or the file is damaged (h2kd stops, status 65)",
                               registry=r)
         self.systemd_reachable = Gauge("h2kd_systemd_reachable",
                                        "1 while systemd's manager answers h2kd; 0: no conversion can start", registry=r)

@@ -107,6 +107,12 @@ _LOG_TAILS_MOVED = "INSERT INTO settings (name, value) VALUES ('log_tails_in_res
 _SETTINGS_TABLE = "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
+def _damaged(error: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite's error says the file itself is damaged (a malformed page, not a database at all)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def _cut_tail(error: Any) -> bool:
     """Cut an error object's message (a job result's "error") at LEGACY_LOG_TAIL; whether there was one."""
     if not isinstance(error, dict) or not isinstance(error.get("message"), str) or LEGACY_LOG_TAIL not in error["message"]:
@@ -188,11 +194,16 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
 
 
 class JobStore:
-    def __init__(self, path: Path, on_sync_lost: Callable[[], None] | None = None):
+    def __init__(self, path: Path, on_sync_lost: Callable[[], None] | None = None,
+                 on_damage: Callable[[str], None] | None = None):
         """`on_sync_lost` is called (once) when a committed write could not be synced to disk: from then on
-        nobody knows what the file holds, and only reading it afresh (a restart) tells."""
+        nobody knows what the file holds, and only reading it afresh (a restart) tells. `on_damage` is called
+        (once, from the thread that ran check()) with what SQLite's check found when the file itself is damaged,
+        which no restart mends."""
         self.path = Path(path)
         self._on_sync_lost = on_sync_lost
+        self._on_damage = on_damage
+        self._damage_told = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are opened explicitly, one per changing call.
         if not self.path.exists():
@@ -683,11 +694,19 @@ class JobStore:
             db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
                                  timeout=30)
             try:
-                return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                found = [row[0] for row in db.execute("PRAGMA quick_check").fetchmany(3)]
             finally:
                 db.close()
-        except sqlite3.Error:
-            return False
+        except sqlite3.DatabaseError as e:
+            found = [str(e)] if _damaged(e) else []
+            if not found:
+                return False
+        if found == ["ok"]:
+            return True
+        if self._on_damage is not None and not self._damage_told:
+            self._damage_told = True
+            self._on_damage("; ".join(found))
+        return False
 
     def close(self) -> None:
         self._checkpointer.stop()

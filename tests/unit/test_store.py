@@ -743,3 +743,30 @@ def test_a_batch_the_disk_refuses_fails_its_waiters_and_caller_with_store_failed
     asyncio.run(scenario())
     assert [job.id for job in s.load_jobs()] == []
     s.close()
+
+
+def test_a_damaged_file_that_still_opens_is_told_once_as_damage_and_a_lost_sync_or_a_gone_file_is_not(tmp_path):
+    """SQLite's check finds the header's count of free pages wrong (the file opens and loads): the store says
+    so, with what the check found, for h2kd to stop rather than be restarted onto it again and again. A file
+    removed meanwhile is no damage of the file."""
+    path = tmp_path / "h2kd.sqlite"
+    told: list[str] = []
+    with JobStore(path) as s:
+        s.insert_job(new_job("j1"), "submitted")
+    with open(path, "r+b") as f:
+        f.seek(36)                              # the header's count of free pages
+        f.write((7).to_bytes(4, "big"))
+    with JobStore(path, on_damage=told.append) as s:
+        assert [job.id for job in s.load_jobs()] == ["j1"]
+        assert not s.check() and not s.check()
+        assert len(told) == 1 and "freelist" in told[0], told
+
+    told.clear()
+    sound = tmp_path / "sound.sqlite"
+    with JobStore(sound, on_damage=told.append) as s:
+        s.insert_job(new_job("j1"), "submitted")
+        assert s.check()
+        sound.rename(tmp_path / "moved.sqlite")
+        assert not s.check()
+        (tmp_path / "moved.sqlite").rename(sound)
+    assert told == []
