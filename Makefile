@@ -75,13 +75,18 @@ REMOVE_OLD_LINKS = for cmd in h2kd h2k-worker; do \
 	done
 
 install-app:
+	install -d $(DESTDIR)$(APPDIR)
 	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(APPDIR)
 	$(DESTDIR)$(APPDIR)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(APPDIR)/bin/pip install -q .
-	@# Scripts point at the staging path when DESTDIR is set; make them point at the final one.
+	@# Scripts, pyvenv.cfg and the activate scripts name the staging path when DESTDIR is set; make them
+	@# name the final one.
 	if [ -n "$(DESTDIR)" ]; then \
-		grep -lr --null '^#!$(DESTDIR)' $(DESTDIR)$(APPDIR)/bin | xargs -0r sed -i '1s|^#!$(DESTDIR)|#!|'; \
+		grep -lr --null -F '$(DESTDIR)$(APPDIR)' $(DESTDIR)$(APPDIR)/bin $(DESTDIR)$(APPDIR)/pyvenv.cfg \
+			| xargs -0r sed -i 's|$(DESTDIR)$(APPDIR)|$(APPDIR)|g'; \
 	fi
+	@# pip and venv follow the caller's umask: under a hardened one (027), users could not run h2kctl.
+	chmod -R u=rwX,go=rX $(DESTDIR)$(APPDIR)
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sf $(APPDIR)/bin/h2kctl $(DESTDIR)$(BINDIR)/h2kctl
 	$(REMOVE_OLD_LINKS)
@@ -113,7 +118,8 @@ install-data:
 		[ -e "$$f" ] && install -m0644 $$f $(DESTDIR)$(DATADIR)/doc/h2kd/examples/; \
 	done; true
 	if [ -n "$$(ls -A cockpit 2>/dev/null)" ]; then \
-		install -d $(DESTDIR)$(DATADIR)/cockpit/h2kd && cp -R cockpit/. $(DESTDIR)$(DATADIR)/cockpit/h2kd/; \
+		install -d $(DESTDIR)$(DATADIR)/cockpit/h2kd && cp -R cockpit/. $(DESTDIR)$(DATADIR)/cockpit/h2kd/ \
+			&& chmod -R u=rwX,go=rX $(DESTDIR)$(DATADIR)/cockpit/h2kd; \
 	fi
 	install -Dm0644 h2kctl/h2kctl.1 $(DESTDIR)$(DATADIR)/man/man1/h2kctl.1
 	install -Dm0644 h2kd/h2kd.8 $(DESTDIR)$(DATADIR)/man/man8/h2kd.8

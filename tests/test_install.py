@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -30,9 +31,11 @@ EXPECTED = [
 
 
 def test_make_install_into_a_staging_root(tmp_path):
+    """Under a hardened umask (027) too: users run h2kctl, and cockpit-bridge, running as the user, reads
+    the page."""
     stage = tmp_path / "stage"
     result = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={stage}"], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, preexec_fn=lambda: os.umask(0o027))
     assert result.returncode == 0, result.stdout + result.stderr
     missing = [p for p in EXPECTED if not (stage / p).is_file()]
     assert missing == []
@@ -50,6 +53,13 @@ def test_make_install_into_a_staging_root(tmp_path):
         assert script.read_text().splitlines()[0].startswith("#!/usr/lib/h2kd/bin/python"), "scripts name the final path"
     # The harness that boots private copies of dbus-daemon, polkitd and systemd is no command for the host.
     assert not (stage / "usr/bin/h2k-sandbox").exists()
+    unreadable = [str(path.relative_to(stage)) for path in (stage / "usr").rglob("*")
+                  if not path.is_symlink() and path.stat().st_mode & (0o005 if path.is_dir() else 0o004) == 0]
+    assert unreadable == []
+    # Nothing names the staging root: the installed tree works where it lands.
+    named = subprocess.run(["grep", "-rlF", str(stage), str(stage / "usr/lib/h2kd/bin"),
+                            str(stage / "usr/lib/h2kd/pyvenv.cfg")], capture_output=True, text=True)
+    assert named.stdout == ""
     version = subprocess.run([str(stage / "usr/lib/h2kd/bin/python"), "-m", "h2kctl.cli", "--version"],
                              capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "0.1.0" in version.stdout + version.stderr
