@@ -99,10 +99,43 @@ function basename(path) {
     return parts[parts.length - 1] || path || "";
 }
 
+// With Cockpit's "Limited access" every call is the user's own, and polkit wants an administrator for most of
+// h2kd's actions; root is never asked. h2kd says polkit refused with InteractiveAuthorizationRequired (a password
+// would do), or with AccessDenied and "Not authorized to <what> (polkit action <id>)" (h2kd/bus/auth.py). Other
+// AccessDenied errors are h2kd's own rules, which administrators are held to as well (an output outside the
+// output directories), and a refusal followed by ": <reason>" is polkit giving no answer, to be tried again.
+const INTERACTIVE_AUTHORIZATION_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired";
+const ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied";
+const POLKIT_REFUSAL = /^Not authorized to .*\(polkit action org\.hyper2kvm\.h2kd1\.[a-z0-9-]+\)$/s;
+
+function needsAdmin(error) {
+    if (!error)
+        return false;
+    return error.name === INTERACTIVE_AUTHORIZATION_REQUIRED ||
+        (error.name === ACCESS_DENIED && POLKIT_REFUSAL.test(String(error.message || "")));
+}
+
+function turnOnAdmin() {
+    return _("Turn on administrative access with Cockpit's “Limited access” button at the top of the page, then try again.");
+}
+
+function daemonSaid(error) {
+    return error.message || error.name;
+}
+
 function errorText(error) {
     if (!error)
         return _("Unknown error");
+    if (needsAdmin(error))
+        return [_("This needs administrative access."), turnOnAdmin(),
+                cockpit.format(_("(h2kd: $0)"), daemonSaid(error))].join(" ");
     return error.message || cockpit.message(error) || String(error);
+}
+
+function setText(node, text) {
+    // Rewriting a text with itself still replaces its node, which drops a selection made in it.
+    if (node.textContent !== text)
+        node.textContent = text;
 }
 
 function prettyJson(text) {
@@ -182,6 +215,14 @@ function callManager(method, args = [], type = "") {
 // ("Really cancel?"), and a second press of that same button within CONFIRM_MS cancels.
 const CONFIRM_MS = 4000;
 
+// Said to screen readers through a polite live region: the same words twice in a row are said again only
+// if the region was emptied first, which takes a moment of its own.
+function announce(text) {
+    const region = $("announcer");
+    region.textContent = "";
+    window.setTimeout(() => { region.textContent = text; }, 100);
+}
+
 // Back to asking nothing; true if it was asking.
 function unconfirm(button) {
     if (!button.dataset.confirming)
@@ -189,14 +230,25 @@ function unconfirm(button) {
     window.clearTimeout(Number(button.dataset.confirming));
     delete button.dataset.confirming;
     button.textContent = button.dataset.label;
+    // A fixed aria-label would be read instead of the text: it follows the text, there and back.
+    if (button.dataset.ariaLabel !== undefined) {
+        button.setAttribute("aria-label", button.dataset.ariaLabel);
+        delete button.dataset.ariaLabel;
+    }
     return true;
 }
 
-function confirmedPress(button) {
+function confirmedPress(button, jobId) {
     if (unconfirm(button))
         return true;
     button.dataset.label = button.textContent;
     button.textContent = _("Really cancel?");
+    if (button.hasAttribute("aria-label")) {
+        button.dataset.ariaLabel = button.getAttribute("aria-label");
+        button.setAttribute("aria-label", cockpit.format(_("Really cancel job $0?"), jobId));
+    }
+    announce(cockpit.format(_("Really cancel job $0? Press the button again within $1 seconds to cancel it."),
+                            jobId, CONFIRM_MS / 1000));
     button.dataset.confirming = String(window.setTimeout(() => unconfirm(button), CONFIRM_MS));
     return false;
 }
@@ -271,7 +323,7 @@ function createRow(job) {
         age: el("td", { "data-label": _("Age"), class: "job-age" }),
         what: el("div", { class: "sub job-what" }),
         cancel: rowButton("btn-danger job-cancel", cockpit.format(_("Cancel job $0"), id), _("Cancel"),
-                          event => confirmedPress(event.currentTarget) && cancelJob(job)),
+                          event => confirmedPress(event.currentTarget, id) && cancelJob(job)),
         retry: rowButton("btn-secondary job-retry", cockpit.format(_("Retry job $0"), id), _("Retry"),
                          () => retryJob(job)),
         start: rowButton("btn-secondary job-start", cockpit.format(_("Start job $0"), id), _("Start"),
@@ -462,9 +514,13 @@ $("job-filter").addEventListener("change", reconcileRows);
 
 /* ---------------------------------------------------------------- details */
 
+// While a job runs, its details change several times a second. What did not change is left as it is, and what did
+// is written in place: a text rewritten, even with itself, loses any selection the user made in it.
 let selectedPath = null;
 let selectedEvents = [];
 let lastEventSeq = 0;
+let historyShown = 0;                   // of selectedEvents, those in the list already: the rest are appended
+let historyRun = null;                  // the list's last line when it sums up progress events, which extends it
 let lastDetailsState = null;
 let detailsTimer = null;
 let detailsLastLoad = 0;
@@ -479,6 +535,8 @@ function showDetails(path, focus) {
         selectedPath = path;
         selectedEvents = [];
         lastEventSeq = 0;
+        historyShown = 0;
+        historyRun = null;
         lastDetailsState = null;
         $("details-history").replaceChildren();
         $("details-journal").textContent = "";
@@ -487,6 +545,7 @@ function showDetails(path, focus) {
     for (const entry of rows.values())
         entry.row.classList.toggle("selected", entry.job.path === path);
     $("details-card").hidden = false;
+    forgetSpecAndResult(selectedJob());    // opened by the user: read afresh
     renderDetails();
     loadHistoryAndJournal();
     if (focus)
@@ -504,8 +563,19 @@ function closeDetails() {
         entry.details.focus();
 }
 
-function fact(label, value, cls) {
-    return el("div", { class: cls || null }, el("dt", { text: label }), el("dd", { text: value }));
+// facts: [label, value, class]. The same labels as shown: only the values that differ are written.
+function renderFacts(facts) {
+    const list = $("details-facts");
+    const shown = list.children;
+    const sameLabels = shown.length === facts.length &&
+        facts.every(([label, , cls], i) => shown[i].dataset.fact === label && shown[i].className === (cls || ""));
+    if (!sameLabels) {
+        list.replaceChildren(...facts.map(([label, value, cls]) =>
+            el("div", { class: cls || "", dataset: { fact: label } }, el("dt", { text: label }),
+               el("dd", { text: value }))));
+        return;
+    }
+    facts.forEach(([, value], i) => setText(shown[i].lastChild, value));
 }
 
 function renderDetails() {
@@ -516,7 +586,7 @@ function renderDetails() {
     }
     const removed = !job;
     $("details-removed").hidden = !removed;
-    $("details-removed").textContent = client ? _("This job was removed.") : _("h2kd is not running.");
+    setText($("details-removed"), client ? _("This job was removed.") : _("h2kd is not running."));
     setHidden($("details-cancel"), removed || !job.Cancelable);
     setHidden($("details-retry"), removed || !RETRYABLE_STATES.has(job.State));
     for (const id of ["details-cancel", "details-retry"]) {
@@ -531,37 +601,39 @@ function renderDetails() {
         return;
     }
     $("details-refresh").disabled = false;
-    $("details-title").textContent = cockpit.format(_("Job $0"), job.Id);
+    const unread = EXPLICIT_JOB_PROPERTIES.filter(name => !(job.explicitReads && name in job.explicitReads));
+    if (unread.length > 0)
+        loadSpecAndResult(job, unread);     // rendered again once read
+    setText($("details-title"), cockpit.format(_("Job $0"), job.Id));
     const percent = job.ProgressKnown || FINAL_STATES.has(job.State)
         ? Math.floor(Number(job.Progress || 0) * 100) + " %" : "—";
     const facts = [
-        fact(_("State"), job.State),
-        fact(_("Phase"), job.Phase || "—"),
-        fact(_("Progress"), percent),
-        fact(_("Operation"), job.Operation),
-        fact(_("Source"), job.Source || "—", "wide"),
-        fact(_("Output"), job.Output || "—", "wide"),
-        fact(_("Priority"), String(job.Priority)),
-        fact(_("Owner"), ownerName(job.Owner)),
-        fact(_("Attempt"), String(job.Attempt)),
-        fact(_("Worker"), job.Worker || "—"),
-        fact(_("Unit"), job.Unit || "—", "wide"),
-        fact(_("Created"), formatTime(job.CreatedAt)),
-        fact(_("Started"), formatTime(job.StartedAt)),
-        fact(_("Finished"), formatTime(job.FinishedAt)),
+        [_("State"), job.State],
+        [_("Phase"), job.Phase || "—"],
+        [_("Progress"), percent],
+        [_("Operation"), job.Operation],
+        [_("Source"), job.Source || "—", "wide"],
+        [_("Output"), job.Output || "—", "wide"],
+        [_("Priority"), String(job.Priority)],
+        [_("Owner"), ownerName(job.Owner)],
+        [_("Attempt"), String(job.Attempt)],
+        [_("Worker"), job.Worker || "—"],
+        [_("Unit"), job.Unit || "—", "wide"],
+        [_("Created"), formatTime(job.CreatedAt)],
+        [_("Started"), formatTime(job.StartedAt)],
+        [_("Finished"), formatTime(job.FinishedAt)],
     ];
     if (job.WaitReason)
-        facts.push(fact(_("Waiting because"), job.WaitReason, "wide"));
-    $("details-facts").replaceChildren(...facts);
+        facts.push([_("Waiting because"), job.WaitReason, "wide"]);
+    renderFacts(facts);
 
     const [code, message] = Array.isArray(job.Error) ? job.Error : ["", ""];
     const errorBox = $("details-error");
     errorBox.hidden = !code && !message;
-    errorBox.textContent = code ? cockpit.format("$0: $1", code, message) : message;
+    setText(errorBox, code ? cockpit.format("$0: $1", code, message) : message);
 
-    const result = prettyJson(job.Result);
-    $("details-result").textContent = job.ResultWithheld || result || _("No result yet.");
-    $("details-spec").textContent = job.SpecWithheld || prettyJson(job.Spec);
+    setText($("details-result"), job.ResultWithheld || prettyJson(job.Result) || _("No result yet."));
+    setText($("details-spec"), job.SpecWithheld || prettyJson(job.Spec));
 }
 
 function detailsChanged(job) {
@@ -589,38 +661,50 @@ function describeEvent(kind, data) {
     return JSON.stringify(data);
 }
 
-// Consecutive progress events become one line ("progress 6 % → 100 %"), the rest one line each.
+function progressRunText(run) {
+    return run.count > 1
+        ? cockpit.format(_("progress $0 → $1 ($2 updates; $3)"), run.first, run.last, run.count,
+                         run.phases.join(", "))
+        : cockpit.format(_("progress $0"), run.first);
+}
+
+// Consecutive progress events become one line ("progress 6 % → 100 %"), the rest one line each. The events not
+// in the list yet are added to it; the lines already there stay, but for a progress line that the new events extend.
 function renderHistory() {
+    const list = $("details-history");
+    if (list.dataset.failed) {
+        delete list.dataset.failed;
+        list.replaceChildren();
+        historyShown = 0;
+        historyRun = null;
+    }
     const items = [];
-    let run = null;
-    for (const event of selectedEvents) {
-        const [seq, time, kind, data] = event;
+    for (const [seq, time, kind, data] of selectedEvents.slice(historyShown)) {
         if (kind === "progress") {
             const pct = typeof data.progress === "number" && data.progress >= 0
                 ? Math.floor(data.progress * 100) + " %" : "?";
-            if (run) {
-                run.last = pct;
-                run.count++;
-                if (data.phase && !run.phases.includes(data.phase))
-                    run.phases.push(data.phase);
-                run.node.lastChild.textContent = run.count > 1
-                    ? cockpit.format(_("progress $0 → $1 ($2 updates; $3)"), run.first, run.last, run.count,
-                                     run.phases.join(", "))
-                    : cockpit.format(_("progress $0"), pct);
-                continue;
+            if (!historyRun) {
+                const node = el("li", { class: "event-progress", dataset: { seq: String(seq) } },
+                                el("time", { text: formatTime(time) }), el("span"));
+                historyRun = { first: pct, last: pct, count: 0, phases: [], node };
+                items.push(node);
             }
-            const node = el("li", { class: "event-progress", dataset: { seq: String(seq) } },
-                            el("time", { text: formatTime(time) }), el("span", { text: "" }));
-            run = { first: pct, last: pct, count: 1, phases: data.phase ? [data.phase] : [], node };
-            node.lastChild.textContent = cockpit.format(_("progress $0"), pct);
-            items.push(node);
+            historyRun.last = pct;
+            historyRun.count++;
+            if (data.phase && !historyRun.phases.includes(data.phase))
+                historyRun.phases.push(data.phase);
             continue;
         }
-        run = null;
+        if (historyRun)
+            setText(historyRun.node.lastChild, progressRunText(historyRun));
+        historyRun = null;
         items.push(el("li", { class: "event-" + kind, dataset: { seq: String(seq), kind } },
                       el("time", { text: formatTime(time) }), el("span", { text: describeEvent(kind, data) })));
     }
-    $("details-history").replaceChildren(...items);
+    if (historyRun)
+        setText(historyRun.node.lastChild, progressRunText(historyRun));
+    historyShown = selectedEvents.length;
+    list.append(...items);
 }
 
 function loadHistory(job) {
@@ -640,12 +724,18 @@ function loadHistory(job) {
             selectedEvents.push([seq, time, kind, data]);
             lastEventSeq = seq;
         }
-        renderHistory();
+        if (historyShown < selectedEvents.length || $("details-history").dataset.failed)
+            renderHistory();
         if (events.length >= EVENTS_PAGE)
             return loadHistory(job);
     }).catch(e => {
-        if (path === selectedPath)
-            $("details-history").replaceChildren(el("li", { class: "error", text: errorText(e) }));
+        if (path !== selectedPath)
+            return;
+        const list = $("details-history");
+        const text = errorText(e);
+        if (!list.dataset.failed || list.textContent !== text)
+            list.replaceChildren(el("li", { class: "error", text }));
+        list.dataset.failed = "1";
     });
 }
 
@@ -655,10 +745,10 @@ function loadJournal(job) {
                   "_UID=0"];   // lines root wrote only: any user may log a line with any H2K_JOB_ID
     return cockpit.spawn(argv, { superuser: "try", err: "message" }).then(output => {
         if (path === selectedPath)
-            $("details-journal").textContent = output.trim() || _("No journal entries.");
+            setText($("details-journal"), output.trim() || _("No journal entries."));
     }).catch(e => {
         if (path === selectedPath)
-            $("details-journal").textContent = cockpit.format(_("Cannot read the journal: $0"), errorText(e));
+            setText($("details-journal"), cockpit.format(_("Cannot read the journal: $0"), errorText(e)));
     });
 }
 
@@ -674,35 +764,70 @@ function loadHistoryAndJournal() {
     detailsLastLoad = Date.now();
     loadHistory(job);
     loadJournal(job);
-    loadSpecAndResult(job);
 }
 
-// Another user's job's Result is for its owner and administrators: h2kd refuses it to others, and says why.
-let explicitReads = 0;                  // the latest loadSpecAndResult: an older answer must not overwrite it
+// Spec and Result are read when the job's details are shown, and again only when h2kd says they changed: a new
+// Spec comes with its value, a new Result by its name only (see propertiesChanged). Another user's job's Result
+// is for its owner and administrators: h2kd refuses it to others, and says why.
+// job.explicitReads: property name -> the number of the read that gives its value; an answer to an older read
+// is not used.
+let lastExplicitRead = 0;
 
-function loadSpecAndResult(job) {
+function forgetSpecAndResult(job) {
+    if (job)
+        job.explicitReads = {};
+}
+
+function loadSpecAndResult(job, names) {
     const path = job.path;
     const connection = client;
-    const read = ++explicitReads;
-    return Promise.all(EXPLICIT_JOB_PROPERTIES.map(name =>
+    if (!connection)
+        return;
+    const read = ++lastExplicitRead;
+    job.explicitReads = job.explicitReads || {};
+    for (const name of names)
+        job.explicitReads[name] = read;
+    Promise.all(names.map(name =>
         connection.call(path, PROPERTIES_IFACE, "Get", [JOB_IFACE, name], { type: "ss" })
                 .then(([value]) => ({ value: value.v }), e => ({ error: errorText(e) })))).then(replies => {
-        if (connection !== client || jobs[path] !== job || read !== explicitReads)
+        if (connection !== client || jobs[path] !== job)
             return;
-        EXPLICIT_JOB_PROPERTIES.forEach((name, i) => {
+        let changed = false;
+        names.forEach((name, i) => {
+            if (job.explicitReads[name] !== read)
+                return;
             job[name] = replies[i].value;
             job[name + "Withheld"] = replies[i].error;
+            changed = true;
         });
-        if (path === selectedPath)
+        if (changed && path === selectedPath)
             renderDetails();
     });
 }
 
+// A property h2kd announced: given its value, or only its name (invalidated).
+function explicitChanged(job, changed, invalidated) {
+    if (!job.explicitReads)
+        return;                         // never read: read in full when shown
+    for (const name of EXPLICIT_JOB_PROPERTIES) {
+        if (name in changed) {
+            job.explicitReads[name] = ++lastExplicitRead;
+            job[name + "Withheld"] = undefined;
+        } else if (invalidated.includes(name)) {
+            delete job.explicitReads[name];
+        }
+    }
+}
+
 $("details-close").addEventListener("click", closeDetails);
-$("details-refresh").addEventListener("click", loadHistoryAndJournal);
+$("details-refresh").addEventListener("click", () => {
+    forgetSpecAndResult(selectedJob());
+    renderDetails();
+    loadHistoryAndJournal();
+});
 $("details-cancel").addEventListener("click", event => {
     const job = selectedJob();
-    if (job && confirmedPress(event.currentTarget))
+    if (job && confirmedPress(event.currentTarget, job.Id))
         cancelJob(job);
 });
 $("details-retry").addEventListener("click", () => {
@@ -794,7 +919,18 @@ $("submit-form").addEventListener("submit", event => {
                 submitted();
         }, submitted);
     }, e => {
-        refused(shortErrorName(e.name), errorText(e));
+        if (needsAdmin(e)) {
+            // The daemon's own words stay in view: an administrator's polkit rule names the action they give.
+            errorBox.replaceChildren(
+                el("strong", { text: _("Starting a conversion needs administrative access.") }),
+                " ", turnOnAdmin(), " ",
+                el("span", { class: "sub" }, _("h2kd said:"), " ",
+                   el("span", { class: "daemon-message", text: daemonSaid(e) })));
+            errorBox.dataset.jobId = "";
+            errorBox.hidden = false;
+        } else {
+            refused(shortErrorName(e.name), errorText(e));
+        }
     }).finally(() => {
         button.disabled = !$("connection-error").hidden;
         form.removeAttribute("aria-busy");
@@ -807,6 +943,8 @@ function renderQueue() {
     if (!manager || !manager.valid) {
         for (const id of ["queue-state", "jobs-running", "jobs-queued", "max-parallel"])
             $(id).textContent = "—";
+        $("queue-state").className = "";
+        $("daemon-version").textContent = "";     // else the last h2kd's version would pass for a running one's
         setHidden($("pause-button"), true);
         setHidden($("resume-button"), true);
         return;
@@ -830,14 +968,14 @@ function renderQueue() {
     }
 }
 
-function queueAction(method, what) {
+function queueAction(method, failed) {
     return callManager(method).catch(e => {
-        showActionError(cockpit.format(_("Cannot $0 the queue: $1"), what, errorText(e)));
+        showActionError(cockpit.format(failed, errorText(e)));
     });
 }
 
-$("pause-button").addEventListener("click", () => queueAction("PauseQueue", _("pause")));
-$("resume-button").addEventListener("click", () => queueAction("ResumeQueue", _("resume")));
+$("pause-button").addEventListener("click", () => queueAction("PauseQueue", _("Cannot pause the queue: $0")));
+$("resume-button").addEventListener("click", () => queueAction("ResumeQueue", _("Cannot resume the queue: $0")));
 
 function renderHealth(health) {
     const value = key => (health[key] && "v" in health[key] ? health[key].v : health[key]);
@@ -1073,10 +1211,12 @@ function objectRemoved(path, names) {
     }
 }
 
-function propertiesChanged(path, name, changed) {
+function propertiesChanged(path, name, changed, invalidated) {
     if (name === JOB_IFACE && jobs[path]) {
-        Object.assign(jobs[path], unwrapped(changed));
-        jobChanged(jobs[path], Object.keys(changed));
+        const job = jobs[path];
+        Object.assign(job, unwrapped(changed));
+        explicitChanged(job, changed, invalidated || []);
+        jobChanged(job, Object.keys(changed).concat(invalidated || []));
     } else if (name === WORKER_IFACE && workers[path]) {
         Object.assign(workers[path], unwrapped(changed));
         scheduleWorkers();
@@ -1094,7 +1234,8 @@ function followSignals(connection) {
     connection.subscribe({ path: MANAGER_PATH, interface: OBJECT_MANAGER_IFACE, member: "InterfacesRemoved" },
                          mine((path, iface, member, [objectPath, names]) => objectRemoved(objectPath, names)));
     connection.subscribe({ path_namespace: MANAGER_PATH, interface: PROPERTIES_IFACE, member: "PropertiesChanged" },
-                         mine((path, iface, member, [name, changed]) => propertiesChanged(path, name, changed)));
+                         mine((path, iface, member, [name, changed, invalidated]) =>
+                             propertiesChanged(path, name, changed, invalidated)));
 }
 
 /* ---------------------------------------------------------------- start */
@@ -1123,21 +1264,59 @@ function tick() {
     }
 }
 
+// Waits between attempts that keep failing: 1 s, doubled each time, at most 30 s.
+const RECONNECT_MS = 1000;
+const RECONNECT_MAX_MS = 30000;
+
+function backoff() {
+    let failures = 0;
+    return {
+        next: () => Math.min(RECONNECT_MAX_MS, RECONNECT_MS * 2 ** failures++),
+        reset: () => { failures = 0; },
+    };
+}
+
+function notRunning() {
+    return _("h2kd is not running (nobody owns org.hyper2kvm.h2kd1 on the system bus).");
+}
+
+let watcher = null;                     // the channel that follows who owns BUS_NAME
+let nameOwner;                          // who it last said owns it: undefined until it says
+const watchBackoff = backoff();
+const connectBackoff = backoff();
+let reconnectTimer = null;
+
 function connect(owner) {
     disconnect();
     daemonOwner = owner;
     client = cockpit.dbus(BUS_NAME, DBUS_OPTIONS);
-    manager = client.proxy(MANAGER_IFACE, MANAGER_PATH);
-    manager.addEventListener("changed", renderQueue);
     const connection = client;
+    const proxy = client.proxy(MANAGER_IFACE, MANAGER_PATH);
+    manager = proxy;
+    manager.addEventListener("changed", renderQueue);
     followSignals(connection);
-    client.addEventListener("close", (event, options) => {
-        if (connection === client)
-            showConnectionError(cockpit.format(_("The connection to h2kd was lost: $0"), cockpit.message(options)));
+    connection.addEventListener("close", (event, options) => {
+        if (connection !== client)
+            return;
+        // Whatever closed it, the page is not to stay without h2kd while one runs: it connects again, when the
+        // watcher says who runs, less often each time the connection does not last.
+        disconnect();
+        showConnectionError(options.problem === "not-found"
+            ? notRunning()
+            : cockpit.format(_("The connection to h2kd was lost: $0"), cockpit.message(options)));
+        window.clearTimeout(reconnectTimer);
+        reconnectTimer = window.setTimeout(() => {
+            reconnectTimer = null;
+            if (!client && nameOwner)
+                connect(nameOwner);
+        }, connectBackoff.next());
     });
-    manager.wait().then(() => {
-        if (!manager.valid)
+    proxy.wait().then(() => {
+        if (connection !== client)
+            return;
+        if (!proxy.valid)
             throw new Error(_("the manager object is missing"));
+        connectBackoff.reset();
         showConnectionError("");
         renderQueue();
     }).catch(e => {
@@ -1151,6 +1330,8 @@ function connect(owner) {
 }
 
 function disconnect() {
+    window.clearTimeout(reconnectTimer);
+    reconnectTimer = null;
     const old = client;
     client = null;
     if (old)
@@ -1170,24 +1351,46 @@ function disconnect() {
         renderDetails();
 }
 
+function ownerChanged(owner) {
+    nameOwner = owner;
+    if (owner)
+        watchBackoff.reset();
+    if (owner === daemonOwner && (client || !owner))
+        return;
+    if (owner && daemonOwner === undefined && client) {
+        daemonOwner = owner;        // the first connection was made before the owner was known
+    } else if (owner) {
+        connect(owner);
+    } else {
+        daemonOwner = null;
+        disconnect();
+        showConnectionError(notRunning());
+    }
+}
+
+// This channel only watches who owns the name: each new h2kd gets a fresh data connection. When nobody owns the
+// name and D-Bus cannot start h2kd, the bridge says so ("owner": null) and closes the channel ("not-found"):
+// it would tell nothing more, so another one is opened after a while, to see h2kd once it is started.
+function watchOwner() {
+    const channel = cockpit.dbus(BUS_NAME, DBUS_OPTIONS);
+    watcher = channel;
+    channel.addEventListener("owner", (event, owner) => {
+        if (channel === watcher)
+            ownerChanged(owner);
+    });
+    channel.addEventListener("close", () => {
+        if (channel !== watcher)
+            return;
+        watcher = null;
+        nameOwner = undefined;
+        window.setTimeout(watchOwner, watchBackoff.next());
+    });
+}
+
 function start() {
     cockpit.translate();
     loadUserNames();
-    // This connection only watches who owns the name: each new h2kd gets a fresh data connection.
-    const watcher = cockpit.dbus(BUS_NAME, DBUS_OPTIONS);
-    watcher.addEventListener("owner", (event, owner) => {
-        if (owner === daemonOwner)
-            return;
-        if (owner && daemonOwner === undefined && client) {
-            daemonOwner = owner;        // the first connection was made before the owner was known
-        } else if (owner) {
-            connect(owner);
-        } else {
-            daemonOwner = null;
-            disconnect();
-            showConnectionError(_("h2kd is not running (nobody owns org.hyper2kvm.h2kd1 on the system bus)."));
-        }
-    });
+    watchOwner();
     connect(undefined);
     window.setInterval(tick, 1000);
     document.body.dataset.ready = "1";

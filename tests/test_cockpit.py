@@ -128,11 +128,22 @@ def submit(browser: Browser) -> str:
     return wait_until(submitted, 20, what="the page to confirm the submission")
 
 
-def open_page(browser: Browser, url: str) -> None:
-    load_page(browser, url)
+def open_page(browser: Browser, url: str, connected: bool = True) -> None:
+    """Open the page and wait until it shows the h2kd it reached (connected) or only until it has started."""
+    if connected:
+        load_page(browser, url)
+    else:
+        browser.get(url)
+        wait_until(lambda: browser.execute("return document.body.dataset.ready === '1'"), 30,
+                   what="the page to start")
     browser.execute("window.scriptErrors = [];"
                     "window.addEventListener('error', e => window.scriptErrors.push(String(e.message)));"
                     "window.addEventListener('unhandledrejection', e => window.scriptErrors.push(String(e.reason)));")
+
+
+def announced(browser: Browser) -> str:
+    """What the page's live region last said (it is visually hidden: WebDriver's text would be empty)."""
+    return browser.execute("return document.getElementById('announcer').textContent")
 
 
 def script_errors(browser: Browser) -> list[str]:
@@ -413,6 +424,10 @@ def test_cancel_and_retry_buttons(browser: Browser, cockpit_url: str, env: dict[
     browser.execute("arguments[0].focus()", {ELEMENT_KEY: cancel})
     browser.type(browser.active_element(), ENTER)
     wait_until(lambda: browser.text(cancel) == "Really cancel?", 5, what="the cancel to ask first")
+    # A screen reader hears the question too: the button's name follows its text, and a live region says it.
+    assert browser.attribute(cancel, "aria-label") == f"Really cancel job {job_id}?"
+    assert browser.attribute(browser.find("#announcer"), "aria-live") == "polite"
+    wait_until(lambda: f"Really cancel job {job_id}?" in announced(browser), 5, what="the question announced")
     time.sleep(1.0)
     assert job_property(env, job_id, "State") == "progressing", "one press cancelled the job"
     browser.type(browser.active_element(), ENTER)
@@ -432,10 +447,90 @@ def test_cancel_and_retry_buttons(browser: Browser, cockpit_url: str, env: dict[
     wait_until(lambda: (s := row_state(browser, job_id)) and s["cancel"] and not s["retry"], 30,
                interval=0.05, what="Cancel to come back")
     again = browser.find(f"{row} .job-cancel")
+    # Asked, and not answered: the button goes back to what it was, for the eye and for the ear.
+    browser.click(again)
+    assert browser.attribute(again, "aria-label") == f"Really cancel job {job_id}?"
+    wait_until(lambda: browser.text(again) == "Cancel", 8, what="the question to lapse")
+    assert browser.attribute(again, "aria-label") == f"Cancel job {job_id}"
+    assert job_property(env, job_id, "State") != "cancelled"
     browser.click(again)
     browser.click(again)
     wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "cancelled", 30, what="the second cancel")
     assert script_errors(browser) == []
+
+
+def detail_fact(browser: Browser, label: str) -> str | None:
+    """The value the open job's details show for `label` (State, Progress, ...)."""
+    return browser.execute("""
+        const dt = [...document.querySelectorAll('#details-facts dt')].find(dt => dt.textContent === arguments[0]);
+        return dt ? dt.nextElementSibling.textContent : null;""", label)
+
+
+def test_details_of_a_running_job_are_not_redrawn(browser: Browser, cockpit_url: str, env: dict[str, str],
+                                                  stack: Any, sources: dict[str, Path]) -> None:
+    """While a job runs, its details change several times a second: only what changed is written, in place, so
+    that text selected in them (the spec, say, to copy it) stays selected, and the history only grows."""
+    before = dict(stack.daemon_env)
+    # A conversion limited to 40 MB/s runs for about 15 s, however fast the machine.
+    stack.restart_daemon({**before, "H2KD_WORKER_ENVIRONMENT": "H2K_RATE_LIMIT=40000000"})
+    output = stack.output_dir / "details-in-place.qcow2"
+    job_id = ""
+    try:
+        open_page(browser, cockpit_url)
+        fill_form(browser, str(sources["big"]), str(output), "qcow2")
+        job_id = submit(browser)
+        wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "progressing", 60, interval=0.05,
+                   what="the conversion to run")
+        browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
+        wait_until(lambda: browser.execute("""
+            return document.getElementById('details-spec').textContent.startsWith('{') &&
+                document.querySelectorAll('#details-history li').length > 0 &&
+                document.getElementById('details-journal').textContent !== '';"""), 15, what="the job's details")
+        first_progress = detail_fact(browser, "Progress")
+        browser.execute("""
+            const spec = document.getElementById('details-spec');
+            spec.closest('details').open = true;
+            const range = document.createRange();
+            range.selectNodeContents(spec);
+            getSelection().removeAllRanges();
+            getSelection().addRange(range);
+            window.kept = {spec: spec.textContent,
+                           operation: [...document.querySelectorAll('#details-facts dt')]
+                               .find(dt => dt.textContent === 'Operation').nextElementSibling.firstChild,
+                           history: document.querySelector('#details-history li')};
+            window.rewrites = [];
+            window.removals = [];
+            const box = node => (node.nodeType === 1 ? node : node.parentElement).closest('[id]').id;
+            const text = nodes => [...nodes].map(n => n.textContent).join('');
+            new MutationObserver(records => {
+                for (const r of records) {
+                    if (r.type !== 'childList')
+                        continue;
+                    if (r.removedNodes.length && text(r.removedNodes) === text(r.addedNodes))
+                        window.rewrites.push(box(r.target) + ': ' + text(r.addedNodes).slice(0, 60));
+                    if (r.target.id === 'details-history' && r.removedNodes.length)
+                        window.removals.push(r.removedNodes.length);
+                }
+            }).observe(document.getElementById('details-card'), {childList: true, subtree: true});""")
+        time.sleep(6)
+        assert job_property(env, job_id, "State") == "progressing", "it ended too soon to tell"
+        assert detail_fact(browser, "Progress") != first_progress, "the job did not advance meanwhile"
+        kept = browser.execute("""
+            return {selected: getSelection().toString() === window.kept.spec && window.kept.spec !== '',
+                    operation: window.kept.operation.isConnected, history: window.kept.history.isConnected,
+                    rewrites: window.rewrites, removals: window.removals};""")
+        assert kept == {"selected": True, "operation": True, "history": True, "rewrites": [], "removals": []}
+        # The Result is read again when h2kd says it changed (by name only): the finished job's comes by itself.
+        result = wait_until(lambda: (t := browser.execute("return document.getElementById('details-result')"
+                                                          ".textContent")).startswith("{") and t, 60,
+                            what="the finished job's result")
+        assert json.loads(result)["outputs"]["disks"][0]["path"] == str(output)
+        assert script_errors(browser) == []
+    finally:
+        if job_id:
+            load.cancel_and_remove(stack.bus_address, [job_id])
+        output.unlink(missing_ok=True)
+        stack.restart_daemon(before)
 
 
 def test_daemon_errors_are_shown_next_to_the_form(browser: Browser, cockpit_url: str, env: dict[str, str],
@@ -512,8 +607,9 @@ def test_page_follows_the_daemon_going_away_and_coming_back(browser: Browser, co
         wait_until(lambda: browser.displayed(banner), 15, what="the page to notice h2kd is gone")
         assert "not running" in browser.text(banner)
         assert browser.attribute(browser.find("#submit-button"), "disabled") is not None
-        # Jobs of a daemon that is gone are not shown as if they were live.
+        # Jobs of a daemon that is gone are not shown as if they were live, nor its version.
         wait_until(lambda: not browser.exists("tr[data-job-id]"), 15, what="the list to empty")
+        assert browser.text(browser.find("#daemon-version")) == ""
     finally:
         stack.start_daemon()
     wait_until(lambda: not browser.displayed(banner), 20, what="the page to see h2kd again")
@@ -523,6 +619,70 @@ def test_page_follows_the_daemon_going_away_and_coming_back(browser: Browser, co
         what="the job list to come back")
     assert browser.attribute(browser.find("#submit-button"), "disabled") is None
     assert script_errors(browser) == []
+
+
+def test_page_opened_while_h2kd_is_down_finds_it_once_started(browser: Browser, cockpit_url: str, stack: Any,
+                                                               env: dict[str, str], sources: dict[str, Path]) -> None:
+    """Nobody owns h2kd's name when the page opens, and D-Bus cannot start h2kd (the stack's bus has no activation):
+    the bridge answers the page's watch of the name with no owner and then closes it. The page says h2kd is not
+    running, and once h2kd is started it shows it, its jobs included, without being reloaded."""
+    made = held_jobs(stack.bus_address, str(sources["big"]), 1)
+    try:
+        stack.stop_daemon()
+        try:
+            open_page(browser, cockpit_url, connected=False)
+            banner = browser.find("#connection-error")
+            wait_until(lambda: browser.displayed(banner) and "not running" in browser.text(banner), 15,
+                       what="the page to say h2kd is not running")
+            assert browser.attribute(browser.find("#submit-button"), "disabled") is not None
+            assert browser.text(browser.find("#daemon-version")) == ""
+            # Long enough for the page's first watches of the name to have been closed.
+            time.sleep(3)
+            assert browser.displayed(banner)
+        finally:
+            stack.start_daemon()
+        wait_until(lambda: not browser.displayed(banner), 45, what="the page to find the h2kd started after it")
+        wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list")
+        assert browser.attribute(browser.find("#submit-button"), "disabled") is None
+        version = busctl_json(env, "get-property", BUS, MANAGER_PATH, MANAGER, "Version")
+        wait_until(lambda: browser.text(browser.find("#daemon-version")) == f"h2kd {version}", 10,
+                   what="h2kd's version")
+        assert script_errors(browser) == []
+    finally:
+        load.cancel_and_remove(stack.bus_address, made)
+
+
+def test_page_connects_again_when_its_connection_to_h2kd_is_closed(browser: Browser, cockpit_url: str,
+                                                                   env: dict[str, str], stack: Any,
+                                                                   sources: dict[str, Path]) -> None:
+    """The bridge closes the page's connection to h2kd while h2kd goes on running (as it does when it is told
+    to): the page says so, then connects again by itself and shows the jobs."""
+    made = held_jobs(stack.bus_address, str(sources["big"]), 1)
+    try:
+        open_page(browser, cockpit_url)
+        wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list")
+        # The page's connection is the channel its calls go out on (GetHealth, every few seconds).
+        browser.execute("""
+            window.callChannels = new Set();
+            cockpit.transport.filter((data, channel) => {
+                if (channel && typeof data === "string" && data.includes('"call"'))
+                    window.callChannels.add(channel);
+                return true;
+            }, true);""")
+        channels = wait_until(lambda: browser.execute("return [...window.callChannels]"), 15,
+                              what="a call from the page")
+        assert len(channels) == 1, channels
+        browser.execute("""
+            cockpit.transport.inject("\\n" + JSON.stringify({command: "close", channel: arguments[0],
+                                                             problem: "terminated"}), false);""", channels[0])
+        banner = browser.find("#connection-error")
+        assert browser.displayed(banner) and "lost" in browser.text(banner), browser.text(banner)
+        wait_until(lambda: not browser.displayed(banner), 15, what="the page to connect again")
+        wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list again")
+        assert browser.attribute(browser.find("#submit-button"), "disabled") is None
+        assert script_errors(browser) == []
+    finally:
+        load.cancel_and_remove(stack.bus_address, made)
 
 
 def test_readable_at_a_narrow_width(browser: Browser, cockpit_url: str) -> None:
@@ -736,3 +896,37 @@ def test_another_users_job_shows_why_its_result_is_withheld(browser: Browser, vi
         assert script_errors(browser) == []
     finally:
         load.cancel_and_remove(stack.bus_address, [job_id])
+
+
+def test_a_user_with_limited_access_is_told_to_turn_on_administrative_access(browser: Browser, viewer_url: str,
+                                                                             env: dict[str, str], stack: Any,
+                                                                             tmp_path: Path) -> None:
+    """polkit wants an administrator for managing the queue and for submitting (the user is in no group of h2kd's):
+    the page says what would let them, Cockpit's administrative access, with h2kd's own words after it."""
+    open_page(browser, viewer_url)
+    browser.click(browser.find("#pause-button"))
+    alert = browser.find("#action-error")
+    wait_until(lambda: browser.displayed(alert), 15, what="the refusal")
+    text = browser.text(browser.find("#action-error .alert-text"))
+    assert text.startswith("Cannot pause the queue: This needs administrative access."), text
+    assert "“Limited access”" in text
+    assert "(polkit action org.hyper2kvm.h2kd1.manage)" in text, text
+    assert "InteractiveAuthorizationRequired" not in text and "AccessDenied" not in text
+    assert busctl_json(env, "get-property", BUS, MANAGER_PATH, MANAGER, "Paused") is False
+    browser.click(browser.find("#action-error .alert-close"))
+    assert not browser.displayed(alert)
+
+    tmp_path.chmod(0o755)
+    source = make_image("vmdk", "monolithicSparse", tmp_path / "limited.vmdk", size=16 * MiB, seed=6)
+    before = busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0]
+    fill_form(browser, str(source), str(stack.output_dir / "limited.qcow2"))
+    browser.click(browser.find("#submit-button"))
+    error_box = browser.find("#submit-error")
+    wait_until(lambda: browser.displayed(error_box), 20, what="the refusal of the submission")
+    text = browser.text(error_box)
+    assert text.startswith("Starting a conversion needs administrative access."), text
+    assert "“Limited access”" in text
+    assert "(polkit action org.hyper2kvm.h2kd1.submit)" in browser.text(browser.find("#submit-error .daemon-message"))
+    assert "InteractiveAuthorizationRequired" not in text and "AccessDenied" not in text
+    assert busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0] == before
+    assert script_errors(browser) == []
