@@ -27,7 +27,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from h2kd.manager.ports import Event, WorkerInfo
-from h2kd.model.job import Job
+from h2kd.model.job import Job, now_usec
 from h2kd.model.states import JobState
 from h2kd.observability.health import Watchdog, watchdog_interval
 from h2kd.observability.journal import MESSAGE_IDS, JournalLog
@@ -199,7 +199,13 @@ def test_each_metric_moves_with_the_job_lifecycle():
     life.move(bad, S.RUNNING)
     life.move(bad, S.QUEUED, reason="back in the queue: worker w-1 was lost")
     assert value(scrape(metrics), "h2kd_job_retries_total", error_type="WORKER_LOST") == 1
-    life.move(bad, S.FAILED, error_code="NO_SPACE", finished_at=T0 + 40_000_000)
+    life.move(bad, S.FAILED, error_code="NO_SPACE", finished_at=now_usec() + 5_000_000)
+    s = scrape(metrics)
+    # Every ending counts; the second is timed from the retry by hand, not from the submission (at T0).
+    assert value(s, "hyper2kvm_migration_total", operation="convert", status="failed") == 2
+    assert value(s, "h2kd_job_duration_seconds_count", operation="convert", status="failed") == 2
+    assert value(s, "h2kd_job_duration_seconds_sum", operation="convert", status="failed") == pytest.approx(35.0,
+                                                                                                           abs=2)
 
     # An inspection cancelled while queued.
     dropped = life.submit(make_job("dropped-1", operation="inspect", priority=7))
@@ -461,11 +467,25 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     assert [e["H2K_STATE"] for e in gone] == ["cancelled"]
     assert [e["MESSAGE"] for e in gone] == [f"Job {cancelled_id} cancelled by uid 1000"]
     assert [e["H2K_CANCELLED_BY_UID"] for e in gone] == ["1000"]
-    # Retried by hand: not "will be retried after" an error, and no warning.
+    # Retried by hand: an event of its own, not "will be retried after" an error, and no warning; no error
+    # fields for a job that had none.
     life.move(cancelled, S.RETRYING)
-    again = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['retried']}", expect=1)
+    again = read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['requeued']}", expect=1)
     assert [e["MESSAGE"] for e in again] == [f"Job {cancelled_id} queued again by request (it had cancelled)"]
-    assert again[0]["PRIORITY"] == "5"
+    assert again[0]["PRIORITY"] == "5" and again[0]["H2K_PREVIOUS_STATE"] == "cancelled"
+    assert "H2K_ERROR_CODE" not in again[0]
+    assert read_journal(f"H2K_JOB_ID={cancelled_id}", f"MESSAGE_ID={MESSAGE_IDS['retried']}", expect=0) == []
+    life.move(failed, S.RETRYING)
+    failed_again = read_journal(f"H2K_JOB_ID={failed_id}", f"MESSAGE_ID={MESSAGE_IDS['requeued']}", expect=1)
+    assert [e["MESSAGE"] for e in failed_again] == [
+        f"Job {failed_id} queued again by request (it had failed: NO_SPACE: output root full)"]
+
+    # The submitter's own mistake is said to them: a warning in the journal, not an error.
+    mistaken_id = unique_id("jmistake")
+    mistaken = life.submit(make_job(mistaken_id))
+    life.move(mistaken, S.FAILED, error_code="OUTPUT_EXISTS", error_message="the output exists")
+    mistake = read_journal(f"H2K_JOB_ID={mistaken_id}", f"MESSAGE_ID={MESSAGE_IDS['failed']}", expect=1)
+    assert mistake[0]["PRIORITY"] == "4"
 
     # An attempt that lost its worker goes straight back to the queue: a warning, with why.
     lost_id = unique_id("jlost")
@@ -486,7 +506,7 @@ def test_failure_cancel_retry_and_lost_worker_entries(journald):
     lost = read_journal(f"H2K_WORKER={worker_id}", expect=1)
     assert [e["MESSAGE_ID"] for e in lost] == [MESSAGE_IDS["worker-lost"]]
     assert lost[0]["H2K_WORKER_NAME"] == "remote-box"
-    assert_catalog_can_explain(entries + retried + gone + requeued + lost)
+    assert_catalog_can_explain(entries + retried + gone + again + failed_again + mistake + requeued + lost)
 
 
 def test_journal_log_is_silent_without_a_journal(tmp_path):

@@ -16,6 +16,7 @@ from systemd import journal
 
 from h2kd.manager.ports import Event, WorkerInfo
 from h2kd.model.job import Job
+from h2kd.model.result import NON_RETRYABLE, ErrorCode
 from h2kd.model.states import ACTIVE, JobState
 from h2kd.observability.wire import send_journal
 
@@ -30,6 +31,7 @@ MESSAGE_ID_FAILED = "a6a4150b8606421cabf259198c4eb2da"
 MESSAGE_ID_CANCELLED = "00065c43f8f94bf5bdc7e06e971e463b"
 MESSAGE_ID_RETRIED = "3201e0cc18d1419ca4e5b9163af95b93"
 MESSAGE_ID_WORKER_LOST = "b1026234777048a49712e6b703c62766"
+MESSAGE_ID_REQUEUED = "14fbc8501ccb410d834813a03a75bfbc"
 
 MESSAGE_IDS = {
     "submitted": MESSAGE_ID_SUBMITTED,
@@ -40,6 +42,7 @@ MESSAGE_IDS = {
     "cancelled": MESSAGE_ID_CANCELLED,
     "retried": MESSAGE_ID_RETRIED,
     "worker-lost": MESSAGE_ID_WORKER_LOST,
+    "requeued": MESSAGE_ID_REQUEUED,
 }
 
 SYSLOG_IDENTIFIER = "h2kd"
@@ -177,8 +180,11 @@ class JournalLog:
             self._checkpoint.pop(job.id, None)
             code = job.error_code or "INTERNAL"
             message = job.error_message or "no message"
+            # A request or an input that cannot work (a path mistyped, an output that exists) is the submitter's
+            # to mend and was said to them: no error for `journalctl -p err` and the alerts that watch it.
+            priority = journal.LOG_WARNING if ErrorCode.parse(code) in NON_RETRYABLE else journal.LOG_ERR
             _send(f"Job {job.id} failed ({code}): {message}", MESSAGE_ID_FAILED,
-                  journal.LOG_ERR, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
+                  priority, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **fields)
         elif state == JobState.CANCELLED:
             self._checkpoint.pop(job.id, None)
             by = job.cancelled_by if job.cancelled_by >= 0 else None
@@ -188,16 +194,17 @@ class JournalLog:
             self._checkpoint.pop(job.id, None)      # journaled by job_event
 
     def _retrying(self, job: Job, left: str) -> None:
-        # A retry asked for by hand (of a failed or cancelled job) keeps the error of the failure it retries.
-        code = job.error_code or "none"
-        message = job.error_message or "no message"
         if left in (JobState.FAILED.value, JobState.CANCELLED.value):
-            error = f": {code}: {message}" if job.error_code else ""
-            text, priority = f"Job {job.id} queued again by request (it had {left}{error})", journal.LOG_NOTICE
-        else:
-            text, priority = f"Job {job.id} will be retried after {code}: {message}", journal.LOG_WARNING
-        _send(text, MESSAGE_ID_RETRIED, priority, H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message,
-              **self._job_fields(job))
+            # Asked for by hand: an event of its own, which names the failure it retries, if any.
+            error = f": {job.error_code}: {job.error_message or 'no message'}" if job.error_code else ""
+            _send(f"Job {job.id} queued again by request (it had {left}{error})", MESSAGE_ID_REQUEUED,
+                  journal.LOG_NOTICE, H2K_PREVIOUS_STATE=left, H2K_ERROR_CODE=job.error_code or None,
+                  H2K_ERROR_MESSAGE=(job.error_message or None) if job.error_code else None, **self._job_fields(job))
+            return
+        code = job.error_code or "INTERNAL"
+        message = job.error_message or "no message"
+        _send(f"Job {job.id} will be retried after {code}: {message}", MESSAGE_ID_RETRIED, journal.LOG_WARNING,
+              H2K_ERROR_CODE=code, H2K_ERROR_MESSAGE=message, **self._job_fields(job))
 
     def _requeued(self, job: Job, reason: str) -> None:
         # Its attempt lost its worker or unit (a worker gone stale, a unit that never started, the system

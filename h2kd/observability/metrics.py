@@ -1,7 +1,8 @@
 """Metrics: Prometheus metrics for h2kd, kept up to date by the manager's listener calls, and their /metrics server.
 
 The original protocol's names are kept so existing dashboards work:
-  hyper2kvm_migration_total{operation,status}     counter, a job ended: status completed|failed|cancelled
+  hyper2kvm_migration_total{operation,status}     counter, a job ended: status completed|failed|cancelled (a job
+                                                   retried by hand that ends again counts again)
   hyper2kvm_migration_duration_seconds{operation}  histogram, run time (started_at to finished_at) of completed jobs
   hyper2kvm_migration_failures_total{error_type}   counter, jobs that ended failed, by error code
   hyper2kvm_worker_jobs_active                     gauge, jobs assigned, running or progressing
@@ -14,7 +15,8 @@ and added for operators:
   h2kd_conversion_throughput_bytes_per_second      histogram, bytes written / execution time of each completed
                                                    conversion (a histogram, not a last-value gauge, so rates and
                                                    quantiles over any window can be taken across a fleet)
-  h2kd_job_duration_seconds{operation,status}      histogram, submission to end of every finished job
+  h2kd_job_duration_seconds{operation,status}      histogram, submission (or a retry asked for by hand) to end of
+                                                   every finished job
   h2kd_job_retries_total{error_type}               counter, attempts that failed and were retried (WORKER_LOST: put
                                                    back in the queue after losing their worker or unit)
   h2kd_workers{state}                              gauge, registered workers alive|stale
@@ -41,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from h2kd import __version__
 from h2kd.manager.ports import Event, WorkerInfo
-from h2kd.model.job import Job
+from h2kd.model.job import Job, now_usec
 from h2kd.model.states import ACTIVE, TERMINAL, JobState
 
 log = logging.getLogger(__name__)
@@ -82,12 +84,14 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.migrations = Counter("hyper2kvm_migration", "Jobs that ended, by operation and final status",
+        self.migrations = Counter("hyper2kvm_migration", "Jobs that ended, by operation and how they ended (a job "
+                                  "retried by hand that ends again counts again)",
                                   ["operation", "status"], registry=r)
         self.migration_duration = Histogram("hyper2kvm_migration_duration_seconds",
                                             "Run time of completed jobs, from their first start to their end",
                                             ["operation"], buckets=DURATION_BUCKETS, registry=r)
-        self.failures = Counter("hyper2kvm_migration_failures", "Jobs that ended failed, by error code",
+        self.failures = Counter("hyper2kvm_migration_failures", "Jobs that ended failed, by error code (each time, "
+                                "for a job retried by hand)",
                                 ["error_type"], registry=r)
         self.jobs_active = Gauge("hyper2kvm_worker_jobs_active", "Jobs assigned to a worker, running or progressing",
                                  registry=r)
@@ -104,8 +108,9 @@ class Metrics:
                                     "Bytes written per second of execution, one sample per completed conversion",
                                     buckets=THROUGHPUT_BUCKETS, registry=r)
         self.job_duration = Histogram("h2kd_job_duration_seconds",
-                                      "Time from submission to the end of finished jobs, by operation and how they "
-                                      "ended (completed, failed, cancelled)",
+                                      "Time from submission (or from a retry asked for by hand, not counting the "
+                                      "time the job lay ended) to the end of finished jobs, by operation and how "
+                                      "they ended (completed, failed, cancelled)",
                                       ["operation", "status"], buckets=DURATION_BUCKETS, registry=r)
         self.retries = Counter("h2kd_job_retries", "Attempts that failed and were retried, by error code",
                                ["error_type"], registry=r)
@@ -132,6 +137,7 @@ class Metrics:
 
         self._lock = threading.Lock()   # the HTTP thread reads while the loop writes
         self._jobs: dict[str, _Counted] = {}
+        self._asked_again: dict[str, int] = {}  # job id -> when (usec) a retry by hand queued it again
         self._workers: dict[str, tuple[str, tuple[str, str, str]]] = {}  # id -> (alive|stale, info labels)
         for job in jobs:
             self.job_added(job)
@@ -202,6 +208,8 @@ class Metrics:
             # A job first seen already finished (loaded from the store) did not just end.
             if before is not None and before.state != now.state and now.state in TERMINAL:
                 self._ended(job)
+            elif before is not None and before.state in TERMINAL and now.state == JobState.RETRYING:
+                self._asked_again[job.id] = now_usec()
             elif before is not None and before.state in ACTIVE and now.state == JobState.RETRYING:
                 # An attempt that failed and is retried; a failed or cancelled job queued again by hand is not.
                 self.retries.labels(error_type=job.error_code or "INTERNAL").inc()
@@ -212,14 +220,16 @@ class Metrics:
     def _forget(self, job: Job) -> None:
         with self._lock:
             counted = self._jobs.pop(job.id, None)
+            self._asked_again.pop(job.id, None)
             if counted is not None:
                 self._count(counted, -1)
 
     def _ended(self, job: Job) -> None:
         status = job.state.value
         self.migrations.labels(operation=job.operation, status=status).inc()
-        if job.finished_at and job.created_at and job.finished_at >= job.created_at:
-            took = (job.finished_at - job.created_at) / 1e6
+        since = self._asked_again.pop(job.id, job.created_at)
+        if job.finished_at and since and job.finished_at >= since:
+            took = (job.finished_at - since) / 1e6
             self.job_duration.labels(operation=job.operation, status=status).observe(took)
         if job.state == JobState.FAILED:
             self.failures.labels(error_type=job.error_code or "INTERNAL").inc()
