@@ -86,6 +86,17 @@ def submit_error(bus_address: str, source: str, output: str) -> tuple[str, str]:
     return asyncio.run(call())
 
 
+def convert_on_the_page(browser: Any, cockpit_url: str, source: Path, output: Path) -> str:
+    """Open the page, submit a conversion of `source` to `output` through its form, and wait until it runs;
+    its job id."""
+    open_page(browser, cockpit_url)
+    fill_form(browser, str(source), str(output), "qcow2")
+    job_id = submit(browser)
+    wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "progressing", 60, interval=0.05,
+               what="the conversion to run")
+    return job_id
+
+
 def row_state(browser: Browser, job_id: str) -> dict[str, Any] | None:
     """What the job's row shows: state, progress bar value, progress text, visible buttons."""
     return browser.execute("""
@@ -476,11 +487,7 @@ def test_details_of_a_running_job_are_not_redrawn(browser: Browser, cockpit_url:
     output = stack.output_dir / "details-in-place.qcow2"
     job_id = ""
     try:
-        open_page(browser, cockpit_url)
-        fill_form(browser, str(sources["big"]), str(output), "qcow2")
-        job_id = submit(browser)
-        wait_until(lambda: (s := row_state(browser, job_id)) and s["state"] == "progressing", 60, interval=0.05,
-                   what="the conversion to run")
+        job_id = convert_on_the_page(browser, cockpit_url, sources["big"], output)
         browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
         wait_until(lambda: browser.execute("""
             return document.getElementById('details-spec').textContent.startsWith('{') &&
@@ -751,11 +758,7 @@ def test_a_running_job_stays_in_view_above_a_batch_queued_after_it(browser: Brow
     made: list[str] = []
     running = ""
     try:
-        open_page(browser, cockpit_url)
-        fill_form(browser, str(sources["big"]), str(output), "qcow2")
-        running = submit(browser)
-        wait_until(lambda: (s := row_state(browser, running)) and s["state"] == "progressing", 60, interval=0.05,
-                   what="the conversion to run")
+        running = convert_on_the_page(browser, cockpit_url, sources["big"], output)
         made = held_jobs(stack.bus_address, str(sources["big"]), 205)
         wait_until(lambda: made[-1] in shown_job_ids(browser), 30, what="the batch on the page")
         shown = shown_job_ids(browser)
