@@ -15,6 +15,8 @@ class Option:
     choices: list[str] | None = None
     optional_value: bool = False  # e.g. --compress[=TYPE]
     repeat: bool = False          # positional taking one or more values
+    omissible: bool = False       # positional that may be left out (JOB or JOB...)
+    repeatable: bool = False      # option that may be given again, each value adding to the others (--tag)
 
     @property
     def takes_value(self) -> bool:
@@ -39,7 +41,8 @@ def _option(action: argparse.Action) -> Option:
     if choices and not action.metavar and takes_value:
         metavar = "{" + ",".join(choices) + "}"
     return Option(list(action.option_strings), metavar, (action.help or "").replace("%%", "%"), choices,
-                  optional_value=action.nargs == "?", repeat=action.nargs in ("+", "*"))
+                  optional_value=action.nargs == "?", repeat=action.nargs in ("+", "*"),
+                  omissible=action.nargs in ("?", "*"), repeatable=isinstance(action, argparse._AppendAction))
 
 
 def walk(parser: argparse.ArgumentParser, name: str, help_text: str = "",

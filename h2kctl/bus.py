@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
 from typing import Any, AsyncIterator, Callable
 from xml.etree import ElementTree
 
@@ -53,6 +54,7 @@ _AUTH_ERRORS = {"org.freedesktop.DBus.Error.AccessDenied", "org.hyper2kvm.h2kd1.
                 "org.freedesktop.PolicyKit1.Error.NotAuthorized"}
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 BUS_DAEMON = "org.freedesktop.DBus"
+BUS_DAEMON_PATH = "/org/freedesktop/DBus"
 # What h2kd answers a submission with when the spec (InvalidSpec) or the source's descriptor (InvalidArgument) is
 # not acceptable: bad input, as the same problem found by h2kctl itself is.
 _BAD_SUBMISSION = {ERROR_PREFIX + "InvalidSpec", ERROR_PREFIX + "InvalidArgument"}
@@ -193,6 +195,13 @@ class Client:
         self.ask_password = ask_password
         self.bus: MessageBus | None = None
         self._agent: subprocess.Popen | None = None
+        # Whether h2kd has answered a call in this run: until it has, its absence is no restart to wait out quietly.
+        self.answered = False
+        self.told_unreachable = False   # that h2kctl is trying again: said once, however many jobs wait
+        # h2kd's unique name while it owns BUS_NAME, as the bus itself says (see follow_h2kd_owner).
+        self.h2kd_owner: str | None = None
+        self._owner_found: asyncio.Future[None] | None = None
+        self._owner_changes = 0
 
     @property
     def connected(self) -> bool:
@@ -268,6 +277,8 @@ class Client:
             raise CtlError(f"h2kd did not answer {member} within {timeout:.0f} s", ExitCode.UNREACHABLE) from None
         except (OSError, EOFError) as e:
             raise CtlError(f"lost the connection to {self._bus_description}: {e}", ExitCode.UNREACHABLE) from None
+        if reply.sender != BUS_DAEMON:     # the bus answers for an h2kd that is absent or silent
+            self.answered = True
         if reply.message_type == MessageType.ERROR:
             raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed",
                             reply.body[0] if reply.body and isinstance(reply.body[0], str) else "", reply)
@@ -435,21 +446,71 @@ class Client:
                     raise self.translate(e, None, "read a worker's properties") from None
         return found
 
-    async def add_match(self, rule: str) -> None:
+    async def _bus_daemon_call(self, member: str, signature: str = "", body: list | None = None) -> Message:
+        """A call to the bus itself (which answers whatever h2kd does); its reply, an error reply included."""
         assert self.bus is not None
-        reply = await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                            interface="org.freedesktop.DBus", member="AddMatch",
-                                            signature="s", body=[rule]))
+        message = Message(destination=BUS_DAEMON, path=BUS_DAEMON_PATH, interface=BUS_DAEMON, member=member,
+                          signature=signature, body=body or [])
+        try:
+            return await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise CtlError(f"the bus did not answer {member} within {CALL_TIMEOUT:.0f} s",
+                           ExitCode.UNREACHABLE) from None
+        except (OSError, EOFError) as e:
+            raise CtlError(f"lost the connection to {self._bus_description}: {e}", ExitCode.UNREACHABLE) from None
+
+    async def add_match(self, rule: str) -> None:
+        reply = await self._bus_daemon_call("AddMatch", "s", [rule])
         if reply.message_type == MessageType.ERROR:
             raise CtlError(f"cannot subscribe to signals: {reply.body[0] if reply.body else reply.error_name}")
 
+    async def follow_h2kd_owner(self) -> None:
+        """Know from now on which connection is h2kd: the current owner of BUS_NAME, and each new one as the bus
+        announces it. Any client of the system bus may send a signal to h2kctl alone, with h2kd's paths and
+        members; only the sender, which the bus sets, tells h2kd's own apart."""
+        if self._owner_found is None:
+            assert self.bus is not None
+            self.bus.add_message_handler(self._on_owner_changed)
+            self._owner_found = asyncio.ensure_future(self._find_owner())
+        # Every job followed at once waits for the one answer; a caller interrupted leaves it to the others.
+        await asyncio.shield(self._owner_found)
+
+    async def _find_owner(self) -> None:
+        # Subscribed before asking: a change after the answer is then announced, and none is missed.
+        await self.add_match(f"type='signal',sender='{BUS_DAEMON}',path='{BUS_DAEMON_PATH}',interface='{BUS_DAEMON}',"
+                             f"member='NameOwnerChanged',arg0='{BUS_NAME}'")
+        changes = self._owner_changes
+        reply = await self._bus_daemon_call("GetNameOwner", "s", [BUS_NAME])
+        if changes != self._owner_changes:
+            return      # announced while the answer was on its way, or after it: the announcement is newer
+        found = reply.message_type == MessageType.METHOD_RETURN and reply.signature == "s"
+        self.h2kd_owner = reply.body[0] if found else None     # an error: NameHasNoOwner, h2kd is away
+
+    def _on_owner_changed(self, message: Message) -> None:
+        if (message.message_type == MessageType.SIGNAL and message.sender == BUS_DAEMON
+                and message.path == BUS_DAEMON_PATH and message.interface == BUS_DAEMON
+                and message.member == "NameOwnerChanged" and message.signature == "sss"
+                and message.body[0] == BUS_NAME):
+            self.h2kd_owner = message.body[2] or None
+            self._owner_changes += 1
+        return None     # not handled: the other handlers see every message too
+
+    def from_h2kd(self, message: Message) -> bool:
+        return message.sender is not None and message.sender == self.h2kd_owner
+
     def on_message(self, handler: Callable[[Message], None]) -> Callable[[Message], None]:
-        """Call `handler` with every signal received; returns what to give remove_handler()."""
+        """Call `handler` with every signal h2kd sends (once follow_h2kd_owner has run); returns what to give
+        remove_handler(). The handler never raises out of here: a signal it cannot make sense of is dropped,
+        and the re-reads of whoever follows it set right whatever that signal would have said."""
         assert self.bus is not None
 
         def wrapped(message: Message) -> None:
-            if message.message_type == MessageType.SIGNAL:
-                handler(message)
+            if message.message_type == MessageType.SIGNAL and self.from_h2kd(message):
+                try:
+                    handler(message)
+                except Exception:
+                    if os.environ.get("H2KCTL_DEBUG"):
+                        traceback.print_exc()
             return None
 
         self.bus.add_message_handler(wrapped)
@@ -460,6 +521,7 @@ class Client:
         """Signals matching `rules` go to `handler` inside the block, and stop at its end: a client following
         many jobs one after another (h2kctl wait) would otherwise pile up match rules, which the bus limits."""
         assert self.bus is not None
+        await self.follow_h2kd_owner()
         wrapped = self.on_message(handler)
         added: list[str] = []
         try:
@@ -471,6 +533,6 @@ class Client:
             self.bus.remove_message_handler(wrapped)
             for rule in added:
                 if self.bus.connected:
-                    self.bus.send(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                          interface="org.freedesktop.DBus", member="RemoveMatch", signature="s",
+                    self.bus.send(Message(destination=BUS_DAEMON, path=BUS_DAEMON_PATH,
+                                          interface=BUS_DAEMON, member="RemoveMatch", signature="s",
                                           body=[rule], flags=MessageFlag.NO_REPLY_EXPECTED))

@@ -22,8 +22,8 @@ from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vard
 from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode, JobHeld
 from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all, written_paths)
-from h2kctl.render import (TerminalSafe, age, human_bytes, human_duration, nested, page, percent, table, timestamp,
-                           user_name)
+from h2kctl.render import (TerminalSafe, age, glyph, human_bytes, human_duration, nested, page, percent, table,
+                           timestamp, user_name)
 from h2kctl.spec import load_job_file, spec_from_args
 
 PROG = "h2kctl"
@@ -330,7 +330,7 @@ async def _wait_and_report(client: Client, job_id: str, path: str, out: Output) 
 
 def _error_line(props: dict[str, Any]) -> str:
     """'job X failed: CODE: message' on one line (a worker's message may have more lines)."""
-    message = _first_line(final_message(props)).rstrip(" …")
+    message = _first_line(final_message(props), mark_more=False)
     return message[0].lower() + message[1:]
 
 
@@ -485,11 +485,11 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
         return ExitCode.SUCCESS
     b = io.StringIO()
     # As systemctl status marks units: a cancelled job is stopped (○), not failed (×).
-    dot = {"completed": "✓", "failed": "×", "cancelled": "○"}.get(job["state"], "●")
+    dot = glyph({"completed": "✓", "failed": "×", "cancelled": "○"}.get(job["state"], "●"))
     # The files written, from the Result (for those who may read it), say more than Output: given no output path or
     # a directory, Output is that directory.
     output = ", ".join(written_paths(props.get("Result"))) or job["output"]
-    target = f" → {output}" if output else ""
+    target = f" {glyph('→')} {output}" if output else ""
     b.write(f"{dot} {job['id']} - {job['operation']} {job['source']}{target}\n")
 
     def field(name: str, value: Any) -> None:
@@ -549,9 +549,12 @@ def _show_value(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _first_line(text: str) -> str:
+def _first_line(text: str, mark_more: bool = True) -> str:
+    """The first line of `text`, marked (…) if more follow and `mark_more`."""
     lines = text.strip().splitlines()
-    return lines[0] + (" …" if len(lines) > 1 else "") if lines else ""
+    if not lines:
+        return ""
+    return lines[0].rstrip() + (f" {glyph('…')}" if mark_more and len(lines) > 1 else "")
 
 
 async def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -677,13 +680,15 @@ async def cmd_wait(client: Client, args: argparse.Namespace, out: Output) -> int
             for each in [*waits, *looking, *early]:
                 each.cancel()
             await asyncio.gather(*waits, *looking, *early, return_exceptions=True)
-        if ctrl_c.event.is_set():   # the jobs go on
-            remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone | held]
-            if remaining:
-                print(f"{PROG}: stopped waiting; {_cancel_hint(remaining, len(job_ids))}", file=sys.stderr)
-                if out.json:    # every job named, as it is now, as submit --wait --json does for its one job
-                    out.emit_json(await _jobs_as_they_are(client, job_ids, ended))
-                return ExitCode.INTERRUPTED
+        interrupted = ctrl_c.event.is_set()
+    # Past the Ctrl-C handler: a second Ctrl-C ends what is left at once, the reads below included.
+    if interrupted:     # the jobs go on
+        remaining = [job_id for job_id in job_ids if job_id not in ended and job_id not in gone | held]
+        if remaining:
+            print(f"{PROG}: stopped waiting; {_cancel_hint(remaining, len(job_ids))}", file=sys.stderr)
+            if out.json:    # every job named, as it is now, as submit --wait --json does for its one job
+                out.emit_json(await _jobs_as_they_are(client, job_ids, ended))
+            return ExitCode.INTERRUPTED
     if out.json:
         out.emit_json([schema.job(props, path) for path, props in (ended[j] for j in job_ids if j in ended)])
     states = {props["State"] for _, props in ended.values()}
@@ -866,7 +871,7 @@ def _event_summary(kind: str, data: Any) -> str:
         return str(data)
     if kind == "state":
         entry = schema.history_entry(0, 0, data)
-        text = f"{entry['from']} → {entry['state']}" if entry["from"] else entry["state"]
+        text = f"{entry['from']} {glyph('→')} {entry['state']}" if entry["from"] else entry["state"]
         return text + (f": {entry['reason']}" if entry["reason"] else "")
     if kind == "progress":
         fraction = data.get("progress")
@@ -967,7 +972,8 @@ async def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> i
 
 async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> int:
     job_id, path = await client.submit(args.request, True)
-    stream, tty = progress_stream(out.json, out.quiet)
+    # `h2kctl inspect FILE > report.txt`: the report alone goes to the file; progress only to a terminal.
+    stream, tty = progress_stream(out.json or not stream_is_tty(sys.stdout), out.quiet)
     props = await follow_job(client, job_id, ProgressView(stream, tty))
     if props is None:
         # The job exists only to print its report here, so Ctrl-C cancels it (as importctl cancels its transfer).

@@ -213,6 +213,42 @@ class CtrlC:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
 
 
+# What each signal h2kctl acts on carries, as h2kd's interfaces declare it (dbus/*.xml). Only h2kd's own signals
+# reach the handlers (Client.on_message), but one of another signature is still no message to act on.
+SIGNATURES = {
+    (PROPS_IFACE, "PropertiesChanged"): "sa{sv}as",
+    (JOB_IFACE, "StateChanged"): "ss",
+    (OBJECT_MANAGER_IFACE, "InterfacesAdded"): "oa{sa{sv}}",
+    (OBJECT_MANAGER_IFACE, "InterfacesRemoved"): "oas",
+}
+
+
+def well_formed(message: Message) -> bool:
+    return SIGNATURES.get((message.interface or "", message.member or "")) == message.signature
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed while a call was in flight; the call was abandoned."""
+
+
+async def unless_interrupted(call: Awaitable[T], interrupt: asyncio.Event | None) -> T:
+    """The answer to `call`, or Interrupted as soon as `interrupt` is set, the call abandoned: an h2kd that does
+    not answer would otherwise hold Ctrl-C up for as long as a call may take (CALL_TIMEOUT)."""
+    if interrupt is None:
+        return await call
+    answer = asyncio.ensure_future(call)
+    pressed = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait([answer, pressed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        pressed.cancel()
+        if not answer.done():
+            answer.cancel()
+    if answer.done() and not answer.cancelled():
+        return answer.result()
+    raise Interrupted
+
+
 async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
@@ -225,12 +261,16 @@ async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
 async def patiently(client: Client, call: Callable[[], Awaitable[T]], doing: str,
                     interrupt: asyncio.Event | None = None) -> T | None:
     """call(), asked again while h2kd cannot be reached, pausing longer each time, for up to RECONNECT_SECONDS:
-    jobs outlive a restart of h2kd, and so does waiting for them. None if `interrupt` is set meanwhile.
-    `doing` says what h2kctl was doing, for the error once h2kd stays away too long."""
+    jobs outlive a restart of h2kd, and so does waiting for them. None if `interrupt` is set meanwhile, even
+    while a call is in flight. `doing` says what h2kctl was doing, for the error once h2kd stays away too long.
+    If h2kd has not answered once in this run, h2kctl says on stderr that it is trying again: a wait for a job
+    of an h2kd that is not running would otherwise show nothing for two minutes."""
     delay, gave_up_at = RETRY_FIRST_SECONDS, None
     while True:
         try:
-            return await call()
+            return await unless_interrupted(call(), interrupt)
+        except Interrupted:
+            return None
         except CtlError as e:
             # With the bus connection itself gone, no answer can come on it.
             if e.code != ExitCode.UNREACHABLE or not client.connected:
@@ -238,8 +278,14 @@ async def patiently(client: Client, call: Callable[[], Awaitable[T]], doing: str
             now = time.monotonic()
             gave_up_at = gave_up_at or now + RECONNECT_SECONDS
             if now >= gave_up_at:
-                raise CtlError(f"h2kd did not come back within {RECONNECT_SECONDS:.0f} s while {doing}: "
+                went = "come back" if client.answered else "answer"
+                raise CtlError(f"h2kd did not {went} within {RECONNECT_SECONDS:.0f} s while {doing}: "
                                f"{e.message}", ExitCode.UNREACHABLE) from None
+            if not client.answered and not client.told_unreachable:
+                client.told_unreachable = True
+                sys.stdout.flush()
+                print(f"h2kctl: {e.message}; trying again for up to {human_duration(RECONNECT_SECONDS)} "
+                      f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
         pause = min(delay, max(gave_up_at - now, 0.0))
         if interrupt is None:
             await asyncio.sleep(pause)
@@ -256,7 +302,6 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
     pressed Ctrl-C (the job is left running; the caller says how to cancel it). h2kd may restart meanwhile.
     `interrupt`: the Ctrl-C event of a caller following several jobs at once (CtrlC), else one of its own."""
     doing = f"waiting for job {job_id}"
-    path = path or await patiently(client, lambda: client.get_job_path(job_id), doing)
     changed = asyncio.Event()
     removed = asyncio.Event()
     props: dict[str, Any] = {}
@@ -264,6 +309,8 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
     fresh: set[str] = set()
 
     def on_signal(message: Message) -> None:
+        if not well_formed(message):
+            return
         if message.path == path:
             if message.interface == PROPS_IFACE and message.member == "PropertiesChanged":
                 if message.body[0] == JOB_IFACE:
@@ -281,6 +328,7 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
     async def read_all(interrupt: asyncio.Event, final: bool = False) -> bool:
         """Read the properties again (keeping what signals said meanwhile), Spec and Result too if `final`
         (GetAll leaves them out); False on Ctrl-C."""
+        assert path is not None
         fresh.clear()
         explicit = JOB_EXPLICIT_PROPERTIES if final else ()
         try:
@@ -296,12 +344,16 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
         props.update({name: value for name, value in snapshot.items() if name not in fresh})
         return True
 
-    rules = [f"type='signal',sender='{BUS_NAME}',path='{path}'",
-             f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',interface='{OBJECT_MANAGER_IFACE}',"
-             f"member='InterfacesRemoved'"]
-    async with client.signals(rules, on_signal):
-        with contextlib.ExitStack() as scope:
-            ctrl_c = interrupt or scope.enter_context(CtrlC()).event
+    with contextlib.ExitStack() as scope:
+        # Ctrl-C is caught from the first call on: h2kd may not answer even the lookup.
+        ctrl_c = interrupt or scope.enter_context(CtrlC()).event
+        path = path or await patiently(client, lambda: client.get_job_path(job_id), doing, ctrl_c)
+        if path is None:
+            return None
+        rules = [f"type='signal',sender='{BUS_NAME}',path='{path}'",
+                 f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}',interface='{OBJECT_MANAGER_IFACE}',"
+                 f"member='InterfacesRemoved'"]
+        async with client.signals(rules, on_signal):
             read = await read_all(ctrl_c)   # after subscribing, so nothing is missed
             if read and props.get("State") == "validated":
                 view.clear()
@@ -312,9 +364,12 @@ async def follow_job(client: Client, job_id: str, view: ProgressView, path: str 
                     # The final values: read them once more, so Result and Error are complete.
                     if not await read_all(ctrl_c, final=True):
                         break
-                    view.update(props, force=True)
-                    view.clear()
-                    return props
+                    last_read = time.monotonic()
+                    if props.get("State") in TERMINAL:
+                        view.update(props, force=True)
+                        view.clear()
+                        return props
+                    # h2kd has it under way again (retried since): what it says now, not the signal, decides.
                 view.update(props)
                 await _wait_any([changed, ctrl_c, removed], RESYNC_SECONDS)
                 if ctrl_c.is_set():
@@ -387,6 +442,8 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = Fal
     fresh: dict[str, set[str]] = {}   # by path: what signals set while that job is read (see _read_jobs)
 
     def on_signal(message: Message) -> None:
+        if not well_formed(message):
+            return
         path = message.path or ""
         if message.interface == PROPS_IFACE and message.member == "PropertiesChanged" and path in jobs:
             if message.body[0] == JOB_IFACE:
@@ -405,9 +462,6 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = Fal
             elif message.member == "InterfacesRemoved" and object_path in jobs:
                 jobs.pop(object_path, None)
                 changed.set()
-
-    client.on_message(on_signal)
-    await client.add_match(f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'")
 
     async def resync(first: bool) -> None:
         """Bring `jobs` in line with ListJobs, whose rows are small: a job is read in full (Properties.GetAll,
@@ -429,62 +483,66 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = Fal
             del jobs[path]
         await _read_jobs(client, to_read, jobs, fresh)
 
-    await resync(first=True)
-    # Jobs already finished when watching starts are not news.
-    announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
-    block = 0
-    last_resync = time.monotonic()
-    unreachable_since: float | None = None
-    if not tty and not quiet:
-        stream.write("Watching all jobs; press Ctrl-C to stop.\n")
-        stream.flush()
-    with CtrlC() as interrupt:
-        while not interrupt.event.is_set():
-            width, height = terminal_size(stream)
-            finished_now = [p for p, props in jobs.items()
-                            if props.get("State") in TERMINAL and p not in announced]
-            await _read_results(client, finished_now, jobs)
-            # Removed (or replaced by a new job of that id) while the results were read: not finished news now.
-            finished_now = [p for p in finished_now if jobs.get(p, {}).get("State") in TERMINAL]
-            active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
-            for p in announced.intersection(active):    # retried (or submitted again under its id): new news
-                announced.discard(p)
-                views.pop(p, None)
-            if tty:
-                control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")
-                out = ""
-                for p in finished_now:
-                    out += final_message(jobs[p]) + "\n"
-                lines = [bar_line(jobs[p], width, label=True) for p in _most_advanced(active, jobs, height - 1)]
-                if len(lines) < len(active):
-                    lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)"[:width - 1])
-                lines = lines or ["No active jobs."]
-                out += "\n".join(lines) + "\n"
-                block = len(lines)
-                stream.write(out)
-            else:
-                for p in active if not quiet else ():
-                    views.setdefault(p, ProgressView(stream, False)).update(jobs[p])
-                for p in finished_now:
-                    stream.write(final_message(jobs[p]) + "\n")
-            announced.update(finished_now)
-            stream.flush()
-            await _wait_any([changed, interrupt.event], RESYNC_ALL_SECONDS)
-            changed.clear()
-            if time.monotonic() - last_resync >= RESYNC_ALL_SECONDS:
-                try:
-                    await resync(first=False)
-                    unreachable_since = None
-                except CtlError as e:
-                    # h2kd restarting: the jobs go on, and the next re-read shows where they are.
-                    if e.code != ExitCode.UNREACHABLE or not client.connected:
-                        raise
-                    unreachable_since = unreachable_since or time.monotonic()
-                    if time.monotonic() - unreachable_since >= RECONNECT_SECONDS:
-                        raise CtlError(f"h2kd did not come back within {RECONNECT_SECONDS:.0f} s while watching "
-                                       f"jobs: {e.message}", ExitCode.UNREACHABLE) from None
-                last_resync = time.monotonic()
-            await asyncio.sleep(REDRAW_SECONDS if tty else 0)
+    # Ctrl-C is caught before the first look, which may wait on an h2kd that does not answer: it ends the watch
+    # the same way (status 0) whenever it comes, and at once even while a call is in flight.
+    with CtrlC() as interrupt, contextlib.suppress(Interrupted):
+        rule = f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'"
+        async with client.signals([rule], on_signal):
+            await unless_interrupted(resync(first=True), interrupt.event)
+            # Jobs already finished when watching starts are not news.
+            announced.update(p for p, props in jobs.items() if props.get("State") in TERMINAL)
+            block = 0
+            last_resync = time.monotonic()
+            unreachable_since: float | None = None
+            if not tty and not quiet:
+                stream.write("Watching all jobs; press Ctrl-C to stop.\n")
+                stream.flush()
+            while not interrupt.event.is_set():
+                width, height = terminal_size(stream)
+                finished_now = [p for p, props in jobs.items()
+                                if props.get("State") in TERMINAL and p not in announced]
+                await unless_interrupted(_read_results(client, finished_now, jobs), interrupt.event)
+                # Removed (or replaced by a new job of that id) while the results were read: not finished news now.
+                finished_now = [p for p in finished_now if jobs.get(p, {}).get("State") in TERMINAL]
+                active = [p for p, props in jobs.items() if props.get("State") not in TERMINAL]
+                for p in announced.intersection(active):    # retried (or submitted again under its id): new news
+                    announced.discard(p)
+                    views.pop(p, None)
+                if tty:
+                    control(stream, ("\x1b[F" * block if block else "\r") + "\x1b[J")
+                    out = ""
+                    for p in finished_now:
+                        out += final_message(jobs[p]) + "\n"
+                    lines = [bar_line(jobs[p], width, label=True) for p in _most_advanced(active, jobs, height - 1)]
+                    if len(lines) < len(active):
+                        lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)"[:width - 1])
+                    lines = lines or ["No active jobs."]
+                    out += "\n".join(lines) + "\n"
+                    block = len(lines)
+                    stream.write(out)
+                else:
+                    for p in active if not quiet else ():
+                        views.setdefault(p, ProgressView(stream, False)).update(jobs[p])
+                    for p in finished_now:
+                        stream.write(final_message(jobs[p]) + "\n")
+                announced.update(finished_now)
+                stream.flush()
+                await _wait_any([changed, interrupt.event], RESYNC_ALL_SECONDS)
+                changed.clear()
+                if time.monotonic() - last_resync >= RESYNC_ALL_SECONDS:
+                    try:
+                        await unless_interrupted(resync(first=False), interrupt.event)
+                        unreachable_since = None
+                    except CtlError as e:
+                        # h2kd restarting: the jobs go on, and the next re-read shows where they are.
+                        if e.code != ExitCode.UNREACHABLE or not client.connected:
+                            raise
+                        unreachable_since = unreachable_since or time.monotonic()
+                        if time.monotonic() - unreachable_since >= RECONNECT_SECONDS:
+                            raise CtlError(f"h2kd did not come back within {RECONNECT_SECONDS:.0f} s while "
+                                           f"watching jobs: {e.message}", ExitCode.UNREACHABLE) from None
+                    last_resync = time.monotonic()
+                await asyncio.sleep(REDRAW_SECONDS if tty else 0)
 
 
 def _most_advanced(active: list[str], jobs: dict[str, dict[str, Any]], rows: int) -> list[str]:
@@ -504,10 +562,11 @@ def stream_is_tty(stream: TextIO) -> bool:
         return False
 
 
-def progress_stream(json_output: bool, quiet: bool) -> tuple[TextIO | None, bool]:
-    """Where progress goes: stdout; with --json only stderr and only on a terminal; nowhere with -q."""
+def progress_stream(answer_only: bool, quiet: bool) -> tuple[TextIO | None, bool]:
+    """Where progress goes: stdout; when stdout is to hold the answer alone (--json, a report written to a file)
+    only stderr and only on a terminal; nowhere with -q."""
     if quiet:
         return None, False
-    if json_output:
+    if answer_only:
         return (sys.stderr, True) if stream_is_tty(sys.stderr) else (None, False)
     return sys.stdout, stream_is_tty(sys.stdout)

@@ -34,7 +34,7 @@ def _synopsis(command: Command, prefix: str) -> str:
     for positional in command.positionals:
         name = f"\\fI{escape(positional.metavar or '')}\\fR"
         name += "..." if positional.repeat else ""
-        parts.append(f"[{name}]" if positional.optional_value else name)
+        parts.append(f"[{name}]" if positional.omissible else name)
     return " ".join(parts)
 
 
@@ -86,7 +86,15 @@ def render() -> str:
             escape("The system bus to use, as for every system bus client (--address overrides it)."),
             ".TP", "\\fB$H2KCTL_PAGER\\fR, \\fB$SYSTEMD_PAGER\\fR, \\fB$PAGER\\fR",
             escape("The pager for long output (default: less with LESS=FRSXMK); the first of them that is set decides, "
-                   "and \"cat\" or \"\" turns it off."),
+                   "and \"cat\" or \"\" turns it off. A pager that cannot be run gives way to less, then more, "
+                   "then no pager."),
+            ".TP", "\\fB$COLUMNS\\fR, \\fB$LINES\\fR",
+            escape("The width and height of the terminal, when set to a positive number: they override what the "
+                   "terminal says, for progress bars, watch and the pager."),
+            ".TP", "\\fB$H2KCTL_DEBUG\\fR",
+            escape("When set (to anything but the empty string), an unexpected error is followed by Python's "
+                   "traceback, after its one line; so is a signal from h2kd that h2kctl could not handle, "
+                   "which it otherwise ignores."),
             ".SH EXAMPLES",
             ".nf", escape("h2kctl submit --wait -o /var/lib/h2kd/output/web.qcow2 --compress=zstd web.vmdk\n"
                           "h2kctl list --state running,queued\n"

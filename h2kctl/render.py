@@ -43,7 +43,14 @@ class TerminalSafe(io.TextIOBase):
         self.raw = raw
 
     def write(self, text: str) -> int:
-        self.raw.write(terminal_safe(text))
+        safe = terminal_safe(text)
+        try:
+            self.raw.write(safe)
+        except UnicodeEncodeError:
+            # A character the stream's encoding lacks (a guest's name, a path, on a Latin-1 terminal): written as
+            # an escape, rather than the whole output lost. The stream encodes all of `safe` before writing any.
+            encoding = self.encoding or "ascii"
+            self.raw.write(safe.encode(encoding, "backslashreplace").decode(encoding))
         return len(text)
 
     def control(self, sequence: str) -> None:
@@ -61,6 +68,21 @@ class TerminalSafe(io.TextIOBase):
     @property
     def encoding(self) -> str:   # type: ignore[override]
         return getattr(self.raw, "encoding", "utf-8")
+
+
+# h2kctl's own marks, and what stands for each where the output cannot show it: systemd's ASCII glyphs.
+_ASCII_GLYPHS = {"✓": "+", "×": "x", "○": "*", "●": "*", "→": "->", "…": "..."}
+
+
+def glyph(mark: str, stream: TextIO | None = None) -> str:
+    """`mark` (one of _ASCII_GLYPHS) if `stream` (stdout by default) can encode it, else its ASCII stand-in, as
+    systemctl falls back to ASCII outside a UTF-8 locale."""
+    encoding = getattr(stream if stream is not None else sys.stdout, "encoding", None) or "ascii"
+    try:
+        mark.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return _ASCII_GLYPHS[mark]
+    return mark
 
 
 def control(stream: TextIO, sequence: str) -> None:
@@ -191,21 +213,32 @@ def _one_line(text: str) -> str:
     return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
+# Where the pager asked for cannot be run, as systemd does: these, then no pager.
+FALLBACK_PAGERS = ("less", "more")
+# What sh exits with when it cannot run a command: found but not executable, not found.
+_CANNOT_RUN = (126, 127)
+
+
 def page(text: str, use_pager: bool) -> None:
     """Write text to stdout, through a pager (as systemd does: $SYSTEMD_PAGER, $PAGER, less) when it
-    is longer than the terminal and paging was not turned off."""
+    is longer than the terminal and paging was not turned off. A pager that cannot be run gives way to
+    less, then more, then none: the output is never lost to a mistyped $PAGER."""
     if use_pager and sys.stdout.isatty() and text.count("\n") > shutil.get_terminal_size().lines - 1:
         # The first variable that is set decides, even when empty (as systemd reads SYSTEMD_PAGER=""): off.
         pager = next((os.environ[name] for name in ("H2KCTL_PAGER", "SYSTEMD_PAGER", "PAGER") if name in os.environ),
                      None)
         if pager not in ("", "cat"):
-            command = pager or ("less" if shutil.which("less") else None)
-            if command:
-                env = dict(os.environ)
-                env.setdefault("LESS", "FRSXMK")
+            env = dict(os.environ)
+            env.setdefault("LESS", "FRSXMK")
+            encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+            data = terminal_safe(text).encode(encoding, "backslashreplace")
+            fallbacks = [p for p in FALLBACK_PAGERS if shutil.which(p)]
+            sys.stdout.flush()
+            for command in dict.fromkeys(([pager] if pager else []) + fallbacks):
                 try:
-                    subprocess.run(command, shell=True, input=terminal_safe(text).encode(), env=env, check=False)
-                    return
+                    ran = subprocess.run(command, shell=True, input=data, env=env, check=False)
                 except OSError:
-                    pass
+                    continue
+                if ran.returncode not in _CANNOT_RUN:
+                    return
     sys.stdout.write(text)

@@ -111,7 +111,7 @@ def dumps(value: Any) -> str:
 DOC: list[tuple[str, str]] = [
     ("list", "An array of objects {id, operation, state, progress (0..1 or null when unknown), owner (uid), "
              "owner_name, priority (1..10), created_at_usec, path (D-Bus object path)}, in submission order."),
-    ("status, submit, retry --wait, start --wait",
+    ("status, submit, retry, start",
      "One job object: {id, path, operation, state, phase, progress (0..1 or null), bytes_done, bytes_total, "
      "rate (bytes/s), expected_end_usec, created_at_usec, started_at_usec, finished_at_usec (null until "
      "known), priority, owner, owner_name, attempt, unit, worker, source, output (the output path given; "
@@ -119,7 +119,7 @@ DOC: list[tuple[str, str]] = [
      "error (null or {code, message}), spec (the job spec object), result (null or the job result object; "
      "null also for another user's job, whose result is for its owner and administrators to read)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "
-     "it is submitted, or, with --wait, once it has ended."),
+     "it is submitted, retry and start once it is queued, or each, with --wait, once it has ended."),
     ("wait", "An array of job objects, as status prints them (without history), in the order the jobs were "
              "named (or listed)."),
     ("show", "An object of every D-Bus property of the job, named and typed as on the bus "

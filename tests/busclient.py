@@ -82,12 +82,13 @@ async def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition
         await asyncio.sleep(0.05)
 
 
-def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> str:
-    """What a client program (h2kctl watch, dbus-monitor) writes, read until it has written `text`: that is how
-    a test knows the program has subscribed, under any load, rather than by sleeping a while. Read from the
-    pipe itself, bypassing the file object's buffer, so communicate() afterwards gets the rest."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
+def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 60, stream: str = "stdout") -> str:
+    """What a client program (h2kctl watch, dbus-monitor) writes (on `stream`), read until it has written `text`:
+    that is how a test knows the program has subscribed, under any load, rather than by sleeping a while. Read
+    from the pipe itself, bypassing the file object's buffer, so communicate() afterwards gets the rest."""
+    pipe = getattr(proc, stream)
+    assert pipe is not None
+    fd = pipe.fileno()
     data = b""
     deadline = time.monotonic() + timeout
     while text.encode() not in data:

@@ -6,6 +6,7 @@ bar in a real pseudo-terminal, plain lines on a pipe, Ctrl-C detaching, and an u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pytest
-from dbus_fast import Variant
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
 
 from busclient import WORKER, Client, open_bus, read_until, run
 from images import disk_difference
@@ -229,10 +231,64 @@ def test_the_first_pager_variable_set_decides_and_empty_turns_paging_off(monkeyp
     ran: list[str] = []
     monkeypatch.setattr(render.sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(render.shutil, "get_terminal_size", lambda: os.terminal_size((80, 5)))
-    monkeypatch.setattr(render.subprocess, "run", lambda command, **kw: ran.append(command))
+    monkeypatch.setattr(render.subprocess, "run",
+                        lambda command, **kw: ran.append(command) or subprocess.CompletedProcess(command, 0))
     render.page("line\n" * 20, True)
     assert ran == ([pager] if pager else []), ran
     assert capsys.readouterr().out == ("" if pager else "line\n" * 20)
+
+
+def test_a_pager_that_cannot_be_run_gives_way_to_less_then_more_then_none(monkeypatch, capsys, tmp_path):
+    """$PAGER names a program that is not there, or not executable: sh says so with 127 or 126, and the output
+    goes through less, else more, else straight to stdout (as systemd does), instead of nowhere."""
+    from h2kctl import render
+    programs, paged = tmp_path / "bin", tmp_path / "paged"
+    programs.mkdir()
+    not_executable = tmp_path / "pager.txt"
+    not_executable.write_text("")
+    for name in ("H2KCTL_PAGER", "SYSTEMD_PAGER", "PAGER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(programs))     # no real less or more
+    monkeypatch.setattr(render.sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(render.shutil, "get_terminal_size", lambda: os.terminal_size((80, 5)))
+    text = "line\n" * 20
+
+    def install(name: str) -> None:
+        pager = programs / name
+        pager.write_text(f"#!/bin/sh\n{{ echo {name}; /bin/cat; }} > {paged}\n")
+        pager.chmod(0o755)
+
+    for broken in ("no-such-pager", str(not_executable)):
+        monkeypatch.setenv("PAGER", broken)
+        render.page(text, True)
+        assert capsys.readouterr().out == text, broken
+        for name in ("more", "less"):
+            install(name)
+            render.page(text, True)
+            assert capsys.readouterr().out == "" and paged.read_text() == f"{name}\n{text}", (broken, name)
+        for pager in programs.iterdir():
+            pager.unlink()
+
+
+def test_the_man_page_and_zsh_completion_say_what_each_command_takes():
+    """Arguments that may be left out are in brackets; every JSON output and variable is documented; an option
+    that may be repeated is completed again by zsh."""
+    rendered = subprocess.run(["man", "-l", "-P", "cat", "-"], input=render_manpage(), capture_output=True,
+                              text=True, env={**os.environ, "MANWIDTH": "200"}, timeout=60, check=True).stdout
+    synopses = {m.group(1): m.group(0).strip() for m in re.finditer(r"^\s+h2kctl (\S+)(?: \S+)*$", rendered, re.M)}
+    assert synopses["wait"] == "h2kctl wait [JOB...]", synopses
+    assert synopses["watch"] == "h2kctl watch [JOB]" and synopses["cancel"] == "h2kctl cancel [OPTIONS...] JOB..."
+    json_section = rendered.split("\nJSON OUTPUT\n", 1)[1].split("\nENVIRONMENT\n", 1)[0]
+    assert re.search(r"^\s+status, submit, retry, start$", json_section, re.M), json_section
+    environment = rendered.split("\nENVIRONMENT\n", 1)[1].split("\nEXAMPLES\n", 1)[0]
+    for variable in ("DBUS_SYSTEM_BUS_ADDRESS", "H2KCTL_PAGER", "PAGER", "COLUMNS", "LINES", "H2KCTL_DEBUG"):
+        assert f"${variable}" in environment, variable
+    zsh = render_zsh().splitlines()
+    for command, specs in (("submit", ["'*--tag=["]), ("list", ["'*--state=["]), ("show", ["'*-p[", "'*--property=["])):
+        arguments = zsh[zsh.index(f"                {command})") + 1]     # the _arguments line of the command
+        for spec in specs:
+            assert spec in arguments, (command, spec, arguments)
+    assert not any("(-p --property)" in line for line in zsh)     # repeatable: -p does not rule out --property
 
 
 def test_completion_scripts_are_generated_and_complete(tmp_path):
@@ -945,6 +1001,159 @@ def test_ctrl_c_stops_a_script_that_waits_and_the_jobs_go_on(env, images, output
     assert gone.returncode == 7, gone      # the script never got as far as submitting it
 
 
+# Run as another user: signals on h2kd's paths, as h2kd sends them or malformed, sent to h2kctl's connections
+# alone (any client of the system bus may address a signal to any other), and a forged announcement that the
+# sender is h2kd now.
+FORGER = r"""
+import asyncio
+import sys
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+JOB, PROPS, OBJECTS = "org.hyper2kvm.h2kd1.Job", "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.ObjectManager"
+MANAGER, BUS = "/org/hyper2kvm/h2kd1", "org.freedesktop.DBus"
+
+
+async def forge(address, path, destinations):
+    bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    ended = {"State": Variant("s", "completed"), "Progress": Variant("d", 1.0)}
+    invented = {JOB: {"Id": Variant("s", "forged"), "State": Variant("s", "failed"), "Operation": Variant("s", "x")}}
+    signals = [(path, JOB, "StateChanged", "ss", ["completed", "forged"]),
+               (path, PROPS, "PropertiesChanged", "sa{sv}as", [JOB, ended, []]),
+               (MANAGER, OBJECTS, "InterfacesRemoved", "oas", [path, [JOB]]),
+               (MANAGER, OBJECTS, "InterfacesAdded", "oa{sa{sv}}", [MANAGER + "/job/forged", invented]),
+               ("/org/freedesktop/DBus", BUS, "NameOwnerChanged", "sss", ["org.hyper2kvm.h2kd1", "", bus.unique_name]),
+               (path, JOB, "StateChanged", "ss", ["completed", "forged"]),
+               (path, JOB, "StateChanged", "", []),
+               (path, PROPS, "PropertiesChanged", "s", [JOB]),
+               (path, PROPS, "PropertiesChanged", "", []),
+               (MANAGER, OBJECTS, "InterfacesAdded", "", []),
+               (MANAGER, OBJECTS, "InterfacesRemoved", "s", ["x"])]
+    for destination in destinations:
+        for where, interface, member, signature, body in signals:
+            bus.send(Message(message_type=MessageType.SIGNAL, destination=destination, path=where,
+                             interface=interface, member=member, signature=signature, body=body))
+    # Answered once the bus has passed on everything sent before it.
+    await bus.call(Message(destination=BUS, path="/org/freedesktop/DBus", interface=BUS, member="GetId"))
+    bus.disconnect()
+
+
+asyncio.run(forge(sys.argv[1], sys.argv[2], sys.argv[3:]))
+"""
+
+
+def unique_name_of(address: str, pid: int, timeout: float = 30) -> str:
+    """The unique bus name of the connection process `pid` opened, once it has one."""
+    async def look() -> str:
+        bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                (names,) = (await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                                   interface="org.freedesktop.DBus", member="ListNames"))).body
+                for name in (n for n in names if n.startswith(":")):
+                    reply = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                                   interface="org.freedesktop.DBus",
+                                                   member="GetConnectionUnixProcessID", signature="s", body=[name]))
+                    if reply.message_type == MessageType.METHOD_RETURN and reply.body == [pid]:
+                        return name
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"process {pid} has no connection to the bus")
+        finally:
+            bus.disconnect()
+    return run(look())
+
+
+def test_signals_from_anyone_but_h2kd_are_not_believed(stack, env, images, output_dir, paused_queue, plain_user):
+    """Another user sends h2kctl's connections, and only them, signals saying that a queued job completed or was
+    removed, that a job nobody submitted failed, that the sender is h2kd now; and malformed ones. wait, watch of
+    the job and watch of all jobs go on as before, without a word on stderr, and end when the job really does."""
+    job_id = new_id("unicast")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output), "--id", job_id))
+    path = job_path(env, job_id)
+
+    def follow(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([H2KCTL, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+
+    waiting = follow("wait", job_id)
+    watching, watching_all = follow("watch", job_id), follow("watch")
+    followers = [waiting, watching, watching_all]
+    try:
+        seen = {follower: read_until(follower, f"Job {job_id}: queued") for follower in (watching, watching_all)}
+        time.sleep(1.0)     # `wait` says nothing until the job ends: time to subscribe, as the others have
+        names = [unique_name_of(stack.bus_address, follower.pid) for follower in followers]
+        forger = subprocess.run(as_user(plain_user, [sys.executable, "-c", FORGER, stack.bus_address, path, *names]),
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert forger.returncode == 0, forger
+        time.sleep(2.5)     # past a re-read of each (every second for one job, every three for all)
+        ended = [follower.args[1:] for follower in followers if follower.poll() is not None]
+        assert not ended, f"ended on a forged signal: {ended}"
+        assert job_state(env, job_id) == "queued"
+        ok(h2kctl(env, "queue", "resume"))
+        assert wait_for_state(env, job_id, TERMINAL, timeout=120) == "completed"
+        outcomes = {follower: follower.communicate(timeout=60) for follower in (waiting, watching)}
+        time.sleep(1.0)
+        watching_all.send_signal(signal.SIGINT)
+        outcomes[watching_all] = watching_all.communicate(timeout=30)
+    finally:
+        clean_up(env, [job_id], [output], followers)
+    for follower, (stdout, stderr) in outcomes.items():
+        stdout = seen.get(follower, "") + stdout
+        assert follower.returncode == 0 and stderr == "", (follower.args, follower.returncode, stdout, stderr)
+        assert "forged" not in stdout and f"Job {job_id} completed" in stdout, (follower.args, stdout)
+    assert outcomes[waiting][0].startswith(f"Job {job_id} completed"), outcomes[waiting]
+
+
+def test_ctrl_c_ends_following_at_once_while_h2kd_does_not_answer(stack, env, images, output_dir, paused_queue):
+    """h2kd stopped (SIGSTOP: its name stays, calls to it get no answer until they time out, 25 s): Ctrl-C ends
+    wait, watch of a job and watch of all jobs within moments, whether a call was in flight while they
+    followed, or they had just started and not yet had any answer."""
+    job_id = new_id("unanswered")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", str(images["vmdk"]), "-o", str(output), "--id", job_id))
+
+    def follow(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([H2KCTL, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+
+    followers = [follow("watch", job_id), follow("watch"), follow("wait", job_id)]
+    daemon = stack.daemon_pid
+    assert daemon is not None
+    ended: dict[str, tuple[int, float, str]] = {}
+    try:
+        read_until(followers[0], f"Job {job_id}: queued")
+        read_until(followers[1], "Watching all jobs")
+        time.sleep(1.0)
+        os.kill(daemon, signal.SIGSTOP)
+        try:
+            time.sleep(3.5)     # each has asked h2kd again since (every second for one job, every three for all)
+            starting = [follow("watch", job_id), follow("watch"), follow("wait", job_id)]
+            followers += starting
+            for follower in starting:
+                unique_name_of(stack.bus_address, follower.pid)
+            time.sleep(1.0)     # connected, and asking h2kd
+            for n, follower in enumerate(followers):
+                follower.send_signal(signal.SIGINT)
+                pressed = time.monotonic()
+                _stdout, stderr = follower.communicate(timeout=60)
+                took = time.monotonic() - pressed
+                ended[f"{' '.join(follower.args[1:])} #{n}"] = (follower.returncode, took, stderr)
+        finally:
+            os.kill(daemon, signal.SIGCONT)
+    finally:
+        clean_up(env, [job_id], [output], followers)
+    slow = {name: took for name, (_code, took, _stderr) in ended.items() if took > 5}
+    assert not slow, ended
+    for name, (code, _took, stderr) in ended.items():
+        expected = 0 if name.startswith("watch #") else -signal.SIGINT     # watch of all jobs: Ctrl-C is its end
+        assert code == expected and "Traceback" not in stderr, (name, ended[name])
+        if name.startswith(f"watch {job_id}"):
+            assert f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_id}" in stderr, (name, stderr)
+
+
 def watch_all_during(env: dict[str, str], action) -> tuple[str, str]:
     """`h2kctl watch` running while action() runs (from when it says it watches), stopped with Ctrl-C 1.5 s
     after; its (stdout, stderr) once it has exited 0."""
@@ -1057,6 +1266,43 @@ def test_inspect_prints_a_report(env, images):
     human = h2kctl(env, "inspect", str(images["vmdk"]), timeout=120)
     assert human.returncode == 0 and "Report on" in human.stdout
     assert ok(h2kctl(env, "list", "--json", "--operation", "convert")).stdout  # nothing else queued by inspect
+
+
+def test_inspect_into_a_file_writes_the_report_alone(env, images, paused_queue, tmp_path):
+    """`h2kctl inspect FILE > report.txt`: the report, without the lines that said how its job went."""
+    report = tmp_path / "report.txt"
+    with open(report, "w") as into:
+        inspecting = subprocess.Popen([H2KCTL, "inspect", str(images["vmdk"])], env=env, stdout=into,
+                                      stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)     # its job is queued meanwhile: progress to say
+            ok(h2kctl(env, "queue", "resume"))
+            _stdout, stderr = inspecting.communicate(timeout=120)
+        finally:
+            clean_up(env, (), processes=[inspecting])
+    text = report.read_text()
+    assert inspecting.returncode == 0 and stderr == "", (text, stderr)
+    assert text.startswith(f"Report on {images['vmdk']} (job "), text
+    assert not re.search(r"^Job \S+: ", text, re.M), text
+
+
+def test_status_and_events_fall_back_to_ascii_marks_where_stdout_cannot_show_them(env, images, output_dir):
+    """As systemctl outside a UTF-8 locale: +, x, *, -> for ✓, ×, ○/●, →; and no traceback."""
+    job_id = new_id("ascii")
+    output = output_dir / f"{job_id}.qcow2"
+    ok(h2kctl(env, "submit", "--wait", str(images["vmdk"]), "-o", str(output), "--id", job_id, timeout=120))
+    try:
+        head = f"{job_id} - convert {images['vmdk']}"
+        assert ok(h2kctl(env, "status", job_id)).stdout.startswith(f"✓ {head} → {output}\n")
+        for encoding in ("latin-1", "ascii"):
+            narrow = {**env, "PYTHONIOENCODING": encoding}
+            status = ok(h2kctl(narrow, "status", job_id))
+            assert status.stdout.startswith(f"+ {head} -> {output}\n") and status.stderr == "", status
+            events = ok(h2kctl(narrow, "events", job_id))
+            assert " -> completed" in events.stdout and "→" not in events.stdout, events
+    finally:
+        h2kctl(env, "remove", job_id)
+        output.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ an unprivileged user
@@ -1312,6 +1558,10 @@ def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, thro
             time.sleep(0.1)
         followers += [follow("watch", job_id), follow("wait", job_id)]
         wait_until_converting(env, job_id)
+        # Following when h2kd goes, as this tests: one that met h2kd away at its start would say it keeps trying.
+        seen = read_until(followers[1], f"Job {job_id}: ")
+        unique_name_of(stack.bus_address, followers[2].pid)
+        time.sleep(1.0)     # `wait` says nothing until the job ends: time for its first answers
         stack.stop_daemon()
         time.sleep(3)    # away long enough for every follower to find it gone: each reads at least once a second
         stack.start_daemon()
@@ -1327,7 +1577,7 @@ def test_waiting_outlives_a_restart_of_h2kd(stack, env, images, output_dir, thro
     followed = json.loads(outputs[0][0])
     assert followed["state"] == "completed" and followed["spec"]["job_id"] == job_id, followed
     assert followed["result"]["outputs"]["disks"][0]["path"] == str(output), followed
-    assert outputs[1][0].splitlines()[-1].startswith(f"Job {job_id} completed")
+    assert (seen + outputs[1][0]).splitlines()[-1].startswith(f"Job {job_id} completed")
     assert outputs[2][0].startswith(f"Job {job_id} completed")
     assert job_state(env, job_id) == "completed"
     output.unlink(missing_ok=True)

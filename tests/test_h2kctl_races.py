@@ -20,7 +20,7 @@ import pytest
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from busclient import open_bus
+from busclient import open_bus, read_until
 
 H2KCTL = str(Path(sys.executable).parent / "h2kctl")
 BUS_NAME = "org.hyper2kvm.h2kd1"
@@ -287,7 +287,7 @@ class StoppingJob:
 
     def end(self, fake: FakeH2kd) -> None:
         self.state = self.outcome
-        fake.later(0.0, Message.new_signal(self.path, JOB_IFACE, "StateChanged", "s", [self.outcome]))
+        fake.later(0.0, Message.new_signal(self.path, JOB_IFACE, "StateChanged", "ss", [self.outcome, ""]))
 
 
 def test_cancel_returns_once_the_job_has_ended_not_when_asked(fake_h2kd, private_bus):
@@ -517,3 +517,116 @@ def test_ctrl_c_with_json_prints_the_jobs_as_they_are(fake_h2kd, private_bus, tm
     shown = json.loads(inspected.stdout)
     assert (shown["job"]["id"], shown["job"]["state"]) == ("looking", "progressing"), inspected
     assert "Detached" in inspected.stderr and "Traceback" not in inspected.stderr, inspected
+
+
+def signal_to(destination: str, path: str, interface: str, member: str, signature: str, body: list) -> Message:
+    """A signal for one connection alone, as any client of the bus may send one."""
+    return Message(message_type=MessageType.SIGNAL, destination=destination, path=path, interface=interface,
+                   member=member, signature=signature, body=body)
+
+
+def test_h2kds_signals_are_checked_and_its_last_word_decides(fake_h2kd, private_bus):
+    """Signals from h2kd itself that do not carry what their interface declares are ignored, without a
+    traceback; a StateChanged saying the job failed, while the re-read that follows finds it queued again (it was
+    retried meanwhile), does not end the wait: the job is followed on, to its real end."""
+    path = JOB_PATH_PREFIX + "again"
+    reads: dict[str, int] = {}
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [path])
+        elif is_call(call, "GetAll"):
+            reads[call.sender] = seen = reads.get(call.sender, 0) + 1
+            state = "progressing" if seen == 1 else "queued" if seen < 4 else "completed"
+            fake.reply(call, "a{sv}", [job_props("again", state, 1.0 if state == "completed" else 0.0)])
+            if seen == 1:
+                for signature, body in (("", []), ("s", ["running"]), ("i", [3])):
+                    fake.later(0.2, signal_to(call.sender, path, JOB_IFACE, "StateChanged", signature, body))
+                for signature, body in (("", []), ("s", [JOB_IFACE]), ("sa{sv}", [JOB_IFACE, {}])):
+                    fake.later(0.2, signal_to(call.sender, path, PROPS_IFACE, "PropertiesChanged", signature, body))
+                fake.later(0.2, signal_to(call.sender, "/org/hyper2kvm/h2kd1", "org.freedesktop.DBus.ObjectManager",
+                                          "InterfacesRemoved", "", []))
+                fake.later(0.4, signal_to(call.sender, path, JOB_IFACE, "StateChanged", "ss",
+                                          ["failed", "attempt 1 failed"]))
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    for command in ("wait", "watch"):
+        result = h2kctl(private_bus, command, "again")
+        assert (result.returncode, result.stderr) == (0, ""), result
+        ends = [line for line in result.stdout.splitlines() if line.startswith("Job again ")]
+        assert ends and ends[0].startswith("Job again completed") and len(ends) == 1, result.stdout
+
+
+def test_watch_of_all_jobs_ignores_what_h2kd_sends_malformed(fake_h2kd, private_bus):
+    import signal
+    import time
+
+    path = JOB_PATH_PREFIX + "listed"
+    objects = ("/org/hyper2kvm/h2kd1", "org.freedesktop.DBus.ObjectManager")
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "ListJobs"):
+            fake.reply(call, "a(sssduuto)", [[["listed", "convert", "progressing", 0.5, 0, 5, 0, path]]])
+            for signature, body in (("", []), ("s", [JOB_IFACE]), ("sa{sv}", [JOB_IFACE, {}])):
+                fake.later(0.5, signal_to(call.sender, path, PROPS_IFACE, "PropertiesChanged", signature, body))
+            for member, signature, body in (("InterfacesAdded", "", []), ("InterfacesAdded", "o", [path]),
+                                            ("InterfacesRemoved", "o", [path]), ("InterfacesRemoved", "", [])):
+                fake.later(0.5, signal_to(call.sender, *objects, member, signature, body))
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("listed", "progressing", 0.5)])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    watcher = subprocess.Popen([H2KCTL, "--address", private_bus, "watch"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"})
+    try:
+        time.sleep(2.0)
+        assert watcher.poll() is None, watcher.communicate()
+        watcher.send_signal(signal.SIGINT)
+        stdout, stderr = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert (watcher.returncode, stderr) == (0, ""), (stdout, stderr)
+    assert "Job listed: progressing (converting) 50%" in stdout, stdout
+
+
+def test_following_a_job_while_h2kd_is_not_there_says_it_tries_again(fake_h2kd, private_bus):
+    """`wait JOB` and `watch JOB` with no h2kd on the bus: they say at once that they keep trying (for up to two
+    minutes: h2kd may be restarting), once, and go on when it comes."""
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "COLUMNS": "100"}
+    followers = [subprocess.Popen([H2KCTL, "--address", private_bus, command, "late"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for command in ("wait", "watch")]
+    try:
+        said = [read_until(follower, "\n", timeout=15, stream="stderr") for follower in followers]
+        for line in said:
+            assert re.fullmatch(r"h2kctl: h2kd is not reachable on .*\(org\.hyper2kvm\.h2kd1: .*\); trying again "
+                                r"for up to 2min \(Ctrl-C to stop\)\n", line), line
+
+        def answer(fake: FakeH2kd, call: Message) -> bool:
+            if is_call(call, "GetJob"):
+                fake.reply(call, "o", [JOB_PATH_PREFIX + "late"])
+            elif is_call(call, "GetAll"):
+                fake.reply(call, "a{sv}", [job_props("late", "completed", 1.0)])
+            else:
+                return False
+            return True
+
+        fake_h2kd(answer)
+        outcomes = [follower.communicate(timeout=30) for follower in followers]
+    finally:
+        for follower in followers:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+    for follower, line, (stdout, stderr) in zip(followers, said, outcomes):
+        assert follower.returncode == 0 and stderr == "", (follower.args, line, stdout, stderr)
+        assert stdout.startswith("Job late completed"), (follower.args, stdout)

@@ -131,14 +131,16 @@ def _zsh_specs(command: Command) -> list[str]:
         if option.takes_value:
             label = "value" if option.choices else option.metavar.lower()
             action = f":{_zq(label)}:{_zsh_action(option)}"
-        exclusive = f"({' '.join(option.flags)})" if len(option.flags) > 1 else ""
+        # A repeatable option (--tag) is offered again after each use: no exclusion of its other spelling, and
+        # zsh's "*" (else _arguments completes it once).
+        repeat = "*" if option.repeatable else ""
+        exclusive = f"({' '.join(option.flags)})" if len(option.flags) > 1 and not repeat else ""
         for flag in option.flags:
             if option.optional_value:
                 specs.append(f"'{exclusive}{flag}=-[{desc}]::{_zq(option.metavar.lower())}:{_zsh_action(option)}'")
             elif action and flag.startswith("--"):
-                specs.append(f"'{exclusive}{flag}=[{desc}]{action}'")
+                specs.append(f"'{repeat}{exclusive}{flag}=[{desc}]{action}'")
             else:
-                repeat = "*" if option.metavar and option.help.endswith("(repeatable)") else ""
                 specs.append(f"'{repeat}{exclusive}{flag}[{desc}]{action}'")
     for index, positional in enumerate(command.positionals, 1):
         name = _zq((positional.metavar or "arg").lower())
