@@ -199,15 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-block", action="store_true",
                    help="only ask for the cancel: do not wait until the jobs have ended")
 
-    p = command("retry", "queue a failed or cancelled job again as a new attempt", json_output=True)
-    p.add_argument("job", metavar="JOB", help="the job id")
+    p = command("retry", "queue failed or cancelled jobs again, each as a new attempt; a job that cannot be is said, "
+                         "and the others are queued all the same (exit status: the first failure's)",
+                json_output=True)
+    p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
     _wait_option(p, "after queueing it")
 
     p = command("remove", "forget finished jobs (their D-Bus objects disappear)")
     p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
 
-    p = command("start", "queue a job that was submitted with --no-queue", json_output=True)
-    p.add_argument("job", metavar="JOB", help="the job id")
+    p = command("start", "queue jobs that were submitted with --no-queue; a job that cannot be is said, and the "
+                         "others are queued all the same (exit status: the first failure's)", json_output=True)
+    p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
     _wait_option(p, "after queueing it")
 
     p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0), for those who may read the system "
@@ -793,24 +796,41 @@ async def cmd_cancel(client: Client, args: argparse.Namespace, out: Output) -> i
 
 
 async def cmd_retry(client: Client, args: argparse.Namespace, out: Output) -> int:
-    await _job_action(client, args.job, "RetryJob", "retry")
-    return await _after_requeue(client, args, out, "Queued job {} again.")
+    return await _requeue(client, args, out, "RetryJob", "retry", "Queued job {} again.")
 
 
 async def cmd_start(client: Client, args: argparse.Namespace, out: Output) -> int:
-    await _job_action(client, args.job, "StartJob", "start")
-    return await _after_requeue(client, args, out, "Queued job {}.")
+    return await _requeue(client, args, out, "StartJob", "start", "Queued job {}.")
 
 
-async def _after_requeue(client: Client, args: argparse.Namespace, out: Output, message: str) -> int:
-    if args.wait:
-        return await _wait_and_report(client, args.job, await client.get_job_path(args.job), out)
+async def _requeue(client: Client, args: argparse.Namespace, out: Output, member: str, verb: str,
+                   message: str) -> int:
+    """retry or start: each job queued in turn, going on past one that cannot be (as cancel does). One JOB: with
+    --wait, followed as submit --wait follows; --json, its object. Several: with --wait, waited for as `wait`
+    does; --json, an array of the objects of those queued."""
+    job_ids = list(dict.fromkeys(args.jobs))
+    queued: list[str] = []
+
+    async def requeue(job_id: str) -> None:
+        await _job_action(client, job_id, member, verb)
+        queued.append(job_id)
+        if not args.wait and not out.json:
+            out.line(message.format(job_id))
+    code = await _each_job(job_ids, requeue)
+    if len(job_ids) == 1 and queued:
+        if args.wait:
+            return await _wait_and_report(client, job_ids[0], await client.get_job_path(job_ids[0]), out)
+        if out.json:
+            path = await client.get_job_path(job_ids[0])
+            out.emit_json(schema.job(await client.read_job(path), path))
+        return code
+    if args.wait and queued:
+        args.jobs = queued
+        return await cmd_wait(client, args, out) or code
     if out.json:
-        path = await client.get_job_path(args.job)
-        out.emit_json(schema.job(await client.read_job(path), path))
-    else:
-        out.line(message.format(args.job))
-    return ExitCode.SUCCESS
+        paths = [(job_id, await client.get_job_path(job_id)) for job_id in queued]
+        out.emit_json([schema.job(await client.read_job(path), path) for _, path in paths])
+    return code
 
 
 async def cmd_remove(client: Client, args: argparse.Namespace, out: Output) -> int:

@@ -119,7 +119,8 @@ DOC: list[tuple[str, str]] = [
      "error (null or {code, message}), spec (the job spec object), result (null or the job result object; "
      "null also for another user's job, whose result is for its owner and administrators to read)}. "
      "status adds history: an array of {seq, time_usec, state, from, reason}. submit prints the job once "
-     "it is submitted, retry and start once it is queued, or each, with --wait, once it has ended."),
+     "it is submitted, retry and start once it is queued, or each, with --wait, once it has ended. retry and "
+     "start given several JOBs print an array of the objects of those queued (with --wait: as wait does)."),
     ("wait", "An array of job objects, as status prints them (without history), in the order the jobs were "
              "named (or listed)."),
     ("show", "An object of every D-Bus property of the job, named and typed as on the bus "

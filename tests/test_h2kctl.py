@@ -502,6 +502,24 @@ def test_submit_list_status_show_events_match_the_bus(env, images, output_dir, p
     assert h2kctl(env, "status", job_id).returncode == 7
 
 
+def test_retry_and_start_take_several_jobs_and_go_on_past_one_that_cannot_be(env, images, output_dir, paused_queue):
+    """After a full disk failed a batch, one command queues it again, as systemctl restart A B C does: a job
+    that cannot be queued is said, the others are queued all the same, and the exit status is the failure's."""
+    held = [ok(h2kctl(env, "submit", "-q", "--no-queue", "--operation", "inspect", str(images["small"]))).stdout.strip()
+            for _ in range(3)]
+    started = h2kctl(env, "start", held[0], "nope-x", held[1])
+    assert started.returncode == 7, started
+    assert started.stdout == f"Queued job {held[0]}.\nQueued job {held[1]}.\n", started
+    assert "nope-x" in started.stderr and started.stderr.count("\n") == 1, started
+    assert [job_state(env, j) for j in held] == ["queued", "queued", "validated"]
+    as_json = json.loads(ok(h2kctl(env, "start", "--json", held[2])).stdout)
+    assert as_json["id"] == held[2] and as_json["state"] == "queued"     # one JOB: one object, as before
+    ok(h2kctl(env, "cancel", *held))
+    retried = json.loads(ok(h2kctl(env, "retry", "--json", *held)).stdout)
+    assert [(job["id"], job["state"]) for job in retried] == [(j, "queued") for j in held]
+    ok(h2kctl(env, "cancel", *held))
+
+
 def test_submit_from_job_file_and_no_queue_then_start(env, images, output_dir, tmp_path, paused_queue):
     job_id = new_id("file")
     spec = {"job_id": job_id, "operation": "convert", "image": {"path": str(images["small"])},
