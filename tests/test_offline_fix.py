@@ -12,6 +12,9 @@ Jobs go through the daemon and a real transient unit (the `stack` fixture, Submi
 These tests need root, loop devices and qemu-system-x86; the guest is built (once, cached) if absent.
 The last two check what the repair, which runs as root, leaves behind when its worker is killed, and that
 it cannot be led to another file by a symlink put in the submitter's directory while it runs.
+The guest is untrusted input too: the tests at the end give it device nodes and FIFOs where the repair
+writes, files larger than it reads, fstab lines no path can be and files that kept a scan busy for minutes;
+and they stop the worker in the middle of its clean-up, which must finish all the same.
 """
 
 from __future__ import annotations
@@ -1103,3 +1106,340 @@ def test_an_image_neither_raw_nor_qcow2_is_refused_by_the_format_found_in_it(tmp
                                              r"image first \(or run convert with offline_fix\)"):
         offline_fix.run_offline_fix(str(image), {}, lambda phase, fraction, message: None)
     assert sorted(tmp_path.iterdir()) == before
+
+
+# ---------------------------------------------------------------- what a guest's own files may hold
+
+def guest_entry(image: Path, path: str) -> tuple[str, bytes]:
+    """(its type as debugfs names it, its content if a regular file) of a path on a small_disk's file system,
+    read without mounting it; ("", b"") when there is no such path."""
+    fs = f"{image}?offset={2048 * 512}"
+    described = run(["debugfs", "-R", f"stat {path}", fs]).stdout
+    kind = re.search(r"Type:\s+(.+?)\s+Mode:", described)
+    if not kind:
+        return "", b""
+    content = b""
+    if kind.group(1) == "regular":
+        content = subprocess.run(["debugfs", "-R", f"cat {path}", fs], capture_output=True, check=True,
+                                 timeout=120).stdout
+    return kind.group(1), content
+
+
+class Hung(BaseException):
+    """The repair did not return within the time a test gave it."""
+
+
+def fix_in_place(image: Path, work: Path, progress: Any = None, limit: float = 120) -> Any:
+    """fix_raw_image on `image` (not a dry run), from the working directory `work`, as the worker runs it; the
+    OperationError it ends with (these guests' programs cannot run, so the initramfs fix fails), or what it
+    returned. Hung if it takes longer than `limit` seconds."""
+    import signal
+
+    from h2kd.operations.offline_fix import fix_raw_image
+    from h2kd.operations.qemuimg import OperationError
+
+    def hung(signum: int, frame: Any) -> None:
+        raise Hung(f"the repair did not return within {limit:.0f} s")
+
+    # SIGUSR1, not SIGALRM: pytest-timeout's timer is SIGALRM, and the repair holds that one while it cleans up.
+    previous = signal.signal(signal.SIGUSR1, hung)
+    watchdog = threading.Timer(limit, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    watchdog.start()
+    cwd = os.getcwd()
+    os.chdir(work)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return fix_raw_image(fd, {}, progress or (lambda phase, fraction, message: None), lambda: False,
+                             image.name)
+    except OperationError as e:
+        return e
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+        signal.signal(signal.SIGUSR1, previous)
+        os.close(fd)
+        os.chdir(cwd)
+
+
+def mounts_under(directory: Path) -> list[list[str]]:
+    """The mounts below `directory`, as /proc/mounts lists them (device, mount point, type, options, ...)."""
+    return [line.split() for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(directory) + "/")]
+
+
+@pytest.mark.parametrize("planted", ["a FIFO", "a character device (1:3)", "a block device (a loop device)"])
+def test_a_node_the_guest_holds_by_the_name_of_a_temporary_copy_is_never_written_to(tmp_path: Path,
+                                                                                   planted: str) -> None:
+    """A guest may ship anything under the name an earlier h2kd gave its temporary copy of a file it rewrites
+    (/etc/fstab.h2k-tmp): a FIFO (the repair would wait on it for ever) or a device node, which root would
+    write the new fstab to (a loop device or a disk of the host's). The copy is made under a new name that was
+    not there before, and the guest's file systems are mounted nodev and nosuid: the node is left as it is and
+    nothing is written through it; /etc/fstab is rewritten all the same."""
+    import stat
+
+    tree = linux_tree(tmp_path / "tree")
+    trap = tree / "etc/fstab.h2k-tmp"
+    scratch = tmp_path / "scratch.img"
+    loop = ""
+    try:
+        if planted == "a FIFO":
+            os.mkfifo(trap, 0o644)
+            expected = "FIFO"
+        elif planted.startswith("a character device"):
+            os.mknod(trap, 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+            expected = "character special"
+        else:
+            scratch.write_bytes(b"the scratch disk's own data\n" * 4096)
+            loop = run(["losetup", "--find", "--show", str(scratch)]).stdout.strip()
+            os.mknod(trap, 0o644 | stat.S_IFBLK, os.stat(loop).st_rdev)
+            expected = "block special"
+        scratch_before = scratch.read_bytes() if loop else b""
+        image = small_disk(tmp_path / "disk.raw", tree)
+        work = tmp_path / "work"
+        work.mkdir(mode=0o700)
+        options: list[list[str]] = []
+
+        def progress(phase: str, fraction: Any, message: str) -> None:
+            if phase == "fix" and not options:
+                options.extend(m[3].split(",") for m in mounts_under(work) if m[2] == "ext4")
+
+        outcome = fix_in_place(image, work, progress)
+        assert getattr(outcome, "code", None) == "TOOL_FAILED", outcome
+        assert fixes_by_name(outcome.outputs)["fstab"]["status"] == "applied", outcome.outputs
+        assert options and all("nodev" in o and "nosuid" in o for o in options), options
+        kind, fstab = guest_entry(image, "/etc/fstab")
+        assert kind == "regular" and re.match(rb"UUID=[0-9a-f-]{36} / ext4", fstab), (kind, fstab)
+        assert guest_entry(image, "/etc/fstab.h2k-tmp")[0] == expected, "the guest's own entry was replaced"
+        if loop:
+            run(["blockdev", "--flushbufs", loop])
+            assert scratch.read_bytes() == scratch_before, "the new fstab was written to the device the node names"
+        assert loops_of(image) == [] and mounts_under(work) == [] and list(work.iterdir()) == []
+    finally:
+        if loop:
+            run(["losetup", "-d", loop])
+
+
+def test_a_guest_file_larger_than_the_repair_reads_is_refused_not_cut_short(tmp_path: Path) -> None:
+    """The repair reads at most 4 MiB of a file, and rewrites what it read: a longer fstab came back cut to its
+    first 4 MiB, the rest of it lost. Such a file is refused, by name and with the limit, and left whole."""
+    tree = linux_tree(tmp_path / "tree")
+    text = "/dev/sda1 / ext4 defaults 0 1\n" + ("# " + "x" * 1021 + "\n") * 4500 + "/dev/sda2 none swap sw 0 0\n"
+    (tree / "etc/fstab").write_text(text)
+    image = small_disk(tmp_path / "disk.raw", tree)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    outcome = fix_in_place(image, work)
+    assert getattr(outcome, "code", None) == "INVALID_IMAGE", outcome
+    message = outcome.message
+    assert "/etc/fstab" in message and "4 MiB (4194304 bytes)" in message, message
+    assert guest_entry(image, "/etc/fstab") == ("regular", text.encode())
+    assert guest_entry(image, "/etc/fstab.h2k-backup") == ("", b"")
+    assert loops_of(image) == [] and mounts_under(work) == [] and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("line, note", [
+    ("/dev/sda1 /mnt\\000x ext4 defaults 0 2", "line 2 of /etc/fstab (it holds a NUL character"),
+    ("/dev/sda" + "1" * 5000 + " /data ext4 defaults 0 2", "/data (/dev/sda1111111"),
+], ids=["NUL in a mount point", "partition number of 5000 digits"])
+def test_an_fstab_line_no_disk_or_path_can_match_is_passed_over_and_reported(tmp_path: Path, line: str,
+                                                                              note: str) -> None:
+    """An octal \\000 in a mount point made a path Python refuses, and a partition number longer than int()
+    takes (4300 digits) a number it refuses: both crashed the repair as an internal error of h2kd's, retried
+    for ever. The line is passed over and reported in the result with what was not mounted; the rest of the
+    fstab is repaired."""
+    tree = linux_tree(tmp_path / "tree")
+    for directory in ("mnt", "data"):
+        (tree / directory).mkdir()
+    (tree / "etc/fstab").write_text(f"/dev/sda1 / ext4 defaults 0 1\n{line}\n")
+    image = small_disk(tmp_path / "disk.raw", tree)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    outcome = fix_in_place(image, work)
+    assert getattr(outcome, "code", None) == "TOOL_FAILED" and "initramfs" in outcome.message, outcome
+    assert any(entry.startswith(note) for entry in outcome.outputs["os"]["not_mounted"]), outcome.outputs["os"]
+    assert all(len(entry) < 300 for entry in outcome.outputs["os"]["not_mounted"]), "a name shown whole"
+    assert fixes_by_name(outcome.outputs)["fstab"]["status"] == "applied", outcome.outputs
+    fstab = guest_entry(image, "/etc/fstab")[1].decode()
+    assert re.match(r"UUID=[0-9a-f-]{36} / ext4", fstab), fstab
+    assert loops_of(image) == [] and mounts_under(work) == [] and list(work.iterdir()) == []
+
+
+def _scan_cases() -> dict[str, tuple[dict[str, str], str, str]]:
+    """Guest files (path: content) each of which a scan of the network or initramfs fix took about a minute
+    over, before; the fix that scans it, and a change it must still find."""
+    vmware_rule = 'SUBSYSTEM=="net", ATTR{address}=="00:50:56:8a:5c:01", NAME="ens192"\n'
+    pinned_link = "[Match]\nMACAddress=00:50:56:8a:5c:01\n[Link]\nName=ens192\n"
+    many_nics = "".join(f"iface eth{n} inet dhcp\n" for n in range(40000)) + \
+        "auto " + " ".join(f"eth{n}" for n in range(40000)) + "\n"
+    return {
+        "udev rule, a long line": ({"/etc/udev/rules.d/70-net.rules": "ATTR{address}==" * 21000 + "\n" + vmware_rule},
+                                   "network", "/etc/udev/rules.d/70-net.rules: moved aside"),
+        "networkd .link, empty lines": ({"/etc/systemd/network/10-nic.link": "\n" * 150000 + pinned_link},
+                                        "network", "/etc/systemd/network/10-nic.link: moved aside"),
+        "ifupdown, many NICs": ({"/etc/network/interfaces": many_nics},
+                                "network", "auto eth39999 -> auto /e*/40000=eth39999"),
+        "mkinitcpio.conf, no closing parenthesis": ({"/etc/mkinitcpio.conf": "MODULES=(\n" * 30000,
+                                                     "/lib/modules/6.1.0/modules.dep":
+                                                     "kernel/drivers/block/virtio_blk.ko:\n"},
+                                                    "initramfs", "/etc/mkinitcpio.conf: MODULES += virtio_pci"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_scan_cases()))
+def test_no_guest_file_keeps_a_fix_busy_for_longer_than_reading_it_takes(tmp_path: Path, case: str) -> None:
+    """A pattern that backtracks over a long line (a udev rule's ATTR{address}== ... NAME=, 320 KB: 64 s), runs
+    on over every empty line at each of them (a .link file's MACAddress=), or a lookup in a list that grows
+    with the file (ifupdown's NIC names) kept a fix busy in the square of the file's size, until the job's time
+    limit. Each such file is now scanned in a moment, and what it configures is still found. (The fixes run
+    on a guest tree in a directory, in a dry run: the scans are the same as on a mounted guest.)"""
+    from h2kd.operations.offline_fix import initramfs, network
+    from h2kd.operations.offline_fix.guestfs import GuestFS
+
+    files, fix_name, change = _scan_cases()[case]
+    root = tmp_path / "guest"
+    for path, content in files.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(content)
+    guest = GuestFS(str(root), dry_run=True)
+    started = time.monotonic()
+    fix = network.fix_network(guest) if fix_name == "network" else \
+        initramfs.fix_initramfs(guest, "mkinitcpio", ["6.1.0"])
+    seconds = time.monotonic() - started
+    assert seconds < 10, f"the {fix_name} fix took {seconds:.1f} s over {case}"
+    assert fix.status == "planned" and any(c.startswith(change) or change in c for c in fix.changes), fix
+
+
+# ---------------------------------------------------------------- a stop during the clean-up
+
+# Stands in for umount (first on the worker's PATH): the first unmount of the guest's clean-up (not a probe's)
+# tells the test it started, and waits until the test lets it go.
+_UMOUNT_HOOK = """#!/bin/sh
+case "$*" in
+    *.h2k-mnt-*/probe-*) ;;
+    *.h2k-mnt-*)
+        if mkdir "$H2K_TEST_HOOKS/paused" 2>/dev/null; then
+            i=0
+            while [ ! -e "$H2K_TEST_HOOKS/go" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+        fi ;;
+esac
+exec {umount} "$@"
+"""
+
+
+def test_a_stop_during_the_clean_up_waits_until_the_guest_is_unmounted_and_detached(tmp_path: Path) -> None:
+    """The worker turns SIGTERM into an exception wherever it lands: in the first unmount of the clean-up, it
+    cut the clean-up short, and the guest's other file systems stayed mounted, its loop device bound, its volume
+    groups active. A stop that comes during the clean-up now waits for it: the worker (run as its unit runs it,
+    with a stand-in umount that pauses) unmounts everything, detaches the disk, and only then stops, cancelled."""
+    import signal
+
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    image = small_disk(images_dir / "disk.raw", linux_tree(tmp_path / "tree"))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    umount = shutil.which("umount")
+    assert umount
+    (hooks / "umount").write_text(_UMOUNT_HOOK.format(umount=umount))
+    (hooks / "umount").chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    spec = {"job_id": "stop-in-clean-up", "operation": "offline_fix", "image": {"path": str(image)},
+            "parameters": {}, "execution_policy": {"timeout_seconds": 600}}
+    (run_dir / "spec.json").write_text(json.dumps({"job_id": spec["job_id"], "attempt": 1, "spec": spec,
+                                                   "output_roots": [str(images_dir)]}))
+    env = {**os.environ, "PATH": f"{hooks}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+           "H2K_TEST_HOOKS": str(hooks), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("NOTIFY_SOCKET", None)
+    log = tmp_path / "worker.log"
+    with open(log, "w") as output:
+        worker = subprocess.Popen([sys.executable, "-m", "h2kd.worker", "--spec", str(run_dir / "spec.json"),
+                                   "--result", str(run_dir / "result.json")], cwd=run_dir, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (hooks / "paused").exists():
+            assert worker.poll() is None, f"the worker ended before its clean-up:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the clean-up never started"
+            time.sleep(0.1)
+        assert mounts_under(run_dir), "nothing was mounted when the clean-up started"
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(1)               # the stop arrives while the unmount waits
+        (hooks / "go").touch()
+        code = worker.wait(timeout=240)
+        left = mounts_under(run_dir)
+        result = json.loads((run_dir / "result.json").read_text())
+        assert code == 143 and result["status"] == "cancelled", (code, result, log.read_text()[-3000:])
+        assert left == [], f"left mounted: {left}"
+        assert loops_of(image) == [], "the loop device was left attached"
+        assert sorted(p.name for p in run_dir.iterdir()) == ["result.json", "spec.json"]
+        assert "clean-up problems" not in log.read_text(), log.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        # What a clean-up cut short left behind: unmounted here, so that autoclear takes the loop device away.
+        for mount in reversed(mounts_under(run_dir)):
+            subprocess.run(["umount", "-l", mount[1]], capture_output=True, timeout=60)
+        for line in loops_of(image):
+            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("ending", ["it fails half-way", "a stop comes"])
+def test_a_volume_group_is_deactivated_however_its_activation_ended(tmp_path: Path, monkeypatch: Any,
+                                                                     ending: str) -> None:
+    """vgchange -ay may activate some of a group's volumes and fail on another, or be stopped (SIGTERM turned
+    into an exception) once it has: the group was listed for deactivation only after it succeeded, so its
+    active volumes stayed active for good. It is listed before, and deactivated whatever happened.
+    device-mapper is not available on every test host (not on this one): the disk and its loop device are
+    real, LVM's commands are played by a stand-in, which says partition 1 holds the volume group guestvg."""
+    import signal
+
+    from h2kd.operations.offline_fix import commands, devices
+    from h2kd.operations.qemuimg import OperationError
+
+    class Stop(BaseException):
+        pass
+
+    image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+    real_probe, real_run = devices.probe, commands.run
+    calls: list[list[str]] = []
+
+    def probe(path: str) -> dict[str, str]:
+        info = real_probe(path)
+        return {**info, "TYPE": "LVM2_member"} if path.endswith("p1") else info
+
+    def lvm(argv: list[str], **kwargs: Any) -> commands.Completed:
+        if argv[0] not in ("vgs", "vgchange", "lvs"):
+            return real_run(argv, **kwargs)
+        calls.append(argv)
+        if argv[0] == "vgs":
+            return commands.Completed(argv, 0, "  guestvg\n", "")
+        if argv[:2] == ["vgchange", "-ay"]:
+            if ending == "a stop comes":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            return commands.Completed(argv, 5, "", "  device-mapper: reload ioctl on guestvg-data failed")
+        return commands.Completed(argv, 0, "", "")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stop()
+
+    monkeypatch.setattr(devices, "probe", probe)
+    monkeypatch.setattr(commands, "have", lambda program: True)
+    monkeypatch.setattr(commands, "run", lvm)
+    previous = signal.signal(signal.SIGTERM, stop)
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises((OperationError, Stop)) as ended:
+            with devices.attached_disk(fd, read_only=True, name="disk.raw"):
+                pytest.fail("the disk was attached although its volume group could not be activated")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(fd)
+    assert isinstance(ended.value, Stop if ending == "a stop comes" else OperationError), ended.value
+    activated = [argv for argv in calls if argv[:2] == ["vgchange", "-ay"]]
+    deactivated = [argv for argv in calls if argv[:2] == ["vgchange", "-an"]]
+    assert activated and activated[0][-1] == "guestvg", calls
+    assert deactivated and deactivated[0][-1] == "guestvg", f"guestvg was never deactivated: {calls}"
+    assert loops_of(image) == []

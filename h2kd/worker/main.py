@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     def committing() -> None:
         past_stopping[0] = True
 
+    # An operation's clean-up that a stop must not cut short (a guest's file systems unmounted, its loop device
+    # detached) holds these signals while it runs (offline_fix.commands.uninterrupted): stop() runs after it.
     signal.signal(signal.SIGTERM, lambda *_: stop("cancelled"))
     signal.signal(signal.SIGINT, lambda *_: stop("cancelled"))
     signal.signal(signal.SIGALRM, lambda *_: stop("timeout"))

@@ -36,7 +36,7 @@ import stat
 from typing import Any, Callable
 
 from h2kd.operations import inspect, qemuimg
-from h2kd.operations.offline_fix import bootloader, detect, fstab, initramfs, network, vmtools
+from h2kd.operations.offline_fix import bootloader, commands, detect, fstab, initramfs, network, vmtools
 from h2kd.operations.offline_fix.devices import attached_disk
 from h2kd.operations.offline_fix.mounts import GuestMounts
 from h2kd.operations.offline_fix.outcome import FAILED, Fix
@@ -76,7 +76,8 @@ def fix_raw_image(raw_fd: int, params: dict[str, Any], progress: Progress, cance
                                      f"etc/fstab) could be mounted on this disk; it holds: {found}", "detect")
             guest = mounts.mount_root(root)
             where = root.device.describe() + (f", subvolume {root.subvolume}" if root.subvolume else "")
-            entries = fstab.parse_fstab(guest.read_text("/etc/fstab"))
+            # A line it cannot use is no reason to refuse the repair: it is reported with the entries not mounted.
+            entries = fstab.parse_fstab(guest.read_text("/etc/fstab"), mounts.unmounted_fstab_entries)
             mounts.mount_fstab(guest, entries, lambda spec: fstab.resolve(spec, disk))
             os_info = detect.detect_linux(guest, disk, where, [point for _, point, _, _ in entries])
             if mounts.unmounted_fstab_entries:
@@ -251,9 +252,10 @@ def run_offline_fix(image_path: str, params: dict[str, Any], progress: Progress,
                            "method": "qcow2 unpacked to a raw file next to it, fixed on a loop device, packed back"}
         return result
     finally:
-        for fd in opened:
-            os.close(fd)
-        temps.remove_all()
+        with commands.uninterrupted():
+            for fd in opened:
+                os.close(fd)
+            temps.remove_all()
 
 
 # ---------------------------------------------------------------- for the worker

@@ -1,14 +1,22 @@
 """Running the host and guest programs offline fixes need: output captured, a time limit, and the whole
 process group killed if the caller is interrupted (SIGTERM, a time limit), so that no child keeps a guest
-filesystem busy while it is being unmounted."""
+filesystem busy while it is being unmounted.
+
+uninterrupted() guards the clean-up (unmounting, deactivating volume groups, detaching the loop device) from
+those very interruptions: a stop that comes while it runs is held until it is over. Cut short, the clean-up
+would leave the guest's file systems mounted, its volume groups active and its loop device bound, for good.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 from h2kd.operations.qemuimg import OperationError
 
@@ -88,3 +96,40 @@ def checked(argv: list[str], what: str, **kwargs: object) -> Completed:
 def in_guest(root: str, argv: list[str], *, timeout: float = 600.0) -> Completed:
     """Run a guest program inside a chroot of the guest's root, with a plain environment."""
     return run(["chroot", root, *argv], timeout=timeout, env=dict(GUEST_ENVIRONMENT))
+
+
+# The signals a stop comes by: SIGTERM (a cancel, systemd stopping the unit), SIGINT, SIGALRM (the worker's
+# time limit).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
+_guard = threading.local()
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Run the block with the stop signals held: their handlers (the worker's, which raises to stop the
+    attempt) run once the block is over, in the order the signals came, as if they had come just then.
+    Nested blocks hold them until the outermost one ends. Signal handlers belong to the main thread; in any
+    other the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_guard, "held", None) is not None:
+        yield
+        return
+    held: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: object) -> None:
+        if signum not in held:
+            held.append(signum)
+
+    _guard.held = held
+    try:
+        for signum in _STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is not None:         # a handler set outside Python cannot be put back: left alone
+                previous[signum] = signal.signal(signum, hold)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _guard.held = None
+        for signum in held:
+            signal.raise_signal(signum)

@@ -1,9 +1,11 @@
 """Block devices for a disk image: a loop device with its partitions, and the LVM logical volumes on them.
 
 attached_disk() is a context manager: whatever happens inside it (an error, SIGTERM turned into an
-exception), the volume groups it activated are deactivated and the loop device is detached. The loop
-device is also marked autoclear while we hold it open, so even a killed worker leaves no loop device
-behind once its mounts are gone.
+exception), the volume groups it activated are deactivated and the loop device is detached, and a stop that
+comes during that clean-up waits until it is done (commands.uninterrupted). A volume group is listed for
+deactivation before it is activated: an activation that failed half-way, or was stopped, may have left some
+of its volumes active. The loop device is also marked autoclear while we hold it open, so even a killed
+worker leaves no loop device behind once its mounts are gone.
 
 The image is given as a descriptor the caller opened and checked, and the loop device is configured on that
 very file: the image lies in a directory its submitter may change, and a name looked up again could lead, by
@@ -277,8 +279,8 @@ def _activate_lvm(disk: AttachedDisk) -> None:
             raise OperationError("UNSUPPORTED", f"the guest's volume group {group} has the name of a volume group "
                                  "of this host; it cannot be activated safely", "attach")
         mode = ["--readonly"] if disk.read_only else []
-        commands.checked(["vgchange", "-ay", *mode, *only_these, group], f"activating volume group {group}")
         disk.volume_groups.append(group)
+        commands.checked(["vgchange", "-ay", *mode, *only_these, group], f"activating volume group {group}")
     lvs = commands.checked(["lvs", "--noheadings", "--separator", "/", "-o", "vg_name,lv_name", *only_these],
                            "listing logical volumes")
     for line in lvs.stdout.splitlines():
@@ -360,13 +362,14 @@ def _root_alone(image_fd: int, name: str) -> Iterator[_Hold]:
             fcntl.fcntl(image_fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         yield hold
     finally:
-        if hold.still_attached:
-            print(f"offline_fix: {name} stays root's: its loop device could not be detached", flush=True)
-        else:
-            os.fchown(image_fd, before.st_uid, before.st_gid)
-            os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(record)
+        with commands.uninterrupted():
+            if hold.still_attached:
+                print(f"offline_fix: {name} stays root's: its loop device could not be detached", flush=True)
+            else:
+                os.fchown(image_fd, before.st_uid, before.st_gid)
+                os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record)
 
 
 @contextlib.contextmanager
@@ -386,16 +389,17 @@ def _attached(image_fd: int, read_only: bool, name: str, hold: _Hold | None = No
         _activate_lvm(disk)
         yield disk
     finally:
-        problems = _deactivate_lvm(disk) if disk.volume_groups else []
-        os.close(holder)
-        detach = _detach(loop)
-        if detach:
-            problems.append(detach)
-            if hold is not None:
-                hold.still_attached = True
-        if problems:
-            # Only reported: an exception here would hide the one that brought us here.
-            print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
+        with commands.uninterrupted():
+            problems = _deactivate_lvm(disk) if disk.volume_groups else []
+            os.close(holder)
+            detach = _detach(loop)
+            if detach:
+                problems.append(detach)
+                if hold is not None:
+                    hold.still_attached = True
+            if problems:
+                # Only reported: an exception here would hide the one that brought us here.
+                print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
 
 
 def _detach(loop: str) -> str | None:

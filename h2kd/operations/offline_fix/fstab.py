@@ -3,6 +3,9 @@
 A disk that was /dev/sda on VMware is /dev/vda on KVM (virtio-blk), so names like /dev/sda1 must become
 UUID=... . Names are mapped to this disk's partitions by number (sda1 is partition 1); a name of another
 disk (sdb1) cannot be mapped and is left alone, and said so.
+
+The guest's files are untrusted input: a line the repair cannot use (a mount point holding a NUL character,
+a partition number thousands of digits long) is passed over and said so, never taken for an error of h2kd's.
 """
 
 from __future__ import annotations
@@ -20,19 +23,51 @@ _KERNEL_ARGS = re.compile(r"\b(?P<key>root|resume)=(?P<value>/dev/(?:(?:sd|hd|vd
                           r"(?=[\s\"']|$)")
 
 FstabEntry = tuple[str, str, str, str]     # spec, mount point, type, options
+# No disk has a partition numbered with more digits than this (and int() refuses thousands of them).
+_MAX_PARTITION_DIGITS = 6
+_NAME_MAX, _PATH_MAX = 255, 4095           # the kernel's limits, in bytes, for one name and a whole path
+_SHOWN_CHARS = 80
 
 
-def parse_fstab(text: str | None) -> list[FstabEntry]:
+def parse_fstab(text: str | None, unusable: list[str] | None = None) -> list[FstabEntry]:
+    """The entries of an fstab. A line whose mount point no path can be (see _unusable) is left out, and
+    said so in `unusable`: the guest could not mount it either, and the rest of its fstab can still be
+    repaired, so it is no reason to refuse the repair."""
     entries = []
-    for line in (text or "").splitlines():
+    for number, line in enumerate((text or "").splitlines(), 1):
         fields = line.split("#", 1)[0].split()
-        if len(fields) >= 3:
-            entries.append((fields[0], _unescape(fields[1]), fields[2], fields[3] if len(fields) > 3 else "defaults"))
+        if len(fields) < 3:
+            continue
+        point = _unescape(fields[1])
+        problem = _unusable(fields, point)
+        if problem:
+            if unusable is not None:
+                unusable.append(f"line {number} of /etc/fstab ({problem}: the line was left out)")
+            continue
+        entries.append((fields[0], point, fields[2], fields[3] if len(fields) > 3 else "defaults"))
     return entries
 
 
+def _unusable(fields: list[str], point: str) -> str | None:
+    if any("\0" in field for field in fields) or "\0" in point:
+        return "it holds a NUL character, which no path or option may hold"
+    encoded = point.encode("utf-8", errors="surrogateescape")
+    if len(encoded) > _PATH_MAX or any(len(name) > _NAME_MAX for name in encoded.split(b"/")):
+        return f"its mount point is longer than a path may be ({_PATH_MAX} bytes, {_NAME_MAX} for each name)"
+    return None
+
+
 def _unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+    """libmount's octal escapes (\\040 for a space): each stands for one byte, which may be part of a UTF-8
+    character."""
+    raw = path.encode("utf-8", errors="surrogateescape")
+    raw = re.sub(rb"\\([0-3][0-7]{2})", lambda m: bytes([int(m.group(1), 8)]), raw)
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def shown(name: str) -> str:
+    """A name of the guest's as a message shows it: cut short when it is longer than any real one."""
+    return name if len(name) <= _SHOWN_CHARS else name[:_SHOWN_CHARS] + f"... ({len(name)} characters)"
 
 
 def resolve(spec: str, disk: AttachedDisk) -> BlockDevice | None:
@@ -58,6 +93,8 @@ def by_device_name(m: re.Match[str], disk: AttachedDisk) -> BlockDevice | None:
     if m.group("disk") != "a":
         return None       # another disk of the VM: not this image
     if m.group("part"):
+        if len(m.group("part")) > _MAX_PARTITION_DIGITS:
+            return None
         return disk.partition(int(m.group("part")))
     whole = next((d for d in disk.devices if d.kind == "disk"), None)
     return whole
@@ -75,7 +112,7 @@ def rename_kernel_args(text: str, disk: AttachedDisk, changes: list[str], where:
     def replace(m: re.Match[str]) -> str:
         spec = uuid_spec(m.group("value"), disk)
         if spec is None:
-            changes.append(f"{where}: {m.group(0)} left alone (not a device of this disk)")
+            changes.append(f"{where}: {shown(m.group(0))} left alone (not a device of this disk)")
             return m.group(0)
         changes.append(f"{where}: {m.group(0)} -> {m.group('key')}={spec}")
         return f"{m.group('key')}={spec}"
@@ -92,7 +129,7 @@ def _rewrite_first_fields(text: str, column: int, disk: AttachedDisk, where: str
             name = fields[column]
             spec = uuid_spec(name, disk)
             if spec is None:
-                fix.reason = f"{name} in {where} is not a device of this disk; left alone"
+                fix.reason = f"{shown(name)} in {where} is not a device of this disk; left alone"
             else:
                 start = _field_start(line, column)
                 line = line[:start] + spec + line[start + len(name):]
@@ -161,7 +198,7 @@ def fix_resume(guest: GuestFS, disk: AttachedDisk) -> Fix:
                     line = f"{m.group(1)}{spec}{m.group(3)}"
                     fix.changes.append(f"{path}: {name} -> {spec}")
                 else:
-                    fix.reason = f"{name} in {path} is not a device of this disk; left alone"
+                    fix.reason = f"{shown(name)} in {path} is not a device of this disk; left alone"
             out.append(line)
         if fix.changes:
             guest.write_text(path, "".join(out))

@@ -56,13 +56,16 @@ def _mkinitcpio_config(guest: GuestFS, fix: Fix) -> None:
     text = guest.read_text(path)
     if text is None:
         raise FileNotFoundError("the guest has no /etc/mkinitcpio.conf")
-    m = re.search(r"^MODULES=\((?P<list>[^)]*)\)", text, flags=re.M)
-    current = m.group("list").split() if m else []
+    # The first MODULES=( and the first ")" after it, found one after the other: one pattern (MODULES=\(,
+    # [^)]*, \)) ran on to the end of the file again at every MODULES=( of a file without a ")".
+    start = re.search(r"^MODULES=\(", text, flags=re.M)
+    end = text.find(")", start.end()) if start else -1
+    current = text[start.end():end].split() if start and end >= 0 else []
     missing = [x for x in VIRTIO_MODULES if x not in current]
     if not missing:
         return
     new_line = "MODULES=(" + " ".join(current + missing) + ")"
-    text = text[:m.start()] + new_line + text[m.end():] if m else text + "\n" + new_line + "\n"
+    text = text[:start.start()] + new_line + text[end + 1:] if start and end >= 0 else text + "\n" + new_line + "\n"
     guest.write_text(path, text)
     fix.changes.append(f"{path}: MODULES += {' '.join(missing)}")
 

@@ -1,9 +1,15 @@
 """Mounting a guest: finding its root filesystem, mounting the rest per its fstab, and preparing a chroot.
 
 GuestMounts is a context manager that records every mount it makes and unmounts them all in reverse
-order when it ends, however it ends. The root is the filesystem (partition, logical volume or btrfs
-subvolume) that holds both etc/os-release (or usr/lib/os-release) and etc/fstab. Read-only (dry run)
-mounts also skip journal replay, so not a single block of the image changes.
+order when it ends, however it ends; a stop that comes meanwhile waits until they are all undone
+(commands.uninterrupted). The root is the filesystem (partition, logical volume or btrfs subvolume) that
+holds both etc/os-release (or usr/lib/os-release) and etc/fstab. Read-only (dry run) mounts also skip
+journal replay, so not a single block of the image changes.
+
+The guest's file systems are mounted nodev and nosuid: a device node the guest ships (7:0, or a host NVMe
+disk's 259:0, which the job's device policy lets through) must name nothing root could open by it, and no
+set-id program of the guest's gains anything. Nothing the repair runs needs either: the chroot's /dev and
+/run are tmpfs mounts of ours, and its programs run as root.
 
 For the chroot the guest gets a fresh proc, a read-only sysfs and a private /dev on a tmpfs holding
 only the basic character devices and this disk's own block devices: guest programs (update-grub's
@@ -12,6 +18,7 @@ os-prober, for one) never see the host's disks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.offline_fix.devices import AttachedDisk, BlockDevice
+from h2kd.operations.offline_fix.fstab import shown
 from h2kd.operations.offline_fix.guestfs import GuestFS
 from h2kd.operations.qemuimg import OperationError
 
@@ -28,6 +36,7 @@ WINDOWS_FILESYSTEMS = ("ntfs", "vfat", "exfat", "ext4", "ext3", "ext2")   # ext:
 _BASIC_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
                   "tty": (5, 0)}
 _MOUNTABLE_FSTAB_TYPES = set(LINUX_FILESYSTEMS) | {"vfat", "auto"}
+_GUEST_OPTIONS = ["nodev", "nosuid"]
 
 
 @dataclass
@@ -44,6 +53,10 @@ def _read_only_options(fstype: str) -> list[str]:
     if fstype == "btrfs":
         return ["ro", "nologreplay"]
     return ["ro"]
+
+
+def _probe_options(fstype: str) -> list[str]:
+    return _read_only_options(fstype) + _GUEST_OPTIONS
 
 
 class GuestMounts:
@@ -70,13 +83,16 @@ class GuestMounts:
     def mount(self, source: str, target: str, fstype: str | None = None, options: list[str] | None = None,
               what: str = "") -> None:
         argv = ["mount"] + (["-t", fstype] if fstype else []) + (["-o", ",".join(options)] if options else [])
+        # Listed before it is made: a stop while mount runs may come after the kernel mounted it, and close()
+        # must then unmount it all the same (one that is not mounted is passed over).
+        self.mounted.append(target)
         result = commands.run(argv + [source, target], timeout=120)
         if not result.ok:
+            self.mounted.pop()
             raise OperationError("TOOL_FAILED", f"mounting {what or source} failed: {result.last_words()}", "mount")
-        self.mounted.append(target)
 
     def _options(self, device: BlockDevice, subvolume: str | None = None) -> list[str]:
-        options = _read_only_options(device.fstype) if self.read_only else []
+        options = (_read_only_options(device.fstype) if self.read_only else []) + _GUEST_OPTIONS
         if subvolume is not None:
             options.append(f"subvol={subvolume}")
         return options
@@ -98,7 +114,7 @@ class GuestMounts:
         try:
             try:
                 # Probing is always read-only and without journal replay.
-                self.mount(device.path, probe, device.fstype, _read_only_options(device.fstype), device.describe())
+                self.mount(device.path, probe, device.fstype, _probe_options(device.fstype), device.describe())
             except OperationError:
                 return []
             try:
@@ -110,7 +126,7 @@ class GuestMounts:
             finally:
                 self._unmount_last()
         finally:
-            os.rmdir(probe)
+            _remove_probe(probe)
 
     def windows_evidence(self) -> str | None:
         """Where a Windows installation is on this disk (e.g. "partition 2: /Windows/System32/config"), or None."""
@@ -120,7 +136,7 @@ class GuestMounts:
             probe = self._probe_dir()
             try:
                 try:
-                    self.mount(device.path, probe, None, _read_only_options(device.fstype), device.describe())
+                    self.mount(device.path, probe, None, _probe_options(device.fstype), device.describe())
                 except OperationError:
                     continue
                 try:
@@ -130,7 +146,7 @@ class GuestMounts:
                 finally:
                     self._unmount_last()
             finally:
-                os.rmdir(probe)
+                _remove_probe(probe)
         return None
 
     def mount_root(self, candidate: RootCandidate) -> GuestFS:
@@ -147,11 +163,11 @@ class GuestMounts:
         for spec, point, fstype, opts in sorted(wanted, key=lambda e: e[1].count("/")):
             device = resolve(spec)
             if device is None or not device.fstype:
-                self.unmounted_fstab_entries.append(f"{point} ({spec}: not on this disk)")
+                self.unmounted_fstab_entries.append(f"{shown(point)} ({shown(spec)}: not on this disk)")
                 continue
             target = guest.host_path(point)
             if not os.path.isdir(target):
-                self.unmounted_fstab_entries.append(f"{point} (no such directory in the guest)")
+                self.unmounted_fstab_entries.append(f"{shown(point)} (no such directory in the guest)")
                 continue
             subvolume = next((o.split("=", 1)[1] for o in opts.split(",") if o.startswith("subvol=")), None)
             self.mount(device.path, target, device.fstype, self._options(device, subvolume), f"{point} ({spec})")
@@ -193,24 +209,26 @@ class GuestMounts:
 
     # ---- unmounting
     def _unmount_last(self) -> None:
-        target = self.mounted.pop()
-        _unmount(target)
+        with commands.uninterrupted():
+            _unmount(self.mounted[-1])
+            self.mounted.pop()
 
     def close(self) -> None:
-        problems = []
-        while self.mounted:
-            target = self.mounted.pop()
-            problem = _unmount(target)
-            if problem:
-                problems.append(problem)
-        try:
-            for entry in os.listdir(self.base):
-                os.rmdir(os.path.join(self.base, entry))
-            os.rmdir(self.base)
-        except OSError as e:
-            problems.append(f"removing {self.base}: {e}")
-        if problems:
-            print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
+        with commands.uninterrupted():
+            problems = []
+            while self.mounted:
+                problem = _unmount(self.mounted[-1])
+                self.mounted.pop()
+                if problem:
+                    problems.append(problem)
+            try:
+                for entry in os.listdir(self.base):
+                    os.rmdir(os.path.join(self.base, entry))
+                os.rmdir(self.base)
+            except OSError as e:
+                problems.append(f"removing {self.base}: {e}")
+            if problems:
+                print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
 
 
 def _unmount(target: str) -> str | None:
@@ -225,6 +243,12 @@ def _unmount(target: str) -> str | None:
     # the kernel releases it, and the loop device, once the last user is gone.
     lazy = commands.run(["umount", "-l", target], timeout=60)
     return None if lazy.ok else f"unmounting {target}: {last}"
+
+
+def _remove_probe(probe: str) -> None:
+    # Still mounted only when a stop cut its mount short: close() unmounts it and removes it then.
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
 
 
 def _copy_node(source: str, destination: str) -> None:

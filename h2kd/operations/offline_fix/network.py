@@ -10,6 +10,10 @@ On KVM the first NIC is a virtio NIC with another MAC address and another name (
   - systemd-networkd: MACAddress= goes from [Match], and a VMware NIC name becomes "en* eth*";
   - network-scripts (ifcfg): HWADDR= and MACADDR= go.
 Every changed file keeps its original as <file>.h2k-backup.
+
+The files are the guest's, of any content: every scan here takes time in proportion to a file's size (no
+pattern that backtracks over a long line, no lookup in a list that grows with the file), so that no file
+keeps the repair busy until its time limit.
 """
 
 from __future__ import annotations
@@ -20,7 +24,21 @@ from h2kd.operations.offline_fix.guestfs import GuestFS
 from h2kd.operations.offline_fix.outcome import Fix
 
 PHYSICAL_NIC = re.compile(r"^(?:eth\d+|en[a-z0-9]+)$")
-_UDEV_MAC_NAME = re.compile(r"ATTRS?\{address\}\s*==.*\bNAME\s*:?=", re.I)
+# A rule that matches a MAC address and sets NAME after it: the two are looked for one after the other on
+# each line, as one pattern (address, ".*", NAME) took time in the square of a line's length.
+_UDEV_ADDRESS_MATCH = re.compile(r"ATTRS?\{address\}\s*==", re.I)
+_UDEV_NAME_ASSIGN = re.compile(r"\bNAME\s*:?=", re.I)
+# [^\S\n]: blanks within the line only; \s* would run on over every empty line that follows, at each of them.
+_LINK_MAC = re.compile(r"^[^\S\n]*MACAddress[^\S\n]*=", re.M)
+_LINK_NAME = re.compile(r"^[^\S\n]*Name[^\S\n]*=", re.M)
+
+
+def _names_nic_by_mac(rules: str) -> bool:
+    for line in rules.split("\n"):
+        address = _UDEV_ADDRESS_MATCH.search(line)
+        if address and _UDEV_NAME_ASSIGN.search(line, address.end()):
+            return True
+    return False
 
 
 def _udev_rules(guest: GuestFS, fix: Fix) -> None:
@@ -30,7 +48,7 @@ def _udev_rules(guest: GuestFS, fix: Fix) -> None:
             if not name.endswith(".rules"):
                 continue
             text = guest.read_text(path) or ""
-            if name.endswith("persistent-net.rules") or _UDEV_MAC_NAME.search(text):
+            if name.endswith("persistent-net.rules") or _names_nic_by_mac(text):
                 if guest.remove(path):
                     fix.changes.append(f"{path}: moved aside (names NICs by MAC address)")
 
@@ -43,12 +61,12 @@ def _ifupdown_files(guest: GuestFS) -> list[str]:
 
 
 def _ifupdown(guest: GuestFS, fix: Fix) -> None:
-    order: list[str] = []
+    order: dict[str, int] = {}      # NIC name: its place among the physical NICs, from 1
     for path in _ifupdown_files(guest):
         for line in (guest.read_text(path) or "").splitlines():
             fields = line.split()
             if len(fields) >= 2 and fields[0] == "iface" and PHYSICAL_NIC.match(fields[1]) and fields[1] not in order:
-                order.append(fields[1])
+                order[fields[1]] = len(order) + 1
     for path in _ifupdown_files(guest):
         text = guest.read_text(path) or ""
         out = []
@@ -61,7 +79,7 @@ def _ifupdown(guest: GuestFS, fix: Fix) -> None:
                 names = []
                 for name in fields[1:]:
                     if name in order:
-                        pattern = f"/e*/{order.index(name) + 1}={name}"
+                        pattern = f"/e*/{order[name]}={name}"
                         fix.changes.append(f"{path}: {fields[0]} {name} -> {fields[0]} {pattern}")
                         names.append(pattern)
                     else:
@@ -181,8 +199,7 @@ def _networkd(guest: GuestFS, fix: Fix) -> None:
         text = guest.read_text(path)
         if text is None:
             continue
-        if name.endswith(".link") and re.search(r"^\s*MACAddress\s*=", text, flags=re.M) \
-                and re.search(r"^\s*Name\s*=", text, flags=re.M):
+        if name.endswith(".link") and _LINK_MAC.search(text) and _LINK_NAME.search(text):
             if guest.remove(path):
                 fix.changes.append(f"{path}: moved aside (names a NIC by MAC address)")
             continue
