@@ -330,6 +330,25 @@ def test_vmx_with_two_disks(lib: Path, tmp_path: Path, out: Path) -> None:
                             "mac": "00:0c:29:12:34:56"}]}
 
 
+def test_a_vm_with_a_name_longer_than_a_file_name_converts_into_a_directory(lib: Path, tmp_path: Path,
+                                                                             out: Path) -> None:
+    """The outputs take the VM's name, cut to leave room for their endings: a 300-letter displayName failed as
+    an INTERNAL error (ENAMETOOLONG), and was retried."""
+    src = tmp_path / "vm"
+    src.mkdir()
+    images.make_image("vmdk", "monolithicSparse", src / "a.vmdk", raw=lib / "data.raw")
+    long_name = "web" * 100
+    vmx = images.make_vmx(src, ["a.vmdk"], name="web")
+    vmx.write_text(vmx.read_text().replace('displayName = "web"', f'displayName = "{long_name}"'))
+    target = out / "long"
+    target.mkdir()
+    run = run_worker(tmp_path / "w", convert_spec(vmx, target), [out])
+    assert run.returncode == 0, run.log
+    assert os.listdir(target) == [long_name[:200] + ".qcow2"]
+    assert compare(lib / "data.raw", "raw", target / (long_name[:200] + ".qcow2"), "qcow2")
+    assert run.result["outputs"]["report"]["vm"]["name"] == long_name      # reported as the VM calls itself
+
+
 @pytest.mark.parametrize("declared, written_in, name", [
     ("windows-1252", "cp1252", "Donn\u00e9es"), ("Shift_JIS", "shift_jis", "\u30c7\u30a3\u30b9\u30af"),
     ("no-such-encoding", "utf-8", "Donn\u00e9es")])

@@ -35,12 +35,16 @@ from typing import Any
 from h2kd.operations import inspect
 
 
+# A file name holds 255 bytes: the outputs add "-disk64.qcow2", and their temporary names more (TempFiles).
+MAX_FILE_NAME_STEM = 200
+
+
 def vm_name(source: inspect.Source) -> str:
-    """The VM's name made safe for a file name: the domain is named after it, and so are the outputs of a
-    convert into a directory (convert.plan_outputs)."""
+    """The VM's name made safe for a file name, and short enough for one: the domain is named after it, and so
+    are the outputs of a convert into a directory (convert.plan_outputs)."""
     name = (source.vm or {}).get("name") or os.path.basename(source.path)
     name = re.sub(r"\.(vmdk|vhdx?|vdi|qcow2|raw|img|ova|ovf|vmx)$", "", name, flags=re.I)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "disk"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:MAX_FILE_NAME_STEM].strip("._") or "disk"
 
 
 def is_windows(guest_os: str | None) -> bool:

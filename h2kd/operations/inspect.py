@@ -20,6 +20,7 @@ run_inspect() returns the structured report of the result contract's outputs["re
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import re
@@ -57,6 +58,13 @@ MAX_VM_CPUS = 4096
 MAX_VM_MEMORY_MIB = 64 * 2**20           # 64 TiB
 MAX_DISK_CAPACITY = 2**60                # bytes
 _MAX_UNIT_EXPONENT = 60                  # "byte * 2^60": an OVF allocation unit of an exbibyte
+# What an OVA's tar may hold before it is refused, far above what any exporter writes (a few members, long names
+# of a few hundred bytes): every member costs the listing a record, and every extended header (a GNU long name,
+# pax records) is read whole, so a crafted archive must not make either grow without limit.
+MAX_TAR_MEMBERS = 10_000
+MAX_TAR_EXTENSION = 1024 * 1024          # bytes of one extended header
+MAX_TAR_EXTENSIONS = 4 * 1024 * 1024     # bytes of all the extended headers of an archive
+MAX_TAR_NAME = 4096                      # bytes of a member's name: PATH_MAX, no file system takes a longer one
 HASH_CHUNK = 1024 * 1024
 
 
@@ -253,6 +261,11 @@ def _where_open(fd: int, path: str) -> str:
 
 # ---------------------------------------------------------------- formats from content
 
+# Blanks within a line only: \s would span line ends, and each of 64 KiB of newlines would start a scan of all the
+# rest (a minute of CPU for a file of nothing but newlines).
+_VMX_SIGNATURE = re.compile(rb"^[ \t]*(config\.version|virtualHW\.version|\.encoding)[ \t]*=", re.M | re.I)
+
+
 def sniff(head: bytes, tail: bytes) -> str | None:
     """The format whose signature the bytes carry: a qemu-img driver name, or ova/ovf/vmx, or None."""
     if head[257:262] == b"ustar":
@@ -272,7 +285,7 @@ def sniff(head: bytes, tail: bytes) -> str | None:
         return "vmdk"
     if text.startswith(b"<") and b"Envelope" in head[:8192]:
         return "ovf"
-    if re.search(rb"^\s*(config\.version|virtualHW\.version|\.encoding)\s*=", head[:65536], re.M | re.I):
+    if _VMX_SIGNATURE.search(head[:65536]):
         return "vmx"
     return None
 
@@ -331,16 +344,20 @@ class Disk:
         return out
 
 
-def _vmdk_descriptor_extents(text: str) -> list[tuple[str, int | None]]:
+def _vmdk_descriptor_extents(text: str, what: str) -> list[tuple[str, int | None]]:
     """The extent files a descriptor names, each with the bytes it must hold when it is a flat extent (its
-    sectors from its offset on), None for a sparse one."""
+    sectors from its offset on), None for a sparse one; `what` names the descriptor in errors."""
     extents = []
+    limit = MAX_DISK_CAPACITY // 512
     for line in text.splitlines():
-        m = re.match(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(?:\s+(\d+))?', line)
+        m = re.match(r'^\s*(RW|RDONLY|NOACCESS)\s+([0-9]+)\s+(\w+)\s+"([^"]*)"(?:\s+([0-9]+))?', line)
         if not m or m.group(3).upper() == "ZERO":
             continue
-        flat = m.group(3).upper() in ("FLAT", "VMFS")
-        extents.append((m.group(4), (int(m.group(5) or 0) + int(m.group(2))) * 512 if flat else None))
+        needed = None
+        if m.group(3).upper() in ("FLAT", "VMFS"):
+            sectors = _whole_number(m.group(2), "an extent size in sectors", what, limit)
+            needed = (_whole_number(m.group(5), "an extent offset in sectors", what, limit) + sectors) * 512
+        extents.append((m.group(4), needed))
     return extents
 
 
@@ -348,10 +365,12 @@ def _check_vmdk_descriptor(fd: int, path: str, size: int, reader_uid: int | None
     """Extents of a text descriptor must be present, regular, non-symlinked files next to it, and (with
     reader_uid, see load_source) ones the submitter may read: checked as them before root looks at them."""
     if size > MAX_DESCRIPTOR:
-        return
+        # Its extents would go unchecked, a flat one cut short among them.
+        raise _invalid(f"the VMDK descriptor {path} is larger than 16 MiB; a descriptor is a short text file, and "
+                       "one this large is refused")
     text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
     directory = os.path.dirname(path)
-    for name, needed in _vmdk_descriptor_extents(text):
+    for name, needed in _vmdk_descriptor_extents(text, f"the VMDK descriptor {path}"):
         extent = _local_file(directory, name, "the VMDK extent")
         extent_fd, found = _open_referenced(extent, directory, name, "the VMDK extent", reader_uid)
         os.close(extent_fd)
@@ -561,11 +580,14 @@ def _vhdx_has_parent(ref: ImageRef, identities: list[FileIdentity]) -> bool:
     start = ref.offset or 0
     fd = _reopen(ref.path, identities)
     try:
-        metadata_at = _vhdx_lookup(fd, start + _VHDX_REGION_TABLE, b"regi", "<I", 8, 16, _VHDX_METADATA_REGION, "<Q")
+        # Offsets are the file's own 64-bit numbers: one past its end (2^64 - 1) is no offset to read at.
+        end = start + ref.size if ref.size is not None else os.fstat(fd).st_size
+        metadata_at = _vhdx_lookup(fd, start + _VHDX_REGION_TABLE, end, b"regi", "<I", 8, 16, _VHDX_METADATA_REGION,
+                                   "<Q")
         if metadata_at is None:
             return False
-        item_at = _vhdx_lookup(fd, start + metadata_at, b"metadata", "<H", 10, 32, _VHDX_FILE_PARAMETERS, "<I")
-        if item_at is None:
+        item_at = _vhdx_lookup(fd, start + metadata_at, end, b"metadata", "<H", 10, 32, _VHDX_FILE_PARAMETERS, "<I")
+        if item_at is None or start + metadata_at + item_at + 8 > end:
             return False
         parameters = os.pread(fd, 8, start + metadata_at + item_at)
         return len(parameters) == 8 and bool(struct.unpack_from("<I", parameters, 4)[0] & _VHDX_HAS_PARENT)
@@ -573,13 +595,13 @@ def _vhdx_has_parent(ref: ImageRef, identities: list[FileIdentity]) -> bool:
         os.close(fd)
 
 
-def _vhdx_lookup(fd: int, at: int, magic: bytes, count_format: str, count_at: int, first: int, guid: bytes,
-                 value_format: str) -> int | None:
+def _vhdx_lookup(fd: int, at: int, end: int, magic: bytes, count_format: str, count_at: int, first: int,
+                 guid: bytes, value_format: str) -> int | None:
     """In the VHDX region or metadata table at `at` (starting with `magic`, its entry count at `count_at`, its
     32-byte entries from `first`), the value right after the GUID of the entry that starts with `guid`; None when
-    the table or the entry is not there."""
-    table = os.pread(fd, 64 * 1024, at)
-    if not table.startswith(magic):
+    the table or the entry is not there before `end`, where the image ends."""
+    table = os.pread(fd, min(64 * 1024, end - at), at) if at < end else b""
+    if len(table) < first or not table.startswith(magic):
         return None
     (count,) = struct.unpack_from(count_format, table, count_at)
     for entry in range(first, min(first + 32 * count, len(table) - 31), 32):
@@ -802,7 +824,7 @@ def _units(text: str | None) -> int:
     if not text:
         return 1
     t = text.replace(" ", "").lower()
-    if m := re.fullmatch(r"byte\*2\^(\d+)", t):
+    if m := re.fullmatch(r"byte\*2\^([0-9]+)", t):
         exponent = m.group(1)
         if len(exponent) > 2 or int(exponent) > _MAX_UNIT_EXPONENT:
             raise _invalid(f"the OVF descriptor gives an allocation unit of 2^{_shown(exponent)} bytes; "
@@ -877,9 +899,9 @@ def _whole_number(text: str | None, field: str, what: str, limit: int, default: 
 
 
 def _hint_number(text: str | None, limit: int) -> int:
-    """A count a descriptor gives only as a hint (cores per socket: the VM runs the same without it), 0 as if it
-    gave none where it is not a whole number up to `limit`: the domain then puts all the cores in one socket
-    (domain._cores)."""
+    """A number a descriptor gives only as a hint (cores per socket, a disk's unit on its controller: the VM runs
+    the same without it), 0 as if it gave none where it is not a whole number up to `limit`: without cores per
+    socket, the domain puts all the cores in one socket (domain._cores)."""
     try:
         return _whole_number(text, "a hint", "the descriptor", limit)
     except OperationError:      # its message is for nobody
@@ -958,9 +980,8 @@ def parse_ovf(data: bytes) -> dict[str, Any]:
             else:
                 continue
             _refuse_too_many(ordered, MAX_VM_DISKS, "disks", what)
-            unit = _child_text(item, "AddressOnParent") or ""
-            placement[ref] = (*controllers.get(_child_text(item, "Parent"), (_UNKNOWN_CONTROLLER, 0)),
-                              int(unit) if unit.isdigit() else 0)
+            unit = _hint_number(_child_text(item, "AddressOnParent"), MAX_VM_DISKS)
+            placement[ref] = (*controllers.get(_child_text(item, "Parent"), (_UNKNOWN_CONTROLLER, 0)), unit)
         elif kind == "10":
             nics.append({"name": _child_text(item, "ElementName"), "model": _child_text(item, "ResourceSubType"),
                          "network": _child_text(item, "Connection"), "mac": _child_text(item, "Address")})
@@ -1030,21 +1051,47 @@ def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
 
 
 _VMX_ENCODING = re.compile(rb'^[ \t]*\.encoding[ \t]*=[ \t]*"([A-Za-z0-9_.:-]{1,64})"', re.M | re.I)
+# The text encodings a .vmx is written in (the code pages of the systems VMware runs on), by Python's names for
+# them: a VMX may name any codec Python has, and some are no text encoding at all ("punycode" decodes in
+# quadratic time, "undefined" not at all).
+_VMX_ENCODINGS = frozenset({
+    "utf-8", "ascii", *(f"iso8859-{n}" for n in range(1, 17)), *(f"cp{n}" for n in range(1250, 1259)), "cp874",
+    "shift_jis", "cp932", "euc_jp", "euc_kr", "cp949", "gbk", "gb2312", "gb18030", "big5", "big5hkscs", "cp950",
+    "koi8-r", "koi8-u", "tis-620"})
 
 
 def _vmx_text(data: bytes) -> str:
     """A .vmx file's text, decoded as its .encoding line says: VMware Workstation on Windows writes the system's
     code page ("windows-1252", "Shift_JIS", "GBK"...), and a disk named with an accented letter there (0xE9, an
-    e-acute in windows-1252) would not be found read as UTF-8. Without the line, or with a name Python knows no
-    text encoding by, UTF-8 (VMware's default); a byte the encoding does not map reads as U+FFFD, and a disk
-    whose name holds one is reported missing."""
+    e-acute in windows-1252) would not be found read as UTF-8. Without the line, or with a name of no text
+    encoding VMware writes, UTF-8 (VMware's default); a byte the encoding does not map reads as U+FFFD, and a
+    disk whose name holds one is reported missing."""
     declared = _VMX_ENCODING.search(data[:65536])
+    encoding = "utf-8"
     if declared:
         try:
-            return data.decode(declared.group(1).decode("ascii"), "replace")
-        except (LookupError, UnicodeError):     # an unknown name; or "undefined", which decodes nothing
-            pass
-    return data.decode("utf-8", "replace")
+            named = codecs.lookup(declared.group(1).decode("ascii")).name
+        except LookupError:
+            named = ""
+        if named in _VMX_ENCODINGS:
+            encoding = named
+    return data.decode(encoding, "replace")
+
+
+_VMX_KEY = re.compile(r"[A-Za-z0-9_.:\[\]-]+")
+
+
+def _vmx_setting(line: str) -> tuple[str, str] | None:
+    """(key in lower case, value) of a .vmx line `key = "value"`, None for any other line (a comment, a blank).
+    The value loses the blanks around it and one quote at each end, if there. Split by hand: a pattern for the
+    same backtracks over a run of blanks inside a value, in time quadratic in its length."""
+    name, equals, rest = line.partition("=")
+    key = name.strip()
+    if not equals or not _VMX_KEY.fullmatch(key):
+        return None
+    value = rest.lstrip()
+    value = (value[1:] if value.startswith('"') else value).rstrip()
+    return key.lower(), value[:-1] if value.endswith('"') else value
 
 
 def parse_vmx(text: str) -> dict[str, Any]:
@@ -1053,13 +1100,13 @@ def parse_vmx(text: str) -> dict[str, Any]:
     what = "the VMX file"
     keys: dict[str, str] = {}
     for line in text.splitlines():
-        m = re.match(r'^\s*([A-Za-z0-9_.:\[\]-]+)\s*=\s*"?(.*?)"?\s*$', line)
-        if m and not line.lstrip().startswith("#"):
-            keys[m.group(1).lower()] = m.group(2)
+        setting = _vmx_setting(line)
+        if setting:
+            keys[setting[0]] = setting[1]
     order = {"scsi": 0, "sata": 1, "nvme": 2, "ide": 3}
     found = []
     for key, value in keys.items():
-        m = re.fullmatch(r"(scsi|sata|nvme|ide)(\d+):(\d+)\.filename", key)
+        m = re.fullmatch(r"(scsi|sata|nvme|ide)([0-9]+):([0-9]+)\.filename", key)
         if not m:
             continue
         device, controller = key.rsplit(".", 1)[0], m.group(1) + m.group(2)
@@ -1070,7 +1117,9 @@ def parse_vmx(text: str) -> dict[str, Any]:
             continue
         if "cdrom" in keys.get(device + ".devicetype", "").lower() or value.lower().endswith(".iso"):
             continue
-        found.append(((order[m.group(1)], int(m.group(2)), int(m.group(3))), device, value))
+        controller_number = _whole_number(m.group(2), "a disk controller number", what, MAX_VM_DISKS)
+        unit = _whole_number(m.group(3), "a disk unit number", what, MAX_VM_DISKS)
+        found.append(((order[m.group(1)], controller_number, unit), device, value))
         _refuse_too_many(found, MAX_VM_DISKS, "disks", what)
     nics = []
     for key in sorted(k for k in keys if re.fullmatch(r"ethernet\d+\.present", k)):
@@ -1187,7 +1236,7 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
             raise _invalid(f"image.format says {declared_format} but the content of {path} is {shown}")
         identities = [identity]
         if kind == "ova":
-            source = _load_ova(fd, path, identities, check_disks)
+            source = _load_ova(fd, path, identity.size, identities, check_disks)
         elif kind in ("ovf", "vmx"):
             source = _load_described(fd, path, kind, identity.size, identities, check_disks, reader_uid)
         else:
@@ -1195,6 +1244,11 @@ def load_source(path: str, declared_format: str | None = None, checksum: str | N
                 _check_vmdk_descriptor(fd, path, identity.size, reader_uid)
             disk = load_disk(ImageRef(path, kind), os.path.basename(path), identities, check_disks, reader_uid)
             source = Source("disk", path, DRIVER_TO_NAME.get(kind, kind), [disk], None, identities)
+    except (ValueError, OverflowError, struct.error) as e:
+        # A value in the files that no check above foresaw (UnicodeError is a ValueError): the source is at fault,
+        # and a retry would meet the same. Its words are left out: they may quote a file root read.
+        raise _invalid(f"the source {path} is damaged or malformed: a value in it cannot be read "
+                       f"({type(e).__name__})") from None
     finally:
         os.close(fd)
     source.checksum = checksum
@@ -1249,9 +1303,129 @@ def _unsigned_format(path: str, head: bytes, tail: bytes, declared: str | None) 
                    "OVF or VMX and it has no partition table (give image.format \"raw\" if it is a raw disk)")
 
 
-def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]:
+def _tar_members(fd: int, path: str, size: int) -> list[tarfile.TarInfo]:
+    """The members of the OVA's tar (`size` bytes), each with its offset_data, as tarfile.TarInfo: its headers
+    are read one by one with tarfile's own parser, their extended headers (GNU long names, pax records) here.
+    tarfile's listing would keep a record of any number of members, read an extended header of any size it claims
+    into memory, take pax records in time quadratic in a run of digits, recurse once per extended header in a row,
+    and step back to a header it read already over a negative size. INVALID_IMAGE for an archive beyond the
+    MAX_TAR_* bounds, with a negative size, or cut short."""
+    import tarfile
+
+    members: list[tarfile.TarInfo] = []
+    at = extension_bytes = 0
+    given: dict[str, Any] = {}          # what the extended headers read since the last member give the next one
+    kinds: set[str] = set()
+    while True:
+        try:
+            info = tarfile.TarInfo.frombuf(os.pread(fd, 512, at), "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            if kinds:
+                raise _invalid(f"the OVA {path} ends, or is damaged, between a member's extended headers and "
+                               "the member") from None
+            if at == 0:
+                raise _invalid(f"the OVA {path} is not a readable tar archive: {e}") from None
+            return members          # as for tarfile, the archive ends at the first block that is no header
+        if info.size < 0:
+            raise _invalid(f"the OVA {path} has a member {info.name!r} with a negative size; the archive is damaged")
+        data_at = at + 512
+        if info.type in _TAR_EXTENSIONS:
+            kind = _TAR_EXTENSIONS[info.type]
+            if kind in kinds:
+                raise _invalid(f"the OVA {path} has two extended tar headers of one kind ({kind}) for one member; "
+                               "the archive is refused")
+            kinds.add(kind)
+            if info.size > MAX_TAR_EXTENSION:
+                raise _invalid(f"the OVA {path} has an extended tar header ({kind}) of {info.size} bytes; more than "
+                               f"{MAX_TAR_EXTENSION // 2**20} MiB is refused")
+            extension_bytes += info.size
+            if extension_bytes > MAX_TAR_EXTENSIONS:
+                raise _invalid(f"the OVA {path} has extended tar headers (long names, pax records) of more than "
+                               f"{MAX_TAR_EXTENSIONS // 2**20} MiB in all, which is refused")
+            _refuse_past_end(path, "an extended tar header", data_at + info.size, size)
+            _take_extension(kind, os.pread(fd, info.size, data_at), given, path)
+            at = data_at + -(-info.size // 512) * 512
+            continue
+        if "name" in given:
+            info.name = given["name"].rstrip("/") if info.isdir() else given["name"]
+        if len(info.name.encode("utf-8", "surrogateescape")) > MAX_TAR_NAME:
+            raise _invalid(f"the OVA {path} has a member whose name is longer than {MAX_TAR_NAME} bytes, which is "
+                           "refused")
+        if info.type == tarfile.GNUTYPE_SPARSE or given.get("sparse"):
+            # Refused in any case (_safe_members); and where the next header starts would take its sparse map.
+            raise _invalid(f"the OVA {path} has a member {info.name!r} that is not a plain file")
+        info.size = given.get("size", info.size)
+        info.offset_data = data_at
+        at = data_at
+        if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES:     # tarfile's rule: data follows
+            _refuse_past_end(path, f"its member {info.name!r}", data_at + info.size, size)
+            at += -(-info.size // 512) * 512
+        members.append(info)
+        _refuse_too_many(members, MAX_TAR_MEMBERS, "members", f"the OVA {path}")
+        given, kinds = {}, set()
+
+
+# The extended header types of tar, by what they are to messages: GNU long names and links, pax records for the
+# next member (Solaris's among them) and for all that follow.
+_TAR_EXTENSIONS = {b"L": "long name", b"K": "long link name", b"x": "pax", b"X": "pax", b"g": "global pax"}
+
+
+def _take_extension(kind: str, data: bytes, given: dict[str, Any], path: str) -> None:
+    """Note in `given` what an extended header of this kind, holding `data`, gives the next member: a name, a size,
+    or that it is sparse. Where two give a name, the first is tarfile's."""
+    if kind == "long name":
+        given.setdefault("name", data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+    if not kind.endswith("pax"):
+        return
+    records = _pax_records(data, path)
+    if any(keyword.startswith("GNU.sparse.") for keyword in records):
+        given["sparse"] = True
+    if kind == "global pax":
+        # tar applies them to every member that follows: one name or size for all.
+        if records.keys() & {"path", "linkpath", "size"}:
+            raise _invalid(f"the OVA {path} has a global pax header giving every member one name or size; the "
+                           "archive is refused")
+        return
+    if "path" in records:
+        given.setdefault("name", records["path"].decode("utf-8", "surrogateescape").rstrip("/"))
+    if "size" in records:
+        value = records["size"]
+        if not (value.isdigit() and len(value) <= 20):
+            raise _invalid(f"the OVA {path} has a pax header whose size is not a whole number; the archive is damaged")
+        given["size"] = int(value)
+
+
+def _pax_records(data: bytes, path: str) -> dict[str, bytes]:
+    """{keyword: value} of the records of a pax header ("<length> <keyword>=<value>\n" each, NULs after them);
+    INVALID_IMAGE for one that holds anything else."""
+    records: dict[str, bytes] = {}
+    position = 0
+    while position < len(data):
+        space = data.find(b" ", position, position + 21)
+        length = data[position:space] if space > position else b""
+        if not length.isdigit():            # bytes: ASCII digits only
+            if not data[position:].strip(b"\0"):
+                break
+            raise _invalid(f"the OVA {path} has a malformed pax header; the archive is damaged")
+        end = position + int(length)
+        keyword, equals, value = data[space + 1:end - 1].partition(b"=")
+        if not (equals and keyword) or data[end - 1:end] != b"\n":
+            raise _invalid(f"the OVA {path} has a malformed pax header; the archive is damaged")
+        records[keyword.decode("utf-8", "surrogateescape")] = value
+        position = end
+    return records
+
+
+def _refuse_past_end(path: str, what: str, end: int, size: int) -> None:
+    """INVALID_IMAGE if `what` in the OVA ends at byte `end`, past the file's end (`size`): a copy cut short."""
+    if end > size:
+        raise _invalid(f"the OVA {path} is cut short: {what} ends at byte {end}, past the end of the file "
+                       f"({size} bytes)")
+
+
+def _safe_members(listed: list[tarfile.TarInfo], path: str) -> dict[str, tarfile.TarInfo]:
     members: dict[str, tarfile.TarInfo] = {}
-    for member in tar.getmembers():
+    for member in listed:
         name = member.name
         if name.startswith("/") or ".." in _parts(name) or "\\" in name:
             raise OperationError("PERMISSION_DENIED", f"the OVA {path} has a member with an unsafe name "
@@ -1267,25 +1441,24 @@ def _safe_members(tar: tarfile.TarFile, path: str) -> dict[str, tarfile.TarInfo]
     return members
 
 
-def _load_ova(fd: int, path: str, identities: list[FileIdentity], check_disks: bool) -> Source:
+def _load_ova(fd: int, path: str, size: int, identities: list[FileIdentity], check_disks: bool) -> Source:
     import hashlib
-    import tarfile
-    with os.fdopen(os.dup(fd), "rb") as f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-            members = _safe_members(tar, path)
-        except tarfile.TarError as e:
-            raise _invalid(f"the OVA {path} is not a readable tar archive: {e}") from None
-        ovfs = [m for n, m in members.items() if n.lower().endswith(".ovf") and "/" not in n]
-        if not ovfs:
-            raise _invalid(f"the OVA {path} holds no OVF descriptor")
-        ovf_member = ovfs[0]
-        if ovf_member.size > MAX_DESCRIPTOR:
-            raise _invalid("the OVF descriptor is larger than 16 MiB")
-        ovf_data = os.pread(fd, ovf_member.size, ovf_member.offset_data)
-        stem = ovf_member.name[:-4]
-        mf = members.get(stem + ".mf") or next((m for n, m in members.items() if n.lower().endswith(".mf")), None)
-        manifest = parse_manifest(os.pread(fd, mf.size, mf.offset_data).decode("utf-8", "replace")) if mf else None
+    members = _safe_members(_tar_members(fd, path, size), path)
+    ovfs = [m for n, m in members.items() if n.lower().endswith(".ovf") and "/" not in n]
+    if not ovfs:
+        raise _invalid(f"the OVA {path} holds no OVF descriptor")
+    ovf_member = ovfs[0]
+    if ovf_member.size > MAX_DESCRIPTOR:
+        raise _invalid("the OVF descriptor is larger than 16 MiB")
+    ovf_data = os.pread(fd, ovf_member.size, ovf_member.offset_data)
+    stem = ovf_member.name[:-4]
+    mf = members.get(stem + ".mf") or next((m for n, m in members.items() if n.lower().endswith(".mf")), None)
+    manifest = None
+    if mf is not None:
+        if mf.size > MAX_DESCRIPTOR:
+            raise _invalid(f"the manifest {mf.name!r} in the OVA {path} is larger than 16 MiB; a list of checksums "
+                           "this large is refused")
+        manifest = parse_manifest(os.pread(fd, mf.size, mf.offset_data).decode("utf-8", "replace"))
     if manifest is not None and ovf_member.name in manifest:
         algorithm, expected = manifest[ovf_member.name]
         if hashlib.new(algorithm, ovf_data).hexdigest() != expected:
@@ -1368,7 +1541,10 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
             mf_fd, mf_ident = _open_referenced(mf_path, directory, mf_name, "the manifest", reader_uid)
             try:
                 identities.append(mf_ident)
-                manifest = parse_manifest(os.pread(mf_fd, min(mf_ident.size, MAX_DESCRIPTOR), 0).decode())
+                if mf_ident.size > MAX_DESCRIPTOR:
+                    raise _invalid(f"the manifest {mf_path} is larger than 16 MiB; a list of checksums this large "
+                                   "is refused")
+                manifest = parse_manifest(os.pread(mf_fd, mf_ident.size, 0).decode("utf-8", "replace"))
             finally:
                 os.close(mf_fd)
             for name in manifest:

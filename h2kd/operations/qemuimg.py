@@ -100,9 +100,10 @@ class ImageRef(NamedTuple):
 
 
 def _run(command: str, args: list[str], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
+    # errors="replace": qemu-img quotes file names as they are, and an image names its backing file in any bytes.
     try:
-        return subprocess.run([QEMU_IMG, command, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **_CREDENTIALS)
+        return subprocess.run([QEMU_IMG, command, *args], capture_output=True, text=True, errors="replace",
+                              timeout=timeout, stdin=subprocess.DEVNULL, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     except subprocess.TimeoutExpired:
@@ -190,8 +191,8 @@ def read_head(image: ImageRef, length: int) -> bytes:
     read-only, with the rights qemu-img has); b"" if qemu-io cannot read them."""
     args = [QEMU_IO, "-r", "-U", *image.format_args(), "-c", f"read -v 0 {length}", image.qemu_name()]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                              **_CREDENTIALS)
+        proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=120,
+                              stdin=subprocess.DEVNULL, **_CREDENTIALS)
     except (OSError, subprocess.TimeoutExpired):
         return b""
     if proc.returncode != 0:
@@ -399,8 +400,8 @@ def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...
     the thread, and the list its stderr lands in once the thread ends."""
     try:
         proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=text, bufsize=-1 if text else 0, pass_fds=pass_fds,
-                                **_CREDENTIALS)
+                                stderr=subprocess.PIPE, text=text, errors="replace" if text else None,
+                                bufsize=-1 if text else 0, pass_fds=pass_fds, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     stderr: list[Any] = []
