@@ -718,9 +718,10 @@ class JobManager:
         running = sum(1 for job_id in self._active if self._jobs[job_id].worker == BUILTIN)
         # Without systemd every start would fail: the jobs wait in the queue until runner_connected(). External
         # workers claim their jobs themselves; they are given for the wait reasons.
-        workers = ([builtin] if self._runner is not None and self._runner.reachable else []) + [
-            w for w in self._workers.values() if w.kind == "external"]
-        picked = self._scheduler.pick(running, workers, now_usec(), self._running_by_owner())
+        reachable = self._runner is not None and self._runner.reachable
+        workers = ([builtin] if reachable else []) + [w for w in self._workers.values() if w.kind == "external"]
+        picked = self._scheduler.pick(running, workers, now_usec(), self._running_by_owner(),
+                                      builtin_away=None if reachable else "systemd's manager does not answer")
         for index, (job_id, worker) in enumerate(picked):
             job = self._jobs[job_id]
             self._scheduler.remove(job_id)
@@ -746,7 +747,7 @@ class JobManager:
         self._manager_changed()
 
     def _refresh_wait_reasons(self) -> None:
-        for job_id, reason in self._scheduler.wait_reasons().items():     # every queued job, in queue order
+        for job_id, reason in self._scheduler.wait_reasons().items():     # every queued job
             job = self._jobs[job_id]
             if job.wait_reason != reason:
                 job.wait_reason = reason
@@ -1428,6 +1429,7 @@ class JobManager:
                     worker.state = "stale"
                     self._lose_worker(worker, "its connection to the bus closed")
                     self._notify("worker_changed", worker)
+                    self._kick()    # the jobs that waited for it to claim them wait for another now
                 try:
                     asyncio.get_running_loop().call_later(GONE_WORKER_KEEP_SECONDS, self._forget_worker, worker)
                 except RuntimeError:    # no loop (a test driving the manager directly): forget it now

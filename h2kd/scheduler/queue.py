@@ -160,6 +160,7 @@ class _Context:
     now: int
     memo: dict[tuple[str, str], _Missing | None] = field(default_factory=dict)
     claimers: list[WorkerInfo] = field(default_factory=list)   # external workers, which claim jobs themselves
+    builtin_away: str | None = None                            # why this host's own worker runs nothing now
     reasons: dict[str, str] = field(default_factory=dict)      # needs -> why such a job waits
 
 
@@ -307,20 +308,23 @@ class Scheduler:
     # ---------------------------------------------------------------- choosing
 
     def pick(self, running: int, workers: list[WorkerInfo], now_usec: int,
-             running_by_owner: dict[int, int] | None = None) -> list[tuple[str, WorkerInfo]]:
+             running_by_owner: dict[int, int] | None = None,
+             builtin_away: str | None = None) -> list[tuple[str, WorkerInfo]]:
         """The queued jobs to start now on builtin workers, most urgent first, each with its worker.
 
         Respects the pause, MaxParallelJobs (given `running` jobs, of the builtin workers), each worker's free
         slots and retry backoff. A job no worker can run is passed over. External workers among `workers` are
         not given jobs (they claim them), but the wait reasons count them. running_by_owner: how many jobs each
-        owner has running on any worker, for their turns. The chosen jobs leave the queue; a caller that cannot
-        start one must add() it again.
+        owner has running on any worker, for their turns. builtin_away: why this host's own worker, left out of
+        `workers`, runs nothing now (systemd away), for the reasons of the jobs no other worker takes. The chosen
+        jobs leave the queue; a caller that cannot start one must add() it again.
         """
         self._running_by_owner = dict(running_by_owner or {})
         live = [w for w in workers if w.state != STALE]
         usable = [w for w in live if w.kind == BUILTIN_KIND]
         free = {w.id: _free_slots(w) for w in live}
-        context = _Context(running, usable, free, now_usec, claimers=[w for w in live if w.kind != BUILTIN_KIND])
+        context = _Context(running, usable, free, now_usec, claimers=[w for w in live if w.kind != BUILTIN_KIND],
+                           builtin_away=builtin_away)
         self._context = context
         chosen: list[tuple[str, WorkerInfo]] = []
         if self._paused:
@@ -398,9 +402,13 @@ class Scheduler:
     def _reason_for_needs(self, entry: _Entry, context: _Context) -> str:
         workers = context.workers + context.claimers
         if not workers:
-            return "no worker is available"
+            return f"no worker is available ({context.builtin_away})" if context.builtin_away else \
+                "no worker is available"
         misses = [self._fits(w, entry, context) for w in workers]
         if all(miss is not None for miss in misses):
+            if context.builtin_away:    # what the others lack says little while this host's worker is away
+                return f"this host's worker is unavailable ({context.builtin_away}), and no other offers what " \
+                       "it needs"
             return _no_worker_reason([m for m in misses if m is not None])
         able = [w for w, miss in zip(context.workers, misses) if miss is None]
         if not able:    # only external workers can run it: one of them must claim it
@@ -413,14 +421,18 @@ class Scheduler:
                 w = claimers[0]
                 return f"waiting for a free slot on worker {w.name or w.id} ({w.active_jobs} of {w.max_jobs} busy)"
             return "waiting for a free slot on a worker that can run it"
+        claimable = [w for w, miss in zip(context.claimers, misses[len(context.workers):])
+                     if miss is None and context.free[w.id] > 0]
+        also = f" or for worker {claimable[0].name or claimable[0].id} to claim it" if len(claimable) == 1 else \
+            " or for a worker that can run it to claim it" if claimable else ""
         if context.running >= self._max_parallel:
-            return f"waiting for a free slot ({context.running} of {self._max_parallel} running)"
+            return f"waiting for a free slot ({context.running} of {self._max_parallel} running){also}"
         if all(context.free[w.id] <= 0 for w in able):
             if len(able) == 1:
                 w = able[0]
                 busy = w.max_jobs - context.free[w.id]
-                return f"waiting for a free slot on worker {w.name or w.id} ({busy} of {w.max_jobs} busy)"
-            return "waiting for a free slot on a worker that can run it"
+                return f"waiting for a free slot on worker {w.name or w.id} ({busy} of {w.max_jobs} busy){also}"
+            return f"waiting for a free slot on a worker that can run it{also}"
         return "waiting for the next scheduling pass"
 
 

@@ -2445,5 +2445,11 @@ def test_a_jobs_wait_reason_follows_the_external_workers_that_can_run_it(tmp_pat
         await until(lambda: job.wait_reason == "waiting for worker render-farm to claim it")
         m.unregister_worker(worker.id)
         await until(lambda: job.wait_reason == "no worker offers gpu")
+        # An agent that just leaves the bus (it exited, or crashed) is no longer waited for either.
+        agent = m.register_worker("render-farm", {"gpu": True}, 1, 0, ":1.9")
+        await until(lambda: job.wait_reason == "waiting for worker render-farm to claim it")
+        m.bus_name_lost(":1.9")
+        assert agent.state == "stale"
+        await until(lambda: job.wait_reason == "no worker offers gpu")
         await m.stop()
     asyncio.run(go())

@@ -167,15 +167,26 @@ def test_a_job_only_external_workers_can_run_says_it_waits_for_them():
     whose slots are full, and say which requirement no worker meets while none can."""
     s = queue(("plain", 5, {"qemu_img": True}), ("nbd", 5, {"nbd": True}), ("gpu", 5, {"gpu": True}))
     agent = external("ext1", max_jobs=1, nbd=True)
-    stale = builtin()
-    stale.state = "stale"                                      # systemd away: only the agent is there
-    assert picked(s, workers=[stale, agent]) == []
-    assert s.wait_reasons() == {"plain": "no worker offers qemu_img", "nbd": "waiting for worker ext1 to claim it",
-                                "gpu": "no worker offers gpu"}
+    away = "systemd's manager does not answer"
+    assert s.pick(0, [agent], NOW, builtin_away=away) == []      # systemd away: only the agent is there
+    assert s.wait_reasons() == {
+        "plain": f"this host's worker is unavailable ({away}), and no other offers what it needs",
+        "nbd": "waiting for worker ext1 to claim it",
+        "gpu": f"this host's worker is unavailable ({away}), and no other offers what it needs"}
+    assert s.pick(0, [], NOW, builtin_away=away) == []
+    assert set(s.wait_reasons().values()) == {f"no worker is available ({away})"}
+    assert picked(s, workers=[builtin(), agent]) == ["plain"]
+    assert s.wait_reasons() == {"nbd": "waiting for worker ext1 to claim it", "gpu": "no worker offers gpu"}
+    s.add("plain2", 5, 8, "convert", {"qemu_img": True})
+    everyone = external("ext2", qemu_img=True)
+    s.max_parallel = 2
+    assert picked(s, running=2, workers=[builtin(), everyone]) == []     # the slots are full
+    assert s.wait_reasons()["plain2"] == ("waiting for a free slot (2 of 2 running) or for worker ext2 to "
+                                          "claim it")
     assert s.claim_for(agent, NOW) == "nbd"
     agent.active_jobs = 1
     s.add("nbd2", 5, 9, "convert", {"nbd": True})
-    assert picked(s, workers=[builtin(), agent]) == ["plain"]
+    assert picked(s, workers=[builtin(), agent]) == ["plain2"]
     reasons = s.wait_reasons()
     assert reasons["nbd2"] == "waiting for a free slot on worker ext1 (1 of 1 busy)"
     assert reasons["gpu"] == "no worker offers gpu"
