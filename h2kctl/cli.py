@@ -817,7 +817,9 @@ async def _requeue(client: Client, args: argparse.Namespace, out: Output, member
         if not args.wait and not out.json:
             out.line(message.format(job_id))
     code = await _each_job(job_ids, requeue)
-    if len(job_ids) == 1 and queued:
+    if len(job_ids) == 1:
+        if not queued:
+            return code     # said on stderr; --json prints nothing, as for any failed command
         if args.wait:
             return await _wait_and_report(client, job_ids[0], await client.get_job_path(job_ids[0]), out)
         if out.json:

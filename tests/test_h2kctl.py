@@ -514,6 +514,8 @@ def test_retry_and_start_take_several_jobs_and_go_on_past_one_that_cannot_be(env
     assert [job_state(env, j) for j in held] == ["queued", "queued", "validated"]
     as_json = json.loads(ok(h2kctl(env, "start", "--json", held[2])).stdout)
     assert as_json["id"] == held[2] and as_json["state"] == "queued"     # one JOB: one object, as before
+    missing = h2kctl(env, "retry", "--json", "nope-x")
+    assert (missing.returncode, missing.stdout) == (7, ""), missing    # and nothing, as before, when it fails
     ok(h2kctl(env, "cancel", *held))
     retried = json.loads(ok(h2kctl(env, "retry", "--json", *held)).stdout)
     assert [(job["id"], job["state"]) for job in retried] == [(j, "queued") for j in held]
