@@ -128,8 +128,14 @@ def uninterrupted() -> Iterator[None]:
                 previous[signum] = signal.signal(signum, hold)
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _guard.held = None
+        # Blocked while the handlers go back: a stop that came between two of them would run the real handler
+        # there, and its exception would leave the others holding for good. It comes once they are all back.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            _guard.held = None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for signum in held:
             signal.raise_signal(signum)
