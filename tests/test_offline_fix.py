@@ -20,6 +20,7 @@ and they stop the worker in the middle of its clean-up, which must finish all th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -1410,11 +1411,12 @@ def test_a_volume_group_is_deactivated_however_its_activation_ended(tmp_path: Pa
         return {**info, "TYPE": "LVM2_member"} if path.endswith("p1") else info
 
     def lvm(argv: list[str], **kwargs: Any) -> commands.Completed:
-        if argv[0] not in ("vgs", "vgchange", "lvs"):
+        if argv[0] not in ("vgs", "pvs", "vgchange", "lvs"):
             return real_run(argv, **kwargs)
         calls.append(argv)
         if argv[0] == "vgs":
-            return commands.Completed(argv, 0, "  guestvg\n", "")
+            uuid = "|40bXMc-R1iO-24KL-lnMI-SSjG-6CMe-XUc4nZ" if "vg_name,vg_uuid" in argv else ""
+            return commands.Completed(argv, 0, f"  guestvg{uuid}\n", "")
         if argv[:2] == ["vgchange", "-ay"]:
             if ending == "a stop comes":
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -1428,6 +1430,8 @@ def test_a_volume_group_is_deactivated_however_its_activation_ended(tmp_path: Pa
     monkeypatch.setattr(devices, "probe", probe)
     monkeypatch.setattr(commands, "have", lambda program: True)
     monkeypatch.setattr(commands, "run", lvm)
+    (tmp_path / "sys").mkdir()
+    monkeypatch.setattr(devices, "DM_SYSFS", str(tmp_path / "sys"), raising=False)
     previous = signal.signal(signal.SIGTERM, stop)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -1443,3 +1447,401 @@ def test_a_volume_group_is_deactivated_however_its_activation_ended(tmp_path: Pa
     assert activated and activated[0][-1] == "guestvg", calls
     assert deactivated and deactivated[0][-1] == "guestvg", f"guestvg was never deactivated: {calls}"
     assert loops_of(image) == []
+
+
+# ---------------------------------------------------------------- a guest's LVM next to the host's
+
+# Plays LVM 2.03's vgs, pvs, lvs and vgchange (first on PATH) over the world of $H2K_TEST_LVM/world.json, and
+# writes down each command line it is given. A physical volume is seen through --devices when it is named there,
+# and without --devices only when it is in the host's devices file, as RHEL 9's LVM sees devices. vgchange -ay
+# makes the device-mapper devices LVM would, in a sysfs tree of its own (dm-N/dm/name, dm/uuid, dev, ro, slaves/)
+# and as nodes in /dev/mapper that lead to the block device an LV lies on; -an takes them away. As LVM 2.03.16
+# does: --readonly refuses activation, an LV flagged to be skipped is activated with -K only, and it is read-only
+# when read_only_volume_list names its group (exactly: "*" is no pattern there). A "p1" or "disk" in the world is
+# the partition or loop device of the image the test attached.
+_LVM_STAND_IN = r'''#!@PYTHON@
+import json
+import os
+import re
+import sys
+
+state = os.environ["H2K_TEST_LVM"]
+with open(os.path.join(state, "world.json")) as f:
+    world = json.load(f)
+program, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+    f.write(json.dumps([program, *args]) + "\n")
+
+VALUED = {"--devices", "--config", "-o", "--options", "--separator"}
+FLAGS = {"--noheadings", "-K", "--ignoreactivationskip", "--readonly", "-ay", "-an"}
+
+
+def fail(message, status=5):
+    print(message, file=sys.stderr)
+    sys.exit(status)
+
+
+options, names, i = {}, [], 0
+while i < len(args):
+    if args[i] in VALUED and i + 1 < len(args):
+        options[args[i]] = args[i + 1]
+        i += 1
+    elif args[i] in FLAGS:
+        options[args[i]] = True
+    elif args[i].startswith("-"):
+        fail(f"{program}: unrecognized option '{args[i]}'\n  Error during parsing of command line.", 3)
+    else:
+        names.append(args[i])
+    i += 1
+
+
+def place(ref):
+    if ref.startswith("/"):
+        return ref
+    image = os.path.realpath(world["image"])
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                if f.read().strip() == image:
+                    return f"/dev/{name}" + ("" if ref == "disk" else ref)
+        except OSError:
+            pass
+    fail(f"stand-in {program}: no loop device of {image}")
+
+
+if "--devices" in options:
+    wanted = options["--devices"].split(",")
+    pvs = [pv for pv in world["pvs"] if place(pv["pv"]) in wanted]
+elif world.get("host_lvm_fails"):
+    fail("  /run/lock/lvm/P_global:aux: open failed: Read-only file system\n  Can't get lock for #global.")
+else:
+    pvs = [pv for pv in world["pvs"] if pv.get("in_devices_file")]
+groups = {pv["vg"]: pv["vg_uuid"] for pv in pvs if pv["vg"]}
+
+
+def report(rows):
+    fields = options.get("-o", options.get("--options", "")).split(",")
+    separator = options.get("--separator", " ")
+    for field in fields:
+        if field not in {"pv_name", "vg_name", "vg_uuid", "lv_name", "lv_uuid"}:
+            fail(f"  Unrecognised field: {field}")
+    for row in rows:
+        print("  " + separator.join(row[field] for field in fields))
+
+
+def escaped(name):
+    return name.replace("-", "--")
+
+
+def plain(uuid):
+    return uuid.replace("-", "")
+
+
+if program == "pvs":
+    report([{"pv_name": place(pv["pv"]), "vg_name": pv["vg"], "vg_uuid": pv["vg_uuid"]} for pv in pvs])
+elif program == "vgs":
+    report([{"vg_name": g, "vg_uuid": u} for g, u in groups.items() if not names or g in names])
+elif program == "lvs":
+    report([{"vg_name": lv["vg"], "lv_name": lv["lv"], "vg_uuid": groups[lv["vg"]], "lv_uuid": lv["lv_uuid"]}
+            for lv in world["lvs"] if lv["vg"] in groups and (not names or lv["vg"] in names)])
+elif program == "vgchange":
+    sysfs = world["sys"]
+    for group in names:
+        if group not in groups:
+            fail(f'  Volume group "{group}" not found\n  Cannot process volume group {group}')
+        if "--readonly" in options and "-ay" in options:
+            fail(f"  Operation prohibited while --readonly is set.\n  Can't get lock for {group}.\n"
+                 f"  Cannot process volume group {group}")
+        prefix = f"LVM-{plain(groups[group])}"
+        active = 0
+        if "-ay" in options:
+            listed = re.search(r"\bread_only_volume_list\s*=\s*\[([^]]*)\]", options.get("--config", ""))
+            read_only = re.findall(r'"([^"]*)"', listed.group(1)) if listed else []
+            skip_ignored = "-K" in options or "--ignoreactivationskip" in options
+            for lv in world["lvs"]:
+                if lv["vg"] != group or lv.get("inactive") or lv.get("skip") and not skip_ignored:
+                    continue
+                node = place(lv.get("node", "p1"))
+                number = os.stat(node).st_rdev
+                taken = {int(n[3:]) for n in os.listdir(sysfs) if n.startswith("dm-")}
+                dm = os.path.join(sysfs, f"dm-{min(set(range(len(taken) + 1)) - taken)}")
+                os.makedirs(os.path.join(dm, "dm"))
+                os.makedirs(os.path.join(dm, "slaves"))
+                name = f"{escaped(group)}-{escaped(lv['lv'])}"
+                for leaf, value in (("dm/name", name), ("dm/uuid", prefix + plain(lv["lv_uuid"])),
+                                    ("dev", f"{os.major(number)}:{os.minor(number)}"),
+                                    ("ro", "1" if group in read_only or f"{group}/{lv['lv']}" in read_only else "0"),
+                                    ("slaves/" + lv.get("lies_on", os.path.basename(node)), "")):
+                    with open(os.path.join(dm, leaf), "w") as f:
+                        f.write(value + "\n")
+                mapper = f"/dev/mapper/{name}"
+                if not os.path.lexists(mapper):     # a node already there is left as it is
+                    os.symlink(node, mapper)
+                    with open(os.path.join(state, "made"), "a") as f:
+                        f.write(mapper + "\n")
+                active += 1
+        else:
+            for dm in os.listdir(sysfs):
+                with open(os.path.join(sysfs, dm, "dm/uuid")) as f:
+                    uuid = f.read().strip()
+                if uuid.startswith(prefix):
+                    with open(os.path.join(sysfs, dm, "dm/name")) as f:
+                        name = f.read().strip()
+                    made = os.path.join(state, "made")
+                    if os.path.exists(made) and f"/dev/mapper/{name}\n" in open(made).read():
+                        os.unlink(f"/dev/mapper/{name}")
+                    for leaf in os.listdir(os.path.join(sysfs, dm, "slaves")):
+                        os.unlink(os.path.join(sysfs, dm, "slaves", leaf))
+                    for leaf in ("dm/name", "dm/uuid", "dev", "ro"):
+                        os.unlink(os.path.join(sysfs, dm, leaf))
+                    for leaf in ("slaves", "dm", ""):
+                        os.rmdir(os.path.join(sysfs, dm, leaf))
+        print(f'  {active} logical volume(s) in volume group "{group}" now active')
+'''
+
+
+def lvm_uuid() -> str:
+    """A UUID as LVM writes them: 32 letters and digits, in groups of 6, 4, 4, 4, 4, 4 and 6."""
+    import secrets
+    import string
+
+    chars = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
+    return "-".join(chars[a:b] for a, b in ((0, 6), (6, 10), (10, 14), (14, 18), (18, 22), (22, 26), (26, 32)))
+
+
+class LvmWorld:
+    """A small_disk whose partition 1 is the guest's physical volume of the volume group `group` (a name no host
+    has): devices.probe says it is one, and its ext4 is what the guest's LVs show, their nodes leading to it.
+    LVM is played by _LVM_STAND_IN, device-mapper's sysfs by a tree of the test's (devices.DM_SYSFS); /dev/mapper
+    is the host's own: the stand-in's nodes and the test's go there, named after the group, and are taken away
+    at the end."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: Any) -> None:
+        import secrets
+
+        from h2kd.operations.offline_fix import devices
+
+        self.tmp = tmp_path
+        self.group = "h2kt" + secrets.token_hex(4)
+        self.group_uuid = lvm_uuid()
+        self.image = small_disk(tmp_path / "disk.raw", linux_tree(tmp_path / "tree"))
+        self.state = tmp_path / "lvm"
+        self.sys = self.state / "sys"
+        self.sys.mkdir(parents=True)
+        programs = tmp_path / "lvm-programs"
+        programs.mkdir()
+        for program in ("vgs", "pvs", "lvs", "vgchange"):
+            (programs / program).write_text(_LVM_STAND_IN.replace("@PYTHON@", sys.executable))
+            (programs / program).chmod(0o755)
+        self.world: dict[str, Any] = {
+            "image": str(self.image), "sys": str(self.sys), "lvs": [],
+            "pvs": [{"pv": "p1", "vg": self.group, "vg_uuid": self.group_uuid, "in_devices_file": False}]}
+        self.host_disks: list[str] = []
+        self.host_dms: list[Path] = []
+        real_probe = devices.probe
+
+        def probe(path: str) -> dict[str, str]:
+            info = real_probe(path)
+            return {**info, "TYPE": "LVM2_member"} if re.fullmatch(r"/dev/loop\d+p1", path) else info
+
+        monkeypatch.setenv("PATH", f"{programs}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        monkeypatch.setenv("H2K_TEST_LVM", str(self.state))
+        monkeypatch.setattr(devices, "DM_SYSFS", str(self.sys), raising=False)
+        monkeypatch.setattr(devices, "probe", probe)
+        monkeypatch.chdir(tmp_path)        # where a repair notes the image it holds
+
+    def lv(self, name: str, **how: Any) -> dict[str, Any]:
+        lv = {"vg": self.group, "lv": name, "lv_uuid": lvm_uuid(), **how}
+        self.world["lvs"].append(lv)
+        return lv
+
+    def host_disk(self) -> str:
+        """A loop device of the test's standing for one of the host's disks."""
+        image = self.tmp / f"host{len(self.host_disks)}.raw"
+        run(["truncate", "-s", "8M", str(image)])
+        self.host_disks.append(run(["losetup", "-f", "--show", str(image)]).stdout.strip())
+        return self.host_disks[-1]
+
+    def host_dm(self, name: str, uuid: str) -> None:
+        """An active device-mapper device of the host, on one of its disks."""
+        disk = self.host_disk()
+        dm = self.sys / f"dm-{len(list(self.sys.iterdir()))}"
+        self.host_dms.append(dm)
+        (dm / "dm").mkdir(parents=True)
+        (dm / "slaves").mkdir()
+        number = os.stat(disk).st_rdev
+        for leaf, value in (("dm/name", name), ("dm/uuid", uuid), ("dev", f"{os.major(number)}:{os.minor(number)}"),
+                            ("ro", "0"), (f"slaves/{os.path.basename(disk)}", "")):
+            (dm / leaf).write_text(value + "\n")
+
+    def mapper(self, lv: str) -> Path:
+        return Path("/dev/mapper") / f"{self.group}-{lv}"
+
+    def attach(self, read_only: bool) -> Any:
+        from h2kd.operations.offline_fix import devices
+
+        (self.state / "world.json").write_text(json.dumps(self.world))
+        fd = os.open(self.image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        stack = contextlib.ExitStack()
+        stack.callback(os.close, fd)
+        try:
+            return _Attached(stack, stack.enter_context(devices.attached_disk(fd, read_only, "disk.raw")))
+        except BaseException:
+            stack.close()
+            raise
+
+    def calls(self, program: str | None = None) -> list[list[str]]:
+        log = self.state / "calls.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [argv for argv in map(json.loads, lines) if program is None or argv[0] == program]
+
+    def activations(self) -> list[list[str]]:
+        return [argv for argv in self.calls("vgchange") if "-ay" in argv]
+
+    def left(self) -> list[str]:
+        """What is left of the guest's: device-mapper devices the stand-in made, and its /dev/mapper nodes, the
+        image's loop device."""
+        made = self.state / "made"
+        return [str(p) for p in self.sys.iterdir() if p not in self.host_dms] + \
+            [m for m in (made.read_text().split() if made.exists() else []) if os.path.lexists(m)] + \
+            loops_of(self.image)
+
+    def close(self) -> None:
+        for node in Path("/dev/mapper").glob(f"{self.group}-*"):
+            if node.is_symlink():
+                node.unlink()
+        for disk in self.host_disks:
+            subprocess.run(["losetup", "-d", disk], capture_output=True, timeout=60)
+        for line in loops_of(self.image):
+            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, timeout=60)
+
+
+class _Attached:
+    """attached_disk() entered: `disk`, and close() to leave it."""
+
+    def __init__(self, stack: Any, disk: Any) -> None:
+        self.stack, self.disk = stack, disk
+
+    def lvs(self) -> list[tuple[str, str]]:
+        return [(d.lv_name, d.path) for d in self.disk.devices if d.kind == "lv"]
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@pytest.fixture
+def lvm_world(tmp_path: Path, monkeypatch: Any) -> Any:
+    world = LvmWorld(tmp_path, monkeypatch)
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("host_has", ["a volume group LVM lists", "an active device-mapper device of that name",
+                                      "the guest's volume group active"])
+def test_a_guest_volume_group_named_like_one_of_the_hosts_is_not_activated(lvm_world: Any, host_has: str) -> None:
+    """The check counted the volume groups a plain `vgs` lists by the guest's group's name, and refused above
+    one: on a host with an LVM devices file (RHEL 9's default) a plain vgs never sees the guest's loop device, so
+    a guest's "rhel" passed next to the host's "rhel", and its LVs took the names of the host's. The host's
+    groups are now listed apart from the guest's physical volumes, and its active device-mapper devices looked
+    at, by name and by volume group UUID (the same image attached twice, a copy of a host disk)."""
+    from h2kd.operations.qemuimg import OperationError
+
+    world = lvm_world
+    world.lv("root")
+    if host_has == "a volume group LVM lists":
+        world.world["pvs"].append({"pv": world.host_disk(), "vg": world.group, "vg_uuid": lvm_uuid(),
+                                   "in_devices_file": True})
+    elif host_has == "an active device-mapper device of that name":
+        world.host_dm(f"{world.group}-swap", "LVM-" + (lvm_uuid() + lvm_uuid()).replace("-", ""))
+    else:
+        world.host_dm("othervg-root", "LVM-" + (world.group_uuid + lvm_uuid()).replace("-", ""))
+    with pytest.raises(OperationError) as refused:
+        world.attach(read_only=False).close()
+    assert refused.value.code == "UNSUPPORTED", refused.value
+    assert world.group in str(refused.value) and "vgimportclone" in str(refused.value), refused.value
+    assert world.activations() == [], world.calls()
+    assert world.left() == []
+
+
+def test_a_host_whose_volume_groups_cannot_be_listed_activates_no_guest_group(lvm_world: Any) -> None:
+    """The check took a failing `vgs` for "no clash" and went on activating. It refuses now: a group it cannot
+    compare with the host's is not activated."""
+    from h2kd.operations.qemuimg import OperationError
+
+    world = lvm_world
+    world.lv("root")
+    world.world["host_lvm_fails"] = True
+    with pytest.raises(OperationError) as refused:
+        world.attach(read_only=False).close()
+    assert refused.value.code == "UNSUPPORTED", refused.value
+    assert "could not be listed" in str(refused.value) and "Can't get lock" in str(refused.value), refused.value
+    assert world.activations() == [], world.calls()
+    assert world.left() == []
+
+
+@pytest.mark.parametrize("case", ["a node of its name for an LV left inactive", "a node of its name that is "
+                                  "another device", "a device of its UUID on another disk"])
+def test_a_guest_logical_volume_is_the_device_of_its_uuid_on_the_guests_disk(lvm_world: Any, case: str) -> None:
+    """Any LV whose /dev/mapper/<vg>-<lv> existed was taken for the guest's, whatever that node was. An LV is now
+    the device-mapper device whose UUID is LVM's for it, lying on the guest's loop device, through a node that is
+    that very device; an LV LVM left inactive is passed over whatever node has its name. (The host here has no
+    devices file: plain LVM commands see the guest's physical volume too, which is no clash.)"""
+    from h2kd.operations.qemuimg import OperationError
+
+    world = lvm_world
+    world.world["pvs"][0]["in_devices_file"] = True
+    world.lv("data")
+    if case == "a node of its name for an LV left inactive":
+        world.lv("root", inactive=True)
+        world.mapper("root").symlink_to(world.host_disk())
+        attached = world.attach(read_only=False)
+        try:
+            assert attached.lvs() == [(f"{world.group}/data", str(world.mapper("data")))]
+        finally:
+            attached.close()
+        assert world.left() == []
+        return
+    if case == "a node of its name that is another device":
+        world.mapper("data").symlink_to(world.host_disk())
+        problem = f"{world.mapper('data')} is not the device of the guest's logical volume {world.group}/data"
+    else:
+        world.world["lvs"][0]["lies_on"] = os.path.basename(world.host_disk())
+        problem = f"lies on {os.path.basename(world.host_disks[0])}, not on the guest's disk"
+    with pytest.raises(OperationError) as refused:
+        world.attach(read_only=False).close()
+    assert refused.value.code == "UNSUPPORTED" and problem in str(refused.value), refused.value
+    assert len(world.activations()) == 1 and world.left() == [], world.calls()
+
+
+def test_a_dry_run_activates_the_guests_volume_groups_read_only(lvm_world: Any) -> None:
+    """A dry run activated with `vgchange --readonly -ay`, which turns activation off in LVM (LVM 2.03.16
+    refuses it outright: "Operation prohibited while --readonly is set"): an LVM guest's dry run never found its
+    root. It activates as a repair does, with the group in read_only_volume_list, which makes the LVs read-only."""
+    world = lvm_world
+    world.lv("root")
+    attached = world.attach(read_only=True)
+    try:
+        assert attached.lvs() == [(f"{world.group}/root", str(world.mapper("root")))]
+        read_only = [(dm / "ro").read_text().strip() for dm in world.sys.iterdir()]
+    finally:
+        attached.close()
+    assert read_only == ["1"], (read_only, world.activations())
+    assert not any("--readonly" in argv for argv in world.calls()), world.calls()
+    assert world.left() == []
+
+
+def test_a_logical_volume_flagged_to_be_skipped_at_activation_is_activated(lvm_world: Any) -> None:
+    """An LV with LVM's activation-skip flag (a thin snapshot has it by default) stayed inactive, and a guest
+    whose root it is had none. The guest's groups are activated with -K (--ignoreactivationskip)."""
+    world = lvm_world
+    world.lv("root", skip=True)
+    attached = world.attach(read_only=False)
+    try:
+        assert attached.lvs() == [(f"{world.group}/root", str(world.mapper("root")))]
+        read_only = [(dm / "ro").read_text().strip() for dm in world.sys.iterdir()]
+    finally:
+        attached.close()
+    assert read_only == ["0"], (read_only, world.activations())
+    assert world.left() == []

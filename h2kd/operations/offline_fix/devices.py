@@ -26,6 +26,14 @@ dry run's to do.
 
 There is no udev on every host: after the partition scan the partition nodes are waited for, and created with
 `partx -a` when the kernel did not.
+
+A guest's LVM volume groups share one namespace with the host's: a guest group named like one of the host's
+(both "rhel") would get the host's device-mapper names, and a copy of a host's disk its very devices. So a guest
+group is activated only when no volume group of the host (pvs, the guest's own physical volumes set aside) and
+no device-mapper device of the host (sysfs) has its name or UUID, and a check that cannot be made refuses. Once
+activated, a guest LV is the device-mapper device whose UUID is LVM's for it (LVM-<VG UUID><LV UUID>), lying on
+the guest's loop device alone, and reached by a /dev/mapper node that is that very device: a node found by name
+only could be any device of the host.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -269,31 +278,235 @@ def _activate_lvm(disk: AttachedDisk) -> None:
     if not commands.have("vgchange"):
         raise OperationError("UNSUPPORTED", "the disk uses LVM, but the LVM tools (lvm2) are not installed on "
                              "this host", "attach")
+    # LVM looks at the guest's physical volumes, and at them alone, whatever the host's devices file (RHEL 9's
+    # default, which has no loop device in it) or filters say: --devices overrides both.
     only_these = ["--devices", ",".join(pvs)]
-    listing = commands.checked(["vgs", "--noheadings", "-o", "vg_name", *only_these], "listing volume groups")
-    groups = sorted({name.strip() for name in listing.stdout.split() if name.strip()})
+    groups = _guest_groups(only_these)
+    _refuse_clashes(disk, groups)
     for group in groups:
-        active = commands.run(["vgs", "--noheadings", "-o", "vg_name"], timeout=30)
-        clashes = active.stdout.split().count(group) > 1 if active.ok else False
-        if clashes:
-            raise OperationError("UNSUPPORTED", f"the guest's volume group {group} has the name of a volume group "
-                                 "of this host; it cannot be activated safely", "attach")
-        mode = ["--readonly"] if disk.read_only else []
         disk.volume_groups.append(group)
-        commands.checked(["vgchange", "-ay", *mode, *only_these, group], f"activating volume group {group}")
-    lvs = commands.checked(["lvs", "--noheadings", "--separator", "/", "-o", "vg_name,lv_name", *only_these],
-                           "listing logical volumes")
-    for line in lvs.stdout.splitlines():
-        name = line.strip()
-        if not name or name.count("/") != 1:
+        # -K: an LV flagged to be skipped at activation (as snapshots often are) may be what the guest mounts.
+        commands.checked(["vgchange", "-ay", "-K", *only_these, "--config",
+                          _activation_config(group, disk.read_only), group], f"activating volume group {group}")
+    if not groups:
+        return
+    listing = commands.checked(["lvs", "--noheadings", "--separator", "|", "-o", "vg_name,lv_name,vg_uuid,lv_uuid",
+                                *only_these, *groups], "listing the guest's logical volumes")
+    mapped = {device.uuid: device for device in _mapped_devices()}
+    for line in listing.stdout.splitlines():
+        if not line.strip():
             continue
-        group, volume = name.split("/")
-        path = f"/dev/mapper/{group.replace('-', '--')}-{volume.replace('-', '--')}"
-        if not os.path.exists(path):
+        group, volume, group_uuid, volume_uuid = _fields(line, 4, "logical volume")
+        if groups.get(group) != group_uuid:
             continue
+        # An LV with no device of its UUID (left inactive, or a pool LVM maps under a layer's UUID) has nothing
+        # to use: a device of its name, if any, is someone else's.
+        device = mapped.get(f"LVM-{group_uuid}{volume_uuid}")
+        if device is None:
+            continue
+        path = _guest_node(device, f"{group}/{volume}", disk.loop)
         info = probe(path)
         disk.devices.append(BlockDevice(path, "lv", None, info.get("TYPE", ""), info.get("UUID", ""),
-                                        info.get("LABEL", ""), lv_name=name))
+                                        info.get("LABEL", ""), lv_name=f"{group}/{volume}"))
+
+
+# Where the device-mapper devices (dm-N) are found, with dm/name, dm/uuid, dev and slaves/ in each.
+DM_SYSFS = "/sys/block"
+# What LVM accepts as a VG or LV name, and the form of its UUIDs: anything else is not a name LVM made, and
+# nothing a guest wrote reaches LVM's command line or configuration unless it is one.
+_LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,127}")
+_LVM_UUID = re.compile(r"[A-Za-z0-9]{6}(?:-[A-Za-z0-9]{4}){5}-[A-Za-z0-9]{6}")
+_RENAME_HINT = ("run the repair on a host without a volume group of that name, or give the guest's volume group "
+                "another name and new UUIDs on a copy of the image (vgimportclone --basevgname on its physical "
+                "volumes, then the guest's /etc/fstab and kernel command line changed to match)")
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """A device-mapper device of the host, as sysfs shows it."""
+
+    node: str       # dm-N
+    name: str
+    uuid: str
+    dev: tuple[int, int]
+
+
+def _fields(line: str, count: int, what: str) -> list[str]:
+    """One line of a vgs/lvs report (--separator |), names and UUIDs checked; UUIDs without their dashes."""
+    values = [value.strip() for value in line.strip().split("|")]
+    names, uuids = values[:count // 2], values[count // 2:]
+    if len(values) != count or not all(_valid_name(n) for n in names) or \
+            not all(_LVM_UUID.fullmatch(u) for u in uuids):
+        raise OperationError("INVALID_IMAGE", f"LVM lists a {what} of the guest with a name or UUID LVM does not "
+                             f"make: {line.strip()[:200]!r}", "attach")
+    return names + [u.replace("-", "") for u in uuids]
+
+
+def _valid_name(name: str) -> bool:
+    return bool(_LVM_NAME.fullmatch(name)) and name not in (".", "..")
+
+
+def _guest_groups(only_these: list[str]) -> dict[str, str]:
+    """The guest's volume groups: their UUIDs (no dashes) by name."""
+    listing = commands.checked(["vgs", "--noheadings", "--separator", "|", "-o", "vg_name,vg_uuid", *only_these],
+                               "listing the guest's volume groups")
+    groups: dict[str, str] = {}
+    for line in listing.stdout.splitlines():
+        if not line.strip():
+            continue
+        name, uuid = _fields(line, 2, "volume group")
+        if groups.get(name, uuid) != uuid:
+            raise OperationError("INVALID_IMAGE", f"the disk holds two volume groups named {name}; neither can be "
+                                 "activated by its name", "attach")
+        groups[name] = uuid
+    return dict(sorted(groups.items()))
+
+
+def _refuse_clashes(disk: AttachedDisk, groups: dict[str, str]) -> None:
+    """UNSUPPORTED if a guest volume group has the name of one of the host's, or is already active on the host:
+    its LVs would get the device-mapper names, or the very devices, of the host's. A check that cannot be made
+    refuses too."""
+    if not groups:
+        return
+    names = ", ".join(groups)
+    host = commands.run(["pvs", "--noheadings", "--separator", "|", "-o", "pv_name,vg_name"], timeout=60)
+    if not host.ok:
+        raise OperationError("UNSUPPORTED", f"the volume groups of this host could not be listed (pvs: "
+                             f"{host.last_words()}), so the guest's ({names}) cannot be told apart from them and "
+                             "are not activated; LVM must work on this host for a guest with LVM to be repaired",
+                             "attach")
+    ours = _our_devices(disk)
+    for line in host.stdout.splitlines():
+        pv, sep, group = line.strip().partition("|")
+        # The guest's own physical volumes show here too when the host has no devices file.
+        if sep and group in groups and not _is_ours(pv, ours):
+            raise OperationError("UNSUPPORTED", f"the guest's volume group {group} has the name of a volume group "
+                                 f"of this host (on {pv}); it cannot be activated safely: {_RENAME_HINT}", "attach")
+    mapped = _mapped_devices()
+    uuids = {uuid: name for name, uuid in groups.items()}
+    for device in mapped:
+        group = _group_of(device.name)
+        if group in groups:
+            raise OperationError("UNSUPPORTED", f"the guest's volume group {group} has the name of a volume group "
+                                 f"active on this host (device-mapper device {device.name}); it cannot be "
+                                 f"activated safely: {_RENAME_HINT}", "attach")
+        if device.uuid.startswith("LVM-") and device.uuid[4:36] in uuids:
+            group = uuids[device.uuid[4:36]]
+            raise OperationError("UNSUPPORTED", f"the guest's volume group {group} is already active on this host "
+                                 f"(device-mapper device {device.name}): the image is in use elsewhere, or is a "
+                                 f"copy of a disk of this host; it cannot be activated safely: {_RENAME_HINT}",
+                                 "attach")
+
+
+def _our_devices(disk: AttachedDisk) -> set[int]:
+    numbers = set()
+    for path in [disk.loop, *(d.path for d in disk.devices if d.kind == "partition")]:
+        with contextlib.suppress(OSError):
+            numbers.add(os.stat(path).st_rdev)
+    return numbers
+
+
+def _is_ours(path: str, ours: set[int]) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(info.st_mode) and info.st_rdev in ours
+
+
+def _group_of(dm_name: str) -> str | None:
+    """The volume group an LVM device-mapper name is of ("my--vg-root" is my-vg's), None if it has no '-'
+    separating one."""
+    i = 0
+    while i < len(dm_name):
+        if dm_name[i] == "-":
+            if dm_name[i + 1:i + 2] != "-":
+                return dm_name[:i].replace("--", "-")
+            i += 1
+        i += 1
+    return None
+
+
+def _mapped_devices() -> list[_Mapped]:
+    """The host's device-mapper devices (one that goes away meanwhile left out). UNSUPPORTED if they cannot be
+    listed: what is not known cannot be told apart from the guest's."""
+    found = []
+    try:
+        nodes = sorted(os.listdir(DM_SYSFS))
+    except OSError as e:
+        raise OperationError("UNSUPPORTED", f"the device-mapper devices of this host could not be listed "
+                             f"({DM_SYSFS}: {e.strerror or e}), so the guest's logical volumes cannot be told "
+                             "apart from them", "attach") from None
+    for node in nodes:
+        if not re.fullmatch(r"dm-\d+", node):
+            continue
+        try:
+            values = [_read(f"{DM_SYSFS}/{node}/{leaf}") for leaf in ("dm/name", "dm/uuid", "dev")]
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OperationError("UNSUPPORTED", f"the device-mapper device {node} of this host could not be read "
+                                 f"({e.strerror or e}), so the guest's logical volumes cannot be told apart from "
+                                 "the host's", "attach") from None
+        name, uuid, dev = values
+        major, _, minor = dev.partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            continue
+        found.append(_Mapped(node, name, uuid, (int(major), int(minor))))
+    return found
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _activation_config(group: str, read_only: bool) -> str:
+    """LVM configuration for activating the guest's volume group `group` (a name _guest_groups checked).
+
+    volume_list names the group alone: a host's own list (an HA cluster's, or its host tags') would leave the
+    guest's LVs inactive. A dry run activates them read-only with read_only_volume_list: --readonly would not do,
+    it turns activation off altogether; and "*" is not a pattern there, the group must be named."""
+    listed = f'[ "{group}" ]'
+    return f"activation {{ volume_list = {listed}" + (f" read_only_volume_list = {listed}" if read_only else "") + " }"
+
+
+def _guest_node(device: _Mapped, lv: str, loop: str) -> str:
+    """/dev/mapper/<name> of the device-mapper device of the guest's LV `lv`, once it proves to be that very
+    device, and to lie on the guest's disk alone; UNSUPPORTED otherwise."""
+    elsewhere = sorted(leaf for leaf in _leaves(device.node) if not re.fullmatch(
+        rf"{re.escape(os.path.basename(loop))}(p\d+)?", leaf))
+    if elsewhere:
+        raise OperationError("UNSUPPORTED", f"the device of the guest's logical volume {lv} ({device.name}) lies on "
+                             f"{', '.join(elsewhere)}, not on the guest's disk {loop}; it is not used", "attach")
+    path = f"/dev/mapper/{device.name}"
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise OperationError("TOOL_FAILED", f"the guest's logical volume {lv} is active ({device.node}), but its "
+                             f"device node {path} cannot be used: {e.strerror or e}", "attach") from None
+    if not stat.S_ISBLK(info.st_mode) or (os.major(info.st_rdev), os.minor(info.st_rdev)) != device.dev:
+        raise OperationError("UNSUPPORTED", f"{path} is not the device of the guest's logical volume {lv} "
+                             f"({device.node}, {device.dev[0]}:{device.dev[1]}) but another device of this host; "
+                             "it is not used", "attach")
+    return path
+
+
+def _leaves(node: str, depth: int = 0) -> set[str]:
+    """The block devices (not device-mapper ones) under the device-mapper device `node`; UNSUPPORTED if they
+    cannot be read, as a device whose place is not known cannot be the guest's."""
+    try:
+        below = os.listdir(f"{DM_SYSFS}/{node}/slaves")
+    except OSError as e:
+        raise OperationError("UNSUPPORTED", f"the devices under the device-mapper device {node} could not be "
+                             f"listed ({e.strerror or e}); it is not used", "attach") from None
+    leaves = set()
+    for name in below:
+        if re.fullmatch(r"dm-\d+", name) and depth < 16:
+            leaves |= _leaves(name, depth + 1)
+        else:
+            leaves.add(name)
+    return leaves
 
 
 def _deactivate_lvm(disk: AttachedDisk) -> list[str]:
