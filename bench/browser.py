@@ -101,6 +101,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1
 class Browser:
     def __init__(self, driver: subprocess.Popen[bytes], port: int, session: str, log_path: Path):
         self._driver = driver
+        self.port = port
         self._base = f"http://127.0.0.1:{port}"
         self.session = session
         self.log_path = log_path
@@ -111,8 +112,9 @@ class Browser:
         work_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         log_path = work_dir / "chromedriver.log"
-        driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}", "--allowed-ips=127.0.0.1",
-                                   f"--log-path={log_path}"],
+        # No --allowed-ips: with it, chromedriver listens on every interface and filters callers; without it,
+        # on loopback alone.
+        driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}", f"--log-path={log_path}"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -29,7 +29,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.stash[_pid1_at_start] = PID1_CGROUP.read_text()
 
 
-@pytest.hookimpl(tryfirst=True)
+# trylast: after the session's fixtures are torn down (the shared stack stopped), also after -x or Ctrl-C.
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before = session.stash.get(_pid1_at_start, None)
     after = PID1_CGROUP.read_text()

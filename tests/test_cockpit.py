@@ -231,6 +231,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
         yield b
 
 
+def test_the_browser_driver_listens_on_loopback_alone(browser: Browser) -> None:
+    """The tests talk only to loopback: chromedriver's port is on 127.0.0.1 (and ::1), not on every interface."""
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{browser.port}"], capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+    addresses = [line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()]
+    assert addresses and set(addresses) <= {"127.0.0.1", "[::1]"}, listening
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """VMDKs with enough data that a conversion takes seconds (progress is visible) and a smaller one."""

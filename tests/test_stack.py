@@ -120,6 +120,22 @@ def test_systemd_manager_runs_units(bare_stack: Stack) -> None:
     assert ":name=systemd:/\n" not in manager_cgroup
 
 
+def test_a_manager_starts_and_stops_on_a_host_whose_pid1_is_systemd(tmp_path: Path, monkeypatch) -> None:
+    """There PID 1 sits in /init.scope, not in /: the check compares with where it was before the manager
+    started. It used to insist on / and fail every start, leaving the manager it had started running."""
+    from h2kd.sandbox import cgroup, systemd
+
+    as_on_a_systemd_host = {key: "/init.scope" for key in pid1_cgroup()}
+    monkeypatch.setattr(cgroup, "pid1_cgroup", lambda: dict(as_on_a_systemd_host))
+    monkeypatch.setattr(systemd, "pid1_cgroup", lambda: dict(as_on_a_systemd_host))
+    handle = systemd.start_user_manager(tmp_path / "runtime", tmp_path / "manager.log")
+    try:
+        assert handle.alive
+    finally:
+        handle.stop()
+    assert not handle.alive
+
+
 def test_journald_takes_messages() -> None:
     from systemd import journal
 

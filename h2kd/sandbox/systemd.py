@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from h2kd.sandbox.cgroup import OwnCgroup, assert_pid1_untouched, spawn_in_own_cgroup
+from h2kd.sandbox.cgroup import OwnCgroup, assert_pid1_untouched, pid1_cgroup, spawn_in_own_cgroup
 
 SYSTEMD_BINARY = Path("/lib/systemd/systemd")
 JOURNALD_BINARY = Path("/lib/systemd/systemd-journald")
@@ -158,6 +158,9 @@ class ManagerHandle:
     created_system_dir: bool
     process: subprocess.Popen = field(repr=False)
     stopped: bool = False
+    # PID 1's cgroups before the manager started: they must be the same after (on a host whose PID 1 is
+    # systemd, that is /init.scope, not /).
+    pid1_before: dict[str, str] = field(default_factory=pid1_cgroup, repr=False)
 
     @property
     def bus_address(self) -> str:
@@ -192,7 +195,7 @@ class ManagerHandle:
             with _registry_locked():
                 _unregister(self.pid)
                 _release_shared_state()
-        assert_pid1_untouched()
+        assert_pid1_untouched(self.pid1_before)
 
 
 def _bus_has_systemd(bus_socket: Path) -> bool:
@@ -230,6 +233,7 @@ def start_user_manager(runtime_dir: Path, log_path: Path, env: Mapping[str, str]
     manager_env.update(env or {})
     manager_env["XDG_RUNTIME_DIR"] = str(runtime_dir)
     manager_env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={runtime_dir / 'bus'}"
+    pid1_before = pid1_cgroup()
 
     with _registry_locked():
         created = _ensure_system_marker_dir()
@@ -242,16 +246,22 @@ def start_user_manager(runtime_dir: Path, log_path: Path, env: Mapping[str, str]
                 raise
         _register(proc.pid, {"kind": "user-manager", "owner": os.getpid(), "runtime_dir": str(runtime_dir),
                              "cgroup": group.name, "cgroup_dirs": [str(d) for d in group.dirs]})
-    handle = ManagerHandle(proc.pid, runtime_dir, log_path, group, created, proc)
+    handle = ManagerHandle(proc.pid, runtime_dir, log_path, group, created, proc, pid1_before=pid1_before)
 
-    deadline = time.monotonic() + timeout
-    while not _bus_has_systemd(runtime_dir / "bus"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = "exited" if proc.poll() is not None else f"not on its bus after {timeout:.0f}s"
+    # Whatever ends the start early (Ctrl-C, a test's time limit, PID 1 found moved) stops what was started:
+    # the handle is not yet the caller's to stop.
+    try:
+        deadline = time.monotonic() + timeout
+        while not _bus_has_systemd(runtime_dir / "bus"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = "exited" if proc.poll() is not None else f"not on its bus after {timeout:.0f}s"
+                raise SandboxStartError(f"systemd --user {why}; see {log_path}")
+            time.sleep(0.1)
+        assert_pid1_untouched(pid1_before)
+    except BaseException:
+        with contextlib.suppress(Exception):
             handle.stop()
-            raise SandboxStartError(f"systemd --user {why}; see {log_path}")
-        time.sleep(0.1)
-    assert_pid1_untouched()
+        raise
     return handle
 
 
@@ -278,6 +288,7 @@ class JournaldHandle:
     cgroup: OwnCgroup
     process: subprocess.Popen = field(repr=False)
     stopped: bool = False
+    pid1_before: dict[str, str] = field(default_factory=pid1_cgroup, repr=False)    # as for ManagerHandle
 
     @property
     def alive(self) -> bool:
@@ -302,7 +313,7 @@ class JournaldHandle:
                 self.cgroup.remove()
             finally:
                 _unregister(self.pid)
-        assert_pid1_untouched()
+        assert_pid1_untouched(self.pid1_before)
 
 
 def start_journald(log_path: Path, env: Mapping[str, str] | None = None,
@@ -314,6 +325,7 @@ def start_journald(log_path: Path, env: Mapping[str, str] | None = None,
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid1_before = pid1_cgroup()
     with _registry_locked():
         if journal_socket_live():
             return None
@@ -324,15 +336,24 @@ def start_journald(log_path: Path, env: Mapping[str, str] | None = None,
                                               env=journald_env, stdout=log, stderr=subprocess.STDOUT)
         _register(proc.pid, {"kind": "journald", "owner": os.getpid(),
                              "cgroup": group.name, "cgroup_dirs": [str(d) for d in group.dirs]})
-        handle = JournaldHandle(proc.pid, log_path, group, proc)
-        deadline = time.monotonic() + timeout
-        while not journal_socket_live():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop_pid(proc.pid, proc)
-                group.remove()
-                _unregister(proc.pid)
-                handle.stopped = True
-                raise SandboxStartError(f"systemd-journald did not open {JOURNAL_SOCKET}; see {log_path}")
-            time.sleep(0.05)
-    assert_pid1_untouched()
+        handle = JournaldHandle(proc.pid, log_path, group, proc, pid1_before=pid1_before)
+        # As for the manager: whatever ends the start early stops the journald started.
+        try:
+            deadline = time.monotonic() + timeout
+            while not journal_socket_live():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SandboxStartError(f"systemd-journald did not open {JOURNAL_SOCKET}; see {log_path}")
+                time.sleep(0.05)
+        except BaseException:
+            _stop_pid(proc.pid, proc)
+            group.remove()
+            _unregister(proc.pid)
+            handle.stopped = True
+            raise
+    try:
+        assert_pid1_untouched(pid1_before)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            handle.stop()
+        raise
     return handle
