@@ -548,12 +548,17 @@ def hanging_journalctl(tmp_path: Path, monkeypatch) -> Path:
     return pid_file
 
 
-def still_running(pid: int) -> bool:
-    """Whether our child `pid` is still there (running, or not yet reaped); ended now if it is."""
-    left = Path(f"/proc/{pid}").exists()
-    if left:
-        os.kill(pid, signal.SIGKILL)
-    return left
+def still_running(pid: int, parent: int) -> bool:
+    """Whether our child `pid` is still there (running, or not yet reaped) as the child of `parent`; ended now if
+    it is. A pid whose process was reaped may be another's since: that one is neither counted nor killed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    if int(stat[1]) != parent:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
 
 
 async def started_pid(pid_file: Path) -> int:
@@ -574,7 +579,7 @@ def test_a_journal_read_that_hangs_is_ended_when_the_runner_stops(sandbox: Sandb
         async with runner_for(sandbox.config("fail"), events) as runner:
             await runner.start(make_job(), 1)
             pid = await started_pid(pid_file)
-        assert not still_running(pid), "journalctl was left running (or unreaped) after the runner stopped"
+        assert not still_running(pid, os.getpid()), "journalctl was left running (or unreaped) after the runner stopped"
 
     asyncio.run(scenario())
 
@@ -592,7 +597,7 @@ def test_a_journal_read_that_hangs_is_given_up_and_the_outcome_reported(sandbox:
             pid = await started_pid(pid_file)
             outcome = await events.wait_finished(job.id)
             assert (outcome.result, outcome.exit_status, outcome.log_tail) == ("exit-code", 3, [])
-            assert not still_running(pid), "journalctl was left running after its read was given up"
+            assert not still_running(pid, os.getpid()), "journalctl was left running after its read was given up"
 
     asyncio.run(scenario())
 

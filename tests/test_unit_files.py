@@ -261,6 +261,14 @@ def test_an_output_root_h2kd_cannot_write_stops_it_and_names_the_drop_in(tmp_pat
     assert f"ReadWritePaths={outside}" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
 
 
+def process_start(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat), None if there is no such process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def test_h2kds_capabilities_let_it_end_a_check_that_hangs_as_its_caller(tmp_path: Path) -> None:
     """A check made as the caller (a child with the caller's uid) that hangs, in a FUSE mount of theirs, is
     ended with SIGKILL. Root may signal another uid's process only with CAP_KILL: h2kd run with no more than
@@ -278,7 +286,8 @@ fork = os.fork
 def recorded_fork():
     pid = fork()
     if pid:
-        print("forked", pid, flush=True)
+        started = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        print("forked", pid, started, flush=True)
     return pid
 os.fork = recorded_fork
 error = check_that_hangs(20)
@@ -292,12 +301,11 @@ print("unreaped", sorted(access._UNREAPED), flush=True)
                               "-c", script], stdout=stdout, stderr=subprocess.STDOUT, text=True, timeout=60, cwd=REPO)
     said = out.read_text()
     left = []
-    for pid in (int(line.split()[1]) for line in said.splitlines() if line.startswith("forked ")):
-        try:
-            os.kill(pid, signal.SIGKILL)        # ours: the check's child, should the run have left it
+    for pid, started in ((int(line.split()[1]), int(line.split()[2])) for line in said.splitlines()
+                         if line.startswith("forked ")):
+        if process_start(pid) == started:    # still the check's child, not a process given its number since
+            os.kill(pid, signal.SIGKILL)
             left.append(pid)
-        except ProcessLookupError:
-            pass
     assert ran.returncode == 0, said
     assert "H2kError: checking /mnt/theirs/disk.vmdk as uid 65534 took longer than 0.5 s" in said, said
     assert left == [] and "unreaped []" in said, said

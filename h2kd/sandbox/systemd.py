@@ -109,15 +109,21 @@ def _release_shared_state() -> None:
     for pid, entry in live.items():
         # A journald left for the others (or whose owner died without stopping it) is ours to end now.
         if entry.get("kind") == "journald" and (entry.get("orphaned") or not _alive(int(entry.get("owner", 0)))):
-            _stop_pid(pid, None)
+            # Only while it is still in the cgroup we made for it: a pid of a journald that died may have been
+            # given to another process since.
+            if _cgroup_of(entry).contains(pid):
+                _stop_pid(pid, None)
             _remove_cgroup(entry)
             _unregister(pid)
 
 
+def _cgroup_of(entry: dict) -> OwnCgroup:
+    return OwnCgroup(entry["cgroup"], [Path(d) for d in entry["cgroup_dirs"]])
+
+
 def _remove_cgroup(entry: dict) -> None:
-    group = OwnCgroup(entry["cgroup"], [Path(d) for d in entry["cgroup_dirs"]])
     with contextlib.suppress(Exception):
-        group.remove()
+        _cgroup_of(entry).remove()
 
 
 def _stop_pid(pid: int, proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
