@@ -115,7 +115,7 @@ def boot(image: Path, fmt: str, workdir: Path, timeout: float = BOOT_TIMEOUT) ->
     argv = [QEMU, "-machine", "q35", "-m", "1024", "-smp", "2", "-display", "none", "-no-reboot",
             "-serial", f"file:{serial}", "-monitor", "none",
             "-drive", f"file={image},if=virtio,format={fmt},snapshot=on",
-            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} console=ttyS0"]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
