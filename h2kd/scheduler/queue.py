@@ -411,20 +411,17 @@ class Scheduler:
                        "it needs"
             return _no_worker_reason([m for m in misses if m is not None])
         able = [w for w, miss in zip(context.workers, misses) if miss is None]
+        claimers = [w for w, miss in zip(context.claimers, misses[len(context.workers):]) if miss is None]
+        with_room = [w for w in claimers if context.free[w.id] > 0]
+        named = f"worker {with_room[0].name or with_room[0].id}" if len(with_room) == 1 else None
         if not able:    # only external workers can run it: one of them must claim it
-            claimers = [w for w, miss in zip(context.claimers, misses[len(context.workers):]) if miss is None]
-            with_room = [w for w in claimers if context.free[w.id] > 0]
             if with_room:
-                return (f"waiting for worker {with_room[0].name or with_room[0].id} to claim it" if len(with_room) == 1
-                        else "waiting for one of the workers that can run it to claim it")
+                return f"waiting for {named or 'one of the workers that can run it'} to claim it"
             if len(claimers) == 1:
                 w = claimers[0]
                 return f"waiting for a free slot on worker {w.name or w.id} ({w.active_jobs} of {w.max_jobs} busy)"
             return "waiting for a free slot on a worker that can run it"
-        claimable = [w for w, miss in zip(context.claimers, misses[len(context.workers):])
-                     if miss is None and context.free[w.id] > 0]
-        also = f" or for worker {claimable[0].name or claimable[0].id} to claim it" if len(claimable) == 1 else \
-            " or for a worker that can run it to claim it" if claimable else ""
+        also = f" or for {named or 'a worker that can run it'} to claim it" if with_room else ""
         if context.running >= self._max_parallel:
             return f"waiting for a free slot ({context.running} of {self._max_parallel} running){also}"
         if all(context.free[w.id] <= 0 for w in able):
