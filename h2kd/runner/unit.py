@@ -41,7 +41,8 @@ def denied_system_calls(fixes_guest: bool) -> tuple[str, ...]:
 # DAC_OVERRIDE), hand outputs to their owner (CHOWN, FOWNER), run qemu-img as the submitter (SETUID, SETGID) and
 # stop it on a cancel (KILL). None of the rest, which would let code that took over the worker (a qemu-img
 # exploited by a crafted image) leave the sandbox: remount it (SYS_ADMIN), write into other processes (SYS_PTRACE).
-# A guest repair mounts, chroots and runs the guest's tools: it keeps root's whole set.
+# A guest repair mounts, chroots and runs the guest's tools: it keeps root's whole set (the guest's tools themselves
+# run with a few, see h2kd.operations.offline_fix.confine).
 WORKER_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
                        "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
 WORKER_CAPABILITY_MASK = sum(1 << number for number in WORKER_CAPABILITIES.values())

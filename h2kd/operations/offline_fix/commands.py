@@ -14,22 +14,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from h2kd.operations.offline_fix import confine
 from h2kd.operations.qemuimg import OperationError
 
 DEFAULT_TIMEOUT = 120.0
-# Chroot commands see this environment, not the worker's.
-GUEST_ENVIRONMENT = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-    "DEBIAN_FRONTEND": "noninteractive",
-    "HOME": "/root",
-    "TERM": "dumb",
-}
 
 
 @dataclass(frozen=True)
@@ -94,8 +87,9 @@ def checked(argv: list[str], what: str, **kwargs: object) -> Completed:
 
 
 def in_guest(root: str, argv: list[str], *, timeout: float = 600.0) -> Completed:
-    """Run a guest program inside a chroot of the guest's root, with a plain environment."""
-    return run(["chroot", root, *argv], timeout=timeout, env=dict(GUEST_ENVIRONMENT))
+    """Run a guest program chrooted into the guest's root, confined (see confine: namespaces of its own, few
+    capabilities) and with a plain environment."""
+    return run([sys.executable, "-I", "-S", confine.__file__, root, "--", *argv], timeout=timeout, env={})
 
 
 # The signals a stop comes by: SIGTERM (a cancel, systemd stopping the unit), SIGINT, SIGALRM (the worker's

@@ -9,7 +9,8 @@ journal replay, so not a single block of the image changes.
 The guest's file systems are mounted nodev and nosuid: a device node the guest ships (7:0, or a host NVMe
 disk's 259:0, which the job's device policy lets through) must name nothing root could open by it, and no
 set-id program of the guest's gains anything. Nothing the repair runs needs either: the chroot's /dev and
-/run are tmpfs mounts of ours, and its programs run as root.
+/run are tmpfs mounts of ours, and its programs run as root (confined: see confine, which also gives them a
+/proc of their own).
 
 For the chroot the guest gets a fresh proc, a read-only sysfs and a private /dev on a tmpfs holding
 only the basic character devices and this disk's own block devices: guest programs (update-grub's
