@@ -218,6 +218,18 @@ def test_a_vmx_declaring_punycode_is_read_as_utf8(tmp_path: Path) -> None:
     assert report["vm"]["name"] == "vm" and [d["path"] for d in report["disks"]] == [str(tmp_path / "d.vmdk")]
 
 
+def test_a_vmx_of_millions_of_short_lines_is_refused_and_a_long_real_one_read(tmp_path: Path) -> None:
+    """16 MiB of `k<N>=v` lines made a dictionary of four million settings: seconds and hundreds of megabytes.
+    A VMX has hundreds of lines; one of twenty thousand (a long annotation, many devices) is still read."""
+    vmx = vmx_with(tmp_path, *(f"{n:x}=v" for n in range(1_800_000)))
+    assert 14 * MiB < vmx.stat().st_size <= 16 * MiB
+    refused(inspect_job(tmp_path, vmx, SECONDS), "the VMX file has more than 100000 lines")
+    vmx = vmx_with(tmp_path, *(f'guestinfo.key{n} = "value {n}"' for n in range(20_000)))
+    run = inspect_job(tmp_path, vmx, SECONDS)
+    assert run.returncode == 0, run.log
+    assert run.result["outputs"]["report"]["vm"]["name"] == "vm"
+
+
 def test_a_file_of_newlines_is_found_no_image_at_once(tmp_path: Path) -> None:
     """Looking for a VMX's first line with ^\\s* scanned on from each of 64 KiB of newlines: a minute of CPU."""
     blank = tmp_path / "blank.img"

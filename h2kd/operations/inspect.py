@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import io
 import os
 import re
 import stat
@@ -50,6 +51,7 @@ MAX_DESCRIPTOR = 16 * 1024 * 1024      # OVF / VMX / VMDK descriptor texts are s
 MAX_VM_TEXT = 1024                      # characters of any one value: a name, a file name, a MAC...
 MAX_VM_DISKS = 640
 MAX_VM_NICS = 64
+MAX_VMX_LINES = 100_000                 # a VMX holds hundreds of settings; millions of short lines cost gigabytes
 MAX_MANIFEST_ENTRIES = 4096
 # Counts and sizes a descriptor gives, far above what any hypervisor allows a VM (VMware: 768 vCPUs, 24 TiB of
 # memory, 62 TiB disks): a larger one is a damaged or crafted descriptor, refused by name rather than carried
@@ -1099,7 +1101,10 @@ def parse_vmx(text: str) -> dict[str, Any]:
     the bounds of _refuse_oversized()."""
     what = "the VMX file"
     keys: dict[str, str] = {}
-    for line in text.splitlines():
+    # Read a line at a time (splitlines would make every line first), and only so many.
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):
+        if number > MAX_VMX_LINES:
+            raise _invalid(f"{what} has more than {MAX_VMX_LINES} lines, which is refused")
         setting = _vmx_setting(line)
         if setting:
             keys[setting[0]] = setting[1]
