@@ -127,6 +127,9 @@ class JobManager:
         self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
         self._deadlines: dict[str, asyncio.TimerHandle] = {}    # job id: the end of its external attempt's time
         self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
+        # (job id, attempt) -> the external worker it was taken from (a cancel, a timeout), whose slot it keeps
+        # until the worker is told (see _hold_until_told), and the timer that frees the slot at the latest.
+        self._taken: dict[tuple[str, int], tuple[str, asyncio.TimerHandle | None]] = {}
         # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
         # an identical resubmission is told that problem, not that it was taken.
         self._failure_unrecorded: dict[str, str] = {}
@@ -195,7 +198,8 @@ class JobManager:
         self._scheduling = False
         for task in self._periodic:
             task.cancel()
-        for timer in [*self._timers.values(), *self._later_handles, *self._deadlines.values()]:
+        for timer in [*self._timers.values(), *self._later_handles, *self._deadlines.values(),
+                      *(timer for _, timer in self._taken.values() if timer is not None)]:
             timer.cancel()
         for task in list(self._tasks):
             task.cancel()
@@ -553,7 +557,7 @@ class JobManager:
         if job.worker != BUILTIN:
             with self._all_or_nothing(job):
                 job.cancelled_by = -1 if by is None else by
-                self._release_worker(job)
+                self._release_worker(job, taken=True)
                 self._finish(job, S.CANCELLED, f"cancelled{who}; worker {job.worker} was told by its next call")
             return
         # A second request (maybe by another user) leaves the first asker recorded, unless none was known.
@@ -797,12 +801,15 @@ class JobManager:
         caller."""
         fields, holder = dict(job.__dict__), self._holding.get(job.id)
         queued, armed, stored = job.id in self._scheduler, job.id in self._timers, self._stored_transitions
+        taken = set(self._taken)
         try:
             yield
         except Exception:
             if self._stored_transitions == stored:
                 job.__dict__.update(fields)
                 self._track_state(job)
+                for key in set(self._taken) - taken:
+                    self._told(key)
                 if holder is not None and job.id not in self._holding and holder in self._workers:
                     self._take_slot(job, self._workers[holder])
                 if queued and job.id not in self._scheduler:
@@ -1347,6 +1354,7 @@ class JobManager:
                 return
             try:
                 with self._all_or_nothing(job):
+                    self._release_worker(job, taken=True)
                     self._attempt_failed(job, ErrorCode.TIMEOUT, f"worker {worker.id} did not finish the job "
                                          f"within its timeout of {timeout} s", job.phase or "run", retryable=True)
             except StoreFailed as e:
@@ -1455,6 +1463,8 @@ class JobManager:
                 self._kick()
 
     def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
+        for key in [k for k, (holder, _) in self._taken.items() if holder == worker.id]:
+            self._told(key)
         for job in list(self._jobs.values()):
             if job.worker == worker.id and job.state in ACTIVE:
                 self._lose_job(job.id, job.attempt, worker.id, why)
@@ -1486,6 +1496,8 @@ class JobManager:
         """The job as this worker's current attempt; `attempt`, if the report names one, must be that attempt:
         a worker that went stale and claimed the job again may still hear from its run of the earlier one."""
         job = self.get(job_id)
+        for key in [k for k, (holder, _) in self._taken.items() if k[0] == job_id and holder == worker.id]:
+            self._told(key)     # a report on a job taken from it: it hears so now
         if job.worker != worker.id or job.state not in ACTIVE:
             raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
         if attempt is not None and attempt != job.attempt:
@@ -1498,12 +1510,43 @@ class JobManager:
             worker.active_jobs += 1
             self._worker_load_changed(worker)
 
-    def _release_worker(self, job: Job) -> None:
-        """Free the slot the job's attempt takes on its worker; once, however often it is called."""
+    def _release_worker(self, job: Job, taken: bool = False) -> None:
+        """Free the slot the job's attempt takes on its worker; once, however often it is called. taken: the
+        attempt is taken from the worker (a cancel, a timeout), which may go on running it until it is told."""
         worker = self._workers.get(self._holding.pop(job.id, ""))
-        if worker is not None and worker.active_jobs > 0:
+        if worker is None:
+            return
+        if taken and worker.kind == "external":
+            self._hold_until_told(job, worker)
+        else:
+            self._free_slot(worker)
+
+    def _free_slot(self, worker: WorkerInfo) -> None:
+        if worker.active_jobs > 0:
             worker.active_jobs -= 1
             self._worker_load_changed(worker)
+
+    def _hold_until_told(self, job: Job, worker: WorkerInfo) -> None:
+        """An external worker learns that an attempt was taken from it only by its next report on the job (or
+        from the job's State), and runs it until then: the slot stays taken meanwhile, so that it cannot claim
+        more than its max_jobs; freed by that report (see _claimed) or after heartbeat_timeout_seconds, the time
+        within which a worker that follows the job's State has stopped it."""
+        key = (job.id, job.attempt)
+        try:
+            timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+                self._config.heartbeat_timeout_seconds, self._told, key)
+        except RuntimeError:    # no loop (a test driving the manager directly)
+            timer = None
+        self._taken[key] = (worker.id, timer)
+
+    def _told(self, key: tuple[str, int]) -> None:
+        """The worker an attempt was taken from knows it now (or is gone): its slot is free."""
+        worker_id, timer = self._taken.pop(key, ("", None))
+        if timer is not None:
+            timer.cancel()
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            self._free_slot(worker)
 
     def _worker_load_changed(self, worker: WorkerInfo) -> None:
         """Announce a worker's ActiveJobs (and State, busy or idle, unless it is stale: only a heartbeat brings a

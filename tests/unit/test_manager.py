@@ -826,9 +826,64 @@ def test_an_external_worker_that_beats_but_never_finishes_fails_its_attempt_at_t
         expire()
         assert job.state.value == "retrying" and job.error_code == "TIMEOUT", (job.state, job.error_code)
         assert f"worker {worker.id} did not finish the job within its timeout of 600 s" in job.error_message
-        assert worker.active_jobs == 0
+        assert worker.active_jobs == 1          # it may still be running it: until it hears, its slot is taken
         with pytest.raises(InvalidState):
             m.report_result(worker.id, job.id, True, {}, "", "", 0, 0)
+        assert worker.active_jobs == 0
+        await m.stop()
+    asyncio.run(go())
+
+
+def test_a_job_cancelled_on_an_external_worker_keeps_its_slot_until_the_worker_is_told(tmp_path, image, monkeypatch):
+    """An agent learns of a cancel by its next report on the job (or from the job's State): until then it may still
+    be converting, so it cannot claim past its max_jobs. The slot is free once it reports, once the heartbeat
+    timeout has passed without a report, or once the worker is lost; a cancel the store refuses keeps it held once."""
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "jobs.db")
+        m, *_ = make(tmp_path, store=store, heartbeat_timeout_seconds=1.5)
+        await m.start()
+        needs = {"capability_requirements": {"gpu": True}}
+        jobs = [m.submit(spec(image, tmp_path / f"out/{n}.qcow2", **needs), owner=0)[0] for n in range(4)]
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+        assert m.claim(worker.id) is jobs[0]
+
+        def refused(*args, **kwargs):
+            raise StoreFailed("database or disk is full")
+        with monkeypatch.context() as full:
+            full.setattr(store, "record_transition", refused)
+            with pytest.raises(StoreFailed):
+                await m.cancel(jobs[0].id, by=0)
+        assert jobs[0].state.value == "assigned" and worker.active_jobs == 1
+
+        await m.cancel(jobs[0].id, by=0)
+        assert jobs[0].state.value == "cancelled" and worker.active_jobs == 1
+        assert m.claim(worker.id) is None and jobs[1].state.value == "queued"
+        with pytest.raises(InvalidState):
+            m.report_progress(worker.id, jobs[0].id, 0.5, 1, 2, "convert", "")
+        assert worker.active_jobs == 0
+        assert m.claim(worker.id) is jobs[1]
+
+        # An agent that stopped on seeing the State, and says nothing: the slot comes back after the heartbeat
+        # timeout, while the worker beats on.
+        await m.cancel(jobs[1].id, by=0)
+        assert worker.active_jobs == 1 and m.claim(worker.id) is None
+
+        async def beat() -> None:
+            while True:
+                m.heartbeat(worker.id)
+                await asyncio.sleep(0.2)
+        beating = asyncio.create_task(beat())
+        await until(lambda: worker.active_jobs == 0, timeout=5)
+        beating.cancel()
+        assert worker.state == "idle"
+        assert m.claim(worker.id) is jobs[2]
+
+        # A worker lost (unregistered) frees what it held.
+        await m.cancel(jobs[2].id, by=0)
+        assert worker.active_jobs == 1
+        m.unregister_worker(worker.id)
+        assert worker.active_jobs == 0
         await m.stop()
     asyncio.run(go())
 
@@ -862,7 +917,10 @@ def test_an_external_attempt_that_times_out_while_the_store_is_full_fails_once_i
         assert seconds == manager_module.STORE_RETRY_SECONDS
         again()
         assert job.state.value == "failed" and job.error_code == "TIMEOUT", (job.state, job.error_code)
-        assert worker.active_jobs == 0 and job.id not in m._deadlines
+        assert job.id not in m._deadlines
+        with pytest.raises(InvalidState):
+            m.report_progress(worker.id, job.id, 0.5, 500, 1000, "convert", "")
+        assert worker.active_jobs == 0
 
         other, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", capability_requirements={"gpu": True},
                                  execution_policy={"timeout_seconds": 600}), owner=0)
