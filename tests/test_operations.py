@@ -1334,12 +1334,24 @@ def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: 
     run = run_worker(tmp_path / "w0", {"job_id": "nightly-6", **convert_spec(source, None)}, [out],
                      owner={**alice, "directory_mode": 0o750})
     assert run.returncode == 0 and (out / "nightly-6").stat().st_mode & 0o777 == 0o750, run.log
-    # A directory of that name made by someone else (a shared root) is not taken over.
+    # A directory of that name made by someone else (a shared root; job ids are public) is neither taken over
+    # nor in the way: the job makes one of its own, which its result names.
     (out / "nightly-8").mkdir()
     os.chown(out / "nightly-8", 64103, 64103)
     run = run_worker(tmp_path / "w2", {"job_id": "nightly-8", **convert_spec(source, None)}, [out], owner=alice)
-    assert run.returncode == 2 and run.result["error"]["code"] == "OUTPUT_EXISTS", run.log
+    assert run.returncode == 0, run.log
     assert list((out / "nightly-8").iterdir()) == []
+    [disk] = run.result["outputs"]["disks"]
+    made = Path(disk["path"]).parent
+    assert made.parent == out and made.name.startswith("nightly-8-") and made.stat().st_uid == 64101
+    assert compare(lib / "data.raw", "raw", Path(disk["path"]), "qcow2")
+    # So is a link of that name; and the directory made beside it goes again if the job fails.
+    (out / "nightly-10").symlink_to(out / "nightly-8")
+    spec = {"job_id": "nightly-10", **convert_spec(source, None)}
+    spec["image"]["checksum"] = "sha256:" + "0" * 64
+    run = run_worker(tmp_path / "w4", spec, [out], owner=alice)
+    assert run.returncode == 2 and "does not match" in run.result["error"]["message"], run.log
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("nightly-10")) == ["nightly-10"]
     # A job that fails once its directory is made (here: the source's checksum is wrong) leaves none behind.
     spec = {"job_id": "nightly-9", **convert_spec(source, None)}
     spec["image"]["checksum"] = "sha256:" + "0" * 64

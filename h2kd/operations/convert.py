@@ -5,7 +5,8 @@ Where outputs go (artifacts.output_path):
     single disk, "<stem>-disk<N>.<ext>" for a VM with several disks (in the VM's disk order);
   - any other path: a single disk is written exactly there; for several disks it is a base name, and disk N
     becomes "<path without its .qcow2/.raw/.img suffix>-disk<N>.<ext>";
-  - null: a directory "<first output root>/<job_id>" is created and used as above.
+  - null: a directory "<first output root>/<job_id>" is created and used as above ("<job_id>-<random>" if
+    someone else took that name first: see JobDirectory).
   The domain XML (parameters domain_xml: true) is written next to the disks as "<base>.xml" (see
   h2kd.operations.domain: virtio devices, or SATA disks and Intel NICs for a Windows guest).
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import stat
 import threading
 import time
@@ -120,7 +122,7 @@ def _under_roots(directory: str, roots: list[str]) -> bool:
     return False
 
 
-def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str | None, roots: list[str],
+def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDirectory | None, roots: list[str],
                  output_format: str, overwrite: bool, owner: dict[str, int] | None = None) -> tuple[list[str], str]:
     """Destination of each disk and the base name (for the domain XML); refuses anything unsafe.
     Without an output path, the outputs go in job_dir (see _job_dir_of)."""
@@ -133,7 +135,7 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: str |
         if not _under_roots(roots[0], roots):
             raise OperationError("PERMISSION_DENIED", f"the output root {roots[0]} is not usable")
         assert job_dir is not None
-        output_path = _job_directory(job_dir, owner)
+        output_path = job_dir.make(owner)
     if not os.path.isabs(output_path):
         raise OperationError("VALIDATION_FAILED", "artifacts.output_path must be an absolute path")
     if os.path.isdir(output_path) and not os.path.islink(output_path):
@@ -179,29 +181,44 @@ def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
         raise OperationError("PERMISSION_DENIED", f"as the job runs, {e}") from None
 
 
-def _job_dir_of(spec: dict[str, Any], roots: list[str]) -> str | None:
+def _job_dir_of(spec: dict[str, Any], roots: list[str]) -> JobDirectory | None:
     """Where a convert without artifacts.output_path writes: a directory named after the job in the first
     output root (None when an output path is given)."""
     if (spec.get("artifacts") or {}).get("output_path") is not None or not roots:
         return None
-    return os.path.join(roots[0], spec.get("job_id") or "job")
+    return JobDirectory(os.path.join(roots[0], spec.get("job_id") or "job"))
 
 
-def _job_directory(directory: str, owner: dict[str, int] | None) -> str:
-    """The job's own output directory, made for the submitter. One that exists already is used only if it is
-    theirs (a retry), never one someone else made in a shared root to receive their outputs."""
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        st = os.lstat(directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != (owner["uid"] if owner else 0):
-            raise OperationError("OUTPUT_EXISTS", f"{directory} exists and is not the job's own directory; "
-                                 "give artifacts.output_path") from None
-        return directory
-    if owner:
-        os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
-        os.chmod(directory, owner.get("directory_mode", 0o700), follow_symlinks=False)
-    return directory
+class JobDirectory:
+    """The output directory of a convert given no output path: "<first output root>/<job id>", made for the
+    submitter when the job runs. One that exists already is used only if it is theirs (a retry). The job's id
+    is public before it runs, and output roots are often shared: a directory of that name that someone else
+    made (to receive the outputs, or just to make the job fail) is passed over for "<job id>-<random>"."""
+
+    ATTEMPTS = 8
+
+    def __init__(self, wanted: str):
+        self.wanted = wanted
+        self.made: str | None = None       # the directory this attempt made, removed if the attempt fails
+
+    def make(self, owner: dict[str, int] | None) -> str:
+        uid = owner["uid"] if owner else 0
+        names = [self.wanted] + [f"{self.wanted}-{secrets.token_hex(4)}" for _ in range(self.ATTEMPTS)]
+        for directory in names:
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                st = os.lstat(directory)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+                    return directory
+                continue
+            self.made = directory
+            if owner:
+                os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
+                os.chmod(directory, owner.get("directory_mode", 0o700), follow_symlinks=False)
+            return directory
+        raise OperationError("OUTPUT_EXISTS", f"{self.wanted} and {self.ATTEMPTS} other names for the job's "
+                             "directory are taken by others; give artifacts.output_path")
 
 
 def _check_destination(destination: str, overwrite: bool, owner_uid: int | None = None,
@@ -312,14 +329,13 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
     its end rather than be stopped (h2kd.worker.main holds a SIGTERM back).
     """
     job_dir = _job_dir_of(spec, output_roots)
-    made_here = job_dir is not None and not os.path.lexists(job_dir)
     try:
         return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, job_dir,
                             on_commit or (lambda: None))
     except BaseException:
-        if made_here:
+        if job_dir is not None and job_dir.made:
             try:
-                os.rmdir(job_dir)       # empty by now: the outputs' temporary files are gone
+                os.rmdir(job_dir.made)      # empty by now: the outputs' temporary files are gone
             except OSError:
                 pass
         raise
@@ -327,7 +343,7 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
 
 def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect.ProgressFn,
                  on_process: Callable[[Any], None] | None, owner: dict[str, int] | None, temp_record: str | None,
-                 repair: Repair | None, job_dir: str | None, on_commit: Callable[[], None]) -> dict[str, Any]:
+                 repair: Repair | None, job_dir: JobDirectory | None, on_commit: Callable[[], None]) -> dict[str, Any]:
     image, parameters, artifacts = spec["image"], spec.get("parameters") or {}, spec.get("artifacts") or {}
     options = options_from(parameters)
     durable = bool(parameters.get("sync", True))
