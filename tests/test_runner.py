@@ -893,6 +893,13 @@ def test_an_attempt_settled_without_its_unit_cannot_be_run_by_a_start_that_comes
                                "--result", str(run_dir / "result.json")], cwd=Path(h2kd.__file__).parents[1],
                               capture_output=True, text=True, timeout=60)
         assert late.returncode != 0 and not (tmp_path / "late.qcow2").exists(), late
+        # h2kd stopped again before that outcome was stored: the next look still finds the attempt made (it
+        # counts against the job's retries), not one that never started (which would not, and run it again).
+        events = RecordingEvents()
+        async with runner_for(config, events) as runner:
+            await runner.reattach(job)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "unknown", outcome
 
     asyncio.run(scenario())
 

@@ -57,6 +57,8 @@ UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 DBUS = "org.freedesktop.DBus"
+# An attempt's spec once the attempt is settled without its unit (see _withdraw_spec).
+WITHDRAWN_SPEC_NAME = "spec.withdrawn"
 
 _GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"}
 _FINAL_STATES = {"inactive", "failed"}
@@ -782,7 +784,10 @@ class SystemdRunner:
                                   log_tail=[], stopped_by_request=followed.stop_requested, interrupted=False)
             self._report_finished(followed, outcome)
             return
-        worker_result = _read_result(followed.run_dir / "result.json")
+        # A withdrawn spec: the attempt was settled as ended unrecorded, and a result written since is a late
+        # unit's, whose worker found nothing to run.
+        withdrawn = (followed.run_dir / WITHDRAWN_SPEC_NAME).exists()
+        worker_result = None if withdrawn else _read_result(followed.run_dir / "result.json")
         ended_at = 0            # now: h2kd saw the unit end
         started_at = followed.started_at
         # Collected before its final state reached us, or never seen (reattach after it was collected): what we
@@ -792,8 +797,10 @@ class SystemdRunner:
             if result == "unknown":
                 # Settled without its unit: a start that h2kd sent just before it died may still reach systemd
                 # after this look. Without its spec such a unit's worker does nothing, while the job's next
-                # attempt runs under a unit of its own.
-                _remove_file(followed.run_dir / "spec.json")
+                # attempt runs under a unit of its own. Renamed, not removed: should h2kd stop again before the
+                # outcome is stored, the next look must still find that the attempt was made ("unknown", which
+                # counts), not that it never started (which does not, and would run the job again and again).
+                _withdraw_spec(followed.run_dir)
             if worker_result is not None:
                 ended_at = _written_at(followed.run_dir / "result.json")
                 # The spec file is written just before the unit is started: the worker started about then.
@@ -911,7 +918,8 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
     failed, 143 cancelled); without a result file the unit ended unrecorded ("unknown"), and without
     even a spec file it was never started ("not-started")."""
     if worker_result is None:
-        return ("unknown", 0) if (run_dir / "spec.json").exists() else ("not-started", 0)
+        started = (run_dir / "spec.json").exists() or (run_dir / WITHDRAWN_SPEC_NAME).exists()
+        return ("unknown", 0) if started else ("not-started", 0)
     status = worker_result.get("status")
     if status == "completed":
         return "success", 0
@@ -941,11 +949,14 @@ def _left_by_another_job(run_dir: Path, job: Job) -> bool:
         return True
 
 
-def _remove_file(path: Path) -> None:
+def _withdraw_spec(run_dir: Path) -> None:
+    """Rename an attempt's spec so that no worker finds it, keeping the record that the attempt was made."""
     try:
-        path.unlink(missing_ok=True)
+        os.replace(run_dir / "spec.json", run_dir / WITHDRAWN_SPEC_NAME)
+    except FileNotFoundError:
+        pass
     except OSError as e:    # its unit, started late, would run the attempt once more: said, not hidden
-        log.warning("could not remove %s: %s", path, e)
+        log.warning("could not withdraw the spec in %s: %s", run_dir, e)
 
 
 def _remove_directory(directory: Path, held_dir: Path) -> Path | None:
