@@ -38,6 +38,9 @@ MAX_SPEC_BYTES = 16 * 1024
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A job's systemd unit is named after its id, escaped as systemd-escape does: a "-" (and a leading ".") takes
+# four characters (\x2d). A unit name holds at most 255, of which "h2k-job-" and "-<attempt>.service" take 27.
+MAX_ESCAPED_JOB_ID = 228
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REQUIREMENT_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")   # field names and list indexes, printed as they are
@@ -63,6 +66,9 @@ def _check_job_id(value: str) -> str:
         raise _fail("job_id", "must be 1 to 64 letters, digits, dots, underscores or dashes")
     if value in (".", ".."):     # a job's output directory is named after its id
         raise _fail("job_id", "must name a directory of its own: not . or ..")
+    if len(value) + 3 * value.count("-") + (3 if value.startswith(".") else 0) > MAX_ESCAPED_JOB_ID:
+        raise _fail("job_id", "has too many dashes for the name of its systemd unit, where each takes four "
+                    f"characters (\\x2d) of the {MAX_ESCAPED_JOB_ID} it has for the id")
     return value
 
 
