@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from h2kd.operations.offline_fix.confine import KEPT_CAPABILITIES
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confining a program takes root")
 
-PROGRAMS = ("sh", "cat", "grep", "ls", "chroot", "mknod", "mount", "mkdir", "sleep", "readlink")
+PROGRAMS = ("sh", "cat", "grep", "ls", "chroot", "mknod", "mount", "mkdir", "sleep", "readlink", "setsid", "perl")
 
 
 def _copy_with_libraries(program: str, root: Path) -> None:
@@ -48,6 +50,7 @@ def guest_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _copy_with_libraries(program, root)
     for directory in ("proc", "tmp", "dev"):
         (root / directory).mkdir(exist_ok=True)
+    os.mknod(root / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))    # as the repair's private /dev has
     return root
 
 
@@ -76,9 +79,9 @@ def test_a_guest_program_sees_only_its_own_processes_and_no_network(guest_root: 
     result = in_guest(guest_root, "cat /proc/1/cmdline; echo; ls /proc; cat /proc/net/dev")
     assert result.ok, result.stderr
     first, *rest = result.stdout.splitlines()
-    assert first.replace("\0", " ").startswith("sh -c cat /proc/1/cmdline")
+    assert "confine.py" in first                   # the namespace's init is h2kd's, not the guest's program
     pids = [int(word) for word in rest if word.isdigit()]
-    assert pids and max(pids) < 10, pids           # the shell and its few children, not the host's processes
+    assert pids and max(pids) < 10, pids           # the init, the shell and its few children, not the host's
     interfaces = [line.split(":")[0].strip() for line in rest if ":" in line and "|" not in line]
     assert interfaces == ["lo"]
 
@@ -120,14 +123,93 @@ def test_a_program_the_guest_lacks_is_reported_as_chroot_would(guest_root: Path)
     assert "cannot run update-initramfs in the guest: No such file or directory" in result.stderr
 
 
-def test_nothing_a_guest_program_started_outlives_its_time_limit(guest_root: Path) -> None:
-    result = in_guest(guest_root, "sleep 300 & sleep 301 & sleep 302", timeout=2)
-    assert result.returncode == -9
+def processes_in(root: Path) -> list[str]:
     left = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and os.readlink(entry / "root") == str(guest_root):
+            if entry.name.isdigit() and os.readlink(entry / "root") == str(root):
                 left.append(entry.name)
         except OSError:
             pass
-    assert left == []
+    return left
+
+
+# On x86-64: prctl(PR_SET_PDEATHSIG, 0), then setsid(): a program rid of the signal it would get when its parent
+# dies, in a session (and process group) of its own.
+ESCAPE = "syscall(157, 1, 0, 0, 0, 0); syscall(112); sleep 300"
+
+
+@pytest.mark.parametrize("argv", [["sh", "-c", "sleep 300 & sleep 301 & sleep 302"],
+                                  ["sh", "-c", "setsid sleep 300 & sleep 301"],
+                                  ["sh", "-c", f"perl -e '{ESCAPE}' & sleep 301"],
+                                  ["perl", "-e", ESCAPE]])
+def test_nothing_a_guest_program_started_outlives_its_time_limit(guest_root: Path, argv: list[str]) -> None:
+    """Detached into a session of its own, or rid of its parent-death signal, a guest's process is still ended
+    with the namespace, the program run itself included; and the repair is not left waiting for its output."""
+    started = time.monotonic()
+    result = commands.in_guest(str(guest_root), argv, timeout=2)
+    assert result.returncode == -9 and f"{argv[0]} did not finish within 2 s" in result.stderr
+    assert time.monotonic() - started < commands.KILLED_OUTPUT_SECONDS
+    for _ in range(50):
+        if not processes_in(guest_root):
+            break
+        time.sleep(0.1)
+    assert processes_in(guest_root) == []
+
+
+def perl(root: Path, code: str) -> str:
+    result = commands.in_guest(str(root), ["perl", "-e", code])
+    assert result.ok, result.stderr
+    return result.stdout
+
+
+def test_the_kernels_keyrings_are_out_of_a_guest_programs_reach(guest_root: Path) -> None:
+    """Keyrings belong to a uid, not a namespace: root's user keyring would be the host root's."""
+    # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0), add_key("user", "h2k", "x", 1, KEY_SPEC_USER_KEYRING)
+    assert perl(guest_root, 'print syscall(250, 0, -4, 0) == -1 ? "refused: $!" : "reached"') == \
+        "refused: Operation not permitted"
+    add_key = ('my ($t, $d, $p) = ("user", "h2k", "x"); '
+               'print syscall(248, $t, $d, $p, 1, -4) == -1 ? "refused: $!" : "added"')
+    assert perl(guest_root, add_key) == \
+        "refused: Operation not permitted"
+
+
+def test_only_socket_families_a_guests_tools_use_are_open(guest_root: Path) -> None:
+    """Another family (AppleTalk, 5) could make the host's kernel load its module for a guest's program."""
+    code = 'socket(S, %d, 2, 0) ? print "open" : print "refused: $!"'
+    assert perl(guest_root, code % 1) == "open"                                  # AF_UNIX
+    assert perl(guest_root, code % 5) == "refused: Operation not permitted"      # AF_APPLETALK
+    assert perl(guest_root, code % (2**32 + 5)) == "refused: Operation not permitted"
+
+
+def test_a_guest_program_cannot_rebind_or_resize_a_loop_device(guest_root: Path) -> None:
+    """The guest's own disk is a loop device under its mounted file systems: its status may be read, not changed."""
+    free = subprocess.run(["losetup", "-f"], capture_output=True, text=True, check=True).stdout.strip()
+    node = guest_root / "dev" / Path(free).name
+    node.unlink(missing_ok=True)
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(free).st_rdev)
+    try:
+        code = (f'open(F, "+<", "/dev/{node.name}") or die "open: $!"; my $buffer = "\\0" x 256; '
+                'ioctl(F, %d, $buffer) ? print "done" : print "$!"')
+        assert perl(guest_root, code % 0x4C07) == "Operation not permitted"     # LOOP_SET_CAPACITY
+        assert perl(guest_root, code % 0x4C01) == "Operation not permitted"     # LOOP_CLR_FD
+        assert perl(guest_root, code % 0x4C05) == "No such device or address"   # LOOP_GET_STATUS64: not bound
+    finally:
+        node.unlink()
+
+
+def test_a_guests_proc_that_is_a_link_leads_nowhere_outside_it(guest_root: Path, tmp_path: Path) -> None:
+    """The fresh /proc is mounted from inside the chroot: a guest whose /proc leads to a path of the host's finds it
+    in its own tree, and sees its own processes there, never the host's."""
+    root = tmp_path / "linked"
+    shutil.copytree(guest_root, root, symlinks=True)
+    (root / "proc").rmdir()
+    host_dir = tmp_path / "host-side"
+    host_dir.mkdir()
+    (root / str(host_dir).lstrip("/")).mkdir(parents=True)
+    (root / "proc").symlink_to(host_dir)
+    result = in_guest(root, "ls /proc; echo x > /proc/sys/kernel/core_pattern")
+    pids = [int(word) for word in result.stdout.split() if word.isdigit()]
+    assert pids and max(pids) < 10, pids
+    assert "Read-only file system" in result.stderr
+    assert list(host_dir.iterdir()) == []

@@ -1238,6 +1238,22 @@ def test_a_guest_file_larger_than_the_repair_reads_is_refused_not_cut_short(tmp_
     assert loops_of(image) == [] and mounts_under(work) == [] and list(work.iterdir()) == []
 
 
+@pytest.mark.parametrize("point", ["proc", "run"])
+def test_a_guest_whose_proc_or_run_is_a_link_does_not_have_its_programs_run(tmp_path: Path, point: str) -> None:
+    """The chroot's /proc, /sys, /dev and /run are h2kd's mounts: a guest whose own is a link (to a host path its
+    programs might then reach) is refused before any of them runs, unmounted and detached."""
+    tree = linux_tree(tmp_path / "tree")
+    (tree / point).rmdir()
+    (tree / point).symlink_to("/etc")
+    image = small_disk(tmp_path / "disk.raw", tree)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    outcome = fix_in_place(image, work)
+    assert getattr(outcome, "code", None) == "INVALID_IMAGE", outcome
+    assert f"the guest's /{point} is a symbolic link" in outcome.message, outcome.message
+    assert loops_of(image) == [] and mounts_under(work) == [] and list(work.iterdir()) == []
+
+
 @pytest.mark.parametrize("line, note", [
     ("/dev/sda1 /mnt\\000x ext4 defaults 0 2", "line 2 of /etc/fstab (it holds a NUL character"),
     ("/dev/sda" + "1" * 5000 + " /data ext4 defaults 0 2", "/data (/dev/sda1111111"),

@@ -23,6 +23,7 @@ from h2kd.operations.offline_fix import confine
 from h2kd.operations.qemuimg import OperationError
 
 DEFAULT_TIMEOUT = 120.0
+KILLED_OUTPUT_SECONDS = 10.0    # how long the output of a program killed at its time limit is waited for
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ def have(program: str) -> bool:
 
 
 def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None,
-        input_text: str | None = None) -> Completed:
-    """Run argv in a process group of its own; never raises for a non-zero exit (see Completed.ok)."""
+        input_text: str | None = None, shown: list[str] | None = None) -> Completed:
+    """Run argv in a process group of its own; never raises for a non-zero exit (see Completed.ok). shown: the
+    command as messages and the Completed name it (argv itself by default)."""
+    shown = shown or argv
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
@@ -59,12 +62,15 @@ def run(argv: list[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str
         stdout, stderr = proc.communicate(input_text, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        stdout, stderr = proc.communicate()
-        return Completed(argv, -9, stdout, (stderr or "") + f"\n{argv[0]} did not finish within {timeout:.0f} s")
+        try:
+            stdout, stderr = proc.communicate(timeout=KILLED_OUTPUT_SECONDS)
+        except subprocess.TimeoutExpired:   # a process outside the group still holds its output: not waited for
+            stdout, stderr = "", ""
+        return Completed(shown, -9, stdout, (stderr or "") + f"\n{shown[0]} did not finish within {timeout:.0f} s")
     except BaseException:
         _kill_group(proc)
         raise
-    return Completed(argv, proc.returncode, stdout, stderr)
+    return Completed(shown, proc.returncode, stdout, stderr)
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
@@ -89,7 +95,8 @@ def checked(argv: list[str], what: str, **kwargs: object) -> Completed:
 def in_guest(root: str, argv: list[str], *, timeout: float = 600.0) -> Completed:
     """Run a guest program chrooted into the guest's root, confined (see confine: namespaces of its own, few
     capabilities) and with a plain environment."""
-    return run([sys.executable, "-I", "-S", confine.__file__, root, "--", *argv], timeout=timeout, env={})
+    return run([sys.executable, "-I", "-S", confine.__file__, root, "--", *argv], timeout=timeout, env={},
+               shown=argv)
 
 
 # The signals a stop comes by: SIGTERM (a cancel, systemd stopping the unit), SIGINT, SIGALRM (the worker's

@@ -12,7 +12,7 @@ set-id program of the guest's gains anything. Nothing the repair runs needs eith
 /run are tmpfs mounts of ours, and its programs run as root (confined: see confine, which also gives them a
 /proc of their own).
 
-For the chroot the guest gets a fresh proc, a read-only sysfs and a private /dev on a tmpfs holding
+For the chroot the guest gets a read-only sysfs and a private /dev on a tmpfs holding
 only the basic character devices and this disk's own block devices: guest programs (update-grub's
 os-prober, for one) never see the host's disks.
 """
@@ -175,12 +175,17 @@ class GuestMounts:
             self.mounted_guest_paths.append(point)
 
     def prepare_chroot(self, guest: GuestFS) -> None:
-        """proc, sysfs (read-only) and a private /dev with this disk's devices, for running guest programs."""
+        """sysfs (read-only) and a private /dev with this disk's devices, for running guest programs (each gets a
+        /proc of its own: see confine). A /proc, /sys, /dev or /run that is a symbolic link is refused: the guest's
+        programs are to find what is mounted here, not wherever the guest's link leads."""
+        for point in ("/proc", "/sys", "/dev", "/run"):
+            if os.path.islink(os.path.join(guest.root, point.lstrip("/"))):
+                raise OperationError("INVALID_IMAGE", f"the guest's {point} is a symbolic link; its programs are "
+                                     "not run in it", "mount")
         for point in ("/proc", "/sys", "/dev"):
             if not os.path.isdir(guest.host_path(point)):
                 raise OperationError("INVALID_IMAGE", f"the guest has no {point} directory; its programs cannot run",
                                      "mount")
-        self.mount("proc", guest.host_path("/proc"), "proc", ["nosuid,nodev,noexec"], "proc")
         self.mount("sysfs", guest.host_path("/sys"), "sysfs", ["ro,nosuid,nodev,noexec"], "sysfs")
         dev = guest.host_path("/dev")
         self.mount("tmpfs", dev, "tmpfs", ["mode=0755,nosuid,size=4m"], "a private /dev")
