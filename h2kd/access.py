@@ -304,6 +304,18 @@ def look_up_as(uid: int, gids: list[int], path: str) -> int:
     return _as_caller(uid, gids, _try_look_up, path)[0]
 
 
+def kind_as(uid: int, gids: list[int], path: str) -> int:
+    """The file type bits (stat.S_IFMT) of `path` as the caller's own lookup finds it (lstat), 0 when it fails."""
+    return _as_caller(uid, gids, _try_kind, path)[0]
+
+
+def _try_kind(path: str) -> tuple[int, ...]:
+    try:
+        return (stat.S_IFMT(os.lstat(path).st_mode),)
+    except OSError:
+        return (0,)
+
+
 def look_up_and_open_as(uid: int, gids: list[int], path: str) -> tuple[int, int, int, int]:
     """The caller's own lookup of `path` and, for a regular file, their opening it for reading: (errno or 0,
     device, inode, mode), mode 0 when the lookup itself failed."""

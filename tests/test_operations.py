@@ -1562,3 +1562,28 @@ def test_a_vmx_may_name_only_disks_its_submitter_could_read_in_its_own_directory
         assert "leads outside" in run.result["error"]["message"]
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_whether_an_output_path_is_a_directory_is_learned_as_its_submitter(lib: Path, tmp_path: Path,
+                                                                            shared: Path) -> None:
+    """The worker asked as root whether the output path was a directory, and named a different directory in its
+    error either way: behind a symlink of the submitter's to a directory only root may enter, that told them
+    which names exist there. Both jobs now get the same answer, naming the link they made."""
+    out = shared / "out"
+    source = images.make_image("vmdk", "streamOptimized", shared / "app.vmdk", raw=lib / "data.raw")
+    alice = {"uid": 64101, "gid": 64102, "groups": [64102], "mode": 0o640}
+    private = shared / "roots-only"
+    (private / "there").mkdir(parents=True)
+    private.chmod(0o700)
+    area = out / "alice"
+    area.mkdir()
+    os.chown(area, 64101, 64102)
+    (area / "sub").symlink_to(private)
+    messages = {}
+    for name in ("there", "absent"):
+        run = run_worker(tmp_path / name, convert_spec(source, str(area / "sub" / name)), [out], owner=alice)
+        assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+        messages[name] = run.result["error"]["message"]
+    assert messages["there"] == messages["absent"], messages
+    assert f"{area}/sub is not writable" in messages["there"]
+    assert list((private / "there").iterdir()) == [] and [p.name for p in private.iterdir()] == ["there"]

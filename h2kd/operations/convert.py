@@ -138,7 +138,8 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
         output_path = job_dir.make(owner)
     if not os.path.isabs(output_path):
         raise OperationError("VALIDATION_FAILED", "artifacts.output_path must be an absolute path")
-    if os.path.isdir(output_path) and not os.path.islink(output_path):
+    into_directory = _is_directory(output_path, owner)
+    if into_directory:
         directory, base = output_path, vm_name(source)
     else:
         directory, name = os.path.split(output_path.rstrip("/"))
@@ -157,7 +158,7 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
         _check_submitter_may_write(resolved, owner)     # a symlink on the way changed since the first look
     directory = resolved
     if count == 1:
-        names = [base if not os.path.isdir(output_path) or os.path.islink(output_path) else f"{base}.{ext}"]
+        names = [f"{base}.{ext}" if into_directory else base]
     else:
         names = [f"{base}-disk{i}.{ext}" for i in range(1, count + 1)]
     destinations = [os.path.join(directory, n) for n in names]
@@ -165,6 +166,17 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
         _check_destination(destination, overwrite, owner_uid)
     base_path = os.path.join(directory, re.sub(r"\.(qcow2|raw|img)$", "", os.path.basename(base)))
     return destinations, base_path
+
+
+def _is_directory(path: str, owner: dict[str, Any] | None) -> bool:
+    """Whether the output path is a directory (not a link to one), as the submitter sees it: asked as root, the
+    answer would shape the job's error, and tell them what lies behind their symlinks where only root can look."""
+    if not (owner and owner["uid"]):
+        return os.path.isdir(path) and not os.path.islink(path)
+    from h2kd.access import groups_for, kind_as
+
+    uid = int(owner["uid"])
+    return kind_as(uid, groups_for(uid), path) == stat.S_IFDIR
 
 
 def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
