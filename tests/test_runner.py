@@ -866,6 +866,33 @@ def test_an_earlier_jobs_files_under_the_same_id_never_settle_a_new_attempt(sand
     asyncio.run(scenario())
 
 
+def test_a_unit_systemd_ended_at_its_time_limit_while_h2kd_was_away_is_a_timeout_not_a_cancel(
+        sandbox: Sandbox) -> None:
+    """A worker stopped by systemd says "cancelled" whatever the reason. Its unit ended by systemd's own time limit
+    (or for lack of memory) while h2kd was away: the attempt's files still tell how, and the outcome is systemd's
+    "timeout" (which the manager retries), not a stop by someone (which it would not)."""
+    async def scenario() -> None:
+        config = sandbox.config("wait")
+        job = make_job(timeout=1)        # systemd's limit: the job's 1 s and a margin of 5
+        unit, _ = await left_running(config, job)
+        ended = config.runs_dir / unit / "unit-ended"
+        await wait_for(ended.exists, timeout=30, what="the unit's end recorded")
+        assert ended.read_text().split()[0] == "timeout"
+        for _ in range(100):
+            if await unit_properties(sandbox.manager.bus_address, unit) is None:
+                break
+            await asyncio.sleep(0.05)
+        job.unit = unit
+        events = RecordingEvents()
+        async with runner_for(config, events) as second:
+            await second.reattach(job)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "timeout", outcome
+        assert outcome.worker_result is not None and outcome.worker_result["status"] == "cancelled"
+
+    asyncio.run(scenario())
+
+
 def test_an_attempt_settled_without_its_unit_cannot_be_run_by_a_start_that_comes_late(sandbox: Sandbox,
                                                                                       tmp_path: Path) -> None:
     """h2kd wrote an attempt's spec and sent StartTransientUnit, then died; back, it finds no such unit and settles

@@ -917,6 +917,9 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
     knows the unit: the worker's exit code follows from its result's status (0 completed, 1 or 2
     failed, 143 cancelled); without a result file the unit ended unrecorded ("unknown"), and without
     even a spec file it was never started ("not-started")."""
+    ended = _unit_ended(run_dir)
+    if ended is not None:
+        return ended
     if worker_result is None:
         started = (run_dir / "spec.json").exists() or (run_dir / WITHDRAWN_SPEC_NAME).exists()
         return ("unknown", 0) if started else ("not-started", 0)
@@ -926,6 +929,24 @@ def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> 
     if status == "cancelled":
         return "exit-code", 143
     return "exit-code", 1 if _field(worker_result, "error", dict).get("retryable", True) else 2
+
+
+# systemd's results for a unit it ended itself (or whose process the kernel killed), which a worker's result file
+# cannot tell: it says "cancelled" for any stop.
+_SYSTEMD_ENDINGS = {"timeout", "oom-kill", "signal", "core-dump", "watchdog", "resources"}
+
+
+def _unit_ended(run_dir: Path) -> tuple[str, int] | None:
+    """systemd's Result and exit status from the attempt's units.UNIT_ENDED_NAME file, when they are one of
+    _SYSTEMD_ENDINGS; None otherwise (the worker's result tells the rest better)."""
+    try:
+        words = (run_dir / units.UNIT_ENDED_NAME).read_text(errors="replace").split()
+    except OSError:
+        return None
+    if not words or words[0] not in _SYSTEMD_ENDINGS:
+        return None
+    status = words[2] if len(words) > 2 else ""
+    return words[0], int(status) if status.isdigit() else 0
 
 
 def _field(data: dict[str, Any] | None, name: str, kind: type) -> Any:

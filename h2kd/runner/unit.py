@@ -187,6 +187,19 @@ def _in_tmp(path: str | Path) -> bool:
     return any(_under(Path(path), Path(tmp)) for tmp in ("/tmp", "/var/tmp"))
 
 
+# Where a unit's end, as systemd saw it, is written in the attempt's directory: "<SERVICE_RESULT> <EXIT_CODE>
+# <EXIT_STATUS>" (systemd.exec(5)), by an ExecStopPost= command. A worker stopped by systemd writes "cancelled"
+# whatever the reason (it cannot tell); h2kd, when away as the unit ended, learns the reason from this file: a
+# kill for lack of memory, or systemd's own time limit, is no cancel.
+UNIT_ENDED_NAME = "unit-ended"
+
+
+def unit_ended_command(run_directory: Path) -> list[str]:
+    """The ExecStopPost= command that writes UNIT_ENDED_NAME (systemd expands no $NAME inside a word)."""
+    target = str(run_directory / UNIT_ENDED_NAME)
+    return ["/bin/sh", "-c", 'echo "$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS" > "$0"', target]
+
+
 def build_properties(config: Config, *, job_id: str, attempt: int, operation: str, spec_path: Path,
                      result_path: Path, output_path: str, source_path: str, timeout_seconds: int,
                      notify_socket_dir: str | None = None, fixes_guest: bool = False,
@@ -208,6 +221,8 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("Type", Variant("s", "notify")),
         ("NotifyAccess", Variant("s", "main")),
         ("ExecStart", Variant("a(sasb)", [[command[0], command, False]])),
+        # true: its failure changes nothing of how the unit ended
+        ("ExecStopPost", Variant("a(sasb)", [["/bin/sh", unit_ended_command(spec_path.parent), True]])),
         ("Environment", Variant("as", [f"{k}={v}" for k, v in sorted(env.items())])),
         ("WorkingDirectory", Variant("s", str(spec_path.parent))),
         # As h2kd's own entries for the job have them: `journalctl H2K_OWNER_UID=1000` finds the units' lines too.
