@@ -26,11 +26,12 @@ PYTEST_ARGS ?=
 # build systemd-python and dbus-python, which come as source only (a compiler, the Python headers,
 # pkg-config and the libraries' headers); the real programs the tests run (qemu-img, cockpit,
 # chromium, prometheus, tmux, libvirt's virt-xml-validate for the domain XML), and systemd-importd's
-# unit, which the tests compare our unit's hardening with. systemd itself comes with the machine.
+# unit, which the tests compare our unit's hardening with; libseccomp2 for the filter guest repairs run their
+# guest's programs under, and perl, which its tests run as such a program. systemd itself comes with the machine.
 DEB_PACKAGES = python3-venv python3-dev gcc pkg-config libsystemd-dev libdbus-1-dev libglib2.0-dev qemu-utils \
 	cockpit-ws cockpit-bridge chromium chromium-driver prometheus tmux systemd-container \
 	dbus-daemon polkitd libglib2.0-bin zsh man-db debootstrap qemu-system-x86 fdisk lvm2 \
-	libvirt-clients libxml2-utils
+	libvirt-clients libxml2-utils libseccomp2 perl
 
 .PHONY: all deps venv test demo install install-app install-data uninstall bench clean distclean
 
