@@ -95,7 +95,6 @@ def test_a_guest_program_sees_only_its_own_processes_and_no_network(guest_root: 
 def test_a_guest_program_cannot_leave_the_guest_or_change_the_kernel(guest_root: Path, attempt: str,
                                                                       refusal: str) -> None:
     core_pattern = Path("/proc/sys/kernel/core_pattern").read_text()
-    host_mounts = Path("/proc/self/mountinfo").read_text()
     try:
         result = in_guest(guest_root, attempt)
     finally:
@@ -106,7 +105,8 @@ def test_a_guest_program_cannot_leave_the_guest_or_change_the_kernel(guest_root:
     assert refusal in result.stderr
     assert Path("/proc/sys/kernel/core_pattern").read_text() == core_pattern
     assert not (guest_root / "tmp" / "disk").exists()
-    assert Path("/proc/self/mountinfo").read_text() == host_mounts      # its fresh /proc never shows here
+    # Its fresh /proc never shows in the host's mount table.
+    assert [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(guest_root) in line] == []
 
 
 def test_the_kernel_knobs_of_its_proc_are_read_only(guest_root: Path) -> None:
@@ -174,12 +174,45 @@ def test_the_kernels_keyrings_are_out_of_a_guest_programs_reach(guest_root: Path
         "refused: Operation not permitted"
 
 
-def test_only_socket_families_a_guests_tools_use_are_open(guest_root: Path) -> None:
-    """Another family (AppleTalk, 5) could make the host's kernel load its module for a guest's program."""
-    code = 'socket(S, %d, 2, 0) ? print "open" : print "refused: $!"'
-    assert perl(guest_root, code % 1) == "open"                                  # AF_UNIX
-    assert perl(guest_root, code % 5) == "refused: Operation not permitted"      # AF_APPLETALK
-    assert perl(guest_root, code % (2**32 + 5)) == "refused: Operation not permitted"
+def test_only_socket_families_and_protocols_a_guests_tools_use_are_open(guest_root: Path) -> None:
+    """Another family (AppleTalk, 5), or another protocol of an open one (SCTP, 132; netlink's crypto_user, 21),
+    could make the host's kernel load its module for a guest's program."""
+    code = 'socket(S, %d, %d, %d) ? print "open" : print "refused: $!"'
+    pair = 'socketpair(A, B, %d, %d, %d) ? print "open" : print "refused: $!"'
+    refused = "refused: Operation not permitted"
+    assert perl(guest_root, code % (1, 2, 0)) == "open"                     # AF_UNIX
+    assert perl(guest_root, pair % (1, 1, 0)) == "open"
+    assert perl(guest_root, code % (2, 2, 0)) == "open"                     # AF_INET, UDP
+    assert perl(guest_root, code % (16, 3, 0)) == "open"                    # AF_NETLINK, route
+    assert perl(guest_root, code % (5, 2, 0)) == refused                    # AF_APPLETALK
+    assert perl(guest_root, code % (2**32 + 5, 2, 0)) == refused
+    assert perl(guest_root, pair % (5, 2, 0)) == refused
+    assert perl(guest_root, code % (2, 1, 132)) == refused                  # AF_INET, SCTP
+    assert perl(guest_root, code % (2, 1, 2**32 + 132)) == refused
+    assert perl(guest_root, code % (16, 3, 21)) == refused                  # AF_NETLINK, crypto_user
+
+
+# i386 programs, with no C library: socketcall(SYS_SOCKET, {AF_UNIX, SOCK_STREAM, 0}), and
+# keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0); each exits with the errno it got, 0 if none.
+I386_PROGRAMS = {
+    "socket32": "movl $102, %eax; movl $1, %ebx; leal args, %ecx; int $0x80",
+    "keyctl32": "movl $288, %eax; movl $0, %ebx; movl $-4, %ecx; movl $0, %edx; int $0x80",
+}
+I386_EXIT = ("movl %eax, %ebx; negl %ebx; testl %eax, %eax; jns 1f; jmp 2f; 1: movl $0, %ebx; "
+             "2: movl $1, %eax; int $0x80\n.data\nargs: .long 1, 1, 0\n")
+
+
+def test_32_bit_programs_are_filtered_too_but_keep_their_sockets(guest_root: Path, tmp_path: Path) -> None:
+    """An i386 guest's tools open sockets through socketcall(), whose arguments no filter can read: a socket rule
+    made for them refused every socket. Their keyrings are refused all the same."""
+    for name, body in I386_PROGRAMS.items():
+        source = tmp_path / f"{name}.S"
+        source.write_text(f".text\n.globl _start\n_start:\n{body}\n{I386_EXIT}")
+        built = subprocess.run(["gcc", "-m32", "-nostdlib", "-static", "-o", str(guest_root / name), str(source)],
+                               capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+    assert commands.in_guest(str(guest_root), ["/socket32"]).returncode == 0
+    assert commands.in_guest(str(guest_root), ["/keyctl32"]).returncode == 1       # EPERM
 
 
 def test_a_guest_program_cannot_rebind_or_resize_a_loop_device(guest_root: Path) -> None:
@@ -193,7 +226,8 @@ def test_a_guest_program_cannot_rebind_or_resize_a_loop_device(guest_root: Path)
                 'ioctl(F, %d, $buffer) ? print "done" : print "$!"')
         assert perl(guest_root, code % 0x4C07) == "Operation not permitted"     # LOOP_SET_CAPACITY
         assert perl(guest_root, code % 0x4C01) == "Operation not permitted"     # LOOP_CLR_FD
-        assert perl(guest_root, code % 0x4C05) == "No such device or address"   # LOOP_GET_STATUS64: not bound
+        # LOOP_GET_STATUS64: "not bound", or its status should something have bound it meanwhile
+        assert perl(guest_root, code % 0x4C05) in ("No such device or address", "done")
     finally:
         node.unlink()
 

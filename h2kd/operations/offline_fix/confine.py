@@ -15,9 +15,10 @@ kernel.core_pattern, whose program the kernel runs as root outside every sandbox
   - with only the capabilities that changing the guest's own files takes (KEPT_CAPABILITIES), dropped from its
     bounding, inheritable and ambient sets, so that no program it starts gets any other back; no_new_privs;
   - under a seccomp filter (libseccomp) that refuses the kernel's keyrings (shared by uid, not by namespace;
-    request_key runs a host program as root), sockets of families that could load a host module (anything but
-    unix, inet, inet6 and netlink), and the loop-device ioctls that would rebind or resize the guest's own disk
-    under its mounted file systems.
+    request_key runs a host program as root), sockets of families and protocols that could load a host module
+    (anything but unix, inet, inet6 and netlink, and their common protocols; not for 32-bit programs, see
+    _load_filter), and the loop-device ioctls that would rebind or resize the guest's own disk under its mounted
+    file systems.
 The namespace's first process (its init) is this program's own code: it reaps every process of the namespace,
 ends with the guest program, and dies with whoever started it (a parent-death signal it sets itself, checked
 against a pipe, which the guest cannot clear for it). When it ends, the kernel ends every process left in the
@@ -61,6 +62,10 @@ KEPT_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CA
 READ_ONLY_PROC = ("sys", "sysrq-trigger", "bus", "fs", "irq", "acpi", "driver", "scsi", "asound")
 # Socket families a guest's tools may use; any other could make the host kernel load its protocol's module.
 SOCKET_FAMILIES = (1, 2, 10, 16)     # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
+# ...and of their protocols, those the tools use (the others have modules too: SCTP, netlink's crypto_user).
+_INET_PROTOCOLS = (0, 1, 6, 17, 58)                         # default, ICMP, TCP, UDP, ICMPv6
+SOCKET_PROTOCOLS = {2: _INET_PROTOCOLS, 10: _INET_PROTOCOLS,
+                    16: (0, 4, 9, 15, 16)}                  # route, sock_diag, audit, kobject_uevent, generic
 # ioctls (linux/loop.h) that rebind, reconfigure or resize a loop device; reading its status stays allowed.
 LOOP_CHANGES = (0x4C00, 0x4C01, 0x4C02, 0x4C04, 0x4C06, 0x4C07, 0x4C08, 0x4C09, 0x4C0A)
 
@@ -74,7 +79,9 @@ _CAPABILITY_VERSION_3 = 0x20080522
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_ACT_ERRNO = 0x00050000
 _SCMP_CMP_EQ, _SCMP_CMP_GE, _SCMP_CMP_MASKED_EQ = 4, 5, 7
-_SCMP_ARCH_X86, _SCMP_ARCH_X32 = 0x40000003, 0x4000003E    # a 32-bit guest's programs (i386, x32)
+# The 32-bit architectures a machine also runs programs of (audit.h's AUDIT_ARCH_*): x86-64 runs i386 and x32,
+# aarch64 runs arm.
+_COMPAT_ARCHES = {0xC000003E: (0x40000003, 0x4000003E), 0xC00000B7: (0x40000028,)}
 
 
 class ConfineError(Exception):
@@ -142,11 +149,16 @@ def _drop_capabilities(last_capability: int) -> None:
 
 
 def _load_filter(seccomp: ctypes.CDLL) -> None:
-    """The seccomp filter of the module docstring, for this machine's own and its 32-bit system calls."""
+    """The seccomp filter of the module docstring, for this machine's own system calls and its 32-bit ones (an
+    i386 or armhf guest's programs). The socket rules are added before the 32-bit architectures, so that they hold
+    for the machine's own calls alone (libseccomp gives rules to the architectures a filter has when they are
+    added): i386 programs open sockets through socketcall(), whose arguments a filter cannot read, so a socket
+    rule made for them would refuse every socket."""
     seccomp.seccomp_init.restype = ctypes.c_void_p
     seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
-    for name in ("seccomp_arch_add", "seccomp_load"):
-        getattr(seccomp, name).argtypes = [ctypes.c_void_p] + ([ctypes.c_uint32] if name.endswith("add") else [])
+    seccomp.seccomp_arch_native.restype = ctypes.c_uint32
+    seccomp.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
     seccomp.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
                                                ctypes.POINTER(_ArgCompare)]
     seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
@@ -155,8 +167,6 @@ def _load_filter(seccomp: ctypes.CDLL) -> None:
     if not context:
         raise ConfineError("making a seccomp filter failed")
     try:
-        for arch in (_SCMP_ARCH_X86, _SCMP_ARCH_X32):
-            seccomp.seccomp_arch_add(context, arch)    # refused on other machines, or if already there: fine
         refused = _SCMP_ACT_ERRNO | errno.EPERM
 
         def deny(name: str, *compares: tuple[int, int, int, int]) -> None:
@@ -164,25 +174,38 @@ def _load_filter(seccomp: ctypes.CDLL) -> None:
             if number < 0:
                 raise ConfineError(f"the system call {name} is unknown to libseccomp")
             array = (_ArgCompare * max(len(compares), 1))(*(_ArgCompare(*c) for c in compares))
-            result = seccomp.seccomp_rule_add_array(context, refused, number, len(compares), array)
-            if result < 0:
-                raise ConfineError(f"a seccomp rule for {name}: {os.strerror(-result)}")
+            _check(seccomp.seccomp_rule_add_array(context, refused, number, len(compares), array),
+                   f"a seccomp rule for {name}")
 
+        # The kernel reads ints and an unsigned int: a value with any of the upper 32 bits set is caught by a ">="
+        # rule (families, protocols), or compared on its lower 32 bits only (ioctl requests).
+        for call in ("socket", "socketpair"):
+            for family in _refused_below(SOCKET_FAMILIES):
+                deny(call, (0, _SCMP_CMP_EQ, family, 0))
+            deny(call, (0, _SCMP_CMP_GE, max(SOCKET_FAMILIES) + 1, 0))
+            for family, protocols in SOCKET_PROTOCOLS.items():
+                for protocol in _refused_below(protocols):
+                    deny(call, (0, _SCMP_CMP_EQ, family, 0), (2, _SCMP_CMP_EQ, protocol, 0))
+                deny(call, (0, _SCMP_CMP_EQ, family, 0), (2, _SCMP_CMP_GE, max(protocols) + 1, 0))
+        for arch in _COMPAT_ARCHES.get(seccomp.seccomp_arch_native(), ()):
+            _check(seccomp.seccomp_arch_add(context, arch), f"adding architecture {arch:#x}")
         for name in ("keyctl", "add_key", "request_key"):
             deny(name)
-        # socket(domain): the kernel reads an int, so a family with high bits set is still caught by ">= 17".
-        top = max(SOCKET_FAMILIES)
-        for family in [f for f in range(top) if f not in SOCKET_FAMILIES]:
-            deny("socket", (0, _SCMP_CMP_EQ, family, 0))
-        deny("socket", (0, _SCMP_CMP_GE, top + 1, 0))
-        # ioctl(fd, request): the kernel reads 32 bits of the request, so only those are compared.
         for request in LOOP_CHANGES:
             deny("ioctl", (1, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
-        result = seccomp.seccomp_load(context)
-        if result < 0:
-            raise ConfineError(f"loading the seccomp filter: {os.strerror(-result)}")
+        _check(seccomp.seccomp_load(context), "loading the seccomp filter")
     finally:
         seccomp.seccomp_release(context)
+
+
+def _refused_below(allowed: tuple[int, ...]) -> list[int]:
+    return [n for n in range(max(allowed)) if n not in allowed]
+
+
+def _check(result: int, what: str) -> None:
+    """A libseccomp call's result: negative errno on failure."""
+    if result < 0:
+        raise ConfineError(f"{what}: {os.strerror(-result)}")
 
 
 def _exec_program(argv: list[str]) -> None:
