@@ -127,9 +127,10 @@ class JobManager:
         self._later_handles: set[asyncio.TimerHandle] = set()   # tries again after the store refused a change
         self._deadlines: dict[str, asyncio.TimerHandle] = {}    # job id: the end of its external attempt's time
         self._holding: dict[str, str] = {}      # job id -> the worker whose slot its attempt takes
-        # (job id, attempt) -> the external worker it was taken from (a cancel, a timeout), whose slot it keeps
-        # until the worker is told (see _hold_until_told), and the timer that frees the slot at the latest.
-        self._taken: dict[tuple[str, int], tuple[str, asyncio.TimerHandle | None]] = {}
+        # (job id, its created_at, attempt) -> the external worker it was taken from (a cancel, a timeout), whose
+        # slot it keeps until the worker is told (see _hold_until_told), and the timer that frees the slot at the
+        # latest. created_at: a job removed and submitted again under its id is another job.
+        self._taken: dict[tuple[str, int, int], tuple[str, asyncio.TimerHandle | None]] = {}
         # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
         # an identical resubmission is told that problem, not that it was taken.
         self._failure_unrecorded: dict[str, str] = {}
@@ -809,7 +810,7 @@ class JobManager:
                 job.__dict__.update(fields)
                 self._track_state(job)
                 for key in set(self._taken) - taken:
-                    self._told(key)
+                    self._release_taken(key)
                 if holder is not None and job.id not in self._holding and holder in self._workers:
                     self._take_slot(job, self._workers[holder])
                 if queued and job.id not in self._scheduler:
@@ -1464,7 +1465,7 @@ class JobManager:
 
     def _lose_worker(self, worker: WorkerInfo, why: str) -> None:
         for key in [k for k, (holder, _) in self._taken.items() if holder == worker.id]:
-            self._told(key)
+            self._release_taken(key)
         for job in list(self._jobs.values()):
             if job.worker == worker.id and job.state in ACTIVE:
                 self._lose_job(job.id, job.attempt, worker.id, why)
@@ -1495,13 +1496,17 @@ class JobManager:
     def _claimed(self, worker: WorkerInfo, job_id: str, attempt: int | None) -> Job:
         """The job as this worker's current attempt; `attempt`, if the report names one, must be that attempt:
         a worker that went stale and claimed the job again may still hear from its run of the earlier one."""
-        job = self.get(job_id)
-        for key in [k for k, (holder, _) in self._taken.items() if k[0] == job_id and holder == worker.id]:
-            self._told(key)     # a report on a job taken from it: it hears so now
-        if job.worker != worker.id or job.state not in ACTIVE:
-            raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
-        if attempt is not None and attempt != job.attempt:
-            raise InvalidState(f"attempt {attempt} of job {job_id} is over; it is on attempt {job.attempt}")
+        try:
+            job = self.get(job_id)
+            if job.worker != worker.id or job.state not in ACTIVE:
+                raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
+            if attempt is not None and attempt != job.attempt:
+                raise InvalidState(f"attempt {attempt} of job {job_id} is over; it is on attempt {job.attempt}")
+        except H2kError:
+            # It is told now that the job (removed since, maybe) was taken from it: the slot it kept is free.
+            for key in [k for k, (holder, _) in self._taken.items() if k[0] == job_id and holder == worker.id]:
+                self._release_taken(key)
+            raise
         return job
 
     def _take_slot(self, job: Job, worker: WorkerInfo) -> None:
@@ -1531,16 +1536,18 @@ class JobManager:
         from the job's State), and runs it until then: the slot stays taken meanwhile, so that it cannot claim
         more than its max_jobs; freed by that report (see _claimed) or after heartbeat_timeout_seconds, the time
         within which a worker that follows the job's State has stopped it."""
-        key = (job.id, job.attempt)
+        key = (job.id, job.created_at, job.attempt)
+        if key in self._taken:      # not expected: one attempt is taken once; its timer must not free another's
+            self._release_taken(key)
         try:
             timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-                self._config.heartbeat_timeout_seconds, self._told, key)
+                self._config.heartbeat_timeout_seconds, self._release_taken, key)
         except RuntimeError:    # no loop (a test driving the manager directly)
             timer = None
         self._taken[key] = (worker.id, timer)
 
-    def _told(self, key: tuple[str, int]) -> None:
-        """The worker an attempt was taken from knows it now (or is gone): its slot is free."""
+    def _release_taken(self, key: tuple[str, int, int]) -> None:
+        """The worker an attempt was taken from knows it now (or is gone, or had time enough): its slot is free."""
         worker_id, timer = self._taken.pop(key, ("", None))
         if timer is not None:
             timer.cancel()

@@ -888,6 +888,38 @@ def test_a_job_cancelled_on_an_external_worker_keeps_its_slot_until_the_worker_i
     asyncio.run(go())
 
 
+def test_the_slot_a_removed_job_kept_on_its_worker_is_freed_by_the_workers_report(tmp_path, image):
+    """A job cancelled on an external worker, removed and submitted again under its id, cancelled once more: each
+    keeps its own slot until the worker reports on the id (which fails, NoSuchJob or InvalidState), and neither
+    one's timer frees the other's."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=30)
+        await m.start()
+        needs = {"capability_requirements": {"gpu": True}}
+        worker = m.register_worker("agent", {"gpu": True}, 2, 0, ":1.5")
+        first, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", job_id="same", **needs), owner=0)
+        assert m.claim(worker.id) is first
+        await m.cancel(first.id, by=0)
+        m.remove(first.id)
+        with pytest.raises(NoSuchJob):
+            m.report_progress(worker.id, "same", 0.5, 1, 2, "convert", "")
+        assert worker.active_jobs == 0
+
+        again, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", job_id="same", **needs), owner=0)
+        assert m.claim(worker.id) is again
+        await m.cancel(again.id, by=0)
+        m.remove(again.id)
+        third, _ = m.submit(spec(image, tmp_path / "out/c.qcow2", job_id="same", **needs), owner=0)
+        assert m.claim(worker.id) is third
+        await m.cancel(third.id, by=0)
+        assert worker.active_jobs == 2 and m.claim(worker.id) is None
+        with pytest.raises(InvalidState):
+            m.report_result(worker.id, "same", True, {}, "", "", 0, 0)
+        assert worker.active_jobs == 0
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_an_external_attempt_that_times_out_while_the_store_is_full_fails_once_it_is_not(tmp_path, image,
                                                                                        monkeypatch):
     """The store refused the TIMEOUT (its disk full): the job is not left running on the hung worker for
