@@ -893,6 +893,24 @@ def test_a_unit_systemd_ended_at_its_time_limit_while_h2kd_was_away_is_a_timeout
     asyncio.run(scenario())
 
 
+def test_how_systemd_ended_a_unit_is_read_from_its_files_but_not_once_the_attempt_was_withdrawn(
+        tmp_path: Path) -> None:
+    """EXIT_STATUS names a signal for a unit killed by one (the live path gives its number); a late unit's end,
+    after the attempt was settled without its unit, is not the attempt's (a "resources" there would make it
+    uncounted)."""
+    (tmp_path / "spec.json").write_text("{}")
+    ended = tmp_path / "unit-ended"
+    ended.write_text("signal killed KILL\n")
+    assert systemd_runner._outcome_from_files(tmp_path, {"status": "cancelled"}) == ("signal", 9)
+    ended.write_text("oom-kill killed TERM\n")
+    assert systemd_runner._outcome_from_files(tmp_path, {"status": "cancelled"}) == ("oom-kill", 15)
+    ended.write_text("exit-code exited 143\n")        # the worker's own result tells that one better
+    assert systemd_runner._outcome_from_files(tmp_path, {"status": "cancelled"}) == ("exit-code", 143)
+    os.replace(tmp_path / "spec.json", tmp_path / systemd_runner.WITHDRAWN_SPEC_NAME)
+    ended.write_text("resources exited 0\n")
+    assert systemd_runner._outcome_from_files(tmp_path, None) == ("unknown", 0)
+
+
 def test_an_attempt_settled_without_its_unit_cannot_be_run_by_a_start_that_comes_late(sandbox: Sandbox,
                                                                                       tmp_path: Path) -> None:
     """h2kd wrote an attempt's spec and sent StartTransientUnit, then died; back, it finds no such unit and settles

@@ -39,8 +39,9 @@ MAX_SPEC_BYTES = 16 * 1024
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A job's systemd unit is named after its id, escaped as systemd-escape does: a "-" (and a leading ".") takes
-# four characters (\x2d). A unit name holds at most 255, of which "h2k-job-" and "-<attempt>.service" take 27.
-MAX_ESCAPED_JOB_ID = 228
+# four characters (\x2d). A file name holds at most 255: the unit's run directory takes "h2k-job-" and
+# "-<attempt>.service" (27) besides the id, and a record of held images named after it "@<nanoseconds>" (20).
+MAX_ESCAPED_JOB_ID = 208
 _CHECKSUM_RE = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _REQUIREMENT_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")   # field names and list indexes, printed as they are

@@ -174,9 +174,13 @@ def _is_directory(path: str, owner: dict[str, Any] | None) -> bool:
     if not (owner and owner["uid"]):
         return os.path.isdir(path) and not os.path.islink(path)
     from h2kd.access import groups_for, kind_as
+    from h2kd.errors import H2kError
 
     uid = int(owner["uid"])
-    return kind_as(uid, groups_for(uid), path) == stat.S_IFDIR
+    try:
+        return kind_as(uid, groups_for(uid), path) == stat.S_IFDIR
+    except H2kError as e:     # the lookup as the submitter hung (a FUSE mount of theirs), or could not be made
+        raise OperationError("PERMISSION_DENIED", f"as the job runs, {e}") from None
 
 
 def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:

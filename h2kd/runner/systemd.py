@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -914,14 +915,17 @@ def _files_are_of(followed: _Followed, spec_file: dict[str, Any]) -> bool:
 
 def _outcome_from_files(run_dir: Path, worker_result: dict[str, Any] | None) -> tuple[str, int]:
     """systemd's Result and exit status as far as the attempt's files tell, when systemd no longer
-    knows the unit: the worker's exit code follows from its result's status (0 completed, 1 or 2
+    knows the unit: systemd's own, from units.UNIT_ENDED_NAME, where systemd ended the unit itself
+    (_unit_ended); else the worker's exit code follows from its result's status (0 completed, 1 or 2
     failed, 143 cancelled); without a result file the unit ended unrecorded ("unknown"), and without
-    even a spec file it was never started ("not-started")."""
-    ended = _unit_ended(run_dir)
+    even a spec file (spec.json, or the WITHDRAWN_SPEC_NAME it became) it was never started
+    ("not-started"). Once the spec is withdrawn, what a late unit wrote since is not the attempt's."""
+    withdrawn = (run_dir / WITHDRAWN_SPEC_NAME).exists()
+    ended = None if withdrawn else _unit_ended(run_dir)
     if ended is not None:
         return ended
     if worker_result is None:
-        started = (run_dir / "spec.json").exists() or (run_dir / WITHDRAWN_SPEC_NAME).exists()
+        started = withdrawn or (run_dir / "spec.json").exists()
         return ("unknown", 0) if started else ("not-started", 0)
     status = worker_result.get("status")
     if status == "completed":
@@ -946,7 +950,12 @@ def _unit_ended(run_dir: Path) -> tuple[str, int] | None:
     if not words or words[0] not in _SYSTEMD_ENDINGS:
         return None
     status = words[2] if len(words) > 2 else ""
-    return words[0], int(status) if status.isdigit() else 0
+    if status.isdigit():
+        return words[0], int(status)
+    try:
+        return words[0], int(signal.Signals["SIG" + status])     # EXIT_STATUS names a signal: KILL, SEGV...
+    except KeyError:
+        return words[0], 0
 
 
 def _field(data: dict[str, Any] | None, name: str, kind: type) -> Any:

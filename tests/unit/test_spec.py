@@ -93,7 +93,7 @@ def test_job_id_is_generated_when_absent_null_or_empty():
         assert parse_spec(convert(job_id=job_id)).job_id == job_id  # a generated id is itself valid
 
 
-@pytest.mark.parametrize("job_id", ["-" * 64, "a" * 9 + "-" * 55, "." + "-" * 60])
+@pytest.mark.parametrize("job_id", ["-" * 64, "a" * 15 + "-" * 49, "." + "-" * 60])
 def test_a_job_id_too_long_for_its_units_name_once_escaped_is_refused(job_id):
     """Each "-" is four characters of the unit's name (\\x2d): 64 of them made a name systemd and the file system
     refuse, and the job failed only when it ran."""
@@ -101,14 +101,17 @@ def test_a_job_id_too_long_for_its_units_name_once_escaped_is_refused(job_id):
         parse_spec(convert(job_id=job_id))
 
 
-@pytest.mark.parametrize("job_id", ["a" * 10 + "-" * 54, "." + "-" * 53 + "a" * 10, "a" * 64, "x-" * 32])
-def test_every_job_id_accepted_names_a_unit_and_a_directory_that_can_exist(job_id, tmp_path):
+@pytest.mark.parametrize("job_id", ["a" * 16 + "-" * 48, "." + "-" * 47 + "a" * 16, "a" * 64, "x-" * 32])
+def test_every_job_id_accepted_names_a_unit_and_its_files_that_can_exist(job_id, tmp_path):
+    import time
+
     from h2kd.runner.unit import unit_name
 
     parsed = parse_spec(convert(job_id=job_id)).job_id
     name = unit_name(parsed, 2**32 - 1)
     assert len(name) <= 255, name                    # systemd's limit on a unit's name
     (tmp_path / name).mkdir()                        # the attempt's run directory is named after its unit
+    (tmp_path / f"{name}@{time.time_ns()}").touch()  # and so is a record of the images it holds
 
 
 def test_generated_job_ids_sort_in_the_order_they_were_made():
