@@ -1502,7 +1502,7 @@ class JobManager:
                 raise InvalidState(f"job {job_id} is not claimed by worker {worker.id} (it is {job.state.value})")
             if attempt is not None and attempt != job.attempt:
                 raise InvalidState(f"attempt {attempt} of job {job_id} is over; it is on attempt {job.attempt}")
-        except H2kError:
+        except (NoSuchJob, InvalidState):
             # It is told now that the job (removed since, maybe) was taken from it: the slot it kept is free.
             for key in [k for k, (holder, _) in self._taken.items() if k[0] == job_id and holder == worker.id]:
                 self._release_taken(key)

@@ -68,8 +68,8 @@ def _check_job_id(value: str) -> str:
     if value in (".", ".."):     # a job's output directory is named after its id
         raise _fail("job_id", "must name a directory of its own: not . or ..")
     if len(value) + 3 * value.count("-") + (3 if value.startswith(".") else 0) > MAX_ESCAPED_JOB_ID:
-        raise _fail("job_id", "has too many dashes for the name of its systemd unit, where each takes four "
-                    f"characters (\\x2d) of the {MAX_ESCAPED_JOB_ID} it has for the id")
+        raise _fail("job_id", "has too many dashes for the names of its systemd unit and of the files named after "
+                    f"it, where each takes four characters (\\x2d) of the {MAX_ESCAPED_JOB_ID} they have for the id")
     return value
 
 

@@ -16,7 +16,7 @@ kernel.core_pattern, whose program the kernel runs as root outside every sandbox
     bounding, inheritable and ambient sets, so that no program it starts gets any other back; no_new_privs;
   - under a seccomp filter (libseccomp) that refuses the kernel's keyrings (shared by uid, not by namespace;
     request_key runs a host program as root), sockets of families and protocols that could load a host module
-    (anything but unix, inet, inet6 and netlink, and their common protocols; not for 32-bit programs, see
+    (anything but unix, inet, inet6 and netlink, and their common protocols; i386 programs get no socket, see
     _load_filter), and the loop-device ioctls that would rebind or resize the guest's own disk under its mounted
     file systems.
 The namespace's first process (its init) is this program's own code: it reaps every process of the namespace,
@@ -65,7 +65,7 @@ SOCKET_FAMILIES = (1, 2, 10, 16)     # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
 # ...and of their protocols, those the tools use (the others have modules too: SCTP, netlink's crypto_user).
 _INET_PROTOCOLS = (0, 1, 6, 17, 58)                         # default, ICMP, TCP, UDP, ICMPv6
 SOCKET_PROTOCOLS = {2: _INET_PROTOCOLS, 10: _INET_PROTOCOLS,
-                    16: (0, 4, 9, 15, 16)}                  # route, sock_diag, audit, kobject_uevent, generic
+                    16: (0, 4, 7, 9, 15, 16)}   # route, sock_diag, selinux, audit, kobject_uevent, generic
 # ioctls (linux/loop.h) that rebind, reconfigure or resize a loop device; reading its status stays allowed.
 LOOP_CHANGES = (0x4C00, 0x4C01, 0x4C02, 0x4C04, 0x4C06, 0x4C07, 0x4C08, 0x4C09, 0x4C0A)
 
@@ -150,10 +150,10 @@ def _drop_capabilities(last_capability: int) -> None:
 
 def _load_filter(seccomp: ctypes.CDLL) -> None:
     """The seccomp filter of the module docstring, for this machine's own system calls and its 32-bit ones (an
-    i386 or armhf guest's programs). The socket rules are added before the 32-bit architectures, so that they hold
-    for the machine's own calls alone (libseccomp gives rules to the architectures a filter has when they are
-    added): i386 programs open sockets through socketcall(), whose arguments a filter cannot read, so a socket
-    rule made for them would refuse every socket."""
+    i386 or armhf guest's programs, and any program's int $0x80). Every rule holds for both: libseccomp gives a
+    rule to the architectures the filter has when it is added. i386 programs open sockets through socketcall(),
+    whose arguments a filter cannot read, so on that path a socket is refused whatever its family; a repair's
+    tools do not need one (syslog and nscd fall back without)."""
     seccomp.seccomp_init.restype = ctypes.c_void_p
     seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
     seccomp.seccomp_arch_native.restype = ctypes.c_uint32
@@ -177,6 +177,8 @@ def _load_filter(seccomp: ctypes.CDLL) -> None:
             _check(seccomp.seccomp_rule_add_array(context, refused, number, len(compares), array),
                    f"a seccomp rule for {name}")
 
+        for arch in _COMPAT_ARCHES.get(seccomp.seccomp_arch_native(), ()):
+            _check(seccomp.seccomp_arch_add(context, arch), f"adding architecture {arch:#x}")
         # The kernel reads ints and an unsigned int: a value with any of the upper 32 bits set is caught by a ">="
         # rule (families, protocols), or compared on its lower 32 bits only (ioctl requests).
         for call in ("socket", "socketpair"):
@@ -187,8 +189,6 @@ def _load_filter(seccomp: ctypes.CDLL) -> None:
                 for protocol in _refused_below(protocols):
                     deny(call, (0, _SCMP_CMP_EQ, family, 0), (2, _SCMP_CMP_EQ, protocol, 0))
                 deny(call, (0, _SCMP_CMP_EQ, family, 0), (2, _SCMP_CMP_GE, max(protocols) + 1, 0))
-        for arch in _COMPAT_ARCHES.get(seccomp.seccomp_arch_native(), ()):
-            _check(seccomp.seccomp_arch_add(context, arch), f"adding architecture {arch:#x}")
         for name in ("keyctl", "add_key", "request_key"):
             deny(name)
         for request in LOOP_CHANGES:
