@@ -230,6 +230,13 @@ def test_a_vmx_of_millions_of_short_lines_is_refused_and_a_long_real_one_read(tm
     assert run.result["outputs"]["report"]["vm"]["name"] == "vm"
 
 
+def test_a_vmx_value_that_is_not_a_number_is_not_quoted_in_the_public_error(tmp_path: Path) -> None:
+    """The job's Error is everyone's to read, and the VMX may be its submitter's alone (mode 0600)."""
+    vmx = vmx_with(tmp_path, 'memsize = "TopSecret-Pa55w0rd"')      # the last of a key's lines counts
+    message = refused(inspect_job(tmp_path, vmx), "the VMX file gives memsize a value that is not a whole number")
+    assert "TopSecret" not in message and "Pa55w0rd" not in message, message
+
+
 def test_a_file_of_newlines_is_found_no_image_at_once(tmp_path: Path) -> None:
     """Looking for a VMX's first line with ^\\s* scanned on from each of 64 KiB of newlines: a minute of CPU."""
     blank = tmp_path / "blank.img"

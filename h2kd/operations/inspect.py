@@ -893,7 +893,8 @@ def _whole_number(text: str | None, field: str, what: str, limit: int, default: 
     if not text:
         return default
     if not (text.isascii() and text.isdigit()):
-        raise _invalid(f"{what} gives {field} {_shown(text)}, which is not a whole number")
+        # Not quoted: the message is public (the job's Error), and the file may be its submitter's alone.
+        raise _invalid(f"{what} gives {field} a value that is not a whole number ({len(text)} characters)")
     digits = text.lstrip("0") or "0"
     if len(digits) > len(str(limit)) or int(digits) > limit:
         raise _invalid(f"{what} gives {field} {_shown(text)}, more than any VM has (at most {limit})")
