@@ -1059,7 +1059,7 @@ class JobManager:
                         message: str = "") -> None:
         done, total = min(done, COUNT_MAX), min(total, COUNT_MAX)
         changed: set[str] = set()
-        step_reached = False
+        step_reached = percent_reached = False
         if job.state == S.RUNNING:
             self._transition(job, S.PROGRESSING, "progress reported")
         if phase and phase != job.phase:
@@ -1068,10 +1068,11 @@ class JobManager:
         if fraction is not None:
             fraction = min(max(fraction, 0.0), 1.0)
             if fraction > job.progress:  # never backwards within an attempt
-                before = int(job.progress * 100) // PROGRESS_EVENT_PERCENT
+                before = int(job.progress * 100)
                 job.progress = fraction
                 changed.add("progress")
-                step_reached = int(fraction * 100) // PROGRESS_EVENT_PERCENT != before
+                percent_reached = int(fraction * 100) != before
+                step_reached = int(fraction * 100) // PROGRESS_EVENT_PERCENT != before // PROGRESS_EVENT_PERCENT
             if not job.progress_known:
                 job.progress_known = True
                 changed.add("progress_known")
@@ -1083,12 +1084,14 @@ class JobManager:
             changed.add("bytes_done")
             self._update_rate(job)
             changed |= {"rate", "expected_end"}
-        if step_reached:
+        if percent_reached:
             # Nobody waits for these on disk: they share a commit with the next ones. The job's row gets the
-            # progress too, so that h2kd restarted shows the job from there, not from 0 until the unit reports.
+            # progress at every percent, so that h2kd restarted shows the job from there (less than a percent
+            # back until its unit reports again), not from 0 nor from the last event's step.
             with self._store.deferred(within=PROGRESS_COMMIT_SECONDS):
-                self._append_event(job, "progress", {"progress": round(job.progress, 4), "phase": job.phase,
-                                                      "bytes_done": done, "bytes_total": total})
+                if step_reached:
+                    self._append_event(job, "progress", {"progress": round(job.progress, 4), "phase": job.phase,
+                                                          "bytes_done": done, "bytes_total": total})
                 self._store.save_job(job)
         if message and self._status_messages.get(job.id) != message:
             # A worker repeats its message in every report ("disk 1 of 2"): it is news only when it changes.
