@@ -1831,18 +1831,24 @@ def test_a_guest_logical_volume_is_the_device_of_its_uuid_on_the_guests_disk(lvm
     assert len(world.activations()) == 1 and world.left() == [], world.calls()
 
 
+def root_lv_activated(world: Any, read_only: bool) -> list[str]:
+    """Attach the world's guest disk, check that its one LV, root, is found at its device-mapper node, detach;
+    the "ro" flags of the device-mapper devices it had meanwhile."""
+    attached = world.attach(read_only=read_only)
+    try:
+        assert attached.lvs() == [(f"{world.group}/root", str(world.mapper("root")))]
+        return [(dm / "ro").read_text().strip() for dm in world.sys.iterdir()]
+    finally:
+        attached.close()
+
+
 def test_a_dry_run_activates_the_guests_volume_groups_read_only(lvm_world: Any) -> None:
     """A dry run activated with `vgchange --readonly -ay`, which turns activation off in LVM (LVM 2.03.16
     refuses it outright: "Operation prohibited while --readonly is set"): an LVM guest's dry run never found its
     root. It activates as a repair does, with the group in read_only_volume_list, which makes the LVs read-only."""
     world = lvm_world
     world.lv("root")
-    attached = world.attach(read_only=True)
-    try:
-        assert attached.lvs() == [(f"{world.group}/root", str(world.mapper("root")))]
-        read_only = [(dm / "ro").read_text().strip() for dm in world.sys.iterdir()]
-    finally:
-        attached.close()
+    read_only = root_lv_activated(world, read_only=True)
     assert read_only == ["1"], (read_only, world.activations())
     assert not any("--readonly" in argv for argv in world.calls()), world.calls()
     assert world.left() == []
@@ -1853,11 +1859,6 @@ def test_a_logical_volume_flagged_to_be_skipped_at_activation_is_activated(lvm_w
     whose root it is had none. The guest's groups are activated with -K (--ignoreactivationskip)."""
     world = lvm_world
     world.lv("root", skip=True)
-    attached = world.attach(read_only=False)
-    try:
-        assert attached.lvs() == [(f"{world.group}/root", str(world.mapper("root")))]
-        read_only = [(dm / "ro").read_text().strip() for dm in world.sys.iterdir()]
-    finally:
-        attached.close()
+    read_only = root_lv_activated(world, read_only=False)
     assert read_only == ["0"], (read_only, world.activations())
     assert world.left() == []

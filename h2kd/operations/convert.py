@@ -173,26 +173,27 @@ def _is_directory(path: str, owner: dict[str, Any] | None) -> bool:
     answer would shape the job's error, and tell them what lies behind their symlinks where only root can look."""
     if not (owner and owner["uid"]):
         return os.path.isdir(path) and not os.path.islink(path)
-    from h2kd.access import groups_for, kind_as
-    from h2kd.errors import H2kError
-
-    uid = int(owner["uid"])
-    try:
-        return kind_as(uid, groups_for(uid), path) == stat.S_IFDIR
-    except H2kError as e:     # the lookup as the submitter hung (a FUSE mount of theirs), or could not be made
-        raise OperationError("PERMISSION_DENIED", f"as the job runs, {e}") from None
+    from h2kd.access import kind_as
+    return _as_submitter(owner, lambda uid, groups: kind_as(uid, groups, path)) == stat.S_IFDIR
 
 
 def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
     """h2kd checked at submission that the submitter may write where the output path led. The path is theirs:
     a symlink in it may lead elsewhere now, to a directory of the root they may not write in, where root
     would make the output for them. The directory must be theirs to write in as the job runs as well."""
-    from h2kd.access import check_directory_writable, groups_for
+    from h2kd.access import check_directory_writable
+    _as_submitter(owner, lambda uid, groups: check_directory_writable(directory, uid, groups))
+
+
+def _as_submitter(owner: dict[str, Any], check: Callable[[int, list[int]], Any]) -> Any:
+    """check(uid, groups), an h2kd.access check, for the submitter; what it finds against them (or a lookup of
+    theirs that hung, a FUSE mount of theirs) is PERMISSION_DENIED."""
+    from h2kd.access import groups_for
     from h2kd.errors import H2kError
 
     uid = int(owner["uid"])
     try:
-        check_directory_writable(directory, uid, groups_for(uid))
+        return check(uid, groups_for(uid))
     except H2kError as e:
         raise OperationError("PERMISSION_DENIED", f"as the job runs, {e}") from None
 
