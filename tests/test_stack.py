@@ -136,6 +136,87 @@ def test_a_manager_starts_and_stops_on_a_host_whose_pid1_is_systemd(tmp_path: Pa
     assert not handle.alive
 
 
+STARTS_A_MANAGER_AND_WAITS = """
+import sys, time
+from pathlib import Path
+from h2kd.sandbox.systemd import start_user_manager
+handle = start_user_manager(Path(sys.argv[1]) / "runtime", Path(sys.argv[1]) / "manager.log")
+print(handle.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _registered(pid: int) -> dict | None:
+    from h2kd.sandbox.systemd import REGISTRY_DIR
+    try:
+        return json.loads((REGISTRY_DIR / str(pid)).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def test_a_manager_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A test run killed outright (CI cut at its time limit) must not leave its systemd manager running, and
+    the next start removes the cgroup that was made for it."""
+    from h2kd.sandbox import systemd
+
+    owner = subprocess.Popen([sys.executable, "-c", STARTS_A_MANAGER_AND_WAITS, str(tmp_path / "first")],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        manager_pid = int(owner.stdout.readline())
+        entry = _registered(manager_pid)
+        assert entry and entry["kind"] == "user-manager"
+        manager_cgroup = systemd.OwnCgroup(entry["cgroup"], [Path(d) for d in entry["cgroup_dirs"]])
+        assert manager_cgroup.contains(manager_pid)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _gone(manager_pid, 30), "the manager outlived the process that started it"
+
+    handle = systemd.start_user_manager(tmp_path / "second" / "runtime", tmp_path / "second" / "manager.log")
+    try:
+        assert handle.alive
+        assert _registered(manager_pid) is None
+        assert not any(d.exists() for d in manager_cgroup.dirs)
+    finally:
+        handle.stop()
+
+
+def test_a_manager_that_outlived_its_owner_is_stopped_at_the_next_start(tmp_path: Path) -> None:
+    from h2kd.sandbox import systemd
+
+    abandoned = systemd.start_user_manager(tmp_path / "first" / "runtime", tmp_path / "first" / "manager.log")
+    try:
+        # As a manager left by an owner that died before managers had a parent-death signal.
+        dead_owner = subprocess.Popen(["true"])
+        dead_owner.wait()
+        entry = _registered(abandoned.pid)
+        assert entry
+        (systemd.REGISTRY_DIR / str(abandoned.pid)).write_text(json.dumps({**entry, "owner": dead_owner.pid}))
+
+        handle = systemd.start_user_manager(tmp_path / "second" / "runtime", tmp_path / "second" / "manager.log")
+        try:
+            assert handle.alive
+            assert not abandoned.alive
+            assert not any(d.exists() for d in abandoned.cgroup.dirs)
+            assert _registered(abandoned.pid) is None
+        finally:
+            handle.stop()
+    finally:
+        abandoned.stop()
+
+
 def test_journald_takes_messages() -> None:
     from systemd import journal
 

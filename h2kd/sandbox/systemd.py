@@ -3,7 +3,9 @@
 The user manager (`/lib/systemd/systemd --user`, run as root) is a real systemd that runs h2kd's
 transient units in tests and in the demo stack. It needs `/run/systemd/system/` to exist; several of
 our sandboxes may run at once, so a small registry under /run/h2k-sandbox/ records which of them are
-alive, and the directory is removed only by the last one, and only if one of ours created it.
+alive, and the directory is removed only by the last one, and only if one of ours created it. A manager
+dies with the process that started it; what a sandbox killed outright leaves (a manager that outlived it,
+its journald, their cgroups) is stopped and removed by the next start.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _unregister(pid: int) -> None:
 
 
 def _live_entries() -> dict[int, dict]:
-    """Registered processes still alive; entries of dead ones that nobody will stop are dropped."""
+    """Registered processes still alive; entries of dead ones that nobody will stop are dropped, with the
+    cgroups made for them."""
     live: dict[int, dict] = {}
     for path in REGISTRY_DIR.iterdir():
         if not path.name.isdigit():
@@ -80,8 +83,23 @@ def _live_entries() -> dict[int, dict]:
         if _alive(pid):
             live[pid] = entry
         elif not _alive(int(entry.get("owner", 0))):
+            _remove_cgroup(entry)
             path.unlink(missing_ok=True)
     return live
+
+
+def _end_abandoned_managers() -> None:
+    """Called with the registry locked before a start: stop the managers of ours whose owner died without
+    stopping them (a test run killed outright). A manager dies with its owner (its parent-death signal);
+    this ends one that outlived it, or that was started before it had one."""
+    for pid, entry in _live_entries().items():
+        if entry.get("kind") != "user-manager" or _alive(int(entry.get("owner", 0))):
+            continue
+        # Only while it is still in the cgroup we made for it: the pid may be another process's by now.
+        if _cgroup_of(entry).contains(pid):
+            _stop_pid(pid, None)
+        _remove_cgroup(entry)
+        _unregister(pid)
 
 
 def _ensure_system_marker_dir() -> bool:
@@ -242,10 +260,13 @@ def start_user_manager(runtime_dir: Path, log_path: Path, env: Mapping[str, str]
     pid1_before = pid1_cgroup()
 
     with _registry_locked():
+        _end_abandoned_managers()
         created = _ensure_system_marker_dir()
         with open(log_path, "ab") as log:
             try:
-                proc, group = spawn_in_own_cgroup([str(SYSTEMD_BINARY), "--user"], prefix="h2k-systemd",
+                # SIGTERM makes a user manager start exit.target: it stops its units and exits.
+                proc, group = spawn_in_own_cgroup(["setpriv", "--pdeathsig", "TERM", "--",
+                                                   str(SYSTEMD_BINARY), "--user"], prefix="h2k-systemd",
                                                   env=manager_env, stdout=log, stderr=subprocess.STDOUT)
             except Exception:
                 _release_shared_state()
@@ -333,6 +354,9 @@ def start_journald(log_path: Path, env: Mapping[str, str] | None = None,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid1_before = pid1_cgroup()
     with _registry_locked():
+        # A journald that only abandoned sandboxes used is stopped, not taken over: a fresh one is started.
+        _end_abandoned_managers()
+        _release_shared_state()
         if journal_socket_live():
             return None
         journald_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}
