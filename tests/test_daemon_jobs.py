@@ -960,7 +960,8 @@ def test_metrics_and_journal_follow_real_jobs(tuned: Any, small_vmdk: Path, slow
     assert moved("hyper2kvm_worker_jobs_active", seen["running"]) == 1
     assert moved("hyper2kvm_worker_jobs_active") == 0
     assert moved("hyper2kvm_vmdk_size_bytes_count") == 1
-    assert moved("hyper2kvm_vmdk_size_bytes_sum") == ok["BytesTotal"] > 0
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(small_vmdk)], capture_output=True, check=True)
+    assert moved("hyper2kvm_vmdk_size_bytes_sum") == json.loads(info.stdout)["virtual-size"] > 0
     assert metric(after, "hyper2kvm_worker_info", worker="builtin", kind="builtin",
                   version=_version()) == 1
     # Added for operators.

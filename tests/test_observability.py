@@ -141,12 +141,14 @@ def test_each_metric_moves_with_the_job_lifecycle():
     assert value(s, "hyper2kvm_worker_jobs_active") == 1
     life.move(good, S.RUNNING, started_at=T0 + 2_000_000, unit="h2k-job-good\\x2d1-1.service")
     life.move(good, S.PROGRESSING)
-    life.update(good, progress=0.5, progress_known=True, bytes_done=4 * GiB, bytes_total=8 * GiB)
+    # Verified: two passes over the disk, so the progress total is twice its size.
+    life.update(good, progress=0.5, progress_known=True, bytes_done=8 * GiB, bytes_total=16 * GiB)
     s = scrape(metrics)
     assert value(s, "hyper2kvm_worker_jobs_active") == 1
     assert value(s, "h2kd_jobs", state="progressing") == 1
-    life.move(good, S.COMPLETED, finished_at=T0 + 12_000_000, progress=1.0, bytes_done=8 * GiB,
-              result={"status": "completed", "outputs": {},
+    life.move(good, S.COMPLETED, finished_at=T0 + 12_000_000, progress=1.0, bytes_done=16 * GiB,
+              result={"status": "completed",
+                      "outputs": {"disks": [{"source_format": "vmdk", "virtual_size": 8 * GiB, "format": "qcow2"}]},
                       "metrics": {"execution_seconds": 8.0, "bytes_read": 8 * GiB, "bytes_written": 3 * GiB}})
     s = scrape(metrics)
     assert value(s, "hyper2kvm_migration_total", operation="convert", status="completed") == 1

@@ -91,6 +91,14 @@ elif mode == "latin-1":
     # What a guest's Latin-1 file read with surrogateescape gives, written as json.dumps writes it ("\\udce9").
     result_path.write_text(json.dumps({"status": "completed", "outputs": {}, "attempt": spec["attempt"],
                                        "found": {"os": b"Debian \xe9".decode("utf-8", "surrogateescape")}}))
+elif mode == "guest-words":
+    # A repair's failure quoting a guest program: a line that looks like a priority, a NUL and a byte not UTF-8.
+    print("<0>the guest says: all hands", flush=True)
+    result_path.write_text(json.dumps({"status": "failed", "attempt": spec["attempt"], "outputs": {},
+                                       "error": {"phase": "offline_fix", "code": "TOOL_FAILED", "retryable": False,
+                                                 "message": "update-initramfs failed: a\0b "
+                                                            + b"\xff".decode("utf-8", "surrogateescape")}}))
+    sys.exit(2)
 elif mode == "odd-failure":
     # A worker of another version: its error a bare message, its outputs a list, a temporary files record left.
     (run_dir / "temp-files").touch()
@@ -779,6 +787,24 @@ def test_an_attempt_whose_result_file_h2kd_cannot_make_sense_of_still_ends(sandb
             outcome = await events.wait_finished(job.id)
         assert (outcome.result, outcome.exit_status) == ("exit-code", 1)
         assert outcome.worker_result is not None and outcome.worker_result["error"] == "qemu-img: write failed"
+
+    asyncio.run(scenario())
+
+
+def test_a_guest_quoted_in_a_failure_can_neither_break_the_bus_nor_set_a_journal_priority(sandbox: Sandbox) -> None:
+    """A NUL in the error message made the job's properties, and everyone's GetManagedObjects, unsendable; a line
+    starting "<0>" became an emergency, which journald shows on every terminal."""
+    async def scenario() -> None:
+        events = RecordingEvents()
+        job = make_job()
+        async with runner_for(sandbox.config("guest-words"), events) as runner:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.worker_result is not None
+        assert outcome.worker_result["error"]["message"] == "update-initramfs failed: a\\x00b \ufffd"
+        if not sandbox.journald_reachable:
+            pytest.skip("no journald reachable: the unit's lines cannot be checked")
+        assert "<0>the guest says: all hands" in outcome.log_tail
 
     asyncio.run(scenario())
 

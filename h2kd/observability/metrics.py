@@ -6,7 +6,7 @@ The original protocol's names are kept so existing dashboards work:
   hyper2kvm_migration_duration_seconds{operation}  histogram, run time (started_at to finished_at) of completed jobs
   hyper2kvm_migration_failures_total{error_type}   counter, jobs that ended failed, by error code
   hyper2kvm_worker_jobs_active                     gauge, jobs assigned, running or progressing
-  hyper2kvm_vmdk_size_bytes                        histogram, virtual size (bytes_total) of completed VMDK conversions
+  hyper2kvm_vmdk_size_bytes                        histogram, virtual size of each VMDK a completed convert read
   hyper2kvm_worker_info{worker,kind,version}       gauge = 1 per registered worker
 and added for operators:
   h2kd_jobs{state}                                 gauge, jobs known to the daemon by state
@@ -57,10 +57,16 @@ SIZE_BUCKETS = tuple(GiB * n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 10
 THROUGHPUT_BUCKETS = tuple(MiB * n for n in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 
 
-def _is_vmdk(job: Job) -> bool:
-    image = job.spec.get("image") or {}
-    fmt = (image.get("format") or "").lower()
-    return fmt == "vmdk" or (not fmt and str(image.get("path") or "").lower().endswith(".vmdk"))
+def _vmdk_sizes(job: Job) -> list[int]:
+    """The virtual size of each VMDK a completed convert read (an OVA's among them), from its Result; the
+    progress total (BytesTotal) is no disk's size: it counts a disk once per pass, a verification included."""
+    outputs = (job.result or {}).get("outputs")
+    disks = outputs.get("disks") if isinstance(outputs, dict) else None
+    if not isinstance(disks, list):
+        return []
+    return [disk["virtual_size"] for disk in disks
+            if isinstance(disk, dict) and disk.get("source_format") == "vmdk"
+            and type(disk.get("virtual_size")) is int and disk["virtual_size"] > 0]
 
 
 def _worker_state(worker: WorkerInfo) -> str:
@@ -239,8 +245,8 @@ class Metrics:
             self.migration_duration.labels(operation=job.operation).observe((job.finished_at - job.started_at) / 1e6)
         if job.operation != "convert":
             return
-        if _is_vmdk(job) and job.bytes_total > 0:
-            self.vmdk_size.observe(job.bytes_total)
+        for size in _vmdk_sizes(job):
+            self.vmdk_size.observe(size)
         metrics = (job.result or {}).get("metrics") or {}
         written = int(metrics.get("bytes_written") or 0)
         if written > 0:

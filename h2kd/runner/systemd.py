@@ -1068,19 +1068,21 @@ def _read_result(path: Path) -> dict[str, Any] | None:
 
 
 def _valid_text(value: Any) -> Any:
-    """value with every string made valid Unicode. A worker reads a guest's files with surrogateescape, so what it
-    found (a Latin-1 os-release, a file name) can hold lone surrogates, which neither the store nor D-Bus can take:
-    the bytes they stand for are decoded again, each that is not UTF-8 becoming U+FFFD."""
+    """value with every string made valid Unicode without NUL. A worker reads a guest's files with
+    surrogateescape, so what it found (a Latin-1 os-release, a file name) can hold lone surrogates, which neither
+    the store nor D-Bus can take: the bytes they stand for are decoded again, each that is not UTF-8 becoming
+    U+FFFD. A NUL (a guest program's last words) would make every message carrying the string unsendable, the
+    job's properties and GetManagedObjects for all: it becomes "\\x00"."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
-            return value
         except UnicodeEncodeError:
             try:
                 raw = value.encode("utf-8", "surrogateescape")
             except UnicodeEncodeError:      # a surrogate no undecodable byte stands for
                 raw = value.encode("utf-8", "surrogatepass")
-            return raw.decode("utf-8", "replace")
+            value = raw.decode("utf-8", "replace")
+        return value.replace("\0", "\\x00")
     if isinstance(value, dict):
         return {_valid_text(k): _valid_text(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -225,6 +225,9 @@ def build_properties(config: Config, *, job_id: str, attempt: int, operation: st
         ("ExecStopPost", Variant("a(sasb)", [["/bin/sh", unit_ended_command(spec_path.parent), True]])),
         ("Environment", Variant("as", [f"{k}={v}" for k, v in sorted(env.items())])),
         ("WorkingDirectory", Variant("s", str(spec_path.parent))),
+        # What the unit prints may quote a guest (a file name, a program's last words): a "<0>" at a line's start
+        # must not make it an emergency, which journald shows on every terminal.
+        ("SyslogLevelPrefix", Variant("b", False)),
         # As h2kd's own entries for the job have them: `journalctl H2K_OWNER_UID=1000` finds the units' lines too.
         ("LogExtraFields", Variant("aay", [f"H2K_JOB_ID={job_id}".encode(), f"H2K_ATTEMPT={attempt}".encode(),
                                             f"H2K_OPERATION={operation}".encode(),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from h2kd.observability.wire import one_line
+
 _KNOWN = re.compile(r"^(?P<phase>[a-z_-]+): (?P<pct>\d{1,3}\.\d\d)% \((?P<done>\d+)/(?P<total>\d+) bytes\)(?: (?P<msg>.*))?$")
 _UNKNOWN = re.compile(r"^(?P<phase>[a-z_-]+): (?P<done>\d+) bytes(?: (?P<msg>.*))?$")
 
@@ -22,17 +24,10 @@ class ProgressReport(NamedTuple):
     message: str = ""
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _one_line(text: str) -> str:
+def format_status(report: ProgressReport) -> str:
     # A message may carry names read from the image (a guest's subvolumes): a line break in it would add lines
     # of its own to the sd_notify datagram (MAINPID=..., which systemd takes from a root process).
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def format_status(report: ProgressReport) -> str:
-    message = f" {_one_line(report.message)}" if report.message else ""
+    message = f" {one_line(report.message)}" if report.message else ""
     if report.fraction is None:
         return f"{report.phase}: {report.bytes_done} bytes{message}"
     pct = min(max(report.fraction, 0.0), 1.0) * 100

@@ -35,6 +35,7 @@ import os
 import stat
 from typing import Any, Callable
 
+from h2kd.observability.wire import one_line
 from h2kd.operations import inspect, qemuimg
 from h2kd.operations.offline_fix import bootloader, commands, detect, fstab, initramfs, network, vmtools
 from h2kd.operations.offline_fix.devices import attached_disk
@@ -120,7 +121,7 @@ def _apply_fixes(guest: Any, disk: Any, os_info: dict[str, Any], params: dict[st
         except OSError as e:
             fix = Fix(name, FAILED, f"{type(e).__name__}: {e}")
         fixes.append(fix)
-        print(f"offline_fix: {fix.name}: {fix.status}: {fix.reason}", flush=True)
+        print(one_line(f"offline_fix: {fix.name}: {fix.status}: {fix.reason}"), flush=True)
     progress("fix", 1.0, "done")
     return fixes
 

@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from h2kd.observability.wire import one_line
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.qemuimg import OperationError
 from h2kd.operations.tempfiles import HELD_NAME, hold_image, inode_generation, note_held
@@ -577,7 +578,8 @@ def _root_alone(image_fd: int, name: str) -> Iterator[_Hold]:
     finally:
         with commands.uninterrupted():
             if hold.still_attached:
-                print(f"offline_fix: {name} stays root's: its loop device could not be detached", flush=True)
+                print(one_line(f"offline_fix: {name} stays root's: its loop device could not be detached"),
+                      flush=True)
             else:
                 os.fchown(image_fd, before.st_uid, before.st_gid)
                 os.fchmod(image_fd, before.st_mode & 0o777)     # never a set-id bit back
@@ -612,7 +614,7 @@ def _attached(image_fd: int, read_only: bool, name: str, hold: _Hold | None = No
                     hold.still_attached = True
             if problems:
                 # Only reported: an exception here would hide the one that brought us here.
-                print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
+                print(one_line("offline_fix: clean-up problems: " + "; ".join(problems)), flush=True)
 
 
 def _detach(loop: str) -> str | None:

@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from h2kd.observability.wire import one_line
 from h2kd.operations.offline_fix import commands
 from h2kd.operations.offline_fix.devices import AttachedDisk, BlockDevice
 from h2kd.operations.offline_fix.fstab import shown
@@ -234,7 +235,7 @@ class GuestMounts:
             except OSError as e:
                 problems.append(f"removing {self.base}: {e}")
             if problems:
-                print("offline_fix: clean-up problems: " + "; ".join(problems), flush=True)
+                print(one_line("offline_fix: clean-up problems: " + "; ".join(problems)), flush=True)
 
 
 def _unmount(target: str) -> str | None:
