@@ -6,6 +6,7 @@ systemd's, so a conversion goes on while h2kd is away and is settled exactly onc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ from dbus_fast import Variant
 from busclient import ERR, JOB, Client, run, spec, wait_for
 import images
 from images import MiB
+from h2kd.store.sqlite import JobStore
 
 
 def convert_spec(source: Path, output: Path, job_id: str, priority: int = 5) -> dict:
@@ -319,16 +321,36 @@ def test_a_store_found_damaged_while_h2kd_runs_stops_it_for_good_with_one_clear_
         stack.start_daemon()
 
 
+def _start_h2kd_on(state: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "H2KD_STATE_DIR": str(state), "H2KD_OUTPUT_ROOTS": str(tmp_path / "out"),
+           "H2KD_BUS_ADDRESS": "unix:path=/nonexistent", "H2KD_SYSTEMD_BUS_ADDRESS": "unix:path=/nonexistent",
+           "H2KD_CONFIG": str(tmp_path / "absent.conf")}
+    return subprocess.run([sys.executable, "-m", "h2kd.daemon"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_a_store_of_a_later_version_stops_h2kd_with_one_clear_line(tmp_path):
+    """It ended in a traceback (RuntimeError), as after going back to an older h2kd."""
+    state = tmp_path / "state"
+    store = state / "h2kd.sqlite"
+    JobStore(store).close()
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("INSERT INTO schema_version (version) VALUES (2)")
+    before = store.read_bytes()
+    ran = _start_h2kd_on(state, tmp_path)
+    assert ran.returncode == 1, ran.stderr
+    assert (f"the job store {store} was written by another version of h2kd (schema version 2; this one reads "
+            "version 1)" in ran.stderr), ran.stderr
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert store.read_bytes() == before
+
+
 def test_a_store_that_is_no_database_stops_h2kd_with_one_clear_line(tmp_path):
     """Not a traceback: the file, what SQLite found, and what the administrator can do."""
     state = tmp_path / "state"
     state.mkdir()
     (state / "h2kd.sqlite").write_bytes(b"not an SQLite file" * 1000)
-    env = {"PATH": "/usr/bin:/bin", "H2KD_STATE_DIR": str(state), "H2KD_OUTPUT_ROOTS": str(tmp_path / "out"),
-           "H2KD_BUS_ADDRESS": "unix:path=/nonexistent", "H2KD_SYSTEMD_BUS_ADDRESS": "unix:path=/nonexistent",
-           "H2KD_CONFIG": str(tmp_path / "absent.conf")}
-    ran = subprocess.run([sys.executable, "-m", "h2kd.daemon"], env=env, capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    ran = _start_h2kd_on(state, tmp_path)
     assert ran.returncode == 1, ran.stderr
     assert (f"the job store {state / 'h2kd.sqlite'} cannot be opened (file is not a database): h2kd cannot start"
             in ran.stderr), ran.stderr

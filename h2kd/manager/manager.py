@@ -568,8 +568,10 @@ class JobManager:
                 if job.cancelled_by < 0 and by is not None:
                     job.cancelled_by = by
                 self._store.save_job(job)   # stored before the reply: a restart meanwhile still stops the unit
-        with contextlib.suppress(StoreFailed):
-            self._append_event(job, "log", {"message": f"cancel requested{who}; stopping the unit"})
+            # Once per request that changed something: a caller repeating Cancel while the unit stops would
+            # otherwise add an event each time, to the store, for good.
+            with contextlib.suppress(StoreFailed):
+                self._append_event(job, "log", {"message": f"cancel requested{who}; stopping the unit"})
         # The request is stored: if systemd does not take the stop now, it is asked again, and the caller is not
         # told the cancel failed when it will be carried out. Without a unit yet, _start_attempt sees the request
         # once StartTransientUnit returns.

@@ -215,6 +215,9 @@ class JobStore:
         except sqlite3.DatabaseError as e:      # not a database, a damaged page, no room for the WAL
             self._db.close()
             raise StoreFailed(f"the job store {self.path} cannot be opened ({e})") from e
+        except StoreFailed:
+            self._db.close()
+            raise
 
     def _open(self) -> None:
         self._lock = threading.RLock()   # the daemon is single-threaded; this only guards helper threads
@@ -261,8 +264,9 @@ class JobStore:
                 return
             row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         if row[0] != SCHEMA_VERSION:
-            raise RuntimeError(f"the job store {self.path} has schema version {row[0]}; "
-                               f"this h2kd understands version {SCHEMA_VERSION}")
+            raise StoreFailed(f"the job store {self.path} was written by another version of h2kd (schema version "
+                              f"{row[0]}; this one reads version {SCHEMA_VERSION}): start the version that wrote "
+                              "it, or move the file aside to start with no jobs")
 
     def _add_missing_columns(self) -> None:
         """Additions made within schema version 1 (stores written by earlier builds get them here)."""

@@ -522,6 +522,25 @@ def test_cancel_waits_for_the_unit(tmp_path, image):
     asyncio.run(go())
 
 
+def test_a_cancel_repeated_while_the_unit_stops_is_recorded_once(tmp_path, image):
+    """Every Cancel of a stopping job added an event, kept in the store for good: a caller could grow it at will."""
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await settle()
+        for _ in range(50):
+            await m.cancel(job.id, by=1000)
+        await m.cancel(job.id, by=0)
+        asked = [e for e in m.events(job.id) if "cancel requested" in e.data.get("message", "")]
+        assert len(asked) == 1
+        assert runner.stopped and set(runner.stopped) == {job.unit}     # each request still asks systemd
+        m.unit_finished(job.id, 1, UnitOutcome(job.unit, "signal", 15, {"status": "cancelled"}, [], True))
+        assert job.state.value == "cancelled" and job.cancelled_by == 1000
+        await m.stop()
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("worker_result", [
     {"status": "failed", "error": {"code": "A_CODE_OF_A_LATER_VERSION", "message": "it broke", "phase": "convert"}},
     {"status": "failed", "error": {"code": None, "message": None, "phase": 3, "retryable": "no"}},
