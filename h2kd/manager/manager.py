@@ -1238,7 +1238,9 @@ class JobManager:
     def _arm_requeue(self, job: Job, delay: float | None = None) -> None:
         """Queue the retrying job again at its not_before (or in `delay` seconds)."""
         if delay is None:
-            delay = max(job.not_before - now_usec(), 0) / 1_000_000
+            # not_before is a wall-clock time, stored: a clock set back since (it was ahead as the attempt failed)
+            # must not hold the job for that long after a restart. No backoff is longer than the maximum.
+            delay = min(max(job.not_before - now_usec(), 0) / 1_000_000, self._config.retry_backoff_max_seconds)
         self._cancel_timer(job.id)
         try:
             loop = asyncio.get_running_loop()

@@ -303,6 +303,37 @@ def test_a_slot_freed_by_a_failed_attempt_goes_to_the_next_job_at_once(tmp_path,
     asyncio.run(go())
 
 
+def test_a_retry_waits_no_longer_than_the_longest_backoff_after_the_clock_was_set_back(tmp_path, image,
+                                                                                       monkeypatch):
+    """The clock a day ahead as the attempt failed, set right before h2kd restarted: the job waited a day."""
+    from h2kd.manager import manager as manager_module
+
+    async def failed_while_the_clock_was_ahead():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, runner, _, _ = make(tmp_path, store=store, retry_backoff_base_seconds=0.5, retry_backoff_max_seconds=1)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 2}), owner=0)
+        await settle()
+        assert runner.started == [(job.id, 1)]
+        with monkeypatch.context() as clock:
+            clock.setattr(manager_module, "now_usec", lambda: now_usec() + 86_400_000_000)
+            m.unit_finished(job.id, 1, UnitOutcome(job.unit, "exit-code", 1, None, []))
+        assert job.state.value == "retrying"
+        await m.stop()
+        store.close()
+        return job.id
+
+    async def restarted(job_id):
+        m, runner, _, _ = make(tmp_path, retry_backoff_base_seconds=0.5, retry_backoff_max_seconds=1)
+        await m.start()
+        await until(lambda: (job_id, 2) in runner.started, timeout=5)
+        await m.stop()
+
+    job_id = asyncio.run(failed_while_the_clock_was_ahead())
+    asyncio.run(restarted(job_id))
+
+
 def test_the_stores_check_runs_off_the_event_loop_and_health_gives_its_answer_once_it_has_one(tmp_path):
     """PRAGMA quick_check reads the whole store, seconds when it is not cached: health (the watchdog asks it on the
     event loop) does not wait for it, and tells the check's answer once there is one."""

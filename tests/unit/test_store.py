@@ -376,7 +376,7 @@ def test_refuses_a_store_from_a_newer_h2kd(tmp_path):
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="version 99"):
+    with pytest.raises(StoreFailed, match="schema version 99"):
         JobStore(path)
 
 
