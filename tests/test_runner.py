@@ -715,10 +715,14 @@ def test_runtime_max_hit_is_a_timeout(sandbox: Sandbox) -> None:
         events = RecordingEvents()
         job = make_job(timeout=1)
         async with runner_for(sandbox.config("wait"), events) as runner:
+            began = time.monotonic()
             await runner.start(job, 1)
             outcome = await events.wait_finished(job.id, timeout=20)
+            took = time.monotonic() - began
         assert (outcome.result, outcome.exit_status) == ("timeout", 143)
         assert outcome.stopped_by_request is False
+        # How long the worker ran, by systemd's monotonic clock: what tells the job's timeout from a stop.
+        assert 1_000_000 <= outcome.ran_usec <= took * 1_000_000, (outcome.ran_usec, took)
 
     asyncio.run(scenario())
 

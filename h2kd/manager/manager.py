@@ -1629,13 +1629,16 @@ class JobManager:
 
 def _ran_past_its_timeout(job: Job, outcome: UnitOutcome) -> bool:
     """Whether a unit that ended with systemd's "timeout" ran as long as its job's timeout_seconds: systemd's
-    RuntimeMaxSec (a little longer) ended it. Sooner, the timeout was that of a stop. Counted from this attempt's
-    start when systemd told it (job.started_at is the first attempt's); unknown: assumed."""
+    RuntimeMaxSec (a little longer) ended it. Sooner, the timeout was that of a stop. By the monotonic clock, as
+    systemd counts, when it told the worker's start and end; else by the wall clock from this attempt's start when
+    systemd told it (job.started_at is the first attempt's); unknown: assumed."""
+    limit = job.spec["execution_policy"]["timeout_seconds"] * 1_000_000
+    if outcome.ran_usec:
+        return outcome.ran_usec >= limit
     started = outcome.started_at or job.started_at
     if not started:
         return True
-    ran = (outcome.ended_at or now_usec()) - started
-    return ran >= job.spec["execution_policy"]["timeout_seconds"] * 1_000_000
+    return (outcome.ended_at or now_usec()) - started >= limit
 
 
 def _by_uid(uid: int | None) -> str:

@@ -91,6 +91,7 @@ class UnitOutcome:
     interrupted: bool = False         # stopped by the system going down (shutdown, reboot), not by anyone's wish
     ended_at: int = 0                 # when it ended (µs since the epoch), if h2kd was not there to see it; 0: now
     started_at: int = 0               # when its worker started (µs since the epoch), if known; 0: not known
+    ran_usec: int = 0                 # how long its worker ran, by the monotonic clock (systemd's), if known
 
 
 class RunnerEvents(Protocol):

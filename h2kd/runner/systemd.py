@@ -65,7 +65,8 @@ _GONE_ERRORS = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Err
 _FINAL_STATES = {"inactive", "failed"}
 # What _apply() reads of a unit; systemd sends some forty properties with each change.
 _READ_PROPERTIES = ("ActiveState", "ControlGroup", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
-                    "ExecMainStartTimestampMonotonic", "ExecMainStartTimestamp", "ExecMainPID", "StatusText")
+                    "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic", "ExecMainStartTimestamp",
+                    "ExecMainPID", "StatusText")
 # systemd invalidates (rather than sends) some properties with every change of a unit, a StatusText update
 # included; only these decide whether an attempt is over, so only they are worth a query.
 _STATE_PROPERTIES = frozenset({"ActiveState", "SubState", "Result", "ExecMainCode", "ExecMainStatus",
@@ -135,6 +136,8 @@ class _Followed:
     exec_main_status: int = 0
     exec_main_started: bool = False
     started_at: int = 0                 # ExecMainStartTimestamp: when the worker started (µs since the epoch)
+    started_monotonic: int = 0          # ExecMainStartTimestampMonotonic and ExecMainExitTimestampMonotonic (µs)
+    exited_monotonic: int = 0
     status_text: str = ""
     control_group: str = ""
     seen: bool = False                  # we have seen the unit loaded at least once
@@ -671,6 +674,10 @@ class SystemdRunner:
             followed.exec_main_status = int(values["ExecMainStatus"])
         if values.get("ExecMainStartTimestampMonotonic") or values.get("ExecMainPID"):
             followed.exec_main_started = True
+        if values.get("ExecMainStartTimestampMonotonic"):
+            followed.started_monotonic = int(values["ExecMainStartTimestampMonotonic"])
+        if values.get("ExecMainExitTimestampMonotonic"):
+            followed.exited_monotonic = int(values["ExecMainExitTimestampMonotonic"])
         if values.get("ExecMainStartTimestamp"):
             followed.started_at = int(values["ExecMainStartTimestamp"])
         text = str(values.get("StatusText") or "")[:MAX_STATUS_TEXT]
@@ -791,6 +798,7 @@ class SystemdRunner:
         worker_result = None if withdrawn else _read_result(followed.run_dir / "result.json")
         ended_at = 0            # now: h2kd saw the unit end
         started_at = followed.started_at
+        ran_usec = 0
         # Collected before its final state reached us, or never seen (reattach after it was collected): what we
         # saw is stale or nothing, so the files are all there is to go by, also for when the attempt ran.
         if (gone and followed.active_state not in _FINAL_STATES) or not (followed.seen or followed.active_state):
@@ -810,6 +818,8 @@ class SystemdRunner:
             result, status = followed.result or "success", followed.exec_main_status
             if result == "success" and not followed.exec_main_started and worker_result is None:
                 result = "not-started"
+            if 0 < followed.started_monotonic <= followed.exited_monotonic:
+                ran_usec = followed.exited_monotonic - followed.started_monotonic
         await self._remove_leftovers(followed, worker_result)
         succeeded = result == "success" and (worker_result or {}).get("status") == "completed"
         # The log tail only explains failures; reading the journal for a success would delay every job.
@@ -817,7 +827,7 @@ class SystemdRunner:
         outcome = UnitOutcome(unit=followed.unit, result=result, exit_status=status, worker_result=worker_result,
                               log_tail=log_tail, stopped_by_request=followed.stop_requested,
                               interrupted=not succeeded and self._interrupted(followed, worker_result, spec_file),
-                              ended_at=ended_at, started_at=started_at)
+                              ended_at=ended_at, started_at=started_at, ran_usec=ran_usec)
         self._report_finished(followed, outcome)
 
     def _report_finished(self, followed: _Followed, outcome: UnitOutcome) -> None:

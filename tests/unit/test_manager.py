@@ -2575,6 +2575,29 @@ def test_an_administrators_stop_that_overran_its_stop_timeout_is_not_taken_for_t
     asyncio.run(go())
 
 
+def test_a_timeout_is_told_from_a_stop_by_the_time_the_worker_ran_not_by_the_wall_clock(tmp_path, image):
+    """The wall clock set back while a hung worker ran into its time limit made the job's timeout look like an
+    administrator's stop (cancelled, its retries never used); set forward, a stop looked like a timeout."""
+    async def go():
+        m, runner, *_ = make(tmp_path)
+        await m.start()
+        policy = {"retry_count": 2, "timeout_seconds": 600}
+        timed_out, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy=policy), owner=0)
+        stopped, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", execution_policy=policy), owner=0)
+        await until(lambda: timed_out.state.value == "running" and stopped.state.value == "running")
+        start = now_usec()
+        # By the wall clock 5 s (set back an hour meanwhile); by systemd's own, 601 s.
+        m.unit_finished(timed_out.id, 1, UnitOutcome(timed_out.unit, "timeout", 0, None, started_at=start,
+                                                     ended_at=start + 5_000_000, ran_usec=601_000_000))
+        assert timed_out.state.value == "retrying" and timed_out.error_code == "TIMEOUT", timed_out.error_message
+        # By the wall clock two hours (set forward); by systemd's, 40 s: a stop that overran its stop timeout.
+        m.unit_finished(stopped.id, 1, UnitOutcome(stopped.unit, "timeout", 0, None, started_at=start,
+                                                   ended_at=start + 7_200_000_000, ran_usec=40_000_000))
+        assert stopped.state.value == "cancelled", (stopped.state, stopped.error_code)
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_jobs_wait_reason_follows_the_external_workers_that_can_run_it(tmp_path, image):
     """A job only an external worker can run says it waits for that worker as soon as it registers, and what
     it lacks again once the worker has left."""
