@@ -241,9 +241,11 @@ class JobManager:
         elif job.state in ACTIVE:
             if job.worker != BUILTIN:
                 # External workers are known for the life of one h2kd and register again after it restarted: the
-                # claim is gone through no fault of the job's, so the attempt is not counted.
+                # claim is gone through no fault of the job's, so the attempt is not counted. The agent may still
+                # be converting, and learns it lost the job from its next call (NoSuchWorker), at the latest a
+                # heartbeat timeout from now: the next attempt waits until then, not to write the same outputs.
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its worker was lost when h2kd restarted",
-                                      attempt_spent=False)
+                                      attempt_spent=False, wait_seconds=self._config.heartbeat_timeout_seconds)
             elif self._runner is None:
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "no runner to re-attach to")
             else:
@@ -1222,13 +1224,23 @@ class JobManager:
             log.warning("could not log the result of job %s: %s", job.id, e)
         self._drop_progress_state(job.id)
 
-    def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str, attempt_spent: bool = True) -> None:
+    def _requeue_or_fail(self, job: Job, code: ErrorCode, why: str, attempt_spent: bool = True,
+                         wait_seconds: float = 0) -> None:
         """A job lost its worker: back to the queue while it has retries left (always, when the attempt never
-        began), else failed with `code`."""
+        began), else failed with `code`. wait_seconds: it waits that long first (retrying, with `code` and `why`
+        as its Error), as for a worker that may still be running it."""
         self._release_worker(job)
         if not _counts(job, attempt_spent) or _attempts_counted(job) <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
             self._reset_progress(job)
+            if wait_seconds > 0:
+                job.error_code, job.error_message = code.value, why
+                job.not_before = now_usec() + int(wait_seconds * 1_000_000)
+                job.wait_reason = (f"{why}; it may still be running the job until it learns so: the next attempt "
+                                   f"starts at {time.strftime('%H:%M:%S', time.localtime(job.not_before / 1e6))}")
+                self._transition(job, S.RETRYING, f"{why}; the next attempt waits {wait_seconds:g} s")
+                self._arm_requeue(job, wait_seconds)
+                return
             self._transition(job, S.QUEUED, f"back in the queue: {why}")
             self._requeue_in_memory(job)
             self._kick()

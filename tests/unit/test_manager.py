@@ -1065,7 +1065,8 @@ def test_a_report_of_an_attempt_that_is_over_changes_nothing(tmp_path, image):
 
 def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, image):
     """h2kd restarted under a job an external worker was running: the job is queued again without that attempt
-    counting against its retries (none here), and a worker claims and completes it."""
+    counting against its retries (none here), and a worker claims and completes it. Not at once: the agent that
+    had it may still be converting until its next call tells it (NoSuchWorker), a heartbeat timeout at most."""
     async def go():
         (tmp_path / "state").mkdir()
         store = JobStore(tmp_path / "state" / "h2kd.sqlite")
@@ -1077,14 +1078,17 @@ def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, 
         m.report_progress(worker.id, job.id, 0.4, 400, 1000, "convert", "")
         await m.stop()
         store.close()
-        m2, *_ = make(tmp_path)
+        m2, *_ = make(tmp_path, heartbeat_timeout_seconds=0.5)
         await m2.start()
         again = m2.get(job.id)
-        assert again.state.value == "queued" and again.error_code == "", (again.state, again.error_code)
+        assert again.state.value == "retrying" and again.error_code == "WORKER_LOST", (again.state, again.error_code)
+        assert "may still be running the job" in again.wait_reason
         worker2 = m2.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+        assert m2.claim(worker2.id) is None
+        await until(lambda: again.state.value == "queued", timeout=5)
         assert m2.claim(worker2.id) is again and again.attempt == 2
         m2.report_result(worker2.id, job.id, True, {}, "", "", 0, 0, attempt=2)
-        assert again.state.value == "completed"
+        assert again.state.value == "completed" and again.error_code == "", (again.state, again.error_code)
         await m2.stop()
     asyncio.run(go())
 
