@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -327,6 +328,59 @@ def _start_h2kd_on(state: Path, tmp_path: Path) -> subprocess.CompletedProcess[s
            "H2KD_CONFIG": str(tmp_path / "absent.conf")}
     return subprocess.run([sys.executable, "-m", "h2kd.daemon"], env=env, capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_a_job_whose_row_cannot_be_read_keeps_its_attempts_files_and_health_says_so(stack):
+    """A row h2kd cannot read (a state of a later version, a damaged value) is left in the store, not loaded: its
+    attempt's directory was removed at start as belonging to no job, and health said the store was fine."""
+    from h2kd.runner.unit import unit_name
+
+    job_id = "unreadable-" + uuid.uuid4().hex[:8]
+    neighbour = job_id + "-x"      # its escaped id begins as the other's does
+
+    async def submit() -> None:
+        client = await Client.connect(stack.bus_address)
+        try:
+            for held in (job_id, neighbour):
+                await client.submit(spec(held), queue=False)
+        finally:
+            client.close()
+
+    async def health() -> dict:
+        client = await Client.connect(stack.bus_address)
+        try:
+            (values,) = await client.manager("GetHealth")
+            return {key: value.value for key, value in values.items()}
+        finally:
+            client.close()
+
+    run(submit())
+    store = stack.state_dir / "h2kd.sqlite"
+    runs = stack.state_dir / "runs"
+    attempt_dir, neighbours_dir = runs / unit_name(job_id, 1), runs / unit_name(neighbour, 1)
+    stack.stop_daemon()
+    logged_before = stack.daemon_log.read_text()
+    try:
+        with contextlib.closing(sqlite3.connect(store)) as db, db:
+            (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute("UPDATE jobs SET state = 'frozen-by-a-later-h2kd' WHERE id = ?", (job_id,))
+        for directory in (attempt_dir, neighbours_dir):
+            directory.mkdir(parents=True)
+            (directory / "result.json").write_text("{}")
+        stack.start_daemon()
+        seen = run(health())
+        assert seen["store_ok"] is False and seen["status"] == "degraded", seen
+        time.sleep(1)       # the removal of directories of no job runs off the event loop
+        assert (attempt_dir / "result.json").exists()
+        assert not neighbours_dir.exists()          # an attempt of no job h2kd has: removed as before
+        assert f"job '{job_id}' in the store {store} cannot be read" in stack.daemon_log.read_text()[len(logged_before):]
+    finally:
+        stack.stop_daemon()
+        with contextlib.closing(sqlite3.connect(store)) as db, db:
+            db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        stack.start_daemon()
+    assert run(health())["store_ok"] is True
 
 
 def test_a_store_of_a_later_version_stops_h2kd_with_one_clear_line(tmp_path):

@@ -143,6 +143,7 @@ class JobManager:
         self._periodic: list[asyncio.Task] = []
         self._store_ok = True
         self._store_checked_at = float("-inf")
+        self._unreadable_job_ids: list[str] = []     # rows of the store load() could not read
         self._store_check: asyncio.Future[bool] | None = None     # the store's check under way, if any
         self._worker_seq = 0
 
@@ -168,6 +169,7 @@ class JobManager:
             self._scheduler.max_parallel = self._store.get_setting("max_parallel_jobs", self._scheduler.max_parallel)
             # An agent from before a restart, registering again, must not be given the id another worker had.
             self._worker_seq = self._store.get_setting("last_worker_number", 0)
+            self._unreadable_job_ids = list(self._store.unreadable_job_ids)
 
     async def start(self) -> None:
         """Reconcile what was in flight when h2kd last stopped, and begin scheduling."""
@@ -178,7 +180,7 @@ class JobManager:
         self._workers[BUILTIN] = builtin
         self._notify("worker_added", builtin)
         if self._runner is not None:
-            await self._runner.keep_only(list(self._jobs.values()))
+            await self._runner.keep_only(list(self._jobs.values()), self._unreadable_job_ids)
         # Nothing starts before every job is back: a slot freed while a job is recovered (a unit found ended) would
         # go to the most urgent of the jobs recovered so far, not of all of them.
         for job in list(self._jobs.values()):
@@ -352,15 +354,17 @@ class JobManager:
         self._check_store_if_due()
         reachable = self._runner is not None and self._runner.reachable
         stale = sum(1 for w in self._workers.values() if w.state == "stale")
+        # A row that could not be read at start is a job h2kd cannot show, run or remove: the store is not ok.
+        store_ok = self._store_ok and not self._unreadable_job_ids
         return {
-            "status": "ok" if self._store_ok and reachable else "degraded",
+            "status": "ok" if store_ok and reachable else "degraded",
             "version": __version__,
             "uptime_seconds": time.monotonic() - self._started_at,
             "jobs_active": self.jobs_running,
             "jobs_queued": self.jobs_queued,
             "workers": len(self._workers),
             "workers_stale": stale,
-            "store_ok": self._store_ok,
+            "store_ok": store_ok,
             "systemd_reachable": reachable,
         }
 

@@ -131,9 +131,10 @@ class Runner(Protocol):
         """The job is gone from h2kd (removed, or pruned): remove what its attempts left (their directories), off
         the event loop; an attempt of a later job with the same id starts only once they are gone."""
         ...
-    async def keep_only(self, jobs: Iterable[Job]) -> None:
+    async def keep_only(self, jobs: Iterable[Job], unreadable_ids: Iterable[str] = ()) -> None:
         """At start: remove, off the event loop, the attempt directories that belong to none of these jobs'
-        attempts (what a removal cut short by h2kd's stop or death left)."""
+        attempts (what a removal cut short by h2kd's stop or death left), nor to any attempt of a job whose
+        stored row could not be read (unreadable_ids)."""
         ...
     def capabilities(self) -> dict[str, Any]:
         """What this host can do (qemu_img, loop, nbd, dm, lvm, free_bytes per output root...)."""

@@ -469,13 +469,17 @@ class SystemdRunner:
             if unit not in self._followed:
                 self._remove_later(units.run_dir(self._config, unit))
 
-    async def keep_only(self, jobs: Iterable[Job]) -> None:
+    async def keep_only(self, jobs: Iterable[Job], unreadable_ids: Iterable[str] = ()) -> None:
         known = {units.unit_name(job.id, attempt) for job in jobs for attempt in range(1, job.attempt + 1)}
+        unreadable = {units.unit_name(job_id, 0).removesuffix("0.service") for job_id in unreadable_ids}
         try:
             names = await asyncio.to_thread(os.listdir, self._config.runs_dir)
         except FileNotFoundError:
             return
         for name in names:
+            # An escaped id holds no "-": the prefix up to the attempt's number is one job's alone.
+            if name.rsplit("-", 1)[0] + "-" in unreadable:
+                continue
             if name.startswith(units.UNIT_PREFIX) and name not in known:
                 log.info("removing %s: it belongs to no job h2kd has (its removal was cut short)", name)
                 self._remove_later(self._config.runs_dir / name)

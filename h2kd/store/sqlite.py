@@ -556,8 +556,9 @@ class JobStore:
     def load_jobs(self) -> list[Job]:
         """Every stored job, in the order they were created. A row that cannot be read (damaged, or written by a
         newer h2kd with a state this one does not know) is left in the store as it is and named in the log: one
-        bad record must not keep h2kd, and every other job, from starting."""
+        bad record must not keep h2kd, and every other job, from starting. Their ids are in unreadable_job_ids."""
         jobs = []
+        self.unreadable_job_ids: list[str] = []
         with self._lock:
             try:
                 rows = self._db.execute(_SELECT_JOBS).fetchall()
@@ -569,6 +570,7 @@ class JobStore:
             except (ValueError, TypeError, KeyError) as e:
                 log.error("job %r in the store %s cannot be read (%s): it is left there as it is, and not loaded",
                           row[0], self.path, e)
+                self.unreadable_job_ids.append(str(row[0]))
         return jobs
 
     def delete_job(self, job_id: str) -> None:

@@ -50,8 +50,9 @@ class RecordingRunner:
     def forget(self, job):
         self.forgotten.append(job.id)
 
-    async def keep_only(self, jobs):
+    async def keep_only(self, jobs, unreadable_ids=()):
         self.kept = sorted(job.id for job in jobs)
+        self.kept_unreadable = sorted(unreadable_ids)
 
     async def reattach(self, job):
         self.reattached.append(job.id)
