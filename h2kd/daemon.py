@@ -21,6 +21,7 @@ from h2kd.errors import StoreFailed
 from h2kd.manager.manager import JobManager
 from h2kd.manager.validation import HostChecks
 from h2kd.model.job import Job
+from h2kd.runner.unit import UNIT_PREFIX
 from h2kd.store import JobStore
 
 log = logging.getLogger("h2kd")
@@ -157,6 +158,7 @@ async def serve(config: Config) -> int:
         stop.set()
 
     try:
+        _refuse_a_lost_store(config)
         store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store),
                          on_damage=lambda found: loop.call_soon_threadsafe(end_for_damage, found))
     except StoreFailed as e:
@@ -244,6 +246,27 @@ async def serve(config: Config) -> int:
 
 STORE_RECOVERY = ("Keep the file aside for recovery (sqlite3's .recover) and restore a copy, or move it away to "
                   "start with no jobs; then start h2kd.")
+
+
+def _refuse_a_lost_store(config: Config) -> None:
+    """StoreFailed if the store is an empty file while attempts' directories say jobs were stored: SQLite takes an
+    empty file for a new store, and h2kd would start with no jobs, forget those jobs and remove their directories.
+    (An empty file with a write-ahead log is a store whose first writes are all in the log.)"""
+    store = config.store_path
+    try:
+        if store.stat().st_size > 0 or Path(f"{store}-wal").stat().st_size > 0:
+            return
+    except FileNotFoundError:
+        pass
+    if not store.exists():
+        return
+    try:
+        attempts = [name for name in os.listdir(config.runs_dir) if name.startswith(UNIT_PREFIX)]
+    except FileNotFoundError:
+        return
+    if attempts:
+        raise StoreFailed(f"the job store {store} is an empty file, while {config.runs_dir} holds {len(attempts)} "
+                          "attempts' directories: the store was lost (cut to nothing?)")
 
 
 def _store_unusable(error: StoreFailed) -> int:

@@ -399,6 +399,20 @@ def test_a_store_of_a_later_version_stops_h2kd_with_one_clear_line(tmp_path):
     assert store.read_bytes() == before
 
 
+def test_a_store_cut_to_nothing_stops_h2kd_instead_of_forgetting_every_job(tmp_path):
+    """SQLite takes an empty file for a new store: h2kd started with no jobs and removed their attempts' files."""
+    state = tmp_path / "state"
+    attempt = state / "runs" / "h2k-job-lost-1.service"
+    attempt.mkdir(parents=True)
+    (state / "h2kd.sqlite").touch()
+    ran = _start_h2kd_on(state, tmp_path)
+    assert ran.returncode == 1, ran.stderr
+    assert (f"the job store {state / 'h2kd.sqlite'} is an empty file, while {state / 'runs'} holds 1 attempts' "
+            "directories" in ran.stderr), ran.stderr
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert (state / "h2kd.sqlite").stat().st_size == 0 and attempt.is_dir()
+
+
 def test_a_store_that_is_no_database_stops_h2kd_with_one_clear_line(tmp_path):
     """Not a traceback: the file, what SQLite found, and what the administrator can do."""
     state = tmp_path / "state"
