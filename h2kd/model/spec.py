@@ -67,6 +67,8 @@ def _check_job_id(value: str) -> str:
         raise _fail("job_id", "must be 1 to 64 letters, digits, dots, underscores or dashes")
     if value in (".", ".."):     # a job's output directory is named after its id
         raise _fail("job_id", "must name a directory of its own: not . or ..")
+    if value.startswith("-"):   # `h2kctl list -q | xargs h2kctl remove` would pass it as an option
+        raise _fail("job_id", "must not begin with a dash: command lines would take it for an option")
     if len(value) + 3 * value.count("-") + (3 if value.startswith(".") else 0) > MAX_ESCAPED_JOB_ID:
         raise _fail("job_id", "has too many dashes for the names of its systemd unit and of the files named after "
                     f"it, where each takes four characters (\\x2d) of the {MAX_ESCAPED_JOB_ID} they have for the id")

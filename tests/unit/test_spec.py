@@ -93,11 +93,18 @@ def test_job_id_is_generated_when_absent_null_or_empty():
         assert parse_spec(convert(job_id=job_id)).job_id == job_id  # a generated id is itself valid
 
 
-@pytest.mark.parametrize("job_id", ["-" * 64, "a" * 15 + "-" * 49, "." + "-" * 60])
+@pytest.mark.parametrize("job_id", ["a" + "-" * 63, "a" * 15 + "-" * 49, "." + "-" * 60])
 def test_a_job_id_too_long_for_its_units_name_once_escaped_is_refused(job_id):
     """Each "-" is four characters of the unit's name (\\x2d): 64 of them made a name systemd and the file system
     refuse, and the job failed only when it ran."""
     with pytest.raises(InvalidSpec, match="too many dashes"):
+        parse_spec(convert(job_id=job_id))
+
+
+@pytest.mark.parametrize("job_id", ["-help", "--no-block", "-"])
+def test_a_job_id_that_begins_with_a_dash_is_refused(job_id):
+    """`h2kctl list -q | xargs h2kctl remove` took such an id for an option (--help: nothing removed, status 0)."""
+    with pytest.raises(InvalidSpec, match="must not begin with a dash"):
         parse_spec(convert(job_id=job_id))
 
 
