@@ -64,6 +64,8 @@ function formatBytes(n) {
 }
 
 function formatDuration(seconds) {
+    if (!Number.isFinite(seconds))
+        return "—";
     const s = Math.max(0, Math.round(seconds));
     if (s < 60)
         return cockpit.format(_("$0 s"), s);
@@ -74,9 +76,13 @@ function formatDuration(seconds) {
     return cockpit.format(_("$0 d $1 h"), Math.floor(s / 86400), Math.floor((s % 86400) / 3600));
 }
 
-// D-Bus times are microseconds since the epoch; 0 means "not yet".
+// D-Bus times are microseconds since the epoch; 0 means "not yet". A time past what a Date holds (h2kd caps an
+// expected end at 2^63-1) is not known either.
 function usecToDate(usec) {
-    return usec ? new Date(Number(usec) / 1000) : null;
+    if (!usec)
+        return null;
+    const date = new Date(Number(usec) / 1000);
+    return Number.isFinite(date.getTime()) ? date : null;
 }
 
 function formatAge(usec) {
@@ -366,10 +372,9 @@ function progressText(job, now) {
         if (Number(job.Rate) > 0)
             parts.push(cockpit.format(_("$0/s"), formatBytes(job.Rate)));
         const end = usecToDate(job.ExpectedEndTime);
-        if (end) {
-            const left = (end.getTime() - now) / 1000;
+        const left = end ? (end.getTime() - now) / 1000 : NaN;
+        if (Number.isFinite(left))
             parts.push(left < 1 ? _("almost done") : cockpit.format(_("$0 left"), formatDuration(left)));
-        }
     } else if (job.StartedAt && job.FinishedAt) {
         parts.push(cockpit.format(_("took $0"),
                                   formatDuration((Number(job.FinishedAt) - Number(job.StartedAt)) / 1e6)));
@@ -463,7 +468,11 @@ function reconcileRows() {
     });
     $("jobs-table").hidden = shown.length === 0;
     $("jobs-empty").hidden = shown.length > 0;
-    if (client && (!jobsListed || newest.length > 0))
+    if (!client)                        // the banner says why
+        $("jobs-empty").textContent = nameOwner
+            ? _("The jobs are not known while h2kd cannot be reached.")
+            : _("The jobs are not known while h2kd is not running.");
+    else if (!jobsListed || newest.length > 0)
         $("jobs-empty").textContent = _("Loading the job list…");
     else
         $("jobs-empty").textContent = all.length === 0 ? _("No jobs.") : _("No jobs match this filter.");

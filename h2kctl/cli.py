@@ -19,11 +19,11 @@ from typing import Any, Awaitable, Callable
 from h2kd import __version__
 from h2kctl import schema
 from h2kctl.bus import JOB_IFACE, Client, Withheld, shown, text_problem, to_vardict
-from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode, JobHeld
+from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode, JobHeld, job_arguments
 from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all, written_paths)
-from h2kctl.render import (TerminalSafe, age, glyph, human_bytes, human_duration, nested, page, percent, table,
-                           timestamp, user_name)
+from h2kctl.render import (TerminalSafe, age, glyph, human_bytes, human_duration, local_time, nested, page, percent,
+                           table, timestamp, user_name)
 from h2kctl.spec import load_job_file, spec_from_args
 
 PROG = "h2kctl"
@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_option(p, "after queueing it")
 
     p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0), for those who may read the system "
-                        "journal (root, group systemd-journal); events shows any user a job's history")
+                        "journal (root, group systemd-journal); events shows any user a job's history. A job h2kd "
+                        "no longer knows (removed, or dropped by retention), or while h2kd cannot be reached: said on "
+                        "stderr, and its journal is shown all the same. The exit status is journalctl's")
     p.add_argument("job", metavar="JOB", help="the job id")
     p.add_argument("-f", "--follow", action="store_true", help="follow the journal (journalctl -f)")
     p.add_argument("-n", "--lines", metavar="N", type=_int_range(0, 2**31), help="show only the last N entries")
@@ -415,7 +417,7 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: Output) -> i
             line = f"job {job_id} was already submitted with this spec, and" + line[len(f"job {job_id}"):]
         raise CtlError(line, code)
     if not out.json and not out.quiet:
-        start = f"; start it with: h2kctl start {job_id}" if state == "validated" else ""
+        start = f"; start it with: h2kctl start {job_arguments(job_id)}" if state == "validated" else ""
         if existed:
             print(f"Job {job_id} was already submitted with this spec ({state}{start}); it was not submitted "
                   "again.")
@@ -501,7 +503,7 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
 
     since = props.get("FinishedAt") or props.get("StartedAt") or props.get("CreatedAt")
     field("State", f"{job['state']}{' (' + job['phase'] + ')' if job['phase'] else ''}"
-                   f"{' since ' + timestamp(since) + '; ' + age(since) + ' ago' if since else ''}")
+                   f"{' since ' + timestamp(since) + '; ' + age(since) + ' ago' if local_time(since) else ''}")
     if job["wait_reason"]:
         field("Waiting", job["wait_reason"])
     if job["progress"] is not None or job["bytes_done"]:
@@ -510,7 +512,7 @@ async def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> i
             text += f" ({human_bytes(job['bytes_done'])} of {human_bytes(job['bytes_total'])})"
         if job["rate"]:
             text += f", {human_bytes(job['rate'])}/s"
-        if job["expected_end_usec"] and job["state"] not in ("completed", "failed", "cancelled"):
+        if local_time(job["expected_end_usec"] or 0) and job["state"] not in ("completed", "failed", "cancelled"):
             text += f", ends {timestamp(job['expected_end_usec'])}"
         field("Progress", text)
     field("Owner", f"{job['owner_name']} ({job['owner']})")
@@ -593,7 +595,7 @@ def _cancel_hint(remaining: list[str], waited: int) -> str:
     text = f"{len(remaining)} of {waited} jobs may still run"
     if len(remaining) > 10:
         return text + "; h2kctl list shows them"
-    return text + f"; cancel {'it' if len(remaining) == 1 else 'them'} with: h2kctl cancel {' '.join(remaining)}"
+    return text + f"; cancel {'it' if len(remaining) == 1 else 'them'} with: h2kctl cancel {job_arguments(*remaining)}"
 
 
 # Jobs `wait` follows at once, each with its two match rules and up to three calls in flight (the system bus
@@ -865,13 +867,35 @@ def reads_system_journal() -> bool:
 
 
 async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
-    await client.get_job_path(args.job)   # an unknown job is an error, not an empty journal
+    try:
+        await client.get_job_path(args.job)
+    except CtlError as e:
+        if e.code not in (ExitCode.NO_SUCH_JOB, ExitCode.UNREACHABLE):
+            raise
+        return logs_without_the_job(args, e)
+    _check_journal_readable(args.job, known=True)
+    return ExitCode.SUCCESS
+
+
+def logs_without_the_job(args: argparse.Namespace, error: CtlError) -> int:
+    """Say that h2kd could not confirm the job, then let journalctl show its lines all the same: the journal keeps
+    them after h2kd has dropped the job (removed, retention) and while h2kd is away."""
+    _check_journal_readable(args.job, known=False)
+    if error.code == ExitCode.NO_SUCH_JOB:
+        why = f"h2kd does not know job {args.job} (removed, or never submitted); showing its journal all the same"
+    else:
+        why = f"{error.message}; showing the journal of job {args.job} all the same"
+    sys.stdout.flush()
+    print(f"{PROG}: {why}", file=sys.stderr, flush=True)
+    return ExitCode.SUCCESS
+
+
+def _check_journal_readable(job_id: str, known: bool) -> None:
     if os.geteuid() != 0 and not reads_system_journal():
         # journalctl would show nothing but its hint and exit 1: say why, and what this user can read instead.
-        raise CtlError(f"the lines of job {args.job} are in the system journal, which this user may not read (root "
-                       f"and group systemd-journal may, on many systems adm and wheel too); h2kctl events {args.job} "
-                       f"shows the job's history")
-    return ExitCode.SUCCESS
+        instead = f"; h2kctl events {job_arguments(job_id)} shows the job's history" if known else ""
+        raise CtlError(f"the lines of job {job_id} are in the system journal, which this user may not read (root "
+                       f"and group systemd-journal may, on many systems adm and wheel too){instead}")
 
 
 def journalctl_command(args: argparse.Namespace) -> list[str]:
@@ -1001,10 +1025,11 @@ async def cmd_inspect(client: Client, args: argparse.Namespace, out: Output) -> 
         # The job exists only to print its report here, so Ctrl-C cancels it (as importctl cancels its transfer).
         try:
             await _job_action(client, job_id, "CancelJob", "cancel")
-            print(f"Cancelled inspect job {job_id}.", file=sys.stderr)
+            # Asked, not done: the job may still complete before the cancel reaches it.
+            print(f"Cancel requested for inspect job {job_id}.", file=sys.stderr)
         except CtlError as e:
             print(f"Could not cancel inspect job {job_id}: {e.message.rstrip('.')}. " + detach_hint(job_id)
-                  + f"; its report: h2kctl status {job_id}", file=sys.stderr)
+                  + f"; its report: h2kctl status {job_arguments(job_id)}", file=sys.stderr)
         if out.json:    # the job as it is now, its report still empty, as submit --wait --json does
             out.emit_json(schema.inspect(schema.job(await client.read_job(path), path)))
         return ExitCode.INTERRUPTED
@@ -1077,8 +1102,14 @@ async def run(args: argparse.Namespace) -> int:
     check_arguments(args, args.argument_names)
     if args.command in REQUESTS:
         args.request = REQUESTS[args.command](args)
-    async with Client(args.address, ask_password=args.ask_password) as client:
-        return await COMMANDS[args.command](client, args, out)
+    try:
+        async with Client(args.address, ask_password=args.ask_password) as client:
+            return await COMMANDS[args.command](client, args, out)
+    except CtlError as e:
+        # No bus to reach h2kd on: logs only asks h2kd whether it knows the job, and the journal is there anyway.
+        if args.command != "logs" or e.code != ExitCode.UNREACHABLE:
+            raise
+        return logs_without_the_job(args, e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,9 +52,15 @@ class CtlError(Exception):
         self.error_name = error_name
 
 
+def job_arguments(*job_ids: str) -> str:
+    """Job ids as the last words of a command h2kctl suggests: after "--" when one begins with "-", which h2kctl
+    would otherwise take for an option (stores of earlier versions hold such ids)."""
+    return ("-- " if any(job_id.startswith("-") for job_id in job_ids) else "") + " ".join(job_ids)
+
+
 class JobHeld(CtlError):
     """A job stored without queueing (--no-queue) was to be followed: it never ends on its own."""
 
     def __init__(self, job_id: str):
         super().__init__(f"job {job_id} is held: stored without queueing, it does not start on its own; start it "
-                         f"with: h2kctl start --wait {job_id}", ExitCode.USAGE)
+                         f"with: h2kctl start --wait {job_arguments(job_id)}", ExitCode.USAGE)

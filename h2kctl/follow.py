@@ -20,8 +20,8 @@ from dbus_fast import Message, unpack_variants
 
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_EXPLICIT_PROPERTIES, JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
-from h2kctl.errors import CtlError, ExitCode, JobHeld
-from h2kctl.render import clock, control, human_bytes, human_duration, terminal_safe
+from h2kctl.errors import CtlError, ExitCode, JobHeld, job_arguments
+from h2kctl.render import clock, control, human_bytes, human_duration, local_time, terminal_safe
 
 TERMINAL = {"completed", "failed", "cancelled"}
 UNDER_WAY = {"assigned", "running", "progressing"}   # shown first when not every job fits the terminal
@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 
 def detach_hint(job_id: str) -> str:
-    return f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_id}"
+    return f"Detached; the job goes on. Cancel it with: h2kctl cancel {job_arguments(job_id)}"
 
 
 def exit_code_for(state: str) -> ExitCode:
@@ -75,6 +75,8 @@ def written_paths(result_text: Any) -> list[str]:
 
 def _eta_seconds(props: dict[str, Any]) -> float | None:
     if props.get("ExpectedEndTime"):
+        if local_time(props["ExpectedEndTime"]) is None:   # so far ahead that no date holds it: not known
+            return None
         return max(0.0, props["ExpectedEndTime"] / 1e6 - time.time())
     rate, done, total = props.get("Rate", 0), props.get("BytesDone", 0), props.get("BytesTotal", 0)
     if rate and total > done:
@@ -139,6 +141,34 @@ def _positive_env(name: str) -> int:
         return 0
 
 
+# States in which a job has yet to start an attempt: its progress starts over.
+NOT_STARTED = {"created", "validated", "queued", "retrying"}
+
+
+class SteadyProgress:
+    """One job's progress as shown: never lower than before within one attempt. h2kd, back from a restart,
+    serves the progress it saved at the last whole percent, behind what it had signalled. A new attempt (a retry)
+    or a return to the queue (a job interrupted by a reboot) starts over."""
+
+    def __init__(self) -> None:
+        self._attempt: tuple[Any, Any] | None = None
+        self._progress = 0.0
+        self._done = 0
+
+    def __call__(self, props: dict[str, Any]) -> dict[str, Any]:
+        attempt = (props.get("Id"), props.get("Attempt"))
+        if attempt != self._attempt or props.get("State") in NOT_STARTED:
+            self._attempt, self._progress, self._done = attempt, 0.0, 0
+        shown = dict(props)
+        if props.get("ProgressKnown"):
+            self._progress = max(self._progress, float(props.get("Progress", 0.0)))
+            shown["Progress"] = self._progress
+        if "BytesDone" in props:
+            self._done = max(self._done, int(props["BytesDone"]))
+            shown["BytesDone"] = self._done
+        return shown
+
+
 class ProgressView:
     """Progress of one job on `stream`: a bar redrawn in place on a terminal, or plain lines
     (one per state or phase change and per 10% step) when the stream is not a terminal."""
@@ -151,10 +181,12 @@ class ProgressView:
         self._last_draw = 0.0
         self._last_key: tuple = ()
         self._last_step = -1
+        self._steady = SteadyProgress()
 
     def update(self, props: dict[str, Any], force: bool = False) -> None:
         if self.stream is None:
             return
+        props = self._steady(props)
         if self.tty:
             now = time.monotonic()
             if force or now - self._last_draw >= REDRAW_SECONDS:
@@ -437,6 +469,7 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = Fal
     tty = tty and not quiet
     jobs: dict[str, dict[str, Any]] = {}
     views: dict[str, ProgressView] = {}
+    steady: dict[str, SteadyProgress] = {}     # by path: the bars drawn on a terminal
     changed = asyncio.Event()
     announced: set[str] = set()
     fresh: dict[str, set[str]] = {}   # by path: what signals set while that job is read (see _read_jobs)
@@ -513,7 +546,10 @@ async def watch_all(client: Client, stream: TextIO, tty: bool, quiet: bool = Fal
                     out = ""
                     for p in finished_now:
                         out += final_message(jobs[p]) + "\n"
-                    lines = [bar_line(jobs[p], width, label=True) for p in _most_advanced(active, jobs, height - 1)]
+                    for p in [p for p in steady if p not in jobs]:
+                        del steady[p]
+                    lines = [bar_line(steady.setdefault(p, SteadyProgress())(jobs[p]), width, label=True)
+                             for p in _most_advanced(active, jobs, height - 1)]
                     if len(lines) < len(active):
                         lines.append(f"... and {len(active) - len(lines)} more active jobs (h2kctl list)"[:width - 1])
                     lines = lines or ["No active jobs."]

@@ -64,6 +64,9 @@ def render() -> str:
            ".PP", escape("On a terminal, commands that follow a job show a progress bar (percentage, bytes done "
                          "and total, rate, ETA); when standard output is not a terminal they print a plain line "
                          "per state change and per 10% of progress instead. " + CTRL_C_HELP),
+           ".PP", escape("A job id that begins with - (h2kd refuses new ones; a store of an earlier version may "
+                         "hold some) is given after --, which ends the options, as in the commands h2kctl suggests "
+                         "for one: h2kctl cancel -- -job-1."),
            ".PP", escape("Privileged requests are authorized by polkit. When a request needs a password, "
                          "standard input is a terminal and --no-ask-password was not given, h2kctl starts "
                          "pkttyagent(1) for itself and asks; otherwise it says which polkit action was denied."),

@@ -130,17 +130,26 @@ def age(usec: int, now: float | None = None) -> str:
     return human_duration((now if now is not None else time.time()) - usec / 1e6)
 
 
-def timestamp(usec: int) -> str:
-    """A time like systemd shows it: 'Tue 2024-05-07 10:11:12 UTC'; 'n/a' for 0."""
+def local_time(usec: int) -> datetime | None:
+    """The local time `usec` (microseconds since the epoch) names; None for 0 and for a time no calendar date
+    holds: h2kd caps its times at 2**63-1, some 292,000 years ahead."""
     if not usec:
-        return "n/a"
-    return datetime.fromtimestamp(usec / 1e6).astimezone().strftime("%a %Y-%m-%d %H:%M:%S %Z")
+        return None
+    try:
+        return datetime.fromtimestamp(usec / 1e6).astimezone()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def timestamp(usec: int) -> str:
+    """A time like systemd shows it: 'Tue 2024-05-07 10:11:12 UTC'; 'n/a' for 0 or a time past year 9999."""
+    when = local_time(usec)
+    return when.strftime("%a %Y-%m-%d %H:%M:%S %Z") if when else "n/a"
 
 
 def iso_time(usec: int) -> str | None:
-    if not usec:
-        return None
-    return datetime.fromtimestamp(usec / 1e6).astimezone().isoformat(timespec="seconds")
+    when = local_time(usec)
+    return when.isoformat(timespec="seconds") if when else None
 
 
 @functools.lru_cache(maxsize=1024)

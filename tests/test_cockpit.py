@@ -625,6 +625,10 @@ def test_page_follows_the_daemon_going_away_and_coming_back(browser: Browser, co
         # Jobs of a daemon that is gone are not shown as if they were live, nor its version.
         wait_until(lambda: not browser.exists("tr[data-job-id]"), 15, what="the list to empty")
         assert browser.text(browser.find("#daemon-version")) == ""
+        # Nor is the list said to be empty: without h2kd, nobody can tell which jobs there are.
+        empty = browser.find("#jobs-empty")
+        wait_until(lambda: browser.displayed(empty) and browser.text(empty) != "", 15, what="the list's empty text")
+        assert browser.text(empty) == "The jobs are not known while h2kd is not running.", browser.text(empty)
     finally:
         stack.start_daemon()
     wait_until(lambda: not browser.displayed(banner), 20, what="the page to see h2kd again")
@@ -654,6 +658,9 @@ def test_page_opened_while_h2kd_is_down_finds_it_once_started(browser: Browser, 
             # Long enough for the page's first watches of the name to have been closed.
             time.sleep(3)
             assert browser.displayed(banner)
+            empty = browser.find("#jobs-empty")
+            assert browser.displayed(empty), "the job list's place is empty"
+            assert browser.text(empty) == "The jobs are not known while h2kd is not running.", browser.text(empty)
         finally:
             stack.start_daemon()
         wait_until(lambda: not browser.displayed(banner), 45, what="the page to find the h2kd started after it")
@@ -698,6 +705,44 @@ def test_page_connects_again_when_its_connection_to_h2kd_is_closed(browser: Brow
         assert script_errors(browser) == []
     finally:
         load.cancel_and_remove(stack.bus_address, made)
+
+
+def test_an_expected_end_beyond_what_a_date_holds_is_not_shown_as_nan(browser: Browser, cockpit_url: str,
+                                                                       env: dict[str, str], stack: Any,
+                                                                       sources: dict[str, Path]) -> None:
+    """h2kd caps an expected end at 2^63-1 microseconds, past the last time a JavaScript Date holds: the row says
+    nothing of the time left rather than "NaN d NaN h left". The change is handed to the page as h2kd's signal
+    would be, on a held job that h2kd leaves alone meanwhile."""
+    made = held_jobs(stack.bus_address, str(sources["big"]), 1)
+    try:
+        open_page(browser, cockpit_url)
+        wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list")
+        browser.execute("""
+            window.callChannels = new Set();
+            cockpit.transport.filter((data, channel) => {
+                if (channel && typeof data === "string" && data.includes('"call"'))
+                    window.callChannels.add(channel);
+                return true;
+            }, true);""")
+        channels = wait_until(lambda: browser.execute("return [...window.callChannels]"), 15,
+                              what="a call from the page")
+        changed = {"State": {"t": "s", "v": "progressing"}, "Phase": {"t": "s", "v": "converting"},
+                   "Progress": {"t": "d", "v": 0.5}, "ProgressKnown": {"t": "b", "v": True},
+                   "BytesDone": {"t": "t", "v": 512 * MiB}, "BytesTotal": {"t": "t", "v": 1024 * MiB},
+                   "Rate": {"t": "t", "v": 1}, "ExpectedEndTime": {"t": "t", "v": 2**63 - 1}}
+        signal = {"signal": [job_path(env, made[0]), "org.freedesktop.DBus.Properties", "PropertiesChanged",
+                             [JOB, changed, []]]}
+        browser.execute("cockpit.transport.inject(arguments[0] + '\\n' + JSON.stringify(arguments[1]), false);",
+                        channels[0], signal)
+        shown = wait_until(lambda: (s := row_state(browser, made[0])) and s["state"] == "progressing" and s, 10,
+                           what="the row to show the change")
+        time.sleep(1.5)     # the page redraws the time left every second
+        info = row_state(browser, made[0])["info"]
+        assert "512 MiB of 1.0 GiB" in info and "NaN" not in info and "left" not in info, (shown, info)
+        assert script_errors(browser) == []
+    finally:
+        load.cancel_and_remove(stack.bus_address, made)
+        open_page(browser, cockpit_url)
 
 
 def test_readable_at_a_narrow_width(browser: Browser, cockpit_url: str) -> None:

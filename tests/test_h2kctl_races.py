@@ -630,3 +630,170 @@ def test_following_a_job_while_h2kd_is_not_there_says_it_tries_again(fake_h2kd, 
     for follower, line, (stdout, stderr) in zip(followers, said, outcomes):
         assert follower.returncode == 0 and stderr == "", (follower.args, line, stdout, stderr)
         assert stdout.startswith("Job late completed"), (follower.args, stdout)
+
+
+def _suggested(text: str, after: str) -> list[str]:
+    """The h2kctl command a message suggests after `after`, as a shell splits it when it is copied."""
+    import shlex
+    line = text.split(after, 1)[1].splitlines()[0].split(";")[0].rstrip(".)")
+    words = shlex.split(line)
+    assert words[0] == "h2kctl", text
+    return words[1:]
+
+
+def test_suggested_commands_work_for_a_job_id_that_begins_with_a_dash(fake_h2kd, private_bus, tmp_path):
+    """Job ids that begin with "-" (h2kd took them before it refused them; its store may still hold some): every
+    command h2kctl suggests for one puts it after --, so that copied as it is, it acts on the job instead of
+    failing on an unknown option."""
+    import signal
+    from h2kctl.cli import build_parser, normalize_argv
+
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 512)
+    followed = threading.Event()
+    submitted: list[str] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob") and call.body[0] == "-held" and not submitted:
+            fake.error(call, "org.hyper2kvm.h2kd1.Error.NoSuchJob", "no job with id '-held'")
+        elif is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0].lstrip("-")])
+        elif is_call(call, "SubmitJobWithImage"):
+            submitted.append("-held")
+            fake.reply(call, "so", ["-held", JOB_PATH_PREFIX + "held"])
+        elif is_call(call, "GetAll"):
+            job_id = "-" + call.path.rsplit("/", 1)[1]
+            fake.reply(call, "a{sv}", [job_props(job_id, "validated" if job_id == "-held" else "progressing", 0.4)])
+            if job_id == "-running":
+                followed.set()
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    parser = build_parser()
+
+    def parsed(words: list[str]) -> list[str]:
+        args = parser.parse_args(normalize_argv(words))
+        return args.jobs if hasattr(args, "jobs") else [args.job]
+
+    stored = h2kctl(private_bus, "submit", "--no-queue", "--id=-held", str(source))
+    assert stored.returncode == 0, stored
+    assert parsed(_suggested(stored.stdout, "start it with: ")) == ["-held"], stored.stdout
+
+    held = h2kctl(private_bus, "wait", "--", "-held")
+    assert held.returncode == 2, held
+    assert parsed(_suggested(held.stderr, "start it with: ")) == ["-held"], held.stderr
+
+    for command in ("watch", "wait"):
+        followed.clear()
+        stopped = _interrupted_once_following(private_bus, [command, "--", "-running"], followed, tmp_path)
+        assert stopped.returncode == -signal.SIGINT, stopped
+        words = _suggested(stopped.stderr, "ancel it with: ")
+        assert words[0] == "cancel" and parsed(words) == ["-running"], stopped.stderr
+
+
+def _fake_journalctl(tmp_path: Path) -> dict[str, str]:
+    """An environment in which journalctl says how it was run, and exits with status 3."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    journalctl = bin_dir / "journalctl"
+    journalctl.write_text('#!/bin/sh\necho "journalctl $*"\nexit 3\n')
+    journalctl.chmod(0o755)
+    return {**os.environ, "LC_ALL": "C.UTF-8", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_logs_show_the_journal_of_a_job_h2kd_no_longer_knows_or_while_it_is_away(fake_h2kd, private_bus, tmp_path):
+    """The journal keeps a job's lines after h2kd has forgotten the job (removed, retention) and while h2kd is not
+    running: logs says so on one line, then shows them, with journalctl's exit status."""
+    env = _fake_journalctl(tmp_path)
+
+    def logs(address: str, job_id: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([H2KCTL, "--address", address, "logs", "--no-pager", "--", job_id], env=env,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    nothing = f"unix:path={tmp_path}/no-bus"
+    for address in (private_bus, nothing):     # nobody owns h2kd's name; no bus at all
+        away = logs(address, "-away")
+        assert (away.returncode, away.stdout) == (3, "journalctl H2K_JOB_ID=-away _UID=0 --no-pager\n"), away
+        assert len(away.stderr.splitlines()) == 1, away.stderr
+        assert away.stderr.startswith("h2kctl: ") and "showing the journal of job -away" in away.stderr, away.stderr
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob") and call.body[0] == "known":
+            fake.reply(call, "o", [JOB_PATH_PREFIX + "known"])
+        elif is_call(call, "GetJob"):
+            fake.error(call, "org.hyper2kvm.h2kd1.Error.NoSuchJob", f"no job with id {call.body[0]!r}")
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    gone = logs(private_bus, "gone")
+    assert (gone.returncode, gone.stdout) == (3, "journalctl H2K_JOB_ID=gone _UID=0 --no-pager\n"), gone
+    assert gone.stderr == ("h2kctl: h2kd does not know job gone (removed, or never submitted); showing its journal "
+                           "all the same\n"), gone.stderr
+    known = logs(private_bus, "known")
+    assert (known.returncode, known.stdout, known.stderr) == (3, "journalctl H2K_JOB_ID=known _UID=0 --no-pager\n",
+                                                              ""), known
+
+
+def test_status_of_a_job_whose_times_are_at_h2kds_cap(fake_h2kd, private_bus):
+    """h2kd caps its times at 2**63-1 microseconds (an expected end when the rate is next to nothing): status
+    shows such a time as not known, as it shows 0, instead of failing."""
+    capped = 2**63 - 1
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + "slow"])
+        elif is_call(call, "GetAll"):
+            props = job_props("slow", "progressing", 0.5)
+            props.update({"Rate": Variant("t", 1), "ExpectedEndTime": Variant("t", capped),
+                          "CreatedAt": Variant("t", 1715076672 * 10**6), "StartedAt": Variant("t", capped)})
+            fake.reply(call, "a{sv}", [props])
+        elif is_call(call, "GetEvents"):
+            fake.reply(call, "a(ttss)", [[]])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    result = h2kctl(private_bus, "status", "--no-pager", "slow")
+    assert (result.returncode, result.stderr) == (0, ""), result
+    fields = dict(re.findall(r"^\s*(\w+): (.*)$", result.stdout, re.M))
+    assert fields["State"] == "progressing (converting)", result.stdout
+    assert fields["Started"] == "n/a", result.stdout
+    assert fields["Progress"] == "50% (50.0 MiB of 100.0 MiB), 1 B/s", result.stdout
+    assert fields["Created"].startswith(("Mon 2024-05-06 ", "Tue 2024-05-07 ")), result.stdout
+
+
+def test_ctrl_c_during_inspect_says_the_cancel_was_requested(fake_h2kd, private_bus, tmp_path):
+    """The job may still complete once CancelJob has answered: h2kctl says that it asked, not that it is done."""
+    import signal
+    source = tmp_path / "disk.vmdk"
+    source.write_bytes(b"\0" * 512)
+    followed = threading.Event()
+    cancelled: list[str] = []
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if is_call(call, "GetJob"):
+            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+        elif is_call(call, "SubmitJobWithImage"):
+            fake.reply(call, "so", ["looking", JOB_PATH_PREFIX + "looking"])
+        elif is_call(call, "GetAll"):
+            fake.reply(call, "a{sv}", [job_props("looking", "progressing", 0.4)])
+            followed.set()
+        elif is_call(call, "CancelJob"):
+            cancelled.append(call.body[0])
+            fake.reply(call, "", [])
+        else:
+            return False
+        return True
+
+    fake_h2kd(answer)
+    inspected = _interrupted_once_following(private_bus, ["inspect", "--no-ask-password", str(source)], followed,
+                                            tmp_path)
+    assert inspected.returncode == -signal.SIGINT, inspected
+    assert cancelled == ["looking"]
+    assert inspected.stderr.splitlines()[-1] == "Cancel requested for inspect job looking.", inspected.stderr
+    assert "Cancelled" not in inspected.stderr, inspected.stderr
