@@ -995,6 +995,9 @@ function renderHealth(health) {
     const problems = [];
     if (value("store_ok") === false)
         problems.push(_("the job store is not usable"));
+    if (Number(value("jobs_unreadable")) > 0)
+        problems.push(cockpit.format(_("$0 stored jobs cannot be read (the journal names them)"),
+                                     value("jobs_unreadable")));
     if (value("systemd_reachable") === false)
         problems.push(_("systemd cannot be reached"));
     if (Number(value("workers_stale")) > 0)

@@ -132,6 +132,6 @@ DOC: list[tuple[str, str]] = [
     ("workers", "An array of {id, name, kind (builtin|external), state (idle|busy|stale), capabilities (object), "
                 "max_jobs, active_jobs, last_heartbeat_usec, owner, path}."),
     ("health", "{status (ok|degraded), version, uptime_seconds, jobs_active, jobs_queued, workers, "
-               "workers_stale, store_ok, systemd_reachable}, as GetHealth returns it."),
+               "workers_stale, store_ok, jobs_unreadable, systemd_reachable}, as GetHealth returns it."),
     ("inspect", "{job (the job object as status prints it), report (the inspection report object)}."),
 ]

@@ -22,7 +22,7 @@ from h2kd.manager.manager import JobManager
 from h2kd.manager.validation import HostChecks
 from h2kd.model.job import Job
 from h2kd.runner.unit import UNIT_PREFIX
-from h2kd.store import JobStore
+from h2kd.store import JobStore, StoreUnusable
 
 log = logging.getLogger("h2kd")
 
@@ -35,8 +35,8 @@ GC_THRESHOLDS = (20_000, 10, 10)
 # EX_CONFIG: settings h2kd cannot work with. h2kd.service does not restart on it (RestartPreventExitStatus=):
 # the same settings would fail the same way.
 EXIT_BAD_SETTINGS = 78
-# EX_DATAERR: the job store is damaged. Not restarted either: a restart would find the same damage ten seconds in,
-# again and again, each time dropping the bus name and the jobs' followers.
+# EX_DATAERR: the job store is damaged, lost, or another version's. Not restarted either: a restart would find the
+# same store ten seconds in, again and again, each time dropping the bus name and the jobs' followers.
 EXIT_STORE_DAMAGED = 65
 
 
@@ -161,6 +161,9 @@ async def serve(config: Config) -> int:
         _refuse_a_lost_store(config)
         store = JobStore(config.store_path, on_sync_lost=lambda: loop.call_soon_threadsafe(end_for_the_store),
                          on_damage=lambda found: loop.call_soon_threadsafe(end_for_damage, found))
+    except StoreUnusable as e:
+        log.critical("%s: h2kd cannot start, and is not restarted", e)
+        return EXIT_STORE_DAMAGED
     except StoreFailed as e:
         return _store_unusable(e)
     manager = JobManager(config, store, host_validator=HostChecks(config))
@@ -265,7 +268,7 @@ def _refuse_a_lost_store(config: Config) -> None:
     except FileNotFoundError:
         return
     if attempts:
-        raise StoreFailed(f"the job store {store} is an empty file, while {config.runs_dir} holds {len(attempts)} "
+        raise StoreUnusable(f"the job store {store} is an empty file, while {config.runs_dir} holds {len(attempts)} "
                           "attempts' directories: the store was lost (cut to nothing?)")
 
 

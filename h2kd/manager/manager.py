@@ -354,17 +354,18 @@ class JobManager:
         self._check_store_if_due()
         reachable = self._runner is not None and self._runner.reachable
         stale = sum(1 for w in self._workers.values() if w.state == "stale")
-        # A row that could not be read at start is a job h2kd cannot show, run or remove: the store is not ok.
-        store_ok = self._store_ok and not self._unreadable_job_ids
+        # A row that could not be read at start is a job h2kd cannot show, run or remove. Not store_ok, whose
+        # failing the watchdog answers by having h2kd restarted: the row would still be there after it.
         return {
-            "status": "ok" if store_ok and reachable else "degraded",
+            "status": "ok" if self._store_ok and reachable and not self._unreadable_job_ids else "degraded",
             "version": __version__,
             "uptime_seconds": time.monotonic() - self._started_at,
             "jobs_active": self.jobs_running,
             "jobs_queued": self.jobs_queued,
             "workers": len(self._workers),
             "workers_stale": stale,
-            "store_ok": store_ok,
+            "store_ok": self._store_ok,
+            "jobs_unreadable": len(self._unreadable_job_ids),
             "systemd_reachable": reachable,
         }
 
@@ -1174,20 +1175,25 @@ class JobManager:
         if retryable and counted <= retries:
             delay = min(self._config.retry_backoff_base_seconds * 2 ** (waited - 1),
                         self._config.retry_backoff_max_seconds)
-            job.error_code, job.error_message = code.value, message
             # Until the next attempt ends, the Result tells how this one failed (with its unit's last lines).
             job.result = self._attempt_result(job, S.FAILED, _failed(result, code, message, phase))
-            job.not_before = now_usec() + int(delay * 1_000_000)
-            # The attempt that failed is over: its progress (97%, say) would be shown through hours in the queue,
-            # and its speed would promise an end that never comes. Its phase is in the Result.
-            self._reset_progress(job)
-            job.wait_reason = (f"attempt {job.attempt} failed; the next starts at "
-                               f"{time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))}")
-            self._transition(job, S.RETRYING,
-                             f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
-            self._arm_requeue(job)
+            self._wait_to_retry(job, code, message, delay, f"attempt {job.attempt} failed",
+                                f"attempt {job.attempt} failed ({code.value}); retry in {delay:g} s")
             return
         self._fail(job, code, message, phase, result, ended_at)
+
+    def _wait_to_retry(self, job: Job, code: ErrorCode, message: str, delay: float, why: str, reason: str) -> None:
+        """RETRYING for `delay` seconds, the attempt's error kept as the job's Error meanwhile; why: what the wait
+        reason says before when the next attempt starts; reason: the transition's."""
+        job.error_code, job.error_message = code.value, message
+        job.not_before = now_usec() + int(delay * 1_000_000)
+        # The attempt that ended is over: its progress (97%, say) would be shown through hours in the queue, and
+        # its speed would promise an end that never comes.
+        self._reset_progress(job)
+        starts = time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))
+        job.wait_reason = f"{why}; the next starts at {starts}"
+        self._transition(job, S.RETRYING, reason)
+        self._arm_requeue(job, delay)
 
     def _fail(self, job: Job, code: ErrorCode, message: str, phase: str,
               result: dict[str, Any] | None = None, ended_at: int = 0) -> None:
@@ -1236,15 +1242,11 @@ class JobManager:
         self._release_worker(job)
         if not _counts(job, attempt_spent) or _attempts_counted(job) <= job.spec["execution_policy"]["retry_count"]:
             job.worker = ""
-            self._reset_progress(job)
             if wait_seconds > 0:
-                job.error_code, job.error_message = code.value, why
-                job.not_before = now_usec() + int(wait_seconds * 1_000_000)
-                job.wait_reason = (f"{why}; it may still be running the job until it learns so: the next attempt "
-                                   f"starts at {time.strftime('%H:%M:%S', time.localtime(job.not_before / 1e6))}")
-                self._transition(job, S.RETRYING, f"{why}; the next attempt waits {wait_seconds:g} s")
-                self._arm_requeue(job, wait_seconds)
+                self._wait_to_retry(job, code, why, wait_seconds, f"{why}; it may still be running the job until "
+                                    "it learns so", f"{why}; the next attempt waits {wait_seconds:g} s")
                 return
+            self._reset_progress(job)
             self._transition(job, S.QUEUED, f"back in the queue: {why}")
             self._requeue_in_memory(job)
             self._kick()
@@ -1255,8 +1257,10 @@ class JobManager:
         """Queue the retrying job again at its not_before (or in `delay` seconds)."""
         if delay is None:
             # not_before is a wall-clock time, stored: a clock set back since (it was ahead as the attempt failed)
-            # must not hold the job for that long after a restart. No backoff is longer than the maximum.
-            delay = min(max(job.not_before - now_usec(), 0) / 1_000_000, self._config.retry_backoff_max_seconds)
+            # must not hold the job for that long after a restart. No wait is longer than the longest backoff, or
+            # than the wait for an external worker to learn it lost the job (_requeue_or_fail).
+            longest = max(self._config.retry_backoff_max_seconds, self._config.heartbeat_timeout_seconds)
+            delay = min(max(job.not_before - now_usec(), 0) / 1_000_000, longest)
         self._cancel_timer(job.id)
         try:
             loop = asyncio.get_running_loop()

@@ -6,7 +6,8 @@ The original protocol's names are kept so existing dashboards work:
   hyper2kvm_migration_duration_seconds{operation}  histogram, run time (started_at to finished_at) of completed jobs
   hyper2kvm_migration_failures_total{error_type}   counter, jobs that ended failed, by error code
   hyper2kvm_worker_jobs_active                     gauge, jobs assigned, running or progressing
-  hyper2kvm_vmdk_size_bytes                        histogram, virtual size of each VMDK a completed convert read
+  hyper2kvm_vmdk_size_bytes                        histogram, virtual size of each VMDK a completed convert read, from
+                                                   the builtin worker's Result (outputs.disks)
   hyper2kvm_worker_info{worker,kind,version}       gauge = 1 per registered worker
 and added for operators:
   h2kd_jobs{state}                                 gauge, jobs known to the daemon by state

@@ -471,7 +471,7 @@ class SystemdRunner:
 
     async def keep_only(self, jobs: Iterable[Job], unreadable_ids: Iterable[str] = ()) -> None:
         known = {units.unit_name(job.id, attempt) for job in jobs for attempt in range(1, job.attempt + 1)}
-        unreadable = {units.unit_name(job_id, 0).removesuffix("0.service") for job_id in unreadable_ids}
+        unreadable = {f"{units.UNIT_PREFIX}{units.systemd_escape(job_id)}-" for job_id in unreadable_ids}
         try:
             names = await asyncio.to_thread(os.listdir, self._config.runs_dir)
         except FileNotFoundError:

@@ -93,13 +93,8 @@ def _end_abandoned_managers() -> None:
     stopping them (a test run killed outright). A manager dies with its owner (its parent-death signal);
     this ends one that outlived it, or that was started before it had one."""
     for pid, entry in _live_entries().items():
-        if entry.get("kind") != "user-manager" or _alive(int(entry.get("owner", 0))):
-            continue
-        # Only while it is still in the cgroup we made for it: the pid may be another process's by now.
-        if _cgroup_of(entry).contains(pid):
-            _stop_pid(pid, None)
-        _remove_cgroup(entry)
-        _unregister(pid)
+        if entry.get("kind") == "user-manager" and not _alive(int(entry.get("owner", 0))):
+            _end_registered(pid, entry)
 
 
 def _ensure_system_marker_dir() -> bool:
@@ -127,12 +122,16 @@ def _release_shared_state() -> None:
     for pid, entry in live.items():
         # A journald left for the others (or whose owner died without stopping it) is ours to end now.
         if entry.get("kind") == "journald" and (entry.get("orphaned") or not _alive(int(entry.get("owner", 0)))):
-            # Only while it is still in the cgroup we made for it: a pid of a journald that died may have been
-            # given to another process since.
-            if _cgroup_of(entry).contains(pid):
-                _stop_pid(pid, None)
-            _remove_cgroup(entry)
-            _unregister(pid)
+            _end_registered(pid, entry)
+
+
+def _end_registered(pid: int, entry: dict) -> None:
+    """Stop a registered process nobody will stop, remove its cgroup and its entry. It is signalled only while it
+    is still in the cgroup we made for it: the pid of one that died may have been given to another process since."""
+    if _cgroup_of(entry).contains(pid):
+        _stop_pid(pid, None)
+    _remove_cgroup(entry)
+    _unregister(pid)
 
 
 def _cgroup_of(entry: dict) -> OwnCgroup:

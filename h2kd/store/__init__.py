@@ -1,5 +1,5 @@
 """Durable storage of jobs, their history and event logs."""
 
-from h2kd.store.sqlite import JobStore
+from h2kd.store.sqlite import JobStore, StoreUnusable
 
-__all__ = ["JobStore"]
+__all__ = ["JobStore", "StoreUnusable"]

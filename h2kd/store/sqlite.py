@@ -193,6 +193,10 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
     return Job(**values)
 
 
+class StoreUnusable(StoreFailed):
+    """A store no restart of h2kd can use as it is: written by another version, or lost. An administrator must act."""
+
+
 class JobStore:
     def __init__(self, path: Path, on_sync_lost: Callable[[], None] | None = None,
                  on_damage: Callable[[str], None] | None = None):
@@ -264,7 +268,7 @@ class JobStore:
                 return
             row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         if row[0] != SCHEMA_VERSION:
-            raise StoreFailed(f"the job store {self.path} was written by another version of h2kd (schema version "
+            raise StoreUnusable(f"the job store {self.path} was written by another version of h2kd (schema version "
                               f"{row[0]}; this one reads version {SCHEMA_VERSION}): start the version that wrote "
                               "it, or move the file aside to start with no jobs")
 

@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from h2kd.operations.tempfiles import RECORD_NAME, remove_recorded
-from h2kd.observability.wire import send_datagram, send_journal
+from h2kd.observability.wire import one_line, send_datagram, send_journal
 from h2kd.worker.report import ProgressReport, format_status
 
 EXIT_OK, EXIT_RETRY, EXIT_PERMANENT, EXIT_CANCELLED = 0, 1, 2, 143
@@ -65,7 +65,7 @@ def say(text: str, error: bool = False) -> None:
             return
         except OSError:
             pass
-    print(text, file=sys.stderr if error else sys.stdout, flush=True)
+    print(one_line(text), file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def _notify(message: str) -> None:

@@ -309,10 +309,12 @@ def test_a_retry_waits_no_longer_than_the_longest_backoff_after_the_clock_was_se
     """The clock a day ahead as the attempt failed, set right before h2kd restarted: the job waited a day."""
     from h2kd.manager import manager as manager_module
 
+    settings = {"retry_backoff_base_seconds": 0.5, "retry_backoff_max_seconds": 1, "heartbeat_timeout_seconds": 1}
+
     async def failed_while_the_clock_was_ahead():
         (tmp_path / "state").mkdir()
         store = JobStore(tmp_path / "state" / "h2kd.sqlite")
-        m, runner, _, _ = make(tmp_path, store=store, retry_backoff_base_seconds=0.5, retry_backoff_max_seconds=1)
+        m, runner, _, _ = make(tmp_path, store=store, **settings)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 2}), owner=0)
         await settle()
@@ -326,7 +328,7 @@ def test_a_retry_waits_no_longer_than_the_longest_backoff_after_the_clock_was_se
         return job.id
 
     async def restarted(job_id):
-        m, runner, _, _ = make(tmp_path, retry_backoff_base_seconds=0.5, retry_backoff_max_seconds=1)
+        m, runner, _, _ = make(tmp_path, **settings)
         await m.start()
         await until(lambda: (job_id, 2) in runner.started, timeout=5)
         await m.stop()
@@ -1091,6 +1093,56 @@ def test_an_external_workers_job_does_not_fail_because_h2kd_restarted(tmp_path, 
         m2.report_result(worker2.id, job.id, True, {}, "", "", 0, 0, attempt=2)
         assert again.state.value == "completed" and again.error_code == "", (again.state, again.error_code)
         await m2.stop()
+    asyncio.run(go())
+
+
+def test_a_row_that_cannot_be_read_degrades_health_without_failing_the_watchdog(tmp_path, image):
+    """The watchdog has h2kd restarted when store_ok fails; the row would be there again after every restart."""
+    from h2kd.observability.health import Watchdog
+
+    async def go():
+        (tmp_path / "state").mkdir()
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, *_ = make(tmp_path, store=store)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0, queue=False)
+        await m.stop()
+        store.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "state" / "h2kd.sqlite")) as db, db:
+            db.execute("UPDATE jobs SET state = 'frozen-by-a-later-h2kd' WHERE id = ?", (job.id,))
+        m2, runner, *_ = make(tmp_path)
+        await m2.start()
+        health = m2.health()
+        assert (health["status"], health["jobs_unreadable"], health["store_ok"]) == ("degraded", 1, True), health
+        assert Watchdog(m2.health).problem() is None
+        assert runner.kept_unreadable == [job.id]
+        await m2.stop()
+    asyncio.run(go())
+
+
+def test_the_wait_for_an_external_workers_job_outlasts_a_second_restart(tmp_path, image):
+    """Re-armed at the next start, the wait was cut to the longest retry backoff, shorter here than the heartbeat
+    timeout: the job could run again while the agent that had it still converted."""
+    async def go():
+        (tmp_path / "state").mkdir()
+        settings = {"heartbeat_timeout_seconds": 1.5, "retry_backoff_max_seconds": 0.05}
+        store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+        m, *_ = make(tmp_path, store=store, **settings)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        assert m.claim(m.register_worker("agent", {"gpu": True}, 1, 0, ":1.4").id) is job
+        for _ in range(2):
+            await m.stop()
+            store.close()
+            store = JobStore(tmp_path / "state" / "h2kd.sqlite")
+            m, *_ = make(tmp_path, store=store, **settings)
+            await m.start()
+            assert m.get(job.id).state.value == "retrying"
+        await asyncio.sleep(0.5)
+        assert m.get(job.id).state.value == "retrying"
+        await until(lambda: m.get(job.id).state.value == "queued", timeout=5)
+        await m.stop()
+        store.close()
     asyncio.run(go())
 
 
