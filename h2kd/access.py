@@ -209,6 +209,16 @@ def check_directory_writable(directory: str, uid: int, gids: list[int]) -> None:
         raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
 
 
+def check_directory_fd_writable(fd: int, directory: str, uid: int, gids: list[int]) -> None:
+    """As check_directory_writable, for the directory open on fd (opened as `directory`): the very one that will be
+    written in, whatever has been renamed on its path since. Raises NotAuthorized."""
+    if uid == 0:
+        return
+    (code,) = _as_caller(uid, gids, _try_fd_write_access, str(fd))
+    if code:
+        raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
+
+
 def check_source_fd(fd: int) -> os.stat_result:
     """A source passed as a file descriptor: it must be a regular file open for reading."""
     try:
@@ -377,6 +387,10 @@ def _try_open(path: str, mode: int) -> tuple[int, ...]:
 def _try_write_access(directory: str) -> tuple[int, ...]:
     # In the child the real uid is the caller's, which is what access(2) checks.
     return (0,) if os.access(directory, os.W_OK | os.X_OK) else (errno.EACCES,)
+
+
+def _try_fd_write_access(fd: str) -> tuple[int, ...]:
+    return (0,) if os.access(".", os.W_OK | os.X_OK, dir_fd=int(fd)) else (errno.EACCES,)
 
 
 def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], argument: str) -> tuple[int, ...]:

@@ -1402,12 +1402,11 @@ def test_the_commit_refuses_an_output_directory_swapped_for_a_symlink(tmp_path: 
 def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_elsewhere(shared: Path) -> None:
     """The submitter owns the directories on the way to their output: swapping one for a symlink into another
     user's tree after the plan (here while the source's checksum is verified) must not make root create the
-    temporary output there and hand it to them (swapped back before the commit, the failed job's clean-up would
-    look for it in their own tree). The job fails, and leaves nothing in either tree."""
+    temporary output there and hand it to them. The job writes in the directory it planned and checked, opened
+    then, and nothing in the other tree; swapped back before the commit, its output is there, under its name."""
     import hashlib
 
     from h2kd.operations import convert, qemuimg
-    from h2kd.operations.qemuimg import OperationError
 
     alice_id, bob_id = 64101, 64102
     out = shared / "out"
@@ -1441,15 +1440,60 @@ def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_el
     qemuimg.run_as(alice_id, alice_id, [alice_id])
     access.give_groups(alice_id, [alice_id])        # as the worker does with the groups h2kd gives it
     try:
-        with pytest.raises(OperationError, match="moved or replaced"):
-            convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
+        convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
     finally:
         qemuimg.run_as(0, 0, [])
         access.forget_groups(alice_id)
     assert swapped
     assert os.listdir(bobs) == []
-    assert os.listdir(out / ("alice" if (out / "alice").is_dir() and not (out / "alice").is_symlink()
-                             else "alice.real") / "vms") == []
+    assert os.listdir(alices) == ["disk.raw"]
+    assert (alices / "disk.raw").read_bytes()[:source.stat().st_size] == source.read_bytes()
+
+
+def test_an_output_directory_renamed_away_for_another_users_of_the_same_name_gets_nothing(shared: Path) -> None:
+    """The submitter's right to write was checked on the directory's name; the directory was opened only when the
+    first temporary file was made. Renamed away meanwhile (while the checksum is verified), and another user's made
+    under that name (as h2kd makes a job directory, which the submitter can pass through but not write in), the
+    outputs were made, and given their names, in the other user's directory."""
+    import hashlib
+
+    from h2kd import access
+    from h2kd.operations import convert, qemuimg
+    from h2kd.operations.qemuimg import OperationError
+
+    alice_id, bob_id = 64101, 64102
+    out = shared / "out"
+    target = out / "job-of-bob"
+    target.mkdir()
+    os.chown(target, alice_id, alice_id)
+    source = shared / "alice.raw"
+    source.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"alice's bytes" * 1000)
+    os.chown(source, alice_id, alice_id)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    swapped = []
+
+    def progress(phase: str, done: int, total: int, message: str) -> None:
+        if phase == "verify" and not swapped:     # planned and checked; no temporary file made yet
+            target.rename(out / "alices")
+            target.mkdir()
+            os.chown(target, bob_id, bob_id)
+            target.chmod(0o755)
+            swapped.append(True)
+
+    spec = {"job_id": "j", "image": {"path": str(source), "format": "raw", "checksum": "sha256:" + digest},
+            "parameters": {"output_format": "raw", "domain_xml": True},
+            "artifacts": {"output_path": str(target / "disk.raw")}}
+    qemuimg.run_as(alice_id, alice_id, [alice_id])
+    access.give_groups(alice_id, [alice_id])
+    try:
+        with pytest.raises(OperationError):
+            convert.run_convert(spec, [str(out)], progress, owner={"uid": alice_id, "gid": alice_id, "mode": 0o640})
+    finally:
+        qemuimg.run_as(0, 0, [])
+        access.forget_groups(alice_id)
+    assert swapped
+    assert os.listdir(target) == []
+    assert os.listdir(out / "alices") == []
 
 
 def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> None:

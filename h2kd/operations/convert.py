@@ -55,7 +55,7 @@ from h2kd.operations import inspect, qemuimg
 from h2kd.operations.background import Background
 from h2kd.operations.domain import DISK_HEAD_BYTES, boot_index, domain_xml, vm_name
 from h2kd.operations.qemuimg import ConvertOptions, ImageRef, OperationError
-from h2kd.operations.tempfiles import TempFiles
+from h2kd.operations.tempfiles import TempFiles, open_output_directory
 
 EXTENSIONS = {"qcow2": "qcow2", "raw": "raw"}
 SOURCE_POLL_SECONDS = 0.5
@@ -123,9 +123,10 @@ def _under_roots(directory: str, roots: list[str]) -> bool:
 
 
 def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDirectory | None, roots: list[str],
-                 output_format: str, overwrite: bool, owner: dict[str, int] | None = None) -> tuple[list[str], str]:
-    """Destination of each disk and the base name (for the domain XML); refuses anything unsafe.
-    Without an output path, the outputs go in job_dir (see _job_dir_of)."""
+                 output_format: str, overwrite: bool,
+                 owner: dict[str, int] | None = None) -> tuple[list[str], str, int]:
+    """Destination of each disk, the base name (for the domain XML) and their directory, opened (the caller closes
+    it); refuses anything unsafe. Without an output path, the outputs go in job_dir (see _job_dir_of)."""
     if not roots:
         raise OperationError("VALIDATION_FAILED", "no output roots are configured; outputs cannot be written")
     ext = EXTENSIONS[output_format]
@@ -153,10 +154,22 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
                              f"output roots ({', '.join(roots)})")
     if not os.path.isdir(directory):
         raise OperationError("VALIDATION_FAILED", f"the output directory {directory} does not exist")
-    resolved = os.path.realpath(directory)
-    if owner_uid and resolved != directory:
-        _check_submitter_may_write(resolved, owner)     # a symlink on the way changed since the first look
-    directory = resolved
+    directory = os.path.realpath(directory)
+    # Opened now, and the submitter's right to write checked on what was opened: the job writes there and only
+    # there, whatever they rename or swap on its path meanwhile (another user's directory of the same name, say).
+    directory_fd = open_output_directory(directory)
+    try:
+        if owner_uid:
+            _check_submitter_may_write_in(directory_fd, directory, owner)
+        destinations, base_path = _named_outputs(directory, base, into_directory, count, ext, overwrite, owner_uid)
+    except BaseException:
+        os.close(directory_fd)
+        raise
+    return destinations, base_path, directory_fd
+
+
+def _named_outputs(directory: str, base: str, into_directory: bool, count: int, ext: str, overwrite: bool,
+                   owner_uid: int | None) -> tuple[list[str], str]:
     if count == 1:
         names = [f"{base}.{ext}" if into_directory else base]
     else:
@@ -183,6 +196,12 @@ def _check_submitter_may_write(directory: str, owner: dict[str, Any]) -> None:
     would make the output for them. The directory must be theirs to write in as the job runs as well."""
     from h2kd.access import check_directory_writable
     _as_submitter(owner, lambda uid, groups: check_directory_writable(directory, uid, groups))
+
+
+def _check_submitter_may_write_in(fd: int, directory: str, owner: dict[str, Any]) -> None:
+    """_check_submitter_may_write for the directory open on fd."""
+    from h2kd.access import check_directory_fd_writable
+    _as_submitter(owner, lambda uid, groups: check_directory_fd_writable(fd, directory, uid, groups))
 
 
 def _as_submitter(owner: dict[str, Any], check: Callable[[int, list[int]], Any]) -> Any:
@@ -372,24 +391,25 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
                              "disks marked not present are left out; a VM that VMware encrypted keeps its disks' "
                              "names in its encrypted part: decrypt it first)", "inspect")
     overwrite = bool(artifacts.get("overwrite"))
-    destinations, base = plan_outputs(source, artifacts.get("output_path"), job_dir,
-                                      output_roots, options.output_format, overwrite, owner)
-    domain_path = base + ".xml" if parameters.get("domain_xml") else None
-    if domain_path:
-        _check_destination(domain_path, overwrite, owner_uid)
-    plans = plan_disks(source, destinations, repairing=repair is not None,
-                       verifying=bool(parameters.get("verify")))
-    _check_free_space(plans, options, os.path.dirname(destinations[0]))
-    verify_total = source.verify_bytes()
-    # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
-    # a repaired disk counts once more for its repair and once more for its conversion after the repair.
-    sizes = [max(p.disk.virtual_size, 1) for p in plans]
-    total = verify_total + sum(size * p.steps(options) for size, p in zip(sizes, plans))
-    verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
+    destinations, base, directory_fd = plan_outputs(source, artifacts.get("output_path"), job_dir,
+                                                    output_roots, options.output_format, overwrite, owner)
     temps = TempFiles(temp_record, owner, durable)
+    temps.adopt_directory(os.path.dirname(destinations[0]), directory_fd)
     outputs: list[dict[str, Any]] = []
     repair_report: dict[str, Any] | None = None
     try:
+        domain_path = base + ".xml" if parameters.get("domain_xml") else None
+        if domain_path:
+            _check_destination(domain_path, overwrite, owner_uid)
+        plans = plan_disks(source, destinations, repairing=repair is not None,
+                           verifying=bool(parameters.get("verify")))
+        _check_free_space(plans, options, os.path.dirname(destinations[0]))
+        verify_total = source.verify_bytes()
+        # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
+        # a repaired disk counts once more for its repair and once more for its conversion after the repair.
+        sizes = [max(p.disk.virtual_size, 1) for p in plans]
+        total = verify_total + sum(size * p.steps(options) for size, p in zip(sizes, plans))
+        verification = inspect.verify(source, lambda done: progress("verify", done, total, "checking sums"))
         done_before = verify_total
         for index, (plan, size) in enumerate(zip(plans, sizes), 1):
             label = f"disk {index}/{len(plans)}"
@@ -398,18 +418,16 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             if plan.repaired:
                 assert repair is not None
                 repair_report = _convert_and_repair(plan, options, source, part, on_process, temps, repair, durable)
-            elif repair is not None:
-                # A job that repairs a guest is a worker running as root: qemu-img, which has the submitter's rights
-                # when the worker is given them (h2kd.worker.main), is kept on the file made for it all the same.
+            else:
+                # qemu-img writes through a descriptor of the file made for it, not its name: whatever the submitter
+                # renames or swaps on the output's path meanwhile, it writes there and nowhere else (and a worker
+                # repairing a guest runs as root).
                 target = temps.open_made(plan.temp, os.O_RDWR)
                 try:
                     _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0),
                                  f"{label} ({plan.disk.label})", on_process, durable, target)
                 finally:
                     os.close(target)
-            else:
-                _convert_one(plan.disk.ref, plan.temp, options, source, part.of(0), f"{label} ({plan.disk.label})",
-                             on_process, durable)
             converted = done_before + size * (plan.steps(options) - plan.compared)
             progress("check", converted, total, f"checking {label}")
             outputs.append(_finish_one(plan, options, durable, temps))
@@ -516,8 +534,8 @@ class _Writeback:
     writing it (sync_file_range, which does not wait), so the fsync that must precede the rename finds
     little left to write: the disk works alongside the conversion instead of after it."""
 
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def __init__(self, fd: int):
+        self.fd = os.dup(fd)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="writeback", daemon=True)
         self.thread.start()
@@ -555,11 +573,10 @@ def _writeback_starter() -> Callable[[int], None]:
 
 def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: inspect.Source,
                  progress: Callable[[float], None], what: str, on_process: Callable[[Any], None] | None,
-                 writeback: bool, target_fd: int | None = None, image_fd: int | None = None) -> None:
-    """qemu-img convert of `image` into the (temporary) file `target`, checking now and then that the job's
-    source is unchanged. writeback: have the kernel write the target out meanwhile (see _Writeback).
-    target_fd: a descriptor of the target, which qemu-img then writes through instead of its name; image_fd:
-    the descriptor `image` names, if it does (qemuimg.descriptor_path)."""
+                 writeback: bool, target_fd: int, image_fd: int | None = None) -> None:
+    """qemu-img convert of `image` into the (temporary) file `target`, open on target_fd, which qemu-img writes
+    through; checking now and then that the job's source is unchanged. writeback: have the kernel write the target
+    out meanwhile (see _Writeback). image_fd: the descriptor `image` names, if it does (qemuimg.descriptor_path)."""
     last_poll = [time.monotonic()]
 
     def on_progress(fraction: float) -> None:
@@ -569,10 +586,10 @@ def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: 
             inspect.ensure_unchanged(source.identities)
         progress(fraction)
 
-    writer = _Writeback(target) if writeback else None
+    writer = _Writeback(target_fd) if writeback else None
     try:
-        qemuimg.convert(image, target if target_fd is None else qemuimg.descriptor_path(target_fd), options,
-                        on_progress, on_process, tuple(fd for fd in (target_fd, image_fd) if fd is not None))
+        qemuimg.convert(image, qemuimg.descriptor_path(target_fd), options, on_progress, on_process,
+                        tuple(fd for fd in (target_fd, image_fd) if fd is not None))
     except qemuimg.QemuImgError as e:
         if e.code == "NO_SPACE":
             raise _no_space(os.path.dirname(target), e.message) from None

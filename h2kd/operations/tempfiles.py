@@ -62,6 +62,12 @@ class TempFiles:
         # swaps on its path later, root opens, removes and renames the temporary files there, and only there.
         self._directories: dict[str, int] = {}
 
+    def adopt_directory(self, directory: str, fd: int) -> None:
+        """Make files in `directory` through fd (see open_output_directory), opened and checked before; closed with
+        the others by remove_all."""
+        assert directory not in self._directories
+        self._directories[directory] = fd
+
     def _directory(self, directory: str) -> int:
         fd = self._directories.get(directory)
         if fd is None:
