@@ -596,6 +596,15 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
                     'json:{"driver":"raw","offset":0,"size":4096,"file":{"driver":"file","filename":"%s"}}' % secret, str(json_backing), "1M")
     far_backing = src / "far-backing.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(far_backing), "1M")
+    # "sub/../base.qcow2", sub a link to another directory: qemu opens that directory's parent's base.qcow2, not
+    # the one next to the image that the name, made plain, names (and that h2kd would have checked).
+    (tmp / "other" / "inner").mkdir(parents=True)
+    images.qemu_img("create", "-q", "-f", "qcow2", str(tmp / "other" / "base.qcow2"), "1M")
+    images.qemu_img("create", "-q", "-f", "qcow2", str(src / "base.qcow2"), "1M")
+    os.symlink(tmp / "other" / "inner", src / "sub")
+    dotdot_backing = src / "dotdot-backing.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b", "sub/../base.qcow2", str(dotdot_backing),
+                    "1M")
     file_protocol = src / "file-protocol.qcow2"
     images.qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", f"file:{secret}", str(file_protocol),
                     "1M")
@@ -642,6 +651,8 @@ def _bad_inputs(lib: Path, tmp: Path, out: Path) -> dict[str, tuple[dict[str, An
                                "not a plain file name"),
         "file: backing file": (convert_spec(file_protocol, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
                                "not a plain file name"),
+        "backing file through a link and ..": (convert_spec(dotdot_backing, out / "o.raw", output_format="raw"),
+                                               "PERMISSION_DENIED", "not a plain file name"),
         "backing file elsewhere": (convert_spec(far_backing, out / "o.raw", output_format="raw"),
                                    "PERMISSION_DENIED", "outside its directory"),
         "external data file": (convert_spec(data_file, out / "o.raw", output_format="raw"), "PERMISSION_DENIED",
@@ -756,7 +767,7 @@ def _vmdk_child(directory: Path, name: str, subformat: str, hint: str | None = N
     return child
 
 
-BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "differencing vhdx", "json: backing file", "file: backing file", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
+BAD_INPUTS = ["chunked ovf", "chunked ova", "gzip ovf", "flat extent cut short", "differencing vhd", "differencing vhdx", "json: backing file", "file: backing file", "backing file through a link and ..", "backing file elsewhere", "external data file", "truncated vmdk", "not an image", "missing extent", "manifest mismatch", "path traversal member",
               "directory", "device node", "symlink", "output outside roots", "symlinked parent escaping roots",
               "output exists", "declared format differs", "vm without a disk", "vmx disk without a file name",
               "blank ovf disk", "differencing vdi", "linked clone vmdk", "vmdk snapshot without its parent"]

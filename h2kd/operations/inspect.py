@@ -409,18 +409,19 @@ def _chain_files(chain: list[dict[str, Any]], label: str) -> list[str]:
     Refuses a backing file named with a protocol prefix, as written in the image (a json: backing file,
     for one, can name any file on the host), and any file qemu does not report by its absolute path: qemu
     makes plain relative names absolute, so a relative one came through a protocol (file:x is opened
-    relative to the worker's directory, not the image's)."""
+    relative to the worker's directory, not the image's). Refuses a name with a ".." in it too: the kernel follows
+    a symlink before the "..", so the file qemu opens is not the one the name, made plain, names."""
     files = []
     for element in chain:
         written = element.get("backing-filename") or ""
-        if _has_protocol(written):
+        if _has_protocol(written) or ".." in written.split("/"):
             raise OperationError("PERMISSION_DENIED", f"{label} refers to {written[:200]!r}, which is not a plain "
                                  "file name; such images are refused")
         files.append(element.get("filename", ""))
         for extent in ((element.get("format-specific") or {}).get("data") or {}).get("extents", []):
             files.append(extent.get("filename", ""))
     for name in files:
-        if name and not os.path.isabs(name):
+        if name and (not os.path.isabs(name) or ".." in name.split("/")):
             raise OperationError("PERMISSION_DENIED", f"{label} refers to {name[:200]!r}, which is not a plain "
                                  "file name; such images are refused")
     return [f for f in files if f]
