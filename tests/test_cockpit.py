@@ -674,6 +674,18 @@ def test_page_opened_while_h2kd_is_down_finds_it_once_started(browser: Browser, 
         load.cancel_and_remove(stack.bus_address, made)
 
 
+def call_channels(browser: Browser) -> list[str]:
+    """The channels the page's calls to h2kd go out on (GetHealth, every few seconds), once one has gone out."""
+    browser.execute("""
+        window.callChannels = new Set();
+        cockpit.transport.filter((data, channel) => {
+            if (channel && typeof data === "string" && data.includes('"call"'))
+                window.callChannels.add(channel);
+            return true;
+        }, true);""")
+    return wait_until(lambda: browser.execute("return [...window.callChannels]"), 15, what="a call from the page")
+
+
 def test_page_connects_again_when_its_connection_to_h2kd_is_closed(browser: Browser, cockpit_url: str,
                                                                    env: dict[str, str], stack: Any,
                                                                    sources: dict[str, Path]) -> None:
@@ -683,16 +695,7 @@ def test_page_connects_again_when_its_connection_to_h2kd_is_closed(browser: Brow
     try:
         open_page(browser, cockpit_url)
         wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list")
-        # The page's connection is the channel its calls go out on (GetHealth, every few seconds).
-        browser.execute("""
-            window.callChannels = new Set();
-            cockpit.transport.filter((data, channel) => {
-                if (channel && typeof data === "string" && data.includes('"call"'))
-                    window.callChannels.add(channel);
-                return true;
-            }, true);""")
-        channels = wait_until(lambda: browser.execute("return [...window.callChannels]"), 15,
-                              what="a call from the page")
+        channels = call_channels(browser)
         assert len(channels) == 1, channels
         browser.execute("""
             cockpit.transport.inject("\\n" + JSON.stringify({command: "close", channel: arguments[0],
@@ -717,15 +720,7 @@ def test_an_expected_end_beyond_what_a_date_holds_is_not_shown_as_nan(browser: B
     try:
         open_page(browser, cockpit_url)
         wait_until(lambda: made[0] in shown_job_ids(browser), 15, what="the job list")
-        browser.execute("""
-            window.callChannels = new Set();
-            cockpit.transport.filter((data, channel) => {
-                if (channel && typeof data === "string" && data.includes('"call"'))
-                    window.callChannels.add(channel);
-                return true;
-            }, true);""")
-        channels = wait_until(lambda: browser.execute("return [...window.callChannels]"), 15,
-                              what="a call from the page")
+        channels = call_channels(browser)
         changed = {"State": {"t": "s", "v": "progressing"}, "Phase": {"t": "s", "v": "converting"},
                    "Progress": {"t": "d", "v": 0.5}, "ProgressKnown": {"t": "b", "v": True},
                    "BytesDone": {"t": "t", "v": 512 * MiB}, "BytesTotal": {"t": "t", "v": 1024 * MiB},

@@ -479,6 +479,17 @@ def _interrupted_once_following(address: str, args: list[str], followed: threadi
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def _inspect_job_submitted(fake: FakeH2kd, call: Message) -> bool:
+    """A stand-in h2kd's answers to GetJob (any id is known) and to inspect's submission (job "looking")."""
+    if is_call(call, "GetJob"):
+        fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
+    elif is_call(call, "SubmitJobWithImage"):
+        fake.reply(call, "so", ["looking", JOB_PATH_PREFIX + "looking"])
+    else:
+        return False
+    return True
+
+
 def test_ctrl_c_with_json_prints_the_jobs_as_they_are(fake_h2kd, private_bus, tmp_path):
     """Like `submit --wait --json`, `wait --json` and `inspect --json` interrupted by Ctrl-C print what they
     followed as it is then (a script keeps a record of what it left running), and end by SIGINT."""
@@ -489,10 +500,8 @@ def test_ctrl_c_with_json_prints_the_jobs_as_they_are(fake_h2kd, private_bus, tm
     followed = threading.Event()
 
     def answer(fake: FakeH2kd, call: Message) -> bool:
-        if is_call(call, "GetJob"):
-            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
-        elif is_call(call, "SubmitJobWithImage"):
-            fake.reply(call, "so", ["looking", JOB_PATH_PREFIX + "looking"])
+        if _inspect_job_submitted(fake, call):
+            pass
         elif is_call(call, "GetAll"):
             job_id = call.path.rsplit("/", 1)[1]
             fake.reply(call, "a{sv}", [job_props(job_id, "completed" if job_id == "done" else "progressing",
@@ -776,10 +785,8 @@ def test_ctrl_c_during_inspect_says_the_cancel_was_requested(fake_h2kd, private_
     cancelled: list[str] = []
 
     def answer(fake: FakeH2kd, call: Message) -> bool:
-        if is_call(call, "GetJob"):
-            fake.reply(call, "o", [JOB_PATH_PREFIX + call.body[0]])
-        elif is_call(call, "SubmitJobWithImage"):
-            fake.reply(call, "so", ["looking", JOB_PATH_PREFIX + "looking"])
+        if _inspect_job_submitted(fake, call):
+            pass
         elif is_call(call, "GetAll"):
             fake.reply(call, "a{sv}", [job_props("looking", "progressing", 0.4)])
             followed.set()
