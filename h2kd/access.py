@@ -210,11 +210,15 @@ def check_directory_writable(directory: str, uid: int, gids: list[int]) -> None:
 
 
 def check_directory_fd_writable(fd: int, directory: str, uid: int, gids: list[int]) -> None:
-    """As check_directory_writable, for the directory open on fd (opened as `directory`): the very one that will be
-    written in, whatever has been renamed on its path since. Raises NotAuthorized."""
+    """As check_directory_writable, for the directory open on fd, opened as `directory` (resolved): the caller
+    must reach it by that name, find there the very directory that was opened (the one that will be written in,
+    whatever is renamed on its path later), and be able to create files in it. Raises NotAuthorized."""
     if uid == 0:
         return
-    (code,) = _as_caller(uid, gids, _try_fd_write_access, str(fd))
+    (code,) = _as_caller(uid, gids, _try_opened_directory_writable, f"{fd}:{directory}")
+    if code == errno.ESTALE:
+        raise NotAuthorized(f"permission denied: the output directory {directory} was moved or replaced as it "
+                            "was checked")
     if code:
         raise NotAuthorized(f"permission denied: {directory} is not writable by uid {uid}")
 
@@ -389,8 +393,17 @@ def _try_write_access(directory: str) -> tuple[int, ...]:
     return (0,) if os.access(directory, os.W_OK | os.X_OK) else (errno.EACCES,)
 
 
-def _try_fd_write_access(fd: str) -> tuple[int, ...]:
-    return (0,) if os.access(".", os.W_OK | os.X_OK, dir_fd=int(fd)) else (errno.EACCES,)
+def _try_opened_directory_writable(fd_and_path: str) -> tuple[int, ...]:
+    fd_text, path = fd_and_path.split(":", 1)
+    fd = int(fd_text)
+    try:
+        named = os.stat(path, follow_symlinks=False)     # reachable by the caller, by that name
+    except OSError as e:
+        return (e.errno or errno.EACCES,)
+    opened = os.fstat(fd)
+    if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+        return (errno.ESTALE,)
+    return (0,) if os.access(".", os.W_OK | os.X_OK, dir_fd=fd) else (errno.EACCES,)
 
 
 def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], argument: str) -> tuple[int, ...]:

@@ -252,7 +252,7 @@ STORE_RECOVERY = ("Keep the file aside for recovery (sqlite3's .recover) and res
 
 
 def _refuse_a_lost_store(config: Config) -> None:
-    """StoreFailed if the store is an empty file while attempts' directories say jobs were stored: SQLite takes an
+    """StoreUnusable if the store is an empty file while attempts' directories say jobs were stored: SQLite takes an
     empty file for a new store, and h2kd would start with no jobs, forget those jobs and remove their directories.
     (An empty file with a write-ahead log is a store whose first writes are all in the log.)"""
     store = config.store_path

@@ -1440,8 +1440,9 @@ def _convert_as_alice(shared: Path, output: Path, progress: Any, **parameters: A
 def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_elsewhere(shared: Path) -> None:
     """The submitter owns the directories on the way to their output: swapping one for a symlink into another
     user's tree after the plan (here while the source's checksum is verified) must not make root create the
-    temporary output there and hand it to them. The job writes in the directory it planned and checked, opened
-    then, and nothing in the other tree; swapped back before the commit, its output is there, under its name."""
+    temporary output there and hand it to them (swapped back before the commit, the failed job's clean-up would
+    look for it in their own tree). The job fails, and leaves nothing in either tree."""
+    from h2kd.operations.qemuimg import OperationError
     out = shared / "out"
     bobs = out / "bob" / "vms"
     bobs.mkdir(parents=True)
@@ -1463,14 +1464,17 @@ def test_a_directory_above_the_output_swapped_for_a_symlink_gets_nothing_made_el
             (out / "alice").unlink()
             (out / "alice.real").rename(out / "alice")
 
-    _convert_as_alice(shared, alices / "disk.raw", progress)
+    with pytest.raises(OperationError, match="moved or replaced"):
+        _convert_as_alice(shared, alices / "disk.raw", progress)
     assert swapped
     assert os.listdir(bobs) == []
-    assert os.listdir(alices) == ["disk.raw"]
-    assert b"alice's bytes" in (alices / "disk.raw").read_bytes()
+    assert os.listdir(out / ("alice" if (out / "alice").is_dir() and not (out / "alice").is_symlink()
+                             else "alice.real") / "vms") == []
 
 
-def test_an_output_directory_renamed_away_for_another_users_of_the_same_name_gets_nothing(shared: Path) -> None:
+@pytest.mark.parametrize("output_format", ["raw", "qcow2"])
+def test_an_output_directory_renamed_away_for_another_users_of_the_same_name_gets_nothing(shared: Path,
+                                                                                          output_format: str) -> None:
     """The submitter's right to write was checked on the directory's name; the directory was opened only when the
     first temporary file was made. Renamed away meanwhile (while the checksum is verified), and another user's made
     under that name (as h2kd makes a job directory, which the submitter can pass through but not write in), the
@@ -1491,11 +1495,42 @@ def test_an_output_directory_renamed_away_for_another_users_of_the_same_name_get
             target.chmod(0o755)
             swapped.append(True)
 
-    with pytest.raises(OperationError):
-        _convert_as_alice(shared, target / "disk.raw", progress, domain_xml=True)
+    with pytest.raises(OperationError, match="moved or replaced"):
+        _convert_as_alice(shared, target / "disk", progress, output_format=output_format, domain_xml=True)
     assert swapped
     assert os.listdir(target) == []
     assert os.listdir(out / "alices") == []
+
+
+def test_an_output_directory_swapped_as_it_is_checked_for_one_the_submitter_cannot_reach_gets_nothing(
+        shared: Path, monkeypatch) -> None:
+    """Swapped for a link, just after its check by name, to a directory anyone may write in but inside one only
+    its owner may enter: the directory opened must also be the one the submitter reaches by its name."""
+    from h2kd.operations import convert
+    from h2kd.operations.qemuimg import OperationError
+
+    out = shared / "out"
+    bobs = out / "bob"
+    (bobs / "drop").mkdir(parents=True)
+    os.chown(bobs, BOB, BOB)
+    bobs.chmod(0o700)
+    (bobs / "drop").chmod(0o1777)
+    alices = out / "alice" / "vms"
+    alices.mkdir(parents=True)
+    for path in (alices.parent, alices):
+        os.chown(path, ALICE, ALICE)
+    checked_by_name = convert._check_submitter_may_write
+
+    def then_swapped(directory: str, owner: dict) -> None:
+        checked_by_name(directory, owner)
+        alices.rename(out / "alice" / "vms.real")
+        alices.symlink_to(bobs / "drop")
+
+    monkeypatch.setattr(convert, "_check_submitter_may_write", then_swapped)
+    with pytest.raises(OperationError, match="not writable by uid 64101"):
+        _convert_as_alice(shared, alices / "disk.raw", lambda *args: None)
+    assert os.listdir(bobs / "drop") == []
+    assert os.listdir(out / "alice" / "vms.real") == []
 
 
 def test_a_temporary_file_swapped_for_a_link_is_not_touched(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ MANAGER_PROPERTIES: dict[str, tuple[str, Any]] = {
 QUEUE_STATS_TYPES = {"queued": "u", "running": "u", "paused": "b", "max_parallel_jobs": "u",
                      "by_priority": "au", "waiting": "a{ss}"}
 HEALTH_TYPES = {"status": "s", "version": "s", "uptime_seconds": "d", "jobs_active": "u", "jobs_queued": "u",
-                "workers": "u", "workers_stale": "u", "store_ok": "b", "systemd_reachable": "b"}
+                "workers": "u", "workers_stale": "u", "store_ok": "b", "jobs_unreadable": "u",
+                "systemd_reachable": "b"}
 
 _SUBMIT_OPTIONS = {"queue": bool}
 _LIST_FILTER = {"state": (str, list), "operation": str, "owner": int, "limit": int, "offset": int}

@@ -22,6 +22,7 @@ and added for operators:
                                                    back in the queue after losing their worker or unit)
   h2kd_workers{state}                              gauge, registered workers alive|stale
   h2kd_store_ok, h2kd_systemd_reachable            gauges, 1 or 0, as GetHealth has them (sampled, see health_sampled)
+  h2kd_jobs_unreadable                             gauge, GetHealth's jobs_unreadable (sampled too)
   h2kd_queue_paused                                gauge, 1 while the queue is paused
   h2kd_queue_oldest_timestamp_seconds              gauge, when the job queued longest joined the queue (0: none)
 
@@ -125,6 +126,8 @@ class Metrics:
         self.store_ok = Gauge("h2kd_store_ok", "1 while the job store is sound; 0: a write did not reach the disk (h2kd "
                               "restarts) or the file is damaged (h2kd stops, status 65)",
                               registry=r)
+        self.jobs_unreadable = Gauge("h2kd_jobs_unreadable", "Rows of the job store h2kd could not read at start "
+                                     "(the journal names their jobs)", registry=r)
         self.systemd_reachable = Gauge("h2kd_systemd_reachable",
                                        "1 while systemd's manager answers h2kd; 0: no conversion can start", registry=r)
         self.queue_paused = Gauge("h2kd_queue_paused", "1 while the queue is paused: no queued job starts",
@@ -182,6 +185,7 @@ class Metrics:
         """What the manager's health() and queue said at the last look (see HEALTH_SAMPLE_SECONDS): these are
         states, not events, so they are sampled rather than told."""
         self.store_ok.set(1 if health.get("store_ok") else 0)
+        self.jobs_unreadable.set(int(health.get("jobs_unreadable") or 0))
         self.systemd_reachable.set(1 if health.get("systemd_reachable") else 0)
         self.queue_paused.set(1 if paused else 0)
         self.oldest_queued.set(oldest_queued_since_usec / 1e6)

@@ -643,7 +643,8 @@ def _finish_one(plan: Planned, options: ConvertOptions, durable: bool, temps: Te
     The worker may be root in a directory the submitter owns: what it reads itself (the header, the size)
     and flushes comes through a descriptor of the very file made for the output (TempFiles.open_made), not
     through its name, which the submitter could swap for a link to a file they may not read. qemu-img check
-    goes by the name with the submitter's rights (qemuimg.run_as), as the conversion did."""
+    reads it through that descriptor too, with the submitter's rights (qemuimg.run_as), as the conversion wrote
+    it."""
     temp = plan.temp
     assert temp
     fd = temps.open_made(temp, os.O_RDONLY)
@@ -653,7 +654,8 @@ def _finish_one(plan: Planned, options: ConvertOptions, durable: bool, temps: Te
             own_fd = os.dup(fd)
             flushing = Background(lambda: _flush(own_fd, os.path.dirname(temp)), "flush")
         # Stopped (SIGTERM) or a failed check does not wait for the flush: the file is about to be removed.
-        result = qemuimg.check(ImageRef(temp, options.output_format)) if options.output_format == "qcow2" else None
+        result = (qemuimg.check(ImageRef(qemuimg.descriptor_path(fd), options.output_format), pass_fds=(fd,))
+                  if options.output_format == "qcow2" else None)
         virtual_size = qemuimg.output_virtual_size(fd, temp, options.output_format)
         if flushing is not None:
             flushing.result()

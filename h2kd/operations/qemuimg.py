@@ -32,9 +32,9 @@ _CREDENTIALS: dict[str, Any] = {}
 def run_as(uid: int, gid: int, groups: list[int]) -> None:
     """From now on, run qemu-img with this uid, gid and these groups (uid 0: as the worker, root).
 
-    The worker sets the submitter's: qemu-img follows what an image names (backing files, json: names)
-    and writes its output by path, so with root's rights a crafted image or a symlink swapped in by the
-    submitter could make it read or write any file. With theirs, it can reach only what they could."""
+    The worker sets the submitter's: qemu-img follows what an image names (backing files, json: names),
+    so with root's rights a crafted image could make it read any file. With theirs, it can reach only what
+    they could. (It writes and checks outputs through descriptors of the files h2kd made for them.)"""
     _CREDENTIALS.clear()
     if uid:
         _CREDENTIALS.update(user=uid, group=gid, extra_groups=groups)
@@ -99,11 +99,12 @@ class ImageRef(NamedTuple):
         return self.path if self.offset is None else f"{self.path} (bytes {self.offset}..{self.offset + (self.size or 0)})"
 
 
-def _run(command: str, args: list[str], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
+def _run(command: str, args: list[str], timeout: float | None = 600,
+         pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     # errors="replace": qemu-img quotes file names as they are, and an image names its backing file in any bytes.
     try:
         return subprocess.run([QEMU_IMG, command, *args], capture_output=True, text=True, errors="replace",
-                              timeout=timeout, stdin=subprocess.DEVNULL, **_CREDENTIALS)
+                              timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=pass_fds, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     except subprocess.TimeoutExpired:
@@ -284,10 +285,10 @@ _CHECK_MEANING = {
 }
 
 
-def check(image: ImageRef, *, force_share: bool = False) -> CheckResult:
-    """`qemu-img check` with its exit code turned into a status and a sentence."""
+def check(image: ImageRef, *, force_share: bool = False, pass_fds: tuple[int, ...] = ()) -> CheckResult:
+    """`qemu-img check` with its exit code turned into a status and a sentence; pass_fds as for convert()."""
     args = ["--output=json"] + (["-U"] if force_share else []) + image.format_args() + [image.qemu_name()]
-    proc = _run("check", args, timeout=None)
+    proc = _run("check", args, timeout=None, pass_fds=pass_fds)
     status, meaning = _CHECK_MEANING.get(proc.returncode, ("failed", "qemu-img check failed"))
     try:
         details = json.loads(proc.stdout) if proc.stdout.strip() else {}

@@ -58,8 +58,9 @@ class TempFiles:
         self.owner = owner
         self.durable = durable
         self._made: dict[str, tuple[int, int]] = {}   # path -> (device, inode) of the file created there
-        # Each directory is opened once, when a file is first made in it: whatever the submitter renames or
-        # swaps on its path later, root opens, removes and renames the temporary files there, and only there.
+        # Each directory is opened once (when a file is first made in it, or by the caller: adopt_directory):
+        # whatever the submitter renames or swaps on its path later, root opens, removes and renames the temporary
+        # files there, and only there.
         self._directories: dict[str, int] = {}
 
     def adopt_directory(self, directory: str, fd: int) -> None:
@@ -114,7 +115,9 @@ class TempFiles:
         """A new temporary file next to `destination`, whose directory must be given as a resolved path (see
         open_output_directory)."""
         directory = os.path.dirname(destination)
-        dir_fd = self._directory(directory)
+        # Moved since it was opened, the directory is no longer where the record says its files are: a worker
+        # killed outright would leave them there.
+        dir_fd = self.directory_still_at(directory, "convert")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         claimed = self._claim_name(destination, lambda temp_name: os.open(temp_name, flags, 0o600, dir_fd=dir_fd),
                                    f"could not create a temporary file in {directory}")
@@ -167,12 +170,12 @@ class TempFiles:
             raise replaced
         return fd
 
-    def directory_still_at(self, directory: str) -> int:
+    def directory_still_at(self, directory: str, phase: str = "commit") -> int:
         """The descriptor of `directory`, where temporary files were made, once it is checked to be still there
         (see open_output_directory): the outputs get their names only where they were asked for."""
         fd = self._directory(directory)
         if not _is_at(fd, directory):
-            raise _moved(directory, "commit")
+            raise _moved(directory, phase)
         return fd
 
     def forget(self, path: str) -> None:
