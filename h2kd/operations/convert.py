@@ -170,6 +170,7 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
 
 def _named_outputs(directory: str, base: str, into_directory: bool, count: int, ext: str, overwrite: bool,
                    owner_uid: int | None) -> tuple[list[str], str]:
+    """The disks' outputs in `directory`, each free (or the submitter's, to be replaced), and the base path."""
     if count == 1:
         names = [f"{base}.{ext}" if into_directory else base]
     else:
