@@ -268,8 +268,8 @@ def _refuse_a_lost_store(config: Config) -> None:
     except FileNotFoundError:
         return
     if attempts:
-        raise StoreUnusable(f"the job store {store} is an empty file, while {config.runs_dir} holds {len(attempts)} "
-                          "attempts' directories: the store was lost (cut to nothing?)")
+        raise StoreUnusable(f"the job store {store} is an empty file, while {config.runs_dir} holds "
+                            f"{len(attempts)} attempts' directories: the store was lost (cut to nothing?)")
 
 
 def _store_unusable(error: StoreFailed) -> int:

@@ -268,9 +268,9 @@ class JobStore:
                 return
             row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         if row[0] != SCHEMA_VERSION:
-            raise StoreUnusable(f"the job store {self.path} was written by another version of h2kd (schema version "
-                              f"{row[0]}; this one reads version {SCHEMA_VERSION}): start the version that wrote "
-                              "it, or move the file aside to start with no jobs")
+            raise StoreUnusable(f"the job store {self.path} was written by another version of h2kd (schema "
+                                f"version {row[0]}; this one reads version {SCHEMA_VERSION}): start the version that "
+                                "wrote it, or move the file aside to start with no jobs")
 
     def _add_missing_columns(self) -> None:
         """Additions made within schema version 1 (stores written by earlier builds get them here)."""
