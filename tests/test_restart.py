@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -372,10 +373,16 @@ def test_a_job_whose_row_cannot_be_read_keeps_its_attempts_files_and_health_says
         assert seen["jobs_unreadable"] == 1 and seen["status"] == "degraded", seen
         # Not store_ok: the watchdog has h2kd restarted when it fails, and the row would be there again.
         assert seen["store_ok"] is True, seen
+        deadline = time.monotonic() + 15    # the metrics sample health every few seconds
+        while "\nh2kd_jobs_unreadable 1.0\n" not in urllib.request.urlopen(stack.metrics_url,
+                                                                          timeout=5).read().decode():
+            assert time.monotonic() < deadline, "h2kd_jobs_unreadable never said 1"
+            time.sleep(0.5)
         time.sleep(1)       # the removal of directories of no job runs off the event loop
         assert (attempt_dir / "result.json").exists()
         assert not neighbours_dir.exists()          # an attempt of no job h2kd has: removed as before
-        assert f"job '{job_id}' in the store {store} cannot be read" in stack.daemon_log.read_text()[len(logged_before):]
+        logged = stack.daemon_log.read_text()[len(logged_before):]
+        assert f"job '{job_id}' in the store {store} cannot be read" in logged
     finally:
         stack.stop_daemon()
         with contextlib.closing(sqlite3.connect(store)) as db, db:
