@@ -321,8 +321,8 @@ def size_bound(virtual_size: int, options: ConvertOptions) -> int:
     return virtual_size + -(-virtual_size // cluster) * 16 + 8 * cluster + MiB
 
 
-def _free_bytes(directory: str) -> int:
-    st = os.statvfs(directory)
+def _free_bytes(directory_fd: int) -> int:
+    st = os.fstatvfs(directory_fd)
     return st.f_bavail * st.f_frsize
 
 
@@ -331,11 +331,11 @@ def _no_space(directory: str, detail: str) -> OperationError:
                           "output was removed", "convert")
 
 
-def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: str) -> None:
-    """NO_SPACE unless the outputs (and the raw file of a disk repaired before a qcow2 output) fit. The
-    bound from the virtual sizes usually settles it at no cost; only when it does not fit is qemu-img asked
-    for the real figure."""
-    free = _free_bytes(directory)
+def _check_free_space(plans: list[Planned], options: ConvertOptions, directory: str, directory_fd: int) -> None:
+    """NO_SPACE unless the outputs (and the raw file of a disk repaired before a qcow2 output) fit in the directory
+    open on directory_fd (opened as `directory`). The bound from the virtual sizes usually settles it at no cost;
+    only when it does not fit is qemu-img asked for the real figure."""
+    free = _free_bytes(directory_fd)
     raw = intermediate_options(options)
     staged = [p for p in plans if p.repaired and options.output_format != "raw"]
     if (sum(size_bound(p.disk.virtual_size, options) for p in plans)
@@ -404,7 +404,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
             _check_destination(domain_path, overwrite, owner_uid)
         plans = plan_disks(source, destinations, repairing=repair is not None,
                            verifying=bool(parameters.get("verify")))
-        _check_free_space(plans, options, os.path.dirname(destinations[0]))
+        _check_free_space(plans, options, os.path.dirname(destinations[0]), directory_fd)
         verify_total = source.verify_bytes()
         # Progress counts the disks' virtual bytes: what qemu-img walks through (its -p is a fraction of that walk);
         # a repaired disk counts once more for its repair and once more for its conversion after the repair.
