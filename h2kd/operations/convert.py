@@ -590,7 +590,7 @@ def _convert_one(image: ImageRef, target: str, options: ConvertOptions, source: 
     writer = _Writeback(target_fd) if writeback else None
     try:
         qemuimg.convert(image, qemuimg.descriptor_path(target_fd), options, on_progress, on_process,
-                        tuple(fd for fd in (target_fd, image_fd) if fd is not None))
+                        (target_fd,) if image_fd is None else (target_fd, image_fd))
     except qemuimg.QemuImgError as e:
         if e.code == "NO_SPACE":
             raise _no_space(os.path.dirname(target), e.message) from None

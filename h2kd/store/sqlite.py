@@ -242,6 +242,7 @@ class JobStore:
         # commit happens to cross SQLite's threshold: such a commit held the event loop 10-20 ms.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._checkpointer = _Checkpointer(self.path)
+        self.unreadable_job_ids: list[str] = []     # of the rows load_jobs() could not read
         self._create_or_check_schema()
         self._add_missing_columns()
         self._move_log_tails()
@@ -562,7 +563,7 @@ class JobStore:
         newer h2kd with a state this one does not know) is left in the store as it is and named in the log: one
         bad record must not keep h2kd, and every other job, from starting. Their ids are in unreadable_job_ids."""
         jobs = []
-        self.unreadable_job_ids: list[str] = []
+        self.unreadable_job_ids = []
         with self._lock:
             try:
                 rows = self._db.execute(_SELECT_JOBS).fetchall()
