@@ -34,6 +34,7 @@ NO_GROUP = 65534
 # How long a check as the caller may take. It runs on the daemon's event loop (it takes about a millisecond):
 # a lookup that hangs must not hold every other call, nor the watchdog, for longer.
 CALLER_CHECK_SECONDS = 5.0
+_PATHS_PER_CHILD = 256         # a lookup and an open each: a few milliseconds together, far within the limit
 _UNREAPED: set[int] = set()     # children of _as_caller not yet waited for
 STALLED_PAUSE_SECONDS = 60.0
 _STALLED: dict[int, float] = {}     # uid -> time.monotonic() when a check as them last hung
@@ -336,6 +337,18 @@ def look_up_and_open_as(uid: int, gids: list[int], path: str) -> tuple[int, int,
     return _as_caller(uid, gids, _try_look_up_and_read, path)  # type: ignore[return-value]
 
 
+def look_up_and_open_each_as(uid: int, gids: list[int], paths: list[str]) -> list[tuple[int, int, int, int]]:
+    """look_up_and_open_as() of each of `paths`, in order, a few hundred to a child: a descriptor naming
+    thousands of files costs a fork per batch, not per file, and each child stays well within its time limit."""
+    found: list[tuple[int, int, int, int]] = []
+    for start in range(0, len(paths), _PATHS_PER_CHILD):
+        batch = paths[start:start + _PATHS_PER_CHILD]
+        numbers = _as_caller(uid, gids, _try_look_up_and_read_each, "\0".join(batch),
+                             shown=f"{len(batch)} files such as {batch[0]}")
+        found += [tuple(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]  # type: ignore[misc]
+    return found
+
+
 def _opened_as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], path: str,
                       checked: tuple[int, int], shown: object) -> int:
     """Open `path` as the caller (probe: _try_open_*); 0, or the errno that stopped them. NotAuthorized if what
@@ -365,6 +378,10 @@ def _try_look_up_and_read(path: str) -> tuple[int, ...]:
         return (0, found.st_dev, found.st_ino, found.st_mode)
     code, device, inode = _try_open(path, os.O_RDONLY)
     return (code, device, inode, found.st_mode) if not code else (code, found.st_dev, found.st_ino, found.st_mode)
+
+
+def _try_look_up_and_read_each(paths: str) -> tuple[int, ...]:
+    return tuple(number for path in paths.split("\0") for number in _try_look_up_and_read(path))
 
 
 def _try_open_for_reading(path: str) -> tuple[int, ...]:
@@ -406,8 +423,10 @@ def _try_opened_directory_writable(fd_and_path: str) -> tuple[int, ...]:
     return (0,) if os.access(".", os.W_OK | os.X_OK, dir_fd=fd) else (errno.EACCES,)
 
 
-def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], argument: str) -> tuple[int, ...]:
-    """Run `probe(argument)` in a child process with the caller's uid and groups; return its numbers.
+def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]], argument: str,
+               shown: str = "") -> tuple[int, ...]:
+    """Run `probe(argument)` in a child process with the caller's uid and groups; return its numbers. shown:
+    what the argument is called in an error, when not itself.
 
     fork rather than a helper program: it costs about a millisecond, and the child only makes
     system calls before _exit."""
@@ -450,7 +469,7 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
                 os.kill(pid, signal.SIGKILL)
                 _reap(pid, wait=0.2)
                 _STALLED[uid] = time.monotonic()
-                raise H2kError(f"checking {argument} as uid {uid} took longer than {CALLER_CHECK_SECONDS:g} s; "
+                raise H2kError(f"checking {shown or argument} as uid {uid} took longer than {CALLER_CHECK_SECONDS:g} s; "
                                "is a file system on its path not answering?")
             chunk = os.read(reader, 256)
             if not chunk:

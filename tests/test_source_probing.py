@@ -197,6 +197,37 @@ def test_files_the_submitter_can_see_are_still_found_and_described(base: Path, t
         (disks / "extent.raw").unlink(missing_ok=True)
 
 
+def test_a_descriptor_naming_hundreds_of_extents_is_checked_extent_by_extent(base: Path, tmp_path: Path) -> None:
+    """A VMDK split in hundreds of flat extents, each named twice: read as the submitter may; one in the middle
+    that they may not read is named, and one cut short is found, as in a descriptor of one extent."""
+    extents = [f"d-f{number:03}.vmdk" for number in range(600)]
+    for name in extents:
+        (base / name).write_bytes(b"\0" * 512)
+        give_to_nobody(base / name)
+    lines = "".join(f'RW 1 FLAT "{name}" 0\n' for name in extents + extents)
+    source = base / "d.vmdk"
+    source.write_text(vmdk_descriptor("d-f000.vmdk").replace('RW 999999 FLAT "d-f000.vmdk" 0\n', lines))
+    give_to_nobody(source)
+    inspect = {"operation": "inspect", "image": {"path": str(source)}}
+    run = run_worker(tmp_path / "ok", inspect, [base / "out"], owner=NOBODY)
+    assert run.returncode == 0, run.log
+    named = {Path(extent["filename"]).name for extent in run.result["outputs"]["report"]["disks"][0]["extents"]}
+    assert named >= set(extents)
+
+    (base / extents[407]).chmod(0o600)
+    os.chown(base / extents[407], 0, 0)
+    run = run_worker(tmp_path / "closed", inspect, [base / "out"], owner=NOBODY)
+    assert run.returncode == 2 and run.result["error"]["code"] == "PERMISSION_DENIED", run.log
+    assert f"the VMDK extent '{extents[407]}' is not readable by uid 65534" in run.result["error"]["message"]
+
+    give_to_nobody(base / extents[407])
+    (base / extents[407]).chmod(0o640)
+    source.write_text(source.read_text() + f'RW 2 FLAT "{extents[512]}" 0\n')
+    run = run_worker(tmp_path / "short", inspect, [base / "out"], owner=NOBODY)
+    assert run.returncode == 2 and run.result["error"]["code"] == "INVALID_IMAGE", run.log
+    assert f"the VMDK extent '{extents[512]}' holds 512 bytes where its descriptor" in run.result["error"]["message"]
+
+
 # ---------------------------------------------------------------- sums read after a swap
 
 def ovf_with_manifest(directory: Path, first: tuple[str, int] | None = None) -> Path:
@@ -375,6 +406,32 @@ def test_an_ovf_declaring_entities_is_refused_in_any_encoding(base: Path, tmp_pa
     assert run.returncode == 2, run.log
     assert run.result["error"]["code"] == "INVALID_IMAGE", run.result["error"]
     assert "declares a DOCTYPE or entities" in run.result["error"]["message"]
+
+
+@pytest.mark.parametrize("filler, told", [("<a>" * 150_000 + "</a>" * 150_000, "more than 100000 elements"),
+                                           ("<a/>" * 150_000, "more than 100000 elements"),
+                                           (("<a " + " ".join(f'x{n}=""' for n in range(90_000)) + "/>") * 3,
+                                            "more than 200000 attributes")])
+def test_an_ovf_of_more_elements_than_any_vm_has_is_refused(base: Path, tmp_path: Path, filler: str,
+                                                            told: str) -> None:
+    """A tree of millions of empty elements, well within 16 MiB, costs the worker (root) a gigabyte."""
+    text = images.make_ovf_text("vm", [("disk1.vmdk", 512, 1 << 20)])
+    text = text.replace("</Envelope>", filler + "</Envelope>")
+    assert len(text) < 16 << 20
+    ova = ova_with(text.encode(), base)
+    run = run_worker(tmp_path / "w", {"operation": "inspect", "image": {"path": str(ova)}}, [base / "out"],
+                     owner=NOBODY)
+    assert run.returncode == 2, run.log
+    assert run.result["error"] == {**run.result["error"], "code": "INVALID_IMAGE",
+                                   "message": f"the OVF descriptor holds {told}, which is refused"}
+
+
+def test_the_largest_vm_an_ovf_may_describe_is_within_its_element_limit() -> None:
+    from h2kd.operations import inspect
+
+    disks = [(f"disk{n}.vmdk", 512, 1 << 20) for n in range(inspect.MAX_VM_DISKS)]
+    vm = inspect.parse_ovf(images.make_ovf_text("vm", disks).encode())
+    assert len(vm["disks"]) == inspect.MAX_VM_DISKS
 
 
 def vmx_job(base: Path, tmp_path: Path, name: str, extra: list[str]) -> dict[str, object]:

@@ -28,7 +28,7 @@ import re
 import stat
 import struct
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from h2kd.operations import qemuimg
 from h2kd.operations.background import Background
@@ -53,6 +53,10 @@ MAX_VM_DISKS = 640
 MAX_VM_NICS = 64
 MAX_VMX_LINES = 100_000                 # a VMX holds hundreds of settings; millions of short lines cost gigabytes
 MAX_MANIFEST_ENTRIES = 4096
+# An OVF of 640 disks and 64 NICs has some 20,000 elements. Each costs the tree a few hundred bytes: 16 MiB of
+# "<a>" would cost a gigabyte.
+MAX_XML_ELEMENTS = 100_000
+MAX_XML_ATTRIBUTES = 200_000
 # Counts and sizes a descriptor gives, far above what any hypervisor allows a VM (VMware: 768 vCPUs, 24 TiB of
 # memory, 62 TiB disks): a larger one is a damaged or crafted descriptor, refused by name rather than carried
 # into the report and the domain XML (Python's int() itself refuses more than 4,300 digits, as INTERNAL).
@@ -177,17 +181,19 @@ def _local_file(directory: str, name: str, what: str) -> str:
     return os.path.join(directory, name)
 
 
-def _open_referenced(path: str, directory: str, name: str, what: str,
-                     reader_uid: int | None) -> tuple[int, FileIdentity]:
+def _open_referenced(path: str, directory: str, name: str, what: str, reader_uid: int | None,
+                     seen: tuple[int, int] | None = None) -> tuple[int, FileIdentity]:
     """A read-only descriptor of `path`, a file the source refers to as `name`, and its identity; it must be a
     regular file, not a symlink, and lie in `directory` (a subdirectory in the name must not lead out of it).
 
     With reader_uid (a submitter other than root), the submitter looks the file up and opens it first, with
     their own rights on every directory on the way (_seen_by_submitter); only then does root look it up, and it
     must find the file they opened. So a file behind a directory closed to them gets the answer their own
-    lookup gives whether it is there or not, whatever it is, and root opens nothing they could not."""
+    lookup gives whether it is there or not, whatever it is, and root opens nothing they could not. seen: what
+    _seen_by_submitter() already found at `path` for reader_uid."""
     if reader_uid:
-        seen = _seen_by_submitter(path, name, what, reader_uid)
+        if seen is None:
+            seen = _seen_by_submitter([(path, name)], what, reader_uid)[0]
         changed = OperationError("SOURCE_CHANGED", f"{what} {name!r} was moved, removed or replaced while it was "
                                  "being checked")
         fd = _open_known(path, lambda st: (st.st_dev, st.st_ino) == seen, changed)
@@ -206,25 +212,37 @@ def _open_referenced(path: str, directory: str, name: str, what: str,
         raise
 
 
-def _seen_by_submitter(path: str, name: str, what: str, uid: int) -> tuple[int, int]:
-    """(device, inode) of the regular file the submitter `uid` finds at `path` and may open for reading,
-    looked up and opened in a child process with their uid and groups; OperationError otherwise, telling only
-    what their own lookup told them."""
-    from h2kd.access import groups_for, look_up_and_open_as
+def _open_each_referenced(files: list[tuple[str, str]], directory: str, what: str,
+                          reader_uid: int | None) -> Iterator[tuple[str, int, FileIdentity]]:
+    """_open_referenced() of each (path, name) of `files` in turn, as (name, descriptor, identity): the caller
+    closes each descriptor. The submitter's lookups are made first, many to a child process."""
+    seen: list[tuple[int, int] | None] = [None] * len(files)
+    if reader_uid and files:
+        seen = list(_seen_by_submitter(files, what, reader_uid))
+    for (path, name), found in zip(files, seen):
+        yield (name, *_open_referenced(path, directory, name, what, reader_uid, found))
+
+
+def _seen_by_submitter(files: list[tuple[str, str]], what: str, uid: int) -> list[tuple[int, int]]:
+    """(device, inode) of each regular file the submitter `uid` finds at a path of `files` ((path, name as the
+    source writes it) pairs) and may open for reading, looked up and opened in child processes with their uid
+    and groups; OperationError for the first that is not, telling only what their own lookup told them."""
+    from h2kd.access import groups_for, look_up_and_open_each_as
     from h2kd.errors import H2kError
 
     try:
-        code, device, inode, mode = look_up_and_open_as(uid, groups_for(uid), path)
+        found = look_up_and_open_each_as(uid, groups_for(uid), [path for path, _ in files])
     except H2kError as e:       # the check did not finish (a file system not answering): a later attempt may pass
-        raise OperationError("TOOL_FAILED", f"{what} {name!r} could not be checked for the source's "
-                             f"submitter: {e}") from None
-    if not mode and code in (errno.ENOENT, errno.ENOTDIR):
-        raise _invalid(f"{what} {name!r} does not exist")
-    if not mode or (code and stat.S_ISREG(mode)):
-        raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: {what} "
-                             f"{name!r} is not readable by uid {uid}: {os.strerror(code)}")
-    _refuse_non_regular(path, mode, what)
-    return device, inode
+        shown = f"{what} {files[0][1]!r}" if len(files) == 1 else f"the {len(files)} files named as {what}s"
+        raise OperationError("TOOL_FAILED", f"{shown} could not be checked for the source's submitter: {e}") from None
+    for (path, name), (code, device, inode, mode) in zip(files, found):
+        if not mode and code in (errno.ENOENT, errno.ENOTDIR):
+            raise _invalid(f"{what} {name!r} does not exist")
+        if not mode or (code and stat.S_ISREG(mode)):
+            raise OperationError("PERMISSION_DENIED", f"the source refers to a file its submitter may not read: "
+                                 f"{what} {name!r} is not readable by uid {uid}: {os.strerror(code)}")
+        _refuse_non_regular(path, mode, what)
+    return [(device, inode) for _, device, inode, _ in found]
 
 
 def _open_known(path: str, expected: Callable[[os.stat_result], bool], changed: OperationError,
@@ -372,10 +390,13 @@ def _check_vmdk_descriptor(fd: int, path: str, size: int, reader_uid: int | None
                        "one this large is refused")
     text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
     directory = os.path.dirname(path)
+    wanted: dict[str, int | None] = {}      # name -> the most bytes a line naming it asks of it
     for name, needed in _vmdk_descriptor_extents(text, f"the VMDK descriptor {path}"):
-        extent = _local_file(directory, name, "the VMDK extent")
-        extent_fd, found = _open_referenced(extent, directory, name, "the VMDK extent", reader_uid)
+        wanted[name] = max(wanted.get(name) or 0, needed) if needed is not None else wanted.get(name)
+    files = [(_local_file(directory, name, "the VMDK extent"), name) for name in wanted]
+    for name, extent_fd, found in _open_each_referenced(files, directory, "the VMDK extent", reader_uid):
         os.close(extent_fd)
+        needed = wanted[name]
         if needed is not None and found.size < needed:
             # qemu reads past the end of a flat extent as zeros: a copy cut short would convert "successfully".
             raise _invalid(f"the VMDK extent {name!r} holds {found.size} bytes where its descriptor {path} says "
@@ -853,13 +874,23 @@ def _parse_xml_without_dtd(data: bytes, what: str) -> ET.Element:
         return "{" + name if "}" in name else name
 
     builder = ET.TreeBuilder()
+    counted = {"elements": 0, "attributes": 0}
+
+    def start(tag: str, attributes: dict[str, str]) -> None:
+        """Build the element, refusing a document of more elements or attributes than any OVF has."""
+        counted["elements"] += 1
+        counted["attributes"] += len(attributes)
+        for kind, limit in (("elements", MAX_XML_ELEMENTS), ("attributes", MAX_XML_ATTRIBUTES)):
+            if counted[kind] > limit:
+                raise _invalid(f"{what} holds more than {limit} {kind}, which is refused")
+        builder.start(qualified(tag), {qualified(key): value for key, value in attributes.items()})
+
     parser = expat.ParserCreate(namespace_separator="}")
     parser.StartDoctypeDeclHandler = refuse
     parser.EntityDeclHandler = refuse
     parser.UnparsedEntityDeclHandler = refuse
     parser.ExternalEntityRefHandler = refuse
-    parser.StartElementHandler = lambda tag, attributes: builder.start(
-        qualified(tag), {qualified(key): value for key, value in attributes.items()})
+    parser.StartElementHandler = start
     parser.EndElementHandler = lambda tag: builder.end(qualified(tag))
     parser.CharacterDataHandler = builder.data
     parser.buffer_text = True
@@ -1554,18 +1585,20 @@ def _load_described(fd: int, path: str, kind: str, size: int, identities: list[F
                 manifest = parse_manifest(os.pread(mf_fd, mf_ident.size, 0).decode("utf-8", "replace"))
             finally:
                 os.close(mf_fd)
+            entries = []
             for name in manifest:
                 file_path = _local_file(directory, name, "the manifest entry")
                 if file_path == path:
                     algorithm, expected = manifest[name]
                     if hashlib.new(algorithm, data).hexdigest() != expected:
                         raise _invalid(f"the manifest {algorithm.upper()} of {name} does not match its content")
-                    continue
-                entry_fd, entry_ident = _open_referenced(file_path, directory, name, "the manifest entry",
-                                                         reader_uid)
+                else:
+                    entries.append((file_path, name))
+            for name, entry_fd, entry_ident in _open_each_referenced(entries, directory, "the manifest entry",
+                                                                     reader_uid):
                 os.close(entry_fd)
                 identities.append(entry_ident)
-                to_verify.append((name, file_path, 0, entry_ident.size))
+                to_verify.append((name, entry_ident.path, 0, entry_ident.size))
     disks = []
     for index, entry in enumerate(vm["disks"], 1):
         _refuse_fileless(entry, kind)

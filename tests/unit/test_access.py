@@ -66,3 +66,37 @@ def test_a_check_that_answers_is_told_what_the_caller_found():
         assert access.look_up_and_open_as(65534, [65534], str(image))[0] == errno.EACCES
     finally:
         shutil.rmtree(directory)
+
+
+def test_many_files_checked_together_get_each_the_answer_of_its_own_check():
+    """A descriptor may name thousands of files: they are looked up as the caller a batch to a child, and each
+    gets, in order, what a check of it alone finds (across batches, whatever the files are)."""
+    import os
+
+    directory = Path(tempfile.mkdtemp(prefix="h2kt-access-"))
+    try:
+        directory.chmod(0o755)
+        (directory / "closed").mkdir(mode=0o700)
+        paths = []
+        for number in range(access._PATHS_PER_CHILD * 2 + 7):
+            path = directory / f"f{number}"
+            kind = number % 5
+            if kind == 0:
+                path.write_bytes(b"x")
+                path.chmod(0o644)
+            elif kind == 1:
+                path.write_bytes(b"x")
+                path.chmod(0o600)           # theirs to see, not to read
+            elif kind == 2:
+                path = directory / "closed" / f"f{number}"
+                path.write_bytes(b"x")
+            elif kind == 3:
+                os.mkfifo(path, 0o644)
+            paths.append(str(path))         # kind 4: nothing there
+        together = access.look_up_and_open_each_as(65534, [65534], paths)
+        alone = [access.look_up_and_open_as(65534, [65534], path) for path in paths]
+        assert together == alone
+        assert {found[0] for found in together} == {0, errno.EACCES, errno.ENOENT}
+        assert access.look_up_and_open_each_as(65534, [65534], []) == []
+    finally:
+        shutil.rmtree(directory)
