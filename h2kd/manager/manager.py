@@ -131,6 +131,7 @@ class JobManager:
         # slot it keeps until the worker is told (see _hold_until_told), and the timer that frees the slot at the
         # latest. created_at: a job removed and submitted again under its id is another job.
         self._taken: dict[tuple[str, int, int], tuple[str, asyncio.TimerHandle | None]] = {}
+        self._held_back: set[str] = set()       # retrying jobs waiting for such a slot to be freed
         # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
         # an identical resubmission is told that problem, not that it was taken.
         self._failure_unrecorded: dict[str, str] = {}
@@ -604,13 +605,17 @@ class JobManager:
                 # A run of attempts asked for anew has its retries, and its attempts not counted, anew.
                 job.attempts_counted_before, job.attempts_not_counted = job.attempt, 0
                 job.cancelled_by = -1
-                self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
                 self._reset_progress(job)
                 job.error_code = job.error_message = ""
                 # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
                 # of the run that failed, maybe days before.
                 job.started_at = job.finished_at = 0
-                self._enqueue(job, f"queued again by request{_of_uid(by)}")
+                held = self._hold_for_taken_attempt(job)
+                self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
+                if held is None:
+                    self._enqueue(job, f"queued again by request{_of_uid(by)}")
+                else:
+                    self._arm_requeue(job, held)
         except StoreFailed:
             if job.state != S.RETRYING:
                 raise
@@ -1269,17 +1274,46 @@ class JobManager:
         self._timers[job.id] = loop.call_later(delay, self._requeue_after_backoff, job.id)
 
     def _requeue_after_backoff(self, job_id: str) -> None:
-        self._timers.pop(job_id, None)
+        self._cancel_timer(job_id)
+        self._held_back.discard(job_id)
         job = self._jobs.get(job_id)
         if job is not None and job.state == S.RETRYING:
             try:
                 with self._all_or_nothing(job):
+                    held = self._hold_for_taken_attempt(job)
+                    if held is not None:
+                        self._store.save_job(job)
+                        self._notify_changed(job, {"wait_reason"}, urgent=False)
+                        self._arm_requeue(job, held)
+                        return
                     job.not_before = 0
                     self._enqueue(job, f"queued for attempt {job.attempt + 1}")
             except StoreFailed as e:
                 log.warning("could not queue job %s again: %s; trying again in %.0f s", job_id, e,
                             STORE_RETRY_SECONDS)
                 self._arm_requeue(job, STORE_RETRY_SECONDS)
+
+    def _hold_for_taken_attempt(self, job: Job) -> float | None:
+        """Hold the retrying job back while an attempt of it taken from an external worker (cancelled, timed out)
+        may still run there, writing its outputs, until the worker is told: its not_before and wait_reason say
+        so, and the seconds it waits at most are returned (None if nothing is held). It is queued as soon as
+        that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told)."""
+        holds = [(worker_id, timer) for (job_id, created_at, _), (worker_id, timer) in self._taken.items()
+                 if job_id == job.id and created_at == job.created_at]
+        if not holds:
+            return None
+        self._held_back.add(job.id)
+        try:
+            loop_time = asyncio.get_running_loop().time()
+        except RuntimeError:    # no loop (a test driving the manager directly): no timer either
+            loop_time = 0.0
+        left = max(max(timer.when() - loop_time, 0) if timer is not None
+                   else self._config.heartbeat_timeout_seconds for _, timer in holds)
+        job.not_before = now_usec() + int(left * 1_000_000)
+        starts = time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))
+        job.wait_reason = (f"worker {holds[0][0]} may still be running an attempt taken from it until it learns "
+                           f"so; the next attempt starts then, at {starts} at the latest")
+        return left
 
     def _cancel_timer(self, job_id: str) -> None:
         timer = self._timers.pop(job_id, None)
@@ -1581,6 +1615,9 @@ class JobManager:
         worker = self._workers.get(worker_id)
         if worker is not None:
             self._free_slot(worker)
+        job = self._jobs.get(key[0])
+        if job is not None and job.id in self._held_back and job.created_at == key[1]:
+            self._requeue_after_backoff(job.id)     # it waited for that worker to learn: it is queued now
 
     def _worker_load_changed(self, worker: WorkerInfo) -> None:
         """Announce a worker's ActiveJobs (and State, busy or idle, unless it is stale: only a heartbeat brings a

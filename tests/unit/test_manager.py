@@ -943,6 +943,59 @@ def test_a_job_cancelled_on_an_external_worker_keeps_its_slot_until_the_worker_i
     asyncio.run(go())
 
 
+def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_worker_is_told(tmp_path, image):
+    """The agent a job was cancelled on (or timed out on) may still be converting, into the job's output, until
+    it learns so: a Retry at once, or the timed-out attempt's backoff, leaves the job retrying, unclaimable by
+    any worker, until that agent has reported (or the heartbeat timeout has passed), and says why."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=1.5)
+        await m.start()
+        needs = {"capability_requirements": {"gpu": True}}
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", execution_policy={"retry_count": 1}, **needs),
+                          owner=0)
+        first = m.register_worker("first", {"gpu": True}, 1, 0, ":1.5")
+        other = m.register_worker("other", {"gpu": True}, 1, 0, ":1.6")
+        assert m.claim(first.id) is job
+
+        # Retried at once; held until the first agent's next report on it, then queued at once.
+        await m.cancel(job.id, by=0)
+        m.retry(job.id, by=0)
+        assert job.state.value == "retrying", job.state
+        assert job.wait_reason.startswith(f"worker {first.id} may still be running an attempt taken from it")
+        assert m.claim(other.id) is None
+        with pytest.raises(InvalidState):
+            m.report_progress(first.id, job.id, 0.5, 1, 2, "convert", "")
+        assert job.state.value == "queued", (job.state, job.wait_reason)
+        assert m.claim(other.id) is job
+
+        # An agent that says nothing, and beats on: held until the heartbeat timeout, not for ever.
+        async def beat() -> None:
+            while True:
+                m.heartbeat(first.id)
+                m.heartbeat(other.id)
+                await asyncio.sleep(0.2)
+        beating = asyncio.create_task(beat())
+        await m.cancel(job.id, by=0)
+        m.retry(job.id, by=0)
+        held_at = asyncio.get_running_loop().time()
+        assert m.claim(first.id) is None and job.state.value == "retrying"
+        await until(lambda: job.state.value == "queued")
+        assert asyncio.get_running_loop().time() - held_at >= 1.0
+        assert m.claim(first.id) is job
+
+        # Timed out: its backoff (0.01 s) is over long before the agent can be told.
+        m._deadlines[job.id]._run()
+        assert job.state.value == "retrying" and job.error_code == "TIMEOUT", job.state
+        await asyncio.sleep(0.3)
+        assert job.state.value == "retrying" and m.claim(other.id) is None
+        with pytest.raises(InvalidState):
+            m.report_result(first.id, job.id, True, {}, "", "", 0, 0)
+        assert m.claim(other.id) is job and job.attempt == 4
+        beating.cancel()
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_the_slot_a_removed_job_kept_on_its_worker_is_freed_by_the_workers_report(tmp_path, image):
     """A job cancelled on an external worker, removed and submitted again under its id, cancelled once more: each
     keeps its own slot until the worker reports on the id (which fails, NoSuchJob or InvalidState), and neither
