@@ -279,6 +279,13 @@ def test_busctl_and_gdbus_read_the_listing(stack, stack_env):
                 "busctl", "--system", "call", BUS_NAME, path, OBJECT_MANAGER, "GetManagedObjects"],
                 env=stack_env, capture_output=True, text=True, timeout=60)
             assert out.returncode != 0 and "no object manager at" in out.stderr, (path, out.stdout, out.stderr)
+        # Nor with arguments, anywhere.
+        for path in (MANAGER_PATH, "/"):
+            out = await asyncio.to_thread(subprocess.run, [
+                "busctl", "--system", "call", BUS_NAME, path, OBJECT_MANAGER, "GetManagedObjects", "s", "x"],
+                env=stack_env, capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0 and "GetManagedObjects takes no arguments (given 's')" in out.stderr, (
+                path, out.stdout, out.stderr)
         await clean_up(client, jobs)
     run(scenario())
 

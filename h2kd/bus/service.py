@@ -180,8 +180,12 @@ class BusService:
     def _answer_object_manager(self, msg: Message) -> Message | None:
         """GetManagedObjects, answered from our records instead of dbus-fast's per-property walk."""
         if (msg.message_type != MessageType.METHOD_CALL or msg.member != "GetManagedObjects"
-                or msg.interface not in (None, OBJECT_MANAGER) or msg.signature != ""):
+                or msg.interface not in (None, OBJECT_MANAGER)):
             return None
+        if msg.signature != "":
+            # dbus-fast's own handler would answer it, whatever its arguments, with the walk described below.
+            return Message.new_error(msg, ErrorType.INVALID_ARGS.value,
+                                     f"GetManagedObjects takes no arguments (given {msg.signature!r})")
         if msg.path == MANAGER_PATH:
             return self._send_managed_objects(msg)
         # Any other path (an ancestor of our tree, the job or worker tree, one object) is no ObjectManager:
