@@ -593,6 +593,20 @@ def test_detecting_this_hosts_capabilities_again_needs_an_administrator(stack, u
 
 
 @pytest.mark.stack
+def test_registering_a_worker_needs_an_administrator_before_its_capabilities_are_read(stack, users):
+    """Anyone may call RegisterWorker; its capabilities (up to the bus's 32 MiB of JSON, seconds of parsing) are
+    read only for a caller polkit lets register one: others are refused, whatever they sent."""
+    for user in (BOB, ALICE):
+        for capabilities in ("'{}'", "'[not json'"):
+            refused = _gdbus(stack, user, MANAGER_PATH, BUS_NAME + ".Manager.RegisterWorker", "'agent'",
+                             capabilities, "@a{sv} {}")
+            assert _error_name(refused) == INTERACTIVE_REQUIRED, refused.stderr
+    garbled = _gdbus(stack, None, MANAGER_PATH, BUS_NAME + ".Manager.RegisterWorker", "'agent'", "'[not json'",
+                     "@a{sv} {}")
+    assert _error_name(garbled) == BUS_NAME + ".Error.InvalidArgument", garbled.stderr
+
+
+@pytest.mark.stack
 def test_member_cannot_cancel_another_users_job_but_root_can(stack, users, readable_image, submitted):
     job_id, result = _submit(stack, submitted, CAROL, readable_image)
     assert result.returncode == 0, result.stderr
@@ -958,7 +972,8 @@ def test_a_jobs_result_is_for_its_owner_root_and_administrators(stack, users, sh
     for user in (CAROL, BOB):
         refused = result_as(user)
         assert _error_name(refused) == ACCESS_DENIED, refused.stderr
-        assert f"the result of job {job_id} is for its owner (uid {users[ALICE].pw_uid})" in refused.stderr
+        assert (f"the result of job {job_id} is for its owner (uid {users[ALICE].pw_uid}) and administrators to "
+                "read (polkit action org.hyper2kvm.h2kd1.read-other-user)") in refused.stderr, refused.stderr
         assert "3221225472" not in refused.stdout + refused.stderr
         state = _gdbus(stack, user, job_path, "org.freedesktop.DBus.Properties.Get", JOB_IFACE, "State")
         assert state.stdout.strip() == "(<'completed'>,)", state.stderr

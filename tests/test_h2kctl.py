@@ -1439,7 +1439,8 @@ def test_another_users_result_is_withheld_and_said_so(env, images, plain_user):
     shown = ok(h2kctl(env, "--no-pager", "show", job_id, user=plain_user)).stdout.splitlines()
     assert "State=completed" in shown and not any(line.startswith("Result=") for line in shown), shown
     refused = h2kctl(env, "show", job_id, "-p", "Result", user=plain_user)
-    assert refused.returncode == 5 and refused.stderr.strip() == f"h2kctl: not authorized to read Result: {withheld}"
+    assert refused.returncode == 5 and refused.stderr.strip() == (
+        f"h2kctl: not authorized to read Result: {withheld} (polkit action org.hyper2kvm.h2kd1.read-other-user)")
 
 
 def test_user_names_are_looked_up_once_per_user(monkeypatch):

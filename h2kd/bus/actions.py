@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from h2kd.bus.auth import ACTION_READ_OTHER_USER
 from h2kd.bus.base import Authorizer
 from h2kd.errors import AuthorizationUnavailable, InteractiveAuthorizationRequired, InvalidState, NotAuthorized
 from h2kd.model.repair import fixes_guest
@@ -50,8 +51,7 @@ class JobCommands:
                 await self._auth.check("fix-guest", details)
             if self._manager.get(job_id) is job:
                 return uid
-        raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
-                           "try again")
+        raise _replaced(job_id)
 
     async def read_result(self, job_id: str, result_of: Any) -> Any:
         """result_of(job) for the caller, if they may read the job's result (see the module docstring)."""
@@ -65,11 +65,11 @@ class JobCommands:
                     raise           # no answer is not a no: its own words say to try again
                 except (NotAuthorized, InteractiveAuthorizationRequired):
                     raise NotAuthorized(f"the result of job {job_id} is for its owner (uid {job.owner}) and "
-                                        "administrators to read") from None
+                                        f"administrators to read (polkit action {ACTION_READ_OTHER_USER})") from None
             if self._manager.get(job_id) is job:
                 return result_of(job)
-        raise InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; "
-                           "try again")
+        raise _replaced(job_id)
+
 
     async def cancel(self, job_id: str) -> None:
         await self._manager.cancel(job_id, by=await self._authorize_for(job_id))
@@ -79,3 +79,24 @@ class JobCommands:
 
     async def start(self, job_id: str) -> None:
         self._manager.start_job(job_id, by=await self._authorize_for(job_id, runs_it=True))
+
+    async def remove(self, job_id: str) -> None:
+        await self._authorize_managing(job_id)
+        self._manager.remove(job_id)
+
+    async def set_priority(self, job_id: str, priority: int) -> None:
+        await self._authorize_managing(job_id)
+        self._manager.set_priority(job_id, priority)
+
+    async def _authorize_managing(self, job_id: str) -> None:
+        """...manage, asked for this job: InvalidState if, while polkit answered (an administrator's prompt may
+        stay open for minutes), it was removed and another submitted under its id, which the administrator was
+        not shown."""
+        job = self._manager.get(job_id)           # NoSuchJob before asking polkit anything
+        await self._auth.check("manage", {"job_id": job_id})
+        if self._manager.get(job_id) is not job:
+            raise _replaced(job_id)
+
+
+def _replaced(job_id: str) -> InvalidState:
+    return InvalidState(f"job {job_id} was replaced by another job of that id while being authorized; try again")

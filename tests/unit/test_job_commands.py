@@ -51,6 +51,12 @@ class OneJob:
         self.done.append("start")
         self.by.append(by)
 
+    def remove(self, job_id: str) -> None:
+        self.done.append("remove")
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        self.done.append(f"priority {priority}")
+
 
 def _asked(spec: dict, command: str, caller: int = 1000) -> list[str]:
     job = Job(id="j1", spec=spec, operation=spec["operation"], owner=1000)
@@ -108,6 +114,23 @@ def test_a_job_replaced_at_every_answer_is_not_acted_on() -> None:
     with pytest.raises(InvalidState, match="replaced by another job"):
         asyncio.run(JobCommands(manager, auth).cancel("j1"))   # type: ignore[arg-type]
     assert manager.done == []
+
+
+@pytest.mark.parametrize("command, arguments, done", [("remove", (), "remove"),
+                                                      ("set_priority", (1,), "priority 1")])
+def test_a_job_replaced_while_an_administrator_is_asked_is_not_the_one_managed(command: str, arguments: tuple,
+                                                                               done: str) -> None:
+    """The prompt named job j1 of uid 1000; a job of uid 1001 submitted under that id meanwhile is not removed or
+    put first on that answer."""
+    first = Job(id="j1", spec=CONVERT, operation="convert", owner=1000)
+    second = Job(id="j1", spec=CONVERT, operation="convert", owner=1001)
+    manager = OneJob(first)
+    auth = ReplacedWhileAsking(0, manager, [second])
+    with pytest.raises(InvalidState, match="replaced by another job"):
+        asyncio.run(getattr(JobCommands(manager, auth), command)("j1", *arguments))   # type: ignore[arg-type]
+    assert auth.asked == ["manage"] and manager.done == []
+    asyncio.run(getattr(JobCommands(manager, auth), command)("j1", *arguments))   # type: ignore[arg-type]
+    assert manager.done == [done]
 
 
 def _read(job: Job, auth: RecordingAuthorizer, manager: OneJob | None = None) -> str:
