@@ -99,7 +99,7 @@ class WorkerInterface(ApiInterface):
     @bus_errors
     async def Refresh(self):
         await self._auth.check("manage", {"worker_id": self.worker.id})
-        self._manager.refresh_worker(self.worker.id)
+        await self._manager.refresh_worker(self.worker.id)
 
 
 add_read_properties(WorkerInterface, WORKER_PROPERTIES, "worker")

@@ -28,7 +28,7 @@ CONTRACT (implemented in this file):
     m.report_progress(worker_id, job_id, progress: float|None, bytes_done, bytes_total, phase, message, attempt=None)
     m.report_result(worker_id, job_id, success, outputs: dict, error_code, error_message, bytes_read, bytes_written,
                     attempt=None)
-    m.unregister_worker(worker_id); m.refresh_worker(worker_id)
+    m.unregister_worker(worker_id); await m.refresh_worker(worker_id)
     m.bus_name_lost(bus_name)   # a worker's connection vanished: treat its worker as stale
 """
 
@@ -1327,16 +1327,11 @@ class JobManager:
         caps.setdefault("operations", OPERATIONS)
         return caps
 
-    def refresh_worker(self, worker_id: str) -> None:
+    async def refresh_worker(self, worker_id: str) -> None:
         worker = self.get_worker(worker_id)
         if worker.kind != "builtin":
             raise InvalidState("only the builtin worker detects its capabilities; external workers re-register")
-        refresh = getattr(self._runner, "refresh", None)
-        if refresh is not None:
-            refresh()
-        worker.capabilities = self._builtin_capabilities()
-        self._notify("worker_changed", worker)
-        self._kick()
+        await self._refresh_host()
 
     async def _refresh_host(self) -> None:
         """The builtin worker's capabilities detected again: free space comes and goes, and a job that asks for

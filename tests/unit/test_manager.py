@@ -676,6 +676,40 @@ def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, imag
     asyncio.run(go())
 
 
+def test_refresh_detects_the_host_again_while_h2kd_goes_on_answering(tmp_path, image):
+    """Worker.Refresh measures the output roots' free space: one on a file server that hangs holds that call
+    only, not every other caller (nor the watchdog), and the worker's capabilities change once it is measured."""
+    import threading
+    answered = threading.Event()
+
+    class HungServer(RecordingRunner):
+        free = 2**30
+
+        def refresh(self):
+            answered.wait(10)
+            return self.capabilities()
+
+        def capabilities(self):
+            return {"qemu_img": True, "free_bytes": {str(tmp_path / "out"): self.free}}
+
+    async def go():
+        runner = HungServer()
+        m, *_ = make(tmp_path, runner=runner)
+        await m.start()
+        runner.free = 5 * 2**30
+        refreshing = asyncio.create_task(m.refresh_worker("builtin"))
+        await asyncio.sleep(0.3)
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)     # answered meanwhile
+        assert not refreshing.done() and m.get(job.id) is job
+        answered.set()
+        await asyncio.wait_for(refreshing, 10)
+        assert m.get_worker("builtin").capabilities["free_bytes"] == {str(tmp_path / "out"): 5 * 2**30}
+        with pytest.raises(InvalidState):
+            await m.refresh_worker(m.register_worker("agent", {}, 1, 0, ":1.7").id)
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_job_stored_before_a_field_existed_is_still_the_same_job_when_resubmitted(tmp_path, image):
     """A spec stored by an older h2kd lacks fields added since (here parameters.sync); sending the same spec
     again after the upgrade finds that job instead of failing with AlreadyExists."""
