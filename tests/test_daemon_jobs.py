@@ -802,7 +802,8 @@ def test_external_worker_runs_the_job_only_it_can_run(tuned: Any, small_vmdk: Pa
         await worker.call(worker_path, WORKER, "ReportProgress", "sa{sv}", [job_id, {
             "progress": Variant("d", 1.0), "bytes_done": Variant("t", 4 * MiB),
             "bytes_total": Variant("t", 4 * MiB), "phase": Variant("s", "convert")}])
-        outputs = {"disks": [{"path": str(output), "format": "qcow2"}]}
+        outputs = {"disks": [{"path": str(output), "format": "qcow2", "source_format": "vmdk",
+                              "virtual_size": 3 * MiB}]}
         await worker.call(worker_path, WORKER, "ReportResult", "sa{sv}", [job_id, {
             "success": Variant("b", True), "outputs": Variant("s", json.dumps(outputs)),
             "bytes_read": Variant("t", small_vmdk.stat().st_size),
@@ -834,6 +835,10 @@ def test_external_worker_runs_the_job_only_it_can_run(tuned: Any, small_vmdk: Pa
     assert metric(mid, "h2kd_workers", state="alive") == metric(before, "h2kd_workers", state="alive") + 1
     assert any(name == "hyper2kvm_worker_info" and dict(labels).get("worker") == seen["worker_id"]
                and dict(labels).get("kind") == "external" for name, labels in mid)
+    # Its outputs.disks, given as the builtin worker's, count as the VMDKs converted.
+    _, ended = scrape(stack.metrics_url)
+    for name, moved in (("hyper2kvm_vmdk_size_bytes_count", 1), ("hyper2kvm_vmdk_size_bytes_sum", 3 * MiB)):
+        assert metric(ended, name) - metric(before, name) == moved, name
     output.unlink()
 
 

@@ -7,7 +7,8 @@ The original protocol's names are kept so existing dashboards work:
   hyper2kvm_migration_failures_total{error_type}   counter, jobs that ended failed, by error code
   hyper2kvm_worker_jobs_active                     gauge, jobs assigned, running or progressing
   hyper2kvm_vmdk_size_bytes                        histogram, virtual size of each VMDK a completed convert read, from
-                                                   the builtin worker's Result (outputs.disks)
+                                                   its Result's outputs.disks (the builtin worker's, or an external
+                                                   worker's giving them the same way: Worker.xml)
   hyper2kvm_worker_info{worker,kind,version}       gauge = 1 per registered worker
 and added for operators:
   h2kd_jobs{state}                                 gauge, jobs known to the daemon by state
