@@ -36,7 +36,11 @@ MAX_REQUIREMENT_LIST = 32
 # spec is under 1 KiB.
 MAX_SPEC_BYTES = 16 * 1024
 
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+# What a terminal or a page acts on rather than shows: C0 and C1 controls (a newline, an escape sequence), DEL,
+# and the bidirectional overrides that reorder the rest of a line. Paths and the words of a spec are shown to
+# every user (h2kctl, Cockpit, the journal): none of them may hold these.
+_UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_UNSHOWABLE_SAID = "must not contain control characters (such as a newline) or bidirectional overrides"
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A job's systemd unit is named after its id, escaped as systemd-escape does: a "-" (and a leading ".") takes
 # four characters (\x2d). A file name holds at most 255: the unit's run directory takes "h2k-job-" and
@@ -76,11 +80,17 @@ def _check_job_id(value: str) -> str:
 
 
 def _check_path(value: str) -> str:
-    if _CONTROL_CHARACTER.search(value):
+    if _UNSHOWABLE.search(value):
         # Paths go into line-based records and logs; no one names a disk image with a newline.
-        raise _fail("path", "must not contain control characters (such as a newline)")
+        raise _fail("path", _UNSHOWABLE_SAID)
     if not value.startswith("/"):
         raise _fail("path", "must be an absolute path (starting with /)")
+    return value
+
+
+def _check_showable(value: str) -> str:
+    if _UNSHOWABLE.search(value):
+        raise _fail("text", _UNSHOWABLE_SAID)
     return value
 
 
@@ -120,8 +130,8 @@ Unset = BeforeValidator(_empty_means_none)
 JobId = Annotated[str, BeforeValidator(_none_means_new_id), Field(min_length=1, max_length=64),
                   AfterValidator(_check_job_id)]
 FilePath = Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_check_path)]
-ShortText = Annotated[str, Field(max_length=MAX_TEXT)]
-Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG)]
+ShortText = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_check_showable)]
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG), AfterValidator(_check_showable)]
 ImageFormat = Literal["vmdk", "vhd", "vhdx", "vdi", "qcow2", "raw", "ova"]
 Priority = _int_range(1, 10)
 RetryCount = _int_range(0, 5)
@@ -194,11 +204,15 @@ def _requirement_problem(key: str, item: Any) -> str | None:
     if isinstance(item, bool) or (is_int and 0 <= item < 2**63):
         return None
     if isinstance(item, str):
+        if _UNSHOWABLE.search(item):
+            return _UNSHOWABLE_SAID     # the wait reason of a job no worker takes quotes it
         return None if len(item) <= MAX_TEXT else f"must be at most {MAX_TEXT} characters long"
     if isinstance(item, list):
-        if len(item) <= MAX_REQUIREMENT_LIST and all(isinstance(s, str) and 0 < len(s) <= MAX_TAG for s in item):
+        if len(item) <= MAX_REQUIREMENT_LIST and all(isinstance(s, str) and 0 < len(s) <= MAX_TAG
+                                                     and not _UNSHOWABLE.search(s) for s in item):
             return None
-        return f"must be a list of at most {MAX_REQUIREMENT_LIST} names of at most {MAX_TAG} characters"
+        return (f"must be a list of at most {MAX_REQUIREMENT_LIST} names of at most {MAX_TAG} characters, "
+                "without control characters")
     return "must be true or false, a whole number, a string or a list of strings"
 
 

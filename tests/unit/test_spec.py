@@ -241,6 +241,17 @@ BAD = [
     (convert(job_id=12), "job_id", "string"),
     (convert(artifacts={"output_path": "out.qcow2"}), "artifacts.output_path", "absolute"),
     (convert(artifacts={"output_path": "/o\0x"}), "artifacts.output_path", "control characters"),
+    # Shown to every user as they are: nothing a terminal or a page would act on (a C1 CSI, a right-to-left
+    # override that turns "...exe.vmdk" around).
+    (convert(artifacts={"output_path": "/o/\u202ekdmv.exe"}), "artifacts.output_path", "bidirectional overrides"),
+    (convert(image={"path": "/d\x9b2J.vmdk"}), "image.path", "control characters"),
+    (convert(audit={"ticket": "T-1\nPaused: yes"}), "audit.ticket", "control characters"),
+    (convert(audit={"requested_by": "\u2067alice"}), "audit.requested_by", "bidirectional overrides"),
+    (convert(audit={"tags": ["ok", "a\x1b[2J"]}), "audit.tags.1", "control characters"),
+    (convert(capability_requirements={"site": "x\nPaused: yes"}), "capability_requirements.site",
+     "control characters"),
+    (convert(capability_requirements={"sites": ["a", "b\u202e"]}), "capability_requirements.sites",
+     "without control characters"),
     (convert(artifacts={"overwrite": "no"}), "artifacts.overwrite", "true or false"),
     (convert(audit={"tags": "a,b"}), "audit.tags", "list"),
     (convert(audit={"tags": ["t"] * 33}), "audit.tags", "32"),
