@@ -23,7 +23,7 @@ from h2kctl.errors import EXIT_CODE_HELP, CtlError, ExitCode, JobHeld, job_argum
 from h2kctl.follow import (TERMINAL, CtrlC, ProgressView, detach_hint, exit_code_for, final_message, follow_job,
                            patiently, progress_stream, stream_is_tty, watch_all, written_paths)
 from h2kctl.render import (TerminalSafe, age, glyph, human_bytes, human_duration, local_time, nested, page, percent,
-                           table, timestamp, user_name)
+                           single_line, table, timestamp, user_name)
 from h2kctl.spec import load_job_file, spec_from_args
 
 PROG = "h2kctl"
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobs", metavar="JOB", nargs="+", help="job ids")
     _wait_option(p, "after queueing it")
 
-    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0), for those who may read the system "
+    p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0, from its creation on: not the lines "
+                        "of an earlier job of that id), for those who may read the system "
                         "journal (root, group systemd-journal); events shows any user a job's history. A job h2kd "
                         "no longer knows (removed, or dropped by retention), or while h2kd cannot be reached: said on "
                         "stderr, and its journal is shown all the same. The exit status is journalctl's")
@@ -868,7 +869,9 @@ def reads_system_journal() -> bool:
 
 async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
     try:
-        await client.get_job_path(args.job)
+        path = await client.get_job_path(args.job)
+        # Ids are free again once a job is removed: the lines of an earlier job of this id are not this one's.
+        args.created_at = await client.get_property(path, JOB_IFACE, "CreatedAt")
     except CtlError as e:
         if e.code not in (ExitCode.NO_SUCH_JOB, ExitCode.UNREACHABLE):
             raise
@@ -901,6 +904,8 @@ def _check_journal_readable(job_id: str, known: bool) -> None:
 def journalctl_command(args: argparse.Namespace) -> list[str]:
     # Only lines root wrote (h2kd, the job's unit): any user may send the journal a line with H2K_JOB_ID=.
     command = ["journalctl", f"H2K_JOB_ID={args.job}", "_UID=0"]
+    if getattr(args, "created_at", 0):
+        command.append(f"--since=@{args.created_at // 1_000_000}")
     if args.follow:
         command.append("-f")
     if args.lines is not None:
@@ -978,7 +983,7 @@ async def cmd_queue(client: Client, args: argparse.Namespace, out: Output) -> in
     if q["waiting"]:
         print("Waiting:")
         for job_id, why in q["waiting"].items():
-            print(f"  {job_id}: {why}")
+            print(f"  {job_id}: {single_line(why)}")
     return ExitCode.SUCCESS
 
 

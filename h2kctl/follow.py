@@ -21,7 +21,7 @@ from dbus_fast import Message, unpack_variants
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kctl.bus import JOB_EXPLICIT_PROPERTIES, JOB_IFACE, OBJECT_MANAGER_IFACE, PROPS_IFACE, Client
 from h2kctl.errors import CtlError, ExitCode, JobHeld, job_arguments
-from h2kctl.render import clock, control, human_bytes, human_duration, local_time, terminal_safe
+from h2kctl.render import clock, control, human_bytes, human_duration, local_time, single_line
 
 TERMINAL = {"completed", "failed", "cancelled"}
 UNDER_WAY = {"assigned", "running", "progressing"}   # shown first when not every job fits the terminal
@@ -45,6 +45,12 @@ def exit_code_for(state: str) -> ExitCode:
 
 
 def final_message(props: dict[str, Any]) -> str:
+    """'Job X completed in 5 s: /out/vm.qcow2', 'Job X failed: CODE: message', one line (the paths and the
+    message are others' words: a worker's, a guest's)."""
+    return single_line(_ending(props))
+
+
+def _ending(props: dict[str, Any]) -> str:
     job_id, state = props["Id"], props["State"]
     if state == "completed":
         took = ""
@@ -110,7 +116,7 @@ def bar_line(props: dict[str, Any], width: int, label: bool = False) -> str:
     if eta is not None:
         parts.append(f"ETA {clock(eta)}")
     # Escaped before it is measured: the stream's escaping would otherwise lengthen the line past the terminal.
-    head = terminal_safe((props.get("Id", "") + " " if label else "") + activity(props))
+    head = single_line((props.get("Id", "") + " " if label else "") + activity(props))
     tail = " ".join(parts)
     room = width - len(head) - len(tail) - 4
     if known and room >= 10:

@@ -18,8 +18,10 @@ from typing import Any, Iterable, TextIO
 _UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
 
 # What a terminal acts on instead of showing: C0 controls but tab and newline (escape sequences, carriage
-# return, backspace), DEL, C1 controls, and the bidirectional overrides that reorder what is shown.
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# return, backspace), DEL, C1 controls, and the bidirectional overrides that reorder what is shown. And lone
+# surrogates: in a C locale Python writes \udc80-\udcff as the raw bytes they stand for, which can spell any
+# UTF-8 character (a C1 control, an override) after this filter has run.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -168,9 +170,15 @@ def percent(progress: float, known: bool = True) -> str:
     return f"{progress * 100:.0f}%"
 
 
+def single_line(text: str) -> str:
+    """terminal_safe(text) with line breaks and tabs shown as escapes too: for a table's cell, a progress bar, a
+    line of a list, where a name or a reason another user chose must not pass for lines or columns of its own."""
+    return terminal_safe(text).replace("\n", "\\n").replace("\t", "\\t")
+
+
 def table(headers: list[str], rows: Iterable[list[str]], out: TextIO, legend: bool = True) -> None:
     """Columns padded to their widest cell (as shown: escaped first); the last column is not padded."""
-    rows = [[terminal_safe(str(cell)) for cell in r] for r in rows]
+    rows = [[single_line(str(cell)) for cell in r] for r in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]

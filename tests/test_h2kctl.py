@@ -936,6 +936,17 @@ def test_logs_show_only_what_root_logged_for_the_job(env, images, output_dir):
     logs = ok(h2kctl(env, "logs", "--no-pager", job_id))
     assert job_id in logs.stdout and "completed" in logs.stdout, logs.stdout
     assert "forged:" not in logs.stdout
+    # Removed, and another job submitted under its id: its logs are its own, not the first one's too.
+    ok(h2kctl(env, "remove", job_id))
+    time.sleep(1.1)                 # journalctl --since counts whole seconds
+    garbage = output_dir / f"{job_id}-garbage.vmdk"
+    garbage.write_bytes(os.urandom(4096))
+    again = h2kctl(env, "submit", "--wait", str(garbage), "-o", str(output_dir / f"{job_id}-again.qcow2"),
+                   "--id", job_id, "--source-format", "vmdk", timeout=120)
+    assert again.returncode == 3, again         # the job failed
+    logs = ok(h2kctl(env, "logs", "--no-pager", job_id))
+    assert "completed" not in logs.stdout and f"Job {job_id} failed" in logs.stdout, logs.stdout
+    garbage.unlink()
 
 def test_progress_bar_in_a_pseudo_terminal(env, images, output_dir):
     job_id = new_id("tty")

@@ -731,6 +731,8 @@ def test_logs_show_the_journal_of_a_job_h2kd_no_longer_knows_or_while_it_is_away
     def answer(fake: FakeH2kd, call: Message) -> bool:
         if is_call(call, "GetJob") and call.body[0] == "known":
             fake.reply(call, "o", [JOB_PATH_PREFIX + "known"])
+        elif is_call(call, "Get") and call.body[1] == "CreatedAt":
+            fake.reply(call, "v", [Variant("t", 1715076672_123456)])
         elif is_call(call, "GetJob"):
             fake.error(call, "org.hyper2kvm.h2kd1.Error.NoSuchJob", f"no job with id {call.body[0]!r}")
         else:
@@ -743,8 +745,9 @@ def test_logs_show_the_journal_of_a_job_h2kd_no_longer_knows_or_while_it_is_away
     assert gone.stderr == ("h2kctl: h2kd does not know job gone (removed, or never submitted); showing its journal "
                            "all the same\n"), gone.stderr
     known = logs(private_bus, "known")
-    assert (known.returncode, known.stdout, known.stderr) == (3, "journalctl H2K_JOB_ID=known _UID=0 --no-pager\n",
-                                                              ""), known
+    # From the job's creation on: an earlier job of that id (removed since) is another job.
+    assert (known.returncode, known.stdout, known.stderr) == (
+        3, "journalctl H2K_JOB_ID=known _UID=0 --since=@1715076672 --no-pager\n", ""), known
 
 
 def test_status_of_a_job_whose_times_are_at_h2kds_cap(fake_h2kd, private_bus):
@@ -804,3 +807,24 @@ def test_ctrl_c_during_inspect_says_the_cancel_was_requested(fake_h2kd, private_
     assert cancelled == ["looking"]
     assert inspected.stderr.splitlines()[-1] == "Cancel requested for inspect job looking.", inspected.stderr
     assert "Cancelled" not in inspected.stderr, inspected.stderr
+
+
+def test_a_wait_reason_cannot_add_lines_to_the_queue_shown(fake_h2kd, private_bus):
+    """A wait reason quotes a submitter's capability requirement: its line breaks are shown escaped, not as lines
+    of the listing."""
+    forged = "no worker offers site=x\nPaused: yes\n  vm-42: queue is paused"
+
+    def answer(fake: FakeH2kd, call: Message) -> bool:
+        if not is_call(call, "GetQueueStats"):
+            return False
+        fake.reply(call, "a{sv}", [{
+            "queued": Variant("u", 1), "running": Variant("u", 0), "paused": Variant("b", False),
+            "max_parallel_jobs": Variant("u", 2), "by_priority": Variant("au", [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]),
+            "waiting": Variant("a{ss}", {"vm-7": forged})}])
+        return True
+    fake_h2kd(answer)
+    shown = h2kctl(private_bus, "queue")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines.count("Paused: no") == 1 and "Paused: yes" not in lines, lines
+    assert lines[-1].startswith("  vm-7: no worker offers site=x\\nPaused: yes\\n  vm-42"), lines

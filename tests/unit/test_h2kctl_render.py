@@ -86,3 +86,36 @@ def test_each_jobs_bar_in_watch_keeps_its_highest_progress():
     lines = [bar_line(steady(props), 100, label=True) for props in (job(0.25), job(0.2), job(0.3))]
     assert [shown_percent(line) for line in lines] == [25.0, 25.0, 30.0], lines
     assert lines[1].startswith("j1 progressing (converting) [")
+
+
+def test_names_and_reasons_others_chose_stay_within_their_line_and_column():
+    """A worker's name, a phase, a path a worker reports: a line break or a tab in them is shown escaped, so that
+    they cannot pass for rows of a table, lines of a listing, or break a bar redrawn in place."""
+    from h2kctl.follow import final_message
+    from h2kctl.render import table
+
+    shown = io.StringIO()
+    table(["ID", "NAME", "STATE"], [["w1", "conv7\nw8     trusted-host", "idle"], ["w2", "a\tb", "busy"]], shown)
+    lines = shown.getvalue().splitlines()
+    assert len(lines) == 3 and lines[1].index("idle") == lines[2].index("busy"), lines
+    assert "conv7\\nw8     trusted-host" in lines[1] and "a\\tb" in lines[2], lines
+    line = bar_line({"Id": "j", "State": "progressing", "Phase": "convert\nJob x completed", "ProgressKnown": True,
+                     "Progress": 0.5, "BytesDone": 1, "BytesTotal": 2}, 80, label=True)
+    assert "\n" not in line and "convert\\nJob x completed" in line, line
+    done = final_message({"Id": "j", "State": "completed", "Output": "/out/a\nJob k failed: NO_SPACE",
+                          "Result": '{"outputs": {}}'})
+    assert done == "Job j completed: /out/a\\nJob k failed: NO_SPACE", done
+
+
+def test_text_a_c_locale_would_write_as_raw_bytes_is_escaped():
+    """JSON may carry lone surrogates (a worker's capabilities, "\\udce2\\udc80\\udcae"); Python writes them in a C
+    locale as the bytes they stand for, here U+202E, which reverses the line on the reader's terminal."""
+    import io as _io
+
+    from h2kctl.render import TerminalSafe
+    raw = _io.BytesIO()
+    c_locale = _io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape")
+    stream = TerminalSafe(c_locale)
+    stream.write("gpu \udce2\udc80\udcae tesla\n")
+    stream.flush()
+    assert raw.getvalue() == b"gpu \\udce2\\udc80\\udcae tesla\n", raw.getvalue()
