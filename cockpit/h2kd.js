@@ -138,7 +138,17 @@ function errorText(error) {
     return error.message || cockpit.message(error) || String(error);
 }
 
+// What a page acts on rather than shows, in text others chose (paths, errors quoting a guest's names, journal
+// lines): the bidirectional overrides and isolates, which turn the rest of a line around ("...\u202ekdmv.exe"
+// reads "...exe.vmdk"), and controls but tab and newline. Shown as escapes, as h2kctl shows them.
+const UNSHOWN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g;
+
+function visible(text) {
+    return String(text).replace(UNSHOWN, c => "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"));
+}
+
 function setText(node, text) {
+    text = visible(text);
     // Rewriting a text with itself still replaces its node, which drops a selection made in it.
     if (node.textContent !== text)
         node.textContent = text;
@@ -161,7 +171,7 @@ function el(tag, props, ...children) {
         if (key === "class")
             node.className = value;
         else if (key === "text")
-            node.textContent = value;
+            node.textContent = visible(value);
         else if (key === "dataset")
             Object.assign(node.dataset, value);
         else if (key.startsWith("on"))
@@ -188,7 +198,7 @@ function setHidden(node, hidden) {
 
 function showActionError(message) {
     const box = $("action-error");
-    box.querySelector(".alert-text").textContent = message;
+    box.querySelector(".alert-text").textContent = visible(message);
     box.hidden = false;
 }
 
@@ -198,7 +208,7 @@ $("action-error").querySelector(".alert-close").addEventListener("click", () => 
 
 function showConnectionError(message) {
     const box = $("connection-error");
-    box.textContent = message;
+    box.textContent = visible(message);
     box.hidden = !message;
     $("submit-button").disabled = !!message;
 }
@@ -356,6 +366,16 @@ function createRow(job) {
     return entry;
 }
 
+// A failure's message may run to kilobytes (quoting a file's names): in the list, its first line, cut; in full in
+// the row's tooltip and in the job's details.
+const LISTED_MESSAGE_CHARS = 200;
+
+function shortened(message) {
+    const first = String(message).trim().split("\n")[0];
+    const more = first.length > LISTED_MESSAGE_CHARS || first.length < String(message).trim().length;
+    return first.slice(0, LISTED_MESSAGE_CHARS).trimEnd() + (more ? "…" : "");
+}
+
 function progressText(job, now) {
     const state = job.State;
     if (state === "validated")
@@ -365,7 +385,7 @@ function progressText(job, now) {
     const parts = [];
     const [code, message] = Array.isArray(job.Error) ? job.Error : ["", ""];
     if (state === "failed" && (code || message))     // why, in the list: triage without opening each job
-        parts.push(message ? cockpit.format("$0: $1", code, message) : code);
+        parts.push(message ? cockpit.format("$0: $1", code, shortened(message)) : code);
     if (Number(job.BytesTotal) > 0)
         parts.push(cockpit.format(_("$0 of $1"), formatBytes(job.BytesDone), formatBytes(job.BytesTotal)));
     if (!FINAL_STATES.has(state)) {
@@ -390,9 +410,9 @@ function updateRow(entry) {
     entry.state.textContent = state;
     entry.state.className = "label job-state state-" + state;
     // A retrying job waits for its next attempt: the failed attempt's phase and bar are not news.
-    entry.phase.textContent = RUNNING_STATES.has(state) && job.Phase ? job.Phase : "";
-    entry.what.textContent = [job.Operation, basename(job.Source)].filter(Boolean).join(" · ");
-    entry.what.title = job.Source || "";
+    entry.phase.textContent = visible(RUNNING_STATES.has(state) && job.Phase ? job.Phase : "");
+    entry.what.textContent = visible([job.Operation, basename(job.Source)].filter(Boolean).join(" · "));
+    entry.what.title = visible(job.Source || "");
 
     let percent = null;
     if (state === "completed")
@@ -416,7 +436,8 @@ function updateRow(entry) {
         entry.fill.style.width = percent + "%";
         entry.percent.textContent = percent + " %";
     }
-    entry.info.textContent = progressText(job, now);
+    entry.info.textContent = visible(progressText(job, now));
+    entry.info.title = state === "failed" && Array.isArray(job.Error) ? visible(job.Error[1] || "") : "";
     entry.owner.textContent = ownerName(job.Owner);
     entry.owner.title = cockpit.format(_("uid $0"), job.Owner);
     entry.age.textContent = formatAge(job.CreatedAt);
@@ -515,8 +536,11 @@ function jobChanged(job, names) {
 
 function jobRemoved(job) {
     scheduleReconcile();
-    if (job.path === selectedPath)
+    if (job.path === selectedPath) {
+        // Its id is free again: a job submitted under it takes this path, with a history and a journal of its own.
+        forgetShownHistory();
         renderDetails();
+    }
 }
 
 $("job-filter").addEventListener("change", reconcileRows);
@@ -538,17 +562,21 @@ function selectedJob() {
     return selectedPath && Object.prototype.hasOwnProperty.call(jobs, selectedPath) ? jobs[selectedPath] : undefined;
 }
 
+function forgetShownHistory() {
+    selectedEvents = [];
+    lastEventSeq = 0;
+    historyShown = 0;
+    historyRun = null;
+    lastDetailsState = null;
+    $("details-history").replaceChildren();
+    $("details-journal").textContent = "";
+}
+
 function showDetails(path, focus) {
     if (path !== selectedPath) {
         unconfirm($("details-cancel"));    // a press asked about the job shown before, not this one
         selectedPath = path;
-        selectedEvents = [];
-        lastEventSeq = 0;
-        historyShown = 0;
-        historyRun = null;
-        lastDetailsState = null;
-        $("details-history").replaceChildren();
-        $("details-journal").textContent = "";
+        forgetShownHistory();
         $("result-section").open = false;
     }
     for (const entry of rows.values())
@@ -752,6 +780,9 @@ function loadJournal(job) {
     const path = job.path;
     const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--lines=20", "H2K_JOB_ID=" + job.Id,
                   "_UID=0"];   // lines root wrote only: any user may log a line with any H2K_JOB_ID
+    const created = Math.floor(Number(job.CreatedAt) / 1e6);
+    if (created > 0)            // not those of an earlier job of this id, removed since
+        argv.push("--since=@" + created);
     return cockpit.spawn(argv, { superuser: "try", err: "message" }).then(output => {
         if (path === selectedPath)
             setText($("details-journal"), output.trim() || _("No journal entries."));
@@ -1272,7 +1303,7 @@ function tick() {
     for (const entry of rows.values()) {
         entry.age.textContent = formatAge(entry.job.CreatedAt);
         if (!FINAL_STATES.has(entry.job.State))
-            entry.info.textContent = progressText(entry.job, now);
+            entry.info.textContent = visible(progressText(entry.job, now));
     }
 }
 

@@ -981,3 +981,57 @@ def test_a_user_with_limited_access_is_told_to_turn_on_administrative_access(bro
     assert "InteractiveAuthorizationRequired" not in text and "AccessDenied" not in text
     assert busctl_json(env, "call", BUS, MANAGER_PATH, MANAGER, "ListJobs", "a{sv}", "0")[0] == before
     assert script_errors(browser) == []
+
+
+def test_a_failure_quoting_an_images_words_and_a_reused_id(browser: Browser, cockpit_url: str, stack: Any,
+                                                           env: dict[str, str], tmp_path: Path) -> None:
+    """A failure's message may quote an image's own words at length, overrides that turn a line around included:
+    the list shows its first line, cut and escaped, for every viewer. The job removed and another submitted under
+    its id while its details are open: the details are the new job's, its history not mixed with the first's."""
+    tmp_path.chmod(0o755)
+    words = "\u202e" + "gnol " * 24     # as much as qemu quotes of a createType it does not know
+    evil = tmp_path / "evil.vmdk"
+    evil.write_text("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+                    f'createType="{words}"\n\nRW 2048 FLAT "d.raw" 0\n')
+    evil.chmod(0o644)
+    with open(tmp_path / "d.raw", "wb") as extent:
+        extent.truncate(MiB)
+    (tmp_path / "d.raw").chmod(0o644)
+    job_id = f"reused-{os.getpid()}"
+
+    async def ended(client: Client) -> dict[str, Any]:
+        _, path = await client.submit(inspect_spec(str(evil), job_id))
+        return await client.wait_terminal(path, timeout=120)
+    first = with_client(stack.bus_address, ended)
+    try:
+        assert first["State"] == "failed" and "\u202e" in first["Error"][1], first["Error"]
+        open_page(browser, cockpit_url)
+        wait_until(lambda: browser.exists(f"tr[data-job-id='{job_id}'] .job-link"), 15, what="the job's row")
+        info = browser.execute("""
+            const row = document.querySelector(`tr[data-job-id='${arguments[0]}']`);
+            const cells = [...row.querySelectorAll('*')].filter(n => n.title && n.title.includes('gnol'));
+            return {text: row.textContent, title: cells.length ? cells[0].title : null};""", job_id)
+        assert "\u202e" not in info["text"] and info["text"].count("gnol") < 24 and "…" in info["text"], info
+        assert info["title"] is not None and info["title"].count("gnol") == 24, info["title"]
+        assert "\u202e" not in info["title"] and "\\u202e" in info["title"], info["title"]
+
+        browser.click(browser.find(f"tr[data-job-id='{job_id}'] .job-link"))
+        wait_until(lambda: browser.execute("return document.querySelectorAll('#details-history li').length") > 0,
+                   15, what="the first job's history")
+        load.cancel_and_remove(stack.bus_address, [job_id])
+        evil.write_text(evil.read_text().replace(words, "monolithicFlat"))
+        time.sleep(1.1)         # the journal is asked from the job's creation on, in whole seconds
+        second = with_client(stack.bus_address, ended)
+        assert second["State"] == "completed", second["Error"]
+        history = wait_until(lambda: (t := browser.execute(
+            "return document.getElementById('details-history').textContent")) and "completed" in t and t, 30,
+                             what="the second job's history")
+        # The first job's history ended in its failure quoting the image's words: none of it is shown.
+        assert history.count("— → created") == 1 and "gnol" not in history and "failed" not in history, history
+        journal = wait_until(lambda: (t := browser.execute(
+            "return document.getElementById('details-journal').textContent")) and "completed" in t and t, 30,
+                             what="the second job's journal")
+        assert "gnol" not in journal and "failed" not in journal, journal
+        assert script_errors(browser) == []
+    finally:
+        load.cancel_and_remove(stack.bus_address, [job_id])
