@@ -469,8 +469,8 @@ def _as_caller(uid: int, gids: list[int], probe: Callable[[str], tuple[int, ...]
                 os.kill(pid, signal.SIGKILL)
                 _reap(pid, wait=0.2)
                 _STALLED[uid] = time.monotonic()
-                raise H2kError(f"checking {shown or argument} as uid {uid} took longer than {CALLER_CHECK_SECONDS:g} s; "
-                               "is a file system on its path not answering?")
+                raise H2kError(f"checking {shown or argument} as uid {uid} took longer than "
+                               f"{CALLER_CHECK_SECONDS:g} s; is a file system on its path not answering?")
             chunk = os.read(reader, 256)
             if not chunk:
                 break

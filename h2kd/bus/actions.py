@@ -70,7 +70,6 @@ class JobCommands:
                 return result_of(job)
         raise _replaced(job_id)
 
-
     async def cancel(self, job_id: str) -> None:
         await self._manager.cancel(job_id, by=await self._authorize_for(job_id))
 

@@ -1232,6 +1232,7 @@ class JobManager:
         job.not_before = 0
         self._transition(job, state, reason)
         self._cancel_timer(job.id)
+        self._held_back.discard(job.id)
         self._end_deadline(job.id)
         try:
             self._append_event(job, "result", {"status": result["status"], "error": result.get("error")})
