@@ -610,7 +610,7 @@ class JobManager:
                 # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
                 # of the run that failed, maybe days before.
                 job.started_at = job.finished_at = 0
-                held = self._hold_for_taken_attempt(job)
+                held = self._hold_for_taken_attempt(job, finished=True)
                 self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
                 if held is None:
                     self._enqueue(job, f"queued again by request{_of_uid(by)}")
@@ -1191,7 +1191,8 @@ class JobManager:
         """RETRYING for `delay` seconds, the attempt's error kept as the job's Error meanwhile; why: what the wait
         reason says before when the next attempt starts; reason: the transition's."""
         job.error_code, job.error_message = code.value, message
-        job.not_before = now_usec() + int(delay * 1_000_000)
+        # Not before a hold on an attempt taken from an external worker ends either (_hold_until_told).
+        job.not_before = max(job.not_before, now_usec() + int(delay * 1_000_000))
         # The attempt that ended is over: its progress (97%, say) would be shown through hours in the queue, and
         # its speed would promise an end that never comes.
         self._reset_progress(job)
@@ -1229,7 +1230,8 @@ class JobManager:
             job.error_code = job.error_message = ""
         now = now_usec()
         job.finished_at = min(max(ended_at, job.started_at), now) if ended_at else now
-        job.not_before = 0
+        if not self._taken_holds(job):
+            job.not_before = 0      # kept for one taken from an external worker: see _hold_until_told
         self._transition(job, state, reason)
         self._cancel_timer(job.id)
         self._held_back.discard(job.id)
@@ -1294,25 +1296,37 @@ class JobManager:
                             STORE_RETRY_SECONDS)
                 self._arm_requeue(job, STORE_RETRY_SECONDS)
 
-    def _hold_for_taken_attempt(self, job: Job) -> float | None:
+    def _taken_holds(self, job: Job) -> list[tuple[str, asyncio.TimerHandle | None]]:
+        """(worker id, timer) of each attempt of this job taken from an external worker that may still run it."""
+        return [(worker_id, timer) for (job_id, created_at, _), (worker_id, timer) in self._taken.items()
+                if job_id == job.id and created_at == job.created_at]
+
+    def _hold_for_taken_attempt(self, job: Job, finished: bool = False) -> float | None:
         """Hold the retrying job back while an attempt of it taken from an external worker (cancelled, timed out)
         may still run there, writing its outputs, until the worker is told: its not_before and wait_reason say
         so, and the seconds it waits at most are returned (None if nothing is held). It is queued as soon as
-        that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told)."""
-        holds = [(worker_id, timer) for (job_id, created_at, _), (worker_id, timer) in self._taken.items()
-                 if job_id == job.id and created_at == job.created_at]
-        if not holds:
+        that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told).
+        finished: the job is failed or cancelled, about to be retried; after a restart its stored not_before is
+        all that is left of such a hold."""
+        holds = self._taken_holds(job)
+        if holds:
+            self._held_back.add(job.id)
+            try:
+                loop_time = asyncio.get_running_loop().time()
+            except RuntimeError:    # no loop (a test driving the manager directly): no timer either
+                loop_time = 0.0
+            left = max(max(timer.when() - loop_time, 0) if timer is not None
+                       else self._config.heartbeat_timeout_seconds for _, timer in holds)
+            worker = holds[0][0]
+        elif finished and job.not_before > now_usec() and job.worker:
+            # Capped as _arm_requeue caps it: a clock set back since must not hold the job for longer.
+            left = min((job.not_before - now_usec()) / 1_000_000, self._config.heartbeat_timeout_seconds)
+            worker = job.worker
+        else:
             return None
-        self._held_back.add(job.id)
-        try:
-            loop_time = asyncio.get_running_loop().time()
-        except RuntimeError:    # no loop (a test driving the manager directly): no timer either
-            loop_time = 0.0
-        left = max(max(timer.when() - loop_time, 0) if timer is not None
-                   else self._config.heartbeat_timeout_seconds for _, timer in holds)
         job.not_before = now_usec() + int(left * 1_000_000)
         starts = time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))
-        job.wait_reason = (f"worker {holds[0][0]} may still be running an attempt taken from it until it learns "
+        job.wait_reason = (f"worker {worker} may still be running an attempt taken from it until it learns "
                            f"so; the next attempt starts then, at {starts} at the latest")
         return left
 
@@ -1596,6 +1610,9 @@ class JobManager:
         key = (job.id, job.created_at, job.attempt)
         if key in self._taken:      # not expected: one attempt is taken once; its timer must not free another's
             self._release_taken(key)
+        # Stored with the job's next transition: after a restart, which forgets the timer below, the job still
+        # does not run elsewhere before then (retry and _arm_requeue wait for not_before).
+        job.not_before = max(job.not_before, now_usec() + int(self._config.heartbeat_timeout_seconds * 1_000_000))
         try:
             timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
                 self._config.heartbeat_timeout_seconds, self._release_taken, key)

@@ -1030,6 +1030,48 @@ def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_wor
     asyncio.run(go())
 
 
+def test_a_job_taken_from_an_external_worker_still_waits_for_it_after_a_restart(tmp_path, image):
+    """h2kd restarted (an upgrade) just after a cancel or a timeout on an external worker forgets the worker, not
+    that it may still be converting into the job's output: retried, or past its backoff, the job waits out the
+    heartbeat timeout before another worker may claim it."""
+    async def go():
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=1.5)
+        await m.start()
+        needs = {"capability_requirements": {"gpu": True}}
+        cancelled, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", **needs), owner=0)
+        timed_out, _ = m.submit(spec(image, tmp_path / "out/b.qcow2", execution_policy={"retry_count": 1},
+                                     **needs), owner=0)
+        first = m.register_worker("first", {"gpu": True}, 2, 0, ":1.5")
+        assert {m.claim(first.id).id, m.claim(first.id).id} == {cancelled.id, timed_out.id}
+        await m.cancel(cancelled.id, by=0)
+        m._deadlines[timed_out.id]._run()
+        assert timed_out.state.value == "retrying"
+        await m.stop()
+
+        m, *_ = make(tmp_path, heartbeat_timeout_seconds=1.5)
+        await m.start()
+        restarted_at = asyncio.get_running_loop().time()
+        other = m.register_worker("other", {"gpu": True}, 2, 0, ":1.6")
+        m.retry(cancelled.id, by=0)
+        again = m.get(cancelled.id)
+        assert again.state.value == "retrying", again.state
+        assert again.wait_reason.startswith("worker w1 may still be running an attempt taken from it"), again
+        assert m.claim(other.id) is None and m.get(timed_out.id).state.value == "retrying"
+
+        async def beat() -> None:
+            while True:
+                m.heartbeat(other.id)
+                await asyncio.sleep(0.2)
+        beating = asyncio.create_task(beat())
+        await until(lambda: m.get(cancelled.id).state.value == "queued" and m.get(timed_out.id).state.value
+                    == "queued")
+        assert asyncio.get_running_loop().time() - restarted_at >= 0.5
+        assert {m.claim(other.id).id, m.claim(other.id).id} == {cancelled.id, timed_out.id}
+        beating.cancel()
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_the_slot_a_removed_job_kept_on_its_worker_is_freed_by_the_workers_report(tmp_path, image):
     """A job cancelled on an external worker, removed and submitted again under its id, cancelled once more: each
     keeps its own slot until the worker reports on the id (which fails, NoSuchJob or InvalidState), and neither
