@@ -1126,7 +1126,9 @@ class JobManager:
         self._status_messages.pop(job_id, None)
 
     def _update_rate(self, job: Job) -> None:
-        now = now_usec()
+        # The monotonic clock: the wall clock stepped back (NTP, date -s) would freeze the rate for as long, and
+        # stepped ahead would show a speed near nothing.
+        now = time.monotonic_ns() // 1000
         samples = self._samples.setdefault(job.id, deque())
         samples.append((now, job.bytes_done))
         while len(samples) > 2 and now - samples[0][0] > RATE_WINDOW_USEC:
@@ -1137,7 +1139,7 @@ class JobManager:
             if job.bytes_total and job.rate:
                 # Past the total (a worker's count can be off), the end is now, not in the past.
                 left = max(job.bytes_total - job.bytes_done, 0)
-                job.expected_end = min(now + int(left * 1_000_000 / job.rate), COUNT_MAX)
+                job.expected_end = min(now_usec() + int(left * 1_000_000 / job.rate), COUNT_MAX)
 
     def _reset_progress(self, job: Job) -> None:
         job.phase = ""

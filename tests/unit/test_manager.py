@@ -1030,6 +1030,27 @@ def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_wor
     asyncio.run(go())
 
 
+def test_speed_and_end_follow_the_work_when_the_wall_clock_is_stepped_back(tmp_path, image, monkeypatch):
+    """NTP or `date -s` may step the clock back an hour while a job converts: its Rate is measured on a clock that
+    does not step, and its ExpectedEndTime is the stepped clock's now plus what is left at that rate."""
+    async def go():
+        m, *_ = make(tmp_path)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+        assert m.claim(worker.id) is job
+        m.report_progress(worker.id, job.id, 0.1, 100 * 2**20, 1000 * 2**20, "convert", "")
+        await asyncio.sleep(0.5)
+        hour_ago = manager_module.now_usec() - 3600 * 10**6
+        monkeypatch.setattr(manager_module, "now_usec", lambda: hour_ago)
+        m.report_progress(worker.id, job.id, 0.2, 200 * 2**20, 1000 * 2**20, "convert", "")
+        assert 10 * 2**20 < job.rate <= 200 * 2**20, job.rate      # 100 MiB in 0.5 s or a little more
+        left = 800 * 2**20 / job.rate
+        assert job.expected_end == pytest.approx(hour_ago + left * 10**6, abs=10**5)
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_job_taken_from_an_external_worker_still_waits_for_it_after_a_restart(tmp_path, image):
     """h2kd restarted (an upgrade) just after a cancel or a timeout on an external worker forgets the worker, not
     that it may still be converting into the job's output: retried, or past its backoff, the job waits out the
