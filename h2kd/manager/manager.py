@@ -132,6 +132,7 @@ class JobManager:
         # latest. created_at: a job removed and submitted again under its id is another job.
         self._taken: dict[tuple[str, int, int], tuple[str, asyncio.TimerHandle | None]] = {}
         self._held_back: set[str] = set()       # retrying jobs waiting for such a slot to be freed
+        self._detecting: asyncio.Future[Any] | None = None     # the builtin worker's host detection under way
         # job id -> what its checks found, for a created job whose failure the store refused (see _fail_checks):
         # an identical resubmission is told that problem, not that it was taken.
         self._failure_unrecorded: dict[str, str] = {}
@@ -247,6 +248,7 @@ class JobManager:
                 # claim is gone through no fault of the job's, so the attempt is not counted. The agent may still
                 # be converting, and learns it lost the job from its next call (NoSuchWorker), at the latest a
                 # heartbeat timeout from now: the next attempt waits until then, not to write the same outputs.
+                job.taken_until = now_usec() + int(self._config.heartbeat_timeout_seconds * 1_000_000)
                 self._requeue_or_fail(job, ErrorCode.WORKER_LOST, "its worker was lost when h2kd restarted",
                                       attempt_spent=False, wait_seconds=self._config.heartbeat_timeout_seconds)
             elif self._runner is None:
@@ -610,11 +612,13 @@ class JobManager:
                 # A run of attempts asked for anew is timed anew: its StartedAt (and its duration) is not that
                 # of the run that failed, maybe days before.
                 job.started_at = job.finished_at = 0
-                held = self._hold_for_taken_attempt(job, finished=True)
+                held = self._hold_for_taken_attempt(job)
                 self._transition(job, S.RETRYING, f"retry requested{_by_uid(by)}")
                 if held is None:
+                    job.taken_until = 0
                     self._enqueue(job, f"queued again by request{_of_uid(by)}")
                 else:
+                    self._held_back.add(job.id)
                     self._arm_requeue(job, held)
         except StoreFailed:
             if job.state != S.RETRYING:
@@ -1193,8 +1197,7 @@ class JobManager:
         """RETRYING for `delay` seconds, the attempt's error kept as the job's Error meanwhile; why: what the wait
         reason says before when the next attempt starts; reason: the transition's."""
         job.error_code, job.error_message = code.value, message
-        # Not before a hold on an attempt taken from an external worker ends either (_hold_until_told).
-        job.not_before = max(job.not_before, now_usec() + int(delay * 1_000_000))
+        job.not_before = now_usec() + int(delay * 1_000_000)
         # The attempt that ended is over: its progress (97%, say) would be shown through hours in the queue, and
         # its speed would promise an end that never comes.
         self._reset_progress(job)
@@ -1232,8 +1235,7 @@ class JobManager:
             job.error_code = job.error_message = ""
         now = now_usec()
         job.finished_at = min(max(ended_at, job.started_at), now) if ended_at else now
-        if not self._taken_holds(job):
-            job.not_before = 0      # kept for one taken from an external worker: see _hold_until_told
+        job.not_before = 0
         self._transition(job, state, reason)
         self._cancel_timer(job.id)
         self._held_back.discard(job.id)
@@ -1289,9 +1291,10 @@ class JobManager:
                     if held is not None:
                         self._store.save_job(job)
                         self._notify_changed(job, {"wait_reason"}, urgent=False)
+                        self._held_back.add(job.id)
                         self._arm_requeue(job, held)
                         return
-                    job.not_before = 0
+                    job.not_before = job.taken_until = 0
                     self._enqueue(job, f"queued for attempt {job.attempt + 1}")
             except StoreFailed as e:
                 log.warning("could not queue job %s again: %s; trying again in %.0f s", job_id, e,
@@ -1303,33 +1306,31 @@ class JobManager:
         return [(worker_id, timer) for (job_id, created_at, _), (worker_id, timer) in self._taken.items()
                 if job_id == job.id and created_at == job.created_at]
 
-    def _hold_for_taken_attempt(self, job: Job, finished: bool = False) -> float | None:
+    def _hold_for_taken_attempt(self, job: Job) -> float | None:
         """Hold the retrying job back while an attempt of it taken from an external worker (cancelled, timed out)
         may still run there, writing its outputs, until the worker is told: its not_before and wait_reason say
         so, and the seconds it waits at most are returned (None if nothing is held). It is queued as soon as
-        that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told).
-        finished: the job is failed or cancelled, about to be retried; after a restart its stored not_before is
-        all that is left of such a hold."""
+        that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told);
+        after a restart, which forgot both, when its stored taken_until has passed."""
         holds = self._taken_holds(job)
         if holds:
-            self._held_back.add(job.id)
             try:
                 loop_time = asyncio.get_running_loop().time()
             except RuntimeError:    # no loop (a test driving the manager directly): no timer either
                 loop_time = 0.0
             left = max(max(timer.when() - loop_time, 0) if timer is not None
                        else self._config.heartbeat_timeout_seconds for _, timer in holds)
-            worker = holds[0][0]
-        elif finished and job.not_before > now_usec() and job.worker:
-            # Capped as _arm_requeue caps it: a clock set back since must not hold the job for longer.
-            left = min((job.not_before - now_usec()) / 1_000_000, self._config.heartbeat_timeout_seconds)
-            worker = job.worker
+            worker = f"worker {holds[0][0]}"
+        elif job.taken_until > now_usec():
+            # Capped as _arm_requeue caps a wait: a clock set back since must not hold the job for longer.
+            left = min((job.taken_until - now_usec()) / 1_000_000, self._config.heartbeat_timeout_seconds)
+            worker = f"worker {job.worker}" if job.worker else "the external worker that had it"
         else:
             return None
         job.not_before = now_usec() + int(left * 1_000_000)
         starts = time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))
-        job.wait_reason = (f"worker {worker} may still be running an attempt taken from it until it learns "
-                           f"so; the next attempt starts then, at {starts} at the latest")
+        job.wait_reason = (f"{worker} may still be running an attempt taken from it until it learns so; the next "
+                           f"attempt starts then, at {starts} at the latest")
         return left
 
     def _cancel_timer(self, job_id: str) -> None:
@@ -1358,7 +1359,11 @@ class JobManager:
         refresh = getattr(self._runner, "refresh", None)
         if worker is None or refresh is None:
             return
-        await asyncio.get_running_loop().run_in_executor(None, refresh)
+        # One detection at a time, which every caller meanwhile waits for: each one hung on a file server would
+        # hold a thread of the executor that starting units and the store's checks need too.
+        if self._detecting is None or self._detecting.done():
+            self._detecting = asyncio.get_running_loop().run_in_executor(None, refresh)
+        await asyncio.shield(self._detecting)
         capabilities = self._builtin_capabilities()
         if capabilities != worker.capabilities:
             worker.capabilities = capabilities
@@ -1613,8 +1618,8 @@ class JobManager:
         if key in self._taken:      # not expected: one attempt is taken once; its timer must not free another's
             self._release_taken(key)
         # Stored with the job's next transition: after a restart, which forgets the timer below, the job still
-        # does not run elsewhere before then (retry and _arm_requeue wait for not_before).
-        job.not_before = max(job.not_before, now_usec() + int(self._config.heartbeat_timeout_seconds * 1_000_000))
+        # does not run elsewhere before then (_hold_for_taken_attempt).
+        job.taken_until = now_usec() + int(self._config.heartbeat_timeout_seconds * 1_000_000)
         try:
             timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
                 self._config.heartbeat_timeout_seconds, self._release_taken, key)
@@ -1631,7 +1636,13 @@ class JobManager:
         if worker is not None:
             self._free_slot(worker)
         job = self._jobs.get(key[0])
-        if job is not None and job.id in self._held_back and job.created_at == key[1]:
+        if job is None or job.created_at != key[1] or self._taken_holds(job):
+            return
+        # The worker knows (or had time enough): a retry, or one after a restart, need not wait for it any more.
+        job.taken_until = 0
+        with contextlib.suppress(StoreFailed):
+            self._store.save_job(job)
+        if job.id in self._held_back:
             self._requeue_after_backoff(job.id)     # it waited for that worker to learn: it is queued now
 
     def _worker_load_changed(self, worker: WorkerInfo) -> None:

@@ -63,6 +63,9 @@ class Job:
     # The groups the submitter's connection had (the bus's UnixGroupIDs): h2kd acts with no group beyond them
     # (h2kd.access.acting_groups). None: not known (a job stored by an earlier h2kd, or made without a bus).
     owner_groups: tuple[int, ...] | None = None
+    # usec: an attempt of the job was taken from an external worker (cancelled, timed out, lost to a restart of
+    # h2kd), which may go on running it, writing its outputs, until it learns so; no attempt starts before this.
+    taken_until: int = 0
 
     @cached_property
     def spec_text(self) -> str:

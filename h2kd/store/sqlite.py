@@ -79,7 +79,8 @@ CREATE TABLE jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts_counted_before INTEGER NOT NULL DEFAULT 0,
     cancelled_by INTEGER NOT NULL DEFAULT -1,
-    owner_groups TEXT NOT NULL DEFAULT 'null'          -- JSON: a list of gids, or null when not known
+    owner_groups TEXT NOT NULL DEFAULT 'null',         -- JSON: a list of gids, or null when not known
+    taken_until INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE history (
     n INTEGER PRIMARY KEY,
@@ -126,7 +127,7 @@ _COLUMNS = ("id", "spec", "operation", "owner", "priority", "state", "queue_seq"
             "progress_known", "bytes_done", "bytes_total", "rate", "expected_end", "created_at", "started_at",
             "finished_at", "unit", "worker", "wait_reason", "not_before", "result", "error_code", "error_message",
             "source_identity", "attempts_not_counted", "cancel_requested", "attempts_counted_before", "owner_groups",
-            "cancelled_by")
+            "cancelled_by", "taken_until")
 _INSERT_JOB = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in _COLUMNS[1:])} WHERE id = ?"
 # What a transition can change: every column but those fixed at submission (spec above all: no re-encoding).
@@ -169,7 +170,7 @@ def _job_values(job: Job) -> list[Any]:
             job.rate, job.expected_end, job.created_at, job.started_at, job.finished_at, job.unit, job.worker,
             job.wait_reason, job.not_before, _json(job.result), job.error_code, job.error_message,
             job.source_identity, job.attempts_not_counted, int(job.cancel_requested), job.attempts_counted_before,
-            _json(None if job.owner_groups is None else list(job.owner_groups)), job.cancelled_by]
+            _json(None if job.owner_groups is None else list(job.owner_groups)), job.cancelled_by, job.taken_until]
 
 
 def _changing_values(job: Job) -> tuple[Any, ...]:
@@ -178,7 +179,7 @@ def _changing_values(job: Job) -> tuple[Any, ...]:
             int(job.progress_known), job.bytes_done, job.bytes_total, job.rate, job.expected_end, job.started_at,
             job.finished_at, job.unit, job.worker, job.wait_reason, job.not_before, _json(job.result),
             job.error_code, job.error_message, job.source_identity, job.attempts_not_counted,
-            int(job.cancel_requested), job.attempts_counted_before, job.cancelled_by, job.id)
+            int(job.cancel_requested), job.attempts_counted_before, job.cancelled_by, job.taken_until, job.id)
 
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
@@ -289,6 +290,8 @@ class JobStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner_groups TEXT NOT NULL DEFAULT 'null'")
         if "cancelled_by" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN cancelled_by INTEGER NOT NULL DEFAULT -1")
+        if "taken_until" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN taken_until INTEGER NOT NULL DEFAULT 0")
 
     def _move_log_tails(self) -> None:
         """Once, for a store written before a failed unit's last log lines went with the job's result (log_tail):

@@ -1002,6 +1002,14 @@ def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_wor
         assert job.state.value == "queued", (job.state, job.wait_reason)
         assert m.claim(other.id) is job
 
+        # Told before the retry (its report refused): nothing to wait for.
+        await m.cancel(job.id, by=0)
+        with pytest.raises(InvalidState):
+            m.report_progress(other.id, job.id, 0.5, 1, 2, "convert", "")
+        m.retry(job.id, by=0)
+        assert job.state.value == "queued", (job.state, job.wait_reason)
+        assert m.claim(first.id) is job
+
         # An agent that says nothing, and beats on: held until the heartbeat timeout, not for ever.
         async def beat() -> None:
             while True:
@@ -1024,7 +1032,7 @@ def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_wor
         assert job.state.value == "retrying" and m.claim(other.id) is None
         with pytest.raises(InvalidState):
             m.report_result(first.id, job.id, True, {}, "", "", 0, 0)
-        assert m.claim(other.id) is job and job.attempt == 4
+        assert m.claim(other.id) is job and job.attempt == 5
         beating.cancel()
         await m.stop()
     asyncio.run(go())
@@ -1078,6 +1086,12 @@ def test_a_job_taken_from_an_external_worker_still_waits_for_it_after_a_restart(
         assert again.state.value == "retrying", again.state
         assert again.wait_reason.startswith("worker w1 may still be running an attempt taken from it"), again
         assert m.claim(other.id) is None and m.get(timed_out.id).state.value == "retrying"
+        # Cancelled while it waits, and retried: it waits all the same.
+        for job_id in (cancelled.id, timed_out.id):
+            await m.cancel(job_id, by=0)
+            m.retry(job_id, by=0)
+            assert m.get(job_id).state.value == "retrying", m.get(job_id)
+        assert m.claim(other.id) is None
 
         async def beat() -> None:
             while True:

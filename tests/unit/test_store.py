@@ -56,7 +56,7 @@ def test_every_job_field_survives_a_reopen(tmp_path):
         result={"status": "failed", "error": {"code": "TOOL_FAILED", "message": "line 1\nline 2"}},
         error_code="TOOL_FAILED", error_message="qemu-img: boom\n(exit 1)", source_identity="2049:1234",
         attempts_not_counted=1, attempts_counted_before=2, cancel_requested=True, owner_groups=(4242, 27, 100),
-        cancelled_by=4242)
+        cancelled_by=4242, taken_until=1_715_000_300_000_000)
     # Every field differs from its default, so a column the store forgot would show.
     defaults = Job(id="x", spec={}, operation="", owner=0)
     for f in dataclasses.fields(Job):
