@@ -34,7 +34,8 @@ NO_GROUP = 65534
 # How long a check as the caller may take. It runs on the daemon's event loop (it takes about a millisecond):
 # a lookup that hangs must not hold every other call, nor the watchdog, for longer.
 CALLER_CHECK_SECONDS = 5.0
-_PATHS_PER_CHILD = 256         # a lookup and an open each: a few milliseconds together, far within the limit
+# Files checked by one child, within its CALLER_CHECK_SECONDS: 150 ms each, for a slow network file system.
+_PATHS_PER_CHILD = 32
 _UNREAPED: set[int] = set()     # children of _as_caller not yet waited for
 STALLED_PAUSE_SECONDS = 60.0
 _STALLED: dict[int, float] = {}     # uid -> time.monotonic() when a check as them last hung

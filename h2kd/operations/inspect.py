@@ -219,7 +219,7 @@ def _open_each_referenced(files: list[tuple[str, str]], directory: str, what: st
     seen: list[tuple[int, int] | None] = [None] * len(files)
     if reader_uid and files:
         seen = list(_seen_by_submitter(files, what, reader_uid))
-    for (path, name), found in zip(files, seen):
+    for (path, name), found in zip(files, seen, strict=True):
         yield (name, *_open_referenced(path, directory, name, what, reader_uid, found))
 
 
@@ -233,9 +233,10 @@ def _seen_by_submitter(files: list[tuple[str, str]], what: str, uid: int) -> lis
     try:
         found = look_up_and_open_each_as(uid, groups_for(uid), [path for path, _ in files])
     except H2kError as e:       # the check did not finish (a file system not answering): a later attempt may pass
-        shown = f"{what} {files[0][1]!r}" if len(files) == 1 else f"the {len(files)} files named as {what}s"
+        shown = f"{what} {files[0][1]!r}" + (f" and the {len(files) - 1} other files the source names"
+                                             if len(files) > 1 else "")
         raise OperationError("TOOL_FAILED", f"{shown} could not be checked for the source's submitter: {e}") from None
-    for (path, name), (code, device, inode, mode) in zip(files, found):
+    for (path, name), (code, device, inode, mode) in zip(files, found, strict=True):
         if not mode and code in (errno.ENOENT, errno.ENOTDIR):
             raise _invalid(f"{what} {name!r} does not exist")
         if not mode or (code and stat.S_ISREG(mode)):
