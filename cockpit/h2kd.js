@@ -778,14 +778,16 @@ function loadHistory(job) {
 
 function loadJournal(job) {
     const path = job.path;
-    const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--lines=20", "H2K_JOB_ID=" + job.Id,
-                  "_UID=0"];   // lines root wrote only: any user may log a line with any H2K_JOB_ID
+    // --reverse: with --since, journalctl 252 gives the first --lines after it, not the last.
+    const argv = ["journalctl", "--no-pager", "--quiet", "--output=cat", "--reverse", "--lines=20",
+                  "H2K_JOB_ID=" + job.Id, "_UID=0"];   // lines root wrote only: anyone may log one with any H2K_JOB_ID
     const created = Math.floor(Number(job.CreatedAt) / 1e6);
     if (created > 0)            // not those of an earlier job of this id, removed since
         argv.push("--since=@" + created);
     return cockpit.spawn(argv, { superuser: "try", err: "message" }).then(output => {
+        const lines = output.trim() ? output.trim().split("\n").reverse() : [];
         if (path === selectedPath)
-            setText($("details-journal"), output.trim() || _("No journal entries."));
+            setText($("details-journal"), lines.join("\n") || _("No journal entries."));
     }).catch(e => {
         if (path === selectedPath)
             setText($("details-journal"), cockpit.format(_("Cannot read the journal: $0"), errorText(e)));

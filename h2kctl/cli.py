@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_option(p, "after queueing it")
 
     p = command("logs", "show a job's journal (journalctl H2K_JOB_ID=JOB _UID=0, from its creation on: not the lines "
-                        "of an earlier job of that id), for those who may read the system "
+                        "of an earlier job of that id; with -f or -n, the last lines of that id), for those who may "
+                        "read the system "
                         "journal (root, group systemd-journal); events shows any user a job's history. A job h2kd "
                         "no longer knows (removed, or dropped by retention), or while h2kd cannot be reached: said on "
                         "stderr, and its journal is shown all the same. The exit status is journalctl's")
@@ -904,7 +905,8 @@ def _check_journal_readable(job_id: str, known: bool) -> None:
 def journalctl_command(args: argparse.Namespace) -> list[str]:
     # Only lines root wrote (h2kd, the job's unit): any user may send the journal a line with H2K_JOB_ID=.
     command = ["journalctl", f"H2K_JOB_ID={args.job}", "_UID=0"]
-    if getattr(args, "created_at", 0):
+    if getattr(args, "created_at", 0) and not args.follow and args.lines is None:
+        # Not with -f or -n: journalctl (252) would show the first lines after --since, not the last.
         command.append(f"--since=@{args.created_at // 1_000_000}")
     if args.follow:
         command.append("-f")

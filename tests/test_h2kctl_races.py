@@ -748,6 +748,10 @@ def test_logs_show_the_journal_of_a_job_h2kd_no_longer_knows_or_while_it_is_away
     # From the job's creation on: an earlier job of that id (removed since) is another job.
     assert (known.returncode, known.stdout, known.stderr) == (
         3, "journalctl H2K_JOB_ID=known _UID=0 --since=@1715076672 --no-pager\n", ""), known
+    # Not with -n or -f: journalctl would show the first lines after --since, not the last.
+    last = subprocess.run([H2KCTL, "--address", private_bus, "logs", "--no-pager", "-n", "3", "known"], env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (last.returncode, last.stdout) == (3, "journalctl H2K_JOB_ID=known _UID=0 -n 3 --no-pager\n"), last
 
 
 def test_status_of_a_job_whose_times_are_at_h2kds_cap(fake_h2kd, private_bus):
