@@ -20,8 +20,8 @@ from h2kd.errors import (AlreadyExists, H2kError, InvalidArgument, InvalidSpec, 
 from h2kd.manager import manager as manager_module
 from h2kd.manager.manager import JobManager
 from h2kd.model.spec import MAX_SPEC_BYTES
-from h2kd.manager.ports import StartDeferred, StartUnanswered, StartWithdrawn, UnitOutcome
-from h2kd.model.job import now_usec
+from h2kd.manager.ports import StartDeferred, StartUnanswered, StartWithdrawn, UnitOutcome, WorkerInfo
+from h2kd.model.job import Job, now_usec
 from h2kd.model.states import JobState
 from h2kd.store import JobStore
 from h2kd.bus.job_iface import job_vardict
@@ -648,22 +648,30 @@ def test_a_failure_message_of_the_builtin_worker_is_cut_like_an_external_workers
     asyncio.run(go())
 
 
+class MeasuredHost(RecordingRunner):
+    """A runner whose host has `free` bytes in `root`, measured by refresh(); which waits for `answered`, if given,
+    as for a file server that does not answer."""
+
+    def __init__(self, root: Path, answered: threading.Event | None = None) -> None:
+        super().__init__()
+        self.root, self.answered, self.free = root, answered, 2**30
+
+    def refresh(self):
+        if self.answered is not None:
+            self.answered.wait(10)
+        return self.capabilities()
+
+    def capabilities(self):
+        return {"qemu_img": True, "free_bytes": {str(self.root): self.free}}
+
+
 def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, image, monkeypatch):
     """The builtin worker's free space is measured again now and then: a job that asks for more than there is
     waits, and starts by itself once space was freed (nobody called Refresh)."""
     monkeypatch.setattr(manager_module, "HOST_REFRESH_SECONDS", 0.1)
 
-    class Host(RecordingRunner):
-        free = 2**30
-
-        def refresh(self):
-            return self.capabilities()
-
-        def capabilities(self):
-            return {"qemu_img": True, "free_bytes": {str(tmp_path / "out"): self.free}}
-
     async def go():
-        runner = Host()
+        runner = MeasuredHost(tmp_path / "out")
         m, *_ = make(tmp_path, runner=runner)
         await m.start()
         job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2",
@@ -679,21 +687,10 @@ def test_a_job_waiting_for_free_space_starts_once_the_host_has_it(tmp_path, imag
 def test_refresh_detects_the_host_again_while_h2kd_goes_on_answering(tmp_path, image):
     """Worker.Refresh measures the output roots' free space: one on a file server that hangs holds that call
     only, not every other caller (nor the watchdog), and the worker's capabilities change once it is measured."""
-    import threading
     answered = threading.Event()
 
-    class HungServer(RecordingRunner):
-        free = 2**30
-
-        def refresh(self):
-            answered.wait(10)
-            return self.capabilities()
-
-        def capabilities(self):
-            return {"qemu_img": True, "free_bytes": {str(tmp_path / "out"): self.free}}
-
     async def go():
-        runner = HungServer()
+        runner = MeasuredHost(tmp_path / "out", answered)
         m, *_ = make(tmp_path, runner=runner)
         await m.start()
         runner.free = 5 * 2**30
@@ -1038,15 +1035,21 @@ def test_a_job_taken_from_an_external_worker_is_not_run_elsewhere_until_that_wor
     asyncio.run(go())
 
 
+def claimed_by_an_agent(m: JobManager, tmp_path: Path, image: Path) -> tuple[Job, WorkerInfo]:
+    """A job only an external worker ("agent", offering a gpu) can run, submitted and claimed by one: (job, worker)."""
+    job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
+    worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
+    assert m.claim(worker.id) is job
+    return job, worker
+
+
 def test_speed_and_end_follow_the_work_when_the_wall_clock_is_stepped_back(tmp_path, image, monkeypatch):
     """NTP or `date -s` may step the clock back an hour while a job converts: its Rate is measured on a clock that
     does not step, and its ExpectedEndTime is the stepped clock's now plus what is left at that rate."""
     async def go():
         m, *_ = make(tmp_path)
         await m.start()
-        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
-        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.5")
-        assert m.claim(worker.id) is job
+        job, worker = claimed_by_an_agent(m, tmp_path, image)
         m.report_progress(worker.id, job.id, 0.1, 100 * 2**20, 1000 * 2**20, "convert", "")
         await asyncio.sleep(0.5)
         hour_ago = manager_module.now_usec() - 3600 * 10**6
@@ -1634,9 +1637,7 @@ def test_a_failure_reported_with_a_blank_message_says_the_worker_failed(tmp_path
     async def go():
         m, *_ = make(tmp_path)
         await m.start()
-        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2", capability_requirements={"gpu": True}), owner=0)
-        worker = m.register_worker("agent", {"gpu": True}, 1, 0, ":1.8")
-        assert m.claim(worker.id) is job
+        job, worker = claimed_by_an_agent(m, tmp_path, image)
         m.report_result(worker.id, job.id, False, {}, "INVALID_IMAGE", "  \n ", 0, 0)
         assert job.state.value == "failed" and job.error_message == "the worker reported a failure"
         assert 0 < job.started_at <= job.finished_at      # started when its first report came, a result here
