@@ -128,6 +128,30 @@ elif mode == "killed-mid-commit":
         pairs.append((temp, str(out_dir / name)))
     convert._commit(pairs, temps, overwrite=True, durable=False)
     result("completed")
+elif mode == "exists-mid-commit":
+    # Two outputs: the first gets its name, the second's was taken meanwhile (OUTPUT_EXISTS); the worker undoes
+    # the first itself. Then, before h2kd settles the unit, someone makes a file of their own at the first name,
+    # which ext4 gives the inode number just freed.
+    from h2kd.operations import convert
+    from h2kd.operations.qemuimg import OperationError
+    from h2kd.operations.tempfiles import TempFiles
+
+    out_dir = Path(spec["spec"]["artifacts"]["output_path"]).parent
+    temps = TempFiles(str(run_dir / "temp-files"))
+    pairs = []
+    for name in ("first.qcow2", "second.qcow2"):
+        temp = temps.create(str(out_dir / name))
+        Path(temp).write_bytes(b"new " + name.encode())
+        pairs.append((temp, str(out_dir / name)))
+    (out_dir / "second.qcow2").write_bytes(b"taken meanwhile")
+    try:
+        convert._commit(pairs, temps, overwrite=False, durable=False)
+    except OperationError:
+        for temp, _ in pairs:
+            Path(temp).unlink(missing_ok=True)
+        (out_dir / "first.qcow2").write_bytes(b"someone else's file")
+        sys.exit(1)
+    result("completed")
 elif mode == "fail-leaving-a-temporary":
     from h2kd.operations.tempfiles import TempFiles
     TempFiles(str(run_dir / "temp-files")).create(spec["spec"]["artifacts"]["output_path"])
@@ -1469,6 +1493,26 @@ def test_a_worker_killed_while_its_outputs_get_their_names_leaves_the_files_as_t
         assert sorted(p.name for p in out_dir.iterdir()) == ["a.qcow2", "b.qcow2"]
         assert (out_dir / "a.qcow2").read_bytes() == b"old a.qcow2"
         assert (out_dir / "b.qcow2").read_bytes() == b"old b.qcow2"
+
+    asyncio.run(scenario())
+
+
+def test_a_commit_the_worker_undid_itself_is_not_undone_again_over_a_file_made_since(sandbox: Sandbox) -> None:
+    """The worker put its outputs' names back itself (one was taken meanwhile); a file someone made at one of
+    them before the attempt was settled, even with the inode number the worker's file had, stays."""
+    async def scenario() -> None:
+        config = sandbox.config("exists-mid-commit")
+        out_dir = config.output_roots[0] / "undone-commit"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        job = make_job(output=str(out_dir / "first.qcow2"))
+        events = RecordingEvents()
+        async with runner_for(config, events) as runner:
+            await runner.start(job, 1)
+            outcome = await events.wait_finished(job.id)
+        assert outcome.result == "exit-code", outcome
+        assert sorted(p.name for p in out_dir.iterdir()) == ["first.qcow2", "second.qcow2"]
+        assert (out_dir / "first.qcow2").read_bytes() == b"someone else's file"
+        assert (out_dir / "second.qcow2").read_bytes() == b"taken meanwhile"
 
     asyncio.run(scenario())
 

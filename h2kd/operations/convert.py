@@ -729,6 +729,7 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
             if replaced:
                 temps.forget(replaced)      # kept until the result is written: see above
     except BaseException:
+        undone = True
         for fd, name, replaced in reversed(committed):
             try:
                 if replaced:
@@ -736,6 +737,9 @@ def _commit(pairs: list[tuple[str | None, str]], temps: TempFiles, overwrite: bo
                 else:
                     os.unlink(name, dir_fd=fd)
             except OSError:
+                undone = False
                 if replaced:    # not put back: its temporary name may be the only one it has left
                     temps.forget(replaced)
+        if undone:
+            temps.withdraw_commit()
         raise

@@ -20,6 +20,7 @@ with its owner and mode, before it changes hands; release_held() gives back what
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -84,9 +85,21 @@ class TempFiles:
         (None: it replaces nothing): note how to undo that (see undo_commit)."""
         if self.record:
             device, inode = self._made[temp]
-            _append_line(os.path.join(os.path.dirname(self.record), COMMIT_NAME),
-                         json.dumps({"destination": destination, "device": device, "inode": inode, "aside": aside}),
+            _append_line(self._commit_record(),
+                         json.dumps({"destination": destination, "device": device, "inode": inode, "aside": aside,
+                                     "generation": _generation_of(temp)}),
                          self.durable)
+
+    def withdraw_commit(self) -> None:
+        """The worker undid its commit itself: nothing is left for undo_commit to do, and a file made at one of
+        those names since (even with the freed inode number) is not the worker's."""
+        if self.record:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._commit_record())
+
+    def _commit_record(self) -> str:
+        assert self.record
+        return os.path.join(os.path.dirname(self.record), COMMIT_NAME)
 
     def _claim_name(self, destination: str, make: Callable[[str], _Made | None],
                     failure: str) -> tuple[str, _Made] | None:
@@ -337,7 +350,7 @@ def undo_commit(record: str, roots: list[str]) -> list[str]:
         if dir_fd is None:
             continue
         try:
-            if _undo_one(dir_fd, name, made, os.path.basename(aside) if aside else None):
+            if _undo_one(dir_fd, name, made, entry.get("generation"), os.path.basename(aside) if aside else None):
                 os.fsync(dir_fd)
                 undone.append(destination)
         except OSError:
@@ -353,10 +366,12 @@ def _kept_beside(aside: object, directory: str) -> bool:
             and os.path.basename(aside).startswith(TEMP_PREFIX))
 
 
-def _undo_one(dir_fd: int, name: str, made: tuple[int, int], aside: str | None) -> bool:
-    """Undo one rename in the directory open on dir_fd: whether something changed."""
+def _undo_one(dir_fd: int, name: str, made: tuple[int, int], generation: object, aside: str | None) -> bool:
+    """Undo one rename in the directory open on dir_fd: whether something changed. generation: the made file's
+    inode generation, if known: a file made at the name since, with the freed inode number, is not it."""
     current = _status(name, dir_fd)
-    holds_new = current is not None and (current.st_dev, current.st_ino) == made
+    holds_new = (current is not None and (current.st_dev, current.st_ino) == made
+                 and (generation is None or _generation_of(name, dir_fd) == generation))
     if aside is None:
         if holds_new:
             os.unlink(name, dir_fd=dir_fd)
@@ -369,6 +384,18 @@ def _undo_one(dir_fd: int, name: str, made: tuple[int, int], aside: str | None) 
         os.rename(aside, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return True
     return False
+
+
+def _generation_of(path: str, dir_fd: int | None = None) -> int | None:
+    """inode_generation() of the regular file at `path`; None if it cannot be opened or keeps none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return inode_generation(fd)
+    finally:
+        os.close(fd)
 
 
 def _status(name: str, dir_fd: int) -> os.stat_result | None:
