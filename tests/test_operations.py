@@ -1369,6 +1369,12 @@ def test_without_an_output_path_the_job_gets_a_directory_of_the_submitters(lib: 
     run = run_worker(tmp_path / "w3", spec, [out], owner=alice)
     assert run.returncode == 2 and "does not match" in run.result["error"]["message"], run.log
     assert not (out / "nightly-9").exists()
+    # Nor when an earlier attempt, killed outright, left the directory it made: empty, the submitter's.
+    (out / "nightly-9").mkdir(mode=0o700)
+    os.chown(out / "nightly-9", 64101, 64102)
+    run = run_worker(tmp_path / "w5", spec, [out], owner=alice)
+    assert run.returncode == 2 and "does not match" in run.result["error"]["message"], run.log
+    assert not (out / "nightly-9").exists()
 
 
 def test_a_source_rewritten_with_its_old_mtime_counts_as_changed(tmp_path: Path) -> None:

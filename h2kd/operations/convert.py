@@ -247,6 +247,10 @@ class JobDirectory:
             except FileExistsError:
                 st = os.lstat(directory)
                 if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+                    if not os.listdir(directory):
+                        # Empty: an earlier attempt's, killed before it wrote anything. This one removes it if
+                        # it fails, as one it made.
+                        self.made = directory
                     return directory
                 continue
             self.made = directory
