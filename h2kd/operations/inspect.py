@@ -391,14 +391,14 @@ def _check_vmdk_descriptor(fd: int, path: str, size: int, reader_uid: int | None
                        "one this large is refused")
     text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
     directory = os.path.dirname(path)
-    wanted: dict[str, int | None] = {}      # name -> the most bytes a line naming it asks of it
+    wanted: dict[str, int] = {}     # name -> the most bytes a line naming it asks of it (0: a sparse extent)
     for name, needed in _vmdk_descriptor_extents(text, f"the VMDK descriptor {path}"):
-        wanted[name] = max(wanted.get(name) or 0, needed) if needed is not None else wanted.get(name)
+        wanted[name] = max(wanted.get(name, 0), needed or 0)
     files = [(_local_file(directory, name, "the VMDK extent"), name) for name in wanted]
     for name, extent_fd, found in _open_each_referenced(files, directory, "the VMDK extent", reader_uid):
         os.close(extent_fd)
         needed = wanted[name]
-        if needed is not None and found.size < needed:
+        if found.size < needed:
             # qemu reads past the end of a flat extent as zeros: a copy cut short would convert "successfully".
             raise _invalid(f"the VMDK extent {name!r} holds {found.size} bytes where its descriptor {path} says "
                            f"{needed}: the copy is incomplete")
