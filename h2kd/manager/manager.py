@@ -188,7 +188,9 @@ class JobManager:
         for job in list(self._jobs.values()):
             await self._recover_or_later(job)
         self._scheduling = True
-        self._prune_now()   # a store that cannot be written now must not keep h2kd from starting
+        # Not by age yet: a machine may boot with its clock far ahead until NTP sets it, and every finished job
+        # would look old. The hourly pass prunes by age, by then on a clock set right.
+        self._prune_now(by_age=False)   # a store that cannot be written now must not keep h2kd from starting
         self._periodic.append(asyncio.create_task(self._every(PRUNE_INTERVAL_SECONDS, self.prune)))
         self._periodic.append(asyncio.create_task(self._every(HOST_REFRESH_SECONDS, self._refresh_host)))
         self._periodic.append(asyncio.create_task(
@@ -541,9 +543,9 @@ class JobManager:
         if finished > keep + max(PRUNE_SLACK_JOBS, int(keep * PRUNE_SLACK_SHARE)):
             self._soon(self._prune_now)
 
-    def _prune_now(self) -> None:
+    def _prune_now(self, by_age: bool = True) -> None:
         try:
-            self.prune()
+            self.prune(by_age)
         except H2kError as e:   # the store failed: the hourly pass tries again
             log.warning("could not prune finished jobs: %s", e)
 
@@ -687,8 +689,8 @@ class JobManager:
         self._manager_changed()
         self._kick()
 
-    def prune(self) -> list[str]:
-        removed = self._store.prune(self._config.retention_max_age_days * 86400,
+    def prune(self, by_age: bool = True) -> list[str]:
+        removed = self._store.prune(self._config.retention_max_age_days * 86400 if by_age else None,
                                     self._config.retention_max_count, now_usec())
         for job_id in removed:
             job = self._jobs.pop(job_id, None)

@@ -1451,6 +1451,25 @@ def test_held_jobs_count_against_the_limit_of_all_unfinished_jobs(tmp_path, imag
     asyncio.run(go())
 
 
+def test_a_clock_far_ahead_at_start_does_not_prune_every_finished_job(tmp_path, image, monkeypatch):
+    """A machine booting with its clock a year ahead (a flat RTC battery, before NTP sets it): h2kd starting then
+    keeps its finished jobs; the hourly pass prunes by age, on the clock as it is by then."""
+    async def go():
+        m, *_ = make(tmp_path, retention_max_age_days=30)
+        await m.start()
+        job, _ = m.submit(spec(image, tmp_path / "out/a.qcow2"), owner=0)
+        await m.cancel(job.id, by=0)
+        await m.stop()
+        year_ahead = now_usec() + 365 * 86400 * 10**6
+        monkeypatch.setattr(manager_module, "now_usec", lambda: year_ahead)
+        m, *_ = make(tmp_path, retention_max_age_days=30)
+        await m.start()
+        assert m.get(job.id).state.value == "cancelled"
+        assert m.prune() == [job.id]        # an hour later, the clock still a year ahead: old it is
+        await m.stop()
+    asyncio.run(go())
+
+
 def test_a_flood_of_failing_submissions_is_pruned_without_waiting_for_the_hourly_pass(tmp_path, monkeypatch):
     """Submissions that fail their checks end at once, so no limit on unfinished jobs stops them; once the
     finished jobs pass the retention count by the slack, the oldest of whoever has the most go at once."""
