@@ -871,8 +871,9 @@ def reads_system_journal() -> bool:
 async def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
     try:
         path = await client.get_job_path(args.job)
-        # Ids are free again once a job is removed: the lines of an earlier job of this id are not this one's.
-        args.created_at = await client.get_property(path, JOB_IFACE, "CreatedAt")
+        if not args.follow and args.lines is None:     # see journalctl_command
+            # Ids are free again once a job is removed: the lines of an earlier job of this id are not this one's.
+            args.created_at = await client.get_property(path, JOB_IFACE, "CreatedAt")
     except CtlError as e:
         if e.code not in (ExitCode.NO_SUCH_JOB, ExitCode.UNREACHABLE):
             raise
@@ -905,8 +906,8 @@ def _check_journal_readable(job_id: str, known: bool) -> None:
 def journalctl_command(args: argparse.Namespace) -> list[str]:
     # Only lines root wrote (h2kd, the job's unit): any user may send the journal a line with H2K_JOB_ID=.
     command = ["journalctl", f"H2K_JOB_ID={args.job}", "_UID=0"]
-    if getattr(args, "created_at", 0) and not args.follow and args.lines is None:
-        # Not with -f or -n: journalctl (252) would show the first lines after --since, not the last.
+    if getattr(args, "created_at", 0):
+        # Read only without -f or -n: journalctl (252) would show the first lines after --since, not the last.
         command.append(f"--since=@{args.created_at // 1_000_000}")
     if args.follow:
         command.append("-f")

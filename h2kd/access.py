@@ -332,15 +332,10 @@ def _try_kind(path: str) -> tuple[int, ...]:
         return (0,)
 
 
-def look_up_and_open_as(uid: int, gids: list[int], path: str) -> tuple[int, int, int, int]:
-    """The caller's own lookup of `path` and, for a regular file, their opening it for reading: (errno or 0,
-    device, inode, mode), mode 0 when the lookup itself failed."""
-    return _as_caller(uid, gids, _try_look_up_and_read, path)  # type: ignore[return-value]
-
-
 def look_up_and_open_each_as(uid: int, gids: list[int], paths: list[str]) -> list[tuple[int, int, int, int]]:
-    """look_up_and_open_as() of each of `paths`, in order, a few hundred to a child: a descriptor naming
-    thousands of files costs a fork per batch, not per file, and each child stays well within its time limit."""
+    """The caller's own lookup of each of `paths` and, for a regular file, their opening it for reading, in order:
+    (errno or 0, device, inode, mode) each, mode 0 when the lookup itself failed. _PATHS_PER_CHILD to a child: a
+    descriptor naming thousands of files costs a fork per batch, not per file."""
     found: list[tuple[int, int, int, int]] = []
     for start in range(0, len(paths), _PATHS_PER_CHILD):
         batch = paths[start:start + _PATHS_PER_CHILD]

@@ -1314,7 +1314,7 @@ class JobManager:
         so, and the seconds it waits at most are returned (None if nothing is held). It is queued as soon as
         that worker's slot is freed (_release_taken), at the latest when its timer ends (_hold_until_told);
         after a restart, which forgot both, when its stored taken_until has passed."""
-        holds = self._taken_holds(job)
+        holds, now = self._taken_holds(job), now_usec()
         if holds:
             try:
                 loop_time = asyncio.get_running_loop().time()
@@ -1323,13 +1323,13 @@ class JobManager:
             left = max(max(timer.when() - loop_time, 0) if timer is not None
                        else self._config.heartbeat_timeout_seconds for _, timer in holds)
             worker = f"worker {holds[0][0]}"
-        elif job.taken_until > now_usec():
+        elif job.taken_until > now:
             # Capped as _arm_requeue caps a wait: a clock set back since must not hold the job for longer.
-            left = min((job.taken_until - now_usec()) / 1_000_000, self._config.heartbeat_timeout_seconds)
+            left = min((job.taken_until - now) / 1_000_000, self._config.heartbeat_timeout_seconds)
             worker = f"worker {job.worker}" if job.worker else "the external worker that had it"
         else:
             return None
-        job.not_before = now_usec() + int(left * 1_000_000)
+        job.not_before = now + int(left * 1_000_000)
         starts = time.strftime('%H:%M:%S', time.localtime(job.not_before / 1_000_000))
         job.wait_reason = (f"{worker} may still be running an attempt taken from it until it learns so; the next "
                            f"attempt starts then, at {starts} at the latest")

@@ -216,9 +216,7 @@ def _open_each_referenced(files: list[tuple[str, str]], directory: str, what: st
                           reader_uid: int | None) -> Iterator[tuple[str, int, FileIdentity]]:
     """_open_referenced() of each (path, name) of `files` in turn, as (name, descriptor, identity): the caller
     closes each descriptor. The submitter's lookups are made first, many to a child process."""
-    seen: list[tuple[int, int] | None] = [None] * len(files)
-    if reader_uid and files:
-        seen = list(_seen_by_submitter(files, what, reader_uid))
+    seen = _seen_by_submitter(files, what, reader_uid) if reader_uid and files else [None] * len(files)
     for (path, name), found in zip(files, seen, strict=True):
         yield (name, *_open_referenced(path, directory, name, what, reader_uid, found))
 

@@ -60,10 +60,10 @@ def test_a_check_that_answers_is_told_what_the_caller_found():
         image = directory / "disk.raw"
         image.write_bytes(b"\0" * 512)
         image.chmod(0o644)
-        code, device, inode, _ = access.look_up_and_open_as(65534, [65534], str(image))
+        [(code, device, inode, _)] = access.look_up_and_open_each_as(65534, [65534], [str(image)])
         assert code == 0 and (device, inode) == (image.stat().st_dev, image.stat().st_ino)
         image.chmod(0o600)
-        assert access.look_up_and_open_as(65534, [65534], str(image))[0] == errno.EACCES
+        assert access.look_up_and_open_each_as(65534, [65534], [str(image)])[0][0] == errno.EACCES
     finally:
         shutil.rmtree(directory)
 
@@ -94,7 +94,7 @@ def test_many_files_checked_together_get_each_the_answer_of_its_own_check():
                 os.mkfifo(path, 0o644)
             paths.append(str(path))         # kind 4: nothing there
         together = access.look_up_and_open_each_as(65534, [65534], paths)
-        alone = [access.look_up_and_open_as(65534, [65534], path) for path in paths]
+        alone = [access.look_up_and_open_each_as(65534, [65534], [path])[0] for path in paths]
         assert together == alone
         assert {found[0] for found in together} == {0, errno.EACCES, errno.ENOENT}
         assert access.look_up_and_open_each_as(65534, [65534], []) == []
