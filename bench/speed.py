@@ -15,12 +15,17 @@ from bench.client import Client, convert_spec, median, new_id
 from h2kd.sandbox.stack import Stack
 
 
-def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk") -> tuple[float, float]:
+def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk",
+                 pinned: bool = False) -> tuple[float, float]:
     """`qemu-img convert` by hand, one process per source, all at once; (seconds until every convert ended,
-    seconds until every output was also fsynced)."""
+    seconds until every output was also fsynced). pinned: each process kept on one CPU, spread over this
+    process's CPUs as h2kd spreads its conversions (`taskset -c N qemu-img convert ...`)."""
+    cpus = sorted(os.sched_getaffinity(0))
     start = time.perf_counter()
-    procs = [subprocess.Popen(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(s), str(o)])
-             for s, o in zip(sources, outputs)]
+    procs = [subprocess.Popen(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(s), str(o)],
+                              preexec_fn=(lambda cpu=cpus[i % len(cpus)]: os.sched_setaffinity(0, {cpu}))
+                              if pinned else None)
+             for i, (s, o) in enumerate(zip(sources, outputs))]
     if any(p.wait() != 0 for p in procs):
         raise RuntimeError("qemu-img convert failed")
     converted = time.perf_counter()
@@ -33,19 +38,21 @@ def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk") ->
     return converted - start, time.perf_counter() - start
 
 
-async def side_by_side(runs: int, by_hand: Callable[[], tuple[float, float]],
+async def side_by_side(runs: int, by_hand: Callable[[bool], tuple[float, float]],
                        job: Callable[[bool], Awaitable[float]]) -> dict[str, float]:
     """Median seconds of each way, over `runs` runs whose order rotates from run to run: by hand
-    (by_hand() -> seconds, seconds including an fsync of the outputs) and through h2kd (job(sync) -> seconds,
-    with parameters.sync true, the default, and false). Keys hand_s, hand_fsync_s, job_s, job_nosync_s."""
-    times: dict[str, list[float]] = {"hand_s": [], "hand_fsync_s": [], "job_s": [], "job_nosync_s": []}
-    sides = ("job", "hand", "job_nosync")
+    (by_hand(pinned) -> seconds, seconds including an fsync of the outputs; pinned: kept on CPUs as h2kd keeps
+    its conversions) and through h2kd (job(sync) -> seconds, with parameters.sync true, the default, and false).
+    Keys hand_s, hand_fsync_s, hand_pinned_s, hand_pinned_fsync_s, job_s, job_nosync_s."""
+    times: dict[str, list[float]] = {"hand_s": [], "hand_fsync_s": [], "hand_pinned_s": [],
+                                     "hand_pinned_fsync_s": [], "job_s": [], "job_nosync_s": []}
+    sides = ("job", "hand", "job_nosync", "hand_pinned")
     for run in range(runs):
-        for side in sides[run % 3:] + sides[:run % 3]:
-            if side == "hand":
-                plain, synced = by_hand()
-                times["hand_s"].append(plain)
-                times["hand_fsync_s"].append(synced)
+        for side in sides[run % 4:] + sides[:run % 4]:
+            if side.startswith("hand"):
+                plain, synced = by_hand(side == "hand_pinned")
+                times[side + "_s"].append(plain)
+                times[side + "_fsync_s"].append(synced)
             else:
                 times[side + "_s"].append(await job(side == "job"))
     return {key: median(values) for key, values in times.items()}
@@ -100,10 +107,10 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
             for label, source in cases:
                 parts: dict[bool, list[dict[str, float]]] = {True: [], False: []}   # by sync
 
-                def by_hand(source: Path = source) -> tuple[float, float]:
+                def by_hand(pinned: bool, source: Path = source) -> tuple[float, float]:
                     output = stack.output_dir / f"{new_id('hand')}.qcow2"
                     try:
-                        return hand_convert([source], [output])
+                        return hand_convert([source], [output], pinned=pinned)
                     finally:
                         output.unlink()
 
@@ -115,9 +122,13 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
 
                 m = await side_by_side(runs, by_hand, job)
                 h, hs, j, jn = m["hand_s"], m["hand_fsync_s"], m["job_s"], m["job_nosync_s"]
+                hp, hps = m["hand_pinned_s"], m["hand_pinned_fsync_s"]
                 figures.append({"disk": label, "data_bytes": disks.data_bytes(source), "runs": runs,
                                 "hand_s": h, "job_nosync_s": jn, "ratio_nosync": jn / h, "extra_nosync_s": jn - h,
                                 "hand_fsync_s": hs, "job_s": j, "ratio_sync": j / hs, "extra_sync_s": j - hs,
+                                # like for like in placement too: h2kd's own share of a job
+                                "hand_pinned_s": hp, "ratio_nosync_pinned": jn / hp, "extra_nosync_pinned_s": jn - hp,
+                                "hand_pinned_fsync_s": hps, "ratio_sync_pinned": j / hps,
                                 **{k: median([p[k] for p in parts[True]]) for k in parts[True][0]},
                                 **{"nosync_" + k: median([p[k] for p in parts[False]]) for k in parts[False][0]}})
         finally:
@@ -148,22 +159,24 @@ def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1,
         finally:
             client.close()
 
-    def by_hand(n: int) -> tuple[float, float]:
+    def by_hand(n: int, pinned: bool) -> tuple[float, float]:
         outputs = [stack.output_dir / f"{new_id('hand')}.qcow2" for _ in range(n)]
         try:
-            return hand_convert(sources[:n], outputs)
+            return hand_convert(sources[:n], outputs, pinned=pinned)
         finally:
             for o in outputs:
                 o.unlink()
 
     for n in counts:
-        m = asyncio.run(side_by_side(runs, lambda n=n: by_hand(n), lambda sync, n=n: through_h2kd(n, sync)))
+        m = asyncio.run(side_by_side(runs, lambda pinned, n=n: by_hand(n, pinned),
+                                     lambda sync, n=n: through_h2kd(n, sync)))
         h, hs, j, jn = m["hand_s"], m["hand_fsync_s"], m["job_s"], m["job_nosync_s"]
+        hp = m["hand_pinned_s"]
         total = sum(data[:n])
         mibps = lambda seconds: total / seconds / disks.MiB  # noqa: E731
         figures.append({"parallel": n, "data_bytes": total,
                         "hand_s": h, "job_nosync_s": jn, "hand_MiBps": mibps(h), "job_nosync_MiBps": mibps(jn),
                         "ratio_nosync": jn / h,
                         "hand_fsync_s": hs, "job_s": j, "hand_fsync_MiBps": mibps(hs), "job_MiBps": mibps(j),
-                        "ratio_sync": j / hs})
+                        "ratio_sync": j / hs, "hand_pinned_s": hp, "ratio_nosync_pinned": jn / hp})
     return figures

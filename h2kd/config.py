@@ -54,6 +54,9 @@ class Config:
     # Checks that may show a password prompt wait as long as a client does (h2kctl: 300 s).
     polkit_interactive_timeout_seconds: float = 300.0
     property_coalesce_seconds: float = 0.1
+    # Each conversion's qemu-img kept on one CPU, conversions spread over h2kd's CPUs (h2kd.runner.placement);
+    # false: the kernel places them as it does any program.
+    pin_conversions: bool = True
 
     @property
     def store_path(self) -> Path:
@@ -106,8 +109,20 @@ def _parse_mode(value: object) -> int:
     return mode
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_bool(value: object) -> bool:
+    """A TOML true or false; from the environment, true/yes/on/1 or false/no/off/0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{value!r} is neither true nor false")
+
+
 # Settings whose text means something other than their type says.
-_PARSERS = {"output_mode": _parse_mode}
+_PARSERS = {"output_mode": _parse_mode, "pin_conversions": _parse_bool}
 
 MAX_PARALLEL_JOBS = 256
 # The values each number may take, (least, most) with None for no bound: outside them h2kd would start and then

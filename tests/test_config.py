@@ -102,3 +102,22 @@ def test_an_output_group_the_host_does_not_know_and_a_missing_config_file_stop_h
     ran = run_h2kd(tmp_path, "--config", str(missing))
     assert ran.returncode == 78, ran.stderr
     assert f"bad settings: cannot read {missing}: no such file" in ran.stderr and "Traceback" not in ran.stderr
+
+
+@pytest.mark.parametrize("written, pinned", [("false", False), ("no", False), ("0", False), ("Off", False),
+                                             ("true", True), ("yes", True), ("1", True)])
+def test_pinning_conversions_is_switched_by_a_toml_boolean_or_a_word_in_the_environment(
+        tmp_path: Path, written: str, pinned: bool) -> None:
+    assert load_config(tmp_path / "none.conf", {}).pin_conversions is True
+    assert load_config(tmp_path / "none.conf", {"H2KD_PIN_CONVERSIONS": written}).pin_conversions is pinned
+    conf = tmp_path / "h2kd.conf"
+    conf.write_text(f"[h2kd]\npin_conversions = {str(pinned).lower()}\n")
+    assert load_config(conf, {}).pin_conversions is pinned
+
+
+@pytest.mark.parametrize("written", ['"sometimes"', "1", '""'])
+def test_pinning_conversions_takes_nothing_but_true_or_false(tmp_path: Path, written: str) -> None:
+    conf = tmp_path / "h2kd.conf"
+    conf.write_text(f"[h2kd]\npin_conversions = {written}\n")
+    with pytest.raises(ValueError, match="pin_conversions.*neither true nor false"):
+        load_config(conf, {})

@@ -649,6 +649,86 @@ def test_administrator_systemctl_stop_cancels_the_job(tuned: Any, slow_source: P
     assert leftovers(stack.output_dir, job_id) == []
 
 
+def cpu_list(text: str) -> set[int]:
+    """The CPUs of a list as /proc shows them ("0-2,5")."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def converting_qemu_img_cpus(stack: Any, unit: str) -> set[int] | None:
+    """The CPUs the `qemu-img convert` the unit's worker runs may use; None while there is none."""
+    main = systemctl(stack, "show", "-p", "MainPID", "--value", unit).stdout.strip()
+    try:
+        children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-img") and argv[1:2] == [b"convert"]:
+            return cpu_list(status.split("Cpus_allowed_list:")[1].splitlines()[0])
+    return None
+
+
+def cpus_of_two_conversions_at_once(stack: Any, source: Path, restart_between: bool = False) -> list[set[int]]:
+    """Two conversions of `source` started together (restart_between: the second once h2kd was restarted
+    while the first ran): the CPUs each one's qemu-img may use (both then cancelled)."""
+    async def scenario() -> list[set[int]]:
+        client = await Client.connect(stack.bus_address)
+        ids = [new_id("placed") for _ in range(2)]
+        specs = [job_spec(job_id, source, stack.output_dir / f"{job_id}.qcow2") for job_id in ids]
+        if restart_between:
+            _, path = await client.submit(specs[0])
+            await wait_props(client, path, ("progressing",), 60, progress_above=0.02)
+            client.close()
+            await asyncio.to_thread(stack.restart_daemon)
+            client = await Client.connect(stack.bus_address)
+            paths = [path, (await client.submit(specs[1]))[1]]
+        else:
+            paths = [path for _, path in await asyncio.gather(*(client.submit(spec) for spec in specs))]
+        units = [(await wait_props(client, path, ("progressing",), 60, progress_above=0.02))["Unit"]
+                 for path in paths]
+        cpus = []
+        for unit in units:
+            async def found(unit: str = unit) -> set[int] | None:
+                return await asyncio.to_thread(converting_qemu_img_cpus, stack, unit)
+            cpus.append(await wait_for(found, 30, f"the qemu-img of {unit}"))
+        for job_id, path in zip(ids, paths):
+            await client.manager("CancelJob", "s", [job_id])
+            assert (await wait_props(client, path, timeout=60))["State"] == "cancelled"
+        client.close()
+        return cpus
+    return run(scenario())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to spread conversions over")
+def test_conversions_running_at_once_are_each_kept_on_a_cpu_of_their_own_unless_switched_off(
+        tuned: Any, slow_source: Path) -> None:
+    """qemu-img hands its reads and writes to threads; kept on one CPU, the hand-offs cost no wake-ups across
+    CPUs (about half a conversion's time, bench/RESULTS.md), and two conversions are spread over two CPUs.
+    With pin_conversions = false, the kernel places them."""
+    stack = tuned
+    usable = os.sched_getaffinity(0)        # h2kd's, which the stack started from this process
+    first, second = cpus_of_two_conversions_at_once(stack, slow_source)
+    assert len(first) == 1 and len(second) == 1 and first != second, (first, second)
+    assert first | second <= usable
+    # A restarted h2kd knows which CPU the conversion it finds running was given.
+    first, second = cpus_of_two_conversions_at_once(stack, slow_source, restart_between=True)
+    assert len(first) == 1 and len(second) == 1 and first != second, (first, second)
+    tuned_env = dict(stack.daemon_env)
+    try:
+        stack.restart_daemon({**tuned_env, "H2KD_PIN_CONVERSIONS": "false"})
+        assert cpus_of_two_conversions_at_once(stack, slow_source) == [usable, usable]
+    finally:
+        stack.restart_daemon(tuned_env)
+
+
 def test_source_removed_mid_conversion_fails_with_the_worker_log_tail(tuned: Any, slow_source: Path,
                                                                      tmp_path: Path) -> None:
     """A retryable failure (the worker exits 1, SOURCE_CHANGED) with no retries left: failed, log tail attached."""

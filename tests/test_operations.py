@@ -47,10 +47,12 @@ class Run:
 def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[str, str] | None = None,
                on_status: Callable[[subprocess.Popen[str], str], None] | None = None, attempt: int = 1,
                wrapper: list[str] | None = None, owner: dict[str, int] | None = None,
-               source_identity: str | None = None, source_roots: list[Path] | None = None) -> Run:
+               source_identity: str | None = None, source_roots: list[Path] | None = None,
+               cpu: int | None = None) -> Run:
     """Run the worker as systemd would, with a notify socket this test binds to collect READY/STATUS.
     wrapper: a command the worker runs under (strace ...); owner: the submitter's {"uid", "gid", "mode"};
-    source_identity: as h2kd's checks recorded it (None: that of the source now, as checked at submission)."""
+    source_identity: as h2kd's checks recorded it (None: that of the source now, as checked at submission);
+    cpu: the CPU h2kd gave the attempt's conversions."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = work / "spec.json", work / "result.json"
     spec = {"job_id": "job1", **spec}
@@ -58,6 +60,7 @@ def run_worker(work: Path, spec: dict[str, Any], roots: list[Path], env: dict[st
                                      "output_roots": [str(r) for r in roots],
                                      **({"source_roots": [str(r) for r in source_roots]} if source_roots else {}),
                                      **({"owner": owner} if owner else {}),
+                                     **({"cpu": cpu} if cpu is not None else {}),
                                      "source_identity": _identity(spec) if source_identity is None
                                      else source_identity}))
     sock_path = work / "notify.sock"
@@ -405,6 +408,52 @@ def test_a_conversion_that_differs_from_its_source_fails_verification(lib: Path,
     run = run_worker(tmp_path / "w2", convert_spec(source, out / "d.raw", output_format="raw"), [out], env=env)
     assert run.returncode == 0, run.log
     assert not compare(lib / "data.raw", "raw", out / "d.raw", "raw")
+
+
+def cpus_of_each_run(record: Path) -> list[tuple[str, set[int]]]:
+    """What a recording qemu-img wrapper wrote: (its command, the CPUs it was allowed) per run."""
+    runs = []
+    for line in record.read_text().splitlines():
+        command, allowed = line.split(" ", 1)
+        cpus: set[int] = set()
+        for part in allowed.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        runs.append((command, cpus))
+    return runs
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to keep a conversion on")
+def test_the_conversion_and_its_comparison_run_on_the_cpu_h2kd_gave_and_nothing_else_does(
+        lib: Path, tmp_path: Path, out: Path) -> None:
+    """h2kd gives each attempt a CPU for qemu-img's long walks (h2kd.runner.placement): the convert and the
+    compare are kept on it; the worker's quick looks at the source and the output are not; and a CPU the worker
+    may not use (h2kd's and the unit's CPUs differ) leaves the kernel to place them, the job done all the same."""
+    usable = os.sched_getaffinity(0)
+    cpu = max(usable)
+    record = tmp_path / "runs"
+    recording = tmp_path / "recording-qemu-img"
+    recording.write_text("#!/bin/sh\n"
+                         f"echo \"$1 $(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)\" >> {record}\n"
+                         "exec qemu-img \"$@\"\n")
+    recording.chmod(0o755)
+    source = images.make_image("vmdk", "monolithicSparse", tmp_path / "src.vmdk", raw=lib / "data.raw")
+    env = {"H2K_QEMU_IMG": str(recording)}
+    run = run_worker(tmp_path / "w", convert_spec(source, out / "d.qcow2", verify=True), [out], env=env, cpu=cpu)
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "d.qcow2", "qcow2")
+    runs = cpus_of_each_run(record)
+    walks = [(command, cpus) for command, cpus in runs if command in ("convert", "compare")]
+    assert [command for command, _ in walks] == ["convert", "compare"], runs
+    assert all(cpus == {cpu} for _, cpus in walks), runs
+    looks = [(command, cpus) for command, cpus in runs if command not in ("convert", "compare")]
+    assert looks and all(cpus == usable for _, cpus in looks), runs
+
+    record.unlink()
+    run = run_worker(tmp_path / "w2", convert_spec(source, out / "e.qcow2"), [out], env=env, cpu=max(usable) + 1)
+    assert run.returncode == 0, run.log
+    assert compare(lib / "data.raw", "raw", out / "e.qcow2", "qcow2")
+    assert [cpus for command, cpus in cpus_of_each_run(record) if command == "convert"] == [usable]
 
 
 def test_existing_output_is_replaced_only_when_asked(lib: Path, tmp_path: Path, out: Path) -> None:

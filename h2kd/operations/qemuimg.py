@@ -13,6 +13,7 @@ every operation module sits on top of this one.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import os
@@ -38,6 +39,41 @@ def run_as(uid: int, gid: int, groups: list[int]) -> None:
     _CREDENTIALS.clear()
     if uid:
         _CREDENTIALS.update(user=uid, group=gid, extra_groups=groups)
+
+
+# The CPU qemu-img's long walks (convert, compare) are kept on, if any: see keep_walks_on.
+_WALK_CPU: list[int] = []
+
+
+def keep_walks_on(cpu: int | None) -> None:
+    """From now on, start `qemu-img convert` and `qemu-img compare` on this one CPU (None: wherever the kernel
+    puts them). h2kd chooses it (h2kd.runner.placement says why); a CPU the worker may not use (its unit's
+    cpuset, an AllowedCPUs= of the slice, left it out) is ignored."""
+    _WALK_CPU.clear()
+    if cpu is not None:
+        _WALK_CPU.append(cpu)
+
+
+@contextlib.contextmanager
+def _on_walk_cpu() -> Iterator[None]:
+    """The calling thread kept on the walks' CPU while it starts a child, which inherits that (and only that)."""
+    try:
+        before = os.sched_getaffinity(0)
+    except OSError:
+        before = set()
+    if not _WALK_CPU or _WALK_CPU[0] not in before or len(before) == 1:
+        yield
+        return
+    try:
+        os.sched_setaffinity(0, {_WALK_CPU[0]})
+    except OSError:     # a seccomp filter or a cpuset that changed meanwhile: the kernel places the child
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
 
 # The error codes of the result contract that an operation may raise (h2kd.model.result.ErrorCode).
 NOT_RETRYABLE = {"VALIDATION_FAILED", "INVALID_IMAGE", "PERMISSION_DENIED", "OUTPUT_EXISTS", "UNSUPPORTED"}
@@ -396,13 +432,16 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
         progress(1.0)
 
 
-def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...] = ()) -> tuple[Any, Any, list[Any]]:
+def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...] = (),
+             walk: bool = False) -> tuple[Any, Any, list[Any]]:
     """`qemu-img command args` started with its stdout piped, and a thread collecting its stderr: the process,
-    the thread, and the list its stderr lands in once the thread ends."""
+    the thread, and the list its stderr lands in once the thread ends. walk: a convert or compare, started on
+    the CPU of keep_walks_on."""
     try:
-        proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=text, errors="replace" if text else None,
-                                bufsize=-1 if text else 0, pass_fds=pass_fds, **_CREDENTIALS)
+        with _on_walk_cpu() if walk else contextlib.nullcontext():
+            proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=text, errors="replace" if text else None,
+                                    bufsize=-1 if text else 0, pass_fds=pass_fds, **_CREDENTIALS)
     except FileNotFoundError:
         raise OperationError("TOOL_FAILED", f"the qemu-img program ({QEMU_IMG}) is not installed") from None
     stderr: list[Any] = []
@@ -420,7 +459,7 @@ def _with_progress(command: str, args: list[str], progress: Callable[[float], No
     If progress() (or a signal handler) raises, the child is killed and waited for before the exception goes
     on, so no writer is left behind the caller's clean-up. on_process is told the running child (and None once
     it has ended), for a signal handler that must stop it."""
-    proc, reader, stderr_chunks = _started(command, args, text=False, pass_fds=pass_fds)
+    proc, reader, stderr_chunks = _started(command, args, text=False, pass_fds=pass_fds, walk=True)
     if on_process:
         on_process(proc)
     said: list[bytes] = []

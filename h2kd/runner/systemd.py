@@ -45,7 +45,7 @@ from h2kd.manager.ports import RunnerEvents, StartDeferred, StartUnanswered, Sta
 from h2kd.model.job import Job
 from h2kd.model.repair import fixes_guest
 from h2kd.operations.tempfiles import COMMIT_NAME, HELD_NAME, RECORD_NAME, release_held, remove_recorded, undo_commit
-from h2kd.runner import bytecode
+from h2kd.runner import bytecode, placement
 from h2kd.runner import unit as units
 from h2kd.worker.main import MAX_RESULT_BYTES
 
@@ -183,6 +183,8 @@ class SystemdRunner:
         self._held_task: asyncio.Task | None = None
         self._held_scanned = False
         self._held_dir = self._config.runs_dir / HELD_DIR_NAME    # records of forgotten jobs' attempts
+        self._usable_cpus = placement.usable_cpus()
+        self._cpus: dict[str, int] = {}      # by unit: the CPU its attempt's conversion was given (_give_cpu)
 
     # ------------------------------------------------------------------ connection
 
@@ -375,6 +377,26 @@ class SystemdRunner:
 
     async def _start(self, job: Job, attempt: int) -> str:
         unit = units.unit_name(job.id, attempt)
+        # Given before the first await: attempts started at once (the first batch after h2kd starts) see each
+        # other's CPUs.
+        cpu = self._give_cpu(unit, job)
+        try:
+            return await self._start_unit(job, attempt, unit, cpu)
+        finally:
+            if unit not in self._followed:
+                self._cpus.pop(unit, None)
+
+    def _give_cpu(self, unit: str, job: Job) -> int | None:
+        """The CPU the attempt's conversion is to be kept on (h2kd.runner.placement), None for other
+        operations and with pin_conversions off."""
+        if not self._config.pin_conversions or job.operation != "convert":
+            return None
+        cpu = placement.choose_cpu(self._usable_cpus, self._cpus.values())
+        if cpu is not None:
+            self._cpus[unit] = cpu
+        return cpu
+
+    async def _start_unit(self, job: Job, attempt: int, unit: str, cpu: int | None) -> str:
         run_dir = units.run_dir(self._config, unit)
         await self._removed(run_dir)
         if await asyncio.to_thread(_left_by_another_job, run_dir, job):
@@ -401,7 +423,8 @@ class SystemdRunner:
                                                      # looked up here: the unit may not reach a network NSS
                                                      "groups": (acting_groups(job.owner, job.owner_groups)
                                                                 if job.owner else [])},
-                                           "source_identity": job.source_identity})
+                                           "source_identity": job.source_identity,
+                                           "cpu": cpu})
         policy = job.spec.get("execution_policy") or {}
         props = units.build_properties(
             self._config, job_id=job.id, attempt=attempt, operation=job.operation, spec_path=spec_path,
@@ -458,6 +481,9 @@ class SystemdRunner:
         unit = job.unit or units.unit_name(job.id, attempt)
         await self._removed(units.run_dir(self._config, unit))
         followed = self._followed.get(unit) or self._follow(unit, job.id, attempt, job.created_at)
+        cpu = (_read_json(followed.run_dir / "spec.json") or {}).get("cpu")
+        if type(cpu) is int and unit not in self._cpus:     # given before h2kd restarted: counted again
+            self._cpus[unit] = cpu
         self._schedule_check(followed)
         return unit
 
@@ -585,6 +611,7 @@ class SystemdRunner:
         self._unfollow(followed)
 
     def _unfollow(self, followed: _Followed) -> None:
+        self._cpus.pop(followed.unit, None)
         if self._followed.get(followed.unit) is followed:
             del self._followed[followed.unit]
         if self._by_path.get(followed.path) is followed:

@@ -2,12 +2,12 @@
 
     h2k-worker --spec SPEC.json --result RESULT.json
 
-SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd adds "owner": {"uid",
-"gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with; "source_identity"; and "spec_checked":
-true when the spec is the one h2kd checked and stored, which the worker then takes as it is instead of checking
-it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt started under, are
-h2kd's own). Before creating a temporary output the
-worker records its
+SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd
+adds "owner": {"uid", "gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with;
+"source_identity"; "cpu", the CPU qemu-img's conversions are kept on (h2kd.runner.placement; null: none); and
+"spec_checked": true when the spec is the one h2kd checked and stored, which the worker then takes as it is
+instead of checking it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt
+started under, are h2kd's own). Before creating a temporary output the worker records its
 path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd READY=1, reports
 progress as STATUS= lines (h2kd.worker.report format; StatusReporter says how often), runs the operation, writes
 RESULT.json atomically and exits 0 (completed), 1 (failed, worth retrying), 2 (failed for good: bad input) or
@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                                 int((envelope.get("owner") or {}).get("uid") or 0))
             say(f"h2k-worker: job {envelope.get('job_id')} attempt {result['attempt']}: {spec['operation']} "
                   f"{spec['image']['path']}")
+            if type(envelope.get("cpu")) is int:
+                from h2kd.operations import qemuimg
+                qemuimg.keep_walks_on(envelope["cpu"])
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
                                      envelope.get("owner"), temp_record_path(args.spec), committing,
