@@ -237,6 +237,9 @@ class JobDirectory:
     def __init__(self, wanted: str):
         self.wanted = wanted
         self.made: str | None = None       # the directory this attempt made, removed if the attempt fails
+        # Told the directory this attempt made (TempFiles.note_made_directory): for h2kd to remove, empty, if the
+        # attempt is killed outright.
+        self.note_made: Callable[[str], None] = lambda directory: None
 
     def make(self, owner: dict[str, int] | None) -> str:
         uid = owner["uid"] if owner else 0
@@ -251,9 +254,11 @@ class JobDirectory:
                         # Empty: an earlier attempt's, killed before it wrote anything. This one removes it if
                         # it fails, as one it made.
                         self.made = directory
+                        self.note_made(directory)
                     return directory
                 continue
             self.made = directory
+            self.note_made(directory)
             if owner:
                 os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
                 os.chmod(directory, owner.get("directory_mode", 0o700), follow_symlinks=False)
@@ -396,9 +401,11 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
                              "disks marked not present are left out; a VM that VMware encrypted keeps its disks' "
                              "names in its encrypted part: decrypt it first)", "inspect")
     overwrite = bool(artifacts.get("overwrite"))
+    temps = TempFiles(temp_record, owner, durable)
+    if job_dir is not None:
+        job_dir.note_made = temps.note_made_directory
     destinations, base, directory_fd = plan_outputs(source, artifacts.get("output_path"), job_dir,
                                                     output_roots, options.output_format, overwrite, owner)
-    temps = TempFiles(temp_record, owner, durable)
     temps.adopt_directory(os.path.dirname(destinations[0]), directory_fd)
     outputs: list[dict[str, Any]] = []
     repair_report: dict[str, Any] | None = None

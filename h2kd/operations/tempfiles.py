@@ -46,7 +46,8 @@ class TempFiles:
     record: a file to which each temporary path is appended, one absolute path a line, BEFORE the file is
     created, so that a worker killed outright (SIGKILL, OOM) leaves a list of what to
     remove. A name that turned out to be taken (O_EXCL failed, nothing was created) is withdrawn with a
-    line "-<path>". See remove_recorded().
+    line "-<path>". A directory made for the outputs is noted once made, "+<device>:<inode>:<path>"
+    (note_made_directory). See remove_recorded().
     """
 
     def __init__(self, record: str | None = None, owner: dict[str, int] | None = None, durable: bool = True) -> None:
@@ -79,6 +80,14 @@ class TempFiles:
     def _note(self, line: str) -> None:
         if self.record:
             _append_line(self.record, line, self.durable)
+
+    def note_made_directory(self, path: str) -> None:
+        """`path`, a directory, was just made for this attempt's outputs (or taken over from a killed attempt,
+        empty): a worker killed outright leaves it to remove_recorded, which removes it while it is still that
+        directory and empty."""
+        if self.record:
+            st = os.lstat(path)
+            self._note(f"+{st.st_dev}:{st.st_ino}:{path}")
 
     def note_commit(self, temp: str, destination: str, aside: str | None) -> None:
         """Before the temporary file `temp` gets the name `destination`, replacing the file kept aside as `aside`
@@ -272,15 +281,30 @@ def _sync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def recorded_temp_paths(record: str) -> list[str]:
-    """The temporary paths a TempFiles record lists (withdrawn ones left out), in order."""
+def _record_lines(record: str) -> list[str]:
     try:
         with open(record, encoding="utf-8", errors="replace", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
         return []
+
+
+def recorded_temp_paths(record: str) -> list[str]:
+    """The temporary paths a TempFiles record lists (withdrawn ones left out), in order."""
+    lines = _record_lines(record)
     withdrawn = {line[1:] for line in lines if line.startswith("-")}
     return [line for line in dict.fromkeys(lines) if line.startswith("/") and line not in withdrawn]
+
+
+def recorded_directories(record: str) -> list[tuple[int, int, str]]:
+    """The directories a TempFiles record says were made for the outputs: (device, inode, path), in order."""
+    made = []
+    for line in _record_lines(record):
+        device, _, rest = line[1:].partition(":")
+        inode, _, path = rest.partition(":")
+        if line.startswith("+") and device.isdigit() and inode.isdigit() and path.startswith("/"):
+            made.append((int(device), int(inode), path))
+    return made
 
 
 def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
@@ -288,7 +312,8 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
 
     Only what is certainly a temporary output is removed: a regular file (never through a symlink, neither
     the file nor any directory above it) whose name carries TEMP_PREFIX, in a directory under one of the
-    output roots, and not one of the paths in keep (the attempt's final outputs).
+    output roots, and not one of the paths in keep (the attempt's final outputs). Then each directory made for
+    the outputs (note_made_directory), last first, if it is still the one made (its device and inode) and empty.
     """
     real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
     removed = []
@@ -303,6 +328,20 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode):
                 os.unlink(name, dir_fd=dir_fd)
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+    for device, inode, path in reversed(recorded_directories(record)):
+        parent, name = os.path.split(os.path.normpath(path))
+        dir_fd = _open_directory_under(parent, real_roots) if name else None
+        if dir_fd is None:
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == (device, inode):
+                os.rmdir(name, dir_fd=dir_fd)       # fails unless empty: what it holds is someone's
                 removed.append(path)
         except OSError:
             pass
