@@ -20,11 +20,10 @@ def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk",
     """`qemu-img convert` by hand, one process per source, all at once; (seconds until every convert ended,
     seconds until every output was also fsynced). pinned: each process kept on one CPU, spread over this
     process's CPUs as h2kd spreads its conversions (`taskset -c N qemu-img convert ...`)."""
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0), reverse=True)      # the last first, as h2kd.runner.placement gives
     start = time.perf_counter()
-    procs = [subprocess.Popen(["qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(s), str(o)],
-                              preexec_fn=(lambda cpu=cpus[i % len(cpus)]: os.sched_setaffinity(0, {cpu}))
-                              if pinned else None)
+    procs = [subprocess.Popen([*(["taskset", "-c", str(cpus[i % len(cpus)])] if pinned else []),
+                               "qemu-img", "convert", "-f", fmt, "-O", "qcow2", str(s), str(o)])
              for i, (s, o) in enumerate(zip(sources, outputs))]
     if any(p.wait() != 0 for p in procs):
         raise RuntimeError("qemu-img convert failed")
@@ -40,15 +39,17 @@ def hand_convert(sources: list[Path], outputs: list[Path], fmt: str = "vmdk",
 
 async def side_by_side(runs: int, by_hand: Callable[[bool], tuple[float, float]],
                        job: Callable[[bool], Awaitable[float]]) -> dict[str, float]:
-    """Median seconds of each way, over `runs` runs whose order rotates from run to run: by hand
+    """Median seconds of each way, over `runs` runs whose order changes from run to run (in four runs, each way
+    comes first once and right after each other way once: what one leaves to the disk weighs on each): by hand
     (by_hand(pinned) -> seconds, seconds including an fsync of the outputs; pinned: kept on CPUs as h2kd keeps
     its conversions) and through h2kd (job(sync) -> seconds, with parameters.sync true, the default, and false).
     Keys hand_s, hand_fsync_s, hand_pinned_s, hand_pinned_fsync_s, job_s, job_nosync_s."""
     times: dict[str, list[float]] = {"hand_s": [], "hand_fsync_s": [], "hand_pinned_s": [],
                                      "hand_pinned_fsync_s": [], "job_s": [], "job_nosync_s": []}
     sides = ("job", "hand", "job_nosync", "hand_pinned")
+    orders = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
     for run in range(runs):
-        for side in sides[run % 4:] + sides[:run % 4]:
+        for side in (sides[i] for i in orders[run % 4]):
             if side.startswith("hand"):
                 plain, synced = by_hand(side == "hand_pinned")
                 times[side + "_s"].append(plain)
@@ -91,7 +92,7 @@ async def job_convert(client: Client, sources: list[Path], outputs: list[Path],
     return end - start
 
 
-def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = True) -> list[dict[str, Any]]:
+def conversion_overhead(stack: Stack, work: Path, runs: int = 4, big: bool = True) -> list[dict[str, Any]]:
     """For each disk: median seconds by hand and through h2kd (the order rotating from run to run), the ratios
     and the fixed cost. Like against like: a job with sync false against `qemu-img convert` by hand
     (ratio_nosync), a job with the default sync true against the same followed by an fsync (ratio_sync)."""
@@ -128,7 +129,7 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
                                 "hand_fsync_s": hs, "job_s": j, "ratio_sync": j / hs, "extra_sync_s": j - hs,
                                 # like for like in placement too: h2kd's own share of a job
                                 "hand_pinned_s": hp, "ratio_nosync_pinned": jn / hp, "extra_nosync_pinned_s": jn - hp,
-                                "hand_pinned_fsync_s": hps, "ratio_sync_pinned": j / hps,
+                                "hand_pinned_fsync_s": hps, "ratio_sync_pinned": j / hps, "extra_sync_pinned_s": j - hps,
                                 **{k: median([p[k] for p in parts[True]]) for k in parts[True][0]},
                                 **{"nosync_" + k: median([p[k] for p in parts[False]]) for k in parts[False][0]}})
         finally:
@@ -138,7 +139,7 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 5, big: bool = Tru
     return figures
 
 
-def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1, 2, 4), runs: int = 3,
+def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1, 2, 4), runs: int = 4,
                          size: int = disks.GiB, data_fraction: float = 0.25) -> list[dict[str, Any]]:
     """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand, like against
     like as in conversion_overhead: jobs with sync false against plain `qemu-img convert` runs (ratio_nosync),
@@ -171,12 +172,13 @@ def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1,
         m = asyncio.run(side_by_side(runs, lambda pinned, n=n: by_hand(n, pinned),
                                      lambda sync, n=n: through_h2kd(n, sync)))
         h, hs, j, jn = m["hand_s"], m["hand_fsync_s"], m["job_s"], m["job_nosync_s"]
-        hp = m["hand_pinned_s"]
+        hp, hps = m["hand_pinned_s"], m["hand_pinned_fsync_s"]
         total = sum(data[:n])
         mibps = lambda seconds: total / seconds / disks.MiB  # noqa: E731
         figures.append({"parallel": n, "data_bytes": total,
                         "hand_s": h, "job_nosync_s": jn, "hand_MiBps": mibps(h), "job_nosync_MiBps": mibps(jn),
                         "ratio_nosync": jn / h,
                         "hand_fsync_s": hs, "job_s": j, "hand_fsync_MiBps": mibps(hs), "job_MiBps": mibps(j),
-                        "ratio_sync": j / hs, "hand_pinned_s": hp, "ratio_nosync_pinned": jn / hp})
+                        "ratio_sync": j / hs, "hand_pinned_s": hp, "ratio_nosync_pinned": jn / hp,
+                        "hand_pinned_fsync_s": hps, "ratio_sync_pinned": j / hps})
     return figures

@@ -54,7 +54,7 @@ class Config:
     # Checks that may show a password prompt wait as long as a client does (h2kctl: 300 s).
     polkit_interactive_timeout_seconds: float = 300.0
     property_coalesce_seconds: float = 0.1
-    # Each conversion's qemu-img kept on one CPU, conversions spread over h2kd's CPUs (h2kd.runner.placement);
+    # Each job's qemu-img convert and compare kept on one CPU, jobs spread over the CPUs (h2kd.runner.placement);
     # false: the kernel places them as it does any program.
     pin_conversions: bool = True
 

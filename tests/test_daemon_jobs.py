@@ -714,7 +714,7 @@ def test_conversions_running_at_once_are_each_kept_on_a_cpu_of_their_own_unless_
     CPUs (about half a conversion's time, bench/RESULTS.md), and two conversions are spread over two CPUs.
     With pin_conversions = false, the kernel places them."""
     stack = tuned
-    usable = os.sched_getaffinity(0)        # h2kd's, which the stack started from this process
+    usable = os.sched_getaffinity(0)        # the units' too: the stack's systemd started from this process
     first, second = cpus_of_two_conversions_at_once(stack, slow_source)
     assert len(first) == 1 and len(second) == 1 and first != second, (first, second)
     assert first | second <= usable

@@ -482,10 +482,11 @@ def test_unit_runs_with_the_properties_it_was_given(sandbox: Sandbox) -> None:
                                  "owner": {"uid": convert.owner, "gid": 0, "mode": 0o640, "directory_mode": 0o700,
                                            "groups": []},
                                  "source_identity": convert.source_identity,
-                                 # the runner's first conversion: the first of its CPUs (h2kd.runner.placement)
-                                 "cpu": min(os.sched_getaffinity(0))}
-            # Only conversions are kept on a CPU.
-            assert json.loads((config.runs_dir / offline_unit / "spec.json").read_text())["cpu"] is None
+                                 # the runner's first attempt: the last CPU (h2kd.runner.placement)
+                                 "cpu": os.cpu_count() - 1}
+            # The second, the CPU before it (the same one on a machine of one CPU).
+            assert json.loads((config.runs_dir / offline_unit / "spec.json").read_text())["cpu"] == \
+                max(os.cpu_count() - 2, 0)
 
             offline_props = await unit_properties(sandbox.manager.bus_address, offline_unit)
             assert offline_props is not None

@@ -46,9 +46,9 @@ _WALK_CPU: list[int] = []
 
 
 def keep_walks_on(cpu: int | None) -> None:
-    """From now on, start `qemu-img convert` and `qemu-img compare` on this one CPU (None: wherever the kernel
-    puts them). h2kd chooses it (h2kd.runner.placement says why); a CPU the worker may not use (its unit's
-    cpuset, an AllowedCPUs= of the slice, left it out) is ignored."""
+    """From now on, start `qemu-img convert` and `qemu-img compare` on one CPU (None: wherever the kernel puts
+    them): the cpu-th of those the worker may use, counted round (h2kd chooses the number, over every CPU of the
+    machine: h2kd.runner.placement says why; the unit may have fewer)."""
     _WALK_CPU.clear()
     if cpu is not None:
         _WALK_CPU.append(cpu)
@@ -58,21 +58,22 @@ def keep_walks_on(cpu: int | None) -> None:
 def _on_walk_cpu() -> Iterator[None]:
     """The calling thread kept on the walks' CPU while it starts a child, which inherits that (and only that)."""
     try:
-        before = os.sched_getaffinity(0)
+        before = sorted(os.sched_getaffinity(0))
     except OSError:
-        before = set()
-    if not _WALK_CPU or _WALK_CPU[0] not in before or len(before) == 1:
+        before = []
+    if not _WALK_CPU or len(before) < 2:
         yield
         return
     try:
-        os.sched_setaffinity(0, {_WALK_CPU[0]})
+        os.sched_setaffinity(0, {before[_WALK_CPU[0] % len(before)]})
     except OSError:     # a seccomp filter or a cpuset that changed meanwhile: the kernel places the child
         yield
         return
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        with contextlib.suppress(OSError):      # the child is started: it must reach the caller, who stops it
+            os.sched_setaffinity(0, before)
 
 
 # The error codes of the result contract that an operation may raise (h2kd.model.result.ErrorCode).

@@ -183,7 +183,7 @@ class SystemdRunner:
         self._held_task: asyncio.Task | None = None
         self._held_scanned = False
         self._held_dir = self._config.runs_dir / HELD_DIR_NAME    # records of forgotten jobs' attempts
-        self._usable_cpus = placement.usable_cpus()
+        self._cpu_slots = placement.cpu_slots()
         self._cpus: dict[str, int] = {}      # by unit: the CPU its attempt's conversion was given (_give_cpu)
 
     # ------------------------------------------------------------------ connection
@@ -387,11 +387,11 @@ class SystemdRunner:
                 self._cpus.pop(unit, None)
 
     def _give_cpu(self, unit: str, job: Job) -> int | None:
-        """The CPU the attempt's conversion is to be kept on (h2kd.runner.placement), None for other
-        operations and with pin_conversions off."""
-        if not self._config.pin_conversions or job.operation != "convert":
+        """The CPU the attempt's conversions and comparisons are to be kept on (h2kd.runner.placement); None for
+        an inspection (a few quick reads) and with pin_conversions off."""
+        if not self._config.pin_conversions or job.operation == "inspect":
             return None
-        cpu = placement.choose_cpu(self._usable_cpus, self._cpus.values())
+        cpu = placement.choose_cpu(self._cpu_slots, self._cpus.values())
         if cpu is not None:
             self._cpus[unit] = cpu
         return cpu
@@ -611,9 +611,9 @@ class SystemdRunner:
         self._unfollow(followed)
 
     def _unfollow(self, followed: _Followed) -> None:
-        self._cpus.pop(followed.unit, None)
         if self._followed.get(followed.unit) is followed:
             del self._followed[followed.unit]
+            self._cpus.pop(followed.unit, None)
         if self._by_path.get(followed.path) is followed:
             del self._by_path[followed.path]
 

@@ -4,7 +4,7 @@
 
 SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd
 adds "owner": {"uid", "gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with;
-"source_identity"; "cpu", the CPU qemu-img's conversions are kept on (h2kd.runner.placement; null: none); and
+"source_identity"; "cpu", which of its CPUs qemu-img's conversions are kept on (h2kd.runner.placement; null: none); and
 "spec_checked": true when the spec is the one h2kd checked and stored, which the worker then takes as it is
 instead of checking it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt
 started under, are h2kd's own). Before creating a temporary output the worker records its
