@@ -170,6 +170,10 @@ elif mode == "leave":
     job_dir.note_made = temps.note_made_directory
     with open(temps.create(os.path.join(job_dir.make(None), "disk.qcow2")), "wb") as f:
         f.write(b"partial output")
+    # And in its working directory, the attempt's own, as a dry run's unpacked copy of an image it may not write
+    # beside.
+    with open(temps.create(os.path.join(os.getcwd(), "image.raw")), "wb") as f:
+        f.write(b"unpacked image")
     decoys = run_dir / "decoys"
     if decoys.exists():            # paths that must never be removed, recorded as a damaged record could
         with open(run_dir / "temp-files", "a") as f:
@@ -1609,6 +1613,7 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
             partial = Path(next(t for t in events.statuses_of(job.id) if t.startswith("left "))[5:])
             assert partial.parent == out_dir and partial.exists()
             assert [p.name.startswith(".h2k-tmp-") for p in job_dir.iterdir()] == [True]
+            assert [p for p in run_dir.iterdir() if p.name.startswith(".h2k-tmp-")]
             if while_away:
                 await runner.close()          # h2kd is gone while the unit is killed
             killed = await asyncio.to_thread(sandbox.systemctl, "kill", "--signal=KILL", unit)
@@ -1629,6 +1634,7 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
         assert outcome.worker_result is None and outcome.result in ("signal", "unknown")
         assert not partial.exists()
         assert not job_dir.exists()         # the directory made for the outputs, emptied, went too
+        assert not [p for p in run_dir.iterdir() if p.name.startswith(".h2k-tmp-")]
         assert sorted(p.name for p in out_dir.iterdir()) == sorted(
             [link.name, directory.name, unprefixed.name, "linked", "holding", "replaced"])
         assert link.is_symlink() and directory.is_dir()

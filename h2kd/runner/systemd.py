@@ -894,7 +894,9 @@ class SystemdRunner:
                 log.info("%s is back as it was before unit %s, which was killed while giving its outputs their "
                          "names", path, followed.unit)
         try:
-            removed = await asyncio.to_thread(remove_recorded, str(record), roots, keep)
+            # And in the attempt's own directory, where a dry run's unpacked copy goes when the image's own may
+            # not be written (h2kd.operations.offline_fix): a disk's size, kept until the job is removed otherwise.
+            removed = await asyncio.to_thread(remove_recorded, str(record), [*roots, str(followed.run_dir)], keep)
         except Exception:
             log.exception("removing the temporary files of unit %s failed", followed.unit)
             return
