@@ -803,6 +803,29 @@ def test_a_convert_without_an_output_path_writes_into_a_directory_of_its_own(tun
         shutil.rmtree(stack.output_dir / job_id, ignore_errors=True)
 
 
+def test_the_directory_of_a_convert_killed_outright_goes_with_its_temporary_files(tuned: Any, slow_source: Path) -> None:
+    """A worker killed outright (here by an administrator's SIGKILL; the OOM killer alike) removes nothing
+    itself: h2kd removes the partial output it recorded and then the directory made for the job, empty."""
+    stack = tuned
+    job_id = new_id("killed-default-out")
+
+    async def scenario() -> tuple[list[str], dict[str, Any]]:
+        client = await Client.connect(stack.bus_address)
+        _, path = await client.submit(job_spec(job_id, slow_source))
+        running = await wait_props(client, path, ("progressing",), 60, progress_above=0.02)
+        inside = sorted(p.name for p in (stack.output_dir / job_id).iterdir())
+        killed = await asyncio.to_thread(systemctl, stack, "kill", "--signal=KILL", running["Unit"])
+        assert killed.returncode == 0, killed.stderr
+        final = await wait_props(client, path, timeout=60)
+        client.close()
+        return inside, final
+
+    inside, final = run(scenario())
+    assert [name.startswith(TEMP_PREFIX) for name in inside] == [True], inside
+    assert final["State"] == "failed", final["State"]
+    assert not (stack.output_dir / job_id).exists()
+
+
 def test_retryable_failure_is_retried_with_growing_backoff(tuned: Any, small_fs: Path, slow_source: Path) -> None:
     """NO_SPACE on every attempt (the output's file system is too small): attempts 1, 2 and 3, the waits
     between them 0.5 s then 1 s, and the job fails with the last attempt's error and log tail."""

@@ -163,13 +163,6 @@ elif mode == "leave":
     partial = temps.create(spec["spec"]["artifacts"]["output_path"])
     with open(partial, "wb") as f:
         f.write(b"partial output" * 1000)
-    # And in a directory of its own, as a convert given no output path writes, made as the worker makes it (here
-    # beside the output, where the unit may write).
-    from h2kd.operations.convert import JobDirectory
-    job_dir = JobDirectory(os.path.join(os.path.dirname(spec["spec"]["artifacts"]["output_path"]), spec["job_id"]))
-    job_dir.note_made = temps.note_made_directory
-    with open(temps.create(os.path.join(job_dir.make(None), "disk.qcow2")), "wb") as f:
-        f.write(b"partial output")
     # And in its working directory, the attempt's own, as a dry run's unpacked copy of an image it may not write
     # beside.
     with open(temps.create(os.path.join(os.getcwd(), "image.raw")), "wb") as f:
@@ -1592,17 +1585,7 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
         run_dir = config.runs_dir / unit
         run_dir.mkdir(parents=True)
         decoys = [outside, link, directory, unprefixed, through_link]
-        # Directories recorded as made for outputs that must stay: one holding a file, one that is not the
-        # directory made (another inode), one outside the output roots.
-        holding, replaced, beyond = out_dir / "holding", out_dir / "replaced", outside_dir / "beyond"
-        for made in (holding, replaced, beyond):
-            made.mkdir(exist_ok=True)
-        (holding / "users-file").write_bytes(b"keep me")
-        noted = {made: (made.stat().st_dev, made.stat().st_ino) for made in (holding, replaced, beyond)}
-        noted[replaced] = (noted[replaced][0], noted[replaced][1] + 1)
-        (run_dir / "decoys").write_text("".join(f"{p}\n" for p in decoys) +
-                                        "".join(f"+{dev}:{ino}:{p}\n" for p, (dev, ino) in noted.items()))
-        job_dir = out_dir / job.id
+        (run_dir / "decoys").write_text("".join(f"{p}\n" for p in decoys))
 
         events = RecordingEvents()
         runner = await connected(config, events)
@@ -1612,7 +1595,6 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
                            what="the worker to write its partial output")
             partial = Path(next(t for t in events.statuses_of(job.id) if t.startswith("left "))[5:])
             assert partial.parent == out_dir and partial.exists()
-            assert [p.name.startswith(".h2k-tmp-") for p in job_dir.iterdir()] == [True]
             assert [p for p in run_dir.iterdir() if p.name.startswith(".h2k-tmp-")]
             if while_away:
                 await runner.close()          # h2kd is gone while the unit is killed
@@ -1633,12 +1615,10 @@ def test_temporary_output_of_a_killed_worker_is_removed_when_the_attempt_settles
             await runner.close()
         assert outcome.worker_result is None and outcome.result in ("signal", "unknown")
         assert not partial.exists()
-        assert not job_dir.exists()         # the directory made for the outputs, emptied, went too
         assert not [p for p in run_dir.iterdir() if p.name.startswith(".h2k-tmp-")]
         assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-            [link.name, directory.name, unprefixed.name, "linked", "holding", "replaced"])
+            [link.name, directory.name, unprefixed.name, "linked"])
         assert link.is_symlink() and directory.is_dir()
-        assert replaced.is_dir() and beyond.is_dir() and (holding / "users-file").read_bytes() == b"keep me"
         for path in (outside, target, unprefixed, outside_dir / through_link.name):
             assert path.read_bytes() == b"keep me", path
 

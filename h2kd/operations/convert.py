@@ -159,6 +159,8 @@ def plan_outputs(source: inspect.Source, output_path: str | None, job_dir: JobDi
     # there, whatever they rename or swap on its path meanwhile (another user's directory of the same name, say).
     directory_fd = open_output_directory(directory)
     try:
+        if job_dir is not None:
+            job_dir.note_opened(directory, directory_fd)
         if owner_uid:
             _check_submitter_may_write_in(directory_fd, directory, owner)
         destinations, base_path = _named_outputs(directory, base, into_directory, count, ext, overwrite, owner_uid)
@@ -236,10 +238,28 @@ class JobDirectory:
 
     def __init__(self, wanted: str):
         self.wanted = wanted
-        self.made: str | None = None       # the directory this attempt made, removed if the attempt fails
-        # Told the directory this attempt made (TempFiles.note_made_directory): for h2kd to remove, empty, if the
-        # attempt is killed outright.
-        self.note_made: Callable[[str], None] = lambda directory: None
+        # The directory this attempt made, or took over empty from an attempt killed outright: removed if this
+        # attempt fails, and noted in temps for h2kd to remove if it is killed outright (note_opened).
+        self.made: str | None = None
+        self.temps: TempFiles | None = None
+        self._noted: str | None = None
+
+    def note_opened(self, directory: str, fd: int) -> None:
+        """plan_outputs opened the outputs' directory (`directory`, resolved) on fd: noted if it is the one made."""
+        if self.made and self.temps and os.path.realpath(self.made) == directory:
+            self.temps.note_made_directory(directory, fd)
+            self._noted = directory
+
+    def remove(self) -> None:
+        """Remove the directory made (empty by now: the outputs' temporary files are gone), and its note."""
+        if not self.made:
+            return
+        try:
+            os.rmdir(self.made)
+        except OSError:
+            return
+        if self.temps and self._noted:
+            self.temps.withdraw_made_directory(self._noted)
 
     def make(self, owner: dict[str, int] | None) -> str:
         uid = owner["uid"] if owner else 0
@@ -254,11 +274,9 @@ class JobDirectory:
                         # Empty: an earlier attempt's, killed before it wrote anything. This one removes it if
                         # it fails, as one it made.
                         self.made = directory
-                        self.note_made(directory)
                     return directory
                 continue
             self.made = directory
-            self.note_made(directory)
             if owner:
                 os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
                 os.chmod(directory, owner.get("directory_mode", 0o700), follow_symlinks=False)
@@ -379,11 +397,8 @@ def run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspect
         return _run_convert(spec, output_roots, progress, on_process, owner, temp_record, repair, job_dir,
                             on_commit or (lambda: None))
     except BaseException:
-        if job_dir is not None and job_dir.made:
-            try:
-                os.rmdir(job_dir.made)      # empty by now: the outputs' temporary files are gone
-            except OSError:
-                pass
+        if job_dir is not None:
+            job_dir.remove()
         raise
 
 
@@ -403,7 +418,7 @@ def _run_convert(spec: dict[str, Any], output_roots: list[str], progress: inspec
     overwrite = bool(artifacts.get("overwrite"))
     temps = TempFiles(temp_record, owner, durable)
     if job_dir is not None:
-        job_dir.note_made = temps.note_made_directory
+        job_dir.temps = temps
     destinations, base, directory_fd = plan_outputs(source, artifacts.get("output_path"), job_dir,
                                                     output_roots, options.output_format, overwrite, owner)
     temps.adopt_directory(os.path.dirname(destinations[0]), directory_fd)

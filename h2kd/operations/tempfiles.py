@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import stat
 import struct
 from typing import Callable, TypeVar
@@ -46,8 +47,9 @@ class TempFiles:
     record: a file to which each temporary path is appended, one absolute path a line, BEFORE the file is
     created, so that a worker killed outright (SIGKILL, OOM) leaves a list of what to
     remove. A name that turned out to be taken (O_EXCL failed, nothing was created) is withdrawn with a
-    line "-<path>". A directory made for the outputs is noted once made, "+<device>:<inode>:<path>"
-    (note_made_directory). See remove_recorded().
+    line "-<path>". A directory made for the outputs is noted once made and opened, "+<device>:<inode>:<path>",
+    and withdrawn with "-" before that line once the worker removed it itself (note_made_directory,
+    withdraw_made_directory). See remove_recorded().
     """
 
     def __init__(self, record: str | None = None, owner: dict[str, int] | None = None, durable: bool = True) -> None:
@@ -64,6 +66,7 @@ class TempFiles:
         # whatever the submitter renames or swaps on its path later, root opens, removes and renames the temporary
         # files there, and only there.
         self._directories: dict[str, int] = {}
+        self._directory_notes: dict[str, str] = {}     # path -> its "+..." line (note_made_directory)
 
     def adopt_directory(self, directory: str, fd: int) -> None:
         """Make files in `directory` through fd (see open_output_directory), opened and checked before; closed with
@@ -78,16 +81,28 @@ class TempFiles:
         return fd
 
     def _note(self, line: str) -> None:
+        if "\n" in line:
+            # A record is a line a path: a name with a line break (a directory a symlink of the submitter's leads
+            # to) would add lines of their choosing.
+            raise OperationError("VALIDATION_FAILED", f"the output path {line!r} holds a line break; h2kd makes "
+                                 "no file there")
         if self.record:
             _append_line(self.record, line, self.durable)
 
-    def note_made_directory(self, path: str) -> None:
-        """`path`, a directory, was just made for this attempt's outputs (or taken over from a killed attempt,
-        empty): a worker killed outright leaves it to remove_recorded, which removes it while it is still that
-        directory and empty."""
-        if self.record:
-            st = os.lstat(path)
-            self._note(f"+{st.st_dev}:{st.st_ino}:{path}")
+    def note_made_directory(self, path: str, fd: int) -> None:
+        """`path` (resolved), opened on fd, a directory made for this attempt's outputs (or taken over, empty,
+        from an attempt killed outright): a worker killed outright leaves it to remove_recorded, which removes
+        it while it is still that directory and empty."""
+        st = os.fstat(fd)
+        self._directory_notes[path] = f"+{st.st_dev}:{st.st_ino}:{path}"
+        self._note(self._directory_notes[path])
+
+    def withdraw_made_directory(self, path: str) -> None:
+        """The worker removed the directory at `path` itself: another made at that name since, perhaps with the
+        inode number just freed, is not for remove_recorded to remove."""
+        line = self._directory_notes.pop(path, None)
+        if line:
+            self._note("-" + line)
 
     def note_commit(self, temp: str, destination: str, aside: str | None) -> None:
         """Before the temporary file `temp` gets the name `destination`, replacing the file kept aside as `aside`
@@ -296,24 +311,32 @@ def recorded_temp_paths(record: str) -> list[str]:
     return [line for line in dict.fromkeys(lines) if line.startswith("/") and line not in withdrawn]
 
 
+_DIRECTORY_NOTE = re.compile(r"\+(\d{1,20}):(\d{1,20}):(/.+)", re.ASCII)
+
+
 def recorded_directories(record: str) -> list[tuple[int, int, str]]:
-    """The directories a TempFiles record says were made for the outputs: (device, inode, path), in order."""
+    """The directories a TempFiles record says were made for the outputs and not removed by the worker:
+    (device, inode, path), in order."""
+    lines = _record_lines(record)
+    withdrawn = {line[1:] for line in lines if line.startswith("-+")}
     made = []
-    for line in _record_lines(record):
-        device, _, rest = line[1:].partition(":")
-        inode, _, path = rest.partition(":")
-        if line.startswith("+") and device.isdigit() and inode.isdigit() and path.startswith("/"):
-            made.append((int(device), int(inode), path))
+    for line in lines:
+        note = _DIRECTORY_NOTE.fullmatch(line)
+        if note and line not in withdrawn:
+            made.append((int(note.group(1)), int(note.group(2)), note.group(3)))
     return made
 
 
-def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
+def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[str] = frozenset(),
+                    job_id: str | None = None) -> list[str]:
     """Remove the temporary files a killed worker left, as listed in its TempFiles record; the removed paths.
 
     Only what is certainly a temporary output is removed: a regular file (never through a symlink, neither
     the file nor any directory above it) whose name carries TEMP_PREFIX, in a directory under one of the
-    output roots, and not one of the paths in keep (the attempt's final outputs). Then each directory made for
-    the outputs (note_made_directory), last first, if it is still the one made (its device and inode) and empty.
+    roots, and not one of the paths in keep (the attempt's final outputs). Then, given the job's id, each
+    directory made for its outputs (note_made_directory), last first: only a job directory (named after the
+    job, see h2kd.operations.convert.JobDirectory) right in one of the roots, still the one made (its device and
+    inode), and empty.
     """
     real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
     removed = []
@@ -333,9 +356,12 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
             pass
         finally:
             os.close(dir_fd)
+    job_directory = re.compile(re.escape(job_id) + r"(-[0-9a-f]{8})?") if job_id else None
     for device, inode, path in reversed(recorded_directories(record)):
         parent, name = os.path.split(os.path.normpath(path))
-        dir_fd = _open_directory_under(parent, real_roots) if name else None
+        if not job_directory or not job_directory.fullmatch(name) or parent + "/" not in real_roots:
+            continue
+        dir_fd = _open_directory_under(parent, real_roots)
         if dir_fd is None:
             continue
         try:
@@ -356,9 +382,13 @@ def _open_directory_under(directory: str, real_roots: list[str]) -> int | None:
     if os.path.realpath(directory) != directory or not any((directory + "/").startswith(r) for r in real_roots):
         return None
     try:
-        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
+    if not _is_at(fd, directory):       # a directory above it swapped for a symlink since realpath looked
+        os.close(fd)
+        return None
+    return fd
 
 
 def undo_commit(record: str, roots: list[str]) -> list[str]:

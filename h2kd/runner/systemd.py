@@ -896,7 +896,8 @@ class SystemdRunner:
         try:
             # And in the attempt's own directory, where a dry run's unpacked copy goes when the image's own may
             # not be written (h2kd.operations.offline_fix): a disk's size, kept until the job is removed otherwise.
-            removed = await asyncio.to_thread(remove_recorded, str(record), [*roots, str(followed.run_dir)], keep)
+            removed = await asyncio.to_thread(remove_recorded, str(record), [*roots, str(followed.run_dir)], keep,
+                                              followed.job_id)
         except Exception:
             log.exception("removing the temporary files of unit %s failed", followed.unit)
             return
