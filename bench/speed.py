@@ -93,9 +93,10 @@ async def job_convert(client: Client, sources: list[Path], outputs: list[Path],
 
 
 def conversion_overhead(stack: Stack, work: Path, runs: int = 4, big: bool = True) -> list[dict[str, Any]]:
-    """For each disk: median seconds by hand and through h2kd (the order rotating from run to run), the ratios
-    and the fixed cost. Like against like: a job with sync false against `qemu-img convert` by hand
-    (ratio_nosync), a job with the default sync true against the same followed by an fsync (ratio_sync)."""
+    """For each disk: median seconds by hand and through h2kd (in the order of side_by_side), the ratios and the
+    fixed cost. A job with sync false against `qemu-img convert` by hand (ratio_nosync), a job with the default
+    sync true against the same followed by an fsync (ratio_sync); and both against `qemu-img convert` kept on a
+    CPU as h2kd keeps its own (ratio_nosync_pinned, ratio_sync_pinned: h2kd's own share, placement aside)."""
     cases = [("tiny sparse VMDK (16 MiB, 25% data)", disks.sparse_vmdk(work, "tiny", 16 * disks.MiB, 0.25))]
     if big:
         cases += [("2 GiB sparse VMDK (25% data)", disks.sparse_vmdk(work, "sparse2g", 2 * disks.GiB, 0.25)),
@@ -141,9 +142,10 @@ def conversion_overhead(stack: Stack, work: Path, runs: int = 4, big: bool = Tru
 
 def parallel_conversions(stack: Stack, work: Path, counts: tuple[int, ...] = (1, 2, 4), runs: int = 4,
                          size: int = disks.GiB, data_fraction: float = 0.25) -> list[dict[str, Any]]:
-    """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand, like against
-    like as in conversion_overhead: jobs with sync false against plain `qemu-img convert` runs (ratio_nosync),
-    default jobs against the same runs each followed by an fsync of its output (ratio_sync)."""
+    """Total throughput (data bytes/s) of n simultaneous conversions through h2kd and by hand, as in
+    conversion_overhead: jobs with sync false against plain `qemu-img convert` runs (ratio_nosync), default jobs
+    against the same runs each followed by an fsync of its output (ratio_sync), and both against runs kept on
+    CPUs as h2kd keeps its own (ratio_nosync_pinned, ratio_sync_pinned)."""
     sources = [disks.sparse_vmdk(work, f"par{i}", size, data_fraction, seed=100 + i) for i in range(max(counts))]
     data = [disks.data_bytes(s) for s in sources]
     figures = []

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from busclient import ERR, JOB, MANAGER, PROPERTIES, WORKER, Client, run, wait_for
 import images
 from images import MiB
+from procfs import cpu_list
 from h2kd import BUS_NAME, MANAGER_PATH
 from h2kd.observability.journal import MESSAGE_IDS
 from h2kd.runner.unit import unit_object_path
@@ -649,13 +650,10 @@ def test_administrator_systemctl_stop_cancels_the_job(tuned: Any, slow_source: P
     assert leftovers(stack.output_dir, job_id) == []
 
 
-def cpu_list(text: str) -> set[int]:
-    """The CPUs of a list as /proc shows them ("0-2,5")."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
+def job_units_running(stack: Any) -> list[str]:
+    listed = systemctl(stack, "list-units", "--plain", "--no-legend", "--state=active,activating,deactivating",
+                       "h2k-job-*").stdout
+    return [line.split()[0] for line in listed.splitlines() if line.strip()]
 
 
 def converting_qemu_img_cpus(stack: Any, unit: str) -> set[int] | None:
@@ -681,6 +679,8 @@ def cpus_of_two_conversions_at_once(stack: Any, source: Path, restart_between: b
     while the first ran): the CPUs each one's qemu-img may use (both then cancelled)."""
     async def scenario() -> list[set[int]]:
         client = await Client.connect(stack.bus_address)
+        # Alone: an attempt of an earlier test still running would count on a CPU of its own.
+        await wait_for(lambda: _true(not job_units_running(stack)), 60, "earlier job units to end")
         ids = [new_id("placed") for _ in range(2)]
         specs = [job_spec(job_id, source, stack.output_dir / f"{job_id}.qcow2") for job_id in ids]
         if restart_between:

@@ -42,6 +42,7 @@ passed through config.worker_environment).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -251,15 +252,15 @@ class JobDirectory:
             self._noted = directory
 
     def remove(self) -> None:
-        """Remove the directory made (empty by now: the outputs' temporary files are gone), and its note."""
+        """Remove the directory made (empty by now: the outputs' temporary files are gone), its note first. Called
+        as the attempt fails: nothing here may hide why."""
         if not self.made:
             return
-        try:
-            os.rmdir(self.made)
-        except OSError:
-            return
         if self.temps and self._noted:
-            self.temps.withdraw_made_directory(self._noted)
+            with contextlib.suppress(OSError):
+                self.temps.withdraw_made_directory(self._noted)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.made)
 
     def make(self, owner: dict[str, int] | None) -> str:
         uid = owner["uid"] if owner else 0

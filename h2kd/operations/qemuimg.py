@@ -41,31 +41,31 @@ def run_as(uid: int, gid: int, groups: list[int]) -> None:
         _CREDENTIALS.update(user=uid, group=gid, extra_groups=groups)
 
 
-# The CPU qemu-img's long walks (convert, compare) are kept on, if any: see keep_walks_on.
-_WALK_CPU: list[int] = []
+# The CPU number `qemu-img convert` and `compare` are started on, if any: see keep_convert_and_compare_on.
+_CONVERT_AND_COMPARE_CPU: int | None = None
 
 
-def keep_walks_on(cpu: int | None) -> None:
-    """From now on, start `qemu-img convert` and `qemu-img compare` on one CPU (None: wherever the kernel puts
-    them): the cpu-th of those the worker may use, counted round (h2kd chooses the number, over every CPU of the
-    machine: h2kd.runner.placement says why; the unit may have fewer)."""
-    _WALK_CPU.clear()
-    if cpu is not None:
-        _WALK_CPU.append(cpu)
+def keep_convert_and_compare_on(cpu: int | None) -> None:
+    """From now on, start `qemu-img convert` (but a compressing one) and `qemu-img compare` on one CPU (None:
+    wherever the kernel puts them): the cpu-th of those the worker may use, counted round. h2kd gives the number,
+    counted over every CPU of the machine (h2kd.runner.placement says why); the unit may have fewer."""
+    global _CONVERT_AND_COMPARE_CPU
+    _CONVERT_AND_COMPARE_CPU = cpu
 
 
 @contextlib.contextmanager
-def _on_walk_cpu() -> Iterator[None]:
-    """The calling thread kept on the walks' CPU while it starts a child, which inherits that (and only that)."""
+def _on_the_given_cpu() -> Iterator[None]:
+    """The calling thread kept on the CPU of keep_convert_and_compare_on while it starts a child, which inherits
+    that (and only that)."""
     try:
         before = sorted(os.sched_getaffinity(0))
     except OSError:
         before = []
-    if not _WALK_CPU or len(before) < 2:
+    if _CONVERT_AND_COMPARE_CPU is None or len(before) < 2:
         yield
         return
     try:
-        os.sched_setaffinity(0, {before[_WALK_CPU[0] % len(before)]})
+        os.sched_setaffinity(0, {before[_CONVERT_AND_COMPARE_CPU % len(before)]})
     except OSError:     # a seccomp filter or a cpuset that changed meanwhile: the kernel places the child
         yield
         return
@@ -423,7 +423,9 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
     if not destination.startswith("/"):
         raise ValueError("the destination given to qemu-img must be an absolute path")
     args = ["-p", *source.format_args(), *options.arguments(), source.qemu_name(), destination]
-    returncode, _, stderr = _with_progress("convert", args, progress, on_process, pass_fds)
+    # Compressing is the work itself, which qemu-img may spread over its threads: left to the kernel.
+    returncode, _, stderr = _with_progress("convert", args, progress, on_process, pass_fds,
+                                           on_the_given_cpu=not options.compress)
     if returncode != 0:
         code = "NO_SPACE" if "No space left on device" in stderr else "TOOL_FAILED"
         if returncode < 0:
@@ -434,12 +436,12 @@ def convert(source: ImageRef, destination: str, options: ConvertOptions,
 
 
 def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...] = (),
-             walk: bool = False) -> tuple[Any, Any, list[Any]]:
+             on_the_given_cpu: bool = False) -> tuple[Any, Any, list[Any]]:
     """`qemu-img command args` started with its stdout piped, and a thread collecting its stderr: the process,
-    the thread, and the list its stderr lands in once the thread ends. walk: a convert or compare, started on
-    the CPU of keep_walks_on."""
+    the thread, and the list its stderr lands in once the thread ends. on_the_given_cpu: started on the CPU of
+    keep_convert_and_compare_on."""
     try:
-        with _on_walk_cpu() if walk else contextlib.nullcontext():
+        with _on_the_given_cpu() if on_the_given_cpu else contextlib.nullcontext():
             proc = subprocess.Popen([QEMU_IMG, command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=text, errors="replace" if text else None,
                                     bufsize=-1 if text else 0, pass_fds=pass_fds, **_CREDENTIALS)
@@ -453,14 +455,15 @@ def _started(command: str, args: list[str], text: bool, pass_fds: tuple[int, ...
 
 def _with_progress(command: str, args: list[str], progress: Callable[[float], None] | None,
                    on_process: Callable[[subprocess.Popen[bytes] | None], None] | None,
-                   pass_fds: tuple[int, ...]) -> tuple[int, str, str]:
+                   pass_fds: tuple[int, ...], on_the_given_cpu: bool = True) -> tuple[int, str, str]:
     """Run `qemu-img command args` (args with -p), calling progress(fraction 0..1) as it reports; its exit
     status, what else it wrote to stdout, and its stderr.
 
     If progress() (or a signal handler) raises, the child is killed and waited for before the exception goes
     on, so no writer is left behind the caller's clean-up. on_process is told the running child (and None once
     it has ended), for a signal handler that must stop it."""
-    proc, reader, stderr_chunks = _started(command, args, text=False, pass_fds=pass_fds, walk=True)
+    proc, reader, stderr_chunks = _started(command, args, text=False, pass_fds=pass_fds,
+                                           on_the_given_cpu=on_the_given_cpu)
     if on_process:
         on_process(proc)
     said: list[bytes] = []

@@ -7,7 +7,8 @@ is complete. It removes its temporary files itself when it fails or is stopped; 
 the attempt's run directory, before the file is created; when the attempt is over, the runner
 calls remove_recorded() on that record. The directories are the submitter's: each is opened once, checked to be at
 its resolved path, and root makes, opens, renames and removes files there only through that descriptor, whatever
-is renamed or swapped for a symlink on its path meanwhile.
+is renamed or swapped for a symlink on its path meanwhile. A directory made for a job's outputs (a convert given no
+output path) is noted too, once made, and removed by remove_recorded if it is still that one and empty.
 
 While the outputs get their names, each rename is first noted in COMMIT_NAME, next to the record, with the file
 the destination held before (kept aside under a temporary name until the result is written). A worker killed
@@ -84,8 +85,8 @@ class TempFiles:
         if "\n" in line:
             # A record is a line a path: a name with a line break (a directory a symlink of the submitter's leads
             # to) would add lines of their choosing.
-            raise OperationError("VALIDATION_FAILED", f"the output path {line!r} holds a line break; h2kd makes "
-                                 "no file there")
+            path = line.split(":", 2)[2] if line.startswith(("+", "-+")) else line.lstrip("-")
+            raise OperationError("VALIDATION_FAILED", f"{path!r} holds a line break: h2kd makes no file there")
         if self.record:
             _append_line(self.record, line, self.durable)
 

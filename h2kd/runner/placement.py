@@ -6,9 +6,10 @@ which costs more than the copy it carries (most of all in a virtual machine). Ke
 sparse VMDK took about half the time (bench/RESULTS.md); two conversions kept on the same CPU, twice as long as
 on two: so they are spread.
 
-h2kd counts over every CPU of the machine: the units get their CPUs from systemd (its CPUAffinity=, the slice's
-AllowedCPUs=), not from h2kd.service. The worker maps the number it is given onto the CPUs it may use
-(h2kd.operations.qemuimg.keep_walks_on).
+h2kd counts over every CPU of the machine: the units get their CPUs from systemd (the CPUAffinity= of
+system.conf, the slice's AllowedCPUs=), not from h2kd.service. The worker maps the number it is given onto the
+CPUs it may use, counted round (h2kd.operations.qemuimg.keep_convert_and_compare_on): where those are fewer than
+the machine's, the spread is only roughly even.
 """
 
 from __future__ import annotations

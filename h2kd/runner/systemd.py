@@ -896,8 +896,10 @@ class SystemdRunner:
         try:
             # And in the attempt's own directory, where a dry run's unpacked copy goes when the image's own may
             # not be written (h2kd.operations.offline_fix): a disk's size, kept until the job is removed otherwise.
+            # The job directory only if the attempt did not complete: its outputs may have been moved out already.
+            completed = _field(worker_result, "status", str) == "completed"
             removed = await asyncio.to_thread(remove_recorded, str(record), [*roots, str(followed.run_dir)], keep,
-                                              followed.job_id)
+                                              None if completed else followed.job_id)
         except Exception:
             log.exception("removing the temporary files of unit %s failed", followed.unit)
             return

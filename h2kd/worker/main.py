@@ -4,7 +4,8 @@
 
 SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd
 adds "owner": {"uid", "gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with;
-"source_identity"; "cpu", which of its CPUs qemu-img's conversions are kept on (h2kd.runner.placement; null: none); and
+"source_identity"; "cpu", a CPU number, counted round over the worker's own CPUs, that qemu-img's convert and
+compare are kept on (h2kd.runner.placement; null: none); and
 "spec_checked": true when the spec is the one h2kd checked and stored, which the worker then takes as it is
 instead of checking it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt
 started under, are h2kd's own). Before creating a temporary output the worker records its
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec['image']['path']}")
             if type(envelope.get("cpu")) is int:
                 from h2kd.operations import qemuimg
-                qemuimg.keep_walks_on(envelope["cpu"])
+                qemuimg.keep_convert_and_compare_on(envelope["cpu"])
             signal.alarm(int(spec["execution_policy"]["timeout_seconds"]))
             outputs = _run_operation(spec, roots, reporter, lambda proc: child.__setitem__(0, proc),
                                      envelope.get("owner"), temp_record_path(args.spec), committing,
