@@ -345,36 +345,37 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
         directory, name = os.path.split(os.path.normpath(path))
         if not name.startswith(TEMP_PREFIX) or path in keep or os.path.normpath(path) in keep:
             continue
-        dir_fd = _open_directory_under(directory, real_roots)
-        if dir_fd is None:
-            continue
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode):
-                os.unlink(name, dir_fd=dir_fd)
-                removed.append(path)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        if _remove_under(directory, name, real_roots, lambda st: os.unlink if stat.S_ISREG(st.st_mode) else None):
+            removed.append(path)
     job_directory = re.compile(re.escape(job_id) + r"(-[0-9a-f]{8})?") if job_id else None
     for device, inode, path in reversed(recorded_directories(record)):
         parent, name = os.path.split(os.path.normpath(path))
         if not job_directory or not job_directory.fullmatch(name) or parent + "/" not in real_roots:
             continue
-        dir_fd = _open_directory_under(parent, real_roots)
-        if dir_fd is None:
-            continue
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == (device, inode):
-                os.rmdir(name, dir_fd=dir_fd)       # fails unless empty: what it holds is someone's
-                removed.append(path)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        # rmdir fails unless it is empty: what it holds is someone's.
+        if _remove_under(parent, name, real_roots, lambda st, made=(device, inode): os.rmdir
+                         if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == made else None):
+            removed.append(path)
     return removed
+
+
+def _remove_under(directory: str, name: str, real_roots: list[str],
+                  removal: Callable[[os.stat_result], Callable[..., None] | None]) -> bool:
+    """Remove `name` from `directory` (opened as _open_directory_under does) with what removal(its lstat) gives
+    (os.unlink, os.rmdir; None: it stays); whether it went."""
+    dir_fd = _open_directory_under(directory, real_roots)
+    if dir_fd is None:
+        return False
+    try:
+        remove = removal(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+        if remove is None:
+            return False
+        remove(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(dir_fd)
 
 
 def _open_directory_under(directory: str, real_roots: list[str]) -> int | None:
