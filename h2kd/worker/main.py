@@ -5,10 +5,10 @@
 SPEC.json = {"job_id", "attempt", "spec": <job spec JSON>, "output_roots": [...], "source_roots": [...]} (h2kd
 adds "owner": {"uid", "gid", "mode", "directory_mode", "groups"}, the submitter, whose rights qemu-img runs with;
 "source_identity"; "cpu", a CPU number, counted round over the worker's own CPUs, that qemu-img's convert and
-compare are kept on (h2kd.runner.placement; null: none); and
-"spec_checked": true when the spec is the one h2kd checked and stored, which the worker then takes as it is
-instead of checking it again; "boot_id" and "manager_instance", the boot and the systemd manager the attempt
-started under, are h2kd's own). Before creating a temporary output the worker records its
+compare are kept on (h2kd.runner.placement; null: none); and "spec_checked": true when the spec is the one h2kd
+checked and stored, which the worker then takes as it is instead of checking it again; "boot_id" and
+"manager_instance", the boot and the systemd manager the attempt started under, are h2kd's own). Before creating
+a temporary output the worker records its
 path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd READY=1, reports
 progress as STATUS= lines (h2kd.worker.report format; StatusReporter says how often), runs the operation, writes
 RESULT.json atomically and exits 0 (completed), 1 (failed, worth retrying), 2 (failed for good: bad input) or
