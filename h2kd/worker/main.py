@@ -8,12 +8,12 @@ adds "owner": {"uid", "gid", "mode", "directory_mode", "groups"}, the submitter,
 compare are kept on (h2kd.runner.placement; null: none); and "spec_checked": true when the spec is the one h2kd
 checked and stored, which the worker then takes as it is instead of checking it again; "boot_id" and
 "manager_instance", the boot and the systemd manager the attempt started under, are h2kd's own). Before creating
-a temporary output the worker records its
-path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles). The worker tells systemd READY=1, reports
-progress as STATUS= lines (h2kd.worker.report format; StatusReporter says how often), runs the operation, writes
-RESULT.json atomically and exits 0 (completed), 1 (failed, worth retrying), 2 (failed for good: bad input) or
-143 (stopped by SIGTERM: qemu-img stopped, partial output removed, result "cancelled"). Human-readable lines go
-to stdout/stderr, i.e. the journal. Outside systemd (no NOTIFY_SOCKET) the notifications are simply not sent.
+a temporary output the worker records its path in "temp-files" next to SPEC.json (h2kd.operations.tempfiles).
+The worker tells systemd READY=1, reports progress as STATUS= lines (h2kd.worker.report format; StatusReporter
+says how often), runs the operation, writes RESULT.json atomically and exits 0 (completed), 1 (failed, worth
+retrying), 2 (failed for good: bad input) or 143 (stopped by SIGTERM: qemu-img stopped, partial output removed,
+result "cancelled"). Human-readable lines go to stdout/stderr, i.e. the journal. Outside systemd (no
+NOTIFY_SOCKET) the notifications are simply not sent.
 
 Environment: H2K_WORKER_NAME names the worker in the result (default "builtin"); H2K_RATE_LIMIT limits
 qemu-img's I/O in bytes per second (see h2kd.operations.convert).
