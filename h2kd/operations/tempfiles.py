@@ -82,11 +82,6 @@ class TempFiles:
         return fd
 
     def _note(self, line: str) -> None:
-        if "\n" in line:
-            # A record is a line a path: a name with a line break (a directory a symlink of the submitter's leads
-            # to) would add lines of their choosing.
-            path = line.split(":", 2)[2] if line.startswith(("+", "-+")) else line.lstrip("-")
-            raise OperationError("VALIDATION_FAILED", f"{path!r} holds a line break: h2kd makes no file there")
         if self.record:
             _append_line(self.record, line, self.durable)
 
@@ -94,6 +89,7 @@ class TempFiles:
         """`path` (resolved), opened on fd, a directory made for this attempt's outputs (or taken over, empty,
         from an attempt killed outright): a worker killed outright leaves it to remove_recorded, which removes
         it while it is still that directory and empty."""
+        _refuse_line_break(path)
         st = os.fstat(fd)
         self._directory_notes[path] = f"+{st.st_dev}:{st.st_ino}:{path}"
         self._note(self._directory_notes[path])
@@ -133,6 +129,7 @@ class TempFiles:
         make made nothing there: the name was taken (FileExistsError: the next name is tried) or there was
         nothing to put there (make returned None: so does this). The path and what make returned;
         OperationError(failure) once 100 names in a row were taken."""
+        _refuse_line_break(destination)
         directory, name = os.path.split(destination)
         for _ in range(100):
             temp_name = _within_name_max(f"{TEMP_PREFIX}{os.urandom(6).hex()}-{name}")
@@ -273,6 +270,13 @@ def _moved(directory: str, phase: str) -> OperationError:
                           "job; nothing was written", phase)
 
 
+def _refuse_line_break(path: str) -> None:
+    """A record is a line a path: a name with a line break (a directory a symlink of the submitter's leads to)
+    would add lines of their choosing."""
+    if "\n" in path:
+        raise OperationError("VALIDATION_FAILED", f"{path!r} holds a line break: h2kd makes no file there")
+
+
 def _append_line(path: str, line: str, sync: bool) -> None:
     # Without sync the line survives the death of the process (the page cache keeps it), not a crash of the
     # machine: the record and the files it names may be on different file systems, committed in any order.
@@ -305,9 +309,8 @@ def _record_lines(record: str) -> list[str]:
         return []
 
 
-def recorded_temp_paths(record: str) -> list[str]:
-    """The temporary paths a TempFiles record lists (withdrawn ones left out), in order."""
-    lines = _record_lines(record)
+def _temp_paths(lines: list[str]) -> list[str]:
+    """The temporary paths a TempFiles record's lines list (withdrawn ones left out), in order."""
     withdrawn = {line[1:] for line in lines if line.startswith("-")}
     return [line for line in dict.fromkeys(lines) if line.startswith("/") and line not in withdrawn]
 
@@ -315,10 +318,9 @@ def recorded_temp_paths(record: str) -> list[str]:
 _DIRECTORY_NOTE = re.compile(r"\+(\d{1,20}):(\d{1,20}):(/.+)", re.ASCII)
 
 
-def recorded_directories(record: str) -> list[tuple[int, int, str]]:
-    """The directories a TempFiles record says were made for the outputs and not removed by the worker:
+def _made_directories(lines: list[str]) -> list[tuple[int, int, str]]:
+    """The directories a TempFiles record's lines say were made for the outputs and not removed by the worker:
     (device, inode, path), in order."""
-    lines = _record_lines(record)
     withdrawn = {line[1:] for line in lines if line.startswith("-+")}
     made = []
     for line in lines:
@@ -340,15 +342,16 @@ def remove_recorded(record: str, roots: list[str], keep: frozenset[str] | set[st
     inode), and empty.
     """
     real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
+    lines = _record_lines(record)
     removed = []
-    for path in recorded_temp_paths(record):
+    for path in _temp_paths(lines):
         directory, name = os.path.split(os.path.normpath(path))
         if not name.startswith(TEMP_PREFIX) or path in keep or os.path.normpath(path) in keep:
             continue
         if _remove_under(directory, name, real_roots, lambda st: os.unlink if stat.S_ISREG(st.st_mode) else None):
             removed.append(path)
     job_directory = re.compile(re.escape(job_id) + r"(-[0-9a-f]{8})?") if job_id else None
-    for device, inode, path in reversed(recorded_directories(record)):
+    for device, inode, path in reversed(_made_directories(lines)):
         parent, name = os.path.split(os.path.normpath(path))
         if not job_directory or not job_directory.fullmatch(name) or parent + "/" not in real_roots:
             continue
@@ -400,11 +403,7 @@ def undo_commit(record: str, roots: list[str]) -> list[str]:
 
     Only files are renamed or removed, each in its own directory (under an output root, reached without a
     symlink), and a destination only while it holds the very file the worker made, or nothing."""
-    try:
-        with open(record, encoding="utf-8", errors="replace", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
+    lines = _record_lines(record)
     real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
     undone = []
     for line in reversed(lines):

@@ -479,9 +479,10 @@ class SystemdRunner:
     async def reattach(self, job: Job) -> str:
         attempt = job.attempt
         unit = job.unit or units.unit_name(job.id, attempt)
-        await self._removed(units.run_dir(self._config, unit))
+        run_dir = units.run_dir(self._config, unit)
+        await self._removed(run_dir)
+        cpu = (await asyncio.to_thread(_read_json, run_dir / "spec.json") or {}).get("cpu")
         followed = self._followed.get(unit) or self._follow(unit, job.id, attempt, job.created_at)
-        cpu = (_read_json(followed.run_dir / "spec.json") or {}).get("cpu")
         if type(cpu) is int and unit not in self._cpus:     # given before h2kd restarted: counted again
             self._cpus[unit] = cpu
         self._schedule_check(followed)
